@@ -1,0 +1,71 @@
+"""The symmetric power embedding ``phi`` with ``phi(x) . phi(y) = (x . y)^p``.
+
+For every multiset ``a = (i_1 <= ... <= i_p)`` of coordinates,
+
+    phi_a(x) = sqrt(p! / prod_r m_r(a)!) * x_{i_1} * ... * x_{i_p}
+
+where ``m_r(a)`` counts how often coordinate ``r`` occurs in ``a``. By the multinomial theorem
+``sum_a phi_a(x) phi_a(y) = (x . y)^p``. There are ``D = C(d + p - 1, p)`` multisets (2080 for d=64,
+p=2), against ``d^p`` for the plain tensor power.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections import Counter
+
+import torch
+
+
+def state_dim(head_dim: int, deg: int) -> int:
+    """``D = C(d + p - 1, p)``: the size of the symmetric power embedding."""
+    return math.comb(head_dim + deg - 1, deg)
+
+
+@functools.lru_cache(maxsize=64)
+def _multisets(head_dim: int, deg: int) -> tuple[tuple[tuple[int, ...], ...], tuple[float, ...]]:
+    index = tuple(itertools.combinations_with_replacement(range(head_dim), deg))
+    coef = []
+    for a in index:
+        multiplicity = math.factorial(deg)
+        for count in Counter(a).values():
+            multiplicity //= math.factorial(count)
+        coef.append(math.sqrt(multiplicity))
+    return index, tuple(coef)
+
+
+def multiset_index(head_dim: int, deg: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(D, p)`` coordinate table of the multisets and their ``(D,)`` float64 coefficients."""
+    index, coef = _multisets(head_dim, deg)
+    return (
+        torch.tensor(index, dtype=torch.long, device=device).reshape(len(index), deg),
+        torch.tensor(coef, dtype=torch.float64, device=device),
+    )
+
+
+def power_embedding(x: torch.Tensor, deg: int) -> torch.Tensor:
+    """``phi(x)`` over the last dimension: ``(..., d) -> (..., D)`` in x's dtype."""
+    index, coef = multiset_index(x.shape[-1], deg, x.device)
+    out = x[..., index[:, 0]]
+    for m in range(1, deg):
+        out = out * x[..., index[:, m]]
+    return out * coef.to(x.dtype)
+
+
+def power_embedding_vjp(x: torch.Tensor, grad_phi: torch.Tensor, deg: int) -> torch.Tensor:
+    """``J_phi(x)^T grad_phi``: the gradient of ``grad_phi . phi(x)`` with respect to ``x``.
+
+        d/dx_r sum_a u_a phi_a(x) = sum_a u_a c_a sum_{m: i_m = r} prod_{m' != m} x_{i_m'}
+    """
+    index, coef = multiset_index(x.shape[-1], deg, x.device)
+    weighted = grad_phi * coef.to(x.dtype)
+    grad = torch.zeros_like(x)
+    for m in range(deg):
+        partial = weighted
+        for other in range(deg):
+            if other != m:
+                partial = partial * x[..., index[:, other]]
+        grad = grad.index_add(-1, index[:, m], partial)
+    return grad

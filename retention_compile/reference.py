@@ -1,0 +1,123 @@
+"""The oracle: power retention in its quadratic form, exactly as DESIGN.md section 1 states it.
+
+    G_t  = sum_{u <= t} g_u
+    off  = Tk - Tq
+    w_ij = (s q_i . k_j)^p * exp(G_{i+off} - G_j)   for j <= i + off (causal) or every j (non-causal),
+           0 where valid[j] is False
+    y_i  = sum_j w_ij v_j / (sum_j w_ij + eps)
+
+It materialises the (Tq, Tk) weight matrix, so it is meant for tests, not speed. It computes in
+float64 when given float64 inputs and in float32 otherwise, and returns q's dtype. Every fast path
+of the project is checked against it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .checks import validate_retention_inputs
+from .power_features import power_embedding
+
+EPS = 1e-6
+
+
+def default_scale(head_dim: int, scale: float | None) -> float:
+    """SDPA's default scale ``1/sqrt(d)`` unless a scale is given."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other dtype accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def expand_kv_heads(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Repeat kv heads so query head ``a`` reads kv head ``a // group`` (SDPA's ``enable_gqa``)."""
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+def power_retention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    deg: int = 2,
+    log_gate: torch.Tensor | None = None,
+    causal: bool = True,
+    valid: torch.Tensor | None = None,
+    eps: float = EPS,
+) -> torch.Tensor:
+    """Quadratic-form power retention (the oracle). Shapes follow SDPA: ``q (B, Hq, Tq, d)``,
+    ``k (B, Hk, Tk, d)``, ``v (B, Hk, Tk, e)``, ``log_gate (B, Hk|Hq, Tk)``, ``valid (B, Tk)``."""
+    shape = validate_retention_inputs(q, k, v, deg=deg, log_gate=log_gate, causal=causal, valid=valid, scale=scale)
+    s = default_scale(shape.head_dim, scale)
+    acc = compute_dtype(q.dtype)
+    qf, kf, vf = q.to(acc), expand_kv_heads(k.to(acc), shape.group), expand_kv_heads(v.to(acc), shape.group)
+
+    weights = (s * (qf @ kf.transpose(-1, -2))) ** deg  # (B, Hq, Tq, Tk)
+    rows = torch.arange(shape.q_len, device=q.device)[:, None] + shape.offset
+    cols = torch.arange(shape.kv_len, device=q.device)[None, :]
+    admissible = (cols <= rows) if causal else torch.ones_like(cols <= rows)
+    admissible = admissible.expand(shape.batch, 1, shape.q_len, shape.kv_len)
+    if valid is not None:
+        admissible = admissible & valid[:, None, None, :]
+    if log_gate is not None:
+        gate = log_gate.to(acc)
+        if gate.shape[1] != shape.q_heads:
+            gate = expand_kv_heads(gate, shape.group)
+        cum = torch.cumsum(gate, dim=-1)  # G_t, (B, Hq, Tk)
+        row_pos = rows.clamp(min=0, max=shape.kv_len - 1)[:, 0]
+        exponent = cum[..., row_pos, None] - cum[..., None, :]  # G_{i+off} - G_j
+        exponent = torch.where(admissible, exponent, torch.full_like(exponent, -math.inf))
+        weights = weights * torch.exp(exponent)
+    weights = torch.where(admissible, weights, torch.zeros_like(weights))
+    numerator = weights @ vf
+    denominator = weights.sum(dim=-1, keepdim=True) + eps
+    return (numerator / denominator).to(q.dtype)
+
+
+def power_retention_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    deg: int = 2,
+    log_gate: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    eps: float = EPS,
+) -> torch.Tensor:
+    """Causal power retention by the token-by-token recurrence of DESIGN.md section 1:
+
+        S_t = exp(g_t) S_{t-1} + phi(k_t) v_t^T,   z_t = exp(g_t) z_{t-1} + phi(k_t),
+        y_i = phi(s q_i)^T S_{i+off} / (phi(s q_i)^T z_{i+off} + eps)
+
+    with a padded key (valid False) adding nothing. One Python step per key: for tests only.
+    """
+    shape = validate_retention_inputs(q, k, v, deg=deg, log_gate=log_gate, causal=True, valid=valid, scale=scale)
+    s = default_scale(shape.head_dim, scale)
+    acc = compute_dtype(q.dtype)
+    qf, kf, vf = q.to(acc), expand_kv_heads(k.to(acc), shape.group), expand_kv_heads(v.to(acc), shape.group)
+    B, H, Tk = shape.batch, shape.q_heads, shape.kv_len
+    gate = torch.zeros(B, H, Tk, dtype=acc, device=q.device) if log_gate is None else log_gate.to(acc)
+    if gate.shape[1] != H:
+        gate = expand_kv_heads(gate, shape.group)
+    keep = torch.ones(B, Tk, dtype=acc, device=q.device) if valid is None else valid.to(acc)
+    phi_q, phi_k = power_embedding(s * qf, deg), power_embedding(kf, deg) * keep[:, None, :, None]
+    D = phi_k.shape[-1]
+    state = torch.zeros(B, H, D, shape.value_dim, dtype=acc, device=q.device)
+    norm = torch.zeros(B, H, D, dtype=acc, device=q.device)
+    out = torch.zeros(B, H, shape.q_len, shape.value_dim, dtype=acc, device=q.device)
+    for t in range(Tk):
+        decay = torch.exp(gate[..., t])[..., None]
+        state = decay[..., None] * state + phi_k[:, :, t, :, None] * vf[:, :, t, None, :]
+        norm = decay * norm + phi_k[:, :, t]
+        i = t - shape.offset
+        if i >= 0:
+            numerator = torch.einsum("bhD,bhDe->bhe", phi_q[:, :, i], state)
+            denominator = (phi_q[:, :, i] * norm).sum(-1, keepdim=True) + eps
+            out[:, :, i] = numerator / denominator
+    return out.to(q.dtype)
