@@ -88,8 +88,7 @@ def validate_retention_inputs(
         _fail(f"power_retention: head dims differ: q has d={d}, k has d={dk}")
     if (Bk, Hk, Tk) != (Bv, Hv, Tv):
         _fail(
-            f"power_retention: k {tuple(k.shape)} and v {tuple(v.shape)} must agree in batch, heads and "
-            "sequence length"
+            f"power_retention: k {tuple(k.shape)} and v {tuple(v.shape)} must agree in batch, heads and sequence length"
         )
     if Bk != B:
         _fail(f"power_retention: batch sizes differ: q has {B}, k/v have {Bk}")
@@ -118,7 +117,12 @@ def validate_retention_inputs(
             _fail(f"power_retention: log_gate is on {log_gate.device}, q on {q.device}")
         if not log_gate.dtype.is_floating_point:
             _fail(f"power_retention: log_gate must be floating point, got {log_gate.dtype}")
-        if log_gate.dim() != 3 or log_gate.shape[0] != B or log_gate.shape[2] != Tk or log_gate.shape[1] not in (Hk, Hq):
+        if (
+            log_gate.dim() != 3
+            or log_gate.shape[0] != B
+            or log_gate.shape[2] != Tk
+            or log_gate.shape[1] not in (Hk, Hq)
+        ):
             _fail(
                 f"power_retention: log_gate must have shape (B, Hk, Tk) = ({B}, {Hk}, {Tk}) or "
                 f"(B, Hq, Tk) = ({B}, {Hq}, {Tk}), got {tuple(log_gate.shape)}"

@@ -57,7 +57,7 @@ def power_embedding(x: torch.Tensor, deg: int) -> torch.Tensor:
 def power_embedding_vjp(x: torch.Tensor, grad_phi: torch.Tensor, deg: int) -> torch.Tensor:
     """``J_phi(x)^T grad_phi``: the gradient of ``grad_phi . phi(x)`` with respect to ``x``.
 
-        d/dx_r sum_a u_a phi_a(x) = sum_a u_a c_a sum_{m: i_m = r} prod_{m' != m} x_{i_m'}
+    d/dx_r sum_a u_a phi_a(x) = sum_a u_a c_a sum_{m: i_m = r} prod_{m' != m} x_{i_m'}
     """
     index, coef = multiset_index(x.shape[-1], deg, x.device)
     weighted = grad_phi * coef.to(x.dtype)
