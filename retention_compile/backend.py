@@ -1,0 +1,92 @@
+"""The ``retention`` backend: Dynamo FX graph -> attention passes -> Inductor ``compile_fx``.
+
+``torch.compile(model, backend="retention", options={...})`` reaches ``retention_backend`` through the
+``torch_dynamo_backends`` entry point (no import needed); ``options`` are ``RetentionConfig`` fields.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from . import ops  # noqa: F401  (registers the retention_compile ops)
+from .config import RetentionConfig
+from .passes import rewrite_attention
+from .report import Report
+
+log = logging.getLogger("retention_compile")
+
+_graph_counter = itertools.count()
+_collectors: list[Report] = []
+PROCESS_REPORT = Report()
+
+
+@contextlib.contextmanager
+def collect_reports() -> Iterator[Report]:
+    """Collect the report of every graph the backend compiles inside the ``with`` block."""
+    report = Report()
+    _collectors.append(report)
+    try:
+        yield report
+    finally:
+        _collectors.remove(report)
+
+
+def _publish(report: Report, config: RetentionConfig) -> None:
+    PROCESS_REPORT.extend(report)
+    for collector in _collectors:
+        collector.extend(report)
+    for site in report.sites:
+        log.info(
+            "graph %d site %d at %s [%s]: %s -> %s (%s)",
+            site.graph,
+            site.site,
+            site.location,
+            site.module or "top",
+            site.decision,
+            site.becomes,
+            "; ".join([site.reason, *site.notes]),
+        )
+    if config.verbose:
+        print(report)
+
+
+def rewrite_graph(gm: fx.GraphModule, options: dict[str, Any] | RetentionConfig | None = None) -> Report:
+    """Run the attention passes on ``gm`` in place and publish the report."""
+    config = RetentionConfig.from_options(options)
+    report = rewrite_attention(gm, config, graph_index=next(_graph_counter))
+    _publish(report, config)
+    return report
+
+
+def retention_backend(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    options: dict[str, Any] | RetentionConfig | None = None,
+    mode: str | None = None,
+) -> Callable[..., Any]:
+    """Rewrite attention into power retention, then compile the graph with Inductor."""
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    rewrite_graph(gm, options)
+    patches = list_mode_options(mode) if mode else None
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def rewrite_only_backend(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    options: dict[str, Any] | RetentionConfig | None = None,
+) -> Callable[..., Any]:
+    """The same rewrite, run eagerly without Inductor (used by ``explain``)."""
+    rewrite_graph(gm, options)
+    return gm.forward

@@ -1,0 +1,163 @@
+"""The ``retention_compile::power_retention`` op, its backward op, and the public eager entry.
+
+Both ops are ``torch.library.triton_op``s: when ``torch.compile`` meets them, Inductor traces into their
+bodies. On CPU tensors the body is the plain-PyTorch chunked form (``chunked.py``), so Inductor compiles
+it to C++ like any aten code; on CUDA tensors the body launches the shape-specialised Triton kernels
+through ``wrap_triton`` (once they exist for the case), so Inductor's generated code contains them.
+
+    power_retention(q, k, v, log_gate?, valid?, scale, deg, causal, chunk_size, impl) -> (y, denom)
+    power_retention_backward(dy, q, k, v, log_gate?, valid?, y, denom, scale, deg, causal, chunk_size, impl)
+        -> (dq, dk, dv, dlog_gate)
+
+``denom`` (B, Hq, Tq) is ``sum_j w_ij + eps`` in float32: with ``y`` it is all the backward needs
+besides the inputs (``dN = dy / denom``, ``dZ = -(dy . y) / denom``), so nothing of size T x D is saved.
+``chunk_size = 0`` means "planned per call from the concrete shape" (``planning.plan``); ``impl`` is the
+codegen target of ``RetentionConfig`` ("auto", "triton", "cuda", "aten"). ``dlog_gate`` is an empty
+tensor when there is no gate.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import triton_op
+
+from . import hardware, planning
+from .checks import validate_retention_inputs
+from .chunked import chunked_backward, chunked_forward
+from .reference import EPS, default_scale
+
+OP_NAMESPACE = "retention_compile"
+IMPLS = ("auto", "triton", "cuda", "aten")
+
+
+def _size_hint(size: int | torch.SymInt) -> int:
+    """A concrete value for a (possibly symbolic) size, read without adding a guard."""
+    if isinstance(size, torch.SymInt):
+        return size.node.hint if size.node.has_hint() else 4096
+    return int(size)
+
+
+def resolve_chunk_size(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, deg: int, gated: bool, chunk_size: int
+) -> int:
+    """``chunk_size`` if given (> 0), else the planned chunk for this shape on q's device."""
+    if chunk_size > 0:
+        return chunk_size
+    spec = hardware.detect(q.device) if q.is_cuda else None
+    chosen = planning.plan(
+        spec,
+        T=_size_hint(k.shape[2]),
+        d=_size_hint(q.shape[3]),
+        e=_size_hint(v.shape[3]),
+        deg=deg,
+        dtype=q.dtype,
+        gated=gated,
+        batch_heads=_size_hint(q.shape[0]) * _size_hint(k.shape[1]),
+    )
+    return chosen.chunk_size
+
+
+@triton_op(f"{OP_NAMESPACE}::power_retention", mutates_args=())
+def power_retention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gate: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    scale: float,
+    deg: int,
+    causal: bool,
+    chunk_size: int,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: ``(y, denom)`` with ``y_i = sum_j w_ij v_j / denom_i``, ``denom_i = sum_j w_ij + eps``."""
+    chunk = resolve_chunk_size(q, k, v, deg, log_gate is not None, chunk_size)
+    return chunked_forward(
+        q, k, v, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid, chunk_size=chunk, eps=EPS
+    )
+
+
+@triton_op(f"{OP_NAMESPACE}::power_retention_backward", mutates_args=())
+def power_retention_backward_op(
+    grad_y: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gate: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    y: torch.Tensor,
+    denom: torch.Tensor,
+    scale: float,
+    deg: int,
+    causal: bool,
+    chunk_size: int,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: gradients of ``sum(grad_y * y)`` with respect to q, k, v and the log-gate."""
+    chunk = resolve_chunk_size(q, k, v, deg, log_gate is not None, chunk_size)
+    dq, dk, dv, dg = chunked_backward(
+        grad_y.contiguous(),
+        q,
+        k,
+        v,
+        y,
+        denom,
+        scale=scale,
+        deg=deg,
+        log_gate=log_gate,
+        causal=causal,
+        valid=valid,
+        chunk_size=chunk,
+        eps=EPS,
+    )
+    return dq, dk, dv, (q.new_empty(0, dtype=torch.float32) if dg is None else dg)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl = inputs
+    y, denom = output
+    ctx.save_for_backward(q, k, v, log_gate, valid, y, denom)
+    ctx.options = (scale, deg, causal, chunk_size, impl)
+    ctx.mark_non_differentiable(denom)
+
+
+def _backward(ctx, grad_y, _grad_denom):
+    q, k, v, log_gate, valid, y, denom = ctx.saved_tensors
+    dq, dk, dv, dg = power_retention_backward_op(grad_y, q, k, v, log_gate, valid, y, denom, *ctx.options)
+    return dq, dk, dv, (dg if log_gate is not None else None), None, None, None, None, None, None
+
+
+power_retention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def power_retention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    deg: int = 2,
+    log_gate: torch.Tensor | None = None,
+    causal: bool = True,
+    valid: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Power retention (DESIGN.md section 1), differentiable, in SDPA's layout.
+
+        w_ij = (s q_i . k_j)^p exp(G_{i+off} - G_j)  [j <= i + off if causal; valid[j]]
+        y_i  = sum_j w_ij v_j / (sum_j w_ij + 1e-6)
+
+    q (B, Hq, Tq, d), k (B, Hk, Tk, d), v (B, Hk, Tk, e), Hq % Hk == 0; ``log_gate`` (B, Hk or Hq, Tk),
+    ``<= 0``, causal only; ``valid`` (B, Tk) bool. ``scale`` defaults to ``1/sqrt(d)``; ``chunk_size``
+    None plans it from the hardware (it never changes the result). Returns y (B, Hq, Tq, e) in q's dtype.
+    """
+    validate_retention_inputs(
+        q, k, v, deg=deg, log_gate=log_gate, causal=causal, valid=valid, scale=scale, chunk_size=chunk_size
+    )
+    if impl not in IMPLS:
+        raise ValueError(f"power_retention: impl must be one of {IMPLS}, got {impl!r}")
+    y, _ = power_retention_op(
+        q, k, v, log_gate, valid, default_scale(q.shape[-1], scale), deg, causal, chunk_size or 0, impl
+    )
+    return y

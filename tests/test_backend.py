@@ -1,0 +1,153 @@
+"""The backend on hand-written SDPA calls: argument normalisation, decisions, report, strict mode,
+dynamic shapes. Compiled results are compared with the float64 oracle."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import retention_compile as rc
+from retention_compile.backend import collect_reports
+from retention_compile.reference import power_retention_reference
+
+
+def compile_and_report(fn, *args, options=None, dynamic=False):
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="retention", options=options, fullgraph=True, dynamic=dynamic)
+    with collect_reports() as report:
+        out = compiled(*args)
+    return out, report
+
+
+def tensors(B=2, Hq=4, Hk=2, Tq=24, Tk=24, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(B, Hq, Tq, d, generator=g),
+        torch.randn(B, Hk, Tk, d, generator=g),
+        torch.randn(B, Hk, Tk, d, generator=g),
+    )
+
+
+def oracle(q, k, v, **kwargs):
+    return power_retention_reference(q.double(), k.double(), v.double(), **kwargs).float()
+
+
+def test_argument_forms_are_normalised():
+    q, k, v = tensors(Hq=2, Hk=2)
+
+    def fn(q, k, v):
+        a = F.scaled_dot_product_attention(q, k, v, None, 0, True)  # positional, dropout as int
+        b = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+        c = F.scaled_dot_product_attention(query=q, key=k, value=v, attn_mask=None, is_causal=True)
+        return a, b, c
+
+    (a, b, c), report = compile_and_report(fn, q, k, v)
+    assert [s.decision for s in report.sites] == ["rewritten"] * 3
+    torch.testing.assert_close(a, oracle(q, k, v), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b, oracle(q, k, v, scale=0.3), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c, a)
+
+
+def test_gqa_and_decisions():
+    q, k, v = tensors()
+    q_short = q[:, :, :10].contiguous()
+    q_one = q[:, :, -1:].contiguous()
+
+    def fn(q, q_short, q_one, k, v):
+        return (
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+            F.scaled_dot_product_attention(q_short, k, v, is_causal=True, enable_gqa=True),
+            F.scaled_dot_product_attention(q_one, k, v, enable_gqa=True),
+            F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+        )
+
+    (full, short, one, noncausal), report = compile_and_report(fn, q, q_short, q_one, k, v)
+    assert [s.becomes for s in report.sites] == [
+        "causal retention",
+        "causal retention over the first Tq keys",
+        "decode step (causal, bottom-right)",
+        "non-causal retention",
+    ]
+    tol = {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(full, oracle(q, k, v), **tol)
+    torch.testing.assert_close(short, oracle(q_short, k[:, :, :10], v[:, :, :10]), **tol)
+    torch.testing.assert_close(one, oracle(q_one, k, v), **tol)
+    torch.testing.assert_close(noncausal, oracle(q, k, v, causal=False), **tol)
+
+
+def test_kept_sites_say_why_and_still_run_sdpa():
+    q, k, v = tensors(Hq=2, Hk=2, Tq=30, Tk=20)
+    mask = torch.rand(30, 20) > 0.5
+
+    def fn(q, k, v, mask):
+        return (
+            F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        )
+
+    (a, b), report = compile_and_report(fn, q, k, v, mask)
+    assert [s.decision for s in report.sites] == ["kept", "kept"]
+    assert "Tq (30) > Tk (20)" in report.sites[0].reason
+    assert "attn_mask" in report.sites[1].reason
+    torch.testing.assert_close(a, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    torch.testing.assert_close(b, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def test_policies_non_causal_keep_and_dropout():
+    q, k, v = tensors(Hq=2, Hk=2)
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(
+            q, k, v, dropout_p=0.1, is_causal=True
+        )
+
+    _, report = compile_and_report(fn, q, k, v, options={"non_causal": "keep"})
+    assert [s.decision for s in report.sites] == ["kept", "rewritten"]
+    assert "non_causal='keep'" in report.sites[0].reason
+    assert "dropout_p=0.1 ignored" in report.sites[1].notes[0]
+    _, report = compile_and_report(fn, q, k, v, options={"dropout": "keep"})
+    assert [s.decision for s in report.sites] == ["rewritten", "kept"]
+
+
+def test_strict_raises_with_the_site():
+    q, k, v = tensors(Hq=2, Hk=2, Tq=30, Tk=20)
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    with pytest.raises(Exception, match="strict.*cannot be rewritten.*Tq"):
+        compile_and_report(fn, q, k, v, options={"strict": True})
+
+
+def test_deg_option_reaches_the_op():
+    q, k, v = tensors(Hq=2, Hk=2)
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    out, _ = compile_and_report(fn, q, k, v, options={"deg": 4})
+    torch.testing.assert_close(out, oracle(q, k, v, deg=4), rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_lengths_rewrite_without_recompiling():
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="retention", dynamic=True)
+    with collect_reports() as report:
+        for T in (40, 57, 130):
+            q, k, v = tensors(Tq=T, Tk=T, seed=T)
+            torch.testing.assert_close(compiled(q, k, v), oracle(q, k, v), rtol=1e-5, atol=1e-5)
+    assert report.graphs == 1 and report.sites[0].decision == "rewritten"
+
+
+def test_report_formats():
+    q, k, v = tensors(Hq=2, Hk=2)
+    report = rc.explain(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v)
+    assert len(report.rewritten) == 1
+    text = str(report)
+    assert "causal retention" in text and "rewritten" in text
+    assert "| rewritten | causal retention |" in report.to_markdown()
+    data = report.to_dict()
+    assert data["sites"][0]["decision"] == "rewritten" and data["sites"][0]["q_shape"] == "(2, 2, 24, 16)"
+    assert '"becomes": "causal retention"' in report.to_json()

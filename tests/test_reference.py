@@ -1,0 +1,77 @@
+"""The oracle against the token-by-token recurrence with the symmetric power state (float64)."""
+
+import pytest
+import torch
+
+from retention_compile.power_features import power_embedding, power_embedding_vjp, state_dim
+from retention_compile.reference import power_retention_recurrent, power_retention_reference
+
+
+def random_case(B=2, Hq=4, Hk=2, Tq=7, Tk=11, d=6, e=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Tq, d, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hk, Tk, d, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hk, Tk, e, generator=g, dtype=torch.float64)
+    return q, k, v, g
+
+
+@pytest.mark.parametrize("deg", [2, 4])
+@pytest.mark.parametrize("gate_heads", [None, "kv", "q"])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("lengths", [(11, 11), (7, 11), (1, 9)])
+def test_oracle_matches_recurrence(deg, gate_heads, padded, lengths):
+    Tq, Tk = lengths
+    q, k, v, g = random_case(Tq=Tq, Tk=Tk, seed=deg + Tq)
+    log_gate = None
+    if gate_heads:
+        heads = 2 if gate_heads == "kv" else 4
+        log_gate = -0.7 * torch.rand(2, heads, Tk, generator=g, dtype=torch.float64)
+    valid = (torch.rand(2, Tk, generator=g) > 0.3) if padded else None
+    expected = power_retention_recurrent(q, k, v, deg=deg, log_gate=log_gate, valid=valid, scale=0.4)
+    actual = power_retention_reference(q, k, v, deg=deg, log_gate=log_gate, valid=valid, scale=0.4)
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_oracle_rows_without_keys_are_zero():
+    q, k, v, _ = random_case(Tq=9, Tk=5)
+    y = power_retention_reference(q, k, v)
+    assert y[:, :, :4].abs().max() == 0  # Tq > Tk: rows 0..3 see no key (bottom-right alignment)
+    assert y[:, :, 4:].abs().max() > 0
+    valid = torch.zeros(2, 5, dtype=torch.bool)
+    assert power_retention_reference(q, k, v, valid=valid, causal=False).abs().max() == 0
+
+
+def test_oracle_non_causal_sees_every_key():
+    q, k, v, _ = random_case(Hq=2, Hk=2, Tq=3, Tk=6, d=4, e=2)
+    w = (q @ k.transpose(-1, -2) / 2.0) ** 2
+    expected = (w @ v) / (w.sum(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(power_retention_reference(q, k, v, causal=False), expected)
+
+
+def test_oracle_output_dtype_follows_q():
+    q, k, v, _ = random_case()
+    y = power_retention_reference(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), power_retention_reference(q, k, v), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("d,deg", [(3, 2), (5, 2), (4, 4), (3, 6)])
+def test_power_embedding_is_the_power_kernel(d, deg):
+    g = torch.Generator().manual_seed(d * deg)
+    x, y = torch.randn(8, d, generator=g, dtype=torch.float64), torch.randn(8, d, generator=g, dtype=torch.float64)
+    phi_x, phi_y = power_embedding(x, deg), power_embedding(y, deg)
+    assert phi_x.shape == (8, state_dim(d, deg))
+    torch.testing.assert_close((phi_x * phi_y).sum(-1), (x * y).sum(-1) ** deg)
+
+
+def test_power_embedding_vjp_matches_autograd():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(5, state_dim(6, 4), generator=g, dtype=torch.float64)
+    (power_embedding(x, 4) * u).sum().backward()
+    torch.testing.assert_close(power_embedding_vjp(x.detach(), u, 4), x.grad)
+
+
+def test_state_dim_values():
+    assert state_dim(64, 2) == 2080
+    assert state_dim(128, 2) == 8256
