@@ -1,11 +1,64 @@
 """Chunk size and kernel tiles for one power-retention call, chosen from the GPU it runs on.
 
-(Being built: issue 4. The ``Plan`` type is the contract between planning, the kernels and the report.)
+``plan(spec, T, d, e, deg, dtype, gated, batch_heads)`` minimises a modelled time over candidate chunk
+sizes C in {64, ..., 2048} (powers of 2, C < T), the single-chunk path (``chunk_size >= T``) and the kernel
+tiles. Chunk size never changes results (DESIGN.md section 1), only speed. The cost model is written in
+sympy (``gpu_model()``, ``cpu_model()``) and evaluated over all candidates at once through ``lambdify``.
+
+Notation (per batch-head; H = batch_heads, n = ceil(T/C) chunks, by = bytes per element of q/k/v):
+
+    b = block_feature, p = deg      state tiled in blocks of p coordinate blocks: fb = b^p features per tile,
+                                    Dt = C(d/b + p - 1, p) * b^p features in all (D = C(d+p-1, p) untiled;
+                                    d=64, p=2, b=16: 2560 against 2080)
+    bt = block_t, be = block_e      chunk rows and value columns per program; ne = ceil(e/be)
+
+Kernels of the chunked path (FLOP and bytes per program; causal, so a query row sees (C + bt)/2 keys of
+its chunk on average):
+
+    update  H*n*(Dt/fb)*ne programs: dS = phi(K_c)^T V_c on one (fb x be) state tile
+            tensor 2*C*fb*be; phi C*fb*p CUDA-core ops; L2 C*(d + be)*by; DRAM K, V once + n*Dt*e*4 out
+    scan    H*(Dt/fb)*ne programs, sequential over the n chunks: S_i = decay * S_{i-1} + dS_i (fp32)
+            DRAM 2*n*Dt*e*4 (the state traffic ~ (T/C)*D*e per head)
+    query   H*n*ceil(C/bt)*ne programs: y = phi(Q) S_{i-1} + intra-chunk power attention
+            tensor 2*bt*Dt*be + 2*bt*(C+bt)/2*(d + be); CUDA-core bt*Dt*p + bt*(C+bt)/2*score_ops;
+            L2 bt*d*by + (C+bt)/2*(d + be)*by + Dt*be*4 + bt*be*by; DRAM q, k, v, y once + n*Dt*e*4
+
+so per token the state costs ~ 4*Dt*e FLOP whatever C, the intra-chunk attention ~ C*(d + e) FLOP, and the
+state traffic ~ 12*Dt*e/C bytes. The single-chunk path is the query kernel's attention part alone with
+C = T: H*ceil(T/bt)*ne programs, ~ T^2*(d + e) FLOP per head, no state; it wins when T <= C or when Dt*e is
+so large that the state never pays (deg 4, d=64: D = 766480).
+
+Time of a kernel with P programs, ``occ`` resident per SM (shared memory, registers, threads):
+
+    occ_used = min(occ, ceil(P/SMs)),  waves = ceil(P / (SMs * occ_used))
+    busy     = max(tensor / (F_tc * warp_eff), cuda / F_cc, l2 / BW_l2, dram / (P * BW_dram))   per SM rates
+    exposed  = loads / stage_bytes * latency / num_stages        (load latency the pipeline leaves exposed)
+    t        = launch + waves * max(occ_used * busy, busy + exposed)
+
+with ``tensor = sum over dots of FLOP / mma_efficiency(M, N)`` and ``warp_eff = min(1, occ_used*num_warps/8)``.
+Constraints (the kernel tiling contract): shared memory per program
+``num_stages*(bt*d + bt*be)*by + fb*be*4 <= smem_per_block_optin`` and registers per thread
+``ceil(max(fb*be, bt*be + bt*bt) / (32*num_warps)) + 40 <= 255``.
+
+On the CPU (``spec=None``) the aten chunked form runs: ``cpu_model()`` counts its FLOP, bytes and a fixed
+cost per chunk, and only the chunk size is chosen.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+import numpy as np
+import sympy as sp
+import torch
+
+from .hardware import GpuSpec
+from .power_features import state_dim
 
 
 @dataclass(frozen=True)
@@ -18,6 +71,7 @@ class Plan:
     block_e:       value columns handled by one kernel program.
     num_warps, num_stages: Triton launch parameters.
     reason:        the numbers behind the choice, for the report.
+    modelled_s:    the cost model's time for the whole call, in seconds.
     """
 
     chunk_size: int
@@ -27,3 +81,473 @@ class Plan:
     num_warps: int = 4
     num_stages: int = 2
     reason: str = ""
+    modelled_s: float = 0.0
+
+
+CHUNKS = (64, 128, 256, 512, 1024, 2048)
+BLOCK_T = (16, 32, 64, 128)
+BLOCK_E = (16, 32, 64, 128)
+NUM_WARPS = (2, 4, 8)
+NUM_STAGES = (1, 2, 3, 4)
+MAX_FEATURES_PER_TILE = 4096
+TIE_TOLERANCE = 1e-3  # modelled times this close are a tie: the tiles nearest the Plan defaults win
+
+# Achieved fractions of the published peaks, measured on our H200: bf16 matmul ~789 of 989 TFLOP/s,
+# device copy ~4245 of 4800 GB/s.
+TENSOR_EFFICIENCY = 789 / 989
+DRAM_EFFICIENCY = 4245 / 4800
+SMEM_BYTES_PER_CLOCK = 128  # shared-memory bandwidth per SM (cc 8.x, 9.0)
+L2_BYTES_PER_CLOCK = 32  # modelled L2 -> SM bandwidth per SM (calibrated by benchmarks/chunk_sweep.py)
+LOAD_LATENCY_S = 6e-7  # global load latency hidden by num_stages loads in flight
+LAUNCH_S = 3e-6  # per kernel launch
+MAX_REGS_PER_THREAD = 255
+BASE_REGS_PER_THREAD = 40  # addresses, indices, loop state besides the fp32 accumulators
+RESERVED_SMEM_PER_BLOCK = 1024  # the runtime's share per resident block (cc 8.0+)
+MAX_BLOCKS_PER_SM = 32
+WARPS_TO_FEED_TENSOR_CORES = 8  # two per SM sub-partition
+
+# The CPU (aten path): rough multi-core rates; only their ratios shape the choice.
+CPU_FLOPS = 2e11
+CPU_BYTES_PER_S = 3e10
+CPU_CHUNK_S = 2e-5  # fixed cost of one chunk's aten ops
+
+# Problem, tile and hardware symbols of the model.
+T, C, d, e, H, nbytes = sp.symbols("T C d e H nbytes", positive=True)
+bt, be, fb, Dt, nw, ns = sp.symbols("block_t block_e features_per_tile tiled_state warps stages", positive=True)
+score_ops, feature_ops = sp.symbols("score_ops feature_ops", positive=True)
+sms, f_tc, f_cc, bw_dram, bw_l2, mma_clock = sp.symbols(
+    "sm_count tensor_flops_per_sm cuda_flops_per_sm dram_bytes_per_sm l2_bytes_per_sm tensor_flops_per_clock",
+    positive=True,
+)
+smem_sm, regs_sm, threads_sm = sp.symbols("smem_per_sm regs_per_sm threads_per_sm", positive=True)
+D = sp.Symbol("state_dim", positive=True)
+
+GPU_SYMBOLS = (
+    T, C, d, e, H, nbytes, bt, be, fb, Dt, nw, ns, score_ops, feature_ops,
+    sms, f_tc, f_cc, bw_dram, bw_l2, mma_clock, smem_sm, regs_sm, threads_sm,
+)  # fmt: skip
+CPU_SYMBOLS = (T, C, d, e, H, D)
+
+
+def _max(*args: sp.Expr) -> sp.Expr:
+    """``Max`` without sympy's pairwise simplification (seconds on these expressions, and it finds nothing)."""
+    return sp.Max(*args, evaluate=False)
+
+
+def _min(*args: sp.Expr) -> sp.Expr:
+    return sp.Min(*args, evaluate=False)
+
+
+class Kernel(NamedTuple):
+    """One kernel of a path: program count, and per program its dots (FLOP, M, N), CUDA-core ops and loads."""
+
+    name: str
+    programs: sp.Expr
+    dots: tuple[tuple[sp.Expr, sp.Expr, sp.Expr], ...]
+    cuda_ops: sp.Expr
+    l2_bytes: sp.Expr
+    dram_bytes: sp.Expr  # the whole kernel's DRAM traffic
+    stage_bytes: sp.Expr
+
+
+def mma_efficiency(rows: sp.Expr, cols: sp.Expr) -> sp.Expr:
+    """Fraction of the tensor peak an output tile (rows x cols) sustains.
+
+    Rows pad to the 64-row MMA granule; per 16-deep k-step the SM reads (64 + cols) x 16 operands from shared
+    memory at ``SMEM_BYTES_PER_CLOCK`` while the tensor cores take 2*64*cols*16 / F clocks:
+    ``min(1, rows/64) * min(1, 128*cols*SMEM_BW / (F*(64 + cols)*by))`` (Hopper bf16: cols >= 64 saturates).
+    """
+    operand_bound = 128 * cols * SMEM_BYTES_PER_CLOCK / (mma_clock * (64 + cols) * nbytes)
+    return _min(1, rows / 64) * _min(1, operand_bound)
+
+
+def smem_per_program() -> sp.Expr:
+    """The tiling contract: ``num_stages*(bt*d + bt*be)*by + fb*be*4`` (pipelined k/v tiles + fp32 state tile)."""
+    return ns * (bt * d + bt * be) * nbytes + fb * be * 4
+
+
+def regs_per_thread() -> sp.Expr:
+    """fp32 accumulators of the larger kernel (state tile, or y plus scores) spread over the threads, plus a base."""
+    accumulators = _max(fb * be, bt * be + bt * bt)
+    return sp.ceiling(accumulators / (32 * nw)) + BASE_REGS_PER_THREAD
+
+
+def occupancy() -> sp.Expr:
+    """Programs resident per SM (at least 1: infeasible tiles are rejected by ``feasible`` instead)."""
+    by_smem = smem_sm / (smem_per_program() + RESERVED_SMEM_PER_BLOCK)
+    by_regs = regs_sm / (regs_per_thread() * 32 * nw)
+    by_threads = threads_sm / (32 * nw)
+    return _max(1, sp.floor(_min(by_smem, by_regs, by_threads, MAX_BLOCKS_PER_SM)))
+
+
+def attention_part(keys: sp.Expr) -> tuple[tuple[tuple[sp.Expr, sp.Expr, sp.Expr], ...], sp.Expr, sp.Expr]:
+    """Power attention of bt query rows against ``keys`` keys: (dots, CUDA-core ops, L2 bytes) per program."""
+    dots = ((2 * bt * keys * d, bt, bt), (2 * bt * keys * be, bt, be))
+    return dots, bt * keys * score_ops, (bt * d + keys * (d + be) + bt * be) * nbytes
+
+
+def chunked_kernels() -> tuple[Kernel, ...]:
+    """update, scan and query kernels of the chunked path (see the module docstring)."""
+    chunks, e_blocks, tiles = sp.ceiling(T / C), sp.ceiling(e / be), Dt / fb
+    state_pass = H * chunks * Dt * e * 4
+    update = Kernel(
+        "update",
+        programs=H * chunks * tiles * e_blocks,
+        dots=((2 * C * fb * be, fb, be),),
+        cuda_ops=C * fb * feature_ops,
+        l2_bytes=C * (d + be) * nbytes,
+        dram_bytes=H * T * (d + e) * nbytes + state_pass,
+        stage_bytes=bt * (d + be) * nbytes,
+    )
+    scan = Kernel(
+        "scan",
+        programs=H * tiles * e_blocks,
+        dots=(),
+        cuda_ops=2 * chunks * fb * be,
+        l2_bytes=sp.Integer(0),
+        dram_bytes=2 * state_pass,
+        stage_bytes=fb * be * 4,
+    )
+    dots, cuda_ops, l2_bytes = attention_part((C + bt) / 2)
+    query = Kernel(
+        "query",
+        programs=H * chunks * sp.ceiling(C / bt) * e_blocks,
+        dots=((2 * bt * Dt * be, bt, be), *dots),
+        cuda_ops=bt * Dt * feature_ops + cuda_ops,
+        l2_bytes=l2_bytes + Dt * be * 4,
+        dram_bytes=H * T * (2 * d + 2 * e) * nbytes + state_pass,
+        stage_bytes=bt * (d + be) * nbytes,
+    )
+    return update, scan, query
+
+
+def single_chunk_kernels() -> tuple[Kernel, ...]:
+    """The single-chunk path: causal power attention over all T keys (no state)."""
+    dots, cuda_ops, l2_bytes = attention_part((T + bt) / 2)
+    attention = Kernel(
+        "attention",
+        programs=H * sp.ceiling(T / bt) * sp.ceiling(e / be),
+        dots=dots,
+        cuda_ops=cuda_ops,
+        l2_bytes=l2_bytes,
+        dram_bytes=H * T * (2 * d + 2 * e) * nbytes,
+        stage_bytes=bt * (d + be) * nbytes,
+    )
+    return (attention,)
+
+
+def kernel_terms(kernel: Kernel) -> dict[str, sp.Expr]:
+    """Per-SM times of one kernel (tensor, cuda, l2, dram, latency), its waves and total time."""
+    occ = _min(occupancy(), sp.ceiling(kernel.programs / sms))
+    waves = sp.ceiling(kernel.programs / (sms * occ))
+    warp_eff = _min(1, occ * nw / WARPS_TO_FEED_TENSOR_CORES)
+    tensor = sum((flops / mma_efficiency(m, n) for flops, m, n in kernel.dots), sp.Integer(0))
+    dram_per_program = kernel.dram_bytes / kernel.programs
+    terms = {
+        "tensor": tensor / (f_tc * warp_eff),
+        "cuda": kernel.cuda_ops / f_cc,
+        "l2": kernel.l2_bytes / bw_l2,
+        "dram": dram_per_program / bw_dram,
+    }
+    busy = _max(*terms.values())
+    exposed = (kernel.l2_bytes + dram_per_program) / kernel.stage_bytes * LOAD_LATENCY_S / ns
+    return {
+        **terms,
+        "latency": exposed,
+        "resident": occ,
+        "waves": waves,
+        "programs": kernel.programs,
+        "time": LAUNCH_S + waves * _max(occ * busy, busy + exposed),
+    }
+
+
+@functools.cache
+def gpu_model() -> dict[str, sp.Expr]:
+    """The sympy model: per-kernel terms (``"update.tensor"``, ...), path times, and the constraints."""
+    exprs: dict[str, sp.Expr] = {
+        "smem": smem_per_program(),
+        "regs": regs_per_thread(),
+        "occupancy": occupancy(),
+    }
+    for path, kernels in (("chunked", chunked_kernels()), ("single", single_chunk_kernels())):
+        total = sp.Integer(0)
+        for kernel in kernels:
+            terms = kernel_terms(kernel)
+            exprs.update({f"{kernel.name}.{key}": value for key, value in terms.items()})
+            total += terms["time"]
+        exprs[f"{path}.time"] = total
+    return exprs
+
+
+@functools.cache
+def cpu_model() -> dict[str, sp.Expr]:
+    """The aten chunked form on the CPU, per chunk size C (``C >= T``: one chunk, no state).
+
+    FLOP:  H*(2*T*min(C,T)*(d+e) + 4*max(T-C, 0)*D*e)     full C x C blocks, state update + query
+    bytes: H*(12*T*min(C,T) + max(T-C, 0)*(8*D + 8*D*e/C)) fp32 weights (3 passes), phi, state per chunk
+    time:  FLOP/CPU_FLOPS + bytes/CPU_BYTES_PER_S + ceil(T/C)*CPU_CHUNK_S
+    """
+    rows, rest = _min(C, T), _max(T - C, 0)
+    flops = H * (2 * T * rows * (d + e) + 4 * rest * D * e)
+    traffic = H * (12 * T * rows + rest * (8 * D + 8 * D * e / C))
+    return {
+        "flops": flops,
+        "bytes": traffic,
+        "time": flops / CPU_FLOPS + traffic / CPU_BYTES_PER_S + sp.ceiling(T / C) * CPU_CHUNK_S,
+    }
+
+
+@functools.cache
+def _compiled(which: str) -> Callable[..., dict[str, np.ndarray]]:
+    """The numeric fast path: the model's expressions lambdified to numpy, evaluated over candidate arrays."""
+    model, symbols = (gpu_model(), GPU_SYMBOLS) if which == "gpu" else (cpu_model(), CPU_SYMBOLS)
+    names = list(model)
+    fn = sp.lambdify(symbols, [model[name] for name in names], modules="numpy")
+
+    def evaluate(**values: np.ndarray | float) -> dict[str, np.ndarray]:
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            outputs = fn(*(values[str(s)] for s in symbols))
+        return {
+            name: np.broadcast_to(np.asarray(out, dtype=np.float64), _length(values))
+            for name, out in zip(names, outputs)
+        }
+
+    return evaluate
+
+
+def _length(values: dict[str, np.ndarray | float]) -> tuple[int, ...]:
+    return np.broadcast_shapes(*(np.shape(v) for v in values.values()))
+
+
+def tiled_state_dim(head_dim: int, block_feature: int, deg: int) -> int:
+    """``Dt = C(d/b + p - 1, p) * b^p``: features when the state is tiled in p-tuples of b-coordinate blocks."""
+    return math.comb(head_dim // block_feature + deg - 1, deg) * block_feature**deg
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def hardware_values(spec: GpuSpec, dtype: torch.dtype) -> dict[str, float]:
+    """The hardware symbols' values: per-SM achieved rates (fp32 inputs run tf32 at half the bf16 rate)."""
+    rate = 1.0 if torch.empty((), dtype=dtype).element_size() == 2 else 0.5
+    clock = spec.clock_mhz * 1e6
+    return {
+        "sm_count": spec.sm_count,
+        "tensor_flops_per_sm": spec.bf16_tflops * 1e12 * rate * TENSOR_EFFICIENCY / spec.sm_count,
+        "cuda_flops_per_sm": spec.fp32_tflops * 1e12 / spec.sm_count,
+        "dram_bytes_per_sm": spec.mem_bandwidth_gbs * 1e9 * DRAM_EFFICIENCY / spec.sm_count,
+        "l2_bytes_per_sm": L2_BYTES_PER_CLOCK * clock,
+        "tensor_flops_per_clock": spec.tensor_flops_per_clock * rate,
+        "smem_per_sm": spec.smem_per_sm,
+        "regs_per_sm": spec.regs_per_sm,
+        "threads_per_sm": spec.max_threads_per_sm,
+    }
+
+
+class Candidates(NamedTuple):
+    """Every configuration considered for one problem, as parallel arrays, with the model evaluated on them."""
+
+    chunk: np.ndarray
+    single: np.ndarray  # bool: the single-chunk path
+    block_t: np.ndarray
+    block_feature: np.ndarray
+    block_e: np.ndarray
+    num_warps: np.ndarray
+    num_stages: np.ndarray
+    values: dict[str, np.ndarray]  # model outputs ("smem", "update.time", ...) per candidate
+    time: np.ndarray
+    feasible: np.ndarray
+
+    def plan(self, i: int, reason: str = "") -> Plan:
+        return Plan(
+            chunk_size=int(self.chunk[i]),
+            block_t=int(self.block_t[i]),
+            block_feature=int(self.block_feature[i]),
+            block_e=int(self.block_e[i]),
+            num_warps=int(self.num_warps[i]),
+            num_stages=int(self.num_stages[i]),
+            reason=reason,
+            modelled_s=float(self.time[i]),
+        )
+
+
+def _block_features(head_dim: int, deg: int) -> list[int]:
+    """Coordinate-block sizes b: powers of 2 dividing d with b^p <= MAX_FEATURES_PER_TILE, largest first."""
+    sizes = [b for b in (64, 32, 16, 8, 4, 2, 1) if head_dim % b == 0 and b**deg <= MAX_FEATURES_PER_TILE]
+    return sizes or [1]
+
+
+def gpu_candidates(
+    spec: GpuSpec, T: int, d: int, e: int, deg: int, dtype: torch.dtype, gated: bool, batch_heads: int
+) -> Candidates:
+    """Every (chunk, tiles) the model considers, evaluated; infeasible ones are kept but flagged."""
+    single_chunk = _pow2_at_least(T)
+    chunks = [c for c in CHUNKS if c < T] + [single_chunk]
+    e_blocks = [x for x in BLOCK_E if x <= max(BLOCK_E[0], _pow2_at_least(e))]
+    rows = [
+        (c, bt_, b, be_, w, s)
+        for c, bt_, b, be_, w, s in itertools.product(
+            chunks, BLOCK_T, _block_features(d, deg), e_blocks, NUM_WARPS, NUM_STAGES
+        )
+        if bt_ <= max(c, BLOCK_T[0])
+    ]
+    chunk, block_t, block_feature, block_e, warps, stages = (np.array(col, dtype=np.int64) for col in zip(*rows))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    values = _compiled("gpu")(
+        T=float(T),
+        C=chunk.astype(np.float64),
+        d=float(d),
+        e=float(e),
+        H=float(batch_heads),
+        nbytes=float(itemsize),
+        block_t=block_t.astype(np.float64),
+        block_e=block_e.astype(np.float64),
+        features_per_tile=(block_feature.astype(np.float64) ** deg),
+        tiled_state=np.array([tiled_state_dim(d, int(b), deg) for b in block_feature], dtype=np.float64),
+        warps=warps.astype(np.float64),
+        stages=stages.astype(np.float64),
+        score_ops=float(math.log2(deg) + 1 + 4 * gated),
+        feature_ops=float(deg),
+        **hardware_values(spec, dtype),
+    )
+    single = chunk >= T
+    time = np.where(single, values["single.time"], values["chunked.time"])
+    feasible = (
+        (values["smem"] <= spec.smem_per_block_optin)
+        & (values["regs"] <= MAX_REGS_PER_THREAD)
+        & (values["regs"] * 32 * warps <= spec.regs_per_sm)
+        & (32 * warps <= spec.max_threads_per_sm)
+    )
+    return Candidates(chunk, single, block_t, block_feature, block_e, warps, stages, values, time, feasible)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms"
+
+
+def _dominant(values: dict[str, np.ndarray], kernel: str, i: int) -> str:
+    """The resource that sets a kernel's wave time: the largest busy term, or the exposed load latency."""
+    busy_terms = {term: values[f"{kernel}.{term}"][i] for term in ("tensor", "cuda", "l2", "dram")}
+    busy = max(busy_terms.values())
+    if busy + values[f"{kernel}.latency"][i] > values[f"{kernel}.resident"][i] * busy:
+        return "latency"
+    return max(busy_terms, key=busy_terms.__getitem__)
+
+
+def _describe_path(cands: Candidates, i: int) -> str:
+    """``chunked C=1024: 0.512 ms = update 0.210 ms (tensor-bound) + ...`` for candidate i."""
+    kernels = ("attention",) if cands.single[i] else ("update", "scan", "query")
+    parts = " + ".join(
+        f"{k} {_ms(cands.values[f'{k}.time'][i])} ({_dominant(cands.values, k, i)}-bound, "
+        f"{cands.values[f'{k}.waves'][i]:.0f} waves)"
+        for k in kernels
+    )
+    path = "single-chunk" if cands.single[i] else f"chunked C={cands.chunk[i]}"
+    return f"{path}: {_ms(cands.time[i])} = {parts}"
+
+
+def _binding(cands: Candidates, spec: GpuSpec, best: int) -> str:
+    """The constraint that excludes the fastest configuration the model would prefer to the chosen one."""
+    excluded = np.flatnonzero(~cands.feasible & (cands.time < cands.time[best]))
+    if excluded.size == 0:
+        return "no resource limit binds (the chosen tiles are the model's unconstrained optimum)"
+    j = excluded[np.argmin(cands.time[excluded])]
+    smem, regs = cands.values["smem"][j], cands.values["regs"][j]
+    if smem > spec.smem_per_block_optin:
+        limit = f"needs {smem / 1024:.1f} KB smem > {spec.smem_per_block_optin / 1024:.1f} KB opt-in per block"
+    else:
+        limit = f"needs {regs:.0f} registers/thread with {cands.num_warps[j]} warps"
+    tiles = f"block_t={cands.block_t[j]} b={cands.block_feature[j]} block_e={cands.block_e[j]}"
+    return f"binding: {tiles} stages={cands.num_stages[j]} ({_ms(cands.time[j])}) {limit}"
+
+
+def _gpu_reason(cands: Candidates, spec: GpuSpec, best: int, problem: str) -> str:
+    order = np.flatnonzero(cands.feasible)
+    other_chunk = order[cands.chunk[order] != cands.chunk[best]]
+    runner = other_chunk[np.argmin(cands.time[other_chunk])] if other_chunk.size else None
+    runner_up = (
+        f"runner-up {_describe_path(cands, runner)} (+{(cands.time[runner] / cands.time[best] - 1) * 100:.1f}%)"
+        if runner is not None
+        else "no other chunk size considered"
+    )
+    v = cands.values
+    tiles = (
+        f"tiles block_t={cands.block_t[best]} block_feature={cands.block_feature[best]} "
+        f"block_e={cands.block_e[best]} warps={cands.num_warps[best]} stages={cands.num_stages[best]}: "
+        f"smem {v['smem'][best] / 1024:.1f}/{spec.smem_per_block_optin / 1024:.1f} KB, "
+        f"{v['regs'][best]:.0f} regs/thread, {v['occupancy'][best]:.0f} programs/SM on {spec.sm_count} SMs"
+    )
+    return f"{spec.name}, {problem}: {_describe_path(cands, best)}; {runner_up}; {tiles}; {_binding(cands, spec, best)}"
+
+
+def _problem(T: int, d: int, e: int, deg: int, dtype: torch.dtype, gated: bool, batch_heads: int) -> str:
+    dim = state_dim(d, deg)
+    gate = "gated" if gated else "ungated"
+    return f"T={T} d={d} e={e} deg={deg} (D={dim}) {str(dtype).removeprefix('torch.')} {gate} x{batch_heads} heads"
+
+
+def _distance_from_defaults(cands: Candidates) -> np.ndarray:
+    """``sum |log2(tile / default tile)|`` over the Plan's tile fields: the tie-break among equal times."""
+    defaults = Plan(chunk_size=0)
+    fields = ("block_t", "block_feature", "block_e", "num_warps", "num_stages")
+    return sum(np.abs(np.log2(getattr(cands, f) / getattr(defaults, f))) for f in fields)
+
+
+def _choose(cands: Candidates, feasible: np.ndarray) -> int:
+    """The fastest feasible candidate; within ``TIE_TOLERANCE`` of it, the tiles closest to the defaults."""
+    times = cands.time[feasible]
+    tied = feasible[times <= times.min() * (1 + TIE_TOLERANCE)]
+    order = np.lexsort((cands.time[tied], _distance_from_defaults(cands)[tied]))
+    return int(tied[order[0]])
+
+
+def _plan_gpu(spec: GpuSpec, T: int, d: int, e: int, deg: int, dtype: torch.dtype, gated: bool, bh: int) -> Plan:
+    cands = gpu_candidates(spec, T, d, e, deg, dtype, gated, bh)
+    feasible = np.flatnonzero(cands.feasible)
+    if feasible.size == 0:
+        raise ValueError(f"no tile configuration fits {spec.name} for d={d}, e={e}, deg={deg}")
+    best = _choose(cands, feasible)
+    return cands.plan(best, _gpu_reason(cands, spec, best, _problem(T, d, e, deg, dtype, gated, bh)))
+
+
+def _plan_cpu(T: int, d: int, e: int, deg: int, dtype: torch.dtype, gated: bool, bh: int) -> Plan:
+    chunks = np.array([c for c in CHUNKS if c < T] + [_pow2_at_least(T)], dtype=np.int64)
+    values = _compiled("cpu")(
+        T=float(T), C=chunks.astype(np.float64), d=float(d), e=float(e), H=float(bh), state_dim=float(state_dim(d, deg))
+    )
+    order = np.argsort(values["time"], kind="stable")
+    best = order[0]
+
+    def describe(i: int) -> str:
+        path = "single-chunk" if chunks[i] >= T else f"chunked C={chunks[i]}"
+        flops, traffic = values["flops"][i], values["bytes"][i]
+        return f"{path} {_ms(values['time'][i])} ({flops / 1e9:.2f} GFLOP, {traffic / 1e6:.1f} MB)"
+
+    runner = f"runner-up {describe(order[1])}" if order.size > 1 else "no other chunk size considered"
+    reason = f"CPU (aten path), {_problem(T, d, e, deg, dtype, gated, bh)}: {describe(best)}; {runner}"
+    return replace(Plan(chunk_size=int(chunks[best])), reason=reason, modelled_s=float(values["time"][best]))
+
+
+@functools.lru_cache(maxsize=512)
+def plan(
+    spec: GpuSpec | None,
+    T: int,
+    d: int,
+    e: int | None = None,
+    deg: int = 2,
+    dtype: torch.dtype = torch.bfloat16,
+    gated: bool = False,
+    batch_heads: int = 1,
+) -> Plan:
+    """The chunk size and tiles with the least modelled time for one call (``spec=None``: the CPU aten path).
+
+    T: key length; d, e: head dims of q/k and v (e defaults to d); batch_heads: B x Hk programs' worth of
+    independent heads. Deterministic (cached); never changes results, only speed.
+    """
+    if T < 1 or d < 1 or batch_heads < 1:
+        raise ValueError(f"plan needs T, d, batch_heads >= 1, got T={T}, d={d}, batch_heads={batch_heads}")
+    e = d if e is None else e
+    if spec is None:
+        return _plan_cpu(T, d, e, deg, dtype, gated, batch_heads)
+    return _plan_gpu(spec, T, d, e, deg, dtype, gated, batch_heads)
