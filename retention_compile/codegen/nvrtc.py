@@ -1,0 +1,351 @@
+"""CUDA templates, rendered per shape, compiled at run time, cached on disk, loaded and launched.
+
+    render(name, **params)            jinja2 template in ``retention_compile/cuda_templates`` -> CUDA C++ source
+    compile_source(source, arch)      NVRTC through cuda-python (nvcc when NVRTC's library is missing) -> bytes:
+                                      a cubin for ``arch = "sm_XY[a]"``, PTX text for ``arch = "compute_XY[a]"``
+    cached_compile(source, arch)      the same, cached under sha256(source, arch, options, compiler, driver) in
+                                      ``$XDG_CACHE_HOME/retention_compile/cuda`` (``~/.cache/...``), with the
+                                      rendered ``.cu`` beside each entry; files are written atomically
+    load_kernels(source, names, dev)  cuModuleLoadData + cuModuleGetFunction, once per device and source
+    CudaKernel.launch(grid, block, args)  cuLaunchKernel on PyTorch's current stream
+
+``compile_source`` needs no GPU. The architecture of a device comes from
+``torch.cuda.get_device_capability`` (``sm_90a`` on compute capability 9.0, so Hopper-only instructions are
+available); ``retention_compile.hardware.detect`` was not written yet when this module was.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+import torch
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "cuda_templates"
+DEFAULT_OPTIONS = ("-std=c++17", "-lineinfo")
+_ARCH = re.compile(r"^(sm|compute)_(\d+)(a?)$")
+_DIAGNOSTIC = re.compile(r"\((\d+)\): (?:catastrophic )?error")
+
+
+class CudaCompileError(RuntimeError):
+    """A rendered CUDA source failed to compile; the message quotes the offending source lines."""
+
+
+class CudaDriverError(RuntimeError):
+    """A CUDA driver API call returned an error."""
+
+
+@functools.lru_cache(maxsize=1)
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def template_names() -> list[str]:
+    """Every CUDA template shipped with the package (``*.cu.j2``)."""
+    return sorted(p.name for p in TEMPLATE_DIR.glob("*.cu.j2"))
+
+
+def render(name: str, **params: object) -> str:
+    """Render template ``name`` with ``params``; an undefined parameter raises instead of rendering empty."""
+    return _environment().get_template(name).render(**params)
+
+
+def _parse_arch(arch: str) -> tuple[str, str]:
+    """``"sm_90a"`` -> ``("sm", "90a")``; rejects anything else."""
+    match = _ARCH.match(arch)
+    if match is None:
+        raise ValueError(f"arch must look like 'sm_90', 'sm_90a' or 'compute_80', got {arch!r}")
+    return match.group(1), match.group(2) + match.group(3)
+
+
+def gpu_arch(device: torch.device | int | None = None) -> str:
+    """The cubin target of a CUDA device: ``sm_90a`` for compute capability 9.0, else ``sm_<major><minor>``."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return "sm_90a" if (major, minor) == (9, 0) else f"sm_{major}{minor}"
+
+
+@functools.lru_cache(maxsize=1)
+def nvrtc_version() -> tuple[int, int] | None:
+    """NVRTC's (major, minor) through cuda-python, or None where cuda-python or its NVRTC library is missing."""
+    try:
+        from cuda.bindings import nvrtc
+
+        err, major, minor = nvrtc.nvrtcVersion()
+    except Exception:  # ImportError, or the shared library not found when first used
+        return None
+    return (major, minor) if err == nvrtc.nvrtcResult.NVRTC_SUCCESS else None
+
+
+def _nvcc_path() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidate = Path(home, "bin", "nvcc") if home else None
+    return str(candidate) if candidate is not None and candidate.exists() else shutil.which("nvcc")
+
+
+@functools.lru_cache(maxsize=1)
+def _nvcc_version() -> str | None:
+    nvcc = _nvcc_path()
+    if nvcc is None:
+        return None
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False).stdout
+    return out.strip().splitlines()[-1] if out.strip() else None
+
+
+def compiler_id(compiler: str | None = None) -> str:
+    """The compiler ``compile_source`` uses (NVRTC first, nvcc where NVRTC's library is missing), with version."""
+    version = nvrtc_version()
+    if compiler in (None, "nvrtc") and version is not None:
+        return f"nvrtc-{version[0]}.{version[1]}"
+    if compiler in (None, "nvcc") and _nvcc_version() is not None:
+        return f"nvcc-{_nvcc_version()}"
+    raise RuntimeError(
+        f"no CUDA compiler available (asked for {compiler or 'any'}): install cuda-python with its NVRTC "
+        "library (pip install cuda-python nvidia-cuda-nvrtc) or put nvcc on PATH / CUDA_HOME"
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def driver_version() -> int | None:
+    """The CUDA driver version (e.g. 13000), or None without a driver."""
+    try:
+        from cuda.bindings import driver
+
+        err, version = driver.cuDriverGetVersion()
+    except Exception:  # no cuda-python, or no libcuda on a CPU machine
+        return None
+    return version if err == driver.CUresult.CUDA_SUCCESS else None
+
+
+def _compile_error(source: str, log: str, arch: str, compiler: str) -> CudaCompileError:
+    """Quote each source line a diagnostic points at, so the error is readable without the file."""
+    lines = source.splitlines()
+    quoted = []
+    for number in sorted({int(m.group(1)) for m in _DIAGNOSTIC.finditer(log)}):
+        text = lines[number - 1] if 0 < number <= len(lines) else "<outside the source>"
+        quoted.append(f"  line {number}: {text.strip()}")
+    where = "\n".join(quoted) if quoted else "  (no line reported)"
+    return CudaCompileError(
+        f"{compiler} failed to compile for {arch}:\n{log.strip()}\noffending source lines:\n{where}"
+    )
+
+
+def _compile_nvrtc(source: str, arch: str, options: Sequence[str], name: str) -> bytes:
+    from cuda.bindings import nvrtc
+
+    def check(result: tuple) -> tuple:
+        if result[0] != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise RuntimeError(f"NVRTC call failed: {result[0]}")
+        return result[1:]
+
+    (program,) = check(nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], []))
+    try:
+        opts = [f"--gpu-architecture={arch}".encode(), *(o.encode() for o in options)]
+        (status,) = nvrtc.nvrtcCompileProgram(program, len(opts), opts)
+        if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            (size,) = check(nvrtc.nvrtcGetProgramLogSize(program))
+            log = b" " * size
+            check(nvrtc.nvrtcGetProgramLog(program, log))
+            raise _compile_error(source, log.rstrip(b"\x00").decode(errors="replace"), arch, "NVRTC")
+        cubin = arch.startswith("sm_")
+        get_size, get = (
+            (nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN) if cubin else (nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX)
+        )
+        (size,) = check(get_size(program))
+        out = b" " * size
+        check(get(program, out))
+        return out if cubin else out.rstrip(b"\x00")
+    finally:
+        nvrtc.nvrtcDestroyProgram(program)
+
+
+def _compile_nvcc(source: str, arch: str, options: Sequence[str], name: str) -> bytes:
+    kind, number = _parse_arch(arch)
+    nvcc = _nvcc_path()
+    assert nvcc is not None  # compiler_id checked it
+    with tempfile.TemporaryDirectory(prefix="retention_nvcc_") as tmp:
+        src, out = Path(tmp, name), Path(tmp, "out.bin")
+        src.write_text(source)
+        target = (
+            ["--cubin", f"-gencode=arch=compute_{number},code=sm_{number}"]
+            if kind == "sm"
+            else ["--ptx", f"-arch=compute_{number}"]
+        )
+        proc = subprocess.run([nvcc, *target, *options, "-o", str(out), str(src)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise _compile_error(source, proc.stderr + proc.stdout, arch, "nvcc")
+        return out.read_bytes()
+
+
+def compile_source(
+    source: str,
+    arch: str,
+    *,
+    options: Sequence[str] = DEFAULT_OPTIONS,
+    compiler: str | None = None,
+    name: str = "kernel.cu",
+) -> bytes:
+    """Compile ``source`` for ``arch``: a cubin for ``sm_XY[a]``, PTX for ``compute_XY[a]``. No GPU needed.
+
+    ``compiler`` forces ``"nvrtc"`` or ``"nvcc"``; by default NVRTC, and nvcc where NVRTC's library is missing.
+    Raises ``CudaCompileError`` quoting the rendered source lines the compiler complains about.
+    """
+    _parse_arch(arch)
+    chosen = compiler_id(compiler)
+    compile_with = _compile_nvrtc if chosen.startswith("nvrtc") else _compile_nvcc
+    return compile_with(source, arch, options, name)
+
+
+def cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/retention_compile/cuda``, else ``~/.cache/retention_compile/cuda`` (never the package)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "retention_compile" / "cuda"
+
+
+def cache_key(source: str, arch: str, options: Sequence[str], compiler: str) -> str:
+    """sha256 over everything that changes the binary: source, arch, options, compiler and driver versions."""
+    parts = [source, arch, "\0".join(options), compiler, str(driver_version())]
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cached_compile(
+    source: str, arch: str, *, options: Sequence[str] = DEFAULT_OPTIONS, compiler: str | None = None
+) -> tuple[bytes, Path]:
+    """``compile_source`` through the on-disk cache; returns the binary and the path of its cache entry.
+
+    The rendered source is kept as ``<key>.cu`` beside the entry (``<key>.cubin`` or ``<key>.ptx``), also when
+    the compile fails, so a generated kernel can always be read.
+    """
+    chosen = compiler_id(compiler)
+    key = cache_key(source, arch, options, chosen)
+    entry = cache_dir() / f"{key}.{'cubin' if arch.startswith('sm_') else 'ptx'}"
+    if entry.exists():
+        return entry.read_bytes(), entry
+    _write_atomic(entry.with_suffix(".cu"), source.encode())
+    binary = compile_source(source, arch, options=options, compiler=compiler, name=f"{key[:16]}.cu")
+    _write_atomic(entry, binary)
+    return binary, entry
+
+
+def _check(result: tuple) -> object:
+    """Unwrap a cuda-python driver result ``(CUresult, *values)``; raise ``CudaDriverError`` on failure."""
+    from cuda.bindings import driver
+
+    err, *values = result
+    if err != driver.CUresult.CUDA_SUCCESS:
+        _, name = driver.cuGetErrorName(err)
+        raise CudaDriverError(f"CUDA driver error {name.decode() if isinstance(name, bytes) else name} ({err})")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+@dataclass(frozen=True)
+class CudaKernel:
+    """One ``extern "C"`` kernel of a loaded module."""
+
+    name: str
+    function: object  # cuda.bindings.driver.CUfunction
+    module: object  # the CUmodule, kept alive with the function
+
+    def launch(
+        self,
+        grid: tuple[int, int, int],
+        block: tuple[int, int, int],
+        args: Sequence[torch.Tensor | float | int | None],
+        *,
+        shared_mem: int = 0,
+        stream: int | None = None,
+    ) -> None:
+        """``cuLaunchKernel`` on ``stream`` (PyTorch's current stream by default).
+
+        Arguments map to C types: a tensor to its data pointer, None to a null pointer, float to ``float``,
+        int to ``int``.
+        """
+        from cuda.bindings import driver
+
+        values: list[object] = []
+        types: list[object] = []
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                values.append(arg.data_ptr())
+                types.append(ctypes.c_void_p)
+            elif arg is None:
+                values.append(0)
+                types.append(ctypes.c_void_p)
+            elif isinstance(arg, float):
+                values.append(arg)
+                types.append(ctypes.c_float)
+            elif isinstance(arg, int):
+                values.append(arg)
+                types.append(ctypes.c_int)
+            else:
+                raise TypeError(f"{self.name}: cannot pass a {type(arg).__name__} to a kernel")
+        if stream is None:
+            stream = torch.cuda.current_stream().cuda_stream
+        _check(
+            driver.cuLaunchKernel(self.function, *grid, *block, shared_mem, stream, (tuple(values), tuple(types)), 0)
+        )
+
+
+_LOADED: dict[tuple[int, str, tuple[str, ...]], tuple[CudaKernel, ...]] = {}
+
+
+def _make_context_current(device_index: int) -> None:
+    """Make the device's primary context (the one PyTorch uses) current on this thread."""
+    from cuda.bindings import driver
+
+    _check(driver.cuCtxSetCurrent(_primary_context(device_index)))
+
+
+@functools.cache
+def _primary_context(device_index: int) -> object:
+    """Retain the primary context once per device (a retain per call would leak references)."""
+    from cuda.bindings import driver
+
+    torch.cuda.init()
+    _check(driver.cuInit(0))
+    return _check(driver.cuDevicePrimaryCtxRetain(_check(driver.cuDeviceGet(device_index))))
+
+
+def load_kernels(source: str, names: Sequence[str], device: torch.device | int) -> tuple[CudaKernel, ...]:
+    """Compile ``source`` for the device (through the cache), load it, and return the kernels ``names``."""
+    from cuda.bindings import driver
+
+    index = device if isinstance(device, int) else (device.index if device.index is not None else 0)
+    key = (index, hashlib.sha256(source.encode()).hexdigest(), tuple(names))
+    if key not in _LOADED:
+        binary, _ = cached_compile(source, gpu_arch(index))
+        with torch.cuda.device(index):
+            _make_context_current(index)
+            module = _check(driver.cuModuleLoadData(binary))
+            kernels = tuple(
+                CudaKernel(name, _check(driver.cuModuleGetFunction(module, name.encode())), module) for name in names
+            )
+        _LOADED[key] = kernels
+    return _LOADED[key]
