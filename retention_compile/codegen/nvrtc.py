@@ -9,9 +9,8 @@
     load_kernels(source, names, dev)  cuModuleLoadData + cuModuleGetFunction, once per device and source
     CudaKernel.launch(grid, block, args)  cuLaunchKernel on PyTorch's current stream
 
-``compile_source`` needs no GPU. The architecture of a device comes from
-``torch.cuda.get_device_capability`` (``sm_90a`` on compute capability 9.0, so Hopper-only instructions are
-available); ``retention_compile.hardware.detect`` was not written yet when this module was.
+``compile_source`` needs no GPU. The architecture of a device comes from ``hardware.detect`` (``sm_90a`` on
+compute capability 9.0, so Hopper-only instructions are available).
 """
 
 from __future__ import annotations
@@ -75,7 +74,10 @@ def _parse_arch(arch: str) -> tuple[str, str]:
 
 def gpu_arch(device: torch.device | int | None = None) -> str:
     """The cubin target of a CUDA device: ``sm_90a`` for compute capability 9.0, else ``sm_<major><minor>``."""
-    major, minor = torch.cuda.get_device_capability(device)
+    from .. import hardware
+
+    spec = hardware.detect(device)
+    major, minor = spec.compute_capability if spec is not None else torch.cuda.get_device_capability(device)
     return "sm_90a" if (major, minor) == (9, 0) else f"sm_{major}{minor}"
 
 
@@ -262,6 +264,8 @@ def _check(result: tuple) -> object:
     if err != driver.CUresult.CUDA_SUCCESS:
         _, name = driver.cuGetErrorName(err)
         raise CudaDriverError(f"CUDA driver error {name.decode() if isinstance(name, bytes) else name} ({err})")
+    if not values:
+        return None
     return values[0] if len(values) == 1 else tuple(values)
 
 
@@ -343,7 +347,8 @@ def load_kernels(source: str, names: Sequence[str], device: torch.device | int) 
         binary, _ = cached_compile(source, gpu_arch(index))
         with torch.cuda.device(index):
             _make_context_current(index)
-            module = _check(driver.cuModuleLoadData(binary))
+            image = ctypes.create_string_buffer(binary, len(binary))  # an address every cuda-python takes
+            module = _check(driver.cuModuleLoadData(ctypes.addressof(image)))
             kernels = tuple(
                 CudaKernel(name, _check(driver.cuModuleGetFunction(module, name.encode())), module) for name in names
             )
