@@ -26,14 +26,27 @@ import torch
 
 from retention_compile import hardware
 from retention_compile.codegen import nvrtc
-from retention_compile.decode import DecodeKernelConfig, decode_step_cuda, decode_step_torch, default_config
+from retention_compile.decode import (
+    THREADS,
+    DecodeKernelConfig,
+    _plan,
+    cuda_unsupported_reason,
+    decode_kernels,
+    decode_step_cuda,
+    decode_step_torch,
+    default_config,
+)
 from retention_compile.power_features import state_dim
 
 SHAPES = {  # name: (B, Hq, Hk, d)
     "b8_h8_d128": (8, 8, 8, 128),
     "powercoder_b8_q24_kv2_d128": (8, 24, 2, 128),
 }
-CONFIGS = [DecodeKernelConfig(rows, unroll) for rows in (64, 128, 256) for unroll in (2, 4, 8)]
+CONFIGS = [  # the first run's best shapes without the register double buffer, then with it, then larger slices
+    *(DecodeKernelConfig(rows, unroll, pipeline=False) for rows, unroll in ((128, 4), (256, 2), (256, 8))),
+    *(DecodeKernelConfig(rows, unroll) for rows in (128, 256) for unroll in (2, 4, 8)),
+    *(DecodeKernelConfig(rows, unroll) for rows, unroll in ((352, 2), (544, 4), (832, 2), (1056, 4))),
+]
 MIN_STATE_BYTES = 256 << 20  # states per timed graph: > 4x the H200's 60 MB L2
 
 
@@ -83,7 +96,13 @@ def bench_shape(name: str, B: int, Hq: int, Hk: int, d: int, copy_gbs: float, re
     scale = d**-0.5
     rows = []
     default = default_config(Hq // Hk)
+    sms = torch.cuda.get_device_properties().multi_processor_count
     for config in CONFIGS:
+        if cuda_unsupported_reason(*layers[0][:5], 2, layers[0][5], config) is not None:
+            continue
+        planned = _plan(e, Hq // Hk, config)
+        update, _ = decode_kernels(0, d, e, 2, Hq // Hk, torch.bfloat16, True, planned)
+        blocks = B * Hk * -(-D // planned.rows)
 
         def step_all(config=config):
             for q, k, v, state, norm, gate in layers:
@@ -110,7 +129,11 @@ def bench_shape(name: str, B: int, Hq: int, Hk: int, d: int, copy_gbs: float, re
                 "D": D,
                 "rows": config.rows,
                 "unroll": config.unroll,
+                "pipeline": config.pipeline,
                 "default": config == default,
+                "registers": update.num_regs,
+                "blocks": blocks,
+                "waves": blocks / (update.max_active_blocks(THREADS) * sms),
                 "layers": len(layers),
                 "state_bytes_per_step": floor_bytes,
                 "graph_us_per_step": per_step_us,
@@ -183,12 +206,14 @@ def main() -> None:
 
     print(f"copy bandwidth {copy_gbs:.0f} GB/s (read + write); {record['gpu']}; {record['versions']}")
     print(
-        f"{'shape':28} {'rows':>4} {'unr':>3} {'graph us':>9} {'eager us':>9} {'GB/s':>6} {'copy%':>6} {'torch us':>9}"
+        f"{'shape':27} {'rows':>4} {'unr':>3} {'pipe':>5} {'regs':>4} {'waves':>5} "
+        f"{'graph us':>9} {'eager us':>9} {'GB/s':>6} {'copy%':>6} {'torch us':>9}"
     )
     for r in results:
         mark = " *" if r["default"] else ""
         print(
-            f"{r['shape']:28} {r['rows']:4d} {r['unroll']:3d} {r['graph_us_per_step']:9.1f} "
+            f"{r['shape'][:27]:27} {r['rows']:4d} {r['unroll']:3d} {r['pipeline']!s:>5} {r['registers']:4d} "
+            f"{r['waves']:5.2f} {r['graph_us_per_step']:9.1f} "
             f"{r['eager_us_per_step']:9.1f} {r['achieved_GBps']:6.0f} {100 * r['fraction_of_copy']:5.1f}% "
             f"{r['torch_fallback_us_per_step']:9.1f}{mark}"
         )

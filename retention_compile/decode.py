@@ -104,15 +104,17 @@ def decode_step_torch(
 
 @dataclass(frozen=True)
 class DecodeKernelConfig:
-    """Launch shape of the CUDA decode step: feature rows per block and 16-byte loads in flight per thread."""
+    """Launch shape of the CUDA decode step: feature rows per block, 16-byte state loads per thread per batch,
+    and whether the next batch's loads are issued before the current batch is updated (register double buffer)."""
 
-    rows: int = 128
+    rows: int = 256
     unroll: int = 4
+    pipeline: bool = True
 
 
 def default_config(group: int) -> DecodeKernelConfig:
-    """Rows per block: more rows for larger groups keep the partials (``G/(2 rows)`` of the traffic) small."""
-    return DecodeKernelConfig(rows=128 if group <= 4 else 256, unroll=4)
+    """256 rows per block keep the partials (``G/(2 rows)`` of the traffic) small for groups up to 16."""
+    return DecodeKernelConfig(rows=256, unroll=4, pipeline=True)
 
 
 def _static_smem(d: int, e: int, group: int, rows: int) -> int:
@@ -161,7 +163,7 @@ def _plan(e: int, group: int, config: DecodeKernelConfig | None) -> DecodeKernel
     """The config rounded so that rows is a multiple of the rows one block step touches times the unroll."""
     cfg = config or default_config(group)
     quantum = THREADS // (e // 4) * cfg.unroll
-    return DecodeKernelConfig(rows=max(quantum, cfg.rows // quantum * quantum), unroll=cfg.unroll)
+    return DecodeKernelConfig(max(quantum, cfg.rows // quantum * quantum), cfg.unroll, cfg.pipeline)
 
 
 def render_decode_source(
@@ -180,6 +182,7 @@ def render_decode_source(
         group=group,
         rows=config.rows,
         unroll=config.unroll,
+        pipeline=config.pipeline,
         threads=THREADS,
         dtype=_IO_DTYPES[dtype],
         gate=gate,
@@ -191,9 +194,10 @@ def render_decode_source(
 
 
 @lru_cache(maxsize=64)
-def _decode_kernels(
+def decode_kernels(
     device_index: int, d: int, e: int, deg: int, group: int, dtype: torch.dtype, gate: bool, config: DecodeKernelConfig
 ) -> tuple:
+    """The loaded ``(update, reduce)`` kernels of one shape and (planned) config, compiled once per process."""
     from .codegen import nvrtc
 
     source = render_decode_source(d, e, deg, group, dtype, gate, config)
@@ -224,7 +228,7 @@ def decode_step_cuda(
     group = Hq // Hk
     cfg = _plan(e, group, config)
     slices = -(-state_dim(d, deg) // cfg.rows)
-    update, reduce = _decode_kernels(q.device.index or 0, d, e, deg, group, q.dtype, log_gate is not None, cfg)
+    update, reduce = decode_kernels(q.device.index or 0, d, e, deg, group, q.dtype, log_gate is not None, cfg)
     workspace = torch.empty(B * Hk * slices * group * (e + 1), dtype=torch.float32, device=q.device)
     num_part, den_part = workspace[: B * Hk * slices * group * e], workspace[B * Hk * slices * group * e :]
     y = torch.empty(B, Hq, 1, e, dtype=q.dtype, device=q.device)

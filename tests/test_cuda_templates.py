@@ -21,7 +21,7 @@ def _decode_cases() -> list[str]:
     """Decode sources covering each branch of the template: dtypes, gate, GQA, deg 4, narrow and wide e."""
     cases = [
         (128, 128, 2, 12, torch.bfloat16, True, DecodeKernelConfig(256, 4)),
-        (64, 64, 2, 1, torch.float32, False, DecodeKernelConfig(128, 4)),
+        (64, 64, 2, 1, torch.float32, False, DecodeKernelConfig(128, 4, pipeline=False)),
         (16, 32, 4, 2, torch.float16, True, DecodeKernelConfig(128, 2)),
     ]
     return [render_decode_source(d, e, p, g, dt, gate, _plan(e, g, cfg)) for d, e, p, g, dt, gate, cfg in cases]

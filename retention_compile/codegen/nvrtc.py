@@ -316,6 +316,20 @@ class CudaKernel:
             driver.cuLaunchKernel(self.function, *grid, *block, shared_mem, stream, (tuple(values), tuple(types)), 0)
         )
 
+    def max_active_blocks(self, block_threads: int, shared_mem: int = 0) -> int:
+        """Blocks of ``block_threads`` threads one multiprocessor holds at once (registers, shared memory)."""
+        from cuda.bindings import driver
+
+        return int(_check(driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(self.function, block_threads, shared_mem)))
+
+    @property
+    def num_regs(self) -> int:
+        """Registers per thread, as compiled."""
+        from cuda.bindings import driver
+
+        attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NUM_REGS
+        return int(_check(driver.cuFuncGetAttribute(attribute, self.function)))
+
 
 _LOADED: dict[tuple[int, str, tuple[str, ...]], tuple[CudaKernel, ...]] = {}
 

@@ -76,12 +76,14 @@ def test_1000_chained_steps_match_oracle(d: int, group: int, gated: bool, dtype:
 @pytest.mark.parametrize(
     ("d", "e", "deg", "group", "dtype", "config"),
     [
-        (64, 64, 2, 1, torch.float32, DecodeKernelConfig(64, 2)),
+        (64, 64, 2, 1, torch.float32, DecodeKernelConfig(64, 2, pipeline=False)),
         (64, 64, 2, 3, torch.float16, DecodeKernelConfig(128, 8)),
         (128, 128, 2, 12, torch.bfloat16, DecodeKernelConfig(256, 4)),
-        (128, 128, 2, 12, torch.float32, DecodeKernelConfig(128, 8)),
+        (128, 128, 2, 12, torch.float32, DecodeKernelConfig(544, 4)),
+        (128, 128, 2, 12, torch.bfloat16, DecodeKernelConfig(256, 8, pipeline=False)),
+        (128, 128, 2, 1, torch.bfloat16, DecodeKernelConfig(1056, 4)),
         (128, 32, 2, 2, torch.float32, DecodeKernelConfig(128, 4)),
-        (16, 32, 4, 2, torch.float32, DecodeKernelConfig(128, 4)),
+        (16, 32, 4, 2, torch.float32, DecodeKernelConfig(128, 4, pipeline=False)),
     ],
 )
 def test_one_step_matches_torch(d, e, deg, group, dtype, config) -> None:
