@@ -113,8 +113,14 @@ class DecodeKernelConfig:
 
 
 def default_config(group: int) -> DecodeKernelConfig:
-    """256 rows per block keep the partials (``G/(2 rows)`` of the traffic) small for groups up to 16."""
-    return DecodeKernelConfig(rows=256, unroll=4, pipeline=True)
+    """256 rows per block keep the partials (``G/(2 rows)`` of the traffic) small for groups up to 16.
+
+    Large groups spend more instructions per state byte (4 FMA per head per 16 bytes), so they keep 8 loads per
+    thread in flight; small groups do as well with 4 at higher occupancy. Measured on an H200
+    (``benchmarks/results/decode_NVIDIA-H200_2026-11-29_6429e36.json``): group 12 (256, 8) 51.6 us vs (256, 4)
+    56.1 us; group 1 (256, 4) 154.8 us vs (256, 8) 161.6 us.
+    """
+    return DecodeKernelConfig(rows=256, unroll=8 if group > 4 else 4, pipeline=True)
 
 
 def _static_smem(d: int, e: int, group: int, rows: int) -> int:
