@@ -1,0 +1,32 @@
+"""retention_compile: a ``torch.compile`` backend that turns attention into power retention.
+
+    torch.compile(model, backend="retention")              # entry point, no import needed
+    rc.power_retention(q, k, v, *, scale=None, deg=2, log_gate=None, causal=True, valid=None, chunk_size=None)
+    rc.explain(model, *example_inputs) -> Report
+"""
+
+from . import hardware
+from .backend import PROCESS_REPORT, retention_backend
+from .checks import RetentionInputError
+from .config import RetentionConfig
+from .explain import explain
+from .ops import power_retention
+from .passes import RetentionRewriteError
+from .planning import Plan, plan
+from .reference import power_retention_reference
+from .report import Report
+
+__all__ = [
+    "PROCESS_REPORT",
+    "Plan",
+    "Report",
+    "RetentionConfig",
+    "RetentionInputError",
+    "RetentionRewriteError",
+    "explain",
+    "hardware",
+    "plan",
+    "power_retention",
+    "power_retention_reference",
+    "retention_backend",
+]
