@@ -50,7 +50,7 @@ import functools
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -111,22 +111,25 @@ CPU_FLOPS = 2e11
 CPU_BYTES_PER_S = 3e10
 CPU_CHUNK_S = 2e-5  # fixed cost of one chunk's aten ops
 
-# Problem, tile and hardware symbols of the model.
-T, C, d, e, H, nbytes = sp.symbols("T C d e H nbytes", positive=True)
-bt, be, fb, Dt, nw, ns = sp.symbols("block_t block_e features_per_tile tiled_state warps stages", positive=True)
-score_ops, feature_ops = sp.symbols("score_ops feature_ops", positive=True)
-sms, f_tc, f_cc, bw_dram, bw_l2, mma_clock = sp.symbols(
-    "sm_count tensor_flops_per_sm cuda_flops_per_sm dram_bytes_per_sm l2_bytes_per_sm tensor_flops_per_clock",
-    positive=True,
-)
-smem_sm, regs_sm, threads_sm = sp.symbols("smem_per_sm regs_per_sm threads_per_sm", positive=True)
-D = sp.Symbol("state_dim", positive=True)
 
-GPU_SYMBOLS = (
-    T, C, d, e, H, nbytes, bt, be, fb, Dt, nw, ns, score_ops, feature_ops,
-    sms, f_tc, f_cc, bw_dram, bw_l2, mma_clock, smem_sm, regs_sm, threads_sm,
-)  # fmt: skip
-CPU_SYMBOLS = (T, C, d, e, H, D)
+class S:
+    """The model's sympy symbols: the problem, the tiles, and the hardware (per-SM rates)."""
+
+    T, C, d, e, H, nbytes = sp.symbols("T C d e H nbytes", positive=True)
+    bt, be, fb, Dt, nw, ns = sp.symbols("block_t block_e features_per_tile tiled_state warps stages", positive=True)
+    score_ops, feature_ops = sp.symbols("score_ops feature_ops", positive=True)
+    sms, f_tc, f_cc, bw_dram, bw_l2, mma_clock = sp.symbols(
+        "sm_count tensor_flops_per_sm cuda_flops_per_sm dram_bytes_per_sm l2_bytes_per_sm tensor_flops_per_clock",
+        positive=True,
+    )
+    smem_sm, regs_sm, threads_sm = sp.symbols("smem_per_sm regs_per_sm threads_per_sm", positive=True)
+    D = sp.Symbol("state_dim", positive=True)
+
+    gpu = (
+        T, C, d, e, H, nbytes, bt, be, fb, Dt, nw, ns, score_ops, feature_ops,
+        sms, f_tc, f_cc, bw_dram, bw_l2, mma_clock, smem_sm, regs_sm, threads_sm,
+    )  # fmt: skip
+    cpu = (T, C, d, e, H, D)
 
 
 def _max(*args: sp.Expr) -> sp.Expr:
@@ -157,100 +160,100 @@ def mma_efficiency(rows: sp.Expr, cols: sp.Expr) -> sp.Expr:
     memory at ``SMEM_BYTES_PER_CLOCK`` while the tensor cores take 2*64*cols*16 / F clocks:
     ``min(1, rows/64) * min(1, 128*cols*SMEM_BW / (F*(64 + cols)*by))`` (Hopper bf16: cols >= 64 saturates).
     """
-    operand_bound = 128 * cols * SMEM_BYTES_PER_CLOCK / (mma_clock * (64 + cols) * nbytes)
+    operand_bound = 128 * cols * SMEM_BYTES_PER_CLOCK / (S.mma_clock * (64 + cols) * S.nbytes)
     return _min(1, rows / 64) * _min(1, operand_bound)
 
 
 def smem_per_program() -> sp.Expr:
     """The tiling contract: ``num_stages*(bt*d + bt*be)*by + fb*be*4`` (pipelined k/v tiles + fp32 state tile)."""
-    return ns * (bt * d + bt * be) * nbytes + fb * be * 4
+    return S.ns * (S.bt * S.d + S.bt * S.be) * S.nbytes + S.fb * S.be * 4
 
 
 def regs_per_thread() -> sp.Expr:
     """fp32 accumulators of the larger kernel (state tile, or y plus scores) spread over the threads, plus a base."""
-    accumulators = _max(fb * be, bt * be + bt * bt)
-    return sp.ceiling(accumulators / (32 * nw)) + BASE_REGS_PER_THREAD
+    accumulators = _max(S.fb * S.be, S.bt * S.be + S.bt * S.bt)
+    return sp.ceiling(accumulators / (32 * S.nw)) + BASE_REGS_PER_THREAD
 
 
 def occupancy() -> sp.Expr:
     """Programs resident per SM (at least 1: infeasible tiles are rejected by ``feasible`` instead)."""
-    by_smem = smem_sm / (smem_per_program() + RESERVED_SMEM_PER_BLOCK)
-    by_regs = regs_sm / (regs_per_thread() * 32 * nw)
-    by_threads = threads_sm / (32 * nw)
+    by_smem = S.smem_sm / (smem_per_program() + RESERVED_SMEM_PER_BLOCK)
+    by_regs = S.regs_sm / (regs_per_thread() * 32 * S.nw)
+    by_threads = S.threads_sm / (32 * S.nw)
     return _max(1, sp.floor(_min(by_smem, by_regs, by_threads, MAX_BLOCKS_PER_SM)))
 
 
 def attention_part(keys: sp.Expr) -> tuple[tuple[tuple[sp.Expr, sp.Expr, sp.Expr], ...], sp.Expr, sp.Expr]:
     """Power attention of bt query rows against ``keys`` keys: (dots, CUDA-core ops, L2 bytes) per program."""
-    dots = ((2 * bt * keys * d, bt, bt), (2 * bt * keys * be, bt, be))
-    return dots, bt * keys * score_ops, (bt * d + keys * (d + be) + bt * be) * nbytes
+    dots = ((2 * S.bt * keys * S.d, S.bt, S.bt), (2 * S.bt * keys * S.be, S.bt, S.be))
+    return dots, S.bt * keys * S.score_ops, (S.bt * S.d + keys * (S.d + S.be) + S.bt * S.be) * S.nbytes
 
 
 def chunked_kernels() -> tuple[Kernel, ...]:
     """update, scan and query kernels of the chunked path (see the module docstring)."""
-    chunks, e_blocks, tiles = sp.ceiling(T / C), sp.ceiling(e / be), Dt / fb
-    state_pass = H * chunks * Dt * e * 4
+    chunks, e_blocks, tiles = sp.ceiling(S.T / S.C), sp.ceiling(S.e / S.be), S.Dt / S.fb
+    state_pass = S.H * chunks * S.Dt * S.e * 4
     update = Kernel(
         "update",
-        programs=H * chunks * tiles * e_blocks,
-        dots=((2 * C * fb * be, fb, be),),
-        cuda_ops=C * fb * feature_ops,
-        l2_bytes=C * (d + be) * nbytes,
-        dram_bytes=H * T * (d + e) * nbytes + state_pass,
-        stage_bytes=bt * (d + be) * nbytes,
+        programs=S.H * chunks * tiles * e_blocks,
+        dots=((2 * S.C * S.fb * S.be, S.fb, S.be),),
+        cuda_ops=S.C * S.fb * S.feature_ops,
+        l2_bytes=S.C * (S.d + S.be) * S.nbytes,
+        dram_bytes=S.H * S.T * (S.d + S.e) * S.nbytes + state_pass,
+        stage_bytes=S.bt * (S.d + S.be) * S.nbytes,
     )
     scan = Kernel(
         "scan",
-        programs=H * tiles * e_blocks,
+        programs=S.H * tiles * e_blocks,
         dots=(),
-        cuda_ops=2 * chunks * fb * be,
+        cuda_ops=2 * chunks * S.fb * S.be,
         l2_bytes=sp.Integer(0),
         dram_bytes=2 * state_pass,
-        stage_bytes=fb * be * 4,
+        stage_bytes=S.fb * S.be * 4,
     )
-    dots, cuda_ops, l2_bytes = attention_part((C + bt) / 2)
+    dots, cuda_ops, l2_bytes = attention_part((S.C + S.bt) / 2)
     query = Kernel(
         "query",
-        programs=H * chunks * sp.ceiling(C / bt) * e_blocks,
-        dots=((2 * bt * Dt * be, bt, be), *dots),
-        cuda_ops=bt * Dt * feature_ops + cuda_ops,
-        l2_bytes=l2_bytes + Dt * be * 4,
-        dram_bytes=H * T * (2 * d + 2 * e) * nbytes + state_pass,
-        stage_bytes=bt * (d + be) * nbytes,
+        programs=S.H * chunks * sp.ceiling(S.C / S.bt) * e_blocks,
+        dots=((2 * S.bt * S.Dt * S.be, S.bt, S.be), *dots),
+        cuda_ops=S.bt * S.Dt * S.feature_ops + cuda_ops,
+        l2_bytes=l2_bytes + S.Dt * S.be * 4,
+        dram_bytes=S.H * S.T * (2 * S.d + 2 * S.e) * S.nbytes + state_pass,
+        stage_bytes=S.bt * (S.d + S.be) * S.nbytes,
     )
     return update, scan, query
 
 
 def single_chunk_kernels() -> tuple[Kernel, ...]:
     """The single-chunk path: causal power attention over all T keys (no state)."""
-    dots, cuda_ops, l2_bytes = attention_part((T + bt) / 2)
+    dots, cuda_ops, l2_bytes = attention_part((S.T + S.bt) / 2)
     attention = Kernel(
         "attention",
-        programs=H * sp.ceiling(T / bt) * sp.ceiling(e / be),
+        programs=S.H * sp.ceiling(S.T / S.bt) * sp.ceiling(S.e / S.be),
         dots=dots,
         cuda_ops=cuda_ops,
         l2_bytes=l2_bytes,
-        dram_bytes=H * T * (2 * d + 2 * e) * nbytes,
-        stage_bytes=bt * (d + be) * nbytes,
+        dram_bytes=S.H * S.T * (2 * S.d + 2 * S.e) * S.nbytes,
+        stage_bytes=S.bt * (S.d + S.be) * S.nbytes,
     )
     return (attention,)
 
 
 def kernel_terms(kernel: Kernel) -> dict[str, sp.Expr]:
     """Per-SM times of one kernel (tensor, cuda, l2, dram, latency), its waves and total time."""
-    occ = _min(occupancy(), sp.ceiling(kernel.programs / sms))
-    waves = sp.ceiling(kernel.programs / (sms * occ))
-    warp_eff = _min(1, occ * nw / WARPS_TO_FEED_TENSOR_CORES)
+    occ = _min(occupancy(), sp.ceiling(kernel.programs / S.sms))
+    waves = sp.ceiling(kernel.programs / (S.sms * occ))
+    warp_eff = _min(1, occ * S.nw / WARPS_TO_FEED_TENSOR_CORES)
     tensor = sum((flops / mma_efficiency(m, n) for flops, m, n in kernel.dots), sp.Integer(0))
     dram_per_program = kernel.dram_bytes / kernel.programs
     terms = {
-        "tensor": tensor / (f_tc * warp_eff),
-        "cuda": kernel.cuda_ops / f_cc,
-        "l2": kernel.l2_bytes / bw_l2,
-        "dram": dram_per_program / bw_dram,
+        "tensor": tensor / (S.f_tc * warp_eff),
+        "cuda": kernel.cuda_ops / S.f_cc,
+        "l2": kernel.l2_bytes / S.bw_l2,
+        "dram": dram_per_program / S.bw_dram,
     }
     busy = _max(*terms.values())
-    exposed = (kernel.l2_bytes + dram_per_program) / kernel.stage_bytes * LOAD_LATENCY_S / ns
+    exposed = (kernel.l2_bytes + dram_per_program) / kernel.stage_bytes * LOAD_LATENCY_S / S.ns
     return {
         **terms,
         "latency": exposed,
@@ -287,36 +290,30 @@ def cpu_model() -> dict[str, sp.Expr]:
     bytes: H*(12*T*min(C,T) + max(T-C, 0)*(8*D + 8*D*e/C)) fp32 weights (3 passes), phi, state per chunk
     time:  FLOP/CPU_FLOPS + bytes/CPU_BYTES_PER_S + ceil(T/C)*CPU_CHUNK_S
     """
-    rows, rest = _min(C, T), _max(T - C, 0)
-    flops = H * (2 * T * rows * (d + e) + 4 * rest * D * e)
-    traffic = H * (12 * T * rows + rest * (8 * D + 8 * D * e / C))
+    rows, rest = _min(S.C, S.T), _max(S.T - S.C, 0)
+    flops = S.H * (2 * S.T * rows * (S.d + S.e) + 4 * rest * S.D * S.e)
+    traffic = S.H * (12 * S.T * rows + rest * (8 * S.D + 8 * S.D * S.e / S.C))
     return {
         "flops": flops,
         "bytes": traffic,
-        "time": flops / CPU_FLOPS + traffic / CPU_BYTES_PER_S + sp.ceiling(T / C) * CPU_CHUNK_S,
+        "time": flops / CPU_FLOPS + traffic / CPU_BYTES_PER_S + sp.ceiling(S.T / S.C) * CPU_CHUNK_S,
     }
 
 
 @functools.cache
 def _compiled(which: str) -> Callable[..., dict[str, np.ndarray]]:
     """The numeric fast path: the model's expressions lambdified to numpy, evaluated over candidate arrays."""
-    model, symbols = (gpu_model(), GPU_SYMBOLS) if which == "gpu" else (cpu_model(), CPU_SYMBOLS)
+    model, symbols = (gpu_model(), S.gpu) if which == "gpu" else (cpu_model(), S.cpu)
     names = list(model)
     fn = sp.lambdify(symbols, [model[name] for name in names], modules="numpy")
 
     def evaluate(**values: np.ndarray | float) -> dict[str, np.ndarray]:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             outputs = fn(*(values[str(s)] for s in symbols))
-        return {
-            name: np.broadcast_to(np.asarray(out, dtype=np.float64), _length(values))
-            for name, out in zip(names, outputs)
-        }
+        shape = np.broadcast_shapes(*(np.shape(v) for v in values.values()))
+        return {name: np.broadcast_to(np.asarray(out, dtype=np.float64), shape) for name, out in zip(names, outputs)}
 
     return evaluate
-
-
-def _length(values: dict[str, np.ndarray | float]) -> tuple[int, ...]:
-    return np.broadcast_shapes(*(np.shape(v) for v in values.values()))
 
 
 def tiled_state_dim(head_dim: int, block_feature: int, deg: int) -> int:
@@ -349,12 +346,13 @@ class Candidates(NamedTuple):
     """Every configuration considered for one problem, as parallel arrays, with the model evaluated on them."""
 
     chunk: np.ndarray
-    single: np.ndarray  # bool: the single-chunk path
+    single: np.ndarray  # bool: the single-chunk path (chunk >= T)
     block_t: np.ndarray
     block_feature: np.ndarray
     block_e: np.ndarray
     num_warps: np.ndarray
     num_stages: np.ndarray
+    inputs: dict[str, np.ndarray | float]  # the value of every model symbol, by name, per candidate or shared
     values: dict[str, np.ndarray]  # model outputs ("smem", "update.time", ...) per candidate
     time: np.ndarray
     feasible: np.ndarray
@@ -371,6 +369,11 @@ class Candidates(NamedTuple):
             modelled_s=float(self.time[i]),
         )
 
+    def substitution(self, i: int) -> dict[sp.Symbol, sp.Number]:
+        """Candidate i's symbol values as sympy numbers: ``gpu_model()[name].xreplace(...)`` evaluates exactly."""
+        values = (float(np.broadcast_to(self.inputs[str(sym)], self.chunk.shape)[i]) for sym in S.gpu)
+        return {sym: sp.Integer(int(v)) if v.is_integer() else sp.Float(v) for sym, v in zip(S.gpu, values)}
+
 
 def _block_features(head_dim: int, deg: int) -> list[int]:
     """Coordinate-block sizes b: powers of 2 dividing d with b^p <= MAX_FEATURES_PER_TILE, largest first."""
@@ -378,39 +381,42 @@ def _block_features(head_dim: int, deg: int) -> list[int]:
     return sizes or [1]
 
 
+def _tile_grid(T: int, d: int, e: int, deg: int) -> list[np.ndarray]:
+    """Columns chunk, block_t, block_feature, block_e, num_warps, num_stages of every candidate.
+
+    Chunks: CHUNKS below T, plus the single-chunk size (T rounded up to a power of 2); block_t <= chunk;
+    block_e <= e rounded up to a power of 2.
+    """
+    chunks = [c for c in CHUNKS if c < T] + [_pow2_at_least(T)]
+    e_blocks = [x for x in BLOCK_E if x <= max(BLOCK_E[0], _pow2_at_least(e))]
+    grid = itertools.product(chunks, BLOCK_T, _block_features(d, deg), e_blocks, NUM_WARPS, NUM_STAGES)
+    rows = [row for row in grid if row[1] <= max(row[0], BLOCK_T[0])]
+    return [np.array(col, dtype=np.int64) for col in zip(*rows)]
+
+
 def gpu_candidates(
     spec: GpuSpec, T: int, d: int, e: int, deg: int, dtype: torch.dtype, gated: bool, batch_heads: int
 ) -> Candidates:
     """Every (chunk, tiles) the model considers, evaluated; infeasible ones are kept but flagged."""
-    single_chunk = _pow2_at_least(T)
-    chunks = [c for c in CHUNKS if c < T] + [single_chunk]
-    e_blocks = [x for x in BLOCK_E if x <= max(BLOCK_E[0], _pow2_at_least(e))]
-    rows = [
-        (c, bt_, b, be_, w, s)
-        for c, bt_, b, be_, w, s in itertools.product(
-            chunks, BLOCK_T, _block_features(d, deg), e_blocks, NUM_WARPS, NUM_STAGES
-        )
-        if bt_ <= max(c, BLOCK_T[0])
-    ]
-    chunk, block_t, block_feature, block_e, warps, stages = (np.array(col, dtype=np.int64) for col in zip(*rows))
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    values = _compiled("gpu")(
-        T=float(T),
-        C=chunk.astype(np.float64),
-        d=float(d),
-        e=float(e),
-        H=float(batch_heads),
-        nbytes=float(itemsize),
-        block_t=block_t.astype(np.float64),
-        block_e=block_e.astype(np.float64),
-        features_per_tile=(block_feature.astype(np.float64) ** deg),
-        tiled_state=np.array([tiled_state_dim(d, int(b), deg) for b in block_feature], dtype=np.float64),
-        warps=warps.astype(np.float64),
-        stages=stages.astype(np.float64),
-        score_ops=float(math.log2(deg) + 1 + 4 * gated),
-        feature_ops=float(deg),
+    chunk, block_t, block_feature, block_e, warps, stages = _tile_grid(T, d, e, deg)
+    inputs: dict[str, np.ndarray | float] = {
+        "T": float(T),
+        "C": chunk.astype(np.float64),
+        "d": float(d),
+        "e": float(e),
+        "H": float(batch_heads),
+        "nbytes": float(torch.empty((), dtype=dtype).element_size()),
+        "block_t": block_t.astype(np.float64),
+        "block_e": block_e.astype(np.float64),
+        "features_per_tile": block_feature.astype(np.float64) ** deg,
+        "tiled_state": np.vectorize(lambda b: float(tiled_state_dim(d, int(b), deg)))(block_feature),
+        "warps": warps.astype(np.float64),
+        "stages": stages.astype(np.float64),
+        "score_ops": math.log2(deg) + 1 + 4 * gated,
+        "feature_ops": float(deg),
         **hardware_values(spec, dtype),
-    )
+    }
+    values = _compiled("gpu")(**inputs)
     single = chunk >= T
     time = np.where(single, values["single.time"], values["chunked.time"])
     feasible = (
@@ -419,7 +425,7 @@ def gpu_candidates(
         & (values["regs"] * 32 * warps <= spec.regs_per_sm)
         & (32 * warps <= spec.max_threads_per_sm)
     )
-    return Candidates(chunk, single, block_t, block_feature, block_e, warps, stages, values, time, feasible)
+    return Candidates(chunk, single, block_t, block_feature, block_e, warps, stages, inputs, values, time, feasible)
 
 
 def _ms(seconds: float) -> str:
@@ -526,7 +532,7 @@ def _plan_cpu(T: int, d: int, e: int, deg: int, dtype: torch.dtype, gated: bool,
 
     runner = f"runner-up {describe(order[1])}" if order.size > 1 else "no other chunk size considered"
     reason = f"CPU (aten path), {_problem(T, d, e, deg, dtype, gated, bh)}: {describe(best)}; {runner}"
-    return replace(Plan(chunk_size=int(chunks[best])), reason=reason, modelled_s=float(values["time"][best]))
+    return Plan(chunk_size=int(chunks[best]), reason=reason, modelled_s=float(values["time"][best]))
 
 
 @functools.lru_cache(maxsize=512)

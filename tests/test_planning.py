@@ -1,0 +1,178 @@
+"""The chunk/tile planner: plans fit their GPU, follow the model across GPUs, and are deterministic."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import replace
+
+import pytest
+import sympy as sp
+import torch
+
+from retention_compile import planning
+from retention_compile.hardware import KNOWN, GpuSpec
+from retention_compile.planning import Plan, plan
+
+SHAPES = [(T, d, bh) for T in (4096, 16384, 65536) for d in (64, 128) for bh in (1, 8, 32)]
+DTYPE_BYTES = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
+
+
+def contract_smem(p: Plan, d: int, deg: int, dtype: torch.dtype) -> int:
+    """The kernel tiling contract, written out independently of the model's sympy expression."""
+    tiles = p.num_stages * (p.block_t * d + p.block_t * p.block_e) * DTYPE_BYTES[dtype]
+    return tiles + p.block_feature**deg * p.block_e * 4
+
+
+def regs_per_thread(p: Plan, deg: int) -> int:
+    values = {"block_e": p.block_e, "block_t": p.block_t, "features_per_tile": p.block_feature**deg}
+    values["warps"] = p.num_warps
+    return int(planning.regs_per_thread().xreplace({sp.Symbol(k, positive=True): v for k, v in values.items()}))
+
+
+def assert_fits(spec: GpuSpec, p: Plan, T: int, d: int, e: int, deg: int = 2, dtype: torch.dtype = torch.bfloat16):
+    assert contract_smem(p, d, deg, dtype) <= spec.smem_per_block_optin, p
+    assert regs_per_thread(p, deg) <= planning.MAX_REGS_PER_THREAD, p
+    assert regs_per_thread(p, deg) * 32 * p.num_warps <= spec.regs_per_sm, p
+    assert 32 * p.num_warps <= min(1024, spec.max_threads_per_sm), p
+    assert d % p.block_feature == 0
+    assert p.block_t <= max(p.chunk_size, 16) and p.block_e <= max(16, 1 << (e - 1).bit_length())
+    assert p.chunk_size in planning.CHUNKS or p.chunk_size >= T
+    assert p.modelled_s > 0 and p.reason
+
+
+def tiles(p: Plan) -> tuple[int, ...]:
+    return (p.chunk_size, p.block_t, p.block_feature, p.block_e, p.num_warps, p.num_stages)
+
+
+@pytest.mark.parametrize("key", sorted(KNOWN))
+def test_every_plan_fits_its_gpu(key):
+    spec = KNOWN[key]
+    for T, d, bh in SHAPES:
+        assert_fits(spec, plan(spec, T, d, batch_heads=bh), T, d, d)
+    assert_fits(spec, plan(spec, 8192, 64, e=80, dtype=torch.float32, gated=True), 8192, 64, 80, 2, torch.float32)
+    assert_fits(spec, plan(spec, 65536, 64, deg=4, batch_heads=8), 65536, 64, 64, 4)
+
+
+@pytest.mark.parametrize("key", ["H200", "A100-40GB", "L4", "RTX-3090"])
+@pytest.mark.parametrize("T", [1, 17, 64])
+def test_short_sequences_take_the_single_chunk_path(key, T):
+    p = plan(KNOWN[key], T, 64, batch_heads=4)
+    assert p.chunk_size >= T
+    assert "single-chunk" in p.reason.split(";")[0]
+
+
+def test_a_single_chunk_plan_says_so():
+    for key, (T, d, bh) in itertools.product(["H200", "L4"], SHAPES):
+        p = plan(KNOWN[key], T, d, batch_heads=bh)
+        assert ("single-chunk:" in p.reason.split(";")[0]) == (p.chunk_size >= T)
+
+
+@pytest.mark.parametrize("key", ["H200", "H100-PCIe", "A100-80GB", "L4", "RTX-4090"])
+@pytest.mark.parametrize("T", [4096, 65536, 1 << 20])
+def test_deg4_d64_never_chunks(key, T):
+    """D = C(67, 4) = 766480: the state costs more per token than attending to a million keys."""
+    p = plan(KNOWN[key], T, 64, deg=4, batch_heads=8)
+    assert p.chunk_size >= T
+
+
+@pytest.mark.parametrize("key", sorted(KNOWN))
+def test_long_deg2_sequences_chunk(key):
+    p = plan(KNOWN[key], 65536, 64, batch_heads=8)
+    assert p.chunk_size < 65536
+    assert "runner-up" in p.reason
+
+
+def test_plans_are_deterministic():
+    for key, (T, d, bh) in itertools.product(("H200", "L4"), SHAPES[::2]):
+        args = (KNOWN[key], T, d, None, 2, torch.bfloat16, False, bh)
+        assert plan.__wrapped__(*args) == plan(*args) == plan.__wrapped__(*args)
+
+
+def test_less_shared_memory_gives_smaller_tiles_or_fewer_stages():
+    big = KNOWN["H200"]
+    small = replace(big, smem_per_block_optin=99 * 1024, smem_per_sm=100 * 1024)
+    bound = 0
+    for T, d, bh in SHAPES:
+        p_big, p_small = plan(big, T, d, batch_heads=bh), plan(small, T, d, batch_heads=bh)
+        assert_fits(small, p_small, T, d, d)
+        if contract_smem(p_big, d, 2, torch.bfloat16) > small.smem_per_block_optin:
+            bound += 1
+            shrunk = [getattr(p_small, f) < getattr(p_big, f) for f in ("block_t", "block_feature", "block_e")]
+            assert any(shrunk) or p_small.num_stages < p_big.num_stages, (p_big, p_small)
+            assert "KB smem >" in p_small.reason or "no resource limit binds" in p_small.reason
+    assert bound > 0, "the 227 KB plans never needed more than 99 KB: the comparison shows nothing"
+
+
+def test_known_gpus_with_less_smem_never_use_more():
+    """Across the table: where one GPU's plan would not fit another's smem, the other's plan has smaller tiles."""
+    for a, b in itertools.permutations(KNOWN.values(), 2):
+        if a.smem_per_block_optin <= b.smem_per_block_optin:
+            continue
+        for T, d, bh in SHAPES[::3]:
+            p_a, p_b = plan(a, T, d, batch_heads=bh), plan(b, T, d, batch_heads=bh)
+            if contract_smem(p_a, d, 2, torch.bfloat16) > b.smem_per_block_optin:
+                assert tiles(p_a) != tiles(p_b)
+
+
+def test_fewer_sms_change_the_split():
+    """Same GPU but half the SMs: the waves change, and for some shapes so does the chunk or the e-split."""
+    full = KNOWN["H200"]
+    half = replace(full, sm_count=66)
+    changed = [
+        (T, d, bh)
+        for T, d, bh in SHAPES
+        if tiles(plan(full, T, d, batch_heads=bh)) != tiles(plan(half, T, d, batch_heads=bh))
+    ]
+    assert changed
+    assert "on 66 SMs" in plan(half, 16384, 64, batch_heads=8).reason
+
+
+def test_known_gpus_differ():
+    """L4 (58 SMs) and L40S (142 SMs) share cc 8.9 limits, A100 40/80 GB differ only in bandwidth."""
+    for pair in (("L4", "L40S"), ("A100-40GB", "A100-80GB"), ("H100-PCIe", "H200")):
+        a, b = (KNOWN[k] for k in pair)
+        assert any(
+            tiles(plan(a, T, d, batch_heads=bh)) != tiles(plan(b, T, d, batch_heads=bh)) for T, d, bh in SHAPES
+        ), pair
+
+
+def test_reason_states_the_numbers():
+    p = plan(KNOWN["H200"], 65536, 64, batch_heads=8)
+    assert p.reason.startswith("NVIDIA H200, T=65536 d=64 e=64 deg=2 (D=2080)")
+    assert f"chunked C={p.chunk_size}: {p.modelled_s * 1e3:.3f} ms" in p.reason
+    for words in ("update", "scan", "query", "runner-up", "waves", "regs/thread", "programs/SM on 132 SMs"):
+        assert words in p.reason
+    assert "binding:" in p.reason or "no resource limit binds" in p.reason
+
+
+def test_sympy_model_and_numeric_fast_path_agree():
+    cands = planning.gpu_candidates(KNOWN["A10G"], 10000, 64, 80, 2, torch.float16, True, 3)
+    model = planning.gpu_model()
+    for i in range(0, len(cands.chunk), max(1, len(cands.chunk) // 40)):
+        sub = cands.substitution(i)
+        for name in ("chunked.time", "single.time", "smem", "regs", "occupancy", "update.waves", "query.tensor"):
+            assert float(model[name].xreplace(sub)) == pytest.approx(cands.values[name][i], rel=1e-9), (name, i)
+
+
+def test_model_counts_the_formulas():
+    """Spot values of the sympy expressions against the docstring formulas."""
+    sub = {planning.S.T: 4096, planning.S.C: 256, planning.S.H: 1, planning.S.Dt: 2560, planning.S.e: 64}
+    update_programs = planning.chunked_kernels()[0].programs.subs({**sub, planning.S.fb: 256, planning.S.be: 64})
+    assert update_programs == 16 * 10  # 16 chunks x 10 (16x16 block pairs of d=64)
+    assert planning.tiled_state_dim(64, 16, 2) == 2560
+    assert planning.tiled_state_dim(64, 1, 2) == math.comb(65, 2)
+    assert planning.tiled_state_dim(64, 1, 4) == 766480
+
+
+@pytest.mark.parametrize(("T", "expect_single"), [(1, True), (17, True), (256, True), (65536, False)])
+def test_cpu_plan(T, expect_single):
+    p = plan(None, T, 64, batch_heads=2, dtype=torch.float32)
+    assert (p.chunk_size >= T) == expect_single
+    assert p.reason.startswith("CPU (aten path)")
+    assert p == plan(None, T, 64, batch_heads=2, dtype=torch.float32)
+
+
+def test_bad_problem_sizes_are_rejected():
+    with pytest.raises(ValueError, match="T, d, batch_heads"):
+        plan(KNOWN["H200"], 0, 64)
