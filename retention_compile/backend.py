@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -16,11 +15,12 @@ import torch
 from torch import fx
 
 from . import ops  # noqa: F401  (registers the retention_compile ops)
+from .annotate import annotate
 from .config import RetentionConfig
+from .inspection import compiling
+from .logs import log_report
 from .passes import rewrite_attention
 from .report import Report
-
-log = logging.getLogger("retention_compile")
 
 _graph_counter = itertools.count()
 _collectors: list[Report] = []
@@ -42,25 +42,17 @@ def _publish(report: Report, config: RetentionConfig) -> None:
     PROCESS_REPORT.extend(report)
     for collector in _collectors:
         collector.extend(report)
-    for site in report.sites:
-        log.info(
-            "graph %d site %d at %s [%s]: %s -> %s (%s)",
-            site.graph,
-            site.site,
-            site.location,
-            site.module or "top",
-            site.decision,
-            site.becomes,
-            "; ".join([site.reason, *site.notes]),
-        )
+    log_report(report)
     if config.verbose:
         print(report)
 
 
 def rewrite_graph(gm: fx.GraphModule, options: dict[str, Any] | RetentionConfig | None = None) -> Report:
-    """Run the attention passes on ``gm`` in place and publish the report."""
+    """Run the attention passes on ``gm`` in place, add plans and the balance, and publish the report."""
     config = RetentionConfig.from_options(options)
-    report = rewrite_attention(gm, config, graph_index=next(_graph_counter))
+    graph_index = next(_graph_counter)
+    report = rewrite_attention(gm, config, graph_index=graph_index)
+    annotate(gm, report, config, graph_index)
     _publish(report, config)
     return report
 
@@ -76,9 +68,10 @@ def retention_backend(
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    rewrite_graph(gm, options)
+    report = rewrite_graph(gm, options)
     patches = list_mode_options(mode) if mode else None
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    with compiling(report):  # kernels generated and Inductor code written now belong to this graph
+        return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def rewrite_only_backend(

@@ -1,10 +1,13 @@
-"""The rewrite report: one record per attention site, as a table, Markdown or JSON."""
+"""The rewrite report: one record per attention site, with its plan, and the model's weight-state balance;
+as a table (``str``), Markdown or JSON."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from .balance import Balance
 
 COLUMNS = ("graph", "site", "location", "module", "q", "k", "decision", "becomes", "reason")
 
@@ -15,7 +18,13 @@ def _shape(shape: tuple) -> str:
 
 @dataclass
 class SiteRecord:
-    """What happened to one attention site."""
+    """What happened to one attention site.
+
+    location: ``file:line`` of the call (from the FX node's stack trace); module: the dotted module path.
+    mask:     the classification of the site's mask by the mask analysis ("" when there is none to classify).
+    plan:     for a rewritten site, the planned ``Plan`` as a dict (chunk size, tiles, reason) plus the device,
+              the key length ``T`` it was planned for and ``batch_heads``.
+    """
 
     graph: int
     site: int
@@ -30,6 +39,12 @@ class SiteRecord:
     reason: str
     notes: list[str] = field(default_factory=list)
     plan: dict[str, Any] | None = None
+    mask: str = ""
+
+    @property
+    def label(self) -> str:
+        """``g0s1``: the site's short name, used in kernel file names."""
+        return f"g{self.graph}s{self.site}"
 
     def row(self) -> tuple[str, ...]:
         return (
@@ -44,13 +59,50 @@ class SiteRecord:
             "; ".join([self.reason, *self.notes]),
         )
 
+    def plan_summary(self) -> str:
+        """``chunk 1024, tiles t64 f16 e64, 4 warps x 2 stages on NVIDIA H200`` (or "" without a plan)."""
+        if not self.plan:
+            return ""
+        if "chunk_size" not in self.plan:
+            return str(self.plan.get("error", self.plan))
+        p = self.plan
+        chunk = f"chunk {p['chunk_size']} at T={p.get('T', '?')}"
+        if p.get("device") == "CPU":
+            return f"{chunk} on the CPU (aten chunked form)"
+        return (
+            f"{chunk}, tiles t{p['block_t']} f{p['block_feature']} e{p['block_e']}, "
+            f"{p['num_warps']} warps x {p['num_stages']} stages on {p.get('device', '?')}"
+        )
 
-@dataclass
+    def markdown(self) -> list[str]:
+        """The site as a Markdown section."""
+        lines = [
+            f"### graph {self.graph} site {self.site}: {self.module or 'top level'} — {self.decision}",
+            "",
+            f"- location: `{self.location}`",
+            f"- node: `{self.node}`",
+            f"- shapes: q {self.q_shape}, k {self.k_shape}, v {self.v_shape}",
+            f"- mask: {self.mask or '-'}",
+            f"- becomes: {self.becomes}",
+            f"- reason: {self.reason}",
+        ]
+        lines += [f"- note: {note}" for note in self.notes]
+        if self.plan:
+            lines.append(f"- plan: {self.plan_summary()}")
+            if self.plan.get("reason"):
+                lines.append(f"  - why: {self.plan['reason']}")
+        return [*lines, ""]
+
+
+@dataclass(eq=False)
 class Report:
-    """Every site of every graph compiled under one report (a ``torch.compile`` call or ``rc.explain``)."""
+    """Every site of every graph compiled under one report (a ``torch.compile`` call or ``rc.explain``),
+    and each graph's weight-state FLOP balance. Reports compare by identity: each one is a collector.
+    """
 
     sites: list[SiteRecord] = field(default_factory=list)
     graphs: int = 0
+    balances: list[Balance] = field(default_factory=list)
 
     @property
     def rewritten(self) -> list[SiteRecord]:
@@ -60,9 +112,20 @@ class Report:
     def kept(self) -> list[SiteRecord]:
         return [s for s in self.sites if s.decision == "kept"]
 
+    @property
+    def balance(self) -> Balance | None:
+        """The balance of all graphs as one model (None before any graph was compiled)."""
+        return Balance.merge(self.balances)
+
+    @property
+    def graph_indices(self) -> list[int]:
+        """The indices of the graphs this report covers."""
+        return sorted({s.graph for s in self.sites} | {b.graph for b in self.balances})
+
     def extend(self, other: Report) -> None:
         self.sites.extend(other.sites)
         self.graphs += other.graphs
+        self.balances.extend(other.balances)
 
     def summary(self) -> str:
         return (
@@ -78,6 +141,9 @@ class Report:
             lines.append("  ".join(cell[:w].ljust(w) for cell, w in zip(row, widths)).rstrip())
             if n == 0:
                 lines.append("  ".join("-" * w for w in widths))
+        lines += [f"plan g{s.graph}s{s.site}: {s.plan_summary()}" for s in self.sites if s.plan]
+        if self.balance:
+            lines.append(self.balance.summary())
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
@@ -86,14 +152,26 @@ class Report:
 
         lines = [f"**{self.summary()}**", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(cell(c) for c in s.row()) + " |" for s in self.sites]
-        plans = [s for s in self.sites if s.plan]
-        if plans:
-            lines += ["", "Plans:", ""]
-            lines += [f"- graph {s.graph} site {s.site}: {s.plan}" for s in plans]
+        lines.append("")
+        if self.sites:
+            lines += ["## Sites", ""]
+            for site in self.sites:
+                lines += site.markdown()
+        if self.balances:
+            lines += ["## Weight-state balance (FLOPs per token)", ""]
+            lines += [f"- {b.summary()}" for b in self.balances]
+            if len(self.balances) > 1:
+                lines.append(f"- {self.balance.summary()}")
         return "\n".join(lines) + "\n"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"graphs": self.graphs, "sites": [asdict(s) for s in self.sites]}
+        return {
+            "summary": self.summary(),
+            "graphs": self.graphs,
+            "sites": [asdict(s) for s in self.sites],
+            "balances": [b.to_dict() for b in self.balances],
+            "balance": self.balance.to_dict() if self.balance else None,
+        }
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)

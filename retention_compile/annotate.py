@@ -1,0 +1,109 @@
+"""Complete a graph's report after the rewrite: each rewritten site's ``Plan`` and the graph's balance.
+
+The plan is the one the op will compute with (``ops.resolve_chunk_size`` asks ``planning.plan`` the same
+question): the key length, head dims, dtype, gate and ``B x Hk`` of the op's operands, on the GPU of the
+query (``hardware.detect``) or the CPU; symbolic sizes are taken at their hints. A configured
+``chunk_size`` overrides the planned chunk, and the plan says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import operator
+from typing import Any
+
+import torch
+from torch import fx
+
+from .balance import graph_balance
+from .config import RetentionConfig
+from .report import Report, SiteRecord
+
+log = logging.getLogger(__name__)
+
+
+def _hint(size: int | torch.SymInt) -> int:
+    if isinstance(size, torch.SymInt):
+        return int(size.node.hint) if size.node.has_hint() else 4096
+    return int(size)
+
+
+def _operand(node: object) -> torch.Tensor:
+    """An operand's example value; for the key prefix ``x[:, :, :Tq]`` (which has none), that of ``x``."""
+    if isinstance(node, fx.Node) and node.target is operator.getitem and "example_value" not in node.meta:
+        node = node.args[0]
+    value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"operand {node} has no example value")
+    return value
+
+
+def _key_length(key: object, q_len: int) -> int:
+    """The op's key length: its key's, or ``min(Tq, Tk)`` for the key prefix ``k[:, :, :Tq]``."""
+    length = _hint(_operand(key).shape[2])
+    is_prefix = isinstance(key, fx.Node) and key.target is operator.getitem and "example_value" not in key.meta
+    return min(q_len, length) if is_prefix else length
+
+
+def retention_calls(gm: fx.GraphModule) -> list[dict[str, Any]]:
+    """The arguments, by name, of every ``retention_compile::power_retention`` call of the graph, in order."""
+    op = torch.ops.retention_compile.power_retention.default
+    names = [a.name for a in op._schema.arguments]
+    return [
+        {**dict(zip(names, node.args)), **node.kwargs}
+        for node in gm.graph.nodes
+        if node.op == "call_function" and node.target is op
+    ]
+
+
+def plan_call(args: dict[str, Any]) -> dict[str, Any]:
+    """The ``Plan`` (as a dict, with the device, T and batch_heads) of one op call from its arguments."""
+    from . import hardware, planning
+
+    q, k, v = _operand(args["q"]), _operand(args["k"]), _operand(args["v"])
+    batch, d, kv_heads = _hint(q.shape[0]), _hint(q.shape[3]), _hint(k.shape[1])
+    T = _key_length(args["k"], _hint(q.shape[2]))
+    spec = hardware.detect(q.device) if q.device.type == "cuda" else None
+    plan = planning.plan(
+        spec,
+        T=T,
+        d=d,
+        e=_hint(v.shape[3]),
+        deg=int(args["deg"]),
+        dtype=q.dtype,
+        gated=args["log_gate"] is not None,
+        batch_heads=batch * kv_heads,
+    )
+    override = int(args["chunk_size"])
+    if override > 0:
+        plan = dataclasses.replace(
+            plan,
+            chunk_size=override,
+            reason=f"chunk_size={override} set by RetentionConfig (planned: {plan.chunk_size}; {plan.reason})",
+        )
+    device = spec.name if spec is not None else "CPU"
+    return {"device": device, "T": T, "batch_heads": batch * kv_heads, **dataclasses.asdict(plan)}
+
+
+def attach_plans(gm: fx.GraphModule, records: list[SiteRecord]) -> None:
+    """Set ``plan`` on each rewritten record, matched in order with the op calls the rewrite inserted.
+
+    Planning must never stop a compile: a failure is recorded in the plan (``{"error": ...}``).
+    """
+    rewritten = [r for r in records if r.decision == "rewritten"]
+    calls = retention_calls(gm)
+    if len(calls) != len(rewritten):
+        log.debug("%d rewritten sites but %d retention calls: plans not attached", len(rewritten), len(calls))
+        return
+    for record, args in zip(rewritten, calls):
+        try:
+            record.plan = plan_call(args)
+        except Exception as error:  # noqa: BLE001  (planning is optional for the rewrite; say why it failed)
+            record.plan = {"error": f"no plan: {type(error).__name__}: {error}"}
+
+
+def annotate(gm: fx.GraphModule, report: Report, config: RetentionConfig, graph_index: int) -> None:
+    """Attach plans to the rewritten sites of ``report`` and the graph's weight-state balance."""
+    attach_plans(gm, report.sites)
+    report.balances.append(graph_balance(gm, report.sites, graph_index, config.deg))
