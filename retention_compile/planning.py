@@ -454,18 +454,28 @@ def _describe_path(cands: Candidates, i: int) -> str:
 
 
 def _binding(cands: Candidates, spec: GpuSpec, best: int) -> str:
-    """The constraint that excludes the fastest configuration the model would prefer to the chosen one."""
+    """The limit that excludes the nearest configuration the model would prefer to the chosen one.
+
+    Nearest: fewest doublings/halvings of chunk and tiles away from the chosen configuration (ties: faster).
+    """
     excluded = np.flatnonzero(~cands.feasible & (cands.time < cands.time[best]))
     if excluded.size == 0:
         return "no resource limit binds (the chosen tiles are the model's unconstrained optimum)"
-    j = excluded[np.argmin(cands.time[excluded])]
+    distance = sum(
+        np.abs(np.log2(getattr(cands, f)[excluded] / getattr(cands, f)[best]))
+        for f in ("chunk", "block_t", "block_feature", "block_e", "num_warps", "num_stages")
+    )
+    j = excluded[np.lexsort((cands.time[excluded], distance))[0]]
     smem, regs = cands.values["smem"][j], cands.values["regs"][j]
     if smem > spec.smem_per_block_optin:
         limit = f"needs {smem / 1024:.1f} KB smem > {spec.smem_per_block_optin / 1024:.1f} KB opt-in per block"
     else:
-        limit = f"needs {regs:.0f} registers/thread with {cands.num_warps[j]} warps"
-    tiles = f"block_t={cands.block_t[j]} b={cands.block_feature[j]} block_e={cands.block_e[j]}"
-    return f"binding: {tiles} stages={cands.num_stages[j]} ({_ms(cands.time[j])}) {limit}"
+        limit = f"needs {regs:.0f} registers/thread x {cands.num_warps[j]} warps (limit {MAX_REGS_PER_THREAD}/thread)"
+    tiles = (
+        f"C={cands.chunk[j]} block_t={cands.block_t[j]} b={cands.block_feature[j]} block_e={cands.block_e[j]} "
+        f"warps={cands.num_warps[j]} stages={cands.num_stages[j]}"
+    )
+    return f"binding: {tiles} would model {_ms(cands.time[j])} but {limit}"
 
 
 def _gpu_reason(cands: Candidates, spec: GpuSpec, best: int, problem: str) -> str:

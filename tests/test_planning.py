@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import sympy as sp
@@ -176,3 +178,17 @@ def test_cpu_plan(T, expect_single):
 def test_bad_problem_sizes_are_rejected():
     with pytest.raises(ValueError, match="T, d, batch_heads"):
         plan(KNOWN["H200"], 0, 64)
+
+
+def test_chunk_sweep_dry_run_on_cpu():
+    """The GPU sweep script imports and plans without a GPU; its planned row is ``plan()``'s."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "chunk_sweep.py"
+    module_spec = importlib.util.spec_from_file_location("chunk_sweep", path)
+    sweep = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(sweep)
+    record = sweep.main(["--dry-run", "--gpu", "L4", "--T", "4096", "16384", "--d", "64"])
+    assert [p["T"] for p in record["problems"]] == [4096, 16384]
+    for prob in record["problems"]:
+        expected = plan(KNOWN["L4"], prob["T"], 64, 64, 2, torch.bfloat16, False, 8)
+        assert prob["planned"]["chunk_size"] == expected.chunk_size == prob["configs"][0]["chunk_size"]
+        assert {c["chunk_size"] for c in prob["configs"]} == {c for c in planning.CHUNKS if c < prob["T"]} | {prob["T"]}
