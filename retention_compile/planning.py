@@ -24,9 +24,9 @@ its chunk on average):
             L2 bt*d*by + (C+bt)/2*(d + be)*by + Dt*be*4 + bt*be*by; DRAM q, k, v, y once + n*Dt*e*4
 
 so per token the state costs ~ 4*Dt*e FLOP whatever C, the intra-chunk attention ~ C*(d + e) FLOP, and the
-state traffic ~ 12*Dt*e/C bytes. The single-chunk path is the query kernel's attention part alone with
-C = T: H*ceil(T/bt)*ne programs, ~ T^2*(d + e) FLOP per head, no state; it wins when T <= C or when Dt*e is
-so large that the state never pays (deg 4, d=64: D = 766480).
+state traffic ~ 16*Dt*e/C bytes (four fp32 passes over the per-chunk states). The single-chunk path is the
+query kernel's attention part alone with C = T: H*ceil(T/bt)*ne programs, ~ T^2*(d + e) FLOP per head, no
+state; it wins when T <= C or when Dt*e is so large that the state never pays (deg 4, d=64: D = 766480).
 
 Time of a kernel with P programs, ``occ`` resident per SM (shared memory, registers, threads):
 
@@ -38,7 +38,9 @@ Time of a kernel with P programs, ``occ`` resident per SM (shared memory, regist
 with ``tensor = sum over dots of FLOP / mma_efficiency(M, N)`` and ``warp_eff = min(1, occ_used*num_warps/8)``.
 Constraints (the kernel tiling contract): shared memory per program
 ``num_stages*(bt*d + bt*be)*by + fb*be*4 <= smem_per_block_optin`` and registers per thread
-``ceil(max(fb*be, bt*be + bt*bt) / (32*num_warps)) + 40 <= 255``.
+``ceil(max(fb*be, bt*be + bt*bt) / (32*num_warps)) + 40 <= 255``, on both paths (a single-chunk kernel may be
+the query kernel with one chunk; there b only sizes the unused state tile). The fastest feasible candidate
+wins; candidates within ``TIE_TOLERANCE`` of it are a tie, broken toward the ``Plan`` default tiles.
 
 On the CPU (``spec=None``) the aten chunked form runs: ``cpu_model()`` counts its FLOP, bytes and a fixed
 cost per chunk, and only the chunk size is chosen.
@@ -67,7 +69,8 @@ class Plan:
 
     chunk_size:    tokens per chunk; ``chunk_size >= T`` is the single-chunk (quadratic) path.
     block_t:       chunk rows (queries or keys) handled by one kernel program.
-    block_feature: coordinate-block size b: the symmetric state is tiled in (b x b) feature blocks.
+    block_feature: coordinate-block size b: the symmetric state is tiled in (b x b) feature blocks
+                   (b^p features per tile for degree p).
     block_e:       value columns handled by one kernel program.
     num_warps, num_stages: Triton launch parameters.
     reason:        the numbers behind the choice, for the report.
@@ -327,7 +330,7 @@ def _pow2_at_least(n: int) -> int:
 
 def hardware_values(spec: GpuSpec, dtype: torch.dtype) -> dict[str, float]:
     """The hardware symbols' values: per-SM achieved rates (fp32 inputs run tf32 at half the bf16 rate)."""
-    rate = 1.0 if torch.empty((), dtype=dtype).element_size() == 2 else 0.5
+    rate = 1.0 if dtype.itemsize == 2 else 0.5
     clock = spec.clock_mhz * 1e6
     return {
         "sm_count": spec.sm_count,
@@ -405,7 +408,7 @@ def gpu_candidates(
         "d": float(d),
         "e": float(e),
         "H": float(batch_heads),
-        "nbytes": float(torch.empty((), dtype=dtype).element_size()),
+        "nbytes": float(dtype.itemsize),
         "block_t": block_t.astype(np.float64),
         "block_e": block_e.astype(np.float64),
         "features_per_tile": block_feature.astype(np.float64) ** deg,
