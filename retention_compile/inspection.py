@@ -47,8 +47,9 @@ def _dims(shape: Any) -> str:
 class KernelRecord:
     """One generated kernel source and what it was made for.
 
-    meta: what the generator knows (see ``record_kernel``); sites: labels (``g0s1``) of the sites whose
-    shapes it serves; graph: the graph being compiled when it was recorded (None outside a compile).
+    meta: what the generator knows (see ``record_kernel``); graph: the graph being compiled when it was
+    recorded (None outside a compile); sites: label (``g0s1``) -> "module at file:line: what it became",
+    for the sites of that graph whose shapes the kernel serves.
     """
 
     name: str
@@ -56,7 +57,7 @@ class KernelRecord:
     language: str
     meta: dict[str, Any]
     graph: int | None = None
-    sites: list[str] = field(default_factory=list)
+    sites: dict[str, str] = field(default_factory=dict)
 
     @property
     def digest(self) -> str:
@@ -70,7 +71,7 @@ class KernelRecord:
         stem = "_".join(part for part in (sites, _slug(self.name), shape, self.digest) if part)
         return f"{stem}.{LANGUAGES[self.language][0]}"
 
-    def header(self, sites: Mapping[str, SiteRecord] | None = None) -> str:
+    def header(self) -> str:
         """A comment block: the kernel, its shapes, its plan, the GPU it was made for, the sites it serves."""
         meta = dict(self.meta)
         lines = [f"retention_compile generated {self.language} kernel: {self.name} (sha256 {self.digest})"]
@@ -81,17 +82,14 @@ class KernelRecord:
         if plan is not None:
             lines.append(f"plan: {_plain(plan)}")
         lines.append(f"gpu: {_plain(meta.pop('gpu', 'not stated'))}")
-        for label in self.sites:
-            site = (sites or {}).get(label)
-            where = f" {site.module or 'top level'} at {site.location}: {site.becomes}" if site else ""
-            lines.append(f"site {label}:{where}")
+        lines += [f"site {label}: {where}" for label, where in self.sites.items()]
         lines += [f"{key}: {_plain(value)}" for key, value in sorted(meta.items())]
         prefix = LANGUAGES[self.language][1]
         return "".join(f"{prefix} {line}\n" for line in lines)
 
-    def text(self, sites: Mapping[str, SiteRecord] | None = None) -> str:
+    def text(self) -> str:
         """The file: the header, then the source unchanged (so it compiles standalone as it did in the cache)."""
-        return self.header(sites) + self.source
+        return self.header() + self.source
 
     def summary(self) -> dict[str, Any]:
         """For report.json."""
@@ -100,7 +98,7 @@ class KernelRecord:
             "name": self.name,
             "language": self.language,
             "graph": self.graph,
-            "sites": self.sites,
+            "sites": list(self.sites),
             "meta": {k: _plain(v) for k, v in self.meta.items()},
         }
 
@@ -118,14 +116,17 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _matching_sites(report: Report | None, meta: Mapping[str, Any]) -> list[str]:
+def _matching_sites(report: Report | None, meta: Mapping[str, Any]) -> dict[str, str]:
+    """The rewritten sites of the graph being compiled whose q (and k, if given) shapes are the kernel's."""
     if report is None or "q_shape" not in meta:
-        return []
+        return {}
     q = Report.shape(tuple(meta["q_shape"]))
     k = Report.shape(tuple(meta["k_shape"])) if "k_shape" in meta else None
-    return [
-        s.label for s in report.sites if s.decision == "rewritten" and s.q_shape == q and (k is None or s.k_shape == k)
-    ]
+    return {
+        s.label: f"{s.module or 'top level'} at {s.location}: {s.becomes}"
+        for s in report.sites
+        if s.decision == "rewritten" and s.q_shape == q and (k is None or s.k_shape == k)
+    }
 
 
 def record_kernel(name: str, source: str, meta: Mapping[str, Any] | None = None, *, language: str = "triton") -> None:
@@ -149,8 +150,7 @@ def record_kernel(name: str, source: str, meta: Mapping[str, Any] | None = None,
     graph = report.graph_indices[0] if report is not None and report.graph_indices else None
     record = KernelRecord(name, source, language, dict(meta or {}), graph, _matching_sites(report, meta or {}))
     key = (name, record.digest)
-    known = _KERNELS.setdefault(key, record)
-    known.sites = sorted(set(known.sites) | set(record.sites))
+    _KERNELS.setdefault(key, record).sites.update(record.sites)
     for cap in _captures:
         cap.add_kernel(record)
 
@@ -211,8 +211,7 @@ class Capture:
         self._graph_of: dict[int, Report] = {}
 
     def add_kernel(self, record: KernelRecord) -> None:
-        known = self.kernels.setdefault((record.name, record.digest), record)
-        known.sites = sorted(set(known.sites) | set(record.sites))
+        self.kernels.setdefault((record.name, record.digest), record).sites.update(record.sites)
 
     def add_inductor_code(self, code: str) -> None:
         """``GraphLowering.save_output_code``'s hook: file the code under the graph being compiled."""
@@ -233,12 +232,11 @@ class Capture:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         written: dict[str, list[Path]] = {"report": [], "kernels": [], "inductor": []}
-        sites = {s.label: s for s in self.report.sites}
         if code:
             for kernel in self.kernels.values():
                 path = out / "kernels" / kernel.file_name
                 path.parent.mkdir(exist_ok=True)
-                path.write_text(kernel.text(sites))
+                path.write_text(kernel.text())
                 written["kernels"].append(path)
             taken: set[str] = set()
             for item in self.inductor:

@@ -1,0 +1,151 @@
+"""The report: plans, the weight-state balance, the mask field and the three formats (rc.explain, no Inductor)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import retention_compile as rc
+from retention_compile.backend import collect_reports
+from retention_compile.balance import Balance, compute_balance, parse_shape, site_shape
+from retention_compile.power_features import state_dim
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+from tiny_gpt import TinyGPT  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def gpt_report():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyGPT()
+    return model, rc.explain(model, torch.randint(0, 256, (2, 64)))
+
+
+def test_balance_of_the_quickstart_model(gpt_report):
+    model, report = gpt_report
+    cfg = model.cfg
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    (balance,) = report.balances
+    assert balance.weight_flops == 2 * linear  # the embedding is a look-up: not counted
+    head_dim = cfg.dim // cfg.heads
+    assert balance.length == 64
+    assert balance.state_before == cfg.layers * cfg.heads * 2 * 64 * (head_dim + head_dim)
+    assert balance.state_after == cfg.layers * cfg.kv_heads * 4 * state_dim(head_dim, 2) * head_dim
+    assert balance.ratio_before == pytest.approx(balance.weight_flops / balance.state_before)
+    assert balance.best_deg == 2  # p=4 already costs 4 * 6545 * 32 * 4 FLOP, far beyond the weights
+    assert balance.balanced_length == round(balance.weight_flops / (balance.state_before / 64))
+    assert report.balance is balance
+
+
+def test_plans_are_attached_to_rewritten_sites(gpt_report):
+    _, report = gpt_report
+    for site in report.sites:
+        assert site.decision == "rewritten"
+        assert site.plan["device"] == "CPU" and site.plan["T"] == 64 and site.plan["batch_heads"] == 2 * 2
+        assert site.plan["chunk_size"] >= 1 and "T=64" in site.plan["reason"]
+        assert site.mask == ""
+
+
+def test_formats_carry_sites_plans_and_balance(gpt_report):
+    _, report = gpt_report
+    text = str(report)
+    assert "plan g" in text and "on the CPU" in text and "balance (graph" in text
+    markdown = report.to_markdown()
+    assert "## Sites" in markdown and "### graph" in markdown and "- plan: chunk" in markdown
+    assert "## Weight-state balance" in markdown and "tiny_gpt.py:44" in markdown
+    data = json.loads(report.to_json())
+    assert data["summary"] == report.summary()
+    assert data["sites"][0]["plan"]["chunk_size"] == report.sites[0].plan["chunk_size"]
+    assert data["sites"][0]["mask"] == ""
+    assert data["balance"]["best_deg"] == 2 and data["balance"]["ratio_after"] == report.balance.ratio_after
+
+
+def test_configured_chunk_size_overrides_the_plan():
+    torch._dynamo.reset()
+    q = torch.randn(1, 2, 40, 8)
+    report = rc.explain(lambda q: F.scaled_dot_product_attention(q, q, q, is_causal=True), q, config={"chunk_size": 8})
+    plan = report.sites[0].plan
+    assert plan["chunk_size"] == 8 and "chunk_size=8 set by RetentionConfig" in plan["reason"]
+
+
+def test_kept_sites_have_no_plan_and_count_as_attention_after():
+    torch._dynamo.reset()
+    q, k = torch.randn(1, 2, 30, 8), torch.randn(1, 2, 20, 8)
+    bias = torch.randn(30, 20)
+
+    def fn(q, k):
+        return F.scaled_dot_product_attention(q, k, k, attn_mask=bias), F.scaled_dot_product_attention(
+            q[:, :, :20], k, k, is_causal=True
+        )
+
+    report = rc.explain(fn, q, k)
+    kept, rewritten = report.sites
+    assert kept.decision == "kept" and kept.plan is None and kept.reason
+    assert rewritten.plan is not None
+    (balance,) = report.balances
+    assert balance.kept_flops == 2 * 20 * (8 + 8) * 2
+    assert balance.state_after == balance.kept_flops + 4 * state_dim(8, 2) * 8 * 2
+    assert balance.weight_flops == 0 and balance.best_deg is None and balance.ratio_before == 0
+
+
+def test_weight_flops_follow_views_of_parameters():
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(16, 8))
+            self.embed = nn.Embedding(10, 8)
+            self.scale = nn.Parameter(torch.ones(8))
+
+        def forward(self, tokens):
+            x = self.embed(tokens) * self.scale
+            h = (x @ self.w.t()).view(1, 6, 2, 8).transpose(1, 2)
+            return F.scaled_dot_product_attention(h, h, h, is_causal=True)
+
+    torch._dynamo.reset()
+    report = rc.explain(Model(), torch.randint(0, 10, (1, 6)))
+    assert report.balances[0].weight_flops == 2 * 16 * 8
+
+
+def test_dynamic_shapes_use_hints():
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda q: F.scaled_dot_product_attention(q, q, q, is_causal=True), backend="retention", dynamic=True
+    )
+    with collect_reports() as report:
+        compiled(torch.randn(1, 2, 33, 8))
+    assert "s" in report.sites[0].q_shape  # symbolic length
+    assert report.balances[0].length == 33
+    assert report.sites[0].plan["T"] == 33
+
+
+def test_parse_shape_and_site_shape():
+    assert parse_shape("(2, s0, 2*s1)", {"s0": 5, "s1": 3}) == (2, 5, 6)
+    with pytest.raises(ValueError, match="no hint"):
+        parse_shape("(s9,)", {})
+    assert site_shape("(1, 2)", "(1, 2)", "(1, 2)", True, {}) is None
+    shape = site_shape("(1, 8, 5, 4)", "(1, 2, 7, 4)", "(1, 2, 7, 6)", True, {})
+    assert (shape.q_heads, shape.kv_heads, shape.kv_len, shape.head_dim, shape.value_dim) == (8, 2, 7, 4, 6)
+
+
+def test_merge_adds_graphs():
+    shape = site_shape("(1, 2, 8, 4)", "(1, 2, 8, 4)", "(1, 2, 8, 4)", True, {})
+    a, b = compute_balance(0, 100.0, [shape], 2), compute_balance(1, 300.0, [shape, shape], 2)
+    merged = Balance.merge([a, b])
+    assert merged.graph == -1 and merged.weight_flops == 400.0
+    assert merged.state_before == a.state_before + b.state_before
+    assert merged.retention_by_deg[4] == a.retention_by_deg[4] + b.retention_by_deg[4]
+    assert Balance.merge([a]) is a and Balance.merge([]) is None
+
+
+def test_nested_collectors_are_distinct_reports():
+    torch._dynamo.reset()
+    q = torch.randn(1, 2, 8, 4)
+    with collect_reports() as outer:
+        inner = rc.explain(lambda q: F.scaled_dot_product_attention(q, q, q, is_causal=True), q)
+    assert len(outer.sites) == len(inner.sites) == 1 and outer is not inner
