@@ -1,1 +1,9 @@
-"""Code generation: shape-specialised Triton and CUDA sources, rendered, compiled, cached and launched."""
+"""Code generation: shape-specialised Triton and CUDA sources, rendered, compiled, cached and launched.
+
+triton_forward(q, k, v, *, scale, deg, log_gate, causal, valid, plan) -> (y, denom)   the Triton forward
+triton_supports(q, k, v, deg, log_gate, valid, causal) -> None | reason              whether it serves a call
+"""
+
+from .triton_forward import triton_forward, triton_supports
+
+__all__ = ["triton_forward", "triton_supports"]

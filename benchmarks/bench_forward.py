@@ -1,0 +1,340 @@
+"""Forward time of the Triton power-retention kernels against SDPA (flash), Manifest's ``retention`` 1.0.7 and
+fla's ``chunk_simple_gla`` (issue 5): b=1, h=8, d=64, deg=2, bf16, causal, gated and ungated.
+
+    python benchmarks/bench_forward.py [--out DIR] [--T 1024 2048 ...] [--sweep] [--commit SHA]
+
+Times are medians of ``triton.testing.do_bench`` (warmup 25 ms, rep 100 ms). "ours" is ``triton_forward`` called
+eagerly with the Plan that ``planning.plan`` picks for the shape (Python launch overhead included, as SDPA's is);
+"ours graph" replays the same call from a CUDA graph (launch overhead removed, as inside a compiled model with
+CUDA graphs). ``--sweep`` also times a grid of chunk sizes, row tiles and segment counts and reports the best
+("ours best"), with the plan. Achieved rate: FLOP the kernels execute (tiled state, see ``executed_flops``) over
+time, as a fraction of a bf16 matmul measured in the same run. Competitors run when importable (carry them as
+wheels: ../shared/tools/gpu-wheels.sh); a failure is recorded, not fatal.
+
+Writes ``forward_<gpu>_<date>.json`` and ``forward_<gpu>_<date>.png`` (time vs T, log-log) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from retention_compile import hardware, planning
+from retention_compile.codegen.triton_forward import kernel_spec, triton_forward
+
+B, H, D = 1, 8, 64
+LENGTHS = (1024, 2048, 4096, 8192, 12345, 16384, 32768, 65529, 65536)
+SWEEP_CHUNKS = (512, 1024)
+SWEEP_ROWS = (64, 128)
+SWEEP_SEGMENTS = (None, 1, 2, 4, 8, 16)  # None: the default (STATE_WAVES programs per SM)
+MAX_QUADRATIC_SWEEP = 16384
+
+
+def bench_ms(fn: Callable[[], object]) -> float:
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def matmul_tflops(n: int = 8192) -> float:
+    a, b = (
+        torch.randn(n, n, device="cuda", dtype=torch.bfloat16),
+        torch.randn(n, n, device="cuda", dtype=torch.bfloat16),
+    )
+    return 2 * n**3 / (bench_ms(lambda: a @ b) * 1e-3) / 1e12
+
+
+def copy_gbs(nbytes: int = 1 << 30) -> float:
+    src = torch.rand(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * nbytes / (bench_ms(lambda: dst.copy_(src)) * 1e-3) / 1e9
+
+
+def executed_flops(T: int, plan: planning.Plan, gated: bool) -> float:
+    """FLOP the kernels execute for (B, H, T, D), deg 2, causal (matrix products; elementwise work not counted).
+
+    quadratic: H T (T + bt)/2 2(d + e) (the diagonal blocks count whole).
+    chunked:   query  H T [2 Dt e + 4 d^2 + (C + bt)/2 2(d + e)]   (state term, normaliser hi/lo, own chunk)
+               state  H T [2 Dt e + 2 d^2 ne]                       (Dt: tiled state, ne: value blocks)
+    """
+    q = torch.empty(B, H, 1, D, device="meta", dtype=torch.bfloat16)
+    spec = kernel_spec(q, q, 2, gated, False, True, T, plan)
+    d = e = D
+    bt = spec.block_t
+    if not spec.chunked:
+        return H * T * (T + bt) / 2 * 2 * (d + e)
+    params = spec.template_params()
+    dt, ne, C = params["dt"], params["n_eb"], spec.chunk_size
+    query = 2 * dt * e + 4 * d * d * ne + (C + bt) / 2 * 2 * (d + e)
+    state = 2 * dt * e + 2 * d * d * ne
+    return H * T * (query + state)
+
+
+def inputs(T: int, gated: bool) -> dict[str, torch.Tensor | None]:
+    gen = torch.Generator(device="cuda").manual_seed(T)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", generator=gen, dtype=torch.bfloat16)
+
+    q, k, v = randn(B, H, T, D), randn(B, H, T, D), randn(B, H, T, D)
+    gate = -0.05 * torch.rand(B, H, T, device="cuda", generator=gen) if gated else None
+    return {"q": q, "k": k, "v": v, "gate": gate}
+
+
+def ours(x: dict, plan: planning.Plan, segments: int | None = None) -> Callable[[], object]:
+    def run() -> object:
+        return triton_forward(
+            x["q"], x["k"], x["v"], scale=D**-0.5, deg=2, log_gate=x["gate"], causal=True, valid=None, plan=plan,
+            segments=segments,
+        )  # fmt: skip
+
+    return run
+
+
+def graphed(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` captured into a CUDA graph (after a warm-up call that compiles its kernels)."""
+    fn()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def sdpa(x: dict) -> Callable[[], object]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run() -> object:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(x["q"], x["k"], x["v"], is_causal=True)
+
+    return run
+
+
+def manifest(x: dict) -> Callable[[], object]:
+    """Manifest's ``retention.power_retention`` (deg 2, chunk 1024 as in the anchors), layout (b, t, h, d)."""
+    from retention import power_retention
+
+    q, k, v = (t.transpose(1, 2).contiguous() for t in (x["q"], x["k"], x["v"]))
+    gate = None if x["gate"] is None else x["gate"].transpose(1, 2).contiguous()
+    T = q.shape[1]
+    chunk = 1024 if T > 1024 else None
+    return lambda: power_retention(q, k, v, gate, deg=2, scale=D**-0.5, chunk_size=chunk)
+
+
+def fla(x: dict) -> Callable[[], object]:
+    """fla's ``chunk_simple_gla`` (scalar per-head decay, linear state d x d), layout (b, t, h, d)."""
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    q, k, v = (t.transpose(1, 2).contiguous() for t in (x["q"], x["k"], x["v"]))
+    gate = None if x["gate"] is None else x["gate"].transpose(1, 2).contiguous()
+    return lambda: chunk_simple_gla(q, k, v, g=gate, scale=D**-0.5)
+
+
+def timed(fn_maker: Callable[[], Callable[[], object]]) -> tuple[float | None, str | None]:
+    try:
+        return bench_ms(fn_maker()), None
+    except Exception as exc:  # a competitor that fails is reported, not fatal
+        torch.cuda.synchronize()
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+def sweep(x: dict, T: int, gated: bool, base: planning.Plan) -> list[dict]:
+    """Time a grid of plans (and segment counts for the best chunked one); entries sorted by time."""
+    q = x["q"]
+    results = []
+    plans = [replace(base, chunk_size=c, block_t=bt) for c in SWEEP_CHUNKS if c < T for bt in SWEEP_ROWS]
+    if T <= MAX_QUADRATIC_SWEEP:
+        plans += [replace(base, chunk_size=1 << 30, block_t=bt, num_warps=w) for bt in SWEEP_ROWS for w in (4, 8)]
+    for plan in plans:
+        ms, err = timed(lambda plan=plan: ours(x, plan))
+        results.append({"plan": asdict(plan) | {"reason": ""}, "segments": None, "ms": ms, "error": err})
+    chunked = [r for r in results if r["ms"] and kernel_spec(q, q, 2, gated, False, True, T, _plan(r)).chunked]
+    if chunked:
+        best = min(chunked, key=lambda r: r["ms"])
+        for segments in SWEEP_SEGMENTS[1:]:
+            ms, err = timed(lambda s=segments: ours(x, _plan(best), s))
+            results.append({"plan": best["plan"], "segments": segments, "ms": ms, "error": err})
+    return sorted(results, key=lambda r: r["ms"] if r["ms"] is not None else math.inf)
+
+
+def _plan(entry: dict) -> planning.Plan:
+    return planning.Plan(**entry["plan"])
+
+
+def breakdown(x: dict, plan: planning.Plan, segments: int | None) -> dict[str, float]:
+    """Device time per kernel (ms, mean over 20 calls) from the profiler."""
+    run = ours(x, plan, segments)
+    run()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            run()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for event in prof.key_averages():
+        total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        if total:
+            times[event.key] = total / 20 / 1e3
+    return times
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__}
+    for name in ("retention", "fla"):
+        try:
+            found[name] = __import__(name).__dict__.get("__version__", "importable")
+        except Exception as exc:
+            found[name] = f"unavailable ({type(exc).__name__})"
+    found["cuda"] = str(torch.version.cuda)
+    found["gpu"] = torch.cuda.get_device_name()
+    return found
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in ("ours", "ours_graph", "ours_best", "sdpa", "manifest", "fla") if any(r.get(m) for r in rows)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    for ax, gated in zip(axes, (False, True)):
+        sel = sorted((r for r in rows if r["gated"] == gated), key=lambda r: r["T"])
+        for m in methods:
+            pts = [(r["T"], r[m]) for r in sel if r.get(m)]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"b={B} h={H} d={D} deg 2 bf16 causal, {'gated' if gated else 'ungated'}")
+        ax.set_xlabel("T")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("forward ms (median)")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def measure(
+    T: int, gated: bool, spec: hardware.GpuSpec, ceilings: dict, do_sweep: bool, competitors: bool
+) -> tuple[dict, list[dict]]:
+    """One table row (and the sweep's entries when asked) for length T."""
+    x = inputs(T, gated)
+    plan = planning.plan(spec, T=T, d=D, e=D, deg=2, dtype=torch.bfloat16, gated=gated, batch_heads=B * H)
+    row: dict = {"T": T, "gated": gated, "plan": asdict(plan), "errors": {}}
+    row["ours"], err = timed(lambda: ours(x, plan))
+    row["ours_graph"], err_graph = timed(lambda: graphed(ours(x, plan)))
+    for name, error in (("ours", err), ("ours_graph", err_graph)):
+        if error:
+            row["errors"][name] = error
+    chosen, found = plan, []
+    if do_sweep:
+        found = sweep(x, T, gated, plan)
+        if found and found[0]["ms"] is not None:
+            best = found[0]
+            row["ours_best"] = best["ms"]
+            row["best_plan"] = best["plan"] | {"segments": best["segments"]}
+            chosen = _plan(best)
+            row["breakdown"] = breakdown(x, chosen, best["segments"])
+    row["sdpa"], _ = timed(lambda: sdpa(x))
+    if competitors:
+        for name, maker in (("manifest", manifest), ("fla", fla)):
+            row[name], error = timed(lambda maker=maker: maker(x))
+            if error:
+                row["errors"][name] = error
+    timings = [(row.get("ours"), plan), (row.get("ours_graph"), plan), (row.get("ours_best"), chosen)]
+    measured = [(t, p) for t, p in timings if t]
+    if measured:
+        fastest, fastest_plan = min(measured, key=lambda tp: tp[0])
+        row["executed_tflops"] = executed_flops(T, fastest_plan, gated) / (fastest * 1e-3) / 1e12
+        row["fraction_of_matmul"] = row["executed_tflops"] / ceilings["matmul_bf16_tflops"]
+    return row, found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--T", type=int, nargs="+", default=list(LENGTHS))
+    parser.add_argument("--sweep", type=int, nargs="*", default=[], help="lengths at which to sweep plans")
+    parser.add_argument("--no-competitors", action="store_true")
+    parser.add_argument("--commit", default=None)
+    args = parser.parse_args()
+    commit = (
+        args.commit
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    )
+    spec = hardware.detect()
+    ceilings = {"matmul_bf16_tflops": matmul_tflops(), "copy_gbs": copy_gbs()}
+    print(f"ceilings: bf16 matmul {ceilings['matmul_bf16_tflops']:.0f} TFLOP/s, copy {ceilings['copy_gbs']:.0f} GB/s")
+    rows, sweeps = [], {}
+    for gated in (False, True):
+        for T in args.T:
+            row, found = measure(T, gated, spec, ceilings, T in args.sweep, not args.no_competitors)
+            rows.append(row)
+            if found:
+                sweeps[f"{T}-{'gated' if gated else 'ungated'}"] = found
+            torch.cuda.empty_cache()
+            print(_line(row), flush=True)
+    stamp = datetime.date.today().isoformat()
+    gpu = torch.cuda.get_device_name().replace(" ", "-")
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = args.out / f"forward_{gpu}_{stamp}"
+    record = {
+        "command": " ".join([sys.executable, *sys.argv]),
+        "commit": commit,
+        "versions": versions(),
+        "shape": {"B": B, "H": H, "d": D, "deg": 2, "dtype": "bfloat16", "causal": True},
+        "ceilings": ceilings,
+        "rows": rows,
+        "sweeps": sweeps,
+    }
+    base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
+    try:
+        plot(rows, base.with_suffix(".png"))
+    except Exception:
+        traceback.print_exc()
+    print(f"\n{_header()}")
+    for row in rows:
+        print(_line(row))
+    print(f"wrote {base}.json/.png")
+
+
+def _header() -> str:
+    cols = ("T", "gate", "ours", "graph", "best", "sdpa", "manifest", "fla", "TFLOP/s", "of mm", "plan (C/bt/warps)")
+    return " ".join(f"{c:>9}" for c in cols)
+
+
+def _fmt(v: float | None) -> str:
+    return f"{v:9.3f}" if v is not None else f"{'-':>9}"
+
+
+def _line(row: dict) -> str:
+    p = row.get("best_plan") or row["plan"]
+    plan = f"{p['chunk_size']}/{p['block_t']}/{p['num_warps']}" + (f"/s{p['segments']}" if p.get("segments") else "")
+    cells = [f"{row['T']:>9}", f"{'yes' if row['gated'] else 'no':>9}"]
+    cells += [_fmt(row.get(m)) for m in ("ours", "ours_graph", "ours_best", "sdpa", "manifest", "fla")]
+    cells += [_fmt(row.get("executed_tflops")), _fmt(row.get("fraction_of_matmul")), f"{plan:>9}"]
+    return " ".join(cells)
+
+
+if __name__ == "__main__":
+    main()

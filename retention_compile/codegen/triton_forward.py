@@ -1,0 +1,281 @@
+"""The Triton forward of power retention (DESIGN.md section 1), launched through ``wrap_triton``.
+
+    triton_supports(q, k, v, deg, log_gate, valid, causal) -> None | reason
+    triton_forward(q, k, v, *, scale, deg, log_gate, causal, valid, plan) -> (y, denom)
+
+Same contract as ``chunked.chunked_forward``: y (B, Hq, Tq, e) in q's dtype, denom (B, Hq, Tq) float32
+``= sum_j w_ij + eps``. Written to run inside a ``torch.library.triton_op`` body: outputs come from
+``torch.empty``, kernels are launched with ``wrap_triton(kernel)[grid](...)`` (so Inductor copies them into
+its output code), there is no host sync, and sizes may be symbolic (decisions that only change speed read
+the size hint and add no guard).
+
+Two paths (the Plan's chunk size picks; the numbers do not depend on it):
+
+quadratic (deg != 2, or ``chunk_size >= Tk``): one kernel, flash-style but with no softmax. A program owns
+``block_t`` query rows and walks their admissible keys in blocks of ``block_k``:
+
+    acc += ((s q K^T)^p * exp(G_i - G_j) * mask) V,   den += row sums,   y = acc / (den + eps)
+
+The weights are positive and at most (s |q| |k|)^p: with fp32 accumulation and bf16 (fp32-range) operands
+for the second product, |q|, |k| ~ 1e2 stay finite even for p = 4, so no running row maximum is needed and
+``denom`` is the true sum. Blocks left of the diagonal skip the causal mask.
+
+chunked (deg 2): keys are cut into chunks of C aligned to the query grid (chunk c starts at key
+``c*C - shift`` with ``shift = (Tq - Tk) mod C``, so no block of query rows straddles a chunk; the first and last
+chunks are partial, nothing is padded). The symmetric state is tiled in pairs of b-coordinate blocks (2560
+features for d = 64, b = 16, against D = 2080; the extra 23% buys dense b^2-wide tiles), and the normaliser
+state is the d x d matrix ``M = sum_j w_j k_j k_j^T`` (``phi(q).z = q^T M q``: one small dot instead of a
+reduction over 2560 features). Three kernels:
+
+    state    grid (segments, pairs x e-blocks, B*Hs): each program walks the chunks of one segment in order,
+             accumulating its (b^2 x block_e) tile of S in fp32 registers and storing it before every chunk
+             (phi(K) lives only in registers); the segment's total goes to a small fp32 buffer.
+    scan     (only with more than one segment) turns segment totals into true segment-start states and adds
+             the decayed start state into the chunk states of that segment.
+    query    the quadratic kernel restricted to the keys of the query's own chunk, plus
+             ``exp(G_i - G_b) phi(s q_i)^T S_c`` with phi(q) built per pair in registers.
+
+Segments exist for parallelism: one segment per (head, pair) would leave most SMs idle at small batch
+(b=1, h=8, d=64: 80 programs on 132 SMs, each walking all of T). With ``n`` segments the state kernel runs
+``n`` times as many programs; the price is one read-modify-write of the chunk states of segments >= 1.
+The state before each chunk is kept in the dots' dtype (bf16 for 16-bit inputs), ``C/T`` of a state per key.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+
+import torch
+
+from ..planning import Plan
+from .triton_source import SCAN_BLOCK, KernelSpec, load_forward
+
+LOG2E = 1.4426950408889634
+QUADRATIC_BLOCK_K = 64  # keys per step of the attention loop
+STATE_BLOCK_S = 64  # keys per step of the state kernel: its phi tile (64 x 256) and S tile fit in registers
+MAX_BLOCK_FEATURE = 16  # b^2 = 256 features per state tile keeps the fp32 tile in registers
+MIN_BLOCK_FEATURE = 16  # tl.dot needs every dimension >= 16 (the M_IJ block is b x b)
+STATE_WAVES = 4  # the state kernel aims at this many programs per SM when choosing the segment count
+# Warps per program, from ptxas' reports for sm_90 (triton 3.6): the state kernel (S tile 256 x 64 fp32, phi
+# tile 64 x 256) and the chunked query kernel (acc, phi 128 x 256, q blocks) spill at 4 warps, not at 8.
+STATE_WARPS = 8
+CHUNK_QUERY_WARPS = 8
+SCAN_WARPS = 4
+MAX_GRID_Z = 65535
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _hint(size: int | torch.SymInt) -> int:
+    """A concrete value for a possibly symbolic size, read without adding a guard."""
+    if isinstance(size, torch.SymInt):
+        node = size.node
+        return int(node.hint) if node.has_hint() else 4096
+    return int(size)
+
+
+def triton_supports(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    deg: int,
+    log_gate: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    causal: bool,
+) -> str | None:
+    """None if ``triton_forward`` serves this call, else the reason it does not (the op then uses aten)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not (q.is_cuda or _interpreting()):
+        return f"tensors are on {q.device.type}, the Triton kernels need CUDA (or TRITON_INTERPRET=1)"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype} (the kernels take float16, bfloat16 and float32)"
+    d, e = _hint(q.shape[-1]), _hint(v.shape[-1])
+    if d % 8 or not 8 <= d <= 256:
+        return f"head dim d={d} (the kernels take multiples of 8 up to 256)"
+    if not 1 <= e <= 256:
+        return f"value dim e={e} (the kernels take up to 256)"
+    if min(_hint(n) for n in (*q.shape[:3], k.shape[2])) == 0:
+        return "an empty dimension"
+    if _hint(q.shape[0]) * _hint(q.shape[1]) > MAX_GRID_Z:
+        return f"batch x query heads = {_hint(q.shape[0]) * _hint(q.shape[1])} > {MAX_GRID_Z} (one grid axis)"
+    return None
+
+
+def _block_feature(d: int, plan: Plan) -> int | None:
+    """Coordinate-block size of the state tiles: the Plan's, clamped to what the kernels run well, dividing d."""
+    b = min(max(plan.block_feature, MIN_BLOCK_FEATURE), MAX_BLOCK_FEATURE)
+    while b >= MIN_BLOCK_FEATURE and d % b:
+        b //= 2
+    return b if b >= MIN_BLOCK_FEATURE else None
+
+
+def kernel_spec(
+    q: torch.Tensor, v: torch.Tensor, deg: int, gated: bool, has_valid: bool, causal: bool, kv_len: int, plan: Plan
+) -> KernelSpec:
+    """The shape class of one call: the chunked path when deg is 2, the chunk is shorter than the keys and d
+    tiles; otherwise the quadratic kernel. Tiles come from the Plan, clamped to powers of 2 the kernels take."""
+    d, e = _hint(q.shape[-1]), _hint(v.shape[-1])
+    block_feature = _block_feature(d, plan)
+    chunked = deg == 2 and plan.chunk_size < kv_len and block_feature is not None
+    block_e = min(max(16, plan.block_e), max(16, 1 << (e - 1).bit_length()))
+    block_t = min(max(16, plan.block_t), 128)
+    chunk = 1 << max(plan.chunk_size - 1, 0).bit_length()
+    return KernelSpec(
+        dtype=str(q.dtype).removeprefix("torch."),
+        head_dim=d,
+        value_dim=e,
+        deg=deg,
+        gated=gated,
+        has_valid=has_valid,
+        causal=causal,
+        chunked=chunked,
+        chunk_size=max(chunk, block_t) if chunked else 0,
+        block_t=block_t,
+        block_k=QUADRATIC_BLOCK_K,
+        block_s=STATE_BLOCK_S if chunked else 0,
+        block_e=block_e,
+        block_feature=block_feature if chunked else 0,
+    )
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _launch(kernel, grid: tuple, kwargs: dict, num_warps: int, num_stages: int) -> None:
+    """``wrap_triton(kernel)[grid](**kwargs)``: Inductor copies the kernel into its output code when tracing."""
+    from torch.library import wrap_triton
+
+    launch = dict(kwargs) if _interpreting() else {**kwargs, "num_warps": num_warps, "num_stages": num_stages}
+    wrap_triton(kernel)[grid](**launch)
+
+
+def _strides(prefix: str, t: torch.Tensor) -> dict[str, int | torch.SymInt]:
+    """``stride_qb, stride_qh, stride_qt, stride_qd`` (``..._ve`` for v): any layout, no copies."""
+    last = "e" if prefix == "v" else "d"
+    return {f"stride_{prefix}{axis}": s for axis, s in zip(("b", "h", "t", last), t.stride())}
+
+
+def _record(spec: KernelSpec, path, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan) -> None:
+    """Register the source with the inspection (every traced call; eager calls the first time per spec)."""
+    from ..inspection import record_kernel
+
+    record_kernel(
+        "power_retention_forward",
+        path.read_text(),
+        {
+            "q_shape": tuple(_hint(s) for s in q.shape),
+            "k_shape": tuple(_hint(s) for s in k.shape),
+            "v_shape": tuple(_hint(s) for s in v.shape),
+            "plan": plan,
+            "path": str(path),
+            "dtype": spec.dtype,
+            "deg": spec.deg,
+            "causal": spec.causal,
+            "gated": spec.gated,
+            "kernel_path": "chunked" if spec.chunked else "quadratic",
+        },
+    )
+
+
+_RECORDED: set[KernelSpec] = set()
+
+
+def triton_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    deg: int,
+    log_gate: torch.Tensor | None,
+    causal: bool,
+    valid: torch.Tensor | None,
+    plan: Plan,
+    segments: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Power retention forward on the GPU: ``(y, denom)`` exactly as ``chunked_forward`` returns them.
+
+    ``plan`` gives the chunk size (``>= Tk``: the quadratic kernel) and the tiles; ``segments`` overrides the
+    number of sequential segments of the state kernel (default: enough programs for ``STATE_WAVES`` per SM).
+    """
+    B, Hq, Tq, _ = q.shape
+    Hk, Tk = k.shape[1], k.shape[2]
+    e = v.shape[3]
+    spec = kernel_spec(q, v, deg, log_gate is not None, valid is not None, causal, _hint(Tk), plan)
+    module, path = load_forward(spec)
+    if torch.compiler.is_compiling() or spec not in _RECORDED:
+        _RECORDED.add(spec)
+        _record(spec, path, q, k, v, plan)
+
+    y = torch.empty((B, Hq, Tq, e), dtype=q.dtype, device=q.device)
+    denom = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    common = {**_strides("k", k), **_strides("v", v), "K": k, "V": v, "Hq": Hq, "group": Hq // Hk, "Tk": Tk}
+    extra: dict[str, object] = {}
+    if log_gate is not None:
+        extra["G"] = (torch.cumsum(log_gate.float(), dim=-1) * LOG2E).contiguous()
+    if valid is not None:
+        extra["VALID"] = valid.contiguous()
+    attention = {"Q": q, "Y": y, "DEN": denom, **_strides("q", q), **common, **extra, "Tq": Tq, "scale": scale}
+    if log_gate is not None:
+        attention["gate_heads"] = log_gate.shape[1]
+    if spec.chunked:
+        attention.update(_chunk_states(module, spec, k, Tq, common, extra, plan, segments))
+    grid = (_cdiv(Tq, spec.block_t), _cdiv(spec.value_dim, spec.block_e), B * Hq)
+    warps = CHUNK_QUERY_WARPS if spec.chunked else plan.num_warps
+    _launch(module.attention_kernel, grid, attention, warps, plan.num_stages)
+    return y, denom
+
+
+def _cdiv(a: int | torch.SymInt, b: int | torch.SymInt) -> int | torch.SymInt:
+    return (a + b - 1) // b
+
+
+def _chunk_states(
+    module, spec: KernelSpec, k: torch.Tensor, Tq, common: dict, extra: dict, plan: Plan, segments: int | None
+) -> dict[str, object]:
+    """Run the state (and scan) kernels; return the query kernel's state arguments."""
+    B, Hk, Tk = k.shape[0], k.shape[1], k.shape[2]
+    C, e, d = spec.chunk_size, spec.value_dim, spec.head_dim
+    params = spec.template_params()
+    state_heads = extra["G"].shape[1] if "G" in extra else Hk
+    shift = (Tq - Tk) % C
+    n_chunks = _cdiv(Tk + shift, C)
+    pair_programs = params["npairs"] * params["n_eb"]
+    if segments is None:
+        wanted = STATE_WAVES * _sm_count(k.device) / (pair_programs * _hint(B) * _hint(state_heads))
+        segments = max(1, min(_hint(n_chunks), math.ceil(wanted)))
+    per_segment = _cdiv(n_chunks, segments)
+    n_seg = _cdiv(n_chunks, per_segment)
+    state_dtype = torch.float32 if spec.dtype == "float32" else torch.bfloat16
+    dt = params["dt"]
+    heads = B * state_heads
+    seg_s = torch.empty((heads, n_seg + 1, dt, e), dtype=torch.float32, device=k.device)
+    seg_m = torch.empty((heads, n_seg + 1, d, d), dtype=torch.float32, device=k.device)
+    sizes = {"Tk": Tk, "shift": shift, "n_chunks": n_chunks, "chunks_per_seg": per_segment, "n_seg": n_seg}
+    buffers: dict[str, torch.Tensor] = {"S_SEG": seg_s, "M_SEG": seg_m}
+    if spec.causal:
+        buffers["S_LOC"] = torch.empty((heads, n_chunks, dt, e), dtype=state_dtype, device=k.device)
+        buffers["M_LOC"] = torch.empty((heads, n_chunks, d, d), dtype=torch.float32, device=k.device)
+    _launch(
+        module.state_kernel,
+        (n_seg, pair_programs, heads),
+        {**common, **extra, **buffers, **sizes, "state_heads": state_heads},
+        STATE_WARPS,
+        plan.num_stages,
+    )
+    if segments > 1:
+        blocks = params["scan_s_blocks"] + _cdiv(d * d, SCAN_BLOCK)
+        gate = {"G": extra["G"]} if "G" in extra else {}
+        _launch(module.scan_kernel, (blocks, heads), {**buffers, **gate, **sizes}, SCAN_WARPS, 2)
+    if spec.causal:
+        return {"S_ST": buffers["S_LOC"], "M_ST": buffers["M_LOC"], "state_heads": state_heads,
+                "state_slots": n_chunks, "shift": shift}  # fmt: skip
+    return {"S_ST": seg_s, "M_ST": seg_m, "state_heads": state_heads, "state_slots": n_seg + 1, "shift": shift}

@@ -1,0 +1,155 @@
+"""Shape-specialised Triton sources for the power-retention forward: render, cache on disk, import.
+
+    KernelSpec                 everything a rendered source depends on (shape class, flags, tiles)
+    render_forward(spec)       the jinja2 template ``templates/forward.py.j2`` -> Python/Triton module source
+    load_forward(spec)         -> (module, path): the source cached by content hash under
+                               ``$XDG_CACHE_HOME/retention_compile/triton`` (``~/.cache/...``, never the package),
+                               written atomically, imported once per process
+
+A rendered module defines ``attention_kernel`` and, on the chunked path, ``state_kernel`` and ``scan_kernel``
+(see the template and ``triton_forward``). Sizes that vary from call to call (batch, heads, sequence lengths,
+strides) stay run-time kernel arguments; head dims, degree, flags and tiles are literals in the source, so a
+new sequence length never renders or compiles anything new.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import ModuleType
+
+import jinja2
+
+from ..reference import EPS
+from .nvrtc import _write_atomic
+from .nvrtc import cache_dir as _cuda_cache_dir
+
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+FORWARD_TEMPLATE = "forward.py.j2"
+SCAN_BLOCK = 1024  # state elements per program of the segment scan
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One shape class of the forward. ``chunked`` False: the quadratic kernel alone (chunk fields unused).
+
+    dtype:          "bfloat16" | "float16" | "float32" (q, k, v); 16-bit inputs run their dots in bf16 with fp32
+                    accumulation (bf16 keeps fp32's exponent range: (s q.k)^p of large inputs stays finite),
+                    float32 inputs in exact fp32 (``input_precision="ieee"``).
+    head_dim, value_dim: d and e.
+    deg:            the even power p.
+    gated, has_valid, causal, chunked: the variant.
+    chunk_size:     keys per chunk (chunked path).
+    block_t:        query rows per attention program.
+    block_k:        keys per step of the attention loop.
+    block_s:        keys per step of the state kernel.
+    block_e:        value columns per program.
+    block_feature:  coordinate-block size b of the state tiles (b x b features per pair of blocks).
+    """
+
+    dtype: str
+    head_dim: int
+    value_dim: int
+    deg: int
+    gated: bool
+    has_valid: bool
+    causal: bool
+    chunked: bool
+    chunk_size: int
+    block_t: int
+    block_k: int
+    block_s: int
+    block_e: int
+    block_feature: int
+
+    def template_params(self) -> dict[str, object]:
+        """The template's variables: the spec plus the derived literals."""
+        d, e, b = self.head_dim, self.value_dim, self.block_feature
+        nb = d // b if self.chunked else 1
+        npairs = nb * (nb + 1) // 2
+        tiled = npairs * b * b
+        return {
+            **asdict(self),
+            "d": d,
+            "e": e,
+            "d_pad": max(16, _pow2_at_least(d)),
+            "n_eb": -(-e // self.block_e),
+            "nb": nb,
+            "npairs": npairs,
+            "fb": b * b,
+            "dt": tiled,
+            "scan_block": SCAN_BLOCK,
+            "scan_s_blocks": -(-tiled * e // SCAN_BLOCK),
+            "eps": repr(EPS),
+            "summary": self.summary(),
+        }
+
+    def summary(self) -> str:
+        """One line naming the shape class (the rendered module's docstring starts with it)."""
+        flags = [f for f, on in (("gated", self.gated), ("valid", self.has_valid), ("causal", self.causal)) if on]
+        path = f"chunked C={self.chunk_size} b={self.block_feature}" if self.chunked else "quadratic (single chunk)"
+        return (
+            f"d={self.head_dim} e={self.value_dim} deg={self.deg} {self.dtype} {' '.join(flags) or 'plain'}; "
+            f"{path}; block_t={self.block_t} block_k={self.block_k} block_s={self.block_s} block_e={self.block_e}"
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def render_forward(spec: KernelSpec) -> str:
+    """The Triton module source for ``spec`` (deterministic: equal specs give byte-equal sources)."""
+    return _environment().get_template(FORWARD_TEMPLATE).render(**spec.template_params())
+
+
+def cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/retention_compile/triton``, else ``~/.cache/retention_compile/triton``."""
+    return _cuda_cache_dir().parent / "triton"
+
+
+def source_path(source: str) -> Path:
+    """The cache entry of a source: ``forward_<sha256 prefix>.py`` (content-addressed, so never stale)."""
+    return cache_dir() / f"forward_{hashlib.sha256(source.encode()).hexdigest()[:24]}.py"
+
+
+def _import(path: Path, interpret: bool) -> ModuleType:
+    name = f"retention_compile_generated.{path.stem}{'_interpreted' if interpret else ''}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # Triton and Inductor look kernels' modules up by name
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def load_forward(spec: KernelSpec) -> tuple[ModuleType, Path]:
+    """Render ``spec``, write it to the cache unless an entry with the same content exists, and import it.
+
+    Imported once per process and mode: ``TRITON_INTERPRET=1`` makes ``triton.jit`` build interpreted kernels.
+    """
+    return _load(spec, os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@functools.lru_cache(maxsize=256)
+def _load(spec: KernelSpec, interpret: bool) -> tuple[ModuleType, Path]:
+    source = render_forward(spec)
+    path = source_path(source)
+    if not path.exists():
+        _write_atomic(path, source.encode())
+    return _import(path, interpret), path

@@ -1,0 +1,200 @@
+"""The Triton forward on a GPU against the float64 oracle (DESIGN.md section 1).
+
+Relative error ``|y - ref| / |ref|`` <= 1e-2 for bf16/fp16 and <= 1e-4 for fp32, never NaN, over head dims,
+degrees, lengths (1 to 65535, odd tails), GQA, gates (per kv head and per query head), key validity, decode
+(Tq = 1), prefill against a cache (Tq < Tk), non-causal, non-contiguous inputs and |q|, |k| up to 1e2. For long
+sequences the oracle runs on blocks of query rows (a causal row block [r0, r1) needs keys [0, r1 + Tk - Tq)).
+Outputs are poisoned with NaN before each call, so an unwritten element fails.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from retention_compile.codegen.triton_forward import kernel_spec, triton_forward, triton_supports
+from retention_compile.planning import Plan
+from retention_compile.reference import power_retention_reference
+
+pytestmark = pytest.mark.gpu
+
+TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-4}
+ORACLE_ROWS = 512  # query rows per oracle block
+ORACLE_BLOCKS = 3  # long sequences: first, middle and last row blocks
+
+
+def oracle(q, k, v, *, scale, deg, log_gate, causal, valid, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 (y, denom) of query rows ``rows``, straight from the contract (y via the project's oracle)."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    stop = min(Tk, rows.stop + Tk - Tq) if causal else Tk
+    if stop <= 0:
+        shape = (q.shape[0], q.shape[1], len(rows))
+        return torch.zeros(*shape, v.shape[-1], dtype=torch.float64, device=q.device), torch.full(
+            shape, 1e-6, dtype=torch.float64, device=q.device
+        )
+    qb = q[:, :, rows.start : rows.stop].double()
+    kb, vb = k[:, :, :stop].double(), v[:, :, :stop].double()
+    gate = None if log_gate is None else log_gate[..., :stop].double()
+    keep = None if valid is None else valid[:, :stop]
+    y = power_retention_reference(qb, kb, vb, scale=scale, deg=deg, log_gate=gate, causal=causal, valid=keep)
+    # the oracle's y for v = 1 and eps = E is Z / (Z + E); with E far above every Z, Z = E y / (1 - y) is exact
+    # to float64 rounding
+    big = 1e30
+    frac = power_retention_reference(
+        qb, kb, torch.ones_like(vb[..., :1]), scale=scale, deg=deg, log_gate=gate, causal=causal, valid=keep, eps=big
+    )[..., 0]
+    return y, big * frac / (1 - frac) + 1e-6
+
+
+def row_blocks(Tq: int) -> list[range]:
+    if Tq <= ORACLE_ROWS * ORACLE_BLOCKS:
+        return [range(r, min(r + ORACLE_ROWS, Tq)) for r in range(0, Tq, ORACLE_ROWS)]
+    mid = (Tq // 2) - ORACLE_ROWS // 2
+    return [range(0, ORACLE_ROWS), range(mid, mid + ORACLE_ROWS), range(Tq - ORACLE_ROWS, Tq)]
+
+
+def make_inputs(B, Hq, Hk, Tq, Tk, d, e, dtype, *, gate_heads=0, has_valid=False, magnitude=1.0, transposed=False):
+    dev = "cuda"
+
+    def randn(b, h, t, x):
+        if transposed:  # (B, T, H, x) storage seen through SDPA's (B, H, T, x) layout
+            return (torch.randn(b, t, h, x, device=dev) * magnitude).to(dtype).transpose(1, 2)
+        return (torch.randn(b, h, t, x, device=dev) * magnitude).to(dtype)
+
+    q, k, v = randn(B, Hq, Tq, d), randn(B, Hk, Tk, d), randn(B, Hk, Tk, e)
+    gate = -0.05 * torch.rand(B, gate_heads, Tk, device=dev) if gate_heads else None
+    valid = torch.rand(B, Tk, device=dev) > 0.2 if has_valid else None
+    if valid is not None:
+        valid[:, -1] = True  # keep the last rows' denominators away from eps
+    return q, k, v, gate, valid
+
+
+def check(q, k, v, gate, valid, *, deg, causal, plan, scale=None, segments=None) -> None:
+    d = q.shape[-1]
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    assert triton_supports(q, k, v, deg, gate, valid, causal) is None
+    y, den = triton_forward(
+        q, k, v, scale=scale, deg=deg, log_gate=gate, causal=causal, valid=valid, plan=plan, segments=segments
+    )
+    torch.cuda.synchronize()
+    assert y.dtype == q.dtype and den.dtype == torch.float32
+    assert not y.isnan().any() and not den.isnan().any(), "NaN in the output"
+    assert torch.isfinite(y).all() and torch.isfinite(den).all()
+    tol = TOL[q.dtype]
+    for rows in row_blocks(q.shape[2]):
+        ref_y, ref_den = oracle(q, k, v, scale=scale, deg=deg, log_gate=gate, causal=causal, valid=valid, rows=rows)
+        got_y, got_den = y[:, :, rows.start : rows.stop].double(), den[:, :, rows.start : rows.stop].double()
+        err = (got_y - ref_y).norm() / ref_y.norm().clamp_min(1e-300)
+        assert err <= tol, f"rows {rows}: relative error of y {err:.2e} > {tol}"
+        den_err = ((got_den - ref_den).abs() / ref_den).max()
+        assert den_err <= tol, f"rows {rows}: relative error of denom {den_err:.2e} > {tol}"
+
+
+@pytest.fixture
+def poison_allocations(monkeypatch: pytest.MonkeyPatch):
+    """Fill every float torch.empty with NaN while a test runs eagerly: an element the kernels never write shows up."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    yield
+
+
+CHUNK = Plan(chunk_size=256, block_t=64, block_feature=16, block_e=64)
+SMALL_CHUNK = Plan(chunk_size=64, block_t=64, block_feature=16, block_e=64)
+QUADRATIC = Plan(chunk_size=1 << 20, block_t=64, block_e=64)
+
+# (B, Hq, Hk, Tq, Tk, d, e, deg, dtype, gate heads: 0 none / "k" / "q", valid, causal, plan)
+bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
+CASES = {
+    # lengths, deg 2 (chunked past one chunk) and deg 4 (quadratic), d = 64
+    **{f"T{T}-deg{p}": (1, 4, 1, T, T, 64, 64, p, bf16, "k", False, True, CHUNK) for T in (1, 17, 1000, 4096)
+       for p in (2, 4)},
+    "T65535-deg2": (1, 2, 1, 65535, 65535, 64, 64, 2, bf16, "k", True, True, Plan(chunk_size=1024, block_t=128)),
+    "T65535-deg4": (1, 1, 1, 65535, 65535, 64, 64, 4, bf16, "k", False, True, QUADRATIC),
+    # head dims
+    **{f"d{d}-deg{p}": (2, 4, 4, 1000, 1000, d, d, p, bf16, "k", True, True, CHUNK) for d in (32, 128) for p in (2, 4)},
+    "d128-e64-noncontiguous": (1, 4, 2, 777, 777, 128, 64, 2, f16, "q", False, True, SMALL_CHUNK),
+    # GQA, gates, validity
+    "mha-nogate-valid": (2, 4, 4, 1000, 1000, 64, 64, 2, bf16, 0, True, True, SMALL_CHUNK),
+    "gqa-query-head-gate": (1, 4, 1, 1000, 1000, 64, 64, 2, bf16, "q", True, True, SMALL_CHUNK),
+    "gqa-query-head-gate-deg4": (1, 4, 1, 1000, 1000, 64, 64, 4, bf16, "q", True, True, QUADRATIC),
+    "gqa-nogate-deg4-valid": (2, 4, 1, 1000, 1000, 32, 32, 4, f16, 0, True, True, QUADRATIC),
+    # decode and prefill against a cache, bottom-right aligned
+    "decode-deg2": (2, 4, 1, 1, 5000, 64, 64, 2, bf16, "k", True, True, CHUNK),
+    "decode-deg4": (2, 4, 1, 1, 5000, 64, 64, 4, bf16, "k", False, True, QUADRATIC),
+    "decode-deg2-quadratic": (1, 4, 4, 1, 5000, 64, 64, 2, f16, 0, False, True, QUADRATIC),
+    "prefill-cache": (1, 4, 1, 700, 4000, 64, 64, 2, bf16, "k", True, True, CHUNK),
+    # non-causal
+    "noncausal-deg2": (1, 4, 1, 1000, 3000, 64, 64, 2, bf16, 0, True, False, CHUNK),
+    "noncausal-deg2-quadratic": (1, 4, 4, 1000, 1000, 64, 64, 2, f16, 0, False, False, QUADRATIC),
+    "noncausal-deg4": (1, 4, 1, 333, 2000, 32, 32, 4, bf16, 0, True, False, QUADRATIC),
+    # float32 (exact fp32 products): the 1e-4 bar
+    "fp32-chunked": (1, 4, 2, 1000, 1000, 64, 64, 2, f32, "k", True, True, SMALL_CHUNK),
+    "fp32-quadratic-deg4": (1, 2, 1, 1000, 1000, 32, 32, 4, f32, "k", True, True, QUADRATIC),
+    "fp32-decode": (1, 4, 1, 1, 5000, 64, 64, 2, f32, "k", False, True, CHUNK),
+}  # fmt: skip
+
+
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_matches_oracle(name: str) -> None:
+    B, Hq, Hk, Tq, Tk, d, e, deg, dtype, gate, has_valid, causal, plan = CASES[name]
+    gate_heads = {0: 0, "k": Hk, "q": Hq}[gate]
+    q, k, v, g, valid = make_inputs(
+        B, Hq, Hk, Tq, Tk, d, e, dtype, gate_heads=gate_heads, has_valid=has_valid,
+        transposed="noncontiguous" in name,
+    )  # fmt: skip
+    check(q, k, v, g, valid, deg=deg, causal=causal, plan=plan)
+
+
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize("segments", [1, 3, 7])
+def test_segments_do_not_change_results(segments: int) -> None:
+    q, k, v, g, valid = make_inputs(1, 2, 1, 3000, 3000, 64, 64, bf16, gate_heads=1, has_valid=True)
+    check(q, k, v, g, valid, deg=2, causal=True, plan=SMALL_CHUNK, segments=segments)
+
+
+@pytest.mark.parametrize("dtype", [bf16, f16])
+@pytest.mark.parametrize("deg", [2, 4])
+def test_large_inputs_stay_finite(dtype: torch.dtype, deg: int) -> None:
+    """|q|, |k| entries ~ 1e2: (s q.k)^4 reaches ~1e19, beyond fp16; the kernels keep it in fp32 / bf16 range."""
+    q, k, v, g, _ = make_inputs(1, 2, 1, 2000, 2000, 64, 64, dtype, gate_heads=1, magnitude=100.0)
+    plan = CHUNK if deg == 2 else QUADRATIC
+    check(q, k, v, g, None, deg=deg, causal=True, plan=plan)
+
+
+def test_odd_tail_and_chunk_choice() -> None:
+    """A length that is no multiple of anything: masked tails, no padding; the chunked path is taken."""
+    q, k, v, g, _ = make_inputs(1, 2, 2, 12345, 12345, 64, 64, bf16, gate_heads=2)
+    plan = Plan(chunk_size=512, block_t=128)
+    assert kernel_spec(q, v, 2, True, False, True, 12345, plan).chunked
+    check(q, k, v, g, None, deg=2, causal=True, plan=plan)
+
+
+def test_inside_triton_op_and_compile() -> None:
+    """Called from a triton_op body, the kernels appear in Inductor's output code; dynamic T compiles once."""
+    from torch._inductor.utils import run_and_get_code
+    from torch.library import triton_op
+
+    @triton_op("retention_compile_test::forward", mutates_args=())
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return triton_forward(q, k, v, scale=0.125, deg=2, log_gate=None, causal=True, valid=None, plan=CHUNK)
+
+    def model(q, k, v):
+        return forward(q * 1.0, k, v)[0] + 1.0
+
+    compiled = torch.compile(model, dynamic=True, fullgraph=True)
+    for T in (1000, 1500):
+        q, k, v, _, _ = make_inputs(1, 4, 1, T, T, 64, 64, bf16)
+        out, code = run_and_get_code(compiled, q, k, v)
+        expected = triton_forward(q, k, v, scale=0.125, deg=2, log_gate=None, causal=True, valid=None, plan=CHUNK)
+        torch.testing.assert_close(out, expected[0] + 1.0, rtol=2e-2, atol=2e-2)
+    text = "\n".join(code)
+    for kernel in ("attention_kernel", "state_kernel"):
+        assert kernel in text, f"{kernel} not in Inductor's output code"

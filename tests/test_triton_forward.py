@@ -1,0 +1,183 @@
+"""The Triton forward kernels on the CPU: rendered sources, the on-disk cache, and the kernels themselves run by
+Triton's interpreter on tiny float32 shapes against the float64 oracle.
+
+``TRITON_INTERPRET=1`` must be set before triton is first imported (``triton.language`` builds its helpers at
+import), so the kernel cases run in one subprocess that executes this file as a script and reports JSON.
+The interpreter has no bf16 matrix product (it multiplies the raw bits), so 16-bit inputs are covered by the GPU
+tests only (tests/gpu/test_triton_forward.py).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from retention_compile.codegen import triton_source  # noqa: E402
+from retention_compile.codegen.triton_forward import kernel_spec, triton_forward, triton_supports  # noqa: E402
+from retention_compile.codegen.triton_source import KernelSpec, load_forward, render_forward  # noqa: E402
+from retention_compile.planning import Plan  # noqa: E402
+from retention_compile.reference import power_retention_reference  # noqa: E402
+
+TINY = {"block_t": 16, "block_feature": 16, "block_e": 32}
+
+
+def _spec(**changes: object) -> KernelSpec:
+    fields = dict(
+        dtype="bfloat16", head_dim=64, value_dim=64, deg=2, gated=True, has_valid=False, causal=True, chunked=True,
+        chunk_size=1024, block_t=128, block_k=64, block_s=64, block_e=64, block_feature=16,
+    )  # fmt: skip
+    fields.update(changes)
+    return KernelSpec(**fields)
+
+
+CASES = [
+    # name: (B, Hq, Hk, Tq, Tk, d, e, deg, gate heads (0: none), valid, causal, chunk, segments)
+    ("quadratic", (1, 2, 1, 37, 37, 32, 32, 2, 0, False, True, 1024, None)),
+    ("quadratic-deg4-gate-valid", (2, 2, 2, 29, 29, 32, 16, 4, 2, True, True, 1024, None)),
+    ("quadratic-decode", (1, 4, 1, 1, 70, 32, 32, 4, 1, False, True, 1024, None)),
+    ("quadratic-noncausal", (1, 2, 2, 21, 45, 48, 24, 2, 0, True, False, 1024, None)),
+    ("quadratic-tq-gt-tk", (1, 1, 1, 40, 25, 32, 32, 2, 1, False, True, 1024, None)),
+    ("chunked", (1, 2, 1, 40, 40, 32, 32, 2, 0, False, True, 16, None)),
+    ("chunked-gate-valid-segments", (2, 2, 1, 45, 45, 32, 32, 2, 1, True, True, 16, 2)),
+    ("chunked-query-head-gate", (1, 4, 2, 33, 33, 32, 32, 2, 4, False, True, 16, 3)),
+    ("chunked-prefill-cache", (1, 2, 2, 19, 61, 32, 24, 2, 2, True, True, 16, 2)),
+    ("chunked-decode", (1, 2, 1, 1, 50, 32, 32, 2, 1, False, True, 16, 2)),
+    ("chunked-tq-gt-tk", (1, 1, 1, 45, 30, 32, 32, 2, 1, False, True, 16, 2)),
+    ("chunked-noncausal", (1, 2, 1, 27, 50, 32, 32, 2, 0, True, False, 16, 2)),
+    ("chunked-d48", (1, 1, 1, 40, 40, 48, 40, 2, 1, False, True, 16, 2)),
+]
+
+
+def run_case(case: tuple) -> float:
+    """Relative error of ``triton_forward`` against the oracle on one case (also checks shapes and denom)."""
+    B, Hq, Hk, Tq, Tk, d, e, deg, gate_heads, has_valid, causal, chunk, segments = case
+    gen = torch.Generator().manual_seed(sum(map(hash, case)) % 2**31)
+    q = torch.randn(B, Hq, Tq, d, generator=gen)
+    k = torch.randn(B, Hk, Tk, d, generator=gen)
+    v = torch.randn(B, Hk, Tk, e, generator=gen)
+    gate = -0.3 * torch.rand(B, gate_heads, Tk, generator=gen) if gate_heads else None
+    valid = torch.rand(B, Tk, generator=gen) > 0.25 if has_valid else None
+    plan = Plan(chunk_size=chunk, **TINY)
+    assert triton_supports(q, k, v, deg, gate, valid, causal) is None
+    assert kernel_spec(q, v, deg, gate is not None, has_valid, causal, Tk, plan).chunked == (chunk < Tk and deg == 2)
+    scale = 0.7 / d**0.5
+    y, den = triton_forward(
+        q, k, v, scale=scale, deg=deg, log_gate=gate, causal=causal, valid=valid, plan=plan, segments=segments
+    )
+    ref = power_retention_reference(
+        q.double(), k.double(), v.double(), scale=scale, deg=deg, causal=causal, valid=valid,
+        log_gate=None if gate is None else gate.double(),
+    )  # fmt: skip
+    assert y.dtype == q.dtype and y.shape == (B, Hq, Tq, e)
+    assert den.dtype == torch.float32 and den.shape == (B, Hq, Tq)
+    assert torch.isfinite(den).all() and (den >= 0.999e-6).all()
+    return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def denominator_error(chunk: int) -> float:
+    """denom = sum_j w_ij + eps, checked directly on one causal head."""
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 1, 40, 32, generator=gen), torch.randn(1, 1, 40, 32, generator=gen)
+    expected = torch.tril((0.2 * q[0, 0] @ k[0, 0].T).double() ** 2).sum(-1) + 1e-6
+    _, den = triton_forward(
+        q, k, torch.randn(1, 1, 40, 32), scale=0.2, deg=2, log_gate=None, causal=True, valid=None,
+        plan=Plan(chunk_size=chunk, **TINY),
+    )  # fmt: skip
+    return float(((den[0, 0].double() - expected).abs() / expected).max())
+
+
+def _interpreted() -> dict[str, float]:
+    """Every kernel case in the interpreter: {case name: relative error} (run as a script, see the docstring)."""
+    results = {name: run_case(case) for name, case in CASES}
+    results.update({f"denominator-chunk{c}": denominator_error(c) for c in (16, 1024)})
+    return results
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", [n for n, _ in CASES] + ["denominator-chunk16", "denominator-chunk1024"])
+def test_kernels_match_oracle(interpreted: dict[str, float], name: str) -> None:
+    assert interpreted[name] < 1e-5, f"{name}: relative error {interpreted[name]:.2e}"
+
+
+def test_rendered_source_bakes_the_shape() -> None:
+    spec = _spec()
+    source = render_forward(spec)
+    ast.parse(source)
+    assert source == render_forward(spec)  # deterministic
+    for name in ("def attention_kernel", "def state_kernel", "def scan_kernel"):
+        assert name in source
+    assert "for p in range(10):" in source  # d=64, b=16: 4 coordinate blocks, 10 pairs
+    assert "tl.arange(0, 256)" in source and "* 2560" not in source  # 256 features per pair tile
+    assert f"* {2560 * 64}" in source  # tiled state: 2560 features x e
+    assert "G," in source and "VALID" not in source
+    quadratic = render_forward(_spec(chunked=False, chunk_size=0, block_feature=0, block_s=0, gated=False, deg=4))
+    ast.parse(quadratic)
+    assert "state_kernel" not in quadratic and "G," not in quadratic
+    assert "x2 = x * x" in quadratic and "w = x2 * x2" in quadratic
+    fp32 = render_forward(_spec(dtype="float32"))
+    assert 'input_precision="ieee"' in fp32 and "tl.bfloat16" not in fp32
+
+
+def test_source_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    triton_source._load.cache_clear()
+    spec = _spec(head_dim=32, value_dim=32)
+    module, path = load_forward(spec)
+    assert path.parent == tmp_path / "retention_compile" / "triton"
+    assert path.read_text() == render_forward(spec)
+    assert path.name.startswith("forward_") and path.suffix == ".py"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # written atomically: no temporary left over
+    assert load_forward(spec) == (module, path)  # imported once per process
+    mtime = path.stat().st_mtime_ns
+    triton_source._load.cache_clear()
+    again, same = load_forward(spec)  # a new process: the entry is reused, not rewritten
+    assert same == path and path.stat().st_mtime_ns == mtime
+    assert hasattr(again, "attention_kernel") and hasattr(again, "state_kernel")
+    _, other = load_forward(_spec(head_dim=32, value_dim=32, gated=False))
+    assert other != path and other.parent == path.parent
+
+
+def test_supports_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q = torch.randn(1, 2, 8, 32)
+    assert "CUDA" in triton_supports(q, q, q, 2, None, None, True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_supports(q, q, q, 2, None, None, True) is None
+    assert "float64" in triton_supports(q.double(), q.double(), q.double(), 2, None, None, True)
+    odd = torch.randn(1, 2, 8, 12)
+    assert "head dim" in triton_supports(odd, odd, odd, 2, None, None, True)
+    empty = torch.randn(1, 2, 0, 32)
+    assert "empty" in triton_supports(empty, empty, empty, 2, None, None, True)
+
+
+def test_path_choice() -> None:
+    q, v = torch.randn(1, 1, 4, 64), torch.randn(1, 1, 4, 64)
+    plan = Plan(chunk_size=256)
+    assert kernel_spec(q, v, 2, False, False, True, 4096, plan).chunked
+    assert not kernel_spec(q, v, 4, False, False, True, 4096, plan).chunked  # deg 4: D = 766480, quadratic
+    assert not kernel_spec(q, v, 2, False, False, True, 256, plan).chunked  # one chunk
+    q24, v24 = torch.randn(1, 1, 4, 24), torch.randn(1, 1, 4, 24)
+    assert not kernel_spec(q24, v24, 2, False, False, True, 4096, plan).chunked  # 16 does not divide d
+    wide = kernel_spec(q, v, 2, False, False, True, 4096, Plan(chunk_size=256, block_feature=64, block_e=128))
+    assert wide.block_feature == 16 and wide.block_e == 64
+
+
+if __name__ == "__main__":
+    print(json.dumps(_interpreted()))
