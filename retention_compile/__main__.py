@@ -26,10 +26,10 @@ DEFAULT_OUT = "retention_inspect"
 
 
 def _target_name(target: str) -> str:
-    """A short name for the output folder: the script's stem, or the module (and function)."""
+    """The output folder's name: the script's stem, or ``module.function`` / the module."""
     if target.endswith(".py") or Path(target).is_file():
         return Path(target).stem
-    return target.replace(":", ".").rsplit(".", 2)[-1] if ":" in target else target.rsplit(".", 1)[-1]
+    return target.replace(":", ".")
 
 
 @contextmanager

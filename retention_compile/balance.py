@@ -14,6 +14,7 @@ sites at the compiled length; ``balanced_length`` is the T at which the attentio
 
 from __future__ import annotations
 
+import hashlib
 import math
 import operator
 from collections.abc import Iterable
@@ -94,6 +95,8 @@ class Balance:
     retention_by_deg:  the rewritten sites' state FLOPs as retention of each even degree (empty if none).
     attention_per_key: the attention state FLOPs per token per key of context (``state_before / T``
                        when every site sees T keys).
+    signature:         what the graph computes (its parameters and sites), so that ``merge`` counts a model
+                       compiled twice (recompiled, explained then compiled, ...) once.
     """
 
     graph: int
@@ -104,6 +107,7 @@ class Balance:
     kept_flops: float
     retention_by_deg: dict[int, float]
     attention_per_key: float
+    signature: str = ""
 
     @property
     def state_after(self) -> float:
@@ -168,12 +172,14 @@ class Balance:
             "kept_flops": self.kept_flops,
             "retention_by_deg": {str(p): f for p, f in self.retention_by_deg.items()},
             "attention_per_key": self.attention_per_key,
+            "signature": self.signature,
         }
 
     @classmethod
     def merge(cls, balances: Iterable[Balance]) -> Balance | None:
-        """Several graphs as one model (a graph break splits a model; a token passes through every piece)."""
-        items = list(balances)
+        """Several graphs as one model: a graph break splits a model and a token passes through every piece,
+        so distinct graphs add up; a graph compiled again (same signature) counts once, at its latest."""
+        items = list({b.signature or id(b): b for b in balances}.values())
         if len(items) <= 1:
             return items[0] if items else None
         by_deg: dict[int, float] = {}
@@ -284,7 +290,7 @@ def site_shape(q: str, k: str, v: str, rewritten: bool, hints: dict[str, int]) -
     return SiteShape(q_heads=qs[1], kv_heads=ks[1], kv_len=ks[2], head_dim=qs[3], value_dim=vs[3], rewritten=rewritten)
 
 
-def compute_balance(graph: int, weight_flops: float, sites: list[SiteShape], deg: int) -> Balance:
+def compute_balance(graph: int, weight_flops: float, sites: list[SiteShape], deg: int, signature: str = "") -> Balance:
     """The balance of one graph from its weight FLOPs and its attention sites."""
     rewritten = [s for s in sites if s.rewritten]
     return Balance(
@@ -296,11 +302,18 @@ def compute_balance(graph: int, weight_flops: float, sites: list[SiteShape], deg
         kept_flops=sum(s.attention_flops() for s in sites if not s.rewritten),
         retention_by_deg={p: sum(s.retention_flops(p) for s in rewritten) for p in DEGREES} if rewritten else {},
         attention_per_key=sum(2.0 * (s.head_dim + s.value_dim) * s.q_heads for s in sites),
+        signature=signature,
     )
 
 
 def graph_balance(gm: fx.GraphModule, records: Iterable[Any], graph: int, deg: int) -> Balance:
     """The balance of one Dynamo graph from the report records of its sites (``SiteRecord``)."""
+    records = list(records)
     hints = shape_hints(gm)
     shapes = (site_shape(r.q_shape, r.k_shape, r.v_shape, r.decision == "rewritten", hints) for r in records)
-    return compute_balance(graph, weight_flops_per_token(gm), [s for s in shapes if s is not None], deg)
+    params = sorted(
+        str(n.target) for n in gm.graph.nodes if n.op in ("placeholder", "get_attr") and _is_parameter(n, gm)
+    )
+    identity = "\n".join([*params, *(f"{r.location} {r.module}" for r in records)])
+    signature = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    return compute_balance(graph, weight_flops_per_token(gm), [s for s in shapes if s is not None], deg, signature)

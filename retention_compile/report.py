@@ -141,7 +141,8 @@ class Report:
             lines.append("  ".join(cell[:w].ljust(w) for cell, w in zip(row, widths)).rstrip())
             if n == 0:
                 lines.append("  ".join("-" * w for w in widths))
-        lines += [f"plan g{s.graph}s{s.site}: {s.plan_summary()}" for s in self.sites if s.plan]
+        lines += [f"kept {s.label}: {'; '.join([s.reason, *s.notes])}" for s in self.kept]
+        lines += [f"plan {s.label}: {s.plan_summary()}" for s in self.sites if s.plan]
         if self.balance:
             lines.append(self.balance.summary())
         return "\n".join(lines)
@@ -160,7 +161,7 @@ class Report:
         if self.balances:
             lines += ["## Weight-state balance (FLOPs per token)", ""]
             lines += [f"- {b.summary()}" for b in self.balances]
-            if len(self.balances) > 1:
+            if self.balance.graph < 0:
                 lines.append(f"- {self.balance.summary()}")
         return "\n".join(lines) + "\n"
 

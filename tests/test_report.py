@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import retention_compile as rc
-from retention_compile.backend import collect_reports
+from retention_compile.backend import collect_reports, rewrite_only_backend
 from retention_compile.balance import Balance, compute_balance, parse_shape, site_shape
 from retention_compile.power_features import state_dim
 
@@ -115,7 +115,7 @@ def test_weight_flops_follow_views_of_parameters():
 def test_dynamic_shapes_use_hints():
     torch._dynamo.reset()
     compiled = torch.compile(
-        lambda q: F.scaled_dot_product_attention(q, q, q, is_causal=True), backend="retention", dynamic=True
+        lambda q: F.scaled_dot_product_attention(q, q, q, is_causal=True), backend=rewrite_only_backend, dynamic=True
     )
     with collect_reports() as report:
         compiled(torch.randn(1, 2, 33, 8))
@@ -141,6 +141,17 @@ def test_merge_adds_graphs():
     assert merged.state_before == a.state_before + b.state_before
     assert merged.retention_by_deg[4] == a.retention_by_deg[4] + b.retention_by_deg[4]
     assert Balance.merge([a]) is a and Balance.merge([]) is None
+    again = compute_balance(2, 100.0, [shape], 2, signature="same")
+    assert Balance.merge([compute_balance(0, 100.0, [shape], 2, signature="same"), again]) is again
+
+
+def test_a_model_explained_then_compiled_counts_once():
+    torch._dynamo.reset()
+    model, tokens = TinyGPT(), torch.randint(0, 256, (1, 16))
+    with collect_reports() as report:
+        rc.explain(model, tokens)
+        rc.explain(model, tokens[:, :8])
+    assert len(report.balances) == 2 and report.balance is report.balances[-1]
 
 
 def test_nested_collectors_are_distinct_reports():
