@@ -18,12 +18,17 @@ tensor when there is no gate.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import warnings
+
 import torch
 from torch.library import triton_op
 
 from . import hardware, planning
 from .checks import validate_retention_inputs
 from .chunked import chunked_backward, chunked_forward
+from .planning import Plan
 from .reference import EPS, default_scale
 
 OP_NAMESPACE = "retention_compile"
@@ -37,12 +42,11 @@ def _size_hint(size: int | torch.SymInt) -> int:
     return int(size)
 
 
-def resolve_chunk_size(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, deg: int, gated: bool, chunk_size: int
-) -> int:
-    """``chunk_size`` if given (> 0), else the planned chunk for this shape on q's device."""
-    if chunk_size > 0:
-        return chunk_size
+def resolve_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, deg: int, gated: bool, chunk_size: int) -> Plan:
+    """The plan for this shape on q's device (``planning.plan``); ``chunk_size > 0`` overrides its chunk.
+
+    Under dynamic shapes the plan is made for the size hint of the traced call; any chunk gives the same
+    numbers for every length, so a graph traced at one length stays correct at another."""
     spec = hardware.detect(q.device) if q.is_cuda else None
     chosen = planning.plan(
         spec,
@@ -54,7 +58,31 @@ def resolve_chunk_size(
         gated=gated,
         batch_heads=_size_hint(q.shape[0]) * _size_hint(k.shape[1]),
     )
-    return chosen.chunk_size
+    return dataclasses.replace(chosen, chunk_size=chunk_size) if chunk_size > 0 else chosen
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+_WARNED: set[str] = set()
+
+
+def _triton_unavailable(q, k, v, deg, log_gate, valid, causal, impl) -> str | None:
+    """None when the Triton kernels serve this call, else why the aten path does (warned once per reason)."""
+    if impl == "aten" or not q.is_cuda:
+        return "aten"
+    if importlib.util.find_spec("triton") is None:
+        reason = "triton is not installed"
+    else:
+        from .codegen import triton_supports
+
+        reason = triton_supports(q, k, v, deg, log_gate, valid, causal)
+    if reason is not None:
+        _warn_once(f"retention_compile: the Triton kernels do not serve this call ({reason}); using the aten path")
+    return reason
 
 
 @triton_op(f"{OP_NAMESPACE}::power_retention", mutates_args=())
@@ -71,9 +99,22 @@ def power_retention_op(
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: ``(y, denom)`` with ``y_i = sum_j w_ij v_j / denom_i``, ``denom_i = sum_j w_ij + eps``."""
-    chunk = resolve_chunk_size(q, k, v, deg, log_gate is not None, chunk_size)
+    plan = resolve_plan(q, k, v, deg, log_gate is not None, chunk_size)
+    if _triton_unavailable(q, k, v, deg, log_gate, valid, causal, impl) is None:
+        from .codegen import triton_forward
+
+        return triton_forward(q, k, v, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid, plan=plan)
     return chunked_forward(
-        q, k, v, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid, chunk_size=chunk, eps=EPS
+        q,
+        k,
+        v,
+        scale=scale,
+        deg=deg,
+        log_gate=log_gate,
+        causal=causal,
+        valid=valid,
+        chunk_size=plan.chunk_size,
+        eps=EPS,
     )
 
 
@@ -94,7 +135,7 @@ def power_retention_backward_op(
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: gradients of ``sum(grad_y * y)`` with respect to q, k, v and the log-gate."""
-    chunk = resolve_chunk_size(q, k, v, deg, log_gate is not None, chunk_size)
+    chunk = resolve_plan(q, k, v, deg, log_gate is not None, chunk_size).chunk_size
     dq, dk, dv, dg = chunked_backward(
         grad_y.contiguous(),
         q,
