@@ -94,7 +94,7 @@ def test_inspect_quickstart_writes_report_and_inductor_cpp(tmp_path, capsys):
 
 
 def test_explain_lists_each_site_and_logs_decisions(script):
-    env = {**os.environ, "TORCH_LOGS": "+retention_compile"}
+    env = {**os.environ, "TORCH_LOGS": "+retention_compile", "TORCH_TRACE": str(script.parent / "trace")}
     proc = subprocess.run(
         [sys.executable, "-m", "retention_compile", "explain", str(script), "--", "12"],
         capture_output=True,
@@ -115,6 +115,9 @@ def test_explain_lists_each_site_and_logs_decisions(script):
     assert "site 0 at" in proc.stderr and ": rewritten -> causal retention" in proc.stderr
     assert "site 2 at" in proc.stderr and ": kept -> kept as SDPA" in proc.stderr
     assert "site 0 plan: chunk" in proc.stderr and "balance (graph" in proc.stderr
+    # and the whole report as a structured-trace artifact (tlparse)
+    traces = [p.read_text() for p in (script.parent / "trace").iterdir()]
+    assert any('"name": "retention_report"' in t and "three_sites.py" in t for t in traces)
 
 
 def test_explain_module_function_json_shows_why_sites_are_kept(script, monkeypatch, capsys):
