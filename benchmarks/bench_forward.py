@@ -1,17 +1,21 @@
 """Forward time of the Triton power-retention kernels against SDPA (flash), Manifest's ``retention`` 1.0.7 and
 fla's ``chunk_simple_gla`` (issue 5): b=1, h=8, d=64, deg=2, bf16, causal, gated and ungated.
 
-    python benchmarks/bench_forward.py [--out DIR] [--T 1024 2048 ...] [--sweep] [--commit SHA]
+    python benchmarks/bench_forward.py [--out DIR] [--T 1024 2048 ...] [--tune 65536] [--competitors T ...]
 
-Times are medians of ``triton.testing.do_bench`` (warmup 25 ms, rep 100 ms). "ours" is ``triton_forward`` called
-eagerly with the Plan that ``planning.plan`` picks for the shape (Python launch overhead included, as SDPA's is);
-"ours graph" replays the same call from a CUDA graph (launch overhead removed, as inside a compiled model with
-CUDA graphs). ``--sweep`` also times a grid of chunk sizes, row tiles and segment counts and reports the best
-("ours best"), with the plan. Achieved rate: FLOP the kernels execute (tiled state, see ``executed_flops``) over
-time, as a fraction of a bf16 matmul measured in the same run. Competitors run when importable (carry them as
-wheels: ../shared/tools/gpu-wheels.sh); a failure is recorded, not fatal.
+Times are medians of ``triton.testing.do_bench`` (warmup 25 ms, rep 100 ms). "ours" is ``triton_forward`` run
+eagerly as the body of a ``triton_op`` runs it (kernels launched directly, Python overhead included, as SDPA's
+is), with the Plan that ``planning.plan`` picks for the shape; "ours graph" replays the same call from a CUDA
+graph (no launch overhead, as in a compiled model with CUDA graphs). ``--tune T`` first times, gated at length T,
+the kernel variants of the chunked query kernel, two chunk sizes and several segment counts, keeps the fastest
+variant for the whole run and reports the fastest configuration as "ours best" with a per-kernel breakdown.
+Achieved rate: FLOP the kernels execute (tiled state, see ``executed_flops``) over the fastest time, as a
+fraction of a bf16 matmul measured in the same run. Competitors run at ``--competitors`` lengths when importable
+(carry them as wheels: ../shared/tools/gpu-wheels.sh); a failure is recorded, not fatal. A cProfile of eager
+calls at T=2048 is printed first.
 
-Writes ``forward_<gpu>_<date>.json`` and ``forward_<gpu>_<date>.png`` (time vs T, log-log) under ``--out``.
+Writes ``forward_<gpu>_<date>.json`` (after every row) and ``forward_<gpu>_<date>.png`` (time vs T, log-log)
+under ``--out``.
 """
 
 from __future__ import annotations
@@ -34,14 +38,19 @@ import triton
 from triton.testing import do_bench
 
 from retention_compile import hardware, planning
-from retention_compile.codegen.triton_forward import kernel_spec, triton_forward
+from retention_compile.codegen import forward
+from retention_compile.codegen.forward import kernel_spec, triton_forward
 
 B, H, D = 1, 8, 64
 LENGTHS = (1024, 2048, 4096, 8192, 12345, 16384, 32768, 65529, 65536)
-SWEEP_CHUNKS = (512, 1024)
-SWEEP_ROWS = (64, 128)
-SWEEP_SEGMENTS = (None, 1, 2, 4, 8, 16)  # None: the default (STATE_WAVES programs per SM)
-MAX_QUADRATIC_SWEEP = 16384
+VARIANTS = (  # chunked query kernel: state product orientation and warps (see codegen/forward.py)
+    {"QUERY_TRANSPOSED": False, "CHUNK_QUERY_WARPS": 8},
+    {"QUERY_TRANSPOSED": True, "CHUNK_QUERY_WARPS": 8},
+    {"QUERY_TRANSPOSED": True, "CHUNK_QUERY_WARPS": 4},
+)
+TUNE_CHUNKS = (1024, 2048)
+TUNE_SEGMENTS = (4, 8, 16)  # besides the default (STATE_WAVES programs per SM)
+COMPETITOR_LENGTHS = (2048, 8192, 32768, 65536)
 
 
 def bench_ms(fn: Callable[[], object]) -> float:
@@ -94,11 +103,15 @@ def inputs(T: int, gated: bool) -> dict[str, torch.Tensor | None]:
 
 
 def ours(x: dict, plan: planning.Plan, segments: int | None = None) -> Callable[[], object]:
+    """``triton_forward`` as a ``triton_op`` body runs it eagerly: kernels launched directly, not through the HOP."""
+    from torch._library.triton import set_wrap_triton_enabled
+
     def run() -> object:
-        return triton_forward(
-            x["q"], x["k"], x["v"], scale=D**-0.5, deg=2, log_gate=x["gate"], causal=True, valid=None, plan=plan,
-            segments=segments,
-        )  # fmt: skip
+        with set_wrap_triton_enabled(False):
+            return triton_forward(
+                x["q"], x["k"], x["v"], scale=D**-0.5, deg=2, log_gate=x["gate"], causal=True, valid=None,
+                plan=plan, segments=segments,
+            )  # fmt: skip
 
     return run
 
@@ -155,23 +168,37 @@ def timed(fn_maker: Callable[[], Callable[[], object]]) -> tuple[float | None, s
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
-def sweep(x: dict, T: int, gated: bool, base: planning.Plan) -> list[dict]:
-    """Time a grid of plans (and segment counts for the best chunked one); entries sorted by time."""
-    q = x["q"]
-    results = []
-    plans = [replace(base, chunk_size=c, block_t=bt) for c in SWEEP_CHUNKS if c < T for bt in SWEEP_ROWS]
-    if T <= MAX_QUADRATIC_SWEEP:
-        plans += [replace(base, chunk_size=1 << 30, block_t=bt, num_warps=w) for bt in SWEEP_ROWS for w in (4, 8)]
-    for plan in plans:
-        ms, err = timed(lambda plan=plan: ours(x, plan))
-        results.append({"plan": asdict(plan) | {"reason": ""}, "segments": None, "ms": ms, "error": err})
-    chunked = [r for r in results if r["ms"] and kernel_spec(q, q, 2, gated, False, True, T, _plan(r)).chunked]
-    if chunked:
-        best = min(chunked, key=lambda r: r["ms"])
-        for segments in SWEEP_SEGMENTS[1:]:
-            ms, err = timed(lambda s=segments: ours(x, _plan(best), s))
-            results.append({"plan": best["plan"], "segments": segments, "ms": ms, "error": err})
-    return sorted(results, key=lambda r: r["ms"] if r["ms"] is not None else math.inf)
+def tune(x: dict, T: int, gated: bool, base: planning.Plan) -> list[dict]:
+    """Kernel variants (``codegen.forward`` constants), then chunk sizes and segment counts for the best.
+
+    Entries sorted by time; the fastest variant is left set for the rest of the run.
+    """
+    plan = replace(base, chunk_size=TUNE_CHUNKS[0], block_t=128, block_e=64, reason="")
+    entries = []
+    for variant in VARIANTS:
+        _set_variant(variant)
+        ms, err = timed(lambda: ours(x, plan))
+        entries.append({"variant": variant, "plan": asdict(plan), "segments": None, "ms": ms, "error": err})
+    best = min(entries, key=_ms)
+    _set_variant(best["variant"])
+    for chunk in TUNE_CHUNKS[1:]:
+        other = replace(plan, chunk_size=chunk)
+        ms, err = timed(lambda other=other: ours(x, other))
+        entries.append({"variant": best["variant"], "plan": asdict(other), "segments": None, "ms": ms, "error": err})
+    best = min(entries, key=_ms)
+    for segments in TUNE_SEGMENTS:
+        ms, err = timed(lambda s=segments: ours(x, _plan(best), s))
+        entries.append({"variant": best["variant"], "plan": best["plan"], "segments": segments, "ms": ms, "error": err})
+    return sorted(entries, key=_ms)
+
+
+def _ms(entry: dict) -> float:
+    return entry["ms"] if entry["ms"] is not None else math.inf
+
+
+def _set_variant(variant: dict) -> None:
+    for name, value in variant.items():
+        setattr(forward, name, value)
 
 
 def _plan(entry: dict) -> planning.Plan:
@@ -232,88 +259,104 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def measure(
-    T: int, gated: bool, spec: hardware.GpuSpec, ceilings: dict, do_sweep: bool, competitors: bool
-) -> tuple[dict, list[dict]]:
-    """One table row (and the sweep's entries when asked) for length T."""
+def measure(T: int, gated: bool, spec: hardware.GpuSpec, ceilings: dict, tuned: dict | None, competitors: bool) -> dict:
+    """One table row: ours with the planner's Plan (eager and graph-replayed), the tuned plan when given
+    (with its per-kernel breakdown), SDPA flash and the competitors."""
     x = inputs(T, gated)
     plan = planning.plan(spec, T=T, d=D, e=D, deg=2, dtype=torch.bfloat16, gated=gated, batch_heads=B * H)
     row: dict = {"T": T, "gated": gated, "plan": asdict(plan), "errors": {}}
-    row["ours"], err = timed(lambda: ours(x, plan))
-    row["ours_graph"], err_graph = timed(lambda: graphed(ours(x, plan)))
-    for name, error in (("ours", err), ("ours_graph", err_graph)):
+    makers = {"ours": lambda: ours(x, plan), "ours_graph": lambda: graphed(ours(x, plan)), "sdpa": lambda: sdpa(x)}
+    if tuned is not None:
+        best = _plan(tuned)
+        makers["ours_best"] = lambda: ours(x, best, tuned["segments"])
+        row["best_plan"] = tuned["plan"] | {"segments": tuned["segments"], "variant": tuned["variant"]}
+        row["breakdown"] = breakdown(x, best, tuned["segments"])
+    if competitors:
+        makers.update(manifest=lambda: manifest(x), fla=lambda: fla(x))
+    for name, maker in makers.items():
+        row[name], error = timed(maker)
         if error:
             row["errors"][name] = error
-    chosen, found = plan, []
-    if do_sweep:
-        found = sweep(x, T, gated, plan)
-        if found and found[0]["ms"] is not None:
-            best = found[0]
-            row["ours_best"] = best["ms"]
-            row["best_plan"] = best["plan"] | {"segments": best["segments"]}
-            chosen = _plan(best)
-            row["breakdown"] = breakdown(x, chosen, best["segments"])
-    row["sdpa"], _ = timed(lambda: sdpa(x))
-    if competitors:
-        for name, maker in (("manifest", manifest), ("fla", fla)):
-            row[name], error = timed(lambda maker=maker: maker(x))
-            if error:
-                row["errors"][name] = error
-    timings = [(row.get("ours"), plan), (row.get("ours_graph"), plan), (row.get("ours_best"), chosen)]
+    timings = [(row.get("ours"), plan), (row.get("ours_graph"), plan)]
+    if tuned is not None:
+        timings.append((row.get("ours_best"), _plan(tuned)))
     measured = [(t, p) for t, p in timings if t]
     if measured:
         fastest, fastest_plan = min(measured, key=lambda tp: tp[0])
         row["executed_tflops"] = executed_flops(T, fastest_plan, gated) / (fastest * 1e-3) / 1e12
         row["fraction_of_matmul"] = row["executed_tflops"] / ceilings["matmul_bf16_tflops"]
-    return row, found
+    return row
+
+
+def eager_overhead_profile(T: int = 2048, calls: int = 300) -> str:
+    """cProfile of eager calls (the planner's Plan, ungated): where the host time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    x = inputs(T, False)
+    plan = planning.plan(hardware.detect(), T=T, d=D, e=D, deg=2, dtype=torch.bfloat16, batch_heads=B * H)
+    run = ours(x, plan)
+    run()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        run()
+    profiler.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(15)
+    return text.getvalue()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--T", type=int, nargs="+", default=list(LENGTHS))
-    parser.add_argument("--sweep", type=int, nargs="*", default=[], help="lengths at which to sweep plans")
-    parser.add_argument("--no-competitors", action="store_true")
+    parser.add_argument("--tune", type=int, default=65536, help="length at which to tune (0: none), gated")
+    parser.add_argument("--competitors", type=int, nargs="*", default=list(COMPETITOR_LENGTHS))
     parser.add_argument("--commit", default=None)
     args = parser.parse_args()
-    commit = (
-        args.commit
-        or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-    )
+    git = ["git", "rev-parse", "--short", "HEAD"]
+    commit = args.commit or subprocess.run(git, capture_output=True, text=True, check=False).stdout.strip()
     spec = hardware.detect()
-    ceilings = {"matmul_bf16_tflops": matmul_tflops(), "copy_gbs": copy_gbs()}
-    print(f"ceilings: bf16 matmul {ceilings['matmul_bf16_tflops']:.0f} TFLOP/s, copy {ceilings['copy_gbs']:.0f} GB/s")
-    rows, sweeps = [], {}
-    for gated in (False, True):
-        for T in args.T:
-            row, found = measure(T, gated, spec, ceilings, T in args.sweep, not args.no_competitors)
-            rows.append(row)
-            if found:
-                sweeps[f"{T}-{'gated' if gated else 'ungated'}"] = found
-            torch.cuda.empty_cache()
-            print(_line(row), flush=True)
-    stamp = datetime.date.today().isoformat()
     gpu = torch.cuda.get_device_name().replace(" ", "-")
     args.out.mkdir(parents=True, exist_ok=True)
-    base = args.out / f"forward_{gpu}_{stamp}"
+    base = args.out / f"forward_{gpu}_{datetime.date.today().isoformat()}"
     record = {
         "command": " ".join([sys.executable, *sys.argv]),
         "commit": commit,
         "versions": versions(),
         "shape": {"B": B, "H": H, "d": D, "deg": 2, "dtype": "bfloat16", "causal": True},
-        "ceilings": ceilings,
-        "rows": rows,
-        "sweeps": sweeps,
+        "ceilings": {"matmul_bf16_tflops": matmul_tflops(), "copy_gbs": copy_gbs()},
+        "rows": [],
     }
-    base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
+    ceilings = record["ceilings"]
+    print(f"ceilings: bf16 matmul {ceilings['matmul_bf16_tflops']:.0f} TFLOP/s, copy {ceilings['copy_gbs']:.0f} GB/s")
+    print(eager_overhead_profile(), flush=True)
+    tuned = None
+    if args.tune:
+        x = inputs(args.tune, True)
+        plan = planning.plan(spec, T=args.tune, d=D, e=D, deg=2, dtype=torch.bfloat16, gated=True, batch_heads=B * H)
+        record["tuning"] = entries = tune(x, args.tune, True, plan)
+        tuned = entries[0]
+        del x
+        for entry in entries:
+            print(f"tune T={args.tune}: {_fmt(entry['ms'])} ms {entry['variant']} C={entry['plan']['chunk_size']} "
+                  f"segments={entry['segments']} {entry['error'] or ''}", flush=True)  # fmt: skip
+    for gated in (False, True):
+        for T in args.T:
+            row = measure(T, gated, spec, ceilings, tuned if args.tune == T else None, T in args.competitors)
+            record["rows"].append(row)
+            base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
+            torch.cuda.empty_cache()
+            print(_line(row), flush=True)
     try:
-        plot(rows, base.with_suffix(".png"))
-    except Exception:
+        plot(record["rows"], base.with_suffix(".png"))
+    except Exception:  # the numbers are in the JSON already
         traceback.print_exc()
     print(f"\n{_header()}")
-    for row in rows:
+    for row in record["rows"]:
         print(_line(row))
     print(f"wrote {base}.json/.png")
 

@@ -21,8 +21,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from retention_compile.codegen import triton_source  # noqa: E402
-from retention_compile.codegen.triton_forward import kernel_spec, triton_forward, triton_supports  # noqa: E402
+from retention_compile.codegen import forward, triton_source  # noqa: E402
+from retention_compile.codegen.forward import kernel_spec, triton_forward, triton_supports  # noqa: E402
 from retention_compile.codegen.triton_source import KernelSpec, load_forward, render_forward  # noqa: E402
 from retention_compile.planning import Plan  # noqa: E402
 from retention_compile.reference import power_retention_reference  # noqa: E402
@@ -95,10 +95,18 @@ def denominator_error(chunk: int) -> float:
     return float(((den[0, 0].double() - expected).abs() / expected).max())
 
 
+QUERY_T_CASES = ("chunked-gate-valid-segments", "chunked-decode", "chunked-noncausal", "chunked-d48")
+
+
 def _interpreted() -> dict[str, float]:
-    """Every kernel case in the interpreter: {case name: relative error} (run as a script, see the docstring)."""
+    """Every kernel case in the interpreter: {case name: relative error} (run as a script, see the docstring).
+
+    The cases in ``QUERY_T_CASES`` run again with the query kernel's transposed state product.
+    """
     results = {name: run_case(case) for name, case in CASES}
     results.update({f"denominator-chunk{c}": denominator_error(c) for c in (16, 1024)})
+    forward.QUERY_TRANSPOSED = not forward.QUERY_TRANSPOSED
+    results.update({f"{name}-query-t": run_case(dict(CASES)[name]) for name in QUERY_T_CASES})
     return results
 
 
@@ -111,7 +119,10 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", [n for n, _ in CASES] + ["denominator-chunk16", "denominator-chunk1024"])
+@pytest.mark.parametrize(
+    "name",
+    [n for n, _ in CASES] + ["denominator-chunk16", "denominator-chunk1024"] + [f"{n}-query-t" for n in QUERY_T_CASES],
+)
 def test_kernels_match_oracle(interpreted: dict[str, float], name: str) -> None:
     assert interpreted[name] < 1e-5, f"{name}: relative error {interpreted[name]:.2e}"
 

@@ -4,6 +4,6 @@ triton_forward(q, k, v, *, scale, deg, log_gate, causal, valid, plan) -> (y, den
 triton_supports(q, k, v, deg, log_gate, valid, causal) -> None | reason              whether it serves a call
 """
 
-from .triton_forward import triton_forward, triton_supports
+from .forward import triton_forward, triton_supports
 
 __all__ = ["triton_forward", "triton_supports"]

@@ -58,12 +58,14 @@ QUADRATIC_BLOCK_K = 64  # keys per step of the attention loop
 STATE_BLOCK_S = 64  # keys per step of the state kernel: its phi tile (64 x 256) and S tile fit in registers
 MAX_BLOCK_FEATURE = 16  # b^2 = 256 features per state tile keeps the fp32 tile in registers
 MIN_BLOCK_FEATURE = 16  # tl.dot needs every dimension >= 16 (the M_IJ block is b x b)
+MIN_BLOCK_E = 64  # narrower value blocks would recompute phi(q), the scores and phi(k) once per block
 STATE_WAVES = 4  # the state kernel aims at this many programs per SM when choosing the segment count
 # Warps per program, from ptxas' reports for sm_90 (triton 3.6): the state kernel (S tile 256 x 64 fp32, phi
 # tile 64 x 256) and the chunked query kernel (acc, phi 128 x 256, q blocks) spill at 4 warps, not at 8.
 STATE_WARPS = 8
 CHUNK_QUERY_WARPS = 8
 SCAN_WARPS = 4
+QUERY_TRANSPOSED = False  # the chunked query kernel's state product as acc^T += S^T phi(q)^T (see the template)
 MAX_GRID_Z = 65535
 
 
@@ -119,11 +121,13 @@ def kernel_spec(
     q: torch.Tensor, v: torch.Tensor, deg: int, gated: bool, has_valid: bool, causal: bool, kv_len: int, plan: Plan
 ) -> KernelSpec:
     """The shape class of one call: the chunked path when deg is 2, the chunk is shorter than the keys and d
-    tiles; otherwise the quadratic kernel. Tiles come from the Plan, clamped to powers of 2 the kernels take."""
+    tiles; otherwise the quadratic kernel. Tiles come from the Plan, clamped to what the kernels take: powers of 2,
+    b = 16, query rows 16..128, value blocks of at least min(e, 64) columns."""
     d, e = _hint(q.shape[-1]), _hint(v.shape[-1])
     block_feature = _block_feature(d, plan)
     chunked = deg == 2 and plan.chunk_size < kv_len and block_feature is not None
-    block_e = min(max(16, plan.block_e), max(16, 1 << (e - 1).bit_length()))
+    e_pad = max(16, 1 << (e - 1).bit_length())
+    block_e = min(max(plan.block_e, MIN_BLOCK_E), e_pad)
     block_t = min(max(16, plan.block_t), 128)
     chunk = 1 << max(plan.chunk_size - 1, 0).bit_length()
     return KernelSpec(
@@ -141,6 +145,7 @@ def kernel_spec(
         block_s=STATE_BLOCK_S if chunked else 0,
         block_e=block_e,
         block_feature=block_feature if chunked else 0,
+        query_t=chunked and QUERY_TRANSPOSED,
     )
 
 

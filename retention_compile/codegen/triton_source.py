@@ -54,6 +54,7 @@ class KernelSpec:
     block_s:        keys per step of the state kernel.
     block_e:        value columns per program.
     block_feature:  coordinate-block size b of the state tiles (b x b features per pair of blocks).
+    query_t:        the query kernel forms its state product transposed (acc^T += S^T phi(q)^T).
     """
 
     dtype: str
@@ -70,6 +71,7 @@ class KernelSpec:
     block_s: int
     block_e: int
     block_feature: int
+    query_t: bool = False
 
     def template_params(self) -> dict[str, object]:
         """The template's variables: the spec plus the derived literals."""

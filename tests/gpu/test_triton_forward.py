@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from retention_compile.codegen.triton_forward import kernel_spec, triton_forward, triton_supports
+from retention_compile.codegen.forward import kernel_spec, triton_forward, triton_supports
 from retention_compile.planning import Plan
 from retention_compile.reference import power_retention_reference
 
