@@ -78,10 +78,15 @@ class KernelRecord:
         shapes = " ".join(f"{k[0]} {tuple(meta.pop(k))}" for k in ("q_shape", "k_shape", "v_shape") if k in meta)
         if shapes:
             lines.append(f"shape: {shapes}")
-        plan = meta.pop("plan", None)
-        if plan is not None:
-            lines.append(f"plan: {_plain(plan)}")
-        lines.append(f"gpu: {_plain(meta.pop('gpu', 'not stated'))}")
+        plan = _plain(meta.pop("plan", None))
+        if isinstance(plan, dict):
+            reason = plan.pop("reason", "")
+            lines.append("plan: " + " ".join(f"{k}={v}" for k, v in plan.items()))
+            if reason:
+                lines.append(f"plan reason: {reason}")
+        elif plan is not None:
+            lines.append(f"plan: {plan}")
+        lines.append(f"gpu: {_describe_gpu(meta.pop('gpu', None))}")
         lines += [f"site {label}: {where}" for label, where in self.sites.items()]
         lines += [f"{key}: {_plain(value)}" for key, value in sorted(meta.items())]
         prefix = LANGUAGES[self.language][1]
@@ -116,6 +121,27 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def _describe_gpu(gpu: Any) -> str:
+    """``NVIDIA H200 (cc 9.0, 132 SMs)`` for a ``GpuSpec``; a name or arch string as it is."""
+    if gpu is None:
+        return "not stated"
+    name, cc, sms = (getattr(gpu, a, None) for a in ("name", "compute_capability", "sm_count"))
+    if name is None:
+        return str(gpu)
+    return f"{name} (cc {cc[0]}.{cc[1]}, {sms} SMs)" if cc and sms else str(name)
+
+
+def _current_gpu() -> Any:
+    """The GpuSpec of the current CUDA device, or None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from . import hardware
+
+    return hardware.detect()
+
+
 def _matching_sites(report: Report | None, meta: Mapping[str, Any]) -> dict[str, str]:
     """The rewritten sites of the graph being compiled whose q (and k, if given) shapes are the kernel's."""
     if report is None or "q_shape" not in meta:
@@ -141,14 +167,18 @@ def record_kernel(name: str, source: str, meta: Mapping[str, Any] | None = None,
         q_shape, k_shape, v_shape   tuples of ints: the shapes the kernel was specialised for (they name the
                                     file and match the kernel to the sites with these shapes)
         plan                        the ``Plan`` (or a dict) it was generated from
-        gpu                         the ``GpuSpec`` (or its name / arch string) it was made for
+        gpu                         the ``GpuSpec`` (or its name / arch string) it was made for; by default
+                                    the current CUDA device's (``hardware.detect()``)
         dtype, deg, causal, gated, path (its cache file), ...
     """
     if language not in LANGUAGES:
         raise ValueError(f"record_kernel: language must be one of {sorted(LANGUAGES)}, got {language!r}")
+    meta = dict(meta or {})
+    if meta.get("gpu") is None:
+        meta["gpu"] = _current_gpu()
     report = _compiling.get()
     graph = report.graph_indices[0] if report is not None and report.graph_indices else None
-    record = KernelRecord(name, source, language, dict(meta or {}), graph, _matching_sites(report, meta or {}))
+    record = KernelRecord(name, source, language, meta, graph, _matching_sites(report, meta))
     key = (name, record.digest)
     _KERNELS.setdefault(key, record).sites.update(record.sites)
     for cap in _captures:

@@ -174,7 +174,7 @@ def test_record_kernel_names_kernels_by_site_and_shape(tmp_path):
     text = (tmp_path / "kernels" / names[0]).read_text()
     assert text.endswith(triton_source)
     header = text[: -len(triton_source)]
-    assert "# shape: q (1, 4, 64, 16) k (1, 2, 64, 16)" in header and "# plan: {'chunk_size': 64}" in header
+    assert "# shape: q (1, 4, 64, 16) k (1, 2, 64, 16)" in header and "# plan: chunk_size=64\n" in header
     assert "# gpu: H200" in header and "# site g7s1: layers.1 at m.py:3" in header and "# deg: 2" in header
     namespace: dict = {}
     exec(compile(text, names[0], "exec"), namespace)  # the header keeps the file importable
@@ -184,3 +184,15 @@ def test_record_kernel_names_kernels_by_site_and_shape(tmp_path):
     assert any(k.name == "retention_fwd" for k in recorded_kernels())
     with pytest.raises(ValueError, match="language"):
         record_kernel("k", "", language="ptx")
+
+
+def test_kernel_header_states_plan_and_gpu_spec():
+    from retention_compile import hardware
+    from retention_compile.planning import Plan
+
+    plan = Plan(chunk_size=1024, reason="the model says so")
+    meta = {"q_shape": (2, 4, 4096, 32), "plan": plan, "gpu": hardware.KNOWN["H100-SXM"]}
+    header = KernelRecord("fwd", "pass\n", "triton", meta).header()
+    assert "# plan: chunk_size=1024 block_t=64 block_feature=16 block_e=64 num_warps=4 num_stages=2" in header
+    assert "# plan reason: the model says so\n" in header
+    assert "# gpu: NVIDIA H100 80GB HBM3 (cc 9.0, 132 SMs)\n" in header
