@@ -85,11 +85,10 @@ def test_inductor_code_launches_the_kernels(inspected):
     out, _ = inspected
     code = {p.name: p.read_text() for p in (out / "inductor").glob("*.py")}
     assert any(name.endswith("_forward.py") for name in code) and any(name.endswith("_backward.py") for name in code)
-    names = set()
+    joined = "\n".join(code.values())
     for path in (out / "kernels").glob("*.py"):
         spec = importlib.util.spec_from_file_location(f"launched_{path.stem.replace('-', '_')}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        names |= {v.fn.__name__ for v in vars(module).values() if isinstance(v, JITFunction)}
-    joined = "\n".join(code.values())
-    assert names and all(name in joined for name in names), sorted(n for n in names if n not in joined)
+        names = {v.fn.__name__ for v in vars(module).values() if isinstance(v, JITFunction)}
+        assert any(name in joined for name in names), f"none of {sorted(names)} ({path.name}) is in Inductor's code"
