@@ -1,4 +1,12 @@
-"""FX passes of the backend: find attention sites, decide, rewrite, and report each decision."""
+"""FX passes of the backend: find attention sites, prove masks, decide, rewrite, and report each decision.
+
+multihead  lower ``nn.MultiheadAttention``'s opaque call to an SDPA call (or report why not)
+sites      SDPA calls, their arguments by name
+patterns   hand-written softmax attention; repeated kv heads (folded into GQA)
+masks      what a mask means (index terms evaluated, padding, ALiBi), on ``grids`` and ``fxutils``
+decide     the policy of DESIGN.md section 2
+rewrite    the op inserted in place of the site
+"""
 
 from __future__ import annotations
 
@@ -6,11 +14,14 @@ from torch import fx
 
 from ..config import RetentionConfig
 from ..report import Report, SiteRecord
-from .decide import Decision, RetentionRewriteError, decide_sdpa
+from .decide import Decision, RetentionRewriteError, decide
+from .masks import MaskAnalyser
+from .multihead import lower_multihead
+from .patterns import find_handwritten
 from .rewrite import replace_with_retention
 from .sites import AttentionSite, find_sdpa_sites
 
-__all__ = ["Decision", "RetentionRewriteError", "rewrite_attention"]
+__all__ = ["AttentionSite", "Decision", "RetentionRewriteError", "find_sites", "rewrite_attention"]
 
 
 def _record(graph_index: int, index: int, site: AttentionSite, decision: Decision) -> SiteRecord:
@@ -26,24 +37,40 @@ def _record(graph_index: int, index: int, site: AttentionSite, decision: Decisio
         decision="rewritten" if decision.rewrite else "kept",
         becomes=decision.mapping,
         reason=decision.reason,
-        notes=list(decision.notes),
+        notes=[f"{site.kind} attention", *decision.notes] if site.kind != "sdpa" else list(decision.notes),
+        mask=decision.mask.summary() if decision.mask is not None else "",
     )
 
 
+def find_sites(gm: fx.GraphModule, analyser: MaskAnalyser) -> list[AttentionSite]:
+    """Every attention site of the graph in graph order (``nn.MultiheadAttention`` calls lowered first)."""
+    kept = lower_multihead(gm.graph)
+    sites = kept + find_sdpa_sites(gm.graph) + list(find_handwritten(gm.graph, analyser.evaluator))
+    order = {node: position for position, node in enumerate(gm.graph.nodes)}
+    return sorted(sites, key=lambda site: order[site.node])
+
+
 def rewrite_attention(gm: fx.GraphModule, config: RetentionConfig, graph_index: int = 0) -> Report:
-    """Rewrite every attention site of ``gm`` that the config allows; return the per-site report."""
-    report = Report(graphs=1)
-    for index, site in enumerate(find_sdpa_sites(gm.graph)):
-        decision = decide_sdpa(site, config)
-        record = _record(graph_index, index, site, decision)
+    """Rewrite every attention site of ``gm`` that the config allows; return the per-site report.
+
+    Every site is decided on the untouched graph, then the rewritten ones are replaced last to first: a
+    site never reads a node created after it, so none of its nodes is replaced before it is rewritten.
+    """
+    analyser = MaskAnalyser(gm)
+    sites = find_sites(gm, analyser)
+    decisions = [decide(site, config, analyser) for site in sites]
+    records = [_record(graph_index, index, s, d) for index, (s, d) in enumerate(zip(sites, decisions))]
+    for record, decision in zip(records, decisions):
         if not decision.rewrite and config.strict:
             raise RetentionRewriteError(
-                f"retention (strict): attention site {index} at {record.location} ({record.module or 'top level'}) "
-                f"cannot be rewritten: {decision.reason}. Use strict=False to keep it as SDPA."
+                f"retention (strict): attention site {record.site} at {record.location} "
+                f"({record.module or 'top level'}) cannot be rewritten: {decision.reason}. "
+                "Use strict=False to keep it as SDPA."
             )
-        if decision.rewrite:
-            replace_with_retention(gm.graph, site, decision, config)
-        report.sites.append(record)
+    for index in reversed(range(len(sites))):
+        if decisions[index].rewrite:
+            output = replace_with_retention(gm.graph, sites[index], decisions[index], config)
+            output.meta.update(retention_site=sites[index], retention_index=index)
     gm.graph.lint()
     gm.recompile()
-    return report
+    return Report(sites=records, graphs=1)

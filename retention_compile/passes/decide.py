@@ -1,8 +1,9 @@
 """Decide what each attention site becomes, by the policies of DESIGN.md section 2.
 
-The decision is made from what is certain about the call: ``is_causal``, the absence of a mask, the
-shapes (symbolic sizes are compared only when the comparison is provable), ``dropout_p`` and the config.
-Anything else keeps the site as SDPA, with the reason.
+The decision is made from what is certain about the call: ``is_causal``, the mask as proven by
+``masks.MaskAnalyser`` (causal, sliding window, full, padding, ALiBi), the shapes (symbolic sizes are
+compared only when the comparison is provable), ``dropout_p`` and the config. Anything else keeps the
+site as SDPA (or as the hand-written code it is), with the reason.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..config import RetentionConfig
+from .masks import MaskAnalyser, MaskAnalysis
+from .patterns import unrepeat_kv
 from .sites import AttentionSite, example_value
 
 KEPT = "kept as SDPA"
@@ -27,14 +30,14 @@ class RetentionRewriteError(RuntimeError):
 class Decision:
     """What one site becomes.
 
-    rewrite:     replace the SDPA call by power retention.
+    rewrite:     replace the attention by power retention.
     mapping:     a short name of the result ("causal retention", "non-causal retention", ...).
     reason:      why, in words a user can act on.
     causal:      causal (bottom-right aligned) retention, else non-causal.
     key_prefix:  use only the first Tq keys (SDPA's top-left aligned ``is_causal`` with Tq < Tk).
-    valid:       graph node of a (B, Tk) bool key-validity mask, when padding was proven.
-    log_gate:    graph node of a (B, H, Tk) log-gate (ALiBi), when one was derived.
-    notes:       things the user should know (dropout ignored, ...).
+    mask:        the proven mask (padding terms -> ``valid``, ALiBi slopes -> the log-gate, buffer checks).
+    key, value:  the kv tensors the op reads when a repeat of kv heads was folded (None: the site's own).
+    notes:       things the user should know (dropout ignored, GQA folded, window ignored, ...).
     """
 
     rewrite: bool
@@ -42,19 +45,24 @@ class Decision:
     reason: str
     causal: bool = True
     key_prefix: bool = False
-    valid: fx.Node | None = None
-    log_gate: fx.Node | None = None
+    mask: MaskAnalysis | None = None
+    key: fx.Node | None = None
+    value: fx.Node | None = None
     notes: list[str] = field(default_factory=list)
 
 
-def keep(reason: str) -> Decision:
-    return Decision(rewrite=False, mapping=KEPT, reason=reason)
+def keep(reason: str, mask: MaskAnalysis | None = None) -> Decision:
+    return Decision(rewrite=False, mapping=KEPT, reason=reason, mask=mask)
 
 
 def _constant(value: object, name: str) -> Decision | None:
     if isinstance(value, fx.Node):
         return keep(f"{name} is computed at run time ({value.name}); retention needs it known at compile time")
     return None
+
+
+def _dropout(value: float | fx.Node) -> str:
+    return f"dropout_p computed at run time ({value.name})" if isinstance(value, fx.Node) else f"dropout_p={value}"
 
 
 def _check_operands(site: AttentionSite) -> Decision | None:
@@ -64,36 +72,82 @@ def _check_operands(site: AttentionSite) -> Decision | None:
         return keep(f"operands are not tensors with known shapes ({error})")
     if not (q.dim() == k.dim() == v.dim() == 4):
         return keep(f"operands have {q.dim()}/{k.dim()}/{v.dim()} dims; retention needs (B, H, T, d) tensors")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        return keep(f"dtype {q.dtype} is not supported by power retention")
-    if not statically_known_true(q.shape[0] == k.shape[0]):
-        return keep(f"batch sizes differ or broadcast (q {q.shape[0]}, k {k.shape[0]})")
+    if any(t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64) for t in (q, k, v)):
+        return keep(f"dtypes {q.dtype}/{k.dtype}/{v.dtype} are not supported by power retention")
+    if not statically_known_true(q.shape[0] == k.shape[0]) or not statically_known_true(k.shape[0] == v.shape[0]):
+        return keep(f"batch sizes differ or broadcast (q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]})")
+    if not statically_known_true(k.shape[1] == v.shape[1]):
+        return keep(f"k and v have different head counts ({k.shape[1]}, {v.shape[1]})")
     hq, hk = q.shape[1], k.shape[1]
     if not statically_known_true(hq % hk == 0):
         return keep(f"query heads ({hq}) are not a multiple of kv heads ({hk})")
     return None
 
 
-def decide_sdpa(site: AttentionSite, config: RetentionConfig) -> Decision:
-    """The decision for one SDPA site whose meaning is certain without mask analysis."""
-    for value, name in ((site.is_causal, "is_causal"), (site.dropout_p, "dropout_p"), (site.scale, "scale")):
-        found = _constant(value, name)
-        if found:
-            return found
-    found = _check_operands(site)
+def _fold_kv(site: AttentionSite, decision: Decision) -> None:
+    """Give the op the kv tensors before a repeat of their heads (never materialise the repeat)."""
+    key, value = unrepeat_kv(site.key), unrepeat_kv(site.value)
+    if key is None or value is None:
+        return
+    (k_source, k_times, form), (v_source, v_times, _) = key, value
+    if not statically_known_true(k_times == v_times):
+        return
+    decision.key, decision.value = k_source, v_source
+    decision.notes.append(f"GQA: {form} x{k_times} folded into the op's grouped heads")
+
+
+def decide(site: AttentionSite, config: RetentionConfig, analyser: MaskAnalyser) -> Decision:
+    """The decision for one site."""
+    if site.unsupported:
+        return keep(site.unsupported)
+    found = _constant(site.is_causal, "is_causal") or _check_operands(site)
     if found:
         return found
     notes = []
-    if site.dropout_p > 0:
+    if isinstance(site.dropout_p, fx.Node) or site.dropout_p > 0:
         if config.dropout == "keep":
-            return keep(f"dropout_p={site.dropout_p} and RetentionConfig(dropout='keep')")
-        notes.append(f"dropout_p={site.dropout_p} ignored: retention has no attention matrix to drop")
-    if site.attn_mask is not None:
-        decision = keep("an attn_mask is given and its meaning could not be proven")
-    else:
-        decision = _decide_unmasked(site, config)
+            return keep(f"{_dropout(site.dropout_p)} and RetentionConfig(dropout='keep')")
+        notes.append(f"{_dropout(site.dropout_p)} ignored: retention has no attention matrix to drop")
+    decision = _decide_masked(site, config, analyser.analyse(site)) if site.parts else _decide_unmasked(site, config)
     decision.notes = notes + decision.notes
+    if decision.rewrite:
+        _fold_kv(site, decision)
     return decision
+
+
+def _decide_masked(site: AttentionSite, config: RetentionConfig, mask: MaskAnalysis) -> Decision:
+    """Causal, sliding-window or full mask, with padding and an ALiBi bias, as proven by the analysis."""
+    if mask.unknown:
+        given = "attn_mask" if site.attn_mask is not None else "mask"
+        return keep(f"the {given} could not be proven: {mask.unknown}", mask)
+    grid, notes = mask.grid, []
+    if grid.causal:
+        causal, what = True, "causal mask"
+    elif grid.window is not None:
+        if config.sliding_window == "keep":
+            return keep(f"sliding-window mask ({grid.window} keys) and RetentionConfig(sliding_window='keep')", mask)
+        causal, what = True, f"sliding-window mask ({grid.window} keys)"
+        notes.append(f"the window of {grid.window} keys is dropped: full causal retention (sliding_window='full')")
+    elif config.non_causal == "keep":
+        return keep("the mask admits every query-key pair (non-causal) and RetentionConfig(non_causal='keep')", mask)
+    else:
+        causal, what = False, "mask admitting every query-key pair"
+    mapping = "causal retention" if causal else "non-causal retention"
+    if mask.slopes is not None:
+        if config.gate != "alibi":
+            return keep(f"{mask.slopes.describe()} bias found; RetentionConfig(gate='alibi') maps it to a gate", mask)
+        if not causal:
+            return keep(f"{mask.slopes.describe()} bias on a non-causal mask: gating is causal only", mask)
+        mapping = "causal retention with ALiBi gate"
+        notes.append(f"{mask.slopes.describe()} -> constant per-head log-gate -m_h")
+    if mask.padding:
+        notes.append("key padding -> valid (" + ", ".join(t.node.name for t in mask.padding) + ")")
+    if mask.checks or mask.biases:
+        names = ", ".join(t.node.name for t in [*mask.checks, *mask.biases])
+        notes.append(f"mask read from module buffers ({names}): checked again at run time")
+    where = "static shapes" if len(mask.sizes) == 1 and not mask.sizes[0].values else f"{len(mask.sizes)} sizes"
+    reason = f"{what} proven by evaluation on the index grid ({where})"
+    return Decision(True, mapping, reason, causal=causal, mask=mask, notes=notes)
 
 
 def _decide_unmasked(site: AttentionSite, config: RetentionConfig) -> Decision:
@@ -112,7 +166,7 @@ def _decide_unmasked(site: AttentionSite, config: RetentionConfig) -> Decision:
         return keep(
             f"is_causal=True with Tq ({tq}) > Tk ({tk}) or not provably <=: top-left alignment leaves rows empty"
         )
-    if tq == 1 and config.rewrite_decode:
+    if statically_known_true(tq == 1) and config.rewrite_decode:
         return Decision(
             True,
             "decode step (causal, bottom-right)",

@@ -1,4 +1,17 @@
-"""Replace one SDPA node by the ``retention_compile::power_retention`` op."""
+"""Replace one attention site by the ``retention_compile::power_retention`` op.
+
+Inserted before the site's output node:
+
+    q        the site's query, times the run-time scale factors (``(c s q . k)^p = ((c q) . (s k))^p``)
+    k, v     the site's (or the folded ones of a kv-head repeat), cast to q's dtype; the first Tq keys
+             for SDPA's top-left ``is_causal`` with Tq < Tk
+    valid    the conjunction of the padding terms, each read at head 0 and query 0 (they are constant
+             along those axes) and broadcast to (B, Tk)
+    log_gate the constant ``-m_h`` of ALiBi slopes, broadcast to (B, Hq, Tk)
+    checks   for masks read from module buffers: ``_assert_async`` that the mask is still the proven grid
+
+and the op's output (cast to the site's output dtype) replaces the site's output.
+"""
 
 from __future__ import annotations
 
@@ -10,49 +23,146 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import guard_int
 
 from ..config import RetentionConfig
+from . import grids
 from .decide import Decision
+from .masks import MaskAnalysis, Term
 from .sites import AttentionSite, example_value
+
+Size = int | fx.Node
 
 
 def site_scale(site: AttentionSite) -> float:
-    """SDPA's scale: the one given, else ``1/sqrt(d)`` (the head dim is fixed by a guard if symbolic)."""
+    """The scale of the scores: the one given, else SDPA's ``1/sqrt(d)`` (d fixed by a guard if symbolic)."""
     if site.scale is not None:
         return float(site.scale)
     head_dim = example_value(site.query).shape[-1]
     return 1.0 / math.sqrt(guard_int(head_dim) if isinstance(head_dim, torch.SymInt) else head_dim)
 
 
-def _first_keys(graph: fx.Graph, tensor: fx.Node, query: fx.Node) -> fx.Node:
-    """``tensor[:, :, :Tq]`` with Tq read from the query at run time."""
-    q_len = example_value(query).shape[2]
-    length = graph.call_method("size", (query, 2)) if isinstance(q_len, torch.SymInt) else int(q_len)
-    return graph.call_function(operator.getitem, (tensor, (slice(None), slice(None), slice(None, length))))
+class _Builder:
+    """Inserts the op's inputs before the site's output node."""
+
+    def __init__(self, graph: fx.Graph, site: AttentionSite) -> None:
+        self.graph, self.site = graph, site
+        self.device = example_value(site.query).device
+
+    def call(self, target, *args, **kwargs) -> fx.Node:
+        if isinstance(target, str):
+            return self.graph.call_method(target, args, kwargs)
+        return self.graph.call_function(target, args, kwargs)
+
+    def size(self, node: fx.Node, dim: int) -> Size:
+        """A size of ``node``: an int, or read at run time when symbolic."""
+        size = example_value(node).shape[dim]
+        return self.call("size", node, dim) if isinstance(size, torch.SymInt) else int(size)
+
+    def first_keys(self, tensor: fx.Node) -> fx.Node:
+        """``tensor[:, :, :Tq]`` with Tq read from the query."""
+        length = self.size(self.site.query, 2)
+        return self.call(operator.getitem, tensor, (slice(None), slice(None), slice(None, length)))
+
+    def query(self) -> fx.Node:
+        query = self.site.query
+        for factor, divide in self.site.scale_factors:
+            query = self.call(operator.truediv if divide else operator.mul, query, factor)
+        return query
+
+    def cast(self, tensor: fx.Node, dtype: torch.dtype, current: torch.dtype | None = None) -> fx.Node:
+        current = current or example_value(tensor).dtype
+        return tensor if current == dtype else self.call("to", tensor, dtype)
+
+    def arith(self, op, a: Size, b: Size) -> Size:
+        """``op(a, b)`` on sizes: computed now for ints, in the graph otherwise."""
+        return op(a, b) if isinstance(a, int) and isinstance(b, int) else self.call(op, a, b)
+
+    def admitted(self, term: Term) -> fx.Node:
+        return self.call(operator.invert, term.node) if term.block else term.node
+
+    def valid(self, terms: list[Term], batch: Size, kv_len: Size) -> fx.Node:
+        """(B, Tk) bool: each padding term at head 0, query 0, broadcast to (B, Tk); all of them and-ed."""
+        valid = None
+        for term in terms:
+            node = self.admitted(term)
+            lead = 4 - example_value(term.node).dim()
+            if lead:
+                node = self.call(operator.getitem, node, (None,) * lead + (Ellipsis,))
+            row = self.call(operator.getitem, node, (slice(None), 0, 0, slice(None)))
+            row = self.call("expand", row, batch, kv_len)
+            valid = row if valid is None else self.call(operator.and_, valid, row)
+        return self.call("contiguous", self.call("to", valid, torch.bool))
+
+    def log_gate(self, slopes: grids.Slopes, batch: Size, heads: Size, kv_len: Size) -> fx.Node:
+        """(B, Hq, Tk) float32: ``-m_h`` at every key."""
+        values = [-float(m) for m in slopes.values.tolist()]
+        gate = self.call(torch.tensor, values, dtype=torch.float32, device=self.device)
+        gate = self.call("view", gate, 1, -1, 1)
+        return self.call("contiguous", self.call("expand", gate, batch, heads, kv_len))
+
+    def check(self, mask: MaskAnalysis, q_len: Size, kv_len: Size, message: str) -> None:
+        """``_assert_async`` that the index terms and buffer biases still give the proven grid."""
+        offset = self.arith(operator.sub, kv_len, q_len)
+        rows = self.call(operator.add, self.call(torch.arange, q_len, device=self.device), offset)
+        rows = self.call(operator.getitem, rows, (slice(None), None))
+        cols = self.call(torch.arange, kv_len, device=self.device)
+        expected = self.call(operator.le, cols, rows)
+        if mask.grid.full:
+            expected = self.call(torch.ones_like, expected)
+        elif mask.grid.window is not None:
+            start = self.call(operator.sub, rows, mask.grid.window)
+            expected = self.call(operator.and_, expected, self.call(operator.gt, cols, start))
+        admitted = None
+        for term in mask.index:
+            node = self.admitted(term)
+            admitted = node if admitted is None else self.call(operator.and_, admitted, node)
+        for bias in mask.biases:
+            open_ = self.call(operator.gt, bias.node, grids.MASKED_BELOW)
+            zero = self.call(operator.or_, self.call(operator.eq, bias.node, 0), self.call(operator.invert, open_))
+            self.call(torch._assert_async, self.call("all", zero), message)
+            admitted = open_ if admitted is None else self.call(operator.and_, admitted, open_)
+        same = self.call("all", self.call(operator.eq, admitted, expected))
+        self.call(torch._assert_async, same, message)
 
 
 def replace_with_retention(
     graph: fx.Graph, site: AttentionSite, decision: Decision, config: RetentionConfig
 ) -> fx.Node:
-    """Insert the op before the SDPA node, route its users to the op's output and erase the SDPA node."""
-    key, value = site.key, site.value
+    """Insert the op before the site's output node, route its users to the op's output, erase the node."""
+    key, value = decision.key or site.key, decision.value or site.value
+    mask = decision.mask
     with graph.inserting_before(site.node):
+        build = _Builder(graph, site)
+        query = build.query()
+        dtype = example_value(site.query).dtype
+        key, value = build.cast(key, dtype), build.cast(value, dtype)
         if decision.key_prefix:
-            key, value = _first_keys(graph, key, site.query), _first_keys(graph, value, site.query)
-        call = graph.call_function(
+            key, value = build.first_keys(key), build.first_keys(value)
+        valid = log_gate = None
+        if mask is not None:
+            batch, kv_len = build.size(site.query, 0), build.size(site.key, 2)
+            if mask.padding:
+                valid = build.valid(mask.padding, batch, kv_len)
+            if mask.slopes is not None:
+                log_gate = build.log_gate(mask.slopes, batch, build.size(site.query, 1), kv_len)
+            if mask.checks or mask.biases:
+                message = (
+                    f"retention_compile: the attention mask at {site.location} reads module buffers that no longer "
+                    "hold the mask proven at compile time; call torch._dynamo.reset() after changing them"
+                )
+                build.check(mask, build.size(site.query, 2), kv_len, message)
+        call = build.call(
             torch.ops.retention_compile.power_retention.default,
-            (
-                site.query,
-                key,
-                value,
-                decision.log_gate,
-                decision.valid,
-                site_scale(site),
-                config.deg,
-                decision.causal,
-                config.chunk_size or 0,
-                config.codegen,
-            ),
+            query,
+            key,
+            value,
+            log_gate,
+            valid,
+            site_scale(site),
+            config.deg,
+            decision.causal,
+            config.chunk_size or 0,
+            config.codegen,
         )
-        output = graph.call_function(operator.getitem, (call, 0))
+        output = build.cast(build.call(operator.getitem, call, 0), example_value(site.node).dtype, dtype)
     output.meta.update({k: v for k, v in site.node.meta.items() if k in ("stack_trace", "nn_module_stack")})
     site.node.replace_all_uses_with(output)
     graph.erase_node(site.node)

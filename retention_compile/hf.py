@@ -1,0 +1,104 @@
+"""Power retention as a transformers attention implementation, for eager HF users.
+
+    import retention_compile.hf  # registers "power_retention"
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="power_retention")
+
+Importing this module registers ``power_retention_attention`` in transformers' ``AttentionInterface`` (and
+SDPA's boolean mask builder in ``AttentionMaskInterface``, so the function receives the same masks as
+``sdpa``). Each call runs the ``retention_compile::power_retention`` op, as the compiled rewrite does:
+
+    no mask          causal (``module.is_causal``, the model's flag) or non-causal; the decode step (Tq == 1)
+                     sees every key; with Tq > 1 and more keys than queries, the first Tq keys (SDPA's
+                     top-left ``is_causal``, as ``sdpa`` itself crops them)
+    a mask           read entry by entry: ``valid[b, j]`` = some query may see key j, and the mask must
+                     equal the causal, sliding-window (its window dropped, as ``sliding_window='full'``)
+                     or full grid restricted to the valid keys; anything else raises ``ValueError``
+
+Under ``torch.compile`` the mask check is an ``_assert_async`` against the grid the module's flags give
+(``is_causal``, ``sliding_window``), so the function adds no graph break. For the proven rewrite of
+``sdpa`` models, use ``attn_implementation="sdpa"`` with ``backend="retention"`` instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .ops import power_retention
+from .passes.grids import MASKED_BELOW, causal_grid, classify_grid, window_grid
+
+NAME = "power_retention"
+UNSUPPORTED = ("softcap", "position_bias", "s_aux", "sinks")
+
+
+def _admitted(mask: Tensor) -> Tensor:
+    """The bool "may attend" grid of a bool mask, or of a float mask with no bias other than masking."""
+    if mask.dtype == torch.bool:
+        return mask
+    admitted = mask > MASKED_BELOW
+    if not torch.compiler.is_compiling() and bool((mask.masked_fill(~admitted, 0) != 0).any()):
+        raise ValueError("power_retention attention: the float attention mask carries a bias, not only masking")
+    return admitted
+
+
+def _read_mask(module: Any, admitted: Tensor, q_len: int, kv_len: int, is_causal: bool) -> tuple[bool, Tensor]:
+    """(causal, valid (B, Tk)) of a mask (B, 1|H, Tq, Tk), checked to be exactly that grid on valid keys."""
+    valid = admitted.expand(admitted.shape[0], -1, -1, -1).any(1).any(1)
+    if torch.compiler.is_compiling():
+        window = getattr(module, "sliding_window", None) if is_causal else None
+        grid = causal_grid(q_len, kv_len, admitted.device) if is_causal else torch.ones_like(admitted[0, 0])
+        if window:
+            grid = window_grid(q_len, kv_len, int(window), admitted.device)
+        same = (admitted == (grid & valid[:, None, None, :])).all()
+        torch._assert_async(same, "power_retention attention: the mask is not the model's causal/window grid")
+        return is_causal, valid
+    shape = classify_grid(admitted, q_len, kv_len, valid)
+    if not shape.known:
+        raise ValueError(f"power_retention attention: the attention mask is {shape.describe()}")
+    return shape.causal or shape.window is not None, valid
+
+
+def power_retention_attention(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    deg: int = 2,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """transformers' attention-function signature: q (B, Hq, Tq, d), k/v (B, Hk, Tk, d) -> (B, Tq, Hq, e).
+    Dropout is ignored (retention has no attention matrix to drop)."""
+    given = [name for name in UNSUPPORTED if kwargs.get(name) is not None]
+    if given:
+        raise ValueError(f"power_retention attention does not support {given}")
+    is_causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    q_len, kv_len = query.shape[2], key.shape[2]
+    valid = None
+    if attention_mask is None:
+        causal = is_causal and q_len > 1
+        if causal and kv_len > q_len:
+            key, value = key[:, :, :q_len], value[:, :, :q_len]
+    else:
+        causal, valid = _read_mask(module, _admitted(attention_mask), q_len, kv_len, is_causal)
+        if not torch.compiler.is_compiling() and bool(valid.all()):
+            valid = None
+    out = power_retention(query, key, value, scale=scaling, deg=deg, causal=causal, valid=valid)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register(name: str = NAME) -> None:
+    """Register ``power_retention_attention`` (and SDPA's mask builder) under ``attn_implementation=name``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, power_retention_attention)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+register()

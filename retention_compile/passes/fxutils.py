@@ -1,0 +1,354 @@
+"""Graph helpers shared by the passes: what a node's value depends on, and evaluating a node for real.
+
+Data dependence. A node *depends on data* when the values (not just the shapes) of a tensor graph input
+flow into it. Reading a tensor's metadata (``size``, ``dim``, ``new_ones``, ``device`` ...) carries no data,
+and symbolic sizes are not data: so a mask built from ``arange`` comparisons depends on no data, and its
+value is a function of the sizes alone. Random ops count as data (their values are not reproducible).
+
+Evaluation. ``Evaluator.run(node, sizes)`` executes the part of the graph that computes ``node`` with real
+tensors on the CPU: symbolic sizes take the values of ``sizes`` (an assignment of the shape symbols),
+inputs read only for their metadata become uninitialised tensors of the right shape, module buffers take
+their value at compile time. When ``node`` depends on no data, the result is exactly what the compiled graph
+computes at those sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import sympy
+import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+# Methods and functions that read only a tensor's metadata from their first argument.
+METADATA_METHODS = frozenset(
+    {"size", "dim", "numel", "stride", "new_ones", "new_zeros", "new_empty", "new_full", "get_device", "is_contiguous"}
+)
+METADATA_FUNCTIONS = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int)
+METADATA_ATTRIBUTES = frozenset({"shape", "device", "dtype", "ndim", "is_cuda"})
+RANDOM_FUNCTIONS = frozenset(
+    {
+        torch.rand,
+        torch.randn,
+        torch.randint,
+        torch.rand_like,
+        torch.randn_like,
+        torch.randint_like,
+        torch.bernoulli,
+        torch.multinomial,
+        torch.normal,
+        torch.randperm,
+        torch.nn.functional.dropout,
+        torch.dropout,
+    }
+)
+RANDOM_METHODS = frozenset({"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_"})
+INPLACE_OPERATORS = frozenset({operator.iadd, operator.iand, operator.ior, operator.isub, operator.imul})
+# A grid larger than this many elements is not evaluated at extra sizes (the example size is always evaluated).
+MAX_SAMPLE_ELEMENTS = 1 << 24
+
+
+def source_name(node: fx.Node) -> str:
+    """Dynamo's name for where a graph input comes from (``L['self']._buffers['bias']``), or ''."""
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is None:
+        return ""
+    name = source.name
+    return name() if callable(name) else str(name)
+
+
+def buffer_value(node: fx.Node) -> torch.Tensor | None:
+    """The compile-time value of a graph input that is a module buffer (not a parameter, not a user input)."""
+    if node.op != "placeholder" or "._buffers[" not in source_name(node):
+        return None
+    value = getattr(node.meta.get("grapharg"), "example", None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _metadata_only(user: fx.Node, arg_index: int) -> bool:
+    """``user`` reads only the metadata of its argument number ``arg_index``."""
+    if arg_index != 0:
+        return False
+    if user.op == "call_method":
+        return user.target in METADATA_METHODS
+    if user.op == "call_function":
+        if user.target in METADATA_FUNCTIONS:
+            return True
+        return user.target is getattr and len(user.args) > 1 and user.args[1] in METADATA_ATTRIBUTES
+    return False
+
+
+def is_mutation(node: fx.Node) -> bool:
+    """An in-place op (``x.add_(...)``, ``x &= ...``) that changes its first argument."""
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.endswith("__")
+    if node.op == "call_function":
+        if node.target in INPLACE_OPERATORS:
+            return True
+        if getattr(node.target, "__module__", "") in ("_operator", "operator"):
+            return False  # operator.and_, operator.not_ ... are not in place
+        name = getattr(node.target, "__name__", "")
+        return name.endswith("_") and not name.endswith("__") and not name.startswith("_")
+    return False
+
+
+class DataDependence:
+    """Which tensor graph inputs' *values* flow into each node (memoised over one graph)."""
+
+    def __init__(self) -> None:
+        self._sources: dict[fx.Node, frozenset[fx.Node]] = {}
+
+    def sources(self, node: fx.Node) -> frozenset[fx.Node]:
+        """The tensor inputs (or random ops) whose values ``node`` depends on."""
+        if node in self._sources:
+            return self._sources[node]
+        found: frozenset[fx.Node]
+        if node.op == "placeholder":
+            found = frozenset({node}) if isinstance(node.meta.get("example_value"), torch.Tensor) else frozenset()
+        elif node.op == "get_attr":
+            found = frozenset()
+        elif self._is_random(node):
+            found = frozenset({node})
+        else:
+            found = frozenset()
+            for index, arg in enumerate(_node_args(node)):
+                if not _metadata_only(node, index):
+                    found |= self.sources(arg) if isinstance(arg, fx.Node) else frozenset()
+        self._sources[node] = found
+        return found
+
+    @staticmethod
+    def _is_random(node: fx.Node) -> bool:
+        if node.op == "call_method":
+            return node.target in RANDOM_METHODS
+        return node.op == "call_function" and node.target in RANDOM_FUNCTIONS
+
+    def describe(self, node: fx.Node) -> str:
+        """The data ``node`` depends on, for a reason string."""
+        names = sorted(source_name(s) or s.name for s in self.sources(node))
+        return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+
+
+def _node_args(node: fx.Node) -> list[Any]:
+    """The node arguments of ``node`` in order (positional first, then keyword), flattened."""
+    flat: list[Any] = []
+    fx.node.map_aggregate((node.args, node.kwargs), flat.append)
+    return [a for a in flat if isinstance(a, fx.Node)]
+
+
+def backward_slice(node: fx.Node) -> list[fx.Node]:
+    """Every node ``node`` is computed from (itself included), in graph order."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        stack.extend(current.all_input_nodes)
+    return [n for n in node.graph.nodes if n in seen]
+
+
+def mutated_from_outside(nodes: list[fx.Node]) -> fx.Node | None:
+    """A node of ``nodes`` changed in place by a node outside them (its value would then depend on order)."""
+    inside = set(nodes)
+    for node in nodes:
+        for user in node.users:
+            if user not in inside and is_mutation(user) and user.args and user.args[0] is node:
+                return node
+    return None
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """An assignment of the graph's shape symbols; ``{}`` for a graph with static shapes."""
+
+    values: tuple[tuple[sympy.Symbol, int], ...] = ()
+
+    @cached_property
+    def mapping(self) -> dict[sympy.Symbol, int]:
+        return dict(self.values)
+
+    def of(self, size: int | torch.SymInt) -> int:
+        """A (possibly symbolic) size under this assignment (symbols it does not assign take their hint)."""
+        if not isinstance(size, torch.SymInt):
+            return int(size)
+        expr, env = size.node.expr, size.node.shape_env
+        values = {s: sympy.Integer(self.mapping.get(s, hint(env, s))) for s in expr.free_symbols}
+        return int(expr.xreplace(values))
+
+    def shape(self, shape: Iterable[int | torch.SymInt]) -> tuple[int, ...]:
+        return tuple(self.of(s) for s in shape)
+
+    def __str__(self) -> str:
+        return ", ".join(f"{s}={v}" for s, v in self.values) or "static shapes"
+
+
+def hint(env: ShapeEnv, symbol: sympy.Symbol) -> int:
+    """The example value of a shape symbol (``backed_var_to_val`` in newer torch, ``var_to_val`` before)."""
+    values = getattr(env, "backed_var_to_val", None)
+    return int((values if values is not None else env.var_to_val)[symbol])
+
+
+def shape_env_of(nodes: Iterable[fx.Node]) -> ShapeEnv | None:
+    """The ShapeEnv of the graph's symbolic sizes, if any of ``nodes`` has one."""
+    for node in nodes:
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
+            return value.node.shape_env
+        if isinstance(value, torch.Tensor):
+            for size in value.shape:
+                if isinstance(size, torch.SymInt):
+                    return size.node.shape_env
+    return None
+
+
+def free_symbols(values: Iterable[Any]) -> set[sympy.Symbol]:
+    """The shape symbols in the (possibly symbolic) sizes of ``values``."""
+    found: set[sympy.Symbol] = set()
+    for value in values:
+        sizes = value.shape if isinstance(value, torch.Tensor) else [value]
+        for size in sizes:
+            if isinstance(size, torch.SymInt | torch.SymFloat | torch.SymBool):
+                found |= size.node.expr.free_symbols
+    return found
+
+
+def _satisfies_guards(env: ShapeEnv, mapping: dict[sympy.Symbol, int]) -> bool:
+    for symbol, value in mapping.items():
+        bounds = env.var_to_range.get(symbol)
+        if bounds is not None and not (bounds.lower <= value <= bounds.upper):
+            return False
+    for guard in env.guards:
+        expr = guard.expr
+        if not expr.free_symbols <= set(mapping):
+            continue
+        try:
+            if not bool(expr.xreplace({s: sympy.Integer(v) for s, v in mapping.items()})):
+                return False
+        except TypeError:
+            return False
+    return True
+
+
+def sample_sizes(symbols: set[sympy.Symbol], env: ShapeEnv | None, candidates: Iterable[int]) -> list[Sizes]:
+    """The example sizes first, then assignments that vary the symbols (one at a time and all together)
+    through ``candidates``, kept only where the graph's guards hold."""
+    if not symbols or env is None:
+        return [Sizes()]
+    ordered = sorted(symbols, key=str)
+    example = {s: hint(env, s) for s in ordered}
+    assignments = [example]
+    for value in candidates:
+        assignments.append(dict.fromkeys(ordered, value))
+        assignments.extend({**example, s: value} for s in ordered)
+    found: list[Sizes] = []
+    for mapping in assignments:
+        sizes = Sizes(tuple((s, mapping[s]) for s in ordered))
+        if sizes not in found and _satisfies_guards(env, mapping):
+            found.append(sizes)
+    return found
+
+
+def _on_cpu(value: Any) -> Any:
+    """Evaluation runs on the CPU: device arguments are replaced."""
+    if isinstance(value, torch.device):
+        return torch.device("cpu")
+    return value
+
+
+class Evaluator:
+    """Executes the slice of the graph that computes a node, with real tensors, at given sizes."""
+
+    def __init__(self, gm: fx.GraphModule, data: DataDependence) -> None:
+        self.gm = gm
+        self.data = data
+
+    def evaluable(self, node: fx.Node) -> bool:
+        """``node`` depends on no data other than module buffers, so it can be evaluated at compile time."""
+        return all(buffer_value(s) is not None for s in self.data.sources(node))
+
+    def run(self, node: fx.Node, sizes: Sizes) -> Any:
+        """The value of ``node`` at ``sizes`` (``evaluable(node)`` must hold)."""
+        nodes = backward_slice(node)
+        values: dict[fx.Node, Any] = {}
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily(), torch.no_grad():
+            for current in nodes:
+                values[current] = self._run_node(current, values, sizes)
+        return values[node]
+
+    def _run_node(self, node: fx.Node, values: dict[fx.Node, Any], sizes: Sizes) -> Any:
+        if node.op == "placeholder":
+            return self._placeholder(node, sizes)
+        if node.op == "get_attr":
+            value = self.gm
+            for part in str(node.target).split("."):
+                value = getattr(value, part)
+            return value.detach().cpu() if isinstance(value, torch.Tensor) else value
+        args, kwargs = fx.node.map_aggregate((node.args, node.kwargs), lambda a: _on_cpu(values.get(a, a)))
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        raise NotImplementedError(f"cannot evaluate {node.op} node {node.name}")
+
+    def _placeholder(self, node: fx.Node, sizes: Sizes) -> Any:
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
+            return sizes.of(value) if isinstance(value, torch.SymInt) else type(value.node.hint)(value.node.hint)
+        if not isinstance(value, torch.Tensor):
+            return value
+        buffer = buffer_value(node)
+        if buffer is not None:
+            return buffer.detach().cpu()
+        # Read for its metadata only (the data analysis guarantees it): an uninitialised tensor of its shape.
+        return torch.empty(sizes.shape(value.shape), dtype=value.dtype)
+
+
+def elements(value: torch.Tensor, sizes: Sizes) -> int:
+    """How many elements ``value`` (an example value) has at ``sizes``."""
+    count = 1
+    for size in sizes.shape(value.shape):
+        count *= size
+    return count
+
+
+def insert_call(
+    graph: fx.Graph, target: Callable[..., Any] | str, args: tuple, kwargs: dict | None = None, *, like: fx.Node
+) -> fx.Node:
+    """Insert a call (a method call when ``target`` is a str) at the graph's insertion point, with its example
+    value computed on the fake tensors of its arguments, and ``like``'s source location and module stack."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    kwargs = kwargs or {}
+    node = (
+        graph.call_method(target, args, kwargs)
+        if isinstance(target, str)
+        else graph.call_function(target, args, kwargs)
+    )
+    fake_args, fake_kwargs = fx.node.map_aggregate(
+        (args, kwargs), lambda a: a.meta["example_value"] if isinstance(a, fx.Node) else a
+    )
+    tensors: list[torch.Tensor] = []
+    fx.node.map_aggregate((fake_args, fake_kwargs), lambda a: tensors.append(a) if isinstance(a, torch.Tensor) else a)
+    mode = next((t.fake_mode for t in tensors if isinstance(t, FakeTensor)), None)
+    with mode or contextlib.nullcontext():
+        if isinstance(target, str):
+            value = getattr(fake_args[0], target)(*fake_args[1:], **fake_kwargs)
+        else:
+            value = target(*fake_args, **fake_kwargs)
+    node.meta["example_value"] = value
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    return node

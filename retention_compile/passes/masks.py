@@ -1,0 +1,392 @@
+"""Prove what an attention mask means.
+
+A site's masks (``MaskPart``s) are split into *terms*: a bool mask that admits an entry splits at ``&``
+(a mask that blocks splits at ``|``; ``~`` swaps the two), an additive float mask splits at ``+``, and
+``where(c, x, -big)``, ``masked_fill(x, c, -big)`` and ``(1 - c.float()) * -big`` turn into the bool term ``c``
+plus the additive rest. Each term is then read by what it is computed from (``fxutils.DataDependence``):
+
+    index    depends on no data: a function of the sizes (``arange`` comparisons, ``tril(ones)``, ALiBi
+             biases built from ``arange``). Evaluated for real at the example sizes and, under dynamic
+             shapes, at more sizes the guards allow; with static shapes that evaluation *is* the proof.
+    buffer   depends on module buffers only (nanoGPT's ``tril`` buffer): evaluated with the buffers'
+             compile-time values, and the rewrite adds a run-time check that they still hold.
+    padding  depends on data but has size 1 along the head and query axes: by broadcasting its value is
+             the same for every query and head, so it is a function of (batch, key) only, a key-validity
+             mask: it becomes the op's ``valid``.
+    unknown  anything else (data that varies along the query axis, a learned bias): the site is kept.
+
+The index terms together form one grid per size, compared entry by entry with the causal, sliding-window
+and full grids (``grids.classify_grid``); the finite part of the additive terms must be an ALiBi bias
+(``grids.fit_slopes``), whose per-row constant cancels, or the site is kept.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from . import grids
+from .fxutils import (
+    MAX_SAMPLE_ELEMENTS,
+    DataDependence,
+    Evaluator,
+    Sizes,
+    backward_slice,
+    buffer_value,
+    elements,
+    free_symbols,
+    mutated_from_outside,
+    sample_sizes,
+    shape_env_of,
+)
+from .sites import AttentionSite, MaskPart, example_value
+
+# Extra sizes tried for each shape symbol under dynamic shapes (small primes and sizes around powers of two).
+SAMPLE_SIZES = (1, 2, 3, 5, 17, 64, 97, 257, 1031, 2053)
+AND_OPS = (operator.and_, torch.logical_and, torch.bitwise_and, torch.Tensor.logical_and, torch.Tensor.__and__)
+OR_OPS = (operator.or_, torch.logical_or, torch.bitwise_or, torch.Tensor.logical_or, torch.Tensor.__or__)
+NOT_OPS = (operator.invert, torch.logical_not, torch.bitwise_not, torch.Tensor.logical_not)
+ADD_OPS = (operator.add, torch.add, torch.Tensor.add)
+MUL_OPS = (operator.mul, torch.mul, torch.Tensor.mul)
+WHERE_OPS = (torch.where,)
+AND_METHODS = frozenset({"logical_and", "__and__", "bitwise_and"})
+OR_METHODS = frozenset({"logical_or", "__or__", "bitwise_or"})
+NOT_METHODS = frozenset({"logical_not", "__invert__", "bitwise_not"})
+# Ops that leave a mask's meaning unchanged (right-aligned broadcasting is preserved).
+PASS_METHODS = frozenset({"contiguous", "clone", "detach", "expand", "expand_as", "to", "bool", "float", "type_as"})
+PASS_FUNCTIONS = (torch.clone, torch.Tensor.contiguous, torch.Tensor.expand, torch.Tensor.to)
+AXES = ("batch", "head", "query", "key")
+
+
+def _is(node: object, functions: tuple, methods: frozenset[str] = frozenset()) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_function":
+        return node.target in functions
+    return node.op == "call_method" and node.target in methods
+
+
+def _dtype(node: object) -> torch.dtype | None:
+    try:
+        return example_value(node).dtype
+    except TypeError:
+        return None
+
+
+@dataclass
+class Term:
+    """One bool term: ``block`` True if the term marks masked entries (the admitted entries are ``~node``)."""
+
+    node: fx.Node
+    block: bool
+    kind: str = "unknown"  # "index" | "buffer" | "padding" | "unknown"
+    detail: str = ""
+
+
+@dataclass
+class Bias:
+    """One additive term, multiplied by ``factor`` (None: by a run-time factor) before the softmax."""
+
+    node: fx.Node
+    factor: float | None
+    kind: str = "unknown"  # "index" | "buffer" | "unknown"
+    detail: str = ""
+
+
+@dataclass
+class MaskAnalysis:
+    """What a site's masks mean.
+
+    grid:     the reading of the index terms (full, causal, window w) at every evaluated size.
+    index:    the index terms (evaluated; re-checked at run time when some are read from buffers).
+    padding:  the padding terms (their conjunction is the op's ``valid``).
+    slopes:   ALiBi slopes of the additive bias (None without an additive bias or with a zero slope).
+    checks:   terms read from module buffers (the rewrite checks them at run time).
+    biases:   additive terms read from module buffers (likewise checked).
+    unknown:  why the mask cannot be read ('' when it can).
+    sizes:    the sizes it was evaluated at.
+    terms:    a short description per term, for the report.
+    """
+
+    grid: grids.GridShape
+    index: list[Term] = field(default_factory=list)
+    padding: list[Term] = field(default_factory=list)
+    slopes: grids.Slopes | None = None
+    checks: list[Term] = field(default_factory=list)
+    biases: list[Bias] = field(default_factory=list)
+    unknown: str = ""
+    sizes: list[Sizes] = field(default_factory=list)
+    terms: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """``causal & padding``, ``sliding window of 8 keys``, ...: the SiteRecord's ``mask``."""
+        if self.unknown:
+            return f"unproven: {self.unknown}"
+        pieces = [self.grid.describe().split(" (")[0] if not self.grid.full else "full"]
+        if self.padding:
+            pieces.append("padding (" + ", ".join(t.node.name for t in self.padding) + ")")
+        if self.slopes is not None:
+            pieces.append(self.slopes.describe())
+        where = "at static shapes" if self.sizes == [Sizes()] else f"at {len(self.sizes)} size(s)"
+        return " & ".join(pieces) + f" [terms: {'; '.join(self.terms)}; proven {where}]"
+
+
+def neg_constant(value: object, evaluator: Evaluator) -> bool:
+    """``value`` is a constant at or below ``MASKED_BELOW`` (-inf, finfo.min, a full() of it ...)."""
+    if isinstance(value, (int, float)):
+        return value <= grids.MASKED_BELOW
+    if isinstance(value, fx.Node) and evaluator.evaluable(value) and not evaluator.data.sources(value):
+        try:
+            found = evaluator.run(value, Sizes())
+        except Exception:
+            return False
+        if isinstance(found, torch.Tensor) and found.numel() == 1:
+            return float(found) <= grids.MASKED_BELOW
+        return isinstance(found, (int, float)) and found <= grids.MASKED_BELOW
+    return False
+
+
+def _bool_source(node: object) -> tuple[fx.Node, bool] | None:
+    """``(c, flipped)`` when ``node`` is ``c.float()`` (values 1/0 as c) or ``1 - c.float()`` (flipped)."""
+    if not isinstance(node, fx.Node):
+        return None
+    if _is(node, (torch.Tensor.to, torch.Tensor.float, torch.Tensor.type_as), frozenset({"to", "float", "type_as"})):
+        inner = node.args[0]
+        if _dtype(inner) == torch.bool:
+            return inner, False
+        return None
+    if node.op == "call_function" and node.target in (operator.sub, torch.sub, torch.rsub) and len(node.args) == 2:
+        first, second = node.args
+        if node.target is torch.rsub:
+            first, second = second, first
+        if first == 1 or first == 1.0:
+            found = _bool_source(second)
+            return (found[0], not found[1]) if found else None
+    return None
+
+
+class TermCollector:
+    """Splits mask parts into bool terms and additive terms."""
+
+    def __init__(self, evaluator: Evaluator) -> None:
+        self.evaluator = evaluator
+        self.terms: list[Term] = []
+        self.biases: list[Bias] = []
+
+    def part(self, part: MaskPart) -> None:
+        if part.polarity == "add":
+            self.additive(part.node, part.factor)
+        else:
+            self.bool(part.node, part.polarity == "block")
+
+    def bool(self, node: fx.Node, block: bool) -> None:
+        """Split a bool mask at ``&`` (admitting) or ``|`` (blocking), through ``~`` and pass-through ops."""
+        if _is(node, NOT_OPS, NOT_METHODS):
+            return self.bool(node.args[0], not block)
+        if _is(node, OR_OPS if block else AND_OPS, OR_METHODS if block else AND_METHODS) and len(node.args) == 2:
+            for arg in node.args:
+                if isinstance(arg, fx.Node):
+                    self.bool(arg, block)
+                elif bool(arg) == block:  # a constant that masks (or admits) everything: keep it as a term
+                    self.terms.append(Term(node, block))
+                    return None
+            return None
+        if self._passes(node) and _dtype(node.args[0]) == torch.bool:
+            return self.bool(node.args[0], block)
+        self.terms.append(Term(node, block))
+        return None
+
+    def additive(self, node: object, factor: float | None) -> None:
+        """Split an additive mask at ``+`` and turn ``where``/``masked_fill``/indicator forms into bool terms."""
+        if not isinstance(node, fx.Node):
+            return  # a constant added to every score cancels in the normalisation
+        args = node.args
+        if _is(node, ADD_OPS, frozenset({"add", "__add__"})) and len(args) == 2 and not node.kwargs:
+            self.additive(args[0], factor)
+            self.additive(args[1], factor)
+        elif _is(node, WHERE_OPS, frozenset({"where"})) and len(args) == 3:
+            condition, keep, fill = args
+            if neg_constant(fill, self.evaluator):
+                self.bool(condition, block=False)
+                self.additive(keep, factor)
+            elif neg_constant(keep, self.evaluator):
+                self.bool(condition, block=True)
+                self.additive(fill, factor)
+            else:
+                self.biases.append(Bias(node, factor))
+        elif _is(node, (torch.masked_fill, torch.Tensor.masked_fill), frozenset({"masked_fill"})) and neg_constant(
+            args[2], self.evaluator
+        ):
+            self.bool(args[1], block=True)
+            self.additive(args[0], factor)
+        elif _is(node, MUL_OPS, frozenset({"mul", "__mul__"})) and len(args) == 2 and self._indicator(args):
+            pass
+        elif self._passes(node) and (_dtype(args[0]) or torch.bool).is_floating_point:
+            self.additive(args[0], factor)
+        else:
+            self.biases.append(Bias(node, factor))
+
+    def _indicator(self, args: tuple) -> bool:
+        """``indicator * -big``: the entries where the indicator is 1 are masked."""
+        for this, other in (args, args[::-1]):
+            found = _bool_source(this)
+            if found is not None and neg_constant(other, self.evaluator):
+                condition, flipped = found
+                self.bool(condition, block=not flipped)
+                return True
+        return False
+
+    @staticmethod
+    def _passes(node: fx.Node) -> bool:
+        if node.op == "call_method" and node.target in PASS_METHODS:
+            return not (node.target == "to" and any(isinstance(a, torch.dtype) for a in node.args[1:]))
+        return node.op == "call_function" and node.target in PASS_FUNCTIONS and not node.kwargs.get("dtype")
+
+
+def _broadcast_axes(node: fx.Node) -> dict[str, bool]:
+    """For each of (batch, head, query, key): whether the term has size 1 there (right-aligned)."""
+    shape = list(example_value(node).shape)
+    shape = [1] * (4 - len(shape)) + shape[-4:]
+    return {axis: statically_known_true(size == 1) for axis, size in zip(AXES, shape)}
+
+
+class MaskAnalyser:
+    """Reads the masks of the sites of one graph."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.data = DataDependence()
+        self.evaluator = Evaluator(gm, self.data)
+
+    def analyse(self, site: AttentionSite) -> MaskAnalysis:
+        collector = TermCollector(self.evaluator)
+        for part in site.parts:
+            collector.part(part)
+        for term in collector.terms:
+            self._classify_term(term)
+        for bias in collector.biases:
+            self._classify_bias(bias)
+        index = [t for t in collector.terms if t.kind in ("index", "buffer")]
+        padding = [t for t in collector.terms if t.kind == "padding"]
+        unknown = [t.detail for t in collector.terms if t.kind == "unknown"]
+        unknown += [b.detail for b in collector.biases if b.kind == "unknown"]
+        terms = [f"{t.node.name}: {t.kind}" for t in collector.terms] + [
+            f"{b.node.name}: {b.kind} bias" for b in collector.biases
+        ]
+        full = grids.GridShape(True, False, None, 0)
+        if unknown:
+            return MaskAnalysis(full, unknown="; ".join(unknown), terms=terms)
+        values = collector.biases
+        analysis = self._evaluate(site, index, values)
+        analysis.index = index
+        analysis.padding = padding
+        analysis.checks = [t for t in index if t.kind == "buffer"]
+        analysis.biases = [b for b in values if b.kind == "buffer"]
+        analysis.terms = terms
+        return analysis
+
+    def _classify_term(self, term: Term) -> None:
+        node = term.node
+        if _dtype(node) != torch.bool:
+            term.detail = f"mask term {node.name} has dtype {_dtype(node)}, not bool"
+            return
+        mutated = mutated_from_outside(backward_slice(node))
+        if mutated is not None:
+            term.detail = f"mask term {node.name} reads {mutated.name}, which is changed in place"
+            return
+        sources = self.data.sources(node)
+        if not sources:
+            term.kind = "index"
+        elif all(buffer_value(s) is not None for s in sources):
+            term.kind = "buffer"
+        elif (axes := _broadcast_axes(node))["head"] and axes["query"]:
+            term.kind = "padding"
+        else:
+            term.detail = (
+                f"mask term {node.name} depends on the data of {self.data.describe(node)} and varies along the "
+                "query axis, so it is not a key-padding mask"
+            )
+
+    def _classify_bias(self, bias: Bias) -> None:
+        sources = self.data.sources(bias.node)
+        if bias.factor is None:
+            bias.detail = f"additive mask {bias.node.name} is scaled by a run-time factor"
+        elif mutated_from_outside(backward_slice(bias.node)) is not None:
+            bias.detail = f"additive mask {bias.node.name} reads a tensor changed in place"
+        elif not sources:
+            bias.kind = "index"
+        elif all(buffer_value(s) is not None for s in sources):
+            bias.kind = "buffer"
+        else:
+            bias.detail = (
+                f"additive bias {bias.node.name} is computed from the data of {self.data.describe(bias.node)} "
+                "(e.g. a learned relative-position bias): retention has no equivalent"
+            )
+
+    def _sizes(self, site: AttentionSite, nodes: list[fx.Node]) -> list[Sizes]:
+        slices = [n for node in nodes for n in backward_slice(node)]
+        values = [n.meta.get("example_value") for n in slices] + [example_value(site.query), example_value(site.key)]
+        symbols = free_symbols(v for v in values if v is not None)
+        return sample_sizes(symbols, shape_env_of([site.query, site.key, *slices]), SAMPLE_SIZES)
+
+    def _evaluate(self, site: AttentionSite, index: list[Term], biases: list[Bias]) -> MaskAnalysis:
+        """Evaluate the index terms and biases at every sampled size and read the grid and the slopes."""
+        q, k = example_value(site.query), example_value(site.key)
+        nodes = [t.node for t in index] + [b.node for b in biases]
+        shapes: list[grids.GridShape] = []
+        slopes: list[grids.Slopes] = []
+        evaluated: list[Sizes] = []
+        for number, sizes in enumerate(self._sizes(site, nodes)):
+            q_len, kv_len = sizes.of(q.shape[2]), sizes.of(k.shape[2])
+            if number and max([q_len * kv_len] + [elements(example_value(n), sizes) for n in nodes]) > (
+                MAX_SAMPLE_ELEMENTS
+            ):
+                continue
+            try:
+                admitted, bias = self._grid(index, biases, sizes, q_len, kv_len)
+            except Exception as error:  # noqa: BLE001 - a size the graph itself cannot run at
+                if number == 0:
+                    return MaskAnalysis(
+                        grids.GridShape(False, False, None, kv_len), unknown=f"the mask could not be evaluated: {error}"
+                    )
+                continue
+            shape = grids.classify_grid(admitted, q_len, kv_len)
+            shapes.append(shape)
+            evaluated.append(sizes)
+            if bias is not None:
+                fitted = grids.fit_slopes(bias, admitted)
+                if isinstance(fitted, str):
+                    return MaskAnalysis(shape, unknown=fitted, sizes=evaluated)
+                slopes.append(fitted)
+        grid = grids.combine(shapes)
+        analysis = MaskAnalysis(grid, sizes=evaluated)
+        if not grid.known:
+            analysis.unknown = f"the mask is {grid.describe()}"
+        if slopes:
+            first = slopes[0]
+            if any(s.values.shape != first.values.shape or not torch.allclose(s.values, first.values) for s in slopes):
+                analysis.unknown = "the additive bias has different slopes at different sizes"
+            elif not first.zero:
+                analysis.slopes = first
+        return analysis
+
+    def _grid(
+        self, index: list[Term], biases: list[Bias], sizes: Sizes, q_len: int, kv_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The admitted grid of the index terms and the finite additive bias at ``sizes``."""
+        admitted = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool)
+        for term in index:
+            value = torch.as_tensor(self.evaluator.run(term.node, sizes)).to(torch.bool)
+            admitted = admitted & (~value if term.block else value)
+        if not biases:
+            return admitted, None
+        total = torch.zeros(1, 1, q_len, kv_len, dtype=torch.float64)
+        for bias in biases:
+            value = torch.as_tensor(self.evaluator.run(bias.node, sizes)).to(torch.float64)
+            total = total + value * bias.factor
+        admitted = admitted & (total > grids.MASKED_BELOW)
+        finite = total.masked_fill(~admitted, 0.0)
+        return admitted, finite.masked_fill(~torch.isfinite(finite), 0.0)

@@ -1,0 +1,287 @@
+"""Attention written in other forms: repeated kv heads and hand-written softmax attention.
+
+Repeated kv heads (GQA written out). ``repeat_kv`` is ``x[:, :, None].expand(B, Hk, n, T, d).reshape(B, Hk n, T, d)``
+(or ``x.unsqueeze(2)``, ``x.repeat_interleave(n, dim=1)``): merging the axes (Hk, n) row-major puts kv head
+``a // n`` at query head ``a``, which is exactly SDPA's ``enable_gqa`` (and the op's) reading of ``x`` itself,
+so the op is given ``x`` and the repeat is never materialised. A one-head ``x.expand(B, H, T, d)`` is the op's
+Hk = 1. The form is proven from the ops *and* the shapes of every intermediate (``expand`` can only
+broadcast size-1 axes; the unsqueezed axis is checked to be axis 2), not from names.
+
+Hand-written attention. From every ``softmax(x, dim=-1)`` the scores ``x`` are walked back through casts,
+``masked_fill(x, m, -big)``, ``where(m, x, -big)``, ``x + mask``, ``x * c`` and ``x / c`` to ``q @ k^T``, and
+the probabilities forward through casts and ``dropout`` to ``p @ v``. The masks become the site's
+``MaskPart``s, numbers multiply the scale, a tensor factor with size 1 along the key axis (one number per
+query row at most) is folded into the query at rewrite time. Anything else is not recognised, and the graph
+is left as it is.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .fxutils import Evaluator
+from .masks import ADD_OPS, MUL_OPS, WHERE_OPS, neg_constant
+from .sites import AttentionSite, MaskPart, example_value
+
+SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax)
+MATMUL_FUNCTIONS = (operator.matmul, torch.matmul, torch.Tensor.matmul)
+DROPOUT_FUNCTIONS = (F.dropout, torch.dropout)
+CAST_METHODS = frozenset({"to", "float", "half", "bfloat16", "type_as", "contiguous"})
+DIV_OPS = (operator.truediv, torch.div, torch.Tensor.div, torch.true_divide)
+
+
+def _equal(a: int | torch.SymInt, b: int | torch.SymInt) -> bool:
+    return statically_known_true(a == b)
+
+
+def _shape(node: object) -> tuple | None:
+    try:
+        return tuple(example_value(node).shape)
+    except TypeError:
+        return None
+
+
+def _calls(node: object, functions: tuple, methods: frozenset[str] = frozenset()) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_function":
+        return node.target in functions
+    return node.op == "call_method" and node.target in methods
+
+
+# ---------------------------------------------------------------------------------------------- repeated kv
+
+
+def _unsqueezed_at_2(node: object) -> fx.Node | None:
+    """``x`` when ``node`` is ``x.unsqueeze(2)`` or ``x[:, :, None]`` for a 4-D ``x``."""
+    if not isinstance(node, fx.Node) or not node.args:
+        return None
+    source = node.args[0]
+    if _shape(source) is None or len(_shape(source)) != 4:
+        return None
+    if _calls(node, (torch.unsqueeze, torch.Tensor.unsqueeze), frozenset({"unsqueeze"})):
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return source if dim in (2, -3) else None
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], tuple):
+        index = node.args[1]
+        full = slice(None)
+        if len(index) >= 3 and index[0] == full and index[1] == full and index[2] is None:
+            rest = index[3:]
+            if all(i == full or i is Ellipsis for i in rest) and sum(i is Ellipsis for i in rest) <= 1:
+                return source
+    return None
+
+
+def unrepeat_kv(node: fx.Node) -> tuple[fx.Node, int, str] | None:
+    """``(x, n, form)`` when ``node`` is ``x`` with each kv head repeated ``n`` times in place (head ``a``
+    reads ``x`` head ``a // n``); None otherwise."""
+    out = _shape(node)
+    if out is None or len(out) != 4:
+        return None
+    if _calls(node, (torch.repeat_interleave, torch.Tensor.repeat_interleave), frozenset({"repeat_interleave"})):
+        repeats = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        source = node.args[0]
+        if isinstance(repeats, int) and dim in (1, -3) and _shape(source) is not None:
+            return source, repeats, "repeat_interleave"
+        return None
+    if _calls(node, (torch.Tensor.expand,), frozenset({"expand"})):
+        source = node.args[0]
+        shape = _shape(source)
+        if (
+            shape is not None
+            and len(shape) == 4
+            and _equal(shape[1], 1)
+            and not _equal(out[1], 1)
+            and all(_equal(a, b) for a, b in zip((shape[0], shape[2], shape[3]), (out[0], out[2], out[3])))
+        ):
+            return source, out[1], "one kv head broadcast"
+        return None
+    if not _calls(
+        node, (torch.reshape, torch.Tensor.reshape, torch.flatten), frozenset({"reshape", "view", "flatten"})
+    ):
+        return None
+    if node.target == "flatten" or node.target is torch.flatten:
+        dims = tuple(node.args[1:3]) or (node.kwargs.get("start_dim"), node.kwargs.get("end_dim"))
+        if dims != (1, 2):
+            return None
+    expanded = node.args[0]
+    if not _calls(expanded, (torch.Tensor.expand,), frozenset({"expand"})):
+        return None
+    source = _unsqueezed_at_2(expanded.args[0])
+    inner, five = _shape(source), _shape(expanded)
+    if source is None or five is None or len(five) != 5:
+        return None
+    b, hk, t, d = inner
+    n = five[2]
+    same = all(_equal(x, y) for x, y in ((five[0], b), (five[1], hk), (five[3], t), (five[4], d)))
+    merged = all(_equal(x, y) for x, y in ((out[0], b), (out[1], hk * n), (out[2], t), (out[3], d)))
+    return (source, n, "repeat_kv (expand + reshape)") if same and merged else None
+
+
+# ------------------------------------------------------------------------------------- hand-written attention
+
+
+def _is_softmax(node: fx.Node) -> bool:
+    if not _calls(node, SOFTMAX_FUNCTIONS, frozenset({"softmax"})):
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    shape = _shape(node)
+    return shape is not None and dim in (-1, len(shape) - 1)
+
+
+def _is_cast(node: fx.Node) -> bool:
+    return _calls(node, (torch.Tensor.to, torch.Tensor.float, torch.Tensor.contiguous), CAST_METHODS)
+
+
+def _single_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _untransposed(node: object) -> fx.Node | None:
+    """``k`` when ``node`` is ``k`` with its last two axes swapped."""
+    if not isinstance(node, fx.Node) or not node.args:
+        return None
+    if _calls(node, (torch.transpose, torch.Tensor.transpose), frozenset({"transpose"})):
+        dims = {d % 4 if isinstance(d, int) else d for d in node.args[1:3]}
+        return node.args[0] if dims == {2, 3} and len(_shape(node) or ()) == 4 else None
+    if _calls(node, (torch.permute, torch.Tensor.permute), frozenset({"permute"})):
+        order = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+        return node.args[0] if tuple(order) == (0, 1, 3, 2) else None
+    if node.op == "call_function" and node.target is getattr and node.args[1] == "mT":
+        return node.args[0]
+    return None
+
+
+class _Scores:
+    """The walk from a softmax input back to ``q @ k^T``."""
+
+    def __init__(self, evaluator: Evaluator) -> None:
+        self.evaluator = evaluator
+        self.parts: list[MaskPart] = []
+        self.scale = 1.0
+        self.factors: list[tuple[fx.Node, bool]] = []
+        self.matmul: fx.Node | None = None
+
+    @property
+    def part_factor(self) -> float | None:
+        return None if self.factors else self.scale
+
+    def walk(self, node: object, depth: int = 0) -> bool:
+        """Follow the score chain from ``node``; True when it reaches ``q @ k^T``."""
+        if not isinstance(node, fx.Node) or depth > 32:
+            return False
+        args = node.args
+        if _calls(node, MATMUL_FUNCTIONS, frozenset({"matmul", "__matmul__"})):
+            self.matmul = node
+            return True
+        if _is_cast(node):
+            return self.walk(args[0], depth + 1)
+        if _calls(node, (torch.masked_fill, torch.Tensor.masked_fill), frozenset({"masked_fill"})):
+            self.parts.append(MaskPart(args[1], "block"))
+            return self.walk(args[0], depth + 1)
+        if _calls(node, WHERE_OPS, frozenset({"where"})) and len(args) == 3:
+            return self._where(node, depth)
+        if _calls(node, ADD_OPS, frozenset({"add", "__add__"})) and len(args) == 2 and not node.kwargs:
+            for scores, mask in ((args[0], args[1]), (args[1], args[0])):
+                if isinstance(mask, fx.Node) and self._reaches_matmul(scores):
+                    self.parts.append(MaskPart(mask, "add", self.part_factor))
+                    return self.walk(scores, depth + 1)
+            return False
+        if _calls(node, MUL_OPS + DIV_OPS, frozenset({"mul", "__mul__", "div", "__truediv__"})) and len(args) == 2:
+            divide = _calls(node, DIV_OPS, frozenset({"div", "__truediv__"}))
+            pairs = ((args[0], args[1]),) if divide else ((args[0], args[1]), (args[1], args[0]))
+            for scores, factor in pairs:
+                if self._reaches_matmul(scores) and self._take_factor(factor, divide):
+                    return self.walk(scores, depth + 1)
+        return False
+
+    def _where(self, node: fx.Node, depth: int) -> bool:
+        condition, keep, fill = node.args
+        if neg_constant(fill, self.evaluator) and self._reaches_matmul(keep):
+            self.parts.append(MaskPart(condition, "allow"))
+            return self.walk(keep, depth + 1)
+        if neg_constant(keep, self.evaluator) and self._reaches_matmul(fill):
+            self.parts.append(MaskPart(condition, "block"))
+            return self.walk(fill, depth + 1)
+        return False
+
+    def _take_factor(self, factor: object, divide: bool) -> bool:
+        if isinstance(factor, (int, float)) and factor != 0:
+            self.scale = self.scale / factor if divide else self.scale * factor
+            return True
+        shape = _shape(factor)
+        if shape is not None and (len(shape) == 0 or _equal(shape[-1], 1)):
+            self.factors.append((factor, divide))
+            return True
+        return False
+
+    def _reaches_matmul(self, node: object) -> bool:
+        return _Scores(self.evaluator).walk(node)
+
+
+def _probabilities(softmax: fx.Node) -> tuple[fx.Node | None, float, bool]:
+    """Follow the probabilities through casts and dropout to ``p @ v``: (that matmul or None, dropout_p,
+    whether the probabilities are also used elsewhere)."""
+    current, dropout, shared = softmax, 0.0, False
+    while True:
+        users = list(current.users)
+        shared = shared or len(users) > 1
+        following = None
+        for user in users:
+            if _calls(user, MATMUL_FUNCTIONS, frozenset({"matmul", "__matmul__"})) and user.args[0] is current:
+                return user, dropout, shared
+            if _is_cast(user) and user.args[0] is current:
+                following = user
+            elif _calls(user, DROPOUT_FUNCTIONS, frozenset({"dropout"})) and user.args[0] is current:
+                p = user.args[1] if len(user.args) > 1 else user.kwargs.get("p", 0.5)
+                training = user.args[2] if len(user.args) > 2 else user.kwargs.get("training", True)
+                dropout = float(p) if training and isinstance(p, (int, float)) else dropout
+                following = user
+        if following is None:
+            return None, dropout, shared
+        current = following
+
+
+def find_handwritten(graph: fx.Graph, evaluator: Evaluator) -> Iterator[AttentionSite]:
+    """Every hand-written attention of ``graph`` (see the module docstring), in graph order."""
+    for node in list(graph.nodes):
+        if not _is_softmax(node):
+            continue
+        scores = _Scores(evaluator)
+        output, dropout, shared = _probabilities(node)
+        if output is None or not scores.walk(node.args[0]):
+            continue
+        query, key_t = scores.matmul.args[:2]
+        key, value = _untransposed(key_t), output.args[1]
+        problem = None
+        if shared:
+            problem = "the attention weights are also used elsewhere (e.g. returned with output_attentions)"
+        elif key is None:
+            problem = "the key operand of q @ k^T is not a transposed tensor"
+        elif any(len(_shape(n) or ()) != 4 for n in (query, key, value)):
+            problem = "q, k, v are not 4-D (B, H, T, d) tensors"
+        yield AttentionSite(
+            node=output,
+            query=query,
+            key=key if key is not None else key_t,
+            value=value,
+            attn_mask=None,
+            dropout_p=dropout,
+            is_causal=False,
+            scale=scores.scale,
+            enable_gqa=False,
+            kind="hand-written",
+            parts=scores.parts,
+            scale_factors=scores.factors,
+            scores=node.args[0],
+            anchor=node,
+            unsupported=problem,
+        )

@@ -1,0 +1,305 @@
+"""The mask analysis: masks that are causal, windowed, padded, additive or ALiBi are proven and rewritten;
+masks that only look causal (shifted diagonal, upper triangle, one flipped entry, random) are kept with the
+reason. Graphs run through the rewrite without Inductor (fast) and are compared with the float64 oracle,
+which reads each mask as it is at run time."""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from retention_compile.backend import collect_reports, rewrite_only_backend
+from retention_compile.passes.grids import causal_grid, classify_grid, fit_slopes, window_grid
+from retention_compile.testing import oracle_sdpa
+
+B, H, T, D = 2, 4, 16, 8
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def qkv(batch=B, heads=H, q_len=T, kv_len=T, kv_heads=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kv_heads = kv_heads or heads
+    return (
+        torch.randn(batch, heads, q_len, D, generator=g),
+        torch.randn(batch, kv_heads, kv_len, D, generator=g),
+        torch.randn(batch, kv_heads, kv_len, D, generator=g),
+    )
+
+
+def rewrite(fn, *args, dynamic=False, **options):
+    """``fn(*args)`` through the rewrite (no Inductor), and the report."""
+    torch._dynamo.reset()
+    backend = functools.partial(rewrite_only_backend, options=options or None)
+    with collect_reports() as report:
+        out = torch.compile(fn, backend=backend, fullgraph=True, dynamic=dynamic)(*args)
+    return out, report
+
+
+def grids_of(q_len, kv_len):
+    i = torch.arange(q_len)[:, None] + (kv_len - q_len)
+    j = torch.arange(kv_len)[None, :]
+    return i, j
+
+
+def attend(mask_fn):
+    """An SDPA call whose bool mask ``mask_fn(i, j)`` is built in the graph from ``arange``."""
+
+    def fn(q, k, v):
+        i, j = grids_of(q.shape[2], k.shape[2])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_fn(i, j))
+
+    return fn
+
+
+# ----------------------------------------------------------------------------------- concrete grids
+
+
+@pytest.mark.parametrize(
+    ("name", "grid"),
+    [
+        ("shifted diagonal", torch.ones(T, T, dtype=torch.bool).tril(-1)),
+        ("shifted up", torch.ones(T, T, dtype=torch.bool).tril(1)),
+        ("upper triangle", torch.ones(T, T, dtype=torch.bool).triu()),
+        ("one flipped entry", causal_grid(T, T).index_put_((torch.tensor(9), torch.tensor(3)), torch.tensor(False))),
+        ("random", torch.rand(T, T, generator=torch.Generator().manual_seed(0)) > 0.5),
+        ("causal but top-left with Tq < Tk", torch.ones(8, T, dtype=torch.bool).tril()),
+    ],
+)
+def test_grids_that_look_causal_are_not(name, grid):
+    shape = classify_grid(grid, *grid.shape)
+    assert not shape.known, name
+    assert "differ from the causal mask" in shape.detail or "entry" in shape.detail
+
+
+def test_grids_that_are_canonical():
+    assert classify_grid(causal_grid(T, T), T, T).causal
+    assert classify_grid(causal_grid(1, T), 1, T).causal and classify_grid(causal_grid(1, T), 1, T).full
+    assert classify_grid(window_grid(T, T, 5), T, T).window == 5
+    assert classify_grid(torch.ones(1, 1, 1, T, dtype=torch.bool), T, T).full
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :4] = False
+    padded = causal_grid(T, T) & valid[:, None, None, :]
+    assert classify_grid(padded, T, T, valid).causal and not classify_grid(padded, T, T).known
+
+
+def test_alibi_slopes_are_fitted_and_other_biases_refused():
+    i, j = grids_of(T, T)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    alibi = -slopes[:, None, None] * (i - j) + 3.0 * i  # a per-row constant cancels
+    fitted = fit_slopes(alibi, causal_grid(T, T))
+    torch.testing.assert_close(fitted.values, slopes.double())
+    assert isinstance(fit_slopes((i - j).abs().float().sqrt(), causal_grid(T, T)), str)
+    assert "grows" in fit_slopes(+slopes[:, None, None] * (i - j), causal_grid(T, T))
+
+
+# ------------------------------------------------------------------------------------- in the graph
+
+
+@pytest.mark.parametrize(
+    ("name", "mask_fn"),
+    [
+        ("shifted diagonal", lambda i, j: j < i),
+        ("upper triangle", lambda i, j: j >= i),
+        ("one flipped entry", lambda i, j: (j <= i) & ~((i == 9) & (j == 3))),
+        ("causal except one extra key", lambda i, j: (j <= i) | ((i == 2) & (j == 7))),
+    ],
+)
+def test_masks_that_look_causal_are_kept(name, mask_fn):
+    q, k, v = qkv()
+    out, report = rewrite(attend(mask_fn), q, k, v)
+    (site,) = report.sites
+    assert site.decision == "kept", name
+    assert "could not be proven" in site.reason and "entry" in site.reason
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask_fn(*grids_of(T, T))))
+
+
+def test_random_mask_in_the_graph_is_kept():
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.rand(T, T) > 0.5)
+
+    _, report = rewrite(fn, *qkv())
+    assert report.sites[0].decision == "kept" and "depends on the data" in report.sites[0].reason
+
+
+def test_strict_raises_on_an_unproven_mask():
+    with pytest.raises(Exception, match="strict.*cannot be rewritten.*mask"):
+        rewrite(attend(lambda i, j: j < i), *qkv(), strict=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "mask_fn", "becomes"),
+    [
+        ("causal", lambda i, j: j <= i, "causal retention"),
+        ("causal, and-ed with an all-true term", lambda i, j: (j <= i) & (i >= 0), "causal retention"),
+        ("full", lambda i, j: j >= 0, "non-causal retention"),
+    ],
+)
+def test_index_masks_are_proven(name, mask_fn, becomes):
+    q, k, v = qkv()
+    out, report = rewrite(attend(mask_fn), q, k, v)
+    (site,) = report.sites
+    assert (site.decision, site.becomes) == ("rewritten", becomes), name
+    torch.testing.assert_close(out, oracle_sdpa(q, k, v, attn_mask=mask_fn(*grids_of(T, T))), **TOL)
+
+
+def test_sliding_window_policies():
+    window = lambda i, j: (j <= i) & (j > i - 5)  # noqa: E731
+    q, k, v = qkv()
+    out, report = rewrite(attend(window), q, k, v)
+    assert report.sites[0].becomes == "causal retention" and "window of 5 keys is dropped" in report.sites[0].notes[0]
+    assert report.sites[0].mask.startswith("sliding window of 5 keys")
+    torch.testing.assert_close(out, oracle_sdpa(q, k, v, is_causal=True), **TOL)
+    _, report = rewrite(attend(window), q, k, v, sliding_window="keep")
+    assert report.sites[0].decision == "kept" and "sliding_window='keep'" in report.sites[0].reason
+
+
+def test_padding_term_becomes_valid():
+    q, k, v = qkv()
+    attention_mask = torch.ones(B, T, dtype=torch.long)
+    attention_mask[1, :5] = 0
+
+    def fn(q, k, v, attention_mask):
+        i, j = grids_of(T, T)
+        padding = attention_mask.bool()[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & padding)
+
+    out, report = rewrite(fn, q, k, v, attention_mask)
+    site = report.sites[0]
+    assert site.becomes == "causal retention" and "padding" in site.mask and "valid" in " ".join(site.notes)
+    mask = causal_grid(T, T) & attention_mask.bool()[:, None, None, :]
+    torch.testing.assert_close(out, oracle_sdpa(q, k, v, attn_mask=mask), **TOL)
+
+
+def test_data_that_varies_along_queries_is_kept():
+    def fn(q, k, v, rows):
+        i, j = grids_of(T, T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & rows[:, None, :, None])
+
+    _, report = rewrite(fn, *qkv(), torch.ones(B, T, dtype=torch.bool))
+    assert report.sites[0].decision == "kept" and "varies along the query axis" in report.sites[0].reason
+
+
+@pytest.mark.parametrize("form", ["where finfo.min", "masked_fill -inf", "bool to float"])
+def test_additive_masks(form):
+    q, k, v = qkv()
+    attention_mask = torch.ones(B, T, dtype=torch.long)
+    attention_mask[0, :3] = 0
+
+    def fn(q, k, v, attention_mask):
+        i, j = grids_of(T, T)
+        allowed = (j <= i) & attention_mask.bool()[:, None, None, :]
+        if form == "where finfo.min":
+            bias = torch.where(allowed, 0.0, torch.finfo(q.dtype).min)
+        elif form == "masked_fill -inf":
+            bias = torch.zeros(B, 1, T, T).masked_fill(~allowed, float("-inf"))
+        else:
+            bias = (1.0 - allowed.to(q.dtype)) * torch.finfo(q.dtype).min
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    out, report = rewrite(fn, q, k, v, attention_mask)
+    assert report.sites[0].becomes == "causal retention", report.sites[0].reason
+    mask = causal_grid(T, T) & attention_mask.bool()[:, None, None, :]
+    torch.testing.assert_close(out, oracle_sdpa(q, k, v, attn_mask=mask), **TOL)
+
+
+def alibi(q, k, v):
+    """ALiBi (BLOOM's form, linear in the key position only) on a causal mask, as an additive float mask."""
+    slopes = 2.0 ** (-8.0 * torch.arange(1, H + 1) / H)
+    i, j = grids_of(q.shape[2], k.shape[2])
+    bias = (slopes[:, None, None] * j).masked_fill(j > i, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def test_alibi_becomes_a_gate():
+    q, k, v = qkv()
+    out, report = rewrite(alibi, q, k, v, gate="alibi")
+    site = report.sites[0]
+    assert site.becomes == "causal retention with ALiBi gate" and "ALiBi slopes" in site.mask
+    i, j = grids_of(T, T)
+    bias = (2.0 ** (-8.0 * torch.arange(1, H + 1) / H))[:, None, None] * j
+    expected = oracle_sdpa(q, k, v, attn_mask=bias.masked_fill(j > i, float("-inf")))
+    torch.testing.assert_close(out, expected, **TOL)
+    _, report = rewrite(alibi, q, k, v)
+    assert report.sites[0].decision == "kept" and "gate='alibi'" in report.sites[0].reason
+
+
+def test_learned_relative_position_bias_is_kept():
+    table = torch.nn.Parameter(torch.randn(2 * T - 1, H))
+
+    def fn(q, k, v, table):
+        i, j = grids_of(T, T)
+        bias = table[(i - j) + T - 1].permute(2, 0, 1)  # T5-style bias from a learned table
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    _, report = rewrite(fn, *qkv(), table)
+    assert report.sites[0].decision == "kept" and "relative-position" in report.sites[0].reason
+
+
+def test_decode_step_and_cross_attention_with_padding():
+    q, k, v = qkv(q_len=1, kv_len=T)
+    out, report = rewrite(attend(lambda i, j: j <= i), q, k, v)
+    assert report.sites[0].becomes == "causal retention"
+    torch.testing.assert_close(out, oracle_sdpa(q, k, v), **TOL)
+
+    q, k, v = qkv(q_len=6, kv_len=T)
+    memory_mask = torch.ones(B, T, dtype=torch.bool)
+    memory_mask[0, -4:] = False
+
+    def cross(q, k, v, memory_mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=memory_mask[:, None, None, :])
+
+    out, report = rewrite(cross, q, k, v, memory_mask)
+    assert report.sites[0].becomes == "non-causal retention" and "padding" in report.sites[0].mask
+    torch.testing.assert_close(out, oracle_sdpa(q, k, v, attn_mask=memory_mask[:, None, None, :]), **TOL)
+
+
+def test_dynamic_shapes_evaluate_more_sizes():
+    """``j <= i or i >= 100`` is causal at T = 16 (a static graph only runs there), not at larger sizes."""
+    q, k, v = qkv()
+    late = lambda i, j: (j <= i) | (i >= 100)  # noqa: E731
+    _, report = rewrite(attend(late), q, k, v)
+    assert report.sites[0].decision == "rewritten" and "static shapes" in report.sites[0].reason
+    _, report = rewrite(attend(late), q, k, v, dynamic=True)
+    assert report.sites[0].decision == "kept"
+    out, report = rewrite(attend(lambda i, j: j <= i), q, k, v, dynamic=True)
+    assert report.sites[0].decision == "rewritten" and "sizes" in report.sites[0].reason
+    torch.testing.assert_close(out, oracle_sdpa(q, k, v, is_causal=True), **TOL)
+
+
+@pytest.mark.parametrize(
+    ("form", "fold"),
+    [
+        ("repeat_kv", lambda x: x[:, :, None].expand(B, 2, 2, T, D).reshape(B, 4, T, D)),
+        ("repeat_interleave", lambda x: x.repeat_interleave(2, dim=1)),
+        ("one head broadcast", None),
+        ("repeat (interleaved order: not folded)", lambda x: x.repeat(1, 2, 1, 1)),
+    ],
+)
+def test_gqa_forms(form, fold):
+    kv_heads = 1 if fold is None else 2
+    q, k, v = qkv(kv_heads=kv_heads)
+
+    def fn(q, k, v):
+        if fold is None:
+            k, v = k.expand(B, H, T, D), v.expand(B, H, T, D)
+        else:
+            k, v = fold(k), fold(v)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    out, report = rewrite(fn, q, k, v)
+    notes = " ".join(report.sites[0].notes)
+    assert ("folded" in notes) == ("not folded" not in form), notes
+    repeat = (lambda x: x.expand(B, H, T, D)) if fold is None else fold
+    torch.testing.assert_close(out, oracle_sdpa(q, repeat(k), repeat(v), is_causal=True), **TOL)
+
+
+def test_scale_computed_at_run_time_is_folded_into_the_query():
+    q, k, v = qkv()
+
+    def fn(q, k, v, temperature: float):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=temperature)
+
+    out, report = rewrite(fn, q, k, v, 0.2, dynamic=True)  # a float made dynamic: a run-time scale
+    assert report.sites[0].decision == "rewritten"
+    torch.testing.assert_close(out, oracle_sdpa(q, k, v, is_causal=True, scale=0.2), **TOL)
