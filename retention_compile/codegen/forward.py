@@ -53,19 +53,21 @@ import torch
 from ..planning import Plan
 from .triton_source import SCAN_BLOCK, KernelSpec, load_forward
 
-LOG2E = 1.4426950408889634
 QUADRATIC_BLOCK_K = 64  # keys per step of the attention loop
 STATE_BLOCK_S = 64  # keys per step of the state kernel: its phi tile (64 x 256) and S tile fit in registers
 MAX_BLOCK_FEATURE = 16  # b^2 = 256 features per state tile keeps the fp32 tile in registers
 MIN_BLOCK_FEATURE = 16  # tl.dot needs every dimension >= 16 (the M_IJ block is b x b)
 MIN_BLOCK_E = 64  # narrower value blocks would recompute phi(q), the scores and phi(k) once per block
-STATE_WAVES = 4  # the state kernel aims at this many programs per SM when choosing the segment count
-# Warps per program, from ptxas' reports for sm_90 (triton 3.6): the state kernel (S tile 256 x 64 fp32, phi
-# tile 64 x 256) and the chunked query kernel (acc, phi 128 x 256, q blocks) spill at 4 warps, not at 8.
+# The state kernel aims at this many programs per SM when choosing the segment count. H200, b=1 h=8 d=64
+# T=65536 gated (80 programs per segment): 8 segments 3.05 ms, 16: 3.09, 7 (4 per SM): 3.21.
+STATE_WAVES = 4.5
+# Warps per program. The state kernel (S^T tile 64 x 256 fp32, phi tile 64 x 256) spills at 4 warps, not at 8
+# (ptxas, sm_90, triton 3.6). The chunked query kernel, same H200 run: transposed state product with 4 warps
+# 3.05 ms, transposed with 8 warps 3.58, plain with 8 warps 3.73 (4 warps spill there).
 STATE_WARPS = 8
-CHUNK_QUERY_WARPS = 8
+CHUNK_QUERY_WARPS = 4
 SCAN_WARPS = 4
-QUERY_TRANSPOSED = False  # the chunked query kernel's state product as acc^T += S^T phi(q)^T (see the template)
+QUERY_TRANSPOSED = True  # the chunked query kernel's state product as acc^T += S^T phi(q)^T (see the template)
 MAX_GRID_Z = 65535
 
 
@@ -225,7 +227,7 @@ def triton_forward(
     common = {**_strides("k", k), **_strides("v", v), "K": k, "V": v, "Hq": Hq, "group": Hq // Hk, "Tk": Tk}
     extra: dict[str, object] = {}
     if log_gate is not None:
-        extra["G"] = (torch.cumsum(log_gate.float(), dim=-1) * LOG2E).contiguous()
+        extra["G"] = torch.cumsum(log_gate, dim=-1, dtype=torch.float32)
     if valid is not None:
         extra["VALID"] = valid.contiguous()
     attention = {"Q": q, "Y": y, "DEN": denom, **_strides("q", q), **common, **extra, "Tq": Tq, "scale": scale}
