@@ -29,7 +29,8 @@ reduction over 2560 features). Three kernels:
 
     state    grid (segments, pairs x e-blocks, B*Hs): each program walks the chunks of one segment in order,
              accumulating its (b^2 x block_e) tile of S in fp32 registers and storing it before every chunk
-             (phi(K) lives only in registers); the segment's total goes to a small fp32 buffer.
+             (phi(K) is built in registers and shared memory, never in global memory); the segment's total goes
+             to a small fp32 buffer.
     scan     (only with more than one segment) turns segment totals into true segment-start states and adds
              the decayed start state into the chunk states of that segment.
     query    the quadratic kernel restricted to the keys of the query's own chunk, plus
@@ -38,7 +39,7 @@ reduction over 2560 features). Three kernels:
 Segments exist for parallelism: one segment per (head, pair) would leave most SMs idle at small batch
 (b=1, h=8, d=64: 80 programs on 132 SMs, each walking all of T). With ``n`` segments the state kernel runs
 ``n`` times as many programs; the price is one read-modify-write of the chunk states of segments >= 1.
-The state before each chunk is kept in the dots' dtype (bf16 for 16-bit inputs), ``C/T`` of a state per key.
+The state before each chunk is kept in the dots' dtype (bf16 for 16-bit inputs): one state per chunk.
 """
 
 from __future__ import annotations
