@@ -91,13 +91,15 @@ def sweep_problem(spec: GpuSpec, T: int, d: int, args: argparse.Namespace) -> di
     if args.dry_run:
         rows = [{**_describe(p), "modelled_ms": p.modelled_s * 1e3} for p in configs]
         return {"T": T, "d": d, "planned": _describe(planned), "reason": planned.reason, "configs": rows}
+    from triton.runtime.errors import OutOfResources
+
     q, k, v = (torch.randn(args.batch, args.heads, T, d, device="cuda", dtype=dtype) for _ in range(3))
     rows = []
     for p in configs:
         row = {**_describe(p), "modelled_ms": p.modelled_s * 1e3}
         try:
             row["measured_ms"] = time_configuration(q, k, v, p, args.deg, args.rep)
-        except (RuntimeError, ValueError) as err:  # a configuration the kernels reject or that runs out of memory
+        except (RuntimeError, ValueError, OutOfResources) as err:  # rejected, or out of memory / shared memory
             row["error"] = f"{type(err).__name__}: {err}"[:300]
         rows.append(row)
         print(f"  T={T} d={d} {_label(p)}: {row.get('measured_ms', float('nan')):.3f} ms", flush=True)

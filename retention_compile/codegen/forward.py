@@ -58,6 +58,11 @@ QUADRATIC_BLOCK_K = 64  # keys per step of the attention loop
 STATE_BLOCK_S = 64  # keys per step of the state kernel: its phi tile (64 x 256) and S tile fit in registers
 MAX_BLOCK_FEATURE = 16  # b^2 = 256 features per state tile keeps the fp32 tile in registers
 MIN_BLOCK_FEATURE = 16  # tl.dot needs every dimension >= 16 (the M_IJ block is b x b)
+# Wide heads (d, e >= 128): a (128 x 128) query tile with 3 stages of (64 x 128) k/v tiles asked Triton 3.6 for
+# 311 KB of shared memory on the H200 (limit 227 KB, chunk_sweep run of 2026-11-29); cap rows and stages there.
+WIDE_HEAD = 128
+WIDE_BLOCK_T = 64
+WIDE_STAGES = 2
 MIN_BLOCK_E = 64  # narrower value blocks would recompute phi(q), the scores and phi(k) once per block
 # The state kernel aims at this many programs per SM when choosing the segment count. H200, b=1 h=8 d=64
 # T=65536 gated (80 programs per segment): 8 segments 3.05 ms, 16: 3.09, 7 (4 per SM): 3.21.
@@ -132,6 +137,8 @@ def kernel_spec(
     e_pad = max(16, 1 << (e - 1).bit_length())
     block_e = min(max(plan.block_e, MIN_BLOCK_E), e_pad)
     block_t = min(max(16, plan.block_t), 128)
+    if not chunked and d >= WIDE_HEAD and block_e >= WIDE_HEAD:
+        block_t = min(block_t, WIDE_BLOCK_T)
     chunk = 1 << max(plan.chunk_size - 1, 0).bit_length()
     return KernelSpec(
         dtype=str(q.dtype).removeprefix("torch."),
@@ -238,7 +245,8 @@ def triton_forward(
         attention.update(_chunk_states(module, spec, k, Tq, common, extra, plan, segments))
     grid = (_cdiv(Tq, spec.block_t), _cdiv(spec.value_dim, spec.block_e), B * Hq)
     warps = CHUNK_QUERY_WARPS if spec.chunked else plan.num_warps
-    _launch(module.attention_kernel, grid, attention, warps, plan.num_stages)
+    stages = min(plan.num_stages, WIDE_STAGES) if spec.head_dim >= WIDE_HEAD else plan.num_stages
+    _launch(module.attention_kernel, grid, attention, warps, stages)
     return y, denom
 
 
