@@ -185,6 +185,12 @@ def record_kernel(name: str, source: str, meta: Mapping[str, Any] | None = None,
         cap.add_kernel(record)
 
 
+def is_recording() -> bool:
+    """True while a graph is being compiled by the backend or an inspection capture is open: then every
+    kernel choice should be recorded (outside, the first eager call per kernel is enough)."""
+    return _compiling.get() is not None or bool(_captures)
+
+
 def recorded_kernels() -> list[KernelRecord]:
     """Every kernel recorded in this process, first recorded first."""
     return list(_KERNELS.values())

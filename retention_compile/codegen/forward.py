@@ -51,6 +51,7 @@ import os
 
 import torch
 
+from ..inspection import is_recording
 from ..planning import Plan
 from .triton_source import SCAN_BLOCK, KernelSpec, load_forward
 
@@ -179,7 +180,7 @@ def _strides(prefix: str, t: torch.Tensor) -> dict[str, int | torch.SymInt]:
 
 
 def _record(spec: KernelSpec, path, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan) -> None:
-    """Register the source with the inspection (every traced call; eager calls the first time per spec)."""
+    """Register the source with the inspection (every call while compiling or inspecting; else once per spec)."""
     from ..inspection import record_kernel
 
     record_kernel(
@@ -226,7 +227,7 @@ def triton_forward(
     e = v.shape[3]
     spec = kernel_spec(q, v, deg, log_gate is not None, valid is not None, causal, _hint(Tk), plan)
     module, path = load_forward(spec)
-    if torch.compiler.is_compiling() or spec not in _RECORDED:
+    if is_recording() or spec not in _RECORDED:
         _RECORDED.add(spec)
         _record(spec, path, q, k, v, plan)
 
