@@ -3,9 +3,9 @@
     render(name, **params)            jinja2 template in ``retention_compile/cuda_templates`` -> CUDA C++ source
     compile_source(source, arch)      NVRTC through cuda-python (nvcc when NVRTC's library is missing) -> bytes:
                                       a cubin for ``arch = "sm_XY[a]"``, PTX text for ``arch = "compute_XY[a]"``
-    cached_compile(source, arch)      the same, cached under sha256(source, arch, options, compiler, driver) in
-                                      ``$XDG_CACHE_HOME/retention_compile/cuda`` (``~/.cache/...``), with the
-                                      rendered ``.cu`` beside each entry; files are written atomically
+    cached_compile(source, arch)      the same, cached under sha256(source, arch, options, compiler, versions) in
+                                      ``cache.cache_dir("cuda")``, with the rendered ``.cu`` beside each entry and
+                                      a checksum that turns a truncated entry into a rebuild (``cache.py``)
     load_kernels(source, names, dev)  cuModuleLoadData + cuModuleGetFunction, once per device and source
     CudaKernel.launch(grid, block, args)  cuLaunchKernel on PyTorch's current stream
 
@@ -29,6 +29,9 @@ from pathlib import Path
 
 import jinja2
 import torch
+
+from . import cache
+from .cache import driver_version as driver_version  # re-exported: benchmarks record it
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "cuda_templates"
 DEFAULT_OPTIONS = ("-std=c++17", "-lineinfo")
@@ -121,18 +124,6 @@ def compiler_id(compiler: str | None = None) -> str:
     )
 
 
-@functools.lru_cache(maxsize=1)
-def driver_version() -> int | None:
-    """The CUDA driver version (e.g. 13000), or None without a driver."""
-    try:
-        from cuda.bindings import driver
-
-        err, version = driver.cuDriverGetVersion()
-    except Exception:  # no cuda-python, or no libcuda on a CPU machine
-        return None
-    return version if err == driver.CUresult.CUDA_SUCCESS else None
-
-
 def _compile_error(source: str, log: str, arch: str, compiler: str) -> CudaCompileError:
     """Quote each source line a diagnostic points at, so the error is readable without the file."""
     lines = source.splitlines()
@@ -212,29 +203,10 @@ def compile_source(
     return compile_with(source, arch, options, name)
 
 
-def cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/retention_compile/cuda``, else ``~/.cache/retention_compile/cuda`` (never the package)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "retention_compile" / "cuda"
-
-
 def cache_key(source: str, arch: str, options: Sequence[str], compiler: str) -> str:
-    """sha256 over everything that changes the binary: source, arch, options, compiler and driver versions."""
-    parts = [source, arch, "\0".join(options), compiler, str(driver_version())]
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """sha256 over everything that changes the binary: source, arch, options, compiler, and (through
+    ``cache.cache_key``) the torch, triton and driver versions."""
+    return cache.cache_key(source, arch, "\0".join(options), compiler)
 
 
 def cached_compile(
@@ -247,12 +219,13 @@ def cached_compile(
     """
     chosen = compiler_id(compiler)
     key = cache_key(source, arch, options, chosen)
-    entry = cache_dir() / f"{key}.{'cubin' if arch.startswith('sm_') else 'ptx'}"
-    if entry.exists():
-        return entry.read_bytes(), entry
-    _write_atomic(entry.with_suffix(".cu"), source.encode())
+    entry = cache.cache_dir("cuda") / f"{key}.{'cubin' if arch.startswith('sm_') else 'ptx'}"
+    binary = cache.load_checked(entry)  # None when missing, truncated or corrupt: rebuilt below
+    if binary is not None:
+        return binary, entry
+    cache.store(entry.with_suffix(".cu"), source.encode())
     binary = compile_source(source, arch, options=options, compiler=compiler, name=f"{key[:16]}.cu")
-    _write_atomic(entry, binary)
+    cache.store_checked(entry, binary)
     return binary, entry
 
 

@@ -2,9 +2,9 @@
 
     KernelSpec                 everything a rendered source depends on (shape class, flags, tiles)
     render_forward(spec)       the jinja2 template ``templates/forward.py.j2`` -> Python/Triton module source
-    load_forward(spec)         -> (module, path): the source cached by content hash under
-                               ``$XDG_CACHE_HOME/retention_compile/triton`` (``~/.cache/...``, never the package),
-                               written atomically, imported once per process
+    load_forward(spec)         -> (module, path): the source cached by content hash (and versions) in
+                               ``cache.cache_dir("triton")`` (never the package), written atomically, rewritten
+                               when the entry's bytes differ from the render (truncated), imported once per process
 
 A rendered module defines ``attention_kernel`` and, on the chunked path, ``state_kernel`` and ``scan_kernel``
 (see the template and ``triton_forward``). Sizes that vary from call to call (batch, heads, sequence lengths,
@@ -15,7 +15,6 @@ new sequence length never renders or compiles anything new.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import os
 import sys
@@ -26,8 +25,7 @@ from types import ModuleType
 import jinja2
 
 from ..reference import EPS
-from .nvrtc import _write_atomic
-from .nvrtc import cache_dir as _cuda_cache_dir
+from . import cache
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 FORWARD_TEMPLATE = "forward.py.j2"
@@ -121,13 +119,13 @@ def render_forward(spec: KernelSpec) -> str:
 
 
 def cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/retention_compile/triton``, else ``~/.cache/retention_compile/triton``."""
-    return _cuda_cache_dir().parent / "triton"
+    """The folder of the rendered sources: ``<cache root>/triton`` (see ``cache.py``)."""
+    return cache.cache_dir("triton")
 
 
 def source_path(source: str) -> Path:
-    """The cache entry of a source: ``forward_<sha256 prefix>.py`` (content-addressed, so never stale)."""
-    return cache_dir() / f"forward_{hashlib.sha256(source.encode()).hexdigest()[:24]}.py"
+    """The cache entry of a source: ``forward_<key prefix>.py``, keyed by its content and the versions."""
+    return cache_dir() / f"forward_{cache.cache_key(source)[:24]}.py"
 
 
 def _import(path: Path, interpret: bool) -> ModuleType:
@@ -152,6 +150,5 @@ def load_forward(spec: KernelSpec) -> tuple[ModuleType, Path]:
 def _load(spec: KernelSpec, interpret: bool) -> tuple[ModuleType, Path]:
     source = render_forward(spec)
     path = source_path(source)
-    if not path.exists():
-        _write_atomic(path, source.encode())
+    cache.store(path, source.encode())
     return _import(path, interpret), path
