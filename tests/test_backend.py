@@ -129,16 +129,34 @@ def test_deg_option_reaches_the_op():
 
 
 def test_dynamic_lengths_rewrite_without_recompiling():
+    """One graph serves every length with at least two chunks and a tail of two or more keys (Dynamo
+    specialises sizes 0 and 1, so the single-chunk case, a tail of 0 or 1 keys, may get a graph of its own)."""
+
     def fn(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
     torch._dynamo.reset()
-    compiled = torch.compile(fn, backend="retention", dynamic=True)
+    compiled = torch.compile(fn, backend="retention", dynamic=True, options={"chunk_size": 64})
     with collect_reports() as report:
-        for T in (40, 57, 130):
+        for T in (130, 157, 300, 700):
             q, k, v = tensors(Tq=T, Tk=T, seed=T)
             torch.testing.assert_close(compiled(q, k, v), oracle(q, k, v), rtol=1e-5, atol=1e-5)
     assert report.graphs == 1 and report.sites[0].decision == "rewritten"
+
+
+def test_length_relations_are_guarded_not_assumed():
+    """After a recompile Dynamo may give q and k separate length symbols: Tq == Tk is then decided at the
+    traced sizes under a guard, never assumed; a call with Tq != Tk gets its own correct graph."""
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="retention", dynamic=True, options={"chunk_size": 16})
+    for tq, tk in ((40, 40), (90, 90), (30, 90)):
+        q, k, v = tensors(Tq=tq, Tk=tk, seed=tq + tk)
+        expected = oracle(q, k[:, :, :tq], v[:, :, :tq])  # SDPA's is_causal aligns top-left
+        torch.testing.assert_close(compiled(q, k, v), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_report_formats():

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..config import RetentionConfig
 from .masks import MaskAnalyser, MaskAnalysis
 from .patterns import unrepeat_kv
+from .shapes import holds
 from .sites import AttentionSite, example_value
 
 KEPT = "kept as SDPA"
@@ -74,12 +74,12 @@ def _check_operands(site: AttentionSite) -> Decision | None:
         return keep(f"operands have {q.dim()}/{k.dim()}/{v.dim()} dims; retention needs (B, H, T, d) tensors")
     if any(t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64) for t in (q, k, v)):
         return keep(f"dtypes {q.dtype}/{k.dtype}/{v.dtype} are not supported by power retention")
-    if not statically_known_true(q.shape[0] == k.shape[0]) or not statically_known_true(k.shape[0] == v.shape[0]):
+    if not holds(q.shape[0] == k.shape[0]) or not holds(k.shape[0] == v.shape[0]):
         return keep(f"batch sizes differ or broadcast (q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]})")
-    if not statically_known_true(k.shape[1] == v.shape[1]):
+    if not holds(k.shape[1] == v.shape[1]):
         return keep(f"k and v have different head counts ({k.shape[1]}, {v.shape[1]})")
     hq, hk = q.shape[1], k.shape[1]
-    if not statically_known_true(hq % hk == 0):
+    if not holds(hq % hk == 0):
         return keep(f"query heads ({hq}) are not a multiple of kv heads ({hk})")
     return None
 
@@ -90,7 +90,7 @@ def _fold_kv(site: AttentionSite, decision: Decision) -> None:
     if key is None or value is None:
         return
     (k_source, k_times, form), (v_source, v_times, _) = key, value
-    if not statically_known_true(k_times == v_times):
+    if not holds(k_times == v_times):
         return
     decision.key, decision.value = k_source, v_source
     decision.notes.append(f"GQA: {form} x{k_times} folded into the op's grouped heads")
@@ -153,9 +153,9 @@ def _decide_masked(site: AttentionSite, config: RetentionConfig, mask: MaskAnaly
 def _decide_unmasked(site: AttentionSite, config: RetentionConfig) -> Decision:
     tq, tk = site.q_shape[2], site.k_shape[2]
     if site.is_causal:
-        if statically_known_true(tq == tk):
+        if holds(tq == tk):
             return Decision(True, "causal retention", "is_causal=True with Tq == Tk")
-        if statically_known_true(tq < tk):
+        if holds(tq < tk):
             return Decision(
                 True,
                 "causal retention over the first Tq keys",
@@ -166,7 +166,7 @@ def _decide_unmasked(site: AttentionSite, config: RetentionConfig) -> Decision:
         return keep(
             f"is_causal=True with Tq ({tq}) > Tk ({tk}) or not provably <=: top-left alignment leaves rows empty"
         )
-    if statically_known_true(tq == 1) and config.rewrite_decode:
+    if holds(tq == 1) and config.rewrite_decode:
         return Decision(
             True,
             "decode step (causal, bottom-right)",
@@ -174,5 +174,5 @@ def _decide_unmasked(site: AttentionSite, config: RetentionConfig) -> Decision:
         )
     if config.non_causal == "keep":
         return keep("no mask (non-causal) and RetentionConfig(non_causal='keep')")
-    kind = "self" if statically_known_true(tq == tk) else "cross"
+    kind = "self" if holds(tq == tk) else "cross"
     return Decision(True, "non-causal retention", f"no mask and is_causal=False ({kind}-attention)", causal=False)

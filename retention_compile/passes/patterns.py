@@ -23,10 +23,10 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .fxutils import Evaluator
 from .masks import ADD_OPS, MUL_OPS, WHERE_OPS, neg_constant
+from .shapes import holds
 from .sites import AttentionSite, MaskPart, example_value
 
 SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax)
@@ -37,7 +37,7 @@ DIV_OPS = (operator.truediv, torch.div, torch.Tensor.div, torch.true_divide)
 
 
 def _equal(a: int | torch.SymInt, b: int | torch.SymInt) -> bool:
-    return statically_known_true(a == b)
+    return holds(a == b)
 
 
 def _shape(node: object) -> tuple | None:
