@@ -130,6 +130,11 @@ def _to_rows(
     return _Rows(qs, ks, vp, power_embedding(qs, deg), power_embedding(ks, deg), cum, mask, heads, deg)
 
 
+def _valid_of(x: _Rows, piece: _Piece) -> Tensor | None:
+    """The key-validity mask of a piece (None: every key valid)."""
+    return None if x.valid is None else piece.of(x.valid)
+
+
 class _Layout(NamedTuple):
     """The causal layout of the module docstring: prefix keys, skipped queries, aligned full chunks and tail."""
 
@@ -159,6 +164,13 @@ class _Layout(NamedTuple):
         """``E`` (R, n + 1): G at the last prefix key (0 for an empty prefix) and at the end of each full chunk."""
         before_aligned = torch.nn.functional.pad(cum, (1, 0)).narrow(-1, self.prefix, 1)
         return torch.cat([before_aligned, self.sources()[1].of(cum)[..., -1]], dim=-1)
+
+    def source_ranges(self) -> tuple[tuple[Size, Size], tuple[Size, Size]]:
+        """(start, length) of the prefix and the full chunks on the (n + 1) chunk axis of ``E`` and ``R``.
+
+        Ranges are taken with ``narrow``: a Python slice would be elided in a graph traced where it covered
+        the whole axis (n = 0)."""
+        return (0, 1), (1, self.full)
 
     def incoming_ranges(self) -> tuple[tuple[Size, Size], tuple[Size, Size]]:
         """(start, length) of the full chunks and the tail chunk on the (n + 1) chunk axis of ``E`` and ``I``."""
@@ -273,8 +285,8 @@ def _causal_plan(x: _Rows, layout: _Layout) -> _CausalPlan:
     pair_decay = _lower_log_decay(ends, None).exp()
     sources = layout.sources()
     source_log_w = tuple(
-        _masked(-_minus_ends(piece.of(x.cum), end), None if x.valid is None else piece.of(x.valid))
-        for piece, end in zip(sources, (ends[:, :1], ends[:, 1:]))
+        _masked(-_minus_ends(piece.of(x.cum), ends.narrow(-1, start, count)), _valid_of(x, piece))
+        for piece, (start, count) in zip(sources, layout.source_ranges())
     )
     states = torch.cat([_accumulate(p.of(x.phi_k), w, p.of(x.vp)) for p, w in zip(sources, source_log_w)], TIME)
     key_pieces = layout.aligned(layout.prefix)
@@ -283,8 +295,7 @@ def _causal_plan(x: _Rows, layout: _Layout) -> _CausalPlan:
         for piece, (start, count) in zip(key_pieces, layout.incoming_ranges())
     )
     intra_log_decay = tuple(
-        _per_head(_lower_log_decay(piece.of(x.cum), None if x.valid is None else piece.of(x.valid)), x.heads, -2)
-        for piece in key_pieces
+        _per_head(_lower_log_decay(piece.of(x.cum), _valid_of(x, piece)), x.heads, -2) for piece in key_pieces
     )
     return _CausalPlan(pair_decay, source_log_w, query_log_w, intra_log_decay, _mix(pair_decay, states))
 
@@ -357,9 +368,10 @@ def _causal_backward(x: _Rows, layout: _Layout, d_out: Tensor) -> tuple[Tensor, 
     local = [_accumulate(p.of(x.phi_q, x.heads), w, p.of(d_out, x.heads)) for p, w in zip(q_pieces, plan.query_log_w)]
     reverse = _mix(plan.pair_decay.transpose(-1, -2), torch.cat(local, TIME))  # R_c
     D, tail = x.phi_k.shape[-1], layout.tail
+    reverse_parts = [reverse.narrow(TIME, start, count) for start, count in layout.source_ranges()]
     inter = [
         (_flat(_phi_grad(p.of(x.vp), r, w)), _flat(_read(p.of(x.phi_k), r, w)))
-        for p, w, r in zip(layout.sources(), plan.source_log_w, (reverse[:, :1], reverse[:, 1:]))
+        for p, w, r in zip(layout.sources(), plan.source_log_w, reverse_parts)
     ]
     phi_k_grad = [g for g, _ in inter] + [_zeros(x, tail, D)]
     dvp_inter = [g for _, g in inter] + [_zeros(x, tail, x.vp.shape[-1])]

@@ -1,0 +1,317 @@
+"""The chunked form (forward and explicit backward) against the float64 oracle, on CPU.
+
+Every comparison runs in float64 on fresh random inputs; gates are random per token and per head.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.library import triton_op
+
+from retention_compile.checks import RetentionInputError
+from retention_compile.chunked import chunked_backward, chunked_forward, power_retention_chunked
+from retention_compile.reference import EPS, power_retention_recurrent, power_retention_reference
+
+F64 = torch.float64
+TOL = {"rtol": 1e-9, "atol": 1e-10}
+
+
+def make_case(
+    *,
+    B: int = 2,
+    Hq: int = 2,
+    Hk: int = 1,
+    Tq: int = 17,
+    Tk: int | None = None,
+    d: int = 4,
+    e: int = 3,
+    gate: str | None = "kv",
+    padded: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = F64,
+) -> dict:
+    """Random q, k, v (SDPA layout), a random per-token, per-head log-gate in [-0.5, 0] of shape
+    (B, Hk, Tk) ("kv") or (B, Hq, Tk) ("q"), and a validity mask with about a quarter of the keys padded."""
+    Tk = Tq if Tk is None else Tk
+    g = torch.Generator().manual_seed(seed)
+    case = {
+        "q": torch.randn(B, Hq, Tq, d, generator=g, dtype=F64).to(dtype),
+        "k": torch.randn(B, Hk, Tk, d, generator=g, dtype=F64).to(dtype),
+        "v": torch.randn(B, Hk, Tk, e, generator=g, dtype=F64).to(dtype),
+        "log_gate": None,
+        "valid": None,
+    }
+    if gate is not None:
+        heads = Hk if gate == "kv" else Hq
+        case["log_gate"] = (-0.5 * torch.rand(B, heads, Tk, generator=g, dtype=F64)).to(dtype)
+    if padded:
+        case["valid"] = torch.rand(B, Tk, generator=g) > 0.25
+    return case
+
+
+def oracle(case: dict, *, scale: float = 0.5, deg: int = 2, causal: bool = True) -> torch.Tensor:
+    return power_retention_reference(
+        case["q"],
+        case["k"],
+        case["v"],
+        scale=scale,
+        deg=deg,
+        log_gate=case["log_gate"],
+        causal=causal,
+        valid=case["valid"],
+    )
+
+
+def forward(case: dict, chunk: int, *, scale: float = 0.5, deg: int = 2, causal: bool = True):
+    return chunked_forward(
+        case["q"],
+        case["k"],
+        case["v"],
+        scale=scale,
+        deg=deg,
+        log_gate=case["log_gate"],
+        causal=causal,
+        valid=case["valid"],
+        chunk_size=chunk,
+    )
+
+
+def backward(case: dict, grad_y, y, denom, chunk: int, *, scale: float = 0.5, deg: int = 2, causal: bool = True):
+    return chunked_backward(
+        grad_y,
+        case["q"],
+        case["k"],
+        case["v"],
+        y,
+        denom,
+        scale=scale,
+        deg=deg,
+        log_gate=case["log_gate"],
+        causal=causal,
+        valid=case["valid"],
+        chunk_size=chunk,
+    )
+
+
+def oracle_grads(case: dict, grad_y: torch.Tensor, **options) -> list[torch.Tensor | None]:
+    """d(sum(grad_y * y))/d(q, k, v, log_gate) by torch.autograd through the oracle."""
+    leaves = {name: case[name].clone().requires_grad_() for name in ("q", "k", "v")}
+    if case["log_gate"] is not None:
+        leaves["log_gate"] = case["log_gate"].clone().requires_grad_()
+    y = oracle({**case, **leaves}, **options)
+    grads = torch.autograd.grad(y, list(leaves.values()), grad_y)
+    return [*grads, None] if case["log_gate"] is None else list(grads)
+
+
+def assert_grads_close(actual, expected) -> None:
+    for name, a, b in zip(("dq", "dk", "dv", "dlog_gate"), actual, expected):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16, 64, 256])
+@pytest.mark.parametrize("T", [1, 2, 17, 255, 256, 257, 1000])
+def test_forward_every_chunk_size_and_length(chunk, T):
+    case = make_case(B=1, Tq=T, gate="kv", padded=True, seed=T + chunk)
+    y, denom = forward(case, chunk)
+    assert y.shape == (1, 2, T, 3) and y.dtype == F64 and denom.shape == (1, 2, T) and denom.dtype == F64
+    torch.testing.assert_close(y, oracle(case), **TOL)
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("gate", [None, "kv", "q"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_forward_gqa_gates_padding(group, gate, padded):
+    case = make_case(Hq=2 * group, Hk=2, Tq=37, gate=gate, padded=padded, seed=group)
+    for chunk in (3, 16):
+        torch.testing.assert_close(forward(case, chunk)[0], oracle(case), **TOL)
+
+
+@pytest.mark.parametrize(
+    "Tq, Tk",
+    [(13, 40), (1, 40), (39, 40), (40, 13), (40, 1), (5, 5)],
+    ids=["Tq<Tk", "decode", "Tq=Tk-1", "Tq>Tk", "Tk=1", "Tq=Tk"],
+)
+@pytest.mark.parametrize("gate", ["kv", "q"])
+def test_forward_bottom_right_alignment(Tq, Tk, gate):
+    case = make_case(Hq=4, Hk=2, Tq=Tq, Tk=Tk, gate=gate, padded=True, seed=Tq * Tk)
+    for chunk in (1, 4, 64):
+        torch.testing.assert_close(forward(case, chunk)[0], oracle(case), **TOL)
+
+
+def test_rows_without_keys_are_zero():
+    case = make_case(Tq=20, Tk=7, gate="kv")
+    y, denom = forward(case, 3)
+    assert y[:, :, :13].abs().max() == 0 and (denom[:, :, :13] == EPS).all()
+    case = make_case(Tq=9, gate="kv", padded=True)
+    case["valid"][:] = False
+    y, denom = forward(case, 4)
+    assert y.abs().max() == 0 and (denom == EPS).all()
+
+
+@pytest.mark.parametrize("Tq, Tk", [(13, 40), (40, 13), (1, 25)])
+def test_forward_non_causal(Tq, Tk):
+    case = make_case(Hq=4, Hk=2, Tq=Tq, Tk=Tk, gate=None, padded=True, seed=Tk)
+    for chunk in (1, 16):
+        torch.testing.assert_close(forward(case, chunk, causal=False)[0], oracle(case, causal=False), **TOL)
+
+
+def test_forward_degree_4():
+    case = make_case(Hq=4, Hk=2, Tq=45, gate="q", padded=True, seed=4)
+    for chunk in (1, 7, 64):
+        torch.testing.assert_close(forward(case, chunk, deg=4)[0], oracle(case, deg=4), rtol=1e-8, atol=1e-10)
+
+
+def test_denominator_is_sum_of_weights_plus_eps():
+    case = make_case(Hq=2, Hk=1, Tq=11, gate="kv", padded=True, seed=5)
+    q, k = case["q"], case["k"]
+    cum = case["log_gate"].cumsum(-1)
+    decay = torch.exp((cum[..., :, None] - cum[..., None, :]).clamp(max=0))
+    causal = torch.ones(11, 11, dtype=torch.bool).tril()
+    w = (0.5 * q @ k.transpose(-1, -2)) ** 2 * decay * (causal & case["valid"][:, None, None, :])
+    torch.testing.assert_close(forward(case, 4)[1], w.sum(-1) + EPS, **TOL)
+
+
+def test_large_gates_stay_finite():
+    case = make_case(Hq=4, Hk=2, Tq=50, gate="q", padded=True, seed=6)
+    case["log_gate"][:, :, ::7] = -1e4  # decays to exactly 0 across these steps
+    y, denom = forward(case, 8)
+    assert torch.isfinite(y).all() and torch.isfinite(denom).all()
+    torch.testing.assert_close(y, oracle(case), **TOL)
+    grads = backward(case, torch.randn_like(y), y, denom, 8)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_low_precision_dtypes():
+    case = make_case(Hq=4, Hk=2, Tq=33, gate="kv", padded=True, seed=7, dtype=torch.bfloat16)
+    case["log_gate"] = case["log_gate"].float()
+    y, denom = forward(case, 8)
+    assert y.dtype == torch.bfloat16 and denom.dtype == torch.float32
+    expected = oracle({name: t.double() if t is not None and t.is_floating_point() else t for name, t in case.items()})
+    torch.testing.assert_close(y.double(), expected, rtol=2e-2, atol=2e-2)
+    dq, dk, dv, dg = backward(case, torch.randn_like(y), y, denom, 8)
+    assert (dq.dtype, dk.dtype, dv.dtype, dg.dtype) == (torch.bfloat16,) * 3 + (torch.float32,)
+
+
+def test_wrapper_validates_and_defaults():
+    case = make_case(Hq=4, Hk=2, Tq=20, gate=None, seed=8)
+    y = power_retention_chunked(case["q"], case["k"], case["v"], chunk_size=6)
+    expected = power_retention_reference(case["q"], case["k"], case["v"])
+    torch.testing.assert_close(y, expected, **TOL)
+    with pytest.raises(RetentionInputError, match="chunk_size"):
+        power_retention_chunked(case["q"], case["k"], case["v"], chunk_size=0)
+
+
+def test_oracle_matches_recurrence():
+    case = make_case(Hq=4, Hk=2, Tq=9, Tk=23, gate="q", padded=True, seed=9)
+    expected = power_retention_recurrent(
+        case["q"], case["k"], case["v"], scale=0.5, log_gate=case["log_gate"], valid=case["valid"]
+    )
+    torch.testing.assert_close(oracle(case), expected, **TOL)
+
+
+# ---------------------------------------------------------------------------------------------- backward
+
+BACKWARD_CASES = {
+    "chunk1": dict(chunk=1, Tq=9, gate=None, padded=False, group=1),
+    "gqa2-kvgate-padded": dict(chunk=3, Tq=17, gate="kv", padded=True, group=2),
+    "gqa4-qgate": dict(chunk=16, Tq=40, gate="q", padded=False, group=4),
+    "long-tail": dict(chunk=16, Tq=255, gate="kv", padded=True, group=2),
+    "single-chunk": dict(chunk=64, Tq=37, gate="q", padded=True, group=2),
+    "Tq<Tk": dict(chunk=5, Tq=13, Tk=40, gate="kv", padded=True, group=2),
+    "Tq>Tk": dict(chunk=4, Tq=30, Tk=11, gate="q", padded=True, group=2),
+    "decode": dict(chunk=8, Tq=1, Tk=25, gate="kv", padded=True, group=2),
+    "non-causal": dict(chunk=6, Tq=13, Tk=40, gate=None, padded=True, group=2, causal=False),
+    "deg4": dict(chunk=7, Tq=30, gate="q", padded=True, group=2, deg=4),
+}
+
+
+@pytest.mark.parametrize("name", list(BACKWARD_CASES))
+def test_backward_matches_autograd_on_the_oracle(name):
+    spec = dict(BACKWARD_CASES[name])
+    chunk, group = spec.pop("chunk"), spec.pop("group")
+    options = {"causal": spec.pop("causal", True), "deg": spec.pop("deg", 2)}
+    case = make_case(Hq=2 * group, Hk=2, seed=len(name), **spec)
+    y, denom = forward(case, chunk, **options)
+    grad_y = torch.randn_like(y)
+    assert_grads_close(backward(case, grad_y, y, denom, chunk, **options), oracle_grads(case, grad_y, **options))
+
+
+# ------------------------------------------------------------------------------------ tracing, compiling
+
+
+def _forward_fn(chunk: int):
+    def fn(q, k, v, log_gate, valid):
+        return chunked_forward(q, k, v, scale=0.5, deg=2, log_gate=log_gate, causal=True, valid=valid, chunk_size=chunk)
+
+    return fn
+
+
+def _backward_fn(chunk: int):
+    def fn(grad_y, q, k, v, y, denom, log_gate, valid):
+        return chunked_backward(
+            grad_y, q, k, v, y, denom, scale=0.5, deg=2, log_gate=log_gate, causal=True, valid=valid, chunk_size=chunk
+        )
+
+    return fn
+
+
+def _traced_inputs(T: int, seed: int) -> tuple[dict, tuple]:
+    # sizes that differ from every T used below, so symbolic tracing keeps T its own symbol
+    case = make_case(B=3, Hq=12, Hk=6, Tq=T, d=5, e=7, gate="q", padded=True, seed=seed)
+    y, denom = forward(case, 8)
+    grad_y = torch.randn_like(y)
+    return case, (grad_y, case["q"], case["k"], case["v"], y, denom, case["log_gate"], case["valid"])
+
+
+@pytest.mark.parametrize("trace_T", [37, 4, 16], ids=["chunks+tail", "single-chunk", "no-tail"])
+def test_symbolic_trace_is_valid_at_every_length(trace_T):
+    case, args = _traced_inputs(trace_T, seed=0)
+    fwd = make_fx(_forward_fn(8), tracing_mode="symbolic")(*(case[n] for n in ("q", "k", "v", "log_gate", "valid")))
+    bwd = make_fx(_backward_fn(8), tracing_mode="symbolic")(*args)
+    for T in (2, 9, 24, 53):
+        case, args = _traced_inputs(T, seed=T)
+        y, denom = fwd(*(case[n] for n in ("q", "k", "v", "log_gate", "valid")))
+        torch.testing.assert_close(y, oracle(case), **TOL)
+        assert_grads_close(bwd(*args), oracle_grads(case, args[0]))
+
+
+@triton_op("rc_test_chunked::forward", mutates_args=())
+def _forward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_fn(8)(q, k, v, log_gate, valid)
+
+
+@triton_op("rc_test_chunked::backward", mutates_args=())
+def _backward_op(
+    grad_y: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    y: torch.Tensor,
+    denom: torch.Tensor,
+    log_gate: torch.Tensor,
+    valid: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_fn(8)(grad_y, q, k, v, y, denom, log_gate, valid)
+
+
+def test_torch_compile_dynamic_forward_and_backward():
+    """Inductor traces into ``triton_op`` bodies (as for the project's op) and compiles them to C++."""
+    torch._dynamo.reset()
+    fwd = torch.compile(lambda *a: _forward_op(*a), dynamic=True)
+    bwd = torch.compile(lambda *a: _backward_op(*a), dynamic=True)
+    for T in (37, 61):
+        case, args = _traced_inputs(T, seed=T)
+        y, denom = fwd(*(case[n] for n in ("q", "k", "v", "log_gate", "valid")))
+        torch.testing.assert_close(y, oracle(case), **TOL)
+        assert_grads_close(bwd(*args), oracle_grads(case, args[0]))
