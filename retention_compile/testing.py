@@ -39,9 +39,10 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch._dynamo.utils import counters
 from torch.utils import _pytree as pytree
 
-from .backend import collect_reports
+from .backend import collect_reports, rewrite_graph
 from .config import RetentionConfig
 from .passes import rewrite_attention
 from .passes.grids import MASKED_BELOW, causal_grid
@@ -274,10 +275,11 @@ def _tap_inputs(site: AttentionSite) -> dict[str, Any]:
 
 
 def _tapping_backend(
-    gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *, config: RetentionConfig, sites: list
+    gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *, config: RetentionConfig, sites: list, publish: bool
 ) -> Callable[..., Any]:
-    """Rewrite (no Inductor) and tap the output of every rewritten site."""
-    report = rewrite_attention(gm, config, graph_index=-1)
+    """Rewrite (published like the backend's when ``publish``), tap the output of every rewritten site, and
+    run the graph eagerly (no Inductor)."""
+    report = rewrite_graph(gm, config) if publish else rewrite_attention(gm, config, graph_index=-1)
     for node in list(gm.graph.nodes):
         site = node.meta.get("retention_site")
         if site is None:
@@ -327,13 +329,16 @@ class SiteCheck:
 
 @dataclass
 class ModelCheck:
-    """The result of ``check_model``: per site, and for the outputs and gradients of each call."""
+    """The result of ``check_model``: per site, and for the outputs and gradients of each call; the graph
+    breaks Dynamo made in the first call (Dynamo's counters: the backend runs after the graphs are cut, so
+    any break is the model's own)."""
 
     report: Report
     sites: list[SiteCheck] = field(default_factory=list)
     output_error: float = 0.0
     grad_error: float = 0.0
     failures: list[str] = field(default_factory=list)
+    graph_breaks: int = 0
 
     @property
     def ok(self) -> bool:
@@ -345,7 +350,10 @@ class ModelCheck:
         widths = [min(max(len(r[i]) for r in rows), 44) for i in range(len(header))]
         lines = ["  ".join(c[:w].ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.append(f"outputs: max error {self.output_error:.2e}; gradients: relative error {self.grad_error:.2e}")
+        lines.append(
+            f"outputs: max error {self.output_error:.2e}; gradients: relative error {self.grad_error:.2e}; "
+            f"graph breaks: {self.graph_breaks}"
+        )
         lines += [f"FAILED: {f}" for f in self.failures]
         return "\n".join(lines)
 
@@ -418,13 +426,9 @@ def _compare(name: str, got: torch.Tensor, expected: torch.Tensor, mask: torch.T
     )
 
 
-def _tapped_errors(config, model, args, kwargs, deg) -> dict[tuple[str, str], float]:
-    """Per site (module, location): the largest error of the op against the oracle on the site's own inputs."""
-    sites: list = []
-    tapped = torch.compile(model, backend=functools.partial(_tapping_backend, config=config, sites=sites))
-    _TAPS.clear()
-    with torch.no_grad():
-        tapped(*args, **kwargs)
+def _tapped_errors(sites: list, deg: int) -> dict[tuple[str, str], float]:
+    """Per site (module, location): the largest error of the op against the oracle on the site's own inputs,
+    over the calls tapped since the last ``_TAPS.clear()``."""
     errors: dict[tuple[str, str], float] = {}
     for slot, output, inputs in _TAPS:
         record, site, names = sites[slot]
@@ -438,48 +442,65 @@ def check_model(
     model: Any,
     *inputs: Any,
     options: dict[str, Any] | RetentionConfig | None = None,
-    more: Sequence[tuple[tuple, dict]] = (),
+    more: Sequence[tuple] = (),
     rows: torch.Tensor | None = None,
     select: Callable[[Any], Any] | None = None,
     grad: bool = True,
     tol: float = 1e-5,
     grad_tol: float = 1e-3,
     dynamic: bool | None = None,
+    inductor: bool = True,
     quiet: bool = False,
     **kwargs: Any,
 ) -> ModelCheck:
     """Compile ``model`` with the ``retention`` backend and check it against the oracle (module docstring).
 
-    ``model(*inputs, **kwargs)`` is the call checked; ``more`` holds further ``(args, kwargs)`` calls run on the
-    same compiled model (another sequence length: Dynamo recompiles with dynamic shapes). ``rows`` (B, T) bool
-    restricts the comparison of (B, T, ...) outputs to those rows (padded query rows a model ignores);
-    ``select`` picks the outputs to compare (default: every floating-point tensor of the output). With
-    ``grad`` the gradients of a fixed random linear loss of the outputs are compared too, for every parameter
-    and every input that requires grad. Outputs agree when ``|got - oracle| <= tol (1 + |oracle|)`` entry by
-    entry, a site when its op output is within ``tol max(1, max |oracle|)`` of the oracle on the same inputs,
-    gradients when ``max |got - oracle| <= grad_tol max |oracle|`` (a float32 backward through power weights
-    against the float64 oracle: rows whose weights sum to little next to eps amplify rounding, up to ~1e-4
-    relative in small random models, hence 1e-3; a wrong mask or scale is off by O(1)). Dynamo's caches are reset first.
-    Raises ``ModelCheckError`` naming the offending site (or the outputs) on a disagreement; prints the
-    per-site table unless ``quiet``.
+    ``model(*inputs, **kwargs)`` is the call checked; ``more`` holds further calls ``(args, kwargs[, rows])``
+    run on the same compiled model, outputs only (another sequence length: Dynamo recompiles with dynamic
+    shapes). ``rows`` (B, T) bool restricts the comparison of (B, T, ...) outputs to those rows (padded query
+    rows a model ignores); ``select`` picks the outputs to compare (default: every floating-point tensor of
+    the output). With ``grad`` the gradients of a fixed random linear loss of the outputs are compared too,
+    for every parameter and every input that requires grad.
+
+    Outputs agree when ``|got - oracle| <= tol (1 + |oracle|)`` entry by entry, a site when its op output is
+    within ``tol max(1, max |oracle|)`` of the oracle on the same inputs, gradients when
+    ``max |got - oracle| <= grad_tol max |oracle|`` (a float32 backward through power weights against the
+    float64 oracle: rows whose weights sum to little next to eps amplify rounding, up to ~1e-4 relative in
+    small random models, hence 1e-3; a wrong mask or scale is off by O(1)).
+
+    Dynamo's caches are reset first. ``inductor=False`` runs the rewritten graphs eagerly instead of compiling
+    them with Inductor (the same rewrite; seconds instead of minutes on a CPU). Raises ``ModelCheckError``
+    naming the offending site (or the outputs) on a disagreement; prints the per-site table unless ``quiet``.
     """
     config = RetentionConfig.from_options(options)
     _refuse_dropout(model)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="retention", options={"config": config}, dynamic=dynamic)
+    counters.clear()
+    _TAPS.clear()
+    tap_sites: list = []
+    tapping = functools.partial(_tapping_backend, config=config, sites=tap_sites, publish=not inductor)
+    tapped = torch.compile(model, backend=tapping, dynamic=dynamic)
+    compiled = (
+        torch.compile(model, backend="retention", options={"config": config}, dynamic=dynamic) if inductor else tapped
+    )
     report = Report()
     check = ModelCheck(report)
     site_errors: dict[tuple[str, str], float] = {}
-    calls = [(inputs, kwargs), *more]
-    for number, (args, call_kwargs) in enumerate(calls):
-        wrt = _differentiable(model, args) if grad else []
-        with collect_reports() as compiled_report:
+    calls = [(inputs, kwargs, rows, grad), *((c[0], c[1], c[2] if len(c) > 2 else None, False) for c in more)]
+    for number, (args, call_kwargs, rows, call_grad) in enumerate(calls):
+        wrt = _differentiable(model, args) if call_grad else []
+        with collect_reports() as compiled_report, torch.set_grad_enabled(call_grad):
             got, got_grads = _forward_backward(compiled, args, call_kwargs, select, rows, number, wrt)
         report.extend(compiled_report)
+        if number == 0:
+            check.graph_breaks = sum(counters["graph_break"].values())
+        if inductor:  # the rewritten graphs once more, eagerly, for the taps
+            with torch.no_grad():
+                tapped(*args, **call_kwargs)
         sites = _Sites(report)
-        for key, error in _tapped_errors(config, model, args, call_kwargs, config.deg).items():
+        for key, error in _tapped_errors(tap_sites, config.deg).items():
             site_errors[key] = max(site_errors.get(key, 0.0), error)
-        with _oracle_model(model, sites, config.deg):
+        with _oracle_model(model, sites, config.deg), torch.set_grad_enabled(call_grad):
             expected, expected_grads = _forward_backward(model, args, call_kwargs, select, rows, number, wrt)
         _check_call(check, number, (got, expected, rows, tol), (got_grads, expected_grads, wrt, grad_tol))
         _check_sites(check, sites, site_errors, tol)
@@ -507,13 +528,15 @@ def _check_call(check: ModelCheck, number: int, outputs: tuple, gradients: tuple
 def _check_sites(check: ModelCheck, sites: _Sites, errors: dict[tuple[str, str], float], tol: float) -> None:
     """The per-site rows (latest record per site); the first disagreeing or unreached site is the culprit."""
     check.sites = [SiteCheck(r, sites.calls.get(k, 0), errors.get(k)) for k, r in sites.latest.items()]
+    culprits = []
     for site in check.sites:
         r = site.record
         where = f"site {r.label} ({r.module or 'top level'} at {r.location}, {r.becomes})"
         if r.decision == "rewritten" and site.calls == 0:
-            check.failures.insert(0, f"{where} was never reached by the eager oracle")
+            culprits.append(f"{where} was never reached by the eager oracle")
         elif site.error is not None and site.error > tol:
-            check.failures.insert(0, f"{where} disagrees with the oracle on its own inputs: error {site.error:.2e}")
+            culprits.append(f"{where} disagrees with the oracle on its own inputs: error {site.error:.2e}")
+    check.failures[:0] = [c for c in culprits if c not in check.failures]
 
 
 # ------------------------------------------------------------------------------------------------- scripts

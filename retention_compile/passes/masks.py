@@ -46,7 +46,7 @@ from .fxutils import (
 from .sites import AttentionSite, MaskPart, example_value
 
 # Extra sizes tried for each shape symbol under dynamic shapes (small primes and sizes around powers of two).
-SAMPLE_SIZES = (1, 2, 3, 5, 17, 64, 97, 257, 1031, 2053)
+SAMPLE_SIZES = (1, 2, 3, 7, 33, 130, 1031)
 AND_OPS = (operator.and_, torch.logical_and, torch.bitwise_and, torch.Tensor.logical_and, torch.Tensor.__and__)
 OR_OPS = (operator.or_, torch.logical_or, torch.bitwise_or, torch.Tensor.logical_or, torch.Tensor.__or__)
 NOT_OPS = (operator.invert, torch.logical_not, torch.bitwise_not, torch.Tensor.logical_not)

@@ -32,7 +32,7 @@ from .sites import AttentionSite, MaskPart, example_value
 SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax)
 MATMUL_FUNCTIONS = (operator.matmul, torch.matmul, torch.Tensor.matmul)
 DROPOUT_FUNCTIONS = (F.dropout, torch.dropout)
-CAST_METHODS = frozenset({"to", "float", "half", "bfloat16", "type_as", "contiguous"})
+CAST_METHODS = frozenset({"to", "type", "float", "half", "bfloat16", "type_as", "contiguous"})
 DIV_OPS = (operator.truediv, torch.div, torch.Tensor.div, torch.true_divide)
 
 

@@ -1,0 +1,424 @@
+"""Whole-model rewrite tests: transformers models from tiny random configs (no downloads), nanoGPT-style
+models (SDPA, and hand-written attention with a ``tril`` buffer) and ``nn.MultiheadAttention``.
+
+For each model ``check_model`` compiles with the backend and compares with the model run eagerly with every
+attention replaced by the float64 oracle under the same per-site decisions: outputs (fp32, 1e-5; padded
+query rows excluded where the model ignores them), a training step's gradients, and a second sequence
+length (Dynamo recompiles with dynamic shapes, still rewritten). Every site is counted, its decision
+checked, and ``torch._dynamo.explain`` shows no graph break. Every model has dropout 0 (comparable runs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import retention_compile.testing as rc_testing
+from retention_compile.testing import check_model, oracle_attention
+
+VOCAB = 97
+SMALL = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "vocab_size": VOCAB,
+    "max_position_embeddings": 128,
+    "attention_dropout": 0.0,
+}
+
+
+def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def left_padding(batch: int, length: int, pads: tuple[int, ...]) -> torch.Tensor:
+    """An attention_mask (B, T) of ones with ``pads[b]`` zeros on the left of row b."""
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    return mask
+
+
+def _hf(config_class: str, model_class: str, **config) -> nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = getattr(transformers, config_class)(**config)
+    cfg._attn_implementation = "sdpa"
+    return getattr(transformers, model_class)(cfg)
+
+
+def llama() -> nn.Module:
+    return _hf("LlamaConfig", "LlamaForCausalLM", **SMALL, num_key_value_heads=2)
+
+
+def qwen2() -> nn.Module:
+    return _hf("Qwen2Config", "Qwen2ForCausalLM", **SMALL, num_key_value_heads=2)
+
+
+def mistral(window: int = 8) -> nn.Module:
+    return _hf("MistralConfig", "MistralForCausalLM", **SMALL, num_key_value_heads=2, sliding_window=window)
+
+
+def starcoder2(window: int = 8) -> nn.Module:
+    extra = {"residual_dropout": 0.0, "embedding_dropout": 0.0, "sliding_window": window}
+    return _hf("Starcoder2Config", "Starcoder2ForCausalLM", **SMALL, num_key_value_heads=2, **extra)
+
+
+def _gpt_config(**extra) -> dict:
+    dropouts = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    return {"n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": VOCAB, "n_positions": 128, **dropouts, **extra}
+
+
+def gpt2() -> nn.Module:
+    return _hf("GPT2Config", "GPT2LMHeadModel", **_gpt_config())
+
+
+def gpt_bigcode() -> nn.Module:
+    return _hf("GPTBigCodeConfig", "GPTBigCodeForCausalLM", **_gpt_config(multi_query=True))
+
+
+def bert() -> nn.Module:
+    config = {k: v for k, v in SMALL.items() if k not in ("attention_dropout",)}
+    return _hf("BertConfig", "BertModel", **config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+class NanoBlock(nn.Module):
+    """nanoGPT's block: causal self-attention (SDPA, or hand-written with a ``tril`` buffer) and an MLP."""
+
+    def __init__(self, dim: int, heads: int, block_size: int, hand_written: bool) -> None:
+        super().__init__()
+        self.heads, self.hand_written = heads, hand_written
+        self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.c_attn, self.c_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.attn_dropout = nn.Dropout(0.0)
+        if hand_written:
+            tril = torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size)
+            self.register_buffer("bias", tril)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        if self.hand_written:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+            att = self.attn_dropout(F.softmax(att, dim=-1))
+            y = att @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class NanoGPT(nn.Module):
+    def __init__(self, hand_written: bool = False, dim: int = 32, layers: int = 2, block_size: int = 64) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.wte, self.wpe = nn.Embedding(VOCAB, dim), nn.Embedding(block_size, dim)
+        self.h = nn.ModuleList(NanoBlock(dim, 4, block_size, hand_written) for _ in range(layers))
+        self.ln_f, self.lm_head = nn.LayerNorm(dim), nn.Linear(dim, VOCAB)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+class MultiheadModel(nn.Module):
+    """``nn.MultiheadAttention`` self-attention with a causal mask built in the forward (``triu`` of -inf),
+    and optionally a key padding mask."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        T = x.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+        y, _ = self.attn(x, x, x, attn_mask=causal, key_padding_mask=key_padding_mask)
+        return self.out(y)
+
+
+class DecoderModel(nn.Module):
+    """``nn.TransformerDecoderLayer``: causal self-attention (mask built in the forward) and cross-attention
+    to an encoder memory of another length, with a memory padding mask."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.TransformerDecoderLayer(dim, heads, dim_feedforward=64, dropout=0.0, batch_first=True)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_padding: torch.Tensor) -> torch.Tensor:
+        causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device)
+        return self.layer(x, memory, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=memory_padding)
+
+
+# ------------------------------------------------------------------------------------------------- cases
+
+T1, T2 = 16, 24  # the checked length, and a second one (Dynamo recompiles with a dynamic sequence length)
+CAUSAL, NON_CAUSAL = "causal retention", "non-causal retention"
+PADS = (0, 5)
+
+
+def _outputs(output):
+    """The tensor compared: logits (LMs), the last hidden state (BERT), or the output itself."""
+    if isinstance(output, torch.Tensor):
+        return output
+    return output.logits if hasattr(output, "logits") else output.last_hidden_state
+
+
+def _mha_input(batch: int, length: int) -> torch.Tensor:
+    return torch.randn(batch, length, 32, generator=torch.Generator().manual_seed(length))
+
+
+def _eager(model: nn.Module) -> nn.Module:
+    """The model with transformers' own matmul-softmax-matmul attention (``attn_implementation="eager"``)."""
+    model.config._attn_implementation = "eager"
+    return model
+
+
+def _ids(length: int) -> tuple:
+    return (tokens(2, length),)
+
+
+def _no_kwargs(length: int) -> dict:
+    return {}
+
+
+# name: (model builder, args at a length, kwargs at a length, expected 'becomes' of each site, rows at a length)
+CASES = {
+    "gpt2": (gpt2, _ids, _no_kwargs, [CAUSAL] * 2, None),
+    "llama": (llama, _ids, _no_kwargs, [CAUSAL] * 2, None),
+    "llama all-ones mask": (
+        llama,
+        _ids,
+        lambda t: {"attention_mask": torch.ones(2, t, dtype=torch.long)},
+        [CAUSAL] * 2,
+        None,
+    ),
+    "llama left padding": (
+        llama,
+        _ids,
+        lambda t: {"attention_mask": left_padding(2, t, PADS)},
+        [CAUSAL] * 2,
+        lambda t: left_padding(2, t, PADS).bool(),
+    ),
+    "llama use_cache=False": (llama, _ids, lambda t: {"use_cache": False}, [CAUSAL] * 2, None),
+    "qwen2": (qwen2, _ids, _no_kwargs, [CAUSAL] * 2, None),
+    "mistral sliding window 8": (mistral, _ids, _no_kwargs, [CAUSAL] * 2, None),
+    "starcoder2 sliding window 8": (starcoder2, _ids, _no_kwargs, [CAUSAL] * 2, None),
+    "gpt_bigcode multi-query": (gpt_bigcode, _ids, _no_kwargs, [CAUSAL] * 2, None),
+    "bert": (bert, _ids, _no_kwargs, [NON_CAUSAL] * 2, None),
+    "nanogpt sdpa": (NanoGPT, _ids, _no_kwargs, [CAUSAL] * 2, None),
+    "nanogpt hand-written": (lambda: NanoGPT(hand_written=True), _ids, _no_kwargs, [CAUSAL] * 2, None),
+    "nn.MultiheadAttention": (MultiheadModel, lambda t: (_mha_input(2, t),), _no_kwargs, [CAUSAL], None),
+    "nn.TransformerDecoderLayer (self + cross)": (
+        DecoderModel,
+        lambda t: (_mha_input(2, t), _mha_input(2, 10), torch.tensor([[False] * 10, [False] * 7 + [True] * 3])),
+        _no_kwargs,
+        [CAUSAL, NON_CAUSAL],
+        None,
+    ),
+    "llama eager attention (hand-written), left padding": (
+        lambda: _eager(llama()),
+        _ids,
+        lambda t: {"attention_mask": left_padding(2, t, PADS)},
+        [CAUSAL] * 2,
+        lambda t: left_padding(2, t, PADS).bool(),
+    ),
+}
+# Compiled with Inductor in CI (the others: with -m slow); every case runs the rewrite eagerly in CI.
+INDUCTOR_IN_CI = ("llama left padding", "nanogpt hand-written")
+
+
+def check_case(name: str, inductor: bool, second: bool = True):
+    build, args, kwargs, expected, rows = CASES[name]
+    rows = rows or (lambda t: None)
+    more = [(args(T2), kwargs(T2), rows(T2))] if second else []
+    model = build()
+    check = check_model(
+        model, *args(T1), rows=rows(T1), select=_outputs, more=more, inductor=inductor, quiet=True, **kwargs(T1)
+    )
+    first, later = check.report.sites[: len(expected)], check.report.sites[len(expected) :]
+    assert [s.becomes for s in first] == expected, [s.reason for s in first]
+    if second:
+        assert [s.becomes for s in later] == expected, "the second length is rewritten too"
+        assert all("s" in s.q_shape for s in later), "the second length runs a graph with a symbolic length"
+    assert all(s.calls >= 1 for s in check.sites), "every site answered by the oracle"
+    assert check.graph_breaks == 0
+    return model, args, kwargs
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_model_rewrite(name):
+    """Sites, decisions, outputs and gradients against the oracle, a second (dynamic) length, no graph break."""
+    check_case(name, inductor=False)
+
+
+def test_no_graph_break_by_explain():
+    """``torch._dynamo.explain`` agrees: the models are one graph each (the backend cannot add breaks: it runs on
+    the graphs Dynamo cut)."""
+    build, args, kwargs, _, _ = CASES["llama left padding"]
+    explanation = torch._dynamo.explain(build())(*args(T1), **kwargs(T1))
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0)
+
+
+@pytest.mark.parametrize("name", [n if n in INDUCTOR_IN_CI else pytest.param(n, marks=pytest.mark.slow) for n in CASES])
+def test_model_compiled(name):
+    """The same, compiled by Inductor (first length, with gradients)."""
+    check_case(name, inductor=True, second=False)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) for n in CASES])
+def test_model_compiled_second_length(name):
+    """Compiled by Inductor at a second length: Dynamo recompiles with a dynamic length, still rewritten."""
+    check_case(name, inductor=True)
+
+
+# ------------------------------------------------------------------------------------------ more behaviour
+
+
+def _rewrite_only(model: nn.Module):
+    from retention_compile.backend import rewrite_only_backend
+
+    torch._dynamo.reset()
+    return torch.compile(model, backend=rewrite_only_backend)
+
+
+def test_tril_buffer_is_checked_at_run_time():
+    """A mask read from a module buffer is proven with the buffer's compile-time value and checked again at
+    every call: changing the buffer afterwards raises instead of giving a silently wrong answer."""
+    model = NanoGPT(hand_written=True)
+    compiled = _rewrite_only(model)
+    ids = tokens(2, T1)
+    with torch.no_grad():
+        compiled(ids)
+        model.h[1].bias[..., 0, 3] = 1.0  # query 0 may now see key 3: no longer causal
+        with pytest.raises(RuntimeError, match="no longer hold the mask proven at compile time"):
+            compiled(ids)
+
+
+def test_check_model_names_the_offending_site(monkeypatch):
+    """A wrong rewrite (here: causal attention made non-causal) is caught, and the message names the site."""
+    import dataclasses
+
+    import retention_compile.passes as passes
+
+    replace = passes.replace_with_retention
+
+    def non_causal(graph, site, decision, config):
+        return replace(graph, site, dataclasses.replace(decision, causal=False), config)
+
+    monkeypatch.setattr(passes, "replace_with_retention", non_causal)
+    with pytest.raises(rc_testing.ModelCheckError, match=r"^site g\d+s0 \(h\.0 at .*\) disagrees with the oracle"):
+        check_model(NanoGPT(), tokens(2, T1), inductor=False, quiet=True)
+
+
+def test_multihead_attention_forms():
+    """Key padding becomes ``valid``; forms PyTorch computes differently are kept with the reason."""
+    padding = torch.zeros(2, T1, dtype=torch.bool)
+    padding[1, -4:] = True
+    check = check_model(MultiheadModel(), _mha_input(2, T1), key_padding_mask=padding, inductor=False, quiet=True)
+    (site,) = check.report.sites
+    assert site.becomes == CAUSAL and "padding" in site.mask
+
+    class Weights(nn.Module):
+        def __init__(self, **options) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(32, 4, batch_first=True, **options)
+
+        def forward(self, x):
+            y, weights = self.attn(x, x, x)
+            return y, weights
+
+    import retention_compile as rc
+
+    (site,) = rc.explain(Weights(), _mha_input(2, T1)).sites
+    assert site.decision == "kept" and "attention weights are used" in site.reason
+    (site,) = rc.explain(Weights(add_bias_kv=True), _mha_input(2, T1)).sites
+    assert site.decision == "kept" and "bias_k" in site.reason
+
+
+def test_decode_step_reads_the_cache():
+    """A decode step (Tq = 1, k/v from the cache ``cat``) is rewritten as the bottom-right causal step."""
+    import copy
+
+    from retention_compile.backend import collect_reports
+
+    model = llama()
+    prompt, step = tokens(2, T1), tokens(2, 1, seed=1)
+    with torch.no_grad():
+        cache = model(prompt, use_cache=True).past_key_values
+        with oracle_attention():
+            expected = model(step, past_key_values=copy.deepcopy(cache)).logits
+        compiled = _rewrite_only(model)
+        with collect_reports() as report:
+            got = compiled(step, past_key_values=copy.deepcopy(cache)).logits
+    assert [s.becomes for s in report.sites] == ["decode step (causal, bottom-right)"] * 2
+    assert all(s.k_shape.endswith(f"{T1 + 1}, 8)") for s in report.sites)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_hf_attention_function():
+    """``attn_implementation="power_retention"`` (eager HF) runs the op: equal to the oracle-patched SDPA model;
+    a mask that is not causal/window/full on its valid keys raises."""
+    import retention_compile.hf as hf
+
+    reference, model = llama(), llama()
+    model.config._attn_implementation = hf.NAME
+    ids, mask = tokens(2, T1), left_padding(2, T1, PADS)
+    with torch.no_grad(), oracle_attention():
+        expected = {None: reference(ids).logits, "padded": reference(ids, attention_mask=mask).logits}
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected[None], rtol=1e-5, atol=1e-5)
+        got = model(ids, attention_mask=mask).logits
+    rows = mask.bool()
+    torch.testing.assert_close(got[rows], expected["padded"][rows], rtol=1e-5, atol=1e-5)
+    q = k = v = torch.randn(1, 2, 6, 8)
+    upper = torch.ones(6, 6, dtype=torch.bool).triu()[None, None]
+    with pytest.raises(ValueError, match="power_retention attention: the attention mask is not causal"):
+        hf.power_retention_attention(model.model.layers[0].self_attn, q, k, v, upper)
+
+
+SCRIPT = """
+import torch
+import torch.nn.functional as F
+
+
+class Attention(torch.nn.Module):
+    def forward(self, x):
+        q = x.unflatten(-1, (2, 8)).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, q, q, is_causal=True).sum()
+
+
+compiled = torch.compile(Attention(), backend="retention")
+with torch.no_grad():
+    print("script result", float(compiled(torch.randn(2, 12, 16))))
+"""
+
+
+def test_check_script(tmp_path, capsys, monkeypatch):
+    """``python -m retention_compile check SCRIPT.py`` checks each model the script compiles with the backend."""
+    import functools
+
+    monkeypatch.setattr(rc_testing, "check_model", functools.partial(rc_testing.check_model, inductor=False))
+    script = tmp_path / "attend.py"
+    script.write_text(SCRIPT)
+    assert rc_testing.check_script(str(script), []) == 0
+    printed = capsys.readouterr().out
+    assert "causal retention" in printed and "script result" in printed and "1 model(s) checked" in printed
+    (tmp_path / "nothing.py").write_text("print('no compile')\n")
+    assert rc_testing.check_script(str(tmp_path / "nothing.py"), []) == 2
