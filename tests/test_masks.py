@@ -303,3 +303,59 @@ def test_scale_computed_at_run_time_is_folded_into_the_query():
     out, report = rewrite(fn, q, k, v, 0.2, dynamic=True)  # a float made dynamic: a run-time scale
     assert report.sites[0].decision == "rewritten"
     torch.testing.assert_close(out, oracle_sdpa(q, k, v, is_causal=True, scale=0.2), **TOL)
+
+
+# ------------------------------------------------------------------------------------ hand-written forms
+
+
+def test_hand_written_where_form():
+    """``where(causal, scores, finfo.min)``, softmax in float32, a per-query-row temperature tensor."""
+    q, k, v = qkv()
+    temperature = torch.rand(1, H, T, 1) + 0.5
+
+    def fn(q, k, v, temperature):
+        i, j = grids_of(T, T)
+        att = torch.matmul(q, k.transpose(2, 3)) * 0.3 / temperature
+        att = torch.where(j <= i, att, torch.finfo(att.dtype).min)
+        return F.softmax(att, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+    out, report = rewrite(fn, q, k, v, temperature)
+    site = report.sites[0]
+    assert (site.decision, site.becomes) == ("rewritten", "causal retention") and "hand-written" in site.notes[0]
+    torch.testing.assert_close(out, oracle_sdpa(q / temperature, k, v, is_causal=True, scale=0.3), **TOL)
+
+
+class AdditiveBufferMask(torch.nn.Module):
+    """Hand-written attention adding a ``-inf`` upper-triangle buffer to the scores."""
+
+    def __init__(self, block_size: int = 64) -> None:
+        super().__init__()
+        self.register_buffer("mask", torch.full((block_size, block_size), float("-inf")).triu(1))
+
+    def forward(self, q, k, v):
+        t = q.shape[2]
+        att = q @ k.transpose(-2, -1) / (q.shape[-1] ** 0.5) + self.mask[:t, :t]
+        return torch.softmax(att.float(), dim=-1).to(q.dtype) @ v
+
+
+def test_additive_buffer_mask_is_checked_at_run_time():
+    q, k, v = qkv()
+    model = AdditiveBufferMask()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=rewrite_only_backend, fullgraph=True)
+    with collect_reports() as report:
+        out = compiled(q, k, v)
+    assert report.sites[0].becomes == "causal retention" and "checked again at run time" in report.sites[0].notes[-1]
+    torch.testing.assert_close(out, oracle_sdpa(q, k, v, is_causal=True), **TOL)
+    model.mask[3, 2] = 5.0  # a bias where there was only masking
+    with pytest.raises(RuntimeError, match="no longer hold the mask proven"):
+        compiled(q, k, v)
+
+
+def test_hand_written_attention_whose_weights_are_returned_is_kept():
+    def fn(q, k, v):
+        weights = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
+        return weights @ v, weights
+
+    _, report = rewrite(fn, *qkv())
+    assert report.sites[0].decision == "kept" and "weights are also used" in report.sites[0].reason

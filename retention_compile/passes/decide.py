@@ -142,9 +142,8 @@ def _decide_masked(site: AttentionSite, config: RetentionConfig, mask: MaskAnaly
         notes.append(f"{mask.slopes.describe()} -> constant per-head log-gate -m_h")
     if mask.padding:
         notes.append("key padding -> valid (" + ", ".join(t.node.name for t in mask.padding) + ")")
-    if mask.checks or mask.biases:
-        names = ", ".join(t.node.name for t in [*mask.checks, *mask.biases])
-        notes.append(f"mask read from module buffers ({names}): checked again at run time")
+    if mask.buffers:
+        notes.append(f"mask read from module buffers ({', '.join(mask.buffers)}): checked again at run time")
     where = "static shapes" if len(mask.sizes) == 1 and not mask.sizes[0].values else f"{len(mask.sizes)} sizes"
     reason = f"{what} proven by evaluation on the index grid ({where})"
     return Decision(True, mapping, reason, causal=causal, mask=mask, notes=notes)

@@ -30,7 +30,15 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 METADATA_METHODS = frozenset(
     {"size", "dim", "numel", "stride", "new_ones", "new_zeros", "new_empty", "new_full", "get_device", "is_contiguous"}
 )
-METADATA_FUNCTIONS = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int)
+METADATA_FUNCTIONS = (
+    torch.ops.aten.sym_size.int,
+    torch.ops.aten.sym_numel.default,
+    torch.ops.aten.sym_stride.int,
+    torch.zeros_like,
+    torch.ones_like,
+    torch.empty_like,
+    torch.full_like,
+)
 METADATA_ATTRIBUTES = frozenset({"shape", "device", "dtype", "ndim", "is_cuda"})
 RANDOM_FUNCTIONS = frozenset(
     {
@@ -108,21 +116,23 @@ class DataDependence:
 
     def sources(self, node: fx.Node) -> frozenset[fx.Node]:
         """The tensor inputs (or random ops) whose values ``node`` depends on."""
-        if node in self._sources:
-            return self._sources[node]
-        found: frozenset[fx.Node]
+        if node not in self._sources:
+            for current in backward_slice(node):  # graph order: every argument comes first
+                if current not in self._sources:
+                    self._sources[current] = self._own_sources(current)
+        return self._sources[node]
+
+    def _own_sources(self, node: fx.Node) -> frozenset[fx.Node]:
         if node.op == "placeholder":
-            found = frozenset({node}) if isinstance(node.meta.get("example_value"), torch.Tensor) else frozenset()
-        elif node.op == "get_attr":
-            found = frozenset()
-        elif self._is_random(node):
-            found = frozenset({node})
-        else:
-            found = frozenset()
-            for index, arg in enumerate(_node_args(node)):
-                if not _metadata_only(node, index):
-                    found |= self.sources(arg) if isinstance(arg, fx.Node) else frozenset()
-        self._sources[node] = found
+            return frozenset({node}) if isinstance(node.meta.get("example_value"), torch.Tensor) else frozenset()
+        if node.op == "get_attr":
+            return frozenset()
+        if self._is_random(node):
+            return frozenset({node})
+        found: frozenset[fx.Node] = frozenset()
+        for index, arg in enumerate(_node_args(node)):
+            if not _metadata_only(node, index):
+                found |= self._sources[arg]
         return found
 
     @staticmethod

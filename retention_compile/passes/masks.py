@@ -102,11 +102,12 @@ class MaskAnalysis:
     """What a site's masks mean.
 
     grid:     the reading of the index terms (full, causal, window w) at every evaluated size.
-    index:    the index terms (evaluated; re-checked at run time when some are read from buffers).
+    index:    the bool index terms (evaluated).
+    biases:   the additive terms (evaluated).
     padding:  the padding terms (their conjunction is the op's ``valid``).
     slopes:   ALiBi slopes of the additive bias (None without an additive bias or with a zero slope).
-    checks:   terms read from module buffers (the rewrite checks them at run time).
-    biases:   additive terms read from module buffers (likewise checked).
+    buffers:  the names of the terms read from module buffers: the rewrite checks at run time that the
+              index terms and biases still give the proven grid (and, from buffers, no bias but masking).
     unknown:  why the mask cannot be read ('' when it can).
     sizes:    the sizes it was evaluated at.
     terms:    a short description per term, for the report.
@@ -114,13 +115,16 @@ class MaskAnalysis:
 
     grid: grids.GridShape
     index: list[Term] = field(default_factory=list)
+    biases: list[Bias] = field(default_factory=list)
     padding: list[Term] = field(default_factory=list)
     slopes: grids.Slopes | None = None
-    checks: list[Term] = field(default_factory=list)
-    biases: list[Bias] = field(default_factory=list)
     unknown: str = ""
     sizes: list[Sizes] = field(default_factory=list)
     terms: list[str] = field(default_factory=list)
+
+    @property
+    def buffers(self) -> list[str]:
+        return [t.node.name for t in [*self.index, *self.biases] if t.kind == "buffer"]
 
     def summary(self) -> str:
         """``causal & padding``, ``sliding window of 8 keys``, ...: the SiteRecord's ``mask``."""
@@ -279,14 +283,19 @@ class MaskAnalyser:
         full = grids.GridShape(True, False, None, 0)
         if unknown:
             return MaskAnalysis(full, unknown="; ".join(unknown), terms=terms)
-        values = collector.biases
-        analysis = self._evaluate(site, index, values)
-        analysis.index = index
-        analysis.padding = padding
-        analysis.checks = [t for t in index if t.kind == "buffer"]
-        analysis.biases = [b for b in values if b.kind == "buffer"]
-        analysis.terms = terms
+        analysis = self._evaluate(site, index, collector.biases)
+        analysis.index, analysis.biases, analysis.padding, analysis.terms = index, collector.biases, padding, terms
+        analysis.unknown = analysis.unknown or self._buffer_biases(analysis)
         return analysis
+
+    def _buffer_biases(self, analysis: MaskAnalysis) -> str:
+        """Why an additive term read from a module buffer cannot be checked at run time ('' when it can): the
+        check holds it to masking only (0 or masked entries), so its compile-time value must be that."""
+        for bias in (b for b in analysis.biases if b.kind == "buffer"):
+            value = torch.as_tensor(self.evaluator.run(bias.node, Sizes())).to(torch.float64) * bias.factor
+            if analysis.slopes is not None or bool((value[value > grids.MASKED_BELOW] != 0).any()):
+                return f"additive mask {bias.node.name} read from a module buffer carries a bias, not only masking"
+        return ""
 
     def _classify_term(self, term: Term) -> None:
         node = term.node

@@ -99,7 +99,8 @@ class _Builder:
         return self.call("contiguous", self.call("expand", gate, batch, heads, kv_len))
 
     def check(self, mask: MaskAnalysis, q_len: Size, kv_len: Size, message: str) -> None:
-        """``_assert_async`` that the index terms and buffer biases still give the proven grid."""
+        """``_assert_async`` that the index terms and biases still give the proven grid, and that the biases
+        read from buffers still hold nothing but 0 and masked entries."""
         offset = self.arith(operator.sub, kv_len, q_len)
         rows = self.call(operator.add, self.call(torch.arange, q_len, device=self.device), offset)
         rows = self.call(operator.getitem, rows, (slice(None), None))
@@ -115,9 +116,11 @@ class _Builder:
             node = self.admitted(term)
             admitted = node if admitted is None else self.call(operator.and_, admitted, node)
         for bias in mask.biases:
-            open_ = self.call(operator.gt, bias.node, grids.MASKED_BELOW)
-            zero = self.call(operator.or_, self.call(operator.eq, bias.node, 0), self.call(operator.invert, open_))
-            self.call(torch._assert_async, self.call("all", zero), message)
+            scaled = self.call(operator.mul, bias.node, bias.factor)
+            open_ = self.call(operator.gt, scaled, grids.MASKED_BELOW)
+            if bias.kind == "buffer":
+                zero = self.call(operator.or_, self.call(operator.eq, scaled, 0), self.call(operator.invert, open_))
+                self.call(torch._assert_async, self.call("all", zero), message)
             admitted = open_ if admitted is None else self.call(operator.and_, admitted, open_)
         same = self.call("all", self.call(operator.eq, admitted, expected))
         self.call(torch._assert_async, same, message)
@@ -143,7 +146,7 @@ def replace_with_retention(
                 valid = build.valid(mask.padding, batch, kv_len)
             if mask.slopes is not None:
                 log_gate = build.log_gate(mask.slopes, batch, build.size(site.query, 1), kv_len)
-            if mask.checks or mask.biases:
+            if mask.buffers:
                 message = (
                     f"retention_compile: the attention mask at {site.location} reads module buffers that no longer "
                     "hold the mask proven at compile time; call torch._dynamo.reset() after changing them"
