@@ -54,6 +54,7 @@ _sdpa = F.scaled_dot_product_attention
 _softmaxes = {"functional": F.softmax, "torch": torch.softmax, "method": torch.Tensor.softmax}
 _multihead = F.multi_head_attention_forward
 WINDOW = "sliding window"
+MULTIHEAD = "multihead attention"  # the note of a site lowered from nn.MultiheadAttention
 
 
 class ModelCheckError(AssertionError):
@@ -156,9 +157,9 @@ class _Sites:
 
     def find(self, module: str, location: str) -> SiteRecord | None:
         record = self.latest.get((module, location))
-        if record is None:  # a site lowered from nn.MultiheadAttention is located at the module's call
-            same = [r for (m, _), r in self.latest.items() if m == module and module]
-            record = same[0] if len(same) == 1 else None
+        if record is None:  # a site lowered from nn.MultiheadAttention: SDPA runs inside PyTorch's code
+            lowered = [r for (m, _), r in self.latest.items() if m == module and MULTIHEAD in r.notes]
+            record = lowered[0] if len(lowered) == 1 else None
         if record is not None:
             key = (record.module, record.location)
             self.calls[key] = self.calls.get(key, 0) + 1
@@ -239,15 +240,6 @@ def _oracle_model(model: Any, sites: _Sites, deg: int) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------------- taps
-
-
-@dataclass
-class _Tapped:
-    """What one rewritten site computed in the tapped run, and what the oracle says for the same inputs."""
-
-    site: AttentionSite
-    output: torch.Tensor
-    inputs: dict[str, Any]
 
 
 _TAPS: list[tuple[int, torch.Tensor, list[Any]]] = []
