@@ -14,7 +14,7 @@ SDPA's boolean mask builder in ``AttentionMaskInterface``, so the function recei
                      equal the causal, sliding-window (its window dropped, as ``sliding_window='full'``)
                      or full grid restricted to the valid keys; anything else raises ``ValueError``
 
-Under ``torch.compile`` the mask check is an ``_assert_async`` against the grid the module's flags give
+Under ``torch.compile`` the mask check is an ``_assert_async`` against the grid the model's flags give
 (``is_causal``, ``sliding_window``), so the function adds no graph break. For the proven rewrite of
 ``sdpa`` models, use ``attn_implementation="sdpa"`` with ``backend="retention"`` instead.
 """
@@ -43,11 +43,11 @@ def _admitted(mask: Tensor) -> Tensor:
     return admitted
 
 
-def _read_mask(module: Any, admitted: Tensor, q_len: int, kv_len: int, is_causal: bool) -> tuple[bool, Tensor]:
+def _read_mask(admitted: Tensor, q_len: int, kv_len: int, is_causal: bool, window: int | None) -> tuple[bool, Tensor]:
     """(causal, valid (B, Tk)) of a mask (B, 1|H, Tq, Tk), checked to be exactly that grid on valid keys."""
     valid = admitted.expand(admitted.shape[0], -1, -1, -1).any(1).any(1)
     if torch.compiler.is_compiling():
-        window = getattr(module, "sliding_window", None) if is_causal else None
+        window = window if is_causal else None
         grid = causal_grid(q_len, kv_len, admitted.device) if is_causal else torch.ones_like(admitted[0, 0])
         if window:
             grid = window_grid(q_len, kv_len, int(window), admitted.device)
@@ -85,7 +85,8 @@ def power_retention_attention(
         if causal and kv_len > q_len:
             key, value = key[:, :, :q_len], value[:, :, :q_len]
     else:
-        causal, valid = _read_mask(module, _admitted(attention_mask), q_len, kv_len, is_causal)
+        window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        causal, valid = _read_mask(_admitted(attention_mask), q_len, kv_len, is_causal, window)
         if not torch.compiler.is_compiling() and bool(valid.all()):
             valid = None
     out = power_retention(query, key, value, scale=scaling, deg=deg, causal=causal, valid=valid)

@@ -391,8 +391,8 @@ def test_decode_step_reads_the_cache():
 
 
 def test_hf_attention_function():
-    """``attn_implementation="power_retention"`` (eager HF) runs the op: equal to the oracle-patched SDPA model;
-    a mask that is not causal/window/full on its valid keys raises."""
+    """``attn_implementation="power_retention"`` (eager HF) runs the op: equal to the oracle-patched SDPA model,
+    also under ``torch.compile`` (fullgraph); a mask that is not causal/window/full on its valid keys raises."""
     import retention_compile.hf as hf
 
     reference, model = llama(), llama()
@@ -405,6 +405,12 @@ def test_hf_attention_function():
         got = model(ids, attention_mask=mask).logits
     rows = mask.bool()
     torch.testing.assert_close(got[rows], expected["padded"][rows], rtol=1e-5, atol=1e-5)
+    windowed = mistral()  # the window (8 keys) matters at T2 = 24
+    windowed.config._attn_implementation = hf.NAME
+    with torch.no_grad():
+        eager = windowed(tokens(2, T2)).logits
+        traced = torch.compile(windowed, backend="eager", fullgraph=True)(tokens(2, T2)).logits
+    torch.testing.assert_close(traced, eager)  # under torch.compile: no graph break, the same numbers
     q = k = v = torch.randn(1, 2, 6, 8)
     upper = torch.ones(6, 6, dtype=torch.bool).triu()[None, None]
     with pytest.raises(ValueError, match="power_retention attention: the attention mask is not causal"):
