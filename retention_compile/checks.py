@@ -114,7 +114,7 @@ def validate_retention_inputs(
                 "retention only (pass causal=True or drop the gate)"
             )
         if log_gate.device != q.device:
-            _fail(f"power_retention: log_gate is on {log_gate.device}, q on {q.device}")
+            _fail(f"power_retention: log_gate is on {log_gate.device}, q on {q.device}; move it with .to(q.device)")
         if not log_gate.dtype.is_floating_point:
             _fail(f"power_retention: log_gate must be floating point, got {log_gate.dtype}")
         if (
@@ -132,7 +132,7 @@ def validate_retention_inputs(
         if valid.dtype != torch.bool:
             _fail(f"power_retention: valid must be a bool tensor (True = key is real), got {valid.dtype}")
         if valid.device != q.device:
-            _fail(f"power_retention: valid is on {valid.device}, q on {q.device}")
+            _fail(f"power_retention: valid is on {valid.device}, q on {q.device}; move it with .to(q.device)")
         if tuple(valid.shape) != (B, Tk):
             _fail(f"power_retention: valid must have shape (B, Tk) = ({B}, {Tk}), got {tuple(valid.shape)}")
     return RetentionShape(B, Hq, Hk, Tq, Tk, d, e, gate_heads)

@@ -12,8 +12,9 @@ through ``wrap_triton`` (once they exist for the case), so Inductor's generated 
 ``denom`` (B, Hq, Tq) is ``sum_j w_ij + eps`` in float32: with ``y`` it is all the backward needs
 besides the inputs (``dN = dy / denom``, ``dZ = -(dy . y) / denom``), so nothing of size T x D is saved.
 ``chunk_size = 0`` means "planned per call from the concrete shape" (``planning.plan``); ``impl`` is the
-codegen target of ``RetentionConfig`` ("auto", "triton", "cuda", "aten"). ``dlog_gate`` is an empty
-tensor when there is no gate.
+codegen target of ``RetentionConfig`` ("auto", "triton", "cuda", "aten"; "cuda" raises, naming why: the CUDA
+kernels cover the decode step only). ``dlog_gate`` is an empty tensor when there is no gate. Calls with no
+query or no key return ``y = 0``, ``denom = eps`` (and zero gradients) without planning or launching anything.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ import importlib.util
 import warnings
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.library import triton_op
 
 from . import hardware, planning
 from .checks import validate_retention_inputs
 from .chunked import chunked_backward, chunked_forward
 from .planning import Plan
-from .reference import EPS, default_scale
+from .reference import EPS, compute_dtype, default_scale
 
 OP_NAMESPACE = "retention_compile"
 IMPLS = ("auto", "triton", "cuda", "aten")
@@ -85,6 +87,29 @@ def _triton_unavailable(q, k, v, deg, log_gate, valid, causal, impl) -> str | No
     return reason
 
 
+def _is_empty(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """No query or no key: the result is known without a kernel (adds no guard for symbolic sizes >= 2)."""
+    return guard_or_false(q.numel() == 0) or guard_or_false(k.shape[2] == 0)
+
+
+def _cuda_target_error(q: torch.Tensor) -> RuntimeError:
+    """Why ``impl="cuda"`` cannot serve the forward, and what to use instead."""
+    from .codegen import nvrtc
+
+    why = "the CUDA kernels cover the decode step only (retention_compile.decode.decode_step)"
+    if not q.is_cuda:
+        why = f"the tensors are on {q.device.type}, the CUDA kernels need a CUDA device"
+    else:
+        try:
+            nvrtc.compiler_id()
+        except RuntimeError as error:  # names what to install
+            why = str(error)
+    return RuntimeError(
+        f"retention_compile: codegen/impl='cuda' cannot serve power_retention: {why}. Use 'auto' (Triton on CUDA "
+        "tensors, aten elsewhere), 'triton' or 'aten'."
+    )
+
+
 @triton_op(f"{OP_NAMESPACE}::power_retention", mutates_args=())
 def power_retention_op(
     q: torch.Tensor,
@@ -99,6 +124,11 @@ def power_retention_op(
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: ``(y, denom)`` with ``y_i = sum_j w_ij v_j / denom_i``, ``denom_i = sum_j w_ij + eps``."""
+    if impl == "cuda":
+        raise _cuda_target_error(q)
+    if _is_empty(q, k):  # rows without keys: y = 0, denom = eps
+        shape = (q.shape[0], q.shape[1], q.shape[2])
+        return q.new_zeros(*shape, v.shape[3]), q.new_full(shape, EPS, dtype=compute_dtype(q.dtype))
     plan = resolve_plan(q, k, v, deg, log_gate is not None, chunk_size)
     if _triton_unavailable(q, k, v, deg, log_gate, valid, causal, impl) is None:
         from .codegen import triton_forward
@@ -135,6 +165,9 @@ def power_retention_backward_op(
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: gradients of ``sum(grad_y * y)`` with respect to q, k, v and the log-gate."""
+    if _is_empty(q, k):
+        dg = q.new_empty(0, dtype=torch.float32) if log_gate is None else torch.zeros_like(log_gate)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dg
     chunk = resolve_plan(q, k, v, deg, log_gate is not None, chunk_size).chunk_size
     dq, dk, dv, dg = chunked_backward(
         grad_y.contiguous(),

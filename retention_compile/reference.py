@@ -53,6 +53,8 @@ def power_retention_reference(
     """Quadratic-form power retention (the oracle). Shapes follow SDPA: ``q (B, Hq, Tq, d)``,
     ``k (B, Hk, Tk, d)``, ``v (B, Hk, Tk, e)``, ``log_gate (B, Hk|Hq, Tk)``, ``valid (B, Tk)``."""
     shape = validate_retention_inputs(q, k, v, deg=deg, log_gate=log_gate, causal=causal, valid=valid, scale=scale)
+    if shape.kv_len == 0:  # no admissible key for any row
+        return q.new_zeros(shape.batch, shape.q_heads, shape.q_len, shape.value_dim)
     s = default_scale(shape.head_dim, scale)
     acc = compute_dtype(q.dtype)
     qf, kf, vf = q.to(acc), expand_kv_heads(k.to(acc), shape.group), expand_kv_heads(v.to(acc), shape.group)

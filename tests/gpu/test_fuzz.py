@@ -1,0 +1,197 @@
+"""Random cases through the Triton forward against the float64 oracle (DESIGN.md section 1): 0 mismatches.
+
+Each case draws batch, heads (GQA groups 1, 2, 4), lengths (Tq = Tk, decode Tq = 1, prefill against a cache
+Tq < Tk, and Tq > Tk), gates (none, per kv head, per query head), validity masks (random or left padding),
+causal or not, non-contiguous layouts and input magnitudes. The kernels' shape class (dtype, d, e, degree, flags,
+chunk and tiles: what a compile depends on) comes from a pool of ``CLASSES`` classes drawn from the seed, so a
+run compiles a bounded number of kernels. Most cases call ``triton_forward`` with the class's fixed Plan; every
+``OP_EVERY``-th case goes through the public op (``rc.power_retention(..., impl="triton")``), whose tiles are
+planned from the shape.
+
+Pass: relative error ``|y - ref| / |ref|`` <= 1e-2 (bf16, fp16) or 1e-4 (fp32) per case, every output finite.
+
+Replay: the run prints ``fuzz seed=S cases=N``; ``RETENTION_FUZZ_SEED=S`` repeats it, ``RETENTION_FUZZ_CASE=i``
+runs case i alone (it is built from (S, i) only), ``RETENTION_FUZZ_CASES=N`` changes the count (default 1000).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import secrets
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import retention_compile as rc
+from retention_compile.codegen import triton_source
+from retention_compile.codegen.forward import triton_forward, triton_supports
+from retention_compile.planning import Plan
+from retention_compile.reference import power_retention_reference
+
+pytestmark = pytest.mark.gpu
+
+TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-4}
+CLASSES = 20
+OP_EVERY = 10
+MAX_ORACLE_ELEMENTS = 1 << 25  # B * Hq * Tq * Tk: the oracle's weight matrix stays ~256 MB in float64
+
+
+@dataclass(frozen=True)
+class ShapeClass:
+    """What a kernel compile depends on."""
+
+    dtype: torch.dtype
+    head_dim: int
+    value_dim: int
+    deg: int
+    gated: bool
+    padded: bool
+    causal: bool
+    plan: Plan
+
+
+@dataclass(frozen=True)
+class Case:
+    """One random problem of a shape class."""
+
+    shape: ShapeClass
+    batch: int
+    kv_heads: int
+    group: int
+    q_len: int
+    kv_len: int
+    gate_per_query_head: bool
+    gate_strength: float
+    left_padding: bool
+    transposed: bool
+    magnitude: float
+    through_op: bool
+    seed: int
+
+
+def shape_classes(seed: int) -> list[ShapeClass]:
+    """``CLASSES`` shape classes: head dims the kernels take (multiples of 8 up to 128, mostly <= 64)."""
+    rng = random.Random(f"classes:{seed}")
+    classes = []
+    for _ in range(CLASSES):
+        deg = rng.choice([2, 2, 4])
+        causal = rng.random() < 0.75
+        chunk = rng.choice([16, 32, 64, 128]) if deg == 2 else 1 << 20  # deg 4 runs the quadratic kernel
+        plan = Plan(chunk_size=chunk, block_t=rng.choice([16, 32, 64]), block_feature=16, block_e=64)
+        classes.append(
+            ShapeClass(
+                dtype=rng.choice([torch.bfloat16, torch.float16, torch.float32]),
+                head_dim=rng.choice([8, 16, 24, 32, 32, 48, 64, 64, 96, 128]),
+                value_dim=rng.choice([1, 8, 16, 40, 64, 64, 128]),
+                deg=deg,
+                gated=causal and rng.random() < 0.6,
+                padded=rng.random() < 0.4,
+                causal=causal,
+                plan=plan,
+            )
+        )
+    return classes
+
+
+def make_case(seed: int, index: int, classes: list[ShapeClass]) -> Case:
+    """Case ``index`` of run ``seed`` (depends on nothing else)."""
+    rng = random.Random(f"case:{seed}:{index}")
+    shape = rng.choice(classes)
+    kv_len = rng.choice([rng.randint(1, 128), rng.randint(1, 128), rng.randint(129, 1024), rng.randint(1025, 4096)])
+    q_len = rng.choice([kv_len, kv_len, 1, rng.randint(1, kv_len), kv_len + rng.randint(1, 64)])
+    group = rng.choice([1, 1, 2, 4])
+    kv_heads, batch = rng.randint(1, 4), rng.randint(1, 3)
+    while batch * kv_heads * group * q_len * kv_len > MAX_ORACLE_ELEMENTS and batch * kv_heads > 1:
+        batch, kv_heads = max(batch - 1, 1), max(kv_heads // 2, 1)
+    return Case(
+        shape=shape,
+        batch=batch,
+        kv_heads=kv_heads,
+        group=group,
+        q_len=q_len,
+        kv_len=kv_len,
+        gate_per_query_head=rng.random() < 0.3,
+        gate_strength=min(10 ** rng.uniform(-3, -0.3), 50 / kv_len),  # |G_T| <= 50: fp32 cumsum stays exact enough
+        left_padding=rng.random() < 0.5,
+        transposed=rng.random() < 0.2,
+        magnitude=rng.choice([1.0, 1.0, 1.0, 0.1, 3.0, 10.0]),
+        through_op=index % OP_EVERY == OP_EVERY - 1,
+        seed=rng.randrange(2**62),
+    )
+
+
+def inputs(case: Case) -> tuple[torch.Tensor, ...]:
+    """q, k, v (possibly seen through a (B, T, H, x) storage), the gate and the validity mask, on the GPU."""
+    s = case.shape
+    gen = torch.Generator(device="cuda").manual_seed(case.seed)
+    B, Hk, Hq = case.batch, case.kv_heads, case.kv_heads * case.group
+
+    def randn(h: int, t: int, x: int) -> torch.Tensor:
+        if case.transposed:
+            data = torch.randn(B, t, h, x, generator=gen, device="cuda").transpose(1, 2)
+        else:
+            data = torch.randn(B, h, t, x, generator=gen, device="cuda")
+        return (data * case.magnitude).to(s.dtype)
+
+    q, k, v = randn(Hq, case.q_len, s.head_dim), randn(Hk, case.kv_len, s.head_dim), randn(Hk, case.kv_len, s.value_dim)
+    gate = None
+    if s.gated:
+        heads = Hq if case.gate_per_query_head else Hk
+        gate = -case.gate_strength * torch.rand(B, heads, case.kv_len, generator=gen, device="cuda")
+    valid = None
+    if s.padded:
+        if case.left_padding:  # batched generation: each sequence starts after its own padding
+            starts = torch.randint(0, case.kv_len, (B, 1), generator=gen, device="cuda")
+            valid = torch.arange(case.kv_len, device="cuda") >= starts
+        else:
+            valid = torch.rand(B, case.kv_len, generator=gen, device="cuda") > 0.3
+    return q, k, v, gate, valid
+
+
+def run_case(case: Case) -> str | None:
+    """None when the case passes, else what went wrong."""
+    s = case.shape
+    q, k, v, gate, valid = inputs(case)
+    reason = triton_supports(q, k, v, s.deg, gate, valid, s.causal)
+    if reason is not None:
+        return f"not served by Triton: {reason}"
+    scale = 1 / math.sqrt(s.head_dim)
+    options = dict(scale=scale, deg=s.deg, log_gate=gate, causal=s.causal, valid=valid)
+    if case.through_op:
+        y = rc.power_retention(q, k, v, **options, chunk_size=s.plan.chunk_size, impl="triton")
+    else:
+        y, denom = triton_forward(q, k, v, **options, plan=s.plan)
+        if not torch.isfinite(denom).all():
+            return "non-finite denominator"
+    if y.dtype != q.dtype or y.shape != (q.shape[0], q.shape[1], q.shape[2], v.shape[-1]):
+        return f"output {y.dtype} {tuple(y.shape)}"
+    if not torch.isfinite(y).all():
+        return "non-finite output"
+    double = {**options, "log_gate": None if gate is None else gate.double()}
+    expected = power_retention_reference(q.double(), k.double(), v.double(), **double)
+    error = float((y.double() - expected).norm() / expected.norm().clamp_min(1e-300))
+    return None if error <= TOL[s.dtype] else f"relative error {error:.2e} > {TOL[s.dtype]}"
+
+
+def test_fuzz_triton_forward() -> None:
+    seed = int(os.environ.get("RETENTION_FUZZ_SEED") or secrets.randbits(32))
+    count = int(os.environ.get("RETENTION_FUZZ_CASES", "1000"))
+    only = os.environ.get("RETENTION_FUZZ_CASE")
+    indices = [int(only)] if only else list(range(count))
+    classes = shape_classes(seed)
+    print(f"fuzz seed={seed} cases={len(indices)} (replay: RETENTION_FUZZ_SEED={seed})")
+    start, failures = time.perf_counter(), []
+    for index in indices:
+        case = make_case(seed, index, classes)
+        problem = run_case(case)
+        if problem is not None:
+            failures.append(f"case {index}: {problem}: {case}")
+    torch.cuda.synchronize()
+    compiled = triton_source._load.cache_info().currsize
+    print(f"fuzz seed={seed}: {len(failures)} failures in {len(indices)} cases, {compiled} kernel sources, "
+          f"{time.perf_counter() - start:.1f} s")  # fmt: skip
+    assert not failures, f"seed {seed}: {len(failures)} of {len(indices)} cases failed:\n" + "\n".join(failures[:20])
