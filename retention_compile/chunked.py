@@ -32,6 +32,13 @@ The backward runs the same pieces in the adjoint direction; with ``dO'_i = [dy_i
 
 Shapes follow SDPA outside. Inside, every tensor is a stack of rows, one row per state (``_Rows``), so all
 matmuls have the two batch dims (row, chunk): this keeps symbolic tracing cheap.
+
+Tracing: there is no ``.item()`` and no Python branch on a length; the chunk count is a symbolic size, never a
+loop count. A graph traced at one length computes every other length correctly, even when traced where a
+chunk count or the tail was 0 or 1: broadcasts of sizes that may be 1 are explicit ``expand``s, ranges are
+``narrow``s, batched products are ``bmm``s of contiguous copies (``_bmm``) and one-chunk pieces are
+``unsqueeze``s. Only the head dim and the head counts are specialised (``int``). PyTorch still records 0/1
+guards on derived sizes, so ``torch.compile`` may recompile when a chunk count or the tail crosses 0 or 1.
 """
 
 from __future__ import annotations
@@ -61,9 +68,13 @@ class _Piece(NamedTuple):
     def of(self, x: Tensor, per_step: int = 1) -> Tensor:
         """``x`` (R, T * per_step, ...) restricted to the piece: (R, count, size * per_step, ...).
 
-        ``per_step`` rows per time step: the query heads that read one state, interleaved step-major."""
-        length = self.count * self.size * per_step
-        return x.narrow(TIME, self.start * per_step, length).unflatten(TIME, (self.count, self.size * per_step))
+        ``per_step`` rows per time step: the query heads that read one state, interleaved step-major. A
+        piece of one chunk (the literal count 1: prefix, tail) is a plain ``unsqueeze``, free of the size
+        arithmetic of a reshape, which would add guards true only for the traced length."""
+        stretch = x.narrow(TIME, self.start * per_step, self.count * self.size * per_step)
+        if isinstance(self.count, int) and self.count == 1:
+            return stretch.unsqueeze(TIME)
+        return stretch.unflatten(TIME, (self.count, self.size * per_step))
 
 
 def _query_rows(x: Tensor, heads: int) -> Tensor:
@@ -441,12 +452,16 @@ def chunked_backward(
     den = _query_rows(denom.to(acc).unsqueeze(-1), x.heads)
     dy_y = (dy * yy).sum(-1, keepdim=True)
     d_out = torch.cat([dy, -dy_y], dim=-1) / den
-    layout = _Layout.of(q.shape[2], k.shape[2], chunk_size)
-    dq, dk, dvp = _causal_backward(x, layout, d_out) if causal else _non_causal_backward(x, d_out)
-    B, Hk = k.shape[0], k.shape[1]
     d_gate = None
-    if log_gate is not None:
-        d_gate = _gate_grad(x, layout, (dy_y * eps / den).squeeze(-1), dvp).reshape(log_gate.shape).to(log_gate.dtype)
+    if causal:
+        layout = _Layout.of(q.shape[2], k.shape[2], chunk_size)
+        dq, dk, dvp = _causal_backward(x, layout, d_out)
+        if log_gate is not None:
+            d_cum = _gate_grad(x, layout, (dy_y * eps / den).squeeze(-1), dvp)
+            d_gate = d_cum.reshape(log_gate.shape).to(log_gate.dtype)
+    else:
+        dq, dk, dvp = _non_causal_backward(x, d_out)
+    B, Hk = k.shape[0], k.shape[1]
     return (
         _query_heads(dq * scale, B, x.heads).to(q.dtype),
         dk.unflatten(0, (B, Hk, -1)).sum(2).to(k.dtype),
