@@ -122,7 +122,8 @@ def _to_rows(
 
     Head counts and the head dim are made static (``int``): the embedding's multiset table is built from d
     and the row layout from the heads, so a traced graph is specialised to them (batch and lengths stay
-    symbolic).
+    symbolic). ``expand`` with these ints (a no-op on the data) gives tensors whose sizes are the ints even
+    where the inputs' sizes are symbolic; a ``reshape`` to the same sizes would keep the symbols.
     """
     B, Tq, Tk = q.shape[0], q.shape[2], k.shape[2]
     Hq, Hk, d = int(q.shape[1]), int(k.shape[1]), int(q.shape[3])
@@ -137,7 +138,7 @@ def _to_rows(
     cum = ks.new_zeros(B * states, Tk) if log_gate is None else log_gate.to(acc).reshape(B * states, Tk).cumsum(-1)
     mask = None if valid is None else valid.unsqueeze(1).expand(B, states, Tk).reshape(B * states, Tk)
     heads = Hq // states
-    qs = _query_rows((q.to(acc) * scale).reshape(B, Hq, Tq, d), heads)
+    qs = _query_rows(q.to(acc).expand(B, Hq, Tq, d) * scale, heads)
     return _Rows(qs, ks, vp, power_embedding(qs, deg), power_embedding(ks, deg), cum, mask, heads, deg)
 
 
