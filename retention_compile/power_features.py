@@ -61,11 +61,13 @@ def power_embedding_vjp(x: torch.Tensor, grad_phi: torch.Tensor, deg: int) -> to
     """
     index, coef = multiset_index(x.shape[-1], deg, x.device)
     weighted = grad_phi * coef.to(x.dtype)
-    grad = torch.zeros_like(x)
+    partials = []
     for m in range(deg):
         partial = weighted
         for other in range(deg):
             if other != m:
                 partial = partial * x[..., index[:, other]]
-        grad = grad.index_add(-1, index[:, m], partial)
-    return grad
+        partials.append(partial)
+    # One scatter over all p positions (an index of length p*D): successive index_adds into the same buffer were
+    # miscompiled by Inductor's CPU backend (torch 2.13: wrong strides, heap corruption in the backward).
+    return torch.zeros_like(x).index_add(-1, index.T.reshape(-1), torch.cat(partials, dim=-1))

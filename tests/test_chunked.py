@@ -338,3 +338,23 @@ def test_torch_compile_dynamic_forward_and_backward():
         torch.testing.assert_close(fwd(*_inputs(case))[0], oracle(case), **TOL)
         assert_grads_close(bwd(*args), oracle_grads(case, args[0]))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+def test_inductor_backward_non_causal_with_padding():
+    """Regression: Inductor's CPU code for ``J_phi^T`` once scattered with a doubled stride (successive
+    ``index_add``s into one buffer), giving wrong key gradients and heap corruption for non-causal retention
+    with a validity mask. The op compiled by Inductor (static shapes, float64) must match the oracle's autograd."""
+    from retention_compile.ops import power_retention
+
+    torch._dynamo.reset()
+    case = make_case(Tq=9, Tk=13, gate=None, padded=True, seed=5)
+    leaves = [case[name].clone().requires_grad_() for name in ("q", "k", "v")]
+    compiled = torch.compile(
+        lambda q, k, v: power_retention(q, k, v, scale=0.5, causal=False, valid=case["valid"], chunk_size=4),
+        backend="inductor",
+    )
+    y = compiled(*leaves)
+    torch.testing.assert_close(y, oracle(case, causal=False), **TOL)
+    grad_y = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, grad_y)
+    assert_grads_close([*grads, None], oracle_grads(case, grad_y, causal=False, scale=0.5))

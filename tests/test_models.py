@@ -276,29 +276,18 @@ def test_no_graph_break_by_explain():
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0)
 
 
-# Known failures of the op under Inductor (not of the rewrite: the same sites pass test_model_rewrite).
-OP_BUGS = {
-    "nn.TransformerDecoderLayer (self + cross)": pytest.mark.xfail(
-        run=False, reason="op: Inductor-compiled backward of non-causal retention with `valid` corrupts the heap"
-    ),
-}
-SYMBOLIC_HEAD_DIM = pytest.mark.xfail(reason="op: unhashable SymInt head dim in power_features, dynamic length")
-OP_BUGS_DYNAMIC = {"gpt2": SYMBOLIC_HEAD_DIM, "gpt_bigcode multi-query": SYMBOLIC_HEAD_DIM, **OP_BUGS}
+def _inductor_cases(in_ci: tuple[str, ...]) -> list:
+    """Every case, ``slow`` unless in ``in_ci``."""
+    return [pytest.param(n, marks=[] if n in in_ci else [pytest.mark.slow]) for n in CASES]
 
 
-def _inductor_cases(known: dict, in_ci: tuple[str, ...]) -> list:
-    """Every case, ``slow`` unless in ``in_ci``, with the known op failures marked."""
-    marks = {n: [m for m in (known.get(n), None if n in in_ci else pytest.mark.slow) if m] for n in CASES}
-    return [pytest.param(n, marks=marks[n]) for n in CASES]
-
-
-@pytest.mark.parametrize("name", _inductor_cases(OP_BUGS, INDUCTOR_IN_CI))
+@pytest.mark.parametrize("name", _inductor_cases(INDUCTOR_IN_CI))
 def test_model_compiled(name):
     """The same, compiled by Inductor (first length, with gradients)."""
     check_case(name, inductor=True, second=False)
 
 
-@pytest.mark.parametrize("name", _inductor_cases(OP_BUGS_DYNAMIC, ()))
+@pytest.mark.parametrize("name", _inductor_cases(()))
 def test_model_compiled_second_length(name):
     """Compiled by Inductor at a second length: Dynamo recompiles with a dynamic length, still rewritten."""
     check_case(name, inductor=True)
