@@ -3,7 +3,8 @@
 Both ops are ``torch.library.triton_op``s: when ``torch.compile`` meets them, Inductor traces into their
 bodies. On CPU tensors the body is the plain-PyTorch chunked form (``chunked.py``), so Inductor compiles
 it to C++ like any aten code; on CUDA tensors the body launches the shape-specialised Triton kernels
-through ``wrap_triton`` (once they exist for the case), so Inductor's generated code contains them.
+(``codegen.triton_forward`` / ``codegen.triton_backward``, where ``triton_supports`` the case) through
+``wrap_triton``, so Inductor's generated code contains them.
 
     power_retention(q, k, v, log_gate?, valid?, scale, deg, causal, chunk_size, impl) -> (y, denom)
     power_retention_backward(dy, q, k, v, log_gate?, valid?, y, denom, scale, deg, causal, chunk_size, impl)
@@ -168,22 +169,17 @@ def power_retention_backward_op(
     if _is_empty(q, k):
         dg = q.new_empty(0, dtype=torch.float32) if log_gate is None else torch.zeros_like(log_gate)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dg
-    chunk = resolve_plan(q, k, v, deg, log_gate is not None, chunk_size).chunk_size
-    dq, dk, dv, dg = chunked_backward(
-        grad_y.contiguous(),
-        q,
-        k,
-        v,
-        y,
-        denom,
-        scale=scale,
-        deg=deg,
-        log_gate=log_gate,
-        causal=causal,
-        valid=valid,
-        chunk_size=chunk,
-        eps=EPS,
-    )
+    plan = resolve_plan(q, k, v, deg, log_gate is not None, chunk_size)
+    if _triton_unavailable(q, k, v, deg, log_gate, valid, causal, impl) is None:
+        from .codegen import triton_backward
+
+        backward, options = triton_backward, {"plan": plan}
+    else:
+        backward, options = chunked_backward, {"chunk_size": plan.chunk_size, "eps": EPS}
+    dq, dk, dv, dg = backward(
+        grad_y.contiguous(), q, k, v, y, denom, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid,
+        **options,
+    )  # fmt: skip
     return dq, dk, dv, (q.new_empty(0, dtype=torch.float32) if dg is None else dg)
 
 

@@ -1,10 +1,13 @@
-"""Shape-specialised Triton sources for the power-retention forward: render, cache on disk, import.
+"""Shape-specialised Triton sources for power retention: render, cache on disk, import.
 
-    KernelSpec                 everything a rendered source depends on (shape class, flags, tiles)
+    KernelSpec                 everything a rendered forward source depends on (shape class, flags, tiles)
     render_forward(spec)       the jinja2 template ``templates/forward.py.j2`` -> Python/Triton module source
     load_forward(spec)         -> (module, path): the source cached by content hash (and versions) in
                                ``cache.cache_dir("triton")`` (never the package), written atomically, rewritten
                                when the entry's bytes differ from the render (truncated), imported once per process
+    render(template, spec) / load(template, spec)
+                               the same for any template of ``templates/`` and any hashable spec with
+                               ``template_params()`` (the backward: ``backward.BackwardSpec``)
 
 A rendered module defines ``attention_kernel`` and, on the chunked path, ``state_kernel`` and ``scan_kernel``
 (see the template and ``triton_forward``). Sizes that vary from call to call (batch, heads, sequence lengths,
@@ -113,9 +116,14 @@ def _environment() -> jinja2.Environment:
     )
 
 
+def render(template: str, spec) -> str:
+    """The Triton module source of ``template`` for ``spec`` (deterministic: equal specs give byte-equal sources)."""
+    return _environment().get_template(template).render(**spec.template_params())
+
+
 def render_forward(spec: KernelSpec) -> str:
-    """The Triton module source for ``spec`` (deterministic: equal specs give byte-equal sources)."""
-    return _environment().get_template(FORWARD_TEMPLATE).render(**spec.template_params())
+    """The forward's Triton module source for ``spec``."""
+    return render(FORWARD_TEMPLATE, spec)
 
 
 def cache_dir() -> Path:
@@ -123,9 +131,9 @@ def cache_dir() -> Path:
     return cache.cache_dir("triton")
 
 
-def source_path(source: str) -> Path:
-    """The cache entry of a source: ``forward_<key prefix>.py``, keyed by its content and the versions."""
-    return cache_dir() / f"forward_{cache.cache_key(source)[:24]}.py"
+def source_path(source: str, kind: str = "forward") -> Path:
+    """The cache entry of a source: ``<kind>_<key prefix>.py``, keyed by its content and the versions."""
+    return cache_dir() / f"{kind}_{cache.cache_key(source)[:24]}.py"
 
 
 def _import(path: Path, interpret: bool) -> ModuleType:
@@ -143,12 +151,17 @@ def load_forward(spec: KernelSpec) -> tuple[ModuleType, Path]:
 
     Imported once per process and mode: ``TRITON_INTERPRET=1`` makes ``triton.jit`` build interpreted kernels.
     """
-    return _load(spec, os.environ.get("TRITON_INTERPRET", "0") == "1")
+    return load(FORWARD_TEMPLATE, spec)
+
+
+def load(template: str, spec) -> tuple[ModuleType, Path]:
+    """``load_forward`` for any template (the cache entry is named after the template's stem)."""
+    return _load(spec, os.environ.get("TRITON_INTERPRET", "0") == "1", template)
 
 
 @functools.lru_cache(maxsize=256)
-def _load(spec: KernelSpec, interpret: bool) -> tuple[ModuleType, Path]:
-    source = render_forward(spec)
-    path = source_path(source)
+def _load(spec, interpret: bool, template: str = FORWARD_TEMPLATE) -> tuple[ModuleType, Path]:
+    source = render(template, spec)
+    path = source_path(source, template.split(".")[0])
     cache.store(path, source.encode())
     return _import(path, interpret), path

@@ -1,0 +1,197 @@
+"""The Triton backward of power retention (DESIGN.md section 1), launched through ``wrap_triton``.
+
+    triton_backward(grad_y, q, k, v, y, denom, *, scale, deg, log_gate, causal, valid, plan) -> (dq, dk, dv, dg)
+
+Same contract as ``chunked.chunked_backward``: gradients of ``sum(grad_y * y)`` in the input dtypes, ``dg`` in
+log_gate's shape and dtype (None without a gate); the same cases as ``triton_forward`` (``triton_supports``) and
+the same path choice (``forward.kernel_spec``: deg 2 past one chunk is chunked, everything else quadratic).
+
+Math. With ``dO'_i = [dN_i, dZ_i] = [dy_i, -(dy_i . y_i)] / denom_i`` (y and denom saved by the forward) and
+``w_ij = (s q_i . k_j)^p exp(G_{i+off} - G_j)`` on admissible pairs:
+
+    dw_ij = dN_i . v_j + dZ_i,   ds_ij = s p (s q_i . k_j)^(p-1) exp(G_{i+off} - G_j) dw_ij
+    dq_i  = sum_j ds_ij k_j,     dk_j = sum_i ds_ij q_i,   dv_j = sum_i w_ij dN_i
+    dG_t  = qterm_i [i + off = t] - kterm_t,   qterm_i = sum_j w_ij dw_ij = (dy_i . y_i) eps / denom_i,
+            kterm_j = sum_i w_ij dw_ij,        dg_u = sum_{t >= u} dG_t
+
+(G_t enters w_ij with + on the query side and - on the key side; ``g_u`` enters every ``G_t`` with t >= u.)
+
+Kernels (``templates/backward.py.j2``), all recomputing the weights from q and k (nothing T x T is stored):
+
+quadratic   ``dq_kernel`` (grid: query blocks x B*Hq) walks the admissible keys of its rows;
+            ``dkv_kernel`` (grid: key blocks x B*Hs) walks, for each query head reading its state, the rows
+            that see its keys, accumulating dk, dv and kterm in registers.
+chunked     the same two kernels restricted to the rows' / keys' own chunk, plus the chunk states:
+            the forward states ``S_c, M_c`` before each chunk, recomputed by the forward's own state (and
+            scan) kernels, give dq's inter-chunk part; ``reverse_state_kernel`` walks the chunks from the last
+            and stores ``R_c = sum_{i after c} coef s^2 exp(G_i - E_c) phi(q_i) dN_i^T`` (pair tiles, like S_c)
+            and ``P_c = sum_{i after c} s^2 exp(G_i - E_c) dZ_i q_i q_i^T`` (d x d), which give dk's and dv's
+            inter-chunk part. phi(q) and phi(k) are built in registers, never in global memory.
+
+Memory. The forward saves only its inputs, ``y`` (B, Hq, Tq, e) and ``denom`` (B, Hq, Tq) float32: no weights
+and no states (recompute, not store). The backward allocates ``dZ`` (B, Hq, Tq) float32 and, on the chunked
+path, per state head and chunk the forward states (Dt x e in the dots' dtype plus d x d float32, Dt = 2560 for
+d = 64) and the reverse states of the same size: ``2 * n_chunks * (Dt * e * 2 + d * d * 4)`` bytes per state
+head for 16-bit inputs (about 43 MB per head at T = 65536, C = 1024). With a gate per query head (states per
+query head) dk and dv are summed over the group from float32 per-head buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..planning import Plan
+from ..reference import EPS
+from .forward import _cdiv, _chunk_states, _hint, _launch, _strides, kernel_spec
+from .triton_source import KernelSpec, load, load_forward
+
+BACKWARD_TEMPLATE = "backward.py.j2"
+MAX_ROWS = 64  # query rows / keys per program: the (rows x b x b) pair tile of the state terms stays in registers
+WIDE = 128  # d or e from this on: half the rows (the dk, dv accumulators are rows x d and rows x e in fp32)
+QUADRATIC_WARPS = 4
+CHUNKED_WARPS = 8  # the state terms hold (rows x 256) fp32 tiles
+STATE_WARPS = 8
+STAGES = 2
+
+
+@dataclass(frozen=True)
+class BackwardSpec:
+    """One shape class of the backward: the forward's spec (path, chunk, pair tiles) and the backward's tiles.
+
+    block_t / block_k: query rows of a dq program and keys of a dk/dv program (and the steps of their loops);
+    block_s / block_e: rows per step and value columns per program of the reverse state kernel.
+    """
+
+    forward: KernelSpec
+    block_t: int
+    block_k: int
+    block_s: int
+    block_e: int
+
+    @staticmethod
+    def of(forward: KernelSpec) -> BackwardSpec:
+        """Tiles from the forward's: at most ``MAX_ROWS`` (halved for wide heads) and never past the chunk."""
+        rows = min(forward.block_t, MAX_ROWS)
+        if max(forward.head_dim, forward.value_dim) >= WIDE:
+            rows = min(rows, MAX_ROWS // 2)
+        if forward.chunked:
+            rows = min(rows, forward.chunk_size)
+        e_pad = max(16, 1 << (forward.value_dim - 1).bit_length())
+        return BackwardSpec(forward, rows, rows, rows, min(forward.block_e, e_pad))
+
+    def template_params(self) -> dict[str, object]:
+        fwd = self.forward
+        params = fwd.template_params()
+        nb, b = params["nb"], fwd.block_feature
+        pairs = [(p, p % nb, (p % nb + p // nb) % nb, 1 if p < nb else 2) for p in range(params["npairs"])]
+        e_pad = max(16, 1 << (fwd.value_dim - 1).bit_length())
+        return {
+            **params,
+            "block_t": self.block_t,
+            "block_k": self.block_k,
+            "block_s": self.block_s,
+            "block_e": self.block_e,
+            "n_eb": -(-fwd.value_dim // self.block_e),
+            "e_pad": e_pad,
+            "pairs": pairs if fwd.chunked else [],
+            "nblk": nb if fwd.chunked else 1,
+            "bw": b if fwd.chunked else params["d_pad"],
+            "summary": f"{fwd.summary()}; backward rows={self.block_t} keys={self.block_k} state rows={self.block_s}",
+        }
+
+
+def triton_backward(
+    grad_y: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    y: torch.Tensor,
+    denom: torch.Tensor,
+    *,
+    scale: float,
+    deg: int,
+    log_gate: torch.Tensor | None,
+    causal: bool,
+    valid: torch.Tensor | None,
+    plan: Plan,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of ``sum(grad_y * y)`` for ``(y, denom) = triton_forward(...)`` with the same ``plan``."""
+    B, Hq, Tq, d = q.shape
+    Hk, Tk = k.shape[1], k.shape[2]
+    e = v.shape[3]
+    fwd = kernel_spec(q, v, deg, log_gate is not None, valid is not None, causal, _hint(Tk), plan)
+    spec = BackwardSpec.of(fwd)
+    module, _ = load(BACKWARD_TEMPLATE, spec)
+    state_heads = Hk if log_gate is None else log_gate.shape[1]
+    den = denom.to(torch.float32).contiguous()
+    dz = -(grad_y.to(torch.float32) * y.to(torch.float32)).sum(-1) / den
+    shift = (Tq - Tk) % fwd.chunk_size if fwd.chunked else 0
+    n_chunks = _cdiv(Tk + shift, fwd.chunk_size) if fwd.chunked else 1
+    common = {**_strides("k", k), **_strides("v", v), "K": k, "V": v, "Hq": Hq, "group": Hq // Hk, "Tk": Tk}
+    extra: dict[str, object] = {}
+    if log_gate is not None:
+        extra["G"] = torch.cumsum(log_gate, dim=-1, dtype=torch.float32)
+    if valid is not None:
+        extra["VALID"] = valid.contiguous()
+    dy_strides = {f"stride_y{axis}": st for axis, st in zip("bhte", grad_y.stride())}
+    rows = {**_strides("q", q), **dy_strides, "Q": q, "DY": grad_y, "DEN": den, "DZ": dz}
+    sizes = {"Hq": Hq, "state_heads": state_heads, "shift": shift, "Tq": Tq, "Tk": Tk, "scale": scale}
+    gate = {"G": extra["G"]} if log_gate is not None else {}
+    warps = CHUNKED_WARPS if fwd.chunked else QUADRATIC_WARPS
+
+    dq_args = {**common, **extra, **rows, **sizes, "state_slots": n_chunks}
+    dkv_args = dict(dq_args)
+    if fwd.chunked:
+        forward_module, _ = load_forward(fwd)
+        states = _chunk_states(forward_module, fwd, k, Tq, common, extra, plan, None)
+        dq_args.update(S_ST=states["S_ST"], M_ST=states["M_ST"], state_slots=states["state_slots"])
+        dkv_args.update(_reverse_states(module, spec, q, rows, gate, sizes, n_chunks if causal else 1))
+
+    dq = torch.empty((B, Hq, Tq, d), dtype=q.dtype, device=q.device)
+    _launch(module.dq_kernel, (_cdiv(Tq, spec.block_t), B * Hq), {**dq_args, "DQ": dq}, warps, STAGES)
+
+    per_head = state_heads != Hk  # a state per query head: partial dk, dv per state head, summed below
+    grad_dtype = torch.float32 if per_head else None
+    dk = torch.empty((B, state_heads, Tk, d), dtype=grad_dtype or k.dtype, device=k.device)
+    dv = torch.empty((B, state_heads, Tk, e), dtype=grad_dtype or v.dtype, device=k.device)
+    outputs: dict[str, torch.Tensor] = {"DK": dk, "DV": dv}
+    if log_gate is not None:
+        outputs["KTERM"] = torch.empty((B, state_heads, Tk), dtype=torch.float32, device=k.device)
+    grid = (_cdiv(Tk + shift, spec.block_k), B * state_heads)
+    _launch(module.dkv_kernel, grid, {**dkv_args, **outputs}, warps, STAGES)
+    if per_head:
+        dk = dk.unflatten(1, (Hk, -1)).sum(2).to(k.dtype)
+        dv = dv.unflatten(1, (Hk, -1)).sum(2).to(v.dtype)
+    dg = None
+    if log_gate is not None:
+        dg = _gate_grad(dz, outputs["KTERM"], state_heads).to(log_gate.dtype)
+    return dq, dk, dv, dg
+
+
+def _reverse_states(
+    module, spec: BackwardSpec, q: torch.Tensor, rows: dict, gate: dict, sizes: dict, slots
+) -> dict[str, torch.Tensor]:
+    """Run ``reverse_state_kernel``: ``R_ST`` (B*Hs, slots, Dt, e) in the states' dtype, ``P_ST`` (.., d, d) fp32
+    (the dk/dv kernel's state arguments)."""
+    fwd = spec.forward
+    params = spec.template_params()
+    heads = q.shape[0] * sizes["state_heads"]
+    state_dtype = torch.float32 if fwd.dtype == "float32" else torch.bfloat16
+    r = torch.empty((heads, slots, params["dt"], fwd.value_dim), dtype=state_dtype, device=q.device)
+    p = torch.empty((heads, slots, fwd.head_dim, fwd.head_dim), dtype=torch.float32, device=q.device)
+    args = {**rows, **gate, **sizes, "R_ST": r, "P_ST": p, "state_slots": slots}
+    _launch(module.reverse_state_kernel, (params["npairs"] * params["n_eb"], heads), args, STATE_WARPS, STAGES)
+    return {"R_ST": r, "P_ST": p, "state_slots": slots}
+
+
+def _gate_grad(dz: torch.Tensor, kterm: torch.Tensor, gate_heads: int) -> torch.Tensor:
+    """``dg_u = sum_{t >= u} (qterm at t - kterm_t)`` (B, gate_heads, Tk) with ``qterm_i = -dZ_i eps`` summed over
+    the query heads of each gate head and placed at key position ``i + Tk - Tq`` (rows before key 0 drop)."""
+    B, Hq, Tq = dz.shape
+    Tk = kterm.shape[-1]
+    qterm = (-EPS * dz).unflatten(1, (gate_heads, Hq // gate_heads)).sum(2)
+    aligned = qterm[..., torch.sym_max(Tq - Tk, 0) :]
+    d_cum = torch.nn.functional.pad(aligned, (Tk - aligned.shape[-1], 0)) - kterm
+    return d_cum.flip(-1).cumsum(-1).flip(-1)

@@ -1,0 +1,140 @@
+"""The Triton backward kernels on the CPU: rendered sources and the kernels run by Triton's interpreter on tiny
+float32 shapes against the float64 oracle's autograd (dq, dk, dv and d log_gate, random per-token per-head gates).
+
+As in tests/test_triton_forward.py, ``TRITON_INTERPRET=1`` must be set before triton is imported, so the kernel
+cases run in one subprocess that executes this file as a script and reports JSON; 16-bit inputs are covered by
+the GPU tests only (tests/gpu/test_triton_backward.py).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from retention_compile.codegen.backward import BACKWARD_TEMPLATE, BackwardSpec, triton_backward  # noqa: E402
+from retention_compile.codegen.forward import kernel_spec, triton_forward  # noqa: E402
+from retention_compile.codegen.triton_source import KernelSpec, load, render  # noqa: E402
+from retention_compile.planning import Plan  # noqa: E402
+from retention_compile.reference import power_retention_reference  # noqa: E402
+
+TINY = {"block_t": 16, "block_feature": 16, "block_e": 32}
+GRADS = ("q", "k", "v", "g")
+
+CASES = [
+    # name: (B, Hq, Hk, Tq, Tk, d, e, deg, gate heads (0: none), valid, causal, chunk)
+    ("quadratic", (1, 2, 1, 37, 37, 32, 32, 2, 0, False, True, 1024)),
+    ("quadratic-deg4-gate-valid", (2, 2, 2, 29, 29, 32, 16, 4, 2, True, True, 1024)),
+    ("quadratic-decode-deg4", (1, 4, 1, 1, 70, 32, 32, 4, 1, False, True, 1024)),
+    ("quadratic-noncausal-d48", (1, 2, 2, 21, 45, 48, 24, 2, 0, True, False, 1024)),
+    ("quadratic-tq-gt-tk", (1, 1, 1, 40, 25, 32, 32, 2, 1, False, True, 1024)),
+    ("quadratic-query-head-gate", (1, 4, 2, 33, 33, 32, 32, 2, 4, True, True, 1024)),
+    ("chunked", (1, 2, 1, 40, 40, 32, 32, 2, 0, False, True, 16)),
+    ("chunked-gate-valid", (2, 2, 1, 45, 45, 32, 32, 2, 1, True, True, 16)),
+    ("chunked-query-head-gate", (1, 4, 2, 33, 33, 32, 32, 2, 4, False, True, 16)),
+    ("chunked-prefill-cache", (1, 2, 2, 19, 61, 32, 24, 2, 2, True, True, 16)),
+    ("chunked-decode", (1, 2, 1, 1, 50, 32, 32, 2, 1, False, True, 16)),
+    ("chunked-tq-gt-tk", (1, 1, 1, 45, 30, 32, 32, 2, 1, False, True, 16)),
+    ("chunked-noncausal", (1, 2, 1, 27, 50, 32, 32, 2, 0, True, False, 16)),
+    ("chunked-d48", (1, 1, 1, 40, 40, 48, 40, 2, 1, False, True, 16)),
+]
+
+
+def run_case(case: tuple) -> dict[str, float]:
+    """Relative error of each gradient of ``triton_backward`` against the float64 oracle's autograd."""
+    B, Hq, Hk, Tq, Tk, d, e, deg, gate_heads, has_valid, causal, chunk = case
+    gen = torch.Generator().manual_seed(sum(map(hash, case)) % 2**31)
+    q = torch.randn(B, Hq, Tq, d, generator=gen)
+    k = torch.randn(B, Hk, Tk, d, generator=gen)
+    v = torch.randn(B, Hk, Tk, e, generator=gen)
+    gate = -0.5 * torch.rand(B, gate_heads, Tk, generator=gen) if gate_heads else None
+    valid = torch.rand(B, Tk, generator=gen) > 0.25 if has_valid else None
+    grad_y = torch.randn(B, Hq, Tq, e, generator=gen)
+    plan = Plan(chunk_size=chunk, **TINY)
+    assert kernel_spec(q, v, deg, gate is not None, has_valid, causal, Tk, plan).chunked == (chunk < Tk)
+    scale = 0.7 / d**0.5
+    options = {"scale": scale, "deg": deg, "log_gate": gate, "causal": causal, "valid": valid}
+    y, den = triton_forward(q, k, v, plan=plan, **options)
+    grads = triton_backward(grad_y, q, k, v, y, den, plan=plan, **options)
+    leaves = [t.double().requires_grad_() for t in (q, k, v) + (() if gate is None else (gate,))]
+    ref = power_retention_reference(
+        *leaves[:3], scale=scale, deg=deg, causal=causal, valid=valid, log_gate=leaves[3] if gate is not None else None
+    )
+    ref.backward(grad_y.double())
+    assert (grads[3] is None) == (gate is None)
+    errors = {}
+    for name, got, leaf in zip(GRADS, grads, leaves):
+        assert got.shape == leaf.shape and got.dtype == torch.float32
+        errors[name] = float((got.double() - leaf.grad).norm() / leaf.grad.norm().clamp_min(1e-30))
+    return errors
+
+
+def _interpreted() -> dict[str, dict[str, float]]:
+    return {name: run_case(case) for name, case in CASES}
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, float]]:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", [n for n, _ in CASES])
+def test_gradients_match_oracle(interpreted: dict[str, dict[str, float]], name: str) -> None:
+    errors = interpreted[name]
+    gated = dict(CASES)[name][8] > 0
+    assert set(errors) == set(GRADS if gated else GRADS[:3])
+    bad = {g: f"{err:.2e}" for g, err in errors.items() if not err < 2e-5}
+    assert not bad, f"{name}: relative errors {bad}"
+
+
+def _spec(**changes: object) -> BackwardSpec:
+    fields = dict(
+        dtype="bfloat16", head_dim=64, value_dim=64, deg=2, gated=True, has_valid=False, causal=True, chunked=True,
+        chunk_size=1024, block_t=128, block_k=64, block_s=64, block_e=64, block_feature=16,
+    )  # fmt: skip
+    fields.update(changes)
+    return BackwardSpec.of(KernelSpec(**fields))
+
+
+def test_rendered_source_bakes_the_shape() -> None:
+    spec = _spec()
+    assert (spec.block_t, spec.block_k, spec.block_s) == (64, 64, 64)
+    source = render(BACKWARD_TEMPLATE, spec)
+    ast.parse(source)
+    assert source == render(BACKWARD_TEMPLATE, spec)  # deterministic
+    for name in ("def dq_kernel", "def dkv_kernel", "def reverse_state_kernel", "KTERM, G"):
+        assert name in source
+    # d = 64, b = 16: 4 column blocks, 10 pair tiles unrolled in dq and dk (each pair adds to two blocks)
+    assert source.count("dq3 += 2 * tl.sum") == 3 and source.count("dq3 += 1 * tl.sum") == 2
+    assert source.count("dk3 += tl.sum") == 5
+    quadratic = render(BACKWARD_TEMPLATE, _spec(chunked=False, chunk_size=0, block_feature=0, gated=False, deg=4))
+    ast.parse(quadratic)
+    assert "reverse_state_kernel" not in quadratic and "KTERM" not in quadratic and "dq1" not in quadratic
+    assert "dpow = 4.0 * x * hp" in quadratic
+    wide = _spec(head_dim=128, value_dim=128)
+    assert wide.block_t == 32
+
+
+def test_source_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    spec = _spec(head_dim=32, value_dim=32, chunk_size=64)
+    module, path = load(BACKWARD_TEMPLATE, spec)
+    assert path.name.startswith("backward_") and path.read_text() == render(BACKWARD_TEMPLATE, spec)
+    assert load(BACKWARD_TEMPLATE, spec) == (module, path)
+    assert hasattr(module, "dkv_kernel") and hasattr(module, "reverse_state_kernel")
+
+
+if __name__ == "__main__":
+    print(json.dumps(_interpreted()))
