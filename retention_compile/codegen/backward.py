@@ -44,7 +44,7 @@ import torch
 
 from ..planning import Plan
 from ..reference import EPS
-from .forward import _cdiv, _chunk_states, _hint, _launch, _strides, kernel_spec
+from .forward import _cdiv, _chunk_states, _gate_cumsum, _hint, _launch, _strides, kernel_spec
 from .triton_source import KernelSpec, load, load_forward
 
 BACKWARD_TEMPLATE = "backward.py.j2"
@@ -130,21 +130,22 @@ def triton_backward(
     shift = (Tq - Tk) % fwd.chunk_size if fwd.chunked else 0
     n_chunks = _cdiv(Tk + shift, fwd.chunk_size) if fwd.chunked else 1
     common = {**_strides("k", k), **_strides("v", v), "K": k, "V": v, "Hq": Hq, "group": Hq // Hk, "Tk": Tk}
+    forward_module, _ = load_forward(fwd)
     extra: dict[str, object] = {}
     if log_gate is not None:
-        extra["G"] = torch.cumsum(log_gate, dim=-1, dtype=torch.float32)
+        extra["G"] = _gate_cumsum(forward_module, log_gate)
+        extra["stride_g"] = extra["G"].stride(1)
     if valid is not None:
         extra["VALID"] = valid.contiguous()
     dy_strides = {f"stride_y{axis}": st for axis, st in zip("bhte", grad_y.stride())}
     rows = {**_strides("q", q), **dy_strides, "Q": q, "DY": grad_y, "DEN": den, "DZ": dz}
     sizes = {"Hq": Hq, "state_heads": state_heads, "shift": shift, "Tq": Tq, "Tk": Tk, "scale": scale}
-    gate = {"G": extra["G"]} if log_gate is not None else {}
+    gate = {"G": extra["G"], "stride_g": extra["stride_g"]} if log_gate is not None else {}
     warps = CHUNKED_WARPS if fwd.chunked else QUADRATIC_WARPS
 
     dq_args = {**common, **extra, **rows, **sizes, "state_slots": n_chunks}
     dkv_args = dict(dq_args)
     if fwd.chunked:
-        forward_module, _ = load_forward(fwd)
         states = _chunk_states(forward_module, fwd, k, Tq, common, extra, plan, None)
         dq_args.update(S_ST=states["S_ST"], M_ST=states["M_ST"], state_slots=states["state_slots"])
         dkv_args.update(_reverse_states(module, spec, q, rows, gate, sizes, n_chunks if causal else 1))

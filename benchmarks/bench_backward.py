@@ -1,0 +1,196 @@
+"""Forward + backward time of power retention (issue 6) against SDPA (flash) and Manifest's ``retention``:
+b=1, h=8, d=64, deg=2, bf16, causal, ungated and gated (random per-token per-head gate).
+
+    python benchmarks/bench_backward.py [--out DIR] [--T 2048 8192 32768 65536] [--competitors T ...]
+
+"ours" is ``rc.power_retention`` run eagerly with autograd (the op's forward and backward bodies launch the
+Triton kernels directly; chunk and tiles from ``planning.plan``): one timed call is forward, then
+``y.backward(dy)``. SDPA and Manifest are timed the same way (Manifest only when importable: carry its wheels,
+../shared/tools/gpu-wheels.sh). Times are medians of ``triton.testing.do_bench`` (warmup 25 ms, rep 100 ms);
+gradients are reset to None between calls. At the largest T a profiler breakdown per kernel of ours is recorded.
+
+Writes ``backward_<gpu>_<date>.json`` (after every row) and ``.png`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from bench_forward import timed, versions
+
+import retention_compile as rc
+
+B, H, D = 1, 8, 64
+LENGTHS = (2048, 8192, 32768, 65536)
+
+
+def inputs(T: int, gated: bool) -> dict[str, torch.Tensor | None]:
+    gen = torch.Generator(device="cuda").manual_seed(T)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", generator=gen, dtype=torch.bfloat16)
+
+    x = {name: randn(B, H, T, D).requires_grad_() for name in "qkv"}
+    x["dy"] = randn(B, H, T, D)
+    x["gate"] = (-0.05 * torch.rand(B, H, T, device="cuda", generator=gen)).requires_grad_() if gated else None
+    return x
+
+
+def _step(forward: Callable[[], torch.Tensor], dy: torch.Tensor, leaves: list[torch.Tensor]) -> Callable[[], None]:
+    def run() -> None:
+        for t in leaves:
+            t.grad = None
+        forward().backward(dy)
+
+    return run
+
+
+def ours(x: dict) -> Callable[[], None]:
+    leaves = [x["q"], x["k"], x["v"]] + ([x["gate"]] if x["gate"] is not None else [])
+    return _step(lambda: rc.power_retention(x["q"], x["k"], x["v"], log_gate=x["gate"]), x["dy"], leaves)
+
+
+def forward_only(x: dict) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return rc.power_retention(x["q"], x["k"], x["v"], log_gate=x["gate"])
+
+    return run
+
+
+def sdpa(x: dict) -> Callable[[], None]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def forward() -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(x["q"], x["k"], x["v"], is_causal=True)
+
+    return _step(forward, x["dy"], [x["q"], x["k"], x["v"]])
+
+
+def manifest(x: dict) -> Callable[[], None]:
+    """Manifest's ``retention.power_retention`` (deg 2, chunk 1024), layout (b, t, h, d)."""
+    from retention import power_retention
+
+    q, k, v = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (x["q"], x["k"], x["v"]))
+    gate = None if x["gate"] is None else x["gate"].detach().transpose(1, 2).contiguous().requires_grad_()
+    dy = x["dy"].transpose(1, 2).contiguous()
+    T = q.shape[1]
+    chunk = 1024 if T > 1024 else None
+    leaves = [q, k, v] + ([gate] if gate is not None else [])
+    return _step(lambda: power_retention(q, k, v, gate, deg=2, scale=D**-0.5, chunk_size=chunk), dy, leaves)
+
+
+def breakdown(run: Callable[[], None], calls: int = 10) -> dict[str, float]:
+    """Device time per kernel (ms per call) from the profiler."""
+    run()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            run()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for event in prof.key_averages():
+        total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        if total:
+            times[event.key[:80]] = round(total / calls / 1e3, 4)
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
+def measure(T: int, gated: bool, competitors: bool, profile: bool) -> dict:
+    x = inputs(T, gated)
+    row: dict = {"T": T, "gated": gated, "errors": {}}
+    makers = {"ours": lambda: ours(x)}
+    if not gated:
+        makers["sdpa"] = lambda: sdpa(x)
+    if competitors:
+        makers["manifest"] = lambda: manifest(x)
+    for name, maker in makers.items():
+        row[name], error = timed(maker)
+        if error:
+            row["errors"][name] = error
+    row["ours_forward_only"] = timed(lambda: forward_only(x))[0]
+    if profile:
+        row["breakdown"] = breakdown(ours(x))
+    return row
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for gated in (False, True):
+        sel = sorted((r for r in rows if r["gated"] == gated), key=lambda r: r["T"])
+        for m in ("ours", "sdpa", "manifest"):
+            pts = [(r["T"], r[m]) for r in sel if r.get(m)]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ls="--" if gated else "-", label=f"{m}{' gated' if gated else ''}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_title(f"fwd+bwd, b={B} h={H} d={D} deg 2 bf16 causal")
+    ax.set_xlabel("T")
+    ax.set_ylabel("ms (median)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--T", type=int, nargs="+", default=list(LENGTHS))
+    parser.add_argument("--competitors", type=int, nargs="*", default=list(LENGTHS))
+    parser.add_argument("--commit", default=None)
+    args = parser.parse_args()
+    git = ["git", "rev-parse", "--short", "HEAD"]
+    commit = args.commit or subprocess.run(git, capture_output=True, text=True, check=False).stdout.strip()
+    gpu = torch.cuda.get_device_name().replace(" ", "-")
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = args.out / f"backward_{gpu}_{datetime.date.today().isoformat()}"
+    record = {
+        "command": " ".join([sys.executable, *sys.argv]),
+        "commit": commit,
+        "versions": versions(),
+        "shape": {"B": B, "H": H, "d": D, "deg": 2, "dtype": "bfloat16", "causal": True},
+        "rows": [],
+    }
+    for gated in (False, True):
+        for T in args.T:
+            row = measure(T, gated, T in args.competitors, max(args.T) == T)
+            record["rows"].append(row)
+            base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
+            torch.cuda.empty_cache()
+            print(_line(row), flush=True)
+    try:
+        plot(record["rows"], base.with_suffix(".png"))
+    except Exception:  # the numbers are in the JSON already
+        traceback.print_exc()
+    for row in record["rows"]:
+        if "breakdown" in row:
+            print(f"T={row['T']} gated={row['gated']} kernels (ms): {json.dumps(row['breakdown'])}")
+    print(f"wrote {base}.json/.png")
+
+
+def _line(row: dict) -> str:
+    cells = [f"T={row['T']:>6}", f"gated={'yes' if row['gated'] else 'no ':3}"]
+    for m in ("ours", "ours_forward_only", "sdpa", "manifest"):
+        value = row.get(m)
+        cells.append(f"{m}={value:.3f}" if value is not None else f"{m}=-")
+    return "  ".join(cells) + (f"  errors={row['errors']}" if row["errors"] else "")
+
+
+if __name__ == "__main__":
+    main()
