@@ -30,8 +30,10 @@ class RetentionConfig:
     strict:         raise ``RetentionRewriteError`` instead of keeping a site that cannot be rewritten.
     chunk_size:     None: planned per shape from the GPU (``rc.plan``); an int overrides the plan.
     codegen:        "auto" | "triton" | "cuda" | "aten": which kernels serve CUDA tensors ("aten": the
-                    plain PyTorch chunked form everywhere; "cuda" raises, naming why: the CUDA kernels
-                    serve the decode step only).
+                    plain PyTorch chunked form everywhere; "triton": the Triton kernels; "cuda": the CUDA
+                    C++ chunk-state kernel with the Triton scan and query kernels, raising, naming why,
+                    where it cannot serve a call; "auto": per kernel, the one measured faster on first use
+                    for the GPU and shape, remembered in the kernel cache).
     rewrite_decode: an SDPA with Tq == 1 and no mask is treated as the decode step of a causal model.
     verbose:        print the rewrite report after each compiled graph.
     """

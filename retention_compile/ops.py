@@ -13,8 +13,10 @@ it to C++ like any aten code; on CUDA tensors the body launches the shape-specia
 ``denom`` (B, Hq, Tq) is ``sum_j w_ij + eps`` in float32: with ``y`` it is all the backward needs
 besides the inputs (``dN = dy / denom``, ``dZ = -(dy . y) / denom``), so nothing of size T x D is saved.
 ``chunk_size = 0`` means "planned per call from the concrete shape" (``planning.plan``); ``impl`` is the
-codegen target of ``RetentionConfig`` ("auto", "triton", "cuda", "aten"; "cuda" raises, naming why: the CUDA
-kernels cover the decode step only). ``dlog_gate`` is an empty tensor when there is no gate. Calls with no
+codegen target of ``RetentionConfig`` ("auto", "triton", "cuda", "aten"; "cuda" runs the CUDA C++ chunk-state
+kernel with the Triton scan and query kernels, and raises, naming why, where it cannot; "auto" picks the state
+kernel measured faster per GPU and shape, ``codegen/cuda_state.select_state_kernel``).
+``dlog_gate`` is an empty tensor when there is no gate. Calls with no
 query or no key return ``y = 0``, ``denom = eps`` (and zero gradients) without planning or launching anything.
 """
 
@@ -93,18 +95,21 @@ def _is_empty(q: torch.Tensor, k: torch.Tensor) -> bool:
     return guard_or_false(q.numel() == 0) or guard_or_false(k.shape[2] == 0)
 
 
-def _cuda_target_error(q: torch.Tensor) -> RuntimeError:
-    """Why ``impl="cuda"`` cannot serve the forward, and what to use instead."""
+def _cuda_blocker(q: torch.Tensor) -> str | None:
+    """Why no CUDA kernel can run on these tensors at all (device, compiler), or None."""
     from .codegen import nvrtc
 
-    why = "the CUDA kernels cover the decode step only (retention_compile.decode.decode_step)"
     if not q.is_cuda:
-        why = f"the tensors are on {q.device.type}, the CUDA kernels need a CUDA device"
-    else:
-        try:
-            nvrtc.compiler_id()
-        except RuntimeError as error:  # names what to install
-            why = str(error)
+        return f"the tensors are on {q.device.type}, the CUDA kernels need a CUDA device"
+    try:
+        nvrtc.compiler_id()
+    except RuntimeError as error:  # names what to install
+        return str(error)
+    return None
+
+
+def _cuda_target_error(why: str | None) -> RuntimeError:
+    """Why ``impl="cuda"`` cannot serve the forward, and what to use instead."""
     return RuntimeError(
         f"retention_compile: codegen/impl='cuda' cannot serve power_retention: {why}. Use 'auto' (Triton on CUDA "
         "tensors, aten elsewhere), 'triton' or 'aten'."
@@ -125,16 +130,26 @@ def power_retention_op(
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: ``(y, denom)`` with ``y_i = sum_j w_ij v_j / denom_i``, ``denom_i = sum_j w_ij + eps``."""
-    if impl == "cuda":
-        raise _cuda_target_error(q)
+    if impl == "cuda" and (blocker := _cuda_blocker(q)) is not None:
+        raise _cuda_target_error(blocker)
     if _is_empty(q, k):  # rows without keys: y = 0, denom = eps
         shape = (q.shape[0], q.shape[1], q.shape[2])
         return q.new_zeros(*shape, v.shape[3]), q.new_full(shape, EPS, dtype=compute_dtype(q.dtype))
     plan = resolve_plan(q, k, v, deg, log_gate is not None, chunk_size)
-    if _triton_unavailable(q, k, v, deg, log_gate, valid, causal, impl) is None:
+    triton_reason = _triton_unavailable(q, k, v, deg, log_gate, valid, causal, impl)
+    if triton_reason is None:
         from .codegen import triton_forward
+        from .codegen.cuda_state import select_state_kernel
 
-        return triton_forward(q, k, v, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid, plan=plan)
+        state = select_state_kernel(q, k, v, deg, log_gate, valid, causal, scale, plan, impl)
+        if impl == "cuda" and state.kernel is None:
+            raise _cuda_target_error(state.reason)
+        return triton_forward(
+            q, k, v, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid, plan=plan,
+            state_kernel=state.kernel,
+        )  # fmt: skip
+    if impl == "cuda":
+        raise _cuda_target_error(f"the Triton kernels run with the CUDA state kernel do not serve it ({triton_reason})")
     return chunked_forward(
         q,
         k,

@@ -1,12 +1,16 @@
-"""CUDA templates without a GPU: rendering, compiling (NVRTC or nvcc), the binary cache, and the decode step's
-plain-PyTorch path against the float64 oracle."""
+"""CUDA templates without a GPU: rendering, compiling (NVRTC or nvcc) for sm_80 and sm_90, the binary cache, the
+decode step's plain-PyTorch path against the float64 oracle, and the chunk-state op's fake implementation and
+measured choice."""
 
 import math
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
-from retention_compile.codegen import nvrtc
+from retention_compile.codegen import choice, cuda_state, nvrtc
+from retention_compile.codegen.cuda_state import StateKernelConfig, _spec_for, cuda_state_unsupported
+from retention_compile.codegen.forward import kernel_spec
 from retention_compile.decode import (
     DecodeKernelConfig,
     _plan,
@@ -14,6 +18,7 @@ from retention_compile.decode import (
     init_state,
     render_decode_source,
 )
+from retention_compile.planning import Plan
 from retention_compile.reference import power_retention_reference
 
 
@@ -27,7 +32,37 @@ def _decode_cases() -> list[str]:
     return [render_decode_source(d, e, p, g, dt, gate, _plan(e, g, cfg)) for d, e, p, g, dt, gate, cfg in cases]
 
 
-RENDERERS = {"decode_step.cu.j2": _decode_cases}
+def _state_cases() -> list[str]:
+    """Chunk-state sources covering each branch of the template: dtypes, gate, validity, non-causal, two value
+    blocks, a 48-column block, and the launch shapes (4 or 8 warps, unrolled or not)."""
+    cases = [  # (d, e, dtype, gated, valid, causal, chunk, config)
+        (64, 64, torch.bfloat16, True, False, True, 1024, cuda_state.CONFIG),
+        (64, 64, torch.float16, False, True, False, 256, StateKernelConfig(4, 64, 1, 1)),
+        (128, 128, torch.bfloat16, False, False, True, 512, StateKernelConfig(8, 32, 2, 2)),
+        (32, 48, torch.bfloat16, True, True, True, 64, StateKernelConfig(4, 64, 1, 1)),
+    ]
+    sources = []
+    for d, e, dtype, gated, valid, causal, chunk, config in cases:
+        k, v = torch.empty(1, 1, 1, d, dtype=dtype), torch.empty(1, 1, 1, e, dtype=dtype)
+        sources.append(cuda_state.render_state_source(_spec_for(k, v, chunk, causal, gated, valid), config))
+    return sources
+
+
+RENDERERS = {"decode_step.cu.j2": _decode_cases, "chunk_state.cu.j2": _state_cases}
+PTX_MARKERS = {  # what each template's PTX must contain: its kernels and the instructions it is built around
+    "decode_step.cu.j2": (
+        ".entry retention_decode_update",
+        ".entry retention_decode_reduce",
+        "ld.global.v4.f32",  # 16-byte state accesses
+        "st.global.v4.f32",
+    ),
+    "chunk_state.cu.j2": (
+        ".entry retention_chunk_state",
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",  # tensor cores, bf16 operands
+        "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16",
+        "cp.async.cg.shared.global",  # the copy pipeline
+    ),
+}
 
 
 def _have_compiler() -> bool:
@@ -54,8 +89,7 @@ def test_template_compiles(template: str, arch: str) -> None:
         binary = nvrtc.compile_source(source, arch)
         if arch.startswith("compute_"):
             text = binary.decode()
-            assert ".entry retention_decode_update" in text and ".entry retention_decode_reduce" in text
-            assert "ld.global.v4.f32" in text and "st.global.v4.f32" in text  # 16-byte state accesses
+            assert all(marker in text for marker in PTX_MARKERS[template])
         else:
             assert binary[:4] == b"\x7fELF"
 
@@ -187,3 +221,66 @@ def test_decode_rejects_bad_state() -> None:
         decode_step(q, k, v, state[:, :, :-1], norm, scale=scale, log_gate=gate)
     with pytest.raises(ValueError, match="one token"):
         decode_step(q.expand(-1, -1, 2, -1), k, v, state, norm)
+
+
+def _fake_cuda(*shape: int, dtype=torch.bfloat16) -> torch.Tensor:
+    return torch.empty(*shape, dtype=dtype, device="cuda")
+
+
+def test_chunk_state_op_fake_shapes() -> None:
+    """The fake implementation gives torch.compile the buffers' shapes: LOC per chunk, SEG per segment + 1."""
+    with FakeTensorMode():
+        k, v, g = _fake_cuda(2, 3, 100, 64), _fake_cuda(2, 3, 100, 32), _fake_cuda(2, 6, 112, dtype=torch.float32)
+        sizes = [6, 1, 6, 100, 28, 4, 2, 2]  # Hq, group, state_heads, Tk, shift, n_chunks, chunks_per_seg, n_seg
+        s_loc, m_loc, s_seg, m_seg = torch.ops.retention_compile.cuda_chunk_states(k, v, g, None, sizes, 32, True)
+        assert (s_loc.shape, s_loc.dtype) == ((12, 4, 2560, 32), torch.bfloat16)
+        assert (m_loc.shape, s_seg.shape, m_seg.shape) == ((12, 4, 64, 64), (12, 3, 2560, 32), (12, 3, 64, 64))
+        s_loc, *_ = torch.ops.retention_compile.cuda_chunk_states(k, v, None, None, sizes, 32, False)
+        assert s_loc.shape[1] == 0  # non-causal: no per-chunk states
+
+
+def _spec(dtype=torch.bfloat16, T=4096, d=64, e=64, chunk=512, deg=2):
+    plan = Plan(chunk_size=chunk, block_t=64, block_feature=16, block_e=64, num_warps=4, num_stages=2, reason="")
+    with FakeTensorMode():
+        q, v = _fake_cuda(1, 2, T, d, dtype=dtype), _fake_cuda(1, 2, T, e, dtype=dtype)
+        return kernel_spec(q, v, deg, False, False, True, T, plan), q, v
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"chunk": 8192}, "single-chunk"),
+        ({"deg": 4}, "single-chunk"),
+        ({"dtype": torch.float32}, "float32"),
+        ({"e": 40}, "e=40"),
+    ],
+)
+def test_cuda_state_unsupported_names_why(kwargs: dict, reason: str) -> None:
+    spec, q, v = _spec(**kwargs)
+    assert reason in cuda_state_unsupported(spec, q, v)
+
+
+def test_choice_measures_once_and_reuses_the_stored_winner(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("RETENTION_COMPILE_CACHE", str(tmp_path))
+    monkeypatch.setattr(choice, "_gpu_name", lambda device: "Test GPU")
+    monkeypatch.setattr(choice, "_CHOSEN", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    measured = []
+
+    def measure(candidates):
+        measured.append(sorted(candidates))
+        return {"triton": 2.0, "cuda": 1.0}
+
+    monkeypatch.setattr(choice, "_measure", measure)
+    candidates = {"triton": lambda: None, "cuda": lambda: None}
+    key = {"spec": "d=64", "keys": 4096}
+    assert choice.choose("chunk_state", key, candidates, torch.device("cpu")) == "cuda"
+    assert choice.choose("chunk_state", key, candidates, torch.device("cpu")) == "cuda"
+    assert measured == [["cuda", "triton"]]
+    (entry,) = (tmp_path / "choices").glob("chunk_state_*.json")
+    assert '"winner": "cuda"' in entry.read_text()
+    monkeypatch.setattr(choice, "_CHOSEN", {})  # a new process: read from the file, not measured again
+    assert choice.choose("chunk_state", key, candidates, torch.device("cpu")) == "cuda"
+    assert len(measured) == 1
+    assert choice.choose("chunk_state", {**key, "keys": 8192}, candidates, torch.device("cpu")) == "cuda"
+    assert len(measured) == 2  # another shape class is measured

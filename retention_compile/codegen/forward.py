@@ -48,6 +48,7 @@ import functools
 import importlib.util
 import math
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -221,11 +222,14 @@ def triton_forward(
     valid: torch.Tensor | None,
     plan: Plan,
     segments: int | None = None,
+    state_kernel: Callable[[KernelSpec, dict], dict] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Power retention forward on the GPU: ``(y, denom)`` exactly as ``chunked_forward`` returns them.
 
     ``plan`` gives the chunk size (``>= Tk``: the quadratic kernel) and the tiles; ``segments`` overrides the
     number of sequential segments of the state kernel (default: enough programs for ``STATE_WAVES`` per SM).
+    ``state_kernel`` replaces the Triton state kernel: called with the spec and that kernel's keyword arguments,
+    it returns the buffers the kernel would fill (``cuda_state.chunk_states``: the CUDA C++ state kernel).
     """
     B, Hq, Tq, _ = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
@@ -249,7 +253,7 @@ def triton_forward(
     if log_gate is not None:
         attention["gate_heads"] = log_gate.shape[1]
     if spec.chunked:
-        attention.update(_chunk_states(module, spec, k, Tq, common, extra, plan, segments))
+        attention.update(_chunk_states(module, spec, k, Tq, common, extra, plan, segments, state_kernel))
     grid = (_cdiv(Tq, spec.block_t), _cdiv(spec.value_dim, spec.block_e), B * Hq)
     warps = CHUNK_QUERY_WARPS if spec.chunked else plan.num_warps
     stages = min(plan.num_stages, WIDE_STAGES) if spec.head_dim >= WIDE_HEAD else plan.num_stages
@@ -274,7 +278,15 @@ def _cdiv(a: int | torch.SymInt, b: int | torch.SymInt) -> int | torch.SymInt:
 
 
 def _chunk_states(
-    module, spec: KernelSpec, k: torch.Tensor, Tq, common: dict, extra: dict, plan: Plan, segments: int | None
+    module,
+    spec: KernelSpec,
+    k: torch.Tensor,
+    Tq,
+    common: dict,
+    extra: dict,
+    plan: Plan,
+    segments: int | None,
+    state_kernel: Callable[[KernelSpec, dict], dict] | None = None,
 ) -> dict[str, object]:
     """Run the state (and scan) kernels; return the query kernel's state arguments."""
     B, Hk, Tk = k.shape[0], k.shape[1], k.shape[2]
@@ -299,13 +311,11 @@ def _chunk_states(
     if spec.causal:
         buffers["S_LOC"] = torch.empty((heads, n_chunks, dt, e), dtype=state_dtype, device=k.device)
         buffers["M_LOC"] = torch.empty((heads, n_chunks, d, d), dtype=torch.float32, device=k.device)
-    _launch(
-        module.state_kernel,
-        (n_seg, pair_programs, heads),
-        {**common, **extra, **buffers, **sizes, "state_heads": state_heads},
-        STATE_WARPS,
-        STATE_STAGES,
-    )
+    state_args = {**common, **extra, **buffers, **sizes, "state_heads": state_heads}
+    if state_kernel is not None:
+        buffers.update(state_kernel(spec, state_args))
+    else:
+        _launch(module.state_kernel, (n_seg, pair_programs, heads), state_args, STATE_WARPS, STATE_STAGES)
     if segments > 1:
         blocks = params["scan_s_blocks"] + _cdiv(d * d, SCAN_BLOCK)
         gate = {"G": extra["G"], "stride_g": extra["stride_g"]} if "G" in extra else {}
@@ -313,4 +323,5 @@ def _chunk_states(
     if spec.causal:
         return {"S_ST": buffers["S_LOC"], "M_ST": buffers["M_LOC"], "state_heads": state_heads,
                 "state_slots": n_chunks, "shift": shift}  # fmt: skip
-    return {"S_ST": seg_s, "M_ST": seg_m, "state_heads": state_heads, "state_slots": n_seg + 1, "shift": shift}
+    return {"S_ST": buffers["S_SEG"], "M_ST": buffers["M_SEG"], "state_heads": state_heads,
+            "state_slots": n_seg + 1, "shift": shift}  # fmt: skip

@@ -1,0 +1,94 @@
+"""Measured choice between implementations of one kernel (``RetentionConfig(codegen="auto")``).
+
+    choose(kernel, key, candidates, device) -> name
+
+The first call for a (GPU, kernel, key) times every candidate on the device (a warm-up call, which also compiles,
+then the median of ``REPS`` CUDA-event timings) and stores the winner with the times in
+``cache.cache_dir("choices")/<kernel>_<hash>.json``; later calls, in this process or another, reuse it. The hash
+covers the GPU name, the kernel, the key and (through ``cache.cache_key``) the torch, triton and driver versions,
+so an upgrade measures again. Measuring is skipped while a CUDA graph is being captured (the first candidate is
+used, nothing is stored); a candidate that fails is reported once and never chosen.
+
+Candidates run real work: they build their own inputs. ``choose`` may be called while ``torch.compile`` traces
+(fake tensors, proxy modes): every active dispatch mode is suspended while measuring.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from . import cache
+
+REPS = 10
+_CHOSEN: dict[tuple[str, str], str] = {}
+
+
+def _gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def _entry(kernel: str, key_text: str, gpu: str) -> Path:
+    return cache.cache_dir("choices") / f"{kernel}_{cache.cache_key(gpu, kernel, key_text)[:24]}.json"
+
+
+def median_ms(fn: Callable[[], object], reps: int = REPS) -> float:
+    """Median device time of ``fn`` over ``reps`` calls, each between two CUDA events, after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _measure(candidates: Mapping[str, Callable[[], object]]) -> dict[str, float]:
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    times: dict[str, float] = {}
+    with _disable_current_modes():
+        for name, fn in candidates.items():
+            try:
+                times[name] = median_ms(fn)
+            except Exception as error:  # a candidate that cannot run is not chosen
+                warnings.warn(f"retention_compile: candidate {name!r} failed ({error}); not chosen", stacklevel=3)
+    return times
+
+
+def choose(
+    kernel: str, key: Mapping[str, object], candidates: Mapping[str, Callable[[], object]], device: torch.device
+) -> str:
+    """The fastest of ``candidates`` (name -> zero-argument callable running that implementation once) for
+    ``kernel`` at ``key`` on ``device``: measured on first use, then read from memory or the cache file."""
+    key_text = json.dumps(dict(key), sort_keys=True, default=str)
+    gpu = _gpu_name(device)
+    memo = (gpu, f"{kernel}:{key_text}")
+    if memo in _CHOSEN:
+        return _CHOSEN[memo]
+    entry = _entry(kernel, key_text, gpu)
+    try:
+        stored = json.loads(entry.read_text())
+        if stored.get("winner") in candidates:
+            _CHOSEN[memo] = stored["winner"]
+            return stored["winner"]
+    except (OSError, ValueError):
+        pass  # missing or unreadable: measure
+    if torch.cuda.is_current_stream_capturing():
+        return next(iter(candidates))
+    times = _measure(candidates)
+    if not times:
+        return next(iter(candidates))
+    winner = min(times, key=times.__getitem__)
+    record = {"kernel": kernel, "gpu": gpu, "key": dict(key), "times_ms": times, "winner": winner}
+    cache.store(entry, json.dumps(record, indent=1, sort_keys=True, default=str).encode())
+    _CHOSEN[memo] = winner
+    return winner

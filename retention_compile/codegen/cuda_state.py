@@ -1,0 +1,305 @@
+"""The chunk-state kernel of the chunked forward in CUDA C++ (``cuda_templates/chunk_state.cu.j2``).
+
+A drop-in for the Triton ``state_kernel`` of ``templates/forward.py.j2``: same grid (segments, pairs x value
+blocks, heads), same buffers, same numbers up to rounding, so the Triton scan and query kernels read its output
+unchanged. For every chunk c of its segment a program stores the state before the chunk and then adds
+
+    S += sum_j phi_p(k_j) (w_j v_j)^T,   M_IJ += sum_j k_jI (w_j k_jJ)^T,   w_j = exp(G_end - G_j)
+
+(after decaying S and M by ``exp(G_end - G_{first-1})``) for its pair p of 16-coordinate blocks, on the tensor
+cores (mma.sync bf16, fp32 accumulators). See the template for the fragment scheme.
+
+    cuda_state_unsupported(spec, k, v) -> None | reason      whether the kernel serves a forward's shape class
+    select_state_kernel(q, k, v, ..., plan, impl) -> StateChoice
+                                                             the op's choice for ``impl`` "triton" | "cuda" |
+                                                             "auto" (measured once per GPU and shape: choice.py)
+    CONFIG                                                   the launch shape (``StateKernelConfig``)
+    chunk_states(spec, args, q_shape=None)                   the ``triton_forward`` hook: runs the op below on the
+                                                             Triton state kernel's arguments, returns its buffers
+    torch.ops.retention_compile.cuda_chunk_states           the op (a torch.library custom op with a fake impl,
+                                                             so ``torch.compile`` sees one opaque call)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ..inspection import is_recording, record_kernel
+from . import nvrtc
+from .triton_source import KernelSpec
+
+STATE_TEMPLATE = "chunk_state.cu.j2"
+KERNEL_NAME = "retention_chunk_state"
+MAX_BLOCK_E = 64  # value columns per program: the fp32 accumulators of 4 coordinates x 64 columns fill 128 registers
+_IO_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_INT32_MAX = (1 << 31) - 1
+
+
+@dataclass(frozen=True)
+class StateKernelConfig:
+    """Launch shape: ``warps`` per program (each owns ``16 / warps`` coordinates of block I), keys per
+    pipeline step, how many 16-key tensor-core steps are unrolled, and the programs per SM the registers are
+    capped for (``__launch_bounds__``)."""
+
+    warps: int = 4
+    block_s: int = 64
+    ks_unroll: int = 1
+    min_blocks: int = 1
+
+
+CONFIG = StateKernelConfig(warps=8, block_s=64, ks_unroll=4, min_blocks=2)  # 128 registers, no spills (sm_90a)
+
+
+def block_e(e: int) -> int:
+    """Value columns per program: the largest multiple of 16 up to ``MAX_BLOCK_E`` that divides e."""
+    return next(eb for eb in range(MAX_BLOCK_E, 15, -16) if e % eb == 0)
+
+
+def cuda_state_unsupported(spec: KernelSpec, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """None when the CUDA state kernel serves the forward of this shape class, else why not."""
+    if not spec.chunked:
+        return (
+            "the call takes the single-chunk (quadratic) path, which has no state "
+            f"(deg {spec.deg}; the CUDA state kernel serves the chunked deg-2 path)"
+        )
+    if spec.block_feature != 16:
+        return f"state tiles of {spec.block_feature} coordinates (the CUDA kernel tiles by 16)"
+    if k.dtype not in _IO_DTYPES:
+        return f"dtype {k.dtype} (the CUDA state kernel takes bfloat16 and float16; float32 runs exact fp32 in Triton)"
+    if spec.value_dim % 16:
+        return f"value dim e={spec.value_dim} (the CUDA state kernel needs a multiple of 16)"
+    if max(abs(s) for s in (*k.stride(), *v.stride())) > _INT32_MAX:
+        return "strides beyond 32 bits"
+    try:
+        nvrtc.compiler_id()
+        from cuda.bindings import driver  # noqa: F401
+    except (RuntimeError, ImportError) as error:
+        return f"no CUDA toolchain: {error}"
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def render_state_source(spec: KernelSpec, config: StateKernelConfig) -> str:
+    """The CUDA source of the state kernel for one shape class of the chunked forward."""
+    params = spec.template_params()
+    return nvrtc.render(
+        STATE_TEMPLATE,
+        d=spec.head_dim,
+        e=spec.value_dim,
+        dtype=spec.dtype,
+        gated=spec.gated,
+        has_valid=spec.has_valid,
+        causal=spec.causal,
+        chunk_size=spec.chunk_size,
+        npairs=params["npairs"],
+        dt=params["dt"],
+        block_e=block_e(spec.value_dim),
+        block_s=config.block_s,
+        warps=config.warps,
+        ks_unroll=config.ks_unroll,
+        min_blocks=config.min_blocks,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel(source: str, device_index: int) -> nvrtc.CudaKernel:
+    (kernel,) = nvrtc.load_kernels(source, (KERNEL_NAME,), device_index)
+    return kernel
+
+
+def _spec_for(k: torch.Tensor, v: torch.Tensor, chunk_size: int, causal: bool, gated: bool, valid: bool) -> KernelSpec:
+    """The fields of the forward's KernelSpec the state kernel depends on (the query-side tiles do not matter)."""
+    return KernelSpec(
+        dtype=str(k.dtype).removeprefix("torch."),
+        head_dim=k.shape[-1],
+        value_dim=v.shape[-1],
+        deg=2,
+        gated=gated,
+        has_valid=valid,
+        causal=causal,
+        chunked=True,
+        chunk_size=chunk_size,
+        block_t=16,
+        block_k=16,
+        block_s=16,
+        block_e=v.shape[-1],
+        block_feature=16,
+    )
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if its last dim is contiguous and its rows 16-byte aligned, else a contiguous copy."""
+    rows = all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+    return t if t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and rows else t.contiguous()
+
+
+@torch.library.custom_op("retention_compile::cuda_chunk_states", mutates_args=())
+def cuda_chunk_states_op(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    sizes: Sequence[int],
+    chunk_size: int,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(S_LOC, M_LOC, S_SEG, M_SEG)`` as the Triton state kernel leaves them (LOC empty when non-causal).
+
+    ``sizes = (Hq, group, state_heads, Tk, shift, n_chunks, chunks_per_seg, n_seg)``; ``g`` the cumulative log-gate
+    (B, state_heads, >= Tk) fp32 (rows may be padded), ``valid`` (B, Tk) bool. Slot 0 of the SEG buffers is left
+    for the scan.
+    """
+    Hq, group, state_heads, Tk, shift, n_chunks, chunks_per_seg, n_seg = sizes
+    spec = _spec_for(k, v, chunk_size, causal, g is not None, valid is not None)
+    config = CONFIG
+    kernel = _kernel(render_state_source(spec, config), k.device.index or 0)
+    s_loc, m_loc, s_seg, m_seg = _allocate(k, v, spec, state_heads, n_chunks, n_seg)
+    k, v = _dense(k), _dense(v)
+    heads = k.shape[0] * state_heads
+    npairs = spec.template_params()["npairs"]
+    gate = None if g is None else g.contiguous()
+    valid_bytes = None if valid is None else valid.contiguous().view(torch.uint8)
+    g_row = 0 if gate is None else gate.stride(1)
+    strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), g_row)
+    with torch.cuda.device(k.device):
+        kernel.launch(
+            (n_seg, npairs * (spec.value_dim // block_e(spec.value_dim)), heads),
+            (32 * config.warps, 1, 1),
+            (k, v, gate, valid_bytes, s_loc if causal else None, m_loc if causal else None, s_seg, m_seg,
+             *strides, Hq, group, state_heads, Tk, shift, n_chunks, chunks_per_seg, n_seg),
+        )  # fmt: skip
+    return s_loc, m_loc, s_seg, m_seg
+
+
+def _allocate(k: torch.Tensor, v: torch.Tensor, spec: KernelSpec, state_heads, n_chunks, n_seg) -> tuple:
+    heads = k.shape[0] * state_heads
+    d, e, dt = spec.head_dim, spec.value_dim, spec.template_params()["dt"]
+    slots = n_chunks if spec.causal else 0
+    return (
+        k.new_empty((heads, slots, dt, e), dtype=torch.bfloat16),
+        k.new_empty((heads, slots, d, d), dtype=torch.float32),
+        k.new_empty((heads, n_seg + 1, dt, e), dtype=torch.float32),
+        k.new_empty((heads, n_seg + 1, d, d), dtype=torch.float32),
+    )
+
+
+@cuda_chunk_states_op.register_fake
+def _cuda_chunk_states_fake(k, v, g, valid, sizes, chunk_size, causal):
+    state_heads, n_chunks, n_seg = sizes[2], sizes[5], sizes[7]
+    spec = _spec_for(k, v, chunk_size, causal, g is not None, valid is not None)
+    return _allocate(k, v, spec, state_heads, n_chunks, n_seg)
+
+
+_RECORDED: set[str] = set()
+
+
+def _record(spec: KernelSpec, k: torch.Tensor, v: torch.Tensor, q_shape: Sequence[int] | None) -> None:
+    """Register the source with the inspection (every call while compiling or inspecting; else once per source)."""
+    source = render_state_source(_spec_for(k, v, spec.chunk_size, spec.causal, spec.gated, spec.has_valid), CONFIG)
+    if not (is_recording() or source not in _RECORDED):
+        return
+    _RECORDED.add(source)
+    meta: dict[str, object] = {
+        "k_shape": tuple(int(s) for s in k.shape),
+        "v_shape": tuple(int(s) for s in v.shape),
+        "dtype": spec.dtype,
+        "deg": 2,
+        "causal": spec.causal,
+        "gated": spec.gated,
+        "chunk_size": spec.chunk_size,
+        "kernel_path": "chunked, CUDA state kernel",
+    }
+    if q_shape is not None:
+        meta["q_shape"] = tuple(int(s) for s in q_shape)
+    if k.is_cuda:
+        _, entry = nvrtc.cached_compile(source, nvrtc.gpu_arch(k.device.index or 0))
+        meta["path"] = str(entry.with_suffix(".cu"))
+    record_kernel("power_retention_chunk_state", source, meta, language="cuda")
+
+
+def chunk_states(spec: KernelSpec, args: dict, q_shape: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """``triton_forward``'s state-kernel hook: ``args`` are the Triton state kernel's keyword arguments; returns
+    the buffers it would have filled (``S_SEG``, ``M_SEG``, and ``S_LOC``, ``M_LOC`` when causal)."""
+    k, v = args["K"], args["V"]
+    _record(spec, k, v, q_shape)
+    names = ("Hq", "group", "state_heads", "Tk", "shift", "n_chunks", "chunks_per_seg", "n_seg")
+    s_loc, m_loc, s_seg, m_seg = torch.ops.retention_compile.cuda_chunk_states(
+        k, v, args.get("G"), args.get("VALID"), [args[n] for n in names], spec.chunk_size, spec.causal
+    )
+    out = {"S_SEG": s_seg, "M_SEG": m_seg}
+    if spec.causal:
+        out.update(S_LOC=s_loc, M_LOC=m_loc)
+    return out
+
+
+class StateChoice(NamedTuple):
+    """The state kernel for one forward call: ``kernel`` the ``triton_forward`` hook (None: the Triton state
+    kernel) and ``reason`` why the CUDA kernel is not used (None when it is)."""
+
+    kernel: Callable[[KernelSpec, dict], dict] | None
+    reason: str | None
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _candidates(q, k, v, log_gate, valid, scale: float, causal: bool, chunk: int) -> dict[str, Callable[[], object]]:
+    """The forward with either state kernel, on random inputs of the call's shapes (built on first use)."""
+    from ..ops import power_retention_op
+
+    @functools.cache
+    def inputs() -> tuple:
+        q_, k_, v_ = (torch.randn(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+        g_ = None if log_gate is None else -0.05 * torch.rand(log_gate.shape, device=q.device).to(log_gate.dtype)
+        valid_ = None if valid is None else torch.ones(valid.shape, dtype=torch.bool, device=q.device)
+        return q_, k_, v_, g_, valid_
+
+    def run(impl: str) -> Callable[[], object]:
+        return lambda: power_retention_op(*inputs(), scale, 2, causal, chunk, impl)
+
+    return {"triton": run("triton"), "cuda": run("cuda")}
+
+
+def select_state_kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    deg: int,
+    log_gate: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    plan,
+    impl: str,
+) -> StateChoice:
+    """Which state kernel serves a Triton forward call: none but Triton's for ``impl="triton"``; the CUDA kernel
+    for ``"cuda"`` where ``cuda_state_unsupported`` finds nothing against it; for ``"auto"`` the faster of the two
+    as measured by ``choice.choose`` for this GPU and shape class (sequence length and heads rounded up to powers
+    of 2)."""
+    from . import choice
+    from .forward import _hint, kernel_spec
+
+    if impl == "triton":
+        return StateChoice(None, "codegen='triton'")
+    spec = kernel_spec(q, v, deg, log_gate is not None, valid is not None, causal, _hint(k.shape[2]), plan)
+    reason = cuda_state_unsupported(spec, k, v)
+    if reason is not None:
+        return StateChoice(None, reason)
+    hook = functools.partial(chunk_states, q_shape=tuple(_hint(s) for s in q.shape))
+    if impl == "cuda":
+        return StateChoice(hook, None)
+    B, Hq, Tq, _ = (_hint(s) for s in q.shape)
+    Hk, Tk = _hint(k.shape[1]), _hint(k.shape[2])
+    state_heads = _hint(log_gate.shape[1]) if log_gate is not None else Hk
+    key = {"spec": spec.summary(), "keys": _pow2(Tk), "heads": _pow2(B * state_heads), "group": Hq // Hk}
+    key["queries"] = "all" if Tq == Tk else "fewer"
+    candidates = _candidates(q, k, v, log_gate, valid, scale, causal, spec.chunk_size)
+    if choice.choose("chunk_state", key, candidates, q.device) == "cuda":
+        return StateChoice(hook, None)
+    return StateChoice(None, "measured slower than the Triton state kernel on this GPU and shape")
