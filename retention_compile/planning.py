@@ -88,10 +88,15 @@ class Plan:
 
 
 CHUNKS = (64, 128, 256, 512, 1024, 2048)
-BLOCK_T = (16, 32, 64, 128)
-BLOCK_E = (16, 32, 64, 128)
-NUM_WARPS = (2, 4, 8)
-NUM_STAGES = (1, 2, 3, 4)
+# Tiles that reach the kernels (codegen/forward.py clamps value blocks to >= 64 columns and b to 16, and runs the
+# chunked query kernel with its own warps): only these are considered.
+BLOCK_T = (32, 64, 128)
+BLOCK_E = (64, 128)
+NUM_WARPS = (4, 8)
+NUM_STAGES = (2, 3)
+BLOCK_FEATURE = 16  # the chunked kernels' coordinate block
+STATE_STAGES = 3  # codegen.forward.STATE_STAGES: the state kernel's pipeline depth (64-key steps)
+PLAN_GRANULE = 1024  # lengths above this plan as if rounded up to a multiple of it: nearby T get one plan
 MAX_FEATURES_PER_TILE = 4096
 TIE_TOLERANCE = 1e-3  # modelled times this close are a tie: the tiles nearest the Plan defaults win
 
@@ -154,6 +159,7 @@ class Kernel(NamedTuple):
     l2_bytes: sp.Expr
     dram_bytes: sp.Expr  # the whole kernel's DRAM traffic
     stage_bytes: sp.Expr
+    smem: sp.Expr  # per program
 
 
 def mma_efficiency(rows: sp.Expr, cols: sp.Expr) -> sp.Expr:
@@ -167,9 +173,24 @@ def mma_efficiency(rows: sp.Expr, cols: sp.Expr) -> sp.Expr:
     return _min(1, rows / 64) * _min(1, operand_bound)
 
 
-def smem_per_program() -> sp.Expr:
-    """The tiling contract: ``num_stages*(bt*d + bt*be)*by + fb*be*4`` (pipelined k/v tiles + fp32 state tile)."""
-    return S.ns * (S.bt * S.d + S.bt * S.be) * S.nbytes + S.fb * S.be * 4
+def smem_query() -> sp.Expr:
+    """Shared memory of the chunked query kernel: ``by*(fb*bt + 3/4*bt*d + ns*(be*fb + 2*bt*b))``.
+
+    phi(q)^T (fb x bt) and the q tile's layout conversions, plus per stage the S^T tile (be x fb) and the two
+    (bt x b) coordinate blocks of q; fitted to Triton 3.6's allocation for sm_90 (d = 64, 128; within 5%).
+    """
+    b = sp.sqrt(S.fb)
+    return S.nbytes * (S.fb * S.bt + sp.Rational(3, 4) * S.bt * S.d + S.ns * (S.be * S.fb + 2 * S.bt * b))
+
+
+def smem_single() -> sp.Expr:
+    """Shared memory of the quadratic kernel: ``by*(bt*d + ns*64*(d + be))`` (q tile, 64-key k/v stages)."""
+    return S.nbytes * (S.bt * S.d + S.ns * 64 * (S.d + S.be))
+
+
+def smem_state() -> sp.Expr:
+    """Shared memory of the state kernel: ``by*(STATE_STAGES*64*(2*b + be) + 64*fb)`` (k/v stages, phi(k))."""
+    return S.nbytes * (STATE_STAGES * 64 * (2 * sp.sqrt(S.fb) + S.be) + 64 * S.fb)
 
 
 def regs_per_thread() -> sp.Expr:
@@ -178,9 +199,9 @@ def regs_per_thread() -> sp.Expr:
     return sp.ceiling(accumulators / (32 * S.nw)) + BASE_REGS_PER_THREAD
 
 
-def occupancy() -> sp.Expr:
+def occupancy(smem: sp.Expr) -> sp.Expr:
     """Programs resident per SM (at least 1: infeasible tiles are rejected by ``feasible`` instead)."""
-    by_smem = S.smem_sm / (smem_per_program() + RESERVED_SMEM_PER_BLOCK)
+    by_smem = S.smem_sm / (smem + RESERVED_SMEM_PER_BLOCK)
     by_regs = S.regs_sm / (regs_per_thread() * 32 * S.nw)
     by_threads = S.threads_sm / (32 * S.nw)
     return _max(1, sp.floor(_min(by_smem, by_regs, by_threads, MAX_BLOCKS_PER_SM)))
@@ -204,6 +225,7 @@ def chunked_kernels() -> tuple[Kernel, ...]:
         l2_bytes=S.C * (S.d + S.be) * S.nbytes,
         dram_bytes=S.H * S.T * (S.d + S.e) * S.nbytes + state_pass,
         stage_bytes=S.bt * (S.d + S.be) * S.nbytes,
+        smem=smem_state(),
     )
     scan = Kernel(
         "scan",
@@ -213,6 +235,7 @@ def chunked_kernels() -> tuple[Kernel, ...]:
         l2_bytes=sp.Integer(0),
         dram_bytes=2 * state_pass,
         stage_bytes=S.fb * S.be * 4,
+        smem=sp.Integer(0),
     )
     dots, cuda_ops, l2_bytes = attention_part((S.C + S.bt) / 2)
     query = Kernel(
@@ -223,6 +246,7 @@ def chunked_kernels() -> tuple[Kernel, ...]:
         l2_bytes=l2_bytes + S.Dt * S.be * 4,
         dram_bytes=S.H * S.T * (2 * S.d + 2 * S.e) * S.nbytes + state_pass,
         stage_bytes=S.bt * (S.d + S.be) * S.nbytes,
+        smem=smem_query(),
     )
     return update, scan, query
 
@@ -238,13 +262,14 @@ def single_chunk_kernels() -> tuple[Kernel, ...]:
         l2_bytes=l2_bytes,
         dram_bytes=S.H * S.T * (2 * S.d + 2 * S.e) * S.nbytes,
         stage_bytes=S.bt * (S.d + S.be) * S.nbytes,
+        smem=smem_single(),
     )
     return (attention,)
 
 
 def kernel_terms(kernel: Kernel) -> dict[str, sp.Expr]:
     """Per-SM times of one kernel (tensor, cuda, l2, dram, latency), its waves and total time."""
-    occ = _min(occupancy(), sp.ceiling(kernel.programs / S.sms))
+    occ = _min(occupancy(kernel.smem), sp.ceiling(kernel.programs / S.sms))
     waves = sp.ceiling(kernel.programs / (S.sms * occ))
     warp_eff = _min(1, occ * S.nw / WARPS_TO_FEED_TENSOR_CORES)
     tensor = sum((flops / mma_efficiency(m, n) for flops, m, n in kernel.dots), sp.Integer(0))
@@ -271,9 +296,10 @@ def kernel_terms(kernel: Kernel) -> dict[str, sp.Expr]:
 def gpu_model() -> dict[str, sp.Expr]:
     """The sympy model: per-kernel terms (``"update.tensor"``, ...), path times, and the constraints."""
     exprs: dict[str, sp.Expr] = {
-        "smem": smem_per_program(),
+        "smem.chunked": smem_query(),
+        "smem.single": smem_single(),
         "regs": regs_per_thread(),
-        "occupancy": occupancy(),
+        "occupancy": occupancy(smem_query()),
     }
     for path, kernels in (("chunked", chunked_kernels()), ("single", single_chunk_kernels())):
         total = sp.Integer(0)
@@ -378,21 +404,23 @@ class Candidates(NamedTuple):
         return {sym: sp.Integer(int(v)) if v.is_integer() else sp.Float(v) for sym, v in zip(S.gpu, values)}
 
 
-def _block_features(head_dim: int, deg: int) -> list[int]:
-    """Coordinate-block sizes b: powers of 2 dividing d with b^p <= MAX_FEATURES_PER_TILE, largest first."""
-    sizes = [b for b in (64, 32, 16, 8, 4, 2, 1) if head_dim % b == 0 and b**deg <= MAX_FEATURES_PER_TILE]
-    return sizes or [1]
+def _block_feature(head_dim: int) -> int:
+    """The coordinate block b: ``BLOCK_FEATURE``, or the largest power of 2 dividing d below it (single-chunk only)."""
+    return next(b for b in (BLOCK_FEATURE, 8, 4, 2, 1) if head_dim % b == 0)
 
 
 def _tile_grid(T: int, d: int, e: int, deg: int) -> list[np.ndarray]:
     """Columns chunk, block_t, block_feature, block_e, num_warps, num_stages of every candidate.
 
-    Chunks: CHUNKS below T, plus the single-chunk size (T rounded up to a power of 2); block_t <= chunk;
-    block_e <= e rounded up to a power of 2.
+    Chunks: CHUNKS below T when the chunked kernels take the shape (deg 2, ``BLOCK_FEATURE`` divides d), plus
+    the single-chunk size (T rounded up to a power of 2); block_t <= chunk; block_e: ``BLOCK_E`` up to e rounded
+    up to a power of 2 (that alone when it is narrower).
     """
-    chunks = [c for c in CHUNKS if c < T] + [_pow2_at_least(T)]
-    e_blocks = [x for x in BLOCK_E if x <= max(BLOCK_E[0], _pow2_at_least(e))]
-    grid = itertools.product(chunks, BLOCK_T, _block_features(d, deg), e_blocks, NUM_WARPS, NUM_STAGES)
+    chunked = deg == 2 and d % BLOCK_FEATURE == 0
+    chunks = [c for c in CHUNKS if c < T and chunked] + [_pow2_at_least(T)]
+    e_pad = _pow2_at_least(e)
+    e_blocks = [x for x in BLOCK_E if x <= e_pad] or [e_pad]
+    grid = itertools.product(chunks, BLOCK_T, [_block_feature(d)], e_blocks, NUM_WARPS, NUM_STAGES)
     rows = [row for row in grid if row[1] <= max(row[0], BLOCK_T[0])]
     return [np.array(col, dtype=np.int64) for col in zip(*rows)]
 
@@ -411,7 +439,7 @@ def gpu_candidates(
         "nbytes": float(dtype.itemsize),
         "block_t": block_t.astype(np.float64),
         "block_e": block_e.astype(np.float64),
-        "features_per_tile": block_feature.astype(np.float64) ** deg,
+        "features_per_tile": np.where(chunk >= T, 1.0, block_feature.astype(np.float64) ** deg),  # no state: none
         "tiled_state": np.vectorize(lambda b: float(tiled_state_dim(d, int(b), deg)))(block_feature),
         "warps": warps.astype(np.float64),
         "stages": stages.astype(np.float64),
@@ -421,6 +449,7 @@ def gpu_candidates(
     }
     values = _compiled("gpu")(**inputs)
     single = chunk >= T
+    values["smem"] = np.where(single, values["smem.single"], values["smem.chunked"])
     time = np.where(single, values["single.time"], values["chunked.time"])
     feasible = (
         (values["smem"] <= spec.smem_per_block_optin)
@@ -562,11 +591,14 @@ def plan(
     """The chunk size and tiles with the least modelled time for one call (``spec=None``: the CPU aten path).
 
     T: key length; d, e: head dims of q/k and v (e defaults to d); batch_heads: B x Hk programs' worth of
-    independent heads. Deterministic (cached); never changes results, only speed.
+    independent heads. On a GPU, T above ``PLAN_GRANULE`` is planned rounded up to a multiple of it, so that
+    nearby lengths run the same kernels. Deterministic (cached); never changes results, only speed.
     """
     if T < 1 or d < 1 or batch_heads < 1:
         raise ValueError(f"plan needs T, d, batch_heads >= 1, got T={T}, d={d}, batch_heads={batch_heads}")
     e = d if e is None else e
     if spec is None:
         return _plan_cpu(T, d, e, deg, dtype, gated, batch_heads)
+    if T > PLAN_GRANULE:
+        T = -(-T // PLAN_GRANULE) * PLAN_GRANULE
     return _plan_gpu(spec, T, d, e, deg, dtype, gated, batch_heads)

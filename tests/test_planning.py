@@ -20,22 +20,28 @@ SHAPES = [(T, d, bh) for T in (4096, 16384, 65536) for d in (64, 128) for bh in 
 DTYPE_BYTES = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
 
 
-def contract_smem(p: Plan, d: int, deg: int, dtype: torch.dtype) -> int:
-    """The kernel tiling contract, written out independently of the model's sympy expression."""
-    tiles = p.num_stages * (p.block_t * d + p.block_t * p.block_e) * DTYPE_BYTES[dtype]
-    return tiles + p.block_feature**deg * p.block_e * 4
+def contract_smem(p: Plan, T: int, d: int, deg: int, dtype: torch.dtype) -> float:
+    """Shared memory of the kernel the plan runs, written out independently of the model's sympy expressions:
+    the quadratic kernel's q tile and 64-key k/v stages, or the chunked query kernel's phi(q)^T, q layouts and
+    per stage an S^T tile and two coordinate blocks of q."""
+    by, bt, fb = DTYPE_BYTES[dtype], p.block_t, p.block_feature**deg
+    if p.chunk_size >= T:
+        return by * (bt * d + p.num_stages * 64 * (d + p.block_e))
+    return by * (fb * bt + 0.75 * bt * d + p.num_stages * (p.block_e * fb + 2 * bt * p.block_feature))
 
 
-def regs_per_thread(p: Plan, deg: int) -> int:
-    values = {"block_e": p.block_e, "block_t": p.block_t, "features_per_tile": p.block_feature**deg}
+def regs_per_thread(p: Plan, deg: int, T: int) -> int:
+    """The model's register estimate; a single-chunk plan has no state tile."""
+    features = 1 if p.chunk_size >= T else p.block_feature**deg
+    values = {"block_e": p.block_e, "block_t": p.block_t, "features_per_tile": features}
     values["warps"] = p.num_warps
     return int(planning.regs_per_thread().xreplace({sp.Symbol(k, positive=True): v for k, v in values.items()}))
 
 
 def assert_fits(spec: GpuSpec, p: Plan, T: int, d: int, e: int, deg: int = 2, dtype: torch.dtype = torch.bfloat16):
-    assert contract_smem(p, d, deg, dtype) <= spec.smem_per_block_optin, p
-    assert regs_per_thread(p, deg) <= planning.MAX_REGS_PER_THREAD, p
-    assert regs_per_thread(p, deg) * 32 * p.num_warps <= spec.regs_per_sm, p
+    assert contract_smem(p, T, d, deg, dtype) <= spec.smem_per_block_optin, p
+    assert regs_per_thread(p, deg, T) <= planning.MAX_REGS_PER_THREAD, p
+    assert regs_per_thread(p, deg, T) * 32 * p.num_warps <= spec.regs_per_sm, p
     assert 32 * p.num_warps <= min(1024, spec.max_threads_per_sm), p
     assert d % p.block_feature == 0
     assert p.block_t <= max(p.chunk_size, 16) and p.block_e <= max(16, 1 << (e - 1).bit_length())
@@ -98,7 +104,7 @@ def test_less_shared_memory_gives_smaller_tiles_or_fewer_stages():
     for T, d, bh in SHAPES:
         p_big, p_small = plan(big, T, d, batch_heads=bh), plan(small, T, d, batch_heads=bh)
         assert_fits(small, p_small, T, d, d)
-        if contract_smem(p_big, d, 2, torch.bfloat16) > small.smem_per_block_optin:
+        if contract_smem(p_big, T, d, 2, torch.bfloat16) > small.smem_per_block_optin:
             bound += 1
             shrunk = [getattr(p_small, f) < getattr(p_big, f) for f in ("block_t", "block_feature", "block_e")]
             assert any(shrunk) or p_small.num_stages < p_big.num_stages, (p_big, p_small)
@@ -113,7 +119,7 @@ def test_known_gpus_with_less_smem_never_use_more():
             continue
         for T, d, bh in SHAPES[::3]:
             p_a, p_b = plan(a, T, d, batch_heads=bh), plan(b, T, d, batch_heads=bh)
-            if contract_smem(p_a, d, 2, torch.bfloat16) > b.smem_per_block_optin:
+            if contract_smem(p_a, T, d, 2, torch.bfloat16) > b.smem_per_block_optin:
                 assert tiles(p_a) != tiles(p_b)
 
 
@@ -153,7 +159,8 @@ def test_sympy_model_and_numeric_fast_path_agree():
     model = planning.gpu_model()
     for i in range(0, len(cands.chunk), max(1, len(cands.chunk) // 40)):
         sub = cands.substitution(i)
-        for name in ("chunked.time", "single.time", "smem", "regs", "occupancy", "update.waves", "query.tensor"):
+        names = ("chunked.time", "single.time", "smem.chunked", "regs", "occupancy", "update.waves", "query.tensor")
+        for name in names:
             assert float(model[name].xreplace(sub)) == pytest.approx(cands.values[name][i], rel=1e-9), (name, i)
 
 
