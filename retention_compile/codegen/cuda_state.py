@@ -204,9 +204,11 @@ def _record(spec: KernelSpec, k: torch.Tensor, v: torch.Tensor, q_shape: Sequenc
     if not (is_recording() or source not in _RECORDED):
         return
     _RECORDED.add(source)
+    from .forward import _hint
+
     meta: dict[str, object] = {
-        "k_shape": tuple(int(s) for s in k.shape),
-        "v_shape": tuple(int(s) for s in v.shape),
+        "k_shape": tuple(_hint(s) for s in k.shape),
+        "v_shape": tuple(_hint(s) for s in v.shape),
         "dtype": spec.dtype,
         "deg": 2,
         "causal": spec.causal,
@@ -215,7 +217,7 @@ def _record(spec: KernelSpec, k: torch.Tensor, v: torch.Tensor, q_shape: Sequenc
         "kernel_path": "chunked, CUDA state kernel",
     }
     if q_shape is not None:
-        meta["q_shape"] = tuple(int(s) for s in q_shape)
+        meta["q_shape"] = tuple(q_shape)
     if k.is_cuda:
         _, entry = nvrtc.cached_compile(source, nvrtc.gpu_arch(k.device.index or 0))
         meta["path"] = str(entry.with_suffix(".cu"))

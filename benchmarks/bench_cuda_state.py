@@ -1,0 +1,187 @@
+"""The CUDA chunk-state kernel against the Triton one, kernel for kernel and in the whole forward.
+
+Shape: b=1, h=8, d=e=64, deg 2, bf16, causal, T in {16384, 65536}, gated and ungated, the op's own plan.
+
+    state kernel   both kernels launched on the same captured arguments (the Triton forward's, default segments):
+                   ``LAUNCHES`` back-to-back launches between two CUDA events, median over ``ROUNDS`` rounds,
+                   divided by ``LAUNCHES``; the Triton kernel launched directly (``kernel[grid](...)``), the CUDA
+                   one through its op (``torch.ops.retention_compile.cuda_chunk_states``, host work included)
+    variants       at T=65536 the CUDA kernel's launch shapes (``StateKernelConfig``) and segment counts
+    forward        ``power_retention`` op with ``impl="triton"`` and ``impl="cuda"``, median of CUDA-event times
+    agreement      ||y_cuda - y_triton|| / ||y_triton||
+
+Work of the state kernel (tiled state, Dt = 2560 features for d=64): 2 * T * h * Dt * (e + 1) FLOP (the state
+and the normaliser), reported as TFLOP/s.
+
+    python benchmarks/bench_cuda_state.py [--out DIR] [--commit SHA]
+
+Writes ``cuda_state_<gpu>_<date>_<commit>.json`` under ``--out`` (default ``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+from retention_compile.codegen import cuda_state, forward, nvrtc
+from retention_compile.codegen.cuda_state import StateKernelConfig, chunk_states
+from retention_compile.codegen.triton_source import load_forward
+from retention_compile.ops import power_retention_op, resolve_plan
+
+B, H, D = 1, 8, 64
+LENGTHS = (16384, 65536)
+LAUNCHES, ROUNDS, REPS = 10, 5, 15
+VARIANTS = (  # (warps, keys per step, unrolled 16-key steps, programs per SM the registers are capped for)
+    StateKernelConfig(8, 64, 4, 2),
+    StateKernelConfig(8, 64, 1, 2),
+    StateKernelConfig(4, 64, 1, 2),
+    StateKernelConfig(8, 32, 2, 2),
+)
+SEGMENTS = (3, 6, 13, 16)
+
+
+def _median_ms(fn, launches: int = 1, rounds: int = REPS) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(launches):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / launches)
+    return sorted(times)[len(times) // 2]
+
+
+def _inputs(T: int, gated: bool) -> tuple:
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    gate = -0.02 * torch.rand(B, H, T, device="cuda") if gated else None
+    return q, k, v, gate
+
+
+def _capture(q, k, v, gate, plan, segments=None) -> tuple:
+    """The Triton forward's state-kernel arguments (spec, args) for these inputs."""
+    seen = {}
+
+    def hook(spec, args):
+        seen.update(spec=spec, args=dict(args))
+        return chunk_states(spec, args)
+
+    forward.triton_forward(
+        q, k, v, scale=D**-0.5, deg=2, log_gate=gate, causal=True, valid=None, plan=plan, segments=segments,
+        state_kernel=hook,
+    )  # fmt: skip
+    return seen["spec"], seen["args"]
+
+
+def _triton_state(spec, args):
+    module, _ = load_forward(spec)
+    params = spec.template_params()
+    grid = (args["n_seg"], params["npairs"] * params["n_eb"], args["K"].shape[0] * args["state_heads"])
+    kernel = module.state_kernel
+    stages = getattr(forward, "STATE_STAGES", 2)
+    return lambda: kernel[grid](**args, num_warps=forward.STATE_WARPS, num_stages=stages)
+
+
+def _cuda_state(spec, args):
+    names = ("Hq", "group", "state_heads", "Tk", "shift", "n_chunks", "chunks_per_seg", "n_seg")
+    sizes = [args[n] for n in names]
+    op = torch.ops.retention_compile.cuda_chunk_states
+    return lambda: op(args["K"], args["V"], args.get("G"), args.get("VALID"), sizes, spec.chunk_size, spec.causal)
+
+
+def _state_tflops(T: int, ms: float) -> float:
+    flop = 2 * T * H * 2560 * (D + 1)  # S (2560 x e) and the normaliser's 2560 entries
+    return flop / (ms * 1e-3) / 1e12
+
+
+def run_case(T: int, gated: bool) -> dict:
+    q, k, v, gate = _inputs(T, gated)
+    plan = resolve_plan(q, k, v, 2, gated, 0)
+    spec, args = _capture(q, k, v, gate, plan)
+    out: dict = {"T": T, "gated": gated, "plan": dataclasses.asdict(plan), "n_seg": int(args["n_seg"])}
+    out["state_ms"] = {
+        "triton": _median_ms(_triton_state(spec, args), LAUNCHES, ROUNDS),
+        "cuda": _median_ms(_cuda_state(spec, args), LAUNCHES, ROUNDS),
+    }
+    out["state_tflops"] = {name: _state_tflops(T, ms) for name, ms in out["state_ms"].items()}
+    if max(LENGTHS) == T:
+        default = cuda_state.CONFIG
+        variants = {}
+        for config in VARIANTS:
+            cuda_state.CONFIG = config
+            try:
+                variants[str(dataclasses.astuple(config))] = _median_ms(_cuda_state(spec, args), LAUNCHES, ROUNDS)
+            except Exception as error:  # a launch shape that does not fit is recorded, not fatal
+                variants[str(dataclasses.astuple(config))] = f"failed: {error}"[:300]
+        cuda_state.CONFIG = default
+        out["cuda_config_ms"] = variants
+        segs = {}
+        for n in SEGMENTS:
+            seg_spec, seg_args = _capture(q, k, v, gate, plan, segments=n)
+            segs[str(int(seg_args["n_seg"]))] = _median_ms(_cuda_state(seg_spec, seg_args), LAUNCHES, ROUNDS)
+        out["cuda_segments_ms"] = segs
+    scale = D**-0.5
+
+    def op(impl: str):
+        return lambda: power_retention_op(q, k, v, gate, None, scale, 2, True, 0, impl)
+
+    out["forward_ms"] = {impl: _median_ms(op(impl)) for impl in ("triton", "cuda")}
+    y_t, y_c = op("triton")()[0].double(), op("cuda")()[0].double()
+    out["y_rel_diff"] = ((y_c - y_t).norm() / y_t.norm()).item()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--commit", default="unknown")
+    args = parser.parse_args()
+    name = torch.cuda.get_device_name()
+    result = {
+        "command": " ".join(["python", *sys.argv]),
+        "commit": args.commit,
+        "date": datetime.date.today().isoformat(),
+        "gpu": name,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda_driver": nvrtc.driver_version(),
+        "compiler": nvrtc.compiler_id(),
+        "python": platform.python_version(),
+        "shape": {"B": B, "H": H, "d": D, "e": D, "deg": 2, "dtype": "bfloat16", "causal": True},
+        "cuda_config": dataclasses.asdict(cuda_state.CONFIG),
+        "cases": [],
+    }
+    for T in LENGTHS:
+        for gated in (False, True):
+            case = run_case(T, gated)
+            result["cases"].append(case)
+            s, f = case["state_ms"], case["forward_ms"]
+            print(
+                f"T={T:6d} gated={gated!s:5}  state: triton {s['triton']:.3f} ms  cuda {s['cuda']:.3f} ms "
+                f"({s['triton'] / s['cuda']:.2f}x)  forward: triton {f['triton']:.3f}  cuda {f['cuda']:.3f}  "
+                f"|dy|={case['y_rel_diff']:.1e}",
+                flush=True,
+            )
+            if "cuda_config_ms" in case:
+                print("   configs:", case["cuda_config_ms"], " segments:", case["cuda_segments_ms"], flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = name.replace(" ", "-")
+    path = out / f"cuda_state_{slug}_{result['date']}_{args.commit}.json"
+    path.write_text(json.dumps(result, indent=1, default=str))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

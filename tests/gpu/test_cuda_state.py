@@ -1,0 +1,156 @@
+"""The CUDA chunk-state kernel on a GPU: its buffers against the Triton state kernel's (kernel for kernel), the
+forward it feeds against the float64 oracle and the all-Triton forward, ``codegen="cuda"`` under torch.compile
+with the kernel recorded for inspection, and ``codegen="auto"`` measuring once and reusing its choice.
+
+Freed allocator memory is filled with NaN before each run, so a buffer element the kernel forgets to write fails.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import retention_compile as rc
+from retention_compile import inspection
+from retention_compile.codegen import choice, forward
+from retention_compile.codegen.cuda_state import chunk_states
+from retention_compile.codegen.triton_source import load_forward
+from retention_compile.planning import Plan
+from retention_compile.reference import power_retention_reference
+
+pytestmark = pytest.mark.gpu
+
+DEVICE = "cuda"
+# (name, B, Hq, Hk, Tq, Tk, d, e, dtype, gate heads (0: none), valid, causal, chunk, segments, transposed)
+CASES = [
+    ("plain", 1, 2, 2, 3109, 3109, 64, 64, torch.bfloat16, 0, False, True, 512, 3, False),
+    ("gated_gqa_valid_prefill", 2, 4, 2, 1000, 2500, 64, 64, torch.bfloat16, 2, True, True, 256, 4, True),
+    ("fp16_gate_per_query_head_wide", 1, 2, 1, 1200, 1200, 128, 128, torch.float16, 2, False, True, 256, 2, False),
+    ("noncausal_valid_e48", 1, 2, 2, 700, 1800, 32, 48, torch.bfloat16, 0, True, False, 256, 3, False),
+]
+
+
+def _poison_allocator() -> None:
+    torch.empty(1 << 26, device=DEVICE).fill_(float("nan"))
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    assert torch.isfinite(x).all(), "non-finite values (an unwritten element?)"
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+def _inputs(case: tuple, seed: int = 0) -> dict:
+    _, B, Hq, Hk, Tq, Tk, d, e, dtype, gate_heads, has_valid, causal, chunk, segments, transposed = case
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def randn(heads, T, dim):
+        if transposed:  # (B, T, H, dim) memory seen as (B, H, T, dim): strided rows, no copy
+            return torch.randn(B, T, heads, dim, generator=g, device=DEVICE).to(dtype).transpose(1, 2)
+        return torch.randn(B, heads, T, dim, generator=g, device=DEVICE).to(dtype)
+
+    q, k, v = randn(Hq, Tq, d), randn(Hk, Tk, d), randn(Hk, Tk, e)
+    log_gate = None
+    if gate_heads:
+        log_gate = -0.02 * torch.rand(B, gate_heads, Tk, generator=g, device=DEVICE)
+        log_gate[:, 0] = 0.0  # one head never decays: the longest accumulation
+    valid = None
+    if has_valid:
+        valid = torch.rand(B, Tk, generator=g, device=DEVICE) > 0.2
+        valid[:, :3] = True
+    plan = Plan(chunk_size=chunk, block_t=64, block_feature=16, block_e=64, num_warps=4, num_stages=2)
+    kwargs = {"scale": d**-0.5, "deg": 2, "log_gate": log_gate, "causal": causal, "valid": valid, "plan": plan}
+    return {"q": q, "k": k, "v": v, "kwargs": kwargs, "segments": segments}
+
+
+def _forward(x: dict, state_kernel=None) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = x["q"], x["k"], x["v"]
+    return forward.triton_forward(q, k, v, **x["kwargs"], segments=x["segments"], state_kernel=state_kernel)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_state_buffers_match_the_triton_state_kernel(case: tuple) -> None:
+    """Same arguments into both state kernels: every buffer the query and scan kernels read agrees."""
+    x = _inputs(case)
+    captured: dict[str, dict[str, torch.Tensor]] = {}
+
+    def both(spec, args):
+        module, _ = load_forward(spec)
+        npairs, n_eb = spec.template_params()["npairs"], spec.template_params()["n_eb"]
+        grid = (args["n_seg"], npairs * n_eb, args["K"].shape[0] * args["state_heads"])
+        forward._launch(module.state_kernel, grid, args, forward.STATE_WARPS, 2)
+        names = ("S_LOC", "M_LOC", "S_SEG", "M_SEG") if spec.causal else ("S_SEG", "M_SEG")
+        captured["triton"] = {n: args[n].clone() for n in names}
+        _poison_allocator()
+        captured["cuda"] = {n: t.clone() for n, t in chunk_states(spec, args).items()}
+        return {n: t.clone() for n, t in captured["cuda"].items()}  # the scan rewrites them in place
+
+    _poison_allocator()
+    _forward(x, both)
+    triton, cuda = captured["triton"], captured["cuda"]
+    assert set(triton) == set(cuda)
+    for name in triton:
+        ref, got = triton[name], cuda[name]
+        if "SEG" in name:  # slot 0 belongs to the scan
+            ref, got = ref[:, 1:], got[:, 1:]
+        assert got.shape == ref.shape and got.dtype == ref.dtype, name
+        assert _rel(got, ref) < 1e-2, f"{name}: {_rel(got, ref):.2e}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_forward_with_cuda_states_matches_oracle_and_triton(case: tuple) -> None:
+    x = _inputs(case, seed=1)
+    _poison_allocator()
+    y_cuda, den_cuda = _forward(x, chunk_states)
+    y_triton, den_triton = _forward(x, None)
+    kw = x["kwargs"]
+    gate = None if kw["log_gate"] is None else kw["log_gate"].double()
+    ref = power_retention_reference(
+        x["q"].double(), x["k"].double(), x["v"].double(), scale=kw["scale"], deg=2, log_gate=gate,
+        causal=kw["causal"], valid=kw["valid"],
+    )  # fmt: skip
+    assert y_cuda.dtype == x["q"].dtype
+    assert _rel(y_cuda, ref) < 1e-2, f"vs oracle {_rel(y_cuda, ref):.2e}"
+    assert _rel(y_cuda, y_triton) < 1e-2
+    assert _rel(den_cuda, den_triton) < 1e-2
+
+
+class _Attention(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True) * 2
+
+
+def test_codegen_cuda_under_torch_compile_records_the_kernel() -> None:
+    q, k, v = (torch.randn(1, 4, 2048, 64, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+    torch._dynamo.reset()
+    model = torch.compile(_Attention(), backend="retention", options={"codegen": "cuda", "chunk_size": 256})
+    with inspection.capture() as cap:
+        y = model(q, k, v)
+    expected = 2 * rc.power_retention(q, k, v, chunk_size=256, impl="triton")
+    assert _rel(y, expected) < 1e-2
+    cuda = [kr for kr in cap.kernels if kr.language == "cuda"]
+    assert cuda and "retention_chunk_state" in cuda[0].source
+    assert cuda[0].meta["path"].endswith(".cu")
+    torch._dynamo.reset()
+
+
+def test_impl_cuda_eager_matches_triton() -> None:
+    q, k, v = (torch.randn(2, 4, 3000, 64, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+    gate = -0.01 * torch.rand(2, 4, 3000, device=DEVICE)
+    y = rc.power_retention(q, k, v, log_gate=gate, chunk_size=512, impl="cuda")
+    assert _rel(y, rc.power_retention(q, k, v, log_gate=gate, chunk_size=512, impl="triton")) < 1e-2
+
+
+def test_auto_measures_once_per_shape_class(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("RETENTION_COMPILE_CACHE", str(tmp_path))
+    monkeypatch.setattr(choice, "_CHOSEN", {})
+    q, k, v = (torch.randn(1, 4, 4096, 64, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+    y = rc.power_retention(q, k, v, chunk_size=512)
+    (entry,) = (tmp_path / "choices").glob("chunk_state_*.json")
+    record = json.loads(entry.read_text())
+    assert set(record["times_ms"]) == {"triton", "cuda"} and record["winner"] in ("triton", "cuda")
+    monkeypatch.setattr(choice, "_CHOSEN", {})
+    monkeypatch.setattr(choice, "_measure", lambda candidates: pytest.fail("measured again"))
+    assert _rel(rc.power_retention(q, k, v, chunk_size=512), y) < 1e-6
