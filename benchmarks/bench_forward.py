@@ -41,15 +41,21 @@ from retention_compile import hardware, planning
 from retention_compile.codegen import forward
 from retention_compile.codegen.forward import kernel_spec, triton_forward
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import warm  # noqa: E402
+
 B, H, D = 1, 8, 64
 LENGTHS = (1024, 2048, 4096, 8192, 12345, 16384, 32768, 65529, 65536)
-VARIANTS = (  # chunked query kernel: state product orientation and warps (see codegen/forward.py)
-    {"QUERY_TRANSPOSED": False, "CHUNK_QUERY_WARPS": 8},
-    {"QUERY_TRANSPOSED": True, "CHUNK_QUERY_WARPS": 8},
-    {"QUERY_TRANSPOSED": True, "CHUNK_QUERY_WARPS": 4},
+# Tuning runs: (state kernel constants, chunked query kernel warps, query stages). The profiler separates the
+# kernels, so run i times state variant i and query variant i together; each kernel's best is then kept.
+TUNE_RUNS = (
+    ({"STATE_STAGES": 2}, 4, 2),
+    ({"STATE_STAGES": 3}, 4, 3),
+    ({"STATE_STAGES": 4}, 8, 2),
+    ({"STATE_STAGES": 3, "STATE_BLOCK_S": 128}, 8, 3),
 )
-TUNE_CHUNKS = (1024,)  # run 1 (H200): C=1024 beat 512 at T=65536; more entries are timed after the variants
-TUNE_SEGMENTS = (8, 16)  # besides the default (STATE_WAVES programs per SM)
+TUNE_CHUNKS = (1024, 2048)
+TUNE_SEGMENTS: tuple[int, ...] = ()  # besides the default (STATE_WAVES programs per SM); run 2: 8 vs 16 within 1%
 COMPETITOR_LENGTHS = (2048, 8192, 32768, 65536)
 
 
@@ -169,31 +175,39 @@ def timed(fn_maker: Callable[[], Callable[[], object]]) -> tuple[float | None, s
 
 
 def tune(x: dict, T: int, gated: bool, base: planning.Plan) -> list[dict]:
-    """Kernel variants (``codegen.forward`` constants), then chunk sizes and segment counts for the best.
-
-    Entries sorted by time; the fastest variant is left set for the rest of the run.
-    """
-    plan = replace(base, chunk_size=TUNE_CHUNKS[0], block_t=128, block_e=64, reason="")
+    """``TUNE_RUNS`` at each of ``TUNE_CHUNKS`` (128 query rows), per-kernel times from the profiler; the fastest
+    state variant and the fastest query variant are combined, set for the rest of the run, and timed with
+    ``TUNE_SEGMENTS``. Entries sorted by time."""
     entries = []
-    for variant in VARIANTS:
-        _set_variant(variant)
-        ms, err = timed(lambda: ours(x, plan))
-        entries.append({"variant": variant, "plan": asdict(plan), "segments": None, "ms": ms, "error": err})
-    best = min(entries, key=_ms)
-    _set_variant(best["variant"])
-    for chunk in TUNE_CHUNKS[1:]:
-        other = replace(plan, chunk_size=chunk)
-        ms, err = timed(lambda other=other: ours(x, other))
-        entries.append({"variant": best["variant"], "plan": asdict(other), "segments": None, "ms": ms, "error": err})
-    best = min(entries, key=_ms)
-    for segments in TUNE_SEGMENTS:
-        ms, err = timed(lambda s=segments: ours(x, _plan(best), s))
-        entries.append({"variant": best["variant"], "plan": best["plan"], "segments": segments, "ms": ms, "error": err})
+    for chunk in TUNE_CHUNKS:
+        for constants, warps, stages in TUNE_RUNS:
+            plan = replace(base, chunk_size=chunk, block_t=128, block_e=64, num_stages=stages, reason="")
+            variant = {**constants, "CHUNK_QUERY_WARPS": warps}
+            _set_variant({**DEFAULTS, **variant})
+            ms, err = timed(lambda plan=plan: ours(x, plan))
+            kernels = breakdown(x, plan, None) if err is None else {}
+            entries.append({"variant": variant, "plan": asdict(plan), "segments": None, "ms": ms, "error": err,
+                            "kernels": kernels})  # fmt: skip
+    timed_entries = [e for e in entries if e["kernels"]]
+    state = min(timed_entries, key=lambda e: e["kernels"].get("state_kernel", math.inf))
+    query = min(timed_entries, key=lambda e: e["kernels"].get("attention_kernel", math.inf))
+    state_constants = {k: v for k, v in state["variant"].items() if k.startswith("STATE_")}
+    best_variant = {**state_constants, "CHUNK_QUERY_WARPS": query["variant"]["CHUNK_QUERY_WARPS"]}
+    _set_variant({**DEFAULTS, **best_variant})
+    for chunk in TUNE_CHUNKS:
+        plan = replace(_plan(query), chunk_size=chunk)
+        for segments in (None, *TUNE_SEGMENTS):
+            ms, err = timed(lambda plan=plan, s=segments: ours(x, plan, s))
+            entries.append({"variant": best_variant, "plan": asdict(plan), "segments": segments, "ms": ms,
+                            "error": err, "kernels": breakdown(x, plan, segments) if err is None else {}})  # fmt: skip
     return sorted(entries, key=_ms)
 
 
 def _ms(entry: dict) -> float:
     return entry["ms"] if entry["ms"] is not None else math.inf
+
+
+DEFAULTS = {name: getattr(forward, name) for name in ("STATE_STAGES", "STATE_BLOCK_S", "CHUNK_QUERY_WARPS")}
 
 
 def _set_variant(variant: dict) -> None:
@@ -316,6 +330,7 @@ def main() -> None:
     parser.add_argument("--tune", type=int, default=65536, help="length at which to tune (0: none), gated")
     parser.add_argument("--competitors", type=int, nargs="*", default=list(COMPETITOR_LENGTHS))
     parser.add_argument("--commit", default=None)
+    parser.add_argument("--jobs", type=int, default=12, help="processes compiling the kernels beforehand")
     args = parser.parse_args()
     git = ["git", "rev-parse", "--short", "HEAD"]
     commit = args.commit or subprocess.run(git, capture_output=True, text=True, check=False).stdout.strip()
@@ -333,6 +348,7 @@ def main() -> None:
     }
     ceilings = record["ceilings"]
     print(f"ceilings: bf16 matmul {ceilings['matmul_bf16_tflops']:.0f} TFLOP/s, copy {ceilings['copy_gbs']:.0f} GB/s")
+    record["warm_errors"] = [e for e in warm.warm(warm_tasks(spec, args), args.jobs) if e]
     print(eager_overhead_profile(), flush=True)
     tuned = None
     if args.tune:
@@ -340,10 +356,14 @@ def main() -> None:
         plan = planning.plan(spec, T=args.tune, d=D, e=D, deg=2, dtype=torch.bfloat16, gated=True, batch_heads=B * H)
         record["tuning"] = entries = tune(x, args.tune, True, plan)
         tuned = entries[0]
+        _set_variant({**DEFAULTS, **tuned["variant"]})
+        record["variant"] = tuned["variant"]
         del x
         for entry in entries:
+            kernels = {k: round(v, 3) for k, v in entry["kernels"].items() if "kernel" in k and v > 0.005}
             print(f"tune T={args.tune}: {_fmt(entry['ms'])} ms {entry['variant']} C={entry['plan']['chunk_size']} "
-                  f"segments={entry['segments']} {entry['error'] or ''}", flush=True)  # fmt: skip
+                  f"stages={entry['plan']['num_stages']} segments={entry['segments']} {kernels} {entry['error'] or ''}",
+                  flush=True)  # fmt: skip
     for gated in (False, True):
         for T in args.T:
             row = measure(T, gated, spec, ceilings, tuned if args.tune == T else None, T in args.competitors)
@@ -359,6 +379,22 @@ def main() -> None:
     for row in record["rows"]:
         print(_line(row))
     print(f"wrote {base}.json/.png")
+
+
+def warm_tasks(spec: hardware.GpuSpec, args: argparse.Namespace) -> list[dict]:
+    """Every forward the run times first (tuning variants, the planner's plan per row), for ``warm.warm``."""
+    tasks = []
+    if args.tune:
+        for chunk in TUNE_CHUNKS:
+            for constants, warps, stages in TUNE_RUNS:
+                plan = planning.Plan(chunk_size=chunk, block_t=128, block_e=64, num_stages=stages)
+                tasks.append({"T": args.tune, "d": D, "gated": True, "plan": asdict(plan),
+                              "constants": {**constants, "CHUNK_QUERY_WARPS": warps}})  # fmt: skip
+    for gated in (False, True):
+        for T in args.T:
+            plan = planning.plan(spec, T=T, d=D, e=D, deg=2, dtype=torch.bfloat16, gated=gated, batch_heads=B * H)
+            tasks.append({"T": T, "d": D, "gated": gated, "plan": {**asdict(plan), "reason": ""}})
+    return tasks
 
 
 def _header() -> str:

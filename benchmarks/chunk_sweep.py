@@ -1,16 +1,18 @@
 """Chunk-size and tile sweep of the power-retention forward against the planner (issue 4).
 
 For each T in {4096, 16384, 65536} and d in {64, 128} (B=1, H=8, deg 2, bf16, causal, ungated by default) it
-times ``retention_compile.power_retention`` for every chunk size 64..2048 below T plus the single-chunk path,
-each with the ``--tiles`` best tile configurations the cost model ranks for that chunk (the planned one always
-among them), with ``triton.testing.do_bench`` (median). The regret of the plan is
+times ``triton_forward`` (the kernels the op runs on a GPU, launched as a ``triton_op`` body launches them) for
+every chunk size 64..2048 below T plus the single-chunk path, each with the ``--tiles`` tile configurations the
+cost model ranks best for that chunk (the planned configuration always among them), with
+``triton.testing.do_bench`` (median), and the device time per kernel from the profiler. The regret of the plan is
 
     regret = measured(plan(spec, T, d, ...)) / min over measured configurations - 1      (bar: <= 10%)
 
-Tiles reach the op only when ``power_retention`` accepts a ``plan=`` keyword; until then only the chunk size
-varies (one configuration per chunk, the model's best tiles recorded beside it) and the JSON says so.
+Every configuration is compiled first in ``--jobs`` parallel processes (``warm.py``); a configuration that fails
+(out of shared memory, ...) is recorded with its error text and the sweep goes on. The JSON is rewritten after
+every problem.
 
-    python benchmarks/chunk_sweep.py [--T 4096 16384 65536] [--d 64 128] [--tiles 3] [--out DIR] [--commit SHA]
+    python benchmarks/chunk_sweep.py [--T 4096 16384 65536] [--d 64 128] [--tiles 2] [--rep 30] [--out DIR]
     python benchmarks/chunk_sweep.py --dry-run --gpu H200     # on any machine: the plans and configurations
 
 Writes ``chunk_sweep_<gpu>_<date>.json`` and ``.png`` (measured and modelled time per chunk size) under
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import json
 import platform
 import subprocess
@@ -33,77 +34,79 @@ from typing import Any
 import numpy as np
 import torch
 
-import retention_compile as rc
 from retention_compile import hardware, planning
 from retention_compile.hardware import GpuSpec
 from retention_compile.planning import Plan
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import warm  # noqa: E402
 
 REGRET_BAR = 0.10
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def configurations(cands: planning.Candidates, planned: Plan, per_chunk: int, with_tiles: bool) -> list[Plan]:
-    """The planned configuration, then per chunk size the ``per_chunk`` feasible tiles the model ranks best.
-
-    Without ``with_tiles`` (the op takes only the chunk size) configurations that differ only in tiles are
-    the same run, so one per chunk size is kept.
-    """
+def configurations(cands: planning.Candidates, planned: Plan, per_chunk: int) -> list[Plan]:
+    """The planned configuration, then per chunk size the ``per_chunk`` feasible tiles the model ranks best."""
     chosen = [planned]
     for chunk in np.unique(cands.chunk):
         rows = np.flatnonzero(cands.feasible & (cands.chunk == chunk))
         for i in rows[np.argsort(cands.time[rows], kind="stable")][:per_chunk]:
             candidate = cands.plan(int(i))
-            if all(_key(candidate, with_tiles) != _key(p, with_tiles) for p in chosen):
+            if all(_key(candidate) != _key(p) for p in chosen):
                 chosen.append(candidate)
     return chosen
 
 
-def _key(p: Plan, with_tiles: bool) -> tuple[int, ...]:
-    tiles = (p.block_t, p.block_feature, p.block_e, p.num_warps, p.num_stages) if with_tiles else ()
-    return (p.chunk_size, *tiles)
+def _key(p: Plan) -> tuple[int, ...]:
+    return (p.chunk_size, p.block_t, p.block_feature, p.block_e, p.num_warps, p.num_stages)
 
 
-def accepts_plan() -> bool:
-    """Whether the eager entry takes the tiles (``plan=``) or only ``chunk_size``."""
-    return "plan" in inspect.signature(rc.power_retention).parameters
+def _task(T: int, d: int, p: Plan) -> dict:
+    return {"T": T, "d": d, "gated": False, "plan": {**asdict(p), "reason": ""}, "segments": None}
 
 
-def time_configuration(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Plan, deg: int, rep: int) -> float:
-    """Median milliseconds of one forward with this configuration."""
-    from triton.testing import do_bench
+def kernel_times(run, calls: int = 5) -> dict[str, float]:
+    """Device milliseconds per kernel (mean over ``calls`` calls) from the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            run()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        if total:
+            times[event.key] = total / calls / 1e3
+    return times
 
-    tiles = {"plan": p} if accepts_plan() else {}
 
-    def forward() -> torch.Tensor:
-        return rc.power_retention(q, k, v, deg=deg, chunk_size=p.chunk_size, **tiles)
-
-    forward()
-    torch.cuda.synchronize()
-    return float(do_bench(forward, warmup=25, rep=rep, return_mode="median"))
-
-
-def sweep_problem(spec: GpuSpec, T: int, d: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Plan, rank and (unless ``--dry-run``) time every configuration of one (T, d)."""
+def plan_problem(spec: GpuSpec, T: int, d: int, args: argparse.Namespace) -> tuple[Plan, list[Plan]]:
     dtype, bh = DTYPES[args.dtype], args.batch * args.heads
     planned = planning.plan(spec, T, d, d, args.deg, dtype, False, bh)
     cands = planning.gpu_candidates(spec, T, d, d, args.deg, dtype, False, bh)
-    configs = configurations(cands, planned, args.tiles, accepts_plan())
-    if args.dry_run:
-        rows = [{**_describe(p), "modelled_ms": p.modelled_s * 1e3} for p in configs]
-        return {"T": T, "d": d, "planned": _describe(planned), "reason": planned.reason, "configs": rows}
-    from triton.runtime.errors import OutOfResources
+    return planned, configurations(cands, planned, args.tiles)
 
-    q, k, v = (torch.randn(args.batch, args.heads, T, d, device="cuda", dtype=dtype) for _ in range(3))
+
+def sweep_problem(T: int, d: int, planned: Plan, configs: list[Plan], errors: list, args) -> dict[str, Any]:
+    """Time every configuration of one (T, d) (compiled beforehand; ``errors`` from the warm-up)."""
+    from triton.testing import do_bench
+
+    x = warm.inputs(T, d, False)
     rows = []
-    for p in configs:
+    for p, warm_error in zip(configs, errors):
         row = {**_describe(p), "modelled_ms": p.modelled_s * 1e3}
         try:
-            row["measured_ms"] = time_configuration(q, k, v, p, args.deg, args.rep)
-        except (RuntimeError, ValueError, OutOfResources) as err:  # rejected, or out of memory / shared memory
-            row["error"] = f"{type(err).__name__}: {err}"[:300]
+            run = warm.forward_call(x, p)
+            run()
+            torch.cuda.synchronize()
+            row["measured_ms"] = float(do_bench(run, warmup=5, rep=args.rep, return_mode="median"))
+            row["kernels_ms"] = kernel_times(run)
+        except Exception as err:  # out of shared memory, rejected tiles, ...: recorded, the sweep goes on
+            row["error"] = f"{type(err).__name__}: {err}"[:300] + (f" (warm-up: {warm_error})" if warm_error else "")
+            torch.cuda.synchronize()
         rows.append(row)
         print(f"  T={T} d={d} {_label(p)}: {row.get('measured_ms', float('nan')):.3f} ms", flush=True)
-    best = min(rows, key=lambda r: r.get("measured_ms", float("inf")))
+    timed = [r for r in rows if "measured_ms" in r]
+    best = min(timed, key=lambda r: r["measured_ms"]) if timed else None
     planned_ms = rows[0].get("measured_ms", float("inf"))
     return {
         "T": T,
@@ -112,7 +115,7 @@ def sweep_problem(spec: GpuSpec, T: int, d: int, args: argparse.Namespace) -> di
         "reason": planned.reason,
         "planned_ms": planned_ms,
         "best": best,
-        "regret": planned_ms / best.get("measured_ms", float("nan")) - 1,
+        "regret": planned_ms / best["measured_ms"] - 1 if best else float("nan"),
         "configs": rows,
     }
 
@@ -185,8 +188,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--deg", type=int, default=2)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--tiles", type=int, default=3, help="tile configurations per chunk size (model's best)")
-    parser.add_argument("--rep", type=int, default=100, help="do_bench measurement window, ms")
+    parser.add_argument("--tiles", type=int, default=2, help="tile configurations per chunk size (model's best)")
+    parser.add_argument("--rep", type=int, default=30, help="do_bench measurement window, ms")
+    parser.add_argument("--jobs", type=int, default=12, help="processes compiling the kernels beforehand")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--commit", default=None, help="commit of the code (where the tree has no .git)")
     parser.add_argument("--dry-run", action="store_true", help="print plans and configurations, time nothing")
@@ -201,43 +205,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("no CUDA device: run on a GPU, or pass --dry-run --gpu NAME to see the plans")
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("timing needs a CUDA device (use --dry-run)")
-    problems = []
-    for T in args.T:
-        for d in args.d:
-            problems.append(sweep_problem(spec, T, d, args))
-    record = {
+    plans = {(T, d): plan_problem(spec, T, d, args) for T in args.T for d in args.d}
+    record: dict[str, Any] = {
         "command": " ".join([sys.executable, *sys.argv]),
         "git_commit": _commit(args.commit),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "versions": _versions(),
         "gpu": asdict(spec),
         "setup": {"batch": args.batch, "heads": args.heads, "deg": args.deg, "dtype": args.dtype, "causal": True},
-        "tiles_passed_to_op": accepts_plan(),
+        "tiles_passed_to_op": True,
         "regret_bar": REGRET_BAR,
-        "problems": problems,
+        "problems": [],
     }
     if args.dry_run:
-        for prob in problems:
-            print(f"T={prob['T']} d={prob['d']}: plan {_label(prob['planned'])}; {len(prob['configs'])} configurations")
-            print(f"  {prob['reason']}")
+        for (T, d), (planned, configs) in plans.items():
+            rows = [{**_describe(p), "modelled_ms": p.modelled_s * 1e3} for p in configs]
+            record["problems"].append({"T": T, "d": d, "planned": _describe(planned), "reason": planned.reason,
+                                       "configs": rows})  # fmt: skip
+            print(f"T={T} d={d}: plan {_label(planned)}; {len(configs)} configurations")
+            print(f"  {planned.reason}")
         return record
-    record["passed"] = all(p["regret"] <= REGRET_BAR for p in problems)
+    tasks = [(key, p) for key, (_, configs) in plans.items() for p in configs]
+    warm_errors = warm.warm([_task(T, d, p) for (T, d), p in tasks], args.jobs)
+    errors = {key: [e for (k, _), e in zip(tasks, warm_errors) if k == key] for key in plans}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"chunk_sweep_{spec.name.replace(' ', '-')}_{datetime.date.today().isoformat()}"
-    (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
-    plot(
-        problems,
-        f"{spec.name}: power retention forward, B={args.batch} H={args.heads} {args.dtype}",
-        args.out / f"{stem}.png",
-    )
+    stem = args.out / f"chunk_sweep_{spec.name.replace(' ', '-')}_{datetime.date.today().isoformat()}"
+    for (T, d), (planned, configs) in plans.items():
+        record["problems"].append(sweep_problem(T, d, planned, configs, errors[(T, d)], args))
+        torch.cuda.empty_cache()
+        record["passed"] = all(p["regret"] <= REGRET_BAR for p in record["problems"])
+        stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    try:
+        plot(record["problems"], f"{spec.name}: power retention forward, B={args.batch} H={args.heads} {args.dtype}",
+             stem.with_suffix(".png"))  # fmt: skip
+    except Exception as err:  # the numbers are in the JSON already
+        print(f"plot failed: {err}")
     print(f"\n{'T':>6} {'d':>4}  {'plan':<44} {'ms':>8}  {'best':<44} {'ms':>8}  regret")
-    for p in problems:
+    for p in record["problems"]:
+        best = p["best"] or {}
         print(
             f"{p['T']:>6} {p['d']:>4}  {_label(p['planned']):<44} {p['planned_ms']:>8.3f}  "
-            f"{_label(p['best']):<44} {p['best']['measured_ms']:>8.3f}  {p['regret'] * 100:5.1f}%"
+            f"{_label(best) if best else '-':<44} {best.get('measured_ms', float('nan')):>8.3f}  "
+            f"{p['regret'] * 100:5.1f}%"
         )
     verdict = "met" if record["passed"] else "MISSED"
-    print(f"\nwrote {args.out / stem}.json/.png; bar regret <= {REGRET_BAR:.0%}: {verdict}")
+    print(f"\nwrote {stem}.json/.png; bar regret <= {REGRET_BAR:.0%}: {verdict}")
     return record
 
 

@@ -62,6 +62,7 @@ MAX_BLOCK_FEATURE = 16  # b^2 = 256 features per state tile keeps the fp32 tile 
 MIN_BLOCK_FEATURE = 16  # tl.dot needs every dimension >= 16 (the M_IJ block is b x b)
 # Wide heads (d, e >= 128): a (128 x 128) query tile with 3 stages of (64 x 128) k/v tiles asked Triton 3.6 for
 # 311 KB of shared memory on the H200 (limit 227 KB, chunk_sweep run of 2026-11-29); cap rows and stages there.
+# The chunked query kernel at d = e = 128 with 128 rows and 2 stages needs 232 KB (sm_90 compile), 64 rows 180 KB.
 WIDE_HEAD = 128
 WIDE_BLOCK_T = 64
 WIDE_STAGES = 2
@@ -144,7 +145,7 @@ def kernel_spec(
     e_pad = max(16, 1 << (e - 1).bit_length())
     block_e = min(max(plan.block_e, MIN_BLOCK_E), e_pad)
     block_t = min(max(16, plan.block_t), 128)
-    if not chunked and d >= WIDE_HEAD and block_e >= WIDE_HEAD:
+    if d >= WIDE_HEAD and block_e >= WIDE_HEAD:
         block_t = min(block_t, WIDE_BLOCK_T)
     chunk = 1 << max(plan.chunk_size - 1, 0).bit_length()
     return KernelSpec(
