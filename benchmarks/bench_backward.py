@@ -109,6 +109,10 @@ def breakdown(run: Callable[[], None], calls: int = 10) -> dict[str, float]:
 def measure(T: int, gated: bool, competitors: bool, profile: bool) -> dict:
     x = inputs(T, gated)
     row: dict = {"T": T, "gated": gated, "errors": {}}
+    try:  # once outside do_bench: a failure prints its traceback (which kernel, which resource)
+        ours(x)()
+    except Exception:
+        traceback.print_exc()
     makers = {"ours": lambda: ours(x)}
     if not gated:
         makers["sdpa"] = lambda: sdpa(x)
