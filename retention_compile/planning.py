@@ -95,6 +95,7 @@ BLOCK_E = (64, 128)
 NUM_WARPS = (4, 8)
 NUM_STAGES = (2, 3)
 BLOCK_FEATURE = 16  # the chunked kernels' coordinate block
+CHUNK_QUERY_WARPS = 8  # codegen.forward.CHUNK_QUERY_WARPS: the chunked path's warps are not the plan's
 STATE_STAGES = 3  # codegen.forward.STATE_STAGES: the state kernel's pipeline depth (64-key steps)
 PLAN_GRANULE = 1024  # lengths above this plan as if rounded up to a multiple of it: nearby T get one plan
 MAX_FEATURES_PER_TILE = 4096
@@ -108,6 +109,9 @@ SMEM_BYTES_PER_CLOCK = 128  # shared-memory bandwidth per SM (cc 8.x, 9.0)
 L2_BYTES_PER_CLOCK = 32  # modelled L2 -> SM bandwidth per SM (calibrated by benchmarks/chunk_sweep.py)
 LOAD_LATENCY_S = 6e-7  # global load latency hidden by num_stages loads in flight
 LAUNCH_S = 3e-6  # per kernel launch
+# Measured / modelled time per kernel (benchmarks/calibrate_planner.py over a chunk sweep on the H200): what the
+# roofline terms leave out (feature construction, synchronous products, layout conversions).
+KERNEL_SCALE = {"update": 3.71, "scan": 0.358, "query": 1.07, "attention": 1.95}
 MAX_REGS_PER_THREAD = 255
 BASE_REGS_PER_THREAD = 40  # addresses, indices, loop state besides the fp32 accumulators
 RESERVED_SMEM_PER_BLOCK = 1024  # the runtime's share per resident block (cc 8.0+)
@@ -288,7 +292,7 @@ def kernel_terms(kernel: Kernel) -> dict[str, sp.Expr]:
         "resident": occ,
         "waves": waves,
         "programs": kernel.programs,
-        "time": LAUNCH_S + waves * _max(occ * busy, busy + exposed),
+        "time": LAUNCH_S + KERNEL_SCALE[kernel.name] * waves * _max(occ * busy, busy + exposed),
     }
 
 
@@ -414,14 +418,14 @@ def _tile_grid(T: int, d: int, e: int, deg: int) -> list[np.ndarray]:
 
     Chunks: CHUNKS below T when the chunked kernels take the shape (deg 2, ``BLOCK_FEATURE`` divides d), plus
     the single-chunk size (T rounded up to a power of 2); block_t <= chunk; block_e: ``BLOCK_E`` up to e rounded
-    up to a power of 2 (that alone when it is narrower).
+    up to a power of 2 (that alone when it is narrower); warps vary on the single-chunk path only.
     """
     chunked = deg == 2 and d % BLOCK_FEATURE == 0
     chunks = [c for c in CHUNKS if c < T and chunked] + [_pow2_at_least(T)]
     e_pad = _pow2_at_least(e)
     e_blocks = [x for x in BLOCK_E if x <= e_pad] or [e_pad]
     grid = itertools.product(chunks, BLOCK_T, [_block_feature(d)], e_blocks, NUM_WARPS, NUM_STAGES)
-    rows = [row for row in grid if row[1] <= max(row[0], BLOCK_T[0])]
+    rows = [row for row in grid if row[1] <= max(row[0], BLOCK_T[0]) and (row[0] >= T or row[4] == CHUNK_QUERY_WARPS)]
     return [np.array(col, dtype=np.int64) for col in zip(*rows)]
 
 

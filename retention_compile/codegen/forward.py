@@ -57,7 +57,9 @@ from ..planning import Plan
 from .triton_source import SCAN_BLOCK, KernelSpec, load_forward
 
 QUADRATIC_BLOCK_K = 64  # keys per step of the attention loop
-STATE_BLOCK_S = 64  # keys per step of the state kernel: its phi tile (64 x 256) and S tile fit in registers
+# Keys per step of the state kernel. H200, T=65536 gated, C=1024, 3 stages (run 3): 128 keys 1.469 ms, 64 keys
+# 1.472 ms: the kernel's time is per key, not per step.
+STATE_BLOCK_S = 128
 MAX_BLOCK_FEATURE = 16  # b^2 = 256 features per state tile keeps the fp32 tile in registers
 MIN_BLOCK_FEATURE = 16  # tl.dot needs every dimension >= 16 (the M_IJ block is b x b)
 # Wide heads (d, e >= 128): a (128 x 128) query tile with 3 stages of (64 x 128) k/v tiles asked Triton 3.6 for
@@ -71,14 +73,16 @@ MIN_BLOCK_E = 64  # narrower value blocks would recompute phi(q), the scores and
 # T=65536 gated (80 programs per segment): 8 segments 3.05 ms, 16: 3.09, 7 (4 per SM): 3.21.
 STATE_WAVES = 4.5
 # Warps per program. The state kernel (S^T tile 64 x 256 fp32, phi tile 64 x 256) spills at 4 warps, not at 8
-# (ptxas, sm_90, triton 3.6). The chunked query kernel, same H200 run: transposed state product with 4 warps
-# 3.05 ms, transposed with 8 warps 3.58, plain with 8 warps 3.73 (4 warps spill there).
+# (ptxas, sm_90, triton 3.6). The chunked query kernel: run 2 (fp32 features, 1 stage) transposed state product
+# with 4 warps 3.05 ms in all, transposed with 8 warps 3.58, plain with 8 warps 3.73; run 3 (bf16 features,
+# 3 stages), query kernel alone at T=65536 gated C=1024: 8 warps 1.046 ms, 4 warps 1.389.
 STATE_WARPS = 8
 # Software-pipelining depth of the state kernel's key loop: with 2 stages Triton waits for the loads issued one
 # step earlier at the top of every step (its product is synchronous), so each step pays the full load latency;
-# 3 stages issue them two steps ahead (TTGIR, triton 3.6, sm_90).
+# 3 stages issue them two steps ahead (TTGIR, triton 3.6, sm_90). H200 T=65536 gated (run 3): 2 stages 1.68 ms,
+# 3: 1.47, 4: 1.51.
 STATE_STAGES = 3
-CHUNK_QUERY_WARPS = 4
+CHUNK_QUERY_WARPS = 8
 SCAN_WARPS = 4
 GATE_SCAN_BLOCK = 4096  # keys per program of the gate's cumsum
 QUERY_TRANSPOSED = True  # the chunked query kernel's state product as acc^T += S^T phi(q)^T (see the template)
