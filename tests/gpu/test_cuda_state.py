@@ -130,7 +130,7 @@ def test_codegen_cuda_under_torch_compile_records_the_kernel() -> None:
         y = model(q, k, v)
     expected = 2 * rc.power_retention(q, k, v, chunk_size=256, impl="triton")
     assert _rel(y, expected) < 1e-2
-    cuda = [kr for kr in cap.kernels if kr.language == "cuda"]
+    cuda = [kr for kr in cap.kernels.values() if kr.language == "cuda"]
     assert cuda and "retention_chunk_state" in cuda[0].source
     assert cuda[0].meta["path"].endswith(".cu")
     torch._dynamo.reset()
