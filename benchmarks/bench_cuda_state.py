@@ -39,13 +39,15 @@ from retention_compile.ops import power_retention_op, resolve_plan
 B, H, D = 1, 8, 64
 LENGTHS = (16384, 65536)
 LAUNCHES, ROUNDS, REPS = 10, 5, 15
-VARIANTS = (  # (warps, keys per step, unrolled 16-key steps, programs per SM the registers are capped for)
-    StateKernelConfig(8, 64, 4, 2),
-    StateKernelConfig(8, 64, 1, 2),
-    StateKernelConfig(4, 64, 1, 2),
-    StateKernelConfig(8, 32, 2, 2),
+# (warps, keys per step, unrolled 16-key steps, programs per SM the registers are capped for, copy stages). The
+# run at b6fbe89 timed (8, 64, 1, 2), (4, 64, 1, 2), (8, 32, 2, 2) with 2 stages: 5 to 20% slower than the first.
+VARIANTS = (
+    StateKernelConfig(8, 64, 4, 2, 2),
+    StateKernelConfig(8, 64, 4, 2, 3),
+    StateKernelConfig(8, 128, 4, 2, 2),
+    StateKernelConfig(8, 128, 4, 2, 3),
 )
-SEGMENTS = (3, 6, 13, 16)
+SEGMENTS = (4, 13)
 
 
 def _median_ms(fn, launches: int = 1, rounds: int = REPS) -> float:

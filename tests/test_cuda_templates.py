@@ -34,12 +34,12 @@ def _decode_cases() -> list[str]:
 
 def _state_cases() -> list[str]:
     """Chunk-state sources covering each branch of the template: dtypes, gate, validity, non-causal, two value
-    blocks, a 48-column block, and the launch shapes (4 or 8 warps, unrolled or not)."""
+    blocks, a 48-column block, and the launch shapes (4 or 8 warps, 32 to 128 keys per step, 2 or 3 stages)."""
     cases = [  # (d, e, dtype, gated, valid, causal, chunk, config)
         (64, 64, torch.bfloat16, True, False, True, 1024, cuda_state.CONFIG),
-        (64, 64, torch.float16, False, True, False, 256, StateKernelConfig(4, 64, 1, 1)),
+        (64, 64, torch.float16, False, True, False, 256, StateKernelConfig(4, 64, 1, 1, stages=3)),
         (128, 128, torch.bfloat16, False, False, True, 512, StateKernelConfig(8, 32, 2, 2)),
-        (32, 48, torch.bfloat16, True, True, True, 64, StateKernelConfig(4, 64, 1, 1)),
+        (32, 48, torch.bfloat16, True, True, True, 64, StateKernelConfig(8, 128, 4, 2, stages=3)),
     ]
     sources = []
     for d, e, dtype, gated, valid, causal, chunk, config in cases:

@@ -43,16 +43,31 @@ _INT32_MAX = (1 << 31) - 1
 @dataclass(frozen=True)
 class StateKernelConfig:
     """Launch shape: ``warps`` per program (each owns ``16 / warps`` coordinates of block I), keys per
-    pipeline step, how many 16-key tensor-core steps are unrolled, and the programs per SM the registers are
-    capped for (``__launch_bounds__``)."""
+    pipeline step, how many 16-key tensor-core steps are unrolled, the programs per SM the registers are
+    capped for (``__launch_bounds__``), and the copy buffers (loads issued ``stages - 1`` steps ahead)."""
 
     warps: int = 4
     block_s: int = 64
     ks_unroll: int = 1
     min_blocks: int = 1
+    stages: int = 2
 
 
 CONFIG = StateKernelConfig(warps=8, block_s=64, ks_unroll=4, min_blocks=2)  # 128 registers, no spills (sm_90a)
+
+
+def smem_bytes(e: int, config: StateKernelConfig) -> int:
+    """Dynamic shared memory of one program (the template's ``Shared``): per stage the staged key rows (32
+    coordinates), value rows (padded by 8) and gate values; then k_J^T and c_ja in fp32."""
+    bs = config.block_s
+    stage = bs * 32 * 2 + bs * (block_e(e) + 8) * 2 + bs * 4
+    return config.stages * stage + 16 * (bs + 8) * 4 + bs * 20 * 4
+
+
+def tiled_features(d: int) -> int:
+    """Features of the tiled symmetric state: C(d/16 + 1, 2) pairs of 16 x 16 (2560 for d = 64)."""
+    nb = d // 16
+    return nb * (nb + 1) // 2 * 256
 
 
 def block_e(e: int) -> int:
@@ -103,13 +118,31 @@ def render_state_source(spec: KernelSpec, config: StateKernelConfig) -> str:
         warps=config.warps,
         ks_unroll=config.ks_unroll,
         min_blocks=config.min_blocks,
+        stages=config.stages,
+        smem_bytes=smem_bytes(spec.value_dim, config),
     )
 
 
+@dataclass(frozen=True)
+class _Launch:
+    """What a launch needs besides the arguments, worked out once per shape class, config and device."""
+
+    kernel: nvrtc.CudaKernel
+    grid_y: int  # pairs x value blocks
+    threads: int
+    smem: int
+
+
 @functools.lru_cache(maxsize=64)
-def _kernel(source: str, device_index: int) -> nvrtc.CudaKernel:
-    (kernel,) = nvrtc.load_kernels(source, (KERNEL_NAME,), device_index)
-    return kernel
+def _launch_info(spec: KernelSpec, config: StateKernelConfig, device_index: int) -> _Launch:
+    from cuda.bindings import driver
+
+    (kernel,) = nvrtc.load_kernels(render_state_source(spec, config), (KERNEL_NAME,), device_index)
+    smem = smem_bytes(spec.value_dim, config)
+    attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    nvrtc._check(driver.cuFuncSetAttribute(kernel.function, attribute, smem))
+    pairs = tiled_features(spec.head_dim) // 256
+    return _Launch(kernel, pairs * (spec.value_dim // block_e(spec.value_dim)), 32 * config.warps, smem)
 
 
 def _spec_for(k: torch.Tensor, v: torch.Tensor, chunk_size: int, causal: bool, gated: bool, valid: bool) -> KernelSpec:
@@ -156,30 +189,29 @@ def cuda_chunk_states_op(
     """
     Hq, group, state_heads, Tk, shift, n_chunks, chunks_per_seg, n_seg = sizes
     spec = _spec_for(k, v, chunk_size, causal, g is not None, valid is not None)
-    config = CONFIG
-    kernel = _kernel(render_state_source(spec, config), k.device.index or 0)
-    s_loc, m_loc, s_seg, m_seg = _allocate(k, v, spec, state_heads, n_chunks, n_seg)
+    info = _launch_info(spec, CONFIG, k.device.index or 0)
+    s_loc, m_loc, s_seg, m_seg = _allocate(k, v, causal, state_heads, n_chunks, n_seg)
     k, v = _dense(k), _dense(v)
-    heads = k.shape[0] * state_heads
-    npairs = spec.template_params()["npairs"]
     gate = None if g is None else g.contiguous()
     valid_bytes = None if valid is None else valid.contiguous().view(torch.uint8)
     g_row = 0 if gate is None else gate.stride(1)
     strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), g_row)
     with torch.cuda.device(k.device):
-        kernel.launch(
-            (n_seg, npairs * (spec.value_dim // block_e(spec.value_dim)), heads),
-            (32 * config.warps, 1, 1),
+        info.kernel.launch(
+            (n_seg, info.grid_y, k.shape[0] * state_heads),
+            (info.threads, 1, 1),
             (k, v, gate, valid_bytes, s_loc if causal else None, m_loc if causal else None, s_seg, m_seg,
              *strides, Hq, group, state_heads, Tk, shift, n_chunks, chunks_per_seg, n_seg),
+            shared_mem=info.smem,
         )  # fmt: skip
     return s_loc, m_loc, s_seg, m_seg
 
 
-def _allocate(k: torch.Tensor, v: torch.Tensor, spec: KernelSpec, state_heads, n_chunks, n_seg) -> tuple:
+def _allocate(k: torch.Tensor, v: torch.Tensor, causal: bool, state_heads, n_chunks, n_seg) -> tuple:
     heads = k.shape[0] * state_heads
-    d, e, dt = spec.head_dim, spec.value_dim, spec.template_params()["dt"]
-    slots = n_chunks if spec.causal else 0
+    d, e = k.shape[-1], v.shape[-1]
+    dt = tiled_features(d)
+    slots = n_chunks if causal else 0
     return (
         k.new_empty((heads, slots, dt, e), dtype=torch.bfloat16),
         k.new_empty((heads, slots, d, d), dtype=torch.float32),
@@ -190,9 +222,7 @@ def _allocate(k: torch.Tensor, v: torch.Tensor, spec: KernelSpec, state_heads, n
 
 @cuda_chunk_states_op.register_fake
 def _cuda_chunk_states_fake(k, v, g, valid, sizes, chunk_size, causal):
-    state_heads, n_chunks, n_seg = sizes[2], sizes[5], sizes[7]
-    spec = _spec_for(k, v, chunk_size, causal, g is not None, valid is not None)
-    return _allocate(k, v, spec, state_heads, n_chunks, n_seg)
+    return _allocate(k, v, causal, sizes[2], sizes[5], sizes[7])
 
 
 _RECORDED: set[str] = set()

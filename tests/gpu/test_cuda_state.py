@@ -7,6 +7,7 @@ Freed allocator memory is filled with NaN before each run, so a buffer element t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -14,8 +15,8 @@ import torch
 
 import retention_compile as rc
 from retention_compile import inspection
-from retention_compile.codegen import choice, forward
-from retention_compile.codegen.cuda_state import chunk_states
+from retention_compile.codegen import choice, cuda_state, forward
+from retention_compile.codegen.cuda_state import StateKernelConfig, chunk_states
 from retention_compile.codegen.triton_source import load_forward
 from retention_compile.planning import Plan
 from retention_compile.reference import power_retention_reference
@@ -70,9 +71,21 @@ def _forward(x: dict, state_kernel=None) -> tuple[torch.Tensor, torch.Tensor]:
     return forward.triton_forward(q, k, v, **x["kwargs"], segments=x["segments"], state_kernel=state_kernel)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_state_buffers_match_the_triton_state_kernel(case: tuple) -> None:
+CONFIGS = [  # launch shapes besides the default, on one case: keys per step, pipeline depth, warps
+    StateKernelConfig(8, 128, 4, 2, stages=2),
+    StateKernelConfig(8, 64, 4, 2, stages=3),
+    StateKernelConfig(8, 128, 4, 2, stages=3),
+    StateKernelConfig(4, 64, 1, 2, stages=3),
+]
+CONFIG_CASES = [(case, cuda_state.CONFIG) for case in CASES] + [(CASES[1], config) for config in CONFIGS]
+
+
+@pytest.mark.parametrize(
+    ("case", "config"), CONFIG_CASES, ids=[f"{c[0]}-{dataclasses.astuple(k)}" for c, k in CONFIG_CASES]
+)
+def test_state_buffers_match_the_triton_state_kernel(case: tuple, config, monkeypatch) -> None:
     """Same arguments into both state kernels: every buffer the query and scan kernels read agrees."""
+    monkeypatch.setattr(cuda_state, "CONFIG", config)
     x = _inputs(case)
     captured: dict[str, dict[str, torch.Tensor]] = {}
 
