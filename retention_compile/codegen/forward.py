@@ -58,8 +58,8 @@ from .triton_source import SCAN_BLOCK, KernelSpec, load_forward
 
 QUADRATIC_BLOCK_K = 64  # keys per step of the attention loop
 # Keys per step of the state kernel. H200, T=65536 gated, C=1024, 3 stages (run 3): 128 keys 1.469 ms, 64 keys
-# 1.472 ms: the kernel's time is per key, not per step.
-STATE_BLOCK_S = 128
+# 1.472 ms: the kernel's time is per key, not per step; 128 keys need 233 KB of shared memory for fp32 inputs.
+STATE_BLOCK_S = 64
 MAX_BLOCK_FEATURE = 16  # b^2 = 256 features per state tile keeps the fp32 tile in registers
 MIN_BLOCK_FEATURE = 16  # tl.dot needs every dimension >= 16 (the M_IJ block is b x b)
 # Wide heads (d, e >= 128): a (128 x 128) query tile with 3 stages of (64 x 128) k/v tiles asked Triton 3.6 for
