@@ -1,8 +1,9 @@
 """The ``retention_compile::power_retention`` op, its backward op, and the public eager entry.
 
 Both ops are ``torch.library.triton_op``s: when ``torch.compile`` meets them, Inductor traces into their
-bodies. On CPU tensors the body is the plain-PyTorch chunked form (``chunked.py``), so Inductor compiles
-it to C++ like any aten code; on CUDA tensors the body launches the shape-specialised Triton kernels
+bodies. On CPU tensors the body is plain PyTorch, so Inductor compiles it to C++ like any aten code: the
+quadratic form (``quadratic.py``) when every key fits in one planned chunk, else the chunked form
+(``chunked.py``); on CUDA tensors the body launches the shape-specialised Triton kernels
 (``codegen.triton_forward`` / ``codegen.triton_backward``, where ``triton_supports`` the case) through
 ``wrap_triton``, so Inductor's generated code contains them.
 
@@ -34,6 +35,7 @@ from . import hardware, planning
 from .checks import validate_retention_inputs
 from .chunked import chunked_backward, chunked_forward
 from .planning import Plan
+from .quadratic import QUADRATIC_MAX_KEYS, quadratic_backward, quadratic_forward
 from .reference import EPS, compute_dtype, default_scale
 
 OP_NAMESPACE = "retention_compile"
@@ -116,6 +118,14 @@ def _cuda_target_error(why: str | None) -> RuntimeError:
     )
 
 
+def _quadratic_serves(q: torch.Tensor, k: torch.Tensor, causal: bool, plan: Plan) -> bool:
+    """The aten path's choice: the quadratic form (``quadratic.py``) when every key fits in the planned chunk
+    (no state to carry) and in ``QUADRATIC_MAX_KEYS``, causal calls having no more queries than keys. Under
+    dynamic shapes this guards on the length, so a graph traced for short inputs recompiles for long ones."""
+    short = k.shape[2] <= min(plan.chunk_size, QUADRATIC_MAX_KEYS)
+    return bool(short and (not causal or q.shape[2] <= k.shape[2]))
+
+
 @triton_op(f"{OP_NAMESPACE}::power_retention", mutates_args=())
 def power_retention_op(
     q: torch.Tensor,
@@ -150,18 +160,10 @@ def power_retention_op(
         )  # fmt: skip
     if impl == "cuda":
         raise _cuda_target_error(f"the Triton kernels run with the CUDA state kernel do not serve it ({triton_reason})")
-    return chunked_forward(
-        q,
-        k,
-        v,
-        scale=scale,
-        deg=deg,
-        log_gate=log_gate,
-        causal=causal,
-        valid=valid,
-        chunk_size=plan.chunk_size,
-        eps=EPS,
-    )
+    options = {"scale": scale, "deg": deg, "log_gate": log_gate, "causal": causal, "valid": valid, "eps": EPS}
+    if _quadratic_serves(q, k, causal, plan):
+        return quadratic_forward(q, k, v, **options)
+    return chunked_forward(q, k, v, chunk_size=plan.chunk_size, **options)
 
 
 @triton_op(f"{OP_NAMESPACE}::power_retention_backward", mutates_args=())
@@ -189,6 +191,8 @@ def power_retention_backward_op(
         from .codegen import triton_backward
 
         backward, options = triton_backward, {"plan": plan}
+    elif _quadratic_serves(q, k, causal, plan):
+        backward, options = quadratic_backward, {}
     else:
         backward, options = chunked_backward, {"chunk_size": plan.chunk_size, "eps": EPS}
     dq, dk, dv, dg = backward(

@@ -12,6 +12,7 @@ from torch.library import triton_op
 
 from retention_compile.checks import RetentionInputError
 from retention_compile.chunked import chunked_backward, chunked_forward, power_retention_chunked
+from retention_compile.quadratic import quadratic_backward, quadratic_forward
 from retention_compile.reference import EPS, power_retention_recurrent, power_retention_reference
 
 F64 = torch.float64
@@ -358,3 +359,37 @@ def test_inductor_backward_non_causal_with_padding():
     grad_y = torch.randn_like(y)
     grads = torch.autograd.grad(y, leaves, grad_y)
     assert_grads_close([*grads, None], oracle_grads(case, grad_y, causal=False, scale=0.5))
+
+
+# --------------------------------------------------------------- the quadratic path (short key lengths)
+
+QUADRATIC_CASES = {
+    "causal": dict(Tq=13, gate=None),
+    "gated kv heads, padded": dict(Tq=13, gate="kv", padded=True),
+    "gated query heads, GQA": dict(Hq=4, Hk=2, Tq=11, gate="q"),
+    "fewer queries than keys": dict(Tq=5, Tk=12, gate="kv", padded=True),
+    "one query": dict(Tq=1, Tk=9, gate="kv"),
+}
+
+
+def _run_quadratic(case: dict, causal: bool = True, deg: int = 2):
+    options = dict(scale=0.5, deg=deg, log_gate=case["log_gate"], causal=causal, valid=case["valid"])
+    y, denom = quadratic_forward(case["q"], case["k"], case["v"], **options)
+    torch.testing.assert_close(y, oracle(case, causal=causal, deg=deg), **TOL)
+    grad_y = torch.randn_like(y)
+    grads = quadratic_backward(grad_y, case["q"], case["k"], case["v"], y, denom, **options)
+    assert_grads_close(grads, oracle_grads(case, grad_y, causal=causal, deg=deg, scale=0.5))
+
+
+@pytest.mark.parametrize("name", list(QUADRATIC_CASES))
+def test_quadratic_matches_the_oracle(name):
+    _run_quadratic(make_case(**QUADRATIC_CASES[name], seed=len(name)))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_quadratic_non_causal(padded):
+    _run_quadratic(make_case(Tq=7, Tk=10, gate=None, padded=padded, seed=3), causal=False)
+
+
+def test_quadratic_degree_4():
+    _run_quadratic(make_case(Tq=9, gate="kv", seed=4), deg=4)

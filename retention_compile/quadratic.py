@@ -1,0 +1,146 @@
+"""Power retention in its quadratic form, forward and explicit backward, for short key lengths (aten path).
+
+When every key fits in one chunk the chunked form (``chunked.py``) has no state to carry: it still embeds q and k
+(``D = C(d+p-1, p)`` features each) and builds the general layout, which costs time and, under ``torch.compile``,
+many more generated kernels. Here the weights are formed directly, as in DESIGN.md section 1:
+
+    A_ij = s q_i . k_j,   L_ij = G_{i+off} - G_j  (admissible: j <= i + off if causal, valid[j]; else -inf)
+    W_ij = A_ij^p exp(L_ij),   N_i = sum_j W_ij v_j,   denom_i = sum_j W_ij + eps,   y_i = N_i / denom_i
+
+and the backward is written out with ``dN_i = dy_i / denom_i`` and ``dZ_i = -(dy_i . y_i) / denom_i``:
+
+    dW_ij = dN_i . v_j + dZ_i,   dv_j = sum_i W_ij dN_i,   dA_ij = dW_ij p A_ij^(p-1) exp(L_ij)
+    dq_i  = s sum_j dA_ij k_j,   dk_j = s sum_i dA_ij q_i
+    dL_ij = dW_ij W_ij,   dG_t = sum_{i + off = t} sum_j dL_ij - sum_i dL_it,   dg_u = sum_{t >= u} dG_t
+
+The (Tq, Tk) matrices are materialised per query head, so ops.py takes this path only up to
+``QUADRATIC_MAX_KEYS`` keys and only for ``Tq <= Tk``. GQA is a broadcast over the query heads of a kv head
+(``expand``, no copy of k or v); gradients of k, v and of a kv-head gate sum over those heads.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .reference import EPS, compute_dtype
+
+QUADRATIC_MAX_KEYS = 1024  # (Tq, Tk) float32 weights per query head: 4 MB at this length
+
+
+class _Weights(NamedTuple):
+    """The pieces of ``W = A^p exp(L)`` on the grouped layout (B, Hk, g, Tq, Tk), in the accumulation dtype."""
+
+    scores: Tensor  # A = s q . k
+    log_decay: Tensor  # L, -inf where inadmissible
+    admissible: Tensor  # bool
+    weights: Tensor  # W, exactly 0 where inadmissible
+
+
+def _grouped(x: Tensor, kv_heads: int, acc: torch.dtype) -> Tensor:
+    """(B, Hq, T, f) -> (B, Hk, g, T, f) in the accumulation dtype: the query heads of each kv head together."""
+    B, Hq, T, f = x.shape
+    return x.to(acc).reshape(B, kv_heads, Hq // kv_heads, T, f)
+
+
+def _keys(x: Tensor, group: int, acc: torch.dtype) -> Tensor:
+    """(B, Hk, Tk, f) -> (B, Hk, g, Tk, f), a broadcast view over the g query heads of each kv head."""
+    B, Hk, Tk, f = x.shape
+    return x.to(acc).unsqueeze(2).expand(B, Hk, group, Tk, f)
+
+
+def _cumulative_gate(log_gate: Tensor | None, shape: tuple, acc: torch.dtype) -> Tensor | None:
+    """``G`` (B, Hk, g, Tk) from a kv-head (B, Hk, Tk) or query-head (B, Hq, Tk) log-gate."""
+    if log_gate is None:
+        return None
+    B, Hk, group, _, _ = shape
+    per_kv = log_gate.shape[1] == Hk
+    cum = log_gate.to(acc).cumsum(-1).reshape(B, Hk, 1 if per_kv else group, -1)
+    return cum.expand(B, Hk, group, cum.shape[-1])
+
+
+def _weights(q: Tensor, k: Tensor, cum: Tensor | None, valid: Tensor | None, scale: float, deg: int, causal: bool):
+    """``A``, ``L``, the admissible set and ``W`` for grouped ``q`` (B, Hk, g, Tq, d) and ``k`` (B, Hk, g, Tk, d)."""
+    scores = scale * (q @ k.transpose(-1, -2))
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    offset = Tk - Tq
+    admissible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
+    if causal:
+        positions = torch.arange(Tk, device=q.device)
+        admissible = positions.unsqueeze(0) <= (positions.narrow(0, offset, Tq)).unsqueeze(1)
+    admissible = admissible.expand(scores.shape)
+    if valid is not None:
+        admissible = admissible & valid[:, None, None, None, :].expand(scores.shape)
+    log_decay = torch.zeros_like(scores)
+    if cum is not None:
+        log_decay = cum.narrow(-1, offset, Tq).unsqueeze(-1) - cum.unsqueeze(-2)
+    log_decay = torch.where(admissible, log_decay, -math.inf)
+    weights = torch.where(admissible, scores**deg * log_decay.exp(), 0.0)
+    return _Weights(scores, log_decay, admissible, weights)
+
+
+def quadratic_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float,
+    deg: int,
+    log_gate: Tensor | None,
+    causal: bool,
+    valid: Tensor | None,
+    eps: float = EPS,
+) -> tuple[Tensor, Tensor]:
+    """``(y, denom)`` as ``chunked.chunked_forward`` returns them: y (B, Hq, Tq, e) in q's dtype, denom
+    (B, Hq, Tq) in the accumulation dtype. Requires ``Tq <= Tk`` when causal."""
+    acc, Hk = compute_dtype(q.dtype), int(k.shape[1])
+    qg = _grouped(q, Hk, acc)
+    group = int(qg.shape[2])
+    w = _weights(qg, _keys(k, group, acc), _cumulative_gate(log_gate, qg.shape, acc), valid, scale, deg, causal)
+    denom = w.weights.sum(-1) + eps
+    y = (w.weights @ _keys(v, group, acc)) / denom.unsqueeze(-1)
+    B, Hq, Tq = q.shape[0], q.shape[1], q.shape[2]
+    return y.reshape(B, Hq, Tq, v.shape[-1]).to(q.dtype), denom.reshape(B, Hq, Tq)
+
+
+def quadratic_backward(
+    grad_y: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    y: Tensor,
+    denom: Tensor,
+    *,
+    scale: float,
+    deg: int,
+    log_gate: Tensor | None,
+    causal: bool,
+    valid: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Gradients of ``sum(grad_y * y)`` for ``y = quadratic_forward(...)[0]`` (module docstring): ``dq``, ``dk``,
+    ``dv`` in the input dtypes and ``dlog_gate`` in log_gate's shape and dtype (None without a gate)."""
+    acc, Hk = compute_dtype(q.dtype), int(k.shape[1])
+    qg = _grouped(q, Hk, acc)
+    group = int(qg.shape[2])
+    kg, vg = _keys(k, group, acc), _keys(v, group, acc)
+    w = _weights(qg, kg, _cumulative_gate(log_gate, qg.shape, acc), valid, scale, deg, causal)
+    den = _grouped(denom.unsqueeze(-1), Hk, acc)
+    d_num = _grouped(grad_y, Hk, acc) / den
+    d_norm = -(d_num * _grouped(y, Hk, acc)).sum(-1, keepdim=True)
+    d_weights = d_num @ vg.transpose(-1, -2) + d_norm
+    d_scores = torch.where(w.admissible, d_weights * (deg * w.scores ** (deg - 1)) * w.log_decay.exp(), 0.0)
+    dq = scale * (d_scores @ kg)
+    dk = scale * (d_scores.transpose(-1, -2) @ qg).sum(2)
+    dv = (w.weights.transpose(-1, -2) @ d_num).sum(2)
+    d_gate = None
+    if log_gate is not None:
+        d_log = d_weights * w.weights  # exactly 0 where inadmissible
+        offset = k.shape[2] - q.shape[2]
+        d_cum = torch.nn.functional.pad(d_log.sum(-1), (offset, 0)) - d_log.sum(-2)
+        if log_gate.shape[1] == Hk:
+            d_cum = d_cum.sum(2)
+        d_gate = d_cum.flip(-1).cumsum(-1).flip(-1).reshape(log_gate.shape).to(log_gate.dtype)
+    return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_gate
