@@ -53,7 +53,10 @@ class StateKernelConfig:
     stages: int = 2
 
 
-CONFIG = StateKernelConfig(warps=8, block_s=64, ks_unroll=4, min_blocks=2)  # 128 registers, no spills (sm_90a)
+# 128 registers, no spills (sm_90a), 2 programs per SM. H200, b=1 h=8 d=64 T=65536 (ungated / gated, ms): 64 keys per
+# step 1.011 / 1.086, 64 keys and 3 stages 1.021 / 1.060, 128 keys 1.000 / 1.020, 128 keys and 3 stages 1.013 / 1.015
+# (benchmarks/results/cuda_state_NVIDIA-H200_2026-11-29_00b2a3a.json).
+CONFIG = StateKernelConfig(warps=8, block_s=128, ks_unroll=4, min_blocks=2, stages=2)
 
 
 def smem_bytes(e: int, config: StateKernelConfig) -> int:

@@ -72,7 +72,7 @@ def _forward(x: dict, state_kernel=None) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 CONFIGS = [  # launch shapes besides the default, on one case: keys per step, pipeline depth, warps
-    StateKernelConfig(8, 128, 4, 2, stages=2),
+    StateKernelConfig(8, 64, 4, 2, stages=2),
     StateKernelConfig(8, 64, 4, 2, stages=3),
     StateKernelConfig(8, 128, 4, 2, stages=3),
     StateKernelConfig(4, 64, 1, 2, stages=3),
