@@ -30,7 +30,7 @@ TINY = {"block_t": 16, "block_feature": 16, "block_e": 32}
 GRADS = ("q", "k", "v", "g")
 
 CASES = [
-    # name: (B, Hq, Hk, Tq, Tk, d, e, deg, gate heads (0: none), valid, causal, chunk)
+    # name: (B, Hq, Hk, Tq, Tk, d, e, deg, gate heads (0: none), valid, causal, chunk[, gate strength])
     ("quadratic", (1, 2, 1, 37, 37, 32, 32, 2, 0, False, True, 1024)),
     ("quadratic-deg4-gate-valid", (2, 2, 2, 29, 29, 32, 16, 4, 2, True, True, 1024)),
     ("quadratic-decode-deg4", (1, 4, 1, 1, 70, 32, 32, 4, 1, False, True, 1024)),
@@ -45,17 +45,20 @@ CASES = [
     ("chunked-tq-gt-tk", (1, 1, 1, 45, 30, 32, 32, 2, 1, False, True, 16)),
     ("chunked-noncausal", (1, 2, 1, 27, 50, 32, 32, 2, 0, True, False, 16)),
     ("chunked-d48", (1, 1, 1, 40, 40, 48, 40, 2, 1, False, True, 16)),
+    # gates of -4 per step: G spans -100 over 50 keys, so exp(G_i - G_j) of masked pairs overflows to inf
+    ("quadratic-strong-gate", (1, 2, 1, 50, 50, 32, 32, 2, 1, False, True, 1024, 8.0)),
+    ("chunked-strong-gate", (1, 2, 1, 50, 50, 32, 32, 2, 1, True, True, 16, 8.0)),
 ]
 
 
 def run_case(case: tuple) -> dict[str, float]:
     """Relative error of each gradient of ``triton_backward`` against the float64 oracle's autograd."""
-    B, Hq, Hk, Tq, Tk, d, e, deg, gate_heads, has_valid, causal, chunk = case
+    B, Hq, Hk, Tq, Tk, d, e, deg, gate_heads, has_valid, causal, chunk, *strength = case
     gen = torch.Generator().manual_seed(sum(map(hash, case)) % 2**31)
     q = torch.randn(B, Hq, Tq, d, generator=gen)
     k = torch.randn(B, Hk, Tk, d, generator=gen)
     v = torch.randn(B, Hk, Tk, e, generator=gen)
-    gate = -0.5 * torch.rand(B, gate_heads, Tk, generator=gen) if gate_heads else None
+    gate = -(strength or [0.5])[0] * torch.rand(B, gate_heads, Tk, generator=gen) if gate_heads else None
     valid = torch.rand(B, Tk, generator=gen) > 0.25 if has_valid else None
     grad_y = torch.randn(B, Hq, Tq, e, generator=gen)
     plan = Plan(chunk_size=chunk, **TINY)

@@ -48,6 +48,10 @@ from .forward import _cdiv, _chunk_states, _gate_cumsum, _hint, _launch, _stride
 from .triton_source import KernelSpec, load, load_forward
 
 BACKWARD_TEMPLATE = "backward.py.j2"
+# The chunked kernels match the oracle in the CPU interpreter, but on the H200 (triton 3.6, run of 2026-11-29) the
+# chunked dq_kernel asked for 393 KB of shared memory (limit 227 KB): until that is fixed and validated there, the
+# op's backward serves the chunked path with aten (``serves``).
+CHUNKED_ON_DEVICE = False
 MAX_ROWS = 64  # query rows / keys per program: the (rows x b x b) pair tile of the state terms stays in registers
 WIDE = 128  # d or e from this on: half the rows (the dk, dv accumulators are rows x d and rows x e in fp32)
 QUADRATIC_WARPS = 4
@@ -100,6 +104,14 @@ class BackwardSpec:
             "bw": b if fwd.chunked else params["d_pad"],
             "summary": f"{fwd.summary()}; backward rows={self.block_t} keys={self.block_k} state rows={self.block_s}",
         }
+
+
+def serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, deg: int, gated: bool, has_valid: bool, causal: bool,
+           plan: Plan) -> bool:  # fmt: skip
+    """Whether the op's backward runs ``triton_backward`` for a call ``triton_supports``: the quadratic path, and
+    the chunked path only with ``CHUNKED_ON_DEVICE`` (or in the interpreter)."""
+    chunked = kernel_spec(q, v, deg, gated, has_valid, causal, _hint(k.shape[2]), plan).chunked
+    return not chunked or CHUNKED_ON_DEVICE or not q.is_cuda
 
 
 def triton_backward(

@@ -15,7 +15,7 @@ import torch
 
 import retention_compile as rc
 import retention_compile.codegen as codegen
-from retention_compile.codegen import triton_backward, triton_forward
+from retention_compile.codegen import backward, triton_backward, triton_forward
 from retention_compile.planning import Plan
 from retention_compile.reference import power_retention_reference
 
@@ -128,11 +128,12 @@ def test_cases(name: str) -> None:
     check(*CASES[name])
 
 
-@pytest.mark.parametrize("deg", [2, 4])
-def test_op_autograd_reaches_the_kernels(backward_calls: list[int], deg: int) -> None:
-    """``rc.power_retention``'s autograd on CUDA runs ``codegen.triton_backward``."""
-    check(1, 4, 2, 1000, 1000, 64, 64, deg, bf16, "k", True, True, op=True)
-    assert backward_calls, "the op's backward did not reach the Triton kernels"
+@pytest.mark.parametrize(("deg", "T"), [(4, 1000), (2, 200), (2, 1000)])
+def test_op_autograd_reaches_the_kernels(backward_calls: list[int], deg: int, T: int) -> None:
+    """``rc.power_retention``'s autograd on CUDA runs ``codegen.triton_backward`` on the quadratic path; the
+    chunked path (deg 2 past one chunk) stays on aten until ``backward.CHUNKED_ON_DEVICE``."""
+    check(1, 4, 2, T, T, 64, 64, deg, bf16, "k", True, True, op=True)
+    assert bool(backward_calls) == (deg != 2 or PLAN.chunk_size >= T or backward.CHUNKED_ON_DEVICE)
 
 
 @pytest.mark.parametrize("deg", [2, 4])
@@ -146,7 +147,7 @@ def test_backward_kernels_in_inductor_code() -> None:
     from torch._inductor.utils import run_and_get_code
 
     q, k, v = (torch.randn(1, 4, 1000, 64, device="cuda", dtype=bf16, requires_grad=True) for _ in range(3))
-    compiled = torch.compile(lambda q, k, v: rc.power_retention(q, k, v, chunk_size=PLAN.chunk_size))
+    compiled = torch.compile(lambda q, k, v: rc.power_retention(q, k, v, deg=4))
 
     def step():
         out = compiled(q, k, v)
@@ -155,5 +156,5 @@ def test_backward_kernels_in_inductor_code() -> None:
 
     _, code = run_and_get_code(step)
     text = "\n".join(code)
-    for kernel in ("dq_kernel", "dkv_kernel", "reverse_state_kernel"):
+    for kernel in ("dq_kernel", "dkv_kernel"):
         assert kernel in text, f"{kernel} not in Inductor's output code"
