@@ -1,0 +1,250 @@
+"""First-call compile time of a 2-layer Llama-shaped model: ``backend="retention"`` against ``backend="inductor"``.
+
+    python benchmarks/bench_compile.py [--device cpu|cuda] [--repeats 3] [--out benchmarks/results]
+
+The model is written here (no transformers): token embedding, two decoder layers of RMSNorm, rotary embeddings,
+grouped-query SDPA with ``is_causal=True`` (kv heads repeated as Llama does: expand + reshape) and a SwiGLU MLP,
+a final norm and the LM head. The time measured is the first call of the compiled model (Dynamo trace, the
+backend, Inductor's code generation and compiles, one run), each in a fresh process.
+
+    cold   empty TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR and RETENTION_COMPILE_CACHE
+    warm   a second process of the same backend: empty TORCHINDUCTOR_CACHE_DIR, but the Triton and retention
+           kernel caches its cold run filled (for inductor only Triton's cache applies)
+
+Bars (issue 9): retention cold / inductor cold <= 1.3, retention warm / inductor warm <= 1.1. Each figure is the
+median of ``--repeats`` runs. The JSON (command, commit, versions, machine, every run) goes to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BARS = {"cold": 1.3, "warm": 1.1}
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """Sizes of the model and of the input batch."""
+
+    vocab: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    layers: int
+    batch: int
+    seq: int
+    dtype: str
+
+
+SHAPES = {
+    "cpu": LlamaShape(vocab=2048, hidden=256, heads=8, kv_heads=2, intermediate=688, layers=2, batch=1, seq=256,
+                      dtype="float32"),
+    "cuda": LlamaShape(vocab=32000, hidden=2048, heads=32, kv_heads=8, intermediate=5632, layers=2, batch=1,
+                       seq=2048, dtype="bfloat16"),
+}  # fmt: skip
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def rotary(seq: int, dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (seq, dim) of the rotary embedding."""
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2).float() / dim)
+    angles = torch.outer(torch.arange(seq).float(), inv_freq)
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+class Attention(nn.Module):
+    def __init__(self, s: LlamaShape) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = s.heads, s.kv_heads, s.hidden // s.heads
+        self.q_proj = nn.Linear(s.hidden, s.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(s.hidden, s.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(s.hidden, s.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(s.heads * self.head_dim, s.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        group = self.heads // self.kv_heads
+        k = k[:, :, None].expand(B, self.kv_heads, group, T, self.head_dim).reshape(B, self.heads, T, self.head_dim)
+        v = v[:, :, None].expand(B, self.kv_heads, group, T, self.head_dim).reshape(B, self.heads, T, self.head_dim)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, s: LlamaShape) -> None:
+        super().__init__()
+        self.input_norm, self.post_norm = RMSNorm(s.hidden), RMSNorm(s.hidden)
+        self.attn = Attention(s)
+        self.gate_proj = nn.Linear(s.hidden, s.intermediate, bias=False)
+        self.up_proj = nn.Linear(s.hidden, s.intermediate, bias=False)
+        self.down_proj = nn.Linear(s.intermediate, s.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), cos, sin)
+        h = self.post_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class Llama(nn.Module):
+    def __init__(self, s: LlamaShape) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(s.vocab, s.hidden)
+        self.layers = nn.ModuleList(DecoderLayer(s) for _ in range(s.layers))
+        self.norm = RMSNorm(s.hidden)
+        self.lm_head = nn.Linear(s.hidden, s.vocab, bias=False)
+        cos, sin = rotary(s.seq, s.hidden // s.heads)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        cos, sin = self.cos.to(x.dtype), self.sin.to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.lm_head(self.norm(x))
+
+
+def measure(backend: str, device: str) -> dict:
+    """In this process: build the model, time the first compiled call, report it (the child side)."""
+    shape = SHAPES[device]
+    torch.manual_seed(0)
+    model = Llama(shape).to(device=device, dtype=getattr(torch, shape.dtype)).eval()
+    tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=device)
+    compiled = torch.compile(model, backend=backend)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = compiled(tokens)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    rewritten = None
+    if backend == "retention":
+        from retention_compile.backend import PROCESS_REPORT
+
+        rewritten = len(PROCESS_REPORT.rewritten)
+    return {"seconds": seconds, "rewritten_sites": rewritten, "finite": bool(torch.isfinite(out).all())}
+
+
+def run_child(backend: str, device: str, caches: dict[str, Path]) -> dict:
+    """One measurement in a fresh interpreter with the given cache directories."""
+    env = {**os.environ, **{name: str(path) for name, path in caches.items()}}
+    cmd = [sys.executable, __file__, "--child", backend, "--device", device]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{backend} on {device} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench(device: str, repeats: int) -> dict:
+    """Cold and warm runs of both backends, ``repeats`` times each, alternating backends."""
+    runs: dict[str, list[dict]] = {f"{b}_{w}": [] for b in ("inductor", "retention") for w in ("cold", "warm")}
+    for _ in range(repeats):
+        for backend in ("inductor", "retention"):
+            with tempfile.TemporaryDirectory(prefix="bench_compile_") as tmp:
+                kernels = {"TRITON_CACHE_DIR": Path(tmp, "triton"), "RETENTION_COMPILE_CACHE": Path(tmp, "retention")}
+                for warmth in ("cold", "warm"):
+                    caches = {**kernels, "TORCHINDUCTOR_CACHE_DIR": Path(tmp, f"inductor_{warmth}")}
+                    result = run_child(backend, device, caches)
+                    runs[f"{backend}_{warmth}"].append(result)
+                    print(f"{device} {backend:9} {warmth}: {result['seconds']:.2f} s", flush=True)
+    median = {name: statistics.median(r["seconds"] for r in results) for name, results in runs.items()}
+    ratios = {warmth: median[f"retention_{warmth}"] / median[f"inductor_{warmth}"] for warmth in ("cold", "warm")}
+    return {
+        "shape": asdict(SHAPES[device]),
+        "runs": runs,
+        "median_seconds": median,
+        "ratios": ratios,
+        "bars": BARS,
+        "meets_bars": {warmth: ratios[warmth] <= BARS[warmth] for warmth in BARS},
+    }
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _versions() -> dict:
+    from retention_compile.codegen import cache
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "kernel_cache_key": cache.versions()}
+
+
+def _machine(device: str) -> dict:
+    machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()}
+    if device == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name()
+    return machine
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--child", choices=["inductor", "retention"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, args.device)))
+        return
+    result = bench(args.device, args.repeats)
+    record = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "machine": _machine(args.device),
+        "device": args.device,
+        **result,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"compile_{args.device}_{datetime.date.today().isoformat()}_{record['commit'][:7]}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    for warmth, ratio in result["ratios"].items():
+        verdict = "meets" if result["meets_bars"][warmth] else "MISSES"
+        print(f"{warmth}: retention/inductor = {ratio:.2f} ({verdict} the bar {BARS[warmth]})")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
