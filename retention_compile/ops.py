@@ -35,7 +35,7 @@ from . import hardware, planning
 from .checks import validate_retention_inputs
 from .chunked import chunked_backward, chunked_forward
 from .planning import Plan
-from .quadratic import QUADRATIC_MAX_KEYS, quadratic_backward, quadratic_forward
+from .quadratic import quadratic_backward, quadratic_forward
 from .reference import EPS, compute_dtype, default_scale
 
 OP_NAMESPACE = "retention_compile"
@@ -119,11 +119,12 @@ def _cuda_target_error(why: str | None) -> RuntimeError:
 
 
 def _quadratic_serves(q: torch.Tensor, k: torch.Tensor, causal: bool, plan: Plan) -> bool:
-    """The aten path's choice: the quadratic form (``quadratic.py``) when every key fits in the planned chunk
-    (no state to carry) and in ``QUADRATIC_MAX_KEYS``, causal calls having no more queries than keys. Under
-    dynamic shapes this guards on the length, so a graph traced for short inputs recompiles for long ones."""
-    short = k.shape[2] <= min(plan.chunk_size, QUADRATIC_MAX_KEYS)
-    return bool(short and (not causal or q.shape[2] <= k.shape[2]))
+    """The aten path's choice: the quadratic form (``quadratic.py``) when every key fits in the planned chunk, causal
+    calls having no more queries than keys. The chunked form would then have no state to carry but would still
+    embed q and k (``D`` features each, 766480 for d=64, p=4) beside the same (Tq, Tk) intra-chunk weights, so
+    this form never costs more memory or time. Under dynamic shapes this guards on the length, so a graph
+    traced for short inputs recompiles for long ones."""
+    return bool(k.shape[2] <= plan.chunk_size and (not causal or q.shape[2] <= k.shape[2]))
 
 
 @triton_op(f"{OP_NAMESPACE}::power_retention", mutates_args=())

@@ -13,9 +13,10 @@ and the backward is written out with ``dN_i = dy_i / denom_i`` and ``dZ_i = -(dy
     dq_i  = s sum_j dA_ij k_j,   dk_j = s sum_i dA_ij q_i
     dL_ij = dW_ij W_ij,   dG_t = sum_{i + off = t} sum_j dL_ij - sum_i dL_it,   dg_u = sum_{t >= u} dG_t
 
-The (Tq, Tk) matrices are materialised per query head, so ops.py takes this path only up to
-``QUADRATIC_MAX_KEYS`` keys and only for ``Tq <= Tk``. GQA is a broadcast over the query heads of a kv head
-(``expand``, no copy of k or v); gradients of k, v and of a kv-head gate sum over those heads.
+The (Tq, Tk) matrices are materialised per query head (as the chunked form does inside one chunk), so ops.py
+takes this path only when every key fits in the planned chunk, and only for ``Tq <= Tk`` when causal. GQA is a
+broadcast over the query heads of a kv head (``expand``, no copy of k or v); gradients of k, v and of a kv-head
+gate sum over those heads.
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ import torch
 from torch import Tensor
 
 from .reference import EPS, compute_dtype
-
-QUADRATIC_MAX_KEYS = 1024  # (Tq, Tk) float32 weights per query head: 4 MB at this length
 
 
 class _Weights(NamedTuple):

@@ -130,10 +130,16 @@ def test_cases(name: str) -> None:
 
 @pytest.mark.parametrize(("deg", "T"), [(4, 1000), (2, 200), (2, 1000)])
 def test_op_autograd_reaches_the_kernels(backward_calls: list[int], deg: int, T: int) -> None:
-    """``rc.power_retention``'s autograd on CUDA runs ``codegen.triton_backward`` on the quadratic path; the
-    chunked path (deg 2 past one chunk) stays on aten until ``backward.CHUNKED_ON_DEVICE``."""
-    check(1, 4, 2, T, T, 64, 64, deg, bf16, "k", True, True, op=True)
+    """``rc.power_retention``'s autograd on CUDA runs ``codegen.triton_backward`` on the quadratic path (ungated
+    here); the chunked path (deg 2 past one chunk) stays on aten until ``backward.CHUNKED_ON_DEVICE``."""
+    check(1, 4, 2, T, T, 64, 64, deg, bf16, None, True, True, op=True)
     assert bool(backward_calls) == (deg != 2 or PLAN.chunk_size >= T or backward.CHUNKED_ON_DEVICE)
+
+
+def test_op_autograd_keeps_aten_for_gated_16bit(backward_calls: list[int]) -> None:
+    """Gated bf16 calls keep the aten backward (``backward.GATED_16BIT_ON_DEVICE``) and match the oracle."""
+    check(1, 4, 2, 200, 200, 64, 64, 2, bf16, "k", True, True, op=True)
+    assert bool(backward_calls) == backward.GATED_16BIT_ON_DEVICE
 
 
 @pytest.mark.parametrize("deg", [2, 4])
