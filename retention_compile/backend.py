@@ -7,8 +7,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import itertools
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +50,27 @@ def _publish(report: Report, config: RetentionConfig) -> None:
         print(report)
 
 
+@functools.cache
+def code_fingerprint() -> str:
+    """A hash of the package's Python sources and templates.
+
+    The backend's graphs call the ``retention_compile`` ops, whose bodies (the code Inductor compiles) live in
+    this package: Inductor's and AOTAutograd's caches key the graph, not that code, so the fingerprint goes into
+    their key (``torch.compiler.config.cache_key_tag``) and an upgraded package never reuses stale compiled code."""
+    root = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in {".py", ".j2"} and p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _cache_key_tag() -> contextlib.AbstractContextManager:
+    """``torch.compiler.config.cache_key_tag`` extended with ``code_fingerprint()`` while Inductor compiles."""
+    tag = f"{torch.compiler.config.cache_key_tag}retention_compile-{code_fingerprint()}"
+    return torch.compiler.config.patch(cache_key_tag=tag)
+
+
 def rewrite_graph(gm: fx.GraphModule, options: dict[str, Any] | RetentionConfig | None = None) -> Report:
     """Run the attention passes on ``gm`` in place, add plans and the balance, and publish the report."""
     config = RetentionConfig.from_options(options)
@@ -70,7 +94,7 @@ def retention_backend(
 
     report = rewrite_graph(gm, options)
     patches = list_mode_options(mode) if mode else None
-    with compiling(report):  # kernels generated and Inductor code written now belong to this graph
+    with compiling(report), _cache_key_tag():  # kernels generated and Inductor code written belong to this graph
         return compile_fx(gm, example_inputs, config_patches=patches)
 
 

@@ -169,3 +169,26 @@ def test_report_formats():
     data = report.to_dict()
     assert data["sites"][0]["decision"] == "rewritten" and data["sites"][0]["q_shape"] == "(2, 2, 24, 16)"
     assert '"becomes": "causal retention"' in report.to_json()
+
+
+def test_compiled_code_is_keyed_by_the_package_code(monkeypatch):
+    """Inductor's and AOTAutograd's caches see the package's code fingerprint in their key (the graph holds only
+    the op's name): compile_fx runs under a cache_key_tag that contains it."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    from retention_compile.backend import code_fingerprint
+
+    seen = []
+    real = compile_fx_module.compile_fx
+
+    def spy(*args, **kwargs):
+        seen.append(torch.compiler.config.cache_key_tag)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", spy)
+    torch._dynamo.reset()
+    q, k, v = tensors(Hq=2, Hk=2)
+    torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), backend="retention")(q, k, v)
+    fingerprint = code_fingerprint()
+    assert len(fingerprint) == 16 and seen and all(fingerprint in tag for tag in seen)
+    assert torch.compiler.config.cache_key_tag == "", "the tag is restored after compiling"

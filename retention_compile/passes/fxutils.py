@@ -351,6 +351,7 @@ def insert_call(
     )
     tensors: list[torch.Tensor] = []
     fx.node.map_aggregate((fake_args, fake_kwargs), lambda a: tensors.append(a) if isinstance(a, torch.Tensor) else a)
+    tensors.append(like.meta.get("example_value"))  # the fake mode for calls on no tensor (torch.tensor, arange)
     mode = next((t.fake_mode for t in tensors if isinstance(t, FakeTensor)), None)
     with mode or contextlib.nullcontext():
         if isinstance(target, str):

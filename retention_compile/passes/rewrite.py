@@ -15,16 +15,20 @@ and the op's output (cast to the site's output dtype) replaces the site's output
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 
 import torch
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.symbolic_shapes import guard_int
 
 from ..config import RetentionConfig
+from ..reference import compute_dtype
 from . import grids
 from .decide import Decision
+from .fxutils import insert_call
 from .masks import MaskAnalysis, Term
 from .sites import AttentionSite, example_value
 
@@ -47,9 +51,21 @@ class _Builder:
         self.device = example_value(site.query).device
 
     def call(self, target, *args, **kwargs) -> fx.Node:
-        if isinstance(target, str):
-            return self.graph.call_method(target, args, kwargs)
-        return self.graph.call_function(target, args, kwargs)
+        """A call (a method call when ``target`` is a str) with its example value: Dynamo's graphs carry one on
+        every node, and AOTAutograd's cache bypasses graphs with a method call on a node that lacks it."""
+        return insert_call(self.graph, target, args, kwargs, like=self.site.node)
+
+    def retention(self, query: fx.Node, key: fx.Node, value: fx.Node, *options: object) -> fx.Node:
+        """The op's call, with its example value ``(y, denom)`` made from the shapes alone: running the op on the
+        fake inputs here would record guards on the traced lengths (its body plans per length)."""
+        op = torch.ops.retention_compile.power_retention.default
+        node = self.graph.call_function(op, (query, key, value, *options))
+        q, v = example_value(query), example_value(value)
+        with q.fake_mode if isinstance(q, FakeTensor) else contextlib.nullcontext():
+            rows = (q.shape[0], q.shape[1], q.shape[2])
+            y, denom = q.new_empty(*rows, v.shape[3]), q.new_empty(rows, dtype=compute_dtype(q.dtype))
+        node.meta["example_value"] = (y, denom)
+        return node
 
     def size(self, node: fx.Node, dim: int) -> Size:
         """A size of ``node``: an int, or read at run time when symbolic."""
@@ -152,8 +168,7 @@ def replace_with_retention(
                     "hold the mask proven at compile time; call torch._dynamo.reset() after changing them"
                 )
                 build.check(mask, build.size(site.query, 2), kv_len, message)
-        call = build.call(
-            torch.ops.retention_compile.power_retention.default,
+        call = build.retention(
             query,
             key,
             value,
