@@ -1,8 +1,8 @@
 """retention_compile: a ``torch.compile`` backend that turns attention into power retention.
 
-    torch.compile(model, backend="retention")              # entry point, no import needed
-    rc.power_retention(q, k, v, *, scale=None, deg=2, log_gate=None, causal=True, valid=None, chunk_size=None)
-    rc.explain(model, *example_inputs) -> Report
+torch.compile(model, backend="retention")              # entry point, no import needed
+rc.power_retention(q, k, v, *, scale=None, deg=2, log_gate=None, causal=True, valid=None, chunk_size=None)
+rc.explain(model, *example_inputs) -> Report
 """
 
 from . import hardware
