@@ -144,6 +144,22 @@ def test_dynamic_lengths_rewrite_without_recompiling():
     assert report.graphs == 1 and report.sites[0].decision == "rewritten"
 
 
+def test_quadratic_and_chunked_forms_are_guarded():
+    """Lengths that fit one planned chunk run the quadratic form, longer ones the chunked form: the choice is a
+    guard on the length, so crossing it recompiles (one more graph) and both graphs give the oracle's numbers."""
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="retention", dynamic=True, options={"chunk_size": 64})
+    with collect_reports() as report:
+        for T in (40, 50, 130, 157):
+            q, k, v = tensors(Tq=T, Tk=T, seed=T)
+            torch.testing.assert_close(compiled(q, k, v), oracle(q, k, v), rtol=1e-5, atol=1e-5)
+    assert report.graphs == 2
+
+
 def test_length_relations_are_guarded_not_assumed():
     """After a recompile Dynamo may give q and k separate length symbols: Tq == Tk is then decided at the
     traced sizes under a guard, never assumed; a call with Tq != Tk gets its own correct graph."""
