@@ -15,17 +15,14 @@ Writes ``backward_<gpu>_<date>.json`` (after every row) and ``.png`` under ``--o
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import subprocess
-import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_forward import timed, versions
+from bench_forward import record_rows, result_header, timed
 
 import retention_compile as rc
 
@@ -159,29 +156,13 @@ def main() -> None:
     parser.add_argument("--competitors", type=int, nargs="*", default=list(LENGTHS))
     parser.add_argument("--commit", default=None)
     args = parser.parse_args()
-    git = ["git", "rev-parse", "--short", "HEAD"]
-    commit = args.commit or subprocess.run(git, capture_output=True, text=True, check=False).stdout.strip()
-    gpu = torch.cuda.get_device_name().replace(" ", "-")
-    args.out.mkdir(parents=True, exist_ok=True)
-    base = args.out / f"backward_{gpu}_{datetime.date.today().isoformat()}"
-    record = {
-        "command": " ".join([sys.executable, *sys.argv]),
-        "commit": commit,
-        "versions": versions(),
-        "shape": {"B": B, "H": H, "d": D, "deg": 2, "dtype": "bfloat16", "causal": True},
-        "rows": [],
-    }
-    for gated in (False, True):
-        for T in args.T:
-            row = measure(T, gated, T in args.competitors, max(args.T) == T)
-            record["rows"].append(row)
-            base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
-            torch.cuda.empty_cache()
-            print(_line(row), flush=True)
-    try:
-        plot(record["rows"], base.with_suffix(".png"))
-    except Exception:  # the numbers are in the JSON already
-        traceback.print_exc()
+    base, record = result_header("backward", args.out, args.commit)
+    record["rows"] = []
+
+    def measure_row(T: int, gated: bool) -> dict:
+        return measure(T, gated, T in args.competitors, max(args.T) == T)
+
+    record_rows(record, base, args.T, measure_row, _line, plot)
     for row in record["rows"]:
         if "breakdown" in row:
             print(f"T={row['T']} gated={row['gated']} kernels (ms): {json.dumps(row['breakdown'])}")

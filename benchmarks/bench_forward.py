@@ -248,6 +248,45 @@ def versions() -> dict[str, str]:
     return found
 
 
+def result_header(kind: str, out: Path, commit: str | None) -> tuple[Path, dict]:
+    """The results' path stem ``out/<kind>_<gpu>_<date>`` and the record's common fields: the command, the commit
+    (``commit`` or the checkout's HEAD), versions, and the benchmarked shape."""
+    git = ["git", "rev-parse", "--short", "HEAD"]
+    commit = commit or subprocess.run(git, capture_output=True, text=True, check=False).stdout.strip()
+    gpu = torch.cuda.get_device_name().replace(" ", "-")
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "command": " ".join([sys.executable, *sys.argv]),
+        "commit": commit,
+        "versions": versions(),
+        "shape": {"B": B, "H": H, "d": D, "deg": 2, "dtype": "bfloat16", "causal": True},
+    }
+    return out / f"{kind}_{gpu}_{datetime.date.today().isoformat()}", record
+
+
+def record_rows(
+    record: dict,
+    base: Path,
+    lengths: list[int],
+    measure_row: Callable[[int, bool], dict],
+    line: Callable[[dict], str],
+    plot_rows: Callable[[list[dict], Path], None],
+) -> None:
+    """Measure every (gated, T) row into ``record["rows"]``, rewriting ``base.json`` after each (a run cut short
+    keeps what it measured), then plot to ``base.png``."""
+    for gated in (False, True):
+        for T in lengths:
+            row = measure_row(T, gated)
+            record["rows"].append(row)
+            base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
+            torch.cuda.empty_cache()
+            print(line(row), flush=True)
+    try:
+        plot_rows(record["rows"], base.with_suffix(".png"))
+    except Exception:  # the numbers are in the JSON already
+        traceback.print_exc()
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -332,20 +371,10 @@ def main() -> None:
     parser.add_argument("--commit", default=None)
     parser.add_argument("--jobs", type=int, default=12, help="processes compiling the kernels beforehand")
     args = parser.parse_args()
-    git = ["git", "rev-parse", "--short", "HEAD"]
-    commit = args.commit or subprocess.run(git, capture_output=True, text=True, check=False).stdout.strip()
     spec = hardware.detect()
-    gpu = torch.cuda.get_device_name().replace(" ", "-")
-    args.out.mkdir(parents=True, exist_ok=True)
-    base = args.out / f"forward_{gpu}_{datetime.date.today().isoformat()}"
-    record = {
-        "command": " ".join([sys.executable, *sys.argv]),
-        "commit": commit,
-        "versions": versions(),
-        "shape": {"B": B, "H": H, "d": D, "deg": 2, "dtype": "bfloat16", "causal": True},
-        "ceilings": {"matmul_bf16_tflops": matmul_tflops(), "copy_gbs": copy_gbs()},
-        "rows": [],
-    }
+    base, record = result_header("forward", args.out, args.commit)
+    record["ceilings"] = {"matmul_bf16_tflops": matmul_tflops(), "copy_gbs": copy_gbs()}
+    record["rows"] = []
     ceilings = record["ceilings"]
     print(f"ceilings: bf16 matmul {ceilings['matmul_bf16_tflops']:.0f} TFLOP/s, copy {ceilings['copy_gbs']:.0f} GB/s")
     record["warm_errors"] = [e for e in warm.warm(warm_tasks(spec, args), args.jobs) if e]
@@ -364,17 +393,11 @@ def main() -> None:
             print(f"tune T={args.tune}: {_fmt(entry['ms'])} ms {entry['variant']} C={entry['plan']['chunk_size']} "
                   f"stages={entry['plan']['num_stages']} segments={entry['segments']} {kernels} {entry['error'] or ''}",
                   flush=True)  # fmt: skip
-    for gated in (False, True):
-        for T in args.T:
-            row = measure(T, gated, spec, ceilings, tuned if args.tune == T else None, T in args.competitors)
-            record["rows"].append(row)
-            base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
-            torch.cuda.empty_cache()
-            print(_line(row), flush=True)
-    try:
-        plot(record["rows"], base.with_suffix(".png"))
-    except Exception:  # the numbers are in the JSON already
-        traceback.print_exc()
+
+    def measure_row(T: int, gated: bool) -> dict:
+        return measure(T, gated, spec, ceilings, tuned if args.tune == T else None, T in args.competitors)
+
+    record_rows(record, base, args.T, measure_row, _line, plot)
     print(f"\n{_header()}")
     for row in record["rows"]:
         print(_line(row))
