@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_forward import record_rows, result_header, timed
+from bench_forward import kernel_times, record_rows, result_header, timed
 
 import retention_compile as rc
 
@@ -88,18 +88,8 @@ def manifest(x: dict) -> Callable[[], None]:
 
 
 def breakdown(run: Callable[[], None], calls: int = 10) -> dict[str, float]:
-    """Device time per kernel (ms per call) from the profiler."""
-    run()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            run()
-        torch.cuda.synchronize()
-    times: dict[str, float] = {}
-    for event in prof.key_averages():
-        total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
-        if total:
-            times[event.key[:80]] = round(total / calls / 1e3, 4)
+    """Device time per kernel (ms per call) from the profiler, names cut to 80 characters, slowest first."""
+    times = {name[:80]: round(ms, 4) for name, ms in kernel_times(run, calls).items()}
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 

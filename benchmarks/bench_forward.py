@@ -219,21 +219,25 @@ def _plan(entry: dict) -> planning.Plan:
     return planning.Plan(**entry["plan"])
 
 
-def breakdown(x: dict, plan: planning.Plan, segments: int | None) -> dict[str, float]:
-    """Device time per kernel (ms, mean over 20 calls) from the profiler."""
-    run = ours(x, plan, segments)
+def kernel_times(run: Callable[[], object], calls: int) -> dict[str, float]:
+    """Device time per kernel name (ms, mean over ``calls`` calls of ``run`` after one warm-up) from the profiler."""
     run()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(20):
+        for _ in range(calls):
             run()
         torch.cuda.synchronize()
     times: dict[str, float] = {}
     for event in prof.key_averages():
         total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
         if total:
-            times[event.key] = total / 20 / 1e3
+            times[event.key] = total / calls / 1e3
     return times
+
+
+def breakdown(x: dict, plan: planning.Plan, segments: int | None) -> dict[str, float]:
+    """Device time per kernel (ms, mean over 20 calls) from the profiler."""
+    return kernel_times(ours(x, plan, segments), 20)
 
 
 def versions() -> dict[str, str]:
