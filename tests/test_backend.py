@@ -128,9 +128,19 @@ def test_deg_option_reaches_the_op():
     torch.testing.assert_close(out, oracle(q, k, v, deg=4), rtol=1e-5, atol=1e-5)
 
 
-def test_dynamic_lengths_rewrite_without_recompiling():
-    """One graph serves every length with at least two chunks and a tail of two or more keys (Dynamo
-    specialises sizes 0 and 1, so the single-chunk case, a tail of 0 or 1 keys, may get a graph of its own)."""
+@pytest.mark.parametrize(
+    ("lengths", "graphs"),
+    [
+        # one graph for every length with at least two chunks and a tail of two or more keys (Dynamo specialises
+        # sizes 0 and 1, so the single-chunk case, a tail of 0 or 1 keys, may get a graph of its own)
+        ((130, 157, 300, 700), 1),
+        # lengths that fit one planned chunk run the quadratic form, longer ones the chunked form: the choice is a
+        # guard on the length, so crossing it recompiles once and both graphs give the oracle's numbers
+        ((40, 50, 130, 157), 2),
+    ],
+)
+def test_dynamic_lengths_rewrite_with_one_graph_per_form(lengths, graphs):
+    """Under dynamic shapes every length is rewritten and matches the oracle, with one graph per aten form."""
 
     def fn(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -138,26 +148,10 @@ def test_dynamic_lengths_rewrite_without_recompiling():
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend="retention", dynamic=True, options={"chunk_size": 64})
     with collect_reports() as report:
-        for T in (130, 157, 300, 700):
+        for T in lengths:
             q, k, v = tensors(Tq=T, Tk=T, seed=T)
             torch.testing.assert_close(compiled(q, k, v), oracle(q, k, v), rtol=1e-5, atol=1e-5)
-    assert report.graphs == 1 and report.sites[0].decision == "rewritten"
-
-
-def test_quadratic_and_chunked_forms_are_guarded():
-    """Lengths that fit one planned chunk run the quadratic form, longer ones the chunked form: the choice is a
-    guard on the length, so crossing it recompiles (one more graph) and both graphs give the oracle's numbers."""
-
-    def fn(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, backend="retention", dynamic=True, options={"chunk_size": 64})
-    with collect_reports() as report:
-        for T in (40, 50, 130, 157):
-            q, k, v = tensors(Tq=T, Tk=T, seed=T)
-            torch.testing.assert_close(compiled(q, k, v), oracle(q, k, v), rtol=1e-5, atol=1e-5)
-    assert report.graphs == 2
+    assert report.graphs == graphs and all(site.decision == "rewritten" for site in report.sites)
 
 
 def test_length_relations_are_guarded_not_assumed():
