@@ -202,3 +202,24 @@ def test_compiled_code_is_keyed_by_the_package_code(monkeypatch):
     fingerprint = code_fingerprint()
     assert len(fingerprint) == 16 and seen and all(fingerprint in tag for tag in seen)
     assert torch.compiler.config.cache_key_tag == "", "the tag is restored after compiling"
+
+
+def test_rewritten_graphs_are_cacheable_by_aot_autograd():
+    """Every node the rewrite inserts carries an example value, so AOTAutograd's cache takes the rewritten graph
+    (a method call on a node without one made it bypass the cache, and every warm process re-traced the op)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    q, k, v = tensors(Hq=2, Hk=2)
+    valid = torch.ones(2, 24, dtype=torch.bool)
+    valid[0, :3] = False
+
+    def fn(q, k, v, valid):  # a causal mask with a padding term: the rewrite inserts the `valid` argument's nodes
+        positions = torch.arange(q.shape[2])
+        mask = valid[:, None, None, :] & (positions[None, :] <= positions[:, None])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    with collect_reports() as report:
+        torch.compile(fn, backend="retention")(q, k, v, valid)
+    assert report.rewritten, [site.reason for site in report.sites]
+    aot = torch._dynamo.utils.counters["aot_autograd"]
+    assert aot["autograd_cache_bypass"] == 0 and aot["autograd_cache_miss"] + aot["autograd_cache_hit"] == 1, dict(aot)
