@@ -360,13 +360,15 @@ def chunked_forward(
     """Chunked power retention: ``y_i = N_i / denom_i`` with ``[N_i, Z_i] = sum_j w_ij [v_j, 1]`` and
     ``denom_i = Z_i + eps``. Inputs are assumed valid (see ``validate_retention_inputs``).
 
-    Returns ``y`` (B, Hq, Tq, e) in q's dtype and ``denom`` (B, Hq, Tq) in the accumulation dtype.
+    Returns ``y`` (B, Hq, Tq, e) and ``denom`` (B, Hq, Tq) in the accumulation dtype (``compute_dtype``): the
+    backward reads ``dZ_i = -(dy_i . y_i) / denom_i`` off y, and a y rounded to 16 bits would move that small
+    difference (and so dq and d log_gate) by far more than the inputs' precision.
     """
     x = _to_rows(q, k, v, log_gate, valid, scale, deg)
     out = _causal_forward(x, _Layout.of(q.shape[2], k.shape[2], chunk_size)) if causal else _non_causal_forward(x)
     out = _query_heads(out, q.shape[0], x.heads)
     denom = out[..., -1] + eps
-    return (out[..., :-1] / denom.unsqueeze(-1)).to(q.dtype), denom
+    return out[..., :-1] / denom.unsqueeze(-1), denom
 
 
 def _causal_backward(x: _Rows, layout: _Layout, d_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -498,4 +500,4 @@ def power_retention_chunked(
         valid=valid,
         chunk_size=chunk_size,
     )
-    return y
+    return y.to(q.dtype)

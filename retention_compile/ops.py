@@ -140,12 +140,15 @@ def power_retention_op(
     chunk_size: int,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: ``(y, denom)`` with ``y_i = sum_j w_ij v_j / denom_i``, ``denom_i = sum_j w_ij + eps``."""
+    """Forward: ``(y, denom)`` with ``y_i = sum_j w_ij v_j / denom_i``, ``denom_i = sum_j w_ij + eps``, both in
+    ``compute_dtype(q.dtype)`` (float32 for 16-bit inputs; callers cast y). Autograd saves this y: the backward's
+    ``dZ_i = -(dy_i . y_i) / denom_i`` is a small difference that a 16-bit y would swamp (B*Hq*Tq*e*4 bytes)."""
     if impl == "cuda" and (blocker := _cuda_blocker(q)) is not None:
         raise _cuda_target_error(blocker)
     if _is_empty(q, k):  # rows without keys: y = 0, denom = eps
         shape = (q.shape[0], q.shape[1], q.shape[2])
-        return q.new_zeros(*shape, v.shape[3]), q.new_full(shape, EPS, dtype=compute_dtype(q.dtype))
+        acc = compute_dtype(q.dtype)
+        return q.new_zeros(*shape, v.shape[3], dtype=acc), q.new_full(shape, EPS, dtype=acc)
     plan = resolve_plan(q, k, v, deg, log_gate is not None, chunk_size)
     triton_reason = _triton_unavailable(q, k, v, deg, log_gate, valid, causal, impl)
     if triton_reason is None:
@@ -259,4 +262,4 @@ def power_retention(
     y, _ = power_retention_op(
         q, k, v, log_gate, valid, default_scale(q.shape[-1], scale), deg, causal, chunk_size or 0, impl
     )
-    return y
+    return y.to(q.dtype)

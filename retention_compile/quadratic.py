@@ -93,8 +93,8 @@ def quadratic_forward(
     valid: Tensor | None,
     eps: float = EPS,
 ) -> tuple[Tensor, Tensor]:
-    """``(y, denom)`` as ``chunked.chunked_forward`` returns them: y (B, Hq, Tq, e) in q's dtype, denom
-    (B, Hq, Tq) in the accumulation dtype. Requires ``Tq <= Tk`` when causal."""
+    """``(y, denom)`` as ``chunked.chunked_forward`` returns them: y (B, Hq, Tq, e) and denom (B, Hq, Tq) in the
+    accumulation dtype. Requires ``Tq <= Tk`` when causal."""
     acc, Hk = compute_dtype(q.dtype), int(k.shape[1])
     qg = _grouped(q, Hk, acc)
     group = int(qg.shape[2])
@@ -102,7 +102,7 @@ def quadratic_forward(
     denom = w.weights.sum(-1) + eps
     y = (w.weights @ _keys(v, group, acc)) / denom.unsqueeze(-1)
     B, Hq, Tq = q.shape[0], q.shape[1], q.shape[2]
-    return y.reshape(B, Hq, Tq, v.shape[-1]).to(q.dtype), denom.reshape(B, Hq, Tq)
+    return y.reshape(B, Hq, Tq, v.shape[-1]), denom.reshape(B, Hq, Tq)
 
 
 def quadratic_backward(

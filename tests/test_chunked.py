@@ -10,6 +10,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.library import triton_op
 
+import retention_compile as rc
 from retention_compile.checks import RetentionInputError
 from retention_compile.chunked import chunked_backward, chunked_forward, power_retention_chunked
 from retention_compile.quadratic import quadratic_backward, quadratic_forward
@@ -195,7 +196,7 @@ def test_low_precision_dtypes():
     case = make_case(Hq=4, Hk=2, Tq=33, gate="kv", padded=True, seed=7, dtype=torch.bfloat16)
     case["log_gate"] = case["log_gate"].float()
     y, denom = forward(case, 8)
-    assert y.dtype == torch.bfloat16 and denom.dtype == torch.float32
+    assert y.dtype == torch.float32 and denom.dtype == torch.float32  # the accumulation dtype (the backward reads y)
     expected = oracle({name: t.double() if t is not None and t.is_floating_point() else t for name, t in case.items()})
     torch.testing.assert_close(y.double(), expected, rtol=2e-2, atol=2e-2)
     dq, dk, dv, dg = backward(case, torch.randn_like(y), y, denom, 8)
@@ -393,3 +394,21 @@ def test_quadratic_non_causal(padded):
 
 def test_quadratic_degree_4():
     _run_quadratic(make_case(Tq=9, gate="kv", seed=4), deg=4)
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_bf16_gradients_of_rows_with_few_keys(chunk: int | None):
+    """The op saves y in float32: ``dZ_i = -(dy_i . y_i) / denom_i`` cancels against ``dy_i . v_j / denom_i``
+    where a row sees few keys, and a y rounded to bf16 moved dq by ~10% here (and d log_gate by ~1%).
+    ``chunk`` None: one chunk (the quadratic form); 4: the chunked form."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 12, 16, generator=gen).to(torch.bfloat16) for _ in range(3))
+    log_gate = -0.3 * torch.rand(1, 2, 12, generator=gen)
+    dy = torch.randn(1, 2, 12, 16, generator=gen).to(torch.bfloat16)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, log_gate)]
+    rc.power_retention(*leaves[:3], log_gate=leaves[3], chunk_size=chunk).backward(dy)
+    ref = [t.double().requires_grad_() for t in (q, k, v, log_gate)]
+    power_retention_reference(*ref[:3], log_gate=ref[3]).backward(dy.double())
+    for name, got, want in zip(("dq", "dk", "dv", "dlog_gate"), leaves, ref):
+        err = float((got.grad.double() - want.grad).norm() / want.grad.norm())
+        assert err <= 2e-2, f"{name}: relative error {err:.2e}"

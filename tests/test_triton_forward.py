@@ -77,7 +77,7 @@ def run_case(case: tuple) -> float:
         q.double(), k.double(), v.double(), scale=scale, deg=deg, causal=causal, valid=valid,
         log_gate=None if gate is None else gate.double(),
     )  # fmt: skip
-    assert y.dtype == q.dtype and y.shape == (B, Hq, Tq, e)
+    assert y.dtype == torch.float32 and y.shape == (B, Hq, Tq, e)  # the accumulator's precision (the backward reads y)
     assert den.dtype == torch.float32 and den.shape == (B, Hq, Tq)
     assert torch.isfinite(den).all() and (den >= 0.999e-6).all()
     return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))

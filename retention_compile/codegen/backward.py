@@ -16,6 +16,12 @@ Math. With ``dO'_i = [dN_i, dZ_i] = [dy_i, -(dy_i . y_i)] / denom_i`` (y and den
 
 (G_t enters w_ij with + on the query side and - on the key side; ``g_u`` enters every ``G_t`` with t >= u.)
 
+Precision. ``dw_ij = (dy_i . v_j) / denom_i + dZ_i`` is a small difference wherever y_i is close to v_j (rows
+with few keys), and d log_gate sums such differences: a float64 simulation (T = 1000, bf16 inputs) moves d log_gate
+by 2.0e-2 when dN = dy / denom is rounded to bf16 before the dot and by 7.0e-3 when y is saved in bf16. So the
+dots read dy itself (rounded to the inputs' dtype once, so its products with v are exact in the fp32 accumulator)
+and divide by denom after, and y arrives in float32 (the op's forward returns it so; autograd saves it).
+
 Kernels (``templates/backward.py.j2``), all recomputing the weights from q and k (nothing T x T is stored):
 
 quadratic   ``dq_kernel`` (grid: query blocks x B*Hq) walks the admissible keys of its rows;
@@ -147,6 +153,7 @@ def triton_backward(
     spec = BackwardSpec.of(fwd)
     module, _ = load(BACKWARD_TEMPLATE, spec)
     state_heads = Hk if log_gate is None else log_gate.shape[1]
+    grad_y = grad_y.to(q.dtype)  # the kernels' dots read dy exactly (see "Precision")
     den = denom.to(torch.float32).contiguous()
     dz = -(grad_y.to(torch.float32) * y.to(torch.float32)).sum(-1) / den
     shift = (Tq - Tk) % fwd.chunk_size if fwd.chunked else 0

@@ -245,7 +245,7 @@ def triton_forward(
         _RECORDED.add(spec)
         _record(spec, path, q, k, v, plan)
 
-    y = torch.empty((B, Hq, Tq, e), dtype=q.dtype, device=q.device)
+    y = torch.empty((B, Hq, Tq, e), dtype=torch.float32, device=q.device)  # the accumulator's precision
     denom = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
     common = {**_strides("k", k), **_strides("v", v), "K": k, "V": v, "Hq": Hq, "group": Hq // Hk, "Tk": Tk}
     extra: dict[str, object] = {}

@@ -63,7 +63,8 @@ class _Builder:
         q, v = example_value(query), example_value(value)
         with q.fake_mode if isinstance(q, FakeTensor) else contextlib.nullcontext():
             rows = (q.shape[0], q.shape[1], q.shape[2])
-            y, denom = q.new_empty(*rows, v.shape[3]), q.new_empty(rows, dtype=compute_dtype(q.dtype))
+            acc = compute_dtype(q.dtype)
+            y, denom = q.new_empty(*rows, v.shape[3], dtype=acc), q.new_empty(rows, dtype=acc)
         node.meta["example_value"] = (y, denom)
         return node
 
@@ -180,7 +181,7 @@ def replace_with_retention(
             config.chunk_size or 0,
             config.codegen,
         )
-        output = build.cast(build.call(operator.getitem, call, 0), example_value(site.node).dtype, dtype)
+        output = build.cast(build.call(operator.getitem, call, 0), example_value(site.node).dtype, compute_dtype(dtype))
     output.meta.update({k: v for k, v in site.node.meta.items() if k in ("stack_trace", "nn_module_stack")})
     site.node.replace_all_uses_with(output)
     graph.erase_node(site.node)

@@ -79,7 +79,7 @@ def check(q, k, v, gate, valid, *, deg, causal, plan, scale=None, segments=None)
         q, k, v, scale=scale, deg=deg, log_gate=gate, causal=causal, valid=valid, plan=plan, segments=segments
     )
     torch.cuda.synchronize()
-    assert y.dtype == q.dtype and den.dtype == torch.float32
+    assert y.dtype == torch.float32 and den.dtype == torch.float32
     assert not y.isnan().any() and not den.isnan().any(), "NaN in the output"
     assert torch.isfinite(y).all() and torch.isfinite(den).all()
     tol = TOL[q.dtype]
