@@ -186,6 +186,9 @@ def test_path_choice() -> None:
     assert not kernel_spec(q, v, 2, False, False, True, 256, plan).chunked  # one chunk
     q24, v24 = torch.randn(1, 1, 4, 24), torch.randn(1, 1, 4, 24)
     assert not kernel_spec(q24, v24, 2, False, False, True, 4096, plan).chunked  # 16 does not divide d
+    q256 = torch.randn(1, 1, 4, 256)
+    assert kernel_spec(q256[..., :128], v, 2, False, False, True, 4096, plan).chunked
+    assert not kernel_spec(q256, v, 2, False, False, True, 4096, plan).chunked  # M (d x d fp32) > shared memory
     wide = kernel_spec(q, v, 2, False, False, True, 4096, Plan(chunk_size=256, block_feature=64, block_e=128))
     assert wide.block_feature == 16 and wide.block_e == 64
 

@@ -66,6 +66,9 @@ MIN_BLOCK_FEATURE = 16  # tl.dot needs every dimension >= 16 (the M_IJ block is 
 # 311 KB of shared memory on the H200 (limit 227 KB, chunk_sweep run of 2026-11-29); cap rows and stages there.
 # The chunked query kernel at d = e = 128 with 128 rows and 2 stages needs 232 KB (sm_90 compile), 64 rows 180 KB.
 WIDE_HEAD = 128
+# The chunked query kernel holds the normaliser state M (d x d, fp32) in shared memory: 64 KB at d = 128, 256 KB
+# at d = 256 (over the H200's 227 KB: OutOfResources, run of 2026-11-29). Wider heads take the quadratic kernel.
+MAX_CHUNKED_HEAD = 128
 WIDE_BLOCK_T = 64
 WIDE_STAGES = 2
 MIN_BLOCK_E = 64  # narrower value blocks would recompute phi(q), the scores and phi(k) once per block
@@ -141,11 +144,11 @@ def kernel_spec(
     q: torch.Tensor, v: torch.Tensor, deg: int, gated: bool, has_valid: bool, causal: bool, kv_len: int, plan: Plan
 ) -> KernelSpec:
     """The shape class of one call: the chunked path when deg is 2, the chunk is shorter than the keys and d
-    tiles; otherwise the quadratic kernel. Tiles come from the Plan, clamped to what the kernels take: powers of 2,
-    b = 16, query rows 16..128, value blocks of at least min(e, 64) columns."""
+    tiles (and is at most ``MAX_CHUNKED_HEAD``); otherwise the quadratic kernel. Tiles come from the Plan, clamped
+    to what the kernels take: powers of 2, b = 16, query rows 16..128, value blocks of at least min(e, 64) columns."""
     d, e = _hint(q.shape[-1]), _hint(v.shape[-1])
     block_feature = _block_feature(d, plan)
-    chunked = deg == 2 and plan.chunk_size < kv_len and block_feature is not None
+    chunked = deg == 2 and plan.chunk_size < kv_len and block_feature is not None and d <= MAX_CHUNKED_HEAD
     e_pad = max(16, 1 << (e - 1).bit_length())
     block_e = min(max(plan.block_e, MIN_BLOCK_E), e_pad)
     block_t = min(max(16, plan.block_t), 128)

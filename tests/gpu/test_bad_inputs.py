@@ -104,7 +104,10 @@ def test_non_contiguous_and_expanded_inputs_through_the_kernels() -> None:
     layouts = {
         "transposed": (randn(B, T, Hq, d).transpose(1, 2), randn(B, T, Hk, d).transpose(1, 2), randn(B, Hk, d, T).mT),
         "sliced": (randn(B, Hq, 2 * T, d)[:, :, ::2], randn(B, Hk, T, 2 * d)[..., ::2], randn(B, 2 * Hk, T, d)[:, ::2]),
-        "expanded": (randn(B, 1, T, d).expand(B, Hq, T, d), randn(1, Hk, 1, d).expand(B, Hk, T, d),
+        # stride 0 over heads (q), batch (k) and value columns (v). Not over k's time axis: keys all equal make
+        # every weight of a row equal, and rows with q nearly orthogonal to that key then divide two tiny sums
+        # (ill-conditioned: the chunked bf16 form, whose phi(q) . S rounds to bf16, was off by 2e2 there)
+        "expanded": (randn(B, 1, T, d).expand(B, Hq, T, d), randn(1, Hk, T, d).expand(B, Hk, T, d),
                      randn(B, Hk, T, 1).expand(B, Hk, T, d)),
     }  # fmt: skip
     for name, (q, k, v) in layouts.items():
