@@ -12,6 +12,8 @@ Pass: relative error ``|y - ref| / |ref|`` <= 1e-2 (bf16, fp16) or 1e-4 (fp32) p
 
 Replay: the run prints ``fuzz seed=S cases=N``; ``RETENTION_FUZZ_SEED=S`` repeats it, ``RETENTION_FUZZ_CASE=i``
 runs case i alone (it is built from (S, i) only), ``RETENTION_FUZZ_CASES=N`` changes the count (default 1000).
+``RETENTION_FUZZ_SHARD=i/n`` keeps the cases whose shape class index is i mod n: n processes with one seed run the
+whole set in parallel, each compiling only its own classes.
 """
 
 from __future__ import annotations
@@ -188,15 +190,17 @@ def test_fuzz_triton_forward() -> None:
     only = os.environ.get("RETENTION_FUZZ_CASE")
     indices = [int(only)] if only else list(range(count))
     classes = shape_classes(seed)
-    print(f"fuzz seed={seed} cases={len(indices)} (replay: RETENTION_FUZZ_SEED={seed})")
+    shard, shards = map(int, os.environ.get("RETENTION_FUZZ_SHARD", "0/1").split("/"))
+    cases = {index: make_case(seed, index, classes) for index in indices}
+    cases = {i: c for i, c in cases.items() if classes.index(c.shape) % shards == shard}
+    print(f"fuzz seed={seed} cases={len(cases)} shard={shard}/{shards} (replay: RETENTION_FUZZ_SEED={seed})")
     start, failures = time.perf_counter(), []
-    for index in indices:
-        case = make_case(seed, index, classes)
+    for index, case in cases.items():
         problem = run_case(case)
         if problem is not None:
             failures.append(f"case {index}: {problem}: {case}")
     torch.cuda.synchronize()
     compiled = triton_source._load.cache_info().currsize
-    print(f"fuzz seed={seed}: {len(failures)} failures in {len(indices)} cases, {compiled} kernel sources, "
+    print(f"fuzz seed={seed}: {len(failures)} failures in {len(cases)} cases, {compiled} kernel sources, "
           f"{time.perf_counter() - start:.1f} s")  # fmt: skip
-    assert not failures, f"seed {seed}: {len(failures)} of {len(indices)} cases failed:\n" + "\n".join(failures[:20])
+    assert not failures, f"seed {seed}: {len(failures)} of {len(cases)} cases failed:\n" + "\n".join(failures[:20])

@@ -124,10 +124,17 @@ def test_op_autograd_reaches_the_kernels(backward_calls: list[int], deg: int, T:
     assert bool(backward_calls) == (deg != 2 or PLAN.chunk_size >= T or backward.CHUNKED_ON_DEVICE)
 
 
-def test_op_autograd_keeps_aten_for_gated_16bit(backward_calls: list[int]) -> None:
-    """Gated bf16 calls keep the aten backward (``backward.GATED_16BIT_ON_DEVICE``) and match the oracle."""
+def test_op_autograd_gated_16bit(backward_calls: list[int]) -> None:
+    """Gated bf16 calls run the Triton backward where ``backward.GATED_16BIT_ON_DEVICE`` and match the oracle."""
     check(1, 4, 2, 200, 200, 64, 64, 2, bf16, "k", True, True, op=True)
     assert bool(backward_calls) == backward.GATED_16BIT_ON_DEVICE
+
+
+def test_op_autograd_chunked_gated_16bit(backward_calls: list[int]) -> None:
+    """The chunked path through the op (the Triton forward, then the aten backward while not
+    ``backward.CHUNKED_ON_DEVICE``): gradients, d log_gate included, match the oracle."""
+    check(1, 4, 2, 1000, 1000, 64, 64, 2, bf16, "k", True, True, op=True)
+    assert bool(backward_calls) == backward.CHUNKED_ON_DEVICE
 
 
 @pytest.mark.parametrize("deg", [2, 4])
