@@ -45,6 +45,7 @@ CASES = [
     ("chunked-tq-gt-tk", (1, 1, 1, 45, 30, 32, 32, 2, 1, False, True, 16)),
     ("chunked-noncausal", (1, 2, 1, 27, 50, 32, 32, 2, 0, True, False, 16)),
     ("chunked-d48", (1, 1, 1, 40, 40, 48, 40, 2, 1, False, True, 16)),
+    ("chunked-d64", (1, 2, 1, 40, 40, 64, 64, 2, 1, False, True, 16)),  # 4 coordinate blocks, 10 pair tiles
     # gates of -4 per step: G spans -100 over 50 keys, so exp(G_i - G_j) of masked pairs overflows to inf
     ("quadratic-strong-gate", (1, 2, 1, 50, 50, 32, 32, 2, 1, False, True, 1024, 8.0)),
     ("chunked-strong-gate", (1, 2, 1, 50, 50, 32, 32, 2, 1, True, True, 16, 8.0)),

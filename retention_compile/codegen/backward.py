@@ -31,8 +31,10 @@ chunked     the same two kernels restricted to the rows' / keys' own chunk, plus
             the forward states ``S_c, M_c`` before each chunk, recomputed by the forward's own state (and
             scan) kernels, give dq's inter-chunk part; ``reverse_state_kernel`` walks the chunks from the last
             and stores ``R_c = sum_{i after c} coef s^2 exp(G_i - E_c) phi(q_i) dN_i^T`` (pair tiles, like S_c)
-            and ``P_c = sum_{i after c} s^2 exp(G_i - E_c) dZ_i q_i q_i^T`` (d x d), which give dk's and dv's
-            inter-chunk part. phi(q) and phi(k) are built in registers, never in global memory.
+            and ``P_c = sum_{i after c} s^2 exp(G_i - E_c) dZ_i q_i q_i^T`` (d x d), which
+            ``dkv_state_kernel`` adds to the float32 dk, dv (and key term) that ``dkv_kernel`` stored (split so
+            each part can be checked alone: with both in one kernel, bf16 d = 64 faulted on the H200; the split
+            has not run there yet). phi(q) and phi(k) are built in registers, never in global memory.
 
 Memory. The forward saves only its inputs, ``y`` (B, Hq, Tq, e) and ``denom`` (B, Hq, Tq) float32: no weights
 and no states (recompute, not store). The backward allocates ``dZ`` (B, Hq, Tq) float32 and, on the chunked
@@ -182,7 +184,8 @@ def triton_backward(
     _launch(module.dq_kernel, (_cdiv(Tq, spec.block_t), B * Hq), {**dq_args, "DQ": dq}, warps, STAGES)
 
     per_head = state_heads != Hk  # a state per query head: partial dk, dv per state head, summed below
-    grad_dtype = torch.float32 if per_head else None
+    # float32 where more than one kernel adds to them: the group sum below, the chunked path's state kernel
+    grad_dtype = torch.float32 if per_head or fwd.chunked else None
     dk = torch.empty((B, state_heads, Tk, d), dtype=grad_dtype or k.dtype, device=k.device)
     dv = torch.empty((B, state_heads, Tk, e), dtype=grad_dtype or v.dtype, device=k.device)
     outputs: dict[str, torch.Tensor] = {"DK": dk, "DV": dv}
@@ -190,9 +193,11 @@ def triton_backward(
         outputs["KTERM"] = torch.empty((B, state_heads, Tk), dtype=torch.float32, device=k.device)
     grid = (_cdiv(Tk + shift, spec.block_k), B * state_heads)
     _launch(module.dkv_kernel, grid, {**dkv_args, **outputs}, warps, STAGES)
+    if fwd.chunked:
+        _launch(module.dkv_state_kernel, grid, {**dkv_args, **outputs}, warps, STAGES)
     if per_head:
-        dk = dk.unflatten(1, (Hk, -1)).sum(2).to(k.dtype)
-        dv = dv.unflatten(1, (Hk, -1)).sum(2).to(v.dtype)
+        dk, dv = dk.unflatten(1, (Hk, -1)).sum(2), dv.unflatten(1, (Hk, -1)).sum(2)
+    dk, dv = dk.to(k.dtype), dv.to(v.dtype)
     dg = None
     if log_gate is not None:
         dg = _gate_grad(dz, outputs["KTERM"], state_heads).to(log_gate.dtype)
