@@ -112,6 +112,12 @@ LAUNCH_S = 3e-6  # per kernel launch
 # Measured / modelled time per kernel (benchmarks/calibrate_planner.py over a chunk sweep on the H200): what the
 # roofline terms leave out (feature construction, synchronous products, layout conversions).
 KERNEL_SCALE = {"update": 3.71, "scan": 0.358, "query": 1.07, "attention": 1.95}
+# CUDA-core operations a gate adds per score (load G_j, subtract, exp, multiply, in fp32-op equivalents). Not a
+# count: fitted to the H200 forward benchmark (bench_forward.py run 4, commit e632f37, T=8192, single chunk): the
+# gated kernel took 0.503 ms against 0.218 ungated; the gate's pointwise work does not overlap the MMAs in the
+# Triton kernel, so in the model's max() of the terms it must carry that whole difference. The chunk sweeps that
+# set KERNEL_SCALE were ungated.
+GATE_SCORE_OPS = 48.0
 MAX_REGS_PER_THREAD = 255
 BASE_REGS_PER_THREAD = 40  # addresses, indices, loop state besides the fp32 accumulators
 RESERVED_SMEM_PER_BLOCK = 1024  # the runtime's share per resident block (cc 8.0+)
@@ -447,7 +453,7 @@ def gpu_candidates(
         "tiled_state": np.vectorize(lambda b: float(tiled_state_dim(d, int(b), deg)))(block_feature),
         "warps": warps.astype(np.float64),
         "stages": stages.astype(np.float64),
-        "score_ops": math.log2(deg) + 1 + 4 * gated,
+        "score_ops": math.log2(deg) + 1 + GATE_SCORE_OPS * gated,
         "feature_ops": float(deg),
         **hardware_values(spec, dtype),
     }
