@@ -4,9 +4,10 @@ Each case draws batch, heads (GQA groups 1, 2, 4), lengths (Tq = Tk, decode Tq =
 Tq < Tk, and Tq > Tk), gates (none, per kv head, per query head), validity masks (random or left padding),
 causal or not, non-contiguous layouts and input magnitudes. The kernels' shape class (dtype, d, e, degree, flags,
 chunk and tiles: what a compile depends on) comes from a pool of ``CLASSES`` classes drawn from the seed, so a
-run compiles a bounded number of kernels. Most cases call ``triton_forward`` with the class's fixed Plan; every
-``OP_EVERY``-th case goes through the public op (``rc.power_retention(..., impl="triton")``), whose tiles are
-planned from the shape.
+run compiles a bounded number of kernels. Most cases call ``triton_forward`` with the class's fixed Plan, half of those
+on the chunked path that the CUDA chunk-state kernel serves (bf16/fp16, e a multiple of 16) with that kernel in
+place of Triton's state kernel; every ``OP_EVERY``-th case goes through the public op
+(``rc.power_retention(..., impl="triton")``), whose tiles are planned from the shape.
 
 Pass: relative error ``|y - ref| / |ref|`` <= 1e-2 (bf16, fp16) or 1e-4 (fp32) per case, every output finite.
 
@@ -18,6 +19,7 @@ whole set in parallel, each compiling only its own classes.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -29,8 +31,9 @@ import pytest
 import torch
 
 import retention_compile as rc
-from retention_compile.codegen import triton_source
-from retention_compile.codegen.forward import triton_forward, triton_supports
+from retention_compile.codegen import cuda_state, triton_source
+from retention_compile.codegen.cuda_state import cuda_state_unsupported
+from retention_compile.codegen.forward import kernel_spec, triton_forward, triton_supports
 from retention_compile.planning import Plan
 from retention_compile.reference import power_retention_reference
 
@@ -154,6 +157,15 @@ def inputs(case: Case) -> tuple[torch.Tensor, ...]:
     return q, k, v, gate, valid
 
 
+def cuda_state_kernel(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """The CUDA chunk-state kernel for every other case (by seed) it serves, else None (the Triton state kernel)."""
+    s = case.shape
+    spec = kernel_spec(q, v, s.deg, s.gated, s.padded, s.causal, case.kv_len, s.plan)
+    if case.seed % 2 or cuda_state_unsupported(spec, k, v) is not None:
+        return None
+    return functools.partial(cuda_state.chunk_states, q_shape=tuple(q.shape))
+
+
 def run_case(case: Case) -> str | None:
     """None when the case passes, else what went wrong."""
     s = case.shape
@@ -166,7 +178,7 @@ def run_case(case: Case) -> str | None:
     if case.through_op:
         y = rc.power_retention(q, k, v, **options, chunk_size=s.plan.chunk_size, impl="triton")
     else:
-        y, denom = triton_forward(q, k, v, **options, plan=s.plan)
+        y, denom = triton_forward(q, k, v, **options, plan=s.plan, state_kernel=cuda_state_kernel(case, q, k, v))
         if not torch.isfinite(denom).all():
             return "non-finite denominator"
     if y.dtype != (q.dtype if case.through_op else torch.float32) or y.shape != (
