@@ -10,6 +10,8 @@ Inductor's backward code must contain the kernels.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -51,8 +53,9 @@ def check(B, Hq, Hk, Tq, Tk, d, e, deg, dtype, gate, has_valid, causal, *, magni
 
     The chunked kernels with 16-bit inputs and d >= 64 are skipped while ``backward.CHUNKED_ON_DEVICE`` is off:
     at d = 64 the dkv_kernel faults (illegal address) on the H200 (runs of 2026-11-29), which would poison the
-    CUDA context of every later test in the process."""
-    if not op and dtype != torch.float32 and d >= 64 and not backward.CHUNKED_ON_DEVICE:
+    CUDA context of every later test in the process. ``RETENTION_RUN_KNOWN_FAULTS=1`` runs them anyway."""
+    known_fault = dtype != torch.float32 and d >= 64 and not backward.CHUNKED_ON_DEVICE
+    if not op and known_fault and not os.environ.get("RETENTION_RUN_KNOWN_FAULTS"):
         q_like, v_like = torch.empty(1, 1, 1, d), torch.empty(1, 1, 1, e)
         if kernel_spec(q_like, v_like, deg, gate is not None, has_valid, causal, Tk, PLAN).chunked:
             pytest.skip("chunked 16-bit backward kernels with d >= 64: known fault on the H200 (CHUNKED_ON_DEVICE)")
