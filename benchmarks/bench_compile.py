@@ -1,6 +1,6 @@
 """First-call compile time of a 2-layer Llama-shaped model: ``backend="retention"`` against ``backend="inductor"``.
 
-    python benchmarks/bench_compile.py [--device cpu|cuda] [--repeats 3] [--out benchmarks/results]
+    python benchmarks/bench_compile.py [--device cpu|cuda] [--repeats 3] [--out benchmarks/results] [--profile]
 
 The model is written here (no transformers): token embedding, two decoder layers of RMSNorm, rotary embeddings,
 grouped-query SDPA with ``is_causal=True`` (kv heads repeated as Llama does: expand + reshape) and a SwiGLU MLP,
@@ -16,21 +16,26 @@ model (Dynamo trace, the backend, Inductor's code generation and compiles, one r
 
 Bars (issue 9): retention cold / inductor cold <= 1.3; a second process with warm caches <= 1.1 (checked for
 both "warm" and "hot"). Each figure is the
-median of ``--repeats`` runs. The JSON (command, commit, versions, machine, every run) goes to ``--out``.
+median of ``--repeats`` runs. The JSON (command, commit, versions, machine, every run) goes to ``--out``, rewritten
+after every run (``"complete": false`` until the last). ``--profile`` runs each child under cProfile (slower: compare
+such runs with each other only) and keeps its slowest functions by cumulative time, to attribute a gap.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
 import json
 import os
 import platform
+import pstats
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 BARS = {"cold": 1.3, "warm": 1.1, "hot": 1.1}
+PROFILE_TOP = 40
 
 
 @dataclass(frozen=True)
@@ -144,39 +150,65 @@ class Llama(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-def measure(backend: str, device: str) -> dict:
-    """In this process: build the model, time the first compiled call, report it (the child side)."""
+def measure(backend: str, device: str, profile: bool = False) -> dict:
+    """In this process: build the model, time the first compiled call, report it (the child side). ``profile``
+    runs the timed region under cProfile and adds its ``PROFILE_TOP`` slowest functions (cumulative seconds)."""
     shape = SHAPES[device]
     torch.manual_seed(0)
     model = Llama(shape).to(device=device, dtype=getattr(torch, shape.dtype)).eval()
     tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=device)
+    profiler = cProfile.Profile() if profile else None
     start = time.perf_counter()  # from torch.compile: resolving backend="inductor" imports Inductor there
+    if profiler:
+        profiler.enable()
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
         out = compiled(tokens)
     if device == "cuda":
         torch.cuda.synchronize()
+    if profiler:
+        profiler.disable()
     seconds = time.perf_counter() - start
     rewritten = None
     if backend == "retention":
         from retention_compile.backend import PROCESS_REPORT
 
         rewritten = len(PROCESS_REPORT.rewritten)
-    return {"seconds": seconds, "rewritten_sites": rewritten, "finite": bool(torch.isfinite(out).all())}
+    result = {"seconds": seconds, "rewritten_sites": rewritten, "finite": bool(torch.isfinite(out).all())}
+    if profiler:
+        result["profile"] = slowest_functions(profiler)
+    return result
 
 
-def run_child(backend: str, device: str, caches: dict[str, Path]) -> dict:
+def slowest_functions(profiler: cProfile.Profile) -> dict[str, list[dict]]:
+    """The ``PROFILE_TOP`` functions with the most cumulative time (this process's main thread only): over all
+    code ("all") and within the retention_compile package ("package")."""
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive, total, cumulative, callers)}
+    ranked = sorted(stats.items(), key=lambda item: -item[1][3])
+    package = [item for item in ranked if f"{os.sep}retention_compile{os.sep}" in item[0][0]]
+
+    def rows(items: list) -> list[dict]:
+        return [
+            {"function": f"{Path(file).name}:{line}({name})", "calls": calls, "cumulative_s": round(cumulative, 3)}
+            for (file, line, name), (calls, _, _, cumulative, _) in items[:PROFILE_TOP]
+        ]
+
+    return {"all": rows(ranked), "package": rows(package)}
+
+
+def run_child(backend: str, device: str, caches: dict[str, Path], profile: bool = False) -> dict:
     """One measurement in a fresh interpreter with the given cache directories."""
     env = {**os.environ, **{name: str(path) for name, path in caches.items()}}
-    cmd = [sys.executable, __file__, "--child", backend, "--device", device]
+    cmd = [sys.executable, __file__, "--child", backend, "--device", device] + (["--profile"] if profile else [])
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{backend} on {device} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench(device: str, repeats: int) -> dict:
-    """Cold and warm runs of both backends, ``repeats`` times each, alternating backends."""
+def bench(device: str, repeats: int, profile: bool, save: Callable[[dict], None]) -> dict:
+    """Cold and warm runs of both backends, ``repeats`` times each, alternating backends; ``save`` receives the
+    runs so far after each one (a run cut short keeps them)."""
     runs: dict[str, list[dict]] = {f"{b}_{w}": [] for b in ("inductor", "retention") for w in BARS}
     for _ in range(repeats):
         for backend in ("inductor", "retention"):
@@ -185,14 +217,16 @@ def bench(device: str, repeats: int) -> dict:
                 for warmth in BARS:
                     inductor_cache = Path(tmp, "inductor_cold" if warmth == "hot" else f"inductor_{warmth}")
                     caches = {**kernels, "TORCHINDUCTOR_CACHE_DIR": inductor_cache}
-                    result = run_child(backend, device, caches)
+                    result = run_child(backend, device, caches, profile)
                     runs[f"{backend}_{warmth}"].append(result)
                     print(f"{device} {backend:9} {warmth}: {result['seconds']:.2f} s", flush=True)
+                    save({"shape": asdict(SHAPES[device]), "runs": runs, "complete": False})
     median = {name: statistics.median(r["seconds"] for r in results) for name, results in runs.items()}
     ratios = {warmth: median[f"retention_{warmth}"] / median[f"inductor_{warmth}"] for warmth in BARS}
     return {
         "shape": asdict(SHAPES[device]),
         "runs": runs,
+        "complete": True,
         "median_seconds": median,
         "ratios": ratios,
         "bars": BARS,
@@ -226,25 +260,29 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--profile", action="store_true", help="cProfile every child; keep its slowest functions")
     parser.add_argument("--child", choices=["inductor", "retention"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.device)))
+        print(json.dumps(measure(args.child, args.device, args.profile)))
         return
-    result = bench(args.device, args.repeats)
-    record = {
+    header = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "commit": _git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
         "machine": _machine(args.device),
         "device": args.device,
-        **result,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"compile_{args.device}_{datetime.date.today().isoformat()}_{record['commit'][:7]}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path = out / f"compile_{args.device}_{datetime.date.today().isoformat()}_{header['commit'][:7]}.json"
+
+    def save(result: dict) -> None:
+        path.write_text(json.dumps({**header, **result}, indent=2) + "\n")
+
+    result = bench(args.device, args.repeats, args.profile, save)
+    save(result)
     for warmth, ratio in result["ratios"].items():
         verdict = "meets" if result["meets_bars"][warmth] else "MISSES"
         print(f"{warmth}: retention/inductor = {ratio:.2f} ({verdict} the bar {BARS[warmth]})")
