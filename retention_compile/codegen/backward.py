@@ -36,8 +36,9 @@ chunked     the same two kernels restricted to the rows' / keys' own chunk, plus
             each part can be checked alone: with both in one kernel, bf16 d = 64 faulted on the H200; the split
             has not run there yet). phi(q) and phi(k) are built in registers, never in global memory.
 
-Memory. The forward saves only its inputs, ``y`` (B, Hq, Tq, e) and ``denom`` (B, Hq, Tq) float32: no weights
-and no states (recompute, not store). The backward allocates ``dZ`` (B, Hq, Tq) float32 and, on the chunked
+Memory. The forward saves only its inputs, ``y`` (B, Hq, Tq, e) and ``denom`` (B, Hq, Tq), both float32 (y is
+4 bytes per element, twice a 16-bit copy: see "Precision"; 134 MB per layer at B=1, Hq=8, T=65536, e=64): no
+weights and no states (recompute, not store). The backward allocates ``dZ`` (B, Hq, Tq) float32 and, on the chunked
 path, per state head and chunk the forward states (Dt x e in the dots' dtype plus d x d float32, Dt = 2560 for
 d = 64) and the reverse states of the same size: ``2 * n_chunks * (Dt * e * 2 + d * d * 4)`` bytes per state
 head for 16-bit inputs (about 43 MB per head at T = 65536, C = 1024). With a gate per query head (states per
