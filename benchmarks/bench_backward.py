@@ -10,7 +10,7 @@ Triton kernels directly; chunk and tiles from ``planning.plan``): one timed call
 ../shared/tools/gpu-wheels.sh). Times are medians of ``triton.testing.do_bench`` (warmup 25 ms, rep 100 ms);
 gradients are reset to None between calls. At the largest T (or each ``--profile`` T) a profiler breakdown per
 kernel of ours is recorded. ``--backward triton`` runs the Triton backward also where the op's backward does not
-yet choose it (``codegen/backward.CHUNKED_ON_DEVICE``, ``GATED_16BIT_ON_DEVICE``), to time kernels under validation.
+yet choose it (the chunked path: ``codegen/backward.CHUNKED_ON_DEVICE``), to time kernels under validation.
 
 Writes ``backward_<gpu>_<date>.json`` (after every row) and ``.png`` under ``--out``.
 """
@@ -154,7 +154,7 @@ def main() -> None:
     if args.backward == "triton":
         from retention_compile.codegen import backward
 
-        backward.CHUNKED_ON_DEVICE = backward.GATED_16BIT_ON_DEVICE = True
+        backward.CHUNKED_ON_DEVICE = True
     profiled = set(args.profile if args.profile is not None else [max(args.T)])
     base, record = result_header("backward", args.out, args.commit)
     record["backward"] = args.backward
