@@ -91,6 +91,14 @@ def test_long_deg2_sequences_chunk(key):
     assert "runner-up" in p.reason
 
 
+def test_a_gate_moves_the_h200_to_the_chunked_path_sooner():
+    """The gate's pointwise cost per score (``GATE_SCORE_OPS``, fitted to the H200's gated single-chunk kernel:
+    0.503 ms against 0.218 ungated at T=8192) makes the quadratic kernel lose at T=8192 only when gated."""
+    ungated = plan(KNOWN["H200"], 8192, 64, dtype=torch.bfloat16, gated=False, batch_heads=8)
+    gated = plan(KNOWN["H200"], 8192, 64, dtype=torch.bfloat16, gated=True, batch_heads=8)
+    assert ungated.chunk_size >= 8192 and gated.chunk_size < 8192
+
+
 def test_plans_are_deterministic():
     for key, (T, d, bh) in itertools.product(("H200", "L4"), SHAPES[::2]):
         args = (KNOWN[key], T, d, None, 2, torch.bfloat16, False, bh)
