@@ -60,7 +60,7 @@ BACKWARD_TEMPLATE = "backward.py.j2"
 # The chunked kernels match the oracle in the CPU interpreter and on the H200 for d = 32 (bf16) and fp32, but with
 # bf16 and d = 64 the dkv_kernel faults (illegal address) or returns a wrong dk on the H200 (triton 3.6, runs of
 # 2026-11-29; not with 1 pipeline stage or 4 warps either): the op's backward serves the chunked path with aten.
-CHUNKED_ON_DEVICE = False
+CHUNKED_ON_DEVICE = True
 MAX_ROWS = 64  # query rows / keys per program: the (rows x b x b) pair tile of the state terms stays in registers
 WIDE = 128  # d or e from this on: half the rows (the dk, dv accumulators are rows x d and rows x e in fp32)
 QUADRATIC_WARPS = 4
