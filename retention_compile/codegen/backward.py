@@ -57,10 +57,10 @@ from .forward import _cdiv, _chunk_states, _gate_cumsum, _hint, _launch, _stride
 from .triton_source import KernelSpec, load, load_forward
 
 BACKWARD_TEMPLATE = "backward.py.j2"
-# The chunked kernels match the oracle in the CPU interpreter and on the H200 for d = 32 (bf16) and fp32, but with
-# bf16 and d = 64 the dkv_kernel faults (illegal address) or returns a wrong dk on the H200 (triton 3.6, runs of
-# 2026-11-29; not with 1 pipeline stage or 4 warps either): the op's backward serves the chunked path with aten.
-CHUNKED_ON_DEVICE = True
+# The chunked kernels unroll their pair tiles at render time: for d = 128 (36 pairs) Triton 3.6 needs ~380 s to compile
+# dq_kernel for sm_90 and ~73 s for dkv_state_kernel (local compile, 2026-11-29); at d = 64 they take seconds and
+# match the oracle on the H200. Wider heads take aten's chunked backward until the pairs become a runtime loop.
+MAX_CHUNKED_BACKWARD_HEAD = 64
 MAX_ROWS = 64  # query rows / keys per program: the (rows x b x b) pair tile of the state terms stays in registers
 WIDE = 128  # d or e from this on: half the rows (the dk, dv accumulators are rows x d and rows x e in fp32)
 QUADRATIC_WARPS = 4
@@ -118,14 +118,17 @@ class BackwardSpec:
 def serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, deg: int, gated: bool, has_valid: bool, causal: bool,
            plan: Plan) -> bool:  # fmt: skip
     """Whether the op's backward runs ``triton_backward`` for a call ``triton_supports``: the quadratic path, and
-    the chunked path only with ``CHUNKED_ON_DEVICE`` (or in the interpreter). Gated 16-bit calls are served too:
-    their d log_gate matches the oracle within 2e-2 on the GPU grid (d 32/64/128, deg 2/4, T 1..4096, kv- and
-    query-head gates, decode) since y comes back in fp32 and the forward's denominator and the backward's key term
-    use the same rounded weights (before, 2e-2..1.7e-1 off)."""
+    the chunked path for head dims up to ``MAX_CHUNKED_BACKWARD_HEAD`` (every head dim in the interpreter).
+
+    On the H200 (triton 3.6, 2026-11-29) the quadratic grid matches the oracle within 2e-2 in bf16 (d 32/64/128,
+    deg 2/4, T 1..4096, kv- and query-head gates, decode), d log_gate included, since y comes back in fp32 and the
+    forward's denominator and the backward's key term use the same rounded weights; the chunked bf16 cases with
+    d = 32 and 64 (T 1000 and 4096, kv- and query-head gates, GQA, key validity) match it once the P-term dot of
+    ``dkv_state_kernel`` runs in fp32 (as a wgmma it faulted: illegal address), fp32 chunked cases earlier."""
     if not q.is_cuda:
         return True
     chunked = kernel_spec(q, v, deg, gated, has_valid, causal, _hint(k.shape[2]), plan).chunked
-    return not chunked or CHUNKED_ON_DEVICE
+    return not chunked or q.shape[3] <= MAX_CHUNKED_BACKWARD_HEAD
 
 
 def triton_backward(
