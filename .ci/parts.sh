@@ -1,0 +1,38 @@
+# Shared by .ci/gpu and benchmarks/gpu_bench.sh (sourced): run one part of a device call in its own process group.
+#
+#   part NAME LIMIT_S COMMAND...   runs COMMAND with stdout/stderr in $parts_dir/NAME.log; at LIMIT_S the whole
+#                                  process group is ended (pytest-xdist workers included), so nothing it started
+#                                  outlives it; appends "NAME rc=.. ..s <last result line>" to $summary
+# Callers set parts_dir and summary first. PARTS (an extended regex, e.g. "fuzz-6|backward") runs only the parts
+# whose whole name matches it.
+
+part() {
+    local name=$1 limit=$2 start rc pid dog last
+    shift 2
+    if [[ -n "${PARTS:-}" && ! "$name" =~ ^(${PARTS})$ ]]; then
+        return 0
+    fi
+    start=$(date +%s)
+    set -m  # background jobs get their own process group: the watchdog ends xdist workers too
+    "$@" > "$parts_dir/$name.log" 2>&1 &
+    pid=$!
+    set +m
+    (sleep "$limit"; kill -TERM -- "-$pid"; sleep 10; kill -KILL -- "-$pid") 2> /dev/null &
+    dog=$!
+    wait "$pid"
+    rc=$?
+    kill "$dog" 2> /dev/null
+    last=$(grep -E "passed|failed|error|skipped|Error|wrote" "$parts_dir/$name.log" | tail -1)
+    echo "$name rc=$rc $(( $(date +%s) - start ))s ${last}" >> "$summary"
+}
+
+# Append every part log, with a header each, to the file $1 and remove the logs.
+gather_logs() {
+    local log
+    shopt -s nullglob
+    for log in "$parts_dir"/*.log; do
+        printf '\n===== %s =====\n' "$(basename "$log")"
+        grep -v "PytestBenchmarkWarning\|warner(PytestBenchmarkWarning" "$log"
+    done > "$1"
+    rm -r "$parts_dir"
+}

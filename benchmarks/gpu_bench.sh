@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The GPU benchmarks, one after another in one call of the lent GPU, each alone on the device:
+#
+#   benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile]     (default: all three, ~8-9 minutes)
+#
+# Each benchmark runs in its own process group with a time limit (nothing it starts outlives it) and only once
+# no other process holds the GPU (polled with nvidia-smi for up to 60 s; the wait and the processes seen are
+# logged): rows timed beside another process are not comparable (2026-11-29: two backward runs that followed a
+# killed pytest gave SDPA fwd+bwd 0.40-0.45 ms at T=2048 against the anchor's 0.125). JSON and plots go to OUT_DIR
+# (copy them to benchmarks/results/ with the notes); OUT_DIR/summary.txt has one line per benchmark and
+# OUT_DIR/logs.txt every log. Manifest's and fla's wheels are used when importable (../shared/tools/gpu-wheels.sh).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:?usage: benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile]}"
+shift
+which=("${@:-forward backward compile}")
+read -r -a which <<< "${which[*]}"
+mkdir -p "$out/parts"
+summary="$out/summary.txt"
+: > "$summary"
+source .ci/parts.sh
+parts_dir="$out/parts"
+
+gpu_alone() {  # wait (<= 60 s) until no compute process holds the GPU; log what was seen
+    local waited=0 apps
+    while apps=$(nvidia-smi --query-compute-apps=pid,process_name --format=csv,noheader 2> /dev/null) && [[ -n "$apps" ]]; do
+        if (( waited >= 60 )); then
+            echo "gpu busy after ${waited}s: ${apps//$'\n'/; }" >> "$summary"
+            return 0
+        fi
+        sleep 5
+        waited=$(( waited + 5 ))
+    done
+    echo "gpu idle (waited ${waited}s)" >> "$summary"
+}
+
+for bench in "${which[@]}"; do
+    gpu_alone
+    case "$bench" in
+        forward) part forward 240 python3 benchmarks/bench_forward.py --T 2048 8192 16384 65529 65536 --competitors --out "$out" ;;
+        backward) part backward 150 python3 benchmarks/bench_backward.py --T 2048 8192 65536 --competitors 65536 --out "$out" ;;
+        compile) part compile 330 python3 benchmarks/bench_compile.py --device cuda --repeats 3 --out "$out" ;;
+        *) echo "unknown benchmark: $bench (forward, backward, compile)" >> "$summary" ;;
+    esac
+done
+gather_logs "$out/logs.txt"
+cat "$summary"
