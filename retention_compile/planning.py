@@ -48,8 +48,12 @@ cost per chunk, and only the chunk size is chosen.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
+import inspect
 import itertools
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -342,9 +346,8 @@ def cpu_model() -> dict[str, sp.Expr]:
 @functools.cache
 def _compiled(which: str) -> Callable[..., dict[str, np.ndarray]]:
     """The numeric fast path: the model's expressions lambdified to numpy, evaluated over candidate arrays."""
-    model, symbols = (gpu_model(), S.gpu) if which == "gpu" else (cpu_model(), S.cpu)
-    names = list(model)
-    fn = sp.lambdify(symbols, [model[name] for name in names], modules="numpy")
+    symbols = S.gpu if which == "gpu" else S.cpu
+    names, fn = _lambdified(which)
 
     def evaluate(**values: np.ndarray | float) -> dict[str, np.ndarray]:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -353,6 +356,50 @@ def _compiled(which: str) -> Callable[..., dict[str, np.ndarray]]:
         return {name: np.broadcast_to(np.asarray(out, dtype=np.float64), shape) for name, out in zip(names, outputs)}
 
     return evaluate
+
+
+def _lambdified(which: str) -> tuple[list[str], Callable[..., list]]:
+    """The names of model ``which`` and its expressions as one numpy function.
+
+    Printing the GPU model's ~40 expressions (``sp.lambdify``) takes ~0.2 s, in every process: the printed source
+    and the globals it names (numpy's ufuncs, ``reduce``) are kept in the kernel cache under a key of the
+    package's code and the sympy and numpy versions, and later processes execute that source. An entry that
+    cannot be read or rebuilt (missing, truncated, another version) is printed again."""
+    from .backend import code_fingerprint
+    from .codegen import cache
+
+    key = cache.cache_key("planner", which, code_fingerprint(), f"sympy={sp.__version__}", f"numpy={np.__version__}")
+    path = cache.cache_dir("planner") / f"{which}_{key[:32]}.json"
+    entry = cache.load_checked(path)
+    if entry is not None:
+        try:
+            return _rebuild(json.loads(entry))
+        except (ValueError, KeyError, TypeError, ImportError, AttributeError, SyntaxError):
+            pass
+    model, symbols = (gpu_model(), S.gpu) if which == "gpu" else (cpu_model(), S.cpu)
+    names = list(model)
+    fn = sp.lambdify(symbols, [model[name] for name in names], modules="numpy")
+    used = {name: fn.__globals__[name] for name in fn.__code__.co_names if name in fn.__globals__}
+    record = {
+        "names": names,
+        "function": fn.__name__,
+        "source": inspect.getsource(fn),
+        "globals": {name: [value.__name__, ""] if inspect.ismodule(value) else [value.__module__, value.__name__]
+                    for name, value in used.items()},
+    }  # fmt: skip
+    with contextlib.suppress(OSError):  # a read-only cache only costs the next process the printing
+        cache.store_checked(path, json.dumps(record).encode())
+    return names, fn
+
+
+def _rebuild(record: dict) -> tuple[list[str], Callable[..., list]]:
+    """The function of a cached ``_lambdified`` record: its source executed over the globals it names."""
+    namespace: dict[str, object] = {}
+    for name, (module, attribute) in record["globals"].items():
+        value = importlib.import_module(module)
+        namespace[name] = getattr(value, attribute) if attribute else value
+    exec(compile(record["source"], f"<retention_compile planner model {record['function']}>", "exec"), namespace)
+    return list(record["names"]), namespace[record["function"]]
 
 
 def tiled_state_dim(head_dim: int, block_feature: int, deg: int) -> int:

@@ -8,6 +8,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sympy as sp
 import torch
@@ -172,6 +173,30 @@ def test_sympy_model_and_numeric_fast_path_agree():
         names = ("chunked.time", "single.time", "smem.chunked", "regs", "occupancy", "update.waves", "query.tensor")
         for name in names:
             assert float(model[name].xreplace(sub)) == pytest.approx(cands.values[name][i], rel=1e-9), (name, i)
+
+
+def test_cached_model_source_matches_a_fresh_print(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lambdified model comes back from the cache in a later call (no sympy printing), computes the same
+    numbers as sympy's own function, and a truncated entry is printed again."""
+    monkeypatch.setenv("RETENTION_COMPILE_CACHE", str(tmp_path))
+    cands = planning.gpu_candidates(KNOWN["H200"], 65536, 64, 64, 2, torch.bfloat16, True, 8)
+    args = [np.broadcast_to(cands.inputs[str(s)], cands.chunk.shape) for s in planning.S.gpu]
+
+    def outputs(fn) -> list[np.ndarray]:
+        with np.errstate(all="ignore"):
+            return [np.broadcast_to(np.asarray(v, dtype=np.float64), cands.chunk.shape) for v in fn(*args)]
+
+    names, printed = planning._lambdified("gpu")
+    (entry,) = (tmp_path / "planner").glob("gpu_*.json")
+    cached_names, cached = planning._lambdified("gpu")
+    assert cached_names == names and cached.__code__.co_filename.startswith("<retention_compile planner")
+    assert printed.__code__.co_filename != cached.__code__.co_filename
+    for fresh, again in zip(outputs(printed), outputs(cached), strict=True):
+        np.testing.assert_array_equal(fresh, again)
+    entry.write_bytes(entry.read_bytes()[:100])
+    _, reprinted = planning._lambdified("gpu")
+    assert not reprinted.__code__.co_filename.startswith("<retention_compile planner")
+    assert planning._lambdified("gpu")[1].__code__.co_filename.startswith("<retention_compile planner")
 
 
 def test_model_counts_the_formulas():
