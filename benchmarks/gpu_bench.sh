@@ -8,7 +8,8 @@
 # logged): rows timed beside another process are not comparable (2026-11-29: two backward runs that followed a
 # killed pytest gave SDPA fwd+bwd 0.40-0.45 ms at T=2048 against the anchor's 0.125). JSON and plots go to OUT_DIR
 # (copy them to benchmarks/results/ with the notes); OUT_DIR/summary.txt has one line per benchmark and
-# OUT_DIR/logs.txt every log. Manifest's and fla's wheels are used when importable (../shared/tools/gpu-wheels.sh).
+# OUT_DIR/logs.txt every log. Manifest's and fla's wheels are used when importable (../shared/tools/gpu-wheels.sh
+# prints how to install them; put their directory on PYTHONPATH before calling this).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:?usage: benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile]}"
@@ -37,7 +38,8 @@ gpu_alone() {  # wait (<= 60 s) until no compute process holds the GPU; log what
 for bench in "${which[@]}"; do
     gpu_alone
     case "$bench" in
-        forward) part forward 240 python3 benchmarks/bench_forward.py --T 2048 8192 16384 65529 65536 --competitors --out "$out" ;;
+        forward) part forward 240 python3 benchmarks/bench_forward.py --T 2048 8192 16384 65529 65536 \
+            --competitors 2048 8192 65536 --tune 0 --out "$out" ;;
         backward) part backward 150 python3 benchmarks/bench_backward.py --T 2048 8192 65536 --competitors 65536 --out "$out" ;;
         compile) part compile 330 python3 benchmarks/bench_compile.py --device cuda --repeats 3 --out "$out" ;;
         *) echo "unknown benchmark: $bench (forward, backward, compile)" >> "$summary" ;;
