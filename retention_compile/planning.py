@@ -380,13 +380,16 @@ def _lambdified(which: str) -> tuple[list[str], Callable[..., list]]:
     names = list(model)
     fn = sp.lambdify(symbols, [model[name] for name in names], modules="numpy")
     used = {name: fn.__globals__[name] for name in fn.__code__.co_names if name in fn.__globals__}
-    record = {
-        "names": names,
-        "function": fn.__name__,
-        "source": inspect.getsource(fn),
-        "globals": {name: [value.__name__, ""] if inspect.ismodule(value) else [value.__module__, value.__name__]
-                    for name, value in used.items()},
-    }  # fmt: skip
+    try:
+        record = {
+            "names": names,
+            "function": fn.__name__,
+            "source": inspect.getsource(fn),
+            "globals": {name: [value.__name__, ""] if inspect.ismodule(value) else [value.__module__, value.__name__]
+                        for name, value in used.items()},
+        }  # fmt: skip
+    except (OSError, TypeError, AttributeError):  # a source or a global it cannot name: nothing to keep
+        return names, fn
     with contextlib.suppress(OSError):  # a read-only cache only costs the next process the printing
         cache.store_checked(path, json.dumps(record).encode())
     return names, fn
