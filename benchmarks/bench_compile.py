@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from provenance import command_line, git_commit
 from torch import nn
 
 BARS = {"cold": 1.3, "warm": 1.1, "hot": 1.1}
@@ -234,14 +235,6 @@ def bench(device: str, repeats: int, profile: bool, save: Callable[[dict], None]
     }
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _versions() -> dict:
     from retention_compile.codegen import cache
 
@@ -267,8 +260,8 @@ def main() -> None:
         print(json.dumps(measure(args.child, args.device, args.profile)))
         return
     header = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "commit": _git_commit(),
+        "command": command_line(),
+        "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
         "machine": _machine(args.device),

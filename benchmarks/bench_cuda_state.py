@@ -25,11 +25,11 @@ import dataclasses
 import datetime
 import json
 import platform
-import sys
 from pathlib import Path
 
 import torch
 import triton
+from provenance import command_line, git_commit
 
 from retention_compile.codegen import cuda_state, forward, nvrtc
 from retention_compile.codegen.cuda_state import StateKernelConfig, chunk_states
@@ -147,12 +147,12 @@ def run_case(T: int, gated: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--commit", default="unknown")
+    parser.add_argument("--commit", default=None)
     args = parser.parse_args()
     name = torch.cuda.get_device_name()
     result = {
-        "command": " ".join(["python", *sys.argv]),
-        "commit": args.commit,
+        "command": command_line(),
+        "commit": git_commit(args.commit),
         "date": datetime.date.today().isoformat(),
         "gpu": name,
         "torch": torch.__version__,
@@ -180,7 +180,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = name.replace(" ", "-")
-    path = out / f"cuda_state_{slug}_{result['date']}_{args.commit}.json"
+    path = out / f"cuda_state_{slug}_{result['date']}_{result['commit']}.json"
     path.write_text(json.dumps(result, indent=1, default=str))
     print(f"wrote {path}")
 

@@ -18,11 +18,10 @@ import datetime
 import json
 import math
 import platform
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from provenance import command_line, git_commit
 
 from retention_compile import hardware
 from retention_compile.codegen import nvrtc
@@ -153,15 +152,6 @@ def bench_shape(name: str, B: int, Hq: int, Hk: int, d: int, copy_gbs: float, re
     return rows
 
 
-def _commit(explicit: str | None) -> str:
-    if explicit:
-        return explicit
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
@@ -178,8 +168,8 @@ def main() -> None:
         results += bench_shape(name, B, Hq, Hk, d, copy_gbs, args.reps)
     nv = nvrtc.nvrtc_version()
     record = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "commit": _commit(args.commit),
+        "command": command_line(),
+        "commit": git_commit(args.commit),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {
             "python": platform.python_version(),

@@ -25,7 +25,6 @@ import datetime
 import json
 import math
 import platform
-import subprocess
 import sys
 import traceback
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from retention_compile.codegen.forward import kernel_spec, triton_forward
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import warm  # noqa: E402
+from provenance import command_line, git_commit  # noqa: E402
 
 B, H, D = 1, 8, 64
 LENGTHS = (1024, 2048, 4096, 8192, 12345, 16384, 32768, 65529, 65536)
@@ -255,13 +255,11 @@ def versions() -> dict[str, str]:
 def result_header(kind: str, out: Path, commit: str | None) -> tuple[Path, dict]:
     """The results' path stem ``out/<kind>_<gpu>_<date>`` and the record's common fields: the command, the commit
     (``commit`` or the checkout's HEAD), versions, and the benchmarked shape."""
-    git = ["git", "rev-parse", "--short", "HEAD"]
-    commit = commit or subprocess.run(git, capture_output=True, text=True, check=False).stdout.strip()
     gpu = torch.cuda.get_device_name().replace(" ", "-")
     out.mkdir(parents=True, exist_ok=True)
     record = {
-        "command": " ".join([sys.executable, *sys.argv]),
-        "commit": commit,
+        "command": command_line(),
+        "commit": git_commit(commit),
         "versions": versions(),
         "shape": {"B": B, "H": H, "d": D, "deg": 2, "dtype": "bfloat16", "causal": True},
     }

@@ -25,7 +25,6 @@ import argparse
 import datetime
 import json
 import platform
-import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -40,6 +39,7 @@ from retention_compile.planning import Plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import warm  # noqa: E402
+from provenance import command_line, git_commit  # noqa: E402
 
 REGRET_BAR = 0.10
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -162,15 +162,6 @@ def plot(problems: list[dict[str, Any]], title: str, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _commit(explicit: str | None) -> str:
-    if explicit:
-        return explicit
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": str(torch.version.cuda)}
     try:
@@ -209,8 +200,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("timing needs a CUDA device (use --dry-run)")
     plans = {(T, d): plan_problem(spec, T, d, args) for T in args.T for d in args.d}
     record: dict[str, Any] = {
-        "command": " ".join([sys.executable, *sys.argv]),
-        "git_commit": _commit(args.commit),
+        "command": command_line(),
+        "git_commit": git_commit(args.commit),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "versions": _versions(),
         "gpu": asdict(spec),
