@@ -32,6 +32,7 @@ import triton
 from provenance import command_line, git_commit
 
 from retention_compile.codegen import cuda_state, forward, nvrtc
+from retention_compile.codegen.choice import median_ms
 from retention_compile.codegen.cuda_state import StateKernelConfig, chunk_states
 from retention_compile.codegen.triton_source import load_forward
 from retention_compile.ops import power_retention_op, resolve_plan
@@ -48,21 +49,6 @@ VARIANTS = (
     StateKernelConfig(8, 128, 4, 2, 3),
 )
 SEGMENTS = (4, 13)
-
-
-def _median_ms(fn, launches: int = 1, rounds: int = REPS) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(launches):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / launches)
-    return sorted(times)[len(times) // 2]
 
 
 def _inputs(T: int, gated: bool) -> tuple:
@@ -113,8 +99,8 @@ def run_case(T: int, gated: bool) -> dict:
     spec, args = _capture(q, k, v, gate, plan)
     out: dict = {"T": T, "gated": gated, "plan": dataclasses.asdict(plan), "n_seg": int(args["n_seg"])}
     out["state_ms"] = {
-        "triton": _median_ms(_triton_state(spec, args), LAUNCHES, ROUNDS),
-        "cuda": _median_ms(_cuda_state(spec, args), LAUNCHES, ROUNDS),
+        "triton": median_ms(_triton_state(spec, args), ROUNDS, LAUNCHES),
+        "cuda": median_ms(_cuda_state(spec, args), ROUNDS, LAUNCHES),
     }
     out["state_tflops"] = {name: _state_tflops(T, ms) for name, ms in out["state_ms"].items()}
     if max(LENGTHS) == T:
@@ -123,7 +109,7 @@ def run_case(T: int, gated: bool) -> dict:
         for config in VARIANTS:
             cuda_state.CONFIG = config
             try:
-                variants[str(dataclasses.astuple(config))] = _median_ms(_cuda_state(spec, args), LAUNCHES, ROUNDS)
+                variants[str(dataclasses.astuple(config))] = median_ms(_cuda_state(spec, args), ROUNDS, LAUNCHES)
             except Exception as error:  # a launch shape that does not fit is recorded, not fatal
                 variants[str(dataclasses.astuple(config))] = f"failed: {error}"[:300]
         cuda_state.CONFIG = default
@@ -131,14 +117,14 @@ def run_case(T: int, gated: bool) -> dict:
         segs = {}
         for n in SEGMENTS:
             seg_spec, seg_args = _capture(q, k, v, gate, plan, segments=n)
-            segs[str(int(seg_args["n_seg"]))] = _median_ms(_cuda_state(seg_spec, seg_args), LAUNCHES, ROUNDS)
+            segs[str(int(seg_args["n_seg"]))] = median_ms(_cuda_state(seg_spec, seg_args), ROUNDS, LAUNCHES)
         out["cuda_segments_ms"] = segs
     scale = D**-0.5
 
     def op(impl: str):
         return lambda: power_retention_op(q, k, v, gate, None, scale, 2, True, 0, impl)
 
-    out["forward_ms"] = {impl: _median_ms(op(impl)) for impl in ("triton", "cuda")}
+    out["forward_ms"] = {impl: median_ms(op(impl), REPS) for impl in ("triton", "cuda")}
     y_t, y_c = op("triton")()[0].double(), op("cuda")()[0].double()
     out["y_rel_diff"] = ((y_c - y_t).norm() / y_t.norm()).item()
     return out

@@ -25,6 +25,7 @@ from provenance import command_line, git_commit
 
 from retention_compile import hardware
 from retention_compile.codegen import nvrtc
+from retention_compile.codegen.choice import event_times_ms
 from retention_compile.decode import (
     THREADS,
     DecodeKernelConfig,
@@ -51,15 +52,7 @@ MIN_STATE_BYTES = 256 << 20  # states per timed graph: > 4x the H200's 60 MB L2
 
 def _events_median_ms(fn, reps: int) -> tuple[float, float, float]:
     """Median, 10th and 90th percentile of ``fn``'s device time over ``reps`` runs, each between two events."""
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
+    times = event_times_ms(fn, reps)
     return times[len(times) // 2], times[len(times) // 10], times[(9 * len(times)) // 10]
 
 

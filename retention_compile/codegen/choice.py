@@ -36,19 +36,27 @@ def _entry(kernel: str, key_text: str, gpu: str) -> Path:
     return cache.cache_dir("choices") / f"{kernel}_{cache.cache_key(gpu, kernel, key_text)[:24]}.json"
 
 
-def median_ms(fn: Callable[[], object], reps: int = REPS) -> float:
-    """Median device time of ``fn`` over ``reps`` calls, each between two CUDA events, after one warm-up call."""
-    fn()
-    torch.cuda.synchronize()
+def event_times_ms(fn: Callable[[], object], rounds: int, launches: int = 1) -> list[float]:
+    """Device time per call of ``fn`` in ms, sorted: ``rounds`` rounds of ``launches`` calls between two CUDA
+    events each (no warm-up)."""
     times = []
-    for _ in range(reps):
+    for _ in range(rounds):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(launches):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+        times.append(start.elapsed_time(end) / launches)
+    return sorted(times)
+
+
+def median_ms(fn: Callable[[], object], reps: int = REPS, launches: int = 1) -> float:
+    """Median device time of ``fn`` (``event_times_ms``) after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    times = event_times_ms(fn, reps, launches)
+    return times[len(times) // 2]
 
 
 def _measure(candidates: Mapping[str, Callable[[], object]]) -> dict[str, float]:
