@@ -27,11 +27,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import jinja2
 import torch
 
 from . import cache
 from .cache import driver_version as driver_version  # re-exported: benchmarks record it
+from .templating import environment
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "cuda_templates"
 DEFAULT_OPTIONS = ("-std=c++17", "-lineinfo")
@@ -47,16 +47,6 @@ class CudaDriverError(RuntimeError):
     """A CUDA driver API call returned an error."""
 
 
-@functools.lru_cache(maxsize=1)
-def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-
-
 def template_names() -> list[str]:
     """Every CUDA template shipped with the package (``*.cu.j2``)."""
     return sorted(p.name for p in TEMPLATE_DIR.glob("*.cu.j2"))
@@ -64,7 +54,7 @@ def template_names() -> list[str]:
 
 def render(name: str, **params: object) -> str:
     """Render template ``name`` with ``params``; an undefined parameter raises instead of rendering empty."""
-    return _environment().get_template(name).render(**params)
+    return environment(TEMPLATE_DIR).get_template(name).render(**params)
 
 
 def _parse_arch(arch: str) -> tuple[str, str]:

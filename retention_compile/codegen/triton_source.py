@@ -25,10 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
 
-import jinja2
-
 from ..reference import EPS
 from . import cache
+from .templating import environment
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 FORWARD_TEMPLATE = "forward.py.j2"
@@ -106,19 +105,9 @@ class KernelSpec:
         )
 
 
-@functools.lru_cache(maxsize=1)
-def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-
-
 def render(template: str, spec) -> str:
     """The Triton module source of ``template`` for ``spec`` (deterministic: equal specs give byte-equal sources)."""
-    return _environment().get_template(template).render(**spec.template_params())
+    return environment(TEMPLATE_DIR).get_template(template).render(**spec.template_params())
 
 
 def render_forward(spec: KernelSpec) -> str:
