@@ -11,6 +11,9 @@ place of Triton's state kernel; every ``OP_EVERY``-th case goes through the publ
 
 Pass: relative error ``|y - ref| / |ref|`` <= 1e-2 (bf16, fp16) or 1e-4 (fp32) per case, every output finite.
 
+Progress: a line every ``PROGRESS_EVERY`` cases (cases done, failures so far), so a run cut by a time limit still
+says how many cases passed.
+
 Replay: the run prints ``fuzz seed=S cases=N``; ``RETENTION_FUZZ_SEED=S`` repeats it, ``RETENTION_FUZZ_CASE=i``
 runs case i alone (it is built from (S, i) only), ``RETENTION_FUZZ_CASES=N`` changes the count (default 1000).
 ``RETENTION_FUZZ_SHARD=i/n`` keeps the cases whose shape class index is i mod n: n processes with one seed run the
@@ -42,6 +45,7 @@ pytestmark = pytest.mark.gpu
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-4}
 CLASSES = 20
 OP_EVERY = 10
+PROGRESS_EVERY = 25  # cases between progress lines
 MAX_ORACLE_ELEMENTS = 1 << 25  # B * Hq * Tq * Tk: the oracle's weight matrix stays ~256 MB in float64
 
 
@@ -207,10 +211,13 @@ def test_fuzz_triton_forward() -> None:
     cases = {i: c for i, c in cases.items() if classes.index(c.shape) % shards == shard}
     print(f"fuzz seed={seed} cases={len(cases)} shard={shard}/{shards} (replay: RETENTION_FUZZ_SEED={seed})")
     start, failures = time.perf_counter(), []
-    for index, case in cases.items():
+    for done, (index, case) in enumerate(cases.items(), 1):
         problem = run_case(case)
         if problem is not None:
             failures.append(f"case {index}: {problem}: {case}")
+        if done % PROGRESS_EVERY == 0:  # a run cut by a time limit still tells how far it got
+            print(f"fuzz seed={seed} shard={shard}/{shards}: {done} of {len(cases)} cases, {len(failures)} failures, "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
     torch.cuda.synchronize()
     compiled = triton_source._load.cache_info().currsize
     print(f"fuzz seed={seed}: {len(failures)} failures in {len(cases)} cases, {compiled} kernel sources, "
