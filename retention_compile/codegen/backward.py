@@ -33,8 +33,8 @@ chunked     the same two kernels restricted to the rows' / keys' own chunk, plus
             and stores ``R_c = sum_{i after c} coef s^2 exp(G_i - E_c) phi(q_i) dN_i^T`` (pair tiles, like S_c)
             and ``P_c = sum_{i after c} s^2 exp(G_i - E_c) dZ_i q_i q_i^T`` (d x d), which
             ``dkv_state_kernel`` adds to the float32 dk, dv (and key term) that ``dkv_kernel`` stored (split so
-            each part can be checked alone: with both in one kernel, bf16 d = 64 faulted on the H200; the split
-            has not run there yet). phi(q) and phi(k) are built in registers, never in global memory.
+            each part could be checked alone on the H200: the bf16 fault was the P term's wgmma dot, now an fp32
+            FMA dot). phi(q) and phi(k) are built in registers, never in global memory.
 
 Memory. The forward saves only its inputs, ``y`` (B, Hq, Tq, e) and ``denom`` (B, Hq, Tq), both float32 (y is
 4 bytes per element, twice a 16-bit copy: see "Precision"; 134 MB per layer at B=1, Hq=8, T=65536, e=64): no
