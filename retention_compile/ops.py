@@ -170,13 +170,6 @@ def power_retention_op(
     return chunked_forward(q, k, v, chunk_size=plan.chunk_size, **options)
 
 
-def _triton_backward_serves(q, k, v, deg, log_gate, valid, causal, plan: Plan) -> bool:
-    """The Triton backward serves the quadratic path (and the chunked one once validated on the GPU)."""
-    from .codegen.backward import serves
-
-    return serves(q, k, v, deg, log_gate is not None, valid is not None, causal, plan)
-
-
 @triton_op(f"{OP_NAMESPACE}::power_retention_backward", mutates_args=())
 def power_retention_backward_op(
     grad_y: torch.Tensor,
@@ -198,9 +191,7 @@ def power_retention_backward_op(
         dg = q.new_empty(0, dtype=torch.float32) if log_gate is None else torch.zeros_like(log_gate)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dg
     plan = resolve_plan(q, k, v, deg, log_gate is not None, chunk_size)
-    if _triton_unavailable(q, k, v, deg, log_gate, valid, causal, impl) is None and _triton_backward_serves(
-        q, k, v, deg, log_gate, valid, causal, plan
-    ):
+    if _triton_unavailable(q, k, v, deg, log_gate, valid, causal, impl) is None:
         from .codegen import triton_backward
 
         backward, options = triton_backward, {"plan": plan}

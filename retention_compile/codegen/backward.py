@@ -57,10 +57,6 @@ from .forward import _cdiv, _chunk_states, _gate_cumsum, _hint, _launch, _stride
 from .triton_source import KernelSpec, load, load_forward
 
 BACKWARD_TEMPLATE = "backward.py.j2"
-# The chunked kernels unroll their pair tiles at render time: for d = 128 (36 pairs) Triton 3.6 needs ~380 s to compile
-# dq_kernel for sm_90 and ~73 s for dkv_state_kernel (local compile, 2026-11-29); at d = 64 they take seconds and
-# match the oracle on the H200. Wider heads take aten's chunked backward until the pairs become a runtime loop.
-MAX_CHUNKED_BACKWARD_HEAD = 64
 MAX_ROWS = 64  # query rows / keys per program: the (rows x b x b) pair tile of the state terms stays in registers
 WIDE = 128  # d or e from this on: half the rows (the dk, dv accumulators are rows x d and rows x e in fp32)
 QUADRATIC_WARPS = 4
@@ -97,8 +93,6 @@ class BackwardSpec:
     def template_params(self) -> dict[str, object]:
         fwd = self.forward
         params = fwd.template_params()
-        nb, b = params["nb"], fwd.block_feature
-        pairs = [(p, p % nb, (p % nb + p // nb) % nb, 1 if p < nb else 2) for p in range(params["npairs"])]
         e_pad = max(16, 1 << (fwd.value_dim - 1).bit_length())
         return {
             **params,
@@ -108,27 +102,8 @@ class BackwardSpec:
             "block_e": self.block_e,
             "n_eb": -(-fwd.value_dim // self.block_e),
             "e_pad": e_pad,
-            "pairs": pairs if fwd.chunked else [],
-            "nblk": nb if fwd.chunked else 1,
-            "bw": b if fwd.chunked else params["d_pad"],
             "summary": f"{fwd.summary()}; backward rows={self.block_t} keys={self.block_k} state rows={self.block_s}",
         }
-
-
-def serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, deg: int, gated: bool, has_valid: bool, causal: bool,
-           plan: Plan) -> bool:  # fmt: skip
-    """Whether the op's backward runs ``triton_backward`` for a call ``triton_supports``: the quadratic path, and
-    the chunked path for head dims up to ``MAX_CHUNKED_BACKWARD_HEAD`` (every head dim in the interpreter).
-
-    On the H200 (triton 3.6, 2026-11-29) the quadratic grid matches the oracle within 2e-2 in bf16 (d 32/64/128,
-    deg 2/4, T 1..4096, kv- and query-head gates, decode), d log_gate included, since y comes back in fp32 and the
-    forward's denominator and the backward's key term use the same rounded weights; the chunked bf16 cases with
-    d = 32 and 64 (T 1000 and 4096, kv- and query-head gates, GQA, key validity) match it once the P-term dot of
-    ``dkv_state_kernel`` runs in fp32 (as a wgmma it faulted: illegal address), fp32 chunked cases earlier."""
-    if not q.is_cuda:
-        return True
-    chunked = kernel_spec(q, v, deg, gated, has_valid, causal, _hint(k.shape[2]), plan).chunked
-    return not chunked or q.shape[3] <= MAX_CHUNKED_BACKWARD_HEAD
 
 
 def triton_backward(
