@@ -418,13 +418,24 @@ def _non_causal_backward(x: _Rows, d_out: Tensor) -> tuple[Tensor, Tensor, Tenso
     )
 
 
+def log_gate_grad(d_cum: Tensor) -> Tensor:
+    """``dg_u = sum_{t >= u} dG_t`` along the last axis from the gradients ``dG_t`` of the cumulative gate, computed
+    as ``-sum_{t < u} dG_t``.
+
+    The two are equal: ``sum_t dG_t = dg_0 = 0``, since g_0 enters every G_t and the weights depend on differences
+    of G only. The prefix form keeps each rounding error near where it arises. The suffix form would carry the
+    mismatch between the rounded query terms and key terms of every later query into each earlier key. When the
+    queries come last (decode, prefill after a cache), those keys' true dg is small. On the H200, bf16 decode at
+    Tk = 5000 gave a relative error of 8.3e-2 with suffix sums."""
+    return -torch.nn.functional.pad(d_cum, (1, 0))[..., :-1].cumsum(-1)
+
+
 def _gate_grad(x: _Rows, layout: _Layout, query_term: Tensor, dvp: Tensor) -> Tensor:
-    """``dg_u = sum_{t >= u} dG_t`` (R, Tk) with ``dG_t = dO'_i . O'_i [i + off = t] - V'_t . dV'_t``;
+    """``dg`` (R, Tk) from ``dG_t = dO'_i . O'_i [i + off = t] - V'_t . dV'_t`` (``log_gate_grad``);
     ``query_term`` (R, Tq * heads) holds ``dO'_i . O'_i``, summed here over the heads of each state."""
     per_step = query_term.unflatten(TIME, (-1, x.heads)).sum(-1)
     aligned = per_step.narrow(TIME, layout.skip, per_step.shape[TIME] - layout.skip)
-    d_cum = torch.nn.functional.pad(aligned, (layout.prefix, 0)) - (x.vp * dvp).sum(-1)
-    return d_cum.flip(-1).cumsum(-1).flip(-1)
+    return log_gate_grad(torch.nn.functional.pad(aligned, (layout.prefix, 0)) - (x.vp * dvp).sum(-1))
 
 
 def chunked_backward(

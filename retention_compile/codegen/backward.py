@@ -12,7 +12,7 @@ Math. With ``dO'_i = [dN_i, dZ_i] = [dy_i, -(dy_i . y_i)] / denom_i`` (y and den
     dw_ij = dN_i . v_j + dZ_i,   ds_ij = s p (s q_i . k_j)^(p-1) exp(G_{i+off} - G_j) dw_ij
     dq_i  = sum_j ds_ij k_j,     dk_j = sum_i ds_ij q_i,   dv_j = sum_i w_ij dN_i
     dG_t  = qterm_i [i + off = t] - kterm_t,   qterm_i = sum_j w_ij dw_ij = (dy_i . y_i) eps / denom_i,
-            kterm_j = sum_i w_ij dw_ij,        dg_u = sum_{t >= u} dG_t
+            kterm_j = sum_i w_ij dw_ij,        dg_u = sum_{t >= u} dG_t = -sum_{t < u} dG_t
 
 (G_t enters w_ij with + on the query side and - on the key side; ``g_u`` enters every ``G_t`` with t >= u.)
 
@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..chunked import log_gate_grad
 from ..planning import Plan
 from ..reference import EPS
 from .forward import _cdiv, _chunk_states, _gate_cumsum, _hint, _launch, _strides, kernel_spec
@@ -196,11 +197,11 @@ def _reverse_states(
 
 
 def _gate_grad(dz: torch.Tensor, kterm: torch.Tensor, gate_heads: int) -> torch.Tensor:
-    """``dg_u = sum_{t >= u} (qterm at t - kterm_t)`` (B, gate_heads, Tk) with ``qterm_i = -dZ_i eps`` summed over
-    the query heads of each gate head and placed at key position ``i + Tk - Tq`` (rows before key 0 drop)."""
+    """``dg`` (B, gate_heads, Tk) from ``dG_t = qterm at t - kterm_t`` (``chunked.log_gate_grad``) with
+    ``qterm_i = -dZ_i eps`` summed over the query heads of each gate head and placed at key position
+    ``i + Tk - Tq`` (rows before key 0 drop)."""
     B, Hq, Tq = dz.shape
     Tk = kterm.shape[-1]
     qterm = (-EPS * dz).unflatten(1, (gate_heads, Hq // gate_heads)).sum(2)
     aligned = qterm[..., torch.sym_max(Tq - Tk, 0) :]
-    d_cum = torch.nn.functional.pad(aligned, (Tk - aligned.shape[-1], 0)) - kterm
-    return d_cum.flip(-1).cumsum(-1).flip(-1)
+    return log_gate_grad(torch.nn.functional.pad(aligned, (Tk - aligned.shape[-1], 0)) - kterm)
