@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -99,19 +100,23 @@ def breakdown(run: Callable[[], None], calls: int = 10) -> dict[str, float]:
 def measure(T: int, gated: bool, competitors: bool, profile: bool) -> dict:
     x = inputs(T, gated)
     row: dict = {"T": T, "gated": gated, "errors": {}}
+    started = time.perf_counter()
     try:  # once outside do_bench: a failure prints its traceback (which kernel, which resource)
         ours(x)()
     except Exception:
         traceback.print_exc()
+    print(f"  T={T} gated={gated} first call (kernel compiles): {time.perf_counter() - started:.0f} s", flush=True)
     makers = {"ours": lambda: ours(x)}
     if not gated:
         makers["sdpa"] = lambda: sdpa(x)
     if competitors:
         makers["manifest"] = lambda: manifest(x)
     for name, maker in makers.items():
+        started = time.perf_counter()
         row[name], error = timed(maker)
         if error:
             row["errors"][name] = error
+        print(f"  T={T} gated={gated} {name}: {row[name]} ms ({time.perf_counter() - started:.0f} s)", flush=True)
     row["ours_forward_only"] = timed(lambda: forward_only(x))[0]
     if profile:
         row["breakdown"] = breakdown(ours(x))

@@ -1,6 +1,7 @@
 """Where a benchmark result came from, recorded in every JSON under ``benchmarks/results``.
 
-git_commit(explicit)   a script's ``--commit``, else the checkout's HEAD (short), else "unknown"
+git_commit(explicit)   a script's ``--commit``, else the checkout's HEAD (short; "+dirty" when tracked files
+                       differ from it), else "unknown"
 command_line()         the interpreter and the arguments the script ran with
 """
 
@@ -11,14 +12,18 @@ import sys
 
 
 def git_commit(explicit: str | None = None) -> str:
-    """``explicit`` when given, else the checkout's HEAD, else "unknown" (no git, or not a checkout)."""
+    """``explicit`` when given, else the checkout's HEAD with "+dirty" when tracked files differ from it (a copied
+    tree whose .git lags its files says so), else "unknown" (no git, or not a checkout)."""
     if explicit:
         return explicit
     try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        changes = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True
+        )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return done.stdout.strip()
+    return head.stdout.strip() + ("+dirty" if changes.stdout.strip() else "")
 
 
 def command_line() -> str:
