@@ -6,7 +6,9 @@ b=1, h=8, d=64, deg=2, bf16, causal, ungated and gated (random per-token per-hea
 
 "ours" is ``rc.power_retention`` run eagerly with autograd (the op's forward and backward bodies launch the
 Triton kernels directly; chunk and tiles from ``planning.plan``): one timed call is forward, then
-``y.backward(dy)``. SDPA and Manifest are timed the same way (Manifest only when importable: carry its wheels,
+``y.backward(dy)``. "ours_compiled" is the same under ``torch.compile`` (the kernels launched from Inductor's
+generated code, as in a compiled model: at short T the eager op's host time dominates, 2026-11-29). SDPA and
+Manifest are timed eagerly like "ours" (Manifest only when importable: carry its wheels,
 ../shared/tools/gpu-wheels.sh). Times are medians of ``triton.testing.do_bench`` (warmup 25 ms, rep 100 ms);
 gradients are reset to None between calls. At the largest T (or each ``--profile`` T) a profiler breakdown per
 kernel of ours is recorded. Run it alone on the GPU: the two runs of 2026-11-29 that followed a pytest killed by
@@ -60,6 +62,19 @@ def ours(x: dict) -> Callable[[], None]:
     return _step(lambda: rc.power_retention(x["q"], x["k"], x["v"], log_gate=x["gate"]), x["dy"], leaves)
 
 
+def ours_compiled(x: dict) -> Callable[[], None]:
+    """``rc.power_retention`` under ``torch.compile`` (Inductor, one graph per T): Inductor's generated forward and
+    backward launch the op's Triton kernels themselves, without the op's eager Python, as in a model compiled with
+    ``backend="retention"``. The first call (compiling) happens here, outside the timing."""
+    leaves = [x["q"], x["k"], x["v"]] + ([x["gate"]] if x["gate"] is not None else [])
+    compiled = torch.compile(
+        lambda q, k, v, gate: rc.power_retention(q, k, v, log_gate=gate), fullgraph=True, dynamic=False
+    )
+    run = _step(lambda: compiled(x["q"], x["k"], x["v"], x["gate"]), x["dy"], leaves)
+    run()
+    return run
+
+
 def forward_only(x: dict) -> Callable[[], torch.Tensor]:
     def run() -> torch.Tensor:
         with torch.no_grad():
@@ -106,7 +121,7 @@ def measure(T: int, gated: bool, competitors: bool, profile: bool) -> dict:
     except Exception:
         traceback.print_exc()
     print(f"  T={T} gated={gated} first call (kernel compiles): {time.perf_counter() - started:.0f} s", flush=True)
-    makers = {"ours": lambda: ours(x)}
+    makers = {"ours": lambda: ours(x), "ours_compiled": lambda: ours_compiled(x)}
     if not gated:
         makers["sdpa"] = lambda: sdpa(x)
     if competitors:
@@ -132,7 +147,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 5))
     for gated in (False, True):
         sel = sorted((r for r in rows if r["gated"] == gated), key=lambda r: r["T"])
-        for m in ("ours", "sdpa", "manifest"):
+        for m in ("ours", "ours_compiled", "sdpa", "manifest"):
             pts = [(r["T"], r[m]) for r in sel if r.get(m)]
             if pts:
                 ax.plot(*zip(*pts), marker="o", ls="--" if gated else "-", label=f"{m}{' gated' if gated else ''}")
@@ -171,7 +186,7 @@ def main() -> None:
 
 def _line(row: dict) -> str:
     cells = [f"T={row['T']:>6}", f"gated={'yes' if row['gated'] else 'no ':3}"]
-    for m in ("ours", "ours_forward_only", "sdpa", "manifest"):
+    for m in ("ours", "ours_compiled", "ours_forward_only", "sdpa", "manifest"):
         value = row.get(m)
         cells.append(f"{m}={value:.3f}" if value is not None else f"{m}=-")
     return "  ".join(cells) + (f"  errors={row['errors']}" if row["errors"] else "")
