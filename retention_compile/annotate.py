@@ -19,14 +19,9 @@ from torch import fx
 from .balance import graph_balance
 from .config import RetentionConfig
 from .report import Report, SiteRecord
+from .sizes import size_hint
 
 log = logging.getLogger(__name__)
-
-
-def _hint(size: int | torch.SymInt) -> int:
-    if isinstance(size, torch.SymInt):
-        return int(size.node.hint) if size.node.has_hint() else 4096
-    return int(size)
 
 
 def _operand(node: object) -> torch.Tensor:
@@ -41,7 +36,7 @@ def _operand(node: object) -> torch.Tensor:
 
 def _key_length(key: object, q_len: int) -> int:
     """The op's key length: its key's, or ``min(Tq, Tk)`` for the key prefix ``k[:, :, :Tq]``."""
-    length = _hint(_operand(key).shape[2])
+    length = size_hint(_operand(key).shape[2])
     is_prefix = isinstance(key, fx.Node) and key.target is operator.getitem and "example_value" not in key.meta
     return min(q_len, length) if is_prefix else length
 
@@ -62,14 +57,14 @@ def plan_call(args: dict[str, Any]) -> dict[str, Any]:
     from . import hardware, planning
 
     q, k, v = _operand(args["q"]), _operand(args["k"]), _operand(args["v"])
-    batch, d, kv_heads = _hint(q.shape[0]), _hint(q.shape[3]), _hint(k.shape[1])
-    T = _key_length(args["k"], _hint(q.shape[2]))
+    batch, d, kv_heads = size_hint(q.shape[0]), size_hint(q.shape[3]), size_hint(k.shape[1])
+    T = _key_length(args["k"], size_hint(q.shape[2]))
     spec = hardware.detect(q.device) if q.device.type == "cuda" else None
     plan = planning.plan(
         spec,
         T=T,
         d=d,
-        e=_hint(v.shape[3]),
+        e=size_hint(v.shape[3]),
         deg=int(args["deg"]),
         dtype=q.dtype,
         gated=args["log_gate"] is not None,

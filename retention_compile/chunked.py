@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from .checks import validate_retention_inputs
+from .gates import log_gate_grad
 from .power_features import power_embedding, power_embedding_vjp
 from .reference import EPS, compute_dtype, default_scale
 
@@ -158,9 +159,15 @@ class _Layout(NamedTuple):
 
     @staticmethod
     def of(q_len: Size, kv_len: Size, chunk: int) -> _Layout:
-        """``P = max(Tk - Tq, 0)``, ``Z = max(Tq - Tk, 0)``, ``L = Tk - P``, ``n = L // C``."""
+        """``P = max(Tk - Tq, 0)``, ``Z = max(Tq - Tk, 0)``, ``L = Tk - P``, ``n = L // C``.
+
+        With concrete lengths C is at most L: a longer chunk gives the same result, but the empty full-chunk piece
+        would still build C x C decay tensors (8 TB for C = 2^20). Symbolic lengths keep C: a graph traced at one
+        length serves every length, and clamping to the traced one would bake a chunk count of 0 or 1 into it."""
         prefix = torch.sym_max(kv_len - q_len, 0)
         aligned = kv_len - prefix
+        if isinstance(aligned, int):
+            chunk = min(chunk, max(aligned, 1))
         full = aligned // chunk
         return _Layout(prefix, torch.sym_max(q_len - kv_len, 0), full, chunk, aligned - full * chunk)
 
@@ -418,20 +425,8 @@ def _non_causal_backward(x: _Rows, d_out: Tensor) -> tuple[Tensor, Tensor, Tenso
     )
 
 
-def log_gate_grad(d_cum: Tensor) -> Tensor:
-    """``dg_u = sum_{t >= u} dG_t`` along the last axis from the gradients ``dG_t`` of the cumulative gate, computed
-    as ``-sum_{t < u} dG_t``.
-
-    The two are equal: ``sum_t dG_t = dg_0 = 0``, since g_0 enters every G_t and the weights depend on differences
-    of G only. The prefix form keeps each rounding error near where it arises. The suffix form would carry the
-    mismatch between the rounded query terms and key terms of every later query into each earlier key. When the
-    queries come last (decode, prefill after a cache), those keys' true dg is small. On the H200, bf16 decode at
-    Tk = 5000 gave a relative error of 8.3e-2 with suffix sums."""
-    return -torch.nn.functional.pad(d_cum, (1, 0))[..., :-1].cumsum(-1)
-
-
 def _gate_grad(x: _Rows, layout: _Layout, query_term: Tensor, dvp: Tensor) -> Tensor:
-    """``dg`` (R, Tk) from ``dG_t = dO'_i . O'_i [i + off = t] - V'_t . dV'_t`` (``log_gate_grad``);
+    """``dg`` (R, Tk) from ``dG_t = dO'_i . O'_i [i + off = t] - V'_t . dV'_t`` (``gates.log_gate_grad``);
     ``query_term`` (R, Tq * heads) holds ``dO'_i . O'_i``, summed here over the heads of each state."""
     per_step = query_term.unflatten(TIME, (-1, x.heads)).sum(-1)
     aligned = per_step.narrow(TIME, layout.skip, per_step.shape[TIME] - layout.skip)

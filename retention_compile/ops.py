@@ -37,16 +37,10 @@ from .chunked import chunked_backward, chunked_forward
 from .planning import Plan
 from .quadratic import quadratic_backward, quadratic_forward
 from .reference import EPS, compute_dtype, default_scale
+from .sizes import size_hint
 
 OP_NAMESPACE = "retention_compile"
 IMPLS = ("auto", "triton", "cuda", "aten")
-
-
-def _size_hint(size: int | torch.SymInt) -> int:
-    """A concrete value for a (possibly symbolic) size, read without adding a guard."""
-    if isinstance(size, torch.SymInt):
-        return size.node.hint if size.node.has_hint() else 4096
-    return int(size)
 
 
 def resolve_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, deg: int, gated: bool, chunk_size: int) -> Plan:
@@ -57,13 +51,13 @@ def resolve_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, deg: int, ga
     spec = hardware.detect(q.device) if q.is_cuda else None
     chosen = planning.plan(
         spec,
-        T=_size_hint(k.shape[2]),
-        d=_size_hint(q.shape[3]),
-        e=_size_hint(v.shape[3]),
+        T=size_hint(k.shape[2]),
+        d=size_hint(q.shape[3]),
+        e=size_hint(v.shape[3]),
         deg=deg,
         dtype=q.dtype,
         gated=gated,
-        batch_heads=_size_hint(q.shape[0]) * _size_hint(k.shape[1]),
+        batch_heads=size_hint(q.shape[0]) * size_hint(k.shape[1]),
     )
     return dataclasses.replace(chosen, chunk_size=chunk_size) if chunk_size > 0 else chosen
 
@@ -118,13 +112,12 @@ def _cuda_target_error(why: str | None) -> RuntimeError:
     )
 
 
-def _quadratic_serves(q: torch.Tensor, k: torch.Tensor, causal: bool, plan: Plan) -> bool:
-    """The aten path's choice: the quadratic form (``quadratic.py``) when every key fits in the planned chunk, causal
-    calls having no more queries than keys. The chunked form would then have no state to carry but would still
-    embed q and k (``D`` features each, 766480 for d=64, p=4) beside the same (Tq, Tk) intra-chunk weights, so
-    this form never costs more memory or time. Under dynamic shapes this guards on the length, so a graph
-    traced for short inputs recompiles for long ones."""
-    return bool(k.shape[2] <= plan.chunk_size and (not causal or q.shape[2] <= k.shape[2]))
+def _quadratic_serves(k: torch.Tensor, plan: Plan) -> bool:
+    """The aten path's choice: the quadratic form (``quadratic.py``) when every key fits in the planned chunk. The
+    chunked form would then have no state to carry but would still embed q and k (``D`` features each, 766480
+    for d=64, p=4) beside the same (Tq, Tk) intra-chunk weights, so this form never costs more memory or time.
+    Under dynamic shapes this guards on the length, so a graph traced for short inputs recompiles for long ones."""
+    return bool(k.shape[2] <= plan.chunk_size)
 
 
 @triton_op(f"{OP_NAMESPACE}::power_retention", mutates_args=())
@@ -165,7 +158,7 @@ def power_retention_op(
     if impl == "cuda":
         raise _cuda_target_error(f"the Triton kernels run with the CUDA state kernel do not serve it ({triton_reason})")
     options = {"scale": scale, "deg": deg, "log_gate": log_gate, "causal": causal, "valid": valid, "eps": EPS}
-    if _quadratic_serves(q, k, causal, plan):
+    if _quadratic_serves(k, plan):
         return quadratic_forward(q, k, v, **options)
     return chunked_forward(q, k, v, chunk_size=plan.chunk_size, **options)
 
@@ -195,7 +188,7 @@ def power_retention_backward_op(
         from .codegen import triton_backward
 
         backward, options = triton_backward, {"plan": plan}
-    elif _quadratic_serves(q, k, causal, plan):
+    elif _quadratic_serves(k, plan):
         backward, options = quadratic_backward, {}
     else:
         backward, options = chunked_backward, {"chunk_size": plan.chunk_size, "eps": EPS}

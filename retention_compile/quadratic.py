@@ -13,8 +13,11 @@ and the backward is written out with ``dN_i = dy_i / denom_i`` and ``dZ_i = -(dy
     dq_i  = s sum_j dA_ij k_j,   dk_j = s sum_i dA_ij q_i
     dL_ij = dW_ij W_ij,   dG_t = sum_{i + off = t} sum_j dL_ij - sum_i dL_it,   dg_u = sum_{t >= u} dG_t
 
+(the last sum taken from the front: ``gates.log_gate_grad``)
+
 The (Tq, Tk) matrices are materialised per query head (as the chunked form does inside one chunk), so ops.py
-takes this path only when every key fits in the planned chunk, and only for ``Tq <= Tk`` when causal. GQA is a
+takes this path only when every key fits in the planned chunk. Causal calls with more queries than keys
+(``Tq > Tk``) run on their last Tk rows: the first ``Tq - Tk`` rows see no key (y = 0, denom = eps, dq = 0). GQA is a
 broadcast over the query heads of a kv head (``expand``, no copy of k or v); gradients of k, v and of a kv-head
 gate sum over those heads.
 """
@@ -27,6 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .gates import log_gate_grad
 from .reference import EPS, compute_dtype
 
 
@@ -59,6 +63,12 @@ def _cumulative_gate(log_gate: Tensor | None, shape: tuple, acc: torch.dtype) ->
     per_kv = log_gate.shape[1] == Hk
     cum = log_gate.to(acc).cumsum(-1).reshape(B, Hk, 1 if per_kv else group, -1)
     return cum.expand(B, Hk, group, cum.shape[-1])
+
+
+def _rows_before_keys(q: Tensor, k: Tensor, causal: bool) -> int | torch.SymInt:
+    """``Tq - Tk`` for causal calls with more queries than keys (row i sees keys j <= i + Tk - Tq), else 0; a
+    comparison of symbolic lengths guards, as the choice of this path does (``ops._quadratic_serves``)."""
+    return q.shape[2] - k.shape[2] if causal and q.shape[2] > k.shape[2] else 0
 
 
 def _weights(q: Tensor, k: Tensor, cum: Tensor | None, valid: Tensor | None, scale: float, deg: int, causal: bool):
@@ -94,7 +104,11 @@ def quadratic_forward(
     eps: float = EPS,
 ) -> tuple[Tensor, Tensor]:
     """``(y, denom)`` as ``chunked.chunked_forward`` returns them: y (B, Hq, Tq, e) and denom (B, Hq, Tq) in the
-    accumulation dtype. Requires ``Tq <= Tk`` when causal."""
+    accumulation dtype."""
+    if skip := _rows_before_keys(q, k, causal):
+        options = {"scale": scale, "deg": deg, "log_gate": log_gate, "causal": causal, "valid": valid, "eps": eps}
+        y, denom = quadratic_forward(q.narrow(2, skip, k.shape[2]), k, v, **options)
+        return torch.nn.functional.pad(y, (0, 0, skip, 0)), torch.nn.functional.pad(denom, (skip, 0), value=eps)
     acc, Hk = compute_dtype(q.dtype), int(k.shape[1])
     qg = _grouped(q, Hk, acc)
     group = int(qg.shape[2])
@@ -121,6 +135,12 @@ def quadratic_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Gradients of ``sum(grad_y * y)`` for ``y = quadratic_forward(...)[0]`` (module docstring): ``dq``, ``dk``,
     ``dv`` in the input dtypes and ``dlog_gate`` in log_gate's shape and dtype (None without a gate)."""
+    if skip := _rows_before_keys(q, k, causal):
+        rows = [t.narrow(2, skip, k.shape[2]) for t in (grad_y, q)]
+        options = {"scale": scale, "deg": deg, "log_gate": log_gate, "causal": causal, "valid": valid}
+        kept = [t.narrow(2, skip, k.shape[2]) for t in (y, denom)]
+        dq, dk, dv, d_gate = quadratic_backward(rows[0], rows[1], k, v, *kept, **options)
+        return torch.nn.functional.pad(dq, (0, 0, skip, 0)), dk, dv, d_gate
     acc, Hk = compute_dtype(q.dtype), int(k.shape[1])
     qg = _grouped(q, Hk, acc)
     group = int(qg.shape[2])
@@ -141,5 +161,5 @@ def quadratic_backward(
         d_cum = torch.nn.functional.pad(d_log.sum(-1), (offset, 0)) - d_log.sum(-2)
         if log_gate.shape[1] == Hk:
             d_cum = d_cum.sum(2)
-        d_gate = d_cum.flip(-1).cumsum(-1).flip(-1).reshape(log_gate.shape).to(log_gate.dtype)
+        d_gate = log_gate_grad(d_cum).reshape(log_gate.shape).to(log_gate.dtype)
     return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_gate

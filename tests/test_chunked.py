@@ -233,6 +233,9 @@ BACKWARD_CASES = {
     "decode": dict(chunk=8, Tq=1, Tk=25, gate="kv", padded=True, group=2),
     "non-causal": dict(chunk=6, Tq=13, Tk=40, gate=None, padded=True, group=2, causal=False),
     "deg4": dict(chunk=7, Tq=30, gate="q", padded=True, group=2, deg=4),
+    # a chunk far past the keys: the same result, without C x C tensors for the empty full-chunk piece
+    "chunk-past-T": dict(chunk=1 << 20, Tq=25, gate="q", padded=True, group=1),
+    "chunk-past-T, Tq>Tk": dict(chunk=1 << 20, Tq=30, Tk=11, gate="kv", padded=True, group=2),
 }
 
 
@@ -370,6 +373,7 @@ QUADRATIC_CASES = {
     "gated query heads, GQA": dict(Hq=4, Hk=2, Tq=11, gate="q"),
     "fewer queries than keys": dict(Tq=5, Tk=12, gate="kv", padded=True),
     "one query": dict(Tq=1, Tk=9, gate="kv"),
+    "more queries than keys": dict(Hq=4, Hk=2, Tq=12, Tk=5, gate="q", padded=True),
 }
 
 
@@ -394,6 +398,25 @@ def test_quadratic_non_causal(padded):
 
 def test_quadratic_degree_4():
     _run_quadratic(make_case(Tq=9, gate="kv", seed=4), deg=4)
+
+
+def test_op_degree_4_with_more_queries_than_keys_stays_quadratic(monkeypatch: pytest.MonkeyPatch):
+    """Causal, Tq > Tk, every key in one chunk: the op's aten path takes the quadratic form, forward and backward
+    (the chunked form would embed q and k in C(d+3, 4) features, 766480 per token at d = 64)."""
+    import retention_compile.ops as ops
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the chunked form ran")
+
+    monkeypatch.setattr(ops, "chunked_forward", refuse)
+    monkeypatch.setattr(ops, "chunked_backward", refuse)
+    case = make_case(Hq=2, Hk=1, Tq=24, Tk=16, d=64, gate="kv", padded=True, seed=5)
+    leaves = [case[n].clone().requires_grad_() for n in ("q", "k", "v", "log_gate")]
+    y = rc.power_retention(*leaves[:3], deg=4, log_gate=leaves[3], valid=case["valid"], scale=0.5)
+    torch.testing.assert_close(y, oracle(case, deg=4), **TOL)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    assert_grads_close([t.grad for t in leaves], oracle_grads(case, grad_y, deg=4))
 
 
 @pytest.mark.parametrize("chunk", [None, 4])

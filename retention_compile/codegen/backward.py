@@ -51,10 +51,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..chunked import log_gate_grad
+from ..gates import log_gate_grad
 from ..planning import Plan
 from ..reference import EPS
-from .forward import _cdiv, _chunk_states, _gate_cumsum, _hint, _launch, _strides, kernel_spec
+from ..sizes import size_hint
+from .forward import _cdiv, _chunk_states, _gate_cumsum, _launch, _strides, kernel_spec
 from .triton_source import KernelSpec, load, load_forward
 
 BACKWARD_TEMPLATE = "backward.py.j2"
@@ -126,7 +127,7 @@ def triton_backward(
     B, Hq, Tq, d = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
     e = v.shape[3]
-    fwd = kernel_spec(q, v, deg, log_gate is not None, valid is not None, causal, _hint(Tk), plan)
+    fwd = kernel_spec(q, v, deg, log_gate is not None, valid is not None, causal, size_hint(Tk), plan)
     spec = BackwardSpec.of(fwd)
     module, _ = load(BACKWARD_TEMPLATE, spec)
     state_heads = Hk if log_gate is None else log_gate.shape[1]
@@ -197,7 +198,7 @@ def _reverse_states(
 
 
 def _gate_grad(dz: torch.Tensor, kterm: torch.Tensor, gate_heads: int) -> torch.Tensor:
-    """``dg`` (B, gate_heads, Tk) from ``dG_t = qterm at t - kterm_t`` (``chunked.log_gate_grad``) with
+    """``dg`` (B, gate_heads, Tk) from ``dG_t = qterm at t - kterm_t`` (``gates.log_gate_grad``) with
     ``qterm_i = -dZ_i eps`` summed over the query heads of each gate head and placed at key position
     ``i + Tk - Tq`` (rows before key 0 drop)."""
     B, Hq, Tq = dz.shape

@@ -237,11 +237,11 @@ def _record(spec: KernelSpec, k: torch.Tensor, v: torch.Tensor, q_shape: Sequenc
     if not (is_recording() or source not in _RECORDED):
         return
     _RECORDED.add(source)
-    from .forward import _hint
+    from ..sizes import size_hint
 
     meta: dict[str, object] = {
-        "k_shape": tuple(_hint(s) for s in k.shape),
-        "v_shape": tuple(_hint(s) for s in v.shape),
+        "k_shape": tuple(size_hint(s) for s in k.shape),
+        "v_shape": tuple(size_hint(s) for s in v.shape),
         "dtype": spec.dtype,
         "deg": 2,
         "causal": spec.causal,
@@ -317,21 +317,22 @@ def select_state_kernel(
     for ``"cuda"`` where ``cuda_state_unsupported`` finds nothing against it; for ``"auto"`` the faster of the two
     as measured by ``choice.choose`` for this GPU and shape class (sequence length and heads rounded up to powers
     of 2)."""
+    from ..sizes import size_hint
     from . import choice
-    from .forward import _hint, kernel_spec
+    from .forward import kernel_spec
 
     if impl == "triton":
         return StateChoice(None, "codegen='triton'")
-    spec = kernel_spec(q, v, deg, log_gate is not None, valid is not None, causal, _hint(k.shape[2]), plan)
+    spec = kernel_spec(q, v, deg, log_gate is not None, valid is not None, causal, size_hint(k.shape[2]), plan)
     reason = cuda_state_unsupported(spec, k, v)
     if reason is not None:
         return StateChoice(None, reason)
-    hook = functools.partial(chunk_states, q_shape=tuple(_hint(s) for s in q.shape))
+    hook = functools.partial(chunk_states, q_shape=tuple(size_hint(s) for s in q.shape))
     if impl == "cuda":
         return StateChoice(hook, None)
-    B, Hq, Tq, _ = (_hint(s) for s in q.shape)
-    Hk, Tk = _hint(k.shape[1]), _hint(k.shape[2])
-    state_heads = _hint(log_gate.shape[1]) if log_gate is not None else Hk
+    B, Hq, Tq, _ = (size_hint(s) for s in q.shape)
+    Hk, Tk = size_hint(k.shape[1]), size_hint(k.shape[2])
+    state_heads = size_hint(log_gate.shape[1]) if log_gate is not None else Hk
     key = {"spec": spec.summary(), "keys": _pow2(Tk), "heads": _pow2(B * state_heads), "group": Hq // Hk}
     key["queries"] = "all" if Tq == Tk else "fewer"
     candidates = _candidates(q, k, v, log_gate, valid, scale, causal, spec.chunk_size)

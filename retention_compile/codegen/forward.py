@@ -54,6 +54,7 @@ import torch
 
 from ..inspection import is_recording
 from ..planning import Plan
+from ..sizes import size_hint
 from .triton_source import SCAN_BLOCK, KernelSpec, load_forward
 
 QUADRATIC_BLOCK_K = 64  # keys per step of the attention loop
@@ -96,14 +97,6 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _hint(size: int | torch.SymInt) -> int:
-    """A concrete value for a possibly symbolic size, read without adding a guard."""
-    if isinstance(size, torch.SymInt):
-        node = size.node
-        return int(node.hint) if node.has_hint() else 4096
-    return int(size)
-
-
 def triton_supports(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -120,15 +113,15 @@ def triton_supports(
         return f"tensors are on {q.device.type}, the Triton kernels need CUDA (or TRITON_INTERPRET=1)"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {q.dtype} (the kernels take float16, bfloat16 and float32)"
-    d, e = _hint(q.shape[-1]), _hint(v.shape[-1])
+    d, e = size_hint(q.shape[-1]), size_hint(v.shape[-1])
     if d % 8 or not 8 <= d <= 256:
         return f"head dim d={d} (the kernels take multiples of 8 up to 256)"
     if not 1 <= e <= 256:
         return f"value dim e={e} (the kernels take up to 256)"
-    if min(_hint(n) for n in (*q.shape[:3], k.shape[2])) == 0:
+    if min(size_hint(n) for n in (*q.shape[:3], k.shape[2])) == 0:
         return "an empty dimension"
-    if _hint(q.shape[0]) * _hint(q.shape[1]) > MAX_GRID_Z:
-        return f"batch x query heads = {_hint(q.shape[0]) * _hint(q.shape[1])} > {MAX_GRID_Z} (one grid axis)"
+    if size_hint(q.shape[0]) * size_hint(q.shape[1]) > MAX_GRID_Z:
+        return f"batch x query heads = {size_hint(q.shape[0]) * size_hint(q.shape[1])} > {MAX_GRID_Z} (one grid axis)"
     return None
 
 
@@ -146,7 +139,7 @@ def kernel_spec(
     """The shape class of one call: the chunked path when deg is 2, the chunk is shorter than the keys and d
     tiles (and is at most ``MAX_CHUNKED_HEAD``); otherwise the quadratic kernel. Tiles come from the Plan, clamped
     to what the kernels take: powers of 2, b = 16, query rows 16..128, value blocks of at least min(e, 64) columns."""
-    d, e = _hint(q.shape[-1]), _hint(v.shape[-1])
+    d, e = size_hint(q.shape[-1]), size_hint(v.shape[-1])
     block_feature = _block_feature(d, plan)
     chunked = deg == 2 and plan.chunk_size < kv_len and block_feature is not None and d <= MAX_CHUNKED_HEAD
     e_pad = max(16, 1 << (e - 1).bit_length())
@@ -201,9 +194,9 @@ def _record(spec: KernelSpec, path, q: torch.Tensor, k: torch.Tensor, v: torch.T
         "power_retention_forward",
         path.read_text(),
         {
-            "q_shape": tuple(_hint(s) for s in q.shape),
-            "k_shape": tuple(_hint(s) for s in k.shape),
-            "v_shape": tuple(_hint(s) for s in v.shape),
+            "q_shape": tuple(size_hint(s) for s in q.shape),
+            "k_shape": tuple(size_hint(s) for s in k.shape),
+            "v_shape": tuple(size_hint(s) for s in v.shape),
             "plan": plan,
             "path": str(path),
             "dtype": spec.dtype,
@@ -242,7 +235,7 @@ def triton_forward(
     B, Hq, Tq, _ = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
     e = v.shape[3]
-    spec = kernel_spec(q, v, deg, log_gate is not None, valid is not None, causal, _hint(Tk), plan)
+    spec = kernel_spec(q, v, deg, log_gate is not None, valid is not None, causal, size_hint(Tk), plan)
     module, path = load_forward(spec)
     if is_recording() or spec not in _RECORDED:
         _RECORDED.add(spec)
@@ -305,8 +298,8 @@ def _chunk_states(
     n_chunks = _cdiv(Tk + shift, C)
     pair_programs = params["npairs"] * params["n_eb"]
     if segments is None:
-        wanted = STATE_WAVES * _sm_count(k.device) / (pair_programs * _hint(B) * _hint(state_heads))
-        segments = max(1, min(_hint(n_chunks), math.ceil(wanted)))
+        wanted = STATE_WAVES * _sm_count(k.device) / (pair_programs * size_hint(B) * size_hint(state_heads))
+        segments = max(1, min(size_hint(n_chunks), math.ceil(wanted)))
     per_segment = _cdiv(n_chunks, segments)
     n_seg = _cdiv(n_chunks, per_segment)
     state_dtype = torch.float32 if spec.dtype == "float32" else torch.bfloat16

@@ -1,0 +1,22 @@
+"""Concrete values of tensor sizes that may be symbolic (traced with dynamic shapes).
+
+    size_hint(size) -> int    an int as is; a SymInt's example value, read without adding a guard
+                              (``UNHINTED`` when it has none)
+
+Used where a size only steers a choice that never changes the result (a plan, a tile, a chunk), so reading the
+traced example instead of guarding on it keeps one graph for every length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+UNHINTED = 4096  # a SymInt without an example value: a typical length
+
+
+def size_hint(size: int | torch.SymInt) -> int:
+    """``size`` as an int: its example value when symbolic (no guard), ``UNHINTED`` when there is none."""
+    if isinstance(size, torch.SymInt):
+        node = size.node
+        return int(node.hint) if node.has_hint() else UNHINTED
+    return int(size)
