@@ -2,11 +2,13 @@
 b=1, h=8, d=64, deg=2, bf16, causal, ungated and gated (random per-token per-head gate).
 
     python benchmarks/bench_backward.py [--out DIR] [--T 2048 8192 32768 65536] [--competitors T ...]
+                                        [--compiled T ...]
                                         [--profile T ...]
 
 "ours" is ``rc.power_retention`` run eagerly with autograd (the op's forward and backward bodies launch the
 Triton kernels directly; chunk and tiles from ``planning.plan``): one timed call is forward, then
-``y.backward(dy)``. "ours_compiled" is the same under ``torch.compile`` (the kernels launched from Inductor's
+``y.backward(dy)``. "ours_compiled" (at the ``--compiled`` lengths, default 2048 and 8192: each costs a
+compile) is the same under ``torch.compile`` (the kernels launched from Inductor's
 generated code, as in a compiled model: at short T the eager op's host time dominates, 2026-11-29). SDPA and
 Manifest are timed eagerly like "ours" (Manifest only when importable: carry its wheels,
 ../shared/tools/gpu-wheels.sh). Times are medians of ``triton.testing.do_bench`` (warmup 25 ms, rep 100 ms);
@@ -112,7 +114,7 @@ def breakdown(run: Callable[[], None], calls: int = 10) -> dict[str, float]:
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
-def measure(T: int, gated: bool, competitors: bool, profile: bool) -> dict:
+def measure(T: int, gated: bool, competitors: bool, profile: bool, compiled: bool) -> dict:
     x = inputs(T, gated)
     row: dict = {"T": T, "gated": gated, "errors": {}}
     started = time.perf_counter()
@@ -121,7 +123,9 @@ def measure(T: int, gated: bool, competitors: bool, profile: bool) -> dict:
     except Exception:
         traceback.print_exc()
     print(f"  T={T} gated={gated} first call (kernel compiles): {time.perf_counter() - started:.0f} s", flush=True)
-    makers = {"ours": lambda: ours(x), "ours_compiled": lambda: ours_compiled(x)}
+    makers = {"ours": lambda: ours(x)}
+    if compiled:
+        makers["ours_compiled"] = lambda: ours_compiled(x)
     if not gated:
         makers["sdpa"] = lambda: sdpa(x)
     if competitors:
@@ -167,6 +171,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--T", type=int, nargs="+", default=list(LENGTHS))
     parser.add_argument("--competitors", type=int, nargs="*", default=list(LENGTHS))
+    parser.add_argument("--compiled", type=int, nargs="*", default=[2048, 8192], help="lengths timed compiled too")
     parser.add_argument("--profile", type=int, nargs="*", default=None, help="lengths to profile (default: max T)")
     parser.add_argument("--commit", default=None)
     args = parser.parse_args()
@@ -175,7 +180,7 @@ def main() -> None:
     record["rows"] = []
 
     def measure_row(T: int, gated: bool) -> dict:
-        return measure(T, gated, T in args.competitors, T in profiled)
+        return measure(T, gated, T in args.competitors, T in profiled, T in args.compiled)
 
     record_rows(record, base, args.T, measure_row, _line, plot)
     for row in record["rows"]:
