@@ -12,7 +12,8 @@ place of Triton's state kernel; every ``OP_EVERY``-th case goes through the publ
 autograd (the Triton backward) against the oracle's autograd, with a random ``dy``.
 
 Pass: relative error ``|y - ref| / |ref|`` <= 1e-2 (bf16, fp16) or 1e-4 (fp32) per case, and for the op's cases
-``|g - ref| / |ref|`` <= 2e-2 (16-bit) or 1e-4 (fp32) for dq, dk, dv and d log_gate; everything finite.
+``|g - ref| / |ref|`` <= 2e-2 (16-bit) or 1e-4 (fp32) for dq, dk, dv and d log_gate (dv alone where no row sees
+more than one key: ``op_case_problem``); everything finite.
 
 Progress: a line every ``PROGRESS_EVERY`` cases (cases done, failures so far), so a run cut by a time limit still
 says how many cases passed.
@@ -203,20 +204,33 @@ def output_problem(y: torch.Tensor, dtype: torch.dtype, q: torch.Tensor, v: torc
     return None if torch.isfinite(y).all() else "non-finite output"
 
 
-def relative_problem(name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, floor: float = 1e-300):
-    """``|got - want| / max(|want|, floor)`` against ``TOL`` (``GRAD_TOL`` for gradients): None or the problem."""
+def relative_problem(name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """``|got - want| / |want|`` against ``TOL`` (``GRAD_TOL`` for gradients): None or the problem."""
     tol = (TOL if name == "y" else GRAD_TOL)[dtype]
     if not torch.isfinite(got).all():
         return f"non-finite {name}"
-    error = float((got.double() - want).norm() / max(float(want.norm()), floor))
+    error = float((got.double() - want).norm() / want.norm().clamp_min(1e-300))
     return None if error <= tol else f"{name}: relative error {error:.2e} > {tol}"
+
+
+def most_keys_of_a_row(case: Case, valid: torch.Tensor | None) -> int:
+    """The largest number of admissible keys (causal alignment, validity) of any query row of the case."""
+    keys = torch.arange(case.kv_len, device="cuda")
+    admissible = torch.ones(case.q_len, case.kv_len, dtype=torch.bool, device="cuda")
+    if case.shape.causal:
+        rows = torch.arange(case.q_len, device="cuda") + (case.kv_len - case.q_len)
+        admissible = keys[None, :] <= rows[:, None]
+    if valid is not None:
+        admissible = admissible[None] & valid[:, None, :]
+    return int(admissible.sum(-1).max())
 
 
 def op_case_problem(case: Case, tensors: tuple, options: dict) -> str | None:
     """The public op (planned tiles) forward and, through its autograd, backward against the oracle's autograd.
 
-    With a single key the true dq, dk are O(eps / w) and dg is 0 (as in tests/gpu/test_triton_backward.py): there
-    the bound is absolute, 1e-2 |dy|."""
+    When no row sees more than one key, y_i = v_j w / (w + eps) and dq, dk, d log_gate are O(eps / w) terms whose
+    condition number grows like 1 / eps: no dtype resolves them, so only dv (a sum of weights times dy / denom)
+    is compared there, the others must be finite."""
     s = case.shape
     leaves = [t.detach().requires_grad_() if t is not None else None for t in tensors]
     y = rc.power_retention(
@@ -232,12 +246,14 @@ def op_case_problem(case: Case, tensors: tuple, options: dict) -> str | None:
     grad_y = torch.randn(y.shape, generator=gen, device="cuda").to(y.dtype)
     y.backward(grad_y)
     expected.backward(grad_y.double())
-    floor = 1e-2 * float(grad_y.double().norm()) if case.kv_len == 1 else 1e-300
+    compared = ("dv",) if most_keys_of_a_row(case, options["valid"]) <= 1 else ("dq", "dk", "dv", "dg")
     for name, leaf, ref in zip(("dq", "dk", "dv", "dg"), leaves, ref_leaves):
-        if leaf is not None and leaf.grad is None:
-            problem = problem or f"{name} is None"
-        elif leaf is not None:
-            problem = problem or relative_problem(name, leaf.grad, ref.grad, s.dtype, floor)
+        if leaf is None:
+            continue
+        if leaf.grad is None or not torch.isfinite(leaf.grad).all():
+            return f"{name} is missing or not finite"
+        if name in compared:
+            problem = problem or relative_problem(name, leaf.grad, ref.grad, s.dtype)
     return problem
 
 

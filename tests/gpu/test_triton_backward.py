@@ -45,8 +45,8 @@ def check(B, Hq, Hk, Tq, Tk, d, e, deg, dtype, gate, has_valid, causal, *, magni
 
     With a single key (Tk = 1) the true dq, dk are O(eps / w) and dg is exactly 0 (g_0 cancels in every
     G_i - G_j): the backward reads them off ``dy . (v - y)`` (y in float32, from weights rounded to the dots'
-    dtype), which cannot resolve them to 2e-2, so there the reference norm is floored at 1e-2 |dy| (an absolute
-    bound); elsewhere the bound is relative."""
+    dtype), which cannot resolve them to 2e-2, so there the reference norm is floored at 1e-2 |dy| (the bound
+    becomes absolute: tol x 1e-2 |dy|); elsewhere the bound is relative."""
     gen = torch.Generator(device="cuda").manual_seed(Tq * 7 + Tk + d + deg)
 
     def randn(*shape):
