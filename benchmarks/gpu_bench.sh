@@ -41,7 +41,7 @@ for bench in "${which[@]}"; do
     case "$bench" in
         forward) part forward 240 python3 benchmarks/bench_forward.py --T 2048 8192 16384 65529 65536 \
             --competitors 2048 8192 65536 --tune 0 --out "$out" ;;
-        backward) part backward 420 python3 benchmarks/bench_backward.py --T 2048 8192 65536 --competitors 65536 --out "$out" ;;
+        backward) part backward 420 python3 benchmarks/bench_backward.py --T 65536 2048 8192 --competitors 65536 --out "$out" ;;
         compile) part compile 560 python3 benchmarks/bench_compile.py --device cuda --repeats 3 --out "$out" ;;
         *) echo "unknown benchmark: $bench (forward, backward, compile)" >> "$summary" ;;
     esac
