@@ -136,10 +136,9 @@ def quadratic_backward(
     """Gradients of ``sum(grad_y * y)`` for ``y = quadratic_forward(...)[0]`` (module docstring): ``dq``, ``dk``,
     ``dv`` in the input dtypes and ``dlog_gate`` in log_gate's shape and dtype (None without a gate)."""
     if skip := _rows_before_keys(q, k, causal):
-        rows = [t.narrow(2, skip, k.shape[2]) for t in (grad_y, q)]
+        grad_y, q, y, denom = (t.narrow(2, skip, k.shape[2]) for t in (grad_y, q, y, denom))
         options = {"scale": scale, "deg": deg, "log_gate": log_gate, "causal": causal, "valid": valid}
-        kept = [t.narrow(2, skip, k.shape[2]) for t in (y, denom)]
-        dq, dk, dv, d_gate = quadratic_backward(rows[0], rows[1], k, v, *kept, **options)
+        dq, dk, dv, d_gate = quadratic_backward(grad_y, q, k, v, y, denom, **options)
         return torch.nn.functional.pad(dq, (0, 0, skip, 0)), dk, dv, d_gate
     acc, Hk = compute_dtype(q.dtype), int(k.shape[1])
     qg = _grouped(q, Hk, acc)

@@ -119,8 +119,8 @@ def test_cases(name: str) -> None:
 
 @pytest.mark.parametrize(("deg", "T"), [(4, 1000), (2, 200), (2, 1000)])
 def test_op_autograd_reaches_the_kernels(backward_calls: list[int], deg: int, T: int) -> None:
-    """``rc.power_retention``'s autograd on CUDA runs ``codegen.triton_backward`` on the quadratic path and, for
-    d = 64, the chunked one (deg 2 past one chunk) (ungated here)."""
+    """``rc.power_retention``'s autograd on CUDA runs ``codegen.triton_backward`` on the quadratic path and on the
+    chunked one (deg 2 past one chunk); ungated, d = 64 here."""
     check(1, 4, 2, T, T, 64, 64, deg, bf16, None, True, True, op=True)
     assert backward_calls
 
