@@ -55,6 +55,7 @@ import torch
 from ..inspection import is_recording
 from ..planning import Plan
 from ..sizes import size_hint
+from .fitting import compiled_shared_memory, fit_shared_memory
 from .triton_source import SCAN_BLOCK, KernelSpec, load_forward
 
 QUADRATIC_BLOCK_K = 64  # keys per step of the attention loop
@@ -236,11 +237,7 @@ def triton_forward(
     Hk, Tk = k.shape[1], k.shape[2]
     e = v.shape[3]
     spec = kernel_spec(q, v, deg, log_gate is not None, valid is not None, causal, size_hint(Tk), plan)
-    module, path = load_forward(spec)
-    if is_recording() or spec not in _RECORDED:
-        _RECORDED.add(spec)
-        _record(spec, path, q, k, v, plan)
-
+    module, _ = load_forward(spec)
     y = torch.empty((B, Hq, Tq, e), dtype=torch.float32, device=q.device)  # the accumulator's precision
     denom = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
     common = {**_strides("k", k), **_strides("v", v), "K": k, "V": v, "Hq": Hq, "group": Hq // Hk, "Tk": Tk}
@@ -255,10 +252,22 @@ def triton_forward(
         attention["gate_heads"] = log_gate.shape[1]
     if spec.chunked:
         attention.update(_chunk_states(module, spec, k, Tq, common, extra, plan, segments, state_kernel))
-    grid = (_cdiv(Tq, spec.block_t), _cdiv(spec.value_dim, spec.block_e), B * Hq)
     warps = CHUNK_QUERY_WARPS if spec.chunked else plan.num_warps
     stages = min(plan.num_stages, WIDE_STAGES) if spec.head_dim >= WIDE_HEAD else plan.num_stages
-    _launch(module.attention_kernel, grid, attention, warps, stages)
+
+    def grid(candidate: KernelSpec) -> tuple:
+        return (_cdiv(Tq, candidate.block_t), _cdiv(spec.value_dim, spec.block_e), B * Hq)
+
+    def shared_of(candidate: KernelSpec, candidate_stages: int) -> int:
+        kernel = load_forward(candidate)[0].attention_kernel
+        return compiled_shared_memory(kernel, grid(candidate), attention, warps, candidate_stages)
+
+    spec, stages = fit_shared_memory(spec, warps, stages, q.device, shared_of)  # the state kernels ignore block_t
+    module, path = load_forward(spec)
+    if is_recording() or spec not in _RECORDED:
+        _RECORDED.add(spec)
+        _record(spec, path, q, k, v, plan)
+    _launch(module.attention_kernel, grid(spec), attention, warps, stages)
     return y, denom
 
 
