@@ -10,6 +10,7 @@ tests only (tests/gpu/test_triton_forward.py).
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import os
 import subprocess
@@ -22,6 +23,8 @@ import torch
 pytest.importorskip("triton")
 
 from retention_compile.codegen import forward, triton_source  # noqa: E402
+from retention_compile.codegen.backward import BackwardSpec  # noqa: E402
+from retention_compile.codegen.fitting import fit_shared_memory  # noqa: E402
 from retention_compile.codegen.forward import kernel_spec, triton_forward, triton_supports  # noqa: E402
 from retention_compile.codegen.triton_source import KernelSpec, load_forward, render_forward  # noqa: E402
 from retention_compile.planning import Plan  # noqa: E402
@@ -195,3 +198,33 @@ def test_path_choice() -> None:
 
 if __name__ == "__main__":
     print(json.dumps(_interpreted()))
+
+
+def test_value_tiles_are_at_least_32_columns() -> None:
+    """16-column value tiles were miscompiled for fp16 on sm_90 (``triton_source.MIN_VALUE_TILE``): forward and
+    backward tiles of narrow values are 32 columns wide."""
+    plan = Plan(chunk_size=1 << 20, block_t=64, block_e=64, num_warps=4, num_stages=2)
+    for e in (1, 8, 16, 17):
+        q, v = torch.empty(1, 1, 1, 24, dtype=torch.float16), torch.empty(1, 1, 1, e, dtype=torch.float16)
+        spec = kernel_spec(q, v, 2, True, True, True, 100, plan)
+        assert spec.block_e == 32
+        assert BackwardSpec.of(spec).block_e == 32
+        assert BackwardSpec.of(spec).template_params()["e_pad"] == 32
+
+
+def test_fit_shared_memory_shrinks_rows_then_stages() -> None:
+    """A kernel over the limit loses query rows (down to 16), then stages, until it fits; none fitting is an error
+    naming the shape."""
+    plan = Plan(chunk_size=32, block_t=128, block_e=64, num_stages=3)
+    spec = kernel_spec(torch.empty(1, 1, 1, 96), torch.empty(1, 1, 1, 64), 2, False, False, False, 473, plan)
+    asked = []
+
+    def shared_of(candidate, stages: int) -> int:  # a stand-in for the compiled kernel: 1 KB per row and stage
+        asked.append((candidate.block_t, stages))
+        return candidate.block_t * stages * 1024
+
+    fitted, stages = fit_shared_memory(spec, 8, 3, 40 * 1024, shared_of)
+    assert asked == [(128, 3), (64, 3), (32, 3), (16, 3), (16, 2)] and (fitted.block_t, stages) == (16, 2)
+    assert dataclasses.replace(fitted, block_t=spec.block_t) == spec  # nothing else changes
+    with pytest.raises(RuntimeError, match="shared memory even with 16 query rows"):
+        fit_shared_memory(spec, 8, 3, 1024, shared_of)

@@ -56,7 +56,7 @@ from ..planning import Plan
 from ..reference import EPS
 from ..sizes import size_hint
 from .forward import _cdiv, _chunk_states, _gate_cumsum, _launch, _strides, kernel_spec
-from .triton_source import KernelSpec, load, load_forward
+from .triton_source import KernelSpec, load, load_forward, value_tile
 
 BACKWARD_TEMPLATE = "backward.py.j2"
 MAX_ROWS = 64  # query rows / keys per program: the (rows x b x b) pair tile of the state terms stays in registers
@@ -89,13 +89,12 @@ class BackwardSpec:
             rows = min(rows, MAX_ROWS // 2)
         if forward.chunked:
             rows = min(rows, forward.chunk_size)
-        e_pad = max(16, 1 << (forward.value_dim - 1).bit_length())
-        return BackwardSpec(forward, rows, rows, rows, min(forward.block_e, e_pad))
+        return BackwardSpec(forward, rows, rows, rows, min(forward.block_e, value_tile(forward.value_dim)))
 
     def template_params(self) -> dict[str, object]:
         fwd = self.forward
         params = fwd.template_params()
-        e_pad = max(16, 1 << (fwd.value_dim - 1).bit_length())
+        e_pad = value_tile(fwd.value_dim)
         return {
             **params,
             "block_t": self.block_t,

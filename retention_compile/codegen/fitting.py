@@ -66,22 +66,15 @@ _FITTED: dict[tuple, tuple[KernelSpec, int]] = {}
 
 
 def fit_shared_memory(
-    spec: KernelSpec,
-    num_warps: int,
-    num_stages: int,
-    device: torch.device,
-    shared_of: Callable[[KernelSpec, int], int],
+    spec: KernelSpec, num_warps: int, num_stages: int, limit: int, shared_of: Callable[[KernelSpec, int], int]
 ) -> tuple[KernelSpec, int]:
-    """The largest ``(spec, num_stages)`` at or below the given ones whose compiled attention kernel fits.
+    """The largest ``(spec, num_stages)`` at or below the given ones whose attention kernel needs at most ``limit``
+    bytes of shared memory; ``shared_of(spec, stages)`` compiles that kernel and returns what it needs.
 
-    ``shared_of(spec, stages)`` compiles the attention kernel of ``spec`` and returns its shared memory in bytes.
     Raises ``RuntimeError`` naming the shape when even 16 rows and one stage do not fit."""
-    if _interpreting() or device.type != "cuda":
-        return spec, num_stages
-    key = (spec, num_warps, num_stages, device.index)
+    key = (spec, num_warps, num_stages, limit)
     if key in _FITTED:
         return _FITTED[key]
-    limit = shared_memory_limit(device.index if device.index is not None else torch.cuda.current_device())
     candidate, stages = spec, num_stages
     while (used := shared_of(candidate, stages)) > limit:
         if candidate.block_t > MIN_BLOCK_T:
@@ -95,3 +88,10 @@ def fit_shared_memory(
             )
     _FITTED[key] = (candidate, stages)
     return candidate, stages
+
+
+def device_shared_memory_limit(device: torch.device) -> int | None:
+    """The device's per-program shared memory, or None where nothing is compiled for a GPU (the interpreter)."""
+    if _interpreting() or device.type != "cuda":
+        return None
+    return shared_memory_limit(device.index if device.index is not None else torch.cuda.current_device())

@@ -55,8 +55,8 @@ import torch
 from ..inspection import is_recording
 from ..planning import Plan
 from ..sizes import size_hint
-from .fitting import compiled_shared_memory, fit_shared_memory
-from .triton_source import SCAN_BLOCK, KernelSpec, load_forward
+from .fitting import compiled_shared_memory, device_shared_memory_limit, fit_shared_memory
+from .triton_source import SCAN_BLOCK, KernelSpec, load_forward, value_tile
 
 QUADRATIC_BLOCK_K = 64  # keys per step of the attention loop
 # Keys per step of the state kernel. H200, T=65536 gated, C=1024, 3 stages (run 3): 128 keys 1.469 ms, 64 keys
@@ -143,8 +143,7 @@ def kernel_spec(
     d, e = size_hint(q.shape[-1]), size_hint(v.shape[-1])
     block_feature = _block_feature(d, plan)
     chunked = deg == 2 and plan.chunk_size < kv_len and block_feature is not None and d <= MAX_CHUNKED_HEAD
-    e_pad = max(16, 1 << (e - 1).bit_length())
-    block_e = min(max(plan.block_e, MIN_BLOCK_E), e_pad)
+    block_e = min(max(plan.block_e, MIN_BLOCK_E), value_tile(e))
     block_t = min(max(16, plan.block_t), 128)
     if d >= WIDE_HEAD and block_e >= WIDE_HEAD:
         block_t = min(block_t, WIDE_BLOCK_T)
@@ -262,7 +261,8 @@ def triton_forward(
         kernel = load_forward(candidate)[0].attention_kernel
         return compiled_shared_memory(kernel, grid(candidate), attention, warps, candidate_stages)
 
-    spec, stages = fit_shared_memory(spec, warps, stages, q.device, shared_of)  # the state kernels ignore block_t
+    if (limit := device_shared_memory_limit(q.device)) is not None:  # the state kernels ignore block_t
+        spec, stages = fit_shared_memory(spec, warps, stages, limit, shared_of)
     module, path = load_forward(spec)
     if is_recording() or spec not in _RECORDED:
         _RECORDED.add(spec)

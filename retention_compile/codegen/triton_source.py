@@ -38,6 +38,18 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+# Value columns per tile are never fewer than this. With 16 columns, fp16 inputs, 64 query rows, 4 warps and 2
+# stages, Triton 3.6 on sm_90 miscompiles the quadratic kernel's w @ v product: an out-of-bounds shared-memory read
+# (compute-sanitizer), an illegal-address fault for e = 1 and 8, a relative error of 6.6 for e = 16 (GPU run of
+# 2026-11-29, .scratch/small_e_sweep.py); bf16 inputs and 32-column tiles were right in every variant.
+MIN_VALUE_TILE = 32
+
+
+def value_tile(e: int) -> int:
+    """The padded value width of the tiles: the power of 2 at or above ``e``, at least ``MIN_VALUE_TILE``."""
+    return max(MIN_VALUE_TILE, _pow2_at_least(e))
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     """One shape class of the forward. ``chunked`` False: the quadratic kernel alone (chunk fields unused).

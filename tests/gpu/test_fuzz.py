@@ -15,6 +15,8 @@ Pass: relative error ``|y - ref| / |ref|`` <= 1e-2 (bf16, fp16) or 1e-4 (fp32) p
 ``|g - ref| / |ref|`` <= 2e-2 (16-bit) or 1e-4 (fp32) for dq, dk, dv and d log_gate (dv alone where no row sees
 more than one key: ``op_case_problem``); everything finite.
 
+A case that raises is a failure naming its case; one that faults the device stops the run with its case named.
+
 Progress: a line every ``PROGRESS_EVERY`` cases (cases done, failures so far), so a run cut by a time limit still
 says how many cases passed.
 
@@ -268,7 +270,12 @@ def test_fuzz_triton() -> None:
     print(f"fuzz seed={seed} cases={len(cases)} shard={shard}/{shards} (replay: RETENTION_FUZZ_SEED={seed})")
     start, failures = time.perf_counter(), []
     for done, (index, case) in enumerate(cases.items(), 1):
-        problem = run_case(case)
+        try:
+            problem = run_case(case)
+        except Exception as error:  # noqa: BLE001 - a raising case is a failure that names its case
+            if "CUDA" in f"{type(error).__name__} {error}":  # a device fault leaves the context unusable: stop here
+                raise AssertionError(f"seed {seed} case {index} faulted: {case}") from error
+            problem = f"raised {type(error).__name__}: {str(error)[:300]}"
         if problem is not None:
             failures.append(f"case {index}: {problem}: {case}")
         if done % PROGRESS_EVERY == 0:  # a run cut by a time limit still tells how far it got

@@ -125,6 +125,11 @@ CASES = {
     "fp32-chunked": (1, 4, 2, 1000, 1000, 64, 64, 2, f32, "k", True, True, SMALL_CHUNK),
     "fp32-quadratic-deg4": (1, 2, 1, 1000, 1000, 32, 32, 4, f32, "k", True, True, QUADRATIC),
     "fp32-decode": (1, 4, 1, 1, 5000, 64, 64, 2, f32, "k", False, True, CHUNK),
+    # tiles past the 227 KB of shared memory until fitted (OutOfResources in the GPU fuzz of 2026-11-29: 240 KB, 448 KB)
+    "fp32-d96-noncausal-fitted": (2, 6, 3, 535, 473, 96, 64, 2, f32, 0, False, False,
+                                  Plan(chunk_size=32, block_t=64, block_e=64, num_warps=8, num_stages=3)),
+    "fp32-d48-e128-decode-fitted": (3, 6, 3, 1, 1014, 48, 128, 2, f32, "k", True, True,
+                                    Plan(chunk_size=32, block_t=128, block_e=128, num_warps=8, num_stages=3)),
 }  # fmt: skip
 
 
@@ -145,6 +150,15 @@ def test_forward_matches_oracle(name: str) -> None:
 def test_segments_do_not_change_results(segments: int) -> None:
     q, k, v, g, valid = make_inputs(1, 2, 1, 3000, 3000, 64, 64, bf16, gate_heads=1, has_valid=True)
     check(q, k, v, g, valid, deg=2, causal=True, plan=SMALL_CHUNK, segments=segments)
+
+
+@pytest.mark.parametrize("e", [1, 8, 16])
+def test_narrow_values_fp16(e: int) -> None:
+    """fp16, e <= 16, 64 rows, 4 warps, 2 stages: with 16-column value tiles Triton 3.6 miscompiled this kernel
+    (illegal address for e = 1 and 8, relative error 6.6 for e = 16 on the H200); ``MIN_VALUE_TILE`` avoids it."""
+    q, k, v, gate, valid = make_inputs(2, 8, 2, 100, 100, 24, e, f16, gate_heads=2, has_valid=True, transposed=True)
+    plan = Plan(chunk_size=1 << 20, block_t=64, block_e=64, num_warps=4, num_stages=2)
+    check(q, k, v, gate, valid, deg=2, causal=True, plan=plan)
 
 
 @pytest.mark.parametrize("dtype", [bf16, f16])
