@@ -201,15 +201,14 @@ if __name__ == "__main__":
 
 
 def test_value_tiles_are_at_least_32_columns() -> None:
-    """16-column value tiles were miscompiled for fp16 on sm_90 (``triton_source.MIN_VALUE_TILE``): forward and
-    backward tiles of narrow values are 32 columns wide."""
+    """16-column value tiles were miscompiled for fp16 on sm_90 (``triton_source.MIN_VALUE_TILE``): the forward's
+    tiles of narrow values are 32 columns wide (the backward keeps 16: ``backward._value_pad``)."""
     plan = Plan(chunk_size=1 << 20, block_t=64, block_e=64, num_warps=4, num_stages=2)
     for e in (1, 8, 16, 17):
         q, v = torch.empty(1, 1, 1, 24, dtype=torch.float16), torch.empty(1, 1, 1, e, dtype=torch.float16)
         spec = kernel_spec(q, v, 2, True, True, True, 100, plan)
         assert spec.block_e == 32
-        assert BackwardSpec.of(spec).block_e == 32
-        assert BackwardSpec.of(spec).template_params()["e_pad"] == 32
+        assert BackwardSpec.of(spec).block_e == (16 if e <= 16 else 32)
 
 
 def test_fit_shared_memory_shrinks_rows_then_stages() -> None:
