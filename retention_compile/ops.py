@@ -49,13 +49,14 @@ def resolve_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, deg: int, ga
     Under dynamic shapes the plan is made for the size hint of the traced call; any chunk gives the same
     numbers for every length, so a graph traced at one length stays correct at another."""
     spec = hardware.detect(q.device) if q.is_cuda else None
+    kernel_dtype = torch.float32 if q.is_cuda and q.dtype == torch.float16 else q.dtype  # codegen.kernel_inputs
     chosen = planning.plan(
         spec,
         T=size_hint(k.shape[2]),
         d=size_hint(q.shape[3]),
         e=size_hint(v.shape[3]),
         deg=deg,
-        dtype=q.dtype,
+        dtype=kernel_dtype,
         gated=gated,
         batch_heads=size_hint(q.shape[0]) * size_hint(k.shape[1]),
     )

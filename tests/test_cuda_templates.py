@@ -284,3 +284,12 @@ def test_choice_measures_once_and_reuses_the_stored_winner(tmp_path, monkeypatch
     assert len(measured) == 1
     assert choice.choose("chunk_state", {**key, "keys": 8192}, candidates, torch.device("cpu")) == "cuda"
     assert len(measured) == 2  # another shape class is measured
+
+
+def test_auto_keeps_float16_on_the_float32_triton_kernels() -> None:
+    """``impl="auto"`` never picks the CUDA state kernel for float16: those calls run the float32 Triton kernels
+    (``forward.kernel_inputs``); ``impl="cuda"`` still may."""
+    q, k, v = (torch.randn(1, 2, 300, 64, dtype=torch.float16) for _ in range(3))
+    plan = Plan(chunk_size=64, block_t=64, block_e=64)
+    chosen = cuda_state.select_state_kernel(q, k, v, 2, None, None, True, 0.125, plan, "auto")
+    assert chosen.kernel is None and "float16 runs the float32 Triton kernels" in chosen.reason

@@ -53,16 +53,17 @@ CASES = [
 ]
 
 
-def run_case(case: tuple) -> dict[str, float]:
-    """Relative error of each gradient of ``triton_backward`` against the float64 oracle's autograd."""
+def run_case(case: tuple, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Relative error of each gradient of ``triton_backward`` against the float64 oracle's autograd; q, k, v are
+    drawn in float32 and rounded to ``dtype`` (their gradients come back in it)."""
     B, Hq, Hk, Tq, Tk, d, e, deg, gate_heads, has_valid, causal, chunk, *strength = case
     gen = torch.Generator().manual_seed(sum(map(hash, case)) % 2**31)
-    q = torch.randn(B, Hq, Tq, d, generator=gen)
-    k = torch.randn(B, Hk, Tk, d, generator=gen)
-    v = torch.randn(B, Hk, Tk, e, generator=gen)
+    q = torch.randn(B, Hq, Tq, d, generator=gen).to(dtype)
+    k = torch.randn(B, Hk, Tk, d, generator=gen).to(dtype)
+    v = torch.randn(B, Hk, Tk, e, generator=gen).to(dtype)
     gate = -(strength or [0.5])[0] * torch.rand(B, gate_heads, Tk, generator=gen) if gate_heads else None
     valid = torch.rand(B, Tk, generator=gen) > 0.25 if has_valid else None
-    grad_y = torch.randn(B, Hq, Tq, e, generator=gen)
+    grad_y = torch.randn(B, Hq, Tq, e, generator=gen).to(dtype)
     plan = Plan(chunk_size=chunk, **TINY)
     assert kernel_spec(q, v, deg, gate is not None, has_valid, causal, Tk, plan).chunked == (chunk < Tk)
     scale = 0.7 / d**0.5
@@ -77,13 +78,19 @@ def run_case(case: tuple) -> dict[str, float]:
     assert (grads[3] is None) == (gate is None)
     errors = {}
     for name, got, leaf in zip(GRADS, grads, leaves):
-        assert got.shape == leaf.shape and got.dtype == torch.float32
+        assert got.shape == leaf.shape and got.dtype == (torch.float32 if name == GRADS[3] else dtype)
         errors[name] = float((got.double() - leaf.grad).norm() / leaf.grad.norm().clamp_min(1e-30))
     return errors
 
 
+FLOAT16_CASES = ("chunked-gate-valid", "quadratic-deg4-gate-valid")
+
+
 def _interpreted() -> dict[str, dict[str, float]]:
-    return {name: run_case(case) for name, case in CASES}
+    results = {name: run_case(case) for name, case in CASES}
+    # float16 inputs run the float32 kernels (forward.kernel_inputs); only the gradients' final rounding remains
+    results.update({f"{name}-float16": run_case(dict(CASES)[name], torch.float16) for name in FLOAT16_CASES})
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +100,13 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", FLOAT16_CASES)
+def test_float16_runs_the_float32_kernels(interpreted: dict[str, dict[str, float]], name: str) -> None:
+    """float16 inputs: the float32 kernels, then one rounding of each gradient to float16 (unit roundoff 4.9e-4)."""
+    bad = {g: f"{err:.2e}" for g, err in interpreted[f"{name}-float16"].items() if not err < 1e-3}
+    assert not bad, f"{name} in float16: relative errors {bad}"
 
 
 @pytest.mark.parametrize("name", [n for n, _ in CASES])

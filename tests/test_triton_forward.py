@@ -60,13 +60,14 @@ CASES = [
 ]
 
 
-def run_case(case: tuple) -> float:
-    """Relative error of ``triton_forward`` against the oracle on one case (also checks shapes and denom)."""
+def run_case(case: tuple, dtype: torch.dtype = torch.float32) -> float:
+    """Relative error of ``triton_forward`` against the oracle on one case (also checks shapes and denom); the
+    inputs are drawn in float32 and rounded to ``dtype``."""
     B, Hq, Hk, Tq, Tk, d, e, deg, gate_heads, has_valid, causal, chunk, segments = case
     gen = torch.Generator().manual_seed(sum(map(hash, case)) % 2**31)
-    q = torch.randn(B, Hq, Tq, d, generator=gen)
-    k = torch.randn(B, Hk, Tk, d, generator=gen)
-    v = torch.randn(B, Hk, Tk, e, generator=gen)
+    q = torch.randn(B, Hq, Tq, d, generator=gen).to(dtype)
+    k = torch.randn(B, Hk, Tk, d, generator=gen).to(dtype)
+    v = torch.randn(B, Hk, Tk, e, generator=gen).to(dtype)
     gate = -0.3 * torch.rand(B, gate_heads, Tk, generator=gen) if gate_heads else None
     valid = torch.rand(B, Tk, generator=gen) > 0.25 if has_valid else None
     plan = Plan(chunk_size=chunk, **TINY)
@@ -99,6 +100,7 @@ def denominator_error(chunk: int) -> float:
 
 
 QUERY_T_CASES = ("chunked-gate-valid-segments", "chunked-decode", "chunked-noncausal", "chunked-d48")
+FLOAT16_CASES = ("quadratic-deg4-gate-valid", "chunked-gate-valid-segments")
 
 
 def _interpreted() -> dict[str, float]:
@@ -108,6 +110,8 @@ def _interpreted() -> dict[str, float]:
     """
     results = {name: run_case(case) for name, case in CASES}
     results.update({f"denominator-chunk{c}": denominator_error(c) for c in (16, 1024)})
+    # float16 inputs run the float32 kernels (forward.kernel_inputs), exact as float32 ones
+    results.update({f"{name}-float16": run_case(dict(CASES)[name], torch.float16) for name in FLOAT16_CASES})
     forward.QUERY_TRANSPOSED = not forward.QUERY_TRANSPOSED
     results.update({f"{name}-query-t": run_case(dict(CASES)[name]) for name in QUERY_T_CASES})
     return results
@@ -124,7 +128,10 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
 
 @pytest.mark.parametrize(
     "name",
-    [n for n, _ in CASES] + ["denominator-chunk16", "denominator-chunk1024"] + [f"{n}-query-t" for n in QUERY_T_CASES],
+    [n for n, _ in CASES]
+    + ["denominator-chunk16", "denominator-chunk1024"]
+    + [f"{n}-query-t" for n in QUERY_T_CASES]
+    + [f"{n}-float16" for n in FLOAT16_CASES],
 )
 def test_kernels_match_oracle(interpreted: dict[str, float], name: str) -> None:
     assert interpreted[name] < 1e-5, f"{name}: relative error {interpreted[name]:.2e}"

@@ -55,7 +55,7 @@ from ..gates import log_gate_grad
 from ..planning import Plan
 from ..reference import EPS
 from ..sizes import size_hint
-from .forward import _cdiv, _chunk_states, _gate_cumsum, _launch, _strides, kernel_spec
+from .forward import _cdiv, _chunk_states, _gate_cumsum, _launch, _strides, kernel_inputs, kernel_spec
 from .triton_source import KernelSpec, load, load_forward
 
 BACKWARD_TEMPLATE = "backward.py.j2"
@@ -128,7 +128,10 @@ def triton_backward(
     valid: torch.Tensor | None,
     plan: Plan,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Gradients of ``sum(grad_y * y)`` for ``(y, denom) = triton_forward(...)`` with the same ``plan``."""
+    """Gradients of ``sum(grad_y * y)`` for ``(y, denom) = triton_forward(...)`` with the same ``plan`` (float16
+    inputs run the float32 kernels, as in the forward: ``kernel_inputs``; the gradients come back in float16)."""
+    dtypes = (q.dtype, k.dtype, v.dtype)
+    q, k, v = kernel_inputs(q, k, v)
     B, Hq, Tq, d = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
     e = v.shape[3]
@@ -179,11 +182,10 @@ def triton_backward(
         _launch(module.dkv_state_kernel, grid, {**dkv_args, **outputs}, warps, STAGES)
     if per_head:
         dk, dv = dk.unflatten(1, (Hk, -1)).sum(2), dv.unflatten(1, (Hk, -1)).sum(2)
-    dk, dv = dk.to(k.dtype), dv.to(v.dtype)
     dg = None
     if log_gate is not None:
         dg = _gate_grad(dz, outputs["KTERM"], state_heads).to(log_gate.dtype)
-    return dq, dk, dv, dg
+    return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), dg
 
 
 def _reverse_states(

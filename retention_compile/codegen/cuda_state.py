@@ -323,6 +323,8 @@ def select_state_kernel(
 
     if impl == "triton":
         return StateChoice(None, "codegen='triton'")
+    if impl == "auto" and q.dtype == torch.float16:
+        return StateChoice(None, "float16 runs the float32 Triton kernels (forward.kernel_inputs)")
     spec = kernel_spec(q, v, deg, log_gate is not None, valid is not None, causal, size_hint(k.shape[2]), plan)
     reason = cuda_state_unsupported(spec, k, v)
     if reason is not None:

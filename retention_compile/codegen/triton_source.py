@@ -56,7 +56,9 @@ class KernelSpec:
 
     dtype:          "bfloat16" | "float16" | "float32" (q, k, v); 16-bit inputs run their dots in bf16 with fp32
                     accumulation (bf16 keeps fp32's exponent range: (s q.k)^p of large inputs stays finite),
-                    float32 inputs in exact fp32 (``input_precision="ieee"``).
+                    float32 inputs in exact fp32 (``input_precision="ieee"``). float16 reaches the kernels only
+                    beside the CUDA state kernel (``codegen="cuda"``); elsewhere it runs as float32
+                    (``forward.kernel_inputs``).
     head_dim, value_dim: d and e.
     deg:            the even power p.
     gated, has_valid, causal, chunked: the variant.

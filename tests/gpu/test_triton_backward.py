@@ -21,9 +21,9 @@ from retention_compile.reference import power_retention_reference
 
 pytestmark = pytest.mark.gpu
 
-TOL = {torch.bfloat16: 2e-2, torch.float32: 1e-4}
+TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 1e-4}
 PLAN = Plan(chunk_size=256, block_t=64, block_feature=16, block_e=64)  # deg 2 past 256 keys: the chunked kernels
-bf16, f32 = torch.bfloat16, torch.float32
+bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
 
 
 @pytest.fixture
@@ -108,6 +108,9 @@ CASES = {
     "fp32-chunked": (1, 4, 2, 1000, 1000, 64, 64, 2, f32, "k", True, True),
     "fp32-quadratic-deg4": (1, 2, 1, 1000, 1000, 32, 32, 4, f32, "q", True, True),
     "fp32-decode": (1, 4, 1, 1, 5000, 64, 64, 2, f32, "k", False, True),
+    # float16 runs the float32 kernels (codegen.forward.kernel_inputs); d = e = 128 has the widest fp32 tiles
+    "fp16-d128-chunked": (1, 4, 2, 1000, 1000, 128, 128, 2, f16, "k", True, True),
+    "fp16-deg4-narrow-values": (2, 4, 2, 90, 90, 16, 8, 4, f16, None, True, True),
 }
 
 
