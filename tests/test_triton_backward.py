@@ -159,3 +159,16 @@ def test_source_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 if __name__ == "__main__":
     print(json.dumps(_interpreted()))
+
+
+def test_float32_wide_heads_take_half_the_rows() -> None:
+    """float32 heads count as wide from a padded width of 128 (d = e = 96: 64 rows overflowed shared memory on
+    sm_90); 16-bit heads from a width of 128."""
+
+    def rows(dtype: torch.dtype, d: int) -> int:
+        q, v = torch.empty(1, 1, 1, d, dtype=dtype), torch.empty(1, 1, 1, d, dtype=dtype)
+        return BackwardSpec.of(kernel_spec(q, v, 2, True, False, True, 4096, Plan(chunk_size=64, block_t=64))).block_t
+
+    assert (rows(torch.float32, 96), rows(torch.float32, 64), rows(torch.bfloat16, 96), rows(torch.bfloat16, 128)) == (
+        32, 64, 64, 32,
+    )  # fmt: skip

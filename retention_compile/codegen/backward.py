@@ -56,7 +56,7 @@ from ..planning import Plan
 from ..reference import EPS
 from ..sizes import size_hint
 from .forward import _cdiv, _chunk_states, _gate_cumsum, _launch, _strides, kernel_inputs, kernel_spec
-from .triton_source import KernelSpec, load, load_forward
+from .triton_source import KernelSpec, load, load_forward, pow2_at_least
 
 BACKWARD_TEMPLATE = "backward.py.j2"
 MAX_ROWS = 64  # query rows / keys per program: the (rows x b x b) pair tile of the state terms stays in registers
@@ -70,7 +70,7 @@ STAGES = 2
 def _value_pad(e: int) -> int:
     """The backward's padded value width: at least 16 columns. Not the forward's 32 (``value_tile``): with 32, the
     H200 faulted in the backward of fp16 d=8 e=16 deg 4 (GPU fuzz seed 20261201 case 269), which passed with 16."""
-    return max(16, 1 << (e - 1).bit_length())
+    return max(16, pow2_at_least(e))
 
 
 @dataclass(frozen=True)
@@ -89,9 +89,16 @@ class BackwardSpec:
 
     @staticmethod
     def of(forward: KernelSpec) -> BackwardSpec:
-        """Tiles from the forward's: at most ``MAX_ROWS`` (halved for wide heads) and never past the chunk."""
+        """Tiles from the forward's: at most ``MAX_ROWS`` (halved for wide heads) and never past the chunk.
+
+        float32 heads count as wide from a padded width of ``WIDE`` on: fp32 d = e = 96 with 64 rows asked 264 KB
+        of shared memory in dkv_state_kernel (over the H200's 227 KB), 196 KB with 32 rows (sm_90 compiles with
+        Triton 3.6, ``.scratch/bwd_smem.py``); bf16 d = e = 96 with 64 rows takes 180 KB."""
         rows = min(forward.block_t, MAX_ROWS)
-        if max(forward.head_dim, forward.value_dim) >= WIDE:
+        widths = (forward.head_dim, forward.value_dim)
+        if forward.dtype == "float32":
+            widths = tuple(pow2_at_least(w) for w in widths)
+        if max(widths) >= WIDE:
             rows = min(rows, MAX_ROWS // 2)
         if forward.chunked:
             rows = min(rows, forward.chunk_size)

@@ -34,7 +34,8 @@ FORWARD_TEMPLATE = "forward.py.j2"
 SCAN_BLOCK = 1024  # state elements per program of the segment scan
 
 
-def _pow2_at_least(n: int) -> int:
+def pow2_at_least(n: int) -> int:
+    """The smallest power of 2 at or above n (1 for n <= 1)."""
     return 1 << max(n - 1, 0).bit_length()
 
 
@@ -47,7 +48,7 @@ MIN_VALUE_TILE = 32
 
 def value_tile(e: int) -> int:
     """The padded value width of the tiles: the power of 2 at or above ``e``, at least ``MIN_VALUE_TILE``."""
-    return max(MIN_VALUE_TILE, _pow2_at_least(e))
+    return max(MIN_VALUE_TILE, pow2_at_least(e))
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ class KernelSpec:
             **asdict(self),
             "d": d,
             "e": e,
-            "d_pad": max(16, _pow2_at_least(d)),
+            "d_pad": max(16, pow2_at_least(d)),
             "n_eb": -(-e // self.block_e),
             "nb": nb,
             "npairs": npairs,
