@@ -49,7 +49,8 @@ def resolve_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, deg: int, ga
     Under dynamic shapes the plan is made for the size hint of the traced call; any chunk gives the same
     numbers for every length, so a graph traced at one length stays correct at another."""
     spec = hardware.detect(q.device) if q.is_cuda else None
-    kernel_dtype = torch.float32 if q.is_cuda and q.dtype == torch.float16 else q.dtype  # codegen.kernel_inputs
+    # float16 on CUDA runs the float32 Triton kernels (codegen.kernel_inputs) unless codegen="cuda" keeps it
+    kernel_dtype = torch.float32 if q.is_cuda and q.dtype == torch.float16 else q.dtype
     chosen = planning.plan(
         spec,
         T=size_hint(k.shape[2]),

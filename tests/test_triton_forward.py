@@ -22,7 +22,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from retention_compile.codegen import forward, triton_source  # noqa: E402
+from retention_compile.codegen import fitting, forward, triton_source  # noqa: E402
 from retention_compile.codegen.backward import BackwardSpec  # noqa: E402
 from retention_compile.codegen.fitting import fit_shared_memory  # noqa: E402
 from retention_compile.codegen.forward import kernel_spec, triton_forward, triton_supports  # noqa: E402
@@ -218,11 +218,12 @@ def test_value_tiles_are_at_least_32_columns() -> None:
         assert BackwardSpec.of(spec).block_e == (16 if e <= 16 else 32)
 
 
-def test_fit_shared_memory_shrinks_rows_then_stages() -> None:
+def test_fit_shared_memory_shrinks_rows_then_stages(monkeypatch: pytest.MonkeyPatch) -> None:
     """A kernel over the limit loses query rows (down to 16), then stages, until it fits; none fitting is an error
     naming the shape."""
     plan = Plan(chunk_size=32, block_t=128, block_e=64, num_stages=3)
     spec = kernel_spec(torch.empty(1, 1, 1, 96), torch.empty(1, 1, 1, 64), 2, False, False, False, 473, plan)
+    monkeypatch.setattr(fitting, "_FITTED", {})
     asked = []
 
     def shared_of(candidate, stages: int) -> int:  # a stand-in for the compiled kernel: 1 KB per row and stage
@@ -232,5 +233,9 @@ def test_fit_shared_memory_shrinks_rows_then_stages() -> None:
     fitted, stages = fit_shared_memory(spec, 8, 3, 40 * 1024, shared_of)
     assert asked == [(128, 3), (64, 3), (32, 3), (16, 3), (16, 2)] and (fitted.block_t, stages) == (16, 2)
     assert dataclasses.replace(fitted, block_t=spec.block_t) == spec  # nothing else changes
+    asked.clear()
+    assert fit_shared_memory(spec, 8, 3, 40 * 1024, shared_of) == (fitted, 2) and not asked  # remembered
+    assert fit_shared_memory(spec, 8, 3, 40 * 1024, shared_of, (("Q", (torch.float16, False)),)) == (fitted, 2)
+    assert asked, "another argument specialization compiles again"
     with pytest.raises(RuntimeError, match="shared memory even with 16 query rows"):
         fit_shared_memory(spec, 8, 3, 1024, shared_of)

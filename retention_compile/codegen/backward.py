@@ -69,7 +69,9 @@ STAGES = 2
 
 def _value_pad(e: int) -> int:
     """The backward's padded value width: at least 16 columns. Not the forward's 32 (``value_tile``): with 32, the
-    H200 faulted in the backward of fp16 d=8 e=16 deg 4 (GPU fuzz seed 20261201 case 269), which passed with 16."""
+    H200 faulted in the float16 backward of d=8 e=16 deg 4 (GPU fuzz seed 20261201 case 269), which passed with 16.
+    float16 no longer reaches these kernels (``forward.kernel_inputs``); 16 is what the bf16 and fp32 backwards
+    were validated with."""
     return max(16, pow2_at_least(e))
 
 

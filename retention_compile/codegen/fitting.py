@@ -6,10 +6,10 @@ GPU fuzz of 2026-11-29 (d=96 e=64 fp32, 64 rows x 3 stages: 240 KB; d=48 e=128 f
 Triton refused the launch (``OutOfResources``). Here the kernel is compiled first (``JITFunction.warmup``: the
 compile the launch would do, cached under the same key when the arguments are real) and its ``metadata.shared``
 is compared with the device's limit; while it does not fit, the query rows halve (down to 16), then the pipeline
-stages drop (down to 1). Each answer is remembered per (spec, warps, stages, device).
+stages drop (down to 1). Each answer is remembered per (spec, warps, stages, limit, argument specialization).
 
-Under tracing (fake tensors, symbolic sizes) the arguments are replaced by ``MockTensor`` placeholders and size
-hints, so the check compiles the same source once more with the default 16-byte alignment specialization.
+Under tracing (fake or functional tensors, symbolic sizes) the arguments are replaced by ``MockTensor``
+placeholders and size hints, so the check may compile the same source once more, assuming 16-byte alignment.
 """
 
 from __future__ import annotations
@@ -39,19 +39,42 @@ def shared_memory_limit(device_index: int) -> int:
     return int(driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
 
 
-def _compile_args(launch: dict) -> dict:
-    """The launch's keyword arguments, with fake tensors as ``MockTensor`` and symbolic sizes as their hints."""
+def _has_storage(value: torch.Tensor) -> bool:
+    """A plain tensor with data; tracing's fake and functional tensors have no address to give Triton."""
     from torch._subclasses.fake_tensor import is_fake
+
+    return type(value) is torch.Tensor and not is_fake(value)
+
+
+def _compile_args(launch: dict) -> dict:
+    """The launch's keyword arguments, with tensors that have no storage as ``MockTensor`` (16-byte aligned) and
+    symbolic sizes as their hints."""
     from triton.runtime.jit import MockTensor
 
     def concrete(value):
-        if isinstance(value, torch.Tensor) and is_fake(value):
+        if isinstance(value, torch.Tensor) and not _has_storage(value):
             return MockTensor(value.dtype)
         if isinstance(value, torch.SymInt):
             return size_hint(value)
         return value
 
     return {name: concrete(value) for name, value in launch.items()}
+
+
+def launch_specialization(launch: dict) -> tuple:
+    """What Triton specializes a compile on besides the source and options: each pointer's dtype and 16-byte
+    alignment, and whether each integer is 1 or a multiple of 16. Shared memory can differ between
+    specializations (an unaligned pointer is not pipelined), so fitted tiles are remembered per specialization."""
+
+    def mark(value) -> object:
+        if isinstance(value, torch.Tensor):
+            return (value.dtype, value.data_ptr() % 16 == 0 if _has_storage(value) else True)
+        if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
+            n = size_hint(value)
+            return (n == 1, n % 16 == 0)
+        return type(value).__name__
+
+    return tuple((name, mark(value)) for name, value in sorted(launch.items()))
 
 
 def compiled_shared_memory(kernel, grid: tuple, launch: dict, num_warps: int, num_stages: int) -> int:
@@ -66,13 +89,19 @@ _FITTED: dict[tuple, tuple[KernelSpec, int]] = {}
 
 
 def fit_shared_memory(
-    spec: KernelSpec, num_warps: int, num_stages: int, limit: int, shared_of: Callable[[KernelSpec, int], int]
+    spec: KernelSpec,
+    num_warps: int,
+    num_stages: int,
+    limit: int,
+    shared_of: Callable[[KernelSpec, int], int],
+    specialization: tuple = (),
 ) -> tuple[KernelSpec, int]:
     """The largest ``(spec, num_stages)`` at or below the given ones whose attention kernel needs at most ``limit``
-    bytes of shared memory; ``shared_of(spec, stages)`` compiles that kernel and returns what it needs.
+    bytes of shared memory; ``shared_of(spec, stages)`` compiles that kernel and returns what it needs. The answer
+    is remembered per (spec, warps, stages, limit, ``specialization``: ``launch_specialization``).
 
     Raises ``RuntimeError`` naming the shape when even 16 rows and one stage do not fit."""
-    key = (spec, num_warps, num_stages, limit)
+    key = (spec, num_warps, num_stages, limit, specialization)
     if key in _FITTED:
         return _FITTED[key]
     candidate, stages = spec, num_stages

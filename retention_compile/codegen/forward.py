@@ -55,7 +55,7 @@ import torch
 from ..inspection import is_recording
 from ..planning import Plan
 from ..sizes import size_hint
-from .fitting import compiled_shared_memory, device_shared_memory_limit, fit_shared_memory
+from .fitting import compiled_shared_memory, device_shared_memory_limit, fit_shared_memory, launch_specialization
 from .triton_source import SCAN_BLOCK, KernelSpec, load_forward, value_tile
 
 QUADRATIC_BLOCK_K = 64  # keys per step of the attention loop
@@ -212,7 +212,7 @@ _RECORDED: set[KernelSpec] = set()
 
 
 def kernel_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """q, k, v (and dy) as the Triton kernels take them: float16 becomes float32.
+    """q, k, v as the Triton kernels take them: float16 becomes float32.
 
     The kernels run 16-bit inputs' dots in bf16, which keeps fp32's exponent range but not float16's precision:
     in the GPU fuzz (seed 20261201) float16 cases missed the 1e-2 / 2e-2 bars, by up to 0.14 in y and 3.3 in dq,
@@ -275,7 +275,7 @@ def triton_forward(
         return compiled_shared_memory(kernel, grid(candidate), attention, warps, candidate_stages)
 
     if (limit := device_shared_memory_limit(q.device)) is not None:  # the state kernels ignore block_t
-        spec, stages = fit_shared_memory(spec, warps, stages, limit, shared_of)
+        spec, stages = fit_shared_memory(spec, warps, stages, limit, shared_of, launch_specialization(attention))
     module, path = load_forward(spec)
     if is_recording() or spec not in _RECORDED:
         _RECORDED.add(spec)

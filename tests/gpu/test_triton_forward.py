@@ -152,11 +152,14 @@ def test_segments_do_not_change_results(segments: int) -> None:
     check(q, k, v, g, valid, deg=2, causal=True, plan=SMALL_CHUNK, segments=segments)
 
 
+@pytest.mark.parametrize("dtype", [f16, bf16])
 @pytest.mark.parametrize("e", [1, 8, 16])
-def test_narrow_values_fp16(e: int) -> None:
-    """fp16, e <= 16, 64 rows, 4 warps, 2 stages: with 16-column value tiles Triton 3.6 miscompiled this kernel
-    (illegal address for e = 1 and 8, relative error 6.6 for e = 16 on the H200); ``MIN_VALUE_TILE`` avoids it."""
-    q, k, v, gate, valid = make_inputs(2, 8, 2, 100, 100, 24, e, f16, gate_heads=2, has_valid=True, transposed=True)
+def test_narrow_values(e: int, dtype: torch.dtype) -> None:
+    """e <= 16, 64 rows, 4 warps, 2 stages, the tiles with which Triton 3.6 miscompiled the float16 quadratic kernel
+    (16-column value tiles: illegal address for e = 1 and 8, relative error 6.6 for e = 16 on the H200). float16
+    now runs the float32 kernels (``forward.kernel_inputs``) and value tiles are at least 32 columns
+    (``MIN_VALUE_TILE``); this checks both dtypes' narrow values against the oracle."""
+    q, k, v, gate, valid = make_inputs(2, 8, 2, 100, 100, 24, e, dtype, gate_heads=2, has_valid=True, transposed=True)
     plan = Plan(chunk_size=1 << 20, block_t=64, block_e=64, num_warps=4, num_stages=2)
     check(q, k, v, gate, valid, deg=2, causal=True, plan=plan)
 
