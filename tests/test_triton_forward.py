@@ -235,7 +235,7 @@ def test_fit_shared_memory_shrinks_rows_then_stages(monkeypatch: pytest.MonkeyPa
     assert dataclasses.replace(fitted, block_t=spec.block_t) == spec  # nothing else changes
     asked.clear()
     assert fit_shared_memory(spec, 8, 3, 40 * 1024, shared_of) == (fitted, 2) and not asked  # remembered
-    assert fit_shared_memory(spec, 8, 3, 40 * 1024, shared_of, (("Q", (torch.float16, False)),)) == (fitted, 2)
+    assert fit_shared_memory(spec, 8, 3, 40 * 1024, shared_of, ((torch.float16, False),)) == (fitted, 2)
     assert asked, "another argument specialization compiles again"
     with pytest.raises(RuntimeError, match="shared memory even with 16 query rows"):
         fit_shared_memory(spec, 8, 3, 1024, shared_of)

@@ -40,10 +40,8 @@ def shared_memory_limit(device_index: int) -> int:
 
 
 def _has_storage(value: torch.Tensor) -> bool:
-    """A plain tensor with data; tracing's fake and functional tensors have no address to give Triton."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    return type(value) is torch.Tensor and not is_fake(value)
+    """A plain tensor with data; tracing's fake and functional tensors (subclasses) have no address for Triton."""
+    return type(value) is torch.Tensor
 
 
 def _compile_args(launch: dict) -> dict:
@@ -67,14 +65,18 @@ def launch_specialization(launch: dict) -> tuple:
     specializations (an unaligned pointer is not pipelined), so fitted tiles are remembered per specialization."""
 
     def mark(value) -> object:
-        if isinstance(value, torch.Tensor):
-            return (value.dtype, value.data_ptr() % 16 == 0 if _has_storage(value) else True)
-        if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
+        if type(value) is int:
+            return (value == 1, value % 16 == 0)
+        if type(value) is torch.Tensor:
+            return (value.dtype, value.data_ptr() % 16 == 0)
+        if isinstance(value, torch.Tensor):  # fake or functional: MockTensor, aligned
+            return (value.dtype, True)
+        if isinstance(value, torch.SymInt):
             n = size_hint(value)
             return (n == 1, n % 16 == 0)
         return type(value).__name__
 
-    return tuple((name, mark(value)) for name, value in sorted(launch.items()))
+    return tuple(mark(value) for value in launch.values())  # the launch dict is built in one fixed order
 
 
 def compiled_shared_memory(kernel, grid: tuple, launch: dict, num_warps: int, num_stages: int) -> int:
