@@ -60,20 +60,21 @@ def plan_call(args: dict[str, Any]) -> dict[str, Any]:
     batch, d, kv_heads = size_hint(q.shape[0]), size_hint(q.shape[3]), size_hint(k.shape[1])
     T = _key_length(args["k"], size_hint(q.shape[2]))
     spec = hardware.detect(q.device) if q.device.type == "cuda" else None
-    plan = planning.plan(
-        spec,
-        T=T,
-        d=d,
-        e=size_hint(v.shape[3]),
-        deg=int(args["deg"]),
-        dtype=q.dtype,
-        gated=args["log_gate"] is not None,
-        batch_heads=batch * kv_heads,
-    )
+    problem = {
+        "T": T,
+        "d": d,
+        "e": size_hint(v.shape[3]),
+        "deg": int(args["deg"]),
+        "dtype": planning.kernel_dtype(q.dtype, q.device.type == "cuda"),
+        "gated": args["log_gate"] is not None,
+        "batch_heads": batch * kv_heads,
+    }
+    plan = planning.plan(spec, **problem)
     override = int(args["chunk_size"])
-    if override > 0:
+    if override > 0:  # the tiles the op plans for that chunk (ops.resolve_plan)
+        tiles = planning.plan(spec, **problem, chunk_size=override)
         plan = dataclasses.replace(
-            plan,
+            tiles,
             chunk_size=override,
             reason=f"chunk_size={override} set by RetentionConfig (planned: {plan.chunk_size}; {plan.reason})",
         )

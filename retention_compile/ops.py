@@ -49,17 +49,16 @@ def resolve_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, deg: int, ga
     Under dynamic shapes the plan is made for the size hint of the traced call; any chunk gives the same
     numbers for every length, so a graph traced at one length stays correct at another."""
     spec = hardware.detect(q.device) if q.is_cuda else None
-    # float16 on CUDA runs the float32 Triton kernels (codegen.kernel_inputs) unless codegen="cuda" keeps it
-    kernel_dtype = torch.float32 if q.is_cuda and q.dtype == torch.float16 else q.dtype
     chosen = planning.plan(
         spec,
         T=size_hint(k.shape[2]),
         d=size_hint(q.shape[3]),
         e=size_hint(v.shape[3]),
         deg=deg,
-        dtype=kernel_dtype,
+        dtype=planning.kernel_dtype(q.dtype, q.is_cuda),
         gated=gated,
         batch_heads=size_hint(q.shape[0]) * size_hint(k.shape[1]),
+        chunk_size=chunk_size,  # tiles fit the given chunk's kernels (the chunked query kernel needs the most)
     )
     return dataclasses.replace(chosen, chunk_size=chunk_size) if chunk_size > 0 else chosen
 

@@ -469,15 +469,19 @@ def _block_feature(head_dim: int) -> int:
     return next(b for b in (BLOCK_FEATURE, 8, 4, 2, 1) if head_dim % b == 0)
 
 
-def _tile_grid(T: int, d: int, e: int, deg: int) -> list[np.ndarray]:
+def _tile_grid(T: int, d: int, e: int, deg: int, chunk_size: int = 0) -> list[np.ndarray]:
     """Columns chunk, block_t, block_feature, block_e, num_warps, num_stages of every candidate.
 
     Chunks: CHUNKS below T when the chunked kernels take the shape (deg 2, ``BLOCK_FEATURE`` divides d), plus
-    the single-chunk size (T rounded up to a power of 2); block_t <= chunk; block_e: ``BLOCK_E`` up to e rounded
-    up to a power of 2 (that alone when it is narrower); warps vary on the single-chunk path only.
+    the single-chunk size (T rounded up to a power of 2); a given ``chunk_size`` is the only chunk (rounded up to a
+    power of 2, as the kernels take it; the single-chunk size from T on); block_t <= chunk; block_e: ``BLOCK_E``
+    up to e rounded up to a power of 2 (that alone when it is narrower); warps vary on the single-chunk path only.
     """
     chunked = deg == 2 and d % BLOCK_FEATURE == 0
     chunks = [c for c in CHUNKS if c < T and chunked] + [_pow2_at_least(T)]
+    if chunk_size > 0:
+        chunk = _pow2_at_least(chunk_size)
+        chunks = [chunk] if chunk < T and chunked else [_pow2_at_least(T)]
     e_pad = _pow2_at_least(e)
     e_blocks = [x for x in BLOCK_E if x <= e_pad] or [e_pad]
     grid = itertools.product(chunks, BLOCK_T, [_block_feature(d)], e_blocks, NUM_WARPS, NUM_STAGES)
@@ -486,10 +490,19 @@ def _tile_grid(T: int, d: int, e: int, deg: int) -> list[np.ndarray]:
 
 
 def gpu_candidates(
-    spec: GpuSpec, T: int, d: int, e: int, deg: int, dtype: torch.dtype, gated: bool, batch_heads: int
+    spec: GpuSpec,
+    T: int,
+    d: int,
+    e: int,
+    deg: int,
+    dtype: torch.dtype,
+    gated: bool,
+    batch_heads: int,
+    chunk_size: int = 0,
 ) -> Candidates:
-    """Every (chunk, tiles) the model considers, evaluated; infeasible ones are kept but flagged."""
-    chunk, block_t, block_feature, block_e, warps, stages = _tile_grid(T, d, e, deg)
+    """Every (chunk, tiles) the model considers (the given chunk alone when ``chunk_size > 0``), evaluated;
+    infeasible ones are kept but flagged."""
+    chunk, block_t, block_feature, block_e, warps, stages = _tile_grid(T, d, e, deg, chunk_size)
     inputs: dict[str, np.ndarray | float] = {
         "T": float(T),
         "C": chunk.astype(np.float64),
@@ -610,8 +623,10 @@ def _choose(cands: Candidates, feasible: np.ndarray) -> int:
     return int(tied[order[0]])
 
 
-def _plan_gpu(spec: GpuSpec, T: int, d: int, e: int, deg: int, dtype: torch.dtype, gated: bool, bh: int) -> Plan:
-    cands = gpu_candidates(spec, T, d, e, deg, dtype, gated, bh)
+def _plan_gpu(
+    spec: GpuSpec, T: int, d: int, e: int, deg: int, dtype: torch.dtype, gated: bool, bh: int, chunk_size: int
+) -> Plan:
+    cands = gpu_candidates(spec, T, d, e, deg, dtype, gated, bh, chunk_size)
     feasible = np.flatnonzero(cands.feasible)
     if feasible.size == 0:
         raise ValueError(f"no tile configuration fits {spec.name} for d={d}, e={e}, deg={deg}")
@@ -637,6 +652,12 @@ def _plan_cpu(T: int, d: int, e: int, deg: int, dtype: torch.dtype, gated: bool,
     return Plan(chunk_size=int(chunks[best]), reason=reason, modelled_s=float(values["time"][best]))
 
 
+def kernel_dtype(dtype: torch.dtype, on_cuda: bool) -> torch.dtype:
+    """The dtype the kernels run for inputs of ``dtype``: float16 on CUDA runs the float32 Triton kernels
+    (``codegen.forward.kernel_inputs``; ``codegen="cuda"`` keeps it beside the CUDA state kernel)."""
+    return torch.float32 if on_cuda and dtype == torch.float16 else dtype
+
+
 @functools.lru_cache(maxsize=512)
 def plan(
     spec: GpuSpec | None,
@@ -647,12 +668,14 @@ def plan(
     dtype: torch.dtype = torch.bfloat16,
     gated: bool = False,
     batch_heads: int = 1,
+    chunk_size: int = 0,
 ) -> Plan:
     """The chunk size and tiles with the least modelled time for one call (``spec=None``: the CPU aten path).
 
     T: key length; d, e: head dims of q/k and v (e defaults to d); batch_heads: B x Hk programs' worth of
-    independent heads. On a GPU, T above ``PLAN_GRANULE`` is planned rounded up to a multiple of it, so that
-    nearby lengths run the same kernels. Deterministic (cached); never changes results, only speed.
+    independent heads; ``chunk_size > 0``: the tiles for that chunk (the caller's choice), not the best chunk.
+    On a GPU, T above ``PLAN_GRANULE`` is planned rounded up to a multiple of it, so that nearby lengths run the
+    same kernels. Deterministic (cached); never changes results, only speed.
     """
     if T < 1 or d < 1 or batch_heads < 1:
         raise ValueError(f"plan needs T, d, batch_heads >= 1, got T={T}, d={d}, batch_heads={batch_heads}")
@@ -661,4 +684,7 @@ def plan(
         return _plan_cpu(T, d, e, deg, dtype, gated, batch_heads)
     if T > PLAN_GRANULE:
         T = -(-T // PLAN_GRANULE) * PLAN_GRANULE
-    return _plan_gpu(spec, T, d, e, deg, dtype, gated, batch_heads)
+    if chunk_size > 0:
+        with contextlib.suppress(ValueError):  # no modelled tiles fit that chunk: the free plan's tiles, which
+            return _plan_gpu(spec, T, d, e, deg, dtype, gated, batch_heads, chunk_size)  # fitting.py shrinks
+    return _plan_gpu(spec, T, d, e, deg, dtype, gated, batch_heads, 0)

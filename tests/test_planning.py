@@ -63,6 +63,25 @@ def test_every_plan_fits_its_gpu(key):
     assert_fits(spec, plan(spec, 65536, 64, deg=4, batch_heads=8), 65536, 64, 64, 4)
 
 
+@pytest.mark.parametrize("key", sorted(KNOWN))
+def test_a_given_chunk_gets_tiles_that_fit_its_kernels(key):
+    """``chunk_size`` given (RetentionConfig, the op's argument): the tiles are planned for that chunk's kernels.
+    Planning freely and then swapping the chunk in gave the GPU fuzz single-chunk tiles (128 rows, 128 value
+    columns) for the chunked query kernel, which asked 448 KB of shared memory for fp32 d=48 e=128. Where no
+    modelled tiles fit the chunk (fp32 there on GPUs with less shared memory), the free plan's tiles remain."""
+    spec = KNOWN[key]
+    for T, d, e, dtype, chunk in [(1014, 48, 128, torch.float32, 32), (4096, 96, 96, torch.bfloat16, 256)]:
+        p = plan(spec, T, d, e=e, dtype=dtype, gated=True, batch_heads=9, chunk_size=chunk)
+        if p.chunk_size == chunk:
+            assert "chunked C=" in p.reason.split(";")[0] and p.block_t <= chunk
+            assert contract_smem(p, T, d, 2, dtype) <= spec.smem_per_block_optin, p
+        else:
+            assert p == plan(spec, T, d, e=e, dtype=dtype, gated=True, batch_heads=9)
+    p = plan(KNOWN["H200"], 1014, 48, e=128, dtype=torch.float32, gated=True, batch_heads=9, chunk_size=32)
+    assert (p.chunk_size, p.block_t) == (32, 32)  # the fuzz's case on the H200
+    assert plan(spec, 100, 64, chunk_size=4096).chunk_size >= 100  # a chunk past the keys: the single-chunk tiles
+
+
 @pytest.mark.parametrize("key", ["H200", "A100-40GB", "L4", "RTX-3090"])
 @pytest.mark.parametrize("T", [1, 17, 64])
 def test_short_sequences_take_the_single_chunk_path(key, T):
