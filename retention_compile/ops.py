@@ -164,6 +164,18 @@ def power_retention_op(
     return chunked_forward(q, k, v, chunk_size=plan.chunk_size, **options)
 
 
+def _triton_backward_serves(q, k, v, deg, log_gate, valid, causal, plan: Plan) -> bool:
+    """Whether the Triton backward takes a call the Triton forward serves (warned once per reason when not)."""
+    from .codegen.backward import backward_unsupported
+
+    reason = backward_unsupported(
+        q, v, deg, log_gate is not None, valid is not None, causal, size_hint(k.shape[2]), plan
+    )  # fmt: skip
+    if reason is not None:
+        _warn_once(f"retention_compile: the Triton backward does not serve this call ({reason}); using the aten path")
+    return reason is None
+
+
 @triton_op(f"{OP_NAMESPACE}::power_retention_backward", mutates_args=())
 def power_retention_backward_op(
     grad_y: torch.Tensor,
@@ -185,7 +197,9 @@ def power_retention_backward_op(
         dg = q.new_empty(0, dtype=torch.float32) if log_gate is None else torch.zeros_like(log_gate)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dg
     plan = resolve_plan(q, k, v, deg, log_gate is not None, chunk_size)
-    if _triton_unavailable(q, k, v, deg, log_gate, valid, causal, impl) is None:
+    if _triton_unavailable(q, k, v, deg, log_gate, valid, causal, impl) is None and _triton_backward_serves(
+        q, k, v, deg, log_gate, valid, causal, plan
+    ):
         from .codegen import triton_backward
 
         backward, options = triton_backward, {"plan": plan}

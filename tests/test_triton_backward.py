@@ -20,7 +20,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from retention_compile.codegen.backward import BACKWARD_TEMPLATE, BackwardSpec, triton_backward  # noqa: E402
+from retention_compile.codegen.backward import (  # noqa: E402
+    BACKWARD_TEMPLATE,
+    BackwardSpec,
+    backward_unsupported,
+    triton_backward,
+)
 from retention_compile.codegen.forward import kernel_spec, triton_forward  # noqa: E402
 from retention_compile.codegen.triton_source import KernelSpec, load, render  # noqa: E402
 from retention_compile.planning import Plan  # noqa: E402
@@ -172,3 +177,18 @@ def test_float32_wide_heads_take_half_the_rows() -> None:
     assert (rows(torch.float32, 96), rows(torch.float32, 64), rows(torch.bfloat16, 96), rows(torch.bfloat16, 128)) == (
         32, 64, 64, 32,
     )  # fmt: skip
+
+
+def test_wide_fp32_chunked_backward_is_left_to_aten() -> None:
+    """fp32 tiles (float32 and float16 inputs) with e > 128 on the chunked path need ~300 KB of shared memory in
+    the backward (sm_90): ``backward_unsupported`` names it, so the op runs the aten backward; bf16, e <= 128 and
+    the single-chunk path stay on Triton."""
+    plan = Plan(chunk_size=64, block_t=64, block_e=128)
+
+    def reason(dtype: torch.dtype, e: int, T: int = 1000) -> str | None:
+        q, v = torch.empty(1, 1, 1, 64, dtype=dtype), torch.empty(1, 1, 1, e, dtype=dtype)
+        return backward_unsupported(q, v, 2, True, False, True, T, plan)
+
+    assert "e=256 > 128" in reason(torch.float32, 256) and "float16" in reason(torch.float16, 160)
+    assert reason(torch.bfloat16, 256) is None and reason(torch.float32, 128) is None
+    assert reason(torch.float32, 256, T=64) is None  # one chunk: the quadratic kernels

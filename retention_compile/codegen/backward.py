@@ -56,7 +56,7 @@ from ..planning import Plan
 from ..reference import EPS
 from ..sizes import size_hint
 from .forward import _cdiv, _chunk_states, _gate_cumsum, _launch, _strides, kernel_inputs, kernel_spec
-from .triton_source import KernelSpec, load, load_forward, pow2_at_least
+from .triton_source import KernelSpec, load, load_forward, pow2_at_least, value_tile
 
 BACKWARD_TEMPLATE = "backward.py.j2"
 MAX_ROWS = 64  # query rows / keys per program: the (rows x b x b) pair tile of the state terms stays in registers
@@ -120,6 +120,29 @@ class BackwardSpec:
             "e_pad": e_pad,
             "summary": f"{fwd.summary()}; backward rows={self.block_t} keys={self.block_k} state rows={self.block_s}",
         }
+
+
+# Widest value tile of the chunked backward with fp32 tiles (float32 and float16 inputs). With e > 128 (tile 256)
+# its dq_kernel and dkv_state_kernel ask 299-348 KB of shared memory for d = 32..128 even with 32 rows (sm_90
+# compiles with Triton 3.6, ``.scratch/bwd_smem.py``), past any GPU's per-block limit (227 KB on Hopper).
+# bf16 tiles take e = 256 in 166 KB (d = 128).
+FP32_CHUNKED_MAX_VALUE_TILE = 128
+
+
+def backward_unsupported(
+    q: torch.Tensor, v: torch.Tensor, deg: int, gated: bool, has_valid: bool, causal: bool, kv_len: int, plan: Plan
+) -> str | None:
+    """None when ``triton_backward`` serves a call the Triton forward serves, else why not (the op then runs the
+    aten backward)."""
+    fwd = kernel_spec(q, v, deg, gated, has_valid, causal, kv_len, plan)
+    wide = value_tile(fwd.value_dim) > FP32_CHUNKED_MAX_VALUE_TILE
+    if fwd.chunked and q.dtype in (torch.float32, torch.float16) and wide:
+        return (
+            f"the chunked backward with {q.dtype} inputs (fp32 tiles) and value dim e={fwd.value_dim} > "
+            f"{FP32_CHUNKED_MAX_VALUE_TILE} needs about 300 KB of shared memory, more than a GPU has per block; "
+            "bfloat16 inputs run it in Triton"
+        )
+    return None
 
 
 def triton_backward(
