@@ -1,6 +1,6 @@
 """Complete a graph's report after the rewrite: each rewritten site's ``Plan`` and the graph's balance.
 
-The plan is the one the op will compute with (``ops.resolve_chunk_size`` asks ``planning.plan`` the same
+The plan is the one the op will compute with (``ops.resolve_plan`` asks ``planning.plan`` the same
 question): the key length, head dims, dtype, gate and ``B x Hk`` of the op's operands, on the GPU of the
 query (``hardware.detect``) or the CPU; symbolic sizes are taken at their hints. A configured
 ``chunk_size`` overrides the planned chunk, and the plan says so.
@@ -76,7 +76,7 @@ def plan_call(args: dict[str, Any]) -> dict[str, Any]:
         plan = dataclasses.replace(
             tiles,
             chunk_size=override,
-            reason=f"chunk_size={override} set by RetentionConfig (planned: {plan.chunk_size}; {plan.reason})",
+            reason=f"chunk_size={override} set by RetentionConfig (planned: {plan.chunk_size}); {tiles.reason}",
         )
     device = spec.name if spec is not None else "CPU"
     return {"device": device, "T": T, "batch_heads": batch * kv_heads, **dataclasses.asdict(plan)}

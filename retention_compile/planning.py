@@ -469,23 +469,30 @@ def _block_feature(head_dim: int) -> int:
     return next(b for b in (BLOCK_FEATURE, 8, 4, 2, 1) if head_dim % b == 0)
 
 
-def _tile_grid(T: int, d: int, e: int, deg: int, chunk_size: int = 0) -> list[np.ndarray]:
+def _chunks_capable(d: int, deg: int) -> bool:
+    """Whether the chunked kernels take the shape: deg 2 and ``BLOCK_FEATURE`` dividing d."""
+    return deg == 2 and d % BLOCK_FEATURE == 0
+
+
+def _tile_grid(T: int, d: int, e: int, deg: int, given_chunk: tuple[int, bool] | None) -> list[np.ndarray]:
     """Columns chunk, block_t, block_feature, block_e, num_warps, num_stages of every candidate.
 
-    Chunks: CHUNKS below T when the chunked kernels take the shape (deg 2, ``BLOCK_FEATURE`` divides d), plus
-    the single-chunk size (T rounded up to a power of 2); a given ``chunk_size`` is the only chunk (rounded up to a
-    power of 2, as the kernels take it; the single-chunk size from T on); block_t <= chunk; block_e: ``BLOCK_E``
-    up to e rounded up to a power of 2 (that alone when it is narrower); warps vary on the single-chunk path only.
+    Chunks: CHUNKS below T when the chunked kernels take the shape, plus the single-chunk size (T rounded up to a
+    power of 2); ``given_chunk = (chunk, chunked)``: that chunk alone (rounded up to a power of 2, as the kernels
+    take it) on the path the call takes. block_t <= chunk; block_e: ``BLOCK_E`` up to e rounded up to a power of 2
+    (that alone when it is narrower); warps vary on the single-chunk path only.
     """
-    chunked = deg == 2 and d % BLOCK_FEATURE == 0
-    chunks = [c for c in CHUNKS if c < T and chunked] + [_pow2_at_least(T)]
-    if chunk_size > 0:
-        chunk = _pow2_at_least(chunk_size)
-        chunks = [chunk] if chunk < T and chunked else [_pow2_at_least(T)]
+    chunks = [c for c in CHUNKS if c < T and _chunks_capable(d, deg)] + [_pow2_at_least(T)]
+    if given_chunk is not None:
+        chunks = [_pow2_at_least(given_chunk[0]) if given_chunk[1] else _pow2_at_least(T)]
     e_pad = _pow2_at_least(e)
     e_blocks = [x for x in BLOCK_E if x <= e_pad] or [e_pad]
     grid = itertools.product(chunks, BLOCK_T, [_block_feature(d)], e_blocks, NUM_WARPS, NUM_STAGES)
-    rows = [row for row in grid if row[1] <= max(row[0], BLOCK_T[0]) and (row[0] >= T or row[4] == CHUNK_QUERY_WARPS)]
+
+    def single(chunk: int) -> bool:
+        return chunk >= T if given_chunk is None else not given_chunk[1]
+
+    rows = [r for r in grid if r[1] <= max(r[0], BLOCK_T[0]) and (single(r[0]) or r[4] == CHUNK_QUERY_WARPS)]
     return [np.array(col, dtype=np.int64) for col in zip(*rows)]
 
 
@@ -498,11 +505,12 @@ def gpu_candidates(
     dtype: torch.dtype,
     gated: bool,
     batch_heads: int,
-    chunk_size: int = 0,
+    given_chunk: tuple[int, bool] | None = None,
 ) -> Candidates:
-    """Every (chunk, tiles) the model considers (the given chunk alone when ``chunk_size > 0``), evaluated;
-    infeasible ones are kept but flagged."""
-    chunk, block_t, block_feature, block_e, warps, stages = _tile_grid(T, d, e, deg, chunk_size)
+    """Every (chunk, tiles) the model considers (``given_chunk = (chunk, chunked)``: that chunk alone, on the path
+    the call takes), evaluated; infeasible ones are kept but flagged."""
+    chunk, block_t, block_feature, block_e, warps, stages = _tile_grid(T, d, e, deg, given_chunk)
+    single = chunk >= T if given_chunk is None else np.full(chunk.shape, not given_chunk[1])
     inputs: dict[str, np.ndarray | float] = {
         "T": float(T),
         "C": chunk.astype(np.float64),
@@ -512,7 +520,7 @@ def gpu_candidates(
         "nbytes": float(dtype.itemsize),
         "block_t": block_t.astype(np.float64),
         "block_e": block_e.astype(np.float64),
-        "features_per_tile": np.where(chunk >= T, 1.0, block_feature.astype(np.float64) ** deg),  # no state: none
+        "features_per_tile": np.where(single, 1.0, block_feature.astype(np.float64) ** deg),  # no state: none
         "tiled_state": np.vectorize(lambda b: float(tiled_state_dim(d, int(b), deg)))(block_feature),
         "warps": warps.astype(np.float64),
         "stages": stages.astype(np.float64),
@@ -521,7 +529,6 @@ def gpu_candidates(
         **hardware_values(spec, dtype),
     }
     values = _compiled("gpu")(**inputs)
-    single = chunk >= T
     values["smem"] = np.where(single, values["smem.single"], values["smem.chunked"])
     time = np.where(single, values["single.time"], values["chunked.time"])
     feasible = (
@@ -623,15 +630,15 @@ def _choose(cands: Candidates, feasible: np.ndarray) -> int:
     return int(tied[order[0]])
 
 
-def _plan_gpu(
-    spec: GpuSpec, T: int, d: int, e: int, deg: int, dtype: torch.dtype, gated: bool, bh: int, chunk_size: int
-) -> Plan:
-    cands = gpu_candidates(spec, T, d, e, deg, dtype, gated, bh, chunk_size)
+def _plan_gpu(spec: GpuSpec, given_chunk: tuple[int, bool] | None, *problem) -> Plan | None:
+    """The best feasible candidate for ``problem = (T, d, e, deg, dtype, gated, batch_heads)``, or None when no
+    candidate fits the GPU."""
+    cands = gpu_candidates(spec, *problem, given_chunk)
     feasible = np.flatnonzero(cands.feasible)
     if feasible.size == 0:
-        raise ValueError(f"no tile configuration fits {spec.name} for d={d}, e={e}, deg={deg}")
+        return None
     best = _choose(cands, feasible)
-    return cands.plan(best, _gpu_reason(cands, spec, best, _problem(T, d, e, deg, dtype, gated, bh)))
+    return cands.plan(best, _gpu_reason(cands, spec, best, _problem(*problem)))
 
 
 def _plan_cpu(T: int, d: int, e: int, deg: int, dtype: torch.dtype, gated: bool, bh: int) -> Plan:
@@ -682,9 +689,15 @@ def plan(
     e = d if e is None else e
     if spec is None:
         return _plan_cpu(T, d, e, deg, dtype, gated, batch_heads)
+    given_chunk = None if chunk_size <= 0 else (chunk_size, chunk_size < T and _chunks_capable(d, deg))
     if T > PLAN_GRANULE:
         T = -(-T // PLAN_GRANULE) * PLAN_GRANULE
-    if chunk_size > 0:
-        with contextlib.suppress(ValueError):  # no modelled tiles fit that chunk: the free plan's tiles, which
-            return _plan_gpu(spec, T, d, e, deg, dtype, gated, batch_heads, chunk_size)  # fitting.py shrinks
-    return _plan_gpu(spec, T, d, e, deg, dtype, gated, batch_heads, 0)
+    problem = (T, d, e, deg, dtype, gated, batch_heads)
+    if given_chunk is not None:  # where no modelled tiles fit that chunk: the free plan's (fitting.py shrinks them)
+        chosen = _plan_gpu(spec, given_chunk, *problem)
+        if chosen is not None:
+            return chosen
+    chosen = _plan_gpu(spec, None, *problem)
+    if chosen is None:
+        raise ValueError(f"no tile configuration fits {spec.name} for d={d}, e={e}, deg={deg}")
+    return chosen

@@ -70,15 +70,23 @@ def test_a_given_chunk_gets_tiles_that_fit_its_kernels(key):
     columns) for the chunked query kernel, which asked 448 KB of shared memory for fp32 d=48 e=128. Where no
     modelled tiles fit the chunk (fp32 there on GPUs with less shared memory), the free plan's tiles remain."""
     spec = KNOWN[key]
-    for T, d, e, dtype, chunk in [(1014, 48, 128, torch.float32, 32), (4096, 96, 96, torch.bfloat16, 256)]:
+    cases = [
+        (1014, 48, 128, torch.float32, 32),
+        (4096, 96, 96, torch.bfloat16, 256),
+        (1014, 48, 128, torch.float32, 1000),
+    ]
+    for T, d, e, dtype, chunk in cases:  # the last: a chunk that is no power of 2, just below T (the kernels: C=1024)
         p = plan(spec, T, d, e=e, dtype=dtype, gated=True, batch_heads=9, chunk_size=chunk)
-        if p.chunk_size == chunk:
-            assert "chunked C=" in p.reason.split(";")[0] and p.block_t <= chunk
-            assert contract_smem(p, T, d, 2, dtype) <= spec.smem_per_block_optin, p
-        else:
-            assert p == plan(spec, T, d, e=e, dtype=dtype, gated=True, batch_heads=9)
+        free = plan(spec, T, d, e=e, dtype=dtype, gated=True, batch_heads=9)
+        if p != free:  # tiles for the chunk's kernels (else no modelled tiles fit them: the free plan's remain)
+            assert p.chunk_size == 1 << (chunk - 1).bit_length() and "chunked C=" in p.reason.split(";")[0]
+            assert p.block_t <= p.chunk_size
+            chunked_T = p.chunk_size + 1  # contract_smem tells the paths apart by chunk >= T
+            assert contract_smem(p, chunked_T, d, 2, dtype) <= spec.smem_per_block_optin, p
     p = plan(KNOWN["H200"], 1014, 48, e=128, dtype=torch.float32, gated=True, batch_heads=9, chunk_size=32)
     assert (p.chunk_size, p.block_t) == (32, 32)  # the fuzz's case on the H200
+    p = plan(KNOWN["H200"], 1014, 48, e=128, dtype=torch.float32, gated=True, batch_heads=9, chunk_size=1000)
+    assert "chunked C=1024" in p.reason  # chunk 1000 < 1014 keys: the kernels run chunked (C = 1024)
     assert plan(spec, 100, 64, chunk_size=4096).chunk_size >= 100  # a chunk past the keys: the single-chunk tiles
 
 
