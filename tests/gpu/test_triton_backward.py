@@ -169,3 +169,12 @@ def test_backward_kernels_in_inductor_code() -> None:
     text = "\n".join(code)
     for kernel in ("dq_kernel", "dkv_kernel"):
         assert kernel in text, f"{kernel} not in Inductor's output code"
+
+
+def test_wide_fp32_chunked_backward_runs_aten(backward_calls: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32, e = 256, chunked: the Triton forward, then (one warning) the aten backward, since fp32 tiles that
+    wide need ~300 KB of shared memory in the backward (``codegen.backward.backward_unsupported``)."""
+    monkeypatch.setattr(rc.ops, "_WARNED", set())
+    with pytest.warns(UserWarning, match="Triton backward does not serve"):
+        check(1, 2, 1, 600, 600, 64, 256, 2, f32, "k", True, True, op=True)
+    assert not backward_calls
