@@ -65,6 +65,7 @@ import torch
 
 from .hardware import GpuSpec
 from .power_features import state_dim
+from .sizes import pow2_at_least
 
 
 @dataclass(frozen=True)
@@ -410,10 +411,6 @@ def tiled_state_dim(head_dim: int, block_feature: int, deg: int) -> int:
     return math.comb(head_dim // block_feature + deg - 1, deg) * block_feature**deg
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def hardware_values(spec: GpuSpec, dtype: torch.dtype) -> dict[str, float]:
     """The hardware symbols' values: per-SM achieved rates (fp32 inputs run tf32 at half the bf16 rate)."""
     rate = 1.0 if dtype.itemsize == 2 else 0.5
@@ -482,10 +479,10 @@ def _tile_grid(T: int, d: int, e: int, deg: int, given_chunk: tuple[int, bool] |
     take it) on the path the call takes. block_t <= chunk; block_e: ``BLOCK_E`` up to e rounded up to a power of 2
     (that alone when it is narrower); warps vary on the single-chunk path only.
     """
-    chunks = [c for c in CHUNKS if c < T and _chunks_capable(d, deg)] + [_pow2_at_least(T)]
+    chunks = [c for c in CHUNKS if c < T and _chunks_capable(d, deg)] + [pow2_at_least(T)]
     if given_chunk is not None:
-        chunks = [_pow2_at_least(given_chunk[0]) if given_chunk[1] else _pow2_at_least(T)]
-    e_pad = _pow2_at_least(e)
+        chunks = [pow2_at_least(given_chunk[0]) if given_chunk[1] else pow2_at_least(T)]
+    e_pad = pow2_at_least(e)
     e_blocks = [x for x in BLOCK_E if x <= e_pad] or [e_pad]
     grid = itertools.product(chunks, BLOCK_T, [_block_feature(d)], e_blocks, NUM_WARPS, NUM_STAGES)
 
@@ -642,7 +639,7 @@ def _plan_gpu(spec: GpuSpec, given_chunk: tuple[int, bool] | None, *problem) -> 
 
 
 def _plan_cpu(T: int, d: int, e: int, deg: int, dtype: torch.dtype, gated: bool, bh: int) -> Plan:
-    chunks = np.array([c for c in CHUNKS if c < T] + [_pow2_at_least(T)], dtype=np.int64)
+    chunks = np.array([c for c in CHUNKS if c < T] + [pow2_at_least(T)], dtype=np.int64)
     values = _compiled("cpu")(
         T=float(T), C=chunks.astype(np.float64), d=float(d), e=float(e), H=float(bh), state_dim=float(state_dim(d, deg))
     )

@@ -2,6 +2,7 @@
 
     size_hint(size) -> int    an int as is; a SymInt's example value, read without adding a guard
                               (``UNHINTED`` when it has none)
+    pow2_at_least(n) -> int   the smallest power of 2 at or above n (tile and chunk widths)
 
 Used where a size only steers a choice that never changes the result (a plan, a tile, a chunk), so reading the
 traced example instead of guarding on it keeps one graph for every length.
@@ -12,6 +13,11 @@ from __future__ import annotations
 import torch
 
 UNHINTED = 4096  # a SymInt without an example value: a typical length
+
+
+def pow2_at_least(n: int) -> int:
+    """The smallest power of 2 at or above n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def size_hint(size: int | torch.SymInt) -> int:

@@ -54,9 +54,9 @@ import torch
 from ..gates import log_gate_grad
 from ..planning import Plan
 from ..reference import EPS
-from ..sizes import size_hint
+from ..sizes import pow2_at_least, size_hint
 from .forward import _cdiv, _chunk_states, _gate_cumsum, _launch, _strides, kernel_inputs, kernel_spec
-from .triton_source import KernelSpec, load, load_forward, pow2_at_least, value_tile
+from .triton_source import KernelSpec, load, load_forward, value_tile
 
 BACKWARD_TEMPLATE = "backward.py.j2"
 MAX_ROWS = 64  # query rows / keys per program: the (rows x b x b) pair tile of the state terms stays in registers

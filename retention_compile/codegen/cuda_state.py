@@ -30,6 +30,7 @@ from typing import NamedTuple
 import torch
 
 from ..inspection import is_recording, record_kernel
+from ..sizes import pow2_at_least, size_hint
 from . import nvrtc
 from .triton_source import KernelSpec
 
@@ -237,7 +238,6 @@ def _record(spec: KernelSpec, k: torch.Tensor, v: torch.Tensor, q_shape: Sequenc
     if not (is_recording() or source not in _RECORDED):
         return
     _RECORDED.add(source)
-    from ..sizes import size_hint
 
     meta: dict[str, object] = {
         "k_shape": tuple(size_hint(s) for s in k.shape),
@@ -280,10 +280,6 @@ class StateChoice(NamedTuple):
     reason: str | None
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def _candidates(q, k, v, log_gate, valid, scale: float, causal: bool, chunk: int) -> dict[str, Callable[[], object]]:
     """The forward with either state kernel, on random inputs of the call's shapes (built on first use)."""
     from ..ops import power_retention_op
@@ -317,7 +313,6 @@ def select_state_kernel(
     for ``"cuda"`` where ``cuda_state_unsupported`` finds nothing against it; for ``"auto"`` the faster of the two
     as measured by ``choice.choose`` for this GPU and shape class (sequence length and heads rounded up to powers
     of 2)."""
-    from ..sizes import size_hint
     from . import choice
     from .forward import kernel_spec
 
@@ -335,7 +330,12 @@ def select_state_kernel(
     B, Hq, Tq, _ = (size_hint(s) for s in q.shape)
     Hk, Tk = size_hint(k.shape[1]), size_hint(k.shape[2])
     state_heads = size_hint(log_gate.shape[1]) if log_gate is not None else Hk
-    key = {"spec": spec.summary(), "keys": _pow2(Tk), "heads": _pow2(B * state_heads), "group": Hq // Hk}
+    key = {
+        "spec": spec.summary(),
+        "keys": pow2_at_least(Tk),
+        "heads": pow2_at_least(B * state_heads),
+        "group": Hq // Hk,
+    }
     key["queries"] = "all" if Tq == Tk else "fewer"
     candidates = _candidates(q, k, v, log_gate, valid, scale, causal, spec.chunk_size)
     if choice.choose("chunk_state", key, candidates, q.device) == "cuda":

@@ -16,19 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Callable
 
 import torch
 
 from ..sizes import size_hint
-from .triton_source import KernelSpec
+from .triton_source import KernelSpec, interpreting
 
 MIN_BLOCK_T = 16
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.cache
@@ -67,10 +62,8 @@ def launch_specialization(launch: dict) -> tuple:
     def mark(value) -> object:
         if type(value) is int:
             return (value == 1, value % 16 == 0)
-        if type(value) is torch.Tensor:
-            return (value.dtype, value.data_ptr() % 16 == 0)
-        if isinstance(value, torch.Tensor):  # fake or functional: MockTensor, aligned
-            return (value.dtype, True)
+        if isinstance(value, torch.Tensor):  # without storage: a MockTensor, aligned
+            return (value.dtype, value.data_ptr() % 16 == 0 if _has_storage(value) else True)
         if isinstance(value, torch.SymInt):
             n = size_hint(value)
             return (n == 1, n % 16 == 0)
@@ -123,6 +116,6 @@ def fit_shared_memory(
 
 def device_shared_memory_limit(device: torch.device) -> int | None:
     """The device's per-program shared memory, or None where nothing is compiled for a GPU (the interpreter)."""
-    if _interpreting() or device.type != "cuda":
+    if interpreting() or device.type != "cuda":
         return None
     return shared_memory_limit(device.index if device.index is not None else torch.cuda.current_device())

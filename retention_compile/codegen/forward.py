@@ -47,7 +47,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-import os
 from collections.abc import Callable
 
 import torch
@@ -56,7 +55,7 @@ from ..inspection import is_recording
 from ..planning import Plan
 from ..sizes import size_hint
 from .fitting import compiled_shared_memory, device_shared_memory_limit, fit_shared_memory, launch_specialization
-from .triton_source import SCAN_BLOCK, KernelSpec, load_forward, value_tile
+from .triton_source import SCAN_BLOCK, KernelSpec, interpreting, load_forward, value_tile
 
 QUADRATIC_BLOCK_K = 64  # keys per step of the attention loop
 # Keys per step of the state kernel. H200, T=65536 gated, C=1024, 3 stages (run 3): 128 keys 1.469 ms, 64 keys
@@ -94,10 +93,6 @@ QUERY_TRANSPOSED = True  # the chunked query kernel's state product as acc^T += 
 MAX_GRID_Z = 65535
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def triton_supports(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -110,7 +105,7 @@ def triton_supports(
     """None if ``triton_forward`` serves this call, else the reason it does not (the op then uses aten)."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    if not (q.is_cuda or _interpreting()):
+    if not (q.is_cuda or interpreting()):
         return f"tensors are on {q.device.type}, the Triton kernels need CUDA (or TRITON_INTERPRET=1)"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {q.dtype} (the kernels take float16, bfloat16 and float32)"
@@ -176,7 +171,7 @@ def _launch(kernel, grid: tuple, kwargs: dict, num_warps: int, num_stages: int) 
     """``wrap_triton(kernel)[grid](**kwargs)``: Inductor copies the kernel into its output code when tracing."""
     from torch.library import wrap_triton
 
-    launch = dict(kwargs) if _interpreting() else {**kwargs, "num_warps": num_warps, "num_stages": num_stages}
+    launch = dict(kwargs) if interpreting() else {**kwargs, "num_warps": num_warps, "num_stages": num_stages}
     wrap_triton(kernel)[grid](**launch)
 
 

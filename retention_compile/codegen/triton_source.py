@@ -26,6 +26,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ..reference import EPS
+from ..sizes import pow2_at_least
 from . import cache
 from .templating import environment
 
@@ -34,9 +35,9 @@ FORWARD_TEMPLATE = "forward.py.j2"
 SCAN_BLOCK = 1024  # state elements per program of the segment scan
 
 
-def pow2_at_least(n: int) -> int:
-    """The smallest power of 2 at or above n (1 for n <= 1)."""
-    return 1 << max(n - 1, 0).bit_length()
+def interpreting() -> bool:
+    """Whether ``TRITON_INTERPRET=1``: kernels run eagerly in the interpreter (CPU tensors too), nothing compiles."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # Value columns per tile are never fewer than this. With 16 columns, fp16 inputs, 64 query rows, 4 warps and 2
@@ -160,7 +161,7 @@ def load_forward(spec: KernelSpec) -> tuple[ModuleType, Path]:
 
 def load(template: str, spec) -> tuple[ModuleType, Path]:
     """``load_forward`` for any template (the cache entry is named after the template's stem)."""
-    return _load(spec, os.environ.get("TRITON_INTERPRET", "0") == "1", template)
+    return _load(spec, interpreting(), template)
 
 
 @functools.lru_cache(maxsize=256)
