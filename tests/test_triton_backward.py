@@ -58,9 +58,10 @@ CASES = [
 ]
 
 
-def run_case(case: tuple, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+def run_case(case: tuple, dtype: torch.dtype = torch.float32, segments: int | None = None) -> dict[str, float]:
     """Relative error of each gradient of ``triton_backward`` against the float64 oracle's autograd; q, k, v are
-    drawn in float32 and rounded to ``dtype`` (their gradients come back in it)."""
+    drawn in float32 and rounded to ``dtype`` (their gradients come back in it). ``segments``: the state kernels'
+    segment count (the interpreter's default is one: it counts one SM)."""
     B, Hq, Hk, Tq, Tk, d, e, deg, gate_heads, has_valid, causal, chunk, *strength = case
     gen = torch.Generator().manual_seed(sum(map(hash, case)) % 2**31)
     q = torch.randn(B, Hq, Tq, d, generator=gen).to(dtype)
@@ -74,7 +75,7 @@ def run_case(case: tuple, dtype: torch.dtype = torch.float32) -> dict[str, float
     scale = 0.7 / d**0.5
     options = {"scale": scale, "deg": deg, "log_gate": gate, "causal": causal, "valid": valid}
     y, den = triton_forward(q, k, v, plan=plan, **options)
-    grads = triton_backward(grad_y, q, k, v, y, den, plan=plan, **options)
+    grads = triton_backward(grad_y, q, k, v, y, den, plan=plan, segments=segments, **options)
     leaves = [t.double().requires_grad_() for t in (q, k, v) + (() if gate is None else (gate,))]
     ref = power_retention_reference(
         *leaves[:3], scale=scale, deg=deg, causal=causal, valid=valid, log_gate=leaves[3] if gate is not None else None
@@ -89,10 +90,21 @@ def run_case(case: tuple, dtype: torch.dtype = torch.float32) -> dict[str, float
 
 
 FLOAT16_CASES = ("chunked-gate-valid", "quadratic-deg4-gate-valid")
+# chunked cases whose forward and reverse states run in segments (a segment scan after the state kernels):
+# name: (case, segments); 7 chunks in 3 segments leave a last segment of one chunk
+SEGMENT_CASES = {
+    "chunked-long-gate-segments": ((1, 2, 1, 100, 100, 32, 32, 2, 1, True, True, 16), 3),
+    "chunked-long-segments": ((1, 2, 1, 100, 100, 32, 32, 2, 0, False, True, 16), 4),
+    "chunked-prefill-cache-segments": (dict(CASES)["chunked-prefill-cache"], 2),
+    "chunked-query-head-gate-segments": (dict(CASES)["chunked-query-head-gate"], 2),
+    "chunked-strong-gate-segments": (dict(CASES)["chunked-strong-gate"], 3),
+    "chunked-noncausal-segments": (dict(CASES)["chunked-noncausal"], 2),
+}
 
 
 def _interpreted() -> dict[str, dict[str, float]]:
     results = {name: run_case(case) for name, case in CASES}
+    results.update({name: run_case(case, segments=segments) for name, (case, segments) in SEGMENT_CASES.items()})
     # float16 inputs run the float32 kernels (forward.kernel_inputs); only the gradients' final rounding remains
     results.update({f"{name}-float16": run_case(dict(CASES)[name], torch.float16) for name in FLOAT16_CASES})
     return results
@@ -114,10 +126,10 @@ def test_float16_runs_the_float32_kernels(interpreted: dict[str, dict[str, float
     assert not bad, f"{name} in float16: relative errors {bad}"
 
 
-@pytest.mark.parametrize("name", [n for n, _ in CASES])
+@pytest.mark.parametrize("name", [n for n, _ in CASES] + list(SEGMENT_CASES))
 def test_gradients_match_oracle(interpreted: dict[str, dict[str, float]], name: str) -> None:
     errors = interpreted[name]
-    gated = dict(CASES)[name][8] > 0
+    gated = {**dict(CASES), **{n: c for n, (c, _) in SEGMENT_CASES.items()}}[name][8] > 0
     assert set(errors) == set(GRADS if gated else GRADS[:3])
     bad = {g: f"{err:.2e}" for g, err in errors.items() if not err < 2e-5}
     assert not bad, f"{name}: relative errors {bad}"

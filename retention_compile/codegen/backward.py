@@ -55,8 +55,18 @@ from ..gates import log_gate_grad
 from ..planning import Plan
 from ..reference import EPS
 from ..sizes import pow2_at_least, size_hint
-from .forward import _cdiv, _chunk_states, _gate_cumsum, _launch, _strides, kernel_inputs, kernel_spec
-from .triton_source import KernelSpec, load, load_forward, value_tile
+from .forward import (
+    SCAN_WARPS,
+    _cdiv,
+    _chunk_states,
+    _gate_cumsum,
+    _launch,
+    _strides,
+    kernel_inputs,
+    kernel_spec,
+    state_segments,
+)
+from .triton_source import SCAN_BLOCK, KernelSpec, load, load_forward, value_tile
 
 BACKWARD_TEMPLATE = "backward.py.j2"
 MAX_ROWS = 64  # query rows / keys per program: the (rows x b x b) pair tile of the state terms stays in registers
@@ -159,9 +169,11 @@ def triton_backward(
     causal: bool,
     valid: torch.Tensor | None,
     plan: Plan,
+    segments: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of ``sum(grad_y * y)`` for ``(y, denom) = triton_forward(...)`` with the same ``plan`` (float16
-    inputs run the float32 kernels, as in the forward: ``kernel_inputs``; the gradients come back in float16)."""
+    inputs run the float32 kernels, as in the forward: ``kernel_inputs``; the gradients come back in float16).
+    ``segments`` overrides the segment count of the chunked path's state kernels (forward and reverse states)."""
     dtypes = (q.dtype, k.dtype, v.dtype)
     q, k, v = kernel_inputs(q, k, v)
     B, Hq, Tq, d = q.shape
@@ -193,9 +205,9 @@ def triton_backward(
     dq_args = {**common, **extra, **rows, **sizes, "state_slots": n_chunks}
     dkv_args = dict(dq_args)
     if fwd.chunked:
-        states = _chunk_states(forward_module, fwd, k, Tq, common, extra, plan, None)
+        states = _chunk_states(forward_module, fwd, k, Tq, common, extra, plan, segments)
         dq_args.update(S_ST=states["S_ST"], M_ST=states["M_ST"], state_slots=states["state_slots"])
-        dkv_args.update(_reverse_states(module, spec, q, rows, gate, sizes, n_chunks if causal else 1))
+        dkv_args.update(_reverse_states(module, spec, q, rows, gate, sizes, n_chunks, segments))
 
     dq = torch.empty((B, Hq, Tq, d), dtype=q.dtype, device=q.device)
     _launch(module.dq_kernel, (_cdiv(Tq, spec.block_t), B * Hq), {**dq_args, "DQ": dq}, warps, STAGES)
@@ -221,18 +233,36 @@ def triton_backward(
 
 
 def _reverse_states(
-    module, spec: BackwardSpec, q: torch.Tensor, rows: dict, gate: dict, sizes: dict, slots
-) -> dict[str, torch.Tensor]:
-    """Run ``reverse_state_kernel``: ``R_ST`` (B*Hs, slots, Dt, e) in the states' dtype, ``P_ST`` (.., d, d) fp32
-    (the dk/dv kernel's state arguments)."""
+    module, spec: BackwardSpec, q: torch.Tensor, rows: dict, gate: dict, sizes: dict, n_chunks, segments: int | None
+) -> dict[str, object]:
+    """Run ``reverse_state_kernel`` over segments of chunks (grid: pairs x value blocks, B*Hs, segments), then
+    ``reverse_scan_kernel`` (causal) or a sum over the segments (non-causal): ``R_ST`` (B*Hs, slots, Dt, e) in the
+    states' dtype and ``P_ST`` (.., d, d) fp32, the dk/dv kernel's state arguments. Non-causal calls have one slot,
+    their segments cover chunks of rows. Segment totals live in float32 buffers of ``n_seg`` slots."""
     fwd = spec.forward
     params = spec.template_params()
     heads = q.shape[0] * sizes["state_heads"]
+    programs = params["npairs"] * params["n_eb"]
+    if not fwd.causal:
+        n_chunks = _cdiv(q.shape[2], fwd.chunk_size)
+    segments, per_segment, n_seg = state_segments(q.device, programs * heads, n_chunks, segments)
+    slots = n_chunks if fwd.causal else 1
     state_dtype = torch.float32 if fwd.dtype == "float32" else torch.bfloat16
-    r = torch.empty((heads, slots, params["dt"], fwd.value_dim), dtype=state_dtype, device=q.device)
-    p = torch.empty((heads, slots, fwd.head_dim, fwd.head_dim), dtype=torch.float32, device=q.device)
-    args = {**rows, **gate, **sizes, "R_ST": r, "P_ST": p, "state_slots": slots}
-    _launch(module.reverse_state_kernel, (params["npairs"] * params["n_eb"], heads), args, STATE_WARPS, STAGES)
+    d, e, dt = fwd.head_dim, fwd.value_dim, params["dt"]
+    r = torch.empty((heads, slots, dt, e), dtype=state_dtype, device=q.device)
+    p = torch.empty((heads, slots, d, d), dtype=torch.float32, device=q.device)
+    r_seg = torch.empty((heads, n_seg, dt, e), dtype=torch.float32, device=q.device)
+    p_seg = torch.empty((heads, n_seg, d, d), dtype=torch.float32, device=q.device)
+    buffers = {"R_ST": r, "P_ST": p, "R_SEG": r_seg, "P_SEG": p_seg}
+    counts = {"state_slots": slots, "chunks_per_seg": per_segment, "n_seg": n_seg}
+    args = {**rows, **gate, **sizes, **buffers, **counts}
+    _launch(module.reverse_state_kernel, (programs, heads, n_seg), args, STATE_WARPS, STAGES)
+    if not fwd.causal:
+        r, p = r_seg.sum(1, keepdim=True).to(state_dtype), p_seg.sum(1, keepdim=True)
+    elif segments > 1:
+        blocks = params["scan_s_blocks"] + _cdiv(d * d, SCAN_BLOCK)
+        scan = {key: sizes[key] for key in ("Tk", "shift")}
+        _launch(module.reverse_scan_kernel, (blocks, heads), {**buffers, **gate, **scan, **counts}, SCAN_WARPS, 2)
     return {"R_ST": r, "P_ST": p, "state_slots": slots}
 
 

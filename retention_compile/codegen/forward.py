@@ -295,6 +295,19 @@ def _cdiv(a: int | torch.SymInt, b: int | torch.SymInt) -> int | torch.SymInt:
     return (a + b - 1) // b
 
 
+def state_segments(
+    device: torch.device, programs, n_chunks, segments: int | None
+) -> tuple[int, int | torch.SymInt, int | torch.SymInt]:
+    """``(segments, chunks per segment, segment count)`` for a state kernel with ``programs`` programs per segment
+    over ``n_chunks`` chunks: ``segments`` as given, else enough for ``STATE_WAVES`` programs per SM (at most one
+    segment per chunk). The count is ``segments`` or fewer (4 chunks in 3 segments take 2 of 2 chunks)."""
+    if segments is None:
+        wanted = STATE_WAVES * _sm_count(device) / size_hint(programs)
+        segments = max(1, min(size_hint(n_chunks), math.ceil(wanted)))
+    per_segment = _cdiv(n_chunks, segments)
+    return segments, per_segment, _cdiv(n_chunks, per_segment)
+
+
 def _chunk_states(
     module,
     spec: KernelSpec,
@@ -314,11 +327,7 @@ def _chunk_states(
     shift = (Tq - Tk) % C
     n_chunks = _cdiv(Tk + shift, C)
     pair_programs = params["npairs"] * params["n_eb"]
-    if segments is None:
-        wanted = STATE_WAVES * _sm_count(k.device) / (pair_programs * size_hint(B) * size_hint(state_heads))
-        segments = max(1, min(size_hint(n_chunks), math.ceil(wanted)))
-    per_segment = _cdiv(n_chunks, segments)
-    n_seg = _cdiv(n_chunks, per_segment)
+    segments, per_segment, n_seg = state_segments(k.device, pair_programs * B * state_heads, n_chunks, segments)
     state_dtype = torch.float32 if spec.dtype == "float32" else torch.bfloat16
     dt = params["dt"]
     heads = B * state_heads
