@@ -201,8 +201,11 @@ def power_retention_backward_op(
         q, k, v, deg, log_gate, valid, causal, plan
     ):
         from .codegen import triton_backward
+        from .codegen.cuda_state import select_state_kernel
 
-        backward, options = triton_backward, {"plan": plan}
+        # the forward's states are recomputed by the state kernel the forward ran (the choice is cached)
+        state = select_state_kernel(q, k, v, deg, log_gate, valid, causal, scale, plan, impl)
+        backward, options = triton_backward, {"plan": plan, "state_kernel": state.kernel}
     elif _quadratic_serves(k, plan):
         backward, options = quadratic_backward, {}
     else:

@@ -28,25 +28,31 @@ quadratic   ``dq_kernel`` (grid: query blocks x B*Hq) walks the admissible keys 
             ``dkv_kernel`` (grid: key blocks x B*Hs) walks, for each query head reading its state, the rows
             that see its keys, accumulating dk, dv and kterm in registers.
 chunked     the same two kernels restricted to the rows' / keys' own chunk, plus the chunk states:
-            the forward states ``S_c, M_c`` before each chunk, recomputed by the forward's own state (and
-            scan) kernels, give dq's inter-chunk part; ``reverse_state_kernel`` walks the chunks from the last
-            and stores ``R_c = sum_{i after c} coef s^2 exp(G_i - E_c) phi(q_i) dN_i^T`` (pair tiles, like S_c)
-            and ``P_c = sum_{i after c} s^2 exp(G_i - E_c) dZ_i q_i q_i^T`` (d x d), which
-            ``dkv_state_kernel`` adds to the float32 dk, dv (and key term) that ``dkv_kernel`` stored (split so
-            each part could be checked alone on the H200: the bf16 fault was the P term's wgmma dot, now an fp32
-            FMA dot). phi(q) and phi(k) are built in registers, never in global memory.
+            the forward states ``S_c, M_c`` before each chunk, recomputed by the state kernel the forward ran
+            (Triton's, or the CUDA one where ``select_state_kernel`` picked it) and the scan, give dq's
+            inter-chunk part; ``reverse_state_kernel`` walks the chunks of a segment from its last and stores
+            ``R_c = sum_{i after c} coef s^2 exp(G_i - E_c) phi(q_i) dN_i^T`` (pair tiles, like S_c) and
+            ``P_c = sum_{i after c} s^2 exp(G_i - E_c) dZ_i q_i q_i^T`` (d x d) within the segment;
+            ``reverse_scan_kernel`` adds the later segments (segments as the forward's state kernel has them:
+            ``forward.state_segments``; with one, at b=1 h=8 d=64, the kernel had 80 programs on 132 SMs).
+            ``dkv_state_kernel`` adds them to the float32 dk, dv (and key term) that ``dkv_kernel`` stored (split
+            so each part could be checked alone on the H200: the bf16 fault was the P term's wgmma dot, now an
+            fp32 FMA dot). phi(q) and phi(k) are built in registers, never in global memory.
 
 Memory. The forward saves only its inputs, ``y`` (B, Hq, Tq, e) and ``denom`` (B, Hq, Tq), both float32 (y is
 4 bytes per element, twice a 16-bit copy: see "Precision"; 134 MB per layer at B=1, Hq=8, T=65536, e=64): no
 weights and no states (recompute, not store). The backward allocates ``dZ`` (B, Hq, Tq) float32 and, on the chunked
 path, per state head and chunk the forward states (Dt x e in the dots' dtype plus d x d float32, Dt = 2560 for
 d = 64) and the reverse states of the same size: ``2 * n_chunks * (Dt * e * 2 + d * d * 4)`` bytes per state
-head for 16-bit inputs (about 43 MB per head at T = 65536, C = 1024). With a gate per query head (states per
-query head) dk and dv are summed over the group from float32 per-head buffers.
+head for 16-bit inputs (about 43 MB per head at T = 65536, C = 1024), plus the reverse segment totals in float32
+(``n_seg * (Dt * e + d * d) * 4`` bytes per state head: 5.4 MB with the 8 segments of b=1 h=8 d=64 on an H200).
+With a gate per query head (states per query head) dk and dv are summed over the group from float32 per-head
+buffers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -170,10 +176,15 @@ def triton_backward(
     valid: torch.Tensor | None,
     plan: Plan,
     segments: int | None = None,
+    state_kernel: Callable[[KernelSpec, dict], dict] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of ``sum(grad_y * y)`` for ``(y, denom) = triton_forward(...)`` with the same ``plan`` (float16
     inputs run the float32 kernels, as in the forward: ``kernel_inputs``; the gradients come back in float16).
-    ``segments`` overrides the segment count of the chunked path's state kernels (forward and reverse states)."""
+    ``segments`` overrides the segment count of the chunked path's state kernels (forward and reverse states);
+    ``state_kernel`` recomputes the forward states as in ``triton_forward`` (the CUDA state kernel for bfloat16
+    inputs; ignored for others, which run the Triton one)."""
+    if q.dtype != torch.bfloat16:  # the CUDA state kernel's 16-bit input is bf16 here: float16 runs fp32 tiles
+        state_kernel = None
     dtypes = (q.dtype, k.dtype, v.dtype)
     q, k, v = kernel_inputs(q, k, v)
     B, Hq, Tq, d = q.shape
@@ -205,7 +216,7 @@ def triton_backward(
     dq_args = {**common, **extra, **rows, **sizes, "state_slots": n_chunks}
     dkv_args = dict(dq_args)
     if fwd.chunked:
-        states = _chunk_states(forward_module, fwd, k, Tq, common, extra, plan, segments)
+        states = _chunk_states(forward_module, fwd, k, Tq, common, extra, plan, segments, state_kernel)
         dq_args.update(S_ST=states["S_ST"], M_ST=states["M_ST"], state_slots=states["state_slots"])
         dkv_args.update(_reverse_states(module, spec, q, rows, gate, sizes, n_chunks, segments))
 
