@@ -23,7 +23,8 @@ says how many cases passed.
 Replay: the run prints ``fuzz seed=S cases=N``; ``RETENTION_FUZZ_SEED=S`` repeats it, ``RETENTION_FUZZ_CASE=i``
 runs case i alone (it is built from (S, i) only), ``RETENTION_FUZZ_CASES=N`` changes the count (default 1000).
 ``RETENTION_FUZZ_SHARD=i/n`` keeps the cases whose shape class index is i mod n: n processes with one seed run the
-whole set in parallel, each compiling only its own classes.
+whole set in parallel, each compiling only its own classes. ``RETENTION_FUZZ_PART=j/m`` keeps every m-th of
+those cases from the j-th on, to split a slow shard over m processes.
 """
 
 from __future__ import annotations
@@ -277,7 +278,10 @@ def test_fuzz_triton() -> None:
     shard, shards = map(int, os.environ.get("RETENTION_FUZZ_SHARD", "0/1").split("/"))
     cases = {index: make_case(seed, index, classes) for index in indices}
     cases = {i: c for i, c in cases.items() if classes.index(c.shape) % shards == shard}
-    print(f"fuzz seed={seed} cases={len(cases)} shard={shard}/{shards} (replay: RETENTION_FUZZ_SEED={seed})")
+    part, parts = map(int, os.environ.get("RETENTION_FUZZ_PART", "0/1").split("/"))
+    cases = {i: c for n, (i, c) in enumerate(cases.items()) if n % parts == part}
+    print(f"fuzz seed={seed} cases={len(cases)} shard={shard}/{shards} part={part}/{parts} "
+          f"(replay: RETENTION_FUZZ_SEED={seed})")  # fmt: skip
     start, failures = time.perf_counter(), []
     for done, (index, case) in enumerate(cases.items(), 1):
         try:
