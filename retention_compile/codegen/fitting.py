@@ -7,9 +7,9 @@ Triton refused the launch (``OutOfResources``). Here the kernel is compiled firs
 compile the launch would do, cached under the same key when the arguments are real) and its ``metadata.shared``
 is compared with the device's limit; while it does not fit, the query rows halve (down to 16), then the pipeline
 stages drop (down to 1). Each answer is remembered per (spec, warps, stages, limit, argument specialization), in
-the process and in the kernel cache (keyed by the package's code and the torch, Triton and driver versions too), so
-a later process skips the check (0.18 s under cProfile in a warm run of the GPU compile benchmark: a Triton
-cache hit).
+the process and in the kernel cache (keyed by the GPU's compute capability, the package's code and the torch,
+Triton and driver versions too), so a later process skips the check (0.18 s under cProfile in a warm run of the
+GPU compile benchmark: a Triton cache hit).
 
 Under tracing (fake or functional tensors, symbolic sizes) the arguments are replaced by ``MockTensor``
 placeholders and size hints, so the check may compile the same source once more, assuming 16-byte alignment.
@@ -129,10 +129,13 @@ def fit_shared_memory(
 
 
 def _cache_path(key: tuple) -> Path:
-    """The kernel-cache entry of one fitting answer (``repr`` of the key: the spec, launch and specialization)."""
+    """The kernel-cache entry of one fitting answer: ``repr`` of the key (the spec, launch and specialization) and
+    the current GPU's compute capability (Triton compiles for it: GPUs with equal limits allocate differently)."""
     from ..backend import code_fingerprint
 
-    return cache.cache_dir("fitting") / f"{cache.cache_key('fitting', repr(key), code_fingerprint())[:32]}.json"
+    target = repr(torch.cuda.get_device_capability()) if torch.cuda.is_available() else "no-gpu"
+    digest = cache.cache_key("fitting", repr(key), target, code_fingerprint())
+    return cache.cache_dir("fitting") / f"{digest[:32]}.json"
 
 
 def _load(path: Path) -> tuple[int, int] | None:
