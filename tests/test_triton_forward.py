@@ -218,6 +218,19 @@ def test_value_tiles_are_at_least_32_columns() -> None:
         assert BackwardSpec.of(spec).block_e == (16 if e <= 16 else 32)
 
 
+def test_fitting_cache_entries_name_the_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A fitting answer kept on disk belongs to one compute capability: GPUs with equal shared-memory limits compile
+    the same kernel to different sizes, so another GPU sharing the cache directory checks again."""
+    monkeypatch.setenv("RETENTION_COMPILE_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    key = ("spec", 8, 3, 227 * 1024, ())
+    paths = set()
+    for capability in ((9, 0), (8, 9), (9, 0)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_, c=capability: c)
+        paths.add(fitting._cache_path(key))
+    assert len(paths) == 2
+
+
 def test_fit_shared_memory_shrinks_rows_then_stages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A kernel over the limit loses query rows (down to 16), then stages, until it fits; none fitting is an error
     naming the shape. Answers are remembered in the process and in the kernel cache."""
