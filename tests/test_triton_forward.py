@@ -218,11 +218,12 @@ def test_value_tiles_are_at_least_32_columns() -> None:
         assert BackwardSpec.of(spec).block_e == (16 if e <= 16 else 32)
 
 
-def test_fit_shared_memory_shrinks_rows_then_stages(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fit_shared_memory_shrinks_rows_then_stages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A kernel over the limit loses query rows (down to 16), then stages, until it fits; none fitting is an error
-    naming the shape."""
+    naming the shape. Answers are remembered in the process and in the kernel cache."""
     plan = Plan(chunk_size=32, block_t=128, block_e=64, num_stages=3)
     spec = kernel_spec(torch.empty(1, 1, 1, 96), torch.empty(1, 1, 1, 64), 2, False, False, False, 473, plan)
+    monkeypatch.setenv("RETENTION_COMPILE_CACHE", str(tmp_path))
     monkeypatch.setattr(fitting, "_FITTED", {})
     asked = []
 
@@ -239,3 +240,11 @@ def test_fit_shared_memory_shrinks_rows_then_stages(monkeypatch: pytest.MonkeyPa
     assert asked, "another argument specialization compiles again"
     with pytest.raises(RuntimeError, match="shared memory even with 16 query rows"):
         fit_shared_memory(spec, 8, 3, 1024, shared_of)
+    # a later process (an empty memo) reads the answer from the cache without compiling; a damaged entry is redone
+    monkeypatch.setattr(fitting, "_FITTED", {})
+    asked.clear()
+    assert fit_shared_memory(spec, 8, 3, 40 * 1024, shared_of) == (fitted, 2) and not asked
+    for entry in (tmp_path / "fitting").glob("*.json"):
+        entry.write_text("[16]")
+    monkeypatch.setattr(fitting, "_FITTED", {})
+    assert fit_shared_memory(spec, 8, 3, 40 * 1024, shared_of) == (fitted, 2) and asked
