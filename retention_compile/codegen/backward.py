@@ -81,6 +81,8 @@ QUADRATIC_WARPS = 4
 CHUNKED_WARPS = 8  # the state terms hold (rows x 256) fp32 tiles
 STATE_WARPS = 8
 STAGES = 2
+PREP_ROWS = 64  # rows of the upstream gradient per program of prep_kernel
+PREP_WARPS = 4
 
 
 def _value_pad(e: int) -> int:
@@ -134,6 +136,7 @@ class BackwardSpec:
             "block_e": self.block_e,
             "n_eb": -(-fwd.value_dim // self.block_e),
             "e_pad": e_pad,
+            "prep_rows": PREP_ROWS,
             "summary": f"{fwd.summary()}; backward rows={self.block_t} keys={self.block_k} state rows={self.block_s}",
         }
 
@@ -194,9 +197,8 @@ def triton_backward(
     spec = BackwardSpec.of(fwd)
     module, _ = load(BACKWARD_TEMPLATE, spec)
     state_heads = Hk if log_gate is None else log_gate.shape[1]
-    grad_y = grad_y.to(q.dtype)  # the kernels' dots read dy exactly (see "Precision")
     den = denom.to(torch.float32).contiguous()
-    dz = -(grad_y.to(torch.float32) * y.to(torch.float32)).sum(-1) / den
+    grad_y, dz = _prepared_gradient(module, grad_y, y, den, q.dtype)
     shift = (Tq - Tk) % fwd.chunk_size if fwd.chunked else 0
     n_chunks = _cdiv(Tk + shift, fwd.chunk_size) if fwd.chunked else 1
     common = {**_strides("k", k), **_strides("v", v), "K": k, "V": v, "Hq": Hq, "group": Hq // Hk, "Tk": Tk}
@@ -275,6 +277,20 @@ def _reverse_states(
         scan = {key: sizes[key] for key in ("Tk", "shift")}
         _launch(module.reverse_scan_kernel, (blocks, heads), {**buffers, **gate, **scan, **counts}, SCAN_WARPS, 2)
     return {"R_ST": r, "P_ST": p, "state_slots": slots}
+
+
+def _prepared_gradient(
+    module, grad_y: torch.Tensor, y: torch.Tensor, den: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prep_kernel``: the upstream gradient in ``dtype`` (the kernels' dots read dy exactly: see "Precision"), and
+    ``dZ = -(dy . y) / denom`` (B, Hq, Tq) float32 from that rounded dy."""
+    grad_y, y = grad_y.contiguous(), y.contiguous()
+    dy = torch.empty(grad_y.shape, dtype=dtype, device=grad_y.device)
+    dz = torch.empty(den.shape, dtype=torch.float32, device=grad_y.device)
+    n_rows = dz.numel()
+    args = {"GY": grad_y, "Y": y, "DEN": den, "DY": dy, "DZ": dz, "n_rows": n_rows}
+    _launch(module.prep_kernel, (_cdiv(n_rows, PREP_ROWS),), args, PREP_WARPS, 1)
+    return dy, dz
 
 
 def _gate_grad(dz: torch.Tensor, kterm: torch.Tensor, gate_heads: int) -> torch.Tensor:
