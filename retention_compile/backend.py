@@ -1,7 +1,8 @@
 """The ``retention`` backend: Dynamo FX graph -> attention passes -> Inductor ``compile_fx``.
 
 ``torch.compile(model, backend="retention", options={...})`` reaches ``retention_backend`` through the
-``torch_dynamo_backends`` entry point (no import needed); ``options`` are ``RetentionConfig`` fields.
+``torch_dynamo_backends`` entry point (no import needed; without the installed entry point, importing the package
+registers it: ``register_by_name``); ``options`` are ``RetentionConfig`` fields.
 """
 
 from __future__ import annotations
@@ -107,3 +108,23 @@ def rewrite_only_backend(
     """The same rewrite, run eagerly without Inductor (used by ``explain``)."""
     rewrite_graph(gm, options)
     return gm.forward
+
+
+BACKEND_NAME = "retention"
+
+
+def register_by_name() -> None:
+    """Make ``backend="retention"`` resolve when the package is imported without its installed entry point (run from
+    a checkout on ``PYTHONPATH``). With the ``torch_dynamo_backends`` entry point installed nothing happens here:
+    Dynamo registers the backend from it on first lookup and would refuse a second registration as a duplicate."""
+    from importlib.metadata import entry_points
+
+    import torch._dynamo
+
+    if any(point.name == BACKEND_NAME for point in entry_points(group="torch_dynamo_backends")):
+        return
+    if BACKEND_NAME not in torch._dynamo.list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(retention_backend, name=BACKEND_NAME)
+
+
+register_by_name()

@@ -1,6 +1,10 @@
 """The backend on hand-written SDPA calls: argument normalisation, decisions, report, strict mode,
 dynamic shapes. Compiled results are compared with the float64 oracle."""
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -223,3 +227,33 @@ def test_rewritten_graphs_are_cacheable_by_aot_autograd():
     assert report.rewritten, [site.reason for site in report.sites]
     aot = torch._dynamo.utils.counters["aot_autograd"]
     assert aot["autograd_cache_bypass"] == 0 and aot["autograd_cache_miss"] + aot["autograd_cache_hit"] == 1, dict(aot)
+
+
+def test_the_backend_name_resolves_once_with_the_entry_point_installed():
+    """Imported with its entry point installed (this environment), the package does not register the name itself:
+    Dynamo's own registration from the entry point would then fail as a duplicate."""
+    assert torch._dynamo.lookup_backend("retention") is rc.retention_backend
+
+
+def test_the_backend_name_resolves_without_the_entry_point():
+    """A checkout on PYTHONPATH has no entry point: importing the package registers ``backend="retention"``."""
+    script = textwrap.dedent(
+        """
+        import importlib.metadata as metadata
+        real = metadata.entry_points
+        def without_ours(**selection):
+            points = real(**selection)
+            if selection.get("group") != "torch_dynamo_backends":
+                return points
+            return metadata.EntryPoints(p for p in points if p.name != "retention")
+        metadata.entry_points = without_ours
+        import torch
+        import retention_compile
+        compiled = torch.compile(lambda x: x * 2, backend="retention")
+        assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 2.0))
+        assert torch._dynamo.lookup_backend("retention") is retention_compile.retention_backend
+        print("resolved")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0 and "resolved" in done.stdout, done.stderr[-3000:]

@@ -78,9 +78,10 @@ BACKWARD_TEMPLATE = "backward.py.j2"
 MAX_ROWS = 64  # query rows / keys per program: the (rows x b x b) pair tile of the state terms stays in registers
 WIDE = 128  # d or e from this on: half the rows (the dk, dv accumulators are rows x d and rows x e in fp32)
 QUADRATIC_WARPS = 4
-CHUNKED_WARPS = 8  # the state terms hold (rows x 256) fp32 tiles
+CHUNKED_WARPS = 8  # the state terms hold (rows x 256) fp32 tiles (see chunked_warps for the 16-bit d <= 64 case)
 STATE_WARPS = 8
 STAGES = 2
+REVERSE_STAGES = 3  # H200 T=65536 d=64 bf16: reverse_state_kernel 1.13 ms at 2 stages, 0.94 at 3 (gated 1.20, 0.98)
 PREP_ROWS = 64  # rows of the upstream gradient per program of prep_kernel
 PREP_WARPS = 4
 
@@ -213,7 +214,7 @@ def triton_backward(
     rows = {**_strides("q", q), **dy_strides, "Q": q, "DY": grad_y, "DEN": den, "DZ": dz}
     sizes = {"Hq": Hq, "state_heads": state_heads, "shift": shift, "Tq": Tq, "Tk": Tk, "scale": scale}
     gate = {"G": extra["G"], "stride_g": extra["stride_g"]} if log_gate is not None else {}
-    warps = CHUNKED_WARPS if fwd.chunked else QUADRATIC_WARPS
+    warps = chunked_warps(fwd, state_terms=False) if fwd.chunked else QUADRATIC_WARPS
 
     dq_args = {**common, **extra, **rows, **sizes, "state_slots": n_chunks}
     dkv_args = dict(dq_args)
@@ -236,13 +237,25 @@ def triton_backward(
     grid = (_cdiv(Tk + shift, spec.block_k), B * state_heads)
     _launch(module.dkv_kernel, grid, {**dkv_args, **outputs}, warps, STAGES)
     if fwd.chunked:
-        _launch(module.dkv_state_kernel, grid, {**dkv_args, **outputs}, warps, STAGES)
+        _launch(module.dkv_state_kernel, grid, {**dkv_args, **outputs}, chunked_warps(fwd, state_terms=True), STAGES)
     if per_head:
         dk, dv = dk.unflatten(1, (Hk, -1)).sum(2), dv.unflatten(1, (Hk, -1)).sum(2)
     dg = None
     if log_gate is not None:
         dg = _gate_grad(dz, outputs["KTERM"], state_heads).to(log_gate.dtype)
     return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), dg
+
+
+def chunked_warps(fwd: KernelSpec, state_terms: bool) -> int:
+    """Warps of the chunked path's ``dq_kernel`` and ``dkv_kernel`` (``state_terms=False``) or ``dkv_state_kernel``.
+
+    4 for 16-bit tiles with d <= 64, where the H200 measured them faster at T=65536 (d=64, bf16, ms at 8 -> 4 warps):
+    dq 3.12 -> 1.81, dkv 1.45 -> 0.72, dkv_state 2.74 -> 2.31 ungated; gated dq 3.34 -> 2.05, dkv 1.96 -> 1.07, but
+    dkv_state 3.67 -> 3.84, so the gated ``dkv_state_kernel`` keeps 8. Float32 tiles and d = 128 keep
+    ``CHUNKED_WARPS`` (not measured at 4)."""
+    if fwd.dtype == "float32" or fwd.head_dim > 64 or (state_terms and fwd.gated):
+        return CHUNKED_WARPS
+    return 4
 
 
 def _reverse_states(
@@ -269,7 +282,7 @@ def _reverse_states(
     buffers = {"R_ST": r, "P_ST": p, "R_SEG": r_seg, "P_SEG": p_seg}
     counts = {"state_slots": slots, "chunks_per_seg": per_segment, "n_seg": n_seg}
     args = {**rows, **gate, **sizes, **buffers, **counts}
-    _launch(module.reverse_state_kernel, (programs, heads, n_seg), args, STATE_WARPS, STAGES)
+    _launch(module.reverse_state_kernel, (programs, heads, n_seg), args, STATE_WARPS, REVERSE_STAGES)
     if not fwd.causal:
         r, p = r_seg.sum(1, keepdim=True).to(state_dtype), p_seg.sum(1, keepdim=True)
     elif segments > 1:

@@ -89,7 +89,10 @@ STATE_STAGES = 3
 CHUNK_QUERY_WARPS = 8
 SCAN_WARPS = 4
 GATE_SCAN_BLOCK = 4096  # keys per program of the gate's cumsum
-QUERY_TRANSPOSED = True  # the chunked query kernel's state product as acc^T += S^T phi(q)^T (see the template)
+# The chunked query kernel's state product as acc^T += S^T phi(q)^T (see the template) when True. False (phi(q) on
+# the left, 16 products in flight in the TTGIR) measured faster: H200 T=65536 d=64 bf16 forward 2.09 -> 1.79 ms
+# ungated, 2.14 -> 1.83 gated.
+QUERY_TRANSPOSED = False
 MAX_GRID_Z = 65535
 
 
