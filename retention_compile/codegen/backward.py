@@ -57,7 +57,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..gates import log_gate_grad
+from ..gates import log_gate_grad, log_gate_grad_in_chunks
 from ..planning import Plan
 from ..reference import EPS
 from ..sizes import pow2_at_least, size_hint
@@ -242,7 +242,11 @@ def triton_backward(
         dk, dv = dk.unflatten(1, (Hk, -1)).sum(2), dv.unflatten(1, (Hk, -1)).sum(2)
     dg = None
     if log_gate is not None:
-        dg = _gate_grad(dz, outputs["KTERM"], state_heads).to(log_gate.dtype)
+        boundary = None
+        if fwd.chunked and fwd.causal:
+            states = {name: dq_args[name] for name in ("S_ST", "M_ST")} | {n: dkv_args[n] for n in ("R_ST", "P_ST")}
+            boundary = _chunk_start_gate_grads(module, states, B * state_heads, n_chunks)
+        dg = _gate_grad(dz, outputs["KTERM"], state_heads, boundary, fwd.chunk_size, shift).to(log_gate.dtype)
     return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), dg
 
 
@@ -306,12 +310,32 @@ def _prepared_gradient(
     return dy, dz
 
 
-def _gate_grad(dz: torch.Tensor, kterm: torch.Tensor, gate_heads: int) -> torch.Tensor:
-    """``dg`` (B, gate_heads, Tk) from ``dG_t = qterm at t - kterm_t`` (``gates.log_gate_grad``) with
-    ``qterm_i = -dZ_i eps`` summed over the query heads of each gate head and placed at key position
-    ``i + Tk - Tq`` (rows before key 0 drop)."""
+def _chunk_start_gate_grads(module, states: dict[str, torch.Tensor], heads: int, n_chunks) -> torch.Tensor:
+    """``boundary_kernel``: d log_gate at the start of chunks 1 .. n - 1, (heads, n_chunks - 1) float32, from the
+    forward states (``S_ST``, ``M_ST``) and the reverse states (``R_ST``, ``P_ST``) of every chunk."""
+    out = torch.empty((heads, n_chunks - 1), dtype=torch.float32, device=states["R_ST"].device)
+    if n_chunks > 1:
+        _launch(module.boundary_kernel, (n_chunks - 1, heads), {**states, "OUT": out, "state_slots": n_chunks}, 4, 1)
+    return out
+
+
+def _gate_grad(
+    dz: torch.Tensor,
+    kterm: torch.Tensor,
+    gate_heads: int,
+    boundary: torch.Tensor | None = None,
+    chunk: int = 0,
+    shift: int = 0,
+) -> torch.Tensor:
+    """``dg`` (B, gate_heads, Tk) from ``dG_t = qterm at t - kterm_t`` with ``qterm_i = -dZ_i eps`` summed over the
+    query heads of each gate head and placed at key position ``i + Tk - Tq`` (rows before key 0 drop): summed
+    from the front (``gates.log_gate_grad``), or within chunks of ``chunk`` keys from ``boundary``
+    ((B * gate_heads, n_chunks - 1), dg at each later chunk's start: ``gates.log_gate_grad_in_chunks``)."""
     B, Hq, Tq = dz.shape
     Tk = kterm.shape[-1]
     qterm = (-EPS * dz).unflatten(1, (gate_heads, Hq // gate_heads)).sum(2)
     aligned = qterm[..., torch.sym_max(Tq - Tk, 0) :]
-    return log_gate_grad(torch.nn.functional.pad(aligned, (Tk - aligned.shape[-1], 0)) - kterm)
+    d_cum = torch.nn.functional.pad(aligned, (Tk - aligned.shape[-1], 0)) - kterm
+    if boundary is None:
+        return log_gate_grad(d_cum)
+    return log_gate_grad_in_chunks(d_cum, boundary.view(B, gate_heads, -1), chunk, shift)
