@@ -1,10 +1,11 @@
 """The gradient of the log-gate from the gradients of its cumulative sum.
 
     log_gate_grad(d_cum) -> dg      dg_u = sum_{t >= u} dG_t, along the last axis
-    log_gate_grad_in_chunks(d_cum, boundary, chunk, shift) -> dg   the same, from dg at every chunk start
+    log_gate_grad_in_chunks(d_cum, starts, chunk, shift) -> dg     the same, from dg at every chunk start
 
 G_t = sum_{u <= t} g_u, so each g_u enters every G_t with t >= u. The aten (quadratic, chunked) and Triton
-backwards all form dG_t = (query term of the row at t) - (key term of t) and end here.
+backwards all form dG_t = (query term of the row at t) - (key term of t) and end here: the chunked causal Triton
+backward in the chunk-start form, the others in the prefix form.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ def log_gate_grad(d_cum: Tensor) -> Tensor:
     return -torch.nn.functional.pad(d_cum, (1, 0))[..., :-1].cumsum(-1)
 
 
-def log_gate_grad_in_chunks(d_cum: Tensor, boundary: Tensor, chunk: int, shift: int) -> Tensor:
-    """``dg`` along the last axis (Tk positions) from ``dG_t`` and ``boundary[..., c]``, dg at the start of chunk
-    c + 1 (chunk c holds positions ``[c chunk - shift, (c + 1) chunk - shift)`` within ``[0, Tk)``; c = 0 .. n - 2).
+def log_gate_grad_in_chunks(d_cum: Tensor, starts: Tensor, chunk: int, shift: int) -> Tensor:
+    """``dg`` along the last axis (Tk positions) from ``dG_t`` and ``starts[..., c]``, dg at the start u_c of chunk c
+    (chunk c holds positions ``[c chunk - shift, (c + 1) chunk - shift)`` within ``[0, Tk)``; ``starts[..., 0]``
+    is dg at position 0, which is 0).
 
-    Inside chunk c with start u_c (u_0 = 0, where dg = 0): ``dg_t = dg_(u_c) - sum_(u_c <= t' < t) dG_t'``.
+    Inside chunk c: ``dg_t = dg_(u_c) - sum_(u_c <= t' < t) dG_t'``.
 
     The prefix form ``log_gate_grad`` sums the mismatch between each earlier row's rounded query and key terms, a
     random walk along T. Each row's terms are differences of values 6-9 times larger than dg (float64 simulation
@@ -37,8 +39,7 @@ def log_gate_grad_in_chunks(d_cum: Tensor, boundary: Tensor, chunk: int, shift: 
     20261202 case 699, T = 3217, chunk 16). From chunk starts computed on their own (``boundary_kernel``), each
     error stays within its chunk: 3-5e-3 in the same simulation, flat along T."""
     Tk = d_cum.shape[-1]
-    n = boundary.shape[-1] + 1
+    n = starts.shape[-1]
     chunks = torch.nn.functional.pad(d_cum, (shift, n * chunk - shift - Tk)).unflatten(-1, (n, chunk))
     within = chunks.cumsum(-1) - chunks
-    start = torch.nn.functional.pad(boundary, (1, 0))
-    return (start[..., None] - within).flatten(-2)[..., shift : shift + Tk]
+    return (starts[..., None] - within).flatten(-2)[..., shift : shift + Tk]

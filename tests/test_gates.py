@@ -14,11 +14,12 @@ def test_chunk_start_form_matches_the_prefix_form(Tk: int, chunk: int, shift: in
     d_cum = torch.randn(2, 3, Tk, generator=gen, dtype=torch.float64)
     want = log_gate_grad(d_cum)
     n = -(-(Tk + shift) // chunk)
-    starts = torch.arange(1, n) * chunk - shift  # chunk c + 1 starts at (c + 1) chunk - shift
-    boundary = want[..., starts]
-    torch.testing.assert_close(log_gate_grad_in_chunks(d_cum, boundary, chunk, shift), want, rtol=1e-12, atol=1e-12)
+    starts = (torch.arange(n) * chunk - shift).clamp_min(0)  # chunk c starts at c chunk - shift (chunk 0 at 0)
+    at_starts = want[..., starts]
+    assert (at_starts[..., 0] == 0).all()
+    torch.testing.assert_close(log_gate_grad_in_chunks(d_cum, at_starts, chunk, shift), want, rtol=1e-12, atol=1e-12)
     if n > 2:
-        moved = boundary.clone()
-        moved[..., 0] += 1.0
+        moved = at_starts.clone()
+        moved[..., 1] += 1.0
         changed = (log_gate_grad_in_chunks(d_cum, moved, chunk, shift) - want).abs() > 0.5
-        assert changed[..., starts[0] : starts[1]].all() and changed.sum() == 2 * 3 * chunk
+        assert changed[..., starts[1] : starts[2]].all() and changed.sum() == 2 * 3 * chunk

@@ -55,6 +55,7 @@ CASES = [
     # gates of -4 per step: G spans -100 over 50 keys, so exp(G_i - G_j) of masked pairs overflows to inf
     ("quadratic-strong-gate", (1, 2, 1, 50, 50, 32, 32, 2, 1, False, True, 1024, 8.0)),
     ("chunked-strong-gate", (1, 2, 1, 50, 50, 32, 32, 2, 1, True, True, 16, 8.0)),
+    ("chunked-one-chunk", (1, 2, 1, 12, 12, 32, 32, 2, 1, False, True, 10)),  # chunk 10 runs as 16: one chunk
 ]
 
 

@@ -13,6 +13,8 @@ Math. With ``dO'_i = [dN_i, dZ_i] = [dy_i, -(dy_i . y_i)] / denom_i`` (y and den
     dq_i  = sum_j ds_ij k_j,     dk_j = sum_i ds_ij q_i,   dv_j = sum_i w_ij dN_i
     dG_t  = qterm_i [i + off = t] - kterm_t,   qterm_i = sum_j w_ij dw_ij = (dy_i . y_i) eps / denom_i,
             kterm_j = sum_i w_ij dw_ij,        dg_u = sum_{t >= u} dG_t = -sum_{t < u} dG_t
+            chunked causal: dg_u at each chunk start u = sum_{i + off >= u > j} w_ij dw_ij = <S_c, R_(c-1)> +
+            <M_c, P_(c-1)> (the states below), and dG summed only from there (``gates.log_gate_grad_in_chunks``)
 
 (G_t enters w_ij with + on the query side and - on the key side; ``g_u`` enters every ``G_t`` with t >= u.)
 
@@ -37,7 +39,8 @@ chunked     the same two kernels restricted to the rows' / keys' own chunk, plus
             ``forward.state_segments``; with one, at b=1 h=8 d=64, the kernel had 80 programs on 132 SMs).
             ``dkv_state_kernel`` adds them to the float32 dk, dv (and key term) that ``dkv_kernel`` stored (split
             so each part could be checked alone on the H200: the bf16 fault was the P term's wgmma dot, now an
-            fp32 FMA dot). phi(q) and phi(k) are built in registers, never in global memory.
+            fp32 FMA dot). ``boundary_kernel`` (gated; grid: chunks x B*Hs) sums the forward and reverse states
+            into d log_gate at each chunk start. phi(q) and phi(k) are built in registers, never in global memory.
 
 Memory. The forward saves only its inputs, ``y`` (B, Hq, Tq, e) and ``denom`` (B, Hq, Tq), both float32 (y is
 4 bytes per element, twice a 16-bit copy: see "Precision"; 134 MB per layer at B=1, Hq=8, T=65536, e=64): no
@@ -311,11 +314,11 @@ def _prepared_gradient(
 
 
 def _chunk_start_gate_grads(module, states: dict[str, torch.Tensor], heads: int, n_chunks) -> torch.Tensor:
-    """``boundary_kernel``: d log_gate at the start of chunks 1 .. n - 1, (heads, n_chunks - 1) float32, from the
-    forward states (``S_ST``, ``M_ST``) and the reverse states (``R_ST``, ``P_ST``) of every chunk."""
-    out = torch.empty((heads, n_chunks - 1), dtype=torch.float32, device=states["R_ST"].device)
-    if n_chunks > 1:
-        _launch(module.boundary_kernel, (n_chunks - 1, heads), {**states, "OUT": out, "state_slots": n_chunks}, 4, 1)
+    """``boundary_kernel``: d log_gate at the start of every chunk, (heads, n_chunks) float32 (0 at chunk 0), from
+    the forward states (``S_ST``, ``M_ST``) and the reverse states (``R_ST``, ``P_ST``) of every chunk. No branch
+    on the chunk count and no n_chunks - 1 sized buffer: neither adds a guard on the length when traced."""
+    out = torch.empty((heads, n_chunks), dtype=torch.float32, device=states["R_ST"].device)
+    _launch(module.boundary_kernel, (n_chunks, heads), {**states, "OUT": out, "state_slots": n_chunks}, 4, 1)
     return out
 
 
@@ -330,7 +333,7 @@ def _gate_grad(
     """``dg`` (B, gate_heads, Tk) from ``dG_t = qterm at t - kterm_t`` with ``qterm_i = -dZ_i eps`` summed over the
     query heads of each gate head and placed at key position ``i + Tk - Tq`` (rows before key 0 drop): summed
     from the front (``gates.log_gate_grad``), or within chunks of ``chunk`` keys from ``boundary``
-    ((B * gate_heads, n_chunks - 1), dg at each later chunk's start: ``gates.log_gate_grad_in_chunks``)."""
+    ((B * gate_heads, n_chunks), dg at each chunk's start: ``gates.log_gate_grad_in_chunks``)."""
     B, Hq, Tq = dz.shape
     Tk = kterm.shape[-1]
     qterm = (-EPS * dz).unflatten(1, (gate_heads, Hq // gate_heads)).sum(2)
