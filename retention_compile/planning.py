@@ -48,12 +48,10 @@ cost per chunk, and only the chunk size is chosen.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import inspect
 import itertools
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -366,15 +364,13 @@ def _lambdified(which: str) -> tuple[list[str], Callable[..., list]]:
     and the globals it names (numpy's ufuncs, ``reduce``) are kept in the kernel cache under a key of the
     package's code and the sympy and numpy versions, and later processes execute that source. An entry that
     cannot be read or rebuilt (missing, truncated, another version) is printed again."""
-    from .backend import code_fingerprint
     from .codegen import cache
 
-    key = cache.cache_key("planner", which, code_fingerprint(), f"sympy={sp.__version__}", f"numpy={np.__version__}")
-    path = cache.cache_dir("planner") / f"{which}_{key[:32]}.json"
-    entry = cache.load_checked(path)
-    if entry is not None:
+    path = cache.code_keyed_entry("planner", f"{which}_", which, f"sympy={sp.__version__}", f"numpy={np.__version__}")
+    record = cache.load_json(path)
+    if record is not None:
         try:
-            return _rebuild(json.loads(entry))
+            return _rebuild(record)
         except (ValueError, KeyError, TypeError, ImportError, AttributeError, SyntaxError):
             pass
     model, symbols = (gpu_model(), S.gpu) if which == "gpu" else (cpu_model(), S.cpu)
@@ -391,8 +387,7 @@ def _lambdified(which: str) -> tuple[list[str], Callable[..., list]]:
         }  # fmt: skip
     except (OSError, TypeError, AttributeError):  # a source or a global it cannot name: nothing to keep
         return names, fn
-    with contextlib.suppress(OSError):  # a read-only cache only costs the next process the printing
-        cache.store_checked(path, json.dumps(record).encode())
+    cache.store_json(path, record)
     return names, fn
 
 

@@ -14,6 +14,9 @@
                              ``<name>.<sha256 of the bytes>.ok`` is written after the entry; an entry without
                              the marker of its own bytes (missing, truncated, corrupt) reads as absent, so the
                              caller rebuilds it.
+    code_keyed_entry(kind, stem, *parts) / load_json(path) / store_json(path, value)
+                             a checked JSON entry of an answer the package computes itself (the planner's
+                             printed model, a shared-memory fit): keyed by ``parts`` and the package's code too.
 
 Every write goes to a temporary file in the entry's folder and is renamed into place (``os.replace``), so
 processes sharing the cache see an old entry, no entry, or a whole new one. Two processes compiling the same
@@ -24,9 +27,11 @@ its marker rebuilds it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
+import json
 import os
 import tempfile
 import warnings
@@ -149,3 +154,28 @@ def load_checked(path: Path) -> bytes | None:
     """The bytes of an entry written by ``store_checked``; None when it is missing, truncated or corrupt."""
     data = _read(path)
     return data if data is not None and marker_path(path, data).exists() else None
+
+
+def code_keyed_entry(kind: str, stem: str, *parts: str) -> Path:
+    """The path of a JSON entry of ``kind`` (name ``<stem><key>.json``) keyed by ``parts``, the package's code
+    fingerprint and ``versions()``: another version of the code that computed it never reads it."""
+    from ..backend import code_fingerprint  # the backend imports the codegen: resolved when first used
+
+    return cache_dir(kind) / f"{stem}{cache_key(kind, *parts, code_fingerprint())[:32]}.json"
+
+
+def load_json(path: Path) -> object | None:
+    """The value of an entry written by ``store_json``; None when it is missing, damaged or not JSON."""
+    data = load_checked(path)
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
+def store_json(path: Path, value: object) -> None:
+    """Keep ``value`` as a checked JSON entry; a cache that cannot be written only costs a later process the work."""
+    with contextlib.suppress(OSError):
+        store_checked(path, json.dumps(value).encode())

@@ -17,10 +17,8 @@ placeholders and size hints, so the check may compile the same source once more,
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -123,26 +121,22 @@ def fit_shared_memory(
                 f"memory even with {MIN_BLOCK_T} query rows and one stage (limit {limit}); use impl='aten'"
             )
     _FITTED[key] = (candidate, stages)
-    with contextlib.suppress(OSError):  # a read-only cache only costs the next process the check
-        cache.store_checked(path, json.dumps([candidate.block_t, stages]).encode())
+    cache.store_json(path, [candidate.block_t, stages])
     return candidate, stages
 
 
 def _cache_path(key: tuple) -> Path:
     """The kernel-cache entry of one fitting answer: ``repr`` of the key (the spec, launch and specialization) and
     the current GPU's compute capability (Triton compiles for it: GPUs with equal limits allocate differently)."""
-    from ..backend import code_fingerprint
-
     target = repr(torch.cuda.get_device_capability()) if torch.cuda.is_available() else "no-gpu"
-    digest = cache.cache_key("fitting", repr(key), target, code_fingerprint())
-    return cache.cache_dir("fitting") / f"{digest[:32]}.json"
+    return cache.code_keyed_entry("fitting", "", repr(key), target)
 
 
 def _load(path: Path) -> tuple[int, int] | None:
     """``(rows, stages)`` stored by an earlier process; None when missing, unreadable or malformed."""
-    entry = cache.load_checked(path)
+    entry = cache.load_json(path)
     try:
-        rows, stages = json.loads(entry) if entry is not None else (None, None)
+        rows, stages = entry if entry is not None else (None, None)
     except (ValueError, TypeError):
         return None
     return (rows, stages) if type(rows) is int and type(stages) is int and rows >= MIN_BLOCK_T and stages >= 1 else None
