@@ -81,7 +81,7 @@ BACKWARD_TEMPLATE = "backward.py.j2"
 MAX_ROWS = 64  # query rows / keys per program: the (rows x b x b) pair tile of the state terms stays in registers
 WIDE = 128  # d or e from this on: half the rows (the dk, dv accumulators are rows x d and rows x e in fp32)
 QUADRATIC_WARPS = 4
-CHUNKED_WARPS = 8  # the state terms hold (rows x 256) fp32 tiles (see chunked_warps for the 16-bit d <= 64 case)
+CHUNKED_WARPS = 8  # the state terms hold (rows x 256) fp32 tiles (see chunked_warps for the 16-bit cases)
 STATE_WARPS = 8
 STAGES = 2
 REVERSE_STAGES = 3  # H200 T=65536 d=64 bf16: reverse_state_kernel 1.13 ms at 2 stages, 0.94 at 3 (gated 1.20, 0.98)
@@ -256,11 +256,12 @@ def triton_backward(
 def chunked_warps(fwd: KernelSpec, state_terms: bool) -> int:
     """Warps of the chunked path's ``dq_kernel`` and ``dkv_kernel`` (``state_terms=False``) or ``dkv_state_kernel``.
 
-    4 for 16-bit tiles with d <= 64, where the H200 measured them faster at T=65536 (d=64, bf16, ms at 8 -> 4 warps):
-    dq 3.12 -> 1.81, dkv 1.45 -> 0.72, dkv_state 2.74 -> 2.31 ungated; gated dq 3.34 -> 2.05, dkv 1.96 -> 1.07, but
-    dkv_state 3.67 -> 3.84, so the gated ``dkv_state_kernel`` keeps 8. Float32 tiles and d = 128 keep
-    ``CHUNKED_WARPS`` (not measured at 4)."""
-    if fwd.dtype == "float32" or fwd.head_dim > 64 or (state_terms and fwd.gated):
+    4 for 16-bit tiles where the H200 measured them faster at T=65536 (bf16, ms per call at 8 -> 4 warps):
+    d=64: dq 3.12 -> 1.81, dkv 1.45 -> 0.72, dkv_state 2.74 -> 2.31 ungated; gated dq 3.34 -> 2.05, dkv 1.96 -> 1.07.
+    d=128: dq 20.8 -> 14.9, dkv 6.54 -> 3.49; gated dq 22.5 -> 15.1, dkv 8.67 -> 4.36.
+    ``dkv_state_kernel`` keeps ``CHUNKED_WARPS`` where 4 was slower: gated (d=64 3.67 -> 3.84; d=128 23.9 -> 362, it
+    spills) and d > 64 (ungated d=128 22.2 -> 29.0). Float32 tiles keep ``CHUNKED_WARPS`` (not measured at 4)."""
+    if fwd.dtype == "float32" or (state_terms and (fwd.gated or fwd.head_dim > 64)):
         return CHUNKED_WARPS
     return 4
 
