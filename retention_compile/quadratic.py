@@ -17,9 +17,10 @@ and the backward is written out with ``dN_i = dy_i / denom_i`` and ``dZ_i = -(dy
 
 The (Tq, Tk) matrices are materialised per query head (as the chunked form does inside one chunk), so ops.py
 takes this path only when every key fits in the planned chunk. Causal calls with more queries than keys
-(``Tq > Tk``) run on their last Tk rows: the first ``Tq - Tk`` rows see no key (y = 0, denom = eps, dq = 0). GQA is a
-broadcast over the query heads of a kv head (``expand``, no copy of k or v); gradients of k, v and of a kv-head
-gate sum over those heads.
+(``Tq > Tk``) run on their last Tk rows: the first ``Tq - Tk`` rows see no key (y = 0, denom = eps, dq = 0). GQA
+stacks the g query heads of a kv head as g * Tq rows of one product with that kv head's keys and values (no copy of
+k or v, no broadcast product: Inductor would materialise the broadcast); the products that give dk and dv contract
+over those stacked rows, which sums the g heads' contributions.
 """
 
 from __future__ import annotations
@@ -49,10 +50,16 @@ def _grouped(x: Tensor, kv_heads: int, acc: torch.dtype) -> Tensor:
     return x.to(acc).reshape(B, kv_heads, Hq // kv_heads, T, f)
 
 
-def _keys(x: Tensor, group: int, acc: torch.dtype) -> Tensor:
-    """(B, Hk, Tk, f) -> (B, Hk, g, Tk, f), a broadcast view over the g query heads of each kv head."""
-    B, Hk, Tk, f = x.shape
-    return x.to(acc).unsqueeze(2).expand(B, Hk, group, Tk, f)
+def _stacked(x: Tensor) -> Tensor:
+    """(B, Hk, g, T, f) -> (B, Hk, g * T, f): the query heads of a kv head as rows of one product."""
+    B, Hk, group, T, f = x.shape
+    return x.reshape(B, Hk, group * T, f)
+
+
+def _per_head(x: Tensor, group: int) -> Tensor:
+    """(B, Hk, g * T, f) -> (B, Hk, g, T, f), the inverse of ``_stacked``."""
+    B, Hk, rows, f = x.shape
+    return x.reshape(B, Hk, group, rows // group, f)
 
 
 def _cumulative_gate(log_gate: Tensor | None, shape: tuple, acc: torch.dtype) -> Tensor | None:
@@ -72,8 +79,8 @@ def _rows_before_keys(q: Tensor, k: Tensor, causal: bool) -> int | torch.SymInt:
 
 
 def _weights(q: Tensor, k: Tensor, cum: Tensor | None, valid: Tensor | None, scale: float, deg: int, causal: bool):
-    """``A``, ``L``, the admissible set and ``W`` for grouped ``q`` (B, Hk, g, Tq, d) and ``k`` (B, Hk, g, Tk, d)."""
-    scores = scale * (q @ k.transpose(-1, -2))
+    """``A``, ``L``, the admissible set and ``W`` for grouped ``q`` (B, Hk, g, Tq, d) and ``k`` (B, Hk, Tk, d)."""
+    scores = scale * _per_head(_stacked(q) @ k.transpose(-1, -2), q.shape[2])
     Tq, Tk = q.shape[-2], k.shape[-2]
     offset = Tk - Tq
     admissible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
@@ -112,9 +119,9 @@ def quadratic_forward(
     acc, Hk = compute_dtype(q.dtype), int(k.shape[1])
     qg = _grouped(q, Hk, acc)
     group = int(qg.shape[2])
-    w = _weights(qg, _keys(k, group, acc), _cumulative_gate(log_gate, qg.shape, acc), valid, scale, deg, causal)
+    w = _weights(qg, k.to(acc), _cumulative_gate(log_gate, qg.shape, acc), valid, scale, deg, causal)
     denom = w.weights.sum(-1) + eps
-    y = (w.weights @ _keys(v, group, acc)) / denom.unsqueeze(-1)
+    y = _per_head(_stacked(w.weights) @ v.to(acc), group) / denom.unsqueeze(-1)
     B, Hq, Tq = q.shape[0], q.shape[1], q.shape[2]
     return y.reshape(B, Hq, Tq, v.shape[-1]), denom.reshape(B, Hq, Tq)
 
@@ -143,16 +150,16 @@ def quadratic_backward(
     acc, Hk = compute_dtype(q.dtype), int(k.shape[1])
     qg = _grouped(q, Hk, acc)
     group = int(qg.shape[2])
-    kg, vg = _keys(k, group, acc), _keys(v, group, acc)
-    w = _weights(qg, kg, _cumulative_gate(log_gate, qg.shape, acc), valid, scale, deg, causal)
+    ka, va = k.to(acc), v.to(acc)
+    w = _weights(qg, ka, _cumulative_gate(log_gate, qg.shape, acc), valid, scale, deg, causal)
     den = _grouped(denom.unsqueeze(-1), Hk, acc)
     d_num = _grouped(grad_y, Hk, acc) / den
     d_norm = -(d_num * _grouped(y, Hk, acc)).sum(-1, keepdim=True)
-    d_weights = d_num @ vg.transpose(-1, -2) + d_norm
-    d_scores = torch.where(w.admissible, d_weights * (deg * w.scores ** (deg - 1)) * w.log_decay.exp(), 0.0)
-    dq = scale * (d_scores @ kg)
-    dk = scale * (d_scores.transpose(-1, -2) @ qg).sum(2)
-    dv = (w.weights.transpose(-1, -2) @ d_num).sum(2)
+    d_weights = _per_head(_stacked(d_num) @ va.transpose(-1, -2), group) + d_norm
+    d_scores = _stacked(torch.where(w.admissible, d_weights * (deg * w.scores ** (deg - 1)) * w.log_decay.exp(), 0.0))
+    dq = scale * (d_scores @ ka)
+    dk = scale * (d_scores.transpose(-1, -2) @ _stacked(qg))
+    dv = _stacked(w.weights).transpose(-1, -2) @ _stacked(d_num)
     d_gate = None
     if log_gate is not None:
         d_log = d_weights * w.weights  # exactly 0 where inadmissible

@@ -371,6 +371,7 @@ QUADRATIC_CASES = {
     "causal": dict(Tq=13, gate=None),
     "gated kv heads, padded": dict(Tq=13, gate="kv", padded=True),
     "gated query heads, GQA": dict(Hq=4, Hk=2, Tq=11, gate="q"),
+    "gated kv heads, GQA of 3": dict(Hq=6, Hk=2, Tq=9, Tk=10, gate="kv", padded=True),
     "fewer queries than keys": dict(Tq=5, Tk=12, gate="kv", padded=True),
     "one query": dict(Tq=1, Tk=9, gate="kv"),
     "more queries than keys": dict(Hq=4, Hk=2, Tq=12, Tk=5, gate="q", padded=True),
