@@ -404,13 +404,13 @@ def test_quadratic_degree_4():
 def test_op_degree_4_with_more_queries_than_keys_stays_quadratic(monkeypatch: pytest.MonkeyPatch):
     """Causal, Tq > Tk, every key in one chunk: the op's aten path takes the quadratic form, forward and backward
     (the chunked form would embed q and k in C(d+3, 4) features, 766480 per token at d = 64)."""
-    import retention_compile.ops as ops
+    import retention_compile.chunked as chunked
 
     def refuse(*args, **kwargs):
         raise AssertionError("the chunked form ran")
 
-    monkeypatch.setattr(ops, "chunked_forward", refuse)
-    monkeypatch.setattr(ops, "chunked_backward", refuse)
+    monkeypatch.setattr(chunked, "chunked_forward", refuse)
+    monkeypatch.setattr(chunked, "chunked_backward", refuse)
     case = make_case(Hq=2, Hk=1, Tq=24, Tk=16, d=64, gate="kv", padded=True, seed=5)
     leaves = [case[n].clone().requires_grad_() for n in ("q", "k", "v", "log_gate")]
     y = rc.power_retention(*leaves[:3], deg=4, log_gate=leaves[3], valid=case["valid"], scale=0.5)
