@@ -20,6 +20,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from retention_compile.codegen import backward  # noqa: E402
 from retention_compile.codegen.backward import (  # noqa: E402
     BACKWARD_TEMPLATE,
     BackwardSpec,
@@ -103,11 +104,22 @@ SEGMENT_CASES = {
 }
 
 
+# chunked cases rerun with dkv_state_kernel's coordinate form (``backward.coordinate_state_terms``, chosen on the GPU
+# for gated 16-bit tiles with d <= 64) forced on their float32 tiles: 2, 3 (d = 48, padded) and 4 coordinate blocks
+# (mirrored pair tiles), padded value tiles, GQA, segments, non-causal
+COORDINATE_CASES = (
+    "chunked-gate-valid", "chunked-d48", "chunked-d64", "chunked-query-head-gate", "chunked-prefill-cache",
+    "chunked-noncausal", "chunked-strong-gate",
+)  # fmt: skip
+
+
 def _interpreted() -> dict[str, dict[str, float]]:
     results = {name: run_case(case) for name, case in CASES}
     results.update({name: run_case(case, segments=segments) for name, (case, segments) in SEGMENT_CASES.items()})
     # float16 inputs run the float32 kernels (forward.kernel_inputs); only the gradients' final rounding remains
     results.update({f"{name}-float16": run_case(dict(CASES)[name], torch.float16) for name in FLOAT16_CASES})
+    backward.coordinate_state_terms = lambda fwd: fwd.chunked
+    results.update({f"{name}-coordinates": run_case(dict(CASES)[name], segments=2) for name in COORDINATE_CASES})
     return results
 
 
@@ -127,10 +139,13 @@ def test_float16_runs_the_float32_kernels(interpreted: dict[str, dict[str, float
     assert not bad, f"{name} in float16: relative errors {bad}"
 
 
-@pytest.mark.parametrize("name", [n for n, _ in CASES] + list(SEGMENT_CASES))
+@pytest.mark.parametrize(
+    "name", [n for n, _ in CASES] + list(SEGMENT_CASES) + [f"{n}-coordinates" for n in COORDINATE_CASES]
+)
 def test_gradients_match_oracle(interpreted: dict[str, dict[str, float]], name: str) -> None:
     errors = interpreted[name]
-    gated = {**dict(CASES), **{n: c for n, (c, _) in SEGMENT_CASES.items()}}[name][8] > 0
+    cases = {**dict(CASES), **{n: c for n, (c, _) in SEGMENT_CASES.items()}}
+    gated = cases[name.removesuffix("-coordinates")][8] > 0
     assert set(errors) == set(GRADS if gated else GRADS[:3])
     bad = {g: f"{err:.2e}" for g, err in errors.items() if not err < 2e-5}
     assert not bad, f"{name}: relative errors {bad}"
@@ -154,10 +169,16 @@ def test_rendered_source_bakes_the_shape() -> None:
     for name in ("def dq_kernel", "def dkv_kernel", "def reverse_state_kernel", "KTERM, G"):
         assert name in source
     # d = 64, b = 16: 4 blocks, 10 pair tiles as a loop at run time in dq and dk (each pair adds to two blocks of
-    # the full-width accumulator); the source does not grow with the pairs
-    assert source.count("for p in range(10):") == 2 and source.count("blk_j = (blk_i + delta) % 4") == 3
-    assert source.count("dq += tl.where((dims // 16 == blk_") == 2 and source.count("dk += tl.where((dims // 16") == 2
-    assert len(render(BACKWARD_TEMPLATE, _spec(head_dim=128, value_dim=128)).splitlines()) == len(source.splitlines())
+    # the full-width accumulator); the source does not grow with the pairs. Gated 16-bit d <= 64: dk and dv walk
+    # the 64 coordinates instead (``coordinate_state_terms``)
+    ungated = render(BACKWARD_TEMPLATE, _spec(gated=False))
+    assert ungated.count("for p in range(10):") == 2 and ungated.count("blk_j = (blk_i + delta) % 4") == 3
+    assert ungated.count("dq += tl.where((dims // 16 == blk_") == 2 and ungated.count("dk += tl.where((dims // 16") == 2
+    assert source.count("for p in range(10):") == 1 and source.count("for bb in range(64):") == 1
+    assert "for bb in range" not in render(BACKWARD_TEMPLATE, _spec(head_dim=128, value_dim=128))
+    assert len(render(BACKWARD_TEMPLATE, _spec(head_dim=128, value_dim=128, gated=False)).splitlines()) == len(
+        ungated.splitlines()
+    )
     quadratic = render(BACKWARD_TEMPLATE, _spec(chunked=False, chunk_size=0, block_feature=0, gated=False, deg=4))
     ast.parse(quadratic)
     assert "reverse_state_kernel" not in quadratic and "KTERM" not in quadratic and "blk_i" not in quadratic

@@ -33,14 +33,17 @@ chunked     the same two kernels restricted to the rows' / keys' own chunk, plus
             the forward states ``S_c, M_c`` before each chunk, recomputed by the state kernel the forward ran
             (Triton's, or the CUDA one where ``select_state_kernel`` picked it) and the scan, give dq's
             inter-chunk part; ``reverse_state_kernel`` walks the chunks of a segment from its last and stores
-            ``R_c = sum_{i after c} coef s^2 exp(G_i - E_c) phi(q_i) dN_i^T`` (pair tiles, like S_c) and
+            ``R_c = sum_{i after c} s^2 exp(G_i - E_c) phi(q_i) dN_i^T`` (pair tiles, like S_c; their readers
+            count the off-diagonal pairs twice) and
             ``P_c = sum_{i after c} s^2 exp(G_i - E_c) dZ_i q_i q_i^T`` (d x d) within the segment;
             ``reverse_scan_kernel`` adds the later segments (segments as the forward's state kernel has them:
             ``forward.state_segments``; with one, at b=1 h=8 d=64, the kernel had 80 programs on 132 SMs).
             ``dkv_state_kernel`` adds them to the float32 dk, dv (and key term) that ``dkv_kernel`` stored (split
             so each part could be checked alone on the H200: the bf16 fault was the P term's wgmma dot, now an
-            fp32 FMA dot). ``boundary_kernel`` (gated; grid: chunks x B*Hs) sums the forward and reverse states
-            into d log_gate at each chunk start. phi(q) and phi(k) are built in registers, never in global memory.
+            fp32 FMA dot). It walks the pair tiles, or for gated 16-bit tiles with d <= 64 the coordinates
+            (``coordinate_state_terms``). ``boundary_kernel`` (gated; grid: chunks x B*Hs) sums the forward and
+            reverse states into d log_gate at each chunk start. phi(q) and phi(k) are built in registers, never in
+            global memory.
 
 Memory. The forward saves only its inputs, ``y`` (B, Hq, Tq, e) and ``denom`` (B, Hq, Tq), both float32 (y is
 4 bytes per element, twice a 16-bit copy: see "Precision"; 134 MB per layer at B=1, Hq=8, T=65536, e=64): no
@@ -141,6 +144,7 @@ class BackwardSpec:
             "n_eb": -(-fwd.value_dim // self.block_e),
             "e_pad": e_pad,
             "prep_rows": PREP_ROWS,
+            "coordinate_terms": coordinate_state_terms(fwd),
             "summary": f"{fwd.summary()}; backward rows={self.block_t} keys={self.block_k} state rows={self.block_s}",
         }
 
@@ -253,6 +257,16 @@ def triton_backward(
     return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), dg
 
 
+def coordinate_state_terms(fwd: KernelSpec) -> bool:
+    """Whether the chunked ``dkv_state_kernel`` walks the coordinates b, ``dv_j += mu_j k_jb (k_j Rs_b^T)`` and
+    ``dk_j += 2 mu_j k_jb (v_j Rs_b)`` (one pair of accumulating products per b, over the state of ordered
+    coordinate pairs), rather than the pair tiles. Chosen for gated 16-bit tiles with d <= 64: on the H200 (T=65536,
+    bf16, d=64, branch ``pending-gpu-bmajor`` at 080d5ee) this form took 2.96 ms per call at 4 warps, against 3.66 ms
+    for the gated pair form at 8. Ungated, the pair form is faster (2.30 against 2.78 ms). d = 128 and float32 were
+    not measured and keep the pair form."""
+    return fwd.chunked and fwd.gated and fwd.dtype != "float32" and fwd.head_dim <= 64
+
+
 def chunked_warps(fwd: KernelSpec, state_terms: bool) -> int:
     """Warps of the chunked path's ``dq_kernel`` and ``dkv_kernel`` (``state_terms=False``) or ``dkv_state_kernel``.
 
@@ -260,7 +274,10 @@ def chunked_warps(fwd: KernelSpec, state_terms: bool) -> int:
     d=64: dq 3.12 -> 1.81, dkv 1.45 -> 0.72, dkv_state 2.74 -> 2.31 ungated; gated dq 3.34 -> 2.05, dkv 1.96 -> 1.07.
     d=128: dq 20.8 -> 14.9, dkv 6.54 -> 3.49; gated dq 22.5 -> 15.1, dkv 8.67 -> 4.36.
     ``dkv_state_kernel`` keeps ``CHUNKED_WARPS`` where 4 was slower: gated (d=64 3.67 -> 3.84; d=128 23.9 -> 362, it
-    spills) and d > 64 (ungated d=128 22.2 -> 29.0). Float32 tiles keep ``CHUNKED_WARPS`` (not measured at 4)."""
+    spills) and d > 64 (ungated d=128 22.2 -> 29.0). Float32 tiles keep ``CHUNKED_WARPS`` (not measured at 4). The
+    coordinate form of ``dkv_state_kernel`` (``coordinate_state_terms``) runs at 4, as measured."""
+    if state_terms and coordinate_state_terms(fwd):
+        return 4
     if fwd.dtype == "float32" or (state_terms and (fwd.gated or fwd.head_dim > 64)):
         return CHUNKED_WARPS
     return 4
