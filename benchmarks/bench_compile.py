@@ -1,6 +1,7 @@
 """First-call compile time of a 2-layer Llama-shaped model: ``backend="retention"`` against ``backend="inductor"``.
 
     python benchmarks/bench_compile.py [--device cpu|cuda] [--repeats 3] [--out benchmarks/results] [--profile]
+                                       [--commit SHA]
 
 The model is written here (no transformers): token embedding, two decoder layers of RMSNorm, rotary embeddings,
 grouped-query SDPA with ``is_causal=True`` (kv heads repeated as Llama does: expand + reshape) and a SwiGLU MLP,
@@ -256,6 +257,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--profile", action="store_true", help="cProfile every child; keep its slowest functions")
+    parser.add_argument("--commit", default=None, help="commit of the code (where the tree's git metadata is stale)")
     parser.add_argument("--child", choices=["inductor", "retention"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -263,7 +265,7 @@ def main() -> None:
         return
     header = {
         "command": command_line(),
-        "commit": git_commit(),
+        "commit": git_commit(args.commit),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
         "machine": _machine(args.device),
