@@ -258,8 +258,8 @@ def triton_backward(
 
 
 def coordinate_state_terms(fwd: KernelSpec) -> bool:
-    """Whether the chunked ``dkv_state_kernel`` walks the coordinates b, ``dv_j += mu_j k_jb (k_j Rs_b^T)`` and
-    ``dk_j += 2 mu_j k_jb (v_j Rs_b)`` (one pair of accumulating products per b, over the state of ordered
+    """Whether the chunked ``dkv_state_kernel`` walks the coordinates b, ``dv_j += mu_j k_jb (k_j R_b^T)`` and
+    ``dk_j += 2 mu_j k_jb (v_j R_b)`` (one pair of accumulating products per b, R read as the state of ordered
     coordinate pairs), rather than the pair tiles. Chosen for gated 16-bit tiles with d <= 64: on the H200 (T=65536,
     bf16, d=64, branch ``pending-gpu-bmajor`` at 080d5ee) this form took 2.96 ms per call at 4 warps, against 3.66 ms
     for the gated pair form at 8. Ungated, the pair form is faster (2.30 against 2.78 ms). d = 128 and float32 were
