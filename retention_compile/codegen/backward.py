@@ -341,12 +341,7 @@ def _chunk_start_gate_grads(module, states: dict[str, torch.Tensor], heads: int,
 
 
 def _gate_grad(
-    dz: torch.Tensor,
-    kterm: torch.Tensor,
-    gate_heads: int,
-    boundary: torch.Tensor | None = None,
-    chunk: int = 0,
-    shift: int = 0,
+    dz: torch.Tensor, kterm: torch.Tensor, gate_heads: int, boundary: torch.Tensor | None, chunk: int, shift: int
 ) -> torch.Tensor:
     """``dg`` (B, gate_heads, Tk) from ``dG_t = qterm at t - kterm_t`` with ``qterm_i = -dZ_i eps`` summed over the
     query heads of each gate head and placed at key position ``i + Tk - Tq`` (rows before key 0 drop): summed
