@@ -33,8 +33,10 @@ chunked     the same two kernels restricted to the rows' / keys' own chunk, plus
             the forward states ``S_c, M_c`` before each chunk, recomputed by the state kernel the forward ran
             (Triton's, or the CUDA one where ``select_state_kernel`` picked it) and the scan, give dq's
             inter-chunk part; ``reverse_state_kernel`` walks the chunks of a segment from its last and stores
-            ``R_c = sum_{i after c} s^2 exp(G_i - E_c) phi(q_i) dN_i^T`` (pair tiles, like S_c; their readers
-            count the off-diagonal pairs twice) and
+            ``R_c = sum_{i after c} coef s^2 exp(G_i - E_c) phi(q_i) dN_i^T`` (pair tiles, like S_c; coef = 2 off
+            the diagonal, or 1 where ``coordinate_state_terms`` reads R as ordered pairs: there ``boundary_kernel``
+            doubles S's off-diagonal tiles instead; folding coef into the pair form's operands cost its ungated
+            ``dkv_state_kernel`` 2.30 -> 2.50 ms at T=65536) and
             ``P_c = sum_{i after c} s^2 exp(G_i - E_c) dZ_i q_i q_i^T`` (d x d) within the segment;
             ``reverse_scan_kernel`` adds the later segments (segments as the forward's state kernel has them:
             ``forward.state_segments``; with one, at b=1 h=8 d=64, the kernel had 80 programs on 132 SMs).
