@@ -138,6 +138,24 @@ def test_detect_without_cuda_python_falls_back_to_torch(monkeypatch):
     assert "torch.cuda.get_device_properties" in spec.source
 
 
+def test_detect_prefers_complete_torch_properties(monkeypatch):
+    """Where torch reports every attribute, detection reads it and never imports cuda-python (hidden here)."""
+    _hide_cuda_python(monkeypatch)
+    props = SimpleNamespace(name="NVIDIA H200", major=9, minor=0, multi_processor_count=132,
+                            shared_memory_per_block_optin=232448, shared_memory_per_multiprocessor=233472,
+                            regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
+                            L2_cache_size=62914560, clock_rate=1_980_000, memory_clock_rate=3_201_000,
+                            memory_bus_width=6016)  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    hardware._detect_index.cache_clear()
+    spec = detect(0)
+    hardware._detect_index.cache_clear()
+    assert spec is not None and "torch.cuda.get_device_properties" in spec.source
+    assert (spec.sm_count, spec.smem_per_block_optin, spec.mem_bus_bits, spec.clock_mhz) == (132, 232448, 6016, 1980)
+
+
 class _Err(enum.Enum):
     cudaSuccess = 0
     cudaErrorInvalidDevice = 101

@@ -227,3 +227,17 @@ def test_wide_fp32_chunked_backward_is_left_to_aten() -> None:
     assert "e=256 > 128" in reason(torch.float32, 256) and "float16" in reason(torch.float16, 160)
     assert reason(torch.bfloat16, 256) is None and reason(torch.float32, 128) is None
     assert reason(torch.float32, 256, T=64) is None  # one chunk: the quadratic kernels
+
+
+def test_narrow_bf16_backward_is_left_to_aten() -> None:
+    """bf16 heads narrower than 16 (d = 8 faulted on the H200 in dkv_kernel) run the aten backward; fp32 d = 8 and
+    bf16 d = 16 stay on Triton, on both paths."""
+    plan = Plan(chunk_size=32, block_t=32)
+
+    def reason(dtype: torch.dtype, d: int, T: int) -> str | None:
+        q, v = torch.empty(1, 1, 1, d, dtype=dtype), torch.empty(1, 1, 1, 64, dtype=dtype)
+        return backward_unsupported(q, v, 2, False, False, True, T, plan)
+
+    for T in (91, 1000):
+        assert "d=8 < 16" in reason(torch.bfloat16, 8, T)
+        assert reason(torch.float32, 8, T) is None and reason(torch.bfloat16, 16, T) is None

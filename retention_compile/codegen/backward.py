@@ -151,6 +151,12 @@ class BackwardSpec:
         }
 
 
+# Smallest head dim the Triton backward takes with bf16 tiles. d = 8 (a 16-wide tile half masked) faulted on the H200
+# in the single-chunk dkv_kernel (GPU fuzz seed 20261204, cases 629 and 639: b=3 Tq=128 Tk=91 and b=1 Tq=Tk=68,
+# e=64, causal); the same cases run clean under the interpreter's bounds checks in bf16 and fp32. float16 d=8 e=16
+# had faulted before (``_value_pad``). fp32 tiles with d=8 pass the fuzz and stay on Triton.
+MIN_BF16_HEAD_DIM = 16
+
 # Widest value tile of the chunked backward with fp32 tiles (float32 and float16 inputs). With e > 128 (tile 256)
 # its dq_kernel and dkv_state_kernel ask 299-348 KB of shared memory for d = 32..128 even with 32 rows (sm_90
 # compiles with Triton 3.6, ``.scratch/bwd_smem.py``), past any GPU's per-block limit (227 KB on Hopper).
@@ -164,6 +170,11 @@ def backward_unsupported(
     """None when ``triton_backward`` serves a call the Triton forward serves, else why not (the op then runs the
     aten backward)."""
     fwd = kernel_spec(q, v, deg, gated, has_valid, causal, kv_len, plan)
+    if q.dtype == torch.bfloat16 and fwd.head_dim < MIN_BF16_HEAD_DIM:
+        return (
+            f"bfloat16 head dim d={fwd.head_dim} < {MIN_BF16_HEAD_DIM}: the Triton backward of d=8 bf16 faulted on the "
+            "H200 (an illegal address in dkv_kernel, which the Triton interpreter's bounds checks do not see)"
+        )
     wide = value_tile(fwd.value_dim) > FP32_CHUNKED_MAX_VALUE_TILE
     if fwd.chunked and q.dtype in (torch.float32, torch.float16) and wide:
         return (

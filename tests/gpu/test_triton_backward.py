@@ -178,3 +178,12 @@ def test_wide_fp32_chunked_backward_runs_aten(backward_calls: list[int], monkeyp
     with pytest.warns(UserWarning, match="Triton backward does not serve"):
         check(1, 2, 1, 600, 600, 64, 256, 2, f32, "k", True, True, op=True)
     assert not backward_calls
+
+
+def test_narrow_bf16_backward_runs_aten(backward_calls: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 d = 8, the shape of GPU fuzz seed 20261204 case 629 (b=3, Tq=128 > Tk=91, causal): the Triton forward,
+    then (one warning) the aten backward, whose gradients match the oracle's."""
+    monkeypatch.setattr(rc.ops, "_WARNED", set())
+    with pytest.warns(UserWarning, match="Triton backward does not serve"):
+        check(3, 2, 2, 128, 91, 8, 64, 2, bf16, None, False, True, op=True)
+    assert not backward_calls
