@@ -15,7 +15,8 @@ Pass: relative error ``|y - ref| / |ref|`` <= 1e-2 (bf16, fp16) or 1e-4 (fp32) p
 ``|g - ref| / |ref|`` <= 2e-2 (16-bit) or 1e-4 (fp32) for dq, dk, dv and d log_gate (dv alone where no row sees
 more than one key: ``op_case_problem``); everything finite.
 
-A case that raises is a failure naming its case; one that faults the device stops the run with its case named.
+A case that raises is a failure naming its case; one that faults the device stops the run with its case named
+(``.ci/gpu`` then runs the cases after it in a fresh process: ``RETENTION_FUZZ_AFTER``).
 
 Progress: a line every ``PROGRESS_EVERY`` cases (cases done, failures so far), so a run cut by a time limit still
 says how many cases passed.
@@ -24,7 +25,8 @@ Replay: the run prints ``fuzz seed=S cases=N``; ``RETENTION_FUZZ_SEED=S`` repeat
 runs case i alone (it is built from (S, i) only), ``RETENTION_FUZZ_CASES=N`` changes the count (default 1000).
 ``RETENTION_FUZZ_SHARD=i/n`` keeps the cases whose shape class index is i mod n: n processes with one seed run the
 whole set in parallel, each compiling only its own classes. ``RETENTION_FUZZ_PART=j/m`` keeps every m-th of
-those cases from the j-th on, to split a slow shard over m processes.
+those cases from the j-th on, to split a slow shard over m processes. ``RETENTION_FUZZ_AFTER=i`` keeps the cases
+after case i (of those), to go on past a case that faulted the device.
 """
 
 from __future__ import annotations
@@ -280,7 +282,9 @@ def test_fuzz_triton() -> None:
     cases = {i: c for i, c in cases.items() if classes.index(c.shape) % shards == shard}
     part, parts = map(int, os.environ.get("RETENTION_FUZZ_PART", "0/1").split("/"))
     cases = {i: c for n, (i, c) in enumerate(cases.items()) if n % parts == part}
-    print(f"fuzz seed={seed} cases={len(cases)} shard={shard}/{shards} part={part}/{parts} "
+    after = int(os.environ.get("RETENTION_FUZZ_AFTER", "-1"))
+    cases = {i: c for i, c in cases.items() if i > after}
+    print(f"fuzz seed={seed} cases={len(cases)} shard={shard}/{shards} part={part}/{parts} after={after} "
           f"(replay: RETENTION_FUZZ_SEED={seed})")  # fmt: skip
     start, failures = time.perf_counter(), []
     for done, (index, case) in enumerate(cases.items(), 1):
