@@ -10,7 +10,8 @@
 # killed pytest gave SDPA fwd+bwd 0.40-0.45 ms at T=2048 against the anchor's 0.125). JSON and plots go to OUT_DIR
 # (copy them to benchmarks/results/ with the notes); OUT_DIR/summary.txt has one line per benchmark and
 # OUT_DIR/logs.txt every log. Manifest's and fla's wheels are used when importable (../shared/tools/gpu-wheels.sh
-# prints how to install them; put their directory on PYTHONPATH before calling this).
+# prints how to install them; put their directory on PYTHONPATH before calling this). COMMIT=SHA names the code in
+# the JSON where the device's git metadata is stale (each benchmark's --commit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:?usage: benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile]}"
@@ -40,9 +41,9 @@ for bench in "${which[@]}"; do
     gpu_alone
     case "$bench" in
         forward) part forward 240 python3 benchmarks/bench_forward.py --T 2048 8192 16384 65529 65536 \
-            --competitors 2048 8192 65536 --tune 0 --out "$out" ;;
-        backward) part backward 420 python3 benchmarks/bench_backward.py --T 65536 2048 8192 --competitors 65536 --out "$out" ;;
-        compile) part compile 560 python3 benchmarks/bench_compile.py --device cuda --repeats 3 --out "$out" ;;
+            --competitors 2048 8192 65536 --tune 0 --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
+        backward) part backward 420 python3 benchmarks/bench_backward.py --T 65536 2048 8192 --competitors 65536 --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
+        compile) part compile 560 python3 benchmarks/bench_compile.py --device cuda --repeats 3 --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         *) echo "unknown benchmark: $bench (forward, backward, compile)" >> "$summary" ;;
     esac
 done
