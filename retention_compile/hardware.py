@@ -347,16 +347,14 @@ _TORCH_FIELDS = {
 }
 
 
-def _detect_torch(index: int, complete: bool = False) -> GpuSpec | None:
-    """Read the device through ``torch.cuda.get_device_properties``; None without a CUDA device, or with
-    ``complete`` when this torch lacks any of ``_TORCH_FIELDS``."""
+def _torch_attributes(index: int) -> tuple[str, dict[str, int]] | None:
+    """The device's name and the ``_TORCH_FIELDS`` this torch's ``get_device_properties`` reports; None without a
+    CUDA device."""
     if not torch.cuda.is_available() or index >= torch.cuda.device_count():
         return None
     props: Any = torch.cuda.get_device_properties(index)
     attrs = {key: int(getattr(props, field)) for field, key in _TORCH_FIELDS.items() if hasattr(props, field)}
-    if complete and len(attrs) < len(_TORCH_FIELDS):
-        return None
-    return spec_from_attributes(props.name, attrs, "torch.cuda.get_device_properties")
+    return props.name, attrs
 
 
 def _device_index(device: int | str | torch.device | None) -> int:
@@ -370,7 +368,11 @@ def _device_index(device: int | str | torch.device | None) -> int:
 
 @functools.lru_cache(maxsize=16)
 def _detect_index(index: int) -> GpuSpec | None:
-    return _detect_torch(index, complete=True) or _detect_cuda_python(index) or _detect_torch(index)
+    read = _torch_attributes(index)
+    from_torch = None if read is None else spec_from_attributes(*read, "torch.cuda.get_device_properties")
+    if read is not None and len(read[1]) == len(_TORCH_FIELDS):
+        return from_torch
+    return _detect_cuda_python(index) or from_torch
 
 
 def detect(device: int | str | torch.device | None = None) -> GpuSpec | None:

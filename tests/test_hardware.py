@@ -139,13 +139,22 @@ def test_detect_without_cuda_python_falls_back_to_torch(monkeypatch):
 
 
 def test_detect_prefers_complete_torch_properties(monkeypatch):
-    """Where torch reports every attribute, detection reads it and never imports cuda-python (hidden here)."""
-    _hide_cuda_python(monkeypatch)
+    """Where torch reports every attribute, detection reads it even with cuda-python present (a stand-in here that
+    reports another SM count): importing cuda-python's runtime cost 0.05 s of a GPU compile."""
     props = SimpleNamespace(name="NVIDIA H200", major=9, minor=0, multi_processor_count=132,
                             shared_memory_per_block_optin=232448, shared_memory_per_multiprocessor=233472,
                             regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
                             L2_cache_size=62914560, clock_rate=1_980_000, memory_clock_rate=3_201_000,
                             memory_bus_width=6016)  # fmt: skip
+    attrs = {"cudaDevAttrMultiProcessorCount": 7, "cudaDevAttrComputeCapabilityMajor": 9,
+             "cudaDevAttrComputeCapabilityMinor": 0}  # fmt: skip
+    bindings = ModuleType("cuda.bindings")
+    bindings.runtime = _fake_runtime(attrs, b"NVIDIA H200")
+    cuda = ModuleType("cuda")
+    cuda.bindings = bindings
+    monkeypatch.setitem(sys.modules, "cuda", cuda)
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", bindings.runtime)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
