@@ -7,12 +7,17 @@ quadratic form (``quadratic.py``) when every key fits in one planned chunk, else
 (``codegen.triton_forward`` / ``codegen.triton_backward``, where ``triton_supports`` the case) through
 ``wrap_triton``, so Inductor's generated code contains them.
 
-    power_retention(q, k, v, log_gate?, valid?, scale, deg, causal, chunk_size, impl) -> (y, denom)
-    power_retention_backward(dy, q, k, v, log_gate?, valid?, y, denom, scale, deg, causal, chunk_size, impl)
+    power_retention(q, k, v, log_gate?, valid?, scale, deg, causal, chunk_size, impl) -> (y, denom, S, M)
+    power_retention_backward(dy, q, k, v, log_gate?, valid?, y, denom, S, M, scale, deg, causal, chunk_size, impl)
         -> (dq, dk, dv, dlog_gate)
 
-``denom`` (B, Hq, Tq) is ``sum_j w_ij + eps`` in float32: with ``y`` it is all the backward needs
-besides the inputs (``dN = dy / denom``, ``dZ = -(dy . y) / denom``), so nothing of size T x D is saved.
+``denom`` (B, Hq, Tq) is ``sum_j w_ij + eps`` in float32: with ``y`` it is all the backward needs besides the
+inputs (``dN = dy / denom``, ``dZ = -(dy . y) / denom``). ``S, M`` are the chunk states the Triton forward's query
+kernel read (``codegen.forward.StateLayout``), returned so that the Triton backward reads them instead of running the
+state and scan kernels again (at T=65536, b=1, h=8, d=64 on the H200 those took 1.1 of the 9.1 ms of a fwd+bwd
+step). They are kept only where that backward takes the call and they cost at most ``KEPT_STATES_MAX_RATIO`` times
+y's bytes (``keeps_states``): at d = 64, e = 64, chunk 1024 (2560 tiled features) they are 1.3x y, at d = 128 4.5x
+(recomputed). Elsewhere (the aten path, the quadratic kernels, wider heads) both are empty float32 tensors.
 ``chunk_size = 0`` means "planned per call from the concrete shape" (``planning.plan``); ``impl`` is the
 codegen target of ``RetentionConfig`` ("auto", "triton", "cuda", "aten"; "cuda" runs the CUDA C++ chunk-state
 kernel with the Triton scan and query kernels, and raises, naming why, where it cannot; "auto" picks the state
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import warnings
 
 import torch
@@ -39,6 +45,7 @@ from .sizes import size_hint
 
 OP_NAMESPACE = "retention_compile"
 IMPLS = ("auto", "triton", "cuda", "aten")
+KEPT_STATES_MAX_RATIO = 2  # the forward's chunk states are saved for the backward up to this many times y's bytes
 
 
 def resolve_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, deg: int, gated: bool, chunk_size: int) -> Plan:
@@ -130,16 +137,17 @@ def _forward_body(
     causal: bool,
     chunk_size: int,
     impl: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: ``(y, denom)`` with ``y_i = sum_j w_ij v_j / denom_i``, ``denom_i = sum_j w_ij + eps``, both in
-    ``compute_dtype(q.dtype)`` (float32 for 16-bit inputs; callers cast y). Autograd saves this y: the backward's
-    ``dZ_i = -(dy_i . y_i) / denom_i`` is a small difference that a 16-bit y would swamp (B*Hq*Tq*e*4 bytes)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward: ``(y, denom, S, M)`` with ``y_i = sum_j w_ij v_j / denom_i``, ``denom_i = sum_j w_ij + eps``, both
+    in ``compute_dtype(q.dtype)`` (float32 for 16-bit inputs; callers cast y), and the chunk states kept for the
+    backward (``keeps_states``; empty otherwise). Autograd saves this y: the backward's ``dZ_i = -(dy_i . y_i) /
+    denom_i`` is a small difference that a 16-bit y would swamp (B*Hq*Tq*e*4 bytes)."""
     if impl == "cuda" and (blocker := _cuda_blocker(q)) is not None:
         raise _cuda_target_error(blocker)
     if _is_empty(q, k):  # rows without keys: y = 0, denom = eps
         shape = (q.shape[0], q.shape[1], q.shape[2])
         acc = compute_dtype(q.dtype)
-        return q.new_zeros(*shape, v.shape[3], dtype=acc), q.new_full(shape, EPS, dtype=acc)
+        return q.new_zeros(*shape, v.shape[3], dtype=acc), q.new_full(shape, EPS, dtype=acc), *_no_states(q)
     plan = resolve_plan(q, k, v, deg, log_gate is not None, chunk_size)
     triton_reason = _triton_unavailable(q, k, v, deg, log_gate, valid, causal, impl)
     if triton_reason is None:
@@ -149,26 +157,52 @@ def _forward_body(
         state = select_state_kernel(q, k, v, deg, log_gate, valid, causal, scale, plan, impl)
         if impl == "cuda" and state.kernel is None:
             raise _cuda_target_error(state.reason)
-        return triton_forward(
+        states: dict[str, torch.Tensor] = {}
+        y, denom = triton_forward(
             q, k, v, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid, plan=plan,
-            state_kernel=state.kernel,
+            state_kernel=state.kernel, states_out=states,
         )  # fmt: skip
+        serves = states and _triton_backward_serves(q, k, v, deg, log_gate, valid, causal, plan, warn=False)
+        if serves and keeps_states(states, y):
+            return y, denom, states["S"], states["M"]
+        return y, denom, *_no_states(q)
     if impl == "cuda":
         raise _cuda_target_error(f"the Triton kernels run with the CUDA state kernel do not serve it ({triton_reason})")
     options = {"scale": scale, "deg": deg, "log_gate": log_gate, "causal": causal, "valid": valid, "eps": EPS}
     if _quadratic_serves(k, plan):
-        return quadratic.quadratic_forward(q, k, v, **options)
-    return chunked.chunked_forward(q, k, v, chunk_size=plan.chunk_size, **options)
+        y, denom = quadratic.quadratic_forward(q, k, v, **options)
+    else:
+        y, denom = chunked.chunked_forward(q, k, v, chunk_size=plan.chunk_size, **options)
+    return y, denom, *_no_states(q)
 
 
-def _triton_backward_serves(q, k, v, deg, log_gate, valid, causal, plan: Plan) -> bool:
-    """Whether the Triton backward takes a call the Triton forward serves (warned once per reason when not)."""
+def _no_states(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's ``S, M`` where no states are kept: empty float32 tensors."""
+    return q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
+
+
+def keeps_states(states: dict[str, torch.Tensor], y: torch.Tensor) -> bool:
+    """Whether the forward's chunk states (``S``, ``M``) cost at most ``KEPT_STATES_MAX_RATIO`` times y's bytes.
+
+    Read from the size hints (no guard: the answer only trades memory for time). States and y both grow with
+    the length, so the ratio barely moves with it: at d = 64, e = 64, chunk 1024, 1.3x (2560 x 64 bf16 + 64 x 64
+    float32 per state head and chunk, against 1024 x 64 float32 of y per query head and chunk)."""
+
+    def nbytes(t: torch.Tensor) -> int:
+        return math.prod(size_hint(n) for n in t.shape) * t.element_size()
+
+    return nbytes(states["S"]) + nbytes(states["M"]) <= KEPT_STATES_MAX_RATIO * nbytes(y)
+
+
+def _triton_backward_serves(q, k, v, deg, log_gate, valid, causal, plan: Plan, warn: bool = True) -> bool:
+    """Whether the Triton backward takes a call the Triton forward serves (warned once per reason when not, if
+    ``warn``: the forward asks without warning, to decide whether to keep its states)."""
     from .codegen.backward import backward_unsupported
 
     reason = backward_unsupported(
         q, v, deg, log_gate is not None, valid is not None, causal, size_hint(k.shape[2]), plan
     )  # fmt: skip
-    if reason is not None:
+    if reason is not None and warn:
         _warn_once(f"retention_compile: the Triton backward does not serve this call ({reason}); using the aten path")
     return reason is None
 
@@ -182,13 +216,16 @@ def _backward_body(
     valid: torch.Tensor | None,
     y: torch.Tensor,
     denom: torch.Tensor,
+    kept_s: torch.Tensor,
+    kept_m: torch.Tensor,
     scale: float,
     deg: int,
     causal: bool,
     chunk_size: int,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward: gradients of ``sum(grad_y * y)`` with respect to q, k, v and the log-gate."""
+    """Backward: gradients of ``sum(grad_y * y)`` with respect to q, k, v and the log-gate. ``kept_s, kept_m``: the
+    forward's ``S, M`` (read by the Triton backward where kept, else empty)."""
     if _is_empty(q, k):
         dg = q.new_empty(0, dtype=torch.float32) if log_gate is None else torch.zeros_like(log_gate)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dg
@@ -201,7 +238,8 @@ def _backward_body(
 
         # the forward's states are recomputed by the state kernel the forward ran (the choice is cached)
         state = select_state_kernel(q, k, v, deg, log_gate, valid, causal, scale, plan, impl)
-        backward, options = triton_backward, {"plan": plan, "state_kernel": state.kernel}
+        saved = (kept_s, kept_m) if kept_s.dim() == 4 else None
+        backward, options = triton_backward, {"plan": plan, "state_kernel": state.kernel, "saved_states": saved}
     elif _quadratic_serves(k, plan):
         backward, options = quadratic.quadratic_backward, {}
     else:
@@ -224,16 +262,20 @@ power_retention_backward_op = triton_op(f"{OP_NAMESPACE}::power_retention_backwa
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl = inputs
-    y, denom = output
-    ctx.save_for_backward(q, k, v, log_gate, valid, y, denom)
+    y, denom, kept_s, kept_m = output
+    ctx.save_for_backward(q, k, v, log_gate, valid, y, denom, kept_s, kept_m)
     ctx.options = (scale, deg, causal, chunk_size, impl)
-    ctx.mark_non_differentiable(denom)
+    ctx.mark_non_differentiable(denom, kept_s, kept_m)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients of the states (and of denom) reach _backward
 
 
-def _backward(ctx, grad_y, _grad_denom):
-    q, k, v, log_gate, valid, y, denom = ctx.saved_tensors
-    dq, dk, dv, dg = power_retention_backward_op(grad_y, q, k, v, log_gate, valid, y, denom, *ctx.options)
-    return dq, dk, dv, (dg if log_gate is not None else None), None, None, None, None, None, None
+def _backward(ctx, grad_y, _grad_denom, _grad_s, _grad_m):
+    no_inputs = (None,) * 6
+    if grad_y is None:  # y did not reach the loss
+        return None, None, None, None, *no_inputs
+    q, k, v, log_gate, valid, *saved = ctx.saved_tensors
+    dq, dk, dv, dg = power_retention_backward_op(grad_y, q, k, v, log_gate, valid, *saved, *ctx.options)
+    return dq, dk, dv, (dg if log_gate is not None else None), *no_inputs
 
 
 power_retention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -266,7 +308,7 @@ def power_retention(
     )
     if impl not in IMPLS:
         raise ValueError(f"power_retention: impl must be one of {IMPLS}, got {impl!r}")
-    y, _ = power_retention_op(
+    y, *_ = power_retention_op(
         q, k, v, log_gate, valid, default_scale(q.shape[-1], scale), deg, causal, chunk_size or 0, impl
     )
     return y.to(q.dtype)

@@ -60,10 +60,8 @@ CASES = [
 ]
 
 
-def run_case(case: tuple, dtype: torch.dtype = torch.float32, segments: int | None = None) -> dict[str, float]:
-    """Relative error of each gradient of ``triton_backward`` against the float64 oracle's autograd; q, k, v are
-    drawn in float32 and rounded to ``dtype`` (their gradients come back in it). ``segments``: the state kernels'
-    segment count (the interpreter's default is one: it counts one SM)."""
+def _inputs(case: tuple, dtype: torch.dtype) -> tuple[tuple, dict, torch.Tensor, Plan]:
+    """``(q, k, v), options, grad_y, plan`` of a case, drawn in float32 and rounded to ``dtype``."""
     B, Hq, Hk, Tq, Tk, d, e, deg, gate_heads, has_valid, causal, chunk, *strength = case
     gen = torch.Generator().manual_seed(sum(map(hash, case)) % 2**31)
     q = torch.randn(B, Hq, Tq, d, generator=gen).to(dtype)
@@ -74,21 +72,109 @@ def run_case(case: tuple, dtype: torch.dtype = torch.float32, segments: int | No
     grad_y = torch.randn(B, Hq, Tq, e, generator=gen).to(dtype)
     plan = Plan(chunk_size=chunk, **TINY)
     assert kernel_spec(q, v, deg, gate is not None, has_valid, causal, Tk, plan).chunked == (chunk < Tk)
-    scale = 0.7 / d**0.5
-    options = {"scale": scale, "deg": deg, "log_gate": gate, "causal": causal, "valid": valid}
-    y, den = triton_forward(q, k, v, plan=plan, **options)
-    grads = triton_backward(grad_y, q, k, v, y, den, plan=plan, segments=segments, **options)
-    leaves = [t.double().requires_grad_() for t in (q, k, v) + (() if gate is None else (gate,))]
-    ref = power_retention_reference(
-        *leaves[:3], scale=scale, deg=deg, causal=causal, valid=valid, log_gate=leaves[3] if gate is not None else None
-    )
+    options = {"scale": 0.7 / d**0.5, "deg": deg, "log_gate": gate, "causal": causal, "valid": valid}
+    return (q, k, v), options, grad_y, plan
+
+
+def _oracle_errors(inputs: tuple, options: dict, grad_y: torch.Tensor, grads: tuple) -> dict[str, float]:
+    """Relative error of each gradient against the float64 oracle's autograd (shapes and dtypes checked)."""
+    gate = options["log_gate"]
+    leaves = [t.double().requires_grad_() for t in inputs + (() if gate is None else (gate,))]
+    ref = power_retention_reference(*leaves[:3], **{**options, "log_gate": leaves[3] if gate is not None else None})
     ref.backward(grad_y.double())
     assert (grads[3] is None) == (gate is None)
     errors = {}
     for name, got, leaf in zip(GRADS, grads, leaves):
-        assert got.shape == leaf.shape and got.dtype == (torch.float32 if name == GRADS[3] else dtype)
+        assert got.shape == leaf.shape and got.dtype == (torch.float32 if name == GRADS[3] else inputs[0].dtype)
         errors[name] = float((got.double() - leaf.grad).norm() / leaf.grad.norm().clamp_min(1e-30))
     return errors
+
+
+def run_case(case: tuple, dtype: torch.dtype = torch.float32, segments: int | None = None) -> dict[str, float]:
+    """Relative error of each gradient of ``triton_backward`` against the float64 oracle's autograd; q, k, v are
+    drawn in float32 and rounded to ``dtype`` (their gradients come back in it). ``segments``: the state kernels'
+    segment count (the interpreter's default is one: it counts one SM)."""
+    inputs, options, grad_y, plan = _inputs(case, dtype)
+    y, den = triton_forward(*inputs, plan=plan, **options)
+    grads = triton_backward(grad_y, *inputs, y, den, plan=plan, segments=segments, **options)
+    return _oracle_errors(inputs, options, grad_y, grads)
+
+
+def run_kept_case(case: tuple, segments: int | None = None) -> dict[str, float]:
+    """The backward reading the forward's states (``states_out`` -> ``saved_states``), float32 tiles:
+
+    ``kept-<g>``      relative error of gradient g against the oracle
+    ``doubled-<g>``   relative change of g when the saved states are doubled (dq and d log_gate read them; dk and
+                      dv must not move: they read the reverse states only)
+    ``misshapen-<g>`` error with a slot cut off the saved states and ``wrong-dtype-<g>`` with bf16 states (both
+                      must be recomputed, so they stay exact)
+    """
+    inputs, options, grad_y, plan = _inputs(case, torch.float32)
+    states: dict[str, torch.Tensor] = {}
+    y, den = triton_forward(*inputs, plan=plan, segments=segments, states_out=states, **options)
+
+    def grads(saved: tuple) -> tuple:
+        return triton_backward(grad_y, *inputs, y, den, plan=plan, segments=segments, saved_states=saved, **options)
+
+    kept = grads((states["S"], states["M"]))
+    doubled = grads((2 * states["S"], 2 * states["M"]))
+    results = {f"kept-{g}": err for g, err in _oracle_errors(inputs, options, grad_y, kept).items()}
+    for g, a, b in zip(GRADS, kept, doubled):
+        if a is not None:
+            results[f"doubled-{g}"] = float((a - b).norm() / a.norm().clamp_min(1e-30))
+    variants = {
+        "misshapen": (states["S"][:, 1:], states["M"][:, 1:]),
+        "wrong-dtype": (states["S"].bfloat16(), states["M"]),
+    }
+    for variant, saved in variants.items():
+        errors = _oracle_errors(inputs, options, grad_y, grads(saved))
+        results.update({f"{variant}-{g}": err for g, err in errors.items()})
+    return results
+
+
+def run_op_case(case: tuple, max_ratio: float) -> dict[str, float]:
+    """Through the op's autograd, with the Triton kernels on CPU tensors (the interpreter; ``ops._triton_unavailable``
+    patched) and ``ops.KEPT_STATES_MAX_RATIO = max_ratio``: ``op-<g>`` the gradients' errors against the oracle,
+    ``kept`` whether the op returned states, ``recomputed`` how often the backward ran the state kernels, and
+    ``state-fills`` how many zero-filled tensors of the states' shape the backward made (autograd materialises
+    zero gradients of unused outputs unless told not to)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from retention_compile import ops
+
+    inputs, options, grad_y, plan = _inputs(case, torch.float32)
+    ops._triton_unavailable = lambda *args: None
+    ops.KEPT_STATES_MAX_RATIO = max_ratio
+    recomputed: list[int] = []
+    real_chunk_states = backward._chunk_states
+
+    def counted(*args, **kwargs):
+        recomputed.append(1)
+        return real_chunk_states(*args, **kwargs)
+
+    backward._chunk_states = counted
+    gate = options["log_gate"]
+    leaves = [t.clone().requires_grad_() for t in inputs + (() if gate is None else (gate,))]
+    flags = (options["scale"], options["deg"], options["causal"], plan.chunk_size, "triton")
+    y, _, kept_s, _ = ops.power_retention_op(
+        *leaves[:3], leaves[3] if gate is not None else None, options["valid"], *flags
+    )
+    fills: list[str] = []
+
+    class FillLog(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = str(func)
+            if ("zero" in name or "fill" in name or "full" in name) and getattr(out, "shape", None) == kept_s.shape:
+                fills.append(name)
+            return out
+
+    with FillLog():
+        (y * grad_y).sum().backward()
+    backward._chunk_states = real_chunk_states
+    grads = tuple(leaf.grad for leaf in leaves) + ((None,) if gate is None else ())
+    results = {f"op-{g}": err for g, err in _oracle_errors(inputs, options, grad_y, grads).items()}
+    return {**results, "kept": float(kept_s.dim() == 4), "recomputed": len(recomputed), "state-fills": len(fills)}
 
 
 FLOAT16_CASES = ("chunked-gate-valid", "quadratic-deg4-gate-valid")
@@ -113,11 +199,27 @@ COORDINATE_CASES = (
 )  # fmt: skip
 
 
+# the backward reading the forward's kept states (``run_kept_case``): causal and not, gated (d log_gate at chunk
+# starts reads S and M), GQA with a gate per query head, prefill with a cache (Tq < Tk), segments
+KEPT_CASES = {
+    "chunked-gate-valid": (dict(CASES)["chunked-gate-valid"], None),
+    "chunked-query-head-gate": (dict(CASES)["chunked-query-head-gate"], None),
+    "chunked-prefill-cache": (dict(CASES)["chunked-prefill-cache"], 2),
+    "chunked-noncausal": (dict(CASES)["chunked-noncausal"], 2),
+    "chunked-long-gate-segments": SEGMENT_CASES["chunked-long-gate-segments"],
+}
+OP_CASES = ("chunked-gate-valid", "chunked-noncausal")
+
+
 def _interpreted() -> dict[str, dict[str, float]]:
     results = {name: run_case(case) for name, case in CASES}
     results.update({name: run_case(case, segments=segments) for name, (case, segments) in SEGMENT_CASES.items()})
     # float16 inputs run the float32 kernels (forward.kernel_inputs); only the gradients' final rounding remains
     results.update({f"{name}-float16": run_case(dict(CASES)[name], torch.float16) for name in FLOAT16_CASES})
+    results.update({f"{name}-kept": run_kept_case(*KEPT_CASES[name]) for name in KEPT_CASES})
+    results.update(
+        {f"{name}-op-{ratio}": run_op_case(dict(CASES)[name], ratio) for name in OP_CASES for ratio in (0, 2)}
+    )
     backward.coordinate_state_terms = lambda fwd: fwd.chunked
     triton_source._load.cache_clear()  # the modules loaded above, per spec, hold the pair form
     results.update({f"{name}-coordinates": run_case(dict(CASES)[name], segments=2) for name in COORDINATE_CASES})
@@ -150,6 +252,32 @@ def test_gradients_match_oracle(interpreted: dict[str, dict[str, float]], name: 
     assert set(errors) == set(GRADS if gated else GRADS[:3])
     bad = {g: f"{err:.2e}" for g, err in errors.items() if not err < 2e-5}
     assert not bad, f"{name}: relative errors {bad}"
+
+
+@pytest.mark.parametrize("name", list(KEPT_CASES))
+def test_kept_states_are_read_and_checked(interpreted: dict[str, dict[str, float]], name: str) -> None:
+    """The backward given the forward's states: exact; doubling them moves dq (and d log_gate), not dk, dv; states
+    of another shape or dtype are recomputed (exact again)."""
+    results = interpreted[f"{name}-kept"]
+    bad = {key: f"{err:.2e}" for key, err in results.items() if key.split("-")[0] != "doubled" and not err < 2e-5}
+    assert not bad, f"{name}: relative errors {bad}"
+    assert results["doubled-q"] > 1e-2 and results["doubled-k"] == 0 and results["doubled-v"] == 0
+    if "doubled-g" in results:
+        assert results["doubled-g"] > 1e-3
+
+
+@pytest.mark.parametrize("name", OP_CASES)
+def test_op_keeps_states_within_the_memory_rule(interpreted: dict[str, dict[str, float]], name: str) -> None:
+    """Through the op's autograd: with the ratio 1000 (at these tiny shapes, d = 32 over 16-key chunks, the states
+    take 25x y's bytes) the states are kept, and the backward runs no state kernel and zero-fills no state-sized
+    gradient; with the ratio 0 nothing is kept and the backward recomputes them once. The gradients match the
+    oracle either way."""
+    kept, dropped = interpreted[f"{name}-op-1000"], interpreted[f"{name}-op-0"]
+    assert (kept["kept"], kept["recomputed"], kept["state-fills"]) == (1, 0, 0)
+    assert (dropped["kept"], dropped["recomputed"]) == (0, 1)
+    for results in (kept, dropped):
+        bad = {key: f"{err:.2e}" for key, err in results.items() if key.startswith("op-") and not err < 2e-5}
+        assert not bad, f"{name}: relative errors {bad}"
 
 
 def _spec(**changes: object) -> BackwardSpec:

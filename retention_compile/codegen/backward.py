@@ -30,8 +30,8 @@ quadratic   ``dq_kernel`` (grid: query blocks x B*Hq) walks the admissible keys 
             ``dkv_kernel`` (grid: key blocks x B*Hs) walks, for each query head reading its state, the rows
             that see its keys, accumulating dk, dv and kterm in registers.
 chunked     the same two kernels restricted to the rows' / keys' own chunk, plus the chunk states:
-            the forward states ``S_c, M_c`` before each chunk, recomputed by the state kernel the forward ran
-            (Triton's, or the CUDA one where ``select_state_kernel`` picked it) and the scan, give dq's
+            the forward states ``S_c, M_c`` before each chunk, saved by the forward or recomputed by the state kernel
+            it ran (Triton's, or the CUDA one where ``select_state_kernel`` picked it) and the scan, give dq's
             inter-chunk part; ``reverse_state_kernel`` walks the chunks of a segment from its last and stores
             ``R_c = sum_{i after c} coef s^2 exp(G_i - E_c) phi(q_i) dN_i^T`` (pair tiles, like S_c; coef = 2 off
             the diagonal, or 1 where ``coordinate_state_terms`` reads R as ordered pairs: there ``boundary_kernel``
@@ -47,23 +47,27 @@ chunked     the same two kernels restricted to the rows' / keys' own chunk, plus
             reverse states into d log_gate at each chunk start. phi(q) and phi(k) are built in registers, never in
             global memory.
 
-Memory. The forward saves only its inputs, ``y`` (B, Hq, Tq, e) and ``denom`` (B, Hq, Tq), both float32 (y is
-4 bytes per element, twice a 16-bit copy: see "Precision"; 134 MB per layer at B=1, Hq=8, T=65536, e=64): no
-weights and no states (recompute, not store). The backward allocates ``dZ`` (B, Hq, Tq) float32 and, on the chunked
-path, per state head and chunk the forward states (Dt x e in the dots' dtype plus d x d float32, Dt = 2560 for
-d = 64) and the reverse states of the same size: ``2 * n_chunks * (Dt * e * 2 + d * d * 4)`` bytes per state
-head for 16-bit inputs (about 43 MB per head at T = 65536, C = 1024), plus the reverse segment totals in float32
-(``n_seg * (Dt * e + d * d) * 4`` bytes per state head: 5.4 MB with the 8 segments of b=1 h=8 d=64 on an H200).
-With a gate per query head (states per query head) dk and dv are summed over the group from float32 per-head
-buffers.
+Memory. The forward saves its inputs, ``y`` (B, Hq, Tq, e) and ``denom`` (B, Hq, Tq), both float32 (y is
+4 bytes per element, twice a 16-bit copy: see "Precision"; 134 MB per layer at B=1, Hq=8, T=65536, e=64), and no
+weights. Its chunk states are stored where the op's memory rule keeps them (``ops.keeps_states``: at most twice
+y's bytes; 176 MB beside y's 134 MB at d = 64, C = 1024) and arrive here as ``saved_states``; else they are
+recomputed (the state and scan kernels again: 1.1 ms of a 9.1 ms fwd+bwd step at T=65536 on the H200). The backward
+allocates ``dZ`` (B, Hq, Tq) float32 and, on the chunked path, per state head and chunk the reverse states (Dt x e
+in the dots' dtype plus d x d float32, Dt = 2560 for d = 64; the recomputed forward states take as much again):
+``n_chunks * (Dt * e * 2 + d * d * 4)`` bytes per state head for 16-bit inputs (about 22 MB per head at T = 65536,
+C = 1024), plus the reverse segment totals in float32 (``n_seg * (Dt * e + d * d) * 4`` bytes per state head:
+5.4 MB with the 8 segments of b=1 h=8 d=64 on an H200). With a gate per query head (states per query head) dk and
+dv are summed over the group from float32 per-head buffers.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..gates import log_gate_grad, log_gate_grad_in_chunks
 from ..planning import Plan
@@ -71,6 +75,7 @@ from ..reference import EPS
 from ..sizes import pow2_at_least, size_hint
 from .forward import (
     SCAN_WARPS,
+    StateLayout,
     _cdiv,
     _chunk_states,
     _gate_cumsum,
@@ -201,12 +206,15 @@ def triton_backward(
     plan: Plan,
     segments: int | None = None,
     state_kernel: Callable[[KernelSpec, dict], dict] | None = None,
+    saved_states: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of ``sum(grad_y * y)`` for ``(y, denom) = triton_forward(...)`` with the same ``plan`` (float16
     inputs run the float32 kernels, as in the forward: ``kernel_inputs``; the gradients come back in float16).
     ``segments`` overrides the segment count of the chunked path's state kernels (forward and reverse states);
     ``state_kernel`` recomputes the forward states as in ``triton_forward`` (the CUDA state kernel for bfloat16
-    inputs; ignored for others, which run the Triton one)."""
+    inputs; ignored for others, which run the Triton one). ``saved_states``: the forward's ``(S, M)``
+    (``triton_forward``'s ``states_out``), read instead of recomputing them where their shapes and dtypes are the
+    ``StateLayout`` of this call (else recomputed)."""
     if q.dtype != torch.bfloat16:  # the CUDA state kernel's 16-bit input is bf16 here: float16 runs fp32 tiles
         state_kernel = None
     dtypes = (q.dtype, k.dtype, v.dtype)
@@ -239,7 +247,11 @@ def triton_backward(
     dq_args = {**common, **extra, **rows, **sizes, "state_slots": n_chunks}
     dkv_args = dict(dq_args)
     if fwd.chunked:
-        states = _chunk_states(forward_module, fwd, k, Tq, common, extra, plan, segments, state_kernel)
+        layout = StateLayout.of(fwd, k, Tq, state_heads, segments)
+        if saved_states is not None and _fits(saved_states, layout):
+            states = {"S_ST": saved_states[0], "M_ST": saved_states[1], "state_slots": layout.slots}
+        else:
+            states = _chunk_states(forward_module, fwd, k, Tq, common, extra, segments, state_kernel)
         dq_args.update(S_ST=states["S_ST"], M_ST=states["M_ST"], state_slots=states["state_slots"])
         dkv_args.update(_reverse_states(module, spec, q, rows, gate, sizes, n_chunks, segments))
 
@@ -268,6 +280,20 @@ def triton_backward(
             boundary = _chunk_start_gate_grads(module, states, B * state_heads, n_chunks)
         dg = _gate_grad(dz, outputs["KTERM"], state_heads, boundary, fwd.chunk_size, shift).to(log_gate.dtype)
     return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), dg
+
+
+def _fits(states: tuple[torch.Tensor, torch.Tensor], layout: StateLayout) -> bool:
+    """Whether saved ``(S, M)`` are the states ``layout`` describes: shapes provably equal (no guard is added on
+    symbolic sizes: what cannot be proven is recomputed), dtypes exact, contiguous (the kernels index them densely)."""
+    dtypes = (layout.state_dtype, torch.float32)
+    for tensor, shape, dtype in zip(states, layout.shapes(), dtypes):
+        if tensor.dtype != dtype or tensor.dim() != len(shape):
+            return False
+        dense = [math.prod(shape[axis + 1 :]) for axis in range(len(shape))]
+        pairs = [*zip(tensor.shape, shape), *zip(tensor.stride(), dense)]
+        if not all(statically_known_true(have == want) for have, want in pairs):
+            return False
+    return True
 
 
 def coordinate_state_terms(fwd: KernelSpec) -> bool:

@@ -48,6 +48,7 @@ import functools
 import importlib.util
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -233,6 +234,7 @@ def triton_forward(
     plan: Plan,
     segments: int | None = None,
     state_kernel: Callable[[KernelSpec, dict], dict] | None = None,
+    states_out: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Power retention forward on the GPU: ``(y, denom)`` exactly as ``chunked_forward`` returns them.
 
@@ -240,6 +242,8 @@ def triton_forward(
     number of sequential segments of the state kernel (default: enough programs for ``STATE_WAVES`` per SM).
     ``state_kernel`` replaces the Triton state kernel: called with the spec and that kernel's keyword arguments,
     it returns the buffers the kernel would fill (``cuda_state.chunk_states``: the CUDA C++ state kernel).
+    ``states_out``, on the chunked path, receives the chunk states the query kernel read (``"S"``, ``"M"``: shapes
+    and dtypes in ``StateLayout``), which ``triton_backward(saved_states=...)`` takes instead of recomputing them.
     """
     if state_kernel is None:  # the CUDA state kernel takes 16-bit inputs (codegen="cuda" keeps float16 as it is)
         q, k, v = kernel_inputs(q, k, v)
@@ -261,7 +265,9 @@ def triton_forward(
     if log_gate is not None:
         attention["gate_heads"] = log_gate.shape[1]
     if spec.chunked:
-        attention.update(_chunk_states(module, spec, k, Tq, common, extra, plan, segments, state_kernel))
+        attention.update(_chunk_states(module, spec, k, Tq, common, extra, segments, state_kernel))
+        if states_out is not None:
+            states_out.update(S=attention["S_ST"], M=attention["M_ST"])
     warps = CHUNK_QUERY_WARPS if spec.chunked else plan.num_warps
     stages = min(plan.num_stages, WIDE_STAGES) if spec.head_dim >= WIDE_HEAD else plan.num_stages
 
@@ -311,6 +317,52 @@ def state_segments(
     return segments, per_segment, _cdiv(n_chunks, per_segment)
 
 
+@dataclass(frozen=True)
+class StateLayout:
+    """Where the chunked path keeps the states the query kernel reads, per state head (``B * Hs`` of them):
+
+        causal      S (heads, n_chunks, Dt, e) in the dots' dtype, M (heads, n_chunks, d, d) float32: the state
+                    before each chunk
+        non-causal  S (heads, n_seg + 1, Dt, e) and M (heads, n_seg + 1, d, d), both float32: segment totals, the
+                    last slot the state of every key
+
+    ``n_chunks = ceil((Tk + shift) / C)`` with ``shift = (Tq - Tk) mod C``; segments as ``state_segments`` gives them.
+    """
+
+    spec: KernelSpec
+    heads: int | torch.SymInt
+    shift: int | torch.SymInt
+    n_chunks: int | torch.SymInt
+    segments: int
+    per_segment: int | torch.SymInt
+    n_seg: int | torch.SymInt
+
+    @staticmethod
+    def of(spec: KernelSpec, k: torch.Tensor, Tq, state_heads, segments: int | None) -> StateLayout:
+        """The layout of ``triton_forward``'s states for keys ``k`` and ``Tq`` queries (``segments`` as there)."""
+        B, Tk, C = k.shape[0], k.shape[2], spec.chunk_size
+        params = spec.template_params()
+        shift = (Tq - Tk) % C
+        n_chunks = _cdiv(Tk + shift, C)
+        programs = params["npairs"] * params["n_eb"] * B * state_heads
+        segments, per_segment, n_seg = state_segments(k.device, programs, n_chunks, segments)
+        return StateLayout(spec, B * state_heads, shift, n_chunks, segments, per_segment, n_seg)
+
+    @property
+    def slots(self) -> int | torch.SymInt:
+        return self.n_chunks if self.spec.causal else self.n_seg + 1
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.spec.causal and self.spec.dtype != "float32" else torch.float32
+
+    def shapes(self) -> tuple[tuple, tuple]:
+        """The shapes of S and M."""
+        spec = self.spec
+        dt, d = spec.template_params()["dt"], spec.head_dim
+        return (self.heads, self.slots, dt, spec.value_dim), (self.heads, self.slots, d, d)
+
+
 def _chunk_states(
     module,
     spec: KernelSpec,
@@ -318,40 +370,34 @@ def _chunk_states(
     Tq,
     common: dict,
     extra: dict,
-    plan: Plan,
     segments: int | None,
     state_kernel: Callable[[KernelSpec, dict], dict] | None = None,
 ) -> dict[str, object]:
-    """Run the state (and scan) kernels; return the query kernel's state arguments."""
-    B, Hk, Tk = k.shape[0], k.shape[1], k.shape[2]
-    C, e, d = spec.chunk_size, spec.value_dim, spec.head_dim
+    """Run the state (and scan) kernels; return the query kernel's state arguments (``StateLayout``)."""
+    state_heads = extra["G"].shape[1] if "G" in extra else k.shape[1]
+    layout = StateLayout.of(spec, k, Tq, state_heads, segments)
+    d = spec.head_dim
     params = spec.template_params()
-    state_heads = extra["G"].shape[1] if "G" in extra else Hk
-    shift = (Tq - Tk) % C
-    n_chunks = _cdiv(Tk + shift, C)
-    pair_programs = params["npairs"] * params["n_eb"]
-    segments, per_segment, n_seg = state_segments(k.device, pair_programs * B * state_heads, n_chunks, segments)
-    state_dtype = torch.float32 if spec.dtype == "float32" else torch.bfloat16
-    dt = params["dt"]
-    heads = B * state_heads
-    seg_s = torch.empty((heads, n_seg + 1, dt, e), dtype=torch.float32, device=k.device)
-    seg_m = torch.empty((heads, n_seg + 1, d, d), dtype=torch.float32, device=k.device)
-    sizes = {"Tk": Tk, "shift": shift, "n_chunks": n_chunks, "chunks_per_seg": per_segment, "n_seg": n_seg}
+    s_shape, m_shape = layout.shapes()
+    heads, n_chunks, n_seg = layout.heads, layout.n_chunks, layout.n_seg
+    seg_s = torch.empty((heads, n_seg + 1, *s_shape[2:]), dtype=torch.float32, device=k.device)
+    seg_m = torch.empty((heads, n_seg + 1, *m_shape[2:]), dtype=torch.float32, device=k.device)
+    sizes = {"Tk": k.shape[2], "shift": layout.shift, "n_chunks": n_chunks, "chunks_per_seg": layout.per_segment,
+             "n_seg": n_seg}  # fmt: skip
     buffers: dict[str, torch.Tensor] = {"S_SEG": seg_s, "M_SEG": seg_m}
     if spec.causal:
-        buffers["S_LOC"] = torch.empty((heads, n_chunks, dt, e), dtype=state_dtype, device=k.device)
-        buffers["M_LOC"] = torch.empty((heads, n_chunks, d, d), dtype=torch.float32, device=k.device)
+        buffers["S_LOC"] = torch.empty(s_shape, dtype=layout.state_dtype, device=k.device)
+        buffers["M_LOC"] = torch.empty(m_shape, dtype=torch.float32, device=k.device)
     state_args = {**common, **extra, **buffers, **sizes, "state_heads": state_heads}
     if state_kernel is not None:
         buffers.update(state_kernel(spec, state_args))
     else:
+        pair_programs = params["npairs"] * params["n_eb"]
         _launch(module.state_kernel, (n_seg, pair_programs, heads), state_args, STATE_WARPS, STATE_STAGES)
-    if segments > 1:
+    if layout.segments > 1:
         blocks = params["scan_s_blocks"] + _cdiv(d * d, SCAN_BLOCK)
         gate = {"G": extra["G"], "stride_g": extra["stride_g"]} if "G" in extra else {}
         _launch(module.scan_kernel, (blocks, heads), {**buffers, **gate, **sizes}, SCAN_WARPS, 2)
-    if spec.causal:
-        return {"S_ST": buffers["S_LOC"], "M_ST": buffers["M_LOC"], "state_heads": state_heads,
-                "state_slots": n_chunks, "shift": shift}  # fmt: skip
-    return {"S_ST": buffers["S_SEG"], "M_ST": buffers["M_SEG"], "state_heads": state_heads,
-            "state_slots": n_seg + 1, "shift": shift}  # fmt: skip
+    kept = "LOC" if spec.causal else "SEG"
+    states = {"S_ST": buffers[f"S_{kept}"], "M_ST": buffers[f"M_{kept}"]}
+    return {**states, "state_heads": state_heads, "state_slots": layout.slots, "shift": layout.shift}

@@ -56,8 +56,10 @@ class _Builder:
         return insert_call(self.graph, target, args, kwargs, like=self.site.node)
 
     def retention(self, query: fx.Node, key: fx.Node, value: fx.Node, *options: object) -> fx.Node:
-        """The op's call, with its example value ``(y, denom)`` made from the shapes alone: running the op on the
-        fake inputs here would record guards on the traced lengths (its body plans per length)."""
+        """The op's call, with its example value ``(y, denom, S, M)`` made from the shapes alone: running the op on
+        the fake inputs here would record guards on the traced lengths (its body plans per length). The states'
+        shapes come from the plan, so their example values are empty placeholders: the rewrite reads only y, and
+        AOTAutograd traces the op's body itself, which gives S and M their real (symbolic) shapes."""
         op = torch.ops.retention_compile.power_retention.default
         node = self.graph.call_function(op, (query, key, value, *options))
         q, v = example_value(query), example_value(value)
@@ -65,7 +67,8 @@ class _Builder:
             rows = (q.shape[0], q.shape[1], q.shape[2])
             acc = compute_dtype(q.dtype)
             y, denom = q.new_empty(*rows, v.shape[3], dtype=acc), q.new_empty(rows, dtype=acc)
-        node.meta["example_value"] = (y, denom)
+            states = (q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32))
+        node.meta["example_value"] = (y, denom, *states)
         return node
 
     def size(self, node: fx.Node, dim: int) -> Size:

@@ -10,6 +10,8 @@ Inductor's backward code must contain the kernels.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -40,7 +42,9 @@ def backward_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-def check(B, Hq, Hk, Tq, Tk, d, e, deg, dtype, gate, has_valid, causal, *, magnitude=1.0, op=False) -> None:
+def check(
+    B, Hq, Hk, Tq, Tk, d, e, deg, dtype, gate, has_valid, causal, *, magnitude=1.0, op=False, chunk_size=None
+) -> None:
     """``triton_forward`` + ``triton_backward`` (or, with ``op``, the op's autograd) against the oracle's autograd.
 
     With a single key (Tk = 1) the true dq, dk are O(eps / w) and dg is exactly 0 (g_0 cancels in every
@@ -63,7 +67,8 @@ def check(B, Hq, Hk, Tq, Tk, d, e, deg, dtype, gate, has_valid, causal, *, magni
     if op:
         leaves = [t.detach().requires_grad_() for t in (q, k, v) + (() if log_gate is None else (log_gate,))]
         gate_leaf = leaves[3] if log_gate is not None else None
-        y = rc.power_retention(*leaves[:3], chunk_size=PLAN.chunk_size, **(options | {"log_gate": gate_leaf}))
+        chunk = chunk_size or PLAN.chunk_size
+        y = rc.power_retention(*leaves[:3], chunk_size=chunk, **(options | {"log_gate": gate_leaf}))
         y.backward(grad_y)
         grads = [t.grad for t in leaves]
     else:
@@ -187,3 +192,40 @@ def test_narrow_bf16_backward_runs_aten(backward_calls: list[int], monkeypatch: 
     with pytest.warns(UserWarning, match="Triton backward does not serve"):
         check(3, 2, 2, 128, 91, 8, 64, 2, bf16, None, False, True, op=True)
     assert not backward_calls
+
+
+def test_kept_states_skip_the_recompute(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16, d = e = 64, chunk 1024, T = 3000 (3 chunks), gated, GQA: the op keeps the forward's chunk states (at
+    0.66x y's bytes, within ``ops.KEPT_STATES_MAX_RATIO``), its backward runs no state kernel, and the gradients
+    match the oracle; compiled, Inductor's backward code launches the reverse state kernel but not the forward's,
+    and gives the eager gradients."""
+    from torch._inductor.utils import run_and_get_code
+
+    from retention_compile.codegen import backward
+
+    recomputed: list[int] = []
+    real = backward._chunk_states
+    monkeypatch.setattr(backward, "_chunk_states", lambda *a, **kw: recomputed.append(1) or real(*a, **kw))
+    check(1, 4, 2, 3000, 3000, 64, 64, 2, bf16, "k", True, True, op=True, chunk_size=1024)
+    assert not recomputed
+
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    q, k, v = (torch.randn(1, h, 3000, 64, device="cuda", generator=gen, dtype=bf16) for h in (4, 2, 2))
+    gate = -0.1 * torch.rand(1, 2, 3000, device="cuda", generator=gen)
+
+    def grads(fn) -> list[torch.Tensor]:
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, gate)]
+        out = fn(*leaves[:3], log_gate=leaves[3], chunk_size=1024)
+        out.float().square().sum().backward()
+        return [t.grad for t in leaves]
+
+    eager = grads(rc.power_retention)
+    compiled, code = run_and_get_code(grads, torch.compile(rc.power_retention))
+    backward_code = [c for c in code if "reverse_state_kernel" in c]
+    forward_code = [c for c in code if "reverse_state_kernel" not in c]
+    # the forward runs the Triton state kernel or the CUDA one (``codegen="auto"`` picks the faster)
+    assert backward_code and any(re.search(r"\bstate_kernel|cuda_chunk_states", c) for c in forward_code)
+    assert not any(re.search(r"\bstate_kernel", c) for c in backward_code)
+    for name, got, want in zip("qkvg", compiled, eager):
+        err = float((got.double() - want.double()).norm() / want.double().norm())
+        assert err < 1e-2, f"compiled d{name} differs from eager by {err:.2e}"
