@@ -209,6 +209,34 @@ KEPT_CASES = {
     "chunked-long-gate-segments": SEGMENT_CASES["chunked-long-gate-segments"],
 }
 OP_CASES = ("chunked-gate-valid", "chunked-noncausal")
+# heads narrower than 16 run padded to 16 (``backward._padded_head_backward``, bf16 on the GPU; forced on float32
+# tiles here): GQA with a gate per kv head, validity, non-causal with Tq < Tk, decode with deg 4
+PADDED_CASES = {
+    "padded-gate-gqa": (1, 4, 2, 37, 37, 8, 32, 2, 2, False, True, 1024),
+    "padded-valid": (2, 2, 1, 29, 29, 8, 16, 2, 0, True, True, 1024),
+    "padded-noncausal": (1, 2, 2, 21, 45, 8, 24, 2, 0, True, False, 1024),
+    "padded-decode-deg4": (1, 4, 1, 1, 70, 8, 32, 4, 1, False, True, 1024),
+}
+
+
+def run_padded_cases() -> dict[str, dict[str, float]]:
+    """``run_case`` of ``PADDED_CASES`` with float32 heads padded, and how often the padded backward ran."""
+    backward.PADDED_HEAD_DTYPES = (torch.float32,)
+    padded: list[int] = []
+    real = backward._padded_head_backward
+
+    def counted(*args, **kwargs):
+        padded.append(1)
+        return real(*args, **kwargs)
+
+    backward._padded_head_backward = counted
+    results = {}
+    for name, case in PADDED_CASES.items():
+        results[name] = run_case(case)
+        results[name]["padded"] = len(padded)
+        padded.clear()
+    backward._padded_head_backward, backward.PADDED_HEAD_DTYPES = real, (torch.bfloat16,)
+    return results
 
 
 def _interpreted() -> dict[str, dict[str, float]]:
@@ -217,6 +245,7 @@ def _interpreted() -> dict[str, dict[str, float]]:
     # float16 inputs run the float32 kernels (forward.kernel_inputs); only the gradients' final rounding remains
     results.update({f"{name}-float16": run_case(dict(CASES)[name], torch.float16) for name in FLOAT16_CASES})
     results.update({f"{name}-kept": run_kept_case(*KEPT_CASES[name]) for name in KEPT_CASES})
+    results.update(run_padded_cases())
     results.update(
         {f"{name}-op-{ratio}": run_op_case(dict(CASES)[name], ratio) for name in OP_CASES for ratio in (0, 2)}
     )
@@ -357,15 +386,19 @@ def test_wide_fp32_chunked_backward_is_left_to_aten() -> None:
     assert reason(torch.float32, 256, T=64) is None  # one chunk: the quadratic kernels
 
 
-def test_narrow_bf16_backward_is_left_to_aten() -> None:
-    """bf16 heads narrower than 16 (d = 8 faulted on the H200 in dkv_kernel) run the aten backward; fp32 d = 8 and
-    bf16 d = 16 stay on Triton, on both paths."""
+@pytest.mark.parametrize("name", list(PADDED_CASES))
+def test_narrow_heads_run_padded(interpreted: dict[str, dict[str, float]], name: str) -> None:
+    """Heads narrower than 16, padded with zero columns of q and k: one padded call, gradients exact."""
+    results = dict(interpreted[name])
+    assert results.pop("padded") == 1
+    bad = {g: f"{err:.2e}" for g, err in results.items() if not err < 2e-5}
+    assert not bad, f"{name}: relative errors {bad}"
+
+
+def test_narrow_bf16_heads_stay_on_triton() -> None:
+    """bf16 heads narrower than 16 are no longer left to aten (they run padded); fp32 d = 8 runs unpadded."""
     plan = Plan(chunk_size=32, block_t=32)
-
-    def reason(dtype: torch.dtype, d: int, T: int) -> str | None:
-        q, v = torch.empty(1, 1, 1, d, dtype=dtype), torch.empty(1, 1, 1, 64, dtype=dtype)
-        return backward_unsupported(q, v, 2, False, False, True, T, plan)
-
-    for T in (91, 1000):
-        assert "d=8 < 16" in reason(torch.bfloat16, 8, T)
-        assert reason(torch.float32, 8, T) is None and reason(torch.bfloat16, 16, T) is None
+    for dtype in (torch.bfloat16, torch.float32):
+        q, v = torch.empty(1, 1, 1, 8, dtype=dtype), torch.empty(1, 1, 1, 64, dtype=dtype)
+        assert all(backward_unsupported(q, v, 2, False, False, True, T, plan) is None for T in (91, 1000))
+    assert torch.float32 not in backward.PADDED_HEAD_DTYPES

@@ -62,6 +62,7 @@ dv are summed over the group from float32 per-head buffers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -156,11 +157,13 @@ class BackwardSpec:
         }
 
 
-# Smallest head dim the Triton backward takes with bf16 tiles. d = 8 (a 16-wide tile half masked) faulted on the H200
-# in the single-chunk dkv_kernel (GPU fuzz seed 20261204, cases 629 and 639: b=3 Tq=128 Tk=91 and b=1 Tq=Tk=68,
-# e=64, causal); the same cases run clean under the interpreter's bounds checks in bf16 and fp32. float16 d=8 e=16
-# had faulted before (``_value_pad``). fp32 tiles with d=8 pass the fuzz and stay on Triton.
-MIN_BF16_HEAD_DIM = 16
+# bf16 heads narrower than this run the backward zero-padded to it (``_padded_head_backward``). d = 8 (a 16-wide tile
+# half masked) faulted on the H200 in the single-chunk dkv_kernel (GPU fuzz seed 20261204, cases 629 and 639: b=3
+# Tq=128 Tk=91 and b=1 Tq=Tk=68, e=64, causal); the same cases run clean under the interpreter's bounds checks in bf16
+# and fp32, and the cause was not found. float16 d=8 e=16 had faulted before (``_value_pad``). fp32 tiles with d=8
+# pass the fuzz unpadded.
+PADDED_HEAD_DIM = 16
+PADDED_HEAD_DTYPES = (torch.bfloat16,)
 
 # Widest value tile of the chunked backward with fp32 tiles (float32 and float16 inputs). With e > 128 (tile 256)
 # its dq_kernel and dkv_state_kernel ask 299-348 KB of shared memory for d = 32..128 even with 32 rows (sm_90
@@ -175,11 +178,6 @@ def backward_unsupported(
     """None when ``triton_backward`` serves a call the Triton forward serves, else why not (the op then runs the
     aten backward)."""
     fwd = kernel_spec(q, v, deg, gated, has_valid, causal, kv_len, plan)
-    if q.dtype == torch.bfloat16 and fwd.head_dim < MIN_BF16_HEAD_DIM:
-        return (
-            f"bfloat16 head dim d={fwd.head_dim} < {MIN_BF16_HEAD_DIM}: the Triton backward of d=8 bf16 faulted on the "
-            "H200 (an illegal address in dkv_kernel, which the Triton interpreter's bounds checks do not see)"
-        )
     wide = value_tile(fwd.value_dim) > FP32_CHUNKED_MAX_VALUE_TILE
     if fwd.chunked and q.dtype in (torch.float32, torch.float16) and wide:
         return (
@@ -215,6 +213,9 @@ def triton_backward(
     inputs; ignored for others, which run the Triton one). ``saved_states``: the forward's ``(S, M)``
     (``triton_forward``'s ``states_out``), read instead of recomputing them where their shapes and dtypes are the
     ``StateLayout`` of this call (else recomputed)."""
+    if q.dtype in PADDED_HEAD_DTYPES and size_hint(q.shape[-1]) < PADDED_HEAD_DIM:
+        options = {"scale": scale, "deg": deg, "log_gate": log_gate, "causal": causal, "valid": valid}
+        return _padded_head_backward(grad_y, q, k, v, y, denom, plan=plan, **options)
     if q.dtype != torch.bfloat16:  # the CUDA state kernel's 16-bit input is bf16 here: float16 runs fp32 tiles
         state_kernel = None
     dtypes = (q.dtype, k.dtype, v.dtype)
@@ -280,6 +281,30 @@ def triton_backward(
             boundary = _chunk_start_gate_grads(module, states, B * state_heads, n_chunks)
         dg = _gate_grad(dz, outputs["KTERM"], state_heads, boundary, fwd.chunk_size, shift).to(log_gate.dtype)
     return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), dg
+
+
+def _padded_head_backward(
+    grad_y: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    y: torch.Tensor,
+    denom: torch.Tensor,
+    *,
+    plan: Plan,
+    **options,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``triton_backward`` of a head narrower than ``PADDED_HEAD_DIM``, run on q and k zero-padded to that width.
+
+    Zero columns leave every ``q_i . k_j`` (so every weight, y and dv) unchanged, and ``dq_i = sum_j ds_ij k_j``,
+    ``dk_j = sum_i ds_ij q_i`` have zeros there: the first d columns are the gradients. The plan keeps one chunk,
+    so the padded call runs the quadratic kernels as the narrow forward did (``kernel_spec``: d < 16 has no
+    16-wide state tiles)."""
+    d = q.shape[-1]
+    padded_q, padded_k = (torch.nn.functional.pad(t, (0, PADDED_HEAD_DIM - d)) for t in (q, k))
+    one_chunk = dataclasses.replace(plan, chunk_size=max(plan.chunk_size, size_hint(k.shape[2])))
+    dq, dk, dv, dg = triton_backward(grad_y, padded_q, padded_k, v, y, denom, plan=one_chunk, **options)
+    return dq[..., :d].contiguous(), dk[..., :d].contiguous(), dv, dg
 
 
 def _fits(states: tuple[torch.Tensor, torch.Tensor], layout: StateLayout) -> bool:

@@ -185,13 +185,15 @@ def test_wide_fp32_chunked_backward_runs_aten(backward_calls: list[int], monkeyp
     assert not backward_calls
 
 
-def test_narrow_bf16_backward_runs_aten(backward_calls: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
-    """bf16 d = 8, the shape of GPU fuzz seed 20261204 case 629 (b=3, Tq=128 > Tk=91, causal): the Triton forward,
-    then (one warning) the aten backward, whose gradients match the oracle's."""
-    monkeypatch.setattr(rc.ops, "_WARNED", set())
-    with pytest.warns(UserWarning, match="Triton backward does not serve"):
-        check(3, 2, 2, 128, 91, 8, 64, 2, bf16, None, False, True, op=True)
-    assert not backward_calls
+@pytest.mark.usefixtures("poison_allocations")
+def test_narrow_bf16_heads_run_padded(backward_calls: list[int]) -> None:
+    """bf16 d = 8, the shapes of GPU fuzz seed 20261204 cases 629 and 639 (which faulted the unpadded dkv_kernel),
+    and a gated GQA one: the op's autograd runs the Triton backward on q, k padded to 16 columns, and the gradients
+    match the oracle's."""
+    check(3, 2, 2, 128, 91, 8, 64, 2, bf16, None, False, True, op=True)
+    check(1, 2, 2, 68, 68, 8, 64, 2, bf16, None, False, True, op=True)
+    check(2, 4, 2, 300, 300, 8, 32, 2, bf16, "k", True, True, op=True)
+    assert len(backward_calls) == 3
 
 
 def test_kept_states_skip_the_recompute(monkeypatch: pytest.MonkeyPatch) -> None:
