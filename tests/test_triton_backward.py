@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,19 @@ def run_kept_case(case: tuple, segments: int | None = None) -> dict[str, float]:
     return results
 
 
+def _count_calls(module: object, name: str) -> tuple[list[int], Callable[[], None]]:
+    """Replace ``module.name`` by a wrapper that records each call: the record and a function that puts it back."""
+    calls: list[int] = []
+    real = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    setattr(module, name, counted)
+    return calls, lambda: setattr(module, name, real)
+
+
 def run_op_case(case: tuple, max_ratio: float) -> dict[str, float]:
     """Through the op's autograd, with the Triton kernels on CPU tensors (the interpreter; ``ops._triton_unavailable``
     patched) and ``ops.KEPT_STATES_MAX_RATIO = max_ratio``: ``op-<g>`` the gradients' errors against the oracle,
@@ -145,14 +159,7 @@ def run_op_case(case: tuple, max_ratio: float) -> dict[str, float]:
     inputs, options, grad_y, plan = _inputs(case, torch.float32)
     ops._triton_unavailable = lambda *args: None
     ops.KEPT_STATES_MAX_RATIO = max_ratio
-    recomputed: list[int] = []
-    real_chunk_states = backward._chunk_states
-
-    def counted(*args, **kwargs):
-        recomputed.append(1)
-        return real_chunk_states(*args, **kwargs)
-
-    backward._chunk_states = counted
+    recomputed, restore = _count_calls(backward, "_chunk_states")
     gate = options["log_gate"]
     leaves = [t.clone().requires_grad_() for t in inputs + (() if gate is None else (gate,))]
     flags = (options["scale"], options["deg"], options["causal"], plan.chunk_size, "triton")
@@ -171,7 +178,7 @@ def run_op_case(case: tuple, max_ratio: float) -> dict[str, float]:
 
     with FillLog():
         (y * grad_y).sum().backward()
-    backward._chunk_states = real_chunk_states
+    restore()
     grads = tuple(leaf.grad for leaf in leaves) + ((None,) if gate is None else ())
     results = {f"op-{g}": err for g, err in _oracle_errors(inputs, options, grad_y, grads).items()}
     return {**results, "kept": float(kept_s.dim() == 4), "recomputed": len(recomputed), "state-fills": len(fills)}
@@ -222,20 +229,14 @@ PADDED_CASES = {
 def run_padded_cases() -> dict[str, dict[str, float]]:
     """``run_case`` of ``PADDED_CASES`` with float32 heads padded, and how often the padded backward ran."""
     backward.PADDED_HEAD_DTYPES = (torch.float32,)
-    padded: list[int] = []
-    real = backward._padded_head_backward
-
-    def counted(*args, **kwargs):
-        padded.append(1)
-        return real(*args, **kwargs)
-
-    backward._padded_head_backward = counted
+    padded, restore = _count_calls(backward, "_padded_head_backward")
     results = {}
     for name, case in PADDED_CASES.items():
         results[name] = run_case(case)
         results[name]["padded"] = len(padded)
         padded.clear()
-    backward._padded_head_backward, backward.PADDED_HEAD_DTYPES = real, (torch.bfloat16,)
+    restore()
+    backward.PADDED_HEAD_DTYPES = (torch.bfloat16,)
     return results
 
 
