@@ -236,7 +236,7 @@ def _backward_body(
         from .codegen import triton_backward
         from .codegen.cuda_state import select_state_kernel
 
-        # the forward's states are recomputed by the state kernel the forward ran (the choice is cached)
+        # states the forward did not keep are recomputed by the state kernel it ran (the choice is cached)
         state = select_state_kernel(q, k, v, deg, log_gate, valid, causal, scale, plan, impl)
         saved = (kept_s, kept_m) if kept_s.dim() == 4 else None
         backward, options = triton_backward, {"plan": plan, "state_kernel": state.kernel, "saved_states": saved}
