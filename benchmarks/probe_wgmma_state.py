@@ -1,0 +1,112 @@
+"""Probe: the chunk-local state product built for Hopper's wgmma (``wgmma_state_probe.cu``) against the package's
+state kernels, at b=1, h=8, d=e=64, bf16 (issue 5's shape).
+
+    python benchmarks/probe_wgmma_state.py [--T 65536] [--chunk 1024] [--out benchmarks/results] [--commit SHA]
+
+The probe computes, per head, chunk and pair of 16-coordinate blocks, ``sum_t phi_p(k_t) v_t^T`` (no gate, no scan:
+the product whose speed bounds the state kernels; ``forward_notes.md``, "Where the state products stand"). It is
+checked against the same product in PyTorch (features rounded to bf16 as the kernels round them, float32
+accumulation) on every chunk of two heads, and timed two ways: as written (``restage=1``: each 64-key step stages
+keys and values through shared memory, unpipelined) and with the stage of the first step reused
+(``restage=0``: the feature construction and the products alone, the ceiling a pipelined kernel could approach).
+Beside it, the forward's state kernel (Triton's and, where it runs, the CUDA one) is timed by the profiler in a
+forward of the same shape. TFLOP/s count the tiled features' products, ``2 T h Dt e`` with Dt = 2560. Writes
+``wgmma_probe_<gpu>_<date>.json`` with the command and commit. Needs an sm_90 GPU and cuda-python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from bench_forward import kernel_times, result_header
+from triton.testing import do_bench
+
+import retention_compile as rc
+from retention_compile.codegen import nvrtc
+
+H, D, E, BF = 8, 64, 64, 16
+NB = D // BF
+PAIRS = NB * (NB + 1) // 2
+DT = PAIRS * BF * BF
+SOURCE = Path(__file__).with_name("wgmma_state_probe.cu")
+
+
+def pair_blocks(p: int) -> tuple[int, int]:
+    """Blocks (I, J) of pair p, numbered as the Triton state kernel numbers them."""
+    delta, blk_i = divmod(p, NB)
+    return blk_i, (blk_i + delta) % NB
+
+
+def reference(k: torch.Tensor, v: torch.Tensor, chunk: int, heads: list[int]) -> torch.Tensor:
+    """``(len(heads), n_chunks, DT, E)`` float32: the probe's product in PyTorch."""
+    T = k.shape[1]
+    n_chunks = -(-T // chunk)
+    out = torch.zeros(len(heads), n_chunks, DT, E, device=k.device)
+    for row, h in enumerate(heads):
+        for c in range(n_chunks):
+            keys, values = k[h, c * chunk : (c + 1) * chunk], v[h, c * chunk : (c + 1) * chunk].float()
+            for p in range(PAIRS):
+                blk_i, blk_j = pair_blocks(p)
+                k_i, k_j = keys[:, blk_i * BF : (blk_i + 1) * BF], keys[:, blk_j * BF : (blk_j + 1) * BF]
+                phi = (k_i[:, :, None] * k_j[:, None, :]).reshape(-1, BF * BF)  # bf16 products, rounded once
+                out[row, c, p * BF * BF : (p + 1) * BF * BF] = phi.float().T @ values
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--T", type=int, default=65536)
+    parser.add_argument("--chunk", type=int, default=1024)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--commit", default=None)
+    args = parser.parse_args()
+    T, chunk = args.T, args.chunk
+    n_chunks = -(-T // chunk)
+    base, record = result_header("wgmma_probe", args.out, args.commit)
+    record["shape"] = {"B": 1, "H": H, "d": D, "e": E, "T": T, "chunk": chunk, "dtype": "bfloat16", "Dt": DT}
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    k = torch.randn(H, T, D, device="cuda", generator=gen).to(torch.bfloat16)
+    v = torch.randn(H, T, E, device="cuda", generator=gen).to(torch.bfloat16)
+    s = torch.empty(H, n_chunks, DT, E, device="cuda")
+    (kernel,) = nvrtc.load_kernels(SOURCE.read_text(), ["state_probe"], k.device)
+    record["registers"] = kernel.num_regs
+
+    def probe(restage: int) -> None:
+        kernel.launch((n_chunks, PAIRS, H), (256, 1, 1), (k, v, s, T, n_chunks, chunk, restage))
+
+    probe(1)
+    torch.cuda.synchronize()
+    heads = [0, H - 1]
+    want = reference(k, v, chunk, heads)
+    error = float((s[heads] - want).norm() / want.norm())
+    record["relative_error"] = error
+    print(f"probe vs PyTorch over {len(heads)} heads x {n_chunks} chunks: relative error {error:.2e}")
+    if not error < 1e-3:  # where it is wrong: rows (the A fragment or the row order) or columns (B's layout)
+        diff = (s[heads] - want).abs().amax(dim=(0, 1)) > 1e-2 * want.abs().amax()
+        record["bad_rows"], record["bad_columns"] = diff.any(1).sum().item(), diff.any(0).sum().item()
+        print(f"wrong: {record['bad_rows']} of {DT} rows, {record['bad_columns']} of {E} columns")
+
+    flops = 2 * T * H * DT * E
+    for restage in (1, 0):
+        ms = do_bench(lambda restage=restage: probe(restage), warmup=25, rep=200)
+        record[f"probe_restage{restage}_ms"] = ms
+        record[f"probe_restage{restage}_tflops"] = flops / ms / 1e9
+        print(f"probe restage={restage}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s")
+
+    # the package's forward at the same shape (SDPA layout, b=1), its state kernel's time from the profiler
+    q4, k4, v4 = (t.unsqueeze(0) for t in (k, k, v))
+    for impl in ("triton", "auto"):
+        times = kernel_times(lambda impl=impl: rc.power_retention(q4, k4, v4, chunk_size=chunk, impl=impl), calls=10)
+        state = {name: ms for name, ms in times.items() if "state" in name}
+        record[f"forward_{impl}_state_kernels_ms"] = state
+        print(f"forward impl={impl}: state kernels {state}")
+    base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
+    print(f"wrote {base.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
