@@ -3,6 +3,7 @@ decode step's plain-PyTorch path against the float64 oracle, and the chunk-state
 measured choice."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -293,3 +294,13 @@ def test_auto_keeps_float16_on_the_float32_triton_kernels() -> None:
     plan = Plan(chunk_size=64, block_t=64, block_e=64)
     chosen = cuda_state.select_state_kernel(q, k, v, 2, None, None, True, 0.125, plan, "auto")
     assert chosen.kernel is None and "float16 runs the float32 Triton kernels" in chosen.reason
+
+
+@needs_compiler
+def test_wgmma_state_probe_compiles() -> None:
+    """The benchmark probe of the wgmma state product (``benchmarks/wgmma_state_probe.cu``) compiles for sm_90a, and
+    its PTX issues wgmma with A from registers and B through a shared-memory descriptor."""
+    source = (Path(__file__).resolve().parent.parent / "benchmarks" / "wgmma_state_probe.cu").read_text()
+    assert nvrtc.compile_source(source, "sm_90a")[:4] == b"\x7fELF"
+    ptx = nvrtc.compile_source(source, "compute_90a").decode()
+    assert "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16" in ptx and "wgmma.wait_group.sync.aligned" in ptx
