@@ -22,6 +22,9 @@ typedef unsigned long long u64;
 constexpr int D = 64, E = 64, BF = 16, NB = D / BF, FB = BF * BF, NPAIRS = NB * (NB + 1) / 2, DT = NPAIRS * FB;
 constexpr int STEP = 64;            // keys per step
 constexpr int THREADS = 256;
+#ifndef PROBE_MIN_BLOCKS            // programs per multiprocessor the registers are capped for (2: 128 registers, so one
+#define PROBE_MIN_BLOCKS 1          // program's construction and staging can overlap the other's products)
+#endif
 
 __device__ __forceinline__ float bf16_to_float(bf16_t x) { return __uint_as_float(static_cast<u32>(x) << 16); }
 
@@ -55,7 +58,7 @@ __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], const u32 (&a)[4
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(1));
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
+extern "C" __global__ void __launch_bounds__(THREADS, PROBE_MIN_BLOCKS)
 state_probe(const bf16_t* __restrict__ K, const bf16_t* __restrict__ V, float* __restrict__ S, int T, int n_chunks,
             int chunk, int restage) {
   __shared__ __align__(1024) bf16_t vt[E * STEP];      // V^T: row = value column, 128 bytes of keys, swizzled
