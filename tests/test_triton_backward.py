@@ -404,3 +404,22 @@ def test_narrow_bf16_heads_stay_on_triton() -> None:
         q, v = torch.empty(1, 1, 1, 8, dtype=dtype), torch.empty(1, 1, 1, 64, dtype=dtype)
         assert all(backward_unsupported(q, v, 2, False, False, True, T, plan) is None for T in (91, 1000))
     assert torch.float32 not in backward.PADDED_HEAD_DTYPES
+
+
+@pytest.mark.parametrize(("d", "kept"), [(64, True), (128, False)])
+def test_memory_rule_at_the_benchmark_shape(d: int, kept: bool) -> None:
+    """b=1, h=8, T=65536, bf16, chunk 1024, e = d (meta tensors, the forward's state layout): at d = 64 the states
+    take 1.3x y's float32 bytes and are kept, at d = 128 (9216 tiled features) 4.6x and are recomputed."""
+    from retention_compile.codegen.forward import StateLayout
+    from retention_compile.ops import KEPT_STATES_MAX_RATIO, keeps_states
+
+    q = k = torch.empty(1, 8, 65536, d, dtype=torch.bfloat16, device="meta")
+    y = torch.empty(1, 8, 65536, d, dtype=torch.float32, device="meta")
+    plan = Plan(chunk_size=1024, block_t=128, block_feature=16, block_e=64)
+    layout = StateLayout.of(kernel_spec(q, k, 2, False, False, True, 65536, plan), k, 65536, 8, segments=8)
+    s_shape, m_shape = layout.shapes()
+    states = {"S": torch.empty(s_shape, dtype=layout.state_dtype, device="meta"),
+              "M": torch.empty(m_shape, dtype=torch.float32, device="meta")}  # fmt: skip
+    ratio = sum(t.numel() * t.element_size() for t in states.values()) / (y.numel() * y.element_size())
+    assert s_shape == (8, 64, 2560 if d == 64 else 9216, d) and round(ratio, 1) == (1.3 if d == 64 else 4.6)
+    assert keeps_states(states, y) == kept and (ratio <= KEPT_STATES_MAX_RATIO) == kept
