@@ -9,9 +9,11 @@ checked against the same product in PyTorch (features rounded to bf16 as the ker
 accumulation) on every chunk of two heads, and timed two ways: as written (``restage=1``: each 64-key step stages
 keys and values through shared memory, unpipelined) and with the stage of the first step reused
 (``restage=0``: the feature construction and the products alone, the ceiling a pipelined kernel could approach).
-Beside it, the forward's state kernel (Triton's and, where it runs, the CUDA one) is timed by the profiler in a
-forward of the same shape. TFLOP/s count the tiled features' products, ``2 T h Dt e`` with Dt = 2560. Writes
-``wgmma_probe_<gpu>_<date>.json`` with the command and commit. Needs an sm_90 GPU and cuda-python.
+``query_probe`` does the query side, ``phi(q_t) . S_c`` with bf16 states as the forward stores them (checked on
+two chunks of two heads, timed). Beside both, the forward's state and query kernels (the state kernel Triton's and,
+where "auto" picks it, the CUDA one) are timed by the profiler in a forward of the same shape. TFLOP/s count the
+tiled features' products, ``2 T h Dt e`` with Dt = 2560. Writes ``wgmma_probe_<gpu>_<date>.json`` with the command
+and commit. Needs an sm_90 GPU and cuda-python.
 """
 
 from __future__ import annotations
@@ -41,19 +43,56 @@ def pair_blocks(p: int) -> tuple[int, int]:
 
 
 def reference(k: torch.Tensor, v: torch.Tensor, chunk: int, heads: list[int]) -> torch.Tensor:
-    """``(len(heads), n_chunks, DT, E)`` float32: the probe's product in PyTorch."""
+    """``(len(heads), n_chunks, DT, E)`` float32: the state probe's product in PyTorch."""
     T = k.shape[1]
     n_chunks = -(-T // chunk)
     out = torch.zeros(len(heads), n_chunks, DT, E, device=k.device)
     for row, h in enumerate(heads):
         for c in range(n_chunks):
             keys, values = k[h, c * chunk : (c + 1) * chunk], v[h, c * chunk : (c + 1) * chunk].float()
-            for p in range(PAIRS):
-                blk_i, blk_j = pair_blocks(p)
-                k_i, k_j = keys[:, blk_i * BF : (blk_i + 1) * BF], keys[:, blk_j * BF : (blk_j + 1) * BF]
-                phi = (k_i[:, :, None] * k_j[:, None, :]).reshape(-1, BF * BF)  # bf16 products, rounded once
-                out[row, c, p * BF * BF : (p + 1) * BF * BF] = phi.float().T @ values
+            out[row, c] = phi_rows(keys).float().T @ values
     return out
+
+
+def phi_rows(x: torch.Tensor) -> torch.Tensor:
+    """(rows, DT) bf16: the tiled features of each row of ``x`` (rows, D), pair by pair, products rounded once."""
+    tiles = []
+    for p in range(PAIRS):
+        blk_i, blk_j = pair_blocks(p)
+        x_i, x_j = x[:, blk_i * BF : (blk_i + 1) * BF], x[:, blk_j * BF : (blk_j + 1) * BF]
+        tiles.append((x_i[:, :, None] * x_j[:, None, :]).reshape(-1, BF * BF))
+    return torch.cat(tiles, dim=1)
+
+
+def query_side(q: torch.Tensor, n_chunks: int, chunk: int, flops: float, record: dict) -> None:
+    """``query_probe``: Y = phi(q_t) . S_c(t) with bf16 states as the forward stores them, checked on the first two
+    chunks of two heads, timed."""
+    T = q.shape[1]
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    states = (torch.randn(H, n_chunks, DT, E, device="cuda", generator=gen) / DT**0.5).to(torch.bfloat16)
+    y = torch.full((H, T, E), float("nan"), device="cuda")
+    (kernel,) = nvrtc.load_kernels(SOURCE.read_text(), ["query_probe"], q.device)
+
+    def probe() -> None:
+        kernel.launch((-(-T // 128), H, 1), (256, 1, 1), (q, states, y, T, n_chunks, chunk))
+
+    probe()
+    torch.cuda.synchronize()
+    rows = min(T, 2 * chunk)
+    want = torch.stack([
+        torch.cat([phi_rows(q[h, c * chunk : min((c + 1) * chunk, rows)]).float() @ states[h, c].float()
+                   for c in range(-(-rows // chunk))])
+        for h in (0, H - 1)
+    ])  # fmt: skip
+    error = float((y[[0, H - 1], :rows] - want).norm() / want.norm())
+    ms = do_bench(probe, warmup=25, rep=200)
+    record["query_probe"] = {
+        "registers": kernel.num_regs,
+        "relative_error": error,
+        "ms": ms,
+        "tflops": flops / ms / 1e9,
+    }
+    print(f"query probe, {kernel.num_regs} registers: error {error:.2e}, {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s")
 
 
 def main() -> None:
@@ -100,13 +139,16 @@ def main() -> None:
             print(f"  restage={restage}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s")
         base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
 
+    query_side(k, n_chunks, chunk, flops, record)
+    base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
+
     # the package's forward at the same shape (SDPA layout, b=1), its state kernel's time from the profiler
     q4, k4, v4 = (t.unsqueeze(0) for t in (k, k, v))
     for impl in ("triton", "auto"):
         times = kernel_times(lambda impl=impl: rc.power_retention(q4, k4, v4, chunk_size=chunk, impl=impl), calls=10)
-        state = {name: ms for name, ms in times.items() if "state" in name}
-        record[f"forward_{impl}_state_kernels_ms"] = state
-        print(f"forward impl={impl}: state kernels {state}")
+        kernels = {name: ms for name, ms in times.items() if "state" in name or "attention" in name}
+        record[f"forward_{impl}_kernels_ms"] = kernels
+        print(f"forward impl={impl}: state and query kernels (ms) {kernels}")
     base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
     print(f"wrote {base.with_suffix('.json')}")
 

@@ -148,3 +148,86 @@ state_probe(const bf16_t* __restrict__ K, const bf16_t* __restrict__ V, float* _
     }
   }
 }
+
+// The query side of the same product: Y[h, t, :] = sum over pairs p and features (a, b) of
+// q_t[16 I + a] q_t[16 J + b] S[h, c(t), p * 256 + 16 a + b, :], with c(t) = t / chunk (no decay, no intra-chunk part).
+// Program (query block of 128 rows, h): 2 warpgroups of 64 rows. For pair p the k16 slice s is the coordinate a = s of
+// block I, so the A fragment of rows (queries) g, g + 8 and columns b = 2 q + {0, 1, 8, 9} is q_{I a} q_{J b}: each
+// thread keeps its rows' 16 + 16 coordinates of blocks I and J in registers and makes 8 products per slice. B is the
+// pair's state tile S^T (64 value rows x 256 features, K-major: 4 swizzled atoms of 64 features), staged per pair.
+constexpr int QROWS = 128;
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+query_probe(const bf16_t* __restrict__ Q, const bf16_t* __restrict__ S, float* __restrict__ Y, int T, int n_chunks,
+            int chunk) {
+  __shared__ __align__(1024) bf16_t st[4 * E * 64];    // S^T of one pair: atom f / 64, row e, 128 bytes, swizzled
+
+  const int h = blockIdx.y, row_block = blockIdx.x;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, group = warp / 4, w = warp % 4;
+  const int g = lane / 4, q = lane % 4;
+  const int first_row = row_block * QROWS, c = first_row / chunk;
+  const bf16_t* q_head = Q + static_cast<long long>(h) * T * D;
+  const bf16_t* s_chunk = S + (static_cast<long long>(h) * n_chunks + c) * DT * E;
+  const int rows[2] = {first_row + 64 * group + 16 * w + g, first_row + 64 * group + 16 * w + g + 8};
+
+  float acc[32];
+#pragma unroll
+  for (int i = 0; i < 32; ++i) acc[i] = 0.f;
+
+  for (int p = 0; p < NPAIRS; ++p) {
+    const int delta = p / NB, blk_i = p % NB, blk_j = (blk_i + delta) % NB;
+    __syncthreads();                                                     // the previous pair's products are done
+    {  // stage S^T: thread tid takes feature f = tid of the pair (64 values, 128 bytes)
+      const int f = tid;
+      const bf16_t* src = s_chunk + static_cast<long long>(p * FB + f) * E;
+#pragma unroll
+      for (int part = 0; part < 8; ++part) {
+        uint4 v8 = *reinterpret_cast<const uint4*>(src + part * 8);
+        const bf16_t* raw = reinterpret_cast<const bf16_t*>(&v8);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int e = part * 8 + i, fa = f % 64;
+          st[(f / 64) * E * 64 + e * 64 + (((fa / 8) ^ (e % 8)) * 8) + fa % 8] = raw[i];
+        }
+      }
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();
+
+    float qi[2][BF], qj[2][4];                                           // this thread's coordinates of rows g, g + 8
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const bool ok = rows[r] < T;
+      const bf16_t* q_row = q_head + static_cast<long long>(ok ? rows[r] : 0) * D;
+#pragma unroll
+      for (int a = 0; a < BF; ++a) qi[r][a] = ok ? bf16_to_float(q_row[blk_i * BF + a]) : 0.f;
+      const int cols[4] = {2 * q, 2 * q + 1, 2 * q + 8, 2 * q + 9};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) qj[r][j] = ok ? bf16_to_float(q_row[blk_j * BF + cols[j]]) : 0.f;
+    }
+    u32 a_frag[BF][4];
+#pragma unroll
+    for (int s = 0; s < BF; ++s) {
+      a_frag[s][0] = pack_bf16(qi[0][s] * qj[0][0], qi[0][s] * qj[0][1]);
+      a_frag[s][1] = pack_bf16(qi[1][s] * qj[1][0], qi[1][s] * qj[1][1]);
+      a_frag[s][2] = pack_bf16(qi[0][s] * qj[0][2], qi[0][s] * qj[0][3]);
+      a_frag[s][3] = pack_bf16(qi[1][s] * qj[1][2], qi[1][s] * qj[1][3]);
+    }
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+    for (int s = 0; s < BF; ++s) wgmma_m64n64k16(acc, a_frag[s], smem_descriptor(st + (s / 4) * E * 64 + (s % 4) * 16));
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (rows[r] >= T) continue;
+    float* out = Y + (static_cast<long long>(h) * T + rows[r]) * E;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      out[8 * j + 2 * q] = acc[4 * j + 2 * r];
+      out[8 * j + 2 * q + 1] = acc[4 * j + 2 * r + 1];
+    }
+  }
+}
