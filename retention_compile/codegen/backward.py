@@ -252,7 +252,7 @@ def triton_backward(
         if saved_states is not None and _fits(saved_states, layout):
             states = {"S_ST": saved_states[0], "M_ST": saved_states[1], "state_slots": layout.slots}
         else:
-            states = _chunk_states(forward_module, fwd, k, Tq, common, extra, segments, state_kernel)
+            states = _chunk_states(forward_module, layout, k, common, extra, state_kernel)
         dq_args.update(S_ST=states["S_ST"], M_ST=states["M_ST"], state_slots=states["state_slots"])
         dkv_args.update(_reverse_states(module, spec, q, rows, gate, sizes, n_chunks, segments))
 

@@ -265,7 +265,9 @@ def triton_forward(
     if log_gate is not None:
         attention["gate_heads"] = log_gate.shape[1]
     if spec.chunked:
-        attention.update(_chunk_states(module, spec, k, Tq, common, extra, segments, state_kernel))
+        state_heads = log_gate.shape[1] if log_gate is not None else Hk
+        layout = StateLayout.of(spec, k, Tq, state_heads, segments)
+        attention.update(_chunk_states(module, layout, k, common, extra, state_kernel))
         if states_out is not None:
             states_out.update(S=attention["S_ST"], M=attention["M_ST"])
     warps = CHUNK_QUERY_WARPS if spec.chunked else plan.num_warps
@@ -330,7 +332,8 @@ class StateLayout:
     """
 
     spec: KernelSpec
-    heads: int | torch.SymInt
+    batch: int | torch.SymInt
+    state_heads: int | torch.SymInt
     shift: int | torch.SymInt
     n_chunks: int | torch.SymInt
     segments: int
@@ -346,7 +349,12 @@ class StateLayout:
         n_chunks = _cdiv(Tk + shift, C)
         programs = params["npairs"] * params["n_eb"] * B * state_heads
         segments, per_segment, n_seg = state_segments(k.device, programs, n_chunks, segments)
-        return StateLayout(spec, B * state_heads, shift, n_chunks, segments, per_segment, n_seg)
+        return StateLayout(spec, B, state_heads, shift, n_chunks, segments, per_segment, n_seg)
+
+    @property
+    def heads(self) -> int | torch.SymInt:
+        """``B * Hs``: the leading dimension of the state buffers."""
+        return self.batch * self.state_heads
 
     @property
     def slots(self) -> int | torch.SymInt:
@@ -365,17 +373,15 @@ class StateLayout:
 
 def _chunk_states(
     module,
-    spec: KernelSpec,
+    layout: StateLayout,
     k: torch.Tensor,
-    Tq,
     common: dict,
     extra: dict,
-    segments: int | None,
     state_kernel: Callable[[KernelSpec, dict], dict] | None = None,
 ) -> dict[str, object]:
-    """Run the state (and scan) kernels; return the query kernel's state arguments (``StateLayout``)."""
-    state_heads = extra["G"].shape[1] if "G" in extra else k.shape[1]
-    layout = StateLayout.of(spec, k, Tq, state_heads, segments)
+    """Run the state (and scan) kernels into the buffers ``layout`` describes; return the query kernel's state
+    arguments."""
+    spec, state_heads = layout.spec, layout.state_heads
     d = spec.head_dim
     params = spec.template_params()
     s_shape, m_shape = layout.shapes()
