@@ -148,13 +148,7 @@ def test_detect_prefers_complete_torch_properties(monkeypatch):
                             memory_bus_width=6016)  # fmt: skip
     attrs = {"cudaDevAttrMultiProcessorCount": 7, "cudaDevAttrComputeCapabilityMajor": 9,
              "cudaDevAttrComputeCapabilityMinor": 0}  # fmt: skip
-    bindings = ModuleType("cuda.bindings")
-    bindings.runtime = _fake_runtime(attrs, b"NVIDIA H200")
-    cuda = ModuleType("cuda")
-    cuda.bindings = bindings
-    monkeypatch.setitem(sys.modules, "cuda", cuda)
-    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
-    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", bindings.runtime)
+    _install_cuda_python(monkeypatch, attrs)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
@@ -181,6 +175,17 @@ def _fake_runtime(attrs: dict[str, int], name: bytes) -> ModuleType:
     return runtime
 
 
+def _install_cuda_python(monkeypatch, attrs: dict[str, int]) -> None:
+    """Put a stand-in ``cuda.bindings.runtime`` (one "NVIDIA H200" reporting ``attrs``) where imports find it."""
+    bindings = ModuleType("cuda.bindings")
+    bindings.runtime = _fake_runtime(attrs, b"NVIDIA H200")
+    cuda = ModuleType("cuda")
+    cuda.bindings = bindings
+    monkeypatch.setitem(sys.modules, "cuda", cuda)
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", bindings.runtime)
+
+
 def test_detect_through_cuda_python(monkeypatch):
     attrs = {
         "cudaDevAttrMultiProcessorCount": 132,
@@ -195,13 +200,7 @@ def test_detect_through_cuda_python(monkeypatch):
         "cudaDevAttrMemoryClockRate": 3_201_000,
         "cudaDevAttrGlobalMemoryBusWidth": 6144,
     }
-    bindings = ModuleType("cuda.bindings")
-    bindings.runtime = _fake_runtime(attrs, b"NVIDIA H200")
-    cuda = ModuleType("cuda")
-    cuda.bindings = bindings
-    monkeypatch.setitem(sys.modules, "cuda", cuda)
-    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
-    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", bindings.runtime)
+    _install_cuda_python(monkeypatch, attrs)
     spec = detect(0)
     assert spec is not None
     assert spec.name == "NVIDIA H200"

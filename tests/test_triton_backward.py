@@ -228,6 +228,7 @@ PADDED_CASES = {
 
 def run_padded_cases() -> dict[str, dict[str, float]]:
     """``run_case`` of ``PADDED_CASES`` with float32 heads padded, and how often the padded backward ran."""
+    padded_dtypes = backward.PADDED_HEAD_DTYPES
     backward.PADDED_HEAD_DTYPES = (torch.float32,)
     padded, restore = _count_calls(backward, "_padded_head_backward")
     results = {}
@@ -236,7 +237,7 @@ def run_padded_cases() -> dict[str, dict[str, float]]:
         results[name]["padded"] = len(padded)
         padded.clear()
     restore()
-    backward.PADDED_HEAD_DTYPES = (torch.bfloat16,)
+    backward.PADDED_HEAD_DTYPES = padded_dtypes
     return results
 
 

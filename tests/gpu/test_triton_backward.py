@@ -28,18 +28,23 @@ PLAN = Plan(chunk_size=256, block_t=64, block_feature=16, block_e=64)  # deg 2 p
 bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
 
 
-@pytest.fixture
-def backward_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the calls of ``codegen.triton_backward`` (the op imports it from ``codegen`` at call time)."""
+def count_calls(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[int]:
+    """Replace ``module.name`` for the test by a wrapper that records each call; returns the record."""
     calls: list[int] = []
-    real = codegen.triton_backward
+    real = getattr(module, name)
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(codegen, "triton_backward", counted)
+    monkeypatch.setattr(module, name, counted)
     return calls
+
+
+@pytest.fixture
+def backward_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the calls of ``codegen.triton_backward`` (the op imports it from ``codegen`` at call time)."""
+    return count_calls(monkeypatch, codegen, "triton_backward")
 
 
 def check(
@@ -205,9 +210,7 @@ def test_kept_states_skip_the_recompute(monkeypatch: pytest.MonkeyPatch) -> None
 
     from retention_compile.codegen import backward
 
-    recomputed: list[int] = []
-    real = backward._chunk_states
-    monkeypatch.setattr(backward, "_chunk_states", lambda *a, **kw: recomputed.append(1) or real(*a, **kw))
+    recomputed = count_calls(monkeypatch, backward, "_chunk_states")
     check(1, 4, 2, 3000, 3000, 64, 64, 2, bf16, "k", True, True, op=True, chunk_size=1024)
     assert not recomputed
 
