@@ -6,9 +6,9 @@ state kernels, at b=1, h=8, d=e=64, bf16 (issue 5's shape).
 The probe computes, per head, chunk and pair of 16-coordinate blocks, ``sum_t phi_p(k_t) v_t^T`` (no gate, no scan:
 the product whose speed bounds the state kernels; ``forward_notes.md``, "Where the state products stand"). It is
 checked against the same product in PyTorch (features rounded to bf16 as the kernels round them, float32
-accumulation) on every chunk of two heads, and timed two ways: as written (``restage=1``: each 64-key step stages
-keys and values through shared memory, unpipelined) and with the stage of the first step reused
-(``restage=0``: the feature construction and the products alone, the ceiling a pipelined kernel could approach).
+accumulation) on every chunk of two heads, and timed as a whole (cp.async stages four steps deep, the products of
+a step's k16 slices overlapping the construction of the next ones), in three builds: registers capped for two or
+one programs per multiprocessor, and a second reading of the V descriptor (tried in case the first is wrong).
 ``query_probe`` does the query side, ``phi(q_t) . S_c`` with bf16 states as the forward stores them (checked on
 two chunks of two heads, timed). Beside both, the forward's state and query kernels (the state kernel Triton's and,
 where "auto" picks it, the CUDA one) are timed by the profiler in a forward of the same shape. TFLOP/s count the
@@ -34,6 +34,17 @@ NB = D // BF
 PAIRS = NB * (NB + 1) // 2
 DT = PAIRS * BF * BF
 SOURCE = Path(__file__).with_name("wgmma_state_probe.cu")
+STATE_SMEM = 4 * (64 * E + 2 * 64 * 24) * 2 + 1024  # the state probe's STAGES stages of V, K_I, K_J + alignment
+
+
+def allow_shared(kernel: nvrtc.CudaKernel, size: int) -> None:
+    """Let ``kernel`` take ``size`` bytes of dynamic shared memory (over 48 KB needs the opt-in)."""
+    from cuda.bindings import driver
+
+    attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    (err,) = driver.cuFuncSetAttribute(kernel.function, attribute, size)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"cuFuncSetAttribute({size} bytes of shared memory): {err}")
 
 
 def pair_blocks(p: int) -> tuple[int, int]:
@@ -115,28 +126,34 @@ def main() -> None:
     want = reference(k, v, chunk, heads)
     flops = 2 * T * H * DT * E
     record["variants"] = []
-    for blocks in (1, 2):  # register caps for 1 or 2 programs per multiprocessor (PROBE_MIN_BLOCKS)
-        source = f"#define PROBE_MIN_BLOCKS {blocks}\n" + SOURCE.read_text()
-        (kernel,) = nvrtc.load_kernels(source, ["state_probe"], k.device)
-        variant = {"min_blocks": blocks, "registers": kernel.num_regs}
+    # (programs per SM the registers are capped for, V descriptor's LBO, SBO): the second descriptor is the
+    # swapped reading of the MN-major layout, tried in case the first is wrong
+    for blocks, lbo, sbo in ((2, 16, 1024), (1, 16, 1024), (2, 1024, 16)):
+        source = f"#define PROBE_MIN_BLOCKS {blocks}\n#define PROBE_V_LBO {lbo}\n#define PROBE_V_SBO {sbo}\n"
+        (kernel,) = nvrtc.load_kernels(source + SOURCE.read_text(), ["state_probe"], k.device)
+        allow_shared(kernel, STATE_SMEM)
+        variant = {"min_blocks": blocks, "v_lbo": lbo, "v_sbo": sbo, "registers": kernel.num_regs}
         record["variants"].append(variant)
 
-        def probe(restage: int, kernel=kernel) -> None:
-            kernel.launch((n_chunks, PAIRS, H), (256, 1, 1), (k, v, s, T, n_chunks, chunk, restage))
+        def probe(kernel=kernel) -> None:
+            kernel.launch((n_chunks, PAIRS, H), (256, 1, 1), (k, v, s, T, n_chunks, chunk), shared_mem=STATE_SMEM)
 
         s.fill_(float("nan"))
-        probe(1)
+        probe()
         torch.cuda.synchronize()
         variant["relative_error"] = error = float((s[heads] - want).norm() / want.norm())
-        print(f"{blocks} program(s) per SM, {kernel.num_regs} registers: relative error {error:.2e} against PyTorch")
+        print(
+            f"{blocks} program(s) per SM, V LBO {lbo} SBO {sbo}, {kernel.num_regs} registers: "
+            f"relative error {error:.2e} against PyTorch"
+        )
         if not error < 1e-3:  # where it is wrong: rows (the A fragment or the row order) or columns (B's layout)
             diff = (~((s[heads] - want).abs() <= 1e-2 * want.abs().amax())).any(0).any(0)  # NaN: never written
             variant["bad_rows"], variant["bad_columns"] = diff.any(1).sum().item(), diff.any(0).sum().item()
             print(f"  wrong: {variant['bad_rows']} of {DT} rows, {variant['bad_columns']} of {E} columns")
-        for restage in (1, 0):
-            ms = do_bench(lambda restage=restage: probe(restage), warmup=25, rep=200)
-            variant[f"restage{restage}_ms"], variant[f"restage{restage}_tflops"] = ms, flops / ms / 1e9
-            print(f"  restage={restage}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s")
+            continue
+        ms = do_bench(probe, warmup=25, rep=200)
+        variant["ms"], variant["tflops"] = ms, flops / ms / 1e9
+        print(f"  {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s")
         base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
 
     query_side(k, n_chunks, chunk, flops, record)

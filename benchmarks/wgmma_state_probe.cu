@@ -10,10 +10,14 @@
 // Program (c, p, h): 256 threads = 2 warpgroups; warpgroup g owns rows [128 g, +128) of the 256-row pair tile as two
 // m64 tiles. Row r = 16 a + b, so in m64 tile m warp w (of its warpgroup) owns the single coordinate
 // a = 8 g + 4 m + w and the lanes own b = lane / 4 and lane / 4 + 8: the A fragment of wgmma m64n64k16 (bf16, A
-// from registers) is phi^T(a, b; keys) = k_{I a} k_{J b}, built by each thread from 4 keys' k_{I a} (the same for
-// the warp) and 2 x 4 (b, key) values of k_J, with no exchange between threads. B is V^T (64 value columns x 64
-// keys, K-major) in shared memory with the 128-byte swizzle, written by the threads (then a proxy fence).
-// Per 64-key step: stage K_I, K_J, V^T; build 2 tiles x 4 k16 slices of A (32 registers); issue 8 wgmma; wait.
+// from registers) is phi^T(a, b; keys) = k_{I a} k_{J b}. Per k16 slice a thread takes the [16 keys x 16] tile of
+// K_J from shared memory with one ldmatrix.x4.trans (exactly the (key pair, b) values its fragment needs, packed by
+// key pairs), the key pairs of k_{I a} by ldmatrix.x2.trans and a shuffle from the lane holding coordinate a, and
+// makes the fragment with 8 packed bf16 multiplies (one rounding per product, as in Triton's kernel).
+// B is V as stored ([keys x e], e contiguous: the MN-major, transposed B of wgmma) in shared memory with the 128-byte
+// swizzle, copied by cp.async, STAGES steps deep. Each k16 slice's two wgmma form one commit group; before a slice's
+// fragment registers are rebuilt, the group that read them (the same slice, one step earlier) is waited for, so the
+// construction of slice s overlaps the products of the three slices before it.
 
 typedef unsigned short bf16_t;
 typedef unsigned int u32;
@@ -22,9 +26,23 @@ typedef unsigned long long u64;
 constexpr int D = 64, E = 64, BF = 16, NB = D / BF, FB = BF * BF, NPAIRS = NB * (NB + 1) / 2, DT = NPAIRS * FB;
 constexpr int STEP = 64;            // keys per step
 constexpr int THREADS = 256;
-#ifndef PROBE_MIN_BLOCKS            // programs per multiprocessor the registers are capped for (2: 128 registers, so one
-#define PROBE_MIN_BLOCKS 1          // program's construction and staging can overlap the other's products)
+constexpr int STAGES = 4;           // copy stages (a stage is reused once the products of two steps before are done)
+constexpr int KROW = 24;            // K row stride in shared memory (bf16): 48 bytes put ldmatrix's 8 rows on all banks
+#ifndef PROBE_MIN_BLOCKS            // programs per multiprocessor the registers are capped for
+#define PROBE_MIN_BLOCKS 2
 #endif
+#ifndef PROBE_V_LBO                 // descriptor of V (MN-major): byte offsets between atoms along e and along keys
+#define PROBE_V_LBO 16
+#endif
+#ifndef PROBE_V_SBO
+#define PROBE_V_SBO 1024
+#endif
+
+struct __align__(1024) Stage {
+  bf16_t v[STEP * E];               // key row t at 128 t bytes, its 16-byte chunk j at chunk j ^ (t % 8)
+  bf16_t ki[STEP * KROW];           // k_I of key t at row t
+  bf16_t kj[STEP * KROW];
+};
 
 __device__ __forceinline__ float bf16_to_float(bf16_t x) { return __uint_as_float(static_cast<u32>(x) << 16); }
 
@@ -34,36 +52,82 @@ __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {  // round to near
   return out;
 }
 
-// Shared-memory matrix descriptor: K-major tile, 128-byte rows, 128-byte swizzle (8-row atoms 1024 bytes apart).
-__device__ __forceinline__ u64 smem_descriptor(const void* tile) {
-  u64 address = static_cast<u64>(__cvta_generic_to_shared(tile));
-  return ((address & 0x3FFFF) >> 4) | (static_cast<u64>(16 >> 4) << 16) | (static_cast<u64>(1024 >> 4) << 32) |
-         (static_cast<u64>(1) << 62);
+__device__ __forceinline__ u32 mul_bf16x2(u32 x, u32 y) {  // exact product rounded once to bf16, per half
+  u32 out;
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(out) : "r"(x), "r"(y));
+  return out;
 }
 
+__device__ __forceinline__ u32 smem_address(const void* p) { return static_cast<u32>(__cvta_generic_to_shared(p)); }
+
+__device__ __forceinline__ void copy16(void* dst, const void* src, bool ok) {  // zero-filled when not ok
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(dst)), "l"(src), "r"(ok ? 16 : 0)
+               : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_address(row)));
+}
+
+__device__ __forceinline__ void ldmatrix_x2_trans(u32 (&r)[2], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_address(row)));
+}
+
+// Shared-memory matrix descriptor, 128-byte swizzle: lbo and sbo the byte offsets between core-matrix groups.
+__device__ __forceinline__ u64 smem_descriptor(const void* tile, u32 lbo, u32 sbo) {
+  return ((smem_address(tile) & 0x3FFFF) >> 4) | (static_cast<u64>(lbo >> 4) << 16) |
+         (static_cast<u64>(sbo >> 4) << 32) | (static_cast<u64>(1) << 62);
+}
+
+// d += A B, A (64 x 16) from registers, B (16 x 64) from shared memory; trans_b = 1: B is MN-major
+template <int TRANS_B>
 __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], const u32 (&a)[4], u64 b_desc) {
   asm volatile(
       "{\n"
       ".reg .pred accumulate;\n"
-      "setp.ne.b32 accumulate, %37, 0;\n"
+      "setp.ne.b32 accumulate, %38, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "{%32, %33, %34, %35}, %36, accumulate, 1, 1, 0;\n"
+      "{%32, %33, %34, %35}, %36, accumulate, 1, 1, %37;\n"
       "}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
         "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(1));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "n"(TRANS_B), "r"(1));
+}
+
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// One step's keys [start, start + STEP) clipped to [.., last): V rows, and blocks I and J of K, 3 copies per thread.
+__device__ __forceinline__ void stage_step(Stage& st, const bf16_t* k_head, const bf16_t* v_head, int start, int last,
+                                           int blk_i, int blk_j, int tid) {
+#pragma unroll
+  for (int n = 0; n < 2; ++n) {
+    const int idx = tid + n * THREADS, t = idx / 8, j = idx % 8, key = start + t;
+    const bool ok = key < last;
+    copy16(st.v + t * E + (j ^ (t % 8)) * 8, v_head + static_cast<long long>(ok ? key : start) * E + j * 8, ok);
+  }
+  const int t = tid / 4, part = tid % 4, key = start + t;
+  const bool ok = key < last;
+  bf16_t* dst = (part < 2 ? st.ki : st.kj) + t * KROW + (part % 2) * 8;
+  const int column = (part < 2 ? blk_i : blk_j) * BF + (part % 2) * 8;
+  copy16(dst, k_head + static_cast<long long>(ok ? key : start) * D + column, ok);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, PROBE_MIN_BLOCKS)
 state_probe(const bf16_t* __restrict__ K, const bf16_t* __restrict__ V, float* __restrict__ S, int T, int n_chunks,
-            int chunk, int restage) {
-  __shared__ __align__(1024) bf16_t vt[E * STEP];      // V^T: row = value column, 128 bytes of keys, swizzled
-  __shared__ float ki[STEP][BF + 1];                   // k_{I a} per key
-  __shared__ float kj[STEP][BF + 1];                   // k_{J b} per key
+            int chunk) {
+  extern __shared__ unsigned char smem_raw[];   // STAGES stages + 1024 bytes to align them by hand
+  Stage* stages = reinterpret_cast<Stage*>((reinterpret_cast<unsigned long long>(smem_raw) + 1023) & ~1023ull);
 
   const int c = blockIdx.x, p = blockIdx.y, h = blockIdx.z;
   const int delta = p / NB, blk_i = p % NB, blk_j = (blk_i + delta) % NB;
@@ -78,60 +142,47 @@ state_probe(const bf16_t* __restrict__ K, const bf16_t* __restrict__ V, float* _
 #pragma unroll
     for (int i = 0; i < 32; ++i) acc[m][i] = 0.f;
 
-  const int first = c * chunk, last = min(first + chunk, T);
-  for (int start = first; start < last; start += STEP) {
-    if (restage || start == first) {  // restage = 0 times the construction and products alone (inputs of step 0)
-      // thread tid stages key tid / 4: a quarter of its 16 + 16 coordinates (8-byte loads) and of its 64 values
-      const int t = tid / 4, part = tid % 4, key = start + t;
-      const bool ok = key < last;
-      const long long row = static_cast<long long>(ok ? key : first);
-      uint2 ki4 = *reinterpret_cast<const uint2*>(k_head + row * D + blk_i * BF + part * 4);
-      uint2 kj4 = *reinterpret_cast<const uint2*>(k_head + row * D + blk_j * BF + part * 4);
-      const bf16_t* ki_raw = reinterpret_cast<const bf16_t*>(&ki4);
-      const bf16_t* kj_raw = reinterpret_cast<const bf16_t*>(&kj4);
+  const int first = c * chunk, last = min(first + chunk, T), n_steps = (last - first + STEP - 1) / STEP;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        ki[t][part * 4 + i] = ok ? bf16_to_float(ki_raw[i]) : 0.f;
-        kj[t][part * 4 + i] = ok ? bf16_to_float(kj_raw[i]) : 0.f;
-      }
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        uint4 v8 = *reinterpret_cast<const uint4*>(v_head + row * E + part * 16 + half * 8);
-        const bf16_t* v_raw = reinterpret_cast<const bf16_t*>(&v8);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const int col = part * 16 + half * 8 + i;                      // value column = row of V^T
-          const int chunk16 = (t / 8) ^ (col % 8);                       // 16-byte chunk after the 128-byte swizzle
-          vt[col * STEP + chunk16 * 8 + t % 8] = ok ? v_raw[i] : bf16_t(0);
-        }
-      }
-    }
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    __syncthreads();
-
-    u32 a_frag[2][4][4];
-#pragma unroll
-    for (int m = 0; m < 2; ++m) {
-      const int a = 8 * group + 4 * m + w;                               // this warp's coordinate of block I
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        const int t0 = 16 * s + 2 * q;
-        const float i00 = ki[t0][a], i01 = ki[t0 + 1][a], i10 = ki[t0 + 8][a], i11 = ki[t0 + 9][a];
-        a_frag[m][s][0] = pack_bf16(i00 * kj[t0][g], i01 * kj[t0 + 1][g]);
-        a_frag[m][s][1] = pack_bf16(i00 * kj[t0][g + 8], i01 * kj[t0 + 1][g + 8]);
-        a_frag[m][s][2] = pack_bf16(i10 * kj[t0 + 8][g], i11 * kj[t0 + 9][g]);
-        a_frag[m][s][3] = pack_bf16(i10 * kj[t0 + 8][g + 8], i11 * kj[t0 + 9][g + 8]);
-      }
-    }
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-    for (int m = 0; m < 2; ++m)
-#pragma unroll
-      for (int s = 0; s < 4; ++s) wgmma_m64n64k16(acc[m], a_frag[m][s], smem_descriptor(vt + 16 * s));
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-    __syncthreads();                                                     // the next step overwrites the stage
+  for (int i = 0; i < 2; ++i) {
+    if (i < n_steps) stage_step(stages[i], k_head, v_head, first + i * STEP, last, blk_i, blk_j, tid);
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
   }
+  // ldmatrix rows of this lane: K_J's 4 matrices (keys 0-7 | 8-15) x (coordinates 0-7 | 8-15); K_I's 2 matrices
+  // (keys 0-7 | 8-15) x the 8 coordinates of this warpgroup's a
+  const int kj_row = (lane % 8) + 8 * (lane / 16), kj_col = 8 * ((lane / 8) % 2);
+  const int ki_row = (lane % 8) + 8 * ((lane / 8) % 2), ki_col = 8 * group;
+  u32 frag[4][2][4];                                                     // [slice][tile][register]
+  for (int i = 0; i < n_steps; ++i) {
+    asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();                   // step i is staged; every warpgroup is done with step i - 2's stage
+    if (i + 2 < n_steps) stage_step(stages[(i + 2) % STAGES], k_head, v_head, first + (i + 2) * STEP, last, blk_i, blk_j, tid);
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+    const Stage& st = stages[i % STAGES];
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      u32 kj[4], ki[2];
+      ldmatrix_x4_trans(kj, st.kj + (16 * s + kj_row) * KROW + kj_col);
+      ldmatrix_x2_trans(ki, st.ki + (16 * s + ki_row) * KROW + ki_col);
+      wgmma_wait<3>();                 // slice s of the step before, which read frag[s], is done
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        const int source = 4 * (4 * m + w) + q;                          // the lane holding coordinate a's key pairs
+        const u32 lo = __shfl_sync(0xffffffffu, ki[0], source), hi = __shfl_sync(0xffffffffu, ki[1], source);
+        frag[s][m][0] = mul_bf16x2(lo, kj[0]);
+        frag[s][m][1] = mul_bf16x2(lo, kj[1]);
+        frag[s][m][2] = mul_bf16x2(hi, kj[2]);
+        frag[s][m][3] = mul_bf16x2(hi, kj[3]);
+      }
+      asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+      const u64 desc = smem_descriptor(st.v + 16 * s * E, PROBE_V_LBO, PROBE_V_SBO);
+#pragma unroll
+      for (int m = 0; m < 2; ++m) wgmma_m64n64k16<1>(acc[m], frag[s][m], desc);
+      asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    }
+  }
+  wgmma_wait<0>();
 
   // D fragment: register 4 j + {0, 1} is row g, columns 8 j + 2 q + {0, 1}; 4 j + {2, 3} is row g + 8
   float* out = S + ((static_cast<long long>(h) * n_chunks + c) * DT + p * FB) * E;
@@ -141,10 +192,8 @@ state_probe(const bf16_t* __restrict__ K, const bf16_t* __restrict__ V, float* _
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const int col = 8 * j + 2 * q;
-      out[row0 * E + col] = acc[m][4 * j];
-      out[row0 * E + col + 1] = acc[m][4 * j + 1];
-      out[(row0 + 8) * E + col] = acc[m][4 * j + 2];
-      out[(row0 + 8) * E + col + 1] = acc[m][4 * j + 3];
+      *reinterpret_cast<float2*>(out + row0 * E + col) = make_float2(acc[m][4 * j], acc[m][4 * j + 1]);
+      *reinterpret_cast<float2*>(out + (row0 + 8) * E + col) = make_float2(acc[m][4 * j + 2], acc[m][4 * j + 3]);
     }
   }
 }
@@ -215,7 +264,7 @@ query_probe(const bf16_t* __restrict__ Q, const bf16_t* __restrict__ S, float* _
     }
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-    for (int s = 0; s < BF; ++s) wgmma_m64n64k16(acc, a_frag[s], smem_descriptor(st + (s / 4) * E * 64 + (s % 4) * 16));
+    for (int s = 0; s < BF; ++s) wgmma_m64n64k16<0>(acc, a_frag[s], smem_descriptor(st + (s / 4) * E * 64 + (s % 4) * 16, 16, 1024));
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
   }
