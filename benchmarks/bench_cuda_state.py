@@ -40,13 +40,15 @@ from retention_compile.ops import power_retention_op, resolve_plan
 B, H, D = 1, 8, 64
 LENGTHS = (16384, 65536)
 LAUNCHES, ROUNDS, REPS = 10, 5, 15
-# (warps, keys per step, unrolled 16-key steps, programs per SM the registers are capped for, copy stages). The
-# run at b6fbe89 timed (8, 64, 1, 2), (4, 64, 1, 2), (8, 32, 2, 2) with 2 stages: 5 to 20% slower than the first.
+# mma.sync: (warps, keys per step, unrolled 16-key steps, programs per SM the registers are capped for, copy stages).
+# The run at 00b2a3a timed 64 or 128 keys, 2 or 3 stages: within 2% of each other (the default is 128 keys, 2
+# stages). wgmma (Hopper): registers capped for 1 or 2 programs per SM, 2 to 4 k16 slices in flight.
 VARIANTS = (
-    StateKernelConfig(8, 64, 4, 2, 2),
-    StateKernelConfig(8, 64, 4, 2, 3),
     StateKernelConfig(8, 128, 4, 2, 2),
-    StateKernelConfig(8, 128, 4, 2, 3),
+    StateKernelConfig(wgmma=True, wgmma_min_blocks=2, wgmma_in_flight=2),
+    StateKernelConfig(wgmma=True, wgmma_min_blocks=2, wgmma_in_flight=3),
+    StateKernelConfig(wgmma=True, wgmma_min_blocks=1, wgmma_in_flight=3),
+    StateKernelConfig(wgmma=True, wgmma_min_blocks=1, wgmma_in_flight=4),
 )
 SEGMENTS = (4, 13)
 

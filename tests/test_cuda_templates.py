@@ -2,6 +2,7 @@
 decode step's plain-PyTorch path against the float64 oracle, and the chunk-state op's fake implementation and
 measured choice."""
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -49,7 +50,31 @@ def _state_cases() -> list[str]:
     return sources
 
 
-RENDERERS = {"decode_step.cu.j2": _decode_cases, "chunk_state.cu.j2": _state_cases}
+def _wgmma_state_cases() -> list[str]:
+    """wgmma chunk-state sources (sm_90a): gate, validity, non-causal, two value blocks, d = 32 and 128, and the
+    register caps for one or two programs per SM with 2 to 4 slices in flight."""
+    wgmma = dataclasses.replace(cuda_state.CONFIG, wgmma=True)
+    cases = [  # (d, e, gated, valid, causal, chunk, config)
+        (64, 64, True, False, True, 1024, wgmma),
+        (64, 64, False, True, False, 256, dataclasses.replace(wgmma, wgmma_min_blocks=1, wgmma_in_flight=4)),
+        (128, 128, True, True, True, 512, dataclasses.replace(wgmma, wgmma_in_flight=3)),
+        (32, 64, False, False, True, 64, wgmma),
+    ]
+    sources = []
+    for d, e, gated, valid, causal, chunk, config in cases:
+        k, v = torch.empty(1, 1, 1, d, dtype=torch.bfloat16), torch.empty(1, 1, 1, e, dtype=torch.bfloat16)
+        spec = _spec_for(k, v, chunk, causal, gated, valid)
+        assert cuda_state.uses_wgmma(spec, config, "sm_90a")
+        sources.append(cuda_state.render_state_source(spec, config, "sm_90a"))
+    return sources
+
+
+RENDERERS = {
+    "decode_step.cu.j2": _decode_cases,
+    "chunk_state.cu.j2": _state_cases,
+    "chunk_state_wgmma.cu.j2": _wgmma_state_cases,
+}
+ARCHS = {"chunk_state_wgmma.cu.j2": ("sm_90a", "compute_90a")}  # the others: sm_80, sm_90a, compute_90
 PTX_MARKERS = {  # what each template's PTX must contain: its kernels and the instructions it is built around
     "decode_step.cu.j2": (
         ".entry retention_decode_update",
@@ -63,7 +88,15 @@ PTX_MARKERS = {  # what each template's PTX must contain: its kernels and the in
         "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16",
         "cp.async.cg.shared.global",  # the copy pipeline
     ),
+    "chunk_state_wgmma.cu.j2": (
+        ".entry retention_chunk_state",
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16",  # the state product, A from registers
+        "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16",  # the normaliser (times a block of ones)
+        "mul.rn.bf16x2",  # the features, rounded once
+        "cp.async.cg.shared.global",
+    ),
 }
+TEMPLATE_ARCHS = [(t, a) for t in sorted(RENDERERS) for a in ARCHS.get(t, ("sm_80", "sm_90a", "compute_90"))]
 
 
 def _have_compiler() -> bool:
@@ -83,8 +116,7 @@ def test_every_template_has_a_render_case() -> None:
 
 
 @needs_compiler
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90a", "compute_90"])
-@pytest.mark.parametrize("template", sorted(RENDERERS))
+@pytest.mark.parametrize(("template", "arch"), TEMPLATE_ARCHS)
 def test_template_compiles(template: str, arch: str) -> None:
     for source in RENDERERS[template]():
         binary = nvrtc.compile_source(source, arch)

@@ -7,7 +7,9 @@ unchanged. For every chunk c of its segment a program stores the state before th
     S += sum_j phi_p(k_j) (w_j v_j)^T,   M_IJ += sum_j k_jI (w_j k_jJ)^T,   w_j = exp(G_end - G_j)
 
 (after decaying S and M by ``exp(G_end - G_{first-1})``) for its pair p of 16-coordinate blocks, on the tensor
-cores (mma.sync bf16, fp32 accumulators). See the template for the fragment scheme.
+cores. On Hopper (sm_90a) with bfloat16 inputs and value blocks of 64 the products run on warpgroup MMA
+(``chunk_state_wgmma.cu.j2``: wgmma with the features built in registers); elsewhere on mma.sync
+(``chunk_state.cu.j2``). See each template for its fragment scheme.
 
     cuda_state_unsupported(spec, k, v) -> None | reason      whether the kernel serves a forward's shape class
     select_state_kernel(q, k, v, ..., plan, impl) -> StateChoice
@@ -35,6 +37,11 @@ from . import nvrtc
 from .triton_source import KernelSpec
 
 STATE_TEMPLATE = "chunk_state.cu.j2"
+WGMMA_TEMPLATE = "chunk_state_wgmma.cu.j2"
+WGMMA_BLOCK_E = 64  # value columns per wgmma program: N of m64n64k16, one 128-byte swizzle atom of bf16
+WGMMA_BLOCK_S = 64  # keys per pipeline step of the wgmma kernel (four k16 slices)
+WGMMA_STAGES = 4  # its copy stages: refilled two steps after use, once every warpgroup's products are done
+WGMMA_THREADS = 256  # two warpgroups, 128 feature rows each
 KERNEL_NAME = "retention_chunk_state"
 MAX_BLOCK_E = 64  # value columns per program: the fp32 accumulators of 4 coordinates x 64 columns fill 128 registers
 _IO_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -43,21 +50,42 @@ _INT32_MAX = (1 << 31) - 1
 
 @dataclass(frozen=True)
 class StateKernelConfig:
-    """Launch shape: ``warps`` per program (each owns ``16 / warps`` coordinates of block I), keys per
-    pipeline step, how many 16-key tensor-core steps are unrolled, the programs per SM the registers are
-    capped for (``__launch_bounds__``), and the copy buffers (loads issued ``stages - 1`` steps ahead)."""
+    """Launch shape of the mma.sync kernel: ``warps`` per program (each owns ``16 / warps`` coordinates of block I),
+    keys per pipeline step, how many 16-key tensor-core steps are unrolled, the programs per SM the registers are
+    capped for (``__launch_bounds__``), and the copy buffers (loads issued ``stages - 1`` steps ahead). ``wgmma``:
+    take the wgmma kernel instead where it applies (``uses_wgmma``), with registers capped for ``wgmma_min_blocks``
+    programs per SM and ``wgmma_in_flight`` k16 slices' fragments held while their products run (more slices
+    overlap more, but past the register cap ptxas serializes the wgmma or spills)."""
 
     warps: int = 4
     block_s: int = 64
     ks_unroll: int = 1
     min_blocks: int = 1
     stages: int = 2
+    wgmma: bool = False
+    wgmma_min_blocks: int = 2
+    wgmma_in_flight: int = 2
 
 
 # 128 registers, no spills (sm_90a), 2 programs per SM. H200, b=1 h=8 d=64 T=65536 (ungated / gated, ms): 64 keys per
 # step 1.011 / 1.086, 64 keys and 3 stages 1.021 / 1.060, 128 keys 1.000 / 1.020, 128 keys and 3 stages 1.013 / 1.015
 # (benchmarks/results/cuda_state_NVIDIA-H200_2026-11-29_00b2a3a.json).
-CONFIG = StateKernelConfig(warps=8, block_s=128, ks_unroll=4, min_blocks=2, stages=2)
+CONFIG = StateKernelConfig(warps=8, block_s=128, ks_unroll=4, min_blocks=2, stages=2, wgmma=True)
+
+
+def uses_wgmma(spec: KernelSpec, config: StateKernelConfig, arch: str | None) -> bool:
+    """Whether the wgmma kernel serves ``spec`` on a GPU of cubin target ``arch`` (None: no GPU): Hopper's
+    ``sm_90a``, bfloat16 (float16 keeps mma.sync, which converts to bfloat16 in registers), e a multiple of 64."""
+    return config.wgmma and arch == "sm_90a" and spec.dtype == "bfloat16" and spec.value_dim % WGMMA_BLOCK_E == 0
+
+
+def wgmma_smem_bytes(spec: KernelSpec) -> int:
+    """Dynamic shared memory of one wgmma program (the template's ``Shared`` + 1024 bytes to align it): per stage
+    the value rows and blocks I, J of the keys (48-byte rows), a 1 KB block of ones, and w_j of a chunk when
+    gated; the struct is a multiple of its 1024-byte alignment."""
+    stage = WGMMA_BLOCK_S * (WGMMA_BLOCK_E + 2 * 24) * 2
+    shared = WGMMA_STAGES * stage + 1024 + (4 * spec.chunk_size if spec.gated else 0)
+    return -(-shared // 1024) * 1024 + 1024
 
 
 def smem_bytes(e: int, config: StateKernelConfig) -> int:
@@ -103,20 +131,33 @@ def cuda_state_unsupported(spec: KernelSpec, k: torch.Tensor, v: torch.Tensor) -
 
 
 @functools.lru_cache(maxsize=256)
-def render_state_source(spec: KernelSpec, config: StateKernelConfig) -> str:
-    """The CUDA source of the state kernel for one shape class of the chunked forward."""
+def render_state_source(spec: KernelSpec, config: StateKernelConfig, arch: str | None = None) -> str:
+    """The CUDA source of the state kernel for one shape class of the chunked forward, on target ``arch``."""
     params = spec.template_params()
+    shape = {
+        "d": spec.head_dim,
+        "e": spec.value_dim,
+        "gated": spec.gated,
+        "has_valid": spec.has_valid,
+        "causal": spec.causal,
+        "chunk_size": spec.chunk_size,
+        "npairs": params["npairs"],
+        "dt": params["dt"],
+    }
+    if uses_wgmma(spec, config, arch):
+        return nvrtc.render(
+            WGMMA_TEMPLATE,
+            **shape,
+            block_s=WGMMA_BLOCK_S,
+            stages=WGMMA_STAGES,
+            in_flight=config.wgmma_in_flight,
+            min_blocks=config.wgmma_min_blocks,
+            smem_bytes=wgmma_smem_bytes(spec),
+        )
     return nvrtc.render(
         STATE_TEMPLATE,
-        d=spec.head_dim,
-        e=spec.value_dim,
+        **shape,
         dtype=spec.dtype,
-        gated=spec.gated,
-        has_valid=spec.has_valid,
-        causal=spec.causal,
-        chunk_size=spec.chunk_size,
-        npairs=params["npairs"],
-        dt=params["dt"],
         block_e=block_e(spec.value_dim),
         block_s=config.block_s,
         warps=config.warps,
@@ -141,12 +182,17 @@ class _Launch:
 def _launch_info(spec: KernelSpec, config: StateKernelConfig, device_index: int) -> _Launch:
     from cuda.bindings import driver
 
-    (kernel,) = nvrtc.load_kernels(render_state_source(spec, config), (KERNEL_NAME,), device_index)
-    smem = smem_bytes(spec.value_dim, config)
+    arch = nvrtc.gpu_arch(device_index)
+    (kernel,) = nvrtc.load_kernels(render_state_source(spec, config, arch), (KERNEL_NAME,), device_index)
+    pairs = tiled_features(spec.head_dim) // 256
+    if uses_wgmma(spec, config, arch):
+        smem, threads, value_blocks = wgmma_smem_bytes(spec), WGMMA_THREADS, spec.value_dim // WGMMA_BLOCK_E
+    else:
+        smem, threads = smem_bytes(spec.value_dim, config), 32 * config.warps
+        value_blocks = spec.value_dim // block_e(spec.value_dim)
     attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
     nvrtc._check(driver.cuFuncSetAttribute(kernel.function, attribute, smem))
-    pairs = tiled_features(spec.head_dim) // 256
-    return _Launch(kernel, pairs * (spec.value_dim // block_e(spec.value_dim)), 32 * config.warps, smem)
+    return _Launch(kernel, pairs * value_blocks, threads, smem)
 
 
 def _spec_for(k: torch.Tensor, v: torch.Tensor, chunk_size: int, causal: bool, gated: bool, valid: bool) -> KernelSpec:
@@ -234,7 +280,10 @@ _RECORDED: set[str] = set()
 
 def _record(spec: KernelSpec, k: torch.Tensor, v: torch.Tensor, q_shape: Sequence[int] | None) -> None:
     """Register the source with the inspection (every call while compiling or inspecting; else once per source)."""
-    source = render_state_source(_spec_for(k, v, spec.chunk_size, spec.causal, spec.gated, spec.has_valid), CONFIG)
+    arch = nvrtc.gpu_arch(k.device.index or 0) if k.is_cuda else None
+    source = render_state_source(
+        _spec_for(k, v, spec.chunk_size, spec.causal, spec.gated, spec.has_valid), CONFIG, arch
+    )
     if not (is_recording() or source not in _RECORDED):
         return
     _RECORDED.add(source)
@@ -251,8 +300,8 @@ def _record(spec: KernelSpec, k: torch.Tensor, v: torch.Tensor, q_shape: Sequenc
     }
     if q_shape is not None:
         meta["q_shape"] = tuple(q_shape)
-    if k.is_cuda:
-        _, entry = nvrtc.cached_compile(source, nvrtc.gpu_arch(k.device.index or 0))
+    if arch is not None:
+        _, entry = nvrtc.cached_compile(source, arch)
         meta["path"] = str(entry.with_suffix(".cu"))
     record_kernel("power_retention_chunk_state", source, meta, language="cuda")
 

@@ -30,6 +30,9 @@ CASES = [
     ("gated_gqa_valid_prefill", 2, 4, 2, 1000, 2500, 64, 64, torch.bfloat16, 2, True, True, 256, 4, True),
     ("fp16_gate_per_query_head_wide", 1, 2, 1, 1200, 1200, 128, 128, torch.float16, 2, False, True, 256, 2, False),
     ("noncausal_valid_e48", 1, 2, 2, 700, 1800, 32, 48, torch.bfloat16, 0, True, False, 256, 3, False),
+    # wgmma on Hopper: two value blocks with d = 128, non-causal; d = 32 with fewer queries (a shift) and GQA
+    ("wide_gated_valid_noncausal", 1, 2, 2, 900, 2100, 128, 128, torch.bfloat16, 2, True, False, 256, 3, False),
+    ("narrow_shifted_gqa", 1, 3, 1, 500, 1500, 32, 64, torch.bfloat16, 0, False, True, 256, 2, False),
 ]
 
 
@@ -76,6 +79,8 @@ CONFIGS = [  # launch shapes besides the default, on one case: keys per step, pi
     StateKernelConfig(8, 64, 4, 2, stages=3),
     StateKernelConfig(8, 128, 4, 2, stages=3),
     StateKernelConfig(4, 64, 1, 2, stages=3),
+    StateKernelConfig(wgmma=True, wgmma_min_blocks=1, wgmma_in_flight=4),
+    StateKernelConfig(wgmma=True, wgmma_min_blocks=2, wgmma_in_flight=3),
 ]
 CONFIG_CASES = [(case, cuda_state.CONFIG) for case in CASES] + [(CASES[1], config) for config in CONFIGS]
 
