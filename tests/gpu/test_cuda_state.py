@@ -30,9 +30,10 @@ CASES = [
     ("gated_gqa_valid_prefill", 2, 4, 2, 1000, 2500, 64, 64, torch.bfloat16, 2, True, True, 256, 4, True),
     ("fp16_gate_per_query_head_wide", 1, 2, 1, 1200, 1200, 128, 128, torch.float16, 2, False, True, 256, 2, False),
     ("noncausal_valid_e48", 1, 2, 2, 700, 1800, 32, 48, torch.bfloat16, 0, True, False, 256, 3, False),
-    # wgmma on Hopper: two value blocks with d = 128, non-causal; d = 32 with fewer queries (a shift) and GQA
-    ("wide_gated_valid_noncausal", 1, 2, 2, 900, 2100, 128, 128, torch.bfloat16, 2, True, False, 256, 3, False),
-    ("narrow_shifted_gqa", 1, 3, 1, 500, 1500, 32, 64, torch.bfloat16, 0, False, True, 256, 2, False),
+    # wgmma on Hopper: two value blocks with d = 128, non-causal; d = 32 with fewer queries (an odd shift), GQA and
+    # a gate per query head
+    ("wide_valid_noncausal", 1, 2, 2, 900, 2100, 128, 128, torch.bfloat16, 0, True, False, 256, 3, False),
+    ("narrow_shifted_gated_gqa", 1, 3, 1, 501, 1500, 32, 64, torch.bfloat16, 3, False, True, 256, 2, False),
 ]
 
 
