@@ -5,7 +5,8 @@ fla's ``chunk_simple_gla`` (issue 5): b=1, h=8, d=64, deg=2, bf16, causal, gated
 
 Times are medians of ``triton.testing.do_bench`` (warmup 25 ms, rep 100 ms). "ours" is ``triton_forward`` run
 eagerly as the body of a ``triton_op`` runs it (kernels launched directly, Python overhead included, as SDPA's
-is), with the Plan that ``planning.plan`` picks for the shape; "ours graph" replays the same call from a CUDA
+is), with the Plan that ``planning.plan`` picks for the shape and the state kernel ``codegen="auto"`` picks (the
+row's ``state_kernel``: the CUDA one where measured faster); "ours graph" replays the same call from a CUDA
 graph (no launch overhead, as in a compiled model with CUDA graphs). ``--tune T`` first times, gated at length T,
 the kernel variants of the chunked query kernel, two chunk sizes and several segment counts, keeps the fastest
 variant for the whole run and reports the fastest configuration as "ours best" with a per-kernel breakdown.
@@ -38,6 +39,7 @@ from triton.testing import do_bench
 
 from retention_compile import hardware, planning
 from retention_compile.codegen import forward
+from retention_compile.codegen.cuda_state import StateChoice, select_state_kernel
 from retention_compile.codegen.forward import kernel_spec, triton_forward
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -108,15 +110,23 @@ def inputs(T: int, gated: bool) -> dict[str, torch.Tensor | None]:
     return {"q": q, "k": k, "v": v, "gate": gate}
 
 
+def state_kernel_choice(x: dict, plan: planning.Plan) -> StateChoice:
+    """The state kernel the op picks for these inputs with ``codegen="auto"`` (measured once per GPU and shape)."""
+    return select_state_kernel(x["q"], x["k"], x["v"], 2, x["gate"], None, True, D**-0.5, plan, "auto")
+
+
 def ours(x: dict, plan: planning.Plan, segments: int | None = None) -> Callable[[], object]:
-    """``triton_forward`` as a ``triton_op`` body runs it eagerly: kernels launched directly, not through the HOP."""
+    """``triton_forward`` as a ``triton_op`` body runs it eagerly (kernels launched directly, not through the HOP),
+    with the state kernel ``codegen="auto"`` picks."""
     from torch._library.triton import set_wrap_triton_enabled
+
+    state_kernel = state_kernel_choice(x, plan).kernel
 
     def run() -> object:
         with set_wrap_triton_enabled(False):
             return triton_forward(
                 x["q"], x["k"], x["v"], scale=D**-0.5, deg=2, log_gate=x["gate"], causal=True, valid=None,
-                plan=plan, segments=segments,
+                plan=plan, segments=segments, state_kernel=state_kernel,
             )  # fmt: skip
 
     return run
@@ -320,6 +330,8 @@ def measure(T: int, gated: bool, spec: hardware.GpuSpec, ceilings: dict, tuned: 
     x = inputs(T, gated)
     plan = planning.plan(spec, T=T, d=D, e=D, deg=2, dtype=torch.bfloat16, gated=gated, batch_heads=B * H)
     row: dict = {"T": T, "gated": gated, "plan": asdict(plan), "errors": {}}
+    choice = state_kernel_choice(x, plan)
+    row["state_kernel"] = "cuda" if choice.kernel is not None else f"triton ({choice.reason})"
     makers = {"ours": lambda: ours(x, plan), "ours_graph": lambda: graphed(ours(x, plan)), "sdpa": lambda: sdpa(x)}
     if tuned is not None:
         best = _plan(tuned)
