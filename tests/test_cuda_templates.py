@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from retention_compile.codegen import choice, cuda_state, nvrtc
+from retention_compile.codegen import choice, cuda_reverse, cuda_state, nvrtc
 from retention_compile.codegen.cuda_state import StateKernelConfig, _spec_for, cuda_state_unsupported
 from retention_compile.codegen.forward import kernel_spec
 from retention_compile.decode import (
@@ -69,12 +69,33 @@ def _wgmma_state_cases() -> list[str]:
     return sources
 
 
+def _wgmma_reverse_cases() -> list[str]:
+    """wgmma reverse-state sources (sm_90a): gate, coordinate terms, non-causal, two value blocks, d = 32 and 128."""
+    cases = [  # (d, e, gated, causal, chunk, coordinate terms)
+        (64, 64, True, True, 1024, True),
+        (64, 64, False, True, 512, False),
+        (128, 128, False, False, 256, False),
+        (32, 64, True, True, 256, False),
+    ]
+    sources = []
+    for d, e, gated, causal, chunk, coordinate_terms in cases:
+        q, dy = torch.empty(1, 1, 1, d, dtype=torch.bfloat16), torch.empty(1, 1, 1, e, dtype=torch.bfloat16)
+        fwd = cuda_reverse._forward_spec(q, dy, chunk, causal, gated)
+        assert cuda_reverse.reverse_unsupported(fwd, "sm_90a") is None
+        sources.append(cuda_reverse.render_reverse_source(fwd, coordinate_terms, cuda_state.CONFIG))
+    return sources
+
+
 RENDERERS = {
     "decode_step.cu.j2": _decode_cases,
     "chunk_state.cu.j2": _state_cases,
     "chunk_state_wgmma.cu.j2": _wgmma_state_cases,
+    "reverse_state_wgmma.cu.j2": _wgmma_reverse_cases,
 }
-ARCHS = {"chunk_state_wgmma.cu.j2": ("sm_90a", "compute_90a")}  # the others: sm_80, sm_90a, compute_90
+ARCHS = {  # the others: sm_80, sm_90a, compute_90
+    "chunk_state_wgmma.cu.j2": ("sm_90a", "compute_90a"),
+    "reverse_state_wgmma.cu.j2": ("sm_90a", "compute_90a"),
+}
 PTX_MARKERS = {  # what each template's PTX must contain: its kernels and the instructions it is built around
     "decode_step.cu.j2": (
         ".entry retention_decode_update",
@@ -93,6 +114,13 @@ PTX_MARKERS = {  # what each template's PTX must contain: its kernels and the in
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16",  # the state product, A from registers
         "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16",  # the normaliser (times a block of ones)
         "mul.rn.bf16x2",  # the features, rounded once
+        "cp.async.cg.shared.global",
+    ),
+    "reverse_state_wgmma.cu.j2": (
+        ".entry retention_reverse_state",
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16",  # R, A (the features) from registers
+        "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16",  # P, times the dZ column
+        "mul.rn.bf16x2",
         "cp.async.cg.shared.global",
     ),
 }

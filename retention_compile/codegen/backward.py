@@ -63,6 +63,7 @@ dv are summed over the group from float32 per-head buffers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -254,7 +255,8 @@ def triton_backward(
         else:
             states = _chunk_states(forward_module, layout, k, common, extra, state_kernel)
         dq_args.update(S_ST=states["S_ST"], M_ST=states["M_ST"], state_slots=states["state_slots"])
-        dkv_args.update(_reverse_states(module, spec, q, rows, gate, sizes, n_chunks, segments))
+        reverse = _cuda_reverse_kernel(fwd, q) if state_kernel is not None else None
+        dkv_args.update(_reverse_states(module, spec, q, rows, gate, sizes, n_chunks, segments, reverse_kernel=reverse))
 
     dq = torch.empty((B, Hq, Tq, d), dtype=q.dtype, device=q.device)
     _launch(module.dq_kernel, (_cdiv(Tq, spec.block_t), B * Hq), {**dq_args, "DQ": dq}, warps, STAGES)
@@ -347,10 +349,31 @@ def chunked_warps(fwd: KernelSpec, state_terms: bool) -> int:
     return 4
 
 
+def _cuda_reverse_kernel(fwd: KernelSpec, q: torch.Tensor) -> Callable[[dict], dict] | None:
+    """The CUDA reverse-state kernel's hook where it serves this call (bf16 on sm_90a, e a multiple of 64), else
+    None. Taken where the forward's states came from the CUDA state kernel (``codegen`` "cuda", or "auto" where
+    that kernel measured faster)."""
+    from . import cuda_reverse, nvrtc
+
+    arch = nvrtc.gpu_arch(q.device.index or 0) if q.is_cuda else None
+    if cuda_reverse.reverse_unsupported(fwd, arch) is not None:
+        return None
+    return functools.partial(cuda_reverse.reverse_states, fwd, coordinate_state_terms(fwd))
+
+
 def _reverse_states(
-    module, spec: BackwardSpec, q: torch.Tensor, rows: dict, gate: dict, sizes: dict, n_chunks, segments: int | None
+    module,
+    spec: BackwardSpec,
+    q: torch.Tensor,
+    rows: dict,
+    gate: dict,
+    sizes: dict,
+    n_chunks,
+    segments: int | None,
+    reverse_kernel: Callable[[dict], dict] | None = None,
 ) -> dict[str, object]:
-    """Run ``reverse_state_kernel`` over segments of chunks (grid: pairs x value blocks, B*Hs, segments), then
+    """Run ``reverse_state_kernel`` (or ``reverse_kernel``, which takes its arguments and returns its buffers: the
+    CUDA one) over segments of chunks (grid: pairs x value blocks, B*Hs, segments), then
     ``reverse_scan_kernel`` (causal) or a sum over the segments (non-causal): ``R_ST`` (B*Hs, slots, Dt, e) in the
     states' dtype and ``P_ST`` (.., d, d) fp32, the dk/dv kernel's state arguments. Non-causal calls have one slot,
     their segments cover chunks of rows. Segment totals live in float32 buffers of ``n_seg`` slots."""
@@ -371,7 +394,11 @@ def _reverse_states(
     buffers = {"R_ST": r, "P_ST": p, "R_SEG": r_seg, "P_SEG": p_seg}
     counts = {"state_slots": slots, "chunks_per_seg": per_segment, "n_seg": n_seg}
     args = {**rows, **gate, **sizes, **buffers, **counts}
-    _launch(module.reverse_state_kernel, (programs, heads, n_seg), args, STATE_WARPS, REVERSE_STAGES)
+    if reverse_kernel is not None:
+        buffers.update(reverse_kernel(args))
+        r, p, r_seg, p_seg = (buffers[name] for name in ("R_ST", "P_ST", "R_SEG", "P_SEG"))
+    else:
+        _launch(module.reverse_state_kernel, (programs, heads, n_seg), args, STATE_WARPS, REVERSE_STAGES)
     if not fwd.causal:
         r, p = r_seg.sum(1, keepdim=True).to(state_dtype), p_seg.sum(1, keepdim=True)
     elif segments > 1:

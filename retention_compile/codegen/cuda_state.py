@@ -215,7 +215,7 @@ def _spec_for(k: torch.Tensor, v: torch.Tensor, chunk_size: int, causal: bool, g
     )
 
 
-def _dense(t: torch.Tensor) -> torch.Tensor:
+def dense_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` if its last dim is contiguous and its rows 16-byte aligned, else a contiguous copy."""
     rows = all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
     return t if t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and rows else t.contiguous()
@@ -241,7 +241,7 @@ def cuda_chunk_states_op(
     spec = _spec_for(k, v, chunk_size, causal, g is not None, valid is not None)
     info = _launch_info(spec, CONFIG, k.device.index or 0)
     s_loc, m_loc, s_seg, m_seg = _allocate(k, v, causal, state_heads, n_chunks, n_seg)
-    k, v = _dense(k), _dense(v)
+    k, v = dense_rows(k), dense_rows(v)
     gate = None if g is None else g.contiguous()
     valid_bytes = None if valid is None else valid.contiguous().view(torch.uint8)
     g_row = 0 if gate is None else gate.stride(1)

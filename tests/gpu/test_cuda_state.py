@@ -201,3 +201,36 @@ def test_auto_measures_once_per_shape_class(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(choice, "_CHOSEN", {})
     monkeypatch.setattr(choice, "_measure", lambda candidates: pytest.fail("measured again"))
     assert _rel(rc.power_retention(q, k, v, chunk_size=512), y) < 1e-6
+
+
+REVERSE_CASES = [c for c in CASES if c[8] == torch.bfloat16 and c[7] % 64 == 0]
+
+
+@pytest.mark.parametrize("case", REVERSE_CASES, ids=[c[0] for c in REVERSE_CASES])
+def test_reverse_buffers_match_the_triton_reverse_state_kernel(case: tuple, monkeypatch) -> None:
+    """The CUDA (wgmma) reverse-state kernel against Triton's on the same arguments: R and P of every slot (after
+    the reverse scan) agree, and the backward took the CUDA kernel."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma reverse-state kernel needs sm_90a")
+    x = _inputs(case, seed=3)
+    q, k, v, kw = x["q"], x["k"], x["v"], x["kwargs"]
+    grad_y = torch.randn(q.shape[:3] + (v.shape[-1],), device=DEVICE).to(q.dtype)
+    y, den = _forward(x, chunk_states)
+    original = backward._reverse_states
+    seen: dict[str, dict] = {}
+
+    def both(*args, reverse_kernel=None):
+        assert reverse_kernel is not None, "the backward did not take the CUDA reverse-state kernel"
+        for name, hook in (("triton", None), ("cuda", reverse_kernel)):
+            _poison_allocator()
+            out = original(*args, reverse_kernel=hook)
+            seen[name] = {n: t.clone() for n, t in out.items() if isinstance(t, torch.Tensor)}
+        return out
+
+    monkeypatch.setattr(backward, "_reverse_states", both)
+    backward.triton_backward(grad_y, q, k, v, y, den, **kw, segments=x["segments"], state_kernel=chunk_states)
+    assert set(seen["triton"]) == set(seen["cuda"]) == {"R_ST", "P_ST"}
+    for name in ("R_ST", "P_ST"):
+        ref, got = seen["triton"][name], seen["cuda"][name]
+        assert got.shape == ref.shape and got.dtype == ref.dtype, name
+        assert _rel(got, ref) < 1e-2, f"{name}: {_rel(got, ref):.2e}"

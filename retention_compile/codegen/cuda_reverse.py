@@ -1,0 +1,212 @@
+"""The reverse states of the chunked backward in CUDA C++ on wgmma (``cuda_templates/reverse_state_wgmma.cu.j2``).
+
+A drop-in for the Triton ``reverse_state_kernel`` of ``templates/backward.py.j2`` (same grid, same buffers, so
+``reverse_scan_kernel`` and the dk/dv kernels read its output unchanged). Per state head and pair p of
+16-coordinate blocks it sums, chunk by chunk from the last,
+
+    R += sum_i coef phi_p(q_i) (lam_i / den_i) dy_i^T,   P_IJ += sum_i q_iI q_iJ^T lam_i dZ_i
+
+with the features built in registers as the wgmma A operand, exactly as the forward's ``chunk_state_wgmma``
+builds phi(k) (see the template). The backward runs it where the forward ran the CUDA state kernel (the
+``codegen`` choice) and it applies:
+
+    reverse_unsupported(fwd, arch) -> None | reason       whether it serves a backward's shape class on ``arch``
+    reverse_states(spec, args) -> dict                     ``_reverse_states``' hook: the Triton kernel's arguments
+                                                           in, its four buffers out
+    torch.ops.retention_compile.cuda_reverse_states       the op (a custom op with a fake impl, so
+                                                           ``torch.compile`` sees one opaque call)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+
+from ..inspection import is_recording, record_kernel
+from ..sizes import size_hint
+from . import cuda_state, nvrtc
+from .cuda_state import (
+    WGMMA_BLOCK_E,
+    WGMMA_BLOCK_S,
+    WGMMA_STAGES,
+    WGMMA_THREADS,
+    StateKernelConfig,
+    dense_rows,
+    tiled_features,
+)
+from .triton_source import KernelSpec
+
+TEMPLATE = "reverse_state_wgmma.cu.j2"
+KERNEL_NAME = "retention_reverse_state"
+
+
+def reverse_unsupported(fwd: KernelSpec, arch: str | None) -> str | None:
+    """None when the wgmma reverse-state kernel serves the chunked backward of ``fwd`` on cubin target ``arch``."""
+    if not (fwd.chunked and fwd.deg == 2 and fwd.block_feature == 16):
+        return "not the chunked deg-2 path with 16-coordinate state tiles"
+    if arch != "sm_90a":
+        return f"target {arch} (the wgmma reverse-state kernel needs sm_90a)"
+    if fwd.dtype != "bfloat16":
+        return f"dtype {fwd.dtype} (the wgmma reverse-state kernel takes bfloat16)"
+    if fwd.value_dim % WGMMA_BLOCK_E:
+        return f"value dim e={fwd.value_dim} (the wgmma reverse-state kernel needs a multiple of {WGMMA_BLOCK_E})"
+    return None
+
+
+def smem_bytes(chunk_size: int) -> int:
+    """Dynamic shared memory of one program (the template's ``Shared`` + 1024 bytes to align it): the copy stages
+    (dy rows, q's blocks I and J), P's B column replicated 8 times and the row weights, both over a chunk and one
+    step past it."""
+    rows = chunk_size + WGMMA_BLOCK_S
+    stage = WGMMA_BLOCK_S * (WGMMA_BLOCK_E + 2 * 24) * 2
+    shared = WGMMA_STAGES * stage + rows * 16 + rows * 4
+    return -(-shared // 1024) * 1024 + 1024
+
+
+@functools.lru_cache(maxsize=128)
+def render_reverse_source(fwd: KernelSpec, coordinate_terms: bool, config: StateKernelConfig) -> str:
+    """The CUDA source of the reverse-state kernel for one shape class of the chunked backward, with the wgmma
+    launch shape of ``config`` (``cuda_state.CONFIG``: registers capped per SM, slices in flight)."""
+    params = fwd.template_params()
+    return nvrtc.render(
+        TEMPLATE,
+        d=fwd.head_dim,
+        e=fwd.value_dim,
+        gated=fwd.gated,
+        causal=fwd.causal,
+        coordinate_terms=coordinate_terms,
+        chunk_size=fwd.chunk_size,
+        npairs=params["npairs"],
+        dt=params["dt"],
+        block_s=WGMMA_BLOCK_S,
+        stages=WGMMA_STAGES,
+        in_flight=config.wgmma_in_flight,
+        min_blocks=config.wgmma_min_blocks,
+        smem_bytes=smem_bytes(fwd.chunk_size),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel(source: str, smem: int, device_index: int) -> nvrtc.CudaKernel:
+    from cuda.bindings import driver
+
+    (kernel,) = nvrtc.load_kernels(source, (KERNEL_NAME,), device_index)
+    attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    nvrtc._check(driver.cuFuncSetAttribute(kernel.function, attribute, smem))
+    return kernel
+
+
+def _forward_spec(q: torch.Tensor, dy: torch.Tensor, chunk_size: int, causal: bool, gated: bool) -> KernelSpec:
+    """The fields of the forward's KernelSpec the kernel depends on."""
+    return KernelSpec(
+        dtype=str(q.dtype).removeprefix("torch."),
+        head_dim=q.shape[-1],
+        value_dim=dy.shape[-1],
+        deg=2,
+        gated=gated,
+        has_valid=False,
+        causal=causal,
+        chunked=True,
+        chunk_size=chunk_size,
+        block_t=16,
+        block_k=16,
+        block_s=16,
+        block_e=dy.shape[-1],
+        block_feature=16,
+    )
+
+
+def _allocate(q: torch.Tensor, dy: torch.Tensor, sizes: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    _, state_heads, slots, _, _, _, _, n_seg = sizes
+    heads, d, e = q.shape[0] * state_heads, q.shape[-1], dy.shape[-1]
+    dt = tiled_features(d)
+    return (
+        q.new_empty((heads, slots, dt, e), dtype=torch.bfloat16),
+        q.new_empty((heads, slots, d, d), dtype=torch.float32),
+        q.new_empty((heads, n_seg, dt, e), dtype=torch.float32),
+        q.new_empty((heads, n_seg, d, d), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("retention_compile::cuda_reverse_states", mutates_args=())
+def cuda_reverse_states_op(
+    q: torch.Tensor,
+    dy: torch.Tensor,
+    den: torch.Tensor,
+    dz: torch.Tensor,
+    g: torch.Tensor | None,
+    sizes: Sequence[int],
+    chunk_size: int,
+    causal: bool,
+    coordinate_terms: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(R_ST, P_ST, R_SEG, P_SEG)`` as the Triton reverse-state kernel leaves them (before the scan).
+
+    ``sizes = (Hq, state_heads, state_slots, shift, Tq, Tk, chunks_per_seg, n_seg)``; ``q`` (B, Hq, Tq, d) and
+    ``dy`` (B, Hq, Tq, e) bf16, ``den``, ``dz`` (B, Hq, Tq) fp32, ``g`` the cumulative log-gate (B, state_heads,
+    >= Tk) fp32 or None."""
+    Hq, state_heads, slots, shift, Tq, Tk, chunks_per_seg, n_seg = sizes
+    fwd = _forward_spec(q, dy, chunk_size, causal, g is not None)
+    source = render_reverse_source(fwd, coordinate_terms, cuda_state.CONFIG)
+    smem = smem_bytes(chunk_size)
+    kernel = _kernel(source, smem, q.device.index or 0)
+    r, p, r_seg, p_seg = _allocate(q, dy, sizes)
+    q, dy = dense_rows(q), dense_rows(dy)
+    den, dz = den.contiguous(), dz.contiguous()
+    gate = None if g is None else g.contiguous()
+    g_row = 0 if gate is None else gate.stride(1)
+    params = fwd.template_params()
+    grid = (params["npairs"] * (fwd.value_dim // WGMMA_BLOCK_E), q.shape[0] * state_heads, n_seg)
+    strides = (q.stride(0), q.stride(1), q.stride(2), dy.stride(0), dy.stride(1), dy.stride(2), g_row)
+    with torch.cuda.device(q.device):
+        kernel.launch(
+            grid,
+            (WGMMA_THREADS, 1, 1),
+            (q, dy, den, dz, gate, r, p, r_seg, p_seg, *strides, Hq, state_heads, slots, shift, Tq, Tk,
+             float(scale), chunks_per_seg, n_seg),
+            shared_mem=smem,
+        )  # fmt: skip
+    return r, p, r_seg, p_seg
+
+
+@cuda_reverse_states_op.register_fake
+def _cuda_reverse_states_fake(q, dy, den, dz, g, sizes, chunk_size, causal, coordinate_terms, scale):
+    return _allocate(q, dy, sizes)
+
+
+_RECORDED: set[str] = set()
+
+
+def _record(fwd: KernelSpec, coordinate_terms: bool, q: torch.Tensor) -> None:
+    """Register the source with the inspection (every call while compiling or inspecting; else once per source)."""
+    source = render_reverse_source(fwd, coordinate_terms, cuda_state.CONFIG)
+    if not (is_recording() or source not in _RECORDED):
+        return
+    _RECORDED.add(source)
+    meta: dict[str, object] = {
+        "q_shape": tuple(size_hint(s) for s in q.shape),
+        "dtype": fwd.dtype,
+        "deg": 2,
+        "causal": fwd.causal,
+        "gated": fwd.gated,
+        "chunk_size": fwd.chunk_size,
+        "kernel_path": "chunked backward, CUDA reverse-state kernel (wgmma)",
+    }
+    _, entry = nvrtc.cached_compile(source, "sm_90a")
+    meta["path"] = str(entry.with_suffix(".cu"))
+    record_kernel("power_retention_reverse_state", source, meta, language="cuda")
+
+
+def reverse_states(fwd: KernelSpec, coordinate_terms: bool, args: dict) -> dict[str, torch.Tensor]:
+    """``_reverse_states``' hook: ``args`` are the Triton reverse-state kernel's keyword arguments; returns the
+    buffers it would have filled (``R_ST``, ``P_ST``, ``R_SEG``, ``P_SEG``)."""
+    _record(fwd, coordinate_terms, args["Q"])
+    names = ("Hq", "state_heads", "state_slots", "shift", "Tq", "Tk", "chunks_per_seg", "n_seg")
+    r, p, r_seg, p_seg = torch.ops.retention_compile.cuda_reverse_states(
+        args["Q"], args["DY"], args["DEN"], args["DZ"], args.get("G"), [args[n] for n in names],
+        fwd.chunk_size, fwd.causal, coordinate_terms, args["scale"],
+    )  # fmt: skip
+    return {"R_ST": r, "P_ST": p, "R_SEG": r_seg, "P_SEG": p_seg}
