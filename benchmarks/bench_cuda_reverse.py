@@ -14,7 +14,6 @@ Writes ``cuda_reverse_<gpu>_<date>_<commit>.json`` under ``--out`` (default ``be
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 from pathlib import Path
@@ -31,9 +30,9 @@ from retention_compile.ops import resolve_plan
 B, H, D = 1, 8, 64
 LAUNCHES, ROUNDS = 5, 5
 VARIANTS = (  # registers capped for 2 programs per SM with 1 or 2 slices in flight; for 1 program with 4
-    StateKernelConfig(wgmma=True, wgmma_min_blocks=2, wgmma_in_flight=2),
-    StateKernelConfig(wgmma=True, wgmma_min_blocks=2, wgmma_in_flight=1),
-    StateKernelConfig(wgmma=True, wgmma_min_blocks=1, wgmma_in_flight=4),
+    StateKernelConfig(wgmma=True, wgmma_min_blocks=2, wgmma_reverse_in_flight=1),
+    StateKernelConfig(wgmma=True, wgmma_min_blocks=2, wgmma_reverse_in_flight=2),
+    StateKernelConfig(wgmma=True, wgmma_min_blocks=1, wgmma_reverse_in_flight=4),
 )
 
 
@@ -73,7 +72,7 @@ def run_case(T: int, gated: bool) -> dict:
     try:
         for config in VARIANTS:
             cuda_state.CONFIG = config
-            name = f"cuda{dataclasses.astuple(config)[-2:]}"
+            name = f"cuda(min_blocks={config.wgmma_min_blocks}, in_flight={config.wgmma_reverse_in_flight})"
             try:
                 got = call(hook)()
                 out["rel_diff"][name] = {

@@ -82,7 +82,7 @@ def render_reverse_source(fwd: KernelSpec, coordinate_terms: bool, config: State
         dt=params["dt"],
         block_s=WGMMA_BLOCK_S,
         stages=WGMMA_STAGES,
-        in_flight=config.wgmma_in_flight,
+        in_flight=config.wgmma_reverse_in_flight,
         min_blocks=config.wgmma_min_blocks,
         smem_bytes=smem_bytes(fwd.chunk_size),
     )

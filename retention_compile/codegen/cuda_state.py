@@ -55,7 +55,8 @@ class StateKernelConfig:
     capped for (``__launch_bounds__``), and the copy buffers (loads issued ``stages - 1`` steps ahead). ``wgmma``:
     take the wgmma kernel instead where it applies (``uses_wgmma``), with registers capped for ``wgmma_min_blocks``
     programs per SM and ``wgmma_in_flight`` k16 slices' fragments held while their products run (more slices
-    overlap more, but past the register cap ptxas serializes the wgmma or spills)."""
+    overlap more, but past the register cap ptxas serializes the wgmma or spills); ``wgmma_reverse_in_flight`` the
+    same for the backward's reverse-state kernel (``cuda_reverse``)."""
 
     warps: int = 4
     block_s: int = 64
@@ -65,6 +66,10 @@ class StateKernelConfig:
     wgmma: bool = False
     wgmma_min_blocks: int = 2
     wgmma_in_flight: int = 2
+    # H200, T=65536 b1 h8 d64, reverse states and scan (ungated / gated, ms): 1 slice 0.832 / 0.921, 2 slices
+    # (serialized by ptxas) 0.913 / 0.982, 4 slices with the cap for 1 program 1.055 / 1.149; Triton 1.081 / 1.171
+    # (benchmarks/results/cuda_reverse_NVIDIA-H200_2026-11-30_bd780b9.json)
+    wgmma_reverse_in_flight: int = 1
 
 
 # 128 registers, no spills (sm_90a), 2 programs per SM. H200, b=1 h=8 d=64 T=65536 (ungated / gated, ms): 64 keys per

@@ -232,16 +232,18 @@ def most_keys_of_a_row(case: Case, valid: torch.Tensor | None) -> int:
 
 
 def op_case_problem(case: Case, tensors: tuple, options: dict) -> str | None:
-    """The public op (planned tiles) forward and, through its autograd, backward against the oracle's autograd.
+    """The public op (planned tiles) forward and, through its autograd, backward against the oracle's autograd
+    (``impl="cuda"`` where ``cuda_state_kernel`` takes the case, else ``"triton"``).
 
     When no row sees more than one key, y_i = v_j w / (w + eps) and dq, dk, d log_gate are O(eps / w) terms whose
     condition number grows like 1 / eps: no dtype resolves them, so only dv (a sum of weights times dy / denom)
     is compared there, the others must be finite."""
     s = case.shape
     leaves = [t.detach().requires_grad_() if t is not None else None for t in tensors]
-    y = rc.power_retention(
-        *leaves[:3], **{**options, "log_gate": leaves[3]}, chunk_size=s.plan.chunk_size, impl="triton"
-    )
+    # the CUDA state kernels where cuda_state_kernel takes the case (every other seed), so the backward's reverse
+    # states run on the CUDA kernel too where it serves
+    impl = "triton" if cuda_state_kernel(case, *tensors[:3]) is None else "cuda"
+    y = rc.power_retention(*leaves[:3], **{**options, "log_gate": leaves[3]}, chunk_size=s.plan.chunk_size, impl=impl)
     problem = output_problem(y, leaves[0].dtype, leaves[0], leaves[2])
     ref_leaves = [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
     expected = oracle(*ref_leaves[:3], {**options, "log_gate": ref_leaves[3]})
