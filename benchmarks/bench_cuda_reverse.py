@@ -8,18 +8,18 @@ CUDA events, median over ``ROUNDS`` rounds. Agreement: ||R_cuda - R_triton|| / |
 
     python benchmarks/bench_cuda_reverse.py [--T 65536] [--out DIR] [--commit SHA]
 
-Writes ``cuda_reverse_<gpu>_<date>_<commit>.json`` under ``--out`` (default ``benchmarks/results``).
+Writes ``cuda_reverse_<gpu>_<date>_<commit>.json`` (the commit shortened to 7 characters) under ``--out``
+(default ``benchmarks/results``).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 from pathlib import Path
 
 import torch
-from provenance import command_line, git_commit
+from bench_forward import B, D, H, result_header
 
 from retention_compile.codegen import backward, cuda_state
 from retention_compile.codegen.choice import median_ms
@@ -27,7 +27,6 @@ from retention_compile.codegen.cuda_state import StateKernelConfig, chunk_states
 from retention_compile.codegen.forward import triton_forward
 from retention_compile.ops import resolve_plan
 
-B, H, D = 1, 8, 64
 LAUNCHES, ROUNDS = 5, 5
 VARIANTS = (  # registers capped for 2 programs per SM with 1 or 2 slices in flight; for 1 program with 4
     StateKernelConfig(wgmma=True, wgmma_min_blocks=2, wgmma_reverse_in_flight=1),
@@ -93,23 +92,13 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--commit", default=None)
     args = parser.parse_args()
-    name = torch.cuda.get_device_name()
-    result = {
-        "command": command_line(),
-        "commit": git_commit(args.commit),
-        "date": datetime.date.today().isoformat(),
-        "gpu": name,
-        "torch": torch.__version__,
-        "shape": {"B": B, "H": H, "d": D, "e": D, "deg": 2, "dtype": "bfloat16", "causal": True},
-        "cases": [],
-    }
+    base, result = result_header("cuda_reverse", Path(args.out), args.commit)
+    result["cases"] = []
     for gated in (False, True):
         case = run_case(args.T, gated)
         result["cases"].append(case)
         print(f"T={args.T} gated={gated}: ms {case['ms']}  agreement {case['rel_diff']}", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"cuda_reverse_{name.replace(' ', '-')}_{result['date']}_{result['commit']}.json"
+    path = base.with_name(f"{base.name}_{str(result['commit'])[:7]}.json")
     path.write_text(json.dumps(result, indent=1, default=str))
     print(f"wrote {path}")
 

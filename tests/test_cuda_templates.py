@@ -11,7 +11,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from retention_compile.codegen import choice, cuda_reverse, cuda_state, nvrtc
-from retention_compile.codegen.cuda_state import StateKernelConfig, _spec_for, cuda_state_unsupported
+from retention_compile.codegen.cuda_state import StateKernelConfig, cuda_state_unsupported, state_spec
 from retention_compile.codegen.forward import kernel_spec
 from retention_compile.decode import (
     DecodeKernelConfig,
@@ -46,7 +46,7 @@ def _state_cases() -> list[str]:
     sources = []
     for d, e, dtype, gated, valid, causal, chunk, config in cases:
         k, v = torch.empty(1, 1, 1, d, dtype=dtype), torch.empty(1, 1, 1, e, dtype=dtype)
-        sources.append(cuda_state.render_state_source(_spec_for(k, v, chunk, causal, gated, valid), config))
+        sources.append(cuda_state.render_state_source(state_spec(k, v, chunk, causal, gated, valid), config))
     return sources
 
 
@@ -63,7 +63,7 @@ def _wgmma_state_cases() -> list[str]:
     sources = []
     for d, e, gated, valid, causal, chunk, config in cases:
         k, v = torch.empty(1, 1, 1, d, dtype=torch.bfloat16), torch.empty(1, 1, 1, e, dtype=torch.bfloat16)
-        spec = _spec_for(k, v, chunk, causal, gated, valid)
+        spec = state_spec(k, v, chunk, causal, gated, valid)
         assert cuda_state.uses_wgmma(spec, config, "sm_90a")
         sources.append(cuda_state.render_state_source(spec, config, "sm_90a"))
     return sources
@@ -80,7 +80,7 @@ def _wgmma_reverse_cases() -> list[str]:
     sources = []
     for d, e, gated, causal, chunk, coordinate_terms in cases:
         q, dy = torch.empty(1, 1, 1, d, dtype=torch.bfloat16), torch.empty(1, 1, 1, e, dtype=torch.bfloat16)
-        fwd = cuda_reverse._forward_spec(q, dy, chunk, causal, gated)
+        fwd = state_spec(q, dy, chunk, causal, gated, False)
         assert cuda_reverse.reverse_unsupported(fwd, "sm_90a") is None
         sources.append(cuda_reverse.render_reverse_source(fwd, coordinate_terms, cuda_state.CONFIG))
     return sources

@@ -34,6 +34,8 @@ from .cuda_state import (
     WGMMA_THREADS,
     StateKernelConfig,
     dense_rows,
+    load_with_shared_memory,
+    state_spec,
     tiled_features,
 )
 from .triton_source import KernelSpec
@@ -88,36 +90,6 @@ def render_reverse_source(fwd: KernelSpec, coordinate_terms: bool, config: State
     )
 
 
-@functools.lru_cache(maxsize=64)
-def _kernel(source: str, smem: int, device_index: int) -> nvrtc.CudaKernel:
-    from cuda.bindings import driver
-
-    (kernel,) = nvrtc.load_kernels(source, (KERNEL_NAME,), device_index)
-    attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-    nvrtc._check(driver.cuFuncSetAttribute(kernel.function, attribute, smem))
-    return kernel
-
-
-def _forward_spec(q: torch.Tensor, dy: torch.Tensor, chunk_size: int, causal: bool, gated: bool) -> KernelSpec:
-    """The fields of the forward's KernelSpec the kernel depends on."""
-    return KernelSpec(
-        dtype=str(q.dtype).removeprefix("torch."),
-        head_dim=q.shape[-1],
-        value_dim=dy.shape[-1],
-        deg=2,
-        gated=gated,
-        has_valid=False,
-        causal=causal,
-        chunked=True,
-        chunk_size=chunk_size,
-        block_t=16,
-        block_k=16,
-        block_s=16,
-        block_e=dy.shape[-1],
-        block_feature=16,
-    )
-
-
 def _allocate(q: torch.Tensor, dy: torch.Tensor, sizes: Sequence[int]) -> tuple[torch.Tensor, ...]:
     _, state_heads, slots, _, _, _, _, n_seg = sizes
     heads, d, e = q.shape[0] * state_heads, q.shape[-1], dy.shape[-1]
@@ -149,10 +121,10 @@ def cuda_reverse_states_op(
     ``dy`` (B, Hq, Tq, e) bf16, ``den``, ``dz`` (B, Hq, Tq) fp32, ``g`` the cumulative log-gate (B, state_heads,
     >= Tk) fp32 or None."""
     Hq, state_heads, slots, shift, Tq, Tk, chunks_per_seg, n_seg = sizes
-    fwd = _forward_spec(q, dy, chunk_size, causal, g is not None)
+    fwd = state_spec(q, dy, chunk_size, causal, g is not None, False)
     source = render_reverse_source(fwd, coordinate_terms, cuda_state.CONFIG)
     smem = smem_bytes(chunk_size)
-    kernel = _kernel(source, smem, q.device.index or 0)
+    kernel = load_with_shared_memory(source, KERNEL_NAME, smem, q.device.index or 0)
     r, p, r_seg, p_seg = _allocate(q, dy, sizes)
     q, dy = dense_rows(q), dense_rows(dy)
     den, dz = den.contiguous(), dz.contiguous()

@@ -185,23 +185,32 @@ class _Launch:
 
 @functools.lru_cache(maxsize=64)
 def _launch_info(spec: KernelSpec, config: StateKernelConfig, device_index: int) -> _Launch:
-    from cuda.bindings import driver
-
     arch = nvrtc.gpu_arch(device_index)
-    (kernel,) = nvrtc.load_kernels(render_state_source(spec, config, arch), (KERNEL_NAME,), device_index)
     pairs = tiled_features(spec.head_dim) // 256
     if uses_wgmma(spec, config, arch):
         smem, threads, value_blocks = wgmma_smem_bytes(spec), WGMMA_THREADS, spec.value_dim // WGMMA_BLOCK_E
     else:
         smem, threads = smem_bytes(spec.value_dim, config), 32 * config.warps
         value_blocks = spec.value_dim // block_e(spec.value_dim)
-    attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-    nvrtc._check(driver.cuFuncSetAttribute(kernel.function, attribute, smem))
+    kernel = load_with_shared_memory(render_state_source(spec, config, arch), KERNEL_NAME, smem, device_index)
     return _Launch(kernel, pairs * value_blocks, threads, smem)
 
 
-def _spec_for(k: torch.Tensor, v: torch.Tensor, chunk_size: int, causal: bool, gated: bool, valid: bool) -> KernelSpec:
-    """The fields of the forward's KernelSpec the state kernel depends on (the query-side tiles do not matter)."""
+@functools.lru_cache(maxsize=64)
+def load_with_shared_memory(source: str, name: str, smem: int, device_index: int) -> nvrtc.CudaKernel:
+    """Kernel ``name`` of ``source`` on the device, allowed ``smem`` bytes of dynamic shared memory (over 48 KB
+    needs the opt-in); once per source, size and device."""
+    from cuda.bindings import driver
+
+    (kernel,) = nvrtc.load_kernels(source, (name,), device_index)
+    attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    nvrtc._check(driver.cuFuncSetAttribute(kernel.function, attribute, smem))
+    return kernel
+
+
+def state_spec(k: torch.Tensor, v: torch.Tensor, chunk_size: int, causal: bool, gated: bool, valid: bool) -> KernelSpec:
+    """The fields of the forward's KernelSpec the state kernels depend on (the query-side tiles do not matter): ``k``
+    gives the dtype and d, ``v`` gives e (the reverse-state kernel passes q and dy)."""
     return KernelSpec(
         dtype=str(k.dtype).removeprefix("torch."),
         head_dim=k.shape[-1],
@@ -243,7 +252,7 @@ def cuda_chunk_states_op(
     for the scan.
     """
     Hq, group, state_heads, Tk, shift, n_chunks, chunks_per_seg, n_seg = sizes
-    spec = _spec_for(k, v, chunk_size, causal, g is not None, valid is not None)
+    spec = state_spec(k, v, chunk_size, causal, g is not None, valid is not None)
     info = _launch_info(spec, CONFIG, k.device.index or 0)
     s_loc, m_loc, s_seg, m_seg = _allocate(k, v, causal, state_heads, n_chunks, n_seg)
     k, v = dense_rows(k), dense_rows(v)
@@ -287,7 +296,7 @@ def _record(spec: KernelSpec, k: torch.Tensor, v: torch.Tensor, q_shape: Sequenc
     """Register the source with the inspection (every call while compiling or inspecting; else once per source)."""
     arch = nvrtc.gpu_arch(k.device.index or 0) if k.is_cuda else None
     source = render_state_source(
-        _spec_for(k, v, spec.chunk_size, spec.causal, spec.gated, spec.has_valid), CONFIG, arch
+        state_spec(k, v, spec.chunk_size, spec.causal, spec.gated, spec.has_valid), CONFIG, arch
     )
     if not (is_recording() or source not in _RECORDED):
         return
