@@ -300,6 +300,45 @@ def test_chunk_state_op_fake_shapes() -> None:
         assert s_loc.shape[1] == 0  # non-causal: no per-chunk states
 
 
+def test_reverse_state_op_fake_shapes() -> None:
+    """The reverse-state op's fake implementation: R bf16 and P per slot, R and P fp32 per segment (no extra slot)."""
+    op = torch.ops.retention_compile.cuda_reverse_states
+    with FakeTensorMode():
+        q, dy = _fake_cuda(2, 6, 90, 64), _fake_cuda(2, 6, 90, 128)
+        den, dz, g = (_fake_cuda(2, 6, 90, dtype=torch.float32) for _ in range(3))
+        sizes = [6, 3, 4, 30, 90, 120, 2, 2]  # Hq, state_heads, state_slots, shift, Tq, Tk, chunks_per_seg, n_seg
+        r, p, r_seg, p_seg = op(q, dy, den, dz, g, sizes, 32, True, True, 0.125)
+        assert (r.shape, r.dtype) == ((6, 4, 2560, 128), torch.bfloat16)
+        assert (p.shape, p.dtype) == ((6, 4, 64, 64), torch.float32)
+        assert (r_seg.shape, p_seg.shape) == ((6, 2, 2560, 128), (6, 2, 64, 64))
+
+
+def _state_spec_of(dtype: torch.dtype, e: int):
+    k, v = torch.empty(1, 1, 1, 64, dtype=dtype), torch.empty(1, 1, 1, e, dtype=dtype)
+    return state_spec(k, v, 256, True, False, False)
+
+
+@pytest.mark.parametrize(
+    ("arch", "dtype", "e", "reason"),
+    [
+        ("sm_80", torch.bfloat16, 64, "sm_90a"),
+        ("sm_90a", torch.float16, 64, "float16"),
+        ("sm_90a", torch.bfloat16, 48, "e=48"),
+        (None, torch.bfloat16, 64, "target None"),
+    ],
+)
+def test_wgmma_state_kernels_name_what_they_need(arch, dtype, e, reason) -> None:
+    """The wgmma kernels serve bf16 with e a multiple of 64 on sm_90a; elsewhere the forward keeps mma.sync (or
+    Triton) and the backward's reverse states stay on Triton, with the reason named."""
+    fwd = _state_spec_of(dtype, e)
+    assert reason in cuda_reverse.reverse_unsupported(fwd, arch)
+    assert not cuda_state.uses_wgmma(fwd, cuda_state.CONFIG, arch)
+    served = _state_spec_of(torch.bfloat16, 128)
+    assert cuda_reverse.reverse_unsupported(served, "sm_90a") is None
+    assert cuda_state.uses_wgmma(served, cuda_state.CONFIG, "sm_90a")
+    assert not cuda_state.uses_wgmma(served, StateKernelConfig(), "sm_90a")  # mma.sync unless the config asks
+
+
 def _spec(dtype=torch.bfloat16, T=4096, d=64, e=64, chunk=512, deg=2):
     plan = Plan(chunk_size=chunk, block_t=64, block_feature=16, block_e=64, num_warps=4, num_stages=2, reason="")
     with FakeTensorMode():
