@@ -10,10 +10,11 @@ accumulation) on every chunk of two heads, and timed as a whole (cp.async stages
 a step's k16 slices overlapping the construction of the next ones), in three builds: registers capped for two or
 one programs per multiprocessor, and a second reading of the V descriptor (tried in case the first is wrong).
 ``query_probe`` does the query side, ``phi(q_t) . S_c`` with bf16 states as the forward stores them (checked on
-two chunks of two heads, timed). Beside both, the forward's state and query kernels (the state kernel Triton's and,
-where "auto" picks it, the CUDA one) are timed by the profiler in a forward of the same shape. TFLOP/s count the
-tiled features' products, ``2 T h Dt e`` with Dt = 2560. Writes ``wgmma_probe_<gpu>_<date>.json`` with the command
-and commit. Needs an sm_90 GPU and cuda-python.
+two chunks of two heads, timed): S_c copied as stored by cp.async in half pairs, 4 stages deep, phi(q) built per
+thread as the A fragment from the block's q rows staged once, 4 slices in flight. Beside both, the forward's state
+and query kernels (the state kernel Triton's and, where "auto" picks it, the CUDA one) are timed by the profiler
+in a forward of the same shape. TFLOP/s count the tiled features' products, ``2 T h Dt e`` with Dt = 2560.
+Writes ``wgmma_probe_<gpu>_<date>.json`` with the command and commit. Needs an sm_90 GPU and cuda-python.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ PAIRS = NB * (NB + 1) // 2
 DT = PAIRS * BF * BF
 SOURCE = Path(__file__).with_name("wgmma_state_probe.cu")
 STATE_SMEM = 4 * (64 * E + 2 * 64 * 24) * 2 + 1024  # the state probe's STAGES stages of V, K_I, K_J + alignment
+QUERY_SMEM = 4 * 128 * E * 2 + 128 * (D + 8) * 2 + 1024  # query probe: 4 stages of half pairs, q rows, alignment
 
 
 def allow_shared(kernel: nvrtc.CudaKernel, size: int) -> None:
@@ -83,9 +85,10 @@ def query_side(q: torch.Tensor, n_chunks: int, chunk: int, flops: float, record:
     states = (torch.randn(H, n_chunks, DT, E, device="cuda", generator=gen) / DT**0.5).to(torch.bfloat16)
     y = torch.full((H, T, E), float("nan"), device="cuda")
     (kernel,) = nvrtc.load_kernels(SOURCE.read_text(), ["query_probe"], q.device)
+    allow_shared(kernel, QUERY_SMEM)
 
     def probe() -> None:
-        kernel.launch((-(-T // 128), H, 1), (256, 1, 1), (q, states, y, T, n_chunks, chunk))
+        kernel.launch((-(-T // 128), H, 1), (256, 1, 1), (q, states, y, T, n_chunks, chunk), shared_mem=QUERY_SMEM)
 
     probe()
     torch.cuda.synchronize()

@@ -44,14 +44,6 @@ struct __align__(1024) Stage {
   bf16_t kj[STEP * KROW];
 };
 
-__device__ __forceinline__ float bf16_to_float(bf16_t x) { return __uint_as_float(static_cast<u32>(x) << 16); }
-
-__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {  // round to nearest even, as Triton's bf16 product
-  u32 out;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(out) : "f"(hi), "f"(lo));
-  return out;
-}
-
 __device__ __forceinline__ u32 mul_bf16x2(u32 x, u32 y) {  // exact product rounded once to bf16, per half
   u32 out;
   asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(out) : "r"(x), "r"(y));
@@ -200,83 +192,101 @@ state_probe(const bf16_t* __restrict__ K, const bf16_t* __restrict__ V, float* _
 
 // The query side of the same product: Y[h, t, :] = sum over pairs p and features (a, b) of
 // q_t[16 I + a] q_t[16 J + b] S[h, c(t), p * 256 + 16 a + b, :], with c(t) = t / chunk (no decay, no intra-chunk part).
-// Program (query block of 128 rows, h): 2 warpgroups of 64 rows. For pair p the k16 slice s is the coordinate a = s of
-// block I, so the A fragment of rows (queries) g, g + 8 and columns b = 2 q + {0, 1, 8, 9} is q_{I a} q_{J b}: each
-// thread keeps its rows' 16 + 16 coordinates of blocks I and J in registers and makes 8 products per slice. B is the
-// pair's state tile S^T (64 value rows x 256 features, K-major: 4 swizzled atoms of 64 features), staged per pair.
+// Program (query block of 128 rows, h): 2 warpgroups of 64 rows, the block's q rows staged once in shared memory.
+// A pipeline step is half a pair: 128 features x 64 values of S_c as stored (the MN-major B of wgmma, 128-byte
+// swizzle), copied by cp.async, QSTAGES steps deep. Its k16 slice s is the coordinate a = 8 half + s of block I, so
+// the A fragment of rows (queries) g, g + 8 and columns b = 2 q + {0, 1, 8, 9} is q_{I a} q_{J b}: the q_J pairs of
+// the thread's two rows are packed bf16x2 as loaded, q_{I a} is broadcast into both halves, and 4 packed multiplies
+// make the fragment. One commit group per slice; QIN_FLIGHT fragment sets rotate.
 constexpr int QROWS = 128;
+constexpr int QSTAGES = 4;
+constexpr int QIN_FLIGHT = 4;
+constexpr int QKROW = D + 8;                          // staged q row (bf16), padded 16 bytes
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
+struct __align__(1024) QueryShared {
+  bf16_t s[QSTAGES][128 * E];                         // feature row f at 128 f bytes, chunk j at j ^ (f % 8)
+  bf16_t q[QROWS * QKROW];
+};
+
+__device__ __forceinline__ void stage_half_pair(bf16_t* dst, const bf16_t* s_chunk, int step, int tid) {
+  const bf16_t* src = s_chunk + static_cast<long long>(step) * 128 * E;  // features [128 step, +128): half a pair
+#pragma unroll
+  for (int n = 0; n < 4; ++n) {
+    const int idx = tid + n * THREADS, f = idx / 8, j = idx % 8;
+    copy16(dst + f * E + (j ^ (f % 8)) * 8, src + f * E + j * 8, true);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 2)
 query_probe(const bf16_t* __restrict__ Q, const bf16_t* __restrict__ S, float* __restrict__ Y, int T, int n_chunks,
             int chunk) {
-  __shared__ __align__(1024) bf16_t st[4 * E * 64];    // S^T of one pair: atom f / 64, row e, 128 bytes, swizzled
-
-  const int h = blockIdx.y, row_block = blockIdx.x;
+  extern __shared__ unsigned char smem_raw[];   // QueryShared + 1024 bytes to align it by hand
+  QueryShared& sm = *reinterpret_cast<QueryShared*>((reinterpret_cast<unsigned long long>(smem_raw) + 1023) & ~1023ull);
+  const int h = blockIdx.y, first_row = blockIdx.x * QROWS, c = first_row / chunk;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, group = warp / 4, w = warp % 4;
   const int g = lane / 4, q = lane % 4;
-  const int first_row = row_block * QROWS, c = first_row / chunk;
   const bf16_t* q_head = Q + static_cast<long long>(h) * T * D;
   const bf16_t* s_chunk = S + (static_cast<long long>(h) * n_chunks + c) * DT * E;
-  const int rows[2] = {first_row + 64 * group + 16 * w + g, first_row + 64 * group + 16 * w + g + 8};
+  constexpr int STEPS = 2 * NPAIRS;
 
+  for (int i = tid; i < QROWS * D / 8; i += THREADS) {  // the block's q rows (zero past T)
+    const int r = i / (D / 8), j = i % (D / 8), row = first_row + r;
+    copy16(sm.q + r * QKROW + j * 8, q_head + static_cast<long long>(row < T ? row : 0) * D + j * 8, row < T);
+  }
+#pragma unroll
+  for (int i = 0; i < QSTAGES - 2; ++i) {
+    stage_half_pair(sm.s[i], s_chunk, i, tid);
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+  }
   float acc[32];
 #pragma unroll
   for (int i = 0; i < 32; ++i) acc[i] = 0.f;
-
-  for (int p = 0; p < NPAIRS; ++p) {
-    const int delta = p / NB, blk_i = p % NB, blk_j = (blk_i + delta) % NB;
-    __syncthreads();                                                     // the previous pair's products are done
-    {  // stage S^T: thread tid takes feature f = tid of the pair (64 values, 128 bytes)
-      const int f = tid;
-      const bf16_t* src = s_chunk + static_cast<long long>(p * FB + f) * E;
-#pragma unroll
-      for (int part = 0; part < 8; ++part) {
-        uint4 v8 = *reinterpret_cast<const uint4*>(src + part * 8);
-        const bf16_t* raw = reinterpret_cast<const bf16_t*>(&v8);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const int e = part * 8 + i, fa = f % 64;
-          st[(f / 64) * E * 64 + e * 64 + (((fa / 8) ^ (e % 8)) * 8) + fa % 8] = raw[i];
-        }
-      }
-    }
+  const int r0 = 64 * group + 16 * w + g;             // this thread's rows r0, r0 + 8 of the block
+  u32 frag[QIN_FLIGHT][4];
+  for (int step = 0; step < STEPS; ++step) {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(QSTAGES - 3) : "memory");
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     __syncthreads();
-
-    float qi[2][BF], qj[2][4];                                           // this thread's coordinates of rows g, g + 8
+    if (step + QSTAGES - 2 < STEPS) stage_half_pair(sm.s[(step + QSTAGES - 2) % QSTAGES], s_chunk, step + QSTAGES - 2, tid);
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+    const int pair = step / 2, half = step % 2;
+    const int delta = pair / NB, blk_i = pair % NB, blk_j = (blk_i + delta) % NB;
+    // q_J pairs (b = 2q, 2q + 1 and 2q + 8, 2q + 9) of rows r0, r0 + 8; q_I coordinates 8 half .. + 7 of both rows
+    const bf16_t* row_lo = sm.q + r0 * QKROW;
+    const bf16_t* row_hi = row_lo + 8 * QKROW;
+    const u32 qj[4] = {*reinterpret_cast<const u32*>(row_lo + blk_j * BF + 2 * q),
+                       *reinterpret_cast<const u32*>(row_hi + blk_j * BF + 2 * q),
+                       *reinterpret_cast<const u32*>(row_lo + blk_j * BF + 2 * q + 8),
+                       *reinterpret_cast<const u32*>(row_hi + blk_j * BF + 2 * q + 8)};
+    const uint4 qi_lo = *reinterpret_cast<const uint4*>(row_lo + blk_i * BF + 8 * half);
+    const uint4 qi_hi = *reinterpret_cast<const uint4*>(row_hi + blk_i * BF + 8 * half);
+    const u32 lo_words[4] = {qi_lo.x, qi_lo.y, qi_lo.z, qi_lo.w}, hi_words[4] = {qi_hi.x, qi_hi.y, qi_hi.z, qi_hi.w};
+    const bf16_t* st = sm.s[step % QSTAGES];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const bool ok = rows[r] < T;
-      const bf16_t* q_row = q_head + static_cast<long long>(ok ? rows[r] : 0) * D;
-#pragma unroll
-      for (int a = 0; a < BF; ++a) qi[r][a] = ok ? bf16_to_float(q_row[blk_i * BF + a]) : 0.f;
-      const int cols[4] = {2 * q, 2 * q + 1, 2 * q + 8, 2 * q + 9};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) qj[r][j] = ok ? bf16_to_float(q_row[blk_j * BF + cols[j]]) : 0.f;
+    for (int sl = 0; sl < 8; ++sl) {
+      const u32 sel = sl % 2 ? 0x3232u : 0x1010u;      // broadcast the low or high bf16 of the word into both halves
+      u32 a_lo, a_hi;
+      asm("prmt.b32 %0, %1, 0, %2;" : "=r"(a_lo) : "r"(lo_words[sl / 2]), "r"(sel));
+      asm("prmt.b32 %0, %1, 0, %2;" : "=r"(a_hi) : "r"(hi_words[sl / 2]), "r"(sel));
+      asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(QIN_FLIGHT - 1) : "memory");
+      u32 (&f)[4] = frag[sl % QIN_FLIGHT];
+      f[0] = mul_bf16x2(a_lo, qj[0]);
+      f[1] = mul_bf16x2(a_hi, qj[1]);
+      f[2] = mul_bf16x2(a_lo, qj[2]);
+      f[3] = mul_bf16x2(a_hi, qj[3]);
+      asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+      wgmma_m64n64k16<1>(acc, f, smem_descriptor(st + 16 * sl * E, 16, 1024));
+      asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
     }
-    u32 a_frag[BF][4];
-#pragma unroll
-    for (int s = 0; s < BF; ++s) {
-      a_frag[s][0] = pack_bf16(qi[0][s] * qj[0][0], qi[0][s] * qj[0][1]);
-      a_frag[s][1] = pack_bf16(qi[1][s] * qj[1][0], qi[1][s] * qj[1][1]);
-      a_frag[s][2] = pack_bf16(qi[0][s] * qj[0][2], qi[0][s] * qj[0][3]);
-      a_frag[s][3] = pack_bf16(qi[1][s] * qj[1][2], qi[1][s] * qj[1][3]);
-    }
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-    for (int s = 0; s < BF; ++s) wgmma_m64n64k16<0>(acc, a_frag[s], smem_descriptor(st + (s / 4) * E * 64 + (s % 4) * 16, 16, 1024));
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
   }
-
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  const int rows[2] = {first_row + r0, first_row + r0 + 8};
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (rows[r] >= T) continue;
     float* out = Y + (static_cast<long long>(h) * T + rows[r]) * E;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      out[8 * j + 2 * q] = acc[4 * j + 2 * r];
-      out[8 * j + 2 * q + 1] = acc[4 * j + 2 * r + 1];
-    }
+    for (int j = 0; j < 8; ++j)
+      *reinterpret_cast<float2*>(out + 8 * j + 2 * q) = make_float2(acc[4 * j + 2 * r], acc[4 * j + 2 * r + 1]);
   }
 }
