@@ -11,9 +11,10 @@ a step's k16 slices overlapping the construction of the next ones), in three bui
 one programs per multiprocessor, and a second reading of the V descriptor (tried in case the first is wrong).
 ``query_probe`` does the query side, ``phi(q_t) . S_c`` with bf16 states as the forward stores them (checked on
 two chunks of two heads, timed): S_c copied as stored by cp.async in half pairs, 4 stages deep, phi(q) built per
-thread as the A fragment from the block's q rows staged once, 4 slices in flight. Beside both, the forward's state
-and query kernels (the state kernel Triton's and, where "auto" picks it, the CUDA one) are timed by the profiler
-in a forward of the same shape. TFLOP/s count the tiled features' products, ``2 T h Dt e`` with Dt = 2560.
+thread as the A fragment from the block's q rows staged once, 4 slices in flight. ``dq_probe`` does the state term
+of dq (``G = S_c dN_t``, both wgmma operands from shared memory, contracted with q in registers). Beside them, the
+forward's state and query kernels (the state kernel Triton's and, where "auto" picks it, the CUDA one) are timed by
+the profiler in a forward of the same shape. TFLOP/s count the tiled features' products, ``2 T h Dt e`` with Dt = 2560.
 Writes ``wgmma_probe_<gpu>_<date>.json`` with the command and commit. Needs an sm_90 GPU and cuda-python.
 """
 
@@ -37,6 +38,7 @@ DT = PAIRS * BF * BF
 SOURCE = Path(__file__).with_name("wgmma_state_probe.cu")
 STATE_SMEM = 4 * (64 * E + 2 * 64 * 24) * 2 + 1024  # the state probe's STAGES stages of V, K_I, K_J + alignment
 QUERY_SMEM = 4 * 128 * E * 2 + 128 * (D + 8) * 2 + 1024  # query probe: 4 stages of half pairs, q rows, alignment
+DQ_SMEM = 4 * 64 * E * 2 + 128 * E * 2 + 128 * (D + 8) * 2 + 1024  # dq probe: quarter pairs, dN rows, q rows
 
 
 def allow_shared(kernel: nvrtc.CudaKernel, size: int) -> None:
@@ -109,6 +111,62 @@ def query_side(q: torch.Tensor, n_chunks: int, chunk: int, flops: float, record:
     print(f"query probe, {kernel.num_regs} registers: error {error:.2e}, {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s")
 
 
+def dq_reference(q: torch.Tensor, dn: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """(rows, D) float32: the dq probe's product for rows of one chunk, ``G = dN S^T`` contracted pair by pair with
+    the other block's coordinates (q, dn, states: that chunk's (rows, D), (rows, E), (DT, E))."""
+    g = dn.float() @ states.float().T
+    qf = q.float()
+    dq = torch.zeros_like(qf)
+    for p in range(PAIRS):
+        blk_i, blk_j = pair_blocks(p)
+        tile = g[:, p * BF * BF : (p + 1) * BF * BF].reshape(-1, BF, BF)
+        q_i, q_j = qf[:, blk_i * BF : (blk_i + 1) * BF], qf[:, blk_j * BF : (blk_j + 1) * BF]
+        dq[:, blk_i * BF : (blk_i + 1) * BF] += torch.einsum("rab,rb->ra", tile, q_j)
+        dq[:, blk_j * BF : (blk_j + 1) * BF] += torch.einsum("rab,ra->rb", tile, q_i)
+    return dq
+
+
+def dq_side(q: torch.Tensor, n_chunks: int, chunk: int, flops: float, record: dict) -> None:
+    """``dq_probe``: the state term of dq (``G = S_c dN`` per row, contracted with q), checked on the first two
+    chunks of two heads, in three builds (one or two accumulator tiles, registers capped for one or two programs
+    per SM), timed."""
+    T = q.shape[1]
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    states = (torch.randn(H, n_chunks, DT, E, device="cuda", generator=gen) / DT**0.5).to(torch.bfloat16)
+    dn = torch.randn(H, T, E, device="cuda", generator=gen).to(torch.bfloat16)
+    out = torch.empty(H, T, D, device="cuda")
+    rows = min(T, 2 * chunk)
+    spans = [slice(c * chunk, min((c + 1) * chunk, rows)) for c in range(-(-rows // chunk))]
+    want = torch.stack([
+        torch.cat([dq_reference(q[h, span], dn[h, span], states[h, c]) for c, span in enumerate(spans)])
+        for h in (0, H - 1)
+    ])  # fmt: skip
+    record["dq_probe"] = []
+    for double, blocks in ((0, 2), (1, 1), (0, 1)):
+        source = f"#define DQ_DOUBLE {double}\n#define DQ_MIN_BLOCKS {blocks}\n" + SOURCE.read_text()
+        (kernel,) = nvrtc.load_kernels(source, ["dq_probe"], q.device)
+        allow_shared(kernel, DQ_SMEM)
+        variant = {"double": double, "min_blocks": blocks, "registers": kernel.num_regs}
+        record["dq_probe"].append(variant)
+
+        def probe(kernel=kernel) -> None:
+            kernel.launch(
+                (-(-T // 128), H, 1), (256, 1, 1), (q, dn, states, out, T, n_chunks, chunk), shared_mem=DQ_SMEM
+            )
+
+        out.fill_(float("nan"))
+        probe()
+        torch.cuda.synchronize()
+        variant["relative_error"] = error = float((out[[0, H - 1], :rows] - want).norm() / want.norm())
+        if not error < 1e-3:
+            print(f"dq probe (double {double}, {blocks} program(s) per SM): relative error {error:.2e}, wrong")
+            continue
+        ms = do_bench(probe, warmup=25, rep=200)
+        variant["ms"], variant["tflops"] = ms, flops / ms / 1e9
+        print(f"dq probe (double {double}, {blocks} program(s) per SM), {kernel.num_regs} registers: error "
+              f"{error:.2e}, {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--T", type=int, default=65536)
@@ -160,6 +218,8 @@ def main() -> None:
         base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
 
     query_side(k, n_chunks, chunk, flops, record)
+    base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
+    dq_side(k, n_chunks, chunk, flops, record)
     base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
 
     # the package's forward at the same shape (SDPA layout, b=1), its state kernel's time from the profiler

@@ -290,3 +290,183 @@ query_probe(const bf16_t* __restrict__ Q, const bf16_t* __restrict__ S, float* _
       *reinterpret_cast<float2*>(out + 8 * j + 2 * q) = make_float2(acc[4 * j + 2 * r], acc[4 * j + 2 * r + 1]);
   }
 }
+
+// The state term of dq, the backward's third product (no gate, no intra-chunk part, no 1/denominator):
+//
+//     G_t = S_c(t) dN_t  (Dt features),   dq_t[16 I + a] += sum_b G_t[p, a, b] q_t[16 J + b],
+//                                         dq_t[16 J + b] += sum_a G_t[p, a, b] q_t[16 I + a]   for every pair p = (I, J)
+//
+// Program (query block of 128 rows, h): 2 warpgroups of 64 rows. G comes out of wgmma m64n64k16 with both operands in
+// shared memory: A = the block's dN rows (K-major, staged once), B = a quarter pair of S_c (64 features x 64 values,
+// K-major as stored), cp.async DQ_STAGES steps deep. After each quarter pair, its 64 x 64 G tile is contracted with q in
+// registers: lane q of a quad owns coordinates {2q, 2q+1, 2q+8, 2q+9} of every 16-block of its rows g, g + 8, so the J
+// side sums over the tile's 4 coordinates a locally and the I side sums over b across the quad (2 shuffles). The 40
+// quarter pairs are unrolled, so dq's 32 registers per thread are indexed statically. DQ_DOUBLE = 1 keeps two
+// accumulator tiles, so a quarter pair's products run while the one before is contracted.
+#ifndef DQ_DOUBLE
+#define DQ_DOUBLE 1
+#endif
+#ifndef DQ_MIN_BLOCKS                                 // programs per multiprocessor the registers are capped for
+#define DQ_MIN_BLOCKS 2
+#endif
+constexpr int DQ_STAGES = 4;
+constexpr int DQ_STEPS = 4 * NPAIRS;                  // quarter pairs: 4 coordinates a of block I x 16 of block J
+constexpr int DQ_QROW = D + 8;                        // staged q row (bf16), padded 16 bytes
+
+struct __align__(1024) DqShared {
+  bf16_t s[DQ_STAGES][64 * E];                        // feature row f at 128 f bytes, chunk j at j ^ (f % 8)
+  bf16_t dn[QROWS * E];                               // dN row r at 128 r bytes, swizzled the same way
+  bf16_t q[QROWS * DQ_QROW];
+};
+
+// d = A B + (accumulate ? d : 0), both from shared memory, K-major (no transpose)
+__device__ __forceinline__ void wgmma_ss_m64n64k16(float (&d)[32], u64 a_desc, u64 b_desc, int accumulate) {
+  asm volatile(
+      "{\n"
+      ".reg .pred accumulate;\n"
+      "setp.ne.b32 accumulate, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, accumulate, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(a_desc), "l"(b_desc), "r"(accumulate));
+}
+
+__device__ __forceinline__ void stage_quarter_pair(bf16_t* dst, const bf16_t* s_chunk, int step, int tid) {
+  const bf16_t* src = s_chunk + static_cast<long long>(step) * 64 * E;  // features [64 step, +64)
+#pragma unroll
+  for (int n = 0; n < 2; ++n) {
+    const int idx = tid + n * THREADS, f = idx / 8, j = idx % 8;
+    copy16(dst + f * E + (j ^ (f % 8)) * 8, src + f * E + j * 8, true);
+  }
+}
+
+__device__ __forceinline__ float bf16_at(const bf16_t* row, int col) {
+  return __uint_as_float(static_cast<u32>(row[col]) << 16);
+}
+
+// Contract one quarter pair's G tile (rows g, g + 8 of this warp; columns 8 j + 2q + {0, 1} = features 16 a + b with
+// a = 4 quarter + j / 2, b = 8 (j % 2) + 2q + {0, 1}) with q into dq.
+template <int STEP>
+__device__ __forceinline__ void contract(float (&dq)[2][16], const float (&gt)[32], const bf16_t* row_lo, int q) {
+  constexpr int pair = STEP / 4, quarter = STEP % 4;
+  constexpr int delta = pair / NB, blk_i = pair % NB, blk_j = (blk_i + delta) % NB;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const bf16_t* row = row_lo + r * 8 * DQ_QROW;
+    float qj[4], qi[4], ti[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      qj[k] = bf16_at(row, blk_j * BF + 2 * q + (k % 2) + 8 * (k / 2));  // b of slot k
+      qi[k] = bf16_at(row, blk_i * BF + 4 * quarter + k);               // a = 4 quarter + k
+      ti[k] = 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float v0 = gt[4 * j + 2 * r], v1 = gt[4 * j + 2 * r + 1];
+      const int a = j / 2, slot = 2 * (j % 2);            // b = 8 (j % 2) + 2q + {0, 1}: slots 2 (j % 2) + {0, 1}
+      dq[r][4 * blk_j + slot] += v0 * qi[a];
+      dq[r][4 * blk_j + slot + 1] += v1 * qi[a];
+      ti[a] += v0 * qj[slot] + v1 * qj[slot + 1];
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      ti[k] += __shfl_xor_sync(0xffffffffu, ti[k], 1);
+      ti[k] += __shfl_xor_sync(0xffffffffu, ti[k], 2);
+    }
+    // coordinate a = 4 quarter + k of block I belongs to lane (a % 8) / 2, slot (a % 2) + 2 (a / 8)
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int a = 4 * quarter + k;
+      if (q == (a % 8) / 2) dq[r][4 * blk_i + (a % 2) + 2 * (a / 8)] += ti[k];
+    }
+  }
+}
+
+template <int STEP>
+__device__ __forceinline__ void dq_step(DqShared& sm, const bf16_t* s_chunk, float (&gt)[2][32], float (&dq)[2][16],
+                                        const bf16_t* row_lo, u64 a_desc, u64 s_desc, int tid, int q) {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(DQ_STAGES - 3) : "memory");
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+  if (STEP + DQ_STAGES - 2 < DQ_STEPS) stage_quarter_pair(sm.s[(STEP + DQ_STAGES - 2) % DQ_STAGES], s_chunk, STEP + DQ_STAGES - 2, tid);
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+  float (&tile)[32] = gt[DQ_DOUBLE ? STEP % 2 : 0];
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+  const u64 b_desc = s_desc + (STEP % DQ_STAGES) * (64 * E * 2 / 16);  // the stage, in 16-byte units
+#pragma unroll
+  for (int s = 0; s < 4; ++s) wgmma_ss_m64n64k16(tile, a_desc + 2 * s, b_desc + 2 * s, s);
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+  if (DQ_DOUBLE && STEP > 0) {                        // contract the quarter pair before while this one runs
+    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+    contract<(STEP > 0 ? STEP - 1 : 0)>(dq, gt[(STEP + 1) % 2], row_lo, q);
+  }
+  if (!DQ_DOUBLE) {
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    contract<STEP>(dq, tile, row_lo, q);
+  }
+}
+
+template <int STEP>  // steps STEP .. DQ_STEPS - 1, unrolled (no standard library under NVRTC)
+__device__ __forceinline__ void dq_steps(DqShared& sm, const bf16_t* s_chunk, float (&gt)[2][32], float (&dq)[2][16],
+                                         const bf16_t* row_lo, u64 a_desc, u64 s_desc, int tid, int q) {
+  if constexpr (STEP < DQ_STEPS) {
+    dq_step<STEP>(sm, s_chunk, gt, dq, row_lo, a_desc, s_desc, tid, q);
+    dq_steps<STEP + 1>(sm, s_chunk, gt, dq, row_lo, a_desc, s_desc, tid, q);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, DQ_MIN_BLOCKS)
+dq_probe(const bf16_t* __restrict__ Q, const bf16_t* __restrict__ DN, const bf16_t* __restrict__ S,
+         float* __restrict__ DQ, int T, int n_chunks, int chunk) {
+  extern __shared__ unsigned char smem_raw[];   // DqShared + 1024 bytes to align it by hand
+  DqShared& sm = *reinterpret_cast<DqShared*>((reinterpret_cast<unsigned long long>(smem_raw) + 1023) & ~1023ull);
+  const int h = blockIdx.y, first_row = blockIdx.x * QROWS, c = first_row / chunk;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, group = warp / 4, w = warp % 4;
+  const int g = lane / 4, q = lane % 4;
+  const bf16_t* q_head = Q + static_cast<long long>(h) * T * D;
+  const bf16_t* dn_head = DN + static_cast<long long>(h) * T * E;
+  const bf16_t* s_chunk = S + (static_cast<long long>(h) * n_chunks + c) * DT * E;
+
+  for (int i = tid; i < QROWS * 8; i += THREADS) {  // the block's q and dN rows (zero past T); dN swizzled
+    const int r = i / 8, j = i % 8, row = first_row + r;
+    const long long at = static_cast<long long>(row < T ? row : 0);
+    copy16(sm.q + r * DQ_QROW + j * 8, q_head + at * D + j * 8, row < T);
+    copy16(sm.dn + r * E + (j ^ (r % 8)) * 8, dn_head + at * E + j * 8, row < T);
+  }
+#pragma unroll
+  for (int i = 0; i < DQ_STAGES - 2; ++i) {
+    stage_quarter_pair(sm.s[i], s_chunk, i, tid);
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+  }
+  float gt[2][32], dq[2][16];
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int i = 0; i < 16; ++i) dq[r][i] = 0.f;
+  const int r0 = 64 * group + 16 * w + g;             // this thread's rows r0, r0 + 8 of the block
+  const u64 a_desc = smem_descriptor(sm.dn + 64 * group * E, 16, 1024);  // + 2 per k16 slice (32 bytes)
+  const u64 s_desc = smem_descriptor(sm.s[0], 16, 1024);  // stage 0; + 2 per k16 slice (32 bytes)
+  dq_steps<0>(sm, s_chunk, gt, dq, sm.q + r0 * DQ_QROW, a_desc, s_desc, tid, q);
+  if (DQ_DOUBLE) {
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    contract<DQ_STEPS - 1>(dq, gt[(DQ_STEPS - 1) % 2], sm.q + r0 * DQ_QROW, q);
+  }
+  // dq[r][4 blk + k]: coordinate 16 blk + 2q + (k % 2) + 8 (k / 2) of row r0 + 8 r
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = first_row + r0 + 8 * r;
+    if (row >= T) continue;
+    float* out = DQ + (static_cast<long long>(h) * T + row) * D;
+#pragma unroll
+    for (int blk = 0; blk < NB; ++blk) {
+      *reinterpret_cast<float2*>(out + 16 * blk + 2 * q) = make_float2(dq[r][4 * blk], dq[r][4 * blk + 1]);
+      *reinterpret_cast<float2*>(out + 16 * blk + 2 * q + 8) = make_float2(dq[r][4 * blk + 2], dq[r][4 * blk + 3]);
+    }
+  }
+}
