@@ -337,6 +337,8 @@ def test_wgmma_state_kernels_name_what_they_need(arch, dtype, e, reason) -> None
     assert cuda_reverse.reverse_unsupported(served, "sm_90a") is None
     assert cuda_state.uses_wgmma(served, cuda_state.CONFIG, "sm_90a")
     assert not cuda_state.uses_wgmma(served, StateKernelConfig(), "sm_90a")  # mma.sync unless the config asks
+    huge = torch.empty(0, device="meta").as_strided((2, 1, 8, 64), (1 << 31, 512, 64, 1))
+    assert "32 bits" in cuda_reverse.reverse_unsupported(served, "sm_90a", huge)
 
 
 def _spec(dtype=torch.bfloat16, T=4096, d=64, e=64, chunk=512, deg=2):

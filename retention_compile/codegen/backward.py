@@ -255,7 +255,7 @@ def triton_backward(
         else:
             states = _chunk_states(forward_module, layout, k, common, extra, state_kernel)
         dq_args.update(S_ST=states["S_ST"], M_ST=states["M_ST"], state_slots=states["state_slots"])
-        reverse = _cuda_reverse_kernel(fwd, q) if state_kernel is not None else None
+        reverse = _cuda_reverse_kernel(fwd, q, grad_y) if state_kernel is not None else None
         dkv_args.update(_reverse_states(module, spec, q, rows, gate, sizes, n_chunks, segments, reverse_kernel=reverse))
 
     dq = torch.empty((B, Hq, Tq, d), dtype=q.dtype, device=q.device)
@@ -349,14 +349,14 @@ def chunked_warps(fwd: KernelSpec, state_terms: bool) -> int:
     return 4
 
 
-def _cuda_reverse_kernel(fwd: KernelSpec, q: torch.Tensor) -> Callable[[dict], dict] | None:
+def _cuda_reverse_kernel(fwd: KernelSpec, q: torch.Tensor, dy: torch.Tensor) -> Callable[[dict], dict] | None:
     """The CUDA reverse-state kernel's hook where it serves this call (bf16 on sm_90a, e a multiple of 64), else
     None. Taken where the forward's states came from the CUDA state kernel (``codegen`` "cuda", or "auto" where
     that kernel measured faster)."""
     from . import cuda_reverse, nvrtc
 
     arch = nvrtc.gpu_arch(q.device.index or 0) if q.is_cuda else None
-    if cuda_reverse.reverse_unsupported(fwd, arch) is not None:
+    if cuda_reverse.reverse_unsupported(fwd, arch, q, dy) is not None:
         return None
     return functools.partial(cuda_reverse.reverse_states, fwd, coordinate_state_terms(fwd))
 

@@ -28,6 +28,7 @@ from ..inspection import is_recording, record_kernel
 from ..sizes import size_hint
 from . import cuda_state, nvrtc
 from .cuda_state import (
+    INT32_MAX,
     WGMMA_BLOCK_E,
     WGMMA_BLOCK_S,
     WGMMA_STAGES,
@@ -44,8 +45,9 @@ TEMPLATE = "reverse_state_wgmma.cu.j2"
 KERNEL_NAME = "retention_reverse_state"
 
 
-def reverse_unsupported(fwd: KernelSpec, arch: str | None) -> str | None:
-    """None when the wgmma reverse-state kernel serves the chunked backward of ``fwd`` on cubin target ``arch``."""
+def reverse_unsupported(fwd: KernelSpec, arch: str | None, *rows: torch.Tensor) -> str | None:
+    """None when the wgmma reverse-state kernel serves the chunked backward of ``fwd`` on cubin target ``arch``, with
+    ``rows`` (q, dy) addressed by 32-bit strides."""
     if not (fwd.chunked and fwd.deg == 2 and fwd.block_feature == 16):
         return "not the chunked deg-2 path with 16-coordinate state tiles"
     if arch != "sm_90a":
@@ -54,6 +56,8 @@ def reverse_unsupported(fwd: KernelSpec, arch: str | None) -> str | None:
         return f"dtype {fwd.dtype} (the wgmma reverse-state kernel takes bfloat16)"
     if fwd.value_dim % WGMMA_BLOCK_E:
         return f"value dim e={fwd.value_dim} (the wgmma reverse-state kernel needs a multiple of {WGMMA_BLOCK_E})"
+    if any(abs(stride) > INT32_MAX for t in rows for stride in t.stride()):
+        return "strides beyond 32 bits"
     return None
 
 

@@ -45,7 +45,7 @@ WGMMA_THREADS = 256  # two warpgroups, 128 feature rows each
 KERNEL_NAME = "retention_chunk_state"
 MAX_BLOCK_E = 64  # value columns per program: the fp32 accumulators of 4 coordinates x 64 columns fill 128 registers
 _IO_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_INT32_MAX = (1 << 31) - 1
+INT32_MAX = (1 << 31) - 1
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def cuda_state_unsupported(spec: KernelSpec, k: torch.Tensor, v: torch.Tensor) -
         return f"dtype {k.dtype} (the CUDA state kernel takes bfloat16 and float16; float32 runs exact fp32 in Triton)"
     if spec.value_dim % 16:
         return f"value dim e={spec.value_dim} (the CUDA state kernel needs a multiple of 16)"
-    if max(abs(s) for s in (*k.stride(), *v.stride())) > _INT32_MAX:
+    if max(abs(s) for s in (*k.stride(), *v.stride())) > INT32_MAX:
         return "strides beyond 32 bits"
     try:
         nvrtc.compiler_id()
