@@ -52,12 +52,12 @@ def _state_cases() -> list[str]:
 
 def _wgmma_state_cases() -> list[str]:
     """wgmma chunk-state sources (sm_90a): gate, validity, non-causal, two value blocks, d = 32 and 128, and the
-    register caps for one or two programs per SM with 2 to 4 slices in flight."""
+    register caps for one or two programs per SM with 1, 2 or 4 slices in flight."""
     wgmma = dataclasses.replace(cuda_state.CONFIG, wgmma=True)
     cases = [  # (d, e, gated, valid, causal, chunk, config)
         (64, 64, True, False, True, 1024, wgmma),
         (64, 64, False, True, False, 256, dataclasses.replace(wgmma, wgmma_min_blocks=1, wgmma_in_flight=4)),
-        (128, 128, True, True, True, 512, dataclasses.replace(wgmma, wgmma_in_flight=3)),
+        (128, 128, True, True, True, 512, dataclasses.replace(wgmma, wgmma_in_flight=1)),
         (32, 64, False, False, True, 64, wgmma),
     ]
     sources = []
@@ -339,6 +339,19 @@ def test_wgmma_state_kernels_name_what_they_need(arch, dtype, e, reason) -> None
     assert not cuda_state.uses_wgmma(served, StateKernelConfig(), "sm_90a")  # mma.sync unless the config asks
     huge = torch.empty(0, device="meta").as_strided((2, 1, 8, 64), (1 << 31, 512, 64, 1))
     assert "32 bits" in cuda_reverse.reverse_unsupported(served, "sm_90a", huge)
+    # strided rows that dense_rows would copy: the copy's batch stride (32 x 2^19 x 128) is past 32 bits
+    copied = torch.empty(0, device="meta").as_strided((2, 32, 1 << 19, 128), (128, 256, 8192, 2))
+    assert "32 bits" in cuda_reverse.reverse_unsupported(served, "sm_90a", copied)
+
+
+def test_wgmma_state_kernels_fit_shared_memory() -> None:
+    """The reverse kernel keeps a chunk's row weights in shared memory, the gated forward a chunk's w_j: past the
+    opt-in limit they are not chosen (Triton's kernels, or mma.sync, serve instead) rather than failing to launch."""
+    k = torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)
+    assert cuda_reverse.reverse_unsupported(state_spec(k, k, 4096, True, True, False), "sm_90a") is None
+    assert "shared memory" in cuda_reverse.reverse_unsupported(state_spec(k, k, 16384, True, True, False), "sm_90a")
+    assert cuda_state.uses_wgmma(state_spec(k, k, 16384, True, False, False), cuda_state.CONFIG, "sm_90a")
+    assert not cuda_state.uses_wgmma(state_spec(k, k, 65536, True, True, False), cuda_state.CONFIG, "sm_90a")
 
 
 def _spec(dtype=torch.bfloat16, T=4096, d=64, e=64, chunk=512, deg=2):

@@ -387,18 +387,19 @@ def _reverse_states(
     slots = n_chunks if fwd.causal else 1
     state_dtype = torch.float32 if fwd.dtype == "float32" else torch.bfloat16
     d, e, dt = fwd.head_dim, fwd.value_dim, params["dt"]
-    r = torch.empty((heads, slots, dt, e), dtype=state_dtype, device=q.device)
-    p = torch.empty((heads, slots, d, d), dtype=torch.float32, device=q.device)
-    r_seg = torch.empty((heads, n_seg, dt, e), dtype=torch.float32, device=q.device)
-    p_seg = torch.empty((heads, n_seg, d, d), dtype=torch.float32, device=q.device)
-    buffers = {"R_ST": r, "P_ST": p, "R_SEG": r_seg, "P_SEG": p_seg}
     counts = {"state_slots": slots, "chunks_per_seg": per_segment, "n_seg": n_seg}
-    args = {**rows, **gate, **sizes, **buffers, **counts}
-    if reverse_kernel is not None:
-        buffers.update(reverse_kernel(args))
-        r, p, r_seg, p_seg = (buffers[name] for name in ("R_ST", "P_ST", "R_SEG", "P_SEG"))
+    if reverse_kernel is not None:  # it allocates its own buffers
+        buffers = reverse_kernel({**rows, **gate, **sizes, **counts})
     else:
+        buffers = {
+            "R_ST": torch.empty((heads, slots, dt, e), dtype=state_dtype, device=q.device),
+            "P_ST": torch.empty((heads, slots, d, d), dtype=torch.float32, device=q.device),
+            "R_SEG": torch.empty((heads, n_seg, dt, e), dtype=torch.float32, device=q.device),
+            "P_SEG": torch.empty((heads, n_seg, d, d), dtype=torch.float32, device=q.device),
+        }
+        args = {**rows, **gate, **sizes, **buffers, **counts}
         _launch(module.reverse_state_kernel, (programs, heads, n_seg), args, STATE_WARPS, REVERSE_STAGES)
+    r, p, r_seg, p_seg = (buffers[name] for name in ("R_ST", "P_ST", "R_SEG", "P_SEG"))
     if not fwd.causal:
         r, p = r_seg.sum(1, keepdim=True).to(state_dtype), p_seg.sum(1, keepdim=True)
     elif segments > 1:

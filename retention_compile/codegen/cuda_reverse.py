@@ -28,7 +28,7 @@ from ..inspection import is_recording, record_kernel
 from ..sizes import size_hint
 from . import cuda_state, nvrtc
 from .cuda_state import (
-    INT32_MAX,
+    HOPPER_SHARED_LIMIT,
     WGMMA_BLOCK_E,
     WGMMA_BLOCK_S,
     WGMMA_STAGES,
@@ -37,6 +37,7 @@ from .cuda_state import (
     dense_rows,
     load_with_shared_memory,
     state_spec,
+    strides_fit_32_bits,
     tiled_features,
 )
 from .triton_source import KernelSpec
@@ -47,7 +48,7 @@ KERNEL_NAME = "retention_reverse_state"
 
 def reverse_unsupported(fwd: KernelSpec, arch: str | None, *rows: torch.Tensor) -> str | None:
     """None when the wgmma reverse-state kernel serves the chunked backward of ``fwd`` on cubin target ``arch``, with
-    ``rows`` (q, dy) addressed by 32-bit strides."""
+    ``rows`` (q, dy) addressed by 32-bit strides, and its shared memory (which grows with the chunk) fits."""
     if not (fwd.chunked and fwd.deg == 2 and fwd.block_feature == 16):
         return "not the chunked deg-2 path with 16-coordinate state tiles"
     if arch != "sm_90a":
@@ -56,8 +57,10 @@ def reverse_unsupported(fwd: KernelSpec, arch: str | None, *rows: torch.Tensor) 
         return f"dtype {fwd.dtype} (the wgmma reverse-state kernel takes bfloat16)"
     if fwd.value_dim % WGMMA_BLOCK_E:
         return f"value dim e={fwd.value_dim} (the wgmma reverse-state kernel needs a multiple of {WGMMA_BLOCK_E})"
-    if any(abs(stride) > INT32_MAX for t in rows for stride in t.stride()):
+    if not strides_fit_32_bits(*rows):
         return "strides beyond 32 bits"
+    if (smem := smem_bytes(fwd.chunk_size)) > HOPPER_SHARED_LIMIT:
+        return f"chunk {fwd.chunk_size}: the row weights take {smem} bytes of shared memory (> {HOPPER_SHARED_LIMIT})"
     return None
 
 

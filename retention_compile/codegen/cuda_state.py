@@ -25,6 +25,7 @@ cores. On Hopper (sm_90a) with bfloat16 inputs and value blocks of 64 the produc
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -46,6 +47,7 @@ KERNEL_NAME = "retention_chunk_state"
 MAX_BLOCK_E = 64  # value columns per program: the fp32 accumulators of 4 coordinates x 64 columns fill 128 registers
 _IO_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 INT32_MAX = (1 << 31) - 1
+HOPPER_SHARED_LIMIT = 227 * 1024  # dynamic shared memory one program may opt in to on sm_90
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,8 @@ class StateKernelConfig:
     capped for (``__launch_bounds__``), and the copy buffers (loads issued ``stages - 1`` steps ahead). ``wgmma``:
     take the wgmma kernel instead where it applies (``uses_wgmma``), with registers capped for ``wgmma_min_blocks``
     programs per SM and ``wgmma_in_flight`` k16 slices' fragments held while their products run (more slices
-    overlap more, but past the register cap ptxas serializes the wgmma or spills); ``wgmma_reverse_in_flight`` the
-    same for the backward's reverse-state kernel (``cuda_reverse``)."""
+    overlap more, but past the register cap ptxas serializes the wgmma or spills; a divisor of a step's 4 slices);
+    ``wgmma_reverse_in_flight`` the same for the backward's reverse-state kernel (``cuda_reverse``)."""
 
     warps: int = 4
     block_s: int = 64
@@ -80,8 +82,10 @@ CONFIG = StateKernelConfig(warps=8, block_s=128, ks_unroll=4, min_blocks=2, stag
 
 def uses_wgmma(spec: KernelSpec, config: StateKernelConfig, arch: str | None) -> bool:
     """Whether the wgmma kernel serves ``spec`` on a GPU of cubin target ``arch`` (None: no GPU): Hopper's
-    ``sm_90a``, bfloat16 (float16 keeps mma.sync, which converts to bfloat16 in registers), e a multiple of 64."""
-    return config.wgmma and arch == "sm_90a" and spec.dtype == "bfloat16" and spec.value_dim % WGMMA_BLOCK_E == 0
+    ``sm_90a``, bfloat16 (float16 keeps mma.sync, which converts to bfloat16 in registers), e a multiple of 64, and
+    shared memory within the opt-in limit."""
+    wgmma = config.wgmma and arch == "sm_90a" and spec.dtype == "bfloat16" and spec.value_dim % WGMMA_BLOCK_E == 0
+    return wgmma and wgmma_smem_bytes(spec) <= HOPPER_SHARED_LIMIT  # gated: w_j of a chunk (C > 50k does not fit)
 
 
 def wgmma_smem_bytes(spec: KernelSpec) -> int:
@@ -125,7 +129,7 @@ def cuda_state_unsupported(spec: KernelSpec, k: torch.Tensor, v: torch.Tensor) -
         return f"dtype {k.dtype} (the CUDA state kernel takes bfloat16 and float16; float32 runs exact fp32 in Triton)"
     if spec.value_dim % 16:
         return f"value dim e={spec.value_dim} (the CUDA state kernel needs a multiple of 16)"
-    if max(abs(s) for s in (*k.stride(), *v.stride())) > INT32_MAX:
+    if not strides_fit_32_bits(k, v):
         return "strides beyond 32 bits"
     try:
         nvrtc.compiler_id()
@@ -227,6 +231,16 @@ def state_spec(k: torch.Tensor, v: torch.Tensor, chunk_size: int, causal: bool, 
         block_e=v.shape[-1],
         block_feature=16,
     )
+
+
+def strides_fit_32_bits(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels' ``int`` strides hold every stride of ``tensors``, and of the contiguous copies
+    ``dense_rows`` may make of them (a copy's strides are the products of its trailing sizes)."""
+    for t in tensors:
+        dense = [math.prod(t.shape[axis + 1 :]) for axis in range(t.dim())]
+        if any(abs(stride) > INT32_MAX for stride in (*t.stride(), *dense)):
+            return False
+    return True
 
 
 def dense_rows(t: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ CASES = [
     # a gate per query head
     ("wide_valid_noncausal", 1, 2, 2, 900, 2100, 128, 128, torch.bfloat16, 0, True, False, 256, 3, False),
     ("narrow_shifted_gated_gqa", 1, 3, 1, 501, 1500, 32, 64, torch.bfloat16, 3, False, True, 256, 2, False),
+    ("noncausal_gqa", 2, 4, 2, 700, 1300, 64, 64, torch.bfloat16, 0, False, False, 256, 3, False),
 ]
 
 
@@ -81,7 +82,7 @@ CONFIGS = [  # launch shapes besides the default, on one case: keys per step, pi
     StateKernelConfig(8, 128, 4, 2, stages=3),
     StateKernelConfig(4, 64, 1, 2, stages=3),
     StateKernelConfig(wgmma=True, wgmma_min_blocks=1, wgmma_in_flight=4),
-    StateKernelConfig(wgmma=True, wgmma_min_blocks=2, wgmma_in_flight=3),
+    StateKernelConfig(wgmma=True, wgmma_min_blocks=2, wgmma_in_flight=1),
 ]
 CONFIG_CASES = [(case, cuda_state.CONFIG) for case in CASES] + [(CASES[1], config) for config in CONFIGS]
 
