@@ -10,9 +10,11 @@ with the features built in registers as the wgmma A operand, exactly as the forw
 builds phi(k) (see the template). The backward runs it where the forward ran the CUDA state kernel (the
 ``codegen`` choice) and it applies:
 
-    reverse_unsupported(fwd, arch) -> None | reason       whether it serves a backward's shape class on ``arch``
-    reverse_states(spec, args) -> dict                     ``_reverse_states``' hook: the Triton kernel's arguments
-                                                           in, its four buffers out
+    reverse_unsupported(fwd, arch, q, dy) -> None | reason
+                                                           whether it serves a backward's shape class on ``arch``
+    reverse_states(fwd, coordinate_terms, args) -> dict    ``_reverse_states``' hook (bound to the call's forward
+                                                           spec): the Triton kernel's arguments in, its four
+                                                           buffers out
     torch.ops.retention_compile.cuda_reverse_states       the op (a custom op with a fake impl, so
                                                            ``torch.compile`` sees one opaque call)
 """
