@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -74,7 +73,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..gates import log_gate_grad, log_gate_grad_in_chunks
 from ..planning import Plan
 from ..reference import EPS
-from ..sizes import pow2_at_least, size_hint
+from ..sizes import contiguous_strides, pow2_at_least, size_hint
 from .forward import (
     SCAN_WARPS,
     StateLayout,
@@ -316,8 +315,7 @@ def _fits(states: tuple[torch.Tensor, torch.Tensor], layout: StateLayout) -> boo
     for tensor, shape, dtype in zip(states, layout.shapes(), dtypes):
         if tensor.dtype != dtype or tensor.dim() != len(shape):
             return False
-        dense = [math.prod(shape[axis + 1 :]) for axis in range(len(shape))]
-        pairs = [*zip(tensor.shape, shape), *zip(tensor.stride(), dense)]
+        pairs = [*zip(tensor.shape, shape), *zip(tensor.stride(), contiguous_strides(shape))]
         if not all(statically_known_true(have == want) for have, want in pairs):
             return False
     return True
@@ -361,6 +359,21 @@ def _cuda_reverse_kernel(fwd: KernelSpec, q: torch.Tensor, dy: torch.Tensor) -> 
     return functools.partial(cuda_reverse.reverse_states, fwd, coordinate_state_terms(fwd))
 
 
+def reverse_state_buffers(
+    like: torch.Tensor, heads, slots, n_seg, dims: tuple[int, int, int], state_dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The reverse-state buffers on ``like``'s device, ``dims = (Dt, d, e)``: ``R_ST`` (heads, slots, Dt, e) in
+    ``state_dtype``, ``P_ST`` (heads, slots, d, d) fp32 and the segment totals ``R_SEG``, ``P_SEG`` (heads, n_seg,
+    ..) fp32 (filled by ``reverse_state_kernel`` or the CUDA one)."""
+    dt, d, e = dims
+    return {
+        "R_ST": like.new_empty((heads, slots, dt, e), dtype=state_dtype),
+        "P_ST": like.new_empty((heads, slots, d, d), dtype=torch.float32),
+        "R_SEG": like.new_empty((heads, n_seg, dt, e), dtype=torch.float32),
+        "P_SEG": like.new_empty((heads, n_seg, d, d), dtype=torch.float32),
+    }
+
+
 def _reverse_states(
     module,
     spec: BackwardSpec,
@@ -391,12 +404,7 @@ def _reverse_states(
     if reverse_kernel is not None:  # it allocates its own buffers
         buffers = reverse_kernel({**rows, **gate, **sizes, **counts})
     else:
-        buffers = {
-            "R_ST": torch.empty((heads, slots, dt, e), dtype=state_dtype, device=q.device),
-            "P_ST": torch.empty((heads, slots, d, d), dtype=torch.float32, device=q.device),
-            "R_SEG": torch.empty((heads, n_seg, dt, e), dtype=torch.float32, device=q.device),
-            "P_SEG": torch.empty((heads, n_seg, d, d), dtype=torch.float32, device=q.device),
-        }
+        buffers = reverse_state_buffers(q, heads, slots, n_seg, (dt, d, e), state_dtype)
         args = {**rows, **gate, **sizes, **buffers, **counts}
         _launch(module.reverse_state_kernel, (programs, heads, n_seg), args, STATE_WARPS, REVERSE_STAGES)
     r, p, r_seg, p_seg = (buffers[name] for name in ("R_ST", "P_ST", "R_SEG", "P_SEG"))

@@ -29,6 +29,7 @@ import torch
 from ..inspection import is_recording, record_kernel
 from ..sizes import size_hint
 from . import cuda_state, nvrtc
+from .backward import reverse_state_buffers
 from .cuda_state import (
     HOPPER_SHARED_LIMIT,
     WGMMA_BLOCK_E,
@@ -100,15 +101,12 @@ def render_reverse_source(fwd: KernelSpec, coordinate_terms: bool, config: State
 
 
 def _allocate(q: torch.Tensor, dy: torch.Tensor, sizes: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    """``(R_ST, P_ST, R_SEG, P_SEG)`` for ``sizes`` (the op's), R_ST in bf16."""
     _, state_heads, slots, _, _, _, _, n_seg = sizes
-    heads, d, e = q.shape[0] * state_heads, q.shape[-1], dy.shape[-1]
-    dt = tiled_features(d)
-    return (
-        q.new_empty((heads, slots, dt, e), dtype=torch.bfloat16),
-        q.new_empty((heads, slots, d, d), dtype=torch.float32),
-        q.new_empty((heads, n_seg, dt, e), dtype=torch.float32),
-        q.new_empty((heads, n_seg, d, d), dtype=torch.float32),
-    )
+    d = q.shape[-1]
+    dims = (tiled_features(d), d, dy.shape[-1])
+    buffers = reverse_state_buffers(q, q.shape[0] * state_heads, slots, n_seg, dims, torch.bfloat16)
+    return tuple(buffers[name] for name in ("R_ST", "P_ST", "R_SEG", "P_SEG"))
 
 
 @torch.library.custom_op("retention_compile::cuda_reverse_states", mutates_args=())

@@ -25,7 +25,6 @@ cores. On Hopper (sm_90a) with bfloat16 inputs and value blocks of 64 the produc
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -33,7 +32,7 @@ from typing import NamedTuple
 import torch
 
 from ..inspection import is_recording, record_kernel
-from ..sizes import pow2_at_least, size_hint
+from ..sizes import contiguous_strides, pow2_at_least, size_hint
 from . import nvrtc
 from .triton_source import KernelSpec
 
@@ -237,8 +236,7 @@ def strides_fit_32_bits(*tensors: torch.Tensor) -> bool:
     """Whether the kernels' ``int`` strides hold every stride of ``tensors``, and of the contiguous copies
     ``dense_rows`` may make of them (a copy's strides are the products of its trailing sizes)."""
     for t in tensors:
-        dense = [math.prod(t.shape[axis + 1 :]) for axis in range(t.dim())]
-        if any(abs(stride) > INT32_MAX for stride in (*t.stride(), *dense)):
+        if any(abs(stride) > INT32_MAX for stride in (*t.stride(), *contiguous_strides(t.shape))):
             return False
     return True
 
