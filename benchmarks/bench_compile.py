@@ -1,7 +1,7 @@
 """First-call compile time of a 2-layer Llama-shaped model: ``backend="retention"`` against ``backend="inductor"``.
 
     python benchmarks/bench_compile.py [--device cpu|cuda] [--repeats 3] [--out benchmarks/results] [--profile]
-                                       [--commit SHA]
+                                       [--imports] [--commit SHA]
 
 The model is written here (no transformers): token embedding, two decoder layers of RMSNorm, rotary embeddings,
 grouped-query SDPA with ``is_causal=True`` (kv heads repeated as Llama does: expand + reshape) and a SwiGLU MLP,
@@ -20,6 +20,9 @@ both "warm" and "hot"). Each figure is the
 median of ``--repeats`` runs. The JSON (command, commit, versions, machine, every run) goes to ``--out``, rewritten
 after every run (``"complete": false`` until the last). ``--profile`` runs each child under cProfile (slower: compare
 such runs with each other only) and keeps its slowest functions by cumulative time, to attribute a gap.
+``--imports`` runs each child under ``python -X importtime`` and records, per repeat and warmth, the modules that
+only the retention child imported (with their own import seconds): where Python's sources have no cached bytecode,
+every such module is compiled in the timed region.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from torch import nn
 
 BARS = {"cold": 1.3, "warm": 1.1, "hot": 1.1}
 PROFILE_TOP = 40
+IMPORTS_TOP = 60
 
 
 @dataclass(frozen=True)
@@ -200,36 +204,75 @@ def slowest_functions(profiler: cProfile.Profile) -> dict[str, list[dict]]:
     return {"all": rows(ranked), "package": rows(package)}
 
 
-def run_child(backend: str, device: str, caches: dict[str, Path], profile: bool = False) -> dict:
-    """One measurement in a fresh interpreter with the given cache directories."""
+def run_child(backend: str, device: str, caches: dict[str, Path], profile: bool = False, imports: bool = False) -> dict:
+    """One measurement in a fresh interpreter with the given cache directories. ``imports`` adds the child's
+    imported modules (``"imported"``: name -> own import seconds, from ``-X importtime``)."""
     env = {**os.environ, **{name: str(path) for name, path in caches.items()}}
-    cmd = [sys.executable, __file__, "--child", backend, "--device", device] + (["--profile"] if profile else [])
+    cmd = [sys.executable, *(["-X", "importtime"] if imports else []), __file__, "--child", backend, "--device", device]
+    cmd += ["--profile"] if profile else []
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{backend} on {device} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if imports:
+        result["imported"] = imported_modules(done.stderr)
+    return result
 
 
-def bench(device: str, repeats: int, profile: bool, save: Callable[[dict], None]) -> dict:
+def imported_modules(importtime_log: str) -> dict[str, float]:
+    """Module name -> its own import seconds, from the lines ``import time: self [us] | cumulative | name``."""
+    modules = {}
+    for line in importtime_log.splitlines():
+        fields = line.removeprefix("import time:").split("|")
+        if line.startswith("import time:") and len(fields) == 3 and fields[0].strip().isdigit():
+            modules[fields[2].strip()] = int(fields[0]) / 1e6
+    return modules
+
+
+def retention_only_imports(retention: dict[str, float], inductor: dict[str, float]) -> dict:
+    """The modules a retention child imported and the inductor child of the same warmth did not: their total own
+    import seconds and the ``IMPORTS_TOP`` slowest."""
+    extra = sorted(((name, s) for name, s in retention.items() if name not in inductor), key=lambda item: -item[1])
+    return {
+        "modules": len(extra),
+        "seconds": round(sum(s for _, s in extra), 3),
+        "slowest": {name: round(s, 4) for name, s in extra[:IMPORTS_TOP]},
+    }
+
+
+def bench(device: str, repeats: int, profile: bool, save: Callable[[dict], None], imports: bool = False) -> dict:
     """Cold and warm runs of both backends, ``repeats`` times each, alternating backends; ``save`` receives the
-    runs so far after each one (a run cut short keeps them)."""
+    runs so far after each one (a run cut short keeps them). ``imports`` adds ``retention_only_imports`` per
+    repeat and warmth."""
     runs: dict[str, list[dict]] = {f"{b}_{w}": [] for b in ("inductor", "retention") for w in BARS}
+    extra_imports: dict[str, list[dict]] = {warmth: [] for warmth in BARS}
     for _ in range(repeats):
+        imported: dict[str, dict[str, float]] = {}
         for backend in ("inductor", "retention"):
             with tempfile.TemporaryDirectory(prefix="bench_compile_") as tmp:
                 kernels = {"TRITON_CACHE_DIR": Path(tmp, "triton"), "RETENTION_COMPILE_CACHE": Path(tmp, "retention")}
                 for warmth in BARS:
                     inductor_cache = Path(tmp, "inductor_cold" if warmth == "hot" else f"inductor_{warmth}")
                     caches = {**kernels, "TORCHINDUCTOR_CACHE_DIR": inductor_cache}
-                    result = run_child(backend, device, caches, profile)
+                    result = run_child(backend, device, caches, profile, imports)
+                    if imports:
+                        imported[f"{backend}_{warmth}"] = result.pop("imported")
+                        if backend == "retention":
+                            diff = retention_only_imports(
+                                imported[f"retention_{warmth}"], imported[f"inductor_{warmth}"]
+                            )
+                            extra_imports[warmth].append(diff)
+                            print(f"  only retention imported {diff['modules']} modules, {diff['seconds']:.2f} s")
                     runs[f"{backend}_{warmth}"].append(result)
                     print(f"{device} {backend:9} {warmth}: {result['seconds']:.2f} s", flush=True)
-                    save({"shape": asdict(SHAPES[device]), "runs": runs, "complete": False})
+                    partial = {"shape": asdict(SHAPES[device]), "runs": runs, "complete": False}
+                    save({**partial, **({"retention_only_imports": extra_imports} if imports else {})})
     median = {name: statistics.median(r["seconds"] for r in results) for name, results in runs.items()}
     ratios = {warmth: median[f"retention_{warmth}"] / median[f"inductor_{warmth}"] for warmth in BARS}
     return {
         "shape": asdict(SHAPES[device]),
         "runs": runs,
+        **({"retention_only_imports": extra_imports} if imports else {}),
         "complete": True,
         "median_seconds": median,
         "ratios": ratios,
@@ -257,6 +300,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--profile", action="store_true", help="cProfile every child; keep its slowest functions")
+    parser.add_argument("--imports", action="store_true", help="record the modules only retention's children import")
     parser.add_argument("--commit", default=None, help="commit of the code (where the tree's git metadata is stale)")
     parser.add_argument("--child", choices=["inductor", "retention"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -278,7 +322,7 @@ def main() -> None:
     def save(result: dict) -> None:
         path.write_text(json.dumps({**header, **result}, indent=2) + "\n")
 
-    result = bench(args.device, args.repeats, args.profile, save)
+    result = bench(args.device, args.repeats, args.profile, save, args.imports)
     save(result)
     for warmth, ratio in result["ratios"].items():
         verdict = "meets" if result["meets_bars"][warmth] else "MISSES"
