@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from retention_compile.codegen import choice, cuda_reverse, cuda_state, nvrtc
+from retention_compile.codegen import choice, cuda_dkv_state, cuda_reverse, cuda_state, nvrtc
 from retention_compile.codegen.cuda_state import StateKernelConfig, cuda_state_unsupported, state_spec
 from retention_compile.codegen.forward import kernel_spec
 from retention_compile.decode import (
@@ -86,13 +86,33 @@ def _wgmma_reverse_cases() -> list[str]:
     return sources
 
 
+def _wgmma_dkv_state_cases() -> list[str]:
+    """wgmma dk/dv state-term sources (sm_90a): ungated, gated with validity and coordinate terms, non-causal,
+    d = 32."""
+    cases = [  # (d, gated, valid, causal, chunk, coordinate terms)
+        (64, False, False, True, 1024, False),
+        (64, True, True, True, 512, True),
+        (64, False, True, False, 256, False),
+        (32, True, False, True, 256, True),
+    ]
+    sources = []
+    for d, gated, valid, causal, chunk, coordinate_terms in cases:
+        k, v = torch.empty(1, 1, 1, d, dtype=torch.bfloat16), torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)
+        fwd = state_spec(k, v, chunk, causal, gated, valid)
+        assert cuda_dkv_state.dkv_state_unsupported(fwd, "sm_90a") is None
+        sources.append(cuda_dkv_state.render_dkv_state_source(fwd, coordinate_terms))
+    return sources
+
+
 RENDERERS = {
+    "dkv_state_wgmma.cu.j2": _wgmma_dkv_state_cases,
     "decode_step.cu.j2": _decode_cases,
     "chunk_state.cu.j2": _state_cases,
     "chunk_state_wgmma.cu.j2": _wgmma_state_cases,
     "reverse_state_wgmma.cu.j2": _wgmma_reverse_cases,
 }
 ARCHS = {  # the others: sm_80, sm_90a, compute_90
+    "dkv_state_wgmma.cu.j2": ("sm_90a", "compute_90a"),
     "chunk_state_wgmma.cu.j2": ("sm_90a", "compute_90a"),
     "reverse_state_wgmma.cu.j2": ("sm_90a", "compute_90a"),
 }
@@ -114,6 +134,14 @@ PTX_MARKERS = {  # what each template's PTX must contain: its kernels and the in
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16",  # the state product, A from registers
         "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16",  # the normaliser (times a block of ones)
         "mul.rn.bf16x2",  # the features, rounded once
+        "cp.async.cg.shared.global",
+    ),
+    "dkv_state_wgmma.cu.j2": (
+        ".entry retention_dkv_state_dv",
+        ".entry retention_dkv_state_dk",
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16",  # both products
+        "mul.rn.bf16x2",  # phi(k), rounded once
+        "shfl.sync.bfly.b32",  # block I's sums over b across the quad
         "cp.async.cg.shared.global",
     ),
     "reverse_state_wgmma.cu.j2": (
@@ -313,6 +341,44 @@ def test_reverse_state_op_fake_shapes() -> None:
         assert (r_seg.shape, p_seg.shape) == ((6, 2, 2560, 128), (6, 2, 64, 64))
 
 
+def test_dkv_state_op_fake_updates_in_place() -> None:
+    """The dk/dv state-term op mutates its three gradient buffers and returns nothing: under fake tensors it traces
+    as one call with the buffers' shapes untouched."""
+    op = torch.ops.retention_compile.cuda_dkv_state
+    with FakeTensorMode():
+        k, v = _fake_cuda(2, 2, 300, 64), _fake_cuda(2, 2, 300, 64)
+        r, p = _fake_cuda(4, 3, 2560, 64), _fake_cuda(4, 3, 64, 64, dtype=torch.float32)
+        dk, dv = _fake_cuda(2, 2, 300, 64, dtype=torch.float32), _fake_cuda(2, 2, 300, 64, dtype=torch.float32)
+        kterm = _fake_cuda(2, 2, 300, dtype=torch.float32)
+        g = _fake_cuda(2, 2, 300, dtype=torch.float32)
+        sizes = [4, 2, 2, 3, 84, 300]  # Hq, group, state_heads, state_slots, shift, Tk
+        assert op(k, v, r, p, g, None, dk, dv, kterm, sizes, 128, True, True) is None
+        assert dk.shape == (2, 2, 300, 64) and kterm.shape == (2, 2, 300)
+    schema = op.default._schema
+    assert [a.name for a in schema.arguments if a.is_write] == ["dk", "dv", "kterm"]
+
+
+@pytest.mark.parametrize(
+    ("d", "e", "chunk", "arch", "reason"),
+    [
+        (128, 64, 256, "sm_90a", "d=128"),
+        (64, 128, 256, "sm_90a", "e=128"),
+        (64, 64, 64, "sm_90a", "chunk 64"),
+        (64, 64, 256, "sm_80", "sm_90a"),
+    ],
+)
+def test_dkv_state_kernels_name_what_they_need(d, e, chunk, arch, reason) -> None:
+    """The wgmma dk/dv state terms take bf16 with e = 64, d in {32, 64} and chunks of whole 128-key blocks on sm_90a;
+    elsewhere Triton's dkv_state_kernel serves, with the reason named."""
+    k, v = torch.empty(1, 1, 1, d, dtype=torch.bfloat16), torch.empty(1, 1, 1, e, dtype=torch.bfloat16)
+    assert reason in cuda_dkv_state.dkv_state_unsupported(state_spec(k, v, chunk, True, False, False), arch)
+    k = torch.empty(1, 1, 1, 32, dtype=torch.bfloat16)
+    v = torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)
+    assert cuda_dkv_state.dkv_state_unsupported(state_spec(k, v, 128, True, True, True), "sm_90a") is None
+    huge = torch.empty(0, device="meta").as_strided((2, 1, 8, 64), (1 << 31, 512, 64, 1))
+    assert "32 bits" in cuda_dkv_state.dkv_state_unsupported(state_spec(k, v, 128, True, True, True), "sm_90a", huge)
+
+
 def _state_spec_of(dtype: torch.dtype, e: int):
     k, v = torch.empty(1, 1, 1, 64, dtype=dtype), torch.empty(1, 1, 1, e, dtype=dtype)
     return state_spec(k, v, 256, True, False, False)
@@ -418,3 +484,17 @@ def test_wgmma_state_probe_compiles() -> None:
     assert nvrtc.compile_source(source, "sm_90a")[:4] == b"\x7fELF"
     ptx = nvrtc.compile_source(source, "compute_90a").decode()
     assert "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16" in ptx and "wgmma.wait_group.sync.aligned" in ptx
+
+
+def test_dense_rows_copies_misaligned_rows() -> None:
+    """The CUDA kernels copy rows 16 bytes at a time: a contiguous view at an odd offset gets a fresh aligned copy;
+    aligned rows pass through unchanged."""
+    from retention_compile.codegen.cuda_state import dense_rows
+
+    storage = torch.randn(1 + 4 * 64).to(torch.bfloat16)
+    shifted = storage[1:].view(1, 4, 64)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16 != 0
+    copy = dense_rows(shifted)
+    assert copy.data_ptr() % 16 == 0 and torch.equal(copy, shifted)
+    aligned = torch.randn(1, 4, 64).to(torch.bfloat16)
+    assert dense_rows(aligned) is aligned

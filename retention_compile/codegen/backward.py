@@ -43,7 +43,9 @@ chunked     the same two kernels restricted to the rows' / keys' own chunk, plus
             ``dkv_state_kernel`` adds them to the float32 dk, dv (and key term) that ``dkv_kernel`` stored (split
             so each part could be checked alone on the H200: the bf16 fault was the P term's wgmma dot, now an
             fp32 FMA dot). It walks the pair tiles, or for gated 16-bit tiles with d <= 64 the coordinates
-            (``coordinate_state_terms``). ``boundary_kernel`` (gated; grid: chunks x B*Hs) sums the forward and
+            (``coordinate_state_terms``). Where the forward ran the CUDA state kernel, the reverse states and these
+            terms run on wgmma instead where those kernels serve (``cuda_reverse``; ``cuda_dkv_state``: bf16 on
+            sm_90a, e = 64, d in {32, 64}). ``boundary_kernel`` (gated; grid: chunks x B*Hs) sums the forward and
             reverse states into d log_gate at each chunk start. phi(q) and phi(k) are built in registers, never in
             global memory.
 
@@ -254,7 +256,12 @@ def triton_backward(
         else:
             states = _chunk_states(forward_module, layout, k, common, extra, state_kernel)
         dq_args.update(S_ST=states["S_ST"], M_ST=states["M_ST"], state_slots=states["state_slots"])
-        reverse = _cuda_reverse_kernel(fwd, q, grad_y) if state_kernel is not None else None
+        reverse = state_terms = None
+        if state_kernel is not None:  # the forward ran the CUDA state kernel: so do the backward's, where they serve
+            from . import cuda_dkv_state, cuda_reverse
+
+            reverse = _cuda_hook(fwd, cuda_reverse.reverse_unsupported, cuda_reverse.reverse_states, q, grad_y)
+            state_terms = _cuda_hook(fwd, cuda_dkv_state.dkv_state_unsupported, cuda_dkv_state.add_state_terms, k, v)
         dkv_args.update(_reverse_states(module, spec, q, rows, gate, sizes, n_chunks, segments, reverse_kernel=reverse))
 
     dq = torch.empty((B, Hq, Tq, d), dtype=q.dtype, device=q.device)
@@ -271,7 +278,7 @@ def triton_backward(
     grid = (_cdiv(Tk + shift, spec.block_k), B * state_heads)
     _launch(module.dkv_kernel, grid, {**dkv_args, **outputs}, warps, STAGES)
     if fwd.chunked:
-        _launch(module.dkv_state_kernel, grid, {**dkv_args, **outputs}, chunked_warps(fwd, state_terms=True), STAGES)
+        _dkv_state_terms(module, fwd, grid, {**dkv_args, **outputs}, state_terms=state_terms)
     if per_head:
         dk, dv = dk.unflatten(1, (Hk, -1)).sum(2), dv.unflatten(1, (Hk, -1)).sum(2)
     dg = None
@@ -347,16 +354,26 @@ def chunked_warps(fwd: KernelSpec, state_terms: bool) -> int:
     return 4
 
 
-def _cuda_reverse_kernel(fwd: KernelSpec, q: torch.Tensor, dy: torch.Tensor) -> Callable[[dict], dict] | None:
-    """The CUDA reverse-state kernel's hook where it serves this call (bf16 on sm_90a, e a multiple of 64), else
-    None. Taken where the forward's states came from the CUDA state kernel (``codegen`` "cuda", or "auto" where
-    that kernel measured faster)."""
-    from . import cuda_reverse, nvrtc
+def _cuda_hook(fwd: KernelSpec, unsupported: Callable[..., str | None], hook: Callable, *rows: torch.Tensor):
+    """``hook`` bound to ``fwd`` and its ``coordinate_state_terms`` where the CUDA kernel behind it serves this call
+    (``unsupported(fwd, arch, *rows)`` is None on the rows' GPU target), else None."""
+    from . import nvrtc
 
-    arch = nvrtc.gpu_arch(q.device.index or 0) if q.is_cuda else None
-    if cuda_reverse.reverse_unsupported(fwd, arch, q, dy) is not None:
+    arch = nvrtc.gpu_arch(rows[0].device.index or 0) if rows[0].is_cuda else None
+    if unsupported(fwd, arch, *rows) is not None:
         return None
-    return functools.partial(cuda_reverse.reverse_states, fwd, coordinate_state_terms(fwd))
+    return functools.partial(hook, fwd, coordinate_state_terms(fwd))
+
+
+def _dkv_state_terms(
+    module, fwd: KernelSpec, grid, args: dict, state_terms: Callable[[dict], None] | None = None
+) -> None:
+    """Add the inter-chunk terms of dk, dv (and the key term) to the buffers ``dkv_kernel`` filled: the CUDA kernels
+    (``state_terms``, ``cuda_dkv_state``: bf16 on sm_90a with e = 64) where given, else ``dkv_state_kernel``."""
+    if state_terms is not None:
+        state_terms(args)
+    else:
+        _launch(module.dkv_state_kernel, grid, args, chunked_warps(fwd, state_terms=True), STAGES)
 
 
 def reverse_state_buffers(

@@ -242,9 +242,12 @@ def strides_fit_32_bits(*tensors: torch.Tensor) -> bool:
 
 
 def dense_rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` if its last dim is contiguous and its rows 16-byte aligned, else a contiguous copy."""
+    """``t`` if its last dim is contiguous and its rows 16-byte aligned, else a contiguous copy (a fresh one: a
+    contiguous view at an odd storage offset is its own ``contiguous()``, and cp.async would fault on it)."""
     rows = all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
-    return t if t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and rows else t.contiguous()
+    if t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and rows:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("retention_compile::cuda_chunk_states", mutates_args=())

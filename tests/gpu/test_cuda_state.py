@@ -235,3 +235,37 @@ def test_reverse_buffers_match_the_triton_reverse_state_kernel(case: tuple, monk
         ref, got = seen["triton"][name], seen["cuda"][name]
         assert got.shape == ref.shape and got.dtype == ref.dtype, name
         assert _rel(got, ref) < 1e-2, f"{name}: {_rel(got, ref):.2e}"
+
+
+DKV_CASES = [c for c in CASES if c[8] == torch.bfloat16 and c[7] == 64 and c[6] in (32, 64)]
+
+
+@pytest.mark.parametrize("case", DKV_CASES, ids=[c[0] for c in DKV_CASES])
+def test_dkv_state_terms_match_the_triton_kernel(case: tuple, monkeypatch) -> None:
+    """The CUDA (wgmma) dk/dv state-term kernels against Triton's ``dkv_state_kernel`` on the same arguments: what
+    each adds to dk, dv (and the key term) agrees, and the backward took the CUDA kernels."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma dk/dv state kernels need sm_90a")
+    x = _inputs(case, seed=4)
+    q, k, v, kw = x["q"], x["k"], x["v"], x["kwargs"]
+    grad_y = torch.randn(q.shape[:3] + (v.shape[-1],), device=DEVICE).to(q.dtype)
+    y, den = _forward(x, chunk_states)
+    original = backward._dkv_state_terms
+    added: dict[str, dict[str, torch.Tensor]] = {}
+
+    def both(module, fwd, grid, args, state_terms=None):
+        assert state_terms is not None, "the backward did not take the CUDA dk/dv state kernels"
+        names = [n for n in ("DK", "DV", "KTERM") if n in args]
+        start = {n: args[n].clone() for n in names}
+        for name, hook in (("triton", None), ("cuda", state_terms)):
+            for n in names:
+                args[n].copy_(start[n])
+            original(module, fwd, grid, args, state_terms=hook)
+            added[name] = {n: args[n] - start[n] for n in names}
+
+    monkeypatch.setattr(backward, "_dkv_state_terms", both)
+    backward.triton_backward(grad_y, q, k, v, y, den, **kw, segments=x["segments"], state_kernel=chunk_states)
+    assert set(added["cuda"]) == ({"DK", "DV", "KTERM"} if kw["log_gate"] is not None else {"DK", "DV"})
+    for name, ref in added["triton"].items():
+        assert ref.abs().max() > 0, f"{name}: no inter-chunk term to compare"
+        assert _rel(added["cuda"][name], ref) < 1e-2, f"{name}: {_rel(added['cuda'][name], ref):.2e}"
