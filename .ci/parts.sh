@@ -2,7 +2,9 @@
 #
 #   part NAME LIMIT_S COMMAND...   runs COMMAND with stdout/stderr in $parts_dir/NAME.log; at LIMIT_S the whole
 #                                  process group is ended (pytest-xdist workers included), so nothing it started
-#                                  outlives it; appends "NAME rc=.. ..s <last result line>" to $summary
+#                                  outlives it; appends "NAME rc=.. ..s <last result line>" to $summary, and
+#                                  where it failed, its first pytest error line ("E ...", which names a failing
+#                                  fuzz case), so the summary alone says what to replay
 # Callers set parts_dir and summary first. PARTS (an extended regex, e.g. "fuzz-6|backward") runs only the parts
 # whose whole name matches it.
 
@@ -24,6 +26,10 @@ part() {
     kill "$dog" 2> /dev/null
     last=$(grep -E "passed|failed|error|skipped|Error|wrote" "$parts_dir/$name.log" | tail -1)
     echo "$name rc=$rc $(( $(date +%s) - start ))s ${last}" >> "$summary"
+    if (( rc != 0 )); then
+        { grep -m1 -E "^E +case [0-9]+" "$parts_dir/$name.log" || grep -m1 -E "^E +[A-Za-z.]*Error" "$parts_dir/$name.log"; } |
+            cut -c1-400 | sed "s/^/    $name: /" >> "$summary"
+    fi
 }
 
 # Append every part log, with a header each, to the file $1 and remove the logs.
