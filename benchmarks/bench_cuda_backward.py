@@ -8,11 +8,15 @@ Shape: b=1, h=8, d=e=64, deg 2, bf16, causal, T=65536 (``--T``), gated and ungat
                 ||R_triton|| (and P), after the scan.
     dkv_state   ``_dkv_state_terms`` (the inter-chunk terms of dk and dv): Triton's ``dkv_state_kernel`` and the
                 CUDA dv and dk kernels. Agreement: of the increments each adds to DK, DV (and KTERM, gated).
+    dq_state    the whole ``triton_backward`` with dq's state terms in Triton's ``dq_kernel`` and with them on the
+                CUDA kernel after a ``dq_kernel`` without them (``StateKernelConfig.wgmma_dq``). Agreement: of
+                the gradients (dq, dk, dv), the one against the other.
 
 The arguments are those ``triton_backward`` passes (captured from one call with the CUDA state kernel). Timed:
 ``LAUNCHES`` back-to-back calls between two CUDA events, median over ``ROUNDS`` rounds.
 
-    python benchmarks/bench_cuda_backward.py [--T 65536] [--stages reverse dkv_state] [--out DIR] [--commit SHA]
+    python benchmarks/bench_cuda_backward.py [--T 65536] [--stages reverse dkv_state dq_state] [--out DIR]
+                                             [--commit SHA]
 
 Writes ``cuda_<stage>_<gpu>_<date>_<commit>.json`` (the commit shortened to 7 characters) under ``--out``
 (default ``benchmarks/results``).
@@ -21,6 +25,7 @@ Writes ``cuda_<stage>_<gpu>_<date>_<commit>.json`` (the commit shortened to 7 ch
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -114,7 +119,33 @@ def dkv_state_case(T: int, gated: bool) -> dict:
     return out
 
 
-CASES = {"reverse": reverse_case, "dkv_state": dkv_state_case}
+def dq_state_case(T: int, gated: bool) -> dict:
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    gate = -0.02 * torch.rand(B, H, T, device="cuda") if gated else None
+    plan = resolve_plan(q, k, v, 2, gated, 0)
+    options = {"scale": D**-0.5, "deg": 2, "log_gate": gate, "causal": True, "valid": None, "plan": plan}
+    y, den = triton_forward(q, k, v, **options, state_kernel=chunk_states)
+    grad_y = torch.randn_like(v)
+    default = cuda_state.CONFIG
+    out: dict = {"T": T, "gated": gated, "ms": {}}
+    grads = {}
+    try:
+        for name, on in (("triton dq_kernel", False), ("cuda dq state", True)):
+            cuda_state.CONFIG = dataclasses.replace(default, wgmma_dq=on)
+
+            def step():
+                return backward.triton_backward(grad_y, q, k, v, y, den, **options, state_kernel=chunk_states)
+
+            grads[name] = step()
+            out["ms"][name] = median_ms(step, ROUNDS, LAUNCHES)
+    finally:
+        cuda_state.CONFIG = default
+    (a, b) = grads.values()
+    out["rel_diff"] = {"cuda vs triton": {g: _rel(x, y) for g, x, y in zip("qkv", b[:3], a[:3])}}
+    return out
+
+
+CASES = {"reverse": reverse_case, "dkv_state": dkv_state_case, "dq_state": dq_state_case}
 
 
 def main() -> None:

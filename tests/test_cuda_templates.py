@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from retention_compile.codegen import choice, cuda_dkv_state, cuda_reverse, cuda_state, nvrtc
+from retention_compile.codegen import choice, cuda_reverse, cuda_state, cuda_state_terms, nvrtc
 from retention_compile.codegen.cuda_state import StateKernelConfig, cuda_state_unsupported, state_spec
 from retention_compile.codegen.forward import kernel_spec
 from retention_compile.decode import (
@@ -86,8 +86,8 @@ def _wgmma_reverse_cases() -> list[str]:
     return sources
 
 
-def _wgmma_dkv_state_cases() -> list[str]:
-    """wgmma dk/dv state-term sources (sm_90a): ungated, gated with validity and coordinate terms, non-causal,
+def _wgmma_state_terms_cases() -> list[str]:
+    """wgmma state-term sources (dv, dk, dq) (sm_90a): ungated, gated with validity and coordinate terms, non-causal,
     d = 32."""
     cases = [  # (d, gated, valid, causal, chunk, coordinate terms)
         (64, False, False, True, 1024, False),
@@ -99,20 +99,20 @@ def _wgmma_dkv_state_cases() -> list[str]:
     for d, gated, valid, causal, chunk, coordinate_terms in cases:
         k, v = torch.empty(1, 1, 1, d, dtype=torch.bfloat16), torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)
         fwd = state_spec(k, v, chunk, causal, gated, valid)
-        assert cuda_dkv_state.dkv_state_unsupported(fwd, "sm_90a") is None
-        sources.append(cuda_dkv_state.render_dkv_state_source(fwd, coordinate_terms))
+        assert cuda_state_terms.state_terms_unsupported(fwd, "sm_90a") is None
+        sources.append(cuda_state_terms.render_state_terms_source(fwd, coordinate_terms))
     return sources
 
 
 RENDERERS = {
-    "dkv_state_wgmma.cu.j2": _wgmma_dkv_state_cases,
+    "state_terms_wgmma.cu.j2": _wgmma_state_terms_cases,
     "decode_step.cu.j2": _decode_cases,
     "chunk_state.cu.j2": _state_cases,
     "chunk_state_wgmma.cu.j2": _wgmma_state_cases,
     "reverse_state_wgmma.cu.j2": _wgmma_reverse_cases,
 }
 ARCHS = {  # the others: sm_80, sm_90a, compute_90
-    "dkv_state_wgmma.cu.j2": ("sm_90a", "compute_90a"),
+    "state_terms_wgmma.cu.j2": ("sm_90a", "compute_90a"),
     "chunk_state_wgmma.cu.j2": ("sm_90a", "compute_90a"),
     "reverse_state_wgmma.cu.j2": ("sm_90a", "compute_90a"),
 }
@@ -136,9 +136,10 @@ PTX_MARKERS = {  # what each template's PTX must contain: its kernels and the in
         "mul.rn.bf16x2",  # the features, rounded once
         "cp.async.cg.shared.global",
     ),
-    "dkv_state_wgmma.cu.j2": (
+    "state_terms_wgmma.cu.j2": (
         ".entry retention_dkv_state_dv",
         ".entry retention_dkv_state_dk",
+        ".entry retention_dq_state",
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16",  # both products
         "mul.rn.bf16x2",  # phi(k), rounded once
         "shfl.sync.bfly.b32",  # block I's sums over b across the quad
@@ -358,6 +359,20 @@ def test_dkv_state_op_fake_updates_in_place() -> None:
     assert [a.name for a in schema.arguments if a.is_write] == ["dk", "dv", "kterm"]
 
 
+def test_dq_state_op_fake_updates_in_place() -> None:
+    """The dq state-term op mutates dq alone and returns nothing."""
+    op = torch.ops.retention_compile.cuda_dq_state
+    with FakeTensorMode():
+        q, dy = _fake_cuda(2, 4, 300, 64), _fake_cuda(2, 4, 300, 64)
+        den, dz = _fake_cuda(2, 4, 300, dtype=torch.float32), _fake_cuda(2, 4, 300, dtype=torch.float32)
+        s, m = _fake_cuda(4, 3, 2560, 64), _fake_cuda(4, 3, 64, 64, dtype=torch.float32)
+        dq = _fake_cuda(2, 4, 300, 64, dtype=torch.float32)
+        sizes = [4, 2, 3, 84, 300, 300]  # Hq, state_heads, state_slots, shift, Tq, Tk
+        assert op(q, dy, den, dz, s, m, None, dq, sizes, 128, True, False, False, 0.125) is None
+    schema = op.default._schema
+    assert [a.name for a in schema.arguments if a.is_write] == ["dq"]
+
+
 @pytest.mark.parametrize(
     ("d", "e", "chunk", "arch", "reason"),
     [
@@ -367,16 +382,17 @@ def test_dkv_state_op_fake_updates_in_place() -> None:
         (64, 64, 256, "sm_80", "sm_90a"),
     ],
 )
-def test_dkv_state_kernels_name_what_they_need(d, e, chunk, arch, reason) -> None:
-    """The wgmma dk/dv state terms take bf16 with e = 64, d in {32, 64} and chunks of whole 128-key blocks on sm_90a;
+def test_state_term_kernels_name_what_they_need(d, e, chunk, arch, reason) -> None:
+    """The wgmma state terms take bf16 with e = 64, d in {32, 64} and chunks of whole 128-key blocks on sm_90a;
     elsewhere Triton's dkv_state_kernel serves, with the reason named."""
     k, v = torch.empty(1, 1, 1, d, dtype=torch.bfloat16), torch.empty(1, 1, 1, e, dtype=torch.bfloat16)
-    assert reason in cuda_dkv_state.dkv_state_unsupported(state_spec(k, v, chunk, True, False, False), arch)
+    assert reason in cuda_state_terms.state_terms_unsupported(state_spec(k, v, chunk, True, False, False), arch)
     k = torch.empty(1, 1, 1, 32, dtype=torch.bfloat16)
     v = torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)
-    assert cuda_dkv_state.dkv_state_unsupported(state_spec(k, v, 128, True, True, True), "sm_90a") is None
+    served = state_spec(k, v, 128, True, True, True)
+    assert cuda_state_terms.state_terms_unsupported(served, "sm_90a") is None
     huge = torch.empty(0, device="meta").as_strided((2, 1, 8, 64), (1 << 31, 512, 64, 1))
-    assert "32 bits" in cuda_dkv_state.dkv_state_unsupported(state_spec(k, v, 128, True, True, True), "sm_90a", huge)
+    assert "32 bits" in cuda_state_terms.state_terms_unsupported(served, "sm_90a", huge)
 
 
 def _state_spec_of(dtype: torch.dtype, e: int):

@@ -226,6 +226,34 @@ PADDED_CASES = {
 }
 
 
+# chunked cases rerun with dq_kernel's state terms left out and added after it by a hook (``backward._dq_state_hook``:
+# the CUDA kernel on the GPU, here its PyTorch form ``cuda_state_terms.dq_state_terms_reference``): gate and validity,
+# prefill against a cache (shift), Tq > Tk (queries before the first key), non-causal (the last slot), 4 blocks
+DQ_HOOK_CASES = ("chunked-gate-valid", "chunked-prefill-cache", "chunked-tq-gt-tk", "chunked-noncausal", "chunked-d64")
+
+
+def run_dq_hook_cases() -> dict[str, dict[str, float]]:
+    """``run_case`` of ``DQ_HOOK_CASES`` with the dq state terms added by the PyTorch hook, and how often it ran."""
+    import functools
+
+    from retention_compile.codegen import cuda_state_terms
+
+    def hook(fwd, q, dy, state_kernel):
+        return functools.partial(cuda_state_terms.dq_state_terms_reference, fwd, False) if fwd.chunked else None
+
+    original = backward._dq_state_hook
+    backward._dq_state_hook = hook
+    calls, restore = _count_calls(cuda_state_terms, "dq_state_terms_reference")
+    results = {}
+    for name in DQ_HOOK_CASES:
+        results[f"{name}-dq-hook"] = run_case(dict(CASES)[name])
+        results[f"{name}-dq-hook"]["hook-calls"] = len(calls)
+        calls.clear()
+    restore()
+    backward._dq_state_hook = original
+    return results
+
+
 def run_padded_cases() -> dict[str, dict[str, float]]:
     """``run_case`` of ``PADDED_CASES`` with float32 heads padded, and how often the padded backward ran."""
     padded_dtypes = backward.PADDED_HEAD_DTYPES
@@ -248,6 +276,7 @@ def _interpreted() -> dict[str, dict[str, float]]:
     results.update({f"{name}-float16": run_case(dict(CASES)[name], torch.float16) for name in FLOAT16_CASES})
     results.update({f"{name}-kept": run_kept_case(*KEPT_CASES[name]) for name in KEPT_CASES})
     results.update(run_padded_cases())
+    results.update(run_dq_hook_cases())
     results.update(
         {f"{name}-op-{ratio}": run_op_case(dict(CASES)[name], ratio) for name in OP_CASES for ratio in (0, 1000)}
     )
@@ -261,7 +290,7 @@ def _interpreted() -> dict[str, dict[str, float]]:
 def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, float]]:
     env = {**os.environ, "TRITON_INTERPRET": "1", "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=420, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -282,6 +311,16 @@ def test_gradients_match_oracle(interpreted: dict[str, dict[str, float]], name: 
     gated = cases[name.removesuffix("-coordinates")][8] > 0
     assert set(errors) == set(GRADS if gated else GRADS[:3])
     bad = {g: f"{err:.2e}" for g, err in errors.items() if not err < 2e-5}
+    assert not bad, f"{name}: relative errors {bad}"
+
+
+@pytest.mark.parametrize("name", DQ_HOOK_CASES)
+def test_dq_state_terms_added_after_the_kernel(interpreted: dict[str, dict[str, float]], name: str) -> None:
+    """dq_kernel without its state terms, then the hook adding them (the PyTorch form of the CUDA kernel's terms):
+    the gradients still match the oracle, and the hook ran once."""
+    results = dict(interpreted[f"{name}-dq-hook"])
+    assert results.pop("hook-calls") == 1
+    bad = {g: f"{err:.2e}" for g, err in results.items() if not err < 2e-5}
     assert not bad, f"{name}: relative errors {bad}"
 
 

@@ -44,7 +44,7 @@ chunked     the same two kernels restricted to the rows' / keys' own chunk, plus
             so each part could be checked alone on the H200: the bf16 fault was the P term's wgmma dot, now an
             fp32 FMA dot). It walks the pair tiles, or for gated 16-bit tiles with d <= 64 the coordinates
             (``coordinate_state_terms``). Where the forward ran the CUDA state kernel, the reverse states and these
-            terms run on wgmma instead where those kernels serve (``cuda_reverse``; ``cuda_dkv_state``: bf16 on
+            terms run on wgmma instead where those kernels serve (``cuda_reverse``; ``cuda_state_terms``: bf16 on
             sm_90a, e = 64, d in {32, 64}). ``boundary_kernel`` (gated; grid: chunks x B*Hs) sums the forward and
             reverse states into d log_gate at each chunk start. phi(q) and phi(k) are built in registers, never in
             global memory.
@@ -115,7 +115,9 @@ class BackwardSpec:
     """One shape class of the backward: the forward's spec (path, chunk, pair tiles) and the backward's tiles.
 
     block_t / block_k: query rows of a dq program and keys of a dk/dv program (and the steps of their loops);
-    block_s / block_e: rows per step and value columns per program of the reverse state kernel.
+    block_s / block_e: rows per step and value columns per program of the reverse state kernel;
+    dq_state_terms: whether the chunked ``dq_kernel`` adds the state terms itself (False where a CUDA kernel adds
+    them after it: ``_dq_state_hook``).
     """
 
     forward: KernelSpec
@@ -123,9 +125,10 @@ class BackwardSpec:
     block_k: int
     block_s: int
     block_e: int
+    dq_state_terms: bool = True
 
     @staticmethod
-    def of(forward: KernelSpec) -> BackwardSpec:
+    def of(forward: KernelSpec, dq_state_terms: bool = True) -> BackwardSpec:
         """Tiles from the forward's: at most ``MAX_ROWS`` (halved for wide heads) and never past the chunk.
 
         float32 heads count as wide from a padded width of ``WIDE`` on: fp32 d = e = 96 with 64 rows asked 264 KB
@@ -139,7 +142,8 @@ class BackwardSpec:
             rows = min(rows, MAX_ROWS // 2)
         if forward.chunked:
             rows = min(rows, forward.chunk_size)
-        return BackwardSpec(forward, rows, rows, rows, min(forward.block_e, _value_pad(forward.value_dim)))
+        block_e = min(forward.block_e, _value_pad(forward.value_dim))
+        return BackwardSpec(forward, rows, rows, rows, block_e, dq_state_terms)
 
     def template_params(self) -> dict[str, object]:
         fwd = self.forward
@@ -155,6 +159,7 @@ class BackwardSpec:
             "e_pad": e_pad,
             "prep_rows": PREP_ROWS,
             "coordinate_terms": coordinate_state_terms(fwd),
+            "dq_state_terms": self.dq_state_terms,
             "summary": f"{fwd.summary()}; backward rows={self.block_t} keys={self.block_k} state rows={self.block_s}",
         }
 
@@ -226,7 +231,8 @@ def triton_backward(
     Hk, Tk = k.shape[1], k.shape[2]
     e = v.shape[3]
     fwd = kernel_spec(q, v, deg, log_gate is not None, valid is not None, causal, size_hint(Tk), plan)
-    spec = BackwardSpec.of(fwd)
+    dq_state_terms = _dq_state_hook(fwd, q, grad_y, state_kernel)
+    spec = BackwardSpec.of(fwd, dq_state_terms=dq_state_terms is None)
     module, _ = load(BACKWARD_TEMPLATE, spec)
     state_heads = Hk if log_gate is None else log_gate.shape[1]
     den = denom.to(torch.float32).contiguous()
@@ -258,14 +264,18 @@ def triton_backward(
         dq_args.update(S_ST=states["S_ST"], M_ST=states["M_ST"], state_slots=states["state_slots"])
         reverse = state_terms = None
         if state_kernel is not None:  # the forward ran the CUDA state kernel: so do the backward's, where they serve
-            from . import cuda_dkv_state, cuda_reverse
+            from . import cuda_reverse, cuda_state_terms
 
             reverse = _cuda_hook(fwd, cuda_reverse.reverse_unsupported, cuda_reverse.reverse_states, q, grad_y)
-            state_terms = _cuda_hook(fwd, cuda_dkv_state.dkv_state_unsupported, cuda_dkv_state.add_state_terms, k, v)
+            unsupported, hook = cuda_state_terms.state_terms_unsupported, cuda_state_terms.add_dkv_state_terms
+            state_terms = _cuda_hook(fwd, unsupported, hook, k, v)
         dkv_args.update(_reverse_states(module, spec, q, rows, gate, sizes, n_chunks, segments, reverse_kernel=reverse))
 
-    dq = torch.empty((B, Hq, Tq, d), dtype=q.dtype, device=q.device)
+    # float32 where the state terms are added after dq_kernel
+    dq = torch.empty((B, Hq, Tq, d), dtype=q.dtype if dq_state_terms is None else torch.float32, device=q.device)
     _launch(module.dq_kernel, (_cdiv(Tq, spec.block_t), B * Hq), {**dq_args, "DQ": dq}, warps, STAGES)
+    if dq_state_terms is not None:
+        dq_state_terms({**dq_args, "DQ": dq})
 
     per_head = state_heads != Hk  # a state per query head: partial dk, dv per state head, summed below
     # float32 where more than one kernel adds to them: the group sum below, the chunked path's state kernel
@@ -365,11 +375,22 @@ def _cuda_hook(fwd: KernelSpec, unsupported: Callable[..., str | None], hook: Ca
     return functools.partial(hook, fwd, coordinate_state_terms(fwd))
 
 
+def _dq_state_hook(fwd: KernelSpec, q: torch.Tensor, dy: torch.Tensor, state_kernel) -> Callable[[dict], None] | None:
+    """The CUDA dq state-term kernel's hook (``cuda_state_terms.add_dq_state_terms``) where the forward ran the CUDA
+    state kernel, ``cuda_state.CONFIG.wgmma_dq`` asks for it and it serves this call, else None (``dq_kernel`` adds
+    the state terms itself)."""
+    from . import cuda_state, cuda_state_terms
+
+    if not (fwd.chunked and state_kernel is not None and q.dtype == torch.bfloat16 and cuda_state.CONFIG.wgmma_dq):
+        return None
+    return _cuda_hook(fwd, cuda_state_terms.state_terms_unsupported, cuda_state_terms.add_dq_state_terms, q, dy)
+
+
 def _dkv_state_terms(
     module, fwd: KernelSpec, grid, args: dict, state_terms: Callable[[dict], None] | None = None
 ) -> None:
     """Add the inter-chunk terms of dk, dv (and the key term) to the buffers ``dkv_kernel`` filled: the CUDA kernels
-    (``state_terms``, ``cuda_dkv_state``: bf16 on sm_90a with e = 64) where given, else ``dkv_state_kernel``."""
+    (``state_terms``, ``cuda_state_terms``: bf16 on sm_90a with e = 64) where given, else ``dkv_state_kernel``."""
     if state_terms is not None:
         state_terms(args)
     else:

@@ -26,8 +26,6 @@ from collections.abc import Sequence
 
 import torch
 
-from ..inspection import is_recording, record_kernel
-from ..sizes import size_hint
 from . import cuda_state, nvrtc
 from .backward import reverse_state_buffers
 from .cuda_state import (
@@ -39,9 +37,12 @@ from .cuda_state import (
     StateKernelConfig,
     dense_rows,
     load_with_shared_memory,
+    record_cuda_source,
     state_spec,
     strides_fit_32_bits,
     tiled_features,
+    wgmma_backward_params,
+    wgmma_backward_unsupported,
 )
 from .triton_source import KernelSpec
 
@@ -52,12 +53,8 @@ KERNEL_NAME = "retention_reverse_state"
 def reverse_unsupported(fwd: KernelSpec, arch: str | None, *rows: torch.Tensor) -> str | None:
     """None when the wgmma reverse-state kernel serves the chunked backward of ``fwd`` on cubin target ``arch``, with
     ``rows`` (q, dy) addressed by 32-bit strides, and its shared memory (which grows with the chunk) fits."""
-    if not (fwd.chunked and fwd.deg == 2 and fwd.block_feature == 16):
-        return "not the chunked deg-2 path with 16-coordinate state tiles"
-    if arch != "sm_90a":
-        return f"target {arch} (the wgmma reverse-state kernel needs sm_90a)"
-    if fwd.dtype != "bfloat16":
-        return f"dtype {fwd.dtype} (the wgmma reverse-state kernel takes bfloat16)"
+    if (reason := wgmma_backward_unsupported(fwd, arch, "wgmma reverse-state kernel")) is not None:
+        return reason
     if fwd.value_dim % WGMMA_BLOCK_E:
         return f"value dim e={fwd.value_dim} (the wgmma reverse-state kernel needs a multiple of {WGMMA_BLOCK_E})"
     if not strides_fit_32_bits(*rows):
@@ -81,19 +78,11 @@ def smem_bytes(chunk_size: int) -> int:
 def render_reverse_source(fwd: KernelSpec, coordinate_terms: bool, config: StateKernelConfig) -> str:
     """The CUDA source of the reverse-state kernel for one shape class of the chunked backward, with the wgmma
     launch shape of ``config`` (``cuda_state.CONFIG``: registers capped per SM, slices in flight)."""
-    params = fwd.template_params()
     return nvrtc.render(
         TEMPLATE,
-        d=fwd.head_dim,
+        **wgmma_backward_params(fwd, coordinate_terms),
         e=fwd.value_dim,
-        gated=fwd.gated,
-        causal=fwd.causal,
-        coordinate_terms=coordinate_terms,
-        chunk_size=fwd.chunk_size,
-        npairs=params["npairs"],
-        dt=params["dt"],
         block_s=WGMMA_BLOCK_S,
-        stages=WGMMA_STAGES,
         in_flight=config.wgmma_reverse_in_flight,
         min_blocks=config.wgmma_min_blocks,
         smem_bytes=smem_bytes(fwd.chunk_size),
@@ -156,27 +145,10 @@ def _cuda_reverse_states_fake(q, dy, den, dz, g, sizes, chunk_size, causal, coor
     return _allocate(q, dy, sizes)
 
 
-_RECORDED: set[str] = set()
-
-
 def _record(fwd: KernelSpec, coordinate_terms: bool, q: torch.Tensor) -> None:
-    """Register the source with the inspection (every call while compiling or inspecting; else once per source)."""
     source = render_reverse_source(fwd, coordinate_terms, cuda_state.CONFIG)
-    if not (is_recording() or source not in _RECORDED):
-        return
-    _RECORDED.add(source)
-    meta: dict[str, object] = {
-        "q_shape": tuple(size_hint(s) for s in q.shape),
-        "dtype": fwd.dtype,
-        "deg": 2,
-        "causal": fwd.causal,
-        "gated": fwd.gated,
-        "chunk_size": fwd.chunk_size,
-        "kernel_path": "chunked backward, CUDA reverse-state kernel (wgmma)",
-    }
-    _, entry = nvrtc.cached_compile(source, "sm_90a")
-    meta["path"] = str(entry.with_suffix(".cu"))
-    record_kernel("power_retention_reverse_state", source, meta, language="cuda")
+    path = "chunked backward, CUDA reverse-state kernel (wgmma)"
+    record_cuda_source("power_retention_reverse_state", source, fwd, {"q_shape": q.shape}, path, "sm_90a")
 
 
 def reverse_states(fwd: KernelSpec, coordinate_terms: bool, args: dict) -> dict[str, torch.Tensor]:

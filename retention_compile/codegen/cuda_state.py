@@ -57,7 +57,8 @@ class StateKernelConfig:
     take the wgmma kernel instead where it applies (``uses_wgmma``), with registers capped for ``wgmma_min_blocks``
     programs per SM and ``wgmma_in_flight`` k16 slices' fragments held while their products run (more slices
     overlap more, but past the register cap ptxas serializes the wgmma or spills; a divisor of a step's 4 slices);
-    ``wgmma_reverse_in_flight`` the same for the backward's reverse-state kernel (``cuda_reverse``)."""
+    ``wgmma_reverse_in_flight`` the same for the backward's reverse-state kernel (``cuda_reverse``); ``wgmma_dq``:
+    the backward's dq state terms on the CUDA kernel of ``cuda_state_terms``."""
 
     warps: int = 4
     block_s: int = 64
@@ -71,6 +72,9 @@ class StateKernelConfig:
     # (serialized by ptxas) 0.913 / 0.982, 4 slices with the cap for 1 program 1.055 / 1.149; Triton 1.081 / 1.171
     # (benchmarks/results/cuda_reverse_NVIDIA-H200_2026-11-30_bd780b9.json)
     wgmma_reverse_in_flight: int = 1
+    # dq's state terms on wgmma (``cuda_state_terms``, after a Triton dq_kernel without them): off until the kernel
+    # has been checked and timed on a GPU (tests/gpu/test_cuda_state.py turns it on)
+    wgmma_dq: bool = False
 
 
 # 128 registers, no spills (sm_90a), 2 programs per SM. H200, b=1 h=8 d=64 T=65536 (ungated / gated, ms): 64 keys per
@@ -304,35 +308,62 @@ def _cuda_chunk_states_fake(k, v, g, valid, sizes, chunk_size, causal):
     return _allocate(k, v, causal, sizes[2], sizes[5], sizes[7])
 
 
+def wgmma_backward_unsupported(fwd: KernelSpec, arch: str | None, kernel: str) -> str | None:
+    """What every backward wgmma kernel needs (``kernel`` names it in the reason): the chunked deg-2 path with
+    16-coordinate state tiles, bfloat16, an sm_90a target."""
+    if not (fwd.chunked and fwd.deg == 2 and fwd.block_feature == 16):
+        return "not the chunked deg-2 path with 16-coordinate state tiles"
+    if arch != "sm_90a":
+        return f"target {arch} (the {kernel} needs sm_90a)"
+    if fwd.dtype != "bfloat16":
+        return f"dtype {fwd.dtype} (the {kernel} takes bfloat16)"
+    return None
+
+
+def wgmma_backward_params(fwd: KernelSpec, coordinate_terms: bool) -> dict[str, object]:
+    """The template parameters the backward's wgmma kernels (``cuda_reverse``, ``cuda_state_terms``) share: the
+    shape class's flags and pair tiles, and the copy stages."""
+    params = fwd.template_params()
+    return {
+        "d": fwd.head_dim,
+        "gated": fwd.gated,
+        "causal": fwd.causal,
+        "coordinate_terms": coordinate_terms,
+        "chunk_size": fwd.chunk_size,
+        "npairs": params["npairs"],
+        "dt": params["dt"],
+        "stages": WGMMA_STAGES,
+    }
+
+
 _RECORDED: set[str] = set()
 
 
+def record_cuda_source(
+    name: str, source: str, spec: KernelSpec, shapes: dict[str, Sequence[int]], kernel_path: str, arch: str | None
+) -> None:
+    """Register a CUDA kernel's source with the inspection (every call while compiling or inspecting; else once per
+    source): ``shapes`` (``{"q_shape": ..}``, ``{"k_shape": .., "v_shape": ..}``), the spec's flags, the kernel path
+    and, where compiled for ``arch``, the path of the cached source."""
+    if not (is_recording() or source not in _RECORDED):
+        return
+    _RECORDED.add(source)
+    meta: dict[str, object] = {key: tuple(size_hint(s) for s in shape) for key, shape in shapes.items()}
+    meta.update(dtype=spec.dtype, deg=2, causal=spec.causal, gated=spec.gated, chunk_size=spec.chunk_size)
+    meta["kernel_path"] = kernel_path
+    if arch is not None:
+        _, entry = nvrtc.cached_compile(source, arch)
+        meta["path"] = str(entry.with_suffix(".cu"))
+    record_kernel(name, source, meta, language="cuda")
+
+
 def _record(spec: KernelSpec, k: torch.Tensor, v: torch.Tensor, q_shape: Sequence[int] | None) -> None:
-    """Register the source with the inspection (every call while compiling or inspecting; else once per source)."""
     arch = nvrtc.gpu_arch(k.device.index or 0) if k.is_cuda else None
     source = render_state_source(
         state_spec(k, v, spec.chunk_size, spec.causal, spec.gated, spec.has_valid), CONFIG, arch
     )
-    if not (is_recording() or source not in _RECORDED):
-        return
-    _RECORDED.add(source)
-
-    meta: dict[str, object] = {
-        "k_shape": tuple(size_hint(s) for s in k.shape),
-        "v_shape": tuple(size_hint(s) for s in v.shape),
-        "dtype": spec.dtype,
-        "deg": 2,
-        "causal": spec.causal,
-        "gated": spec.gated,
-        "chunk_size": spec.chunk_size,
-        "kernel_path": "chunked, CUDA state kernel",
-    }
-    if q_shape is not None:
-        meta["q_shape"] = tuple(q_shape)
-    if arch is not None:
-        _, entry = nvrtc.cached_compile(source, arch)
-        meta["path"] = str(entry.with_suffix(".cu"))
-    record_kernel("power_retention_chunk_state", source, meta, language="cuda")
+    shapes = {"k_shape": k.shape, "v_shape": v.shape, **({"q_shape": q_shape} if q_shape is not None else {})}
+    record_cuda_source("power_retention_chunk_state", source, spec, shapes, "chunked, CUDA state kernel", arch)
 
 
 def chunk_states(spec: KernelSpec, args: dict, q_shape: Sequence[int] | None = None) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 
 import retention_compile as rc
 from retention_compile import inspection
-from retention_compile.codegen import backward, choice, cuda_state, forward
+from retention_compile.codegen import backward, choice, cuda_state, cuda_state_terms, forward
 from retention_compile.codegen.cuda_state import StateKernelConfig, chunk_states
 from retention_compile.codegen.triton_source import load_forward
 from retention_compile.planning import Plan
@@ -140,6 +140,18 @@ def test_forward_with_cuda_states_matches_oracle_and_triton(case: tuple) -> None
 BF16_CASES = [c for c in CASES if c[8] == torch.bfloat16]
 
 
+def _oracle_gradients(x: dict, grad_y: torch.Tensor) -> list[torch.Tensor]:
+    """dq, dk, dv (and d log_gate) of the float64 oracle for a case's inputs and upstream gradient."""
+    kw = x["kwargs"]
+    leaves = [t.detach().double().requires_grad_() for t in (x["q"], x["k"], x["v"])]
+    gate = None if kw["log_gate"] is None else kw["log_gate"].double().requires_grad_()
+    ref = power_retention_reference(
+        *leaves, scale=kw["scale"], deg=2, log_gate=gate, causal=kw["causal"], valid=kw["valid"]
+    )  # fmt: skip
+    ref.backward(grad_y.double())
+    return [leaf.grad for leaf in leaves] + ([gate.grad] if gate is not None else [])
+
+
 @pytest.mark.parametrize("case", BF16_CASES, ids=[c[0] for c in BF16_CASES])
 def test_backward_with_cuda_states_matches_oracle_and_triton(case: tuple) -> None:
     """The backward recomputes the forward states with the state kernel the forward ran: with the CUDA one, the
@@ -153,13 +165,7 @@ def test_backward_with_cuda_states_matches_oracle_and_triton(case: tuple) -> Non
         name: backward.triton_backward(grad_y, q, k, v, y, den, **kw, segments=x["segments"], state_kernel=hook)
         for name, hook in (("cuda", chunk_states), ("triton", None))
     }
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    gate = None if kw["log_gate"] is None else kw["log_gate"].double().requires_grad_()
-    ref = power_retention_reference(
-        *leaves, scale=kw["scale"], deg=2, log_gate=gate, causal=kw["causal"], valid=kw["valid"]
-    )  # fmt: skip
-    ref.backward(grad_y.double())
-    expected = [leaf.grad for leaf in leaves] + ([gate.grad] if gate is not None else [])
+    expected = _oracle_gradients(x, grad_y)
     for name, got, want, triton in zip("qkvg", both["cuda"], expected, both["triton"]):
         assert _rel(got, want) < 2e-2, f"d{name} vs oracle {_rel(got, want):.2e}"
         assert _rel(got, triton) < 1e-2, f"d{name} vs the Triton-state backward {_rel(got, triton):.2e}"
@@ -207,16 +213,22 @@ def test_auto_measures_once_per_shape_class(tmp_path, monkeypatch) -> None:
 REVERSE_CASES = [c for c in CASES if c[8] == torch.bfloat16 and c[7] % 64 == 0]
 
 
+def _hopper_backward_inputs(case: tuple, seed: int) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A case's inputs, an upstream gradient and the forward's ``(y, denom)`` with the CUDA state kernel, for the
+    backward's wgmma kernels (skipped off sm_90a)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the backward's wgmma kernels need sm_90a")
+    x = _inputs(case, seed=seed)
+    grad_y = torch.randn(x["q"].shape[:3] + (x["v"].shape[-1],), device=DEVICE).to(x["q"].dtype)
+    return (x, grad_y, *_forward(x, chunk_states))
+
+
 @pytest.mark.parametrize("case", REVERSE_CASES, ids=[c[0] for c in REVERSE_CASES])
 def test_reverse_buffers_match_the_triton_reverse_state_kernel(case: tuple, monkeypatch) -> None:
     """The CUDA (wgmma) reverse-state kernel against Triton's on the same arguments: R and P of every slot (after
     the reverse scan) agree, and the backward took the CUDA kernel."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the wgmma reverse-state kernel needs sm_90a")
-    x = _inputs(case, seed=3)
+    x, grad_y, y, den = _hopper_backward_inputs(case, seed=3)
     q, k, v, kw = x["q"], x["k"], x["v"], x["kwargs"]
-    grad_y = torch.randn(q.shape[:3] + (v.shape[-1],), device=DEVICE).to(q.dtype)
-    y, den = _forward(x, chunk_states)
     original = backward._reverse_states
     seen: dict[str, dict] = {}
 
@@ -244,12 +256,8 @@ DKV_CASES = [c for c in CASES if c[8] == torch.bfloat16 and c[7] == 64 and c[6] 
 def test_dkv_state_terms_match_the_triton_kernel(case: tuple, monkeypatch) -> None:
     """The CUDA (wgmma) dk/dv state-term kernels against Triton's ``dkv_state_kernel`` on the same arguments: what
     each adds to dk, dv (and the key term) agrees, and the backward took the CUDA kernels."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the wgmma dk/dv state kernels need sm_90a")
-    x = _inputs(case, seed=4)
+    x, grad_y, y, den = _hopper_backward_inputs(case, seed=4)
     q, k, v, kw = x["q"], x["k"], x["v"], x["kwargs"]
-    grad_y = torch.randn(q.shape[:3] + (v.shape[-1],), device=DEVICE).to(q.dtype)
-    y, den = _forward(x, chunk_states)
     original = backward._dkv_state_terms
     added: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -269,3 +277,41 @@ def test_dkv_state_terms_match_the_triton_kernel(case: tuple, monkeypatch) -> No
     for name, ref in added["triton"].items():
         assert ref.abs().max() > 0, f"{name}: no inter-chunk term to compare"
         assert _rel(added["cuda"][name], ref) < 1e-2, f"{name}: {_rel(added['cuda'][name], ref):.2e}"
+
+
+@pytest.mark.parametrize("case", DKV_CASES, ids=[c[0] for c in DKV_CASES])
+def test_dq_state_terms_on_wgmma(case: tuple, monkeypatch) -> None:
+    """With ``wgmma_dq`` the dq state terms run on the CUDA kernel after a Triton dq_kernel without them: what it adds
+    matches their PyTorch form on the same arguments, and the gradients match the oracle and the all-Triton
+    backward."""
+    x, grad_y, y, den = _hopper_backward_inputs(case, seed=5)
+    q, k, v, kw = x["q"], x["k"], x["v"], x["kwargs"]
+    monkeypatch.setattr(cuda_state, "CONFIG", dataclasses.replace(cuda_state.CONFIG, wgmma_dq=True))
+    original = backward._dq_state_hook
+    added: dict[str, torch.Tensor] = {}
+
+    def spy(fwd, rows, dy, state_kernel):
+        hook = original(fwd, rows, dy, state_kernel)
+        assert hook is not None, "the backward did not take the CUDA dq state kernel"
+
+        def both(args):
+            start = args["DQ"].clone()
+            reference = {**args, "DQ": start.clone()}
+            cuda_state_terms.dq_state_terms_reference(fwd, False, reference)
+            hook(args)
+            added.update(cuda=args["DQ"] - start, reference=reference["DQ"] - start)
+
+        return both
+
+    monkeypatch.setattr(backward, "_dq_state_hook", spy)
+    grads = backward.triton_backward(grad_y, q, k, v, y, den, **kw, segments=x["segments"], state_kernel=chunk_states)
+    monkeypatch.setattr(backward, "_dq_state_hook", original)
+    monkeypatch.setattr(cuda_state, "CONFIG", dataclasses.replace(cuda_state.CONFIG, wgmma_dq=False))
+    triton = backward.triton_backward(grad_y, q, k, v, y, den, **kw, segments=x["segments"], state_kernel=chunk_states)
+    assert added["reference"].abs().max() > 0, "no state term to compare"
+    assert _rel(added["cuda"], added["reference"]) < 1e-2, f"dq terms: {_rel(added['cuda'], added['reference']):.2e}"
+    expected = _oracle_gradients(x, grad_y)
+    assert all(g.dtype == q.dtype for g in grads[:3]), "gradients come back in the inputs' dtype"
+    for name, got, want, all_triton in zip("qkvg", grads, expected, triton):
+        assert _rel(got, want) < 2e-2, f"d{name} vs oracle {_rel(got, want):.2e}"
+        assert _rel(got, all_triton) < 1e-2, f"d{name} vs the all-Triton backward {_rel(got, all_triton):.2e}"
