@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, one after another in one call of the lent GPU, each alone on the device:
 #
-#   benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile]     (default: all three; limits 4, 7 and
-#                                                                   9.3 minutes: give each its own device call)
+#   benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms]
+#       (default: the first three; limits 4, 7, 9.3 and 5 minutes: give the long ones their own device call;
+#       state_terms: the backward's CUDA state-term kernels against Triton, bench_cuda_backward.py)
 #
 # Each benchmark runs in its own process group with a time limit (nothing it starts outlives it) and only once
 # no other process holds the GPU (polled with nvidia-smi for up to 60 s; the wait and the processes seen are
@@ -14,7 +15,7 @@
 # the JSON where the device's git metadata is stale (each benchmark's --commit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${1:?usage: benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile]}"
+out="${1:?usage: benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms]}"
 shift
 which=("${@:-forward backward compile}")
 read -r -a which <<< "${which[*]}"
@@ -43,8 +44,10 @@ for bench in "${which[@]}"; do
         forward) part forward 240 python3 benchmarks/bench_forward.py --T 2048 8192 16384 65529 65536 \
             --competitors 2048 8192 65536 --tune 0 --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         backward) part backward 420 python3 benchmarks/bench_backward.py --T 65536 2048 8192 --competitors 65536 --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
+        state_terms) part state_terms 300 python3 benchmarks/bench_cuda_backward.py --stages dkv_state dq_state \
+            --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         compile) part compile 560 python3 benchmarks/bench_compile.py --device cuda --repeats 3 --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
-        *) echo "unknown benchmark: $bench (forward, backward, compile)" >> "$summary" ;;
+        *) echo "unknown benchmark: $bench (forward, backward, compile, state_terms)" >> "$summary" ;;
     esac
 done
 gather_logs "$out/logs.txt"
