@@ -226,31 +226,49 @@ PADDED_CASES = {
 }
 
 
-# chunked cases rerun with dq_kernel's state terms left out and added after it by a hook (``backward._dq_state_hook``:
-# the CUDA kernel on the GPU, here its PyTorch form ``cuda_state_terms.dq_state_terms_reference``): gate and validity,
-# prefill against a cache (shift), Tq > Tk (queries before the first key), non-causal (the last slot), 4 blocks
-DQ_HOOK_CASES = ("chunked-gate-valid", "chunked-prefill-cache", "chunked-tq-gt-tk", "chunked-noncausal", "chunked-d64")
+# chunked cases rerun with the state terms added by hooks in place of Triton's: dq_kernel without them, then
+# ``backward._dq_state_hook``'s, and ``backward._dkv_state_terms``' instead of dkv_state_kernel (on the GPU the CUDA
+# kernels of ``cuda_state_terms``, here their PyTorch forms ``dq_state_terms_reference`` and
+# ``dkv_state_terms_reference``): gate and validity, prefill against a cache (shift), Tq > Tk (queries before the
+# first key), non-causal (the last slot), 4 blocks; and two in the coordinate form (R without the factor 2)
+STATE_HOOK_CASES = (
+    "chunked-gate-valid",
+    "chunked-prefill-cache",
+    "chunked-tq-gt-tk",
+    "chunked-noncausal",
+    "chunked-d64",
+)
+STATE_HOOK_COORDINATE_CASES = ("chunked-query-head-gate", "chunked-d64")
 
 
-def run_dq_hook_cases() -> dict[str, dict[str, float]]:
-    """``run_case`` of ``DQ_HOOK_CASES`` with the dq state terms added by the PyTorch hook, and how often it ran."""
+def run_state_hook_cases(names: tuple[str, ...], suffix: str) -> dict[str, dict[str, float]]:
+    """``run_case`` of ``names`` with the state terms added by the PyTorch hooks, and how often each ran."""
     import functools
 
     from retention_compile.codegen import cuda_state_terms
 
-    def hook(fwd, q, dy, state_kernel):
+    def dq_hook(fwd, q, dy, state_kernel):
         return functools.partial(cuda_state_terms.dq_state_terms_reference, fwd, False) if fwd.chunked else None
 
-    original = backward._dq_state_hook
-    backward._dq_state_hook = hook
-    calls, restore = _count_calls(cuda_state_terms, "dq_state_terms_reference")
+    real_dkv = backward._dkv_state_terms
+
+    def dkv_terms(module, fwd, grid, args, state_terms=None):
+        hook = functools.partial(cuda_state_terms.dkv_state_terms_reference, fwd, backward.coordinate_state_terms(fwd))
+        real_dkv(module, fwd, grid, args, state_terms=hook)
+
+    real_dq = backward._dq_state_hook
+    backward._dq_state_hook, backward._dkv_state_terms = dq_hook, dkv_terms
+    dq_calls, restore_dq = _count_calls(cuda_state_terms, "dq_state_terms_reference")
+    dkv_calls, restore_dkv = _count_calls(cuda_state_terms, "dkv_state_terms_reference")
     results = {}
-    for name in DQ_HOOK_CASES:
-        results[f"{name}-dq-hook"] = run_case(dict(CASES)[name])
-        results[f"{name}-dq-hook"]["hook-calls"] = len(calls)
-        calls.clear()
-    restore()
-    backward._dq_state_hook = original
+    for name in names:
+        results[f"{name}-{suffix}"] = run_case(dict(CASES)[name])
+        results[f"{name}-{suffix}"].update({"dq-hook-calls": len(dq_calls), "dkv-hook-calls": len(dkv_calls)})
+        dq_calls.clear()
+        dkv_calls.clear()
+    restore_dq()
+    restore_dkv()
+    backward._dq_state_hook, backward._dkv_state_terms = real_dq, real_dkv
     return results
 
 
@@ -276,13 +294,14 @@ def _interpreted() -> dict[str, dict[str, float]]:
     results.update({f"{name}-float16": run_case(dict(CASES)[name], torch.float16) for name in FLOAT16_CASES})
     results.update({f"{name}-kept": run_kept_case(*KEPT_CASES[name]) for name in KEPT_CASES})
     results.update(run_padded_cases())
-    results.update(run_dq_hook_cases())
+    results.update(run_state_hook_cases(STATE_HOOK_CASES, "state-hooks"))
     results.update(
         {f"{name}-op-{ratio}": run_op_case(dict(CASES)[name], ratio) for name in OP_CASES for ratio in (0, 1000)}
     )
     backward.coordinate_state_terms = lambda fwd: fwd.chunked
     triton_source._load.cache_clear()  # the modules loaded above, per spec, hold the pair form
     results.update({f"{name}-coordinates": run_case(dict(CASES)[name], segments=2) for name in COORDINATE_CASES})
+    results.update(run_state_hook_cases(STATE_HOOK_COORDINATE_CASES, "state-hooks-coordinates"))
     return results
 
 
@@ -314,12 +333,16 @@ def test_gradients_match_oracle(interpreted: dict[str, dict[str, float]], name: 
     assert not bad, f"{name}: relative errors {bad}"
 
 
-@pytest.mark.parametrize("name", DQ_HOOK_CASES)
-def test_dq_state_terms_added_after_the_kernel(interpreted: dict[str, dict[str, float]], name: str) -> None:
-    """dq_kernel without its state terms, then the hook adding them (the PyTorch form of the CUDA kernel's terms):
-    the gradients still match the oracle, and the hook ran once."""
-    results = dict(interpreted[f"{name}-dq-hook"])
-    assert results.pop("hook-calls") == 1
+@pytest.mark.parametrize(
+    "name",
+    [f"{n}-state-hooks" for n in STATE_HOOK_CASES]
+    + [f"{n}-state-hooks-coordinates" for n in STATE_HOOK_COORDINATE_CASES],
+)
+def test_state_terms_added_by_hooks(interpreted: dict[str, dict[str, float]], name: str) -> None:
+    """dq_kernel without its state terms and no dkv_state_kernel, the hooks adding them instead (the PyTorch forms
+    of the CUDA kernels' terms): the gradients still match the oracle, and each hook ran once."""
+    results = dict(interpreted[name])
+    assert (results.pop("dq-hook-calls"), results.pop("dkv-hook-calls")) == (1, 1)
     bad = {g: f"{err:.2e}" for g, err in results.items() if not err < 2e-5}
     assert not bad, f"{name}: relative errors {bad}"
 

@@ -239,6 +239,70 @@ def add_dq_state_terms(fwd: KernelSpec, coordinate_terms: bool, args: dict) -> N
     )  # fmt: skip
 
 
+def _pairs(d: int) -> list[tuple[int, int]]:
+    """The pair tiles' 16-coordinate blocks (I, J) in the kernels' order: p = delta * nb + I, J = (I + delta) % nb."""
+    nb = d // 16
+    return [(i, (i + delta) % nb) for delta in range(nb // 2 + 1) for i in range(nb)][: nb * (nb + 1) // 2]
+
+
+def _pair_features(x: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tensor:
+    """phi(x) over the pair tiles: (rows, Dt) with x_I[a] x_J[b] at p * 256 + 16 a + b."""
+    tiles = [x[:, 16 * i : 16 * i + 16, None] * x[:, None, 16 * j : 16 * j + 16] for i, j in pairs]
+    return torch.stack(tiles, 1).flatten(1)
+
+
+def _pair_jacobian_t(grad: torch.Tensor, x: torch.Tensor, pairs: list[tuple[int, int]], coef: list[float]):
+    """J_phi(x)^T grad for grad over the pair tiles (rows, Dt): block I gets sum_b X[a, b] x_J[b], block J gets
+    sum_a X[a, b] x_I[a], X the pair's tile times its coefficient."""
+    out = torch.zeros_like(x)
+    for p, (i, j) in enumerate(pairs):
+        tile = grad[:, p * 256 : (p + 1) * 256].reshape(-1, 16, 16) * coef[p]
+        out[:, 16 * i : 16 * i + 16] += (tile * x[:, None, 16 * j : 16 * j + 16]).sum(2)
+        out[:, 16 * j : 16 * j + 16] += (tile * x[:, 16 * i : 16 * i + 16, None]).sum(1)
+    return out
+
+
+def dkv_state_terms_reference(fwd: KernelSpec, coordinate_terms: bool, args: dict) -> None:
+    """``add_dkv_state_terms`` in PyTorch (any device and dtype; phi(k) rounded to the states' dtype as the CUDA
+    kernel rounds it, float32 elsewhere), key by key of each state head:
+
+        dv_j += mu_j phi(k_j)^T R_c,   dk_j += mu_j J_phi(k_j)^T (R_c v_j) + 2 mu_j P_c k_j,
+        kterm_j += v_j . (mu_j phi(k_j)^T R_c) + mu_j (P_c k_j) . k_j   (gated)
+
+    with c = (j + shift) // C (causal; slot 0 otherwise), mu_j = exp(G_end(c) - G_j) gated and causal, 1
+    otherwise, 0 for keys not valid; off-diagonal pairs count twice with ``coordinate_terms`` (R holds no 2)."""
+    k, v, r_states, p_states, dk, dv = (args[n] for n in ("K", "V", "R_ST", "P_ST", "DK", "DV"))
+    gate, valid, kterm = args.get("G"), args.get("VALID"), args.get("KTERM")
+    Hq, group, state_heads, shift, Tk = (args[n] for n in ("Hq", "group", "state_heads", "shift", "Tk"))
+    chunk, d = fwd.chunk_size, k.shape[-1]
+    pairs = _pairs(d)
+    coef = [2.0 if coordinate_terms and i != j else 1.0 for i, j in pairs]
+    feature_coef = torch.tensor(coef, device=k.device).repeat_interleave(256)
+    keys = torch.arange(Tk, device=k.device)
+    chunks = (keys + shift) // chunk if fwd.causal else torch.zeros_like(keys)
+    for b in range(k.shape[0]):
+        for hs in range(state_heads):
+            bs, hk = b * state_heads + hs, hs * (Hq // state_heads) // group
+            ok = torch.ones(Tk, dtype=torch.bool, device=k.device) if valid is None else valid[b].bool()
+            x, vals = k[b, hk].float() * ok[:, None], v[b, hk].float() * ok[:, None]
+            mu = ok.float()
+            if gate is not None and fwd.causal:
+                g = gate[b, hs].float()
+                ends = torch.clamp((chunks + 1) * chunk - shift, max=Tk) - 1
+                mu = torch.where(ok, torch.exp(g[ends] - g[keys]), 0.0)
+            for c in chunks.unique().tolist():
+                rows = chunks == c
+                r, pmat = r_states[bs, c if fwd.causal else 0].float(), p_states[bs, c if fwd.causal else 0]
+                phi = _pair_features(x[rows], pairs).to(r_states.dtype).float() * feature_coef
+                dv_state = mu[rows, None] * (phi @ r)
+                pk = x[rows] @ pmat
+                grad = vals[rows] @ r.T
+                dk[b, hs, rows] += mu[rows, None] * (_pair_jacobian_t(grad, x[rows], pairs, coef) + 2.0 * pk)
+                dv[b, hs, rows] += dv_state
+                if kterm is not None:
+                    kterm[b, hs, rows] += (vals[rows] * dv_state).sum(1) + mu[rows] * (pk * x[rows]).sum(1)
+
+
 def dq_state_terms_reference(fwd: KernelSpec, coordinate_terms: bool, args: dict) -> None:
     """``add_dq_state_terms`` in PyTorch (any device and dtype, the Triton ``dq_kernel``'s arithmetic: dN rounded
     to the states' dtype, float32 elsewhere), row by row of each query head:
@@ -251,9 +315,9 @@ def dq_state_terms_reference(fwd: KernelSpec, coordinate_terms: bool, args: dict
     q, dy, den, dz, states, m_states, dq = (args[n] for n in ("Q", "DY", "DEN", "DZ", "S_ST", "M_ST", "DQ"))
     gate = args.get("G")
     Hq, state_heads, slots, shift, Tq, Tk = (args[n] for n in ("Hq", "state_heads", "state_slots", "shift", "Tq", "Tk"))
-    B, d, chunk, s2 = q.shape[0], q.shape[-1], fwd.chunk_size, args["scale"] ** 2
-    nb = d // 16
-    pairs = [(i, (i + delta) % nb) for delta in range(nb // 2 + 1) for i in range(nb)][: nb * (nb + 1) // 2]
+    B, chunk, s2 = q.shape[0], fwd.chunk_size, args["scale"] ** 2
+    pairs = _pairs(q.shape[-1])
+    coef = [1.0 if i == j else 2.0 for i, j in pairs]
     pos = torch.arange(Tq, device=q.device) + (Tk - Tq)
     chunks = (pos + shift).clamp_min(0) // chunk if fwd.causal else torch.zeros_like(pos)
     for b in range(B):
@@ -273,9 +337,4 @@ def dq_state_terms_reference(fwd: KernelSpec, coordinate_terms: bool, args: dict
                 grad = dn[rows] @ states[bs, slot].float().T  # (rows, Dt)
                 m = m_states[bs, slot]
                 add = (dz[b, hq][rows] * lam[rows])[:, None] * (x[rows] @ (m + m.T))
-                for p, (bi, bj) in enumerate(pairs):
-                    tile = grad[:, p * 256 : (p + 1) * 256].reshape(-1, 16, 16) * (1.0 if bi == bj else 2.0)
-                    xi, xj = x[rows, 16 * bi : 16 * bi + 16], x[rows, 16 * bj : 16 * bj + 16]
-                    add[:, 16 * bi : 16 * bi + 16] += (tile * xj[:, None, :]).sum(2)
-                    add[:, 16 * bj : 16 * bj + 16] += (tile * xi[:, :, None]).sum(1)
-                dq[b, hq, rows] += add
+                dq[b, hq, rows] += add + _pair_jacobian_t(grad, x[rows], pairs, coef)
