@@ -381,7 +381,7 @@ def _dq_state_hook(fwd: KernelSpec, q: torch.Tensor, dy: torch.Tensor, state_ker
     the state terms itself)."""
     from . import cuda_state, cuda_state_terms
 
-    if not (fwd.chunked and state_kernel is not None and q.dtype == torch.bfloat16 and cuda_state.CONFIG.wgmma_dq):
+    if not (fwd.chunked and state_kernel is not None and cuda_state.CONFIG.wgmma_dq):
         return None
     return _cuda_hook(fwd, cuda_state_terms.state_terms_unsupported, cuda_state_terms.add_dq_state_terms, q, dy)
 

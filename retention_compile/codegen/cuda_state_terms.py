@@ -127,9 +127,9 @@ def cuda_dkv_state_op(
     Hq, group, state_heads, slots, shift, Tk = sizes
     fwd = state_spec(k, v, chunk_size, causal, g is not None, valid is not None)
     source = render_state_terms_source(fwd, coordinate_terms)
-    k, v = dense_rows(k), dense_rows(v)
     if k.numel() == 0 or dk.numel() == 0:
         return
+    k, v = dense_rows(k), dense_rows(v)
     r, p = dense_rows(r.contiguous()), dense_rows(p.contiguous())
     gate = None if g is None else g.contiguous()
     valid_bytes = None if valid is None else valid.contiguous().view(torch.uint8)
