@@ -373,6 +373,21 @@ def test_dq_state_op_fake_updates_in_place() -> None:
     assert [a.name for a in schema.arguments if a.is_write] == ["dq"]
 
 
+def test_state_term_ops_refuse_float32_states() -> None:
+    """The kernels read bf16 state tiles: float32 states (the non-causal segment totals) are refused by name, not
+    read as wrong numbers (``add_dq_state_terms`` converts the last slot first)."""
+    q, dy = torch.randn(1, 2, 130, 64, dtype=torch.bfloat16), torch.randn(1, 2, 130, 64, dtype=torch.bfloat16)
+    den, dz = torch.ones(1, 2, 130), torch.zeros(1, 2, 130)
+    s, m = torch.randn(2, 1, 2560, 64), torch.randn(2, 1, 64, 64)
+    dq = torch.zeros(1, 2, 130, 64)
+    with pytest.raises(ValueError, match="bf16 states, got torch.float32"):
+        torch.ops.retention_compile.cuda_dq_state(q, dy, den, dz, s, m, None, dq, [2, 2, 1, 0, 130, 130], 128, False,
+                                                  False, False, 0.125)  # fmt: skip
+    with pytest.raises(ValueError, match="bf16 states, got torch.float32"):
+        torch.ops.retention_compile.cuda_dkv_state(q, dy, s, m, None, None, dq, dq.clone(), None,
+                                                   [2, 1, 2, 1, 0, 130], 128, False, False)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("d", "e", "chunk", "arch", "reason"),
     [

@@ -72,9 +72,10 @@ class StateKernelConfig:
     # (serialized by ptxas) 0.913 / 0.982, 4 slices with the cap for 1 program 1.055 / 1.149; Triton 1.081 / 1.171
     # (benchmarks/results/cuda_reverse_NVIDIA-H200_2026-11-30_bd780b9.json)
     wgmma_reverse_in_flight: int = 1
-    # dq's state terms on wgmma (``cuda_state_terms``, after a Triton dq_kernel without them): off until the kernel
-    # has been checked and timed on a GPU (tests/gpu/test_cuda_state.py turns it on)
-    wgmma_dq: bool = False
+    # dq's state terms on wgmma (``cuda_state_terms``, after a Triton dq_kernel without them). H200, T=65536 b1 h8
+    # d64, the whole triton_backward (ungated / gated, ms): Triton's dq_kernel with them 5.356 / 6.380, without them
+    # plus the CUDA kernel 4.836 / 5.718 (benchmarks/results/cuda_dq_state_NVIDIA-H200_2026-11-30_d30b6db.json)
+    wgmma_dq: bool = True
 
 
 # 128 registers, no spills (sm_90a), 2 programs per SM. H200, b=1 h=8 d=64 T=65536 (ungated / gated, ms): 64 keys per

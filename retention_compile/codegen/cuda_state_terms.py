@@ -102,6 +102,12 @@ def render_state_terms_source(fwd: KernelSpec, coordinate_terms: bool) -> str:
     )
 
 
+def _check_bf16_states(op: str, states: torch.Tensor) -> None:
+    """The kernels read the states as bf16 tiles: anything else would be read as wrong numbers, so it is refused."""
+    if states.dtype != torch.bfloat16:
+        raise ValueError(f"{op} reads bf16 states, got {states.dtype} (convert them, as add_dq_state_terms does)")
+
+
 @torch.library.custom_op("retention_compile::cuda_dkv_state", mutates_args=("dk", "dv", "kterm"))
 def cuda_dkv_state_op(
     k: torch.Tensor,
@@ -124,6 +130,7 @@ def cuda_dkv_state_op(
     ``sizes = (Hq, group, state_heads, state_slots, shift, Tk)``; ``k`` (B, Hk, Tk, d) and ``v`` bf16, ``r`` the
     reverse states R (B * state_heads, state_slots, Dt, 64) bf16, ``p`` P (.., d, d) fp32, ``g`` the cumulative
     log-gate (B, state_heads, >= Tk) fp32 or None, ``valid`` (B, Tk) bool or None."""
+    _check_bf16_states("cuda_dkv_state", r)
     Hq, group, state_heads, slots, shift, Tk = sizes
     fwd = state_spec(k, v, chunk_size, causal, g is not None, valid is not None)
     source = render_state_terms_source(fwd, coordinate_terms)
@@ -183,6 +190,7 @@ def cuda_dq_state_op(
     compiled from (one module for the three kernels)."""
     if dq.dtype != torch.float32 or not dq.is_contiguous():
         raise ValueError(f"cuda_dq_state adds into a contiguous float32 dq, got {dq.dtype} with strides {dq.stride()}")
+    _check_bf16_states("cuda_dq_state", s)
     if q.numel() == 0:
         return
     Hq, state_heads, slots, shift, Tq, Tk = sizes
@@ -232,10 +240,13 @@ def add_dq_state_terms(fwd: KernelSpec, coordinate_terms: bool, args: dict) -> N
     arguments, ``DQ`` (float32, holding the intra-chunk part) is updated in place. ``coordinate_terms`` does not
     change dq's terms (S holds no factor 2 either way); it names the module the dk/dv kernels share."""
     _record(fwd, coordinate_terms, {"q_shape": args["Q"].shape})
-    names = ("Hq", "state_heads", "state_slots", "shift", "Tq", "Tk")
+    states, totals, slots = args["S_ST"], args["M_ST"], args["state_slots"]
+    if not fwd.causal:  # float32 segment totals (forward.StateLayout): every query reads the last slot, in bf16
+        states, totals, slots = states[:, -1:].to(torch.bfloat16), totals[:, -1:], 1
+    sizes = [args["Hq"], args["state_heads"], slots, args["shift"], args["Tq"], args["Tk"]]
     torch.ops.retention_compile.cuda_dq_state(
-        args["Q"], args["DY"], args["DEN"], args["DZ"], args["S_ST"], args["M_ST"], args.get("G"), args["DQ"],
-        [args[n] for n in names], fwd.chunk_size, fwd.causal, fwd.has_valid, coordinate_terms, args["scale"],
+        args["Q"], args["DY"], args["DEN"], args["DZ"], states, totals, args.get("G"), args["DQ"], sizes,
+        fwd.chunk_size, fwd.causal, fwd.has_valid, coordinate_terms, args["scale"],
     )  # fmt: skip
 
 
