@@ -353,10 +353,11 @@ def test_dkv_state_op_fake_updates_in_place() -> None:
         kterm = _fake_cuda(2, 2, 300, dtype=torch.float32)
         g = _fake_cuda(2, 2, 300, dtype=torch.float32)
         sizes = [4, 2, 2, 3, 84, 300]  # Hq, group, state_heads, state_slots, shift, Tk
-        assert op(k, v, r, p, g, None, dk, dv, kterm, sizes, 128, True, True) is None
+        dk_out = _fake_cuda(2, 2, 300, 64)
+        assert op(k, v, r, p, g, None, dk, dv, kterm, dk_out, None, sizes, 128, True, True) is None
         assert dk.shape == (2, 2, 300, 64) and kterm.shape == (2, 2, 300)
     schema = op.default._schema
-    assert [a.name for a in schema.arguments if a.is_write] == ["dk", "dv", "kterm"]
+    assert [a.name for a in schema.arguments if a.is_write] == ["dk", "dv", "kterm", "dk_out", "dv_out"]
 
 
 def test_dq_state_op_fake_updates_in_place() -> None:
@@ -368,24 +369,28 @@ def test_dq_state_op_fake_updates_in_place() -> None:
         s, m = _fake_cuda(4, 3, 2560, 64), _fake_cuda(4, 3, 64, 64, dtype=torch.float32)
         dq = _fake_cuda(2, 4, 300, 64, dtype=torch.float32)
         sizes = [4, 2, 3, 84, 300, 300]  # Hq, state_heads, state_slots, shift, Tq, Tk
-        assert op(q, dy, den, dz, s, m, None, dq, sizes, 128, True, False, False, 0.125) is None
+        assert op(q, dy, den, dz, s, m, None, dq, None, sizes, 128, True, False, False, 0.125) is None
     schema = op.default._schema
-    assert [a.name for a in schema.arguments if a.is_write] == ["dq"]
+    assert [a.name for a in schema.arguments if a.is_write] == ["dq", "dq_out"]
 
 
-def test_state_term_ops_refuse_float32_states() -> None:
-    """The kernels read bf16 state tiles: float32 states (the non-causal segment totals) are refused by name, not
-    read as wrong numbers (``add_dq_state_terms`` converts the last slot first)."""
+def test_state_term_ops_refuse_what_they_would_misread() -> None:
+    """The kernels read bf16 state tiles and store bf16 final gradients: float32 states (the non-causal segment
+    totals; ``add_dq_state_terms`` converts the last slot first) and a float32 final output are refused by name,
+    not read or written as wrong numbers."""
     q, dy = torch.randn(1, 2, 130, 64, dtype=torch.bfloat16), torch.randn(1, 2, 130, 64, dtype=torch.bfloat16)
     den, dz = torch.ones(1, 2, 130), torch.zeros(1, 2, 130)
     s, m = torch.randn(2, 1, 2560, 64), torch.randn(2, 1, 64, 64)
     dq = torch.zeros(1, 2, 130, 64)
     with pytest.raises(ValueError, match="bf16 states, got torch.float32"):
-        torch.ops.retention_compile.cuda_dq_state(q, dy, den, dz, s, m, None, dq, [2, 2, 1, 0, 130, 130], 128, False,
-                                                  False, False, 0.125)  # fmt: skip
+        torch.ops.retention_compile.cuda_dq_state(q, dy, den, dz, s, m, None, dq, None, [2, 2, 1, 0, 130, 130], 128,
+                                                  False, False, False, 0.125)  # fmt: skip
     with pytest.raises(ValueError, match="bf16 states, got torch.float32"):
-        torch.ops.retention_compile.cuda_dkv_state(q, dy, s, m, None, None, dq, dq.clone(), None,
+        torch.ops.retention_compile.cuda_dkv_state(q, dy, s, m, None, None, dq, dq.clone(), None, None, None,
                                                    [2, 1, 2, 1, 0, 130], 128, False, False)  # fmt: skip
+    with pytest.raises(ValueError, match="final output must be a contiguous bf16 tensor"):
+        torch.ops.retention_compile.cuda_dq_state(q, dy, den, dz, s.bfloat16(), m, None, dq, dq.clone(),
+                                                  [2, 2, 1, 0, 130, 130], 128, False, False, False, 0.125)  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -252,9 +252,9 @@ def run_state_hook_cases(names: tuple[str, ...], suffix: str) -> dict[str, dict[
 
     real_dkv = backward._dkv_state_terms
 
-    def dkv_terms(module, fwd, grid, args, state_terms=None):
+    def dkv_terms(module, fwd, grid, args, state_terms=None, finals=False):
         hook = functools.partial(cuda_state_terms.dkv_state_terms_reference, fwd, backward.coordinate_state_terms(fwd))
-        real_dkv(module, fwd, grid, args, state_terms=hook)
+        return real_dkv(module, fwd, grid, args, state_terms=hook, finals=finals)
 
     real_dq = backward._dq_state_hook
     backward._dq_state_hook, backward._dkv_state_terms = dq_hook, dkv_terms

@@ -275,7 +275,9 @@ def triton_backward(
     dq = torch.empty((B, Hq, Tq, d), dtype=q.dtype if dq_state_terms is None else torch.float32, device=q.device)
     _launch(module.dq_kernel, (_cdiv(Tq, spec.block_t), B * Hq), {**dq_args, "DQ": dq}, warps, STAGES)
     if dq_state_terms is not None:
-        dq_state_terms({**dq_args, "DQ": dq})
+        final = _final_buffers({"DQ": dq}, dtypes[0] == torch.bfloat16)
+        dq_state_terms({**dq_args, "DQ": dq, **final})
+        dq = final.get("DQ_OUT", dq)
 
     per_head = state_heads != Hk  # a state per query head: partial dk, dv per state head, summed below
     # float32 where more than one kernel adds to them: the group sum below, the chunked path's state kernel
@@ -288,7 +290,9 @@ def triton_backward(
     grid = (_cdiv(Tk + shift, spec.block_k), B * state_heads)
     _launch(module.dkv_kernel, grid, {**dkv_args, **outputs}, warps, STAGES)
     if fwd.chunked:
-        _dkv_state_terms(module, fwd, grid, {**dkv_args, **outputs}, state_terms=state_terms)
+        finals = not per_head and dtypes[1] == dtypes[2] == torch.bfloat16
+        final = _dkv_state_terms(module, fwd, grid, {**dkv_args, **outputs}, state_terms=state_terms, finals=finals)
+        dk, dv = final.get("DK_OUT", dk), final.get("DV_OUT", dv)
     if per_head:
         dk, dv = dk.unflatten(1, (Hk, -1)).sum(2), dv.unflatten(1, (Hk, -1)).sum(2)
     dg = None
@@ -387,14 +391,26 @@ def _dq_state_hook(fwd: KernelSpec, q: torch.Tensor, dy: torch.Tensor, state_ker
 
 
 def _dkv_state_terms(
-    module, fwd: KernelSpec, grid, args: dict, state_terms: Callable[[dict], None] | None = None
-) -> None:
+    module, fwd: KernelSpec, grid, args: dict, state_terms: Callable[[dict], None] | None = None, finals: bool = False
+) -> dict[str, torch.Tensor]:
     """Add the inter-chunk terms of dk, dv (and the key term) to the buffers ``dkv_kernel`` filled: the CUDA kernels
-    (``state_terms``, ``cuda_state_terms``: bf16 on sm_90a with e = 64) where given, else ``dkv_state_kernel``."""
-    if state_terms is not None:
-        state_terms(args)
-    else:
+    (``state_terms``, ``cuda_state_terms``: bf16 on sm_90a with e = 64) where given, else ``dkv_state_kernel``.
+    With ``finals`` the CUDA kernels, the gradients' last writers, store the sums in bf16 instead: returned as
+    ``DK_OUT``, ``DV_OUT`` (``{}`` where ``dkv_state_kernel`` ran)."""
+    if state_terms is None:
         _launch(module.dkv_state_kernel, grid, args, chunked_warps(fwd, state_terms=True), STAGES)
+        return {}
+    final = _final_buffers({"DK": args["DK"], "DV": args["DV"]}, finals)
+    state_terms({**args, **final})
+    return final
+
+
+def _final_buffers(buffers: dict[str, torch.Tensor], wanted: bool) -> dict[str, torch.Tensor]:
+    """``NAME_OUT``: a bf16 tensor shaped like each float32 buffer, for a hook that stores the final gradient (saving
+    a rounding pass over the buffer), where ``wanted`` (the gradient's dtype is bf16); else ``{}``."""
+    if not wanted:
+        return {}
+    return {f"{name}_OUT": torch.empty_like(t, dtype=torch.bfloat16) for name, t in buffers.items()}
 
 
 def reverse_state_buffers(

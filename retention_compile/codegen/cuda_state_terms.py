@@ -102,13 +102,22 @@ def render_state_terms_source(fwd: KernelSpec, coordinate_terms: bool) -> str:
     )
 
 
+def _check_final_outputs(op: str, *pairs: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    """A final output is stored at its float32 buffer's offsets: bf16, the same shape, both contiguous."""
+    for buffer, final in pairs:
+        if final is not None and (final.dtype != torch.bfloat16 or final.shape != buffer.shape
+                                  or not (final.is_contiguous() and buffer.is_contiguous())):  # fmt: skip
+            raise ValueError(f"{op}: a final output must be a contiguous bf16 tensor shaped like its float32 buffer "
+                             f"{tuple(buffer.shape)}, got {final.dtype} {tuple(final.shape)}")  # fmt: skip
+
+
 def _check_bf16_states(op: str, states: torch.Tensor) -> None:
     """The kernels read the states as bf16 tiles: anything else would be read as wrong numbers, so it is refused."""
     if states.dtype != torch.bfloat16:
         raise ValueError(f"{op} reads bf16 states, got {states.dtype} (convert them, as add_dq_state_terms does)")
 
 
-@torch.library.custom_op("retention_compile::cuda_dkv_state", mutates_args=("dk", "dv", "kterm"))
+@torch.library.custom_op("retention_compile::cuda_dkv_state", mutates_args=("dk", "dv", "kterm", "dk_out", "dv_out"))
 def cuda_dkv_state_op(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -119,18 +128,22 @@ def cuda_dkv_state_op(
     dk: torch.Tensor,
     dv: torch.Tensor,
     kterm: torch.Tensor | None,
+    dk_out: torch.Tensor | None,
+    dv_out: torch.Tensor | None,
     sizes: Sequence[int],
     chunk_size: int,
     causal: bool,
     coordinate_terms: bool,
 ) -> None:
     """Add the inter-chunk terms into ``dk`` (B, state_heads, Tk, d), ``dv`` (.., 64) and ``kterm`` (B, state_heads,
-    Tk), all float32 and contiguous.
+    Tk), all float32 and contiguous; where ``dk_out`` / ``dv_out`` (bf16, shaped and laid out as ``dk`` / ``dv``) are
+    given, the sums are stored there, rounded, and ``dk`` / ``dv`` keep what they held.
 
     ``sizes = (Hq, group, state_heads, state_slots, shift, Tk)``; ``k`` (B, Hk, Tk, d) and ``v`` bf16, ``r`` the
     reverse states R (B * state_heads, state_slots, Dt, 64) bf16, ``p`` P (.., d, d) fp32, ``g`` the cumulative
     log-gate (B, state_heads, >= Tk) fp32 or None, ``valid`` (B, Tk) bool or None."""
     _check_bf16_states("cuda_dkv_state", r)
+    _check_final_outputs("cuda_dkv_state", (dk, dk_out), (dv, dv_out))
     Hq, group, state_heads, slots, shift, Tk = sizes
     fwd = state_spec(k, v, chunk_size, causal, g is not None, valid is not None)
     source = render_state_terms_source(fwd, coordinate_terms)
@@ -150,21 +163,23 @@ def cuda_dkv_state_op(
     dk_kernel = load_with_shared_memory(source, KERNEL_NAMES[1], dk_smem, device)
     with torch.cuda.device(k.device):
         dv_kernel.launch(
-            grid, (WGMMA_THREADS, 1, 1), (k, v, r, gate, valid_bytes, dv, kterm, *strides, *sizes_args),
+            grid, (WGMMA_THREADS, 1, 1), (k, v, r, gate, valid_bytes, dv, dv_out, kterm, *strides, *sizes_args),
             shared_mem=dv_smem,
         )  # fmt: skip
         dk_kernel.launch(
-            grid, (WGMMA_THREADS, 1, 1), (k, v, r, p, gate, valid_bytes, dk, kterm, *strides, *sizes_args),
+            grid, (WGMMA_THREADS, 1, 1), (k, v, r, p, gate, valid_bytes, dk, dk_out, kterm, *strides, *sizes_args),
             shared_mem=dk_smem,
         )  # fmt: skip
 
 
 @cuda_dkv_state_op.register_fake
-def _cuda_dkv_state_fake(k, v, r, p, g, valid, dk, dv, kterm, sizes, chunk_size, causal, coordinate_terms):
+def _cuda_dkv_state_fake(
+    k, v, r, p, g, valid, dk, dv, kterm, dk_out, dv_out, sizes, chunk_size, causal, coordinate_terms
+):
     return None
 
 
-@torch.library.custom_op("retention_compile::cuda_dq_state", mutates_args=("dq",))
+@torch.library.custom_op("retention_compile::cuda_dq_state", mutates_args=("dq", "dq_out"))
 def cuda_dq_state_op(
     q: torch.Tensor,
     dy: torch.Tensor,
@@ -174,6 +189,7 @@ def cuda_dq_state_op(
     m: torch.Tensor,
     g: torch.Tensor | None,
     dq: torch.Tensor,
+    dq_out: torch.Tensor | None,
     sizes: Sequence[int],
     chunk_size: int,
     causal: bool,
@@ -181,7 +197,8 @@ def cuda_dq_state_op(
     coordinate_terms: bool,
     scale: float,
 ) -> None:
-    """Add the state terms into ``dq`` (B, Hq, Tq, d) float32, contiguous.
+    """Add the state terms into ``dq`` (B, Hq, Tq, d) float32, contiguous, or store the sums, rounded, in ``dq_out``
+    (bf16, shaped and laid out as ``dq``) where given.
 
     ``sizes = (Hq, state_heads, state_slots, shift, Tq, Tk)``; ``q`` (B, Hq, Tq, d) and ``dy`` (.., 64) bf16,
     ``den``, ``dz`` (B, Hq, Tq) fp32, ``s`` the forward states S (B * state_heads, state_slots, Dt, 64) bf16, ``m``
@@ -191,6 +208,7 @@ def cuda_dq_state_op(
     if dq.dtype != torch.float32 or not dq.is_contiguous():
         raise ValueError(f"cuda_dq_state adds into a contiguous float32 dq, got {dq.dtype} with strides {dq.stride()}")
     _check_bf16_states("cuda_dq_state", s)
+    _check_final_outputs("cuda_dq_state", (dq, dq_out))
     if q.numel() == 0:
         return
     Hq, state_heads, slots, shift, Tq, Tk = sizes
@@ -208,13 +226,15 @@ def cuda_dq_state_op(
     with torch.cuda.device(q.device):
         kernel.launch(
             grid, (WGMMA_THREADS, 1, 1),
-            (q, dy, den, dz, s, m, gate, dq, *strides, Hq, state_heads, slots, shift, Tq, Tk, float(scale)),
+            (q, dy, den, dz, s, m, gate, dq, dq_out, *strides, Hq, state_heads, slots, shift, Tq, Tk, float(scale)),
             shared_mem=smem,
         )  # fmt: skip
 
 
 @cuda_dq_state_op.register_fake
-def _cuda_dq_state_fake(q, dy, den, dz, s, m, g, dq, sizes, chunk_size, causal, has_valid, coordinate_terms, scale):
+def _cuda_dq_state_fake(
+    q, dy, den, dz, s, m, g, dq, dq_out, sizes, chunk_size, causal, has_valid, coordinate_terms, scale
+):
     return None
 
 
@@ -226,27 +246,30 @@ def _record(fwd: KernelSpec, coordinate_terms: bool, shapes: dict[str, torch.Siz
 
 def add_dkv_state_terms(fwd: KernelSpec, coordinate_terms: bool, args: dict) -> None:
     """The backward's hook in place of ``dkv_state_kernel``: ``args`` are that kernel's keyword arguments
-    (``DK``, ``DV`` and, gated, ``KTERM`` are updated in place)."""
+    (``DK``, ``DV`` and, gated, ``KTERM`` are updated in place; with ``DK_OUT`` and ``DV_OUT``, bf16, the sums go
+    there instead)."""
     _record(fwd, coordinate_terms, {"k_shape": args["K"].shape})
     names = ("Hq", "group", "state_heads", "state_slots", "shift", "Tk")
     torch.ops.retention_compile.cuda_dkv_state(
         args["K"], args["V"], args["R_ST"], args["P_ST"], args.get("G"), args.get("VALID"), args["DK"], args["DV"],
-        args.get("KTERM"), [args[n] for n in names], fwd.chunk_size, fwd.causal, coordinate_terms,
+        args.get("KTERM"), args.get("DK_OUT"), args.get("DV_OUT"), [args[n] for n in names], fwd.chunk_size,
+        fwd.causal, coordinate_terms,
     )  # fmt: skip
 
 
 def add_dq_state_terms(fwd: KernelSpec, coordinate_terms: bool, args: dict) -> None:
     """The backward's hook for the state terms ``dq_kernel`` left out: ``args`` are that kernel's keyword
-    arguments, ``DQ`` (float32, holding the intra-chunk part) is updated in place. ``coordinate_terms`` does not
-    change dq's terms (S holds no factor 2 either way); it names the module the dk/dv kernels share."""
+    arguments, ``DQ`` (float32, holding the intra-chunk part) is updated in place, or with ``DQ_OUT`` (bf16) the sum
+    is stored there. ``coordinate_terms`` does not change dq's terms (S holds no factor 2 either way); it names the
+    module the dk/dv kernels share."""
     _record(fwd, coordinate_terms, {"q_shape": args["Q"].shape})
     states, totals, slots = args["S_ST"], args["M_ST"], args["state_slots"]
     if not fwd.causal:  # float32 segment totals (forward.StateLayout): every query reads the last slot, in bf16
         states, totals, slots = states[:, -1:].to(torch.bfloat16), totals[:, -1:], 1
     sizes = [args["Hq"], args["state_heads"], slots, args["shift"], args["Tq"], args["Tk"]]
     torch.ops.retention_compile.cuda_dq_state(
-        args["Q"], args["DY"], args["DEN"], args["DZ"], states, totals, args.get("G"), args["DQ"], sizes,
-        fwd.chunk_size, fwd.causal, fwd.has_valid, coordinate_terms, args["scale"],
+        args["Q"], args["DY"], args["DEN"], args["DZ"], states, totals, args.get("G"), args["DQ"], args.get("DQ_OUT"),
+        sizes, fwd.chunk_size, fwd.causal, fwd.has_valid, coordinate_terms, args["scale"],
     )  # fmt: skip
 
 
@@ -281,8 +304,10 @@ def dkv_state_terms_reference(fwd: KernelSpec, coordinate_terms: bool, args: dic
         kterm_j += v_j . (mu_j phi(k_j)^T R_c) + mu_j (P_c k_j) . k_j   (gated)
 
     with c = (j + shift) // C (causal; slot 0 otherwise), mu_j = exp(G_end(c) - G_j) gated and causal, 1
-    otherwise, 0 for keys not valid; off-diagonal pairs count twice with ``coordinate_terms`` (R holds no 2)."""
-    k, v, r_states, p_states, dk, dv = (args[n] for n in ("K", "V", "R_ST", "P_ST", "DK", "DV"))
+    otherwise, 0 for keys not valid; off-diagonal pairs count twice with ``coordinate_terms`` (R holds no 2). Given
+    ``DK_OUT``, ``DV_OUT``, the sums are stored there instead."""
+    k, v, r_states, p_states = (args[n] for n in ("K", "V", "R_ST", "P_ST"))
+    dk, dv = (_working_copy(args, n) for n in ("DK", "DV"))
     gate, valid, kterm = args.get("G"), args.get("VALID"), args.get("KTERM")
     Hq, group, state_heads, shift, Tk = (args[n] for n in ("Hq", "group", "state_heads", "shift", "Tk"))
     chunk, d = fwd.chunk_size, k.shape[-1]
@@ -312,6 +337,19 @@ def dkv_state_terms_reference(fwd: KernelSpec, coordinate_terms: bool, args: dic
                 dv[b, hs, rows] += dv_state
                 if kterm is not None:
                     kterm[b, hs, rows] += (vals[rows] * dv_state).sum(1) + mu[rows] * (pk * x[rows]).sum(1)
+    _store_finals(args, DK=dk, DV=dv)
+
+
+def _working_copy(args: dict, name: str) -> torch.Tensor:
+    """The buffer a reference adds into: ``args[name]`` itself, or a copy where ``NAME_OUT`` is to get the sum (the
+    CUDA kernels then leave the buffer as it was)."""
+    return args[name] if args.get(f"{name}_OUT") is None else args[name].clone()
+
+
+def _store_finals(args: dict, **sums: torch.Tensor) -> None:
+    for name, total in sums.items():
+        if (final := args.get(f"{name}_OUT")) is not None:
+            final.copy_(total)
 
 
 def dq_state_terms_reference(fwd: KernelSpec, coordinate_terms: bool, args: dict) -> None:
@@ -322,8 +360,10 @@ def dq_state_terms_reference(fwd: KernelSpec, coordinate_terms: bool, args: dict
         lam_i = s^2 exp(G_(i + off) - G_(c C - shift - 1))   (gated, causal; 0 for a position before the first key)
 
     with c = max(i + off + shift, 0) // C (causal) or the last slot, J_phi^T of pair tile X giving block I
-    sum_b X[a, b] q_J[b] and block J sum_a X[a, b] q_I[a], off-diagonal tiles counted twice."""
-    q, dy, den, dz, states, m_states, dq = (args[n] for n in ("Q", "DY", "DEN", "DZ", "S_ST", "M_ST", "DQ"))
+    sum_b X[a, b] q_J[b] and block J sum_a X[a, b] q_I[a], off-diagonal tiles counted twice. Given ``DQ_OUT``, the
+    sum is stored there instead."""
+    q, dy, den, dz, states, m_states = (args[n] for n in ("Q", "DY", "DEN", "DZ", "S_ST", "M_ST"))
+    dq = _working_copy(args, "DQ")
     gate = args.get("G")
     Hq, state_heads, slots, shift, Tq, Tk = (args[n] for n in ("Hq", "state_heads", "state_slots", "shift", "Tq", "Tk"))
     B, chunk, s2 = q.shape[0], fwd.chunk_size, args["scale"] ** 2
@@ -349,3 +389,4 @@ def dq_state_terms_reference(fwd: KernelSpec, coordinate_terms: bool, args: dict
                 m = m_states[bs, slot]
                 add = (dz[b, hq][rows] * lam[rows])[:, None] * (x[rows] @ (m + m.T))
                 dq[b, hq, rows] += add + _pair_jacobian_t(grad, x[rows], pairs, coef)
+    _store_finals(args, DQ=dq)

@@ -255,13 +255,14 @@ DKV_CASES = [c for c in CASES if c[8] == torch.bfloat16 and c[7] == 64 and c[6] 
 @pytest.mark.parametrize("case", DKV_CASES, ids=[c[0] for c in DKV_CASES])
 def test_dkv_state_terms_match_the_triton_kernel(case: tuple, monkeypatch) -> None:
     """The CUDA (wgmma) dk/dv state-term kernels against Triton's ``dkv_state_kernel`` on the same arguments: what
-    each adds to dk, dv (and the key term) agrees, and the backward took the CUDA kernels."""
+    each adds to dk, dv (and the key term) agrees, the backward took the CUDA kernels, and where they store the final
+    bf16 dk, dv it is the float32 sum they would have left, rounded."""
     x, grad_y, y, den = _hopper_backward_inputs(case, seed=4)
     q, k, v, kw = x["q"], x["k"], x["v"], x["kwargs"]
     original = backward._dkv_state_terms
     added: dict[str, dict[str, torch.Tensor]] = {}
 
-    def both(module, fwd, grid, args, state_terms=None):
+    def both(module, fwd, grid, args, state_terms=None, finals=False):
         assert state_terms is not None, "the backward did not take the CUDA dk/dv state kernels"
         names = [n for n in ("DK", "DV", "KTERM") if n in args]
         start = {n: args[n].clone() for n in names}
@@ -270,10 +271,22 @@ def test_dkv_state_terms_match_the_triton_kernel(case: tuple, monkeypatch) -> No
                 args[n].copy_(start[n])
             original(module, fwd, grid, args, state_terms=hook)
             added[name] = {n: args[n] - start[n] for n in names}
+        sums = {n: args[n].clone() for n in ("DK", "DV")}
+        for n in names:
+            args[n].copy_(start[n])
+        final = original(module, fwd, grid, args, state_terms=state_terms, finals=finals)
+        assert set(final) == ({"DK_OUT", "DV_OUT"} if finals else set())
+        for n, out in final.items():
+            assert torch.equal(out, sums[n[:2]].bfloat16()), f"{n}: not the rounded float32 sum"
+            assert torch.equal(args[n[:2]], start[n[:2]]), f"{n[:2]} changed where {n} took the sum"
+        added["finals"] = final
+        return final
 
     monkeypatch.setattr(backward, "_dkv_state_terms", both)
     backward.triton_backward(grad_y, q, k, v, y, den, **kw, segments=x["segments"], state_kernel=chunk_states)
     assert set(added["cuda"]) == ({"DK", "DV", "KTERM"} if kw["log_gate"] is not None else {"DK", "DV"})
+    per_head = kw["log_gate"] is not None and kw["log_gate"].shape[1] != k.shape[1]
+    assert bool(added["finals"]) == (not per_head), "final bf16 dk, dv exactly where no group sum follows"
     for name, ref in added["triton"].items():
         assert ref.abs().max() > 0, f"{name}: no inter-chunk term to compare"
         assert _rel(added["cuda"][name], ref) < 1e-2, f"{name}: {_rel(added['cuda'][name], ref):.2e}"
@@ -282,8 +295,8 @@ def test_dkv_state_terms_match_the_triton_kernel(case: tuple, monkeypatch) -> No
 @pytest.mark.parametrize("case", DKV_CASES, ids=[c[0] for c in DKV_CASES])
 def test_dq_state_terms_on_wgmma(case: tuple, monkeypatch) -> None:
     """With ``wgmma_dq`` the dq state terms run on the CUDA kernel after a Triton dq_kernel without them: what it adds
-    matches their PyTorch form on the same arguments, and the gradients match the oracle and the all-Triton
-    backward."""
+    matches their PyTorch form on the same arguments, the final bf16 dq it stores is the float32 sum rounded, and the
+    gradients match the oracle and the all-Triton backward."""
     x, grad_y, y, den = _hopper_backward_inputs(case, seed=5)
     q, k, v, kw = x["q"], x["k"], x["v"], x["kwargs"]
     monkeypatch.setattr(cuda_state, "CONFIG", dataclasses.replace(cuda_state.CONFIG, wgmma_dq=True))
@@ -295,11 +308,14 @@ def test_dq_state_terms_on_wgmma(case: tuple, monkeypatch) -> None:
         assert hook is not None, "the backward did not take the CUDA dq state kernel"
 
         def both(args):
+            assert args.get("DQ_OUT") is not None, "the backward gave the kernel no final bf16 dq"
             start = args["DQ"].clone()
-            reference = {**args, "DQ": start.clone()}
+            reference, in_place = ({**args, "DQ": start.clone(), "DQ_OUT": None} for _ in range(2))
             cuda_state_terms.dq_state_terms_reference(fwd, False, reference)
+            hook(in_place)
             hook(args)
-            added.update(cuda=args["DQ"] - start, reference=reference["DQ"] - start)
+            assert torch.equal(args["DQ_OUT"], in_place["DQ"].bfloat16()), "DQ_OUT: not the rounded float32 sum"
+            added.update(cuda=in_place["DQ"] - start, reference=reference["DQ"] - start)
 
         return both
 
