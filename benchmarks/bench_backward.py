@@ -3,7 +3,7 @@ b=1, h=8, d=64, deg=2, bf16, causal, ungated and gated (random per-token per-hea
 
     python benchmarks/bench_backward.py [--out DIR] [--T 2048 8192 32768 65536] [--competitors T ...]
                                         [--compiled T ...]
-                                        [--profile T ...]
+                                        [--profile T ...] [--chunks C ...]
 
 "ours" is ``rc.power_retention`` run eagerly with autograd (the op's forward and backward bodies launch the
 Triton kernels directly; chunk and tiles from ``planning.plan``): one timed call is forward, then
@@ -12,7 +12,9 @@ compile) is the same under ``torch.compile`` (the kernels launched from Inductor
 generated code, as in a compiled model: at short T the eager op's host time dominates, 2026-11-29). SDPA and
 Manifest are timed eagerly like "ours" (Manifest only when importable: carry its wheels,
 ../shared/tools/gpu-wheels.sh). Times are medians of ``triton.testing.do_bench`` (warmup 25 ms, rep 100 ms);
-gradients are reset to None between calls. At the largest T (or each ``--profile`` T) a profiler breakdown per
+gradients are reset to None between calls. ``--chunks`` also times ours (fwd+bwd and forward only) with each chunk size
+forced (``chunk_size=C``, rows ``ours_chunkC`` and ``ours_forward_only_chunkC``), to check the planner's choice.
+At the largest T (or each ``--profile`` T) a profiler breakdown per
 kernel of ours is recorded. Run it alone on the GPU: the two runs of 2026-11-29 that followed a pytest killed by
 ``timeout`` (its xdist workers may have lived on) gave SDPA fwd+bwd 0.40-0.45 ms at T=2048 against the anchor's 0.125.
 
@@ -59,9 +61,11 @@ def _step(forward: Callable[[], torch.Tensor], dy: torch.Tensor, leaves: list[to
     return run
 
 
-def ours(x: dict) -> Callable[[], None]:
+def ours(x: dict, chunk: int | None = None) -> Callable[[], None]:
     leaves = [x["q"], x["k"], x["v"]] + ([x["gate"]] if x["gate"] is not None else [])
-    return _step(lambda: rc.power_retention(x["q"], x["k"], x["v"], log_gate=x["gate"]), x["dy"], leaves)
+    return _step(
+        lambda: rc.power_retention(x["q"], x["k"], x["v"], log_gate=x["gate"], chunk_size=chunk), x["dy"], leaves
+    )
 
 
 def ours_compiled(x: dict) -> Callable[[], None]:
@@ -77,10 +81,10 @@ def ours_compiled(x: dict) -> Callable[[], None]:
     return run
 
 
-def forward_only(x: dict) -> Callable[[], torch.Tensor]:
+def forward_only(x: dict, chunk: int | None = None) -> Callable[[], torch.Tensor]:
     def run() -> torch.Tensor:
         with torch.no_grad():
-            return rc.power_retention(x["q"], x["k"], x["v"], log_gate=x["gate"])
+            return rc.power_retention(x["q"], x["k"], x["v"], log_gate=x["gate"], chunk_size=chunk)
 
     return run
 
@@ -114,7 +118,7 @@ def breakdown(run: Callable[[], None], calls: int = 10) -> dict[str, float]:
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
-def measure(T: int, gated: bool, competitors: bool, profile: bool, compiled: bool) -> dict:
+def measure(T: int, gated: bool, competitors: bool, profile: bool, compiled: bool, chunks: list[int]) -> dict:
     x = inputs(T, gated)
     row: dict = {"T": T, "gated": gated, "errors": {}}
     started = time.perf_counter()
@@ -130,6 +134,9 @@ def measure(T: int, gated: bool, competitors: bool, profile: bool, compiled: boo
         makers["sdpa"] = lambda: sdpa(x)
     if competitors:
         makers["manifest"] = lambda: manifest(x)
+    for chunk in chunks:
+        makers[f"ours_chunk{chunk}"] = lambda chunk=chunk: ours(x, chunk)
+        makers[f"ours_forward_only_chunk{chunk}"] = lambda chunk=chunk: forward_only(x, chunk)
     for name, maker in makers.items():
         started = time.perf_counter()
         row[name], error = timed(maker)
@@ -173,6 +180,7 @@ def main() -> None:
     parser.add_argument("--competitors", type=int, nargs="*", default=list(LENGTHS))
     parser.add_argument("--compiled", type=int, nargs="*", default=[2048, 8192], help="lengths timed compiled too")
     parser.add_argument("--profile", type=int, nargs="*", default=None, help="lengths to profile (default: max T)")
+    parser.add_argument("--chunks", type=int, nargs="*", default=[], help="chunk sizes also timed, forced")
     parser.add_argument("--commit", default=None)
     args = parser.parse_args()
     profiled = set(args.profile if args.profile is not None else [max(args.T)])
@@ -180,7 +188,7 @@ def main() -> None:
     record["rows"] = []
 
     def measure_row(T: int, gated: bool) -> dict:
-        return measure(T, gated, T in args.competitors, T in profiled, T in args.compiled)
+        return measure(T, gated, T in args.competitors, T in profiled, T in args.compiled, args.chunks)
 
     record_rows(record, base, args.T, measure_row, _line, plot)
     for row in record["rows"]:
