@@ -99,6 +99,24 @@ def denominator_error(chunk: int) -> float:
     return float(((den[0, 0].double() - expected).abs() / expected).max())
 
 
+def keyless_alignment() -> dict[str, float]:
+    """Causal Tq = 45 > Tk = 30 over chunks of 16: the state slots the kernels used (2 when the chunks align with the
+    keys, 3 aligned with all the queries), and the first Tq - Tk rows' largest |y| and |denom - eps|."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, t, 32, generator=gen) for t in (45, 30, 30))
+    states: dict[str, torch.Tensor] = {}
+    y, den = triton_forward(
+        q, k, v, scale=0.2, deg=2, log_gate=None, causal=True, valid=None, plan=Plan(chunk_size=16, **TINY),
+        states_out=states,
+    )  # fmt: skip
+    return {
+        "keyless-slots": states["S"].shape[1],
+        "keyless-y": float(y[:, :, :15].abs().max()),
+        "keyless-denom": float((den[:, :, :15] - 1e-6).abs().max()),
+        "keyless-shape": float(y.shape == (1, 2, 45, 32) and den.shape == (1, 2, 45)),
+    }
+
+
 QUERY_T_CASES = ("chunked-gate-valid-segments", "chunked-decode", "chunked-noncausal", "chunked-d48")
 FLOAT16_CASES = ("quadratic-deg4-gate-valid", "chunked-gate-valid-segments")
 
@@ -110,6 +128,7 @@ def _interpreted() -> dict[str, float]:
     """
     results = {name: run_case(case) for name, case in CASES}
     results.update({f"denominator-chunk{c}": denominator_error(c) for c in (16, 1024)})
+    results.update(keyless_alignment())
     # float16 inputs run the float32 kernels (forward.kernel_inputs), exact as float32 ones
     results.update({f"{name}-float16": run_case(dict(CASES)[name], torch.float16) for name in FLOAT16_CASES})
     forward.QUERY_TRANSPOSED = not forward.QUERY_TRANSPOSED
@@ -135,6 +154,15 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
 )
 def test_kernels_match_oracle(interpreted: dict[str, float], name: str) -> None:
     assert interpreted[name] < 1e-5, f"{name}: relative error {interpreted[name]:.2e}"
+
+
+def test_queries_before_the_first_key_are_left_out(interpreted: dict[str, float]) -> None:
+    """Causal Tq > Tk: the kernels run on the rows with keys, so the chunks align with the keys (no first chunk of
+    a few keys reached through the bf16 state alone: ``forward.keyless_rows``); the rows before the first key are
+    y = 0, denom = eps (their oracle values; the rest is checked by the chunked-tq-gt-tk case)."""
+    assert interpreted["keyless-slots"] == 2
+    assert interpreted["keyless-y"] == 0.0 and interpreted["keyless-denom"] < 1e-12
+    assert interpreted["keyless-shape"] == 1.0
 
 
 def test_rendered_source_bakes_the_shape() -> None:

@@ -86,7 +86,9 @@ from .forward import (
     _strides,
     kernel_inputs,
     kernel_spec,
+    keyless_rows,
     state_segments,
+    with_keyless_rows,
 )
 from .triton_source import SCAN_BLOCK, KernelSpec, load, load_forward, value_tile
 
@@ -220,6 +222,13 @@ def triton_backward(
     inputs; ignored for others, which run the Triton one). ``saved_states``: the forward's ``(S, M)``
     (``triton_forward``'s ``states_out``), read instead of recomputing them where their shapes and dtypes are the
     ``StateLayout`` of this call (else recomputed)."""
+    if (keyless := keyless_rows(q, k, causal)) is not None:  # the forward's alignment: run on the rows with keys
+        dq, dk, dv, dg = triton_backward(
+            grad_y[:, :, keyless:], q[:, :, keyless:], k, v, y[:, :, keyless:], denom[:, :, keyless:], scale=scale,
+            deg=deg, log_gate=log_gate, causal=causal, valid=valid, plan=plan, segments=segments,
+            state_kernel=state_kernel, saved_states=saved_states,
+        )  # fmt: skip
+        return with_keyless_rows(dq, keyless, 0.0), dk, dv, dg
     if q.dtype in PADDED_HEAD_DTYPES and size_hint(q.shape[-1]) < PADDED_HEAD_DIM:
         options = {"scale": scale, "deg": deg, "log_gate": log_gate, "causal": causal, "valid": valid}
         return _padded_head_backward(grad_y, q, k, v, y, denom, plan=plan, **options)

@@ -51,9 +51,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from ..inspection import is_recording
 from ..planning import Plan
+from ..reference import EPS
 from ..sizes import size_hint
 from .fitting import compiled_shared_memory, device_shared_memory_limit, fit_shared_memory, launch_specialization
 from .triton_source import SCAN_BLOCK, KernelSpec, interpreting, load_forward, value_tile
@@ -245,6 +247,12 @@ def triton_forward(
     ``states_out``, on the chunked path, receives the chunk states the query kernel read (``"S"``, ``"M"``: shapes
     and dtypes in ``StateLayout``), which ``triton_backward(saved_states=...)`` takes instead of recomputing them.
     """
+    if (keyless := keyless_rows(q, k, causal)) is not None:
+        y, denom = triton_forward(
+            q[:, :, keyless:], k, v, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid, plan=plan,
+            segments=segments, state_kernel=state_kernel, states_out=states_out,
+        )  # fmt: skip
+        return with_keyless_rows(y, keyless, 0.0), with_keyless_rows(denom, keyless, EPS)
     if state_kernel is None:  # the CUDA state kernel takes 16-bit inputs (codegen="cuda" keeps float16 as it is)
         q, k, v = kernel_inputs(q, k, v)
     B, Hq, Tq, _ = q.shape
@@ -288,6 +296,27 @@ def triton_forward(
         _record(spec, path, q, k, v, plan)
     _launch(module.attention_kernel, grid(spec), attention, warps, stages)
     return y, denom
+
+
+def keyless_rows(q: torch.Tensor, k: torch.Tensor, causal: bool) -> int | torch.SymInt | None:
+    """``Tq - Tk``, the causal queries before the first key, where Tq > Tk > 0 (rows i < Tq - Tk see no key: y = 0,
+    denom = eps, no gradient), else None (also where symbolic sizes leave it open: no guard is added).
+
+    ``triton_forward`` and ``triton_backward`` run their kernels on the other rows only, so the chunks align with the
+    keys (shift 0). Aligned with all the queries (shift = (Tq - Tk) mod C) the first chunk would hold only C - shift
+    keys, which the next chunk's rows reach through the bf16 state alone, where the weights of a few keys lose
+    percents (forward_notes.md, session 19). GPU fuzz seed 20261209, case 968 (Tq 219, Tk 159, chunk 64: 4 keys in
+    the first chunk) had y off by 1.29e-2 that way."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    if causal and guard_or_false(Tk > 0) and guard_or_false(Tq > Tk):
+        return Tq - Tk
+    return None
+
+
+def with_keyless_rows(rows: torch.Tensor, keyless: int | torch.SymInt, fill: float) -> torch.Tensor:
+    """``rows`` (B, H, T, ...) after ``keyless`` rows of ``fill`` along dim 2."""
+    head = rows.new_full((*rows.shape[:2], keyless, *rows.shape[3:]), fill)
+    return torch.cat([head, rows], dim=2)
 
 
 def _gate_cumsum(module, log_gate: torch.Tensor) -> torch.Tensor:
