@@ -65,7 +65,7 @@ def plan_call(args: dict[str, Any]) -> dict[str, Any]:
         "d": d,
         "e": size_hint(v.shape[3]),
         "deg": int(args["deg"]),
-        "dtype": planning.kernel_dtype(q.dtype, q.device.type == "cuda"),
+        "dtype": planning.kernel_dtype(q.dtype, q.device.type == "cuda", int(args["chunk_size"])),
         "gated": args["log_gate"] is not None,
         "batch_heads": batch * kv_heads,
     }

@@ -60,7 +60,7 @@ def resolve_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, deg: int, ga
         d=size_hint(q.shape[3]),
         e=size_hint(v.shape[3]),
         deg=deg,
-        dtype=planning.kernel_dtype(q.dtype, q.is_cuda),
+        dtype=planning.kernel_dtype(q.dtype, q.is_cuda, chunk_size),
         gated=gated,
         batch_heads=size_hint(q.shape[0]) * size_hint(k.shape[1]),
         chunk_size=chunk_size,  # tiles fit the given chunk's kernels (the chunked query kernel needs the most)

@@ -91,6 +91,10 @@ class Plan:
 
 
 CHUNKS = (64, 128, 256, 512, 1024, 2048)
+# 16-bit calls on the chunked path with chunks shorter than this (only a forced chunk_size: CHUNKS start here) run
+# the float32 kernels: a chunk of few keys hands few keys to each state, whose bf16 feature products cancel
+# (codegen.forward.small_chunk_float32)
+EXACT_CHUNK_BELOW = 64
 # Tiles that reach the kernels (codegen/forward.py clamps value blocks to >= 64 columns and b to 16, and runs the
 # chunked query kernel with its own warps): only these are considered.
 BLOCK_T = (32, 64, 128)
@@ -651,10 +655,12 @@ def _plan_cpu(T: int, d: int, e: int, deg: int, dtype: torch.dtype, gated: bool,
     return Plan(chunk_size=int(chunks[best]), reason=reason, modelled_s=float(values["time"][best]))
 
 
-def kernel_dtype(dtype: torch.dtype, on_cuda: bool) -> torch.dtype:
+def kernel_dtype(dtype: torch.dtype, on_cuda: bool, chunk_size: int = 0) -> torch.dtype:
     """The dtype the kernels run for inputs of ``dtype``: float16 on CUDA runs the float32 Triton kernels
-    (``codegen.forward.kernel_inputs``; ``codegen="cuda"`` keeps it beside the CUDA state kernel)."""
-    return torch.float32 if on_cuda and dtype == torch.float16 else dtype
+    (``codegen.forward.kernel_inputs``; ``codegen="cuda"`` keeps it beside the CUDA state kernel), and so do both
+    16-bit dtypes with a forced ``chunk_size`` under ``EXACT_CHUNK_BELOW`` (0: planned, never that short)."""
+    small_chunk = 0 < chunk_size < EXACT_CHUNK_BELOW and dtype in (torch.float16, torch.bfloat16)
+    return torch.float32 if on_cuda and (dtype == torch.float16 or small_chunk) else dtype
 
 
 @functools.lru_cache(maxsize=512)

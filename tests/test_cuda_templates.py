@@ -456,8 +456,8 @@ def test_wgmma_state_kernels_fit_shared_memory() -> None:
     assert not cuda_state.uses_wgmma(state_spec(k, k, 65536, True, True, False), cuda_state.CONFIG, "sm_90a")
 
 
-def _spec(dtype=torch.bfloat16, T=4096, d=64, e=64, chunk=512, deg=2):
-    plan = Plan(chunk_size=chunk, block_t=64, block_feature=16, block_e=64, num_warps=4, num_stages=2, reason="")
+def _spec(dtype=torch.bfloat16, T=4096, d=64, e=64, chunk=512, deg=2, block_t=64):
+    plan = Plan(chunk_size=chunk, block_t=block_t, block_feature=16, block_e=64, num_warps=4, num_stages=2, reason="")
     with FakeTensorMode():
         q, v = _fake_cuda(1, 2, T, d, dtype=dtype), _fake_cuda(1, 2, T, e, dtype=dtype)
         return kernel_spec(q, v, deg, False, False, True, T, plan), q, v
@@ -470,6 +470,7 @@ def _spec(dtype=torch.bfloat16, T=4096, d=64, e=64, chunk=512, deg=2):
         ({"deg": 4}, "single-chunk"),
         ({"dtype": torch.float32}, "float32"),
         ({"e": 40}, "e=40"),
+        ({"chunk": 32, "block_t": 16}, "chunks of 32 keys"),
     ],
 )
 def test_cuda_state_unsupported_names_why(kwargs: dict, reason: str) -> None:

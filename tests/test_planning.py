@@ -261,3 +261,21 @@ def test_chunk_sweep_dry_run_on_cpu():
         expected = plan(KNOWN["L4"], prob["T"], 64, 64, 2, torch.bfloat16, False, 8)
         assert prob["planned"]["chunk_size"] == expected.chunk_size == prob["configs"][0]["chunk_size"]
         assert {c["chunk_size"] for c in prob["configs"]} == {c for c in planning.CHUNKS if c < prob["T"]} | {prob["T"]}
+
+
+@pytest.mark.parametrize(
+    ("dtype", "on_cuda", "chunk", "expected"),
+    [
+        (torch.float16, True, 0, torch.float32),
+        (torch.bfloat16, True, 0, torch.bfloat16),
+        (torch.bfloat16, True, 32, torch.float32),
+        (torch.bfloat16, True, planning.EXACT_CHUNK_BELOW, torch.bfloat16),
+        (torch.bfloat16, False, 32, torch.bfloat16),
+        (torch.float32, True, 16, torch.float32),
+    ],
+)
+def test_kernel_dtype(dtype: torch.dtype, on_cuda: bool, chunk: int, expected: torch.dtype) -> None:
+    """The kernels' dtype: float16 on CUDA runs float32, and so does a 16-bit call with a forced chunk under
+    ``EXACT_CHUNK_BELOW`` keys; planned chunks (0) never are that short."""
+    assert planning.kernel_dtype(dtype, on_cuda, chunk) == expected
+    assert min(planning.CHUNKS) >= planning.EXACT_CHUNK_BELOW

@@ -292,6 +292,8 @@ def _interpreted() -> dict[str, dict[str, float]]:
     results.update({name: run_case(case, segments=segments) for name, (case, segments) in SEGMENT_CASES.items()})
     # float16 inputs run the float32 kernels (forward.kernel_inputs); only the gradients' final rounding remains
     results.update({f"{name}-float16": run_case(dict(CASES)[name], torch.float16) for name in FLOAT16_CASES})
+    # bfloat16 with chunks of 16 keys runs the float32 kernels too (forward.small_chunk_float32)
+    results["chunked-gate-valid-bfloat16"] = run_case(dict(CASES)["chunked-gate-valid"], torch.bfloat16)
     results.update({f"{name}-kept": run_kept_case(*KEPT_CASES[name]) for name in KEPT_CASES})
     results.update(run_padded_cases())
     results.update(run_state_hook_cases(STATE_HOOK_CASES, "state-hooks"))
@@ -312,6 +314,13 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=420, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_bfloat16_with_short_chunks_runs_the_float32_kernels(interpreted: dict[str, dict[str, float]]) -> None:
+    """bfloat16 inputs with chunks of 16 keys (under ``planning.EXACT_CHUNK_BELOW``): the float32 kernels (the
+    interpreter cannot run the bf16 ones at all), then one rounding of each gradient to bfloat16 (unit 3.9e-3)."""
+    bad = {g: f"{err:.2e}" for g, err in interpreted["chunked-gate-valid-bfloat16"].items() if not err < 8e-3}
+    assert not bad, f"relative errors {bad}"
 
 
 @pytest.mark.parametrize("name", FLOAT16_CASES)

@@ -131,6 +131,9 @@ def _interpreted() -> dict[str, float]:
     results.update(keyless_alignment())
     # float16 inputs run the float32 kernels (forward.kernel_inputs), exact as float32 ones
     results.update({f"{name}-float16": run_case(dict(CASES)[name], torch.float16) for name in FLOAT16_CASES})
+    # bfloat16 with chunks of 16 keys runs the float32 kernels too (forward.small_chunk_float32)
+    bf16_case = dict(CASES)["chunked-gate-valid-segments"]
+    results["chunked-gate-valid-segments-bfloat16"] = run_case(bf16_case, torch.bfloat16)
     forward.QUERY_TRANSPOSED = not forward.QUERY_TRANSPOSED
     results.update({f"{name}-query-t": run_case(dict(CASES)[name]) for name in QUERY_T_CASES})
     return results
@@ -150,7 +153,8 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
     [n for n, _ in CASES]
     + ["denominator-chunk16", "denominator-chunk1024"]
     + [f"{n}-query-t" for n in QUERY_T_CASES]
-    + [f"{n}-float16" for n in FLOAT16_CASES],
+    + [f"{n}-float16" for n in FLOAT16_CASES]
+    + ["chunked-gate-valid-segments-bfloat16"],
 )
 def test_kernels_match_oracle(interpreted: dict[str, float], name: str) -> None:
     assert interpreted[name] < 1e-5, f"{name}: relative error {interpreted[name]:.2e}"

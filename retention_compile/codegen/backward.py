@@ -87,6 +87,7 @@ from .forward import (
     kernel_inputs,
     kernel_spec,
     keyless_rows,
+    small_chunk_float32,
     state_segments,
     with_keyless_rows,
 )
@@ -188,11 +189,12 @@ def backward_unsupported(
     aten backward)."""
     fwd = kernel_spec(q, v, deg, gated, has_valid, causal, kv_len, plan)
     wide = value_tile(fwd.value_dim) > FP32_CHUNKED_MAX_VALUE_TILE
-    if fwd.chunked and q.dtype in (torch.float32, torch.float16) and wide:
+    fp32_tiles = q.dtype in (torch.float32, torch.float16) or small_chunk_float32(fwd)
+    if fwd.chunked and fp32_tiles and wide:
         return (
             f"the chunked backward with {q.dtype} inputs (fp32 tiles) and value dim e={fwd.value_dim} > "
             f"{FP32_CHUNKED_MAX_VALUE_TILE} needs about 300 KB of shared memory, more than a GPU has per block; "
-            "bfloat16 inputs run it in Triton"
+            "bfloat16 inputs with chunks of 64 keys or more run it in Triton"
         )
     return None
 
@@ -232,10 +234,12 @@ def triton_backward(
     if q.dtype in PADDED_HEAD_DTYPES and size_hint(q.shape[-1]) < PADDED_HEAD_DIM:
         options = {"scale": scale, "deg": deg, "log_gate": log_gate, "causal": causal, "valid": valid}
         return _padded_head_backward(grad_y, q, k, v, y, denom, plan=plan, **options)
-    if q.dtype != torch.bfloat16:  # the CUDA state kernel's 16-bit input is bf16 here: float16 runs fp32 tiles
+    given = kernel_spec(q, v, deg, log_gate is not None, valid is not None, causal, size_hint(k.shape[2]), plan)
+    # the CUDA state kernel's 16-bit input is bf16 here: float16 and short chunks run fp32 tiles
+    if q.dtype != torch.bfloat16 or small_chunk_float32(given):
         state_kernel = None
     dtypes = (q.dtype, k.dtype, v.dtype)
-    q, k, v = kernel_inputs(q, k, v)
+    q, k, v = kernel_inputs(q, k, v, given)
     B, Hq, Tq, d = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
     e = v.shape[3]

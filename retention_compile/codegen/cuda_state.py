@@ -131,6 +131,14 @@ def cuda_state_unsupported(spec: KernelSpec, k: torch.Tensor, v: torch.Tensor) -
         return f"state tiles of {spec.block_feature} coordinates (the CUDA kernel tiles by 16)"
     if k.dtype not in _IO_DTYPES:
         return f"dtype {k.dtype} (the CUDA state kernel takes bfloat16 and float16; float32 runs exact fp32 in Triton)"
+    from ..planning import EXACT_CHUNK_BELOW
+    from .forward import small_chunk_float32
+
+    if small_chunk_float32(spec):
+        return (
+            f"chunks of {spec.chunk_size} keys (16-bit calls with chunks under {EXACT_CHUNK_BELOW} keys run the exact "
+            "float32 Triton kernels: forward.small_chunk_float32)"
+        )
     if spec.value_dim % 16:
         return f"value dim e={spec.value_dim} (the CUDA state kernel needs a multiple of 16)"
     if not strides_fit_32_bits(k, v):

@@ -54,7 +54,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from ..inspection import is_recording
-from ..planning import Plan
+from ..planning import EXACT_CHUNK_BELOW, Plan
 from ..reference import EPS
 from ..sizes import size_hint
 from .fitting import compiled_shared_memory, device_shared_memory_limit, fit_shared_memory, launch_specialization
@@ -212,15 +212,30 @@ def _record(spec: KernelSpec, path, q: torch.Tensor, k: torch.Tensor, v: torch.T
 _RECORDED: set[KernelSpec] = set()
 
 
-def kernel_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """q, k, v as the Triton kernels take them: float16 becomes float32.
+def small_chunk_float32(spec: KernelSpec) -> bool:
+    """Whether a 16-bit call of shape class ``spec`` runs the float32 kernels because its chunks are short: chunked,
+    with fewer than ``planning.EXACT_CHUNK_BELOW`` keys per chunk (a forced chunk size; planned ones are longer).
+
+    Through a state, a weight (s q.k)^2 is a sum over the features of q_a q_b k_a k_b terms that cancel, so one bf16
+    rounding per term moves it by percents; averaged over many keys this leaves y alone, over a few it does not
+    (forward_notes.md, sessions 19 and 23). A chunk of C keys hands at most C keys to the next rows' states: every
+    bf16 case of the GPU fuzz that missed its bar had chunks of 16 (or 64 keys with 4 in the first chunk, since
+    aligned: ``keyless_rows``). The float32 kernels have exact products; the CUDA state kernel is not used."""
+    return spec.dtype in ("bfloat16", "float16") and spec.chunked and spec.chunk_size < EXACT_CHUNK_BELOW
+
+
+def kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: KernelSpec) -> tuple[torch.Tensor, ...]:
+    """q, k, v as the Triton kernels take them for shape class ``spec`` (of the inputs as given): float16 becomes
+    float32, and so does bfloat16 where ``small_chunk_float32(spec)``.
 
     The kernels run 16-bit inputs' dots in bf16, which keeps fp32's exponent range but not float16's precision:
     in the GPU fuzz (seed 20261201) float16 cases missed the 1e-2 / 2e-2 bars, by up to 0.14 in y and 3.3 in dq,
     and rounding the inputs to bf16 alone moves the oracle's dq by up to 0.12 there. float16 values are exact in
     float32, and the float32 kernels (exact products) passed every fuzz case, at the cost of fp32 tiles (twice the
-    shared memory, no bf16 tensor cores). bfloat16 and float32 pass through unchanged."""
-    return tuple(t.float() if t.dtype == torch.float16 else t for t in tensors)
+    shared memory, no bf16 tensor cores). bfloat16 (with chunks of 64 keys or more) and float32 pass through
+    unchanged."""
+    widened = (torch.float16, torch.bfloat16) if small_chunk_float32(spec) else (torch.float16,)
+    return tuple(t.float() if t.dtype in widened else t for t in (q, k, v))
 
 
 def triton_forward(
@@ -253,8 +268,11 @@ def triton_forward(
             segments=segments, state_kernel=state_kernel, states_out=states_out,
         )  # fmt: skip
         return with_keyless_rows(y, keyless, 0.0), with_keyless_rows(denom, keyless, EPS)
+    given = kernel_spec(q, v, deg, log_gate is not None, valid is not None, causal, size_hint(k.shape[2]), plan)
+    if small_chunk_float32(given):
+        state_kernel = None
     if state_kernel is None:  # the CUDA state kernel takes 16-bit inputs (codegen="cuda" keeps float16 as it is)
-        q, k, v = kernel_inputs(q, k, v)
+        q, k, v = kernel_inputs(q, k, v, given)
     B, Hq, Tq, _ = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
     e = v.shape[3]
