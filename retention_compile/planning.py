@@ -659,8 +659,10 @@ def kernel_dtype(dtype: torch.dtype, on_cuda: bool, chunk_size: int = 0) -> torc
     """The dtype the kernels run for inputs of ``dtype``: float16 on CUDA runs the float32 Triton kernels
     (``codegen.forward.kernel_inputs``; ``codegen="cuda"`` keeps it beside the CUDA state kernel), and so do both
     16-bit dtypes with a forced ``chunk_size`` under ``EXACT_CHUNK_BELOW`` (0: planned, never that short)."""
-    small_chunk = 0 < chunk_size < EXACT_CHUNK_BELOW and dtype in (torch.float16, torch.bfloat16)
-    return torch.float32 if on_cuda and (dtype == torch.float16 or small_chunk) else dtype
+    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
+    # the chunk rounded up to a power of 2, as the kernels run it
+    short = sixteen_bit and chunk_size > 0 and pow2_at_least(chunk_size) < EXACT_CHUNK_BELOW
+    return torch.float32 if on_cuda and (dtype == torch.float16 or short) else dtype
 
 
 @functools.lru_cache(maxsize=512)

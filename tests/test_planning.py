@@ -270,6 +270,7 @@ def test_chunk_sweep_dry_run_on_cpu():
         (torch.bfloat16, True, 0, torch.bfloat16),
         (torch.bfloat16, True, 32, torch.float32),
         (torch.bfloat16, True, planning.EXACT_CHUNK_BELOW, torch.bfloat16),
+        (torch.bfloat16, True, 48, torch.bfloat16),  # the kernels round it up to 64
         (torch.bfloat16, False, 32, torch.bfloat16),
         (torch.float32, True, 16, torch.float32),
     ],

@@ -21,7 +21,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from retention_compile.codegen import backward, triton_source  # noqa: E402
+from retention_compile.codegen import backward, forward, triton_source  # noqa: E402
 from retention_compile.codegen.backward import (  # noqa: E402
     BACKWARD_TEMPLATE,
     BackwardSpec,
@@ -229,8 +229,9 @@ PADDED_CASES = {
 # chunked cases rerun with the state terms added by hooks in place of Triton's: dq_kernel without them, then
 # ``backward._dq_state_hook``'s, and ``backward._dkv_state_terms``' instead of dkv_state_kernel (on the GPU the CUDA
 # kernels of ``cuda_state_terms``, here their PyTorch forms ``dq_state_terms_reference`` and
-# ``dkv_state_terms_reference``): gate and validity, prefill against a cache (shift), Tq > Tk (queries before the
-# first key), non-causal (the last slot), 4 blocks; and two in the coordinate form (R without the factor 2)
+# ``dkv_state_terms_reference``): gate and validity, prefill against a cache (shift), Tq > Tk (trimmed to the rows
+# with keys by ``keyless_rows``; once more untrimmed, so the queries before the first key reach the hooks),
+# non-causal (the last slot), 4 blocks; and two in the coordinate form (R without the factor 2)
 STATE_HOOK_CASES = (
     "chunked-gate-valid",
     "chunked-prefill-cache",
@@ -287,8 +288,25 @@ def run_padded_cases() -> dict[str, dict[str, float]]:
     return results
 
 
+UNTRIMMED_CASES = ("quadratic-tq-gt-tk", "chunked-tq-gt-tk")
+
+
+def run_untrimmed(run: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """``run()`` with ``keyless_rows`` off: the kernels then handle the queries before the first key themselves
+    (chunks aligned with the queries, negative positions), as they do where symbolic sizes leave Tq > Tk open."""
+    real = forward.keyless_rows
+    forward.keyless_rows = backward.keyless_rows = lambda q, k, causal: None
+    try:
+        return run()
+    finally:
+        forward.keyless_rows = backward.keyless_rows = real
+
+
 def _interpreted() -> dict[str, dict[str, float]]:
     results = {name: run_case(case) for name, case in CASES}
+    for name in UNTRIMMED_CASES:
+        results[f"{name}-untrimmed"] = run_untrimmed(lambda case=dict(CASES)[name]: run_case(case))
+    results.update(run_untrimmed(lambda: run_state_hook_cases(("chunked-tq-gt-tk",), "state-hooks-untrimmed")))
     results.update({name: run_case(case, segments=segments) for name, (case, segments) in SEGMENT_CASES.items()})
     # float16 inputs run the float32 kernels (forward.kernel_inputs); only the gradients' final rounding remains
     results.update({f"{name}-float16": run_case(dict(CASES)[name], torch.float16) for name in FLOAT16_CASES})
@@ -331,12 +349,16 @@ def test_float16_runs_the_float32_kernels(interpreted: dict[str, dict[str, float
 
 
 @pytest.mark.parametrize(
-    "name", [n for n, _ in CASES] + list(SEGMENT_CASES) + [f"{n}-coordinates" for n in COORDINATE_CASES]
+    "name",
+    [n for n, _ in CASES]
+    + list(SEGMENT_CASES)
+    + [f"{n}-coordinates" for n in COORDINATE_CASES]
+    + [f"{n}-untrimmed" for n in UNTRIMMED_CASES],
 )
 def test_gradients_match_oracle(interpreted: dict[str, dict[str, float]], name: str) -> None:
     errors = interpreted[name]
     cases = {**dict(CASES), **{n: c for n, (c, _) in SEGMENT_CASES.items()}}
-    gated = cases[name.removesuffix("-coordinates")][8] > 0
+    gated = cases[name.removesuffix("-coordinates").removesuffix("-untrimmed")][8] > 0
     assert set(errors) == set(GRADS if gated else GRADS[:3])
     bad = {g: f"{err:.2e}" for g, err in errors.items() if not err < 2e-5}
     assert not bad, f"{name}: relative errors {bad}"
@@ -345,7 +367,8 @@ def test_gradients_match_oracle(interpreted: dict[str, dict[str, float]], name: 
 @pytest.mark.parametrize(
     "name",
     [f"{n}-state-hooks" for n in STATE_HOOK_CASES]
-    + [f"{n}-state-hooks-coordinates" for n in STATE_HOOK_COORDINATE_CASES],
+    + [f"{n}-state-hooks-coordinates" for n in STATE_HOOK_COORDINATE_CASES]
+    + ["chunked-tq-gt-tk-state-hooks-untrimmed"],
 )
 def test_state_terms_added_by_hooks(interpreted: dict[str, dict[str, float]], name: str) -> None:
     """dq_kernel without its state terms and no dkv_state_kernel, the hooks adding them instead (the PyTorch forms

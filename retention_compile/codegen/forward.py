@@ -318,7 +318,8 @@ def triton_forward(
 
 def keyless_rows(q: torch.Tensor, k: torch.Tensor, causal: bool) -> int | torch.SymInt | None:
     """``Tq - Tk``, the causal queries before the first key, where Tq > Tk > 0 (rows i < Tq - Tk see no key: y = 0,
-    denom = eps, no gradient), else None (also where symbolic sizes leave it open: no guard is added).
+    denom = eps, no gradient), else None. Under dynamic shapes this guards on Tq > Tk (a graph recompiles when the
+    relation flips); unbacked sizes keep the alignment with the queries, which is correct, only less precise.
 
     ``triton_forward`` and ``triton_backward`` run their kernels on the other rows only, so the chunks align with the
     keys (shift 0). Aligned with all the queries (shift = (Tq - Tk) mod C) the first chunk would hold only C - shift
