@@ -102,6 +102,12 @@ def render_state_terms_source(fwd: KernelSpec, coordinate_terms: bool) -> str:
     )
 
 
+def _launch_strides(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> tuple[int, ...]:
+    """The kernels' stride arguments: batch, head and row strides of the two row tensors (k, v or q, dy), then the
+    gate's row stride (0 without a gate)."""
+    return (*x.stride()[:3], *y.stride()[:3], 0 if gate is None else gate.stride(1))
+
+
 def _check_final_outputs(op: str, *pairs: tuple[torch.Tensor, torch.Tensor | None]) -> None:
     """A final output is stored at its float32 buffer's offsets: bf16, the same shape, both contiguous."""
     for buffer, final in pairs:
@@ -153,9 +159,8 @@ def cuda_dkv_state_op(
     r, p = dense_rows(r.contiguous()), dense_rows(p.contiguous())
     gate = None if g is None else g.contiguous()
     valid_bytes = None if valid is None else valid.contiguous().view(torch.uint8)
-    g_row = 0 if gate is None else gate.stride(1)
     grid = (-(-(Tk + shift) // ROWS), k.shape[0] * state_heads, 1)
-    strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), g_row)
+    strides = _launch_strides(k, v, gate)
     sizes_args = (Hq, group, state_heads, slots, shift, Tk)
     dv_smem, dk_smem, _ = smem_bytes(fwd.head_dim)
     device = k.device.index or 0
@@ -218,9 +223,8 @@ def cuda_dq_state_op(
     s, m = dense_rows(s.contiguous()), dense_rows(m.contiguous())
     den, dz = den.contiguous(), dz.contiguous()
     gate = None if g is None else g.contiguous()
-    g_row = 0 if gate is None else gate.stride(1)
     grid = (-(-Tq // ROWS), q.shape[0] * Hq, 1)
-    strides = (q.stride(0), q.stride(1), q.stride(2), dy.stride(0), dy.stride(1), dy.stride(2), g_row)
+    strides = _launch_strides(q, dy, gate)
     smem = smem_bytes(fwd.head_dim)[2]
     kernel = load_with_shared_memory(source, KERNEL_NAMES[2], smem, q.device.index or 0)
     with torch.cuda.device(q.device):
