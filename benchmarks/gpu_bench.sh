@@ -15,6 +15,7 @@
 # the JSON where the device's git metadata is stale (each benchmark's --commit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 out="${1:?usage: benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms]}"
 shift
 which=("${@:-forward backward compile}")
