@@ -117,7 +117,8 @@ def _value_pad(e: int) -> int:
 class BackwardSpec:
     """One shape class of the backward: the forward's spec (path, chunk, pair tiles) and the backward's tiles.
 
-    block_t / block_k: query rows of a dq program and keys of a dk/dv program (and the steps of their loops);
+    block_t / block_k: query rows of a dq program and keys of a dk/dv program;
+    key_step / row_step: keys per step of ``dq_kernel``'s loop and query rows per step of ``dkv_kernel``'s;
     block_s / block_e: rows per step and value columns per program of the reverse state kernel;
     dq_state_terms: whether the chunked ``dq_kernel`` adds the state terms itself (False where a CUDA kernel adds
     them after it: ``_dq_state_hook``).
@@ -126,6 +127,8 @@ class BackwardSpec:
     forward: KernelSpec
     block_t: int
     block_k: int
+    key_step: int
+    row_step: int
     block_s: int
     block_e: int
     dq_state_terms: bool = True
@@ -146,7 +149,7 @@ class BackwardSpec:
         if forward.chunked:
             rows = min(rows, forward.chunk_size)
         block_e = min(forward.block_e, _value_pad(forward.value_dim))
-        return BackwardSpec(forward, rows, rows, rows, block_e, dq_state_terms)
+        return BackwardSpec(forward, rows, rows, rows, rows, rows, block_e, dq_state_terms)
 
     def template_params(self) -> dict[str, object]:
         fwd = self.forward
@@ -156,6 +159,8 @@ class BackwardSpec:
             **params,
             "block_t": self.block_t,
             "block_k": self.block_k,
+            "key_step": self.key_step,
+            "row_step": self.row_step,
             "block_s": self.block_s,
             "block_e": self.block_e,
             "n_eb": -(-fwd.value_dim // self.block_e),
@@ -163,7 +168,10 @@ class BackwardSpec:
             "prep_rows": PREP_ROWS,
             "coordinate_terms": coordinate_state_terms(fwd),
             "dq_state_terms": self.dq_state_terms,
-            "summary": f"{fwd.summary()}; backward rows={self.block_t} keys={self.block_k} state rows={self.block_s}",
+            "summary": (
+                f"{fwd.summary()}; backward rows={self.block_t} (key step {self.key_step}) keys={self.block_k}"
+                f" (row step {self.row_step}) state rows={self.block_s}"
+            ),
         }
 
 
