@@ -74,12 +74,12 @@ def _captured(T: int, gated: bool) -> tuple[backward.BackwardSpec, dict[str, dic
 
 
 def _run(spec, name: str, launch: dict, variant: tuple) -> tuple[dict[str, torch.Tensor], float]:
-    """One variant's outputs (fresh buffers) and median time."""
+    """One variant's outputs (fresh buffers, NaN until written) and median time."""
     (size, step), warps, stages = variant
     size_field, step_field, outputs, first_axis = KERNELS[name]
     variant_spec = dataclasses.replace(spec, **{size_field: size, step_field: step})
     module, _ = backward.load(backward.BACKWARD_TEMPLATE, variant_spec)
-    args = {**launch["args"], **{n: torch.empty_like(launch["args"][n]) for n in outputs}}
+    args = {**launch["args"], **{n: torch.full_like(launch["args"][n], float("nan")) for n in outputs}}
     grid = (first_axis(args, size), *launch["grid"][1:])
 
     def call():

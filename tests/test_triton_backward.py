@@ -61,8 +61,9 @@ CASES = [
 ]
 
 
-def _inputs(case: tuple, dtype: torch.dtype) -> tuple[tuple, dict, torch.Tensor, Plan]:
-    """``(q, k, v), options, grad_y, plan`` of a case, drawn in float32 and rounded to ``dtype``."""
+def _inputs(case: tuple, dtype: torch.dtype, tiles: dict | None = None) -> tuple[tuple, dict, torch.Tensor, Plan]:
+    """``(q, k, v), options, grad_y, plan`` of a case, drawn in float32 and rounded to ``dtype``; the plan's tiles
+    ``tiles`` (default ``TINY``)."""
     B, Hq, Hk, Tq, Tk, d, e, deg, gate_heads, has_valid, causal, chunk, *strength = case
     gen = torch.Generator().manual_seed(sum(map(hash, case)) % 2**31)
     q = torch.randn(B, Hq, Tq, d, generator=gen).to(dtype)
@@ -71,7 +72,7 @@ def _inputs(case: tuple, dtype: torch.dtype) -> tuple[tuple, dict, torch.Tensor,
     gate = -(strength or [0.5])[0] * torch.rand(B, gate_heads, Tk, generator=gen) if gate_heads else None
     valid = torch.rand(B, Tk, generator=gen) > 0.25 if has_valid else None
     grad_y = torch.randn(B, Hq, Tq, e, generator=gen).to(dtype)
-    plan = Plan(chunk_size=chunk, **TINY)
+    plan = Plan(chunk_size=chunk, **(tiles or TINY))
     assert kernel_spec(q, v, deg, gate is not None, has_valid, causal, Tk, plan).chunked == (chunk < Tk)
     options = {"scale": 0.7 / d**0.5, "deg": deg, "log_gate": gate, "causal": causal, "valid": valid}
     return (q, k, v), options, grad_y, plan
@@ -91,11 +92,13 @@ def _oracle_errors(inputs: tuple, options: dict, grad_y: torch.Tensor, grads: tu
     return errors
 
 
-def run_case(case: tuple, dtype: torch.dtype = torch.float32, segments: int | None = None) -> dict[str, float]:
+def run_case(
+    case: tuple, dtype: torch.dtype = torch.float32, segments: int | None = None, tiles: dict | None = None
+) -> dict[str, float]:
     """Relative error of each gradient of ``triton_backward`` against the float64 oracle's autograd; q, k, v are
     drawn in float32 and rounded to ``dtype`` (their gradients come back in it). ``segments``: the state kernels'
-    segment count (the interpreter's default is one: it counts one SM)."""
-    inputs, options, grad_y, plan = _inputs(case, dtype)
+    segment count (the interpreter's default is one: it counts one SM); ``tiles``: the plan's (``_inputs``)."""
+    inputs, options, grad_y, plan = _inputs(case, dtype, tiles)
     y, den = triton_forward(*inputs, plan=plan, **options)
     grads = triton_backward(grad_y, *inputs, y, den, plan=plan, segments=segments, **options)
     return _oracle_errors(inputs, options, grad_y, grads)
@@ -163,7 +166,7 @@ def run_op_case(case: tuple, max_ratio: float) -> dict[str, float]:
     gate = options["log_gate"]
     leaves = [t.clone().requires_grad_() for t in inputs + (() if gate is None else (gate,))]
     flags = (options["scale"], options["deg"], options["causal"], plan.chunk_size, "triton")
-    y, _, kept_s, _ = ops.power_retention_op(
+    y, _, kept_s, *_ = ops.power_retention_op(
         *leaves[:3], leaves[3] if gate is not None else None, options["valid"], *flags
     )
     fills: list[str] = []
@@ -289,6 +292,33 @@ def run_padded_cases() -> dict[str, dict[str, float]]:
 
 
 UNTRIMMED_CASES = ("quadratic-tq-gt-tk", "chunked-tq-gt-tk")
+# programs of 32 rows (keys) whose loops step over 16 keys (rows) at a time, 3 stages: what
+# ``backward._tuned_intra_loops`` asks of the measured bf16 shape, here on fp32 tiles with chunks of 32
+SHORT_STEP_CASES = {
+    "short-steps-gate-valid": (2, 2, 1, 70, 70, 32, 32, 2, 1, True, True, 32),
+    "short-steps-prefill": (1, 4, 2, 40, 75, 32, 16, 2, 0, False, True, 32),
+}
+
+
+def run_short_step_cases() -> dict[str, dict[str, float]]:
+    """``run_case`` of ``SHORT_STEP_CASES`` with both loop steps half the program, and the steps the kernels saw."""
+    real = backward._tuned_intra_loops
+    seen: list[tuple[int, int]] = []
+
+    def short_steps(spec):
+        seen.append((spec.block_t, spec.block_k))
+        return {"key_step": spec.block_k // 2, "row_step": spec.block_t // 2, "dq_stages": 3, "dkv_stages": 3}
+
+    backward._tuned_intra_loops = short_steps
+    try:
+        results = {}
+        for name, case in SHORT_STEP_CASES.items():
+            results[name] = run_case(case, tiles={**TINY, "block_t": 32})
+            results[name]["program-rows"] = float(min(rows for pair in seen for rows in pair))
+            seen.clear()
+        return results
+    finally:
+        backward._tuned_intra_loops = real
 
 
 def run_untrimmed(run: Callable[[], dict[str, float]]) -> dict[str, float]:
@@ -314,6 +344,7 @@ def _interpreted() -> dict[str, dict[str, float]]:
     results["chunked-gate-valid-bfloat16"] = run_case(dict(CASES)["chunked-gate-valid"], torch.bfloat16)
     results.update({f"{name}-kept": run_kept_case(*KEPT_CASES[name]) for name in KEPT_CASES})
     results.update(run_padded_cases())
+    results.update(run_short_step_cases())
     results.update(run_state_hook_cases(STATE_HOOK_CASES, "state-hooks"))
     results.update(
         {f"{name}-op-{ratio}": run_op_case(dict(CASES)[name], ratio) for name in OP_CASES for ratio in (0, 1000)}
@@ -362,6 +393,30 @@ def test_gradients_match_oracle(interpreted: dict[str, dict[str, float]], name: 
     assert set(errors) == set(GRADS if gated else GRADS[:3])
     bad = {g: f"{err:.2e}" for g, err in errors.items() if not err < 2e-5}
     assert not bad, f"{name}: relative errors {bad}"
+
+
+@pytest.mark.parametrize("name", list(SHORT_STEP_CASES))
+def test_loops_step_shorter_than_their_programs(interpreted: dict[str, dict[str, float]], name: str) -> None:
+    """dq_kernel's key loop and dkv_kernel's row loop in steps of 16 inside programs of 32 rows (keys), 3 stages."""
+    errors = dict(interpreted[name])
+    assert errors.pop("program-rows") == 32
+    bad = {g: f"{err:.2e}" for g, err in errors.items() if not err < 2e-5}
+    assert not bad, f"{name}: relative errors {bad}"
+
+
+def test_tuned_intra_loops_only_where_measured() -> None:
+    """The shorter loop steps and 3 stages apply to the bf16 d = 64 shape they were measured on, nowhere else."""
+    ungated, gated = _spec(gated=False), _spec()
+    assert (ungated.key_step, ungated.row_step, ungated.dq_stages, ungated.dkv_stages) == (64, 64, 2, 2)
+    cuda_dq = BackwardSpec.of(ungated.forward, dq_state_terms=False)
+    assert (cuda_dq.key_step, cuda_dq.row_step, cuda_dq.dq_stages, cuda_dq.dkv_stages) == (32, 64, 3, 2)
+    assert (gated.key_step, gated.row_step, gated.dq_stages, gated.dkv_stages) == (64, 32, 2, 3)
+    for other in (_spec(dtype="float32"), _spec(head_dim=32, value_dim=32), _spec(gated=False, head_dim=128)):
+        spec = BackwardSpec.of(other.forward, dq_state_terms=False)
+        assert (spec.key_step, spec.row_step, spec.dq_stages, spec.dkv_stages) == (
+            spec.block_k, spec.block_t, 2, 2,
+        )  # fmt: skip
+    assert "for start in range(lo, hi, 32):" in render(BACKWARD_TEMPLATE, cuda_dq)
 
 
 @pytest.mark.parametrize(

@@ -119,6 +119,7 @@ class BackwardSpec:
 
     block_t / block_k: query rows of a dq program and keys of a dk/dv program;
     key_step / row_step: keys per step of ``dq_kernel``'s loop and query rows per step of ``dkv_kernel``'s;
+    dq_stages / dkv_stages: the software pipeline depth of those two loops (their launches' ``num_stages``);
     block_s / block_e: rows per step and value columns per program of the reverse state kernel;
     dq_state_terms: whether the chunked ``dq_kernel`` adds the state terms itself (False where a CUDA kernel adds
     them after it: ``_dq_state_hook``).
@@ -132,6 +133,8 @@ class BackwardSpec:
     block_s: int
     block_e: int
     dq_state_terms: bool = True
+    dq_stages: int = 2
+    dkv_stages: int = 2
 
     @staticmethod
     def of(forward: KernelSpec, dq_state_terms: bool = True) -> BackwardSpec:
@@ -149,7 +152,8 @@ class BackwardSpec:
         if forward.chunked:
             rows = min(rows, forward.chunk_size)
         block_e = min(forward.block_e, _value_pad(forward.value_dim))
-        return BackwardSpec(forward, rows, rows, rows, rows, rows, block_e, dq_state_terms)
+        spec = BackwardSpec(forward, rows, rows, rows, rows, rows, block_e, dq_state_terms, STAGES, STAGES)
+        return dataclasses.replace(spec, **_tuned_intra_loops(spec))
 
     def template_params(self) -> dict[str, object]:
         fwd = self.forward
@@ -173,6 +177,23 @@ class BackwardSpec:
                 f" (row step {self.row_step}) state rows={self.block_s}"
             ),
         }
+
+
+def _tuned_intra_loops(spec: BackwardSpec) -> dict[str, int]:
+    """Loop steps and stages of the intra-chunk kernels where measured better than the defaults (64-row steps, 2
+    stages), for the shape they were measured on: bf16, d = e = 64, chunks of 1024 and 64-row programs.
+
+    ``benchmarks/bench_intra_tiles.py`` on the H200 (``intra_tiles_NVIDIA-H200_2026-11-30_08c85aa.json``, T=65536,
+    b1 h8, ms per launch, each kernel alone): ``dq_kernel`` without its state terms (the CUDA kernel adds them), 32
+    keys per step and 3 stages: 0.419 -> 0.374 ungated (gated it was slower: 0.526 -> 0.561, so gated keeps the
+    default); ``dkv_kernel`` gated, 32 rows per step and 3 stages: 1.130 -> 1.022 (ungated equal: 0.754 -> 0.756)."""
+    fwd = spec.forward
+    measured = (fwd.chunked, fwd.dtype, fwd.head_dim, fwd.value_dim, spec.block_t, spec.block_k)
+    if measured != (True, "bfloat16", 64, 64, 64, 64):
+        return {}
+    if fwd.gated:
+        return {"row_step": 32, "dkv_stages": 3}
+    return {} if spec.dq_state_terms else {"key_step": 32, "dq_stages": 3}
 
 
 # bf16 heads narrower than this run the backward zero-padded to it (``_padded_head_backward``). d = 8 (a 16-wide tile
@@ -294,7 +315,7 @@ def triton_backward(
 
     # float32 where the state terms are added after dq_kernel
     dq = torch.empty((B, Hq, Tq, d), dtype=q.dtype if dq_state_terms is None else torch.float32, device=q.device)
-    _launch(module.dq_kernel, (_cdiv(Tq, spec.block_t), B * Hq), {**dq_args, "DQ": dq}, warps, STAGES)
+    _launch(module.dq_kernel, (_cdiv(Tq, spec.block_t), B * Hq), {**dq_args, "DQ": dq}, warps, spec.dq_stages)
     if dq_state_terms is not None:
         final = _final_buffers({"DQ": dq}, dtypes[0] == torch.bfloat16)
         dq_state_terms({**dq_args, "DQ": dq, **final})
@@ -309,7 +330,7 @@ def triton_backward(
     if log_gate is not None:
         outputs["KTERM"] = torch.empty((B, state_heads, Tk), dtype=torch.float32, device=k.device)
     grid = (_cdiv(Tk + shift, spec.block_k), B * state_heads)
-    _launch(module.dkv_kernel, grid, {**dkv_args, **outputs}, warps, STAGES)
+    _launch(module.dkv_kernel, grid, {**dkv_args, **outputs}, warps, spec.dkv_stages)
     if fwd.chunked:
         finals = not per_head and dtypes[1] == dtypes[2] == torch.bfloat16
         final = _dkv_state_terms(module, fwd, grid, {**dkv_args, **outputs}, state_terms=state_terms, finals=finals)

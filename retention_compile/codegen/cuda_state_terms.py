@@ -79,11 +79,13 @@ def state_terms_unsupported(fwd: KernelSpec, arch: str | None, *rows: torch.Tens
 def smem_bytes(d: int) -> tuple[int, int, int]:
     """Dynamic shared memory of the dv, dk and dq programs (the template's ``DvShared``, ``DkShared``, ``DqShared``
     + 1024 bytes to align them): the copy stages of the state (half pairs for dv, quarter pairs for dk and dq), the
-    block's k or q rows (padded by 8), and for dk its v rows and P_c, for dq its dN rows, M_c and dZ lam per row."""
+    block's k or q rows (padded by 8), and for dk its v rows and P_c, for dq its dN rows (and 2 dN), M_c and dZ lam
+    per row."""
     x_rows = ROWS * (d + 8) * 2
-    quarters = WGMMA_STAGES * 64 * VALUE_DIM * 2 + ROWS * VALUE_DIM * 2 + x_rows + d * d * 4
+    y_rows = ROWS * VALUE_DIM * 2
+    quarters = WGMMA_STAGES * 64 * VALUE_DIM * 2 + y_rows + x_rows + d * d * 4
     dv = WGMMA_STAGES * 128 * VALUE_DIM * 2 + x_rows
-    return tuple(-(-shared // 1024) * 1024 + 1024 for shared in (dv, quarters, quarters + ROWS * 4))
+    return tuple(-(-shared // 1024) * 1024 + 1024 for shared in (dv, quarters, quarters + y_rows + ROWS * 4))
 
 
 @functools.lru_cache(maxsize=128)

@@ -56,19 +56,21 @@ class _Builder:
         return insert_call(self.graph, target, args, kwargs, like=self.site.node)
 
     def retention(self, query: fx.Node, key: fx.Node, value: fx.Node, *options: object) -> fx.Node:
-        """The op's call, with its example value ``(y, denom, S, M)`` made from the shapes alone: running the op on
-        the fake inputs here would record guards on the traced lengths (its body plans per length). The states'
-        shapes come from the plan, so their example values are empty placeholders: the rewrite reads only y, and
-        AOTAutograd traces the op's body itself, which gives S and M their real (symbolic) shapes."""
+        """The op's call, with its example value ``(y, denom, S, M, y_acc)`` made from the shapes alone: running the
+        op on the fake inputs here would record guards on the traced lengths (its body plans per length). The
+        states' shapes come from the plan, so their example values are empty placeholders: the rewrite reads only y
+        (in q's dtype), and AOTAutograd traces the op's body itself, which gives S and M their real (symbolic)
+        shapes."""
         op = torch.ops.retention_compile.power_retention.default
         node = self.graph.call_function(op, (query, key, value, *options))
         q, v = example_value(query), example_value(value)
         with q.fake_mode if isinstance(q, FakeTensor) else contextlib.nullcontext():
             rows = (q.shape[0], q.shape[1], q.shape[2])
             acc = compute_dtype(q.dtype)
-            y, denom = q.new_empty(*rows, v.shape[3], dtype=acc), q.new_empty(rows, dtype=acc)
+            y, denom = q.new_empty(*rows, v.shape[3]), q.new_empty(rows, dtype=acc)
+            y_acc = q.new_empty(*rows, v.shape[3], dtype=acc) if acc != q.dtype else q.new_empty(0, dtype=torch.float32)
             states = (q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32))
-        node.meta["example_value"] = (y, denom, *states)
+        node.meta["example_value"] = (y, denom, *states, y_acc)
         return node
 
     def size(self, node: fx.Node, dim: int) -> Size:
@@ -184,7 +186,7 @@ def replace_with_retention(
             config.chunk_size or 0,
             config.codegen,
         )
-        output = build.cast(build.call(operator.getitem, call, 0), example_value(site.node).dtype, compute_dtype(dtype))
+        output = build.cast(build.call(operator.getitem, call, 0), example_value(site.node).dtype, dtype)
     output.meta.update({k: v for k, v in site.node.meta.items() if k in ("stack_trace", "nn_module_stack")})
     site.node.replace_all_uses_with(output)
     graph.erase_node(site.node)
