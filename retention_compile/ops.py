@@ -142,42 +142,18 @@ def _forward_body(
     chunk_size: int,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward: ``(y, denom, S, M, y_acc)`` (``_with_output_y``) from ``_forward_accumulated``."""
-    y, denom, kept_s, kept_m = _forward_accumulated(q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl)
-    return _with_output_y(y, q.dtype, denom, kept_s, kept_m)
-
-
-def _with_output_y(
-    y: torch.Tensor, dtype: torch.dtype, *rest: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y in dtype, *rest, y_acc)``: ``y_acc`` is the accumulators' y where the cast changed it, else empty."""
-    if y.dtype == dtype:
-        return y, *rest, y.new_empty(0, dtype=torch.float32)
-    return y.to(dtype), *rest, y
-
-
-def _forward_accumulated(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_gate: torch.Tensor | None,
-    valid: torch.Tensor | None,
-    scale: float,
-    deg: int,
-    causal: bool,
-    chunk_size: int,
-    impl: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y, denom, S, M)`` with ``y_i = sum_j w_ij v_j / denom_i``, ``denom_i = sum_j w_ij + eps``, both in
-    ``compute_dtype(q.dtype)`` (float32 for 16-bit inputs), and the chunk states kept for the backward
-    (``keeps_states``; empty otherwise). Autograd saves this y: the backward's ``dZ_i = -(dy_i . y_i) / denom_i`` is a
-    small difference that a 16-bit y would swamp (B*Hq*Tq*e*4 bytes)."""
+    """Forward: ``(y, denom, S, M, y_acc)`` (``_with_output_y``) with ``y_i = sum_j w_ij v_j / denom_i``,
+    ``denom_i = sum_j w_ij + eps``, computed in ``compute_dtype(q.dtype)`` (float32 for 16-bit inputs), and the chunk
+    states kept for the backward (``keeps_states``; empty otherwise). Autograd saves the accumulators' y: the
+    backward's ``dZ_i = -(dy_i . y_i) / denom_i`` is a small difference that a 16-bit y would swamp (B*Hq*Tq*e*4
+    bytes)."""
     if impl == "cuda" and (blocker := _cuda_blocker(q)) is not None:
         raise _cuda_target_error(blocker)
     if _is_empty(q, k):  # rows without keys: y = 0, denom = eps
         shape = (q.shape[0], q.shape[1], q.shape[2])
         acc = compute_dtype(q.dtype)
-        return q.new_zeros(*shape, v.shape[3], dtype=acc), q.new_full(shape, EPS, dtype=acc), *_no_states(q)
+        y = q.new_zeros(*shape, v.shape[3], dtype=acc)
+        return _with_output_y(y, q.dtype, q.new_full(shape, EPS, dtype=acc), *_no_states(q))
     plan = resolve_plan(q, k, v, deg, log_gate is not None, chunk_size)
     triton_reason = _triton_unavailable(q, k, v, deg, log_gate, valid, causal, impl)
     if triton_reason is None:
@@ -194,8 +170,8 @@ def _forward_accumulated(
         )  # fmt: skip
         serves = states and _triton_backward_serves(q, k, v, deg, log_gate, valid, causal, plan, warn=False)
         if serves and keeps_states(states, y):
-            return y, denom, states["S"], states["M"]
-        return y, denom, *_no_states(q)
+            return _with_output_y(y, q.dtype, denom, states["S"], states["M"])
+        return _with_output_y(y, q.dtype, denom, *_no_states(q))
     if impl == "cuda":
         raise _cuda_target_error(f"the Triton kernels run with the CUDA state kernel do not serve it ({triton_reason})")
     options = {"scale": scale, "deg": deg, "log_gate": log_gate, "causal": causal, "valid": valid, "eps": EPS}
@@ -203,7 +179,17 @@ def _forward_accumulated(
         y, denom = quadratic.quadratic_forward(q, k, v, **options)
     else:
         y, denom = chunked.chunked_forward(q, k, v, chunk_size=plan.chunk_size, **options)
-    return y, denom, *_no_states(q)
+    return _with_output_y(y, q.dtype, denom, *_no_states(q))
+
+
+def _with_output_y(
+    y: torch.Tensor, dtype: torch.dtype, *rest: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y in dtype, *rest, y_acc)``: ``y_acc`` is the accumulators' y where the cast changed it, else empty (an
+    op's outputs cannot alias one another)."""
+    if y.dtype == dtype:
+        return y, *rest, y.new_empty(0, dtype=torch.float32)
+    return y.to(dtype), *rest, y
 
 
 def _no_states(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
