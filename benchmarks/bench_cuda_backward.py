@@ -11,11 +11,13 @@ Shape: b=1, h=8, d=e=64, deg 2, bf16, causal, T=65536 (``--T``), gated and ungat
     dq_state    the whole ``triton_backward`` with dq's state terms in Triton's ``dq_kernel`` and with them on the
                 CUDA kernel after a ``dq_kernel`` without them (``StateKernelConfig.wgmma_dq``). Agreement: of
                 the gradients (dq, dk, dv), the one against the other.
+    pipelined   the whole ``triton_backward`` with the CUDA dk and dq state terms serialized and pipelined
+                (``StateKernelConfig.wgmma_terms_pipelined``); agreement as for dq_state (0 expected).
 
 The arguments are those ``triton_backward`` passes (captured from one call with the CUDA state kernel). Timed:
 ``LAUNCHES`` back-to-back calls between two CUDA events, median over ``ROUNDS`` rounds.
 
-    python benchmarks/bench_cuda_backward.py [--T 65536] [--stages reverse dkv_state dq_state] [--out DIR]
+    python benchmarks/bench_cuda_backward.py [--T 65536] [--stages reverse dkv_state dq_state pipelined] [--out DIR]
                                              [--commit SHA]
 
 Writes ``cuda_<stage>_<gpu>_<date>_<commit>.json`` (the commit shortened to 7 characters) under ``--out``
@@ -119,7 +121,9 @@ def dkv_state_case(T: int, gated: bool) -> dict:
     return out
 
 
-def dq_state_case(T: int, gated: bool) -> dict:
+def _config_case(T: int, gated: bool, field: str, labels: tuple[str, str]) -> dict:
+    """The whole ``triton_backward`` with ``cuda_state.CONFIG.<field>`` off and on (``labels``), timed, and the
+    gradients of the one against the other."""
     q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     gate = -0.02 * torch.rand(B, H, T, device="cuda") if gated else None
     plan = resolve_plan(q, k, v, 2, gated, 0)
@@ -130,8 +134,8 @@ def dq_state_case(T: int, gated: bool) -> dict:
     out: dict = {"T": T, "gated": gated, "ms": {}}
     grads = {}
     try:
-        for name, on in (("triton dq_kernel", False), ("cuda dq state", True)):
-            cuda_state.CONFIG = dataclasses.replace(default, wgmma_dq=on)
+        for name, on in zip(labels, (False, True)):
+            cuda_state.CONFIG = dataclasses.replace(default, **{field: on})
 
             def step():
                 return backward.triton_backward(grad_y, q, k, v, y, den, **options, state_kernel=chunk_states)
@@ -141,11 +145,24 @@ def dq_state_case(T: int, gated: bool) -> dict:
     finally:
         cuda_state.CONFIG = default
     (a, b) = grads.values()
-    out["rel_diff"] = {"cuda vs triton": {g: _rel(x, y) for g, x, y in zip("qkv", b[:3], a[:3])}}
+    out["rel_diff"] = {f"{labels[1]} vs {labels[0]}": {g: _rel(x, y) for g, x, y in zip("qkv", b[:3], a[:3])}}
     return out
 
 
-CASES = {"reverse": reverse_case, "dkv_state": dkv_state_case, "dq_state": dq_state_case}
+def dq_state_case(T: int, gated: bool) -> dict:
+    return _config_case(T, gated, "wgmma_dq", ("triton dq_kernel", "cuda dq state"))
+
+
+def pipelined_case(T: int, gated: bool) -> dict:
+    return _config_case(T, gated, "wgmma_terms_pipelined", ("serialized", "pipelined"))
+
+
+CASES = {
+    "reverse": reverse_case,
+    "dkv_state": dkv_state_case,
+    "dq_state": dq_state_case,
+    "pipelined": pipelined_case,
+}
 
 
 def main() -> None:
