@@ -92,14 +92,15 @@ def smem_bytes(d: int) -> tuple[int, int, int]:
 def render_state_terms_source(fwd: KernelSpec, coordinate_terms: bool, pipelined: bool = False) -> str:
     """The CUDA source of the three kernels for one shape class of the chunked backward; ``pipelined``
     (``StateKernelConfig.wgmma_terms_pipelined``): the dk and dq contractions overlap the next quarter's product,
-    with registers capped for one program per SM instead of ``MIN_BLOCKS``."""
+    with their registers capped for one program per SM instead of ``MIN_BLOCKS`` (dv keeps ``MIN_BLOCKS``)."""
     dv_smem, dk_smem, dq_smem = smem_bytes(fwd.head_dim)
     return nvrtc.render(
         TEMPLATE,
         **wgmma_backward_params(fwd, coordinate_terms),
         has_valid=fwd.has_valid,
         in_flight=IN_FLIGHT,
-        min_blocks=1 if pipelined else MIN_BLOCKS,
+        min_blocks=MIN_BLOCKS,
+        contraction_min_blocks=1 if pipelined else MIN_BLOCKS,
         pipelined=pipelined,
         dv_smem_bytes=dv_smem,
         dk_smem_bytes=dk_smem,

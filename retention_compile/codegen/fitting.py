@@ -65,6 +65,8 @@ def launch_specialization(launch: dict) -> tuple:
     specializations (an unaligned pointer is not pipelined), so fitted tiles are remembered per specialization."""
 
     def mark(value) -> object:
+        if type(value) is bool:  # a constexpr flag: each value compiles its own kernel
+            return value
         if type(value) is int:
             return (value == 1, value % 16 == 0)
         if isinstance(value, torch.Tensor):  # without storage: a MockTensor, aligned

@@ -296,8 +296,9 @@ def triton_forward(
     if y_out is not None and (y_out.shape != y.shape or not y_out.is_contiguous()):
         raise ValueError(f"triton_forward: y_out must be contiguous and shaped {tuple(y.shape)}, got {y_out.shape}")
     attention = {"Q": q, "Y": y, "DEN": denom, **_strides("q", q), **common, **extra, "Tq": Tq, "scale": scale}
-    # Y_OUT is never written without ROUNDED_OUT: y stands in for it
-    attention.update(Y_OUT=y if y_out is None else y_out, ROUNDED_OUT=y_out is not None)
+    # without ROUNDED_OUT the kernel never touches Y_OUT: None, not an alias of Y (were the kernel's mutation analysis
+    # to fail, torch would clone every tensor argument, and two clones of one buffer would lose y's writes)
+    attention.update(Y_OUT=y_out, ROUNDED_OUT=y_out is not None)
     if log_gate is not None:
         attention["gate_heads"] = log_gate.shape[1]
     if spec.chunked:

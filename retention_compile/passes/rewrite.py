@@ -186,7 +186,7 @@ def replace_with_retention(
             config.chunk_size or 0,
             config.codegen,
         )
-        output = build.cast(build.call(operator.getitem, call, 0), example_value(site.node).dtype, dtype)
+        output = build.cast(build.call(operator.getitem, call, 0), example_value(site.node).dtype)
     output.meta.update({k: v for k, v in site.node.meta.items() if k in ("stack_trace", "nn_module_stack")})
     site.node.replace_all_uses_with(output)
     graph.erase_node(site.node)
