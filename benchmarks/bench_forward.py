@@ -284,8 +284,8 @@ def record_rows(
     line: Callable[[dict], str],
     plot_rows: Callable[[list[dict], Path], None],
 ) -> None:
-    """Measure every (gated, T) row into ``record["rows"]``, rewriting ``base.json`` after each (a run cut short
-    keeps what it measured), then plot to ``base.png``."""
+    """Measure every (gated, T) row into ``record["rows"]``, rewriting ``base.json`` and the plot ``base.png`` after
+    each: a run cut short (a device call's time limit) keeps what it measured, drawn."""
     for gated in (False, True):
         for T in lengths:
             row = measure_row(T, gated)
@@ -293,10 +293,10 @@ def record_rows(
             base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
             torch.cuda.empty_cache()
             print(line(row), flush=True)
-    try:
-        plot_rows(record["rows"], base.with_suffix(".png"))
-    except Exception:  # the numbers are in the JSON already
-        traceback.print_exc()
+            try:
+                plot_rows(record["rows"], base.with_suffix(".png"))
+            except Exception:  # the numbers are in the JSON already
+                traceback.print_exc()
 
 
 def plot(rows: list[dict], path: Path) -> None:
