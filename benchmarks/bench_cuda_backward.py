@@ -50,14 +50,23 @@ REVERSE_VARIANTS = (  # registers capped for 2 programs per SM with 1 or 2 slice
 STAGES = {"reverse": ("_reverse_states", "reverse_kernel"), "dkv_state": ("_dkv_state_terms", "state_terms")}
 
 
-def _captured(T: int, gated: bool, stage: str) -> tuple[tuple, Callable]:
-    """The positional arguments of the stage's function in ``backward`` and its CUDA hook, from one backward call."""
-    function, hook_name = STAGES[stage]
+def forward_with_cuda_states(
+    T: int, gated: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+    """Random bf16 q, k, v of the benchmarked shape (a random gate where ``gated``), the options of the op's own plan,
+    and ``triton_forward``'s y, denom with the CUDA state kernel: what the backward benchmarks start from."""
     q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     gate = -0.02 * torch.rand(B, H, T, device="cuda") if gated else None
     plan = resolve_plan(q, k, v, 2, gated, 0)
     options = {"scale": D**-0.5, "deg": 2, "log_gate": gate, "causal": True, "valid": None, "plan": plan}
     y, den = triton_forward(q, k, v, **options, state_kernel=chunk_states)
+    return q, k, v, options, y, den
+
+
+def _captured(T: int, gated: bool, stage: str) -> tuple[tuple, Callable]:
+    """The positional arguments of the stage's function in ``backward`` and its CUDA hook, from one backward call."""
+    function, hook_name = STAGES[stage]
+    q, k, v, options, y, den = forward_with_cuda_states(T, gated)
     seen: dict = {}
     original = getattr(backward, function)
 
@@ -124,11 +133,7 @@ def dkv_state_case(T: int, gated: bool) -> dict:
 def _config_case(T: int, gated: bool, field: str, labels: tuple[str, str]) -> dict:
     """The whole ``triton_backward`` with ``cuda_state.CONFIG.<field>`` off and on (``labels``), timed, and the
     gradients of the one against the other."""
-    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    gate = -0.02 * torch.rand(B, H, T, device="cuda") if gated else None
-    plan = resolve_plan(q, k, v, 2, gated, 0)
-    options = {"scale": D**-0.5, "deg": 2, "log_gate": gate, "causal": True, "valid": None, "plan": plan}
-    y, den = triton_forward(q, k, v, **options, state_kernel=chunk_states)
+    q, k, v, options, y, den = forward_with_cuda_states(T, gated)
     grad_y = torch.randn_like(v)
     default = cuda_state.CONFIG
     out: dict = {"T": T, "gated": gated, "ms": {}}

@@ -21,13 +21,12 @@ import json
 from pathlib import Path
 
 import torch
-from bench_forward import B, D, H, result_header
+from bench_cuda_backward import forward_with_cuda_states
+from bench_forward import result_header
 
 from retention_compile.codegen import backward
 from retention_compile.codegen.choice import median_ms
 from retention_compile.codegen.cuda_state import chunk_states
-from retention_compile.codegen.forward import triton_forward
-from retention_compile.ops import resolve_plan
 
 LAUNCHES, ROUNDS = 5, 5
 # (program rows or keys, loop step), warps, stages
@@ -42,11 +41,7 @@ KERNELS = {  # kernel -> (spec field of its program's size, of its loop step, it
 
 def _captured(T: int, gated: bool) -> tuple[backward.BackwardSpec, dict[str, dict]]:
     """The backward's spec and each intra-chunk kernel's launch (grid, arguments, warps, stages) from one call."""
-    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    gate = -0.02 * torch.rand(B, H, T, device="cuda") if gated else None
-    plan = resolve_plan(q, k, v, 2, gated, 0)
-    options = {"scale": D**-0.5, "deg": 2, "log_gate": gate, "causal": True, "valid": None, "plan": plan}
-    y, den = triton_forward(q, k, v, **options, state_kernel=chunk_states)
+    q, k, v, options, y, den = forward_with_cuda_states(T, gated)
     specs: list = []
     launches: dict[str, dict] = {}
     original_load, original_launch = backward.load, backward._launch

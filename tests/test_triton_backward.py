@@ -92,6 +92,12 @@ def _oracle_errors(inputs: tuple, options: dict, grad_y: torch.Tensor, grads: tu
     return errors
 
 
+def _assert_below(errors: dict[str, float], bound: float, what: str) -> None:
+    """Every relative error of ``errors`` (gradient name -> error) is below ``bound``; ``what`` names the case."""
+    bad = {g: f"{err:.2e}" for g, err in errors.items() if not err < bound}
+    assert not bad, f"{what}: relative errors {bad}"
+
+
 def run_case(
     case: tuple, dtype: torch.dtype = torch.float32, segments: int | None = None, tiles: dict | None = None
 ) -> dict[str, float]:
@@ -368,15 +374,13 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
 def test_bfloat16_with_short_chunks_runs_the_float32_kernels(interpreted: dict[str, dict[str, float]]) -> None:
     """bfloat16 inputs with chunks of 16 keys (under ``planning.EXACT_CHUNK_BELOW``): the float32 kernels (the
     interpreter cannot run the bf16 ones at all), then one rounding of each gradient to bfloat16 (unit 3.9e-3)."""
-    bad = {g: f"{err:.2e}" for g, err in interpreted["chunked-gate-valid-bfloat16"].items() if not err < 8e-3}
-    assert not bad, f"relative errors {bad}"
+    _assert_below(interpreted["chunked-gate-valid-bfloat16"], 8e-3, "chunked-gate-valid in bfloat16")
 
 
 @pytest.mark.parametrize("name", FLOAT16_CASES)
 def test_float16_runs_the_float32_kernels(interpreted: dict[str, dict[str, float]], name: str) -> None:
     """float16 inputs: the float32 kernels, then one rounding of each gradient to float16 (unit roundoff 4.9e-4)."""
-    bad = {g: f"{err:.2e}" for g, err in interpreted[f"{name}-float16"].items() if not err < 1e-3}
-    assert not bad, f"{name} in float16: relative errors {bad}"
+    _assert_below(interpreted[f"{name}-float16"], 1e-3, f"{name} in float16")
 
 
 @pytest.mark.parametrize(
@@ -391,8 +395,7 @@ def test_gradients_match_oracle(interpreted: dict[str, dict[str, float]], name: 
     cases = {**dict(CASES), **{n: c for n, (c, _) in SEGMENT_CASES.items()}}
     gated = cases[name.removesuffix("-coordinates").removesuffix("-untrimmed")][8] > 0
     assert set(errors) == set(GRADS if gated else GRADS[:3])
-    bad = {g: f"{err:.2e}" for g, err in errors.items() if not err < 2e-5}
-    assert not bad, f"{name}: relative errors {bad}"
+    _assert_below(errors, 2e-5, name)
 
 
 @pytest.mark.parametrize("name", list(SHORT_STEP_CASES))
@@ -400,8 +403,7 @@ def test_loops_step_shorter_than_their_programs(interpreted: dict[str, dict[str,
     """dq_kernel's key loop and dkv_kernel's row loop in steps of 16 inside programs of 32 rows (keys), 3 stages."""
     errors = dict(interpreted[name])
     assert errors.pop("program-rows") == 32
-    bad = {g: f"{err:.2e}" for g, err in errors.items() if not err < 2e-5}
-    assert not bad, f"{name}: relative errors {bad}"
+    _assert_below(errors, 2e-5, name)
 
 
 def test_tuned_intra_loops_only_where_measured() -> None:
@@ -430,8 +432,7 @@ def test_state_terms_added_by_hooks(interpreted: dict[str, dict[str, float]], na
     of the CUDA kernels' terms): the gradients still match the oracle, and each hook ran once."""
     results = dict(interpreted[name])
     assert (results.pop("dq-hook-calls"), results.pop("dkv-hook-calls")) == (1, 1)
-    bad = {g: f"{err:.2e}" for g, err in results.items() if not err < 2e-5}
-    assert not bad, f"{name}: relative errors {bad}"
+    _assert_below(results, 2e-5, name)
 
 
 @pytest.mark.parametrize("name", list(KEPT_CASES))
@@ -439,8 +440,7 @@ def test_kept_states_are_read_and_checked(interpreted: dict[str, dict[str, float
     """The backward given the forward's states: exact; doubling them moves dq (and d log_gate), not dk, dv; states
     of another shape or dtype are recomputed (exact again; tried on one case)."""
     results = interpreted[f"{name}-kept"]
-    bad = {key: f"{err:.2e}" for key, err in results.items() if key.split("-")[0] != "doubled" and not err < 2e-5}
-    assert not bad, f"{name}: relative errors {bad}"
+    _assert_below({key: err for key, err in results.items() if key.split("-")[0] != "doubled"}, 2e-5, name)
     assert results["doubled-q"] > 1e-2 and results["doubled-k"] == 0 and results["doubled-v"] == 0
     if "doubled-g" in results:
         assert results["doubled-g"] > 1e-3
@@ -457,8 +457,7 @@ def test_op_keeps_states_within_the_memory_rule(interpreted: dict[str, dict[str,
     assert (kept["kept"], kept["recomputed"], kept["state-fills"]) == (1, 0, 0)
     assert (dropped["kept"], dropped["recomputed"]) == (0, 1)
     for results in (kept, dropped):
-        bad = {key: f"{err:.2e}" for key, err in results.items() if key.startswith("op-") and not err < 2e-5}
-        assert not bad, f"{name}: relative errors {bad}"
+        _assert_below({key: err for key, err in results.items() if key.startswith("op-")}, 2e-5, name)
 
 
 def _spec(**changes: object) -> BackwardSpec:
@@ -543,8 +542,7 @@ def test_narrow_heads_run_padded(interpreted: dict[str, dict[str, float]], name:
     """Heads narrower than 16, padded with zero columns of q and k: one padded call, gradients exact."""
     results = dict(interpreted[name])
     assert results.pop("padded") == 1
-    bad = {g: f"{err:.2e}" for g, err in results.items() if not err < 2e-5}
-    assert not bad, f"{name}: relative errors {bad}"
+    _assert_below(results, 2e-5, name)
 
 
 def test_narrow_bf16_heads_stay_on_triton() -> None:

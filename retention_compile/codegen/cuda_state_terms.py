@@ -108,6 +108,12 @@ def render_state_terms_source(fwd: KernelSpec, coordinate_terms: bool, pipelined
     )
 
 
+def _configured_source(fwd: KernelSpec, coordinate_terms: bool) -> str:
+    """``render_state_terms_source`` with the contraction ``cuda_state.CONFIG`` asks for: the one source the ops
+    launch and the inspection records."""
+    return render_state_terms_source(fwd, coordinate_terms, cuda_state.CONFIG.wgmma_terms_pipelined)
+
+
 def _launch_strides(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> tuple[int, ...]:
     """The kernels' stride arguments: batch, head and row strides of the two row tensors (k, v or q, dy), then the
     gate's row stride (0 without a gate)."""
@@ -158,7 +164,7 @@ def cuda_dkv_state_op(
     _check_final_outputs("cuda_dkv_state", (dk, dk_out), (dv, dv_out))
     Hq, group, state_heads, slots, shift, Tk = sizes
     fwd = state_spec(k, v, chunk_size, causal, g is not None, valid is not None)
-    source = render_state_terms_source(fwd, coordinate_terms, cuda_state.CONFIG.wgmma_terms_pipelined)
+    source = _configured_source(fwd, coordinate_terms)
     if k.numel() == 0 or dk.numel() == 0:
         return
     k, v = dense_rows(k), dense_rows(v)
@@ -224,7 +230,7 @@ def cuda_dq_state_op(
         return
     Hq, state_heads, slots, shift, Tq, Tk = sizes
     fwd = state_spec(q, dy, chunk_size, causal, g is not None, has_valid)
-    source = render_state_terms_source(fwd, coordinate_terms, cuda_state.CONFIG.wgmma_terms_pipelined)
+    source = _configured_source(fwd, coordinate_terms)
     q, dy = dense_rows(q), dense_rows(dy)
     s, m = dense_rows(s.contiguous()), dense_rows(m.contiguous())
     den, dz = den.contiguous(), dz.contiguous()
@@ -249,7 +255,7 @@ def _cuda_dq_state_fake(
 
 
 def _record(fwd: KernelSpec, coordinate_terms: bool, shapes: dict[str, torch.Size]) -> None:
-    source = render_state_terms_source(fwd, coordinate_terms, cuda_state.CONFIG.wgmma_terms_pipelined)
+    source = _configured_source(fwd, coordinate_terms)
     path = "chunked backward, CUDA state-term kernels (wgmma)"
     record_cuda_source("power_retention_state_terms", source, fwd, shapes, path, "sm_90a")
 
