@@ -164,14 +164,15 @@ def _forward_body(
         if impl == "cuda" and state.kernel is None:
             raise _cuda_target_error(state.reason)
         states: dict[str, torch.Tensor] = {}
+        rows = (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+        rounded = None if compute_dtype(q.dtype) == q.dtype else q.new_empty(rows)  # stored by the query kernel
         y, denom = triton_forward(
             q, k, v, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid, plan=plan,
-            state_kernel=state.kernel, states_out=states,
+            state_kernel=state.kernel, states_out=states, y_out=rounded,
         )  # fmt: skip
         serves = states and _triton_backward_serves(q, k, v, deg, log_gate, valid, causal, plan, warn=False)
-        if serves and keeps_states(states, y):
-            return _with_output_y(y, q.dtype, denom, states["S"], states["M"])
-        return _with_output_y(y, q.dtype, denom, *_no_states(q))
+        kept = (states["S"], states["M"]) if serves and keeps_states(states, y) else _no_states(q)
+        return _with_output_y(y, q.dtype, denom, *kept, rounded=rounded)
     if impl == "cuda":
         raise _cuda_target_error(f"the Triton kernels run with the CUDA state kernel do not serve it ({triton_reason})")
     options = {"scale": scale, "deg": deg, "log_gate": log_gate, "causal": causal, "valid": valid, "eps": EPS}
@@ -183,13 +184,13 @@ def _forward_body(
 
 
 def _with_output_y(
-    y: torch.Tensor, dtype: torch.dtype, *rest: torch.Tensor
+    y: torch.Tensor, dtype: torch.dtype, *rest: torch.Tensor, rounded: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y in dtype, *rest, y_acc)``: ``y_acc`` is the accumulators' y where the cast changed it, else empty (an
-    op's outputs cannot alias one another)."""
+    op's outputs cannot alias one another); ``rounded``: y in dtype already (stored by the query kernel)."""
     if y.dtype == dtype:
         return y, *rest, y.new_empty(0, dtype=torch.float32)
-    return y.to(dtype), *rest, y
+    return (y.to(dtype) if rounded is None else rounded), *rest, y
 
 
 def _no_states(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

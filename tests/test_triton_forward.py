@@ -117,6 +117,23 @@ def keyless_alignment() -> dict[str, float]:
     }
 
 
+def rounded_output_mismatches(case: tuple, dtype: torch.dtype) -> float:
+    """``y_out``: the count of elements of y_out (filled with NaN first) that differ from the float32 y rounded to
+    ``dtype`` (0 expected: the query kernel stores both from the same values)."""
+    B, Hq, Hk, Tq, Tk, d, e, deg, gate_heads, has_valid, causal, chunk, segments = case
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(B, h, t, w, generator=gen).to(dtype) for h, t, w in ((Hq, Tq, d), (Hk, Tk, d), (Hk, Tk, e)))
+    gate = -0.3 * torch.rand(B, gate_heads, Tk, generator=gen) if gate_heads else None
+    valid = torch.rand(B, Tk, generator=gen) > 0.25 if has_valid else None
+    y_out = torch.full((B, Hq, Tq, e), float("nan"), dtype=dtype)
+    y, _ = triton_forward(
+        q, k, v, scale=0.7 / d**0.5, deg=deg, log_gate=gate, causal=causal, valid=valid,
+        plan=Plan(chunk_size=chunk, **TINY), segments=segments, y_out=y_out,
+    )  # fmt: skip
+    return float((y_out != y.to(dtype)).sum())
+
+
+ROUNDED_OUTPUT_CASES = ("quadratic-deg4-gate-valid", "chunked-gate-valid-segments", "chunked-tq-gt-tk")
 UNTRIMMED_CASES = ("quadratic-tq-gt-tk", "chunked-tq-gt-tk")
 QUERY_T_CASES = ("chunked-gate-valid-segments", "chunked-decode", "chunked-noncausal", "chunked-d48")
 FLOAT16_CASES = ("quadratic-deg4-gate-valid", "chunked-gate-valid-segments")
@@ -137,6 +154,9 @@ def _interpreted() -> dict[str, float]:
     forward.keyless_rows = real_keyless
     # float16 inputs run the float32 kernels (forward.kernel_inputs), exact as float32 ones
     results.update({f"{name}-float16": run_case(dict(CASES)[name], torch.float16) for name in FLOAT16_CASES})
+    results.update(
+        {f"{n}-rounded-output": rounded_output_mismatches(dict(CASES)[n], torch.float16) for n in ROUNDED_OUTPUT_CASES}
+    )
     # bfloat16 with chunks of 16 keys runs the float32 kernels too (forward.small_chunk_float32)
     bf16_case = dict(CASES)["chunked-gate-valid-segments"]
     results["chunked-gate-valid-segments-bfloat16"] = run_case(bf16_case, torch.bfloat16)
@@ -165,6 +185,13 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
 )
 def test_kernels_match_oracle(interpreted: dict[str, float], name: str) -> None:
     assert interpreted[name] < 1e-5, f"{name}: relative error {interpreted[name]:.2e}"
+
+
+@pytest.mark.parametrize("name", ROUNDED_OUTPUT_CASES)
+def test_query_kernel_stores_the_rounded_output(interpreted: dict[str, float], name: str) -> None:
+    """``y_out`` (float16 here, the op's output dtype) is y rounded, element for element; for Tq > Tk too, where
+    the rows before the first key are cast after the kernels ran."""
+    assert interpreted[f"{name}-rounded-output"] == 0.0
 
 
 def test_queries_before_the_first_key_are_left_out(interpreted: dict[str, float]) -> None:

@@ -252,6 +252,7 @@ def triton_forward(
     segments: int | None = None,
     state_kernel: Callable[[KernelSpec, dict], dict] | None = None,
     states_out: dict[str, torch.Tensor] | None = None,
+    y_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Power retention forward on the GPU: ``(y, denom)`` exactly as ``chunked_forward`` returns them.
 
@@ -261,13 +262,18 @@ def triton_forward(
     it returns the buffers the kernel would fill (``cuda_state.chunk_states``: the CUDA C++ state kernel).
     ``states_out``, on the chunked path, receives the chunk states the query kernel read (``"S"``, ``"M"``: shapes
     and dtypes in ``StateLayout``), which ``triton_backward(saved_states=...)`` takes instead of recomputing them.
+    ``y_out`` (contiguous, shaped as y, any float dtype) receives y rounded to its dtype as well: the query kernel
+    stores it beside the float32 y (in place of a cast after it).
     """
     if (keyless := keyless_rows(q, k, causal)) is not None:
         y, denom = triton_forward(
             q[:, :, keyless:], k, v, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid, plan=plan,
             segments=segments, state_kernel=state_kernel, states_out=states_out,
         )  # fmt: skip
-        return with_keyless_rows(y, keyless, 0.0), with_keyless_rows(denom, keyless, EPS)
+        y = with_keyless_rows(y, keyless, 0.0)
+        if y_out is not None:  # a rare shape: cast after
+            y_out.copy_(y)
+        return y, with_keyless_rows(denom, keyless, EPS)
     given = kernel_spec(q, v, deg, log_gate is not None, valid is not None, causal, size_hint(k.shape[2]), plan)
     if small_chunk_float32(given):
         state_kernel = None
@@ -287,7 +293,12 @@ def triton_forward(
         extra["stride_g"] = extra["G"].stride(1)
     if valid is not None:
         extra["VALID"] = valid.contiguous()
+    if y_out is not None and (y_out.shape != y.shape or not y_out.is_contiguous()):
+        raise ValueError(f"triton_forward: y_out must be contiguous and shaped {tuple(y.shape)}, got {y_out.shape}")
     attention = {"Q": q, "Y": y, "DEN": denom, **_strides("q", q), **common, **extra, "Tq": Tq, "scale": scale}
+    # without ROUNDED_OUT the kernel never touches Y_OUT: None, not an alias of Y (were the kernel's mutation analysis
+    # to fail, torch would clone every tensor argument, and two clones of one buffer would lose y's writes)
+    attention.update(Y_OUT=y_out, ROUNDED_OUT=y_out is not None)
     if log_gate is not None:
         attention["gate_heads"] = log_gate.shape[1]
     if spec.chunked:
