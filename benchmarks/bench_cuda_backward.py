@@ -11,13 +11,11 @@ Shape: b=1, h=8, d=e=64, deg 2, bf16, causal, T=65536 (``--T``), gated and ungat
     dq_state    the whole ``triton_backward`` with dq's state terms in Triton's ``dq_kernel`` and with them on the
                 CUDA kernel after a ``dq_kernel`` without them (``StateKernelConfig.wgmma_dq``). Agreement: of
                 the gradients (dq, dk, dv), the one against the other.
-    pipelined   the whole ``triton_backward`` with the CUDA dk and dq state terms serialized and pipelined
-                (``StateKernelConfig.wgmma_terms_pipelined``); agreement as for dq_state (0 expected).
 
 The arguments are those ``triton_backward`` passes (captured from one call with the CUDA state kernel). Timed:
 ``LAUNCHES`` back-to-back calls between two CUDA events, median over ``ROUNDS`` rounds.
 
-    python benchmarks/bench_cuda_backward.py [--T 65536] [--stages reverse dkv_state dq_state pipelined] [--out DIR]
+    python benchmarks/bench_cuda_backward.py [--T 65536] [--stages reverse dkv_state dq_state] [--out DIR]
                                              [--commit SHA]
 
 Writes ``cuda_<stage>_<gpu>_<date>_<commit>.json`` (the commit shortened to 7 characters) under ``--out``
@@ -158,15 +156,10 @@ def dq_state_case(T: int, gated: bool) -> dict:
     return _config_case(T, gated, "wgmma_dq", ("triton dq_kernel", "cuda dq state"))
 
 
-def pipelined_case(T: int, gated: bool) -> dict:
-    return _config_case(T, gated, "wgmma_terms_pipelined", ("serialized", "pipelined"))
-
-
 CASES = {
     "reverse": reverse_case,
     "dkv_state": dkv_state_case,
     "dq_state": dq_state_case,
-    "pipelined": pipelined_case,
 }
 
 

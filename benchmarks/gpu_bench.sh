@@ -45,7 +45,7 @@ for bench in "${which[@]}"; do
         forward) part forward 240 python3 benchmarks/bench_forward.py --T 2048 8192 16384 65529 65536 \
             --competitors 2048 8192 65536 --tune 0 --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         backward) part backward 420 python3 benchmarks/bench_backward.py --T 65536 2048 8192 --competitors 65536 --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
-        state_terms) part state_terms 300 python3 benchmarks/bench_cuda_backward.py --stages dkv_state dq_state pipelined \
+        state_terms) part state_terms 300 python3 benchmarks/bench_cuda_backward.py --stages dkv_state dq_state \
             --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         compile) part compile 560 python3 benchmarks/bench_compile.py --device cuda --repeats 3 --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         *) echo "unknown benchmark: $bench (forward, backward, compile, state_terms)" >> "$summary" ;;

@@ -88,21 +88,19 @@ def _wgmma_reverse_cases() -> list[str]:
 
 def _wgmma_state_terms_cases() -> list[str]:
     """wgmma state-term sources (dv, dk, dq) (sm_90a): ungated, gated with validity and coordinate terms, non-causal,
-    d = 32; the first and the last also with the pipelined contraction (``wgmma_terms_pipelined``)."""
-    cases = [  # (d, gated, valid, causal, chunk, coordinate terms, pipelined)
-        (64, False, False, True, 1024, False, False),
-        (64, True, True, True, 512, True, False),
-        (64, False, True, False, 256, False, False),
-        (32, True, False, True, 256, True, False),
-        (64, False, False, True, 1024, False, True),
-        (32, True, False, True, 256, True, True),
+    d = 32."""
+    cases = [  # (d, gated, valid, causal, chunk, coordinate terms)
+        (64, False, False, True, 1024, False),
+        (64, True, True, True, 512, True),
+        (64, False, True, False, 256, False),
+        (32, True, False, True, 256, True),
     ]
     sources = []
-    for d, gated, valid, causal, chunk, coordinate_terms, pipelined in cases:
+    for d, gated, valid, causal, chunk, coordinate_terms in cases:
         k, v = torch.empty(1, 1, 1, d, dtype=torch.bfloat16), torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)
         fwd = state_spec(k, v, chunk, causal, gated, valid)
         assert cuda_state_terms.state_terms_unsupported(fwd, "sm_90a") is None
-        sources.append(cuda_state_terms.render_state_terms_source(fwd, coordinate_terms, pipelined))
+        sources.append(cuda_state_terms.render_state_terms_source(fwd, coordinate_terms))
     return sources
 
 

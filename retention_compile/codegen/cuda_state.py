@@ -58,8 +58,7 @@ class StateKernelConfig:
     programs per SM and ``wgmma_in_flight`` k16 slices' fragments held while their products run (more slices
     overlap more, but past the register cap ptxas serializes the wgmma or spills; a divisor of a step's 4 slices);
     ``wgmma_reverse_in_flight`` the same for the backward's reverse-state kernel (``cuda_reverse``); ``wgmma_dq``:
-    the backward's dq state terms on the CUDA kernel of ``cuda_state_terms``; ``wgmma_terms_pipelined``: that
-    module's dk and dq kernels overlap each quarter's contraction with the next quarter's product."""
+    the backward's dq state terms on the CUDA kernel of ``cuda_state_terms``."""
 
     warps: int = 4
     block_s: int = 64
@@ -77,9 +76,6 @@ class StateKernelConfig:
     # d64, the whole triton_backward (ungated / gated, ms): Triton's dq_kernel with them 5.356 / 6.380, without them
     # plus the CUDA kernel 4.836 / 5.718 (benchmarks/results/cuda_dq_state_NVIDIA-H200_2026-11-30_d30b6db.json)
     wgmma_dq: bool = True
-    # the state-term kernels' dk and dq contractions with the next quarter's product issued before the current
-    # quarter is contracted (two G tiles in registers, so one program per SM); not yet measured, hence off
-    wgmma_terms_pipelined: bool = False
 
 
 # 128 registers, no spills (sm_90a), 2 programs per SM. H200, b=1 h=8 d=64 T=65536 (ungated / gated, ms): 64 keys per

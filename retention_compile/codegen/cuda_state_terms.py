@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import cuda_state, nvrtc
+from . import nvrtc
 from .cuda_state import (
     HOPPER_SHARED_LIMIT,
     WGMMA_STAGES,
@@ -89,10 +89,8 @@ def smem_bytes(d: int) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=128)
-def render_state_terms_source(fwd: KernelSpec, coordinate_terms: bool, pipelined: bool = False) -> str:
-    """The CUDA source of the three kernels for one shape class of the chunked backward; ``pipelined``
-    (``StateKernelConfig.wgmma_terms_pipelined``): the dk and dq contractions overlap the next quarter's product,
-    with their registers capped for one program per SM instead of ``MIN_BLOCKS`` (dv keeps ``MIN_BLOCKS``)."""
+def render_state_terms_source(fwd: KernelSpec, coordinate_terms: bool) -> str:
+    """The CUDA source of the three kernels for one shape class of the chunked backward."""
     dv_smem, dk_smem, dq_smem = smem_bytes(fwd.head_dim)
     return nvrtc.render(
         TEMPLATE,
@@ -100,18 +98,10 @@ def render_state_terms_source(fwd: KernelSpec, coordinate_terms: bool, pipelined
         has_valid=fwd.has_valid,
         in_flight=IN_FLIGHT,
         min_blocks=MIN_BLOCKS,
-        contraction_min_blocks=1 if pipelined else MIN_BLOCKS,
-        pipelined=pipelined,
         dv_smem_bytes=dv_smem,
         dk_smem_bytes=dk_smem,
         dq_smem_bytes=dq_smem,
     )
-
-
-def _configured_source(fwd: KernelSpec, coordinate_terms: bool) -> str:
-    """``render_state_terms_source`` with the contraction ``cuda_state.CONFIG`` asks for: the one source the ops
-    launch and the inspection records."""
-    return render_state_terms_source(fwd, coordinate_terms, cuda_state.CONFIG.wgmma_terms_pipelined)
 
 
 def _launch_strides(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> tuple[int, ...]:
@@ -164,7 +154,7 @@ def cuda_dkv_state_op(
     _check_final_outputs("cuda_dkv_state", (dk, dk_out), (dv, dv_out))
     Hq, group, state_heads, slots, shift, Tk = sizes
     fwd = state_spec(k, v, chunk_size, causal, g is not None, valid is not None)
-    source = _configured_source(fwd, coordinate_terms)
+    source = render_state_terms_source(fwd, coordinate_terms)
     if k.numel() == 0 or dk.numel() == 0:
         return
     k, v = dense_rows(k), dense_rows(v)
@@ -230,7 +220,7 @@ def cuda_dq_state_op(
         return
     Hq, state_heads, slots, shift, Tq, Tk = sizes
     fwd = state_spec(q, dy, chunk_size, causal, g is not None, has_valid)
-    source = _configured_source(fwd, coordinate_terms)
+    source = render_state_terms_source(fwd, coordinate_terms)
     q, dy = dense_rows(q), dense_rows(dy)
     s, m = dense_rows(s.contiguous()), dense_rows(m.contiguous())
     den, dz = den.contiguous(), dz.contiguous()
@@ -255,7 +245,7 @@ def _cuda_dq_state_fake(
 
 
 def _record(fwd: KernelSpec, coordinate_terms: bool, shapes: dict[str, torch.Size]) -> None:
-    source = _configured_source(fwd, coordinate_terms)
+    source = render_state_terms_source(fwd, coordinate_terms)
     path = "chunked backward, CUDA state-term kernels (wgmma)"
     record_cuda_source("power_retention_state_terms", source, fwd, shapes, path, "sm_90a")
 

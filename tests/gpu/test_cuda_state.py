@@ -331,21 +331,3 @@ def test_dq_state_terms_on_wgmma(case: tuple, monkeypatch) -> None:
     for name, got, want, all_triton in zip("qkvg", grads, expected, triton):
         assert _rel(got, want) < 2e-2, f"d{name} vs oracle {_rel(got, want):.2e}"
         assert _rel(got, all_triton) < 1e-2, f"d{name} vs the all-Triton backward {_rel(got, all_triton):.2e}"
-
-
-@pytest.mark.parametrize("case", DKV_CASES, ids=[c[0] for c in DKV_CASES])
-def test_pipelined_contraction_matches_the_serialized_one(case: tuple, monkeypatch) -> None:
-    """``wgmma_terms_pipelined`` (the next quarter's product in flight while one is contracted) changes when the
-    products run, not what they compute: the gradients are bitwise those of the serialized kernels."""
-    x, grad_y, y, den = _hopper_backward_inputs(case, seed=6)
-    q, k, v, kw = x["q"], x["k"], x["v"], x["kwargs"]
-    grads = {}
-    for pipelined in (False, True):
-        config = dataclasses.replace(cuda_state.CONFIG, wgmma_terms_pipelined=pipelined)
-        monkeypatch.setattr(cuda_state, "CONFIG", config)
-        grads[pipelined] = backward.triton_backward(
-            grad_y, q, k, v, y, den, **kw, segments=x["segments"], state_kernel=chunk_states
-        )
-    for name, serial, pipe in zip("qkvg", grads[False], grads[True]):
-        if serial is not None:
-            assert serial.abs().max() > 0 and torch.equal(serial, pipe), f"d{name} differs when pipelined"
