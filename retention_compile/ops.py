@@ -7,7 +7,8 @@ quadratic form (``quadratic.py``) when every key fits in one planned chunk, else
 (``codegen.triton_forward`` / ``codegen.triton_backward``, where ``triton_supports`` the case) through
 ``wrap_triton``, so Inductor's generated code contains them.
 
-    power_retention(q, k, v, log_gate?, valid?, scale, deg, causal, chunk_size, impl) -> (y, denom, S, M, y_acc)
+    power_retention(q, k, v, log_gate?, valid?, scale, deg, causal, chunk_size, impl, for_backward=True)
+        -> (y, denom, S, M, y_acc)
     power_retention_backward(dy, q, k, v, log_gate?, valid?, y_acc, denom, S, M, scale, deg, causal, chunk_size, impl)
         -> (dq, dk, dv, dlog_gate)
 
@@ -26,7 +27,11 @@ y's bytes (``keeps_states``): at d = 64, e = 64, chunk 1024 (2560 tiled features
 codegen target of ``RetentionConfig`` ("auto", "triton", "cuda", "aten"; "cuda" runs the CUDA C++ chunk-state
 kernel with the Triton scan and query kernels, and raises, naming why, where it cannot; "auto" picks the state
 kernel measured faster per GPU and shape, ``codegen/cuda_state.select_state_kernel``).
-``dlog_gate`` is an empty tensor when there is no gate. Calls with no
+``for_backward=False`` (no gradient will be asked of this call: ``power_retention`` under ``torch.no_grad`` or
+with no input requiring one, the rewrite where the traced query, key and value need none) returns ``y_acc``, ``S``
+and ``M`` empty, and the Triton query kernel stores y in q's dtype alone, without the float32 y (4 bytes per output
+element, 134 MB at T=65536, b=1, h=8, e=64); its backward raises. ``dlog_gate`` is an empty tensor when there is no
+gate. Calls with no
 query or no key return ``y = 0``, ``denom = eps`` (and zero gradients) without planning or launching anything.
 """
 
@@ -141,19 +146,20 @@ def _forward_body(
     causal: bool,
     chunk_size: int,
     impl: str,
+    for_backward: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward: ``(y, denom, S, M, y_acc)`` (``_with_output_y``) with ``y_i = sum_j w_ij v_j / denom_i``,
     ``denom_i = sum_j w_ij + eps``, computed in ``compute_dtype(q.dtype)`` (float32 for 16-bit inputs), and the chunk
     states kept for the backward (``keeps_states``; empty otherwise). Autograd saves the accumulators' y: the
     backward's ``dZ_i = -(dy_i . y_i) / denom_i`` is a small difference that a 16-bit y would swamp (B*Hq*Tq*e*4
-    bytes)."""
+    bytes). Without ``for_backward`` nothing is kept for a backward: ``S``, ``M`` and ``y_acc`` are empty."""
     if impl == "cuda" and (blocker := _cuda_blocker(q)) is not None:
         raise _cuda_target_error(blocker)
     if _is_empty(q, k):  # rows without keys: y = 0, denom = eps
         shape = (q.shape[0], q.shape[1], q.shape[2])
         acc = compute_dtype(q.dtype)
         y = q.new_zeros(*shape, v.shape[3], dtype=acc)
-        return _with_output_y(y, q.dtype, q.new_full(shape, EPS, dtype=acc), *_no_states(q))
+        return _with_output_y(y, q.dtype, q.new_full(shape, EPS, dtype=acc), *_no_states(q), keep_acc=for_backward)
     plan = resolve_plan(q, k, v, deg, log_gate is not None, chunk_size)
     triton_reason = _triton_unavailable(q, k, v, deg, log_gate, valid, causal, impl)
     if triton_reason is None:
@@ -165,13 +171,16 @@ def _forward_body(
             raise _cuda_target_error(state.reason)
         states: dict[str, torch.Tensor] = {}
         rows = (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
-        rounded = None if compute_dtype(q.dtype) == q.dtype else q.new_empty(rows)  # stored by the query kernel
+        # y in q's dtype, stored by the query kernel: beside the float32 y for a backward, else alone
+        rounded = None if compute_dtype(q.dtype) == q.dtype or not for_backward else q.new_empty(rows)
         y, denom = triton_forward(
             q, k, v, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid, plan=plan,
             state_kernel=state.kernel, states_out=states, y_out=rounded,
+            y_dtype=compute_dtype(q.dtype) if for_backward else q.dtype,
         )  # fmt: skip
-        serves = states and _triton_backward_serves(q, k, v, deg, log_gate, valid, causal, plan, warn=False)
-        kept = (states["S"], states["M"]) if serves and keeps_states(states, y) else _no_states(q)
+        kept = _no_states(q)
+        if for_backward and states and _triton_backward_serves(q, k, v, deg, log_gate, valid, causal, plan, False):
+            kept = (states["S"], states["M"]) if keeps_states(states, y) else kept
         return _with_output_y(y, q.dtype, denom, *kept, rounded=rounded)
     if impl == "cuda":
         raise _cuda_target_error(f"the Triton kernels run with the CUDA state kernel do not serve it ({triton_reason})")
@@ -180,17 +189,23 @@ def _forward_body(
         y, denom = quadratic.quadratic_forward(q, k, v, **options)
     else:
         y, denom = chunked.chunked_forward(q, k, v, chunk_size=plan.chunk_size, **options)
-    return _with_output_y(y, q.dtype, denom, *_no_states(q))
+    return _with_output_y(y, q.dtype, denom, *_no_states(q), keep_acc=for_backward)
 
 
 def _with_output_y(
-    y: torch.Tensor, dtype: torch.dtype, *rest: torch.Tensor, rounded: torch.Tensor | None = None
+    y: torch.Tensor,
+    dtype: torch.dtype,
+    *rest: torch.Tensor,
+    rounded: torch.Tensor | None = None,
+    keep_acc: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y in dtype, *rest, y_acc)``: ``y_acc`` is the accumulators' y where the cast changed it, else empty (an
-    op's outputs cannot alias one another); ``rounded``: y in dtype already (stored by the query kernel)."""
+    """``(y in dtype, *rest, y_acc)``: ``y_acc`` is the accumulators' y where the cast changed it and ``keep_acc``
+    (a backward will read it), else empty (an op's outputs cannot alias one another); ``rounded``: y in dtype
+    already (stored by the query kernel)."""
     if y.dtype == dtype:
         return y, *rest, y.new_empty(0, dtype=torch.float32)
-    return (y.to(dtype) if rounded is None else rounded), *rest, y
+    y_acc = y if keep_acc else y.new_empty(0, dtype=torch.float32)
+    return (y.to(dtype) if rounded is None else rounded), *rest, y_acc
 
 
 def _no_states(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,7 +293,8 @@ power_retention_backward_op = triton_op(f"{OP_NAMESPACE}::power_retention_backwa
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl = inputs
+    q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl, *for_backward = inputs
+    ctx.for_backward = not for_backward or for_backward[0]  # the schema's default when not given
     y, denom, kept_s, kept_m, y_acc = output
     accumulated = y if y.dtype == compute_dtype(q.dtype) else y_acc
     ctx.save_for_backward(q, k, v, log_gate, valid, accumulated, denom, kept_s, kept_m)
@@ -288,9 +304,15 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_y, _grad_denom, _grad_s, _grad_m, _grad_y_acc):
-    no_inputs = (None,) * 6
+    no_inputs = (None,) * 7
     if grad_y is None:  # y did not reach the loss
         return None, None, None, None, *no_inputs
+    if not ctx.for_backward:
+        raise RuntimeError(
+            "retention_compile: a gradient was asked of a power_retention call made with for_backward=False, whose "
+            "forward kept nothing for a backward; call it with for_backward=True (power_retention decides this "
+            "from torch.is_grad_enabled() and the inputs' requires_grad)"
+        )
     q, k, v, log_gate, valid, *saved = ctx.saved_tensors
     dq, dk, dv, dg = power_retention_backward_op(grad_y, q, k, v, log_gate, valid, *saved, *ctx.options)
     return dq, dk, dv, (dg if log_gate is not None else None), *no_inputs
@@ -320,13 +342,16 @@ def power_retention(
     q (B, Hq, Tq, d), k (B, Hk, Tk, d), v (B, Hk, Tk, e), Hq % Hk == 0; ``log_gate`` (B, Hk or Hq, Tk),
     ``<= 0``, causal only; ``valid`` (B, Tk) bool. ``scale`` defaults to ``1/sqrt(d)``; ``chunk_size``
     None plans it from the hardware (it never changes the result). Returns y (B, Hq, Tq, e) in q's dtype.
+    Under ``torch.no_grad`` or with no input requiring a gradient the op keeps nothing for a backward
+    (``for_backward=False``: no float32 y, no chunk states).
     """
     validate_retention_inputs(
         q, k, v, deg=deg, log_gate=log_gate, causal=causal, valid=valid, scale=scale, chunk_size=chunk_size
     )
     if impl not in IMPLS:
         raise ValueError(f"power_retention: impl must be one of {IMPLS}, got {impl!r}")
+    for_backward = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, log_gate))
     y, *_ = power_retention_op(
-        q, k, v, log_gate, valid, default_scale(q.shape[-1], scale), deg, causal, chunk_size or 0, impl
+        q, k, v, log_gate, valid, default_scale(q.shape[-1], scale), deg, causal, chunk_size or 0, impl, for_backward
     )
     return y

@@ -257,3 +257,56 @@ def test_the_backend_name_resolves_without_the_entry_point():
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0 and "resolved" in done.stdout, done.stderr[-3000:]
+
+
+def test_the_forward_keeps_nothing_for_a_backward_no_gradient_will_ask():
+    """The rewrite's ``for_backward`` follows the traced operands' ``requires_grad``: under ``torch.no_grad`` the op
+    returns no float32 y (``y_acc`` empty) and the same y; with gradients it keeps y_acc, and the backward runs."""
+    from retention_compile.annotate import retention_calls
+    from retention_compile.backend import rewrite_graph
+
+    seen: list[tuple[bool, ...]] = []
+
+    def recording_backend(gm, example_inputs):
+        rewrite_graph(gm)
+        seen.append(tuple(call["for_backward"] for call in retention_calls(gm)))
+        return gm.forward
+
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(16, 48).to(torch.bfloat16)
+
+    def fn(x):
+        q, k, v = proj(x).view(2, 40, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    x = torch.randn(2, 40, 16, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=recording_backend, fullgraph=True)
+    with torch.no_grad():
+        inference = compiled(x)
+    training = compiled(x)
+    assert seen == [(False,), (True,)]
+    assert inference.dtype == training.dtype == torch.bfloat16
+    assert torch.equal(inference, training)
+    training.float().square().sum().backward()
+    assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+    q, k, v = (t.double() for t in proj(x).detach().view(2, 40, 3, 2, 8).permute(2, 0, 3, 1, 4))
+    want = power_retention_reference(q, k, v, scale=8**-0.5)
+    assert float((inference.double() - want).norm() / want.norm()) < 1e-2
+
+
+def test_the_op_without_for_backward_returns_no_accumulators_and_refuses_a_gradient():
+    """``for_backward=False``: y as with it, ``y_acc`` and the states empty; a gradient asked of it raises, naming
+    the flag, instead of differentiating through a y the backward cannot use."""
+    q, k, v = (t.to(torch.bfloat16) for t in tensors(Hq=2, Hk=2, Tq=40, Tk=40))
+    args = (None, None, 0.25, 2, True, 16, "aten")
+    kept = torch.ops.retention_compile.power_retention(q, k, v, *args)
+    bare = torch.ops.retention_compile.power_retention(q, k, v, *args, False)
+    assert torch.equal(kept[0], bare[0]) and torch.equal(kept[1], bare[1])
+    assert kept[4].shape == (*q.shape[:3], v.shape[3]) and all(t.numel() == 0 for t in bare[2:])
+    leaf = q.clone().requires_grad_()
+    y = torch.ops.retention_compile.power_retention(leaf, k, v, *args, False)[0]
+    with pytest.raises(RuntimeError, match="for_backward=False"):
+        y.float().sum().backward()
+    with torch.no_grad():
+        assert torch.equal(rc.power_retention(leaf, k, v, scale=0.25, chunk_size=16), kept[0])

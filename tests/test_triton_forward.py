@@ -117,9 +117,10 @@ def keyless_alignment() -> dict[str, float]:
     }
 
 
-def rounded_output_mismatches(case: tuple, dtype: torch.dtype) -> float:
-    """``y_out``: the count of elements of y_out (filled with NaN first) that differ from the float32 y rounded to
-    ``dtype`` (0 expected: the query kernel stores both from the same values)."""
+def rounded_output_mismatches(case: tuple, dtype: torch.dtype) -> dict[str, float]:
+    """The counts of elements that differ from the float32 y rounded to ``dtype`` (0 expected: the query kernel
+    stores them from the same values): of ``y_out`` (filled with NaN first), stored beside the float32 y, and of the
+    y returned with ``y_dtype=dtype``, stored alone."""
     B, Hq, Hk, Tq, Tk, d, e, deg, gate_heads, has_valid, causal, chunk, segments = case
     gen = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(B, h, t, w, generator=gen).to(dtype) for h, t, w in ((Hq, Tq, d), (Hk, Tk, d), (Hk, Tk, e)))
@@ -130,7 +131,13 @@ def rounded_output_mismatches(case: tuple, dtype: torch.dtype) -> float:
         q, k, v, scale=0.7 / d**0.5, deg=deg, log_gate=gate, causal=causal, valid=valid,
         plan=Plan(chunk_size=chunk, **TINY), segments=segments, y_out=y_out,
     )  # fmt: skip
-    return float((y_out != y.to(dtype)).sum())
+    alone, _ = triton_forward(
+        q, k, v, scale=0.7 / d**0.5, deg=deg, log_gate=gate, causal=causal, valid=valid,
+        plan=Plan(chunk_size=chunk, **TINY), segments=segments, y_dtype=dtype,
+    )  # fmt: skip
+    rounded = y.to(dtype)
+    alone_mismatches = float((alone != rounded).sum()) if alone.dtype == dtype else float("inf")
+    return {"beside": float((y_out != rounded).sum()), "alone": alone_mismatches}
 
 
 ROUNDED_OUTPUT_CASES = ("quadratic-deg4-gate-valid", "chunked-gate-valid-segments", "chunked-tq-gt-tk")
@@ -154,9 +161,9 @@ def _interpreted() -> dict[str, float]:
     forward.keyless_rows = real_keyless
     # float16 inputs run the float32 kernels (forward.kernel_inputs), exact as float32 ones
     results.update({f"{name}-float16": run_case(dict(CASES)[name], torch.float16) for name in FLOAT16_CASES})
-    results.update(
-        {f"{n}-rounded-output": rounded_output_mismatches(dict(CASES)[n], torch.float16) for n in ROUNDED_OUTPUT_CASES}
-    )
+    for name in ROUNDED_OUTPUT_CASES:
+        counts = rounded_output_mismatches(dict(CASES)[name], torch.float16)
+        results.update({f"{name}-rounded-output-{where}": count for where, count in counts.items()})
     # bfloat16 with chunks of 16 keys runs the float32 kernels too (forward.small_chunk_float32)
     bf16_case = dict(CASES)["chunked-gate-valid-segments"]
     results["chunked-gate-valid-segments-bfloat16"] = run_case(bf16_case, torch.bfloat16)
@@ -190,8 +197,10 @@ def test_kernels_match_oracle(interpreted: dict[str, float], name: str) -> None:
 @pytest.mark.parametrize("name", ROUNDED_OUTPUT_CASES)
 def test_query_kernel_stores_the_rounded_output(interpreted: dict[str, float], name: str) -> None:
     """``y_out`` (float16 here, the op's output dtype) is y rounded, element for element; for Tq > Tk too, where
-    the rows before the first key are cast after the kernels ran."""
-    assert interpreted[f"{name}-rounded-output"] == 0.0
+    the rows before the first key are cast after the kernels ran. So is y stored alone in float16 (``y_dtype``, the
+    op's forward with no backward to follow)."""
+    assert interpreted[f"{name}-rounded-output-beside"] == 0.0
+    assert interpreted[f"{name}-rounded-output-alone"] == 0.0
 
 
 def test_queries_before_the_first_key_are_left_out(interpreted: dict[str, float]) -> None:

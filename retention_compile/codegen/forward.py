@@ -253,6 +253,7 @@ def triton_forward(
     state_kernel: Callable[[KernelSpec, dict], dict] | None = None,
     states_out: dict[str, torch.Tensor] | None = None,
     y_out: torch.Tensor | None = None,
+    y_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Power retention forward on the GPU: ``(y, denom)`` exactly as ``chunked_forward`` returns them.
 
@@ -263,12 +264,16 @@ def triton_forward(
     ``states_out``, on the chunked path, receives the chunk states the query kernel read (``"S"``, ``"M"``: shapes
     and dtypes in ``StateLayout``), which ``triton_backward(saved_states=...)`` takes instead of recomputing them.
     ``y_out`` (contiguous, shaped as y, any float dtype) receives y rounded to its dtype as well: the query kernel
-    stores it beside the float32 y (in place of a cast after it).
+    stores it beside the float32 y (in place of a cast after it). ``y_dtype``: the dtype of the returned y, which
+    the query kernel stores rounded from its float32 accumulators; a 16-bit one (for a forward no backward follows)
+    skips the float32 y's store (4 bytes per element) altogether, and excludes ``y_out``.
     """
+    if y_out is not None and y_dtype != torch.float32:
+        raise ValueError(f"triton_forward: y_out is stored beside a float32 y, but y_dtype is {y_dtype}")
     if (keyless := keyless_rows(q, k, causal)) is not None:
         y, denom = triton_forward(
             q[:, :, keyless:], k, v, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid, plan=plan,
-            segments=segments, state_kernel=state_kernel, states_out=states_out,
+            segments=segments, state_kernel=state_kernel, states_out=states_out, y_dtype=y_dtype,
         )  # fmt: skip
         y = with_keyless_rows(y, keyless, 0.0)
         if y_out is not None:  # a rare shape: cast after
@@ -284,7 +289,7 @@ def triton_forward(
     e = v.shape[3]
     spec = kernel_spec(q, v, deg, log_gate is not None, valid is not None, causal, size_hint(Tk), plan)
     module, _ = load_forward(spec)
-    y = torch.empty((B, Hq, Tq, e), dtype=torch.float32, device=q.device)  # the accumulator's precision
+    y = torch.empty((B, Hq, Tq, e), dtype=y_dtype, device=q.device)
     denom = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
     common = {**_strides("k", k), **_strides("v", v), "K": k, "V": v, "Hq": Hq, "group": Hq // Hk, "Tk": Tk}
     extra: dict[str, object] = {}

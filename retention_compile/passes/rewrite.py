@@ -43,6 +43,14 @@ def site_scale(site: AttentionSite) -> float:
     return 1.0 / math.sqrt(guard_int(head_dim) if isinstance(head_dim, torch.SymInt) else head_dim)
 
 
+def needs_gradient(site: AttentionSite) -> bool:
+    """Whether autograd may ask the site's output for a gradient: its query, key, value or a run-time factor of its
+    scale requires one as traced (Dynamo's example values carry ``requires_grad``; under ``torch.no_grad`` none
+    does). The op's ``for_backward``: without it the forward keeps nothing for a backward."""
+    operands = [site.query, site.key, site.value, *(factor for factor, _ in site.scale_factors)]
+    return any(isinstance(x, fx.Node) and example_value(x).requires_grad for x in operands)
+
+
 class _Builder:
     """Inserts the op's inputs before the site's output node."""
 
@@ -60,15 +68,17 @@ class _Builder:
         op on the fake inputs here would record guards on the traced lengths (its body plans per length). The
         states' shapes come from the plan, so their example values are empty placeholders: the rewrite reads only y
         (in q's dtype), and AOTAutograd traces the op's body itself, which gives S and M their real (symbolic)
-        shapes."""
+        shapes. The last option is ``for_backward``: without it ``y_acc`` is empty."""
         op = torch.ops.retention_compile.power_retention.default
         node = self.graph.call_function(op, (query, key, value, *options))
+        for_backward = options[-1]
         q, v = example_value(query), example_value(value)
         with q.fake_mode if isinstance(q, FakeTensor) else contextlib.nullcontext():
             rows = (q.shape[0], q.shape[1], q.shape[2])
             acc = compute_dtype(q.dtype)
             y, denom = q.new_empty(*rows, v.shape[3]), q.new_empty(rows, dtype=acc)
-            y_acc = q.new_empty(*rows, v.shape[3], dtype=acc) if acc != q.dtype else q.new_empty(0, dtype=torch.float32)
+            kept = acc != q.dtype and for_backward
+            y_acc = q.new_empty(*rows, v.shape[3], dtype=acc) if kept else q.new_empty(0, dtype=torch.float32)
             states = (q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32))
         node.meta["example_value"] = (y, denom, *states, y_acc)
         return node
@@ -185,6 +195,7 @@ def replace_with_retention(
             decision.causal,
             config.chunk_size or 0,
             config.codegen,
+            needs_gradient(site),
         )
         output = build.cast(build.call(operator.getitem, call, 0), example_value(site.node).dtype)
     output.meta.update({k: v for k, v in site.node.meta.items() if k in ("stack_trace", "nn_module_stack")})

@@ -202,3 +202,26 @@ def test_inside_triton_op_and_compile() -> None:
     text = "\n".join(code)
     for kernel in ("attention_kernel", "state_kernel"):
         assert kernel in text, f"{kernel} not in Inductor's output code"
+
+
+@pytest.mark.parametrize("T", [700, 5000])
+def test_forward_without_a_backward_stores_y_alone(T: int) -> None:
+    """``power_retention`` under ``torch.no_grad`` (the op's ``for_backward=False``: y stored in bf16 alone, no
+    float32 y, no kept states), eager and compiled: y is bitwise the one of the forward that keeps them, and within
+    the oracle's tolerance; T = 700 runs the quadratic kernel, 5000 the chunked one."""
+    import retention_compile as rc
+
+    q, k, v, g, _ = make_inputs(1, 4, 2, T, T, 64, 64, bf16, gate_heads=2)
+    args = (g, None, 0.125, 2, True, 1024, "triton")
+    kept = torch.ops.retention_compile.power_retention(q, k, v, *args)
+    bare = torch.ops.retention_compile.power_retention(q, k, v, *args, False)
+    assert kept[4].numel() > 0 and all(t.numel() == 0 for t in bare[2:])
+    assert bare[0].dtype == bf16 and torch.equal(bare[0], kept[0]) and torch.equal(bare[1], kept[1])
+    with torch.no_grad():
+        options = {"scale": 0.125, "log_gate": g, "chunk_size": 1024, "impl": "triton"}
+        compiled = torch.compile(lambda *x: rc.power_retention(*x, **options))(q, k, v)
+    assert torch.equal(compiled, kept[0])
+    rows = row_blocks(T)[-1]
+    want, _ = oracle(q, k, v, scale=0.125, deg=2, log_gate=g, causal=True, valid=None, rows=rows)
+    got = bare[0][:, :, rows.start : rows.stop].double()
+    assert float((got - want).norm() / want.norm()) < TOL[bf16]
