@@ -6,7 +6,9 @@ Shape: b=1, h=8, d=e=64, deg 2, bf16, causal, T in {16384, 65536}, gated and ung
                    ``LAUNCHES`` back-to-back launches between two CUDA events, median over ``ROUNDS`` rounds,
                    divided by ``LAUNCHES``; the Triton kernel launched directly (``kernel[grid](...)``), the CUDA
                    one through its op (``torch.ops.retention_compile.cuda_chunk_states``, host work included)
-    variants       at T=65536 the CUDA kernel's launch shapes (``StateKernelConfig``) and segment counts
+    variants       at T=65536 the CUDA kernel's launch shapes (``StateKernelConfig``) and segment counts: the
+                   kernel alone, and ``triton_forward`` with it and its scan (the scan's work grows with the
+                   segments; ``forward.STATE_WAVES`` was tuned for the Triton kernel), median of CUDA-event times
     forward        ``power_retention`` op with ``impl="triton"`` and ``impl="cuda"``, median of CUDA-event times
     agreement      ||y_cuda - y_triton|| / ||y_triton||
 
@@ -51,6 +53,9 @@ VARIANTS = (
     StateKernelConfig(wgmma=True, wgmma_min_blocks=1, wgmma_in_flight=4),
 )
 SEGMENTS = (4, 13)
+# Segment counts for the whole forward with the CUDA state kernel (64 chunks at T=65536 chunk 1024: 8 is the default
+# of STATE_WAVES for 80 programs per segment on 132 SMs; 11 -> 11 segments of 6 chunks, 13 of 5, 16 of 4, 22 of 3)
+FORWARD_SEGMENTS = (4, 8, 11, 13, 16, 22)
 
 
 def _inputs(T: int, gated: bool) -> tuple:
@@ -121,6 +126,13 @@ def run_case(T: int, gated: bool) -> dict:
             seg_spec, seg_args = _capture(q, k, v, gate, plan, segments=n)
             segs[str(int(seg_args["n_seg"]))] = median_ms(_cuda_state(seg_spec, seg_args), ROUNDS, LAUNCHES)
         out["cuda_segments_ms"] = segs
+        options = {"scale": D**-0.5, "deg": 2, "log_gate": gate, "causal": True, "valid": None, "plan": plan}
+        out["forward_segments_ms"] = {
+            str(n): median_ms(
+                lambda n=n: forward.triton_forward(q, k, v, **options, segments=n, state_kernel=chunk_states), REPS
+            )
+            for n in FORWARD_SEGMENTS
+        }
     scale = D**-0.5
 
     def op(impl: str):
@@ -165,6 +177,7 @@ def main() -> None:
             )
             if "cuda_config_ms" in case:
                 print("   configs:", case["cuda_config_ms"], " segments:", case["cuda_segments_ms"], flush=True)
+                print("   forward by segments:", case["forward_segments_ms"], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = name.replace(" ", "-")

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, one after another in one call of the lent GPU, each alone on the device:
 #
-#   benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms]
-#       (default: the first three; limits 4, 7, 9.3 and 5 minutes: give the long ones their own device call;
-#       state_terms: the backward's CUDA state-term kernels against Triton, bench_cuda_backward.py)
+#   benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms] [chunk_state]
+#       (default: the first three; limits 4, 7, 9.3, 5 and 5 minutes: give the long ones their own device call;
+#       state_terms: the backward's CUDA state-term kernels against Triton, bench_cuda_backward.py; chunk_state: the
+#       forward's CUDA state kernel against Triton, its launch shapes and segment counts, bench_cuda_state.py)
 #
 # Each benchmark runs in its own process group with a time limit (nothing it starts outlives it) and only once
 # no other process holds the GPU (polled with nvidia-smi for up to 60 s; the wait and the processes seen are
@@ -16,7 +17,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-out="${1:?usage: benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms]}"
+out="${1:?usage: benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms] [chunk_state]}"
 shift
 which=("${@:-forward backward compile}")
 read -r -a which <<< "${which[*]}"
@@ -47,8 +48,9 @@ for bench in "${which[@]}"; do
         backward) part backward 420 python3 benchmarks/bench_backward.py --T 65536 2048 8192 --competitors 65536 --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         state_terms) part state_terms 300 python3 benchmarks/bench_cuda_backward.py --stages dkv_state dq_state \
             --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
+        chunk_state) part chunk_state 300 python3 benchmarks/bench_cuda_state.py --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         compile) part compile 560 python3 benchmarks/bench_compile.py --device cuda --repeats 3 --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
-        *) echo "unknown benchmark: $bench (forward, backward, compile, state_terms)" >> "$summary" ;;
+        *) echo "unknown benchmark: $bench (forward, backward, compile, state_terms, chunk_state)" >> "$summary" ;;
     esac
 done
 gather_logs "$out/logs.txt"
