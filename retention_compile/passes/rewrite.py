@@ -46,9 +46,11 @@ def site_scale(site: AttentionSite) -> float:
 def needs_gradient(site: AttentionSite) -> bool:
     """Whether autograd may ask the site's output for a gradient: its query, key, value or a run-time factor of its
     scale requires one as traced (Dynamo's example values carry ``requires_grad``; under ``torch.no_grad`` none
-    does). The op's ``for_backward``: without it the forward keeps nothing for a backward."""
+    does; a run-time scale that is a Python number carries none). The op's ``for_backward``: without it the forward
+    keeps nothing for a backward."""
     operands = [site.query, site.key, site.value, *(factor for factor, _ in site.scale_factors)]
-    return any(isinstance(x, fx.Node) and example_value(x).requires_grad for x in operands)
+    values = [x.meta.get("example_value", x.meta.get("val")) for x in operands if isinstance(x, fx.Node)]
+    return any(isinstance(value, torch.Tensor) and value.requires_grad for value in values)
 
 
 class _Builder:
