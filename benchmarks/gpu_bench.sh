@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, one after another in one call of the lent GPU, each alone on the device:
 #
-#   benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms] [chunk_state]
-#       (default: the first three; limits 4, 7, 9.3, 5 and 5 minutes: give the long ones their own device call;
+#   benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms] [chunk_state] [forward_profile]
+#       (default: the first three; limits 4, 7, 9.3, 5, 5 and 4 minutes: give the long ones their own device call;
 #       state_terms: the backward's CUDA state-term kernels against Triton, bench_cuda_backward.py; chunk_state: the
-#       forward's CUDA state kernel against Triton, its launch shapes and segment counts, bench_cuda_state.py)
+#       forward's CUDA state kernel against Triton, its launch shapes and segment counts, bench_cuda_state.py;
+#       forward_profile: the query kernel by row-block size, then one forward under ncu (OUT_DIR/ncu_forward.csv),
+#       profile_forward.py)
 #
 # Each benchmark runs in its own process group with a time limit (nothing it starts outlives it) and only once
 # no other process holds the GPU (polled with nvidia-smi for up to 60 s; the wait and the processes seen are
@@ -17,7 +19,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-out="${1:?usage: benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms] [chunk_state]}"
+out="${1:?usage: benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms] [chunk_state] [forward_profile]}"
 shift
 which=("${@:-forward backward compile}")
 read -r -a which <<< "${which[*]}"
@@ -49,8 +51,15 @@ for bench in "${which[@]}"; do
         state_terms) part state_terms 300 python3 benchmarks/bench_cuda_backward.py --stages dkv_state dq_state \
             --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         chunk_state) part chunk_state 300 python3 benchmarks/bench_cuda_state.py --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
+        forward_profile)
+            part forward_profile 120 python3 benchmarks/profile_forward.py --out "$out" ${COMMIT:+--commit "$COMMIT"}
+            part forward_ncu 120 ncu --clock-control none --csv --page details --launch-count 3 \
+                -k 'regex:attention_kernel|retention_chunk_state|scan_kernel' --section SpeedOfLight \
+                --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+                --section ComputeWorkloadAnalysis --export "$out/ncu_forward" \
+                python3 benchmarks/profile_forward.py --single-call ;;
         compile) part compile 560 python3 benchmarks/bench_compile.py --device cuda --repeats 3 --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
-        *) echo "unknown benchmark: $bench (forward, backward, compile, state_terms, chunk_state)" >> "$summary" ;;
+        *) echo "unknown benchmark: $bench (forward, backward, compile, state_terms, chunk_state, forward_profile)" >> "$summary" ;;
     esac
 done
 gather_logs "$out/logs.txt"
