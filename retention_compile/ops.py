@@ -31,8 +31,8 @@ kernel measured faster per GPU and shape, ``codegen/cuda_state.select_state_kern
 with no input requiring one, the rewrite where the traced query, key and value need none) returns ``y_acc``, ``S``
 and ``M`` empty, and the Triton query kernel stores y in q's dtype alone, without the float32 y (4 bytes per output
 element, 134 MB at T=65536, b=1, h=8, e=64); its backward raises. ``dlog_gate`` is an empty tensor when there is no
-gate. Calls with no
-query or no key return ``y = 0``, ``denom = eps`` (and zero gradients) without planning or launching anything.
+gate. Calls with no query or no key return ``y = 0``, ``denom = eps`` (and zero gradients) without planning or
+launching anything.
 """
 
 from __future__ import annotations
