@@ -6,10 +6,11 @@ fla's ``chunk_simple_gla`` (issue 5): b=1, h=8, d=64, deg=2, bf16, causal, gated
 Times are medians of ``triton.testing.do_bench`` (warmup 25 ms, rep 100 ms). "ours" is ``triton_forward`` run
 eagerly as the body of a ``triton_op`` runs it (kernels launched directly, Python overhead included, as SDPA's
 is), with the Plan that ``planning.plan`` picks for the shape and the state kernel ``codegen="auto"`` picks (the
-row's ``state_kernel``: the CUDA one where measured faster); "ours graph" replays the same call from a CUDA
-graph (no launch overhead, as in a compiled model with CUDA graphs). ``--tune T`` first times, gated at length T,
-the kernel variants of the chunked query kernel, two chunk sizes and several segment counts, keeps the fastest
-variant for the whole run and reports the fastest configuration as "ours best" with a per-kernel breakdown.
+row's ``state_kernel``: the CUDA one where measured faster), y stored in bf16 as by the op's forward that no backward
+follows (``for_backward=False``; runs up to session 25 stored it in float32); "ours graph" replays the same call
+from a CUDA graph (no launch overhead, as in a compiled model with CUDA graphs). ``--tune T`` first times, gated at
+length T, the kernel variants of the chunked query kernel, two chunk sizes and several segment counts, keeps the
+fastest variant for the whole run and reports the fastest configuration as "ours best" with a per-kernel breakdown.
 Achieved rate: FLOP the kernels execute (tiled state, see ``executed_flops``) over the fastest time, as a
 fraction of a bf16 matmul measured in the same run. Competitors run at ``--competitors`` lengths when importable
 (carry them as wheels: ../shared/tools/gpu-wheels.sh); a failure is recorded, not fatal. A cProfile of eager
@@ -117,7 +118,8 @@ def state_kernel_choice(x: dict, plan: planning.Plan) -> StateChoice:
 
 def ours(x: dict, plan: planning.Plan, segments: int | None = None) -> Callable[[], object]:
     """``triton_forward`` as a ``triton_op`` body runs it eagerly (kernels launched directly, not through the HOP),
-    with the state kernel ``codegen="auto"`` picks."""
+    with the state kernel ``codegen="auto"`` picks, storing y in the inputs' dtype as the op does when no backward
+    follows (``for_backward=False``)."""
     from torch._library.triton import set_wrap_triton_enabled
 
     state_kernel = state_kernel_choice(x, plan).kernel
@@ -126,7 +128,7 @@ def ours(x: dict, plan: planning.Plan, segments: int | None = None) -> Callable[
         with set_wrap_triton_enabled(False):
             return triton_forward(
                 x["q"], x["k"], x["v"], scale=D**-0.5, deg=2, log_gate=x["gate"], causal=True, valid=None,
-                plan=plan, segments=segments, state_kernel=state_kernel,
+                plan=plan, segments=segments, state_kernel=state_kernel, y_dtype=x["q"].dtype,
             )  # fmt: skip
 
     return run
