@@ -2,6 +2,7 @@
 state kernels, at b=1, h=8, d=e=64, bf16 (issue 5's shape).
 
     python benchmarks/probe_wgmma_state.py [--T 65536] [--chunk 1024] [--out benchmarks/results] [--commit SHA]
+                                           [--probes state query dq intra forward]
 
 The probe computes, per head, chunk and pair of 16-coordinate blocks, ``sum_t phi_p(k_t) v_t^T`` (no gate, no scan:
 the product whose speed bounds the state kernels; ``forward_notes.md``, "Where the state products stand"). It is
@@ -12,7 +13,10 @@ one programs per multiprocessor, and a second reading of the V descriptor (tried
 ``query_probe`` does the query side, ``phi(q_t) . S_c`` with bf16 states as the forward stores them (checked on
 two chunks of two heads, timed): S_c copied as stored by cp.async in half pairs, 4 stages deep, phi(q) built per
 thread as the A fragment from the block's q rows staged once, 4 slices in flight. ``dq_probe`` does the state term
-of dq (``G = S_c dN_t``, both wgmma operands from shared memory, contracted with q in registers). Beside them, the
+of dq (``G = S_c dN_t``, both wgmma operands from shared memory, contracted with q in registers). ``intra_probe``
+does the query kernel's intra-chunk product (causal, no gate): ``X = Q K^T`` from shared memory, ``w = (s x)^2``
+rounded to bf16 and repacked in registers as the A fragments of ``w V`` (checked on two chunks of two heads against
+PyTorch with the same rounding, timed; its TFLOP/s count the executed causal blocks). Beside them, the
 forward's state and query kernels (the state kernel Triton's and, where "auto" picks it, the CUDA one) are timed by
 the profiler in a forward of the same shape. TFLOP/s count the tiled features' products, ``2 T h Dt e`` with Dt = 2560.
 Writes ``wgmma_probe_<gpu>_<date>.json`` with the command and commit. Needs an sm_90 GPU and cuda-python.
@@ -39,6 +43,7 @@ SOURCE = Path(__file__).with_name("wgmma_state_probe.cu")
 STATE_SMEM = 4 * (64 * E + 2 * 64 * 24) * 2 + 1024  # the state probe's STAGES stages of V, K_I, K_J + alignment
 QUERY_SMEM = 4 * 128 * E * 2 + 128 * (D + 8) * 2 + 1024  # query probe: 4 stages of half pairs, q rows, alignment
 DQ_SMEM = 4 * 64 * E * 2 + 128 * E * 2 + 128 * (D + 8) * 2 + 1024  # dq probe: quarter pairs, dN rows, q rows
+INTRA_SMEM = 4 * 2 * 64 * D * 2 + 128 * D * 2 + 1024  # intra probe: 4 stages of k and v steps, q rows, alignment
 
 
 def allow_shared(kernel: nvrtc.CudaKernel, size: int) -> None:
@@ -167,25 +172,58 @@ def dq_side(q: torch.Tensor, n_chunks: int, chunk: int, flops: float, record: di
               f"{error:.2e}, {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s")  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--T", type=int, default=65536)
-    parser.add_argument("--chunk", type=int, default=1024)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--commit", default=None)
-    args = parser.parse_args()
-    T, chunk = args.T, args.chunk
-    n_chunks = -(-T // chunk)
-    base, record = result_header("wgmma_probe", args.out, args.commit)
-    record["shape"] = {"B": 1, "H": H, "d": D, "e": E, "T": T, "chunk": chunk, "dtype": "bfloat16", "Dt": DT}
+def intra_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """(rows, E) float32: the intra probe's y for one chunk's rows (q, k, v: that chunk's (rows, D/E) of one head),
+    w = (s q . k)^2 on and below the diagonal, rounded to bf16 as the kernel rounds it."""
+    w = torch.tril((scale * (q.float() @ k.float().T)) ** 2).to(torch.bfloat16).float()
+    return (w @ v.float()) / (w.sum(-1, keepdim=True) + 1e-6)
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    k = torch.randn(H, T, D, device="cuda", generator=gen).to(torch.bfloat16)
-    v = torch.randn(H, T, E, device="cuda", generator=gen).to(torch.bfloat16)
+
+def intra_side(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int, record: dict) -> None:
+    """``intra_probe``: the query kernel's intra-chunk product on wgmma (causal, no gate, no state term), checked on
+    the first two chunks of two heads, in three builds (the next step's scores issued before this step's w V or
+    after it; registers capped for one or two programs per SM), timed. TFLOP/s count the executed products: per
+    chunk and head, blocks b = 0 .. C/128 - 1 of 128 rows each take 2 (b + 1) steps of 64 keys, each step two
+    128 x 64 x 64 products."""
+    T, scale = q.shape[1], D**-0.5
+    per_chunk = chunk // 128
+    flops = (T // chunk) * H * per_chunk * (per_chunk + 1) * 4 * 128 * 64 * 64
+    y = torch.empty(H, T, E, device="cuda")
+    spans = [slice(c * chunk, (c + 1) * chunk) for c in range(min(2, T // chunk))]
+    want = torch.stack(
+        [torch.cat([intra_reference(q[h, s], k[h, s], v[h, s], scale) for s in spans]) for h in (0, H - 1)]
+    )
+    rows = spans[-1].stop
+    record["intra_probe"] = []
+    for lookahead, blocks in ((1, 1), (0, 1), (1, 2)):
+        source = f"#define INTRA_LOOKAHEAD {lookahead}\n#define INTRA_MIN_BLOCKS {blocks}\n" + SOURCE.read_text()
+        (kernel,) = nvrtc.load_kernels(source, ["intra_probe"], q.device)
+        allow_shared(kernel, INTRA_SMEM)
+        variant = {"lookahead": lookahead, "min_blocks": blocks, "registers": kernel.num_regs}
+        record["intra_probe"].append(variant)
+
+        def probe(kernel=kernel) -> None:
+            kernel.launch((T // 128, H, 1), (256, 1, 1), (q, k, v, y, T, chunk, scale), shared_mem=INTRA_SMEM)
+
+        y.fill_(float("nan"))
+        probe()
+        torch.cuda.synchronize()
+        variant["relative_error"] = error = float((y[[0, H - 1], :rows] - want).norm() / want.norm())
+        label = f"intra probe (lookahead {lookahead}, {blocks} program(s) per SM), {kernel.num_regs} registers"
+        if not error < 1e-3:
+            print(f"{label}: relative error {error:.2e}, wrong")
+            continue
+        ms = do_bench(probe, warmup=25, rep=200)
+        variant["ms"], variant["tflops"] = ms, flops / ms / 1e9
+        print(f"{label}: error {error:.2e}, {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s")
+
+
+def state_side(k: torch.Tensor, v: torch.Tensor, n_chunks: int, chunk: int, flops: float, record: dict) -> None:
+    """``state_probe``: the chunk-local state product, checked on every chunk of two heads, in three builds, timed."""
+    T = k.shape[1]
     s = torch.empty(H, n_chunks, DT, E, device="cuda")
     heads = [0, H - 1]
     want = reference(k, v, chunk, heads)
-    flops = 2 * T * H * DT * E
     record["variants"] = []
     # (programs per SM the registers are capped for, V descriptor's LBO, SBO): the second descriptor is the
     # swapped reading of the MN-major layout, tried in case the first is wrong
@@ -215,21 +253,51 @@ def main() -> None:
         ms = do_bench(probe, warmup=25, rep=200)
         variant["ms"], variant["tflops"] = ms, flops / ms / 1e9
         print(f"  {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s")
-        base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
 
-    query_side(k, n_chunks, chunk, flops, record)
-    base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
-    dq_side(k, n_chunks, chunk, flops, record)
-    base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
 
-    # the package's forward at the same shape (SDPA layout, b=1), its state kernel's time from the profiler
+def forward_side(k: torch.Tensor, v: torch.Tensor, chunk: int, record: dict) -> None:
+    """The package's forward at the same shape (SDPA layout, b=1, q = k), its state and query kernels' times from
+    the profiler, with Triton's state kernel and with the one ``codegen="auto"`` picks."""
     q4, k4, v4 = (t.unsqueeze(0) for t in (k, k, v))
     for impl in ("triton", "auto"):
         times = kernel_times(lambda impl=impl: rc.power_retention(q4, k4, v4, chunk_size=chunk, impl=impl), calls=10)
         kernels = {name: ms for name, ms in times.items() if "state" in name or "attention" in name}
         record[f"forward_{impl}_kernels_ms"] = kernels
         print(f"forward impl={impl}: state and query kernels (ms) {kernels}")
-    base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
+
+
+PROBES = ("state", "query", "dq", "intra", "forward")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--T", type=int, default=65536)
+    parser.add_argument("--chunk", type=int, default=1024)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--commit", default=None)
+    parser.add_argument("--probes", nargs="+", choices=PROBES, default=list(PROBES), help="which probes to run")
+    args = parser.parse_args()
+    T, chunk = args.T, args.chunk
+    n_chunks = -(-T // chunk)
+    base, record = result_header("wgmma_probe", args.out, args.commit)
+    record["shape"] = {"B": 1, "H": H, "d": D, "e": E, "T": T, "chunk": chunk, "dtype": "bfloat16", "Dt": DT}
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    k = torch.randn(H, T, D, device="cuda", generator=gen).to(torch.bfloat16)
+    v = torch.randn(H, T, E, device="cuda", generator=gen).to(torch.bfloat16)
+    flops = 2 * T * H * DT * E
+    sides = {
+        "state": lambda: state_side(k, v, n_chunks, chunk, flops, record),
+        "query": lambda: query_side(k, n_chunks, chunk, flops, record),
+        "dq": lambda: dq_side(k, n_chunks, chunk, flops, record),
+        "intra": lambda: intra_side(
+            torch.randn(H, T, D, device="cuda", generator=gen).to(torch.bfloat16), k, v, chunk, record
+        ),  # fmt: skip
+        "forward": lambda: forward_side(k, v, chunk, record),
+    }
+    for name in args.probes:
+        sides[name]()
+        base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
     print(f"wrote {base.with_suffix('.json')}")
 
 

@@ -75,9 +75,10 @@ __device__ __forceinline__ u64 smem_descriptor(const void* tile, u32 lbo, u32 sb
          (static_cast<u64>(sbo >> 4) << 32) | (static_cast<u64>(1) << 62);
 }
 
-// d += A B, A (64 x 16) from registers, B (16 x 64) from shared memory; trans_b = 1: B is MN-major
+// d = A B + (accumulate ? d : 0), A (64 x 16) from registers, B (16 x 64) from shared memory; trans_b = 1: B is
+// MN-major
 template <int TRANS_B>
-__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], const u32 (&a)[4], u64 b_desc) {
+__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], const u32 (&a)[4], u64 b_desc, int accumulate = 1) {
   asm volatile(
       "{\n"
       ".reg .pred accumulate;\n"
@@ -91,7 +92,7 @@ __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], const u32 (&a)[4
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
         "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "n"(TRANS_B), "r"(1));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "n"(TRANS_B), "r"(accumulate));
 }
 
 template <int N>
@@ -467,6 +468,193 @@ dq_probe(const bf16_t* __restrict__ Q, const bf16_t* __restrict__ DN, const bf16
     for (int blk = 0; blk < NB; ++blk) {
       *reinterpret_cast<float2*>(out + 16 * blk + 2 * q) = make_float2(dq[r][4 * blk], dq[r][4 * blk + 1]);
       *reinterpret_cast<float2*>(out + 16 * blk + 2 * q + 8) = make_float2(dq[r][4 * blk + 2], dq[r][4 * blk + 3]);
+    }
+  }
+}
+
+// The intra-chunk part of the query kernel (causal, no gate, deg 2, no state term), the product a query kernel on
+// wgmma would run beside phi(q) S_c (forward_notes.md, session 25):
+//
+//     y_t = sum over keys j of chunk(t) with j <= t of w_tj v_j / (sum_j w_tj + 1e-6),   w_tj = bf16((s q_t . k_j)^2)
+//
+// Program (query block of 128 rows, h), the blocks launched longest first (every chunk's last block, then the
+// blocks before it): 2 warpgroups of 64 rows. Per step of 64 keys, from the chunk's start to the block's last row,
+// X = Q K^T on wgmma with both operands in shared memory (the block's q rows staged once, the step's k rows by
+// cp.async INTRA_AHEAD steps ahead; both K-major with the 128-byte swizzle). w = (s x)^2 in registers, zero above
+// the diagonal in the steps that reach the block's own rows, rounded to bf16 and summed into the denominator, is
+// repacked as the A fragments of acc += w V: the accumulator of m64n64 holds, per thread, rows g and g + 8 at
+// columns 8 j + 2q + {0, 1}, which are the A fragment's (row, k) pairs of k16 slice s for j = 2s, 2s + 1. V is read
+// as stored (the MN-major B), the way the state probe reads it. INTRA_LOOKAHEAD = 1 issues the next step's X (into a
+// second accumulator) before this step's w V, so the two products run together; 0 waits for each product in turn.
+#ifndef INTRA_LOOKAHEAD
+#define INTRA_LOOKAHEAD 1
+#endif
+#ifndef INTRA_MIN_BLOCKS                              // programs per multiprocessor the registers are capped for
+#define INTRA_MIN_BLOCKS 1
+#endif
+constexpr int INTRA_STAGES = 4;
+constexpr int INTRA_AHEAD = 2;                        // a stage is refilled two steps after its products were issued
+
+struct __align__(1024) IntraShared {
+  bf16_t k[INTRA_STAGES][STEP * D];                   // key row t at 128 t bytes, chunk j at j ^ (t % 8)
+  bf16_t v[INTRA_STAGES][STEP * E];                   // the same
+  bf16_t q[QROWS * D];                                // query row r at 128 r bytes, swizzled the same way
+};
+
+// d = A B (the first k16 slice of a product), both from shared memory, K-major: d is written only, so the registers
+// of the tile it replaces are free before it runs (the accumulating form reads them)
+__device__ __forceinline__ void wgmma_ss_m64n64k16_first(float (&d)[32], u64 a_desc, u64 b_desc) {
+  asm volatile(
+      "{\n"
+      ".reg .pred accumulate;\n"
+      "setp.ne.b32 accumulate, 0, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, accumulate, 1, 1, 0, 0;\n"
+      "}\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]),
+        "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]),
+        "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]),
+        "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31])
+      : "l"(a_desc), "l"(b_desc));
+}
+
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {  // rounded to nearest even, lo in the low half
+  u32 out;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(out) : "f"(hi), "f"(lo));
+  return out;
+}
+
+// What one program works on: its rows, its keys' steps, and the head's rows of q, k and v.
+struct IntraBlock {
+  int chunk_start, first_row, steps, diagonal_from;
+  const bf16_t* q_head;
+  const bf16_t* k_head;
+  const bf16_t* v_head;
+};
+
+__device__ __forceinline__ void stage_keys(IntraShared& sm, const IntraBlock& ib, int step, int tid) {
+  const int slot = step % INTRA_STAGES, start = ib.chunk_start + step * STEP;
+#pragma unroll
+  for (int n = 0; n < STEP * 8 / THREADS; ++n) {
+    const int idx = tid + n * THREADS, t = idx / 8, j = idx % 8;
+    const long long key = start + t;
+    copy16(sm.k[slot] + t * D + (j ^ (t % 8)) * 8, ib.k_head + key * D + j * 8, true);
+    copy16(sm.v[slot] + t * E + (j ^ (t % 8)) * 8, ib.v_head + key * E + j * 8, true);
+  }
+}
+
+// Wait for step's keys (every warp past the barrier has retired the products of step - 1, so the stage of step - 1
+// can be refilled with step + INTRA_AHEAD - 1... the copies issued here are INTRA_AHEAD steps ahead), then issue
+// X = Q K^T of step into x.
+__device__ __forceinline__ void issue_scores(IntraShared& sm, const IntraBlock& ib, int step, float (&x)[32],
+                                             u64 q_desc, int tid) {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(INTRA_AHEAD - 1) : "memory");
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+  if (step + INTRA_AHEAD < ib.steps) stage_keys(sm, ib, step + INTRA_AHEAD, tid);
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+  const u64 k_desc = smem_descriptor(sm.k[step % INTRA_STAGES], 16, 1024);
+  wgmma_ss_m64n64k16_first(x, q_desc, k_desc);
+#pragma unroll
+  for (int s = 1; s < 4; ++s) wgmma_ss_m64n64k16(x, q_desc + 2 * s, k_desc + 2 * s, 1);
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+
+// w = (s x)^2 of the thread's rows r0, r0 + 8 (registers 4 j + 2 half + {0, 1}: row r0 + 8 half, keys 8 j + 2q +
+// {0, 1} of the step), masked, rounded, summed into den and packed as the A fragments of the step's 4 k16 slices.
+__device__ __forceinline__ void weights(const IntraBlock& ib, int step, const float (&x)[32], float scale, int r0,
+                                        int q, float (&den)[2], u32 (&frag)[4][4]) {
+  const bool diagonal = step >= ib.diagonal_from;
+  const int key0 = ib.chunk_start + step * STEP + 2 * q;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = ib.first_row + r0 + 8 * half, key = key0 + 8 * j;
+      const float s0 = scale * x[4 * j + 2 * half], s1 = scale * x[4 * j + 2 * half + 1];
+      const float w0 = diagonal && key > row ? 0.f : s0 * s0, w1 = diagonal && key + 1 > row ? 0.f : s1 * s1;
+      const u32 packed = pack_bf16x2(w0, w1);
+      den[half] += __uint_as_float(packed << 16) + __uint_as_float(packed & 0xffff0000u);
+      frag[j / 2][2 * (j % 2) + half] = packed;       // slice j / 2: rows lo, hi at k 2q (j even), 2q + 8 (j odd)
+    }
+  }
+}
+
+__device__ __forceinline__ void issue_values(IntraShared& sm, int step, float (&acc)[32], const u32 (&frag)[4][4]) {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {  // keys 16 s .. 16 s + 15 of the step
+    const u64 v_desc = smem_descriptor(sm.v[step % INTRA_STAGES] + 16 * s * E, PROBE_V_LBO, PROBE_V_SBO);
+    wgmma_m64n64k16<1>(acc, frag[s], v_desc, step > 0 || s > 0);  // the first product replaces acc (no zero fill)
+  }
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+
+// Step ``step`` with its X in x_now (issued): wait for it, build w, issue the next step's X into x_next (look-ahead),
+// then this step's w V.
+__device__ __forceinline__ void intra_step(IntraShared& sm, const IntraBlock& ib, int step, float (&x_now)[32],
+                                           float (&x_next)[32], float (&acc)[32], float (&den)[2], u32 (&frag)[4][4],
+                                           u64 q_desc, float scale, int r0, int q, int tid) {
+  wgmma_wait<0>();  // X of this step and w V of the step before (whose fragments are rebuilt now)
+  weights(ib, step, x_now, scale, r0, q, den, frag);
+  if (INTRA_LOOKAHEAD && step + 1 < ib.steps) issue_scores(sm, ib, step + 1, x_next, q_desc, tid);
+  issue_values(sm, step, acc, frag);
+  if (!INTRA_LOOKAHEAD && step + 1 < ib.steps) {
+    wgmma_wait<0>();
+    issue_scores(sm, ib, step + 1, x_next, q_desc, tid);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, INTRA_MIN_BLOCKS)
+intra_probe(const bf16_t* __restrict__ Q, const bf16_t* __restrict__ K, const bf16_t* __restrict__ V,
+            float* __restrict__ Y, int T, int chunk, float scale) {
+  extern __shared__ unsigned char smem_raw[];   // IntraShared + 1024 bytes to align it by hand
+  IntraShared& sm = *reinterpret_cast<IntraShared*>((reinterpret_cast<unsigned long long>(smem_raw) + 1023) & ~1023ull);
+  const int n_chunks = T / chunk, per_chunk = chunk / QROWS;
+  const int block = per_chunk - 1 - static_cast<int>(blockIdx.x) / n_chunks, c = blockIdx.x % n_chunks;
+  const int h = blockIdx.y, tid = threadIdx.x, lane = tid % 32, warp = tid / 32, group = warp / 4, w = warp % 4;
+  const int g = lane / 4, q = lane % 4;
+  IntraBlock ib;
+  ib.chunk_start = c * chunk;
+  ib.first_row = ib.chunk_start + block * QROWS;
+  ib.steps = (block + 1) * QROWS / STEP;
+  ib.diagonal_from = block * QROWS / STEP;
+  ib.q_head = Q + static_cast<long long>(h) * T * D;
+  ib.k_head = K + static_cast<long long>(h) * T * D;
+  ib.v_head = V + static_cast<long long>(h) * T * E;
+
+  for (int i = tid; i < QROWS * 8; i += THREADS) {  // the block's q rows, in the first commit group
+    const int r = i / 8, j = i % 8;
+    copy16(sm.q + r * D + (j ^ (r % 8)) * 8, ib.q_head + static_cast<long long>(ib.first_row + r) * D + j * 8, true);
+  }
+#pragma unroll
+  for (int s = 0; s < INTRA_AHEAD; ++s) {  // steps 0 .. INTRA_AHEAD - 1 (every block has at least 2 steps)
+    stage_keys(sm, ib, s, tid);
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+  }
+  float acc[32], x0[32], x1[32], den[2] = {0.f, 0.f};  // acc: set by the first w V product
+  u32 frag[4][4];
+  const int r0 = 64 * group + 16 * w + g;             // this thread's rows r0, r0 + 8 of the block
+  const u64 q_desc = smem_descriptor(sm.q + 64 * group * D, 16, 1024);  // + 2 per k16 slice (32 bytes)
+  issue_scores(sm, ib, 0, x0, q_desc, tid);
+  for (int step = 0; step < ib.steps; step += 2) {  // an even count: the two score tiles alternate statically
+    intra_step(sm, ib, step, x0, x1, acc, den, frag, q_desc, scale, r0, q, tid);
+    intra_step(sm, ib, step + 1, x1, x0, acc, den, frag, q_desc, scale, r0, q, tid);
+  }
+  wgmma_wait<0>();
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    den[half] += __shfl_xor_sync(0xffffffffu, den[half], 1);
+    den[half] += __shfl_xor_sync(0xffffffffu, den[half], 2);
+    const float inv = 1.f / (den[half] + 1e-6f);
+    float* out = Y + (static_cast<long long>(h) * T + ib.first_row + r0 + 8 * half) * E;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      *reinterpret_cast<float2*>(out + 8 * j + 2 * q) =
+          make_float2(acc[4 * j + 2 * half] * inv, acc[4 * j + 2 * half + 1] * inv);
     }
   }
 }
