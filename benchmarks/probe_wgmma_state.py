@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -146,30 +147,47 @@ def dq_side(q: torch.Tensor, n_chunks: int, chunk: int, flops: float, record: di
         torch.cat([dq_reference(q[h, span], dn[h, span], states[h, c]) for c, span in enumerate(spans)])
         for h in (0, H - 1)
     ])  # fmt: skip
-    record["dq_probe"] = []
-    for double, blocks in ((0, 2), (1, 1), (0, 1)):
-        source = f"#define DQ_DOUBLE {double}\n#define DQ_MIN_BLOCKS {blocks}\n" + SOURCE.read_text()
-        (kernel,) = nvrtc.load_kernels(source, ["dq_probe"], q.device)
-        allow_shared(kernel, DQ_SMEM)
-        variant = {"double": double, "min_blocks": blocks, "registers": kernel.num_regs}
-        record["dq_probe"].append(variant)
+    builds = [{"DQ_DOUBLE": double, "DQ_MIN_BLOCKS": blocks} for double, blocks in ((0, 2), (1, 1), (0, 1))]
+    launch = ((-(-T // 128), H, 1), (q, dn, states, out, T, n_chunks, chunk), DQ_SMEM)
+    record["dq_probe"] = time_builds("dq_probe", builds, launch, out, lambda: out[[0, H - 1], :rows], want, flops)
+
+
+def time_builds(
+    name: str,
+    builds: list[dict[str, int]],
+    launch: tuple[tuple[int, int, int], tuple, int],
+    out: torch.Tensor,
+    got: Callable[[], torch.Tensor],
+    want: torch.Tensor,
+    flops: float,
+) -> list[dict]:
+    """Kernel ``name`` of the probe source in each build (its ``#define``s), launched as ``launch`` = (grid,
+    arguments, dynamic shared memory) with 256 threads: compiled, run once into ``out`` (NaN first), checked
+    (``got()`` against ``want``: relative error below 1e-3), then timed. One record per build."""
+    grid, args, smem = launch
+    records = []
+    for defines in builds:
+        source = "".join(f"#define {key} {value}\n" for key, value in defines.items()) + SOURCE.read_text()
+        (kernel,) = nvrtc.load_kernels(source, [name], out.device)
+        allow_shared(kernel, smem)
+        variant = {**defines, "registers": kernel.num_regs}
+        records.append(variant)
 
         def probe(kernel=kernel) -> None:
-            kernel.launch(
-                (-(-T // 128), H, 1), (256, 1, 1), (q, dn, states, out, T, n_chunks, chunk), shared_mem=DQ_SMEM
-            )
+            kernel.launch(grid, (256, 1, 1), args, shared_mem=smem)
 
         out.fill_(float("nan"))
         probe()
         torch.cuda.synchronize()
-        variant["relative_error"] = error = float((out[[0, H - 1], :rows] - want).norm() / want.norm())
+        variant["relative_error"] = error = float((got() - want).norm() / want.norm())
+        label = f"{name} ({', '.join(f'{key} {value}' for key, value in defines.items())}), {kernel.num_regs} registers"
         if not error < 1e-3:
-            print(f"dq probe (double {double}, {blocks} program(s) per SM): relative error {error:.2e}, wrong")
+            print(f"{label}: relative error {error:.2e}, wrong")
             continue
         ms = do_bench(probe, warmup=25, rep=200)
         variant["ms"], variant["tflops"] = ms, flops / ms / 1e9
-        print(f"dq probe (double {double}, {blocks} program(s) per SM), {kernel.num_regs} registers: error "
-              f"{error:.2e}, {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s")  # fmt: skip
+        print(f"{label}: error {error:.2e}, {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s")
+    return records
 
 
 def intra_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -186,6 +204,8 @@ def intra_side(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int, re
     chunk and head, blocks b = 0 .. C/128 - 1 of 128 rows each take 2 (b + 1) steps of 64 keys, each step two
     128 x 64 x 64 products."""
     T, scale = q.shape[1], D**-0.5
+    if T % chunk or chunk % 128:
+        raise SystemExit(f"the intra probe needs whole chunks of whole 128-row blocks (T={T}, chunk={chunk})")
     per_chunk = chunk // 128
     flops = (T // chunk) * H * per_chunk * (per_chunk + 1) * 4 * 128 * 64 * 64
     y = torch.empty(H, T, E, device="cuda")
@@ -194,28 +214,9 @@ def intra_side(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int, re
         [torch.cat([intra_reference(q[h, s], k[h, s], v[h, s], scale) for s in spans]) for h in (0, H - 1)]
     )
     rows = spans[-1].stop
-    record["intra_probe"] = []
-    for lookahead, blocks in ((1, 1), (0, 1), (1, 2)):
-        source = f"#define INTRA_LOOKAHEAD {lookahead}\n#define INTRA_MIN_BLOCKS {blocks}\n" + SOURCE.read_text()
-        (kernel,) = nvrtc.load_kernels(source, ["intra_probe"], q.device)
-        allow_shared(kernel, INTRA_SMEM)
-        variant = {"lookahead": lookahead, "min_blocks": blocks, "registers": kernel.num_regs}
-        record["intra_probe"].append(variant)
-
-        def probe(kernel=kernel) -> None:
-            kernel.launch((T // 128, H, 1), (256, 1, 1), (q, k, v, y, T, chunk, scale), shared_mem=INTRA_SMEM)
-
-        y.fill_(float("nan"))
-        probe()
-        torch.cuda.synchronize()
-        variant["relative_error"] = error = float((y[[0, H - 1], :rows] - want).norm() / want.norm())
-        label = f"intra probe (lookahead {lookahead}, {blocks} program(s) per SM), {kernel.num_regs} registers"
-        if not error < 1e-3:
-            print(f"{label}: relative error {error:.2e}, wrong")
-            continue
-        ms = do_bench(probe, warmup=25, rep=200)
-        variant["ms"], variant["tflops"] = ms, flops / ms / 1e9
-        print(f"{label}: error {error:.2e}, {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s")
+    builds = [{"INTRA_LOOKAHEAD": ahead, "INTRA_MIN_BLOCKS": blocks} for ahead, blocks in ((1, 1), (0, 1), (1, 2))]
+    launch = ((T // 128, H, 1), (q, k, v, y, T, chunk, scale), INTRA_SMEM)
+    record["intra_probe"] = time_builds("intra_probe", builds, launch, y, lambda: y[[0, H - 1], :rows], want, flops)
 
 
 def state_side(k: torch.Tensor, v: torch.Tensor, n_chunks: int, chunk: int, flops: float, record: dict) -> None:
