@@ -180,6 +180,8 @@ def time_builds(
         probe()
         torch.cuda.synchronize()
         variant["relative_error"] = error = float((got() - want).norm() / want.norm())
+        if not bool(torch.isfinite(out).all()):  # the rows outside the comparison: every one written, none NaN
+            error = variant["relative_error"] = float("nan")
         label = f"{name} ({', '.join(f'{key} {value}' for key, value in defines.items())}), {kernel.num_regs} registers"
         if not error < 1e-3:
             print(f"{label}: relative error {error:.2e}, wrong")

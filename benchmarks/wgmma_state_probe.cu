@@ -545,9 +545,8 @@ __device__ __forceinline__ void stage_keys(IntraShared& sm, const IntraBlock& ib
   }
 }
 
-// Wait for step's keys (every warp past the barrier has retired the products of step - 1, so the stage of step - 1
-// can be refilled with step + INTRA_AHEAD - 1... the copies issued here are INTRA_AHEAD steps ahead), then issue
-// X = Q K^T of step into x.
+// Wait for the keys of ``step``, refill the stage of step - 2 with those of step + INTRA_AHEAD (every warpgroup past
+// the barrier has waited for the products of step - 1, and so of step - 2), then issue X = Q K^T of ``step`` into x.
 __device__ __forceinline__ void issue_scores(IntraShared& sm, const IntraBlock& ib, int step, float (&x)[32],
                                              u64 q_desc, int tid) {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(INTRA_AHEAD - 1) : "memory");
