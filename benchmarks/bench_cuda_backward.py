@@ -128,9 +128,10 @@ def dkv_state_case(T: int, gated: bool) -> dict:
     return out
 
 
-def _config_case(T: int, gated: bool, field: str, labels: tuple[str, str]) -> dict:
-    """The whole ``triton_backward`` with ``cuda_state.CONFIG.<field>`` off and on (``labels``), timed, and the
-    gradients of the one against the other."""
+def dq_state_case(T: int, gated: bool) -> dict:
+    """The whole ``triton_backward`` with dq's state terms in Triton's dq_kernel and on the CUDA kernel
+    (``cuda_state.CONFIG.wgmma_dq`` off and on), timed, and the gradients of the one against the other."""
+    labels = ("triton dq_kernel", "cuda dq state")
     q, k, v, options, y, den = forward_with_cuda_states(T, gated)
     grad_y = torch.randn_like(v)
     default = cuda_state.CONFIG
@@ -138,7 +139,7 @@ def _config_case(T: int, gated: bool, field: str, labels: tuple[str, str]) -> di
     grads = {}
     try:
         for name, on in zip(labels, (False, True)):
-            cuda_state.CONFIG = dataclasses.replace(default, **{field: on})
+            cuda_state.CONFIG = dataclasses.replace(default, wgmma_dq=on)
 
             def step():
                 return backward.triton_backward(grad_y, q, k, v, y, den, **options, state_kernel=chunk_states)
@@ -152,15 +153,7 @@ def _config_case(T: int, gated: bool, field: str, labels: tuple[str, str]) -> di
     return out
 
 
-def dq_state_case(T: int, gated: bool) -> dict:
-    return _config_case(T, gated, "wgmma_dq", ("triton dq_kernel", "cuda dq state"))
-
-
-CASES = {
-    "reverse": reverse_case,
-    "dkv_state": dkv_state_case,
-    "dq_state": dq_state_case,
-}
+CASES = {"reverse": reverse_case, "dkv_state": dkv_state_case, "dq_state": dq_state_case}
 
 
 def main() -> None:

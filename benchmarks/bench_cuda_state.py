@@ -58,7 +58,8 @@ SEGMENTS = (4, 13)
 FORWARD_SEGMENTS = (4, 8, 11, 13, 16, 22)
 
 
-def _inputs(T: int, gated: bool) -> tuple:
+def inputs(T: int, gated: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Random bf16 q, k, v (B, H, T, D) and, where ``gated``, a random log-gate (B, H, T)."""
     q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     gate = -0.02 * torch.rand(B, H, T, device="cuda") if gated else None
     return q, k, v, gate
@@ -101,7 +102,7 @@ def _state_tflops(T: int, ms: float) -> float:
 
 
 def run_case(T: int, gated: bool) -> dict:
-    q, k, v, gate = _inputs(T, gated)
+    q, k, v, gate = inputs(T, gated)
     plan = resolve_plan(q, k, v, 2, gated, 0)
     spec, args = _capture(q, k, v, gate, plan)
     out: dict = {"T": T, "gated": gated, "plan": dataclasses.asdict(plan), "n_seg": int(args["n_seg"])}

@@ -32,6 +32,7 @@ import platform
 from pathlib import Path
 
 import torch
+from bench_cuda_state import B, D, H, inputs
 from provenance import command_line, git_commit
 
 import retention_compile as rc
@@ -40,16 +41,8 @@ from retention_compile.codegen.choice import median_ms
 from retention_compile.codegen.cuda_state import chunk_states
 from retention_compile.ops import resolve_plan
 
-B, H, D = 1, 8, 64
 CHUNK = 1024
 REPS = 15
-
-
-def inputs(T: int, gated: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
-    gate = -0.02 * torch.rand(B, H, T, device="cuda", generator=gen) if gated else None
-    return q, k, v, gate
 
 
 def state_read_bytes(T: int, block_t: int) -> int:

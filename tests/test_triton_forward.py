@@ -127,14 +127,10 @@ def rounded_output_mismatches(case: tuple, dtype: torch.dtype) -> dict[str, floa
     gate = -0.3 * torch.rand(B, gate_heads, Tk, generator=gen) if gate_heads else None
     valid = torch.rand(B, Tk, generator=gen) > 0.25 if has_valid else None
     y_out = torch.full((B, Hq, Tq, e), float("nan"), dtype=dtype)
-    y, _ = triton_forward(
-        q, k, v, scale=0.7 / d**0.5, deg=deg, log_gate=gate, causal=causal, valid=valid,
-        plan=Plan(chunk_size=chunk, **TINY), segments=segments, y_out=y_out,
-    )  # fmt: skip
-    alone, _ = triton_forward(
-        q, k, v, scale=0.7 / d**0.5, deg=deg, log_gate=gate, causal=causal, valid=valid,
-        plan=Plan(chunk_size=chunk, **TINY), segments=segments, y_dtype=dtype,
-    )  # fmt: skip
+    options = {"scale": 0.7 / d**0.5, "deg": deg, "log_gate": gate, "causal": causal, "valid": valid}
+    options.update(plan=Plan(chunk_size=chunk, **TINY), segments=segments)
+    y, _ = triton_forward(q, k, v, **options, y_out=y_out)
+    alone, _ = triton_forward(q, k, v, **options, y_dtype=dtype)
     rounded = y.to(dtype)
     alone_mismatches = float((alone != rounded).sum()) if alone.dtype == dtype else float("inf")
     return {"beside": float((y_out != rounded).sum()), "alone": alone_mismatches}

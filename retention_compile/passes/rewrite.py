@@ -65,15 +65,14 @@ class _Builder:
         every node, and AOTAutograd's cache bypasses graphs with a method call on a node that lacks it."""
         return insert_call(self.graph, target, args, kwargs, like=self.site.node)
 
-    def retention(self, query: fx.Node, key: fx.Node, value: fx.Node, *options: object) -> fx.Node:
+    def retention(self, query: fx.Node, key: fx.Node, value: fx.Node, *options: object, for_backward: bool) -> fx.Node:
         """The op's call, with its example value ``(y, denom, S, M, y_acc)`` made from the shapes alone: running the
         op on the fake inputs here would record guards on the traced lengths (its body plans per length). The
         states' shapes come from the plan, so their example values are empty placeholders: the rewrite reads only y
         (in q's dtype), and AOTAutograd traces the op's body itself, which gives S and M their real (symbolic)
-        shapes. The last option is ``for_backward``: without it ``y_acc`` is empty."""
+        shapes. Without ``for_backward`` (the op's last argument) ``y_acc`` is empty."""
         op = torch.ops.retention_compile.power_retention.default
-        node = self.graph.call_function(op, (query, key, value, *options))
-        for_backward = options[-1]
+        node = self.graph.call_function(op, (query, key, value, *options, for_backward))
         q, v = example_value(query), example_value(value)
         with q.fake_mode if isinstance(q, FakeTensor) else contextlib.nullcontext():
             rows = (q.shape[0], q.shape[1], q.shape[2])
@@ -197,7 +196,7 @@ def replace_with_retention(
             decision.causal,
             config.chunk_size or 0,
             config.codegen,
-            needs_gradient(site),
+            for_backward=needs_gradient(site),
         )
         output = build.cast(build.call(operator.getitem, call, 0), example_value(site.node).dtype)
     output.meta.update({k: v for k, v in site.node.meta.items() if k in ("stack_trace", "nn_module_stack")})
