@@ -1,14 +1,15 @@
-"""Where the forward's time goes at long context: the query kernel by row-block size, and one call for ncu.
+"""Where the forward's time goes at long context: the query kernel's launch shapes, and one call for ncu.
 
-Shape: b=1, h=8, d=e=64, deg 2, bf16, causal, T=65536 (``--T``), ungated (``--gated`` for a random gate), the
-CUDA state kernel (``impl="cuda"``: no timing of candidates, so the first call launches only the forward's kernels).
+Shape: b=1, h=8, d=e=64, deg 2, bf16, causal, T=65536 (``--T``), ungated (``--gated`` for a random gate), chunk 1024,
+the state kernel ``codegen="auto"`` picks.
 
-    timing     ``triton_forward`` with the CUDA state kernel for each ``--block-t`` (the op's plan for chunk 1024
-               otherwise), y stored in bf16 alone, median of CUDA events. Each program of the query kernel
-               reads the whole state of its chunk, Dt x e bf16 (327 KB at d = e = 64), so 64-row programs read
-               twice the bytes of 128-row ones (``state_read_bytes``, per variant): the difference of the two
-               times estimates what one copy of those reads costs (the rest of the work is the same, though the
-               tile shape's efficiency changes with it).
+    timing     for each ``--variants`` entry ROWS/WARPS/STAGES[/REGISTERS[/KEYS]] the chunked query kernel runs with
+               that many query rows per program, warps and copy stages, registers capped per thread (Triton's
+               ``maxnreg``, so that two programs fit on an SM; 0: uncapped) and keys per intra-chunk step (default
+               64): the whole forward (``bench_forward.ours``: y stored in bf16 alone, median of ``do_bench``) and
+               the query kernel alone (profiler, mean of 20 calls). Each program reads its chunk's whole state,
+               Dt x e bf16 (327 KB at d = e = 64), so 64-row programs read twice the bytes of 128-row ones
+               (``state_read_bytes``).
     --single-call  one forward (no_grad), nothing else: the process to run under ncu, e.g.
 
         ncu --clock-control none --csv --page details -k regex:"attention_kernel|retention_chunk_state|scan_kernel" \\
@@ -16,7 +17,8 @@ CUDA state kernel (``impl="cuda"``: no timing of candidates, so the first call l
             --section WarpStateStats --section ComputeWorkloadAnalysis \\
             python3 benchmarks/profile_forward.py --single-call > OUT/ncu_forward.csv
 
-    python benchmarks/profile_forward.py [--T 65536] [--gated] [--block-t 64 128] [--out DIR] [--commit SHA]
+    python benchmarks/profile_forward.py [--T 65536] [--gated] [--variants 128/8/3 64/4/2/128 ...] [--out DIR]
+        [--commit SHA]
 
 Writes ``profile_forward_<gpu>_<date>_<commit>.json`` under ``--out`` (default ``benchmarks/results``).
 """
@@ -26,23 +28,34 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import functools
 import json
 import platform
 from pathlib import Path
 
 import torch
-from bench_cuda_state import B, D, H, inputs
+from bench_forward import B, D, H, bench_ms, inputs, kernel_times, ours
 from provenance import command_line, git_commit
 
 import retention_compile as rc
 from retention_compile.codegen import forward
-from retention_compile.codegen.choice import median_ms
-from retention_compile.codegen.cuda_state import chunk_states
 from retention_compile.ops import resolve_plan
 
 CHUNK = 1024
-REPS = 15
+# rows / warps / copy stages / registers per thread (0: uncapped) / keys per intra-chunk step. Local sm_90a compiles
+# (Triton 3.6) of the ungated bf16 d=64 kernel: 128/8/3 178 registers and 128 KB of shared memory (one program per SM,
+# the default); 128/8/2 with 128 registers spills 72 bytes and takes 88 KB (two per SM); 64/4/2 176 registers, 76 KB
+# (two per SM); 64/4/3 164 registers, 112 KB (one per SM; capped at 168 registers: 146, still one). With 128 keys
+# per step: 128/8/3 210 registers, 64/4/2 223.
+DEFAULT_VARIANTS = (
+    "128/8/3",
+    "128/8/2",
+    "128/8/2/128",
+    "64/4/2",
+    "64/4/2/128",
+    "64/4/3",
+    "128/8/3/0/128",
+    "64/4/2/0/128",
+)
 
 
 def state_read_bytes(T: int, block_t: int) -> int:
@@ -51,26 +64,45 @@ def state_read_bytes(T: int, block_t: int) -> int:
     return -(-T // block_t) * B * H * tiled_features * D * 2
 
 
-def timing(T: int, gated: bool, block_ts: list[int]) -> dict:
-    q, k, v, gate = inputs(T, gated)
-    options = {"scale": D**-0.5, "deg": 2, "log_gate": gate, "causal": True, "valid": None}
-    planned = resolve_plan(q, k, v, 2, gated, CHUNK)
-    out: dict = {"T": T, "gated": gated, "plan": dataclasses.asdict(planned), "forward_ms": {}, "state_read_bytes": {}}
-    for block_t in block_ts:
-        plan = dataclasses.replace(planned, block_t=block_t)
-        call = functools.partial(
-            forward.triton_forward, q, k, v, **options, plan=plan, state_kernel=chunk_states, y_dtype=torch.bfloat16
-        )
-        out["forward_ms"][block_t] = median_ms(call, REPS)
-        out["state_read_bytes"][block_t] = state_read_bytes(T, block_t)
-        print(f"T={T} gated={gated} block_t={block_t}: {out['forward_ms'][block_t]:.3f} ms", flush=True)
+def parse_variant(text: str) -> tuple[int, int, int, int, int]:
+    """``ROWS/WARPS/STAGES[/REGISTERS[/KEYS]]`` -> (rows, warps, stages, registers (0: uncapped), keys per step)."""
+    fields = [int(f) for f in text.split("/")]
+    if not 3 <= len(fields) <= 5:
+        raise SystemExit(f"variant {text!r}: expected ROWS/WARPS/STAGES[/REGISTERS[/KEYS]]")
+    return tuple(fields + [0, forward.QUADRATIC_BLOCK_K][len(fields) - 3 :])  # type: ignore[return-value]
+
+
+def timing(T: int, gated: bool, variants: list[str]) -> dict:
+    x = inputs(T, gated)
+    planned = resolve_plan(x["q"], x["k"], x["v"], 2, gated, CHUNK)
+    out: dict = {"T": T, "gated": gated, "plan": dataclasses.asdict(planned), "variants": {}}
+    knobs = ("CHUNK_QUERY_WARPS", "CHUNK_QUERY_MAX_REGISTERS", "QUADRATIC_BLOCK_K")
+    defaults = {name: getattr(forward, name) for name in knobs}
+    try:
+        for text in variants:
+            rows, warps, stages, registers, keys = parse_variant(text)
+            for name, value in zip(knobs, (warps, registers or None, keys)):
+                setattr(forward, name, value)
+            plan = dataclasses.replace(planned, block_t=rows, num_stages=stages)
+            run = ours(x, plan)
+            try:
+                entry = {"forward_ms": bench_ms(run), "query_kernel_ms": kernel_times(run, 20).get("attention_kernel")}
+            except Exception as exc:  # a variant that cannot launch (shared memory, registers) is reported
+                torch.cuda.synchronize()
+                entry = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+            entry["state_read_bytes"] = state_read_bytes(T, rows)
+            out["variants"][text] = entry
+            print(f"T={T} gated={gated} {text}: {entry}", flush=True)
+    finally:
+        for name, value in defaults.items():
+            setattr(forward, name, value)
     return out
 
 
 def single_call(T: int, gated: bool) -> None:
-    q, k, v, gate = inputs(T, gated)
+    x = inputs(T, gated)
     with torch.no_grad():
-        rc.power_retention(q, k, v, log_gate=gate, chunk_size=CHUNK, impl="cuda")
+        rc.power_retention(x["q"], x["k"], x["v"], log_gate=x["gate"], chunk_size=CHUNK, impl="cuda")
     torch.cuda.synchronize()
 
 
@@ -78,7 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--T", type=int, default=65536)
     parser.add_argument("--gated", action="store_true")
-    parser.add_argument("--block-t", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
     parser.add_argument("--single-call", action="store_true", help="one forward for ncu, nothing recorded")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--commit", default=None)
@@ -95,7 +127,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "gpu": name},
         "shape": {"B": B, "H": H, "d": D, "deg": 2, "dtype": "bfloat16", "causal": True},
-        "timing": timing(args.T, args.gated, args.block_t),
+        "timing": timing(args.T, args.gated, args.variants),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -90,6 +90,9 @@ STATE_WARPS = 8
 # 3: 1.47, 4: 1.51.
 STATE_STAGES = 3
 CHUNK_QUERY_WARPS = 8
+# Registers per thread the chunked query kernel is capped at (Triton's ``maxnreg``; None: the compiler's choice),
+# so that more programs share an SM (``benchmarks/profile_forward.py`` measures the caps).
+CHUNK_QUERY_MAX_REGISTERS: int | None = None
 SCAN_WARPS = 4
 GATE_SCAN_BLOCK = 4096  # keys per program of the gate's cumsum
 # The chunked query kernel's state product as acc^T += S^T phi(q)^T (see the template) when True. False (phi(q) on
@@ -173,11 +176,14 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _launch(kernel, grid: tuple, kwargs: dict, num_warps: int, num_stages: int) -> None:
-    """``wrap_triton(kernel)[grid](**kwargs)``: Inductor copies the kernel into its output code when tracing."""
+def _launch(kernel, grid: tuple, kwargs: dict, num_warps: int, num_stages: int, maxnreg: int | None = None) -> None:
+    """``wrap_triton(kernel)[grid](**kwargs)``: Inductor copies the kernel into its output code when tracing.
+    ``maxnreg`` caps the registers per thread (None: no cap)."""
     from torch.library import wrap_triton
 
     launch = dict(kwargs) if interpreting() else {**kwargs, "num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None and not interpreting():
+        launch["maxnreg"] = maxnreg
     wrap_triton(kernel)[grid](**launch)
 
 
@@ -328,7 +334,8 @@ def triton_forward(
     if is_recording() or spec not in _RECORDED:
         _RECORDED.add(spec)
         _record(spec, path, q, k, v, plan)
-    _launch(module.attention_kernel, grid(spec), attention, warps, stages)
+    registers = CHUNK_QUERY_MAX_REGISTERS if spec.chunked else None
+    _launch(module.attention_kernel, grid(spec), attention, warps, stages, registers)
     return y, denom
 
 
