@@ -3,12 +3,13 @@
 Shape: b=1, h=8, d=e=64, deg 2, bf16, causal, T=65536 (``--T``), ungated (``--gated`` for a random gate), chunk 1024,
 the state kernel ``codegen="auto"`` picks.
 
-    timing     for each ``--variants`` entry ROWS/WARPS/STAGES[/REGISTERS[/KEYS]] the chunked query kernel runs with
-               that many query rows per program, warps and copy stages, registers capped per thread (Triton's
-               ``maxnreg``, so that two programs fit on an SM; 0: uncapped) and keys per intra-chunk step (default
-               64): the whole forward (``bench_forward.ours``: y stored in bf16 alone, median of ``do_bench``) and
-               the query kernel alone (profiler, mean of 20 calls). Each program reads its chunk's whole state,
-               Dt x e bf16 (327 KB at d = e = 64), so 64-row programs read twice the bytes of 128-row ones
+    timing     for each ``--variants`` entry ROWS/WARPS/STAGES[/REGISTERS[/KEYS[/SPLIT]]] the chunked query kernel runs
+               with that many query rows per program, warps and copy stages, registers capped per thread (Triton's
+               ``maxnreg``, so that two programs fit on an SM; 0: uncapped), keys per intra-chunk step (default
+               64) and parts per pair of the state product (``KernelSpec.query_split``, default 1): the whole
+               forward (``bench_forward.ours``: y stored in bf16 alone, median of ``do_bench``) and the query
+               kernel alone (profiler, mean of 20 calls). Each program reads its chunk's whole state, Dt x e bf16
+               (327 KB at d = e = 64), so 64-row programs read twice the bytes of 128-row ones
                (``state_read_bytes``).
     --single-call  one forward (no_grad), nothing else: the process to run under ncu, e.g.
 
@@ -64,24 +65,25 @@ def state_read_bytes(T: int, block_t: int) -> int:
     return -(-T // block_t) * B * H * tiled_features * D * 2
 
 
-def parse_variant(text: str) -> tuple[int, int, int, int, int]:
-    """``ROWS/WARPS/STAGES[/REGISTERS[/KEYS]]`` -> (rows, warps, stages, registers (0: uncapped), keys per step)."""
+def parse_variant(text: str) -> tuple[int, int, int, int, int, int]:
+    """``ROWS/WARPS/STAGES[/REGISTERS[/KEYS[/SPLIT]]]`` -> (rows, warps, stages, registers (0: uncapped), keys per
+    step, parts per pair)."""
     fields = [int(f) for f in text.split("/")]
-    if not 3 <= len(fields) <= 5:
-        raise SystemExit(f"variant {text!r}: expected ROWS/WARPS/STAGES[/REGISTERS[/KEYS]]")
-    return tuple(fields + [0, forward.QUADRATIC_BLOCK_K][len(fields) - 3 :])  # type: ignore[return-value]
+    if not 3 <= len(fields) <= 6:
+        raise SystemExit(f"variant {text!r}: expected ROWS/WARPS/STAGES[/REGISTERS[/KEYS[/SPLIT]]]")
+    return tuple(fields + [0, forward.QUADRATIC_BLOCK_K, 1][len(fields) - 3 :])  # type: ignore[return-value]
 
 
 def timing(T: int, gated: bool, variants: list[str]) -> dict:
     x = inputs(T, gated)
     planned = resolve_plan(x["q"], x["k"], x["v"], 2, gated, CHUNK)
     out: dict = {"T": T, "gated": gated, "plan": dataclasses.asdict(planned), "variants": {}}
-    knobs = ("CHUNK_QUERY_WARPS", "CHUNK_QUERY_MAX_REGISTERS", "QUADRATIC_BLOCK_K")
+    knobs = ("CHUNK_QUERY_WARPS", "CHUNK_QUERY_MAX_REGISTERS", "QUADRATIC_BLOCK_K", "CHUNK_QUERY_SPLIT")
     defaults = {name: getattr(forward, name) for name in knobs}
     try:
         for text in variants:
-            rows, warps, stages, registers, keys = parse_variant(text)
-            for name, value in zip(knobs, (warps, registers or None, keys)):
+            rows, warps, stages, registers, keys, split = parse_variant(text)
+            for name, value in zip(knobs, (warps, registers or None, keys, split)):
                 setattr(forward, name, value)
             plan = dataclasses.replace(planned, block_t=rows, num_stages=stages)
             run = ours(x, plan)

@@ -93,6 +93,8 @@ CHUNK_QUERY_WARPS = 8
 # Registers per thread the chunked query kernel is capped at (Triton's ``maxnreg``; None: the compiler's choice),
 # so that more programs share an SM (``benchmarks/profile_forward.py`` measures the caps).
 CHUNK_QUERY_MAX_REGISTERS: int | None = None
+# Parts the chunked query kernel takes each pair's features in (``KernelSpec.query_split``).
+CHUNK_QUERY_SPLIT = 1
 SCAN_WARPS = 4
 GATE_SCAN_BLOCK = 4096  # keys per program of the gate's cumsum
 # The chunked query kernel's state product as acc^T += S^T phi(q)^T (see the template) when True. False (phi(q) on
@@ -168,6 +170,7 @@ def kernel_spec(
         block_e=block_e,
         block_feature=block_feature if chunked else 0,
         query_t=chunked and QUERY_TRANSPOSED,
+        query_split=CHUNK_QUERY_SPLIT if chunked and not QUERY_TRANSPOSED else 1,
     )
 
 

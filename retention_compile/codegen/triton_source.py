@@ -71,6 +71,9 @@ class KernelSpec:
     block_e:        value columns per program.
     block_feature:  coordinate-block size b of the state tiles (b x b features per pair of blocks).
     query_t:        the query kernel forms its state product transposed (acc^T += S^T phi(q)^T).
+    query_split:    the query kernel takes each pair's b x b features in this many parts (b / query_split
+                    coordinates of block I each): smaller copy stages of the state, so more programs fit on an SM
+                    (not with ``query_t``).
     """
 
     dtype: str
@@ -88,6 +91,7 @@ class KernelSpec:
     block_e: int
     block_feature: int
     query_t: bool = False
+    query_split: int = 1
 
     def template_params(self) -> dict[str, object]:
         """The template's variables: the spec plus the derived literals (a fresh dict; computed once per spec, as
