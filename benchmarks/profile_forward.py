@@ -6,7 +6,8 @@ the state kernel ``codegen="auto"`` picks.
     timing     for each ``--variants`` entry ROWS/WARPS/STAGES[/REGISTERS[/KEYS[/SPLIT]]] the chunked query kernel runs
                with that many query rows per program, warps and copy stages, registers capped per thread (Triton's
                ``maxnreg``, so that two programs fit on an SM; 0: uncapped), keys per intra-chunk step (default
-               64) and parts per pair of the state product (``KernelSpec.query_split``, default 1): the whole
+               64) and parts per pair of the state product (``KernelSpec.query_split``, default 1), as
+               ``forward.NARROW_QUERY_LAUNCH`` (the launch of eager calls at this shape): the whole
                forward (``bench_forward.ours``: y stored in bf16 alone, median of ``do_bench``) and the query
                kernel alone (profiler, mean of 20 calls). Each program reads its chunk's whole state, Dt x e bf16
                (327 KB at d = e = 64), so 64-row programs read twice the bytes of 128-row ones
@@ -42,21 +43,12 @@ from retention_compile.codegen import forward
 from retention_compile.ops import resolve_plan
 
 CHUNK = 1024
-# rows / warps / copy stages / registers per thread (0: uncapped) / keys per intra-chunk step. Local sm_90a compiles
-# (Triton 3.6) of the ungated bf16 d=64 kernel: 128/8/3 178 registers and 128 KB of shared memory (one program per SM,
-# the default); 128/8/2 with 128 registers spills 72 bytes and takes 88 KB (two per SM); 64/4/2 176 registers, 76 KB
-# (two per SM); 64/4/3 164 registers, 112 KB (one per SM; capped at 168 registers: 146, still one). With 128 keys
-# per step: 128/8/3 210 registers, 64/4/2 223.
-DEFAULT_VARIANTS = (
-    "128/8/3",
-    "128/8/2",
-    "128/8/2/128",
-    "64/4/2",
-    "64/4/2/128",
-    "64/4/3",
-    "128/8/3/0/128",
-    "64/4/2/0/128",
-)
+# rows / warps / copy stages / registers per thread (0: uncapped) / keys per intra-chunk step / parts per pair: the
+# eager default (forward.NARROW_QUERY_LAUNCH), the traced one, the shape before 868912f, and two between. Local
+# sm_90a compiles (Triton 3.6) of the ungated bf16 d=64 kernel: 128/8/3 178 registers and 128 KB of shared memory
+# (one program per SM); in halves 150 registers and 76 KB (capped at 128: two per SM); 64/4/3 in halves 148 and 64 KB
+# (three per SM); 128/8/2 capped at 128 spills 72 bytes, 88 KB (two per SM); 64/4/3 164 and 112 KB (two per SM).
+DEFAULT_VARIANTS = ("128/8/3/128/64/2", "64/4/3/0/64/2", "128/8/3", "128/8/2/128", "64/4/3")
 
 
 def state_read_bytes(T: int, block_t: int) -> int:
@@ -78,13 +70,12 @@ def timing(T: int, gated: bool, variants: list[str]) -> dict:
     x = inputs(T, gated)
     planned = resolve_plan(x["q"], x["k"], x["v"], 2, gated, CHUNK)
     out: dict = {"T": T, "gated": gated, "plan": dataclasses.asdict(planned), "variants": {}}
-    knobs = ("CHUNK_QUERY_WARPS", "CHUNK_QUERY_MAX_REGISTERS", "QUADRATIC_BLOCK_K", "CHUNK_QUERY_SPLIT")
-    defaults = {name: getattr(forward, name) for name in knobs}
+    defaults = (forward.NARROW_QUERY_LAUNCH, forward.QUADRATIC_BLOCK_K)
     try:
         for text in variants:
             rows, warps, stages, registers, keys, split = parse_variant(text)
-            for name, value in zip(knobs, (warps, registers or None, keys, split)):
-                setattr(forward, name, value)
+            forward.NARROW_QUERY_LAUNCH = forward.QueryLaunch(rows, warps, stages, split, registers or None)
+            forward.QUADRATIC_BLOCK_K = keys
             plan = dataclasses.replace(planned, block_t=rows, num_stages=stages)
             run = ours(x, plan)
             try:
@@ -96,8 +87,7 @@ def timing(T: int, gated: bool, variants: list[str]) -> dict:
             out["variants"][text] = entry
             print(f"T={T} gated={gated} {text}: {entry}", flush=True)
     finally:
-        for name, value in defaults.items():
-            setattr(forward, name, value)
+        forward.NARROW_QUERY_LAUNCH, forward.QUADRATIC_BLOCK_K = defaults
     return out
 
 

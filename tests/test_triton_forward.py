@@ -139,6 +139,8 @@ def rounded_output_mismatches(case: tuple, dtype: torch.dtype) -> dict[str, floa
 ROUNDED_OUTPUT_CASES = ("quadratic-deg4-gate-valid", "chunked-gate-valid-segments", "chunked-tq-gt-tk")
 UNTRIMMED_CASES = ("quadratic-tq-gt-tk", "chunked-tq-gt-tk")
 QUERY_T_CASES = ("chunked-gate-valid-segments", "chunked-decode", "chunked-noncausal", "chunked-d48")
+# the state product in halves of each pair (KernelSpec.query_split, which NARROW_QUERY_LAUNCH takes for bf16)
+QUERY_SPLIT_CASES = QUERY_T_CASES
 FLOAT16_CASES = ("quadratic-deg4-gate-valid", "chunked-gate-valid-segments")
 
 
@@ -163,6 +165,10 @@ def _interpreted() -> dict[str, float]:
     # bfloat16 with chunks of 16 keys runs the float32 kernels too (forward.small_chunk_float32)
     bf16_case = dict(CASES)["chunked-gate-valid-segments"]
     results["chunked-gate-valid-segments-bfloat16"] = run_case(bf16_case, torch.bfloat16)
+    real_launch = forward.query_launch
+    forward.query_launch = lambda spec, plan, tracing: dataclasses.replace(real_launch(spec, plan, tracing), split=2)
+    results.update({f"{name}-query-split": run_case(dict(CASES)[name]) for name in QUERY_SPLIT_CASES})
+    forward.query_launch = real_launch
     forward.QUERY_TRANSPOSED = not forward.QUERY_TRANSPOSED
     results.update({f"{name}-query-t": run_case(dict(CASES)[name]) for name in QUERY_T_CASES})
     return results
@@ -182,6 +188,7 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
     [n for n, _ in CASES]
     + ["denominator-chunk16", "denominator-chunk1024"]
     + [f"{n}-query-t" for n in QUERY_T_CASES]
+    + [f"{n}-query-split" for n in QUERY_SPLIT_CASES]
     + [f"{n}-float16" for n in FLOAT16_CASES]
     + ["chunked-gate-valid-segments-bfloat16"]
     + [f"{n}-untrimmed" for n in UNTRIMMED_CASES],
@@ -215,7 +222,9 @@ def test_rendered_source_bakes_the_shape() -> None:
     assert source == render_forward(spec)  # deterministic
     for name in ("def attention_kernel", "def state_kernel", "def scan_kernel"):
         assert name in source
-    assert "for p in range(10):" in source  # d=64, b=16: 4 coordinate blocks, 10 pairs
+    assert "for step in range(10):" in source  # d=64, b=16: 4 coordinate blocks, 10 pairs
+    halves = render_forward(dataclasses.replace(spec, query_split=2))
+    assert "for step in range(20):" in halves and "tl.arange(0, 8)" in halves  # 8 coordinates of block I per step
     assert "tl.arange(0, 256)" in source and "* 2560" not in source  # 256 features per pair tile
     assert f"* {2560 * 64}" in source  # tiled state: 2560 features x e
     assert "G," in source and "VALID" not in source
@@ -272,6 +281,29 @@ def test_path_choice() -> None:
     assert not kernel_spec(q256, v, 2, False, False, True, 4096, plan).chunked  # M (d x d fp32) > shared memory
     wide = kernel_spec(q, v, 2, False, False, True, 4096, Plan(chunk_size=256, block_feature=64, block_e=128))
     assert wide.block_feature == 16 and wide.block_e == 64
+
+
+def test_query_launch() -> None:
+    """bf16 chunked calls with d <= 64 take the measured narrow launch (the uncapped one while Inductor traces, as
+    its launch drops ``maxnreg``); wider heads, float32 tiles, chunks shorter than its rows and the quadratic kernel
+    keep the plan's rows and stages, whole pairs and no register cap."""
+    plan = Plan(chunk_size=1024, block_t=128, num_warps=4, num_stages=2)
+
+    def launch(d: int, dtype: torch.dtype, kv_len: int = 65536, tracing: bool = False, p: Plan = plan):
+        q = torch.empty(1, 1, 1, d, dtype=dtype)
+        return forward.query_launch(kernel_spec(q, q, 2, True, False, True, kv_len, p), p, tracing)
+
+    assert launch(64, torch.bfloat16) == forward.NARROW_QUERY_LAUNCH
+    assert launch(32, torch.bfloat16, tracing=True) == forward.NARROW_TRACED_QUERY_LAUNCH
+    assert forward.NARROW_QUERY_LAUNCH.max_registers and forward.NARROW_TRACED_QUERY_LAUNCH.max_registers is None
+    default = forward.QueryLaunch(rows=128, warps=forward.CHUNK_QUERY_WARPS, stages=2, split=1, max_registers=None)
+    assert launch(64, torch.float32) == default
+    assert launch(128, torch.bfloat16) == default  # d = 128: whole pairs, the plan's rows (its value blocks: 64)
+    short = Plan(chunk_size=64, block_t=64, num_warps=4, num_stages=2)
+    assert launch(64, torch.bfloat16, p=short) == dataclasses.replace(default, rows=64)  # chunks of 64 < 128 rows
+    assert launch(64, torch.bfloat16, p=short, tracing=True) == forward.NARROW_TRACED_QUERY_LAUNCH
+    quadratic = forward.QueryLaunch(rows=128, warps=4, stages=2, split=1, max_registers=None)
+    assert launch(64, torch.bfloat16, kv_len=512) == quadratic
 
 
 if __name__ == "__main__":

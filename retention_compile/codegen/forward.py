@@ -48,7 +48,7 @@ import functools
 import importlib.util
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
@@ -90,17 +90,51 @@ STATE_WARPS = 8
 # 3: 1.47, 4: 1.51.
 STATE_STAGES = 3
 CHUNK_QUERY_WARPS = 8
-# Registers per thread the chunked query kernel is capped at (Triton's ``maxnreg``; None: the compiler's choice),
-# so that more programs share an SM (``benchmarks/profile_forward.py`` measures the caps).
-CHUNK_QUERY_MAX_REGISTERS: int | None = None
-# Parts the chunked query kernel takes each pair's features in (``KernelSpec.query_split``).
-CHUNK_QUERY_SPLIT = 1
 SCAN_WARPS = 4
 GATE_SCAN_BLOCK = 4096  # keys per program of the gate's cumsum
 # The chunked query kernel's state product as acc^T += S^T phi(q)^T (see the template) when True. False (phi(q) on
 # the left, 16 products in flight in the TTGIR) measured faster: H200 T=65536 d=64 bf16 forward 2.09 -> 1.79 ms
 # ungated, 2.14 -> 1.83 gated.
 QUERY_TRANSPOSED = False
+
+
+@dataclass(frozen=True)
+class QueryLaunch:
+    """How the chunked query kernel runs where it has a launch of its own (``query_launch``): query rows per
+    program, warps, copy stages, parts per pair of its state product (``KernelSpec.query_split``) and a cap on
+    registers per thread (Triton's ``maxnreg``; None: no cap)."""
+
+    rows: int
+    warps: int
+    stages: int
+    split: int
+    max_registers: int | None
+
+
+# bf16 dots, d <= 64, 64 value columns per program (H200, T=65536 b1 h8 d64 chunk 1024, the query kernel alone,
+# ungated / gated ms, benchmarks/results/profile_forward_*_868912f.json): 128 rows, 8 warps, 3 stages, whole pairs
+# (one program per SM: 178 registers, 128 KB) 0.673 / 0.812; the same in halves capped at 128 registers (two per
+# SM) 0.534 / 0.652; 64 rows, 4 warps, 3 stages in halves (148 registers, 64 KB: three per SM) 0.593 / 0.683.
+NARROW_QUERY_LAUNCH = QueryLaunch(rows=128, warps=8, stages=3, split=2, max_registers=128)
+# The same where Inductor compiles the kernel: its launch of a user kernel drops ``maxnreg``
+# (``torch._inductor.runtime.triton_heuristics.config_to_dict``), so the traced graph takes the uncapped shape.
+NARROW_TRACED_QUERY_LAUNCH = QueryLaunch(rows=64, warps=4, stages=3, split=2, max_registers=None)
+
+
+def query_launch(spec: KernelSpec, plan: Plan, tracing: bool) -> QueryLaunch:
+    """The chunked query kernel's launch for shape class ``spec``: ``NARROW_QUERY_LAUNCH`` (or, while Inductor
+    traces the call, ``NARROW_TRACED_QUERY_LAUNCH``) for bf16 dots with d <= 64 and value blocks of at most 64
+    columns, whose chunks hold at least its rows; else the plan's rows and stages with ``CHUNK_QUERY_WARPS``
+    (the quadratic kernel: the plan's warps too), whole pairs, no register cap."""
+    narrow = spec.chunked and not spec.query_t and spec.dtype in ("bfloat16", "float16") and spec.head_dim <= 64
+    launch = NARROW_TRACED_QUERY_LAUNCH if tracing else NARROW_QUERY_LAUNCH
+    if narrow and spec.block_e <= 64 and spec.chunk_size >= launch.rows:
+        return launch
+    warps = CHUNK_QUERY_WARPS if spec.chunked else plan.num_warps
+    stages = min(plan.num_stages, WIDE_STAGES) if spec.head_dim >= WIDE_HEAD else plan.num_stages
+    return QueryLaunch(rows=spec.block_t, warps=warps, stages=stages, split=1, max_registers=None)
+
+
 MAX_GRID_Z = 65535
 
 
@@ -170,7 +204,6 @@ def kernel_spec(
         block_e=block_e,
         block_feature=block_feature if chunked else 0,
         query_t=chunked and QUERY_TRANSPOSED,
-        query_split=CHUNK_QUERY_SPLIT if chunked and not QUERY_TRANSPOSED else 1,
     )
 
 
@@ -321,8 +354,9 @@ def triton_forward(
         attention.update(_chunk_states(module, layout, k, common, extra, state_kernel))
         if states_out is not None:
             states_out.update(S=attention["S_ST"], M=attention["M_ST"])
-    warps = CHUNK_QUERY_WARPS if spec.chunked else plan.num_warps
-    stages = min(plan.num_stages, WIDE_STAGES) if spec.head_dim >= WIDE_HEAD else plan.num_stages
+    launch = query_launch(spec, plan, torch.compiler.is_compiling())
+    spec = replace(spec, block_t=launch.rows, query_split=launch.split)
+    warps, stages = launch.warps, launch.stages
 
     def grid(candidate: KernelSpec) -> tuple:
         return (_cdiv(Tq, candidate.block_t), _cdiv(spec.value_dim, spec.block_e), B * Hq)
@@ -337,8 +371,7 @@ def triton_forward(
     if is_recording() or spec not in _RECORDED:
         _RECORDED.add(spec)
         _record(spec, path, q, k, v, plan)
-    registers = CHUNK_QUERY_MAX_REGISTERS if spec.chunked else None
-    _launch(module.attention_kernel, grid(spec), attention, warps, stages, registers)
+    _launch(module.attention_kernel, grid(spec), attention, warps, stages, launch.max_registers)
     return y, denom
 
 
