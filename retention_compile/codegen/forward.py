@@ -51,6 +51,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from ..inspection import is_recording
@@ -122,10 +123,10 @@ NARROW_TRACED_QUERY_LAUNCH = QueryLaunch(rows=64, warps=4, stages=3, split=2, ma
 
 
 def query_launch(spec: KernelSpec, plan: Plan, tracing: bool) -> QueryLaunch:
-    """The chunked query kernel's launch for shape class ``spec``: ``NARROW_QUERY_LAUNCH`` (or, while Inductor
-    traces the call, ``NARROW_TRACED_QUERY_LAUNCH``) for bf16 dots with d <= 64 and value blocks of at most 64
-    columns, whose chunks hold at least its rows; else the plan's rows and stages with ``CHUNK_QUERY_WARPS``
-    (the quadratic kernel: the plan's warps too), whole pairs, no register cap."""
+    """The chunked query kernel's launch for shape class ``spec``: ``NARROW_QUERY_LAUNCH`` (or, while the call is
+    traced for Inductor, ``tracing``: ``NARROW_TRACED_QUERY_LAUNCH``) for bf16 dots with d <= 64 and value blocks
+    of at most 64 columns, whose chunks hold at least its rows; else the plan's rows and stages with
+    ``CHUNK_QUERY_WARPS`` (the quadratic kernel: the plan's warps too), whole pairs, no register cap."""
     narrow = spec.chunked and not spec.query_t and spec.dtype in ("bfloat16", "float16") and spec.head_dim <= 64
     launch = NARROW_TRACED_QUERY_LAUNCH if tracing else NARROW_QUERY_LAUNCH
     if narrow and spec.block_e <= 64 and spec.chunk_size >= launch.rows:
@@ -354,7 +355,7 @@ def triton_forward(
         attention.update(_chunk_states(module, layout, k, common, extra, state_kernel))
         if states_out is not None:
             states_out.update(S=attention["S_ST"], M=attention["M_ST"])
-    launch = query_launch(spec, plan, torch.compiler.is_compiling())
+    launch = query_launch(spec, plan, torch.compiler.is_compiling() or is_fake(q))
     spec = replace(spec, block_t=launch.rows, query_split=launch.split)
     warps, stages = launch.warps, launch.stages
 
