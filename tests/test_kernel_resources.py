@@ -38,6 +38,7 @@ class Launch:
     kwargs: dict
     warps: int
     stages: int
+    max_registers: int | None = None
 
 
 def captured_launches(monkeypatch: pytest.MonkeyPatch, case: tuple) -> list[Launch]:
@@ -45,8 +46,8 @@ def captured_launches(monkeypatch: pytest.MonkeyPatch, case: tuple) -> list[Laun
     T, d, e, deg, dtype, gated, chunk = case
     launches: list[Launch] = []
 
-    def record(kernel, grid, kwargs, num_warps, num_stages) -> None:
-        launches.append(Launch(kernel, dict(kwargs), num_warps, num_stages))
+    def record(kernel, grid, kwargs, num_warps, num_stages, maxnreg=None) -> None:
+        launches.append(Launch(kernel, dict(kwargs), num_warps, num_stages, maxnreg))
 
     monkeypatch.setattr(forward, "_launch", record)
     monkeypatch.setattr(backward, "_launch", record)
@@ -86,6 +87,8 @@ def compile_for_sm90(launch: Launch):
                 attributes[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(kernel, signature, constants, attributes)
     options = {"num_warps": launch.warps, "num_stages": launch.stages}
+    if launch.max_registers is not None:
+        options["maxnreg"] = launch.max_registers
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
@@ -95,14 +98,20 @@ def test_kernels_fit_h200_shared_memory(monkeypatch: pytest.MonkeyPatch, tmp_pat
     launches = captured_launches(monkeypatch, CASES[name])
     names = {launch.kernel.fn.__name__ for launch in launches}
     assert {"attention_kernel", "dq_kernel", "dkv_kernel"} <= names, names
-    over = {}
+    over, crowded = {}, {}
     seen = set()
     for launch in launches:
-        key = (launch.kernel.fn.__name__, launch.kernel.fn.__module__, launch.warps, launch.stages)
+        fn = launch.kernel.fn
+        key = (fn.__name__, fn.__module__, launch.warps, launch.stages, launch.max_registers)
         if key in seen:
             continue
         seen.add(key)
         shared = compile_for_sm90(launch).metadata.shared
         if shared > H200.smem_per_block_optin:
             over[key[0]] = shared
+        # a register cap is there to put two programs on an SM: their shared memory must fit beside each other
+        # (each program also takes 1 KB the runtime reserves)
+        if launch.max_registers is not None and 2 * (shared + 1024) > H200.smem_per_sm:
+            crowded[key[0]] = shared
     assert not over, f"{name}: shared memory (bytes) over the H200's {H200.smem_per_block_optin}: {over}"
+    assert not crowded, f"{name}: capped kernels whose shared memory keeps them one per SM: {crowded}"

@@ -225,13 +225,16 @@ KEPT_CASES = {  # name: (case, segments, misfits); the misfitting states are tri
     "chunked-long-gate-segments": (*SEGMENT_CASES["chunked-long-gate-segments"], False),
 }
 OP_CASES = ("chunked-gate-valid", "chunked-noncausal")
-# heads narrower than 16 run padded to 16 (``backward._padded_head_backward``, bf16 on the GPU; forced on float32
-# tiles here): GQA with a gate per kv head, validity, non-causal with Tq < Tk, decode with deg 4
+# heads whose d is not a multiple of 16 run padded to the next one (``backward._padded_head_backward``, bf16 on the
+# GPU; forced on float32 tiles here): GQA with a gate per kv head, validity, non-causal with Tq < Tk, decode with
+# deg 4, and d = 24 (padded to 32) with e = 40, non-causal with validity (the class of GPU fuzz seed 20261301's
+# faults)
 PADDED_CASES = {
     "padded-gate-gqa": (1, 4, 2, 37, 37, 8, 32, 2, 2, False, True, 1024),
     "padded-valid": (2, 2, 1, 29, 29, 8, 16, 2, 0, True, True, 1024),
     "padded-noncausal": (1, 2, 2, 21, 45, 8, 24, 2, 0, True, False, 1024),
     "padded-decode-deg4": (1, 4, 1, 1, 70, 8, 32, 4, 1, False, True, 1024),
+    "padded-d24-e40": (2, 2, 1, 33, 50, 24, 40, 2, 0, True, False, 1024),
 }
 
 
@@ -539,7 +542,7 @@ def test_wide_fp32_chunked_backward_is_left_to_aten() -> None:
 
 @pytest.mark.parametrize("name", list(PADDED_CASES))
 def test_narrow_heads_run_padded(interpreted: dict[str, dict[str, float]], name: str) -> None:
-    """Heads narrower than 16, padded with zero columns of q and k: one padded call, gradients exact."""
+    """Heads whose d is not a multiple of 16, padded with zero columns of q and k: one padded call, gradients exact."""
     results = dict(interpreted[name])
     assert results.pop("padded") == 1
     _assert_below(results, 2e-5, name)
