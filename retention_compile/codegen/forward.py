@@ -322,15 +322,17 @@ def triton_forward(
         if y_out is not None:  # a rare shape: cast after
             y_out.copy_(y)
         return y, with_keyless_rows(denom, keyless, EPS)
-    given = kernel_spec(q, v, deg, log_gate is not None, valid is not None, causal, size_hint(k.shape[2]), plan)
-    if small_chunk_float32(given):
+    spec = kernel_spec(q, v, deg, log_gate is not None, valid is not None, causal, size_hint(k.shape[2]), plan)
+    if small_chunk_float32(spec):
         state_kernel = None
     if state_kernel is None:  # the CUDA state kernel takes 16-bit inputs (codegen="cuda" keeps float16 as it is)
-        q, k, v = kernel_inputs(q, k, v, given)
+        widened = kernel_inputs(q, k, v, spec)
+        if any(new is not old for new, old in zip(widened, (q, k, v))):  # the shape class of the float32 copies
+            q, k, v = widened
+            spec = kernel_spec(q, v, deg, log_gate is not None, valid is not None, causal, size_hint(k.shape[2]), plan)
     B, Hq, Tq, _ = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
     e = v.shape[3]
-    spec = kernel_spec(q, v, deg, log_gate is not None, valid is not None, causal, size_hint(Tk), plan)
     module, _ = load_forward(spec)
     y = torch.empty((B, Hq, Tq, e), dtype=y_dtype, device=q.device)
     denom = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
@@ -355,8 +357,9 @@ def triton_forward(
         attention.update(_chunk_states(module, layout, k, common, extra, state_kernel))
         if states_out is not None:
             states_out.update(S=attention["S_ST"], M=attention["M_ST"])
-    launch = query_launch(spec, plan, torch.compiler.is_compiling() or is_fake(q))
-    spec = replace(spec, block_t=launch.rows, query_split=launch.split)
+    launch = query_launch(spec, plan, spec.chunked and (torch.compiler.is_compiling() or is_fake(q)))
+    if (launch.rows, launch.split) != (spec.block_t, spec.query_split):
+        spec = replace(spec, block_t=launch.rows, query_split=launch.split)
     warps, stages = launch.warps, launch.stages
 
     def grid(candidate: KernelSpec) -> tuple:
