@@ -5,7 +5,9 @@ a CUDA graph at 448e8ac), so the time the launcher spends before its launches is
 Here the launches are captured instead of run (``forward._launch`` replaced, as ``tests/test_kernel_resources.py``
 does), the shared-memory fitting is skipped (it needs a GPU and is cached per shape there), and the inputs are CPU
 tensors: what remains is the shape-class lookup, the planning of buffers and arguments, and the allocations.
-Triton's own launcher (per kernel, on the GPU) is not included.
+Triton's own launcher (per kernel, on the GPU) is not included. At long T the CPU allocations of the big buffers
+(torch.empty) take a large and variable share that a GPU's caching allocator does not: repeated processes at one
+commit read 91-150 us at T=65536, so compare the Python work there with a profiler (cProfile), not this number.
 
 Shape: b=1, h=8, d=e=64, deg 2, bf16, causal, y stored in bf16 (a forward no backward follows), the H200's plan;
 T in ``--T``, ungated and gated. Median of ``--repeats`` batches of ``--calls`` calls.

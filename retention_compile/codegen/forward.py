@@ -136,6 +136,15 @@ def query_launch(spec: KernelSpec, plan: Plan, tracing: bool) -> QueryLaunch:
     return QueryLaunch(rows=spec.block_t, warps=warps, stages=stages, split=1, max_registers=None)
 
 
+@functools.lru_cache(maxsize=256)
+def _with_query_tiles(spec: KernelSpec, rows: int, split: int) -> KernelSpec:
+    """``spec`` with the query kernel's rows and pair split (one ``dataclasses.replace`` per shape class: a
+    replace per call took about 10 us of the host's 30-110 us per forward, ``benchmarks/bench_host.py``)."""
+    if (rows, split) == (spec.block_t, spec.query_split):
+        return spec
+    return replace(spec, block_t=rows, query_split=split)
+
+
 MAX_GRID_Z = 65535
 
 
@@ -358,8 +367,7 @@ def triton_forward(
         if states_out is not None:
             states_out.update(S=attention["S_ST"], M=attention["M_ST"])
     launch = query_launch(spec, plan, spec.chunked and (torch.compiler.is_compiling() or is_fake(q)))
-    if (launch.rows, launch.split) != (spec.block_t, spec.query_split):
-        spec = replace(spec, block_t=launch.rows, query_split=launch.split)
+    spec = _with_query_tiles(spec, launch.rows, launch.split)
     warps, stages = launch.warps, launch.stages
 
     def grid(candidate: KernelSpec) -> tuple:
