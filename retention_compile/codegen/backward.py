@@ -196,13 +196,13 @@ def _tuned_intra_loops(spec: BackwardSpec) -> dict[str, int]:
     return {} if spec.dq_state_terms else {"key_step": 32, "dq_stages": 3}
 
 
-# bf16 heads whose d is not a multiple of this run the backward zero-padded to the next multiple
-# (``_padded_head_backward``): their tiles end in a half-masked 16-wide slice. d = 8 faulted on the H200 in the
-# single-chunk dkv_kernel (GPU fuzz seed 20261204, cases 629 and 639: b=3 Tq=128 Tk=91 and b=1 Tq=Tk=68, e=64,
-# causal); d = 24 with e = 40 (non-causal, validity) faulted or gave dq and dk off by 90-110% (seed 20261301, cases
-# 649, 779 and 939, at 3651d32 as at e529db5; with d = 32, or e = 64, or float32 tiles the same inputs were within
-# 3.4e-3). The same cases run clean under the interpreter's bounds checks in fp32, and the cause was not found.
-# float16 d=8 e=16 had faulted before (``_value_pad``). fp32 tiles with d=8 pass the fuzz unpadded.
+# bf16 heads whose d is not a multiple of this run the backward zero-padded to their tile width, the power of 2 at
+# or above d (``_padded_head_backward``): unpadded their tiles end in a half-masked 16-wide slice. d = 8 faulted on
+# the H200 in the single-chunk dkv_kernel (GPU fuzz seed 20261204, cases 629 and 639: b=3 Tq=128 Tk=91 and b=1
+# Tq=Tk=68, e=64, causal); d = 24 with e = 40 (non-causal, validity) faulted or gave dq and dk off by 90-110% (seed
+# 20261301, cases 649, 779 and 939, at 3651d32 as at e529db5; with d = 32, 48, or e = 64, or float32 tiles the same
+# inputs were within 3.4e-3). The same cases run clean under the interpreter's bounds checks in fp32, and the cause
+# was not found. float16 d=8 e=16 had faulted before (``_value_pad``). fp32 tiles with d=8 pass the fuzz unpadded.
 PADDED_HEAD_DIM = 16
 PADDED_HEAD_DTYPES = (torch.bfloat16,)
 
@@ -361,14 +361,15 @@ def _padded_head_backward(
     **options,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``triton_backward`` of a head whose d is not a multiple of ``PADDED_HEAD_DIM``, run on q and k zero-padded
-    to the next multiple.
+    to the kernels' tile width (the power of 2 at or above d, at least ``PADDED_HEAD_DIM``: no masked columns, and
+    no more tile work than unpadded).
 
     Zero columns leave every ``q_i . k_j`` (so every weight, y and dv) unchanged, and ``dq_i = sum_j ds_ij k_j``,
     ``dk_j = sum_i ds_ij q_i`` have zeros there: the first d columns are the gradients. The plan keeps one chunk,
     so the padded call runs the quadratic kernels as the forward did (``kernel_spec``: such a d has no 16-wide
     state tiles)."""
     d = q.shape[-1]
-    width = -(-size_hint(d) // PADDED_HEAD_DIM) * PADDED_HEAD_DIM
+    width = max(PADDED_HEAD_DIM, pow2_at_least(size_hint(d)))
     padded_q, padded_k = (torch.nn.functional.pad(t, (0, width - d)) for t in (q, k))
     one_chunk = dataclasses.replace(plan, chunk_size=max(plan.chunk_size, size_hint(k.shape[2])))
     dq, dk, dv, dg = triton_backward(grad_y, padded_q, padded_k, v, y, denom, plan=one_chunk, **options)

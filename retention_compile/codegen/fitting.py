@@ -79,9 +79,13 @@ def launch_specialization(launch: dict) -> tuple:
     return tuple(mark(value) for value in launch.values())  # the launch dict is built in one fixed order
 
 
-def compiled_shared_memory(kernel, grid: tuple, launch: dict, num_warps: int, num_stages: int) -> int:
-    """Shared memory (bytes) of ``kernel`` compiled for these arguments: compiles without launching."""
-    compiled = kernel.warmup(grid=grid, num_warps=num_warps, num_stages=num_stages, **_compile_args(launch))
+def compiled_shared_memory(
+    kernel, grid: tuple, launch: dict, num_warps: int, num_stages: int, maxnreg: int | None = None
+) -> int:
+    """Shared memory (bytes) of ``kernel`` compiled for these arguments: compiles without launching. ``maxnreg``:
+    the launch's register cap, so the kernel compiled here is the one the launch then finds in Triton's cache."""
+    options = {"num_warps": num_warps, "num_stages": num_stages} | ({"maxnreg": maxnreg} if maxnreg else {})
+    compiled = kernel.warmup(grid=grid, **options, **_compile_args(launch))
     if hasattr(compiled, "result"):  # Triton's async compile mode hands back a future
         compiled = compiled.result()
     return int(compiled.metadata.shared)

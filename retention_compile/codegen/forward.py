@@ -51,7 +51,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from ..inspection import is_recording
@@ -124,9 +123,9 @@ NARROW_TRACED_QUERY_LAUNCH = QueryLaunch(rows=64, warps=4, stages=3, split=2, ma
 
 def query_launch(spec: KernelSpec, plan: Plan, tracing: bool) -> QueryLaunch:
     """The chunked query kernel's launch for shape class ``spec``: ``NARROW_QUERY_LAUNCH`` (or, while the call is
-    traced for Inductor, ``tracing``: ``NARROW_TRACED_QUERY_LAUNCH``) for bf16 dots with d <= 64 and value blocks
-    of at most 64 columns, whose chunks hold at least its rows; else the plan's rows and stages with
-    ``CHUNK_QUERY_WARPS`` (the quadratic kernel: the plan's warps too), whole pairs, no register cap."""
+    traced, ``tracing``: ``NARROW_TRACED_QUERY_LAUNCH``, as Inductor would drop the register cap) for bf16 dots
+    with d <= 64 and value blocks of at most 64 columns, whose chunks hold at least its rows; else the plan's rows
+    and stages with ``CHUNK_QUERY_WARPS`` (the quadratic kernel: the plan's warps too), whole pairs, no cap."""
     narrow = spec.chunked and not spec.query_t and spec.dtype in ("bfloat16", "float16") and spec.head_dim <= 64
     launch = NARROW_TRACED_QUERY_LAUNCH if tracing else NARROW_QUERY_LAUNCH
     if narrow and spec.block_e <= 64 and spec.chunk_size >= launch.rows:
@@ -366,7 +365,8 @@ def triton_forward(
         attention.update(_chunk_states(module, layout, k, common, extra, state_kernel))
         if states_out is not None:
             states_out.update(S=attention["S_ST"], M=attention["M_ST"])
-    launch = query_launch(spec, plan, spec.chunked and (torch.compiler.is_compiling() or is_fake(q)))
+    # traced: Dynamo and export set the compiling flag; AOTAutograd's and make_fx's inputs are tensor subclasses
+    launch = query_launch(spec, plan, spec.chunked and (torch.compiler.is_compiling() or type(q) is not torch.Tensor))
     spec = _with_query_tiles(spec, launch.rows, launch.split)
     warps, stages = launch.warps, launch.stages
 
@@ -375,7 +375,7 @@ def triton_forward(
 
     def shared_of(candidate: KernelSpec, candidate_stages: int) -> int:
         kernel = load_forward(candidate)[0].attention_kernel
-        return compiled_shared_memory(kernel, grid(candidate), attention, warps, candidate_stages)
+        return compiled_shared_memory(kernel, grid(candidate), attention, warps, candidate_stages, launch.max_registers)
 
     if (limit := device_shared_memory_limit(q.device)) is not None:  # the state kernels ignore block_t
         spec, stages = fit_shared_memory(spec, warps, stages, limit, shared_of, launch_specialization(attention))

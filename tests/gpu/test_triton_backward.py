@@ -17,6 +17,7 @@ import torch
 
 import retention_compile as rc
 import retention_compile.codegen as codegen
+from retention_compile.codegen import backward as backward_module
 from retention_compile.codegen import triton_backward, triton_forward
 from retention_compile.planning import Plan
 from retention_compile.reference import power_retention_reference
@@ -191,16 +192,17 @@ def test_wide_fp32_chunked_backward_runs_aten(backward_calls: list[int], monkeyp
 
 
 @pytest.mark.usefixtures("poison_allocations")
-def test_narrow_bf16_heads_run_padded(backward_calls: list[int]) -> None:
+def test_narrow_bf16_heads_run_padded(backward_calls: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16 d = 8, the shapes of GPU fuzz seed 20261204 cases 629 and 639 (which faulted the unpadded dkv_kernel),
     and a gated GQA one: the op's autograd runs the Triton backward on q, k padded to 16 columns, and the gradients
     match the oracle's. So for d = 24 with e = 40, non-causal with validity (seed 20261301's class, whose dq and dk
     were 90-110% off unpadded), padded to 32."""
+    padded = count_calls(monkeypatch, backward_module, "_padded_head_backward")
     check(3, 2, 2, 128, 91, 8, 64, 2, bf16, None, False, True, op=True)
     check(1, 2, 2, 68, 68, 8, 64, 2, bf16, None, False, True, op=True)
     check(2, 4, 2, 300, 300, 8, 32, 2, bf16, "k", True, True, op=True)
     check(2, 2, 2, 779, 1455, 24, 40, 2, bf16, None, True, False, op=True)
-    assert len(backward_calls) == 4
+    assert len(backward_calls) == 4 and len(padded) == 4
 
 
 def test_kept_states_skip_the_recompute(monkeypatch: pytest.MonkeyPatch) -> None:
