@@ -39,7 +39,7 @@ def shared_memory_limit(device_index: int) -> int:
     return int(driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
 
 
-def _has_storage(value: torch.Tensor) -> bool:
+def has_storage(value: torch.Tensor) -> bool:
     """A plain tensor with data; tracing's fake and functional tensors (subclasses) have no address for Triton."""
     return type(value) is torch.Tensor
 
@@ -50,7 +50,7 @@ def _compile_args(launch: dict) -> dict:
     from triton.runtime.jit import MockTensor
 
     def concrete(value):
-        if isinstance(value, torch.Tensor) and not _has_storage(value):
+        if isinstance(value, torch.Tensor) and not has_storage(value):
             return MockTensor(value.dtype)
         if isinstance(value, torch.SymInt):
             return size_hint(value)
@@ -70,7 +70,7 @@ def launch_specialization(launch: dict) -> tuple:
         if type(value) is int:
             return (value == 1, value % 16 == 0)
         if isinstance(value, torch.Tensor):  # without storage: a MockTensor, aligned
-            return (value.dtype, value.data_ptr() % 16 == 0 if _has_storage(value) else True)
+            return (value.dtype, value.data_ptr() % 16 == 0 if has_storage(value) else True)
         if isinstance(value, torch.SymInt):
             n = size_hint(value)
             return (n == 1, n % 16 == 0)

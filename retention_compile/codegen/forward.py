@@ -57,7 +57,13 @@ from ..inspection import is_recording
 from ..planning import EXACT_CHUNK_BELOW, Plan
 from ..reference import EPS
 from ..sizes import size_hint
-from .fitting import compiled_shared_memory, device_shared_memory_limit, fit_shared_memory, launch_specialization
+from .fitting import (
+    compiled_shared_memory,
+    device_shared_memory_limit,
+    fit_shared_memory,
+    has_storage,
+    launch_specialization,
+)
 from .triton_source import SCAN_BLOCK, KernelSpec, interpreting, load_forward, value_tile
 
 QUADRATIC_BLOCK_K = 64  # keys per step of the attention loop
@@ -365,8 +371,8 @@ def triton_forward(
         attention.update(_chunk_states(module, layout, k, common, extra, state_kernel))
         if states_out is not None:
             states_out.update(S=attention["S_ST"], M=attention["M_ST"])
-    # traced: Dynamo and export set the compiling flag; AOTAutograd's and make_fx's inputs are tensor subclasses
-    launch = query_launch(spec, plan, spec.chunked and (torch.compiler.is_compiling() or type(q) is not torch.Tensor))
+    # traced: Dynamo and export set the compiling flag; AOTAutograd's and make_fx's inputs have no storage
+    launch = query_launch(spec, plan, spec.chunked and (torch.compiler.is_compiling() or not has_storage(q)))
     spec = _with_query_tiles(spec, launch.rows, launch.split)
     warps, stages = launch.warps, launch.stages
 

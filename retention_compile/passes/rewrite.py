@@ -30,7 +30,7 @@ from . import grids
 from .decide import Decision
 from .fxutils import insert_call
 from .masks import MaskAnalysis, Term
-from .sites import AttentionSite, example_value
+from .sites import AttentionSite, example_value, traced_value
 
 Size = int | fx.Node
 
@@ -49,7 +49,7 @@ def needs_gradient(site: AttentionSite) -> bool:
     does; a run-time scale that is a Python number carries none). The op's ``for_backward``: without it the forward
     keeps nothing for a backward."""
     operands = [site.query, site.key, site.value, *(factor for factor, _ in site.scale_factors)]
-    values = [x.meta.get("example_value", x.meta.get("val")) for x in operands if isinstance(x, fx.Node)]
+    values = [traced_value(x) for x in operands if isinstance(x, fx.Node)]
     return any(isinstance(value, torch.Tensor) and value.requires_grad for value in values)
 
 

@@ -106,11 +106,17 @@ def module_path(dynamo_path: str) -> str:
     return re.sub(r"\[(\d+)\]", r".\1", path).lstrip(".")
 
 
+def traced_value(node: fx.Node) -> object:
+    """What tracing recorded for a node (Dynamo's ``example_value``, else ``val``): a fake tensor, a symbolic or
+    Python number, or None."""
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
 def example_value(node: fx.Node | object) -> torch.Tensor:
     """The fake tensor Dynamo recorded for a node."""
     if not isinstance(node, fx.Node):
         raise TypeError(f"expected a graph node, got {type(node).__name__}")
-    value = node.meta.get("example_value", node.meta.get("val"))
+    value = traced_value(node)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"node {node.name} has no tensor example value")
     return value
