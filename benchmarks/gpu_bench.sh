@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, one after another in one call of the lent GPU, each alone on the device:
 #
-#   benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms] [chunk_state] [forward_profile]
-#       (default: the first three; limits 4, 7, 9.3, 5, 5 and 4 minutes: give the long ones their own device call;
+#   benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms] [chunk_state] [forward_profile] [state_ncu]
+#       (default: the first three; limits 4, 7, 9.3, 5, 5, 4 and 2.5 minutes: give the long ones their own device call;
 #       state_terms: the backward's CUDA state-term kernels against Triton, bench_cuda_backward.py; chunk_state: the
 #       forward's CUDA state kernel against Triton, its launch shapes and segment counts, bench_cuda_state.py;
 #       forward_profile: the query kernel by row-block size, then one forward under ncu (OUT_DIR/ncu_forward.csv),
-#       profile_forward.py)
+#       profile_forward.py; state_ncu: the CUDA state kernel's stall samples by reason and instruction under ncu's
+#       full set, OUT_DIR/state_ncu_stalls.json from its source view, ncu_stalls.py)
 #
 # Each benchmark runs in its own process group with a time limit (nothing it starts outlives it) and only once
 # no other process holds the GPU (polled with nvidia-smi for up to 60 s; the wait and the processes seen are
@@ -19,7 +20,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-out="${1:?usage: benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms] [chunk_state] [forward_profile]}"
+out="${1:?usage: benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms] [chunk_state] [forward_profile] [state_ncu]}"
 shift
 which=("${@:-forward backward compile}")
 read -r -a which <<< "${which[*]}"
@@ -58,8 +59,13 @@ for bench in "${which[@]}"; do
                 --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
                 --section ComputeWorkloadAnalysis --export "$out/ncu_forward" \
                 python3 benchmarks/profile_forward.py --single-call ;;
+        state_ncu)  # where the CUDA state kernel's warps wait: one launch under ncu's full set, then its source view
+            part state_ncu 150 ncu --clock-control none --set full -k regex:retention_chunk_state --launch-count 1 \
+                -f -o "$out/state_ncu" python3 benchmarks/profile_forward.py --single-call
+            ncu -i "$out/state_ncu.ncu-rep" --page source --csv --print-source sass > "$out/state_ncu_source.csv"
+            python3 benchmarks/ncu_stalls.py "$out/state_ncu_source.csv" --out "$out/state_ncu_stalls.json" >> "$summary" ;;
         compile) part compile 560 python3 benchmarks/bench_compile.py --device cuda --repeats 3 --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
-        *) echo "unknown benchmark: $bench (forward, backward, compile, state_terms, chunk_state, forward_profile)" >> "$summary" ;;
+        *) echo "unknown benchmark: $bench (forward, backward, compile, state_terms, chunk_state, forward_profile, state_ncu)" >> "$summary" ;;
     esac
 done
 gather_logs "$out/logs.txt"
