@@ -79,7 +79,21 @@ def plan_call(args: dict[str, Any]) -> dict[str, Any]:
             reason=f"chunk_size={override} set by RetentionConfig (planned: {plan.chunk_size}); {tiles.reason}",
         )
     device = spec.name if spec is not None else "CPU"
-    return {"device": device, "T": T, "batch_heads": batch * kv_heads, **dataclasses.asdict(plan)}
+    record = {"device": device, "T": T, "batch_heads": batch * kv_heads, **dataclasses.asdict(plan)}
+    if spec is not None:
+        record["query_launch"] = query_launch_of_call(args, (q, k, v), plan)
+    return record
+
+
+def query_launch_of_call(args: dict[str, Any], operands: tuple[torch.Tensor, ...], plan) -> str:
+    """How the compiled graph launches the op's query kernel on the GPU (``forward.query_launch`` of the call's
+    shape class, traced: a compiled model's launch has no register cap), which may differ from the plan's tiles."""
+    from .codegen import forward
+
+    metas = [torch.empty([size_hint(n) for n in t.shape], dtype=t.dtype, device="meta") for t in operands]
+    gated, has_valid = args["log_gate"] is not None, args["valid"] is not None
+    spec, _, _ = forward.call_shape_class(*metas, int(args["deg"]), gated, has_valid, bool(args["causal"]), plan, False)
+    return forward.describe_query_launch(forward.query_launch(spec, plan, tracing=spec.chunked))
 
 
 def attach_plans(gm: fx.GraphModule, records: list[SiteRecord]) -> None:

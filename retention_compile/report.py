@@ -23,7 +23,8 @@ class SiteRecord:
     location: ``file:line`` of the call (from the FX node's stack trace); module: the dotted module path.
     mask:     the classification of the site's mask by the mask analysis ("" when there is none to classify).
     plan:     for a rewritten site, the planned ``Plan`` as a dict (chunk size, tiles, reason) plus the device,
-              the key length ``T`` it was planned for and ``batch_heads``.
+              the key length ``T`` it was planned for, ``batch_heads`` and, on a GPU, ``query_launch``: how the
+              compiled graph launches the query kernel (``forward.query_launch``).
     """
 
     graph: int
@@ -60,7 +61,9 @@ class SiteRecord:
         )
 
     def plan_summary(self) -> str:
-        """``chunk 1024, tiles t64 f16 e64, 4 warps x 2 stages on NVIDIA H200`` (or "" without a plan)."""
+        """``chunk 1024, tiles t64 f16 e64, 4 warps x 2 stages on NVIDIA H200`` (or "" without a plan), then, on a GPU,
+        how the compiled graph launches the query kernel (``; query kernel: 64 query rows x 4 warps x 3 stages, ...``),
+        which can differ from the planned tiles."""
         if not self.plan:
             return ""
         if "chunk_size" not in self.plan:
@@ -69,10 +72,11 @@ class SiteRecord:
         chunk = f"chunk {p['chunk_size']} at T={p.get('T', '?')}"
         if p.get("device") == "CPU":
             return f"{chunk} on the CPU (aten chunked form)"
-        return (
+        summary = (
             f"{chunk}, tiles t{p['block_t']} f{p['block_feature']} e{p['block_e']}, "
             f"{p['num_warps']} warps x {p['num_stages']} stages on {p.get('device', '?')}"
         )
+        return f"{summary}; query kernel: {p['query_launch']}" if p.get("query_launch") else summary
 
     def markdown(self) -> list[str]:
         """The site as a Markdown section."""

@@ -1,5 +1,6 @@
 """The report: plans, the weight-state balance, the mask field and the three formats (rc.explain, no Inductor)."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -160,3 +161,31 @@ def test_nested_collectors_are_distinct_reports():
     with collect_reports() as outer:
         inner = rc.explain(lambda q: F.scaled_dot_product_attention(q, q, q, is_causal=True), q)
     assert len(outer.sites) == len(inner.sites) == 1 and outer is not inner
+
+
+def test_report_names_the_query_kernels_launch_on_a_gpu():
+    """On a GPU the plan record says how the compiled graph launches the query kernel: at T=65536 (bf16, d=64) the
+    traced narrow launch (64 rows, pairs in halves, no register cap) where the plan's tiles say 128 rows; on the
+    single-chunk path the plan's own tiles."""
+    pytest.importorskip("triton")
+    from retention_compile import hardware, planning
+    from retention_compile.annotate import query_launch_of_call
+    from retention_compile.report import SiteRecord
+
+    args = {"log_gate": None, "valid": None, "deg": 2, "causal": True}
+    for T in (65536, 2048):
+        operands = tuple(torch.empty(1, 8, T, 64, dtype=torch.bfloat16, device="meta") for _ in range(3))
+        plan = planning.plan(hardware.KNOWN["H200"], T=T, d=64, e=64, deg=2, dtype=torch.bfloat16, gated=False,
+                             batch_heads=8)  # fmt: skip
+        launch = query_launch_of_call(args, operands, plan)
+        if plan.chunk_size < T:
+            traced = "64 query rows x 4 warps x 3 stages, pairs in 2 parts, no register cap"
+            assert plan.block_t == 128 and launch == traced
+        else:  # the quadratic kernel: the plan's rows, warps and stages
+            assert launch.startswith(f"{plan.block_t} query rows x {plan.num_warps} warps x {plan.num_stages} stages")
+        planned = {"device": "NVIDIA H200", "T": T, **dataclasses.asdict(plan), "query_launch": launch}
+        record = SiteRecord(
+            graph=0, site=0, node="", location="", module="", q_shape="", k_shape="", v_shape="", decision="rewritten",
+            becomes="", reason="", plan=planned,
+        )  # fmt: skip
+        assert record.plan_summary().endswith(f"; query kernel: {launch}")

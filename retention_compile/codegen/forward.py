@@ -295,6 +295,38 @@ def kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Kerne
     return tuple(t.float() if t.dtype in widened else t for t in (q, k, v))
 
 
+def call_shape_class(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    deg: int,
+    gated: bool,
+    has_valid: bool,
+    causal: bool,
+    plan: Plan,
+    cuda_states: bool,
+) -> tuple[KernelSpec, tuple[torch.Tensor, torch.Tensor, torch.Tensor], bool]:
+    """The shape class ``triton_forward`` runs a call in, the q, k, v its kernels take (``kernel_inputs``: float32
+    copies where 16-bit inputs run the float32 kernels) and whether the CUDA state kernel (asked for by
+    ``cuda_states``) still serves it: not where short chunks take the float32 kernels (``small_chunk_float32``).
+    The CUDA state kernel takes 16-bit inputs as they are (``codegen="cuda"`` keeps float16)."""
+    spec = kernel_spec(q, v, deg, gated, has_valid, causal, size_hint(k.shape[2]), plan)
+    cuda_states = cuda_states and not small_chunk_float32(spec)
+    if not cuda_states:
+        widened = kernel_inputs(q, k, v, spec)
+        if any(new is not old for new, old in zip(widened, (q, k, v))):  # the shape class of the float32 copies
+            q, k, v = widened
+            spec = kernel_spec(q, v, deg, gated, has_valid, causal, size_hint(k.shape[2]), plan)
+    return spec, (q, k, v), cuda_states
+
+
+def describe_query_launch(launch: QueryLaunch) -> str:
+    """``64 query rows x 4 warps x 3 stages, pairs in 2 parts, no register cap``."""
+    parts = ", whole pairs" if launch.split == 1 else f", pairs in {launch.split} parts"
+    cap = "no register cap" if launch.max_registers is None else f"<= {launch.max_registers} registers"
+    return f"{launch.rows} query rows x {launch.warps} warps x {launch.stages} stages{parts}, {cap}"
+
+
 def triton_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -336,14 +368,11 @@ def triton_forward(
         if y_out is not None:  # a rare shape: cast after
             y_out.copy_(y)
         return y, with_keyless_rows(denom, keyless, EPS)
-    spec = kernel_spec(q, v, deg, log_gate is not None, valid is not None, causal, size_hint(k.shape[2]), plan)
-    if small_chunk_float32(spec):
+    spec, (q, k, v), cuda_states = call_shape_class(
+        q, k, v, deg, log_gate is not None, valid is not None, causal, plan, state_kernel is not None
+    )
+    if not cuda_states:
         state_kernel = None
-    if state_kernel is None:  # the CUDA state kernel takes 16-bit inputs (codegen="cuda" keeps float16 as it is)
-        widened = kernel_inputs(q, k, v, spec)
-        if any(new is not old for new, old in zip(widened, (q, k, v))):  # the shape class of the float32 copies
-            q, k, v = widened
-            spec = kernel_spec(q, v, deg, log_gate is not None, valid is not None, causal, size_hint(k.shape[2]), plan)
     B, Hq, Tq, _ = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
     e = v.shape[3]
