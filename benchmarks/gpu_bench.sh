@@ -62,8 +62,9 @@ for bench in "${which[@]}"; do
         state_ncu)  # where the CUDA state kernel's warps wait: one launch under ncu's full set, then its source view
             part state_ncu 150 ncu --clock-control none --set full -k regex:retention_chunk_state --launch-count 1 \
                 -f -o "$out/state_ncu" python3 benchmarks/profile_forward.py --single-call
-            ncu -i "$out/state_ncu.ncu-rep" --page source --csv --print-source sass > "$out/state_ncu_source.csv"
-            python3 benchmarks/ncu_stalls.py "$out/state_ncu_source.csv" --out "$out/state_ncu_stalls.json" >> "$summary" ;;
+            ncu -i "$out/state_ncu.ncu-rep" --page source --csv --print-source sass > "$out/state_ncu_source.csv" \
+                && python3 benchmarks/ncu_stalls.py "$out/state_ncu_source.csv" --out "$out/state_ncu_stalls.json" \
+                >> "$summary" || echo "state_ncu: no source view to summarize" >> "$summary" ;;
         compile) part compile 560 python3 benchmarks/bench_compile.py --device cuda --repeats 3 --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         *) echo "unknown benchmark: $bench (forward, backward, compile, state_terms, chunk_state, forward_profile, state_ncu)" >> "$summary" ;;
     esac

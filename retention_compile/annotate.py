@@ -81,16 +81,22 @@ def plan_call(args: dict[str, Any]) -> dict[str, Any]:
     device = spec.name if spec is not None else "CPU"
     record = {"device": device, "T": T, "batch_heads": batch * kv_heads, **dataclasses.asdict(plan)}
     if spec is not None:
-        record["query_launch"] = query_launch_of_call(args, (q, k, v), plan)
+        record["query_launch"] = query_launch_of_call(args, (q, k, v), T, plan)
     return record
 
 
-def query_launch_of_call(args: dict[str, Any], operands: tuple[torch.Tensor, ...], plan) -> str:
+def query_launch_of_call(args: dict[str, Any], operands: tuple[torch.Tensor, ...], kv_len: int, plan) -> str:
     """How the compiled graph launches the op's query kernel on the GPU (``forward.query_launch`` of the call's
-    shape class, traced: a compiled model's launch has no register cap), which may differ from the plan's tiles."""
+    shape class, traced: a compiled model's launch has no register cap), which may differ from the plan's tiles.
+    ``kv_len`` is the op's key length (for the key prefix ``k[:, :, :Tq]`` shorter than the operand's)."""
     from .codegen import forward
 
-    metas = [torch.empty([size_hint(n) for n in t.shape], dtype=t.dtype, device="meta") for t in operands]
+    def meta(t: torch.Tensor, length: int) -> torch.Tensor:
+        return torch.empty([size_hint(t.shape[0]), size_hint(t.shape[1]), length, size_hint(t.shape[3])],
+                           dtype=t.dtype, device="meta")  # fmt: skip
+
+    q, k, v = operands
+    metas = [meta(q, size_hint(q.shape[2])), meta(k, kv_len), meta(v, kv_len)]
     gated, has_valid = args["log_gate"] is not None, args["valid"] is not None
     spec, _, _ = forward.call_shape_class(*metas, int(args["deg"]), gated, has_valid, bool(args["causal"]), plan, False)
     return forward.describe_query_launch(forward.query_launch(spec, plan, tracing=spec.chunked))

@@ -177,7 +177,7 @@ def test_report_names_the_query_kernels_launch_on_a_gpu():
         operands = tuple(torch.empty(1, 8, T, 64, dtype=torch.bfloat16, device="meta") for _ in range(3))
         plan = planning.plan(hardware.KNOWN["H200"], T=T, d=64, e=64, deg=2, dtype=torch.bfloat16, gated=False,
                              batch_heads=8)  # fmt: skip
-        launch = query_launch_of_call(args, operands, plan)
+        launch = query_launch_of_call(args, operands, T, plan)
         if plan.chunk_size < T:
             traced = "64 query rows x 4 warps x 3 stages, pairs in 2 parts, no register cap"
             assert plan.block_t == 128 and launch == traced
@@ -189,3 +189,6 @@ def test_report_names_the_query_kernels_launch_on_a_gpu():
             becomes="", reason="", plan=planned,
         )  # fmt: skip
         assert record.plan_summary().endswith(f"; query kernel: {launch}")
+    # the key prefix k[:, :, :Tq]: the operand holds 65536 keys, the op reads the 2048 it was planned for
+    longer = tuple(torch.empty(1, 8, 65536, 64, dtype=torch.bfloat16, device="meta") for _ in range(3))
+    assert query_launch_of_call(args, longer, 2048, plan) == launch
