@@ -131,8 +131,8 @@ PTX_MARKERS = {  # what each template's PTX must contain: its kernels and the in
     ),
     "chunk_state_wgmma.cu.j2": (
         ".entry retention_chunk_state",
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16",  # the state product, A from registers
-        "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16",  # the normaliser (times a block of ones)
+        # the state product, A from registers, and the normaliser in columns 64-71 (times a block of ones)
+        "wgmma.mma_async.sync.aligned.m64n72k16.f32.bf16.bf16",
         "mul.rn.bf16x2",  # the features, rounded once
         "cp.async.cg.shared.global",
     ),
