@@ -38,6 +38,44 @@ def expand_kv_heads(x: torch.Tensor, group: int) -> torch.Tensor:
     return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
+def power_retention_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float | None = None,
+    deg: int = 2,
+    log_gate: torch.Tensor | None = None,
+    causal: bool = True,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The weights ``w_ij = (s q_i . k_j)^deg exp(G_(i+off) - G_j)`` of every admissible key, 0 elsewhere, shaped
+    (B, Hq, Tq, Tk) in the compute dtype; arguments as ``power_retention_reference``, which is
+    ``w V / (w 1 + eps)`` (the checks are given k's first column for v: only v's shape is checked)."""
+    shape = validate_retention_inputs(
+        q, k, k[..., :1], deg=deg, log_gate=log_gate, causal=causal, valid=valid, scale=scale
+    )
+    s = default_scale(shape.head_dim, scale)
+    acc = compute_dtype(q.dtype)
+    qf, kf = q.to(acc), expand_kv_heads(k.to(acc), shape.group)
+    weights = (s * (qf @ kf.transpose(-1, -2))) ** deg  # (B, Hq, Tq, Tk)
+    rows = torch.arange(shape.q_len, device=q.device)[:, None] + shape.offset
+    cols = torch.arange(shape.kv_len, device=q.device)[None, :]
+    admissible = (cols <= rows) if causal else torch.ones_like(cols <= rows)
+    admissible = admissible.expand(shape.batch, 1, shape.q_len, shape.kv_len)
+    if valid is not None:
+        admissible = admissible & valid[:, None, None, :]
+    if log_gate is not None:
+        gate = log_gate.to(acc)
+        if gate.shape[1] != shape.q_heads:
+            gate = expand_kv_heads(gate, shape.group)
+        cum = torch.cumsum(gate, dim=-1)  # G_t, (B, Hq, Tk)
+        row_pos = rows.clamp(min=0, max=shape.kv_len - 1)[:, 0]
+        exponent = cum[..., row_pos, None] - cum[..., None, :]  # G_{i+off} - G_j
+        exponent = torch.where(admissible, exponent, torch.full_like(exponent, -math.inf))
+        weights = weights * torch.exp(exponent)
+    return torch.where(admissible, weights, torch.zeros_like(weights))
+
+
 def power_retention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -55,27 +93,8 @@ def power_retention_reference(
     shape = validate_retention_inputs(q, k, v, deg=deg, log_gate=log_gate, causal=causal, valid=valid, scale=scale)
     if shape.kv_len == 0:  # no admissible key for any row
         return q.new_zeros(shape.batch, shape.q_heads, shape.q_len, shape.value_dim)
-    s = default_scale(shape.head_dim, scale)
-    acc = compute_dtype(q.dtype)
-    qf, kf, vf = q.to(acc), expand_kv_heads(k.to(acc), shape.group), expand_kv_heads(v.to(acc), shape.group)
-
-    weights = (s * (qf @ kf.transpose(-1, -2))) ** deg  # (B, Hq, Tq, Tk)
-    rows = torch.arange(shape.q_len, device=q.device)[:, None] + shape.offset
-    cols = torch.arange(shape.kv_len, device=q.device)[None, :]
-    admissible = (cols <= rows) if causal else torch.ones_like(cols <= rows)
-    admissible = admissible.expand(shape.batch, 1, shape.q_len, shape.kv_len)
-    if valid is not None:
-        admissible = admissible & valid[:, None, None, :]
-    if log_gate is not None:
-        gate = log_gate.to(acc)
-        if gate.shape[1] != shape.q_heads:
-            gate = expand_kv_heads(gate, shape.group)
-        cum = torch.cumsum(gate, dim=-1)  # G_t, (B, Hq, Tk)
-        row_pos = rows.clamp(min=0, max=shape.kv_len - 1)[:, 0]
-        exponent = cum[..., row_pos, None] - cum[..., None, :]  # G_{i+off} - G_j
-        exponent = torch.where(admissible, exponent, torch.full_like(exponent, -math.inf))
-        weights = weights * torch.exp(exponent)
-    weights = torch.where(admissible, weights, torch.zeros_like(weights))
+    weights = power_retention_weights(q, k, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid)
+    vf = expand_kv_heads(v.to(weights.dtype), shape.group)
     numerator = weights @ vf
     denominator = weights.sum(dim=-1, keepdim=True) + eps
     return (numerator / denominator).to(q.dtype)

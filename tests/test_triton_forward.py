@@ -28,7 +28,7 @@ from retention_compile.codegen.fitting import fit_shared_memory  # noqa: E402
 from retention_compile.codegen.forward import kernel_spec, triton_forward, triton_supports  # noqa: E402
 from retention_compile.codegen.triton_source import KernelSpec, load_forward, render_forward  # noqa: E402
 from retention_compile.planning import Plan  # noqa: E402
-from retention_compile.reference import power_retention_reference  # noqa: E402
+from retention_compile.reference import EPS, power_retention_reference, power_retention_weights  # noqa: E402
 
 TINY = {"block_t": 16, "block_feature": 16, "block_e": 32}
 
@@ -84,7 +84,13 @@ def run_case(case: tuple, dtype: torch.dtype = torch.float32) -> float:
     assert y.dtype == torch.float32 and y.shape == (B, Hq, Tq, e)  # the accumulator's precision (the backward reads y)
     assert den.dtype == torch.float32 and den.shape == (B, Hq, Tq)
     assert torch.isfinite(den).all() and (den >= 0.999e-6).all()
-    return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+    weights = power_retention_weights(
+        q.double(), k.double(), scale=scale, deg=deg, causal=causal, valid=valid,
+        log_gate=None if gate is None else gate.double(),
+    )  # fmt: skip
+    want = weights.sum(-1) + EPS  # denom = sum_j w_ij + eps: y alone would not see a factor common to a row's weights
+    den_error = float(((den.double() - want).abs() / want).max())
+    return max(float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)), den_error)
 
 
 def denominator_error(chunk: int) -> float:
