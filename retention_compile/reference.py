@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .checks import validate_retention_inputs
+from .checks import RetentionShape, validate_retention_inputs
 from .power_features import power_embedding
 
 EPS = 1e-6
@@ -54,6 +54,21 @@ def power_retention_weights(
     shape = validate_retention_inputs(
         q, k, k[..., :1], deg=deg, log_gate=log_gate, causal=causal, valid=valid, scale=scale
     )
+    return _weights(q, k, shape, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid)
+
+
+def _weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    shape: RetentionShape,
+    *,
+    scale: float | None,
+    deg: int,
+    log_gate: torch.Tensor | None,
+    causal: bool,
+    valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """``power_retention_weights`` of inputs already checked (``shape``: their sizes)."""
     s = default_scale(shape.head_dim, scale)
     acc = compute_dtype(q.dtype)
     qf, kf = q.to(acc), expand_kv_heads(k.to(acc), shape.group)
@@ -93,7 +108,7 @@ def power_retention_reference(
     shape = validate_retention_inputs(q, k, v, deg=deg, log_gate=log_gate, causal=causal, valid=valid, scale=scale)
     if shape.kv_len == 0:  # no admissible key for any row
         return q.new_zeros(shape.batch, shape.q_heads, shape.q_len, shape.value_dim)
-    weights = power_retention_weights(q, k, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid)
+    weights = _weights(q, k, shape, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid)
     vf = expand_kv_heads(v.to(weights.dtype), shape.group)
     numerator = weights @ vf
     denominator = weights.sum(dim=-1, keepdim=True) + eps
