@@ -49,6 +49,9 @@ CASES = [
     ("quadratic-decode", (1, 4, 1, 1, 70, 32, 32, 4, 1, False, True, 1024, None)),
     ("quadratic-noncausal", (1, 2, 2, 21, 45, 48, 24, 2, 0, True, False, 1024, None)),
     ("quadratic-tq-gt-tk", (1, 1, 1, 40, 25, 32, 32, 2, 1, False, True, 1024, None)),
+    # the kernel's own sum of the log-gates: rows past 256 keys (two steps of the prefix), five key blocks
+    ("quadratic-long-gate", (1, 2, 1, 300, 300, 32, 32, 2, 2, False, True, 1024, None)),
+    ("quadratic-prefill-gate", (1, 2, 1, 21, 290, 32, 32, 2, 1, True, True, 1024, None)),
     ("chunked", (1, 2, 1, 40, 40, 32, 32, 2, 0, False, True, 16, None)),
     ("chunked-gate-valid-segments", (2, 2, 1, 45, 45, 32, 32, 2, 1, True, True, 16, 2)),
     ("chunked-query-head-gate", (1, 4, 2, 33, 33, 32, 32, 2, 4, False, True, 16, 3)),
