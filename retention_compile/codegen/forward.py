@@ -18,9 +18,7 @@ quadratic (deg != 2, or ``chunk_size >= Tk``): one kernel, flash-style but with 
 
 The weights are positive and at most (s |q| |k|)^p: with fp32 accumulation and bf16 (fp32-range) operands
 for the second product, |q|, |k| ~ 1e2 stay finite even for p = 4, so no running row maximum is needed and
-``denom`` is the true sum. Blocks left of the diagonal skip the causal mask. Gated, the kernel forms G itself from
-the log-gates (the sum of the keys' before its rows, then a running sum as it walks the keys from 0), so the
-gated forward at T <= C is one launch (the gate's cumsum kernel cost a launch's host time, about 5 us of 40).
+``denom`` is the true sum. Blocks left of the diagonal skip the causal mask.
 
 chunked (deg 2): keys are cut into chunks of C aligned to the query grid (chunk c starts at key
 ``c*C - shift`` with ``shift = (Tq - Tk) mod C``, so no block of query rows straddles a chunk; the first and last
@@ -383,12 +381,9 @@ def triton_forward(
     denom = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
     common = {**_strides("k", k), **_strides("v", v), "K": k, "V": v, "Hq": Hq, "group": Hq // Hk, "Tk": Tk}
     extra: dict[str, object] = {}
-    if log_gate is not None and spec.chunked:
+    if log_gate is not None:
         extra["G"] = _gate_cumsum(module, log_gate)
         extra["stride_g"] = extra["G"].stride(1)
-    elif log_gate is not None:  # the quadratic kernel sums the log-gates itself
-        extra["LOG_GATE"] = log_gate.contiguous()
-        extra["stride_g"] = extra["LOG_GATE"].stride(1)
     if valid is not None:
         extra["VALID"] = valid.contiguous()
     if y_out is not None and (y_out.shape != y.shape or not y_out.is_contiguous()):

@@ -33,7 +33,6 @@ from .templating import environment
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 FORWARD_TEMPLATE = "forward.py.j2"
 SCAN_BLOCK = 1024  # state elements per program of the segment scan
-GATE_PREFIX_BLOCK = 256  # keys per step of the quadratic kernel's sum of the log-gates before its rows
 
 
 def interpreting() -> bool:
@@ -127,7 +126,6 @@ def _forward_params(spec: KernelSpec) -> dict[str, object]:
         "fb": b * b,
         "dt": tiled,
         "scan_block": SCAN_BLOCK,
-        "gate_prefix_block": GATE_PREFIX_BLOCK,
         "scan_s_blocks": -(-tiled * e // SCAN_BLOCK),
         "eps": repr(EPS),
         "summary": spec.summary(),
