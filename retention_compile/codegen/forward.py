@@ -394,21 +394,16 @@ def triton_forward(
     attention.update(Y_OUT=y_out, ROUNDED_OUT=y_out is not None)
     if log_gate is not None:
         attention["gate_heads"] = log_gate.shape[1]
-    # traced: Dynamo and export set the compiling flag; AOTAutograd's and make_fx's inputs have no storage
-    tracing = torch.compiler.is_compiling() or not has_storage(q)
-    early_rows, scan_stream = 0, None
     if spec.chunked:
         state_heads = log_gate.shape[1] if log_gate is not None else Hk
         layout = StateLayout.of(spec, k, Tq, state_heads, segments)
-        early_rows = scan_free_rows(layout, Tq, Tk) if OVERLAP_SCAN and q.is_cuda and not tracing else 0
-        scan_stream = _side_stream(q.device) if 0 < early_rows < Tq else None
-        attention.update(_chunk_states(module, layout, k, common, extra, state_kernel, scan_stream))
+        attention.update(_chunk_states(module, layout, k, common, extra, state_kernel))
         if states_out is not None:
             states_out.update(S=attention["S_ST"], M=attention["M_ST"])
-    launch = query_launch(spec, plan, spec.chunked and tracing)
+    # traced: Dynamo and export set the compiling flag; AOTAutograd's and make_fx's inputs have no storage
+    launch = query_launch(spec, plan, spec.chunked and (torch.compiler.is_compiling() or not has_storage(q)))
     spec = _with_query_tiles(spec, launch.rows, launch.split)
     warps, stages = launch.warps, launch.stages
-    attention["row_block_end"] = _cdiv(Tq, spec.block_t)
 
     def grid(candidate: KernelSpec) -> tuple:
         return (_cdiv(Tq, candidate.block_t), _cdiv(spec.value_dim, spec.block_e), B * Hq)
@@ -423,39 +418,8 @@ def triton_forward(
     if is_recording() or spec not in _RECORDED:
         _RECORDED.add(spec)
         _record(spec, path, q, k, v, plan)
-    blocks = _cdiv(Tq, spec.block_t)
-    attention["row_block_end"] = blocks
-    if scan_stream is None:
-        _launch(module.attention_kernel, grid(spec), attention, warps, stages, launch.max_registers)
-        return y, denom
-    # the rows of the first segment's chunks read states the scan leaves alone: they run beside it
-    early = early_rows // spec.block_t
-    early_launch = {**attention, "row_block_end": early}
-    _launch(module.attention_kernel, (early, *grid(spec)[1:]), early_launch, warps, stages, launch.max_registers)
-    torch.cuda.current_stream(q.device).wait_stream(scan_stream)
-    _launch(module.attention_kernel, (blocks - early, *grid(spec)[1:]), attention, warps, stages, launch.max_registers)
+    _launch(module.attention_kernel, grid(spec), attention, warps, stages, launch.max_registers)
     return y, denom
-
-
-# Eager calls on a GPU run the segment scan on a side stream beside the query rows that do not need it (those of the
-# first segment's chunks). H200, T=65536 b1 h8 d64 bf16: see forward_notes.md, session 29.
-OVERLAP_SCAN = True
-
-
-def scan_free_rows(layout: StateLayout, Tq: int, Tk: int) -> int:
-    """The query rows ``[0, R)`` whose chunks lie in the first segment (causal): their states are final before the
-    segment scan runs (it only adds segment-start states into later segments' chunks). R is a multiple of the chunk
-    size (chunks are aligned to the query grid: ``shift + Tk - Tq`` is one), 0 where there is no scan."""
-    if layout.segments <= 1 or not layout.spec.causal:
-        return 0
-    rows = layout.per_segment * layout.spec.chunk_size - layout.shift - (Tk - Tq)
-    return max(0, min(rows, Tq))
-
-
-@functools.cache
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One side stream per GPU for the segment scan (``OVERLAP_SCAN``)."""
-    return torch.cuda.Stream(device=device)
 
 
 def keyless_rows(q: torch.Tensor, k: torch.Tensor, causal: bool) -> int | torch.SymInt | None:
@@ -568,10 +532,9 @@ def _chunk_states(
     common: dict,
     extra: dict,
     state_kernel: Callable[[KernelSpec, dict], dict] | None = None,
-    scan_stream: torch.cuda.Stream | None = None,
 ) -> dict[str, object]:
     """Run the state (and scan) kernels into the buffers ``layout`` describes; return the query kernel's state
-    arguments. ``scan_stream``: launch the scan there, after the state kernel (the caller joins it back)."""
+    arguments."""
     spec, state_heads = layout.spec, layout.state_heads
     d = spec.head_dim
     params = spec.template_params()
@@ -594,13 +557,7 @@ def _chunk_states(
     if layout.segments > 1:
         blocks = params["scan_s_blocks"] + _cdiv(d * d, SCAN_BLOCK)
         gate = {"G": extra["G"], "stride_g": extra["stride_g"]} if "G" in extra else {}
-        scan_args = {**buffers, **gate, **sizes}
-        if scan_stream is None:
-            _launch(module.scan_kernel, (blocks, heads), scan_args, SCAN_WARPS, 2)
-        else:
-            scan_stream.wait_stream(torch.cuda.current_stream(k.device))
-            with torch.cuda.stream(scan_stream):
-                _launch(module.scan_kernel, (blocks, heads), scan_args, SCAN_WARPS, 2)
+        _launch(module.scan_kernel, (blocks, heads), {**buffers, **gate, **sizes}, SCAN_WARPS, 2)
     kept = "LOC" if spec.causal else "SEG"
     states = {"S_ST": buffers[f"S_{kept}"], "M_ST": buffers[f"M_{kept}"]}
     return {**states, "state_heads": state_heads, "state_slots": layout.slots, "shift": layout.shift}
