@@ -133,8 +133,6 @@ def probe(T: int, gated: bool, calls: int) -> dict:
         "overlapped_high_priority_ms": mean_ms(overlapped(state, scan, -1), calls),
     }
     row["hidden_ms"] = row["sequence_ms"] - min(row["overlapped_ms"], row["overlapped_high_priority_ms"])
-Times are means over ``--calls`` replays between CUDA events, after a warm-up. H200, T=65536, session 29: the
-overlap hid 0.044-0.055 ms of the scan's 0.11 (``overlap_probe_NVIDIA-H200_2026-12-01_*.json``).
     print(json.dumps(row), flush=True)
     return row
 
