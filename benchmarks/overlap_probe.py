@@ -16,7 +16,11 @@ launch of one ``triton_forward`` are replayed
 Times are means over ``--calls`` replays between CUDA events, after a warm-up. H200, T=65536, session 29: the
 overlap hid 0.044-0.055 ms of the scan's 0.11 (``overlap_probe_NVIDIA-H200_2026-12-01_*.json``).
 
-    python benchmarks/overlap_probe.py [--T 65536] [--calls 20] [--out DIR] [--commit SHA]
+    python benchmarks/overlap_probe.py [--T 65536] [--calls 20] [--scan-configs 1024/4/2 2048/8/3 ...] [--out DIR]
+        [--commit SHA]
+
+``--scan-configs`` then times the scan alone (ungated) per BLOCK/WARPS/STAGES: state elements per program, warps
+and pipeline stages (the forward's: ``SCAN_BLOCK``/``SCAN_WARPS``/2).
 
 Writes ``overlap_probe_<gpu>_<date>_<commit>.json`` under ``--out`` (default ``benchmarks/results``).
 """
@@ -68,11 +72,12 @@ def capture(x: dict, plan) -> dict:
     return recorded
 
 
-def scan_replay(recorded: dict) -> Callable[[], None]:
-    """The recorded scan launch on copies of the buffers it reads and writes."""
+def scan_replay(recorded: dict, launch: tuple[int, int] | None = None) -> Callable[[], None]:
+    """The recorded scan launch on copies of the buffers it reads and writes (``launch``: other warps and stages)."""
     from torch._library.triton import set_wrap_triton_enabled
 
     ((kernel, grid, kwargs, warps, stages),) = [r for r in recorded["launches"] if "scan_kernel" in repr(r[0])]
+    warps, stages = launch or (warps, stages)
     copied = {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()}
 
     def run() -> None:
@@ -137,15 +142,36 @@ def probe(T: int, gated: bool, calls: int) -> dict:
     return row
 
 
+def scan_configs(T: int, gated: bool, calls: int, configs: list[str]) -> list[dict]:
+    """The scan alone per configuration ``BLOCK/WARPS/STAGES`` (state elements per program, warps, pipeline stages):
+    the forward is re-rendered with ``triton_source.SCAN_BLOCK = BLOCK`` and its scan launch replayed."""
+    from retention_compile.codegen import triton_source
+
+    x = inputs(T, gated)
+    plan = resolve_plan(x["q"], x["k"], x["v"], 2, gated, 0)
+    rows = []
+    for config in configs:
+        block, warps, stages = (int(part) for part in config.split("/"))
+        triton_source.SCAN_BLOCK = forward.SCAN_BLOCK = block
+        triton_source._forward_params.cache_clear()
+        triton_source._load.cache_clear()
+        scan = scan_replay(capture(x, plan), (warps, stages))
+        rows.append({"T": T, "gated": gated, "scan": config, "scan_ms": mean_ms(scan, calls)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--T", type=int, default=65536)
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--commit", default=None)
+    parser.add_argument("--scan-configs", nargs="*", default=[], help="BLOCK/WARPS/STAGES of the scan to time")
     args = parser.parse_args()
     commit = git_commit(args.commit)
     rows = [probe(args.T, gated, args.calls) for gated in (False, True)]
+    rows += scan_configs(args.T, False, args.calls, args.scan_configs) if args.scan_configs else []
     gpu = torch.cuda.get_device_name().replace(" ", "-")
     out = Path(args.out) / f"overlap_probe_{gpu}_{datetime.date.today()}_{commit[:7]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
