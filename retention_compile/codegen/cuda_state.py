@@ -42,9 +42,6 @@ WGMMA_BLOCK_E = 64  # value columns per wgmma program: N of m64n64k16, one 128-b
 WGMMA_BLOCK_S = 64  # keys per pipeline step of the wgmma kernel (four k16 slices)
 WGMMA_STAGES = 4  # its copy stages: refilled two steps after use, once every warpgroup's products are done
 WGMMA_THREADS = 256  # two warpgroups, 128 feature rows each
-# Scan programs per (pair, value block, head) tile where the wgmma kernel runs the segment scan itself (causal):
-# each folds a quarter of the tile's 256 x 64 elements (16 per thread) into every chunk after the first segment.
-WGMMA_SCAN_PARTS = 4
 KERNEL_NAME = "retention_chunk_state"
 MAX_BLOCK_E = 64  # value columns per program: the fp32 accumulators of 4 coordinates x 64 columns fill 128 registers
 _IO_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -177,7 +174,6 @@ def render_state_source(spec: KernelSpec, config: StateKernelConfig, arch: str |
             in_flight=config.wgmma_in_flight,
             min_blocks=config.wgmma_min_blocks,
             smem_bytes=wgmma_smem_bytes(spec),
-            scan_parts=WGMMA_SCAN_PARTS,
         )
     return nvrtc.render(
         STATE_TEMPLATE,
@@ -201,7 +197,6 @@ class _Launch:
     grid_y: int  # pairs x value blocks
     threads: int
     smem: int
-    wgmma: bool  # the wgmma kernel: a 1D grid of programs, the segment scan fused where asked
 
 
 @functools.lru_cache(maxsize=64)
@@ -214,7 +209,7 @@ def _launch_info(spec: KernelSpec, config: StateKernelConfig, device_index: int)
         smem, threads = smem_bytes(spec.value_dim, config), 32 * config.warps
         value_blocks = spec.value_dim // block_e(spec.value_dim)
     kernel = load_with_shared_memory(render_state_source(spec, config, arch), KERNEL_NAME, smem, device_index)
-    return _Launch(kernel, pairs * value_blocks, threads, smem, uses_wgmma(spec, config, arch))
+    return _Launch(kernel, pairs * value_blocks, threads, smem)
 
 
 @functools.lru_cache(maxsize=64)
@@ -277,37 +272,30 @@ def cuda_chunk_states_op(
     sizes: Sequence[int],
     chunk_size: int,
     causal: bool,
-    fuse_scan: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(S_LOC, M_LOC, S_SEG, M_SEG)`` as the Triton state kernel leaves them (LOC empty when non-causal), or with
-    ``fuse_scan`` (causal, the wgmma kernel: ``fuses_scan``) as the Triton state and scan kernels leave them.
+    """``(S_LOC, M_LOC, S_SEG, M_SEG)`` as the Triton state kernel leaves them (LOC empty when non-causal).
 
     ``sizes = (Hq, group, state_heads, Tk, shift, n_chunks, chunks_per_seg, n_seg)``; ``g`` the cumulative log-gate
-    (B, state_heads, >= Tk) fp32 (rows may be padded), ``valid`` (B, Tk) bool. Without ``fuse_scan``, slot 0 of
-    the SEG buffers is left for the scan.
+    (B, state_heads, >= Tk) fp32 (rows may be padded), ``valid`` (B, Tk) bool. Slot 0 of the SEG buffers is left
+    for the scan.
     """
     Hq, group, state_heads, Tk, shift, n_chunks, chunks_per_seg, n_seg = sizes
     spec = state_spec(k, v, chunk_size, causal, g is not None, valid is not None)
     info = _launch_info(spec, CONFIG, k.device.index or 0)
-    if fuse_scan and not (info.wgmma and causal):
-        raise ValueError("cuda_chunk_states: fuse_scan needs the causal wgmma kernel (fuses_scan)")
     s_loc, m_loc, s_seg, m_seg = _allocate(k, v, causal, state_heads, n_chunks, n_seg)
     k, v = dense_rows(k), dense_rows(v)
     gate = None if g is None else g.contiguous()
     valid_bytes = None if valid is None else valid.contiguous().view(torch.uint8)
     g_row = 0 if gate is None else gate.stride(1)
     strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), g_row)
-    args = (k, v, gate, valid_bytes, s_loc if causal else None, m_loc if causal else None, s_seg, m_seg,
-            *strides, Hq, group, state_heads, Tk, shift, n_chunks, chunks_per_seg, n_seg)  # fmt: skip
-    heads = k.shape[0] * state_heads
-    grid = (n_seg, info.grid_y, heads)
-    if info.wgmma:  # programs numbered along x (tickets when the scan is fused: the template says why)
-        groups = info.grid_y * heads
-        sync = torch.zeros(1 + groups, dtype=torch.int32, device=k.device) if fuse_scan else None
-        grid = ((n_seg + (WGMMA_SCAN_PARTS if fuse_scan else 0)) * groups, 1, 1)
-        args = (*args, sync, int(fuse_scan))
     with torch.cuda.device(k.device):
-        info.kernel.launch(grid, (info.threads, 1, 1), args, shared_mem=info.smem)
+        info.kernel.launch(
+            (n_seg, info.grid_y, k.shape[0] * state_heads),
+            (info.threads, 1, 1),
+            (k, v, gate, valid_bytes, s_loc if causal else None, m_loc if causal else None, s_seg, m_seg,
+             *strides, Hq, group, state_heads, Tk, shift, n_chunks, chunks_per_seg, n_seg),
+            shared_mem=info.smem,
+        )  # fmt: skip
     return s_loc, m_loc, s_seg, m_seg
 
 
@@ -325,7 +313,7 @@ def _allocate(k: torch.Tensor, v: torch.Tensor, causal: bool, state_heads, n_chu
 
 
 @cuda_chunk_states_op.register_fake
-def _cuda_chunk_states_fake(k, v, g, valid, sizes, chunk_size, causal, fuse_scan=False):
+def _cuda_chunk_states_fake(k, v, g, valid, sizes, chunk_size, causal):
     return _allocate(k, v, causal, sizes[2], sizes[5], sizes[7])
 
 
@@ -387,26 +375,16 @@ def _record(spec: KernelSpec, k: torch.Tensor, v: torch.Tensor, q_shape: Sequenc
     record_cuda_source("power_retention_chunk_state", source, spec, shapes, "chunked, CUDA state kernel", arch)
 
 
-def fuses_scan(spec: KernelSpec, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether ``chunk_states`` runs the segment scan inside the state kernel's launch for this call: causal, on the
-    wgmma kernel (its scan programs take the slots the state programs' last wave leaves idle)."""
-    arch = nvrtc.gpu_arch(k.device.index or 0) if k.is_cuda else None
-    state = state_spec(k, v, spec.chunk_size, spec.causal, spec.gated, spec.has_valid)
-    return spec.causal and uses_wgmma(state, CONFIG, arch)
-
-
-def chunk_states(spec: KernelSpec, args: dict, q_shape: Sequence[int] | None = None) -> dict[str, torch.Tensor | bool]:
+def chunk_states(spec: KernelSpec, args: dict, q_shape: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
     """``triton_forward``'s state-kernel hook: ``args`` are the Triton state kernel's keyword arguments; returns
-    the buffers it would have filled (``S_SEG``, ``M_SEG``, and ``S_LOC``, ``M_LOC`` when causal) and ``SCANNED``:
-    True where the kernel also ran the segment scan (``fuses_scan``), so the caller must not."""
+    the buffers it would have filled (``S_SEG``, ``M_SEG``, and ``S_LOC``, ``M_LOC`` when causal)."""
     k, v = args["K"], args["V"]
     _record(spec, k, v, q_shape)
     names = ("Hq", "group", "state_heads", "Tk", "shift", "n_chunks", "chunks_per_seg", "n_seg")
-    fused = fuses_scan(spec, k, v)
     s_loc, m_loc, s_seg, m_seg = torch.ops.retention_compile.cuda_chunk_states(
-        k, v, args.get("G"), args.get("VALID"), [args[n] for n in names], spec.chunk_size, spec.causal, fused
+        k, v, args.get("G"), args.get("VALID"), [args[n] for n in names], spec.chunk_size, spec.causal
     )
-    out: dict[str, torch.Tensor | bool] = {"S_SEG": s_seg, "M_SEG": m_seg, "SCANNED": fused}
+    out = {"S_SEG": s_seg, "M_SEG": m_seg}
     if spec.causal:
         out.update(S_LOC=s_loc, M_LOC=m_loc)
     return out

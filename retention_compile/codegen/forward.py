@@ -349,8 +349,7 @@ def triton_forward(
     ``plan`` gives the chunk size (``>= Tk``: the quadratic kernel) and the tiles; ``segments`` overrides the
     number of sequential segments of the state kernel (default: enough programs for ``STATE_WAVES`` per SM).
     ``state_kernel`` replaces the Triton state kernel: called with the spec and that kernel's keyword arguments,
-    it returns the buffers the kernel would fill (``cuda_state.chunk_states``: the CUDA C++ state kernel), and
-    ``"SCANNED": True`` where it ran the segment scan as well.
+    it returns the buffers the kernel would fill (``cuda_state.chunk_states``: the CUDA C++ state kernel).
     ``states_out``, on the chunked path, receives the chunk states the query kernel read (``"S"``, ``"M"``: shapes
     and dtypes in ``StateLayout``), which ``triton_backward(saved_states=...)`` takes instead of recomputing them.
     ``y_out`` (contiguous, shaped as y, any float dtype) receives y rounded to its dtype as well: the query kernel
@@ -560,15 +559,12 @@ def _chunk_states(
         buffers["S_LOC"] = torch.empty(s_shape, dtype=layout.state_dtype, device=k.device)
         buffers["M_LOC"] = torch.empty(m_shape, dtype=torch.float32, device=k.device)
     state_args = {**common, **extra, **buffers, **sizes, "state_heads": state_heads}
-    scanned = False
     if state_kernel is not None:
-        returned = dict(state_kernel(spec, state_args))
-        scanned = bool(returned.pop("SCANNED", False))
-        buffers.update(returned)
+        buffers.update(state_kernel(spec, state_args))
     else:
         pair_programs = params["npairs"] * params["n_eb"]
         _launch(module.state_kernel, (n_seg, pair_programs, heads), state_args, STATE_WARPS, STATE_STAGES)
-    if layout.segments > 1 and not scanned:
+    if layout.segments > 1:
         blocks = params["scan_s_blocks"] + _cdiv(d * d, SCAN_BLOCK)
         gate = {"G": extra["G"], "stride_g": extra["stride_g"]} if "G" in extra else {}
         _launch(module.scan_kernel, (blocks, heads), {**buffers, **gate, **sizes}, SCAN_WARPS, 2)
