@@ -5,9 +5,10 @@
 The first call for a (GPU, kernel, key) times every candidate on the device (a warm-up call, which also compiles,
 then the median of ``REPS`` CUDA-event timings) and stores the winner with the times in
 ``cache.cache_dir("choices")/<kernel>_<hash>.json``; later calls, in this process or another, reuse it. The hash
-covers the GPU name, the kernel, the key and (through ``cache.cache_key``) the torch, triton and driver versions,
-so an upgrade measures again. Measuring is skipped while a CUDA graph is being captured (the first candidate is
-used, nothing is stored); a candidate that fails is reported once and never chosen.
+covers the GPU name, the kernel, the key, the package's code fingerprint and the torch, triton and driver versions
+(``cache.code_keyed_entry``), so an upgrade, this package's included, measures again: a choice made between
+other kernels says nothing about these. Measuring is skipped while a CUDA graph is being captured (the first
+candidate is used, nothing is stored); a candidate that fails is reported once and never chosen.
 
 Candidates run real work: they build their own inputs. ``choose`` may be called while ``torch.compile`` traces
 (fake tensors, proxy modes): every active dispatch mode is suspended while measuring.
@@ -33,7 +34,7 @@ def _gpu_name(device: torch.device) -> str:
 
 
 def _entry(kernel: str, key_text: str, gpu: str) -> Path:
-    return cache.cache_dir("choices") / f"{kernel}_{cache.cache_key(gpu, kernel, key_text)[:24]}.json"
+    return cache.code_keyed_entry("choices", f"{kernel}_", gpu, kernel, key_text)
 
 
 def event_times_ms(fn: Callable[[], object], rounds: int, launches: int = 1) -> list[float]:
