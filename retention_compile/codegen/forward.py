@@ -196,15 +196,41 @@ def kernel_spec(
     tiles (and is at most ``MAX_CHUNKED_HEAD``); otherwise the quadratic kernel. Tiles come from the Plan, clamped
     to what the kernels take: powers of 2, b = 16, query rows 16..128, value blocks of at least min(e, 64) columns."""
     d, e = size_hint(q.shape[-1]), size_hint(v.shape[-1])
+    long_keys = plan.chunk_size < kv_len
+    return _shape_class(q.dtype, d, e, deg, gated, has_valid, causal, long_keys, plan, *_tunables())
+
+
+def _tunables() -> tuple[int, int, bool]:
+    """The module constants a shape class depends on (benchmarks and tests set them): part of the memo's key."""
+    return QUADRATIC_BLOCK_K, STATE_BLOCK_S, QUERY_TRANSPOSED
+
+
+@functools.lru_cache(maxsize=1024)
+def _shape_class(
+    dtype: torch.dtype,
+    d: int,
+    e: int,
+    deg: int,
+    gated: bool,
+    has_valid: bool,
+    causal: bool,
+    long_keys: bool,
+    plan: Plan,
+    block_k: int,
+    block_s: int,
+    query_t: bool,
+) -> KernelSpec:
+    """``kernel_spec`` once per argument tuple (built per call, it took about 5 us of the 30 a short call spends
+    on the host); ``long_keys``: the plan's chunk is shorter than the keys."""
     block_feature = _block_feature(d, plan)
-    chunked = deg == 2 and plan.chunk_size < kv_len and block_feature is not None and d <= MAX_CHUNKED_HEAD
+    chunked = deg == 2 and long_keys and block_feature is not None and d <= MAX_CHUNKED_HEAD
     block_e = min(max(plan.block_e, MIN_BLOCK_E), value_tile(e))
     block_t = min(max(16, plan.block_t), 128)
     if d >= WIDE_HEAD and block_e >= WIDE_HEAD:
         block_t = min(block_t, WIDE_BLOCK_T)
     chunk = 1 << max(plan.chunk_size - 1, 0).bit_length()
     return KernelSpec(
-        dtype=str(q.dtype).removeprefix("torch."),
+        dtype=str(dtype).removeprefix("torch."),
         head_dim=d,
         value_dim=e,
         deg=deg,
@@ -214,11 +240,11 @@ def kernel_spec(
         chunked=chunked,
         chunk_size=max(chunk, block_t) if chunked else 0,
         block_t=block_t,
-        block_k=QUADRATIC_BLOCK_K,
-        block_s=STATE_BLOCK_S if chunked else 0,
+        block_k=block_k,
+        block_s=block_s if chunked else 0,
         block_e=block_e,
         block_feature=block_feature if chunked else 0,
-        query_t=chunked and QUERY_TRANSPOSED,
+        query_t=chunked and query_t,
     )
 
 

@@ -21,7 +21,7 @@ import functools
 import importlib.util
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -92,6 +92,13 @@ class KernelSpec:
     block_feature: int
     query_t: bool = False
     query_split: int = 1
+
+    def __post_init__(self) -> None:
+        # specs key several memo tables per call: hash once (the generated hash walks all 16 fields every time)
+        object.__setattr__(self, "_hash", hash(astuple(self)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def template_params(self) -> dict[str, object]:
         """The template's variables: the spec plus the derived literals (a fresh dict; computed once per spec, as
