@@ -287,7 +287,7 @@ def triton_backward(
     forward_module, _ = load_forward(fwd)
     extra: dict[str, object] = {}
     if log_gate is not None:
-        extra["G"] = _gate_cumsum(forward_module, log_gate, fwd.chunked)
+        extra["G"] = _gate_cumsum(forward_module, log_gate)
         extra["stride_g"] = extra["G"].stride(1)
     if valid is not None:
         extra["VALID"] = valid.contiguous()

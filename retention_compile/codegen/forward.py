@@ -408,7 +408,7 @@ def triton_forward(
     common = {**_strides("k", k), **_strides("v", v), "K": k, "V": v, "Hq": Hq, "group": Hq // Hk, "Tk": Tk}
     extra: dict[str, object] = {}
     if log_gate is not None:
-        extra["G"] = _gate_cumsum(module, log_gate, spec.chunked)
+        extra["G"] = _gate_cumsum(module, log_gate)
         extra["stride_g"] = extra["G"].stride(1)
     if valid is not None:
         extra["VALID"] = valid.contiguous()
@@ -470,19 +470,9 @@ def with_keyless_rows(rows: torch.Tensor, keyless: int | torch.SymInt, fill: flo
     return torch.cat([head, rows], dim=2)
 
 
-# Up to this many keys the quadratic kernel's G comes from torch.cumsum: an aten call costs the host less than a
-# Triton launch (short gated calls are host-bound: T=2048 b1 h8, 0.089 ms eager against 0.053 as a CUDA graph,
-# session 27), and torch's one program per row is quick at this length.
-TORCH_CUMSUM_KEYS = 8192
-
-
-def _gate_cumsum(module, log_gate: torch.Tensor, chunked: bool = True) -> torch.Tensor:
-    """``G = cumsum(log_gate, -1)`` in float32: by the rendered ``gate_cumsum_kernel`` (torch's scan runs one
-    program per row: 0.1 ms for 8 rows of 65536 on the H200), rows padded to a multiple of 16 keys (aligned); for
-    the quadratic kernel (not ``chunked``) with at most ``TORCH_CUMSUM_KEYS`` keys by ``torch.cumsum`` (rows
-    contiguous)."""
-    if not chunked and guard_or_false(log_gate.shape[-1] <= TORCH_CUMSUM_KEYS):
-        return torch.cumsum(log_gate, dim=-1, dtype=torch.float32)
+def _gate_cumsum(module, log_gate: torch.Tensor) -> torch.Tensor:
+    """``G = cumsum(log_gate, -1)`` in float32 by the rendered ``gate_cumsum_kernel`` (torch's scan runs one
+    program per row: 0.1 ms for 8 rows of 65536 on the H200), rows padded to a multiple of 16 keys (aligned)."""
     lg = log_gate.contiguous()
     B, heads, Tk = lg.shape
     g = torch.empty((B, heads, _cdiv(Tk, 16) * 16), dtype=torch.float32, device=lg.device)
