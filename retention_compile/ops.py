@@ -175,7 +175,7 @@ def _forward_body(
         rounded = None if compute_dtype(q.dtype) == q.dtype or not for_backward else q.new_empty(rows)
         y, denom = triton_forward(
             q, k, v, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid, plan=plan,
-            state_kernel=state.kernel, states_out=states, y_out=rounded,
+            state_kernel=state.kernel, states_out=states if for_backward else None, y_out=rounded,
             y_dtype=compute_dtype(q.dtype) if for_backward else q.dtype,
         )  # fmt: skip
         kept = _no_states(q)

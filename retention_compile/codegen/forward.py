@@ -32,7 +32,8 @@ reduction over 2560 features). Three kernels:
              (phi(K) is built in registers and shared memory, never in global memory); the segment's total goes
              to a small fp32 buffer.
     scan     (only with more than one segment) turns segment totals into true segment-start states and adds
-             the decayed start state into the chunk states of that segment.
+             the decayed start state into the chunk states of that segment (with ``SEGMENT_STARTS_IN_QUERY``: only
+             the starts, which the query kernel adds to the local chunk states it reads).
     query    the quadratic kernel restricted to the keys of the query's own chunk, plus
              ``exp(G_i - G_b) phi(s q_i)^T S_c`` with phi(q) built per pair in registers.
 
@@ -139,6 +140,20 @@ def query_launch(spec: KernelSpec, plan: Plan, tracing: bool) -> QueryLaunch:
     warps = CHUNK_QUERY_WARPS if spec.chunked else plan.num_warps
     stages = min(plan.num_stages, WIDE_STAGES) if spec.head_dim >= WIDE_HEAD else plan.num_stages
     return QueryLaunch(rows=spec.block_t, warps=warps, stages=stages, split=1, max_registers=None)
+
+
+# The query kernel adds each chunk's segment-start state itself (``KernelSpec.segment_starts``), so the scan no
+# longer rewrites every chunk state (0.11 ms at T=65536 b1 h8 d64, bandwidth-bound), at the price of a second state
+# tile per step of the query kernel's state product (in the chunk states' dtype: 108 KB of shared memory for the bf16
+# d=64 launch, two programs per SM still; fp32 start tiles took 140 KB, sm_90 compiles). For forwards no backward
+# follows (no ``states_out``: the backward reads the true chunk states). Off until timed on a GPU
+# (``bench_forward.py --segment-starts``); in the interpreter (float32) y and denom equal the scanned forward's.
+SEGMENT_STARTS_IN_QUERY = False
+
+
+@functools.lru_cache(maxsize=256)
+def _with_segment_starts(spec: KernelSpec) -> KernelSpec:
+    return replace(spec, segment_starts=True)
 
 
 @functools.lru_cache(maxsize=256)
@@ -423,6 +438,10 @@ def triton_forward(
     if spec.chunked:
         state_heads = log_gate.shape[1] if log_gate is not None else Hk
         layout = StateLayout.of(spec, k, Tq, state_heads, segments)
+        if SEGMENT_STARTS_IN_QUERY and spec.causal and states_out is None and layout.segments > 1:
+            spec = _with_segment_starts(spec)
+            module, _ = load_forward(spec)
+            layout = replace(layout, spec=spec)
         attention.update(_chunk_states(module, layout, k, common, extra, state_kernel))
         if states_out is not None:
             states_out.update(S=attention["S_ST"], M=attention["M_ST"])
@@ -580,10 +599,15 @@ def _chunk_states(
     else:
         pair_programs = params["npairs"] * params["n_eb"]
         _launch(module.state_kernel, (n_seg, pair_programs, heads), state_args, STATE_WARPS, STATE_STAGES)
+    if spec.segment_starts:  # written by the scan, read by the query kernel
+        buffers["S_START"] = torch.empty((heads, n_seg, *s_shape[2:]), dtype=layout.state_dtype, device=k.device)
     if layout.segments > 1:
         blocks = params["scan_s_blocks"] + _cdiv(d * d, SCAN_BLOCK)
         gate = {"G": extra["G"], "stride_g": extra["stride_g"]} if "G" in extra else {}
         _launch(module.scan_kernel, (blocks, heads), {**buffers, **gate, **sizes}, SCAN_WARPS, 2)
     kept = "LOC" if spec.causal else "SEG"
     states = {"S_ST": buffers[f"S_{kept}"], "M_ST": buffers[f"M_{kept}"]}
+    if spec.segment_starts:  # the query kernel adds the segment starts to the local chunk states
+        states.update(S_START=buffers["S_START"], M_SEG=buffers["M_SEG"], n_seg=n_seg)
+        states["chunks_per_seg"] = layout.per_segment
     return {**states, "state_heads": state_heads, "state_slots": layout.slots, "shift": layout.shift}
