@@ -9,7 +9,8 @@
 #       forward_profile: the query kernel by row-block size, then one forward under ncu (OUT_DIR/ncu_forward.csv),
 #       profile_forward.py; state_ncu: the CUDA state kernel's stall samples by reason and instruction under ncu's
 #       full set, OUT_DIR/state_ncu_stalls.json from its source view, ncu_stalls.py; segment_starts: the forward at
-#       T=65536 without and with bench_forward.py --segment-starts, OUT_DIR/fold and OUT_DIR/starts)
+#       T=65536 without and with bench_forward.py --segment-starts (the latter also with --query-state-stages 2),
+#       OUT_DIR/fold, OUT_DIR/starts and OUT_DIR/starts_2)
 #
 # Each benchmark runs in its own process group with a time limit (nothing it starts outlives it) and only once
 # no other process holds the GPU (polled with nvidia-smi for up to 60 s; the wait and the processes seen are
@@ -54,7 +55,9 @@ for bench in "${which[@]}"; do
             part segment_starts_off 100 python3 benchmarks/bench_forward.py --T 65536 --tune 0 --out "$out/fold" \
                 ${COMMIT:+--commit "$COMMIT"}
             part segment_starts_on 100 python3 benchmarks/bench_forward.py --T 65536 --tune 0 --segment-starts \
-                --out "$out/starts" ${COMMIT:+--commit "$COMMIT"} ;;
+                --out "$out/starts" ${COMMIT:+--commit "$COMMIT"}
+            part segment_starts_two_stages 100 python3 benchmarks/bench_forward.py --T 65536 --tune 0 --segment-starts \
+                --query-state-stages 2 --out "$out/starts_2" ${COMMIT:+--commit "$COMMIT"} ;;
         backward) part backward 420 python3 benchmarks/bench_backward.py --T 65536 2048 8192 --competitors 65536 --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         state_terms) part state_terms 300 python3 benchmarks/bench_cuda_backward.py --stages dkv_state dq_state \
             --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;

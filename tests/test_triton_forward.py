@@ -204,6 +204,13 @@ def _interpreted() -> dict[str, float]:
     results["chunked-gate-valid-segments-bfloat16"] = run_case(bf16_case, torch.bfloat16)
     forward.SEGMENT_STARTS_IN_QUERY = True
     results.update({f"{name}-segment-starts": run_case(dict(CASES)[name]) for name in SEGMENT_START_CASES})
+    # the state product's loop with its own copy stages (tl.range's num_stages; the interpreter runs it as a loop)
+    real_launch = forward.query_launch
+    forward.query_launch = lambda spec, plan, tracing: dataclasses.replace(
+        real_launch(spec, plan, tracing), state_stages=2
+    )
+    results["chunked-gate-valid-segments-state-stages"] = run_case(dict(CASES)["chunked-gate-valid-segments"])
+    forward.query_launch = real_launch
     forward.SEGMENT_STARTS_IN_QUERY = False
     results.update(
         {f"{n}-segment-starts-difference": segment_starts_difference(dict(CASES)[n]) for n in SEGMENT_START_CASES}
@@ -238,7 +245,7 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
     + ["chunked-gate-valid-segments-bfloat16"]
     + [f"{n}-untrimmed" for n in UNTRIMMED_CASES]
     + [f"{n}-segment-starts" for n in SEGMENT_START_CASES]
-    + ["chunked-gate-valid-segments-query-t-segment-starts"],
+    + ["chunked-gate-valid-segments-query-t-segment-starts", "chunked-gate-valid-segments-state-stages"],
 )
 def test_kernels_match_oracle(interpreted: dict[str, float], name: str) -> None:
     assert interpreted[name] < 1e-5, f"{name}: relative error {interpreted[name]:.2e}"
@@ -279,6 +286,10 @@ def test_rendered_source_bakes_the_shape() -> None:
     assert "for step in range(10):" in source  # d=64, b=16: 4 coordinate blocks, 10 pairs
     halves = render_forward(dataclasses.replace(spec, query_split=2))
     assert "for step in range(20):" in halves and "tl.arange(0, 8)" in halves  # 8 coordinates of block I per step
+    staged = render_forward(dataclasses.replace(spec, query_split=2, state_loop_stages=2))
+    assert "for step in tl.range(20, num_stages=2):" in staged  # the state product's loop with its own stages
+    starts = render_forward(dataclasses.replace(spec, segment_starts=True))
+    assert "S_START, M_SEG, chunks_per_seg, n_seg," in starts and "S_START, M_SEG" not in source
     assert "tl.arange(0, 256)" in source and "* 2560" not in source  # 256 features per pair tile
     assert f"* {2560 * 64}" in source  # tiled state: 2560 features x e
     assert "G," in source and "VALID" not in source

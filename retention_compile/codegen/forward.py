@@ -108,14 +108,16 @@ QUERY_TRANSPOSED = False
 @dataclass(frozen=True)
 class QueryLaunch:
     """How the chunked query kernel runs where it has a launch of its own (``query_launch``): query rows per
-    program, warps, copy stages, parts per pair of its state product (``KernelSpec.query_split``) and a cap on
-    registers per thread (Triton's ``maxnreg``; None: no cap)."""
+    program, warps, copy stages, parts per pair of its state product (``KernelSpec.query_split``), a cap on
+    registers per thread (Triton's ``maxnreg``; None: no cap) and the copy stages of the state product's loop alone
+    (``KernelSpec.state_loop_stages``; None: ``stages``)."""
 
     rows: int
     warps: int
     stages: int
     split: int
     max_registers: int | None
+    state_stages: int | None = None
 
 
 # bf16 dots, d <= 64, 64 value columns per program (H200, T=65536 b1 h8 d64 chunk 1024, the query kernel alone,
@@ -157,12 +159,13 @@ def _with_segment_starts(spec: KernelSpec) -> KernelSpec:
 
 
 @functools.lru_cache(maxsize=256)
-def _with_query_tiles(spec: KernelSpec, rows: int, split: int) -> KernelSpec:
-    """``spec`` with the query kernel's rows and pair split (one ``dataclasses.replace`` per shape class: a
-    replace per call took about 10 us of the host's 30-110 us per forward, ``benchmarks/bench_host.py``)."""
-    if (rows, split) == (spec.block_t, spec.query_split):
+def _with_query_tiles(spec: KernelSpec, rows: int, split: int, state_stages: int | None = None) -> KernelSpec:
+    """``spec`` with the query kernel's rows, pair split and state-loop stages (one ``dataclasses.replace`` per
+    shape class: a replace per call took about 10 us of the host's 30-110 us per forward,
+    ``benchmarks/bench_host.py``)."""
+    if (rows, split, state_stages) == (spec.block_t, spec.query_split, spec.state_loop_stages):
         return spec
-    return replace(spec, block_t=rows, query_split=split)
+    return replace(spec, block_t=rows, query_split=split, state_loop_stages=state_stages)
 
 
 MAX_GRID_Z = 65535
@@ -447,7 +450,7 @@ def triton_forward(
             states_out.update(S=attention["S_ST"], M=attention["M_ST"])
     # traced: Dynamo and export set the compiling flag; AOTAutograd's and make_fx's inputs have no storage
     launch = query_launch(spec, plan, spec.chunked and (torch.compiler.is_compiling() or not has_storage(q)))
-    spec = _with_query_tiles(spec, launch.rows, launch.split)
+    spec = _with_query_tiles(spec, launch.rows, launch.split, launch.state_stages if spec.chunked else None)
     warps, stages = launch.warps, launch.stages
 
     def grid(candidate: KernelSpec) -> tuple:

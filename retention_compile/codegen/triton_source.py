@@ -77,6 +77,8 @@ class KernelSpec:
     segment_starts: (chunked, causal) the scan forms only the segment-start states and the query kernel adds the
                     decayed start to each chunk state it reads, instead of the scan folding it into every chunk
                     state (a read-modify-write of them all); the chunk states then stay local to their segment.
+    state_loop_stages: (chunked) copy stages of the query kernel's state-product loop alone (``tl.range``'s
+                    ``num_stages``); None: the launch's stages for every loop.
     """
 
     dtype: str
@@ -96,6 +98,7 @@ class KernelSpec:
     query_t: bool = False
     query_split: int = 1
     segment_starts: bool = False
+    state_loop_stages: int | None = None
 
     def __post_init__(self) -> None:
         # specs key several memo tables per call: hash once (the generated hash walks all 16 fields every time)
