@@ -450,7 +450,7 @@ def triton_forward(
             states_out.update(S=attention["S_ST"], M=attention["M_ST"])
     # traced: Dynamo and export set the compiling flag; AOTAutograd's and make_fx's inputs have no storage
     launch = query_launch(spec, plan, spec.chunked and (torch.compiler.is_compiling() or not has_storage(q)))
-    spec = _with_query_tiles(spec, launch.rows, launch.split, launch.state_stages if spec.chunked else None)
+    spec = _with_query_tiles(spec, launch.rows, launch.split, launch.state_stages)
     warps, stages = launch.warps, launch.stages
 
     def grid(candidate: KernelSpec) -> tuple:
