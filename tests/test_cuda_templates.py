@@ -503,6 +503,10 @@ def test_choice_measures_once_and_reuses_the_stored_winner(tmp_path, monkeypatch
     assert len(measured) == 1
     assert choice.choose("chunk_state", {**key, "keys": 8192}, candidates, torch.device("cpu")) == "cuda"
     assert len(measured) == 2  # another shape class is measured
+    monkeypatch.setattr(choice, "_CHOSEN", {})  # another version of this package's code: its kernels measured anew
+    monkeypatch.setattr("retention_compile.backend.code_fingerprint", lambda: "other code")
+    assert choice.choose("chunk_state", key, candidates, torch.device("cpu")) == "cuda"
+    assert len(measured) == 3
 
 
 def test_auto_keeps_float16_on_the_float32_triton_kernels() -> None:
