@@ -333,6 +333,20 @@ def test_supports_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "empty" in triton_supports(empty, empty, empty, 2, None, None, True)
 
 
+def test_shape_class_follows_the_module_tunables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``kernel_spec`` is memoized; the module constants benchmarks and tests set are part of its key, so a changed
+    one gives the shape class it asks for, not the one remembered."""
+    q, v = torch.randn(1, 1, 4, 64), torch.randn(1, 1, 4, 64)
+    plan = Plan(chunk_size=256)
+    before = kernel_spec(q, v, 2, False, False, True, 4096, plan)
+    monkeypatch.setattr(forward, "QUERY_TRANSPOSED", not forward.QUERY_TRANSPOSED)
+    monkeypatch.setattr(forward, "QUADRATIC_BLOCK_K", 2 * forward.QUADRATIC_BLOCK_K)
+    monkeypatch.setattr(forward, "STATE_BLOCK_S", 2 * forward.STATE_BLOCK_S)
+    after = kernel_spec(q, v, 2, False, False, True, 4096, plan)
+    assert after.query_t != before.query_t
+    assert (after.block_k, after.block_s) == (2 * before.block_k, 2 * before.block_s)
+
+
 def test_path_choice() -> None:
     q, v = torch.randn(1, 1, 4, 64), torch.randn(1, 1, 4, 64)
     plan = Plan(chunk_size=256)
