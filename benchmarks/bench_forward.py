@@ -2,7 +2,6 @@
 fla's ``chunk_simple_gla`` (issue 5): b=1, h=8, d=64, deg=2, bf16, causal, gated and ungated.
 
     python benchmarks/bench_forward.py [--out DIR] [--T 1024 2048 ...] [--tune 65536] [--competitors T ...]
-        [--segment-starts] [--query-state-stages N]
 
 Times are medians of ``triton.testing.do_bench`` (warmup 25 ms, rep 100 ms). "ours" is ``triton_forward`` run
 eagerly as the body of a ``triton_op`` runs it (kernels launched directly, Python overhead included, as SDPA's
@@ -15,9 +14,7 @@ fastest variant for the whole run and reports the fastest configuration as "ours
 Achieved rate: FLOP the kernels execute (tiled state, see ``executed_flops``) over the fastest time, as a
 fraction of a bf16 matmul measured in the same run. Competitors run at ``--competitors`` lengths when importable
 (carry them as wheels: ../shared/tools/gpu-wheels.sh); a failure is recorded, not fatal. A cProfile of eager
-calls at T=2048 is printed first. ``--segment-starts`` times the forward whose query kernel adds the segment-start
-states itself (``forward.SEGMENT_STARTS_IN_QUERY``, not yet the default; the JSON's ``variant`` says so);
-``--query-state-stages N`` gives the eager query launch's state-product loop N copy stages of its own.
+calls at T=2048 is printed first.
 
 Writes ``forward_<gpu>_<date>.json`` (after every row) and ``forward_<gpu>_<date>.png`` (time vs T, log-log)
 under ``--out``.
@@ -389,21 +386,9 @@ def main() -> None:
     parser.add_argument("--competitors", type=int, nargs="*", default=list(COMPETITOR_LENGTHS))
     parser.add_argument("--commit", default=None)
     parser.add_argument("--jobs", type=int, default=12, help="processes compiling the kernels beforehand")
-    parser.add_argument(
-        "--segment-starts", action="store_true", help="the query kernel adds the segment starts (no fold by the scan)"
-    )
-    parser.add_argument(
-        "--query-state-stages", type=int, default=None, help="copy stages of the query kernel's state-product loop"
-    )
     args = parser.parse_args()
     spec = hardware.detect()
     base, record = result_header("forward", args.out, args.commit)
-    if args.segment_starts:  # forward.SEGMENT_STARTS_IN_QUERY for the whole run (not yet the default)
-        forward.SEGMENT_STARTS_IN_QUERY = True
-        record["variant"] = {"SEGMENT_STARTS_IN_QUERY": True}
-    if args.query_state_stages is not None:  # the eager bf16 d<=64 query launch's state loop (QueryLaunch.state_stages)
-        forward.NARROW_QUERY_LAUNCH = replace(forward.NARROW_QUERY_LAUNCH, state_stages=args.query_state_stages)
-        record.setdefault("variant", {})["NARROW_QUERY_LAUNCH.state_stages"] = args.query_state_stages
     record["ceilings"] = {"matmul_bf16_tflops": matmul_tflops(), "copy_gbs": copy_gbs()}
     record["rows"] = []
     ceilings = record["ceilings"]

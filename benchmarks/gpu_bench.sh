@@ -2,15 +2,12 @@
 # The GPU benchmarks, one after another in one call of the lent GPU, each alone on the device:
 #
 #   benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms] [chunk_state] [forward_profile] [state_ncu]
-#       [segment_starts]
 #       (default: the first three; limits 4, 7, 9.3, 5, 5, 4 and 2.5 minutes: give the long ones their own device call;
 #       state_terms: the backward's CUDA state-term kernels against Triton, bench_cuda_backward.py; chunk_state: the
 #       forward's CUDA state kernel against Triton, its launch shapes and segment counts, bench_cuda_state.py;
 #       forward_profile: the query kernel by row-block size, then one forward under ncu (OUT_DIR/ncu_forward.csv),
 #       profile_forward.py; state_ncu: the CUDA state kernel's stall samples by reason and instruction under ncu's
-#       full set, OUT_DIR/state_ncu_stalls.json from its source view, ncu_stalls.py; segment_starts: the forward at
-#       T=65536 without and with bench_forward.py --segment-starts (the latter also with --query-state-stages 2),
-#       OUT_DIR/fold, OUT_DIR/starts and OUT_DIR/starts_2)
+#       full set, OUT_DIR/state_ncu_stalls.json from its source view, ncu_stalls.py)
 #
 # Each benchmark runs in its own process group with a time limit (nothing it starts outlives it) and only once
 # no other process holds the GPU (polled with nvidia-smi for up to 60 s; the wait and the processes seen are
@@ -23,7 +20,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-out="${1:?usage: benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms] [chunk_state] [forward_profile] [state_ncu] [segment_starts]}"
+out="${1:?usage: benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms] [chunk_state] [forward_profile] [state_ncu]}"
 shift
 which=("${@:-forward backward compile}")
 read -r -a which <<< "${which[*]}"
@@ -51,13 +48,6 @@ for bench in "${which[@]}"; do
     case "$bench" in
         forward) part forward 240 python3 benchmarks/bench_forward.py --T 2048 8192 16384 65529 65536 \
             --competitors 2048 8192 65536 --tune 0 --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
-        segment_starts)  # the forward at T=65536 with the scan's fold, then with the segment starts in the query kernel
-            part segment_starts_off 100 python3 benchmarks/bench_forward.py --T 65536 --tune 0 --out "$out/fold" \
-                ${COMMIT:+--commit "$COMMIT"}
-            part segment_starts_on 100 python3 benchmarks/bench_forward.py --T 65536 --tune 0 --segment-starts \
-                --out "$out/starts" ${COMMIT:+--commit "$COMMIT"}
-            part segment_starts_two_stages 100 python3 benchmarks/bench_forward.py --T 65536 --tune 0 --segment-starts \
-                --query-state-stages 2 --out "$out/starts_2" ${COMMIT:+--commit "$COMMIT"} ;;
         backward) part backward 420 python3 benchmarks/bench_backward.py --T 65536 2048 8192 --competitors 65536 --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         state_terms) part state_terms 300 python3 benchmarks/bench_cuda_backward.py --stages dkv_state dq_state \
             --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;

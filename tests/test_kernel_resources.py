@@ -115,27 +115,3 @@ def test_kernels_fit_h200_shared_memory(monkeypatch: pytest.MonkeyPatch, tmp_pat
             crowded[key[0]] = shared
     assert not over, f"{name}: shared memory (bytes) over the H200's {H200.smem_per_block_optin}: {over}"
     assert not crowded, f"{name}: capped kernels whose shared memory keeps them one per SM: {crowded}"
-
-
-def test_segment_starts_keep_two_query_programs_per_sm(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    """With ``forward.SEGMENT_STARTS_IN_QUERY`` the query kernel reads a second state tile per step (the segment's
-    start, in the chunk states' dtype): its capped launch must still fit two programs per SM, or it loses more than
-    the scan it replaces (bf16 d=64 T=65536: 108 KB against 76 KB without; an fp32 start tile took 140 KB)."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(forward, "SEGMENT_STARTS_IN_QUERY", True)
-    launches: list[Launch] = []
-
-    def record(kernel, grid, kwargs, num_warps, num_stages, maxnreg=None) -> None:
-        launches.append(Launch(kernel, dict(kwargs), num_warps, num_stages, maxnreg))
-
-    monkeypatch.setattr(forward, "_launch", record)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    T = 65536
-    plan = planning.plan(H200, T=T, d=64, e=64, deg=2, dtype=torch.bfloat16, gated=True, batch_heads=8)
-    q, k, v = (torch.randn(1, 1, T, 64, dtype=torch.bfloat16) for _ in range(3))
-    options = {"scale": 0.125, "deg": 2, "log_gate": -torch.rand(1, 1, T), "causal": True, "valid": None}
-    forward.triton_forward(q, k, v, **options, plan=plan, segments=8, y_dtype=torch.bfloat16)
-    (query,) = [launch for launch in launches if launch.kernel.fn.__name__ == "attention_kernel"]
-    assert "S_START" in query.kwargs and query.max_registers is not None
-    shared = compile_for_sm90(query).metadata.shared
-    assert 2 * (shared + 1024) <= H200.smem_per_sm, f"query kernel with segment starts: {shared} bytes"

@@ -96,28 +96,6 @@ def run_case(case: tuple, dtype: torch.dtype = torch.float32) -> float:
     return max(float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)), den_error)
 
 
-def segment_starts_difference(case: tuple) -> float:
-    """Largest difference in y or denom between the forward whose scan folds the segment starts into the chunk
-    states and the one whose query kernel adds them (the same fp32 sums in the same order: 0 expected)."""
-    B, Hq, Hk, Tq, Tk, d, e, deg, gate_heads, has_valid, causal, chunk, segments = case
-    gen = torch.Generator().manual_seed(7)
-    q, k, v = (
-        torch.randn(B, Hq, Tq, d, generator=gen),
-        torch.randn(B, Hk, Tk, d, generator=gen),
-        torch.randn(B, Hk, Tk, e, generator=gen),
-    )
-    gate = -0.3 * torch.rand(B, gate_heads, Tk, generator=gen) if gate_heads else None
-    valid = torch.rand(B, Tk, generator=gen) > 0.25 if has_valid else None
-    options = {"scale": 0.7 / d**0.5, "deg": deg, "log_gate": gate, "causal": causal, "valid": valid}
-    outputs = []
-    for starts in (False, True):
-        forward.SEGMENT_STARTS_IN_QUERY = starts
-        outputs.append(triton_forward(q, k, v, **options, plan=Plan(chunk_size=chunk, **TINY), segments=segments))
-    forward.SEGMENT_STARTS_IN_QUERY = False
-    (y0, d0), (y1, d1) = outputs
-    return float(max((y0 - y1).abs().max(), (d0 - d1).abs().max()))
-
-
 def denominator_error(chunk: int) -> float:
     """denom = sum_j w_ij + eps, checked directly on one causal head."""
     gen = torch.Generator().manual_seed(1)
@@ -173,12 +151,6 @@ QUERY_T_CASES = ("chunked-gate-valid-segments", "chunked-decode", "chunked-nonca
 # the state product in halves of each pair (KernelSpec.query_split, which NARROW_QUERY_LAUNCH takes for bf16)
 QUERY_SPLIT_CASES = QUERY_T_CASES
 FLOAT16_CASES = ("quadratic-deg4-gate-valid", "chunked-gate-valid-segments")
-# causal chunked cases with several segments, run again with the segment starts added by the query kernel
-# (forward.SEGMENT_STARTS_IN_QUERY) instead of folded into the chunk states by the scan
-SEGMENT_START_CASES = (
-    "chunked-gate-valid-segments", "chunked-query-head-gate", "chunked-prefill-cache", "chunked-decode",
-    "chunked-tq-gt-tk", "chunked-d48",
-)  # fmt: skip
 
 
 def _interpreted() -> dict[str, float]:
@@ -202,27 +174,12 @@ def _interpreted() -> dict[str, float]:
     # bfloat16 with chunks of 16 keys runs the float32 kernels too (forward.small_chunk_float32)
     bf16_case = dict(CASES)["chunked-gate-valid-segments"]
     results["chunked-gate-valid-segments-bfloat16"] = run_case(bf16_case, torch.bfloat16)
-    forward.SEGMENT_STARTS_IN_QUERY = True
-    results.update({f"{name}-segment-starts": run_case(dict(CASES)[name]) for name in SEGMENT_START_CASES})
-    # the state product's loop with its own copy stages (tl.range's num_stages; the interpreter runs it as a loop)
-    real_launch = forward.query_launch
-    forward.query_launch = lambda spec, plan, tracing: dataclasses.replace(
-        real_launch(spec, plan, tracing), state_stages=2
-    )
-    results["chunked-gate-valid-segments-state-stages"] = run_case(dict(CASES)["chunked-gate-valid-segments"])
-    forward.query_launch = real_launch
-    forward.SEGMENT_STARTS_IN_QUERY = False
-    results.update(
-        {f"{n}-segment-starts-difference": segment_starts_difference(dict(CASES)[n]) for n in SEGMENT_START_CASES}
-    )
     real_launch = forward.query_launch
     forward.query_launch = lambda spec, plan, tracing: dataclasses.replace(real_launch(spec, plan, tracing), split=2)
     results.update({f"{name}-query-split": run_case(dict(CASES)[name]) for name in QUERY_SPLIT_CASES})
     forward.query_launch = real_launch
     forward.QUERY_TRANSPOSED = not forward.QUERY_TRANSPOSED
     results.update({f"{name}-query-t": run_case(dict(CASES)[name]) for name in QUERY_T_CASES})
-    forward.SEGMENT_STARTS_IN_QUERY = True
-    results["chunked-gate-valid-segments-query-t-segment-starts"] = run_case(dict(CASES)["chunked-gate-valid-segments"])
     return results
 
 
@@ -243,19 +200,10 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
     + [f"{n}-query-split" for n in QUERY_SPLIT_CASES]
     + [f"{n}-float16" for n in FLOAT16_CASES]
     + ["chunked-gate-valid-segments-bfloat16"]
-    + [f"{n}-untrimmed" for n in UNTRIMMED_CASES]
-    + [f"{n}-segment-starts" for n in SEGMENT_START_CASES]
-    + ["chunked-gate-valid-segments-query-t-segment-starts", "chunked-gate-valid-segments-state-stages"],
+    + [f"{n}-untrimmed" for n in UNTRIMMED_CASES],
 )
 def test_kernels_match_oracle(interpreted: dict[str, float], name: str) -> None:
     assert interpreted[name] < 1e-5, f"{name}: relative error {interpreted[name]:.2e}"
-
-
-@pytest.mark.parametrize("name", SEGMENT_START_CASES)
-def test_segment_starts_in_the_query_kernel_change_nothing(interpreted: dict[str, float], name: str) -> None:
-    """The query kernel adding each chunk's decayed segment start (``forward.SEGMENT_STARTS_IN_QUERY``) computes
-    the sums the scan's fold would: y and denom equal the scanned forward's."""
-    assert interpreted[f"{name}-segment-starts-difference"] == 0.0
 
 
 @pytest.mark.parametrize("name", ROUNDED_OUTPUT_CASES)
@@ -286,10 +234,6 @@ def test_rendered_source_bakes_the_shape() -> None:
     assert "for step in range(10):" in source  # d=64, b=16: 4 coordinate blocks, 10 pairs
     halves = render_forward(dataclasses.replace(spec, query_split=2))
     assert "for step in range(20):" in halves and "tl.arange(0, 8)" in halves  # 8 coordinates of block I per step
-    staged = render_forward(dataclasses.replace(spec, query_split=2, state_loop_stages=2))
-    assert "for step in tl.range(20, num_stages=2):" in staged  # the state product's loop with its own stages
-    starts = render_forward(dataclasses.replace(spec, segment_starts=True))
-    assert "S_START, M_SEG, chunks_per_seg, n_seg," in starts and "S_START, M_SEG" not in source
     assert "tl.arange(0, 256)" in source and "* 2560" not in source  # 256 features per pair tile
     assert f"* {2560 * 64}" in source  # tiled state: 2560 features x e
     assert "G," in source and "VALID" not in source

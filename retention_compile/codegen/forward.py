@@ -32,8 +32,7 @@ reduction over 2560 features). Three kernels:
              (phi(K) is built in registers and shared memory, never in global memory); the segment's total goes
              to a small fp32 buffer.
     scan     (only with more than one segment) turns segment totals into true segment-start states and adds
-             the decayed start state into the chunk states of that segment (with ``SEGMENT_STARTS_IN_QUERY``: only
-             the starts, which the query kernel adds to the local chunk states it reads).
+             the decayed start state into the chunk states of that segment.
     query    the quadratic kernel restricted to the keys of the query's own chunk, plus
              ``exp(G_i - G_b) phi(s q_i)^T S_c`` with phi(q) built per pair in registers.
 
@@ -108,16 +107,14 @@ QUERY_TRANSPOSED = False
 @dataclass(frozen=True)
 class QueryLaunch:
     """How the chunked query kernel runs where it has a launch of its own (``query_launch``): query rows per
-    program, warps, copy stages, parts per pair of its state product (``KernelSpec.query_split``), a cap on
-    registers per thread (Triton's ``maxnreg``; None: no cap) and the copy stages of the state product's loop alone
-    (``KernelSpec.state_loop_stages``; None: ``stages``)."""
+    program, warps, copy stages, parts per pair of its state product (``KernelSpec.query_split``) and a cap on
+    registers per thread (Triton's ``maxnreg``; None: no cap)."""
 
     rows: int
     warps: int
     stages: int
     split: int
     max_registers: int | None
-    state_stages: int | None = None
 
 
 # bf16 dots, d <= 64, 64 value columns per program (H200, T=65536 b1 h8 d64 chunk 1024, the query kernel alone,
@@ -144,28 +141,13 @@ def query_launch(spec: KernelSpec, plan: Plan, tracing: bool) -> QueryLaunch:
     return QueryLaunch(rows=spec.block_t, warps=warps, stages=stages, split=1, max_registers=None)
 
 
-# The query kernel adds each chunk's segment-start state itself (``KernelSpec.segment_starts``), so the scan no
-# longer rewrites every chunk state (0.11 ms at T=65536 b1 h8 d64, bandwidth-bound), at the price of a second state
-# tile per step of the query kernel's state product (in the chunk states' dtype: 108 KB of shared memory for the bf16
-# d=64 launch, two programs per SM still; fp32 start tiles took 140 KB, sm_90 compiles). For forwards no backward
-# follows (no ``states_out``: the backward reads the true chunk states). Off until timed on a GPU
-# (``bench_forward.py --segment-starts``); in the interpreter (float32) y and denom equal the scanned forward's.
-SEGMENT_STARTS_IN_QUERY = False
-
-
 @functools.lru_cache(maxsize=256)
-def _with_segment_starts(spec: KernelSpec) -> KernelSpec:
-    return replace(spec, segment_starts=True)
-
-
-@functools.lru_cache(maxsize=256)
-def _with_query_tiles(spec: KernelSpec, rows: int, split: int, state_stages: int | None = None) -> KernelSpec:
-    """``spec`` with the query kernel's rows, pair split and state-loop stages (one ``dataclasses.replace`` per
-    shape class: a replace per call took about 10 us of the host's 30-110 us per forward,
-    ``benchmarks/bench_host.py``)."""
-    if (rows, split, state_stages) == (spec.block_t, spec.query_split, spec.state_loop_stages):
+def _with_query_tiles(spec: KernelSpec, rows: int, split: int) -> KernelSpec:
+    """``spec`` with the query kernel's rows and pair split (one ``dataclasses.replace`` per shape class: a
+    replace per call took about 10 us of the host's 30-110 us per forward, ``benchmarks/bench_host.py``)."""
+    if (rows, split) == (spec.block_t, spec.query_split):
         return spec
-    return replace(spec, block_t=rows, query_split=split, state_loop_stages=state_stages)
+    return replace(spec, block_t=rows, query_split=split)
 
 
 MAX_GRID_Z = 65535
@@ -441,16 +423,12 @@ def triton_forward(
     if spec.chunked:
         state_heads = log_gate.shape[1] if log_gate is not None else Hk
         layout = StateLayout.of(spec, k, Tq, state_heads, segments)
-        if SEGMENT_STARTS_IN_QUERY and spec.causal and states_out is None and layout.segments > 1:
-            spec = _with_segment_starts(spec)
-            module, _ = load_forward(spec)
-            layout = replace(layout, spec=spec)
         attention.update(_chunk_states(module, layout, k, common, extra, state_kernel))
         if states_out is not None:
             states_out.update(S=attention["S_ST"], M=attention["M_ST"])
     # traced: Dynamo and export set the compiling flag; AOTAutograd's and make_fx's inputs have no storage
     launch = query_launch(spec, plan, spec.chunked and (torch.compiler.is_compiling() or not has_storage(q)))
-    spec = _with_query_tiles(spec, launch.rows, launch.split, launch.state_stages)
+    spec = _with_query_tiles(spec, launch.rows, launch.split)
     warps, stages = launch.warps, launch.stages
 
     def grid(candidate: KernelSpec) -> tuple:
@@ -602,15 +580,10 @@ def _chunk_states(
     else:
         pair_programs = params["npairs"] * params["n_eb"]
         _launch(module.state_kernel, (n_seg, pair_programs, heads), state_args, STATE_WARPS, STATE_STAGES)
-    if spec.segment_starts:  # written by the scan, read by the query kernel
-        buffers["S_START"] = torch.empty((heads, n_seg, *s_shape[2:]), dtype=layout.state_dtype, device=k.device)
     if layout.segments > 1:
         blocks = params["scan_s_blocks"] + _cdiv(d * d, SCAN_BLOCK)
         gate = {"G": extra["G"], "stride_g": extra["stride_g"]} if "G" in extra else {}
         _launch(module.scan_kernel, (blocks, heads), {**buffers, **gate, **sizes}, SCAN_WARPS, 2)
     kept = "LOC" if spec.causal else "SEG"
     states = {"S_ST": buffers[f"S_{kept}"], "M_ST": buffers[f"M_{kept}"]}
-    if spec.segment_starts:  # the query kernel adds the segment starts to the local chunk states
-        states.update(S_START=buffers["S_START"], M_SEG=buffers["M_SEG"], n_seg=n_seg)
-        states["chunks_per_seg"] = layout.per_segment
     return {**states, "state_heads": state_heads, "state_slots": layout.slots, "shift": layout.shift}

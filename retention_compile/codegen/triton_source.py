@@ -74,11 +74,6 @@ class KernelSpec:
     query_split:    the query kernel takes each pair's b x b features in this many parts (b / query_split
                     coordinates of block I each): smaller copy stages of the state, so more programs fit on an SM
                     (not with ``query_t``).
-    segment_starts: (chunked, causal) the scan forms only the segment-start states and the query kernel adds the
-                    decayed start to each chunk state it reads, instead of the scan folding it into every chunk
-                    state (a read-modify-write of them all); the chunk states then stay local to their segment.
-    state_loop_stages: (chunked) copy stages of the query kernel's state-product loop alone (``tl.range``'s
-                    ``num_stages``); None: the launch's stages for every loop.
     """
 
     dtype: str
@@ -97,8 +92,6 @@ class KernelSpec:
     block_feature: int
     query_t: bool = False
     query_split: int = 1
-    segment_starts: bool = False
-    state_loop_stages: int | None = None
 
     def __post_init__(self) -> None:
         # specs key several memo tables per call: hash once (the generated hash walks all 16 fields every time)
@@ -116,7 +109,6 @@ class KernelSpec:
         """One line naming the shape class (the rendered module's docstring starts with it)."""
         flags = [f for f, on in (("gated", self.gated), ("valid", self.has_valid), ("causal", self.causal)) if on]
         path = f"chunked C={self.chunk_size} b={self.block_feature}" if self.chunked else "quadratic (single chunk)"
-        path += ", segment starts in the query kernel" if self.segment_starts else ""
         return (
             f"d={self.head_dim} e={self.value_dim} deg={self.deg} {self.dtype} {' '.join(flags) or 'plain'}; "
             f"{path}; block_t={self.block_t} block_k={self.block_k} block_s={self.block_s} block_e={self.block_e}"

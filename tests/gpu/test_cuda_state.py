@@ -119,11 +119,8 @@ def test_state_buffers_match_the_triton_state_kernel(case: tuple, config, monkey
         assert _rel(got, ref) < 1e-2, f"{name}: {_rel(got, ref):.2e}"
 
 
-@pytest.mark.parametrize("starts", [False, True], ids=["scan-folds", "segment-starts"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_forward_with_cuda_states_matches_oracle_and_triton(case: tuple, starts: bool, monkeypatch) -> None:
-    """Also with ``forward.SEGMENT_STARTS_IN_QUERY`` (causal cases: the query kernel adds the segment starts)."""
-    monkeypatch.setattr(forward, "SEGMENT_STARTS_IN_QUERY", starts)
+def test_forward_with_cuda_states_matches_oracle_and_triton(case: tuple) -> None:
     x = _inputs(case, seed=1)
     _poison_allocator()
     y_cuda, den_cuda = _forward(x, chunk_states)

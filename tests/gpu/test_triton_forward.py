@@ -145,25 +145,6 @@ def test_forward_matches_oracle(name: str) -> None:
     check(q, k, v, g, valid, deg=deg, causal=causal, plan=plan)
 
 
-SEGMENT_START_CASES = (
-    "T4096-deg2", "T65535-deg2", "gqa-query-head-gate", "prefill-cache", "decode-deg2", "fp32-chunked",
-)  # fmt: skip
-
-
-@pytest.mark.usefixtures("poison_allocations")
-@pytest.mark.parametrize("name", SEGMENT_START_CASES)
-def test_segment_starts_in_the_query_kernel(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``forward.SEGMENT_STARTS_IN_QUERY`` (the query kernel adds each chunk's segment start; the scan folds
-    nothing), with 3 segments: the oracle's bars as for the default forward."""
-    from retention_compile.codegen import forward
-
-    monkeypatch.setattr(forward, "SEGMENT_STARTS_IN_QUERY", True)
-    B, Hq, Hk, Tq, Tk, d, e, deg, dtype, gate, has_valid, causal, plan = CASES[name]
-    gate_heads = {0: 0, "k": Hk, "q": Hq}[gate]
-    q, k, v, g, valid = make_inputs(B, Hq, Hk, Tq, Tk, d, e, dtype, gate_heads=gate_heads, has_valid=has_valid)
-    check(q, k, v, g, valid, deg=deg, causal=causal, plan=plan, segments=3)
-
-
 @pytest.mark.usefixtures("poison_allocations")
 @pytest.mark.parametrize("segments", [1, 3, 7])
 def test_segments_do_not_change_results(segments: int) -> None:
