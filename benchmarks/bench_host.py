@@ -1,20 +1,29 @@
-"""Host time of one ``triton_forward`` call, measured on the CPU: the Python work around the kernels.
+"""Host time of one ``triton_forward`` call: the Python work and launches around the kernels.
 
 At short context the eager forward is host-bound on the H200 (T=2048: 0.088 ms eager against 0.031 ms replayed from
 a CUDA graph at 448e8ac), so the time the launcher spends before its launches is part of what a user waits for.
-Here the launches are captured instead of run (``forward._launch`` replaced, as ``tests/test_kernel_resources.py``
-does), the shared-memory fitting is skipped (it needs a GPU and is cached per shape there), and the inputs are CPU
-tensors: what remains is the shape-class lookup, the planning of buffers and arguments, and the allocations.
-Triton's own launcher (per kernel, on the GPU) is not included. At long T the CPU allocations of the big buffers
-(torch.empty) take a large and variable share that a GPU's caching allocator does not: repeated processes at one
-commit read 91-150 us at T=65536, so compare the Python work there with a profiler (cProfile), not this number.
+
+``--device cpu`` (default): the launches are captured instead of run (``forward._launch`` replaced, as
+``tests/test_kernel_resources.py`` does), the shared-memory fitting is skipped (it needs a GPU and is cached per shape
+there), and the inputs are CPU tensors: what remains is the shape-class lookup, the planning of buffers and
+arguments, and the allocations. Triton's own launcher is not included. At long T the CPU allocations of the big
+buffers (torch.empty) take a large and variable share that a GPU's caching allocator does not: repeated processes at
+one commit read 91-150 us at T=65536, so compare the Python work there with a profiler (cProfile), not this number.
+
+``--device cuda``: real calls on the GPU as the op's eager body makes them (``wrap_triton`` disabled), the host time
+per call measured until the last of ``--calls`` calls returns (the GPU's queue takes them without waiting), and the
+wall time per call until the GPU is done. Rows: ``replayed`` (repeated quadratic calls repeat the first call's
+launches, ``forward.QuadraticReplay``), ``planned`` (``forward.MAX_REPLAYS = 0``: every call planned and bound by
+Triton) and SDPA's flash call for the same shape.
 
 Shape: b=1, h=8, d=e=64, deg 2, bf16, causal, y stored in bf16 (a forward no backward follows), the H200's plan;
 T in ``--T``, ungated and gated. Median of ``--repeats`` batches of ``--calls`` calls.
 
-    python benchmarks/bench_host.py [--T 2048 65536] [--calls 500] [--repeats 7] [--out DIR] [--commit SHA]
+    python benchmarks/bench_host.py [--device cpu|cuda] [--T 2048 65536] [--calls 500] [--repeats 7] [--out DIR]
+        [--commit SHA]
 
-Writes ``host_<cpu>_<date>_<commit>.json`` under ``--out`` (default ``benchmarks/results``).
+Writes ``host_<cpu>_<date>_<commit>.json`` (``host_<gpu>_...`` with ``--device cuda``) under ``--out`` (default
+``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,23 +47,56 @@ B, H, D = 1, 8, 64
 LAUNCHES: list[object] = []  # the kernels ``forward._launch`` was asked to launch (captured, not run)
 
 
-def per_call_us(T: int, gated: bool, calls: int, repeats: int) -> tuple[float, int]:
-    """Median microseconds per ``triton_forward`` call and the kernel launches of one call."""
-    plan = planning.plan(hardware.KNOWN["H200"], T=T, d=D, e=D, deg=2, dtype=torch.bfloat16, gated=gated, batch_heads=H)
-    q, k, v = (torch.randn(B, H, T, D, dtype=torch.bfloat16) for _ in range(3))
-    gate = -torch.rand(B, H, T) if gated else None
+def per_call_us(T: int, gated: bool, calls: int, repeats: int, device: str) -> tuple[float, float, int]:
+    """Median host and wall microseconds per ``triton_forward`` call, and the kernel launches of one call (counted
+    on the CPU only)."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    spec = hardware.KNOWN["H200"] if device == "cpu" else hardware.detect()
+    plan = planning.plan(spec, T=T, d=D, e=D, deg=2, dtype=torch.bfloat16, gated=gated, batch_heads=H)
+    q, k, v = (torch.randn(B, H, T, D, dtype=torch.bfloat16, device=device) for _ in range(3))
+    gate = -torch.rand(B, H, T, device=device) if gated else None
     options = dict(scale=D**-0.5, deg=2, log_gate=gate, causal=True, valid=None, plan=plan, y_dtype=torch.bfloat16)
-    forward.triton_forward(q, k, v, **options)  # warm-up: renders and imports the module
+
+    def call() -> None:
+        with set_wrap_triton_enabled(False):
+            forward.triton_forward(q, k, v, **options)
+
+    host, wall = timed(call, calls, repeats)
     LAUNCHES.clear()
-    forward.triton_forward(q, k, v, **options)
-    per_call = len(LAUNCHES)
-    times = []
+    call()
+    return host, wall, len(LAUNCHES)
+
+
+def timed(call: Callable[[], None], calls: int, repeats: int) -> tuple[float, float]:
+    """Median host and wall microseconds per call over ``repeats`` batches of ``calls`` (after warm-up calls)."""
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    for _ in range(3):
+        call()  # renders, compiles and keeps what later calls reuse
+    host, wall = [], []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         for _ in range(calls):
-            forward.triton_forward(q, k, v, **options)
-        times.append(1e6 * (time.perf_counter() - start) / calls)
-    return statistics.median(times), per_call
+            call()
+        host.append(1e6 * (time.perf_counter() - start) / calls)
+        synchronize()
+        wall.append(1e6 * (time.perf_counter() - start) / calls)
+    return statistics.median(host), statistics.median(wall)
+
+
+def sdpa_per_call_us(T: int, calls: int, repeats: int) -> tuple[float, float]:
+    """SDPA's flash forward for the same shape, timed as ``per_call_us`` times ours."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(B, H, T, D, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+
+    def call() -> None:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return timed(call, calls, repeats)
 
 
 def main() -> None:
@@ -63,26 +106,39 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--commit", default=None)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
-    forward._launch = lambda kernel, *rest, **options: LAUNCHES.append(kernel)
-    forward.device_shared_memory_limit = lambda device: None
+    if args.device == "cpu":
+        forward._launch = lambda kernel, *rest, **options: LAUNCHES.append(kernel)
+        forward.device_shared_memory_limit = lambda device: None
+    variants = ["replayed", "planned"] if args.device == "cuda" else ["planned"]
     rows = []
     for T in args.T:
         for gated in (False, True):
-            us, per_call = per_call_us(T, gated, args.calls, args.repeats)
-            rows.append({"T": T, "gated": gated, "host_us_per_call": us, "launches_per_call": per_call})
-            print(f"T={T:6d} gated={gated!s:5}: {us:6.1f} us per call ({per_call} launches)", flush=True)
+            for variant in variants:
+                forward.MAX_REPLAYS = 256 if variant == "replayed" else 0
+                forward._REPLAYS.clear()
+                host, wall, launches = per_call_us(T, gated, args.calls, args.repeats, args.device)
+                rows.append({"T": T, "gated": gated, "variant": variant, "host_us_per_call": host,
+                             "wall_us_per_call": wall, "launches_per_call": launches or None})  # fmt: skip
+                print(f"T={T:6d} gated={gated!s:5} {variant:8}: host {host:6.1f} us, wall {wall:6.1f} us per call",
+                      flush=True)  # fmt: skip
+        if args.device == "cuda":
+            host, wall = sdpa_per_call_us(T, args.calls, args.repeats)
+            rows.append({"T": T, "gated": False, "variant": "sdpa", "host_us_per_call": host, "wall_us_per_call": wall})
+            print(f"T={T:6d} sdpa (flash)        : host {host:6.1f} us, wall {wall:6.1f} us per call", flush=True)
     result = {
         "command": command_line(),
         "commit": git_commit(args.commit),
         "date": datetime.date.today().isoformat(),
+        "device": args.device,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()},
         "rows": rows,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cpu = (platform.machine() or "cpu").replace(" ", "-")
-    path = out / f"host_{cpu}_{result['date']}_{result['commit']}.json"
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else platform.machine() or "cpu"
+    path = out / f"host_{machine.replace(' ', '-')}_{result['date']}_{result['commit']}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
 

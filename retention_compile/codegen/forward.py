@@ -47,6 +47,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -57,6 +58,7 @@ from ..inspection import is_recording
 from ..planning import EXACT_CHUNK_BELOW, Plan
 from ..reference import EPS
 from ..sizes import size_hint
+from .eager_launch import DirectLaunch, direct_launches_allowed
 from .fitting import (
     compiled_shared_memory,
     device_shared_memory_limit,
@@ -253,15 +255,26 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _launch(kernel, grid: tuple, kwargs: dict, num_warps: int, num_stages: int, maxnreg: int | None = None) -> None:
+def _launch(
+    kernel,
+    grid: tuple,
+    kwargs: dict,
+    num_warps: int,
+    num_stages: int,
+    maxnreg: int | None = None,
+    kept: list[DirectLaunch | None] | None = None,
+) -> None:
     """``wrap_triton(kernel)[grid](**kwargs)``: Inductor copies the kernel into its output code when tracing.
-    ``maxnreg`` caps the registers per thread (None: no cap)."""
+    ``maxnreg`` caps the registers per thread (None: no cap). ``kept`` receives the launch as a ``DirectLaunch``
+    (None where it cannot be repeated directly)."""
     from torch.library import wrap_triton
 
     launch = dict(kwargs) if interpreting() else {**kwargs, "num_warps": num_warps, "num_stages": num_stages}
     if maxnreg is not None and not interpreting():
         launch["maxnreg"] = maxnreg
-    wrap_triton(kernel)[grid](**launch)
+    compiled = wrap_triton(kernel)[grid](**launch)
+    if kept is not None:
+        kept.append(DirectLaunch.of(kernel, grid, kwargs, compiled))
 
 
 def _strides(prefix: str, t: torch.Tensor) -> dict[str, int | torch.SymInt]:
@@ -394,21 +407,25 @@ def triton_forward(
         if y_out is not None:  # a rare shape: cast after
             y_out.copy_(y)
         return y, with_keyless_rows(denom, keyless, EPS)
+    replay_key = None
+    if y_out is None and states_out is None and _replayable(q):
+        replay_key = _replay_key(q, k, v, log_gate, valid, scale, deg, causal, plan, segments, state_kernel, y_dtype)
+        if (replay := _REPLAYS.get(replay_key)) is not None:
+            return replay(q, k, v, log_gate, valid)
     spec, (q, k, v), cuda_states = call_shape_class(
         q, k, v, deg, log_gate is not None, valid is not None, causal, plan, state_kernel is not None
     )
     if not cuda_states:
         state_kernel = None
+    kept: list[DirectLaunch | None] | None = [] if replay_key is not None and not spec.chunked else None
     B, Hq, Tq, _ = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
-    e = v.shape[3]
     module, _ = load_forward(spec)
-    y = torch.empty((B, Hq, Tq, e), dtype=y_dtype, device=q.device)
-    denom = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    y, denom = _outputs(q, v, y_dtype)
     common = {**_strides("k", k), **_strides("v", v), "K": k, "V": v, "Hq": Hq, "group": Hq // Hk, "Tk": Tk}
     extra: dict[str, object] = {}
     if log_gate is not None:
-        extra["G"] = _gate_cumsum(module, log_gate)
+        extra["G"] = _gate_cumsum(module, log_gate, kept)
         extra["stride_g"] = extra["G"].stride(1)
     if valid is not None:
         extra["VALID"] = valid.contiguous()
@@ -444,8 +461,70 @@ def triton_forward(
     if is_recording() or spec not in _RECORDED:
         _RECORDED.add(spec)
         _record(spec, path, q, k, v, plan)
-    _launch(module.attention_kernel, grid(spec), attention, warps, stages, launch.max_registers)
+    _launch(module.attention_kernel, grid(spec), attention, warps, stages, launch.max_registers, kept)
+    if kept is not None and None not in kept:
+        gate = kept[0] if spec.gated else None
+        _keep_replay(replay_key, QuadraticReplay(spec, not cuda_states, y_dtype, gate, kept[-1]))
     return y, denom
+
+
+@dataclass(frozen=True)
+class QuadraticReplay:
+    """An eager quadratic-path call of ``triton_forward`` kept for the calls after it with the same key
+    (``_replay_key``): they allocate y, denom (and G) as the first did and repeat its launches directly
+    (``eager_launch``), skipping the planning and Triton's argument binding. ``widen``: the first call's inputs went
+    through ``kernel_inputs`` (no CUDA state kernel asked for)."""
+
+    spec: KernelSpec
+    widen: bool
+    y_dtype: torch.dtype
+    gate: DirectLaunch | None
+    attention: DirectLaunch
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor | None, valid
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.widen:
+            q, k, v = kernel_inputs(q, k, v, self.spec)
+        y, denom = _outputs(q, v, self.y_dtype)
+        tensors = {"Q": q, "K": k, "V": v, "Y": y, "DEN": denom}
+        if self.gate is not None:
+            tensors["LOG_GATE"], tensors["G"] = _gate_buffers(log_gate)
+            self.gate(tensors)
+        if valid is not None:
+            tensors["VALID"] = valid.contiguous()
+        self.attention(tensors)
+        return y, denom
+
+
+# Kept quadratic calls, least recently added first (a workload of ever new lengths replaces them).
+MAX_REPLAYS = 256
+_REPLAYS: OrderedDict[tuple, QuadraticReplay] = OrderedDict()
+
+
+def _replayable(q: torch.Tensor) -> bool:
+    """Whether an eager call may be answered by a kept ``QuadraticReplay``: a plain CUDA tensor, launches that go
+    straight to Triton (``direct_launches_allowed``), no inspection recording every call."""
+    return q.is_cuda and type(q) is torch.Tensor and direct_launches_allowed() and not is_recording()
+
+
+def _replay_key(q, k, v, log_gate, valid, scale, deg, causal, plan, segments, state_kernel, y_dtype) -> tuple:
+    """Everything the quadratic path's kernels, launches and buffers depend on besides the tensors' data: each
+    tensor's shape, strides, dtype and 16-byte alignment (what Triton specializes on), the scalars, the Plan, the
+    current device and the module tunables."""
+
+    def described(t: torch.Tensor | None) -> tuple | None:
+        return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0)
+
+    tensors = tuple(described(t) for t in (q, k, v, log_gate, valid))
+    scalars = (scale, deg, causal, segments, state_kernel is not None, y_dtype, GATE_SCAN_BLOCK, *_tunables())
+    return (torch.cuda.current_device(), q.device, plan, scalars, tensors)
+
+
+def _keep_replay(key: tuple, replay: QuadraticReplay) -> None:
+    _REPLAYS[key] = replay
+    while len(_REPLAYS) > MAX_REPLAYS:
+        _REPLAYS.popitem(last=False)
 
 
 def keyless_rows(q: torch.Tensor, k: torch.Tensor, causal: bool) -> int | torch.SymInt | None:
@@ -470,16 +549,30 @@ def with_keyless_rows(rows: torch.Tensor, keyless: int | torch.SymInt, fill: flo
     return torch.cat([head, rows], dim=2)
 
 
-def _gate_cumsum(module, log_gate: torch.Tensor) -> torch.Tensor:
+def _gate_cumsum(module, log_gate: torch.Tensor, kept: list[DirectLaunch | None] | None = None) -> torch.Tensor:
     """``G = cumsum(log_gate, -1)`` in float32 by the rendered ``gate_cumsum_kernel`` (torch's scan runs one
-    program per row: 0.1 ms for 8 rows of 65536 on the H200), rows padded to a multiple of 16 keys (aligned)."""
-    lg = log_gate.contiguous()
+    program per row: 0.1 ms for 8 rows of 65536 on the H200), rows padded to a multiple of 16 keys (aligned).
+    ``kept``: as ``_launch``'s."""
+    lg, g = _gate_buffers(log_gate)
     B, heads, Tk = lg.shape
-    g = torch.empty((B, heads, _cdiv(Tk, 16) * 16), dtype=torch.float32, device=lg.device)
     grid = (_cdiv(Tk, GATE_SCAN_BLOCK), B * heads)
     args = {"LOG_GATE": lg, "G": g, "Tk": Tk, "stride_g": g.stride(1), "BLOCK": GATE_SCAN_BLOCK}
-    _launch(module.gate_cumsum_kernel, grid, args, 8, 3)
+    _launch(module.gate_cumsum_kernel, grid, args, 8, 3, kept=kept)
     return g
+
+
+def _gate_buffers(log_gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate cumsum's input (contiguous) and its output G, rows padded to a multiple of 16 keys."""
+    lg = log_gate.contiguous()
+    B, heads, Tk = lg.shape
+    return lg, torch.empty((B, heads, _cdiv(Tk, 16) * 16), dtype=torch.float32, device=lg.device)
+
+
+def _outputs(q: torch.Tensor, v: torch.Tensor, y_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y`` (B, Hq, Tq, e) in ``y_dtype`` and ``denom`` (B, Hq, Tq) float32, uninitialised."""
+    B, Hq, Tq = q.shape[:3]
+    y = torch.empty((B, Hq, Tq, v.shape[3]), dtype=y_dtype, device=q.device)
+    return y, torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
 
 
 def _cdiv(a: int | torch.SymInt, b: int | torch.SymInt) -> int | torch.SymInt:

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from retention_compile.codegen import forward
 from retention_compile.codegen.forward import kernel_spec, triton_forward, triton_supports
 from retention_compile.planning import Plan
 from retention_compile.reference import power_retention_reference
@@ -171,6 +172,74 @@ def test_large_inputs_stay_finite(dtype: torch.dtype, deg: int) -> None:
     q, k, v, g, _ = make_inputs(1, 2, 1, 2000, 2000, 64, 64, dtype, gate_heads=1, magnitude=100.0)
     plan = CHUNK if deg == 2 else QUADRATIC
     check(q, k, v, g, None, deg=deg, causal=True, plan=plan)
+
+
+# (B, Hq, Hk, T, d, e, deg, dtype, gate heads: 0 none / "k" / "q", valid, causal): quadratic-path calls
+REPLAY_CASES = {
+    "bf16-gqa-gate-valid": (1, 4, 2, 1000, 64, 64, 2, bf16, "k", True, True),
+    "fp16-widened-query-head-gate": (2, 4, 4, 300, 32, 32, 2, f16, "q", False, True),
+    "fp32-noncausal-valid": (1, 2, 1, 500, 64, 48, 2, f32, 0, True, False),
+    "bf16-deg4": (1, 2, 2, 777, 64, 64, 4, bf16, 0, False, True),
+}
+
+
+def quadratic_call(name: str, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    *_, d, _, deg, _, _, _, causal = REPLAY_CASES[name]
+    q, k, v, gate, valid = inputs
+    options = dict(scale=d**-0.5, deg=deg, log_gate=gate, causal=causal, valid=valid, plan=QUADRATIC)
+    return triton_forward(q, k, v, **options)
+
+
+def replay_inputs(name: str, offset: int = 0) -> tuple:
+    """Fresh random inputs of case ``name``; ``offset`` > 0 moves q that many elements past an aligned address."""
+    B, Hq, Hk, T, d, e, _, dtype, gate, has_valid, _ = REPLAY_CASES[name]
+    gate_heads = {0: 0, "k": Hk, "q": Hq}[gate]
+    q, k, v, g, valid = make_inputs(B, Hq, Hk, T, T, d, e, dtype, gate_heads=gate_heads, has_valid=has_valid)
+    if offset:
+        moved = torch.empty(q.numel() + offset, dtype=q.dtype, device=q.device)[offset:].view(q.shape)
+        q = moved.copy_(q)
+    return q, k, v, g, valid
+
+
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize("name", list(REPLAY_CASES))
+def test_repeated_eager_calls_replay_the_first_calls_launches(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An eager quadratic call (launches straight to Triton, as in the op's body) keeps its launches; a later call
+    with the same key repeats them with its own tensors, without planning (``call_shape_class`` is not called), and
+    returns exactly what the planned path returns for those tensors."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    forward._REPLAYS.clear()
+    first, second = replay_inputs(name), replay_inputs(name)
+    real_shape_class = forward.call_shape_class
+    with set_wrap_triton_enabled(False):
+        quadratic_call(name, first)
+        assert len(forward._REPLAYS) == 1
+        monkeypatch.setattr(forward, "call_shape_class", lambda *args: pytest.fail("a repeated call was planned"))
+        replayed = quadratic_call(name, second)
+    monkeypatch.setattr(forward, "call_shape_class", real_shape_class)
+    planned = quadratic_call(name, second)  # wrap_triton enabled: the planned path, nothing replayed
+    torch.cuda.synchronize()
+    assert not replayed[0].isnan().any() and not replayed[1].isnan().any()
+    assert torch.equal(replayed[0], planned[0]) and torch.equal(replayed[1], planned[1])
+
+
+@pytest.mark.usefixtures("poison_allocations")
+def test_an_unaligned_input_is_planned_again() -> None:
+    """Triton specializes pointers on 16-byte alignment: q two bytes past an aligned address is a new key, planned
+    (and kept) on its own, and right."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    name = "bf16-gqa-gate-valid"
+    forward._REPLAYS.clear()
+    moved = replay_inputs(name, offset=1)
+    with set_wrap_triton_enabled(False):
+        quadratic_call(name, replay_inputs(name))
+        replayed = quadratic_call(name, moved)
+    assert len(forward._REPLAYS) == 2
+    planned = quadratic_call(name, moved)
+    torch.cuda.synchronize()
+    assert torch.equal(replayed[0], planned[0]) and torch.equal(replayed[1], planned[1])
 
 
 def test_odd_tail_and_chunk_choice() -> None:
