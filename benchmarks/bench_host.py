@@ -47,9 +47,8 @@ B, H, D = 1, 8, 64
 LAUNCHES: list[object] = []  # the kernels ``forward._launch`` was asked to launch (captured, not run)
 
 
-def per_call_us(T: int, gated: bool, calls: int, repeats: int, device: str) -> tuple[float, float, int]:
-    """Median host and wall microseconds per ``triton_forward`` call, and the kernel launches of one call (counted
-    on the CPU only)."""
+def forward_call(T: int, gated: bool, device: str) -> Callable[[], None]:
+    """One eager ``triton_forward`` call as the op's body makes it (``wrap_triton`` disabled)."""
     from torch._library.triton import set_wrap_triton_enabled
 
     spec = hardware.KNOWN["H200"] if device == "cpu" else hardware.detect()
@@ -62,31 +61,11 @@ def per_call_us(T: int, gated: bool, calls: int, repeats: int, device: str) -> t
         with set_wrap_triton_enabled(False):
             forward.triton_forward(q, k, v, **options)
 
-    host, wall = timed(call, calls, repeats)
-    LAUNCHES.clear()
-    call()
-    return host, wall, len(LAUNCHES)
+    return call
 
 
-def timed(call: Callable[[], None], calls: int, repeats: int) -> tuple[float, float]:
-    """Median host and wall microseconds per call over ``repeats`` batches of ``calls`` (after warm-up calls)."""
-    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
-    for _ in range(3):
-        call()  # renders, compiles and keeps what later calls reuse
-    host, wall = [], []
-    for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            call()
-        host.append(1e6 * (time.perf_counter() - start) / calls)
-        synchronize()
-        wall.append(1e6 * (time.perf_counter() - start) / calls)
-    return statistics.median(host), statistics.median(wall)
-
-
-def sdpa_per_call_us(T: int, calls: int, repeats: int) -> tuple[float, float]:
-    """SDPA's flash forward for the same shape, timed as ``per_call_us`` times ours."""
+def sdpa_call(T: int) -> Callable[[], None]:
+    """SDPA's flash forward for the same shape."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -96,7 +75,46 @@ def sdpa_per_call_us(T: int, calls: int, repeats: int) -> tuple[float, float]:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    return timed(call, calls, repeats)
+    return call
+
+
+def replays(kept: bool) -> None:
+    """Quadratic calls kept for the calls after them (``kept``), or every call planned."""
+    forward.MAX_REPLAYS = 256 if kept else 0
+    forward._REPLAYS.clear()
+
+
+def interleaved(variants: dict[str, tuple[Callable[[], None], Callable[[], None]]], calls: int, repeats: int) -> dict:
+    """Host and wall microseconds per call of each variant (``(setup, call)``), batches of ``calls`` taken in turn
+    (the device's host is noisy: a variant timed after another sees the same drift): median and minimum over
+    ``repeats`` batches each, after warm-up calls."""
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    host: dict[str, list[float]] = {name: [] for name in variants}
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, (setup, call) in variants.items():
+            setup()
+            for _ in range(3):
+                call()  # renders, compiles and keeps what later calls reuse
+            synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                call()
+            host[name].append(1e6 * (time.perf_counter() - start) / calls)
+            synchronize()
+            wall[name].append(1e6 * (time.perf_counter() - start) / calls)
+    return {
+        name: {"host_us_per_call": statistics.median(host[name]), "host_us_min": min(host[name]),
+               "wall_us_per_call": statistics.median(wall[name]), "wall_us_min": min(wall[name])}
+        for name in variants
+    }  # fmt: skip
+
+
+def launches_per_call(call: Callable[[], None]) -> int:
+    """Kernel launches of one call (captured: ``--device cpu``)."""
+    LAUNCHES.clear()
+    call()
+    return len(LAUNCHES)
 
 
 def main() -> None:
@@ -111,22 +129,22 @@ def main() -> None:
     if args.device == "cpu":
         forward._launch = lambda kernel, *rest, **options: LAUNCHES.append(kernel)
         forward.device_shared_memory_limit = lambda device: None
-    variants = ["replayed", "planned"] if args.device == "cuda" else ["planned"]
     rows = []
     for T in args.T:
         for gated in (False, True):
-            for variant in variants:
-                forward.MAX_REPLAYS = 256 if variant == "replayed" else 0
-                forward._REPLAYS.clear()
-                host, wall, launches = per_call_us(T, gated, args.calls, args.repeats, args.device)
-                rows.append({"T": T, "gated": gated, "variant": variant, "host_us_per_call": host,
-                             "wall_us_per_call": wall, "launches_per_call": launches or None})  # fmt: skip
-                print(f"T={T:6d} gated={gated!s:5} {variant:8}: host {host:6.1f} us, wall {wall:6.1f} us per call",
+            call = forward_call(T, gated, args.device)
+            if args.device == "cpu":
+                variants = {"planned": (lambda: None, call)}
+            else:  # the same call with and without kept replays, beside SDPA
+                variants = {"replayed": (lambda: replays(True), call), "planned": (lambda: replays(False), call),
+                            "sdpa": (lambda: None, sdpa_call(T))}  # fmt: skip
+            for variant, times in interleaved(variants, args.calls, args.repeats).items():
+                launches = launches_per_call(call) if args.device == "cpu" else None
+                rows.append({"T": T, "gated": gated, "variant": variant, **times, "launches_per_call": launches})
+                print(f"T={T:6d} gated={gated!s:5} {variant:8}: host {times['host_us_per_call']:6.1f} us "
+                      f"(min {times['host_us_min']:6.1f}), wall {times['wall_us_per_call']:6.1f} us per call",
                       flush=True)  # fmt: skip
-        if args.device == "cuda":
-            host, wall = sdpa_per_call_us(T, args.calls, args.repeats)
-            rows.append({"T": T, "gated": False, "variant": "sdpa", "host_us_per_call": host, "wall_us_per_call": wall})
-            print(f"T={T:6d} sdpa (flash)        : host {host:6.1f} us, wall {wall:6.1f} us per call", flush=True)
+    replays(True)
     result = {
         "command": command_line(),
         "commit": git_commit(args.commit),

@@ -95,3 +95,24 @@ def test_a_launch_that_cannot_be_repeated_directly_is_not_kept(monkeypatch: pyte
     assert DirectLaunch.of(sample_kernel, (1,), launch, None) is None  # traced through wrap_triton: nothing back
     with pytest.raises(ValueError, match="parameters"):
         DirectLaunch.of(sample_kernel, (1,), {**launch, "extra": 1}, Compiled())
+
+
+def test_direct_launches_only_where_triton_would_launch_directly_and_no_hook_waits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from torch._library.triton import set_wrap_triton_enabled
+    from triton import knobs
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not eager_launch.direct_launches_allowed()  # wrap_triton enabled: launches go through its tracing
+    with set_wrap_triton_enabled(False):
+        assert eager_launch.direct_launches_allowed()
+        hook = knobs.runtime.launch_enter_hook
+        if isinstance(hook, knobs.HookChain):
+            monkeypatch.setattr(hook, "calls", [lambda metadata: None])
+        else:
+            monkeypatch.setattr(knobs.runtime, "launch_enter_hook", lambda metadata: None)
+        assert not eager_launch.direct_launches_allowed()  # a profiler's hook
+        monkeypatch.undo()
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert not eager_launch.direct_launches_allowed()

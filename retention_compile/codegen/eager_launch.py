@@ -31,7 +31,13 @@ def direct_launches_allowed() -> bool:
     from triton import knobs
 
     hooks = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-    return not is_wrap_triton_enabled() and not interpreting() and hooks == (None, None)
+    return not is_wrap_triton_enabled() and not interpreting() and not any(map(_hook_set, hooks))
+
+
+def _hook_set(hook) -> bool:
+    """Whether a Triton launch hook is set: a callable, or a non-empty chain of them (``knobs.HookChain``, which
+    newer Triton versions hold even with no hook in it)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 @dataclass(frozen=True)
