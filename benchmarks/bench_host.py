@@ -14,7 +14,8 @@ one commit read 91-150 us at T=65536, so compare the Python work there with a pr
 per call measured until the last of ``--calls`` calls returns (the GPU's queue takes them without waiting), and the
 wall time per call until the GPU is done. Rows: ``replayed`` (repeated quadratic calls repeat the first call's
 launches, ``forward.QuadraticReplay``), ``planned`` (``forward.MAX_REPLAYS = 0``: every call planned and bound by
-Triton) and SDPA's flash call for the same shape.
+Triton), ``op`` (the public eager ``power_retention`` under ``torch.no_grad``, replays kept) and SDPA's flash call
+for the same shape.
 
 Shape: b=1, h=8, d=e=64, deg 2, bf16, causal, y stored in bf16 (a forward no backward follows), the H200's plan;
 T in ``--T``, ungated and gated. Median of ``--repeats`` batches of ``--calls`` calls.
@@ -60,6 +61,21 @@ def forward_call(T: int, gated: bool, device: str) -> Callable[[], None]:
     def call() -> None:
         with set_wrap_triton_enabled(False):
             forward.triton_forward(q, k, v, **options)
+
+    return call
+
+
+def op_call(T: int, gated: bool) -> Callable[[], None]:
+    """The public eager entry ``power_retention`` (under ``torch.no_grad``: nothing kept for a backward), which
+    checks its inputs, plans, picks the state kernel and dispatches the op around ``triton_forward``."""
+    from retention_compile.ops import power_retention
+
+    q, k, v = (torch.randn(B, H, T, D, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+    gate = -torch.rand(B, H, T, device="cuda") if gated else None
+
+    def call() -> None:
+        with torch.no_grad():
+            power_retention(q, k, v, log_gate=gate, causal=True)
 
     return call
 
@@ -137,6 +153,7 @@ def main() -> None:
                 variants = {"planned": (lambda: None, call)}
             else:  # the same call with and without kept replays, beside SDPA
                 variants = {"replayed": (lambda: replays(True), call), "planned": (lambda: replays(False), call),
+                            "op": (lambda: replays(True), op_call(T, gated)),
                             "sdpa": (lambda: None, sdpa_call(T))}  # fmt: skip
             for variant, times in interleaved(variants, args.calls, args.repeats).items():
                 launches = launches_per_call(call) if args.device == "cpu" else None
