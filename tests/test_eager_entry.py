@@ -1,0 +1,79 @@
+"""The public eager ``power_retention``: a call that keeps nothing for a backward runs the op's body itself
+(``ops._runs_body_directly``), exactly as the op's eager kernel would; anything that must see the op still does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import retention_compile as rc
+from retention_compile import ops
+
+
+def inputs(requires_grad: bool = False) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 4, 40, 16, generator=gen) for _ in range(3))
+    gate = -0.1 * torch.rand(1, 4, 40, generator=gen)
+    return q.requires_grad_(requires_grad), k, v, gate
+
+
+def call(q, k, v, gate) -> torch.Tensor:
+    return rc.power_retention(q, k, v, log_gate=gate, chunk_size=16)
+
+
+def refusing_op(*args, **kwargs):
+    raise AssertionError("the op was dispatched")
+
+
+def test_a_call_without_a_backward_runs_the_body_and_matches_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    q, k, v, gate = inputs()
+    through_op = ops.power_retention_op(q, k, v, gate, None, 0.25, 2, True, 16, "auto", False)[0]
+    monkeypatch.setattr(ops, "power_retention_op", refusing_op)
+    with torch.no_grad():
+        assert torch.equal(call(q, k, v, gate), through_op)
+    assert torch.equal(call(q, k, v, gate), through_op)  # no input asks for a gradient
+
+
+def test_a_call_with_a_backward_goes_through_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops, "power_retention_op", refusing_op)
+    with pytest.raises(AssertionError, match="dispatched"):
+        call(*inputs(requires_grad=True))
+
+
+class SeenOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_dispatch_mode_sees_the_op() -> None:
+    with torch.no_grad(), SeenOps() as mode:
+        call(*inputs())
+    assert any("retention_compile.power_retention" in name for name in mode.names)
+
+
+def test_nothing_runs_the_body_directly_where_the_op_must_be_seen() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q = torch.randn(1, 1, 4, 8)
+    assert ops._runs_body_directly(q, None)
+    with FakeTensorMode() as fake:
+        assert not ops._runs_body_directly(fake.from_tensor(q))
+    with torch.device("cpu"):  # a function mode
+        assert not ops._runs_body_directly(q)
+    with torch.profiler.profile():
+        assert not ops._runs_body_directly(q)
+    seen_in_vmap: list[bool] = []
+
+    def body(x: torch.Tensor) -> torch.Tensor:
+        seen_in_vmap.append(ops._runs_body_directly(x))
+        return x
+
+    torch.vmap(body)(torch.randn(2, 4))
+    assert seen_in_vmap == [False]
+    assert not ops._runs_body_directly(torch.nn.Parameter(q))  # a subclass: through the op
