@@ -54,9 +54,9 @@ def capture(x: dict, plan) -> dict:
 
     launch = forward._launch
 
-    def recording_launch(kernel, grid, kwargs, warps, stages, maxnreg=None):
+    def recording_launch(kernel, grid, kwargs, warps, stages, maxnreg=None, kept=None):
         recorded["launches"].append((kernel, grid, dict(kwargs), warps, stages))
-        launch(kernel, grid, kwargs, warps, stages, maxnreg)
+        launch(kernel, grid, kwargs, warps, stages, maxnreg, kept)
 
     from torch._library.triton import set_wrap_triton_enabled
 
