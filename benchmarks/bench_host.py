@@ -13,7 +13,7 @@ one commit read 91-150 us at T=65536, so compare the Python work there with a pr
 ``--device cuda``: real calls on the GPU as the op's eager body makes them (``wrap_triton`` disabled), the host time
 per call measured until the last of ``--calls`` calls returns (the GPU's queue takes them without waiting), and the
 wall time per call until the GPU is done. Rows: ``replayed`` (repeated quadratic calls repeat the first call's
-launches, ``forward.QuadraticReplay``), ``planned`` (``forward.MAX_REPLAYS = 0``: every call planned and bound by
+launches, ``forward.QuadraticReplay``), ``planned`` (``replays.MAX_KEPT = 0``: every call planned and bound by
 Triton), ``op`` (the public eager ``power_retention`` under ``torch.no_grad``, replays kept) and SDPA's flash call
 for the same shape.
 
@@ -42,7 +42,7 @@ import torch
 from provenance import command_line, git_commit
 
 from retention_compile import hardware, planning
-from retention_compile.codegen import forward
+from retention_compile.codegen import forward, replays
 
 B, H, D = 1, 8, 64
 LAUNCHES: list[object] = []  # the kernels ``forward._launch`` was asked to launch (captured, not run)
@@ -94,10 +94,10 @@ def sdpa_call(T: int) -> Callable[[], None]:
     return call
 
 
-def replays(kept: bool) -> None:
-    """Quadratic calls kept for the calls after them (``kept``), or every call planned."""
-    forward.MAX_REPLAYS = 256 if kept else 0
-    forward._REPLAYS.clear()
+def keep_replays(on: bool) -> None:
+    """Quadratic calls kept for the calls after them (``on``), or every call planned."""
+    replays.MAX_KEPT = 256 if on else 0
+    replays.clear()
 
 
 def interleaved(variants: dict[str, tuple[Callable[[], None], Callable[[], None]]], calls: int, repeats: int) -> dict:
@@ -152,8 +152,9 @@ def main() -> None:
             if args.device == "cpu":
                 variants = {"planned": (lambda: None, call)}
             else:  # the same call with and without kept replays, beside SDPA
-                variants = {"replayed": (lambda: replays(True), call), "planned": (lambda: replays(False), call),
-                            "op": (lambda: replays(True), op_call(T, gated)),
+                variants = {"replayed": (lambda: keep_replays(True), call),
+                            "planned": (lambda: keep_replays(False), call),
+                            "op": (lambda: keep_replays(True), op_call(T, gated)),
                             "sdpa": (lambda: None, sdpa_call(T))}  # fmt: skip
             for variant, times in interleaved(variants, args.calls, args.repeats).items():
                 launches = launches_per_call(call) if args.device == "cpu" else None
@@ -161,7 +162,7 @@ def main() -> None:
                 print(f"T={T:6d} gated={gated!s:5} {variant:8}: host {times['host_us_per_call']:6.1f} us "
                       f"(min {times['host_us_min']:6.1f}), wall {times['wall_us_per_call']:6.1f} us per call",
                       flush=True)  # fmt: skip
-    replays(True)
+    keep_replays(True)
     result = {
         "command": command_line(),
         "commit": git_commit(args.commit),

@@ -43,8 +43,12 @@ import math
 import warnings
 
 import torch
+from torch._library.triton import set_wrap_triton_enabled
+from torch.autograd import forward_ad
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.library import triton_op
+from torch.overrides import _get_current_function_mode_stack
+from torch.utils._device import DeviceContext
 
 from . import chunked, hardware, planning, quadratic
 from .checks import validate_retention_inputs
@@ -353,8 +357,6 @@ def power_retention(
     for_backward = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, log_gate))
     args = (q, k, v, log_gate, valid, default_scale(q.shape[-1], scale), deg, causal, chunk_size or 0, impl)
     if not for_backward and _runs_body_directly(q, k, v, log_gate, valid):
-        from torch._library.triton import set_wrap_triton_enabled
-
         with set_wrap_triton_enabled(False):  # as the op's own eager kernel runs its body
             y, *_ = _forward_body(*args, for_backward=False)
         return y
@@ -367,14 +369,25 @@ def _runs_body_directly(*tensors: torch.Tensor | None) -> bool:
     kernel would (``triton_op``: the body with ``wrap_triton`` disabled), without the dispatcher's layers around it
     (the autograd kernel, alias checks, the Dynamo guard): on the H200's host (2026-12-01, f585557) a T=2048 call
     through the op took 195-200 us of host time against 53-66 us for ``triton_forward`` alone. Not where anything
-    must see the op: while compiling or tracing (Dynamo, export; fake and functional tensors are subclasses), under
-    a dispatch or function mode, inside a functorch transform (vmap, grad: their tensors look plain), or while the
-    profiler records (its trace names the op)."""
+    must see the op: while compiling or tracing (Dynamo, export, ``torch.jit.trace``; fake and functional tensors
+    are subclasses), under a dispatch mode or a function mode other than a default device's, inside a functorch
+    transform (vmap, grad: their tensors look plain) or a forward-mode AD level, or while the profiler records (its
+    trace names the op)."""
     return (
         not torch.compiler.is_compiling()
         and all(t is None or type(t) is torch.Tensor for t in tensors)
+        and torch._C._get_tracing_state() is None
         and torch._C._len_torch_dispatch_stack() == 0
-        and not torch._C._is_torch_function_mode_enabled()
+        and _only_default_device_modes()
         and torch._C._functorch.peek_interpreter_stack() is None
+        and forward_ad._current_level < 0
         and not torch._C._autograd._profiler_enabled()
     )
+
+
+def _only_default_device_modes() -> bool:
+    """No function mode is active but ``torch.device(...)`` / ``torch.set_default_device``'s, which only fills in the
+    device of factory calls that name none (the body names its tensors' device everywhere)."""
+    if not torch._C._is_torch_function_mode_enabled():
+        return True
+    return all(isinstance(mode, DeviceContext) for mode in _get_current_function_mode_stack())

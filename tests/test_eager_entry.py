@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import retention_compile as rc
@@ -57,16 +58,24 @@ def test_a_dispatch_mode_sees_the_op() -> None:
     assert any("retention_compile.power_retention" in name for name in mode.names)
 
 
+class AnyFunctionMode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
 def test_nothing_runs_the_body_directly_where_the_op_must_be_seen() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.autograd import forward_ad
 
     q = torch.randn(1, 1, 4, 8)
     assert ops._runs_body_directly(q, None)
     with FakeTensorMode() as fake:
         assert not ops._runs_body_directly(fake.from_tensor(q))
-    with torch.device("cpu"):  # a function mode
+    with AnyFunctionMode():
         assert not ops._runs_body_directly(q)
     with torch.profiler.profile():
+        assert not ops._runs_body_directly(q)
+    with forward_ad.dual_level():
         assert not ops._runs_body_directly(q)
     seen_in_vmap: list[bool] = []
 
@@ -77,3 +86,19 @@ def test_nothing_runs_the_body_directly_where_the_op_must_be_seen() -> None:
     torch.vmap(body)(torch.randn(2, 4))
     assert seen_in_vmap == [False]
     assert not ops._runs_body_directly(torch.nn.Parameter(q))  # a subclass: through the op
+
+
+def test_a_default_device_still_runs_the_body_directly_and_right() -> None:
+    q, k, v, gate = inputs()
+    through_op = ops.power_retention_op(q, k, v, gate, None, 0.25, 2, True, 16, "auto", False)[0]
+    with torch.device("meta"), torch.no_grad():  # factory calls that name no device would land on meta
+        assert ops._runs_body_directly(q)
+        assert torch.equal(call(q, k, v, gate), through_op)
+
+
+def test_a_jit_trace_records_the_op() -> None:
+    q, k, v, gate = inputs()
+    traced = torch.jit.trace(call, (q, k, v, gate))
+    assert "retention_compile::power_retention" in str(traced.graph)
+    fresh = inputs()
+    assert torch.equal(traced(*fresh), call(*fresh))

@@ -1,6 +1,7 @@
-"""Repeated eager calls of the quadratic forward (``codegen.eager_launch``, ``forward.QuadraticReplay``), on the CPU:
-what the replay key tells apart, and the arguments a kept launch hands to the compiled kernel's launcher. The replays
-themselves run on a GPU (``tests/gpu/test_triton_forward.py``: bitwise equal to the planned path)."""
+"""Repeated eager calls of the quadratic forward (``codegen.eager_launch``, ``codegen.replays``,
+``forward.QuadraticReplay``), on the CPU: what the replay key tells apart, and the arguments a kept launch hands to
+the compiled kernel's launcher. The replays themselves run on a GPU (``tests/gpu/test_triton_forward.py``: bitwise
+equal to the planned path)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ from retention_compile.codegen.eager_launch import DirectLaunch
 from retention_compile.planning import Plan
 
 PLAN = Plan(chunk_size=1 << 20, block_t=64, block_e=64)
+BASE = dict(log_gate=None, valid=None, scale=0.125, deg=2, causal=True, plan=PLAN, segments=None, state_kernel=None,
+            y_dtype=torch.bfloat16)  # fmt: skip
 
 
-def key(q, k, v, log_gate=None, valid=None, scale=0.125, plan=PLAN) -> tuple:
-    return forward._replay_key(q, k, v, log_gate, valid, scale, 2, True, plan, None, None, torch.bfloat16)
+def key(q, k, v, **changes) -> tuple:
+    options = {**BASE, **changes}
+    return forward._replay_key(q, k, v, *(options[name] for name in BASE))
 
 
 @pytest.fixture
@@ -31,29 +35,39 @@ def test_fresh_tensors_of_the_same_layout_share_a_key(inputs: tuple) -> None:
     assert key(*inputs) == key(*again)
 
 
-def test_the_key_tells_apart_what_the_kernels_are_specialized_and_planned_on(inputs: tuple) -> None:
+def test_the_key_tells_apart_what_the_kernels_are_specialized_and_planned_on(
+    inputs: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
     q, k, v = inputs
-    base = key(q, k, v)
     unaligned = torch.empty(q.numel() + 1, dtype=q.dtype)[1:].view(q.shape)
     transposed = q.transpose(1, 2).contiguous().transpose(1, 2)
-    gate = -torch.rand(1, 4, 100)
     variants = {
         "unaligned q": key(unaligned, k, v),
         "strides of q": key(transposed, k, v),
         "dtype of k": key(q, k.float(), v),
         "length of v": key(q, k, torch.randn(1, 4, 101, 64, dtype=v.dtype)),
-        "a gate": key(q, k, v, log_gate=gate),
+        "a gate": key(q, k, v, log_gate=-torch.rand(1, 4, 100)),
         "validity": key(q, k, v, valid=torch.ones(1, 100, dtype=torch.bool)),
         "scale": key(q, k, v, scale=0.25),
+        "deg": key(q, k, v, deg=4),
+        "causal": key(q, k, v, causal=False),
         "plan": key(q, k, v, plan=Plan(chunk_size=1 << 20, block_t=32, block_e=64)),
+        "segments": key(q, k, v, segments=3),
+        "a CUDA state kernel": key(q, k, v, state_kernel=lambda spec, args: {}),
+        "y dtype": key(q, k, v, y_dtype=torch.float32),
     }
+    tunables = {"QUADRATIC_BLOCK_K": 32, "GATE_SCAN_BLOCK": 1024, "WIDE_STAGES": 1, "MIN_BLOCK_E": 32}
+    for name, value in tunables.items():
+        with monkeypatch.context() as patched:
+            patched.setattr(forward, name, value)
+            variants[name] = key(q, k, v)
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.cuda, "current_device", lambda: 1)
+        variants["current device"] = key(q, k, v)
+    base = key(q, k, v)
     for what, other in variants.items():
         assert other != base, f"{what} left the key unchanged"
     assert len(set(variants.values())) == len(variants)
-
-
-def test_calls_on_the_cpu_keep_nothing() -> None:
-    assert not forward._replayable(torch.randn(2, 2))
 
 
 @triton.jit
@@ -61,16 +75,25 @@ def sample_kernel(X, Y, n, scale, FLAG: tl.constexpr):
     pass
 
 
+class Launcher:
+    """A launcher called as Triton's are."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def __call__(self, gridX, gridY, gridZ, stream, function, kernel_metadata, launch_metadata, launch_enter_hook,
+                 launch_exit_hook, *args) -> None:  # fmt: skip
+        self.calls.append((gridX, gridY, gridZ, stream, function, kernel_metadata, launch_metadata,
+                           launch_enter_hook, launch_exit_hook, *args))  # fmt: skip
+
+
 class Compiled:
     """What a launch of Triton's JIT hands back, as far as ``DirectLaunch`` reads it."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple] = []
+        self.run = Launcher()
         self.function = "function handle"
         self.packed_metadata = "packed metadata"
-
-    def run(self, *arguments) -> None:
-        self.calls.append(arguments)
 
 
 def test_a_kept_launch_passes_each_calls_tensors_in_parameter_order(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -81,7 +104,7 @@ def test_a_kept_launch_passes_each_calls_tensors_in_parameter_order(monkeypatch:
     kept = DirectLaunch.of(sample_kernel, (7, 2), first, compiled)
     x, y = torch.randn(3), torch.randn(3)
     kept({"X": x, "Y": y, "unused": torch.zeros(1)})
-    (call,) = compiled.calls
+    (call,) = compiled.run.calls
     assert call[:7] == (7, 2, 1, "stream of 0", "function handle", "packed metadata", None)
     assert call[7:9] == (None, None)  # no launch hooks
     assert call[9] is x and call[10] is y and call[11:] == (3, 0.5, True)
@@ -93,8 +116,20 @@ def test_a_launch_that_cannot_be_repeated_directly_is_not_kept(monkeypatch: pyte
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     launch = {"X": torch.ones(1), "Y": torch.ones(1), "n": 1, "scale": 1.0, "FLAG": False}
     assert DirectLaunch.of(sample_kernel, (1,), launch, None) is None  # traced through wrap_triton: nothing back
+    other_order = Compiled()
+    other_order.run = lambda *args: None  # a launcher whose parameters are not Triton's
+    assert DirectLaunch.of(sample_kernel, (1,), launch, other_order) is None
     with pytest.raises(ValueError, match="parameters"):
         DirectLaunch.of(sample_kernel, (1,), {**launch, "extra": 1}, Compiled())
+
+
+def test_the_installed_triton_launcher_takes_the_arguments_in_order() -> None:
+    """Triton's CUDA launcher (what ``CompiledKernel.run`` is on a GPU) is called as ``DirectLaunch`` calls it: an
+    upgrade that reorders it fails here, on the CPU, instead of replaying wrong arguments (it would not be used)."""
+    from triton.backends.nvidia.driver import CudaLauncher
+
+    assert eager_launch.launcher_takes_arguments_in_order(CudaLauncher)
+    assert not eager_launch.launcher_takes_arguments_in_order(type(lambda: None))
 
 
 def test_direct_launches_only_where_triton_would_launch_directly_and_no_hook_waits(
@@ -116,3 +151,27 @@ def test_direct_launches_only_where_triton_would_launch_directly_and_no_hook_wai
         monkeypatch.undo()
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         assert not eager_launch.direct_launches_allowed()
+
+
+def test_a_changed_compile_setting_is_a_new_key(inputs: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    from triton import knobs
+
+    base = key(*inputs)
+    monkeypatch.setattr(knobs.runtime, "debug", not knobs.runtime.debug)
+    assert key(*inputs) != base
+
+
+def test_a_kept_call_is_dropped_once_its_kernels_are_loaded_anew(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reloading the rendered kernels (``triton_source._load`` cleared, as the kernel-cache tests do) makes a kept
+    call stale: it is not answered from any more, so its possibly unloaded kernels never launch."""
+    from retention_compile.codegen import replays, triton_source
+
+    q = torch.randn(1, 2, 50, 32)
+    spec = forward.kernel_spec(q, q, 2, False, False, True, 50, PLAN)
+    launch = DirectLaunch(Compiled(), (1, 1, 1), 0, (), ())
+    replay = forward.QuadraticReplay(spec, forward.load_forward(spec)[0], False, torch.float32, None, launch)
+    monkeypatch.setattr(replays, "_KEPT", type(replays._KEPT)())
+    replays.keep(("a key",), replay)
+    assert replays.kept(("a key",)) is replay
+    triton_source._load.cache_clear()
+    assert not replay.current() and replays.kept(("a key",)) is None

@@ -6,27 +6,39 @@ arguments, builds a cache key, looks the compiled kernel up) and ``triton_forwar
 against 31 us of GPU time (T=2048, b1 h8 d64 bf16; SDPA's whole eager call took 69 us on that host).
 
 A caller that can tell that a call repeats an earlier one in everything its kernels were specialized and planned on
-(``triton_forward`` keys its calls by each input's shape, strides, dtype and 16-byte alignment, the scalars and the
-Plan) keeps what the first call launched as ``DirectLaunch``es: the compiled kernel, its grid, and every argument
-that the key fixes (integers, floats, flags). A later call passes only its tensors, in the kernel's parameter order,
-to the compiled kernel's launcher: what Triton itself does once it has found the kernel.
+(``codegen/replays.py``) keeps what the first call launched as ``DirectLaunch``es: the compiled kernel, its grid,
+and every argument that the repeat fixes (integers, floats, flags). A later call passes only its tensors, in the
+kernel's parameter order, to the compiled kernel's launcher, which is what ``JITFunction.run`` itself does once it
+has found the kernel:
 
-Only where the first call launched directly too (``direct_launches_allowed``): ``wrap_triton`` disabled (the body
-of a ``triton_op`` run eagerly), not interpreting, and no Triton launch hooks (a profiler's) to call.
+    launcher(grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata, enter_hook, exit_hook, *args)
+
+Only where the first call launched directly too and nothing else would run at a launch (``direct_launches_allowed``):
+``wrap_triton`` disabled (the body of a ``triton_op`` run eagerly), not interpreting, no Triton launch hooks (a
+profiler's); and only for kernels with no pre-run hooks, whose launcher takes that argument order
+(``launcher_takes_arguments_in_order``).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
 
 from .triton_source import interpreting
 
+# The launcher's parameters before the kernel's arguments, as Triton's CUDA launchers (3.4 to 3.9) name them.
+LAUNCHER_PARAMETERS = (
+    "gridX", "gridY", "gridZ", "stream", "function", "kernel_metadata", "launch_metadata", "launch_enter_hook",
+    "launch_exit_hook",
+)  # fmt: skip
+
 
 def direct_launches_allowed() -> bool:
-    """Whether a launch now goes straight to Triton's ``kernel[grid]`` (so a kept compiled kernel may replace it):
-    ``wrap_triton`` disabled, not interpreting, no launch hooks set."""
+    """Whether a launch now goes straight to Triton's ``kernel[grid]`` with nothing else to run at it (so a kept
+    compiled kernel may replace it): ``wrap_triton`` disabled, not interpreting, no launch hooks set."""
     from torch._library.triton import is_wrap_triton_enabled
     from triton import knobs
 
@@ -34,34 +46,58 @@ def direct_launches_allowed() -> bool:
     return not is_wrap_triton_enabled() and not interpreting() and not any(map(_hook_set, hooks))
 
 
-def _hook_set(hook) -> bool:
+def _hook_set(hook: object) -> bool:
     """Whether a Triton launch hook is set: a callable, or a non-empty chain of them (``knobs.HookChain``, which
     newer Triton versions hold even with no hook in it)."""
     return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def compile_settings() -> tuple:
+    """The Triton settings that pick a compiled kernel besides its arguments (part of ``JITFunction.run``'s cache
+    key): a launch kept under other settings must not serve a call under these."""
+    from triton import knobs
+
+    return (
+        getattr(knobs.runtime, "debug", None),
+        getattr(knobs.compilation, "instrumentation_mode", None),
+        getattr(knobs.compilation, "fpsan_homomorphic_casts", None),
+        getattr(knobs.runtime, "add_stages_inspection_hook", None),
+    )
+
+
+@functools.cache
+def launcher_takes_arguments_in_order(launcher_type: type) -> bool:
+    """Whether this Triton version's launcher is called as ``DirectLaunch`` calls it (``LAUNCHER_PARAMETERS``,
+    then the kernel's arguments)."""
+    try:
+        names = tuple(inspect.signature(launcher_type.__call__).parameters)[1:]
+    except (TypeError, ValueError):
+        return False
+    return names[: len(LAUNCHER_PARAMETERS)] == LAUNCHER_PARAMETERS
 
 
 @dataclass(frozen=True)
 class DirectLaunch:
     """One kept launch of a compiled Triton kernel: ``arguments`` holds every parameter's value in the kernel's
     order, with ``None`` at the tensor parameters (``tensors``: their positions and names), which each call
-    supplies."""
+    supplies. ``compiled`` keeps the compiled kernel alive (Triton unloads its module when it is collected)."""
 
-    name: str
-    launcher: object
-    function: object
-    packed_metadata: object
+    compiled: object
     grid: tuple[int, int, int]
     device: int
     arguments: tuple
     tensors: tuple[tuple[int, str], ...]
 
     @staticmethod
-    def of(kernel, grid: tuple, launch: dict, compiled) -> DirectLaunch | None:
-        """The launch ``kernel[grid](**launch)`` that compiled (Triton's ``CompiledKernel``, what the launch
+    def of(kernel: object, grid: tuple, launch: dict, compiled: object) -> DirectLaunch | None:
+        """The launch ``kernel[grid](**launch)`` that ``compiled`` (Triton's ``CompiledKernel``, what the launch
         returned) just ran, to repeat with other tensors of the same specialization; None where it cannot be
-        repeated directly (no compiled kernel: the launch went through ``wrap_triton``'s tracing)."""
+        repeated directly (no compiled kernel: the launch went through ``wrap_triton``'s tracing; pre-run hooks;
+        a launcher called otherwise)."""
         launcher = getattr(compiled, "run", None)
         if launcher is None or getattr(compiled, "function", None) is None or len(grid) > 3:
+            return None
+        if getattr(kernel, "pre_run_hooks", None) or not launcher_takes_arguments_in_order(type(launcher)):
             return None
         names = kernel.arg_names
         if set(names) != set(launch):
@@ -69,10 +105,7 @@ class DirectLaunch:
         tensors = tuple((i, n) for i, n in enumerate(names) if isinstance(launch[n], torch.Tensor))
         arguments = tuple(None if isinstance(launch[n], torch.Tensor) else launch[n] for n in names)
         full_grid = (*(int(g) for g in grid), 1, 1)[:3]
-        return DirectLaunch(
-            kernel.__name__, launcher, compiled.function, compiled.packed_metadata, full_grid,
-            torch.cuda.current_device(), arguments, tensors,
-        )  # fmt: skip
+        return DirectLaunch(compiled, full_grid, torch.cuda.current_device(), arguments, tensors)
 
     def __call__(self, tensors: dict[str, torch.Tensor]) -> None:
         """Launch on the current stream with ``tensors`` (by parameter name) at the tensor parameters; no launch
@@ -80,8 +113,9 @@ class DirectLaunch:
         arguments = list(self.arguments)
         for position, name in self.tensors:
             arguments[position] = tensors[name]
+        compiled = self.compiled
         stream = current_stream(self.device)
-        self.launcher(*self.grid, stream, self.function, self.packed_metadata, None, None, None, *arguments)
+        compiled.run(*self.grid, stream, compiled.function, compiled.packed_metadata, None, None, None, *arguments)
 
 
 def current_stream(device: int) -> int:

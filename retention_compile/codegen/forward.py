@@ -36,6 +36,10 @@ reduction over 2560 features). Three kernels:
     query    the quadratic kernel restricted to the keys of the query's own chunk, plus
              ``exp(G_i - G_b) phi(s q_i)^T S_c`` with phi(q) built per pair in registers.
 
+Eager calls of the quadratic path that repeat an earlier call in everything its kernels were specialized and
+planned on are answered by repeating that call's compiled launches (``QuadraticReplay``, ``replays``,
+``eager_launch``): a short call is bound by the host, not the GPU.
+
 Segments exist for parallelism: one segment per (head, pair) would leave most SMs idle at small batch
 (b=1, h=8, d=64: 80 programs on 132 SMs, each walking all of T). With ``n`` segments the state kernel runs
 ``n`` times as many programs; the price is one read-modify-write of the chunk states of segments >= 1.
@@ -47,7 +51,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -58,7 +61,8 @@ from ..inspection import is_recording
 from ..planning import EXACT_CHUNK_BELOW, Plan
 from ..reference import EPS
 from ..sizes import size_hint
-from .eager_launch import DirectLaunch, direct_launches_allowed
+from . import replays
+from .eager_launch import DirectLaunch
 from .fitting import (
     compiled_shared_memory,
     device_shared_memory_limit,
@@ -395,6 +399,9 @@ def triton_forward(
     stores it beside the float32 y (in place of a cast after it). ``y_dtype``: the dtype of the returned y, which
     the query kernel stores rounded from its float32 accumulators; a 16-bit one (for a forward no backward follows)
     skips the float32 y's store (4 bytes per element) altogether, and excludes ``y_out``.
+
+    An eager call on the quadratic path whose launches go straight to Triton (``replays.replayable``), with neither
+    ``y_out`` nor ``states_out``, is kept; a later call with the same key (``_replay_key``) repeats its launches.
     """
     if y_out is not None and y_dtype != torch.float32:
         raise ValueError(f"triton_forward: y_out is stored beside a float32 y, but y_dtype is {y_dtype}")
@@ -408,9 +415,9 @@ def triton_forward(
             y_out.copy_(y)
         return y, with_keyless_rows(denom, keyless, EPS)
     replay_key = None
-    if y_out is None and states_out is None and _replayable(q):
+    if y_out is None and states_out is None and replays.replayable(q):
         replay_key = _replay_key(q, k, v, log_gate, valid, scale, deg, causal, plan, segments, state_kernel, y_dtype)
-        if (replay := _REPLAYS.get(replay_key)) is not None:
+        if (replay := replays.kept(replay_key)) is not None:
             return replay(q, k, v, log_gate, valid)
     spec, (q, k, v), cuda_states = call_shape_class(
         q, k, v, deg, log_gate is not None, valid is not None, causal, plan, state_kernel is not None
@@ -421,14 +428,15 @@ def triton_forward(
     B, Hq, Tq, _ = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
     module, _ = load_forward(spec)
-    y, denom = _outputs(q, v, y_dtype)
+    tensors = _call_tensors(q, k, v, log_gate, valid, y_dtype)
+    y, denom = tensors["Y"], tensors["DEN"]
     common = {**_strides("k", k), **_strides("v", v), "K": k, "V": v, "Hq": Hq, "group": Hq // Hk, "Tk": Tk}
     extra: dict[str, object] = {}
     if log_gate is not None:
-        extra["G"] = _gate_cumsum(module, log_gate, kept)
+        extra["G"] = _launch_gate_cumsum(module, tensors["LOG_GATE"], tensors["G"], kept)
         extra["stride_g"] = extra["G"].stride(1)
     if valid is not None:
-        extra["VALID"] = valid.contiguous()
+        extra["VALID"] = tensors["VALID"]
     if y_out is not None and (y_out.shape != y.shape or not y_out.is_contiguous()):
         raise ValueError(f"triton_forward: y_out must be contiguous and shaped {tuple(y.shape)}, got {y_out.shape}")
     attention = {"Q": q, "Y": y, "DEN": denom, **_strides("q", q), **common, **extra, "Tq": Tq, "scale": scale}
@@ -462,69 +470,70 @@ def triton_forward(
         _RECORDED.add(spec)
         _record(spec, path, q, k, v, plan)
     _launch(module.attention_kernel, grid(spec), attention, warps, stages, launch.max_registers, kept)
-    if kept is not None and None not in kept:
+    if kept is not None and all(launch is not None for launch in kept):
         gate = kept[0] if spec.gated else None
-        _keep_replay(replay_key, QuadraticReplay(spec, not cuda_states, y_dtype, gate, kept[-1]))
+        replays.keep(replay_key, QuadraticReplay(spec, module, not cuda_states, y_dtype, gate, kept[-1]))
     return y, denom
 
 
 @dataclass(frozen=True)
 class QuadraticReplay:
     """An eager quadratic-path call of ``triton_forward`` kept for the calls after it with the same key
-    (``_replay_key``): they allocate y, denom (and G) as the first did and repeat its launches directly
-    (``eager_launch``), skipping the planning and Triton's argument binding. ``widen``: the first call's inputs went
-    through ``kernel_inputs`` (no CUDA state kernel asked for)."""
+    (``replays.call_key``): each allocates its buffers as the first did (``_call_tensors``) and repeats its launches
+    directly (``eager_launch``), without planning or Triton's argument binding. ``module``: the rendered kernels it
+    launches (current while ``load_forward`` still returns them); ``widen``: the first call's inputs went through
+    ``kernel_inputs`` (no CUDA state kernel asked for)."""
 
     spec: KernelSpec
+    module: object
     widen: bool
     y_dtype: torch.dtype
     gate: DirectLaunch | None
     attention: DirectLaunch
 
+    def current(self) -> bool:
+        return load_forward(self.spec)[0] is self.module
+
     def __call__(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor | None, valid
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        log_gate: torch.Tensor | None,
+        valid: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.widen:
             q, k, v = kernel_inputs(q, k, v, self.spec)
-        y, denom = _outputs(q, v, self.y_dtype)
-        tensors = {"Q": q, "K": k, "V": v, "Y": y, "DEN": denom}
+        tensors = _call_tensors(q, k, v, log_gate, valid, self.y_dtype)
         if self.gate is not None:
-            tensors["LOG_GATE"], tensors["G"] = _gate_buffers(log_gate)
             self.gate(tensors)
-        if valid is not None:
-            tensors["VALID"] = valid.contiguous()
         self.attention(tensors)
-        return y, denom
+        return tensors["Y"], tensors["DEN"]
 
 
-# Kept quadratic calls, least recently added first (a workload of ever new lengths replaces them).
-MAX_REPLAYS = 256
-_REPLAYS: OrderedDict[tuple, QuadraticReplay] = OrderedDict()
+def _replay_key(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gate: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    scale: float,
+    deg: int,
+    causal: bool,
+    plan: Plan,
+    segments: int | None,
+    state_kernel: Callable | None,
+    y_dtype: torch.dtype,
+) -> tuple:
+    """The key under which a quadratic call of ``triton_forward`` with these arguments is kept (``replays``)."""
+    settings = (scale, deg, causal, plan, segments, state_kernel is not None, y_dtype, *_quadratic_tunables())
+    return replays.call_key((q, k, v, log_gate, valid), settings)
 
 
-def _replayable(q: torch.Tensor) -> bool:
-    """Whether an eager call may be answered by a kept ``QuadraticReplay``: a plain CUDA tensor, launches that go
-    straight to Triton (``direct_launches_allowed``), no inspection recording every call."""
-    return q.is_cuda and type(q) is torch.Tensor and direct_launches_allowed() and not is_recording()
-
-
-def _replay_key(q, k, v, log_gate, valid, scale, deg, causal, plan, segments, state_kernel, y_dtype) -> tuple:
-    """Everything the quadratic path's kernels, launches and buffers depend on besides the tensors' data: each
-    tensor's shape, strides, dtype and 16-byte alignment (what Triton specializes on), the scalars, the Plan, the
-    current device and the module tunables."""
-
-    def described(t: torch.Tensor | None) -> tuple | None:
-        return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0)
-
-    tensors = tuple(described(t) for t in (q, k, v, log_gate, valid))
-    scalars = (scale, deg, causal, segments, state_kernel is not None, y_dtype, GATE_SCAN_BLOCK, *_tunables())
-    return (torch.cuda.current_device(), q.device, plan, scalars, tensors)
-
-
-def _keep_replay(key: tuple, replay: QuadraticReplay) -> None:
-    _REPLAYS[key] = replay
-    while len(_REPLAYS) > MAX_REPLAYS:
-        _REPLAYS.popitem(last=False)
+def _quadratic_tunables() -> tuple:
+    """The module constants the quadratic path's shape class, launch and gate cumsum read (benchmarks and tests set
+    some of them): part of a kept call's key."""
+    return (*_tunables(), GATE_SCAN_BLOCK, WIDE_HEAD, WIDE_BLOCK_T, WIDE_STAGES, MIN_BLOCK_E)
 
 
 def keyless_rows(q: torch.Tensor, k: torch.Tensor, causal: bool) -> int | torch.SymInt | None:
@@ -549,11 +558,16 @@ def with_keyless_rows(rows: torch.Tensor, keyless: int | torch.SymInt, fill: flo
     return torch.cat([head, rows], dim=2)
 
 
-def _gate_cumsum(module, log_gate: torch.Tensor, kept: list[DirectLaunch | None] | None = None) -> torch.Tensor:
+def _gate_cumsum(module, log_gate: torch.Tensor) -> torch.Tensor:
     """``G = cumsum(log_gate, -1)`` in float32 by the rendered ``gate_cumsum_kernel`` (torch's scan runs one
-    program per row: 0.1 ms for 8 rows of 65536 on the H200), rows padded to a multiple of 16 keys (aligned).
-    ``kept``: as ``_launch``'s."""
-    lg, g = _gate_buffers(log_gate)
+    program per row: 0.1 ms for 8 rows of 65536 on the H200), rows padded to a multiple of 16 keys (aligned)."""
+    return _launch_gate_cumsum(module, *_gate_buffers(log_gate))
+
+
+def _launch_gate_cumsum(
+    module, lg: torch.Tensor, g: torch.Tensor, kept: list[DirectLaunch | None] | None = None
+) -> torch.Tensor:
+    """``g = cumsum(lg, -1)`` (buffers from ``_gate_buffers``); ``kept``: as ``_launch``'s."""
     B, heads, Tk = lg.shape
     grid = (_cdiv(Tk, GATE_SCAN_BLOCK), B * heads)
     args = {"LOG_GATE": lg, "G": g, "Tk": Tk, "stride_g": g.stride(1), "BLOCK": GATE_SCAN_BLOCK}
@@ -568,11 +582,28 @@ def _gate_buffers(log_gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lg, torch.empty((B, heads, _cdiv(Tk, 16) * 16), dtype=torch.float32, device=lg.device)
 
 
-def _outputs(q: torch.Tensor, v: torch.Tensor, y_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``y`` (B, Hq, Tq, e) in ``y_dtype`` and ``denom`` (B, Hq, Tq) float32, uninitialised."""
+def _call_tensors(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gate: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    y_dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """The tensors of a forward call's launches by kernel parameter name: q, k, v as the kernels take them; y
+    (B, Hq, Tq, e) in ``y_dtype`` and denom (B, Hq, Tq) float32, uninitialised; the log-gates made contiguous and G
+    (``_gate_buffers``); the key validity made contiguous."""
     B, Hq, Tq = q.shape[:3]
-    y = torch.empty((B, Hq, Tq, v.shape[3]), dtype=y_dtype, device=q.device)
-    return y, torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    tensors = {
+        "Q": q, "K": k, "V": v,
+        "Y": torch.empty((B, Hq, Tq, v.shape[3]), dtype=y_dtype, device=q.device),
+        "DEN": torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device),
+    }  # fmt: skip
+    if log_gate is not None:
+        tensors["LOG_GATE"], tensors["G"] = _gate_buffers(log_gate)
+    if valid is not None:
+        tensors["VALID"] = valid.contiguous()
+    return tensors
 
 
 def _cdiv(a: int | torch.SymInt, b: int | torch.SymInt) -> int | torch.SymInt:

@@ -17,3 +17,13 @@ def poison_allocations(monkeypatch: pytest.MonkeyPatch):
 
     monkeypatch.setattr(torch, "empty", poisoned)
     yield
+
+
+@pytest.fixture(autouse=True)
+def no_kept_calls_between_tests():
+    """Each test starts and ends with no kept eager calls (``codegen.replays``): a test's repeated calls are its own."""
+    from retention_compile.codegen import replays
+
+    replays.clear()
+    yield
+    replays.clear()

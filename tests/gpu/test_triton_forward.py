@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from retention_compile.codegen import forward
+from retention_compile.codegen import forward, replays
 from retention_compile.codegen.forward import kernel_spec, triton_forward, triton_supports
 from retention_compile.planning import Plan
 from retention_compile.reference import power_retention_reference
@@ -174,31 +174,43 @@ def test_large_inputs_stay_finite(dtype: torch.dtype, deg: int) -> None:
     check(q, k, v, g, None, deg=deg, causal=True, plan=plan)
 
 
-# (B, Hq, Hk, T, d, e, deg, dtype, gate heads: 0 none / "k" / "q", valid, causal): quadratic-path calls
+# (B, Hq, Hk, Tq, Tk, d, e, deg, dtype, gate heads: 0 none / "k" / "q", valid, causal, y dtype, SDPA's layout):
+# quadratic-path calls
 REPLAY_CASES = {
-    "bf16-gqa-gate-valid": (1, 4, 2, 1000, 64, 64, 2, bf16, "k", True, True),
-    "fp16-widened-query-head-gate": (2, 4, 4, 300, 32, 32, 2, f16, "q", False, True),
-    "fp32-noncausal-valid": (1, 2, 1, 500, 64, 48, 2, f32, 0, True, False),
-    "bf16-deg4": (1, 2, 2, 777, 64, 64, 4, bf16, 0, False, True),
-}
+    "bf16-gqa-gate-valid": (1, 4, 2, 1000, 1000, 64, 64, 2, bf16, "k", True, True, f32, False),
+    "fp16-widened-query-head-gate": (2, 4, 4, 300, 300, 32, 32, 2, f16, "q", False, True, f32, False),
+    "fp32-noncausal-valid": (1, 2, 1, 500, 500, 64, 48, 2, f32, 0, True, False, f32, False),
+    "bf16-deg4": (1, 2, 2, 777, 777, 64, 64, 4, bf16, 0, False, True, f32, False),
+    # as the op's eager body calls it with nothing kept for a backward: y in the inputs' dtype
+    "bf16-sdpa-layout-y-bf16": (1, 8, 8, 2048, 2048, 64, 64, 2, bf16, "k", False, True, bf16, True),
+    "bf16-rows-before-the-first-key": (1, 4, 1, 300, 200, 64, 64, 2, bf16, "q", True, True, bf16, False),
+}  # fmt: skip
 
 
 def quadratic_call(name: str, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    *_, d, _, deg, _, _, _, causal = REPLAY_CASES[name]
+    d, _, deg, _, _, _, causal, y_dtype, _ = REPLAY_CASES[name][5:]
     q, k, v, gate, valid = inputs
     options = dict(scale=d**-0.5, deg=deg, log_gate=gate, causal=causal, valid=valid, plan=QUADRATIC)
-    return triton_forward(q, k, v, **options)
+    return triton_forward(q, k, v, **options, y_dtype=y_dtype)
 
 
 def replay_inputs(name: str, offset: int = 0) -> tuple:
     """Fresh random inputs of case ``name``; ``offset`` > 0 moves q that many elements past an aligned address."""
-    B, Hq, Hk, T, d, e, _, dtype, gate, has_valid, _ = REPLAY_CASES[name]
+    B, Hq, Hk, Tq, Tk, d, e, _, dtype, gate, has_valid, _, _, transposed = REPLAY_CASES[name]
     gate_heads = {0: 0, "k": Hk, "q": Hq}[gate]
-    q, k, v, g, valid = make_inputs(B, Hq, Hk, T, T, d, e, dtype, gate_heads=gate_heads, has_valid=has_valid)
+    q, k, v, g, valid = make_inputs(
+        B, Hq, Hk, Tq, Tk, d, e, dtype, gate_heads=gate_heads, has_valid=has_valid, transposed=transposed
+    )
     if offset:
         moved = torch.empty(q.numel() + offset, dtype=q.dtype, device=q.device)[offset:].view(q.shape)
         q = moved.copy_(q)
     return q, k, v, g, valid
+
+
+def assert_same(replayed: tuple, planned: tuple) -> None:
+    torch.cuda.synchronize()
+    assert not replayed[0].isnan().any() and not replayed[1].isnan().any()
+    assert torch.equal(replayed[0], planned[0]) and torch.equal(replayed[1], planned[1])
 
 
 @pytest.mark.usefixtures("poison_allocations")
@@ -209,19 +221,15 @@ def test_repeated_eager_calls_replay_the_first_calls_launches(name: str, monkeyp
     returns exactly what the planned path returns for those tensors."""
     from torch._library.triton import set_wrap_triton_enabled
 
-    forward._REPLAYS.clear()
     first, second = replay_inputs(name), replay_inputs(name)
     real_shape_class = forward.call_shape_class
     with set_wrap_triton_enabled(False):
         quadratic_call(name, first)
-        assert len(forward._REPLAYS) == 1
+        assert len(replays._KEPT) == 1
         monkeypatch.setattr(forward, "call_shape_class", lambda *args: pytest.fail("a repeated call was planned"))
         replayed = quadratic_call(name, second)
     monkeypatch.setattr(forward, "call_shape_class", real_shape_class)
-    planned = quadratic_call(name, second)  # wrap_triton enabled: the planned path, nothing replayed
-    torch.cuda.synchronize()
-    assert not replayed[0].isnan().any() and not replayed[1].isnan().any()
-    assert torch.equal(replayed[0], planned[0]) and torch.equal(replayed[1], planned[1])
+    assert_same(replayed, quadratic_call(name, second))  # wrap_triton enabled: the planned path, nothing replayed
 
 
 @pytest.mark.usefixtures("poison_allocations")
@@ -231,15 +239,51 @@ def test_an_unaligned_input_is_planned_again() -> None:
     from torch._library.triton import set_wrap_triton_enabled
 
     name = "bf16-gqa-gate-valid"
-    forward._REPLAYS.clear()
     moved = replay_inputs(name, offset=1)
     with set_wrap_triton_enabled(False):
         quadratic_call(name, replay_inputs(name))
         replayed = quadratic_call(name, moved)
-    assert len(forward._REPLAYS) == 2
-    planned = quadratic_call(name, moved)
+    assert len(replays._KEPT) == 2
+    assert_same(replayed, quadratic_call(name, moved))
+
+
+def test_a_replay_launches_on_the_current_stream() -> None:
+    """A repeated call made on a side stream runs there (its outputs are ready once that stream is)."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    name = "bf16-sdpa-layout-y-bf16"
+    first, second = replay_inputs(name), replay_inputs(name)
+    side = torch.cuda.Stream()
+    with set_wrap_triton_enabled(False):
+        quadratic_call(name, first)
+        torch.cuda.synchronize()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(10_000_000)  # the side stream is busy: a launch on the default one would finish first
+            replayed = quadratic_call(name, second)
+            done = torch.cuda.Event()
+            done.record(side)
+    assert not done.query()  # still queued behind the sleep on the side stream
+    side.synchronize()
+    assert_same(replayed, quadratic_call(name, second))
+
+
+def test_the_public_eager_call_replays_and_matches_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``rc.power_retention`` under ``torch.no_grad``, twice: the second call is replayed and bitwise what the op
+    computes with nothing kept (every call planned)."""
+    import retention_compile as rc
+
+    q, k, v, gate, _ = replay_inputs("bf16-sdpa-layout-y-bf16")
+    chunk = 1 << 20  # one chunk: the quadratic path
+    with torch.no_grad():
+        rc.power_retention(q, k, v, log_gate=gate, chunk_size=chunk)
+        kept = len(replays._KEPT)
+        y = rc.power_retention(q, k, v, log_gate=gate, chunk_size=chunk)
+    assert kept == 1 and len(replays._KEPT) == 1
+    monkeypatch.setattr(replays, "MAX_KEPT", 0)
+    planned = torch.ops.retention_compile.power_retention(q, k, v, gate, None, 0.125, 2, True, chunk, "auto", False)
     torch.cuda.synchronize()
-    assert torch.equal(replayed[0], planned[0]) and torch.equal(replayed[1], planned[1])
+    assert y.dtype == q.dtype and torch.equal(y, planned[0])
 
 
 def test_odd_tail_and_chunk_choice() -> None:
