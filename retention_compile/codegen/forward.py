@@ -415,7 +415,8 @@ def triton_forward(
             y_out.copy_(y)
         return y, with_keyless_rows(denom, keyless, EPS)
     replay_key = None
-    if y_out is None and states_out is None and replays.replayable(q):
+    keepable = y_out is None and states_out is None and replays.replayable(q)
+    if keepable and _quadratic(q, k, v, deg, log_gate, valid, causal, plan):  # chunked calls are not kept
         replay_key = _replay_key(q, k, v, log_gate, valid, scale, deg, causal, plan, segments, state_kernel, y_dtype)
         if (replay := replays.kept(replay_key)) is not None:
             return replay(q, k, v, log_gate, valid)
@@ -424,7 +425,7 @@ def triton_forward(
     )
     if not cuda_states:
         state_kernel = None
-    kept: list[DirectLaunch | None] | None = [] if replay_key is not None and not spec.chunked else None
+    kept: list[DirectLaunch | None] | None = [] if replay_key is not None else None
     B, Hq, Tq, _ = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
     module, _ = load_forward(spec)
@@ -509,6 +510,21 @@ class QuadraticReplay:
             self.gate(tensors)
         self.attention(tensors)
         return tensors["Y"], tensors["DEN"]
+
+
+def _quadratic(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    deg: int,
+    log_gate: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    causal: bool,
+    plan: Plan,
+) -> bool:
+    """Whether the call takes the quadratic path (its shape class, memoized; widening the inputs keeps the path)."""
+    gated, has_valid = log_gate is not None, valid is not None
+    return not kernel_spec(q, v, deg, gated, has_valid, causal, size_hint(k.shape[2]), plan).chunked
 
 
 def _replay_key(
