@@ -132,6 +132,31 @@ def test_the_installed_triton_launcher_takes_the_arguments_in_order() -> None:
     assert not eager_launch.launcher_takes_arguments_in_order(type(lambda: None))
 
 
+class LauncherOfTriton36:
+    def __call__(self, gridX, gridY, gridZ, stream, function, *args): ...  # noqa: N803 (Triton's names)
+
+
+class LauncherNamingTooFew:
+    def __call__(self, gridX, gridY, *args): ...  # noqa: N803
+
+
+class LauncherInAnotherOrder:
+    def __call__(self, gridX, gridY, gridZ, function, stream, *args): ...  # noqa: N803
+
+
+class LauncherWithoutTheRest:
+    def __call__(self, gridX, gridY, gridZ, stream, function, kernel_metadata): ...  # noqa: N803
+
+
+def test_launchers_that_name_the_first_parameters_and_pass_the_rest_on_are_taken() -> None:
+    """Triton 3.6's launcher names only the grid, stream and function and passes the metadata, hooks and kernel
+    arguments on in ``*args``: the same order, so kept launches work there; other shapes are refused."""
+    assert eager_launch.launcher_takes_arguments_in_order(LauncherOfTriton36)
+    assert not eager_launch.launcher_takes_arguments_in_order(LauncherNamingTooFew)
+    assert not eager_launch.launcher_takes_arguments_in_order(LauncherInAnotherOrder)
+    assert not eager_launch.launcher_takes_arguments_in_order(LauncherWithoutTheRest)
+
+
 def test_direct_launches_only_where_triton_would_launch_directly_and_no_hook_waits(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

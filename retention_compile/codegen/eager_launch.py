@@ -29,11 +29,14 @@ import torch
 
 from .triton_source import interpreting
 
-# The launcher's parameters before the kernel's arguments, as Triton's CUDA launchers (3.4 to 3.9) name them.
+# The launcher's parameters before the kernel's arguments, as Triton's CUDA launchers (3.4 to 3.9) take them: 3.9
+# names them all; 3.6 names the first five and passes the rest on (``*args``) in this order.
 LAUNCHER_PARAMETERS = (
     "gridX", "gridY", "gridZ", "stream", "function", "kernel_metadata", "launch_metadata", "launch_enter_hook",
     "launch_exit_hook",
 )  # fmt: skip
+# The parameters a launcher must name before passing the rest on.
+LAUNCHER_NAMED_AT_LEAST = 5
 
 
 def direct_launches_allowed() -> bool:
@@ -67,13 +70,18 @@ def compile_settings() -> tuple:
 
 @functools.cache
 def launcher_takes_arguments_in_order(launcher_type: type) -> bool:
-    """Whether this Triton version's launcher is called as ``DirectLaunch`` calls it (``LAUNCHER_PARAMETERS``,
-    then the kernel's arguments)."""
+    """Whether this Triton version's launcher is called as ``DirectLaunch`` calls it: its named parameters are the
+    first of ``LAUNCHER_PARAMETERS`` (at least ``LAUNCHER_NAMED_AT_LEAST`` of them), then ``*args`` takes the
+    remaining ones and the kernel's arguments."""
     try:
-        names = tuple(inspect.signature(launcher_type.__call__).parameters)[1:]
+        parameters = list(inspect.signature(launcher_type.__call__).parameters.values())[1:]
     except (TypeError, ValueError):
         return False
-    return names[: len(LAUNCHER_PARAMETERS)] == LAUNCHER_PARAMETERS
+    named = [p.name for p in parameters if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    rest = parameters[len(named) :]
+    passes_the_rest_on = bool(rest) and rest[0].kind is inspect.Parameter.VAR_POSITIONAL
+    in_order = tuple(named) == LAUNCHER_PARAMETERS[: len(named)]
+    return in_order and len(named) >= LAUNCHER_NAMED_AT_LEAST and passes_the_rest_on
 
 
 @dataclass(frozen=True)
