@@ -3,12 +3,12 @@
     choose(kernel, key, candidates, device) -> name
 
 The first call for a (GPU, kernel, key) times every candidate on the device (a warm-up call, which also compiles,
-then the median of ``REPS`` CUDA-event timings) and stores the winner with the times in
-``cache.cache_dir("choices")/<kernel>_<hash>.json``; later calls, in this process or another, reuse it. The hash
-covers the GPU name, the kernel, the key, the package's code fingerprint and the torch, triton and driver versions
-(``cache.code_keyed_entry``), so an upgrade, this package's included, measures again: a choice made between
-other kernels says nothing about these. Measuring is skipped while a CUDA graph is being captured (the first
-candidate is used, nothing is stored); a candidate that fails is reported once and never chosen.
+then the median of ``REPS`` CUDA-event timings of the device's work alone, ``device_times_ms``) and stores the
+winner with the times in ``cache.cache_dir("choices")/<kernel>_<hash>.json``; later calls, in this process or
+another, reuse it. The hash covers the GPU name, the kernel, the key, the package's code fingerprint and the torch,
+triton and driver versions (``cache.code_keyed_entry``), so an upgrade, this package's included, measures again: a
+choice made between other kernels says nothing about these. Measuring is skipped while a CUDA graph is being
+captured (the first candidate is used, nothing is stored); a candidate that fails is reported once and never chosen.
 
 Candidates run real work: they build their own inputs. ``choose`` may be called while ``torch.compile`` traces
 (fake tensors, proxy modes): every active dispatch mode is suspended while measuring.
@@ -16,7 +16,10 @@ Candidates run real work: they build their own inputs. ``choose`` may be called 
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,6 +29,8 @@ import torch
 from . import cache
 
 REPS = 10
+HOST_MARGIN = 2  # the GPU spins this many times the host time of one call (per call timed) ...
+SPIN_MIN_MS = 0.2  # ... plus this
 _CHOSEN: dict[tuple[str, str], str] = {}
 
 
@@ -52,11 +57,52 @@ def event_times_ms(fn: Callable[[], object], rounds: int, launches: int = 1) -> 
     return sorted(times)
 
 
+def device_times_ms(fn: Callable[[], object], rounds: int, launches: int = 1) -> list[float]:
+    """Device time per call of ``fn`` in ms, sorted, without the host's share: each round the GPU first spins
+    (``torch.cuda._sleep``) for longer than the host takes to enqueue the round's ``launches`` calls, so that their
+    kernels then run back to back between the two CUDA events. Timed as ``event_times_ms`` times, a call bound by its
+    host (a short eager call, whose launches reach the GPU slower than they run) measures its host, and the order of
+    two such candidates is chance (2026-12-01, H200: ``codegen="auto"`` took the Triton state kernel at T=8192, gated,
+    whose forward runs 0.47 ms against 0.27 with the CUDA one). A ``fn`` that waits for the GPU itself is timed with
+    its waits."""
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    fn()
+    host_ms = (time.perf_counter() - begin) * 1e3
+    torch.cuda.synchronize()
+    spin = math.ceil(_cycles_per_ms(torch.cuda.current_device()) * (HOST_MARGIN * host_ms * launches + SPIN_MIN_MS))
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(spin)
+        start.record()
+        for _ in range(launches):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / launches)
+    return sorted(times)
+
+
+@functools.cache
+def _cycles_per_ms(device_index: int) -> float:
+    """Clock cycles ``torch.cuda._sleep`` spins per ms on this device (measured once)."""
+    cycles = 10_000_000
+    torch.cuda._sleep(cycles)  # the first launch loads the kernel
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / start.elapsed_time(end)
+
+
 def median_ms(fn: Callable[[], object], reps: int = REPS, launches: int = 1) -> float:
-    """Median device time of ``fn`` (``event_times_ms``) after one warm-up call."""
+    """Median device time of ``fn`` (``device_times_ms``, which leaves out the host's share) after one warm-up
+    call."""
     fn()
     torch.cuda.synchronize()
-    times = event_times_ms(fn, reps, launches)
+    times = device_times_ms(fn, reps, launches)
     return times[len(times) // 2]
 
 

@@ -210,6 +210,29 @@ def test_auto_measures_once_per_shape_class(tmp_path, monkeypatch) -> None:
     assert _rel(rc.power_retention(q, k, v, chunk_size=512), y) < 1e-6
 
 
+def test_the_choice_times_the_device_not_the_host() -> None:
+    """A candidate whose host work outlasts its kernels (the short eager call) is timed by its kernels: one that
+    spends 3 ms on the host before a tiny kernel is faster on the device than one whose matmuls take about 1 ms,
+    and the choice's timing must say so (timed with the host's share, the first would read 3 ms)."""
+    import time
+
+    a = torch.randn(4096, 4096, device=DEVICE, dtype=torch.bfloat16)
+    x = torch.ones(16, device=DEVICE)
+
+    def host_bound() -> None:
+        deadline = time.perf_counter() + 3e-3
+        while time.perf_counter() < deadline:
+            pass
+        x.add_(1)
+
+    def device_bound() -> None:
+        for _ in range(8):
+            a @ a
+
+    times = {"host_bound": choice.median_ms(host_bound), "device_bound": choice.median_ms(device_bound)}
+    assert times["host_bound"] < 0.2 < times["device_bound"], times
+
+
 REVERSE_CASES = [c for c in CASES if c[8] == torch.bfloat16 and c[7] % 64 == 0]
 
 
