@@ -1,5 +1,5 @@
-"""Repeated eager calls of the quadratic forward (``codegen.eager_launch``, ``codegen.replays``,
-``forward.QuadraticReplay``), on the CPU: what the replay key tells apart, and the arguments a kept launch hands to
+"""Repeated eager calls of the forward (``codegen.eager_launch``, ``codegen.replays``, ``forward.ForwardReplay``),
+on the CPU: what the replay key tells apart, and the arguments a kept launch hands to
 the compiled kernel's launcher. The replays themselves run on a GPU (``tests/gpu/test_triton_forward.py``: bitwise
 equal to the planned path)."""
 
@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from retention_compile.codegen import eager_launch, forward
-from retention_compile.codegen.eager_launch import DirectLaunch
+from retention_compile.codegen import cuda_state, eager_launch, forward
+from retention_compile.codegen.eager_launch import CudaLaunch, DirectLaunch
 from retention_compile.planning import Plan
 
 PLAN = Plan(chunk_size=1 << 20, block_t=64, block_e=64)
@@ -56,11 +56,16 @@ def test_the_key_tells_apart_what_the_kernels_are_specialized_and_planned_on(
         "a CUDA state kernel": key(q, k, v, state_kernel=lambda spec, args: {}),
         "y dtype": key(q, k, v, y_dtype=torch.float32),
     }
-    tunables = {"QUADRATIC_BLOCK_K": 32, "GATE_SCAN_BLOCK": 1024, "WIDE_STAGES": 1, "MIN_BLOCK_E": 32}
+    tunables = {"QUADRATIC_BLOCK_K": 32, "GATE_SCAN_BLOCK": 1024, "WIDE_STAGES": 1, "MIN_BLOCK_E": 32,
+                "STATE_WAVES": 2.0, "STATE_STAGES": 2, "SCAN_WARPS": 8,
+                "NARROW_QUERY_LAUNCH": forward.QueryLaunch(64, 4, 3, 2, None)}  # fmt: skip
     for name, value in tunables.items():
         with monkeypatch.context() as patched:
             patched.setattr(forward, name, value)
             variants[name] = key(q, k, v)
+    with monkeypatch.context() as patched:
+        patched.setattr(cuda_state, "CONFIG", cuda_state.StateKernelConfig())
+        variants["the CUDA state kernel's launch shape"] = key(q, k, v)
     with monkeypatch.context() as patched:
         patched.setattr(torch.cuda, "current_device", lambda: 1)
         variants["current device"] = key(q, k, v)
@@ -194,9 +199,51 @@ def test_a_kept_call_is_dropped_once_its_kernels_are_loaded_anew(monkeypatch: py
     q = torch.randn(1, 2, 50, 32)
     spec = forward.kernel_spec(q, q, 2, False, False, True, 50, PLAN)
     launch = DirectLaunch(Compiled(), (1, 1, 1), 0, (), ())
-    replay = forward.QuadraticReplay(spec, forward.load_forward(spec)[0], False, torch.float32, None, launch)
+    modules = ((spec, forward.load_forward(spec)[0]),)
+    replay = forward.ForwardReplay.of(modules, False, torch.float32, {}, {}, [launch])
     monkeypatch.setattr(replays, "_KEPT", type(replays._KEPT)())
     replays.keep(("a key",), replay)
     assert replays.kept(("a key",)) is replay
     triton_source._load.cache_clear()
     assert not replay.current() and replays.kept(("a key",)) is None
+
+
+class CudaKernel:
+    """What ``CudaLaunch`` calls of an ``nvrtc.CudaKernel``."""
+
+    def __init__(self) -> None:
+        self.launches: list[tuple] = []
+
+    def launch(self, grid, block, args, *, shared_mem=0, stream=None) -> None:
+        self.launches.append((grid, block, tuple(args), shared_mem))
+
+
+def test_a_kept_cuda_launch_passes_each_calls_tensors_at_their_positions() -> None:
+    kernel = CudaKernel()
+    kept = CudaLaunch(kernel, (8, 20, 4), (256, 1, 1), 1024, (None, None, 5, None, 7), ((0, "K"), (1, "V"), (3, "S")))
+    k, v, state = torch.randn(2), torch.randn(2), torch.empty(3)
+    kept({"K": k, "V": v, "S": state, "unused": torch.zeros(1)})
+    ((grid, block, args, shared_mem),) = kernel.launches
+    assert (grid, block, shared_mem) == ((8, 20, 4), (256, 1, 1), 1024)
+    assert args[0] is k and args[1] is v and args[3] is state and (args[2], args[4]) == (5, 7)
+    with pytest.raises(KeyError):
+        kept({"K": k, "V": v})
+
+
+def test_a_kept_replay_allocates_its_state_buffers_and_names_them_for_the_query_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A chunked call's replay allocates each state buffer afresh, by the first call's shape and dtype, hands the
+    query kernel's names for them (``S_ST``: ``S_LOC``) the same tensors, and runs its steps in order."""
+    q = torch.randn(1, 2, 50, 32)
+    spec = forward.kernel_spec(q, q, 2, False, False, True, 50, PLAN)
+    buffers = {"S_SEG": torch.zeros(2, 3, 8), "S_LOC": torch.zeros(2, 5, 8, dtype=torch.bfloat16)}
+    seen: list[tuple[str, dict]] = []
+    steps = [lambda t: seen.append(("state", dict(t))), lambda t: seen.append(("query", dict(t)))]
+    replay = forward.ForwardReplay.of(((spec, None),), False, torch.float32, buffers, {"S_ST": buffers["S_LOC"]}, steps)
+    y, denom = replay(q, q, q, None, None)
+    assert [name for name, _ in seen] == ["state", "query"]
+    tensors = seen[1][1]
+    assert tensors["S_ST"] is tensors["S_LOC"] and tensors["S_LOC"] is not buffers["S_LOC"]
+    assert tensors["S_LOC"].shape == (2, 5, 8) and tensors["S_LOC"].dtype == torch.bfloat16
+    assert tensors["S_SEG"].shape == (2, 3, 8) and tensors["Y"] is y and tensors["DEN"] is denom

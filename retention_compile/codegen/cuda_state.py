@@ -16,8 +16,9 @@ cores. On Hopper (sm_90a) with bfloat16 inputs and value blocks of 64 the produc
                                                              the op's choice for ``impl`` "triton" | "cuda" |
                                                              "auto" (measured once per GPU and shape: choice.py)
     CONFIG                                                   the launch shape (``StateKernelConfig``)
-    chunk_states(spec, args, q_shape=None)                   the ``triton_forward`` hook: runs the op below on the
-                                                             Triton state kernel's arguments, returns its buffers
+    chunk_states(spec, args, q_shape=None, kept=None)        the ``triton_forward`` hook (``CudaStateHook``): runs
+                                                             the op below on the Triton state kernel's arguments,
+                                                             returns its buffers
     torch.ops.retention_compile.cuda_chunk_states           the op (a torch.library custom op with a fake impl,
                                                              so ``torch.compile`` sees one opaque call)
 """
@@ -27,13 +28,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 
 from ..inspection import is_recording, record_kernel
 from ..sizes import contiguous_strides, pow2_at_least, size_hint
 from . import nvrtc
+from .eager_launch import CudaLaunch
 from .triton_source import KernelSpec
 
 STATE_TEMPLATE = "chunk_state.cu.j2"
@@ -255,12 +257,15 @@ def strides_fit_32_bits(*tensors: torch.Tensor) -> bool:
 
 
 def dense_rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` if its last dim is contiguous and its rows 16-byte aligned, else a contiguous copy (a fresh one: a
-    contiguous view at an odd storage offset is its own ``contiguous()``, and cp.async would fault on it)."""
+    """``t`` if its rows are dense (``has_dense_rows``), else a contiguous copy (a fresh one: a contiguous view at an
+    odd storage offset is its own ``contiguous()``, and cp.async would fault on it)."""
+    return t if has_dense_rows(t) else t.clone(memory_format=torch.contiguous_format)
+
+
+def has_dense_rows(t: torch.Tensor) -> bool:
+    """Whether the kernel reads ``t`` as it is: last dim contiguous, rows 16-byte aligned."""
     rows = all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
-    if t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and rows:
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and rows
 
 
 @torch.library.custom_op("retention_compile::cuda_chunk_states", mutates_args=())
@@ -279,24 +284,44 @@ def cuda_chunk_states_op(
     (B, state_heads, >= Tk) fp32 (rows may be padded), ``valid`` (B, Tk) bool. Slot 0 of the SEG buffers is left
     for the scan.
     """
-    Hq, group, state_heads, Tk, shift, n_chunks, chunks_per_seg, n_seg = sizes
     spec = state_spec(k, v, chunk_size, causal, g is not None, valid is not None)
     info = _launch_info(spec, CONFIG, k.device.index or 0)
-    s_loc, m_loc, s_seg, m_seg = _allocate(k, v, causal, state_heads, n_chunks, n_seg)
+    state_heads, n_chunks, n_seg = sizes[2], sizes[5], sizes[7]
+    outputs = _allocate(k, v, causal, state_heads, n_chunks, n_seg)
     k, v = dense_rows(k), dense_rows(v)
     gate = None if g is None else g.contiguous()
     valid_bytes = None if valid is None else valid.contiguous().view(torch.uint8)
-    g_row = 0 if gate is None else gate.stride(1)
-    strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), g_row)
     with torch.cuda.device(k.device):
         info.kernel.launch(
-            (n_seg, info.grid_y, k.shape[0] * state_heads),
-            (info.threads, 1, 1),
-            (k, v, gate, valid_bytes, s_loc if causal else None, m_loc if causal else None, s_seg, m_seg,
-             *strides, Hq, group, state_heads, Tk, shift, n_chunks, chunks_per_seg, n_seg),
-            shared_mem=info.smem,
+            _grid(info, k.shape[0], state_heads, n_seg), (info.threads, 1, 1),
+            _kernel_arguments(k, v, gate, valid_bytes, outputs, sizes, causal), shared_mem=info.smem,
         )  # fmt: skip
-    return s_loc, m_loc, s_seg, m_seg
+    return outputs
+
+
+def _grid(info: _Launch, batch: int, state_heads: int, n_seg: int) -> tuple[int, int, int]:
+    return n_seg, info.grid_y, batch * state_heads
+
+
+def _kernel_arguments(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    outputs: tuple[torch.Tensor, ...],
+    sizes: Sequence[int],
+    causal: bool,
+) -> tuple:
+    """The kernel's arguments in its parameter order (``KEPT_TENSORS`` names the tensors' positions)."""
+    s_loc, m_loc, s_seg, m_seg = outputs
+    g_row = 0 if gate is None else gate.stride(1)
+    strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), g_row)
+    loc = (s_loc, m_loc) if causal else (None, None)
+    return (k, v, gate, valid, *loc, s_seg, m_seg, *strides, *sizes)
+
+
+# The kernel's tensor parameters by position, named as ``triton_forward`` names its buffers.
+KEPT_TENSORS = ((0, "K"), (1, "V"), (2, "G"), (3, "VALID"), (4, "S_LOC"), (5, "M_LOC"), (6, "S_SEG"), (7, "M_SEG"))
 
 
 def _allocate(k: torch.Tensor, v: torch.Tensor, causal: bool, state_heads, n_chunks, n_seg) -> tuple:
@@ -375,19 +400,56 @@ def _record(spec: KernelSpec, k: torch.Tensor, v: torch.Tensor, q_shape: Sequenc
     record_cuda_source("power_retention_chunk_state", source, spec, shapes, "chunked, CUDA state kernel", arch)
 
 
-def chunk_states(spec: KernelSpec, args: dict, q_shape: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+def chunk_states(
+    spec: KernelSpec, args: dict, q_shape: Sequence[int] | None = None, kept: list | None = None
+) -> dict[str, torch.Tensor]:
     """``triton_forward``'s state-kernel hook: ``args`` are the Triton state kernel's keyword arguments; returns
-    the buffers it would have filled (``S_SEG``, ``M_SEG``, and ``S_LOC``, ``M_LOC`` when causal)."""
+    the buffers it would have filled (``S_SEG``, ``M_SEG``, and ``S_LOC``, ``M_LOC`` when causal). ``kept``
+    receives the launch to repeat with another call's buffers of the same shapes (``eager_launch.CudaLaunch``),
+    or None where it cannot be repeated as it is (inputs the op copies first, another device than the current)."""
     k, v = args["K"], args["V"]
     _record(spec, k, v, q_shape)
-    names = ("Hq", "group", "state_heads", "Tk", "shift", "n_chunks", "chunks_per_seg", "n_seg")
+    sizes = [args[n] for n in ("Hq", "group", "state_heads", "Tk", "shift", "n_chunks", "chunks_per_seg", "n_seg")]
     s_loc, m_loc, s_seg, m_seg = torch.ops.retention_compile.cuda_chunk_states(
-        k, v, args.get("G"), args.get("VALID"), [args[n] for n in names], spec.chunk_size, spec.causal
+        k, v, args.get("G"), args.get("VALID"), sizes, spec.chunk_size, spec.causal
     )
     out = {"S_SEG": s_seg, "M_SEG": m_seg}
     if spec.causal:
         out.update(S_LOC=s_loc, M_LOC=m_loc)
+    if kept is not None:
+        kept.append(_kept_launch(spec, k, v, args.get("G"), args.get("VALID"), sizes))
     return out
+
+
+def _kept_launch(spec: KernelSpec, k, v, g, valid, sizes: Sequence[int]) -> CudaLaunch | None:
+    """The launch ``cuda_chunk_states_op`` just made, to repeat with other tensors of the same layout (None where
+    the op copied an input first, or ran on another device than the current one)."""
+    device = k.device.index or 0
+    copied = not (has_dense_rows(k) and has_dense_rows(v)) or any(
+        t is not None and not t.is_contiguous() for t in (g, valid)
+    )
+    if copied or device != torch.cuda.current_device():
+        return None
+    gated, has_valid = g is not None, valid is not None
+    info = _launch_info(state_spec(k, v, spec.chunk_size, spec.causal, gated, has_valid), CONFIG, device)
+    present = {"G": gated, "VALID": has_valid, "S_LOC": spec.causal, "M_LOC": spec.causal}
+    tensors = tuple((i, name) for i, name in KEPT_TENSORS if present.get(name, True))
+    arguments = _kernel_arguments(k, v, g, valid, (None,) * 4, sizes, spec.causal)
+    fixed = tuple(None if i < len(KEPT_TENSORS) else argument for i, argument in enumerate(arguments))
+    grid = _grid(info, k.shape[0], sizes[2], sizes[7])
+    return CudaLaunch(info.kernel, grid, (info.threads, 1, 1), info.smem, fixed, tensors)
+
+
+@dataclass(frozen=True)
+class CudaStateHook:
+    """The CUDA state kernel as ``triton_forward``'s ``state_kernel`` (``chunk_states``), able to hand over its
+    launch for repeated eager calls (``keeps_launches``); ``q_shape`` for the inspection record."""
+
+    q_shape: tuple[int, ...] | None = None
+    keeps_launches: ClassVar[bool] = True
+
+    def __call__(self, spec: KernelSpec, args: dict, kept: list | None = None) -> dict[str, torch.Tensor]:
+        return chunk_states(spec, args, self.q_shape, kept)
 
 
 class StateChoice(NamedTuple):
@@ -442,7 +504,7 @@ def select_state_kernel(
     reason = cuda_state_unsupported(spec, k, v)
     if reason is not None:
         return StateChoice(None, reason)
-    hook = functools.partial(chunk_states, q_shape=tuple(size_hint(s) for s in q.shape))
+    hook = CudaStateHook(tuple(size_hint(s) for s in q.shape))
     if impl == "cuda":
         return StateChoice(hook, None)
     B, Hq, Tq, _ = (size_hint(s) for s in q.shape)

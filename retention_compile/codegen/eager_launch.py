@@ -1,4 +1,4 @@
-"""Eager launches of compiled Triton kernels without Triton's per-call binding.
+"""Eager launches of compiled Triton (and CUDA C++) kernels without Triton's per-call binding.
 
 A short eager forward is bound by the host, not the GPU. On the H200's host (2026-12-01, 7b285d6) one
 ``kernel[grid](**kwargs)`` of the quadratic forward kernel took 38 us (Triton binds and specializes each of its 30
@@ -16,7 +16,8 @@ has found the kernel:
 Only where the first call launched directly too and nothing else would run at a launch (``direct_launches_allowed``):
 ``wrap_triton`` disabled (the body of a ``triton_op`` run eagerly), not interpreting, no Triton launch hooks (a
 profiler's); and only for kernels with no pre-run hooks, whose launcher takes that argument order
-(``launcher_takes_arguments_in_order``).
+(``launcher_takes_arguments_in_order``). The CUDA state kernel's launch is kept the same way (``CudaLaunch``),
+without the custom op's dispatch around it.
 """
 
 from __future__ import annotations
@@ -118,12 +119,36 @@ class DirectLaunch:
     def __call__(self, tensors: dict[str, torch.Tensor]) -> None:
         """Launch on the current stream with ``tensors`` (by parameter name) at the tensor parameters; no launch
         metadata and no hooks (``direct_launches_allowed``: none are set)."""
-        arguments = list(self.arguments)
-        for position, name in self.tensors:
-            arguments[position] = tensors[name]
         compiled = self.compiled
         stream = current_stream(self.device)
+        arguments = with_tensors(self.arguments, self.tensors, tensors)
         compiled.run(*self.grid, stream, compiled.function, compiled.packed_metadata, None, None, None, *arguments)
+
+
+@dataclass(frozen=True)
+class CudaLaunch:
+    """One kept launch of a CUDA C++ kernel (``nvrtc.CudaKernel``): as ``DirectLaunch``, ``arguments`` in the
+    kernel's order with ``None`` at the positions ``tensors`` names, which each call supplies."""
+
+    kernel: object  # nvrtc.CudaKernel
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared_mem: int
+    arguments: tuple
+    tensors: tuple[tuple[int, str], ...]
+
+    def __call__(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Launch on the current stream with ``tensors`` (by name) at the tensor parameters."""
+        arguments = with_tensors(self.arguments, self.tensors, tensors)
+        self.kernel.launch(self.grid, self.block, arguments, shared_mem=self.shared_mem)
+
+
+def with_tensors(arguments: tuple, positions: tuple[tuple[int, str], ...], tensors: dict[str, torch.Tensor]) -> list:
+    """``arguments`` with ``tensors[name]`` at each ``(position, name)`` of ``positions``."""
+    filled = list(arguments)
+    for position, name in positions:
+        filled[position] = tensors[name]
+    return filled
 
 
 def current_stream(device: int) -> int:

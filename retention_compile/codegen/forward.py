@@ -36,9 +36,9 @@ reduction over 2560 features). Three kernels:
     query    the quadratic kernel restricted to the keys of the query's own chunk, plus
              ``exp(G_i - G_b) phi(s q_i)^T S_c`` with phi(q) built per pair in registers.
 
-Eager calls of the quadratic path that repeat an earlier call in everything its kernels were specialized and
-planned on are answered by repeating that call's compiled launches (``QuadraticReplay``, ``replays``,
-``eager_launch``): a short call is bound by the host, not the GPU.
+Eager calls that repeat an earlier call in everything its kernels were specialized and planned on are answered by
+repeating that call's compiled launches (``ForwardReplay``, ``replays``, ``eager_launch``): a short call is bound
+by the host, not the GPU, and so is a gated chunked one at T=8192 (four launches) on the H200's host.
 
 Segments exist for parallelism: one segment per (head, pair) would leave most SMs idle at small batch
 (b=1, h=8, d=64: 80 programs on 132 SMs, each walking all of T). With ``n`` segments the state kernel runs
@@ -266,7 +266,7 @@ def _launch(
     num_warps: int,
     num_stages: int,
     maxnreg: int | None = None,
-    kept: list[DirectLaunch | None] | None = None,
+    kept: list | None = None,
 ) -> None:
     """``wrap_triton(kernel)[grid](**kwargs)``: Inductor copies the kernel into its output code when tracing.
     ``maxnreg`` caps the registers per thread (None: no cap). ``kept`` receives the launch as a ``DirectLaunch``
@@ -400,8 +400,9 @@ def triton_forward(
     the query kernel stores rounded from its float32 accumulators; a 16-bit one (for a forward no backward follows)
     skips the float32 y's store (4 bytes per element) altogether, and excludes ``y_out``.
 
-    An eager call on the quadratic path whose launches go straight to Triton (``replays.replayable``), with neither
-    ``y_out`` nor ``states_out``, is kept; a later call with the same key (``_replay_key``) repeats its launches.
+    An eager call whose launches go straight to Triton (``replays.replayable``), with neither ``y_out`` nor
+    ``states_out`` and the Triton or CUDA state kernel, is kept; a later call with the same key (``_replay_key``)
+    repeats its launches.
     """
     if y_out is not None and y_dtype != torch.float32:
         raise ValueError(f"triton_forward: y_out is stored beside a float32 y, but y_dtype is {y_dtype}")
@@ -415,8 +416,7 @@ def triton_forward(
             y_out.copy_(y)
         return y, with_keyless_rows(denom, keyless, EPS)
     replay_key = None
-    keepable = y_out is None and states_out is None and replays.replayable(q)
-    if keepable and _quadratic(q, k, v, deg, log_gate, valid, causal, plan):  # chunked calls are not kept
+    if y_out is None and states_out is None and _keeps_launches(state_kernel) and replays.replayable(q):
         replay_key = _replay_key(q, k, v, log_gate, valid, scale, deg, causal, plan, segments, state_kernel, y_dtype)
         if (replay := replays.kept(replay_key)) is not None:
             return replay(q, k, v, log_gate, valid)
@@ -425,9 +425,10 @@ def triton_forward(
     )
     if not cuda_states:
         state_kernel = None
-    kept: list[DirectLaunch | None] | None = [] if replay_key is not None else None
+    kept: list[Callable[[dict], None] | None] | None = [] if replay_key is not None else None
     B, Hq, Tq, _ = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
+    first_spec = spec
     module, _ = load_forward(spec)
     tensors = _call_tensors(q, k, v, log_gate, valid, y_dtype)
     y, denom = tensors["Y"], tensors["DEN"]
@@ -446,10 +447,11 @@ def triton_forward(
     attention.update(Y_OUT=y_out, ROUNDED_OUT=y_out is not None)
     if log_gate is not None:
         attention["gate_heads"] = log_gate.shape[1]
+    buffers: dict[str, torch.Tensor] = {}
     if spec.chunked:
         state_heads = log_gate.shape[1] if log_gate is not None else Hk
         layout = StateLayout.of(spec, k, Tq, state_heads, segments)
-        attention.update(_chunk_states(module, layout, k, common, extra, state_kernel))
+        attention.update(_chunk_states(module, layout, k, common, extra, state_kernel, kept, buffers))
         if states_out is not None:
             states_out.update(S=attention["S_ST"], M=attention["M_ST"])
     # traced: Dynamo and export set the compiling flag; AOTAutograd's and make_fx's inputs have no storage
@@ -466,34 +468,53 @@ def triton_forward(
 
     if (limit := device_shared_memory_limit(q.device)) is not None:  # the state kernels ignore block_t
         spec, stages = fit_shared_memory(spec, warps, stages, limit, shared_of, launch_specialization(attention))
+    state_module = module
     module, path = load_forward(spec)
     if is_recording() or spec not in _RECORDED:
         _RECORDED.add(spec)
         _record(spec, path, q, k, v, plan)
     _launch(module.attention_kernel, grid(spec), attention, warps, stages, launch.max_registers, kept)
-    if kept is not None and all(launch is not None for launch in kept):
-        gate = kept[0] if spec.gated else None
-        replays.keep(replay_key, QuadraticReplay(spec, module, not cuda_states, y_dtype, gate, kept[-1]))
+    if kept is not None and all(step is not None for step in kept):
+        aliases = {name: attention[name] for name in ("S_ST", "M_ST") if name in attention}
+        modules = ((first_spec, state_module), (spec, module))
+        replays.keep(replay_key, ForwardReplay.of(modules, not cuda_states, y_dtype, buffers, aliases, kept))
     return y, denom
 
 
 @dataclass(frozen=True)
-class QuadraticReplay:
-    """An eager quadratic-path call of ``triton_forward`` kept for the calls after it with the same key
-    (``replays.call_key``): each allocates its buffers as the first did (``_call_tensors``) and repeats its launches
-    directly (``eager_launch``), without planning or Triton's argument binding. ``module``: the rendered kernels it
-    launches (current while ``load_forward`` still returns them); ``widen``: the first call's inputs went through
-    ``kernel_inputs`` (no CUDA state kernel asked for)."""
+class ForwardReplay:
+    """An eager call of ``triton_forward`` kept for the calls after it with the same key (``replays.call_key``):
+    each allocates its buffers as the first did (``_call_tensors``, and the chunked path's state buffers by shape
+    and dtype) and repeats its launches in order (``eager_launch``: the gate's cumsum, the state kernel, Triton's or
+    the CUDA one, the scan, the query or quadratic kernel), without planning or Triton's argument binding.
+    ``modules``: the rendered kernels it launches, with their shape classes (current while ``load_forward`` still
+    returns them); ``widen``: the first call's inputs went through ``kernel_inputs`` (no CUDA state kernel asked
+    for); ``aliases``: the query kernel's names for state buffers (``S_ST``: ``S_LOC`` or ``S_SEG``)."""
 
-    spec: KernelSpec
-    module: object
+    modules: tuple[tuple[KernelSpec, object], ...]
     widen: bool
     y_dtype: torch.dtype
-    gate: DirectLaunch | None
-    attention: DirectLaunch
+    buffers: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+    aliases: tuple[tuple[str, str], ...]
+    steps: tuple[Callable[[dict], None], ...]
+
+    @staticmethod
+    def of(
+        modules: tuple[tuple[KernelSpec, object], ...],
+        widen: bool,
+        y_dtype: torch.dtype,
+        buffers: dict[str, torch.Tensor],
+        aliases: dict[str, torch.Tensor],
+        steps: list,
+    ) -> ForwardReplay:
+        """The replay of a call that allocated the state ``buffers`` (by name), handed its query kernel
+        ``aliases`` (a name of the kernel's for one of those buffers) and launched ``steps``."""
+        shapes = tuple((name, tuple(t.shape), t.dtype) for name, t in buffers.items())
+        names = tuple((alias, next(n for n, t in buffers.items() if t is a)) for alias, a in aliases.items())
+        return ForwardReplay(modules, widen, y_dtype, shapes, names, tuple(steps))
 
     def current(self) -> bool:
-        return load_forward(self.spec)[0] is self.module
+        return all(load_forward(spec)[0] is module for spec, module in self.modules)
 
     def __call__(
         self,
@@ -504,27 +525,21 @@ class QuadraticReplay:
         valid: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.widen:
-            q, k, v = kernel_inputs(q, k, v, self.spec)
+            q, k, v = kernel_inputs(q, k, v, self.modules[0][0])
         tensors = _call_tensors(q, k, v, log_gate, valid, self.y_dtype)
-        if self.gate is not None:
-            self.gate(tensors)
-        self.attention(tensors)
+        for name, shape, dtype in self.buffers:
+            tensors[name] = torch.empty(shape, dtype=dtype, device=q.device)
+        for alias, name in self.aliases:
+            tensors[alias] = tensors[name]
+        for step in self.steps:
+            step(tensors)
         return tensors["Y"], tensors["DEN"]
 
 
-def _quadratic(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    deg: int,
-    log_gate: torch.Tensor | None,
-    valid: torch.Tensor | None,
-    causal: bool,
-    plan: Plan,
-) -> bool:
-    """Whether the call takes the quadratic path (its shape class, memoized; widening the inputs keeps the path)."""
-    gated, has_valid = log_gate is not None, valid is not None
-    return not kernel_spec(q, v, deg, gated, has_valid, causal, size_hint(k.shape[2]), plan).chunked
+def _keeps_launches(state_kernel: Callable | None) -> bool:
+    """Whether a call with this state-kernel hook may be kept: the Triton state kernel's (None), or a hook that
+    hands over its launch (``keeps_launches``: ``cuda_state.CudaStateHook``)."""
+    return state_kernel is None or getattr(state_kernel, "keeps_launches", False)
 
 
 def _replay_key(
@@ -541,15 +556,21 @@ def _replay_key(
     state_kernel: Callable | None,
     y_dtype: torch.dtype,
 ) -> tuple:
-    """The key under which a quadratic call of ``triton_forward`` with these arguments is kept (``replays``)."""
-    settings = (scale, deg, causal, plan, segments, state_kernel is not None, y_dtype, *_quadratic_tunables())
+    """The key under which a call of ``triton_forward`` with these arguments is kept (``replays``)."""
+    settings = (scale, deg, causal, plan, segments, state_kernel is not None, y_dtype, *_launch_tunables())
     return replays.call_key((q, k, v, log_gate, valid), settings)
 
 
-def _quadratic_tunables() -> tuple:
-    """The module constants the quadratic path's shape class, launch and gate cumsum read (benchmarks and tests set
-    some of them): part of a kept call's key."""
-    return (*_tunables(), GATE_SCAN_BLOCK, WIDE_HEAD, WIDE_BLOCK_T, WIDE_STAGES, MIN_BLOCK_E)
+def _launch_tunables() -> tuple:
+    """The module constants that a call's shape class, launches and buffers read (benchmarks and tests set some of
+    them): part of a kept call's key."""
+    from .cuda_state import CONFIG
+
+    return (
+        *_tunables(), GATE_SCAN_BLOCK, WIDE_HEAD, WIDE_BLOCK_T, WIDE_STAGES, MIN_BLOCK_E, MAX_CHUNKED_HEAD,
+        STATE_WAVES, STATE_WARPS, STATE_STAGES, CHUNK_QUERY_WARPS, SCAN_WARPS, SCAN_BLOCK, NARROW_QUERY_LAUNCH,
+        NARROW_TRACED_QUERY_LAUNCH, CONFIG,
+    )  # fmt: skip
 
 
 def keyless_rows(q: torch.Tensor, k: torch.Tensor, causal: bool) -> int | torch.SymInt | None:
@@ -580,9 +601,7 @@ def _gate_cumsum(module, log_gate: torch.Tensor) -> torch.Tensor:
     return _launch_gate_cumsum(module, *_gate_buffers(log_gate))
 
 
-def _launch_gate_cumsum(
-    module, lg: torch.Tensor, g: torch.Tensor, kept: list[DirectLaunch | None] | None = None
-) -> torch.Tensor:
+def _launch_gate_cumsum(module, lg: torch.Tensor, g: torch.Tensor, kept: list | None = None) -> torch.Tensor:
     """``g = cumsum(lg, -1)`` (buffers from ``_gate_buffers``); ``kept``: as ``_launch``'s."""
     B, heads, Tk = lg.shape
     grid = (_cdiv(Tk, GATE_SCAN_BLOCK), B * heads)
@@ -698,9 +717,12 @@ def _chunk_states(
     common: dict,
     extra: dict,
     state_kernel: Callable[[KernelSpec, dict], dict] | None = None,
+    kept: list | None = None,
+    buffers: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, object]:
     """Run the state (and scan) kernels into the buffers ``layout`` describes; return the query kernel's state
-    arguments."""
+    arguments. ``kept``: as ``_launch``'s (the state kernel hook's launch too); ``buffers`` receives the state
+    buffers by name."""
     spec, state_heads = layout.spec, layout.state_heads
     d = spec.head_dim
     params = spec.template_params()
@@ -710,20 +732,21 @@ def _chunk_states(
     seg_m = torch.empty((heads, n_seg + 1, *m_shape[2:]), dtype=torch.float32, device=k.device)
     sizes = {"Tk": k.shape[2], "shift": layout.shift, "n_chunks": n_chunks, "chunks_per_seg": layout.per_segment,
              "n_seg": n_seg}  # fmt: skip
-    buffers: dict[str, torch.Tensor] = {"S_SEG": seg_s, "M_SEG": seg_m}
+    buffers = {} if buffers is None else buffers
+    buffers.update(S_SEG=seg_s, M_SEG=seg_m)
     if spec.causal:
         buffers["S_LOC"] = torch.empty(s_shape, dtype=layout.state_dtype, device=k.device)
         buffers["M_LOC"] = torch.empty(m_shape, dtype=torch.float32, device=k.device)
     state_args = {**common, **extra, **buffers, **sizes, "state_heads": state_heads}
     if state_kernel is not None:
-        buffers.update(state_kernel(spec, state_args))
+        buffers.update(state_kernel(spec, state_args) if kept is None else state_kernel(spec, state_args, kept=kept))
     else:
         pair_programs = params["npairs"] * params["n_eb"]
-        _launch(module.state_kernel, (n_seg, pair_programs, heads), state_args, STATE_WARPS, STATE_STAGES)
+        _launch(module.state_kernel, (n_seg, pair_programs, heads), state_args, STATE_WARPS, STATE_STAGES, kept=kept)
     if layout.segments > 1:
         blocks = params["scan_s_blocks"] + _cdiv(d * d, SCAN_BLOCK)
         gate = {"G": extra["G"], "stride_g": extra["stride_g"]} if "G" in extra else {}
-        _launch(module.scan_kernel, (blocks, heads), {**buffers, **gate, **sizes}, SCAN_WARPS, 2)
+        _launch(module.scan_kernel, (blocks, heads), {**buffers, **gate, **sizes}, SCAN_WARPS, 2, kept=kept)
     kept = "LOC" if spec.causal else "SEG"
     states = {"S_ST": buffers[f"S_{kept}"], "M_ST": buffers[f"M_{kept}"]}
     return {**states, "state_heads": state_heads, "state_slots": layout.slots, "shift": layout.shift}

@@ -175,7 +175,7 @@ def test_large_inputs_stay_finite(dtype: torch.dtype, deg: int) -> None:
 
 
 # (B, Hq, Hk, Tq, Tk, d, e, deg, dtype, gate heads: 0 none / "k" / "q", valid, causal, y dtype, SDPA's layout):
-# quadratic-path calls
+# quadratic-path calls, then chunked ones (``CHUNKED_REPLAYS``)
 REPLAY_CASES = {
     "bf16-gqa-gate-valid": (1, 4, 2, 1000, 1000, 64, 64, 2, bf16, "k", True, True, f32, False),
     "fp16-widened-query-head-gate": (2, 4, 4, 300, 300, 32, 32, 2, f16, "q", False, True, f32, False),
@@ -184,14 +184,31 @@ REPLAY_CASES = {
     # as the op's eager body calls it with nothing kept for a backward: y in the inputs' dtype
     "bf16-sdpa-layout-y-bf16": (1, 8, 8, 2048, 2048, 64, 64, 2, bf16, "k", False, True, bf16, True),
     "bf16-rows-before-the-first-key": (1, 4, 1, 300, 200, 64, 64, 2, bf16, "q", True, True, bf16, False),
+    "chunked-cuda-state-gated": (1, 8, 8, 8192, 8192, 64, 64, 2, bf16, "k", False, True, bf16, True),
+    "chunked-cuda-state-gqa-valid-query-head-gate": (2, 4, 2, 2500, 2500, 64, 64, 2, bf16, "q", True, True, f32, False),
+    "chunked-triton-state-gqa-valid": (1, 4, 2, 3000, 3000, 64, 64, 2, bf16, "k", True, True, bf16, False),
+    "chunked-fp16-widened-noncausal": (1, 2, 2, 1500, 1500, 32, 32, 2, f16, 0, False, False, f32, False),
 }  # fmt: skip
+# the chunked cases: (plan, state kernel: "cuda" or Triton's)
+CHUNKED_REPLAYS = {
+    "chunked-cuda-state-gated": (Plan(chunk_size=1024, block_t=128, block_feature=16, block_e=64), "cuda"),
+    "chunked-cuda-state-gqa-valid-query-head-gate": (Plan(chunk_size=512, block_t=64, block_e=64), "cuda"),
+    "chunked-triton-state-gqa-valid": (Plan(chunk_size=512, block_t=64, block_e=64), "triton"),
+    "chunked-fp16-widened-noncausal": (CHUNK, "triton"),
+}
 
 
-def quadratic_call(name: str, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+def replayed_call(name: str, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """``triton_forward`` on case ``name``'s path: the quadratic kernel, or the chunked kernels with the state
+    kernel ``CHUNKED_REPLAYS`` names."""
+    from retention_compile.codegen.cuda_state import CudaStateHook
+
     d, _, deg, _, _, _, causal, y_dtype, _ = REPLAY_CASES[name][5:]
+    plan, state = CHUNKED_REPLAYS.get(name, (QUADRATIC, "triton"))
     q, k, v, gate, valid = inputs
-    options = dict(scale=d**-0.5, deg=deg, log_gate=gate, causal=causal, valid=valid, plan=QUADRATIC)
-    return triton_forward(q, k, v, **options, y_dtype=y_dtype)
+    options = dict(scale=d**-0.5, deg=deg, log_gate=gate, causal=causal, valid=valid, plan=plan)
+    hook = CudaStateHook() if state == "cuda" else None
+    return triton_forward(q, k, v, **options, y_dtype=y_dtype, state_kernel=hook)
 
 
 def replay_inputs(name: str, offset: int = 0) -> tuple:
@@ -216,20 +233,21 @@ def assert_same(replayed: tuple, planned: tuple) -> None:
 @pytest.mark.usefixtures("poison_allocations")
 @pytest.mark.parametrize("name", list(REPLAY_CASES))
 def test_repeated_eager_calls_replay_the_first_calls_launches(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An eager quadratic call (launches straight to Triton, as in the op's body) keeps its launches; a later call
-    with the same key repeats them with its own tensors, without planning (``call_shape_class`` is not called), and
-    returns exactly what the planned path returns for those tensors."""
+    """An eager call (launches straight to Triton, as in the op's body) keeps its launches: the quadratic kernel's,
+    or the gate cumsum, state kernel (Triton's or the CUDA one), scan and query kernel of the chunked path; a later
+    call with the same key repeats them with its own tensors and freshly allocated state buffers, without planning
+    (``call_shape_class`` is not called), and returns exactly what the planned path returns for those tensors."""
     from torch._library.triton import set_wrap_triton_enabled
 
     first, second = replay_inputs(name), replay_inputs(name)
     real_shape_class = forward.call_shape_class
     with set_wrap_triton_enabled(False):
-        quadratic_call(name, first)
+        replayed_call(name, first)
         assert len(replays._KEPT) == 1
         monkeypatch.setattr(forward, "call_shape_class", lambda *args: pytest.fail("a repeated call was planned"))
-        replayed = quadratic_call(name, second)
+        replayed = replayed_call(name, second)
     monkeypatch.setattr(forward, "call_shape_class", real_shape_class)
-    assert_same(replayed, quadratic_call(name, second))  # wrap_triton enabled: the planned path, nothing replayed
+    assert_same(replayed, replayed_call(name, second))  # wrap_triton enabled: the planned path, nothing replayed
 
 
 @pytest.mark.usefixtures("poison_allocations")
@@ -241,10 +259,10 @@ def test_an_unaligned_input_is_planned_again() -> None:
     name = "bf16-gqa-gate-valid"
     moved = replay_inputs(name, offset=1)
     with set_wrap_triton_enabled(False):
-        quadratic_call(name, replay_inputs(name))
-        replayed = quadratic_call(name, moved)
+        replayed_call(name, replay_inputs(name))
+        replayed = replayed_call(name, moved)
     assert len(replays._KEPT) == 2
-    assert_same(replayed, quadratic_call(name, moved))
+    assert_same(replayed, replayed_call(name, moved))
 
 
 def test_a_replay_launches_on_the_current_stream() -> None:
@@ -255,17 +273,17 @@ def test_a_replay_launches_on_the_current_stream() -> None:
     first, second = replay_inputs(name), replay_inputs(name)
     side = torch.cuda.Stream()
     with set_wrap_triton_enabled(False):
-        quadratic_call(name, first)
+        replayed_call(name, first)
         torch.cuda.synchronize()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             torch.cuda._sleep(10_000_000)  # the side stream is busy: a launch on the default one would finish first
-            replayed = quadratic_call(name, second)
+            replayed = replayed_call(name, second)
             done = torch.cuda.Event()
             done.record(side)
     assert not done.query()  # still queued behind the sleep on the side stream
     side.synchronize()
-    assert_same(replayed, quadratic_call(name, second))
+    assert_same(replayed, replayed_call(name, second))
 
 
 def test_the_public_eager_call_replays_and_matches_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -284,6 +302,27 @@ def test_the_public_eager_call_replays_and_matches_the_op(monkeypatch: pytest.Mo
     planned = torch.ops.retention_compile.power_retention(q, k, v, gate, None, 0.125, 2, True, chunk, "auto", False)
     torch.cuda.synchronize()
     assert y.dtype == q.dtype and torch.equal(y, planned[0])
+
+
+@pytest.mark.parametrize("impl", ["cuda", "triton"])
+def test_the_public_eager_chunked_call_replays_and_matches_the_op(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same at T=8192 gated with chunks of 1024 (the chunked path, host-bound on the H200's host before its
+    launches were kept), with either state kernel; and right against the float64 oracle."""
+    import retention_compile as rc
+
+    q, k, v, gate, _ = replay_inputs("chunked-cuda-state-gated")
+    with torch.no_grad():
+        rc.power_retention(q, k, v, log_gate=gate, chunk_size=1024, impl=impl)
+        y = rc.power_retention(q, k, v, log_gate=gate, chunk_size=1024, impl=impl)
+    assert len(replays._KEPT) == 1
+    monkeypatch.setattr(replays, "MAX_KEPT", 0)
+    planned = torch.ops.retention_compile.power_retention(q, k, v, gate, None, 0.125, 2, True, 1024, impl, False)
+    torch.cuda.synchronize()
+    assert y.dtype == q.dtype and torch.equal(y, planned[0])
+    rows = range(8192 - ORACLE_ROWS, 8192)
+    ref, _ = oracle(q, k, v, scale=0.125, deg=2, log_gate=gate, causal=True, valid=None, rows=rows)
+    last = y[:, :, rows.start :].double()
+    assert ((last - ref).norm() / ref.norm()).item() <= TOL[torch.bfloat16]
 
 
 def test_odd_tail_and_chunk_choice() -> None:
