@@ -211,21 +211,28 @@ def test_a_kept_call_is_dropped_once_its_kernels_are_loaded_anew(monkeypatch: py
 class CudaKernel:
     """What ``CudaLaunch`` calls of an ``nvrtc.CudaKernel``."""
 
+    name = "sample"
+
     def __init__(self) -> None:
         self.launches: list[tuple] = []
 
-    def launch(self, grid, block, args, *, shared_mem=0, stream=None) -> None:
-        self.launches.append((grid, block, tuple(args), shared_mem))
+    def launch_packed(self, grid, block, values, types, *, shared_mem=0, stream=None) -> None:
+        self.launches.append((grid, block, tuple(values), tuple(types), shared_mem, stream))
 
 
-def test_a_kept_cuda_launch_passes_each_calls_tensors_at_their_positions() -> None:
+def test_a_kept_cuda_launch_packs_once_and_passes_each_calls_data_pointers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes
+
+    monkeypatch.setattr(eager_launch, "current_stream", lambda device: f"stream of {device}")
     kernel = CudaKernel()
-    kept = CudaLaunch(kernel, (8, 20, 4), (256, 1, 1), 1024, (None, None, 5, None, 7), ((0, "K"), (1, "V"), (3, "S")))
+    arguments = (None, None, 5, None, 0.5)
+    kept = CudaLaunch.of(kernel, (8, 20, 4), (256, 1, 1), 1024, 0, arguments, ((0, "K"), (1, "V"), (3, "S")))
     k, v, state = torch.randn(2), torch.randn(2), torch.empty(3)
     kept({"K": k, "V": v, "S": state, "unused": torch.zeros(1)})
-    ((grid, block, args, shared_mem),) = kernel.launches
-    assert (grid, block, shared_mem) == ((8, 20, 4), (256, 1, 1), 1024)
-    assert args[0] is k and args[1] is v and args[3] is state and (args[2], args[4]) == (5, 7)
+    ((grid, block, values, types, shared_mem, stream),) = kernel.launches
+    assert (grid, block, shared_mem, stream) == ((8, 20, 4), (256, 1, 1), 1024, "stream of 0")
+    assert values == (k.data_ptr(), v.data_ptr(), 5, state.data_ptr(), 0.5)
+    assert types == (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_float)
     with pytest.raises(KeyError):
         kept({"K": k, "V": v})
 

@@ -31,11 +31,16 @@ from . import cache
 REPS = 10
 HOST_MARGIN = 2  # the GPU spins this many times the host time of one call (per call timed) ...
 SPIN_MIN_MS = 0.2  # ... plus this
-_CHOSEN: dict[tuple[str, str], str] = {}
+_CHOSEN: dict[tuple[str, str, tuple], str] = {}  # (GPU, kernel, the key's items) -> winner
 
 
 def _gpu_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device)
+    return _gpu_name_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _gpu_name_of(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 def _entry(kernel: str, key_text: str, gpu: str) -> Path:
@@ -124,11 +129,11 @@ def choose(
 ) -> str:
     """The fastest of ``candidates`` (name -> zero-argument callable running that implementation once) for
     ``kernel`` at ``key`` on ``device``: measured on first use, then read from memory or the cache file."""
-    key_text = json.dumps(dict(key), sort_keys=True, default=str)
     gpu = _gpu_name(device)
-    memo = (gpu, f"{kernel}:{key_text}")
+    memo = (gpu, kernel, tuple(sorted(key.items())))  # per call: no JSON until a choice is read or stored
     if memo in _CHOSEN:
         return _CHOSEN[memo]
+    key_text = json.dumps(dict(key), sort_keys=True, default=str)
     entry = _entry(kernel, key_text, gpu)
     try:
         stored = json.loads(entry.read_text())

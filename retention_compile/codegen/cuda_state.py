@@ -437,7 +437,7 @@ def _kept_launch(spec: KernelSpec, k, v, g, valid, sizes: Sequence[int]) -> Cuda
     arguments = _kernel_arguments(k, v, g, valid, (None,) * 4, sizes, spec.causal)
     fixed = tuple(None if i < len(KEPT_TENSORS) else argument for i, argument in enumerate(arguments))
     grid = _grid(info, k.shape[0], sizes[2], sizes[7])
-    return CudaLaunch(info.kernel, grid, (info.threads, 1, 1), info.smem, fixed, tensors)
+    return CudaLaunch.of(info.kernel, grid, (info.threads, 1, 1), info.smem, device, fixed, tensors)
 
 
 @dataclass(frozen=True)

@@ -119,36 +119,44 @@ class DirectLaunch:
     def __call__(self, tensors: dict[str, torch.Tensor]) -> None:
         """Launch on the current stream with ``tensors`` (by parameter name) at the tensor parameters; no launch
         metadata and no hooks (``direct_launches_allowed``: none are set)."""
+        arguments = list(self.arguments)
+        for position, name in self.tensors:
+            arguments[position] = tensors[name]
         compiled = self.compiled
         stream = current_stream(self.device)
-        arguments = with_tensors(self.arguments, self.tensors, tensors)
         compiled.run(*self.grid, stream, compiled.function, compiled.packed_metadata, None, None, None, *arguments)
 
 
 @dataclass(frozen=True)
 class CudaLaunch:
-    """One kept launch of a CUDA C++ kernel (``nvrtc.CudaKernel``): as ``DirectLaunch``, ``arguments`` in the
-    kernel's order with ``None`` at the positions ``tensors`` names, which each call supplies."""
+    """One kept launch of a CUDA C++ kernel (``nvrtc.CudaKernel``), its arguments packed once
+    (``nvrtc.packed_arguments``: ``values`` with a null pointer at the tensor positions ``tensors`` names, which each
+    call fills with its tensors' data pointers; ``types``)."""
 
     kernel: object  # nvrtc.CudaKernel
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     shared_mem: int
-    arguments: tuple
+    device: int
+    values: tuple
+    types: tuple
     tensors: tuple[tuple[int, str], ...]
+
+    @staticmethod
+    def of(kernel, grid, block, shared_mem: int, device: int, arguments: tuple, tensors) -> CudaLaunch:
+        """The launch of ``kernel`` with ``arguments`` in its order (None at the ``tensors`` positions)."""
+        from .nvrtc import packed_arguments
+
+        values, types = packed_arguments(kernel.name, arguments)
+        return CudaLaunch(kernel, grid, block, shared_mem, device, tuple(values), tuple(types), tensors)
 
     def __call__(self, tensors: dict[str, torch.Tensor]) -> None:
         """Launch on the current stream with ``tensors`` (by name) at the tensor parameters."""
-        arguments = with_tensors(self.arguments, self.tensors, tensors)
-        self.kernel.launch(self.grid, self.block, arguments, shared_mem=self.shared_mem)
-
-
-def with_tensors(arguments: tuple, positions: tuple[tuple[int, str], ...], tensors: dict[str, torch.Tensor]) -> list:
-    """``arguments`` with ``tensors[name]`` at each ``(position, name)`` of ``positions``."""
-    filled = list(arguments)
-    for position, name in positions:
-        filled[position] = tensors[name]
-    return filled
+        values = list(self.values)
+        for position, name in self.tensors:
+            values[position] = tensors[name].data_ptr()
+        stream = current_stream(self.device)
+        self.kernel.launch_packed(self.grid, self.block, values, self.types, shared_mem=self.shared_mem, stream=stream)
 
 
 def current_stream(device: int) -> int:

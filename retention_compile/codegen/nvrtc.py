@@ -232,6 +232,29 @@ def _check(result: tuple) -> object:
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def packed_arguments(name: str, args: Sequence[torch.Tensor | float | int | None]) -> tuple[list, list]:
+    """Kernel ``name``'s arguments as ``cuLaunchKernel`` takes them, values and C types: a tensor as its data pointer,
+    None as a null pointer, float as ``float``, int as ``int``."""
+    values: list[object] = []
+    types: list[object] = []
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            values.append(arg.data_ptr())
+            types.append(ctypes.c_void_p)
+        elif arg is None:
+            values.append(0)
+            types.append(ctypes.c_void_p)
+        elif isinstance(arg, float):
+            values.append(arg)
+            types.append(ctypes.c_float)
+        elif isinstance(arg, int):
+            values.append(arg)
+            types.append(ctypes.c_int)
+        else:
+            raise TypeError(f"{name}: cannot pass a {type(arg).__name__} to a kernel")
+    return values, types
+
+
 @dataclass(frozen=True)
 class CudaKernel:
     """One ``extern "C"`` kernel of a loaded module."""
@@ -249,30 +272,25 @@ class CudaKernel:
         shared_mem: int = 0,
         stream: int | None = None,
     ) -> None:
-        """``cuLaunchKernel`` on ``stream`` (PyTorch's current stream by default).
+        """``cuLaunchKernel`` on ``stream`` (PyTorch's current stream by default), with ``args`` as
+        ``packed_arguments`` maps them to C types."""
+        values, types = packed_arguments(self.name, args)
+        self.launch_packed(grid, block, values, types, shared_mem=shared_mem, stream=stream)
 
-        Arguments map to C types: a tensor to its data pointer, None to a null pointer, float to ``float``,
-        int to ``int``.
-        """
+    def launch_packed(
+        self,
+        grid: tuple[int, int, int],
+        block: tuple[int, int, int],
+        values: Sequence[object],
+        types: Sequence[object],
+        *,
+        shared_mem: int = 0,
+        stream: int | None = None,
+    ) -> None:
+        """``cuLaunchKernel`` with arguments already packed (``packed_arguments``: a repeated launch packs its
+        fixed arguments once)."""
         from cuda.bindings import driver
 
-        values: list[object] = []
-        types: list[object] = []
-        for arg in args:
-            if isinstance(arg, torch.Tensor):
-                values.append(arg.data_ptr())
-                types.append(ctypes.c_void_p)
-            elif arg is None:
-                values.append(0)
-                types.append(ctypes.c_void_p)
-            elif isinstance(arg, float):
-                values.append(arg)
-                types.append(ctypes.c_float)
-            elif isinstance(arg, int):
-                values.append(arg)
-                types.append(ctypes.c_int)
-            else:
-                raise TypeError(f"{self.name}: cannot pass a {type(arg).__name__} to a kernel")
         if stream is None:
             stream = torch.cuda.current_stream().cuda_stream
         _check(
