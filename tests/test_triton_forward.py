@@ -203,7 +203,15 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
     + [f"{n}-untrimmed" for n in UNTRIMMED_CASES],
 )
 def test_kernels_match_oracle(interpreted: dict[str, float], name: str) -> None:
-    assert interpreted[name] < 1e-5, f"{name}: relative error {interpreted[name]:.2e}"
+    bound = GATE_REACH_BOUNDS.get(name, 1e-5)
+    assert interpreted[name] < bound, f"{name}: relative error {interpreted[name]:.2e}"
+
+
+# Cases whose cumulative log-gate reaches far: 300 keys of -0.3 * U(0, 1) take G to about -45, where a float32 G is
+# off by up to 4e-6 and so is every exp(G_i - G_j) relatively; the inputs are drawn afresh per process (the seed
+# hashes the case's name), and y's error read 1.63e-5 in one of about ten runs (2026-12-01). The contract's float32
+# bound is 1e-4.
+GATE_REACH_BOUNDS = {"quadratic-long-gate": 1e-4}
 
 
 @pytest.mark.parametrize("name", ROUNDED_OUTPUT_CASES)
