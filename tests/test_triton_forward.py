@@ -207,11 +207,12 @@ def test_kernels_match_oracle(interpreted: dict[str, float], name: str) -> None:
     assert interpreted[name] < bound, f"{name}: relative error {interpreted[name]:.2e}"
 
 
-# Cases whose cumulative log-gate reaches far: 300 keys of -0.3 * U(0, 1) take G to about -45, where a float32 G is
-# off by up to 4e-6 and so is every exp(G_i - G_j) relatively; the inputs are drawn afresh per process (the seed
-# hashes the case's name), and y's error read 1.63e-5 in one of about ten runs (2026-12-01). The contract's float32
-# bound is 1e-4.
-GATE_REACH_BOUNDS = {"quadratic-long-gate": 1e-4}
+# Cases whose weights span a wide range in float32: 300 keys of log-gates -0.3 * U(0, 1) take G to about -45, where a
+# float32 G is off by up to 4e-6 and so is every exp(G_i - G_j) relatively; deg 4 with gates raises each weight's
+# rounding to the fourth power's. The inputs are drawn afresh per process (the seed hashes the case's name): over 16
+# seeds (PYTHONHASHSEED 10-25, 2026-12-01) these read up to 8.1e-6 and 1.4e-5, and one CI-like run 1.63e-5 for the
+# first. The contract's float32 bound is 1e-4.
+GATE_REACH_BOUNDS = {"quadratic-long-gate": 1e-4, "quadratic-deg4-gate-valid-float16": 1e-4}
 
 
 @pytest.mark.parametrize("name", ROUNDED_OUTPUT_CASES)
