@@ -13,9 +13,9 @@ one commit read 91-150 us at T=65536, so compare the Python work there with a pr
 ``--device cuda``: real calls on the GPU as the op's eager body makes them (``wrap_triton`` disabled), the host time
 per call measured until the last of ``--calls`` calls returns (the GPU's queue takes them without waiting), and the
 wall time per call until the GPU is done. Rows: ``replayed`` (repeated calls repeat the first call's launches,
-``forward.ForwardReplay``; the chunked path with the Triton state kernel), ``planned`` (``replays.MAX_KEPT = 0``: every call planned and bound by
-Triton), ``op`` (the public eager ``power_retention`` under ``torch.no_grad``, replays kept) and SDPA's flash call
-for the same shape.
+``forward.ForwardReplay``; the chunked path with the Triton state kernel), ``planned`` (``replays.MAX_KEPT = 0``:
+every call planned and bound by Triton), ``op`` (the public eager ``power_retention`` under ``torch.no_grad``,
+replays kept, the state kernel ``codegen="auto"`` picks) and SDPA's flash call for the same shape.
 
 Shape: b=1, h=8, d=e=64, deg 2, bf16, causal, y stored in bf16 (a forward no backward follows), the H200's plan;
 T in ``--T``, ungated and gated. Median of ``--repeats`` batches of ``--calls`` calls.
