@@ -119,6 +119,15 @@ LAUNCH_S = 3e-6  # per kernel launch
 # Measured / modelled time per kernel (benchmarks/calibrate_planner.py over a chunk sweep on the H200): what the
 # roofline terms leave out (feature construction, synchronous products, layout conversions).
 KERNEL_SCALE = {"update": 3.71, "scan": 0.358, "query": 1.07, "attention": 1.95}
+# The same for the CUDA wgmma state kernel, which the chunk sweeps above predate: H200, T=65536 b1 h8 d64 bf16, C=1024,
+# 0.49 ms (profiler, forward_notes.md sessions 27-29) where the Triton state kernel's scale models 1.128 ms.
+CUDA_UPDATE_SCALE = 2.47
+# Query rows per warp of the single-chunk kernel: 128 rows on 4 warps (32 per warp) measured 1.4-2.2x their modelled
+# time on the H200 (b1 h8 d64 bf16 causal ungated, do_bench ms, measured / modelled: T=4096 0.104 / 0.048, 8192
+# 0.294 / 0.181, 12288 0.548 / 0.401), 128 rows on 8 warps at T=6144 0.134 / 0.136
+# (benchmarks/results/quad_vs_chunk_NVIDIA-H200_2026-12-01_2be7b50.json): the model leaves out what a warp's share
+# of a 128-row tile costs in registers.
+MAX_ROWS_PER_WARP = 16
 # CUDA-core operations a gate adds per score (load G_j, subtract, exp, multiply, in fp32-op equivalents). Not a
 # count: fitted to the H200 forward benchmark (bench_forward.py run 4, commit e632f37, T=8192, single chunk): the
 # gated kernel took 0.503 ms against 0.218 ungated; the gate's pointwise work does not overlap the MMAs in the
@@ -142,7 +151,7 @@ class S:
 
     T, C, d, e, H, nbytes = sp.symbols("T C d e H nbytes", positive=True)
     bt, be, fb, Dt, nw, ns = sp.symbols("block_t block_e features_per_tile tiled_state warps stages", positive=True)
-    score_ops, feature_ops = sp.symbols("score_ops feature_ops", positive=True)
+    score_ops, feature_ops, update_scale = sp.symbols("score_ops feature_ops update_scale", positive=True)
     sms, f_tc, f_cc, bw_dram, bw_l2, mma_clock = sp.symbols(
         "sm_count tensor_flops_per_sm cuda_flops_per_sm dram_bytes_per_sm l2_bytes_per_sm tensor_flops_per_clock",
         positive=True,
@@ -151,7 +160,7 @@ class S:
     D = sp.Symbol("state_dim", positive=True)
 
     gpu = (
-        T, C, d, e, H, nbytes, bt, be, fb, Dt, nw, ns, score_ops, feature_ops,
+        T, C, d, e, H, nbytes, bt, be, fb, Dt, nw, ns, score_ops, feature_ops, update_scale,
         sms, f_tc, f_cc, bw_dram, bw_l2, mma_clock, smem_sm, regs_sm, threads_sm,
     )  # fmt: skip
     cpu = (T, C, d, e, H, D)
@@ -305,8 +314,21 @@ def kernel_terms(kernel: Kernel) -> dict[str, sp.Expr]:
         "resident": occ,
         "waves": waves,
         "programs": kernel.programs,
-        "time": LAUNCH_S + KERNEL_SCALE[kernel.name] * waves * _max(occ * busy, busy + exposed),
+        "time": LAUNCH_S + kernel_scale(kernel.name) * waves * _max(occ * busy, busy + exposed),
     }
+
+
+def kernel_scale(name: str) -> sp.Expr | float:
+    """Measured / modelled time of kernel ``name``: ``KERNEL_SCALE``'s, but for the state update a model input
+    (``update_scale``: which state kernel runs depends on the GPU and dtype)."""
+    return S.update_scale if name == "update" else KERNEL_SCALE[name]
+
+
+def update_scale(spec: GpuSpec, dtype: torch.dtype, e: int) -> float:
+    """``CUDA_UPDATE_SCALE`` where ``codegen="auto"`` takes the CUDA wgmma state kernel (Hopper, bf16, value
+    blocks of 64: ``codegen/cuda_state``), else the Triton state kernel's ``KERNEL_SCALE["update"]``."""
+    wgmma = spec.compute_capability == (9, 0) and dtype == torch.bfloat16 and e % 64 == 0
+    return CUDA_UPDATE_SCALE if wgmma else KERNEL_SCALE["update"]
 
 
 @functools.cache
@@ -488,7 +510,11 @@ def _tile_grid(T: int, d: int, e: int, deg: int, given_chunk: tuple[int, bool] |
     def single(chunk: int) -> bool:
         return chunk >= T if given_chunk is None else not given_chunk[1]
 
-    rows = [r for r in grid if r[1] <= max(r[0], BLOCK_T[0]) and (single(r[0]) or r[4] == CHUNK_QUERY_WARPS)]
+    rows = [
+        r for r in grid
+        if r[1] <= max(r[0], BLOCK_T[0])
+        and (r[4] == CHUNK_QUERY_WARPS if not single(r[0]) else r[1] <= MAX_ROWS_PER_WARP * r[4])
+    ]  # fmt: skip
     return [np.array(col, dtype=np.int64) for col in zip(*rows)]
 
 
@@ -522,6 +548,7 @@ def gpu_candidates(
         "stages": stages.astype(np.float64),
         "score_ops": math.log2(deg) + 1 + GATE_SCORE_OPS * gated,
         "feature_ops": float(deg),
+        "update_scale": update_scale(spec, dtype, e),
         **hardware_values(spec, dtype),
     }
     values = _compiled("gpu")(**inputs)
