@@ -646,10 +646,17 @@ def _distance_from_defaults(cands: Candidates) -> np.ndarray:
 
 
 def _choose(cands: Candidates, feasible: np.ndarray) -> int:
-    """The fastest feasible candidate; within ``TIE_TOLERANCE`` of it, the tiles closest to the defaults."""
+    """The fastest feasible candidate; within ``TIE_TOLERANCE`` of it, on the single-chunk path the most copy stages,
+    then the tiles closest to the defaults.
+
+    The model rarely tells 2 single-chunk stages from 3, and 3 ran faster at every measured length (H200 b1 h8 d64
+    bf16 causal, 64 rows / 4 warps, do_bench ms, 3 against 2 stages: T=2048 0.031 / 0.042 ungated, 0.047 / 0.055
+    gated; 4096 0.073 / 0.082, 0.107 / 0.115; 8192 0.205 / 0.236; plan_check_NVIDIA-H200_2026-12-01_7a58156.json
+    under benchmarks/results)."""
     times = cands.time[feasible]
     tied = feasible[times <= times.min() * (1 + TIE_TOLERANCE)]
-    order = np.lexsort((cands.time[tied], _distance_from_defaults(cands)[tied]))
+    stages_first = np.where(cands.single[tied], -cands.num_stages[tied], 0)
+    order = np.lexsort((cands.time[tied], _distance_from_defaults(cands)[tied], stages_first))
     return int(tied[order[0]])
 
 
