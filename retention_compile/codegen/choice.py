@@ -47,12 +47,14 @@ def _entry(kernel: str, key_text: str, gpu: str) -> Path:
     return cache.code_keyed_entry("choices", f"{kernel}_", gpu, kernel, key_text)
 
 
-def event_times_ms(fn: Callable[[], object], rounds: int, launches: int = 1) -> list[float]:
+def event_times_ms(fn: Callable[[], object], rounds: int, launches: int = 1, spin: int = 0) -> list[float]:
     """Device time per call of ``fn`` in ms, sorted: ``rounds`` rounds of ``launches`` calls between two CUDA
-    events each (no warm-up)."""
+    events each (no warm-up), the GPU spinning ``spin`` clock cycles before each round's first event."""
     times = []
     for _ in range(rounds):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if spin:
+            torch.cuda._sleep(spin)
         start.record()
         for _ in range(launches):
             fn()
@@ -76,17 +78,7 @@ def device_times_ms(fn: Callable[[], object], rounds: int, launches: int = 1) ->
     host_ms = (time.perf_counter() - begin) * 1e3
     torch.cuda.synchronize()
     spin = math.ceil(_cycles_per_ms(torch.cuda.current_device()) * (HOST_MARGIN * host_ms * launches + SPIN_MIN_MS))
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(spin)
-        start.record()
-        for _ in range(launches):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / launches)
-    return sorted(times)
+    return event_times_ms(fn, rounds, launches, spin)
 
 
 @functools.cache
