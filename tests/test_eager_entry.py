@@ -102,3 +102,34 @@ def test_a_jit_trace_records_the_op() -> None:
     assert "retention_compile::power_retention" in str(traced.graph)
     fresh = inputs()
     assert torch.equal(traced(*fresh), call(*fresh))
+
+
+def test_an_eager_calls_route_is_kept_with_the_replays_and_only_where_triton_serves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``ops._route`` plans, checks and chooses once per key (the CPU stands in for an eager CUDA call here: the key
+    is forced); ``replays.clear`` forgets the route; a route the Triton kernels do not serve is not kept."""
+    from retention_compile.codegen import cuda_state, replays
+
+    q, k, v, gate = inputs()
+    planned: list[int] = []
+    real_plan = ops.resolve_plan
+    monkeypatch.setattr(ops, "_route_key", lambda *args: ("a route",))
+    monkeypatch.setattr(ops, "resolve_plan", lambda *args: planned.append(1) or real_plan(*args))
+    monkeypatch.setattr(ops, "_triton_unavailable", lambda *args: None)
+    monkeypatch.setattr(cuda_state, "select_state_kernel", lambda *args: cuda_state.StateChoice(None, "a reason"))
+    monkeypatch.setattr(replays, "_KEPT", type(replays._KEPT)())
+    route = (q, k, v, gate, None, 0.25, 2, True, 16, "auto")
+    first = ops._route(*route)
+    assert ops._route(*route) == first and len(planned) == 1
+    replays.clear()
+    assert ops._route(*route) == first and len(planned) == 2
+    replays.clear()
+    monkeypatch.setattr(ops, "_triton_unavailable", lambda *args: "not served")
+    assert ops._route(*route)[1:] == ("not served", None)
+    assert ops._route(*route)[1:] == ("not served", None) and len(planned) == 4
+
+
+def test_cpu_calls_keep_no_route() -> None:
+    q, k, v, gate = inputs()
+    assert ops._route_key(q, k, v, gate, None, 0.25, 2, True, 16, "auto") is None

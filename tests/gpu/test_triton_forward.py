@@ -297,7 +297,7 @@ def test_the_public_eager_call_replays_and_matches_the_op(monkeypatch: pytest.Mo
         rc.power_retention(q, k, v, log_gate=gate, chunk_size=chunk)
         kept = len(replays._KEPT)
         y = rc.power_retention(q, k, v, log_gate=gate, chunk_size=chunk)
-    assert kept == 1 and len(replays._KEPT) == 1
+    assert kept == 2 and len(replays._KEPT) == 2  # the call's route (ops._route) and its launches
     monkeypatch.setattr(replays, "MAX_KEPT", 0)
     planned = torch.ops.retention_compile.power_retention(q, k, v, gate, None, 0.125, 2, True, chunk, "auto", False)
     torch.cuda.synchronize()
@@ -309,12 +309,15 @@ def test_the_public_eager_chunked_call_replays_and_matches_the_op(impl: str, mon
     """The same at T=8192 gated with chunks of 1024 (the chunked path, host-bound on the H200's host before its
     launches were kept), with either state kernel; and right against the float64 oracle."""
     import retention_compile as rc
+    from retention_compile import ops
 
     q, k, v, gate, _ = replay_inputs("chunked-cuda-state-gated")
     with torch.no_grad():
         rc.power_retention(q, k, v, log_gate=gate, chunk_size=1024, impl=impl)
-        y = rc.power_retention(q, k, v, log_gate=gate, chunk_size=1024, impl=impl)
-    assert len(replays._KEPT) == 1
+        with monkeypatch.context() as patched:  # the call's route is kept too: no planning on the repeat
+            patched.setattr(ops, "resolve_plan", lambda *args: pytest.fail("a repeated call was planned"))
+            y = rc.power_retention(q, k, v, log_gate=gate, chunk_size=1024, impl=impl)
+    assert len(replays._KEPT) == 2  # the route and the launches
     monkeypatch.setattr(replays, "MAX_KEPT", 0)
     planned = torch.ops.retention_compile.power_retention(q, k, v, gate, None, 0.125, 2, True, 1024, impl, False)
     torch.cuda.synchronize()
