@@ -210,10 +210,11 @@ def test_kernels_match_oracle(interpreted: dict[str, float], name: str) -> None:
 # Cases whose weights span a wide range in float32: about 300 keys of log-gates -0.3 * U(0, 1) take G to about -45,
 # where a float32 G is off by up to 4e-6 and so is every exp(G_i - G_j) relatively; deg 4 with gates raises each
 # weight's rounding to the fourth power's. The inputs are drawn afresh per process (the seed hashes the case's name):
-# over 46 seeds (PYTHONHASHSEED 10-55, 2026-12-01) these read up to 1.02e-5, 8.6e-6 and 1.4e-5, and one CI-like run
-# 1.63e-5 for the first. The contract's float32 bound is 1e-4.
+# over 46 seeds (PYTHONHASHSEED 10-55, 2026-12-01) these read up to 1.02e-5, 8.6e-6, 7.4e-6 and 1.4e-5, and one
+# CI-like run 1.63e-5 for the first. The contract's float32 bound is 1e-4.
 GATE_REACH_BOUNDS = {
-    "quadratic-long-gate": 1e-4, "quadratic-prefill-gate": 1e-4, "quadratic-deg4-gate-valid-float16": 1e-4,
+    "quadratic-long-gate": 1e-4, "quadratic-prefill-gate": 1e-4, "quadratic-deg4-gate-valid": 1e-4,
+    "quadratic-deg4-gate-valid-float16": 1e-4,
 }  # fmt: skip
 
 
