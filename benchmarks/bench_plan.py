@@ -30,7 +30,7 @@ from retention_compile.codegen.forward import triton_forward
 from retention_compile.planning import Plan
 
 B, H, D = 1, 8, 64
-QUADRATIC_TILES = ((128, 8, 3), (128, 4, 2), (64, 4, 2), (64, 4, 3))
+QUADRATIC_TILES = ((128, 8, 3), (128, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3))
 
 
 def forward_ms(q, k, v, gate, plan: Plan) -> float:
