@@ -55,6 +55,7 @@ def retention_calls(gm: fx.GraphModule) -> list[dict[str, Any]]:
 def plan_call(args: dict[str, Any]) -> dict[str, Any]:
     """The ``Plan`` (as a dict, with the device, T and batch_heads) of one op call from its arguments."""
     from . import hardware, planning
+    from .ops import cuda_state_modelled
 
     q, k, v = _operand(args["q"]), _operand(args["k"]), _operand(args["v"])
     batch, d, kv_heads = size_hint(q.shape[0]), size_hint(q.shape[3]), size_hint(k.shape[1])
@@ -68,6 +69,7 @@ def plan_call(args: dict[str, Any]) -> dict[str, Any]:
         "dtype": planning.kernel_dtype(q.dtype, q.device.type == "cuda", int(args["chunk_size"])),
         "gated": args["log_gate"] is not None,
         "batch_heads": batch * kv_heads,
+        "cuda_state": cuda_state_modelled(q, args.get("impl", "auto")),
     }
     plan = planning.plan(spec, **problem)
     override = int(args["chunk_size"])

@@ -62,8 +62,11 @@ IMPLS = ("auto", "triton", "cuda", "aten")
 KEPT_STATES_MAX_RATIO = 2  # the forward's chunk states are saved for the backward up to this many times y's bytes
 
 
-def resolve_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, deg: int, gated: bool, chunk_size: int) -> Plan:
-    """The plan for this shape on q's device (``planning.plan``); ``chunk_size > 0`` overrides its chunk.
+def resolve_plan(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, deg: int, gated: bool, chunk_size: int, impl: str = "auto"
+) -> Plan:
+    """The plan for this shape on q's device (``planning.plan``, modelling the CUDA state kernel only where ``impl``
+    and the machine allow it); ``chunk_size > 0`` overrides its chunk.
 
     Under dynamic shapes the plan is made for the size hint of the traced call; any chunk gives the same
     numbers for every length, so a graph traced at one length stays correct at another."""
@@ -78,6 +81,7 @@ def resolve_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, deg: int, ga
         gated=gated,
         batch_heads=size_hint(q.shape[0]) * size_hint(k.shape[1]),
         chunk_size=chunk_size,  # tiles fit the given chunk's kernels (the chunked query kernel needs the most)
+        cuda_state=cuda_state_modelled(q, impl),
     )
     return dataclasses.replace(chosen, chunk_size=chunk_size) if chunk_size > 0 else chosen
 
@@ -122,6 +126,12 @@ def _cuda_blocker(q: torch.Tensor) -> str | None:
     except RuntimeError as error:  # names what to install
         return str(error)
     return None
+
+
+def cuda_state_modelled(q: torch.Tensor, impl: str) -> bool:
+    """Whether the plan models the CUDA state kernel for a call (``planning.plan``'s ``cuda_state``): ``impl``
+    allows it and a CUDA kernel can run on q's device."""
+    return impl != "triton" and _cuda_blocker(q) is None
 
 
 def _cuda_target_error(why: str | None) -> RuntimeError:
@@ -214,7 +224,7 @@ def _route(
     key = _route_key(q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl)
     if key is not None and (kept := _kept_route(key)) is not None:
         return kept
-    plan = resolve_plan(q, k, v, deg, log_gate is not None, chunk_size)
+    plan = resolve_plan(q, k, v, deg, log_gate is not None, chunk_size, impl)
     reason = _triton_unavailable(q, k, v, deg, log_gate, valid, causal, impl)
     if reason is not None:
         return plan, reason, None

@@ -528,9 +528,10 @@ def gpu_candidates(
     gated: bool,
     batch_heads: int,
     given_chunk: tuple[int, bool] | None = None,
+    cuda_state: bool = True,
 ) -> Candidates:
     """Every (chunk, tiles) the model considers (``given_chunk = (chunk, chunked)``: that chunk alone, on the path
-    the call takes), evaluated; infeasible ones are kept but flagged."""
+    the call takes), evaluated; infeasible ones are kept but flagged. ``cuda_state``: as ``plan``'s."""
     chunk, block_t, block_feature, block_e, warps, stages = _tile_grid(T, d, e, deg, given_chunk)
     single = chunk >= T if given_chunk is None else np.full(chunk.shape, not given_chunk[1])
     inputs: dict[str, np.ndarray | float] = {
@@ -548,7 +549,7 @@ def gpu_candidates(
         "stages": stages.astype(np.float64),
         "score_ops": math.log2(deg) + 1 + GATE_SCORE_OPS * gated,
         "feature_ops": float(deg),
-        "update_scale": update_scale(spec, dtype, e),
+        "update_scale": update_scale(spec, dtype, e) if cuda_state else KERNEL_SCALE["update"],
         **hardware_values(spec, dtype),
     }
     values = _compiled("gpu")(**inputs)
@@ -660,10 +661,10 @@ def _choose(cands: Candidates, feasible: np.ndarray) -> int:
     return int(tied[order[0]])
 
 
-def _plan_gpu(spec: GpuSpec, given_chunk: tuple[int, bool] | None, *problem) -> Plan | None:
+def _plan_gpu(spec: GpuSpec, given_chunk: tuple[int, bool] | None, cuda_state: bool, *problem) -> Plan | None:
     """The best feasible candidate for ``problem = (T, d, e, deg, dtype, gated, batch_heads)``, or None when no
     candidate fits the GPU."""
-    cands = gpu_candidates(spec, *problem, given_chunk)
+    cands = gpu_candidates(spec, *problem, given_chunk, cuda_state)
     feasible = np.flatnonzero(cands.feasible)
     if feasible.size == 0:
         return None
@@ -710,11 +711,14 @@ def plan(
     gated: bool = False,
     batch_heads: int = 1,
     chunk_size: int = 0,
+    cuda_state: bool = True,
 ) -> Plan:
     """The chunk size and tiles with the least modelled time for one call (``spec=None``: the CPU aten path).
 
     T: key length; d, e: head dims of q/k and v (e defaults to d); batch_heads: B x Hk programs' worth of
-    independent heads; ``chunk_size > 0``: the tiles for that chunk (the caller's choice), not the best chunk.
+    independent heads; ``chunk_size > 0``: the tiles for that chunk (the caller's choice), not the best chunk;
+    ``cuda_state``: the CUDA state kernel may run (``update_scale``; not with ``codegen="triton"`` or without a CUDA
+    compiler).
     On a GPU, T above ``PLAN_GRANULE`` is planned rounded up to a multiple of it, so that nearby lengths run the
     same kernels. Deterministic (cached); never changes results, only speed.
     """
@@ -728,10 +732,10 @@ def plan(
         T = -(-T // PLAN_GRANULE) * PLAN_GRANULE
     problem = (T, d, e, deg, dtype, gated, batch_heads)
     if given_chunk is not None:  # where no modelled tiles fit that chunk: the free plan's (fitting.py shrinks them)
-        chosen = _plan_gpu(spec, given_chunk, *problem)
+        chosen = _plan_gpu(spec, given_chunk, cuda_state, *problem)
         if chosen is not None:
             return chosen
-    chosen = _plan_gpu(spec, None, *problem)
+    chosen = _plan_gpu(spec, None, cuda_state, *problem)
     if chosen is None:
         raise ValueError(f"no tile configuration fits {spec.name} for d={d}, e={e}, deg={deg}")
     return chosen

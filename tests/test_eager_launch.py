@@ -254,3 +254,15 @@ def test_a_kept_replay_allocates_its_state_buffers_and_names_them_for_the_query_
     assert tensors["S_ST"] is tensors["S_LOC"] and tensors["S_LOC"] is not buffers["S_LOC"]
     assert tensors["S_LOC"].shape == (2, 5, 8) and tensors["S_LOC"].dtype == torch.bfloat16
     assert tensors["S_SEG"].shape == (2, 3, 8) and tensors["Y"] is y and tensors["DEN"] is denom
+
+
+def test_a_replay_of_a_widened_call_hands_its_kernels_float32_copies() -> None:
+    """Where the first call's kernels took float32 copies (float16, or bfloat16 with short chunks: its shape class
+    is the copies' one), every replay makes them too."""
+    q = torch.randn(1, 2, 50, 32, dtype=torch.bfloat16)
+    spec = forward.kernel_spec(q, q, 2, False, False, True, 50, PLAN)
+    seen: list[torch.dtype] = []
+    steps = [lambda t: seen.extend(t[name].dtype for name in ("Q", "K", "V"))]
+    replay = forward.ForwardReplay.of(((spec, None),), True, torch.float32, {}, {}, steps)
+    replay(q, q, q, None, None)
+    assert seen == [torch.float32] * 3

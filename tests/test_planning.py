@@ -132,6 +132,17 @@ def test_a_gate_moves_the_h200_to_the_chunked_path_sooner():
     assert chunk(8192, False) < 8192 and chunk(8192, True) < 8192
 
 
+def test_the_cuda_state_kernel_is_modelled_only_where_it_may_run():
+    """On Hopper with bf16 the update is modelled as the CUDA wgmma kernel (``CUDA_UPDATE_SCALE``), faster than the
+    Triton state kernel; with ``cuda_state=False`` (``codegen="triton"``, no CUDA compiler) as Triton's."""
+    problem = dict(dtype=torch.bfloat16, batch_heads=8, chunk_size=1024)
+    cuda = plan(KNOWN["H200"], 65536, 64, **problem)
+    triton = plan(KNOWN["H200"], 65536, 64, **problem, cuda_state=False)
+    ratio = triton.modelled_s / cuda.modelled_s
+    assert 1.2 < ratio < 2.0, ratio
+    assert plan(KNOWN["L4"], 65536, 64, **problem) == plan(KNOWN["L4"], 65536, 64, **problem, cuda_state=False)
+
+
 def test_single_chunk_plans_take_at_most_16_rows_per_warp_and_the_most_stages_among_ties():
     """128 rows on 4 warps ran 1.4-2.2x their modelled time on the H200 (``MAX_ROWS_PER_WARP``); 3 copy stages ran
     faster than 2 at every measured length, which the model calls a tie (``_choose``)."""

@@ -16,6 +16,7 @@ Candidates run real work: they build their own inputs. ``choose`` may be called 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -136,7 +137,8 @@ def choose(
         pass  # missing or unreadable: measure
     if torch.cuda.is_current_stream_capturing():
         return next(iter(candidates))
-    times = _measure(candidates)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():  # the events', the spin's
+        times = _measure(candidates)
     if not times:
         return next(iter(candidates))
     winner = min(times, key=times.__getitem__)

@@ -420,6 +420,7 @@ def triton_forward(
         replay_key = _replay_key(q, k, v, log_gate, valid, scale, deg, causal, plan, segments, state_kernel, y_dtype)
         if (replay := replays.kept(replay_key)) is not None:
             return replay(q, k, v, log_gate, valid)
+    given_q = q
     spec, (q, k, v), cuda_states = call_shape_class(
         q, k, v, deg, log_gate is not None, valid is not None, causal, plan, state_kernel is not None
     )
@@ -477,7 +478,8 @@ def triton_forward(
     if kept is not None and all(step is not None for step in kept):
         aliases = {name: attention[name] for name in ("S_ST", "M_ST") if name in attention}
         modules = ((first_spec, state_module), (spec, module))
-        replays.keep(replay_key, ForwardReplay.of(modules, not cuda_states, y_dtype, buffers, aliases, kept))
+        widened = q is not given_q
+        replays.keep(replay_key, ForwardReplay.of(modules, widened, y_dtype, buffers, aliases, kept))
     return y, denom
 
 
@@ -488,8 +490,9 @@ class ForwardReplay:
     and dtype) and repeats its launches in order (``eager_launch``: the gate's cumsum, the state kernel, Triton's or
     the CUDA one, the scan, the query or quadratic kernel), without planning or Triton's argument binding.
     ``modules``: the rendered kernels it launches, with their shape classes (current while ``load_forward`` still
-    returns them); ``widen``: the first call's inputs went through ``kernel_inputs`` (no CUDA state kernel asked
-    for); ``aliases``: the query kernel's names for state buffers (``S_ST``: ``S_LOC`` or ``S_SEG``)."""
+    returns them); ``widen``: the first call's kernels took float32 copies of q, k, v (``kernel_inputs``: float16,
+    or bfloat16 with short chunks); ``aliases``: the query kernel's names for state buffers (``S_ST``: ``S_LOC``
+    or ``S_SEG``)."""
 
     modules: tuple[tuple[KernelSpec, object], ...]
     widen: bool
@@ -524,8 +527,8 @@ class ForwardReplay:
         log_gate: torch.Tensor | None,
         valid: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.widen:
-            q, k, v = kernel_inputs(q, k, v, self.modules[0][0])
+        if self.widen:  # as the first call's kernel_inputs did (its shape class is the float32 copies')
+            q, k, v = q.float(), k.float(), v.float()
         tensors = _call_tensors(q, k, v, log_gate, valid, self.y_dtype)
         for name, shape, dtype in self.buffers:
             tensors[name] = torch.empty(shape, dtype=dtype, device=q.device)

@@ -16,7 +16,7 @@ import torch
 from ..inspection import is_recording
 from .eager_launch import compile_settings, direct_launches_allowed
 
-# Kept calls, oldest first out (a workload of ever new lengths replaces them); 0 keeps none.
+# Kept calls, the least recently used first out (a workload of ever new lengths replaces them); 0 keeps none.
 MAX_KEPT = 256
 
 
@@ -48,7 +48,10 @@ def call_key(tensors: tuple[torch.Tensor | None, ...], settings: tuple) -> tuple
 def kept(key: tuple) -> Replay | None:
     """The call kept under ``key`` while it is current, else None."""
     replay = _KEPT.get(key)
-    return replay if replay is not None and replay.current() else None
+    if replay is None or not replay.current():
+        return None
+    _KEPT.move_to_end(key)  # the least recently used goes first
+    return replay
 
 
 def keep(key: tuple, replay: Replay) -> None:

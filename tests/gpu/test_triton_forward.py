@@ -188,6 +188,9 @@ REPLAY_CASES = {
     "chunked-cuda-state-gqa-valid-query-head-gate": (2, 4, 2, 2500, 2500, 64, 64, 2, bf16, "q", True, True, f32, False),
     "chunked-triton-state-gqa-valid": (1, 4, 2, 3000, 3000, 64, 64, 2, bf16, "k", True, True, bf16, False),
     "chunked-fp16-widened-noncausal": (1, 2, 2, 1500, 1500, 32, 32, 2, f16, 0, False, False, f32, False),
+    "chunked-cuda-state-noncausal-valid": (1, 2, 2, 2100, 2100, 64, 64, 2, bf16, 0, True, False, f32, False),
+    # bf16 with chunks under 64 keys runs the float32 kernels on float32 copies (forward.small_chunk_float32)
+    "chunked-bf16-short-chunks-widened": (1, 2, 1, 300, 300, 64, 64, 2, bf16, "k", False, True, f32, False),
 }  # fmt: skip
 # the chunked cases: (plan, state kernel: "cuda" or Triton's)
 CHUNKED_REPLAYS = {
@@ -195,6 +198,8 @@ CHUNKED_REPLAYS = {
     "chunked-cuda-state-gqa-valid-query-head-gate": (Plan(chunk_size=512, block_t=64, block_e=64), "cuda"),
     "chunked-triton-state-gqa-valid": (Plan(chunk_size=512, block_t=64, block_e=64), "triton"),
     "chunked-fp16-widened-noncausal": (CHUNK, "triton"),
+    "chunked-cuda-state-noncausal-valid": (Plan(chunk_size=512, block_t=64, block_e=64), "cuda"),
+    "chunked-bf16-short-chunks-widened": (Plan(chunk_size=16, block_t=16, block_e=64), "triton"),
 }
 
 
@@ -265,11 +270,12 @@ def test_an_unaligned_input_is_planned_again() -> None:
     assert_same(replayed, replayed_call(name, moved))
 
 
-def test_a_replay_launches_on_the_current_stream() -> None:
-    """A repeated call made on a side stream runs there (its outputs are ready once that stream is)."""
+@pytest.mark.parametrize("name", ["bf16-sdpa-layout-y-bf16", "chunked-cuda-state-gated"])
+def test_a_replay_launches_on_the_current_stream(name: str) -> None:
+    """A repeated call made on a side stream runs there (its outputs are ready once that stream is): the Triton
+    launches and the CUDA state kernel's."""
     from torch._library.triton import set_wrap_triton_enabled
 
-    name = "bf16-sdpa-layout-y-bf16"
     first, second = replay_inputs(name), replay_inputs(name)
     side = torch.cuda.Stream()
     with set_wrap_triton_enabled(False):
