@@ -750,6 +750,6 @@ def _chunk_states(
         blocks = params["scan_s_blocks"] + _cdiv(d * d, SCAN_BLOCK)
         gate = {"G": extra["G"], "stride_g": extra["stride_g"]} if "G" in extra else {}
         _launch(module.scan_kernel, (blocks, heads), {**buffers, **gate, **sizes}, SCAN_WARPS, 2, kept=kept)
-    kept = "LOC" if spec.causal else "SEG"
-    states = {"S_ST": buffers[f"S_{kept}"], "M_ST": buffers[f"M_{kept}"]}
+    read = "LOC" if spec.causal else "SEG"  # the states the query kernel reads
+    states = {"S_ST": buffers[f"S_{read}"], "M_ST": buffers[f"M_{read}"]}
     return {**states, "state_heads": state_heads, "state_slots": layout.slots, "shift": layout.shift}
