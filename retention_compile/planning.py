@@ -31,6 +31,7 @@ state; it wins when T <= C or when Dt*e is so large that the state never pays (d
 Time of a kernel with P programs, ``occ`` resident per SM (shared memory, registers, threads):
 
     occ_used = min(occ, ceil(P/SMs)),  waves = ceil(P / (SMs * occ_used))
+                                       (single-chunk kernel, rows of unequal length: max(1, P / (SMs * occ_used)))
     busy     = max(tensor / (F_tc * warp_eff), cuda / F_cc, l2 / BW_l2, dram / (P * BW_dram))   per SM rates
     exposed  = loads / stage_bytes * latency / num_stages        (load latency the pipeline leaves exposed)
     t        = launch + waves * max(occ_used * busy, busy + exposed)
@@ -39,7 +40,8 @@ with ``tensor = sum over dots of FLOP / mma_efficiency(M, N)`` and ``warp_eff = 
 Constraints (the kernel tiling contract): shared memory per program
 ``num_stages*(bt*d + bt*be)*by + fb*be*4 <= smem_per_block_optin`` and registers per thread
 ``ceil(max(fb*be, bt*be + bt*bt) / (32*num_warps)) + 40 <= 255``, on both paths (a single-chunk kernel may be
-the query kernel with one chunk; there b only sizes the unused state tile). The fastest feasible candidate
+the query kernel with one chunk; there b only sizes the unused state tile). Single-chunk tiles other than
+``PREFERRED_SINGLE_TILE`` (measured) compete only where it does not fit. The fastest feasible candidate
 wins; candidates within ``TIE_TOLERANCE`` of it are a tie, broken toward the ``Plan`` default tiles.
 
 On the CPU (``spec=None``) the aten chunked form runs: ``cpu_model()`` counts its FLOP, bytes and a fixed
@@ -128,6 +130,13 @@ CUDA_UPDATE_SCALE = 2.47
 # (benchmarks/results/quad_vs_chunk_NVIDIA-H200_2026-12-01_2be7b50.json): the model leaves out what a warp's share
 # of a 128-row tile costs in registers.
 MAX_ROWS_PER_WARP = 16
+# The single-chunk tile (rows, warps) preferred wherever it fits. Of the tiles within MAX_ROWS_PER_WARP, 64 rows on 4
+# warps ran fastest at every measured point (H200 b1 h8 d64 bf16 causal, do_bench ms at T=4096 / 6144 / 8192, 3
+# stages: ungated 0.074 / 0.120 / 0.206 against 0.084 / 0.134 / 0.232 for 128 rows on 8 warps and 0.117 / 0.216 /
+# 0.347 for 64 rows on 8; gated 0.108 / 0.205 / 0.327 against 0.134 / 0.242 / 0.386 and 0.181 / 0.344 / 0.546;
+# plan_NVIDIA-H200_2026-12-01_096f548.json, the same within 3% in plan_check_..._7a58156.json), where the model,
+# which leaves out what splitting 64 rows over two warpgroups costs, ranks them within 12% the other way.
+PREFERRED_SINGLE_TILE = (64, 4)
 # CUDA-core operations a gate adds per score (load G_j, subtract, exp, multiply, in fp32-op equivalents). Not a
 # count: fitted to the H200 forward benchmark (bench_forward.py run 4, commit e632f37, T=8192, single chunk): the
 # gated kernel took 0.503 ms against 0.218 ungated; the gate's pointwise work does not overlap the MMAs in the
@@ -186,6 +195,7 @@ class Kernel(NamedTuple):
     dram_bytes: sp.Expr  # the whole kernel's DRAM traffic
     stage_bytes: sp.Expr
     smem: sp.Expr  # per program
+    uneven: bool = False  # programs of unequal length (causal rows), each started as a slot frees
 
 
 def mma_efficiency(rows: sp.Expr, cols: sp.Expr) -> sp.Expr:
@@ -289,6 +299,7 @@ def single_chunk_kernels() -> tuple[Kernel, ...]:
         dram_bytes=S.H * S.T * (2 * S.d + 2 * S.e) * S.nbytes,
         stage_bytes=S.bt * (S.d + S.be) * S.nbytes,
         smem=smem_single(),
+        uneven=True,
     )
     return (attention,)
 
@@ -296,7 +307,10 @@ def single_chunk_kernels() -> tuple[Kernel, ...]:
 def kernel_terms(kernel: Kernel) -> dict[str, sp.Expr]:
     """Per-SM times of one kernel (tensor, cuda, l2, dram, latency), its waves and total time."""
     occ = _min(occupancy(kernel.smem), sp.ceiling(kernel.programs / S.sms))
-    waves = sp.ceiling(kernel.programs / (S.sms * occ))
+    slots = S.sms * occ
+    # Programs of one length finish together: a partial wave costs a whole one. Unequal ones (the causal rows of the
+    # single-chunk kernel) fill the slots as they free: a partial wave costs its share.
+    waves = _max(1, kernel.programs / slots) if kernel.uneven else sp.ceiling(kernel.programs / slots)
     warp_eff = _min(1, occ * S.nw / WARPS_TO_FEED_TENSOR_CORES)
     tensor = sum((flops / mma_efficiency(m, n) for flops, m, n in kernel.dots), sp.Integer(0))
     dram_per_program = kernel.dram_bytes / kernel.programs
@@ -661,11 +675,19 @@ def _choose(cands: Candidates, feasible: np.ndarray) -> int:
     return int(tied[order[0]])
 
 
+def _preferring_measured_single_tiles(cands: Candidates, feasible: np.ndarray) -> np.ndarray:
+    """``feasible`` without the single-chunk candidates off ``PREFERRED_SINGLE_TILE`` when some on it are feasible."""
+    single = cands.single[feasible]
+    rows, warps = PREFERRED_SINGLE_TILE
+    preferred = single & (cands.block_t[feasible] == rows) & (cands.num_warps[feasible] == warps)
+    return feasible[~single | preferred] if preferred.any() else feasible
+
+
 def _plan_gpu(spec: GpuSpec, given_chunk: tuple[int, bool] | None, cuda_state: bool, *problem) -> Plan | None:
     """The best feasible candidate for ``problem = (T, d, e, deg, dtype, gated, batch_heads)``, or None when no
     candidate fits the GPU."""
     cands = gpu_candidates(spec, *problem, given_chunk, cuda_state)
-    feasible = np.flatnonzero(cands.feasible)
+    feasible = _preferring_measured_single_tiles(cands, np.flatnonzero(cands.feasible))
     if feasible.size == 0:
         return None
     best = _choose(cands, feasible)

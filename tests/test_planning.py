@@ -123,7 +123,8 @@ def test_a_gate_moves_the_h200_to_the_chunked_path_sooner():
     """The gate's pointwise cost per score (``GATE_SCORE_OPS``) makes the single-chunk kernel lose at T=6144 only
     when gated, and both chunk at T=8192: as measured (b1 h8 d64 bf16, do_bench ms, single-chunk against chunks of
     1024: T=6144 0.134 / 0.160 ungated, 0.356 / 0.192 gated; T=8192 0.294 / 0.199 ungated;
-    benchmarks/results/quad_vs_chunk_NVIDIA-H200_2026-12-01_2be7b50.json)."""
+    benchmarks/results/quad_vs_chunk_NVIDIA-H200_2026-12-01_2be7b50.json; on the preferred single-chunk tile T=6144
+    0.120 / 0.160 ungated, 0.205 / 0.192 gated, T=8192 0.206 / 0.193 ungated, plan_..._096f548.json)."""
 
     def chunk(T: int, gated: bool) -> int:
         return plan(KNOWN["H200"], T, 64, dtype=torch.bfloat16, gated=gated, batch_heads=8).chunk_size
@@ -151,6 +152,24 @@ def test_single_chunk_plans_take_at_most_16_rows_per_warp_and_the_most_stages_am
             p = plan(KNOWN["H200"], T, 64, dtype=torch.bfloat16, gated=gated, batch_heads=8)
             assert p.chunk_size >= T and p.block_t <= planning.MAX_ROWS_PER_WARP * p.num_warps
             assert p.num_stages == 3, p
+
+
+def test_single_chunk_plans_take_the_measured_tile_where_it_fits():
+    """``PREFERRED_SINGLE_TILE`` on the H200 wherever the single-chunk path is planned; other single-chunk tiles
+    compete only when it is infeasible, and chunked candidates are never dropped."""
+    rows, warps = planning.PREFERRED_SINGLE_TILE
+    for T, gated in itertools.product((1024, 2048, 4096, 6144), (False, True)):
+        p = plan(KNOWN["H200"], T, 64, dtype=torch.bfloat16, gated=gated, batch_heads=8)
+        if p.chunk_size >= T:
+            assert (p.block_t, p.num_warps) == (rows, warps), p
+    cands = planning.gpu_candidates(KNOWN["H200"], 4096, 64, 64, 2, torch.bfloat16, False, 8)
+    on_tile = (cands.block_t == rows) & (cands.num_warps == warps)
+    feasible = np.flatnonzero(cands.feasible)
+    kept = planning._preferring_measured_single_tiles(cands, feasible)
+    assert set(kept) == set(feasible[~cands.single[feasible] | on_tile[feasible]])
+    assert cands.single[kept].any() and (~cands.single[kept]).any()
+    without_tile = np.flatnonzero(cands.feasible & ~on_tile)
+    assert np.array_equal(planning._preferring_measured_single_tiles(cands, without_tile), without_tile)
 
 
 def test_plans_are_deterministic():
