@@ -42,6 +42,7 @@ import functools
 import importlib.util
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch._library.triton import set_wrap_triton_enabled
@@ -175,9 +176,14 @@ def _forward_body(
         acc = compute_dtype(q.dtype)
         y = q.new_zeros(*shape, v.shape[3], dtype=acc)
         return _with_output_y(y, q.dtype, q.new_full(shape, EPS, dtype=acc), *_no_states(q), keep_acc=for_backward)
-    plan, triton_reason, state = _route(q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl)
+    route = _route(q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl)
+    if not for_backward and route.forward is not None and route.forward.current():
+        y, denom = route.forward(q, k, v, log_gate, valid)
+        return _with_output_y(y, q.dtype, denom, *_no_states(q), keep_acc=False)
+    plan, triton_reason, state = route.plan, route.triton_reason, route.state
     if triton_reason is None:
         from .codegen import triton_forward
+        from .codegen.forward import kept_call
 
         if impl == "cuda" and state.kernel is None:
             raise _cuda_target_error(state.reason)
@@ -190,6 +196,11 @@ def _forward_body(
             state_kernel=state.kernel, states_out=states if for_backward else None, y_out=rounded,
             y_dtype=compute_dtype(q.dtype) if for_backward else q.dtype,
         )  # fmt: skip
+        if not for_backward and route.key is not None:  # the launches triton_forward kept, for the calls after this
+            route.forward = kept_call(
+                q, k, v, log_gate, valid, scale=scale, deg=deg, causal=causal, plan=plan, state_kernel=state.kernel,
+                y_dtype=q.dtype,
+            )  # fmt: skip
         kept = _no_states(q)
         if for_backward and states and _triton_backward_serves(q, k, v, deg, log_gate, valid, causal, plan, False):
             kept = (states["S"], states["M"]) if keeps_states(states, y) else kept
@@ -215,34 +226,43 @@ def _route(
     causal: bool,
     chunk_size: int,
     impl: str,
-) -> tuple[Plan, str | None, object]:
-    """``(plan, why the Triton kernels do not serve the call or None, the state kernel where they do)``: the plan
-    (``resolve_plan``), ``_triton_unavailable`` and ``select_state_kernel``'s ``StateChoice``. Remembered for eager
-    calls that launch directly (``codegen.replays``: by each input's layout, the scalars and the CUDA state kernel's
-    launch shape), where the three took a quarter of a short call's host time on the H200's host (cProfile of 300
-    eager calls at T=2048, 4715846: 47 of the public call's 187 us per call under the profiler)."""
+) -> Route:
+    """The call's ``Route``: the plan (``resolve_plan``), ``_triton_unavailable`` and ``select_state_kernel``'s
+    ``StateChoice``. Kept for eager calls that launch directly (``codegen.replays``: by each input's layout, the
+    scalars, the CUDA state kernel's launch shape and the forward's module tunables), where the three took a quarter
+    of a short call's host time on the H200's host (cProfile of 300 eager calls at T=2048, 4715846: 47 of the public
+    call's 187 us per call under the profiler)."""
     key = _route_key(q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl)
     if key is not None and (kept := _kept_route(key)) is not None:
         return kept
     plan = resolve_plan(q, k, v, deg, log_gate is not None, chunk_size, impl)
     reason = _triton_unavailable(q, k, v, deg, log_gate, valid, causal, impl)
     if reason is not None:
-        return plan, reason, None
+        return Route(plan, reason, None)
     from .codegen.cuda_state import select_state_kernel
 
-    state = select_state_kernel(q, k, v, deg, log_gate, valid, causal, scale, plan, impl)
+    route = Route(plan, None, select_state_kernel(q, k, v, deg, log_gate, valid, causal, scale, plan, impl), key)
     if key is not None:
         from .codegen import replays
 
-        replays.keep(key, KeptRoute((plan, None, state)))
-    return plan, None, state
+        replays.keep(key, route)
+    return route
 
 
-@dataclasses.dataclass(frozen=True)
-class KeptRoute:
-    """A call's ``_route``, kept among the eager replays (``codegen.replays``: forgotten with them)."""
+@dataclasses.dataclass
+class Route:
+    """How the op's body serves a call: ``plan``; ``triton_reason``, why the Triton kernels do not serve it (None
+    where they do); ``state``, ``select_state_kernel``'s choice where they do. Kept among the eager replays under
+    ``key`` (None: not kept; forgotten with the replays), with ``forward``: once such a call that keeps nothing for a
+    backward has run, the launches ``triton_forward`` kept for it (``forward.ForwardReplay``), which the calls after
+    it with the key repeat without going through ``triton_forward`` (its arguments' checks and a second key: about
+    a quarter of a short public call's host time)."""
 
-    route: tuple[Plan, str | None, object]
+    plan: Plan
+    triton_reason: str | None
+    state: object
+    key: tuple | None = None
+    forward: Callable | None = None
 
     def current(self) -> bool:
         return True
@@ -253,18 +273,19 @@ def _route_key(q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl) -
     if not q.is_cuda or not _has_triton():
         return None
     from .codegen import cuda_state, replays
+    from .codegen.forward import launch_tunables
 
     if not replays.replayable(q):
         return None
-    settings = ("route", scale, deg, causal, chunk_size, impl, cuda_state.CONFIG)
+    settings = ("route", scale, deg, causal, chunk_size, impl, cuda_state.CONFIG, *launch_tunables())
     return replays.call_key((q, k, v, log_gate, valid), settings)
 
 
-def _kept_route(key: tuple) -> tuple[Plan, str | None, object] | None:
+def _kept_route(key: tuple) -> Route | None:
     from .codegen import replays
 
     kept = replays.kept(key)
-    return kept.route if isinstance(kept, KeptRoute) else None
+    return kept if isinstance(kept, Route) else None
 
 
 @functools.cache

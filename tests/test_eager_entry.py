@@ -121,13 +121,59 @@ def test_an_eager_calls_route_is_kept_with_the_replays_and_only_where_triton_ser
     monkeypatch.setattr(replays, "_KEPT", type(replays._KEPT)())
     route = (q, k, v, gate, None, 0.25, 2, True, 16, "auto")
     first = ops._route(*route)
-    assert ops._route(*route) == first and len(planned) == 1
+    assert ops._route(*route) is first and len(planned) == 1 and first.key == ("a route",)
     replays.clear()
-    assert ops._route(*route) == first and len(planned) == 2
+    again = ops._route(*route)
+    assert again is not first and again == first and len(planned) == 2
     replays.clear()
     monkeypatch.setattr(ops, "_triton_unavailable", lambda *args: "not served")
-    assert ops._route(*route)[1:] == ("not served", None)
-    assert ops._route(*route)[1:] == ("not served", None) and len(planned) == 4
+    assert (ops._route(*route).triton_reason, ops._route(*route).state) == ("not served", None)
+    assert len(planned) == 4 and not replays._KEPT
+
+
+def test_a_kept_routes_launches_answer_only_current_calls_that_keep_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kept ``ops.Route`` holding a call's launches (``Route.forward``) answers the calls after it that keep
+    nothing for a backward, while those launches are current; a call for a backward, or once they are not current,
+    goes to ``triton_forward`` (the CPU stands in for an eager CUDA call: the key and the route are forced)."""
+    from retention_compile import codegen
+    from retention_compile.codegen import cuda_state, replays
+
+    q, k, v, gate = inputs()
+    answer = (torch.randn(1, 4, 40, 16), torch.rand(1, 4, 40))
+
+    class Launches:
+        is_current, calls = True, 0
+
+        def current(self) -> bool:
+            return self.is_current
+
+        def __call__(self, *tensors: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            assert tensors == (q, k, v, gate, None)
+            self.calls += 1
+            return answer
+
+    class ToTriton(Exception):
+        pass
+
+    def triton_forward(*args, **kwargs):
+        raise ToTriton
+
+    monkeypatch.setattr(ops, "_route_key", lambda *args: ("a route",))
+    monkeypatch.setattr(ops, "_triton_unavailable", lambda *args: None)
+    monkeypatch.setattr(cuda_state, "select_state_kernel", lambda *args: cuda_state.StateChoice(None, "a reason"))
+    monkeypatch.setattr(replays, "_KEPT", type(replays._KEPT)())
+    monkeypatch.setattr(codegen, "triton_forward", triton_forward)
+    args = (q, k, v, gate, None, 0.25, 2, True, 16, "auto")
+    launches = Launches()
+    ops._route(*args).forward = launches
+    y, denom, *rest = ops._forward_body(*args, for_backward=False)
+    assert y is answer[0] and denom is answer[1] and all(t.numel() == 0 for t in rest) and launches.calls == 1
+    with pytest.raises(ToTriton):
+        ops._forward_body(*args, for_backward=True)
+    launches.is_current = False
+    with pytest.raises(ToTriton):
+        ops._forward_body(*args, for_backward=False)
+    assert launches.calls == 1
 
 
 def test_cpu_calls_keep_no_route() -> None:

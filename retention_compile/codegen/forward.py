@@ -416,9 +416,9 @@ def triton_forward(
             y_out.copy_(y)
         return y, with_keyless_rows(denom, keyless, EPS)
     replay_key = None
-    if y_out is None and states_out is None and _keeps_launches(state_kernel) and replays.replayable(q):
-        replay_key = _replay_key(q, k, v, log_gate, valid, scale, deg, causal, plan, segments, state_kernel, y_dtype)
-        if (replay := replays.kept(replay_key)) is not None:
+    if y_out is None and states_out is None:
+        replay_key = _kept_key(q, k, v, log_gate, valid, scale, deg, causal, plan, segments, state_kernel, y_dtype)
+        if replay_key is not None and (replay := replays.kept(replay_key)) is not None:
             return replay(q, k, v, log_gate, valid)
     given_q = q
     spec, (q, k, v), cuda_states = call_shape_class(
@@ -560,11 +560,53 @@ def _replay_key(
     y_dtype: torch.dtype,
 ) -> tuple:
     """The key under which a call of ``triton_forward`` with these arguments is kept (``replays``)."""
-    settings = (scale, deg, causal, plan, segments, state_kernel is not None, y_dtype, *_launch_tunables())
+    settings = (scale, deg, causal, plan, segments, state_kernel is not None, y_dtype, *launch_tunables())
     return replays.call_key((q, k, v, log_gate, valid), settings)
 
 
-def _launch_tunables() -> tuple:
+def _kept_key(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gate: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    scale: float,
+    deg: int,
+    causal: bool,
+    plan: Plan,
+    segments: int | None,
+    state_kernel: Callable | None,
+    y_dtype: torch.dtype,
+) -> tuple | None:
+    """``_replay_key`` where a ``triton_forward`` call with these arguments and neither ``y_out`` nor ``states_out``
+    is kept (``replays.replayable``, ``_keeps_launches``), else None."""
+    if not _keeps_launches(state_kernel) or not replays.replayable(q):
+        return None
+    return _replay_key(q, k, v, log_gate, valid, scale, deg, causal, plan, segments, state_kernel, y_dtype)
+
+
+def kept_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gate: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    *,
+    scale: float,
+    deg: int,
+    causal: bool,
+    plan: Plan,
+    state_kernel: Callable | None,
+    y_dtype: torch.dtype,
+) -> ForwardReplay | None:
+    """The kept launches that a ``triton_forward`` call with these arguments (no ``segments``, ``states_out`` or
+    ``y_out``) repeats, or None where none is kept (a call with rows before the first key keeps its other rows')."""
+    key = _kept_key(q, k, v, log_gate, valid, scale, deg, causal, plan, None, state_kernel, y_dtype)
+    replay = None if key is None else replays.kept(key)
+    return replay if isinstance(replay, ForwardReplay) else None
+
+
+def launch_tunables() -> tuple:
     """The module constants that a call's shape class, launches and buffers read (benchmarks and tests set some of
     them): part of a kept call's key."""
     from .cuda_state import CONFIG

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from retention_compile import codegen
 from retention_compile.codegen import forward, replays
 from retention_compile.codegen.forward import kernel_spec, triton_forward, triton_supports
 from retention_compile.planning import Plan
@@ -302,7 +303,9 @@ def test_the_public_eager_call_replays_and_matches_the_op(monkeypatch: pytest.Mo
     with torch.no_grad():
         rc.power_retention(q, k, v, log_gate=gate, chunk_size=chunk)
         kept = len(replays._KEPT)
-        y = rc.power_retention(q, k, v, log_gate=gate, chunk_size=chunk)
+        with monkeypatch.context() as patched:  # the route holds the launches: the repeat skips triton_forward
+            patched.setattr(codegen, "triton_forward", lambda *args, **kwargs: pytest.fail("not replayed by the route"))
+            y = rc.power_retention(q, k, v, log_gate=gate, chunk_size=chunk)
     assert kept == 2 and len(replays._KEPT) == 2  # the call's route (ops._route) and its launches
     monkeypatch.setattr(replays, "MAX_KEPT", 0)
     planned = torch.ops.retention_compile.power_retention(q, k, v, gate, None, 0.125, 2, True, chunk, "auto", False)
@@ -322,6 +325,7 @@ def test_the_public_eager_chunked_call_replays_and_matches_the_op(impl: str, mon
         rc.power_retention(q, k, v, log_gate=gate, chunk_size=1024, impl=impl)
         with monkeypatch.context() as patched:  # the call's route is kept too: no planning on the repeat
             patched.setattr(ops, "resolve_plan", lambda *args: pytest.fail("a repeated call was planned"))
+            patched.setattr(codegen, "triton_forward", lambda *args, **kwargs: pytest.fail("not replayed by the route"))
             y = rc.power_retention(q, k, v, log_gate=gate, chunk_size=1024, impl=impl)
     assert len(replays._KEPT) == 2  # the route and the launches
     monkeypatch.setattr(replays, "MAX_KEPT", 0)
