@@ -362,7 +362,8 @@ def _backward_body(
     if _is_empty(q, k):
         dg = q.new_empty(0, dtype=torch.float32) if log_gate is None else torch.zeros_like(log_gate)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dg
-    plan, triton_reason, state = _route(q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl)
+    route = _route(q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl)
+    plan, triton_reason, state = route.plan, route.triton_reason, route.state
     if triton_reason is None and _triton_backward_serves(q, k, v, deg, log_gate, valid, causal, plan):
         from .codegen import triton_backward
 
