@@ -5,7 +5,9 @@ with ``wrap_triton`` disabled, as the op's body runs it; the state kernel ``code
 the plan ``planning.plan`` makes, with the single-chunk kernel on each tile set of ``QUADRATIC_TILES`` (rows / warps
 / copy stages), and chunked with ``--chunks``; the modelled time beside each where the planner has one. Medians of
 ``triton.testing.do_bench`` in ms. Short calls include their host time (the eager path repeats its launches,
-``forward.ForwardReplay``).
+``forward.ForwardReplay``): at T=2048 they are noise, the planned row read up to 1.9x the same tiles' single-chunk
+row in one run (H200, 627d6b3 and ace6222, with or without an untimed call first); ``bench_forward.py``'s CUDA-graph
+column times the device alone.
 
     python benchmarks/bench_plan.py [--T 2048 4096 6144 8192] [--chunks 1024] [--out DIR] [--commit SHA]
 
@@ -71,9 +73,7 @@ def main() -> None:
             q, k, v = (torch.randn(B, H, T, D, dtype=torch.bfloat16, device="cuda") for _ in range(3))
             gate = -0.05 * torch.rand(B, H, T, device="cuda") if gated else None
             row: dict[str, object] = {}
-            chosen = variants(spec, T, gated, args.chunks)
-            forward_ms(q, k, v, gate, chosen["planned"])  # untimed: the first timing of a group read up to 1.7x
-            for name, plan in chosen.items():
+            for name, plan in variants(spec, T, gated, args.chunks).items():
                 tiles = f"{plan.chunk_size}/{plan.block_t}/{plan.num_warps}/{plan.num_stages}"
                 modelled = round(plan.modelled_s * 1e3, 4) if plan.modelled_s else None
                 row[name] = {"ms": round(forward_ms(q, k, v, gate, plan), 4), "modelled_ms": modelled, "tiles": tiles}
