@@ -40,9 +40,9 @@ with ``tensor = sum over dots of FLOP / mma_efficiency(M, N)`` and ``warp_eff = 
 Constraints (the kernel tiling contract): shared memory per program
 ``num_stages*(bt*d + bt*be)*by + fb*be*4 <= smem_per_block_optin`` and registers per thread
 ``ceil(max(fb*be, bt*be + bt*bt) / (32*num_warps)) + 40 <= 255``, on both paths (a single-chunk kernel may be
-the query kernel with one chunk; there b only sizes the unused state tile). Single-chunk tiles other than
-``PREFERRED_SINGLE_TILE`` (measured) compete only where it does not fit. The fastest feasible candidate
-wins; candidates within ``TIE_TOLERANCE`` of it are a tie, broken toward the ``Plan`` default tiles.
+the query kernel with one chunk; there b only sizes the unused state tile). The fastest feasible candidate
+wins; candidates within ``TIE_TOLERANCE`` of it are a tie, broken toward the ``Plan`` default tiles. On Hopper with
+16-bit kernels a single-chunk winner then takes the tile measured fastest, ``PREFERRED_SINGLE_TILE``.
 
 On the CPU (``spec=None``) the aten chunked form runs: ``cpu_model()`` counts its FLOP, bytes and a fixed
 cost per chunk, and only the chunk size is chosen.
@@ -135,8 +135,13 @@ MAX_ROWS_PER_WARP = 16
 # stages: ungated 0.074 / 0.120 / 0.206 against 0.084 / 0.134 / 0.232 for 128 rows on 8 warps and 0.117 / 0.216 /
 # 0.347 for 64 rows on 8; gated 0.108 / 0.205 / 0.327 against 0.134 / 0.242 / 0.386 and 0.181 / 0.344 / 0.546;
 # plan_NVIDIA-H200_2026-12-01_096f548.json, the same within 3% in plan_check_..._7a58156.json), where the model,
-# which leaves out what splitting 64 rows over two warpgroups costs, ranks them within 12% the other way.
+# which leaves out what splitting 64 rows over two warpgroups costs, ranks them within 12% the other way. Taken on
+# Hopper (cc 9.x) with 16-bit kernels, where it was measured, once the model has chosen the single-chunk path: the
+# path itself is the model's choice (its 128-row times matched those runs within 2% at T >= 6144), and only where the
+# model rates the tile within PREFERRED_TILE_SLACK of its own fastest (at the measured points it did within 1.15x; at
+# d=128 it rates it 2.3x slower, never measured).
 PREFERRED_SINGLE_TILE = (64, 4)
+PREFERRED_TILE_SLACK = 1.2
 # CUDA-core operations a gate adds per score (load G_j, subtract, exp, multiply, in fp32-op equivalents). Not a
 # count: fitted to the H200 forward benchmark (bench_forward.py run 4, commit e632f37, T=8192, single chunk): the
 # gated kernel took 0.503 ms against 0.218 ungated; the gate's pointwise work does not overlap the MMAs in the
@@ -596,7 +601,7 @@ def _describe_path(cands: Candidates, i: int) -> str:
     kernels = ("attention",) if cands.single[i] else ("update", "scan", "query")
     parts = " + ".join(
         f"{k} {_ms(cands.values[f'{k}.time'][i])} ({_dominant(cands.values, k, i)}-bound, "
-        f"{cands.values[f'{k}.waves'][i]:.0f} waves)"
+        f"{cands.values[f'{k}.waves'][i]:.3g} waves)"
         for k in kernels
     )
     path = "single-chunk" if cands.single[i] else f"chunked C={cands.chunk[i]}"
@@ -628,12 +633,15 @@ def _binding(cands: Candidates, spec: GpuSpec, best: int) -> str:
     return f"binding: {tiles} would model {_ms(cands.time[j])} but {limit}"
 
 
-def _gpu_reason(cands: Candidates, spec: GpuSpec, best: int, problem: str) -> str:
+def _gpu_reason(cands: Candidates, spec: GpuSpec, best: int, modelled_best: int, problem: str) -> str:
+    """Why ``best``: its path and kernels, the runner-up chunk size against the model's fastest (``modelled_best``,
+    on the same path), its tiles, and what binds them (or that the measured single-chunk tile replaced the model's)."""
     order = np.flatnonzero(cands.feasible)
     other_chunk = order[cands.chunk[order] != cands.chunk[best]]
     runner = other_chunk[np.argmin(cands.time[other_chunk])] if other_chunk.size else None
+    margin = (cands.time[runner] / cands.time[modelled_best] - 1) * 100 if runner is not None else 0.0
     runner_up = (
-        f"runner-up {_describe_path(cands, runner)} (+{(cands.time[runner] / cands.time[best] - 1) * 100:.1f}%)"
+        f"runner-up {_describe_path(cands, runner)} (+{margin:.1f}%)"
         if runner is not None
         else "no other chunk size considered"
     )
@@ -644,7 +652,14 @@ def _gpu_reason(cands: Candidates, spec: GpuSpec, best: int, problem: str) -> st
         f"smem {v['smem'][best] / 1024:.1f}/{spec.smem_per_block_optin / 1024:.1f} KB, "
         f"{v['regs'][best]:.0f} regs/thread, {v['occupancy'][best]:.0f} programs/SM on {spec.sm_count} SMs"
     )
-    return f"{spec.name}, {problem}: {_describe_path(cands, best)}; {runner_up}; {tiles}; {_binding(cands, spec, best)}"
+    why = _binding(cands, spec, modelled_best)
+    if best != modelled_best:
+        why += (
+            f"; the single-chunk tile measured fastest on Hopper (PREFERRED_SINGLE_TILE) in place of the model's "
+            f"block_t={cands.block_t[modelled_best]} warps={cands.num_warps[modelled_best]} "
+            f"stages={cands.num_stages[modelled_best]} at {_ms(cands.time[modelled_best])}"
+        )
+    return f"{spec.name}, {problem}: {_describe_path(cands, best)}; {runner_up}; {tiles}; {why}"
 
 
 def _problem(T: int, d: int, e: int, deg: int, dtype: torch.dtype, gated: bool, batch_heads: int) -> str:
@@ -675,23 +690,31 @@ def _choose(cands: Candidates, feasible: np.ndarray) -> int:
     return int(tied[order[0]])
 
 
-def _preferring_measured_single_tiles(cands: Candidates, feasible: np.ndarray) -> np.ndarray:
-    """``feasible`` without the single-chunk candidates off ``PREFERRED_SINGLE_TILE`` when some on it are feasible."""
-    single = cands.single[feasible]
+def _on_measured_single_tile(cands: Candidates, spec: GpuSpec, feasible: np.ndarray, best: int) -> int:
+    """``best``, or where it is a single-chunk candidate on Hopper with 16-bit kernels, the fastest feasible one on
+    ``PREFERRED_SINGLE_TILE`` (ties as ``_choose`` breaks them) when one fits within ``PREFERRED_TILE_SLACK`` of it."""
+    if not cands.single[best] or spec.compute_capability[0] != 9 or cands.inputs["nbytes"] != 2:
+        return best
     rows, warps = PREFERRED_SINGLE_TILE
-    preferred = single & (cands.block_t[feasible] == rows) & (cands.num_warps[feasible] == warps)
-    return feasible[~single | preferred] if preferred.any() else feasible
+    on_tile = feasible[
+        cands.single[feasible] & (cands.block_t[feasible] == rows) & (cands.num_warps[feasible] == warps)
+    ]
+    if on_tile.size == 0:
+        return best
+    taken = _choose(cands, on_tile)
+    return taken if cands.time[taken] <= cands.time[best] * PREFERRED_TILE_SLACK else best
 
 
 def _plan_gpu(spec: GpuSpec, given_chunk: tuple[int, bool] | None, cuda_state: bool, *problem) -> Plan | None:
     """The best feasible candidate for ``problem = (T, d, e, deg, dtype, gated, batch_heads)``, or None when no
     candidate fits the GPU."""
     cands = gpu_candidates(spec, *problem, given_chunk, cuda_state)
-    feasible = _preferring_measured_single_tiles(cands, np.flatnonzero(cands.feasible))
+    feasible = np.flatnonzero(cands.feasible)
     if feasible.size == 0:
         return None
-    best = _choose(cands, feasible)
-    return cands.plan(best, _gpu_reason(cands, spec, best, _problem(*problem)))
+    modelled_best = _choose(cands, feasible)
+    best = _on_measured_single_tile(cands, spec, feasible, modelled_best)
+    return cands.plan(best, _gpu_reason(cands, spec, best, modelled_best, _problem(*problem)))
 
 
 def _plan_cpu(T: int, d: int, e: int, deg: int, dtype: torch.dtype, gated: bool, bh: int) -> Plan:

@@ -154,22 +154,29 @@ def test_single_chunk_plans_take_at_most_16_rows_per_warp_and_the_most_stages_am
             assert p.num_stages == 3, p
 
 
-def test_single_chunk_plans_take_the_measured_tile_where_it_fits():
-    """``PREFERRED_SINGLE_TILE`` on the H200 wherever the single-chunk path is planned; other single-chunk tiles
-    compete only when it is infeasible, and chunked candidates are never dropped."""
+def test_single_chunk_plans_take_the_measured_tile_on_hopper():
+    """Once the model chooses the single-chunk path, Hopper with 16-bit kernels takes ``PREFERRED_SINGLE_TILE`` (the
+    path stays the model's: the reason names the model's own tile); other GPUs and float32 keep the model's tile."""
     rows, warps = planning.PREFERRED_SINGLE_TILE
     for T, gated in itertools.product((1024, 2048, 4096, 6144), (False, True)):
         p = plan(KNOWN["H200"], T, 64, dtype=torch.bfloat16, gated=gated, batch_heads=8)
         if p.chunk_size >= T:
             assert (p.block_t, p.num_warps) == (rows, warps), p
-    cands = planning.gpu_candidates(KNOWN["H200"], 4096, 64, 64, 2, torch.bfloat16, False, 8)
-    on_tile = (cands.block_t == rows) & (cands.num_warps == warps)
+    problem = (4096, 64, 64, 2, torch.bfloat16, False, 8)
+    cands = planning.gpu_candidates(KNOWN["H200"], *problem)
     feasible = np.flatnonzero(cands.feasible)
-    kept = planning._preferring_measured_single_tiles(cands, feasible)
-    assert set(kept) == set(feasible[~cands.single[feasible] | on_tile[feasible]])
-    assert cands.single[kept].any() and (~cands.single[kept]).any()
+    modelled = planning._choose(cands, feasible)
+    assert cands.single[modelled] and (cands.block_t[modelled], cands.num_warps[modelled]) != (rows, warps)
+    taken = plan(KNOWN["H200"], *problem[:2], dtype=torch.bfloat16, batch_heads=8)
+    assert (taken.block_t, taken.num_warps) == (rows, warps) and "PREFERRED_SINGLE_TILE" in taken.reason
+    assert taken.modelled_s >= cands.time[modelled]
+    on_tile = (cands.block_t == rows) & (cands.num_warps == warps)
     without_tile = np.flatnonzero(cands.feasible & ~on_tile)
-    assert np.array_equal(planning._preferring_measured_single_tiles(cands, without_tile), without_tile)
+    assert planning._on_measured_single_tile(cands, KNOWN["H200"], without_tile, modelled) == modelled
+    for other in (dict(spec=KNOWN["A100-80GB"], dtype=torch.bfloat16), dict(spec=KNOWN["H200"], dtype=torch.float32)):
+        cands = planning.gpu_candidates(other["spec"], 4096, 64, 64, 2, other["dtype"], False, 8)
+        best = planning._choose(cands, np.flatnonzero(cands.feasible))
+        assert planning._on_measured_single_tile(cands, other["spec"], np.flatnonzero(cands.feasible), best) == best
 
 
 def test_plans_are_deterministic():

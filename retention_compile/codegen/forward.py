@@ -601,6 +601,8 @@ def kept_call(
 ) -> ForwardReplay | None:
     """The kept launches that a ``triton_forward`` call with these arguments (no ``segments``, ``states_out`` or
     ``y_out``) repeats, or None where none is kept (a call with rows before the first key keeps its other rows')."""
+    if keyless_rows(q, k, causal) is not None:
+        return None
     key = _kept_key(q, k, v, log_gate, valid, scale, deg, causal, plan, None, state_kernel, y_dtype)
     replay = None if key is None else replays.kept(key)
     return replay if isinstance(replay, ForwardReplay) else None
