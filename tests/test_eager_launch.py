@@ -24,15 +24,32 @@ def key(q, k, v, **changes) -> tuple:
     return forward._replay_key(q, k, v, *(options[name] for name in BASE))
 
 
+class KeptStateKernel:
+    """A state-kernel hook that hands over its launch, as ``cuda_state.CudaStateHook`` does."""
+
+    keeps_launches = True
+
+    def __call__(self, spec, args) -> dict:
+        return {}
+
+
 @pytest.fixture
 def inputs(monkeypatch: pytest.MonkeyPatch) -> tuple[torch.Tensor, ...]:
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(forward.replays, "replayable", lambda q: True)  # CPU tensors stand in for CUDA ones
     return tuple(torch.randn(1, 4, 100, 64, dtype=torch.bfloat16) for _ in range(3))
 
 
 def test_fresh_tensors_of_the_same_layout_share_a_key(inputs: tuple) -> None:
     again = tuple(torch.randn_like(t) for t in inputs)
-    assert key(*inputs) == key(*again)
+    assert key(*inputs) is not None and key(*inputs) == key(*again)
+
+
+def test_calls_that_are_not_kept_have_no_key(inputs: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A state-kernel hook that does not hand over its launch, or a call ``replays.replayable`` refuses."""
+    assert key(*inputs, state_kernel=lambda spec, args: {}) is None
+    monkeypatch.setattr(forward.replays, "replayable", lambda q: False)
+    assert key(*inputs) is None
 
 
 def test_the_key_tells_apart_what_the_kernels_are_specialized_and_planned_on(
@@ -53,7 +70,7 @@ def test_the_key_tells_apart_what_the_kernels_are_specialized_and_planned_on(
         "causal": key(q, k, v, causal=False),
         "plan": key(q, k, v, plan=Plan(chunk_size=1 << 20, block_t=32, block_e=64)),
         "segments": key(q, k, v, segments=3),
-        "a CUDA state kernel": key(q, k, v, state_kernel=lambda spec, args: {}),
+        "a CUDA state kernel": key(q, k, v, state_kernel=KeptStateKernel()),
         "y dtype": key(q, k, v, y_dtype=torch.float32),
     }
     tunables = {"QUADRATIC_BLOCK_K": 32, "GATE_SCAN_BLOCK": 1024, "WIDE_STAGES": 1, "MIN_BLOCK_E": 32,

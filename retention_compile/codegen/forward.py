@@ -417,7 +417,7 @@ def triton_forward(
         return y, with_keyless_rows(denom, keyless, EPS)
     replay_key = None
     if y_out is None and states_out is None:
-        replay_key = _kept_key(q, k, v, log_gate, valid, scale, deg, causal, plan, segments, state_kernel, y_dtype)
+        replay_key = _replay_key(q, k, v, log_gate, valid, scale, deg, causal, plan, segments, state_kernel, y_dtype)
         if replay_key is not None and (replay := replays.kept(replay_key)) is not None:
             return replay(q, k, v, log_gate, valid)
     given_q = q
@@ -558,31 +558,13 @@ def _replay_key(
     segments: int | None,
     state_kernel: Callable | None,
     y_dtype: torch.dtype,
-) -> tuple:
-    """The key under which a call of ``triton_forward`` with these arguments is kept (``replays``)."""
-    settings = (scale, deg, causal, plan, segments, state_kernel is not None, y_dtype, *launch_tunables())
-    return replays.call_key((q, k, v, log_gate, valid), settings)
-
-
-def _kept_key(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_gate: torch.Tensor | None,
-    valid: torch.Tensor | None,
-    scale: float,
-    deg: int,
-    causal: bool,
-    plan: Plan,
-    segments: int | None,
-    state_kernel: Callable | None,
-    y_dtype: torch.dtype,
 ) -> tuple | None:
-    """``_replay_key`` where a ``triton_forward`` call with these arguments and neither ``y_out`` nor ``states_out``
-    is kept (``replays.replayable``, ``_keeps_launches``), else None."""
+    """The key under which a call of ``triton_forward`` with these arguments and neither ``y_out`` nor ``states_out``
+    is kept (``replays``), or None where none is (``replays.replayable``, ``_keeps_launches``)."""
     if not _keeps_launches(state_kernel) or not replays.replayable(q):
         return None
-    return _replay_key(q, k, v, log_gate, valid, scale, deg, causal, plan, segments, state_kernel, y_dtype)
+    settings = (scale, deg, causal, plan, segments, state_kernel is not None, y_dtype, *launch_tunables())
+    return replays.call_key((q, k, v, log_gate, valid), settings)
 
 
 def kept_call(
@@ -603,7 +585,7 @@ def kept_call(
     ``y_out``) repeats, or None where none is kept (a call with rows before the first key keeps its other rows')."""
     if keyless_rows(q, k, causal) is not None:
         return None
-    key = _kept_key(q, k, v, log_gate, valid, scale, deg, causal, plan, None, state_kernel, y_dtype)
+    key = _replay_key(q, k, v, log_gate, valid, scale, deg, causal, plan, None, state_kernel, y_dtype)
     replay = None if key is None else replays.kept(key)
     return replay if isinstance(replay, ForwardReplay) else None
 
