@@ -42,7 +42,8 @@ Constraints (the kernel tiling contract): shared memory per program
 ``ceil(max(fb*be, bt*be + bt*bt) / (32*num_warps)) + 40 <= 255``, on both paths (a single-chunk kernel may be
 the query kernel with one chunk; there b only sizes the unused state tile). The fastest feasible candidate
 wins; candidates within ``TIE_TOLERANCE`` of it are a tie, broken toward the ``Plan`` default tiles. On Hopper with
-16-bit kernels a single-chunk winner then takes the tile measured fastest, ``PREFERRED_SINGLE_TILE``.
+16-bit kernels and heads up to ``PREFERRED_TILE_MAX_DIM`` a single-chunk winner then takes the tile measured
+fastest, ``PREFERRED_SINGLE_TILE``.
 
 On the CPU (``spec=None``) the aten chunked form runs: ``cpu_model()`` counts its FLOP, bytes and a fixed
 cost per chunk, and only the chunk size is chosen.
@@ -130,24 +131,25 @@ CUDA_UPDATE_SCALE = 2.47
 # (benchmarks/results/quad_vs_chunk_NVIDIA-H200_2026-12-01_2be7b50.json): the model leaves out what a warp's share
 # of a 128-row tile costs in registers.
 MAX_ROWS_PER_WARP = 16
-# The single-chunk tile (rows, warps) preferred wherever it fits. Of the tiles within MAX_ROWS_PER_WARP, 64 rows on 4
-# warps ran fastest at every measured point (H200 b1 h8 d64 bf16 causal, do_bench ms at T=4096 / 6144 / 8192, 3
-# stages: ungated 0.074 / 0.120 / 0.206 against 0.084 / 0.134 / 0.232 for 128 rows on 8 warps and 0.117 / 0.216 /
-# 0.347 for 64 rows on 8; gated 0.108 / 0.205 / 0.327 against 0.134 / 0.242 / 0.386 and 0.181 / 0.344 / 0.546;
-# plan_NVIDIA-H200_2026-12-01_096f548.json, the same within 3% in plan_check_..._7a58156.json), where the model,
-# which leaves out what splitting 64 rows over two warpgroups costs, ranks them within 12% the other way. Taken on
-# Hopper (cc 9.x) with 16-bit kernels, where it was measured, once the model has chosen the single-chunk path: the
-# path itself is the model's choice (its 128-row times matched those runs within 2% at T >= 6144), and only where the
-# model rates the tile within PREFERRED_TILE_SLACK of its own fastest (at the measured points it did within 1.15x; at
-# d=128 it rates it 2.3x slower, never measured).
+# The single-chunk tile (rows, warps) taken on Hopper with 16-bit kernels wherever it fits and the head dims are within
+# PREFERRED_TILE_MAX_DIM. Of the tiles within MAX_ROWS_PER_WARP, 64 rows on 4 warps with 3 stages ran within 6% of the
+# fastest single-chunk tile at every measured point (H200 b1 h8 bf16 causal, d = e in {32, 64, 128}, T = 4096, 6144,
+# 8192, ungated and gated, do_bench ms; benchmarks/results/plan_NVIDIA-H200_2026-12-01_ace6222.json and
+# ..._ae7f1a1_d32.json, ..._ae7f1a1_d128.json): e.g. ungated at T = 4096 / 8192, d=64 0.074 / 0.204 against 0.085 /
+# 0.230 for 128 rows on 8 warps, d=128 0.135 / 0.395 against 0.181 / 0.548. The model, which leaves out what splitting
+# 128 rows over two warpgroups costs, ranks 128 rows on 8 warps first (by up to 1.3x at d=128). The path stays the
+# model's choice; only the tile is replaced.
 PREFERRED_SINGLE_TILE = (64, 4)
-PREFERRED_TILE_SLACK = 1.2
-# CUDA-core operations a gate adds per score (load G_j, subtract, exp, multiply, in fp32-op equivalents). Not a
-# count: fitted to the H200 forward benchmark (bench_forward.py run 4, commit e632f37, T=8192, single chunk): the
-# gated kernel took 0.503 ms against 0.218 ungated; the gate's pointwise work does not overlap the MMAs in the
-# Triton kernel, so in the model's max() of the terms it must carry that whole difference. The chunk sweeps that
-# set KERNEL_SCALE were ungated.
-GATE_SCORE_OPS = 48.0
+PREFERRED_TILE_MAX_DIM = 128
+# CUDA-core work per score of the power attention, in fp32-op equivalents, besides the log2(p) multiplies of the power
+# itself: SCORE_OPS ungated (scale, causal mask, the fp32 -> 16-bit conversion of the weights and the layout changes
+# between the two products), GATE_SCORE_OPS more with a gate (load G_j, subtract, exp, multiply). Not counts: fitted
+# (least squares in log time) to the single-chunk kernel on 64 rows / 4 warps / 3 stages on the H200 (b1 h8 bf16
+# causal, d = e in {32, 64, 128}, T = 4096, 6144, 8192, ungated and gated; the plan_ files named above), where at
+# d <= 64 the kernel's time does not fall with d (ungated T=4096: 0.072 ms at d=32, 0.074 at d=64): per-score work,
+# not the products, binds there. The fit's rms error is 18% (35% before, with 1 and 48).
+SCORE_OPS = 24.0
+GATE_SCORE_OPS = 18.0
 MAX_REGS_PER_THREAD = 255
 BASE_REGS_PER_THREAD = 40  # addresses, indices, loop state besides the fp32 accumulators
 RESERVED_SMEM_PER_BLOCK = 1024  # the runtime's share per resident block (cc 8.0+)
@@ -566,7 +568,7 @@ def gpu_candidates(
         "tiled_state": np.vectorize(lambda b: float(tiled_state_dim(d, int(b), deg)))(block_feature),
         "warps": warps.astype(np.float64),
         "stages": stages.astype(np.float64),
-        "score_ops": math.log2(deg) + 1 + GATE_SCORE_OPS * gated,
+        "score_ops": math.log2(deg) + SCORE_OPS + GATE_SCORE_OPS * gated,
         "feature_ops": float(deg),
         "update_scale": update_scale(spec, dtype, e) if cuda_state else KERNEL_SCALE["update"],
         **hardware_values(spec, dtype),
@@ -691,18 +693,21 @@ def _choose(cands: Candidates, feasible: np.ndarray) -> int:
 
 
 def _on_measured_single_tile(cands: Candidates, spec: GpuSpec, feasible: np.ndarray, best: int) -> int:
-    """``best``, or where it is a single-chunk candidate on Hopper with 16-bit kernels, the fastest feasible one on
-    ``PREFERRED_SINGLE_TILE`` (ties as ``_choose`` breaks them) when one fits within ``PREFERRED_TILE_SLACK`` of it."""
-    if not cands.single[best] or spec.compute_capability[0] != 9 or cands.inputs["nbytes"] != 2:
+    """``best``, or where it is a single-chunk candidate on Hopper with 16-bit kernels and head dims within
+    ``PREFERRED_TILE_MAX_DIM``, the fastest feasible one on ``PREFERRED_SINGLE_TILE`` (ties as ``_choose`` breaks
+    them), where one fits."""
+    measured = (
+        spec.compute_capability[0] == 9
+        and cands.inputs["nbytes"] == 2
+        and max(cands.inputs["d"], cands.inputs["e"]) <= PREFERRED_TILE_MAX_DIM
+    )
+    if not cands.single[best] or not measured:
         return best
     rows, warps = PREFERRED_SINGLE_TILE
     on_tile = feasible[
         cands.single[feasible] & (cands.block_t[feasible] == rows) & (cands.num_warps[feasible] == warps)
     ]
-    if on_tile.size == 0:
-        return best
-    taken = _choose(cands, on_tile)
-    return taken if cands.time[taken] <= cands.time[best] * PREFERRED_TILE_SLACK else best
+    return _choose(cands, on_tile) if on_tile.size else best
 
 
 def _plan_gpu(spec: GpuSpec, given_chunk: tuple[int, bool] | None, cuda_state: bool, *problem) -> Plan | None:

@@ -155,28 +155,50 @@ def test_single_chunk_plans_take_at_most_16_rows_per_warp_and_the_most_stages_am
 
 
 def test_single_chunk_plans_take_the_measured_tile_on_hopper():
-    """Once the model chooses the single-chunk path, Hopper with 16-bit kernels takes ``PREFERRED_SINGLE_TILE`` (the
-    path stays the model's: the reason names the model's own tile); other GPUs and float32 keep the model's tile."""
+    """Once the model chooses the single-chunk path, Hopper with 16-bit kernels and head dims up to
+    ``PREFERRED_TILE_MAX_DIM`` takes ``PREFERRED_SINGLE_TILE`` (measured fastest at d = 32, 64, 128; the path stays
+    the model's: the reason names the model's own tile); wider heads, other GPUs and float32 keep the model's tile."""
     rows, warps = planning.PREFERRED_SINGLE_TILE
-    for T, gated in itertools.product((1024, 2048, 4096, 6144), (False, True)):
-        p = plan(KNOWN["H200"], T, 64, dtype=torch.bfloat16, gated=gated, batch_heads=8)
+    for T, d, gated in itertools.product((1024, 2048, 4096, 6144, 8192), (32, 64, 128), (False, True)):
+        p = plan(KNOWN["H200"], T, d, dtype=torch.bfloat16, gated=gated, batch_heads=8)
         if p.chunk_size >= T:
-            assert (p.block_t, p.num_warps) == (rows, warps), p
-    problem = (4096, 64, 64, 2, torch.bfloat16, False, 8)
+            assert (p.block_t, p.num_warps) == (rows, warps), (T, d, p)
+    # d=128: the model ranks 128 rows on 8 warps first by 1.27x; 64 rows on 4 ran 1.34x faster (0.135 / 0.181 ms)
+    problem = (4096, 128, 128, 2, torch.bfloat16, False, 8)
     cands = planning.gpu_candidates(KNOWN["H200"], *problem)
     feasible = np.flatnonzero(cands.feasible)
     modelled = planning._choose(cands, feasible)
     assert cands.single[modelled] and (cands.block_t[modelled], cands.num_warps[modelled]) != (rows, warps)
+    on_measured = planning._on_measured_single_tile(cands, KNOWN["H200"], feasible, modelled)
+    assert cands.time[on_measured] > 1.2 * cands.time[modelled]
     taken = plan(KNOWN["H200"], *problem[:2], dtype=torch.bfloat16, batch_heads=8)
     assert (taken.block_t, taken.num_warps) == (rows, warps) and "PREFERRED_SINGLE_TILE" in taken.reason
     assert taken.modelled_s >= cands.time[modelled]
     on_tile = (cands.block_t == rows) & (cands.num_warps == warps)
     without_tile = np.flatnonzero(cands.feasible & ~on_tile)
     assert planning._on_measured_single_tile(cands, KNOWN["H200"], without_tile, modelled) == modelled
-    for other in (dict(spec=KNOWN["A100-80GB"], dtype=torch.bfloat16), dict(spec=KNOWN["H200"], dtype=torch.float32)):
-        cands = planning.gpu_candidates(other["spec"], 4096, 64, 64, 2, other["dtype"], False, 8)
-        best = planning._choose(cands, np.flatnonzero(cands.feasible))
-        assert planning._on_measured_single_tile(cands, other["spec"], np.flatnonzero(cands.feasible), best) == best
+    for spec, d, dtype in ((KNOWN["H200"], 256, torch.bfloat16), (KNOWN["L4"], 64, torch.bfloat16),
+                           (KNOWN["H200"], 64, torch.float32)):  # fmt: skip
+        cands = planning.gpu_candidates(spec, 2048, d, d, 2, dtype, False, 8)
+        feasible = np.flatnonzero(cands.feasible)
+        modelled = planning._choose(cands, feasible)
+        assert planning._on_measured_single_tile(cands, spec, feasible, modelled) == modelled
+        assert "PREFERRED_SINGLE_TILE" not in plan(spec, 2048, d, dtype=dtype, batch_heads=8).reason
+
+
+def test_small_heads_chunk_sooner_on_the_h200():
+    """At d=32 the single-chunk kernel's time does not fall with d (per-score work binds, ``SCORE_OPS``) while the
+    chunked path's does: chunks of 1024 ran faster from T=4096 (H200 b1 h8 bf16, do_bench ms, single-chunk on 64 rows
+    / 4 warps against chunks of 1024: ungated 0.072 / 0.059, gated 0.108 / 0.080; plan_..._ae7f1a1_d32.json), and at
+    T=2048 the single chunk (0.026 against 0.117). At d=64 ungated the single chunk still wins at T=6144 (0.117
+    against 0.159)."""
+
+    def chunk(T: int, d: int, gated: bool) -> int:
+        return plan(KNOWN["H200"], T, d, dtype=torch.bfloat16, gated=gated, batch_heads=8).chunk_size
+
+    assert chunk(2048, 32, False) >= 2048
+    assert chunk(4096, 32, False) < 4096 and chunk(4096, 32, True) < 4096
+    assert chunk(6144, 64, False) >= 6144
 
 
 def test_plans_are_deterministic():
