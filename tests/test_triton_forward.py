@@ -53,6 +53,8 @@ CASES = [
     ("quadratic-long-gate", (1, 2, 1, 300, 300, 32, 32, 2, 2, False, True, 1024, None)),
     ("quadratic-prefill-gate", (1, 2, 1, 21, 290, 32, 32, 2, 1, True, True, 1024, None)),
     ("chunked", (1, 2, 1, 40, 40, 32, 32, 2, 0, False, True, 16, None)),
+    # rows 64 keys or more into their chunk: the query kernel's unmasked key blocks (the gate's factored form)
+    ("chunked-long-gate", (1, 2, 1, 300, 300, 32, 32, 2, 2, False, True, 128, 2)),
     ("chunked-gate-valid-segments", (2, 2, 1, 45, 45, 32, 32, 2, 1, True, True, 16, 2)),
     ("chunked-query-head-gate", (1, 4, 2, 33, 33, 32, 32, 2, 4, False, True, 16, 3)),
     ("chunked-prefill-cache", (1, 2, 2, 19, 61, 32, 24, 2, 2, True, True, 16, 2)),
@@ -63,15 +65,15 @@ CASES = [
 ]
 
 
-def run_case(case: tuple, dtype: torch.dtype = torch.float32) -> float:
+def run_case(case: tuple, dtype: torch.dtype = torch.float32, gate_scale: float = 0.3) -> float:
     """Relative error of ``triton_forward`` against the oracle on one case (also checks shapes and denom); the
-    inputs are drawn in float32 and rounded to ``dtype``."""
+    inputs are drawn in float32 and rounded to ``dtype``, the log-gates from ``-gate_scale * U(0, 1)``."""
     B, Hq, Hk, Tq, Tk, d, e, deg, gate_heads, has_valid, causal, chunk, segments = case
     gen = torch.Generator().manual_seed(sum(map(hash, case)) % 2**31)
     q = torch.randn(B, Hq, Tq, d, generator=gen).to(dtype)
     k = torch.randn(B, Hk, Tk, d, generator=gen).to(dtype)
     v = torch.randn(B, Hk, Tk, e, generator=gen).to(dtype)
-    gate = -0.3 * torch.rand(B, gate_heads, Tk, generator=gen) if gate_heads else None
+    gate = -gate_scale * torch.rand(B, gate_heads, Tk, generator=gen) if gate_heads else None
     valid = torch.rand(B, Tk, generator=gen) > 0.25 if has_valid else None
     plan = Plan(chunk_size=chunk, **TINY)
     assert triton_supports(q, k, v, deg, gate, valid, causal) is None
@@ -151,6 +153,9 @@ QUERY_T_CASES = ("chunked-gate-valid-segments", "chunked-decode", "chunked-nonca
 # the state product in halves of each pair (KernelSpec.query_split, which NARROW_QUERY_LAUNCH takes for bf16)
 QUERY_SPLIT_CASES = QUERY_T_CASES
 FLOAT16_CASES = ("quadratic-deg4-gate-valid", "chunked-gate-valid-segments")
+# log-gates -3 * U(0, 1): G falls by about 96 over a block of 64 keys, so a factor exp(G_a - G_b) of the wrong sign
+# would overflow float32 (e^88), and the weights of keys more than about 60 back underflow to 0
+STRONG_GATE_CASES = ("quadratic-long-gate", "chunked-long-gate")
 
 
 def _interpreted() -> dict[str, float]:
@@ -159,6 +164,7 @@ def _interpreted() -> dict[str, float]:
     The cases in ``QUERY_T_CASES`` run again with the query kernel's transposed state product.
     """
     results = {name: run_case(case) for name, case in CASES}
+    results.update({f"{name}-strong-gate": run_case(dict(CASES)[name], gate_scale=3.0) for name in STRONG_GATE_CASES})
     results.update({f"denominator-chunk{c}": denominator_error(c) for c in (16, 1024)})
     results.update(keyless_alignment())
     # keyless_rows off: the kernels handle the queries before the first key themselves (chunks aligned with the
@@ -199,6 +205,7 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
     + [f"{n}-query-t" for n in QUERY_T_CASES]
     + [f"{n}-query-split" for n in QUERY_SPLIT_CASES]
     + [f"{n}-float16" for n in FLOAT16_CASES]
+    + [f"{n}-strong-gate" for n in STRONG_GATE_CASES]
     + ["chunked-gate-valid-segments-bfloat16"]
     + [f"{n}-untrimmed" for n in UNTRIMMED_CASES],
 )
@@ -211,10 +218,12 @@ def test_kernels_match_oracle(interpreted: dict[str, float], name: str) -> None:
 # where a float32 G is off by up to 4e-6 and so is every exp(G_i - G_j) relatively; deg 4 with gates raises each
 # weight's rounding to the fourth power's. The inputs are drawn afresh per process (the seed hashes the case's name):
 # over 46 seeds (PYTHONHASHSEED 10-55, 2026-12-01) these read up to 1.02e-5, 8.6e-6, 7.4e-6 and 1.4e-5, and one
-# CI-like run 1.63e-5 for the first. The contract's float32 bound is 1e-4.
+# CI-like run 1.63e-5 for the first. The contract's float32 bound is 1e-4. The strong gates take G to about -450
+# (float32 off by up to 3e-5 there): 2.0e-5 to 2.4e-5 over 3 seeds (2026-12-01).
 GATE_REACH_BOUNDS = {
     "quadratic-long-gate": 1e-4, "quadratic-prefill-gate": 1e-4, "quadratic-deg4-gate-valid": 1e-4,
-    "quadratic-deg4-gate-valid-float16": 1e-4,
+    "quadratic-deg4-gate-valid-float16": 1e-4, "chunked-long-gate": 1e-4,
+    **{f"{name}-strong-gate": 1e-4 for name in STRONG_GATE_CASES},
 }  # fmt: skip
 
 

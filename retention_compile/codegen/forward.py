@@ -18,7 +18,10 @@ quadratic (deg != 2, or ``chunk_size >= Tk``): one kernel, flash-style but with 
 
 The weights are positive and at most (s |q| |k|)^p: with fp32 accumulation and bf16 (fp32-range) operands
 for the second product, |q|, |k| ~ 1e2 stay finite even for p = 4, so no running row maximum is needed and
-``denom`` is the true sum. Blocks left of the diagonal skip the causal mask.
+``denom`` is the true sum. Blocks left of the diagonal skip the causal mask; gated, they take
+``exp(G_i - G_j) = exp(G_i - G_ref) exp(G_ref - G_j)`` with ``G_ref`` the G of the block of rows' first position:
+one exp per key and one per row instead of one per weight (both factors <= 1 since G never rises: a factor
+underflows only where the weight does).
 
 chunked (deg 2): keys are cut into chunks of C aligned to the query grid (chunk c starts at key
 ``c*C - shift`` with ``shift = (Tq - Tk) mod C``, so no block of query rows straddles a chunk; the first and last
