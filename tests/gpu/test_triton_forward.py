@@ -373,7 +373,10 @@ def test_inside_triton_op_and_compile() -> None:
 def test_forward_without_a_backward_stores_y_alone(T: int) -> None:
     """``power_retention`` under ``torch.no_grad`` (the op's ``for_backward=False``: y stored in bf16 alone, no
     float32 y, no kept states), eager and compiled: y is bitwise the one of the forward that keeps them, and within
-    the oracle's tolerance; T = 700 runs the quadratic kernel, 5000 the chunked one."""
+    the oracle's tolerance; T = 700 runs the quadratic kernel, 5000 the chunked one. Compiled, the chunked query
+    kernel runs on 64-row blocks where eager takes 128 (``forward.NARROW_TRACED_QUERY_LAUNCH``), and a gated row
+    block's unmasked keys take the G of its first row as their reference (``exp(G_i - G_ref) exp(G_ref - G_j)``):
+    there y agrees to bf16 rounding, not bit for bit."""
     import retention_compile as rc
 
     q, k, v, g, _ = make_inputs(1, 4, 2, T, T, 64, 64, bf16, gate_heads=2)
@@ -385,7 +388,10 @@ def test_forward_without_a_backward_stores_y_alone(T: int) -> None:
     with torch.no_grad():
         options = {"scale": 0.125, "log_gate": g, "chunk_size": 1024, "impl": "triton"}
         compiled = torch.compile(lambda *x: rc.power_retention(*x, **options))(q, k, v)
-    assert torch.equal(compiled, kept[0])
+    if T <= 1024:
+        assert torch.equal(compiled, kept[0])
+    else:
+        torch.testing.assert_close(compiled, kept[0], rtol=2**-7, atol=2**-10)
     rows = row_blocks(T)[-1]
     want, _ = oracle(q, k, v, scale=0.125, deg=2, log_gate=g, causal=True, valid=None, rows=rows)
     got = bare[0][:, :, rows.start : rows.stop].double()
