@@ -376,7 +376,8 @@ def test_forward_without_a_backward_stores_y_alone(T: int) -> None:
     the oracle's tolerance; T = 700 runs the quadratic kernel, 5000 the chunked one. Compiled, the chunked query
     kernel runs on 64-row blocks where eager takes 128 (``forward.NARROW_TRACED_QUERY_LAUNCH``), and a gated row
     block's unmasked keys take the G of its first row as their reference (``exp(G_i - G_ref) exp(G_ref - G_j)``):
-    there y agrees to bf16 rounding, not bit for bit."""
+    there the weights round to bf16 differently (each within 2^-9 of its value), so y agrees in norm within 2^-8
+    and with the oracle, not bit for bit (a few elements where a row's values cancel differ by 2^-8 absolute)."""
     import retention_compile as rc
 
     q, k, v, g, _ = make_inputs(1, 4, 2, T, T, 64, 64, bf16, gate_heads=2)
@@ -391,8 +392,11 @@ def test_forward_without_a_backward_stores_y_alone(T: int) -> None:
     if T <= 1024:
         assert torch.equal(compiled, kept[0])
     else:
-        torch.testing.assert_close(compiled, kept[0], rtol=2**-7, atol=2**-10)
+        apart = float((compiled.double() - kept[0].double()).norm() / kept[0].double().norm())
+        print(f"compiled against eager: relative distance {apart:.2e}")
+        assert apart < 2**-8
     rows = row_blocks(T)[-1]
     want, _ = oracle(q, k, v, scale=0.125, deg=2, log_gate=g, causal=True, valid=None, rows=rows)
-    got = bare[0][:, :, rows.start : rows.stop].double()
-    assert float((got - want).norm() / want.norm()) < TOL[bf16]
+    for y in (bare[0], compiled):
+        got = y[:, :, rows.start : rows.stop].double()
+        assert float((got - want).norm() / want.norm()) < TOL[bf16]
