@@ -65,9 +65,10 @@ CASES = [
 ]
 
 
-def run_case(case: tuple, dtype: torch.dtype = torch.float32, gate_scale: float = 0.3) -> float:
-    """Relative error of ``triton_forward`` against the oracle on one case (also checks shapes and denom); the
-    inputs are drawn in float32 and rounded to ``dtype``, the log-gates from ``-gate_scale * U(0, 1)``."""
+def run_case(case: tuple, dtype: torch.dtype = torch.float32, gate_scale: float = 0.3) -> dict[str, float]:
+    """Relative errors of ``triton_forward`` against the oracle on one case, ``{"y": ..., "denom": ...}`` (also
+    checks shapes); the inputs are drawn in float32 and rounded to ``dtype``, the log-gates from
+    ``-gate_scale * U(0, 1)``."""
     B, Hq, Hk, Tq, Tk, d, e, deg, gate_heads, has_valid, causal, chunk, segments = case
     gen = torch.Generator().manual_seed(sum(map(hash, case)) % 2**31)
     q = torch.randn(B, Hq, Tq, d, generator=gen).to(dtype)
@@ -95,11 +96,11 @@ def run_case(case: tuple, dtype: torch.dtype = torch.float32, gate_scale: float 
     )  # fmt: skip
     want = weights.sum(-1) + EPS  # denom = sum_j w_ij + eps: y alone would not see a factor common to a row's weights
     den_error = float(((den.double() - want).abs() / want).max())
-    return max(float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)), den_error)
+    return {"y": float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)), "denom": den_error}
 
 
-def denominator_error(chunk: int) -> float:
-    """denom = sum_j w_ij + eps, checked directly on one causal head."""
+def denominator_error(chunk: int) -> dict[str, float]:
+    """denom = sum_j w_ij + eps, checked directly on one causal head of fixed inputs (the strict bound holds there)."""
     gen = torch.Generator().manual_seed(1)
     q, k = torch.randn(1, 1, 40, 32, generator=gen), torch.randn(1, 1, 40, 32, generator=gen)
     expected = torch.tril((0.2 * q[0, 0] @ k[0, 0].T).double() ** 2).sum(-1) + 1e-6
@@ -107,7 +108,7 @@ def denominator_error(chunk: int) -> float:
         q, k, torch.randn(1, 1, 40, 32), scale=0.2, deg=2, log_gate=None, causal=True, valid=None,
         plan=Plan(chunk_size=chunk, **TINY),
     )  # fmt: skip
-    return float(((den[0, 0].double() - expected).abs() / expected).max())
+    return {"denom of fixed inputs": float(((den[0, 0].double() - expected).abs() / expected).max())}
 
 
 def keyless_alignment() -> dict[str, float]:
@@ -158,7 +159,7 @@ FLOAT16_CASES = ("quadratic-deg4-gate-valid", "chunked-gate-valid-segments")
 STRONG_GATE_CASES = ("quadratic-long-gate", "chunked-long-gate")
 
 
-def _interpreted() -> dict[str, float]:
+def _interpreted() -> dict[str, object]:
     """Every kernel case in the interpreter: {case name: relative error} (run as a script, see the docstring).
 
     The cases in ``QUERY_T_CASES`` run again with the query kernel's transposed state product.
@@ -209,9 +210,17 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
     + ["chunked-gate-valid-segments-bfloat16"]
     + [f"{n}-untrimmed" for n in UNTRIMMED_CASES],
 )
-def test_kernels_match_oracle(interpreted: dict[str, float], name: str) -> None:
+def test_kernels_match_oracle(interpreted: dict[str, dict[str, float]], name: str) -> None:
     bound = GATE_REACH_BOUNDS.get(name, 1e-5)
-    assert interpreted[name] < bound, f"{name}: relative error {interpreted[name]:.2e}"
+    for quantity, error in interpreted[name].items():
+        limit = max(bound, DENOM_BOUND) if quantity == "denom" else bound
+        assert error < limit, f"{name}: relative error of {quantity} {error:.2e}"
+
+
+# denom_i = sum_j w_ij + eps, relative to itself row by row: a row with a key or two whose q . k nearly cancels has
+# weights far below |q|^2 |k|^2, which float32's dot rounds relative to |q| |k|. Over 200 seeds of the quadratic case
+# (2026-12-01) one row read 2.2e-5 (y: 2.3e-6); every other case's rows were below 1e-5. The contract's float32 bound.
+DENOM_BOUND = 1e-4
 
 
 # Cases whose weights span a wide range in float32: about 300 keys of log-gates -0.3 * U(0, 1) take G to about -45,
@@ -296,6 +305,10 @@ def test_supports_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "head dim" in triton_supports(odd, odd, odd, 2, None, None, True)
     empty = torch.randn(1, 2, 0, 32)
     assert "empty" in triton_supports(empty, empty, empty, 2, None, None, True)
+    gate = -torch.rand(1, 2, 8)
+    assert "causal=False" in triton_supports(q, q, q, 2, gate, None, False)
+    with pytest.raises(ValueError, match="causal=False"):
+        triton_forward(q, q, q, scale=0.2, deg=2, log_gate=gate, causal=False, valid=None, plan=Plan(chunk_size=16))
 
 
 def test_shape_class_follows_the_module_tunables(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -160,6 +160,7 @@ def _with_query_tiles(spec: KernelSpec, rows: int, split: int) -> KernelSpec:
 
 
 MAX_GRID_Z = 65535
+NONCAUSAL_GATE = "a log_gate with causal=False (gating is defined for causal calls only, DESIGN.md section 1)"
 
 
 def triton_supports(
@@ -178,6 +179,8 @@ def triton_supports(
         return f"tensors are on {q.device.type}, the Triton kernels need CUDA (or TRITON_INTERPRET=1)"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {q.dtype} (the kernels take float16, bfloat16 and float32)"
+    if log_gate is not None and not causal:
+        return NONCAUSAL_GATE
     d, e = size_hint(q.shape[-1]), size_hint(v.shape[-1])
     if d % 8 or not 8 <= d <= 256:
         return f"head dim d={d} (the kernels take multiples of 8 up to 256)"
@@ -409,6 +412,8 @@ def triton_forward(
     """
     if y_out is not None and y_dtype != torch.float32:
         raise ValueError(f"triton_forward: y_out is stored beside a float32 y, but y_dtype is {y_dtype}")
+    if log_gate is not None and not causal:  # the kernels' gate factors are at most 1 only for causal pairs
+        raise ValueError(f"triton_forward: {NONCAUSAL_GATE}")
     if (keyless := keyless_rows(q, k, causal)) is not None:
         y, denom = triton_forward(
             q[:, :, keyless:], k, v, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid, plan=plan,
