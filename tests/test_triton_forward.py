@@ -160,7 +160,8 @@ STRONG_GATE_CASES = ("quadratic-long-gate", "chunked-long-gate")
 
 
 def _interpreted() -> dict[str, object]:
-    """Every kernel case in the interpreter: {case name: relative error} (run as a script, see the docstring).
+    """Every kernel case in the interpreter: {case name: its relative errors by quantity (``run_case``), or a
+    check's value} (run as a script, see the module docstring).
 
     The cases in ``QUERY_T_CASES`` run again with the query kernel's transposed state product.
     """
@@ -191,7 +192,7 @@ def _interpreted() -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
+def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     env = {**os.environ, "TRITON_INTERPRET": "1", "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, check=False)
