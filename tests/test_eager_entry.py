@@ -168,12 +168,15 @@ def test_a_kept_routes_launches_answer_only_current_calls_that_keep_nothing(monk
     ops._route(*args).forward = launches
     y, denom, *rest = ops._forward_body(*args, for_backward=False)
     assert y is answer[0] and denom is answer[1] and all(t.numel() == 0 for t in rest) and launches.calls == 1
+    assert ops._y_alone(*args) is answer[0] and launches.calls == 2  # the public no-grad call's y, nothing else built
     with pytest.raises(ToTriton):
         ops._forward_body(*args, for_backward=True)
     launches.is_current = False
     with pytest.raises(ToTriton):
         ops._forward_body(*args, for_backward=False)
-    assert launches.calls == 1
+    with pytest.raises(ToTriton):
+        ops._y_alone(*args)
+    assert launches.calls == 2
 
 
 def test_cpu_calls_keep_no_route() -> None:

@@ -27,6 +27,8 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+from torch._library.triton import is_wrap_triton_enabled
+from triton import knobs
 
 from .triton_source import interpreting
 
@@ -43,9 +45,6 @@ LAUNCHER_NAMED_AT_LEAST = 5
 def direct_launches_allowed() -> bool:
     """Whether a launch now goes straight to Triton's ``kernel[grid]`` with nothing else to run at it (so a kept
     compiled kernel may replace it): ``wrap_triton`` disabled, not interpreting, no launch hooks set."""
-    from torch._library.triton import is_wrap_triton_enabled
-    from triton import knobs
-
     hooks = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
     return not is_wrap_triton_enabled() and not interpreting() and not any(map(_hook_set, hooks))
 
@@ -59,8 +58,6 @@ def _hook_set(hook: object) -> bool:
 def compile_settings() -> tuple:
     """The Triton settings that pick a compiled kernel besides its arguments (part of ``JITFunction.run``'s cache
     key): a launch kept under other settings must not serve a call under these."""
-    from triton import knobs
-
     return (
         getattr(knobs.runtime, "debug", None),
         getattr(knobs.compilation, "instrumentation_mode", None),
