@@ -44,6 +44,7 @@ WITHOUT_TRITON = """
             reasons = [ops._triton_unavailable(cuda, cuda, cuda, 2, None, None, True, "auto") for _ in range(2)]
 
     import retention_compile.backend  # the backend imports (compiling on the CPU never needed triton)
+    from retention_compile.codegen import cuda_state, eager_launch  # the CUDA state kernel launches without triton
     print(json.dumps({
         "cpu_error": float(cpu_error), "backend": "retention" in torch._dynamo.list_backends(), "reasons": reasons,
         "supports": triton_supports(q, k, v, 2, None, None, True), "warnings": [str(w.message) for w in caught],

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 from torch._library.triton import is_wrap_triton_enabled
-from triton import knobs
 
 from .triton_source import interpreting
 
@@ -45,8 +44,18 @@ LAUNCHER_NAMED_AT_LEAST = 5
 def direct_launches_allowed() -> bool:
     """Whether a launch now goes straight to Triton's ``kernel[grid]`` with nothing else to run at it (so a kept
     compiled kernel may replace it): ``wrap_triton`` disabled, not interpreting, no launch hooks set."""
+    knobs = _knobs()
     hooks = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
     return not is_wrap_triton_enabled() and not interpreting() and not any(map(_hook_set, hooks))
+
+
+@functools.cache
+def _knobs():
+    """Triton's ``knobs``, imported on first use: this module serves the CUDA state kernel's launches too, on GPUs
+    whose Python has no Triton."""
+    from triton import knobs
+
+    return knobs
 
 
 def _hook_set(hook: object) -> bool:
@@ -58,6 +67,7 @@ def _hook_set(hook: object) -> bool:
 def compile_settings() -> tuple:
     """The Triton settings that pick a compiled kernel besides its arguments (part of ``JITFunction.run``'s cache
     key): a launch kept under other settings must not serve a call under these."""
+    knobs = _knobs()
     return (
         getattr(knobs.runtime, "debug", None),
         getattr(knobs.compilation, "instrumentation_mode", None),
