@@ -164,11 +164,30 @@ def _forward_body(
     impl: str,
     for_backward: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op's forward: ``_forward``'s outputs."""
+    return _forward(q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl, for_backward)
+
+
+def _forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gate: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    scale: float,
+    deg: int,
+    causal: bool,
+    chunk_size: int,
+    impl: str,
+    for_backward: bool,
+    route: Route | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward: ``(y, denom, S, M, y_acc)`` (``_with_output_y``) with ``y_i = sum_j w_ij v_j / denom_i``,
     ``denom_i = sum_j w_ij + eps``, computed in ``compute_dtype(q.dtype)`` (float32 for 16-bit inputs), and the chunk
     states kept for the backward (``keeps_states``; empty otherwise). Autograd saves the accumulators' y: the
     backward's ``dZ_i = -(dy_i . y_i) / denom_i`` is a small difference that a 16-bit y would swamp (B*Hq*Tq*e*4
-    bytes). Without ``for_backward`` nothing is kept for a backward: ``S``, ``M`` and ``y_acc`` are empty."""
+    bytes). Without ``for_backward`` nothing is kept for a backward: ``S``, ``M`` and ``y_acc`` are empty. ``route``:
+    the call's ``_route`` where the caller found it already."""
     if impl == "cuda" and (blocker := _cuda_blocker(q)) is not None:
         raise _cuda_target_error(blocker)
     if _is_empty(q, k):  # rows without keys: y = 0, denom = eps
@@ -176,7 +195,7 @@ def _forward_body(
         acc = compute_dtype(q.dtype)
         y = q.new_zeros(*shape, v.shape[3], dtype=acc)
         return _with_output_y(y, q.dtype, q.new_full(shape, EPS, dtype=acc), *_no_states(q), keep_acc=for_backward)
-    route = _route(q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl)
+    route = route if route is not None else _route(q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl)
     if not for_backward and (launches := _kept_launches(route)) is not None:
         y, denom = launches(q, k, v, log_gate, valid)
         return _with_output_y(y, q.dtype, denom, *_no_states(q), keep_acc=False)
@@ -288,10 +307,9 @@ def _replay_modules() -> tuple:
     return cuda_state, forward, replays
 
 
-def _kept_launches(route: Route | None) -> Callable | None:
+def _kept_launches(route: Route) -> Callable | None:
     """The launches ``route`` keeps for the calls that keep nothing for a backward, while they are current."""
-    launches = None if route is None else route.forward
-    return launches if launches is not None and launches.current() else None
+    return route.forward if route.forward is not None and route.forward.current() else None
 
 
 def _kept_route(key: tuple) -> Route | None:
@@ -468,15 +486,18 @@ def power_retention(
     return y
 
 
-def _y_alone(*args) -> torch.Tensor:
+def _y_alone(q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl) -> torch.Tensor:
     """y of an eager call that keeps nothing for a backward (``_forward_body``'s arguments): its kept route's launches
     where they are current, the body's other outputs left unbuilt (three empty tensors: about 5% of a short call's
-    host time on the H200), else the body's y."""
-    key = _route_key(*args)
-    if (launches := _kept_launches(None if key is None else _kept_route(key))) is not None:
-        y, _ = launches(*args[:5])
-        return y
-    y, *_ = _forward_body(*args, for_backward=False)
+    host time on the H200), else the body's y on the route found here (one route key per call)."""
+    args = (q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl)
+    route = None
+    if impl != "cuda" and not _is_empty(q, k):  # the checks the body makes before it routes
+        route = _route(*args)
+        if (launches := _kept_launches(route)) is not None:
+            y, _ = launches(q, k, v, log_gate, valid)
+            return y
+    y, *_ = _forward(*args, for_backward=False, route=route)
     return y
 
 

@@ -135,10 +135,10 @@ MAX_ROWS_PER_WARP = 16
 # PREFERRED_TILE_MAX_DIM. Of the tiles within MAX_ROWS_PER_WARP, 64 rows on 4 warps with 3 stages ran within 6% of the
 # fastest single-chunk tile at every measured point (H200 b1 h8 bf16 causal, d = e in {32, 64, 128}, T = 4096, 6144,
 # 8192, ungated and gated, do_bench ms; benchmarks/results/plan_NVIDIA-H200_2026-12-01_ace6222.json and
-# ..._ae7f1a1_d32.json, ..._ae7f1a1_d128.json): e.g. ungated at T = 4096 / 8192, d=64 0.074 / 0.204 against 0.085 /
-# 0.230 for 128 rows on 8 warps, d=128 0.135 / 0.395 against 0.181 / 0.548. The model, which leaves out what splitting
-# 128 rows over two warpgroups costs, ranks 128 rows on 8 warps first (by up to 1.3x at d=128). The path stays the
-# model's choice; only the tile is replaced.
+# ..._ae7f1a1_d32.json, ..._ae7f1a1_d128.json; their T=2048 rows are host noise, up to 1.3x either way): e.g. ungated
+# at T = 4096 / 8192, d=64 0.074 / 0.204 against 0.085 / 0.230 for 128 rows on 8 warps, d=128 0.135 / 0.395 against
+# 0.181 / 0.548. The model, which leaves out what splitting 128 rows over two warpgroups costs, ranks 128 rows on 8
+# warps first (by up to 1.3x at d=128). The path stays the model's choice; only the tile is replaced.
 PREFERRED_SINGLE_TILE = (64, 4)
 PREFERRED_TILE_MAX_DIM = 128
 # CUDA-core work per score of the power attention, in fp32-op equivalents, besides the log2(p) multiplies of the power
@@ -642,8 +642,9 @@ def _gpu_reason(cands: Candidates, spec: GpuSpec, best: int, modelled_best: int,
     other_chunk = order[cands.chunk[order] != cands.chunk[best]]
     runner = other_chunk[np.argmin(cands.time[other_chunk])] if other_chunk.size else None
     margin = (cands.time[runner] / cands.time[modelled_best] - 1) * 100 if runner is not None else 0.0
+    replaced = best != modelled_best
     runner_up = (
-        f"runner-up {_describe_path(cands, runner)} (+{margin:.1f}%)"
+        f"runner-up {_describe_path(cands, runner)} (+{margin:.1f}%{' over the model tile' if replaced else ''})"
         if runner is not None
         else "no other chunk size considered"
     )
@@ -655,11 +656,12 @@ def _gpu_reason(cands: Candidates, spec: GpuSpec, best: int, modelled_best: int,
         f"{v['regs'][best]:.0f} regs/thread, {v['occupancy'][best]:.0f} programs/SM on {spec.sm_count} SMs"
     )
     why = _binding(cands, spec, modelled_best)
-    if best != modelled_best:
-        why += (
-            f"; the single-chunk tile measured fastest on Hopper (PREFERRED_SINGLE_TILE) in place of the model's "
+    if replaced:  # the model's tile, its time and what binds it, in place of the chosen tile's
+        why = (
+            f"the single-chunk tile measured fastest on Hopper (PREFERRED_SINGLE_TILE) in place of the model tile "
             f"block_t={cands.block_t[modelled_best]} warps={cands.num_warps[modelled_best]} "
-            f"stages={cands.num_stages[modelled_best]} at {_ms(cands.time[modelled_best])}"
+            f"stages={cands.num_stages[modelled_best]} at {_ms(cands.time[modelled_best])} (model tile: "
+            f"{why.replace('the chosen tiles are', 'it is')})"
         )
     return f"{spec.name}, {problem}: {_describe_path(cands, best)}; {runner_up}; {tiles}; {why}"
 

@@ -114,7 +114,8 @@ def test_an_eager_calls_route_is_kept_with_the_replays_and_only_where_triton_ser
     q, k, v, gate = inputs()
     planned: list[int] = []
     real_plan = ops.resolve_plan
-    monkeypatch.setattr(ops, "_route_key", lambda *args: ("a route",))
+    keys = []
+    monkeypatch.setattr(ops, "_route_key", lambda *args: keys.append(1) or ("a route",))
     monkeypatch.setattr(ops, "resolve_plan", lambda *args: planned.append(1) or real_plan(*args))
     monkeypatch.setattr(ops, "_triton_unavailable", lambda *args: None)
     monkeypatch.setattr(cuda_state, "select_state_kernel", lambda *args: cuda_state.StateChoice(None, "a reason"))
@@ -158,7 +159,8 @@ def test_a_kept_routes_launches_answer_only_current_calls_that_keep_nothing(monk
     def triton_forward(*args, **kwargs):
         raise ToTriton
 
-    monkeypatch.setattr(ops, "_route_key", lambda *args: ("a route",))
+    keys = []
+    monkeypatch.setattr(ops, "_route_key", lambda *args: keys.append(1) or ("a route",))
     monkeypatch.setattr(ops, "_triton_unavailable", lambda *args: None)
     monkeypatch.setattr(cuda_state, "select_state_kernel", lambda *args: cuda_state.StateChoice(None, "a reason"))
     monkeypatch.setattr(replays, "_KEPT", type(replays._KEPT)())
@@ -174,9 +176,10 @@ def test_a_kept_routes_launches_answer_only_current_calls_that_keep_nothing(monk
     launches.is_current = False
     with pytest.raises(ToTriton):
         ops._forward_body(*args, for_backward=False)
+    keys.clear()
     with pytest.raises(ToTriton):
         ops._y_alone(*args)
-    assert launches.calls == 2
+    assert launches.calls == 2 and len(keys) == 1  # the body took the route found: one key per call
 
 
 def test_cpu_calls_keep_no_route() -> None:
