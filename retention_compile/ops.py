@@ -100,7 +100,7 @@ def _triton_unavailable(q, k, v, deg, log_gate, valid, causal, impl) -> str | No
     """None when the Triton kernels serve this call, else why the aten path does (warned once per reason)."""
     if impl == "aten" or not q.is_cuda:
         return "aten"
-    if importlib.util.find_spec("triton") is None:
+    if not _has_triton():
         reason = "triton is not installed"
     else:
         from .codegen import triton_supports
@@ -262,9 +262,7 @@ def _route(
 
     route = Route(plan, None, select_state_kernel(q, k, v, deg, log_gate, valid, causal, scale, plan, impl), key)
     if key is not None:
-        from .codegen import replays
-
-        replays.keep(key, route)
+        _replay_modules()[2].keep(key, route)
     return route
 
 

@@ -617,7 +617,7 @@ def _binding(cands: Candidates, spec: GpuSpec, best: int) -> str:
     """
     excluded = np.flatnonzero(~cands.feasible & (cands.time < cands.time[best]))
     if excluded.size == 0:
-        return "no resource limit binds (the chosen tiles are the model's unconstrained optimum)"
+        return "no resource limit binds (these tiles are the model's unconstrained optimum)"
     distance = sum(
         np.abs(np.log2(getattr(cands, f)[excluded] / getattr(cands, f)[best]))
         for f in ("chunk", "block_t", "block_feature", "block_e", "num_warps", "num_stages")
@@ -661,7 +661,7 @@ def _gpu_reason(cands: Candidates, spec: GpuSpec, best: int, modelled_best: int,
             f"the single-chunk tile measured fastest on Hopper (PREFERRED_SINGLE_TILE) in place of the model tile "
             f"block_t={cands.block_t[modelled_best]} warps={cands.num_warps[modelled_best]} "
             f"stages={cands.num_stages[modelled_best]} at {_ms(cands.time[modelled_best])} (model tile: "
-            f"{why.replace('the chosen tiles are', 'it is')})"
+            f"{why})"
         )
     return f"{spec.name}, {problem}: {_describe_path(cands, best)}; {runner_up}; {tiles}; {why}"
 
