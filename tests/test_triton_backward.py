@@ -330,6 +330,29 @@ def run_short_step_cases() -> dict[str, dict[str, float]]:
         backward._tuned_intra_loops = real
 
 
+# every gated case, with dkv_kernel's gate factored for the rows after each key block (backward.FACTORED_GATE_ROWS):
+# strong gates, decode, Tq > Tk, query-head gates, validity, and loops stepping half their programs' rows. Chunks of
+# 16 keys hold one key block (no row after it in the chunk): the chunked cases of 64 keys reach the factored loop
+FACTORED_CASES = [name for name, case in CASES if case[8] > 0]
+FACTORED_CHUNKED_CASES = {
+    "chunked-64-gate-valid": (2, 2, 1, 150, 150, 32, 32, 2, 1, True, True, 64),
+    "chunked-64-prefill-query-head-gate": (1, 4, 2, 70, 160, 32, 24, 2, 4, True, True, 64),
+    "chunked-64-strong-gate": (1, 2, 1, 150, 150, 32, 32, 2, 1, False, True, 64, 8.0),
+}
+
+
+def run_factored_cases() -> dict[str, dict[str, float]]:
+    """``run_case`` of the gated cases (and the gated short-step case) with ``FACTORED_GATE_ROWS`` on."""
+    backward.FACTORED_GATE_ROWS = True
+    try:
+        cases = {**dict(CASES), **FACTORED_CHUNKED_CASES}
+        results = {f"{name}-factored": run_case(cases[name]) for name in [*FACTORED_CASES, *FACTORED_CHUNKED_CASES]}
+        results["short-steps-gate-valid-factored"] = run_short_step_cases()["short-steps-gate-valid"]
+        return results
+    finally:
+        backward.FACTORED_GATE_ROWS = False
+
+
 def run_untrimmed(run: Callable[[], dict[str, float]]) -> dict[str, float]:
     """``run()`` with ``keyless_rows`` off: the kernels then handle the queries before the first key themselves
     (chunks aligned with the queries, negative positions), as they do where symbolic sizes leave Tq > Tk open."""
@@ -354,6 +377,7 @@ def _interpreted() -> dict[str, dict[str, float]]:
     results.update({f"{name}-kept": run_kept_case(*KEPT_CASES[name]) for name in KEPT_CASES})
     results.update(run_padded_cases())
     results.update(run_short_step_cases())
+    results.update(run_factored_cases())
     results.update(run_state_hook_cases(STATE_HOOK_CASES, "state-hooks"))
     results.update(
         {f"{name}-op-{ratio}": run_op_case(dict(CASES)[name], ratio) for name in OP_CASES for ratio in (0, 1000)}
@@ -406,6 +430,18 @@ def test_loops_step_shorter_than_their_programs(interpreted: dict[str, dict[str,
     """dq_kernel's key loop and dkv_kernel's row loop in steps of 16 inside programs of 32 rows (keys), 3 stages."""
     errors = dict(interpreted[name])
     assert errors.pop("program-rows") == 32
+    _assert_below(errors, 2e-5, name)
+
+
+@pytest.mark.parametrize(
+    "name", [f"{n}-factored" for n in [*FACTORED_CASES, *FACTORED_CHUNKED_CASES, "short-steps-gate-valid"]]
+)
+def test_factored_gate_rows_match_oracle(interpreted: dict[str, dict[str, float]], name: str) -> None:
+    """dkv_kernel with exp(G_i - G_j) = exp(G_i - G_E) exp(G_E - G_j) for the rows after each key block's last key E
+    (``backward.FACTORED_GATE_ROWS``, off by default until timed on a GPU): every gradient within the same bound."""
+    errors = dict(interpreted[name])
+    errors.pop("program-rows", None)
+    assert set(errors) == set(GRADS)
     _assert_below(errors, 2e-5, name)
 
 

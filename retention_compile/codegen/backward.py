@@ -103,6 +103,11 @@ STAGES = 2
 REVERSE_STAGES = 3  # H200 T=65536 d=64 bf16: reverse_state_kernel 1.13 ms at 2 stages, 0.94 at 3 (gated 1.20, 0.98)
 PREP_ROWS = 64  # rows of the upstream gradient per program of prep_kernel
 PREP_WARPS = 4
+# Gated dkv_kernel: the rows at or after a key block's last key take the gate as a factor per row and one per key
+# (BackwardSpec.factored_gate_rows), not an exp per weight. Off until measured on a GPU: interpreter-exact (the CPU
+# tests, three mutations caught) and compiled for sm_90 (Triton 3.6: 248 registers, no spills, against 195), but
+# neither run nor timed on the H200 yet (forward_notes.md, session 34).
+FACTORED_GATE_ROWS = False
 
 
 def _value_pad(e: int) -> int:
@@ -122,7 +127,9 @@ class BackwardSpec:
     dq_stages / dkv_stages: the software pipeline depth of those two loops (their launches' ``num_stages``);
     block_s / block_e: rows per step and value columns per program of the reverse state kernel;
     dq_state_terms: whether the chunked ``dq_kernel`` adds the state terms itself (False where a CUDA kernel adds
-    them after it: ``_dq_state_hook``).
+    them after it: ``_dq_state_hook``);
+    factored_gate_rows: gated ``dkv_kernel`` factors exp(G_i - G_j) = exp(G_i - G_E) exp(G_E - G_j) for the rows at
+    or after the key block's last key E (``FACTORED_GATE_ROWS``).
     """
 
     forward: KernelSpec
@@ -135,6 +142,7 @@ class BackwardSpec:
     dq_state_terms: bool = True
     dq_stages: int = 2
     dkv_stages: int = 2
+    factored_gate_rows: bool = False
 
     @staticmethod
     def of(forward: KernelSpec, dq_state_terms: bool = True) -> BackwardSpec:
@@ -152,7 +160,9 @@ class BackwardSpec:
         if forward.chunked:
             rows = min(rows, forward.chunk_size)
         block_e = min(forward.block_e, _value_pad(forward.value_dim))
-        spec = BackwardSpec(forward, rows, rows, rows, rows, rows, block_e, dq_state_terms, STAGES, STAGES)
+        spec = BackwardSpec(
+            forward, rows, rows, rows, rows, rows, block_e, dq_state_terms, STAGES, STAGES, FACTORED_GATE_ROWS
+        )
         return dataclasses.replace(spec, **_tuned_intra_loops(spec))
 
     def template_params(self) -> dict[str, object]:
@@ -172,6 +182,7 @@ class BackwardSpec:
             "prep_rows": PREP_ROWS,
             "coordinate_terms": coordinate_state_terms(fwd),
             "dq_state_terms": self.dq_state_terms,
+            "factored_gate_rows": self.factored_gate_rows,
             "summary": (
                 f"{fwd.summary()}; backward rows={self.block_t} (key step {self.key_step}) keys={self.block_k}"
                 f" (row step {self.row_step}) state rows={self.block_s}"

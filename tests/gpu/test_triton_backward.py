@@ -131,6 +131,24 @@ def test_cases(name: str) -> None:
     check(*CASES[name])
 
 
+# gated cases for dkv_kernel's factored rows (backward.FACTORED_GATE_ROWS, off by default until timed): the chunked
+# plan's 256-key chunks hold 4 key blocks of 64, so 3 of them have rows after them in their chunk; single-chunk deg 4
+FACTORED_CASES = {
+    "chunked-gqa-valid": (1, 4, 1, 1000, 1000, 64, 64, 2, bf16, "k", True, True),
+    "chunked-query-head-gate": (1, 4, 2, 1000, 1000, 64, 64, 2, bf16, "q", False, True),
+    "prefill-cache": (1, 4, 2, 700, 4000, 64, 32, 2, bf16, "k", True, True),
+    "quadratic-deg4": (1, 4, 1, 1000, 1000, 32, 32, 4, bf16, "k", True, True),
+    "fp32-chunked": (1, 4, 2, 1000, 1000, 64, 64, 2, f32, "k", True, True),
+}
+
+
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize("name", list(FACTORED_CASES))
+def test_factored_gate_rows(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backward_module, "FACTORED_GATE_ROWS", True)
+    check(*FACTORED_CASES[name])
+
+
 @pytest.mark.parametrize(("deg", "T"), [(4, 1000), (2, 200), (2, 1000)])
 def test_op_autograd_reaches_the_kernels(backward_calls: list[int], deg: int, T: int) -> None:
     """``rc.power_retention``'s autograd on CUDA runs ``codegen.triton_backward`` on the quadratic path and on the
