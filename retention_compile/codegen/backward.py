@@ -161,8 +161,9 @@ class BackwardSpec:
             rows = min(rows, forward.chunk_size)
         block_e = min(forward.block_e, _value_pad(forward.value_dim))
         spec = BackwardSpec(
-            forward, rows, rows, rows, rows, rows, block_e, dq_state_terms, STAGES, STAGES, FACTORED_GATE_ROWS
-        )
+            forward, rows, rows, rows, rows, rows, block_e, dq_state_terms, STAGES, STAGES,
+            FACTORED_GATE_ROWS and forward.gated,
+        )  # fmt: skip
         return dataclasses.replace(spec, **_tuned_intra_loops(spec))
 
     def template_params(self) -> dict[str, object]:
