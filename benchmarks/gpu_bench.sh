@@ -2,7 +2,7 @@
 # The GPU benchmarks, one after another in one call of the lent GPU, each alone on the device:
 #
 #   benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms] [chunk_state] [forward_profile] [state_ncu]
-#       [plan] [host] [factored]
+#       [plan] [host] [gate_rows]
 #       (default: the first three; limits 4, 7, 9.3, 5, 5, 4, 2.5, 3, 3 and 4 minutes: give the long ones their own device call;
 #       state_terms: the backward's CUDA state-term kernels against Triton, bench_cuda_backward.py; chunk_state: the
 #       forward's CUDA state kernel against Triton, its launch shapes and segment counts, bench_cuda_state.py;
@@ -10,8 +10,8 @@
 #       profile_forward.py; state_ncu: the CUDA state kernel's stall samples by reason and instruction under ncu's
 #       full set, OUT_DIR/state_ncu_stalls.json from its source view, ncu_stalls.py; plan: the planner's choice against
 #       the alternatives it weighed, bench_plan.py; host: the eager calls' host time, bench_host.py --device cuda;
-#       factored: gated fwd+bwd at T=65536 with the dkv kernel's factored gate rows on and off,
-#       bench_backward.py --factored-gate-rows)
+#       gate_rows: gated fwd+bwd at T=65536 with the dkv kernel's factored gate rows on and off,
+#       bench_backward.py --per-weight-gate-rows)
 #
 # Each benchmark runs in its own process group with a time limit (nothing it starts outlives it) and only once
 # no other process holds the GPU (polled with nvidia-smi for up to 60 s; the wait and the processes seen are
@@ -24,7 +24,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-out="${1:?usage: benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms] [chunk_state] [forward_profile] [state_ncu] [plan] [host] [factored]}"
+out="${1:?usage: benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms] [chunk_state] [forward_profile] [state_ncu] [plan] [host] [gate_rows]}"
 shift
 which=("${@:-forward backward compile}")
 read -r -a which <<< "${which[*]}"
@@ -69,14 +69,14 @@ for bench in "${which[@]}"; do
             ncu -i "$out/state_ncu.ncu-rep" --page source --csv --print-source sass > "$out/state_ncu_source.csv" \
                 && python3 benchmarks/ncu_stalls.py "$out/state_ncu_source.csv" --out "$out/state_ncu_stalls.json" \
                 >> "$summary" || echo "state_ncu: no source view to summarize" >> "$summary" ;;
-        factored)  # the gated dkv kernel's factored rows (backward.FACTORED_GATE_ROWS) against the default, T=65536
-            part factored 240 python3 benchmarks/bench_backward.py --T 65536 --competitors --compiled \
-                --factored-gate-rows --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
+        gate_rows)  # the gated dkv kernel's factored rows (backward.FACTORED_GATE_ROWS, default) against per weight
+            part gate_rows 240 python3 benchmarks/bench_backward.py --T 65536 --competitors --compiled \
+                --per-weight-gate-rows --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         plan) part plan 180 python3 benchmarks/bench_plan.py --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         host) part host 180 python3 benchmarks/bench_host.py --device cuda --T 2048 8192 --calls 200 --repeats 5 \
             --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         compile) part compile 560 python3 benchmarks/bench_compile.py --device cuda --repeats 3 --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
-        *) echo "unknown benchmark: $bench (forward, backward, compile, state_terms, chunk_state, forward_profile, state_ncu, plan, host, factored)" >> "$summary" ;;
+        *) echo "unknown benchmark: $bench (forward, backward, compile, state_terms, chunk_state, forward_profile, state_ncu, plan, host, gate_rows)" >> "$summary" ;;
     esac
 done
 gather_logs "$out/logs.txt"

@@ -330,10 +330,8 @@ def run_short_step_cases(cases: dict[str, tuple] = SHORT_STEP_CASES) -> dict[str
         backward._tuned_intra_loops = real
 
 
-# every gated case, with dkv_kernel's gate factored for the rows after each key block (backward.FACTORED_GATE_ROWS):
-# strong gates, decode, Tq > Tk, query-head gates, validity. Chunks of 16 keys hold one key block (no row after it in
-# the chunk): the chunked cases of 64 keys reach the factored loop
-FACTORED_CASES = [name for name, case in CASES if case[8] > 0]
+# dkv_kernel's gate factored for the rows after each key block (backward.FACTORED_GATE_ROWS, the default): chunks of
+# 16 keys hold one key block (no row after it in the chunk), so chunks of 64 reach the factored loop here
 FACTORED_CHUNKED_CASES = {
     "chunked-64-gate-valid": (2, 2, 1, 150, 150, 32, 32, 2, 1, True, True, 64),
     # Tk = 2 mod 16: the last key block's split row lands one past a step boundary (a split one row early fails here)
@@ -345,18 +343,24 @@ FACTORED_CHUNKED_CASES = {
 FACTORED_SHORT_STEP_CASES = {
     "short-steps-chunk-64-gate-valid-factored": (2, 2, 1, 150, 150, 32, 32, 2, 1, True, True, 64),
 }
+# every gated case once more with the switch off (one exp per weight in every row): strong gates, decode, Tq > Tk,
+# query-head gates, validity
+PER_WEIGHT_CASES = [name for name, case in CASES if case[8] > 0]
 
 
-def run_factored_cases() -> dict[str, dict[str, float]]:
-    """``run_case`` of the gated cases (and the gated short-step case) with ``FACTORED_GATE_ROWS`` on."""
-    backward.FACTORED_GATE_ROWS = True
+def run_gate_rows_cases() -> dict[str, dict[str, float]]:
+    """``run_case`` of the chunked cases of 64 keys (and the short-step one) with ``FACTORED_GATE_ROWS`` on, then of
+    the gated cases with it off."""
+    default = backward.FACTORED_GATE_ROWS
     try:
-        cases = {**dict(CASES), **FACTORED_CHUNKED_CASES}
-        results = {f"{name}-factored": run_case(cases[name]) for name in [*FACTORED_CASES, *FACTORED_CHUNKED_CASES]}
+        backward.FACTORED_GATE_ROWS = True
+        results = {name: run_case(case) for name, case in FACTORED_CHUNKED_CASES.items()}
         results.update(run_short_step_cases(FACTORED_SHORT_STEP_CASES))
+        backward.FACTORED_GATE_ROWS = False
+        results.update({f"{name}-per-weight": run_case(dict(CASES)[name]) for name in PER_WEIGHT_CASES})
         return results
     finally:
-        backward.FACTORED_GATE_ROWS = False
+        backward.FACTORED_GATE_ROWS = default
 
 
 def run_untrimmed(run: Callable[[], dict[str, float]]) -> dict[str, float]:
@@ -383,7 +387,7 @@ def _interpreted() -> dict[str, dict[str, float]]:
     results.update({f"{name}-kept": run_kept_case(*KEPT_CASES[name]) for name in KEPT_CASES})
     results.update(run_padded_cases())
     results.update(run_short_step_cases())
-    results.update(run_factored_cases())
+    results.update(run_gate_rows_cases())
     results.update(run_state_hook_cases(STATE_HOOK_CASES, "state-hooks"))
     results.update(
         {f"{name}-op-{ratio}": run_op_case(dict(CASES)[name], ratio) for name in OP_CASES for ratio in (0, 1000)}
@@ -439,14 +443,20 @@ def test_loops_step_shorter_than_their_programs(interpreted: dict[str, dict[str,
     _assert_below(errors, 2e-5, name)
 
 
-@pytest.mark.parametrize(
-    "name", [f"{n}-factored" for n in [*FACTORED_CASES, *FACTORED_CHUNKED_CASES]] + list(FACTORED_SHORT_STEP_CASES)
-)
+@pytest.mark.parametrize("name", [*FACTORED_CHUNKED_CASES, *FACTORED_SHORT_STEP_CASES])
 def test_factored_gate_rows_match_oracle(interpreted: dict[str, dict[str, float]], name: str) -> None:
     """dkv_kernel with exp(G_i - G_j) = exp(G_i - G_E) exp(G_E - G_j) for the rows after each key block's last key E
-    (``backward.FACTORED_GATE_ROWS``, off by default until timed on a GPU): every gradient within the same bound."""
+    (``backward.FACTORED_GATE_ROWS``), in chunks long enough to have such rows: every gradient within the bound."""
     errors = dict(interpreted[name])
     errors.pop("program-rows", None)
+    assert set(errors) == set(GRADS)
+    _assert_below(errors, 2e-5, name)
+
+
+@pytest.mark.parametrize("name", [f"{n}-per-weight" for n in PER_WEIGHT_CASES])
+def test_per_weight_gate_rows_match_oracle(interpreted: dict[str, dict[str, float]], name: str) -> None:
+    """The gated cases with ``backward.FACTORED_GATE_ROWS`` off (one exp per weight in every row of dkv_kernel)."""
+    errors = interpreted[name]
     assert set(errors) == set(GRADS)
     _assert_below(errors, 2e-5, name)
 

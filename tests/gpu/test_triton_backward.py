@@ -131,9 +131,10 @@ def test_cases(name: str) -> None:
     check(*CASES[name])
 
 
-# gated cases for dkv_kernel's factored rows (backward.FACTORED_GATE_ROWS, off by default until timed): the chunked
-# plan's 256-key chunks hold 4 key blocks of 64, so 3 of them have rows after them in their chunk; single-chunk deg 4
-FACTORED_CASES = {
+# gated cases for dkv_kernel's rows after each key block, factored (backward.FACTORED_GATE_ROWS, the default) and
+# with one exp per weight: the chunked plan's 256-key chunks hold 4 key blocks of 64, so 3 of them have rows after
+# them in their chunk; single-chunk deg 4
+GATE_ROWS_CASES = {
     "chunked-gqa-valid": (1, 4, 1, 1000, 1000, 64, 64, 2, bf16, "k", True, True),
     "chunked-query-head-gate": (1, 4, 2, 1000, 1000, 64, 64, 2, bf16, "q", False, True),
     "prefill-cache": (1, 4, 2, 700, 4000, 64, 32, 2, bf16, "k", True, True),
@@ -143,10 +144,11 @@ FACTORED_CASES = {
 
 
 @pytest.mark.usefixtures("poison_allocations")
-@pytest.mark.parametrize("name", list(FACTORED_CASES))
-def test_factored_gate_rows(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backward_module, "FACTORED_GATE_ROWS", True)
-    check(*FACTORED_CASES[name])
+@pytest.mark.parametrize("factored", [True, False], ids=["factored", "per-weight"])
+@pytest.mark.parametrize("name", list(GATE_ROWS_CASES))
+def test_gate_rows_both_ways(name: str, factored: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backward_module, "FACTORED_GATE_ROWS", factored)
+    check(*GATE_ROWS_CASES[name])
 
 
 @pytest.mark.parametrize(("deg", "T"), [(4, 1000), (2, 200), (2, 1000)])
