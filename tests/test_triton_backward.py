@@ -524,6 +524,17 @@ def _spec(**changes: object) -> BackwardSpec:
     return BackwardSpec.of(KernelSpec(**fields))
 
 
+def test_factored_gate_rows_only_gated_deg_2() -> None:
+    """The factored rows are on for gated deg 2 (where they were timed) and off at deg 4 and without a gate; off
+    the switch, the rendered dkv kernel has no row factor."""
+    assert backward.FACTORED_GATE_ROWS
+    assert _spec().factored_gate_rows
+    assert not _spec(deg=4).factored_gate_rows
+    assert not _spec(gated=False).factored_gate_rows
+    assert "row_factor" in render(BACKWARD_TEMPLATE, _spec())
+    assert "row_factor" not in render(BACKWARD_TEMPLATE, _spec(deg=4))
+
+
 def test_rendered_source_bakes_the_shape() -> None:
     spec = _spec()
     assert (spec.block_t, spec.block_k, spec.block_s) == (64, 64, 64)

@@ -133,12 +133,12 @@ def test_cases(name: str) -> None:
 
 # gated cases for dkv_kernel's rows after each key block, factored (backward.FACTORED_GATE_ROWS, the default) and
 # with one exp per weight: the chunked plan's 256-key chunks hold 4 key blocks of 64, so 3 of them have rows after
-# them in their chunk; single-chunk deg 4
+# them in their chunk; single-chunk d = 128 (deg 4 keeps one exp per weight either way)
 GATE_ROWS_CASES = {
     "chunked-gqa-valid": (1, 4, 1, 1000, 1000, 64, 64, 2, bf16, "k", True, True),
     "chunked-query-head-gate": (1, 4, 2, 1000, 1000, 64, 64, 2, bf16, "q", False, True),
     "prefill-cache": (1, 4, 2, 700, 4000, 64, 32, 2, bf16, "k", True, True),
-    "quadratic-deg4": (1, 4, 1, 1000, 1000, 32, 32, 4, bf16, "k", True, True),
+    "quadratic-d128": (1, 4, 1, 1000, 1000, 128, 128, 2, bf16, "k", True, True),
     "fp32-chunked": (1, 4, 2, 1000, 1000, 64, 64, 2, f32, "k", True, True),
 }
 
