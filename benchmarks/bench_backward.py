@@ -12,9 +12,10 @@ compile) is the same under ``torch.compile`` (the kernels launched from Inductor
 generated code, as in a compiled model: at short T the eager op's host time dominates, 2026-11-29). SDPA and
 Manifest are timed eagerly like "ours" (Manifest only when importable: carry its wheels,
 ../shared/tools/gpu-wheels.sh). Times are medians of ``triton.testing.do_bench`` (warmup 25 ms, rep 100 ms);
-gradients are reset to None between calls. ``--per-weight-gate-rows`` also times gated ours with the dkv kernel's
-factored gate rows switched off, one exp per weight (``backward.FACTORED_GATE_ROWS``; column ``ours_per_weight``,
-and its profile ``breakdown_per_weight``), in the same process as ``ours`` with the switch as the package has it.
+gradients are reset to None between calls. ``--gate-variants`` also times gated ours with the backward's gate
+factoring switched (``GATE_VARIANTS``: every factoring off, one exp per weight, ``ours_per_weight``; dq_kernel's
+factored, ``ours_factored_dq``), each with its profile (``breakdown_<variant>``), in the same process as ``ours``
+with the switches as the package has them.
 ``--chunks`` also times ours (fwd+bwd and forward only) with each chunk size forced (``chunk_size=C``, rows
 ``ours_chunkC`` and ``ours_forward_only_chunkC``), to check the planner's choice. At the largest T (or each
 ``--profile`` T) a profiler breakdown per kernel of ours is recorded. Run it alone on the GPU: the two runs of
@@ -72,18 +73,28 @@ def ours(x: dict, chunk: int | None = None) -> Callable[[], None]:
     )
 
 
-def ours_per_weight(x: dict) -> Callable[[], None]:
-    """``ours`` with ``backward.FACTORED_GATE_ROWS`` off for each call (restored after it)."""
+# gated variants of ours: the ``backward`` module switches each sets for its calls
+GATE_VARIANTS = {
+    "per_weight": {"FACTORED_GATE_ROWS": False, "FACTORED_DQ_GATE": False},
+    "factored_dq": {"FACTORED_DQ_GATE": True},
+}
+
+
+def ours_switched(x: dict, switches: dict[str, bool]) -> Callable[[], None]:
+    """``ours`` with the ``backward`` module's ``switches`` set for each call (restored after it)."""
     run = ours(x)
 
-    def per_weight() -> None:
-        default, backward.FACTORED_GATE_ROWS = backward.FACTORED_GATE_ROWS, False
+    def switched() -> None:
+        defaults = {name: getattr(backward, name) for name in switches}
+        for name, value in switches.items():
+            setattr(backward, name, value)
         try:
             run()
         finally:
-            backward.FACTORED_GATE_ROWS = default
+            for name, value in defaults.items():
+                setattr(backward, name, value)
 
-    return per_weight
+    return switched
 
 
 def ours_compiled(x: dict) -> Callable[[], None]:
@@ -137,7 +148,13 @@ def breakdown(run: Callable[[], None], calls: int = 10) -> dict[str, float]:
 
 
 def measure(
-    T: int, gated: bool, competitors: bool, profile: bool, compiled: bool, chunks: list[int], per_weight: bool = False
+    T: int,
+    gated: bool,
+    competitors: bool,
+    profile: bool,
+    compiled: bool,
+    chunks: list[int],
+    gate_variants: bool = False,
 ) -> dict:
     x = inputs(T, gated)
     row: dict = {"T": T, "gated": gated, "errors": {}}
@@ -154,8 +171,8 @@ def measure(
         makers["sdpa"] = lambda: sdpa(x)
     if competitors:
         makers["manifest"] = lambda: manifest(x)
-    if per_weight and gated:
-        makers["ours_per_weight"] = lambda: ours_per_weight(x)
+    for variant, switches in GATE_VARIANTS.items() if gate_variants and gated else ():
+        makers[f"ours_{variant}"] = lambda switches=switches: ours_switched(x, switches)
     for chunk in chunks:
         makers[f"ours_chunk{chunk}"] = lambda chunk=chunk: ours(x, chunk)
         makers[f"ours_forward_only_chunk{chunk}"] = lambda chunk=chunk: forward_only(x, chunk)
@@ -168,8 +185,8 @@ def measure(
     row["ours_forward_only"] = timed(lambda: forward_only(x))[0]
     if profile:
         row["breakdown"] = breakdown(ours(x))
-        if per_weight and gated:
-            row["breakdown_per_weight"] = breakdown(ours_per_weight(x))
+        for variant, switches in GATE_VARIANTS.items() if gate_variants and gated else ():
+            row[f"breakdown_{variant}"] = breakdown(ours_switched(x, switches))
     return row
 
 
@@ -205,7 +222,7 @@ def main() -> None:
     parser.add_argument("--compiled", type=int, nargs="*", default=[2048, 8192], help="lengths timed compiled too")
     parser.add_argument("--profile", type=int, nargs="*", default=None, help="lengths to profile (default: max T)")
     parser.add_argument("--chunks", type=int, nargs="*", default=[], help="chunk sizes also timed, forced")
-    parser.add_argument("--per-weight-gate-rows", action="store_true", help="gated rows: also time ours_per_weight")
+    parser.add_argument("--gate-variants", action="store_true", help="gated rows: also time GATE_VARIANTS")
     parser.add_argument("--commit", default=None)
     args = parser.parse_args()
     profiled = set(args.profile if args.profile is not None else [max(args.T)])
@@ -214,21 +231,22 @@ def main() -> None:
 
     def measure_row(T: int, gated: bool) -> dict:
         return measure(
-            T, gated, T in args.competitors, T in profiled, T in args.compiled, args.chunks, args.per_weight_gate_rows
+            T, gated, T in args.competitors, T in profiled, T in args.compiled, args.chunks, args.gate_variants
         )
 
     record_rows(record, base, args.T, measure_row, _line, plot)
     for row in record["rows"]:
         if "breakdown" in row:
             print(f"T={row['T']} gated={row['gated']} kernels (ms): {json.dumps(row['breakdown'])}")
-        if "breakdown_per_weight" in row:
-            print(f"T={row['T']} gated={row['gated']} per weight (ms): {json.dumps(row['breakdown_per_weight'])}")
+        for variant in GATE_VARIANTS:
+            if f"breakdown_{variant}" in row:
+                print(f"T={row['T']} gated={row['gated']} {variant} (ms): {json.dumps(row[f'breakdown_{variant}'])}")
     print(f"wrote {base}.json/.png")
 
 
 def _line(row: dict) -> str:
     cells = [f"T={row['T']:>6}", f"gated={'yes' if row['gated'] else 'no ':3}"]
-    for m in ("ours", "ours_per_weight", "ours_compiled", "ours_forward_only", "sdpa", "manifest"):
+    for m in ("ours", "ours_per_weight", "ours_factored_dq", "ours_compiled", "ours_forward_only", "sdpa", "manifest"):
         value = row.get(m)
         cells.append(f"{m}={value:.3f}" if value is not None else f"{m}=-")
     return "  ".join(cells) + (f"  errors={row['errors']}" if row["errors"] else "")

@@ -10,8 +10,8 @@
 #       profile_forward.py; state_ncu: the CUDA state kernel's stall samples by reason and instruction under ncu's
 #       full set, OUT_DIR/state_ncu_stalls.json from its source view, ncu_stalls.py; plan: the planner's choice against
 #       the alternatives it weighed, bench_plan.py; host: the eager calls' host time, bench_host.py --device cuda;
-#       gate_rows: gated fwd+bwd at T=65536 with the dkv kernel's factored gate rows on and off,
-#       bench_backward.py --per-weight-gate-rows)
+#       gate_rows: gated fwd+bwd at T=65536 with the backward's gate factorings as the package has them, all off,
+#       and dq_kernel's on, bench_backward.py --gate-variants)
 #
 # Each benchmark runs in its own process group with a time limit (nothing it starts outlives it) and only once
 # no other process holds the GPU (polled with nvidia-smi for up to 60 s; the wait and the processes seen are
@@ -69,9 +69,9 @@ for bench in "${which[@]}"; do
             ncu -i "$out/state_ncu.ncu-rep" --page source --csv --print-source sass > "$out/state_ncu_source.csv" \
                 && python3 benchmarks/ncu_stalls.py "$out/state_ncu_source.csv" --out "$out/state_ncu_stalls.json" \
                 >> "$summary" || echo "state_ncu: no source view to summarize" >> "$summary" ;;
-        gate_rows)  # the gated dkv kernel's factored rows (backward.FACTORED_GATE_ROWS, default) against per weight
+        gate_rows)  # the backward's gate factorings (backward.FACTORED_GATE_ROWS, FACTORED_DQ_GATE) on and off
             part gate_rows 240 python3 benchmarks/bench_backward.py --T 65536 --competitors --compiled \
-                --per-weight-gate-rows --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
+                --gate-variants --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         plan) part plan 180 python3 benchmarks/bench_plan.py --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         host) part host 180 python3 benchmarks/bench_host.py --device cuda --T 2048 8192 --calls 200 --repeats 5 \
             --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;

@@ -346,21 +346,32 @@ FACTORED_SHORT_STEP_CASES = {
 # every gated case once more with the switch off (one exp per weight in every row): strong gates, decode, Tq > Tk,
 # query-head gates, validity
 PER_WEIGHT_CASES = [name for name, case in CASES if case[8] > 0]
+# dq_kernel's gate factored at the rows' first position for the key steps before it (backward.FACTORED_DQ_GATE):
+# the gated single-chunk cases (programs of 16 rows after whole steps of 16 keys; strong gates, decode, Tq > Tk,
+# query-head gates, validity, deg 4) and the chunks of 64 keys (chunks of 16 hold no whole step before a row block)
+FACTORED_DQ_CASES = {
+    **{name: case for name, case in CASES if case[8] > 0 and case[11] == 1024},
+    **FACTORED_CHUNKED_CASES,
+}
 
 
-def run_gate_rows_cases() -> dict[str, dict[str, float]]:
+def run_gate_factoring_cases() -> dict[str, dict[str, float]]:
     """``run_case`` of the chunked cases of 64 keys (and the short-step one) with ``FACTORED_GATE_ROWS`` on, then of
-    the gated cases with it off."""
-    default = backward.FACTORED_GATE_ROWS
+    the gated cases with it off, then with ``FACTORED_DQ_GATE`` on."""
+    default, default_dq = backward.FACTORED_GATE_ROWS, backward.FACTORED_DQ_GATE
     try:
         backward.FACTORED_GATE_ROWS = True
         results = {name: run_case(case) for name, case in FACTORED_CHUNKED_CASES.items()}
         results.update(run_short_step_cases(FACTORED_SHORT_STEP_CASES))
         backward.FACTORED_GATE_ROWS = False
         results.update({f"{name}-per-weight": run_case(dict(CASES)[name]) for name in PER_WEIGHT_CASES})
+        backward.FACTORED_GATE_ROWS = default
+        backward.FACTORED_DQ_GATE = True
+        results.update({f"{name}-factored-dq": run_case(case) for name, case in FACTORED_DQ_CASES.items()})
+        results.update(run_short_step_cases({f"{n}-dq": c for n, c in FACTORED_SHORT_STEP_CASES.items()}))
         return results
     finally:
-        backward.FACTORED_GATE_ROWS = default
+        backward.FACTORED_GATE_ROWS, backward.FACTORED_DQ_GATE = default, default_dq
 
 
 def run_untrimmed(run: Callable[[], dict[str, float]]) -> dict[str, float]:
@@ -387,7 +398,7 @@ def _interpreted() -> dict[str, dict[str, float]]:
     results.update({f"{name}-kept": run_kept_case(*KEPT_CASES[name]) for name in KEPT_CASES})
     results.update(run_padded_cases())
     results.update(run_short_step_cases())
-    results.update(run_gate_rows_cases())
+    results.update(run_gate_factoring_cases())
     results.update(run_state_hook_cases(STATE_HOOK_CASES, "state-hooks"))
     results.update(
         {f"{name}-op-{ratio}": run_op_case(dict(CASES)[name], ratio) for name in OP_CASES for ratio in (0, 1000)}
@@ -457,6 +468,18 @@ def test_factored_gate_rows_match_oracle(interpreted: dict[str, dict[str, float]
 def test_per_weight_gate_rows_match_oracle(interpreted: dict[str, dict[str, float]], name: str) -> None:
     """The gated cases with ``backward.FACTORED_GATE_ROWS`` off (one exp per weight in every row of dkv_kernel)."""
     errors = interpreted[name]
+    assert set(errors) == set(GRADS)
+    _assert_below(errors, 2e-5, name)
+
+
+@pytest.mark.parametrize(
+    "name", [f"{n}-factored-dq" for n in FACTORED_DQ_CASES] + [f"{n}-dq" for n in FACTORED_SHORT_STEP_CASES]
+)
+def test_factored_dq_gate_matches_oracle(interpreted: dict[str, dict[str, float]], name: str) -> None:
+    """dq_kernel with exp(G_i - G_j) = exp(G_i - G_ref) exp(G_ref - G_j) for the key steps before the rows' first
+    position (``backward.FACTORED_DQ_GATE``): every gradient within the bound."""
+    errors = dict(interpreted[name])
+    errors.pop("program-rows", None)
     assert set(errors) == set(GRADS)
     _assert_below(errors, 2e-5, name)
 

@@ -111,6 +111,10 @@ PREP_WARPS = 4
 # it): kterm has to cancel against the forward's weights, the factored rows round x^p without the gate where the
 # forward rounded it with its own, and x^4 quadruples a rounding's relative error.
 FACTORED_GATE_ROWS = True
+# Gated dq_kernel: the key steps at or before the program's first row take exp(G_i - G_j) = exp(G_i - G_ref)
+# exp(G_ref - G_j) with G_ref = G at that row, one exp per key and per row instead of one per weight
+# (BackwardSpec.factored_dq_gate). Off until timed on a GPU: interpreter-exact on the CPU, not yet run on the H200.
+FACTORED_DQ_GATE = False
 
 
 def _value_pad(e: int) -> int:
@@ -132,7 +136,9 @@ class BackwardSpec:
     dq_state_terms: whether the chunked ``dq_kernel`` adds the state terms itself (False where a CUDA kernel adds
     them after it: ``_dq_state_hook``);
     factored_gate_rows: gated ``dkv_kernel`` factors exp(G_i - G_j) = exp(G_i - G_E) exp(G_E - G_j) for the rows at
-    or after the key block's last key E (``FACTORED_GATE_ROWS``, deg 2 only).
+    or after the key block's last key E (``FACTORED_GATE_ROWS``, deg 2 only);
+    factored_dq_gate: gated ``dq_kernel`` factors it at the rows' first position for the keys before it
+    (``FACTORED_DQ_GATE``).
     """
 
     forward: KernelSpec
@@ -146,6 +152,7 @@ class BackwardSpec:
     dq_stages: int = 2
     dkv_stages: int = 2
     factored_gate_rows: bool = False
+    factored_dq_gate: bool = False
 
     @staticmethod
     def of(forward: KernelSpec, dq_state_terms: bool = True) -> BackwardSpec:
@@ -165,7 +172,7 @@ class BackwardSpec:
         block_e = min(forward.block_e, _value_pad(forward.value_dim))
         spec = BackwardSpec(
             forward, rows, rows, rows, rows, rows, block_e, dq_state_terms, STAGES, STAGES,
-            FACTORED_GATE_ROWS and forward.gated and forward.deg == 2,
+            FACTORED_GATE_ROWS and forward.gated and forward.deg == 2, FACTORED_DQ_GATE and forward.gated,
         )  # fmt: skip
         return dataclasses.replace(spec, **_tuned_intra_loops(spec))
 
@@ -187,6 +194,7 @@ class BackwardSpec:
             "coordinate_terms": coordinate_state_terms(fwd),
             "dq_state_terms": self.dq_state_terms,
             "factored_gate_rows": self.factored_gate_rows,
+            "factored_dq_gate": self.factored_dq_gate,
             "summary": (
                 f"{fwd.summary()}; backward rows={self.block_t} (key step {self.key_step}) keys={self.block_k}"
                 f" (row step {self.row_step}) state rows={self.block_s}"

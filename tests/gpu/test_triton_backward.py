@@ -131,24 +131,32 @@ def test_cases(name: str) -> None:
     check(*CASES[name])
 
 
-# gated cases for dkv_kernel's rows after each key block, factored (backward.FACTORED_GATE_ROWS, the default) and
-# with one exp per weight: the chunked plan's 256-key chunks hold 4 key blocks of 64, so 3 of them have rows after
-# them in their chunk; single-chunk d = 128 (deg 4 keeps one exp per weight either way)
-GATE_ROWS_CASES = {
+# gated cases for the backward's gate factorings, each switch setting: dkv_kernel's rows after each key block
+# (backward.FACTORED_GATE_ROWS, on by default at deg 2) and dq_kernel's key steps before its rows (FACTORED_DQ_GATE):
+# the chunked plan's 256-key chunks hold 4 key blocks of 64, so 3 of them have rows after them in their chunk;
+# single-chunk d = 128; deg 4 (dkv_kernel keeps one exp per weight there either way)
+GATE_CASES = {
     "chunked-gqa-valid": (1, 4, 1, 1000, 1000, 64, 64, 2, bf16, "k", True, True),
     "chunked-query-head-gate": (1, 4, 2, 1000, 1000, 64, 64, 2, bf16, "q", False, True),
     "prefill-cache": (1, 4, 2, 700, 4000, 64, 32, 2, bf16, "k", True, True),
     "quadratic-d128": (1, 4, 1, 1000, 1000, 128, 128, 2, bf16, "k", True, True),
+    "quadratic-deg4": (1, 4, 1, 1000, 1000, 32, 32, 4, bf16, "k", True, True),
     "fp32-chunked": (1, 4, 2, 1000, 1000, 64, 64, 2, f32, "k", True, True),
+}
+GATE_SWITCHES = {
+    "per-weight": {"FACTORED_GATE_ROWS": False, "FACTORED_DQ_GATE": False},
+    "factored-rows": {"FACTORED_GATE_ROWS": True, "FACTORED_DQ_GATE": False},
+    "factored-dq": {"FACTORED_GATE_ROWS": False, "FACTORED_DQ_GATE": True},
 }
 
 
 @pytest.mark.usefixtures("poison_allocations")
-@pytest.mark.parametrize("factored", [True, False], ids=["factored", "per-weight"])
-@pytest.mark.parametrize("name", list(GATE_ROWS_CASES))
-def test_gate_rows_both_ways(name: str, factored: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backward_module, "FACTORED_GATE_ROWS", factored)
-    check(*GATE_ROWS_CASES[name])
+@pytest.mark.parametrize("switches", list(GATE_SWITCHES))
+@pytest.mark.parametrize("name", list(GATE_CASES))
+def test_gate_factorings(name: str, switches: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for switch, value in GATE_SWITCHES[switches].items():
+        monkeypatch.setattr(backward_module, switch, value)
+    check(*GATE_CASES[name])
 
 
 @pytest.mark.parametrize(("deg", "T"), [(4, 1000), (2, 200), (2, 1000)])
