@@ -330,8 +330,10 @@ def run_short_step_cases(cases: dict[str, tuple] = SHORT_STEP_CASES) -> dict[str
         backward._tuned_intra_loops = real
 
 
-# dkv_kernel's gate factored for the rows after each key block (backward.FACTORED_GATE_ROWS, the default): chunks of
-# 16 keys hold one key block (no row after it in the chunk), so chunks of 64 reach the factored loop here
+# the backward's gate factorings, both on by default (the gated cases above run them): dkv_kernel's rows after each
+# key block (backward.FACTORED_GATE_ROWS; chunks of 16 keys hold one key block, no row after it in the chunk, so
+# chunks of 64 reach that loop) and dq_kernel's key steps before its rows (FACTORED_DQ_GATE; reached by the gated
+# single-chunk cases and by chunks of 64, not by chunks of 16)
 FACTORED_CHUNKED_CASES = {
     "chunked-64-gate-valid": (2, 2, 1, 150, 150, 32, 32, 2, 1, True, True, 64),
     # Tk = 2 mod 16: the last key block's split row lands one past a step boundary (a split one row early fails here)
@@ -343,35 +345,28 @@ FACTORED_CHUNKED_CASES = {
 FACTORED_SHORT_STEP_CASES = {
     "short-steps-chunk-64-gate-valid-factored": (2, 2, 1, 150, 150, 32, 32, 2, 1, True, True, 64),
 }
-# every gated case once more with the switch off (one exp per weight in every row): strong gates, decode, Tq > Tk,
-# query-head gates, validity
+# every gated case once more with both switches off (one exp per weight in every row and key): strong gates, decode,
+# Tq > Tk, query-head gates, validity
 PER_WEIGHT_CASES = [name for name, case in CASES if case[8] > 0]
-# dq_kernel's gate factored at the rows' first position for the key steps before it (backward.FACTORED_DQ_GATE):
-# the gated single-chunk cases (programs of 16 rows after whole steps of 16 keys; strong gates, decode, Tq > Tk,
-# query-head gates, validity, deg 4) and the chunks of 64 keys (chunks of 16 hold no whole step before a row block)
-FACTORED_DQ_CASES = {
-    **{name: case for name, case in CASES if case[8] > 0 and case[11] == 1024},
-    **FACTORED_CHUNKED_CASES,
-}
+GATE_SWITCHES = ("FACTORED_GATE_ROWS", "FACTORED_DQ_GATE")
 
 
 def run_gate_factoring_cases() -> dict[str, dict[str, float]]:
-    """``run_case`` of the chunked cases of 64 keys (and the short-step one) with ``FACTORED_GATE_ROWS`` on, then of
-    the gated cases with it off, then with ``FACTORED_DQ_GATE`` on."""
-    default, default_dq = backward.FACTORED_GATE_ROWS, backward.FACTORED_DQ_GATE
+    """``run_case`` of the chunked cases of 64 keys (and the short-step one) with both gate factorings on, then of
+    the gated cases with both off."""
+    defaults = {name: getattr(backward, name) for name in GATE_SWITCHES}
     try:
-        backward.FACTORED_GATE_ROWS = True
+        for name in GATE_SWITCHES:
+            setattr(backward, name, True)
         results = {name: run_case(case) for name, case in FACTORED_CHUNKED_CASES.items()}
         results.update(run_short_step_cases(FACTORED_SHORT_STEP_CASES))
-        backward.FACTORED_GATE_ROWS = False
+        for name in GATE_SWITCHES:
+            setattr(backward, name, False)
         results.update({f"{name}-per-weight": run_case(dict(CASES)[name]) for name in PER_WEIGHT_CASES})
-        backward.FACTORED_GATE_ROWS = default
-        backward.FACTORED_DQ_GATE = True
-        results.update({f"{name}-factored-dq": run_case(case) for name, case in FACTORED_DQ_CASES.items()})
-        results.update(run_short_step_cases({f"{n}-dq": c for n, c in FACTORED_SHORT_STEP_CASES.items()}))
         return results
     finally:
-        backward.FACTORED_GATE_ROWS, backward.FACTORED_DQ_GATE = default, default_dq
+        for name, value in defaults.items():
+            setattr(backward, name, value)
 
 
 def run_untrimmed(run: Callable[[], dict[str, float]]) -> dict[str, float]:
@@ -457,7 +452,8 @@ def test_loops_step_shorter_than_their_programs(interpreted: dict[str, dict[str,
 @pytest.mark.parametrize("name", [*FACTORED_CHUNKED_CASES, *FACTORED_SHORT_STEP_CASES])
 def test_factored_gate_rows_match_oracle(interpreted: dict[str, dict[str, float]], name: str) -> None:
     """dkv_kernel with exp(G_i - G_j) = exp(G_i - G_E) exp(G_E - G_j) for the rows after each key block's last key E
-    (``backward.FACTORED_GATE_ROWS``), in chunks long enough to have such rows: every gradient within the bound."""
+    (``backward.FACTORED_GATE_ROWS``) and dq_kernel with exp(G_i - G_ref) exp(G_ref - G_j) for the key steps before
+    its first row (``FACTORED_DQ_GATE``), in chunks long enough to have both: every gradient within the bound."""
     errors = dict(interpreted[name])
     errors.pop("program-rows", None)
     assert set(errors) == set(GRADS)
@@ -466,20 +462,8 @@ def test_factored_gate_rows_match_oracle(interpreted: dict[str, dict[str, float]
 
 @pytest.mark.parametrize("name", [f"{n}-per-weight" for n in PER_WEIGHT_CASES])
 def test_per_weight_gate_rows_match_oracle(interpreted: dict[str, dict[str, float]], name: str) -> None:
-    """The gated cases with ``backward.FACTORED_GATE_ROWS`` off (one exp per weight in every row of dkv_kernel)."""
+    """The gated cases with both gate factorings off (one exp per weight in dkv_kernel and dq_kernel)."""
     errors = interpreted[name]
-    assert set(errors) == set(GRADS)
-    _assert_below(errors, 2e-5, name)
-
-
-@pytest.mark.parametrize(
-    "name", [f"{n}-factored-dq" for n in FACTORED_DQ_CASES] + [f"{n}-dq" for n in FACTORED_SHORT_STEP_CASES]
-)
-def test_factored_dq_gate_matches_oracle(interpreted: dict[str, dict[str, float]], name: str) -> None:
-    """dq_kernel with exp(G_i - G_j) = exp(G_i - G_ref) exp(G_ref - G_j) for the key steps before the rows' first
-    position (``backward.FACTORED_DQ_GATE``): every gradient within the bound."""
-    errors = dict(interpreted[name])
-    errors.pop("program-rows", None)
     assert set(errors) == set(GRADS)
     _assert_below(errors, 2e-5, name)
 
@@ -547,15 +531,17 @@ def _spec(**changes: object) -> BackwardSpec:
     return BackwardSpec.of(KernelSpec(**fields))
 
 
-def test_factored_gate_rows_only_gated_deg_2() -> None:
-    """The factored rows are on for gated deg 2 (where they were timed) and off at deg 4 and without a gate; off
-    the switch, the rendered dkv kernel has no row factor."""
-    assert backward.FACTORED_GATE_ROWS
-    assert _spec().factored_gate_rows
+def test_gate_factorings_by_default() -> None:
+    """dkv_kernel's factored rows are on for gated deg 2 (where they were timed), off at deg 4 and without a gate;
+    dq_kernel's factored key steps for every gated spec. Off, the rendered kernels have neither."""
+    assert backward.FACTORED_GATE_ROWS and backward.FACTORED_DQ_GATE
+    assert _spec().factored_gate_rows and _spec().factored_dq_gate and _spec(deg=4).factored_dq_gate
     assert not _spec(deg=4).factored_gate_rows
-    assert not _spec(gated=False).factored_gate_rows
+    assert not _spec(gated=False).factored_gate_rows and not _spec(gated=False).factored_dq_gate
     assert "row_factor" in render(BACKWARD_TEMPLATE, _spec())
     assert "row_factor" not in render(BACKWARD_TEMPLATE, _spec(deg=4))
+    assert "g_ref" in render(BACKWARD_TEMPLATE, _spec(deg=4))
+    assert "g_ref" not in render(BACKWARD_TEMPLATE, _spec(gated=False))
 
 
 def test_rendered_source_bakes_the_shape() -> None:

@@ -132,9 +132,9 @@ def test_cases(name: str) -> None:
 
 
 # gated cases for the backward's gate factorings, each switch setting: dkv_kernel's rows after each key block
-# (backward.FACTORED_GATE_ROWS, on by default at deg 2) and dq_kernel's key steps before its rows (FACTORED_DQ_GATE):
-# the chunked plan's 256-key chunks hold 4 key blocks of 64, so 3 of them have rows after them in their chunk;
-# single-chunk d = 128; deg 4 (dkv_kernel keeps one exp per weight there either way)
+# (backward.FACTORED_GATE_ROWS, on by default at deg 2) and dq_kernel's key steps before its rows
+# (FACTORED_DQ_GATE, on by default): the chunked plan's 256-key chunks hold 4 key blocks of 64, so 3 of them have
+# rows after them in their chunk; single-chunk d = 128; deg 4 (dkv_kernel keeps one exp per weight there either way)
 GATE_CASES = {
     "chunked-gqa-valid": (1, 4, 1, 1000, 1000, 64, 64, 2, bf16, "k", True, True),
     "chunked-query-head-gate": (1, 4, 2, 1000, 1000, 64, 64, 2, bf16, "q", False, True),
