@@ -58,6 +58,9 @@ CASES = [
     ("quadratic-strong-gate", (1, 2, 1, 50, 50, 32, 32, 2, 1, False, True, 1024, 8.0)),
     ("chunked-strong-gate", (1, 2, 1, 50, 50, 32, 32, 2, 1, True, True, 16, 8.0)),
     ("chunked-one-chunk", (1, 2, 1, 12, 12, 32, 32, 2, 1, False, True, 10)),  # chunk 10 runs as 16: one chunk
+    # Tq > Tk in chunks of 64 (untrimmed too, below): shifted chunks whose first key step starts mid-chunk, and
+    # programs with rows before the first key, some of them mixed, beside dq_kernel's factored key steps
+    ("chunked-64-tq-gt-tk", (1, 2, 1, 150, 100, 32, 32, 2, 1, True, True, 64)),
 ]
 
 
@@ -300,7 +303,7 @@ def run_padded_cases() -> dict[str, dict[str, float]]:
     return results
 
 
-UNTRIMMED_CASES = ("quadratic-tq-gt-tk", "chunked-tq-gt-tk")
+UNTRIMMED_CASES = ("quadratic-tq-gt-tk", "chunked-tq-gt-tk", "chunked-64-tq-gt-tk")
 # programs of 32 rows (keys) whose loops step over 16 keys (rows) at a time, 3 stages: what
 # ``backward._tuned_intra_loops`` asks of the measured bf16 shape, here on fp32 tiles with chunks of 32
 SHORT_STEP_CASES = {
