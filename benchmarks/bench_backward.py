@@ -246,7 +246,8 @@ def main() -> None:
 
 def _line(row: dict) -> str:
     cells = [f"T={row['T']:>6}", f"gated={'yes' if row['gated'] else 'no ':3}"]
-    for m in ("ours", "ours_per_weight", "ours_factored_dq", "ours_compiled", "ours_forward_only", "sdpa", "manifest"):
+    variants = [f"ours_{variant}" for variant in GATE_VARIANTS]
+    for m in ("ours", *variants, "ours_compiled", "ours_forward_only", "sdpa", "manifest"):
         value = row.get(m)
         cells.append(f"{m}={value:.3f}" if value is not None else f"{m}=-")
     return "  ".join(cells) + (f"  errors={row['errors']}" if row["errors"] else "")
