@@ -45,14 +45,12 @@ LAUNCHES, ROUNDS, REPS = 10, 5, 15
 # mma.sync: (warps, keys per step, unrolled 16-key steps, programs per SM the registers are capped for, copy stages).
 # The run at 00b2a3a timed 64 or 128 keys, 2 or 3 stages: within 2% of each other (the default is 128 keys, 2
 # stages). wgmma (Hopper): registers capped for 1 or 2 programs per SM, 1, 2 or 4 k16 slices in flight (a divisor
-# of the step's 4: the fragment sets rotate by slice); gated, the gate applied in the staged keys or per slice.
+# of the step's 4: the fragment sets rotate by slice).
 VARIANTS = (
     StateKernelConfig(8, 128, 4, 2, 2),
     StateKernelConfig(wgmma=True, wgmma_min_blocks=2, wgmma_in_flight=2),
     StateKernelConfig(wgmma=True, wgmma_min_blocks=2, wgmma_in_flight=1),
     StateKernelConfig(wgmma=True, wgmma_min_blocks=1, wgmma_in_flight=4),
-    # gated: k_{I a} w_j made once per step in the staged block I (ungated, the same source as the default)
-    StateKernelConfig(wgmma=True, wgmma_min_blocks=2, wgmma_in_flight=2, wgmma_gate_in_stage=True),
 )
 SEGMENTS = (4, 13)
 # Segment counts for the whole forward with the CUDA state kernel (64 chunks at T=65536 chunk 1024: 8 is the default

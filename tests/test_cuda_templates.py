@@ -51,17 +51,14 @@ def _state_cases() -> list[str]:
 
 
 def _wgmma_state_cases() -> list[str]:
-    """wgmma chunk-state sources (sm_90a): gate, validity, non-causal, two value blocks, d = 32 and 128, the
-    register caps for one or two programs per SM with 1, 2 or 4 slices in flight, and the gate applied in the staged
-    keys (``wgmma_gate_in_stage``; with validity, and at d = 32)."""
+    """wgmma chunk-state sources (sm_90a): gate, validity, non-causal, two value blocks, d = 32 and 128, and the
+    register caps for one or two programs per SM with 1, 2 or 4 slices in flight."""
     wgmma = dataclasses.replace(cuda_state.CONFIG, wgmma=True)
     cases = [  # (d, e, gated, valid, causal, chunk, config)
         (64, 64, True, False, True, 1024, wgmma),
         (64, 64, False, True, False, 256, dataclasses.replace(wgmma, wgmma_min_blocks=1, wgmma_in_flight=4)),
         (128, 128, True, True, True, 512, dataclasses.replace(wgmma, wgmma_in_flight=1)),
         (32, 64, False, False, True, 64, wgmma),
-        (64, 64, True, True, True, 1024, dataclasses.replace(wgmma, wgmma_gate_in_stage=True)),
-        (32, 64, True, False, True, 256, dataclasses.replace(wgmma, wgmma_gate_in_stage=True)),
     ]
     sources = []
     for d, e, gated, valid, causal, chunk, config in cases:

@@ -70,9 +70,6 @@ class StateKernelConfig:
     wgmma: bool = False
     wgmma_min_blocks: int = 2
     wgmma_in_flight: int = 2
-    # gated: k_{I a} w_j made once per step in the staged block I, by the thread whose cp.async brought it, instead of
-    # in every slice's fragment (the same rounding, so the same S); not yet run on a GPU (forward_notes.md, session 35)
-    wgmma_gate_in_stage: bool = False
     # H200, T=65536 b1 h8 d64, reverse states and scan (ungated / gated, ms): 1 slice 0.832 / 0.921, 2 slices
     # (serialized by ptxas) 0.913 / 0.982, 4 slices with the cap for 1 program 1.055 / 1.149; Triton 1.081 / 1.171
     # (benchmarks/results/cuda_reverse_NVIDIA-H200_2026-11-30_bd780b9.json)
@@ -178,7 +175,6 @@ def render_state_source(spec: KernelSpec, config: StateKernelConfig, arch: str |
             stages=WGMMA_STAGES,
             in_flight=config.wgmma_in_flight,
             min_blocks=config.wgmma_min_blocks,
-            gate_in_stage=config.wgmma_gate_in_stage,
             smem_bytes=wgmma_smem_bytes(spec),
         )
     return nvrtc.render(

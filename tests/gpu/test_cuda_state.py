@@ -15,7 +15,7 @@ import torch
 
 import retention_compile as rc
 from retention_compile import inspection
-from retention_compile.codegen import backward, choice, cuda_state, cuda_state_terms, forward, nvrtc, replays
+from retention_compile.codegen import backward, choice, cuda_state, cuda_state_terms, forward, replays
 from retention_compile.codegen.cuda_state import StateKernelConfig, chunk_states
 from retention_compile.codegen.triton_source import load_forward
 from retention_compile.planning import Plan
@@ -117,33 +117,6 @@ def test_state_buffers_match_the_triton_state_kernel(case: tuple, config, monkey
             ref, got = ref[:, 1:], got[:, 1:]
         assert got.shape == ref.shape and got.dtype == ref.dtype, name
         assert _rel(got, ref) < 1e-2, f"{name}: {_rel(got, ref):.2e}"
-
-
-GATED_WGMMA_CASES = [case for case in CASES if case[9] and case[8] == torch.bfloat16]
-
-
-@pytest.mark.parametrize("case", GATED_WGMMA_CASES, ids=[c[0] for c in GATED_WGMMA_CASES])
-def test_gate_in_stage_is_bitwise_the_per_slice_gate(case: tuple, monkeypatch) -> None:
-    """``wgmma_gate_in_stage``: k_{I a} w_j made once per step in the staged block I rounds as each slice's fragment
-    did, so every state buffer is bitwise the default's (shifted chunks, GQA, validity, a gate per query head)."""
-    x = _inputs(case)
-    outputs: dict[bool, dict[str, torch.Tensor]] = {}
-    for in_stage in (False, True):
-        monkeypatch.setattr(cuda_state, "CONFIG", dataclasses.replace(cuda_state.CONFIG, wgmma_gate_in_stage=in_stage))
-
-        def keep(spec, args, in_stage=in_stage):
-            assert cuda_state.uses_wgmma(spec, cuda_state.CONFIG, nvrtc.gpu_arch()), "the wgmma kernel must serve"
-            _poison_allocator()
-            outputs[in_stage] = {n: t.clone() for n, t in chunk_states(spec, args).items()}
-            return {n: t.clone() for n, t in outputs[in_stage].items()}
-
-        _forward(x, keep)
-    assert set(outputs[True]) == set(outputs[False])
-    for name, want in outputs[False].items():
-        got = outputs[True][name]
-        if "SEG" in name:  # slot 0 belongs to the scan
-            got, want = got[:, 1:], want[:, 1:]
-        assert torch.isfinite(got).all() and torch.equal(got, want), name
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

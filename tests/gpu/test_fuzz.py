@@ -11,7 +11,8 @@ place of Triton's state kernel; every ``OP_EVERY``-th case goes through the publ
 (``rc.power_retention(..., impl="triton")``), whose tiles are planned from the shape, and then through its
 autograd (the Triton backward) against the oracle's autograd, with a random ``dy``.
 
-Pass: relative error ``|y - ref| / |ref|`` <= 1e-2 (bf16, fp16) or 1e-4 (fp32) per case, and for the op's cases
+Pass: relative error ``|y - ref| / |ref|`` <= 1e-2 (bf16, fp16) or 1e-4 (fp32) per case over the rows float32 can
+resolve (``resolvable_rows``: every other row must be finite), and for the op's cases
 ``|g - ref| / |ref|`` <= 2e-2 (16-bit) or 1e-4 (fp32) for dq, dk, dv and d log_gate (dv alone where no row sees
 more than one key: ``op_case_problem``); everything finite.
 
@@ -47,7 +48,7 @@ from retention_compile.codegen import cuda_state, triton_source
 from retention_compile.codegen.cuda_state import cuda_state_unsupported
 from retention_compile.codegen.forward import kernel_spec, triton_forward, triton_supports
 from retention_compile.planning import EXACT_CHUNK_BELOW, Plan
-from retention_compile.reference import power_retention_reference
+from retention_compile.reference import EPS, power_retention_reference, power_retention_weights
 
 pytestmark = pytest.mark.gpu
 
@@ -56,6 +57,8 @@ GRAD_TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 1e-4}  # i
 CLASSES = 20
 OP_EVERY = 10
 PROGRESS_EVERY = 25  # cases between progress lines
+# rows whose weight condition exceeds this are past float32's reach through the chunk state (``resolvable_rows``)
+MAX_WEIGHT_CONDITION = 1e5
 MAX_ORACLE_ELEMENTS = 1 << 25  # B * Hq * Tq * Tk: the oracle's weight matrix stays ~256 MB in float64
 
 
@@ -199,7 +202,9 @@ def run_case(case: Case) -> str | None:
     y, denom = triton_forward(q, k, v, **options, plan=s.plan, state_kernel=cuda_state_kernel(case, q, k, v))
     if not torch.isfinite(denom).all():
         return "non-finite denominator"
-    return output_problem(y, torch.float32, q, v) or relative_problem("y", y, oracle(q, k, v, options), s.dtype)
+    rows = resolvable_rows(q, k, options)
+    expected = oracle(q, k, v, options)
+    return output_problem(y, torch.float32, q, v) or relative_problem("y", y[rows], expected[rows], s.dtype)
 
 
 def oracle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict) -> torch.Tensor:
@@ -207,6 +212,26 @@ def oracle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict) -> 
     return power_retention_reference(
         q.double(), k.double(), v.double(), **{**options, "log_gate": None if gate is None else gate.double()}
     )
+
+
+def resolvable_rows(q: torch.Tensor, k: torch.Tensor, options: dict) -> torch.Tensor:
+    """The query rows (B, Hq, Tq mask) whose weights float32 resolves through the chunk state: weight condition
+    ``kappa_i = sum_j |w|_ij / (sum_j w_ij + eps) <= MAX_WEIGHT_CONDITION``, with ``|w|_ij`` the weights of ``|q|``
+    and ``|k|`` (same gates and masks).
+
+    Through the state a weight is a sum of feature products, ``(s q.k)^p = sum_f phi_f(s q) phi_f(k)``, whose terms
+    add up in magnitude to ``(s sum_a |q_a k_a|)^p = |w|_ij``; float32 rounds that sum to about ``2^-24 |w|_ij``, and
+    ``y_i = sum_j w_ij v_j / (sum_j w_ij + eps)`` divides by the exact sum. Random rows have kappa about
+    ``(0.64 sqrt(d))^p`` (5 at d = 64, p = 2; 2700 at d = 128, p = 4). A row past 1e5 (rounding 0.6% of its weight)
+    only arises when every admissible key is nearly orthogonal to its query, e.g. one valid key: fuzz seed 20261301
+    case 90 (float16 through the float32 kernels, magnitude 10) has such a row with kappa 4e7, whose y came out 1.43 v
+    for v (``forward_notes.md``, sessions 26 and 27). The linear form cannot resolve those rows in float32 at all, so
+    the fuzz holds them to finiteness only."""
+    gate = options["log_gate"]
+    wide = {**options, "log_gate": None if gate is None else gate.double()}
+    signed = power_retention_weights(q.double(), k.double(), **wide).sum(-1)
+    magnitude = power_retention_weights(q.double().abs(), k.double().abs(), **wide).sum(-1)
+    return magnitude <= MAX_WEIGHT_CONDITION * (signed + EPS)
 
 
 def output_problem(y: torch.Tensor, dtype: torch.dtype, q: torch.Tensor, v: torch.Tensor) -> str | None:
@@ -251,7 +276,8 @@ def op_case_problem(case: Case, tensors: tuple, options: dict) -> str | None:
     problem = output_problem(y, leaves[0].dtype, leaves[0], leaves[2])
     ref_leaves = [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
     expected = oracle(*ref_leaves[:3], {**options, "log_gate": ref_leaves[3]})
-    problem = problem or relative_problem("y", y, expected.detach(), s.dtype)
+    rows = resolvable_rows(*tensors[:2], {**options, "log_gate": tensors[3]})
+    problem = problem or relative_problem("y", y[rows], expected.detach()[rows], s.dtype)
     if problem:
         return problem
     gen = torch.Generator(device="cuda").manual_seed(case.seed + 1)
@@ -322,6 +348,9 @@ def test_fuzz_triton() -> None:
 #   20261211 case 188: bf16 d=64 e=8, chunk 16, causal, left padding (small_chunk_float32)
 #   20261301 cases 649, 779, 939: bf16 d=24 e=40, non-causal, validity, through the op: the backward faulted or had
 #       dq and dk 90-110% off; bf16 heads whose d is not a multiple of 16 now run it padded (backward.PADDED_HEAD_DIM)
+#   20261301 case 90 and 20261401 case 963: float16 (float32 kernels), non-causal, chunk 16, left padding, magnitude
+#       10: y off by 4e-2 and 0.55 in rows that float32 cannot resolve through the state, now held to finiteness
+#       (resolvable_rows); the other rows are compared
 CASES_THAT_FAILED = [
     (20261204, 410),
     (20261204, 681),
@@ -330,6 +359,8 @@ CASES_THAT_FAILED = [
     (20261301, 649),
     (20261301, 779),
     (20261301, 939),
+    (20261301, 90),
+    (20261401, 963),
 ]
 
 
