@@ -223,7 +223,7 @@ def resolvable_rows(case: Case, q: torch.Tensor, k: torch.Tensor, options: dict)
     Through the state a weight is a sum of feature products, ``(s q.k)^p = sum_f phi_f(s q) phi_f(k)``, whose terms
     add up in magnitude to ``(s sum_a |q_a k_a|)^p = |w|_ij``; float32 rounds that sum to about ``2^-24 |w|_ij``, and
     ``y_i = sum_j w_ij v_j / (sum_j w_ij + eps)`` divides by the exact sum. Random rows have kappa about
-    ``(0.64 sqrt(d))^p`` (5 at d = 64, p = 2; 2700 at d = 128, p = 4). A row past 1e5 (rounding 0.6% of its weight)
+    ``(0.64 sqrt(d))^p`` (26 at d = 64, p = 2; 2700 at d = 128, p = 4). A row past 1e5 (rounding 0.6% of its weight)
     only arises when every admissible key is nearly orthogonal to its query, e.g. one valid key: fuzz seed 20261301
     case 90 (float16 through the float32 kernels, magnitude 10) has such a row with kappa 4e7, whose y came out 1.43 v
     for v (``forward_notes.md``, sessions 26 and 27). The linear form cannot resolve those rows in float32 at all, so
