@@ -91,6 +91,35 @@ def _weights(
     return torch.where(admissible, weights, torch.zeros_like(weights))
 
 
+def weight_condition(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float | None = None,
+    deg: int = 2,
+    log_gate: torch.Tensor | None = None,
+    causal: bool = True,
+    valid: torch.Tensor | None = None,
+    eps: float = EPS,
+) -> torch.Tensor:
+    """How much the chunked form's rounding of each query row's weights is amplified, (B, Hq, Tq) in the compute
+    dtype (arguments as ``power_retention_reference``):
+
+        kappa_i = sum_j |w|_ij / (sum_j w_ij + eps),   |w|_ij = (s sum_a |q_ia k_ja|)^p exp(G_(i+off) - G_j)
+
+    over the admissible keys (0 for a row without any). Through a chunk state a weight is a sum of feature products,
+    (s q.k)^p = sum_f phi_f(s q) phi_f(k) with positive coefficients in phi, whose terms add up in magnitude to
+    exactly (s sum_a |q_a k_a|)^p; a float sum of them is off by about its unit roundoff times that, so a row's
+    weights lose about ``kappa_i`` times the roundoff relative to their sum. Random rows have kappa near 0.41 d at
+    p = 2; it is large only where the admissible keys are nearly orthogonal to the query (a lone valid key with
+    q.k near 0). The quadratic form computes each weight from q.k itself and does not have this amplification."""
+    weights = power_retention_weights(q, k, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid)
+    magnitudes = power_retention_weights(
+        q.abs(), k.abs(), scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid
+    )
+    return magnitudes.sum(-1) / (weights.sum(-1) + eps)
+
+
 def power_retention_reference(
     q: torch.Tensor,
     k: torch.Tensor,

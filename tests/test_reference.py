@@ -1,10 +1,12 @@
-"""The oracle against the token-by-token recurrence with the symmetric power state (float64)."""
+"""The oracle against the token-by-token recurrence with the symmetric power state (float64), and its weight
+condition (what the chunked form's rounding of a row's weights is amplified by)."""
 
 import pytest
 import torch
 
+from retention_compile.chunked import power_retention_chunked
 from retention_compile.power_features import power_embedding, power_embedding_vjp, state_dim
-from retention_compile.reference import power_retention_recurrent, power_retention_reference
+from retention_compile.reference import power_retention_recurrent, power_retention_reference, weight_condition
 
 
 def random_case(B=2, Hq=4, Hk=2, Tq=7, Tk=11, d=6, e=5, seed=0):
@@ -75,3 +77,48 @@ def test_power_embedding_vjp_matches_autograd():
 def test_state_dim_values():
     assert state_dim(64, 2) == 2080
     assert state_dim(128, 2) == 8256
+
+
+def test_weight_condition_of_nonnegative_inputs_is_at_most_one():
+    q, k, _, g = random_case(d=8)
+    log_gate = -0.5 * torch.rand(2, 2, 11, generator=g, dtype=torch.float64)
+    kappa = weight_condition(q.abs(), k.abs(), log_gate=log_gate)  # |w| = w: kappa = sum w / (sum w + eps)
+    assert torch.all(kappa <= 1) and torch.all(kappa > 1 - 1e-3)
+
+
+def test_weight_condition_of_random_rows_is_near_0_41_d():
+    """E (sum_a |q_a k_a|)^2 / E (q.k)^2 = (2/pi)^2 d + 1 - (2/pi)^2 for Gaussian q, k: 26.5 at d = 64."""
+    q, k, _, _ = random_case(Tq=64, Tk=256, d=64)
+    kappa = weight_condition(q, k, causal=False)
+    assert 22 < float(kappa.median()) < 31 and float(kappa.max()) < 1e3
+
+
+def lone_orthogonal_key_case() -> tuple:
+    """float32 q, k, v (magnitude 10, d = 64) and a non-causal validity mask: batch 1 sees one key, nearly
+    orthogonal to every query ((s q.k)^2 = 0.01 against (s sum_a |q_a k_a|)^2 near 1e5), batch 0 all 96 keys."""
+    g = torch.Generator().manual_seed(3)
+    q, k = (10 * torch.randn(2, 2, 96, 64, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, 2, 96, 16, generator=g, dtype=torch.float64)
+    valid = torch.ones(2, 96, dtype=torch.bool)
+    valid[1] = False
+    valid[1, 40] = True
+    key = k[1, :, 40, None, :]  # (H, 1, d)
+    unit = key / key.norm(dim=-1, keepdim=True)
+    q[1] = q[1] - (q[1] * unit).sum(-1, keepdim=True) * unit + 0.8 / key.norm(dim=-1, keepdim=True) * unit
+    return q.float(), k.float(), v.float(), valid
+
+
+def test_chunked_float32_resolves_the_rows_within_the_weight_condition():
+    """The float32 chunked form (every key through the state here) matches the oracle to 1e-4 on the rows whose
+    weight condition is at most 1e5; the lone nearly orthogonal key's rows are past it, and the float32 quadratic
+    form still resolves them (each weight from q.k itself)."""
+    q, k, v, valid = lone_orthogonal_key_case()
+    options = {"deg": 2, "causal": False, "valid": valid}
+    expected = power_retention_reference(q.double(), k.double(), v.double(), **options)
+    resolvable = weight_condition(q.double(), k.double(), **options) <= 1e5
+    assert resolvable[0].all() and not resolvable[1].any()
+    chunked = power_retention_chunked(q, k, v, chunk_size=16, **options).double()
+    error = (chunked - expected)[resolvable].norm() / expected[resolvable].norm()
+    assert error < 1e-4, f"{error:.2e}"
+    quadratic = power_retention_reference(q, k, v, **options).double()
+    assert (quadratic - expected).norm() / expected.norm() < 1e-4

@@ -48,7 +48,7 @@ from retention_compile.codegen import cuda_state, triton_source
 from retention_compile.codegen.cuda_state import cuda_state_unsupported
 from retention_compile.codegen.forward import kernel_spec, triton_forward, triton_supports
 from retention_compile.planning import EXACT_CHUNK_BELOW, Plan
-from retention_compile.reference import EPS, power_retention_reference, power_retention_weights
+from retention_compile.reference import power_retention_reference, weight_condition
 
 pytestmark = pytest.mark.gpu
 
@@ -215,19 +215,14 @@ def oracle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict) -> 
 
 
 def resolvable_rows(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict) -> torch.Tensor:
-    """The query rows (B, Hq, Tq mask) whose weights float32 resolves through the chunk state: every row where the
-    class runs the quadratic form (``KernelSpec.chunked`` false), else those of weight condition
-    ``kappa_i = sum_j |w|_ij / (sum_j w_ij + eps) <= MAX_WEIGHT_CONDITION``, with ``|w|_ij`` the weights of ``|q|``
-    and ``|k|`` (same gates and masks).
-
-    Through the state a weight is a sum of feature products, ``(s q.k)^p = sum_f phi_f(s q) phi_f(k)``, whose terms
-    (positive coefficients) add up in magnitude to ``(s sum_a |q_a k_a|)^p = |w|_ij``; float32 rounds that sum to
-    about ``2^-24 |w|_ij``, and ``y_i = sum_j w_ij v_j / (sum_j w_ij + eps)`` divides by the exact sum. At p = 2,
-    random rows have kappa about ``0.41 d`` (26 at d = 64). A row past 1e5 (rounding 0.6% of its weight) arises where
-    the keys that carry its magnitude are nearly orthogonal to its query, e.g. one valid key: fuzz seed 20261301 case
-    90 (float16 through the float32 kernels, magnitude 10) has rows up to kappa 4.5e7, one of them off by 75 in a
-    norm of 109 (``forward_notes.md``, sessions 26 and 36). The linear form cannot resolve those rows in float32 at
-    all, so the fuzz holds them to finiteness only (a case with every row past the bound compares no y; the op's
+    """The query rows (B, Hq, Tq mask) whose weights float32 resolves: every row where the class runs the quadratic
+    form (``KernelSpec.chunked`` false), else those whose ``weight_condition`` (the oracle's: how much the chunk
+    state's float sums amplify the rounding of a row's weights) is at most ``MAX_WEIGHT_CONDITION``: 1e5 rounds
+    0.6% of a row's weight in float32. At p = 2 random rows sit near 0.41 d (26 at d = 64); a row past 1e5 arises
+    where the keys that carry its magnitude are nearly orthogonal to its query, e.g. one valid key: fuzz seed
+    20261301 case 90 (float16 through the float32 kernels, magnitude 10) has rows up to 4.5e7, one of them off by 75
+    in a norm of 109 (``forward_notes.md``, sessions 26 and 36). The linear form cannot resolve those rows in float32
+    at all, so the fuzz holds them to finiteness only (a case with every row past the bound compares no y; the op's
     cases give them dy = 0, so the gradients compared are the other rows'). Seeds 20261301 and 20261401 have at
     most 27 and 67 such rows (of 2.8 and 2.6 million; 22 cases each) in deg-2 classes. Rows of a causal chunk's own
     keys are exact but counted too, which can only exclude more."""
@@ -236,9 +231,7 @@ def resolvable_rows(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         return torch.ones(q.shape[:3], dtype=torch.bool, device=q.device)
     gate = options["log_gate"]
     wide = {**options, "log_gate": None if gate is None else gate.double()}
-    signed = power_retention_weights(q.double(), k.double(), **wide).sum(-1)
-    magnitude = power_retention_weights(q.double().abs(), k.double().abs(), **wide).sum(-1)
-    return magnitude <= MAX_WEIGHT_CONDITION * (signed + EPS)
+    return weight_condition(q.double(), k.double(), **wide) <= MAX_WEIGHT_CONDITION
 
 
 def output_problem(y: torch.Tensor, dtype: torch.dtype, q: torch.Tensor, v: torch.Tensor) -> str | None:
