@@ -113,10 +113,9 @@ def weight_condition(
     weights lose about ``kappa_i`` times the roundoff relative to their sum. Random rows have kappa near 0.41 d at
     p = 2; it is large only where the admissible keys are nearly orthogonal to the query (a lone valid key with
     q.k near 0). The quadratic form computes each weight from q.k itself and does not have this amplification."""
-    weights = power_retention_weights(q, k, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid)
-    magnitudes = power_retention_weights(
-        q.abs(), k.abs(), scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid
-    )
+    options = {"scale": scale, "deg": deg, "log_gate": log_gate, "causal": causal, "valid": valid}
+    weights = power_retention_weights(q, k, **options)
+    magnitudes = power_retention_weights(q.abs(), k.abs(), **options)
     return magnitudes.sum(-1) / (weights.sum(-1) + eps)
 
 
