@@ -33,6 +33,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -85,14 +86,8 @@ def ours_switched(x: dict, switches: dict[str, bool]) -> Callable[[], None]:
     run = ours(x)
 
     def switched() -> None:
-        defaults = {name: getattr(backward, name) for name in switches}
-        for name, value in switches.items():
-            setattr(backward, name, value)
-        try:
+        with mock.patch.multiple(backward, **switches):
             run()
-        finally:
-            for name, value in defaults.items():
-                setattr(backward, name, value)
 
     return switched
 

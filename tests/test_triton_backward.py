@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -357,19 +358,12 @@ GATE_SWITCHES = ("FACTORED_GATE_ROWS", "FACTORED_DQ_GATE")
 def run_gate_factoring_cases() -> dict[str, dict[str, float]]:
     """``run_case`` of the chunked cases of 64 keys (and the short-step one) with both gate factorings on, then of
     the gated cases with both off."""
-    defaults = {name: getattr(backward, name) for name in GATE_SWITCHES}
-    try:
-        for name in GATE_SWITCHES:
-            setattr(backward, name, True)
+    with mock.patch.multiple(backward, **dict.fromkeys(GATE_SWITCHES, True)):
         results = {name: run_case(case) for name, case in FACTORED_CHUNKED_CASES.items()}
         results.update(run_short_step_cases(FACTORED_SHORT_STEP_CASES))
-        for name in GATE_SWITCHES:
-            setattr(backward, name, False)
+    with mock.patch.multiple(backward, **dict.fromkeys(GATE_SWITCHES, False)):
         results.update({f"{name}-per-weight": run_case(dict(CASES)[name]) for name in PER_WEIGHT_CASES})
-        return results
-    finally:
-        for name, value in defaults.items():
-            setattr(backward, name, value)
+    return results
 
 
 def run_untrimmed(run: Callable[[], dict[str, float]]) -> dict[str, float]:

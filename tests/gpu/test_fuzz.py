@@ -229,9 +229,7 @@ def resolvable_rows(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     s = case.shape
     if not kernel_spec(q, v, s.deg, s.gated, s.padded, s.causal, case.kv_len, s.plan).chunked:
         return torch.ones(q.shape[:3], dtype=torch.bool, device=q.device)
-    gate = options["log_gate"]
-    wide = {**options, "log_gate": None if gate is None else gate.double()}
-    return weight_condition(q.double(), k.double(), **wide) <= MAX_WEIGHT_CONDITION
+    return weight_condition(q.double(), k.double(), **options) <= MAX_WEIGHT_CONDITION  # (the gate widened with q)
 
 
 def output_problem(y: torch.Tensor, dtype: torch.dtype, q: torch.Tensor, v: torch.Tensor) -> str | None:
