@@ -2,7 +2,7 @@
 # The GPU benchmarks, one after another in one call of the lent GPU, each alone on the device:
 #
 #   benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms] [chunk_state] [forward_profile] [state_ncu]
-#       [plan] [host] [gate_rows]
+#       [plan] [host] [gate_rows] [ablate]
 #       (default: the first three; limits 4, 7, 9.3, 5, 5, 4, 2.5, 3, 3 and 4 minutes: give the long ones their own device call;
 #       state_terms: the backward's CUDA state-term kernels against Triton, bench_cuda_backward.py; chunk_state: the
 #       forward's CUDA state kernel against Triton, its launch shapes and segment counts, bench_cuda_state.py;
@@ -11,7 +11,8 @@
 #       full set, OUT_DIR/state_ncu_stalls.json from its source view, ncu_stalls.py; plan: the planner's choice against
 #       the alternatives it weighed, bench_plan.py; host: the eager calls' host time, bench_host.py --device cuda;
 #       gate_rows: gated fwd+bwd at T=65536 with the backward's gate factorings as the package has them, all off,
-#       and dq_kernel's on, bench_backward.py --gate-variants)
+#       and dq_kernel's on, bench_backward.py --gate-variants; ablate: the forward's kernels at T=65536 with one piece of
+#       work removed per variant, ablate_forward.py)
 #
 # Each benchmark runs in its own process group with a time limit (nothing it starts outlives it) and only once
 # no other process holds the GPU (polled with nvidia-smi for up to 60 s; the wait and the processes seen are
@@ -24,7 +25,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-out="${1:?usage: benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms] [chunk_state] [forward_profile] [state_ncu] [plan] [host] [gate_rows]}"
+out="${1:?usage: benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms] [chunk_state] [forward_profile] [state_ncu] [plan] [host] [gate_rows] [ablate]}"
 shift
 which=("${@:-forward backward compile}")
 read -r -a which <<< "${which[*]}"
@@ -72,11 +73,12 @@ for bench in "${which[@]}"; do
         gate_rows)  # the backward's gate factorings (backward.FACTORED_GATE_ROWS, FACTORED_DQ_GATE) on and off
             part gate_rows 240 python3 benchmarks/bench_backward.py --T 65536 --competitors --compiled \
                 --gate-variants --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
+        ablate) part ablate 240 python3 benchmarks/ablate_forward.py --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         plan) part plan 180 python3 benchmarks/bench_plan.py --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         host) part host 180 python3 benchmarks/bench_host.py --device cuda --T 2048 8192 --calls 200 --repeats 5 \
             --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         compile) part compile 560 python3 benchmarks/bench_compile.py --device cuda --repeats 3 --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
-        *) echo "unknown benchmark: $bench (forward, backward, compile, state_terms, chunk_state, forward_profile, state_ncu, plan, host, gate_rows)" >> "$summary" ;;
+        *) echo "unknown benchmark: $bench (forward, backward, compile, state_terms, chunk_state, forward_profile, state_ncu, plan, host, gate_rows, ablate)" >> "$summary" ;;
     esac
 done
 gather_logs "$out/logs.txt"

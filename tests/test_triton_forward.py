@@ -276,6 +276,21 @@ def test_rendered_source_bakes_the_shape() -> None:
     assert 'input_precision="ieee"' in fp32 and "tl.bfloat16" not in fp32
 
 
+def test_ablation_edits_still_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``benchmarks/ablate_forward.py`` edits the rendered kernels by pattern: every edit still matches this
+    checkout's templates (its Triton edits still parse), and the edits hold only inside ``edited_sources``."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import ablate_forward
+
+    assert ablate_forward.main(["--dry-run"]) == {name: [] for name, _, _ in ablate_forward.variants()}
+    spec = _spec(query_split=2)
+    edits = ablate_forward.QUERY_EDITS["query: no state product"]
+    with ablate_forward.edited_sources(edits, []) as matched:
+        assert "for step in range(0):" in render_forward(spec)
+    assert matched == {edits[0][0]: 1}
+    assert "for step in range(0):" not in render_forward(spec)
+
+
 def test_source_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     triton_source._load.cache_clear()

@@ -1,0 +1,210 @@
+"""What holds the forward's kernels at long context: each variant removes one piece of work from one kernel's source.
+
+Shape: b=1, h=8, d=e=64, deg 2, bf16, causal, T=65536 (``--T``), ungated (``--gated`` for a random gate), the
+planner's plan, the CUDA state kernel. A variant edits the rendered source of the query kernel (Triton) or of the
+CUDA state kernel by regular expressions (``QUERY_EDITS``, ``STATE_EDITS``) before it is compiled, so its results
+are wrong and only its time counts: the time a variant saves bounds what that piece of work costs inside the
+kernel (pieces overlap, so the savings do not add up). Per variant: the whole forward (``bench_forward.bench_ms``)
+and each kernel's device time (profiler, mean of 20 calls). The base runs first, between the two groups and last:
+the spread of its three rows is the run's noise.
+
+    python benchmarks/ablate_forward.py [--T 65536] [--gated] [--out DIR] [--commit SHA]
+    python benchmarks/ablate_forward.py --dry-run     (no GPU: every edit applies to this checkout's templates)
+
+Writes ``ablate_forward_<gpu>_<date>_<commit>.json`` under ``--out`` (default ``benchmarks/results``). An edit that
+no longer matches its template (the kernel changed) fails the variant with that message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import datetime
+import json
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from unittest import mock
+
+from provenance import command_line, git_commit
+
+import retention_compile
+from retention_compile import planning
+from retention_compile.codegen import cuda_state, forward, nvrtc, triton_source
+
+Edit = tuple[str, str]  # (pattern, replacement) for re.subn
+QUERY_EDITS: dict[str, list[Edit]] = {
+    "query: state product over half of its steps": [(r"for step in range\((\d+)\):", "for step in range(\\1 // 2):")],
+    "query: no state product": [(r"for step in range\((\d+)\):", "for step in range(0):")],
+    "query: phi a constant (no q loads, no products)": [
+        (
+            r"phi = tl\.reshape\(q_i\[:, :, None\] \* q_j\[:, None, :\], \((\d+), (\d+)\)\)",
+            "phi = tl.full((\\1, \\2), 1.0, q_j.dtype)",
+        ),
+    ],
+    "query: state tiles a constant (not loaded)": [
+        (
+            r"st = tl\.load\(s_ptr \+ f\[:, None\] \* (\d+) \+ cols_e\[None, :\]\)",
+            "st = tl.full((f.shape[0], cols_e.shape[0]), 1.0, tl.bfloat16)",
+        ),
+    ],
+    "query: no denominator row sums (intra-chunk)": [(r"den \+= tl\.sum\(w\.to\(tl\.float32\), 1\)", "pass")],
+}
+STATE_EDITS: dict[str, list[Edit]] = {
+    "state: no shuffles of k_{I a}": [(r"__shfl_sync\(0xffffffffu, (ki\[[01]\]), source\)", r"\1")],
+    "state: no bf16 multiplies (fragment = K_J)": [(r"mul_bf16x2\((lo|hi), (kj\[\d\])\)", r"\2")],
+    "state: no stores at chunk boundaries": [
+        (r"if \(CAUSAL\) store\(S_LOC, nullptr, M_LOC, bs \* n_chunks \+ c\);", "")
+    ],
+    "state: no V copies": [(r"cp_async16\(stage \+ c\.v_dst[^;]*;", "")],
+    "state: no K copies": [(r"cp_async16\(stage \+ c\.k_dst[^;]*;", "")],
+    "state: no wgmma": [(r"for \(int m = 0; m < 2; \+\+m\) wgmma_n72\(acc\[m\], frag\[f\]\[m\], v_desc\);", "")],
+}
+
+
+def apply_edits(source: str, edits: list[Edit], matched: dict[str, int]) -> str:
+    """``source`` with every edit applied where it matches; ``matched`` counts the matches per pattern."""
+    for pattern, replacement in edits:
+        source, n = re.subn(pattern, replacement, source)
+        matched[pattern] = matched.get(pattern, 0) + n
+    return source
+
+
+@contextmanager
+def edited_sources(query: list[Edit], state: list[Edit]) -> Iterator[dict[str, int]]:
+    """Within the block, the forward's Triton sources get ``query`` and the CUDA sources ``state`` as they are
+    rendered; every memo of the package is cleared on entry and exit, so the kernels are rendered (and compiled)
+    afresh. Yields the match counts per pattern."""
+    matched: dict[str, int] = {}
+    render, render_cuda = triton_source.render, nvrtc.render
+
+    def triton_render(template: str, spec) -> str:
+        return apply_edits(render(template, spec), query, matched)
+
+    def cuda_render(name: str, **params: object) -> str:
+        return apply_edits(render_cuda(name, **params), state, matched)
+
+    clear_package_caches()
+    try:
+        with mock.patch.object(triton_source, "render", triton_render), mock.patch.object(nvrtc, "render", cuda_render):
+            yield matched
+    finally:
+        clear_package_caches()
+
+
+def clear_package_caches() -> None:
+    """``cache_clear`` on every ``functools`` memo defined in the package's modules."""
+    for name, module in list(sys.modules.items()):
+        if name == "retention_compile" or name.startswith("retention_compile."):
+            for value in list(vars(module).values()):
+                if hasattr(value, "cache_clear") and getattr(value, "__module__", None) == name:
+                    value.cache_clear()
+
+
+def unmatched(edits: list[Edit], matched: dict[str, int]) -> list[str]:
+    return [pattern for pattern, _ in edits if not matched.get(pattern)]
+
+
+def variants() -> list[tuple[str, list[Edit], list[Edit]]]:
+    """(name, query edits, state edits) in the order they run, the base first, between the groups and last."""
+    base = [("base", [], [])]
+    query = [(name, edits, []) for name, edits in QUERY_EDITS.items()]
+    state = [(name, [], edits) for name, edits in STATE_EDITS.items()]
+    return base + query + [("base (between)", [], [])] + state + [("base (last)", [], [])]
+
+
+def dry_run() -> dict[str, list[str]]:
+    """Render the sources of the benchmarked shape (the query kernel's narrow launch included) with each variant's
+    edits, no GPU: {variant: the patterns that matched nowhere} (empty lists when the edits still apply; the edited
+    Triton sources must still parse)."""
+    spec = triton_source.KernelSpec(
+        dtype="bfloat16", head_dim=64, value_dim=64, deg=2, gated=False, has_valid=False, causal=True, chunked=True,
+        chunk_size=1024, block_t=128, block_k=64, block_s=64, block_e=64, block_feature=16,
+    )  # fmt: skip
+    launch = forward.NARROW_QUERY_LAUNCH
+    query_spec = dataclasses.replace(spec, block_t=launch.rows, query_split=launch.split)
+    report = {}
+    for name, query, state in variants():
+        matched: dict[str, int] = {}
+        for template_spec in (spec, query_spec):
+            ast.parse(apply_edits(triton_source.render(triton_source.FORWARD_TEMPLATE, template_spec), query, matched))
+        apply_edits(cuda_state.render_state_source.__wrapped__(spec, cuda_state.CONFIG, "sm_90a"), state, matched)
+        report[name] = unmatched(query + state, matched)
+    return report
+
+
+def measure(T: int, gated: bool) -> list[dict]:
+    import torch
+    from bench_forward import D, bench_ms, inputs, kernel_times
+    from torch._library.triton import set_wrap_triton_enabled
+
+    from retention_compile.codegen.cuda_state import select_state_kernel
+    from retention_compile.ops import resolve_plan
+
+    x = inputs(T, gated)
+    rows = []
+    for name, query, state in variants():
+        with edited_sources(query, state) as matched:
+            plan = resolve_plan(x["q"], x["k"], x["v"], 2, gated, 0)
+            args = (x["q"], x["k"], x["v"], 2, x["gate"], None, True, D**-0.5, plan, "cuda")
+            hook = select_state_kernel(*args).kernel
+
+            def run(plan: planning.Plan = plan, hook: Callable | None = hook) -> object:
+                with set_wrap_triton_enabled(False):
+                    return forward.triton_forward(
+                        x["q"], x["k"], x["v"], scale=D**-0.5, deg=2, log_gate=x["gate"], causal=True, valid=None,
+                        plan=plan, state_kernel=hook, y_dtype=x["q"].dtype,
+                    )  # fmt: skip
+
+            row: dict = {"variant": name, "edits": [p for p, _ in query + state]}
+            try:
+                run()
+                missing = unmatched(query + state, matched)
+                if missing:
+                    raise RuntimeError(f"edits that match nothing (the kernel changed): {missing}")
+                row.update(forward_ms=bench_ms(run), kernel_ms=kernel_times(run, 20))
+            except Exception as error:  # a variant that does not build or launch is recorded, not fatal
+                torch.cuda.synchronize()
+                row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--T", type=int, default=65536)
+    parser.add_argument("--gated", action="store_true")
+    parser.add_argument("--dry-run", action="store_true", help="check that every edit applies; no GPU")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--commit", default=None)
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        report = dry_run()
+        print(json.dumps(report, indent=1))
+        return report
+    import torch
+
+    commit = git_commit(args.commit)
+    record = {
+        "command": command_line(),
+        "commit": commit,
+        "package": retention_compile.__file__,
+        "gpu": torch.cuda.get_device_name(),
+        "shape": {"B": 1, "H": 8, "d": 64, "deg": 2, "dtype": "bfloat16", "causal": True, "T": args.T},
+        "gated": args.gated,
+        "rows": measure(args.T, args.gated),
+    }
+    gpu = torch.cuda.get_device_name().replace(" ", "-")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"ablate_forward_{gpu}_{datetime.date.today().isoformat()}_{commit}.json"
+    path.write_text(json.dumps(record, indent=1))
+    print(f"wrote {path}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
