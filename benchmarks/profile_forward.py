@@ -19,8 +19,11 @@ the state kernel ``codegen="auto"`` picks.
             --section WarpStateStats --section ComputeWorkloadAnalysis \\
             python3 benchmarks/profile_forward.py --single-call > OUT/ncu_forward.csv
 
-    python benchmarks/profile_forward.py [--T 65536] [--gated] [--variants 128/8/3 64/4/2/128 ...] [--out DIR]
-        [--commit SHA]
+    python benchmarks/profile_forward.py [--T 65536] [--gated] [--variants 128/8/3 64/4/2/128 ...] [--den-dot off on]
+        [--out DIR] [--commit SHA]
+
+``--den-dot off on`` times each variant with the attention loops' denominator summed both ways
+(``forward.DENOMINATOR_BY_DOT``), named ``<variant> den_dot=<setting>``.
 
 Writes ``profile_forward_<gpu>_<date>_<commit>.json`` under ``--out`` (default ``benchmarks/results``).
 """
@@ -66,16 +69,19 @@ def parse_variant(text: str) -> tuple[int, int, int, int, int, int]:
     return tuple(fields + [0, forward.QUADRATIC_BLOCK_K, 1][len(fields) - 3 :])  # type: ignore[return-value]
 
 
-def timing(T: int, gated: bool, variants: list[str]) -> dict:
+def timing(T: int, gated: bool, variants: list[str], den_dot: list[bool]) -> dict:
     x = inputs(T, gated)
     planned = resolve_plan(x["q"], x["k"], x["v"], 2, gated, CHUNK)
     out: dict = {"T": T, "gated": gated, "plan": dataclasses.asdict(planned), "variants": {}}
-    defaults = (forward.NARROW_QUERY_LAUNCH, forward.QUADRATIC_BLOCK_K)
+    defaults = (forward.NARROW_QUERY_LAUNCH, forward.QUADRATIC_BLOCK_K, forward.DENOMINATOR_BY_DOT)
     try:
-        for text in variants:
+        for text, by_dot in ((t, d) for t in variants for d in den_dot):
             rows, warps, stages, registers, keys, split = parse_variant(text)
             forward.NARROW_QUERY_LAUNCH = forward.QueryLaunch(rows, warps, stages, split, registers or None)
             forward.QUADRATIC_BLOCK_K = keys
+            forward.DENOMINATOR_BY_DOT = by_dot
+            if len(den_dot) > 1:
+                text = f"{text} den_dot={by_dot}"
             plan = dataclasses.replace(planned, block_t=rows, num_stages=stages)
             run = ours(x, plan)
             try:
@@ -87,7 +93,7 @@ def timing(T: int, gated: bool, variants: list[str]) -> dict:
             out["variants"][text] = entry
             print(f"T={T} gated={gated} {text}: {entry}", flush=True)
     finally:
-        forward.NARROW_QUERY_LAUNCH, forward.QUADRATIC_BLOCK_K = defaults
+        forward.NARROW_QUERY_LAUNCH, forward.QUADRATIC_BLOCK_K, forward.DENOMINATOR_BY_DOT = defaults
     return out
 
 
@@ -104,6 +110,10 @@ def main() -> None:
     parser.add_argument("--gated", action="store_true")
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
     parser.add_argument("--single-call", action="store_true", help="one forward for ncu, nothing recorded")
+    parser.add_argument(
+        "--den-dot", nargs="+", choices=("off", "on"), default=["off"],
+        help="forward.DENOMINATOR_BY_DOT per variant: off, on, or both (each variant timed with each)",
+    )  # fmt: skip
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--commit", default=None)
     args = parser.parse_args()
@@ -119,7 +129,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "gpu": name},
         "shape": {"B": B, "H": H, "d": D, "deg": 2, "dtype": "bfloat16", "causal": True},
-        "timing": timing(args.T, args.gated, args.variants),
+        "timing": timing(args.T, args.gated, args.variants, [setting == "on" for setting in args.den_dot]),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

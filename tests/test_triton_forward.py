@@ -153,6 +153,9 @@ UNTRIMMED_CASES = ("quadratic-tq-gt-tk", "chunked-tq-gt-tk")
 QUERY_T_CASES = ("chunked-gate-valid-segments", "chunked-decode", "chunked-noncausal", "chunked-d48")
 # the state product in halves of each pair (KernelSpec.query_split, which NARROW_QUERY_LAUNCH takes for bf16)
 QUERY_SPLIT_CASES = QUERY_T_CASES
+# the denominator summed by a product with a column of ones (forward.DENOMINATOR_BY_DOT): the quadratic kernel's
+# loops with a gate and key validity, the chunked ones with a gate (the row decay between its two loops), GQA
+DEN_DOT_CASES = ("quadratic-deg4-gate-valid", "quadratic-noncausal", "chunked-long-gate", "chunked-prefill-cache")
 FLOAT16_CASES = ("quadratic-deg4-gate-valid", "chunked-gate-valid-segments")
 # log-gates -3 * U(0, 1): G falls by about 96 over a block of 64 keys, so a factor exp(G_a - G_b) of the wrong sign
 # would overflow float32 (e^88), and the weights of keys more than about 60 back underflow to 0
@@ -163,7 +166,8 @@ def _interpreted() -> dict[str, object]:
     """Every kernel case in the interpreter: {case name: its relative errors by quantity (``run_case``), or a
     check's value} (run as a script, see the module docstring).
 
-    The cases in ``QUERY_T_CASES`` run again with the query kernel's transposed state product.
+    The cases in ``QUERY_T_CASES`` run again with the query kernel's transposed state product, those in
+    ``DEN_DOT_CASES`` with the denominator summed by a product (``forward.DENOMINATOR_BY_DOT``).
     """
     results = {name: run_case(case) for name, case in CASES}
     results.update({f"{name}-strong-gate": run_case(dict(CASES)[name], gate_scale=3.0) for name in STRONG_GATE_CASES})
@@ -188,6 +192,9 @@ def _interpreted() -> dict[str, object]:
     forward.query_launch = real_launch
     forward.QUERY_TRANSPOSED = not forward.QUERY_TRANSPOSED
     results.update({f"{name}-query-t": run_case(dict(CASES)[name]) for name in QUERY_T_CASES})
+    forward.QUERY_TRANSPOSED = not forward.QUERY_TRANSPOSED
+    forward.DENOMINATOR_BY_DOT = not forward.DENOMINATOR_BY_DOT
+    results.update({f"{name}-den-dot": run_case(dict(CASES)[name]) for name in DEN_DOT_CASES})
     return results
 
 
@@ -206,6 +213,7 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     + ["denominator-chunk16", "denominator-chunk1024"]
     + [f"{n}-query-t" for n in QUERY_T_CASES]
     + [f"{n}-query-split" for n in QUERY_SPLIT_CASES]
+    + [f"{n}-den-dot" for n in DEN_DOT_CASES]
     + [f"{n}-float16" for n in FLOAT16_CASES]
     + [f"{n}-strong-gate" for n in STRONG_GATE_CASES]
     + ["chunked-gate-valid-segments-bfloat16"]
@@ -234,6 +242,7 @@ GATE_REACH_BOUNDS = {
     "quadratic-long-gate": 1e-4, "quadratic-prefill-gate": 1e-4, "quadratic-deg4-gate-valid": 1e-4,
     "quadratic-deg4-gate-valid-float16": 1e-4, "chunked-long-gate": 1e-4,
     **{f"{name}-strong-gate": 1e-4 for name in STRONG_GATE_CASES},
+    "quadratic-deg4-gate-valid-den-dot": 1e-4, "chunked-long-gate-den-dot": 1e-4,
 }  # fmt: skip
 
 

@@ -111,6 +111,11 @@ GATE_SCAN_BLOCK = 4096  # keys per program of the gate's cumsum
 # the left, 16 products in flight in the TTGIR) measured faster: H200 T=65536 d=64 bf16 forward 2.09 -> 1.79 ms
 # ungated, 2.14 -> 1.83 gated.
 QUERY_TRANSPOSED = False
+# The attention loops' denominator as a product of w with a column of ones (KernelSpec.den_dot) when True. Built in
+# session 37, not yet timed: an ablation put the float32 row sums at 0.04 ms of the T=65536 query kernel's 0.24 ms of
+# intra-chunk work; the sm_90a SASS of that launch (Triton 3.6) has 96 instructions fewer (FADD 94 -> 34, SHFL 12 -> 8,
+# 8 more HGMMA, 42 more F2FP/PRMT: w is packed once per product).
+DENOMINATOR_BY_DOT = False
 
 
 @dataclass(frozen=True)
@@ -212,9 +217,9 @@ def kernel_spec(
     return _shape_class(q.dtype, d, e, deg, gated, has_valid, causal, long_keys, plan, *_tunables())
 
 
-def _tunables() -> tuple[int, int, bool]:
+def _tunables() -> tuple[int, int, bool, bool]:
     """The module constants a shape class depends on (benchmarks and tests set them): part of the memo's key."""
-    return QUADRATIC_BLOCK_K, STATE_BLOCK_S, QUERY_TRANSPOSED
+    return QUADRATIC_BLOCK_K, STATE_BLOCK_S, QUERY_TRANSPOSED, DENOMINATOR_BY_DOT
 
 
 @functools.lru_cache(maxsize=1024)
@@ -231,6 +236,7 @@ def _shape_class(
     block_k: int,
     block_s: int,
     query_t: bool,
+    den_dot: bool,
 ) -> KernelSpec:
     """``kernel_spec`` once per argument tuple (built per call, it took about 5 us of the 30 a short call spends
     on the host); ``long_keys``: the plan's chunk is shorter than the keys."""
@@ -257,6 +263,7 @@ def _shape_class(
         block_e=block_e,
         block_feature=block_feature if chunked else 0,
         query_t=chunked and query_t,
+        den_dot=den_dot,
     )
 
 

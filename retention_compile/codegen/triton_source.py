@@ -74,6 +74,8 @@ class KernelSpec:
     query_split:    the query kernel takes each pair's b x b features in this many parts (b / query_split
                     coordinates of block I each): smaller copy stages of the state, so more programs fit on an SM
                     (not with ``query_t``).
+    den_dot:        the attention loops sum each row's weights by a product with a column of ones (a tensor-core
+                    n16 product beside w V) instead of a float32 row sum per key block.
     """
 
     dtype: str
@@ -92,9 +94,10 @@ class KernelSpec:
     block_feature: int
     query_t: bool = False
     query_split: int = 1
+    den_dot: bool = False
 
     def __post_init__(self) -> None:
-        # specs key several memo tables per call: hash once (the generated hash walks all 16 fields every time)
+        # specs key several memo tables per call: hash once (the generated hash walks all 17 fields every time)
         object.__setattr__(self, "_hash", hash(astuple(self)))
 
     def __hash__(self) -> int:
