@@ -80,7 +80,7 @@ def timing(T: int, gated: bool, variants: list[str], den_dot: list[bool]) -> dic
             forward.NARROW_QUERY_LAUNCH = forward.QueryLaunch(rows, warps, stages, split, registers or None)
             forward.QUADRATIC_BLOCK_K = keys
             forward.DENOMINATOR_BY_DOT = by_dot
-            if len(den_dot) > 1:
+            if den_dot != [False]:
                 text = f"{text} den_dot={by_dot}"
             plan = dataclasses.replace(planned, block_t=rows, num_stages=stages)
             run = ours(x, plan)
@@ -120,6 +120,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("profile_forward.py needs a CUDA GPU")
     if args.single_call:
+        if len(args.den_dot) > 1:
+            raise SystemExit("--single-call takes one --den-dot setting")
+        forward.DENOMINATOR_BY_DOT = args.den_dot == ["on"]
         single_call(args.T, args.gated)
         return
     name = torch.cuda.get_device_name()

@@ -49,6 +49,7 @@ CASES = [
     ("quadratic-decode", (1, 4, 1, 1, 70, 32, 32, 4, 1, False, True, 1024, None)),
     ("quadratic-noncausal", (1, 2, 2, 21, 45, 48, 24, 2, 0, True, False, 1024, None)),
     ("quadratic-tq-gt-tk", (1, 1, 1, 40, 25, 32, 32, 2, 1, False, True, 1024, None)),
+    ("quadratic-long", (1, 2, 1, 200, 200, 32, 32, 2, 0, False, True, 1024, None)),  # whole key blocks, ungated
     # the kernel's own sum of the log-gates: rows past 256 keys (two steps of the prefix), five key blocks
     ("quadratic-long-gate", (1, 2, 1, 300, 300, 32, 32, 2, 2, False, True, 1024, None)),
     ("quadratic-prefill-gate", (1, 2, 1, 21, 290, 32, 32, 2, 1, True, True, 1024, None)),
@@ -153,9 +154,13 @@ UNTRIMMED_CASES = ("quadratic-tq-gt-tk", "chunked-tq-gt-tk")
 QUERY_T_CASES = ("chunked-gate-valid-segments", "chunked-decode", "chunked-noncausal", "chunked-d48")
 # the state product in halves of each pair (KernelSpec.query_split, which NARROW_QUERY_LAUNCH takes for bf16)
 QUERY_SPLIT_CASES = QUERY_T_CASES
-# the denominator summed by a product with a column of ones (forward.DENOMINATOR_BY_DOT): the quadratic kernel's
-# loops with a gate and key validity, the chunked ones with a gate (the row decay between its two loops), GQA
-DEN_DOT_CASES = ("quadratic-deg4-gate-valid", "quadratic-noncausal", "chunked-long-gate", "chunked-prefill-cache")
+# the denominator summed by a product with a column of ones (forward.DENOMINATOR_BY_DOT): whole unmasked key blocks
+# with and without a gate (the gated row decay between the two loops, where den_part is folded in), in both kernels,
+# key validity, non-causal, GQA (a review's mutations of the fold fail the gated cases with whole blocks)
+DEN_DOT_CASES = (
+    "quadratic-long", "quadratic-long-gate", "quadratic-prefill-gate", "quadratic-deg4-gate-valid",
+    "quadratic-noncausal", "chunked-long-gate", "chunked-prefill-cache",
+)  # fmt: skip
 FLOAT16_CASES = ("quadratic-deg4-gate-valid", "chunked-gate-valid-segments")
 # log-gates -3 * U(0, 1): G falls by about 96 over a block of 64 keys, so a factor exp(G_a - G_b) of the wrong sign
 # would overflow float32 (e^88), and the weights of keys more than about 60 back underflow to 0
@@ -242,7 +247,8 @@ GATE_REACH_BOUNDS = {
     "quadratic-long-gate": 1e-4, "quadratic-prefill-gate": 1e-4, "quadratic-deg4-gate-valid": 1e-4,
     "quadratic-deg4-gate-valid-float16": 1e-4, "chunked-long-gate": 1e-4,
     **{f"{name}-strong-gate": 1e-4 for name in STRONG_GATE_CASES},
-    "quadratic-deg4-gate-valid-den-dot": 1e-4, "chunked-long-gate-den-dot": 1e-4,
+    **{f"{name}-den-dot": 1e-4 for name in ("quadratic-long-gate", "quadratic-prefill-gate",
+                                           "quadratic-deg4-gate-valid", "chunked-long-gate")},
 }  # fmt: skip
 
 
@@ -345,8 +351,9 @@ def test_shape_class_follows_the_module_tunables(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(forward, "QUERY_TRANSPOSED", not forward.QUERY_TRANSPOSED)
     monkeypatch.setattr(forward, "QUADRATIC_BLOCK_K", 2 * forward.QUADRATIC_BLOCK_K)
     monkeypatch.setattr(forward, "STATE_BLOCK_S", 2 * forward.STATE_BLOCK_S)
+    monkeypatch.setattr(forward, "DENOMINATOR_BY_DOT", not forward.DENOMINATOR_BY_DOT)
     after = kernel_spec(q, v, 2, False, False, True, 4096, plan)
-    assert after.query_t != before.query_t
+    assert after.query_t != before.query_t and after.den_dot != before.den_dot
     assert (after.block_k, after.block_s) == (2 * before.block_k, 2 * before.block_s)
 
 
