@@ -111,18 +111,18 @@ def inputs(T: int, gated: bool) -> dict[str, torch.Tensor | None]:
     return {"q": q, "k": k, "v": v, "gate": gate}
 
 
-def state_kernel_choice(x: dict, plan: planning.Plan) -> StateChoice:
-    """The state kernel the op picks for these inputs with ``codegen="auto"`` (measured once per GPU and shape)."""
-    return select_state_kernel(x["q"], x["k"], x["v"], 2, x["gate"], None, True, D**-0.5, plan, "auto")
+def state_kernel_choice(x: dict, plan: planning.Plan, codegen: str = "auto") -> StateChoice:
+    """The state kernel the op picks for these inputs with ``codegen`` ("auto": measured once per GPU and shape)."""
+    return select_state_kernel(x["q"], x["k"], x["v"], 2, x["gate"], None, True, D**-0.5, plan, codegen)
 
 
-def ours(x: dict, plan: planning.Plan, segments: int | None = None) -> Callable[[], object]:
+def ours(x: dict, plan: planning.Plan, segments: int | None = None, codegen: str = "auto") -> Callable[[], object]:
     """``triton_forward`` as a ``triton_op`` body runs it eagerly (kernels launched directly, not through the HOP),
-    with the state kernel ``codegen="auto"`` picks, storing y in the inputs' dtype as the op does when no backward
-    follows (``for_backward=False``)."""
+    with the state kernel ``codegen`` picks, storing y in the inputs' dtype as the op does when no backward follows
+    (``for_backward=False``)."""
     from torch._library.triton import set_wrap_triton_enabled
 
-    state_kernel = state_kernel_choice(x, plan).kernel
+    state_kernel = state_kernel_choice(x, plan, codegen).kernel
 
     def run() -> object:
         with set_wrap_triton_enabled(False):
