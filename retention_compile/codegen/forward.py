@@ -111,11 +111,12 @@ GATE_SCAN_BLOCK = 4096  # keys per program of the gate's cumsum
 # the left, 16 products in flight in the TTGIR) measured faster: H200 T=65536 d=64 bf16 forward 2.09 -> 1.79 ms
 # ungated, 2.14 -> 1.83 gated.
 QUERY_TRANSPOSED = False
-# The attention loops' denominator as a product of w with a column of ones (KernelSpec.den_dot) when True. Built in
-# session 37, not yet timed: an ablation put the float32 row sums at 0.04 ms of the T=65536 query kernel's 0.24 ms of
-# intra-chunk work; the sm_90a SASS of that launch (Triton 3.6) has 96 instructions fewer (FADD 94 -> 34, SHFL 12 -> 8,
-# 8 more HGMMA, 42 more F2FP/PRMT: w is packed once per product).
-DENOMINATOR_BY_DOT = False
+# The attention loops' denominator as a product of w with a column of ones (KernelSpec.den_dot) when True, a float32
+# row sum per key block when False. The sm_90a SASS of the T=65536 launch (Triton 3.6) has 96 instructions fewer
+# (FADD 94 -> 34, SHFL 12 -> 8, 8 more HGMMA, 42 more F2FP/PRMT: w is packed once per product). H200, chunk 1024,
+# query kernel alone (profiler mean of 20 calls; profile_forward.py --den-dot off on, session 38): T=65536 ungated
+# 0.5555 -> 0.5445 ms, gated 0.6554 -> 0.6345, T=2048 0.0294 -> 0.0262; with pairs in quarters 0.676 -> 0.639.
+DENOMINATOR_BY_DOT = True
 
 
 @dataclass(frozen=True)
