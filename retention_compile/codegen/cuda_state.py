@@ -97,11 +97,11 @@ def uses_wgmma(spec: KernelSpec, config: StateKernelConfig, arch: str | None) ->
 def wgmma_smem_bytes(spec: KernelSpec) -> int:
     """Dynamic shared memory of one wgmma program (the template's ``Shared`` + 1024 bytes to align it): per stage
     the value rows and blocks I, J of the keys (48-byte rows), a 2 KB block of ones, and then w_j of a chunk and
-    one step past it when gated, else 2 KB per warp for the rows it stores (16 KB); the struct is a multiple of its
+    one step past it when gated, and 2 KB per warp for the rows it stores (16 KB); the struct is a multiple of its
     1024-byte alignment."""
     stage = WGMMA_BLOCK_S * (WGMMA_BLOCK_E + 2 * 24) * 2
     outgoing = WGMMA_THREADS // 32 * 16 * 32 * 4
-    shared = WGMMA_STAGES * stage + 2048 + (4 * (spec.chunk_size + WGMMA_BLOCK_S) if spec.gated else outgoing)
+    shared = WGMMA_STAGES * stage + 2048 + outgoing + (4 * (spec.chunk_size + WGMMA_BLOCK_S) if spec.gated else 0)
     return -(-shared // 1024) * 1024 + 1024
 
 
