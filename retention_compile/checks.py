@@ -41,8 +41,32 @@ class RetentionShape:
         return self.kv_len - self.q_len
 
 
+# Whether eager calls of ``rc.power_retention`` check that log_gate <= 0 (``check_gate_values``). The check reads
+# the gate's values: on a GPU the call then waits for the device once. Set False to skip it.
+CHECK_GATE_VALUES = True
+
+
 def _fail(message: str) -> None:
     raise RetentionInputError(message)
+
+
+def check_gate_values(log_gate: torch.Tensor) -> None:
+    """Raise if an entry of ``log_gate`` is > 0 (NaN propagates to the rows that read it, as in SDPA).
+
+    The kernels take ``exp(G_i - G_j) <= 1`` for keys before a query (G non-increasing): with a positive log-gate
+    the weights grow with distance and overflow float32 once G rises by about 88 within the keys a state sums
+    (a chunk, or all of them), giving inf or NaN where the formula is finite. Only reads values, so callers skip it
+    on tensors without data (fake, meta) and while compiling or capturing a CUDA graph."""
+    positive = log_gate.detach().reshape(-1) > 0
+    if not bool(positive.any()):
+        return
+    first = int(positive.nonzero()[0, 0])
+    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), log_gate.shape))
+    _fail(
+        f"power_retention: log_gate must be <= 0 (the log of a per-step decay in (0, 1]); found "
+        f"{float(log_gate.reshape(-1)[first]):g} at index {where}, {int(positive.sum())} positive entries in all. "
+        "Pass e.g. logsigmoid(x) or -softplus(x)"
+    )
 
 
 def validate_retention_inputs(

@@ -52,7 +52,7 @@ from torch.library import triton_op
 from torch.overrides import _get_current_function_mode_stack
 from torch.utils._device import DeviceContext
 
-from . import chunked, hardware, planning, quadratic
+from . import checks, chunked, hardware, planning, quadratic
 from .checks import validate_retention_inputs
 from .planning import Plan
 from .reference import EPS, compute_dtype, default_scale
@@ -465,16 +465,18 @@ def power_retention(
         y_i  = sum_j w_ij v_j / (sum_j w_ij + 1e-6)
 
     q (B, Hq, Tq, d), k (B, Hk, Tk, d), v (B, Hk, Tk, e), Hq % Hk == 0; ``log_gate`` (B, Hk or Hq, Tk),
-    ``<= 0``, causal only; ``valid`` (B, Tk) bool. ``scale`` defaults to ``1/sqrt(d)``; ``chunk_size``
-    None plans it from the hardware (it never changes the result). Returns y (B, Hq, Tq, e) in q's dtype.
-    Under ``torch.no_grad`` or with no input requiring a gradient the op keeps nothing for a backward
-    (``for_backward=False``: no float32 y, no chunk states).
+    ``<= 0`` (eager calls check it: ``checks.CHECK_GATE_VALUES``), causal only; ``valid`` (B, Tk) bool. ``scale``
+    defaults to ``1/sqrt(d)``; ``chunk_size`` None plans it from the hardware (it never changes the result).
+    Returns y (B, Hq, Tq, e) in q's dtype. Under ``torch.no_grad`` or with no input requiring a gradient the op
+    keeps nothing for a backward (``for_backward=False``: no float32 y, no chunk states).
     """
     validate_retention_inputs(
         q, k, v, deg=deg, log_gate=log_gate, causal=causal, valid=valid, scale=scale, chunk_size=chunk_size
     )
     if impl not in IMPLS:
         raise ValueError(f"power_retention: impl must be one of {IMPLS}, got {impl!r}")
+    if log_gate is not None and checks.CHECK_GATE_VALUES and _holds_values(log_gate):
+        checks.check_gate_values(log_gate)
     for_backward = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, log_gate))
     args = (q, k, v, log_gate, valid, default_scale(q.shape[-1], scale), deg, causal, chunk_size or 0, impl)
     if not for_backward and _runs_body_directly(q, k, v, log_gate, valid):
@@ -482,6 +484,20 @@ def power_retention(
             return _y_alone(*args)
     y, *_ = power_retention_op(*args, for_backward)
     return y
+
+
+def _holds_values(t: torch.Tensor) -> bool:
+    """Whether an eager call may read ``t``'s values: a plain tensor with data, not while compiling or tracing,
+    inside a functorch transform (its tensors look plain) or while a CUDA graph is being captured (a read would
+    break the capture)."""
+    return (
+        type(t) is torch.Tensor
+        and t.device.type != "meta"
+        and not torch.compiler.is_compiling()
+        and torch._C._get_tracing_state() is None
+        and torch._C._functorch.peek_interpreter_stack() is None
+        and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    )
 
 
 def _y_alone(q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl) -> torch.Tensor:

@@ -48,3 +48,49 @@ def test_mismatched_devices_named():
 def test_bad_chunk_size():
     with pytest.raises(RetentionInputError, match="chunk_size"):
         rc.power_retention(*qkv(), chunk_size=-4)
+
+
+def _gate_overflow_case() -> tuple:
+    """A causal call whose positive log-gate (+1 per key over 120 keys) drives G up by 120: past float32's exp
+    range (about 88), so the kernels' exp(G_i - G_j) would overflow where the formula is finite."""
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 120, 16, generator=gen) for _ in range(3))
+    return q, k, v, torch.ones(1, 2, 120)
+
+
+@pytest.mark.parametrize("bad", [1e-3, float("inf")])
+def test_positive_log_gate_is_named(bad):
+    q, k, v, gate = _gate_overflow_case()
+    gate = -gate
+    gate[0, 1, 77] = bad
+    with pytest.raises(RetentionInputError, match=r"log_gate must be <= 0.*index \(0, 1, 77\), 1 positive"):
+        rc.power_retention(q, k, v, log_gate=gate, chunk_size=32)
+
+
+def test_gate_check_is_what_stops_the_overflow(monkeypatch):
+    """Without the check the same call returns non-finite values where the float64 oracle is finite: the error
+    replaces a wrong answer, and a gate of zeros (no decay) passes it."""
+    q, k, v, gate = _gate_overflow_case()
+    ref = rc.power_retention_reference(q.double(), k.double(), v.double(), log_gate=gate.double())
+    assert torch.isfinite(ref).all()
+    monkeypatch.setattr(rc.checks, "CHECK_GATE_VALUES", False)
+    unchecked = rc.power_retention(q, k, v, log_gate=gate, chunk_size=32)
+    assert not torch.isfinite(unchecked).all()
+    monkeypatch.setattr(rc.checks, "CHECK_GATE_VALUES", True)
+    zero = torch.zeros_like(gate)
+    y = rc.power_retention(q, k, v, log_gate=zero, chunk_size=32)
+    want = rc.power_retention_reference(q.double(), k.double(), v.double(), log_gate=zero.double())
+    assert float((y.double() - want).norm() / want.norm()) < 1e-4
+
+
+def test_gate_check_stays_out_of_compiled_graphs():
+    """Inside torch.compile the op is traced: no value is read (no graph break, no error at trace time)."""
+    q, k, v, gate = _gate_overflow_case()
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def f(q, k, v, g):
+        return rc.power_retention(q, k, v, log_gate=g, chunk_size=32)
+
+    y = f(q, k, v, -0.01 * gate)
+    want = rc.power_retention_reference(q.double(), k.double(), v.double(), log_gate=-0.01 * gate.double())
+    assert float((y.double() - want).norm() / want.norm()) < 1e-4
