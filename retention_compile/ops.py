@@ -465,9 +465,9 @@ def power_retention(
         y_i  = sum_j w_ij v_j / (sum_j w_ij + 1e-6)
 
     q (B, Hq, Tq, d), k (B, Hk, Tk, d), v (B, Hk, Tk, e), Hq % Hk == 0; ``log_gate`` (B, Hk or Hq, Tk),
-    ``<= 0`` (eager calls check it: ``checks.CHECK_GATE_VALUES``), causal only; ``valid`` (B, Tk) bool. ``scale``
-    defaults to ``1/sqrt(d)``; ``chunk_size`` None plans it from the hardware (it never changes the result).
-    Returns y (B, Hq, Tq, e) in q's dtype. Under ``torch.no_grad`` or with no input requiring a gradient the op
+    ``<= 0`` (eager calls on the CPU check it: ``checks.CHECK_GATE_VALUES``), causal only; ``valid`` (B, Tk)
+    bool. ``scale`` defaults to ``1/sqrt(d)``; ``chunk_size`` None plans it from the hardware (it never changes the
+    result). Returns y (B, Hq, Tq, e) in q's dtype. Under ``torch.no_grad`` or with no input requiring a gradient the op
     keeps nothing for a backward (``for_backward=False``: no float32 y, no chunk states).
     """
     validate_retention_inputs(
@@ -475,7 +475,7 @@ def power_retention(
     )
     if impl not in IMPLS:
         raise ValueError(f"power_retention: impl must be one of {IMPLS}, got {impl!r}")
-    if log_gate is not None and checks.CHECK_GATE_VALUES and _holds_values(log_gate):
+    if log_gate is not None and checks.gate_check_applies(log_gate) and _holds_values(log_gate):
         checks.check_gate_values(log_gate)
     for_backward = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, log_gate))
     args = (q, k, v, log_gate, valid, default_scale(q.shape[-1], scale), deg, causal, chunk_size or 0, impl)

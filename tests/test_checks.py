@@ -73,10 +73,10 @@ def test_gate_check_is_what_stops_the_overflow(monkeypatch):
     q, k, v, gate = _gate_overflow_case()
     ref = rc.power_retention_reference(q.double(), k.double(), v.double(), log_gate=gate.double())
     assert torch.isfinite(ref).all()
-    monkeypatch.setattr(rc.checks, "CHECK_GATE_VALUES", False)
+    monkeypatch.setattr(rc.checks, "CHECK_GATE_VALUES", "none")
     unchecked = rc.power_retention(q, k, v, log_gate=gate, chunk_size=32)
     assert not torch.isfinite(unchecked).all()
-    monkeypatch.setattr(rc.checks, "CHECK_GATE_VALUES", True)
+    monkeypatch.setattr(rc.checks, "CHECK_GATE_VALUES", "cpu")
     zero = torch.zeros_like(gate)
     y = rc.power_retention(q, k, v, log_gate=zero, chunk_size=32)
     want = rc.power_retention_reference(q.double(), k.double(), v.double(), log_gate=zero.double())
@@ -94,3 +94,14 @@ def test_gate_check_stays_out_of_compiled_graphs():
     y = f(q, k, v, -0.01 * gate)
     want = rc.power_retention_reference(q.double(), k.double(), v.double(), log_gate=-0.01 * gate.double())
     assert float((y.double() - want).norm() / want.norm()) < 1e-4
+
+
+def test_gate_check_setting_is_validated_and_device_aware(monkeypatch):
+    gate = -torch.ones(1, 2, 4)
+    assert rc.checks.gate_check_applies(gate)  # default "cpu"
+    assert not rc.checks.gate_check_applies(gate.to("meta"))
+    monkeypatch.setattr(rc.checks, "CHECK_GATE_VALUES", "all")
+    assert rc.checks.gate_check_applies(gate.to("meta"))
+    monkeypatch.setattr(rc.checks, "CHECK_GATE_VALUES", True)
+    with pytest.raises(ValueError, match="CHECK_GATE_VALUES must be one of"):
+        rc.checks.gate_check_applies(gate)

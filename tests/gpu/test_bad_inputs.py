@@ -212,3 +212,26 @@ def test_a_million_tokens_in_linear_memory() -> None:
         )  # fmt: skip
         error = float((y[:, :, rows].double() - expected).norm() / expected.norm())
         assert error <= 1e-2, f"rows {rows}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("chunk_size", [None, 64])  # the single-chunk kernel, and states across chunks
+@pytest.mark.parametrize("rise", [0.002, 0.05, 2.0])
+def test_positive_log_gate_is_named_or_fails_loudly(monkeypatch: pytest.MonkeyPatch, chunk_size, rise: float) -> None:
+    """A positive log-gate (+rise per key over 300 keys, G up to 0.6 / 15 / 600) breaks the contract. With
+    ``CHECK_GATE_VALUES = "all"`` the eager call raises naming it; unchecked (the GPU default), each row is either
+    non-finite (its weights overflowed float32) or within the dtype's tolerance of the float64 oracle: never finite
+    and wrong."""
+    q, k, v, _, _ = make(B=1, padded=False)
+    gate = torch.full((1, 2, 300), rise, device="cuda")
+    monkeypatch.setattr(rc.checks, "CHECK_GATE_VALUES", "all")
+    with pytest.raises(rc.RetentionInputError, match="log_gate must be <= 0"):
+        rc.power_retention(q, k, v, log_gate=gate, chunk_size=chunk_size)
+    monkeypatch.setattr(rc.checks, "CHECK_GATE_VALUES", "cpu")
+    y = rc.power_retention(q, k, v, log_gate=gate, chunk_size=chunk_size).double()
+    ref = power_retention_reference(q.double(), k.double(), v.double(), log_gate=gate.double())
+    finite = torch.isfinite(y).all(-1)
+    assert torch.isfinite(ref).all()
+    err = (y - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-300)
+    assert (err[finite] <= 3 * TOL[q.dtype]).all(), f"finite rows off the oracle: {float(err[finite].max()):.3g}"
+    if rise == 0.002:
+        assert finite.all()
