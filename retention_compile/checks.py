@@ -44,8 +44,9 @@ class RetentionShape:
 # Which eager calls of ``rc.power_retention`` check that log_gate <= 0 (``check_gate_values``): "cpu" (default) those
 # on the CPU, where reading the gate costs no device sync; "all" GPU calls too, which then wait for the device once
 # (H200, eager gated bf16 b1 h8 d64 under no_grad, session 38: 0.089 -> 0.145 ms per call at T=2048, 0.373 -> 0.500
-# at T=16384); "none". Unchecked, a positive gate gives inf / NaN in the rows whose weights overflow (below that,
-# the formula's value), never a finite wrong answer.
+# at T=16384; gate_check_cost_NVIDIA-H200_2026-12-02_412ec2a.json); "none". Unchecked, a positive gate gives inf /
+# NaN in the rows whose weights overflow (below that, the formula's value), never a finite wrong answer
+# (tests/gpu/test_bad_inputs.py).
 CHECK_GATE_VALUES = "cpu"
 GATE_CHECK_SETTINGS = ("cpu", "all", "none")
 
