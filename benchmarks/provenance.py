@@ -1,6 +1,6 @@
 """Where a benchmark result came from, recorded in every JSON under ``benchmarks/results``.
 
-git_commit(explicit)   a script's ``--commit``, else the checkout's HEAD (short; "+dirty" when tracked files
+git_commit(explicit)   a script's ``--commit``, else the checkout's HEAD (short; "-dirty" when tracked files
                        differ from it), else "unknown"
 command_line()         the interpreter and the arguments the script ran with
 """
@@ -12,8 +12,9 @@ import sys
 
 
 def git_commit(explicit: str | None = None) -> str:
-    """``explicit`` when given, else the checkout's HEAD with "+dirty" when tracked files differ from it (a copied
-    tree whose .git lags its files says so), else "unknown" (no git, or not a checkout)."""
+    """``explicit`` when given, else the checkout's HEAD with "-dirty" when tracked files differ from it (a copied
+    tree whose .git lags its files says so), else "unknown" (no git, or not a checkout). The name goes into result
+    file names: "-", not "+", which the device tool does not bring back in a file name."""
     if explicit:
         return explicit
     try:
@@ -23,7 +24,7 @@ def git_commit(explicit: str | None = None) -> str:
         )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return head.stdout.strip() + ("+dirty" if changes.stdout.strip() else "")
+    return head.stdout.strip() + ("-dirty" if changes.stdout.strip() else "")
 
 
 def command_line() -> str:
