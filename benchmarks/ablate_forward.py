@@ -51,7 +51,10 @@ QUERY_EDITS: dict[str, list[Edit]] = {
             "st = tl.full((f.shape[0], cols_e.shape[0]), 1.0, tl.bfloat16)",
         ),
     ],
-    "query: no denominator row sums (intra-chunk)": [(r"den \+= tl\.sum\(w\.to\(tl\.float32\), 1\)", "pass")],
+    # the product with a column of ones (forward.DENOMINATOR_BY_DOT, the default) or the float32 row sum
+    "query: no denominator sums (intra-chunk)": [
+        (r"den_part = tl\.dot\(w, unit_col, den_part\)|den \+= tl\.sum\(w\.to\(tl\.float32\), 1\)", "pass")
+    ],
 }
 STATE_EDITS: dict[str, list[Edit]] = {
     "state: no shuffles of k_{I a} (ptxas then merges half the multiplies)": [
@@ -131,6 +134,7 @@ def dry_run() -> dict[str, list[str]]:
     spec = triton_source.KernelSpec(
         dtype="bfloat16", head_dim=64, value_dim=64, deg=2, gated=False, has_valid=False, causal=True, chunked=True,
         chunk_size=1024, block_t=128, block_k=64, block_s=64, block_e=64, block_feature=16,
+        den_dot=forward.DENOMINATOR_BY_DOT,
     )  # fmt: skip
     launch = forward.NARROW_QUERY_LAUNCH
     query_spec = dataclasses.replace(spec, block_t=launch.rows, query_split=launch.split)

@@ -45,8 +45,8 @@ class RetentionShape:
 # on the CPU, where reading the gate costs no device sync; "all" GPU calls too, which then wait for the device once
 # (H200, eager gated bf16 b1 h8 d64 under no_grad, session 38: 0.089 -> 0.145 ms per call at T=2048, 0.373 -> 0.500
 # at T=16384; gate_check_cost_NVIDIA-H200_2026-12-02_412ec2a.json); "none". Unchecked, a positive gate gives inf /
-# NaN in the rows whose weights overflow (below that, the formula's value), never a finite wrong answer
-# (tests/gpu/test_bad_inputs.py).
+# NaN in the rows whose weights overflow and the formula's value below that; no finite wrong row in the tests
+# (tests/gpu/test_bad_inputs.py), though a row whose denominator alone overflows would read 0.
 CHECK_GATE_VALUES = "cpu"
 GATE_CHECK_SETTINGS = ("cpu", "all", "none")
 
@@ -72,14 +72,15 @@ def check_gate_values(log_gate: torch.Tensor) -> None:
     the weights grow with distance and overflow float32 once G rises by about 88 within the keys a state sums
     (a chunk, or all of them), giving inf or NaN where the formula is finite. Only reads values, so callers skip it
     on tensors without data (fake, meta) and while compiling or capturing a CUDA graph."""
-    positive = log_gate.detach().reshape(-1) > 0
+    flat = log_gate.detach().reshape(-1)
+    positive = flat > 0
     if not bool(positive.any()):
         return
     first = int(positive.nonzero()[0, 0])
     where = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), log_gate.shape))
     _fail(
         f"power_retention: log_gate must be <= 0 (the log of a per-step decay in (0, 1]); found "
-        f"{float(log_gate.reshape(-1)[first]):g} at index {where}, {int(positive.sum())} positive entries in all. "
+        f"{float(flat[first]):g} at index {where}, {int(positive.sum())} positive entries in all. "
         "Pass e.g. logsigmoid(x) or -softplus(x)"
     )
 

@@ -487,14 +487,15 @@ def power_retention(
 
 
 def _holds_values(t: torch.Tensor) -> bool:
-    """Whether an eager call may read ``t``'s values: a plain tensor with data, not while compiling or tracing,
-    inside a functorch transform (its tensors look plain) or while a CUDA graph is being captured (a read would
-    break the capture)."""
+    """Whether an eager call may read ``t``'s values: a plain tensor (or parameter) with data, not while compiling or
+    tracing (Dynamo, ``make_fx`` and other dispatch modes, ``torch.jit.trace``), inside a functorch transform (its
+    tensors look plain) or while a CUDA graph is being captured (a read would break the capture)."""
     return (
-        type(t) is torch.Tensor
+        type(t) in (torch.Tensor, torch.nn.Parameter)
         and t.device.type != "meta"
         and not torch.compiler.is_compiling()
         and torch._C._get_tracing_state() is None
+        and torch._C._len_torch_dispatch_stack() == 0
         and torch._C._functorch.peek_interpreter_stack() is None
         and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
     )

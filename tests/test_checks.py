@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import retention_compile as rc
 from retention_compile.checks import RetentionInputError
@@ -83,17 +84,28 @@ def test_gate_check_is_what_stops_the_overflow(monkeypatch):
     assert float((y.double() - want).norm() / want.norm()) < 1e-4
 
 
-def test_gate_check_stays_out_of_compiled_graphs():
-    """Inside torch.compile the op is traced: no value is read (no graph break, no error at trace time)."""
+def test_gate_check_stays_out_of_traced_graphs():
+    """Under torch.compile and make_fx the op is traced: no value is read (no graph break, no error at trace time,
+    for a positive gate too: +0.01 per key stays far from overflow, so the traced call computes the formula)."""
     q, k, v, gate = _gate_overflow_case()
 
-    @torch.compile(backend="aot_eager", fullgraph=True)
     def f(q, k, v, g):
         return rc.power_retention(q, k, v, log_gate=g, chunk_size=32)
 
-    y = f(q, k, v, -0.01 * gate)
-    want = rc.power_retention_reference(q.double(), k.double(), v.double(), log_gate=-0.01 * gate.double())
-    assert float((y.double() - want).norm() / want.norm()) < 1e-4
+    for g in (-0.01 * gate, 0.01 * gate):
+        want = rc.power_retention_reference(q.double(), k.double(), v.double(), log_gate=g.double())
+        y = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v, g)
+        assert float((y.double() - want).norm() / want.norm()) < 1e-4
+        traced = make_fx(f)(q, k, v, g)
+        assert float((traced(q, k, v, g).double() - want).norm() / want.norm()) < 1e-4
+
+
+def test_gate_check_reads_parameters_and_gates_that_require_grad():
+    q, k, v, gate = _gate_overflow_case()
+    with pytest.raises(RetentionInputError, match="log_gate must be <= 0"):
+        rc.power_retention(q, k, v, log_gate=torch.nn.Parameter(gate))
+    with pytest.raises(RetentionInputError, match="log_gate must be <= 0"):
+        rc.power_retention(q, k, v, log_gate=gate.clone().requires_grad_())
 
 
 def test_gate_check_setting_is_validated_and_device_aware(monkeypatch):

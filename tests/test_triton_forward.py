@@ -154,7 +154,8 @@ UNTRIMMED_CASES = ("quadratic-tq-gt-tk", "chunked-tq-gt-tk")
 QUERY_T_CASES = ("chunked-gate-valid-segments", "chunked-decode", "chunked-noncausal", "chunked-d48")
 # the state product in halves of each pair (KernelSpec.query_split, which NARROW_QUERY_LAUNCH takes for bf16)
 QUERY_SPLIT_CASES = QUERY_T_CASES
-# the denominator summed by a product with a column of ones (forward.DENOMINATOR_BY_DOT): whole unmasked key blocks
+# the denominator summed by a product with a column of ones (forward.DENOMINATOR_BY_DOT, which the float32 kernels the
+# interpreter runs take only with DENOMINATOR_BY_DOT_FLOAT32; every other case sums rows): whole unmasked key blocks
 # with and without a gate (the gated row decay between the two loops, where den_part is folded in), in both kernels,
 # key validity, non-causal, GQA (a review's mutations of the fold fail the gated cases with whole blocks)
 DEN_DOT_CASES = (
@@ -172,7 +173,8 @@ def _interpreted() -> dict[str, object]:
     check's value} (run as a script, see the module docstring).
 
     The cases in ``QUERY_T_CASES`` run again with the query kernel's transposed state product, those in
-    ``DEN_DOT_CASES`` with the denominator summed by a product (``forward.DENOMINATOR_BY_DOT``).
+    ``DEN_DOT_CASES`` with the denominator summed by a product (``forward.DENOMINATOR_BY_DOT`` and
+    ``DENOMINATOR_BY_DOT_FLOAT32``: the interpreter runs the float32 kernels).
     """
     results = {name: run_case(case) for name, case in CASES}
     results.update({f"{name}-strong-gate": run_case(dict(CASES)[name], gate_scale=3.0) for name in STRONG_GATE_CASES})
@@ -198,7 +200,7 @@ def _interpreted() -> dict[str, object]:
     forward.QUERY_TRANSPOSED = not forward.QUERY_TRANSPOSED
     results.update({f"{name}-query-t": run_case(dict(CASES)[name]) for name in QUERY_T_CASES})
     forward.QUERY_TRANSPOSED = not forward.QUERY_TRANSPOSED
-    forward.DENOMINATOR_BY_DOT = not forward.DENOMINATOR_BY_DOT
+    forward.DENOMINATOR_BY_DOT = forward.DENOMINATOR_BY_DOT_FLOAT32 = True
     results.update({f"{name}-den-dot": run_case(dict(CASES)[name]) for name in DEN_DOT_CASES})
     return results
 
@@ -293,11 +295,14 @@ def test_rendered_source_bakes_the_shape() -> None:
 
 def test_ablation_edits_still_apply(monkeypatch: pytest.MonkeyPatch) -> None:
     """``benchmarks/ablate_forward.py`` edits the rendered kernels by pattern: every edit still matches this
-    checkout's templates (its Triton edits still parse), and the edits hold only inside ``edited_sources``."""
+    checkout's templates (its Triton edits still parse), with the denominator summed either way
+    (``DENOMINATOR_BY_DOT``), and the edits hold only inside ``edited_sources``."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import ablate_forward
 
-    assert ablate_forward.main(["--dry-run"]) == {name: [] for name, _, _ in ablate_forward.variants()}
+    for by_dot in (forward.DENOMINATOR_BY_DOT, not forward.DENOMINATOR_BY_DOT):
+        monkeypatch.setattr(forward, "DENOMINATOR_BY_DOT", by_dot)
+        assert ablate_forward.main(["--dry-run"]) == {name: [] for name, _, _ in ablate_forward.variants()}, by_dot
     spec = _spec(query_split=2)
     edits = ablate_forward.QUERY_EDITS["query: no state product"]
     with ablate_forward.edited_sources(edits, []) as matched:
@@ -345,7 +350,7 @@ def test_supports_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_shape_class_follows_the_module_tunables(monkeypatch: pytest.MonkeyPatch) -> None:
     """``kernel_spec`` is memoized; the module constants benchmarks and tests set are part of its key, so a changed
     one gives the shape class it asks for, not the one remembered."""
-    q, v = torch.randn(1, 1, 4, 64), torch.randn(1, 1, 4, 64)
+    q, v = torch.randn(1, 1, 4, 64, dtype=torch.bfloat16), torch.randn(1, 1, 4, 64, dtype=torch.bfloat16)
     plan = Plan(chunk_size=256)
     before = kernel_spec(q, v, 2, False, False, True, 4096, plan)
     monkeypatch.setattr(forward, "QUERY_TRANSPOSED", not forward.QUERY_TRANSPOSED)
@@ -355,6 +360,11 @@ def test_shape_class_follows_the_module_tunables(monkeypatch: pytest.MonkeyPatch
     after = kernel_spec(q, v, 2, False, False, True, 4096, plan)
     assert after.query_t != before.query_t and after.den_dot != before.den_dot
     assert (after.block_k, after.block_s) == (2 * before.block_k, 2 * before.block_s)
+    # float32 kernels sum rows unless DENOMINATOR_BY_DOT_FLOAT32 (a tunable too)
+    monkeypatch.setattr(forward, "DENOMINATOR_BY_DOT", True)
+    assert not kernel_spec(q.float(), v.float(), 2, False, False, True, 4096, plan).den_dot
+    monkeypatch.setattr(forward, "DENOMINATOR_BY_DOT_FLOAT32", True)
+    assert kernel_spec(q.float(), v.float(), 2, False, False, True, 4096, plan).den_dot
 
 
 def test_path_choice() -> None:

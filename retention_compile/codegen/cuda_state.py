@@ -91,7 +91,7 @@ def uses_wgmma(spec: KernelSpec, config: StateKernelConfig, arch: str | None) ->
     ``sm_90a``, bfloat16 (float16 keeps mma.sync, which converts to bfloat16 in registers), e a multiple of 64, and
     shared memory within the opt-in limit."""
     wgmma = config.wgmma and arch == "sm_90a" and spec.dtype == "bfloat16" and spec.value_dim % WGMMA_BLOCK_E == 0
-    return wgmma and wgmma_smem_bytes(spec) <= HOPPER_SHARED_LIMIT  # gated: w_j of a chunk (C > 50k does not fit)
+    return wgmma and wgmma_smem_bytes(spec) <= HOPPER_SHARED_LIMIT  # gated: w_j of a chunk (C > about 38k does not fit)
 
 
 def wgmma_smem_bytes(spec: KernelSpec) -> int:

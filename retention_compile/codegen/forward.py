@@ -116,7 +116,12 @@ QUERY_TRANSPOSED = False
 # (FADD 94 -> 34, SHFL 12 -> 8, 8 more HGMMA, 42 more F2FP/PRMT: w is packed once per product). H200, chunk 1024,
 # query kernel alone (profiler mean of 20 calls; profile_forward.py --den-dot off on, session 38): T=65536 ungated
 # 0.5555 -> 0.5445 ms, gated 0.6554 -> 0.6345, T=2048 0.0294 -> 0.0262; with pairs in quarters 0.676 -> 0.639.
+# The 16-bit kernels only, unless DENOMINATOR_BY_DOT_FLOAT32: in the float32 kernels (float32 inputs, float16
+# widened, bf16 with short chunks) the ieee product is FMA work, and a local sm_90 compile of the chunked float32
+# query kernel (Triton 3.9) spilled more with it (stores 273 -> 400 bytes, loads 385 -> 701); not timed there. The
+# interpreter tests set DENOMINATOR_BY_DOT_FLOAT32 to check the product's fold against the oracle (they run float32).
 DENOMINATOR_BY_DOT = True
+DENOMINATOR_BY_DOT_FLOAT32 = False
 
 
 @dataclass(frozen=True)
@@ -218,9 +223,9 @@ def kernel_spec(
     return _shape_class(q.dtype, d, e, deg, gated, has_valid, causal, long_keys, plan, *_tunables())
 
 
-def _tunables() -> tuple[int, int, bool, bool]:
+def _tunables() -> tuple[int, int, bool, bool, bool]:
     """The module constants a shape class depends on (benchmarks and tests set them): part of the memo's key."""
-    return QUADRATIC_BLOCK_K, STATE_BLOCK_S, QUERY_TRANSPOSED, DENOMINATOR_BY_DOT
+    return QUADRATIC_BLOCK_K, STATE_BLOCK_S, QUERY_TRANSPOSED, DENOMINATOR_BY_DOT, DENOMINATOR_BY_DOT_FLOAT32
 
 
 @functools.lru_cache(maxsize=1024)
@@ -238,6 +243,7 @@ def _shape_class(
     block_s: int,
     query_t: bool,
     den_dot: bool,
+    den_dot_float32: bool,
 ) -> KernelSpec:
     """``kernel_spec`` once per argument tuple (built per call, it took about 5 us of the 30 a short call spends
     on the host); ``long_keys``: the plan's chunk is shorter than the keys."""
@@ -264,7 +270,7 @@ def _shape_class(
         block_e=block_e,
         block_feature=block_feature if chunked else 0,
         query_t=chunked and query_t,
-        den_dot=den_dot,
+        den_dot=den_dot and (dtype != torch.float32 or den_dot_float32),
     )
 
 
