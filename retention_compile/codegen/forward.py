@@ -92,7 +92,10 @@ WIDE_BLOCK_T = 64
 WIDE_STAGES = 2
 MIN_BLOCK_E = 64  # narrower value blocks would recompute phi(q), the scores and phi(k) once per block
 # The state kernel aims at this many programs per SM when choosing the segment count. H200, b=1 h=8 d=64
-# T=65536 gated (80 programs per segment): 8 segments 3.05 ms, 16: 3.09, 7 (4 per SM): 3.21.
+# T=65536 gated (80 programs per segment): 8 segments 3.05 ms, 16: 3.09, 7 (4 per SM): 3.21 (Triton states, session
+# 23). With the CUDA wgmma state kernel (session 38, segments_NVIDIA-H200_2026-12-02_db635f0.json), forward ms
+# ungated / gated: 8 segments 1.079 / 1.332, 11: 1.148 / 1.384, 13: 1.180 / 1.343, 16: 1.180 / 1.304-1.377 (the
+# scan grows with the count: 0.108 -> 0.135); T=16384: 4 segments 0.320, 8: 0.313.
 STATE_WAVES = 4.5
 # Warps per program. The state kernel (S^T tile 64 x 256 fp32, phi tile 64 x 256) spills at 4 warps, not at 8
 # (ptxas, sm_90, triton 3.6). The chunked query kernel: run 2 (fp32 features, 1 stage) transposed state product
