@@ -155,6 +155,10 @@ PTX_MARKERS = {  # what each template's PTX must contain: its kernels and the in
     ),
 }
 TEMPLATE_ARCHS = [(t, a) for t in sorted(RENDERERS) for a in ARCHS.get(t, ("sm_80", "sm_90a", "compute_90"))]
+# Templates whose machine code (ptxas) is built for a subset of their cases, the others' PTX only (compute_*): the
+# state-term sources take about 28 s each through ptxas on the CI's 2-core machine (111 s for the four); the
+# ungated and the gated, valid, coordinate-terms cases keep the SASS check.
+SASS_CASES = {"state_terms_wgmma.cu.j2": (0, 1)}
 
 
 def _have_compiler() -> bool:
@@ -176,7 +180,10 @@ def test_every_template_has_a_render_case() -> None:
 @needs_compiler
 @pytest.mark.parametrize(("template", "arch"), TEMPLATE_ARCHS)
 def test_template_compiles(template: str, arch: str) -> None:
-    for source in RENDERERS[template]():
+    sources = RENDERERS[template]()
+    if not arch.startswith("compute_") and template in SASS_CASES:
+        sources = [sources[i] for i in SASS_CASES[template]]
+    for source in sources:
         binary = nvrtc.compile_source(source, arch)
         if arch.startswith("compute_"):
             text = binary.decode()
