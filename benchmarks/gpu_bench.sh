@@ -18,9 +18,10 @@
 # no other process holds the GPU (polled with nvidia-smi for up to 60 s; the wait and the processes seen are
 # logged): rows timed beside another process are not comparable (2026-11-29: two backward runs that followed a
 # killed pytest gave SDPA fwd+bwd 0.40-0.45 ms at T=2048 against the anchor's 0.125). JSON and plots go to OUT_DIR
-# (copy them to benchmarks/results/ with the notes); OUT_DIR/summary.txt has one line per benchmark and
-# OUT_DIR/logs.txt every log. Manifest's and fla's wheels are used when importable (../shared/tools/gpu-wheels.sh
-# prints how to install them; put their directory on PYTHONPATH before calling this). COMMIT=SHA names the code in
+# (copy them to benchmarks/results/ with the notes); OUT_DIR/summary.txt has one line per benchmark,
+# OUT_DIR/logs.txt every log and OUT_DIR/clocks.csv the SM clock and power over the run. Manifest's and fla's wheels
+# are used when importable (../shared/tools/gpu-wheels.sh prints how to install them; put their directory on
+# PYTHONPATH before calling this). COMMIT=SHA names the code in
 # the JSON where the device's git metadata is stale (each benchmark's --commit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,6 +49,15 @@ gpu_alone() {  # wait (<= 60 s) until no compute process holds the GPU; log what
     echo "gpu idle (waited ${waited}s)" >> "$summary"
 }
 
+# The SM clock and the power draw every 200 ms while the benchmarks run (OUT_DIR/clocks.csv): under the forward's
+# load the H200 reaches its 700 W cap and lowers its clock (session 38: 1980 -> 1665-1875 MHz), so the medians depend
+# on it; clocks_event_reasons.active 0x4 is the software power cap.
+if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active \
+        --format=csv -lms 200 > "$out/clocks.csv" 2>&1 &
+    clock_log=$!
+    trap 'kill "$clock_log" 2> /dev/null' EXIT
+fi
 for bench in "${which[@]}"; do
     gpu_alone
     case "$bench" in
