@@ -491,13 +491,21 @@ def _holds_values(t: torch.Tensor) -> bool:
     tracing (Dynamo, ``make_fx`` and other dispatch modes, ``torch.jit.trace``), inside a functorch transform (its
     tensors look plain) or while a CUDA graph is being captured (a read would break the capture)."""
     return (
-        type(t) in (torch.Tensor, torch.nn.Parameter)
+        _untraced()
+        and type(t) in (torch.Tensor, torch.nn.Parameter)
         and t.device.type != "meta"
-        and not torch.compiler.is_compiling()
+        and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    )
+
+
+def _untraced() -> bool:
+    """Nothing records or transforms the call: not compiling (Dynamo, export), no ``torch.jit.trace``, no dispatch
+    mode (``make_fx``, fake and functional tensors' modes), no functorch transform (vmap, grad)."""
+    return (
+        not torch.compiler.is_compiling()
         and torch._C._get_tracing_state() is None
         and torch._C._len_torch_dispatch_stack() == 0
         and torch._C._functorch.peek_interpreter_stack() is None
-        and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
     )
 
 
@@ -526,12 +534,9 @@ def _runs_body_directly(*tensors: torch.Tensor | None) -> bool:
     transform (vmap, grad: their tensors look plain) or a forward-mode AD level, or while the profiler records (its
     trace names the op)."""
     return (
-        not torch.compiler.is_compiling()
+        _untraced()
         and all(t is None or type(t) is torch.Tensor for t in tensors)
-        and torch._C._get_tracing_state() is None
-        and torch._C._len_torch_dispatch_stack() == 0
         and _only_default_device_modes()
-        and torch._C._functorch.peek_interpreter_stack() is None
         and forward_ad._current_level < 0
         and not torch._C._autograd._profiler_enabled()
     )
