@@ -64,7 +64,7 @@ STATE_EDITS: dict[str, list[Edit]] = {
         (r"mul_bf16x2\((lo|hi), (kj\[\d\])\)", r"\2")
     ],
     "state: no stores at chunk boundaries": [
-        (r"if \(CAUSAL\) store\(S_LOC, nullptr, M_LOC, bs \* n_chunks \+ c\);", "")
+        (r"if \(CAUSAL && \(c > c_lo \|\| seg == 0\)\) store\(S_LOC, nullptr, M_LOC, bs \* n_chunks \+ c\);", "")
     ],
     "state: no V copies": [(r"cp_async16\(stage \+ c\.v_dst[^;]*;", "")],
     "state: no K copies": [(r"cp_async16\(stage \+ c\.k_dst[^;]*;", "")],

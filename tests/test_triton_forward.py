@@ -57,6 +57,8 @@ CASES = [
     # rows 64 keys or more into their chunk: the query kernel's unmasked key blocks (the gate's factored form)
     ("chunked-long-gate", (1, 2, 1, 300, 300, 32, 32, 2, 2, False, True, 128, 2)),
     ("chunked-gate-valid-segments", (2, 2, 1, 45, 45, 32, 32, 2, 1, True, True, 16, 2)),
+    # a later segment of 9 chunks: its first state is written by the scan alone, the others read and rewritten
+    ("chunked-segment-steps", (1, 1, 1, 290, 290, 32, 32, 2, 0, False, True, 16, 2)),
     ("chunked-query-head-gate", (1, 4, 2, 33, 33, 32, 32, 2, 4, False, True, 16, 3)),
     ("chunked-prefill-cache", (1, 2, 2, 19, 61, 32, 24, 2, 2, True, True, 16, 2)),
     ("chunked-decode", (1, 2, 1, 1, 50, 32, 32, 2, 1, False, True, 16, 2)),
