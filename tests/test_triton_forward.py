@@ -10,6 +10,7 @@ tests only (tests/gpu/test_triton_forward.py).
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import json
 import os
@@ -68,6 +69,23 @@ CASES = [
 ]
 
 
+@contextlib.contextmanager
+def nan_filled_empty():
+    """Every float ``torch.empty`` filled with NaN: an element a kernel reads before any kernel wrote it shows up in
+    y (on the CPU a fresh allocation is often zeros, which would hide a read of a state slot left for the scan)."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    torch.empty = poisoned
+    try:
+        yield
+    finally:
+        torch.empty = real_empty
+
+
 def run_case(case: tuple, dtype: torch.dtype = torch.float32, gate_scale: float = 0.3) -> dict[str, float]:
     """Relative errors of ``triton_forward`` against the oracle on one case, ``{"y": ..., "denom": ...}`` (also
     checks shapes); the inputs are drawn in float32 and rounded to ``dtype``, the log-gates from
@@ -83,9 +101,10 @@ def run_case(case: tuple, dtype: torch.dtype = torch.float32, gate_scale: float 
     assert triton_supports(q, k, v, deg, gate, valid, causal) is None
     assert kernel_spec(q, v, deg, gate is not None, has_valid, causal, Tk, plan).chunked == (chunk < Tk and deg == 2)
     scale = 0.7 / d**0.5
-    y, den = triton_forward(
-        q, k, v, scale=scale, deg=deg, log_gate=gate, causal=causal, valid=valid, plan=plan, segments=segments
-    )
+    with nan_filled_empty():
+        y, den = triton_forward(
+            q, k, v, scale=scale, deg=deg, log_gate=gate, causal=causal, valid=valid, plan=plan, segments=segments
+        )
     ref = power_retention_reference(
         q.double(), k.double(), v.double(), scale=scale, deg=deg, causal=causal, valid=valid,
         log_gate=None if gate is None else gate.double(),

@@ -2,7 +2,8 @@
 
 A drop-in for the Triton ``state_kernel`` of ``templates/forward.py.j2``: same grid (segments, pairs x value
 blocks, heads), same buffers, same numbers up to rounding, so the Triton scan and query kernels read its output
-unchanged. For every chunk c of its segment a program stores the state before the chunk and then adds
+unchanged. For every chunk c of its segment a program stores the state before the chunk (but at a later segment's
+first chunk, where it is zero and the scan writes it) and then adds
 
     S += sum_j phi_p(k_j) (w_j v_j)^T,   M_IJ += sum_j k_jI (w_j k_jJ)^T,   w_j = exp(G_end - G_j)
 
@@ -283,8 +284,9 @@ def cuda_chunk_states_op(
     """``(S_LOC, M_LOC, S_SEG, M_SEG)`` as the Triton state kernel leaves them (LOC empty when non-causal).
 
     ``sizes = (Hq, group, state_heads, Tk, shift, n_chunks, chunks_per_seg, n_seg)``; ``g`` the cumulative log-gate
-    (B, state_heads, >= Tk) fp32 (rows may be padded), ``valid`` (B, Tk) bool. Slot 0 of the SEG buffers is left
-    for the scan.
+    (B, state_heads, >= Tk) fp32 (rows may be padded), ``valid`` (B, Tk) bool. Left for the scan, uninitialised:
+    slot 0 of the SEG buffers and, causal, LOC slots ``chunks_per_seg, 2 * chunks_per_seg, ...`` (a later segment's
+    first chunk state, zero before the scan).
     """
     spec = state_spec(k, v, chunk_size, causal, g is not None, valid is not None)
     info = _launch_info(spec, CONFIG, k.device.index or 0)

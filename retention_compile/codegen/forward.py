@@ -32,10 +32,10 @@ reduction over 2560 features). Three kernels:
 
     state    grid (segments, pairs x e-blocks, B*Hs): each program walks the chunks of one segment in order,
              accumulating its (b^2 x block_e) tile of S in fp32 registers and storing it before every chunk
-             (phi(K) is built in registers and shared memory, never in global memory); the segment's total goes
-             to a small fp32 buffer.
-    scan     (only with more than one segment) turns segment totals into true segment-start states and adds
-             the decayed start state into the chunk states of that segment.
+             but a later segment's first (zero there: the scan writes it) (phi(K) is built in registers and shared
+             memory, never in global memory); the segment's total goes to a small fp32 buffer.
+    scan     (only with more than one segment) turns segment totals into true segment-start states, writes the
+             decayed start state as each later segment's first chunk state and adds it into the others.
     query    the quadratic kernel restricted to the keys of the query's own chunk, plus
              ``exp(G_i - G_b) phi(s q_i)^T S_c`` with phi(q) built per pair in registers.
 
@@ -45,7 +45,8 @@ by the host, not the GPU, and so is a gated chunked one at T=8192 (four launches
 
 Segments exist for parallelism: one segment per (head, pair) would leave most SMs idle at small batch
 (b=1, h=8, d=64: 80 programs on 132 SMs, each walking all of T). With ``n`` segments the state kernel runs
-``n`` times as many programs; the price is one read-modify-write of the chunk states of segments >= 1.
+``n`` times as many programs; the price is the scan: one write of each later segment's first chunk state and
+one read-modify-write of its other chunk states.
 The state before each chunk is kept in the dots' dtype (bf16 for 16-bit inputs): one state per chunk.
 """
 
