@@ -9,8 +9,11 @@ name says so). Per variant: the whole forward (``bench_forward.bench_ms``)
 and each kernel's device time (profiler, mean of 20 calls). The base runs first, between the two groups and last:
 the spread of its three rows is the run's noise.
 
-    python benchmarks/ablate_forward.py [--T 65536] [--gated] [--out DIR] [--commit SHA]
+    python benchmarks/ablate_forward.py [--T 65536] [--gated] [--only REGEX] [--out DIR] [--commit SHA]
     python benchmarks/ablate_forward.py --dry-run     (no GPU: every edit applies to this checkout's templates)
+
+``--only`` keeps the variants whose name matches REGEX (``re.search``), with the three base rows: a short run of a
+few variants (``--only "V copies|K copies|step wait"``: the state kernel's copies and step barrier, five variants).
 
 Writes ``ablate_forward_<gpu>_<date>_<commit>.json`` under ``--out`` (default ``benchmarks/results``). An edit that
 no longer matches its template (the kernel changed) fails the variant with that message.
@@ -36,6 +39,10 @@ import retention_compile
 from retention_compile.codegen import cuda_state, forward, nvrtc, triton_source
 
 Edit = tuple[str, str]  # (pattern, replacement) for re.subn
+NO_V_COPIES: Edit = (r"cp_async16\(stage \+ c\.v_dst[^;]*;", "")
+NO_K_COPIES: Edit = (r"cp_async16\(stage \+ c\.k_dst[^;]*;", "")
+NO_STEP_WAIT: Edit = (r"cp_async_wait<AHEAD - 1>\(\);", "")
+NO_STEP_BARRIER: Edit = (r"__syncthreads\(\);  // the step is staged", "")
 QUERY_EDITS: dict[str, list[Edit]] = {
     "query: state product over half of its steps": [(r"for step in range\((\d+)\):", "for step in range(\\1 // 2):")],
     "query: no state product": [(r"for step in range\((\d+)\):", "for step in range(0):")],
@@ -66,8 +73,13 @@ STATE_EDITS: dict[str, list[Edit]] = {
     "state: no stores at chunk boundaries": [
         (r"if \(CAUSAL && \(c > c_lo \|\| seg == 0\)\) store\(S_LOC, nullptr, M_LOC, bs \* n_chunks \+ c\);", "")
     ],
-    "state: no V copies": [(r"cp_async16\(stage \+ c\.v_dst[^;]*;", "")],
-    "state: no K copies": [(r"cp_async16\(stage \+ c\.k_dst[^;]*;", "")],
+    "state: no V copies": [NO_V_COPIES],
+    "state: no K copies": [NO_K_COPIES],
+    # the ceiling of a kernel whose copies need no thread and no step barrier (a TMA issuer with mbarriers): the
+    # copies and the step's wait and barrier removed, alone and together (the bytes go too, so it is optimistic)
+    "state: no K and no V copies": [NO_K_COPIES, NO_V_COPIES],
+    "state: no step wait or barrier": [NO_STEP_WAIT, NO_STEP_BARRIER],
+    "state: no copies, no step wait or barrier": [NO_K_COPIES, NO_V_COPIES, NO_STEP_WAIT, NO_STEP_BARRIER],
     "state: no wgmma (the fragment building goes dead too: copies, barriers, stores remain)": [
         (r"for \(int m = 0; m < 2; \+\+m\) wgmma_n72\(acc\[m\], frag\[f\]\[m\], v_desc\);", "")
     ],
@@ -119,15 +131,17 @@ def unmatched(edits: list[Edit], matched: dict[str, int]) -> list[str]:
     return [pattern for pattern, _ in edits if not matched.get(pattern)]
 
 
-def variants() -> list[tuple[str, list[Edit], list[Edit]]]:
-    """(name, query edits, state edits) in the order they run, the base first, between the groups and last."""
+def variants(only: str | None = None) -> list[tuple[str, list[Edit], list[Edit]]]:
+    """(name, query edits, state edits) in the order they run, the base first, between the groups and last; with
+    ``only``, the variants whose name matches it (and the three bases)."""
     base = [("base", [], [])]
-    query = [(name, edits, []) for name, edits in QUERY_EDITS.items()]
-    state = [(name, [], edits) for name, edits in STATE_EDITS.items()]
+    kept = {name for name in [*QUERY_EDITS, *STATE_EDITS] if only is None or re.search(only, name)}
+    query = [(name, edits, []) for name, edits in QUERY_EDITS.items() if name in kept]
+    state = [(name, [], edits) for name, edits in STATE_EDITS.items() if name in kept]
     return base + query + [("base (between)", [], [])] + state + [("base (last)", [], [])]
 
 
-def dry_run() -> dict[str, list[str]]:
+def dry_run(only: str | None = None) -> dict[str, list[str]]:
     """Render the sources of the benchmarked shape (the query kernel's narrow launch included) with each variant's
     edits, no GPU: {variant: the patterns that matched nowhere} (empty lists when the edits still apply; the edited
     Triton sources must still parse)."""
@@ -139,7 +153,7 @@ def dry_run() -> dict[str, list[str]]:
     launch = forward.NARROW_QUERY_LAUNCH
     query_spec = dataclasses.replace(spec, block_t=launch.rows, query_split=launch.split)
     report = {}
-    for name, query, state in variants():
+    for name, query, state in variants(only):
         matched: dict[str, int] = {}
         for template_spec in (spec, query_spec):
             ast.parse(apply_edits(triton_source.render(triton_source.FORWARD_TEMPLATE, template_spec), query, matched))
@@ -148,7 +162,7 @@ def dry_run() -> dict[str, list[str]]:
     return report
 
 
-def measure(T: int, gated: bool) -> list[dict]:
+def measure(T: int, gated: bool, only: str | None = None) -> list[dict]:
     import torch
     from bench_forward import bench_ms, inputs, kernel_times, ours
 
@@ -156,7 +170,7 @@ def measure(T: int, gated: bool) -> list[dict]:
 
     x = inputs(T, gated)
     rows = []
-    for name, query, state in variants():
+    for name, query, state in variants(only):
         row: dict = {"variant": name, "edits": [p for p, _ in query + state]}
         with edited_sources(query, state) as matched:
             # the CUDA state kernel named, not measured against Triton's: "auto" would time the edited kernels and
@@ -180,12 +194,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--T", type=int, default=65536)
     parser.add_argument("--gated", action="store_true")
+    parser.add_argument("--only", default=None, help="the variants whose name matches this regular expression")
     parser.add_argument("--dry-run", action="store_true", help="check that every edit applies; no GPU")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--commit", default=None)
     args = parser.parse_args(argv)
     if args.dry_run:
-        report = dry_run()
+        report = dry_run(args.only)
         print(json.dumps(report, indent=1))
         return report
     import torch
@@ -198,7 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
         "gpu": gpu,
         "shape": {"B": 1, "H": 8, "d": 64, "deg": 2, "dtype": "bfloat16", "causal": True, "T": args.T},
         "gated": args.gated,
-        "rows": measure(args.T, args.gated),
+        "only": args.only,
+        "rows": measure(args.T, args.gated, args.only),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"ablate_forward_{gpu.replace(' ', '-')}_{datetime.date.today().isoformat()}_{commit}.json"

@@ -324,6 +324,9 @@ def test_ablation_edits_still_apply(monkeypatch: pytest.MonkeyPatch) -> None:
     for by_dot in (forward.DENOMINATOR_BY_DOT, not forward.DENOMINATOR_BY_DOT):
         monkeypatch.setattr(forward, "DENOMINATOR_BY_DOT", by_dot)
         assert ablate_forward.main(["--dry-run"]) == {name: [] for name, _, _ in ablate_forward.variants()}, by_dot
+    copies = ablate_forward.main(["--dry-run", "--only", "V copies|K copies|step wait"])
+    bases = {"base", "base (between)", "base (last)"}
+    assert len(copies) == 8 and bases < set(copies) and not any(copies.values())
     spec = _spec(query_split=2)
     edits = ablate_forward.QUERY_EDITS["query: no state product"]
     with ablate_forward.edited_sources(edits, []) as matched:
