@@ -132,6 +132,20 @@ def oracle_softmax(scores: torch.Tensor, dim: int = -1, dtype: torch.dtype | Non
 
 
 @contextlib.contextmanager
+def nan_filled_empty() -> Iterator[None]:
+    """Within the block every float ``torch.empty`` comes back filled with NaN: an element a kernel reads or returns
+    before anything wrote it shows up as NaN (a fresh allocation is often zeros, which would hide it)."""
+    real_empty = torch.empty
+
+    def poisoned(*args: Any, **kwargs: Any) -> torch.Tensor:
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    with mock.patch.object(torch, "empty", poisoned):
+        yield
+
+
+@contextlib.contextmanager
 def oracle_attention(deg: int = 2) -> Iterator[None]:
     """Within the block, ``F.scaled_dot_product_attention`` is ``oracle_sdpa`` (float64 oracle) for every
     call: the meaning the backend gives a model whose sites are all rewritten."""

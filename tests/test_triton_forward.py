@@ -10,7 +10,6 @@ tests only (tests/gpu/test_triton_forward.py).
 from __future__ import annotations
 
 import ast
-import contextlib
 import dataclasses
 import json
 import os
@@ -30,6 +29,7 @@ from retention_compile.codegen.forward import kernel_spec, triton_forward, trito
 from retention_compile.codegen.triton_source import KernelSpec, load_forward, render_forward  # noqa: E402
 from retention_compile.planning import Plan  # noqa: E402
 from retention_compile.reference import EPS, power_retention_reference, power_retention_weights  # noqa: E402
+from retention_compile.testing import nan_filled_empty  # noqa: E402
 
 TINY = {"block_t": 16, "block_feature": 16, "block_e": 32}
 
@@ -67,23 +67,6 @@ CASES = [
     ("chunked-noncausal", (1, 2, 1, 27, 50, 32, 32, 2, 0, True, False, 16, 2)),
     ("chunked-d48", (1, 1, 1, 40, 40, 48, 40, 2, 1, False, True, 16, 2)),
 ]
-
-
-@contextlib.contextmanager
-def nan_filled_empty():
-    """Every float ``torch.empty`` filled with NaN: an element a kernel reads before any kernel wrote it shows up in
-    y (on the CPU a fresh allocation is often zeros, which would hide a read of a state slot left for the scan)."""
-    real_empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        out = real_empty(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    torch.empty = poisoned
-    try:
-        yield
-    finally:
-        torch.empty = real_empty
 
 
 def run_case(case: tuple, dtype: torch.dtype = torch.float32, gate_scale: float = 0.3) -> dict[str, float]:

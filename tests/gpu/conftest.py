@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import pytest
-import torch
+
+from retention_compile.testing import nan_filled_empty
 
 
 @pytest.fixture
-def poison_allocations(monkeypatch: pytest.MonkeyPatch):
+def poison_allocations():
     """Fill every float torch.empty with NaN while a test runs eagerly: an element the kernels never write shows up."""
-    real_empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        out = real_empty(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(torch, "empty", poisoned)
-    yield
+    with nan_filled_empty():
+        yield
 
 
 @pytest.fixture(autouse=True)
