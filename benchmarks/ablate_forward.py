@@ -10,10 +10,11 @@ and each kernel's device time (profiler, mean of 20 calls). The base runs first,
 the spread of its three rows is the run's noise.
 
     python benchmarks/ablate_forward.py [--T 65536] [--gated] [--only REGEX] [--out DIR] [--commit SHA]
-    python benchmarks/ablate_forward.py --dry-run     (no GPU: every edit applies to this checkout's templates)
+    python benchmarks/ablate_forward.py --dry-run [--compile]   (no GPU: every edit applies to this checkout's
+                                                                  templates; --compile: the CUDA ones also compile)
 
 ``--only`` keeps the variants whose name matches REGEX (``re.search``), with the three base rows: a short run of a
-few variants (``--only "V copies|K copies|step wait"``: the state kernel's copies and step barrier, five variants).
+few variants (``--only "V copies|K copies|step wait"``: the state kernel's copies and step barrier, six variants).
 
 Writes ``ablate_forward_<gpu>_<date>_<commit>.json`` under ``--out`` (default ``benchmarks/results``). An edit that
 no longer matches its template (the kernel changed) fails the variant with that message.
@@ -42,7 +43,10 @@ Edit = tuple[str, str]  # (pattern, replacement) for re.subn
 NO_V_COPIES: Edit = (r"cp_async16\(stage \+ c\.v_dst[^;]*;", "")
 NO_K_COPIES: Edit = (r"cp_async16\(stage \+ c\.k_dst[^;]*;", "")
 NO_STEP_WAIT: Edit = (r"cp_async_wait<AHEAD - 1>\(\);", "")
-NO_STEP_BARRIER: Edit = (r"__syncthreads\(\);  // the step is staged", "")
+NO_STEP_BARRIER: Edit = (r"__syncthreads\(\);  // the step is staged[^\n]*", "")
+# the copies still issued and still writing shared memory, but zero-filled (source size 0): no global read
+ZERO_FILL_K: Edit = (r"(cp_async16\(stage \+ c\.k_dst[^;]*), ok\);", r"\1, false);")
+ZERO_FILL_V: Edit = (r"(cp_async16\(stage \+ c\.v_dst[^;]*), ok\);", r"\1, false);")
 QUERY_EDITS: dict[str, list[Edit]] = {
     "query: state product over half of its steps": [(r"for step in range\((\d+)\):", "for step in range(\\1 // 2):")],
     "query: no state product": [(r"for step in range\((\d+)\):", "for step in range(0):")],
@@ -79,6 +83,8 @@ STATE_EDITS: dict[str, list[Edit]] = {
     # copies and the step's wait and barrier removed, alone and together (the bytes go too, so it is optimistic)
     "state: no K and no V copies": [NO_K_COPIES, NO_V_COPIES],
     "state: no step wait or barrier": [NO_STEP_WAIT, NO_STEP_BARRIER],
+    # the same copies with no global read: what the copies cost in L2 traffic against issue and shared-memory writes
+    "state: K and V copies zero-filled (no global reads)": [ZERO_FILL_K, ZERO_FILL_V],
     "state: no copies, no step wait or barrier": [NO_K_COPIES, NO_V_COPIES, NO_STEP_WAIT, NO_STEP_BARRIER],
     "state: no wgmma (the fragment building goes dead too: copies, barriers, stores remain)": [
         (r"for \(int m = 0; m < 2; \+\+m\) wgmma_n72\(acc\[m\], frag\[f\]\[m\], v_desc\);", "")
@@ -141,10 +147,11 @@ def variants(only: str | None = None) -> list[tuple[str, list[Edit], list[Edit]]
     return base + query + [("base (between)", [], [])] + state + [("base (last)", [], [])]
 
 
-def dry_run(only: str | None = None) -> dict[str, list[str]]:
+def dry_run(only: str | None = None, compile_cuda: bool = False) -> dict[str, list[str]]:
     """Render the sources of the benchmarked shape (the query kernel's narrow launch included) with each variant's
     edits, no GPU: {variant: the patterns that matched nowhere} (empty lists when the edits still apply; the edited
-    Triton sources must still parse)."""
+    Triton sources must still parse). With ``compile_cuda`` the edited CUDA sources are also compiled for sm_90a
+    (NVRTC or nvcc, no GPU; ``CudaCompileError`` names a variant whose edit broke the source)."""
     spec = triton_source.KernelSpec(
         dtype="bfloat16", head_dim=64, value_dim=64, deg=2, gated=False, has_valid=False, causal=True, chunked=True,
         chunk_size=1024, block_t=128, block_k=64, block_s=64, block_e=64, block_feature=16,
@@ -157,7 +164,10 @@ def dry_run(only: str | None = None) -> dict[str, list[str]]:
         matched: dict[str, int] = {}
         for template_spec in (spec, query_spec):
             ast.parse(apply_edits(triton_source.render(triton_source.FORWARD_TEMPLATE, template_spec), query, matched))
-        apply_edits(cuda_state.render_state_source.__wrapped__(spec, cuda_state.CONFIG, "sm_90a"), state, matched)
+        rendered = cuda_state.render_state_source.__wrapped__(spec, cuda_state.CONFIG, "sm_90a")
+        source = apply_edits(rendered, state, matched)
+        if compile_cuda:
+            nvrtc.cached_compile(source, "sm_90a")
         report[name] = unmatched(query + state, matched)
     return report
 
@@ -196,11 +206,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gated", action="store_true")
     parser.add_argument("--only", default=None, help="the variants whose name matches this regular expression")
     parser.add_argument("--dry-run", action="store_true", help="check that every edit applies; no GPU")
+    parser.add_argument("--compile", action="store_true", help="with --dry-run: compile the edited CUDA sources too")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--commit", default=None)
     args = parser.parse_args(argv)
     if args.dry_run:
-        report = dry_run(args.only)
+        report = dry_run(args.only, args.compile)
         print(json.dumps(report, indent=1))
         return report
     import torch

@@ -74,13 +74,14 @@ def timing(T: int, gated: bool, variants: list[str], den_dot: list[bool]) -> dic
     planned = resolve_plan(x["q"], x["k"], x["v"], 2, gated, CHUNK)
     out: dict = {"T": T, "gated": gated, "plan": dataclasses.asdict(planned), "variants": {}}
     defaults = (forward.NARROW_QUERY_LAUNCH, forward.QUADRATIC_BLOCK_K, forward.DENOMINATOR_BY_DOT)
+    named_by_dot = den_dot != [forward.DENOMINATOR_BY_DOT]  # a setting other than the package's is named in the row
     try:
         for text, by_dot in ((t, d) for t in variants for d in den_dot):
             rows, warps, stages, registers, keys, split = parse_variant(text)
             forward.NARROW_QUERY_LAUNCH = forward.QueryLaunch(rows, warps, stages, split, registers or None)
             forward.QUADRATIC_BLOCK_K = keys
             forward.DENOMINATOR_BY_DOT = by_dot
-            if den_dot != [False]:
+            if named_by_dot:
                 text = f"{text} den_dot={by_dot}"
             plan = dataclasses.replace(planned, block_t=rows, num_stages=stages)
             run = ours(x, plan)
@@ -111,8 +112,9 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
     parser.add_argument("--single-call", action="store_true", help="one forward for ncu, nothing recorded")
     parser.add_argument(
-        "--den-dot", nargs="+", choices=("off", "on"), default=["off"],
-        help="forward.DENOMINATOR_BY_DOT per variant: off, on, or both (each variant timed with each)",
+        "--den-dot", nargs="+", choices=("off", "on"), default=["on" if forward.DENOMINATOR_BY_DOT else "off"],
+        help="forward.DENOMINATOR_BY_DOT per variant: off, on, or both (each variant timed with each; default: the "
+        "package's setting, so --single-call profiles the kernels the package runs)",
     )  # fmt: skip
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--commit", default=None)

@@ -22,7 +22,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from retention_compile.codegen import fitting, forward, triton_source  # noqa: E402
+from retention_compile.codegen import fitting, forward, nvrtc, triton_source  # noqa: E402
 from retention_compile.codegen.backward import BackwardSpec  # noqa: E402
 from retention_compile.codegen.fitting import fit_shared_memory  # noqa: E402
 from retention_compile.codegen.forward import kernel_spec, triton_forward, triton_supports  # noqa: E402
@@ -309,13 +309,31 @@ def test_ablation_edits_still_apply(monkeypatch: pytest.MonkeyPatch) -> None:
         assert ablate_forward.main(["--dry-run"]) == {name: [] for name, _, _ in ablate_forward.variants()}, by_dot
     copies = ablate_forward.main(["--dry-run", "--only", "V copies|K copies|step wait"])
     bases = {"base", "base (between)", "base (last)"}
-    assert len(copies) == 8 and bases < set(copies) and not any(copies.values())
+    assert len(copies) == 9 and bases < set(copies) and not any(copies.values())
     spec = _spec(query_split=2)
     edits = ablate_forward.QUERY_EDITS["query: no state product"]
     with ablate_forward.edited_sources(edits, []) as matched:
         assert "for step in range(0):" in render_forward(spec)
     assert matched == {edits[0][0]: 1}
     assert "for step in range(0):" not in render_forward(spec)
+
+
+def test_ablation_variants_that_delete_cuda_lines_still_compile(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The state-kernel variants of ``benchmarks/ablate_forward.py`` that delete or rewrite CUDA statements still
+    compile for sm_90a (no GPU): a pattern that matched half a line once left a comment's tail as code, which only the
+    GPU run found."""
+    try:
+        nvrtc.compiler_id()
+    except RuntimeError:
+        pytest.skip("neither NVRTC nor nvcc is available")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import ablate_forward
+
+    report = ablate_forward.main(["--dry-run", "--compile", "--only", "step wait|zero-filled|no stores"])
+    assert len(report) == 7 and not any(report.values())
 
 
 def test_source_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
