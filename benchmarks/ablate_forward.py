@@ -108,8 +108,8 @@ def edited_sources(query: list[Edit], state: list[Edit]) -> Iterator[dict[str, i
     matched: dict[str, int] = {}
     render, render_cuda = triton_source.render, nvrtc.render
 
-    def triton_render(template: str, spec) -> str:
-        return apply_edits(render(template, spec), query, matched)
+    def triton_render(template: str, spec, interpret: bool = False) -> str:
+        return apply_edits(render(template, spec, interpret), query, matched)
 
     def cuda_render(name: str, **params: object) -> str:
         return apply_edits(render_cuda(name, **params), state, matched)

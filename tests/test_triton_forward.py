@@ -295,6 +295,18 @@ def test_rendered_source_bakes_the_shape() -> None:
     assert "x2 = x * x" in quadratic and "w = x2 * x2" in quadratic
     fp32 = render_forward(_spec(dtype="float32"))
     assert 'input_precision="ieee"' in fp32 and "tl.bfloat16" not in fp32
+    assert "scale_deg = (scale * scale) * (scale * scale)" in quadratic  # s^4 once per row, after the loops
+    assert "* scale" not in source.split("scale_deg")[0].split("def attention_kernel")[1]  # no per-weight scale
+
+
+def test_gated_attention_loops_take_ftz_exp_on_the_gpu_only() -> None:
+    """The GPU render's attention loops take e^x by one ``ex2.approx.ftz.f32`` (inline PTX); the interpreter's render
+    (``TRITON_INTERPRET=1`` runs no PTX) and the ungated render have none."""
+    gpu = triton_source.render(triton_source.FORWARD_TEMPLATE, _spec())
+    assert "ex2.approx.ftz.f32" in gpu and gpu.count("w = w * exp_ftz(") == 2
+    interpreted = triton_source.render(triton_source.FORWARD_TEMPLATE, _spec(), interpret=True)
+    assert "exp_ftz" not in interpreted and "inline_asm" not in interpreted
+    assert "exp_ftz" not in render_forward(_spec(gated=False))
 
 
 def test_ablation_edits_still_apply(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -142,9 +142,12 @@ def _forward_params(spec: KernelSpec) -> dict[str, object]:
     }
 
 
-def render(template: str, spec) -> str:
-    """The Triton module source of ``template`` for ``spec`` (deterministic: equal specs give byte-equal sources)."""
-    return environment(TEMPLATE_DIR).get_template(template).render(**spec.template_params())
+def render(template: str, spec, interpret: bool = False) -> str:
+    """The Triton module source of ``template`` for ``spec`` (deterministic: equal specs give byte-equal sources).
+
+    ``interpret``: the source for ``TRITON_INTERPRET=1``, which runs no inline PTX (the GPU source's ``exp_ftz``
+    is ``tl.exp`` there)."""
+    return environment(TEMPLATE_DIR).get_template(template).render(**spec.template_params(), interpret=interpret)
 
 
 def render_forward(spec: KernelSpec) -> str:
@@ -187,7 +190,7 @@ def load(template: str, spec) -> tuple[ModuleType, Path]:
 
 @functools.lru_cache(maxsize=256)
 def _load(spec, interpret: bool, template: str = FORWARD_TEMPLATE) -> tuple[ModuleType, Path]:
-    source = render(template, spec)
+    source = render(template, spec, interpret)
     path = source_path(source, template.split(".")[0])
     cache.store(path, source.encode())
     return _import(path, interpret), path
