@@ -47,6 +47,17 @@ NO_STEP_BARRIER: Edit = (r"__syncthreads\(\);  // the step is staged[^\n]*", "")
 # the copies still issued and still writing shared memory, but zero-filled (source size 0): no global read
 ZERO_FILL_K: Edit = (r"(cp_async16\(stage \+ c\.k_dst[^;]*), ok\);", r"\1, false);")
 ZERO_FILL_V: Edit = (r"(cp_async16\(stage \+ c\.v_dst[^;]*), ok\);", r"\1, false);")
+
+
+def copy_bytes(size: int) -> Edit:
+    """Every cp.async of the state kernel moves ``size`` bytes instead of 16 (the same instructions and addresses,
+    fewer bytes read and written): whether the copies cost issue slots or bytes."""
+    return (
+        r"cp\.async\.cg\.shared\.global \[%0\], \[%1\], 16, %2;\" ::\"r\"\(dst\), \"l\"\(src\), \"r\"\(ok \? 16 : 0\)",
+        f'cp.async.ca.shared.global [%0], [%1], {size}, %2;" ::"r"(dst), "l"(src), "r"(ok ? {size} : 0)',
+    )
+
+
 QUERY_EDITS: dict[str, list[Edit]] = {
     "query: state product over half of its steps": [(r"for step in range\((\d+)\):", "for step in range(\\1 // 2):")],
     "query: no state product": [(r"for step in range\((\d+)\):", "for step in range(0):")],
@@ -85,6 +96,8 @@ STATE_EDITS: dict[str, list[Edit]] = {
     "state: no step wait or barrier": [NO_STEP_WAIT, NO_STEP_BARRIER],
     # the same copies with no global read: what the copies cost in L2 traffic against issue and shared-memory writes
     "state: K and V copies zero-filled (no global reads)": [ZERO_FILL_K, ZERO_FILL_V],
+    "state: copies of 8 bytes (the same instructions, half the bytes)": [copy_bytes(8)],
+    "state: copies of 4 bytes (the same instructions, a quarter of the bytes)": [copy_bytes(4)],
     "state: no copies, no step wait or barrier": [NO_K_COPIES, NO_V_COPIES, NO_STEP_WAIT, NO_STEP_BARRIER],
     "state: no wgmma (the fragment building goes dead too: copies, barriers, stores remain)": [
         (r"for \(int m = 0; m < 2; \+\+m\) wgmma_n72\(acc\[m\], frag\[f\]\[m\], v_desc\);", "")

@@ -344,8 +344,8 @@ def test_ablation_variants_that_delete_cuda_lines_still_compile(
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import ablate_forward
 
-    report = ablate_forward.main(["--dry-run", "--compile", "--only", "step wait|zero-filled|no stores"])
-    assert len(report) == 7 and not any(report.values())
+    report = ablate_forward.main(["--dry-run", "--compile", "--only", "step wait|zero-filled|no stores|bytes"])
+    assert len(report) == 9 and not any(report.values())
 
 
 def test_source_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
