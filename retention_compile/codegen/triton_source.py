@@ -150,9 +150,9 @@ def render(template: str, spec, interpret: bool = False) -> str:
     return environment(TEMPLATE_DIR).get_template(template).render(**spec.template_params(), interpret=interpret)
 
 
-def render_forward(spec: KernelSpec) -> str:
-    """The forward's Triton module source for ``spec``."""
-    return render(FORWARD_TEMPLATE, spec)
+def render_forward(spec: KernelSpec, interpret: bool = False) -> str:
+    """The forward's Triton module source for ``spec`` (``interpret``: the interpreter's, see ``render``)."""
+    return render(FORWARD_TEMPLATE, spec, interpret)
 
 
 def cache_dir() -> Path:
