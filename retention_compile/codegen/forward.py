@@ -16,9 +16,11 @@ quadratic (deg != 2, or ``chunk_size >= Tk``): one kernel, flash-style but with 
 
     acc += ((s q K^T)^p * exp(G_i - G_j) * mask) V,   den += row sums,   y = acc / (den + eps)
 
-The weights are positive and at most (s |q| |k|)^p: with fp32 accumulation and bf16 (fp32-range) operands
-for the second product, |q|, |k| ~ 1e2 stay finite even for p = 4, so no running row maximum is needed and
-``denom`` is the true sum. Blocks left of the diagonal skip the causal mask; gated, they take
+At p = 2 the loops weigh (q K^T)^2 and s^2 multiplies acc and den once per row after them (den + eps after the
+scaling); at p >= 4 the scale goes into q K^T before the power, which keeps (s q.k)^p's range. The weights are
+positive and at most (s |q| |k|)^p (times s^-2 at p = 2): with fp32 accumulation and bf16 (fp32-range) operands for
+the second product, |q|, |k| ~ 1e2 stay finite even for p = 6, so no running row maximum is needed and ``denom`` is
+the true sum. Blocks left of the diagonal skip the causal mask; gated, they take
 ``exp(G_i - G_j) = exp(G_i - G_ref) exp(G_ref - G_j)`` with ``G_ref`` the G of the block of rows' first position:
 one exp per key and one per row instead of one per weight (both factors <= 1 since G never rises: a factor
 underflows only where the weight does).

@@ -5,7 +5,7 @@
     load_forward(spec)         -> (module, path): the source cached by content hash (and versions) in
                                ``cache.cache_dir("triton")`` (never the package), written atomically, rewritten
                                when the entry's bytes differ from the render (truncated), imported once per process
-    render(template, spec) / load(template, spec)
+    render(template, spec[, interpret]) / load(template, spec)
                                the same for any template of ``templates/`` and any hashable spec with
                                ``template_params()`` (the backward: ``backward.BackwardSpec``)
 
