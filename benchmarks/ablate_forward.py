@@ -84,9 +84,16 @@ Q_BLOCKS_BY_DESCRIPTOR: list[Edit] = [
     ),
 ]
 
+NO_STATE_STEPS: Edit = (r"for step in range\((\d+)\):", "for step in range(0):")
+NO_UNMASKED_BLOCKS: Edit = (r"for blk in range\(n_full\):", "for blk in range(0):")
+NO_MASKED_BLOCKS: Edit = (r"for start in range\(lo \+ n_full \* \d+, hi, \d+\):", "for start in range(0):")
+
 QUERY_EDITS: dict[str, list[Edit]] = {
     "query: state product over half of its steps": [(r"for step in range\((\d+)\):", "for step in range(\\1 // 2):")],
-    "query: no state product": [(r"for step in range\((\d+)\):", "for step in range(0):")],
+    "query: no state product": [NO_STATE_STEPS],
+    "query: no key loops (no intra-chunk attention)": [NO_UNMASKED_BLOCKS, NO_MASKED_BLOCKS],
+    # what the kernel costs besides its three loops: q's load, the M term, the row scaling and the stores
+    "query: no state product and no key loops (the rest)": [NO_STATE_STEPS, NO_UNMASKED_BLOCKS, NO_MASKED_BLOCKS],
     "query: phi a constant (no q loads, no products)": [
         (
             r"phi = tl\.reshape\(q_i\[:, :, None\] \* q_j\[:, None, :\], \((\d+), (\d+)\)\)",
