@@ -84,6 +84,15 @@ Q_BLOCKS_BY_DESCRIPTOR: list[Edit] = [
     ),
 ]
 
+N64_NO_ONES: Edit = (
+    r"wgmma_n72\(acc\[m\], frag\[f\]\[m\], v_desc\);",
+    "wgmma_n64(*reinterpret_cast<float(*)[32]>(acc[m]), frag[f][m], v_desc);",
+)
+K_J_BY_WARPGROUP_0: Edit = (
+    r"ldmatrix_x4_trans\(kj, (st\.kj \+ 16 \* s \* KROW \+ kj_off)\);\n(\s*)(ldmatrix_x2_trans\(ki, [^;]*;)",
+    r"\3\n\2if (gr == 0) ldmatrix_x4_trans(kj, \1); else { kj[0] = kj[2] = ki[0]; kj[1] = kj[3] = ki[1]; }",
+)
+
 NO_STATE_STEPS: Edit = (r"for step in range\((\d+)\):", "for step in range(0):")
 NO_UNMASKED_BLOCKS: Edit = (r"for blk in range\(n_full\):", "for blk in range(0):")
 NO_MASKED_BLOCKS: Edit = (r"for start in range\(lo \+ n_full \* \d+, hi, \d+\):", "for start in range(0):")
@@ -144,6 +153,12 @@ STATE_EDITS: dict[str, list[Edit]] = {
     "state: copies of 8 bytes (the same instructions, half the bytes)": [copy_bytes(8)],
     "state: copies of 4 bytes (the same instructions, a quarter of the bytes)": [copy_bytes(4)],
     "state: no copies, no step wait or barrier": [NO_K_COPIES, NO_V_COPIES, NO_STEP_WAIT, NO_STEP_BARRIER],
+    # the normaliser's block of ones dropped from B (m64n64k16): what M's 8 columns cost in products and B reads
+    "state: B without the ones (n64, no M)": [N64_NO_ONES],
+    # the shared-memory reads of a one-warpgroup program (4 tiles per warp share one K_J load): warpgroup 1 skips
+    # its K_J ldmatrix (fragments from its K_I registers instead)
+    "state: K_J loaded by warpgroup 0 only": [K_J_BY_WARPGROUP_0],
+    "state: n64 and K_J by warpgroup 0 only": [N64_NO_ONES, K_J_BY_WARPGROUP_0],
     "state: no wgmma (the fragment building goes dead too: copies, barriers, stores remain)": [
         (r"for \(int m = 0; m < 2; \+\+m\) wgmma_n72\(acc\[m\], frag\[f\]\[m\], v_desc\);", "")
     ],
