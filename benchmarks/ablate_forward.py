@@ -199,6 +199,14 @@ STATE_EDITS: dict[str, list[Edit]] = {
     "state: B without the ones (n64, no M)": [N64_NO_ONES],
     # the shared-memory reads of a one-warpgroup program (4 tiles per warp share one K_J load): warpgroup 1 skips
     # its K_J ldmatrix (fragments from its K_I registers instead)
+    # the products' N from 72 to 8 (the same instructions, a ninth of the tensor work): whether the state kernel's
+    # time follows the tensor work or the instruction count
+    "state: wgmma n8 (a ninth of the products)": [
+        (
+            r"wgmma_n72\(acc\[m\], frag\[f\]\[m\], v_desc\);",
+            "wgmma_n8(*reinterpret_cast<float(*)[4]>(acc[m]), frag[f][m], v_desc);",
+        )
+    ],
     "state: K_J loaded by warpgroup 0 only": [K_J_BY_WARPGROUP_0],
     "state: n64 and K_J by warpgroup 0 only": [N64_NO_ONES, K_J_BY_WARPGROUP_0],
     "state: no wgmma (the fragment building goes dead too: copies, barriers, stores remain)": [
