@@ -69,26 +69,6 @@ def _wgmma_state_cases() -> list[str]:
     return sources
 
 
-def _wgmma_specialized_state_cases() -> list[str]:
-    """Warp-specialized wgmma chunk-state sources (sm_90a, ungated): validity, non-causal, two value blocks, d = 32
-    (an odd pair count) and 128, 1, 2 or 4 slices in flight, 4 to 8 copy stages."""
-    specialized = dataclasses.replace(cuda_state.CONFIG, wgmma=True, wgmma_specialized=True)
-    cases = [  # (d, e, valid, causal, chunk, config)
-        (64, 64, False, True, 1024, specialized),
-        (64, 64, True, False, 256, dataclasses.replace(specialized, wgmma_in_flight=4, wgmma_specialized_stages=8)),
-        (128, 128, True, True, 512, dataclasses.replace(specialized, wgmma_in_flight=1, wgmma_specialized_stages=4)),
-        (32, 64, False, True, 64, specialized),
-    ]
-    sources = []
-    for d, e, valid, causal, chunk, config in cases:
-        k, v = torch.empty(1, 1, 1, d, dtype=torch.bfloat16), torch.empty(1, 1, 1, e, dtype=torch.bfloat16)
-        spec = state_spec(k, v, chunk, causal, False, valid)
-        assert cuda_state.uses_specialized(spec, config, "sm_90a")
-        assert not cuda_state.uses_specialized(state_spec(k, v, chunk, causal, True, valid), config, "sm_90a")
-        sources.append(cuda_state.render_state_source(spec, config, "sm_90a"))
-    return sources
-
-
 def _wgmma_reverse_cases() -> list[str]:
     """wgmma reverse-state sources (sm_90a): gate, coordinate terms, non-causal, two value blocks, d = 32 and 128."""
     cases = [  # (d, e, gated, causal, chunk, coordinate terms)
@@ -129,13 +109,11 @@ RENDERERS = {
     "decode_step.cu.j2": _decode_cases,
     "chunk_state.cu.j2": _state_cases,
     "chunk_state_wgmma.cu.j2": _wgmma_state_cases,
-    "chunk_state_wgmma_ws.cu.j2": _wgmma_specialized_state_cases,
     "reverse_state_wgmma.cu.j2": _wgmma_reverse_cases,
 }
 ARCHS = {  # the others: sm_80, sm_90a, compute_90
     "state_terms_wgmma.cu.j2": ("sm_90a", "compute_90a"),
     "chunk_state_wgmma.cu.j2": ("sm_90a", "compute_90a"),
-    "chunk_state_wgmma_ws.cu.j2": ("sm_90a", "compute_90a"),
     "reverse_state_wgmma.cu.j2": ("sm_90a", "compute_90a"),
 }
 PTX_MARKERS = {  # what each template's PTX must contain: its kernels and the instructions it is built around
@@ -157,12 +135,6 @@ PTX_MARKERS = {  # what each template's PTX must contain: its kernels and the in
         "wgmma.mma_async.sync.aligned.m64n72k16.f32.bf16.bf16",
         "mul.rn.bf16x2",  # the features, rounded once
         "cp.async.cg.shared.global",
-    ),
-    "chunk_state_wgmma_ws.cu.j2": (
-        ".entry retention_chunk_state",
-        "wgmma.mma_async.sync.aligned.m64n72k16.f32.bf16.bf16",
-        "cp.async.mbarrier.arrive.noinc.shared::cta.b64",  # the copy warp signals each stage on its mbarrier
-        "setmaxnreg.inc.sync.aligned.u32",  # the MMA warpgroups take the copy warpgroup's registers
     ),
     "state_terms_wgmma.cu.j2": (
         ".entry retention_dkv_state_dv",

@@ -41,7 +41,6 @@ from .triton_source import KernelSpec
 
 STATE_TEMPLATE = "chunk_state.cu.j2"
 WGMMA_TEMPLATE = "chunk_state_wgmma.cu.j2"
-SPECIALIZED_TEMPLATE = "chunk_state_wgmma_ws.cu.j2"
 WGMMA_BLOCK_E = 64  # value columns per wgmma program: N of m64n64k16, one 128-byte swizzle atom of bf16
 WGMMA_BLOCK_S = 64  # keys per pipeline step of the wgmma kernel (four k16 slices)
 WGMMA_STAGES = 4  # its copy stages: refilled two steps after use, once every warpgroup's products are done
@@ -80,10 +79,6 @@ class StateKernelConfig:
     # d64, the whole triton_backward (ungated / gated, ms): Triton's dq_kernel with them 5.356 / 6.380, without them
     # plus the CUDA kernel 4.836 / 5.718 (benchmarks/results/cuda_dq_state_NVIDIA-H200_2026-11-30_d30b6db.json)
     wgmma_dq: bool = True
-    # the ungated wgmma kernel with a copy warp, two pairs per program, one program per SM (chunk_state_wgmma_ws)
-    wgmma_specialized: bool = False
-    wgmma_specialized_stages: int = 6
-    wgmma_specialized_warpgroups_per_pair: int = 2
 
 
 # 128 registers, no spills (sm_90a), 2 programs per SM. H200, b=1 h=8 d=64 T=65536 (ungated / gated, ms): 64 keys per
@@ -108,27 +103,6 @@ def wgmma_smem_bytes(spec: KernelSpec) -> int:
     stage = WGMMA_BLOCK_S * (WGMMA_BLOCK_E + 2 * 24) * 2
     outgoing = WGMMA_THREADS // 32 * 16 * 32 * 4
     shared = WGMMA_STAGES * stage + 2048 + outgoing + (4 * (spec.chunk_size + WGMMA_BLOCK_S) if spec.gated else 0)
-    return -(-shared // 1024) * 1024 + 1024
-
-
-def uses_specialized(spec: KernelSpec, config: StateKernelConfig, arch: str | None) -> bool:
-    """Whether the warp-specialized wgmma kernel (a copy warp, two pairs per program) serves ``spec``: the wgmma
-    kernel's shapes without a gate, where the config asks for it."""
-    return config.wgmma_specialized and not spec.gated and uses_wgmma(spec, config, arch)
-
-
-def specialized_threads(config: StateKernelConfig) -> int:
-    """Threads of a warp-specialized program: the MMA warpgroups of its two pairs and the copy warpgroup."""
-    return 128 * (2 * config.wgmma_specialized_warpgroups_per_pair + 1)
-
-
-def specialized_smem_bytes(config: StateKernelConfig) -> int:
-    """Dynamic shared memory of one warp-specialized program: per stage the value rows and four key blocks
-    (48-byte rows), the block of ones, 2 KB per MMA warp for its outgoing rows, two mbarriers per stage; the struct
-    rounded up to its 1024-byte alignment, plus 1024 bytes to align it."""
-    stages, mma_warps = config.wgmma_specialized_stages, (specialized_threads(config) - 128) // 32
-    stage = WGMMA_BLOCK_S * (WGMMA_BLOCK_E + 4 * 24) * 2
-    shared = stages * stage + 2048 + mma_warps * 16 * 32 * 4 + 16 * stages
     return -(-shared // 1024) * 1024 + 1024
 
 
@@ -196,16 +170,6 @@ def render_state_source(spec: KernelSpec, config: StateKernelConfig, arch: str |
         "npairs": params["npairs"],
         "dt": params["dt"],
     }
-    if uses_specialized(spec, config, arch):
-        return nvrtc.render(
-            SPECIALIZED_TEMPLATE,
-            **shape,
-            block_s=WGMMA_BLOCK_S,
-            stages=config.wgmma_specialized_stages,
-            in_flight=config.wgmma_in_flight,
-            wg_per_pair=config.wgmma_specialized_warpgroups_per_pair,
-            smem_bytes=specialized_smem_bytes(config),
-        )
     if uses_wgmma(spec, config, arch):
         return nvrtc.render(
             WGMMA_TEMPLATE,
@@ -244,10 +208,7 @@ class _Launch:
 def _launch_info(spec: KernelSpec, config: StateKernelConfig, device_index: int) -> _Launch:
     arch = nvrtc.gpu_arch(device_index)
     pairs = tiled_features(spec.head_dim) // 256
-    if uses_specialized(spec, config, arch):
-        smem, threads = specialized_smem_bytes(config), specialized_threads(config)
-        pairs, value_blocks = -(-pairs // 2), spec.value_dim // WGMMA_BLOCK_E
-    elif uses_wgmma(spec, config, arch):
+    if uses_wgmma(spec, config, arch):
         smem, threads, value_blocks = wgmma_smem_bytes(spec), WGMMA_THREADS, spec.value_dim // WGMMA_BLOCK_E
     else:
         smem, threads = smem_bytes(spec.value_dim, config), 32 * config.warps
