@@ -201,6 +201,14 @@ STATE_EDITS: dict[str, list[Edit]] = {
     # its K_J ldmatrix (fragments from its K_I registers instead)
     # the products' N from 72 to 8 (the same instructions, a ninth of the tensor work): whether the state kernel's
     # time follows the tensor work or the instruction count
+    # session 42's descriptor by one add per slice, undone: the B descriptor built again for every slice
+    "state: B descriptor built per slice (before 2026-12-02)": [
+        (
+            r"const u64 v_desc = static_cast<u64>\(desc_hi\) << 32 \| \(desc_lo - SLICE_DESC_UNITS \* s \* 0xFFFFu\);",
+            "const io_t* v_slice = st.v + 16 * s * EB; "
+            "const u64 v_desc = smem_desc(v_slice, ones_addr - smem_addr(v_slice), 1024, 1);",
+        )
+    ],
     "state: wgmma n8 (a ninth of the products)": [
         (
             r"wgmma_n72\(acc\[m\], frag\[f\]\[m\], v_desc\);",
