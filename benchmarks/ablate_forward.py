@@ -84,10 +84,8 @@ Q_BLOCKS_BY_DESCRIPTOR: list[Edit] = [
     ),
 ]
 
-N64_NO_ONES: Edit = (
-    r"wgmma_n72\(acc\[m\], frag\[f\]\[m\], v_desc\);",
-    "wgmma_n64(*reinterpret_cast<float(*)[32]>(acc[m]), frag[f][m], v_desc);",
-)
+_STATE_PRODUCT = r"wgmma_n72\(acc\[m\], frag\[f\]\[m\], v_desc\);"  # a tile's product of one slice
+N64_NO_ONES: Edit = (_STATE_PRODUCT, "wgmma_n64(*reinterpret_cast<float(*)[32]>(acc[m]), frag[f][m], v_desc);")
 K_J_BY_WARPGROUP_0: Edit = (
     r"ldmatrix_x4_trans\(kj, (st\.kj \+ 16 \* s \* KROW \+ kj_off)\);\n(\s*)(ldmatrix_x2_trans\(ki, [^;]*;)",
     r"\3\n\2if (gr == 0) ldmatrix_x4_trans(kj, \1); else { kj[0] = kj[2] = ki[0]; kj[1] = kj[3] = ki[1]; }",
@@ -197,10 +195,6 @@ STATE_EDITS: dict[str, list[Edit]] = {
     "state: no copies, no step wait or barrier": [NO_K_COPIES, NO_V_COPIES, NO_STEP_WAIT, NO_STEP_BARRIER],
     # the normaliser's block of ones dropped from B (m64n64k16): what M's 8 columns cost in products and B reads
     "state: B without the ones (n64, no M)": [N64_NO_ONES],
-    # the shared-memory reads of a one-warpgroup program (4 tiles per warp share one K_J load): warpgroup 1 skips
-    # its K_J ldmatrix (fragments from its K_I registers instead)
-    # the products' N from 72 to 8 (the same instructions, a ninth of the tensor work): whether the state kernel's
-    # time follows the tensor work or the instruction count
     # session 42's descriptor by one add per slice, undone: the B descriptor built again for every slice
     "state: B descriptor built per slice (before 2026-12-02)": [
         (
@@ -209,16 +203,17 @@ STATE_EDITS: dict[str, list[Edit]] = {
             "const u64 v_desc = smem_desc(v_slice, ones_addr - smem_addr(v_slice), 1024, 1);",
         )
     ],
+    # the products' N from 72 to 8 (the same instructions, a ninth of the tensor work): whether the state kernel's
+    # time follows the tensor work or the instruction count
     "state: wgmma n8 (a ninth of the products)": [
-        (
-            r"wgmma_n72\(acc\[m\], frag\[f\]\[m\], v_desc\);",
-            "wgmma_n8(*reinterpret_cast<float(*)[4]>(acc[m]), frag[f][m], v_desc);",
-        )
+        (_STATE_PRODUCT, "wgmma_n8(*reinterpret_cast<float(*)[4]>(acc[m]), frag[f][m], v_desc);")
     ],
+    # the shared-memory reads of a one-warpgroup program (4 tiles per warp share one K_J load): warpgroup 1 skips
+    # its K_J ldmatrix (fragments from its K_I registers instead)
     "state: K_J loaded by warpgroup 0 only": [K_J_BY_WARPGROUP_0],
     "state: n64 and K_J by warpgroup 0 only": [N64_NO_ONES, K_J_BY_WARPGROUP_0],
     "state: no wgmma (the fragment building goes dead too: copies, barriers, stores remain)": [
-        (r"for \(int m = 0; m < 2; \+\+m\) wgmma_n72\(acc\[m\], frag\[f\]\[m\], v_desc\);", "")
+        (r"for \(int m = 0; m < 2; \+\+m\) " + _STATE_PRODUCT, "")
     ],
 }
 
