@@ -40,13 +40,13 @@ import retention_compile
 from retention_compile.codegen import cuda_state, forward, nvrtc, triton_source
 
 Edit = tuple[str, str]  # (pattern, replacement) for re.subn
-NO_V_COPIES: Edit = (r"cp_async16\(stage \+ c\.v_dst[^;]*;", "")
-NO_K_COPIES: Edit = (r"cp_async16\(stage \+ c\.k_dst[^;]*;", "")
+NO_V_COPIES: Edit = (r"cp_async16\(stage \+ o\.v_dst[^;]*;", "")
+NO_K_COPIES: Edit = (r"cp_async16\(stage \+ o\.k_dst[^;]*;", "")
 NO_STEP_WAIT: Edit = (r"cp_async_wait<AHEAD - 1>\(\);", "")
 NO_STEP_BARRIER: Edit = (r"__syncthreads\(\);  // the step is staged[^\n]*", "")
 # the copies still issued and still writing shared memory, but zero-filled (source size 0): no global read
-ZERO_FILL_K: Edit = (r"(cp_async16\(stage \+ c\.k_dst[^;]*), ok\);", r"\1, false);")
-ZERO_FILL_V: Edit = (r"(cp_async16\(stage \+ c\.v_dst[^;]*), ok\);", r"\1, false);")
+ZERO_FILL_K: Edit = (r"(cp_async16\(stage \+ o\.k_dst[^;]*), (?:ok|true)\);", r"\1, false);")
+ZERO_FILL_V: Edit = (r"(cp_async16\(stage \+ o\.v_dst[^;]*), (?:ok|true)\);", r"\1, false);")
 
 
 def copy_bytes(size: int) -> Edit:
@@ -87,7 +87,7 @@ Q_BLOCKS_BY_DESCRIPTOR: list[Edit] = [
 _STATE_PRODUCT = r"wgmma_n72\(acc\[m\], frag\[f\]\[m\], v_desc\);"  # a tile's product of one slice
 N64_NO_ONES: Edit = (_STATE_PRODUCT, "wgmma_n64(*reinterpret_cast<float(*)[32]>(acc[m]), frag[f][m], v_desc);")
 K_J_BY_WARPGROUP_0: Edit = (
-    r"ldmatrix_x4_trans\(kj, (st\.kj \+ 16 \* s \* KROW \+ kj_off)\);\n(\s*)(ldmatrix_x2_trans\(ki, [^;]*;)",
+    r"ldmatrix_x4_trans\(kj, (kj_row \+ 2 \* 16 \* s \* KROW)\);\n(\s*)(ldmatrix_x2_trans\(ki, [^;]*;)",
     r"\3\n\2if (gr == 0) ldmatrix_x4_trans(kj, \1); else { kj[0] = kj[2] = ki[0]; kj[1] = kj[3] = ki[1]; }",
 )
 
@@ -174,7 +174,7 @@ QUERY_EDITS: dict[str, list[Edit]] = {
 }
 STATE_EDITS: dict[str, list[Edit]] = {
     "state: no shuffles of k_{I a} (ptxas then merges half the multiplies)": [
-        (r"__shfl_sync\(0xffffffffu, (ki\[[01]\]), source\)", r"\1")
+        (r"__shfl_sync\(0xffffffffu, (ki\[[01]\]), source\[m\]\)", r"\1")
     ],
     "state: fragments = K_J (no multiplies; the shuffles and K_I loads go dead too)": [
         (r"mul_bf16x2\((lo|hi), (kj\[\d\])\)", r"\2")
@@ -199,8 +199,8 @@ STATE_EDITS: dict[str, list[Edit]] = {
     "state: B descriptor built per slice (before 2026-12-02)": [
         (
             r"const u64 v_desc = static_cast<u64>\(desc_hi\) << 32 \| \(desc_lo - SLICE_DESC_UNITS \* s \* 0xFFFFu\);",
-            "const io_t* v_slice = st.v + 16 * s * EB; "
-            "const u64 v_desc = smem_desc(v_slice, ones_addr - smem_addr(v_slice), 1024, 1);",
+            "const u32 v_slice = st + STAGE_V + 2 * 16 * s * EB; "
+            "const u64 v_desc = smem_desc(v_slice, ones_addr - v_slice, 1024, 1);",
         )
     ],
     # the products' N from 72 to 8 (the same instructions, a ninth of the tensor work): whether the state kernel's

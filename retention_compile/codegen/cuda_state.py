@@ -59,9 +59,11 @@ class StateKernelConfig:
     capped for (``__launch_bounds__``), and the copy buffers (loads issued ``stages - 1`` steps ahead). ``wgmma``:
     take the wgmma kernel instead where it applies (``uses_wgmma``), with registers capped for ``wgmma_min_blocks``
     programs per SM and ``wgmma_in_flight`` k16 slices' fragments held while their products run (more slices
-    overlap more, but past the register cap ptxas serializes the wgmma or spills; a divisor of a step's 4 slices);
-    ``wgmma_reverse_in_flight`` the same for the backward's reverse-state kernel (``cuda_reverse``); ``wgmma_dq``:
-    the backward's dq state terms on the CUDA kernel of ``cuda_state_terms``."""
+    overlap more, but past the register cap ptxas serializes the wgmma or spills; a divisor of a step's 4 slices),
+    ``wgmma_copy_slice`` the slice after whose products a step's copies are issued (-1: before the first; 0 and 2
+    serialize the wgmma, -1 and 3 spill gated; 1 measured best, the template's header);
+    ``wgmma_reverse_in_flight`` the slices in flight of the backward's reverse-state kernel (``cuda_reverse``);
+    ``wgmma_dq``: the backward's dq state terms on the CUDA kernel of ``cuda_state_terms``."""
 
     warps: int = 4
     block_s: int = 64
@@ -71,6 +73,7 @@ class StateKernelConfig:
     wgmma: bool = False
     wgmma_min_blocks: int = 2
     wgmma_in_flight: int = 2
+    wgmma_copy_slice: int = 1
     # H200, T=65536 b1 h8 d64, reverse states and scan (ungated / gated, ms): 1 slice 0.832 / 0.921, 2 slices
     # (serialized by ptxas) 0.913 / 0.982, 4 slices with the cap for 1 program 1.055 / 1.149; Triton 1.081 / 1.171
     # (benchmarks/results/cuda_reverse_NVIDIA-H200_2026-11-30_bd780b9.json)
@@ -98,11 +101,13 @@ def uses_wgmma(spec: KernelSpec, config: StateKernelConfig, arch: str | None) ->
 def wgmma_smem_bytes(spec: KernelSpec) -> int:
     """Dynamic shared memory of one wgmma program (the template's ``Shared`` + 1024 bytes to align it): per stage
     the value rows and blocks I, J of the keys (48-byte rows), a 2 KB block of ones, and then w_j of a chunk and
-    one step past it when gated, and 2 KB per warp for the rows it stores (16 KB); the struct is a multiple of its
-    1024-byte alignment."""
+    one step past it when gated, 2 KB per warp for the rows it stores (16 KB), and 32 bytes per thread for its copy
+    and fragment offsets; the struct is a multiple of its 1024-byte alignment."""
     stage = WGMMA_BLOCK_S * (WGMMA_BLOCK_E + 2 * 24) * 2
     outgoing = WGMMA_THREADS // 32 * 16 * 32 * 4
-    shared = WGMMA_STAGES * stage + 2048 + outgoing + (4 * (spec.chunk_size + WGMMA_BLOCK_S) if spec.gated else 0)
+    lane_tables = WGMMA_THREADS * 2 * 16
+    gate_weights = 4 * (spec.chunk_size + WGMMA_BLOCK_S) if spec.gated else 0
+    shared = WGMMA_STAGES * stage + 2048 + outgoing + lane_tables + gate_weights
     return -(-shared // 1024) * 1024 + 1024
 
 
@@ -177,6 +182,7 @@ def render_state_source(spec: KernelSpec, config: StateKernelConfig, arch: str |
             block_s=WGMMA_BLOCK_S,
             stages=WGMMA_STAGES,
             in_flight=config.wgmma_in_flight,
+            copy_slice=config.wgmma_copy_slice,
             min_blocks=config.wgmma_min_blocks,
             smem_bytes=wgmma_smem_bytes(spec),
         )
