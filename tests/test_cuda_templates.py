@@ -3,7 +3,9 @@ decode step's plain-PyTorch path against the float64 oracle, and the chunk-state
 measured choice."""
 
 import dataclasses
+import importlib.util
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -170,6 +172,7 @@ def _have_compiler() -> bool:
 
 
 needs_compiler = pytest.mark.skipif(not _have_compiler(), reason="neither NVRTC nor nvcc is available")
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def test_every_template_has_a_render_case() -> None:
@@ -533,6 +536,20 @@ def test_wgmma_state_probe_compiles() -> None:
     assert nvrtc.compile_source(source, "sm_90a")[:4] == b"\x7fELF"
     ptx = nvrtc.compile_source(source, "compute_90a").decode()
     assert "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16" in ptx and "wgmma.wait_group.sync.aligned" in ptx
+
+
+@needs_compiler
+def test_wgmma_rates_source_compiles() -> None:
+    """``benchmarks/wgmma_rates.py``'s kernels compile for sm_90a and issue every shape they are named for, with A from
+    registers and from shared memory."""
+    spec = importlib.util.spec_from_file_location("wgmma_rates", BENCHMARKS / "wgmma_rates.py")
+    rates = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rates)
+    ptx = nvrtc.compile_source(rates.source(), "compute_90a").decode()
+    for rs, n, *_ in rates.SHAPES:
+        operands = r"\{[^}]*\}" if rs else r"%rd\d+"
+        assert re.search(rf"wgmma\.mma_async\.sync\.aligned\.m64n{n}k16\.f32\.bf16\.bf16 \{{[^}}]*\}}, {operands}", ptx)
+    assert all(f".entry {rates.kernel_name(*shape)}(" in ptx for shape in rates.SHAPES)
 
 
 def test_dense_rows_copies_misaligned_rows() -> None:
