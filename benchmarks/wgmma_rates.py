@@ -130,7 +130,7 @@ def measure(commit: str | None) -> dict:
             best = min(best, start.elapsed_time(end))
         flop = 2.0 * grid[0] * 2 * ITERATIONS * tiles * 64 * n * 16
         row = {"a": "registers" if rs else "shared", "n": n, "tiles": tiles, "programs_per_sm": programs}
-        row |= {"in_flight": in_flight, "registers": kernel.num_regs(), "ms": best, "tflops": flop / best / 1e9}
+        row |= {"in_flight": in_flight, "registers": kernel.num_regs, "ms": best, "tflops": flop / best / 1e9}
         print(f"{name:28s} regs {row['registers']:3d} {best:8.3f} ms {row['tflops']:7.1f} TFLOP/s", flush=True)
         rows.append(row)
     return {
