@@ -489,6 +489,14 @@ def test_cuda_state_unsupported_names_why(kwargs: dict, reason: str) -> None:
     assert reason in cuda_state_unsupported(spec, q, v)
 
 
+def test_cuda_state_unsupported_names_far_apart_key_rows() -> None:
+    """Key rows 128 MB apart fit the kernels' int strides but not their 32-bit offsets within a step: Triton serves."""
+    spec, q, v = _spec()
+    far = torch.empty_strided((1, 2, 4096, 64), (0, 0, 2**26, 1), dtype=torch.bfloat16, device="meta")
+    assert "32-bit" in cuda_state_unsupported(spec, far, v)
+    assert cuda_state.step_offsets_fit_32_bits(q, v)
+
+
 def test_choice_measures_once_and_reuses_the_stored_winner(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("RETENTION_COMPILE_CACHE", str(tmp_path))
     monkeypatch.setattr(choice, "_gpu_name", lambda device: "Test GPU")

@@ -153,6 +153,8 @@ def cuda_state_unsupported(spec: KernelSpec, k: torch.Tensor, v: torch.Tensor) -
         return f"value dim e={spec.value_dim} (the CUDA state kernel needs a multiple of 16)"
     if not strides_fit_32_bits(k, v):
         return "strides beyond 32 bits"
+    if not step_offsets_fit_32_bits(k, v):
+        return f"key rows too far apart: the kernel's offsets within a {WGMMA_BLOCK_S}-key step are 32-bit"
     try:
         nvrtc.compiler_id()
         from cuda.bindings import driver  # noqa: F401
@@ -261,6 +263,17 @@ def strides_fit_32_bits(*tensors: torch.Tensor) -> bool:
     ``dense_rows`` may make of them (a copy's strides are the products of its trailing sizes)."""
     for t in tensors:
         if any(abs(stride) > INT32_MAX for stride in (*t.stride(), *contiguous_strides(t.shape))):
+            return False
+    return True
+
+
+def step_offsets_fit_32_bits(*tensors: torch.Tensor) -> bool:
+    """Whether each thread's byte offset from a step's first key row to its own (up to ``WGMMA_BLOCK_S`` - 1 rows on,
+    plus its column) fits the 32 bits the state kernels keep it in, for ``tensors`` as passed or as ``dense_rows``
+    copies them (rows ``shape[-1]`` elements apart)."""
+    for t in tensors:
+        row_bytes = max(abs(t.stride(-2)), t.shape[-1]) * t.element_size()
+        if WGMMA_BLOCK_S * row_bytes + t.shape[-1] * t.element_size() > 2**32:
             return False
     return True
 
