@@ -540,7 +540,7 @@ def test_auto_keeps_float16_on_the_float32_triton_kernels() -> None:
 def test_wgmma_state_probe_compiles() -> None:
     """The benchmark probe of the wgmma state product (``benchmarks/wgmma_state_probe.cu``) compiles for sm_90a, and
     its PTX issues wgmma with A from registers and B through a shared-memory descriptor."""
-    source = (Path(__file__).resolve().parent.parent / "benchmarks" / "wgmma_state_probe.cu").read_text()
+    source = (BENCHMARKS / "wgmma_state_probe.cu").read_text()
     assert nvrtc.compile_source(source, "sm_90a")[:4] == b"\x7fELF"
     ptx = nvrtc.compile_source(source, "compute_90a").decode()
     assert "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16" in ptx and "wgmma.wait_group.sync.aligned" in ptx
