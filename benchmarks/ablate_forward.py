@@ -92,6 +92,13 @@ K_J_BY_WARPGROUP_0: Edit = (
 )
 
 NO_STATE_STEPS: Edit = (r"for step in range\((\d+)\):", "for step in range(0):")
+# The step and program counts a layout of 8-coordinate groups would have at d = 64 (2304 state rows: 18 query steps of
+# 128 features, 9 state programs of 256, against 20 and 10 with pairs of 16-coordinate blocks)
+NINE_TENTHS_OF_STATE_STEPS: Edit = (NO_STATE_STEPS[0], "for step in range(\\1 * 9 // 10):")
+NINE_OF_TEN_STATE_PROGRAMS: Edit = (
+    r"(const int p = blockIdx\.y / NEB, eb = blockIdx\.y % NEB;)",
+    r"\1\n  if (p == DT / FB - 1) return;  // ablation: the last pair's programs exit at once",
+)
 NO_UNMASKED_BLOCKS: Edit = (r"for blk in range\(n_full\):", "for blk in range(0):")
 NO_MASKED_BLOCKS: Edit = (r"for start in range\(lo \+ n_full \* \d+, hi, \d+\):", "for start in range(0):")
 
@@ -140,6 +147,7 @@ QUERY_EDITS: dict[str, list[Edit]] = {
     "query: q blocks loaded once, picked per step by selects (same results)": Q_BY_SELECTS,
     "query: state product over half of its steps": [(NO_STATE_STEPS[0], "for step in range(\\1 // 2):")],
     "query: no state product": [NO_STATE_STEPS],
+    "query: 18 of the 20 state steps (the count with 8-coordinate groups)": [NINE_TENTHS_OF_STATE_STEPS],
     "query: no key loops (no intra-chunk attention)": [NO_UNMASKED_BLOCKS, NO_MASKED_BLOCKS],
     # what the kernel costs besides its three loops: q's load, the M term, the row scaling and the stores
     "query: no state product and no key loops (the rest)": [NO_STATE_STEPS, NO_UNMASKED_BLOCKS, NO_MASKED_BLOCKS],
@@ -183,6 +191,7 @@ STATE_EDITS: dict[str, list[Edit]] = {
         (r"if \(CAUSAL && \(c > c_lo \|\| seg == 0\)\) store\(S_LOC, nullptr, M_LOC, bs \* n_chunks \+ c\);", "")
     ],
     "state: no V copies": [NO_V_COPIES],
+    "state: 9 of the 10 pair programs (the count with 8-coordinate groups)": [NINE_OF_TEN_STATE_PROGRAMS],
     "state: no K copies": [NO_K_COPIES],
     # the ceiling of a kernel whose copies need no thread and no step barrier (a TMA issuer with mbarriers): the
     # copies and the step's wait and barrier removed, alone and together (the bytes go too, so it is optimistic)
@@ -215,6 +224,15 @@ STATE_EDITS: dict[str, list[Edit]] = {
     "state: no wgmma (the fragment building goes dead too: copies, barriers, stores remain)": [
         (r"for \(int m = 0; m < 2; \+\+m\) " + _STATE_PRODUCT, "")
     ],
+}
+
+
+# Variants that edit both kernels: (query edits, state edits)
+FORWARD_EDITS: dict[str, tuple[list[Edit], list[Edit]]] = {
+    "both: 18 query steps and 9 state programs (the counts with 8-coordinate groups)": (
+        [NINE_TENTHS_OF_STATE_STEPS],
+        [NINE_OF_TEN_STATE_PROGRAMS],
+    ),
 }
 
 
@@ -267,10 +285,12 @@ def variants(only: str | None = None) -> list[tuple[str, list[Edit], list[Edit]]
     """(name, query edits, state edits) in the order they run, the base first, between the groups and last; with
     ``only``, the variants whose name matches it (and the three bases)."""
     base = [("base", [], [])]
-    kept = {name for name in [*QUERY_EDITS, *STATE_EDITS] if only is None or re.search(only, name)}
+    names = [*QUERY_EDITS, *STATE_EDITS, *FORWARD_EDITS]
+    kept = {name for name in names if only is None or re.search(only, name)}
     query = [(name, edits, []) for name, edits in QUERY_EDITS.items() if name in kept]
     state = [(name, [], edits) for name, edits in STATE_EDITS.items() if name in kept]
-    return base + query + [("base (between)", [], [])] + state + [("base (last)", [], [])]
+    both = [(name, *edits) for name, edits in FORWARD_EDITS.items() if name in kept]
+    return base + query + [("base (between)", [], [])] + state + both + [("base (last)", [], [])]
 
 
 def dry_run(only: str | None = None, compile_cuda: bool = False) -> dict[str, list[str]]:

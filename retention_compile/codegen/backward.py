@@ -87,6 +87,7 @@ from .forward import (
     kernel_inputs,
     kernel_spec,
     keyless_rows,
+    segment_major_programs_per_sm,
     small_chunk_float32,
     state_segments,
     with_keyless_rows,
@@ -325,7 +326,8 @@ def triton_backward(
     dq_args = {**common, **extra, **rows, **sizes, "state_slots": n_chunks}
     dkv_args = dict(dq_args)
     if fwd.chunked:
-        layout = StateLayout.of(fwd, k, Tq, state_heads, segments)
+        per_sm = segment_major_programs_per_sm(state_kernel, fwd, k.device)
+        layout = StateLayout.of(fwd, k, Tq, state_heads, segments, per_sm)
         if saved_states is not None and _fits(saved_states, layout):
             states = {"S_ST": saved_states[0], "M_ST": saved_states[1], "state_slots": layout.slots}
         else:

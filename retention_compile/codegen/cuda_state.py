@@ -1,9 +1,10 @@
 """The chunk-state kernel of the chunked forward in CUDA C++ (``cuda_templates/chunk_state.cu.j2``).
 
-A drop-in for the Triton ``state_kernel`` of ``templates/forward.py.j2``: same grid (segments, pairs x value
-blocks, heads), same buffers, same numbers up to rounding, so the Triton scan and query kernels read its output
-unchanged. For every chunk c of its segment a program stores the state before the chunk (but at a later segment's
-first chunk, where it is zero and the scan writes it) and then adds
+A drop-in for the Triton ``state_kernel`` of ``templates/forward.py.j2``: the same programs in a segment-major grid
+(heads, pairs x value blocks, segments: the Triton kernel's is segment-minor; ``dispatch`` models why, and
+``forward.state_segments`` picks the segment count by it), the same buffers, the same numbers up to rounding, so the
+Triton scan and query kernels read its output unchanged. For every chunk c of its segment a program stores the state
+before the chunk (but at a later segment's first chunk, where it is zero and the scan writes it) and then adds
 
     S += sum_j phi_p(k_j) (w_j v_j)^T,   M_IJ += sum_j k_jI (w_j k_jJ)^T,   w_j = exp(G_end - G_j)
 
@@ -323,7 +324,9 @@ def cuda_chunk_states_op(
 
 
 def _grid(info: _Launch, batch: int, state_heads: int, n_seg: int) -> tuple[int, int, int]:
-    return n_seg, info.grid_y, batch * state_heads
+    """Segment-major: blocks are dispatched x first, so every program of segment 0 before any of segment 1, and the
+    last (short) segment's programs fill the grid's last round."""
+    return batch * state_heads, info.grid_y, n_seg
 
 
 def _kernel_arguments(
@@ -473,6 +476,13 @@ class CudaStateHook:
 
     def __call__(self, spec: KernelSpec, args: dict, kept: list | None = None) -> dict[str, torch.Tensor]:
         return chunk_states(spec, args, self.q_shape, kept)
+
+    @staticmethod
+    def programs_per_sm(spec: KernelSpec, device: torch.device) -> int:
+        """Programs of the kernel resident per SM (its launch bounds' register cap), for ``forward.state_segments``:
+        the grid is segment-major, whose segment count ``dispatch`` models."""
+        arch = nvrtc.gpu_arch(device.index or 0) if device.type == "cuda" else None
+        return CONFIG.wgmma_min_blocks if uses_wgmma(spec, CONFIG, arch) else CONFIG.min_blocks
 
 
 class StateChoice(NamedTuple):

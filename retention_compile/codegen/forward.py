@@ -68,6 +68,7 @@ from ..planning import EXACT_CHUNK_BELOW, Plan
 from ..reference import EPS
 from ..sizes import size_hint
 from . import replays
+from .dispatch import fastest_segment_count
 from .eager_launch import DirectLaunch
 from .fitting import (
     compiled_shared_memory,
@@ -479,7 +480,8 @@ def triton_forward(
     buffers: dict[str, torch.Tensor] = {}
     if spec.chunked:
         state_heads = log_gate.shape[1] if log_gate is not None else Hk
-        layout = StateLayout.of(spec, k, Tq, state_heads, segments)
+        per_sm = segment_major_programs_per_sm(state_kernel, spec, k.device)
+        layout = StateLayout.of(spec, k, Tq, state_heads, segments, per_sm)
         attention.update(_chunk_states(module, layout, k, common, extra, state_kernel, kept, buffers))
         if states_out is not None:
             states_out.update(S=attention["S_ST"], M=attention["M_ST"])
@@ -703,16 +705,29 @@ def _cdiv(a: int | torch.SymInt, b: int | torch.SymInt) -> int | torch.SymInt:
 
 
 def state_segments(
-    device: torch.device, programs, n_chunks, segments: int | None
+    device: torch.device, programs, n_chunks, segments: int | None, programs_per_sm: int | None = None
 ) -> tuple[int, int | torch.SymInt, int | torch.SymInt]:
     """``(segments, chunks per segment, segment count)`` for a state kernel with ``programs`` programs per segment
     over ``n_chunks`` chunks: ``segments`` as given, else enough for ``STATE_WAVES`` programs per SM (at most one
-    segment per chunk). The count is ``segments`` or fewer (4 chunks in 3 segments take 2 of 2 chunks)."""
+    segment per chunk) or, for a kernel with a segment-major grid and ``programs_per_sm`` programs resident per SM
+    (the CUDA state kernels), the count up to that many whose grid ``dispatch.fastest_segment_count`` models to end
+    first (H200, T=65536 b1 h8 d64: 7 instead of 8, the state kernel 0.418-0.428 -> 0.401-0.404 ms). The count is
+    ``segments`` or fewer (4 chunks in 3 segments take 2 of 2 chunks)."""
     if segments is None:
         wanted = STATE_WAVES * _sm_count(device) / size_hint(programs)
         segments = max(1, min(size_hint(n_chunks), math.ceil(wanted)))
+        if programs_per_sm is not None:
+            sms, chunks = _sm_count(device), size_hint(n_chunks)
+            segments = fastest_segment_count(chunks, size_hint(programs), sms, programs_per_sm, segments)
     per_segment = _cdiv(n_chunks, segments)
     return segments, per_segment, _cdiv(n_chunks, per_segment)
+
+
+def segment_major_programs_per_sm(state_kernel: object, spec: KernelSpec, device: torch.device) -> int | None:
+    """Programs per SM of a ``state_kernel`` hook whose grid is segment-major (its ``programs_per_sm``: the CUDA state
+    kernels), else None (the Triton state kernel, segment-minor: ``STATE_WAVES`` alone sets its segment count)."""
+    per_sm = getattr(state_kernel, "programs_per_sm", None)
+    return None if per_sm is None else per_sm(spec, device)
 
 
 @dataclass(frozen=True)
@@ -737,14 +752,17 @@ class StateLayout:
     n_seg: int | torch.SymInt
 
     @staticmethod
-    def of(spec: KernelSpec, k: torch.Tensor, Tq, state_heads, segments: int | None) -> StateLayout:
-        """The layout of ``triton_forward``'s states for keys ``k`` and ``Tq`` queries (``segments`` as there)."""
+    def of(
+        spec: KernelSpec, k: torch.Tensor, Tq, state_heads, segments: int | None, programs_per_sm: int | None = None
+    ) -> StateLayout:
+        """The layout of ``triton_forward``'s states for keys ``k`` and ``Tq`` queries (``segments`` as there;
+        ``programs_per_sm`` as ``state_segments`` takes it: ``segment_major_programs_per_sm``)."""
         B, Tk, C = k.shape[0], k.shape[2], spec.chunk_size
         params = spec.template_params()
         shift = (Tq - Tk) % C
         n_chunks = _cdiv(Tk + shift, C)
         programs = params["npairs"] * params["n_eb"] * B * state_heads
-        segments, per_segment, n_seg = state_segments(k.device, programs, n_chunks, segments)
+        segments, per_segment, n_seg = state_segments(k.device, programs, n_chunks, segments, programs_per_sm)
         return StateLayout(spec, B, state_heads, shift, n_chunks, segments, per_segment, n_seg)
 
     @property

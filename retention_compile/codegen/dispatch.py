@@ -1,0 +1,107 @@
+"""How long a grid of chunk-walking programs keeps the GPU, as its programs are dispatched in order onto SMs that
+hold ``per_sm`` of them each: the model behind the CUDA state kernels' segment count (``forward.state_segments``).
+
+The state kernel's program walks one segment of ``L`` chunks. With ``n`` programs resident on an SM, each advances at
+one chunk per ``chunk_time(n) = max(1, n * PAIRED_CHUNK_TIME / 2)`` time units (processor sharing; measured for n <= 2,
+linear beyond). A free slot takes the next program of the grid
+(segment-major: every program of segment 0, then of segment 1, ...), the least loaded SM first. With ``n_chunks``
+chunks in segments of ``L = ceil(n_chunks / segments)``, the last segment is the short one, so it is what fills the
+final, partial round of the grid.
+
+H200, T=65536 b1 h8 d64 chunk 1024, the wgmma state kernel (8 segments of 8 chunks, 80 programs per segment, 132 SMs x
+2; ``state_dispatch_NVIDIA-H200_2026-12-02_b32437e.json``): the first 264 programs took 0.163 ms, a program alone on
+an SM about 0.10 (the grid's last 112, after two full rounds: 0.418 against 0.321 for the first 528), so a program
+beside another runs at 0.10 / 0.163 of its speed alone: ``PAIRED_CHUNK_TIME = 1.6``. The model's makespan for 6,
+7, 8, 9, 11 segments, segment-major and segment-minor, was within 1-3% of the measured kernel in all ten cases (7
+segments, segment-major: 0.40 modelled, 0.401-0.404 measured, against 0.418-0.428 with 8).
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+
+# Time per chunk of a program that shares its SM with one other (one chunk alone = 1)
+PAIRED_CHUNK_TIME = 1.6
+
+
+def chunk_time(resident: int) -> float:
+    """Time per chunk of each of ``resident`` programs on one SM."""
+    return max(1.0, resident * PAIRED_CHUNK_TIME / 2)
+
+
+def segment_lengths(n_chunks: int, segments: int) -> list[int]:
+    """Chunks per segment as the kernels split them: ``ceil(n_chunks / segments)`` each, the last one the rest."""
+    per_segment = -(-n_chunks // segments)
+    count = -(-n_chunks // per_segment)
+    return [min(per_segment, n_chunks - s * per_segment) for s in range(count)]
+
+
+def makespan(lengths: list[int], programs: int, sms: int, per_sm: int) -> float:
+    """Time (chunk units of a program alone) until the last of ``programs`` programs per segment of ``lengths`` ends,
+    dispatched segment-major onto ``sms`` SMs of ``per_sm`` slots under the processor-sharing model above."""
+    queue = [length for length in lengths for _ in range(programs)]
+    remaining: list[list[float]] = [[] for _ in range(sms)]  # chunks left per resident program, as of ``updated``
+    updated = [0.0] * sms
+    version = [0] * sms
+    events: list[tuple[float, int, int]] = []  # (time the SM's next program ends, SM, version)
+    by_load: list[set[int]] = [set() for _ in range(per_sm + 1)]
+    by_load[0] = set(range(sms))
+    now, taken = 0.0, 0
+
+    def advance(sm: int) -> None:
+        jobs = remaining[sm]
+        if jobs:
+            done = (now - updated[sm]) / chunk_time(len(jobs))
+            remaining[sm] = [left - done for left in jobs]
+        updated[sm] = now
+
+    def reschedule(sm: int) -> None:
+        version[sm] += 1
+        jobs = remaining[sm]
+        if jobs:
+            heapq.heappush(events, (now + min(jobs) * chunk_time(len(jobs)), sm, version[sm]))
+
+    def fill() -> None:
+        nonlocal taken
+        while taken < len(queue):
+            load = next((n for n in range(per_sm) if by_load[n]), None)
+            if load is None:
+                return
+            sm = min(by_load[load])
+            advance(sm)
+            by_load[load].discard(sm)
+            by_load[load + 1].add(sm)
+            remaining[sm].append(float(queue[taken]))
+            taken += 1
+            reschedule(sm)
+
+    fill()
+    while events:
+        time, sm, seen = heapq.heappop(events)
+        if seen != version[sm]:
+            continue
+        now = time
+        ended = [sm]  # every SM whose program ends at this time (equal programs end together) frees its slot first
+        while events and events[0][0] <= now + 1e-9:
+            _, other, other_seen = heapq.heappop(events)
+            if other_seen == version[other]:
+                ended.append(other)
+        for sm in ended:
+            advance(sm)
+            load = len(remaining[sm])
+            remaining[sm] = [left for left in remaining[sm] if left > 1e-9]
+            by_load[load].discard(sm)
+            by_load[len(remaining[sm])].add(sm)
+            reschedule(sm)
+        fill()
+    return now
+
+
+@functools.lru_cache(maxsize=256)
+def fastest_segment_count(n_chunks: int, programs: int, sms: int, per_sm: int, most: int) -> int:
+    """The segment count in ``[1, most]`` whose grid (``programs`` per segment) the model ends first; of counts within
+    1% of the best, the fewest (fewer segments: fewer segment totals stored and less for the scan to fold)."""
+    spans = {s: makespan(segment_lengths(n_chunks, s), programs, sms, per_sm) for s in range(1, max(1, most) + 1)}
+    best = min(spans.values())
+    return min(s for s, span in spans.items() if span <= best * 1.01 + 1e-12)

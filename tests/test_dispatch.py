@@ -1,0 +1,66 @@
+"""The dispatch model behind the CUDA state kernels' segment count (``codegen/dispatch.py``), and the grid order it
+assumes (segment-major) in the kernels' launch and sources."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+
+from retention_compile.codegen import cuda_state, dispatch, forward
+from retention_compile.codegen.cuda_state import CONFIG, StateKernelConfig, state_spec
+
+
+def test_makespan_of_programs_alone_and_paired() -> None:
+    """One slot runs programs one after another at the speed of a program alone; two programs on one SM each take
+    ``PAIRED_CHUNK_TIME`` per chunk, and a program left alone goes on at full speed."""
+    assert dispatch.makespan([3, 2], 1, sms=1, per_sm=1) == pytest.approx(5.0)
+    assert dispatch.makespan([1], 2, sms=1, per_sm=2) == pytest.approx(dispatch.PAIRED_CHUNK_TIME)
+    # lengths 2 and 1 side by side: both at 1.6 per chunk until the short one ends (1.6), then 1 chunk - 1 done alone
+    assert dispatch.makespan([2, 1], 1, sms=1, per_sm=2) == pytest.approx(1.6 + 1.0)
+    # two SMs fill breadth first: two programs run alone, one per SM
+    assert dispatch.makespan([4], 2, sms=2, per_sm=2) == pytest.approx(4.0)
+
+
+def test_segment_lengths_leave_the_short_segment_last() -> None:
+    assert dispatch.segment_lengths(64, 7) == [10, 10, 10, 10, 10, 10, 4]
+    assert dispatch.segment_lengths(64, 8) == [8] * 8
+    assert dispatch.segment_lengths(4, 3) == [2, 2]  # as state_segments: 3 segments asked, 2 of 2 chunks
+
+
+def test_fastest_segment_count_on_the_h200_shape() -> None:
+    """b1 h8 d64 T=65536 chunk 1024 on 132 SMs x 2: 8 segments leave 112 programs for a third round, where each runs
+    alone (0.418-0.428 ms measured); 7 segments of 10 end with the 80 programs of 4 chunks (0.401-0.404 measured)."""
+    spans = {s: dispatch.makespan(dispatch.segment_lengths(64, s), 80, 132, 2) for s in (6, 7, 8, 9)}
+    assert spans[7] < spans[8] == spans[9] < spans[6]
+    assert dispatch.fastest_segment_count(64, 80, 132, 2, 8) == 7
+
+
+def test_fastest_segment_count_prefers_fewer_segments_on_a_tie() -> None:
+    """Counts that end together: the fewest (fewer segment totals, less for the scan)."""
+    spans = {s: dispatch.makespan(dispatch.segment_lengths(64, s), 40, 132, 2) for s in range(1, 16)}
+    best = min(spans.values())
+    tied = [s for s, span in spans.items() if span <= best * 1.01]
+    assert len(tied) > 1 and dispatch.fastest_segment_count(64, 40, 132, 2, 15) == min(tied)
+
+
+def test_state_segments_model_only_segment_major_kernels() -> None:
+    """With programs per SM (a segment-major grid) the count follows the model; without, ``STATE_WAVES`` alone."""
+    device = torch.device("cpu")
+    with mock.patch.object(forward, "_sm_count", return_value=132):
+        assert forward.state_segments(device, 80, 64, None) == (8, 8, 8)
+        assert forward.state_segments(device, 80, 64, None, 2) == (7, 10, 7)
+        assert forward.state_segments(device, 80, 64, 5, 2) == (5, 13, 5)  # given: kept
+
+
+def test_cuda_state_grid_is_segment_major() -> None:
+    """The launch puts segments on the grid's z axis and heads on x, and both kernels read them from there."""
+    launch = mock.Mock(grid_y=10)
+    assert cuda_state._grid(launch, 2, 4, 7) == (8, 10, 7)
+    bf16 = torch.empty(1, 1, 64, 64, dtype=torch.bfloat16)
+    spec = state_spec(bf16, bf16, 64, True, False, False)
+    for config, arch, wgmma in ((CONFIG, "sm_90a", True), (StateKernelConfig(), "sm_80", False)):
+        source = cuda_state.render_state_source(spec, config, arch)
+        assert ("chunk_state_wgmma.cu.j2" in source) == wgmma
+        assert "const int seg = blockIdx.z;" in source and "const long long bs = blockIdx.x;" in source
