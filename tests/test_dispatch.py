@@ -3,6 +3,7 @@ assumes (segment-major) in the kernels' launch and sources."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -15,12 +16,12 @@ from retention_compile.codegen.cuda_state import CONFIG, StateKernelConfig, stat
 def test_makespan_of_programs_alone_and_paired() -> None:
     """One slot runs programs one after another at the speed of a program alone; two programs on one SM each take
     ``PAIRED_CHUNK_TIME`` per chunk, and a program left alone goes on at full speed."""
-    assert dispatch.makespan([3, 2], 1, sms=1, per_sm=1) == pytest.approx(5.0)
-    assert dispatch.makespan([1], 2, sms=1, per_sm=2) == pytest.approx(dispatch.PAIRED_CHUNK_TIME)
+    assert dispatch.makespan([3, 2], sms=1, per_sm=1) == pytest.approx(5.0)
+    assert dispatch.makespan([1, 1], sms=1, per_sm=2) == pytest.approx(dispatch.PAIRED_CHUNK_TIME)
     # lengths 2 and 1 side by side: both at 1.6 per chunk until the short one ends (1.6), then 1 chunk - 1 done alone
-    assert dispatch.makespan([2, 1], 1, sms=1, per_sm=2) == pytest.approx(1.6 + 1.0)
+    assert dispatch.makespan([2, 1], sms=1, per_sm=2) == pytest.approx(1.6 + 1.0)
     # two SMs fill breadth first: two programs run alone, one per SM
-    assert dispatch.makespan([4], 2, sms=2, per_sm=2) == pytest.approx(4.0)
+    assert dispatch.makespan([4, 4], sms=2, per_sm=2) == pytest.approx(4.0)
 
 
 def test_segment_lengths_leave_the_short_segment_last() -> None:
@@ -32,14 +33,18 @@ def test_segment_lengths_leave_the_short_segment_last() -> None:
 def test_fastest_segment_count_on_the_h200_shape() -> None:
     """b1 h8 d64 T=65536 chunk 1024 on 132 SMs x 2: 8 segments leave 112 programs for a third round, where each runs
     alone (0.418-0.428 ms measured); 7 segments of 10 end with the 80 programs of 4 chunks (0.401-0.404 measured)."""
-    spans = {s: dispatch.makespan(dispatch.segment_lengths(64, s), 80, 132, 2) for s in (6, 7, 8, 9)}
+    spans = {
+        s: dispatch.makespan(dispatch.segment_major(dispatch.segment_lengths(64, s), 80), 132, 2) for s in (6, 7, 8, 9)
+    }
     assert spans[7] < spans[8] == spans[9] < spans[6]
     assert dispatch.fastest_segment_count(64, 80, 132, 2, 8) == 7
 
 
 def test_fastest_segment_count_prefers_fewer_segments_on_a_tie() -> None:
     """Counts that end together: the fewest (fewer segment totals, less for the scan)."""
-    spans = {s: dispatch.makespan(dispatch.segment_lengths(64, s), 40, 132, 2) for s in range(1, 16)}
+    spans = {
+        s: dispatch.makespan(dispatch.segment_major(dispatch.segment_lengths(64, s), 40), 132, 2) for s in range(1, 16)
+    }
     best = min(spans.values())
     tied = [s for s, span in spans.items() if span <= best * 1.01]
     assert len(tied) > 1 and dispatch.fastest_segment_count(64, 40, 132, 2, 15) == min(tied)
@@ -64,3 +69,18 @@ def test_cuda_state_grid_is_segment_major() -> None:
         source = cuda_state.render_state_source(spec, config, arch)
         assert ("chunk_state_wgmma.cu.j2" in source) == wgmma
         assert "const int seg = blockIdx.z;" in source and "const long long bs = blockIdx.x;" in source
+
+
+def test_state_dispatch_benchmark_edits_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``benchmarks/state_dispatch.py`` edits the rendered state kernels by pattern (its segment-minor grid and its
+    first-N-programs variant): every pattern still matches both kernels, and its model queues hold every program."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import state_dispatch
+
+    bf16 = torch.empty(1, 1, 64, 64, dtype=torch.bfloat16)
+    spec = state_spec(bf16, bf16, 64, True, False, False)
+    for config, arch in ((CONFIG, "sm_90a"), (StateKernelConfig(), "sm_80")):
+        assert state_dispatch.edits_apply(cuda_state.render_state_source(spec, config, arch)) == []
+    major, minor = (state_dispatch.model_queue(64, 7, 80, order) for order in ("segment-major", "segment-minor"))
+    assert sorted(major) == sorted(minor) and len(major) == 7 * 80 and sum(major) == 64 * 80
+    assert major[-80:] == [4] * 80 and minor[:7] == [10] * 6 + [4]

@@ -11,9 +11,11 @@ final, partial round of the grid.
 H200, T=65536 b1 h8 d64 chunk 1024, the wgmma state kernel (8 segments of 8 chunks, 80 programs per segment, 132 SMs x
 2; ``state_dispatch_NVIDIA-H200_2026-12-02_b32437e.json``): the first 264 programs took 0.163 ms, a program alone on
 an SM about 0.10 (the grid's last 112, after two full rounds: 0.418 against 0.321 for the first 528), so a program
-beside another runs at 0.10 / 0.163 of its speed alone: ``PAIRED_CHUNK_TIME = 1.6``. The model's makespan for 6,
-7, 8, 9, 11 segments, segment-major and segment-minor, was within 1-3% of the measured kernel in all ten cases (7
-segments, segment-major: 0.40 modelled, 0.401-0.404 measured, against 0.418-0.428 with 8).
+beside another runs at 0.10 / 0.163 of its speed alone: ``PAIRED_CHUNK_TIME = 1.6``. Scaled by 0.0125 ms per chunk
+alone, the model's makespan for 6, 7, 8, 9 and 11 segments, dispatched segment-major and segment-minor, came within
+2.6% of the measured ungated kernel in 18 of 20 runs (two each), and 4-5% above it for segment-minor 7 (the
+segment-major grid with 7 segments: 0.40 modelled, 0.401-0.404 measured, against 0.418-0.428 with 8;
+``benchmarks/state_dispatch.py``).
 """
 
 from __future__ import annotations
@@ -37,10 +39,14 @@ def segment_lengths(n_chunks: int, segments: int) -> list[int]:
     return [min(per_segment, n_chunks - s * per_segment) for s in range(count)]
 
 
-def makespan(lengths: list[int], programs: int, sms: int, per_sm: int) -> float:
-    """Time (chunk units of a program alone) until the last of ``programs`` programs per segment of ``lengths`` ends,
-    dispatched segment-major onto ``sms`` SMs of ``per_sm`` slots under the processor-sharing model above."""
-    queue = [length for length in lengths for _ in range(programs)]
+def segment_major(lengths: list[int], programs: int) -> list[int]:
+    """The chunks of each program in dispatch order of a segment-major grid of ``programs`` programs per segment."""
+    return [length for length in lengths for _ in range(programs)]
+
+
+def makespan(queue: list[int], sms: int, per_sm: int) -> float:
+    """Time (chunk units of a program alone) until the last program ends, programs of ``queue[i]`` chunks dispatched
+    in that order onto ``sms`` SMs of ``per_sm`` slots under the processor-sharing model above."""
     remaining: list[list[float]] = [[] for _ in range(sms)]  # chunks left per resident program, as of ``updated``
     updated = [0.0] * sms
     version = [0] * sms
@@ -102,6 +108,9 @@ def makespan(lengths: list[int], programs: int, sms: int, per_sm: int) -> float:
 def fastest_segment_count(n_chunks: int, programs: int, sms: int, per_sm: int, most: int) -> int:
     """The segment count in ``[1, most]`` whose grid (``programs`` per segment) the model ends first; of counts within
     1% of the best, the fewest (fewer segments: fewer segment totals stored and less for the scan to fold)."""
-    spans = {s: makespan(segment_lengths(n_chunks, s), programs, sms, per_sm) for s in range(1, max(1, most) + 1)}
+    spans = {
+        s: makespan(segment_major(segment_lengths(n_chunks, s), programs), sms, per_sm)
+        for s in range(1, max(1, most) + 1)
+    }
     best = min(spans.values())
     return min(s for s, span in spans.items() if span <= best * 1.01 + 1e-12)
