@@ -84,3 +84,11 @@ def test_state_dispatch_benchmark_edits_apply(monkeypatch: pytest.MonkeyPatch) -
     major, minor = (state_dispatch.model_queue(64, 7, 80, order) for order in ("segment-major", "segment-minor"))
     assert sorted(major) == sorted(minor) and len(major) == 7 * 80 and sum(major) == 64 * 80
     assert major[-80:] == [4] * 80 and minor[:7] == [10] * 6 + [4]
+
+
+def test_fastest_segment_count_fills_every_slot_once_where_it_can() -> None:
+    """Under one round the GPU's first placement is not the model's: 30 programs per segment over 64 chunks tie at 8
+    segments (240 programs, under 264 slots) and 16 in the model; 16 is taken, as its grid fills every slot."""
+    span = {s: dispatch.makespan(dispatch.segment_major(dispatch.segment_lengths(64, s), 30), 132, 2) for s in (8, 16)}
+    assert span[8] == pytest.approx(span[16])
+    assert dispatch.fastest_segment_count(64, 30, 132, 2, 20) == 16
