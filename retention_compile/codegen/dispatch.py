@@ -3,19 +3,18 @@ hold ``per_sm`` of them each: the model behind the CUDA state kernels' segment c
 
 The state kernel's program walks one segment of ``L`` chunks. With ``n`` programs resident on an SM, each advances at
 one chunk per ``chunk_time(n) = max(1, n * PAIRED_CHUNK_TIME / 2)`` time units (processor sharing; measured for n <= 2,
-linear beyond). A free slot takes the next program of the grid
-(segment-major: every program of segment 0, then of segment 1, ...), the least loaded SM first. With ``n_chunks``
-chunks in segments of ``L = ceil(n_chunks / segments)``, the last segment is the short one, so it is what fills the
-final, partial round of the grid.
+linear beyond). A free slot takes the next program of the grid (segment-major: every program of segment 0, then of
+segment 1, ...), the least loaded SM first. With ``n_chunks`` chunks in segments of ``L = ceil(n_chunks / segments)``,
+the last segment is the short one, so it is what fills the final, partial round of the grid.
 
-H200, T=65536 b1 h8 d64 chunk 1024, the wgmma state kernel (8 segments of 8 chunks, 80 programs per segment, 132 SMs x
-2; ``state_dispatch_NVIDIA-H200_2026-12-02_b32437e.json``): the first 264 programs took 0.163 ms, a program alone on
-an SM about 0.10 (the grid's last 112, after two full rounds: 0.418 against 0.321 for the first 528), so a program
-beside another runs at 0.10 / 0.163 of its speed alone: ``PAIRED_CHUNK_TIME = 1.6``. Scaled by 0.0125 ms per chunk
-alone, the model's makespan for 6, 7, 8, 9 and 11 segments, dispatched segment-major and segment-minor, came within
-2.6% of the measured ungated kernel in 18 of 20 runs (two each), and 4-5% above it for segment-minor 7 (the
-segment-major grid with 7 segments: 0.40 modelled, 0.401-0.404 measured, against 0.418-0.428 with 8;
-``benchmarks/state_dispatch.py``).
+H200, T=65536 b1 h8 d64 chunk 1024, the wgmma state kernel, 80 programs per segment on 132 SMs x 2
+(``benchmarks/state_dispatch.py``, ``state_dispatch_NVIDIA-H200_2026-12-02_c091644.json``): with 7 segments of 10
+chunks, the first 264 programs took 0.199-0.201 ms and the next 132, one per SM, 0.128-0.129 more, so a program beside
+another takes 1.55 times as long per chunk as one alone (a first probe with 8 segments of 8: 0.163 and 0.10, 1.6):
+``PAIRED_CHUNK_TIME = 1.6``. Scaled by the measured time of 7 segments, the model's makespan for 6, 7, 8, 9 and 11
+segments, dispatched segment-major and segment-minor, came within 2% of the kernel in 18 of 20 runs, and 6% above it
+for segment-minor 7. The segment-major grid with 7 segments took 0.404 ms, against 0.426 for the segment-minor grid
+with 8 (the count and order before).
 """
 
 from __future__ import annotations
