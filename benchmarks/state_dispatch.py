@@ -22,13 +22,11 @@ Writes ``state_dispatch_<gpu>_<date>_<commit>.json`` under ``--out`` (default ``
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 from pathlib import Path
 from unittest import mock
 
 from ablate_forward import Edit, apply_edits, edited_sources, unmatched
-from provenance import command_line, git_commit
 
 from retention_compile.codegen import cuda_state, dispatch, forward
 
@@ -75,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--commit", default=None)
     args = parser.parse_args(argv)
     import torch
-    from bench_forward import B, H, inputs, kernel_times, ours
+    from bench_forward import B, H, inputs, kernel_times, ours, result_header
 
     from retention_compile.ops import resolve_plan
 
@@ -121,24 +119,11 @@ def main(argv: list[str] | None = None) -> dict:
         per_unit = sum(r["state_ms"] / r["makespan"] for r in reference) / len(reference)
         for row in order:
             row["model_ms"] = row["makespan"] * per_unit
-    commit, gpu = git_commit(args.commit), torch.cuda.get_device_name()
-    record = {
-        "command": command_line(),
-        "commit": commit,
-        "gpu": gpu,
-        "shape": {"B": B, "H": H, "d": 64, "deg": 2, "dtype": "bfloat16", "causal": True, "T": args.T},
-        "gated": args.gated,
-        "sms": sms,
-        "programs_per_sm": per_sm,
-        "programs_per_segment": programs,
-        "n_chunks": n_chunks,
-        "default_segments": default,
-        "active": active,
-        "order": order,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"state_dispatch_{gpu.replace(' ', '-')}_{datetime.date.today().isoformat()}_{commit}"
-    path = args.out / f"{stem}{'_gated' if args.gated else ''}.json"
+    base, record = result_header("state_dispatch", args.out, args.commit)
+    record["shape"]["T"] = args.T
+    record.update(gated=args.gated, sms=sms, programs_per_sm=per_sm, programs_per_segment=programs)
+    record.update(n_chunks=n_chunks, default_segments=default, active=active, order=order)
+    path = Path(f"{base}_{record['commit']}{'_gated' if args.gated else ''}.json")
     path.write_text(json.dumps(record, indent=1))
     print(f"wrote {path}")
     return record
