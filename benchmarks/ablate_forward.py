@@ -92,6 +92,13 @@ K_J_BY_WARPGROUP_0: Edit = (
 )
 
 NO_STATE_STEPS: Edit = (r"for step in range\((\d+)\):", "for step in range(0):")
+# The query grid longest first: the row blocks with the most keys of their chunk first (block 7 of every chunk, then
+# block 6, ...), so that the grid's last round holds the blocks with one key block each. For the benchmarked plan only
+# (chunk 1024, 128-row blocks: 8 per chunk) and Tq a multiple of the chunk (each row block once).
+LONGEST_FIRST: Edit = (
+    r"pid_t = tl\.cdiv\(Tq, 128\) - 1 - tl\.program_id\(0\)",
+    "n_c = tl.cdiv(Tq, 1024); pid_t = (tl.program_id(0) % n_c) * 8 + 7 - tl.program_id(0) // n_c",
+)
 # The step and program counts a layout of 8-coordinate groups would have at d = 64 (2304 state rows: 18 query steps of
 # 128 features, 9 state programs of 256, against 20 and 10 with pairs of 16-coordinate blocks)
 NINE_TENTHS_OF_STATE_STEPS: Edit = (NO_STATE_STEPS[0], "for step in range(\\1 * 9 // 10):")
@@ -166,6 +173,7 @@ QUERY_EDITS: dict[str, list[Edit]] = {
     "query: the pair factor 2 on q_j left out": [
         (r"q_j = q_j \* tl\.where\(delta == 0, 1\.0, 2\.0\)\.to\(tl\.bfloat16\)", "pass")
     ],
+    "query: row blocks longest first (same results; T a multiple of the chunk)": [LONGEST_FIRST],
     "query: state tiles by tensor descriptor (same results)": [
         (_M_LINE, r"\1\n\2" + _S_DESCRIPTOR),
         STATE_TILES_BY_DESCRIPTOR,
