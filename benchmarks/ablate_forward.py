@@ -99,6 +99,8 @@ LONGEST_FIRST: Edit = (
     r"pid_t = tl\.cdiv\(Tq, 128\) - 1 - tl\.program_id\(0\)",
     "n_c = tl.cdiv(Tq, 1024); pid_t = (tl.program_id(0) % n_c) * 8 + 7 - tl.program_id(0) // n_c",
 )
+# The state product skipped by the rows of the first chunk, whose state is zero (causal: the state before any key)
+FIRST_CHUNK_SKIPS_STATE: Edit = (r"for step in range\((\d+)\):", r"for step in range(tl.where(slot == 0, 0, \1)):")
 # The step and program counts a layout of 8-coordinate groups would have at d = 64 (2304 state rows: 18 query steps of
 # 128 features, 9 state programs of 256, against 20 and 10 with pairs of 16-coordinate blocks)
 NINE_TENTHS_OF_STATE_STEPS: Edit = (NO_STATE_STEPS[0], "for step in range(\\1 * 9 // 10):")
@@ -174,6 +176,11 @@ QUERY_EDITS: dict[str, list[Edit]] = {
         (r"q_j = q_j \* tl\.where\(delta == 0, 1\.0, 2\.0\)\.to\(tl\.bfloat16\)", "pass")
     ],
     "query: row blocks longest first (same results; T a multiple of the chunk)": [LONGEST_FIRST],
+    "query: the first chunk's rows skip the state product (same results)": [FIRST_CHUNK_SKIPS_STATE],
+    "query: longest first and the first chunk without the state product (same results)": [
+        LONGEST_FIRST,
+        FIRST_CHUNK_SKIPS_STATE,
+    ],
     "query: state tiles by tensor descriptor (same results)": [
         (_M_LINE, r"\1\n\2" + _S_DESCRIPTOR),
         STATE_TILES_BY_DESCRIPTOR,

@@ -37,7 +37,7 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
-from bench_forward import kernel_times, record_rows, result_header, timed
+from bench_forward import SDPA_BACKENDS, kernel_times, record_rows, result_header, sdpa_backend, timed
 
 import retention_compile as rc
 from retention_compile.codegen import backward
@@ -113,11 +113,9 @@ def forward_only(x: dict, chunk: int | None = None) -> Callable[[], torch.Tensor
     return run
 
 
-def sdpa(x: dict) -> Callable[[], None]:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+def sdpa(x: dict, backend: str | None = "FLASH_ATTENTION") -> Callable[[], None]:
     def forward() -> torch.Tensor:
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        with sdpa_backend(backend):
             return F.scaled_dot_product_attention(x["q"], x["k"], x["v"], is_causal=True)
 
     return _step(forward, x["dy"], [x["q"], x["k"], x["v"]])
@@ -163,7 +161,7 @@ def measure(
     if compiled:
         makers["ours_compiled"] = lambda: ours_compiled(x)
     if not gated:
-        makers["sdpa"] = lambda: sdpa(x)
+        makers.update({name: lambda backend=backend: sdpa(x, backend) for name, backend in SDPA_BACKENDS.items()})
     if competitors:
         makers["manifest"] = lambda: manifest(x)
     for variant, switches in GATE_VARIANTS.items() if gate_variants and gated else ():
@@ -194,7 +192,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 5))
     for gated in (False, True):
         sel = sorted((r for r in rows if r["gated"] == gated), key=lambda r: r["T"])
-        for m in ("ours", "ours_compiled", "sdpa", "manifest"):
+        for m in ("ours", "ours_compiled", *SDPA_BACKENDS, "manifest"):
             pts = [(r["T"], r[m]) for r in sel if r.get(m)]
             if pts:
                 ax.plot(*zip(*pts), marker="o", ls="--" if gated else "-", label=f"{m}{' gated' if gated else ''}")
@@ -242,7 +240,7 @@ def main() -> None:
 def _line(row: dict) -> str:
     cells = [f"T={row['T']:>6}", f"gated={'yes' if row['gated'] else 'no ':3}"]
     variants = [f"ours_{variant}" for variant in GATE_VARIANTS]
-    for m in ("ours", *variants, "ours_compiled", "ours_forward_only", "sdpa", "manifest"):
+    for m in ("ours", *variants, "ours_compiled", "ours_forward_only", *SDPA_BACKENDS, "manifest"):
         value = row.get(m)
         cells.append(f"{m}={value:.3f}" if value is not None else f"{m}=-")
     return "  ".join(cells) + (f"  errors={row['errors']}" if row["errors"] else "")

@@ -1,5 +1,6 @@
-"""Forward time of the Triton power-retention kernels against SDPA (flash), Manifest's ``retention`` 1.0.7 and
-fla's ``chunk_simple_gla`` (issue 5): b=1, h=8, d=64, deg=2, bf16, causal, gated and ungated.
+"""Forward time of the Triton power-retention kernels against SDPA (its flash backend and its default choice),
+Manifest's ``retention`` 1.0.7 and fla's ``chunk_simple_gla`` (issue 5): b=1, h=8, d=64, deg=2, bf16, causal, gated
+and ungated.
 
     python benchmarks/bench_forward.py [--out DIR] [--T 1024 2048 ...] [--tune 65536] [--competitors T ...]
 
@@ -11,10 +12,12 @@ follows (``for_backward=False``; runs up to session 25 stored it in float32); "o
 from a CUDA graph (no launch overhead, as in a compiled model with CUDA graphs). ``--tune T`` first times, gated at
 length T, the kernel variants of the chunked query kernel, two chunk sizes and several segment counts, keeps the
 fastest variant for the whole run and reports the fastest configuration as "ours best" with a per-kernel breakdown.
-Achieved rate: FLOP the kernels execute (tiled state, see ``executed_flops``) over the fastest time, as a
-fraction of a bf16 matmul measured in the same run. Competitors run at ``--competitors`` lengths when importable
-(carry them as wheels: ../shared/tools/gpu-wheels.sh); a failure is recorded, not fatal. A cProfile of eager
-calls at T=2048 is printed first.
+"sdpa" is SDPA on PyTorch's flash backend (FlashAttention-2), "sdpa default" SDPA on the backend it picks itself
+(``sdpa_default_kernel`` names the kernel it ran: cuDNN's on the H200 with torch 2.11, the faster one). Achieved
+rate: FLOP the kernels execute (tiled state, see ``executed_flops``) over the fastest time, as a fraction of a bf16
+matmul measured in the same run. Competitors run at ``--competitors`` lengths when importable (carry them as wheels:
+../shared/tools/gpu-wheels.sh); a failure is recorded, not fatal. A cProfile of eager calls at T=2048 is printed
+first.
 
 Writes ``forward_<gpu>_<date>.json`` (after every row) and ``forward_<gpu>_<date>.png`` (time vs T, log-log)
 under ``--out``.
@@ -23,6 +26,7 @@ under ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -148,14 +152,31 @@ def graphed(fn: Callable[[], object]) -> Callable[[], object]:
     return graph.replay
 
 
-def sdpa(x: dict) -> Callable[[], object]:
+# SDPA timed twice: "sdpa" on PyTorch's flash backend (FlashAttention-2, forced) and "sdpa_default" on the backend SDPA
+# picks itself. On the H200 with torch 2.11 the default is cuDNN's fused attention, 1.5-1.8x faster than the flash
+# backend here (T=65536: 9.8 against 14.5 ms; T=8192: 0.198 against 0.351), and the one the anchors measured.
+SDPA_BACKENDS: dict[str, str | None] = {"sdpa": "FLASH_ATTENTION", "sdpa_default": None}
+
+
+def sdpa_backend(name: str | None) -> contextlib.AbstractContextManager:
+    """SDPA restricted to the backend ``name`` (an ``SDPBackend`` member), or left to its own choice for None."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    return sdpa_kernel(getattr(SDPBackend, name)) if name else contextlib.nullcontext()
+
+
+def sdpa(x: dict, backend: str | None = "FLASH_ATTENTION") -> Callable[[], object]:
     def run() -> object:
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        with sdpa_backend(backend):
             return F.scaled_dot_product_attention(x["q"], x["k"], x["v"], is_causal=True)
 
     return run
+
+
+def busiest_kernel(run: Callable[[], object]) -> str:
+    """The name of the kernel that takes most of ``run``'s device time (which backend SDPA chose)."""
+    times = kernel_times(run, 3)
+    return max(times, key=times.get)[:120] if times else ""
 
 
 def manifest(x: dict) -> Callable[[], object]:
@@ -307,7 +328,8 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [m for m in ("ours", "ours_graph", "ours_best", "sdpa", "manifest", "fla") if any(r.get(m) for r in rows)]
+    candidates = ("ours", "ours_graph", "ours_best", *SDPA_BACKENDS, "manifest", "fla")
+    methods = [m for m in candidates if any(r.get(m) for r in rows)]
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
     for ax, gated in zip(axes, (False, True)):
         sel = sorted((r for r in rows if r["gated"] == gated), key=lambda r: r["T"])
@@ -334,7 +356,8 @@ def measure(T: int, gated: bool, spec: hardware.GpuSpec, ceilings: dict, tuned: 
     row: dict = {"T": T, "gated": gated, "plan": asdict(plan), "errors": {}}
     choice = state_kernel_choice(x, plan)
     row["state_kernel"] = "cuda" if choice.kernel is not None else f"triton ({choice.reason})"
-    makers = {"ours": lambda: ours(x, plan), "ours_graph": lambda: graphed(ours(x, plan)), "sdpa": lambda: sdpa(x)}
+    makers = {"ours": lambda: ours(x, plan), "ours_graph": lambda: graphed(ours(x, plan))}
+    makers.update({name: lambda backend=backend: sdpa(x, backend) for name, backend in SDPA_BACKENDS.items()})
     if tuned is not None:
         best = _plan(tuned)
         makers["ours_best"] = lambda: ours(x, best, tuned["segments"])
@@ -346,6 +369,8 @@ def measure(T: int, gated: bool, spec: hardware.GpuSpec, ceilings: dict, tuned: 
         row[name], error = timed(maker)
         if error:
             row["errors"][name] = error
+    if row.get("sdpa_default"):
+        row["sdpa_default_kernel"] = busiest_kernel(sdpa(x, None))
     timings = [(row.get("ours"), plan), (row.get("ours_graph"), plan)]
     if tuned is not None:
         timings.append((row.get("ours_best"), _plan(tuned)))
@@ -437,7 +462,8 @@ def warm_tasks(spec: hardware.GpuSpec, args: argparse.Namespace) -> list[dict]:
 
 
 def _header() -> str:
-    cols = ("T", "gate", "ours", "graph", "best", "sdpa", "manifest", "fla", "TFLOP/s", "of mm", "plan (C/bt/warps)")
+    cols = ("T", "gate", "ours", "graph", "best", "sdpa", "sdpa dflt", "manifest", "fla", "TFLOP/s", "of mm")
+    cols += ("plan (C/bt/warps)",)
     return " ".join(f"{c:>9}" for c in cols)
 
 
@@ -449,7 +475,7 @@ def _line(row: dict) -> str:
     p = row.get("best_plan") or row["plan"]
     plan = f"{p['chunk_size']}/{p['block_t']}/{p['num_warps']}" + (f"/s{p['segments']}" if p.get("segments") else "")
     cells = [f"{row['T']:>9}", f"{'yes' if row['gated'] else 'no':>9}"]
-    cells += [_fmt(row.get(m)) for m in ("ours", "ours_graph", "ours_best", "sdpa", "manifest", "fla")]
+    cells += [_fmt(row.get(m)) for m in ("ours", "ours_graph", "ours_best", *SDPA_BACKENDS, "manifest", "fla")]
     cells += [_fmt(row.get("executed_tflops")), _fmt(row.get("fraction_of_matmul")), f"{plan:>9}"]
     return " ".join(cells)
 
