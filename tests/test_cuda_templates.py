@@ -53,19 +53,22 @@ def _state_cases() -> list[str]:
 
 
 def _wgmma_state_cases() -> list[str]:
-    """wgmma chunk-state sources (sm_90a): gate, validity, non-causal, two value blocks, d = 32 and 128, and the
-    register caps for one or two programs per SM with 1, 2 or 4 slices in flight."""
+    """wgmma chunk-state sources (sm_90a): gate, validity, non-causal, two value blocks, d = 32 and 128, the
+    register caps for one or two programs per SM with 1, 2 or 4 slices in flight, and the cherry layout (gated and
+    not, causal and not)."""
     wgmma = dataclasses.replace(cuda_state.CONFIG, wgmma=True)
-    cases = [  # (d, e, gated, valid, causal, chunk, config)
-        (64, 64, True, False, True, 1024, wgmma),
-        (64, 64, False, True, False, 256, dataclasses.replace(wgmma, wgmma_min_blocks=1, wgmma_in_flight=4)),
-        (128, 128, True, True, True, 512, dataclasses.replace(wgmma, wgmma_in_flight=1)),
-        (32, 64, False, False, True, 64, wgmma),
+    cases = [  # (d, e, gated, valid, causal, chunk, config, cherries)
+        (64, 64, True, False, True, 1024, wgmma, False),
+        (64, 64, False, True, False, 256, dataclasses.replace(wgmma, wgmma_min_blocks=1, wgmma_in_flight=4), False),
+        (128, 128, True, True, True, 512, dataclasses.replace(wgmma, wgmma_in_flight=1), False),
+        (32, 64, False, False, True, 64, wgmma, False),
+        (64, 64, False, False, True, 1024, wgmma, True),
+        (64, 128, True, True, False, 256, wgmma, True),
     ]
     sources = []
-    for d, e, gated, valid, causal, chunk, config in cases:
+    for d, e, gated, valid, causal, chunk, config, cherries in cases:
         k, v = torch.empty(1, 1, 1, d, dtype=torch.bfloat16), torch.empty(1, 1, 1, e, dtype=torch.bfloat16)
-        spec = state_spec(k, v, chunk, causal, gated, valid)
+        spec = state_spec(k, v, chunk, causal, gated, valid, cherries)
         assert cuda_state.uses_wgmma(spec, config, "sm_90a")
         sources.append(cuda_state.render_state_source(spec, config, "sm_90a"))
     return sources
@@ -338,6 +341,8 @@ def test_chunk_state_op_fake_shapes() -> None:
         assert (m_loc.shape, s_seg.shape, m_seg.shape) == ((12, 4, 64, 64), (12, 3, 2560, 32), (12, 3, 64, 64))
         s_loc, *_ = torch.ops.retention_compile.cuda_chunk_states(k, v, None, None, sizes, 32, False)
         assert s_loc.shape[1] == 0  # non-causal: no per-chunk states
+        s_loc, _, s_seg, _ = torch.ops.retention_compile.cuda_chunk_states(k, v, g, None, sizes, 32, True, True)
+        assert s_loc.shape == (12, 4, 2304, 32) and s_seg.shape == (12, 3, 2304, 32)  # the cherry layout's rows
 
 
 def test_reverse_state_op_fake_shapes() -> None:

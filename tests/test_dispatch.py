@@ -92,3 +92,12 @@ def test_fastest_segment_count_fills_every_slot_once_where_it_can() -> None:
     span = {s: dispatch.makespan(dispatch.segment_major(dispatch.segment_lengths(64, s), 30), 132, 2) for s in (8, 16)}
     assert span[8] == pytest.approx(span[16])
     assert dispatch.fastest_segment_count(64, 30, 132, 2, 20) == 16
+
+
+def test_segments_past_the_usual_count_only_for_a_large_modelled_gain() -> None:
+    """The cherry layout's 72 programs at T=65536 take 11 segments (the model: 10% sooner than 7); the pair layout's
+    80 keep 7 and at T=16384 8 (16 would be 4.8% sooner, less than the scan's extra folds cost)."""
+    assert dispatch.modelled_segment_count(64, 72, 132, 2, 9) == 11
+    assert dispatch.modelled_segment_count(64, 80, 132, 2, 8) == 7
+    assert dispatch.modelled_segment_count(16, 80, 132, 2, 8) == 8
+    assert dispatch.fastest_segment_count(16, 80, 132, 2, 16) == 16  # what the model alone would take

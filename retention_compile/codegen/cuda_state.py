@@ -37,6 +37,7 @@ import torch
 from ..inspection import is_recording, record_kernel
 from ..sizes import contiguous_strides, pow2_at_least, size_hint
 from . import nvrtc
+from .cherries import cherry_features, state_programs, supports_cherries
 from .eager_launch import CudaLaunch
 from .triton_source import KernelSpec
 
@@ -182,6 +183,8 @@ def render_state_source(spec: KernelSpec, config: StateKernelConfig, arch: str |
         return nvrtc.render(
             WGMMA_TEMPLATE,
             **shape,
+            cherries=spec.cherries,
+            cherry_programs=state_programs(spec.head_dim) if spec.cherries else (),
             block_s=WGMMA_BLOCK_S,
             stages=WGMMA_STAGES,
             in_flight=config.wgmma_in_flight,
@@ -189,6 +192,8 @@ def render_state_source(spec: KernelSpec, config: StateKernelConfig, arch: str |
             min_blocks=config.wgmma_min_blocks,
             smem_bytes=wgmma_smem_bytes(spec),
         )
+    if spec.cherries:
+        raise ValueError("the cherry layout's states come from the wgmma state kernel only")
     return nvrtc.render(
         STATE_TEMPLATE,
         **shape,
@@ -208,7 +213,7 @@ class _Launch:
     """What a launch needs besides the arguments, worked out once per shape class, config and device."""
 
     kernel: nvrtc.CudaKernel
-    grid_y: int  # pairs x value blocks
+    grid_y: int  # programs (pairs, or two cherries each) x value blocks
     threads: int
     smem: int
 
@@ -216,14 +221,14 @@ class _Launch:
 @functools.lru_cache(maxsize=64)
 def _launch_info(spec: KernelSpec, config: StateKernelConfig, device_index: int) -> _Launch:
     arch = nvrtc.gpu_arch(device_index)
-    pairs = tiled_features(spec.head_dim) // 256
+    programs = spec.template_params()["state_programs"]
     if uses_wgmma(spec, config, arch):
         smem, threads, value_blocks = wgmma_smem_bytes(spec), WGMMA_THREADS, spec.value_dim // WGMMA_BLOCK_E
     else:
         smem, threads = smem_bytes(spec.value_dim, config), 32 * config.warps
         value_blocks = spec.value_dim // block_e(spec.value_dim)
     kernel = load_with_shared_memory(render_state_source(spec, config, arch), KERNEL_NAME, smem, device_index)
-    return _Launch(kernel, pairs * value_blocks, threads, smem)
+    return _Launch(kernel, programs * value_blocks, threads, smem)
 
 
 @functools.lru_cache(maxsize=64)
@@ -238,9 +243,11 @@ def load_with_shared_memory(source: str, name: str, smem: int, device_index: int
     return kernel
 
 
-def state_spec(k: torch.Tensor, v: torch.Tensor, chunk_size: int, causal: bool, gated: bool, valid: bool) -> KernelSpec:
+def state_spec(
+    k: torch.Tensor, v: torch.Tensor, chunk_size: int, causal: bool, gated: bool, valid: bool, cherries: bool = False
+) -> KernelSpec:
     """The fields of the forward's KernelSpec the state kernels depend on (the query-side tiles do not matter): ``k``
-    gives the dtype and d, ``v`` gives e (the reverse-state kernel passes q and dy)."""
+    gives the dtype and d, ``v`` gives e (the reverse-state kernel passes q and dy); ``cherries`` the row layout."""
     return KernelSpec(
         dtype=str(k.dtype).removeprefix("torch."),
         head_dim=k.shape[-1],
@@ -256,6 +263,7 @@ def state_spec(k: torch.Tensor, v: torch.Tensor, chunk_size: int, causal: bool, 
         block_s=16,
         block_e=v.shape[-1],
         block_feature=16,
+        cherries=cherries,
     )
 
 
@@ -300,18 +308,20 @@ def cuda_chunk_states_op(
     sizes: Sequence[int],
     chunk_size: int,
     causal: bool,
+    cherries: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(S_LOC, M_LOC, S_SEG, M_SEG)`` as the Triton state kernel leaves them (LOC empty when non-causal).
+    """``(S_LOC, M_LOC, S_SEG, M_SEG)`` as the Triton state kernel leaves them (LOC empty when non-causal), in the
+    pair layout or, with ``cherries``, the cherry layout (``cherries.py``; the wgmma kernel only).
 
     ``sizes = (Hq, group, state_heads, Tk, shift, n_chunks, chunks_per_seg, n_seg)``; ``g`` the cumulative log-gate
     (B, state_heads, >= Tk) fp32 (rows may be padded), ``valid`` (B, Tk) bool. Left for the scan, uninitialised:
     slot 0 of the SEG buffers and, causal, LOC slots ``chunks_per_seg, 2 * chunks_per_seg, ...`` (a later segment's
     first chunk state, zero before the scan).
     """
-    spec = state_spec(k, v, chunk_size, causal, g is not None, valid is not None)
+    spec = state_spec(k, v, chunk_size, causal, g is not None, valid is not None, cherries)
     info = _launch_info(spec, CONFIG, k.device.index or 0)
     state_heads, n_chunks, n_seg = sizes[2], sizes[5], sizes[7]
-    outputs = _allocate(k, v, causal, state_heads, n_chunks, n_seg)
+    outputs = _allocate(k, v, causal, state_heads, n_chunks, n_seg, cherries)
     k, v = dense_rows(k), dense_rows(v)
     gate = None if g is None else g.contiguous()
     valid_bytes = None if valid is None else valid.contiguous().view(torch.uint8)
@@ -350,10 +360,10 @@ def _kernel_arguments(
 KEPT_TENSORS = ((0, "K"), (1, "V"), (2, "G"), (3, "VALID"), (4, "S_LOC"), (5, "M_LOC"), (6, "S_SEG"), (7, "M_SEG"))
 
 
-def _allocate(k: torch.Tensor, v: torch.Tensor, causal: bool, state_heads, n_chunks, n_seg) -> tuple:
+def _allocate(k: torch.Tensor, v: torch.Tensor, causal: bool, state_heads, n_chunks, n_seg, cherries: bool) -> tuple:
     heads = k.shape[0] * state_heads
     d, e = k.shape[-1], v.shape[-1]
-    dt = tiled_features(d)
+    dt = cherry_features(d) if cherries else tiled_features(d)
     slots = n_chunks if causal else 0
     return (
         k.new_empty((heads, slots, dt, e), dtype=torch.bfloat16),
@@ -364,8 +374,8 @@ def _allocate(k: torch.Tensor, v: torch.Tensor, causal: bool, state_heads, n_chu
 
 
 @cuda_chunk_states_op.register_fake
-def _cuda_chunk_states_fake(k, v, g, valid, sizes, chunk_size, causal):
-    return _allocate(k, v, causal, sizes[2], sizes[5], sizes[7])
+def _cuda_chunk_states_fake(k, v, g, valid, sizes, chunk_size, causal, cherries=False):
+    return _allocate(k, v, causal, sizes[2], sizes[5], sizes[7], cherries)
 
 
 def wgmma_backward_unsupported(fwd: KernelSpec, arch: str | None, kernel: str) -> str | None:
@@ -437,7 +447,7 @@ def chunk_states(
     _record(spec, k, v, q_shape)
     sizes = [args[n] for n in ("Hq", "group", "state_heads", "Tk", "shift", "n_chunks", "chunks_per_seg", "n_seg")]
     s_loc, m_loc, s_seg, m_seg = torch.ops.retention_compile.cuda_chunk_states(
-        k, v, args.get("G"), args.get("VALID"), sizes, spec.chunk_size, spec.causal
+        k, v, args.get("G"), args.get("VALID"), sizes, spec.chunk_size, spec.causal, spec.cherries
     )
     out = {"S_SEG": s_seg, "M_SEG": m_seg}
     if spec.causal:
@@ -457,7 +467,7 @@ def _kept_launch(spec: KernelSpec, k, v, g, valid, sizes: Sequence[int]) -> Cuda
     if copied or device != torch.cuda.current_device():
         return None
     gated, has_valid = g is not None, valid is not None
-    info = _launch_info(state_spec(k, v, spec.chunk_size, spec.causal, gated, has_valid), CONFIG, device)
+    info = _launch_info(state_spec(k, v, spec.chunk_size, spec.causal, gated, has_valid, spec.cherries), CONFIG, device)
     present = {"G": gated, "VALID": has_valid, "S_LOC": spec.causal, "M_LOC": spec.causal}
     tensors = tuple((i, name) for i, name in KEPT_TENSORS if present.get(name, True))
     arguments = _kernel_arguments(k, v, g, valid, (None,) * 4, sizes, spec.causal)
@@ -476,6 +486,14 @@ class CudaStateHook:
 
     def __call__(self, spec: KernelSpec, args: dict, kept: list | None = None) -> dict[str, torch.Tensor]:
         return chunk_states(spec, args, self.q_shape, kept)
+
+    @staticmethod
+    def cherry_rows(spec: KernelSpec, device: torch.device) -> bool:
+        """Whether this kernel can write shape class ``spec``'s states in the cherry layout (``cherries.py``): the
+        wgmma kernel at a head dim the layout serves, for a query kernel that steps through cherries."""
+        arch = nvrtc.gpu_arch(device.index or 0) if device.type == "cuda" else None
+        chunked = spec.chunked and spec.deg == 2 and not spec.query_t and supports_cherries(spec.head_dim)
+        return chunked and uses_wgmma(spec, CONFIG, arch)
 
     @staticmethod
     def programs_per_sm(spec: KernelSpec, device: torch.device) -> int:

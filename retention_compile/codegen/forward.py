@@ -68,7 +68,7 @@ from ..planning import EXACT_CHUNK_BELOW, Plan
 from ..reference import EPS
 from ..sizes import size_hint
 from . import replays
-from .dispatch import fastest_segment_count
+from .dispatch import modelled_segment_count
 from .eager_launch import DirectLaunch
 from .fitting import (
     compiled_shared_memory,
@@ -455,6 +455,8 @@ def triton_forward(
     )
     if not cuda_states:
         state_kernel = None
+    if states_out is None and writes_cherry_rows(state_kernel, spec, k.device):  # the states stay within the call
+        spec = _with_cherries(spec)
     kept: list[Callable[[dict], None] | None] | None = [] if replay_key is not None else None
     B, Hq, Tq, _ = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
@@ -711,16 +713,31 @@ def state_segments(
     over ``n_chunks`` chunks: ``segments`` as given, else enough for ``STATE_WAVES`` programs per SM (at most one
     segment per chunk) or, for a kernel with a segment-major grid and ``programs_per_sm`` programs resident per SM
     (the CUDA state kernels), the count up to that many whose grid ``dispatch.fastest_segment_count`` models to end
-    first (H200, T=65536 b1 h8 d64: 7 instead of 8, the state kernel 0.418-0.428 -> 0.401-0.404 ms). The count is
-    ``segments`` or fewer (4 chunks in 3 segments take 2 of 2 chunks)."""
+    first (H200, T=65536 b1 h8 d64: 7 instead of 8, the state kernel 0.418-0.428 -> 0.401-0.404 ms), or past that
+    count where the model gains much more (``dispatch.modelled_segment_count``: the cherry layout's 72 programs take
+    11). The count is ``segments`` or fewer (4 chunks in 3 segments take 2 of 2 chunks)."""
     if segments is None:
         wanted = STATE_WAVES * _sm_count(device) / size_hint(programs)
         segments = max(1, min(size_hint(n_chunks), math.ceil(wanted)))
         if programs_per_sm is not None:
             sms, chunks = _sm_count(device), size_hint(n_chunks)
-            segments = fastest_segment_count(chunks, size_hint(programs), sms, programs_per_sm, segments)
+            segments = modelled_segment_count(chunks, size_hint(programs), sms, programs_per_sm, segments)
     per_segment = _cdiv(n_chunks, segments)
     return segments, per_segment, _cdiv(n_chunks, per_segment)
+
+
+def writes_cherry_rows(state_kernel: object, spec: KernelSpec, device: torch.device) -> bool:
+    """Whether a ``state_kernel`` hook writes shape class ``spec``'s states in the cherry layout (its ``cherry_rows``:
+    the wgmma state kernel at d = 64), which a call takes where no one reads its states after it (no ``states_out``):
+    the backward, the decode and the other state kernels keep the pair layout. H200, T=65536 b1 h8 d64: 9 state
+    programs per head and segment instead of 10, 18 query steps instead of 20."""
+    cherry_rows = getattr(state_kernel, "cherry_rows", None)
+    return cherry_rows is not None and cherry_rows(spec, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _with_cherries(spec: KernelSpec) -> KernelSpec:
+    return replace(spec, cherries=True)
 
 
 def segment_major_programs_per_sm(state_kernel: object, spec: KernelSpec, device: torch.device) -> int | None:
@@ -761,7 +778,7 @@ class StateLayout:
         params = spec.template_params()
         shift = (Tq - Tk) % C
         n_chunks = _cdiv(Tk + shift, C)
-        programs = params["npairs"] * params["n_eb"] * B * state_heads
+        programs = params["state_programs"] * params["n_eb"] * B * state_heads
         segments, per_segment, n_seg = state_segments(k.device, programs, n_chunks, segments, programs_per_sm)
         return StateLayout(spec, B, state_heads, shift, n_chunks, segments, per_segment, n_seg)
 

@@ -28,6 +28,7 @@ from types import ModuleType
 from ..reference import EPS
 from ..sizes import pow2_at_least
 from . import cache
+from .cherries import cherries, cherry_features, query_tables
 from .templating import environment
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
@@ -76,6 +77,9 @@ class KernelSpec:
                     (not with ``query_t``).
     den_dot:        the attention loops sum each row's weights by a product with a column of ones (a tensor-core
                     n16 product beside w V) instead of a float32 row sum per key block.
+    cherries:       the chunk states' rows in the cherry layout (``cherries.py``: no feature twice across
+                    8-coordinate groups), written by the CUDA wgmma state kernel; the query kernel's state loop
+                    steps through cherries (not with ``query_t``), and the module has no Triton state kernel.
     """
 
     dtype: str
@@ -95,9 +99,10 @@ class KernelSpec:
     query_t: bool = False
     query_split: int = 1
     den_dot: bool = False
+    cherries: bool = False
 
     def __post_init__(self) -> None:
-        # specs key several memo tables per call: hash once (the generated hash walks all 17 fields every time)
+        # specs key several memo tables per call: hash once (the generated hash walks all 18 fields every time)
         object.__setattr__(self, "_hash", hash(astuple(self)))
 
     def __hash__(self) -> int:
@@ -124,7 +129,7 @@ def _forward_params(spec: KernelSpec) -> dict[str, object]:
     d, e, b = spec.head_dim, spec.value_dim, spec.block_feature
     nb = d // b if spec.chunked else 1
     npairs = nb * (nb + 1) // 2
-    tiled = npairs * b * b
+    tiled = cherry_features(d) if spec.cherries else npairs * b * b
     return {
         **asdict(spec),
         "d": d,
@@ -135,6 +140,10 @@ def _forward_params(spec: KernelSpec) -> dict[str, object]:
         "npairs": npairs,
         "fb": b * b,
         "dt": tiled,
+        # programs per head, segment and value block of the state kernel: one per pair, or per two cherries
+        "state_programs": len(cherries(d)) // 2 if spec.cherries else npairs,
+        "n_cherries": len(cherries(d)) if spec.cherries else 0,
+        "cherry_tables": query_tables(d) if spec.cherries else {},
         "scan_block": SCAN_BLOCK,
         "scan_s_blocks": -(-tiled * e // SCAN_BLOCK),
         "eps": repr(EPS),

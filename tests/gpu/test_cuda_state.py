@@ -15,7 +15,7 @@ import torch
 
 import retention_compile as rc
 from retention_compile import inspection
-from retention_compile.codegen import backward, choice, cuda_state, cuda_state_terms, forward, replays
+from retention_compile.codegen import backward, cherries, choice, cuda_state, cuda_state_terms, forward, replays
 from retention_compile.codegen.cuda_state import StateKernelConfig, chunk_states
 from retention_compile.codegen.triton_source import load_forward
 from retention_compile.planning import Plan
@@ -142,6 +142,92 @@ def test_forward_with_cuda_states_matches_oracle_and_triton(case: tuple) -> None
     assert _rel(y_cuda, ref) < 1e-2, f"vs oracle {_rel(y_cuda, ref):.2e}"
     assert _rel(y_cuda, y_triton) < 1e-2
     assert _rel(den_cuda, den_triton) < 1e-2
+
+
+# d = 64 in bf16: the shape class whose states the wgmma kernel writes in the cherry layout (codegen/cherries.py)
+CHERRY_CASES = [c for c in CASES if c[6] == 64 and c[8] == torch.bfloat16]
+
+
+def _pair_rows(d: int) -> list[int]:
+    """Per row of the cherry layout, the pair layout's row of the same feature k_x k_y (pair p of 16-coordinate
+    blocks (I, J), enumerated cyclically, holds k_{16 I + a} k_{16 J + b} at row 256 p + 16 a + b)."""
+    nb = d // 16
+    pair_of = {}
+    for p in range(nb * (nb + 1) // 2):
+        i = p % nb
+        pair_of[(i, (i + p // nb) % nb)] = p
+    rows = []
+    for x, y in zip(*cherries.feature_coordinates(d)):
+        if (x // 16, y // 16) not in pair_of:
+            x, y = y, x
+        rows.append(256 * pair_of[(x // 16, y // 16)] + 16 * (x % 16) + y % 16)
+    return rows
+
+
+@pytest.mark.parametrize("case", CHERRY_CASES, ids=[c[0] for c in CHERRY_CASES])
+def test_cherry_states_hold_the_pair_layouts_features(case: tuple) -> None:
+    """The wgmma kernel's states in the cherry layout against its pair layout, from the same arguments: every cherry
+    row is the pair layout's row of the same feature (ungated the same rounded products; gated, k_x w_j is rounded
+    before the product, so within bf16), and M's quadratic form (M + M^T) agrees; no element left unwritten."""
+    x = _inputs(case)
+    captured: dict[str, dict[str, torch.Tensor]] = {}
+
+    def both(spec, args):
+        _poison_allocator()
+        captured["pairs"] = {n: t.clone() for n, t in chunk_states(spec, args).items()}
+        _poison_allocator()
+        captured["cherries"] = {n: t.clone() for n, t in chunk_states(forward._with_cherries(spec), args).items()}
+        captured["sizes"] = {n: args[n] for n in ("chunks_per_seg", "n_seg", "n_chunks")}
+        return {n: t.clone() for n, t in captured["pairs"].items()}
+
+    _forward(x, both)
+    pairs, cherry, sizes = captured["pairs"], captured["cherries"], captured["sizes"]
+    rows = _pair_rows(x["k"].shape[-1])
+    firsts = set(range(sizes["chunks_per_seg"], sizes["n_chunks"], sizes["chunks_per_seg"]))
+    written = [c for c in range(sizes["n_chunks"]) if c not in firsts]
+    gated = x["kwargs"]["log_gate"] is not None
+    for name in pairs:
+        ref, got = pairs[name], cherry[name]
+        ref, got = (ref[:, 1:], got[:, 1:]) if "SEG" in name else (ref[:, written], got[:, written])
+        if name.startswith("S"):
+            ref = ref[:, :, rows]
+        else:
+            ref, got = ref + ref.transpose(-1, -2), got + got.transpose(-1, -2)
+        assert got.shape == ref.shape and got.dtype == ref.dtype, name
+        assert _rel(got, ref) < (1e-2 if gated else 1e-6), f"{name}: {_rel(got, ref):.2e}"
+
+
+@pytest.mark.parametrize("case", CHERRY_CASES, ids=[c[0] for c in CHERRY_CASES])
+def test_forward_on_cherry_states_matches_oracle(case: tuple, monkeypatch) -> None:
+    """The op's state hook takes the cherry layout where no one reads the states after the call, the pair layout
+    where ``states_out`` keeps them; y agrees with the float64 oracle and the all-Triton forward either way."""
+    layouts = []
+    real = cuda_state.chunk_states
+
+    def spy(spec, args, *rest, **kwargs):
+        layouts.append(spec.cherries)
+        return real(spec, args, *rest, **kwargs)
+
+    monkeypatch.setattr(cuda_state, "chunk_states", spy)
+    x = _inputs(case, seed=2)
+    kw = x["kwargs"]
+    gate = None if kw["log_gate"] is None else kw["log_gate"].double()
+    ref = power_retention_reference(
+        x["q"].double(), x["k"].double(), x["v"].double(), scale=kw["scale"], deg=2, log_gate=gate,
+        causal=kw["causal"], valid=kw["valid"],
+    )  # fmt: skip
+    y_triton, _ = _forward(x, None)
+    _poison_allocator()
+    y_cherries, den_cherries = _forward(x, cuda_state.CudaStateHook())
+    states: dict[str, torch.Tensor] = {}
+    y_pairs, _ = forward.triton_forward(
+        x["q"], x["k"], x["v"], **kw, segments=x["segments"], state_kernel=cuda_state.CudaStateHook(), states_out=states
+    )
+    assert layouts == [True, False]
+    assert states["S"].shape[2] == 2560  # the pair layout, as the backward reads it
+    for y in (y_cherries, y_pairs):
+        assert _rel(y, ref) < 1e-2, f"vs oracle {_rel(y, ref):.2e}"
+        assert _rel(y, y_triton) < 1e-2
 
 
 BF16_CASES = [c for c in CASES if c[8] == torch.bfloat16]

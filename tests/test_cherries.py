@@ -1,0 +1,182 @@
+"""The cherry layout of the chunk states (``codegen/cherries.py``) on the CPU: every pair of coordinate groups held
+once, the feature map it defines against (q . k)^2, the tables the kernels read, and the query and scan kernels run
+by Triton's interpreter on states in that layout (from a float64 torch form of the wgmma state kernel's contract,
+``TorchCherryStates``) against the float64 oracle.
+
+``TRITON_INTERPRET=1`` must be set before triton is imported, so the kernel cases run in a subprocess that executes
+this file as a script (as in test_triton_forward.py). The CUDA kernel that writes this layout is checked on the GPU
+(tests/gpu/test_cuda_state.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from retention_compile.codegen import cherries
+from retention_compile.codegen.triton_source import KernelSpec
+
+pytest.importorskip("triton")
+
+
+@pytest.mark.parametrize("d", [64, 128, 192])
+def test_every_pair_of_groups_is_held_once(d: int) -> None:
+    listed = cherries.cherries(d)
+    n = d // cherries.GROUP
+    pairs = [frozenset((a, b)) for a, b1, b2 in listed for b in (b1, b2)]
+    assert len(pairs) == len(set(pairs)) == n * (n + 1) // 2
+    assert cherries.cherry_features(d) == d * (d + 8) // 2
+    assert all(len(groups) <= 4 for groups in cherries.program_groups(d))  # as many K columns as a pair's program
+
+
+def test_the_layout_needs_groups_in_sets_of_four_pairs() -> None:
+    with pytest.raises(ValueError, match="multiple of 64"):
+        cherries.cherries(32)
+    assert cherries.supports_cherries(64) and not cherries.supports_cherries(32)
+    assert not cherries.supports_cherries(128)  # the query kernel's 3-bit tables
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_features_and_coefficients_give_the_square(d: int) -> None:
+    """sum_f coef_f phi_f(q) phi_f(k) = (q . k)^2: the state's rows with the query's weights are the deg-2 kernel."""
+    gen = torch.Generator().manual_seed(d)
+    q, k = torch.randn(5, d, generator=gen, dtype=torch.float64), torch.randn(7, d, generator=gen, dtype=torch.float64)
+    xs, ys = cherries.feature_coordinates(d)
+    coef = torch.tensor(cherries.query_coefficients(d), dtype=torch.float64)
+    phi_q, phi_k = q[:, xs] * q[:, ys], k[:, xs] * k[:, ys]
+    torch.testing.assert_close((phi_q * coef) @ phi_k.T, (q @ k.T) ** 2, rtol=1e-12, atol=1e-12)
+
+
+def test_query_tables_and_state_programs_name_the_cherries() -> None:
+    listed = cherries.cherries(64)
+    tables = cherries.query_tables(64)
+    for field, name in enumerate(("A", "B1", "B2")):
+        assert [(tables[name] >> (3 * s)) & 7 for s in range(len(listed))] == [c[field] for c in listed]
+        assert tables[name] < 2**63
+    programs = cherries.state_programs(64)
+    assert len(programs) == 9
+    for p, program in enumerate(programs):
+        assert program["cherries"] == listed[2 * p : 2 * p + 2]
+        for cherry, slots in zip(program["cherries"], program["slots"]):
+            assert tuple(program["groups"][s] for s in slots) == cherry
+
+
+def test_the_spec_sizes_the_states_by_layout() -> None:
+    fields = dict(
+        dtype="bfloat16", head_dim=64, value_dim=64, deg=2, gated=False, has_valid=False, causal=True, chunked=True,
+        chunk_size=1024, block_t=128, block_k=64, block_s=64, block_e=64, block_feature=16,
+    )  # fmt: skip
+    pairs, cherry = KernelSpec(**fields).template_params(), KernelSpec(**fields, cherries=True).template_params()
+    assert (pairs["dt"], pairs["state_programs"]) == (2560, 10)
+    assert (cherry["dt"], cherry["state_programs"], cherry["n_cherries"]) == (2304, 9, 18)
+
+
+class TorchCherryStates:
+    """The wgmma state kernel's contract in the cherry layout, in float64 torch (a ``triton_forward`` state hook):
+    per state head the local state before each chunk of its segment (S_LOC, M_LOC: zero at the segment's start) and
+    each segment's total in slot seg + 1 (S_SEG, M_SEG); S_c = sum_j exp(G_b - G_j) phi(k_j) v_j^T over the
+    segment's keys before chunk c (b the key before it), M likewise with k_j k_j^T (the query reads its quadratic
+    form)."""
+
+    def __init__(self) -> None:
+        self.layouts: list[bool] = []
+
+    @staticmethod
+    def cherry_rows(spec: KernelSpec, device: torch.device) -> bool:
+        return spec.chunked and cherries.supports_cherries(spec.head_dim)
+
+    def __call__(self, spec: KernelSpec, args: dict) -> dict[str, torch.Tensor]:
+        self.layouts.append(spec.cherries)
+        K, V, G, valid = args["K"].double(), args["V"].double(), args.get("G"), args.get("VALID")
+        Hq, group, heads, Tk, shift, n_chunks, per_segment, n_seg = (
+            args[n] for n in ("Hq", "group", "state_heads", "Tk", "shift", "n_chunks", "chunks_per_seg", "n_seg")
+        )
+        B, C, d, e = K.shape[0], spec.chunk_size, K.shape[-1], V.shape[-1]
+        xs, ys = cherries.feature_coordinates(d)
+        loc = torch.zeros(B * heads, n_chunks, len(xs), e, dtype=torch.float64)
+        m_loc = torch.zeros(B * heads, n_chunks, d, d, dtype=torch.float64)
+        seg = torch.zeros(B * heads, n_seg + 1, len(xs), e, dtype=torch.float64)
+        m_seg = torch.zeros(B * heads, n_seg + 1, d, d, dtype=torch.float64)
+        for bs in range(B * heads):
+            b, hs = divmod(bs, heads)
+            k, v = K[b, hs * (Hq // heads) // group], V[b, hs * (Hq // heads) // group]
+            if valid is not None:
+                k = k * valid[b, :Tk, None].double()
+            g = None if G is None else G[b, hs, :Tk].double()
+            for sg in range(n_seg):
+                s, m = torch.zeros(len(xs), e, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+                for c in range(sg * per_segment, min((sg + 1) * per_segment, n_chunks)):
+                    loc[bs, c], m_loc[bs, c] = s, m
+                    first = c * C - shift
+                    lo, hi = max(first, 0), min(first + C, Tk)
+                    w = torch.ones(max(hi - lo, 0), dtype=torch.float64)
+                    if g is not None and hi > lo:
+                        decay = math.exp(g[hi - 1] - (g[first - 1] if first >= 1 else 0.0))
+                        s, m, w = s * decay, m * decay, torch.exp(g[hi - 1] - g[lo:hi])
+                    kk = k[lo:hi]
+                    s = s + (kk[:, xs] * kk[:, ys]).T @ (w[:, None] * v[lo:hi])
+                    m = m + kk.T @ (w[:, None] * kk)
+                seg[bs, sg + 1], m_seg[bs, sg + 1] = s, m
+        state_dtype = torch.float32 if spec.dtype == "float32" else torch.bfloat16
+        out = {"S_SEG": seg.float(), "M_SEG": m_seg.float()}
+        if spec.causal:
+            out.update(S_LOC=loc.to(state_dtype), M_LOC=m_loc.float())
+        return out
+
+
+CASES = {
+    # name: (B, Hq, Hk, Tq, Tk, gate heads (0: none), valid, causal, chunk, segments)
+    "causal-segments": (1, 2, 1, 150, 150, 0, False, True, 32, 2),
+    "gated-valid-gqa": (2, 4, 2, 100, 100, 2, True, True, 32, 2),
+    "prefill-gated": (1, 2, 2, 40, 130, 2, False, True, 32, 3),
+    "noncausal-valid": (1, 2, 1, 50, 90, 0, True, False, 32, 2),
+}
+
+
+def run_case(case: tuple) -> dict[str, float]:
+    """y's relative error against the float64 oracle with the states in the cherry layout (float32 kernels), and
+    whether the call took that layout."""
+    from retention_compile.codegen.forward import triton_forward
+    from retention_compile.planning import Plan
+    from retention_compile.reference import power_retention_reference
+
+    B, Hq, Hk, Tq, Tk, gate_heads, has_valid, causal, chunk, segments = case
+    gen = torch.Generator().manual_seed(Tq * 7 + Tk)
+    q, k, v = (torch.randn(B, h, t, 64, generator=gen) for h, t in ((Hq, Tq), (Hk, Tk), (Hk, Tk)))
+    gate = -0.2 * torch.rand(B, gate_heads, Tk, generator=gen) if gate_heads else None
+    valid = torch.rand(B, Tk, generator=gen) > 0.25 if has_valid else None
+    hook = TorchCherryStates()
+    options = {"scale": 0.125, "deg": 2, "log_gate": gate, "causal": causal, "valid": valid}
+    plan = Plan(chunk_size=chunk, block_t=16, block_feature=16, block_e=32)
+    y, _ = triton_forward(q, k, v, **options, plan=plan, segments=segments, state_kernel=hook)
+    ref = power_retention_reference(
+        q.double(), k.double(), v.double(), **{**options, "log_gate": None if gate is None else gate.double()}
+    )
+    return {"y": float((y.double() - ref).norm() / ref.norm()), "cherries": float(hook.layouts == [True])}
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, float]]:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_query_kernel_reads_cherry_states(interpreted: dict[str, dict[str, float]], name: str) -> None:
+    result = interpreted[name]
+    assert result["cherries"] == 1.0, "the call did not take the cherry layout"
+    assert result["y"] < 1e-5, f"{name}: relative error of y {result['y']:.2e}"
+
+
+if __name__ == "__main__":
+    print(json.dumps({name: run_case(case) for name, case in CASES.items()}))
