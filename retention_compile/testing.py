@@ -29,10 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
+import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -592,3 +596,16 @@ def check_script(path: str, argv: list[str]) -> int:
         return status or 2
     print(f"check: {len(log)} model(s) checked, {'all agree' if status == 0 else 'see above'}")
     return status
+
+
+def interpreted_results(script: str, cache: Path, timeout: int) -> dict:
+    """The JSON that the test module ``script``, run as a script, prints last: with ``TRITON_INTERPRET=1`` (which must
+    be set before triton is first imported, so kernel cases run in a subprocess), ``XDG_CACHE_HOME`` at ``cache``
+    and this checkout importable. A failing script fails with the tail of its stderr."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "XDG_CACHE_HOME": str(cache)}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, script], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from retention_compile.codegen import cherries
 from retention_compile.codegen.triton_source import KernelSpec
+from retention_compile.testing import interpreted_results
 
 pytest.importorskip("triton")
 
@@ -164,11 +161,7 @@ def run_case(case: tuple) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, float]]:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return interpreted_results(__file__, tmp_path_factory.mktemp("cache"), 600)
 
 
 @pytest.mark.parametrize("name", list(CASES))

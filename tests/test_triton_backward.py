@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
@@ -33,6 +30,7 @@ from retention_compile.codegen.forward import kernel_spec, triton_forward  # noq
 from retention_compile.codegen.triton_source import KernelSpec, load, render  # noqa: E402
 from retention_compile.planning import Plan  # noqa: E402
 from retention_compile.reference import power_retention_reference  # noqa: E402
+from retention_compile.testing import interpreted_results  # noqa: E402
 
 TINY = {"block_t": 16, "block_feature": 16, "block_e": 32}
 GRADS = ("q", "k", "v", "g")
@@ -404,11 +402,7 @@ def _interpreted() -> dict[str, dict[str, float]]:
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, float]]:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=420, check=False)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return interpreted_results(__file__, tmp_path_factory.mktemp("cache"), 420)
 
 
 def test_bfloat16_with_short_chunks_runs_the_float32_kernels(interpreted: dict[str, dict[str, float]]) -> None:

@@ -12,9 +12,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,7 +26,7 @@ from retention_compile.codegen.forward import kernel_spec, triton_forward, trito
 from retention_compile.codegen.triton_source import KernelSpec, load_forward, render_forward  # noqa: E402
 from retention_compile.planning import Plan  # noqa: E402
 from retention_compile.reference import EPS, power_retention_reference, power_retention_weights  # noqa: E402
-from retention_compile.testing import nan_filled_empty  # noqa: E402
+from retention_compile.testing import interpreted_results, nan_filled_empty  # noqa: E402
 
 TINY = {"block_t": 16, "block_feature": 16, "block_e": 32}
 
@@ -227,11 +224,7 @@ def _interpreted() -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return interpreted_results(__file__, tmp_path_factory.mktemp("cache"), 300)
 
 
 @pytest.mark.parametrize(

@@ -76,6 +76,16 @@ def _forward(x: dict, state_kernel=None) -> tuple[torch.Tensor, torch.Tensor]:
     return forward.triton_forward(q, k, v, **x["kwargs"], segments=x["segments"], state_kernel=state_kernel)
 
 
+def _oracle(x: dict) -> torch.Tensor:
+    """y of the float64 oracle for ``_inputs``' case."""
+    kw = x["kwargs"]
+    gate = None if kw["log_gate"] is None else kw["log_gate"].double()
+    return power_retention_reference(
+        x["q"].double(), x["k"].double(), x["v"].double(), scale=kw["scale"], deg=2, log_gate=gate,
+        causal=kw["causal"], valid=kw["valid"],
+    )  # fmt: skip
+
+
 CONFIGS = [  # launch shapes besides the default, on one case: keys per step, pipeline depth, warps
     StateKernelConfig(8, 64, 4, 2, stages=2),
     StateKernelConfig(8, 64, 4, 2, stages=3),
@@ -132,12 +142,7 @@ def test_forward_with_cuda_states_matches_oracle_and_triton(case: tuple) -> None
     _poison_allocator()
     y_cuda, den_cuda = _forward(x, chunk_states)
     y_triton, den_triton = _forward(x, None)
-    kw = x["kwargs"]
-    gate = None if kw["log_gate"] is None else kw["log_gate"].double()
-    ref = power_retention_reference(
-        x["q"].double(), x["k"].double(), x["v"].double(), scale=kw["scale"], deg=2, log_gate=gate,
-        causal=kw["causal"], valid=kw["valid"],
-    )  # fmt: skip
+    ref = _oracle(x)
     assert y_cuda.dtype == torch.float32
     assert _rel(y_cuda, ref) < 1e-2, f"vs oracle {_rel(y_cuda, ref):.2e}"
     assert _rel(y_cuda, y_triton) < 1e-2
@@ -210,19 +215,13 @@ def test_forward_on_cherry_states_matches_oracle(case: tuple, monkeypatch) -> No
 
     monkeypatch.setattr(cuda_state, "chunk_states", spy)
     x = _inputs(case, seed=2)
-    kw = x["kwargs"]
-    gate = None if kw["log_gate"] is None else kw["log_gate"].double()
-    ref = power_retention_reference(
-        x["q"].double(), x["k"].double(), x["v"].double(), scale=kw["scale"], deg=2, log_gate=gate,
-        causal=kw["causal"], valid=kw["valid"],
-    )  # fmt: skip
+    ref = _oracle(x)
     y_triton, _ = _forward(x, None)
     _poison_allocator()
     y_cherries, den_cherries = _forward(x, cuda_state.CudaStateHook())
     states: dict[str, torch.Tensor] = {}
-    y_pairs, _ = forward.triton_forward(
-        x["q"], x["k"], x["v"], **kw, segments=x["segments"], state_kernel=cuda_state.CudaStateHook(), states_out=states
-    )
+    kept = {**x["kwargs"], "segments": x["segments"], "state_kernel": cuda_state.CudaStateHook(), "states_out": states}
+    y_pairs, _ = forward.triton_forward(x["q"], x["k"], x["v"], **kept)
     assert layouts == [True, False]
     assert states["S"].shape[2] == 2560  # the pair layout, as the backward reads it
     for y in (y_cherries, y_pairs):
