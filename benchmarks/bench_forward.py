@@ -84,15 +84,18 @@ def copy_gbs(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (bench_ms(lambda: dst.copy_(src)) * 1e-3) / 1e9
 
 
-def executed_flops(T: int, plan: planning.Plan, gated: bool) -> float:
+def executed_flops(T: int, plan: planning.Plan, gated: bool, state_kernel: object = None) -> float:
     """FLOP the kernels execute for (B, H, T, D), deg 2, causal (matrix products; elementwise work not counted).
 
     quadratic: H T (T + bt)/2 2(d + e) (the diagonal blocks count whole).
     chunked:   query  H T [2 Dt e + 4 d^2 + (C + bt)/2 2(d + e)]   (state term, normaliser hi/lo, own chunk)
-               state  H T [2 Dt e + 2 d^2 ne]                       (Dt: tiled state, ne: value blocks)
-    """
+               state  H T [2 Dt e + 2 d^2 ne]                       (Dt: the state's rows, ne: value blocks)
+
+    Dt is the layout's the call takes with ``state_kernel``: 2304 in the cherry layout at d = 64, else 2560."""
     q = torch.empty(B, H, 1, D, device="meta", dtype=torch.bfloat16)
     spec = kernel_spec(q, q, 2, gated, False, True, T, plan)
+    if spec.chunked and forward.writes_cherry_rows(state_kernel, spec, torch.device("cuda")):
+        spec = replace(spec, cherries=True)
     d = e = D
     bt = spec.block_t
     if not spec.chunked:
@@ -377,7 +380,7 @@ def measure(T: int, gated: bool, spec: hardware.GpuSpec, ceilings: dict, tuned: 
     measured = [(t, p) for t, p in timings if t]
     if measured:
         fastest, fastest_plan = min(measured, key=lambda tp: tp[0])
-        row["executed_tflops"] = executed_flops(T, fastest_plan, gated) / (fastest * 1e-3) / 1e12
+        row["executed_tflops"] = executed_flops(T, fastest_plan, gated, choice.kernel) / (fastest * 1e-3) / 1e12
         row["fraction_of_matmul"] = row["executed_tflops"] / ceilings["matmul_bf16_tflops"]
     return row
 

@@ -491,9 +491,7 @@ class CudaStateHook:
     def cherry_rows(spec: KernelSpec, device: torch.device) -> bool:
         """Whether this kernel can write shape class ``spec``'s states in the cherry layout (``cherries.py``): the
         wgmma kernel at a head dim the layout serves, for a query kernel that steps through cherries."""
-        arch = nvrtc.gpu_arch(device.index or 0) if device.type == "cuda" else None
-        chunked = spec.chunked and spec.deg == 2 and not spec.query_t and supports_cherries(spec.head_dim)
-        return chunked and uses_wgmma(spec, CONFIG, arch)
+        return _cherry_rows(spec, device, CONFIG)
 
     @staticmethod
     def programs_per_sm(spec: KernelSpec, device: torch.device) -> int:
@@ -501,6 +499,13 @@ class CudaStateHook:
         the grid is segment-major, whose segment count ``dispatch`` models."""
         arch = nvrtc.gpu_arch(device.index or 0) if device.type == "cuda" else None
         return CONFIG.wgmma_min_blocks if uses_wgmma(spec, CONFIG, arch) else CONFIG.min_blocks
+
+
+@functools.lru_cache(maxsize=256)
+def _cherry_rows(spec: KernelSpec, device: torch.device, config: StateKernelConfig) -> bool:
+    arch = nvrtc.gpu_arch(device.index or 0) if device.type == "cuda" else None
+    chunked = spec.chunked and spec.deg == 2 and not spec.query_t and supports_cherries(spec.head_dim)
+    return chunked and uses_wgmma(spec, config, arch)
 
 
 class StateChoice(NamedTuple):
