@@ -218,7 +218,7 @@ def test_forward_on_cherry_states_matches_oracle(case: tuple, monkeypatch) -> No
     ref = _oracle(x)
     y_triton, _ = _forward(x, None)
     _poison_allocator()
-    y_cherries, den_cherries = _forward(x, cuda_state.CudaStateHook())
+    y_cherries, _ = _forward(x, cuda_state.CudaStateHook())
     states: dict[str, torch.Tensor] = {}
     kept = {**x["kwargs"], "segments": x["segments"], "state_kernel": cuda_state.CudaStateHook(), "states_out": states}
     y_pairs, _ = forward.triton_forward(x["q"], x["k"], x["v"], **kept)
