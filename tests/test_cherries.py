@@ -76,7 +76,8 @@ def test_the_spec_sizes_the_states_by_layout() -> None:
 
 
 class TorchCherryStates:
-    """The wgmma state kernel's contract in the cherry layout, in float64 torch (a ``triton_forward`` state hook):
+    """The wgmma state kernel's contract in the cherry layout, in float64 torch (a ``triton_forward`` state hook), but
+    for M, which it keeps whole and symmetric (the same quadratic form: the GPU test compares the kernel's M + M^T):
     per state head the local state before each chunk of its segment (S_LOC, M_LOC: zero at the segment's start) and
     each segment's total in slot seg + 1 (S_SEG, M_SEG); S_c = sum_j exp(G_b - G_j) phi(k_j) v_j^T over the
     segment's keys before chunk c (b the key before it), M likewise with k_j k_j^T (the query reads its quadratic

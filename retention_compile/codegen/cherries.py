@@ -23,7 +23,7 @@ and (2I + 1; 2J, 2J + 1). A set {o, o + 1, o + 2, o + 3} takes its 10 within-set
     X = (o; o + 2, o + 3)
 
 and two sets side by side make five programs, [L1, L2], [L3, X] of each and [L0, L0'], each reading at most four
-groups of K (the pair layout's programs read four). So the layout needs the sets in pairs: d a multiple of 32. At
+groups of K (the pair layout's programs read four). So the layout needs the sets in pairs: d a multiple of 64. At
 d = 64: 18 cherries in 9 programs (the pair layout: 10 programs of 256 rows), at d = 128: 68 in 34 (36).
 """
 
@@ -48,7 +48,7 @@ def cherries(d: int) -> tuple[tuple[int, int, int], ...]:
         raise ValueError(f"the cherry layout needs d a multiple of {8 * GROUP}, got {d}")
     blocks = d // (2 * GROUP)
     out: list[tuple[int, int, int]] = []
-    for first in range(0, blocks // 2, 2):  # sets 2 first and 2 first + 1, their groups from 8 first on
+    for first in range(0, blocks // 2, 2):  # sets first and first + 1 (4 groups each), their groups from 4 first on
         lead = []
         for o in (4 * first, 4 * first + 4):
             out += [(o + 1, o + 1, o + 2), (o + 2, o + 2, o + 3), (o + 3, o + 3, o + 1), (o, o + 2, o + 3)]
@@ -77,6 +77,7 @@ def query_tables(d: int) -> dict[str, int]:
     are cherry s's group (d = 64: 8 groups, 18 cherries, 54 bits)."""
     listed = cherries(d)
     assert d // GROUP <= 8 and 3 * len(listed) < 63, "3-bit entries, one int64 per table"
+    assert all(b2 != a for a, _, b2 in listed), "the kernel weighs B2's features 2 (only B1 may be A)"
     fields = enumerate(("A", "B1", "B2"))
     return {name: sum(c[field] << (3 * s) for s, c in enumerate(listed)) for field, name in fields}
 

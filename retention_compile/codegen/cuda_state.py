@@ -430,7 +430,7 @@ def record_cuda_source(
 def _record(spec: KernelSpec, k: torch.Tensor, v: torch.Tensor, q_shape: Sequence[int] | None) -> None:
     arch = nvrtc.gpu_arch(k.device.index or 0) if k.is_cuda else None
     source = render_state_source(
-        state_spec(k, v, spec.chunk_size, spec.causal, spec.gated, spec.has_valid), CONFIG, arch
+        state_spec(k, v, spec.chunk_size, spec.causal, spec.gated, spec.has_valid, spec.cherries), CONFIG, arch
     )
     shapes = {"k_shape": k.shape, "v_shape": v.shape, **({"q_shape": q_shape} if q_shape is not None else {})}
     record_cuda_source("power_retention_chunk_state", source, spec, shapes, "chunked, CUDA state kernel", arch)
@@ -504,7 +504,8 @@ class CudaStateHook:
 @functools.lru_cache(maxsize=256)
 def _cherry_rows(spec: KernelSpec, device: torch.device, config: StateKernelConfig) -> bool:
     arch = nvrtc.gpu_arch(device.index or 0) if device.type == "cuda" else None
-    chunked = spec.chunked and spec.deg == 2 and not spec.query_t and supports_cherries(spec.head_dim)
+    chunked = spec.chunked and spec.deg == 2 and not spec.query_t and spec.block_feature == 16
+    chunked = chunked and supports_cherries(spec.head_dim)
     return chunked and uses_wgmma(spec, config, arch)
 
 

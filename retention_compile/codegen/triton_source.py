@@ -117,6 +117,7 @@ class KernelSpec:
         """One line naming the shape class (the rendered module's docstring starts with it)."""
         flags = [f for f, on in (("gated", self.gated), ("valid", self.has_valid), ("causal", self.causal)) if on]
         path = f"chunked C={self.chunk_size} b={self.block_feature}" if self.chunked else "quadratic (single chunk)"
+        path += ", cherry layout" if self.cherries else ""
         return (
             f"d={self.head_dim} e={self.value_dim} deg={self.deg} {self.dtype} {' '.join(flags) or 'plain'}; "
             f"{path}; block_t={self.block_t} block_k={self.block_k} block_s={self.block_s} block_e={self.block_e}"
