@@ -30,7 +30,9 @@ chunked (deg 2): keys are cut into chunks of C aligned to the query grid (chunk 
 chunks are partial, nothing is padded). The symmetric state is tiled in pairs of b-coordinate blocks (2560
 features for d = 64, b = 16, against D = 2080; the extra 23% buys dense b^2-wide tiles), and the normaliser
 state is the d x d matrix ``M = sum_j w_j k_j k_j^T`` (``phi(q).z = q^T M q``: one small dot instead of a
-reduction over 2560 features). Three kernels:
+reduction over 2560 features). Where the CUDA wgmma state kernel serves d = 64 and the states stay within the call,
+they take the cherry layout instead (``cherries.py``: every pair of 8-coordinate groups once, 2304 features;
+``writes_cherry_rows``). Three kernels:
 
     state    grid (segments, pairs x e-blocks, B*Hs): each program walks the chunks of one segment in order,
              accumulating its (b^2 x block_e) tile of S in fp32 registers and storing it before every chunk
@@ -832,7 +834,8 @@ def _chunk_states(
     state_args = {**common, **extra, **buffers, **sizes, "state_heads": state_heads}
     if state_kernel is not None:
         buffers.update(state_kernel(spec, state_args) if kept is None else state_kernel(spec, state_args, kept=kept))
-    else:
+    else:  # the Triton state kernel writes the pair layout only (a cherry module has none)
+        assert not spec.cherries, "the cherry layout's states come from the wgmma state kernel"
         pair_programs = params["npairs"] * params["n_eb"]
         _launch(module.state_kernel, (n_seg, pair_programs, heads), state_args, STATE_WARPS, STATE_STAGES, kept=kept)
     if layout.segments > 1:
