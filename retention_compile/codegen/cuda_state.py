@@ -37,7 +37,7 @@ import torch
 from ..inspection import is_recording, record_kernel
 from ..sizes import contiguous_strides, pow2_at_least, size_hint
 from . import nvrtc
-from .cherries import cherry_features, state_programs, supports_cherries
+from .cherries import state_programs, supports_cherries
 from .eager_launch import CudaLaunch
 from .triton_source import KernelSpec
 
@@ -321,7 +321,7 @@ def cuda_chunk_states_op(
     spec = state_spec(k, v, chunk_size, causal, g is not None, valid is not None, cherries)
     info = _launch_info(spec, CONFIG, k.device.index or 0)
     state_heads, n_chunks, n_seg = sizes[2], sizes[5], sizes[7]
-    outputs = _allocate(k, v, causal, state_heads, n_chunks, n_seg, cherries)
+    outputs = _allocate(spec, k, state_heads, n_chunks, n_seg)
     k, v = dense_rows(k), dense_rows(v)
     gate = None if g is None else g.contiguous()
     valid_bytes = None if valid is None else valid.contiguous().view(torch.uint8)
@@ -360,11 +360,11 @@ def _kernel_arguments(
 KEPT_TENSORS = ((0, "K"), (1, "V"), (2, "G"), (3, "VALID"), (4, "S_LOC"), (5, "M_LOC"), (6, "S_SEG"), (7, "M_SEG"))
 
 
-def _allocate(k: torch.Tensor, v: torch.Tensor, causal: bool, state_heads, n_chunks, n_seg, cherries: bool) -> tuple:
+def _allocate(spec: KernelSpec, k: torch.Tensor, state_heads, n_chunks, n_seg) -> tuple:
+    """The buffers of ``state_spec``'s shape class ``spec``: its layout's rows (``dt``) per state."""
     heads = k.shape[0] * state_heads
-    d, e = k.shape[-1], v.shape[-1]
-    dt = cherry_features(d) if cherries else tiled_features(d)
-    slots = n_chunks if causal else 0
+    d, e, dt = spec.head_dim, spec.value_dim, spec.template_params()["dt"]
+    slots = n_chunks if spec.causal else 0
     return (
         k.new_empty((heads, slots, dt, e), dtype=torch.bfloat16),
         k.new_empty((heads, slots, d, d), dtype=torch.float32),
@@ -375,7 +375,8 @@ def _allocate(k: torch.Tensor, v: torch.Tensor, causal: bool, state_heads, n_chu
 
 @cuda_chunk_states_op.register_fake
 def _cuda_chunk_states_fake(k, v, g, valid, sizes, chunk_size, causal, cherries=False):
-    return _allocate(k, v, causal, sizes[2], sizes[5], sizes[7], cherries)
+    spec = state_spec(k, v, chunk_size, causal, g is not None, valid is not None, cherries)
+    return _allocate(spec, k, sizes[2], sizes[5], sizes[7])
 
 
 def wgmma_backward_unsupported(fwd: KernelSpec, arch: str | None, kernel: str) -> str | None:
