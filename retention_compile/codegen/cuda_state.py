@@ -65,7 +65,8 @@ class StateKernelConfig:
     ``wgmma_copy_slice`` the slice after whose products a step's copies are issued (-1: before the first; 0 and 2
     serialize the wgmma, -1 and 3 spill gated; 1 measured best, the template's header);
     ``wgmma_reverse_in_flight`` the slices in flight of the backward's reverse-state kernel (``cuda_reverse``);
-    ``wgmma_dq``: the backward's dq state terms on the CUDA kernel of ``cuda_state_terms``."""
+    ``wgmma_dq``: the backward's dq state terms on the CUDA kernel of ``cuda_state_terms``; ``wgmma_fold``: the
+    wgmma state kernel folds the segments in itself (``folds_segments``), so no scan runs after it."""
 
     warps: int = 4
     block_s: int = 64
@@ -84,6 +85,7 @@ class StateKernelConfig:
     # d64, the whole triton_backward (ungated / gated, ms): Triton's dq_kernel with them 5.356 / 6.380, without them
     # plus the CUDA kernel 4.836 / 5.718 (benchmarks/results/cuda_dq_state_NVIDIA-H200_2026-11-30_d30b6db.json)
     wgmma_dq: bool = True
+    wgmma_fold: bool = True
 
 
 # 128 registers, no spills (sm_90a), 2 programs per SM. H200, b=1 h=8 d=64 T=65536 (ungated / gated, ms): 64 keys per
@@ -98,6 +100,12 @@ def uses_wgmma(spec: KernelSpec, config: StateKernelConfig, arch: str | None) ->
     shared memory within the opt-in limit."""
     wgmma = config.wgmma and arch == "sm_90a" and spec.dtype == "bfloat16" and spec.value_dim % WGMMA_BLOCK_E == 0
     return wgmma and wgmma_smem_bytes(spec) <= HOPPER_SHARED_LIMIT  # gated: w_j of a chunk (C > about 38k does not fit)
+
+
+def folds_segments(spec: KernelSpec, config: StateKernelConfig, arch: str | None) -> bool:
+    """Whether the state kernel leaves ``spec``'s states folded across segments (the wgmma kernel with
+    ``wgmma_fold``): LOC the state before every chunk, SEG slot s + 1 the state after segment s, no scan after it."""
+    return config.wgmma_fold and uses_wgmma(spec, config, arch)
 
 
 def wgmma_smem_bytes(spec: KernelSpec) -> int:
@@ -189,6 +197,7 @@ def render_state_source(spec: KernelSpec, config: StateKernelConfig, arch: str |
             stages=WGMMA_STAGES,
             in_flight=config.wgmma_in_flight,
             copy_slice=config.wgmma_copy_slice,
+            fold=config.wgmma_fold,
             min_blocks=config.wgmma_min_blocks,
             smem_bytes=wgmma_smem_bytes(spec),
         )
@@ -216,6 +225,7 @@ class _Launch:
     grid_y: int  # programs (pairs, or two cherries each) x value blocks
     threads: int
     smem: int
+    folds_segments: bool  # the wgmma kernel: segments folded in (no scan after it), a zeroed SYNC buffer argument
 
 
 @functools.lru_cache(maxsize=64)
@@ -228,7 +238,7 @@ def _launch_info(spec: KernelSpec, config: StateKernelConfig, device_index: int)
         smem, threads = smem_bytes(spec.value_dim, config), 32 * config.warps
         value_blocks = spec.value_dim // block_e(spec.value_dim)
     kernel = load_with_shared_memory(render_state_source(spec, config, arch), KERNEL_NAME, smem, device_index)
-    return _Launch(kernel, programs * value_blocks, threads, smem)
+    return _Launch(kernel, programs * value_blocks, threads, smem, folds_segments(spec, config, arch))
 
 
 @functools.lru_cache(maxsize=64)
@@ -310,13 +320,17 @@ def cuda_chunk_states_op(
     causal: bool,
     cherries: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(S_LOC, M_LOC, S_SEG, M_SEG)`` as the Triton state kernel leaves them (LOC empty when non-causal), in the
-    pair layout or, with ``cherries``, the cherry layout (``cherries.py``; the wgmma kernel only).
+    """``(S_LOC, M_LOC, S_SEG, M_SEG)`` (LOC empty when non-causal), in the pair layout or, with ``cherries``, the
+    cherry layout (``cherries.py``; the wgmma kernel only).
 
     ``sizes = (Hq, group, state_heads, Tk, shift, n_chunks, chunks_per_seg, n_seg)``; ``g`` the cumulative log-gate
-    (B, state_heads, >= Tk) fp32 (rows may be padded), ``valid`` (B, Tk) bool. Left for the scan, uninitialised:
-    slot 0 of the SEG buffers and, causal, LOC slots ``chunks_per_seg, 2 * chunks_per_seg, ...`` (a later segment's
-    first chunk state, zero before the scan).
+    (B, state_heads, >= Tk) fp32 (rows may be padded), ``valid`` (B, Tk) bool.
+
+    The wgmma kernel folds the segments in (``folds_segments``, the default): LOC holds the state before every chunk, SEG slot
+    s + 1 the state after segment s (but the last one's where causal), slot 0 unwritten; no scan follows. The
+    mma.sync kernel leaves them as the Triton state kernel does, for the scan: SEG slot s + 1 segment s's own total,
+    and, causal, LOC slots ``chunks_per_seg, 2 * chunks_per_seg, ...`` (a later segment's first chunk state, zero
+    before the scan) unwritten.
     """
     spec = state_spec(k, v, chunk_size, causal, g is not None, valid is not None, cherries)
     info = _launch_info(spec, CONFIG, k.device.index or 0)
@@ -325,12 +339,18 @@ def cuda_chunk_states_op(
     k, v = dense_rows(k), dense_rows(v)
     gate = None if g is None else g.contiguous()
     valid_bytes = None if valid is None else valid.contiguous().view(torch.uint8)
+    grid = _grid(info, k.shape[0], state_heads, n_seg)
+    arguments = _kernel_arguments(k, v, gate, valid_bytes, outputs, sizes, causal)
+    if info.folds_segments:
+        arguments = _with_sync(arguments, torch.zeros(_sync_words(grid), dtype=torch.int32, device=k.device))
     with torch.cuda.device(k.device):
-        info.kernel.launch(
-            _grid(info, k.shape[0], state_heads, n_seg), (info.threads, 1, 1),
-            _kernel_arguments(k, v, gate, valid_bytes, outputs, sizes, causal), shared_mem=info.smem,
-        )  # fmt: skip
+        info.kernel.launch(grid, (info.threads, 1, 1), arguments, shared_mem=info.smem)
     return outputs
+
+
+def _sync_words(grid: tuple[int, int, int]) -> int:
+    """The segment fold's int32 words for a wgmma launch of ``grid``: the ticket counter, a flag per program."""
+    return 1 + grid[0] * grid[1] * grid[2]
 
 
 def _grid(info: _Launch, batch: int, state_heads: int, n_seg: int) -> tuple[int, int, int]:
@@ -348,7 +368,8 @@ def _kernel_arguments(
     sizes: Sequence[int],
     causal: bool,
 ) -> tuple:
-    """The kernel's arguments in its parameter order (``KEPT_TENSORS`` names the tensors' positions)."""
+    """The kernel's arguments in its parameter order (``KEPT_TENSORS`` names the tensors' positions), but the wgmma
+    kernel's ``SYNC`` (``_with_sync``)."""
     s_loc, m_loc, s_seg, m_seg = outputs
     g_row = 0 if gate is None else gate.stride(1)
     strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), g_row)
@@ -356,8 +377,14 @@ def _kernel_arguments(
     return (k, v, gate, valid, *loc, s_seg, m_seg, *strides, *sizes)
 
 
+def _with_sync(arguments: tuple, sync: torch.Tensor | None) -> tuple:
+    """``arguments`` with the wgmma kernel's zeroed ``SYNC`` buffer at its position, after the state buffers."""
+    return (*arguments[:SYNC_POSITION], sync, *arguments[SYNC_POSITION:])
+
+
 # The kernel's tensor parameters by position, named as ``triton_forward`` names its buffers.
 KEPT_TENSORS = ((0, "K"), (1, "V"), (2, "G"), (3, "VALID"), (4, "S_LOC"), (5, "M_LOC"), (6, "S_SEG"), (7, "M_SEG"))
+SYNC_POSITION = len(KEPT_TENSORS)
 
 
 def _allocate(spec: KernelSpec, k: torch.Tensor, state_heads, n_chunks, n_seg) -> tuple:
@@ -471,10 +498,14 @@ def _kept_launch(spec: KernelSpec, k, v, g, valid, sizes: Sequence[int]) -> Cuda
     info = _launch_info(state_spec(k, v, spec.chunk_size, spec.causal, gated, has_valid, spec.cherries), CONFIG, device)
     present = {"G": gated, "VALID": has_valid, "S_LOC": spec.causal, "M_LOC": spec.causal}
     tensors = tuple((i, name) for i, name in KEPT_TENSORS if present.get(name, True))
-    arguments = _kernel_arguments(k, v, g, valid, (None,) * 4, sizes, spec.causal)
-    fixed = tuple(None if i < len(KEPT_TENSORS) else argument for i, argument in enumerate(arguments))
     grid = _grid(info, k.shape[0], sizes[2], sizes[7])
-    return CudaLaunch.of(info.kernel, grid, (info.threads, 1, 1), info.smem, device, fixed, tensors)
+    arguments = _kernel_arguments(k, v, g, valid, (None,) * 4, sizes, spec.causal)
+    zeroed = ((SYNC_POSITION, _sync_words(grid)),) if info.folds_segments else ()
+    if zeroed:
+        arguments = _with_sync(arguments, None)
+    pointers = len(KEPT_TENSORS) + len(zeroed)
+    fixed = tuple(None if i < pointers else argument for i, argument in enumerate(arguments))
+    return CudaLaunch.of(info.kernel, grid, (info.threads, 1, 1), info.smem, device, fixed, tensors, zeroed)
 
 
 @dataclass(frozen=True)
@@ -493,6 +524,13 @@ class CudaStateHook:
         """Whether this kernel can write shape class ``spec``'s states in the cherry layout (``cherries.py``): the
         wgmma kernel at a head dim the layout serves, for a query kernel that steps through cherries."""
         return _cherry_rows(spec, device, CONFIG)
+
+    @staticmethod
+    def folds_segments(spec: KernelSpec, device: torch.device) -> bool:
+        """Whether the kernel leaves shape class ``spec``'s states folded across segments (the wgmma kernel), so
+        that ``triton_forward`` launches no scan after it."""
+        arch = nvrtc.gpu_arch(device.index or 0) if device.type == "cuda" else None
+        return folds_segments(spec, CONFIG, arch)
 
     @staticmethod
     def programs_per_sm(spec: KernelSpec, device: torch.device) -> int:

@@ -138,7 +138,8 @@ class DirectLaunch:
 class CudaLaunch:
     """One kept launch of a CUDA C++ kernel (``nvrtc.CudaKernel``), its arguments packed once
     (``nvrtc.packed_arguments``: ``values`` with a null pointer at the tensor positions ``tensors`` names, which each
-    call fills with its tensors' data pointers; ``types``)."""
+    call fills with its tensors' data pointers; ``types``). ``zeroed``: (position, count) of the int32 scratch
+    buffers the kernel takes zeroed, allocated and zeroed per call."""
 
     kernel: object  # nvrtc.CudaKernel
     grid: tuple[int, int, int]
@@ -148,20 +149,28 @@ class CudaLaunch:
     values: tuple
     types: tuple
     tensors: tuple[tuple[int, str], ...]
+    zeroed: tuple[tuple[int, int], ...] = ()
 
     @staticmethod
-    def of(kernel, grid, block, shared_mem: int, device: int, arguments: tuple, tensors) -> CudaLaunch:
-        """The launch of ``kernel`` with ``arguments`` in its order (None at the ``tensors`` positions)."""
+    def of(
+        kernel, grid, block, shared_mem: int, device: int, arguments: tuple, tensors, zeroed: tuple = ()
+    ) -> CudaLaunch:
+        """The launch of ``kernel`` with ``arguments`` in its order (None at the ``tensors`` and ``zeroed``
+        positions)."""
         from .nvrtc import packed_arguments
 
         values, types = packed_arguments(kernel.name, arguments)
-        return CudaLaunch(kernel, grid, block, shared_mem, device, tuple(values), tuple(types), tensors)
+        return CudaLaunch(kernel, grid, block, shared_mem, device, tuple(values), tuple(types), tensors, zeroed)
 
     def __call__(self, tensors: dict[str, torch.Tensor]) -> None:
         """Launch on the current stream with ``tensors`` (by name) at the tensor parameters."""
         values = list(self.values)
         for position, name in self.tensors:
             values[position] = tensors[name].data_ptr()
+        # freed at return: the caching allocator hands the memory out again only to work ordered after this launch
+        scratch = [torch.zeros(count, dtype=torch.int32, device=self.device) for _, count in self.zeroed]
+        for (position, _), buffer in zip(self.zeroed, scratch, strict=True):
+            values[position] = buffer.data_ptr()
         stream = current_stream(self.device)
         self.kernel.launch_packed(self.grid, self.block, values, self.types, shared_mem=self.shared_mem, stream=stream)
 

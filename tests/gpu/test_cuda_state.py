@@ -101,19 +101,28 @@ CONFIG_CASES = [(case, cuda_state.CONFIG) for case in CASES] + [(CASES[1], confi
     ("case", "config"), CONFIG_CASES, ids=[f"{c[0]}-{dataclasses.astuple(k)}" for c, k in CONFIG_CASES]
 )
 def test_state_buffers_match_the_triton_state_kernel(case: tuple, config, monkeypatch) -> None:
-    """Same arguments into both state kernels: every buffer the query and scan kernels read agrees."""
+    """Same arguments into both state kernels: every buffer the query and scan kernels read agrees. Where the CUDA
+    kernel folds the segments in (wgmma), its buffers are compared with the Triton state kernel's after the scan."""
     monkeypatch.setattr(cuda_state, "CONFIG", config)
     x = _inputs(case)
     captured: dict[str, dict[str, torch.Tensor]] = {}
 
     def both(spec, args):
         module, _ = load_forward(spec)
-        npairs, n_eb = spec.template_params()["npairs"], spec.template_params()["n_eb"]
-        grid = (args["n_seg"], npairs * n_eb, args["K"].shape[0] * args["state_heads"])
+        params = spec.template_params()
+        heads = args["K"].shape[0] * args["state_heads"]
+        grid = (args["n_seg"], params["npairs"] * params["n_eb"], heads)
         forward._launch(module.state_kernel, grid, args, forward.STATE_WARPS, 2)
+        folds = forward.folds_segments(cuda_state.CudaStateHook(), spec, args["K"].device)
+        if folds and args["n_seg"] > 1:
+            scan = {n: args[n] for n in ("S_SEG", "M_SEG", "Tk", "shift", "n_chunks", "chunks_per_seg", "n_seg")}
+            scan.update({n: args[n] for n in ("S_LOC", "M_LOC", "G", "stride_g") if n in args})
+            blocks = params["scan_s_blocks"] + forward._cdiv(spec.head_dim**2, forward.SCAN_BLOCK)
+            forward._launch(module.scan_kernel, (blocks, heads), scan, forward.SCAN_WARPS, 2)
         names = ("S_LOC", "M_LOC", "S_SEG", "M_SEG") if spec.causal else ("S_SEG", "M_SEG")
         captured["triton"] = {n: args[n].clone() for n in names}
         captured["sizes"] = {n: args[n] for n in ("chunks_per_seg", "n_seg", "n_chunks")}
+        captured["folds"] = folds
         _poison_allocator()
         captured["cuda"] = {n: t.clone() for n, t in chunk_states(spec, args).items()}
         return {n: t.clone() for n, t in captured["cuda"].items()}  # the scan rewrites them in place
@@ -122,18 +131,27 @@ def test_state_buffers_match_the_triton_state_kernel(case: tuple, config, monkey
     _forward(x, both)
     triton, cuda, sizes = captured["triton"], captured["cuda"], captured["sizes"]
     assert set(triton) == set(cuda)
-    # the scan's slots: SEG's slot 0, and the first chunk of every segment after the first (zero, left unwritten)
-    firsts = set(range(sizes["chunks_per_seg"], sizes["n_chunks"], sizes["chunks_per_seg"]))
-    assert len(firsts) == sizes["n_seg"] - 1
-    written = [c for c in range(sizes["n_chunks"]) if c not in firsts]
+    causal = x["kwargs"]["causal"]
+    chunks, seg_slots = _compared_slots(sizes, causal, captured["folds"])
     for name in triton:
         ref, got = triton[name], cuda[name]
-        if "SEG" in name:
-            ref, got = ref[:, 1:], got[:, 1:]
-        else:
-            ref, got = ref[:, written], got[:, written]
+        ref, got = (ref[:, seg_slots], got[:, seg_slots]) if "SEG" in name else (ref[:, chunks], got[:, chunks])
         assert got.shape == ref.shape and got.dtype == ref.dtype, name
         assert _rel(got, ref) < 1e-2, f"{name}: {_rel(got, ref):.2e}"
+
+
+def _compared_slots(sizes: dict, causal: bool, folded: bool) -> tuple[list[int], list[int]]:
+    """The LOC chunks and SEG slots a state kernel writes, which two kernels' buffers are compared at.
+
+    Unfolded (the scan follows): SEG slots 1..n_seg (segment totals), every chunk but a later segment's first (zero
+    there: the scan writes it). Folded: every chunk, and the SEG slot the query reads non-causal (n_seg: the state
+    after every key; the other slots hold the states after each segment, not the Triton kernel's totals)."""
+    n_seg, per, n_chunks = sizes["n_seg"], sizes["chunks_per_seg"], sizes["n_chunks"]
+    if folded:
+        return list(range(n_chunks)), ([] if causal else [n_seg])
+    firsts = set(range(per, n_chunks, per))
+    assert len(firsts) == n_seg - 1
+    return [c for c in range(n_chunks) if c not in firsts], list(range(1, n_seg + 1))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -194,12 +212,12 @@ def test_cherry_states_hold_the_pair_layouts_features(case: tuple) -> None:
     _forward(x, both)
     pairs, cherry, sizes = captured["pairs"], captured["cherries"], captured["sizes"]
     rows = _pair_rows(x["k"].shape[-1])
-    firsts = set(range(sizes["chunks_per_seg"], sizes["n_chunks"], sizes["chunks_per_seg"]))
-    written = [c for c in range(sizes["n_chunks"]) if c not in firsts]
+    chunks = list(range(sizes["n_chunks"]))  # folded (the wgmma kernel): every chunk, and the states after each
+    seg_slots = list(range(1, sizes["n_seg"] + (0 if x["kwargs"]["causal"] else 1)))  # segment (not the last, causal)
     gated = x["kwargs"]["log_gate"] is not None
     for name in pairs:
         ref, got = pairs[name], cherry[name]
-        ref, got = (ref[:, 1:], got[:, 1:]) if "SEG" in name else (ref[:, written], got[:, written])
+        ref, got = (ref[:, seg_slots], got[:, seg_slots]) if "SEG" in name else (ref[:, chunks], got[:, chunks])
         if name.startswith("S"):
             ref = ref[:, :, rows]
         else:
