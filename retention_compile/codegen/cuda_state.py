@@ -18,7 +18,8 @@ cores. On Hopper (sm_90a) with bfloat16 inputs and value blocks of 64 the produc
                                                              the op's choice for ``impl`` "triton" | "cuda" |
                                                              "auto" (measured once per GPU and shape: choice.py)
     CONFIG                                                   the launch shape (``StateKernelConfig``)
-    chunk_states(spec, args, q_shape=None, kept=None)        the ``triton_forward`` hook (``CudaStateHook``): runs
+    CudaStateHook(q_shape)(spec, args, kept=None)            the ``triton_forward`` hook (``chunk_states``: one with
+                                                             no q_shape): runs
                                                              the op below on the Triton state kernel's arguments,
                                                              returns its buffers
     torch.ops.retention_compile.cuda_chunk_states           the op (a torch.library custom op with a fake impl,
@@ -326,11 +327,11 @@ def cuda_chunk_states_op(
     ``sizes = (Hq, group, state_heads, Tk, shift, n_chunks, chunks_per_seg, n_seg)``; ``g`` the cumulative log-gate
     (B, state_heads, >= Tk) fp32 (rows may be padded), ``valid`` (B, Tk) bool.
 
-    The wgmma kernel folds the segments in (``folds_segments``, the default): LOC holds the state before every chunk, SEG slot
-    s + 1 the state after segment s (but the last one's where causal), slot 0 unwritten; no scan follows. The
-    mma.sync kernel leaves them as the Triton state kernel does, for the scan: SEG slot s + 1 segment s's own total,
-    and, causal, LOC slots ``chunks_per_seg, 2 * chunks_per_seg, ...`` (a later segment's first chunk state, zero
-    before the scan) unwritten.
+    The wgmma kernel folds the segments in (``folds_segments``, the default): LOC holds the state before every
+    chunk, SEG slot s + 1 the state after segment s (but the last one's where causal), slot 0 unwritten; no scan
+    follows. The mma.sync kernel leaves them as the Triton state kernel does, for the scan: SEG slot s + 1 segment
+    s's own total and, causal, LOC slots ``chunks_per_seg, 2 * chunks_per_seg, ...`` (a later segment's first chunk
+    state, zero before the scan) unwritten.
     """
     spec = state_spec(k, v, chunk_size, causal, g is not None, valid is not None, cherries)
     info = _launch_info(spec, CONFIG, k.device.index or 0)
@@ -464,13 +465,14 @@ def _record(spec: KernelSpec, k: torch.Tensor, v: torch.Tensor, q_shape: Sequenc
     record_cuda_source("power_retention_chunk_state", source, spec, shapes, "chunked, CUDA state kernel", arch)
 
 
-def chunk_states(
+def run_chunk_states(
     spec: KernelSpec, args: dict, q_shape: Sequence[int] | None = None, kept: list | None = None
 ) -> dict[str, torch.Tensor]:
-    """``triton_forward``'s state-kernel hook: ``args`` are the Triton state kernel's keyword arguments; returns
-    the buffers it would have filled (``S_SEG``, ``M_SEG``, and ``S_LOC``, ``M_LOC`` when causal). ``kept``
-    receives the launch to repeat with another call's buffers of the same shapes (``eager_launch.CudaLaunch``),
-    or None where it cannot be repeated as it is (inputs the op copies first, another device than the current)."""
+    """The body of ``triton_forward``'s state-kernel hook (``CudaStateHook``): ``args`` are the Triton state kernel's
+    keyword arguments; returns the buffers it would have filled (``S_SEG``, ``M_SEG``, and ``S_LOC``, ``M_LOC`` when
+    causal). ``kept`` receives the launch to repeat with another call's buffers of the same shapes
+    (``eager_launch.CudaLaunch``), or None where it cannot be repeated as it is (inputs the op copies first, another
+    device than the current)."""
     k, v = args["K"], args["V"]
     _record(spec, k, v, q_shape)
     sizes = [args[n] for n in ("Hq", "group", "state_heads", "Tk", "shift", "n_chunks", "chunks_per_seg", "n_seg")]
@@ -510,14 +512,16 @@ def _kept_launch(spec: KernelSpec, k, v, g, valid, sizes: Sequence[int]) -> Cuda
 
 @dataclass(frozen=True)
 class CudaStateHook:
-    """The CUDA state kernel as ``triton_forward``'s ``state_kernel`` (``chunk_states``), able to hand over its
-    launch for repeated eager calls (``keeps_launches``); ``q_shape`` for the inspection record."""
+    """The CUDA state kernel as ``triton_forward``'s ``state_kernel`` (``run_chunk_states``), able to hand over its
+    launch for repeated eager calls (``keeps_launches``); ``q_shape`` for the inspection record. Its methods tell
+    ``triton_forward`` how the kernel works (``folds_segments``: no scan after it), so a hook is always this class
+    (a bare ``run_chunk_states`` would be taken for a kernel whose states the scan still folds)."""
 
     q_shape: tuple[int, ...] | None = None
     keeps_launches: ClassVar[bool] = True
 
     def __call__(self, spec: KernelSpec, args: dict, kept: list | None = None) -> dict[str, torch.Tensor]:
-        return chunk_states(spec, args, self.q_shape, kept)
+        return run_chunk_states(spec, args, self.q_shape, kept)
 
     @staticmethod
     def cherry_rows(spec: KernelSpec, device: torch.device) -> bool:
@@ -538,6 +542,10 @@ class CudaStateHook:
         the grid is segment-major, whose segment count ``dispatch`` models."""
         arch = nvrtc.gpu_arch(device.index or 0) if device.type == "cuda" else None
         return CONFIG.wgmma_min_blocks if uses_wgmma(spec, CONFIG, arch) else CONFIG.min_blocks
+
+
+# The hook with no query shape for the record.
+chunk_states = CudaStateHook()
 
 
 @functools.lru_cache(maxsize=256)

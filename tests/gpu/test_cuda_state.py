@@ -234,13 +234,13 @@ def test_forward_on_cherry_states_matches_oracle(case: tuple, monkeypatch) -> No
     where ``states_out`` keeps them; y agrees with the float64 oracle and the all-Triton forward either way."""
     _skip_off_hopper()
     layouts = []
-    real = cuda_state.chunk_states
+    real = cuda_state.run_chunk_states
 
     def spy(spec, args, *rest, **kwargs):
         layouts.append(spec.cherries)
         return real(spec, args, *rest, **kwargs)
 
-    monkeypatch.setattr(cuda_state, "chunk_states", spy)
+    monkeypatch.setattr(cuda_state, "run_chunk_states", spy)
     x = _inputs(case, seed=2)
     ref = _oracle(x)
     y_triton, _ = _forward(x, None)
