@@ -236,6 +236,21 @@ STATE_EDITS: dict[str, list[Edit]] = {
     # its K_J ldmatrix (fragments from its K_I registers instead)
     "state: K_J loaded by warpgroup 0 only": [K_J_BY_WARPGROUP_0],
     "state: n64 and K_J by warpgroup 0 only": [N64_NO_ONES, K_J_BY_WARPGROUP_0],
+    # the segment fold (wgmma_fold): where its time goes; the first two leave the states wrong
+    "state fold: no wait for the segment before": [
+        (r"while \(ld_acquire\(flags \+ seg - 1\) == 0\) __nanosleep\(100\);", "")
+    ],
+    "state fold: no chunk fix-up": [(r"if \(!CAUSAL \|\| seg == 0\) return;", "return;")],
+    "state fold: no wait and no fix-up": [
+        (r"while \(ld_acquire\(flags \+ seg - 1\) == 0\) __nanosleep\(100\);", ""),
+        (r"if \(!CAUSAL \|\| seg == 0\) return;", "return;"),
+    ],
+    "state fold: block order instead of tickets (same results where blocks start in order)": [
+        (
+            r"ticket = static_cast<int>\(atomicAdd\(SYNC, 1u\)\);",
+            "ticket = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);",
+        )
+    ],
     "state: no wgmma (the fragment building goes dead too: copies, barriers, stores remain)": [
         (r"for \(int m = 0; m < 2; \+\+m\) " + _STATE_PRODUCT, "")
     ],
