@@ -105,7 +105,7 @@ FIRST_CHUNK_SKIPS_STATE: Edit = (r"for step in range\((\d+)\):", r"for step in r
 # 128 features, 9 state programs of 256, against 20 and 10 with pairs of 16-coordinate blocks)
 NINE_TENTHS_OF_STATE_STEPS: Edit = (NO_STATE_STEPS[0], "for step in range(\\1 * 9 // 10):")
 NINE_OF_TEN_STATE_PROGRAMS: Edit = (
-    r"(const int p = blockIdx\.y / NEB, eb = blockIdx\.y % NEB;)",
+    r"(const int p = (?:blockIdx\.y|program_y) / NEB, eb = (?:blockIdx\.y|program_y) % NEB;)",
     r"\1\n  if (p == DT / FB - 1) return;  // ablation: the last pair's programs exit at once",
 )
 NO_UNMASKED_BLOCKS: Edit = (r"for blk in range\(n_full\):", "for blk in range(0):")

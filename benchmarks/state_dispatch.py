@@ -16,12 +16,16 @@ alternated:
     python benchmarks/state_dispatch.py [--T 65536] [--gated] [--segments 6 7 8 9 11] [--rounds 2] [--out DIR]
         [--commit SHA]
 
+The state kernel runs without the segment fold (``StateKernelConfig.wgmma_fold`` off, the Triton scan after it,
+``STUDIED_CONFIG``): the edits drop or reorder programs, which the fold's waits on the segment before cannot follow.
+
 Writes ``state_dispatch_<gpu>_<date>_<commit>.json`` under ``--out`` (default ``benchmarks/results``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from unittest import mock
@@ -31,11 +35,15 @@ from ablate_forward import Edit, apply_edits, edited_sources, unmatched
 from retention_compile.codegen import cuda_state, dispatch, forward
 
 # the first N programs in dispatch order (x fastest) work, the others return before anything else
-_PROGRAM_LINE = r"(const int p = blockIdx\.y / NEB, eb = blockIdx\.y % NEB;)"
+_PROGRAM_LINE = r"(const int p = (?:blockIdx\.y|program_y) / NEB, eb = (?:blockIdx\.y|program_y) % NEB;)"
 SEGMENT_MINOR: list[Edit] = [
     (r"const int seg = blockIdx\.z;", "const int seg = blockIdx.x;"),
     (r"const long long bs = blockIdx\.x;", "const long long bs = blockIdx.z;"),
 ]
+
+
+# the kernel these edits apply to: no fold (blockIdx order, no waits on other programs)
+STUDIED_CONFIG = dataclasses.replace(cuda_state.CONFIG, wgmma_fold=False)
 
 
 def first_programs_only(n: int) -> Edit:
@@ -72,6 +80,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--commit", default=None)
     args = parser.parse_args(argv)
+    with mock.patch.object(cuda_state, "CONFIG", STUDIED_CONFIG):
+        return measure(args)
+
+
+def measure(args: argparse.Namespace) -> dict:
     import torch
     from bench_forward import B, H, inputs, kernel_times, ours, result_header
 

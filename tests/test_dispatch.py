@@ -3,6 +3,7 @@ assumes (segment-major) in the kernels' launch and sources."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from unittest import mock
 
@@ -65,10 +66,16 @@ def test_cuda_state_grid_is_segment_major() -> None:
     assert cuda_state._grid(launch, 2, 4, 7) == (8, 10, 7)
     bf16 = torch.empty(1, 1, 64, 64, dtype=torch.bfloat16)
     spec = state_spec(bf16, bf16, 64, True, False, False)
-    for config, arch, wgmma in ((CONFIG, "sm_90a", True), (StateKernelConfig(), "sm_80", False)):
+    no_fold = dataclasses.replace(CONFIG, wgmma_fold=False)
+    for config, arch, wgmma in ((no_fold, "sm_90a", True), (StateKernelConfig(), "sm_80", False)):
         source = cuda_state.render_state_source(spec, config, arch)
         assert ("chunk_state_wgmma.cu.j2" in source) == wgmma
         assert "const int seg = blockIdx.z;" in source and "const long long bs = blockIdx.x;" in source
+    # with the fold, in the same order by tickets (blocks started before it have a lower one)
+    source = cuda_state.render_state_source(spec, CONFIG, "sm_90a")
+    assert "ticket = static_cast<int>(atomicAdd(SYNC, 1u));" in source and "blockIdx" not in source
+    assert "const int seg = ticket / (gridDim.x * gridDim.y);" in source
+    assert "const long long bs = ticket % gridDim.x;" in source
 
 
 def test_state_dispatch_benchmark_edits_apply(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -79,7 +86,7 @@ def test_state_dispatch_benchmark_edits_apply(monkeypatch: pytest.MonkeyPatch) -
 
     bf16 = torch.empty(1, 1, 64, 64, dtype=torch.bfloat16)
     spec = state_spec(bf16, bf16, 64, True, False, False)
-    for config, arch in ((CONFIG, "sm_90a"), (StateKernelConfig(), "sm_80")):
+    for config, arch in ((state_dispatch.STUDIED_CONFIG, "sm_90a"), (StateKernelConfig(), "sm_80")):
         assert state_dispatch.edits_apply(cuda_state.render_state_source(spec, config, arch)) == []
     major, minor = (state_dispatch.model_queue(64, 7, 80, order) for order in ("segment-major", "segment-minor"))
     assert sorted(major) == sorted(minor) and len(major) == 7 * 80 and sum(major) == 64 * 80
