@@ -423,7 +423,8 @@ def triton_forward(
     ``plan`` gives the chunk size (``>= Tk``: the quadratic kernel) and the tiles; ``segments`` overrides the
     number of sequential segments of the state kernel (default: enough programs for ``STATE_WAVES`` per SM).
     ``state_kernel`` replaces the Triton state kernel: called with the spec and that kernel's keyword arguments,
-    it returns the buffers the kernel would fill (``cuda_state.chunk_states``: the CUDA C++ state kernel).
+    it returns the buffers the kernel would fill (``cuda_state.CudaStateHook``: the CUDA C++ state kernel), or the
+    states after the scan where its ``folds_segments`` says so (no scan is launched then).
     ``states_out``, on the chunked path, receives the chunk states the query kernel read (``"S"``, ``"M"``: shapes
     and dtypes in ``StateLayout``), which ``triton_backward(saved_states=...)`` takes instead of recomputing them.
     ``y_out`` (contiguous, shaped as y, any float dtype) receives y rounded to its dtype as well: the query kernel
