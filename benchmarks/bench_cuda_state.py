@@ -8,7 +8,8 @@ Shape: b=1, h=8, d=e=64, deg 2, bf16, causal, T in {16384, 65536}, gated and ung
                    one through its op (``torch.ops.retention_compile.cuda_chunk_states``, host work included)
     variants       at T=65536 the CUDA kernel's launch shapes (``StateKernelConfig``) and segment counts: the
                    kernel alone, and ``triton_forward`` with it and its scan (the scan's work grows with the
-                   segments; ``forward.STATE_WAVES`` was tuned for the Triton kernel), median of CUDA-event times
+                   segments; ``forward.STATE_WAVES`` was tuned for the Triton kernel; the wgmma kernel with
+                   ``wgmma_fold`` does the scan's work itself, and no scan runs), median of CUDA-event times
     forward        ``power_retention`` op with ``impl="triton"`` and ``impl="cuda"``, median of CUDA-event times
     agreement      ||y_cuda - y_triton|| / ||y_triton||
 
