@@ -447,7 +447,7 @@ def _cuda_hook(fwd: KernelSpec, unsupported: Callable[..., str | None], hook: Ca
     (``unsupported(fwd, arch, *rows)`` is None on the rows' GPU target), else None."""
     from . import nvrtc
 
-    arch = nvrtc.gpu_arch(rows[0].device.index or 0) if rows[0].is_cuda else None
+    arch = nvrtc.tensor_arch(rows[0].device)
     if unsupported(fwd, arch, *rows) is not None:
         return None
     return functools.partial(hook, fwd, coordinate_state_terms(fwd))

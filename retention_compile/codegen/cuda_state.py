@@ -457,7 +457,7 @@ def record_cuda_source(
 
 
 def _record(spec: KernelSpec, k: torch.Tensor, v: torch.Tensor, q_shape: Sequence[int] | None) -> None:
-    arch = nvrtc.gpu_arch(k.device.index or 0) if k.is_cuda else None
+    arch = nvrtc.tensor_arch(k.device)
     source = render_state_source(
         state_spec(k, v, spec.chunk_size, spec.causal, spec.gated, spec.has_valid, spec.cherries), CONFIG, arch
     )
@@ -533,14 +533,14 @@ class CudaStateHook:
     def folds_segments(spec: KernelSpec, device: torch.device) -> bool:
         """Whether the kernel leaves shape class ``spec``'s states folded across segments (the wgmma kernel), so
         that ``triton_forward`` launches no scan after it."""
-        arch = nvrtc.gpu_arch(device.index or 0) if device.type == "cuda" else None
+        arch = nvrtc.tensor_arch(device)
         return folds_segments(spec, CONFIG, arch)
 
     @staticmethod
     def programs_per_sm(spec: KernelSpec, device: torch.device) -> int:
         """Programs of the kernel resident per SM (its launch bounds' register cap), for ``forward.state_segments``:
         the grid is segment-major, whose segment count ``dispatch`` models."""
-        arch = nvrtc.gpu_arch(device.index or 0) if device.type == "cuda" else None
+        arch = nvrtc.tensor_arch(device)
         return CONFIG.wgmma_min_blocks if uses_wgmma(spec, CONFIG, arch) else CONFIG.min_blocks
 
 
@@ -550,7 +550,7 @@ chunk_states = CudaStateHook()
 
 @functools.lru_cache(maxsize=256)
 def _cherry_rows(spec: KernelSpec, device: torch.device, config: StateKernelConfig) -> bool:
-    arch = nvrtc.gpu_arch(device.index or 0) if device.type == "cuda" else None
+    arch = nvrtc.tensor_arch(device)
     chunked = spec.chunked and spec.deg == 2 and not spec.query_t and spec.block_feature == 16
     chunked = chunked and supports_cherries(spec.head_dim)
     return chunked and uses_wgmma(spec, config, arch)

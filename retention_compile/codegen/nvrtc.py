@@ -74,6 +74,11 @@ def gpu_arch(device: torch.device | int | None = None) -> str:
     return "sm_90a" if (major, minor) == (9, 0) else f"sm_{major}{minor}"
 
 
+def tensor_arch(device: torch.device) -> str | None:
+    """``gpu_arch`` of a tensor's device, None for one off the GPU."""
+    return gpu_arch(device.index or 0) if device.type == "cuda" else None
+
+
 @functools.lru_cache(maxsize=1)
 def nvrtc_version() -> tuple[int, int] | None:
     """NVRTC's (major, minor) through cuda-python, or None where cuda-python or its NVRTC library is missing."""
