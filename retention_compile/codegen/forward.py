@@ -814,6 +814,17 @@ class StateLayout:
         return (self.heads, self.slots, dt, spec.value_dim), (self.heads, self.slots, d, d)
 
 
+def launch_scan(module, spec: KernelSpec, heads, args: dict, kept: list | None = None) -> None:
+    """The scan kernel of ``module`` (shape class ``spec``, ``heads = B * Hs``) over the state buffers in ``args``,
+    a state kernel's arguments (its buffers, sizes and, gated, ``G`` and ``stride_g``): segment totals into true
+    segment-start states. ``kept``: as ``_launch``'s."""
+    names = ["S_SEG", "M_SEG", "Tk", "shift", "n_chunks", "chunks_per_seg", "n_seg"]
+    names += ["S_LOC", "M_LOC"] if spec.causal else []
+    names += ["G", "stride_g"] if "G" in args else []
+    blocks = spec.template_params()["scan_s_blocks"] + _cdiv(spec.head_dim**2, SCAN_BLOCK)
+    _launch(module.scan_kernel, (blocks, heads), {n: args[n] for n in names}, SCAN_WARPS, 2, kept=kept)
+
+
 def _chunk_states(
     module,
     layout: StateLayout,
@@ -828,7 +839,6 @@ def _chunk_states(
     describes; return the query kernel's state arguments. ``kept``: as ``_launch``'s (the state kernel hook's launch
     too); ``buffers`` receives the state buffers by name."""
     spec, state_heads = layout.spec, layout.state_heads
-    d = spec.head_dim
     params = spec.template_params()
     s_shape, m_shape = layout.shapes()
     heads, n_chunks, n_seg = layout.heads, layout.n_chunks, layout.n_seg
@@ -849,9 +859,7 @@ def _chunk_states(
         pair_programs = params["npairs"] * params["n_eb"]
         _launch(module.state_kernel, (n_seg, pair_programs, heads), state_args, STATE_WARPS, STATE_STAGES, kept=kept)
     if layout.segments > 1 and not folds_segments(state_kernel, spec, k.device):
-        blocks = params["scan_s_blocks"] + _cdiv(d * d, SCAN_BLOCK)
-        gate = {"G": extra["G"], "stride_g": extra["stride_g"]} if "G" in extra else {}
-        _launch(module.scan_kernel, (blocks, heads), {**buffers, **gate, **sizes}, SCAN_WARPS, 2, kept=kept)
+        launch_scan(module, spec, heads, {**state_args, **buffers}, kept)
     read = "LOC" if spec.causal else "SEG"  # the states the query kernel reads
     states = {"S_ST": buffers[f"S_{read}"], "M_ST": buffers[f"M_{read}"]}
     return {**states, "state_heads": state_heads, "state_slots": layout.slots, "shift": layout.shift}

@@ -117,10 +117,7 @@ def test_state_buffers_match_the_triton_state_kernel(case: tuple, config, monkey
         forward._launch(module.state_kernel, grid, args, forward.STATE_WARPS, 2)
         folds = forward.folds_segments(cuda_state.CudaStateHook(), spec, args["K"].device)
         if folds and args["n_seg"] > 1:
-            scan = {n: args[n] for n in ("S_SEG", "M_SEG", "Tk", "shift", "n_chunks", "chunks_per_seg", "n_seg")}
-            scan.update({n: args[n] for n in ("S_LOC", "M_LOC", "G", "stride_g") if n in args})
-            blocks = params["scan_s_blocks"] + forward._cdiv(spec.head_dim**2, forward.SCAN_BLOCK)
-            forward._launch(module.scan_kernel, (blocks, heads), scan, forward.SCAN_WARPS, 2)
+            forward.launch_scan(module, spec, heads, args)
         names = ("S_LOC", "M_LOC", "S_SEG", "M_SEG") if spec.causal else ("S_SEG", "M_SEG")
         captured["triton"] = {n: args[n].clone() for n in names}
         captured["sizes"] = {n: args[n] for n in ("chunks_per_seg", "n_seg", "n_chunks")}
