@@ -81,17 +81,27 @@ class TorchCherryStates:
     per state head the local state before each chunk of its segment (S_LOC, M_LOC: zero at the segment's start) and
     each segment's total in slot seg + 1 (S_SEG, M_SEG); S_c = sum_j exp(G_b - G_j) phi(k_j) v_j^T over the
     segment's keys before chunk c (b the key before it), M likewise with k_j k_j^T (the query reads its quadratic
-    form)."""
+    form).
 
-    def __init__(self) -> None:
+    ``folded``: the states as the wgmma kernel's fold leaves them (``folds_segments``): no segment starts from zero,
+    so LOC holds the true state before every chunk and no scan follows.
+    """
+
+    def __init__(self, folded: bool = False) -> None:
+        self.folded = folded
         self.layouts: list[bool] = []
+        self.states_after_keys: list[bool] = []
 
     @staticmethod
     def cherry_rows(spec: KernelSpec, device: torch.device) -> bool:
         return spec.chunked and cherries.supports_cherries(spec.head_dim)
 
+    def folds_segments(self, spec: KernelSpec, device: torch.device) -> bool:
+        return self.folded
+
     def __call__(self, spec: KernelSpec, args: dict) -> dict[str, torch.Tensor]:
         self.layouts.append(spec.cherries)
+        self.states_after_keys.append(spec.states_after_keys)
         K, V, G, valid = args["K"].double(), args["V"].double(), args.get("G"), args.get("VALID")
         Hq, group, heads, Tk, shift, n_chunks, per_segment, n_seg = (
             args[n] for n in ("Hq", "group", "state_heads", "Tk", "shift", "n_chunks", "chunks_per_seg", "n_seg")
@@ -109,7 +119,8 @@ class TorchCherryStates:
                 k = k * valid[b, :Tk, None].double()
             g = None if G is None else G[b, hs, :Tk].double()
             for sg in range(n_seg):
-                s, m = torch.zeros(len(xs), e, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+                if sg == 0 or not self.folded:
+                    s, m = torch.zeros(len(xs), e, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
                 for c in range(sg * per_segment, min((sg + 1) * per_segment, n_chunks)):
                     loc[bs, c], m_loc[bs, c] = s, m
                     first = c * C - shift
@@ -130,34 +141,42 @@ class TorchCherryStates:
 
 
 CASES = {
-    # name: (B, Hq, Hk, Tq, Tk, gate heads (0: none), valid, causal, chunk, segments)
-    "causal-segments": (1, 2, 1, 150, 150, 0, False, True, 32, 2),
-    "gated-valid-gqa": (2, 4, 2, 100, 100, 2, True, True, 32, 2),
-    "prefill-gated": (1, 2, 2, 40, 130, 2, False, True, 32, 3),
-    "noncausal-valid": (1, 2, 1, 50, 90, 0, True, False, 32, 2),
+    # name: (B, Hq, Hk, Tq, Tk, gate heads (0: none), valid, causal, chunk, segments, states folded by the hook)
+    "causal-segments": (1, 2, 1, 150, 150, 0, False, True, 32, 2, False),
+    "gated-valid-gqa": (2, 4, 2, 100, 100, 2, True, True, 32, 2, False),
+    "prefill-gated": (1, 2, 2, 40, 130, 2, False, True, 32, 3, False),
+    "noncausal-valid": (1, 2, 1, 50, 90, 0, True, False, 32, 2, False),
+    # folded (the wgmma kernel's contract): causal ungated calls run the query's key loops before its state product
+    "folded-valid-gqa": (2, 4, 2, 100, 100, 0, True, True, 32, 2, True),
+    "folded-prefill": (1, 2, 2, 40, 130, 0, False, True, 32, 3, True),
+    "folded-gated": (1, 2, 1, 150, 150, 2, False, True, 32, 3, True),
 }
 
 
 def run_case(case: tuple) -> dict[str, float]:
-    """y's relative error against the float64 oracle with the states in the cherry layout (float32 kernels), and
-    whether the call took that layout."""
+    """y's relative error against the float64 oracle with the states in the cherry layout (float32 kernels),
+    whether the call took that layout, and whether its query kernel read the states after its key loops."""
     from retention_compile.codegen.forward import triton_forward
     from retention_compile.planning import Plan
     from retention_compile.reference import power_retention_reference
 
-    B, Hq, Hk, Tq, Tk, gate_heads, has_valid, causal, chunk, segments = case
+    B, Hq, Hk, Tq, Tk, gate_heads, has_valid, causal, chunk, segments, folded = case
     gen = torch.Generator().manual_seed(Tq * 7 + Tk)
     q, k, v = (torch.randn(B, h, t, 64, generator=gen) for h, t in ((Hq, Tq), (Hk, Tk), (Hk, Tk)))
     gate = -0.2 * torch.rand(B, gate_heads, Tk, generator=gen) if gate_heads else None
     valid = torch.rand(B, Tk, generator=gen) > 0.25 if has_valid else None
-    hook = TorchCherryStates()
+    hook = TorchCherryStates(folded)
     options = {"scale": 0.125, "deg": 2, "log_gate": gate, "causal": causal, "valid": valid}
     plan = Plan(chunk_size=chunk, block_t=16, block_feature=16, block_e=32)
     y, _ = triton_forward(q, k, v, **options, plan=plan, segments=segments, state_kernel=hook)
     ref = power_retention_reference(
         q.double(), k.double(), v.double(), **{**options, "log_gate": None if gate is None else gate.double()}
     )
-    return {"y": float((y.double() - ref).norm() / ref.norm()), "cherries": float(hook.layouts == [True])}
+    return {
+        "y": float((y.double() - ref).norm() / ref.norm()),
+        "cherries": float(hook.layouts == [True]),
+        "states_after_keys": float(hook.states_after_keys == [True]),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +188,8 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
 def test_query_kernel_reads_cherry_states(interpreted: dict[str, dict[str, float]], name: str) -> None:
     result = interpreted[name]
     assert result["cherries"] == 1.0, "the call did not take the cherry layout"
+    *_, gate_heads, _, causal, _, _, folded = CASES[name]
+    assert result["states_after_keys"] == float(folded and causal and not gate_heads), "the query's loop order"
     assert result["y"] < 1e-5, f"{name}: relative error of y {result['y']:.2e}"
 
 

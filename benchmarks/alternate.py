@@ -1,0 +1,69 @@
+"""Settings of the op alternated in one process: the eager forward and its kernels per setting, round by round.
+
+Under the H200's power cap a whole run moves by a few percent, so two settings are compared within one process,
+in turns, over several rounds (the rounds' spread is the noise). Used by ``bench_state_fold.py`` and
+``bench_query_after_states.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from bench_forward import bench_ms, inputs, kernel_times, ours, result_header
+
+from retention_compile.ops import resolve_plan
+
+ROUNDS = 3
+
+
+def alternated(T: int, gated: bool, rounds: int, settings: dict[str, Callable[[], None]]) -> dict:
+    """Per round, each setting in turn (``settings``: name -> a function that applies it): the whole eager forward
+    (``bench_ms``: ``do_bench`` median) and the device time per kernel (profiler, mean of 20 calls) at b1 h8 d64
+    bf16 causal, the op's plan and the CUDA state kernel. ``y_rel``: ||y_last - y_first|| / ||y_first|| between the
+    first and the last setting."""
+    x = inputs(T, gated)
+    plan = resolve_plan(x["q"], x["k"], x["v"], 2, gated, 0)
+    row: dict = {"T": T, "gated": gated, "rounds": []}
+    outputs = {}
+    for _ in range(rounds):
+        entry = {}
+        for name, apply in settings.items():
+            apply()
+            run = ours(x, plan, codegen="cuda")
+            outputs[name] = run()[0].float()
+            entry[name] = {"forward_ms": bench_ms(run), "kernel_ms": kernel_times(run, 20)}
+        row["rounds"].append(entry)
+        print(json.dumps({"T": T, "gated": gated, **{k: v["forward_ms"] for k, v in entry.items()}}), flush=True)
+    first, last = outputs[next(iter(settings))], outputs[list(settings)[-1]]
+    row["y_rel"] = ((last - first).norm() / first.norm()).item()
+    return row
+
+
+def main(kind: str, description: str, settings: dict[str, Callable[[], None]], restore: Callable[[], None]) -> None:
+    """The command line of an alternation script: ``--lengths``, ``--rounds``, ``--gated`` (which of ungated and
+    gated), ``--out``, ``--commit``; writes ``<kind>_<gpu>_<date>_<commit>.json`` under ``--out`` after every row.
+    ``restore`` puts the default setting back at the end."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536, 131072])
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--gated", choices=["no", "yes", "both"], default="both")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--commit", default=None)
+    args = parser.parse_args()
+    base, record = result_header(kind, args.out, args.commit)
+    base = base.with_name(f"{base.name}_{record['commit']}")
+    record["rows"] = []
+    gates = {"no": (False,), "yes": (True,), "both": (False, True)}[args.gated]
+    try:
+        for gated in gates:
+            for T in args.lengths:
+                record["rows"].append(alternated(T, gated, args.rounds, settings))
+                base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
+                torch.cuda.empty_cache()
+    finally:
+        restore()
+    print(f"wrote {base.with_suffix('.json')}")
