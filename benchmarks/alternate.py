@@ -1,8 +1,8 @@
 """Settings of the op alternated in one process: the eager forward and its kernels per setting, round by round.
 
 Under the H200's power cap a whole run moves by a few percent, so two settings are compared within one process,
-in turns, over several rounds (the rounds' spread is the noise). Used by ``bench_state_fold.py`` and
-``bench_query_after_states.py``.
+in turns, over several rounds (the rounds' spread is the noise). Used by ``bench_state_fold.py`` (and, at
+c6f13f6, by ``bench_query_after_states.py``).
 """
 
 from __future__ import annotations

@@ -90,7 +90,6 @@ class TorchCherryStates:
     def __init__(self, folded: bool = False) -> None:
         self.folded = folded
         self.layouts: list[bool] = []
-        self.states_after_keys: list[bool] = []
 
     @staticmethod
     def cherry_rows(spec: KernelSpec, device: torch.device) -> bool:
@@ -101,7 +100,6 @@ class TorchCherryStates:
 
     def __call__(self, spec: KernelSpec, args: dict) -> dict[str, torch.Tensor]:
         self.layouts.append(spec.cherries)
-        self.states_after_keys.append(spec.states_after_keys)
         K, V, G, valid = args["K"].double(), args["V"].double(), args.get("G"), args.get("VALID")
         Hq, group, heads, Tk, shift, n_chunks, per_segment, n_seg = (
             args[n] for n in ("Hq", "group", "state_heads", "Tk", "shift", "n_chunks", "chunks_per_seg", "n_seg")
@@ -146,7 +144,7 @@ CASES = {
     "gated-valid-gqa": (2, 4, 2, 100, 100, 2, True, True, 32, 2, False),
     "prefill-gated": (1, 2, 2, 40, 130, 2, False, True, 32, 3, False),
     "noncausal-valid": (1, 2, 1, 50, 90, 0, True, False, 32, 2, False),
-    # folded (the wgmma kernel's contract): causal ungated calls run the query's key loops before its state product
+    # folded (the wgmma kernel's contract): the query reads the states as the hook leaves them, no scan between
     "folded-valid-gqa": (2, 4, 2, 100, 100, 0, True, True, 32, 2, True),
     "folded-prefill": (1, 2, 2, 40, 130, 0, False, True, 32, 3, True),
     "folded-gated": (1, 2, 1, 150, 150, 2, False, True, 32, 3, True),
@@ -154,8 +152,8 @@ CASES = {
 
 
 def run_case(case: tuple) -> dict[str, float]:
-    """y's relative error against the float64 oracle with the states in the cherry layout (float32 kernels),
-    whether the call took that layout, and whether its query kernel read the states after its key loops."""
+    """y's relative error against the float64 oracle with the states in the cherry layout (float32 kernels), and
+    whether the call took that layout."""
     from retention_compile.codegen.forward import triton_forward
     from retention_compile.planning import Plan
     from retention_compile.reference import power_retention_reference
@@ -172,11 +170,7 @@ def run_case(case: tuple) -> dict[str, float]:
     ref = power_retention_reference(
         q.double(), k.double(), v.double(), **{**options, "log_gate": None if gate is None else gate.double()}
     )
-    return {
-        "y": float((y.double() - ref).norm() / ref.norm()),
-        "cherries": float(hook.layouts == [True]),
-        "states_after_keys": float(hook.states_after_keys == [True]),
-    }
+    return {"y": float((y.double() - ref).norm() / ref.norm()), "cherries": float(hook.layouts == [True])}
 
 
 @pytest.fixture(scope="module")
@@ -188,8 +182,6 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
 def test_query_kernel_reads_cherry_states(interpreted: dict[str, dict[str, float]], name: str) -> None:
     result = interpreted[name]
     assert result["cherries"] == 1.0, "the call did not take the cherry layout"
-    *_, gate_heads, _, causal, _, _, folded = CASES[name]
-    assert result["states_after_keys"] == float(folded and causal and not gate_heads), "the query's loop order"
     assert result["y"] < 1e-5, f"{name}: relative error of y {result['y']:.2e}"
 
 

@@ -49,13 +49,6 @@ def direct_launches_allowed() -> bool:
     return not is_wrap_triton_enabled() and not interpreting() and not any(map(_hook_set, hooks))
 
 
-def programmatic_launches() -> bool:
-    """Whether a Triton launch now may ask for programmatic dependent launch (``launch_pdl``): an eager launch on
-    the GPU. Not while ``wrap_triton`` traces (Inductor launches the kernel itself, without the attribute) nor in
-    the interpreter."""
-    return not is_wrap_triton_enabled() and not interpreting()
-
-
 @functools.cache
 def _knobs():
     """Triton's ``knobs``, imported on first use: this module serves the CUDA state kernel's launches too, on GPUs

@@ -73,7 +73,7 @@ from ..reference import EPS
 from ..sizes import size_hint
 from . import replays
 from .dispatch import modelled_segment_count
-from .eager_launch import DirectLaunch, programmatic_launches
+from .eager_launch import DirectLaunch
 from .fitting import (
     compiled_shared_memory,
     device_shared_memory_limit,
@@ -133,11 +133,6 @@ QUERY_TRANSPOSED = False
 # interpreter tests set DENOMINATOR_BY_DOT_FLOAT32 to check the product's fold against the oracle (they run float32).
 DENOMINATOR_BY_DOT = True
 DENOMINATOR_BY_DOT_FLOAT32 = False
-# Causal ungated calls whose state kernel folds the segments (the wgmma kernel, sm_90a) launch the query kernel as a
-# programmatic dependent of it (``KernelSpec.states_after_keys``) when True: its key loops run beside the state
-# kernel's last programs, and it reads the states after ``gdc_wait``. Eager launches only (Inductor launches the
-# same kernel without the attribute; the wait is then a no-op).
-QUERY_AFTER_STATE_GRID = True
 
 
 @dataclass(frozen=True)
@@ -303,19 +298,15 @@ def _launch(
     num_stages: int,
     maxnreg: int | None = None,
     kept: list | None = None,
-    dependent: bool = False,
 ) -> None:
     """``wrap_triton(kernel)[grid](**kwargs)``: Inductor copies the kernel into its output code when tracing.
     ``maxnreg`` caps the registers per thread (None: no cap). ``kept`` receives the launch as a ``DirectLaunch``
-    (None where it cannot be repeated directly). ``dependent``: a programmatic dependent launch of the kernel
-    before it on the stream (``launch_pdl``), where ``programmatic_launches`` allows it."""
+    (None where it cannot be repeated directly)."""
     from torch.library import wrap_triton
 
     launch = dict(kwargs) if interpreting() else {**kwargs, "num_warps": num_warps, "num_stages": num_stages}
     if maxnreg is not None and not interpreting():
         launch["maxnreg"] = maxnreg
-    if dependent and programmatic_launches():
-        launch["launch_pdl"] = True
     compiled = wrap_triton(kernel)[grid](**launch)
     if kept is not None:
         kept.append(DirectLaunch.of(kernel, grid, kwargs, compiled))
@@ -471,8 +462,6 @@ def triton_forward(
         state_kernel = None
     if states_out is None and writes_cherry_rows(state_kernel, spec, k.device):  # the states stay within the call
         spec = _with_cherries(spec)
-    if QUERY_AFTER_STATE_GRID and waits_on_state_grid(state_kernel, spec, k.device):
-        spec = _with_states_after_keys(spec)
     kept: list[Callable[[dict], None] | None] | None = [] if replay_key is not None else None
     B, Hq, Tq, _ = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
@@ -513,10 +502,7 @@ def triton_forward(
 
     def shared_of(candidate: KernelSpec, candidate_stages: int) -> int:
         kernel = load_forward(candidate)[0].attention_kernel
-        pdl = candidate.states_after_keys and programmatic_launches()
-        return compiled_shared_memory(
-            kernel, grid(candidate), attention, warps, candidate_stages, launch.max_registers, pdl
-        )
+        return compiled_shared_memory(kernel, grid(candidate), attention, warps, candidate_stages, launch.max_registers)
 
     if (limit := device_shared_memory_limit(q.device)) is not None:  # the state kernels ignore block_t
         spec, stages = fit_shared_memory(spec, warps, stages, limit, shared_of, launch_specialization(attention))
@@ -525,8 +511,7 @@ def triton_forward(
     if is_recording() or spec not in _RECORDED:
         _RECORDED.add(spec)
         _record(spec, path, q, k, v, plan)
-    dependent = spec.states_after_keys
-    _launch(module.attention_kernel, grid(spec), attention, warps, stages, launch.max_registers, kept, dependent)
+    _launch(module.attention_kernel, grid(spec), attention, warps, stages, launch.max_registers, kept)
     if kept is not None and all(step is not None for step in kept):
         aliases = {name: attention[name] for name in ("S_ST", "M_ST") if name in attention}
         modules = ((first_spec, state_module), (spec, module))
@@ -650,7 +635,7 @@ def launch_tunables() -> tuple:
     return (
         *_tunables(), GATE_SCAN_BLOCK, WIDE_HEAD, WIDE_BLOCK_T, WIDE_STAGES, MIN_BLOCK_E, MAX_CHUNKED_HEAD,
         STATE_WAVES, STATE_WARPS, STATE_STAGES, CHUNK_QUERY_WARPS, SCAN_WARPS, SCAN_BLOCK, NARROW_QUERY_LAUNCH,
-        NARROW_TRACED_QUERY_LAUNCH, QUERY_AFTER_STATE_GRID, CONFIG,
+        NARROW_TRACED_QUERY_LAUNCH, CONFIG,
     )  # fmt: skip
 
 
@@ -758,21 +743,6 @@ def writes_cherry_rows(state_kernel: object, spec: KernelSpec, device: torch.dev
 @functools.lru_cache(maxsize=256)
 def _with_cherries(spec: KernelSpec) -> KernelSpec:
     return replace(spec, cherries=True)
-
-
-def waits_on_state_grid(state_kernel: object, spec: KernelSpec, device: torch.device) -> bool:
-    """Whether the query kernel of shape class ``spec`` can start beside the ``state_kernel`` hook's programs and
-    wait for its grid only before reading the states (``KernelSpec.states_after_keys``): causal, ungated, with a
-    state kernel that folds its segments (so that it is the kernel right before the query's; the wgmma kernel, which
-    lets its dependents launch once all its programs have started). The interpreter runs the same loop order (its
-    render has no ``gdc_wait``, and its launches no attribute)."""
-    plain = spec.chunked and spec.causal and not spec.gated and not spec.query_t
-    return plain and folds_segments(state_kernel, spec, device)
-
-
-@functools.lru_cache(maxsize=256)
-def _with_states_after_keys(spec: KernelSpec) -> KernelSpec:
-    return replace(spec, states_after_keys=True)
 
 
 def folds_segments(state_kernel: object, spec: KernelSpec, device: torch.device) -> bool:

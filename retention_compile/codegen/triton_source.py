@@ -80,11 +80,6 @@ class KernelSpec:
     cherries:       the chunk states' rows in the cherry layout (``cherries.py``: no feature twice across
                     8-coordinate groups), written by the CUDA wgmma state kernel; the query kernel's state loop
                     steps through cherries (not with ``query_t``), and the module has no Triton state kernel.
-    states_after_keys: the query kernel runs its key loops first, then waits for the grid before it (``gdc_wait``:
-                    griddepcontrol.wait, a no-op unless launched as a programmatic dependent) and only then reads the
-                    chunk states: launched with ``launch_pdl`` after the wgmma state kernel, which lets its dependents
-                    start as soon as all its programs have, its programs' key loops run beside the state kernel's
-                    last ones. Causal, ungated, chunked only.
     """
 
     dtype: str
@@ -105,7 +100,6 @@ class KernelSpec:
     query_split: int = 1
     den_dot: bool = False
     cherries: bool = False
-    states_after_keys: bool = False
 
     def __post_init__(self) -> None:
         # specs key several memo tables per call: hash once (the generated hash walks all 18 fields every time)
@@ -124,7 +118,6 @@ class KernelSpec:
         flags = [f for f, on in (("gated", self.gated), ("valid", self.has_valid), ("causal", self.causal)) if on]
         path = f"chunked C={self.chunk_size} b={self.block_feature}" if self.chunked else "quadratic (single chunk)"
         path += ", cherry layout" if self.cherries else ""
-        path += ", query after the state grid" if self.states_after_keys else ""
         return (
             f"d={self.head_dim} e={self.value_dim} deg={self.deg} {self.dtype} {' '.join(flags) or 'plain'}; "
             f"{path}; block_t={self.block_t} block_k={self.block_k} block_s={self.block_s} block_e={self.block_e}"
