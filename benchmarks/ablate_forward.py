@@ -245,6 +245,12 @@ STATE_EDITS: dict[str, list[Edit]] = {
         (r"while \(ld_acquire\(flags \+ seg - 1\) == 0\) __nanosleep\(100\);", ""),
         (r"if \(!CAUSAL \|\| seg == 0\) return;", "return;"),
     ],
+    "state fold: the publish fenced by thread 0 after the barrier, not by every thread (same results)": [
+        (
+            r"__threadfence\(\);\n    __syncthreads\(\);\n    if \(tid == 0\) st_release\(flags \+ seg, 1u\);",
+            "__syncthreads();\n    if (tid == 0) {\n      __threadfence();\n      st_release(flags + seg, 1u);\n    }",
+        )
+    ],
     "state fold: block order instead of tickets (same results where blocks start in order)": [
         (
             r"ticket = static_cast<int>\(atomicAdd\(SYNC, 1u\)\);",
