@@ -84,6 +84,35 @@ Q_BLOCKS_BY_DESCRIPTOR: list[Edit] = [
     ),
 ]
 
+# L2 eviction priorities by createpolicy (PTX ISA 7.4+): the helpers go in before the fold's flag functions
+_L2_POLICY_HELPERS: Edit = (
+    r"// The segment fold's flags:",
+    "__device__ __forceinline__ unsigned long long l2_policy_last() {\n"
+    "  unsigned long long p;\n"
+    '  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(p));\n'
+    "  return p;\n"
+    "}\n"
+    "__device__ __forceinline__ unsigned long long l2_policy_first() {\n"
+    "  unsigned long long p;\n"
+    '  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));\n'
+    "  return p;\n"
+    "}\n"
+    "__device__ __forceinline__ void stg_v4_policy(unsigned long long policy, void* p, uint4 x) {\n"
+    '  asm volatile("st.global.L2::cache_hint.v4.b32 [%0], {%1, %2, %3, %4}, %5;" ::"l"(p), "r"(x.x), "r"(x.y), '
+    '"r"(x.z), "r"(x.w), "l"(policy) : "memory");\n'
+    "}\n"
+    "__device__ __forceinline__ uint4 ldg_v4_policy(const void* p, unsigned long long policy) {\n"
+    "  uint4 x;\n"
+    '  asm volatile("ld.global.L2::cache_hint.v4.b32 {%0, %1, %2, %3}, [%4], %5;" : "=r"(x.x), "=r"(x.y), "=r"(x.z), '
+    '"=r"(x.w) : "l"(p), "l"(policy));\n'
+    "  return x;\n"
+    "}\n"
+    "// The segment fold's flags:",
+)
+_CHUNK_STORES_EVICT_LAST: Edit = (
+    r"stg_v4_b32\(dst \+ 4 \* k \* VALUE_DIM, ",
+    "stg_v4_policy(seg > 0 ? l2_policy_last() : l2_policy_first(), dst + 4 * k * VALUE_DIM, ",
+)
 _STATE_PRODUCT = r"wgmma_n72\(acc\[m\], frag\[f\]\[m\], v_desc\);"  # a tile's product of one slice
 N64_NO_ONES: Edit = (_STATE_PRODUCT, "wgmma_n64(*reinterpret_cast<float(*)[32]>(acc[m]), frag[f][m], v_desc);")
 K_J_BY_WARPGROUP_0: Edit = (
@@ -250,6 +279,25 @@ STATE_EDITS: dict[str, list[Edit]] = {
             r"__threadfence\(\);\n    __syncthreads\(\);\n    if \(tid == 0\) st_release\(flags \+ seg, 1u\);",
             "__syncthreads();\n    if (tid == 0) {\n      __threadfence();\n      st_release(flags + seg, 1u);\n    }",
         )
+    ],
+    "state fold: the fix-up's chunk loads left out (its stores remain)": [
+        (
+            r"c > c_lo \? __ldcg\(reinterpret_cast<const uint4\*>\(at\)\) : make_uint4\(0, 0, 0, 0\)",
+            "make_uint4(0, 0, 0, 0)",
+        )
+    ],
+    "state fold: later segments' chunk stores kept in L2 (evict_last; same results)": [
+        _L2_POLICY_HELPERS,
+        _CHUNK_STORES_EVICT_LAST,
+    ],
+    "state fold: later segments' chunk stores kept in L2, the fix-up's loads and stores evict_first (same results)": [
+        _L2_POLICY_HELPERS,
+        _CHUNK_STORES_EVICT_LAST,
+        (
+            r"__ldcg\(reinterpret_cast<const uint4\*>\(at\)\)",
+            "ldg_v4_policy(at, l2_policy_first())",
+        ),
+        (r"stg_v4_b32\(s_loc \+ c \* state_elems", "stg_v4_policy(l2_policy_first(), s_loc + c * state_elems"),
     ],
     "state fold: block order instead of tickets (same results where blocks start in order)": [
         (
