@@ -219,6 +219,9 @@ QUERY_EDITS: dict[str, list[Edit]] = {
         STATE_TILES_BY_DESCRIPTOR,
         *Q_BLOCKS_BY_DESCRIPTOR,
     ],
+    "query: no quadratic form of M (the state part of the denominator; M not loaded)": [
+        (r"    den = tl\.sum\(qm \* q\.to\(tl\.float32\), 1\)", "    den = tl.zeros((q.shape[0],), dtype=tl.float32)")
+    ],
     # the product with a column of ones (forward.DENOMINATOR_BY_DOT, the default) or the float32 row sum
     "query: no denominator sums (intra-chunk)": [
         (r"den_part = tl\.dot\(w, unit_col, den_part\)|den \+= tl\.sum\(w\.to\(tl\.float32\), 1\)", "pass")
