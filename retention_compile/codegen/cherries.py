@@ -84,15 +84,14 @@ def query_tables(d: int) -> dict[str, int]:
 
 def state_programs(d: int) -> tuple[dict[str, tuple], ...]:
     """The wgmma state kernel's tables per program: ``groups`` the 4 groups its stages hold (copy piece s fills slot
-    s; a program of 3 groups stages its last twice), ``cherries`` its two cherries' (A, B1, B2), ``slots`` their
-    groups' slots."""
+    s; a program of 3 groups stages its last twice) and ``slots``, per cherry of the program's two, the slots of its
+    groups (A, B1, B2): cherry 2p + i is ``groups[slot]`` for the slots ``slots[i]``."""
     listed = cherries(d)
     programs = []
     for p, groups in enumerate(program_groups(d)):
         staged = (*groups, *groups[-1:] * (4 - len(groups)))
-        pair = listed[2 * p : 2 * p + 2]
-        slots = tuple(tuple(staged.index(g) for g in c) for c in pair)
-        programs.append({"groups": staged, "cherries": pair, "slots": slots})
+        slots = tuple(tuple(staged.index(g) for g in c) for c in listed[2 * p : 2 * p + 2])
+        programs.append({"groups": staged, "slots": slots})
     return tuple(programs)
 
 
