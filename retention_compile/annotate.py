@@ -92,6 +92,7 @@ def query_launch_of_call(args: dict[str, Any], operands: tuple[torch.Tensor, ...
     shape class, traced: a compiled model's launch has no register cap), which may differ from the plan's tiles.
     ``kv_len`` is the op's key length (for the key prefix ``k[:, :, :Tq]`` shorter than the operand's)."""
     from .codegen import forward
+    from .codegen.cherries import supports_cherries
 
     def meta(t: torch.Tensor, length: int) -> torch.Tensor:
         return torch.empty([size_hint(t.shape[0]), size_hint(t.shape[1]), length, size_hint(t.shape[3])],
@@ -101,7 +102,8 @@ def query_launch_of_call(args: dict[str, Any], operands: tuple[torch.Tensor, ...
     metas = [meta(q, size_hint(q.shape[2])), meta(k, kv_len), meta(v, kv_len)]
     gated, has_valid = args["log_gate"] is not None, args["valid"] is not None
     spec, _, _ = forward.call_shape_class(*metas, int(args["deg"]), gated, has_valid, bool(args["causal"]), plan, False)
-    return forward.describe_query_launch(forward.query_launch(spec, plan, tracing=spec.chunked))
+    cherries_possible = spec.chunked and supports_cherries(spec.head_dim)
+    return forward.describe_query_launch(forward.query_launch(spec, plan, tracing=spec.chunked), cherries_possible)
 
 
 def attach_plans(gm: fx.GraphModule, records: list[SiteRecord]) -> None:

@@ -165,8 +165,8 @@ def test_nested_collectors_are_distinct_reports():
 
 def test_report_names_the_query_kernels_launch_on_a_gpu():
     """On a GPU the plan record says how the compiled graph launches the query kernel: at T=65536 (bf16, d=64) the
-    traced narrow launch (64 rows, pairs in halves, no register cap) where the plan's tiles say 128 rows; on the
-    single-chunk path the plan's own tiles."""
+    traced narrow launch (64 rows, pairs in halves or whole cherries, no register cap) where the plan's tiles say 128
+    rows; on the single-chunk path the plan's own tiles."""
     pytest.importorskip("triton")
     from retention_compile import hardware, planning
     from retention_compile.annotate import query_launch_of_call
@@ -179,7 +179,8 @@ def test_report_names_the_query_kernels_launch_on_a_gpu():
                              batch_heads=8)  # fmt: skip
         launch = query_launch_of_call(args, operands, T, plan)
         if plan.chunk_size < T:
-            traced = "64 query rows x 4 warps x 3 stages, pairs in 2 parts, no register cap"
+            steps = "pairs in 2 parts (whole cherries with the wgmma state kernel)"
+            traced = f"64 query rows x 4 warps x 3 stages, {steps}, no register cap"
             assert plan.block_t == 128 and launch == traced
         else:  # the quadratic kernel: the plan's rows, warps and stages
             assert launch.startswith(f"{plan.block_t} query rows x {plan.num_warps} warps x {plan.num_stages} stages")

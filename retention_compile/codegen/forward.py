@@ -394,9 +394,12 @@ def call_shape_class(
     return spec, (q, k, v), cuda_states
 
 
-def describe_query_launch(launch: QueryLaunch) -> str:
-    """``64 query rows x 4 warps x 3 stages, pairs in 2 parts, no register cap``."""
+def describe_query_launch(launch: QueryLaunch, cherries_possible: bool = False) -> str:
+    """``64 query rows x 4 warps x 3 stages, pairs in 2 parts, no register cap``. ``cherries_possible``: the head
+    dim takes the cherry layout, whose state steps (whole cherries) the wgmma state kernel decides on at the call
+    (``writes_cherry_rows``); the text then says so beside the pair layout's parts."""
     parts = ", whole pairs" if launch.split == 1 else f", pairs in {launch.split} parts"
+    parts += " (whole cherries with the wgmma state kernel)" if cherries_possible else ""
     cap = "no register cap" if launch.max_registers is None else f"<= {launch.max_registers} registers"
     return f"{launch.rows} query rows x {launch.warps} warps x {launch.stages} stages{parts}, {cap}"
 
