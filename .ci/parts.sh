@@ -19,7 +19,13 @@ part() {
     "$@" > "$parts_dir/$name.log" 2>&1 &
     pid=$!
     set +m
-    (sleep "$limit"; kill -TERM -- "-$pid"; sleep 10; kill -KILL -- "-$pid") 2> /dev/null &
+    # the watchdog: its sleep is ended with it (trap) and holds none of the caller's output (a command piped into
+    # ``tail`` waited for the longest part's limit, not for the parts: 2026-12-03, 540 s for 204 s of parts)
+    (
+        trap 'kill "$nap" 2> /dev/null; exit 0' TERM
+        sleep "$limit" & nap=$!
+        wait "$nap" && { kill -TERM -- "-$pid"; sleep 10; kill -KILL -- "-$pid"; }
+    ) > /dev/null 2>&1 &
     dog=$!
     wait "$pid"
     rc=$?

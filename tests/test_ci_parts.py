@@ -1,0 +1,42 @@
+"""``.ci/parts.sh``'s ``part``: the device calls' runner of one part with a time limit (``.ci/gpu``,
+``benchmarks/gpu_bench.sh``)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+PARTS = Path(__file__).resolve().parents[1] / ".ci" / "parts.sh"
+
+
+def run_parts(tmp_path: Path, body: str) -> tuple[str, float]:
+    """``body`` after sourcing parts.sh, its output read through a pipe as a device call reads it; (summary, wall s)."""
+    script = f'source "{PARTS}"\nparts_dir="{tmp_path}/parts"; summary="{tmp_path}/summary.txt"\n'
+    script += f'mkdir -p "$parts_dir"; : > "$summary"\n{body}\ncat "$summary"\n'
+    start = time.monotonic()
+    done = subprocess.run(
+        ["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60
+    )
+    return done.stdout, time.monotonic() - start
+
+
+def test_a_quick_part_returns_before_its_limit(tmp_path: Path) -> None:
+    """The watchdog holds none of the caller's output: a call whose output is piped ends with its parts, not at the
+    longest limit (before the fix, 540 s for 204 s of parts)."""
+    out, wall = run_parts(tmp_path, "part quick 30 echo hello")
+    assert "quick rc=0" in out
+    assert wall < 10, f"the call took {wall:.1f} s for a part of 0 s (limit 30 s)"
+
+
+def test_a_part_past_its_limit_is_ended(tmp_path: Path) -> None:
+    out, wall = run_parts(tmp_path, "part slow 2 bash -c 'sleep 40; echo never'")
+    assert "slow rc=143" in out, out
+    assert wall < 20, f"the part ran {wall:.1f} s against a limit of 2 s"
+    assert "never" not in (tmp_path / "parts" / "slow.log").read_text()
+
+
+if __name__ == "__main__":
+    pytest.main([__file__])
