@@ -19,12 +19,15 @@ part() {
     "$@" > "$parts_dir/$name.log" 2>&1 &
     pid=$!
     set +m
-    # the watchdog: its sleep is ended with it (trap) and holds none of the caller's output (a command piped into
-    # ``tail`` waited for the longest part's limit, not for the parts: 2026-12-03, 540 s for 204 s of parts)
+    # the watchdog: cancelled before the limit, it ends its sleep (trap); past it, it goes on to the KILL even when
+    # cancelled (a process of the group that ignores TERM outlives the leader). It holds none of the caller's output:
+    # a command piped into ``tail`` waited for the longest part's limit, not for the parts (2026-12-03, 540 s of
+    # wall time for 204 s of parts).
     (
-        trap 'kill "$nap" 2> /dev/null; exit 0' TERM
+        fired=""
+        trap '[[ -n "$fired" ]] || { kill "${nap:-}" 2> /dev/null; exit 0; }' TERM
         sleep "$limit" & nap=$!
-        wait "$nap" && { kill -TERM -- "-$pid"; sleep 10; kill -KILL -- "-$pid"; }
+        wait "$nap" && { fired=1; kill -TERM -- "-$pid"; sleep 10; kill -KILL -- "-$pid"; }
     ) > /dev/null 2>&1 &
     dog=$!
     wait "$pid"

@@ -289,11 +289,11 @@ STATE_EDITS: dict[str, list[Edit]] = {
             "make_uint4(0, 0, 0, 0)",
         )
     ],
-    "state fold: later segments' chunk stores kept in L2 (evict_last; same results)": [
+    "state fold: later segments' chunk stores kept in L2 (evict_last; segment 0's evict_first; same results)": [
         _L2_POLICY_HELPERS,
         _CHUNK_STORES_EVICT_LAST,
     ],
-    "state fold: later segments' chunk stores kept in L2, the fix-up's loads and stores evict_first (same results)": [
+    "state fold: later segments' chunk stores kept in L2 (segment 0's and the fix-up's loads and stores evict_first)": [
         _L2_POLICY_HELPERS,
         _CHUNK_STORES_EVICT_LAST,
         (

@@ -92,7 +92,8 @@ def query_launch_of_call(args: dict[str, Any], operands: tuple[torch.Tensor, ...
     shape class, traced: a compiled model's launch has no register cap), which may differ from the plan's tiles.
     ``kv_len`` is the op's key length (for the key prefix ``k[:, :, :Tq]`` shorter than the operand's)."""
     from .codegen import forward
-    from .codegen.cherries import supports_cherries
+    from .codegen.cuda_state import CudaStateHook
+    from .ops import cuda_state_modelled
 
     def meta(t: torch.Tensor, length: int) -> torch.Tensor:
         return torch.empty([size_hint(t.shape[0]), size_hint(t.shape[1]), length, size_hint(t.shape[3])],
@@ -102,8 +103,11 @@ def query_launch_of_call(args: dict[str, Any], operands: tuple[torch.Tensor, ...
     metas = [meta(q, size_hint(q.shape[2])), meta(k, kv_len), meta(v, kv_len)]
     gated, has_valid = args["log_gate"] is not None, args["valid"] is not None
     spec, _, _ = forward.call_shape_class(*metas, int(args["deg"]), gated, has_valid, bool(args["causal"]), plan, False)
-    cherries_possible = spec.chunked and supports_cherries(spec.head_dim)
-    return forward.describe_query_launch(forward.query_launch(spec, plan, tracing=spec.chunked), cherries_possible)
+    # the cherry layout where the wgmma state kernel would write the states (bf16, d = 64, e a multiple of 64, sm_90a):
+    # whether it does is the state kernel's choice at the call (``codegen="auto"`` measures)
+    device = q.device
+    cherries = cuda_state_modelled(q, args.get("impl", "auto")) and CudaStateHook.cherry_rows(spec, device)
+    return forward.describe_query_launch(forward.query_launch(spec, plan, tracing=spec.chunked), cherries)
 
 
 def attach_plans(gm: fx.GraphModule, records: list[SiteRecord]) -> None:

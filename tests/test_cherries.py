@@ -76,15 +76,17 @@ def test_the_spec_sizes_the_states_by_layout() -> None:
 
 
 class TorchCherryStates:
-    """The wgmma state kernel's contract in the cherry layout, in float64 torch (a ``triton_forward`` state hook), but
-    for M, which it keeps whole and symmetric (the same quadratic form: the GPU test compares the kernel's M + M^T):
-    per state head the local state before each chunk of its segment (S_LOC, M_LOC: zero at the segment's start) and
-    each segment's total in slot seg + 1 (S_SEG, M_SEG); S_c = sum_j exp(G_b - G_j) phi(k_j) v_j^T over the
-    segment's keys before chunk c (b the key before it), M likewise with k_j k_j^T (the query reads its quadratic
-    form).
+    """A state hook's contract in the cherry layout, in float64 torch (a ``triton_forward`` state hook), but for M,
+    which it keeps whole and symmetric (the same quadratic form: the GPU test compares the kernel's M + M^T).
 
-    ``folded``: the states as the wgmma kernel's fold leaves them (``folds_segments``): no segment starts from zero,
-    so LOC holds the true state before every chunk and no scan follows.
+    Unfolded (the wgmma kernel without ``wgmma_fold``; a scan follows): per state head the local state before each
+    chunk of its segment (S_LOC, M_LOC: zero at the segment's start) and each segment's total in slot seg + 1 (S_SEG,
+    M_SEG); S_c = sum_j exp(G_b - G_j) phi(k_j) v_j^T over the segment's keys before chunk c (b the key before it), M
+    likewise with k_j k_j^T (the query reads its quadratic form).
+
+    ``folded`` (the wgmma kernel's default, ``folds_segments``; no scan follows): no segment starts from zero, so LOC
+    holds the true state before every chunk and slot seg + 1 the state after segment seg (slot n_seg: after every
+    key, what a non-causal query reads).
     """
 
     def __init__(self, folded: bool = False) -> None:
@@ -144,10 +146,11 @@ CASES = {
     "gated-valid-gqa": (2, 4, 2, 100, 100, 2, True, True, 32, 2, False),
     "prefill-gated": (1, 2, 2, 40, 130, 2, False, True, 32, 3, False),
     "noncausal-valid": (1, 2, 1, 50, 90, 0, True, False, 32, 2, False),
-    # folded (the wgmma kernel's contract): the query reads the states as the hook leaves them, no scan between
+    # folded: the query reads the states as the hook leaves them, no scan between
     "folded-valid-gqa": (2, 4, 2, 100, 100, 0, True, True, 32, 2, True),
     "folded-prefill": (1, 2, 2, 40, 130, 0, False, True, 32, 3, True),
     "folded-gated": (1, 2, 1, 150, 150, 2, False, True, 32, 3, True),
+    "folded-noncausal-valid": (1, 2, 1, 50, 90, 0, True, False, 32, 2, True),
 }
 
 

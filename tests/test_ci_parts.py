@@ -13,8 +13,9 @@ PARTS = Path(__file__).resolve().parents[1] / ".ci" / "parts.sh"
 
 
 def run_parts(tmp_path: Path, body: str) -> tuple[str, float]:
-    """``body`` after sourcing parts.sh, its output read through a pipe as a device call reads it; (summary, wall s)."""
-    script = f'source "{PARTS}"\nparts_dir="{tmp_path}/parts"; summary="{tmp_path}/summary.txt"\n'
+    """``body`` after sourcing parts.sh (under ``set -uo pipefail``, as the callers run), its output read through a
+    pipe as a device call reads it; (summary, wall s)."""
+    script = f'set -uo pipefail\nsource "{PARTS}"\nparts_dir="{tmp_path}/parts"; summary="{tmp_path}/summary.txt"\n'
     script += f'mkdir -p "$parts_dir"; : > "$summary"\n{body}\ncat "$summary"\n'
     start = time.monotonic()
     done = subprocess.run(
@@ -23,12 +24,26 @@ def run_parts(tmp_path: Path, body: str) -> tuple[str, float]:
     return done.stdout, time.monotonic() - start
 
 
+def processes_running(argv: list[str]) -> list[int]:
+    """The pids whose command line is exactly ``argv`` (from /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if cmdline.read_bytes().split(b"\0")[:-1] == [a.encode() for a in argv]:
+                found.append(int(cmdline.parent.name))
+        except OSError:  # the process ended meanwhile
+            continue
+    return found
+
+
 def test_a_quick_part_returns_before_its_limit(tmp_path: Path) -> None:
     """The watchdog holds none of the caller's output: a call whose output is piped ends with its parts, not at the
     longest limit (before the fix, 540 s for 204 s of parts)."""
-    out, wall = run_parts(tmp_path, "part quick 30 echo hello")
+    out, wall = run_parts(tmp_path, "part quick 31 echo hello")
     assert "quick rc=0" in out
-    assert wall < 10, f"the call took {wall:.1f} s for a part of 0 s (limit 30 s)"
+    assert wall < 10, f"the call took {wall:.1f} s for a part of 0 s (limit 31 s)"
+    time.sleep(0.5)  # the cancelled watchdog's trap ends its sleep
+    assert not processes_running(["sleep", "31"]), "the watchdog's sleep outlived the part"
 
 
 def test_a_part_past_its_limit_is_ended(tmp_path: Path) -> None:

@@ -163,10 +163,33 @@ def test_nested_collectors_are_distinct_reports():
     assert len(outer.sites) == len(inner.sites) == 1 and outer is not inner
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_query_launch_names_cherries_where_the_wgmma_kernel_would_write_them(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an sm_90a GPU with the CUDA state kernel allowed, a bf16 d=64 chunked call's query kernel may step through
+    cherries (the wgmma kernel's layout); float16 and float32 calls, which that kernel does not serve, never do."""
+    pytest.importorskip("triton")
+    from retention_compile import annotate, hardware, ops, planning
+    from retention_compile.codegen import nvrtc
+
+    monkeypatch.setattr(ops, "cuda_state_modelled", lambda q, impl: impl != "triton")
+    monkeypatch.setattr(nvrtc, "tensor_arch", lambda device: "sm_90a")
+    T = 65536
+    operands = tuple(torch.empty(1, 8, T, 64, dtype=dtype, device="meta") for _ in range(3))
+    plan = planning.plan(hardware.KNOWN["H200"], T=T, d=64, e=64, deg=2, dtype=torch.bfloat16, gated=False,
+                         batch_heads=8)  # fmt: skip
+    args = {"log_gate": None, "valid": None, "deg": 2, "causal": True}
+    launch = annotate.query_launch_of_call(args, operands, T, plan)
+    cherries = "(cherries with the wgmma state kernel where no backward follows)" in launch
+    assert cherries == (dtype == torch.bfloat16)
+    assert "cherries" not in annotate.query_launch_of_call({**args, "impl": "triton"}, operands, T, plan)
+
+
 def test_report_names_the_query_kernels_launch_on_a_gpu():
     """On a GPU the plan record says how the compiled graph launches the query kernel: at T=65536 (bf16, d=64) the
-    traced narrow launch (64 rows, pairs in halves or whole cherries, no register cap) where the plan's tiles say 128
-    rows; on the single-chunk path the plan's own tiles."""
+    traced narrow launch (64 rows, pairs in halves, no register cap) where the plan's tiles say 128 rows; on the
+    single-chunk path the plan's own tiles."""
     pytest.importorskip("triton")
     from retention_compile import hardware, planning
     from retention_compile.annotate import query_launch_of_call
@@ -179,8 +202,7 @@ def test_report_names_the_query_kernels_launch_on_a_gpu():
                              batch_heads=8)  # fmt: skip
         launch = query_launch_of_call(args, operands, T, plan)
         if plan.chunk_size < T:
-            steps = "pairs in 2 parts (whole cherries with the wgmma state kernel)"
-            traced = f"64 query rows x 4 warps x 3 stages, {steps}, no register cap"
+            traced = "64 query rows x 4 warps x 3 stages, pairs in 2 parts, no register cap"
             assert plan.block_t == 128 and launch == traced
         else:  # the quadratic kernel: the plan's rows, warps and stages
             assert launch.startswith(f"{plan.block_t} query rows x {plan.num_warps} warps x {plan.num_stages} stages")

@@ -395,11 +395,12 @@ def call_shape_class(
 
 
 def describe_query_launch(launch: QueryLaunch, cherries_possible: bool = False) -> str:
-    """``64 query rows x 4 warps x 3 stages, pairs in 2 parts, no register cap``. ``cherries_possible``: the head
-    dim takes the cherry layout, whose state steps (whole cherries) the wgmma state kernel decides on at the call
-    (``writes_cherry_rows``); the text then says so beside the pair layout's parts."""
+    """``64 query rows x 4 warps x 3 stages, pairs in 2 parts, no register cap``. ``cherries_possible``: the wgmma
+    state kernel can write the call's states in the cherry layout (``writes_cherry_rows``: calls that keep no states
+    for a backward), whose state steps are cherries; whether it serves the call is decided there, so the text names
+    both."""
     parts = ", whole pairs" if launch.split == 1 else f", pairs in {launch.split} parts"
-    parts += " (whole cherries with the wgmma state kernel)" if cherries_possible else ""
+    parts += " (cherries with the wgmma state kernel where no backward follows)" if cherries_possible else ""
     cap = "no register cap" if launch.max_registers is None else f"<= {launch.max_registers} registers"
     return f"{launch.rows} query rows x {launch.warps} warps x {launch.stages} stages{parts}, {cap}"
 
