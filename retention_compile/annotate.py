@@ -105,8 +105,7 @@ def query_launch_of_call(args: dict[str, Any], operands: tuple[torch.Tensor, ...
     spec, _, _ = forward.call_shape_class(*metas, int(args["deg"]), gated, has_valid, bool(args["causal"]), plan, False)
     # the cherry layout where the wgmma state kernel would write the states (bf16, d = 64, e a multiple of 64, sm_90a):
     # whether it does is the state kernel's choice at the call (``codegen="auto"`` measures)
-    device = q.device
-    cherries = cuda_state_modelled(q, args.get("impl", "auto")) and CudaStateHook.cherry_rows(spec, device)
+    cherries = cuda_state_modelled(q, args.get("impl", "auto")) and CudaStateHook.cherry_rows(spec, q.device)
     return forward.describe_query_launch(forward.query_launch(spec, plan, tracing=spec.chunked), cherries)
 
 
