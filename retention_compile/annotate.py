@@ -83,17 +83,19 @@ def plan_call(args: dict[str, Any]) -> dict[str, Any]:
     device = spec.name if spec is not None else "CPU"
     record = {"device": device, "T": T, "batch_heads": batch * kv_heads, **dataclasses.asdict(plan)}
     if spec is not None:
-        record["query_launch"] = query_launch_of_call(args, (q, k, v), T, plan)
+        record["query_launch"] = query_launch_of_call(args, (q, k, v), T, plan, problem["cuda_state"])
     return record
 
 
-def query_launch_of_call(args: dict[str, Any], operands: tuple[torch.Tensor, ...], kv_len: int, plan) -> str:
+def query_launch_of_call(
+    args: dict[str, Any], operands: tuple[torch.Tensor, ...], kv_len: int, plan, cuda_state: bool
+) -> str:
     """How the compiled graph launches the op's query kernel on the GPU (``forward.query_launch`` of the call's
     shape class, traced: a compiled model's launch has no register cap), which may differ from the plan's tiles.
-    ``kv_len`` is the op's key length (for the key prefix ``k[:, :, :Tq]`` shorter than the operand's)."""
+    ``kv_len`` is the op's key length (for the key prefix ``k[:, :, :Tq]`` shorter than the operand's);
+    ``cuda_state``: the plan models the CUDA state kernel (``ops.cuda_state_modelled``, as the plan was made)."""
     from .codegen import forward
     from .codegen.cuda_state import CudaStateHook
-    from .ops import cuda_state_modelled
 
     def meta(t: torch.Tensor, length: int) -> torch.Tensor:
         return torch.empty([size_hint(t.shape[0]), size_hint(t.shape[1]), length, size_hint(t.shape[3])],
@@ -105,7 +107,7 @@ def query_launch_of_call(args: dict[str, Any], operands: tuple[torch.Tensor, ...
     spec, _, _ = forward.call_shape_class(*metas, int(args["deg"]), gated, has_valid, bool(args["causal"]), plan, False)
     # the cherry layout where the wgmma state kernel would write the states (bf16, d = 64, e a multiple of 64, sm_90a):
     # whether it does is the state kernel's choice at the call (``codegen="auto"`` measures)
-    cherries = cuda_state_modelled(q, args.get("impl", "auto")) and CudaStateHook.cherry_rows(spec, q.device)
+    cherries = cuda_state and CudaStateHook.cherry_rows(spec, q.device)
     return forward.describe_query_launch(forward.query_launch(spec, plan, tracing=spec.chunked), cherries)
 
 

@@ -170,20 +170,19 @@ def test_query_launch_names_cherries_where_the_wgmma_kernel_would_write_them(
     """On an sm_90a GPU with the CUDA state kernel allowed, a bf16 d=64 chunked call's query kernel may step through
     cherries (the wgmma kernel's layout); float16 and float32 calls, which that kernel does not serve, never do."""
     pytest.importorskip("triton")
-    from retention_compile import annotate, hardware, ops, planning
+    from retention_compile import annotate, hardware, planning
     from retention_compile.codegen import nvrtc
 
-    monkeypatch.setattr(ops, "cuda_state_modelled", lambda q, impl: impl != "triton")
     monkeypatch.setattr(nvrtc, "tensor_arch", lambda device: "sm_90a")
     T = 65536
     operands = tuple(torch.empty(1, 8, T, 64, dtype=dtype, device="meta") for _ in range(3))
     plan = planning.plan(hardware.KNOWN["H200"], T=T, d=64, e=64, deg=2, dtype=torch.bfloat16, gated=False,
                          batch_heads=8)  # fmt: skip
     args = {"log_gate": None, "valid": None, "deg": 2, "causal": True}
-    launch = annotate.query_launch_of_call(args, operands, T, plan)
+    launch = annotate.query_launch_of_call(args, operands, T, plan, cuda_state=True)
     cherries = "(cherries with the wgmma state kernel where no backward follows)" in launch
     assert cherries == (dtype == torch.bfloat16)
-    assert "cherries" not in annotate.query_launch_of_call({**args, "impl": "triton"}, operands, T, plan)
+    assert "cherries" not in annotate.query_launch_of_call(args, operands, T, plan, cuda_state=False)
 
 
 def test_report_names_the_query_kernels_launch_on_a_gpu():
@@ -200,7 +199,7 @@ def test_report_names_the_query_kernels_launch_on_a_gpu():
         operands = tuple(torch.empty(1, 8, T, 64, dtype=torch.bfloat16, device="meta") for _ in range(3))
         plan = planning.plan(hardware.KNOWN["H200"], T=T, d=64, e=64, deg=2, dtype=torch.bfloat16, gated=False,
                              batch_heads=8)  # fmt: skip
-        launch = query_launch_of_call(args, operands, T, plan)
+        launch = query_launch_of_call(args, operands, T, plan, cuda_state=False)
         if plan.chunk_size < T:
             traced = "64 query rows x 4 warps x 3 stages, pairs in 2 parts, no register cap"
             assert plan.block_t == 128 and launch == traced
@@ -214,4 +213,4 @@ def test_report_names_the_query_kernels_launch_on_a_gpu():
         assert record.plan_summary().endswith(f"; query kernel: {launch}")
     # the key prefix k[:, :, :Tq]: the operand holds 65536 keys, the op reads the 2048 it was planned for
     longer = tuple(torch.empty(1, 8, 65536, 64, dtype=torch.bfloat16, device="meta") for _ in range(3))
-    assert query_launch_of_call(args, longer, 2048, plan) == launch
+    assert query_launch_of_call(args, longer, 2048, plan, cuda_state=False) == launch
