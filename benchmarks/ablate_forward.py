@@ -137,6 +137,31 @@ NINE_OF_TEN_STATE_PROGRAMS: Edit = (
     r"(const int p = (?:blockIdx\.y|program_y) / NEB, eb = (?:blockIdx\.y|program_y) % NEB;)",
     r"\1\n  if (p == DT / FB - 1) return;  // ablation: the last pair's programs exit at once",
 )
+# The fold's fix-up moved into the query kernel, as a bound: the state kernel leaves its chunk states local (no fix-up)
+# and each query step adds a second state tile, bf16, at the row block's segment start, scaled (0.5 standing for the
+# chunk's decay), before its product; M likewise. The second tile is read from the segment's first chunk slot (chunks
+# of 6, the plan's 11 segments at T=65536), which no kernel writes here: the values are wrong, the traffic is the
+# design's (one P_{s-1} per segment, read by every row block of its chunks from L2).
+_SEGMENT_SLOT = "(slot // 6) * 6"
+SEGMENT_START_TILE: list[Edit] = [
+    (
+        r"(\n( +)s_ptr = S_ST \+ \(bs \* state_slots \+ slot\) \* (\d+))",
+        rf"\1\n\2p_ptr = S_ST + (bs * state_slots + {_SEGMENT_SLOT}) * \3",
+    ),
+    (
+        r"(\n( +)m_ptr = M_ST \+ \(bs \* state_slots \+ slot\) \* (\d+))",
+        rf"\1\n\2pm_ptr = M_ST + (bs * state_slots + {_SEGMENT_SLOT}) * \3",
+    ),
+    (
+        r"st = tl\.load\(s_ptr \+ (f\[:, None\] \* \d+ \+ cols_e\[None, :\])\)",
+        r"st = (tl.load(s_ptr + \1).to(tl.float32) + 0.5 * tl.load(p_ptr + \1).to(tl.float32)).to(tl.bfloat16)",
+    ),
+    (
+        r"mm = tl\.load\(m_ptr \+ (dims\[:, None\] \* \d+ \+ dims\[None, :\])\)",
+        r"mm = tl.load(m_ptr + \1) + 0.5 * tl.load(pm_ptr + \1)",
+    ),
+]
+NO_FOLD_FIX_UP: Edit = (r"if \(!CAUSAL \|\| seg == 0\) return;", "return;")
 NO_UNMASKED_BLOCKS: Edit = (r"for blk in range\(n_full\):", "for blk in range(0):")
 NO_MASKED_BLOCKS: Edit = (r"for start in range\(lo \+ n_full \* \d+, hi, \d+\):", "for start in range(0):")
 
@@ -223,6 +248,7 @@ QUERY_EDITS: dict[str, list[Edit]] = {
         (r"    den = tl\.sum\(qm \* q\.to\(tl\.float32\), 1\)", "    den = tl.zeros((q.shape[0],), dtype=tl.float32)")
     ],
     # the product with a column of ones (forward.DENOMINATOR_BY_DOT, the default) or the float32 row sum
+    "query: a second state tile per step at the segment start (the fix-up kept)": SEGMENT_START_TILE,
     "query: no denominator sums (intra-chunk)": [
         (r"den_part = tl\.dot\(w, unit_col, den_part\)|den \+= tl\.sum\(w\.to\(tl\.float32\), 1\)", "pass")
     ],
@@ -272,7 +298,7 @@ STATE_EDITS: dict[str, list[Edit]] = {
     "state fold: no wait for the segment before": [
         (r"while \(ld_acquire\(flags \+ seg - 1\) == 0\) __nanosleep\(100\);", "")
     ],
-    "state fold: no chunk fix-up": [(r"if \(!CAUSAL \|\| seg == 0\) return;", "return;")],
+    "state fold: no chunk fix-up": [NO_FOLD_FIX_UP],
     "state fold: no wait and no fix-up": [
         (r"while \(ld_acquire\(flags \+ seg - 1\) == 0\) __nanosleep\(100\);", ""),
         (r"if \(!CAUSAL \|\| seg == 0\) return;", "return;"),
@@ -319,6 +345,10 @@ FORWARD_EDITS: dict[str, tuple[list[Edit], list[Edit]]] = {
     "both: 18 query steps and 9 state programs (the counts with 8-coordinate groups)": (
         [NINE_TENTHS_OF_STATE_STEPS],
         [NINE_OF_TEN_STATE_PROGRAMS],
+    ),
+    "both: the fold's fix-up moved into the query (a second state tile per step at the segment start)": (
+        SEGMENT_START_TILE,
+        [NO_FOLD_FIX_UP],
     ),
 }
 
