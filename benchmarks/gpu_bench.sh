@@ -3,7 +3,7 @@
 #
 #   benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms] [chunk_state] [forward_profile] [state_ncu]
 #       [plan] [host] [gate_rows] [ablate]
-#       (default: the first three; limits 4, 7, 9.3, 5, 5, 4, 2.5, 3, 3 and 4 minutes: give the long ones their own device call;
+#       (default: the first three; limits 9, 7, 9.3, 5, 5, 4, 2.5, 3, 3 and 4 minutes: give the long ones their own device call;
 #       state_terms: the backward's CUDA state-term kernels against Triton, bench_cuda_backward.py; chunk_state: the
 #       forward's CUDA state kernel against Triton, its launch shapes and segment counts, bench_cuda_state.py;
 #       forward_profile: the query kernel by row-block size, then one forward under ncu (OUT_DIR/ncu_forward.csv),
@@ -20,7 +20,8 @@
 # killed pytest gave SDPA fwd+bwd 0.40-0.45 ms at T=2048 against the anchor's 0.125). JSON and plots go to OUT_DIR
 # (copy them to benchmarks/results/ with the notes); OUT_DIR/summary.txt has one line per benchmark,
 # OUT_DIR/logs.txt every log and OUT_DIR/clocks.csv the SM clock and power over the run. Manifest's and fla's wheels
-# are used when importable (../shared/tools/gpu-wheels.sh prints how to install them; put their directory on
+# are used when importable (the forward then takes about 8 minutes, most of it their tuning at three lengths;
+# without them about 1.5) (../shared/tools/gpu-wheels.sh prints how to install them; put their directory on
 # PYTHONPATH before calling this). COMMIT=SHA names the code in
 # the JSON where the device's git metadata is stale (each benchmark's --commit).
 set -uo pipefail
@@ -61,7 +62,7 @@ fi
 for bench in "${which[@]}"; do
     gpu_alone
     case "$bench" in
-        forward) part forward 240 python3 benchmarks/bench_forward.py --T 2048 8192 16384 65529 65536 \
+        forward) part forward 540 python3 benchmarks/bench_forward.py --T 2048 8192 16384 65529 65536 \
             --competitors 2048 8192 65536 --tune 0 --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         backward) part backward 420 python3 benchmarks/bench_backward.py --T 65536 2048 8192 --competitors 65536 --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         state_terms) part state_terms 300 python3 benchmarks/bench_cuda_backward.py --stages dkv_state dq_state \
