@@ -20,10 +20,10 @@
 # killed pytest gave SDPA fwd+bwd 0.40-0.45 ms at T=2048 against the anchor's 0.125). JSON and plots go to OUT_DIR
 # (copy them to benchmarks/results/ with the notes); OUT_DIR/summary.txt has one line per benchmark,
 # OUT_DIR/logs.txt every log and OUT_DIR/clocks.csv the SM clock and power over the run. Manifest's and fla's wheels
-# are used when importable (the forward then takes about 8 minutes, most of it their tuning at three lengths;
-# without them about 1.5) (../shared/tools/gpu-wheels.sh prints how to install them; put their directory on
-# PYTHONPATH before calling this). COMMIT=SHA names the code in
-# the JSON where the device's git metadata is stale (each benchmark's --commit).
+# are used when importable (../shared/tools/gpu-wheels.sh prints how to install them; put their directory on
+# PYTHONPATH before calling this). With them the forward takes longer: on a fresh machine its ungated half alone
+# passed 4 minutes (their first tuning), on a machine that had run them once 2 minutes in all; without them 1-1.5.
+# COMMIT=SHA names the code in the JSON where the device's git metadata is stale (each benchmark's --commit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
