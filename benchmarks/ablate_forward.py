@@ -210,7 +210,7 @@ QUERY_EDITS: dict[str, list[Edit]] = {
     "query: q blocks loaded once, picked per step by selects (same results)": Q_BY_SELECTS,
     "query: state product over half of its steps": [(NO_STATE_STEPS[0], "for step in range(\\1 // 2):")],
     "query: no state product": [NO_STATE_STEPS],
-    "query: 18 of the 20 state steps (the count with 8-coordinate groups)": [NINE_TENTHS_OF_STATE_STEPS],
+    "query: nine tenths of the state steps (18 of 20 in pairs, 16 of 18 in cherries)": [NINE_TENTHS_OF_STATE_STEPS],
     "query: no key loops (no intra-chunk attention)": [NO_UNMASKED_BLOCKS, NO_MASKED_BLOCKS],
     # what the kernel costs besides its three loops: q's load, the M term, the row scaling and the stores
     "query: no state product and no key loops (the rest)": [NO_STATE_STEPS, NO_UNMASKED_BLOCKS, NO_MASKED_BLOCKS],
@@ -342,7 +342,7 @@ STATE_EDITS: dict[str, list[Edit]] = {
 
 # Variants that edit both kernels: (query edits, state edits)
 FORWARD_EDITS: dict[str, tuple[list[Edit], list[Edit]]] = {
-    "both: 18 query steps and 9 state programs (the counts with 8-coordinate groups)": (
+    "both: nine tenths of the query steps, the last state program per head and segment exits (9 of 10 or 8 of 9)": (
         [NINE_TENTHS_OF_STATE_STEPS],
         [NINE_OF_TEN_STATE_PROGRAMS],
     ),
