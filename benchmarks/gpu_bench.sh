@@ -2,7 +2,7 @@
 # The GPU benchmarks, one after another in one call of the lent GPU, each alone on the device:
 #
 #   benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms] [chunk_state] [forward_profile] [state_ncu]
-#       [plan] [host] [gate_rows] [ablate]
+#       [plan] [host] [gate_rows] [ablate] [timeline]
 #       (default: the first three; limits 9, 7, 9.3, 5, 5, 4, 2.5, 3, 3 and 4 minutes: give the long ones their own device call;
 #       state_terms: the backward's CUDA state-term kernels against Triton, bench_cuda_backward.py; chunk_state: the
 #       forward's CUDA state kernel against Triton, its launch shapes and segment counts, bench_cuda_state.py;
@@ -12,7 +12,8 @@
 #       the alternatives it weighed, bench_plan.py; host: the eager calls' host time, bench_host.py --device cuda;
 #       gate_rows: gated fwd+bwd at T=65536 with the backward's gate factorings as the package has them, all off,
 #       and dq_kernel's on, bench_backward.py --gate-variants; ablate: the forward's kernels at T=65536 with one piece of
-#       work removed per variant, ablate_forward.py)
+#       work removed per variant, ablate_forward.py; timeline: the forward's kernels one by one as do_bench runs them, and
+#       the medians with and without its L2 flush, forward_timeline.py, 2 minutes)
 #
 # Each benchmark runs in its own process group with a time limit (nothing it starts outlives it) and only once
 # no other process holds the GPU (polled with nvidia-smi for up to 60 s; the wait and the processes seen are
@@ -27,7 +28,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-out="${1:?usage: benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms] [chunk_state] [forward_profile] [state_ncu] [plan] [host] [gate_rows] [ablate]}"
+out="${1:?usage: benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms] [chunk_state] [forward_profile] [state_ncu] [plan] [host] [gate_rows] [ablate] [timeline]}"
 shift
 which=("${@:-forward backward compile}")
 read -r -a which <<< "${which[*]}"
@@ -85,6 +86,7 @@ for bench in "${which[@]}"; do
             part gate_rows 240 python3 benchmarks/bench_backward.py --T 65536 --competitors --compiled \
                 --gate-variants --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         ablate) part ablate 240 python3 benchmarks/ablate_forward.py --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
+        timeline) part timeline 120 python3 benchmarks/forward_timeline.py --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         plan) part plan 180 python3 benchmarks/bench_plan.py --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         host) part host 180 python3 benchmarks/bench_host.py --device cuda --T 2048 8192 --calls 200 --repeats 5 \
             --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;

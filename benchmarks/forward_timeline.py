@@ -1,0 +1,167 @@
+"""Where the forward's ``do_bench`` median goes: its kernels one by one, as ``do_bench`` runs them.
+
+Shape: b=1, h=8, d=e=64, deg 2, bf16, causal, T=65536 (``--T``), ungated and gated, the planner's plan and the state
+kernel ``codegen="auto"`` picks (``bench_forward.ours``). Per gating:
+
+    do_bench          three medians, as ``bench_forward`` times a row (``do_bench`` clears the L2 cache before each
+                      call by writing a 256 MB buffer)
+    events            medians of CUDA-event timings of 40 calls, with that L2 flush before each call and without it:
+                      whether the flush moves the median
+    calls             a profiler trace of ``--calls`` flushed calls: per call, each kernel's start after the flush
+                      ends and its duration (us), and the span from the flush's end to the last kernel's end
+
+So the median splits into the kernels' own time, the gaps between them and what runs besides them (buffer fills,
+the gate's cumsum). Writes ``forward_timeline_<gpu>_<date>.json`` (the commit inside) and a ``.png`` of the traced
+calls under ``--out`` (default ``benchmarks/results``).
+
+    python benchmarks/forward_timeline.py [--T 65536] [--calls 12] [--out DIR] [--commit SHA]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+FLUSH_BYTES = 256 * 1024 * 1024  # what triton.testing.do_bench writes before each call
+FLUSH_MIN_US = 30.0  # a fill this long is the flush, not one of the forward's own buffer fills (about 1 us)
+
+
+def is_flush(event: dict) -> bool:
+    """Whether a trace event is the L2 flush: a fill (or memset) of at least ``FLUSH_MIN_US``."""
+    filling = "fill" in event["name"].lower() or event.get("cat") == "gpu_memset"
+    return filling and event["dur"] >= FLUSH_MIN_US
+
+
+def calls_from_trace(events: list[dict]) -> list[dict]:
+    """The traced calls from the device events of a Chrome trace (``cat`` kernel, gpu_memset or gpu_memcpy): each
+    flush opens a call, whose kernels are the events up to the next flush, as (name, start after the flush's end,
+    duration) in us. Events before the first flush are dropped."""
+    on_device = (e for e in events if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy"))
+    device = sorted(on_device, key=lambda e: e["ts"])
+    calls: list[dict] = []
+    for event in device:
+        if is_flush(event):
+            calls.append({"flush_end": event["ts"] + event["dur"], "kernels": []})
+        elif calls:
+            start = event["ts"] - calls[-1]["flush_end"]
+            calls[-1]["kernels"].append({"name": event["name"], "start_us": start, "dur_us": event["dur"]})
+    for call in calls:
+        last = call["kernels"][-1] if call["kernels"] else None
+        call["span_us"] = last["start_us"] + last["dur_us"] if last else 0.0
+    return calls
+
+
+def event_medians(run: Callable[[], object], flush: bool, calls: int = 40) -> float:
+    """Median ms of ``calls`` CUDA-event timings of ``run``, each after the L2 flush when ``flush``."""
+    import torch
+
+    cache = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    timed = []
+    for _ in range(calls):
+        if flush:
+            cache.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        timed.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in timed)
+
+
+def traced_calls(run: Callable[[], object], calls: int) -> list[dict]:
+    """``calls_from_trace`` of a profiler trace of ``calls`` flushed calls of ``run``."""
+    import torch
+
+    cache = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            cache.zero_()
+            run()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        return calls_from_trace(json.loads(trace.read_text())["traceEvents"])
+
+
+def measure(T: int, gated: bool, calls: int) -> dict:
+    import torch
+    from bench_forward import bench_ms, inputs, ours
+
+    from retention_compile.ops import resolve_plan
+
+    x = inputs(T, gated)
+    run = ours(x, resolve_plan(x["q"], x["k"], x["v"], 2, gated, 0))
+    run()
+    torch.cuda.synchronize()
+    traced = traced_calls(run, calls + 1)[1:]  # the first traced call pays the profiler's start
+    return {
+        "T": T,
+        "gated": gated,
+        "do_bench_ms": [bench_ms(run) for _ in range(3)],
+        "events_flushed_ms": [event_medians(run, True) for _ in range(3)],
+        "events_unflushed_ms": [event_medians(run, False) for _ in range(3)],
+        "span_us": [call["span_us"] for call in traced],
+        "calls": traced,
+    }
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """One panel per gating: the traced calls' kernels as bars from the flush's end."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 1, figsize=(10, 1.5 + 0.35 * max(len(r["calls"]) for r in rows) * len(rows)))
+    colours: dict[str, str] = {}
+    for ax, row in zip(list(axes) if len(rows) > 1 else [axes], rows):
+        for i, call in enumerate(row["calls"]):
+            for kernel in call["kernels"]:
+                short = kernel["name"][:40]
+                colour = colours.setdefault(short, f"C{len(colours) % 10}")
+                ax.barh(i, kernel["dur_us"], left=kernel["start_us"], color=colour, label=short)
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=7, loc="lower right")
+        ax.set_title(f"T={row['T']} {'gated' if row['gated'] else 'ungated'}: do_bench "
+                     f"{min(row['do_bench_ms']):.3f}-{max(row['do_bench_ms']):.3f} ms", fontsize=9)  # fmt: skip
+        ax.set_xlabel("us after the L2 flush")
+        ax.set_ylabel("call")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--T", type=int, default=65536)
+    parser.add_argument("--calls", type=int, default=12)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--commit", default=None)
+    args = parser.parse_args(argv)
+    from bench_forward import result_header
+
+    base, record = result_header("forward_timeline", args.out, args.commit)
+    record["rows"] = []
+    for gated in (False, True):
+        row = measure(args.T, gated, args.calls)
+        record["rows"].append(row)
+        spans = row["span_us"]
+        print(f"T={args.T} gated={gated}: do_bench {row['do_bench_ms']}, events flushed {row['events_flushed_ms']}, "
+              f"unflushed {row['events_unflushed_ms']}; flush end -> last kernel end "
+              f"{min(spans):.1f}-{max(spans):.1f} us", flush=True)  # fmt: skip
+        for kernel in row["calls"][0]["kernels"]:
+            print(f"    {kernel['name'][:60]:60s} start {kernel['start_us']:8.2f} us  {kernel['dur_us']:8.2f} us")
+        base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
+    plot(record["rows"], base.with_suffix(".png"))
+    print(f"wrote {base}.json/.png")
+    return record
+
+
+if __name__ == "__main__":
+    main()
