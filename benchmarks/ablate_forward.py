@@ -161,6 +161,7 @@ SEGMENT_START_TILE: list[Edit] = [
         r"mm = tl.load(m_ptr + \1) + 0.5 * tl.load(pm_ptr + \1)",
     ),
 ]
+NO_FOLD_WAIT: Edit = (r"while \(ld_acquire\(flags \+ seg - 1\) == 0\) __nanosleep\(100\);", "")
 NO_FOLD_FIX_UP: Edit = (r"if \(!CAUSAL \|\| seg == 0\) return;", "return;")
 NO_UNMASKED_BLOCKS: Edit = (r"for blk in range\(n_full\):", "for blk in range(0):")
 NO_MASKED_BLOCKS: Edit = (r"for start in range\(lo \+ n_full \* \d+, hi, \d+\):", "for start in range(0):")
@@ -295,14 +296,9 @@ STATE_EDITS: dict[str, list[Edit]] = {
     "state: K_J loaded by warpgroup 0 only": [K_J_BY_WARPGROUP_0],
     "state: n64 and K_J by warpgroup 0 only": [N64_NO_ONES, K_J_BY_WARPGROUP_0],
     # the segment fold (wgmma_fold): where its time goes; the first two leave the states wrong
-    "state fold: no wait for the segment before": [
-        (r"while \(ld_acquire\(flags \+ seg - 1\) == 0\) __nanosleep\(100\);", "")
-    ],
+    "state fold: no wait for the segment before": [NO_FOLD_WAIT],
     "state fold: no chunk fix-up": [NO_FOLD_FIX_UP],
-    "state fold: no wait and no fix-up": [
-        (r"while \(ld_acquire\(flags \+ seg - 1\) == 0\) __nanosleep\(100\);", ""),
-        (r"if \(!CAUSAL \|\| seg == 0\) return;", "return;"),
-    ],
+    "state fold: no wait and no fix-up": [NO_FOLD_WAIT, NO_FOLD_FIX_UP],
     "state fold: the publish fenced by thread 0 after the barrier, not by every thread (same results)": [
         (
             r"__threadfence\(\);\n    __syncthreads\(\);\n    if \(tid == 0\) st_release\(flags \+ seg, 1u\);",
