@@ -4,7 +4,7 @@ Shape: b=1, h=8, d=e=64, deg 2, bf16, causal, T=65536 (``--T``), ungated and gat
 kernel ``codegen="auto"`` picks (``bench_forward.ours``). Per gating:
 
     do_bench          three medians, as ``bench_forward`` times a row (``do_bench`` clears the L2 cache before each
-                      call by writing a 256 MB buffer)
+                      call by writing a buffer: 256 MB with Triton 3.6; the flushes here are Triton's own)
     events            medians of CUDA-event timings of 40 calls, with that L2 flush before each call and without it:
                       whether the flush moves the median
     calls             a profiler trace of ``--calls`` flushed calls: per call, each kernel's start after the flush
@@ -26,7 +26,6 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-FLUSH_BYTES = 256 * 1024 * 1024  # what triton.testing.do_bench writes before each call
 FLUSH_MIN_US = 30.0  # a fill this long is the flush, not one of the forward's own buffer fills (about 1 us)
 
 
@@ -55,15 +54,23 @@ def calls_from_trace(events: list[dict]) -> list[dict]:
     return calls
 
 
-def event_medians(run: Callable[[], object], flush: bool, calls: int = 40) -> float:
-    """Median ms of ``calls`` CUDA-event timings of ``run``, each after the L2 flush when ``flush``."""
+def l2_flush() -> Callable[[], None]:
+    """The L2 flush ``triton.testing.do_bench`` makes before each call (its driver's benchmark cache, cleared)."""
+    import triton
+
+    driver = triton.runtime.driver.active
+    cache = driver.get_empty_cache_for_benchmark()
+    return lambda: driver.clear_cache(cache)
+
+
+def event_medians(run: Callable[[], object], flush: Callable[[], None] | None, calls: int = 40) -> float:
+    """Median ms of ``calls`` CUDA-event timings of ``run``, each after ``flush()`` where given."""
     import torch
 
-    cache = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
     timed = []
     for _ in range(calls):
-        if flush:
-            cache.zero_()
+        if flush is not None:
+            flush()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         run()
@@ -73,14 +80,13 @@ def event_medians(run: Callable[[], object], flush: bool, calls: int = 40) -> fl
     return statistics.median(start.elapsed_time(end) for start, end in timed)
 
 
-def traced_calls(run: Callable[[], object], calls: int) -> list[dict]:
-    """``calls_from_trace`` of a profiler trace of ``calls`` flushed calls of ``run``."""
+def traced_calls(run: Callable[[], object], flush: Callable[[], None], calls: int) -> list[dict]:
+    """``calls_from_trace`` of a profiler trace of ``calls`` calls of ``run``, each after ``flush()``."""
     import torch
 
-    cache = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
-            cache.zero_()
+            flush()
             run()
         torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,13 +105,14 @@ def measure(T: int, gated: bool, calls: int) -> dict:
     run = ours(x, resolve_plan(x["q"], x["k"], x["v"], 2, gated, 0))
     run()
     torch.cuda.synchronize()
-    traced = traced_calls(run, calls + 1)[1:]  # the first traced call pays the profiler's start
+    flush = l2_flush()
+    traced = traced_calls(run, flush, calls + 1)[1:]  # the first traced call pays the profiler's start
     return {
         "T": T,
         "gated": gated,
         "do_bench_ms": [bench_ms(run) for _ in range(3)],
-        "events_flushed_ms": [event_medians(run, True) for _ in range(3)],
-        "events_unflushed_ms": [event_medians(run, False) for _ in range(3)],
+        "events_flushed_ms": [event_medians(run, flush) for _ in range(3)],
+        "events_unflushed_ms": [event_medians(run, None) for _ in range(3)],
         "span_us": [call["span_us"] for call in traced],
         "calls": traced,
     }
