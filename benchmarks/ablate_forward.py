@@ -258,6 +258,17 @@ STATE_EDITS: dict[str, list[Edit]] = {
     "state: no shuffles of k_{I a} (ptxas then merges half the multiplies)": [
         (r"__shfl_sync\(0xffffffffu, (ki\[[01]\]), source\[m\]\)", r"\1")
     ],
+    # what a K_I staged coordinate-major would run: k_{I a} for both tiles by one 4-matrix ldmatrix (here the x2's two
+    # matrices twice, unknown to the compiler, so no multiply merges), no shuffles; wrong values, ungated only
+    "state: k_{I a} by a 4-matrix ldmatrix, no shuffles (coordinate-major K_I's loop)": [
+        (r"u32 kj\[4\], ki\[2\];", "u32 kj[4], ki[4];"),
+        (r"ldmatrix_x2_trans\(ki, ", "ldmatrix_x4_trans(ki, "),
+        (
+            r"const u32 lo = __shfl_sync\(0xffffffffu, ki\[0\], source\[m\]\), "
+            r"hi = __shfl_sync\(0xffffffffu, ki\[1\], source\[m\]\);",
+            "const u32 lo = ki[2 * m], hi = ki[2 * m + 1];",
+        ),
+    ],
     "state: fragments = K_J (no multiplies; the shuffles and K_I loads go dead too)": [
         (r"mul_bf16x2\((lo|hi), (kj\[\d\])\)", r"\2")
     ],
