@@ -116,8 +116,8 @@ _CHUNK_STORES_EVICT_LAST: Edit = (
 _STATE_PRODUCT = r"wgmma_n72\(acc\[m\], frag\[f\]\[m\], v_desc\);"  # a tile's product of one slice
 N64_NO_ONES: Edit = (_STATE_PRODUCT, "wgmma_n64(*reinterpret_cast<float(*)[32]>(acc[m]), frag[f][m], v_desc);")
 K_J_BY_WARPGROUP_0: Edit = (
-    r"ldmatrix_x4_trans\(kj, (kj_row \+ 2 \* 16 \* s \* KROW)\);\n(\s*)(ldmatrix_x2_trans\(ki, [^;]*;)",
-    r"\3\n\2if (gr == 0) ldmatrix_x4_trans(kj, \1); else { kj[0] = kj[2] = ki[0]; kj[1] = kj[3] = ki[1]; }",
+    r"ldmatrix_x4\(kj, (kj_row \+ 2 \* 16 \* s)\);\n(\s*)(ldmatrix_x4\(ki, [^;]*;)",
+    r"\3\n\2if (gr == 0) ldmatrix_x4(kj, \1); else { kj[0] = kj[2] = ki[0]; kj[1] = kj[3] = ki[1]; }",
 )
 
 NO_STATE_STEPS: Edit = (r"for step in range\((\d+)\):", "for step in range(0):")
@@ -255,21 +255,7 @@ QUERY_EDITS: dict[str, list[Edit]] = {
     ],
 }
 STATE_EDITS: dict[str, list[Edit]] = {
-    "state: no shuffles of k_{I a} (ptxas then merges half the multiplies)": [
-        (r"__shfl_sync\(0xffffffffu, (ki\[[01]\]), source\[m\]\)", r"\1")
-    ],
-    # what a K_I staged coordinate-major would run: k_{I a} for both tiles by one 4-matrix ldmatrix (here the x2's two
-    # matrices twice, unknown to the compiler, so no multiply merges), no shuffles; wrong values, ungated only
-    "state: k_{I a} by a 4-matrix ldmatrix, no shuffles (coordinate-major K_I's loop)": [
-        (r"u32 kj\[4\], ki\[2\];", "u32 kj[4], ki[4];"),
-        (r"ldmatrix_x2_trans\(ki, ", "ldmatrix_x4_trans(ki, "),
-        (
-            r"const u32 lo = __shfl_sync\(0xffffffffu, ki\[0\], source\[m\]\), "
-            r"hi = __shfl_sync\(0xffffffffu, ki\[1\], source\[m\]\);",
-            "const u32 lo = ki[2 * m], hi = ki[2 * m + 1];",
-        ),
-    ],
-    "state: fragments = K_J (no multiplies; the shuffles and K_I loads go dead too)": [
+    "state: fragments = K_J (no multiplies; the K_I loads go dead too)": [
         (r"mul_bf16x2\((lo|hi), (kj\[\d\])\)", r"\2")
     ],
     "state: no stores at chunk boundaries": [
