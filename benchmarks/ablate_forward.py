@@ -116,8 +116,8 @@ _CHUNK_STORES_EVICT_LAST: Edit = (
 _STATE_PRODUCT = r"wgmma_n72\(acc\[m\], frag\[f\]\[m\], v_desc\);"  # a tile's product of one slice
 N64_NO_ONES: Edit = (_STATE_PRODUCT, "wgmma_n64(*reinterpret_cast<float(*)[32]>(acc[m]), frag[f][m], v_desc);")
 K_J_BY_WARPGROUP_0: Edit = (
-    r"ldmatrix_x4\(kj, (kj_row \+ 2 \* 16 \* s)\);\n(\s*)(ldmatrix_x4\(ki, [^;]*;)",
-    r"\3\n\2if (gr == 0) ldmatrix_x4(kj, \1); else { kj[0] = kj[2] = ki[0]; kj[1] = kj[3] = ki[1]; }",
+    r"ldmatrix_x4_trans\(kj, (kj_row \+ 2 \* 16 \* s \* KROW)\);\n(\s*)(ldmatrix_x4\(ki, [^;]*;)",
+    r"\3\n\2if (gr == 0) ldmatrix_x4_trans(kj, \1); else { for (int i = 0; i < 4; ++i) kj[i] = ki[i]; }",
 )
 
 NO_STATE_STEPS: Edit = (r"for step in range\((\d+)\):", "for step in range(0):")

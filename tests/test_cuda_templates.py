@@ -345,21 +345,6 @@ def test_chunk_state_op_fake_shapes() -> None:
         assert s_loc.shape == (12, 4, 2304, 32) and s_seg.shape == (12, 3, 2304, 32)  # the cherry layout's rows
 
 
-def test_keys_by_coordinate_puts_each_valid_key_at_its_position() -> None:
-    """The wgmma state kernel's K^T: key t's coordinates at position t + shift, zero before the first key, after the
-    last and where a key is not valid (even a NaN key), so that the kernel's copies of it need no masks."""
-    k = torch.randn(2, 3, 100, 16).to(torch.bfloat16)
-    valid = torch.rand(2, 100) > 0.3
-    valid[0, 5] = False
-    k[0, :, 5] = float("nan")
-    kt = cuda_state.keys_by_coordinate(k, valid, 28, 4 * 32)
-    expected = torch.zeros(2, 3, 16, 128, dtype=torch.bfloat16)
-    for t in range(100):
-        expected[..., t + 28] = torch.where(valid[:, None, t, None], k[:, :, t], 0)
-    assert kt.dtype == torch.bfloat16 and torch.equal(kt, expected)
-    assert torch.equal(cuda_state.keys_by_coordinate(k[1:], None, 0, 100), k[1:].transpose(-1, -2))
-
-
 def test_reverse_state_op_fake_shapes() -> None:
     """The reverse-state op's fake implementation: R bf16 and P per slot, R and P fp32 per segment (no extra slot)."""
     op = torch.ops.retention_compile.cuda_reverse_states

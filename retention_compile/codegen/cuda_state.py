@@ -111,14 +111,16 @@ def folds_segments(spec: KernelSpec, config: StateKernelConfig, arch: str | None
 
 def wgmma_smem_bytes(spec: KernelSpec) -> int:
     """Dynamic shared memory of one wgmma program (the template's ``Shared`` + 1024 bytes to align it): per stage
-    the value rows and K^T's rows of 4 groups of 8 coordinates (each a step's keys and 16 bytes), a 2 KB block of
-    ones, and then w_j of a chunk and one step past it when gated, 2 KB per warp for the rows it stores (16 KB), and
-    24 bytes per thread for its copy and fragment offsets; the struct is a multiple of its 1024-byte alignment."""
-    stage = -(-(WGMMA_BLOCK_S * WGMMA_BLOCK_E * 2 + 4 * 8 * (WGMMA_BLOCK_S + 8) * 2) // 1024) * 1024  # 1024-aligned
+    the value rows and blocks I, J of the keys (48-byte rows), a 2 KB block of ones, and then w_j of a chunk and
+    one step past it when gated, 2 KB per warp for the rows it stores (16 KB), 32 bytes per thread for its copy
+    and fragment offsets, and per warpgroup its group A of a step's keys coordinate-major (8 rows of the keys and
+    16 bytes); the struct is a multiple of its 1024-byte alignment."""
+    stage = WGMMA_BLOCK_S * (WGMMA_BLOCK_E + 2 * 24) * 2
     outgoing = WGMMA_THREADS // 32 * 16 * 32 * 4
-    lane_tables = WGMMA_THREADS * (16 + 8)
+    lane_tables = WGMMA_THREADS * 2 * 16
     gate_weights = 4 * (spec.chunk_size + WGMMA_BLOCK_S) if spec.gated else 0
-    shared = WGMMA_STAGES * stage + 2048 + outgoing + lane_tables + gate_weights
+    coordinate_major = 2 * 8 * (WGMMA_BLOCK_S + 8) * 2
+    shared = WGMMA_STAGES * stage + 2048 + outgoing + lane_tables + coordinate_major + gate_weights
     return -(-shared // 1024) * 1024 + 1024
 
 
@@ -227,7 +229,6 @@ class _Launch:
     threads: int
     smem: int
     folds_segments: bool  # the wgmma kernel: segments folded in (no scan after it), a zeroed SYNC buffer argument
-    by_coordinate: bool  # the wgmma kernel: reads K^T (``keys_by_coordinate``) instead of K
 
 
 @functools.lru_cache(maxsize=64)
@@ -240,8 +241,7 @@ def _launch_info(spec: KernelSpec, config: StateKernelConfig, device_index: int)
         smem, threads = smem_bytes(spec.value_dim, config), 32 * config.warps
         value_blocks = spec.value_dim // block_e(spec.value_dim)
     kernel = load_with_shared_memory(render_state_source(spec, config, arch), KERNEL_NAME, smem, device_index)
-    wgmma = uses_wgmma(spec, config, arch)
-    return _Launch(kernel, programs * value_blocks, threads, smem, folds_segments(spec, config, arch), wgmma)
+    return _Launch(kernel, programs * value_blocks, threads, smem, folds_segments(spec, config, arch))
 
 
 @functools.lru_cache(maxsize=64)
@@ -340,8 +340,6 @@ def cuda_chunk_states_op(
     state_heads, n_chunks, n_seg = sizes[2], sizes[5], sizes[7]
     outputs = _allocate(spec, k, state_heads, n_chunks, n_seg)
     k, v = dense_rows(k), dense_rows(v)
-    if info.by_coordinate:
-        k = keys_by_coordinate(k, valid, sizes[4], n_chunks * chunk_size)
     gate = None if g is None else g.contiguous()
     valid_bytes = None if valid is None else valid.contiguous().view(torch.uint8)
     grid = _grid(info, k.shape[0], state_heads, n_seg)
@@ -351,19 +349,6 @@ def cuda_chunk_states_op(
     with torch.cuda.device(k.device):
         info.kernel.launch(grid, (info.threads, 1, 1), arguments, shared_mem=info.smem)
     return outputs
-
-
-def keys_by_coordinate(k: torch.Tensor, valid: torch.Tensor | None, shift: int, positions: int) -> torch.Tensor:
-    """K^T as the wgmma state kernel reads it: (B, Hk, d, ``positions``), position j holding key j - shift where that
-    key is in [0, Tk) and valid (``valid`` (B, Tk), nonzero: valid), zero elsewhere. Chunk c starts at position
-    c * C, so a step's 8-key pieces of one coordinate are aligned 16-byte copies that need no mask, and the kernel
-    gets k_{I a} for its key pairs from one ldmatrix whose rows all point at coordinate a (no shuffles)."""
-    batch, heads, keys, d = k.shape
-    kt = k.new_zeros((batch, heads, d, positions))
-    if valid is not None:
-        k = torch.where((valid != 0)[:, None, :, None], k, torch.zeros((), dtype=k.dtype, device=k.device))
-    kt[..., shift : shift + keys] = k.transpose(-1, -2)
-    return kt
 
 
 def _sync_words(grid: tuple[int, int, int]) -> int:
@@ -518,29 +503,13 @@ def _kept_launch(spec: KernelSpec, k, v, g, valid, sizes: Sequence[int]) -> Cuda
     present = {"G": gated, "VALID": has_valid, "S_LOC": spec.causal, "M_LOC": spec.causal}
     tensors = tuple((i, name) for i, name in KEPT_TENSORS if present.get(name, True))
     grid = _grid(info, k.shape[0], sizes[2], sizes[7])
-    positions = sizes[5] * spec.chunk_size
-    keys = k.new_empty((*k.shape[:2], k.shape[3], positions), device="meta") if info.by_coordinate else k
-    arguments = _kernel_arguments(keys, v, g, valid, (None,) * 4, sizes, spec.causal)
+    arguments = _kernel_arguments(k, v, g, valid, (None,) * 4, sizes, spec.causal)
     zeroed = ((SYNC_POSITION, _sync_words(grid)),) if info.folds_segments else ()
     if zeroed:
         arguments = _with_sync(arguments, None)
     pointers = len(KEPT_TENSORS) + len(zeroed)
     fixed = tuple(None if i < pointers else argument for i, argument in enumerate(arguments))
-    launch = CudaLaunch.of(info.kernel, grid, (info.threads, 1, 1), info.smem, device, fixed, tensors, zeroed)
-    return _KeysByCoordinateLaunch(launch, sizes[4], positions) if info.by_coordinate else launch
-
-
-@dataclass(frozen=True)
-class _KeysByCoordinateLaunch:
-    """A kept launch of the wgmma kernel: the call's K^T (``keys_by_coordinate``) made first, then the kernel on it."""
-
-    launch: CudaLaunch
-    shift: int
-    positions: int
-
-    def __call__(self, tensors: dict[str, torch.Tensor]) -> None:
-        keys = keys_by_coordinate(tensors["K"], tensors.get("VALID"), self.shift, self.positions)
-        self.launch({**tensors, "K": keys})
+    return CudaLaunch.of(info.kernel, grid, (info.threads, 1, 1), info.smem, device, fixed, tensors, zeroed)
 
 
 @dataclass(frozen=True)
