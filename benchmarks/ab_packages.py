@@ -1,0 +1,125 @@
+"""Two versions of the package timed in turns, one fresh process per version and round: what a kernel edit changed,
+where the two versions cannot share a process (``alternate.py`` alternates settings of one version).
+
+    git archive BASE retention_compile | tar -x -C /tmp/base      (a version: a folder holding retention_compile/)
+    python benchmarks/ab_packages.py /tmp/base . [--rounds 2] [--lengths 65536 16384] [--out DIR] [--commit SHA]
+
+Per round and version, a process with that version first on its path times the eager forward (``bench_forward.ours``
+with the op's plan and the CUDA state kernel; b1 h8 d64 bf16 causal on ``bench_forward.inputs``' seeded inputs)
+ungated and gated at each length: three ``do_bench`` medians and the profiler's mean device time per kernel (20
+calls). Under the H200's power cap whole runs move by a few percent, so the rounds' spread is the noise. y of each
+version's first round is kept and compared per case: "bitwise", or the largest absolute difference. Writes
+``ab_packages_<gpu>_<date>_<commit>.json`` under ``--out`` (``--commit``: the new version's commit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent
+MEASURE_CALLS = 3  # do_bench medians per case
+PROFILED_CALLS = 20
+
+
+def measure(lengths: list[int], keep: Path) -> list[dict]:
+    """In a version's process: per length, ungated then gated, the forward's medians and kernel times; y saved
+    under ``keep`` (``y_<T>_<gated>.pt``)."""
+    from bench_forward import bench_ms, inputs, kernel_times, ours
+
+    from retention_compile.ops import resolve_plan
+
+    rows = []
+    for T in lengths:
+        for gated in (False, True):
+            x = inputs(T, gated)
+            plan = resolve_plan(x["q"], x["k"], x["v"], 2, gated, 0)
+            run = ours(x, plan, codegen="cuda")
+            torch.save(run()[0].cpu(), keep / f"y_{T}_{int(gated)}.pt")
+            forward = [bench_ms(run) for _ in range(MEASURE_CALLS)]
+            rows.append({"T": T, "gated": gated, "forward_ms": forward, "kernel_ms": kernel_times(run, PROFILED_CALLS)})
+    return rows
+
+
+def version_environment(version: Path) -> dict[str, str]:
+    """This process's environment with ``version`` (a folder holding ``retention_compile``) first on PYTHONPATH."""
+    path = [str(version.resolve()), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+
+
+def run_version(version: Path, lengths: list[int], keep: Path) -> dict:
+    """One round of ``version`` in a fresh process: its rows and the package file it imported."""
+    command = [sys.executable, __file__, "--measure", str(keep), "--lengths", *map(str, lengths)]
+    done = subprocess.run(command, env=version_environment(version), capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{version}: the measuring process failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compare_outputs(base: Path, new: Path) -> dict[str, str]:
+    """Per saved y of ``base`` (file stem), "bitwise" where ``new``'s is the same tensor, else the largest absolute
+    difference (or why the two cannot be compared)."""
+    verdicts = {}
+    for path in sorted(base.glob("y_*.pt")):
+        ours, theirs = torch.load(path), torch.load(new / path.name)
+        if ours.shape != theirs.shape or ours.dtype != theirs.dtype:
+            verdicts[path.stem] = (
+                f"differ in shape or dtype: {tuple(ours.shape)} {ours.dtype} / {tuple(theirs.shape)} {theirs.dtype}"
+            )
+        elif torch.equal(ours, theirs):
+            verdicts[path.stem] = "bitwise"
+        else:
+            verdicts[path.stem] = f"max |diff| {(ours.double() - theirs.double()).abs().max().item():.3g}"
+    return verdicts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("base", type=Path, nargs="?", help="a folder holding the base version's retention_compile")
+    parser.add_argument("new", type=Path, nargs="?", help="a folder holding the new version's retention_compile")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[65536, 16384])
+    parser.add_argument("--out", type=Path, default=BENCHMARKS / "results")
+    parser.add_argument("--commit", default=None)
+    parser.add_argument("--measure", type=Path, default=None, help=argparse.SUPPRESS)  # a version's process
+    args = parser.parse_args()
+    if args.measure is not None:
+        import retention_compile
+
+        rows = measure(args.lengths, args.measure)
+        print(json.dumps({"package": retention_compile.__file__, "rows": rows}))
+        return
+    if args.base is None or args.new is None:
+        parser.error("give the base and the new version's folders")
+    from bench_forward import result_header
+
+    stem, record = result_header("ab_packages", args.out, args.commit)
+    stem = stem.with_name(f"{stem.name}_{record['commit']}")
+    record.update(base=str(args.base.resolve()), new=str(args.new.resolve()), rounds=[])
+    with tempfile.TemporaryDirectory() as scratch:
+        kept = {side: Path(scratch, side) for side in ("base", "new")}
+        for round_index in range(args.rounds):
+            entry = {}
+            for side, version in (("base", args.base), ("new", args.new)):
+                keep = kept[side] if round_index == 0 else Path(scratch, "later")
+                keep.mkdir(exist_ok=True)
+                entry[side] = run_version(version, args.lengths, keep)
+                for row in entry[side]["rows"]:
+                    medians = [round(ms, 4) for ms in row["forward_ms"]]
+                    print(side, round_index, row["T"], row["gated"], medians, flush=True)
+            record["rounds"].append(entry)
+        record["y"] = compare_outputs(kept["base"], kept["new"])
+    print(json.dumps(record["y"], indent=1))
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    print(f"wrote {stem}.json")
+
+
+if __name__ == "__main__":
+    main()

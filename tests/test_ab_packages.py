@@ -1,0 +1,45 @@
+"""``benchmarks/ab_packages.py``'s comparison of two versions' outputs and the path it gives a version's process (the
+timing is a benchmark, not tested here)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def ab_packages(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import ab_packages
+
+    return ab_packages
+
+
+def test_outputs_compared_bitwise_or_by_their_largest_difference(ab_packages, tmp_path: Path) -> None:
+    """Equal tensors read "bitwise"; a tensor one element off reads that element's difference; a shape change says
+    so instead of comparing."""
+    base, new = tmp_path / "base", tmp_path / "new"
+    base.mkdir(), new.mkdir()
+    y = torch.randn(2, 3, 5).to(torch.bfloat16)
+    off = y.clone()
+    off[1, 2, 3] += 0.5
+    for name, ours, theirs in (("y_16_0", y, y.clone()), ("y_16_1", y, off), ("y_8_0", y, y[:, :2])):
+        torch.save(ours, base / f"{name}.pt")
+        torch.save(theirs, new / f"{name}.pt")
+    verdicts = ab_packages.compare_outputs(base, new)
+    assert verdicts["y_16_0"] == "bitwise"
+    expected = (off[1, 2, 3].double() - y[1, 2, 3].double()).abs().item()
+    assert verdicts["y_16_1"] == f"max |diff| {expected:.3g}"
+    assert verdicts["y_8_0"].startswith("differ in shape or dtype")
+
+
+def test_a_version_goes_first_on_the_path(ab_packages, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The version's folder precedes what PYTHONPATH held, so its ``retention_compile`` is the one imported."""
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    env = ab_packages.version_environment(tmp_path)
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path.resolve()), "/elsewhere"]
+    monkeypatch.delenv("PYTHONPATH")
+    assert ab_packages.version_environment(tmp_path)["PYTHONPATH"] == str(tmp_path.resolve())
