@@ -29,9 +29,9 @@ MEASURE_CALLS = 3  # do_bench medians per case
 PROFILED_CALLS = 20
 
 
-def measure(lengths: list[int], keep: Path) -> list[dict]:
+def measure(lengths: list[int], keep: Path | None) -> list[dict]:
     """In a version's process: per length, ungated then gated, the forward's medians and kernel times; y saved
-    under ``keep`` (``y_<T>_<gated>.pt``)."""
+    under ``keep`` (``y_<T>_<gated>.pt``) where given."""
     from bench_forward import bench_ms, inputs, kernel_times, ours
 
     from retention_compile.ops import resolve_plan
@@ -42,7 +42,8 @@ def measure(lengths: list[int], keep: Path) -> list[dict]:
             x = inputs(T, gated)
             plan = resolve_plan(x["q"], x["k"], x["v"], 2, gated, 0)
             run = ours(x, plan, codegen="cuda")
-            torch.save(run()[0].cpu(), keep / f"y_{T}_{int(gated)}.pt")
+            if keep is not None:
+                torch.save(run()[0].cpu(), keep / f"y_{T}_{int(gated)}.pt")
             forward = [bench_ms(run) for _ in range(MEASURE_CALLS)]
             rows.append({"T": T, "gated": gated, "forward_ms": forward, "kernel_ms": kernel_times(run, PROFILED_CALLS)})
     return rows
@@ -54,9 +55,11 @@ def version_environment(version: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
 
 
-def run_version(version: Path, lengths: list[int], keep: Path) -> dict:
-    """One round of ``version`` in a fresh process: its rows and the package file it imported."""
-    command = [sys.executable, __file__, "--measure", str(keep), "--lengths", *map(str, lengths)]
+def run_version(version: Path, lengths: list[int], keep: Path | None) -> dict:
+    """One round of ``version`` in a fresh process: its rows and the package file it imported (y saved under
+    ``keep`` where given)."""
+    keeping = ["--keep", str(keep)] if keep is not None else []
+    command = [sys.executable, __file__, "--measure", *keeping, "--lengths", *map(str, lengths)]
     done = subprocess.run(command, env=version_environment(version), capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{version}: the measuring process failed:\n{done.stderr[-4000:]}")
@@ -88,12 +91,13 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[65536, 16384])
     parser.add_argument("--out", type=Path, default=BENCHMARKS / "results")
     parser.add_argument("--commit", default=None)
-    parser.add_argument("--measure", type=Path, default=None, help=argparse.SUPPRESS)  # a version's process
+    parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # a version's process
+    parser.add_argument("--keep", type=Path, default=None, help=argparse.SUPPRESS)  # where it saves y
     args = parser.parse_args()
-    if args.measure is not None:
+    if args.measure:
         import retention_compile
 
-        rows = measure(args.lengths, args.measure)
+        rows = measure(args.lengths, args.keep)
         print(json.dumps({"package": retention_compile.__file__, "rows": rows}))
         return
     if args.base is None or args.new is None:
@@ -108,8 +112,9 @@ def main() -> None:
         for round_index in range(args.rounds):
             entry = {}
             for side, version in (("base", args.base), ("new", args.new)):
-                keep = kept[side] if round_index == 0 else Path(scratch, "later")
-                keep.mkdir(exist_ok=True)
+                keep = kept[side] if round_index == 0 else None  # y of the first round only
+                if keep is not None:
+                    keep.mkdir()
                 entry[side] = run_version(version, args.lengths, keep)
                 for row in entry[side]["rows"]:
                     medians = [round(ms, 4) for ms in row["forward_ms"]]
