@@ -3,7 +3,7 @@
 #
 #   benchmarks/gpu_bench.sh OUT_DIR [forward] [backward] [compile] [state_terms] [chunk_state] [forward_profile] [state_ncu]
 #       [plan] [host] [gate_rows] [ablate] [timeline]
-#       (default: the first three; limits 9, 7, 9.3, 5, 5, 4, 2.5, 3, 3 and 4 minutes: give the long ones their own device call;
+#       (default: the first three; limits 9, 7, 9.3, 5, 5, 4, 2.5, 3, 3, 4 and 4 minutes: give the long ones their own device call;
 #       state_terms: the backward's CUDA state-term kernels against Triton, bench_cuda_backward.py; chunk_state: the
 #       forward's CUDA state kernel against Triton, its launch shapes and segment counts, bench_cuda_state.py;
 #       forward_profile: the query kernel by row-block size, then one forward under ncu (OUT_DIR/ncu_forward.csv),
