@@ -67,10 +67,12 @@ def reverse_unsupported(fwd: KernelSpec, arch: str | None, *rows: torch.Tensor) 
 def smem_bytes(chunk_size: int) -> int:
     """Dynamic shared memory of one program (the template's ``Shared`` + 1024 bytes to align it): the copy stages
     (dy rows, q's blocks I and J), P's B column replicated 8 times and the row weights, both over a chunk and one
-    step past it."""
+    step past it, and per warpgroup its 8 coordinates of a step's q_I, coordinate-major (8 rows of the step's rows
+    and 16 bytes)."""
     rows = chunk_size + WGMMA_BLOCK_S
     stage = WGMMA_BLOCK_S * (WGMMA_BLOCK_E + 2 * 24) * 2
-    shared = WGMMA_STAGES * stage + rows * 16 + rows * 4
+    coordinate_major = 2 * 8 * (WGMMA_BLOCK_S + 8) * 2
+    shared = WGMMA_STAGES * stage + rows * 16 + rows * 4 + coordinate_major
     return -(-shared // 1024) * 1024 + 1024
 
 
