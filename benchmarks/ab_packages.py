@@ -2,14 +2,21 @@
 where the two versions cannot share a process (``alternate.py`` alternates settings of one version).
 
     git archive BASE retention_compile | tar -x -C /tmp/base      (a version: a folder holding retention_compile/)
-    python benchmarks/ab_packages.py /tmp/base . [--rounds 2] [--lengths 65536 16384] [--out DIR] [--commit SHA]
+    python benchmarks/ab_packages.py /tmp/base . [--rounds 2] [--lengths 65536 16384] [--backward] [--out DIR]
+                                                 [--commit SHA]
 
-Per round and version, a process with that version first on its path times the eager forward (``bench_forward.ours``
-with the op's plan and the CUDA state kernel; b1 h8 d64 bf16 causal on ``bench_forward.inputs``' seeded inputs)
-ungated and gated at each length: three ``do_bench`` medians and the profiler's mean device time per kernel (20
-calls). Under the H200's power cap whole runs move by a few percent, so the rounds' spread is the noise. y of each
-version's first round is kept and compared per case: "bitwise", or the largest absolute difference. Writes
-``ab_packages_<gpu>_<date>_<commit>.json`` under ``--out`` (``--commit``: the new version's commit).
+Per round and version, a process with that version first on its path times, ungated and gated at each length (b1 h8
+d64 bf16 causal), three ``do_bench`` medians and the profiler's mean device time per kernel (20 calls) of:
+
+- the eager forward (``bench_forward.ours`` with the op's plan and the CUDA state kernel, on ``bench_forward.inputs``'
+  seeded inputs); its y is kept;
+- with ``--backward``, a training step instead: ``rc.power_retention(..., impl="cuda")`` and its backward
+  (``bench_backward.ours`` on ``bench_backward.inputs``); the gradients dq, dk, dv (and the gate's) are kept.
+
+Under the H200's power cap whole runs move by a few percent, so the rounds' spread is the noise. What each version's
+first round keeps is compared per tensor: "bitwise", or the largest absolute difference. Writes
+``ab_packages_<gpu>_<date>_<commit>.json`` (``ab_packages_backward_...`` with ``--backward``) under ``--out``
+(``--commit``: the new version's commit).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,25 +35,53 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parent
 MEASURE_CALLS = 3  # do_bench medians per case
 PROFILED_CALLS = 20
+TIMED = {False: "forward_ms", True: "training_step_ms"}  # a row's medians, by ``--backward``
 
 
-def measure(lengths: list[int], keep: Path | None) -> list[dict]:
-    """In a version's process: per length, ungated then gated, the forward's medians and kernel times; y saved
-    under ``keep`` (``y_<T>_<gated>.pt``) where given."""
-    from bench_forward import bench_ms, inputs, kernel_times, ours
+def forward_case(T: int, gated: bool) -> tuple[Callable[[], object], Callable[[], dict[str, torch.Tensor]]]:
+    """The eager forward of one case, and what it keeps: {"y": y}."""
+    from bench_forward import inputs, ours
 
     from retention_compile.ops import resolve_plan
+
+    x = inputs(T, gated)
+    run = ours(x, resolve_plan(x["q"], x["k"], x["v"], 2, gated, 0), codegen="cuda")
+    return run, lambda: {"y": run()[0]}
+
+
+def training_case(T: int, gated: bool) -> tuple[Callable[[], object], Callable[[], dict[str, torch.Tensor]]]:
+    """A forward and backward of one case on the CUDA kernels, and what it keeps: the inputs' gradients after a
+    step."""
+    from bench_backward import inputs, ours
+
+    x = inputs(T, gated)
+    run = ours(x, impl="cuda")
+
+    def gradients() -> dict[str, torch.Tensor]:
+        run()
+        names = ("q", "k", "v", "gate") if gated else ("q", "k", "v")
+        return {f"d{name}": x[name].grad for name in names}
+
+    return run, gradients
+
+
+def measure(lengths: list[int], keep: Path | None, backward: bool) -> list[dict]:
+    """In a version's process: per length, ungated then gated, the medians and kernel times of the forward (of a
+    training step with ``backward``); what the case keeps saved under ``keep`` (``<name>_<T>_<gated>.pt``) where
+    given."""
+    from bench_forward import bench_ms, kernel_times
 
     rows = []
     for T in lengths:
         for gated in (False, True):
-            x = inputs(T, gated)
-            plan = resolve_plan(x["q"], x["k"], x["v"], 2, gated, 0)
-            run = ours(x, plan, codegen="cuda")
+            run, kept = (training_case if backward else forward_case)(T, gated)
             if keep is not None:
-                torch.save(run()[0].cpu(), keep / f"y_{T}_{int(gated)}.pt")
-            forward = [bench_ms(run) for _ in range(MEASURE_CALLS)]
-            rows.append({"T": T, "gated": gated, "forward_ms": forward, "kernel_ms": kernel_times(run, PROFILED_CALLS)})
+                for name, tensor in kept().items():
+                    torch.save(tensor.cpu(), keep / f"{name}_{T}_{int(gated)}.pt")
+            medians = [bench_ms(run) for _ in range(MEASURE_CALLS)]
+            rows.append(
+                {"T": T, "gated": gated, TIMED[backward]: medians, "kernel_ms": kernel_times(run, PROFILED_CALLS)}
+            )
     return rows
 
 
@@ -55,11 +91,12 @@ def version_environment(version: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
 
 
-def run_version(version: Path, lengths: list[int], keep: Path | None) -> dict:
-    """One round of ``version`` in a fresh process: its rows and the package file it imported (y saved under
-    ``keep`` where given)."""
+def run_version(version: Path, lengths: list[int], keep: Path | None, backward: bool) -> dict:
+    """One round of ``version`` in a fresh process: its rows and the package file it imported (what it keeps saved
+    under ``keep`` where given)."""
     keeping = ["--keep", str(keep)] if keep is not None else []
-    command = [sys.executable, __file__, "--measure", *keeping, "--lengths", *map(str, lengths)]
+    timing = ["--backward"] if backward else []
+    command = [sys.executable, __file__, "--measure", *keeping, *timing, "--lengths", *map(str, lengths)]
     done = subprocess.run(command, env=version_environment(version), capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{version}: the measuring process failed:\n{done.stderr[-4000:]}")
@@ -67,10 +104,10 @@ def run_version(version: Path, lengths: list[int], keep: Path | None) -> dict:
 
 
 def compare_outputs(base: Path, new: Path) -> dict[str, str]:
-    """Per saved y of ``base`` (file stem), "bitwise" where ``new``'s is the same tensor, else the largest absolute
+    """Per tensor ``base`` saved (file stem), "bitwise" where ``new``'s is the same tensor, else the largest absolute
     difference (or why the two cannot be compared)."""
     verdicts = {}
-    for path in sorted(base.glob("y_*.pt")):
+    for path in sorted(base.glob("*.pt")):
         ours, theirs = torch.load(path), torch.load(new / path.name)
         if ours.shape != theirs.shape or ours.dtype != theirs.dtype:
             verdicts[path.stem] = (
@@ -90,6 +127,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--lengths", type=int, nargs="+", default=[65536, 16384])
     parser.add_argument("--out", type=Path, default=BENCHMARKS / "results")
+    parser.add_argument("--backward", action="store_true", help="time a training step (forward and backward)")
     parser.add_argument("--commit", default=None)
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # a version's process
     parser.add_argument("--keep", type=Path, default=None, help=argparse.SUPPRESS)  # where it saves y
@@ -97,16 +135,16 @@ def main() -> None:
     if args.measure:
         import retention_compile
 
-        rows = measure(args.lengths, args.keep)
+        rows = measure(args.lengths, args.keep, args.backward)
         print(json.dumps({"package": retention_compile.__file__, "rows": rows}))
         return
     if args.base is None or args.new is None:
         parser.error("give the base and the new version's folders")
     from bench_forward import result_header
 
-    stem, record = result_header("ab_packages", args.out, args.commit)
+    stem, record = result_header("ab_packages_backward" if args.backward else "ab_packages", args.out, args.commit)
     stem = stem.with_name(f"{stem.name}_{record['commit']}")
-    record.update(base=str(args.base.resolve()), new=str(args.new.resolve()), rounds=[])
+    record.update(base=str(args.base.resolve()), new=str(args.new.resolve()), timed=TIMED[args.backward], rounds=[])
     with tempfile.TemporaryDirectory() as scratch:
         kept = {side: Path(scratch, side) for side in ("base", "new")}
         for round_index in range(args.rounds):
@@ -115,13 +153,13 @@ def main() -> None:
                 keep = kept[side] if round_index == 0 else None  # y of the first round only
                 if keep is not None:
                     keep.mkdir()
-                entry[side] = run_version(version, args.lengths, keep)
+                entry[side] = run_version(version, args.lengths, keep, args.backward)
                 for row in entry[side]["rows"]:
-                    medians = [round(ms, 4) for ms in row["forward_ms"]]
+                    medians = [round(ms, 4) for ms in row[TIMED[args.backward]]]
                     print(side, round_index, row["T"], row["gated"], medians, flush=True)
             record["rounds"].append(entry)
-        record["y"] = compare_outputs(kept["base"], kept["new"])
-    print(json.dumps(record["y"], indent=1))
+        record["outputs"] = compare_outputs(kept["base"], kept["new"])
+    print(json.dumps(record["outputs"], indent=1))
     stem.with_suffix(".json").write_text(json.dumps(record, indent=1))
     print(f"wrote {stem}.json")
 

@@ -67,10 +67,12 @@ def _step(forward: Callable[[], torch.Tensor], dy: torch.Tensor, leaves: list[to
     return run
 
 
-def ours(x: dict, chunk: int | None = None) -> Callable[[], None]:
+def ours(x: dict, chunk: int | None = None, impl: str = "auto") -> Callable[[], None]:
     leaves = [x["q"], x["k"], x["v"]] + ([x["gate"]] if x["gate"] is not None else [])
     return _step(
-        lambda: rc.power_retention(x["q"], x["k"], x["v"], log_gate=x["gate"], chunk_size=chunk), x["dy"], leaves
+        lambda: rc.power_retention(x["q"], x["k"], x["v"], log_gate=x["gate"], chunk_size=chunk, impl=impl),
+        x["dy"],
+        leaves,
     )
 
 

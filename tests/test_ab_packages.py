@@ -4,6 +4,7 @@ timing is a benchmark, not tested here)."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,25 @@ def test_a_version_goes_first_on_the_path(ab_packages, tmp_path: Path, monkeypat
     assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path.resolve()), "/elsewhere"]
     monkeypatch.delenv("PYTHONPATH")
     assert ab_packages.version_environment(tmp_path)["PYTHONPATH"] == str(tmp_path.resolve())
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_the_measuring_process_times_what_was_asked(
+    ab_packages, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backward: bool
+) -> None:
+    """A version's process gets ``--backward`` exactly when the comparison times training steps, with the lengths and
+    the folder for what it keeps; its last line of output is its result."""
+    seen = {}
+
+    def fake_run(command, env, **kwargs):
+        seen.update(command=command, env=env)
+        return subprocess.CompletedProcess(command, 0, stdout='warming up\n{"rows": []}\n', stderr="")
+
+    monkeypatch.setattr(ab_packages.subprocess, "run", fake_run)
+    result = ab_packages.run_version(tmp_path, [4096, 1024], tmp_path / "kept", backward)
+    assert result == {"rows": []}
+    command = seen["command"]
+    assert ("--backward" in command) == backward
+    assert command[command.index("--lengths") + 1 :] == ["4096", "1024"]
+    assert command[command.index("--keep") + 1] == str(tmp_path / "kept")
+    assert seen["env"]["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path.resolve())
