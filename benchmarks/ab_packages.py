@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--backward", action="store_true", help="time a training step (forward and backward)")
     parser.add_argument("--commit", default=None)
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # a version's process
-    parser.add_argument("--keep", type=Path, default=None, help=argparse.SUPPRESS)  # where it saves y
+    parser.add_argument("--keep", type=Path, default=None, help=argparse.SUPPRESS)  # where it saves its outputs
     args = parser.parse_args()
     if args.measure:
         import retention_compile
@@ -150,7 +150,7 @@ def main() -> None:
         for round_index in range(args.rounds):
             entry = {}
             for side, version in (("base", args.base), ("new", args.new)):
-                keep = kept[side] if round_index == 0 else None  # y of the first round only
+                keep = kept[side] if round_index == 0 else None  # the outputs of the first round only
                 if keep is not None:
                     keep.mkdir()
                 entry[side] = run_version(version, args.lengths, keep, args.backward)
