@@ -47,11 +47,14 @@ from retention_compile.ops import resolve_plan
 
 CHUNK = 1024
 # rows / warps / copy stages / registers per thread (0: uncapped) / keys per intra-chunk step / parts per pair: the
-# eager default (forward.NARROW_QUERY_LAUNCH), the traced one, the shape before 868912f, and two between. Local
-# sm_90a compiles (Triton 3.6) of the ungated bf16 d=64 kernel: 128/8/3 178 registers and 128 KB of shared memory
-# (one program per SM); in halves 150 registers and 76 KB (capped at 128: two per SM); 64/4/3 in halves 148 and 64 KB
-# (three per SM); 128/8/2 capped at 128 spills 72 bytes, 88 KB (two per SM); 64/4/3 164 and 112 KB (two per SM).
-DEFAULT_VARIANTS = ("128/8/3/128/64/2", "64/4/3/0/64/2", "128/8/3", "128/8/2/128", "64/4/3")
+# eager default (forward.NARROW_QUERY_LAUNCH), 128 rows on one warpgroup (two m64 tiles sharing each k16 slice's B
+# descriptor, fence and commit) with 3 and 2 stages, the traced launch, and the shape before 868912f. Local sm_90a
+# compiles (Triton 3.6) of the bf16 d=64 kernel: 128/8/3 in halves 150 registers and 76 KB (capped at 128: two per
+# SM; in the cherry layout, gated, a 24-byte stack); 128/4/3 in halves uncapped, cherry layout, 252 registers ungated
+# and 255 gated with no stack, 76 KB (two per SM, 8 warps), a third fewer warp-instructions per state step and a
+# quarter fewer per key block than 128/8/3 (forward_notes, session 50); 64/4/3 in halves 148 and 64 KB (three per SM);
+# 128/8/2 capped at 128 spills 72 bytes, 88 KB (two per SM).
+DEFAULT_VARIANTS = ("128/8/3/128/64/2", "128/4/3/0/64/2", "128/4/2/0/64/2", "64/4/3/0/64/2", "128/8/2/128")
 
 
 def state_read_bytes(T: int, block_t: int) -> int:
