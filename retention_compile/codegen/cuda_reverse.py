@@ -32,6 +32,7 @@ from .cuda_state import (
     HOPPER_SHARED_LIMIT,
     WGMMA_BLOCK_E,
     WGMMA_BLOCK_S,
+    WGMMA_COORDINATE_MAJOR_BYTES,
     WGMMA_STAGES,
     WGMMA_THREADS,
     StateKernelConfig,
@@ -71,8 +72,7 @@ def smem_bytes(chunk_size: int) -> int:
     and 16 bytes)."""
     rows = chunk_size + WGMMA_BLOCK_S
     stage = WGMMA_BLOCK_S * (WGMMA_BLOCK_E + 2 * 24) * 2
-    coordinate_major = 2 * 8 * (WGMMA_BLOCK_S + 8) * 2
-    shared = WGMMA_STAGES * stage + rows * 16 + rows * 4 + coordinate_major
+    shared = WGMMA_STAGES * stage + rows * 16 + rows * 4 + WGMMA_COORDINATE_MAJOR_BYTES
     return -(-shared // 1024) * 1024 + 1024
 
 

@@ -48,6 +48,9 @@ WGMMA_BLOCK_E = 64  # value columns per wgmma program: N of m64n64k16, one 128-b
 WGMMA_BLOCK_S = 64  # keys per pipeline step of the wgmma kernel (four k16 slices)
 WGMMA_STAGES = 4  # its copy stages: refilled two steps after use, once every warpgroup's products are done
 WGMMA_THREADS = 256  # two warpgroups, 128 feature rows each
+# per program, each warpgroup's 8 coordinates of a step's keys (or query rows) coordinate-major: 8 rows of the step's
+# BS bf16 values and 16 bytes of padding (the forward's KI_T, the reverse-state kernel's QI_T)
+WGMMA_COORDINATE_MAJOR_BYTES = 2 * 8 * (WGMMA_BLOCK_S + 8) * 2
 KERNEL_NAME = "retention_chunk_state"
 MAX_BLOCK_E = 64  # value columns per program: the fp32 accumulators of 4 coordinates x 64 columns fill 128 registers
 _IO_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -119,8 +122,7 @@ def wgmma_smem_bytes(spec: KernelSpec) -> int:
     outgoing = WGMMA_THREADS // 32 * 16 * 32 * 4
     lane_tables = WGMMA_THREADS * 2 * 16
     gate_weights = 4 * (spec.chunk_size + WGMMA_BLOCK_S) if spec.gated else 0
-    coordinate_major = 2 * 8 * (WGMMA_BLOCK_S + 8) * 2
-    shared = WGMMA_STAGES * stage + 2048 + outgoing + lane_tables + coordinate_major + gate_weights
+    shared = WGMMA_STAGES * stage + 2048 + outgoing + lane_tables + WGMMA_COORDINATE_MAJOR_BYTES + gate_weights
     return -(-shared // 1024) * 1024 + 1024
 
 
