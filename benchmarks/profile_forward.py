@@ -25,7 +25,8 @@ the state kernel ``codegen="auto"`` picks.
 ``--den-dot off on`` times each variant with the attention loops' denominator summed both ways
 (``forward.DENOMINATOR_BY_DOT``), named ``<variant> den_dot=<setting>``.
 
-Writes ``profile_forward_<gpu>_<date>_<commit>.json`` under ``--out`` (default ``benchmarks/results``).
+Writes ``profile_forward_<gpu>_<date>_<commit>_T<T>_<gated|ungated>.json`` under ``--out`` (default
+``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -48,12 +49,13 @@ from retention_compile.ops import resolve_plan
 CHUNK = 1024
 # rows / warps / copy stages / registers per thread (0: uncapped) / keys per intra-chunk step / parts per pair: the
 # eager default (forward.NARROW_QUERY_LAUNCH), 128 rows on one warpgroup (two m64 tiles sharing each k16 slice's B
-# descriptor, fence and commit) with 3 and 2 stages, the traced launch, and the shape before 868912f. Local sm_90a
-# compiles (Triton 3.6) of the bf16 d=64 kernel: 128/8/3 in halves 150 registers and 76 KB (capped at 128: two per
-# SM; in the cherry layout, gated, a 24-byte stack); 128/4/3 in halves uncapped, cherry layout, 252 registers ungated
-# and 255 gated with no stack, 76 KB (two per SM, 8 warps), a third fewer warp-instructions per state step and a
-# quarter fewer per key block than 128/8/3 (forward_notes, session 50); 64/4/3 in halves 148 and 64 KB (three per SM);
-# 128/8/2 capped at 128 spills 72 bytes, 88 KB (two per SM).
+# descriptor, fence and commit) with 3 stages (the traced launch since 2026-12-03) and with 2, 64 rows on 4 warps (the
+# traced launch before), and the shape before 868912f. Local sm_90a compiles (Triton 3.6) of the bf16 d=64 kernel:
+# 128/8/3 in halves 150 registers and 76 KB (capped at 128: two per SM; in the cherry layout, gated, a 24-byte stack);
+# 128/4/3 in halves uncapped, cherry layout, 252 registers ungated and 255 gated with no stack, 76 KB (two per SM, 8
+# warps), a third fewer warp-instructions per state step and a quarter fewer per key block than 128/8/3
+# (forward_notes, session 50); 64/4/3 in halves 148 and 64 KB (three per SM); 128/8/2 capped at 128 spills 72 bytes,
+# 88 KB (two per SM).
 DEFAULT_VARIANTS = ("128/8/3/128/64/2", "128/4/3/0/64/2", "128/4/2/0/64/2", "64/4/3/0/64/2", "128/8/2/128")
 
 
@@ -141,7 +143,8 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"profile_forward_{name.replace(' ', '-')}_{result['date']}_{result['commit']}.json"
+    shape = f"T{args.T}_{'gated' if args.gated else 'ungated'}"  # runs of one commit at other shapes keep their files
+    path = out / f"profile_forward_{name.replace(' ', '-')}_{result['date']}_{result['commit']}_{shape}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
 

@@ -153,9 +153,13 @@ class QueryLaunch:
 # (one program per SM: 178 registers, 128 KB) 0.673 / 0.812; the same in halves capped at 128 registers (two per
 # SM) 0.534 / 0.652; 64 rows, 4 warps, 3 stages in halves (148 registers, 64 KB: three per SM) 0.593 / 0.683.
 NARROW_QUERY_LAUNCH = QueryLaunch(rows=128, warps=8, stages=3, split=2, max_registers=128)
-# The same where Inductor compiles the kernel: its launch of a user kernel drops ``maxnreg``
-# (``torch._inductor.runtime.triton_heuristics.config_to_dict``), so the traced graph takes the uncapped shape.
-NARROW_TRACED_QUERY_LAUNCH = QueryLaunch(rows=64, warps=4, stages=3, split=2, max_registers=None)
+# Where Inductor compiles the kernel: its launch of a user kernel drops ``maxnreg``
+# (``torch._inductor.runtime.triton_heuristics.config_to_dict``), so the traced graph takes an uncapped shape: 128
+# rows on one warpgroup (4 warps, both m64 tiles sharing each k16 slice's B operand; 252 registers ungated, 255 gated,
+# no stack, 76 KB: two per SM). Against 64 rows on 4 warps (three per SM), the query kernel alone, same shape,
+# ungated / gated ms (profile_forward.py, cf0e29b, 2026-12-03): 0.560 / 0.624 -> 0.509 / 0.582; the eager launch
+# above 0.493 / 0.585.
+NARROW_TRACED_QUERY_LAUNCH = QueryLaunch(rows=128, warps=4, stages=3, split=2, max_registers=None)
 
 
 def query_launch(spec: KernelSpec, plan: Plan, tracing: bool) -> QueryLaunch:

@@ -374,10 +374,10 @@ def test_forward_without_a_backward_stores_y_alone(T: int) -> None:
     """``power_retention`` under ``torch.no_grad`` (the op's ``for_backward=False``: y stored in bf16 alone, no
     float32 y, no kept states), eager and compiled: y is bitwise the one of the forward that keeps them, and within
     the oracle's tolerance; T = 700 runs the quadratic kernel, 5000 the chunked one. Compiled, the chunked query
-    kernel runs on 64-row blocks where eager takes 128 (``forward.NARROW_TRACED_QUERY_LAUNCH``), and a gated row
-    block's unmasked keys take the G of its first row as their reference (``exp(G_i - G_ref) exp(G_ref - G_j)``):
-    there the weights round to bf16 differently (each within 2^-9 of its value), so y agrees in norm within 2^-8
-    and with the oracle, not bit for bit (a few elements where a row's values cancel differ by 2^-8 absolute)."""
+    kernel takes another launch (``forward.NARROW_TRACED_QUERY_LAUNCH``: 4 warps, no register cap). Before
+    2026-12-03 it ran 64-row blocks, whose gated unmasked keys take another first row's G as their reference in
+    ``exp(G_i - G_ref) exp(G_ref - G_j)``, so their weights round to bf16 differently (each within 2^-9): y is held
+    to agree in norm within 2^-8 and with the oracle, not bit for bit."""
     import retention_compile as rc
 
     q, k, v, g, _ = make_inputs(1, 4, 2, T, T, 64, 64, bf16, gate_heads=2)
