@@ -62,7 +62,7 @@ class SiteRecord:
 
     def plan_summary(self) -> str:
         """``chunk 1024, tiles t64 f16 e64, 4 warps x 2 stages on NVIDIA H200`` (or "" without a plan), then, on a GPU,
-        how the compiled graph launches the query kernel (``; query kernel: 64 query rows x 4 warps x 3 stages, ...``),
+        how the compiled graph launches the query kernel (``; query kernel: 128 query rows x 4 warps x 3 stages, ...``),
         which can differ from the planned tiles."""
         if not self.plan:
             return ""

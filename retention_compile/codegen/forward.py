@@ -399,7 +399,7 @@ def call_shape_class(
 
 
 def describe_query_launch(launch: QueryLaunch, cherries_possible: bool = False) -> str:
-    """``64 query rows x 4 warps x 3 stages, pairs in 2 parts, no register cap``. ``cherries_possible``: the wgmma
+    """``128 query rows x 4 warps x 3 stages, pairs in 2 parts, no register cap``. ``cherries_possible``: the wgmma
     state kernel can write the call's states in the cherry layout (``writes_cherry_rows``: calls that keep no states
     for a backward), whose state steps are cherries; whether it serves the call is decided there, so the text names
     both."""
