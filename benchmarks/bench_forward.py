@@ -3,15 +3,20 @@ Manifest's ``retention`` 1.0.7 and fla's ``chunk_simple_gla`` (issue 5): b=1, h=
 and ungated.
 
     python benchmarks/bench_forward.py [--out DIR] [--T 1024 2048 ...] [--tune 65536] [--competitors T ...]
+        [--compiled T ...]
 
 Times are medians of ``triton.testing.do_bench`` (warmup 25 ms, rep 100 ms). "ours" is ``triton_forward`` run
 eagerly as the body of a ``triton_op`` runs it (kernels launched directly, Python overhead included, as SDPA's
 is), with the Plan that ``planning.plan`` picks for the shape and the state kernel ``codegen="auto"`` picks (the
 row's ``state_kernel``: the CUDA one where measured faster), y stored in bf16 as by the op's forward that no backward
 follows (``for_backward=False``; runs up to session 25 stored it in float32); "ours graph" replays the same call
-from a CUDA graph (no launch overhead, as in a compiled model with CUDA graphs). ``--tune T`` first times, gated at
-length T, the kernel variants of the chunked query kernel, two chunk sizes and several segment counts, keeps the
-fastest variant for the whole run and reports the fastest configuration as "ours best" with a per-kernel breakdown.
+from a CUDA graph (no launch overhead, as in a compiled model with CUDA graphs). "ours compiled" (at the
+``--compiled`` lengths, default 65536) is the public ``power_retention`` under ``torch.compile`` (fullgraph, no grad):
+a compiled model's path, through Inductor's generated code, whose query kernel takes the traced launch
+(``forward.NARROW_TRACED_QUERY_LAUNCH``: Inductor drops the eager launch's register cap). ``--tune T`` first times,
+gated at length T, the kernel variants of the chunked query kernel, two chunk sizes and several segment counts, keeps
+the fastest variant for the whole run and reports the fastest configuration as "ours best" with a per-kernel
+breakdown.
 "sdpa" is SDPA on PyTorch's flash backend (FlashAttention-2), "sdpa default" SDPA on the backend it picks itself
 (``sdpa_default_kernel`` names the kernel it ran: cuDNN's on the H200 with torch 2.11, the faster one). Achieved
 rate: FLOP the kernels execute (tiled state, see ``executed_flops``) over the fastest time, as a fraction of a bf16
@@ -64,6 +69,7 @@ TUNE_RUNS = (
 TUNE_CHUNKS = (1024, 2048)
 TUNE_SEGMENTS: tuple[int, ...] = ()  # besides the default (STATE_WAVES programs per SM); run 2: 8 vs 16 within 1%
 COMPETITOR_LENGTHS = (2048, 8192, 32768, 65536)
+COMPILED_LENGTHS = (65536,)  # each length and gate compiles once (static shapes)
 
 
 def bench_ms(fn: Callable[[], object]) -> float:
@@ -137,6 +143,23 @@ def ours(x: dict, plan: planning.Plan, segments: int | None = None, codegen: str
                 x["q"], x["k"], x["v"], scale=D**-0.5, deg=2, log_gate=x["gate"], causal=True, valid=None,
                 plan=plan, segments=segments, state_kernel=state_kernel, y_dtype=x["q"].dtype,
             )  # fmt: skip
+
+    return run
+
+
+def compiled(x: dict) -> Callable[[], object]:
+    """``rc.power_retention`` compiled by ``torch.compile`` (fullgraph) and called without grad, as a compiled model's
+    inference runs it (y stored in the inputs' dtype alone, as in "ours")."""
+    import retention_compile as rc
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        return rc.power_retention(q, k, v, scale=D**-0.5, log_gate=gate, causal=True)
+
+    fn = torch.compile(attention, fullgraph=True, dynamic=False)
+
+    def run() -> object:
+        with torch.no_grad():
+            return fn(x["q"], x["k"], x["v"], x["gate"])
 
     return run
 
@@ -331,7 +354,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    candidates = ("ours", "ours_graph", "ours_best", *SDPA_BACKENDS, "manifest", "fla")
+    candidates = ("ours", "ours_graph", "ours_compiled", "ours_best", *SDPA_BACKENDS, "manifest", "fla")
     methods = [m for m in candidates if any(r.get(m) for r in rows)]
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
     for ax, gated in zip(axes, (False, True)):
@@ -351,15 +374,19 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def measure(T: int, gated: bool, spec: hardware.GpuSpec, ceilings: dict, tuned: dict | None, competitors: bool) -> dict:
-    """One table row: ours with the planner's Plan (eager and graph-replayed), the tuned plan when given
-    (with its per-kernel breakdown), SDPA flash and the competitors."""
+def measure(
+    T: int, gated: bool, spec: hardware.GpuSpec, ceilings: dict, tuned: dict | None, competitors: bool, compile_: bool
+) -> dict:
+    """One table row: ours with the planner's Plan (eager and graph-replayed; compiled where ``compile_``), the tuned
+    plan when given (with its per-kernel breakdown), SDPA flash and the competitors."""
     x = inputs(T, gated)
     plan = planning.plan(spec, T=T, d=D, e=D, deg=2, dtype=torch.bfloat16, gated=gated, batch_heads=B * H)
     row: dict = {"T": T, "gated": gated, "plan": asdict(plan), "errors": {}}
     choice = state_kernel_choice(x, plan)
     row["state_kernel"] = "cuda" if choice.kernel is not None else f"triton ({choice.reason})"
     makers = {"ours": lambda: ours(x, plan), "ours_graph": lambda: graphed(ours(x, plan))}
+    if compile_:
+        makers["ours_compiled"] = lambda: compiled(x)
     makers.update({name: lambda backend=backend: sdpa(x, backend) for name, backend in SDPA_BACKENDS.items()})
     if tuned is not None:
         best = _plan(tuned)
@@ -412,6 +439,7 @@ def main() -> None:
     parser.add_argument("--T", type=int, nargs="+", default=list(LENGTHS))
     parser.add_argument("--tune", type=int, default=65536, help="length at which to tune (0: none), gated")
     parser.add_argument("--competitors", type=int, nargs="*", default=list(COMPETITOR_LENGTHS))
+    parser.add_argument("--compiled", type=int, nargs="*", default=list(COMPILED_LENGTHS))
     parser.add_argument("--commit", default=None)
     parser.add_argument("--jobs", type=int, default=12, help="processes compiling the kernels beforehand")
     args = parser.parse_args()
@@ -439,7 +467,8 @@ def main() -> None:
                   flush=True)  # fmt: skip
 
     def measure_row(T: int, gated: bool) -> dict:
-        return measure(T, gated, spec, ceilings, tuned if args.tune == T else None, T in args.competitors)
+        tuned_here = tuned if args.tune == T else None
+        return measure(T, gated, spec, ceilings, tuned_here, T in args.competitors, T in args.compiled)
 
     record_rows(record, base, args.T, measure_row, _line, plot)
     print(f"\n{_header()}")
@@ -465,8 +494,8 @@ def warm_tasks(spec: hardware.GpuSpec, args: argparse.Namespace) -> list[dict]:
 
 
 def _header() -> str:
-    cols = ("T", "gate", "ours", "graph", "best", "sdpa", "sdpa dflt", "manifest", "fla", "TFLOP/s", "of mm")
-    cols += ("plan (C/bt/warps)",)
+    cols = ("T", "gate", "ours", "graph", "compiled", "best", "sdpa", "sdpa dflt", "manifest", "fla", "TFLOP/s")
+    cols += ("of mm", "plan (C/bt/warps)")
     return " ".join(f"{c:>9}" for c in cols)
 
 
@@ -478,7 +507,8 @@ def _line(row: dict) -> str:
     p = row.get("best_plan") or row["plan"]
     plan = f"{p['chunk_size']}/{p['block_t']}/{p['num_warps']}" + (f"/s{p['segments']}" if p.get("segments") else "")
     cells = [f"{row['T']:>9}", f"{'yes' if row['gated'] else 'no':>9}"]
-    cells += [_fmt(row.get(m)) for m in ("ours", "ours_graph", "ours_best", *SDPA_BACKENDS, "manifest", "fla")]
+    methods = ("ours", "ours_graph", "ours_compiled", "ours_best", *SDPA_BACKENDS, "manifest", "fla")
+    cells += [_fmt(row.get(m)) for m in methods]
     cells += [_fmt(row.get("executed_tflops")), _fmt(row.get("fraction_of_matmul")), f"{plan:>9}"]
     return " ".join(cells)
 
