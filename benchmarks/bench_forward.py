@@ -155,6 +155,7 @@ def compiled(x: dict) -> Callable[[], object]:
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         return rc.power_retention(q, k, v, scale=D**-0.5, log_gate=gate, causal=True)
 
+    torch._dynamo.reset()  # one compile per row: rows past Dynamo's recompile limit would silently run eagerly
     fn = torch.compile(attention, fullgraph=True, dynamic=False)
 
     def run() -> object:
