@@ -1,0 +1,202 @@
+"""Offline sm_90a SASS of the op's Triton kernels, no GPU needed: registers, stack and the instructions of each loop
+that holds wgmma (HGMMA), per warp and iteration.
+
+    python benchmarks/sass_loops.py [--kernel attention|dq|dkv] [--T 65536] [--gated] [--valid] [--traced]
+        [--pairs] [--package DIR] [--triton DIR] [--keep DIR]
+
+The kernel is rendered as the op renders it for b=1, h=8, d=e=64, deg 2, bf16, causal self-attention of length T
+with the H200's plan (``planning.plan``): ``attention`` is the chunked query kernel with the eager launch
+(``forward.query_launch``; ``--traced``: the launch of a compiled graph) in the cherry layout the wgmma state kernel
+writes (``--pairs``: the pair layout, as in training, where the states are kept); ``dq`` and ``dkv`` are the
+backward's intra-chunk kernels with their launch (``backward.chunked_warps``, the spec's stages), ``dq_kernel``
+without its state terms (the CUDA kernel adds them on Hopper). ``--package DIR`` renders another version's
+``retention_compile`` (in a process of its own, e.g. one extracted by ``git archive``), so two templates compare.
+
+Triton compiles it for ``GPUTarget("cuda", 90, 128)`` and its bundled ``cuobjdump`` disassembles it. The integer
+arguments are specialized as Triton's launcher would specialize the op's values at that shape (contiguous
+(B, H, T, d) tensors, shift 0: multiples of 16 marked divisible, 1 a constant), through Triton's own
+``native_specialize_impl``. ``--triton DIR`` puts another Triton first on the path (the device runs 3.6: ``pip
+download triton==3.6.0 --no-deps`` and unzip it; make its ``backends/nvidia/bin`` files executable): instruction
+counts differ between Triton versions, so compare within one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+B, H, D = 1, 8, 64
+# Pointer arguments by name: their element types in a bf16 call (the float32 buffers: outputs, sums, states kept in
+# float32, G); VALID is a bool mask.
+BF16_POINTERS = {"Q", "K", "V", "DY", "Y_OUT", "S_ST", "R_ST"}
+I1_POINTERS = {"VALID"}
+CONSTEXPRS = {"ROUNDED_OUT": False}  # the forward's second store of y (in the inputs' dtype) off
+SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+BACK_BRANCH = re.compile(r"BRA\s.*?0x([0-9a-f]+)")
+
+
+def render(kernel: str, T: int, gated: bool, valid: bool, traced: bool, pairs: bool, out: Path) -> dict:
+    """Write the kernel's source to ``out`` (this process imports the package) and return its launch and the integer
+    arguments the op passes at this shape."""
+    import torch
+
+    from retention_compile import hardware, planning
+    from retention_compile.codegen import backward, forward, triton_source
+
+    h200 = hardware.KNOWN["H200"]
+    plan = planning.plan(h200, T=T, d=D, e=D, deg=2, dtype=torch.bfloat16, gated=gated, batch_heads=B * H)
+    q = torch.empty(B, H, T, D, dtype=torch.bfloat16, device="meta")
+    spec = forward.kernel_spec(q, q, 2, gated, valid, True, T, plan)
+    if not spec.chunked:
+        raise SystemExit(f"T={T}: the plan takes the single-chunk path (chunk {plan.chunk_size}); pick a longer T")
+    if kernel == "attention":
+        launch = forward.query_launch(spec, plan, traced)
+        spec = forward._with_query_tiles(spec, launch.rows, launch.split)
+        if not pairs:
+            spec = forward._with_cherries(spec)
+        source, name = triton_source.render_forward(spec), "attention_kernel"
+        warps, stages, max_registers = launch.warps, launch.stages, launch.max_registers
+    else:
+        bspec = backward.BackwardSpec.of(spec, dq_state_terms=False)
+        source, name = triton_source.render(backward.BACKWARD_TEMPLATE, bspec), f"{kernel}_kernel"
+        warps = backward.chunked_warps(spec, False)
+        stages, max_registers = (bspec.dq_stages if kernel == "dq" else bspec.dkv_stages), None
+    out.write_text(source)
+    strides = {"b": H * T * D, "h": T * D, "t": D, "d": 1, "e": 1}
+    ints = {f"stride_{t}{axis}": value for t in "qkvy" for axis, value in strides.items()}
+    slots = -(-T // plan.chunk_size)
+    ints |= {"Hq": H, "group": 1, "gate_heads": H, "state_heads": H, "state_slots": slots, "shift": 0, "Tq": T, "Tk": T}
+    ints["stride_g"] = -(-T // 16) * 16
+    return {"name": name, "warps": warps, "stages": stages, "max_registers": max_registers, "ints": ints}
+
+
+def signature(fn, ints: dict) -> tuple[dict, dict, dict]:
+    """Triton's signature, constants and attributes for ``fn``'s arguments as the launcher would specialize them."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    sig, constants, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if fn.params[i].is_constexpr:
+            if name not in CONSTEXPRS:
+                raise SystemExit(f"{fn.__name__}: no value for the constexpr argument {name!r}")
+            sig[name], constants[(i,)] = "constexpr", CONSTEXPRS[name]
+            continue
+        if name == "scale":
+            sig[name] = "fp32"
+            continue
+        if name.isupper():
+            dtype = "bf16" if name in BF16_POINTERS else "i1" if name in I1_POINTERS else "fp32"
+            sig[name], attrs[(i,)] = f"*{dtype}", [["tt.divisibility", 16]]  # allocations are 16-byte aligned
+            continue
+        if name not in ints:
+            raise SystemExit(f"{fn.__name__}: no value for the integer argument {name!r} (add it to render's table)")
+        kind, key = native_specialize_impl(BaseBackend, ints[name], False, True, True)[:2]
+        if kind == "constexpr":
+            sig[name], constants[(i,)] = "constexpr", key
+        else:
+            sig[name] = kind
+            attrs[(i,)] = BaseBackend.parse_attr(key)
+    return sig, constants, attrs
+
+
+def wgmma_loops(sass: str) -> list[dict]:
+    """The loops of ``cuobjdump -sass`` output that hold HGMMA: each a backward branch's range, innermost first by
+    address order, with its instruction count and its counts by opcode."""
+    lines = [(int(m.group(1), 16), m.group(2)) for m in map(SASS_LINE.match, sass.splitlines()) if m]
+    loops = []
+    for address, text in lines:
+        branch = BACK_BRANCH.search(text)
+        if not branch or int(branch.group(1), 16) >= address:
+            continue
+        body = [t for a, t in lines if int(branch.group(1), 16) <= a <= address]
+        opcodes = collections.Counter(t.split()[1 if t.startswith("@") else 0].split(".")[0] for t in body)
+        if opcodes["HGMMA"]:
+            loops.append({"start": hex(int(branch.group(1), 16)), "end": hex(address), "instructions": len(body),
+                          "opcodes": dict(opcodes.most_common())})  # fmt: skip
+    return loops
+
+
+def compile_sass(source: Path, launch: dict, keep: Path | None) -> dict:
+    """Compile ``source``'s kernel for sm_90a and read its resources and wgmma loops."""
+    import importlib.util
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module_spec = importlib.util.spec_from_file_location(source.stem, source)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    fn = getattr(module, launch["name"])
+    sig, constants, attrs = signature(fn, launch["ints"])
+    options = {"num_warps": launch["warps"], "num_stages": launch["stages"]}
+    if launch["max_registers"]:
+        options["maxnreg"] = launch["max_registers"]
+    compiled = triton.compile(ASTSource(fn, sig, constants, attrs), target=GPUTarget("cuda", 90, 128), options=options)
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = (keep or Path(tmp)) / f"{source.stem}.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+    if keep:
+        (keep / f"{source.stem}.sass").write_text(sass)
+    resources = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    return {
+        "triton": triton.__version__, "kernel": launch["name"], "options": options, "registers": int(resources["REG"]),
+        "stack_bytes": int(resources["STACK"]), "shared_bytes": compiled.metadata.shared, "loops": wgmma_loops(sass),
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kernel", choices=("attention", "dq", "dkv"), default="attention")
+    parser.add_argument("--T", type=int, default=65536)
+    parser.add_argument("--gated", action="store_true")
+    parser.add_argument("--valid", action="store_true")
+    parser.add_argument("--traced", action="store_true", help="the query kernel's launch in a compiled graph")
+    parser.add_argument("--pairs", action="store_true", help="the query kernel on pair-layout states")
+    parser.add_argument("--package", type=Path, default=Path(__file__).resolve().parents[1])
+    parser.add_argument("--triton", type=Path, default=None, help="a Triton to put first on the path")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the source, cubin and SASS here")
+    parser.add_argument("--render", type=Path, help=argparse.SUPPRESS)  # the rendering process: write here
+    args = parser.parse_args()
+    if args.render:
+        launch = render(args.kernel, args.T, args.gated, args.valid, args.traced, args.pairs, args.render)
+        print(json.dumps(launch))
+        return
+    keep = args.keep
+    if keep:
+        keep.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = (keep or Path(tmp)) / f"{args.kernel}_T{args.T}{'_gated' if args.gated else ''}.py"
+        command = [sys.executable, __file__, "--render", str(source), "--kernel", args.kernel, "--T", str(args.T)]
+        command += [flag for flag, on in (("--gated", args.gated), ("--valid", args.valid), ("--traced", args.traced),
+                                          ("--pairs", args.pairs)) if on]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(args.package), os.environ.get("PYTHONPATH", "")])}
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode:
+            raise SystemExit(f"rendering failed:\n{done.stderr[-3000:]}")
+        launch = json.loads(done.stdout.strip().splitlines()[-1])
+        if args.triton:
+            sys.path.insert(0, str(args.triton))
+        os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default up to 3.9 (which warns of a change)
+        result = compile_sass(source, launch, keep)
+    result["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    print(json.dumps({k: v for k, v in result.items() if k != "loops"}))
+    for loop in result["loops"]:
+        top = ", ".join(f"{op} {n}" for op, n in list(loop["opcodes"].items())[:6])
+        print(f"  loop {loop['start']}-{loop['end']}: {loop['instructions']} instructions, HGMMA "
+              f"{loop['opcodes']['HGMMA']} ({top})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""``benchmarks/sass_loops.py``: the loops it reads from SASS, and one offline sm_90a compile of the query kernel
+(Triton's bundled ptxas and cuobjdump: no GPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def sass_loops(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import sass_loops
+
+    return sass_loops
+
+
+SASS = """
+        /*0100*/                   MOV R1, c[0x0][0x28] ;
+        /*0110*/                   HMUL2.BF16_V2 R4, R2, R3 ;
+        /*0120*/                   HGMMA.64x64x16.F32.BF16 R24, R4, gdesc[UR4], R24 ;
+        /*0130*/              @P0  BRA 0x110 ;
+        /*0140*/                   FADD R5, R6, R7 ;
+        /*0150*/                   FMUL R5, R5, R5 ;
+        /*0160*/              @P1  BRA 0x140 ;
+        /*0170*/                   EXIT ;
+"""
+
+
+def test_the_loops_holding_wgmma_are_the_backward_branches_around_hgmma(sass_loops) -> None:
+    """A backward branch whose range holds an HGMMA is a loop, counted from its target to the branch itself; a loop
+    without one (the FADD loop) is not reported."""
+    loops = sass_loops.wgmma_loops(SASS)
+    assert len(loops) == 1
+    assert (loops[0]["start"], loops[0]["end"], loops[0]["instructions"]) == ("0x110", "0x130", 3)
+    assert loops[0]["opcodes"] == {"HMUL2": 1, "HGMMA": 1, "BRA": 1}
+
+
+def test_the_query_kernel_compiles_for_sm90_offline(tmp_path: Path) -> None:
+    """The T=65536 chunked query kernel, rendered and compiled as the eager launch runs it: within its register cap
+    (two programs per SM), and its state loop and both key loops hold wgmma."""
+    pytest.importorskip("triton")
+    command = [sys.executable, str(BENCHMARKS / "sass_loops.py"), "--keep", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.splitlines()[0])
+    assert result["kernel"] == "attention_kernel" and result["options"]["maxnreg"] == 128
+    assert result["registers"] <= 128
+    loops = [line for line in done.stdout.splitlines()[1:] if line.strip().startswith("loop ")]
+    assert len(loops) == 3, done.stdout
+    assert (tmp_path / "attention_T65536.sass").is_file()
