@@ -162,6 +162,7 @@ def compiled(x: dict) -> Callable[[], object]:
         with torch.no_grad():
             return fn(x["q"], x["k"], x["v"], x["gate"])
 
+    run()  # compiles here, not in the timed calls
     return run
 
 
