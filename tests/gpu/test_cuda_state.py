@@ -52,7 +52,7 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _inputs(case: tuple, seed: int = 0) -> dict:
     _, B, Hq, Hk, Tq, Tk, d, e, dtype, gate_heads, has_valid, causal, chunk, segments, transposed = case
-    g = torch.Generator(device=DEVICE).manual_seed(0)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
 
     def randn(heads, T, dim):
         if transposed:  # (B, T, H, dim) memory seen as (B, H, T, dim): strided rows, no copy
