@@ -108,8 +108,8 @@ def signature(fn, ints: dict) -> tuple[dict, dict, dict]:
 
 
 def wgmma_loops(sass: str) -> list[dict]:
-    """The loops of ``cuobjdump -sass`` output that hold HGMMA: each a backward branch's range, innermost first by
-    address order, with its instruction count and its counts by opcode."""
+    """The loops of ``cuobjdump -sass`` output that hold HGMMA: each a backward branch's range (an outer loop's range
+    holds its inner ones), in the order of their branches, with its instruction count and its counts by opcode."""
     lines = [(int(m.group(1), 16), m.group(2)) for m in map(SASS_LINE.match, sass.splitlines()) if m]
     loops = []
     for address, text in lines:
@@ -177,7 +177,8 @@ def main() -> None:
     if keep:
         keep.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        source = (keep or Path(tmp)) / f"{args.kernel}_T{args.T}{'_gated' if args.gated else ''}.py"
+        flags = "".join(f"_{name}" for name in ("gated", "valid", "traced", "pairs") if getattr(args, name))
+        source = (keep or Path(tmp)) / f"{args.kernel}_T{args.T}{flags}.py"  # variants kept side by side
         command = [sys.executable, __file__, "--render", str(source), "--kernel", args.kernel, "--T", str(args.T)]
         command += [flag for flag, on in (("--gated", args.gated), ("--valid", args.valid), ("--traced", args.traced),
                                           ("--pairs", args.pairs)) if on]  # fmt: skip
