@@ -184,6 +184,8 @@ def graphed(fn: Callable[[], object]) -> Callable[[], object]:
 # picks itself. On the H200 with torch 2.11 the default is cuDNN's fused attention, 1.5-1.8x faster than the flash
 # backend here (T=65536: 9.8 against 14.5 ms; T=8192: 0.198 against 0.351), and the one the anchors measured.
 SDPA_BACKENDS: dict[str, str | None] = {"sdpa": "FLASH_ATTENTION", "sdpa_default": None}
+# a row's timed methods, in the order of the printed table's columns and the plot's legend
+TIMED_COLUMNS = ("ours", "ours_graph", "ours_compiled", "ours_best", *SDPA_BACKENDS, "manifest", "fla")
 
 
 def sdpa_backend(name: str | None) -> contextlib.AbstractContextManager:
@@ -356,8 +358,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    candidates = ("ours", "ours_graph", "ours_compiled", "ours_best", *SDPA_BACKENDS, "manifest", "fla")
-    methods = [m for m in candidates if any(r.get(m) for r in rows)]
+    methods = [m for m in TIMED_COLUMNS if any(r.get(m) for r in rows)]
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
     for ax, gated in zip(axes, (False, True)):
         sel = sorted((r for r in rows if r["gated"] == gated), key=lambda r: r["T"])
@@ -509,8 +510,7 @@ def _line(row: dict) -> str:
     p = row.get("best_plan") or row["plan"]
     plan = f"{p['chunk_size']}/{p['block_t']}/{p['num_warps']}" + (f"/s{p['segments']}" if p.get("segments") else "")
     cells = [f"{row['T']:>9}", f"{'yes' if row['gated'] else 'no':>9}"]
-    methods = ("ours", "ours_graph", "ours_compiled", "ours_best", *SDPA_BACKENDS, "manifest", "fla")
-    cells += [_fmt(row.get(m)) for m in methods]
+    cells += [_fmt(row.get(m)) for m in TIMED_COLUMNS]
     cells += [_fmt(row.get("executed_tflops")), _fmt(row.get("fraction_of_matmul")), f"{plan:>9}"]
     return " ".join(cells)
 
