@@ -12,8 +12,8 @@ row's ``state_kernel``: the CUDA one where measured faster), y stored in bf16 as
 follows (``for_backward=False``; runs up to session 25 stored it in float32); "ours graph" replays the same call
 from a CUDA graph (no launch overhead, as in a compiled model with CUDA graphs). "ours compiled" (at the
 ``--compiled`` lengths, default 65536) is the public ``power_retention`` under ``torch.compile`` (fullgraph, no grad):
-a compiled model's path, through Inductor's generated code, whose query kernel takes the traced launch
-(``forward.NARROW_TRACED_QUERY_LAUNCH``: Inductor drops the eager launch's register cap). ``--tune T`` first times,
+a compiled model's path, through Inductor's generated code (the same query launch as eager calls,
+``forward.NARROW_QUERY_LAUNCH``, since session 53). ``--tune T`` first times,
 gated at length T, the kernel variants of the chunked query kernel, two chunk sizes and several segment counts, keeps
 the fastest variant for the whole run and reports the fastest configuration as "ours best" with a per-kernel
 breakdown.

@@ -6,7 +6,8 @@ that holds wgmma (HGMMA), per warp and iteration.
 
 The kernel is rendered as the op renders it for b=1, h=8, d=e=64, deg 2, bf16, causal self-attention of length T
 with the H200's plan (``planning.plan``): ``attention`` is the chunked query kernel with the eager launch
-(``forward.query_launch``; ``--traced``: the launch of a compiled graph) in the cherry layout the wgmma state kernel
+(``forward.query_launch``; ``--traced``: the launch of a compiled graph, for packages before session 53, whose
+compiled and eager launches differed) in the cherry layout the wgmma state kernel
 writes (``--pairs``: the pair layout, as in training, where the states are kept); ``dq`` and ``dkv`` are the
 backward's intra-chunk kernels with their launch (``backward.chunked_warps``, the spec's stages), ``dq_kernel``
 without its state terms (the CUDA kernel adds them on Hopper). ``--package DIR`` renders another version's
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import inspect
 import json
 import os
 import re
@@ -57,7 +59,10 @@ def render(kernel: str, T: int, gated: bool, valid: bool, traced: bool, pairs: b
     if not spec.chunked:
         raise SystemExit(f"T={T}: the plan takes the single-chunk path (chunk {plan.chunk_size}); pick a longer T")
     if kernel == "attention":
-        launch = forward.query_launch(spec, plan, traced)
+        tracing = {"tracing": traced} if "tracing" in inspect.signature(forward.query_launch).parameters else {}
+        if traced and not tracing:
+            raise SystemExit("--traced: this package's compiled and eager calls take one query launch; leave it out")
+        launch = forward.query_launch(spec, plan, **tracing)
         spec = forward._with_query_tiles(spec, launch.rows, launch.split)
         if not pairs:
             spec = forward._with_cherries(spec)
@@ -162,7 +167,9 @@ def main() -> None:
     parser.add_argument("--T", type=int, default=65536)
     parser.add_argument("--gated", action="store_true")
     parser.add_argument("--valid", action="store_true")
-    parser.add_argument("--traced", action="store_true", help="the query kernel's launch in a compiled graph")
+    parser.add_argument(
+        "--traced", action="store_true", help="a compiled graph's query launch (packages before session 53)"
+    )
     parser.add_argument("--pairs", action="store_true", help="the query kernel on pair-layout states")
     parser.add_argument("--package", type=Path, default=Path(__file__).resolve().parents[1])
     parser.add_argument("--triton", type=Path, default=None, help="a Triton to put first on the path")

@@ -91,7 +91,7 @@ def query_launch_of_call(
     args: dict[str, Any], operands: tuple[torch.Tensor, ...], kv_len: int, plan, cuda_state: bool
 ) -> str:
     """How the compiled graph launches the op's query kernel on the GPU (``forward.query_launch`` of the call's
-    shape class, traced: a compiled model's launch has no register cap), which may differ from the plan's tiles.
+    shape class), which may differ from the plan's tiles.
     ``kv_len`` is the op's key length (for the key prefix ``k[:, :, :Tq]`` shorter than the operand's);
     ``cuda_state``: the plan models the CUDA state kernel (``ops.cuda_state_modelled``, as the plan was made)."""
     from .codegen import forward
@@ -108,7 +108,7 @@ def query_launch_of_call(
     # the cherry layout where the wgmma state kernel would write the states (bf16, d = 64, e a multiple of 64, sm_90a):
     # whether it does is the state kernel's choice at the call (``codegen="auto"`` measures)
     cherries = cuda_state and CudaStateHook.cherry_rows(spec, q.device)
-    return forward.describe_query_launch(forward.query_launch(spec, plan, tracing=spec.chunked), cherries)
+    return forward.describe_query_launch(forward.query_launch(spec, plan), cherries)
 
 
 def attach_plans(gm: fx.GraphModule, records: list[SiteRecord]) -> None:

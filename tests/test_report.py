@@ -187,8 +187,8 @@ def test_query_launch_names_cherries_where_the_wgmma_kernel_would_write_them(
 
 def test_report_names_the_query_kernels_launch_on_a_gpu():
     """On a GPU the plan record says how the compiled graph launches the query kernel: at T=65536 (bf16, d=64) the
-    traced narrow launch (128 rows on 4 warps, pairs in halves, no register cap) where the plan's tiles say 8 warps;
-    on the single-chunk path the plan's own tiles."""
+    narrow launch (128 rows on 4 warps, pairs in halves, no register cap) where the plan's tiles say 8 warps; on the
+    single-chunk path the plan's own tiles."""
     pytest.importorskip("triton")
     from retention_compile import hardware, planning
     from retention_compile.annotate import query_launch_of_call
@@ -201,8 +201,8 @@ def test_report_names_the_query_kernels_launch_on_a_gpu():
                              batch_heads=8)  # fmt: skip
         launch = query_launch_of_call(args, operands, T, plan, cuda_state=False)
         if plan.chunk_size < T:
-            traced = "128 query rows x 4 warps x 3 stages, pairs in 2 parts, no register cap"
-            assert plan.num_warps == 8 and launch == traced
+            narrow = "128 query rows x 4 warps x 3 stages, pairs in 2 parts, no register cap"
+            assert plan.num_warps == 8 and launch == narrow
         else:  # the quadratic kernel: the plan's rows, warps and stages
             assert launch.startswith(f"{plan.block_t} query rows x {plan.num_warps} warps x {plan.num_stages} stages")
         planned = {"device": "NVIDIA H200", "T": T, **dataclasses.asdict(plan), "query_launch": launch}

@@ -211,7 +211,7 @@ def _interpreted() -> dict[str, object]:
     bf16_case = dict(CASES)["chunked-gate-valid-segments"]
     results["chunked-gate-valid-segments-bfloat16"] = run_case(bf16_case, torch.bfloat16)
     real_launch = forward.query_launch
-    forward.query_launch = lambda spec, plan, tracing: dataclasses.replace(real_launch(spec, plan, tracing), split=2)
+    forward.query_launch = lambda spec, plan: dataclasses.replace(real_launch(spec, plan), split=2)
     results.update({f"{name}-query-split": run_case(dict(CASES)[name]) for name in QUERY_SPLIT_CASES})
     forward.query_launch = real_launch
     forward.QUERY_TRANSPOSED = not forward.QUERY_TRANSPOSED
@@ -435,24 +435,22 @@ def test_path_choice() -> None:
 
 
 def test_query_launch() -> None:
-    """bf16 chunked calls with d <= 64 take the measured narrow launch (the uncapped one while Inductor traces, as
-    its launch drops ``maxnreg``); wider heads, float32 tiles, chunks shorter than its rows and the quadratic kernel
-    keep the plan's rows and stages, whole pairs and no register cap."""
+    """bf16 chunked calls with d <= 64 take the measured narrow launch, uncapped (Inductor's launch of a user kernel
+    drops ``maxnreg``, so eager and compiled calls run one kernel); wider heads, float32 tiles, chunks shorter than
+    its rows and the quadratic kernel keep the plan's rows and stages, whole pairs and no register cap."""
     plan = Plan(chunk_size=1024, block_t=128, num_warps=4, num_stages=2)
 
-    def launch(d: int, dtype: torch.dtype, kv_len: int = 65536, tracing: bool = False, p: Plan = plan):
+    def launch(d: int, dtype: torch.dtype, kv_len: int = 65536, p: Plan = plan):
         q = torch.empty(1, 1, 1, d, dtype=dtype)
-        return forward.query_launch(kernel_spec(q, q, 2, True, False, True, kv_len, p), p, tracing)
+        return forward.query_launch(kernel_spec(q, q, 2, True, False, True, kv_len, p), p)
 
-    assert launch(64, torch.bfloat16) == forward.NARROW_QUERY_LAUNCH
-    assert launch(32, torch.bfloat16, tracing=True) == forward.NARROW_TRACED_QUERY_LAUNCH
-    assert forward.NARROW_QUERY_LAUNCH.max_registers and forward.NARROW_TRACED_QUERY_LAUNCH.max_registers is None
+    assert launch(64, torch.bfloat16) == forward.NARROW_QUERY_LAUNCH == launch(32, torch.float16)
+    assert forward.NARROW_QUERY_LAUNCH.max_registers is None and forward.NARROW_QUERY_LAUNCH.split == 2
     default = forward.QueryLaunch(rows=128, warps=forward.CHUNK_QUERY_WARPS, stages=2, split=1, max_registers=None)
     assert launch(64, torch.float32) == default
     assert launch(128, torch.bfloat16) == default  # d = 128: whole pairs, the plan's rows (its value blocks: 64)
     short = Plan(chunk_size=64, block_t=64, num_warps=4, num_stages=2)
     assert launch(64, torch.bfloat16, p=short) == dataclasses.replace(default, rows=64)  # chunks of 64 < 128 rows
-    assert launch(64, torch.bfloat16, p=short, tracing=True) == dataclasses.replace(default, rows=64)
     quadratic = forward.QueryLaunch(rows=128, warps=4, stages=2, split=1, max_registers=None)
     assert launch(64, torch.bfloat16, kv_len=512) == quadratic
 

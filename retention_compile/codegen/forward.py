@@ -78,7 +78,6 @@ from .fitting import (
     compiled_shared_memory,
     device_shared_memory_limit,
     fit_shared_memory,
-    has_storage,
     launch_specialization,
 )
 from .triton_source import SCAN_BLOCK, KernelSpec, interpreting, load_forward, value_tile
@@ -148,29 +147,25 @@ class QueryLaunch:
     max_registers: int | None
 
 
-# bf16 dots, d <= 64, 64 value columns per program (H200, T=65536 b1 h8 d64 chunk 1024, the query kernel alone,
-# ungated / gated ms, benchmarks/results/profile_forward_*_868912f.json): 128 rows, 8 warps, 3 stages, whole pairs
-# (one program per SM: 178 registers, 128 KB) 0.673 / 0.812; the same in halves capped at 128 registers (two per
-# SM) 0.534 / 0.652; 64 rows, 4 warps, 3 stages in halves (148 registers, 64 KB: three per SM) 0.593 / 0.683.
-NARROW_QUERY_LAUNCH = QueryLaunch(rows=128, warps=8, stages=3, split=2, max_registers=128)
-# Where Inductor compiles the kernel: its launch of a user kernel drops ``maxnreg``
-# (``torch._inductor.runtime.triton_heuristics.config_to_dict``), so the traced graph takes an uncapped shape: 128
-# rows on one warpgroup (4 warps, both m64 tiles sharing each k16 slice's B operand; 252 registers ungated, 255 gated,
-# no stack, 76 KB: two per SM). Against 64 rows on 4 warps (three per SM), the query kernel alone, same shape,
-# ungated / gated ms (profile_forward.py, cf0e29b, 2026-12-03): 0.560 / 0.624 -> 0.509 / 0.582; the eager launch
-# above 0.493 / 0.585.
-NARROW_TRACED_QUERY_LAUNCH = QueryLaunch(rows=128, warps=4, stages=3, split=2, max_registers=None)
+# bf16 dots, d <= 64, 64 value columns per program: 128 rows on one warpgroup (4 warps, both m64 tiles sharing each
+# k16 slice's B operand; 252 registers ungated, 255 gated, no stack, 76 KB: two programs per SM), 3 stages, pairs in
+# halves, no register cap. H200, T=65536 b1 h8 d64 chunk 1024, the query kernel alone, ungated / gated ms:
+# - cf0e29b (profile_forward.py, 2026-12-03): 0.509 / 0.582; 64 rows on 4 warps (three per SM) 0.560 / 0.624; 128
+#   rows on 8 warps capped at 128 registers (the eager launch until 2026-12-03) 0.493 / 0.585;
+# - 0cc4503 (session 52, the same inputs in one process, profiler means of 20 calls): 0.466 / 0.526 against the
+#   8-warp capped launch's 0.469 / 0.552, y bitwise equal (forward_notes.md, session 52 item 3).
+# Inductor's launch of a user kernel drops ``maxnreg`` (``torch._inductor.runtime.triton_heuristics.config_to_dict``),
+# so an uncapped launch is also the one a compiled graph runs: eager and compiled calls run one kernel.
+NARROW_QUERY_LAUNCH = QueryLaunch(rows=128, warps=4, stages=3, split=2, max_registers=None)
 
 
-def query_launch(spec: KernelSpec, plan: Plan, tracing: bool) -> QueryLaunch:
-    """The chunked query kernel's launch for shape class ``spec``: ``NARROW_QUERY_LAUNCH`` (or, while the call is
-    traced, ``tracing``: ``NARROW_TRACED_QUERY_LAUNCH``, as Inductor would drop the register cap) for bf16 dots
-    with d <= 64 and value blocks of at most 64 columns, whose chunks hold at least its rows; else the plan's rows
-    and stages with ``CHUNK_QUERY_WARPS`` (the quadratic kernel: the plan's warps too), whole pairs, no cap."""
+def query_launch(spec: KernelSpec, plan: Plan) -> QueryLaunch:
+    """The chunked query kernel's launch for shape class ``spec``: ``NARROW_QUERY_LAUNCH`` for bf16 dots with d <= 64
+    and value blocks of at most 64 columns, whose chunks hold at least its rows; else the plan's rows and stages
+    with ``CHUNK_QUERY_WARPS`` (the quadratic kernel: the plan's warps too), whole pairs, no cap."""
     narrow = spec.chunked and not spec.query_t and spec.dtype in ("bfloat16", "float16") and spec.head_dim <= 64
-    launch = NARROW_TRACED_QUERY_LAUNCH if tracing else NARROW_QUERY_LAUNCH
-    if narrow and spec.block_e <= 64 and spec.chunk_size >= launch.rows:
-        return launch
+    if narrow and spec.block_e <= 64 and spec.chunk_size >= NARROW_QUERY_LAUNCH.rows:
+        return NARROW_QUERY_LAUNCH
     warps = CHUNK_QUERY_WARPS if spec.chunked else plan.num_warps
     stages = min(plan.num_stages, WIDE_STAGES) if spec.head_dim >= WIDE_HEAD else plan.num_stages
     return QueryLaunch(rows=spec.block_t, warps=warps, stages=stages, split=1, max_registers=None)
@@ -500,8 +495,7 @@ def triton_forward(
         attention.update(_chunk_states(module, layout, k, common, extra, state_kernel, kept, buffers))
         if states_out is not None:
             states_out.update(S=attention["S_ST"], M=attention["M_ST"])
-    # traced: Dynamo and export set the compiling flag; AOTAutograd's and make_fx's inputs have no storage
-    launch = query_launch(spec, plan, spec.chunked and (torch.compiler.is_compiling() or not has_storage(q)))
+    launch = query_launch(spec, plan)
     spec = _with_query_tiles(spec, launch.rows, launch.split)
     warps, stages = launch.warps, launch.stages
 
@@ -642,8 +636,7 @@ def launch_tunables() -> tuple:
 
     return (
         *_tunables(), GATE_SCAN_BLOCK, WIDE_HEAD, WIDE_BLOCK_T, WIDE_STAGES, MIN_BLOCK_E, MAX_CHUNKED_HEAD,
-        STATE_WAVES, STATE_WARPS, STATE_STAGES, CHUNK_QUERY_WARPS, SCAN_WARPS, SCAN_BLOCK, NARROW_QUERY_LAUNCH,
-        NARROW_TRACED_QUERY_LAUNCH, CONFIG,
+        STATE_WAVES, STATE_WARPS, STATE_STAGES, CHUNK_QUERY_WARPS, SCAN_WARPS, SCAN_BLOCK, NARROW_QUERY_LAUNCH, CONFIG,
     )  # fmt: skip
 
 
