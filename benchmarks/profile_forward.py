@@ -7,7 +7,7 @@ the state kernel ``codegen="auto"`` picks.
                with that many query rows per program, warps and copy stages, registers capped per thread (Triton's
                ``maxnreg``, so that two programs fit on an SM; 0: uncapped), keys per intra-chunk step (default
                64) and parts per pair of the state product (``KernelSpec.query_split``, default 1), as
-               ``forward.NARROW_QUERY_LAUNCH`` (the launch of eager calls at this shape): the whole
+               ``forward.NARROW_QUERY_LAUNCH`` (the launch of eager and compiled calls at this shape): the whole
                forward (``bench_forward.ours``: y stored in bf16 alone, median of ``do_bench``) and the query
                kernel alone (profiler, mean of 20 calls). Each program reads its chunk's whole state, Dt x e bf16
                (327 KB at d = e = 64), so 64-row programs read twice the bytes of 128-row ones
@@ -48,9 +48,10 @@ from retention_compile.ops import resolve_plan
 
 CHUNK = 1024
 # rows / warps / copy stages / registers per thread (0: uncapped) / keys per intra-chunk step / parts per pair: the
-# eager default (forward.NARROW_QUERY_LAUNCH), 128 rows on one warpgroup (two m64 tiles sharing each k16 slice's B
-# descriptor, fence and commit) with 3 stages (the traced launch since 2026-12-03) and with 2, 64 rows on 4 warps (the
-# traced launch before), and the shape before 868912f. Local sm_90a compiles (Triton 3.6) of the bf16 d=64 kernel:
+# eager launch until session 53 (128 rows, 8 warps, capped), 128 rows on one warpgroup (two m64 tiles sharing each k16
+# slice's B descriptor, fence and commit) with 3 stages (forward.NARROW_QUERY_LAUNCH since session 53, eager and
+# compiled; the traced launch from 2026-12-03) and with 2, 64 rows on 4 warps (the traced launch before), and the
+# shape before 868912f. Local sm_90a compiles (Triton 3.6) of the bf16 d=64 kernel:
 # 128/8/3 in halves 150 registers and 76 KB (capped at 128: two per SM; in the cherry layout, gated, a 24-byte stack);
 # 128/4/3 in halves uncapped, cherry layout, 252 registers ungated and 255 gated with no stack, 76 KB (two per SM, 8
 # warps), a third fewer warp-instructions per state step and a quarter fewer per key block than 128/8/3
