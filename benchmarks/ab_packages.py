@@ -14,7 +14,10 @@ d64 bf16 causal), three ``do_bench`` medians and the profiler's mean device time
   (``bench_backward.ours`` on ``bench_backward.inputs``); the gradients dq, dk, dv (and the gate's) are kept.
 
 Under the H200's power cap whole runs move by a few percent, so the rounds' spread is the noise. What each version's
-first round keeps is compared per tensor: "bitwise", or the largest absolute difference. Writes
+first round keeps is compared per tensor: "bitwise", or the largest absolute difference. Where they differ, the
+accuracy decides: each version's first round also measures the relative errors against the float64 oracle of y (with
+``--backward``: of dq, dk, dv and the gate's gradient) on three seeds of a small gated call (``oracle_errors``), printed
+side by side. Writes
 ``ab_packages_<gpu>_<date>_<commit>.json`` (``ab_packages_backward_...`` with ``--backward``) under ``--out``
 (``--commit``: the new version's commit).
 """
@@ -36,6 +39,11 @@ BENCHMARKS = Path(__file__).resolve().parent
 MEASURE_CALLS = 3  # do_bench medians per case
 PROFILED_CALLS = 20
 TIMED = {False: "forward_ms", True: "training_step_ms"}  # a row's medians, by ``--backward``
+# (B, Hq, Hk, T, d = e) of the accuracy check: three chunks of 1024 keys, GQA, as tests/gpu/test_triton_backward.py's
+# kept-states case. Session 53 (forward_notes.md): a forward whose gated diagonal weights rounded otherwise than the
+# backward's recomputed ones left y's error as it was (2.2e-3) but took the gate's gradient from 8.5e-3 to 2.4e-2.
+ACCURACY_SHAPE = (1, 4, 2, 3000, 64)
+ACCURACY_SEEDS = (1, 2, 3)
 
 
 def forward_case(T: int, gated: bool) -> tuple[Callable[[], object], Callable[[], dict[str, torch.Tensor]]]:
@@ -63,6 +71,51 @@ def training_case(T: int, gated: bool) -> tuple[Callable[[], object], Callable[[
         return {f"d{name}": x[name].grad for name in names}
 
     return run, gradients
+
+
+def accuracy_inputs(shape: tuple[int, int, int, int, int], seed: int, device: str) -> tuple[torch.Tensor, ...]:
+    """q, k, v (bf16), log-gates -0.1 U(0, 1) per key head, key validity (the last key valid) and dy (bf16) of the
+    accuracy check, drawn from ``seed``."""
+    B, Hq, Hk, T, d = shape
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q, k, v = (torch.randn(B, h, T, d, device=device, generator=gen).to(torch.bfloat16) for h in (Hq, Hk, Hk))
+    gate = -0.1 * torch.rand(B, Hk, T, device=device, generator=gen)
+    valid = torch.rand(B, T, device=device, generator=gen) > 0.2
+    valid[:, -1] = True  # the last rows' denominators away from eps
+    dy = torch.randn(B, Hq, T, d, device=device, generator=gen).to(torch.bfloat16)
+    return q, k, v, gate, valid, dy
+
+
+def oracle_errors(
+    backward: bool,
+    shape: tuple[int, int, int, int, int] = ACCURACY_SHAPE,
+    seeds: tuple[int, ...] = ACCURACY_SEEDS,
+    device: str = "cuda",
+) -> dict[str, list[float]]:
+    """Per seed, the relative errors ``|got - want| / |want|`` against the float64 oracle
+    (``reference.power_retention_reference`` and its autograd) of ``rc.power_retention`` on bf16 inputs of ``shape``
+    with log-gates -0.1 U(0, 1) and key validity (chunks of 1024 keys): of y, or with ``backward`` of dq, dk, dv and
+    dg (the gate's gradient, the most sensitive to how the forward's and the backward's weights round)."""
+    import retention_compile as rc
+    from retention_compile.reference import power_retention_reference
+
+    errors: dict[str, list[float]] = {}
+    for seed in seeds:
+        q, k, v, gate, valid, dy = accuracy_inputs(shape, seed, device)
+        leaves = [t.detach().requires_grad_(backward) for t in (q, k, v, gate)]
+        wants = [t.detach().double().requires_grad_(backward) for t in (q, k, v, gate)]
+        options = {"deg": 2, "causal": True, "valid": valid}
+        y = rc.power_retention(*leaves[:3], log_gate=leaves[3], chunk_size=1024, **options)
+        want = power_retention_reference(*wants[:3], log_gate=wants[3], **options)
+        pairs = [("y", y, want)]
+        if backward:
+            y.backward(dy)
+            want.backward(dy.double())
+            pairs = [(f"d{name}", got.grad, ref.grad) for name, got, ref in zip("qkvg", leaves, wants)]
+        for name, got, ref in pairs:
+            error = (got.detach().double() - ref.detach()).norm() / ref.detach().norm()
+            errors.setdefault(name, []).append(float(error))
+    return errors
 
 
 def measure(lengths: list[int], keep: Path | None, backward: bool) -> list[dict]:
@@ -135,8 +188,10 @@ def main() -> None:
     if args.measure:
         import retention_compile
 
-        rows = measure(args.lengths, args.keep, args.backward)
-        print(json.dumps({"package": retention_compile.__file__, "rows": rows}))
+        result = {"package": retention_compile.__file__, "rows": measure(args.lengths, args.keep, args.backward)}
+        if args.keep is not None:  # the first round
+            result["accuracy"] = oracle_errors(args.backward)
+        print(json.dumps(result))
         return
     if args.base is None or args.new is None:
         parser.error("give the base and the new version's folders")
@@ -160,6 +215,13 @@ def main() -> None:
             record["rounds"].append(entry)
         record["outputs"] = compare_outputs(kept["base"], kept["new"])
     print(json.dumps(record["outputs"], indent=1))
+    first = record["rounds"][0]
+    record["accuracy"] = {side: first[side]["accuracy"] for side in ("base", "new")}
+    print(f"relative error against the float64 oracle, B Hq Hk T d = {ACCURACY_SHAPE}, gated, seeds {ACCURACY_SEEDS}:")
+    for name in record["accuracy"]["base"]:
+        print(f"  {name}: " + "   ".join(
+            f"{side} " + " ".join(f"{e:.2e}" for e in record["accuracy"][side][name]) for side in ("base", "new")
+        ))  # fmt: skip
     stem.with_suffix(".json").write_text(json.dumps(record, indent=1))
     print(f"wrote {stem}.json")
 

@@ -66,3 +66,15 @@ def test_the_measuring_process_times_what_was_asked(
     assert command[command.index("--lengths") + 1 :] == ["4096", "1024"]
     assert command[command.index("--keep") + 1] == str(tmp_path / "kept")
     assert seen["env"]["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path.resolve())
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_accuracy_against_the_oracle_per_seed(ab_packages, backward: bool) -> None:
+    """The accuracy check measures y (with ``backward``: dq, dk, dv and the gate's gradient) against the float64
+    oracle once per seed, here on the CPU's path at a small shape: bf16 inputs give errors of bf16's size, never 0
+    (the oracle is not compared with itself) and different inputs per seed."""
+    errors = ab_packages.oracle_errors(backward, shape=(1, 2, 1, 96, 32), seeds=(1, 2), device="cpu")
+    assert list(errors) == (["dq", "dk", "dv", "dg"] if backward else ["y"])
+    for name, per_seed in errors.items():
+        assert len(per_seed) == 2 and per_seed[0] != per_seed[1], (name, per_seed)
+        assert all(0 < error < 3e-2 for error in per_seed), (name, per_seed)
