@@ -45,12 +45,13 @@ def test_the_loops_holding_wgmma_are_the_backward_branches_around_hgmma(sass_loo
     assert loops[0]["opcodes"] == {"HMUL2": 1, "HGMMA": 1, "BRA": 1}
 
 
-def test_the_query_kernel_compiles_for_sm90_offline(tmp_path: Path) -> None:
+@pytest.mark.parametrize("gated", [False, True])
+def test_the_query_kernel_compiles_for_sm90_offline(tmp_path: Path, gated: bool) -> None:
     """The T=65536 chunked query kernel, rendered and compiled as eager and compiled calls launch it (one warpgroup,
-    no register cap): two programs fit on an SM (registers and shared memory), no stack, and its state loop and both
-    key loops hold wgmma."""
+    no register cap): two programs fit on an SM (registers and shared memory; gated it takes 255 registers of the
+    256 that allow two), no stack, and its state loop and both key loops hold wgmma."""
     pytest.importorskip("triton")
-    command = [sys.executable, str(BENCHMARKS / "sass_loops.py"), "--keep", str(tmp_path)]
+    command = [sys.executable, str(BENCHMARKS / "sass_loops.py"), "--keep", str(tmp_path), *(["--gated"] * gated)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.splitlines()[0])
@@ -60,4 +61,4 @@ def test_the_query_kernel_compiles_for_sm90_offline(tmp_path: Path) -> None:
     assert 2 * (result["shared_bytes"] + 1024) <= H200.smem_per_sm, result  # 1 KB per program for the runtime
     loops = [line for line in done.stdout.splitlines()[1:] if line.strip().startswith("loop ")]
     assert len(loops) == 3, done.stdout
-    assert (tmp_path / "attention_T65536.sass").is_file()
+    assert (tmp_path / f"attention_T65536{'_gated' * gated}.sass").is_file()
