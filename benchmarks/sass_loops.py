@@ -1,7 +1,7 @@
-"""Offline sm_90a SASS of the op's Triton kernels, no GPU needed: registers, stack and the instructions of each loop
-that holds wgmma (HGMMA), per warp and iteration.
+"""Offline sm_90a SASS of the op's Triton kernels and of its CUDA state kernel, no GPU needed: registers, stack and
+the instructions of each loop that holds wgmma (HGMMA), per warp and iteration.
 
-    python benchmarks/sass_loops.py [--kernel attention|dq|dkv] [--T 65536] [--gated] [--valid] [--traced]
+    python benchmarks/sass_loops.py [--kernel attention|dq|dkv|state] [--T 65536] [--gated] [--valid] [--traced]
         [--pairs] [--package DIR] [--triton DIR] [--keep DIR]
 
 The kernel is rendered as the op renders it for b=1, h=8, d=e=64, deg 2, bf16, causal self-attention of length T
@@ -10,7 +10,10 @@ with the H200's plan (``planning.plan``): ``attention`` is the chunked query ker
 compiled and eager launches differed) in the cherry layout the wgmma state kernel
 writes (``--pairs``: the pair layout, as in training, where the states are kept); ``dq`` and ``dkv`` are the
 backward's intra-chunk kernels with their launch (``backward.chunked_warps``, the spec's stages), ``dq_kernel``
-without its state terms (the CUDA kernel adds them on Hopper). ``--package DIR`` renders another version's
+without its state terms (the CUDA kernel adds them on Hopper); ``state`` is the forward's CUDA wgmma state kernel
+(``cuda_state.render_state_source`` with its default config, compiled by the package's own NVRTC or nvcc, in the
+cherry layout or with ``--pairs`` the pair layout; its step loop holds the chunk starts' branches, so its count is
+the loop's whole body, not one step's path). ``--package DIR`` renders another version's
 ``retention_compile`` (in a process of its own, e.g. one extracted by ``git archive``), so two templates compare.
 
 Triton compiles it for ``GPUTarget("cuda", 90, 128)`` and its bundled ``cuobjdump`` disassembles it. The integer
@@ -58,6 +61,8 @@ def render(kernel: str, T: int, gated: bool, valid: bool, traced: bool, pairs: b
     spec = forward.kernel_spec(q, q, 2, gated, valid, True, T, plan)
     if not spec.chunked:
         raise SystemExit(f"T={T}: the plan takes the single-chunk path (chunk {plan.chunk_size}); pick a longer T")
+    if kernel == "state":
+        return render_state(spec, pairs, out)
     if kernel == "attention":
         tracing = {"tracing": traced} if "tracing" in inspect.signature(forward.query_launch).parameters else {}
         if traced and not tracing:
@@ -80,6 +85,21 @@ def render(kernel: str, T: int, gated: bool, valid: bool, traced: bool, pairs: b
     ints |= {"Hq": H, "group": 1, "gate_heads": H, "state_heads": H, "state_slots": slots, "shift": 0, "Tq": T, "Tk": T}
     ints["stride_g"] = -(-T // 16) * 16
     return {"name": name, "warps": warps, "stages": stages, "max_registers": max_registers, "ints": ints}
+
+
+def render_state(spec, pairs: bool, out: Path) -> dict:
+    """Write the CUDA state kernel's source (``out`` with suffix .cu) and its sm_90a cubin (.cubin) for ``spec``, and
+    return where the cubin is, with the launch's threads and dynamic shared memory."""
+    from retention_compile.codegen import cuda_state, forward, nvrtc
+
+    if not pairs:
+        spec = forward._with_cherries(spec)
+    source = cuda_state.render_state_source(spec, cuda_state.CONFIG, "sm_90a")
+    out.with_suffix(".cu").write_text(source)
+    cubin = out.with_suffix(".cubin")
+    cubin.write_bytes(nvrtc.compile_source(source, "sm_90a"))
+    return {"name": "retention_chunk_state", "cubin": str(cubin), "threads": cuda_state.WGMMA_THREADS,
+            "dynamic_shared_bytes": cuda_state.wgmma_smem_bytes(spec)}  # fmt: skip
 
 
 def signature(fn, ints: dict) -> tuple[dict, dict, dict]:
@@ -129,6 +149,29 @@ def wgmma_loops(sass: str) -> list[dict]:
     return loops
 
 
+def disassemble(cubin: Path, keep: Path | None) -> tuple[str, dict[str, int]]:
+    """``cubin``'s SASS and resources (REG, STACK, SHARED, LOCAL) by Triton's bundled ``cuobjdump`` (the SASS kept
+    beside it under ``keep``)."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    usage = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+    if keep:
+        (keep / f"{cubin.stem}.sass").write_text(sass)
+    return sass, {name: int(value) for name, value in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+
+
+def cuda_sass(launch: dict, keep: Path | None) -> dict:
+    """The resources and wgmma loops of the CUDA kernel ``render_state`` compiled."""
+    sass, resources = disassemble(Path(launch["cubin"]), keep)
+    return {
+        "kernel": launch["name"], "threads": launch["threads"], "registers": resources["REG"],
+        "stack_bytes": resources["STACK"], "shared_bytes": resources["SHARED"] + launch["dynamic_shared_bytes"],
+        "loops": wgmma_loops(sass),
+    }  # fmt: skip
+
+
 def compile_sass(source: Path, launch: dict, keep: Path | None) -> dict:
     """Compile ``source``'s kernel for sm_90a and read its resources and wgmma loops."""
     import importlib.util
@@ -146,24 +189,19 @@ def compile_sass(source: Path, launch: dict, keep: Path | None) -> dict:
     if launch["max_registers"]:
         options["maxnreg"] = launch["max_registers"]
     compiled = triton.compile(ASTSource(fn, sig, constants, attrs), target=GPUTarget("cuda", 90, 128), options=options)
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = (keep or Path(tmp)) / f"{source.stem}.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
-        usage = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
-    if keep:
-        (keep / f"{source.stem}.sass").write_text(sass)
-    resources = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+        sass, resources = disassemble(cubin, keep)
     return {
-        "triton": triton.__version__, "kernel": launch["name"], "options": options, "registers": int(resources["REG"]),
-        "stack_bytes": int(resources["STACK"]), "shared_bytes": compiled.metadata.shared, "loops": wgmma_loops(sass),
+        "triton": triton.__version__, "kernel": launch["name"], "options": options, "registers": resources["REG"],
+        "stack_bytes": resources["STACK"], "shared_bytes": compiled.metadata.shared, "loops": wgmma_loops(sass),
     }  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kernel", choices=("attention", "dq", "dkv"), default="attention")
+    parser.add_argument("--kernel", choices=("attention", "dq", "dkv", "state"), default="attention")
     parser.add_argument("--T", type=int, default=65536)
     parser.add_argument("--gated", action="store_true")
     parser.add_argument("--valid", action="store_true")
@@ -197,7 +235,7 @@ def main() -> None:
         if args.triton:
             sys.path.insert(0, str(args.triton))
         os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default up to 3.9 (which warns of a change)
-        result = compile_sass(source, launch, keep)
+        result = cuda_sass(launch, keep) if "cubin" in launch else compile_sass(source, launch, keep)
     result["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     print(json.dumps({k: v for k, v in result.items() if k != "loops"}))
     for loop in result["loops"]:

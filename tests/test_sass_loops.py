@@ -62,3 +62,26 @@ def test_the_query_kernel_compiles_for_sm90_offline(tmp_path: Path, gated: bool)
     loops = [line for line in done.stdout.splitlines()[1:] if line.strip().startswith("loop ")]
     assert len(loops) == 3, done.stdout
     assert (tmp_path / f"attention_T65536{'_gated' * gated}.sass").is_file()
+
+
+def test_the_state_kernel_disassembles_offline(tmp_path: Path) -> None:
+    """``--kernel state``: the T=65536 CUDA wgmma state kernel (cherry layout), compiled by the package's NVRTC or nvcc
+    and disassembled: two programs of 256 threads per SM (at most 128 registers, its launch bounds) and one step loop
+    holding its wgmma; its source, cubin and SASS are kept."""
+    pytest.importorskip("triton")
+    from retention_compile.codegen import nvrtc
+
+    try:
+        nvrtc.compiler_id()
+    except RuntimeError:
+        pytest.skip("neither NVRTC nor nvcc is available")
+    command = [sys.executable, str(BENCHMARKS / "sass_loops.py"), "--kernel", "state", "--keep", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.splitlines()[0])
+    assert result["kernel"] == "retention_chunk_state" and result["threads"] == 256
+    assert 2 * result["threads"] * result["registers"] <= H200.regs_per_sm, result
+    assert 2 * (result["shared_bytes"] + 1024) <= H200.smem_per_sm, result
+    loops = [line for line in done.stdout.splitlines()[1:] if line.strip().startswith("loop ")]
+    assert len(loops) == 1 and "HGMMA 8" in loops[0], done.stdout
+    assert {path.suffix for path in tmp_path.iterdir()} >= {".cu", ".cubin", ".sass"}
