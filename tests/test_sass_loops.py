@@ -45,22 +45,33 @@ def test_the_loops_holding_wgmma_are_the_backward_branches_around_hgmma(sass_loo
     assert loops[0]["opcodes"] == {"HMUL2": 1, "HGMMA": 1, "BRA": 1}
 
 
+def run_sass_loops(*flags: str) -> tuple[dict, list[str]]:
+    """``benchmarks/sass_loops.py`` with ``flags``: its result line (parsed) and its loop lines."""
+    command = [sys.executable, str(BENCHMARKS / "sass_loops.py"), *flags]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    return json.loads(lines[0]), [line for line in lines[1:] if line.strip().startswith("loop ")]
+
+
+def assert_two_programs_per_sm(result: dict, threads: int) -> None:
+    """Two programs of ``threads`` threads fit on an H200 SM by registers and by shared memory (each program also
+    takes 1 KB the runtime reserves)."""
+    assert 2 * threads * result["registers"] <= H200.regs_per_sm, result
+    assert 2 * (result["shared_bytes"] + 1024) <= H200.smem_per_sm, result
+
+
 @pytest.mark.parametrize("gated", [False, True])
 def test_the_query_kernel_compiles_for_sm90_offline(tmp_path: Path, gated: bool) -> None:
     """The T=65536 chunked query kernel, rendered and compiled as eager and compiled calls launch it (one warpgroup,
     no register cap): two programs fit on an SM (registers and shared memory; gated it takes 255 registers of the
     256 that allow two), no stack, and its state loop and both key loops hold wgmma."""
     pytest.importorskip("triton")
-    command = [sys.executable, str(BENCHMARKS / "sass_loops.py"), "--keep", str(tmp_path), *(["--gated"] * gated)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.splitlines()[0])
+    result, loops = run_sass_loops("--keep", str(tmp_path), *(["--gated"] * gated))
     assert result["kernel"] == "attention_kernel" and "maxnreg" not in result["options"]
-    threads = 32 * result["options"]["num_warps"]
-    assert 2 * threads * result["registers"] <= H200.regs_per_sm and result["stack_bytes"] == 0, result
-    assert 2 * (result["shared_bytes"] + 1024) <= H200.smem_per_sm, result  # 1 KB per program for the runtime
-    loops = [line for line in done.stdout.splitlines()[1:] if line.strip().startswith("loop ")]
-    assert len(loops) == 3, done.stdout
+    assert_two_programs_per_sm(result, 32 * result["options"]["num_warps"])
+    assert result["stack_bytes"] == 0, result
+    assert len(loops) == 3, loops
     assert (tmp_path / f"attention_T65536{'_gated' * gated}.sass").is_file()
 
 
@@ -75,13 +86,8 @@ def test_the_state_kernel_disassembles_offline(tmp_path: Path) -> None:
         nvrtc.compiler_id()
     except RuntimeError:
         pytest.skip("neither NVRTC nor nvcc is available")
-    command = [sys.executable, str(BENCHMARKS / "sass_loops.py"), "--kernel", "state", "--keep", str(tmp_path)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.splitlines()[0])
+    result, loops = run_sass_loops("--kernel", "state", "--keep", str(tmp_path))
     assert result["kernel"] == "retention_chunk_state" and result["threads"] == 256
-    assert 2 * result["threads"] * result["registers"] <= H200.regs_per_sm, result
-    assert 2 * (result["shared_bytes"] + 1024) <= H200.smem_per_sm, result
-    loops = [line for line in done.stdout.splitlines()[1:] if line.strip().startswith("loop ")]
-    assert len(loops) == 1 and "HGMMA 8" in loops[0], done.stdout
+    assert_two_programs_per_sm(result, result["threads"])
+    assert len(loops) == 1 and "HGMMA 8" in loops[0], loops
     assert {path.suffix for path in tmp_path.iterdir()} >= {".cu", ".cubin", ".sass"}
