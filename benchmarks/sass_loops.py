@@ -192,6 +192,8 @@ def compile_sass(source: Path, launch: dict, keep: Path | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = (keep or Path(tmp)) / f"{source.stem}.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
+        if keep:
+            cubin.with_suffix(".ptx").write_text(compiled.asm["ptx"])
         sass, resources = disassemble(cubin, keep)
     return {
         "triton": triton.__version__, "kernel": launch["name"], "options": options, "registers": resources["REG"],

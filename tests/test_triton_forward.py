@@ -113,19 +113,40 @@ def denominator_error(chunk: int) -> dict[str, float]:
     return {"denom of fixed inputs": float(((den[0, 0].double() - expected).abs() / expected).max())}
 
 
-def large_inputs(deg: int, d: int, T: int = 8) -> dict[str, float]:
+def large_inputs(
+    deg: int, d: int, T: int = 8, log_gate: torch.Tensor | None = None, chunk: int = 1024
+) -> dict[str, float]:
     """Entries of q and k in [90, 100] (the contract's |q|, |k| up to 1e2, all the same sign, so q . k is near its
     largest): the relative error of y and whether y and denom are finite. The weights (s q.k)^p stay below float32's
-    range where (q.k)^p alone would not (deg 6, d = 256: (2.5e6)^6 overflows)."""
+    range where (q.k)^p alone would not (deg 6, d = 256: (2.5e6)^6 overflows). ``log_gate`` (1, 1, T) and ``chunk``:
+    the gate and chunk size of the call."""
     gen = torch.Generator().manual_seed(deg * 1000 + d)
     q, k = (90 + 10 * torch.rand(1, 1, T, d, generator=gen) for _ in range(2))
     v = torch.randn(1, 1, T, 32, generator=gen)
-    y, den = triton_forward(
-        q, k, v, scale=d**-0.5, deg=deg, log_gate=None, causal=True, valid=None, plan=Plan(chunk_size=1024, **TINY)
-    )
-    ref = power_retention_reference(q.double(), k.double(), v.double(), scale=d**-0.5, deg=deg)
+    options = {"scale": d**-0.5, "deg": deg, "log_gate": log_gate, "causal": True}
+    y, den = triton_forward(q, k, v, **options, valid=None, plan=Plan(chunk_size=chunk, **TINY))
+    gate = None if log_gate is None else log_gate.double()
+    ref = power_retention_reference(q.double(), k.double(), v.double(), **{**options, "log_gate": gate})
     finite = bool(torch.isfinite(y).all() and torch.isfinite(den).all())
     return {"y": float((y.double() - ref).norm() / ref.norm()) if finite else float("inf"), "finite": float(finite)}
+
+
+def span_gate(per_key: float, T: int = 40) -> torch.Tensor:
+    """Constant log-gates ``per_key``: over a row block's masked keys (``TINY``'s 16 rows, 16 keys) G falls by
+    15 |per_key| nats."""
+    return torch.full((1, 1, T), per_key)
+
+
+def cliff_gate(T: int = 40, rows: int = TINY["block_t"]) -> torch.Tensor:
+    """-1 per key over the first row block (a span of 15 nats), then -10 per key (150 nats per later row block: the
+    diagonal blocks' keys after a row take exp(G_i - G_j) = inf there, which must not reach y as NaN)."""
+    return torch.cat([torch.full((rows,), -1.0), torch.full((T - rows,), -10.0)]).view(1, 1, T)
+
+
+# row-block spans of 15.9, 16.5 and 105 nats and a cliff after the first row block, with large_inputs' q and k (the
+# spans around 16 nats, where a factored diagonal form would have to switch to one exp per weight: sessions 52-54)
+GATE_SPAN_CASES = {"span-15.9": span_gate(-15.9 / 15), "span-16.5": span_gate(-16.5 / 15), "span-105": span_gate(-7.0),
+                   "cliff": cliff_gate()}  # fmt: skip
 
 
 def keyless_alignment() -> dict[str, float]:
@@ -197,6 +218,9 @@ def _interpreted() -> dict[str, object]:
     results.update({f"denominator-chunk{c}": denominator_error(c) for c in (16, 1024)})
     results.update(keyless_alignment())
     results.update({f"large-inputs-deg{deg}-d{d}": large_inputs(deg, d) for deg, d in ((6, 256), (4, 128))})
+    for name, gate in GATE_SPAN_CASES.items():  # the single-chunk kernel, then chunks of 16
+        for chunk in (1024, 16):
+            results[f"large-inputs-{name}-chunk{chunk}"] = large_inputs(2, 32, gate.shape[-1], gate, chunk)
     # keyless_rows off: the kernels handle the queries before the first key themselves (chunks aligned with the
     # queries, negative positions), as they do where symbolic sizes leave Tq > Tk open
     real_keyless, forward.keyless_rows = forward.keyless_rows, lambda q, k, causal: None
@@ -282,6 +306,18 @@ def test_large_inputs_stay_finite(interpreted: dict[str, dict[str, float]], name
     assert interpreted[name]["finite"] == 1.0 and interpreted[name]["y"] < 1e-5, interpreted[name]
 
 
+@pytest.mark.parametrize("chunk", [1024, 16])
+@pytest.mark.parametrize("name", list(GATE_SPAN_CASES))
+def test_gate_spans_and_cliffs_with_large_inputs(
+    interpreted: dict[str, dict[str, float]], name: str, chunk: int
+) -> None:
+    """Large q and k under gates whose span over a row block's masked keys (G_first - G_last) is 15.9, 16.5 and
+    105 nats, and a cliff after the first row block, in the single-chunk and the chunked kernel: y and denom finite,
+    of the oracle's value (a key after the row may take exp(G_i - G_j) = inf, which its select makes 0)."""
+    result = interpreted[f"large-inputs-{name}-chunk{chunk}"]
+    assert result["finite"] == 1.0 and result["y"] < 1e-5, result
+
+
 def test_queries_before_the_first_key_are_left_out(interpreted: dict[str, float]) -> None:
     """Causal Tq > Tk: the kernels run on the rows with keys, so the chunks align with the keys (no first chunk of
     a few keys reached through the bf16 state alone: ``forward.keyless_rows``); the rows before the first key are
@@ -318,7 +354,9 @@ def test_gated_attention_loops_take_ftz_exp_on_the_gpu_only() -> None:
     """The GPU render's attention loops take e^x by one ``ex2.approx.ftz.f32`` (inline PTX); the interpreter's render
     (``TRITON_INTERPRET=1`` runs no PTX) and the ungated render have none."""
     gpu = triton_source.render(triton_source.FORWARD_TEMPLATE, _spec())
-    assert "ex2.approx.ftz.f32" in gpu and gpu.count("w = w * exp_ftz(") == 2
+    # the unmasked blocks' key factor, and the diagonal blocks' one exp per weight (selected: 0 for a key after the row)
+    assert "ex2.approx.ftz.f32" in gpu and gpu.count("w = w * exp_ftz(") == 1
+    assert "w = w * tl.where(keep, exp_ftz(" in gpu
     interpreted = triton_source.render(triton_source.FORWARD_TEMPLATE, _spec(), interpret=True)
     assert "exp_ftz" not in interpreted and "inline_asm" not in interpreted
     assert "exp_ftz" not in render_forward(_spec(gated=False))

@@ -175,6 +175,31 @@ def test_large_inputs_stay_finite(dtype: torch.dtype, deg: int) -> None:
     check(q, k, v, g, None, deg=deg, causal=True, plan=plan)
 
 
+# the nats G falls over one row block's masked keys in the query kernel (G_first - G_last); None: a cliff, 15 nats
+# over the first row block, then -10 per key
+GATE_SPANS = {"span-15.9": 15.9, "span-16.5": 16.5, "span-105": 105.0, "cliff": None}
+
+
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize("magnitude", [1.0, 100.0])
+@pytest.mark.parametrize("path", ["chunked", "quadratic"])
+@pytest.mark.parametrize("name", list(GATE_SPANS))
+def test_gate_spans_and_cliffs(name: str, path: str, magnitude: float) -> None:
+    """Constant log-gates whose span over the query kernel's row block (128 rows chunked, 64 quadratic) is just
+    under, just over or far over 16 nats, and a cliff after the first row block, with |q|, |k| ~ 1 and ~ 1e2: the
+    diagonal key blocks' exp(G_i - G_j) = inf for keys after the row never reaches y, and y matches the oracle."""
+    T = 3000
+    plan = Plan(chunk_size=1024, block_t=128) if path == "chunked" else QUADRATIC
+    rows = forward.NARROW_QUERY_LAUNCH.rows if path == "chunked" else QUADRATIC.block_t
+    q, k, v, _, _ = make_inputs(1, 2, 1, T, T, 64, 64, bf16, magnitude=magnitude)
+    span = GATE_SPANS[name]
+    if span is None:
+        gate = torch.cat([torch.full((rows,), -15.0 / (rows - 1)), torch.full((T - rows,), -10.0)])
+    else:
+        gate = torch.full((T,), -span / (rows - 1))
+    check(q, k, v, gate.view(1, 1, T).cuda(), None, deg=2, causal=True, plan=plan)
+
+
 # (B, Hq, Hk, Tq, Tk, d, e, deg, dtype, gate heads: 0 none / "k" / "q", valid, causal, y dtype, SDPA's layout):
 # quadratic-path calls, then chunked ones (``CHUNKED_REPLAYS``)
 REPLAY_CASES = {
