@@ -1,14 +1,16 @@
 """Offline sm_90a SASS of the op's Triton kernels and of its CUDA state kernel, no GPU needed: registers, stack and
 the instructions of each loop that holds wgmma (HGMMA), per warp and iteration.
 
-    python benchmarks/sass_loops.py [--kernel attention|dq|dkv|state] [--T 65536] [--gated] [--valid] [--traced]
-        [--pairs] [--package DIR] [--triton DIR] [--keep DIR]
+    python benchmarks/sass_loops.py [--kernel attention|dq|dkv|state] [--T 65536] [--d 64] [--dtype bf16|fp16]
+        [--gated] [--valid] [--traced] [--pairs] [--package DIR] [--triton DIR] [--keep DIR]
 
-The kernel is rendered as the op renders it for b=1, h=8, d=e=64, deg 2, bf16, causal self-attention of length T
+The kernel is rendered as the op renders it for b=1, h=8, d=e=64 (``--d``), deg 2, bf16 (``--dtype``), causal
+self-attention of length T
 with the H200's plan (``planning.plan``): ``attention`` is the chunked query kernel with the eager launch
 (``forward.query_launch``; ``--traced``: the launch of a compiled graph, for packages before session 53, whose
-compiled and eager launches differed) in the cherry layout the wgmma state kernel
-writes (``--pairs``: the pair layout, as in training, where the states are kept); ``dq`` and ``dkv`` are the
+compiled and eager launches differed) in the layout the op's forward reads: the cherry layout where the wgmma state
+kernel writes it (d = 64 bf16), else pairs (``--pairs``: the pair layout, as in training, where the states are kept
+whatever the shape); ``dq`` and ``dkv`` are the
 backward's intra-chunk kernels with their launch (``backward.chunked_warps``, the spec's stages), ``dq_kernel``
 without its state terms (the CUDA kernel adds them on Hopper); ``state`` is the forward's CUDA wgmma state kernel
 (``cuda_state.render_state_source`` with its default config, compiled by the package's own NVRTC or nvcc, in the
@@ -37,32 +39,42 @@ import sys
 import tempfile
 from pathlib import Path
 
-B, H, D = 1, 8, 64
-# Pointer arguments by name: their element types in a bf16 call (the float32 buffers: outputs, sums, states kept in
+B, H = 1, 8
+# Pointer arguments by name: those in the inputs' dtype (the others are float32 buffers: outputs, sums, states kept in
 # float32, G); VALID is a bool mask.
-BF16_POINTERS = {"Q", "K", "V", "DY", "Y_OUT", "S_ST", "R_ST"}
+INPUT_POINTERS = {"Q", "K", "V", "DY", "Y_OUT", "S_ST", "R_ST"}
+INPUT_TYPES = {"bf16": "bfloat16", "fp16": "float16"}  # --dtype: Triton's name -> torch's
 I1_POINTERS = {"VALID"}
 CONSTEXPRS = {"ROUNDED_OUT": False}  # the forward's second store of y (in the inputs' dtype) off
 SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 BACK_BRANCH = re.compile(r"BRA\s.*?0x([0-9a-f]+)")
 
 
-def render(kernel: str, T: int, gated: bool, valid: bool, traced: bool, pairs: bool, out: Path) -> dict:
-    """Write the kernel's source to ``out`` (this process imports the package) and return its launch and the integer
-    arguments the op passes at this shape."""
+def render(
+    kernel: str, T: int, d: int, dtype: str, gated: bool, valid: bool, traced: bool, pairs: bool, out: Path
+) -> dict:
+    """Write the kernel's source to ``out`` (this process imports the package) and return its launch, the integer
+    arguments the op passes at this shape (head and value dimension ``d``, inputs of Triton type ``dtype``) and
+    that type."""
     import torch
 
     from retention_compile import hardware, planning
     from retention_compile.codegen import backward, forward, triton_source
 
     h200 = hardware.KNOWN["H200"]
-    plan = planning.plan(h200, T=T, d=D, e=D, deg=2, dtype=torch.bfloat16, gated=gated, batch_heads=B * H)
-    q = torch.empty(B, H, T, D, dtype=torch.bfloat16, device="meta")
+    torch_dtype = getattr(torch, INPUT_TYPES[dtype])
+    plan = planning.plan(h200, T=T, d=d, e=d, deg=2, dtype=torch_dtype, gated=gated, batch_heads=B * H)
+    q = torch.empty(B, H, T, d, dtype=torch_dtype, device="meta")
     spec = forward.kernel_spec(q, q, 2, gated, valid, True, T, plan)
     if not spec.chunked:
         raise SystemExit(f"T={T}: the plan takes the single-chunk path (chunk {plan.chunk_size}); pick a longer T")
+    pairs = pairs or not takes_cherries(spec)
     if kernel == "state":
-        return render_state(spec, pairs, out)
+        from retention_compile.codegen import cuda_state
+
+        if not cuda_state.uses_wgmma(spec, cuda_state.CONFIG, "sm_90a"):
+            raise SystemExit(f"--kernel state reads the wgmma state kernel, which {spec.summary()} does not take")
+        return {**render_state(spec, pairs, out), "input_type": dtype}
     if kernel == "attention":
         tracing = {"tracing": traced} if "tracing" in inspect.signature(forward.query_launch).parameters else {}
         if traced and not tracing:
@@ -79,12 +91,24 @@ def render(kernel: str, T: int, gated: bool, valid: bool, traced: bool, pairs: b
         warps = backward.chunked_warps(spec, False)
         stages, max_registers = (bspec.dq_stages if kernel == "dq" else bspec.dkv_stages), None
     out.write_text(source)
-    strides = {"b": H * T * D, "h": T * D, "t": D, "d": 1, "e": 1}
+    strides = {"b": H * T * d, "h": T * d, "t": d, "d": 1, "e": 1}
     ints = {f"stride_{t}{axis}": value for t in "qkvy" for axis, value in strides.items()}
     slots = -(-T // plan.chunk_size)
     ints |= {"Hq": H, "group": 1, "gate_heads": H, "state_heads": H, "state_slots": slots, "shift": 0, "Tq": T, "Tk": T}
     ints["stride_g"] = -(-T // 16) * 16
-    return {"name": name, "warps": warps, "stages": stages, "max_registers": max_registers, "ints": ints}
+    return {"name": name, "warps": warps, "stages": stages, "max_registers": max_registers, "ints": ints,
+            "input_type": dtype}  # fmt: skip
+
+
+def takes_cherries(spec) -> bool:
+    """Whether the op's forward (no states kept) takes the cherry layout for ``spec`` on an H200 (packages before
+    session 54 lack ``cuda_state.cherry_rows_on``: there, d = 64 bf16, the shapes they were read at)."""
+    from retention_compile.codegen import cuda_state
+
+    rows_on = getattr(cuda_state, "cherry_rows_on", None)
+    if rows_on is None:
+        return spec.head_dim == 64 and spec.dtype == "bfloat16"
+    return rows_on(spec, cuda_state.CONFIG, "sm_90a")
 
 
 def render_state(spec, pairs: bool, out: Path) -> dict:
@@ -102,8 +126,9 @@ def render_state(spec, pairs: bool, out: Path) -> dict:
             "dynamic_shared_bytes": cuda_state.wgmma_smem_bytes(spec)}  # fmt: skip
 
 
-def signature(fn, ints: dict) -> tuple[dict, dict, dict]:
-    """Triton's signature, constants and attributes for ``fn``'s arguments as the launcher would specialize them."""
+def signature(fn, ints: dict, input_type: str) -> tuple[dict, dict, dict]:
+    """Triton's signature, constants and attributes for ``fn``'s arguments as the launcher would specialize them
+    (the inputs' pointers of Triton type ``input_type``)."""
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
 
@@ -118,7 +143,7 @@ def signature(fn, ints: dict) -> tuple[dict, dict, dict]:
             sig[name] = "fp32"
             continue
         if name.isupper():
-            dtype = "bf16" if name in BF16_POINTERS else "i1" if name in I1_POINTERS else "fp32"
+            dtype = input_type if name in INPUT_POINTERS else "i1" if name in I1_POINTERS else "fp32"
             sig[name], attrs[(i,)] = f"*{dtype}", [["tt.divisibility", 16]]  # allocations are 16-byte aligned
             continue
         if name not in ints:
@@ -184,7 +209,7 @@ def compile_sass(source: Path, launch: dict, keep: Path | None) -> dict:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     fn = getattr(module, launch["name"])
-    sig, constants, attrs = signature(fn, launch["ints"])
+    sig, constants, attrs = signature(fn, launch["ints"], launch["input_type"])
     options = {"num_warps": launch["warps"], "num_stages": launch["stages"]}
     if launch["max_registers"]:
         options["maxnreg"] = launch["max_registers"]
@@ -205,6 +230,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kernel", choices=("attention", "dq", "dkv", "state"), default="attention")
     parser.add_argument("--T", type=int, default=65536)
+    parser.add_argument("--d", type=int, default=64, help="head and value dimension")
+    parser.add_argument("--dtype", choices=tuple(INPUT_TYPES), default="bf16", help="the inputs' dtype")
     parser.add_argument("--gated", action="store_true")
     parser.add_argument("--valid", action="store_true")
     parser.add_argument(
@@ -217,7 +244,9 @@ def main() -> None:
     parser.add_argument("--render", type=Path, help=argparse.SUPPRESS)  # the rendering process: write here
     args = parser.parse_args()
     if args.render:
-        launch = render(args.kernel, args.T, args.gated, args.valid, args.traced, args.pairs, args.render)
+        launch = render(
+            args.kernel, args.T, args.d, args.dtype, args.gated, args.valid, args.traced, args.pairs, args.render
+        )
         print(json.dumps(launch))
         return
     keep = args.keep
@@ -225,8 +254,10 @@ def main() -> None:
         keep.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         flags = "".join(f"_{name}" for name in ("gated", "valid", "traced", "pairs") if getattr(args, name))
-        source = (keep or Path(tmp)) / f"{args.kernel}_T{args.T}{flags}.py"  # variants kept side by side
+        shape = f"_T{args.T}" + f"_d{args.d}" * (args.d != 64) + f"_{args.dtype}" * (args.dtype != "bf16")
+        source = (keep or Path(tmp)) / f"{args.kernel}{shape}{flags}.py"  # variants kept side by side
         command = [sys.executable, __file__, "--render", str(source), "--kernel", args.kernel, "--T", str(args.T)]
+        command += ["--d", str(args.d), "--dtype", args.dtype]
         command += [flag for flag, on in (("--gated", args.gated), ("--valid", args.valid), ("--traced", args.traced),
                                           ("--pairs", args.pairs)) if on]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(args.package), os.environ.get("PYTHONPATH", "")])}

@@ -554,7 +554,13 @@ chunk_states = CudaStateHook()
 
 @functools.lru_cache(maxsize=256)
 def _cherry_rows(spec: KernelSpec, device: torch.device, config: StateKernelConfig) -> bool:
-    arch = nvrtc.tensor_arch(device)
+    return cherry_rows_on(spec, config, nvrtc.tensor_arch(device))
+
+
+def cherry_rows_on(spec: KernelSpec, config: StateKernelConfig, arch: str | None) -> bool:
+    """Whether the state kernel writes ``spec``'s states in the cherry layout on a GPU of cubin target ``arch``
+    (None: no GPU): the wgmma kernel, deg 2, the chunked query kernel on 16-coordinate pair blocks (not transposed)
+    and a head dim the layout serves."""
     chunked = spec.chunked and spec.deg == 2 and not spec.query_t and spec.block_feature == 16
     chunked = chunked and supports_cherries(spec.head_dim)
     return chunked and uses_wgmma(spec, config, arch)
