@@ -351,15 +351,17 @@ def test_rendered_source_bakes_the_shape() -> None:
 
 
 def test_gated_attention_loops_take_ftz_exp_on_the_gpu_only() -> None:
-    """The GPU render's attention loops take e^x by one ``ex2.approx.ftz.f32`` (inline PTX); the interpreter's render
-    (``TRITON_INTERPRET=1`` runs no PTX) and the ungated render have none."""
+    """The GPU render's attention loops take e^(a - b) by one fma, 2^(a log2 e - b log2 e) with a log2 e worked out
+    once, and one ``ex2.approx.ftz.f32`` (inline PTX); the interpreter's render (``TRITON_INTERPRET=1`` runs no PTX)
+    takes the same fma and ``tl.exp2``; the ungated render has neither."""
     gpu = triton_source.render(triton_source.FORWARD_TEMPLATE, _spec())
     # the unmasked blocks' key factor, and the diagonal blocks' one exp per weight (selected: 0 for a key after the row)
-    assert "ex2.approx.ftz.f32" in gpu and gpu.count("w = w * exp_ftz(") == 1
-    assert "w = w * tl.where(keep, exp_ftz(" in gpu
+    assert "ex2.approx.ftz.f32" in gpu and gpu.count("w = w * exp2_ftz(tl.fma(") == 1
+    assert "w = w * tl.where(keep, exp2_ftz(tl.fma(" in gpu
     interpreted = triton_source.render(triton_source.FORWARD_TEMPLATE, _spec(), interpret=True)
-    assert "exp_ftz" not in interpreted and "inline_asm" not in interpreted
-    assert "exp_ftz" not in render_forward(_spec(gated=False))
+    assert "exp2_ftz" not in interpreted and "inline_asm" not in interpreted
+    assert interpreted.count("tl.exp2(tl.fma(") == 2
+    assert "exp2_ftz" not in render_forward(_spec(gated=False))
 
 
 def test_ablation_edits_still_apply(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -155,8 +155,8 @@ def _forward_params(spec: KernelSpec) -> dict[str, object]:
 def render(template: str, spec, interpret: bool = False) -> str:
     """The Triton module source of ``template`` for ``spec`` (deterministic: equal specs give byte-equal sources).
 
-    ``interpret``: the source for ``TRITON_INTERPRET=1``, which runs no inline PTX (the GPU source's ``exp_ftz``
-    is ``tl.exp`` there)."""
+    ``interpret``: the source for ``TRITON_INTERPRET=1``, which runs no inline PTX (the GPU source's ``exp2_ftz``
+    is ``tl.exp2`` there)."""
     return environment(TEMPLATE_DIR).get_template(template).render(**spec.template_params(), interpret=interpret)
 
 
