@@ -57,7 +57,7 @@ def forward_with_cuda_states(
     gate = -0.02 * torch.rand(B, H, T, device="cuda") if gated else None
     plan = resolve_plan(q, k, v, 2, gated, 0)
     options = {"scale": D**-0.5, "deg": 2, "log_gate": gate, "causal": True, "valid": None, "plan": plan}
-    y, den = triton_forward(q, k, v, **options, state_kernel=chunk_states)
+    y, den = triton_forward(q, k, v, **options, state_kernel=chunk_states, for_backward=True)
     return q, k, v, options, y, den
 
 

@@ -9,8 +9,9 @@ self-attention of length T
 with the H200's plan (``planning.plan``): ``attention`` is the chunked query kernel with the eager launch
 (``forward.query_launch``; ``--traced``: the launch of a compiled graph, for packages before session 53, whose
 compiled and eager launches differed) in the layout the op's forward reads: the cherry layout where the wgmma state
-kernel writes it (d = 64 bf16), else pairs (``--pairs``: the pair layout, as in training, where the states are kept
-whatever the shape); ``dq`` and ``dkv`` are the
+kernel writes it (d = 64 bf16), else pairs, with packed bf16 squares (``KernelSpec.packed_squares``, where the
+package has them) as in a forward no backward follows (``--pairs``: the pair layout and float32 squares, as in
+training, where the states are kept whatever the shape); ``dq`` and ``dkv`` are the
 backward's intra-chunk kernels with their launch (``backward.chunked_warps``, the spec's stages), ``dq_kernel``
 without its state terms (the CUDA kernel adds them on Hopper); ``state`` is the forward's CUDA wgmma state kernel
 (``cuda_state.render_state_source`` with its default config, compiled by the package's own NVRTC or nvcc, in the
@@ -68,6 +69,7 @@ def render(
     spec = forward.kernel_spec(q, q, 2, gated, valid, True, T, plan)
     if not spec.chunked:
         raise SystemExit(f"T={T}: the plan takes the single-chunk path (chunk {plan.chunk_size}); pick a longer T")
+    training = pairs  # the forward a backward follows: states kept (pairs), float32 squares
     pairs = pairs or not takes_cherries(spec)
     if kernel == "state":
         from retention_compile.codegen import cuda_state
@@ -83,6 +85,8 @@ def render(
         spec = forward._with_query_tiles(spec, launch.rows, launch.split)
         if not pairs:
             spec = forward._with_cherries(spec)
+        if not training and hasattr(triton_source, "with_packed_squares"):  # packages since session 55
+            spec = triton_source.with_packed_squares(spec)
         source, name = triton_source.render_forward(spec), "attention_kernel"
         warps, stages, max_registers = launch.warps, launch.stages, launch.max_registers
     else:

@@ -213,7 +213,7 @@ def _forward(
         y, denom = triton_forward(
             q, k, v, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid, plan=plan,
             state_kernel=state.kernel, states_out=states if for_backward else None, y_out=rounded,
-            y_dtype=compute_dtype(q.dtype) if for_backward else q.dtype,
+            y_dtype=compute_dtype(q.dtype) if for_backward else q.dtype, for_backward=for_backward,
         )  # fmt: skip
         if not for_backward and route.key is not None:  # the launches triton_forward kept, for the calls after this
             route.forward = kept_call(

@@ -107,7 +107,7 @@ def run_case(
     drawn in float32 and rounded to ``dtype`` (their gradients come back in it). ``segments``: the state kernels'
     segment count (the interpreter's default is one: it counts one SM); ``tiles``: the plan's (``_inputs``)."""
     inputs, options, grad_y, plan = _inputs(case, dtype, tiles)
-    y, den = triton_forward(*inputs, plan=plan, **options)
+    y, den = triton_forward(*inputs, plan=plan, **options, for_backward=True)
     grads = triton_backward(grad_y, *inputs, y, den, plan=plan, segments=segments, **options)
     return _oracle_errors(inputs, options, grad_y, grads)
 

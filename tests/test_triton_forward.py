@@ -350,6 +350,23 @@ def test_rendered_source_bakes_the_shape() -> None:
     assert "x2 = x * x\n" in source and "acc = acc * scale2" in source  # deg 2: s^2 once per row, after the loops
 
 
+def test_packed_squares_apply_to_deg_2_in_16_bits_and_to_the_unmasked_blocks() -> None:
+    """``with_packed_squares`` sets the flag for deg 2 with bf16 dots only; its render squares x in packed bf16 in the
+    unmasked key blocks (gated: times the key's factor rounded to bf16) and keeps float32 squares in the masked ones;
+    without the flag (a forward a backward follows) every block squares in float32."""
+    for gated in (True, False):
+        spec = _spec(gated=gated)
+        packed = triton_source.with_packed_squares(spec)
+        assert packed.packed_squares and not spec.packed_squares
+        source = render_forward(packed)
+        assert source.count("xb = x.to(tl.bfloat16)\n        w = xb * xb\n") == 1 and source.count("x2 = x * x\n") == 1
+        assert ("exp2_ftz(tl.fma(" in source) == gated
+        assert (source.count(")).to(tl.bfloat16)[None, :]") == 1) == gated
+        assert "xb" not in render_forward(spec) and render_forward(spec).count("x2 = x * x\n") == 2
+    for unchanged in (_spec(deg=4), _spec(dtype="float32")):
+        assert triton_source.with_packed_squares(unchanged) == unchanged
+
+
 def test_gated_attention_loops_take_ftz_exp_on_the_gpu_only() -> None:
     """The GPU render's attention loops take e^(a - b) by one fma, 2^(a log2 e - b log2 e) with a log2 e worked out
     once, and one ``ex2.approx.ftz.f32`` (inline PTX); the interpreter's render (``TRITON_INTERPRET=1`` runs no PTX)

@@ -80,7 +80,7 @@ from .fitting import (
     fit_shared_memory,
     launch_specialization,
 )
-from .triton_source import SCAN_BLOCK, KernelSpec, interpreting, load_forward, value_tile
+from .triton_source import SCAN_BLOCK, KernelSpec, interpreting, load_forward, value_tile, with_packed_squares
 
 QUADRATIC_BLOCK_K = 64  # keys per step of the attention loop
 # Keys per step of the state kernel. H200, T=65536 gated, C=1024, 3 stages (run 3): 128 keys 1.469 ms, 64 keys
@@ -420,6 +420,7 @@ def triton_forward(
     states_out: dict[str, torch.Tensor] | None = None,
     y_out: torch.Tensor | None = None,
     y_dtype: torch.dtype = torch.float32,
+    for_backward: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Power retention forward on the GPU: ``(y, denom)`` exactly as ``chunked_forward`` returns them.
 
@@ -433,11 +434,13 @@ def triton_forward(
     ``y_out`` (contiguous, shaped as y, any float dtype) receives y rounded to its dtype as well: the query kernel
     stores it beside the float32 y (in place of a cast after it). ``y_dtype``: the dtype of the returned y, which
     the query kernel stores rounded from its float32 accumulators; a 16-bit one (for a forward no backward follows)
-    skips the float32 y's store (4 bytes per element) altogether, and excludes ``y_out``.
+    skips the float32 y's store (4 bytes per element) altogether, and excludes ``y_out``. ``for_backward``: a
+    backward will take y and denom (as does ``states_out``), so the weights are the backward's float32 squares
+    rounded once; otherwise deg 2 in 16 bits squares in packed bf16 (``KernelSpec.packed_squares``).
 
     An eager call whose launches go straight to Triton (``replays.replayable``), with neither ``y_out`` nor
-    ``states_out`` and the Triton or CUDA state kernel, is kept; a later call with the same key (``_replay_key``)
-    repeats its launches.
+    ``states_out`` nor ``for_backward`` and the Triton or CUDA state kernel, is kept; a later call with the same key
+    (``_replay_key``) repeats its launches.
     """
     if y_out is not None and y_dtype != torch.float32:
         raise ValueError(f"triton_forward: y_out is stored beside a float32 y, but y_dtype is {y_dtype}")
@@ -447,13 +450,14 @@ def triton_forward(
         y, denom = triton_forward(
             q[:, :, keyless:], k, v, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid, plan=plan,
             segments=segments, state_kernel=state_kernel, states_out=states_out, y_dtype=y_dtype,
+            for_backward=for_backward,
         )  # fmt: skip
         y = with_keyless_rows(y, keyless, 0.0)
         if y_out is not None:  # a rare shape: cast after
             y_out.copy_(y)
         return y, with_keyless_rows(denom, keyless, EPS)
     replay_key = None
-    if y_out is None and states_out is None:
+    if y_out is None and states_out is None and not for_backward:
         replay_key = _replay_key(q, k, v, log_gate, valid, scale, deg, causal, plan, segments, state_kernel, y_dtype)
         if replay_key is not None and (replay := replays.kept(replay_key)) is not None:
             return replay(q, k, v, log_gate, valid)
@@ -497,6 +501,8 @@ def triton_forward(
             states_out.update(S=attention["S_ST"], M=attention["M_ST"])
     launch = query_launch(spec, plan)
     spec = _with_query_tiles(spec, launch.rows, launch.split)
+    if states_out is None and not for_backward:  # the query kernel's module only: the state kernels are the same
+        spec = with_packed_squares(spec)
     warps, stages = launch.warps, launch.stages
 
     def grid(candidate: KernelSpec) -> tuple:

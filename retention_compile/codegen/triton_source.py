@@ -21,7 +21,7 @@ import functools
 import importlib.util
 import os
 import sys
-from dataclasses import asdict, astuple, dataclass
+from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
 from types import ModuleType
 
@@ -80,6 +80,11 @@ class KernelSpec:
     cherries:       the chunk states' rows in the cherry layout (``cherries.py``: no feature twice across
                     8-coordinate groups), written by the CUDA wgmma state kernel; the query kernel's state loop
                     steps through cherries (not with ``query_t``), and the module has no Triton state kernel.
+    packed_squares: deg 2 with bf16 dots only (``with_packed_squares``): the attention loops' unmasked key blocks
+                    round q.k to bf16 and square it (gated: times the key's factor, rounded too) in packed bf16x2
+                    products, where float32 squares were rounded once. For forwards no backward follows: the
+                    backward recomputes float32 squares and takes y and denom as those weights' sums, and its
+                    d log_gate (a small difference of such sums) moved 1.2-1.7x further from the oracle (session 55).
     """
 
     dtype: str
@@ -100,6 +105,7 @@ class KernelSpec:
     query_split: int = 1
     den_dot: bool = False
     cherries: bool = False
+    packed_squares: bool = False
 
     def __post_init__(self) -> None:
         # specs key several memo tables per call: hash once (the generated hash walks all 18 fields every time)
@@ -118,10 +124,16 @@ class KernelSpec:
         flags = [f for f, on in (("gated", self.gated), ("valid", self.has_valid), ("causal", self.causal)) if on]
         path = f"chunked C={self.chunk_size} b={self.block_feature}" if self.chunked else "quadratic (single chunk)"
         path += ", cherry layout" if self.cherries else ""
+        path += ", packed squares" if self.packed_squares else ""
         return (
             f"d={self.head_dim} e={self.value_dim} deg={self.deg} {self.dtype} {' '.join(flags) or 'plain'}; "
             f"{path}; block_t={self.block_t} block_k={self.block_k} block_s={self.block_s} block_e={self.block_e}"
         )
+
+
+def with_packed_squares(spec: KernelSpec) -> KernelSpec:
+    """``spec`` with ``packed_squares`` where it applies (deg 2, bf16 dots: 16-bit inputs), else ``spec``."""
+    return replace(spec, packed_squares=True) if spec.deg == 2 and spec.dtype != "float32" else spec
 
 
 @functools.cache

@@ -73,9 +73,11 @@ def _inputs(case: tuple, seed: int = 0) -> dict:
     return {"q": q, "k": k, "v": v, "kwargs": kwargs, "segments": segments}
 
 
-def _forward(x: dict, state_kernel=None) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(x: dict, state_kernel=None, for_backward: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = x["q"], x["k"], x["v"]
-    return forward.triton_forward(q, k, v, **x["kwargs"], segments=x["segments"], state_kernel=state_kernel)
+    return forward.triton_forward(
+        q, k, v, **x["kwargs"], segments=x["segments"], state_kernel=state_kernel, for_backward=for_backward
+    )
 
 
 def _oracle(x: dict) -> torch.Tensor:
@@ -286,7 +288,7 @@ def test_backward_with_cuda_states_matches_oracle_and_triton(case: tuple) -> Non
     q, k, v, kw = x["q"], x["k"], x["v"], x["kwargs"]
     grad_y = _upstream_gradient(x)
     _poison_allocator()
-    y, den = _forward(x, chunk_states)
+    y, den = _forward(x, chunk_states, for_backward=True)
     both = {
         name: backward.triton_backward(grad_y, q, k, v, y, den, **kw, segments=x["segments"], state_kernel=hook)
         for name, hook in (("cuda", chunk_states), ("triton", None))
@@ -369,7 +371,7 @@ def _hopper_backward_inputs(case: tuple, seed: int) -> tuple[dict, torch.Tensor,
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the backward's wgmma kernels need sm_90a")
     x = _inputs(case, seed=seed)
-    return (x, _upstream_gradient(x), *_forward(x, chunk_states))
+    return (x, _upstream_gradient(x), *_forward(x, chunk_states, for_backward=True))
 
 
 @pytest.mark.parametrize("case", REVERSE_CASES, ids=[c[0] for c in REVERSE_CASES])

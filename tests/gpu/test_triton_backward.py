@@ -79,7 +79,7 @@ def check(
         grads = [t.grad for t in leaves]
     else:
         options["scale"] = d**-0.5
-        y, den = triton_forward(q, k, v, plan=PLAN, **options)
+        y, den = triton_forward(q, k, v, plan=PLAN, **options, for_backward=True)
         grads = [g for g in triton_backward(grad_y, q, k, v, y, den, plan=PLAN, **options) if g is not None]
         del options["scale"]
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v) + (() if log_gate is None else (log_gate,))]

@@ -397,11 +397,12 @@ def test_inside_triton_op_and_compile() -> None:
 @pytest.mark.parametrize("T", [700, 5000])
 def test_forward_without_a_backward_stores_y_alone(T: int) -> None:
     """``power_retention`` under ``torch.no_grad`` (the op's ``for_backward=False``: y stored in bf16 alone, no
-    float32 y, no kept states), eager and compiled: y is bitwise the one of the forward that keeps them, and within
-    the oracle's tolerance; T = 700 runs the quadratic kernel, 5000 the chunked one. The compiled call is bitwise
-    the eager one too: since session 53 both take ``forward.NARROW_QUERY_LAUNCH`` (uncapped, as Inductor's launch
-    drops ``maxnreg``). Before, the compiled chunked call ran another launch (until 2026-12-03 64-row blocks, whose
-    gated unmasked keys take another row's G as their reference, so their weights rounded differently)."""
+    float32 y, no kept states), eager and compiled: y within the oracle's tolerance and near the one of the forward
+    that keeps them (not bitwise since session 55: without a backward, deg 2 squares in packed bf16,
+    ``KernelSpec.packed_squares``); T = 700 runs the quadratic kernel, 5000 the chunked one. The compiled call is
+    bitwise the eager one: since session 53 both take ``forward.NARROW_QUERY_LAUNCH`` (uncapped, as Inductor's
+    launch drops ``maxnreg``). Before, the compiled chunked call ran another launch (until 2026-12-03 64-row blocks,
+    whose gated unmasked keys take another row's G as their reference, so their weights rounded differently)."""
     import retention_compile as rc
 
     q, k, v, g, _ = make_inputs(1, 4, 2, T, T, 64, 64, bf16, gate_heads=2)
@@ -409,13 +410,43 @@ def test_forward_without_a_backward_stores_y_alone(T: int) -> None:
     kept = torch.ops.retention_compile.power_retention(q, k, v, *args)
     bare = torch.ops.retention_compile.power_retention(q, k, v, *args, False)
     assert kept[4].numel() > 0 and all(t.numel() == 0 for t in bare[2:])
-    assert bare[0].dtype == bf16 and torch.equal(bare[0], kept[0]) and torch.equal(bare[1], kept[1])
+    assert bare[0].dtype == bf16
+    assert float((bare[0].double() - kept[0].double()).norm() / kept[0].double().norm()) < 5e-3
+    assert float(((bare[1].double() - kept[1].double()).abs() / kept[1].double()).max()) < 5e-3
     with torch.no_grad():
         options = {"scale": 0.125, "log_gate": g, "chunk_size": 1024, "impl": "triton"}
         compiled = torch.compile(lambda *x: rc.power_retention(*x, **options))(q, k, v)
-    assert torch.equal(compiled, kept[0])
+    assert torch.equal(compiled, bare[0])
     rows = row_blocks(T)[-1]
     want, _ = oracle(q, k, v, scale=0.125, deg=2, log_gate=g, causal=True, valid=None, rows=rows)
     for y in (bare[0], compiled):
         got = y[:, :, rows.start : rows.stop].double()
         assert float((got - want).norm() / want.norm()) < TOL[bf16]
+
+
+@pytest.mark.parametrize("T", [700, 5000])
+def test_packed_squares_only_where_no_backward_follows(T: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The query kernel squares in packed bf16 (``KernelSpec.packed_squares``) in a forward no backward follows; with
+    ``for_backward`` or ``states_out`` (the backward takes y and denom as sums of its own float32 squares) it does
+    not. Each y is within the oracle's tolerance."""
+    loaded = []
+    real = forward.load_forward
+
+    def spy(spec):
+        loaded.append(spec)
+        return real(spec)
+
+    monkeypatch.setattr(forward, "load_forward", spy)
+    replays.clear()  # a kept call would load nothing
+    q, k, v, g, _ = make_inputs(1, 4, 2, T, T, 64, 64, bf16, gate_heads=2)
+    plan = Plan(chunk_size=1024, block_t=128)  # T = 700: the quadratic kernel alone; 5000: chunked
+    options = {"scale": 0.125, "deg": 2, "log_gate": g, "causal": True, "valid": None, "plan": plan}
+    rows = row_blocks(T)[-1]
+    want, _ = oracle(q, k, v, **{n: options[n] for n in ("scale", "deg", "log_gate", "causal", "valid")}, rows=rows)
+    for extra, packed in (({}, True), ({"for_backward": True}, False), ({"states_out": {}}, False)):
+        loaded.clear()
+        y, _ = triton_forward(q, k, v, **options, **extra)
+        assert loaded[-1].packed_squares == packed, extra  # the query kernel's module is loaded last
+        assert not loaded[0].packed_squares  # the gate's and the state kernels' module is the same either way
+        got = y[:, :, rows.start : rows.stop].double()
+        assert float((got - want).norm() / want.norm()) < TOL[bf16], extra
