@@ -1,7 +1,7 @@
 """The Triton forward of power retention (DESIGN.md section 1), launched through ``wrap_triton``.
 
     triton_supports(q, k, v, deg, log_gate, valid, causal) -> None | reason
-    triton_forward(q, k, v, *, scale, deg, log_gate, causal, valid, plan) -> (y, denom)
+    triton_forward(q, k, v, *, scale, deg, log_gate, causal, valid, plan, for_backward=False) -> (y, denom)
 
 Same contract as ``chunked.chunked_forward``: y (B, Hq, Tq, e) in q's dtype, denom (B, Hq, Tq) float32
 ``= sum_j w_ij + eps``. Written to run inside a ``torch.library.triton_op`` body: outputs come from
@@ -23,7 +23,9 @@ the second product, |q|, |k| ~ 1e2 stay finite even for p = 6, so no running row
 the true sum. Blocks left of the diagonal skip the causal mask; gated, they take
 ``exp(G_i - G_j) = exp(G_i - G_ref) exp(G_ref - G_j)`` with ``G_ref`` the G of the block of rows' first position:
 one exp per key and one per row instead of one per weight (both factors <= 1 since G never rises: a factor
-underflows only where the weight does).
+underflows only where the weight does). At deg 2 in 16 bits, a forward no backward follows squares q.k in packed
+bf16 in those blocks (``KernelSpec.packed_squares``); one for a backward (``for_backward``) squares in float32 and
+rounds once, as the backward's own weights do.
 
 chunked (deg 2): keys are cut into chunks of C aligned to the query grid (chunk c starts at key
 ``c*C - shift`` with ``shift = (Tq - Tk) mod C``, so no block of query rows straddles a chunk; the first and last
