@@ -458,8 +458,9 @@ def triton_forward(
         if y_out is not None:  # a rare shape: cast after
             y_out.copy_(y)
         return y, with_keyless_rows(denom, keyless, EPS)
+    backward_follows = for_backward or states_out is not None  # float32 squares, as the backward recomputes them
     replay_key = None
-    if y_out is None and states_out is None and not for_backward:
+    if y_out is None and not backward_follows:
         replay_key = _replay_key(q, k, v, log_gate, valid, scale, deg, causal, plan, segments, state_kernel, y_dtype)
         if replay_key is not None and (replay := replays.kept(replay_key)) is not None:
             return replay(q, k, v, log_gate, valid)
@@ -503,7 +504,7 @@ def triton_forward(
             states_out.update(S=attention["S_ST"], M=attention["M_ST"])
     launch = query_launch(spec, plan)
     spec = _with_query_tiles(spec, launch.rows, launch.split)
-    if states_out is None and not for_backward:  # the query kernel's module only: the state kernels are the same
+    if not backward_follows:  # the query kernel's module only: the state kernels are the same
         spec = with_packed_squares(spec)
     warps, stages = launch.warps, launch.stages
 
