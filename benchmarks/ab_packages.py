@@ -13,7 +13,10 @@ d64 bf16 causal), three ``do_bench`` medians and the profiler's mean device time
 - with ``--backward``, a training step instead: ``rc.power_retention(..., impl="cuda")`` and its backward
   (``bench_backward.ours`` on ``bench_backward.inputs``); the gradients dq, dk, dv (and the gate's) are kept.
 
-Under the H200's power cap whole runs move by a few percent, so the rounds' spread is the noise. What each version's
+The rounds alternate which version goes first (base first in even rounds, new first in odd ones), so that a drift
+within a round does not favour one version. Under the H200's power cap whole runs move by a few percent, so the
+rounds' spread is the noise: an A/A run (one package against its copy, session 56) read the same gated query kernel
+at 0.526-0.538 ms and the ungated one at 0.471-0.495. What each version's
 first round keeps is compared per tensor: "bitwise", or the largest absolute difference. Where they differ, the
 accuracy decides: each version's first round also measures the relative errors against the float64 oracle of y (with
 ``--backward``: of dq, dk, dv and the gate's gradient) on three seeds of a small gated call (``oracle_errors``), printed
@@ -156,6 +159,13 @@ def run_version(version: Path, lengths: list[int], keep: Path | None, backward: 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def round_order(base: Path, new: Path, round_index: int) -> list[tuple[str, Path]]:
+    """The versions of round ``round_index`` in the order they run: base first in even rounds, new first in odd ones,
+    so that what favours a round's second process cancels over two rounds."""
+    order = [("base", base), ("new", new)]
+    return order if round_index % 2 == 0 else order[::-1]
+
+
 def compare_outputs(base: Path, new: Path) -> dict[str, str]:
     """Per tensor ``base`` saved (file stem), "bitwise" where ``new``'s is the same tensor, else the largest absolute
     difference (or why the two cannot be compared)."""
@@ -204,7 +214,7 @@ def main() -> None:
         kept = {side: Path(scratch, side) for side in ("base", "new")}
         for round_index in range(args.rounds):
             entry = {}
-            for side, version in (("base", args.base), ("new", args.new)):
+            for side, version in round_order(args.base, args.new, round_index):
                 keep = kept[side] if round_index == 0 else None  # the outputs of the first round only
                 if keep is not None:
                     keep.mkdir()

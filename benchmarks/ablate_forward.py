@@ -10,8 +10,9 @@ and each kernel's device time (profiler, mean of 20 calls). The base runs first,
 the spread of its three rows is the run's noise.
 
     python benchmarks/ablate_forward.py [--T 65536] [--gated] [--only REGEX] [--out DIR] [--commit SHA]
-    python benchmarks/ablate_forward.py --dry-run [--compile]   (no GPU: every edit applies to this checkout's
-                                                                  templates; --compile: the CUDA ones also compile)
+    python benchmarks/ablate_forward.py --dry-run [--compile] [--gated]
+                                        (no GPU: every edit applies to this checkout's templates; --compile: the CUDA
+                                         ones also compile; --gated: the gated templates, with the gated variants)
 
 ``--only`` keeps the variants whose name matches REGEX (``re.search``), with the three base rows: a short run of a
 few variants (``--only "V copies|K copies|step wait"``: the state kernel's copies and step barrier, six variants).
@@ -333,6 +334,33 @@ STATE_EDITS: dict[str, list[Edit]] = {
 }
 
 
+# Gated only (``--gated``): what the gate's key weights w_j = exp(G_end - G_j) cost the state kernel: their
+# products per step (a table read and a bf16x2 multiply per key pair), the chunk-sized table filled at every chunk's
+# start (global loads of G, exps, a barrier), and the chunk's decay of the state. Without the fill the products read
+# whatever shared memory holds (often zeros), and the tensor cores' power draw follows their operands under the
+# H200's power cap: session 56 read 0.480 -> 0.447 ms for "no weight table", yet the same fill with its loads
+# batched, or moved off the chunk's start onto a double-buffered table, saved nothing (forward_notes.md).
+NO_KEY_WEIGHT_PRODUCTS: Edit = (
+    r"const u32\* wk = [^\n]*\n\s*ki\[0\] = mul_bf16x2\(ki\[0\], lds_b32\(wk\)\);\n"
+    r"\s*ki\[1\] = mul_bf16x2\(ki\[1\], lds_b32\(wk \+ 8\)\);",
+    "",
+)
+NO_WEIGHT_TABLE: Edit = (
+    r"auto weight = \[&\][^\n]*\n\s*for \(int i = tid; i < CHUNK \+ BS; i \+= THREADS\) sm\.w\[i\] = [^\n]*\n"
+    r"\s*__syncthreads\(\);",
+    "",
+)
+NO_CHUNK_DECAY: Edit = (r"for \(int i = 0; i < ACC; \+\+i\) acc\[m\]\[i\] \*= decay;", "")
+GATED_STATE_EDITS: dict[str, list[Edit]] = {
+    "state gated: no key weights per step (no table reads or products)": [NO_KEY_WEIGHT_PRODUCTS],
+    "state gated: no weight table (no fill or barrier at a chunk's start; weights left as shared memory holds)": [
+        NO_WEIGHT_TABLE
+    ],
+    "state gated: neither (the ceiling of keys folded by a pre-pass)": [NO_KEY_WEIGHT_PRODUCTS, NO_WEIGHT_TABLE],
+    "state gated: neither, nor the chunk's decay": [NO_KEY_WEIGHT_PRODUCTS, NO_WEIGHT_TABLE, NO_CHUNK_DECAY],
+}
+
+
 # Variants that edit both kernels: (query edits, state edits)
 FORWARD_EDITS: dict[str, tuple[list[Edit], list[Edit]]] = {
     "both: nine tenths of the query steps, the last state program per head and segment exits (9 of 10 or 8 of 9)": (
@@ -391,32 +419,34 @@ def unmatched(edits: list[Edit], matched: dict[str, int]) -> list[str]:
     return [pattern for pattern, _ in edits if not matched.get(pattern)]
 
 
-def variants(only: str | None = None) -> list[tuple[str, list[Edit], list[Edit]]]:
+def variants(only: str | None = None, gated: bool = False) -> list[tuple[str, list[Edit], list[Edit]]]:
     """(name, query edits, state edits) in the order they run, the base first, between the groups and last; with
-    ``only``, the variants whose name matches it (and the three bases)."""
+    ``only``, the variants whose name matches it (and the three bases); ``gated`` adds ``GATED_STATE_EDITS``."""
     base = [("base", [], [])]
-    names = [*QUERY_EDITS, *STATE_EDITS, *FORWARD_EDITS]
+    state_edits = {**STATE_EDITS, **(GATED_STATE_EDITS if gated else {})}
+    names = [*QUERY_EDITS, *state_edits, *FORWARD_EDITS]
     kept = {name for name in names if only is None or re.search(only, name)}
     query = [(name, edits, []) for name, edits in QUERY_EDITS.items() if name in kept]
-    state = [(name, [], edits) for name, edits in STATE_EDITS.items() if name in kept]
+    state = [(name, [], edits) for name, edits in state_edits.items() if name in kept]
     both = [(name, *edits) for name, edits in FORWARD_EDITS.items() if name in kept]
     return base + query + [("base (between)", [], [])] + state + both + [("base (last)", [], [])]
 
 
-def dry_run(only: str | None = None, compile_cuda: bool = False) -> dict[str, list[str]]:
+def dry_run(only: str | None = None, compile_cuda: bool = False, gated: bool = False) -> dict[str, list[str]]:
     """Render the sources of the benchmarked shape (the query kernel's narrow launch included) with each variant's
     edits, no GPU: {variant: the patterns that matched nowhere} (empty lists when the edits still apply; the edited
     Triton sources must still parse). With ``compile_cuda`` the edited CUDA sources are also compiled for sm_90a
-    (NVRTC or nvcc, no GPU; ``CudaCompileError`` names a variant whose edit broke the source)."""
+    (NVRTC or nvcc, no GPU; ``CudaCompileError`` names a variant whose edit broke the source). ``gated``: the
+    gated kernels and variants (``--gated``)."""
     spec = triton_source.KernelSpec(
-        dtype="bfloat16", head_dim=64, value_dim=64, deg=2, gated=False, has_valid=False, causal=True, chunked=True,
+        dtype="bfloat16", head_dim=64, value_dim=64, deg=2, gated=gated, has_valid=False, causal=True, chunked=True,
         chunk_size=1024, block_t=128, block_k=64, block_s=64, block_e=64, block_feature=16,
         den_dot=forward.DENOMINATOR_BY_DOT,
     )  # fmt: skip
     launch = forward.NARROW_QUERY_LAUNCH
     query_spec = dataclasses.replace(spec, block_t=launch.rows, query_split=launch.split)
     report = {}
-    for name, query, state in variants(only):
+    for name, query, state in variants(only, gated):
         matched: dict[str, int] = {}
         for template_spec in (spec, query_spec):
             ast.parse(apply_edits(triton_source.render(triton_source.FORWARD_TEMPLATE, template_spec), query, matched))
@@ -438,7 +468,7 @@ def measure(T: int, gated: bool, only: str | None = None) -> list[dict]:
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device="cuda", dtype=torch.int8))
     x = inputs(T, gated)
     rows = []
-    for name, query, state in variants(only):
+    for name, query, state in variants(only, gated):
         row: dict = {"variant": name, "edits": [p for p, _ in query + state]}
         with edited_sources(query, state) as matched:
             # the CUDA state kernel named, not measured against Triton's: "auto" would time the edited kernels and
@@ -469,7 +499,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--commit", default=None)
     args = parser.parse_args(argv)
     if args.dry_run:
-        report = dry_run(args.only, args.compile)
+        report = dry_run(args.only, args.compile, args.gated)
         print(json.dumps(report, indent=1))
         return report
     import torch

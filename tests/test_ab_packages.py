@@ -78,3 +78,10 @@ def test_accuracy_against_the_oracle_per_seed(ab_packages, backward: bool) -> No
     for name, per_seed in errors.items():
         assert len(per_seed) == 2 and per_seed[0] != per_seed[1], (name, per_seed)
         assert all(0 < error < 3e-2 for error in per_seed), (name, per_seed)
+
+
+def test_rounds_alternate_which_version_goes_first(ab_packages, tmp_path: Path) -> None:
+    base, new = tmp_path / "base", tmp_path / "new"
+    orders = [[side for side, _ in ab_packages.round_order(base, new, r)] for r in range(4)]
+    assert orders == [["base", "new"], ["new", "base"]] * 2
+    assert dict(ab_packages.round_order(base, new, 1)) == {"base": base, "new": new}

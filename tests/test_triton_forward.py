@@ -391,6 +391,9 @@ def test_ablation_edits_still_apply(monkeypatch: pytest.MonkeyPatch) -> None:
     for by_dot in (forward.DENOMINATOR_BY_DOT, not forward.DENOMINATOR_BY_DOT):
         monkeypatch.setattr(forward, "DENOMINATOR_BY_DOT", by_dot)
         assert ablate_forward.main(["--dry-run"]) == {name: [] for name, _, _ in ablate_forward.variants()}, by_dot
+    gated = ablate_forward.main(["--dry-run", "--gated"])  # the gated kernels, and the gated state variants
+    assert gated == {name: [] for name, _, _ in ablate_forward.variants(gated=True)}
+    assert set(ablate_forward.GATED_STATE_EDITS) < set(gated)
     copies = ablate_forward.main(["--dry-run", "--only", "V copies|K copies|step wait"])
     bases = {"base", "base (between)", "base (last)"}
     assert len(copies) == 9 and bases < set(copies) and not any(copies.values())
@@ -418,6 +421,8 @@ def test_ablation_variants_that_delete_cuda_lines_still_compile(
 
     report = ablate_forward.main(["--dry-run", "--compile", "--only", "step wait|zero-filled|no stores|bytes"])
     assert len(report) == 9 and not any(report.values())
+    gated = ablate_forward.main(["--dry-run", "--compile", "--gated", "--only", "state gated"])
+    assert len(gated) == 3 + len(ablate_forward.GATED_STATE_EDITS) and not any(gated.values())
 
 
 def test_source_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
