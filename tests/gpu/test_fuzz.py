@@ -11,8 +11,9 @@ place of Triton's state kernel; every ``OP_EVERY``-th case goes through the publ
 (``rc.power_retention(..., impl="triton")``), whose tiles are planned from the shape, and then through its
 autograd (the Triton backward) against the oracle's autograd, with a random ``dy``.
 
-Pass: relative error ``|y - ref| / |ref|`` <= 1e-2 (bf16, fp16) or 1e-4 (fp32) per case over the rows float32 can
-resolve (``resolvable_rows``: every other row must be finite), and for the op's cases
+Pass: relative error ``|y - ref| / max(|ref|, |nu|)`` <= 1e-2 (bf16, fp16) or 1e-4 (fp32) per case over the rows
+float32 can resolve (``resolvable_rows``: every other row must be finite; ``nu``: the spread of y under roundings of
+its weights, ``rounding_scale``, which |ref| falls far below only where a few outputs cancel), and for the op's cases
 ``|g - ref| / |ref|`` <= 2e-2 (16-bit) or 1e-4 (fp32) for dq, dk, dv and d log_gate (dv alone where no row sees
 more than one key: ``op_case_problem``); everything finite.
 
@@ -47,7 +48,13 @@ from retention_compile.codegen import cuda_state, triton_source
 from retention_compile.codegen.cuda_state import cuda_state_unsupported
 from retention_compile.codegen.forward import kernel_spec, triton_forward, triton_supports
 from retention_compile.planning import EXACT_CHUNK_BELOW, Plan
-from retention_compile.reference import power_retention_reference, weight_condition
+from retention_compile.reference import (
+    EPS,
+    expand_kv_heads,
+    power_retention_reference,
+    power_retention_weights,
+    weight_condition,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -203,7 +210,8 @@ def run_case(case: Case) -> str | None:
         return "non-finite denominator"
     rows = resolvable_rows(case, q, k, v, options)
     expected = oracle(q, k, v, options)
-    return output_problem(y, torch.float32, q, v) or relative_problem("y", y[rows], expected[rows], s.dtype)
+    scale = rounding_scale(q, k, v, options)[rows]
+    return output_problem(y, torch.float32, q, v) or relative_problem("y", y[rows], expected[rows], s.dtype, scale)
 
 
 def oracle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict) -> torch.Tensor:
@@ -231,17 +239,42 @@ def resolvable_rows(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return weight_condition(q.double(), k.double(), **options) <= MAX_WEIGHT_CONDITION  # (the gate widened with q)
 
 
+def rounding_scale(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict) -> torch.Tensor:
+    """Per output element (B, Hq, Tq, e), in float64,
+
+        nu_ic = sqrt(sum_j w_ij^2 v_jc^2) / (sum_j w_ij + eps)
+
+    the spread of y_ic when its weights (or the chunk state's entries) are each off by independent relative
+    roundings: for zero-mean random v it is also the typical size of y_ic itself, so ``relative_problem`` takes
+    max(|ref|, |nu|) as the scale of y's error. Where y has few elements and their values cancel (e = 1 and Tq = 1:
+    one weighted mean of random values per head), |ref| can be far below it: fuzz seed 56560003 cases 63 (d 8, 684
+    keys, chunk 32, bf16) and 730 (d 24, deg 4, 75 keys) read 3.2 and 0.46 against |ref|. A float64 emulation of
+    case 63's shape with only the bf16 state and weights rounded (``forward_notes.md``, session 56) misses 1e-2
+    against |ref| in 8.4% of 4000 draws (max 5.2), against max(|ref|, |nu|) in none (max 6.4e-3); with e = 16 the
+    two scales are within 1.9x of each other (median 1.03)."""
+    gate = options["log_gate"]
+    weights = power_retention_weights(
+        q.double(), k.double(), **{**options, "log_gate": None if gate is None else gate.double()}
+    )
+    values = expand_kv_heads(v.double(), q.shape[1] // v.shape[1])
+    return ((weights**2) @ values**2).sqrt() / (weights.sum(-1, keepdim=True) + EPS)
+
+
 def output_problem(y: torch.Tensor, dtype: torch.dtype, q: torch.Tensor, v: torch.Tensor) -> str | None:
     if y.dtype != dtype or y.shape != (q.shape[0], q.shape[1], q.shape[2], v.shape[-1]):
         return f"output {y.dtype} {tuple(y.shape)}"
     return None if torch.isfinite(y).all() else "non-finite output"
 
 
-def relative_problem(name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> str | None:
-    """``|got - want| / |want|`` against ``TOL`` (``GRAD_TOL`` for gradients): None or the problem (callers check
-    finiteness first: ``output_problem``, ``op_case_problem``)."""
+def relative_problem(
+    name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None = None
+) -> str | None:
+    """``|got - want| / max(|want|, |scale|)`` against ``TOL`` (``GRAD_TOL`` for gradients; ``scale``: y's
+    ``rounding_scale``): None or the problem (callers check finiteness first: ``output_problem``,
+    ``op_case_problem``)."""
     tol = (TOL if name == "y" else GRAD_TOL)[dtype]
-    error = float((got.double() - want).norm() / want.norm().clamp_min(1e-300))
+    reference = want.norm() if scale is None else torch.maximum(want.norm(), scale.norm())
+    error = float((got.double() - want).norm() / reference.clamp_min(1e-300))
     return None if error <= tol else f"{name}: relative error {error:.2e} > {tol}"
 
 
@@ -274,7 +307,8 @@ def op_case_problem(case: Case, tensors: tuple, options: dict) -> str | None:
     ref_leaves = [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
     expected = oracle(*ref_leaves[:3], {**options, "log_gate": ref_leaves[3]})
     rows = resolvable_rows(case, *tensors[:3], options)
-    problem = problem or relative_problem("y", y[rows], expected.detach()[rows], s.dtype)
+    scale = rounding_scale(*tensors[:3], options)[rows]
+    problem = problem or relative_problem("y", y[rows], expected.detach()[rows], s.dtype, scale)
     if problem:
         return problem
     gen = torch.Generator(device="cuda").manual_seed(case.seed + 1)
@@ -349,7 +383,12 @@ def test_fuzz_triton() -> None:
 #   20261301 case 90 and 20261401 case 963: float16 (float32 kernels), non-causal, chunk 16, left padding, magnitude
 #       10: y off by 4e-2 and 0.55 (whole-case errors) from rows that float32 cannot resolve through the state, now
 #       held to finiteness (resolvable_rows); the other rows are compared
+#   56560003 cases 63 and 730: bf16, e = 1, Tq = 1 (one output per head): y off by 3.2 and 0.46 of |ref|, a sum of
+#       random values that cancelled far below the spread of its roundings; now measured against max(|ref|, |nu|)
+#       (``rounding_scale``, session 56)
 CASES_THAT_FAILED = [
+    (56560003, 63),
+    (56560003, 730),
     (20261204, 410),
     (20261204, 681),
     (20261209, 968),
