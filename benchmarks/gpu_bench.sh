@@ -13,7 +13,8 @@
 #       gate_rows: gated fwd+bwd at T=65536 with the backward's gate factorings as the package has them, all off,
 #       and dq_kernel's on, bench_backward.py --gate-variants; ablate: the forward's kernels at T=65536 with one piece of
 #       work removed per variant, ablate_forward.py; timeline: the forward's kernels one by one as do_bench runs them, and
-#       the medians with and without its L2 flush, forward_timeline.py, 2 minutes)
+#       the medians with and without its L2 flush, forward_timeline.py, 2 minutes; GATED=1: state_ncu and ablate on
+#       the gated forward, state_ncu's files then named state_ncu_gated*)
 #
 # Each benchmark runs in its own process group with a time limit (nothing it starts outlives it) and only once
 # no other process holds the GPU (polled with nvidia-smi for up to 60 s; the wait and the processes seen are
@@ -77,15 +78,17 @@ for bench in "${which[@]}"; do
                 --section ComputeWorkloadAnalysis --export "$out/ncu_forward" \
                 python3 benchmarks/profile_forward.py --single-call ;;
         state_ncu)  # where the CUDA state kernel's warps wait: one launch under ncu's full set, then its source view
-            part state_ncu 150 ncu --clock-control none --set full -k regex:retention_chunk_state --launch-count 1 \
-                -f -o "$out/state_ncu" python3 benchmarks/profile_forward.py --single-call
-            ncu -i "$out/state_ncu.ncu-rep" --page source --csv --print-source sass > "$out/state_ncu_source.csv" \
-                && python3 benchmarks/ncu_stalls.py "$out/state_ncu_source.csv" --out "$out/state_ncu_stalls.json" \
-                >> "$summary" || echo "state_ncu: no source view to summarize" >> "$summary" ;;
+            name="state_ncu${GATED:+_gated}"
+            part "$name" 150 ncu --clock-control none --set full -k regex:retention_chunk_state --launch-count 1 \
+                -f -o "$out/$name" python3 benchmarks/profile_forward.py --single-call ${GATED:+--gated}
+            ncu -i "$out/$name.ncu-rep" --page source --csv --print-source sass > "$out/${name}_source.csv" \
+                && python3 benchmarks/ncu_stalls.py "$out/${name}_source.csv" --out "$out/${name}_stalls.json" \
+                >> "$summary" || echo "$name: no source view to summarize" >> "$summary" ;;
         gate_rows)  # the backward's gate factorings (backward.FACTORED_GATE_ROWS, FACTORED_DQ_GATE) on and off
             part gate_rows 240 python3 benchmarks/bench_backward.py --T 65536 --competitors --compiled \
                 --gate-variants --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
-        ablate) part ablate 240 python3 benchmarks/ablate_forward.py --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
+        ablate) part ablate 240 python3 benchmarks/ablate_forward.py ${GATED:+--gated} --out "$out" \
+            ${COMMIT:+--commit "$COMMIT"} ;;
         timeline) part timeline 120 python3 benchmarks/forward_timeline.py --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         plan) part plan 180 python3 benchmarks/bench_plan.py --out "$out" ${COMMIT:+--commit "$COMMIT"} ;;
         host) part host 180 python3 benchmarks/bench_host.py --device cuda --T 2048 8192 --calls 200 --repeats 5 \
