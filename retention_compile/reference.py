@@ -119,6 +119,38 @@ def weight_condition(
     return magnitudes.sum(-1) / (weights.sum(-1) + eps)
 
 
+def rounding_spread(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    deg: int = 2,
+    log_gate: torch.Tensor | None = None,
+    causal: bool = True,
+    valid: torch.Tensor | None = None,
+    eps: float = EPS,
+) -> torch.Tensor:
+    """How far y moves when its weights are rounded, per output element, (B, Hq, Tq, e) in the compute dtype
+    (arguments as ``power_retention_reference``):
+
+        nu_ic = sqrt(sum_j w_ij^2 v_jc^2) / (sum_j w_ij + eps)
+
+    the spread of y_ic's numerator, over its denominator, when every weight is off by an independent relative error
+    of unit variance (times a dtype's roundoff: what y's error is made of where the weights or the chunk state are
+    rounded); where y_ic = 0 it is y_ic's own standard deviation to first order (in general
+    sqrt(sum_j w_ij^2 (v_jc - y_ic)^2) / (sum_j w_ij + eps)). For zero-mean random v it is also the typical size of
+    y_ic, so tests take max(|y_ref|, |nu|) as the scale of y's error: an output of a few elements can cancel far below
+    it (one decoded token with e = 1 is one weighted mean of values per head; GPU fuzz seed 56560003 case 63's was
+    2000x below its nu)."""
+    shape = validate_retention_inputs(q, k, v, deg=deg, log_gate=log_gate, causal=causal, valid=valid, scale=scale)
+    if shape.kv_len == 0:  # no admissible key for any row
+        return q.new_zeros(shape.batch, shape.q_heads, shape.q_len, shape.value_dim, dtype=compute_dtype(q.dtype))
+    weights = _weights(q, k, shape, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid)
+    values = expand_kv_heads(v.to(weights.dtype), shape.group)
+    return ((weights**2) @ values**2).sqrt() / (weights.sum(dim=-1, keepdim=True) + eps)
+
+
 def power_retention_reference(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -48,13 +48,7 @@ from retention_compile.codegen import cuda_state, triton_source
 from retention_compile.codegen.cuda_state import cuda_state_unsupported
 from retention_compile.codegen.forward import kernel_spec, triton_forward, triton_supports
 from retention_compile.planning import EXACT_CHUNK_BELOW, Plan
-from retention_compile.reference import (
-    EPS,
-    expand_kv_heads,
-    power_retention_reference,
-    power_retention_weights,
-    weight_condition,
-)
+from retention_compile.reference import power_retention_reference, rounding_spread, weight_condition
 
 pytestmark = pytest.mark.gpu
 
@@ -240,24 +234,17 @@ def resolvable_rows(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 
 def rounding_scale(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict) -> torch.Tensor:
-    """Per output element (B, Hq, Tq, e), in float64,
-
-        nu_ic = sqrt(sum_j w_ij^2 v_jc^2) / (sum_j w_ij + eps)
-
-    the spread of y_ic when its weights (or the chunk state's entries) are each off by independent relative
-    roundings: for zero-mean random v it is also the typical size of y_ic itself, so ``relative_problem`` takes
-    max(|ref|, |nu|) as the scale of y's error. Where y has few elements and their values cancel (e = 1 and Tq = 1:
-    one weighted mean of random values per head), |ref| can be far below it: fuzz seed 56560003 cases 63 (d 8, 684
-    keys, chunk 32, bf16) and 730 (d 24, deg 4, 75 keys) read 3.2 and 0.46 against |ref|. A float64 emulation of
+    """y's ``reference.rounding_spread`` nu in float64: ``relative_problem`` takes max(|ref|, |nu|) as the scale of
+    y's error. Where y has few elements and their values cancel (e = 1 and Tq = 1: one weighted mean of random
+    values per head), |ref| can be far below nu: fuzz seed 56560003 cases 63 (d 8, 684 keys, chunk 32, bf16) and 730
+    (d 24, deg 4, 75 keys) read 3.2 and 0.46 against |ref|, 1.6e-3 and 3.1e-3 against nu. A float64 emulation of
     case 63's shape with only the bf16 state and weights rounded (``forward_notes.md``, session 56) misses 1e-2
     against |ref| in 8.4% of 4000 draws (max 5.2), against max(|ref|, |nu|) in none (max 6.4e-3); with e = 16 the
     two scales are within 1.9x of each other (median 1.03)."""
     gate = options["log_gate"]
-    weights = power_retention_weights(
-        q.double(), k.double(), **{**options, "log_gate": None if gate is None else gate.double()}
+    return rounding_spread(
+        q.double(), k.double(), v.double(), **{**options, "log_gate": None if gate is None else gate.double()}
     )
-    values = expand_kv_heads(v.double(), q.shape[1] // v.shape[1])
-    return ((weights**2) @ values**2).sqrt() / (weights.sum(-1, keepdim=True) + EPS)
 
 
 def output_problem(y: torch.Tensor, dtype: torch.dtype, q: torch.Tensor, v: torch.Tensor) -> str | None:
