@@ -143,12 +143,9 @@ def rounding_spread(
     y_ic, so tests take max(|y_ref|, |nu|) as the scale of y's error: an output of a few elements can cancel far below
     it (one decoded token with e = 1 is one weighted mean of values per head; GPU fuzz seed 56560003 case 63's was
     2000x below its nu)."""
-    shape = validate_retention_inputs(q, k, v, deg=deg, log_gate=log_gate, causal=causal, valid=valid, scale=scale)
-    if shape.kv_len == 0:  # no admissible key for any row
-        return q.new_zeros(shape.batch, shape.q_heads, shape.q_len, shape.value_dim, dtype=compute_dtype(q.dtype))
-    weights = _weights(q, k, shape, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid)
-    values = expand_kv_heads(v.to(weights.dtype), shape.group)
-    return ((weights**2) @ values**2).sqrt() / (weights.sum(dim=-1, keepdim=True) + eps)
+    options = {"scale": scale, "deg": deg, "log_gate": log_gate, "causal": causal, "valid": valid}
+    squares, denominator = _weighted_powers(q, k, v, 2, eps, **options)
+    return squares.sqrt() / denominator
 
 
 def power_retention_reference(
@@ -165,14 +162,24 @@ def power_retention_reference(
 ) -> torch.Tensor:
     """Quadratic-form power retention (the oracle). Shapes follow SDPA: ``q (B, Hq, Tq, d)``,
     ``k (B, Hk, Tk, d)``, ``v (B, Hk, Tk, e)``, ``log_gate (B, Hk|Hq, Tk)``, ``valid (B, Tk)``."""
-    shape = validate_retention_inputs(q, k, v, deg=deg, log_gate=log_gate, causal=causal, valid=valid, scale=scale)
-    if shape.kv_len == 0:  # no admissible key for any row
-        return q.new_zeros(shape.batch, shape.q_heads, shape.q_len, shape.value_dim)
-    weights = _weights(q, k, shape, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid)
-    vf = expand_kv_heads(v.to(weights.dtype), shape.group)
-    numerator = weights @ vf
-    denominator = weights.sum(dim=-1, keepdim=True) + eps
+    options = {"scale": scale, "deg": deg, "log_gate": log_gate, "causal": causal, "valid": valid}
+    numerator, denominator = _weighted_powers(q, k, v, 1, eps, **options)
     return (numerator / denominator).to(q.dtype)
+
+
+def _weighted_powers(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, power: int, eps: float, **options: object
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_j w_ij^power v_j^power, sum_j w_ij + eps)`` per output element and row in the compute dtype, (B, Hq, Tq,
+    e) and (B, Hq, Tq, 1) (0 and 1 where no key is admissible): the oracle's y is their ratio at power 1,
+    ``rounding_spread`` the root of the first over the second at power 2. ``options`` as the oracle's."""
+    shape = validate_retention_inputs(q, k, v, **options)
+    if shape.kv_len == 0:  # no admissible key for any row
+        zeros = q.new_zeros(shape.batch, shape.q_heads, shape.q_len, shape.value_dim, dtype=compute_dtype(q.dtype))
+        return zeros, torch.ones_like(zeros[..., :1])
+    weights = _weights(q, k, shape, **options)
+    values = expand_kv_heads(v.to(weights.dtype), shape.group)
+    return (weights**power) @ values**power, weights.sum(dim=-1, keepdim=True) + eps
 
 
 def power_retention_recurrent(
