@@ -337,9 +337,10 @@ STATE_EDITS: dict[str, list[Edit]] = {
 # Gated only (``--gated``): what the gate's key weights w_j = exp(G_end - G_j) cost the state kernel: their
 # products per step (a table read and a bf16x2 multiply per key pair), the chunk-sized table filled at every chunk's
 # start (global loads of G, exps, a barrier), and the chunk's decay of the state. Without the fill the products read
-# whatever shared memory holds (often zeros), and the tensor cores' power draw follows their operands under the
-# H200's power cap: session 56 read 0.480 -> 0.447 ms for "no weight table", yet the same fill with its loads
-# batched, or moved off the chunk's start onto a double-buffered table, saved nothing (forward_notes.md).
+# whatever shared memory holds (often zeros); if the tensor cores' power draw follows their operands under the H200's
+# power cap, that alone speeds the kernel up, and the table filled with ones or with zeros tells the two apart.
+# Session 56 read 0.480 -> 0.447 ms for "no weight table", yet the same fill with its loads batched, or moved off the
+# chunk's start onto a double-buffered table, saved nothing (forward_notes.md).
 NO_KEY_WEIGHT_PRODUCTS: Edit = (
     r"const u32\* wk = [^\n]*\n\s*ki\[0\] = mul_bf16x2\(ki\[0\], lds_b32\(wk\)\);\n"
     r"\s*ki\[1\] = mul_bf16x2\(ki\[1\], lds_b32\(wk \+ 8\)\);",
@@ -350,12 +351,21 @@ NO_WEIGHT_TABLE: Edit = (
     r"\s*__syncthreads\(\);",
     "",
 )
+# the table written with bf16 ones instead (no loads of G, no exps; the barrier kept): the products' operands keep
+# their size, so this separates the fill's work from the power the zero table of "no weight table" saves
+ONES_TABLE: Edit = (
+    r"sm\.w\[i\] = pack_bf16\(weight\(first \+ i\), weight\(first \+ i \+ 1\)\);",
+    "sm.w[i] = 0x3F803F80u;",
+)
+ZEROS_TABLE: Edit = (ONES_TABLE[0], "sm.w[i] = 0u;")  # the same fill with zeros: the products' operands all 0
 NO_CHUNK_DECAY: Edit = (r"for \(int i = 0; i < ACC; \+\+i\) acc\[m\]\[i\] \*= decay;", "")
 GATED_STATE_EDITS: dict[str, list[Edit]] = {
     "state gated: no key weights per step (no table reads or products)": [NO_KEY_WEIGHT_PRODUCTS],
     "state gated: no weight table (no fill or barrier at a chunk's start; weights left as shared memory holds)": [
         NO_WEIGHT_TABLE
     ],
+    "state gated: the table filled with ones (no loads of G or exps; barrier kept; nonzero operands)": [ONES_TABLE],
+    "state gated: the table filled with zeros (as the line above, every key weight 0)": [ZEROS_TABLE],
     "state gated: neither (the ceiling of keys folded by a pre-pass)": [NO_KEY_WEIGHT_PRODUCTS, NO_WEIGHT_TABLE],
     "state gated: neither, nor the chunk's decay": [NO_KEY_WEIGHT_PRODUCTS, NO_WEIGHT_TABLE, NO_CHUNK_DECAY],
 }
