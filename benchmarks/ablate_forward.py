@@ -340,7 +340,9 @@ STATE_EDITS: dict[str, list[Edit]] = {
 # whatever shared memory holds (often zeros); if the tensor cores' power draw follows their operands under the H200's
 # power cap, that alone speeds the kernel up, and the table filled with ones or with zeros tells the two apart.
 # Session 56 read 0.480 -> 0.447 ms for "no weight table", yet the same fill with its loads batched, or moved off the
-# chunk's start onto a double-buffered table, saved nothing (forward_notes.md).
+# chunk's start onto a double-buffered table, saved nothing. Session 57 decided it (four runs, forward_notes.md): the
+# table filled with zeros read 0.436 ms and with ones 0.464-0.482, the same code: the zero operands' power. Without
+# both the fill and the products ("neither") 0.457-0.463 against bases 0.479-0.495 at its place in the run.
 NO_KEY_WEIGHT_PRODUCTS: Edit = (
     r"const u32\* wk = [^\n]*\n\s*ki\[0\] = mul_bf16x2\(ki\[0\], lds_b32\(wk\)\);\n"
     r"\s*ki\[1\] = mul_bf16x2\(ki\[1\], lds_b32\(wk \+ 8\)\);",
@@ -359,6 +361,25 @@ ONES_TABLE: Edit = (
 )
 ZEROS_TABLE: Edit = (ONES_TABLE[0], "sm.w[i] = 0u;")  # the same fill with zeros: the products' operands all 0
 NO_CHUNK_DECAY: Edit = (r"for \(int i = 0; i < ACC; \+\+i\) acc\[m\]\[i\] \*= decay;", "")
+# Gated only: what the gate costs the query kernel's key loops: the key factor exp(G_ref - G_j) per key and weight
+# in the unmasked blocks, exp(G_i - G_j) per weight in the masked ones (the causal select kept), and the rows' factor
+# after the unmasked blocks. Without them the weights are the ungated ones (larger: operands as the ungated kernel's)
+NO_KEY_FACTOR: Edit = (r"\n\s*w = w \* exp2_ftz\(tl\.fma\(tl\.load\(\(g_ptr \+ start\) \+ key_offsets\)[^\n]*", "")
+NO_MASKED_GATE: Edit = (r"w = w \* tl\.where\(keep, exp2_ftz\([^\n]*", "w = tl.where(keep, w, 0.0)")
+NO_ROW_DECAY: Edit = (
+    r"row_decay = tl\.where\(row_ok, tl\.exp\(g_row - g_ref\), 0\.0\)",
+    "row_decay = tl.where(row_ok, 1.0, 0.0)",
+)
+GATED_QUERY_EDITS: dict[str, list[Edit]] = {
+    "query gated: no key factor in the unmasked blocks": [NO_KEY_FACTOR],
+    "query gated: no exp in the masked blocks (the causal select kept)": [NO_MASKED_GATE],
+    "query gated: no row factor after the unmasked blocks": [NO_ROW_DECAY],
+    "query gated: none of the three (the ungated key loops, the state's decay kept)": [
+        NO_KEY_FACTOR,
+        NO_MASKED_GATE,
+        NO_ROW_DECAY,
+    ],
+}
 GATED_STATE_EDITS: dict[str, list[Edit]] = {
     "state gated: no key weights per step (no table reads or products)": [NO_KEY_WEIGHT_PRODUCTS],
     "state gated: no weight table (no fill or barrier at a chunk's start; weights left as shared memory holds)": [
@@ -431,12 +452,14 @@ def unmatched(edits: list[Edit], matched: dict[str, int]) -> list[str]:
 
 def variants(only: str | None = None, gated: bool = False) -> list[tuple[str, list[Edit], list[Edit]]]:
     """(name, query edits, state edits) in the order they run, the base first, between the groups and last; with
-    ``only``, the variants whose name matches it (and the three bases); ``gated`` adds ``GATED_STATE_EDITS``."""
+    ``only``, the variants whose name matches it (and the three bases); ``gated`` adds ``GATED_QUERY_EDITS`` and
+    ``GATED_STATE_EDITS``."""
     base = [("base", [], [])]
     state_edits = {**STATE_EDITS, **(GATED_STATE_EDITS if gated else {})}
-    names = [*QUERY_EDITS, *state_edits, *FORWARD_EDITS]
+    query_edits = {**QUERY_EDITS, **(GATED_QUERY_EDITS if gated else {})}
+    names = [*query_edits, *state_edits, *FORWARD_EDITS]
     kept = {name for name in names if only is None or re.search(only, name)}
-    query = [(name, edits, []) for name, edits in QUERY_EDITS.items() if name in kept]
+    query = [(name, edits, []) for name, edits in query_edits.items() if name in kept]
     state = [(name, [], edits) for name, edits in state_edits.items() if name in kept]
     both = [(name, *edits) for name, edits in FORWARD_EDITS.items() if name in kept]
     return base + query + [("base (between)", [], [])] + state + both + [("base (last)", [], [])]

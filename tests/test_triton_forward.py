@@ -391,9 +391,9 @@ def test_ablation_edits_still_apply(monkeypatch: pytest.MonkeyPatch) -> None:
     for by_dot in (forward.DENOMINATOR_BY_DOT, not forward.DENOMINATOR_BY_DOT):
         monkeypatch.setattr(forward, "DENOMINATOR_BY_DOT", by_dot)
         assert ablate_forward.main(["--dry-run"]) == {name: [] for name, _, _ in ablate_forward.variants()}, by_dot
-    gated = ablate_forward.main(["--dry-run", "--gated"])  # the gated kernels, and the gated state variants
+    gated = ablate_forward.main(["--dry-run", "--gated"])  # the gated kernels, and the gated variants of both
     assert gated == {name: [] for name, _, _ in ablate_forward.variants(gated=True)}
-    assert set(ablate_forward.GATED_STATE_EDITS) < set(gated)
+    assert set(ablate_forward.GATED_STATE_EDITS) | set(ablate_forward.GATED_QUERY_EDITS) < set(gated)
     copies = ablate_forward.main(["--dry-run", "--only", "V copies|K copies|step wait"])
     bases = {"base", "base (between)", "base (last)"}
     assert len(copies) == 9 and bases < set(copies) and not any(copies.values())
