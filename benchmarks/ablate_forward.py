@@ -7,9 +7,13 @@ are wrong and only its time counts: the time a variant saves bounds what that pi
 kernel (pieces overlap, so the savings do not add up; where the compiler drops more as dead code the variant's
 name says so). Per variant: the whole forward (``bench_forward.bench_ms``)
 and each kernel's device time (profiler, mean of 20 calls). The base runs first, between the two groups and last:
-the spread of its three rows is the run's noise.
+the spread of its three rows is the run's noise. But the GPU slows as a run goes on (the H200's power cap): in
+session 57's four gated runs the state kernel read 0.469-0.472 ms as the first base, 0.479-0.492 between and
+0.483-0.495 last, so a variant late in the run reads up to 4% slow against the first base. ``--paired`` runs a base
+after every variant instead and adds to each variant's row its times relative to the mean of the two bases beside
+it (``vs_bases``: 0.95 is 5% faster); the run takes twice as long.
 
-    python benchmarks/ablate_forward.py [--T 65536] [--gated] [--only REGEX] [--out DIR] [--commit SHA]
+    python benchmarks/ablate_forward.py [--T 65536] [--gated] [--only REGEX] [--paired] [--out DIR] [--commit SHA]
     python benchmarks/ablate_forward.py --dry-run [--compile] [--gated]
                                         (no GPU: every edit applies to this checkout's templates; --compile: the CUDA
                                          ones also compile; --gated: the gated templates, with the gated variants)
@@ -450,10 +454,12 @@ def unmatched(edits: list[Edit], matched: dict[str, int]) -> list[str]:
     return [pattern for pattern, _ in edits if not matched.get(pattern)]
 
 
-def variants(only: str | None = None, gated: bool = False) -> list[tuple[str, list[Edit], list[Edit]]]:
+def variants(
+    only: str | None = None, gated: bool = False, paired: bool = False
+) -> list[tuple[str, list[Edit], list[Edit]]]:
     """(name, query edits, state edits) in the order they run, the base first, between the groups and last; with
     ``only``, the variants whose name matches it (and the three bases); ``gated`` adds ``GATED_QUERY_EDITS`` and
-    ``GATED_STATE_EDITS``."""
+    ``GATED_STATE_EDITS``; ``paired``: the base first and again after every variant ("base (after: NAME)")."""
     base = [("base", [], [])]
     state_edits = {**STATE_EDITS, **(GATED_STATE_EDITS if gated else {})}
     query_edits = {**QUERY_EDITS, **(GATED_QUERY_EDITS if gated else {})}
@@ -462,10 +468,30 @@ def variants(only: str | None = None, gated: bool = False) -> list[tuple[str, li
     query = [(name, edits, []) for name, edits in query_edits.items() if name in kept]
     state = [(name, [], edits) for name, edits in state_edits.items() if name in kept]
     both = [(name, *edits) for name, edits in FORWARD_EDITS.items() if name in kept]
+    if paired:
+        return base + [entry for v in query + state + both for entry in (v, (f"base (after: {v[0]})", [], []))]
     return base + query + [("base (between)", [], [])] + state + both + [("base (last)", [], [])]
 
 
-def dry_run(only: str | None = None, compile_cuda: bool = False, gated: bool = False) -> dict[str, list[str]]:
+def relative_to_bases(rows: list[dict]) -> None:
+    """Each variant row between two base rows (``--paired``) gets ``vs_bases``: its forward and kernel times over
+    the mean of those two bases' (rows that failed, or without a timed base on both sides, get none)."""
+    for before, row, after in zip(rows, rows[1:], rows[2:]):
+        if row["variant"].startswith("base") or not all("forward_ms" in r for r in (before, row, after)):
+            continue
+        if not (before["variant"].startswith("base") and after["variant"].startswith("base")):
+            continue
+        ratios = {"forward": row["forward_ms"] / ((before["forward_ms"] + after["forward_ms"]) / 2)}
+        for kernel, ms in row["kernel_ms"].items():
+            sides = [r["kernel_ms"].get(kernel) for r in (before, after)]
+            if all(sides):
+                ratios[kernel] = ms / (sum(sides) / 2)
+        row["vs_bases"] = {name: round(ratio, 4) for name, ratio in ratios.items()}
+
+
+def dry_run(
+    only: str | None = None, compile_cuda: bool = False, gated: bool = False, paired: bool = False
+) -> dict[str, list[str]]:
     """Render the sources of the benchmarked shape (the query kernel's narrow launch included) with each variant's
     edits, no GPU: {variant: the patterns that matched nowhere} (empty lists when the edits still apply; the edited
     Triton sources must still parse). With ``compile_cuda`` the edited CUDA sources are also compiled for sm_90a
@@ -479,7 +505,7 @@ def dry_run(only: str | None = None, compile_cuda: bool = False, gated: bool = F
     launch = forward.NARROW_QUERY_LAUNCH
     query_spec = dataclasses.replace(spec, block_t=launch.rows, query_split=launch.split)
     report = {}
-    for name, query, state in variants(only, gated):
+    for name, query, state in variants(only, gated, paired):
         matched: dict[str, int] = {}
         for template_spec in (spec, query_spec):
             ast.parse(apply_edits(triton_source.render(triton_source.FORWARD_TEMPLATE, template_spec), query, matched))
@@ -491,7 +517,7 @@ def dry_run(only: str | None = None, compile_cuda: bool = False, gated: bool = F
     return report
 
 
-def measure(T: int, gated: bool, only: str | None = None) -> list[dict]:
+def measure(T: int, gated: bool, only: str | None = None, paired: bool = False) -> list[dict]:
     import torch
     import triton
     from bench_forward import bench_ms, inputs, kernel_times, ours
@@ -501,7 +527,7 @@ def measure(T: int, gated: bool, only: str | None = None) -> list[dict]:
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device="cuda", dtype=torch.int8))
     x = inputs(T, gated)
     rows = []
-    for name, query, state in variants(only, gated):
+    for name, query, state in variants(only, gated, paired):
         row: dict = {"variant": name, "edits": [p for p, _ in query + state]}
         with edited_sources(query, state) as matched:
             # the CUDA state kernel named, not measured against Triton's: "auto" would time the edited kernels and
@@ -518,6 +544,11 @@ def measure(T: int, gated: bool, only: str | None = None) -> list[dict]:
                 row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
         rows.append(row)
         print(json.dumps(row), flush=True)
+    if paired:
+        relative_to_bases(rows)
+        for row in rows:
+            if "vs_bases" in row:
+                print(json.dumps({"variant": row["variant"], "vs_bases": row["vs_bases"]}), flush=True)
     return rows
 
 
@@ -526,13 +557,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--T", type=int, default=65536)
     parser.add_argument("--gated", action="store_true")
     parser.add_argument("--only", default=None, help="the variants whose name matches this regular expression")
+    parser.add_argument("--paired", action="store_true", help="a base after every variant, variants relative to both")
     parser.add_argument("--dry-run", action="store_true", help="check that every edit applies; no GPU")
     parser.add_argument("--compile", action="store_true", help="with --dry-run: compile the edited CUDA sources too")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--commit", default=None)
     args = parser.parse_args(argv)
     if args.dry_run:
-        report = dry_run(args.only, args.compile, args.gated)
+        report = dry_run(args.only, args.compile, args.gated, args.paired)
         print(json.dumps(report, indent=1))
         return report
     import torch
@@ -546,7 +578,8 @@ def main(argv: list[str] | None = None) -> dict:
         "shape": {"B": 1, "H": 8, "d": 64, "deg": 2, "dtype": "bfloat16", "causal": True, "T": args.T},
         "gated": args.gated,
         "only": args.only,
-        "rows": measure(args.T, args.gated, args.only),
+        "paired": args.paired,
+        "rows": measure(args.T, args.gated, args.only, args.paired),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"ablate_forward_{gpu.replace(' ', '-')}_{datetime.date.today().isoformat()}_{commit}.json"

@@ -405,6 +405,28 @@ def test_ablation_edits_still_apply(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "for step in range(0):" not in render_forward(spec)
 
 
+def test_paired_ablation_compares_each_variant_with_the_bases_beside_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ablate_forward.py --paired``: a base after every variant, and each variant's times over the mean of the two
+    bases beside it (the GPU slows as a run goes on, so the first base is no reference for a late variant)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import ablate_forward
+
+    names = [name for name, _, _ in ablate_forward.variants("no stores|B without", paired=True)]
+    assert names[0] == "base" and names[2::2] == [f"base (after: {name})" for name in names[1::2]]
+    assert len(names) == 5 and not any(name.startswith("base") for name in names[1::2])
+
+    def row(name: str, forward: float, state: float | None) -> dict:
+        kernels = {"attention_kernel": 0.5} | ({} if state is None else {"retention_chunk_state": state})
+        return {"variant": name, "forward_ms": forward, "kernel_ms": kernels}
+
+    rows = [row("base", 1.0, 0.40), row("a", 0.99, 0.36), row("base (after: a)", 1.2, 0.50), {"variant": "b"}]
+    rows += [row("base (after: b)", 1.0, None), row("c", 1.1, 0.4), row("base (after: c)", 1.1, 0.4)]
+    ablate_forward.relative_to_bases(rows)
+    assert rows[1]["vs_bases"] == {"forward": 0.9, "attention_kernel": 1.0, "retention_chunk_state": 0.8}
+    assert "vs_bases" not in rows[3] and "vs_bases" not in rows[0]  # a failed variant, a base
+    assert rows[5]["vs_bases"] == {"forward": round(1.1 / 1.05, 4), "attention_kernel": 1.0}  # a kernel one base lacks
+
+
 def test_ablation_variants_that_delete_cuda_lines_still_compile(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
