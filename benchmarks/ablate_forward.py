@@ -326,6 +326,14 @@ STATE_EDITS: dict[str, list[Edit]] = {
         ),
         (r"stg_v4_b32\(s_loc \+ c \* state_elems", "stg_v4_policy(l2_policy_first(), s_loc + c * state_elems"),
     ],
+    # the newest chunk states first: the last ones the main loop wrote may still be in L2 when the fix-up reads them
+    "state fold: the fix-up's chunks in reverse order (same results)": [
+        (
+            r"load_chunk\(c_lo\);\n(#pragma unroll 1\n\s*)for \(int c = c_lo; c < c_hi; \+\+c\)",
+            r"load_chunk(c_hi - 1);\n\1for (int c = c_hi - 1; c >= c_lo; --c)",
+        ),
+        (r"if \(c \+ 1 < c_hi\) load_chunk\(c \+ 1\);", "if (c > c_lo) load_chunk(c - 1);"),
+    ],
     "state fold: block order instead of tickets (same results where blocks start in order)": [
         (
             r"ticket = static_cast<int>\(atomicAdd\(SYNC, 1u\)\);",
