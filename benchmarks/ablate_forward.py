@@ -5,7 +5,9 @@ planner's plan, the CUDA state kernel. A variant edits the rendered source of th
 CUDA state kernel by regular expressions (``QUERY_EDITS``, ``STATE_EDITS``) before it is compiled, so its results
 are wrong and only its time counts: the time a variant saves bounds what that piece of work costs inside the
 kernel (pieces overlap, so the savings do not add up; where the compiler drops more as dead code the variant's
-name says so). Per variant: the whole forward (``bench_forward.bench_ms``)
+name says so). A variant that changes the operands' values also changes the tensor cores' power draw, and under the
+H200's power cap the clock (session 57: the same state kernel 8-11% faster on zero operands): its saving then bounds
+the work and the data together. Per variant: the whole forward (``bench_forward.bench_ms``)
 and each kernel's device time (profiler, mean of 20 calls). The base runs first, between the two groups and last:
 the spread of its three rows is the run's noise. But the GPU slows as a run goes on (the H200's power cap): in
 session 57's four gated runs the state kernel read 0.469-0.472 ms as the first base, 0.479-0.492 between and
