@@ -601,11 +601,8 @@ def check_script(path: str, argv: list[str]) -> int:
 def interpreted_results(script: str, cache: Path, timeout: int) -> dict:
     """The JSON that the test module ``script``, run as a script, prints last: with ``TRITON_INTERPRET=1`` (which must
     be set before triton is first imported, so kernel cases run in a subprocess), ``XDG_CACHE_HOME`` at ``cache``
-    and this checkout importable. A failing script fails with the tail of its stderr. The subprocess keeps to one
-    thread (OpenMP, OpenBLAS, MKL: torch's and numpy's, which the interpreter runs on): it runs beside the test
-    session's other workers, one per core, and more threads only contend with them."""
-    one_thread = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
-    env = {**os.environ, **one_thread, "TRITON_INTERPRET": "1", "XDG_CACHE_HOME": str(cache)}
+    and this checkout importable. A failing script fails with the tail of its stderr."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "XDG_CACHE_HOME": str(cache)}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
     done = subprocess.run(
         [sys.executable, script], env=env, capture_output=True, text=True, timeout=timeout, check=False
