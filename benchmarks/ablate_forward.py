@@ -375,6 +375,16 @@ ONES_TABLE: Edit = (
 )
 ZEROS_TABLE: Edit = (ONES_TABLE[0], "sm.w[i] = 0u;")  # the same fill with zeros: the products' operands all 0
 NO_CHUNK_DECAY: Edit = (r"for \(int i = 0; i < ACC; \+\+i\) acc\[m\]\[i\] \*= decay;", "")
+GATED_STATE_EDITS: dict[str, list[Edit]] = {
+    "state gated: no key weights per step (no table reads or products)": [NO_KEY_WEIGHT_PRODUCTS],
+    "state gated: no weight table (no fill or barrier at a chunk's start; weights left as shared memory holds)": [
+        NO_WEIGHT_TABLE
+    ],
+    "state gated: the table filled with ones (no loads of G or exps; barrier kept; nonzero operands)": [ONES_TABLE],
+    "state gated: the table filled with zeros (as the line above, every key weight 0)": [ZEROS_TABLE],
+    "state gated: neither (the ceiling of keys folded by a pre-pass)": [NO_KEY_WEIGHT_PRODUCTS, NO_WEIGHT_TABLE],
+    "state gated: neither, nor the chunk's decay": [NO_KEY_WEIGHT_PRODUCTS, NO_WEIGHT_TABLE, NO_CHUNK_DECAY],
+}
 # Gated only: what the gate costs the query kernel's key loops: the key factor exp(G_ref - G_j) per key and weight
 # in the unmasked blocks, exp(G_i - G_j) per weight in the masked ones (the causal select kept), and the rows' factor
 # after the unmasked blocks. Without them the weights are the ungated ones (larger: operands as the ungated kernel's)
@@ -393,16 +403,6 @@ GATED_QUERY_EDITS: dict[str, list[Edit]] = {
         NO_MASKED_GATE,
         NO_ROW_DECAY,
     ],
-}
-GATED_STATE_EDITS: dict[str, list[Edit]] = {
-    "state gated: no key weights per step (no table reads or products)": [NO_KEY_WEIGHT_PRODUCTS],
-    "state gated: no weight table (no fill or barrier at a chunk's start; weights left as shared memory holds)": [
-        NO_WEIGHT_TABLE
-    ],
-    "state gated: the table filled with ones (no loads of G or exps; barrier kept; nonzero operands)": [ONES_TABLE],
-    "state gated: the table filled with zeros (as the line above, every key weight 0)": [ZEROS_TABLE],
-    "state gated: neither (the ceiling of keys folded by a pre-pass)": [NO_KEY_WEIGHT_PRODUCTS, NO_WEIGHT_TABLE],
-    "state gated: neither, nor the chunk's decay": [NO_KEY_WEIGHT_PRODUCTS, NO_WEIGHT_TABLE, NO_CHUNK_DECAY],
 }
 
 
