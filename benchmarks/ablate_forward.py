@@ -108,12 +108,6 @@ _L2_POLICY_HELPERS: Edit = (
     '  asm volatile("st.global.L2::cache_hint.v4.b32 [%0], {%1, %2, %3, %4}, %5;" ::"l"(p), "r"(x.x), "r"(x.y), '
     '"r"(x.z), "r"(x.w), "l"(policy) : "memory");\n'
     "}\n"
-    "__device__ __forceinline__ uint4 ldg_v4_policy(const void* p, unsigned long long policy) {\n"
-    "  uint4 x;\n"
-    '  asm volatile("ld.global.L2::cache_hint.v4.b32 {%0, %1, %2, %3}, [%4], %5;" : "=r"(x.x), "=r"(x.y), "=r"(x.z), '
-    '"=r"(x.w) : "l"(p), "l"(policy));\n'
-    "  return x;\n"
-    "}\n"
     "// The segment fold's flags:",
 )
 _CHUNK_STORES_EVICT_LAST: Edit = (
@@ -309,32 +303,13 @@ STATE_EDITS: dict[str, list[Edit]] = {
             "__syncthreads();\n    if (tid == 0) {\n      __threadfence();\n      st_release(flags + seg, 1u);\n    }",
         )
     ],
-    "state fold: the fix-up's chunk loads left out (its stores remain)": [
-        (
-            r"c > c_lo \? __ldcg\(reinterpret_cast<const uint4\*>\(at\)\) : make_uint4\(0, 0, 0, 0\)",
-            "make_uint4(0, 0, 0, 0)",
-        )
-    ],
     "state fold: later segments' chunk stores kept in L2 (evict_last; segment 0's evict_first; same results)": [
         _L2_POLICY_HELPERS,
         _CHUNK_STORES_EVICT_LAST,
     ],
-    "state fold: later segments' chunk stores kept in L2 (segment 0's and the fix-up's loads and stores evict_first)": [
-        _L2_POLICY_HELPERS,
-        _CHUNK_STORES_EVICT_LAST,
-        (
-            r"__ldcg\(reinterpret_cast<const uint4\*>\(at\)\)",
-            "ldg_v4_policy(at, l2_policy_first())",
-        ),
-        (r"stg_v4_b32\(s_loc \+ c \* state_elems", "stg_v4_policy(l2_policy_first(), s_loc + c * state_elems"),
-    ],
-    # the newest chunk states first: the last ones the main loop wrote may still be in L2 when the fix-up reads them
-    "state fold: the fix-up's chunks in reverse order (same results)": [
-        (
-            r"load_chunk\(c_lo\);\n(#pragma unroll 1\n\s*)for \(int c = c_lo; c < c_hi; \+\+c\)",
-            r"load_chunk(c_hi - 1);\n\1for (int c = c_hi - 1; c >= c_lo; --c)",
-        ),
-        (r"if \(c \+ 1 < c_hi\) load_chunk\(c \+ 1\);", "if (c > c_lo) load_chunk(c - 1);"),
+    # the fix-up's bulk adds in L2 (2bbec48) as bulk copies: the same traffic less the adds' reads (the states wrong)
+    "state fold: the fix-up's bulk adds as copies": [
+        (r"else bulk_add_bf16_to_global\(", "else bulk_copy_to_global(")
     ],
     "state fold: block order instead of tickets (same results where blocks start in order)": [
         (
