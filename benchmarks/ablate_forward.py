@@ -308,9 +308,7 @@ STATE_EDITS: dict[str, list[Edit]] = {
         _CHUNK_STORES_EVICT_LAST,
     ],
     # the fix-up's bulk adds in L2 (2bbec48) as bulk copies: the same traffic less the adds' reads (the states wrong)
-    "state fold: the fix-up's bulk adds as copies": [
-        (r"else bulk_add_bf16_to_global\(", "else bulk_copy_to_global(")
-    ],
+    "state fold: the fix-up's bulk adds as copies": [(r"else bulk_add_bf16_to_global\(", "else bulk_copy_to_global(")],
     "state fold: block order instead of tickets (same results where blocks start in order)": [
         (
             r"ticket = static_cast<int>\(atomicAdd\(SYNC, 1u\)\);",

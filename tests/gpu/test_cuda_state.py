@@ -35,6 +35,8 @@ CASES = [
     ("wide_valid_noncausal", 1, 2, 2, 900, 2100, 128, 128, torch.bfloat16, 0, True, False, 256, 3, False),
     ("narrow_shifted_gated_gqa", 1, 3, 1, 501, 1500, 32, 64, torch.bfloat16, 3, False, True, 256, 2, False),
     ("noncausal_gqa", 2, 4, 2, 700, 1300, 64, 64, torch.bfloat16, 0, False, False, 256, 3, False),
+    # causal with two value blocks: the fold's bulk adds go out one per state row (a row is not one value block)
+    ("wide_causal_gated", 1, 2, 1, 1500, 1500, 128, 128, torch.bfloat16, 1, False, True, 256, 3, False),
     # a segment per chunk: the wgmma kernel's fold waits on the longest chain of segments
     ("segment_per_chunk_gated", 1, 2, 2, 4000, 4000, 64, 64, torch.bfloat16, 2, False, True, 256, 16, False),
 ]
