@@ -298,7 +298,12 @@ def test_backward_with_cuda_states_matches_oracle_and_triton(case: tuple) -> Non
     expected = _oracle_gradients(x, grad_y)
     for name, got, want, triton in zip("qkvg", both["cuda"], expected, both["triton"]):
         assert _rel(got, want) < 2e-2, f"d{name} vs oracle {_rel(got, want):.2e}"
-        assert _rel(got, triton) < 1e-2, f"d{name} vs the Triton-state backward {_rel(got, triton):.2e}"
+        # d log_gate sums terms that cancel, so the two backwards' roundings move it most: on wide_causal_gated
+        # (seed 2) the Triton-state backward's own dg is 1.24e-2 from the oracle and 1.12e-2 from the CUDA-state one
+        # (which is 6.4e-3 from it; H200, 2026-12-04, the fold by the state kernel's threads): there dg is held to
+        # the oracle's bar, the other gradients to 1e-2
+        bar = 2e-2 if name == "g" else 1e-2
+        assert _rel(got, triton) < bar, f"d{name} vs the Triton-state backward {_rel(got, triton):.2e}"
 
 
 class _Attention(torch.nn.Module):
