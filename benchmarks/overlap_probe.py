@@ -1,26 +1,23 @@
-"""Could the forward's segment scan hide in the state kernel's tail? A probe for issue 5 (T=65536 <= 1.0 ms).
+"""Could the forward's query kernel run in the state kernel's tail? A probe for issue 5 (T=65536 <= 1.0 ms).
 
-The chunked forward runs three kernels one after another: the state kernel (about 2.4 waves of programs at b=1
-h=8 d=64 T=65536, two per SM), the segment scan (bandwidth-bound, about 0.11 ms) and the query kernel. A scan fused
-into the state kernel's launch as programs that start once every state program has (the failed attempt of session
-28 did the fix-ups inside the state programs, all at once) would run in the slots the state kernel's last wave
-leaves idle. This probe measures what that could save before building it: the captured state-kernel call and scan
-launch of one ``triton_forward`` are replayed
+The chunked forward runs the CUDA state kernel (three rounds of programs at b=1 h=8 d=64 T=65536, two per SM; the
+segments folded in, the fold's adds trailing the last round) and then the query kernel. A query kernel started while
+the state kernel's last programs end (a programmatic dependent launch, its programs waiting per chunk for their
+states) would fill the slots the state kernel leaves idle. This probe bounds what that could save before building it:
+the state-kernel call and the query launch of one ``triton_forward`` are recorded and replayed
 
     alone         each by itself,
-    in sequence   state then scan on one stream (what the forward does),
-    overlapped    state on the current stream, the scan (on copies of its buffers, so nothing is shared) on a
-                  second stream launched right after it, at normal and at high priority: the scan's blocks are
-                  dispatched as the state kernel's free their slots.
+    in sequence   state then query on one stream (what the forward does),
+    overlapped    state on the current stream, the query kernel (on copies of its buffers, so nothing is shared and
+                  it need not wait) on a second stream launched right after it, at normal and at high priority: the
+                  query kernel's programs are dispatched as the state kernel's free their slots.
 
-Times are means over ``--calls`` replays between CUDA events, after a warm-up. H200, T=65536, session 29: the
-overlap hid 0.044-0.055 ms of the scan's 0.11 (``overlap_probe_NVIDIA-H200_2026-12-01_*.json``).
+The overlap is an upper bound: a real query program must wait for its chunk's state. Times are means over
+``--calls`` replays between CUDA events, after a warm-up, in ``--rounds`` rounds. History: session 29 ran this probe
+on the segment scan (then a kernel of its own, 0.11 ms), of which the overlap hid 0.044-0.055 ms
+(``overlap_probe_NVIDIA-H200_2026-12-01_*.json``); the scan has since been folded into the state kernel.
 
-    python benchmarks/overlap_probe.py [--T 65536] [--calls 20] [--scan-configs 1024/4/2 2048/8/3 ...] [--out DIR]
-        [--commit SHA]
-
-``--scan-configs`` then times the scan alone (ungated) per BLOCK/WARPS/STAGES: state elements per program, warps
-and pipeline stages (the forward's: ``SCAN_BLOCK``/``SCAN_WARPS``/2).
+    python benchmarks/overlap_probe.py [--T 65536] [--calls 20] [--rounds 3] [--out DIR] [--commit SHA]
 
 Writes ``overlap_probe_<gpu>_<date>_<commit>.json`` under ``--out`` (default ``benchmarks/results``).
 """
@@ -72,12 +69,11 @@ def capture(x: dict, plan) -> dict:
     return recorded
 
 
-def scan_replay(recorded: dict, launch: tuple[int, int] | None = None) -> Callable[[], None]:
-    """The recorded scan launch on copies of the buffers it reads and writes (``launch``: other warps and stages)."""
+def replay(recorded: dict, kernel_name: str) -> Callable[[], None]:
+    """The recorded launch of Triton kernel ``kernel_name`` on copies of the buffers it reads and writes."""
     from torch._library.triton import set_wrap_triton_enabled
 
-    ((kernel, grid, kwargs, warps, stages),) = [r for r in recorded["launches"] if "scan_kernel" in repr(r[0])]
-    warps, stages = launch or (warps, stages)
+    ((kernel, grid, kwargs, warps, stages),) = [r for r in recorded["launches"] if kernel_name in repr(r[0])]
     copied = {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()}
 
     def run() -> None:
@@ -101,8 +97,8 @@ def mean_ms(fn: Callable[[], None], calls: int) -> float:
     return start.elapsed_time(stop) / calls
 
 
-def overlapped(state: Callable[[], None], scan: Callable[[], None], priority: int) -> Callable[[], None]:
-    """``state`` on the current stream, ``scan`` on a side stream of ``priority`` launched right after it; joined."""
+def overlapped(state: Callable[[], None], second: Callable[[], None], priority: int) -> Callable[[], None]:
+    """``state`` on the current stream, ``second`` on a side stream of ``priority`` launched right after it; joined."""
     side = torch.cuda.Stream(priority=priority)
 
     def run() -> None:
@@ -110,13 +106,15 @@ def overlapped(state: Callable[[], None], scan: Callable[[], None], priority: in
         side.wait_stream(main)
         state()
         with torch.cuda.stream(side):
-            scan()
+            second()
         main.wait_stream(side)
 
     return run
 
 
-def probe(T: int, gated: bool, calls: int) -> dict:
+def probe(T: int, gated: bool, calls: int, rounds: int) -> dict:
+    """One row: per round, the state call and the query launch alone, in sequence and overlapped; ``hidden_ms`` the
+    sequence less the faster overlap, per round."""
     x = inputs(T, gated)
     plan = resolve_plan(x["q"], x["k"], x["v"], 2, gated, 0)
     recorded = capture(x, plan)
@@ -126,39 +124,22 @@ def probe(T: int, gated: bool, calls: int) -> dict:
     def state() -> None:
         kernel(spec, args)
 
-    scan = scan_replay(recorded)
-    row = {
-        "T": T,
-        "gated": gated,
-        "chunk": plan.chunk_size,
-        "state_ms": mean_ms(state, calls),
-        "scan_ms": mean_ms(scan, calls),
-        "sequence_ms": mean_ms(lambda: (state(), scan()), calls),
-        "overlapped_ms": mean_ms(overlapped(state, scan, 0), calls),
-        "overlapped_high_priority_ms": mean_ms(overlapped(state, scan, -1), calls),
+    query = replay(recorded, "attention_kernel")
+    timed = {
+        "state_ms": state,
+        "query_ms": query,
+        "sequence_ms": lambda: (state(), query()),
+        "overlapped_ms": overlapped(state, query, 0),
+        "overlapped_high_priority_ms": overlapped(state, query, -1),
     }
-    row["hidden_ms"] = row["sequence_ms"] - min(row["overlapped_ms"], row["overlapped_high_priority_ms"])
+    row: dict = {"T": T, "gated": gated, "chunk": plan.chunk_size, **{name: [] for name in timed}, "hidden_ms": []}
+    for _ in range(rounds):
+        for name, fn in timed.items():
+            row[name].append(mean_ms(fn, calls))
+        faster = min(row["overlapped_ms"][-1], row["overlapped_high_priority_ms"][-1])
+        row["hidden_ms"].append(row["sequence_ms"][-1] - faster)
     print(json.dumps(row), flush=True)
     return row
-
-
-def scan_configs(T: int, gated: bool, calls: int, configs: list[str]) -> list[dict]:
-    """The scan alone per configuration ``BLOCK/WARPS/STAGES`` (state elements per program, warps, pipeline stages):
-    the forward is re-rendered with ``triton_source.SCAN_BLOCK = BLOCK`` and its scan launch replayed."""
-    from retention_compile.codegen import triton_source
-
-    x = inputs(T, gated)
-    plan = resolve_plan(x["q"], x["k"], x["v"], 2, gated, 0)
-    rows = []
-    for config in configs:
-        block, warps, stages = (int(part) for part in config.split("/"))
-        triton_source.SCAN_BLOCK = forward.SCAN_BLOCK = block
-        triton_source._forward_params.cache_clear()
-        triton_source._load.cache_clear()
-        scan = scan_replay(capture(x, plan), (warps, stages))
-        rows.append({"T": T, "gated": gated, "scan": config, "scan_ms": mean_ms(scan, calls)})
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
 
 
 def main() -> None:
@@ -167,11 +148,10 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--commit", default=None)
-    parser.add_argument("--scan-configs", nargs="*", default=[], help="BLOCK/WARPS/STAGES of the scan to time")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     commit = git_commit(args.commit)
-    rows = [probe(args.T, gated, args.calls) for gated in (False, True)]
-    rows += scan_configs(args.T, False, args.calls, args.scan_configs) if args.scan_configs else []
+    rows = [probe(args.T, gated, args.calls, args.rounds) for gated in (False, True)]
     gpu = torch.cuda.get_device_name().replace(" ", "-")
     out = Path(args.out) / f"overlap_probe_{gpu}_{datetime.date.today()}_{commit[:7]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
