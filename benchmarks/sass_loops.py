@@ -46,6 +46,7 @@ B, H = 1, 8
 INPUT_POINTERS = {"Q", "K", "V", "DY", "Y_OUT", "S_ST", "R_ST"}
 INPUT_TYPES = {"bf16": "bfloat16", "fp16": "float16"}  # --dtype: Triton's name -> torch's
 I1_POINTERS = {"VALID"}
+I32_POINTERS = {"SYNC"}
 CONSTEXPRS = {"ROUNDED_OUT": False}  # the forward's second store of y (in the inputs' dtype) off
 SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 BACK_BRANCH = re.compile(r"BRA\s.*?0x([0-9a-f]+)")
@@ -87,6 +88,8 @@ def render(
             spec = forward._with_cherries(spec)
         if not training and hasattr(triton_source, "with_packed_squares"):  # packages since session 55
             spec = triton_source.with_packed_squares(spec)
+        if takes_cherries(spec) and getattr(forward, "QUERY_BESIDE_STATES", False):  # beside the state kernel
+            spec = forward._waiting_for_states(spec)
         source, name = triton_source.render_forward(spec), "attention_kernel"
         warps, stages, max_registers = launch.warps, launch.stages, launch.max_registers
     else:
@@ -100,6 +103,8 @@ def render(
     slots = -(-T // plan.chunk_size)
     ints |= {"Hq": H, "group": 1, "gate_heads": H, "state_heads": H, "state_slots": slots, "shift": 0, "Tq": T, "Tk": T}
     ints["stride_g"] = -(-T // 16) * 16
+    # beside the state kernel: its segments as the H200's T=65536 call takes them (9 programs per head and segment)
+    ints |= {"done_offset": 1 + H * 9 * 11, "done_target": 9, "chunks_per_seg": 6, "n_seg": 11}
     return {"name": name, "warps": warps, "stages": stages, "max_registers": max_registers, "ints": ints,
             "input_type": dtype}  # fmt: skip
 
@@ -148,6 +153,7 @@ def signature(fn, ints: dict, input_type: str) -> tuple[dict, dict, dict]:
             continue
         if name.isupper():
             dtype = input_type if name in INPUT_POINTERS else "i1" if name in I1_POINTERS else "fp32"
+            dtype = "i32" if name in I32_POINTERS else dtype
             sig[name], attrs[(i,)] = f"*{dtype}", [["tt.divisibility", 16]]  # allocations are 16-byte aligned
             continue
         if name not in ints:

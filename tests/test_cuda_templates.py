@@ -336,12 +336,13 @@ def test_chunk_state_op_fake_shapes() -> None:
     with FakeTensorMode():
         k, v, g = _fake_cuda(2, 3, 100, 64), _fake_cuda(2, 3, 100, 32), _fake_cuda(2, 6, 112, dtype=torch.float32)
         sizes = [6, 1, 6, 100, 28, 4, 2, 2]  # Hq, group, state_heads, Tk, shift, n_chunks, chunks_per_seg, n_seg
-        s_loc, m_loc, s_seg, m_seg = torch.ops.retention_compile.cuda_chunk_states(k, v, g, None, sizes, 32, True)
+        s_loc, m_loc, s_seg, m_seg, sync = torch.ops.retention_compile.cuda_chunk_states(k, v, g, None, sizes, 32, True)
         assert (s_loc.shape, s_loc.dtype) == ((12, 4, 2560, 32), torch.bfloat16)
+        assert sync.dtype == torch.int32 and sync.dim() == 1
         assert (m_loc.shape, s_seg.shape, m_seg.shape) == ((12, 4, 64, 64), (12, 3, 2560, 32), (12, 3, 64, 64))
         s_loc, *_ = torch.ops.retention_compile.cuda_chunk_states(k, v, None, None, sizes, 32, False)
         assert s_loc.shape[1] == 0  # non-causal: no per-chunk states
-        s_loc, _, s_seg, _ = torch.ops.retention_compile.cuda_chunk_states(k, v, g, None, sizes, 32, True, True)
+        s_loc, _, s_seg, _, _ = torch.ops.retention_compile.cuda_chunk_states(k, v, g, None, sizes, 32, True, True)
         assert s_loc.shape == (12, 4, 2304, 32) and s_seg.shape == (12, 3, 2304, 32)  # the cherry layout's rows
 
 

@@ -254,6 +254,25 @@ def test_a_kept_cuda_launch_packs_once_and_passes_each_calls_data_pointers(monke
         kept({"K": k, "V": v})
 
 
+def test_a_kept_cuda_launch_zeroes_its_scratch_per_call_and_leaves_it_to_the_launches_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fold's ``SYNC`` words: a fresh zeroed buffer per call at its position, named in the call's tensors so that
+    the query kernel's launch after it reads the same buffer."""
+    monkeypatch.setattr(eager_launch, "current_stream", lambda device: "stream")
+    kernel = CudaKernel()
+    kept = CudaLaunch.of(kernel, (1, 1, 1), (32, 1, 1), 0, "cpu", (None, None, 7), ((0, "K"),), ((1, 5, "SYNC"),))
+    first = {"K": torch.randn(2)}
+    kept(first)
+    first["SYNC"] += 3  # what the kernel would count
+    second = {"K": torch.randn(2)}
+    kept(second)
+    for tensors, launch in zip((first, second), kernel.launches, strict=True):
+        assert launch[2] == (tensors["K"].data_ptr(), tensors["SYNC"].data_ptr(), 7)
+    assert second["SYNC"].dtype == torch.int32 and second["SYNC"].tolist() == [0] * 5
+    assert first["SYNC"].data_ptr() != second["SYNC"].data_ptr() and first["SYNC"].tolist() == [3] * 5
+
+
 def test_a_kept_replay_allocates_its_state_buffers_and_names_them_for_the_query_kernel(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

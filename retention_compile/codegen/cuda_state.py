@@ -236,14 +236,19 @@ class _Launch:
 @functools.lru_cache(maxsize=64)
 def _launch_info(spec: KernelSpec, config: StateKernelConfig, device_index: int) -> _Launch:
     arch = nvrtc.gpu_arch(device_index)
-    programs = spec.template_params()["state_programs"]
     if uses_wgmma(spec, config, arch):
-        smem, threads, value_blocks = wgmma_smem_bytes(spec), WGMMA_THREADS, spec.value_dim // WGMMA_BLOCK_E
+        smem, threads = wgmma_smem_bytes(spec), WGMMA_THREADS
     else:
         smem, threads = smem_bytes(spec.value_dim, config), 32 * config.warps
-        value_blocks = spec.value_dim // block_e(spec.value_dim)
     kernel = load_with_shared_memory(render_state_source(spec, config, arch), KERNEL_NAME, smem, device_index)
-    return _Launch(kernel, programs * value_blocks, threads, smem, folds_segments(spec, config, arch))
+    return _Launch(kernel, _grid_y(spec, config, arch), threads, smem, folds_segments(spec, config, arch))
+
+
+def _grid_y(spec: KernelSpec, config: StateKernelConfig, arch: str | None) -> int:
+    """Programs per head and segment: the state programs (pairs, or two cherries each) x value blocks."""
+    programs = spec.template_params()["state_programs"]
+    wide = WGMMA_BLOCK_E if uses_wgmma(spec, config, arch) else block_e(spec.value_dim)
+    return programs * (spec.value_dim // wide)
 
 
 @functools.lru_cache(maxsize=64)
@@ -324,9 +329,11 @@ def cuda_chunk_states_op(
     chunk_size: int,
     causal: bool,
     cherries: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(S_LOC, M_LOC, S_SEG, M_SEG)`` (LOC empty when non-causal), in the pair layout or, with ``cherries``, the
-    cherry layout (``cherries.py``; the wgmma kernel only).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(S_LOC, M_LOC, S_SEG, M_SEG, SYNC)`` (LOC empty when non-causal), in the pair layout or, with ``cherries``,
+    the cherry layout (``cherries.py``; the wgmma kernel only). ``SYNC``: the fold's int32 words (``sync_words``),
+    empty without the fold; ``DONE``'s counts in it tell a query kernel started beside this one (a programmatic
+    dependent launch) which chunk states are written.
 
     ``sizes = (Hq, group, state_heads, Tk, shift, n_chunks, chunks_per_seg, n_seg)``; ``g`` the cumulative log-gate
     (B, state_heads, >= Tk) fp32 (rows may be padded), ``valid`` (B, Tk) bool.
@@ -346,15 +353,23 @@ def cuda_chunk_states_op(
     valid_bytes = None if valid is None else valid.contiguous().view(torch.uint8)
     grid = _grid(info, k.shape[0], state_heads, n_seg)
     arguments = _kernel_arguments(k, v, gate, valid_bytes, outputs, sizes, causal)
+    sync = torch.zeros(sync_words(grid) if info.folds_segments else 0, dtype=torch.int32, device=k.device)
     if info.folds_segments:
-        arguments = _with_sync(arguments, torch.zeros(_sync_words(grid), dtype=torch.int32, device=k.device))
+        arguments = _with_sync(arguments, sync)
     with torch.cuda.device(k.device):
         info.kernel.launch(grid, (info.threads, 1, 1), arguments, shared_mem=info.smem)
-    return outputs
+    return (*outputs, sync)
 
 
-def _sync_words(grid: tuple[int, int, int]) -> int:
-    """The segment fold's int32 words for a wgmma launch of ``grid``: the ticket counter, a flag per program."""
+def sync_words(grid: tuple) -> int | torch.SymInt:
+    """The segment fold's int32 words for a wgmma launch of ``grid = (heads, programs, n_seg)``: the ticket counter,
+    a flag per program, then ``DONE``, a count per head and segment (``done_offset``)."""
+    return done_offset(grid) + grid[0] * grid[2]
+
+
+def done_offset(grid: tuple) -> int | torch.SymInt:
+    """Where ``DONE`` starts in the fold's words: ``DONE[h * n_seg + s]`` counts the programs of head h and segment
+    s whose share of that segment's states is written (the query kernel waits for ``grid[1]`` of them)."""
     return 1 + grid[0] * grid[1] * grid[2]
 
 
@@ -408,7 +423,11 @@ def _allocate(spec: KernelSpec, k: torch.Tensor, state_heads, n_chunks, n_seg) -
 @cuda_chunk_states_op.register_fake
 def _cuda_chunk_states_fake(k, v, g, valid, sizes, chunk_size, causal, cherries=False):
     spec = state_spec(k, v, chunk_size, causal, g is not None, valid is not None, cherries)
-    return _allocate(spec, k, sizes[2], sizes[5], sizes[7])
+    # the kernel that would run is the device's; with no GPU to ask (fake CUDA tensors on a CPU machine) none folds
+    arch = nvrtc.tensor_arch(k.device) if torch.cuda.is_available() else None
+    grid = (k.shape[0] * sizes[2], _grid_y(spec, CONFIG, arch), sizes[7])
+    words = sync_words(grid) if folds_segments(spec, CONFIG, arch) else 0
+    return (*_allocate(spec, k, sizes[2], sizes[5], sizes[7]), k.new_empty(words, dtype=torch.int32))
 
 
 def wgmma_backward_unsupported(fwd: KernelSpec, arch: str | None, kernel: str) -> str | None:
@@ -474,16 +493,18 @@ def run_chunk_states(
 ) -> dict[str, torch.Tensor]:
     """The body of ``triton_forward``'s state-kernel hook (``CudaStateHook``): ``args`` are the Triton state kernel's
     keyword arguments; returns the buffers it would have filled (``S_SEG``, ``M_SEG``, and ``S_LOC``, ``M_LOC`` when
-    causal). ``kept`` receives the launch to repeat with another call's buffers of the same shapes
-    (``eager_launch.CudaLaunch``), or None where it cannot be repeated as it is (inputs the op copies first, another
-    device than the current)."""
+    causal), and the fold's ``SYNC`` words where the kernel folds segments. ``kept`` receives the launch to repeat
+    with another call's buffers of the same shapes (``eager_launch.CudaLaunch``), or None where it cannot be
+    repeated as it is (inputs the op copies first, another device than the current)."""
     k, v = args["K"], args["V"]
     _record(spec, k, v, q_shape)
     sizes = [args[n] for n in ("Hq", "group", "state_heads", "Tk", "shift", "n_chunks", "chunks_per_seg", "n_seg")]
-    s_loc, m_loc, s_seg, m_seg = torch.ops.retention_compile.cuda_chunk_states(
+    s_loc, m_loc, s_seg, m_seg, sync = torch.ops.retention_compile.cuda_chunk_states(
         k, v, args.get("G"), args.get("VALID"), sizes, spec.chunk_size, spec.causal, spec.cherries
     )
     out = {"S_SEG": s_seg, "M_SEG": m_seg}
+    if folds_segments(spec, CONFIG, nvrtc.tensor_arch(k.device)):
+        out["SYNC"] = sync
     if spec.causal:
         out.update(S_LOC=s_loc, M_LOC=m_loc)
     if kept is not None:
@@ -506,7 +527,7 @@ def _kept_launch(spec: KernelSpec, k, v, g, valid, sizes: Sequence[int]) -> Cuda
     tensors = tuple((i, name) for i, name in KEPT_TENSORS if present.get(name, True))
     grid = _grid(info, k.shape[0], sizes[2], sizes[7])
     arguments = _kernel_arguments(k, v, g, valid, (None,) * 4, sizes, spec.causal)
-    zeroed = ((SYNC_POSITION, _sync_words(grid)),) if info.folds_segments else ()
+    zeroed = ((SYNC_POSITION, sync_words(grid), "SYNC"),) if info.folds_segments else ()
     if zeroed:
         arguments = _with_sync(arguments, None)
     pointers = len(KEPT_TENSORS) + len(zeroed)
@@ -539,6 +560,13 @@ class CudaStateHook:
         that ``triton_forward`` launches no scan after it."""
         arch = nvrtc.tensor_arch(device)
         return folds_segments(spec, CONFIG, arch)
+
+    @staticmethod
+    def done_counts(spec: KernelSpec, device: torch.device, heads, n_seg) -> tuple:
+        """``(offset, target)`` of the fold's ``DONE`` counts in its ``SYNC`` words for ``heads`` (B x state heads)
+        and ``n_seg`` segments: a chunk's states are written once its head's and segment's count reaches target."""
+        programs = _grid_y(spec, CONFIG, nvrtc.tensor_arch(device))
+        return done_offset((heads, programs, n_seg)), programs
 
     @staticmethod
     def programs_per_sm(spec: KernelSpec, device: torch.device) -> int:

@@ -138,8 +138,9 @@ class DirectLaunch:
 class CudaLaunch:
     """One kept launch of a CUDA C++ kernel (``nvrtc.CudaKernel``), its arguments packed once
     (``nvrtc.packed_arguments``: ``values`` with a null pointer at the tensor positions ``tensors`` names, which each
-    call fills with its tensors' data pointers; ``types``). ``zeroed``: (position, count) of the int32 scratch
-    buffers the kernel takes zeroed, allocated and zeroed per call."""
+    call fills with its tensors' data pointers; ``types``). ``zeroed``: (position, count, name) of the int32 scratch
+    buffers the kernel takes zeroed, allocated and zeroed per call and left in the call's tensors under ``name`` for
+    the launches after it (the fold's ``SYNC``, whose counts the query kernel reads)."""
 
     kernel: object  # nvrtc.CudaKernel
     grid: tuple[int, int, int]
@@ -149,7 +150,7 @@ class CudaLaunch:
     values: tuple
     types: tuple
     tensors: tuple[tuple[int, str], ...]
-    zeroed: tuple[tuple[int, int], ...] = ()
+    zeroed: tuple[tuple[int, int, str], ...] = ()
 
     @staticmethod
     def of(
@@ -163,14 +164,15 @@ class CudaLaunch:
         return CudaLaunch(kernel, grid, block, shared_mem, device, tuple(values), tuple(types), tensors, zeroed)
 
     def __call__(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Launch on the current stream with ``tensors`` (by name) at the tensor parameters."""
+        """Launch on the current stream with ``tensors`` (by name) at the tensor parameters; the zeroed scratch
+        buffers are added to ``tensors``."""
         values = list(self.values)
         for position, name in self.tensors:
             values[position] = tensors[name].data_ptr()
-        # freed at return: the caching allocator hands the memory out again only to work ordered after this launch
-        scratch = [torch.zeros(count, dtype=torch.int32, device=self.device) for _, count in self.zeroed]
-        for (position, _), buffer in zip(self.zeroed, scratch, strict=True):
-            values[position] = buffer.data_ptr()
+        # freed with ``tensors``: the caching allocator hands the memory out again only to work ordered after that
+        for position, count, name in self.zeroed:
+            tensors[name] = torch.zeros(count, dtype=torch.int32, device=self.device)
+            values[position] = tensors[name].data_ptr()
         stream = current_stream(self.device)
         self.kernel.launch_packed(self.grid, self.block, values, self.types, shared_mem=self.shared_mem, stream=stream)
 

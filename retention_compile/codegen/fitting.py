@@ -90,11 +90,19 @@ def _mark(value) -> object:
 
 
 def compiled_shared_memory(
-    kernel, grid: tuple, launch: dict, num_warps: int, num_stages: int, maxnreg: int | None = None
+    kernel,
+    grid: tuple,
+    launch: dict,
+    num_warps: int,
+    num_stages: int,
+    maxnreg: int | None = None,
+    launch_pdl: bool = False,
 ) -> int:
-    """Shared memory (bytes) of ``kernel`` compiled for these arguments: compiles without launching. ``maxnreg``:
-    the launch's register cap, so the kernel compiled here is the one the launch then finds in Triton's cache."""
+    """Shared memory (bytes) of ``kernel`` compiled for these arguments: compiles without launching. ``maxnreg``
+    (the launch's register cap) and ``launch_pdl`` as the launch takes them, so the kernel compiled here is the one
+    the launch then finds in Triton's cache."""
     options = {"num_warps": num_warps, "num_stages": num_stages} | ({"maxnreg": maxnreg} if maxnreg else {})
+    options |= {"launch_pdl": True} if launch_pdl else {}
     compiled = kernel.warmup(grid=grid, **options, **_compile_args(launch))
     if hasattr(compiled, "result"):  # Triton's async compile mode hands back a future
         compiled = compiled.result()

@@ -75,7 +75,7 @@ from ..reference import EPS
 from ..sizes import size_hint
 from . import replays
 from .dispatch import modelled_segment_count
-from .eager_launch import DirectLaunch
+from .eager_launch import DirectLaunch, direct_launches_allowed
 from .fitting import (
     compiled_shared_memory,
     device_shared_memory_limit,
@@ -134,6 +134,10 @@ QUERY_TRANSPOSED = False
 # interpreter tests set DENOMINATOR_BY_DOT_FLOAT32 to check the product's fold against the oracle (they run float32).
 DENOMINATOR_BY_DOT = True
 DENOMINATOR_BY_DOT_FLOAT32 = False
+# Where the wgmma state kernel folds segments, causal, eager: the query kernel is launched as its programmatic
+# dependent (``KernelSpec.waits_for_states``), so that its programs run in the state kernel's last round, each once
+# its chunk's segment is written. False: launched after it as any kernel.
+QUERY_BESIDE_STATES = True
 
 
 @dataclass(frozen=True)
@@ -299,15 +303,19 @@ def _launch(
     num_stages: int,
     maxnreg: int | None = None,
     kept: list | None = None,
+    dependent: bool = False,
 ) -> None:
     """``wrap_triton(kernel)[grid](**kwargs)``: Inductor copies the kernel into its output code when tracing.
     ``maxnreg`` caps the registers per thread (None: no cap). ``kept`` receives the launch as a ``DirectLaunch``
-    (None where it cannot be repeated directly)."""
+    (None where it cannot be repeated directly). ``dependent``: a programmatic dependent launch of the kernel before
+    it in the stream (``launch_pdl``), where the launch goes straight to Triton; a traced launch is an ordinary one."""
     from torch.library import wrap_triton
 
     launch = dict(kwargs) if interpreting() else {**kwargs, "num_warps": num_warps, "num_stages": num_stages}
     if maxnreg is not None and not interpreting():
         launch["maxnreg"] = maxnreg
+    if dependent and direct_launches_allowed():
+        launch["launch_pdl"] = True
     compiled = wrap_triton(kernel)[grid](**launch)
     if kept is not None:
         kept.append(DirectLaunch.of(kernel, grid, kwargs, compiled))
@@ -502,6 +510,8 @@ def triton_forward(
         attention.update(_chunk_states(module, layout, k, common, extra, state_kernel, kept, buffers))
         if states_out is not None:
             states_out.update(S=attention["S_ST"], M=attention["M_ST"])
+        if "SYNC" in attention:
+            spec = _waiting_for_states(spec)
     launch = query_launch(spec, plan)
     spec = _with_query_tiles(spec, launch.rows, launch.split)
     if not backward_follows:  # the query kernel's module only: the state kernels are the same
@@ -513,7 +523,9 @@ def triton_forward(
 
     def shared_of(candidate: KernelSpec, candidate_stages: int) -> int:
         kernel = load_forward(candidate)[0].attention_kernel
-        return compiled_shared_memory(kernel, grid(candidate), attention, warps, candidate_stages, launch.max_registers)
+        return compiled_shared_memory(
+            kernel, grid(candidate), attention, warps, candidate_stages, launch.max_registers, spec.waits_for_states
+        )
 
     if (limit := device_shared_memory_limit(q.device)) is not None:  # the state kernels ignore block_t
         spec, stages = fit_shared_memory(spec, warps, stages, limit, shared_of, launch_specialization(attention))
@@ -522,7 +534,8 @@ def triton_forward(
     if is_recording() or spec not in _RECORDED:
         _RECORDED.add(spec)
         _record(spec, path, q, k, v, plan)
-    _launch(module.attention_kernel, grid(spec), attention, warps, stages, launch.max_registers, kept)
+    _launch(module.attention_kernel, grid(spec), attention, warps, stages, launch.max_registers, kept,
+            spec.waits_for_states)  # fmt: skip
     if kept is not None and all(step is not None for step in kept):
         aliases = {name: attention[name] for name in ("S_ST", "M_ST") if name in attention}
         modules = ((first_spec, state_module), (spec, module))
@@ -646,6 +659,7 @@ def launch_tunables() -> tuple:
     return (
         *_tunables(), GATE_SCAN_BLOCK, WIDE_HEAD, WIDE_BLOCK_T, WIDE_STAGES, MIN_BLOCK_E, MAX_CHUNKED_HEAD,
         STATE_WAVES, STATE_WARPS, STATE_STAGES, CHUNK_QUERY_WARPS, SCAN_WARPS, SCAN_BLOCK, NARROW_QUERY_LAUNCH, CONFIG,
+        QUERY_BESIDE_STATES,
     )  # fmt: skip
 
 
@@ -755,6 +769,11 @@ def _with_cherries(spec: KernelSpec) -> KernelSpec:
     return replace(spec, cherries=True)
 
 
+@functools.lru_cache(maxsize=256)
+def _waiting_for_states(spec: KernelSpec) -> KernelSpec:
+    return replace(spec, waits_for_states=True)
+
+
 def folds_segments(state_kernel: object, spec: KernelSpec, device: torch.device) -> bool:
     """Whether a ``state_kernel`` hook leaves the states folded across segments (its ``folds_segments``: the wgmma
     kernel), so that no scan follows it. H200, T=65536 b1 h8 d64: the scan took 0.09 ms of the forward's 1.0."""
@@ -862,8 +881,11 @@ def _chunk_states(
         buffers["S_LOC"] = torch.empty(s_shape, dtype=layout.state_dtype, device=k.device)
         buffers["M_LOC"] = torch.empty(m_shape, dtype=torch.float32, device=k.device)
     state_args = {**common, **extra, **buffers, **sizes, "state_heads": state_heads}
+    sync = None
     if state_kernel is not None:
-        buffers.update(state_kernel(spec, state_args) if kept is None else state_kernel(spec, state_args, kept=kept))
+        produced = state_kernel(spec, state_args) if kept is None else state_kernel(spec, state_args, kept=kept)
+        sync = produced.pop("SYNC", None)  # the fold's words: zeroed per call, not a state buffer
+        buffers.update(produced)
     else:  # the Triton state kernel writes the pair layout only (a cherry module has none)
         assert not spec.cherries, "the cherry layout's states come from the wgmma state kernel"
         pair_programs = params["npairs"] * params["n_eb"]
@@ -872,4 +894,9 @@ def _chunk_states(
         launch_scan(module, spec, heads, {**state_args, **buffers}, kept)
     read = "LOC" if spec.causal else "SEG"  # the states the query kernel reads
     states = {"S_ST": buffers[f"S_{read}"], "M_ST": buffers[f"M_{read}"]}
-    return {**states, "state_heads": state_heads, "state_slots": layout.slots, "shift": layout.shift}
+    states.update(state_heads=state_heads, state_slots=layout.slots, shift=layout.shift)
+    done_counts = getattr(state_kernel, "done_counts", None)
+    if sync is not None and done_counts is not None and spec.causal and QUERY_BESIDE_STATES:
+        offset, target = done_counts(spec, k.device, heads, n_seg)  # the query kernel waits on the fold's counts
+        states.update(SYNC=sync, done_offset=offset, done_target=target, chunks_per_seg=layout.per_segment, n_seg=n_seg)
+    return states

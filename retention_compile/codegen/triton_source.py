@@ -85,6 +85,11 @@ class KernelSpec:
                     products, where float32 squares were rounded once. For forwards no backward follows: the
                     backward recomputes float32 squares and takes y and denom as those weights' sums, and its
                     d log_gate (a small difference of such sums) moved 1.2-1.7x further from the oracle (session 55).
+    waits_for_states: causal chunked, beside the wgmma state kernel that folds segments (``forward.
+                    QUERY_BESIDE_STATES``): the query kernel is launched as that kernel's programmatic dependent, takes
+                    its row blocks first rows first, every head's in turn (the state kernel's segment order), and
+                    waits before its state loop until the fold's count for its head and its chunk's segment
+                    (``SYNC``) says the chunk's states are written.
     """
 
     dtype: str
@@ -106,6 +111,7 @@ class KernelSpec:
     den_dot: bool = False
     cherries: bool = False
     packed_squares: bool = False
+    waits_for_states: bool = False
 
     def __post_init__(self) -> None:
         # specs key several memo tables per call: hash once (the generated hash walks all 18 fields every time)
@@ -125,6 +131,7 @@ class KernelSpec:
         path = f"chunked C={self.chunk_size} b={self.block_feature}" if self.chunked else "quadratic (single chunk)"
         path += ", cherry layout" if self.cherries else ""
         path += ", packed squares" if self.packed_squares else ""
+        path += ", beside the state kernel" if self.waits_for_states else ""
         return (
             f"d={self.head_dim} e={self.value_dim} deg={self.deg} {self.dtype} {' '.join(flags) or 'plain'}; "
             f"{path}; block_t={self.block_t} block_k={self.block_k} block_s={self.block_s} block_e={self.block_e}"

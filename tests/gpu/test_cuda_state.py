@@ -127,8 +127,9 @@ def test_state_buffers_match_the_triton_state_kernel(case: tuple, config, monkey
         captured["sizes"] = {n: args[n] for n in ("chunks_per_seg", "n_seg", "n_chunks")}
         captured["folds"] = folds
         _poison_allocator()
-        captured["cuda"] = {n: t.clone() for n, t in chunk_states(spec, args).items()}
-        return {n: t.clone() for n, t in captured["cuda"].items()}  # the scan rewrites them in place
+        produced = chunk_states(spec, args)
+        captured["cuda"] = {n: t.clone() for n, t in produced.items() if n != "SYNC"}
+        return {**produced, **{n: t.clone() for n, t in captured["cuda"].items()}}  # the scan rewrites them in place
 
     _poison_allocator()
     _forward(x, both)
@@ -170,6 +171,69 @@ def test_forward_with_cuda_states_matches_oracle_and_triton(case: tuple) -> None
     assert _rel(y_cuda, ref) < 1e-2, f"vs oracle {_rel(y_cuda, ref):.2e}"
     assert _rel(y_cuda, y_triton) < 1e-2
     assert _rel(den_cuda, den_triton) < 1e-2
+
+
+class _CountingHook(cuda_state.CudaStateHook):
+    """The CUDA state hook, keeping what its last call produced (``seen``)."""
+
+    seen: dict = {}
+
+    def __call__(self, spec, args, kept=None):
+        produced = super().__call__(spec, args, kept)
+        heads = args["K"].shape[0] * args["state_heads"]
+        self.seen.update(spec=spec, heads=heads, n_seg=args["n_seg"], sync=produced.get("SYNC"))
+        return produced
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_the_fold_counts_every_program_and_the_query_kernel_waits_on_it(case: tuple, monkeypatch) -> None:
+    """The fold's SYNC words after a forward: the ticket took every program once, and DONE holds for every head and
+    segment the count the query kernel waits for (one short and it would wait forever). Causal, the query kernel was
+    launched beside the state kernel, waiting on them, and y matches the oracle."""
+    hook = _CountingHook()
+    waited = []
+    launch = forward._launch
+
+    def spy(kernel, grid, kwargs, *rest, **options):
+        waited.append("SYNC" in kwargs)
+        return launch(kernel, grid, kwargs, *rest, **options)
+
+    monkeypatch.setattr(forward, "_launch", spy)
+    x = _inputs(case, seed=3)
+    y, _ = _forward(x, hook)
+    seen = hook.seen
+    if seen["sync"] is None:
+        pytest.skip("the state kernel does not fold segments on this GPU")
+    heads, n_seg = seen["heads"], seen["n_seg"]
+    offset, target = hook.done_counts(seen["spec"], x["k"].device, heads, n_seg)
+    sync = seen["sync"].cpu()
+    assert len(sync) == offset + heads * n_seg
+    assert sync[0].item() == heads * target * n_seg
+    assert sync[offset:].tolist() == [target] * (heads * n_seg)
+    assert waited[-1] == x["kwargs"]["causal"]
+    assert _rel(y, _oracle(x)) < 1e-2
+
+
+def test_the_forward_beside_the_state_kernel_replays_in_a_cuda_graph() -> None:
+    """Captured in a CUDA graph, the query kernel's programmatic dependent launch becomes a programmatic edge (and the
+    fold's zeroed words a memset); replayed on fresh inputs, the graph gives the eager forward's y bit for bit."""
+    x = _inputs(CASES[0], seed=4)
+    hook = cuda_state.CudaStateHook()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiled, kept and run once outside the capture
+        _forward(x, hook)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph, _ = _forward(x, hook)
+    for seed in (5, 6):
+        fresh = _inputs(CASES[0], seed)
+        for name in ("q", "k", "v"):
+            x[name].copy_(fresh[name])
+        graph.replay()
+        y_eager, _ = _forward(fresh, hook)
+        assert torch.equal(y_graph, y_eager), f"seed {seed}: {_rel(y_graph, y_eager):.2e}"
 
 
 # d = 64 in bf16: the shape class whose states the wgmma kernel writes in the cherry layout (codegen/cherries.py)
@@ -220,7 +284,7 @@ def test_cherry_states_hold_the_pair_layouts_features(case: tuple) -> None:
     chunks = list(range(sizes["n_chunks"]))  # folded (the wgmma kernel): every chunk, and the states after each
     seg_slots = list(range(1, sizes["n_seg"] + (0 if x["kwargs"]["causal"] else 1)))  # segment (not the last, causal)
     gated = x["kwargs"]["log_gate"] is not None
-    for name in pairs:
+    for name in pairs.keys() - {"SYNC"}:
         ref, got = pairs[name], cherry[name]
         ref, got = (ref[:, seg_slots], got[:, seg_slots]) if "SEG" in name else (ref[:, chunks], got[:, chunks])
         if name.startswith("S"):

@@ -1,0 +1,33 @@
+"""The query kernel launched beside the wgmma state kernel (``forward.QUERY_BESIDE_STATES``: a programmatic
+dependent launch whose programs wait per chunk on the fold's counts) against the launch after it, alternated in one
+process.
+
+Shape: b=1, h=8, d=e=64, deg 2, bf16, causal, the op's plan, the CUDA state kernel; T in ``--lengths``, ungated and
+gated. Per (T, gated), ``--rounds`` rounds of both settings in turn (``alternate.alternated``), each: the whole eager
+forward and the device time per kernel (the profiler's kernel times overlap where the launches do: their sum is not
+the forward's time). Also per (T, gated): ``y_rel``, ||y_beside - y_after|| / ||y_after||, which is 0: the same
+kernels read the same states, only the query programs' order and start differ.
+
+    python benchmarks/bench_query_beside_states.py [--lengths 16384 65536 131072] [--rounds 3] [--gated both]
+        [--out DIR] [--commit SHA]
+
+Writes ``query_beside_states_<gpu>_<date>_<commit>.json`` under ``--out`` (default ``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import alternate
+
+from retention_compile.codegen import forward
+
+
+def beside(on: bool) -> None:
+    """Set the query kernel's launch (``launch_tunables`` holds the setting: a kept call of the other is not
+    replayed)."""
+    forward.QUERY_BESIDE_STATES = on
+
+
+if __name__ == "__main__":
+    default = forward.QUERY_BESIDE_STATES
+    settings = {"after": lambda: beside(False), "beside": lambda: beside(True)}
+    alternate.main("query_beside_states", __doc__.splitlines()[0], settings, lambda: beside(default))
