@@ -45,7 +45,10 @@ they take the cherry layout instead (``cherries.py``: every pair of 8-coordinate
              state kernel does this itself (``folds_segments``: each program waits for the state after the segment
              before its own, publishes its own, and folds the former into its chunk states), and no scan runs.
     query    the quadratic kernel restricted to the keys of the query's own chunk, plus
-             ``exp(G_i - G_b) phi(s q_i)^T S_c`` with phi(q) built per pair in registers.
+             ``exp(G_i - G_b) phi(s q_i)^T S_c`` with phi(q) built per pair in registers. Beside the wgmma state
+             kernel (causal, eager: ``QUERY_BESIDE_STATES``) it is launched as that kernel's programmatic dependent,
+             so its programs start in the state kernel's last round, first rows first, each waiting until the
+             state kernel's count for its head and its chunk's segment says the chunk's states are written.
 
 Eager calls that repeat an earlier call in everything its kernels were specialized and planned on are answered by
 repeating that call's compiled launches (``ForwardReplay``, ``replays``, ``eager_launch``): a short call is bound
@@ -136,7 +139,9 @@ DENOMINATOR_BY_DOT = True
 DENOMINATOR_BY_DOT_FLOAT32 = False
 # Where the wgmma state kernel folds segments, causal, eager: the query kernel is launched as its programmatic
 # dependent (``KernelSpec.waits_for_states``), so that its programs run in the state kernel's last round, each once
-# its chunk's segment is written. False: launched after it as any kernel.
+# its chunk's segment is written. False: launched after it as any kernel. H200, b1 h8 d64 bf16, 8 alternated rounds
+# (session 59, forward_notes.md): T=65536 ungated 0.938 -> 0.923 ms (lower in 7 of 8), T=16384 gated 0.301 -> 0.297
+# (8 of 8); T=65536 and 32768 gated unchanged (the state kernel's last round has few idle SMs to give).
 QUERY_BESIDE_STATES = True
 
 
