@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,9 +23,10 @@ ROUNDS = 3
 
 def alternated(T: int, gated: bool, rounds: int, settings: dict[str, Callable[[], None]]) -> dict:
     """Per round, each setting in turn (``settings``: name -> a function that applies it): the whole eager forward
-    (``bench_ms``: ``do_bench`` median) and the device time per kernel (profiler, mean of 20 calls) at b1 h8 d64
-    bf16 causal, the op's plan and the CUDA state kernel. ``y_rel``: ||y_last - y_first|| / ||y_first|| between the
-    first and the last setting."""
+    (``bench_ms``: ``do_bench`` median; ``back_to_back_ms``: median of 20 calls queued back to back), and the device
+    time per kernel (profiler, mean of 20 calls) at b1 h8 d64 bf16 causal, the op's plan and the CUDA state kernel.
+    ``y_rel``: ||y_last - y_first|| / ||y_first|| between the first and the last setting; ``summary``: per setting
+    and measure the median over the rounds, and in how many rounds each setting beat the first."""
     x = inputs(T, gated)
     plan = resolve_plan(x["q"], x["k"], x["v"], 2, gated, 0)
     row: dict = {"T": T, "gated": gated, "rounds": []}
@@ -35,12 +37,45 @@ def alternated(T: int, gated: bool, rounds: int, settings: dict[str, Callable[[]
             apply()
             run = ours(x, plan, codegen="cuda")
             outputs[name] = run()[0].float()
-            entry[name] = {"forward_ms": bench_ms(run), "kernel_ms": kernel_times(run, 20)}
+            timed = {"forward_ms": bench_ms(run), "back_to_back_ms": back_to_back_ms(run, 20)}
+            entry[name] = {**timed, "kernel_ms": kernel_times(run, 20)}
         row["rounds"].append(entry)
         print(json.dumps({"T": T, "gated": gated, **{k: v["forward_ms"] for k, v in entry.items()}}), flush=True)
     first, last = outputs[next(iter(settings))], outputs[list(settings)[-1]]
     row["y_rel"] = ((last - first).norm() / first.norm()).item()
+    row["summary"] = summary(row["rounds"])
+    print(json.dumps({"T": T, "gated": gated, "summary": row["summary"]}), flush=True)
     return row
+
+
+def back_to_back_ms(run: Callable[[], object], calls: int) -> float:
+    """Median ms of ``calls`` calls queued back to back, each between two CUDA events (no cache flush between them,
+    unlike ``do_bench``): a call's time from its first kernel's start to its last kernel's end, as the next call's
+    kernels queue behind it."""
+    run()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
+    for start, end in events:
+        start.record()
+        run()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def summary(rounds: list[dict]) -> dict:
+    """Per setting and timed measure: the median over ``rounds`` and, for the settings after the first, the rounds in
+    which that setting took less time than the first."""
+    names = list(rounds[0])
+    out: dict = {}
+    for name in names:
+        out[name] = {}
+        for measure in ("forward_ms", "back_to_back_ms"):
+            values = [entry[name][measure] for entry in rounds]
+            out[name][measure] = statistics.median(values)
+            if name != names[0]:
+                wins = sum(entry[name][measure] < entry[names[0]][measure] for entry in rounds)
+                out[name][f"{measure}_lower_than_{names[0]}"] = f"{wins}/{len(rounds)}"
+    return out
 
 
 def main(kind: str, description: str, settings: dict[str, Callable[[], None]], restore: Callable[[], None]) -> None:

@@ -4,9 +4,11 @@ process.
 
 Shape: b=1, h=8, d=e=64, deg 2, bf16, causal, the op's plan, the CUDA state kernel; T in ``--lengths``, ungated and
 gated. Per (T, gated), ``--rounds`` rounds of both settings in turn (``alternate.alternated``), each: the whole eager
-forward and the device time per kernel (the profiler's kernel times overlap where the launches do: their sum is not
-the forward's time). Also per (T, gated): ``y_rel``, ||y_beside - y_after|| / ||y_after||, which is 0: the same
-kernels read the same states, only the query programs' order and start differ.
+forward (``do_bench``'s median, and the median of calls queued back to back) and the device time per kernel (the
+profiler's kernel times overlap where the launches do: their sum is not the forward's time); the summary counts the
+rounds each setting won (the H200's clock under its power cap moves a run by a few percent). Also per (T, gated):
+``y_rel``, ||y_beside - y_after|| / ||y_after||, which is 0: the same kernels read the same states, only the query
+programs' order and start differ.
 
     python benchmarks/bench_query_beside_states.py [--lengths 16384 65536 131072] [--rounds 3] [--gated both]
         [--out DIR] [--commit SHA]
