@@ -46,7 +46,7 @@ def captured_launches(monkeypatch: pytest.MonkeyPatch, case: tuple) -> list[Laun
     T, d, e, deg, dtype, gated, chunk = case
     launches: list[Launch] = []
 
-    def record(kernel, grid, kwargs, num_warps, num_stages, maxnreg=None, kept=None) -> None:
+    def record(kernel, grid, kwargs, num_warps, num_stages, maxnreg=None, kept=None, dependent=False) -> None:
         launches.append(Launch(kernel, dict(kwargs), num_warps, num_stages, maxnreg))
 
     monkeypatch.setattr(forward, "_launch", record)

@@ -539,8 +539,10 @@ def triton_forward(
     if is_recording() or spec not in _RECORDED:
         _RECORDED.add(spec)
         _record(spec, path, q, k, v, plan)
-    _launch(module.attention_kernel, grid(spec), attention, warps, stages, launch.max_registers, kept,
-            spec.waits_for_states)  # fmt: skip
+    _launch(
+        module.attention_kernel, grid(spec), attention, warps, stages, launch.max_registers, kept,
+        dependent=spec.waits_for_states,
+    )  # fmt: skip
     if kept is not None and all(step is not None for step in kept):
         aliases = {name: attention[name] for name in ("S_ST", "M_ST") if name in attention}
         modules = ((first_spec, state_module), (spec, module))
