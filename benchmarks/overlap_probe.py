@@ -12,7 +12,10 @@ the state-kernel call and the query launch of one ``triton_forward`` are recorde
                   it need not wait) on a second stream launched right after it, at normal and at high priority: the
                   query kernel's programs are dispatched as the state kernel's free their slots.
 
-The overlap is an upper bound: a real query program must wait for its chunk's state. Times are means over
+The overlap is an upper bound: a real query program must wait for its chunk's state. Session 59 built that launch
+(``forward.QUERY_BESIDE_STATES``; the hook here is a bare function, so the recorded forward launches the query kernel
+after the state kernel): it gained nothing gated at T=65536, where this probe had read 0.04-0.06 ms hidden, because
+query programs that wait for the last segments' states cannot take their slots early. Times are means over
 ``--calls`` replays between CUDA events, after a warm-up, in ``--rounds`` rounds. History: session 29 ran this probe
 on the segment scan (then a kernel of its own, 0.11 ms), of which the overlap hid 0.044-0.055 ms
 (``overlap_probe_NVIDIA-H200_2026-12-01_*.json``); the scan has since been folded into the state kernel.
@@ -51,9 +54,9 @@ def capture(x: dict, plan) -> dict:
 
     launch = forward._launch
 
-    def recording_launch(kernel, grid, kwargs, warps, stages, maxnreg=None, kept=None):
+    def recording_launch(kernel, grid, kwargs, warps, stages, maxnreg=None, kept=None, dependent=False):
         recorded["launches"].append((kernel, grid, dict(kwargs), warps, stages))
-        launch(kernel, grid, kwargs, warps, stages, maxnreg, kept)
+        launch(kernel, grid, kwargs, warps, stages, maxnreg, kept, dependent=dependent)
 
     from torch._library.triton import set_wrap_triton_enabled
 
