@@ -139,9 +139,10 @@ DENOMINATOR_BY_DOT = True
 DENOMINATOR_BY_DOT_FLOAT32 = False
 # Where the wgmma state kernel folds segments, causal, eager: the query kernel is launched as its programmatic
 # dependent (``KernelSpec.waits_for_states``), so that its programs run in the state kernel's last round, each once
-# its chunk's segment is written. False: launched after it as any kernel. H200, b1 h8 d64 bf16, 8 alternated rounds
-# (session 59, forward_notes.md): T=65536 ungated 0.938 -> 0.923 ms (lower in 7 of 8), T=16384 gated 0.301 -> 0.297
-# (8 of 8); T=65536 and 32768 gated unchanged (the state kernel's last round has few idle SMs to give).
+# its chunk's segment is written. False: launched after it as any kernel. H200, b1 h8 d64 bf16, do_bench medians of 8
+# alternated rounds (benchmarks/bench_query_beside_states.py at a0ef214, forward_notes.md session 59): T=16384 0.273 ->
+# 0.266 ms ungated, 0.300 -> 0.296 gated (lower in 8 of 8 rounds each), T=65536 ungated 0.945 -> 0.938 (8 of 8); gated
+# T=65536 1.032 -> 1.027, within the noise (the state kernel's last round has few idle SMs to give).
 QUERY_BESIDE_STATES = True
 
 
