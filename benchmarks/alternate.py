@@ -21,30 +21,34 @@ from retention_compile.ops import resolve_plan
 ROUNDS = 3
 
 
-def alternated(T: int, gated: bool, rounds: int, settings: dict[str, Callable[[], None]]) -> dict:
+def alternated(
+    T: int, gated: bool, rounds: int, settings: dict[str, Callable[[], None]], segments: int | None = None
+) -> dict:
     """Per round, each setting in turn (``settings``: name -> a function that applies it): the whole eager forward
     (``bench_ms``: ``do_bench`` median; ``back_to_back_ms``: median of 20 calls queued back to back), and the device
     time per kernel (profiler, mean of 20 calls) at b1 h8 d64 bf16 causal, the op's plan and the CUDA state kernel.
     ``y_rel``: ||y_last - y_first|| / ||y_first|| between the first and the last setting; ``summary``: per setting
-    and measure the median over the rounds, and in how many rounds each setting beat the first."""
+    and measure the median over the rounds, and in how many rounds each setting beat the first. ``segments``: the
+    state kernel's segment count (None: the op's)."""
     x = inputs(T, gated)
     plan = resolve_plan(x["q"], x["k"], x["v"], 2, gated, 0)
-    row: dict = {"T": T, "gated": gated, "rounds": []}
+    row: dict = {"T": T, "gated": gated, "segments": segments, "rounds": []}
     outputs = {}
     for _ in range(rounds):
         entry = {}
         for name, apply in settings.items():
             apply()
-            run = ours(x, plan, codegen="cuda")
+            run = ours(x, plan, segments, codegen="cuda")
             outputs[name] = run()[0].float()
             timed = {"forward_ms": bench_ms(run), "back_to_back_ms": back_to_back_ms(run, 20)}
             entry[name] = {**timed, "kernel_ms": kernel_times(run, 20)}
         row["rounds"].append(entry)
-        print(json.dumps({"T": T, "gated": gated, **{k: v["forward_ms"] for k, v in entry.items()}}), flush=True)
+        times = {k: v["forward_ms"] for k, v in entry.items()}
+        print(json.dumps({"T": T, "gated": gated, "segments": segments, **times}), flush=True)
     first, last = outputs[next(iter(settings))], outputs[list(settings)[-1]]
     row["y_rel"] = ((last - first).norm() / first.norm()).item()
     row["summary"] = summary(row["rounds"])
-    print(json.dumps({"T": T, "gated": gated, "summary": row["summary"]}), flush=True)
+    print(json.dumps({"T": T, "gated": gated, "segments": segments, "summary": row["summary"]}), flush=True)
     return row
 
 
@@ -80,12 +84,14 @@ def summary(rounds: list[dict]) -> dict:
 
 def main(kind: str, description: str, settings: dict[str, Callable[[], None]], restore: Callable[[], None]) -> None:
     """The command line of an alternation script: ``--lengths``, ``--rounds``, ``--gated`` (which of ungated and
-    gated), ``--out``, ``--commit``; writes ``<kind>_<gpu>_<date>_<commit>.json`` under ``--out`` after every row.
+    gated), ``--segments`` (state-kernel segment counts, a row each; default the op's), ``--out``, ``--commit``;
+    writes ``<kind>_<gpu>_<date>_<commit>.json`` under ``--out`` after every row.
     ``restore`` puts the default setting back at the end."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536, 131072])
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--gated", choices=["no", "yes", "both"], default="both")
+    parser.add_argument("--segments", type=int, nargs="+", default=[None], help="state-kernel segment counts")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--commit", default=None)
     args = parser.parse_args()
@@ -96,7 +102,8 @@ def main(kind: str, description: str, settings: dict[str, Callable[[], None]], r
     try:
         for gated in gates:
             for T in args.lengths:
-                record["rows"].append(alternated(T, gated, args.rounds, settings))
+                for segments in args.segments:
+                    record["rows"].append(alternated(T, gated, args.rounds, settings, segments))
                 base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
                 torch.cuda.empty_cache()
     finally:

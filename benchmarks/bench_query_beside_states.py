@@ -11,7 +11,10 @@ rounds each setting won (the H200's clock under its power cap moves a run by a f
 programs' order and start differ.
 
     python benchmarks/bench_query_beside_states.py [--lengths 16384 65536 131072] [--rounds 3] [--gated both]
-        [--out DIR] [--commit SHA]
+        [--segments N ...] [--out DIR] [--commit SHA]
+
+``--segments``: the state kernel's segment counts, a row each (default the op's, from its dispatch model, which counts
+a partial last round of state programs as lost; beside the state kernel the query kernel can fill it).
 
 Writes ``query_beside_states_<gpu>_<date>_<commit>.json`` under ``--out`` (default ``benchmarks/results``).
 """
