@@ -86,8 +86,12 @@ class TorchCherryStates:
 
     ``folded`` (the wgmma kernel's default, ``folds_segments``; no scan follows): no segment starts from zero, so LOC
     holds the true state before every chunk and slot seg + 1 the state after segment seg (slot n_seg: after every
-    key, what a non-causal query reads).
+    key, what a non-causal query reads). Folded, it also hands over the fold's ``SYNC`` words with every count of
+    ``DONE`` complete (``done_counts``), so a causal query kernel takes the launch beside the state kernel
+    (``KernelSpec.waits_for_states``: its own program order, a wait that finds its counts complete).
     """
+
+    DONE_TARGET = 3  # programs per head and segment that the counts stand for (any number: the query reads it)
 
     def __init__(self, folded: bool = False) -> None:
         self.folded = folded
@@ -99,6 +103,9 @@ class TorchCherryStates:
 
     def folds_segments(self, spec: KernelSpec, device: torch.device) -> bool:
         return self.folded
+
+    def done_counts(self, spec: KernelSpec, device: torch.device, heads: int, n_seg: int) -> tuple[int, int]:
+        return 1 + heads * self.DONE_TARGET * n_seg, self.DONE_TARGET
 
     def __call__(self, spec: KernelSpec, args: dict) -> dict[str, torch.Tensor]:
         self.layouts.append(spec.cherries)
@@ -137,6 +144,10 @@ class TorchCherryStates:
         out = {"S_SEG": seg.float(), "M_SEG": m_seg.float()}
         if spec.causal:
             out.update(S_LOC=loc.to(state_dtype), M_LOC=m_loc.float())
+        if self.folded:
+            offset, target = self.done_counts(spec, K.device, B * heads, n_seg)
+            out["SYNC"] = torch.zeros(offset + B * heads * n_seg, dtype=torch.int32)
+            out["SYNC"][offset:] = target
         return out
 
 
@@ -157,7 +168,7 @@ CASES = {
 def run_case(case: tuple) -> dict[str, float]:
     """y's relative error against the float64 oracle with the states in the cherry layout (float32 kernels), and
     whether the call took that layout."""
-    from retention_compile.codegen.forward import triton_forward
+    from retention_compile.codegen import forward
     from retention_compile.planning import Plan
     from retention_compile.reference import power_retention_reference
 
@@ -169,11 +180,23 @@ def run_case(case: tuple) -> dict[str, float]:
     hook = TorchCherryStates(folded)
     options = {"scale": 0.125, "deg": 2, "log_gate": gate, "causal": causal, "valid": valid}
     plan = Plan(chunk_size=chunk, block_t=16, block_feature=16, block_e=32)
-    y, _ = triton_forward(q, k, v, **options, plan=plan, segments=segments, state_kernel=hook)
+    waited = []
+    launch = forward._launch
+
+    def spy(kernel, grid, kwargs, *rest, **launch_options):
+        waited.append("SYNC" in kwargs)
+        return launch(kernel, grid, kwargs, *rest, **launch_options)
+
+    forward._launch = spy
+    try:
+        y, _ = forward.triton_forward(q, k, v, **options, plan=plan, segments=segments, state_kernel=hook)
+    finally:
+        forward._launch = launch
     ref = power_retention_reference(
         q.double(), k.double(), v.double(), **{**options, "log_gate": None if gate is None else gate.double()}
     )
-    return {"y": float((y.double() - ref).norm() / ref.norm()), "cherries": float(hook.layouts == [True])}
+    error = float((y.double() - ref).norm() / ref.norm())
+    return {"y": error, "cherries": float(hook.layouts == [True]), "waited": float(waited[-1])}
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +208,8 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
 def test_query_kernel_reads_cherry_states(interpreted: dict[str, dict[str, float]], name: str) -> None:
     result = interpreted[name]
     assert result["cherries"] == 1.0, "the call did not take the cherry layout"
+    folded_causal = CASES[name][-1] and CASES[name][7]
+    assert result["waited"] == float(folded_causal), "the query kernel beside the state kernel: folded, causal only"
     assert result["y"] < 1e-5, f"{name}: relative error of y {result['y']:.2e}"
 
 
