@@ -314,13 +314,14 @@ def _launch(
     """``wrap_triton(kernel)[grid](**kwargs)``: Inductor copies the kernel into its output code when tracing.
     ``maxnreg`` caps the registers per thread (None: no cap). ``kept`` receives the launch as a ``DirectLaunch``
     (None where it cannot be repeated directly). ``dependent``: a programmatic dependent launch of the kernel before
-    it in the stream (``launch_pdl``), where the launch goes straight to Triton; a traced launch is an ordinary one."""
+    it in the stream (``launch_pdl``), for launches that go straight to Triton only (``direct_launches_allowed``:
+    ``wrap_triton``'s traced launch takes no such option)."""
     from torch.library import wrap_triton
 
     launch = dict(kwargs) if interpreting() else {**kwargs, "num_warps": num_warps, "num_stages": num_stages}
     if maxnreg is not None and not interpreting():
         launch["maxnreg"] = maxnreg
-    if dependent and direct_launches_allowed():
+    if dependent:
         launch["launch_pdl"] = True
     compiled = wrap_triton(kernel)[grid](**launch)
     if kept is not None:
@@ -523,6 +524,9 @@ def triton_forward(
     if not backward_follows:  # the query kernel's module only: the state kernels are the same
         spec = with_packed_squares(spec)
     warps, stages = launch.warps, launch.stages
+    # beside the state kernel where the launch goes straight to Triton; a traced one is ordinary (its wait then finds
+    # the counts complete): the shared-memory fit below compiles the kernel this launch then runs
+    dependent = spec.waits_for_states and direct_launches_allowed()
 
     def grid(candidate: KernelSpec) -> tuple:
         return (_cdiv(Tq, candidate.block_t), _cdiv(spec.value_dim, spec.block_e), B * Hq)
@@ -530,7 +534,7 @@ def triton_forward(
     def shared_of(candidate: KernelSpec, candidate_stages: int) -> int:
         kernel = load_forward(candidate)[0].attention_kernel
         return compiled_shared_memory(
-            kernel, grid(candidate), attention, warps, candidate_stages, launch.max_registers, spec.waits_for_states
+            kernel, grid(candidate), attention, warps, candidate_stages, launch.max_registers, dependent
         )
 
     if (limit := device_shared_memory_limit(q.device)) is not None:  # the state kernels ignore block_t
@@ -542,7 +546,7 @@ def triton_forward(
         _record(spec, path, q, k, v, plan)
     _launch(
         module.attention_kernel, grid(spec), attention, warps, stages, launch.max_registers, kept,
-        dependent=spec.waits_for_states,
+        dependent=dependent,
     )  # fmt: skip
     if kept is not None and all(step is not None for step in kept):
         aliases = {name: attention[name] for name in ("S_ST", "M_ST") if name in attention}
