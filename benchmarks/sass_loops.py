@@ -42,11 +42,10 @@ from pathlib import Path
 
 B, H = 1, 8
 # Pointer arguments by name: those in the inputs' dtype (the others are float32 buffers: outputs, sums, states kept in
-# float32, G); VALID is a bool mask.
+# float32, G), but those OTHER_POINTER_TYPES names.
 INPUT_POINTERS = {"Q", "K", "V", "DY", "Y_OUT", "S_ST", "R_ST"}
 INPUT_TYPES = {"bf16": "bfloat16", "fp16": "float16"}  # --dtype: Triton's name -> torch's
-I1_POINTERS = {"VALID"}
-I32_POINTERS = {"SYNC"}
+OTHER_POINTER_TYPES = {"VALID": "i1", "SYNC": "i32"}  # a bool mask; the state kernel's int32 counts
 CONSTEXPRS = {"ROUNDED_OUT": False}  # the forward's second store of y (in the inputs' dtype) off
 SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 BACK_BRANCH = re.compile(r"BRA\s.*?0x([0-9a-f]+)")
@@ -152,8 +151,7 @@ def signature(fn, ints: dict, input_type: str) -> tuple[dict, dict, dict]:
             sig[name] = "fp32"
             continue
         if name.isupper():
-            dtype = input_type if name in INPUT_POINTERS else "i1" if name in I1_POINTERS else "fp32"
-            dtype = "i32" if name in I32_POINTERS else dtype
+            dtype = input_type if name in INPUT_POINTERS else OTHER_POINTER_TYPES.get(name, "fp32")
             sig[name], attrs[(i,)] = f"*{dtype}", [["tt.divisibility", 16]]  # allocations are 16-byte aligned
             continue
         if name not in ints:
