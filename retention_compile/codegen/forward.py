@@ -47,7 +47,7 @@ they take the cherry layout instead (``cherries.py``: every pair of 8-coordinate
     query    the quadratic kernel restricted to the keys of the query's own chunk, plus
              ``exp(G_i - G_b) phi(s q_i)^T S_c`` with phi(q) built per pair in registers. Beside the wgmma state
              kernel (causal, eager: ``QUERY_BESIDE_STATES``) it is launched as that kernel's programmatic dependent,
-             so its programs start in the state kernel's last round, first rows first, each waiting until the
+             so its programs start in the state kernel's last round, first chunks first, each waiting until the
              state kernel's count for its head and its chunk's segment says the chunk's states are written.
 
 Eager calls that repeat an earlier call in everything its kernels were specialized and planned on are answered by

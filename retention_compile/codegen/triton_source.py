@@ -87,9 +87,9 @@ class KernelSpec:
                     d log_gate (a small difference of such sums) moved 1.2-1.7x further from the oracle (session 55).
     waits_for_states: causal chunked, beside the wgmma state kernel that folds segments (``forward.
                     QUERY_BESIDE_STATES``): the query kernel is launched as that kernel's programmatic dependent, takes
-                    its row blocks first rows first, every head's in turn (the state kernel's segment order), and
-                    waits before its state loop until the fold's count for its head and its chunk's segment
-                    (``SYNC``) says the chunk's states are written.
+                    its row blocks first chunks first, every head's in turn (the state kernel's segment order), within
+                    a chunk its last row blocks (the longest) first, and waits before its state loop until the fold's
+                    count for its head and its chunk's segment (``SYNC``) says the chunk's states are written.
     """
 
     dtype: str
