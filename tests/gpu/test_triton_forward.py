@@ -23,6 +23,14 @@ from retention_compile.reference import power_retention_reference
 pytestmark = pytest.mark.gpu
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-4}
+# The denominator of a bf16 deg-2 call that no backward follows (``check``'s calls): its unmasked blocks' weights are
+# packed bf16 products (``KernelSpec.packed_squares``) rounded up to five unit roundoffs u = 2^-9 apart from the
+# float32 weight, gated (x rounded: 2u on x^2, the square, the key's factor, their product), 9.8e-3; a row whose
+# denominator is one such weight (|q|, |k| ~ 1e2 under a gate of -1.67 per key) reads that, plus G's float32 rounding
+# at |G| ~ 5000: 1.00e-2 on the H200 once (span-105, quadratic, session 60). A CPU emulation of the rounding chain
+# (benchmarks/denominator_rounding.py, 6 seeds, one head) reads 4.8e-3 to 8.9e-3, and 3.6e-3 to 3.8e-3 with float32
+# squares. y is not affected the same way: it divides the sums of the same rounded weights.
+PACKED_DENOMINATOR_TOL = 1.5e-2
 ORACLE_ROWS = 512  # query rows per oracle block
 ORACLE_BLOCKS = 3  # long sequences: first, middle and last row blocks
 
@@ -85,13 +93,14 @@ def check(q, k, v, gate, valid, *, deg, causal, plan, scale=None, segments=None)
     assert not y.isnan().any() and not den.isnan().any(), "NaN in the output"
     assert torch.isfinite(y).all() and torch.isfinite(den).all()
     tol = TOL[q.dtype]
+    den_tol = PACKED_DENOMINATOR_TOL if deg == 2 and q.dtype == torch.bfloat16 else tol
     for rows in row_blocks(q.shape[2]):
         ref_y, ref_den = oracle(q, k, v, scale=scale, deg=deg, log_gate=gate, causal=causal, valid=valid, rows=rows)
         got_y, got_den = y[:, :, rows.start : rows.stop].double(), den[:, :, rows.start : rows.stop].double()
         err = (got_y - ref_y).norm() / ref_y.norm().clamp_min(1e-300)
         assert err <= tol, f"rows {rows}: relative error of y {err:.2e} > {tol}"
         den_err = ((got_den - ref_den).abs() / ref_den).max()
-        assert den_err <= tol, f"rows {rows}: relative error of denom {den_err:.2e} > {tol}"
+        assert den_err <= den_tol, f"rows {rows}: relative error of denom {den_err:.2e} > {den_tol}"
 
 
 CHUNK = Plan(chunk_size=256, block_t=64, block_feature=16, block_e=64)
