@@ -9,8 +9,8 @@ Prints (1) for constant log-gates per key and lengths T, the largest error of G_
 float32 against float64 (the relative error of each gate factor), and (2) the relative error of y against the
 float64 oracle for the rows after a reset of -1e3 .. -1e5 at key 10, with the float32 Triton kernels run by the
 interpreter (``TRITON_INTERPRET=1``; T = 96, d = 32, the single-chunk kernel and chunks of 16) and with the op's CPU
-path (``rc.power_retention``, whose aten forms take the same float32 cumsum). The contract's bound for float32 inputs
-is 1e-4.
+path (``rc.power_retention``, whose aten forms take G in float64: ``gates.cumulative_log_gate``). The contract's bound
+for float32 inputs is 1e-4.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from .checks import validate_retention_inputs
-from .gates import log_gate_grad
+from .gates import cumulative_log_gate, log_gate_grad
 from .power_features import power_embedding, power_embedding_vjp
 from .reference import EPS, compute_dtype, default_scale
 
@@ -102,7 +102,8 @@ class _Rows:
     ``gk`` is ``Hq / Hk`` for a query-head gate (a state per query head) and 1 otherwise; the
     ``heads = Hq / (Hk gk)`` query heads that read one state are interleaved step-major along the query axis.
     q = s q (R, Tq * heads, d); k (R, Tk, d); vp = [v, 1] (R, Tk, e+1); phi_q, phi_k their embeddings;
-    cum = G (R, Tk) (zeros without a gate); valid (R, Tk) or None.
+    cum = G (R, Tk) in float64 (``gates.cumulative_log_gate``; zeros in the accumulation dtype without a gate);
+    valid (R, Tk) or None. Every log weight is a difference of G cast to the accumulation dtype once formed.
     """
 
     q: Tensor
@@ -136,7 +137,7 @@ def _to_rows(
 
     ks, vs = key_rows(k, d), key_rows(v, v.shape[-1])
     vp = torch.cat([vs, vs.new_ones(vs.shape[:-1]).unsqueeze(-1)], dim=-1)
-    cum = ks.new_zeros(B * states, Tk) if log_gate is None else log_gate.to(acc).reshape(B * states, Tk).cumsum(-1)
+    cum = ks.new_zeros(B * states, Tk) if log_gate is None else cumulative_log_gate(log_gate).reshape(B * states, Tk)
     mask = None if valid is None else valid.unsqueeze(1).expand(B, states, Tk).reshape(B * states, Tk)
     heads = Hq // states
     qs = _query_rows(q.to(acc).expand(B, Hq, Tq, d) * scale, heads)
@@ -210,14 +211,15 @@ def _pairwise(x: Tensor) -> Tensor:
     return x.unsqueeze(-1).expand(shape) - x.unsqueeze(-2).expand(shape)
 
 
-def _minus_ends(cum: Tensor, ends: Tensor) -> Tensor:
-    """``G_i - E_c`` for every step i of chunk c: (R, m, l), (R, m) -> (R, m, l), broadcast by ``expand``."""
-    return cum - ends.unsqueeze(-1).expand(cum.shape)
+def _minus_ends(cum: Tensor, ends: Tensor, dtype: torch.dtype) -> Tensor:
+    """``G_i - E_c`` in ``dtype`` for every step i of chunk c: (R, m, l), (R, m) -> (R, m, l), broadcast by
+    ``expand``."""
+    return (cum - ends.unsqueeze(-1).expand(cum.shape)).to(dtype)
 
 
-def _lower_log_decay(cum: Tensor, valid: Tensor | None) -> Tensor:
-    """``L_ab = G_a - G_b`` for ``b <= a`` (and b valid), else ``-inf``: (..., m) -> (..., m, m)."""
-    diff = _pairwise(cum)
+def _lower_log_decay(cum: Tensor, valid: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """``L_ab = G_a - G_b`` in ``dtype`` for ``b <= a`` (and b valid), else ``-inf``: (..., m) -> (..., m, m)."""
+    diff = _pairwise(cum).to(dtype)
     keep = (_pairwise(torch.arange(cum.shape[-1], device=cum.device)) >= 0).expand(diff.shape)
     if valid is not None:
         keep = keep & valid.unsqueeze(-2).expand(diff.shape)
@@ -300,21 +302,21 @@ class _CausalPlan(NamedTuple):
 
 def _causal_plan(x: _Rows, layout: _Layout) -> _CausalPlan:
     """Chunk ends, log weights and incoming states ``I = M S`` of the causal layout (module docstring)."""
-    ends = layout.chunk_ends(x.cum)
-    pair_decay = _lower_log_decay(ends, None).exp()
+    acc, ends = x.k.dtype, layout.chunk_ends(x.cum)
+    pair_decay = _lower_log_decay(ends, None, acc).exp()
     sources = layout.sources()
     source_log_w = tuple(
-        _masked(-_minus_ends(piece.of(x.cum), ends.narrow(-1, start, count)), _valid_of(x, piece))
+        _masked(-_minus_ends(piece.of(x.cum), ends.narrow(-1, start, count), acc), _valid_of(x, piece))
         for piece, (start, count) in zip(sources, layout.source_ranges())
     )
     states = torch.cat([_accumulate(p.of(x.phi_k), w, p.of(x.vp)) for p, w in zip(sources, source_log_w)], TIME)
     key_pieces = layout.aligned(layout.prefix)
     query_log_w = tuple(
-        _per_head(_minus_ends(piece.of(x.cum), ends.narrow(-1, start, count)), x.heads, -1)
+        _per_head(_minus_ends(piece.of(x.cum), ends.narrow(-1, start, count), acc), x.heads, -1)
         for piece, (start, count) in zip(key_pieces, layout.incoming_ranges())
     )
     intra_log_decay = tuple(
-        _per_head(_lower_log_decay(piece.of(x.cum), _valid_of(x, piece)), x.heads, -2) for piece in key_pieces
+        _per_head(_lower_log_decay(piece.of(x.cum), _valid_of(x, piece), acc), x.heads, -2) for piece in key_pieces
     )
     return _CausalPlan(pair_decay, source_log_w, query_log_w, intra_log_decay, _mix(pair_decay, states))
 

@@ -24,6 +24,7 @@ from functools import lru_cache
 import torch
 
 from .checks import RetentionInputError, validate_retention_inputs
+from .gates import cumulative_log_gate
 from .power_features import multiset_index, power_embedding, state_dim
 from .reference import EPS, default_scale
 
@@ -329,8 +330,8 @@ def init_state(
     norm = torch.zeros(B, H, state_dim(d, deg), dtype=acc, device=k.device)
     weight = None
     if log_gate is not None:
-        cum = torch.cumsum(log_gate.to(acc), dim=-1)  # G_t
-        weight = torch.exp(cum[..., -1:] - cum)  # (B, H, T)
+        cum = cumulative_log_gate(log_gate)  # G_t in float64
+        weight = torch.exp((cum[..., -1:] - cum).to(acc))  # (B, H, T)
     for t0 in range(0, T, chunk):
         phi = power_embedding(k[:, :, t0 : t0 + chunk].to(acc), deg)  # (B, H, c, D)
         if weight is not None:

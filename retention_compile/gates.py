@@ -1,5 +1,6 @@
-"""The gradient of the log-gate from the gradients of its cumulative sum.
+"""The log-gate's cumulative sum for the aten forms, and its gradient from the gradients of that sum.
 
+    cumulative_log_gate(log_gate) -> G   G_t = sum_{u <= t} g_u in float64, along the last axis
     log_gate_grad(d_cum) -> dg      dg_u = sum_{t >= u} dG_t, along the last axis
     log_gate_grad_in_chunks(d_cum, starts, chunk, shift) -> dg     the same, from dg at every chunk start
 
@@ -12,6 +13,18 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+def cumulative_log_gate(log_gate: Tensor) -> Tensor:
+    """``G_t = sum_{u <= t} g_u`` along the last axis, in float64.
+
+    The weights read only differences ``G_i - G_j``. Held in float32, each G is off by up to half an ulp of |G|, so
+    every difference, and every gate factor ``exp(G_i - G_j)`` relatively, carries about ``|G| 2^-24`` however
+    close i and j are: 5.9e-3 at T = 65536 under log-gates of -1.67 per key, 2.0e-4 in y after a reset of -1e4
+    (``benchmarks/gate_prefix_precision.py``), beyond float32's 1e-4. In float64 that error is 2^-29 of float32's,
+    so a difference cast to the accumulation dtype afterwards is that dtype's rounding of the exact value. The
+    aten forms take G this way and cast each difference (a vector per row, or one chunk's pairs at a time)."""
+    return log_gate.to(torch.float64).cumsum(-1)
 
 
 def log_gate_grad(d_cum: Tensor) -> Tensor:

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .gates import log_gate_grad
+from .gates import cumulative_log_gate, log_gate_grad
 from .reference import EPS, compute_dtype
 
 
@@ -62,13 +62,14 @@ def _per_head(x: Tensor, group: int) -> Tensor:
     return x.reshape(B, Hk, group, rows // group, f)
 
 
-def _cumulative_gate(log_gate: Tensor | None, shape: tuple, acc: torch.dtype) -> Tensor | None:
-    """``G`` (B, Hk, g, Tk) from a kv-head (B, Hk, Tk) or query-head (B, Hq, Tk) log-gate."""
+def _cumulative_gate(log_gate: Tensor | None, shape: tuple) -> Tensor | None:
+    """``G`` (B, Hk, g, Tk) in float64 (``gates.cumulative_log_gate``) from a kv-head (B, Hk, Tk) or query-head
+    (B, Hq, Tk) log-gate."""
     if log_gate is None:
         return None
     B, Hk, group, _, _ = shape
     per_kv = log_gate.shape[1] == Hk
-    cum = log_gate.to(acc).cumsum(-1).reshape(B, Hk, 1 if per_kv else group, -1)
+    cum = cumulative_log_gate(log_gate).reshape(B, Hk, 1 if per_kv else group, -1)
     return cum.expand(B, Hk, group, cum.shape[-1])
 
 
@@ -92,7 +93,7 @@ def _weights(q: Tensor, k: Tensor, cum: Tensor | None, valid: Tensor | None, sca
         admissible = admissible & valid[:, None, None, None, :].expand(scores.shape)
     log_decay = torch.zeros_like(scores)
     if cum is not None:
-        log_decay = cum.narrow(-1, offset, Tq).unsqueeze(-1) - cum.unsqueeze(-2)
+        log_decay = (cum.narrow(-1, offset, Tq).unsqueeze(-1) - cum.unsqueeze(-2)).to(scores.dtype)
     log_decay = torch.where(admissible, log_decay, -math.inf)
     weights = torch.where(admissible, scores**deg * log_decay.exp(), 0.0)
     return _Weights(scores, log_decay, admissible, weights)
@@ -119,7 +120,7 @@ def quadratic_forward(
     acc, Hk = compute_dtype(q.dtype), int(k.shape[1])
     qg = _grouped(q, Hk, acc)
     group = int(qg.shape[2])
-    w = _weights(qg, k.to(acc), _cumulative_gate(log_gate, qg.shape, acc), valid, scale, deg, causal)
+    w = _weights(qg, k.to(acc), _cumulative_gate(log_gate, qg.shape), valid, scale, deg, causal)
     denom = w.weights.sum(-1) + eps
     y = _per_head(_stacked(w.weights) @ v.to(acc), group) / denom.unsqueeze(-1)
     B, Hq, Tq = q.shape[0], q.shape[1], q.shape[2]
@@ -151,7 +152,7 @@ def quadratic_backward(
     qg = _grouped(q, Hk, acc)
     group = int(qg.shape[2])
     ka, va = k.to(acc), v.to(acc)
-    w = _weights(qg, ka, _cumulative_gate(log_gate, qg.shape, acc), valid, scale, deg, causal)
+    w = _weights(qg, ka, _cumulative_gate(log_gate, qg.shape), valid, scale, deg, causal)
     den = _grouped(denom.unsqueeze(-1), Hk, acc)
     d_num = _grouped(grad_y, Hk, acc) / den
     d_norm = -(d_num * _grouped(y, Hk, acc)).sum(-1, keepdim=True)

@@ -1,9 +1,56 @@
-"""d log_gate from the gradients of the cumulative gate: the prefix form and the chunk-start form agree."""
+"""The cumulative gate of the aten forms holds float32's bound after a reset, and d log_gate from the gradients of the
+cumulative gate: the prefix form and the chunk-start form agree."""
 
 import pytest
 import torch
 
+from retention_compile.chunked import chunked_forward
+from retention_compile.decode import init_state
 from retention_compile.gates import log_gate_grad, log_gate_grad_in_chunks
+from retention_compile.quadratic import quadratic_forward
+from retention_compile.reference import power_retention_reference
+
+FLOAT32_BOUND = 1e-4  # the contract's relative error of y for float32 inputs
+RESET_AT = 10
+
+
+def _inputs_with_a_reset(T: int, d: int, e: int) -> tuple[torch.Tensor, ...]:
+    """float32 q, k, v (1, 2, T, .) and log-gates in [-0.1, 0] with -1e5 added at key ``RESET_AT``: a document
+    boundary that puts every later G near -1e5, where a float32's ulp is 7.8e-3."""
+    gen = torch.Generator().manual_seed(T * 7 + d)
+    q, k = (torch.randn(1, 2, T, d, generator=gen) for _ in range(2))
+    v = torch.randn(1, 2, T, e, generator=gen)
+    gate = -0.1 * torch.rand(1, 2, T, generator=gen)
+    gate[..., RESET_AT] -= 1e5
+    return q, k, v, gate
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.double() - expected).norm() / expected.norm())
+
+
+@pytest.mark.parametrize("form", ["chunked, chunks of 16", "chunked, one chunk", "quadratic"])
+def test_float32_rows_after_a_reset_hold_the_bound(form: str) -> None:
+    """With G held in float32 every gate factor after the reset carried up to that ulp: the rows after it were
+    1.9e-3 from the oracle (``benchmarks/gate_prefix_precision.py``). The aten forms take G in float64."""
+    q, k, v, gate = _inputs_with_a_reset(T=96, d=8, e=4)
+    options = {"scale": 8**-0.5, "deg": 2, "causal": True, "valid": None}
+    if form == "quadratic":
+        y, _ = quadratic_forward(q, k, v, log_gate=gate, **options)
+    else:
+        y, _ = chunked_forward(q, k, v, log_gate=gate, chunk_size=16 if "16" in form else 128, **options)
+    ref = power_retention_reference(q.double(), k.double(), v.double(), log_gate=gate.double(), **options)
+    after = slice(RESET_AT + 1, None)
+    assert _relative_error(y[..., after, :], ref[..., after, :]) <= FLOAT32_BOUND
+
+
+def test_float32_prefill_state_after_a_reset_holds_the_bound() -> None:
+    """``decode.init_state`` weighs key t by exp(G_T - G_t): in float32 after the reset, off by up to G's ulp."""
+    _, k, v, gate = _inputs_with_a_reset(T=40, d=8, e=4)
+    state, norm = init_state(k, v, deg=2, log_gate=gate)
+    want_state, want_norm = init_state(k.double(), v.double(), deg=2, log_gate=gate.double())
+    assert _relative_error(state, want_state) <= FLOAT32_BOUND
+    assert _relative_error(norm, want_norm) <= FLOAT32_BOUND
 
 
 @pytest.mark.parametrize(("Tk", "chunk", "shift"), [(37, 8, 0), (37, 8, 3), (16, 16, 0), (5, 16, 11), (64, 4, 1)])
