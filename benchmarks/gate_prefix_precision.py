@@ -1,13 +1,14 @@
 """How far the float32 prefix sum of the log-gates takes the gate factors, and y with them: the kernels read
 G = cumsum(log_gate) in float32, so exp(G_i - G_j) for nearby keys carries a relative error of about half an ulp of
 |G| (|G| 2^-24), however small G_i - G_j is. A large |G| comes from long sequences under strong gates, or from a
-reset: a log-gate of -1e4 at a document boundary puts every later G beyond 1e4.
+reset: a log-gate of -1e4 at a document boundary would put every later G beyond 1e4, but every path takes a log-gate
+into G no lower than ``gates.log_gate_floor`` (-132 in float32), where each decay it enters is 0 already.
 
     python benchmarks/gate_prefix_precision.py            (CPU: no GPU needed)
 
 Prints (1) for constant log-gates per key and lengths T, the largest error of G_i - G_j over neighbouring keys in
 float32 against float64 (the relative error of each gate factor), and (2) the relative error of y against the
-float64 oracle for the rows after a reset of -1e3 .. -1e5 at key 10, with the float32 Triton kernels run by the
+float64 oracle for the rows after a reset of -1e3 .. -1e5 or -inf at key 10, with the float32 Triton kernels run by the
 interpreter (``TRITON_INTERPRET=1``; T = 96, d = 32, the single-chunk kernel and chunks of 16) and with the op's CPU
 path (``rc.power_retention``, whose aten forms take G in float64: ``gates.cumulative_log_gate``). The contract's bound
 for float32 inputs is 1e-4.
@@ -59,7 +60,7 @@ def main() -> None:
         error = neighbour_difference_error(T, per_key)
         print(f"    T={T} log-gate {per_key}/key, |G| ~ {T * -per_key:.3g}: {error:.2e}")
     print("(2) y after a reset at key 10, float32 (bound 1e-4): single chunk / chunks of 16")
-    for reset in (0.0, -1e3, -1e4, -1e5):
+    for reset in (0.0, -1e3, -1e4, -1e5, float("-inf")):
         kernels = [error_after_reset(reset, chunk, True) for chunk in (1024, 16)]
         cpu = [error_after_reset(reset, chunk, False) for chunk in (1024, 16)]
         print(f"    reset {reset:g}: kernels {kernels[0]:.2e} / {kernels[1]:.2e}, CPU path {cpu[0]:.2e} / {cpu[1]:.2e}")

@@ -1,6 +1,7 @@
 """The log-gate's cumulative sum for the aten forms, and its gradient from the gradients of that sum.
 
-    cumulative_log_gate(log_gate) -> G   G_t = sum_{u <= t} g_u in float64, along the last axis
+    log_gate_floor(dtype) -> F           the log-gate below which every decay it enters is 0 in dtype
+    cumulative_log_gate(log_gate) -> G   G_t = sum_{u <= t} max(g_u, F) in float64, along the last axis
     log_gate_grad(d_cum) -> dg      dg_u = sum_{t >= u} dG_t, along the last axis
     log_gate_grad_in_chunks(d_cum, starts, chunk, shift) -> dg     the same, from dg at every chunk start
 
@@ -11,12 +12,27 @@ backward in the chunk-start form, the others in the prefix form.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 
+def log_gate_floor(dtype: torch.dtype) -> float:
+    """``F = floor(1.5 log(smallest normal of dtype))``: -132 for float32, -1063 for float64.
+
+    Every G difference that spans a key u is at most g_u, so with g_u <= F the gate factor of each weight it enters
+    is ``exp(<= F) = 0`` in ``dtype``, as is a product of factors whose exponents sum to <= F (F lies below the
+    subnormals too). Taking ``max(g_u, F)`` into G therefore leaves every weight as it was, keeps G finite for a
+    hard reset ``g_u = -inf`` (the log of a zero decay: G differences would be ``-inf - -inf = NaN``), and bounds
+    how much a reset adds to |G|, whose rounding every later gate factor carries (``cumulative_log_gate``). A NaN
+    stays NaN."""
+    return float(math.floor(1.5 * math.log(torch.finfo(dtype).tiny)))
+
+
 def cumulative_log_gate(log_gate: Tensor) -> Tensor:
-    """``G_t = sum_{u <= t} g_u`` along the last axis, in float64.
+    """``G_t = sum_{u <= t} max(g_u, F)`` along the last axis, in float64, with ``F = log_gate_floor(float64)``:
+    the same weights as the plain sum in float32 and float64 (``log_gate_floor``), and finite after ``-inf``.
 
     The weights read only differences ``G_i - G_j``. Held in float32, each G is off by up to half an ulp of |G|, so
     every difference, and every gate factor ``exp(G_i - G_j)`` relatively, carries about ``|G| 2^-24`` however
@@ -24,7 +40,7 @@ def cumulative_log_gate(log_gate: Tensor) -> Tensor:
     (``benchmarks/gate_prefix_precision.py``), beyond float32's 1e-4. In float64 that error is 2^-29 of float32's,
     so a difference cast to the accumulation dtype afterwards is that dtype's rounding of the exact value. The
     aten forms take G this way and cast each difference (a vector per row, or one chunk's pairs at a time)."""
-    return log_gate.to(torch.float64).cumsum(-1)
+    return log_gate.to(torch.float64).clamp_min(log_gate_floor(torch.float64)).cumsum(-1)
 
 
 def log_gate_grad(d_cum: Tensor) -> Tensor:

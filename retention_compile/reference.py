@@ -6,7 +6,9 @@
            0 where valid[j] is False
     y_i  = sum_j w_ij v_j / (sum_j w_ij + eps)
 
-It materialises the (Tq, Tk) weight matrix, so it is meant for tests, not speed. It computes in
+The gate's exponent G_(i+off) - G_j is summed as the g_u between the two (``_gate_exponent``): the same number, with
+no cancellation at large |G|, and 0 weight across a hard reset g_u = -inf. It materialises the (Tq, Tk) weight
+matrix, so it is meant for tests, not speed. It computes in
 float64 when given float64 inputs and in float32 otherwise, and returns q's dtype. Every fast path
 of the project is checked against it.
 """
@@ -83,12 +85,22 @@ def _weights(
         gate = log_gate.to(acc)
         if gate.shape[1] != shape.q_heads:
             gate = expand_kv_heads(gate, shape.group)
-        cum = torch.cumsum(gate, dim=-1)  # G_t, (B, Hq, Tk)
-        row_pos = rows.clamp(min=0, max=shape.kv_len - 1)[:, 0]
-        exponent = cum[..., row_pos, None] - cum[..., None, :]  # G_{i+off} - G_j
+        exponent = _gate_exponent(gate, rows[:, 0])
         exponent = torch.where(admissible, exponent, torch.full_like(exponent, -math.inf))
         weights = weights * torch.exp(exponent)
     return torch.where(admissible, weights, torch.zeros_like(weights))
+
+
+def _gate_exponent(gate: torch.Tensor, row_pos: torch.Tensor) -> torch.Tensor:
+    """``G_(i+off) - G_j``, (B, H, Tk), (Tq,) -> (B, H, Tq, Tk), taken as ``sum_(j < u <= i+off) g_u`` (for
+    j <= i + off; 0 elsewhere, where the caller masks): a suffix sum per row, so each exponent is rounded relative to
+    itself, not to |G|, and a hard reset g_u = -inf gives -inf for the pairs it separates, not ``-inf - -inf``."""
+    B, H, Tk = gate.shape
+    keys = torch.arange(Tk, device=gate.device)
+    seen = (keys[None, :] <= row_pos[:, None]).expand(B, H, -1, -1)  # u <= i + off
+    terms = torch.where(seen, gate[:, :, None, :].expand(seen.shape), torch.zeros((), dtype=gate.dtype))
+    suffix = terms.flip(-1).cumsum(-1).flip(-1)  # sum_(u >= j)
+    return torch.nn.functional.pad(suffix[..., 1:], (0, 1))  # sum_(u > j)
 
 
 def weight_condition(

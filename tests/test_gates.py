@@ -4,11 +4,12 @@ cumulative gate: the prefix form and the chunk-start form agree."""
 import pytest
 import torch
 
+import retention_compile as rc
 from retention_compile.chunked import chunked_forward
 from retention_compile.decode import init_state
-from retention_compile.gates import log_gate_grad, log_gate_grad_in_chunks
+from retention_compile.gates import log_gate_floor, log_gate_grad, log_gate_grad_in_chunks
 from retention_compile.quadratic import quadratic_forward
-from retention_compile.reference import power_retention_reference
+from retention_compile.reference import power_retention_recurrent, power_retention_reference
 
 FLOAT32_BOUND = 1e-4  # the contract's relative error of y for float32 inputs
 RESET_AT = 10
@@ -70,3 +71,37 @@ def test_chunk_start_form_matches_the_prefix_form(Tk: int, chunk: int, shift: in
         moved[..., 1] += 1.0
         changed = (log_gate_grad_in_chunks(d_cum, moved, chunk, shift) - want).abs() > 0.5
         assert changed[..., starts[1] : starts[2]].all() and changed.sum() == 2 * 3 * chunk
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_floor_zeroes_every_decay_it_enters(dtype: torch.dtype) -> None:
+    """exp(F) is 0 in its dtype, below the subnormals, and so is a product of two factors whose exponents sum to F."""
+    floor = torch.tensor(log_gate_floor(dtype), dtype=dtype)
+    assert torch.exp(floor) == 0 and torch.exp(floor / 2) ** 2 == 0
+    assert torch.exp(floor / 2) > 0  # each factor alone is representable
+
+
+@pytest.mark.parametrize("chunk_size", [None, 16])
+def test_hard_resets_of_minus_inf(chunk_size: int | None) -> None:
+    """Log-gates of -inf (a zero decay: documents packed in one sequence) at keys 10 and 30: the op's CPU path
+    (single-chunk and chunked forms) matches the oracle and the recurrence, rows after a reset see only their own
+    document, and every gradient is finite and matches the oracle's autograd."""
+    gen = torch.Generator().manual_seed(30)
+    q, k, v = (torch.randn(1, 2, 40, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    gate = -0.2 * torch.rand(1, 2, 40, generator=gen, dtype=torch.float64)
+    gate[..., [10, 30]] = float("-inf")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, gate)]
+    y = rc.power_retention(*leaves[:3], log_gate=leaves[3], chunk_size=chunk_size)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v, gate)]
+    ref = power_retention_reference(*ref_leaves[:3], log_gate=ref_leaves[3])
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(y, ref, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(ref, power_retention_recurrent(q, k, v, log_gate=gate), rtol=1e-9, atol=1e-10)
+    middle = power_retention_reference(q[..., 10:30, :], k[..., 10:30, :], v[..., 10:30, :], log_gate=gate[..., 10:30])
+    torch.testing.assert_close(ref[..., 10:30, :], middle, rtol=1e-12, atol=1e-12)
+    grad_y = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad(y, leaves, grad_y)
+    want = torch.autograd.grad(ref, ref_leaves, grad_y)
+    for name, got, expected in zip(("dq", "dk", "dv", "dlog_gate"), grads, want):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-9, msg=lambda m, name=name: f"{name}: {m}")

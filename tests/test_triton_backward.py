@@ -62,16 +62,26 @@ CASES = [
     ("chunked-64-tq-gt-tk", (1, 2, 1, 150, 100, 32, 32, 2, 1, True, True, 64)),
 ]
 
+# document boundaries at keys 10 and 30 with log-gates of -1e4 and -inf (a hard reset), taken into G at the floor
+# ``gates.log_gate_floor``: without it -inf gave NaN (G differences of -inf - -inf)
+RESET_KEYS = [10, 30]
+RESETS = {"-1e4": -1e4, "-inf": float("-inf")}
+RESET_CASES = ("quadratic-query-head-gate", "chunked-gate-valid")
 
-def _inputs(case: tuple, dtype: torch.dtype, tiles: dict | None = None) -> tuple[tuple, dict, torch.Tensor, Plan]:
+
+def _inputs(
+    case: tuple, dtype: torch.dtype, tiles: dict | None = None, reset: float | None = None
+) -> tuple[tuple, dict, torch.Tensor, Plan]:
     """``(q, k, v), options, grad_y, plan`` of a case, drawn in float32 and rounded to ``dtype``; the plan's tiles
-    ``tiles`` (default ``TINY``)."""
+    ``tiles`` (default ``TINY``); ``reset``: the log-gate of the keys in ``RESET_KEYS`` (document boundaries)."""
     B, Hq, Hk, Tq, Tk, d, e, deg, gate_heads, has_valid, causal, chunk, *strength = case
     gen = torch.Generator().manual_seed(sum(map(hash, case)) % 2**31)
     q = torch.randn(B, Hq, Tq, d, generator=gen).to(dtype)
     k = torch.randn(B, Hk, Tk, d, generator=gen).to(dtype)
     v = torch.randn(B, Hk, Tk, e, generator=gen).to(dtype)
     gate = -(strength or [0.5])[0] * torch.rand(B, gate_heads, Tk, generator=gen) if gate_heads else None
+    if reset is not None:
+        gate[..., RESET_KEYS] = reset
     valid = torch.rand(B, Tk, generator=gen) > 0.25 if has_valid else None
     grad_y = torch.randn(B, Hq, Tq, e, generator=gen).to(dtype)
     plan = Plan(chunk_size=chunk, **(tiles or TINY))
@@ -101,12 +111,16 @@ def _assert_below(errors: dict[str, float], bound: float, what: str) -> None:
 
 
 def run_case(
-    case: tuple, dtype: torch.dtype = torch.float32, segments: int | None = None, tiles: dict | None = None
+    case: tuple,
+    dtype: torch.dtype = torch.float32,
+    segments: int | None = None,
+    tiles: dict | None = None,
+    reset: float | None = None,
 ) -> dict[str, float]:
     """Relative error of each gradient of ``triton_backward`` against the float64 oracle's autograd; q, k, v are
     drawn in float32 and rounded to ``dtype`` (their gradients come back in it). ``segments``: the state kernels'
-    segment count (the interpreter's default is one: it counts one SM); ``tiles``: the plan's (``_inputs``)."""
-    inputs, options, grad_y, plan = _inputs(case, dtype, tiles)
+    segment count (the interpreter's default is one: it counts one SM); ``tiles`` and ``reset``: ``_inputs``'."""
+    inputs, options, grad_y, plan = _inputs(case, dtype, tiles, reset)
     y, den = triton_forward(*inputs, plan=plan, **options, for_backward=True)
     grads = triton_backward(grad_y, *inputs, y, den, plan=plan, segments=segments, **options)
     return _oracle_errors(inputs, options, grad_y, grads)
@@ -393,6 +407,8 @@ def _interpreted() -> dict[str, dict[str, float]]:
         results[f"{name}-untrimmed"] = run_untrimmed(lambda case=dict(CASES)[name]: run_case(case))
     results.update(run_untrimmed(lambda: run_state_hook_cases(("chunked-tq-gt-tk",), "state-hooks-untrimmed")))
     results.update({name: run_case(case, segments=segments) for name, (case, segments) in SEGMENT_CASES.items()})
+    for label, reset in RESETS.items():
+        results.update({f"{name}-reset{label}": run_case(dict(CASES)[name], reset=reset) for name in RESET_CASES})
     # float16 inputs run the float32 kernels (forward.kernel_inputs); only the gradients' final rounding remains
     results.update({f"{name}-float16": run_case(dict(CASES)[name], torch.float16) for name in FLOAT16_CASES})
     # bfloat16 with chunks of 16 keys runs the float32 kernels too (forward.small_chunk_float32)
@@ -445,6 +461,12 @@ def test_gradients_match_oracle(interpreted: dict[str, dict[str, float]], name: 
     gated = cases[name.removesuffix("-coordinates").removesuffix("-untrimmed")][8] > 0
     assert set(errors) == set(GRADS if gated else GRADS[:3])
     _assert_below(errors, 2e-5, name)
+
+
+@pytest.mark.parametrize("name", [f"{n}-reset{label}" for n in RESET_CASES for label in RESETS])
+def test_gradients_after_document_resets(interpreted: dict[str, dict[str, float]], name: str) -> None:
+    """Log-gates of -1e4 and -inf at two keys: every gradient finite and within the bound of the other cases."""
+    _assert_below(interpreted[name], 2e-5, name)
 
 
 @pytest.mark.parametrize("name", list(SHORT_STEP_CASES))

@@ -66,16 +66,20 @@ CASES = [
 ]
 
 
-def run_case(case: tuple, dtype: torch.dtype = torch.float32, gate_scale: float = 0.3) -> dict[str, float]:
+def run_case(
+    case: tuple, dtype: torch.dtype = torch.float32, gate_scale: float = 0.3, reset: float | None = None
+) -> dict[str, float]:
     """Relative errors of ``triton_forward`` against the oracle on one case, ``{"y": ..., "denom": ...}`` (also
     checks shapes); the inputs are drawn in float32 and rounded to ``dtype``, the log-gates from
-    ``-gate_scale * U(0, 1)``."""
+    ``-gate_scale * U(0, 1)``, with ``reset`` (a document boundary) as the log-gate of the keys in ``RESET_KEYS``."""
     B, Hq, Hk, Tq, Tk, d, e, deg, gate_heads, has_valid, causal, chunk, segments = case
     gen = torch.Generator().manual_seed(sum(map(hash, case)) % 2**31)
     q = torch.randn(B, Hq, Tq, d, generator=gen).to(dtype)
     k = torch.randn(B, Hk, Tk, d, generator=gen).to(dtype)
     v = torch.randn(B, Hk, Tk, e, generator=gen).to(dtype)
     gate = -gate_scale * torch.rand(B, gate_heads, Tk, generator=gen) if gate_heads else None
+    if reset is not None:
+        gate[..., RESET_KEYS] = reset
     valid = torch.rand(B, Tk, generator=gen) > 0.25 if has_valid else None
     plan = Plan(chunk_size=chunk, **TINY)
     assert triton_supports(q, k, v, deg, gate, valid, causal) is None
@@ -203,6 +207,12 @@ FLOAT16_CASES = ("quadratic-deg4-gate-valid", "chunked-gate-valid-segments")
 # log-gates -3 * U(0, 1): G falls by about 96 over a block of 64 keys, so a factor exp(G_a - G_b) of the wrong sign
 # would overflow float32 (e^88), and the weights of keys more than about 60 back underflow to 0
 STRONG_GATE_CASES = ("quadratic-long-gate", "chunked-long-gate")
+# document boundaries at keys 10 and 150: log-gates of -1e4 (G past -2e4 after them in a plain float32 sum, whose
+# rounding every later gate factor would carry: 3.9e-4 in y, session 60) and -inf (a hard reset: G differences of
+# -inf - -inf), both taken into G at the floor ``gates.log_gate_floor``
+RESET_KEYS = [10, 150]
+RESETS = {"-1e4": -1e4, "-inf": float("-inf")}
+RESET_CASES = STRONG_GATE_CASES
 
 
 def _interpreted() -> dict[str, object]:
@@ -215,6 +225,8 @@ def _interpreted() -> dict[str, object]:
     """
     results = {name: run_case(case) for name, case in CASES}
     results.update({f"{name}-strong-gate": run_case(dict(CASES)[name], gate_scale=3.0) for name in STRONG_GATE_CASES})
+    for label, reset in RESETS.items():
+        results.update({f"{name}-reset{label}": run_case(dict(CASES)[name], reset=reset) for name in RESET_CASES})
     results.update({f"denominator-chunk{c}": denominator_error(c) for c in (16, 1024)})
     results.update(keyless_alignment())
     results.update({f"large-inputs-deg{deg}-d{d}": large_inputs(deg, d) for deg, d in ((6, 256), (4, 128))})
@@ -260,6 +272,7 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     + [f"{n}-den-dot" for n in DEN_DOT_CASES]
     + [f"{n}-float16" for n in FLOAT16_CASES]
     + [f"{n}-strong-gate" for n in STRONG_GATE_CASES]
+    + [f"{n}-reset{label}" for n in RESET_CASES for label in RESETS]
     + ["chunked-gate-valid-segments-bfloat16"]
     + [f"{n}-untrimmed" for n in UNTRIMMED_CASES],
 )
@@ -286,6 +299,7 @@ GATE_REACH_BOUNDS = {
     "quadratic-long-gate": 1e-4, "quadratic-prefill-gate": 1e-4, "quadratic-deg4-gate-valid": 1e-4,
     "quadratic-deg4-gate-valid-float16": 1e-4, "chunked-long-gate": 1e-4,
     **{f"{name}-strong-gate": 1e-4 for name in STRONG_GATE_CASES},
+    **{f"{name}-reset{label}": 1e-4 for name in RESET_CASES for label in RESETS},
     **{f"{name}-den-dot": 1e-4 for name in ("quadratic-long-gate", "quadratic-prefill-gate",
                                            "quadratic-deg4-gate-valid", "chunked-long-gate")},
 }  # fmt: skip

@@ -25,6 +25,9 @@ from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
+from ..gates import log_gate_floor
 from ..reference import EPS
 from ..sizes import pow2_at_least
 from . import cache
@@ -167,6 +170,7 @@ def _forward_params(spec: KernelSpec) -> dict[str, object]:
         "scan_block": SCAN_BLOCK,
         "scan_s_blocks": -(-tiled * e // SCAN_BLOCK),
         "eps": repr(EPS),
+        "gate_floor": repr(log_gate_floor(torch.float32)),
         "summary": spec.summary(),
     }
 
