@@ -79,7 +79,7 @@ def check_gate_values(log_gate: torch.Tensor) -> None:
     first = int(positive.nonzero()[0, 0])
     where = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), log_gate.shape))
     _fail(
-        f"power_retention: log_gate must be <= 0 (the log of a per-step decay in (0, 1]); found "
+        f"power_retention: log_gate must be <= 0 (the log of a per-step decay in [0, 1]; -inf is a hard reset); found "
         f"{float(flat[first]):g} at index {where}, {int(positive.sum())} positive entries in all. "
         "Pass e.g. logsigmoid(x) or -softplus(x)"
     )

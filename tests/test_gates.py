@@ -6,7 +6,7 @@ import torch
 
 import retention_compile as rc
 from retention_compile.chunked import chunked_forward
-from retention_compile.decode import init_state
+from retention_compile.decode import decode_step, init_state
 from retention_compile.gates import log_gate_floor, log_gate_grad, log_gate_grad_in_chunks
 from retention_compile.quadratic import quadratic_forward
 from retention_compile.reference import power_retention_recurrent, power_retention_reference
@@ -105,3 +105,19 @@ def test_hard_resets_of_minus_inf(chunk_size: int | None) -> None:
     for name, got, expected in zip(("dq", "dk", "dv", "dlog_gate"), grads, want):
         assert torch.isfinite(got).all(), name
         torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-9, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_decoding_across_hard_resets() -> None:
+    """A prefix with a hard reset inside (``init_state``), then decode steps, the first of them a reset too: each
+    step's y is the oracle's row of the whole sequence, which sees only the step's own document."""
+    gen = torch.Generator().manual_seed(31)
+    q, k, v = (torch.randn(1, 2, 28, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    gate = -0.2 * torch.rand(1, 2, 28, generator=gen, dtype=torch.float64)
+    gate[..., [12, 20]] = float("-inf")
+    ref = power_retention_reference(q, k, v, log_gate=gate)
+    state, norm = init_state(k[..., :20, :], v[..., :20, :], deg=2, log_gate=gate[..., :20])
+    assert torch.isfinite(state).all() and torch.isfinite(norm).all()
+    for t in range(20, 28):
+        step = slice(t, t + 1)
+        y = decode_step(q[..., step, :], k[..., step, :], v[..., step, :], state, norm, log_gate=gate[..., step])
+        torch.testing.assert_close(y, ref[..., step, :], rtol=1e-9, atol=1e-10)

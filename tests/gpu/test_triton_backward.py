@@ -49,9 +49,10 @@ def backward_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def check(
-    B, Hq, Hk, Tq, Tk, d, e, deg, dtype, gate, has_valid, causal, *, magnitude=1.0, op=False, chunk_size=None
+    B, Hq, Hk, Tq, Tk, d, e, deg, dtype, gate, has_valid, causal, *, magnitude=1.0, op=False, chunk_size=None, resets=()
 ) -> None:
-    """``triton_forward`` + ``triton_backward`` (or, with ``op``, the op's autograd) against the oracle's autograd.
+    """``triton_forward`` + ``triton_backward`` (or, with ``op``, the op's autograd) against the oracle's autograd;
+    ``resets``: keys whose log-gate is -inf (hard resets).
 
     With a single key (Tk = 1) the true dq, dk are O(eps / w) and dg is exactly 0 (g_0 cancels in every
     G_i - G_j): the backward reads them off ``dy . (v - y)`` (y in float32, from weights rounded to the dots'
@@ -65,6 +66,8 @@ def check(
     q, k, v = randn(B, Hq, Tq, d), randn(B, Hk, Tk, d), randn(B, Hk, Tk, e) / magnitude
     gate_heads = {None: 0, "k": Hk, "q": Hq}[gate]
     log_gate = -0.1 * torch.rand(B, gate_heads, Tk, device="cuda", generator=gen) if gate_heads else None
+    if resets:
+        log_gate[..., list(resets)] = float("-inf")
     valid = torch.rand(B, Tk, device="cuda", generator=gen) > 0.2 if has_valid else None
     if valid is not None:
         valid[:, -1] = True
@@ -129,6 +132,16 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_cases(name: str) -> None:
     check(*CASES[name])
+
+
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize(("dtype", "chunk_size"), [(bf16, 1024), (bf16, 1 << 20), (f32, 256)])
+def test_document_resets(dtype: torch.dtype, chunk_size: int) -> None:
+    """Hard resets (log-gate -inf: documents packed in one sequence) at a chunk's first key, mid-chunk and past the
+    middle, through the op's autograd: every gradient finite and within the bound (before ``gates.log_gate_floor``,
+    G differences of -inf - -inf made them NaN; the CPU interpreter's cases are float32 and tiny)."""
+    check(1, 4, 1, 4096, 4096, 64, 64, 2, dtype, "k", False, True, op=True, chunk_size=chunk_size,
+          resets=(1024, 1500, 3001))  # fmt: skip
 
 
 # gated cases for the backward's gate factorings, each switch setting: dkv_kernel's rows after each key block

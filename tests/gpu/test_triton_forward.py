@@ -209,6 +209,18 @@ def test_gate_spans_and_cliffs(name: str, path: str, magnitude: float) -> None:
     check(q, k, v, gate.view(1, 1, T).cuda(), None, deg=2, causal=True, plan=plan)
 
 
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize(
+    ("dtype", "plan"), [(bf16, Plan(chunk_size=1024, block_t=128)), (bf16, QUADRATIC), (f32, SMALL_CHUNK)]
+)
+def test_document_resets(dtype: torch.dtype, plan: Plan) -> None:
+    """Hard resets (log-gate -inf: documents packed in one sequence) at a chunk's first key, mid-chunk and past the
+    middle: y within the bound, never NaN (before ``gates.log_gate_floor``, G differences of -inf - -inf)."""
+    q, k, v, gate, _ = make_inputs(1, 2, 1, 4096, 4096, 64, 64, dtype, gate_heads=1)
+    gate[..., [1024, 1500, 3001]] = float("-inf")
+    check(q, k, v, gate, None, deg=2, causal=True, plan=plan)
+
+
 # (B, Hq, Hk, Tq, Tk, d, e, deg, dtype, gate heads: 0 none / "k" / "q", valid, causal, y dtype, SDPA's layout):
 # quadratic-path calls, then chunked ones (``CHUNKED_REPLAYS``)
 REPLAY_CASES = {
