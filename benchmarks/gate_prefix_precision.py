@@ -2,7 +2,7 @@
 G = cumsum(log_gate) in float32, so exp(G_i - G_j) for nearby keys carries a relative error of about half an ulp of
 |G| (|G| 2^-24), however small G_i - G_j is. A large |G| comes from long sequences under strong gates, or from a
 reset: a log-gate of -1e4 at a document boundary would put every later G beyond 1e4, but every path takes a log-gate
-into G no lower than ``gates.log_gate_floor`` (-132 in float32), where each decay it enters is 0 already.
+into G no lower than ``gates.log_gate_floor`` (-105 in float32), where each decay it enters is 0 already.
 
     python benchmarks/gate_prefix_precision.py            (CPU: no GPU needed)
 

@@ -120,7 +120,7 @@ class _Rows:
 def _to_rows(
     q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor | None, valid: Tensor | None, scale: float, deg: int
 ) -> _Rows:
-    """Cast to the accumulation dtype, scale q, append the ones column to v, take G = cumsum(g), embed.
+    """Cast to the accumulation dtype, scale q, append the ones column to v, take G (``cumulative_log_gate``), embed.
 
     Head counts and the head dim are made static (``int``): the embedding's multiset table is built from d
     and the row layout from the heads, so a traced graph is specialised to them (batch and lengths stay

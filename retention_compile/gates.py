@@ -19,20 +19,23 @@ from torch import Tensor
 
 
 def log_gate_floor(dtype: torch.dtype) -> float:
-    """``F = floor(1.5 log(smallest normal of dtype))``: -132 for float32, -1063 for float64.
+    """``F = floor(log(half the smallest subnormal of dtype)) - 1``: -105 for float32, -747 for float64 (-19 for
+    float16).
 
-    Every G difference that spans a key u is at most g_u, so with g_u <= F the gate factor of each weight it enters
-    is ``exp(<= F) = 0`` in ``dtype``, as is a product of factors whose exponents sum to <= F (F lies below the
-    subnormals too). Taking ``max(g_u, F)`` into G therefore leaves every weight as it was, keeps G finite for a
-    hard reset ``g_u = -inf`` (the log of a zero decay: G differences would be ``-inf - -inf = NaN``), and bounds
-    how much a reset adds to |G|, whose rounding every later gate factor carries (``cumulative_log_gate``). A NaN
-    stays NaN."""
-    return float(math.floor(1.5 * math.log(torch.finfo(dtype).tiny)))
+    exp(x) rounds to 0 in ``dtype`` for every x <= F + 1: a nat to spare for the rounding of a G difference. Every
+    G difference that spans a key u is at most g_u, and in a factored form (exp(G_i - G_ref) exp(G_ref - G_j)) u
+    falls in exactly one factor's span. So with g_u <= F each weight u separates has a factor of exactly 0, and
+    taking ``max(g_u, F)`` into G leaves every weight as it was. It keeps G finite for a hard reset ``g_u = -inf``
+    (the log of a zero decay: G differences would be ``-inf - -inf = NaN``) and bounds what a reset adds to |G|,
+    whose rounding every later gate factor carries (``cumulative_log_gate``). A NaN stays NaN."""
+    info = torch.finfo(dtype)
+    half_subnormal = math.log(info.smallest_normal) + math.log(info.eps) - math.log(2)  # in logs: it underflows
+    return float(math.floor(half_subnormal) - 1)
 
 
 def cumulative_log_gate(log_gate: Tensor) -> Tensor:
     """``G_t = sum_{u <= t} max(g_u, F)`` along the last axis, in float64, with ``F = log_gate_floor(float64)``:
-    the same weights as the plain sum in float32 and float64 (``log_gate_floor``), and finite after ``-inf``.
+    the same weights as the plain sum in float64 and float32 (``log_gate_floor``), and finite after ``-inf``.
 
     The weights read only differences ``G_i - G_j``. Held in float32, each G is off by up to half an ulp of |G|, so
     every difference, and every gate factor ``exp(G_i - G_j)`` relatively, carries about ``|G| 2^-24`` however

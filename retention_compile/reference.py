@@ -94,13 +94,15 @@ def _weights(
 def _gate_exponent(gate: torch.Tensor, row_pos: torch.Tensor) -> torch.Tensor:
     """``G_(i+off) - G_j``, (B, H, Tk), (Tq,) -> (B, H, Tq, Tk), taken as ``sum_(j < u <= i+off) g_u`` (for
     j <= i + off; 0 elsewhere, where the caller masks): a suffix sum per row, so each exponent is rounded relative to
-    itself, not to |G|, and a hard reset g_u = -inf gives -inf for the pairs it separates, not ``-inf - -inf``."""
-    B, H, Tk = gate.shape
-    keys = torch.arange(Tk, device=gate.device)
-    seen = (keys[None, :] <= row_pos[:, None]).expand(B, H, -1, -1)  # u <= i + off
-    terms = torch.where(seen, gate[:, :, None, :].expand(seen.shape), torch.zeros((), dtype=gate.dtype))
-    suffix = terms.flip(-1).cumsum(-1).flip(-1)  # sum_(u >= j)
-    return torch.nn.functional.pad(suffix[..., 1:], (0, 1))  # sum_(u > j)
+    itself, not to |G|, and a hard reset g_u = -inf gives -inf for the pairs it separates, not ``-inf - -inf``.
+
+    Built on the reversed key axis (column m for key Tk - 1 - m), where the suffix sums are one cumsum: column m
+    holds g_u for u = Tk - m, the key after key Tk - 1 - m (0 for u = Tk or u > i + off). Two (Tq, Tk) tensors."""
+    Tk = gate.shape[-1]
+    after = torch.arange(Tk, 0, -1, device=gate.device)  # u = Tk - m
+    terms = torch.nn.functional.pad(gate, (0, 1))[..., after]  # g_u, with g_Tk = 0
+    seen = after[None, :] <= row_pos[:, None]  # (Tq, Tk): u <= i + off
+    return torch.where(seen, terms[:, :, None, :], 0.0).cumsum_(-1).flip(-1)
 
 
 def weight_condition(

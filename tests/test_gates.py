@@ -1,6 +1,8 @@
 """The cumulative gate of the aten forms holds float32's bound after a reset, and d log_gate from the gradients of the
 cumulative gate: the prefix form and the chunk-start form agree."""
 
+import math
+
 import pytest
 import torch
 
@@ -73,12 +75,12 @@ def test_chunk_start_form_matches_the_prefix_form(Tk: int, chunk: int, shift: in
         assert changed[..., starts[1] : starts[2]].all() and changed.sum() == 2 * 3 * chunk
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 def test_the_floor_zeroes_every_decay_it_enters(dtype: torch.dtype) -> None:
-    """exp(F) is 0 in its dtype, below the subnormals, and so is a product of two factors whose exponents sum to F."""
-    floor = torch.tensor(log_gate_floor(dtype), dtype=dtype)
-    assert torch.exp(floor) == 0 and torch.exp(floor / 2) ** 2 == 0
-    assert torch.exp(floor / 2) > 0  # each factor alone is representable
+    """exp(F + 1) is 0 in its dtype (a nat to spare below the subnormals), exp(F + 1 + log 4) is not."""
+    floor = log_gate_floor(dtype)
+    assert torch.exp(torch.tensor(floor + 1, dtype=dtype)) == 0
+    assert torch.exp(torch.tensor(floor + 1 + math.log(4), dtype=dtype)) > 0
 
 
 @pytest.mark.parametrize("chunk_size", [None, 16])

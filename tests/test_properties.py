@@ -17,8 +17,8 @@ so with ``Z_i = sum_j w_ij`` and ``Zbar_i = sum_j (s |q_i| |k_j|)^p exp(G_{i+off
 
 the ratio being row i's condition number (large when q_i is nearly orthogonal to its keys). Both masses come
 from the oracle itself (``masses``). ``tol`` is about a hundred units of rounding of the dtype, plus the relative
-rounding that every gate factor exp(G_i - G_j) carries from G itself (``gate_rounding``): the op holds G in
-float64, each reset adding 1063 (``gates.log_gate_floor``), so under resets float64 cases read up to about 1e-12.
+rounding that every gate factor exp(G_i - G_j) carries from G itself where there are resets (``gate_rounding``):
+the op holds G in float64, each reset adding 747 (``gates.log_gate_floor``).
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ SETTINGS = settings(max_examples=EXAMPLES, deadline=None, print_blob=True)
 FORWARD_TOL = {torch.float64: 1e-14, torch.float32: 1e-5}
 GRAD_TOL = {torch.float64: 1e-13, torch.float32: 3e-5}
 BIG = 1e30  # an eps so large that the oracle's y for v = 1 is Z / BIG to float64 rounding
+# Multiples of ``gate_rounding`` added to the tolerances. The worst seen over 20000 float64 cases with resets (3000 for
+# the gradients), in units of gate_rounding beyond the tolerances above: y 0.14, denom 1.7, gradients 0.32; these
+# sit 30 to 40 times above them. float32 cases are within their tolerances as they are.
+RESET_ROUNDING = {"y": 5.0, "denom": 64.0, "grad": 10.0}
 
 
 @dataclass(frozen=True)
@@ -134,15 +138,13 @@ def tensors(case: Case) -> Problem:
 
 
 def gate_rounding(p: Problem) -> float:
-    """What the resets add to the relative rounding of every gate factor exp(G_i - G_j): G as the op holds it
-    (float64: ``gates.cumulative_log_gate``) takes each reset at the floor, -1063, and is a prefix sum whose Tk
-    additions each round by at most half an ulp of max |G|, so a difference of two of them is off by up to
-    Tk 2^-52 max |G|. The floors' part of max |G|, 1063 per reset, is new; the rest is within ``FORWARD_TOL``
-    (9000 cases). 0 without resets."""
+    """The unit of what resets add to the rounding of every gate factor exp(G_i - G_j): the op holds G in float64
+    (``gates.cumulative_log_gate``) and takes each reset at the floor, -747, so G's ulp grows with 747 per reset:
+    2^-52 x 747 x (most resets in a row). Scaled by ``RESET_ROUNDING`` in the bounds; 0 without resets."""
     if p.log_gate is None:
         return 0.0
     resets = int(torch.isneginf(p.log_gate).sum(-1).max())
-    return torch.finfo(torch.float64).eps * p.log_gate.shape[-1] * resets * -log_gate_floor(torch.float64)
+    return torch.finfo(torch.float64).eps * resets * -log_gate_floor(torch.float64)
 
 
 def masses(case: Case, p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +167,9 @@ def assert_forward_close(case: Case, p: Problem, y: torch.Tensor) -> None:
     expected = power_retention_reference(x.q, x.k, x.v, **x.options(case))
     assert y.dtype == case.dtype and y.shape == expected.shape
     z, zbar = masses(case, p)
-    bound = (FORWARD_TOL[case.dtype] + 2 * gate_rounding(p)) * x.v.abs().max() * (1 + zbar / (z + EPS))
+    bound = (
+        (FORWARD_TOL[case.dtype] + RESET_ROUNDING["y"] * gate_rounding(p)) * x.v.abs().max() * (1 + zbar / (z + EPS))
+    )
     excess = ((y.double() - expected).abs() - bound.unsqueeze(-1)).max()
     assert excess <= 0, f"{case}: error exceeds the conditioned bound by {float(excess):.3e}"
 
@@ -177,7 +181,7 @@ def check_forward(case: Case) -> None:
     y, denom = chunked_forward(p.q, p.k, p.v, **{**p.options(case), "scale": s}, chunk_size=case.chunk)
     assert_forward_close(case, p, y)
     z, zbar = masses(case, p)
-    tol = FORWARD_TOL[case.dtype] + gate_rounding(p)
+    tol = FORWARD_TOL[case.dtype] + RESET_ROUNDING["denom"] * gate_rounding(p)
     assert ((denom.double() - (z + EPS)).abs() <= tol * (zbar + EPS)).all(), case
     assert_forward_close(case, p, rc.power_retention(p.q, p.k, p.v, **p.options(case), chunk_size=case.chunk))
 
@@ -243,7 +247,8 @@ def check_backward(case: Case) -> None:
     for name, leaf, mine, ref in zip("qkvg", leaves, ours, expected):
         assert mine.dtype == leaf.dtype and mine.shape == ref.shape
         error = per_kv_head(mine.double() - ref, case)
-        allowed = (GRAD_TOL[case.dtype] + 4 * gate_rounding(p)) * condition * (per_kv_head(ref, case) + term[name])
+        tol = GRAD_TOL[case.dtype] + RESET_ROUNDING["grad"] * gate_rounding(p)
+        allowed = tol * condition * (per_kv_head(ref, case) + term[name])
         worst = int((error / allowed).argmax())
         assert (error <= allowed).all(), f"d{name}: error {error.flatten()[worst]:.3e} > {allowed.flatten()[worst]:.3e}"
 

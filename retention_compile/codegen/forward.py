@@ -698,13 +698,14 @@ def with_keyless_rows(rows: torch.Tensor, keyless: int | torch.SymInt, fill: flo
 
 
 def _gate_cumsum(module, log_gate: torch.Tensor) -> torch.Tensor:
-    """``G = cumsum(log_gate, -1)`` in float32 by the rendered ``gate_cumsum_kernel`` (torch's scan runs one
-    program per row: 0.1 ms for 8 rows of 65536 on the H200), rows padded to a multiple of 16 keys (aligned)."""
+    """``G = cumsum(max(log_gate, F), -1)`` in float32 (``gates.log_gate_floor``) by the rendered
+    ``gate_cumsum_kernel`` (torch's scan runs one program per row: 0.1 ms for 8 rows of 65536 on the H200), rows
+    padded to a multiple of 16 keys (aligned)."""
     return _launch_gate_cumsum(module, *_gate_buffers(log_gate))
 
 
 def _launch_gate_cumsum(module, lg: torch.Tensor, g: torch.Tensor, kept: list | None = None) -> torch.Tensor:
-    """``g = cumsum(lg, -1)`` (buffers from ``_gate_buffers``); ``kept``: as ``_launch``'s."""
+    """``g = cumsum(max(lg, F), -1)`` (buffers from ``_gate_buffers``); ``kept``: as ``_launch``'s."""
     B, heads, Tk = lg.shape
     grid = (_cdiv(Tk, GATE_SCAN_BLOCK), B * heads)
     args = {"LOG_GATE": lg, "G": g, "Tk": Tk, "stride_g": g.stride(1), "BLOCK": GATE_SCAN_BLOCK}

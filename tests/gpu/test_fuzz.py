@@ -151,7 +151,7 @@ def make_case(seed: int, index: int, classes: list[ShapeClass]) -> Case:
 
 
 def hard_resets(seed: int, index: int, gated: bool, kv_len: int) -> tuple[int, ...]:
-    """For a quarter of the gated cases, one to three keys whose log-gate is -inf. A few only: each adds 132 to |G|
+    """For a quarter of the gated cases, one to three keys whose log-gate is -inf. A few only: each adds 105 to |G|
     in the kernels' float32 G (``gates.log_gate_floor``), whose rounding every later gate factor carries."""
     rng = random.Random(f"resets:{seed}:{index}")
     if not gated or rng.random() >= 0.25:
