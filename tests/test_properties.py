@@ -63,12 +63,12 @@ class Case:
     causal: bool
     gate: str  # "none" | "kv" (per kv head) | "q" (per query head)
     gate_strength: float
-    resets: bool  # some keys' log-gates -inf (hard resets: documents packed in one sequence)
     padded: bool
     scale: float | None
     chunk: int
     dtype: torch.dtype
     seed: int
+    resets: bool = False  # some keys' log-gates -inf (hard resets: documents packed in one sequence)
 
 
 @st.composite
@@ -89,12 +89,12 @@ def cases(draw: st.DrawFn, dtypes: tuple[torch.dtype, ...] = (torch.float64, tor
         causal=causal,
         gate=draw(st.sampled_from(["none", "kv", "q"])) if causal else "none",
         gate_strength=draw(st.sampled_from([0.05, 0.5, 3.0])),
-        resets=draw(st.booleans()),
         padded=draw(st.booleans()),
         scale=draw(st.one_of(st.none(), st.floats(0.2, 2.0))),
         chunk=draw(st.integers(1, kv_len + 2)),
         dtype=draw(st.sampled_from(dtypes)),
         seed=draw(st.integers(0, 2**31 - 1)),
+        resets=draw(st.booleans()),
     )
 
 
