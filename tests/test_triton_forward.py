@@ -280,7 +280,7 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 def test_kernels_match_oracle(interpreted: dict[str, dict[str, float]], name: str) -> None:
     bound = GATE_REACH_BOUNDS.get(name, 1e-5)
     for quantity, error in interpreted[name].items():
-        limit = max(bound, DENOM_BOUND) if quantity == "denom" else bound
+        limit = max(bound, RESET_DENOM_BOUNDS.get(name, DENOM_BOUND)) if quantity == "denom" else bound
         assert error < limit, f"{name}: relative error of {quantity} {error:.2e}"
 
 
@@ -288,6 +288,10 @@ def test_kernels_match_oracle(interpreted: dict[str, dict[str, float]], name: st
 # weights far below |q|^2 |k|^2, which float32's dot rounds relative to |q| |k|. Over 200 seeds of the quadratic case
 # (2026-12-01) one row read 2.2e-5 (y: 2.3e-6); every other case's rows were below 1e-5. The contract's float32 bound.
 DENOM_BOUND = 1e-4
+# The reset cases' rows right after a reset see a key or two, as row 0 does, and their G (near 250) rounds each gate
+# factor by up to 1.5e-5: over 12 processes their denominators read 2.5e-5 to 6.7e-5 (2026-12-04), against 3.9e-3 and
+# NaN without the floor. y stays at its bound.
+RESET_DENOM_BOUNDS = {f"{name}-reset{label}": 2e-4 for name in RESET_CASES for label in RESETS}
 
 
 # Cases whose weights span a wide range in float32: about 300 keys of log-gates -0.3 * U(0, 1) take G to about -45,
