@@ -70,6 +70,39 @@ def starcoder2(window: int = 8) -> nn.Module:
     return _hf("Starcoder2Config", "Starcoder2ForCausalLM", **SMALL, num_key_value_heads=2, **extra)
 
 
+def gemma() -> nn.Module:
+    return _hf("GemmaConfig", "GemmaForCausalLM", **SMALL, num_key_value_heads=2, head_dim=8)
+
+
+def phi3() -> nn.Module:
+    return _hf("Phi3Config", "Phi3ForCausalLM", **SMALL, num_key_value_heads=2, pad_token_id=0)
+
+
+def qwen3() -> nn.Module:
+    return _hf("Qwen3Config", "Qwen3ForCausalLM", **SMALL, num_key_value_heads=2, head_dim=8)
+
+
+def olmo2() -> nn.Module:
+    return _hf("Olmo2Config", "Olmo2ForCausalLM", **SMALL, num_key_value_heads=2)
+
+
+def _small_without(*names: str) -> dict:
+    return {key: value for key, value in SMALL.items() if key not in names}
+
+
+def gpt_neox() -> nn.Module:
+    return _hf("GPTNeoXConfig", "GPTNeoXForCausalLM", **SMALL, hidden_dropout=0.0)
+
+
+def falcon() -> nn.Module:
+    return _hf("FalconConfig", "FalconForCausalLM", **_small_without("intermediate_size"), hidden_dropout=0.0)
+
+
+def opt() -> nn.Module:
+    config = _small_without("intermediate_size", "attention_dropout")
+    return _hf("OPTConfig", "OPTForCausalLM", **config, ffn_dim=64, dropout=0.0, attention_dropout=0.0)
+
+
 def _gpt_config(**extra) -> dict:
     dropouts = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     return {"n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": VOCAB, "n_positions": 128, **dropouts, **extra}
@@ -221,6 +254,13 @@ CASES = {
     "mistral sliding window 8": (mistral, _ids, _no_kwargs, [CAUSAL] * 2, None),
     "starcoder2 sliding window 8": (starcoder2, _ids, _no_kwargs, [CAUSAL] * 2, None),
     "gpt_bigcode multi-query": (gpt_bigcode, _ids, _no_kwargs, [CAUSAL] * 2, None),
+    "gemma": (gemma, _ids, _no_kwargs, [CAUSAL] * 2, None),
+    "phi3": (phi3, _ids, _no_kwargs, [CAUSAL] * 2, None),
+    "qwen3 (q/k norms)": (qwen3, _ids, _no_kwargs, [CAUSAL] * 2, None),
+    "olmo2": (olmo2, _ids, _no_kwargs, [CAUSAL] * 2, None),
+    "gpt_neox": (gpt_neox, _ids, _no_kwargs, [CAUSAL] * 2, None),
+    "falcon (mask proven by evaluation)": (falcon, _ids, _no_kwargs, [CAUSAL] * 2, None),
+    "opt": (opt, _ids, _no_kwargs, [CAUSAL] * 2, None),
     "bert": (bert, _ids, _no_kwargs, [NON_CAUSAL] * 2, None),
     "nanogpt sdpa": (NanoGPT, _ids, _no_kwargs, [CAUSAL] * 2, None),
     "nanogpt hand-written": (lambda: NanoGPT(hand_written=True), _ids, _no_kwargs, [CAUSAL] * 2, None),
