@@ -282,6 +282,9 @@ CASES = {
 }
 # Compiled with Inductor in CI (the others: with -m slow); every case runs the rewrite eagerly in CI.
 INDUCTOR_IN_CI = ("llama left padding", "nanogpt hand-written")
+# Families checked by their rewrite only (eagerly, at two lengths): Inductor compiles the same op for them as for
+# Llama, at about 20 s per family and length on the CPU (falcon's and qwen3's compiled cases passed, 2026-12-04)
+REWRITE_ONLY = ("gemma", "phi3", "qwen3 (q/k norms)", "olmo2", "gpt_neox", "falcon (mask proven by evaluation)", "opt")
 
 
 def check_case(name: str, inductor: bool, second: bool = True):
@@ -317,8 +320,8 @@ def test_no_graph_break_by_explain():
 
 
 def _inductor_cases(in_ci: tuple[str, ...]) -> list:
-    """Every case, ``slow`` unless in ``in_ci``."""
-    return [pytest.param(n, marks=[] if n in in_ci else [pytest.mark.slow]) for n in CASES]
+    """Every case but ``REWRITE_ONLY``'s, ``slow`` unless in ``in_ci``."""
+    return [pytest.param(n, marks=[] if n in in_ci else [pytest.mark.slow]) for n in CASES if n not in REWRITE_ONLY]
 
 
 @pytest.mark.parametrize("name", _inductor_cases(INDUCTOR_IN_CI))
