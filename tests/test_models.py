@@ -74,6 +74,16 @@ def gemma() -> nn.Module:
     return _hf("GemmaConfig", "GemmaForCausalLM", **SMALL, num_key_value_heads=2, head_dim=8)
 
 
+def gemma3(window: int = 8) -> nn.Module:
+    heads = {"num_key_value_heads": 2, "head_dim": 8}
+    return _hf("Gemma3TextConfig", "Gemma3ForCausalLM", **SMALL, **heads, sliding_window=window)
+
+
+def mixtral() -> nn.Module:
+    experts = {"num_local_experts": 4, "num_experts_per_tok": 2}
+    return _hf("MixtralConfig", "MixtralForCausalLM", **SMALL, num_key_value_heads=2, **experts)
+
+
 def phi3() -> nn.Module:
     return _hf("Phi3Config", "Phi3ForCausalLM", **SMALL, num_key_value_heads=2, pad_token_id=0)
 
@@ -255,6 +265,8 @@ CASES = {
     "starcoder2 sliding window 8": (starcoder2, _ids, _no_kwargs, [CAUSAL] * 2, None),
     "gpt_bigcode multi-query": (gpt_bigcode, _ids, _no_kwargs, [CAUSAL] * 2, None),
     "gemma": (gemma, _ids, _no_kwargs, [CAUSAL] * 2, None),
+    "gemma3 sliding window 8": (gemma3, _ids, _no_kwargs, [CAUSAL] * 2, None),
+    "mixtral (experts' router softmax left alone)": (mixtral, _ids, _no_kwargs, [CAUSAL] * 2, None),
     "phi3": (phi3, _ids, _no_kwargs, [CAUSAL] * 2, None),
     "qwen3 (q/k norms)": (qwen3, _ids, _no_kwargs, [CAUSAL] * 2, None),
     "olmo2": (olmo2, _ids, _no_kwargs, [CAUSAL] * 2, None),
@@ -284,7 +296,10 @@ CASES = {
 INDUCTOR_IN_CI = ("llama left padding", "nanogpt hand-written")
 # Families checked by their rewrite only (eagerly, at two lengths): Inductor compiles the same op for them as for
 # Llama, at about 20 s per family and length on the CPU (falcon's and qwen3's compiled cases passed, 2026-12-04)
-REWRITE_ONLY = ("gemma", "phi3", "qwen3 (q/k norms)", "olmo2", "gpt_neox", "falcon (mask proven by evaluation)", "opt")
+REWRITE_ONLY = (
+    "gemma", "gemma3 sliding window 8", "mixtral (experts' router softmax left alone)", "phi3", "qwen3 (q/k norms)",
+    "olmo2", "gpt_neox", "falcon (mask proven by evaluation)", "opt",
+)  # fmt: skip
 
 
 def check_case(name: str, inductor: bool, second: bool = True):
