@@ -352,6 +352,24 @@ def test_additive_buffer_mask_is_checked_at_run_time():
         compiled(q, k, v)
 
 
+def test_soft_capped_scores_are_kept_and_named():
+    """Gemma2's eager attention: ``cap tanh(scores / cap)`` before the mask and the softmax. Retention's weights cannot
+    take the tanh, so the site is kept as written, and its reason names the op (it was not reported at all)."""
+    q, k, v = qkv()
+
+    def fn(q, k, v):
+        i, j = grids_of(T, T)
+        scores = torch.tanh(q @ k.transpose(2, 3) * 0.3 / 50.0) * 50.0
+        scores = scores + torch.where(j <= i, 0.0, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v
+
+    out, report = rewrite(fn, q, k, v)
+    site = report.sites[0]
+    assert (site.decision, site.becomes) == ("kept", "kept as written"), site
+    assert "pass through tanh" in site.reason
+    torch.testing.assert_close(out, fn(q, k, v), **TOL)
+
+
 def test_hand_written_attention_whose_weights_are_returned_is_kept():
     def fn(q, k, v):
         weights = torch.softmax(q @ k.transpose(-1, -2), dim=-1)

@@ -44,12 +44,12 @@ def left_padding(batch: int, length: int, pads: tuple[int, ...]) -> torch.Tensor
     return mask
 
 
-def _hf(config_class: str, model_class: str, **config) -> nn.Module:
+def _hf(config_class: str, model_class: str, attention: str = "sdpa", **config) -> nn.Module:
     import transformers
 
     torch.manual_seed(0)
     cfg = getattr(transformers, config_class)(**config)
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = attention
     return getattr(transformers, model_class)(cfg)
 
 
@@ -77,6 +77,12 @@ def gemma() -> nn.Module:
 def gemma3(window: int = 8) -> nn.Module:
     heads = {"num_key_value_heads": 2, "head_dim": 8}
     return _hf("Gemma3TextConfig", "Gemma3ForCausalLM", **SMALL, **heads, sliding_window=window)
+
+
+def gemma2_eager() -> nn.Module:
+    """Gemma2 has no SDPA path in transformers: its eager attention soft-caps the scores with tanh."""
+    heads = {"num_key_value_heads": 2, "head_dim": 8}
+    return _hf("Gemma2Config", "Gemma2ForCausalLM", "eager", **SMALL, **heads, sliding_window=8)
 
 
 def mixtral() -> nn.Module:
@@ -212,7 +218,7 @@ class DecoderModel(nn.Module):
 # ------------------------------------------------------------------------------------------------- cases
 
 T1, T2 = 16, 24  # the checked length, and a second one (Dynamo recompiles with a dynamic sequence length)
-CAUSAL, NON_CAUSAL = "causal retention", "non-causal retention"
+CAUSAL, NON_CAUSAL, KEPT_WRITTEN = "causal retention", "non-causal retention", "kept as written"
 PADS = (0, 5)
 
 
@@ -267,6 +273,7 @@ CASES = {
     "gemma": (gemma, _ids, _no_kwargs, [CAUSAL] * 2, None),
     "gemma3 sliding window 8": (gemma3, _ids, _no_kwargs, [CAUSAL] * 2, None),
     "mixtral (experts' router softmax left alone)": (mixtral, _ids, _no_kwargs, [CAUSAL] * 2, None),
+    "gemma2 eager (soft-capped scores: kept, and said why)": (gemma2_eager, _ids, _no_kwargs, [KEPT_WRITTEN] * 2, None),
     "phi3": (phi3, _ids, _no_kwargs, [CAUSAL] * 2, None),
     "qwen3 (q/k norms)": (qwen3, _ids, _no_kwargs, [CAUSAL] * 2, None),
     "olmo2": (olmo2, _ids, _no_kwargs, [CAUSAL] * 2, None),
@@ -299,6 +306,7 @@ INDUCTOR_IN_CI = ("llama left padding", "nanogpt hand-written")
 REWRITE_ONLY = (
     "gemma", "gemma3 sliding window 8", "mixtral (experts' router softmax left alone)", "phi3", "qwen3 (q/k norms)",
     "olmo2", "gpt_neox", "falcon (mask proven by evaluation)", "opt",
+    "gemma2 eager (soft-capped scores: kept, and said why)",
 )  # fmt: skip
 
 

@@ -20,6 +20,7 @@ from .shapes import holds
 from .sites import AttentionSite, example_value
 
 KEPT = "kept as SDPA"
+KEPT_AS_WRITTEN = "kept as written"  # a hand-written attention left as the model has it
 
 
 class RetentionRewriteError(RuntimeError):
@@ -97,7 +98,15 @@ def _fold_kv(site: AttentionSite, decision: Decision) -> None:
 
 
 def decide(site: AttentionSite, config: RetentionConfig, analyser: MaskAnalyser) -> Decision:
-    """The decision for one site."""
+    """The decision for one site (a hand-written one that is kept stays as written, not as SDPA)."""
+    decision = _decide(site, config, analyser)
+    if not decision.rewrite and site.kind == "hand-written":
+        decision.mapping = KEPT_AS_WRITTEN
+    return decision
+
+
+def _decide(site: AttentionSite, config: RetentionConfig, analyser: MaskAnalyser) -> Decision:
+    """``decide`` before the kept mapping is named for the site's kind."""
     if site.unsupported:
         return keep(site.unsupported)
     found = _constant(site.is_causal, "is_causal") or _check_operands(site)

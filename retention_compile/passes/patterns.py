@@ -11,8 +11,9 @@ Hand-written attention. From every ``softmax(x, dim=-1)`` the scores ``x`` are w
 ``masked_fill(x, m, -big)``, ``where(m, x, -big)``, ``x + mask``, ``x * c`` and ``x / c`` to ``q @ k^T``, and
 the probabilities forward through casts and ``dropout`` to ``p @ v``. The masks become the site's
 ``MaskPart``s, numbers multiply the scale, a tensor factor with size 1 along the key axis (one number per
-query row at most) is folded into the query at rewrite time. Anything else is not recognised, and the graph
-is left as it is.
+query row at most) is folded into the query at rewrite time. Scores that still come from ``q @ k^T`` through
+some other op (``tanh`` for logit soft-capping, say) make a kept site whose reason names that op, so the
+report says why; anything else is not recognised, and the graph is left as it is.
 """
 
 from __future__ import annotations
@@ -227,6 +228,35 @@ class _Scores:
         return _Scores(self.evaluator).walk(node)
 
 
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _other_op(node: object, seen: set[fx.Node], depth: int = 0) -> tuple[fx.Node, str | None] | None:
+    """For scores that ``_Scores.walk`` rejects: the ``q @ k^T`` they still come from through the arguments of any
+    ops, and the op nearest it on that path outside the walk's forms (None when there is none); None when no matmul
+    is reached within 32 ops. ``seen``: nodes already searched (each is searched once)."""
+    if not isinstance(node, fx.Node) or node in seen or depth > 32 or node.op not in ("call_function", "call_method"):
+        return None
+    seen.add(node)
+    if _calls(node, MATMUL_FUNCTIONS, frozenset({"matmul", "__matmul__"})):
+        return node, None
+    for arg in node.args:
+        found = _other_op(arg, seen, depth + 1)
+        if found is not None:
+            matmul, op = found
+            return matmul, op or (None if _name_walked(node) else _op_name(node))
+    return None
+
+
+def _name_walked(node: fx.Node) -> bool:
+    """Whether ``node`` is one of the forms ``_Scores.walk`` follows (given the right operands)."""
+    names = {"masked_fill", "where", "add", "__add__", "mul", "__mul__", "div", "__truediv__"}
+    walked = (torch.masked_fill, torch.Tensor.masked_fill, *WHERE_OPS, *ADD_OPS, *MUL_OPS, *DIV_OPS)
+    return _is_cast(node) or _calls(node, walked, frozenset(names))
+
+
 def _probabilities(softmax: fx.Node) -> tuple[fx.Node | None, float, bool]:
     """Follow the probabilities through casts and dropout to ``p @ v``: (that matmul or None, dropout_p,
     whether the probabilities are also used elsewhere)."""
@@ -250,6 +280,25 @@ def _probabilities(softmax: fx.Node) -> tuple[fx.Node | None, float, bool]:
         current = following
 
 
+def _transformed_scores(op: str) -> str:
+    """The reason for keeping a site whose scores pass through ``op``."""
+    return (
+        f"the scores pass through {op} between q @ k^T and the softmax (logit soft-capping, or another transform): "
+        "retention's weights (s q.k)^p cannot take it"
+    )
+
+
+def _site_problem(shared: bool, query: fx.Node, key: fx.Node | None, value: fx.Node) -> str | None:
+    """Why a recognised hand-written site cannot be rewritten, or None."""
+    if shared:
+        return "the attention weights are also used elsewhere (e.g. returned with output_attentions)"
+    if key is None:
+        return "the key operand of q @ k^T is not a transposed tensor"
+    if any(len(_shape(n) or ()) != 4 for n in (query, key, value)):
+        return "q, k, v are not 4-D (B, H, T, d) tensors"
+    return None
+
+
 def find_handwritten(graph: fx.Graph, evaluator: Evaluator) -> Iterator[AttentionSite]:
     """Every hand-written attention of ``graph`` (see the module docstring), in graph order."""
     for node in list(graph.nodes):
@@ -257,17 +306,17 @@ def find_handwritten(graph: fx.Graph, evaluator: Evaluator) -> Iterator[Attentio
             continue
         scores = _Scores(evaluator)
         output, dropout, shared = _probabilities(node)
-        if output is None or not scores.walk(node.args[0]):
+        if output is None:
             continue
+        problem = None
+        if not scores.walk(node.args[0]):
+            other = _other_op(node.args[0], set())
+            if other is None or other[1] is None:
+                continue
+            scores.matmul, problem = other[0], _transformed_scores(other[1])
         query, key_t = scores.matmul.args[:2]
         key, value = _untransposed(key_t), output.args[1]
-        problem = None
-        if shared:
-            problem = "the attention weights are also used elsewhere (e.g. returned with output_attentions)"
-        elif key is None:
-            problem = "the key operand of q @ k^T is not a transposed tensor"
-        elif any(len(_shape(n) or ()) != 4 for n in (query, key, value)):
-            problem = "q, k, v are not 4-D (B, H, T, d) tensors"
+        problem = problem or _site_problem(shared, query, key, value)
         yield AttentionSite(
             node=output,
             query=query,
