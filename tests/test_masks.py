@@ -368,6 +368,8 @@ def test_soft_capped_scores_are_kept_and_named():
     assert (site.decision, site.becomes) == ("kept", "kept as written"), site
     assert "pass through tanh" in site.reason
     torch.testing.assert_close(out, fn(q, k, v), **TOL)
+    with pytest.raises(Exception, match="pass through tanh"):  # strict: every attention rewritten, or an error
+        rewrite(fn, q, k, v, strict=True)
 
 
 def test_hand_written_attention_whose_weights_are_returned_is_kept():
