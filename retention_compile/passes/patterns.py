@@ -141,6 +141,30 @@ def _is_cast(node: fx.Node) -> bool:
     return _calls(node, (torch.Tensor.to, torch.Tensor.float, torch.Tensor.contiguous), CAST_METHODS)
 
 
+def _is_matmul(node: object) -> bool:
+    return _calls(node, MATMUL_FUNCTIONS, frozenset({"matmul", "__matmul__"}))
+
+
+def _is_masked_fill(node: object) -> bool:
+    return _calls(node, (torch.masked_fill, torch.Tensor.masked_fill), frozenset({"masked_fill"}))
+
+
+def _is_where(node: object) -> bool:
+    return _calls(node, WHERE_OPS, frozenset({"where"}))
+
+
+def _is_add(node: object) -> bool:
+    return _calls(node, ADD_OPS, frozenset({"add", "__add__"}))
+
+
+def _is_div(node: object) -> bool:
+    return _calls(node, DIV_OPS, frozenset({"div", "__truediv__"}))
+
+
+def _is_mul_or_div(node: object) -> bool:
+    return _is_div(node) or _calls(node, MUL_OPS, frozenset({"mul", "__mul__"}))
+
+
 def _single_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
@@ -180,24 +204,24 @@ class _Scores:
         if not isinstance(node, fx.Node) or depth > 32:
             return False
         args = node.args
-        if _calls(node, MATMUL_FUNCTIONS, frozenset({"matmul", "__matmul__"})):
+        if _is_matmul(node):
             self.matmul = node
             return True
         if _is_cast(node):
             return self.walk(args[0], depth + 1)
-        if _calls(node, (torch.masked_fill, torch.Tensor.masked_fill), frozenset({"masked_fill"})):
+        if _is_masked_fill(node):
             self.parts.append(MaskPart(args[1], "block"))
             return self.walk(args[0], depth + 1)
-        if _calls(node, WHERE_OPS, frozenset({"where"})) and len(args) == 3:
+        if _is_where(node) and len(args) == 3:
             return self._where(node, depth)
-        if _calls(node, ADD_OPS, frozenset({"add", "__add__"})) and len(args) == 2 and not node.kwargs:
+        if _is_add(node) and len(args) == 2 and not node.kwargs:
             for scores, mask in ((args[0], args[1]), (args[1], args[0])):
                 if isinstance(mask, fx.Node) and self._reaches_matmul(scores):
                     self.parts.append(MaskPart(mask, "add", self.part_factor))
                     return self.walk(scores, depth + 1)
             return False
-        if _calls(node, MUL_OPS + DIV_OPS, frozenset({"mul", "__mul__", "div", "__truediv__"})) and len(args) == 2:
-            divide = _calls(node, DIV_OPS, frozenset({"div", "__truediv__"}))
+        if _is_mul_or_div(node) and len(args) == 2:
+            divide = _is_div(node)
             pairs = ((args[0], args[1]),) if divide else ((args[0], args[1]), (args[1], args[0]))
             for scores, factor in pairs:
                 if self._reaches_matmul(scores) and self._take_factor(factor, divide):
@@ -240,21 +264,19 @@ def _other_op(node: object, seen: set[fx.Node], depth: int = 0) -> tuple[fx.Node
     if not isinstance(node, fx.Node) or node in seen or depth > 32 or node.op not in ("call_function", "call_method"):
         return None
     seen.add(node)
-    if _calls(node, MATMUL_FUNCTIONS, frozenset({"matmul", "__matmul__"})):
+    if _is_matmul(node):
         return node, None
     for arg in node.args:
         found = _other_op(arg, seen, depth + 1)
         if found is not None:
             matmul, op = found
-            return matmul, op or (None if _name_walked(node) else _op_name(node))
+            return matmul, op or (None if _walked_form(node) else _op_name(node))
     return None
 
 
-def _name_walked(node: fx.Node) -> bool:
+def _walked_form(node: fx.Node) -> bool:
     """Whether ``node`` is one of the forms ``_Scores.walk`` follows (given the right operands)."""
-    names = {"masked_fill", "where", "add", "__add__", "mul", "__mul__", "div", "__truediv__"}
-    walked = (torch.masked_fill, torch.Tensor.masked_fill, *WHERE_OPS, *ADD_OPS, *MUL_OPS, *DIV_OPS)
-    return _is_cast(node) or _calls(node, walked, frozenset(names))
+    return any(form(node) for form in (_is_cast, _is_masked_fill, _is_where, _is_add, _is_mul_or_div))
 
 
 def _probabilities(softmax: fx.Node) -> tuple[fx.Node | None, float, bool]:
@@ -266,7 +288,7 @@ def _probabilities(softmax: fx.Node) -> tuple[fx.Node | None, float, bool]:
         shared = shared or len(users) > 1
         following = None
         for user in users:
-            if _calls(user, MATMUL_FUNCTIONS, frozenset({"matmul", "__matmul__"})) and user.args[0] is current:
+            if _is_matmul(user) and user.args[0] is current:
                 return user, dropout, shared
             if _is_cast(user) and user.args[0] is current:
                 following = user
