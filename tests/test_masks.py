@@ -379,3 +379,101 @@ def test_hand_written_attention_whose_weights_are_returned_is_kept():
 
     _, report = rewrite(fn, *qkv())
     assert report.sites[0].decision == "kept" and "weights are also used" in report.sites[0].reason
+
+
+# In-place changes the walk does not see. Each of these read as plain ``softmax(q @ k^T) @ v`` (or a causal mask)
+# before the changes were followed through views and ``setitem``, and were rewritten into a wrong answer (the output
+# 1.4 to 3.4 from the oracle): MViTv2 (timm) adds its relative-position terms by ``attn[:, :, 1:, 1:] = ...``.
+def _scores_setitem(q, k, v, bias):
+    scores = q @ k.transpose(2, 3) * 0.3
+    scores[:, :, 1:, 1:] = scores[:, :, 1:, 1:] + bias[1:, 1:]
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def _scores_add_(q, k, v, bias):
+    scores = q @ k.transpose(2, 3) * 0.3
+    scores.add_(bias)
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def _scores_view_mul_(q, k, v, bias):
+    scores = q @ k.transpose(2, 3)
+    scores[..., 0].mul_(3.0)  # through a view of the scores
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def _scores_masked_fill_(q, k, v, bias):
+    i, j = grids_of(T, T)
+    scores = q @ k.transpose(2, 3)
+    scores.masked_fill_(j > i, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def _weights_setitem(q, k, v, bias):
+    weights = torch.softmax(q @ k.transpose(2, 3), dim=-1)
+    weights[..., 0] = 0.0
+    return weights @ v
+
+
+def _query_changed_between(q, k, v, bias):
+    q = q + 0.0
+    scores = q @ k.transpose(2, 3)
+    q.add_(1.0)  # the op replacing `@ v` would read this q
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize(
+    "fn, reason",
+    [
+        (_scores_setitem, "scores are changed in place (setitem)"),
+        (_scores_add_, "scores are changed in place (add_)"),
+        (_scores_view_mul_, "scores are changed in place (mul_)"),
+        (_scores_masked_fill_, "scores are changed in place (masked_fill_)"),
+        (_weights_setitem, "attention weights are changed in place (setitem)"),
+        (_query_changed_between, "changed in place (add_) between q @ k^T and p @ v"),
+    ],
+    ids=lambda x: getattr(x, "__name__", "")[1:] or None,
+)
+def test_hand_written_attention_changed_in_place_is_kept(fn, reason):
+    q, k, v = qkv()
+    bias = torch.randn(T, T)
+    out, report = rewrite(fn, q, k, v, bias)
+    site = report.sites[0]
+    assert (site.decision, site.becomes) == ("kept", "kept as written"), site
+    assert reason in site.reason
+    torch.testing.assert_close(out, fn(q, k, v, bias), **TOL)
+
+
+def test_mask_changed_in_place_by_setitem_is_kept():
+    """``m[0, 5] = True`` after building a causal mask: row 0 sees key 5 too. The analysis evaluated the mask's
+    construction without the setitem and proved it causal."""
+    q, k, v = qkv()
+
+    def fn(q, k, v):
+        i, j = grids_of(T, T)
+        mask = j <= i
+        mask[0, 5] = True
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    out, report = rewrite(fn, q, k, v)
+    assert report.sites[0].decision == "kept" and "changed in place" in report.sites[0].reason
+    torch.testing.assert_close(out, fn(q, k, v), **TOL)
+
+
+def test_in_place_ops_elsewhere_and_within_the_chain_are_not_changes_of_the_site():
+    """An in-place op on another tensor, and dropout in place on the weights (part of the chain the walk follows),
+    leave the site rewritten and right."""
+    q, k, v = qkv()
+
+    def fn(q, k, v):
+        i, j = grids_of(T, T)
+        other = torch.zeros(T)
+        other.add_(1.0)
+        scores = (q @ k.transpose(2, 3)).masked_fill(j > i, float("-inf"))
+        weights = F.dropout(torch.softmax(scores, dim=-1), 0.0, training=False, inplace=True)
+        return weights @ v + other[:, None]
+
+    out, report = rewrite(fn, q, k, v)
+    assert report.sites[0].decision == "rewritten", report.sites[0]
+    expected = oracle_sdpa(q, k, v, is_causal=True, scale=1.0) + 1.0
+    torch.testing.assert_close(out, expected, **TOL)

@@ -57,7 +57,24 @@ RANDOM_FUNCTIONS = frozenset(
     }
 )
 RANDOM_METHODS = frozenset({"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_"})
-INPLACE_OPERATORS = frozenset({operator.iadd, operator.iand, operator.ior, operator.isub, operator.imul})
+INPLACE_OPERATORS = frozenset(
+    {
+        operator.iadd, operator.iand, operator.ior, operator.ixor, operator.isub, operator.imul, operator.itruediv,
+        operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul, operator.ilshift, operator.irshift,
+    }
+)  # fmt: skip
+# Ops whose result may share storage with their first argument (``_may_alias_first``), by method or function name
+# (``x.view(...)``, ``torch.transpose(x, ...)``; ``x[i]`` is ``operator.getitem``), and the attributes that are views.
+ALIASING_METHODS = frozenset(
+    {
+        "view", "view_as", "reshape", "reshape_as", "transpose", "t", "permute", "unsqueeze", "squeeze", "expand",
+        "expand_as", "narrow", "select", "flatten", "unflatten", "split", "split_with_sizes", "chunk", "unbind",
+        "tensor_split", "hsplit", "vsplit", "dsplit", "diagonal", "unfold", "movedim", "moveaxis", "swapaxes",
+        "swapdims", "as_strided", "detach", "contiguous", "to", "type", "type_as", "float", "double", "half",
+        "bfloat16", "int", "long", "bool", "real", "imag", "view_as_real", "view_as_complex", "__getitem__",
+    }
+)  # fmt: skip
+ALIASING_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "data", "real", "imag"})
 # A grid larger than this many elements is not evaluated at extra sizes (the example size is always evaluated).
 MAX_SAMPLE_ELEMENTS = 1 << 24
 
@@ -93,19 +110,68 @@ def _metadata_only(user: fx.Node, arg_index: int) -> bool:
     return False
 
 
-def is_mutation(node: fx.Node) -> bool:
-    """An in-place op (``x.add_(...)``, ``x &= ...``) that changes its first argument."""
+def mutated_operand(node: fx.Node) -> fx.Node | None:
+    """The node whose tensor ``node`` changes in place, or None: the first argument of an in-place op
+    (``x.add_(...)``, ``x &= ...``, ``x[i] = y``), or the ``out=`` tensor of any call."""
+    out = node.kwargs.get("out")
+    if isinstance(out, fx.Node):
+        return out
+    first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
     if node.op == "call_method":
         name = str(node.target)
-        return name.endswith("_") and not name.endswith("__")
-    if node.op == "call_function":
-        if node.target in INPLACE_OPERATORS:
-            return True
-        if getattr(node.target, "__module__", "") in ("_operator", "operator"):
-            return False  # operator.and_, operator.not_ ... are not in place
-        name = getattr(node.target, "__name__", "")
-        return name.endswith("_") and not name.endswith("__") and not name.startswith("_")
-    return False
+        return first if name.endswith("_") and not name.endswith("__") else None
+    if node.op != "call_function":
+        return None
+    if node.target in INPLACE_OPERATORS or node.target is operator.setitem:
+        return first
+    if getattr(node.target, "__module__", "") in ("_operator", "operator"):
+        return None  # operator.and_, operator.not_ ... are not in place
+    name = getattr(node.target, "__name__", "")
+    return first if name.endswith("_") and not name.endswith("__") and not name.startswith("_") else None
+
+
+def is_mutation(node: fx.Node) -> bool:
+    """An op that changes a tensor in place (``mutated_operand``)."""
+    return mutated_operand(node) is not None
+
+
+def _may_alias_first(node: fx.Node) -> bool:
+    """Whether ``node``'s value may share storage with its first argument: a view (``view``, ``transpose``, basic
+    indexing, ``split`` ...), an op that returns its input unchanged when it can (``contiguous``, ``to``), or an
+    in-place op (which returns its input)."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target in ALIASING_METHODS or is_mutation(node)
+    if node.op != "call_function":
+        return False
+    if node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in ALIASING_ATTRIBUTES
+    if node.target is operator.getitem:
+        return True
+    return getattr(node.target, "__name__", "") in ALIASING_METHODS or is_mutation(node)
+
+
+def aliases(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node that may share its storage: views of it, what it is a view of, and their views
+    (siblings included: two views of one tensor may overlap)."""
+    group: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if current in group:
+            continue
+        group.add(current)
+        if _may_alias_first(current):
+            stack.append(current.args[0])
+        stack.extend(user for user in current.users if _may_alias_first(user) and user.args[0] is current)
+    return group
+
+
+def in_place_changes(node: fx.Node) -> list[fx.Node]:
+    """Every op that changes ``node``'s tensor in place, through ``node`` or any of its ``aliases``, in graph order."""
+    group = aliases(node)
+    return sorted({user for alias in group for user in alias.users if mutated_operand(user) in group})
 
 
 class DataDependence:
@@ -168,12 +234,12 @@ def backward_slice(node: fx.Node) -> list[fx.Node]:
 
 
 def mutated_from_outside(nodes: list[fx.Node]) -> fx.Node | None:
-    """A node of ``nodes`` changed in place by a node outside them (its value would then depend on order)."""
+    """A node of ``nodes`` changed in place (through any alias, ``in_place_changes``) by a node outside them: its
+    value would then depend on order."""
     inside = set(nodes)
     for node in nodes:
-        for user in node.users:
-            if user not in inside and is_mutation(user) and user.args and user.args[0] is node:
-                return node
+        if any(change not in inside for change in in_place_changes(node)):
+            return node
     return None
 
 

@@ -18,6 +18,10 @@ plus the additive rest. Each term is then read by what it is computed from (``fx
 The index terms together form one grid per size, compared entry by entry with the causal, sliding-window
 and full grids (``grids.classify_grid``); the finite part of the additive terms must be an ALiBi bias
 (``grids.fit_slopes``), whose per-row constant cancels, or the site is kept.
+
+A term is evaluated from the ops that compute it. A term that reads a tensor changed in place by an op outside that
+computation (``mask[0, 5] = True``, ``mask.fill_(...)``, also through a view of it: ``fxutils.in_place_changes``) is
+not proven, and the site is kept.
 """
 
 from __future__ import annotations

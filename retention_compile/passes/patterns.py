@@ -14,6 +14,12 @@ the probabilities forward through casts and ``dropout`` to ``p @ v``. The masks 
 query row at most) is folded into the query at rewrite time. Scores that still come from ``q @ k^T`` through
 some other op (``tanh`` for logit soft-capping, say) make a kept site whose reason names that op, so the
 report says why; anything else is not recognised, and the graph is left as it is.
+
+The walk reads the ops that compute each value, not the ops that later change it in place: a site whose scores or
+probabilities are changed in place through any view (``scores[..., 1:] = ...`` as MViTv2 adds its relative positions,
+``scores.masked_fill_(...)``), or whose q, k, scale factor or mask is changed in place between ``q @ k^T`` and
+``p @ v`` (where the op that replaces ``p @ v`` reads them), is kept as written with the op named
+(``fxutils.in_place_changes``).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .fxutils import Evaluator
+from .fxutils import Evaluator, in_place_changes
 from .masks import ADD_OPS, MUL_OPS, WHERE_OPS, neg_constant
 from .shapes import holds
 from .sites import AttentionSite, MaskPart, example_value
@@ -194,6 +200,7 @@ class _Scores:
         self.scale = 1.0
         self.factors: list[tuple[fx.Node, bool]] = []
         self.matmul: fx.Node | None = None
+        self.chain: list[fx.Node] = []  # the nodes from the softmax input back to the matmul
 
     @property
     def part_factor(self) -> float | None:
@@ -203,6 +210,7 @@ class _Scores:
         """Follow the score chain from ``node``; True when it reaches ``q @ k^T``."""
         if not isinstance(node, fx.Node) or depth > 32:
             return False
+        self.chain.append(node)
         args = node.args
         if _is_matmul(node):
             self.matmul = node
@@ -279,17 +287,17 @@ def _walked_form(node: fx.Node) -> bool:
     return any(form(node) for form in (_is_cast, _is_masked_fill, _is_where, _is_add, _is_mul_or_div))
 
 
-def _probabilities(softmax: fx.Node) -> tuple[fx.Node | None, float, bool]:
+def _probabilities(softmax: fx.Node) -> tuple[fx.Node | None, float, bool, list[fx.Node]]:
     """Follow the probabilities through casts and dropout to ``p @ v``: (that matmul or None, dropout_p,
-    whether the probabilities are also used elsewhere)."""
-    current, dropout, shared = softmax, 0.0, False
+    whether the probabilities are also used elsewhere, the nodes from the softmax to the matmul's operand)."""
+    current, dropout, shared, chain = softmax, 0.0, False, [softmax]
     while True:
         users = list(current.users)
         shared = shared or len(users) > 1
         following = None
         for user in users:
             if _is_matmul(user) and user.args[0] is current:
-                return user, dropout, shared
+                return user, dropout, shared, chain
             if _is_cast(user) and user.args[0] is current:
                 following = user
             elif _calls(user, DROPOUT_FUNCTIONS, frozenset({"dropout"})) and user.args[0] is current:
@@ -298,8 +306,9 @@ def _probabilities(softmax: fx.Node) -> tuple[fx.Node | None, float, bool]:
                 dropout = float(p) if training and isinstance(p, (int, float)) else dropout
                 following = user
         if following is None:
-            return None, dropout, shared
+            return None, dropout, shared, chain
         current = following
+        chain.append(current)
 
 
 def _transformed_scores(op: str) -> str:
@@ -308,6 +317,30 @@ def _transformed_scores(op: str) -> str:
         f"the scores pass through {op} between q @ k^T and the softmax (logit soft-capping, or another transform): "
         "retention's weights (s q.k)^p cannot take it"
     )
+
+
+def _changed_in_place(scores: _Scores, probabilities: list[fx.Node], output: fx.Node) -> str | None:
+    """Why the values of a site are not what its nodes compute, or None. The scores or the probabilities changed in
+    place (through any view: ``scores[..., 1:] = ...``, ``scores.add_(bias)``) by an op outside their chain, which the
+    walk does not see; or an operand the op reads (q, k, a scale factor, a mask) changed in place between ``q @ k^T``
+    and ``p @ v``, where the op replacing ``p @ v`` would read the changed value."""
+    inside = {*scores.chain, *probabilities}
+    for node in (*scores.chain, *probabilities):
+        for change in in_place_changes(node):
+            if change not in inside:
+                what = "scores" if node in scores.chain else "attention weights"
+                return f"the {what} are changed in place ({_op_name(change)}), which the rewrite cannot follow"
+    operands = [
+        *scores.matmul.args[:2],
+        *(factor for factor, _ in scores.factors),
+        *(part.node for part in scores.parts),
+    ]
+    for operand in operands:
+        if isinstance(operand, fx.Node):
+            for change in in_place_changes(operand):
+                if scores.matmul < change < output:
+                    return f"{operand.name} is changed in place ({_op_name(change)}) between q @ k^T and p @ v"
+    return None
 
 
 def _site_problem(shared: bool, query: fx.Node, key: fx.Node | None, value: fx.Node) -> str | None:
@@ -327,7 +360,7 @@ def find_handwritten(graph: fx.Graph, evaluator: Evaluator) -> Iterator[Attentio
         if not _is_softmax(node):
             continue
         scores = _Scores(evaluator)
-        output, dropout, shared = _probabilities(node)
+        output, dropout, shared, probabilities = _probabilities(node)
         if output is None:
             continue
         problem = None
@@ -338,7 +371,9 @@ def find_handwritten(graph: fx.Graph, evaluator: Evaluator) -> Iterator[Attentio
             scores.matmul, problem = other[0], _transformed_scores(other[1])
         query, key_t = scores.matmul.args[:2]
         key, value = _untransposed(key_t), output.args[1]
-        problem = problem or _site_problem(shared, query, key, value)
+        problem = (
+            problem or _changed_in_place(scores, probabilities, output) or _site_problem(shared, query, key, value)
+        )
         yield AttentionSite(
             node=output,
             query=query,
