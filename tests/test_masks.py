@@ -477,3 +477,53 @@ def test_in_place_ops_elsewhere_and_within_the_chain_are_not_changes_of_the_site
     assert report.sites[0].decision == "rewritten", report.sites[0]
     expected = oracle_sdpa(q, k, v, is_causal=True, scale=1.0) + 1.0
     torch.testing.assert_close(out, expected, **TOL)
+
+
+# Hand-written attention in einsum notation (common in research code): the scores' einsum contracts q's and k's last
+# axes ("bhid,bhjd->bhij": k itself, no transpose) or reads k^T ("bhid,bhdj->bhij"); the output's is p @ v. Before
+# einsum was read as a product these sites were not found at all (the model ran unchanged, unreported).
+def _einsum_causal_scaled(q, k, v):
+    i, j = grids_of(T, T)
+    dots = torch.einsum("b h i d, b h j d -> b h i j", q, k) * 0.3
+    dots = dots.masked_fill(j > i, -torch.finfo(dots.dtype).max)
+    return torch.einsum("b h i j, b h j d -> b h i d", dots.softmax(dim=-1), v)
+
+
+def _einsum_reading_k_transposed(q, k, v):
+    dots = torch.einsum("bhid,bhdj->bhij", q, k.transpose(-1, -2)) * 0.3
+    return torch.einsum("bhij,bhjd->bhid", dots.softmax(-1), v)
+
+
+def _einsum_operand_list(q, k, v):
+    return torch.einsum("xyid,xyjd->xyij", [q, k]).mul(0.3).softmax(-1) @ v
+
+
+@pytest.mark.parametrize(
+    "fn, causal",
+    [(_einsum_causal_scaled, True), (_einsum_reading_k_transposed, False), (_einsum_operand_list, False)],
+    ids=lambda x: getattr(x, "__name__", "")[1:] or None,
+)
+def test_hand_written_attention_in_einsum_notation_is_rewritten(fn, causal):
+    q, k, v = qkv()
+    out, report = rewrite(fn, q, k, v)
+    site = report.sites[0]
+    assert site.decision == "rewritten", site
+    torch.testing.assert_close(out, oracle_sdpa(q, k, v, is_causal=causal, scale=0.3), **TOL)
+
+
+def test_einsum_attention_on_merged_heads_is_kept_and_other_einsums_are_not_attention():
+    q, k, v = qkv()
+
+    def merged_heads(q, k, v):  # (B * H, T, d): reported, not rewritten (the op takes (B, H, T, d))
+        q3, k3, v3 = (x.flatten(0, 1) for x in (q, k, v))
+        return torch.einsum("bij,bjd->bid", torch.einsum("bid,bjd->bij", q3, k3).softmax(-1), v3)
+
+    def columns_contracted(q, k, v):  # q^T k: a product over the time axis, not scores
+        return torch.einsum("bhdi,bhdj->bhij", q.transpose(-1, -2), k.transpose(-1, -2)).softmax(-1) @ v
+
+    out, report = rewrite(merged_heads, q, k, v)
+    assert report.sites[0].decision == "kept" and "not 4-D" in report.sites[0].reason
+    torch.testing.assert_close(out, merged_heads(q, k, v), **TOL)
+    out, report = rewrite(columns_contracted, q, k, v)
+    assert not report.sites
+    torch.testing.assert_close(out, columns_contracted(q, k, v), **TOL)

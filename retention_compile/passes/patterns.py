@@ -9,11 +9,13 @@ broadcast size-1 axes; the unsqueezed axis is checked to be axis 2), not from na
 
 Hand-written attention. From every ``softmax(x, dim=-1)`` the scores ``x`` are walked back through casts,
 ``masked_fill(x, m, -big)``, ``where(m, x, -big)``, ``x + mask``, ``x * c`` and ``x / c`` to ``q @ k^T``, and
-the probabilities forward through casts and ``dropout`` to ``p @ v``. The masks become the site's
-``MaskPart``s, numbers multiply the scale, a tensor factor with size 1 along the key axis (one number per
-query row at most) is folded into the query at rewrite time. Scores that still come from ``q @ k^T`` through
-some other op (``tanh`` for logit soft-capping, say) make a kept site whose reason names that op, so the
-report says why; anything else is not recognised, and the graph is left as it is.
+the probabilities forward through casts and ``dropout`` to ``p @ v``. A product may be written as ``a @ b``
+(``matmul``) or as an einsum over the last two axes with the same leading letters throughout: the scores as
+``"bhid,bhdj->bhij"`` (of k^T) or ``"bhid,bhjd->bhij"`` (of k itself), the output as ``"bhij,bhjd->bhid"``
+(``_product``). The masks become the site's ``MaskPart``s, numbers multiply the scale, a tensor factor with size 1
+along the key axis (one number per query row at most) is folded into the query at rewrite time. Scores that still
+come from ``q @ k^T`` through some other op (``tanh`` for logit soft-capping, say) make a kept site whose reason
+names that op, so the report says why; anything else is not recognised, and the graph is left as it is.
 
 The walk reads the ops that compute each value, not the ops that later change it in place: a site whose scores or
 probabilities are changed in place through any view (``scores[..., 1:] = ...`` as MViTv2 adds its relative positions,
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +41,7 @@ from .sites import AttentionSite, MaskPart, example_value
 
 SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax)
 MATMUL_FUNCTIONS = (operator.matmul, torch.matmul, torch.Tensor.matmul)
+EINSUM_FUNCTIONS = (torch.einsum, torch.functional.einsum)
 DROPOUT_FUNCTIONS = (F.dropout, torch.dropout)
 CAST_METHODS = frozenset({"to", "type", "float", "half", "bfloat16", "type_as", "contiguous"})
 DIV_OPS = (operator.truediv, torch.div, torch.Tensor.div, torch.true_divide)
@@ -147,8 +151,50 @@ def _is_cast(node: fx.Node) -> bool:
     return _calls(node, (torch.Tensor.to, torch.Tensor.float, torch.Tensor.contiguous), CAST_METHODS)
 
 
+class _Product(NamedTuple):
+    """A batched matrix product over the last two axes: ``left @ right``, or ``left @ right^T`` when
+    ``right_transposed`` (an einsum that contracts both operands' last axes, ``"bhic,bhjc->bhij"``)."""
+
+    left: object
+    right: object
+    right_transposed: bool
+
+
+def _einsum_product(equation: str, operands: list) -> _Product | None:
+    """An einsum of two operands that is a batched matrix product: the same leading (batch) letters in both operands
+    and the output, then ``ic,cj->ij`` (``left @ right``) or ``ic,jc->ij`` (``left @ right^T``)."""
+    if len(operands) != 2 or equation.count("->") != 1 or "." in equation:
+        return None
+    inputs, output = equation.replace(" ", "").split("->")
+    if inputs.count(",") != 1:
+        return None
+    left, right = inputs.split(",")
+    if not len(left) == len(right) == len(output) >= 2 or any(len(set(x)) != len(x) for x in (left, right, output)):
+        return None
+    batch, (row, contracted) = left[:-2], left[-2:]
+    if right[:-2] != batch or output[:-2] != batch or contracted in output or output[-2] != row:
+        return None
+    if right[-2] == contracted and right[-1] == output[-1] != row:
+        return _Product(operands[0], operands[1], False)
+    if right[-1] == contracted and right[-2] == output[-1] != row:
+        return _Product(operands[0], operands[1], True)
+    return None
+
+
+def _product(node: object) -> _Product | None:
+    """``node`` as a batched matrix product: ``a @ b`` (``matmul``) or an einsum of that form (``_einsum_product``)."""
+    if _calls(node, MATMUL_FUNCTIONS, frozenset({"matmul", "__matmul__"})) and len(node.args) == 2:
+        return _Product(node.args[0], node.args[1], False)
+    if _calls(node, EINSUM_FUNCTIONS) and node.args and isinstance(node.args[0], str):
+        operands = list(node.args[1:])
+        if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+            operands = list(operands[0])
+        return _einsum_product(node.args[0], operands)
+    return None
+
+
 def _is_matmul(node: object) -> bool:
-    return _calls(node, MATMUL_FUNCTIONS, frozenset({"matmul", "__matmul__"}))
+    return _product(node) is not None
 
 
 def _is_masked_fill(node: object) -> bool:
@@ -296,7 +342,8 @@ def _probabilities(softmax: fx.Node) -> tuple[fx.Node | None, float, bool, list[
         shared = shared or len(users) > 1
         following = None
         for user in users:
-            if _is_matmul(user) and user.args[0] is current:
+            product = _product(user)
+            if product is not None and product.left is current and not product.right_transposed:
                 return user, dropout, shared, chain
             if _is_cast(user) and user.args[0] is current:
                 following = user
@@ -331,7 +378,7 @@ def _changed_in_place(scores: _Scores, probabilities: list[fx.Node], output: fx.
                 what = "scores" if node in scores.chain else "attention weights"
                 return f"the {what} are changed in place ({_op_name(change)}), which the rewrite cannot follow"
     operands = [
-        *scores.matmul.args[:2],
+        *_product(scores.matmul)[:2],
         *(factor for factor, _ in scores.factors),
         *(part.node for part in scores.parts),
     ]
@@ -369,8 +416,8 @@ def find_handwritten(graph: fx.Graph, evaluator: Evaluator) -> Iterator[Attentio
             if other is None or other[1] is None:
                 continue
             scores.matmul, problem = other[0], _transformed_scores(other[1])
-        query, key_t = scores.matmul.args[:2]
-        key, value = _untransposed(key_t), output.args[1]
+        query, key_t, key_transposed = _product(scores.matmul)
+        key, value = key_t if key_transposed else _untransposed(key_t), _product(output).right
         problem = (
             problem or _changed_in_place(scores, probabilities, output) or _site_problem(shared, query, key, value)
         )
