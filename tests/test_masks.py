@@ -527,3 +527,27 @@ def test_einsum_attention_on_merged_heads_is_kept_and_other_einsums_are_not_atte
     out, report = rewrite(columns_contracted, q, k, v)
     assert not report.sites
     torch.testing.assert_close(out, columns_contracted(q, k, v), **TOL)
+
+
+@pytest.mark.parametrize("form", ["masked_fill", "where"])
+@pytest.mark.parametrize("value", [0.0, 1.0])
+def test_scores_set_to_a_value_that_does_not_mask_are_kept(form, value):
+    """``masked_fill(j > i, 1.0)`` sets scores the softmax still weighs: not a mask. It was read as the causal mask
+    whatever the value (output 1.5 to 2.8 from the oracle for 1.0 and 5.0); ``where`` with such a value was not
+    reported at all."""
+    q, k, v = qkv()
+
+    def fn(q, k, v):
+        i, j = grids_of(T, T)
+        scores = q @ k.transpose(2, 3)
+        set_scores = {
+            "masked_fill": lambda: scores.masked_fill(j > i, value),
+            "where": lambda: torch.where(j <= i, scores, value),
+        }
+        return torch.softmax(set_scores[form](), dim=-1) @ v
+
+    out, report = rewrite(fn, q, k, v)
+    site = report.sites[0]
+    assert (site.decision, site.becomes) == ("kept", "kept as written"), site
+    assert f"sets scores to {value!r}, not to a masking value" in site.reason
+    torch.testing.assert_close(out, fn(q, k, v), **TOL)

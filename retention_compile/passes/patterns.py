@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from . import grids
 from .fxutils import Evaluator, in_place_changes
 from .masks import ADD_OPS, MUL_OPS, WHERE_OPS, neg_constant
 from .shapes import holds
@@ -247,6 +248,8 @@ class _Scores:
         self.factors: list[tuple[fx.Node, bool]] = []
         self.matmul: fx.Node | None = None
         self.chain: list[fx.Node] = []  # the nodes from the softmax input back to the matmul
+        # a masked_fill or where whose value is not a mask's (<= MASKED_BELOW): (the node, the value)
+        self.unmasked_fill: tuple[fx.Node, object] | None = None
 
     @property
     def part_factor(self) -> float | None:
@@ -263,7 +266,11 @@ class _Scores:
             return True
         if _is_cast(node):
             return self.walk(args[0], depth + 1)
-        if _is_masked_fill(node):
+        if _is_masked_fill(node) and len(args) >= 2:
+            fill = args[2] if len(args) > 2 else node.kwargs.get("value")
+            if not neg_constant(fill, self.evaluator):
+                self.unmasked_fill = (node, fill)  # filled with a score, not masked out: the softmax weighs it
+                return False
             self.parts.append(MaskPart(args[1], "block"))
             return self.walk(args[0], depth + 1)
         if _is_where(node) and len(args) == 3:
@@ -290,6 +297,9 @@ class _Scores:
         if neg_constant(keep, self.evaluator) and self._reaches_matmul(fill):
             self.parts.append(MaskPart(condition, "block"))
             return self.walk(fill, depth + 1)
+        for scores, value in ((keep, fill), (fill, keep)):
+            if self._reaches_matmul(scores):
+                self.unmasked_fill = (node, value)
         return False
 
     def _take_factor(self, factor: object, divide: bool) -> bool:
@@ -390,6 +400,17 @@ def _changed_in_place(scores: _Scores, probabilities: list[fx.Node], output: fx.
     return None
 
 
+def _unmasked_fill(fill: tuple[fx.Node, object]) -> str:
+    """The reason for keeping a site whose scores are set (``masked_fill``, ``where``) to a value that does not mask
+    them out."""
+    node, value = fill
+    shown = value.name if isinstance(value, fx.Node) else repr(value)
+    return (
+        f"{_op_name(node)} sets scores to {shown}, not to a masking value (<= {grids.MASKED_BELOW:g}): the softmax "
+        "weighs those entries, and retention's weights would not"
+    )
+
+
 def _site_problem(shared: bool, query: fx.Node, key: fx.Node | None, value: fx.Node) -> str | None:
     """Why a recognised hand-written site cannot be rewritten, or None."""
     if shared:
@@ -413,9 +434,10 @@ def find_handwritten(graph: fx.Graph, evaluator: Evaluator) -> Iterator[Attentio
         problem = None
         if not scores.walk(node.args[0]):
             other = _other_op(node.args[0], set())
-            if other is None or other[1] is None:
+            if other is None or (other[1] is None and scores.unmasked_fill is None):
                 continue
-            scores.matmul, problem = other[0], _transformed_scores(other[1])
+            scores.matmul = other[0]
+            problem = _transformed_scores(other[1]) if other[1] is not None else _unmasked_fill(scores.unmasked_fill)
         query, key_t, key_transposed = _product(scores.matmul)
         key, value = key_t if key_transposed else _untransposed(key_t), _product(output).right
         problem = (
