@@ -381,31 +381,18 @@ def test_hand_written_attention_whose_weights_are_returned_is_kept():
     assert report.sites[0].decision == "kept" and "weights are also used" in report.sites[0].reason
 
 
-# In-place changes the walk does not see. Each of these read as plain ``softmax(q @ k^T) @ v`` (or a causal mask)
-# before the changes were followed through views and ``setitem``, and were rewritten into a wrong answer (the output
-# 1.4 to 3.4 from the oracle): MViTv2 (timm) adds its relative-position terms by ``attn[:, :, 1:, 1:] = ...``.
+# In-place changes the walk cannot take as steps. Each of these read as plain ``softmax(q @ k^T) @ v`` before the
+# changes were followed through views and ``setitem``, and were rewritten into a wrong answer (the output 1.4 to 3.4
+# from the oracle): MViTv2 (timm) adds its relative-position terms by ``attn[:, :, 1:, 1:] = ...``.
 def _scores_setitem(q, k, v, bias):
     scores = q @ k.transpose(2, 3) * 0.3
     scores[:, :, 1:, 1:] = scores[:, :, 1:, 1:] + bias[1:, 1:]
     return torch.softmax(scores, dim=-1) @ v
 
 
-def _scores_add_(q, k, v, bias):
-    scores = q @ k.transpose(2, 3) * 0.3
-    scores.add_(bias)
-    return torch.softmax(scores, dim=-1) @ v
-
-
 def _scores_view_mul_(q, k, v, bias):
     scores = q @ k.transpose(2, 3)
     scores[..., 0].mul_(3.0)  # through a view of the scores
-    return torch.softmax(scores, dim=-1) @ v
-
-
-def _scores_masked_fill_(q, k, v, bias):
-    i, j = grids_of(T, T)
-    scores = q @ k.transpose(2, 3)
-    scores.masked_fill_(j > i, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
 
 
@@ -426,9 +413,7 @@ def _query_changed_between(q, k, v, bias):
     "fn, reason",
     [
         (_scores_setitem, "scores are changed in place (setitem)"),
-        (_scores_add_, "scores are changed in place (add_)"),
         (_scores_view_mul_, "scores are changed in place (mul_)"),
-        (_scores_masked_fill_, "scores are changed in place (masked_fill_)"),
         (_weights_setitem, "attention weights are changed in place (setitem)"),
         (_query_changed_between, "changed in place (add_) between q @ k^T and p @ v"),
     ],
@@ -550,4 +535,56 @@ def test_scores_set_to_a_value_that_does_not_mask_are_kept(form, value):
     site = report.sites[0]
     assert (site.decision, site.becomes) == ("kept", "kept as written"), site
     assert f"sets scores to {value!r}, not to a masking value" in site.reason
+    torch.testing.assert_close(out, fn(q, k, v), **TOL)
+
+
+def _steps_as_statements(q, k, v):
+    i, j = grids_of(T, T)
+    scores = q @ k.transpose(2, 3)
+    scores.masked_fill_(j > i, float("-inf"))
+    scores.mul_(0.3)
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def _steps_as_operators(q, k, v):
+    i, j = grids_of(T, T)
+    scores = q @ k.transpose(2, 3)
+    scores *= 0.3
+    scores += torch.where(j <= i, 0.0, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def _steps_chained(q, k, v):
+    i, j = grids_of(T, T)
+    return torch.softmax((q @ k.transpose(2, 3)).mul_(0.3).masked_fill_(j > i, -1e9), dim=-1) @ v
+
+
+@pytest.mark.parametrize(
+    "fn", [_steps_as_statements, _steps_as_operators, _steps_chained], ids=lambda fn: fn.__name__[1:]
+)
+def test_scores_masked_and_scaled_in_place_are_rewritten(fn):
+    """``scores.masked_fill_(m, -inf)``, ``scores += mask``, ``scores *= c`` (statements, operators, chained calls) on
+    the scores themselves are steps of the walk, like their out-of-place forms. They were kept (or, before in-place
+    changes were followed, rewritten as if absent)."""
+    q, k, v = qkv()
+    out, report = rewrite(fn, q, k, v)
+    site = report.sites[0]
+    assert (site.decision, site.becomes) == ("rewritten", "causal retention"), site
+    torch.testing.assert_close(out, oracle_sdpa(q, k, v, is_causal=True, scale=0.3), **TOL)
+
+
+def test_scores_changed_in_place_after_the_softmax_read_them_are_kept():
+    """A change after the softmax does not reach the weights, but the walk does not order it: the site is kept, and
+    runs as written."""
+    q, k, v = qkv()
+
+    def fn(q, k, v):
+        i, j = grids_of(T, T)
+        scores = q @ k.transpose(2, 3) * 0.3
+        weights = torch.softmax(scores, dim=-1)
+        scores.masked_fill_(j > i, float("-inf"))
+        return weights @ v
+
+    out, report = rewrite(fn, q, k, v)
+    assert report.sites[0].decision == "kept" and "changed in place (masked_fill_)" in report.sites[0].reason
     torch.testing.assert_close(out, fn(q, k, v), **TOL)

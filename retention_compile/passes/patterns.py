@@ -17,10 +17,12 @@ along the key axis (one number per query row at most) is folded into the query a
 come from ``q @ k^T`` through some other op (``tanh`` for logit soft-capping, say) make a kept site whose reason
 names that op, so the report says why; anything else is not recognised, and the graph is left as it is.
 
-The walk reads the ops that compute each value, not the ops that later change it in place: a site whose scores or
-probabilities are changed in place through any view (``scores[..., 1:] = ...`` as MViTv2 adds its relative positions,
-``scores.masked_fill_(...)``), or whose q, k, scale factor or mask is changed in place between ``q @ k^T`` and
-``p @ v`` (where the op that replaces ``p @ v`` reads them), is kept as written with the op named
+In-place changes. ``scores.masked_fill_(m, -big)``, ``scores += mask`` / ``add_`` and ``scores *= c`` / ``mul_`` /
+``div_`` made on a score tensor itself before the next op reads it are steps of the walk like their out-of-place
+forms. Any other in-place change is one the walk cannot follow: a site whose scores or probabilities are changed in
+place otherwise (through a view: ``scores[..., 1:] = ...`` as MViTv2 adds its relative positions; by another op; after
+the softmax read them), or whose q, k, scale factor or mask is changed in place between ``q @ k^T`` and ``p @ v``
+(where the op that replaces ``p @ v`` reads them), is kept as written with the op named
 (``fxutils.in_place_changes``).
 """
 
@@ -199,7 +201,11 @@ def _is_matmul(node: object) -> bool:
 
 
 def _is_masked_fill(node: object) -> bool:
-    return _calls(node, (torch.masked_fill, torch.Tensor.masked_fill), frozenset({"masked_fill"}))
+    return _calls(
+        node,
+        (torch.masked_fill, torch.Tensor.masked_fill, torch.Tensor.masked_fill_),
+        frozenset({"masked_fill", "masked_fill_"}),
+    )
 
 
 def _is_where(node: object) -> bool:
@@ -207,15 +213,21 @@ def _is_where(node: object) -> bool:
 
 
 def _is_add(node: object) -> bool:
-    return _calls(node, ADD_OPS, frozenset({"add", "__add__"}))
+    return _calls(node, (*ADD_OPS, operator.iadd, torch.Tensor.add_), frozenset({"add", "__add__", "add_", "__iadd__"}))
 
 
 def _is_div(node: object) -> bool:
-    return _calls(node, DIV_OPS, frozenset({"div", "__truediv__"}))
+    return _calls(
+        node,
+        (*DIV_OPS, operator.itruediv, torch.Tensor.div_),
+        frozenset({"div", "__truediv__", "div_", "__itruediv__"}),
+    )
 
 
 def _is_mul_or_div(node: object) -> bool:
-    return _is_div(node) or _calls(node, MUL_OPS, frozenset({"mul", "__mul__"}))
+    return _is_div(node) or _calls(
+        node, (*MUL_OPS, operator.imul, torch.Tensor.mul_), frozenset({"mul", "__mul__", "mul_", "__imul__"})
+    )
 
 
 def _single_user(node: fx.Node) -> fx.Node | None:
@@ -255,65 +267,110 @@ class _Scores:
     def part_factor(self) -> float | None:
         return None if self.factors else self.scale
 
-    def walk(self, node: object, depth: int = 0) -> bool:
-        """Follow the score chain from ``node``; True when it reaches ``q @ k^T``."""
+    def walk(self, node: object, consumer: fx.Node, depth: int = 0) -> bool:
+        """Follow the score chain from ``node`` as ``consumer`` reads it; True when it reaches ``q @ k^T``."""
         if not isinstance(node, fx.Node) or depth > 32:
             return False
         self.chain.append(node)
+        if not self._in_place_steps(node, consumer):
+            return False
         args = node.args
         if _is_matmul(node):
             self.matmul = node
             return True
         if _is_cast(node):
-            return self.walk(args[0], depth + 1)
+            return self.walk(args[0], node, depth + 1)
         if _is_masked_fill(node) and len(args) >= 2:
             fill = args[2] if len(args) > 2 else node.kwargs.get("value")
             if not neg_constant(fill, self.evaluator):
                 self.unmasked_fill = (node, fill)  # filled with a score, not masked out: the softmax weighs it
                 return False
             self.parts.append(MaskPart(args[1], "block"))
-            return self.walk(args[0], depth + 1)
+            return self.walk(args[0], node, depth + 1)
         if _is_where(node) and len(args) == 3:
             return self._where(node, depth)
         if _is_add(node) and len(args) == 2 and not node.kwargs:
             for scores, mask in ((args[0], args[1]), (args[1], args[0])):
-                if isinstance(mask, fx.Node) and self._reaches_matmul(scores):
+                if isinstance(mask, fx.Node) and self._reaches_matmul(scores, node):
                     self.parts.append(MaskPart(mask, "add", self.part_factor))
-                    return self.walk(scores, depth + 1)
+                    return self.walk(scores, node, depth + 1)
             return False
         if _is_mul_or_div(node) and len(args) == 2:
             divide = _is_div(node)
             pairs = ((args[0], args[1]),) if divide else ((args[0], args[1]), (args[1], args[0]))
             for scores, factor in pairs:
-                if self._reaches_matmul(scores) and self._take_factor(factor, divide):
-                    return self.walk(scores, depth + 1)
+                if self._reaches_matmul(scores, node) and self._take_factor(factor, divide):
+                    return self.walk(scores, node, depth + 1)
         return False
+
+    def _in_place_steps(self, node: fx.Node, consumer: fx.Node) -> bool:
+        """Take the in-place changes of ``node`` made before ``consumer`` reads it (``scores.masked_fill_(m, -inf)``,
+        ``scores.add_(mask)``, ``scores.mul_(c)`` as statements) as steps of the chain, last first, when every one
+        changes ``node`` itself (not a view of it) in one of those forms; False when one sets scores to a value that
+        does not mask them. Otherwise they are left for ``_changed_in_place``, which keeps the site."""
+        changes = [change for change in in_place_changes(node) if node < change < consumer]
+        if not all(change.args and change.args[0] is node and _in_place_step(change) for change in changes):
+            return True
+        for change in reversed(changes):
+            self.chain.append(change)
+            operand = change.args[1] if len(change.args) > 1 else None
+            if _is_masked_fill(change):
+                fill = change.args[2] if len(change.args) > 2 else change.kwargs.get("value")
+                if not neg_constant(fill, self.evaluator):
+                    self.unmasked_fill = (change, fill)
+                    return False
+                self.parts.append(MaskPart(operand, "block"))
+            elif _is_add(change):
+                self.parts.append(MaskPart(operand, "add", self.part_factor))
+            else:
+                self._take_factor(operand, _is_div(change))
+        return True
 
     def _where(self, node: fx.Node, depth: int) -> bool:
         condition, keep, fill = node.args
-        if neg_constant(fill, self.evaluator) and self._reaches_matmul(keep):
+        if neg_constant(fill, self.evaluator) and self._reaches_matmul(keep, node):
             self.parts.append(MaskPart(condition, "allow"))
-            return self.walk(keep, depth + 1)
-        if neg_constant(keep, self.evaluator) and self._reaches_matmul(fill):
+            return self.walk(keep, node, depth + 1)
+        if neg_constant(keep, self.evaluator) and self._reaches_matmul(fill, node):
             self.parts.append(MaskPart(condition, "block"))
-            return self.walk(fill, depth + 1)
+            return self.walk(fill, node, depth + 1)
         for scores, value in ((keep, fill), (fill, keep)):
-            if self._reaches_matmul(scores):
+            if self._reaches_matmul(scores, node):
                 self.unmasked_fill = (node, value)
         return False
 
     def _take_factor(self, factor: object, divide: bool) -> bool:
-        if isinstance(factor, (int, float)) and factor != 0:
+        if not _is_factor(factor):
+            return False
+        if isinstance(factor, (int, float)):
             self.scale = self.scale / factor if divide else self.scale * factor
-            return True
-        shape = _shape(factor)
-        if shape is not None and (len(shape) == 0 or _equal(shape[-1], 1)):
+        else:
             self.factors.append((factor, divide))
-            return True
-        return False
+        return True
 
-    def _reaches_matmul(self, node: object) -> bool:
-        return _Scores(self.evaluator).walk(node)
+    def _reaches_matmul(self, node: object, consumer: fx.Node) -> bool:
+        return _Scores(self.evaluator).walk(node, consumer)
+
+
+def _is_factor(factor: object) -> bool:
+    """A factor of the scores the op can take: a nonzero number, or a tensor with one number per query row at most
+    (size 1 along the key axis), folded into the query."""
+    if isinstance(factor, (int, float)):
+        return factor != 0
+    shape = _shape(factor)
+    return shape is not None and (len(shape) == 0 or _equal(shape[-1], 1))
+
+
+def _in_place_step(node: fx.Node) -> bool:
+    """An in-place change the walk takes as a step: ``masked_fill_``, ``add_`` / ``+=`` of a tensor, ``mul_`` /
+    ``div_`` / ``*=`` / ``/=``."""
+    if len(node.args) < 2 or (node.kwargs and set(node.kwargs) != {"value"}):
+        return False
+    if _is_add(node):
+        return isinstance(node.args[1], fx.Node) and len(node.args) == 2
+    if _is_mul_or_div(node):
+        return len(node.args) == 2 and _is_factor(node.args[1])
+    return _is_masked_fill(node) and len(node.args) <= 3
 
 
 def _op_name(node: fx.Node) -> str:
@@ -432,7 +489,7 @@ def find_handwritten(graph: fx.Graph, evaluator: Evaluator) -> Iterator[Attentio
         if output is None:
             continue
         problem = None
-        if not scores.walk(node.args[0]):
+        if not scores.walk(node.args[0], node):
             other = _other_op(node.args[0], set())
             if other is None or (other[1] is None and scores.unmasked_fill is None):
                 continue
