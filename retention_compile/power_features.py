@@ -45,12 +45,18 @@ def multiset_index(head_dim: int, deg: int, device: torch.device | None = None) 
     )
 
 
+def _coordinates(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[..., index]`` for a 1-D ``index``, as ``torch.gather``: on the CPU eagerly (2 threads, (4, 4096, 64) into
+    2080 columns) 2.4x faster than advanced indexing, which goes through ``aten::index``; Inductor fuses either."""
+    return torch.gather(x, -1, index.expand(*x.shape[:-1], index.shape[0]))
+
+
 def power_embedding(x: torch.Tensor, deg: int) -> torch.Tensor:
     """``phi(x)`` over the last dimension: ``(..., d) -> (..., D)`` in x's dtype."""
     index, coef = multiset_index(x.shape[-1], deg, x.device)
-    out = x[..., index[:, 0]]
+    out = _coordinates(x, index[:, 0])
     for m in range(1, deg):
-        out = out * x[..., index[:, m]]
+        out = out * _coordinates(x, index[:, m])
     return out * coef.to(x.dtype)
 
 
@@ -66,7 +72,7 @@ def power_embedding_vjp(x: torch.Tensor, grad_phi: torch.Tensor, deg: int) -> to
         partial = weighted
         for other in range(deg):
             if other != m:
-                partial = partial * x[..., index[:, other]]
+                partial = partial * _coordinates(x, index[:, other])
         partials.append(partial)
     # One scatter over all p positions (an index of length p*D): successive index_adds into the same buffer were
     # miscompiled by Inductor's CPU backend (torch 2.13: wrong strides, heap corruption in the backward).

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from retention_compile.chunked import power_retention_chunked
-from retention_compile.power_features import power_embedding, power_embedding_vjp, state_dim
+from retention_compile.power_features import multiset_index, power_embedding, power_embedding_vjp, state_dim
 from retention_compile.reference import (
     power_retention_recurrent,
     power_retention_reference,
@@ -70,6 +70,15 @@ def test_power_embedding_is_the_power_kernel(d, deg):
     phi_x, phi_y = power_embedding(x, deg), power_embedding(y, deg)
     assert phi_x.shape == (8, state_dim(d, deg))
     torch.testing.assert_close((phi_x * phi_y).sum(-1), (x * y).sum(-1) ** deg)
+
+
+@pytest.mark.parametrize("d,deg", [(5, 2), (4, 4), (3, 6)])
+def test_power_embedding_follows_the_multiset_table(d, deg):
+    """Feature a is c_a x_(i_1) ... x_(i_p) for the a-th multiset of ``multiset_index``: the layout the kernels and the
+    decode states share (the embedding builds it from suffixes of the lower degrees, not from the table)."""
+    x = torch.randn(7, d, generator=torch.Generator().manual_seed(deg), dtype=torch.float64)
+    index, coef = multiset_index(d, deg)
+    torch.testing.assert_close(power_embedding(x, deg), x[:, index].prod(-1) * coef)
 
 
 def test_power_embedding_vjp_matches_autograd():
