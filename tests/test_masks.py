@@ -588,3 +588,104 @@ def test_scores_changed_in_place_after_the_softmax_read_them_are_kept():
     out, report = rewrite(fn, q, k, v)
     assert report.sites[0].decision == "kept" and "changed in place (masked_fill_)" in report.sites[0].reason
     torch.testing.assert_close(out, fn(q, k, v), **TOL)
+
+
+# Forms a review found rewritten into wrong answers (the output 0.27 to 3.4 from the oracle, or the wrong shape);
+# each is now kept with a reason, or rewritten right.
+def _causal():
+    return torch.ones(T, T, dtype=torch.bool).tril()
+
+
+def _mask_changed_through_ravel(q, k, v):
+    mask = _causal()
+    mask.ravel()[1] = True  # admits (0, 1) through a view
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _mask_zeroed_by_relu_inplace(q, k, v):
+    mask = torch.zeros(T, T).masked_fill(~_causal(), float("-inf"))
+    F.relu(mask, inplace=True)  # every entry 0: nothing is masked
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _scores_by_relu_inplace(q, k, v):
+    scores = q @ k.transpose(-1, -2)
+    F.relu(scores, inplace=True)
+    return torch.softmax(scores, -1) @ v
+
+
+def _scores_cast_to_integers(q, k, v):
+    return torch.softmax((q @ k.transpose(-1, -2)).to(torch.int32).to(torch.float32), -1) @ v
+
+
+def _scores_floor_divided(q, k, v):
+    return torch.softmax(torch.div(q @ k.transpose(-1, -2), 0.5, rounding_mode="floor"), -1) @ v
+
+
+def _float_mask_made_bool(q, k, v):
+    float_mask = torch.zeros(T, T).masked_fill(~_causal(), float("-inf"))
+    return torch.softmax((q @ k.transpose(-1, -2)) * 0.35 + float_mask.bool(), -1) @ v  # adds 0 / 1: masks nothing
+
+
+def _where_method(q, k, v):
+    bias = _causal().where(torch.ones(T, T, dtype=torch.bool), float("-inf"))  # x.where(c, y): a 0 / 1 bias
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def _row_constants_around_noise(q, k, v):
+    i, j = grids_of(T, T)
+    bias = (1.0e4 * i + 0.45 * (j % 2).float()).masked_fill(j > i, float("-inf"))  # c_i cancels; the rest is not linear
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+@pytest.mark.parametrize(
+    "fn, reason",
+    [
+        (_mask_changed_through_ravel, "changed in place"),
+        (_mask_zeroed_by_relu_inplace, "changed in place"),
+        (_scores_by_relu_inplace, "changed in place (relu)"),
+        (_scores_cast_to_integers, "pass through to"),
+        (_scores_floor_divided, "pass through div"),
+        (_float_mask_made_bool, "not linear in the key position"),
+        (_where_method, "not linear in the key position"),
+        (_row_constants_around_noise, "not linear in the key position"),
+    ],
+    ids=lambda x: getattr(x, "__name__", "")[1:] or None,
+)
+def test_forms_that_change_what_the_ops_compute_are_kept(fn, reason):
+    q, k, v = qkv()
+    out, report = rewrite(fn, q, k, v, gate="alibi")
+    site = report.sites[0]
+    assert site.decision == "kept" and reason in site.reason, site
+    torch.testing.assert_close(out, fn(q, k, v), **TOL)
+
+
+def test_a_mask_that_broadcasts_the_scores_to_more_heads_is_kept():
+    """One head of q, k, v and a (1, 4, T, T) mask: the softmax and ``@ v`` give 4 heads, the op would give 1."""
+    q, k, v = qkv(heads=1)
+
+    def fn(q, k, v):
+        mask = _causal().expand(1, 4, T, T)
+        return torch.softmax(torch.where(mask, (q @ k.transpose(-1, -2)) * 0.3, float("-inf")), -1) @ v
+
+    out, report = rewrite(fn, q, k, v)
+    assert report.sites[0].decision == "kept" and "output has shape" in report.sites[0].reason
+    assert out.shape == (B, 4, T, D)
+    torch.testing.assert_close(out, fn(q, k, v), **TOL)
+
+
+def test_repeated_kv_whose_source_changes_after_the_repeat_is_not_folded():
+    """``repeat_interleave`` copies k; the source then changes. SDPA reads the copy: the op must too."""
+    q, (k, v) = qkv(heads=4)[0], qkv(heads=2)[1:]
+
+    def fn(q, k, v):
+        source = k.clone()
+        repeated_k, repeated_v = source.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        source.add_(1.0)
+        return F.scaled_dot_product_attention(q, repeated_k, repeated_v, is_causal=True)
+
+    out, report = rewrite(fn, q, k, v)
+    site = report.sites[0]
+    assert site.decision == "rewritten" and any("not folded" in note for note in site.notes), site
+    expected = oracle_sdpa(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), is_causal=True)
+    torch.testing.assert_close(out, expected, **TOL)

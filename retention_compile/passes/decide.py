@@ -14,6 +14,7 @@ import torch
 from torch import fx
 
 from ..config import RetentionConfig
+from .fxutils import in_place_changes
 from .masks import MaskAnalyser, MaskAnalysis
 from .patterns import unrepeat_kv
 from .shapes import holds
@@ -82,17 +83,28 @@ def _check_operands(site: AttentionSite) -> Decision | None:
     hq, hk = q.shape[1], k.shape[1]
     if not holds(hq % hk == 0):
         return keep(f"query heads ({hq}) are not a multiple of kv heads ({hk})")
+    out = getattr(site.node.meta.get("example_value"), "shape", None)
+    expected = (q.shape[0], hq, q.shape[2], v.shape[3])
+    if out is None or len(out) != 4 or not all(holds(a == b) for a, b in zip(out, expected)):
+        # a mask that broadcasts the scores to more batches or heads than q has (a (1, 4, T, T) mask over one head)
+        shown = "unknown" if out is None else tuple(out)
+        return keep(f"the attention's output has shape {shown}, not (B, Hq, Tq, e) = {tuple(expected)} of q and v")
     return None
 
 
 def _fold_kv(site: AttentionSite, decision: Decision) -> None:
-    """Give the op the kv tensors before a repeat of their heads (never materialise the repeat)."""
+    """Give the op the kv tensors before a repeat of their heads (never materialise the repeat), unless a source is
+    changed in place after its repeat copied it (the op, reading the source at the site, would see the change)."""
     key, value = unrepeat_kv(site.key), unrepeat_kv(site.value)
     if key is None or value is None:
         return
     (k_source, k_times, form), (v_source, v_times, _) = key, value
     if not holds(k_times == v_times):
         return
+    for source, repeated in ((k_source, site.key), (v_source, site.value)):
+        if any(repeated < change < site.node for change in in_place_changes(source)):
+            decision.notes.append(f"GQA: {form} not folded: {source.name} is changed in place after the repeat")
+            return
     decision.key, decision.value = k_source, v_source
     decision.notes.append(f"GQA: {form} x{k_times} folded into the op's grouped heads")
 

@@ -15,6 +15,8 @@ computes at those sizes.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -71,7 +73,9 @@ ALIASING_METHODS = frozenset(
         "expand_as", "narrow", "select", "flatten", "unflatten", "split", "split_with_sizes", "chunk", "unbind",
         "tensor_split", "hsplit", "vsplit", "dsplit", "diagonal", "unfold", "movedim", "moveaxis", "swapaxes",
         "swapdims", "as_strided", "detach", "contiguous", "to", "type", "type_as", "float", "double", "half",
-        "bfloat16", "int", "long", "bool", "real", "imag", "view_as_real", "view_as_complex", "__getitem__",
+        "bfloat16", "int", "long", "bool", "real", "imag", "view_as_real", "view_as_complex", "__getitem__", "ravel",
+        "adjoint", "broadcast_to", "atleast_1d", "atleast_2d", "atleast_3d", "resolve_neg", "resolve_conj", "conj",
+        "positive", "align_to", "rename", "refine_names", "as_strided_", "squeeze_", "unsqueeze_",
     }
 )  # fmt: skip
 ALIASING_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "data", "real", "imag"})
@@ -116,7 +120,9 @@ def mutated_operand(node: fx.Node) -> fx.Node | None:
     out = node.kwargs.get("out")
     if isinstance(out, fx.Node):
         return out
-    first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    first = _first_operand(node)
+    if _inplace_flag(node):
+        return first
     if node.op == "call_method":
         name = str(node.target)
         return first if name.endswith("_") and not name.endswith("__") else None
@@ -130,6 +136,36 @@ def mutated_operand(node: fx.Node) -> fx.Node | None:
     return first if name.endswith("_") and not name.endswith("__") and not name.startswith("_") else None
 
 
+def _first_operand(node: fx.Node) -> fx.Node | None:
+    """The tensor a call acts on: its first positional argument, or ``input=`` / ``self=`` given by keyword."""
+    first = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+    return first if isinstance(first, fx.Node) else None
+
+
+def _inplace_flag(node: fx.Node) -> bool:
+    """A call with ``inplace=True`` (``F.relu(x, inplace=True)``, ``F.dropout(x, p, training, True)``), by keyword or
+    at the position of the function's ``inplace`` parameter."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op != "call_function":
+        return False
+    try:
+        position = _inplace_position(node.target)
+    except TypeError:  # an unhashable target
+        return False
+    return position is not None and len(node.args) > position and node.args[position] is True
+
+
+@functools.lru_cache(maxsize=1024)
+def _inplace_position(target: Callable[..., Any]) -> int | None:
+    """The position of ``target``'s ``inplace`` parameter, or None (no such parameter, no signature)."""
+    try:
+        names = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names.index("inplace") if "inplace" in names else None
+
+
 def is_mutation(node: fx.Node) -> bool:
     """An op that changes a tensor in place (``mutated_operand``)."""
     return mutated_operand(node) is not None
@@ -139,7 +175,7 @@ def _may_alias_first(node: fx.Node) -> bool:
     """Whether ``node``'s value may share storage with its first argument: a view (``view``, ``transpose``, basic
     indexing, ``split`` ...), an op that returns its input unchanged when it can (``contiguous``, ``to``), or an
     in-place op (which returns its input)."""
-    if not node.args or not isinstance(node.args[0], fx.Node):
+    if _first_operand(node) is None:
         return False
     if node.op == "call_method":
         return node.target in ALIASING_METHODS or is_mutation(node)
@@ -163,8 +199,8 @@ def aliases(node: fx.Node) -> set[fx.Node]:
             continue
         group.add(current)
         if _may_alias_first(current):
-            stack.append(current.args[0])
-        stack.extend(user for user in current.users if _may_alias_first(user) and user.args[0] is current)
+            stack.append(_first_operand(current))
+        stack.extend(user for user in current.users if _may_alias_first(user) and _first_operand(user) is current)
     return group
 
 

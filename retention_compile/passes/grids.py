@@ -180,7 +180,9 @@ def fit_slopes(bias: Tensor, admissible: Tensor) -> Slopes | str:
     slope = (take(last) - take(first)) / (last - first).clamp(min=1)
     per_head = slope.masked_fill(~rows, float("nan")).transpose(0, 1).reshape(heads, -1)
     m = per_head.nanmean(-1).nan_to_num(0.0)  # (H,); a head without a row of two keys has no slope to fit
-    scale = 1.0 + float(bias.masked_fill(~admissible, 0).abs().max())
+    # the residual's scale: the bias less each row's value at its last key (the per-row constant c_i cancels, so a
+    # large one must not widen the tolerance: 1e4 i + 0.45 (j mod 2) passed as linear with a slope fitted to noise)
+    scale = 1.0 + float((bias - take(last)[..., None]).masked_fill(~admissible, 0).abs().max())
     predicted = take(last)[..., None] - m[None, :, None, None] * (last[..., None] - cols)
     error = (bias - predicted).masked_fill(~admissible, 0).abs().max()
     if float(error) > 1e-5 * scale:

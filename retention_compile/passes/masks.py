@@ -74,7 +74,21 @@ def _is(node: object, functions: tuple, methods: frozenset[str] = frozenset()) -
     return node.op == "call_method" and node.target in methods
 
 
-def _dtype(node: object) -> torch.dtype | None:
+def where_operands(node: fx.Node) -> tuple[object, object, object] | None:
+    """``(condition, x, y)`` of ``torch.where(condition, x, y)`` or its method form ``x.where(condition, y)`` (whose
+    first argument is ``x``); None for any other call or a call of another arity."""
+    if len(node.args) != 3 or node.kwargs:
+        return None
+    if (node.op == "call_method" and node.target == "where") or node.target is torch.Tensor.where:
+        x, condition, y = node.args
+        return condition, x, y
+    if node.op == "call_function" and node.target in WHERE_OPS:
+        return node.args
+    return None
+
+
+def node_dtype(node: object) -> torch.dtype | None:
+    """The dtype of a node's example value, or None (not a tensor, no example value)."""
     try:
         return example_value(node).dtype
     except TypeError:
@@ -164,7 +178,7 @@ def _bool_source(node: object) -> tuple[fx.Node, bool] | None:
         return None
     if _is(node, (torch.Tensor.to, torch.Tensor.float, torch.Tensor.type_as), frozenset({"to", "float", "type_as"})):
         inner = node.args[0]
-        if _dtype(inner) == torch.bool:
+        if node_dtype(inner) == torch.bool:
             return inner, False
         return None
     if node.op == "call_function" and node.target in (operator.sub, torch.sub, torch.rsub) and len(node.args) == 2:
@@ -203,7 +217,7 @@ class TermCollector:
                     self.terms.append(Term(node, block))
                     return None
             return None
-        if self._passes(node) and _dtype(node.args[0]) == torch.bool:
+        if self._passes(node) and node_dtype(node.args[0]) == torch.bool:
             return self.bool(node.args[0], block)
         self.terms.append(Term(node, block))
         return None
@@ -216,8 +230,8 @@ class TermCollector:
         if _is(node, ADD_OPS, frozenset({"add", "__add__"})) and len(args) == 2 and not node.kwargs:
             self.additive(args[0], factor)
             self.additive(args[1], factor)
-        elif _is(node, WHERE_OPS, frozenset({"where"})) and len(args) == 3:
-            condition, keep, fill = args
+        elif where_operands(node) is not None:
+            condition, keep, fill = where_operands(node)
             if neg_constant(fill, self.evaluator):
                 self.bool(condition, block=False)
                 self.additive(keep, factor)
@@ -233,7 +247,7 @@ class TermCollector:
             self.additive(args[0], factor)
         elif _is(node, MUL_OPS, frozenset({"mul", "__mul__"})) and len(args) == 2 and self._indicator(args):
             pass
-        elif self._passes(node) and (_dtype(args[0]) or torch.bool).is_floating_point:
+        elif self._passes(node) and (node_dtype(args[0]) or torch.bool).is_floating_point:
             self.additive(args[0], factor)
         else:
             self.biases.append(Bias(node, factor))
@@ -250,9 +264,14 @@ class TermCollector:
 
     @staticmethod
     def _passes(node: fx.Node) -> bool:
-        if node.op == "call_method" and node.target in PASS_METHODS:
-            return not (node.target == "to" and any(isinstance(a, torch.dtype) for a in node.args[1:]))
-        return node.op == "call_function" and node.target in PASS_FUNCTIONS and not node.kwargs.get("dtype")
+        """A pass-through op (``contiguous``, ``expand``, ``to`` ...) that keeps the dtype: ``fm.bool()`` of a float
+        mask or ``type_as`` a bool tensor turn -inf into True, which added to scores masks nothing."""
+        listed = (node.op == "call_method" and node.target in PASS_METHODS) or (
+            node.op == "call_function" and node.target in PASS_FUNCTIONS
+        )
+        return (
+            listed and bool(node.args) and node_dtype(node) is not None and node_dtype(node) == node_dtype(node.args[0])
+        )
 
 
 def _broadcast_axes(node: fx.Node) -> dict[str, bool]:
@@ -279,7 +298,12 @@ class MaskAnalyser:
             self._classify_bias(bias)
         index = [t for t in collector.terms if t.kind in ("index", "buffer")]
         padding = [t for t in collector.terms if t.kind == "padding"]
-        unknown = [t.detail for t in collector.terms if t.kind == "unknown"]
+        unknown = [
+            f"mask {part.node.name} reads {mutated.name}, which is changed in place"
+            for part in site.parts
+            if (mutated := mutated_from_outside(backward_slice(part.node))) is not None
+        ]  # the split into terms passes through nodes (a masked_fill, an add) that no term's slice holds
+        unknown += [t.detail for t in collector.terms if t.kind == "unknown"]
         unknown += [b.detail for b in collector.biases if b.kind == "unknown"]
         terms = [f"{t.node.name}: {t.kind}" for t in collector.terms] + [
             f"{b.node.name}: {b.kind} bias" for b in collector.biases
@@ -303,8 +327,8 @@ class MaskAnalyser:
 
     def _classify_term(self, term: Term) -> None:
         node = term.node
-        if _dtype(node) != torch.bool:
-            term.detail = f"mask term {node.name} has dtype {_dtype(node)}, not bool"
+        if node_dtype(node) != torch.bool:
+            term.detail = f"mask term {node.name} has dtype {node_dtype(node)}, not bool"
             return
         mutated = mutated_from_outside(backward_slice(node))
         if mutated is not None:

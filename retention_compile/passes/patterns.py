@@ -38,7 +38,7 @@ from torch import fx
 
 from . import grids
 from .fxutils import Evaluator, in_place_changes
-from .masks import ADD_OPS, MUL_OPS, WHERE_OPS, neg_constant
+from .masks import ADD_OPS, MUL_OPS, neg_constant, node_dtype, where_operands
 from .shapes import holds
 from .sites import AttentionSite, MaskPart, example_value
 
@@ -151,7 +151,11 @@ def _is_softmax(node: fx.Node) -> bool:
 
 
 def _is_cast(node: fx.Node) -> bool:
-    return _calls(node, (torch.Tensor.to, torch.Tensor.float, torch.Tensor.contiguous), CAST_METHODS)
+    """A cast between floating-point dtypes (or ``contiguous``): a cast to an integer dtype rounds the scores."""
+    if not _calls(node, (torch.Tensor.to, torch.Tensor.float, torch.Tensor.contiguous), CAST_METHODS):
+        return False
+    dtypes = (node_dtype(node), node_dtype(node.args[0]))
+    return all(dtype is not None and dtype.is_floating_point for dtype in dtypes)
 
 
 class _Product(NamedTuple):
@@ -209,7 +213,7 @@ def _is_masked_fill(node: object) -> bool:
 
 
 def _is_where(node: object) -> bool:
-    return _calls(node, WHERE_OPS, frozenset({"where"}))
+    return isinstance(node, fx.Node) and where_operands(node) is not None
 
 
 def _is_add(node: object) -> bool:
@@ -217,6 +221,8 @@ def _is_add(node: object) -> bool:
 
 
 def _is_div(node: object) -> bool:
+    if isinstance(node, fx.Node) and node.kwargs.get("rounding_mode") is not None:
+        return False  # floor or trunc division rounds the scores
     return _calls(
         node,
         (*DIV_OPS, operator.itruediv, torch.Tensor.div_),
@@ -287,7 +293,7 @@ class _Scores:
                 return False
             self.parts.append(MaskPart(args[1], "block"))
             return self.walk(args[0], node, depth + 1)
-        if _is_where(node) and len(args) == 3:
+        if _is_where(node):
             return self._where(node, depth)
         if _is_add(node) and len(args) == 2 and not node.kwargs:
             for scores, mask in ((args[0], args[1]), (args[1], args[0])):
@@ -327,7 +333,7 @@ class _Scores:
         return True
 
     def _where(self, node: fx.Node, depth: int) -> bool:
-        condition, keep, fill = node.args
+        condition, keep, fill = where_operands(node)
         if neg_constant(fill, self.evaluator) and self._reaches_matmul(keep, node):
             self.parts.append(MaskPart(condition, "allow"))
             return self.walk(keep, node, depth + 1)
