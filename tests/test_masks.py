@@ -689,3 +689,52 @@ def test_repeated_kv_whose_source_changes_after_the_repeat_is_not_folded():
     assert site.decision == "rewritten" and any("not folded" in note for note in site.notes), site
     expected = oracle_sdpa(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), is_causal=True)
     torch.testing.assert_close(out, expected, **TOL)
+
+
+def test_a_chunk_longer_than_the_sampled_lengths_is_found_under_dynamic_shapes():
+    """Llama-4-style chunked attention (causal within chunks of 1100 keys, nothing across them), compiled at one
+    length and recompiled with dynamic shapes at another (Dynamo's automatic dynamic). The proof samples lengths up to
+    1031, where the chunk looks causal, and the rewrite was wrong from 1101 keys on (1.48 from the oracle at 1200).
+    The mask's constant 1100 now adds the lengths 1100 and 1101, where the chunk shows."""
+
+    def fn(q, k, v):
+        i, j = grids_of(q.shape[2], q.shape[2])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (i // 1100 == j // 1100))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=rewrite_only_backend, fullgraph=True)
+    with collect_reports() as report:
+        for length in (T, T - 4):
+            compiled(*qkv(q_len=length, kv_len=length))
+    static, dynamic = report.sites
+    assert static.decision == "rewritten" and "static shapes" in static.reason, static  # exact at that length
+    assert dynamic.decision == "kept" and "not causal, windowed or full" in dynamic.reason, dynamic
+
+
+def test_a_window_past_the_evaluable_lengths_is_not_proven_under_dynamic_shapes():
+    """A window of 9000 keys would need a 9001 x 9001 grid (past ``MAX_REVEALING_ELEMENTS``): unproven, kept, and
+    the reason names the constant. With static shapes the proof at the traced length is exact (causal there)."""
+    q, k, v = qkv()
+
+    def fn(q, k, v):
+        i, j = grids_of(q.shape[2], k.shape[2])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - 9000))
+
+    _, report = rewrite(fn, q, k, v, dynamic=True, sliding_window="keep")
+    site = report.sites[0]
+    assert site.decision == "kept" and "reads the constant 9000" in site.reason, site
+    out, report = rewrite(fn, q, k, v, sliding_window="keep")
+    assert report.sites[0].decision == "rewritten"
+    torch.testing.assert_close(out, oracle_sdpa(q, k, v, is_causal=True), **TOL)
+
+
+def test_a_window_past_the_sampled_lengths_is_read_as_a_window_under_dynamic_shapes():
+    q, k, v = qkv()
+
+    def fn(q, k, v):
+        i, j = grids_of(q.shape[2], k.shape[2])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - 1100))
+
+    _, report = rewrite(fn, q, k, v, dynamic=True, sliding_window="keep")
+    site = report.sites[0]
+    assert site.decision == "kept" and "sliding-window mask (1100 keys)" in site.reason, site

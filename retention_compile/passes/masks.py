@@ -51,6 +51,9 @@ from .sites import AttentionSite, MaskPart, example_value
 
 # Extra sizes tried for each shape symbol under dynamic shapes (small primes and sizes around powers of two).
 SAMPLE_SIZES = (1, 2, 3, 7, 33, 130, 1031)
+# Under dynamic shapes a mask that reads an integer constant c (a window or a chunk of c keys, a period) is also
+# evaluated at c and c + 1; up to this many elements (T = 8191) at c + 1, else it is not proven.
+MAX_REVEALING_ELEMENTS = 1 << 26
 AND_OPS = (operator.and_, torch.logical_and, torch.bitwise_and, torch.Tensor.logical_and, torch.Tensor.__and__)
 OR_OPS = (operator.or_, torch.logical_or, torch.bitwise_or, torch.Tensor.logical_or, torch.Tensor.__or__)
 NOT_OPS = (operator.invert, torch.logical_not, torch.bitwise_not, torch.Tensor.logical_not)
@@ -85,6 +88,37 @@ def where_operands(node: fx.Node) -> tuple[object, object, object] | None:
     if node.op == "call_function" and node.target in WHERE_OPS:
         return node.args
     return None
+
+
+ARITHMETIC_OPS = frozenset(
+    {
+        operator.floordiv, operator.mod, operator.sub, operator.add, operator.lt, operator.le, operator.gt,
+        operator.ge, operator.eq, operator.ne, torch.floor_divide, torch.remainder, torch.fmod, torch.div,
+        torch.sub, torch.add, torch.lt, torch.le, torch.gt, torch.ge, torch.eq, torch.ne,
+    }
+)  # fmt: skip
+ARITHMETIC_METHODS = frozenset(
+    {
+        "__floordiv__", "__mod__", "__sub__", "__rsub__", "__add__", "__radd__", "__lt__", "__le__", "__gt__",
+        "__ge__", "__eq__", "__ne__", "floor_divide", "remainder", "fmod", "div", "sub", "add", "lt", "le", "gt", "ge",
+        "eq", "ne",
+    }
+)  # fmt: skip
+
+
+def _constants(slices: list[fx.Node]) -> set[int]:
+    """The integer constants ``c >= 2`` that the arithmetic and comparison ops of the slices read (``i // c``,
+    ``j > i - c``, ``T % c == 0``): a length or period the mask may change at."""
+    found: set[int] = set()
+    for node in slices:
+        arithmetic = (node.op == "call_function" and node.target in ARITHMETIC_OPS) or (
+            node.op == "call_method" and node.target in ARITHMETIC_METHODS
+        )
+        if arithmetic:
+            for arg in (*node.args, *node.kwargs.values()):
+                if isinstance(arg, int) and not isinstance(arg, bool) and arg >= 2:
+                    found.add(arg)
+    return found
 
 
 def node_dtype(node: object) -> torch.dtype | None:
@@ -363,11 +397,17 @@ class MaskAnalyser:
                 "(e.g. a learned relative-position bias): retention has no equivalent"
             )
 
-    def _sizes(self, site: AttentionSite, nodes: list[fx.Node]) -> list[Sizes]:
+    def _sizes(self, site: AttentionSite, nodes: list[fx.Node]) -> tuple[list[Sizes], set[int]]:
+        """The sizes to evaluate at (``SAMPLE_SIZES``, and c and c + 1 for each constant c the masks' ops read,
+        ``_constants``), and the key lengths c + 1 that must be among them: the first length at which a window or
+        chunk of c keys differs from the causal grid."""
         slices = [n for node in nodes for n in backward_slice(node)]
         values = [n.meta.get("example_value") for n in slices] + [example_value(site.query), example_value(site.key)]
         symbols = free_symbols(v for v in values if v is not None)
-        return sample_sizes(symbols, shape_env_of([site.query, site.key, *slices]), SAMPLE_SIZES)
+        constants = _constants(slices) if symbols else set()
+        candidates = sorted({*SAMPLE_SIZES, *constants, *(c + 1 for c in constants)})
+        sizes = sample_sizes(symbols, shape_env_of([site.query, site.key, *slices]), candidates)
+        return sizes, {c + 1 for c in constants}
 
     def _evaluate(self, site: AttentionSite, index: list[Term], biases: list[Bias]) -> MaskAnalysis:
         """Evaluate the index terms and biases at every sampled size and read the grid and the slopes."""
@@ -376,11 +416,13 @@ class MaskAnalyser:
         shapes: list[grids.GridShape] = []
         slopes: list[grids.Slopes] = []
         evaluated: list[Sizes] = []
-        for number, sizes in enumerate(self._sizes(site, nodes)):
+        candidates, revealing = self._sizes(site, nodes)
+        unrevealed = set(revealing)
+        for number, sizes in enumerate(candidates):
             q_len, kv_len = sizes.of(q.shape[2]), sizes.of(k.shape[2])
-            if number and max([q_len * kv_len] + [elements(example_value(n), sizes) for n in nodes]) > (
-                MAX_SAMPLE_ELEMENTS
-            ):
+            size = max([q_len * kv_len] + [elements(example_value(n), sizes) for n in nodes])
+            reveals = any(kv_len >= length for length in revealing)
+            if number and size > (MAX_REVEALING_ELEMENTS if reveals else MAX_SAMPLE_ELEMENTS):
                 continue
             try:
                 admitted, bias = self._grid(index, biases, sizes, q_len, kv_len)
@@ -393,6 +435,7 @@ class MaskAnalyser:
             shape = grids.classify_grid(admitted, q_len, kv_len)
             shapes.append(shape)
             evaluated.append(sizes)
+            unrevealed = {length for length in unrevealed if kv_len < length}
             if bias is not None:
                 fitted = grids.fit_slopes(bias, admitted)
                 if isinstance(fitted, str):
@@ -402,6 +445,12 @@ class MaskAnalyser:
         analysis = MaskAnalysis(grid, sizes=evaluated)
         if not grid.known:
             analysis.unknown = f"the mask is {grid.describe()}"
+        elif unrevealed:
+            analysis.unknown = (
+                f"the mask reads the constant {min(unrevealed) - 1} (a window or chunk length?), and under dynamic "
+                f"shapes it would have to be evaluated at {min(unrevealed)} keys to be proven, past the "
+                f"{MAX_REVEALING_ELEMENTS} elements the proof evaluates"
+            )
         if slopes:
             first = slopes[0]
             if any(s.values.shape != first.values.shape or not torch.allclose(s.values, first.values) for s in slopes):
