@@ -191,17 +191,12 @@ def _may_alias_first(node: fx.Node) -> bool:
 def aliases(node: fx.Node) -> set[fx.Node]:
     """``node`` and every node that may share its storage: views of it, what it is a view of, and their views
     (siblings included: two views of one tensor may overlap)."""
-    group: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        current = stack.pop()
-        if current in group:
-            continue
-        group.add(current)
-        if _may_alias_first(current):
-            stack.append(_first_operand(current))
-        stack.extend(user for user in current.users if _may_alias_first(user) and _first_operand(user) is current)
-    return group
+
+    def neighbours(current: fx.Node) -> list[fx.Node]:
+        views = [user for user in current.users if _may_alias_first(user) and _first_operand(user) is current]
+        return [_first_operand(current), *views] if _may_alias_first(current) else views
+
+    return _closure(node, neighbours)
 
 
 def in_place_changes(node: fx.Node) -> list[fx.Node]:
@@ -258,15 +253,20 @@ def _node_args(node: fx.Node) -> list[Any]:
 
 def backward_slice(node: fx.Node) -> list[fx.Node]:
     """Every node ``node`` is computed from (itself included), in graph order."""
+    seen = _closure(node, lambda current: current.all_input_nodes)
+    return [n for n in node.graph.nodes if n in seen]
+
+
+def _closure(start: fx.Node, neighbours: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:
+    """``start`` and every node reached from it through ``neighbours``."""
     seen: set[fx.Node] = set()
-    stack = [node]
+    stack = [start]
     while stack:
         current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        stack.extend(current.all_input_nodes)
-    return [n for n in node.graph.nodes if n in seen]
+        if current not in seen:
+            seen.add(current)
+            stack.extend(neighbours(current))
+    return seen
 
 
 def mutated_from_outside(nodes: list[fx.Node]) -> fx.Node | None:
