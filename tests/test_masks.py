@@ -607,6 +607,11 @@ def _float_mask_made_bool(q, k, v):
     return torch.softmax((q @ k.transpose(-1, -2)) * 0.35 + float_mask.bool(), -1) @ v  # adds 0 / 1: masks nothing
 
 
+def _mask_negated_to_plus_inf(q, k, v):
+    float_mask = torch.zeros(T, T).masked_fill(~_causal(), float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=float_mask * -1.0)  # +inf entries: SDPA gives NaN rows
+
+
 def _where_method(q, k, v):
     bias = _causal().where(torch.ones(T, T, dtype=torch.bool), float("-inf"))  # x.where(c, y): a 0 / 1 bias
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
@@ -632,6 +637,7 @@ def _row_constants_around_noise(q, k, v):
         (_scores_floor_divided, "pass through div"),
         (_float_mask_made_bool, "not linear in the key position"),
         (_where_method, "not linear in the key position"),
+        (_mask_negated_to_plus_inf, "+inf or NaN on admitted entries"),
         (_row_constants_around_noise, "not linear in the key position"),
     ],
     ids=lambda x: getattr(x, "__name__", "")[1:] or None,
@@ -641,7 +647,7 @@ def test_forms_that_change_what_the_ops_compute_are_kept(fn, reason):
     out, report = rewrite(fn, q, k, v, gate="alibi")
     site = report.sites[0]
     assert site.decision == "kept" and reason in site.reason, site
-    torch.testing.assert_close(out, fn(q, k, v), **TOL)
+    torch.testing.assert_close(out, fn(q, k, v), equal_nan=True, **TOL)
 
 
 def test_a_mask_that_broadcasts_the_scores_to_more_heads_is_kept():

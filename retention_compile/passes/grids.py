@@ -174,6 +174,8 @@ def fit_slopes(bias: Tensor, admissible: Tensor) -> Slopes | str:
     last = torch.where(admissible, cols, -1.0).amax(-1)
     first = torch.where(admissible, cols, float(kv_len)).amin(-1)
     take = lambda index: bias.gather(-1, index.clamp(0, kv_len - 1).long()[..., None])[..., 0]  # noqa: E731
+    if not bool(torch.isfinite(bias[admissible]).all()):  # +inf or NaN where keys are admitted: SDPA gives NaN rows
+        return "the bias is +inf or NaN on admitted entries"
     rows = count >= 2
     if not bool(rows.any()):
         return Slopes(torch.zeros(1, dtype=torch.float64))
@@ -185,7 +187,7 @@ def fit_slopes(bias: Tensor, admissible: Tensor) -> Slopes | str:
     scale = 1.0 + float((bias - take(last)[..., None]).masked_fill(~admissible, 0).abs().max())
     predicted = take(last)[..., None] - m[None, :, None, None] * (last[..., None] - cols)
     error = (bias - predicted).masked_fill(~admissible, 0).abs().max()
-    if float(error) > 1e-5 * scale:
+    if not float(error) <= 1e-5 * scale:  # NaN fails too
         return f"the bias is not linear in the key position on the admissible entries (residual {float(error):.3g})"
     if bool((m < -1e-7 * scale).any()):
         return f"the bias grows with the distance to the key (slopes {m.tolist()}): not a decay"

@@ -462,7 +462,7 @@ class MaskAnalyser:
     def _grid(
         self, index: list[Term], biases: list[Bias], sizes: Sizes, q_len: int, kv_len: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The admitted grid of the index terms and the finite additive bias at ``sizes``."""
+        """The admitted grid of the index terms and the additive bias there (0 elsewhere) at ``sizes``."""
         admitted = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool)
         for term in index:
             value = torch.as_tensor(self.evaluator.run(term.node, sizes)).to(torch.bool)
@@ -473,6 +473,6 @@ class MaskAnalyser:
         for bias in biases:
             value = torch.as_tensor(self.evaluator.run(bias.node, sizes)).to(torch.float64)
             total = total + value * bias.factor
-        admitted = admitted & (total > grids.MASKED_BELOW)
-        finite = total.masked_fill(~admitted, 0.0)
-        return admitted, finite.masked_fill(~torch.isfinite(finite), 0.0)
+        # NaN counts as admitted and stays in the bias, as +inf does, so that the fit refuses both (SDPA gives NaN rows)
+        admitted = admitted & ~(total <= grids.MASKED_BELOW)
+        return admitted, total.masked_fill(~admitted, 0.0)
