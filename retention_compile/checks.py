@@ -6,6 +6,7 @@ argument, what was found and what is expected, so a bad call never turns into a 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -142,9 +143,13 @@ def validate_retention_inputs(
             f"power_retention: deg must be an even integer >= 2 (the weights (s q.k)^p must be "
             f"non-negative), got {deg!r}"
         )
-    if scale is not None and not isinstance(scale, (int, float)):
+    if not isinstance(causal, bool):  # a truthy string or None was taken for a flag
+        _fail(f"power_retention: causal must be True or False, got {causal!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         _fail(f"power_retention: scale must be a number or None, got {type(scale).__name__}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if scale is not None and not math.isfinite(scale):
+        _fail(f"power_retention: scale must be finite, got {scale!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         _fail(f"power_retention: chunk_size must be a positive integer or None, got {chunk_size!r}")
     gate_heads = None
     if log_gate is not None:

@@ -45,6 +45,8 @@ import warnings
 from collections.abc import Callable
 
 import torch
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch._library.triton import set_wrap_triton_enabled
 from torch.autograd import forward_ad
 from torch.fx.experimental.symbolic_shapes import guard_or_false
@@ -227,11 +229,23 @@ def _forward(
     if impl == "cuda":
         raise _cuda_target_error(f"the Triton kernels run with the CUDA state kernel do not serve it ({triton_reason})")
     options = {"scale": scale, "deg": deg, "log_gate": log_gate, "causal": causal, "valid": valid, "eps": EPS}
+    k, v = _padding_zeroed(k, v, valid)
     if _quadratic_serves(k, plan):
         y, denom = quadratic.quadratic_forward(q, k, v, **options)
     else:
         y, denom = chunked.chunked_forward(q, k, v, chunk_size=plan.chunk_size, **options)
     return _with_output_y(y, q.dtype, denom, *_no_states(q), keep_acc=for_backward)
+
+
+def _padding_zeroed(k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` and ``v`` with the keys ``valid`` masks out set to 0, for the aten forms. Their weight is exactly 0, but
+    whatever a padded position holds still met the other keys in the forms' products (0 times NaN, or times an inf
+    from phi of a key of 1e20, is NaN): one such key turned every row NaN, where SDPA and the oracle are finite. The
+    gradients at those keys are 0 either way."""
+    if valid is None:
+        return k, v
+    padded = ~valid[:, None, :, None]
+    return k.masked_fill(padded, 0.0), v.masked_fill(padded, 0.0)
 
 
 def _route(
@@ -399,8 +413,10 @@ def _backward_body(
         backward, options = triton_backward, {"plan": plan, "state_kernel": state.kernel, "saved_states": saved}
     elif _quadratic_serves(k, plan):
         backward, options = quadratic.quadratic_backward, {}
+        k, v = _padding_zeroed(k, v, valid)
     else:
         backward, options = chunked.chunked_backward, {"chunk_size": plan.chunk_size, "eps": EPS}
+        k, v = _padding_zeroed(k, v, valid)
     dq, dk, dv, dg = backward(
         grad_y.contiguous(), q, k, v, y, denom, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid,
         **options,
@@ -475,6 +491,12 @@ def power_retention(
     )
     if impl not in IMPLS:
         raise ValueError(f"power_retention: impl must be one of {IMPLS}, got {impl!r}")
+    if _differentiated_by_transform(q, k, v, log_gate):
+        raise NotImplementedError(
+            "power_retention is differentiated by torch.autograd only (loss.backward(), torch.autograd.grad), not "
+            "by torch.func's grad / vjp / jvp / jacfwd / jacrev / hessian or torch.autograd.forward_ad: it has no "
+            "forward-mode rule (the tangent would come back as zeros) and no functorch setup for reverse mode"
+        )
     if log_gate is not None and checks.gate_check_applies(log_gate) and _holds_values(log_gate):
         checks.check_gate_values(log_gate)
     for_backward = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, log_gate))
@@ -484,6 +506,22 @@ def power_retention(
             return _y_alone(*args)
     y, *_ = power_retention_op(*args, for_backward)
     return y
+
+
+def _differentiated_by_transform(*tensors: torch.Tensor | None) -> bool:
+    """Whether a derivative other than torch.autograd's reverse mode is asked of the call: inside a ``torch.func``
+    transform that differentiates (``grad``, ``vjp``, ``jvp``, ``jacrev``, ``jacfwd``, ``hessian``), or an input is
+    a dual tensor of ``torch.autograd.forward_ad``. The op registers no forward-mode rule, and PyTorch then drops the
+    tangent instead of raising (a zero tangent, or None, where the oracle's had norm 2.3); reverse mode under
+    ``torch.func`` raised PyTorch's own error about ``setup_context``. ``vmap`` runs (through PyTorch's fallback)."""
+    if torch.compiler.is_compiling():  # Dynamo cannot trace the interpreter stack; it runs functorch itself
+        return False
+    differentiating = (TransformType.Grad, TransformType.Jvp)
+    if any(i.key() in differentiating for i in retrieve_all_functorch_interpreters()):
+        return True
+    return forward_ad._current_level >= 0 and any(
+        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors
+    )
 
 
 def _holds_values(t: torch.Tensor) -> bool:

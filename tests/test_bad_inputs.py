@@ -7,7 +7,8 @@ tests/gpu/test_bad_inputs.py.
 NaN and inf follow SDPA: nothing raises or hangs, and a non-finite input never disappears from a row that reads
 it (the row is not finite). Other batches and kv heads are untouched. Inside one kv head, as in SDPA's own
 kernels, a non-finite key or value may reach rows that do not read it (a masked weight 0 times NaN is NaN in a
-matrix product; SDPA on CPU turns every row NaN for one NaN value).
+matrix product; SDPA on CPU turns every row NaN for one NaN value). A key that ``valid`` masks out is read by no
+row: whatever it holds (NaN, inf, 1e20) changes nothing on the CPU forms.
 """
 
 from __future__ import annotations
@@ -148,3 +149,52 @@ def test_nan_and_inf_propagate_like_sdpa(which: str, value: float, causal: bool)
     untouched = torch.ones(2, 4, dtype=torch.bool)
     untouched[1, heads] = False
     assert torch.equal(y[untouched], clean[untouched]), "a non-finite input reached another batch or kv head"
+
+
+@pytest.mark.parametrize("garbage", [float("nan"), float("inf"), 1e20])
+@pytest.mark.parametrize("chunk_size", [2, None])  # the chunked form, and the single chunk (quadratic) at T=8
+def test_padded_keys_holding_garbage_change_nothing(garbage: float, chunk_size: int | None) -> None:
+    """Keys that ``valid`` masks out have weight 0, whatever k and v hold there. NaN, inf or 1e20 (whose phi
+    overflows float32) at a padded position turned every row NaN on the chunked form, and dq NaN on the quadratic one
+    (0 times NaN in the forms' products); SDPA with the same bool mask is finite for a masked key. Now y and every
+    gradient equal the run with zeros there."""
+    q, k, v, _, _ = make(B=1, Hq=2, Hk=2, Tq=8, Tk=8, d=4, e=4, dtype=torch.float32)
+    valid = torch.ones(1, 8, dtype=torch.bool)
+    valid[0, [2, 7]] = False
+    dirty_k, dirty_v = k.clone(), v.clone()
+    dirty_k[0, :, 7, 0], dirty_v[0, :, 2, 1] = garbage, garbage
+    clean_k, clean_v = (t.masked_fill(~valid[:, None, :, None], 0.0) for t in (k, v))
+    options = {"valid": valid, "chunk_size": chunk_size}
+    y, y_clean = (rc.power_retention(q, a, b, **options) for a, b in ((dirty_k, dirty_v), (clean_k, clean_v)))
+    torch.testing.assert_close(y, y_clean)
+    grads = gradients(rc.power_retention, q, dirty_k, dirty_v, None, **options)
+    clean_grads = gradients(rc.power_retention, q, clean_k, clean_v, None, **options)
+    for grad, clean in zip(grads, clean_grads):
+        torch.testing.assert_close(grad, clean)
+
+
+def test_derivatives_other_than_reverse_mode_autograd_raise() -> None:
+    """The op has no forward-mode rule: ``torch.func.jvp`` gave a zero tangent (the oracle's had norm 2.3) and a
+    ``forward_ad`` dual input a tangent of None, silently; ``torch.func.grad`` raised PyTorch's error about
+    ``setup_context``. Each now raises naming what works; vmap and ``backward`` run."""
+    q, k, v, _, _ = make(B=1, Hq=1, Hk=1, Tq=5, Tk=5, d=3, e=3)
+    tangent = torch.randn_like(q)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return rc.power_retention(x, k, v)
+
+    with pytest.raises(NotImplementedError, match="torch.autograd only"):
+        torch.func.jvp(forward, (q,), (tangent,))
+    with pytest.raises(NotImplementedError, match="torch.autograd only"):
+        torch.func.grad(lambda x: forward(x).sum())(q)
+    with torch.autograd.forward_ad.dual_level():
+        with pytest.raises(NotImplementedError, match="torch.autograd only"):
+            forward(torch.autograd.forward_ad.make_dual(q, tangent))
+        torch.testing.assert_close(forward(q), rc.power_retention_reference(q, k, v))  # no dual input: runs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PyTorch's vmap fallback warns that it is slow
+        batched = torch.func.vmap(forward)(torch.stack([q, 2 * q]))
+    torch.testing.assert_close(batched[1], forward(2 * q))
+    leaf = q.clone().requires_grad_()
+    forward(leaf).sum().backward()
+    assert torch.isfinite(leaf.grad).all()

@@ -32,6 +32,11 @@ def qkv(B=1, Hq=4, Hk=2, T=8, d=8, e=8, dtype=torch.float32):
         (lambda: (qkv()[0].half(), *qkv()[1:]), {}, "share one dtype"),
         (lambda: (qkv()[0][0], *qkv()[1:]), {}, "must have 4 dims"),
         (lambda: (qkv()[0], *qkv(B=2)[1:]), {}, "batch sizes differ"),
+        (lambda: qkv(), {"causal": "False"}, "causal must be True or False"),  # a truthy string was causal
+        (lambda: qkv(), {"causal": None}, "causal must be True or False"),
+        (lambda: qkv(), {"scale": float("inf")}, "scale must be finite"),  # every row NaN
+        (lambda: qkv(), {"scale": float("nan")}, "scale must be finite"),
+        (lambda: qkv(), {"scale": True}, "scale must be a number"),
     ],
 )
 def test_bad_input_raises_clear_error(fn, make, kwargs, message):
@@ -46,9 +51,10 @@ def test_mismatched_devices_named():
         rc.power_retention(q, k.to("meta"), v.to("meta"))
 
 
-def test_bad_chunk_size():
+@pytest.mark.parametrize("chunk_size", [-4, 0, True, 2.0])
+def test_bad_chunk_size(chunk_size):
     with pytest.raises(RetentionInputError, match="chunk_size"):
-        rc.power_retention(*qkv(), chunk_size=-4)
+        rc.power_retention(*qkv(), chunk_size=chunk_size)
 
 
 def _gate_overflow_case() -> tuple:
