@@ -306,6 +306,20 @@ def decode_step(
     return torch.ops.retention_compile.decode_step(q, k, v, state, norm, s, deg, log_gate)
 
 
+def _check_prefix(k: torch.Tensor, v: torch.Tensor, deg: int, log_gate: torch.Tensor | None, chunk: int) -> None:
+    """``init_state``'s arguments, by the op's rules (``validate_retention_inputs``) with one query head per state:
+    a gate of (B, 1, T) with two kv heads broadcast and was ignored, one of (B, Hk, 1) gave another state than the
+    op's, ``chunk=-1`` an all-zero state."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        _fail(f"init_state: chunk must be a positive integer, got {chunk!r}")
+    if k.dim() != 4:
+        _fail(f"init_state: k must have 4 dims (B, Hk, T, d), got shape {tuple(k.shape)}")
+    gate_heads = k.shape[1] if log_gate is None or log_gate.dim() != 3 else log_gate.shape[1]
+    heads = gate_heads if gate_heads > 0 and gate_heads % max(k.shape[1], 1) == 0 else k.shape[1]
+    queries = k.new_empty(k.shape[0], heads, 1, k.shape[3])  # one row per state: the op's shape rules
+    validate_retention_inputs(queries, k, v, deg=deg, log_gate=log_gate, causal=True, valid=None)
+
+
 def init_state(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -320,6 +334,7 @@ def init_state(
     per-query-head state). Returns ``(state (B, H, D, e), norm (B, H, D))`` in float32 (float64 for float64
     inputs), computed ``chunk`` tokens at a time so ``phi(K)`` is never held whole.
     """
+    _check_prefix(k, v, deg, log_gate, chunk)
     acc = torch.float64 if k.dtype == torch.float64 else torch.float32
     B, Hk, T, d = k.shape
     if log_gate is not None and log_gate.shape[1] != Hk:

@@ -578,3 +578,20 @@ def test_dense_rows_copies_misaligned_rows() -> None:
     assert copy.data_ptr() % 16 == 0 and torch.equal(copy, shifted)
     aligned = torch.randn(1, 4, 64).to(torch.bfloat16)
     assert dense_rows(aligned) is aligned
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"log_gate": -torch.rand(1, 2, 1)}, "log_gate must have shape"),  # broadcast over the keys: another state
+        ({"log_gate": -torch.rand(1, 1, 6)}, "log_gate must have shape"),  # one gate head for two kv heads: empty
+        ({"chunk": -1}, "chunk must be a positive integer"),  # an all-zero state
+        ({"deg": 3}, "even integer"),
+    ],
+)
+def test_init_state_checks_its_arguments(kwargs: dict, message: str) -> None:
+    """``init_state`` takes the op's shape rules (one query head per state); each of these was accepted silently."""
+    from retention_compile.checks import RetentionInputError
+
+    with pytest.raises(RetentionInputError, match=message):
+        init_state(torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 3), **kwargs)
