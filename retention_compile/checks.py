@@ -149,6 +149,8 @@ def validate_retention_inputs(
         _fail(f"power_retention: scale must be a number or None, got {type(scale).__name__}")
     if scale is not None and not math.isfinite(scale):
         _fail(f"power_retention: scale must be finite, got {scale!r}")
+    if scale is None and d == 0:
+        _fail("power_retention: the head dim d is 0, so there is no default scale 1/sqrt(d); pass scale")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         _fail(f"power_retention: chunk_size must be a positive integer or None, got {chunk_size!r}")
     gate_heads = None

@@ -37,6 +37,7 @@ def qkv(B=1, Hq=4, Hk=2, T=8, d=8, e=8, dtype=torch.float32):
         (lambda: qkv(), {"scale": float("inf")}, "scale must be finite"),  # every row NaN
         (lambda: qkv(), {"scale": float("nan")}, "scale must be finite"),
         (lambda: qkv(), {"scale": True}, "scale must be a number"),
+        (lambda: qkv(d=0), {}, "no default scale"),  # was ZeroDivisionError
     ],
 )
 def test_bad_input_raises_clear_error(fn, make, kwargs, message):
