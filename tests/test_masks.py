@@ -733,3 +733,18 @@ def test_a_window_past_the_sampled_lengths_under_dynamic_shapes(fn, reason):
     out, report = rewrite(fn, q, k, v, sliding_window="keep")
     assert report.sites[0].decision == "rewritten"
     torch.testing.assert_close(out, oracle_sdpa(q, k, v, is_causal=True), **TOL)
+
+
+def _causal_unless_twelve_divides(q, k, v):
+    i, j = grids_of(q.shape[2], k.shape[2])
+    every_key = torch.ones(q.shape[2]).sum() % 12 == 0  # a mask that changes with the length, not at a window
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) | every_key)
+
+
+def test_a_mask_periodic_in_the_length_is_not_proven_causal_under_dynamic_shapes():
+    """The sampled lengths (1, 2, 3, 7, 33, 130, 1031) hold no multiple of 12, so this read as causal; the constant
+    12 adds 12 and 13, where it does not."""
+    q, k, v = qkv()
+    _, report = rewrite(_causal_unless_twelve_divides, q, k, v, dynamic=True)
+    site = report.sites[0]
+    assert site.decision == "kept" and "read differently at different sizes" in site.reason, site
