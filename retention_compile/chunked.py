@@ -122,10 +122,12 @@ def _to_rows(
 ) -> _Rows:
     """Cast to the accumulation dtype, scale q, append the ones column to v, take G (``cumulative_log_gate``), embed.
 
-    Head counts and the head dim are made static (``int``): the embedding's multiset table is built from d
+    Head counts and the head dims d and e are made static (``int``): the embedding's multiset table is built from d
     and the row layout from the heads, so a traced graph is specialised to them (batch and lengths stay
     symbolic). ``expand`` with these ints (a no-op on the data) gives tensors whose sizes are the ints even
-    where the inputs' sizes are symbolic; a ``reshape`` to the same sizes would keep the symbols.
+    where the inputs' sizes are symbolic; a ``reshape`` to the same sizes would keep the symbols. A symbolic e made
+    Inductor fail on CPU under ``dynamic=True`` with gradients (T=200, e=3: "Exponent must be non-negative" in the
+    value ranges of a stride with (e + 1) times the tail length over the tail length).
     """
     B, Tq, Tk = q.shape[0], q.shape[2], k.shape[2]
     Hq, Hk, d = int(q.shape[1]), int(k.shape[1]), int(q.shape[3])
@@ -135,7 +137,7 @@ def _to_rows(
     def key_rows(x: Tensor, width: Size) -> Tensor:
         return x.to(acc).unsqueeze(2).expand(B, Hk, gate_group, Tk, width).reshape(B * states, Tk, width)
 
-    ks, vs = key_rows(k, d), key_rows(v, v.shape[-1])
+    ks, vs = key_rows(k, d), key_rows(v, int(v.shape[-1]))
     vp = torch.cat([vs, vs.new_ones(vs.shape[:-1]).unsqueeze(-1)], dim=-1)
     cum = ks.new_zeros(B * states, Tk) if log_gate is None else cumulative_log_gate(log_gate).reshape(B * states, Tk)
     mask = None if valid is None else valid.unsqueeze(1).expand(B, states, Tk).reshape(B * states, Tk)

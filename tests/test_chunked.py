@@ -436,3 +436,24 @@ def test_bf16_gradients_of_rows_with_few_keys(chunk: int | None):
     for name, got, want in zip(("dq", "dk", "dv", "dlog_gate"), leaves, ref):
         err = float((got.grad.double() - want.grad).norm() / want.grad.norm())
         assert err <= 2e-2, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.slow  # one Inductor compile of the joint graph under dynamic shapes: about 30-60 s of CPU
+def test_torch_compile_dynamic_training_with_a_value_dim_unlike_the_head_dim():
+    """Regression: with e != d the value head dim stayed symbolic in the chunked form, and Inductor failed on a
+    stride of (e + 1) times the tail length over the tail length ("Exponent must be non-negative"), compiling the
+    forward of a training call (GQA 4/2, d=4, e=3, T=200 with a tail of 8 keys). e is now static like d."""
+    import retention_compile as rc
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(9)
+    q, k = torch.randn(2, 4, 200, 4, generator=gen), torch.randn(2, 2, 200, 4, generator=gen)
+    v = torch.randn(2, 2, 200, 3, generator=gen)
+    weights = torch.randn(2, 4, 200, 3, generator=gen)
+    compiled = torch.compile(lambda q, k, v: rc.power_retention(q, k, v, chunk_size=64), dynamic=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    grads = torch.autograd.grad((compiled(*leaves) * weights).sum(), leaves)
+    exact = [t.double().requires_grad_() for t in (q, k, v)]
+    expected = torch.autograd.grad((power_retention_reference(*exact) * weights.double()).sum(), exact)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
