@@ -748,3 +748,19 @@ def test_a_mask_periodic_in_the_length_is_not_proven_causal_under_dynamic_shapes
     _, report = rewrite(_causal_unless_twelve_divides, q, k, v, dynamic=True)
     site = report.sites[0]
     assert site.decision == "kept" and "read differently at different sizes" in site.reason, site
+
+
+def test_a_float_mask_filled_by_keyword_is_proven():
+    """``zeros.masked_fill(j > i, value=-inf)``: the mask split read the value by position only and raised IndexError
+    while compiling; the patterns' walk and the mask split now read ``masked_fill`` one way
+    (``masks.masked_fill_operands``)."""
+    q, k, v = qkv()
+
+    def fn(q, k, v):
+        i, j = grids_of(T, T)
+        bias = torch.zeros(T, T).masked_fill(j > i, value=float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    out, report = rewrite(fn, q, k, v)
+    assert (report.sites[0].decision, report.sites[0].becomes) == ("rewritten", "causal retention")
+    torch.testing.assert_close(out, oracle_sdpa(q, k, v, is_causal=True), **TOL)

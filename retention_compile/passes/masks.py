@@ -90,6 +90,19 @@ def where_operands(node: fx.Node) -> tuple[object, object, object] | None:
     return None
 
 
+def masked_fill_operands(node: fx.Node) -> tuple[object, object, object] | None:
+    """``(x, mask, value)`` of ``x.masked_fill(mask, value)`` (``torch.masked_fill``, the in-place ``masked_fill_``),
+    the value given by position or as ``value=``; None for any other call."""
+    if not _is(
+        node,
+        (torch.masked_fill, torch.Tensor.masked_fill, torch.Tensor.masked_fill_),
+        frozenset({"masked_fill", "masked_fill_"}),
+    ):
+        return None
+    args = (*node.args, *(node.kwargs[name] for name in ("mask", "value") if name in node.kwargs))
+    return tuple(args) if len(args) == 3 and set(node.kwargs) <= {"mask", "value"} else None
+
+
 ARITHMETIC_OPS = frozenset(
     {
         operator.floordiv, operator.mod, operator.sub, operator.add, operator.lt, operator.le, operator.gt,
@@ -264,8 +277,8 @@ class TermCollector:
         if _is(node, ADD_OPS, frozenset({"add", "__add__"})) and len(args) == 2 and not node.kwargs:
             self.additive(args[0], factor)
             self.additive(args[1], factor)
-        elif where_operands(node) is not None:
-            condition, keep, fill = where_operands(node)
+        elif (where := where_operands(node)) is not None:
+            condition, keep, fill = where
             if neg_constant(fill, self.evaluator):
                 self.bool(condition, block=False)
                 self.additive(keep, factor)
@@ -274,11 +287,9 @@ class TermCollector:
                 self.additive(fill, factor)
             else:
                 self.biases.append(Bias(node, factor))
-        elif _is(node, (torch.masked_fill, torch.Tensor.masked_fill), frozenset({"masked_fill"})) and neg_constant(
-            args[2], self.evaluator
-        ):
-            self.bool(args[1], block=True)
-            self.additive(args[0], factor)
+        elif (fill := masked_fill_operands(node)) is not None and neg_constant(fill[2], self.evaluator):
+            self.bool(fill[1], block=True)
+            self.additive(fill[0], factor)
         elif _is(node, MUL_OPS, frozenset({"mul", "__mul__"})) and len(args) == 2 and self._indicator(args):
             pass
         elif self._passes(node) and (node_dtype(args[0]) or torch.bool).is_floating_point:

@@ -38,7 +38,7 @@ from torch import fx
 
 from . import grids
 from .fxutils import Evaluator, in_place_changes
-from .masks import ADD_OPS, MUL_OPS, neg_constant, node_dtype, where_operands
+from .masks import ADD_OPS, MUL_OPS, masked_fill_operands, neg_constant, node_dtype, where_operands
 from .shapes import holds
 from .sites import AttentionSite, MaskPart, example_value
 
@@ -205,11 +205,7 @@ def _is_matmul(node: object) -> bool:
 
 
 def _is_masked_fill(node: object) -> bool:
-    return _calls(
-        node,
-        (torch.masked_fill, torch.Tensor.masked_fill, torch.Tensor.masked_fill_),
-        frozenset({"masked_fill", "masked_fill_"}),
-    )
+    return isinstance(node, fx.Node) and masked_fill_operands(node) is not None
 
 
 def _is_where(node: object) -> bool:
@@ -286,13 +282,8 @@ class _Scores:
             return True
         if _is_cast(node):
             return self.walk(args[0], node, depth + 1)
-        if _is_masked_fill(node) and len(args) >= 2:
-            fill = args[2] if len(args) > 2 else node.kwargs.get("value")
-            if not neg_constant(fill, self.evaluator):
-                self.unmasked_fill = (node, fill)  # filled with a score, not masked out: the softmax weighs it
-                return False
-            self.parts.append(MaskPart(args[1], "block"))
-            return self.walk(args[0], node, depth + 1)
+        if _is_masked_fill(node):
+            return self._masked(node) and self.walk(masked_fill_operands(node)[0], node, depth + 1)
         if _is_where(node):
             return self._where(node, depth)
         if _is_add(node) and len(args) == 2 and not node.kwargs:
@@ -321,15 +312,22 @@ class _Scores:
             self.chain.append(change)
             operand = change.args[1] if len(change.args) > 1 else None
             if _is_masked_fill(change):
-                fill = change.args[2] if len(change.args) > 2 else change.kwargs.get("value")
-                if not neg_constant(fill, self.evaluator):
-                    self.unmasked_fill = (change, fill)
+                if not self._masked(change):
                     return False
-                self.parts.append(MaskPart(operand, "block"))
             elif _is_add(change):
                 self.parts.append(MaskPart(operand, "add", self.part_factor))
             else:
                 self._take_factor(operand, _is_div(change))
+        return True
+
+    def _masked(self, node: fx.Node) -> bool:
+        """Take a ``masked_fill`` of the scores as the blocking mask part, if its value masks (<= MASKED_BELOW); else
+        record it (filled with a score, not masked out: the softmax weighs it) and return False."""
+        _, mask, value = masked_fill_operands(node)
+        if not neg_constant(value, self.evaluator):
+            self.unmasked_fill = (node, value)
+            return False
+        self.parts.append(MaskPart(mask, "block"))
         return True
 
     def _where(self, node: fx.Node, depth: int) -> bool:
@@ -376,7 +374,7 @@ def _in_place_step(node: fx.Node) -> bool:
         return isinstance(node.args[1], fx.Node) and len(node.args) == 2
     if _is_mul_or_div(node):
         return len(node.args) == 2 and _is_factor(node.args[1])
-    return _is_masked_fill(node) and len(node.args) <= 3
+    return _is_masked_fill(node)
 
 
 def _op_name(node: fx.Node) -> str:
