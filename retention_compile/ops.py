@@ -411,12 +411,11 @@ def _backward_body(
         # states the forward did not keep are recomputed by the state kernel it ran (the choice is cached)
         saved = (kept_s, kept_m) if kept_s.dim() == 4 else None
         backward, options = triton_backward, {"plan": plan, "state_kernel": state.kernel, "saved_states": saved}
-    elif _quadratic_serves(k, plan):
-        backward, options = quadratic.quadratic_backward, {}
-        k, v = _padding_zeroed(k, v, valid)
     else:
-        backward, options = chunked.chunked_backward, {"chunk_size": plan.chunk_size, "eps": EPS}
-        k, v = _padding_zeroed(k, v, valid)
+        single_chunk = _quadratic_serves(k, plan)
+        backward = quadratic.quadratic_backward if single_chunk else chunked.chunked_backward
+        options = {} if single_chunk else {"chunk_size": plan.chunk_size, "eps": EPS}
+        k, v = _padding_zeroed(k, v, valid)  # the aten forms, as in _forward
     dq, dk, dv, dg = backward(
         grad_y.contiguous(), q, k, v, y, denom, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid,
         **options,
@@ -491,12 +490,6 @@ def power_retention(
     )
     if impl not in IMPLS:
         raise ValueError(f"power_retention: impl must be one of {IMPLS}, got {impl!r}")
-    if _differentiated_by_transform(q, k, v, log_gate):
-        raise NotImplementedError(
-            "power_retention is differentiated by torch.autograd only (loss.backward(), torch.autograd.grad), not "
-            "by torch.func's grad / vjp / jvp / jacfwd / jacrev / hessian or torch.autograd.forward_ad: it has no "
-            "forward-mode rule (the tangent would come back as zeros) and no functorch setup for reverse mode"
-        )
     if log_gate is not None and checks.gate_check_applies(log_gate) and _holds_values(log_gate):
         checks.check_gate_values(log_gate)
     for_backward = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, log_gate))
@@ -504,6 +497,13 @@ def power_retention(
     if not for_backward and _runs_body_directly(q, k, v, log_gate, valid):
         with set_wrap_triton_enabled(False):  # as the op's own eager kernel runs its body
             return _y_alone(*args)
+    # after the direct path, which no functorch transform or forward-AD level reaches: off the short calls' host time
+    if _differentiated_by_transform(q, k, v, log_gate):
+        raise NotImplementedError(
+            "power_retention is differentiated by torch.autograd only (loss.backward(), torch.autograd.grad), not "
+            "by torch.func's grad / vjp / jvp / jacfwd / jacrev / hessian or torch.autograd.forward_ad: it has no "
+            "forward-mode rule (the tangent would come back as zeros) and no functorch setup for reverse mode"
+        )
     y, *_ = power_retention_op(*args, for_backward)
     return y
 

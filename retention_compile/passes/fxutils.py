@@ -75,7 +75,7 @@ ALIASING_METHODS = frozenset(
         "swapdims", "as_strided", "detach", "contiguous", "to", "type", "type_as", "float", "double", "half",
         "bfloat16", "int", "long", "bool", "real", "imag", "view_as_real", "view_as_complex", "__getitem__", "ravel",
         "adjoint", "broadcast_to", "atleast_1d", "atleast_2d", "atleast_3d", "resolve_neg", "resolve_conj", "conj",
-        "positive", "align_to", "rename", "refine_names", "as_strided_", "squeeze_", "unsqueeze_",
+        "positive", "align_to", "rename", "refine_names",
     }
 )  # fmt: skip
 ALIASING_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "data", "real", "imag"})
