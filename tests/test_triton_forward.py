@@ -67,11 +67,17 @@ CASES = [
 
 
 def run_case(
-    case: tuple, dtype: torch.dtype = torch.float32, gate_scale: float = 0.3, reset: float | None = None
+    case: tuple,
+    dtype: torch.dtype = torch.float32,
+    gate_scale: float = 0.3,
+    reset: float | None = None,
+    padding: float | None = None,
 ) -> dict[str, float]:
     """Relative errors of ``triton_forward`` against the oracle on one case, ``{"y": ..., "denom": ...}`` (also
     checks shapes); the inputs are drawn in float32 and rounded to ``dtype``, the log-gates from
-    ``-gate_scale * U(0, 1)``, with ``reset`` (a document boundary) as the log-gate of the keys in ``RESET_KEYS``."""
+    ``-gate_scale * U(0, 1)``, with ``reset`` (a document boundary) as the log-gate of the keys in ``RESET_KEYS``;
+    ``padding`` (a case with key validity): the kernels read k and v holding that value at the keys ``valid`` masks
+    out, the oracle the drawn values (a padded key's weight is 0 whatever it holds)."""
     B, Hq, Hk, Tq, Tk, d, e, deg, gate_heads, has_valid, causal, chunk, segments = case
     gen = torch.Generator().manual_seed(sum(map(hash, case)) % 2**31)
     q = torch.randn(B, Hq, Tq, d, generator=gen).to(dtype)
@@ -85,10 +91,15 @@ def run_case(
     assert triton_supports(q, k, v, deg, gate, valid, causal) is None
     assert kernel_spec(q, v, deg, gate is not None, has_valid, causal, Tk, plan).chunked == (chunk < Tk and deg == 2)
     scale = 0.7 / d**0.5
+    k_in, v_in = k, v
+    if padding is not None:
+        padded = ~valid[:, None, :, None]
+        k_in, v_in = k.masked_fill(padded, padding), v.masked_fill(padded, padding)
     with nan_filled_empty():
         y, den = triton_forward(
-            q, k, v, scale=scale, deg=deg, log_gate=gate, causal=causal, valid=valid, plan=plan, segments=segments
-        )
+            q, k_in, v_in, scale=scale, deg=deg, log_gate=gate, causal=causal, valid=valid, plan=plan,
+            segments=segments,
+        )  # fmt: skip
     ref = power_retention_reference(
         q.double(), k.double(), v.double(), scale=scale, deg=deg, causal=causal, valid=valid,
         log_gate=None if gate is None else gate.double(),
@@ -214,6 +225,14 @@ STRONG_GATE_CASES = ("quadratic-long-gate", "chunked-long-gate")
 RESET_KEYS = [10, 150]
 RESETS = {"-1e4": -1e4, "-inf": float("-inf")}
 RESET_CASES = STRONG_GATE_CASES
+# NaN in k and v at the keys ``valid`` masks out: the query kernel read v there unmasked, and 0 * NaN made every row
+# of the chunk NaN (the aten forms zero them, ``ops._padding_zeroed``; the kernels mask their loads)
+PADDING_CASES = (
+    "quadratic-deg4-gate-valid",
+    "chunked-gate-valid-segments",
+    "chunked-prefill-cache",
+    "chunked-noncausal",
+)
 
 
 def _interpreted() -> dict[str, object]:
@@ -228,6 +247,7 @@ def _interpreted() -> dict[str, object]:
     results.update({f"{name}-strong-gate": run_case(dict(CASES)[name], gate_scale=3.0) for name in STRONG_GATE_CASES})
     for label, reset in RESETS.items():
         results.update({f"{name}-reset{label}": run_case(dict(CASES)[name], reset=reset) for name in RESET_CASES})
+    results.update({f"{name}-padding-nan": run_case(dict(CASES)[name], padding=float("nan")) for name in PADDING_CASES})
     results.update({f"denominator-chunk{c}": denominator_error(c) for c in (16, 1024)})
     results.update(keyless_alignment())
     results.update({f"large-inputs-deg{deg}-d{d}": large_inputs(deg, d) for deg, d in ((6, 256), (4, 128))})
@@ -274,6 +294,7 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     + [f"{n}-float16" for n in FLOAT16_CASES]
     + [f"{n}-strong-gate" for n in STRONG_GATE_CASES]
     + [f"{n}-reset{label}" for n in RESET_CASES for label in RESETS]
+    + [f"{n}-padding-nan" for n in PADDING_CASES]
     + ["chunked-gate-valid-segments-bfloat16"]
     + [f"{n}-untrimmed" for n in UNTRIMMED_CASES],
 )
@@ -302,7 +323,7 @@ RESET_DENOM_BOUNDS = {f"{name}-reset{label}": 2e-4 for name in RESET_CASES for l
 # (float32 off by up to 3e-5 there): 2.0e-5 to 2.4e-5 over 3 seeds (2026-12-01).
 GATE_REACH_BOUNDS = {
     "quadratic-long-gate": 1e-4, "quadratic-prefill-gate": 1e-4, "quadratic-deg4-gate-valid": 1e-4,
-    "quadratic-deg4-gate-valid-float16": 1e-4, "chunked-long-gate": 1e-4,
+    "quadratic-deg4-gate-valid-float16": 1e-4, "quadratic-deg4-gate-valid-padding-nan": 1e-4, "chunked-long-gate": 1e-4,
     **{f"{name}-strong-gate": 1e-4 for name in STRONG_GATE_CASES},
     **{f"{name}-reset{label}": 2e-5 for name in RESET_CASES for label in RESETS},
     **{f"{name}-den-dot": 1e-4 for name in ("quadratic-long-gate", "quadratic-prefill-gate",

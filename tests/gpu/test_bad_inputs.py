@@ -146,6 +146,29 @@ def test_nan_and_inf_through_the_kernels(which: str, value: float, chunk: int | 
     assert torch.equal(y[untouched], clean[untouched])
 
 
+@pytest.mark.parametrize("value", [NAN, INF])
+@pytest.mark.parametrize("T,chunk", [(300, None), (3000, None), (3000, 256)])  # single chunk; the op's chunks; small
+def test_padded_keys_holding_garbage_change_nothing(T: int, chunk: int | None, value: float) -> None:
+    """Keys that ``valid`` masks out weigh 0 whatever k and v hold there: the query kernel read v at them unmasked,
+    and 0 * NaN made rows NaN (caught by the interpreter's padding cases; the aten forms zero them). y and the
+    gradients (0 at the padded keys) match the run with zeros there."""
+    q, k, v, gate, valid = make(Tq=T, Tk=T)
+    padded = ~valid[:, None, :, None]
+    dirty = [t.masked_fill(padded, value).requires_grad_() for t in (k, v)]
+    clean = [t.masked_fill(padded, 0.0).requires_grad_() for t in (k, v)]
+    q = q.requires_grad_()
+    dy = torch.randn_like(q)
+    results = []
+    for k_in, v_in in (dirty, clean):
+        y = rc.power_retention(q, k_in, v_in, log_gate=gate, valid=valid, chunk_size=chunk)
+        dq, dk, dv = torch.autograd.grad(y, (q, k_in, v_in), dy)
+        results.append((y, dq, dk, dv))
+    assert relative_error(results[0][0], *(t.detach() for t in (q, *clean)), gate, valid) <= 1e-2
+    for name, got, want in zip(("y", "dq", "dk", "dv"), *results):
+        assert torch.isfinite(got).all(), name
+        assert float((got.double() - want.double()).norm() / want.double().norm()) <= 1e-2, name
+
+
 def test_cuda_target_names_why_it_cannot_serve() -> None:
     q, k, v, *_ = make(Tq=16, Tk=16)
     with pytest.raises(RuntimeError, match=r"impl='cuda' cannot serve.*Use 'auto'"):
