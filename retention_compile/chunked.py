@@ -151,6 +151,16 @@ def _valid_of(x: _Rows, piece: _Piece) -> Tensor | None:
     return None if x.valid is None else piece.of(x.valid)
 
 
+def _excess(a: Size, b: Size) -> Size:
+    """``max(a - b, 0)``: 0 where the lengths are equal, else ``torch.sym_max``. Where they are two symbols, the
+    equality test is a guard: a graph traced at equal lengths is specialised to them (and makes the two one
+    symbol), one traced at unequal lengths serves every pair, equal ones included. Inductor (torch 2.13, CPU,
+    ``dynamic=True`` with gradients) failed a stride assertion on views of an axis sized ``Max(0, Tk - Tq)`` traced
+    where it was 0 (its contiguous strides read ``Max(1, Tk - Tq)``): a recompile at equal lengths had given q and
+    k a symbol each."""
+    return 0 if a == b else torch.sym_max(a - b, 0)
+
+
 class _Layout(NamedTuple):
     """The causal layout of the module docstring: prefix keys, skipped queries, aligned full chunks and tail."""
 
@@ -167,12 +177,12 @@ class _Layout(NamedTuple):
         With concrete lengths C is at most L: a longer chunk gives the same result, but the empty full-chunk piece
         would still build C x C decay tensors (8 TB for C = 2^20). Symbolic lengths keep C: a graph traced at one
         length serves every length, and clamping to the traced one would bake a chunk count of 0 or 1 into it."""
-        prefix = torch.sym_max(kv_len - q_len, 0)
+        prefix = _excess(kv_len, q_len)
         aligned = kv_len - prefix
         if isinstance(aligned, int):
             chunk = min(chunk, max(aligned, 1))
         full = aligned // chunk
-        return _Layout(prefix, torch.sym_max(q_len - kv_len, 0), full, chunk, aligned - full * chunk)
+        return _Layout(prefix, _excess(q_len, kv_len), full, chunk, aligned - full * chunk)
 
     def sources(self) -> tuple[_Piece, _Piece]:
         """Key pieces whose chunk states feed later chunks: the prefix (one chunk of P) and the full chunks."""

@@ -457,3 +457,31 @@ def test_torch_compile_dynamic_training_with_a_value_dim_unlike_the_head_dim():
     expected = torch.autograd.grad((power_retention_reference(*exact) * weights.double()).sum(), exact)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.slow  # two Inductor compiles, the second of the chunked joint graph under dynamic shapes: about 20-45 s
+def test_torch_compile_dynamic_training_after_a_recompile():
+    """Regression: compiled with ``dynamic=True``, a training call at T=16 (one chunk) and then at T=40 (chunked: a
+    recompile, in which q's and k's lengths became two symbols) failed in Inductor with an AssertionError on the
+    prefix piece, sized ``Max(0, Tk - Tq)`` by ``torch.sym_max`` and 0 where traced. An empty prefix is now a literal 0
+    (``chunked._excess``: 0 at equal lengths, under a guard). Every call matches the oracle's gradients."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(9)
+
+    def attention(q, k, v, log_gate, valid):
+        return rc.power_retention(q, k, v, log_gate=log_gate, valid=valid, chunk_size=16)
+
+    compiled = torch.compile(attention, dynamic=True)
+    for T in (16, 40, 72):
+        q, k = torch.randn(2, 4, T, 4, generator=gen), torch.randn(2, 2, T, 4, generator=gen)
+        v, log_gate = torch.randn(2, 2, T, 3, generator=gen), -torch.rand(2, 2, T, generator=gen)
+        valid = torch.ones(2, T, dtype=torch.bool)
+        valid[0, :3] = False
+        weights = torch.randn(2, 4, T, 3, generator=gen)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, log_gate)]
+        grads = torch.autograd.grad((compiled(*leaves, valid) * weights).sum(), leaves)
+        exact = [t.double().requires_grad_() for t in (q, k, v, log_gate)]
+        expected = power_retention_reference(*exact[:3], log_gate=exact[3], valid=valid)
+        expected = torch.autograd.grad((expected * weights.double()).sum(), exact)
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
