@@ -476,6 +476,40 @@ def test_hand_written_attention_in_einsum_notation_is_rewritten(fn, causal):
     torch.testing.assert_close(out, oracle_sdpa(q, k, v, is_causal=causal, scale=0.3), **TOL)
 
 
+# k computed already transposed, (B, H, d, T), the scores as q @ k: LeViT permutes its key projection from (B, T, H, d)
+# straight to (B, H, d, T). These sites were kept ("the key operand of q @ k^T is not a transposed tensor"); the op now
+# reads a transpose of that operand.
+def _levit_keys(q, k, v):
+    k_t = k.transpose(1, 2).permute(0, 2, 3, 1)  # (B, H, T, d) -> (B, T, H, d) -> (B, H, d, T)
+    i, j = grids_of(T, T)
+    scores = (q @ k_t * 0.3).masked_fill(j > i, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def _einsum_of_keys_given_transposed(q, k_t, v):
+    return torch.einsum("bhid,bhdj->bhij", q, k_t).mul(0.3).softmax(-1) @ v
+
+
+def test_keys_computed_already_transposed_are_read_through_a_transpose():
+    q, k, v = qkv()
+    out, report = rewrite(_levit_keys, q, k, v)
+    assert report.sites[0].decision == "rewritten", report.sites[0]
+    torch.testing.assert_close(out, oracle_sdpa(q, k, v, is_causal=True, scale=0.3), **TOL)
+    k_t = k.transpose(-1, -2).contiguous()
+    out, report = rewrite(_einsum_of_keys_given_transposed, q, k_t, v)
+    assert report.sites[0].decision == "rewritten", report.sites[0]
+    torch.testing.assert_close(out, oracle_sdpa(q, k, v, scale=0.3), **TOL)
+
+    def changed_after_the_scores(q, k_t, v):  # the op would read k_t after the change: kept
+        weights = (q @ k_t).softmax(-1)
+        k_t.mul_(2.0)
+        return weights @ v
+
+    out, report = rewrite(changed_after_the_scores, q, k_t.clone(), v)
+    assert report.sites[0].decision == "kept" and "changed in place" in report.sites[0].reason, report.sites[0]
+    torch.testing.assert_close(out, changed_after_the_scores(q, k_t.clone(), v), **TOL)
+
+
 def test_einsum_attention_on_merged_heads_is_kept_and_other_einsums_are_not_attention():
     q, k, v = qkv()
 

@@ -12,9 +12,11 @@ Hand-written attention. From every ``softmax(x, dim=-1)`` the scores ``x`` are w
 the probabilities forward through casts and ``dropout`` to ``p @ v``. A product may be written as ``a @ b``
 (``matmul``) or as an einsum over the last two axes with the same leading letters throughout: the scores as
 ``"bhid,bhdj->bhij"`` (of k^T) or ``"bhid,bhjd->bhij"`` (of k itself), the output as ``"bhij,bhjd->bhid"``
-(``_product``). The masks become the site's ``MaskPart``s, numbers multiply the scale, a tensor factor with size 1
-along the key axis (one number per query row at most) is folded into the query at rewrite time. Scores that still
-come from ``q @ k^T`` through some other op (``tanh`` for logit soft-capping, say) make a kept site whose reason
+(``_product``). A key operand that is not a transposed tensor is k computed already transposed, (B, H, d, T) (LeViT
+permutes its key projection so, then takes ``q @ k``): the op reads ``k.transpose(-2, -1)``, a view inserted before the
+product (``_key_of_transposed``). The masks become the site's ``MaskPart``s, numbers multiply the scale, a tensor factor
+with size 1 along the key axis (one number per query row at most) is folded into the query at rewrite time. Scores that
+still come from ``q @ k^T`` through some other op (``tanh`` for logit soft-capping, say) make a kept site whose reason
 names that op, so the report says why; anything else is not recognised, and the graph is left as it is.
 
 In-place changes. ``scores.masked_fill_(m, -big)``, ``scores += mask`` / ``add_`` and ``scores *= c`` / ``mul_`` /
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from . import grids
-from .fxutils import Evaluator, in_place_changes
+from .fxutils import Evaluator, in_place_changes, insert_call
 from .masks import ADD_OPS, MUL_OPS, masked_fill_operands, neg_constant, node_dtype, where_operands
 from .shapes import holds
 from .sites import AttentionSite, MaskPart, example_value
@@ -472,15 +474,20 @@ def _unmasked_fill(fill: tuple[fx.Node, object]) -> str:
     )
 
 
-def _site_problem(shared: bool, query: fx.Node, key: fx.Node | None, value: fx.Node) -> str | None:
+def _site_problem(shared: bool, query: object, key_operand: object, value: object) -> str | None:
     """Why a recognised hand-written site cannot be rewritten, or None."""
     if shared:
         return "the attention weights are also used elsewhere (e.g. returned with output_attentions)"
-    if key is None:
-        return "the key operand of q @ k^T is not a transposed tensor"
-    if any(len(_shape(n) or ()) != 4 for n in (query, key, value)):
+    if any(len(_shape(n) or ()) != 4 for n in (query, key_operand, value)):
         return "q, k, v are not 4-D (B, H, T, d) tensors"
     return None
+
+
+def _key_of_transposed(graph: fx.Graph, key_t: fx.Node, product: fx.Node) -> fx.Node:
+    """k for a key operand ``key_t`` that is k^T itself, (B, H, d, T): ``key_t.transpose(-2, -1)``, inserted just
+    before ``product`` (a view, which Inductor drops again where the site is kept after all)."""
+    with graph.inserting_before(product):
+        return insert_call(graph, "transpose", (key_t, -2, -1), like=key_t)
 
 
 def find_handwritten(graph: fx.Graph, evaluator: Evaluator) -> Iterator[AttentionSite]:
@@ -502,8 +509,10 @@ def find_handwritten(graph: fx.Graph, evaluator: Evaluator) -> Iterator[Attentio
         query, key_t, key_transposed = _product(scores.matmul)
         key, value = key_t if key_transposed else _untransposed(key_t), _product(output).right
         problem = (
-            problem or _changed_in_place(scores, probabilities, output) or _site_problem(shared, query, key, value)
+            problem or _changed_in_place(scores, probabilities, output) or _site_problem(shared, query, key_t, value)
         )
+        if key is None and problem is None:
+            key = _key_of_transposed(graph, key_t, scores.matmul)
         yield AttentionSite(
             node=output,
             query=query,
