@@ -18,6 +18,7 @@ from torch import fx
 
 from .balance import graph_balance
 from .config import RetentionConfig
+from .passes import graph_modules
 from .report import Report, SiteRecord
 from .sizes import size_hint
 
@@ -42,12 +43,14 @@ def _key_length(key: object, q_len: int) -> int:
 
 
 def retention_calls(gm: fx.GraphModule) -> list[dict[str, Any]]:
-    """The arguments, by name, of every ``retention_compile::power_retention`` call of the graph, in order."""
+    """The arguments, by name, of every ``retention_compile::power_retention`` call of the graph and of its
+    higher-order ops' bodies, in the report's order (``passes.graph_modules``)."""
     op = torch.ops.retention_compile.power_retention.default
     names = [a.name for a in op._schema.arguments]
     return [
         {**dict(zip(names, node.args)), **node.kwargs}
-        for node in gm.graph.nodes
+        for module in graph_modules(gm)
+        for node in module.graph.nodes
         if node.op == "call_function" and node.target is op
     ]
 

@@ -310,3 +310,41 @@ def test_the_op_without_for_backward_returns_no_accumulators_and_refuses_a_gradi
         y.float().sum().backward()
     with torch.no_grad():
         assert torch.equal(rc.power_retention(leaf, k, v, scale=0.25, chunk_size=16), kept[0])
+
+
+def _checkpointed(mask: torch.Tensor | None = None):
+    """Causal SDPA inside ``torch.utils.checkpoint`` (a higher-order op's body under Dynamo), with ``mask`` (made
+    outside the body) as its attn_mask when given."""
+    import torch.utils.checkpoint as checkpoint
+
+    def body(q, k, v):
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    def fn(q, k, v):
+        return checkpoint.checkpoint(body, q * 2.0, k, v, use_reentrant=False) + 1.0
+
+    return fn
+
+
+def test_attention_inside_activation_checkpointing_is_rewritten():
+    """Dynamo puts checkpointed code in a body graph of its own (``tag_activation_checkpoint``): its attention was
+    never found (0 sites, softmax run, strict silent; 0.62 from the oracle). Now the bodies' sites are rewritten
+    (forward and gradients against the oracle), and a mask made outside the body is kept with that reason."""
+    q, k, v = tensors(Tq=20, Tk=20)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, report = compile_and_report(_checkpointed(), *leaves)
+    assert [site.decision for site in report.sites] == ["rewritten"], report.summary()
+    exact = [t.double().requires_grad_() for t in (q, k, v)]
+    expected = power_retention_reference(2.0 * exact[0], exact[1], exact[2]) + 1.0
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), leaves)
+    for got, want in zip(grads, torch.autograd.grad((expected * weights.double()).sum(), exact)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+    causal = torch.ones(20, 20, dtype=torch.bool).tril()
+    out, report = compile_and_report(_checkpointed(causal), *leaves)  # (without gradients Inductor refuses it)
+    (site,) = report.sites
+    assert site.decision == "kept" and "enters the body of a higher-order op" in site.reason, site

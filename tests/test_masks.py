@@ -798,3 +798,31 @@ def test_a_float_mask_filled_by_keyword_is_proven():
     out, report = rewrite(fn, q, k, v)
     assert (report.sites[0].decision, report.sites[0].becomes) == ("rewritten", "causal retention")
     torch.testing.assert_close(out, oracle_sdpa(q, k, v, is_causal=True), **TOL)
+
+
+def test_a_window_no_longer_than_a_static_key_length_is_proven_under_dynamic_shapes():
+    """A window of 8 keys over a cache of 8 keys (transformers' sliding-window cache at decode) with the query length
+    dynamic: the proof would reveal the window at 9 keys, which the static key length never reaches, so the sizes it
+    evaluates are every size the site runs at. The site was kept ("it would have to be evaluated at 9 keys to be
+    proven, past the 67108864 elements")."""
+    q, k, v = qkv()
+    k, v = k[:, :, :8], v[:, :, :8]
+
+    def fn(q, k, v):
+        q_len, kv_len = q.shape[2], k.shape[2]
+        i = torch.arange(q_len)[:, None] + (kv_len - q_len)
+        j = torch.arange(kv_len)[None, :]
+        allowed = (j <= i) & (i - j < 8)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+    torch._dynamo.reset()
+    torch._dynamo.mark_static(k, 2)
+    torch._dynamo.mark_static(v, 2)
+    q3 = q[:, :, :3]
+    backend = functools.partial(rewrite_only_backend, options=None)
+    with collect_reports() as report:
+        out = torch.compile(fn, backend=backend, fullgraph=True, dynamic=True)(q3, k, v)
+    site = report.sites[0]
+    assert site.decision == "rewritten", site
+    i, j = grids_of(3, 8)
+    torch.testing.assert_close(out, oracle_sdpa(q3, k, v, attn_mask=j <= i), **TOL)

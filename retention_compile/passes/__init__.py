@@ -21,7 +21,7 @@ from .patterns import find_handwritten
 from .rewrite import replace_with_retention
 from .sites import AttentionSite, find_sdpa_sites
 
-__all__ = ["AttentionSite", "Decision", "RetentionRewriteError", "find_sites", "rewrite_attention"]
+__all__ = ["AttentionSite", "Decision", "RetentionRewriteError", "find_sites", "graph_modules", "rewrite_attention"]
 
 
 def _record(graph_index: int, index: int, site: AttentionSite, decision: Decision) -> SiteRecord:
@@ -50,15 +50,27 @@ def find_sites(gm: fx.GraphModule, analyser: MaskAnalyser) -> list[AttentionSite
     return sorted(sites, key=lambda site: order[site.node])
 
 
-def rewrite_attention(gm: fx.GraphModule, config: RetentionConfig, graph_index: int = 0) -> Report:
-    """Rewrite every attention site of ``gm`` that the config allows; return the per-site report.
+def graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
+    """``gm`` and the bodies of its higher-order ops, nested ones included, each once: Dynamo puts the code under
+    ``torch.utils.checkpoint`` (``tag_activation_checkpoint``), ``torch.cond`` and other higher-order ops in graphs
+    of their own, submodules of ``gm``, whose attention the top-level graph does not show."""
+    bodies = (module for _, module in gm.named_modules() if isinstance(module, fx.GraphModule) and module is not gm)
+    return [gm, *bodies]
 
-    Every site is decided on the untouched graph, then the rewritten ones are replaced last to first: a
+
+def rewrite_attention(gm: fx.GraphModule, config: RetentionConfig, graph_index: int = 0) -> Report:
+    """Rewrite every attention site of ``gm`` and of its higher-order ops' bodies (``graph_modules``) that the config
+    allows; return the per-site report, the sites of ``gm`` first, then each body's.
+
+    Every site is decided on the untouched graphs, then the rewritten ones are replaced last to first: a
     site never reads a node created after it, so none of its nodes is replaced before it is rewritten.
     """
-    analyser = MaskAnalyser(gm)
-    sites = find_sites(gm, analyser)
-    decisions = [decide(site, config, analyser) for site in sites]
+    found: list[tuple[fx.GraphModule, MaskAnalyser, AttentionSite]] = []
+    for module in graph_modules(gm):
+        analyser = MaskAnalyser(module, in_body=module is not gm)
+        found += [(module, analyser, site) for site in find_sites(module, analyser)]
+    sites = [site for _, _, site in found]
+    decisions = [decide(site, config, analyser) for _, analyser, site in found]
     records = [_record(graph_index, index, s, d) for index, (s, d) in enumerate(zip(sites, decisions))]
     for record, decision in zip(records, decisions):
         if not decision.rewrite and config.strict:
@@ -67,10 +79,12 @@ def rewrite_attention(gm: fx.GraphModule, config: RetentionConfig, graph_index: 
                 f"({record.module or 'top level'}) cannot be rewritten: {decision.reason}. "
                 "Use strict=False to keep it as SDPA."
             )
-    for index in reversed(range(len(sites))):
+    for index in reversed(range(len(found))):
         if decisions[index].rewrite:
-            output = replace_with_retention(gm.graph, sites[index], decisions[index], config)
-            output.meta.update(retention_site=sites[index], retention_index=index)
-    gm.graph.lint()
-    gm.recompile()
+            module, _, site = found[index]
+            output = replace_with_retention(module.graph, site, decisions[index], config)
+            output.meta.update(retention_site=site, retention_index=index)
+    for module in graph_modules(gm):
+        module.graph.lint()
+        module.recompile()
     return Report(sites=records, graphs=1)

@@ -326,12 +326,26 @@ def _broadcast_axes(node: fx.Node) -> dict[str, bool]:
     return {axis: statically_known_true(size == 1) for axis, size in zip(AXES, shape)}
 
 
-class MaskAnalyser:
-    """Reads the masks of the sites of one graph."""
+# Why a mask made outside a higher-order op's body reads as data inside it (``MaskAnalyser.in_body``)
+FROM_OUTSIDE_THE_BODY = (
+    "; it enters the body of a higher-order op (activation checkpointing, say) as an input, so how it was made, "
+    "outside the body, is not traced here"
+)
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+
+class MaskAnalyser:
+    """Reads the masks of the sites of one graph; ``in_body``: the graph is a higher-order op's body (its inputs are
+    values of the graph around it)."""
+
+    def __init__(self, gm: fx.GraphModule, in_body: bool = False) -> None:
         self.data = DataDependence()
         self.evaluator = Evaluator(gm, self.data)
+        self.in_body = in_body
+
+    def _from_outside(self, node: fx.Node) -> str:
+        """``FROM_OUTSIDE_THE_BODY`` where the data ``node`` reads are this body's inputs, else ''."""
+        inputs = any(source.op == "placeholder" for source in self.data.sources(node))
+        return FROM_OUTSIDE_THE_BODY if self.in_body and inputs else ""
 
     def analyse(self, site: AttentionSite) -> MaskAnalysis:
         collector = TermCollector(self.evaluator)
@@ -389,7 +403,7 @@ class MaskAnalyser:
         else:
             term.detail = (
                 f"mask term {node.name} depends on the data of {self.data.describe(node)} and varies along the "
-                "query axis, so it is not a key-padding mask"
+                f"query axis, so it is not a key-padding mask{self._from_outside(node)}"
             )
 
     def _classify_bias(self, bias: Bias) -> None:
@@ -405,7 +419,7 @@ class MaskAnalyser:
         else:
             bias.detail = (
                 f"additive bias {bias.node.name} is computed from the data of {self.data.describe(bias.node)} "
-                "(e.g. a learned relative-position bias): retention has no equivalent"
+                f"(e.g. a learned relative-position bias): retention has no equivalent{self._from_outside(bias.node)}"
             )
 
     def _sizes(self, site: AttentionSite, nodes: list[fx.Node]) -> tuple[list[Sizes], set[int]]:
@@ -428,7 +442,8 @@ class MaskAnalyser:
         slopes: list[grids.Slopes] = []
         evaluated: list[Sizes] = []
         candidates, revealing = self._sizes(site, nodes)
-        unrevealed = set(revealing)
+        # a static key length below c + 1 never reaches it: the sizes evaluated are every size the site runs at
+        unrevealed = {length for length in revealing if not isinstance(k.shape[2], int) or length <= k.shape[2]}
         for number, sizes in enumerate(candidates):
             q_len, kv_len = sizes.of(q.shape[2]), sizes.of(k.shape[2])
             size = max([q_len * kv_len] + [elements(example_value(n), sizes) for n in nodes])
