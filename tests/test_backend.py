@@ -348,3 +348,30 @@ def test_attention_inside_activation_checkpointing_is_rewritten():
     out, report = compile_and_report(_checkpointed(causal), *leaves)  # (without gradients Inductor refuses it)
     (site,) = report.sites
     assert site.decision == "kept" and "enters the body of a higher-order op" in site.reason, site
+
+
+class _SoftmaxAttentionWithItsOwnBackward(torch.autograd.Function):
+    """SDPA in a custom autograd.Function, whose backward is written for softmax attention."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.save_for_backward(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    @staticmethod
+    def backward(ctx, grad):  # dv of softmax attention; (dq, dk omitted)
+        q, k, v = ctx.saved_tensors
+        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+        weights = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        return None, None, weights.transpose(-1, -2) @ grad
+
+
+def test_attention_inside_a_custom_autograd_function_is_left_alone():
+    """Dynamo gives a custom ``autograd.Function`` forward and backward bodies (``autograd_function_apply``): a
+    rewritten forward would no longer match the backward written for it, so its bodies are not searched."""
+    q, k, v = tensors(Hk=4, Tq=12, Tk=12)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, report = compile_and_report(lambda q, k, v: _SoftmaxAttentionWithItsOwnBackward.apply(q, k, v), *leaves)
+    assert not report.sites, report.summary()
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
