@@ -12,7 +12,9 @@ SDPA's boolean mask builder in ``AttentionMaskInterface``, so the function recei
                      top-left ``is_causal``, as ``sdpa`` itself crops them)
     a mask           read entry by entry: ``valid[b, j]`` = some query may see key j, and the mask must
                      equal the causal, sliding-window (its window dropped, as ``sliding_window='full'``)
-                     or full grid restricted to the valid keys; anything else raises ``ValueError``
+                     or full grid restricted to the valid keys; eagerly, else that grid over the first
+                     key slots it uses (a ``StaticCache`` longer than the sequence so far, its unused slots
+                     cropped); anything else raises ``ValueError``
 
 Under ``torch.compile`` the mask check is an ``_assert_async`` against the grid the model's flags give
 (``is_causal``, ``sliding_window``), so the function adds no graph break. For the proven rewrite of
@@ -60,6 +62,31 @@ def _read_mask(admitted: Tensor, q_len: int, kv_len: int, is_causal: bool, windo
     return shape.causal or shape.window is not None, valid
 
 
+def _used_keys(admitted: Tensor, q_len: int) -> int | None:
+    """The key slots a mask reads, where fewer than all and at least ``q_len``: the first slots of a cache longer
+    than the sequence so far (transformers' ``StaticCache``), which no query may see past. Its prefill mask is causal
+    from the first slot (top-left), and it is bottom-right causal over the slots in use. None otherwise."""
+    seen = admitted.flatten(0, -2).any(0).nonzero()
+    used = int(seen.max()) + 1 if seen.numel() else 0
+    return used if q_len <= used < admitted.shape[-1] else None
+
+
+def _read_cache_mask(
+    admitted: Tensor, key: Tensor, value: Tensor, is_causal: bool, window: int | None
+) -> tuple[bool, Tensor, Tensor, Tensor]:
+    """``_read_mask`` eagerly, and where the mask is not read so, again over the cache slots it uses
+    (``_used_keys``): (causal, valid, key, value), the two cropped to those slots."""
+    q_len, kv_len = admitted.shape[-2], admitted.shape[-1]
+    try:
+        return (*_read_mask(admitted, q_len, kv_len, is_causal, window), key, value)
+    except ValueError:
+        used = None if torch.compiler.is_compiling() else _used_keys(admitted, q_len)
+        if used is None:
+            raise
+    causal, valid = _read_mask(admitted[..., :used], q_len, used, is_causal, window)
+    return causal, valid, key[:, :, :used], value[:, :, :used]
+
+
 def power_retention_attention(
     module: torch.nn.Module,
     query: Tensor,
@@ -86,7 +113,11 @@ def power_retention_attention(
             key, value = key[:, :, :q_len], value[:, :, :q_len]
     else:
         window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-        causal, valid = _read_mask(_admitted(attention_mask), q_len, kv_len, is_causal, window)
+        admitted = _admitted(attention_mask)
+        if torch.compiler.is_compiling():
+            causal, valid = _read_mask(admitted, q_len, kv_len, is_causal, window)
+        else:
+            causal, valid, key, value = _read_cache_mask(admitted, key, value, is_causal, window)
         if not torch.compiler.is_compiling() and bool(valid.all()):
             valid = None
     out = power_retention(query, key, value, scale=scaling, deg=deg, causal=causal, valid=valid)

@@ -470,6 +470,33 @@ def test_hf_attention_function():
         hf.power_retention_attention(model.model.layers[0].self_attn, q, k, v, upper)
 
 
+def test_hf_attention_function_reads_a_static_cache_longer_than_the_sequence():
+    """A ``StaticCache`` holds more key slots than the sequence so far: its prefill mask is causal from the first slot
+    (top-left) with the unused slots masked, and with left padding it raised ("not causal, windowed or full").
+    Eagerly the mask is now read over the slots it uses; the output is the oracle's on those keys."""
+    import retention_compile.hf as hf
+    from retention_compile.reference import power_retention_reference
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 6, 8, generator=gen)
+    k, v = torch.randn(2, 2, 10, 8, generator=gen), torch.randn(2, 2, 10, 8, generator=gen)  # 4 slots unused
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, :2] = False  # left padding
+    admitted = torch.zeros(2, 1, 6, 10, dtype=torch.bool)
+    admitted[..., :6] = torch.ones(6, 6, dtype=torch.bool).tril() & valid[:, None, None, :]
+    module = nn.Module()
+    module.is_causal = True
+    out, _ = hf.power_retention_attention(module, q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), admitted)
+    expected = power_retention_reference(q.double(), k[:, :, :6].double(), v[:, :, :6].double(), valid=valid)
+    rows = admitted.any(-1)[:, 0]  # rows with no key (padding) are not compared
+    torch.testing.assert_close(
+        out.transpose(1, 2)[rows.unsqueeze(1).expand(-1, 4, -1)],
+        expected.float()[rows.unsqueeze(1).expand(-1, 4, -1)],
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
 SCRIPT = """
 import torch
 import torch.nn.functional as F
