@@ -243,8 +243,12 @@ def _bmm(a: Tensor, b: Tensor) -> Tensor:
 
     The operands are copied to contiguous layout first, so merging (R, m) is a view whatever the sizes: a
     graph traced where a chunk count is 0 or 1, or a tail empty, stays valid for every other length
-    (``matmul`` would decide view-or-copy and broadcasting from the sizes seen when traced)."""
+    (``matmul`` would decide view-or-copy and broadcasting from the sizes seen when traced). A piece of one chunk
+    (the literal count 1: prefix, tail) is a plain ``bmm`` of the squeezed operands instead: under dynamic shapes
+    Inductor (torch 2.13, CPU) miscompiled the copy and merge of a tail of one key, returning garbage in its row."""
     rows, chunks = a.shape[0], a.shape[1]
+    if isinstance(chunks, int) and chunks == 1:
+        return torch.bmm(a.squeeze(1), b.squeeze(1)).unsqueeze(1)
     dense = (t.clone(memory_format=torch.contiguous_format).flatten(0, 1) for t in (a, b))
     return torch.bmm(*dense).unflatten(0, (rows, chunks))
 

@@ -375,3 +375,18 @@ def test_attention_inside_a_custom_autograd_function_is_left_alone():
     out, report = compile_and_report(lambda q, k, v: _SoftmaxAttentionWithItsOwnBackward.apply(q, k, v), *leaves)
     assert not report.sites, report.summary()
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_a_one_key_tail_under_dynamic_shapes():
+    """Called at T=6, then 5 (Dynamo recompiles with dynamic shapes) and 7, chunks of 4: at T=5 the last chunk holds
+    one key, and the compiled chunked form returned garbage in its row (2e6 from the oracle; an Inductor miscompile of
+    the one-chunk pieces' products, copied and flattened). Those products are now plain ``bmm`` calls."""
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="retention", options={"chunk_size": 4})
+    for T in (6, 5, 7):
+        q, k, v = tensors(B=2, Hq=1, Hk=1, Tq=T, Tk=T, d=8, seed=T)
+        torch.testing.assert_close(compiled(q, k, v), oracle(q, k, v), rtol=1e-4, atol=1e-4)
