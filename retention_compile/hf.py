@@ -80,7 +80,7 @@ def _read_cache_mask(
     try:
         return (*_read_mask(admitted, q_len, kv_len, is_causal, window), key, value)
     except ValueError:
-        used = None if torch.compiler.is_compiling() else _used_keys(admitted, q_len)
+        used = _used_keys(admitted, q_len)
         if used is None:
             raise
     causal, valid = _read_mask(admitted[..., :used], q_len, used, is_causal, window)
@@ -118,8 +118,8 @@ def power_retention_attention(
             causal, valid = _read_mask(admitted, q_len, kv_len, is_causal, window)
         else:
             causal, valid, key, value = _read_cache_mask(admitted, key, value, is_causal, window)
-        if not torch.compiler.is_compiling() and bool(valid.all()):
-            valid = None
+            if bool(valid.all()):
+                valid = None
     out = power_retention(query, key, value, scale=scaling, deg=deg, causal=causal, valid=valid)
     return out.transpose(1, 2).contiguous(), None
 

@@ -80,8 +80,9 @@ def rewrite_attention(gm: fx.GraphModule, config: RetentionConfig, graph_index: 
     Every site is decided on the untouched graphs, then the rewritten ones are replaced last to first: a
     site never reads a node created after it, so none of its nodes is replaced before it is rewritten.
     """
+    modules = graph_modules(gm)
     found: list[tuple[fx.GraphModule, MaskAnalyser, AttentionSite]] = []
-    for module in graph_modules(gm):
+    for module in modules:
         analyser = MaskAnalyser(module, in_body=module is not gm)
         found += [(module, analyser, site) for site in find_sites(module, analyser)]
     sites = [site for _, _, site in found]
@@ -99,7 +100,7 @@ def rewrite_attention(gm: fx.GraphModule, config: RetentionConfig, graph_index: 
             module, _, site = found[index]
             output = replace_with_retention(module.graph, site, decisions[index], config)
             output.meta.update(retention_site=site, retention_index=index)
-    for module in graph_modules(gm):
+    for module in modules:
         module.graph.lint()
         module.recompile()
     return Report(sites=records, graphs=1)
