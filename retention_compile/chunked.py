@@ -8,7 +8,8 @@ The math is DESIGN.md section 1. With ``V'_j = [v_j, 1]`` one product gives nume
 Causal layout (``off = Tk - Tq``, bottom-right alignment). Keys ``[0, P)`` with ``P = max(off, 0)`` precede
 every query; queries ``[0, Z)`` with ``Z = max(-off, 0)`` see no key (``O' = 0``); the remaining ``L`` queries
 and keys are aligned, query ``Z + t`` sitting at key position ``P + t``. The aligned part is cut into
-``n = L // C`` full chunks plus one tail chunk of ``L % C`` steps (no padding). With ``phi`` the symmetric
+``n = (L - 1) // C`` full chunks plus one last chunk, the tail, of ``L - n C`` steps: 1 to C, never empty (for
+``L > 0``), and no padding. With ``phi`` the symmetric
 power embedding (``phi(x) . phi(y) = (x . y)^p``), ``Q_i = s q_i`` and ``G_i`` read at query i's key position:
 
     chunk states   S_c  = sum_{j in c} exp(E_c - G_j) phi(k_j) V'_j^T        sources c: the prefix, full chunks
@@ -168,20 +169,27 @@ class _Layout(NamedTuple):
     skip: Size  # Z
     full: Size  # n
     chunk: int  # C
-    tail: Size  # L % C
+    tail: Size  # L - n C, in [1, C] (0 only for L = 0)
 
     @staticmethod
     def of(q_len: Size, kv_len: Size, chunk: int) -> _Layout:
-        """``P = max(Tk - Tq, 0)``, ``Z = max(Tq - Tk, 0)``, ``L = Tk - P``, ``n = L // C``.
+        """``P = max(Tk - Tq, 0)``, ``Z = max(Tq - Tk, 0)``, ``L = Tk - P``, ``n = (L - 1) // C`` (0 for L = 0).
+
+        The tail is never empty: under dynamic shapes an empty one (L a multiple of C) was an axis of length
+        ``T mod C`` guarded to 0, and Inductor (torch 2.13, CPU) failed a stride-order assertion on the views of it
+        that the forward saved for the backward (their strides read ``Max(1, T mod C)``).
 
         With concrete lengths C is at most L: a longer chunk gives the same result, but the empty full-chunk piece
         would still build C x C decay tensors (8 TB for C = 2^20). Symbolic lengths keep C: a graph traced at one
-        length serves every length, and clamping to the traced one would bake a chunk count of 0 or 1 into it."""
+        length serves every length, and clamping to the traced one would bake a chunk count of 0 or 1 into it.
+        Symbolic lengths are at least 2 (PyTorch specialises lengths 0 and 1), so there ``L >= 1`` and ``n >= 0``."""
         prefix = _excess(kv_len, q_len)
         aligned = kv_len - prefix
         if isinstance(aligned, int):
             chunk = min(chunk, max(aligned, 1))
-        full = aligned // chunk
+            full = max(aligned - 1, 0) // chunk
+        else:
+            full = (aligned - 1) // chunk
         return _Layout(prefix, _excess(q_len, kv_len), full, chunk, aligned - full * chunk)
 
     def sources(self) -> tuple[_Piece, _Piece]:
@@ -238,17 +246,32 @@ def _lower_log_decay(cum: Tensor, valid: Tensor | None, dtype: torch.dtype) -> T
     return torch.where(keep, diff, -math.inf)
 
 
+def _contract(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.bmm(a, b)`` of (R, x, y) and (R, y, z); a contraction length ``y`` derived from symbolic lengths (a
+    tail ``T mod C``, a prefix ``Tk - Tq``, a chunk count ``T // C + 1``) is first padded with two zero steps.
+
+    Such a length can be 1 by the graph's guards while remaining an expression. Inductor (torch 2.13, CPU) then turns
+    the product into a broadcast outer product, ``a * b``, yet indexes the length-1 axis of the operands as if
+    it spanned the broadcast one: rows of garbage, NaN or inf (the backward's tail state, with a one-key tail). The
+    padding keeps ``y >= 2`` and adds zeros to the sum. An input's own length (a plain symbol) is never padded:
+    a length-1 input is specialised to the literal 1, which Inductor reads right."""
+    depth = a.shape[-1]
+    if isinstance(depth, torch.SymInt) and not depth.node.expr.is_Symbol:
+        a, b = torch.nn.functional.pad(a, (0, 2)), torch.nn.functional.pad(b, (0, 0, 0, 2))
+    return torch.bmm(a, b)
+
+
 def _bmm(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` over the matching (row, chunk) dims of (R, m, x, y) and (R, m, y, z), as one ``bmm``.
 
     The operands are copied to contiguous layout first, so merging (R, m) is a view whatever the sizes: a
     graph traced where a chunk count is 0 or 1, or a tail empty, stays valid for every other length
     (``matmul`` would decide view-or-copy and broadcasting from the sizes seen when traced). A piece of one chunk
-    (the literal count 1: prefix, tail) is a plain ``bmm`` of the squeezed operands instead: under dynamic shapes
+    (the literal count 1: prefix, tail) is a ``_contract`` of the squeezed operands instead: under dynamic shapes
     Inductor (torch 2.13, CPU) miscompiled the copy and merge of a tail of one key, returning garbage in its row."""
     rows, chunks = a.shape[0], a.shape[1]
     if isinstance(chunks, int) and chunks == 1:
-        return torch.bmm(a.squeeze(1), b.squeeze(1)).unsqueeze(1)
+        return _contract(a.squeeze(1), b.squeeze(1)).unsqueeze(1)
     dense = (t.clone(memory_format=torch.contiguous_format).flatten(0, 1) for t in (a, b))
     return torch.bmm(*dense).unflatten(0, (rows, chunks))
 
@@ -278,7 +301,7 @@ def _phi_grad(values: Tensor, state: Tensor, log_w: Tensor | None) -> Tensor:
 
 def _mix(pair_decay: Tensor, states: Tensor) -> Tensor:
     """``sum_c' M_cc' S_c'`` over the chunk axis: (R, m, m), (R, m, D, e) -> (R, m, D, e)."""
-    return torch.bmm(pair_decay, states.flatten(-2)).unflatten(-1, states.shape[-2:])
+    return _contract(pair_decay, states.flatten(-2)).unflatten(-1, states.shape[-2:])
 
 
 def _intra_forward(q: Tensor, k: Tensor, vp: Tensor, log_decay: Tensor, deg: int) -> Tensor:

@@ -264,7 +264,9 @@ def _route(
     ``StateChoice``. Kept for eager calls that launch directly (``codegen.replays``: by each input's layout, the
     scalars, the CUDA state kernel's launch shape and the forward's module tunables), where the three took a quarter
     of a short call's host time on the H200's host (cProfile of 300 eager calls at T=2048, 4715846: 47 of the public
-    call's 187 us per call under the profiler)."""
+    call's 187 us per call under the profiler). A symbolic ``chunk_size`` (an int argument of a function compiled
+    with ``dynamic=True``) is specialised here, with a guard: it sizes the tiles and the kernels built for them."""
+    chunk_size = int(chunk_size)
     key = _route_key(q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl)
     if key is not None and (kept := _kept_route(key)) is not None:
         return kept

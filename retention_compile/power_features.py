@@ -19,9 +19,15 @@ from collections import Counter
 import torch
 
 
-def state_dim(head_dim: int, deg: int) -> int:
-    """``D = C(d + p - 1, p)``: the size of the symmetric power embedding."""
-    return math.comb(head_dim + deg - 1, deg)
+def state_dim(head_dim: int | torch.SymInt, deg: int) -> int | torch.SymInt:
+    """``D = C(d + p - 1, p) = d (d + 1) ... (d + p - 1) / p!``: the size of the symmetric power embedding.
+
+    Written as that product (exact in integers) rather than ``math.comb`` or ``math.factorial``, so that a
+    symbolic head dim (``torch.compile`` with ``dynamic=True``) gives a symbolic D instead of a graph break."""
+    count = 1
+    for step in range(deg):  # C(d + step, step + 1): each quotient is exact
+        count = count * (head_dim + step) // (step + 1)
+    return count
 
 
 @functools.lru_cache(maxsize=64)

@@ -35,6 +35,18 @@ def oracle(q, k, v, **kwargs):
     return power_retention_reference(q.double(), k.double(), v.double(), **kwargs).float()
 
 
+def assert_forward_and_gradients(compiled, leaves, *args):
+    """``compiled(*leaves, *args)`` and its gradients (of a random weighting of y) against the float64 oracle's."""
+    out = compiled(*leaves, *args)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), leaves)
+    exact = [t.detach().double().requires_grad_() for t in leaves]
+    want = power_retention_reference(*exact)
+    expected = torch.autograd.grad((want * weights.double()).sum(), exact)
+    for got, value in zip((out, *grads), (want, *expected)):
+        torch.testing.assert_close(got.double(), value, rtol=1e-4, atol=1e-4)
+
+
 def test_argument_forms_are_normalised():
     q, k, v = tensors(Hq=2, Hk=2)
 
@@ -392,11 +404,42 @@ def test_a_one_key_tail_under_dynamic_shapes():
         torch.testing.assert_close(compiled(q, k, v), oracle(q, k, v), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="open: the dynamic-shape backward of a one-key tail on the CPU (Inductor)")
+@pytest.mark.parametrize("Tq, Tk", [(5, 6), (12, 12)])
+def test_dynamic_shapes_at_edge_layouts(Tq, Tk):
+    """Compiled with ``dynamic=True`` at its first call, chunks of 4, forward and gradients against the oracle.
+    (5, 6): a one-key prefix and a one-key tail; y was 1.9 from the oracle and the gradients NaN (Inductor made the
+    prefix's one-key state product a wrongly indexed outer product, ``chunked._contract``). (12, 12): whole chunks,
+    an empty tail; Inductor failed a stride assertion (the tail now holds the last chunk, ``chunked._Layout``)."""
+
+    def fn(q, k, v):
+        return rc.power_retention(q, k, v, chunk_size=4)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="retention", dynamic=True)
+    leaves = [t.requires_grad_() for t in tensors(B=1, Hq=2, Hk=1, Tq=Tq, Tk=Tk, d=4, seed=Tq + Tk)]
+    assert_forward_and_gradients(compiled, leaves)
+
+
+def test_a_chunk_size_argument_under_dynamic_shapes():
+    """``chunk_size`` given by an int argument of a function compiled with ``dynamic=True`` reached the plan as a
+    SymInt, which the plan's cache could not hash (the trace failed). It is specialised with a guard: each chunk
+    runs, forward and gradients against the oracle."""
+
+    def fn(q, k, v, chunk):
+        return rc.power_retention(q, k, v, chunk_size=chunk)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="retention", dynamic=True)
+    for chunk in (2, 3):
+        leaves = [t.requires_grad_() for t in tensors(B=1, Hq=2, Hk=2, Tq=8, Tk=8, d=4, seed=chunk)]
+        assert_forward_and_gradients(compiled, leaves, chunk)
+
+
 def test_gradients_of_a_one_key_tail_under_dynamic_shapes():
-    """Known bug (session 63, not yet located): as ``test_a_one_key_tail_under_dynamic_shapes`` with gradients, dk and
-    dv at T=5 (a one-key last chunk, compiled with dynamic shapes after T=6) are NaN or inf; T=6 and 7 are right. The
-    forward is right since the one-chunk products became plain ``bmm`` calls."""
+    """As ``test_a_one_key_tail_under_dynamic_shapes`` with gradients: dk and dv at T=5 (a one-key last chunk,
+    compiled with dynamic shapes after T=6) were NaN or inf at the full chunk's keys. The tail's reverse state is a
+    product over its one step, which Inductor made a broadcast outer product indexed wrongly
+    (``chunked._contract``)."""
 
     def fn(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -404,11 +447,6 @@ def test_gradients_of_a_one_key_tail_under_dynamic_shapes():
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend="retention", options={"chunk_size": 4})
     for T in (6, 5):
-        leaves = [t.requires_grad_() for t in tensors(B=2, Hq=2, Hk=2, Tq=T, Tk=T, d=8, seed=T)]
-        out = compiled(*leaves)
-        weights = torch.randn_like(out)
-        grads = torch.autograd.grad((out * weights).sum(), leaves)
-        exact = [t.detach().double().requires_grad_() for t in leaves]
-        expected = torch.autograd.grad((power_retention_reference(*exact) * weights.double()).sum(), exact)
-        for got, want in zip(grads, expected):
-            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+        assert_forward_and_gradients(
+            compiled, [t.requires_grad_() for t in tensors(B=2, Hq=2, Hk=2, Tq=T, Tk=T, d=8, seed=T)]
+        )

@@ -306,14 +306,18 @@ def test_decode_op_opcheck() -> None:
     torch.library.opcheck(torch.ops.retention_compile.decode_step.default, _op_args())
 
 
-def test_decode_under_torch_compile() -> None:
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_decode_under_torch_compile(dynamic: bool) -> None:
+    """One graph, state updated in place as eagerly. ``dynamic=True`` makes the head dim symbolic: the check of the
+    state's shape computed D with ``math.comb`` and broke the graph (fullgraph raised)."""
     q, k, v, state, norm, scale, deg, gate = _op_args()
     state2, norm2 = state.clone(), norm.clone()
 
     def step(q, k, v, state, norm, gate):
         return decode_step(q, k, v, state, norm, scale=scale, deg=deg, log_gate=gate) * 2
 
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=dynamic)
     torch.testing.assert_close(compiled(q, k, v, state, norm, gate), step(q, k, v, state2, norm2, gate))
     torch.testing.assert_close(state, state2)
     torch.testing.assert_close(norm, norm2)

@@ -1,6 +1,8 @@
 """The oracle against the token-by-token recurrence with the symmetric power state (float64), and its weight
 condition (what the chunked form's rounding of a row's weights is amplified by)."""
 
+import math
+
 import pytest
 import torch
 
@@ -92,6 +94,7 @@ def test_power_embedding_vjp_matches_autograd():
 def test_state_dim_values():
     assert state_dim(64, 2) == 2080
     assert state_dim(128, 2) == 8256
+    assert all(state_dim(d, p) == math.comb(d + p - 1, p) for d in range(1, 200) for p in (1, 2, 3, 4, 6, 8))
 
 
 def test_weight_condition_of_nonnegative_inputs_is_at_most_one():
