@@ -423,6 +423,52 @@ def test_multihead_attention_forms():
     assert site.decision == "kept" and "bias_k" in site.reason
 
 
+class EncoderModel(nn.Module):
+    """``nn.TransformerEncoderLayer`` (one, or a stack of two) with its causal source mask built in the forward."""
+
+    def __init__(self, stack: bool, norm_first: bool) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=norm_first)
+        self.stack = stack
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False) if stack else layer
+
+    def forward(self, x, padding=None):
+        mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1)
+        if self.stack:  # is_causal given: without it the stack compares the mask's data with a causal one
+            return self.encoder(x, mask=mask, src_key_padding_mask=padding, is_causal=True)
+        return self.encoder(x, src_mask=mask, src_key_padding_mask=padding)
+
+
+@pytest.mark.parametrize("stack, norm_first", [(False, False), (True, True)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_transformer_encoder_inference_fast_path(stack: bool, norm_first: bool, padded: bool):
+    """In ``eval()`` under ``torch.no_grad()`` each layer is one ``torch._transformer_encoder_layer_fwd`` call, which
+    was not seen (no site, softmax, 0.72 from the oracle, and ``rc.explain`` reported nothing). It is lowered to the
+    layer's Python form, mask and key padding proven: each site becomes causal retention, against the oracle run
+    through that Python form (the fast path switched off)."""
+    import retention_compile as rc
+    from retention_compile.backend import collect_reports
+
+    model, x = EncoderModel(stack, norm_first).eval(), _mha_input(2, T1)
+    padding = torch.zeros(2, T1, dtype=torch.bool)
+    padding[1, -5:] = True
+    given = padding if padded else None
+    torch._dynamo.reset()
+    with torch.no_grad(), collect_reports() as report:
+        got = _rewrite_only(model)(x, given)
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), oracle_attention():
+            expected = model(x, given)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    assert [site.becomes for site in report.sites] == [CAUSAL] * (2 if stack else 1)
+    assert all(("padding" in site.mask) == padded for site in report.sites)
+    rows = ~padding if padded else slice(None)
+    torch.testing.assert_close(got[rows], expected[rows], rtol=1e-4, atol=1e-4)
+    assert [site.becomes for site in rc.explain(model, x, given).sites] == [CAUSAL] * (2 if stack else 1)
+
+
 def test_decode_step_reads_the_cache():
     """A decode step (Tq = 1, k/v from the cache ``cat``) is rewritten as the bottom-right causal step."""
     import copy

@@ -15,6 +15,7 @@ from torch import fx
 from ..config import RetentionConfig
 from ..report import Report, SiteRecord
 from .decide import Decision, RetentionRewriteError, decide
+from .encoder_layer import lower_encoder_layers
 from .masks import MaskAnalyser
 from .multihead import lower_multihead
 from .patterns import find_handwritten
@@ -43,8 +44,9 @@ def _record(graph_index: int, index: int, site: AttentionSite, decision: Decisio
 
 
 def find_sites(gm: fx.GraphModule, analyser: MaskAnalyser) -> list[AttentionSite]:
-    """Every attention site of the graph in graph order (``nn.MultiheadAttention`` calls lowered first)."""
-    kept = lower_multihead(gm.graph)
+    """Every attention site of the graph in graph order (``nn.TransformerEncoderLayer``'s fast path and
+    ``nn.MultiheadAttention`` calls lowered first)."""
+    kept = lower_encoder_layers(gm.graph) + lower_multihead(gm.graph)
     sites = kept + find_sdpa_sites(gm.graph) + list(find_handwritten(gm.graph, analyser.evaluator))
     order = {node: position for position, node in enumerate(gm.graph.nodes)}
     return sorted(sites, key=lambda site: order[site.node])

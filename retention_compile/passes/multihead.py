@@ -71,7 +71,7 @@ def _bool(node: fx.Node) -> bool:
     return example_value(node).dtype == torch.bool
 
 
-def _as_bool(mask: fx.Node | None) -> fx.Node | None:
+def as_bool_mask(mask: fx.Node | None) -> fx.Node | None:
     """``b`` when ``mask`` is ``nn.MultiheadAttention``'s float form of a bool mask ``b``
     (``zeros_like(b, dtype=float).masked_fill_(b, -inf)``, as ``F._canonical_mask`` writes it)."""
     if mask is None or mask.op != "call_method" or mask.target not in ("masked_fill", "masked_fill_"):
@@ -113,7 +113,7 @@ class _Lowering:
     def mask(self) -> tuple[fx.Node | None, bool]:
         """SDPA's attn_mask (bool = may attend, float = added) and is_causal, by PyTorch's rules."""
         a = self.args
-        attn, padding = _as_bool(a["attn_mask"]), _as_bool(a["key_padding_mask"])
+        attn, padding = as_bool_mask(a["attn_mask"]), as_bool_mask(a["key_padding_mask"])
         if a["is_causal"] and padding is None and not a["need_weights"]:
             return None, True
         if padding is not None:
