@@ -25,6 +25,7 @@ import sympy as sp
 import torch
 from torch import fx
 
+from .bodies import body_calls
 from .power_features import state_dim
 
 DEGREES = tuple(range(2, 17, 2))
@@ -213,18 +214,21 @@ def _flops(value: float) -> str:
     return f"{value:.3g} FLOP"
 
 
-def _is_parameter(node: fx.Node, gm: fx.GraphModule) -> bool:
+def _is_parameter(node: fx.Node, gm: fx.GraphModule, received: frozenset[fx.Node] = frozenset()) -> bool:
+    """Whether ``node`` is a parameter: one of the graph's, or a body placeholder in ``received`` (given one)."""
+    if node in received:
+        return True
     value = node.meta.get("example_value", node.meta.get("val"))
     if node.op == "get_attr":
         value = getattr(gm, str(node.target), value)
     return isinstance(value, torch.nn.Parameter)
 
 
-def _parameter_source(node: object, gm: fx.GraphModule) -> fx.Node | None:
+def _parameter_source(node: object, gm: fx.GraphModule, received: frozenset[fx.Node] = frozenset()) -> fx.Node | None:
     """The parameter a matmul operand is, or is a view of (``w.t()``, ``w.view(...)``), else None."""
     while isinstance(node, fx.Node):
         if node.op in ("placeholder", "get_attr"):
-            return node if _is_parameter(node, gm) else None
+            return node if _is_parameter(node, gm, received) else None
         if node.op in ("call_function", "call_method") and node.target in _VIEW_TARGETS and node.args:
             node = node.args[0]
             continue
@@ -232,22 +236,39 @@ def _parameter_source(node: object, gm: fx.GraphModule) -> fx.Node | None:
     return None
 
 
-def weight_flops_per_token(gm: fx.GraphModule) -> float:
-    """``2 x`` the elements of every parameter that a matmul-like call of the graph reads (once per call)."""
-    total = 0
+def weight_flops_per_token(gm: fx.GraphModule, received: frozenset[fx.Node] = frozenset()) -> float:
+    """``2 x`` the elements of every parameter that a matmul-like call of the graph reads (once per call), the
+    bodies of higher-order ops included (``bodies.body_calls``: for ``cond``, the costlier branch). ``received``: the
+    placeholders of a body that receive a parameter."""
+    total = 0.0
     for node in gm.graph.nodes:
+        branches = [
+            weight_flops_per_token(body, _received(body, operands, gm, received))
+            for body, operands in body_calls(node, gm)
+        ]
+        total += max(branches, default=0.0)
         if node.op not in ("call_function", "call_method") or node.target not in _MATMUL_TARGETS:
             continue
         operands = [*node.args, *node.kwargs.values()]
         for operand in operands:
-            param = _parameter_source(operand, gm)
+            param = _parameter_source(operand, gm, received)
             if param is not None:
                 total += 2 * _parameter_numel(param, gm)
-    return float(total)
+    return total
+
+
+def _received(
+    body: fx.GraphModule, operands: list[object], gm: fx.GraphModule, received: frozenset[fx.Node]
+) -> frozenset[fx.Node]:
+    """The placeholders of ``body`` whose operand in ``gm`` is a parameter."""
+    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+    return frozenset(p for p, a in zip(placeholders, operands) if _parameter_source(a, gm, received) is not None)
 
 
 def _parameter_numel(node: fx.Node, gm: fx.GraphModule) -> int:
-    value = getattr(gm, str(node.target)) if node.op == "get_attr" else node.meta.get("example_value")
+    value = (
+        getattr(gm, str(node.target)) if node.op == "get_attr" else node.meta.get("example_value", node.meta.get("val"))
+    )
     return int(value.numel())
 
 

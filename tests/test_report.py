@@ -113,6 +113,34 @@ def test_weight_flops_follow_views_of_parameters():
     assert report.balances[0].weight_flops == 2 * 16 * 8
 
 
+def test_weight_flops_count_checkpointed_code():
+    """Under ``torch.utils.checkpoint`` the layer's linears are in a body graph whose placeholders receive the
+    parameters: they were not counted (weight 0 FLOP/token). They count as without checkpointing."""
+    import torch.utils.checkpoint as checkpoint
+
+    class Model(nn.Module):
+        def __init__(self, checkpointed: bool) -> None:
+            super().__init__()
+            self.qkv, self.out, self.checkpointed = nn.Linear(16, 48), nn.Linear(16, 16), checkpointed
+
+        def attention(self, x):
+            q, k, v = self.qkv(x).view(1, 6, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.out(y.transpose(1, 2).reshape(1, 6, 16))
+
+        def forward(self, x):
+            return (
+                checkpoint.checkpoint(self.attention, x, use_reentrant=False)
+                if self.checkpointed
+                else self.attention(x)
+            )
+
+    x = torch.randn(1, 6, 16)
+    for checkpointed in (False, True):
+        torch._dynamo.reset()
+        assert rc.explain(Model(checkpointed), x).balances[0].weight_flops == 2 * (16 * 48 + 48 + 16 * 16 + 16)
+
+
 def test_dynamic_shapes_use_hints():
     torch._dynamo.reset()
     compiled = torch.compile(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import fx
 
+from ..bodies import graph_modules
 from ..config import RetentionConfig
 from ..report import Report, SiteRecord
 from .decide import Decision, RetentionRewriteError, decide
@@ -50,29 +51,6 @@ def find_sites(gm: fx.GraphModule, analyser: MaskAnalyser) -> list[AttentionSite
     sites = kept + find_sdpa_sites(gm.graph) + list(find_handwritten(gm.graph, analyser.evaluator))
     order = {node: position for position, node in enumerate(gm.graph.nodes)}
     return sorted(sites, key=lambda site: order[site.node])
-
-
-# Higher-order ops whose bodies are plain code to run, where attention may be rewritten like anywhere else. Not, for
-# one, ``autograd_function_apply`` (a custom ``autograd.Function``): its forward body rewritten would no longer match
-# the backward the user wrote for it.
-REWRITABLE_BODIES = frozenset({"tag_activation_checkpoint", "wrap", "invoke_subgraph", "cond"})
-
-
-def graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
-    """``gm`` and the bodies of its higher-order ops in ``REWRITABLE_BODIES``, nested ones included, each once, in
-    graph order: Dynamo puts the code under ``torch.utils.checkpoint`` (``tag_activation_checkpoint``) or
-    ``torch.cond`` in graphs of their own, submodules of ``gm``, whose attention the top-level graph does not show."""
-    found = [gm]
-    for module in found:  # grows while it is read: a body's own bodies come after it
-        for node in module.graph.nodes:
-            if node.op != "call_function" or getattr(node.target, "_name", None) not in REWRITABLE_BODIES:
-                continue
-            for operand in node.args:
-                if isinstance(operand, fx.Node) and operand.op == "get_attr":
-                    body = module.get_submodule(str(operand.target))
-                    if isinstance(body, fx.GraphModule) and all(body is not seen for seen in found):
-                        found.append(body)
-    return found
 
 
 def rewrite_attention(gm: fx.GraphModule, config: RetentionConfig, graph_index: int = 0) -> Report:

@@ -1,0 +1,50 @@
+"""The graphs a Dynamo graph runs: its own, and the bodies of its higher-order ops where attention may be rewritten.
+
+Dynamo puts the code under ``torch.utils.checkpoint`` (``tag_activation_checkpoint``), ``torch.cond`` and the like in
+graphs of their own, submodules of the top-level graph reached through ``get_attr`` operands of the op's call. Their
+attention and their matmuls do not show in the top-level graph.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+# Higher-order ops whose bodies are plain code to run, where attention may be rewritten like anywhere else. Not, for
+# one, ``autograd_function_apply`` (a custom ``autograd.Function``): its forward body rewritten would no longer match
+# the backward the user wrote for it.
+REWRITABLE_BODIES = frozenset({"tag_activation_checkpoint", "wrap", "invoke_subgraph", "cond"})
+
+
+def _body(operand: object, gm: fx.GraphModule) -> fx.GraphModule | None:
+    """The graph module an op's operand names (a ``get_attr`` of a ``GraphModule``), else None."""
+    if isinstance(operand, fx.Node) and operand.op == "get_attr":
+        module = gm.get_submodule(str(operand.target))
+        return module if isinstance(module, fx.GraphModule) else None
+    return None
+
+
+def body_calls(node: fx.Node, gm: fx.GraphModule) -> list[tuple[fx.GraphModule, list[object]]]:
+    """The bodies ``node`` runs if it is a higher-order op of ``REWRITABLE_BODIES`` (both branches of a ``cond``),
+    each with the operands its placeholders receive, in order: ``cond(pred, true_fn, false_fn, operands)``, else
+    the arguments after the body (an ``invoke_subgraph`` identifier skipped)."""
+    if node.op != "call_function" or getattr(node.target, "_name", None) not in REWRITABLE_BODIES:
+        return []
+    if node.target._name == "cond":
+        return [(b, list(node.args[3])) for b in (_body(a, gm) for a in node.args[1:3]) if b is not None]
+    found = [(i, b) for i, b in enumerate(_body(a, gm) for a in node.args) if b is not None]
+    if not found:
+        return []
+    last, body = found[-1]
+    return [(body, [a for a in node.args[last + 1 :] if not isinstance(a, str)])]
+
+
+def graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
+    """``gm`` and the bodies of its higher-order ops in ``REWRITABLE_BODIES``, nested ones included, each once, in
+    graph order."""
+    found = [gm]
+    for module in found:  # grows while it is read: a body's own bodies come after it
+        for node in module.graph.nodes:
+            for body, _ in body_calls(node, module):
+                if all(body is not seen for seen in found):
+                    found.append(body)
+    return found
