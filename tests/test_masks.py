@@ -372,6 +372,27 @@ def test_soft_capped_scores_are_kept_and_named():
         rewrite(fn, q, k, v, strict=True)
 
 
+def test_attention_sinks_are_kept_and_named():
+    """GPT-OSS's eager attention: a sink logit per head joins the scores (``cat``) for the softmax, and ``p[..., :-1]``
+    drops its column before ``p @ v``. Retention's normaliser cannot hold the sink: the site is kept as written, with
+    the reason (it was not reported at all)."""
+    q, k, v = qkv()
+    sinks = torch.randn(q.shape[1])
+
+    def fn(q, k, v):
+        i, j = grids_of(T, T)
+        scores = q @ k.transpose(2, 3) * 0.3 + torch.where(j <= i, 0.0, float("-inf"))
+        logits = torch.cat([scores, sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, T, -1)], dim=-1)
+        probabilities = torch.softmax(logits - logits.max(dim=-1, keepdim=True).values, dim=-1)
+        return probabilities[..., :-1] @ v
+
+    out, report = rewrite(fn, q, k, v)
+    (site,) = report.sites
+    assert (site.decision, site.becomes) == ("kept", "kept as written"), site
+    assert "attention sinks" in site.reason
+    torch.testing.assert_close(out, fn(q, k, v), **TOL)
+
+
 def test_hand_written_attention_whose_weights_are_returned_is_kept():
     def fn(q, k, v):
         weights = torch.softmax(q @ k.transpose(-1, -2), dim=-1)

@@ -393,7 +393,7 @@ def _other_op(node: object, seen: set[fx.Node], depth: int = 0) -> tuple[fx.Node
     seen.add(node)
     if _is_matmul(node):
         return node, None
-    for arg in node.args:
+    for arg in node.all_input_nodes:  # lists included: ``torch.cat([scores, sinks])``
         found = _other_op(arg, seen, depth + 1)
         if found is not None:
             matmul, op = found
@@ -407,8 +407,9 @@ def _walked_form(node: fx.Node) -> bool:
 
 
 def _probabilities(softmax: fx.Node) -> tuple[fx.Node | None, float, bool, list[fx.Node]]:
-    """Follow the probabilities through casts and dropout to ``p @ v``: (that matmul or None, dropout_p,
-    whether the probabilities are also used elsewhere, the nodes from the softmax to the matmul's operand)."""
+    """Follow the probabilities through casts, dropout and indexing to ``p @ v``: (that matmul or None, dropout_p,
+    whether the probabilities are also used elsewhere, the nodes from the softmax to the matmul's operand). An index
+    (``p[..., :-1]``: attention sinks) is followed so that the site is found; ``_indexed`` keeps it."""
     current, dropout, shared, chain = softmax, 0.0, False, [softmax]
     while True:
         users = list(current.users)
@@ -418,7 +419,7 @@ def _probabilities(softmax: fx.Node) -> tuple[fx.Node | None, float, bool, list[
             product = _product(user)
             if product is not None and product.left is current and not product.right_transposed:
                 return user, dropout, shared, chain
-            if _is_cast(user) and user.args[0] is current:
+            if (_is_cast(user) or user.target is operator.getitem) and user.args[0] is current:
                 following = user
             elif _calls(user, DROPOUT_FUNCTIONS, frozenset({"dropout"})) and user.args[0] is current:
                 p = user.args[1] if len(user.args) > 1 else user.kwargs.get("p", 0.5)
@@ -429,6 +430,16 @@ def _probabilities(softmax: fx.Node) -> tuple[fx.Node | None, float, bool, list[
             return None, dropout, shared, chain
         current = following
         chain.append(current)
+
+
+def _indexed(probabilities: list[fx.Node]) -> str | None:
+    """Why a site whose probabilities are indexed before ``p @ v`` is kept (None when they are not)."""
+    if not any(node.target is operator.getitem for node in probabilities):
+        return None
+    return (
+        "the probabilities are indexed between the softmax and p @ v (attention sinks: the softmax also normalises "
+        "over extra logits that p @ v drops): retention's normaliser sums the weights of the keys it reads only"
+    )
 
 
 def _transformed_scores(op: str) -> str:
@@ -499,13 +510,15 @@ def find_handwritten(graph: fx.Graph, evaluator: Evaluator) -> Iterator[Attentio
         output, dropout, shared, probabilities = _probabilities(node)
         if output is None:
             continue
-        problem = None
+        problem = _indexed(probabilities)
         if not scores.walk(node.args[0], node):
             other = _other_op(node.args[0], set())
             if other is None or (other[1] is None and scores.unmasked_fill is None):
                 continue
             scores.matmul = other[0]
-            problem = _transformed_scores(other[1]) if other[1] is not None else _unmasked_fill(scores.unmasked_fill)
+            problem = problem or (
+                _transformed_scores(other[1]) if other[1] is not None else _unmasked_fill(scores.unmasked_fill)
+            )
         query, key_t, key_transposed = _product(scores.matmul)
         key, value = key_t if key_transposed else _untransposed(key_t), _product(output).right
         problem = (
