@@ -36,10 +36,11 @@ matmuls have the two batch dims (row, chunk): this keeps symbolic tracing cheap.
 
 Tracing: there is no ``.item()`` and no Python branch on a length; the chunk count is a symbolic size, never a
 loop count. A graph traced at one length computes every other length correctly, even when traced where a
-chunk count or the tail was 0 or 1: broadcasts of sizes that may be 1 are explicit ``expand``s, ranges are
-``narrow``s, batched products are ``bmm``s of contiguous copies (``_bmm``) and one-chunk pieces are
-``unsqueeze``s. Only the head dim and the head counts are specialised (``int``). PyTorch still records 0/1
-guards on derived sizes, so ``torch.compile`` may recompile when a chunk count or the tail crosses 0 or 1.
+chunk count was 0 or 1 or the tail 1: broadcasts of sizes that may be 1 are explicit ``expand``s, ranges are
+``narrow``s, batched products are ``bmm``s of contiguous copies (``_bmm``), one-chunk pieces are ``unsqueeze``s,
+and a product over a derived length that may be 1 is padded (``_contract``). Only the head dim and the head counts
+are specialised (``int``). PyTorch still records 0/1 guards on derived sizes, so ``torch.compile`` may recompile
+when a chunk count crosses 0 or 1 or the tail 1.
 """
 
 from __future__ import annotations
@@ -248,7 +249,7 @@ def _lower_log_decay(cum: Tensor, valid: Tensor | None, dtype: torch.dtype) -> T
 
 def _contract(a: Tensor, b: Tensor) -> Tensor:
     """``torch.bmm(a, b)`` of (R, x, y) and (R, y, z); a contraction length ``y`` derived from symbolic lengths (a
-    tail ``T mod C``, a prefix ``Tk - Tq``, a chunk count ``T // C + 1``) is first padded with two zero steps.
+    tail, a prefix ``Tk - Tq``, a chunk count ``n + 1``) is first padded with two zero steps.
 
     Such a length can be 1 by the graph's guards while remaining an expression. Inductor (torch 2.13, CPU) then turns
     the product into a broadcast outer product, ``a * b``, yet indexes the length-1 axis of the operands as if
