@@ -7,6 +7,8 @@ attention and their matmuls do not show in the top-level graph.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import fx
 
 # Higher-order ops whose bodies are plain code to run, where attention may be rewritten like anywhere else. Not, for
@@ -48,3 +50,27 @@ def graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
                 if all(body is not seen for seen in found):
                     found.append(body)
     return found
+
+
+@dataclass(frozen=True)
+class Operand:
+    """What a body's placeholder receives: ``value`` (a node of ``module``, or a constant) from the op's call."""
+
+    value: object
+    module: fx.GraphModule
+
+
+def body_inputs(gm: fx.GraphModule) -> dict[fx.Node, Operand]:
+    """The placeholders of every body of ``gm`` (``graph_modules``), each with the operand it receives from the graph
+    around it. A body run by more than one call (or a ``cond`` branch pair sharing operands) is linked only where
+    every call passes the same operand; a placeholder left out reads as an input of unknown value."""
+    received: dict[fx.Node, list[Operand]] = {}
+    for module in graph_modules(gm):
+        for node in module.graph.nodes:
+            for body, operands in body_calls(node, module):
+                placeholders = [p for p in body.graph.nodes if p.op == "placeholder"]
+                if len(placeholders) != len(operands):
+                    continue
+                for placeholder, operand in zip(placeholders, operands):
+                    received.setdefault(placeholder, []).append(Operand(operand, module))
+    return {p: found[0] for p, found in received.items() if all(o == found[0] for o in found)}

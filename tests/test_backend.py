@@ -324,30 +324,36 @@ def test_the_op_without_for_backward_returns_no_accumulators_and_refuses_a_gradi
         assert torch.equal(rc.power_retention(leaf, k, v, scale=0.25, chunk_size=16), kept[0])
 
 
-def _checkpointed(mask: torch.Tensor | None = None):
-    """Causal SDPA inside ``torch.utils.checkpoint`` (a higher-order op's body under Dynamo), with ``mask`` (made
-    outside the body) as its attn_mask when given."""
+def _checkpointed(mask: str | None = None):
+    """Causal SDPA inside ``torch.utils.checkpoint`` (a higher-order op's body under Dynamo); ``mask``: without one,
+    ``is_causal``; ``"made"``, a causal mask made outside the body (``tril`` of ones) and passed in; ``"data"``, that
+    mask as a tensor the function holds (data the backend cannot prove)."""
     import torch.utils.checkpoint as checkpoint
 
-    def body(q, k, v):
-        if mask is None:
+    held = torch.ones(20, 20, dtype=torch.bool).tril()
+
+    def body(q, k, v, causal=None):
+        if causal is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal, enable_gqa=True)
 
     def fn(q, k, v):
-        return checkpoint.checkpoint(body, q * 2.0, k, v, use_reentrant=False) + 1.0
+        made = {"made": torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril(), "data": held}.get(mask)
+        return checkpoint.checkpoint(body, q * 2.0, k, v, made, use_reentrant=False) + 1.0
 
     return fn
 
 
-def test_attention_inside_activation_checkpointing_is_rewritten():
+@pytest.mark.parametrize("mask", [None, "made"])
+def test_attention_inside_activation_checkpointing_is_rewritten(mask):
     """Dynamo puts checkpointed code in a body graph of its own (``tag_activation_checkpoint``): its attention was
     never found (0 sites, softmax run, strict silent; 0.62 from the oracle). Now the bodies' sites are rewritten
-    (forward and gradients against the oracle), and a mask made outside the body is kept with that reason."""
+    (forward and gradients against the oracle), a causal mask made outside the body too: it is read where it is made
+    (``bodies.body_inputs``; it was kept as an input of unknown value)."""
     q, k, v = tensors(Tq=20, Tk=20)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, report = compile_and_report(_checkpointed(), *leaves)
-    assert [site.decision for site in report.sites] == ["rewritten"], report.summary()
+    out, report = compile_and_report(_checkpointed(mask), *leaves)
+    assert [site.becomes for site in report.sites] == ["causal retention"], report.summary()
     exact = [t.double().requires_grad_() for t in (q, k, v)]
     expected = power_retention_reference(2.0 * exact[0], exact[1], exact[2]) + 1.0
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
@@ -356,10 +362,13 @@ def test_attention_inside_activation_checkpointing_is_rewritten():
     for got, want in zip(grads, torch.autograd.grad((expected * weights.double()).sum(), exact)):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
-    causal = torch.ones(20, 20, dtype=torch.bool).tril()
-    out, report = compile_and_report(_checkpointed(causal), *leaves)  # (without gradients Inductor refuses it)
+
+def test_a_data_mask_entering_a_checkpointed_body_is_kept():
+    """A mask the function holds is data: kept, with the reason naming it."""
+    leaves = [t.clone().requires_grad_() for t in tensors(Tq=20, Tk=20)]
+    _, report = compile_and_report(_checkpointed("data"), *leaves)  # (without gradients Inductor refuses it)
     (site,) = report.sites
-    assert site.decision == "kept" and "enters the body of a higher-order op" in site.reason, site
+    assert site.decision == "kept" and "depends on the data of" in site.reason, site
 
 
 class _SoftmaxAttentionWithItsOwnBackward(torch.autograd.Function):

@@ -423,6 +423,27 @@ def test_multihead_attention_forms():
     assert site.decision == "kept" and "bias_k" in site.reason
 
 
+def test_transformers_gradient_checkpointing():
+    """``gradient_checkpointing_enable()``: each decoder layer is a checkpointed body graph, and the 4-D mask
+    transformers builds outside it reaches it as an input. The mask is now read where it is made
+    (``bodies.body_inputs``): without an attention_mask the sites are rewritten, outputs and gradients against the
+    oracle. An attention_mask (data) keeps them, saying so. Dynamo needs
+    ``skip_fwd_side_effects_in_bwd_under_checkpoint`` here, or it breaks the graph at a context variable transformers
+    sets in the region."""
+    from retention_compile.backend import collect_reports
+
+    model = llama()
+    model.gradient_checkpointing_enable()
+    model.train()  # the checkpointing is a training feature (the config has no dropout)
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        check = check_model(model, tokens(2, T1), use_cache=False, inductor=False, quiet=True)
+        assert [site.becomes for site in check.report.sites] == [CAUSAL] * 2
+        with collect_reports() as report:
+            _rewrite_only(model)(tokens(2, T1), attention_mask=left_padding(2, T1, PADS), use_cache=False)
+    assert len(report.sites) == 2
+    assert all(site.decision == "kept" and "attention_mask" in site.reason for site in report.sites), report.sites
+
+
 class EncoderModel(nn.Module):
     """``nn.TransformerEncoderLayer`` (one, or a stack of two) with its causal source mask built in the forward."""
 

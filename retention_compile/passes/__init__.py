@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..bodies import graph_modules
+from ..bodies import body_inputs, graph_modules
 from ..config import RetentionConfig
 from ..report import Report, SiteRecord
 from .decide import Decision, RetentionRewriteError, decide
@@ -60,10 +60,10 @@ def rewrite_attention(gm: fx.GraphModule, config: RetentionConfig, graph_index: 
     Every site is decided on the untouched graphs, then the rewritten ones are replaced last to first: a
     site never reads a node created after it, so none of its nodes is replaced before it is rewritten.
     """
-    modules = graph_modules(gm)
+    modules, links = graph_modules(gm), body_inputs(gm)
     found: list[tuple[fx.GraphModule, MaskAnalyser, AttentionSite]] = []
     for module in modules:
-        analyser = MaskAnalyser(module, in_body=module is not gm)
+        analyser = MaskAnalyser(module, in_body=module is not gm, links=links)
         found += [(module, analyser, site) for site in find_sites(module, analyser)]
     sites = [site for _, _, site in found]
     decisions = [decide(site, config, analyser) for _, analyser, site in found]

@@ -18,7 +18,7 @@ import contextlib
 import functools
 import inspect
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -27,6 +27,8 @@ import sympy
 import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+from ..bodies import Operand
 
 # Methods and functions that read only a tensor's metadata from their first argument.
 METADATA_METHODS = frozenset(
@@ -206,10 +208,17 @@ def in_place_changes(node: fx.Node) -> list[fx.Node]:
 
 
 class DataDependence:
-    """Which tensor graph inputs' *values* flow into each node (memoised over one graph)."""
+    """Which tensor graph inputs' *values* flow into each node (memoised). ``links``: body placeholders by the operand
+    they receive (``bodies.body_inputs``), followed into the graph around the body; one whose operand is changed in
+    place there (``mutated_from_outside``) is not followed."""
 
-    def __init__(self) -> None:
+    def __init__(self, links: Mapping[fx.Node, Operand] | None = None) -> None:
         self._sources: dict[fx.Node, frozenset[fx.Node]] = {}
+        self.links = {
+            placeholder: operand
+            for placeholder, operand in (links or {}).items()
+            if not isinstance(operand.value, fx.Node) or mutated_from_outside(backward_slice(operand.value)) is None
+        }
 
     def sources(self, node: fx.Node) -> frozenset[fx.Node]:
         """The tensor inputs (or random ops) whose values ``node`` depends on."""
@@ -220,6 +229,9 @@ class DataDependence:
         return self._sources[node]
 
     def _own_sources(self, node: fx.Node) -> frozenset[fx.Node]:
+        if node in self.links:
+            operand = self.links[node].value
+            return self.sources(operand) if isinstance(operand, fx.Node) else frozenset()
         if node.op == "placeholder":
             return frozenset({node}) if isinstance(node.meta.get("example_value"), torch.Tensor) else frozenset()
         if node.op == "get_attr":
@@ -415,6 +427,11 @@ class Evaluator:
         raise NotImplementedError(f"cannot evaluate {node.op} node {node.name}")
 
     def _placeholder(self, node: fx.Node, sizes: Sizes) -> Any:
+        link = self.data.links.get(node)
+        if link is not None:  # a body's input: its operand, evaluated in the graph around the body
+            if not isinstance(link.value, fx.Node):
+                return link.value
+            return Evaluator(link.module, self.data).run(link.value, sizes)
         value = node.meta.get("example_value")
         if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
             return sizes.of(value) if isinstance(value, torch.SymInt) else type(value.node.hint)(value.node.hint)

@@ -27,12 +27,14 @@ not proven, and the site is kept.
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ..bodies import Operand
 from . import grids
 from .fxutils import (
     MAX_SAMPLE_ELEMENTS,
@@ -335,16 +337,19 @@ FROM_OUTSIDE_THE_BODY = (
 
 class MaskAnalyser:
     """Reads the masks of the sites of one graph; ``in_body``: the graph is a higher-order op's body (its inputs are
-    values of the graph around it)."""
+    values of the graph around it). ``links``: body placeholders by the operand they receive (``bodies.body_inputs``):
+    a mask made outside the body is read where it is made."""
 
-    def __init__(self, gm: fx.GraphModule, in_body: bool = False) -> None:
-        self.data = DataDependence()
+    def __init__(self, gm: fx.GraphModule, in_body: bool = False, links: Mapping[fx.Node, Operand] | None = None):
+        self.data = DataDependence(links)
         self.evaluator = Evaluator(gm, self.data)
         self.in_body = in_body
+        self.graph = gm.graph
 
     def _from_outside(self, node: fx.Node) -> str:
-        """``FROM_OUTSIDE_THE_BODY`` where the data ``node`` reads are this body's inputs, else ''."""
-        inputs = any(source.op == "placeholder" for source in self.data.sources(node))
+        """``FROM_OUTSIDE_THE_BODY`` where the data ``node`` reads are inputs of this body not followed out of it
+        (``DataDependence.links``), else ''."""
+        inputs = any(source.op == "placeholder" and source.graph is self.graph for source in self.data.sources(node))
         return FROM_OUTSIDE_THE_BODY if self.in_body and inputs else ""
 
     def analyse(self, site: AttentionSite) -> MaskAnalysis:
