@@ -51,6 +51,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .checks import validate_retention_inputs
 from .gates import cumulative_log_gate, log_gate_grad
@@ -247,6 +248,15 @@ def _lower_log_decay(cum: Tensor, valid: Tensor | None, dtype: torch.dtype) -> T
     return torch.where(keep, diff, -math.inf)
 
 
+def _derived(length: Size) -> bool:
+    """Whether ``length`` is an expression of symbolic lengths (a tail, a prefix, a chunk count) not known to be at
+    least 2: guards can make it 0 or 1 while it stays an expression. An input's own length (a plain symbol) or a
+    number is not."""
+    if not isinstance(length, torch.SymInt) or length.node.expr.is_Symbol:
+        return False
+    return not statically_known_true(length >= 2)
+
+
 def _contract(a: Tensor, b: Tensor) -> Tensor:
     """``torch.bmm(a, b)`` of (R, x, y) and (R, y, z); a contraction length ``y`` derived from symbolic lengths (a
     tail, a prefix ``Tk - Tq``, a chunk count ``n + 1``) is first padded with two zero steps.
@@ -256,8 +266,7 @@ def _contract(a: Tensor, b: Tensor) -> Tensor:
     it spanned the broadcast one: rows of garbage, NaN or inf (the backward's tail state, with a one-key tail). The
     padding keeps ``y >= 2`` and adds zeros to the sum. An input's own length (a plain symbol) is never padded:
     a length-1 input is specialised to the literal 1, which Inductor reads right."""
-    depth = a.shape[-1]
-    if isinstance(depth, torch.SymInt) and not depth.node.expr.is_Symbol:
+    if _derived(a.shape[-1]):
         a, b = torch.nn.functional.pad(a, (0, 2)), torch.nn.functional.pad(b, (0, 0, 0, 2))
     return torch.bmm(a, b)
 
@@ -284,8 +293,15 @@ def _weighted(x: Tensor, log_w: Tensor | None) -> Tensor:
 
 def _accumulate(features: Tensor, log_w: Tensor | None, values: Tensor) -> Tensor:
     """Chunk states ``S_c = sum_{j in c} exp(log_w_j) f_j values_j^T``:
-    (..., m, l, D), (..., m, l, e) -> (..., m, D, e)."""
-    return _bmm(_weighted(features, log_w).transpose(-1, -2), values)
+    (..., m, l, D), (..., m, l, e) -> (..., m, D, e).
+
+    A derived step count ``l`` (``_derived``) is padded with two zero steps before the transpose: under dynamic shapes
+    the transposed weighted features may be saved for the backward, and a view of a tensor whose length is
+    ``Max(0, Tk - Tq)``, 0 when Tq > Tk, failed Inductor's stride-order assertion (torch 2.13, CPU)."""
+    weighted = _weighted(features, log_w)
+    if _derived(weighted.shape[-2]):
+        weighted, values = (torch.nn.functional.pad(t, (0, 0, 0, 2)) for t in (weighted, values))
+    return _bmm(weighted.transpose(-1, -2), values)
 
 
 def _read(features: Tensor, state: Tensor, log_w: Tensor | None) -> Tensor:

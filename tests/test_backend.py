@@ -413,12 +413,14 @@ def test_a_one_key_tail_under_dynamic_shapes():
         torch.testing.assert_close(compiled(q, k, v), oracle(q, k, v), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("Tq, Tk", [(5, 6), (12, 12)])
+@pytest.mark.parametrize("Tq, Tk", [(5, 6), (12, 12), (9, 5)])
 def test_dynamic_shapes_at_edge_layouts(Tq, Tk):
     """Compiled with ``dynamic=True`` at its first call, chunks of 4, forward and gradients against the oracle.
     (5, 6): a one-key prefix and a one-key tail; y was 1.9 from the oracle and the gradients NaN (Inductor made the
     prefix's one-key state product a wrongly indexed outer product, ``chunked._contract``). (12, 12): whole chunks,
-    an empty tail; Inductor failed a stride assertion (the tail now holds the last chunk, ``chunked._Layout``)."""
+    an empty tail; Inductor failed a stride assertion (the tail now holds the last chunk, ``chunked._Layout``).
+    (9, 5): more queries than keys, an empty prefix of length ``Max(0, Tk - Tq)``; the same assertion (its states'
+    operands are now padded before the transpose, ``chunked._accumulate``)."""
 
     def fn(q, k, v):
         return rc.power_retention(q, k, v, chunk_size=4)
