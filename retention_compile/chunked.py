@@ -257,6 +257,12 @@ def _derived(length: Size) -> bool:
     return not statically_known_true(length >= 2)
 
 
+def _zero_steps(x: Tensor, dim: int) -> Tensor:
+    """``x`` with two zero steps appended along ``dim`` (-1 or -2): a ``_derived`` length so padded is at least 2,
+    and a sum over it is unchanged."""
+    return torch.nn.functional.pad(x, (0, 2) if dim == -1 else (0, 0, 0, 2))
+
+
 def _contract(a: Tensor, b: Tensor) -> Tensor:
     """``torch.bmm(a, b)`` of (R, x, y) and (R, y, z); a contraction length ``y`` derived from symbolic lengths (a
     tail, a prefix ``Tk - Tq``, a chunk count ``n + 1``) is first padded with two zero steps.
@@ -267,7 +273,7 @@ def _contract(a: Tensor, b: Tensor) -> Tensor:
     padding keeps ``y >= 2`` and adds zeros to the sum. An input's own length (a plain symbol) is never padded:
     a length-1 input is specialised to the literal 1, which Inductor reads right."""
     if _derived(a.shape[-1]):
-        a, b = torch.nn.functional.pad(a, (0, 2)), torch.nn.functional.pad(b, (0, 0, 0, 2))
+        a, b = _zero_steps(a, -1), _zero_steps(b, -2)
     return torch.bmm(a, b)
 
 
@@ -300,7 +306,7 @@ def _accumulate(features: Tensor, log_w: Tensor | None, values: Tensor) -> Tenso
     ``Max(0, Tk - Tq)``, 0 when Tq > Tk, failed Inductor's stride-order assertion (torch 2.13, CPU)."""
     weighted = _weighted(features, log_w)
     if _derived(weighted.shape[-2]):
-        weighted, values = (torch.nn.functional.pad(t, (0, 0, 0, 2)) for t in (weighted, values))
+        weighted, values = _zero_steps(weighted, -2), _zero_steps(values, -2)
     return _bmm(weighted.transpose(-1, -2), values)
 
 

@@ -209,16 +209,25 @@ def in_place_changes(node: fx.Node) -> list[fx.Node]:
 
 class DataDependence:
     """Which tensor graph inputs' *values* flow into each node (memoised). ``links``: body placeholders by the operand
-    they receive (``bodies.body_inputs``), followed into the graph around the body; one whose operand is changed in
-    place there (``mutated_from_outside``) is not followed."""
+    they receive (``bodies.body_inputs``), followed into the graph around the body (``link``)."""
 
     def __init__(self, links: Mapping[fx.Node, Operand] | None = None) -> None:
         self._sources: dict[fx.Node, frozenset[fx.Node]] = {}
-        self.links = {
-            placeholder: operand
-            for placeholder, operand in (links or {}).items()
-            if not isinstance(operand.value, fx.Node) or mutated_from_outside(backward_slice(operand.value)) is None
-        }
+        self._links = links or {}
+        self._followed: dict[fx.Node, Operand | None] = {}
+
+    def link(self, node: fx.Node) -> Operand | None:
+        """The operand a body placeholder ``node`` is followed to, or None: not in ``links``, or its operand is
+        changed in place in the graph around the body (``mutated_from_outside``). Checked once, when first reached:
+        the links span every body of the graph, and most are never reached from a mask."""
+        if node not in self._links:
+            return None
+        if node not in self._followed:
+            operand = self._links[node]
+            value = operand.value
+            changed = isinstance(value, fx.Node) and mutated_from_outside(backward_slice(value)) is not None
+            self._followed[node] = None if changed else operand
+        return self._followed[node]
 
     def sources(self, node: fx.Node) -> frozenset[fx.Node]:
         """The tensor inputs (or random ops) whose values ``node`` depends on."""
@@ -229,9 +238,8 @@ class DataDependence:
         return self._sources[node]
 
     def _own_sources(self, node: fx.Node) -> frozenset[fx.Node]:
-        if node in self.links:
-            operand = self.links[node].value
-            return self.sources(operand) if isinstance(operand, fx.Node) else frozenset()
+        if (link := self.link(node)) is not None:
+            return self.sources(link.value) if isinstance(link.value, fx.Node) else frozenset()
         if node.op == "placeholder":
             return frozenset({node}) if isinstance(node.meta.get("example_value"), torch.Tensor) else frozenset()
         if node.op == "get_attr":
@@ -427,7 +435,7 @@ class Evaluator:
         raise NotImplementedError(f"cannot evaluate {node.op} node {node.name}")
 
     def _placeholder(self, node: fx.Node, sizes: Sizes) -> Any:
-        link = self.data.links.get(node)
+        link = self.data.link(node)
         if link is not None:  # a body's input: its operand, evaluated in the graph around the body
             if not isinstance(link.value, fx.Node):
                 return link.value

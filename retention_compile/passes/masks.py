@@ -348,7 +348,7 @@ class MaskAnalyser:
 
     def _from_outside(self, node: fx.Node) -> str:
         """``FROM_OUTSIDE_THE_BODY`` where the data ``node`` reads are inputs of this body not followed out of it
-        (``DataDependence.links``), else ''."""
+        (``DataDependence.link``), else ''."""
         inputs = any(source.op == "placeholder" and source.graph is self.graph for source in self.data.sources(node))
         return FROM_OUTSIDE_THE_BODY if self.in_body and inputs else ""
 
