@@ -15,6 +15,10 @@ from torch import fx
 # one, ``autograd_function_apply`` (a custom ``autograd.Function``): its forward body rewritten would no longer match
 # the backward the user wrote for it.
 REWRITABLE_BODIES = frozenset({"tag_activation_checkpoint", "wrap", "invoke_subgraph", "cond"})
+# Of those, the ops whose call can pass its body one more operand (``pass_into``): the operands follow the body in the
+# call, one body per call. Not ``cond`` (its operands are one tuple shared by two bodies) nor ``invoke_subgraph`` (one
+# body shared by calls, keyed by an identifier).
+OPEN_BODIES = frozenset({"tag_activation_checkpoint", "wrap"})
 
 
 def _body(operand: object, gm: fx.GraphModule) -> fx.GraphModule | None:
@@ -54,10 +58,12 @@ def graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
 
 @dataclass(frozen=True)
 class Operand:
-    """What a body's placeholder receives: ``value`` (a node of ``module``, or a constant) from the op's call."""
+    """What a body's placeholder receives: ``value`` (a node of ``module``, or a constant) from the op's call;
+    ``open``: the call's op is one of ``OPEN_BODIES``, so a node of ``module`` can be passed into the body."""
 
     value: object
     module: fx.GraphModule
+    open: bool = False
 
 
 def body_inputs(gm: fx.GraphModule) -> dict[fx.Node, Operand]:
@@ -72,5 +78,36 @@ def body_inputs(gm: fx.GraphModule) -> dict[fx.Node, Operand]:
                 if len(placeholders) != len(operands):
                     continue
                 for placeholder, operand in zip(placeholders, operands):
-                    received.setdefault(placeholder, []).append(Operand(operand, module))
+                    opened = node.target._name in OPEN_BODIES
+                    received.setdefault(placeholder, []).append(Operand(operand, module, opened))
     return {p: found[0] for p, found in received.items() if all(o == found[0] for o in found)}
+
+
+def pass_into(value: fx.Node, body: fx.GraphModule, root: fx.GraphModule) -> fx.Node:
+    """A node of ``body`` (a graph of ``graph_modules(root)``) that holds ``value``, a node of a graph around it:
+    ``value`` itself when it is ``body``'s own, else a placeholder of ``body`` that receives it. A placeholder is
+    added, and ``value`` appended to the operands of every call of ``body``, where no call passes it yet; through every
+    body on the way down from ``value``'s graph. Every call of every body on the way must be of ``OPEN_BODIES``
+    (``Operand.open``) and in one graph."""
+    if value.graph is body.graph:
+        return value
+    calls = [
+        (module, node)
+        for module in graph_modules(root)
+        for node in module.graph.nodes
+        if any(called is body for called, _ in body_calls(node, module))
+    ]
+    modules = {id(module): module for module, _ in calls}
+    if not calls or len(modules) != 1 or any(node.target._name not in OPEN_BODIES for _, node in calls):
+        raise ValueError(f"{value.name} cannot be passed into a body whose calls are not open calls of one graph")
+    outer = pass_into(value, next(iter(modules.values())), root)
+    placeholders = [node for node in body.graph.nodes if node.op == "placeholder"]
+    for index, operand in enumerate(body_calls(calls[0][1], calls[0][0])[0][1]):
+        if operand is outer and all(body_calls(node, module)[0][1][index] is outer for module, node in calls):
+            return placeholders[index]
+    with body.graph.inserting_after(placeholders[-1]) if placeholders else body.graph.inserting_before():
+        placeholder = body.graph.placeholder(outer.name)
+    placeholder.meta["example_value"] = outer.meta.get("example_value")
+    for _, node in calls:
+        node.args = (*node.args, outer)
+    return placeholder

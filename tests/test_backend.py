@@ -327,7 +327,9 @@ def test_the_op_without_for_backward_returns_no_accumulators_and_refuses_a_gradi
 def _checkpointed(mask: str | None = None):
     """Causal SDPA inside ``torch.utils.checkpoint`` (a higher-order op's body under Dynamo); ``mask``: without one,
     ``is_causal``; ``"made"``, a causal mask made outside the body (``tril`` of ones) and passed in; ``"data"``, that
-    mask as a tensor the function holds (data the backend cannot prove)."""
+    mask as a tensor the function holds (data the backend cannot prove); ``"padded"``, the causal mask and-ed outside
+    the body with the key validity ``valid`` (B, Tk), the function's last argument; ``"padded additive"``, that mask
+    as 0 / -inf added to the scores; ``"padded nested"``, the padded mask passed through two nested checkpoints."""
     import torch.utils.checkpoint as checkpoint
 
     held = torch.ones(20, 20, dtype=torch.bool).tril()
@@ -337,25 +339,40 @@ def _checkpointed(mask: str | None = None):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal, enable_gqa=True)
 
-    def fn(q, k, v):
-        made = {"made": torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril(), "data": held}.get(mask)
-        return checkpoint.checkpoint(body, q * 2.0, k, v, made, use_reentrant=False) + 1.0
+    def outer_body(q, k, v, causal):
+        return checkpoint.checkpoint(body, q, k, v, causal, use_reentrant=False) * 1.0
+
+    def fn(q, k, v, valid=None):
+        made = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+        if valid is not None:
+            made = made & valid[:, None, None, :]
+        if mask == "padded additive":
+            made = torch.zeros(made.shape, dtype=q.dtype).masked_fill(~made, float("-inf"))
+        made = {None: None, "data": held}.get(mask, made)
+        run = outer_body if mask == "padded nested" else body
+        return checkpoint.checkpoint(run, q * 2.0, k, v, made, use_reentrant=False) + 1.0
 
     return fn
 
 
-@pytest.mark.parametrize("mask", [None, "made"])
+@pytest.mark.parametrize("mask", [None, "made", "padded", "padded additive", "padded nested"])
 def test_attention_inside_activation_checkpointing_is_rewritten(mask):
     """Dynamo puts checkpointed code in a body graph of its own (``tag_activation_checkpoint``): its attention was
     never found (0 sites, softmax run, strict silent; 0.62 from the oracle). Now the bodies' sites are rewritten
     (forward and gradients against the oracle), a causal mask made outside the body too: it is read where it is made
-    (``bodies.body_inputs``; it was kept as an input of unknown value)."""
+    (``bodies.body_inputs``; it was kept as an input of unknown value). Key padding and-ed into the mask outside the
+    body is passed into it as one more operand of the checkpoint call (``bodies.pass_into``), through nested bodies
+    too (those sites were kept: data varying along the query axis)."""
     q, k, v = tensors(Tq=20, Tk=20)
+    valid = torch.ones(2, 20, dtype=torch.bool)
+    valid[1, -4:] = False
+    padded = mask is not None and mask.startswith("padded")
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, report = compile_and_report(_checkpointed(mask), *leaves)
+    out, report = compile_and_report(_checkpointed(mask), *leaves, *([valid] if padded else []))
     assert [site.becomes for site in report.sites] == ["causal retention"], report.summary()
+    assert ("padding" in report.sites[0].mask) == padded, report.sites[0].mask
     exact = [t.double().requires_grad_() for t in (q, k, v)]
-    expected = power_retention_reference(2.0 * exact[0], exact[1], exact[2]) + 1.0
+    expected = power_retention_reference(2.0 * exact[0], *exact[1:], valid=valid if padded else None) + 1.0
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     weights = torch.randn_like(out)
     grads = torch.autograd.grad((out * weights).sum(), leaves)

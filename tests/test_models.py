@@ -390,8 +390,8 @@ def test_check_model_names_the_offending_site(monkeypatch):
 
     replace = passes.replace_with_retention
 
-    def non_causal(graph, site, decision, config):
-        return replace(graph, site, dataclasses.replace(decision, causal=False), config)
+    def non_causal(graph, site, decision, config, bring):
+        return replace(graph, site, dataclasses.replace(decision, causal=False), config, bring)
 
     monkeypatch.setattr(passes, "replace_with_retention", non_causal)
     with pytest.raises(rc_testing.ModelCheckError, match=r"^site g\d+s0 \(h\.0 at .*\) disagrees with the oracle"):
@@ -425,23 +425,24 @@ def test_multihead_attention_forms():
 
 def test_transformers_gradient_checkpointing():
     """``gradient_checkpointing_enable()``: each decoder layer is a checkpointed body graph, and the 4-D mask
-    transformers builds outside it reaches it as an input. The mask is now read where it is made
-    (``bodies.body_inputs``): without an attention_mask the sites are rewritten, outputs and gradients against the
-    oracle. An attention_mask (data) keeps them, saying so. Dynamo needs
-    ``skip_fwd_side_effects_in_bwd_under_checkpoint`` here, or it breaks the graph at a context variable transformers
-    sets in the region."""
-    from retention_compile.backend import collect_reports
-
+    transformers builds outside it reaches it as an input. The mask is read where it is made
+    (``bodies.body_inputs``) and split there; its padding term is passed into the body as one more operand of the
+    checkpoint call (``bodies.pass_into``). With and without a left-padded attention_mask the sites are rewritten,
+    outputs and gradients against the oracle (with the mask they were kept: data that varies along the query axis).
+    Dynamo needs ``skip_fwd_side_effects_in_bwd_under_checkpoint`` here, or it breaks the graph at a context variable
+    transformers sets in the region."""
     model = llama()
     model.gradient_checkpointing_enable()
     model.train()  # the checkpointing is a training feature (the config has no dropout)
+    mask = left_padding(2, T1, PADS)
     with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
         check = check_model(model, tokens(2, T1), use_cache=False, inductor=False, quiet=True)
         assert [site.becomes for site in check.report.sites] == [CAUSAL] * 2
-        with collect_reports() as report:
-            _rewrite_only(model)(tokens(2, T1), attention_mask=left_padding(2, T1, PADS), use_cache=False)
-    assert len(report.sites) == 2
-    assert all(site.decision == "kept" and "attention_mask" in site.reason for site in report.sites), report.sites
+        check = check_model(
+            model, tokens(2, T1), attention_mask=mask, use_cache=False, rows=mask.bool(), inductor=False, quiet=True
+        )
+    assert [site.becomes for site in check.report.sites] == [CAUSAL] * 2
+    assert all("padding" in site.mask for site in check.report.sites), check.report.sites
 
 
 class EncoderModel(nn.Module):

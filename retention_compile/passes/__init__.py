@@ -10,9 +10,11 @@ rewrite    the op inserted in place of the site
 
 from __future__ import annotations
 
+import functools
+
 from torch import fx
 
-from ..bodies import body_inputs, graph_modules
+from ..bodies import body_inputs, graph_modules, pass_into
 from ..config import RetentionConfig
 from ..report import Report, SiteRecord
 from .decide import Decision, RetentionRewriteError, decide
@@ -78,7 +80,8 @@ def rewrite_attention(gm: fx.GraphModule, config: RetentionConfig, graph_index: 
     for index in reversed(range(len(found))):
         if decisions[index].rewrite:
             module, _, site = found[index]
-            output = replace_with_retention(module.graph, site, decisions[index], config)
+            bring = functools.partial(pass_into, body=module, root=gm)
+            output = replace_with_retention(module.graph, site, decisions[index], config, bring)
             output.meta.update(retention_site=site, retention_index=index)
     for module in modules:
         module.graph.lint()

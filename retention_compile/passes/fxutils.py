@@ -229,6 +229,10 @@ class DataDependence:
             self._followed[node] = None if changed else operand
         return self._followed[node]
 
+    def module_of(self, graph: fx.Graph) -> fx.GraphModule | None:
+        """The graph module of ``graph``, where a link leads into it, else None."""
+        return next((operand.module for operand in self._links.values() if operand.module.graph is graph), None)
+
     def sources(self, node: fx.Node) -> frozenset[fx.Node]:
         """The tensor inputs (or random ops) whose values ``node`` depends on."""
         if node not in self._sources:
@@ -409,7 +413,10 @@ class Evaluator:
         return all(buffer_value(s) is not None for s in self.data.sources(node))
 
     def run(self, node: fx.Node, sizes: Sizes) -> Any:
-        """The value of ``node`` at ``sizes`` (``evaluable(node)`` must hold)."""
+        """The value of ``node`` at ``sizes`` (``evaluable(node)`` must hold); ``node`` may be one of a graph around
+        this one, that a link leads to (``DataDependence.module_of``)."""
+        if node.graph is not self.gm.graph:
+            return Evaluator(self.data.module_of(node.graph), self.data).run(node, sizes)
         nodes = backward_slice(node)
         values: dict[fx.Node, Any] = {}
         from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -439,7 +446,7 @@ class Evaluator:
         if link is not None:  # a body's input: its operand, evaluated in the graph around the body
             if not isinstance(link.value, fx.Node):
                 return link.value
-            return Evaluator(link.module, self.data).run(link.value, sizes)
+            return self.run(link.value, sizes)
         value = node.meta.get("example_value")
         if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
             return sizes.of(value) if isinstance(value, torch.SymInt) else type(value.node.hint)(value.node.hint)

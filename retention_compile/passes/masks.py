@@ -254,8 +254,18 @@ class TermCollector:
         else:
             self.bool(part.node, part.polarity == "block")
 
+    def _outside(self, node: fx.Node) -> fx.Node | None:
+        """The node made outside a body that the body's placeholder ``node`` receives, where the rewrite can pass it
+        into the body (``bodies.pass_into``), else None: a mask built outside a checkpointed region is split where
+        it is made."""
+        link = self.evaluator.data.link(node) if node.op == "placeholder" else None
+        return link.value if link is not None and link.open and isinstance(link.value, fx.Node) else None
+
     def bool(self, node: fx.Node, block: bool) -> None:
-        """Split a bool mask at ``&`` (admitting) or ``|`` (blocking), through ``~`` and pass-through ops."""
+        """Split a bool mask at ``&`` (admitting) or ``|`` (blocking), through ``~``, pass-through ops and into the
+        graph around a body (``_outside``)."""
+        if (outside := self._outside(node)) is not None:
+            return self.bool(outside, block)
         if _is(node, NOT_OPS, NOT_METHODS):
             return self.bool(node.args[0], not block)
         if _is(node, OR_OPS if block else AND_OPS, OR_METHODS if block else AND_METHODS) and len(node.args) == 2:
@@ -275,6 +285,8 @@ class TermCollector:
         """Split an additive mask at ``+`` and turn ``where``/``masked_fill``/indicator forms into bool terms."""
         if not isinstance(node, fx.Node):
             return  # a constant added to every score cancels in the normalisation
+        if (outside := self._outside(node)) is not None:
+            return self.additive(outside, factor)
         args = node.args
         if _is(node, ADD_OPS, frozenset({"add", "__add__"})) and len(args) == 2 and not node.kwargs:
             self.additive(args[0], factor)

@@ -10,6 +10,9 @@ Inserted before the site's output node:
     log_gate the constant ``-m_h`` of ALiBi slopes, broadcast to (B, Hq, Tk)
     checks   for masks read from module buffers: ``_assert_async`` that the mask is still the proven grid
 
+A site in a higher-order op's body whose mask terms were made outside it (``masks.TermCollector._outside``) receives
+those terms as operands added to the op's call (``bring``, ``bodies.pass_into``).
+
 and the op's output (cast to the site's output dtype) replaces the site's output.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
+from collections.abc import Callable
 
 import torch
 from torch import fx
@@ -56,8 +60,8 @@ def needs_gradient(site: AttentionSite) -> bool:
 class _Builder:
     """Inserts the op's inputs before the site's output node."""
 
-    def __init__(self, graph: fx.Graph, site: AttentionSite) -> None:
-        self.graph, self.site = graph, site
+    def __init__(self, graph: fx.Graph, site: AttentionSite, bring: Callable[[fx.Node], fx.Node]) -> None:
+        self.graph, self.site, self.bring = graph, site, bring
         self.device = example_value(site.query).device
 
     def call(self, target, *args, **kwargs) -> fx.Node:
@@ -109,7 +113,8 @@ class _Builder:
         return op(a, b) if isinstance(a, int) and isinstance(b, int) else self.call(op, a, b)
 
     def admitted(self, term: Term) -> fx.Node:
-        return self.call(operator.invert, term.node) if term.block else term.node
+        node = self.bring(term.node)
+        return self.call(operator.invert, node) if term.block else node
 
     def valid(self, terms: list[Term], batch: Size, kv_len: Size) -> fx.Node:
         """(B, Tk) bool: each padding term at head 0, query 0, broadcast to (B, Tk); all of them and-ed."""
@@ -149,7 +154,7 @@ class _Builder:
             node = self.admitted(term)
             admitted = node if admitted is None else self.call(operator.and_, admitted, node)
         for bias in mask.biases:
-            scaled = self.call(operator.mul, bias.node, bias.factor)
+            scaled = self.call(operator.mul, self.bring(bias.node), bias.factor)
             open_ = self.call(operator.gt, scaled, grids.MASKED_BELOW)
             if bias.kind == "buffer":
                 zero = self.call(operator.or_, self.call(operator.eq, scaled, 0), self.call(operator.invert, open_))
@@ -160,13 +165,19 @@ class _Builder:
 
 
 def replace_with_retention(
-    graph: fx.Graph, site: AttentionSite, decision: Decision, config: RetentionConfig
+    graph: fx.Graph,
+    site: AttentionSite,
+    decision: Decision,
+    config: RetentionConfig,
+    bring: Callable[[fx.Node], fx.Node] = lambda node: node,
 ) -> fx.Node:
-    """Insert the op before the site's output node, route its users to the op's output, erase the node."""
+    """Insert the op before the site's output node, route its users to the op's output, erase the node. ``bring``:
+    a node of ``graph`` that holds a mask term's node (the term's node itself, or an input of the body it is passed
+    into)."""
     key, value = decision.key or site.key, decision.value or site.value
     mask = decision.mask
     with graph.inserting_before(site.node):
-        build = _Builder(graph, site)
+        build = _Builder(graph, site, bring)
         query = build.query()
         dtype = example_value(site.query).dtype
         key, value = build.cast(key, dtype), build.cast(value, dtype)
