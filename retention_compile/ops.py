@@ -65,27 +65,31 @@ IMPLS = ("auto", "triton", "cuda", "aten")
 KEPT_STATES_MAX_RATIO = 2  # the forward's chunk states are saved for the backward up to this many times y's bytes
 
 
+def _problem(q: torch.Tensor, v: torch.Tensor, deg: int, gated: bool, chunk_size: int, impl: str) -> dict:
+    """``planning.plan``'s arguments but the length and the chunk, for this call on q's device (the CUDA state kernel
+    modelled only where ``impl`` and the machine allow it)."""
+    return {
+        "spec": hardware.detect(q.device) if q.is_cuda else None,
+        "d": size_hint(q.shape[3]),
+        "e": size_hint(v.shape[3]),
+        "deg": deg,
+        "dtype": planning.kernel_dtype(q.dtype, q.is_cuda, chunk_size),
+        "gated": gated,
+        "batch_heads": size_hint(q.shape[0]) * size_hint(v.shape[1]),
+        "cuda_state": cuda_state_modelled(q, impl),
+    }
+
+
 def resolve_plan(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, deg: int, gated: bool, chunk_size: int, impl: str = "auto"
 ) -> Plan:
-    """The plan for this shape on q's device (``planning.plan``, modelling the CUDA state kernel only where ``impl``
-    and the machine allow it); ``chunk_size > 0`` overrides its chunk.
+    """The plan for this shape on q's device (``planning.plan``, ``_problem``); ``chunk_size > 0`` overrides its
+    chunk (tiles fit the given chunk's kernels: the chunked query kernel needs the most).
 
     Under dynamic shapes the plan is made for the size hint of the traced call; any chunk gives the same
     numbers for every length, so a graph traced at one length stays correct at another."""
-    spec = hardware.detect(q.device) if q.is_cuda else None
-    chosen = planning.plan(
-        spec,
-        T=size_hint(k.shape[2]),
-        d=size_hint(q.shape[3]),
-        e=size_hint(v.shape[3]),
-        deg=deg,
-        dtype=planning.kernel_dtype(q.dtype, q.is_cuda, chunk_size),
-        gated=gated,
-        batch_heads=size_hint(q.shape[0]) * size_hint(k.shape[1]),
-        chunk_size=chunk_size,  # tiles fit the given chunk's kernels (the chunked query kernel needs the most)
-        cuda_state=cuda_state_modelled(q, impl),
-    )
+    problem = _problem(q, v, deg, gated, chunk_size, impl)
+    chosen = planning.plan(T=size_hint(k.shape[2]), chunk_size=chunk_size, **problem)
     return dataclasses.replace(chosen, chunk_size=chunk_size) if chunk_size > 0 else chosen
 
 
@@ -145,12 +149,25 @@ def _cuda_target_error(why: str | None) -> RuntimeError:
     )
 
 
-def _quadratic_serves(k: torch.Tensor, plan: Plan) -> bool:
+def _quadratic_serves(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, deg: int, gated: bool, plan: Plan, chunk_size: int, impl: str
+) -> bool:
     """The aten path's choice: the quadratic form (``quadratic.py``) when every key fits in the planned chunk. The
     chunked form would then have no state to carry but would still embed q and k (``D`` features each, 766480
     for d=64, p=4) beside the same (Tq, Tk) intra-chunk weights, so this form never costs more memory or time.
-    Under dynamic shapes this guards on the length, so a graph traced for short inputs recompiles for long ones."""
-    return bool(k.shape[2] <= plan.chunk_size)
+
+    A symbolic length with the chunk planned: the chunked form where the plan at the size hint is chunked (it serves
+    every length, short ones as one partial chunk: no guard); else the quadratic form, guarded at
+    ``planning.single_chunk_limit``, a bound of the shape and not of the traced length. A graph traced short thus
+    recompiles once, for lengths past the bound. (Guarded at the traced length's planned chunk, a power of 2 at least
+    that length, it recompiled at every doubling until Dynamo's recompile limit ran the function uncompiled: softmax
+    attention, 2.0 from the oracle.) A given chunk is one bound for every length."""
+    length = k.shape[2]
+    if isinstance(length, int) or chunk_size > 0:
+        return bool(length <= plan.chunk_size)
+    if size_hint(length) > plan.chunk_size:
+        return False
+    return bool(length <= planning.single_chunk_limit(**_problem(q, v, deg, gated, chunk_size, impl)))
 
 
 def _forward_body(
@@ -230,7 +247,7 @@ def _forward(
         raise _cuda_target_error(f"the Triton kernels run with the CUDA state kernel do not serve it ({triton_reason})")
     options = {"scale": scale, "deg": deg, "log_gate": log_gate, "causal": causal, "valid": valid, "eps": EPS}
     k, v = _padding_zeroed(k, v, valid)
-    if _quadratic_serves(k, plan):
+    if _quadratic_serves(q, k, v, deg, log_gate is not None, plan, chunk_size, impl):
         y, denom = quadratic.quadratic_forward(q, k, v, **options)
     else:
         y, denom = chunked.chunked_forward(q, k, v, chunk_size=plan.chunk_size, **options)
@@ -414,7 +431,7 @@ def _backward_body(
         saved = (kept_s, kept_m) if kept_s.dim() == 4 else None
         backward, options = triton_backward, {"plan": plan, "state_kernel": state.kernel, "saved_states": saved}
     else:
-        single_chunk = _quadratic_serves(k, plan)
+        single_chunk = _quadratic_serves(q, k, v, deg, log_gate is not None, plan, chunk_size, impl)
         backward = quadratic.quadratic_backward if single_chunk else chunked.chunked_backward
         options = {} if single_chunk else {"chunk_size": plan.chunk_size, "eps": EPS}
         k, v = _padding_zeroed(k, v, valid)  # the aten forms, as in _forward

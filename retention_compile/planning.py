@@ -761,6 +761,32 @@ def _plan_cpu(T: int, d: int, e: int, deg: int, dtype: torch.dtype, gated: bool,
     return Plan(chunk_size=int(chunks[best]), reason=reason, modelled_s=float(values["time"][best]))
 
 
+# The longest power-of-2 length ``single_chunk_limit`` tries
+SINGLE_CHUNK_SEARCH_MAX = 1 << 20
+
+
+@functools.lru_cache(maxsize=64)
+def single_chunk_limit(
+    spec: GpuSpec | None,
+    d: int,
+    e: int,
+    deg: int,
+    dtype: torch.dtype,
+    gated: bool,
+    batch_heads: int,
+    cuda_state: bool = True,
+) -> int:
+    """The longest length ``2^n <= SINGLE_CHUNK_SEARCH_MAX`` such that ``plan`` gives every power of 2 up to it one
+    chunk: where the aten path switches from its quadratic form to its chunked one for this shape, whatever the length
+    a graph was traced at (``ops._quadratic_serves`` under dynamic shapes)."""
+    limit, length = 0, 1
+    while length <= SINGLE_CHUNK_SEARCH_MAX:
+        if plan(spec, length, d, e, deg, dtype, gated, batch_heads, 0, cuda_state).chunk_size < length:
+            break
+        limit, length = length, 2 * length
+    return limit
+
+
 def kernel_dtype(dtype: torch.dtype, on_cuda: bool, chunk_size: int = 0) -> torch.dtype:
     """The dtype the kernels run for inputs of ``dtype``: float16 on CUDA runs the float32 Triton kernels
     (``codegen.forward.kernel_inputs``; ``codegen="cuda"`` keeps it beside the CUDA state kernel), and so do both

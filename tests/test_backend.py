@@ -170,6 +170,24 @@ def test_dynamic_lengths_rewrite_with_one_graph_per_form(lengths, graphs):
     assert report.graphs == graphs and all(site.decision == "rewritten" for site in report.sites)
 
 
+def test_growing_lengths_compile_at_most_twice():
+    """Under dynamic shapes with the chunk planned, the quadratic-or-chunked choice guards at a bound of the shape
+    (``planning.single_chunk_limit``), not at the traced length's planned chunk: lengths doubling from 12 to 2100 (and
+    back) take two graphs. Guarded at the traced length's chunk, each doubling recompiled; after 8 graphs Dynamo's
+    recompile limit ran the function uncompiled, softmax attention, 2.0 from the oracle, with only a log warning."""
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="retention", dynamic=True)
+    with collect_reports() as report:
+        for T in (12, 19, 33, 65, 130, 260, 520, 1040, 2100, 40):
+            q, k, v = tensors(B=1, Hq=2, Hk=2, Tq=T, Tk=T, seed=T)
+            torch.testing.assert_close(compiled(q, k, v), oracle(q, k, v), rtol=1e-5, atol=1e-5)
+    assert report.graphs == 2 and all(site.decision == "rewritten" for site in report.sites)
+
+
 def test_length_relations_are_guarded_not_assumed():
     """After a recompile Dynamo may give q and k separate length symbols: Tq == Tk is then decided at the
     traced sizes under a guard, never assumed; a call with Tq != Tk gets its own correct graph."""

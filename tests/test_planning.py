@@ -358,3 +358,18 @@ def test_kernel_dtype(dtype: torch.dtype, on_cuda: bool, chunk: int, expected: t
     ``EXACT_CHUNK_BELOW`` keys; planned chunks (0) never are that short."""
     assert planning.kernel_dtype(dtype, on_cuda, chunk) == expected
     assert min(planning.CHUNKS) >= planning.EXACT_CHUNK_BELOW
+
+
+@pytest.mark.parametrize(("d", "deg", "heads"), [(16, 2, 2), (64, 2, 2), (64, 2, 32), (64, 4, 2)])
+def test_the_single_chunk_limit_is_where_the_cpu_plan_starts_to_chunk(d, deg, heads):
+    """``single_chunk_limit``: every power of 2 up to it plans one chunk, twice it plans chunks (deg 4 at d = 64 never
+    chunks: the search's end)."""
+    problem = (None, d, d, deg, torch.float32, False, heads)
+    limit = planning.single_chunk_limit(*problem)
+    assert limit & (limit - 1) == 0 and limit >= 1
+    lengths = [1 << n for n in range(limit.bit_length())]
+    assert all(plan(None, T, d, d, deg, torch.float32, False, heads).chunk_size >= T for T in lengths)
+    if limit < planning.SINGLE_CHUNK_SEARCH_MAX:
+        assert plan(None, 2 * limit, d, d, deg, torch.float32, False, heads).chunk_size < 2 * limit
+    else:
+        assert deg == 4
