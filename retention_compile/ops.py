@@ -86,11 +86,24 @@ def resolve_plan(
     """The plan for this shape on q's device (``planning.plan``, ``_problem``); ``chunk_size > 0`` overrides its
     chunk (tiles fit the given chunk's kernels: the chunked query kernel needs the most).
 
-    Under dynamic shapes the plan is made for the size hint of the traced call; any chunk gives the same
-    numbers for every length, so a graph traced at one length stays correct at another."""
+    Under dynamic shapes the plan is made for the size hint of the traced call; any chunk gives the same numbers for
+    every length, so a graph traced at one length stays correct at another. Which form runs, one chunk (the quadratic
+    kernel, the aten path's quadratic form) or chunks, is read from that plan too, and the one chunk costs O(T^2): so
+    where the hint plans one chunk, the length is guarded at ``planning.single_chunk_limit``, a bound of the shape and
+    not of the traced length, and a graph traced short recompiles once for lengths past it, with a chunked plan
+    (planned at twice the bound where the hint itself lies past it). A plan that chunks takes no guard: chunks serve
+    every length."""
     problem = _problem(q, v, deg, gated, chunk_size, impl)
-    chosen = planning.plan(T=size_hint(k.shape[2]), chunk_size=chunk_size, **problem)
-    return dataclasses.replace(chosen, chunk_size=chunk_size) if chunk_size > 0 else chosen
+    length = k.shape[2]
+    hint = size_hint(length)
+    chosen = planning.plan(T=hint, chunk_size=chunk_size, **problem)
+    if chunk_size > 0:
+        return dataclasses.replace(chosen, chunk_size=chunk_size)
+    if isinstance(length, torch.SymInt) and chosen.chunk_size >= hint:
+        limit = planning.single_chunk_limit(**problem)
+        if limit < planning.SINGLE_CHUNK_SEARCH_MAX and not length <= limit:
+            chosen = planning.plan(T=2 * limit, chunk_size=0, **problem)
+    return chosen
 
 
 def _warn_once(message: str) -> None:
@@ -149,25 +162,19 @@ def _cuda_target_error(why: str | None) -> RuntimeError:
     )
 
 
-def _quadratic_serves(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, deg: int, gated: bool, plan: Plan, chunk_size: int, impl: str
-) -> bool:
+def _quadratic_serves(k: torch.Tensor, plan: Plan, chunk_size: int) -> bool:
     """The aten path's choice: the quadratic form (``quadratic.py``) when every key fits in the planned chunk. The
     chunked form would then have no state to carry but would still embed q and k (``D`` features each, 766480
     for d=64, p=4) beside the same (Tq, Tk) intra-chunk weights, so this form never costs more memory or time.
+    A symbolic length with the chunk planned is compared by its hint, as the plan was made (``resolve_plan`` guards
+    it); with a chunk given, by a guard at that chunk, one bound for every length.
 
-    A symbolic length with the chunk planned: the chunked form where the plan at the size hint is chunked (it serves
-    every length, short ones as one partial chunk: no guard); else the quadratic form, guarded at
-    ``planning.single_chunk_limit``, a bound of the shape and not of the traced length. A graph traced short thus
-    recompiles once, for lengths past the bound. (Guarded at the traced length's planned chunk, a power of 2 at least
-    that length, it recompiled at every doubling until Dynamo's recompile limit ran the function uncompiled: softmax
-    attention, 2.0 from the oracle.) A given chunk is one bound for every length."""
+    (Guarded at the planned chunk, a power of 2 at least the traced length, a graph recompiled at every doubling of
+    the length until Dynamo's recompile limit ran the function uncompiled: softmax attention, 2.0 from the oracle.)"""
     length = k.shape[2]
-    if isinstance(length, int) or chunk_size > 0:
-        return bool(length <= plan.chunk_size)
-    if size_hint(length) > plan.chunk_size:
-        return False
-    return bool(length <= planning.single_chunk_limit(**_problem(q, v, deg, gated, chunk_size, impl)))
+    if isinstance(length, torch.SymInt) and chunk_size <= 0:
+        return size_hint(length) <= plan.chunk_size
+    return bool(length <= plan.chunk_size)
 
 
 def _forward_body(
@@ -247,7 +254,7 @@ def _forward(
         raise _cuda_target_error(f"the Triton kernels run with the CUDA state kernel do not serve it ({triton_reason})")
     options = {"scale": scale, "deg": deg, "log_gate": log_gate, "causal": causal, "valid": valid, "eps": EPS}
     k, v = _padding_zeroed(k, v, valid)
-    if _quadratic_serves(q, k, v, deg, log_gate is not None, plan, chunk_size, impl):
+    if _quadratic_serves(k, plan, chunk_size):
         y, denom = quadratic.quadratic_forward(q, k, v, **options)
     else:
         y, denom = chunked.chunked_forward(q, k, v, chunk_size=plan.chunk_size, **options)
@@ -431,7 +438,7 @@ def _backward_body(
         saved = (kept_s, kept_m) if kept_s.dim() == 4 else None
         backward, options = triton_backward, {"plan": plan, "state_kernel": state.kernel, "saved_states": saved}
     else:
-        single_chunk = _quadratic_serves(q, k, v, deg, log_gate is not None, plan, chunk_size, impl)
+        single_chunk = _quadratic_serves(k, plan, chunk_size)
         backward = quadratic.quadratic_backward if single_chunk else chunked.chunked_backward
         options = {} if single_chunk else {"chunk_size": plan.chunk_size, "eps": EPS}
         k, v = _padding_zeroed(k, v, valid)  # the aten forms, as in _forward
