@@ -316,6 +316,8 @@ def _site_error(record: SiteRecord, site: AttentionSite, names: list[str], outpu
             deg=deg,
             window_dropped=record.mask.startswith(WINDOW),
         ).double()
+    if site.folded:  # the output is (B H, Tq, e)
+        expected = expected.flatten(0, 1)
     return float((output.double() - expected).abs().max() / expected.abs().max().clamp(min=1.0))
 
 

@@ -224,6 +224,43 @@ def test_alibi_becomes_a_gate():
     assert report.sites[0].decision == "kept" and "gate='alibi'" in report.sites[0].reason
 
 
+def bloom_attention(q, k, v):
+    """BLOOM's attention: the heads folded into the batch axis, the ALiBi bias (B H, 1, Tk) added by ``baddbmm``, the
+    probabilities folded back for ``torch.bmm``; the output is (B H, Tq, e)."""
+    batch, heads, length, d = q.shape
+    slopes = 2.0 ** (-8.0 * torch.arange(1, H + 1) / H)  # of the model's head count, as BLOOM's config gives it
+    bias = (slopes[:, None, None] * torch.arange(length)).repeat(batch, 1, 1)
+    q3, k3, v3 = (x.reshape(batch * heads, length, d) for x in (q, k, v))
+    scores = bias.baddbmm(batch1=q3, batch2=k3.transpose(-1, -2), beta=1.0, alpha=D**-0.5)  # a float, as BLOOM's
+    i, j = grids_of(length, length)
+    causal = torch.zeros(length, length).masked_fill(j > i, torch.finfo(q.dtype).min)
+    weights = F.softmax(scores.view(batch, heads, length, length) + causal, dim=-1, dtype=torch.float32)
+    return torch.bmm(weights.view(batch * heads, length, length), v3)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_heads_folded_into_the_batch_axis(dynamic):
+    """BLOOM's form (``bloom_attention``) was not recognised: no site, no report line. Its q, k, v are read as (B, H, T,
+    d), its ALiBi bias per head, and its output flattened back: with ``gate="alibi"`` it is rewritten, forward and
+    gradients against the oracle; without, kept, saying why."""
+    q, k, v = (x.requires_grad_() for x in qkv())
+    out, report = rewrite(bloom_attention, q, k, v, gate="alibi", dynamic=dynamic)
+    (site,) = report.sites
+    assert site.becomes == "causal retention with ALiBi gate", site
+    assert dynamic or site.q_shape == str(tuple(q.shape)), site.q_shape
+    i, j = grids_of(T, T)
+    bias = (2.0 ** (-8.0 * torch.arange(1, H + 1) / H))[:, None, None] * j
+    exact = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    expected = oracle_sdpa(*exact, attn_mask=bias.masked_fill(j > i, float("-inf"))).flatten(0, 1)
+    torch.testing.assert_close(out.double(), expected, **TOL)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    for got, want in zip(grads, torch.autograd.grad((expected * weights.double()).sum(), exact)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    _, report = rewrite(bloom_attention, q, k, v)
+    assert report.sites[0].decision == "kept" and "gate='alibi'" in report.sites[0].reason
+
+
 def test_learned_relative_position_bias_is_kept():
     table = torch.nn.Parameter(torch.randn(2 * T - 1, H))
 

@@ -10,6 +10,7 @@ checked, and ``torch._dynamo.explain`` shows no graph break. Every model has dro
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -443,6 +444,60 @@ def test_transformers_gradient_checkpointing():
         )
     assert [site.becomes for site in check.report.sites] == [CAUSAL] * 2
     assert all("padding" in site.mask for site in check.report.sites), check.report.sites
+
+
+def bloom() -> nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=VOCAB)
+    return transformers.BloomForCausalLM(config).eval()
+
+
+def _bloom_oracle_softmax(slopes: torch.Tensor):
+    """The softmax of BLOOM's causal scores ``x = s q.k + m_h j`` (-big at masked keys) answered as power retention
+    with the ALiBi gate: ``(s q.k)^2 exp(-m_h (i - j))`` on j <= i, normalised (float64). check_model's oracle cannot
+    take a hand-written ALiBi bias apart; BLOOM's has no per-row constant, so x - m_h j is the product."""
+    from retention_compile.reference import EPS
+
+    def softmax(x, dim=-1, dtype=None):
+        x = x.double()
+        j = torch.arange(x.shape[-1], dtype=torch.float64)
+        decay = slopes.double()[:, None, None]
+        weights = (x - decay * j).square() * torch.exp(-decay * (j[:, None] - j))
+        weights = weights.masked_fill(j > j[:, None], 0.0)
+        return (weights / (weights.sum(-1, keepdim=True) + EPS)).float()
+
+    return softmax
+
+
+def test_bloom_heads_folded_into_the_batch_axis():
+    """BLOOM computes attention with the heads folded into the batch axis and its ALiBi bias added by ``baddbmm``: it
+    gave no site and no report line. Now both sites are found; with ``gate="alibi"`` rewritten (logits against a BLOOM
+    oracle, the power weights with the ALiBi gate), without it kept saying so; with an attention_mask its ALiBi is
+    built from the mask's data (a cumsum of it), and the sites are kept with that reason."""
+    from unittest import mock
+
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+    from retention_compile.backend import collect_reports, rewrite_only_backend
+
+    model, ids = bloom(), tokens(2, T1)
+    with mock.patch.object(F, "softmax", _bloom_oracle_softmax(_get_alibi_slopes(4, "cpu"))), torch.no_grad():
+        expected = model(ids).logits
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=functools.partial(rewrite_only_backend, options={"gate": "alibi"}))
+    with collect_reports() as report, torch.no_grad():
+        got = compiled(ids).logits
+    assert [site.becomes for site in report.sites] == ["causal retention with ALiBi gate"] * 2, report.sites
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with collect_reports() as report, torch.no_grad():
+        _rewrite_only(model)(ids)
+    assert all(site.decision == "kept" and "gate='alibi'" in site.reason for site in report.sites), report.sites
+    with collect_reports() as report, torch.no_grad():
+        _rewrite_only(model)(ids, attention_mask=left_padding(2, T1, PADS))
+    assert len(report.sites) == 2
+    assert all(site.decision == "kept" and "attention_mask" in site.reason for site in report.sites), report.sites
 
 
 class EncoderModel(nn.Module):

@@ -85,6 +85,8 @@ def _check_operands(site: AttentionSite) -> Decision | None:
         return keep(f"query heads ({hq}) are not a multiple of kv heads ({hk})")
     out = getattr(site.node.meta.get("example_value"), "shape", None)
     expected = (q.shape[0], hq, q.shape[2], v.shape[3])
+    if site.folded and out is not None and len(out) == 3:  # (B H, Tq, e): the op's output flattened (rewrite)
+        out = (q.shape[0], out[0] // q.shape[0], *out[1:])
     if out is None or len(out) != 4 or not all(holds(a == b) for a, b in zip(out, expected)):
         # a mask that broadcasts the scores to more batches or heads than q has (a (1, 4, T, T) mask over one head)
         shown = "unknown" if out is None else tuple(out)

@@ -10,7 +10,7 @@ broadcast size-1 axes; the unsqueezed axis is checked to be axis 2), not from na
 Hand-written attention. From every ``softmax(x, dim=-1)`` the scores ``x`` are walked back through casts,
 ``masked_fill(x, m, -big)``, ``where(m, x, -big)``, ``x + mask``, ``x * c`` and ``x / c`` to ``q @ k^T``, and
 the probabilities forward through casts and ``dropout`` to ``p @ v``. A product may be written as ``a @ b``
-(``matmul``) or as an einsum over the last two axes with the same leading letters throughout: the scores as
+(``matmul``, ``bmm``) or as an einsum over the last two axes with the same leading letters throughout: the scores as
 ``"bhid,bhdj->bhij"`` (of k^T) or ``"bhid,bhjd->bhij"`` (of k itself), the output as ``"bhij,bhjd->bhid"``
 (``_product``). A key operand that is not a transposed tensor is k computed already transposed, (B, H, d, T) (LeViT
 permutes its key projection so, then takes ``q @ k``): the op reads ``k.transpose(-2, -1)``, a view inserted before the
@@ -18,6 +18,12 @@ product (``_key_of_transposed``). The masks become the site's ``MaskPart``s, num
 with size 1 along the key axis (one number per query row at most) is folded into the query at rewrite time. Scores that
 still come from ``q @ k^T`` through some other op (``tanh`` for logit soft-capping, say) make a kept site whose reason
 names that op, so the report says why; anything else is not recognised, and the graph is left as it is.
+
+Heads folded into the batch axis (BLOOM). Scores (B H, Tq, Tk) from ``bmm`` or ``baddbmm(bias, q, k^T, beta=, alpha=)``
+(``bias`` an additive mask part scaled by ``beta``, ``alpha`` a factor of the scores) reshaped to (B, H, Tq, Tk) before
+the softmax, and the probabilities reshaped back to (B H, Tq, Tk) for ``bmm`` with v: q, k, v and the masks and
+factors of the 3-D scores (one per (B H) row or one for all) are read as (B, H, ...) through ``unflatten`` views
+inserted before ``p @ v``, and the op's output is flattened back (``AttentionSite.folded``).
 
 In-place changes. ``scores.masked_fill_(m, -big)``, ``scores += mask`` / ``add_`` and ``scores *= c`` / ``mul_`` /
 ``div_`` made on a score tensor itself before the next op reads it are steps of the walk like their out-of-place
@@ -30,6 +36,7 @@ the softmax read them), or whose q, k, scale factor or mask is changed in place 
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -45,7 +52,11 @@ from .shapes import holds
 from .sites import AttentionSite, MaskPart, example_value
 
 SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax)
-MATMUL_FUNCTIONS = (operator.matmul, torch.matmul, torch.Tensor.matmul)
+MATMUL_FUNCTIONS = (operator.matmul, torch.matmul, torch.Tensor.matmul, torch.bmm, torch.Tensor.bmm)
+MATMUL_METHODS = frozenset({"matmul", "__matmul__", "bmm"})
+BADDBMM_FUNCTIONS = (torch.baddbmm, torch.Tensor.baddbmm)
+RESHAPE_FUNCTIONS = (torch.reshape, torch.Tensor.reshape, torch.Tensor.view)
+RESHAPE_METHODS = frozenset({"reshape", "view"})
 EINSUM_FUNCTIONS = (torch.einsum, torch.functional.einsum)
 DROPOUT_FUNCTIONS = (F.dropout, torch.dropout)
 CAST_METHODS = frozenset({"to", "type", "float", "half", "bfloat16", "type_as", "contiguous"})
@@ -190,10 +201,35 @@ def _einsum_product(equation: str, operands: list) -> _Product | None:
     return None
 
 
+class _Baddbmm(NamedTuple):
+    """``baddbmm(bias, left, right, beta=beta, alpha=alpha)``: ``beta bias + alpha (left @ right)``."""
+
+    bias: object
+    left: object
+    right: object
+    beta: object
+    alpha: object
+
+
+def _baddbmm(node: object) -> _Baddbmm | None:
+    """The operands of a ``baddbmm`` call (function or method form, by position or by name), else None."""
+    if not _calls(node, BADDBMM_FUNCTIONS, frozenset({"baddbmm"})):
+        return None
+    names = ("input", "batch1", "batch2")
+    values = dict(zip(names, node.args))
+    values.update({("input" if name == "self" else name): value for name, value in node.kwargs.items()})
+    if set(values) - {*names, "beta", "alpha"} or not set(names) <= set(values) or len(node.args) > 3:
+        return None
+    return _Baddbmm(values["input"], values["batch1"], values["batch2"], values.get("beta", 1), values.get("alpha", 1))
+
+
 def _product(node: object) -> _Product | None:
-    """``node`` as a batched matrix product: ``a @ b`` (``matmul``) or an einsum of that form (``_einsum_product``)."""
-    if _calls(node, MATMUL_FUNCTIONS, frozenset({"matmul", "__matmul__"})) and len(node.args) == 2:
+    """``node`` as a batched matrix product: ``a @ b`` (``matmul``, ``bmm``), the product of a ``baddbmm`` or an einsum
+    of that form (``_einsum_product``)."""
+    if _calls(node, MATMUL_FUNCTIONS, MATMUL_METHODS) and len(node.args) == 2:
         return _Product(node.args[0], node.args[1], False)
+    if (added := _baddbmm(node)) is not None:
+        return _Product(added.left, added.right, False)
     if _calls(node, EINSUM_FUNCTIONS) and node.args and isinstance(node.args[0], str):
         operands = list(node.args[1:])
         if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
@@ -243,12 +279,15 @@ def _untransposed(node: object) -> fx.Node | None:
     """``k`` when ``node`` is ``k`` with its last two axes swapped."""
     if not isinstance(node, fx.Node) or not node.args:
         return None
+    rank = len(_shape(node) or ())
+    if rank < 3:
+        return None
     if _calls(node, (torch.transpose, torch.Tensor.transpose), frozenset({"transpose"})):
-        dims = {d % 4 if isinstance(d, int) else d for d in node.args[1:3]}
-        return node.args[0] if dims == {2, 3} and len(_shape(node) or ()) == 4 else None
+        dims = {d % rank if isinstance(d, int) else d for d in node.args[1:3]}
+        return node.args[0] if dims == {rank - 2, rank - 1} else None
     if _calls(node, (torch.permute, torch.Tensor.permute), frozenset({"permute"})):
         order = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
-        return node.args[0] if tuple(order) == (0, 1, 3, 2) else None
+        return node.args[0] if tuple(order) == (*range(rank - 2), rank - 1, rank - 2) else None
     if node.op == "call_function" and node.target is getattr and node.args[1] == "mT":
         return node.args[0]
     return None
@@ -266,6 +305,10 @@ class _Scores:
         self.chain: list[fx.Node] = []  # the nodes from the softmax input back to the matmul
         # a masked_fill or where whose value is not a mask's (<= MASKED_BELOW): (the node, the value)
         self.unmasked_fill: tuple[fx.Node, object] | None = None
+        # the reshape of (B H, Tq, Tk) scores to (B, H, Tq, Tk) (``_unfolding``), and how many parts and factors the
+        # walk had taken above it (those after are of the 3-D scores)
+        self.unfold: fx.Node | None = None
+        self.parts_above = self.factors_above = 0
 
     @property
     def part_factor(self) -> float | None:
@@ -279,6 +322,11 @@ class _Scores:
         if not self._in_place_steps(node, consumer):
             return False
         args = node.args
+        if (added := _baddbmm(node)) is not None:
+            return self._baddbmm(node, added)
+        if _unfolding(node) and self.unfold is None:
+            self.unfold, self.parts_above, self.factors_above = node, len(self.parts), len(self.factors)
+            return self.walk(args[0], node, depth + 1)
         if _is_matmul(node):
             self.matmul = node
             return True
@@ -322,6 +370,19 @@ class _Scores:
                 self._take_factor(operand, _is_div(change))
         return True
 
+    def _baddbmm(self, node: fx.Node, added: _Baddbmm) -> bool:
+        """``beta bias + alpha (q @ k^T)`` (BLOOM's ALiBi): the bias is an additive mask part scaled by beta, alpha a
+        factor of the scores; both must be numbers."""
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (added.beta, added.alpha)):
+            return False
+        if added.beta != 0 and isinstance(added.bias, fx.Node):
+            factor = self.part_factor
+            self.parts.append(MaskPart(added.bias, "add", None if factor is None else factor * added.beta))
+        if not self._take_factor(added.alpha, False):
+            return False
+        self.matmul = node
+        return True
+
     def _masked(self, node: fx.Node) -> bool:
         """Take a ``masked_fill`` of the scores as the blocking mask part, if its value masks (<= MASKED_BELOW); else
         record it (filled with a score, not masked out: the softmax weighs it) and return False."""
@@ -356,6 +417,31 @@ class _Scores:
 
     def _reaches_matmul(self, node: object, consumer: fx.Node) -> bool:
         return _Scores(self.evaluator).walk(node, consumer)
+
+
+def _heads_reshaped(node: fx.Node) -> int | None:
+    """The rank of ``node``'s result where it is a reshape (``view``) between (B, H, Tq, Tk) and (B H, Tq, Tk): 4 where
+    it splits the heads out of the batch axis, 3 where it folds them into it; None otherwise."""
+    if not _calls(node, RESHAPE_FUNCTIONS, RESHAPE_METHODS) or not node.args:
+        return None
+    inner, outer = _shape(node.args[0]), _shape(node)
+    if inner is None or outer is None or {len(inner), len(outer)} != {3, 4}:
+        return None
+    three, four = (inner, outer) if len(inner) == 3 else (outer, inner)
+    same = _equal(four[0] * four[1], three[0]) and _equal(four[2], three[1]) and _equal(four[3], three[2])
+    return len(outer) if same else None
+
+
+def _unfolding(node: fx.Node) -> bool:
+    """``x.view(B, H, Tq, Tk)`` (``reshape``) of 3-D ``x`` (B H, Tq, Tk): scores computed with the heads folded into
+    the batch axis (BLOOM's ``baddbmm``), read as (B, H, Tq, Tk)."""
+    return _heads_reshaped(node) == 4
+
+
+def _folding(node: fx.Node) -> bool:
+    """``p.view(B H, Tq, Tk)`` (``reshape``) of 4-D ``p`` (B, H, Tq, Tk): the inverse of ``_unfolding``, for the
+    probabilities' product with v of shape (B H, Tk, e)."""
+    return _heads_reshaped(node) == 3
 
 
 def _is_factor(factor: object) -> bool:
@@ -407,7 +493,8 @@ def _walked_form(node: fx.Node) -> bool:
 
 
 def _probabilities(softmax: fx.Node) -> tuple[fx.Node | None, float, bool, list[fx.Node]]:
-    """Follow the probabilities through casts, dropout and indexing to ``p @ v``: (that matmul or None, dropout_p,
+    """Follow the probabilities through casts, dropout, indexing and the fold of heads into the batch axis
+    (``_folding``) to ``p @ v``: (that matmul or None, dropout_p,
     whether the probabilities are also used elsewhere, the nodes from the softmax to the matmul's operand). An index
     (``p[..., :-1]``: attention sinks) is followed so that the site is found; ``_indexed`` keeps it."""
     current, dropout, shared, chain = softmax, 0.0, False, [softmax]
@@ -419,7 +506,7 @@ def _probabilities(softmax: fx.Node) -> tuple[fx.Node | None, float, bool, list[
             product = _product(user)
             if product is not None and product.left is current and not product.right_transposed:
                 return user, dropout, shared, chain
-            if (_is_cast(user) or user.target is operator.getitem) and user.args[0] is current:
+            if (_is_cast(user) or user.target is operator.getitem or _folding(user)) and user.args[0] is current:
                 following = user
             elif _calls(user, DROPOUT_FUNCTIONS, frozenset({"dropout"})) and user.args[0] is current:
                 p = user.args[1] if len(user.args) > 1 else user.kwargs.get("p", 0.5)
@@ -501,6 +588,56 @@ def _key_of_transposed(graph: fx.Graph, key_t: fx.Node, product: fx.Node) -> fx.
         return insert_call(graph, "transpose", (key_t, -2, -1), like=key_t)
 
 
+def _fold_problem(scores: _Scores, probabilities: list[fx.Node]) -> str | None:
+    """Why scores computed with the heads folded into the batch axis cannot be read per head (None when they can, or
+    are not folded): the probabilities must be folded back as the scores were unfolded (``_folding``), and every mask
+    and factor of the 3-D scores must be one per (B H) row or one for all."""
+    fold = next((node for node in probabilities if _folding(node)), None)
+    if scores.unfold is None and fold is None:
+        return None
+    if scores.unfold is None or fold is None or _shape(fold) != _shape(scores.unfold.args[0]):
+        return "the heads are folded into the batch axis on one side of the softmax only"
+    rows = _shape(fold)[0]
+    operands = [part.node for part in scores.parts[scores.parts_above :]]
+    operands += [factor for factor, _ in scores.factors[scores.factors_above :]]
+    for operand in operands:
+        shape = _shape(operand) or ()
+        if len(shape) > 3 or (len(shape) == 3 and not (_equal(shape[0], 1) or _equal(shape[0], rows))):
+            return f"{operand.name} (shape {tuple(shape)}) meets the scores with the heads folded into the batch axis"
+    return None
+
+
+def _unflattened(graph: fx.Graph, operand: fx.Node, unfold: fx.Node, before: fx.Node) -> fx.Node:
+    """``operand`` (B H, ...) as (B, H, ...), the sizes read from ``unfold`` (``_unfolding``); inserted before
+    ``before``. A 3-D operand whose first size is 1 (and a lower one) broadcasts alike either way: returned as it is."""
+    shape = _shape(operand)
+    if len(shape) < 3 or _equal(shape[0], 1):
+        return operand
+    given = unfold.args[1] if len(unfold.args) == 2 and isinstance(unfold.args[1], (tuple, list)) else unfold.args[1:]
+    with graph.inserting_before(before):
+        sizes = tuple(
+            given[axis] if isinstance(given[axis], fx.Node) or given[axis] == size else size
+            for axis, size in enumerate(_shape(unfold)[:2])
+        )  # as the reshape was given them (a size read off the unfold would make the proof evaluate the scores)
+        if not all(isinstance(size, (int, fx.Node)) for size in sizes):
+            sizes = tuple(insert_call(graph, "size", (unfold, axis), like=unfold) for axis in (0, 1))
+        return insert_call(graph, "unflatten", (operand, 0, sizes), like=operand)
+
+
+def _unfold_operands(
+    graph: fx.Graph, scores: _Scores, operands: tuple[fx.Node, fx.Node, fx.Node], output: fx.Node
+) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """q, k, v of scores computed with the heads folded into the batch axis, each as (B, H, T, d); the masks and
+    factors taken below the unfold likewise (in ``scores``)."""
+    unflatten = lambda node: _unflattened(graph, node, scores.unfold, output)  # noqa: E731
+    above = scores.parts_above
+    scores.parts[above:] = [dataclasses.replace(p, node=unflatten(p.node)) for p in scores.parts[above:]]
+    above = scores.factors_above
+    scores.factors[above:] = [(unflatten(f), divide) for f, divide in scores.factors[above:]]
+    query, key, value = operands
+    return unflatten(query), unflatten(key), unflatten(value)
+
+
 def find_handwritten(graph: fx.Graph, evaluator: Evaluator) -> Iterator[AttentionSite]:
     """Every hand-written attention of ``graph`` (see the module docstring), in graph order."""
     for node in list(graph.nodes):
@@ -521,9 +658,12 @@ def find_handwritten(graph: fx.Graph, evaluator: Evaluator) -> Iterator[Attentio
             )
         query, key_t, key_transposed = _product(scores.matmul)
         key, value = key_t if key_transposed else _untransposed(key_t), _product(output).right
-        problem = (
-            problem or _changed_in_place(scores, probabilities, output) or _site_problem(shared, query, key_t, value)
-        )
+        problem = problem or _changed_in_place(scores, probabilities, output) or _fold_problem(scores, probabilities)
+        folded = scores.unfold is not None and problem is None
+        if folded:
+            key = key if key is not None else _key_of_transposed(graph, key_t, scores.matmul)
+            query, key, value = _unfold_operands(graph, scores, (query, key, value), output)
+        problem = problem or _site_problem(shared, query, key if folded else key_t, value)
         if key is None and problem is None:
             key = _key_of_transposed(graph, key_t, scores.matmul)
         yield AttentionSite(
@@ -542,4 +682,5 @@ def find_handwritten(graph: fx.Graph, evaluator: Evaluator) -> Iterator[Attentio
             scores=node.args[0],
             anchor=node,
             unsupported=problem,
+            folded=folded,
         )

@@ -210,6 +210,8 @@ def replace_with_retention(
             for_backward=needs_gradient(site),
         )
         output = build.cast(build.call(operator.getitem, call, 0), example_value(site.node).dtype)
+        if site.folded:  # (B, H, Tq, e) -> the site's (B H, Tq, e)
+            output = build.call("flatten", output, 0, 1)
     output.meta.update({k: v for k, v in site.node.meta.items() if k in ("stack_trace", "nn_module_stack")})
     site.node.replace_all_uses_with(output)
     graph.erase_node(site.node)

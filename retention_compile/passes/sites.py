@@ -53,6 +53,8 @@ class AttentionSite:
     scores:        for hand-written attention, the node fed to the softmax (``anchor`` is the softmax: the
                    site's location is the softmax call's).
     unsupported:   why the site cannot be rewritten whatever its mask (set by the finder).
+    folded:        hand-written attention with the heads folded into the batch axis (BLOOM): q, k, v are the
+                   finder's (B, H, T, d) views of them, the output node is (B H, Tq, e).
     """
 
     node: fx.Node
@@ -70,6 +72,7 @@ class AttentionSite:
     scores: fx.Node | None = None
     anchor: fx.Node | None = None
     unsupported: str | None = None
+    folded: bool = False
 
     @property
     def q_shape(self) -> tuple:
