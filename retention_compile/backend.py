@@ -33,13 +33,29 @@ PROCESS_REPORT = Report()
 
 @contextlib.contextmanager
 def collect_reports() -> Iterator[Report]:
-    """Collect the report of every graph the backend compiles inside the ``with`` block."""
+    """Collect the report of every graph the backend compiles inside the ``with`` block, and Dynamo's graph breaks
+    there (``Report.graph_breaks``, known when the block ends)."""
     report = Report()
+    before = _graph_breaks()
     _collectors.append(report)
     try:
         yield report
     finally:
         _collectors.remove(report)
+        for reason, count in _graph_breaks().items():
+            if count > before.get(reason, 0):
+                report.graph_breaks[reason] = count - before.get(reason, 0)
+
+
+def _graph_breaks() -> dict[str, int]:
+    """Dynamo's graph breaks so far in this process, by the first line of their reason (its counters)."""
+    from torch._dynamo.utils import counters
+
+    found: dict[str, int] = {}
+    for reason, count in counters["graph_break"].items():
+        line = str(reason).strip().splitlines()[0] if str(reason).strip() else "(no reason given)"
+        found[line] = found.get(line, 0) + count
+    return found
 
 
 def _publish(report: Report, config: RetentionConfig) -> None:

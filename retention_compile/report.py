@@ -102,11 +102,16 @@ class SiteRecord:
 class Report:
     """Every site of every graph compiled under one report (a ``torch.compile`` call or ``rc.explain``),
     and each graph's weight-state FLOP balance. Reports compare by identity: each one is a collector.
+
+    graph_breaks: Dynamo's graph breaks while the report collected (``backend.collect_reports``), by the first line
+    of their reason: the code between the graphs runs uncompiled, so attention there is never seen, and stays
+    softmax attention.
     """
 
     sites: list[SiteRecord] = field(default_factory=list)
     graphs: int = 0
     balances: list[Balance] = field(default_factory=list)
+    graph_breaks: dict[str, int] = field(default_factory=dict)
 
     @property
     def rewritten(self) -> list[SiteRecord]:
@@ -130,11 +135,19 @@ class Report:
         self.sites.extend(other.sites)
         self.graphs += other.graphs
         self.balances.extend(other.balances)
+        for reason, count in other.graph_breaks.items():
+            self.graph_breaks[reason] = self.graph_breaks.get(reason, 0) + count
 
     def summary(self) -> str:
+        breaks = sum(self.graph_breaks.values())
+        said = (
+            f"; {breaks} graph break(s): code between graphs runs uncompiled, and attention there stays softmax"
+            if breaks
+            else ""
+        )
         return (
             f"retention: {len(self.sites)} attention site(s) in {self.graphs} graph(s): "
-            f"{len(self.rewritten)} rewritten, {len(self.kept)} kept"
+            f"{len(self.rewritten)} rewritten, {len(self.kept)} kept{said}"
         )
 
     def __str__(self) -> str:
@@ -147,6 +160,7 @@ class Report:
                 lines.append("  ".join("-" * w for w in widths))
         lines += [f"kept {s.label}: {'; '.join([s.reason, *s.notes])}" for s in self.kept]
         lines += [f"plan {s.label}: {s.plan_summary()}" for s in self.sites if s.plan]
+        lines += [f"graph break ({count}x): {reason}" for reason, count in self.graph_breaks.items()]
         if self.balance:
             lines.append(self.balance.summary())
         return "\n".join(lines)
@@ -162,6 +176,9 @@ class Report:
             lines += ["## Sites", ""]
             for site in self.sites:
                 lines += site.markdown()
+        if self.graph_breaks:
+            lines += ["## Graph breaks", ""]
+            lines += [f"- ({count}x) {cell(reason)}" for reason, count in self.graph_breaks.items()] + [""]
         if self.balances:
             lines += ["## Weight-state balance (FLOPs per token)", ""]
             lines += [f"- {b.summary()}" for b in self.balances]
@@ -173,6 +190,7 @@ class Report:
         return {
             "summary": self.summary(),
             "graphs": self.graphs,
+            "graph_breaks": dict(self.graph_breaks),
             "sites": [asdict(s) for s in self.sites],
             "balances": [b.to_dict() for b in self.balances],
             "balance": self.balance.to_dict() if self.balance else None,

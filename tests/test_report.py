@@ -242,3 +242,23 @@ def test_report_names_the_query_kernels_launch_on_a_gpu():
     # the key prefix k[:, :, :Tq]: the operand holds 65536 keys, the op reads the 2048 it was planned for
     longer = tuple(torch.empty(1, 8, 65536, 64, dtype=torch.bfloat16, device="meta") for _ in range(3))
     assert query_launch_of_call(args, longer, 2048, plan, cuda_state=False) == launch
+
+
+def test_graph_breaks_are_reported():
+    """Code between Dynamo's graphs runs uncompiled, so attention there is never rewritten: the report said nothing
+    (``nn.Transformer`` with a float causal mask: 0 sites, 0 graphs, no word why). It now counts the graph breaks
+    made while it collected, by reason, in its summary, its table, markdown and JSON."""
+
+    def fn(q, k, v):
+        first = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        torch._dynamo.graph_break()
+        return F.scaled_dot_product_attention(first, k, v, is_causal=True)
+
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    report = rc.explain(fn, q, k, v)
+    assert report.graphs == 2 and len(report.rewritten) == 2
+    assert sum(report.graph_breaks.values()) == 1 and "1 graph break(s)" in report.summary(), report.graph_breaks
+    (reason,) = report.graph_breaks
+    assert f"graph break (1x): {reason}" in str(report) and "## Graph breaks" in report.to_markdown()
+    assert json.loads(report.to_json())["graph_breaks"] == report.graph_breaks
+    assert rc.explain(fn, q, k, v).graph_breaks == report.graph_breaks  # counted per report, not cumulated
