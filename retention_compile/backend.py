@@ -11,6 +11,7 @@ import contextlib
 import functools
 import hashlib
 import itertools
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,29 @@ def rewrite_graph(gm: fx.GraphModule, options: dict[str, Any] | RetentionConfig 
     report = rewrite_attention(gm, config, graph_index=graph_index)
     annotate(gm, report, config, graph_index)
     _publish(report, config)
+    _warn_at_the_recompile_limit(report)
     return report
+
+
+def _warn_at_the_recompile_limit(report: Report) -> None:
+    """Warn where Dynamo compiles a frame for the last time its recompile limit allows and the graph has rewritten
+    sites: at the frame's next recompile Dynamo runs it uncompiled, and its attention is softmax attention again,
+    with nothing but a log line (unless ``fail_on_recompile_limit_hit``)."""
+    from torch._guards import CompileContext
+
+    compile_id = CompileContext.current_compile_id()
+    limit = getattr(torch._dynamo.config, "recompile_limit", None)
+    if compile_id is None or compile_id.frame_compile_id is None or limit is None or not report.rewritten:
+        return
+    if compile_id.frame_compile_id + 1 == limit and not torch._dynamo.config.fail_on_recompile_limit_hit:
+        warnings.warn(
+            f"retention_compile: Dynamo compiled this code {limit} times, its recompile limit "
+            f"(torch._dynamo.config.recompile_limit). At the next recompile it runs the code uncompiled, and its "
+            f"{len(report.rewritten)} rewritten attention site(s) become softmax attention again. Mark the varying "
+            "sizes dynamic (torch.compile(..., dynamic=True), torch._dynamo.mark_dynamic), raise the limit, or set "
+            "torch._dynamo.config.fail_on_recompile_limit_hit = True to make that an error.",
+            stacklevel=2,
+        )
 
 
 def retention_backend(

@@ -496,3 +496,22 @@ def test_gradients_of_a_one_key_tail_under_dynamic_shapes():
         assert_forward_and_gradients(
             compiled, [t.requires_grad_() for t in tensors(B=2, Hq=2, Hk=2, Tq=T, Tk=T, d=8, seed=T)]
         )
+
+
+def test_a_warning_before_the_recompile_limit_turns_retention_back_into_softmax():
+    """Past Dynamo's recompile limit a function runs uncompiled: its attention is softmax again, said only in a log
+    line. The backend warns at the last compile the limit allows (here static shapes, one graph per length)."""
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="retention", dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=3, automatic_dynamic_shapes=False):
+        for T in (8, 9):
+            compiled(*tensors(Tq=T, Tk=T))
+        with pytest.warns(UserWarning, match="become softmax attention again"):
+            compiled(*tensors(Tq=10, Tk=10))
+        q, k, v = tensors(Tq=11, Tk=11)
+        assert not torch.allclose(compiled(q, k, v), oracle(q, k, v), atol=1e-3)  # what the warning is about
+    torch._dynamo.reset()
