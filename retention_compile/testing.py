@@ -306,7 +306,10 @@ def _tapping_backend(
 def _site_error(record: SiteRecord, site: AttentionSite, names: list[str], output, inputs, deg: int) -> float:
     """Max |op - oracle| of one tapped call, relative to the oracle's largest magnitude (at least 1)."""
     given = dict(zip(names, inputs))
-    if site.kind == "hand-written":
+    if site.kind == "hand-written" and site.folded:  # scores (B H, Tq, Tk) or (B, H, Tq, Tk), the output (B H, Tq, e)
+        weights = oracle_softmax(given["scores"], deg=deg).double()
+        expected = weights.reshape(-1, *weights.shape[-2:]) @ given["value"].double().flatten(0, 1)
+    elif site.kind == "hand-written":
         expected = oracle_softmax(given["scores"], deg=deg).double() @ given["value"].double()
     else:
         scale = given.pop("scale")
@@ -316,8 +319,6 @@ def _site_error(record: SiteRecord, site: AttentionSite, names: list[str], outpu
             deg=deg,
             window_dropped=record.mask.startswith(WINDOW),
         ).double()
-    if site.folded:  # the output is (B H, Tq, e)
-        expected = expected.flatten(0, 1)
     return float((output.double() - expected).abs().max() / expected.abs().max().clamp(min=1.0))
 
 

@@ -261,6 +261,23 @@ def test_heads_folded_into_the_batch_axis(dynamic):
     assert report.sites[0].decision == "kept" and "gate='alibi'" in report.sites[0].reason
 
 
+def test_three_dimensional_attention_without_a_heads_reshape():
+    """Attention on (B H, T, d) tensors that never names B and H (``torch.bmm``, a causal mask of (T, T), a floor at
+    finfo.min as XGLM's): each (B H) row is read as a head of its own, (1, B H, T, d)."""
+    q, k, v = (x.flatten(0, 1) for x in qkv())
+
+    def fn(q, k, v):
+        scores = torch.bmm(q, k.transpose(1, 2)) * D**-0.5
+        i, j = grids_of(q.shape[1], k.shape[1])
+        scores = torch.max(scores.masked_fill(j > i, float("-inf")), torch.full((), torch.finfo(q.dtype).min))
+        return torch.bmm(F.softmax(scores, dim=-1), v)
+
+    out, report = rewrite(fn, q, k, v)
+    assert report.sites[0].becomes == "causal retention" and report.sites[0].q_shape == str((1, *q.shape)), report
+    expected = oracle_sdpa(q[None], k[None], v[None], is_causal=True)[0]
+    torch.testing.assert_close(out, expected, **TOL)
+
+
 def test_learned_relative_position_bias_is_kept():
     table = torch.nn.Parameter(torch.randn(2 * T - 1, H))
 

@@ -115,6 +115,14 @@ def falcon() -> nn.Module:
     return _hf("FalconConfig", "FalconForCausalLM", **_small_without("intermediate_size"), hidden_dropout=0.0)
 
 
+def xglm() -> nn.Module:
+    """XGLM's eager attention: q, k, v of (B H, T, d) (the heads folded into the batch axis), ``torch.bmm``, the mask
+    added to the scores viewed as (B, H, Tq, Tk), a floor at finfo.min, the softmax of the 3-D scores."""
+    config = {"d_model": 32, "num_layers": 2, "attention_heads": 4, "ffn_dim": 64, "vocab_size": VOCAB}
+    dropouts = {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0}
+    return _hf("XGLMConfig", "XGLMForCausalLM", attention="eager", **config, **dropouts, max_position_embeddings=128)
+
+
 def opt() -> nn.Module:
     config = _small_without("intermediate_size", "attention_dropout")
     return _hf("OPTConfig", "OPTForCausalLM", **config, ffn_dim=64, dropout=0.0, attention_dropout=0.0)
@@ -292,6 +300,13 @@ CASES = {
         [CAUSAL, NON_CAUSAL],
         None,
     ),
+    "xglm eager (heads folded into the batch axis), left padding": (
+        xglm,
+        _ids,
+        lambda t: {"attention_mask": left_padding(2, t, PADS)},
+        [CAUSAL] * 2,
+        lambda t: left_padding(2, t, PADS).bool(),
+    ),
     "llama eager attention (hand-written), left padding": (
         lambda: _eager(llama()),
         _ids,
@@ -308,6 +323,7 @@ REWRITE_ONLY = (
     "gemma", "gemma3 sliding window 8", "mixtral (experts' router softmax left alone)", "phi3", "qwen3 (q/k norms)",
     "olmo2", "gpt_neox", "falcon (mask proven by evaluation)", "opt",
     "gemma2 eager (soft-capped scores: kept, and said why)",
+    "xglm eager (heads folded into the batch axis), left padding",
 )  # fmt: skip
 
 

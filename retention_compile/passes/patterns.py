@@ -19,11 +19,13 @@ with size 1 along the key axis (one number per query row at most) is folded into
 still come from ``q @ k^T`` through some other op (``tanh`` for logit soft-capping, say) make a kept site whose reason
 names that op, so the report says why; anything else is not recognised, and the graph is left as it is.
 
-Heads folded into the batch axis (BLOOM). Scores (B H, Tq, Tk) from ``bmm`` or ``baddbmm(bias, q, k^T, beta=, alpha=)``
-(``bias`` an additive mask part scaled by ``beta``, ``alpha`` a factor of the scores) reshaped to (B, H, Tq, Tk) before
-the softmax, and the probabilities reshaped back to (B H, Tq, Tk) for ``bmm`` with v: q, k, v and the masks and
-factors of the 3-D scores (one per (B H) row or one for all) are read as (B, H, ...) through ``unflatten`` views
-inserted before ``p @ v``, and the op's output is flattened back (``AttentionSite.folded``).
+Heads folded into the batch axis (BLOOM, XGLM). q @ k^T of 3-D q (B H, Tq, d), by ``bmm`` or by
+``baddbmm(bias, q, k^T, beta=, alpha=)`` (``bias`` an additive mask part scaled by ``beta``, ``alpha`` a factor of the
+scores), the scores and probabilities reshaped between (B H, Tq, Tk) and (B, H, Tq, Tk) on the way (both sides of the
+softmax alike) and p @ v 3-D: q, k, v and the masks and factors met while the scores were 3-D (one per (B H) row or one
+for all) are read as (B, H, ...) through ``unflatten`` views inserted before ``p @ v``, (B, H) as a reshape gave them
+(none: (1, B H), each row a head of its own), and the op's output is flattened back (``AttentionSite.folded``). A floor
+``torch.max(scores, c)`` at a masking value (XGLM's finfo.min) is a step of the walk.
 
 In-place changes. ``scores.masked_fill_(m, -big)``, ``scores += mask`` / ``add_`` and ``scores *= c`` / ``mul_`` /
 ``div_`` made on a score tensor itself before the next op reads it are steps of the walk like their out-of-place
@@ -305,10 +307,12 @@ class _Scores:
         self.chain: list[fx.Node] = []  # the nodes from the softmax input back to the matmul
         # a masked_fill or where whose value is not a mask's (<= MASKED_BELOW): (the node, the value)
         self.unmasked_fill: tuple[fx.Node, object] | None = None
-        # the reshape of (B H, Tq, Tk) scores to (B, H, Tq, Tk) (``_unfolding``), and how many parts and factors the
-        # walk had taken above it (those after are of the 3-D scores)
-        self.unfold: fx.Node | None = None
-        self.parts_above = self.factors_above = 0
+        # scores with the heads folded into the batch axis, (B H, Tq, Tk): the reshapes between that and (B, H, Tq, Tk)
+        # met on the way (``_heads_reshaped``), and which parts and factors were taken where the scores were 3-D
+        self.reshapes: list[fx.Node] = []
+        self.rank = 0
+        self.folded_parts: list[int] = []
+        self.folded_factors: list[int] = []
 
     @property
     def part_factor(self) -> float | None:
@@ -319,14 +323,17 @@ class _Scores:
         if not isinstance(node, fx.Node) or depth > 32:
             return False
         self.chain.append(node)
+        self.rank = len(_shape(node) or ())
         if not self._in_place_steps(node, consumer):
             return False
         args = node.args
         if (added := _baddbmm(node)) is not None:
             return self._baddbmm(node, added)
-        if _unfolding(node) and self.unfold is None:
-            self.unfold, self.parts_above, self.factors_above = node, len(self.parts), len(self.factors)
+        if _heads_reshaped(node) is not None:
+            self.reshapes.append(node)
             return self.walk(args[0], node, depth + 1)
+        if (other := _floored(node, self.evaluator)) is not None:
+            return self.walk(other, node, depth + 1)
         if _is_matmul(node):
             self.matmul = node
             return True
@@ -339,7 +346,7 @@ class _Scores:
         if _is_add(node) and len(args) == 2 and not node.kwargs:
             for scores, mask in ((args[0], args[1]), (args[1], args[0])):
                 if isinstance(mask, fx.Node) and self._reaches_matmul(scores, node):
-                    self.parts.append(MaskPart(mask, "add", self.part_factor))
+                    self._part(MaskPart(mask, "add", self.part_factor))
                     return self.walk(scores, node, depth + 1)
             return False
         if _is_mul_or_div(node) and len(args) == 2:
@@ -365,10 +372,15 @@ class _Scores:
                 if not self._masked(change):
                     return False
             elif _is_add(change):
-                self.parts.append(MaskPart(operand, "add", self.part_factor))
+                self._part(MaskPart(operand, "add", self.part_factor))
             else:
                 self._take_factor(operand, _is_div(change))
         return True
+
+    def _part(self, part: MaskPart) -> None:
+        """Take a mask part of the scores as they are where the walk is (3-D: heads folded into the batch axis)."""
+        self.folded_parts += [len(self.parts)] if self.rank == 3 else []
+        self.parts.append(part)
 
     def _baddbmm(self, node: fx.Node, added: _Baddbmm) -> bool:
         """``beta bias + alpha (q @ k^T)`` (BLOOM's ALiBi): the bias is an additive mask part scaled by beta, alpha a
@@ -377,7 +389,7 @@ class _Scores:
             return False
         if added.beta != 0 and isinstance(added.bias, fx.Node):
             factor = self.part_factor
-            self.parts.append(MaskPart(added.bias, "add", None if factor is None else factor * added.beta))
+            self._part(MaskPart(added.bias, "add", None if factor is None else factor * added.beta))
         if not self._take_factor(added.alpha, False):
             return False
         self.matmul = node
@@ -390,16 +402,16 @@ class _Scores:
         if not neg_constant(value, self.evaluator):
             self.unmasked_fill = (node, value)
             return False
-        self.parts.append(MaskPart(mask, "block"))
+        self._part(MaskPart(mask, "block"))
         return True
 
     def _where(self, node: fx.Node, depth: int) -> bool:
         condition, keep, fill = where_operands(node)
         if neg_constant(fill, self.evaluator) and self._reaches_matmul(keep, node):
-            self.parts.append(MaskPart(condition, "allow"))
+            self._part(MaskPart(condition, "allow"))
             return self.walk(keep, node, depth + 1)
         if neg_constant(keep, self.evaluator) and self._reaches_matmul(fill, node):
-            self.parts.append(MaskPart(condition, "block"))
+            self._part(MaskPart(condition, "block"))
             return self.walk(fill, node, depth + 1)
         for scores, value in ((keep, fill), (fill, keep)):
             if self._reaches_matmul(scores, node):
@@ -412,6 +424,7 @@ class _Scores:
         if isinstance(factor, (int, float)):
             self.scale = self.scale / factor if divide else self.scale * factor
         else:
+            self.folded_factors += [len(self.factors)] if self.rank == 3 else []
             self.factors.append((factor, divide))
         return True
 
@@ -432,16 +445,19 @@ def _heads_reshaped(node: fx.Node) -> int | None:
     return len(outer) if same else None
 
 
-def _unfolding(node: fx.Node) -> bool:
-    """``x.view(B, H, Tq, Tk)`` (``reshape``) of 3-D ``x`` (B H, Tq, Tk): scores computed with the heads folded into
-    the batch axis (BLOOM's ``baddbmm``), read as (B, H, Tq, Tk)."""
-    return _heads_reshaped(node) == 4
-
-
-def _folding(node: fx.Node) -> bool:
-    """``p.view(B H, Tq, Tk)`` (``reshape``) of 4-D ``p`` (B, H, Tq, Tk): the inverse of ``_unfolding``, for the
-    probabilities' product with v of shape (B H, Tk, e)."""
-    return _heads_reshaped(node) == 3
+def _floored(node: fx.Node, evaluator: Evaluator) -> object | None:
+    """The scores of ``torch.max(scores, c)`` (``maximum``, ``clamp(min=c)``) with c a constant at or below
+    ``MASKED_BELOW`` (XGLM's floor at finfo.min), else None: it leaves admitted scores as they are and masked ones
+    masked."""
+    if _calls(node, (torch.max, torch.maximum), frozenset({"max", "maximum"})) and len(node.args) == 2:
+        for scores, floor in (node.args, node.args[::-1]):
+            if not node.kwargs and neg_constant(floor, evaluator):
+                return scores
+    if _calls(node, (torch.clamp, torch.clamp_min), frozenset({"clamp", "clamp_min"})) and node.args:
+        floor = node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None)
+        if set(node.kwargs) <= {"min"} and len(node.args) <= 2 and neg_constant(floor, evaluator):
+            return node.args[0]
+    return None
 
 
 def _is_factor(factor: object) -> bool:
@@ -494,7 +510,7 @@ def _walked_form(node: fx.Node) -> bool:
 
 def _probabilities(softmax: fx.Node) -> tuple[fx.Node | None, float, bool, list[fx.Node]]:
     """Follow the probabilities through casts, dropout, indexing and the fold of heads into the batch axis
-    (``_folding``) to ``p @ v``: (that matmul or None, dropout_p,
+    (``_heads_reshaped``) to ``p @ v``: (that matmul or None, dropout_p,
     whether the probabilities are also used elsewhere, the nodes from the softmax to the matmul's operand). An index
     (``p[..., :-1]``: attention sinks) is followed so that the site is found; ``_indexed`` keeps it."""
     current, dropout, shared, chain = softmax, 0.0, False, [softmax]
@@ -506,7 +522,8 @@ def _probabilities(softmax: fx.Node) -> tuple[fx.Node | None, float, bool, list[
             product = _product(user)
             if product is not None and product.left is current and not product.right_transposed:
                 return user, dropout, shared, chain
-            if (_is_cast(user) or user.target is operator.getitem or _folding(user)) and user.args[0] is current:
+            reshaped = _heads_reshaped(user) is not None
+            if (_is_cast(user) or user.target is operator.getitem or reshaped) and user.args[0] is current:
                 following = user
             elif _calls(user, DROPOUT_FUNCTIONS, frozenset({"dropout"})) and user.args[0] is current:
                 p = user.args[1] if len(user.args) > 1 else user.kwargs.get("p", 0.5)
@@ -588,18 +605,32 @@ def _key_of_transposed(graph: fx.Graph, key_t: fx.Node, product: fx.Node) -> fx.
         return insert_call(graph, "transpose", (key_t, -2, -1), like=key_t)
 
 
-def _fold_problem(scores: _Scores, probabilities: list[fx.Node]) -> str | None:
-    """Why scores computed with the heads folded into the batch axis cannot be read per head (None when they can, or
-    are not folded): the probabilities must be folded back as the scores were unfolded (``_folding``), and every mask
-    and factor of the 3-D scores must be one per (B H) row or one for all."""
-    fold = next((node for node in probabilities if _folding(node)), None)
-    if scores.unfold is None and fold is None:
-        return None
-    if scores.unfold is None or fold is None or _shape(fold) != _shape(scores.unfold.args[0]):
-        return "the heads are folded into the batch axis on one side of the softmax only"
-    rows = _shape(fold)[0]
-    operands = [part.node for part in scores.parts[scores.parts_above :]]
-    operands += [factor for factor, _ in scores.factors[scores.factors_above :]]
+def _is_folded(scores: _Scores) -> bool:
+    """Whether the scores' product is of 3-D q (B H, Tq, d): the heads folded into the batch axis."""
+    return len(_shape(_product(scores.matmul).left) or ()) == 3
+
+
+def _four_dimensional_side(reshape: fx.Node) -> tuple:
+    """The (B, H, Tq, Tk) shape of a ``_heads_reshaped`` node: its result's or its operand's."""
+    return _shape(reshape) if len(_shape(reshape)) == 4 else _shape(reshape.args[0])
+
+
+def _fold_problem(scores: _Scores, probabilities: list[fx.Node], output: fx.Node) -> str | None:
+    """Why attention computed with the heads folded into the batch axis cannot be read per head (None when it can, or
+    is not folded): p @ v must be 3-D too, every reshape between the 3-D and the 4-D scores or probabilities must
+    split the batch axis into the same (B, H), and every mask and factor of the 3-D scores must be one per (B H) row
+    or one for all."""
+    reshapes = [*scores.reshapes, *(node for node in probabilities if _heads_reshaped(node) is not None)]
+    if not _is_folded(scores):
+        return "the scores are reshaped between (B H, Tq, Tk) and (B, H, Tq, Tk)" if reshapes else None
+    if len(_shape(output) or ()) != 3:
+        return "q @ k^T is 3-D (the heads folded into the batch axis) but p @ v is not"
+    heads = [_four_dimensional_side(node)[:2] for node in reshapes]
+    if any(not (_equal(b, heads[0][0]) and _equal(h, heads[0][1])) for b, h in heads):
+        return "the scores and probabilities are reshaped to different (batch, heads)"
+    rows = _shape(output)[0]
+    operands = [scores.parts[i].node for i in scores.folded_parts]
+    operands += [scores.factors[i][0] for i in scores.folded_factors]
     for operand in operands:
         shape = _shape(operand) or ()
         if len(shape) > 3 or (len(shape) == 3 and not (_equal(shape[0], 1) or _equal(shape[0], rows))):
@@ -607,35 +638,54 @@ def _fold_problem(scores: _Scores, probabilities: list[fx.Node]) -> str | None:
     return None
 
 
-def _unflattened(graph: fx.Graph, operand: fx.Node, unfold: fx.Node, before: fx.Node) -> fx.Node:
-    """``operand`` (B H, ...) as (B, H, ...), the sizes read from ``unfold`` (``_unfolding``); inserted before
-    ``before``. A 3-D operand whose first size is 1 (and a lower one) broadcasts alike either way: returned as it is."""
-    shape = _shape(operand)
-    if len(shape) < 3 or _equal(shape[0], 1):
-        return operand
-    given = unfold.args[1] if len(unfold.args) == 2 and isinstance(unfold.args[1], (tuple, list)) else unfold.args[1:]
-    with graph.inserting_before(before):
+def _head_sizes(graph: fx.Graph, scores: _Scores, probabilities: list[fx.Node], query: fx.Node) -> tuple:
+    """(B, H) of attention computed with the heads folded into the batch axis: as the first reshape of the scores to
+    (B, H, Tq, Tk) was given them (a size read off the scores would make the mask proof compute them), else read off
+    a reshape between the two; without any, (1, B H): each (B H) row is a head of its own."""
+    reshapes = [*scores.reshapes, *(node for node in probabilities if _heads_reshaped(node) is not None)]
+    for node in (n for n in reshapes if _heads_reshaped(n) == 4):
+        given = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
         sizes = tuple(
             given[axis] if isinstance(given[axis], fx.Node) or given[axis] == size else size
-            for axis, size in enumerate(_shape(unfold)[:2])
-        )  # as the reshape was given them (a size read off the unfold would make the proof evaluate the scores)
-        if not all(isinstance(size, (int, fx.Node)) for size in sizes):
-            sizes = tuple(insert_call(graph, "size", (unfold, axis), like=unfold) for axis in (0, 1))
-        return insert_call(graph, "unflatten", (operand, 0, sizes), like=operand)
+            for axis, size in enumerate(_shape(node)[:2])
+        )
+        if all(isinstance(size, (int, fx.Node)) for size in sizes):
+            return sizes
+
+    def size(node: fx.Node, axis: int) -> int | fx.Node:
+        known = _shape(node)[axis]
+        return known if isinstance(known, int) else insert_call(graph, "size", (node, axis), like=node)
+
+    if reshapes:
+        four = reshapes[0] if len(_shape(reshapes[0])) == 4 else reshapes[0].args[0]
+        return size(four, 0), size(four, 1)
+    return 1, size(query, 0)
 
 
 def _unfold_operands(
-    graph: fx.Graph, scores: _Scores, operands: tuple[fx.Node, fx.Node, fx.Node], output: fx.Node
+    graph: fx.Graph,
+    scores: _Scores,
+    probabilities: list[fx.Node],
+    operands: tuple[fx.Node, fx.Node, fx.Node],
+    output: fx.Node,
 ) -> tuple[fx.Node, fx.Node, fx.Node]:
-    """q, k, v of scores computed with the heads folded into the batch axis, each as (B, H, T, d); the masks and
-    factors taken below the unfold likewise (in ``scores``)."""
-    unflatten = lambda node: _unflattened(graph, node, scores.unfold, output)  # noqa: E731
-    above = scores.parts_above
-    scores.parts[above:] = [dataclasses.replace(p, node=unflatten(p.node)) for p in scores.parts[above:]]
-    above = scores.factors_above
-    scores.factors[above:] = [(unflatten(f), divide) for f, divide in scores.factors[above:]]
-    query, key, value = operands
-    return unflatten(query), unflatten(key), unflatten(value)
+    """q, k, v of attention computed with the heads folded into the batch axis, each as (B, H, T, d) (``unflatten``
+    inserted before ``output``); the masks and factors taken of the 3-D scores likewise (in ``scores``). A 3-D one whose
+    first size is 1 (or a lower one) broadcasts alike either way: left as it is."""
+    with graph.inserting_before(output):
+        sizes = _head_sizes(graph, scores, probabilities, operands[0])
+
+        def unflatten(node: fx.Node) -> fx.Node:
+            shape = _shape(node)
+            if len(shape) < 3 or _equal(shape[0], 1):
+                return node
+            return insert_call(graph, "unflatten", (node, 0, sizes), like=node)
+
+        for i in scores.folded_parts:
+            scores.parts[i] = dataclasses.replace(scores.parts[i], node=unflatten(scores.parts[i].node))
+        for i in scores.folded_factors:
+            scores.factors[i] = (unflatten(scores.factors[i][0]), scores.factors[i][1])
+        return tuple(unflatten(operand) for operand in operands)
 
 
 def find_handwritten(graph: fx.Graph, evaluator: Evaluator) -> Iterator[AttentionSite]:
@@ -658,11 +708,12 @@ def find_handwritten(graph: fx.Graph, evaluator: Evaluator) -> Iterator[Attentio
             )
         query, key_t, key_transposed = _product(scores.matmul)
         key, value = key_t if key_transposed else _untransposed(key_t), _product(output).right
-        problem = problem or _changed_in_place(scores, probabilities, output) or _fold_problem(scores, probabilities)
-        folded = scores.unfold is not None and problem is None
+        problem = problem or _changed_in_place(scores, probabilities, output)
+        problem = problem or _fold_problem(scores, probabilities, output)
+        folded = problem is None and _is_folded(scores)
         if folded:
             key = key if key is not None else _key_of_transposed(graph, key_t, scores.matmul)
-            query, key, value = _unfold_operands(graph, scores, (query, key, value), output)
+            query, key, value = _unfold_operands(graph, scores, probabilities, (query, key, value), output)
         problem = problem or _site_problem(shared, query, key if folded else key_t, value)
         if key is None and problem is None:
             key = _key_of_transposed(graph, key_t, scores.matmul)
