@@ -306,11 +306,10 @@ def _tapping_backend(
 def _site_error(record: SiteRecord, site: AttentionSite, names: list[str], output, inputs, deg: int) -> float:
     """Max |op - oracle| of one tapped call, relative to the oracle's largest magnitude (at least 1)."""
     given = dict(zip(names, inputs))
-    if site.kind == "hand-written" and site.folded:  # scores (B H, Tq, Tk) or (B, H, Tq, Tk), the output (B H, Tq, e)
-        weights = oracle_softmax(given["scores"], deg=deg).double()
-        expected = weights.reshape(-1, *weights.shape[-2:]) @ given["value"].double().flatten(0, 1)
-    elif site.kind == "hand-written":
-        expected = oracle_softmax(given["scores"], deg=deg).double() @ given["value"].double()
+    if site.kind == "hand-written":  # 3-D scores (B H, Tq, Tk) read as (B, H, Tq, Tk); a folded output is (B H, Tq, e)
+        weights, value = oracle_softmax(given["scores"], deg=deg).double(), given["value"].double()
+        weights = weights.unflatten(0, value.shape[:2]) if weights.dim() == 3 else weights
+        expected = (weights @ value).flatten(0, 1) if site.folded else weights @ value
     else:
         scale = given.pop("scale")
         expected = oracle_sdpa(

@@ -123,6 +123,15 @@ def xglm() -> nn.Module:
     return _hf("XGLMConfig", "XGLMForCausalLM", attention="eager", **config, **dropouts, max_position_embeddings=128)
 
 
+def gpt_neox_japanese() -> nn.Module:
+    """GPT-NeoX-Japanese: q @ k^T of (B H, T, d) tensors by ``baddbmm`` (onto zeros), scores viewed as (B, H, Tq, Tk),
+    p @ v 4-D."""
+    config = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": VOCAB}
+    dropouts = {"attention_dropout": 0.0, "hidden_dropout": 0.0}
+    special = {"bos_token_id": 0, "eos_token_id": 1}
+    return _hf("GPTNeoXJapaneseConfig", "GPTNeoXJapaneseForCausalLM", "eager", **config, **dropouts, **special)
+
+
 def opt() -> nn.Module:
     config = _small_without("intermediate_size", "attention_dropout")
     return _hf("OPTConfig", "OPTForCausalLM", **config, ffn_dim=64, dropout=0.0, attention_dropout=0.0)
@@ -307,6 +316,13 @@ CASES = {
         [CAUSAL] * 2,
         lambda t: left_padding(2, t, PADS).bool(),
     ),
+    "gpt_neox_japanese (folded q @ k^T, 4-D p @ v), left padding": (
+        gpt_neox_japanese,
+        _ids,
+        lambda t: {"attention_mask": left_padding(2, t, PADS)},
+        [CAUSAL] * 2,
+        lambda t: left_padding(2, t, PADS).bool(),
+    ),
     "llama eager attention (hand-written), left padding": (
         lambda: _eager(llama()),
         _ids,
@@ -324,6 +340,7 @@ REWRITE_ONLY = (
     "olmo2", "gpt_neox", "falcon (mask proven by evaluation)", "opt",
     "gemma2 eager (soft-capped scores: kept, and said why)",
     "xglm eager (heads folded into the batch axis), left padding",
+    "gpt_neox_japanese (folded q @ k^T, 4-D p @ v), left padding",
 )  # fmt: skip
 
 

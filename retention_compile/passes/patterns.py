@@ -623,12 +623,12 @@ def _fold_problem(scores: _Scores, probabilities: list[fx.Node], output: fx.Node
     reshapes = [*scores.reshapes, *(node for node in probabilities if _heads_reshaped(node) is not None)]
     if not _is_folded(scores):
         return "the scores are reshaped between (B H, Tq, Tk) and (B, H, Tq, Tk)" if reshapes else None
-    if len(_shape(output) or ()) != 3:
-        return "q @ k^T is 3-D (the heads folded into the batch axis) but p @ v is not"
+    if len(_shape(output) or ()) == 4 and not any(_heads_reshaped(node) == 4 for node in reshapes):
+        return "q @ k^T is 3-D (the heads folded into the batch axis), p @ v 4-D, and no reshape between them"
     heads = [_four_dimensional_side(node)[:2] for node in reshapes]
     if any(not (_equal(b, heads[0][0]) and _equal(h, heads[0][1])) for b, h in heads):
         return "the scores and probabilities are reshaped to different (batch, heads)"
-    rows = _shape(output)[0]
+    rows = _shape(_product(scores.matmul).left)[0]
     operands = [scores.parts[i].node for i in scores.folded_parts]
     operands += [scores.factors[i][0] for i in scores.folded_factors]
     for operand in operands:
@@ -677,7 +677,7 @@ def _unfold_operands(
 
         def unflatten(node: fx.Node) -> fx.Node:
             shape = _shape(node)
-            if len(shape) < 3 or _equal(shape[0], 1):
+            if len(shape) != 3 or _equal(shape[0], 1):
                 return node
             return insert_call(graph, "unflatten", (node, 0, sizes), like=node)
 
@@ -711,7 +711,7 @@ def find_handwritten(graph: fx.Graph, evaluator: Evaluator) -> Iterator[Attentio
         problem = problem or _changed_in_place(scores, probabilities, output)
         problem = problem or _fold_problem(scores, probabilities, output)
         folded = problem is None and _is_folded(scores)
-        if folded:
+        if folded:  # q @ k^T of (B H, T, d) tensors (p @ v too, or the probabilities are 4-D: GPT-NeoX-Japanese)
             key = key if key is not None else _key_of_transposed(graph, key_t, scores.matmul)
             query, key, value = _unfold_operands(graph, scores, probabilities, (query, key, value), output)
         problem = problem or _site_problem(shared, query, key if folded else key_t, value)
@@ -733,5 +733,5 @@ def find_handwritten(graph: fx.Graph, evaluator: Evaluator) -> Iterator[Attentio
             scores=node.args[0],
             anchor=node,
             unsupported=problem,
-            folded=folded,
+            folded=folded and len(_shape(output)) == 3,
         )

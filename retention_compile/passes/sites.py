@@ -53,8 +53,9 @@ class AttentionSite:
     scores:        for hand-written attention, the node fed to the softmax (``anchor`` is the softmax: the
                    site's location is the softmax call's).
     unsupported:   why the site cannot be rewritten whatever its mask (set by the finder).
-    folded:        hand-written attention with the heads folded into the batch axis (BLOOM): q, k, v are the
-                   finder's (B, H, T, d) views of them, the output node is (B H, Tq, e).
+    folded:        hand-written attention with the heads folded into the batch axis whose output node is
+                   (B H, Tq, e) (BLOOM, XGLM): the op's (B, H, Tq, e) is flattened back. (q, k, v are the finder's
+                   (B, H, T, d) views of such tensors whatever the output.)
     """
 
     node: fx.Node
