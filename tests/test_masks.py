@@ -278,6 +278,33 @@ def test_three_dimensional_attention_without_a_heads_reshape():
     torch.testing.assert_close(out, expected, **TOL)
 
 
+@pytest.mark.parametrize("form", ["keyword shape", "one row", "baddbmm for p @ v"])
+def test_folded_heads_edge_forms(form):
+    """Forms a review found (each wrong before its fix): a reshape given ``shape=`` by keyword (crashed the compile), a
+    single (B H) row (kept: q was not read as 4-D), and ``baddbmm(r, p, v)`` as p @ v (rewritten as p @ v alone, r
+    silently dropped: now no site, the graph as written)."""
+    q, k, v = (x.flatten(0, 1)[: 1 if form == "one row" else None] for x in qkv())
+    rows, addend = q.shape[0], torch.full((q.shape[0], T, D), 100.0)
+
+    def fn(q, k, v):
+        scores = torch.bmm(q, k.transpose(1, 2)) * D**-0.5
+        if form == "keyword shape":
+            scores = torch.reshape(scores, shape=(B, H, T, T))
+        probabilities = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+        if form == "keyword shape":
+            probabilities = probabilities.reshape(rows, T, T)
+        return torch.baddbmm(addend, probabilities, v) if form == "baddbmm for p @ v" else torch.bmm(probabilities, v)
+
+    out, report = rewrite(fn, q, k, v)
+    if form == "baddbmm for p @ v":
+        assert not report.sites
+        torch.testing.assert_close(out, fn(q, k, v), **TOL)
+        return
+    assert report.sites[0].becomes == "causal retention", report.sites[0]
+    expected = oracle_sdpa(*(x.unflatten(0, (1, rows)) for x in (q, k, v)), is_causal=True).flatten(0, 1)
+    torch.testing.assert_close(out, expected, **TOL)
+
+
 def test_learned_relative_position_bias_is_kept():
     table = torch.nn.Parameter(torch.randn(2 * T - 1, H))
 
@@ -585,10 +612,12 @@ def test_keys_computed_already_transposed_are_read_through_a_transpose():
     torch.testing.assert_close(out, changed_after_the_scores(q, k_t.clone(), v), **TOL)
 
 
-def test_einsum_attention_on_merged_heads_is_kept_and_other_einsums_are_not_attention():
+def test_einsum_attention_on_merged_heads_and_other_einsums_that_are_not_attention():
+    """Einsum attention on (B H, T, d) tensors (kept as not 4-D until the heads folded into the batch axis were read,
+    each row a head of its own): rewritten, against the oracle. An einsum contracting the time axis is no attention."""
     q, k, v = qkv()
 
-    def merged_heads(q, k, v):  # (B * H, T, d): reported, not rewritten (the op takes (B, H, T, d))
+    def merged_heads(q, k, v):
         q3, k3, v3 = (x.flatten(0, 1) for x in (q, k, v))
         return torch.einsum("bij,bjd->bid", torch.einsum("bid,bjd->bij", q3, k3).softmax(-1), v3)
 
@@ -596,8 +625,9 @@ def test_einsum_attention_on_merged_heads_is_kept_and_other_einsums_are_not_atte
         return torch.einsum("bhdi,bhdj->bhij", q.transpose(-1, -2), k.transpose(-1, -2)).softmax(-1) @ v
 
     out, report = rewrite(merged_heads, q, k, v)
-    assert report.sites[0].decision == "kept" and "not 4-D" in report.sites[0].reason
-    torch.testing.assert_close(out, merged_heads(q, k, v), **TOL)
+    assert report.sites[0].becomes == "non-causal retention", report.sites[0]
+    expected = oracle_sdpa(q, k, v, scale=1.0).flatten(0, 1)
+    torch.testing.assert_close(out, expected, **TOL)
     out, report = rewrite(columns_contracted, q, k, v)
     assert not report.sites
     torch.testing.assert_close(out, columns_contracted(q, k, v), **TOL)

@@ -226,12 +226,10 @@ def _baddbmm(node: object) -> _Baddbmm | None:
 
 
 def _product(node: object) -> _Product | None:
-    """``node`` as a batched matrix product: ``a @ b`` (``matmul``, ``bmm``), the product of a ``baddbmm`` or an einsum
-    of that form (``_einsum_product``)."""
+    """``node`` as a batched matrix product: ``a @ b`` (``matmul``, ``bmm``) or an einsum of that form
+    (``_einsum_product``)."""
     if _calls(node, MATMUL_FUNCTIONS, MATMUL_METHODS) and len(node.args) == 2:
         return _Product(node.args[0], node.args[1], False)
-    if (added := _baddbmm(node)) is not None:
-        return _Product(added.left, added.right, False)
     if _calls(node, EINSUM_FUNCTIONS) and node.args and isinstance(node.args[0], str):
         operands = list(node.args[1:])
         if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
@@ -240,8 +238,15 @@ def _product(node: object) -> _Product | None:
     return None
 
 
+def _score_product(node: object) -> _Product | None:
+    """The product of q and k of scores: ``_product``'s, or that of a ``baddbmm`` (whose bias and factors
+    ``_Scores._baddbmm`` takes; p @ v is never a ``baddbmm``: its addend would be lost)."""
+    added = _baddbmm(node)
+    return _Product(added.left, added.right, False) if added is not None else _product(node)
+
+
 def _is_matmul(node: object) -> bool:
-    return _product(node) is not None
+    return _score_product(node) is not None
 
 
 def _is_masked_fill(node: object) -> bool:
@@ -566,7 +571,7 @@ def _changed_in_place(scores: _Scores, probabilities: list[fx.Node], output: fx.
                 what = "scores" if node in scores.chain else "attention weights"
                 return f"the {what} are changed in place ({_op_name(change)}), which the rewrite cannot follow"
     operands = [
-        *_product(scores.matmul)[:2],
+        *_score_product(scores.matmul)[:2],
         *(factor for factor, _ in scores.factors),
         *(part.node for part in scores.parts),
     ]
@@ -589,10 +594,11 @@ def _unmasked_fill(fill: tuple[fx.Node, object]) -> str:
     )
 
 
-def _site_problem(shared: bool, query: object, key_operand: object, value: object) -> str | None:
-    """Why a recognised hand-written site cannot be rewritten, or None."""
-    if shared:
-        return "the attention weights are also used elsewhere (e.g. returned with output_attentions)"
+SHARED_WEIGHTS = "the attention weights are also used elsewhere (e.g. returned with output_attentions)"
+
+
+def _site_problem(query: object, key_operand: object, value: object) -> str | None:
+    """Why a recognised hand-written site cannot be rewritten for its operands' shapes, or None."""
     if any(len(_shape(n) or ()) != 4 for n in (query, key_operand, value)):
         return "q, k, v are not 4-D (B, H, T, d) tensors"
     return None
@@ -607,7 +613,7 @@ def _key_of_transposed(graph: fx.Graph, key_t: fx.Node, product: fx.Node) -> fx.
 
 def _is_folded(scores: _Scores) -> bool:
     """Whether the scores' product is of 3-D q (B H, Tq, d): the heads folded into the batch axis."""
-    return len(_shape(_product(scores.matmul).left) or ()) == 3
+    return len(_shape(_score_product(scores.matmul).left) or ()) == 3
 
 
 def _four_dimensional_side(reshape: fx.Node) -> tuple:
@@ -620,7 +626,7 @@ def _fold_problem(scores: _Scores, probabilities: list[fx.Node], output: fx.Node
     is not folded): p @ v must be 3-D too, every reshape between the 3-D and the 4-D scores or probabilities must
     split the batch axis into the same (B, H), and every mask and factor of the 3-D scores must be one per (B H) row
     or one for all."""
-    reshapes = [*scores.reshapes, *(node for node in probabilities if _heads_reshaped(node) is not None)]
+    reshapes = _reshapes(scores, probabilities)
     if not _is_folded(scores):
         return "the scores are reshaped between (B H, Tq, Tk) and (B, H, Tq, Tk)" if reshapes else None
     if len(_shape(output) or ()) == 4 and not any(_heads_reshaped(node) == 4 for node in reshapes):
@@ -628,7 +634,7 @@ def _fold_problem(scores: _Scores, probabilities: list[fx.Node], output: fx.Node
     heads = [_four_dimensional_side(node)[:2] for node in reshapes]
     if any(not (_equal(b, heads[0][0]) and _equal(h, heads[0][1])) for b, h in heads):
         return "the scores and probabilities are reshaped to different (batch, heads)"
-    rows = _shape(_product(scores.matmul).left)[0]
+    rows = _shape(_score_product(scores.matmul).left)[0]
     operands = [scores.parts[i].node for i in scores.folded_parts]
     operands += [scores.factors[i][0] for i in scores.folded_factors]
     for operand in operands:
@@ -638,13 +644,25 @@ def _fold_problem(scores: _Scores, probabilities: list[fx.Node], output: fx.Node
     return None
 
 
+def _reshapes(scores: _Scores, probabilities: list[fx.Node]) -> list[fx.Node]:
+    """The reshapes between (B H, Tq, Tk) and (B, H, Tq, Tk) of the scores and of the probabilities."""
+    return [*scores.reshapes, *(node for node in probabilities if _heads_reshaped(node) is not None)]
+
+
+def _given_shape(reshape: fx.Node) -> tuple:
+    """The shape a reshape (``view``) was given: its arguments after the tensor, one tuple of them, or ``shape=``."""
+    if len(reshape.args) == 2 and isinstance(reshape.args[1], (tuple, list)):
+        return tuple(reshape.args[1])
+    return tuple(reshape.args[1:]) or tuple(reshape.kwargs.get("shape", reshape.kwargs.get("size", ())))
+
+
 def _head_sizes(graph: fx.Graph, scores: _Scores, probabilities: list[fx.Node], query: fx.Node) -> tuple:
     """(B, H) of attention computed with the heads folded into the batch axis: as the first reshape of the scores to
     (B, H, Tq, Tk) was given them (a size read off the scores would make the mask proof compute them), else read off
     a reshape between the two; without any, (1, B H): each (B H) row is a head of its own."""
-    reshapes = [*scores.reshapes, *(node for node in probabilities if _heads_reshaped(node) is not None)]
-    for node in (n for n in reshapes if _heads_reshaped(n) == 4):
-        given = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+    reshapes = _reshapes(scores, probabilities)
+    for node in (n for n in reshapes if _heads_reshaped(n) == 4 and len(_given_shape(n)) == 4):
+        given = _given_shape(node)
         sizes = tuple(
             given[axis] if isinstance(given[axis], fx.Node) or given[axis] == size else size
             for axis, size in enumerate(_shape(node)[:2])
@@ -669,22 +687,22 @@ def _unfold_operands(
     operands: tuple[fx.Node, fx.Node, fx.Node],
     output: fx.Node,
 ) -> tuple[fx.Node, fx.Node, fx.Node]:
-    """q, k, v of attention computed with the heads folded into the batch axis, each as (B, H, T, d) (``unflatten``
-    inserted before ``output``); the masks and factors taken of the 3-D scores likewise (in ``scores``). A 3-D one whose
-    first size is 1 (or a lower one) broadcasts alike either way: left as it is."""
+    """q, k, v of attention computed with the heads folded into the batch axis, each 3-D one as (B, H, T, d)
+    (``unflatten`` inserted before ``output``); the masks and factors taken of the 3-D scores likewise (in ``scores``),
+    except where their first size is 1: those broadcast alike either way, and are left as they are."""
     with graph.inserting_before(output):
         sizes = _head_sizes(graph, scores, probabilities, operands[0])
 
-        def unflatten(node: fx.Node) -> fx.Node:
+        def unflatten(node: fx.Node, broadcast: bool = False) -> fx.Node:
             shape = _shape(node)
-            if len(shape) != 3 or _equal(shape[0], 1):
+            if len(shape) != 3 or (broadcast and _equal(shape[0], 1)):
                 return node
             return insert_call(graph, "unflatten", (node, 0, sizes), like=node)
 
         for i in scores.folded_parts:
-            scores.parts[i] = dataclasses.replace(scores.parts[i], node=unflatten(scores.parts[i].node))
+            scores.parts[i] = dataclasses.replace(scores.parts[i], node=unflatten(scores.parts[i].node, True))
         for i in scores.folded_factors:
-            scores.factors[i] = (unflatten(scores.factors[i][0]), scores.factors[i][1])
+            scores.factors[i] = (unflatten(scores.factors[i][0], True), scores.factors[i][1])
         return tuple(unflatten(operand) for operand in operands)
 
 
@@ -706,15 +724,15 @@ def find_handwritten(graph: fx.Graph, evaluator: Evaluator) -> Iterator[Attentio
             problem = problem or (
                 _transformed_scores(other[1]) if other[1] is not None else _unmasked_fill(scores.unmasked_fill)
             )
-        query, key_t, key_transposed = _product(scores.matmul)
+        query, key_t, key_transposed = _score_product(scores.matmul)
         key, value = key_t if key_transposed else _untransposed(key_t), _product(output).right
         problem = problem or _changed_in_place(scores, probabilities, output)
-        problem = problem or _fold_problem(scores, probabilities, output)
+        problem = problem or _fold_problem(scores, probabilities, output) or (SHARED_WEIGHTS if shared else None)
         folded = problem is None and _is_folded(scores)
         if folded:  # q @ k^T of (B H, T, d) tensors (p @ v too, or the probabilities are 4-D: GPT-NeoX-Japanese)
             key = key if key is not None else _key_of_transposed(graph, key_t, scores.matmul)
             query, key, value = _unfold_operands(graph, scores, probabilities, (query, key, value), output)
-        problem = problem or _site_problem(shared, query, key if folded else key_t, value)
+        problem = problem or _site_problem(query, key if folded else key_t, value)
         if key is None and problem is None:
             key = _key_of_transposed(graph, key_t, scores.matmul)
         yield AttentionSite(
