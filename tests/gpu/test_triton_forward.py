@@ -415,6 +415,30 @@ def test_inside_triton_op_and_compile() -> None:
         assert kernel in text, f"{kernel} not in Inductor's output code"
 
 
+def test_dynamic_lengths_compile_at_most_twice() -> None:
+    """``backend="retention"`` with ``dynamic=True``, first called short (the plan at that hint takes one chunk, the
+    quadratic kernel): ``ops.resolve_plan`` guards the length at ``planning.single_chunk_limit``, so longer inputs
+    recompile once, with chunks, and every later length reuses one of the two graphs (before session 65 a graph traced
+    short ran the quadratic kernel, O(T^2), at every length). Outputs against the eager op at each length."""
+    import torch.nn.functional as F
+
+    import retention_compile as rc
+    from retention_compile.backend import collect_reports
+
+    def attention(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attention, backend="retention", dynamic=True)
+    with collect_reports() as report, torch.no_grad():
+        for T in (1000, 1500, 5000, 12345, 1200):
+            q, k, v, _, _ = make_inputs(1, 4, 4, T, T, 64, 64, torch.bfloat16)
+            got, expected = compiled(q, k, v), rc.power_retention(q, k, v, causal=True)
+            error = (got.float() - expected.float()).abs().max() / expected.float().abs().max()
+            assert float(error) <= TOL[torch.bfloat16], (T, float(error))
+    assert report.graphs <= 2 and all(site.decision == "rewritten" for site in report.sites), report.summary()
+
+
 @pytest.mark.parametrize("T", [700, 5000])
 def test_forward_without_a_backward_stores_y_alone(T: int) -> None:
     """``power_retention`` under ``torch.no_grad`` (the op's ``for_backward=False``: y stored in bf16 alone, no
