@@ -7,6 +7,7 @@ attention and their matmuls do not show in the top-level graph.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch import fx
@@ -66,41 +67,54 @@ class Operand:
     open: bool = False
 
 
+def _body_call_sites(gm: fx.GraphModule) -> Iterator[tuple[fx.GraphModule, fx.Node, fx.GraphModule, list[object]]]:
+    """``(module, call, body, operands)`` for every body call in ``gm`` and in its bodies (``graph_modules``)."""
+    for module in graph_modules(gm):
+        for node in module.graph.nodes:
+            for body, operands in body_calls(node, module):
+                yield module, node, body, operands
+
+
 def body_inputs(gm: fx.GraphModule) -> dict[fx.Node, Operand]:
     """The placeholders of every body of ``gm`` (``graph_modules``), each with the operand it receives from the graph
     around it. A body run by more than one call (or a ``cond`` branch pair sharing operands) is linked only where
     every call passes the same operand; a placeholder left out reads as an input of unknown value."""
     received: dict[fx.Node, list[Operand]] = {}
-    for module in graph_modules(gm):
-        for node in module.graph.nodes:
-            for body, operands in body_calls(node, module):
-                placeholders = [p for p in body.graph.nodes if p.op == "placeholder"]
-                if len(placeholders) != len(operands):
-                    continue
-                for placeholder, operand in zip(placeholders, operands):
-                    opened = node.target._name in OPEN_BODIES
-                    received.setdefault(placeholder, []).append(Operand(operand, module, opened))
+    for module, node, body, operands in _body_call_sites(gm):
+        placeholders = [p for p in body.graph.nodes if p.op == "placeholder"]
+        if len(placeholders) != len(operands):
+            continue
+        opened = node.target._name in OPEN_BODIES
+        for placeholder, operand in zip(placeholders, operands):
+            received.setdefault(placeholder, []).append(Operand(operand, module, opened))
     return {p: found[0] for p, found in received.items() if all(o == found[0] for o in found)}
 
 
-def pass_into(value: fx.Node, body: fx.GraphModule, root: fx.GraphModule) -> fx.Node:
-    """A node of ``body`` (a graph of ``graph_modules(root)``) that holds ``value``, a node of a graph around it:
-    ``value`` itself when it is ``body``'s own, else a placeholder of ``body`` that receives it. A placeholder is
+def body_callers(gm: fx.GraphModule) -> dict[fx.GraphModule, list[tuple[fx.GraphModule, fx.Node]]]:
+    """Every body of ``gm`` with its calls, each as ``(the module it is in, the call)``: what ``pass_into`` reads,
+    found once for all the terms a rewrite passes into bodies (a call's operands are read from the call itself, so
+    operands ``pass_into`` appends keep this current)."""
+    callers: dict[fx.GraphModule, list[tuple[fx.GraphModule, fx.Node]]] = {}
+    for module, node, body, _ in _body_call_sites(gm):
+        callers.setdefault(body, []).append((module, node))
+    return callers
+
+
+def pass_into(
+    value: fx.Node, body: fx.GraphModule, callers: dict[fx.GraphModule, list[tuple[fx.GraphModule, fx.Node]]]
+) -> fx.Node:
+    """A node of ``body`` that holds ``value``, a node of a graph around it: ``value`` itself when it is ``body``'s
+    own, else a placeholder of ``body`` that receives it. ``callers``: ``body_callers`` of the graph. A placeholder is
     added, and ``value`` appended to the operands of every call of ``body``, where no call passes it yet; through every
     body on the way down from ``value``'s graph. Every call of every body on the way must be of ``OPEN_BODIES``
     (``Operand.open``) and in one graph."""
     if value.graph is body.graph:
         return value
-    calls = [
-        (module, node)
-        for module in graph_modules(root)
-        for node in module.graph.nodes
-        if any(called is body for called, _ in body_calls(node, module))
-    ]
+    calls = callers.get(body, [])
     modules = {id(module): module for module, _ in calls}
     if not calls or len(modules) != 1 or any(node.target._name not in OPEN_BODIES for _, node in calls):
         raise ValueError(f"{value.name} cannot be passed into a body whose calls are not open calls of one graph")
-    outer = pass_into(value, next(iter(modules.values())), root)
+    outer = pass_into(value, next(iter(modules.values())), callers)
     placeholders = [node for node in body.graph.nodes if node.op == "placeholder"]
     for index, operand in enumerate(body_calls(calls[0][1], calls[0][0])[0][1]):
         if operand is outer and all(body_calls(node, module)[0][1][index] is outer for module, node in calls):

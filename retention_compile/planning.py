@@ -777,8 +777,8 @@ def single_chunk_limit(
     cuda_state: bool = True,
 ) -> int:
     """The longest length ``2^n <= SINGLE_CHUNK_SEARCH_MAX`` such that ``plan`` gives every power of 2 up to it one
-    chunk: where the aten path switches from its quadratic form to its chunked one for this shape, whatever the length
-    a graph was traced at (``ops._quadratic_serves`` under dynamic shapes)."""
+    chunk: where a graph traced with a symbolic length switches from one chunk (the quadratic kernel, the aten path's
+    quadratic form) to chunks for this shape, whatever the length it was traced at (``ops.resolve_plan``)."""
     limit, length = 0, 1
     while length <= SINGLE_CHUNK_SEARCH_MAX:
         if plan(spec, length, d, e, deg, dtype, gated, batch_heads, 0, cuda_state).chunk_size < length:

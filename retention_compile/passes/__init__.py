@@ -14,7 +14,7 @@ import functools
 
 from torch import fx
 
-from ..bodies import body_inputs, graph_modules, pass_into
+from ..bodies import body_callers, body_inputs, graph_modules, pass_into
 from ..config import RetentionConfig
 from ..report import Report, SiteRecord
 from .decide import Decision, RetentionRewriteError, decide
@@ -77,10 +77,11 @@ def rewrite_attention(gm: fx.GraphModule, config: RetentionConfig, graph_index: 
                 f"({record.module or 'top level'}) cannot be rewritten: {decision.reason}. "
                 "Use strict=False to keep it as SDPA."
             )
+    callers = body_callers(gm)
     for index in reversed(range(len(found))):
         if decisions[index].rewrite:
             module, _, site = found[index]
-            bring = functools.partial(pass_into, body=module, root=gm)
+            bring = functools.partial(pass_into, body=module, callers=callers)
             output = replace_with_retention(module.graph, site, decisions[index], config, bring)
             output.meta.update(retention_site=site, retention_index=index)
     for module in modules:

@@ -293,8 +293,7 @@ def _untransposed(node: object) -> fx.Node | None:
         dims = {d % rank if isinstance(d, int) else d for d in node.args[1:3]}
         return node.args[0] if dims == {rank - 2, rank - 1} else None
     if _calls(node, (torch.permute, torch.Tensor.permute), frozenset({"permute"})):
-        order = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
-        return node.args[0] if tuple(order) == (*range(rank - 2), rank - 1, rank - 2) else None
+        return node.args[0] if _listed_argument(node) == (*range(rank - 2), rank - 1, rank - 2) else None
     if node.op == "call_function" and node.target is getattr and node.args[1] == "mT":
         return node.args[0]
     return None
@@ -616,9 +615,9 @@ def _is_folded(scores: _Scores) -> bool:
     return len(_shape(_score_product(scores.matmul).left) or ()) == 3
 
 
-def _four_dimensional_side(reshape: fx.Node) -> tuple:
-    """The (B, H, Tq, Tk) shape of a ``_heads_reshaped`` node: its result's or its operand's."""
-    return _shape(reshape) if len(_shape(reshape)) == 4 else _shape(reshape.args[0])
+def _four_dimensional(reshape: fx.Node) -> fx.Node:
+    """The (B, H, Tq, Tk) side of a ``_heads_reshaped`` node: its result or its operand."""
+    return reshape if len(_shape(reshape)) == 4 else reshape.args[0]
 
 
 def _fold_problem(scores: _Scores, probabilities: list[fx.Node], output: fx.Node) -> str | None:
@@ -631,7 +630,7 @@ def _fold_problem(scores: _Scores, probabilities: list[fx.Node], output: fx.Node
         return "the scores are reshaped between (B H, Tq, Tk) and (B, H, Tq, Tk)" if reshapes else None
     if len(_shape(output) or ()) == 4 and not any(_heads_reshaped(node) == 4 for node in reshapes):
         return "q @ k^T is 3-D (the heads folded into the batch axis), p @ v 4-D, and no reshape between them"
-    heads = [_four_dimensional_side(node)[:2] for node in reshapes]
+    heads = [_shape(_four_dimensional(node))[:2] for node in reshapes]
     if any(not (_equal(b, heads[0][0]) and _equal(h, heads[0][1])) for b, h in heads):
         return "the scores and probabilities are reshaped to different (batch, heads)"
     rows = _shape(_score_product(scores.matmul).left)[0]
@@ -649,11 +648,13 @@ def _reshapes(scores: _Scores, probabilities: list[fx.Node]) -> list[fx.Node]:
     return [*scores.reshapes, *(node for node in probabilities if _heads_reshaped(node) is not None)]
 
 
-def _given_shape(reshape: fx.Node) -> tuple:
-    """The shape a reshape (``view``) was given: its arguments after the tensor, one tuple of them, or ``shape=``."""
-    if len(reshape.args) == 2 and isinstance(reshape.args[1], (tuple, list)):
-        return tuple(reshape.args[1])
-    return tuple(reshape.args[1:]) or tuple(reshape.kwargs.get("shape", reshape.kwargs.get("size", ())))
+def _listed_argument(node: fx.Node, *keywords: str) -> tuple:
+    """The sizes or axes a call was given after its tensor (a reshape's shape, a permute's order): as arguments one by
+    one, as one tuple, or by the first of ``keywords`` it was given."""
+    if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
+        return tuple(node.args[1])
+    given = next((node.kwargs[name] for name in keywords if name in node.kwargs), ())
+    return tuple(node.args[1:]) or tuple(given)
 
 
 def _head_sizes(graph: fx.Graph, scores: _Scores, probabilities: list[fx.Node], query: fx.Node) -> tuple:
@@ -661,8 +662,10 @@ def _head_sizes(graph: fx.Graph, scores: _Scores, probabilities: list[fx.Node], 
     (B, H, Tq, Tk) was given them (a size read off the scores would make the mask proof compute them), else read off
     a reshape between the two; without any, (1, B H): each (B H) row is a head of its own."""
     reshapes = _reshapes(scores, probabilities)
-    for node in (n for n in reshapes if _heads_reshaped(n) == 4 and len(_given_shape(n)) == 4):
-        given = _given_shape(node)
+    for node in reshapes:
+        given = _listed_argument(node, "shape", "size")
+        if _heads_reshaped(node) != 4 or len(given) != 4:
+            continue
         sizes = tuple(
             given[axis] if isinstance(given[axis], fx.Node) or given[axis] == size else size
             for axis, size in enumerate(_shape(node)[:2])
@@ -675,7 +678,7 @@ def _head_sizes(graph: fx.Graph, scores: _Scores, probabilities: list[fx.Node], 
         return known if isinstance(known, int) else insert_call(graph, "size", (node, axis), like=node)
 
     if reshapes:
-        four = reshapes[0] if len(_shape(reshapes[0])) == 4 else reshapes[0].args[0]
+        four = _four_dimensional(reshapes[0])
         return size(four, 0), size(four, 1)
     return 1, size(query, 0)
 
