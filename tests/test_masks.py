@@ -172,12 +172,30 @@ def test_padding_term_becomes_valid():
 
 
 def test_data_that_varies_along_queries_is_kept():
+    """Query rows masked by data passed in (no key padding grid) and a mask computed from a parameter (learned: it
+    cannot be read once and checked) are kept, each with its reason."""
+
     def fn(q, k, v, rows):
         i, j = grids_of(T, T)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & rows[:, None, :, None])
 
-    _, report = rewrite(fn, *qkv(), torch.ones(B, T, dtype=torch.bool))
-    assert report.sites[0].decision == "kept" and "varies along the query axis" in report.sites[0].reason
+    rows = torch.ones(B, T, dtype=torch.bool)
+    rows[0, 5] = False
+    _, report = rewrite(fn, *qkv(), rows)
+    site = report.sites[0]
+    assert site.decision == "kept" and "mask passed in is, at the call that compiled the graph" in site.reason, site
+
+    class LearnedMask(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.logits = torch.nn.Parameter(torch.ones(T, T).tril() - 0.5)
+
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.logits > 0)
+
+    _, report = rewrite(LearnedMask(), *qkv())
+    site = report.sites[0]
+    assert site.decision == "kept" and "more than tensors passed in (parameters" in site.reason, site
 
 
 @pytest.mark.parametrize("form", ["where finfo.min", "masked_fill -inf", "bool to float"])
@@ -931,3 +949,66 @@ def test_a_window_no_longer_than_a_static_key_length_is_proven_under_dynamic_sha
     assert site.decision == "rewritten", site
     i, j = grids_of(3, 8)
     torch.testing.assert_close(out, oracle_sdpa(q3, k, v, attn_mask=j <= i), **TOL)
+
+
+# ----------------------------------------------------------------------------------- masks passed in as tensors
+
+
+def _attend_with(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _padding(pads, kv_len=T):
+    """(B, 1, 1, Tk) bool: the keys after each row's ``pads[b]`` left-padded ones."""
+    return (torch.arange(kv_len)[None, :] >= torch.tensor(pads)[:, None])[:, None, None, :]
+
+
+def _padded_causal(pads, q_len=T, kv_len=T):
+    """(B, 1, Tq, Tk) bool: causal (bottom-right) on the valid keys."""
+    return causal_grid(q_len, kv_len) & _padding(pads, kv_len)
+
+
+def _additive(mask):
+    return torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize(
+    ("form", "make", "becomes"),
+    [
+        ("causal (T, T)", lambda pads: causal_grid(T, T), "causal retention"),
+        ("additive causal, nn.Transformer's", lambda pads: _additive(causal_grid(T, T)), "causal retention"),
+        ("causal & left padding (B, 1, T, T)", _padded_causal, "causal retention"),
+        ("padding only (B, 1, T, T)", lambda pads: _padding(pads).expand(B, 1, T, T).clone(), "non-causal retention"),
+        ("window of 5 & padding", lambda pads: _padded_causal(pads) & window_grid(T, T, 5), "causal retention"),
+    ],
+    ids=["causal", "additive", "causal padded", "full padded", "window padded"],
+)
+def test_a_mask_passed_in_is_read_at_the_first_call_and_checked_at_every_call(form, make, becomes, dynamic):
+    """A mask passed in as a tensor was kept ("depends on the data ... varies along the query axis"). It is now read
+    at the call that compiled the graph; each call's valid keys (those some query sees) become ``valid``, and its
+    mask is checked at run time to be the grid read. Forward and gradients against the oracle at two paddings;
+    a mask of another kind at a later call raises, naming the site."""
+    q, k, v = (x.requires_grad_() for x in qkv())
+    mask = make([3, 0])
+    _, report = rewrite(_attend_with, q, k, v, mask, dynamic=dynamic)
+    (site,) = report.sites
+    assert (site.decision, site.becomes) == ("rewritten", becomes), site.reason
+    assert "read from the mask passed in" in site.reason and "checked at run time" in " ".join(site.notes)
+    compiled = torch.compile(
+        _attend_with, backend=functools.partial(rewrite_only_backend, options=None), dynamic=dynamic
+    )
+    for pads in ([3, 0], [0, 11]):
+        mask = make(pads)
+        out = compiled(q, k, v, mask)
+        exact = [x.detach().double().requires_grad_() for x in (q, k, v)]
+        expected = oracle_sdpa(*exact, attn_mask=mask, window_dropped="window" in form)
+        torch.testing.assert_close(out.double(), expected, **TOL)
+        weights = torch.randn_like(out)
+        grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+        for got, want in zip(grads, torch.autograd.grad((expected * weights.double()).sum(), exact)):
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    other = torch.ones(mask.shape, dtype=torch.bool)  # the same shape and dtype: no recompile
+    other = other if becomes != "non-causal retention" else other & causal_grid(T, T)
+    with pytest.raises(RuntimeError, match="mask passed in at .* is not the"):
+        compiled(q, k, v, other if mask.dtype == torch.bool else _additive(other))

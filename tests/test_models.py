@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import retention_compile.testing as rc_testing
+from retention_compile.passes.grids import MASKED_BELOW
 from retention_compile.testing import check_model, oracle_attention
 
 VOCAB = 97
@@ -457,6 +458,28 @@ def test_multihead_attention_forms():
     assert site.decision == "kept" and "bias_k" in site.reason
 
 
+@pytest.mark.parametrize("dtype", ["float", "bool"])
+def test_transformer_decoder_layer_given_its_causal_mask(dtype):
+    """``nn.Transformer``'s way: ``tgt_mask = generate_square_subsequent_mask(T)`` made by the caller and passed in
+    (float, -inf above the diagonal; or bool, True where masked). Its site was kept: a mask passed in is data. It is
+    now read at the call that compiled the graph and checked at every call: outputs and gradients against the
+    oracle, memory padding too, and at a second length."""
+    torch.manual_seed(0)
+    layer = nn.TransformerDecoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
+
+    def given(length: int) -> dict:
+        mask = nn.Transformer.generate_square_subsequent_mask(length)
+        padding = torch.zeros(2, 7, dtype=torch.bool)
+        padding[1, -3:] = True
+        return {"tgt_mask": mask if dtype == "float" else mask < 0, "memory_key_padding_mask": padding}
+
+    memory = _mha_input(2, 7)
+    more = [((_mha_input(2, T2), memory), given(T2))]
+    check = check_model(layer, _mha_input(2, T1), memory, **given(T1), more=more, inductor=False, quiet=True)
+    assert [s.becomes for s in check.report.sites[:2]] == [CAUSAL, NON_CAUSAL], check.report.summary()
+    assert "read from the mask passed in" in check.report.sites[0].reason
+
+
 def test_transformers_gradient_checkpointing():
     """``gradient_checkpointing_enable()``: each decoder layer is a checkpointed body graph, and the 4-D mask
     transformers builds outside it reaches it as an input. The mask is read where it is made
@@ -487,18 +510,21 @@ def bloom() -> nn.Module:
     return transformers.BloomForCausalLM(config).eval()
 
 
-def _bloom_oracle_softmax(slopes: torch.Tensor):
-    """The softmax of BLOOM's causal scores ``x = s q.k + m_h j`` (-big at masked keys) answered as power retention
-    with the ALiBi gate: ``(s q.k)^2 exp(-m_h (i - j))`` on j <= i, normalised (float64). check_model's oracle cannot
-    take a hand-written ALiBi bias apart; BLOOM's has no per-row constant, so x - m_h j is the product."""
+def _bloom_oracle_softmax(slopes: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """The softmax of BLOOM's causal scores ``x = s q.k + m_h p_j`` (-big at masked entries) answered as power
+    retention with the ALiBi gate: ``(s q.k)^2 exp(-m_h (i - j))`` on the admitted entries, normalised (float64).
+    ``p_j`` is BLOOM's position of key j, the valid keys before it (j itself without a mask); on a valid row of a
+    left-padded mask ``p_i - p_j = i - j``. check_model's oracle cannot take a hand-written ALiBi bias apart; BLOOM's
+    has no per-row constant, so ``x - m_h p_j`` is the product."""
     from retention_compile.reference import EPS
 
     def softmax(x, dim=-1, dtype=None):
         x = x.double()
         j = torch.arange(x.shape[-1], dtype=torch.float64)
+        positions = j if attention_mask is None else ((attention_mask.cumsum(-1) - 1) * attention_mask).double()
         decay = slopes.double()[:, None, None]
-        weights = (x - decay * j).square() * torch.exp(-decay * (j[:, None] - j))
-        weights = weights.masked_fill(j > j[:, None], 0.0)
+        weights = (x - decay * positions[..., None, None, :]).square() * torch.exp(-decay * (j[:, None] - j))
+        weights = weights.masked_fill(x <= MASKED_BELOW, 0.0)
         return (weights / (weights.sum(-1, keepdim=True) + EPS)).float()
 
     return softmax
@@ -507,16 +533,18 @@ def _bloom_oracle_softmax(slopes: torch.Tensor):
 def test_bloom_heads_folded_into_the_batch_axis():
     """BLOOM computes attention with the heads folded into the batch axis and its ALiBi bias added by ``baddbmm``: it
     gave no site and no report line. Now both sites are found; with ``gate="alibi"`` rewritten (logits against a BLOOM
-    oracle, the power weights with the ALiBi gate), without it kept saying so; with an attention_mask its ALiBi is
-    built from the mask's data (a cumsum of it), and the sites are kept with that reason."""
+    oracle, the power weights with the ALiBi gate), without it kept saying so. With an attention_mask its ALiBi is
+    built from the mask's data (a cumsum of it): the sites were kept. The mask and the bias are now read at the call
+    that compiled the graph and checked at every call: other paddings match the oracle with no recompile, and a mask
+    with a hole (not ALiBi on the valid keys) raises."""
     from unittest import mock
 
     from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 
     from retention_compile.backend import collect_reports, rewrite_only_backend
 
-    model, ids = bloom(), tokens(2, T1)
-    with mock.patch.object(F, "softmax", _bloom_oracle_softmax(_get_alibi_slopes(4, "cpu"))), torch.no_grad():
+    model, ids, slopes = bloom(), tokens(2, T1), _get_alibi_slopes(4, "cpu")
+    with mock.patch.object(F, "softmax", _bloom_oracle_softmax(slopes)), torch.no_grad():
         expected = model(ids).logits
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=functools.partial(rewrite_only_backend, options={"gate": "alibi"}))
@@ -527,10 +555,22 @@ def test_bloom_heads_folded_into_the_batch_axis():
     with collect_reports() as report, torch.no_grad():
         _rewrite_only(model)(ids)
     assert all(site.decision == "kept" and "gate='alibi'" in site.reason for site in report.sites), report.sites
+    torch._dynamo.reset()
     with collect_reports() as report, torch.no_grad():
-        _rewrite_only(model)(ids, attention_mask=left_padding(2, T1, PADS))
-    assert len(report.sites) == 2
-    assert all(site.decision == "kept" and "attention_mask" in site.reason for site in report.sites), report.sites
+        for pads in (PADS, (3, 1), (0, 0)):
+            mask = left_padding(2, T1, pads)
+            with mock.patch.object(F, "softmax", _bloom_oracle_softmax(slopes, mask)):
+                expected = model(ids, attention_mask=mask).logits
+            rows = mask.bool()
+            torch.testing.assert_close(
+                compiled(ids, attention_mask=mask).logits[rows], expected[rows], rtol=1e-5, atol=1e-5
+            )
+    assert [site.becomes for site in report.sites] == ["causal retention with ALiBi gate"] * 2, report.sites
+    assert "read from the mask passed in" in report.sites[0].reason
+    holed = left_padding(2, T1, (0, 0))
+    holed[0, 6] = 0
+    with pytest.raises(RuntimeError, match="ALiBi"), torch.no_grad():
+        compiled(ids, attention_mask=holed)
 
 
 class EncoderModel(nn.Module):
@@ -646,6 +686,38 @@ def test_hf_attention_function_reads_a_static_cache_longer_than_the_sequence():
     expected = power_retention_reference(q.double(), k[:, :, :6].double(), v[:, :, :6].double(), valid=valid)
     rows = admitted.any(-1).expand(-1, 4, -1)  # (B, Hq, Tq): rows with no key (padding) are not compared
     torch.testing.assert_close(out.transpose(1, 2)[rows], expected.float()[rows], rtol=1e-5, atol=1e-5)
+
+
+def test_generation_into_a_static_cache_with_left_padding():
+    """``generate(cache_implementation="static")`` with the forward compiled, left-padded prompts: transformers passes
+    the prefill a 4-D mask over the whole cache (top-left causal, the unused slots masked), which was kept as data
+    varying along the query axis (softmax prefill, retention decode: other tokens than the oracle's). It is now read
+    at the first call and checked at every call: the tokens and logits of a greedy generation are the oracle's (each
+    step recomputed over the whole sequence, no cache)."""
+    from retention_compile.backend import collect_reports, rewrite_only_backend
+
+    model, new_tokens = llama(), 4
+    ids, mask = tokens(2, T1), left_padding(2, T1, PADS)
+    expected, sequence, attention = [], ids, mask
+    with torch.no_grad(), oracle_attention():
+        for _ in range(new_tokens):
+            positions = (attention.cumsum(-1) - 1).clamp(min=0)
+            logits = model(sequence, attention_mask=attention, position_ids=positions, use_cache=False).logits[:, -1]
+            expected.append(logits)
+            sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], 1)
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend=rewrite_only_backend)
+    with collect_reports() as report, torch.no_grad():
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+            cache_implementation="static", output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    prefill = [site for site in report.sites if site.q_shape.endswith(f"{T1}, 8)")]
+    assert prefill and all(s.becomes == "causal retention over the first Tq keys" for s in prefill), report.summary()
+    assert len(report.rewritten) == len(report.sites), report.summary()
+    assert torch.equal(out.sequences, sequence)
+    torch.testing.assert_close(torch.stack(out.logits, 1), torch.stack(expected, 1), rtol=1e-5, atol=1e-5)
 
 
 SCRIPT = """

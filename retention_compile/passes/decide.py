@@ -156,6 +156,8 @@ def _decide_masked(site: AttentionSite, config: RetentionConfig, mask: MaskAnaly
     else:
         causal, what = False, "mask admitting every query-key pair"
     mapping = "causal retention" if causal else "non-causal retention"
+    if mask.key_prefix:
+        mapping, what = "causal retention over the first Tq keys", "causal mask aligned top-left (Tq < Tk)"
     if mask.slopes is not None:
         if config.gate != "alibi":
             return keep(f"{mask.slopes.describe()} bias found; RetentionConfig(gate='alibi') maps it to a gate", mask)
@@ -163,13 +165,20 @@ def _decide_masked(site: AttentionSite, config: RetentionConfig, mask: MaskAnaly
             return keep(f"{mask.slopes.describe()} bias on a non-causal mask: gating is causal only", mask)
         mapping = "causal retention with ALiBi gate"
         notes.append(f"{mask.slopes.describe()} -> constant per-head log-gate -m_h")
-    if mask.padding:
+    if mask.passed_in:
+        notes.append(
+            f"mask passed in ({', '.join(mask.passed_in)}): each call's valid keys (those some query sees) -> valid, "
+            "and the mask checked at run time to be this grid on them"
+        )
+    elif mask.padding:
         notes.append("key padding -> valid (" + ", ".join(t.node.name for t in mask.padding) + ")")
     if mask.buffers:
         notes.append(f"mask read from module buffers ({', '.join(mask.buffers)}): checked again at run time")
     where = "static shapes" if len(mask.sizes) == 1 and not mask.sizes[0].values else f"{len(mask.sizes)} sizes"
     reason = f"{what} proven by evaluation on the index grid ({where})"
-    return Decision(True, mapping, reason, causal=causal, mask=mask, notes=notes)
+    if mask.passed_in:
+        reason = f"{what} read from the mask passed in at the call that compiled the graph, checked at every call"
+    return Decision(True, mapping, reason, causal=causal, key_prefix=mask.key_prefix, mask=mask, notes=notes)
 
 
 def _decide_unmasked(site: AttentionSite, config: RetentionConfig) -> Decision:

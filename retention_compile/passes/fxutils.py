@@ -8,7 +8,8 @@ value is a function of the sizes alone. Random ops count as data (their values a
 Evaluation. ``Evaluator.run(node, sizes)`` executes the part of the graph that computes ``node`` with real
 tensors on the CPU: symbolic sizes take the values of ``sizes`` (an assignment of the shape symbols),
 inputs read only for their metadata become uninitialised tensors of the right shape, module buffers take
-their value at compile time. When ``node`` depends on no data, the result is exactly what the compiled graph
+their value at compile time, and tensors passed in take the value of the call that compiled the graph at its own
+sizes (``input_value``). When ``node`` depends on no data, the result is exactly what the compiled graph
 computes at those sizes.
 """
 
@@ -101,6 +102,17 @@ def buffer_value(node: fx.Node) -> torch.Tensor | None:
         return None
     value = getattr(node.meta.get("grapharg"), "example", None)
     return value if isinstance(value, torch.Tensor) else None
+
+
+def input_value(node: fx.Node) -> torch.Tensor | None:
+    """The compile-time value of a graph input that is a tensor the caller passed in (an argument, a tensor attribute
+    of a module), not a parameter and not a buffer: the value of the call that compiled the graph."""
+    if node.op != "placeholder" or buffer_value(node) is not None:
+        return None
+    value = getattr(node.meta.get("grapharg"), "example", None)
+    if not isinstance(value, torch.Tensor) or isinstance(value, torch.nn.Parameter):
+        return None
+    return None if "._parameters[" in source_name(node) else value
 
 
 def _metadata_only(user: fx.Node, arg_index: int) -> bool:
@@ -455,6 +467,9 @@ class Evaluator:
         buffer = buffer_value(node)
         if buffer is not None:
             return buffer.detach().cpu()
+        passed_in = input_value(node)
+        if passed_in is not None and sizes.shape(value.shape) == tuple(passed_in.shape):
+            return passed_in.detach().cpu()  # the call that compiled the graph (``MaskAnalyser``'s input terms)
         # Read for its metadata only (the data analysis guarantees it): an uninitialised tensor of its shape.
         return torch.empty(sizes.shape(value.shape), dtype=value.dtype)
 

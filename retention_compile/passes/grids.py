@@ -33,6 +33,11 @@ def causal_grid(q_len: int, kv_len: int, device: torch.device | None = None) -> 
     return torch.arange(kv_len, device=device)[None, :] <= rows
 
 
+def top_left_causal_grid(q_len: int, kv_len: int, device: torch.device | None = None) -> Tensor:
+    """``(Tq, Tk)`` bool: ``j <= i`` (SDPA's ``is_causal`` with Tq < Tk: keys past the first Tq seen by no query)."""
+    return torch.arange(kv_len, device=device)[None, :] <= torch.arange(q_len, device=device)[:, None]
+
+
 def window_grid(q_len: int, kv_len: int, window: int, device: torch.device | None = None) -> Tensor:
     """``(Tq, Tk)`` bool: ``i + off - w < j <= i + off``."""
     rows = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)

@@ -13,11 +13,23 @@ plus the additive rest. Each term is then read by what it is computed from (``fx
     padding  depends on data but has size 1 along the head and query axes: by broadcasting its value is
              the same for every query and head, so it is a function of (batch, key) only, a key-validity
              mask: it becomes the op's ``valid``.
-    unknown  anything else (data that varies along the query axis, a learned bias): the site is kept.
+    input    depends on tensors passed in (a mask argument, transformers' 4-D mask) and buffers only, and varies
+             along the query axis: read at the call that compiled the graph (``fxutils.input_value``), and
+             the rewrite adds a run-time check that every later call's mask is that grid on its own valid keys.
+    unknown  anything else (data computed from parameters or activations, a learned bias): the site is kept.
 
 The index terms together form one grid per size, compared entry by entry with the causal, sliding-window
 and full grids (``grids.classify_grid``); the finite part of the additive terms must be an ALiBi bias
 (``grids.fit_slopes``), whose per-row constant cancels, or the site is kept.
+
+A mask with an input term is read once, at the example sizes (``_read_passed_in``): all its terms together give one
+grid ``M (B, H, Tq, Tk)``, its valid keys are those some query sees, ``valid[b, j] = any_{h, i} M[b, h, i, j]``,
+and ``M`` must be the causal, window or full grid on those keys, or top-left causal with Tq < Tk (the keys past
+the first Tq then seen by no query: a prefill into transformers' ``StaticCache``). Its additive terms must hold
+nothing but 0 and masked entries, or be an ALiBi bias ``c_i - m_h (i - j)`` on the admitted entries (BLOOM's,
+made from the cumulative sum of the padding mask). At run time the rewrite recomputes ``valid`` from the call's mask,
+passes it to the op and asserts that the mask is that grid on it (and that the bias is still ``c_i + m_h j`` there,
+with the slopes read at compile time).
 
 A term is evaluated from the ops that compute it. A term that reads a tensor changed in place by an op outside that
 computation (``mask[0, 5] = True``, ``mask.fill_(...)``, also through a view of it: ``fxutils.in_place_changes``) is
@@ -45,6 +57,7 @@ from .fxutils import (
     buffer_value,
     elements,
     free_symbols,
+    input_value,
     mutated_from_outside,
     sample_sizes,
     shape_env_of,
@@ -150,7 +163,7 @@ class Term:
 
     node: fx.Node
     block: bool
-    kind: str = "unknown"  # "index" | "buffer" | "padding" | "unknown"
+    kind: str = "unknown"  # "index" | "buffer" | "padding" | "input" | "unknown"
     detail: str = ""
 
 
@@ -160,7 +173,7 @@ class Bias:
 
     node: fx.Node
     factor: float | None
-    kind: str = "unknown"  # "index" | "buffer" | "unknown"
+    kind: str = "unknown"  # "index" | "buffer" | "input" | "unknown"
     detail: str = ""
 
 
@@ -175,6 +188,9 @@ class MaskAnalysis:
     slopes:   ALiBi slopes of the additive bias (None without an additive bias or with a zero slope).
     buffers:  the names of the terms read from module buffers: the rewrite checks at run time that the
               index terms and biases still give the proven grid (and, from buffers, no bias but masking).
+    passed_in: the names of the input terms: the grid was read from the call that compiled the graph, and the
+              rewrite reads ``valid`` from each call's mask and checks the grid on it (``_read_passed_in``).
+    key_prefix: the grid is causal aligned top-left with Tq < Tk (a passed-in mask): query i sees keys 0..i.
     unknown:  why the mask cannot be read ('' when it can).
     sizes:    the sizes it was evaluated at.
     terms:    a short description per term, for the report.
@@ -185,6 +201,7 @@ class MaskAnalysis:
     biases: list[Bias] = field(default_factory=list)
     padding: list[Term] = field(default_factory=list)
     slopes: grids.Slopes | None = None
+    key_prefix: bool = False
     unknown: str = ""
     sizes: list[Sizes] = field(default_factory=list)
     terms: list[str] = field(default_factory=list)
@@ -193,16 +210,26 @@ class MaskAnalysis:
     def buffers(self) -> list[str]:
         return [t.node.name for t in [*self.index, *self.biases] if t.kind == "buffer"]
 
+    @property
+    def passed_in(self) -> list[str]:
+        return [t.node.name for t in [*self.index, *self.biases] if t.kind == "input"]
+
     def summary(self) -> str:
         """``causal & padding``, ``sliding window of 8 keys``, ...: the SiteRecord's ``mask``."""
         if self.unknown:
             return f"unproven: {self.unknown}"
         pieces = [self.grid.describe().split(" (")[0] if not self.grid.full else "full"]
-        if self.padding:
+        if self.key_prefix:
+            pieces[0] += " (top-left: the first Tq keys)"
+        if self.passed_in:
+            pieces.append("the valid keys of each call's mask")
+        elif self.padding:
             pieces.append("padding (" + ", ".join(t.node.name for t in self.padding) + ")")
         if self.slopes is not None:
             pieces.append(self.slopes.describe())
         where = "at static shapes" if self.sizes == [Sizes()] else f"at {len(self.sizes)} size(s)"
+        if self.passed_in:
+            where = "from the call that compiled the graph, checked at every call"
         return " & ".join(pieces) + f" [terms: {'; '.join(self.terms)}; proven {where}]"
 
 
@@ -333,6 +360,11 @@ class TermCollector:
         )
 
 
+def _passed_in(sources: frozenset[fx.Node]) -> bool:
+    """Every source is a tensor passed in or a module buffer: a compile-time value to read the mask from."""
+    return all(input_value(s) is not None or buffer_value(s) is not None for s in sources)
+
+
 def _broadcast_axes(node: fx.Node) -> dict[str, bool]:
     """For each of (batch, head, query, key): whether the term has size 1 there (right-aligned)."""
     shape = list(example_value(node).shape)
@@ -372,7 +404,7 @@ class MaskAnalyser:
             self._classify_term(term)
         for bias in collector.biases:
             self._classify_bias(bias)
-        index = [t for t in collector.terms if t.kind in ("index", "buffer")]
+        index = [t for t in collector.terms if t.kind in ("index", "buffer", "input")]
         padding = [t for t in collector.terms if t.kind == "padding"]
         unknown = [
             f"mask {part.node.name} reads {mutated.name}, which is changed in place"
@@ -387,7 +419,10 @@ class MaskAnalyser:
         full = grids.GridShape(True, False, None, 0)
         if unknown:
             return MaskAnalysis(full, unknown="; ".join(unknown), terms=terms)
-        analysis = self._evaluate(site, index, collector.biases)
+        if any(t.kind == "input" for t in [*index, *collector.biases]):
+            analysis = self._read_passed_in(site, [*index, *padding], collector.biases)
+        else:
+            analysis = self._evaluate(site, index, collector.biases)
         analysis.index, analysis.biases, analysis.padding, analysis.terms = index, collector.biases, padding, terms
         analysis.unknown = analysis.unknown or self._buffer_biases(analysis)
         return analysis
@@ -417,10 +452,13 @@ class MaskAnalyser:
             term.kind = "buffer"
         elif (axes := _broadcast_axes(node))["head"] and axes["query"]:
             term.kind = "padding"
+        elif _passed_in(sources):
+            term.kind = "input"
         else:
             term.detail = (
                 f"mask term {node.name} depends on the data of {self.data.describe(node)} and varies along the "
-                f"query axis, so it is not a key-padding mask{self._from_outside(node)}"
+                f"query axis, so it is not a key-padding mask; it is computed from more than tensors passed in "
+                f"(parameters, activations), so it cannot be read once and checked{self._from_outside(node)}"
             )
 
     def _classify_bias(self, bias: Bias) -> None:
@@ -433,6 +471,8 @@ class MaskAnalyser:
             bias.kind = "index"
         elif all(buffer_value(s) is not None for s in sources):
             bias.kind = "buffer"
+        elif _passed_in(sources):
+            bias.kind = "input"
         else:
             bias.detail = (
                 f"additive bias {bias.node.name} is computed from the data of {self.data.describe(bias.node)} "
@@ -500,6 +540,32 @@ class MaskAnalyser:
                 analysis.unknown = "the additive bias has different slopes at different sizes"
             elif not first.zero:
                 analysis.slopes = first
+        return analysis
+
+    def _read_passed_in(self, site: AttentionSite, terms: list[Term], biases: list[Bias]) -> MaskAnalysis:
+        """The grid of a mask with input terms (every term, padding too) at the call that compiled the graph, on the
+        keys some query sees there; bottom-right (causal, window, full) or top-left causal (``key_prefix``)."""
+        q, k = example_value(site.query), example_value(site.key)
+        q_len, kv_len = Sizes().of(q.shape[2]), Sizes().of(k.shape[2])
+        unread = grids.GridShape(False, False, None, kv_len)
+        try:
+            admitted, bias = self._grid(terms, biases, Sizes(), q_len, kv_len)
+        except Exception as error:  # noqa: BLE001 - whatever the graph's own ops raise on these values
+            return MaskAnalysis(unread, unknown=f"the mask passed in could not be read: {error}")
+        slopes = None
+        if bias is not None and bool((bias != 0).any()):
+            fitted = grids.fit_slopes(bias, admitted)
+            if isinstance(fitted, str):
+                return MaskAnalysis(unread, unknown=f"the additive mask passed in carries a bias: {fitted}")
+            slopes = None if fitted.zero else fitted
+        valid = admitted.any(2).any(1)
+        shape = grids.classify_grid(admitted, q_len, kv_len, valid)
+        analysis = MaskAnalysis(shape, slopes=slopes, sizes=[Sizes()])
+        top_left = grids.top_left_causal_grid(q_len, kv_len) & valid[:, None, None, :]
+        if not shape.known and q_len < kv_len and bool((admitted == top_left).all()):
+            analysis.grid, analysis.key_prefix = grids.GridShape(False, True, None, kv_len), True
+        elif not shape.known:
+            analysis.unknown = f"the mask passed in is, at the call that compiled the graph, {shape.describe()}"
         return analysis
 
     def _grid(

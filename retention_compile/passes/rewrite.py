@@ -6,9 +6,11 @@ Inserted before the site's output node:
     k, v     the site's (or the folded ones of a kv-head repeat), cast to q's dtype; the first Tq keys
              for SDPA's top-left ``is_causal`` with Tq < Tk
     valid    the conjunction of the padding terms, each read at head 0 and query 0 (they are constant
-             along those axes) and broadcast to (B, Tk)
+             along those axes) and broadcast to (B, Tk); for a mask passed in, the keys some query sees in
+             the call's mask (the first Tq of them for a top-left grid)
     log_gate the constant ``-m_h`` of ALiBi slopes, broadcast to (B, Hq, Tk)
-    checks   for masks read from module buffers: ``_assert_async`` that the mask is still the proven grid
+    checks   for masks read from module buffers: ``_assert_async`` that the mask is still the proven grid;
+             for masks passed in, that the call's mask is that grid on its valid keys
 
 A site in a higher-order op's body whose mask terms were made outside it (``masks.TermCollector._outside``) receives
 those terms as operands added to the op's call (``bring``, ``bodies.pass_into``).
@@ -136,11 +138,12 @@ class _Builder:
         gate = self.call("view", gate, 1, -1, 1)
         return self.call("contiguous", self.call("expand", gate, batch, heads, kv_len))
 
-    def check(self, mask: MaskAnalysis, q_len: Size, kv_len: Size, message: str) -> None:
-        """``_assert_async`` that the index terms and biases still give the proven grid, and that the biases
-        read from buffers still hold nothing but 0 and masked entries."""
-        offset = self.arith(operator.sub, kv_len, q_len)
-        rows = self.call(operator.add, self.call(torch.arange, q_len, device=self.device), offset)
+    def expected_grid(self, mask: MaskAnalysis, q_len: Size, kv_len: Size) -> fx.Node:
+        """(Tq, Tk) bool: the proven grid, bottom-right aligned (top-left for ``mask.key_prefix``)."""
+        offset = 0 if mask.key_prefix else self.arith(operator.sub, kv_len, q_len)
+        rows = self.call(torch.arange, q_len, device=self.device)
+        if offset != 0:
+            rows = self.call(operator.add, rows, offset)
         rows = self.call(operator.getitem, rows, (slice(None), None))
         cols = self.call(torch.arange, kv_len, device=self.device)
         expected = self.call(operator.le, cols, rows)
@@ -149,17 +152,54 @@ class _Builder:
         elif mask.grid.window is not None:
             start = self.call(operator.sub, rows, mask.grid.window)
             expected = self.call(operator.and_, expected, self.call(operator.gt, cols, start))
+        return expected
+
+    def admitted_grid(self, mask: MaskAnalysis, kv_len: Size, message: str) -> fx.Node:
+        """The entries the terms admit (index, buffer and input terms; the padding terms too for a passed-in mask;
+        the biases above ``MASKED_BELOW``), with an ``_assert_async`` that the biases read from buffers or passed
+        in hold nothing but 0 and masked entries, or, passed in with ALiBi slopes, still that bias there."""
         admitted = None
-        for term in mask.index:
+        for term in [*mask.index, *(mask.padding if mask.passed_in else [])]:
             node = self.admitted(term)
             admitted = node if admitted is None else self.call(operator.and_, admitted, node)
+        total = None
         for bias in mask.biases:
             scaled = self.call(operator.mul, self.bring(bias.node), bias.factor)
             open_ = self.call(operator.gt, scaled, grids.MASKED_BELOW)
-            if bias.kind == "buffer":
+            if bias.kind == "buffer" or (bias.kind == "input" and mask.slopes is None):
                 zero = self.call(operator.or_, self.call(operator.eq, scaled, 0), self.call(operator.invert, open_))
                 self.call(torch._assert_async, self.call("all", zero), message)
             admitted = open_ if admitted is None else self.call(operator.and_, admitted, open_)
+            scaled = self.call("to", scaled, torch.float32)
+            total = scaled if total is None else self.call(operator.add, total, scaled)
+        if mask.passed_in and mask.slopes is not None:
+            self.check_slopes(mask.slopes, total, admitted, kv_len, message)
+        return admitted
+
+    def check_slopes(self, slopes: grids.Slopes, bias: fx.Node, admitted: fx.Node, kv_len: Size, message: str) -> None:
+        """``_assert_async`` that ``bias`` is ``c_i + m_h j`` on the admitted entries: in every row ``bias - m_h j``
+        spreads by at most ``1e-5 (1 + max_h m_h (Tk - 1))`` (``grids.fit_slopes``' tolerance, there relative to the
+        row's own span)."""
+        values = slopes.values.tolist()
+        slope = self.call(torch.tensor, values, dtype=torch.float32, device=self.device)
+        cols = self.call(torch.arange, kv_len, dtype=torch.float32, device=self.device)
+        rest = self.call(operator.sub, bias, self.call(operator.mul, self.call("view", slope, -1, 1, 1), cols))
+        high = self.call("amax", self.call(torch.where, admitted, rest, -math.inf), -1)
+        low = self.call("amin", self.call(torch.where, admitted, rest, math.inf), -1)
+        tolerance = self.call("amax", self.call(operator.add, self.call(operator.mul, cols, 1e-5 * max(values)), 1e-5))
+        spread = self.call(operator.le, self.call(operator.sub, high, low), tolerance)  # a row with no key: -inf
+        self.call(torch._assert_async, self.call("all", spread), message)
+
+    def keys_seen(self, admitted: fx.Node, batch: Size, kv_len: Size) -> fx.Node:
+        """(B, Tk) bool: the keys some query of some head sees in ``admitted``."""
+        lead = 4 - example_value(admitted).dim()
+        if lead:
+            admitted = self.call(operator.getitem, admitted, (None,) * lead + (Ellipsis,))
+        seen = self.call("any", self.call("any", admitted, 2), 1)
+        return self.call("contiguous", self.call("expand", seen, batch, kv_len))
+
+    def check(self, admitted: fx.Node, expected: fx.Node, message: str) -> None:
+        """``_assert_async`` that the mask's admitted entries are the expected grid."""
         same = self.call("all", self.call(operator.eq, admitted, expected))
         self.call(torch._assert_async, same, message)
 
@@ -186,16 +226,31 @@ def replace_with_retention(
         valid = log_gate = None
         if mask is not None:
             batch, kv_len = build.size(site.query, 0), build.size(site.key, 2)
-            if mask.padding:
+            q_len = build.size(site.query, 2)
+            if mask.padding and not mask.passed_in:
                 valid = build.valid(mask.padding, batch, kv_len)
             if mask.slopes is not None:
                 log_gate = build.log_gate(mask.slopes, batch, build.size(site.query, 1), kv_len)
-            if mask.buffers:
+            if mask.passed_in:
+                message = (
+                    f"retention_compile: the attention mask passed in at {site.location} is not the "
+                    f"{mask.summary().split(' [')[0]} grid read from it at the call that compiled this graph; call "
+                    "torch._dynamo.reset() to compile for another kind of mask"
+                )
+                admitted = build.admitted_grid(mask, kv_len, message)
+                valid = build.keys_seen(admitted, batch, kv_len)
+                seen = build.call(operator.getitem, valid, (slice(None), None, None, slice(None)))
+                expected = build.call(operator.and_, build.expected_grid(mask, q_len, kv_len), seen)
+                build.check(admitted, expected, message)
+                if decision.key_prefix:
+                    valid = build.call(operator.getitem, valid, (slice(None), slice(None, q_len)))
+            elif mask.buffers:
                 message = (
                     f"retention_compile: the attention mask at {site.location} reads module buffers that no longer "
                     "hold the mask proven at compile time; call torch._dynamo.reset() after changing them"
                 )
-                build.check(mask, build.size(site.query, 2), kv_len, message)
+                expected = build.expected_grid(mask, q_len, kv_len)
+                build.check(build.admitted_grid(mask, kv_len, message), expected, message)
         call = build.retention(
             query,
             key,
