@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from retention_compile.backend import collect_reports, rewrite_only_backend
-from retention_compile.passes.grids import causal_grid, classify_grid, fit_slopes, window_grid
+from retention_compile.passes.grids import causal_grid, classify_grid, fit_slopes, same_document, window_grid
 from retention_compile.testing import oracle_sdpa
 
 B, H, T, D = 2, 4, 16, 8
@@ -968,6 +968,12 @@ def _padded_causal(pads, q_len=T, kv_len=T):
     return causal_grid(q_len, kv_len) & _padding(pads, kv_len)
 
 
+def _documents(starts):
+    """(1, 1, T, T) bool: query and key in one document, documents starting at key 0 and at ``starts``
+    (packed sequences: causal within documents)."""
+    return same_document((torch.arange(T)[:, None] == torch.tensor([0, *starts])).any(-1)[None])
+
+
 def _additive(mask):
     return torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
 
@@ -981,13 +987,19 @@ def _additive(mask):
         ("causal & left padding (B, 1, T, T)", _padded_causal, "causal retention"),
         ("padding only (B, 1, T, T)", lambda pads: _padding(pads).expand(B, 1, T, T).clone(), "non-causal retention"),
         ("window of 5 & padding", lambda pads: _padded_causal(pads) & window_grid(T, T, 5), "causal retention"),
+        (
+            "documents & padding",
+            lambda pads: _padded_causal(pads) & _documents([7, 12]),
+            "causal retention within documents",
+        ),
     ],
-    ids=["causal", "additive", "causal padded", "full padded", "window padded"],
+    ids=["causal", "additive", "causal padded", "full padded", "window padded", "documents padded"],
 )
 def test_a_mask_passed_in_is_read_at_the_first_call_and_checked_at_every_call(form, make, becomes, dynamic):
     """A mask passed in as a tensor was kept ("depends on the data ... varies along the query axis"). It is now read
     at the call that compiled the graph; each call's valid keys (those some query sees) become ``valid``, and its
-    mask is checked at run time to be the grid read. Forward and gradients against the oracle at two paddings;
+    mask is checked at run time to be the grid read; a mask causal within documents (packed sequences) becomes causal
+    retention with a reset at each document's first key. Forward and gradients against the oracle at two paddings;
     a mask of another kind at a later call raises, naming the site."""
     q, k, v = (x.requires_grad_() for x in qkv())
     mask = make([3, 0])

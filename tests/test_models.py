@@ -720,6 +720,24 @@ def test_generation_into_a_static_cache_with_left_padding():
     torch.testing.assert_close(torch.stack(out.logits, 1), torch.stack(expected, 1), rtol=1e-5, atol=1e-5)
 
 
+def test_packed_documents_in_a_four_dimensional_mask():
+    """Packed sequences: several documents in one row, the mask causal within each (block-diagonal) and passed in as
+    transformers' 4-D mask, positions restarting per document. It was kept (data varying along the query axis); it is
+    now causal retention with a log-gate of -inf at each document's first key: outputs and gradients against the
+    oracle, which reads the mask itself."""
+    starts = [(6, 11), (9,)]
+    document = torch.zeros(2, T1, dtype=torch.long)
+    positions = torch.arange(T1).repeat(2, 1)
+    for row, firsts in enumerate(starts):
+        for first in firsts:
+            document[row, first:] += 1
+            positions[row, first:] -= positions[row, first].clone()
+    same = document[:, :, None] == document[:, None, :]
+    mask = (torch.ones(T1, T1, dtype=torch.bool).tril() & same)[:, None]
+    check = check_model(llama(), tokens(2, T1), attention_mask=mask, position_ids=positions, inductor=False, quiet=True)
+    assert [s.becomes for s in check.report.sites] == ["causal retention within documents"] * 2, check.report.summary()
+
+
 SCRIPT = """
 import torch
 import torch.nn.functional as F

@@ -158,6 +158,9 @@ def _decide_masked(site: AttentionSite, config: RetentionConfig, mask: MaskAnaly
     mapping = "causal retention" if causal else "non-causal retention"
     if mask.key_prefix:
         mapping, what = "causal retention over the first Tq keys", "causal mask aligned top-left (Tq < Tk)"
+    if mask.documents:
+        mapping, what = "causal retention within documents", "causal mask within documents (packed sequences)"
+        notes.append("each document's first key (read from each call's mask) -> a log-gate of -inf there: a reset")
     if mask.slopes is not None:
         if config.gate != "alibi":
             return keep(f"{mask.slopes.describe()} bias found; RetentionConfig(gate='alibi') maps it to a gate", mask)

@@ -6,6 +6,8 @@ With ``off = Tk - Tq`` (bottom-right alignment, as the op's ``causal``):
     causal        j <= i + off
     window w      i + off - w < j <= i + off          (a sliding window of w keys, the query's own included)
     full          every entry
+    documents     j <= i and no document starts in (j, i]   (Tq == Tk: packed sequences, block-diagonal causal;
+                  the starts read from the grid's own subdiagonal, ``document_starts``)
 
 A grid is compared entry by entry with these, so a grid is called causal only if it *is* the causal grid at
 that size. With a key-validity mask ``valid (B, Tk)`` the comparison is with ``canonical & valid[b, j]``.
@@ -36,6 +38,19 @@ def causal_grid(q_len: int, kv_len: int, device: torch.device | None = None) -> 
 def top_left_causal_grid(q_len: int, kv_len: int, device: torch.device | None = None) -> Tensor:
     """``(Tq, Tk)`` bool: ``j <= i`` (SDPA's ``is_causal`` with Tq < Tk: keys past the first Tq seen by no query)."""
     return torch.arange(kv_len, device=device)[None, :] <= torch.arange(q_len, device=device)[:, None]
+
+
+def document_starts(grid: Tensor) -> Tensor:
+    """``(B, T)`` bool of a self-attention grid ``(B, H, T, T)``: key 0, and each key j that query j does not see
+    key j - 1 from (head 0), the first key of a document in a block-diagonal causal grid (packed sequences)."""
+    below = grid[:, 0, 1:, :-1].diagonal(dim1=-2, dim2=-1)  # grid[b, 0, j, j - 1]
+    return torch.cat([torch.ones_like(below[:, :1]), ~below], -1)
+
+
+def same_document(starts: Tensor) -> Tensor:
+    """``(B, 1, T, T)`` bool: query i and key j lie in one document (no start in ``(min, max]`` of the two)."""
+    document = starts.long().cumsum(-1)
+    return document[:, None, :, None] == document[:, None, None, :]
 
 
 def window_grid(q_len: int, kv_len: int, window: int, device: torch.device | None = None) -> Tensor:

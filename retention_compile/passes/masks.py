@@ -25,7 +25,9 @@ and full grids (``grids.classify_grid``); the finite part of the additive terms 
 A mask with an input term is read once, at the example sizes (``_read_passed_in``): all its terms together give one
 grid ``M (B, H, Tq, Tk)``, its valid keys are those some query sees, ``valid[b, j] = any_{h, i} M[b, h, i, j]``,
 and ``M`` must be the causal, window or full grid on those keys, or top-left causal with Tq < Tk (the keys past
-the first Tq then seen by no query: a prefill into transformers' ``StaticCache``). Its additive terms must hold
+the first Tq then seen by no query: a prefill into transformers' ``StaticCache``), or with Tq == Tk causal within
+documents (packed sequences: ``grids.document_starts``), which retention holds as causal with a gate of -inf at each
+document's first key (every weight across a start is exactly 0). Its additive terms must hold
 nothing but 0 and masked entries, or be an ALiBi bias ``c_i - m_h (i - j)`` on the admitted entries (BLOOM's,
 made from the cumulative sum of the padding mask). At run time the rewrite recomputes ``valid`` from the call's mask,
 passes it to the op and asserts that the mask is that grid on it (and that the bias is still ``c_i + m_h j`` there,
@@ -191,6 +193,8 @@ class MaskAnalysis:
     passed_in: the names of the input terms: the grid was read from the call that compiled the graph, and the
               rewrite reads ``valid`` from each call's mask and checks the grid on it (``_read_passed_in``).
     key_prefix: the grid is causal aligned top-left with Tq < Tk (a passed-in mask): query i sees keys 0..i.
+    documents: the grid is causal within documents (a passed-in mask, Tq == Tk): the rewrite reads each call's
+              document starts from its mask and resets the gate there.
     unknown:  why the mask cannot be read ('' when it can).
     sizes:    the sizes it was evaluated at.
     terms:    a short description per term, for the report.
@@ -202,6 +206,7 @@ class MaskAnalysis:
     padding: list[Term] = field(default_factory=list)
     slopes: grids.Slopes | None = None
     key_prefix: bool = False
+    documents: bool = False
     unknown: str = ""
     sizes: list[Sizes] = field(default_factory=list)
     terms: list[str] = field(default_factory=list)
@@ -221,6 +226,8 @@ class MaskAnalysis:
         pieces = [self.grid.describe().split(" (")[0] if not self.grid.full else "full"]
         if self.key_prefix:
             pieces[0] += " (top-left: the first Tq keys)"
+        if self.documents:
+            pieces[0] += " within documents"
         if self.passed_in:
             pieces.append("the valid keys of each call's mask")
         elif self.padding:
@@ -358,6 +365,13 @@ class TermCollector:
         return (
             listed and bool(node.args) and node_dtype(node) is not None and node_dtype(node) == node_dtype(node.args[0])
         )
+
+
+def _documents(admitted: torch.Tensor, valid: torch.Tensor) -> bool:
+    """``admitted (B, H, T, T)`` is causal within the documents its subdiagonal starts, on the ``valid`` keys."""
+    starts = grids.document_starts(admitted)
+    expected = grids.causal_grid(*admitted.shape[-2:]) & valid[:, None, None, :] & grids.same_document(starts)
+    return bool((admitted == expected).all())
 
 
 def _passed_in(sources: frozenset[fx.Node]) -> bool:
@@ -544,7 +558,8 @@ class MaskAnalyser:
 
     def _read_passed_in(self, site: AttentionSite, terms: list[Term], biases: list[Bias]) -> MaskAnalysis:
         """The grid of a mask with input terms (every term, padding too) at the call that compiled the graph, on the
-        keys some query sees there; bottom-right (causal, window, full) or top-left causal (``key_prefix``)."""
+        keys some query sees there; bottom-right (causal, window, full), top-left causal (``key_prefix``) or causal
+        within documents (``documents``)."""
         q, k = example_value(site.query), example_value(site.key)
         q_len, kv_len = Sizes().of(q.shape[2]), Sizes().of(k.shape[2])
         unread = grids.GridShape(False, False, None, kv_len)
@@ -561,9 +576,12 @@ class MaskAnalyser:
         valid = admitted.any(2).any(1)
         shape = grids.classify_grid(admitted, q_len, kv_len, valid)
         analysis = MaskAnalysis(shape, slopes=slopes, sizes=[Sizes()])
+        causal = grids.GridShape(False, True, None, kv_len)
         top_left = grids.top_left_causal_grid(q_len, kv_len) & valid[:, None, None, :]
         if not shape.known and q_len < kv_len and bool((admitted == top_left).all()):
-            analysis.grid, analysis.key_prefix = grids.GridShape(False, True, None, kv_len), True
+            analysis.grid, analysis.key_prefix = causal, True
+        elif not shape.known and q_len == kv_len and _documents(admitted, valid):
+            analysis.grid, analysis.documents = causal, True
         elif not shape.known:
             analysis.unknown = f"the mask passed in is, at the call that compiled the graph, {shape.describe()}"
         return analysis

@@ -8,7 +8,8 @@ Inserted before the site's output node:
     valid    the conjunction of the padding terms, each read at head 0 and query 0 (they are constant
              along those axes) and broadcast to (B, Tk); for a mask passed in, the keys some query sees in
              the call's mask (the first Tq of them for a top-left grid)
-    log_gate the constant ``-m_h`` of ALiBi slopes, broadcast to (B, Hq, Tk)
+    log_gate the constant ``-m_h`` of ALiBi slopes, broadcast to (B, Hq, Tk); plus, for a passed-in mask causal
+             within documents, -inf at each document's first key (``grids.document_starts`` of the call's mask)
     checks   for masks read from module buffers: ``_assert_async`` that the mask is still the proven grid;
              for masks passed in, that the call's mask is that grid on its valid keys
 
@@ -190,13 +191,22 @@ class _Builder:
         spread = self.call(operator.le, self.call(operator.sub, high, low), tolerance)  # a row with no key: -inf
         self.call(torch._assert_async, self.call("all", spread), message)
 
+    def four_dimensional(self, grid: fx.Node) -> fx.Node:
+        """``grid`` with leading axes of size 1 up to (B, H, Tq, Tk)."""
+        lead = 4 - example_value(grid).dim()
+        return self.call(operator.getitem, grid, (None,) * lead + (Ellipsis,)) if lead else grid
+
     def keys_seen(self, admitted: fx.Node, batch: Size, kv_len: Size) -> fx.Node:
-        """(B, Tk) bool: the keys some query of some head sees in ``admitted``."""
-        lead = 4 - example_value(admitted).dim()
-        if lead:
-            admitted = self.call(operator.getitem, admitted, (None,) * lead + (Ellipsis,))
+        """(B, Tk) bool: the keys some query of some head sees in ``admitted`` (4-D)."""
         seen = self.call("any", self.call("any", admitted, 2), 1)
         return self.call("contiguous", self.call("expand", seen, batch, kv_len))
+
+    def reset_gate(self, starts: fx.Node, batch: Size, heads: Size, kv_len: Size) -> fx.Node:
+        """(B, Hq, Tk) float32: -inf at each document's first key, else 0."""
+        gate = self.call(torch.where, starts, -math.inf, 0.0)
+        gate = self.call("to", gate, torch.float32)
+        gate = self.call(operator.getitem, gate, (slice(None), None, slice(None)))
+        return self.call("contiguous", self.call("expand", gate, batch, heads, kv_len))
 
     def check(self, admitted: fx.Node, expected: fx.Node, message: str) -> None:
         """``_assert_async`` that the mask's admitted entries are the expected grid."""
@@ -229,18 +239,24 @@ def replace_with_retention(
             q_len = build.size(site.query, 2)
             if mask.padding and not mask.passed_in:
                 valid = build.valid(mask.padding, batch, kv_len)
+            heads = build.size(site.query, 1)
             if mask.slopes is not None:
-                log_gate = build.log_gate(mask.slopes, batch, build.size(site.query, 1), kv_len)
+                log_gate = build.log_gate(mask.slopes, batch, heads, kv_len)
             if mask.passed_in:
                 message = (
                     f"retention_compile: the attention mask passed in at {site.location} is not the "
                     f"{mask.summary().split(' [')[0]} grid read from it at the call that compiled this graph; call "
                     "torch._dynamo.reset() to compile for another kind of mask"
                 )
-                admitted = build.admitted_grid(mask, kv_len, message)
+                admitted = build.four_dimensional(build.admitted_grid(mask, kv_len, message))
                 valid = build.keys_seen(admitted, batch, kv_len)
                 seen = build.call(operator.getitem, valid, (slice(None), None, None, slice(None)))
                 expected = build.call(operator.and_, build.expected_grid(mask, q_len, kv_len), seen)
+                if mask.documents:
+                    starts = build.call(grids.document_starts, admitted)
+                    expected = build.call(operator.and_, expected, build.call(grids.same_document, starts))
+                    resets = build.reset_gate(starts, batch, heads, kv_len)
+                    log_gate = resets if log_gate is None else build.call(operator.add, log_gate, resets)
                 build.check(admitted, expected, message)
                 if decision.key_prefix:
                     valid = build.call(operator.getitem, valid, (slice(None), slice(None, q_len)))
