@@ -439,6 +439,46 @@ def test_dynamic_lengths_compile_at_most_twice() -> None:
     assert report.graphs <= 2 and all(site.decision == "rewritten" for site in report.sites), report.summary()
 
 
+def test_a_mask_passed_in_with_documents_and_padding() -> None:
+    """A 4-D mask passed in, causal within documents (packed sequences) with left padding, compiled with
+    ``backend="retention"`` at T=5000 (the chunked kernels): the rewrite reads each call's valid keys and document
+    starts from its mask (a log-gate of -inf at each start), and its output is the eager op's with that ``valid``
+    and gate, at two layouts of documents with no recompile. (A mask that fails the run-time check is a device-side
+    assert on CUDA, which ends the process's CUDA context: the CPU tests check that it raises.)"""
+    import torch.nn.functional as F
+
+    import retention_compile as rc
+    from retention_compile.backend import collect_reports
+
+    T = 5000
+
+    def mask_of(starts: list[list[int]], pads: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        first = torch.zeros(2, T, dtype=torch.bool, device="cuda")
+        for row, keys in enumerate(starts):
+            first[row, [0, *keys]] = True
+        document = first.long().cumsum(-1)
+        valid = torch.arange(T, device="cuda")[None, :] >= torch.tensor(pads, device="cuda")[:, None]
+        causal = torch.ones(T, T, dtype=torch.bool, device="cuda").tril()
+        mask = causal & (document[:, :, None] == document[:, None, :]) & valid[:, None, :]
+        gate = torch.where(first, -math.inf, 0.0)[:, None, :].expand(2, 4, T).contiguous()
+        return mask[:, None], valid, gate
+
+    def attention(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attention, backend="retention")
+    q, k, v, _, _ = make_inputs(2, 4, 4, T, T, 64, 64, torch.bfloat16)
+    with collect_reports() as report, torch.no_grad():
+        for starts, pads in (([[1200, 3000], [4100]], [0, 700]), ([[17], [2500, 2501]], [300, 0])):
+            mask, valid, gate = mask_of(starts, pads)
+            got = compiled(q, k, v, mask)
+            expected = rc.power_retention(q, k, v, log_gate=gate, valid=valid, causal=True)
+            error = (got.float() - expected.float()).abs().max() / expected.float().abs().max()
+            assert float(error) <= TOL[torch.bfloat16], (starts, pads, float(error))
+    assert [s.becomes for s in report.sites] == ["causal retention within documents"], report.summary()
+
+
 @pytest.mark.parametrize("T", [700, 5000])
 def test_forward_without_a_backward_stores_y_alone(T: int) -> None:
     """``power_retention`` under ``torch.no_grad`` (the op's ``for_backward=False``: y stored in bf16 alone, no
