@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from retention_compile.backend import collect_reports, rewrite_only_backend
+from retention_compile.passes import grids
 from retention_compile.passes.grids import causal_grid, classify_grid, fit_slopes, same_document, window_grid
 from retention_compile.testing import oracle_sdpa
 
@@ -1024,3 +1025,75 @@ def test_a_mask_passed_in_is_read_at_the_first_call_and_checked_at_every_call(fo
     other = other if becomes != "non-causal retention" else other & causal_grid(T, T)
     with pytest.raises(RuntimeError, match="mask passed in at .* is not the"):
         compiled(q, k, v, other if mask.dtype == torch.bool else _additive(other))
+
+
+def _distance_penalty_past_8_keys(q, k, v, mask):
+    """A bias built from ``arange`` behind a passed-in mask: 0 while T <= 9, so the call that compiled the graph
+    (T = 9) reads it as no bias at all."""
+    i, j = grids_of(q.shape[2], k.shape[2])
+    bias = -0.5 * (i - j - 8).clamp(min=0).float()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.masked_fill(~mask, float("-inf")))
+
+
+def test_what_a_passed_in_mask_is_read_as_holds_at_every_call():
+    """A second reader's cases (each gave a wrong answer, a crash or a false raise before its fix):
+
+    - a grid that is both full and causal on the compiling call's valid keys (Tq = 2, the last key padded) was
+      checked as full but run as causal, so a later full mask ran causal: it is now read as causal, and a later
+      full mask raises;
+    - a bias built from ``arange`` was read only at the compiling length (T = 9, where it is 0) and never checked:
+      under dynamic shapes a longer call gave 0.7 off; every bias of a passed-in mask is now checked at run time;
+    - a constant added to each row (it cancels) was rewritten, then failed its own check on the very call that
+      compiled the graph; it is now checked as a bias with zero slopes;
+    - ALiBi on a top-left grid (Tq < Tk) crashed: the gate spanned Tk keys, the op read the first Tq;
+    - a float mask that requires grad would have lost its gradient: kept."""
+    q, k, v = qkv(q_len=2)
+    compiled = torch.compile(_attend_with, backend=functools.partial(rewrite_only_backend, options=None))
+    torch._dynamo.reset()
+    last_padded = causal_grid(2, T) & (torch.arange(T) < T - 1)
+    with collect_reports() as report:
+        torch.testing.assert_close(compiled(q, k, v, last_padded), oracle_sdpa(q, k, v, attn_mask=last_padded), **TOL)
+    assert report.sites[0].becomes == "causal retention", report.sites[0]
+    with pytest.raises(RuntimeError, match="is not the causal mask on its valid keys"):
+        compiled(q, k, v, torch.ones(2, T, dtype=torch.bool))
+
+    torch._dynamo.reset()
+    penalised = torch.compile(
+        _distance_penalty_past_8_keys, backend=functools.partial(rewrite_only_backend, options=None), dynamic=True
+    )
+    q, k, v = qkv(heads=2)
+    short = [x[:, :, :9].contiguous() for x in (q, k, v)]  # strides as the long ones, 9 != D: no recompile
+    i, j = grids_of(9, 9)
+    torch.testing.assert_close(penalised(*short, causal_grid(9, 9)), oracle_sdpa(*short, attn_mask=j <= i), **TOL)
+    with pytest.raises(RuntimeError, match="is not the causal mask"):
+        penalised(q, k, v, causal_grid(T, T))
+
+    q, k, v = qkv()
+    row_constant = _additive(causal_grid(T, T)) + torch.arange(T)[:, None]
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled(q, k, v, row_constant), oracle_sdpa(q, k, v, is_causal=True), **TOL)
+    torch.testing.assert_close(compiled(q, k, v, row_constant * 1.0 - 7.0), oracle_sdpa(q, k, v, is_causal=True), **TOL)
+
+    slopes = 2.0 ** -torch.arange(1.0, H + 1)
+    q_len = 6
+    alibi = (slopes[:, None, None] * torch.arange(T)).expand(B, H, q_len, T)
+    alibi = alibi.masked_fill(~grids.top_left_causal_grid(q_len, T), float("-inf"))
+    torch._dynamo.reset()
+    out, report = rewrite(_attend_with, q[:, :, :q_len], k, v, alibi, gate="alibi")
+    assert report.sites[0].becomes == "causal retention over the first Tq keys with ALiBi gate", report.sites[0]
+    torch.testing.assert_close(out, oracle_sdpa(q[:, :, :q_len], k, v, attn_mask=alibi), **TOL)
+
+    learned = _additive(causal_grid(T, T)).requires_grad_()
+    _, report = rewrite(_attend_with, q, k, v, learned)
+    assert report.sites[0].decision == "kept", report.sites[0]
+
+
+def test_a_passed_in_mask_too_large_to_read_is_kept(monkeypatch):
+    """The compile-time reading holds the mask's grid and copies of it in memory: past ``MAX_PASSED_IN_ELEMENTS``
+    entries (an eighth of it with an additive part) the site is kept, naming the count."""
+    from retention_compile.passes import masks
+
+    monkeypatch.setattr(masks, "MAX_PASSED_IN_ELEMENTS", B * T * T - 1)
+    _, report = rewrite(_attend_with, *qkv(), _padded_causal([3, 0]))
+    site = report.sites[0]
+    assert site.decision == "kept" and f"has {B * T * T} entries, more than" in site.reason, site

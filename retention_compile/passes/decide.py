@@ -166,7 +166,7 @@ def _decide_masked(site: AttentionSite, config: RetentionConfig, mask: MaskAnaly
             return keep(f"{mask.slopes.describe()} bias found; RetentionConfig(gate='alibi') maps it to a gate", mask)
         if not causal:
             return keep(f"{mask.slopes.describe()} bias on a non-causal mask: gating is causal only", mask)
-        mapping = "causal retention with ALiBi gate"
+        mapping = f"{mapping} with ALiBi gate"
         notes.append(f"{mask.slopes.describe()} -> constant per-head log-gate -m_h")
     if mask.passed_in:
         notes.append(

@@ -40,6 +40,7 @@ not proven, and the site is kept.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -66,6 +67,9 @@ from .fxutils import (
 )
 from .sites import AttentionSite, MaskPart, example_value
 
+# A mask passed in is read at compile time up to this many entries of its grid (B, H, Tq, Tk); an eighth of it with an
+# additive part (read in float64).
+MAX_PASSED_IN_ELEMENTS = 1 << 28
 # Extra sizes tried for each shape symbol under dynamic shapes (small primes and sizes around powers of two).
 SAMPLE_SIZES = (1, 2, 3, 7, 33, 130, 1031)
 # Under dynamic shapes a mask that reads an integer constant c (a window or a chunk of c keys, a period) is also
@@ -192,6 +196,8 @@ class MaskAnalysis:
               index terms and biases still give the proven grid (and, from buffers, no bias but masking).
     passed_in: the names of the input terms: the grid was read from the call that compiled the graph, and the
               rewrite reads ``valid`` from each call's mask and checks the grid on it (``_read_passed_in``).
+    checked_slopes: for a passed-in mask with a non-zero bias, the slopes the run-time check holds it to (zero
+              slopes: a per-row constant); ``slopes`` is the same when they are not zero.
     key_prefix: the grid is causal aligned top-left with Tq < Tk (a passed-in mask): query i sees keys 0..i.
     documents: the grid is causal within documents (a passed-in mask, Tq == Tk): the rewrite reads each call's
               document starts from its mask and resets the gate there.
@@ -205,6 +211,7 @@ class MaskAnalysis:
     biases: list[Bias] = field(default_factory=list)
     padding: list[Term] = field(default_factory=list)
     slopes: grids.Slopes | None = None
+    checked_slopes: grids.Slopes | None = None
     key_prefix: bool = False
     documents: bool = False
     unknown: str = ""
@@ -219,15 +226,18 @@ class MaskAnalysis:
     def passed_in(self) -> list[str]:
         return [t.node.name for t in [*self.index, *self.biases] if t.kind == "input"]
 
+    def reading(self) -> str:
+        """The grid alone: ``causal``, ``sliding window of 8 keys``, ``causal within documents`` ..."""
+        reading = self.grid.describe().split(" (")[0] if not self.grid.full else "full"
+        if self.key_prefix:
+            reading += " (top-left: the first Tq keys)"
+        return reading + (" within documents" if self.documents else "")
+
     def summary(self) -> str:
         """``causal & padding``, ``sliding window of 8 keys``, ...: the SiteRecord's ``mask``."""
         if self.unknown:
             return f"unproven: {self.unknown}"
-        pieces = [self.grid.describe().split(" (")[0] if not self.grid.full else "full"]
-        if self.key_prefix:
-            pieces[0] += " (top-left: the first Tq keys)"
-        if self.documents:
-            pieces[0] += " within documents"
+        pieces = [self.reading()]
         if self.passed_in:
             pieces.append("the valid keys of each call's mask")
         elif self.padding:
@@ -375,8 +385,10 @@ def _documents(admitted: torch.Tensor, valid: torch.Tensor) -> bool:
 
 
 def _passed_in(sources: frozenset[fx.Node]) -> bool:
-    """Every source is a tensor passed in or a module buffer: a compile-time value to read the mask from."""
-    return all(input_value(s) is not None or buffer_value(s) is not None for s in sources)
+    """Every source is a tensor passed in that needs no gradient, or a module buffer: a compile-time value to read
+    the mask from (a mask that requires grad would lose its gradient in the rewrite)."""
+    values = [input_value(s) if buffer_value(s) is None else buffer_value(s) for s in sources]
+    return all(value is not None and not value.requires_grad for value in values)
 
 
 def _broadcast_axes(node: fx.Node) -> dict[str, bool]:
@@ -472,7 +484,8 @@ class MaskAnalyser:
             term.detail = (
                 f"mask term {node.name} depends on the data of {self.data.describe(node)} and varies along the "
                 f"query axis, so it is not a key-padding mask; it is computed from more than tensors passed in "
-                f"(parameters, activations), so it cannot be read once and checked{self._from_outside(node)}"
+                f"(parameters, activations) or requires grad, so it cannot be read once and checked"
+                f"{self._from_outside(node)}"
             )
 
     def _classify_bias(self, bias: Bias) -> None:
@@ -563,20 +576,29 @@ class MaskAnalyser:
         q, k = example_value(site.query), example_value(site.key)
         q_len, kv_len = Sizes().of(q.shape[2]), Sizes().of(k.shape[2])
         unread = grids.GridShape(False, False, None, kv_len)
+        shapes = [Sizes().shape(example_value(part.node).shape) for part in [*terms, *biases]]
+        entries = math.prod(torch.broadcast_shapes((q_len, kv_len), *shapes))
+        limit = MAX_PASSED_IN_ELEMENTS // (8 if biases else 1)
+        if entries > limit:
+            return MaskAnalysis(
+                unread, unknown=f"the mask passed in has {entries} entries, more than the {limit} read at compile time"
+            )
         try:
             admitted, bias = self._grid(terms, biases, Sizes(), q_len, kv_len)
         except Exception as error:  # noqa: BLE001 - whatever the graph's own ops raise on these values
             return MaskAnalysis(unread, unknown=f"the mask passed in could not be read: {error}")
-        slopes = None
+        checked = None
         if bias is not None and bool((bias != 0).any()):
-            fitted = grids.fit_slopes(bias, admitted)
-            if isinstance(fitted, str):
-                return MaskAnalysis(unread, unknown=f"the additive mask passed in carries a bias: {fitted}")
-            slopes = None if fitted.zero else fitted
+            checked = grids.fit_slopes(bias, admitted)
+            if isinstance(checked, str):
+                return MaskAnalysis(unread, unknown=f"the additive mask passed in carries a bias: {checked}")
         valid = admitted.any(2).any(1)
         shape = grids.classify_grid(admitted, q_len, kv_len, valid)
-        analysis = MaskAnalysis(shape, slopes=slopes, sizes=[Sizes()])
         causal = grids.GridShape(False, True, None, kv_len)
+        if shape.full and shape.causal and q_len > 1:  # both on these valid keys (one per row): read it as causal
+            shape = causal
+        slopes = None if checked is None or checked.zero else checked
+        analysis = MaskAnalysis(shape, slopes=slopes, checked_slopes=checked, sizes=[Sizes()])
         top_left = grids.top_left_causal_grid(q_len, kv_len) & valid[:, None, None, :]
         if not shape.known and q_len < kv_len and bool((admitted == top_left).all()):
             analysis.grid, analysis.key_prefix = causal, True

@@ -8,8 +8,9 @@ Inserted before the site's output node:
     valid    the conjunction of the padding terms, each read at head 0 and query 0 (they are constant
              along those axes) and broadcast to (B, Tk); for a mask passed in, the keys some query sees in
              the call's mask (the first Tq of them for a top-left grid)
-    log_gate the constant ``-m_h`` of ALiBi slopes, broadcast to (B, Hq, Tk); plus, for a passed-in mask causal
-             within documents, -inf at each document's first key (``grids.document_starts`` of the call's mask)
+    log_gate the constant ``-m_h`` of ALiBi slopes, broadcast to (B, Hq, Tk) (Tq keys for a top-left grid);
+             plus, for a passed-in mask causal within documents, -inf at each document's first key
+             (``grids.document_starts`` of the call's mask)
     checks   for masks read from module buffers: ``_assert_async`` that the mask is still the proven grid;
              for masks passed in, that the call's mask is that grid on its valid keys
 
@@ -157,8 +158,9 @@ class _Builder:
 
     def admitted_grid(self, mask: MaskAnalysis, kv_len: Size, message: str) -> fx.Node:
         """The entries the terms admit (index, buffer and input terms; the padding terms too for a passed-in mask;
-        the biases above ``MASKED_BELOW``), with an ``_assert_async`` that the biases read from buffers or passed
-        in hold nothing but 0 and masked entries, or, passed in with ALiBi slopes, still that bias there."""
+        the biases above ``MASKED_BELOW``), with an ``_assert_async`` that the biases read from buffers hold nothing
+        but 0 and masked entries, and so every bias of a passed-in mask (index biases too: it was read at one size
+        only), unless its sum was read as ``c_i + m_h j`` (``checked_slopes``): then that it still is."""
         admitted = None
         for term in [*mask.index, *(mask.padding if mask.passed_in else [])]:
             node = self.admitted(term)
@@ -167,20 +169,20 @@ class _Builder:
         for bias in mask.biases:
             scaled = self.call(operator.mul, self.bring(bias.node), bias.factor)
             open_ = self.call(operator.gt, scaled, grids.MASKED_BELOW)
-            if bias.kind == "buffer" or (bias.kind == "input" and mask.slopes is None):
+            if bias.kind == "buffer" or (mask.passed_in and mask.checked_slopes is None):
                 zero = self.call(operator.or_, self.call(operator.eq, scaled, 0), self.call(operator.invert, open_))
                 self.call(torch._assert_async, self.call("all", zero), message)
             admitted = open_ if admitted is None else self.call(operator.and_, admitted, open_)
             scaled = self.call("to", scaled, torch.float32)
             total = scaled if total is None else self.call(operator.add, total, scaled)
-        if mask.passed_in and mask.slopes is not None:
-            self.check_slopes(mask.slopes, total, admitted, kv_len, message)
+        if mask.passed_in and mask.checked_slopes is not None:
+            self.check_slopes(mask.checked_slopes, total, admitted, kv_len, message)
         return admitted
 
     def check_slopes(self, slopes: grids.Slopes, bias: fx.Node, admitted: fx.Node, kv_len: Size, message: str) -> None:
         """``_assert_async`` that ``bias`` is ``c_i + m_h j`` on the admitted entries: in every row ``bias - m_h j``
-        spreads by at most ``1e-5 (1 + max_h m_h (Tk - 1))`` (``grids.fit_slopes``' tolerance, there relative to the
-        row's own span)."""
+        spreads by at most ``1e-5 (1 + max_h m_h (Tk - 1))`` (in float32; ``grids.fit_slopes`` takes 1e-5 of the
+        largest span of the bias from a row's last admitted key)."""
         values = slopes.values.tolist()
         slope = self.call(torch.tensor, values, dtype=torch.float32, device=self.device)
         cols = self.call(torch.arange, kv_len, dtype=torch.float32, device=self.device)
@@ -240,13 +242,14 @@ def replace_with_retention(
             if mask.padding and not mask.passed_in:
                 valid = build.valid(mask.padding, batch, kv_len)
             heads = build.size(site.query, 1)
-            if mask.slopes is not None:
-                log_gate = build.log_gate(mask.slopes, batch, heads, kv_len)
+            if mask.slopes is not None:  # over the keys the op reads: the first Tq of them for a top-left grid
+                log_gate = build.log_gate(mask.slopes, batch, heads, q_len if decision.key_prefix else kv_len)
             if mask.passed_in:
+                alibi = f" with {mask.checked_slopes.describe()}" if mask.checked_slopes is not None else ""
                 message = (
-                    f"retention_compile: the attention mask passed in at {site.location} is not the "
-                    f"{mask.summary().split(' [')[0]} grid read from it at the call that compiled this graph; call "
-                    "torch._dynamo.reset() to compile for another kind of mask"
+                    f"retention_compile: the attention mask passed in at {site.location} is not the {mask.reading()} "
+                    f"mask{alibi} on its valid keys (those some query sees), as read from the call that compiled this "
+                    "graph; call torch._dynamo.reset() to compile for another kind of mask"
                 )
                 admitted = build.four_dimensional(build.admitted_grid(mask, kv_len, message))
                 valid = build.keys_seen(admitted, batch, kv_len)
