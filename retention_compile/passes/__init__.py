@@ -1,6 +1,7 @@
 """FX passes of the backend: find attention sites, prove masks, decide, rewrite, and report each decision.
 
 multihead  lower ``nn.MultiheadAttention``'s opaque call to an SDPA call (or report why not)
+flex       ``flex_attention``'s op read as an SDPA call whose mask is its mask_mod
 sites      SDPA calls, their arguments by name
 patterns   hand-written softmax attention; repeated kv heads (folded into GQA)
 masks      what a mask means (index terms evaluated, padding, ALiBi), on ``grids`` and ``fxutils``
@@ -19,6 +20,7 @@ from ..config import RetentionConfig
 from ..report import Report, SiteRecord
 from .decide import Decision, RetentionRewriteError, decide
 from .encoder_layer import lower_encoder_layers
+from .flex import FlexLowering, is_flex
 from .masks import MaskAnalyser
 from .multihead import lower_multihead
 from .patterns import find_handwritten
@@ -50,7 +52,10 @@ def find_sites(gm: fx.GraphModule, analyser: MaskAnalyser) -> list[AttentionSite
     """Every attention site of the graph in graph order (``nn.TransformerEncoderLayer``'s fast path and
     ``nn.MultiheadAttention`` calls lowered first)."""
     kept = lower_encoder_layers(gm.graph) + lower_multihead(gm.graph)
-    sites = kept + find_sdpa_sites(gm.graph) + list(find_handwritten(gm.graph, analyser.evaluator))
+    flex = [FlexLowering(gm, node) for node in gm.graph.nodes if is_flex(node)]
+    read = [lowering.kept() if lowering.reason else lowering.lower() for lowering in flex]
+    sites = kept + find_sdpa_sites(gm.graph, skip=[s.node for s in read]) + read
+    sites += list(find_handwritten(gm.graph, analyser.evaluator))
     order = {node: position for position, node in enumerate(gm.graph.nodes)}
     return sorted(sites, key=lambda site: order[site.node])
 
@@ -84,6 +89,10 @@ def rewrite_attention(gm: fx.GraphModule, config: RetentionConfig, graph_index: 
             bring = functools.partial(pass_into, body=module, callers=callers)
             output = replace_with_retention(module.graph, site, decisions[index], config, bring)
             output.meta.update(retention_site=site, retention_index=index)
+        else:  # an op read through inserted nodes stays as it was
+            module, _, site = found[index]
+            for node in reversed(site.inserted):
+                module.graph.erase_node(node)
     for module in modules:
         module.graph.lint()
         module.recompile()

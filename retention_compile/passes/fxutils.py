@@ -451,6 +451,8 @@ class Evaluator:
             return node.target(*args, **kwargs)
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "call_module":  # a subgraph Dynamo keeps as a module (flex_attention's mask_mod)
+            return getattr(self.gm, str(node.target))(*args, **kwargs)
         raise NotImplementedError(f"cannot evaluate {node.op} node {node.name}")
 
     def _placeholder(self, node: fx.Node, sizes: Sizes) -> Any:

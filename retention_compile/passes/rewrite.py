@@ -289,4 +289,10 @@ def replace_with_retention(
     output.meta.update({k: v for k, v in site.node.meta.items() if k in ("stack_trace", "nn_module_stack")})
     site.node.replace_all_uses_with(output)
     graph.erase_node(site.node)
+    if site.replaces is not None:  # the op the site was read from: its output, then the op once unused
+        source = site.replaces.args[0]
+        site.replaces.replace_all_uses_with(output)
+        graph.erase_node(site.replaces)
+        if isinstance(source, fx.Node) and not source.users:
+            graph.erase_node(source)
     return output

@@ -56,6 +56,9 @@ class AttentionSite:
     folded:        hand-written attention with the heads folded into the batch axis whose output node is
                    (B H, Tq, e) (BLOOM, XGLM): the op's (B, H, Tq, e) is flattened back. (q, k, v are the finder's
                    (B, H, T, d) views of such tensors whatever the output.)
+    replaces:      the node a rewritten site's output stands for, where ``node`` is an SDPA call inserted to read
+                   another op (``flex.FlexLowering``: the op's attention output); None: ``node`` itself.
+    inserted:      the nodes inserted to read such an op, removed again when the site is kept.
     """
 
     node: fx.Node
@@ -74,6 +77,8 @@ class AttentionSite:
     anchor: fx.Node | None = None
     unsupported: str | None = None
     folded: bool = False
+    replaces: fx.Node | None = None
+    inserted: list[fx.Node] = field(default_factory=list)
 
     @property
     def q_shape(self) -> tuple:
@@ -180,6 +185,6 @@ def _sdpa_polarity(mask: fx.Node) -> Polarity:
         return "add"
 
 
-def find_sdpa_sites(graph: fx.Graph) -> list[AttentionSite]:
-    """Every SDPA call of the graph, in graph order."""
-    return [normalise_sdpa(node) for node in graph.nodes if is_sdpa(node)]
+def find_sdpa_sites(graph: fx.Graph, skip: list[fx.Node] = ()) -> list[AttentionSite]:
+    """Every SDPA call of the graph, in graph order (but those in ``skip``: read already)."""
+    return [normalise_sdpa(node) for node in graph.nodes if is_sdpa(node) and node not in skip]

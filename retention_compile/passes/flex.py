@@ -1,0 +1,191 @@
+"""``flex_attention``: its higher-order op read as an SDPA call whose mask is the call's mask_mod.
+
+Dynamo traces ``flex_attention(q, k, v, block_mask=bm)`` to ``torch.ops.higher_order.flex_attention(q, k, v,
+score_mod, block_mask, scale, kernel_options, score_mod_buffers, mask_mod_buffers)``. ``block_mask`` is
+``BlockMask.as_tuple()``: the lengths (Tq, Tk), the partial and full kv blocks of each query block, ...,
+the block sizes and the mask_mod graph last. Its first output is attention's.
+
+Softmax attention there admits entry (i, j) of head h in batch row b iff j lies in a full block of i's query
+block, or in a partial one and ``mask_mod(b, h, i, j)``. Where the listed blocks cover exactly the mask_mod's
+entries (as ``create_block_mask`` makes them) that is ``M = mask_mod(b, h, i, j)``, and with a score_mod that
+returns the score unchanged the call is ``scaled_dot_product_attention(q, k, v, attn_mask=M, scale=s)``. This
+pass inserts that call beside the op, with ``M`` evaluated on broadcast index grids (``b`` (B, 1, 1, 1), ``h``
+(1, H, 1, 1), ``i`` (1, 1, Tq, 1), ``j`` (1, 1, 1, Tk)) by the mask_mod graph itself, so the site is read like
+any other (index masks proven by evaluation; a mask_mod reading a tensor it captured, document ids say, is a mask
+passed in). The blocks are read at compile time and must cover ``M`` exactly; a run-time check asserts that each
+call's block tensors are the ones read. A rewritten site's output replaces the op's; a kept one leaves the op as it
+was, and the nodes inserted for it are removed (``AttentionSite.inserted``).
+
+Left as they are (a site kept, with the reason): a score_mod that changes the score, the log-sum-exp or max outputs
+used, symbolic lengths, block tensors that are not graph inputs or hold more than ``MAX_CHECKED_BLOCK_ENTRIES``,
+blocks that do not cover the mask_mod's entries exactly, a layout of the block mask tuple other than the above.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from .fxutils import buffer_value, input_value, insert_call
+from .sites import AttentionSite, example_value, normalise_sdpa
+
+KIND = "flex"
+# BlockMask.as_tuple(): (Tq, Tk, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, ..., the query and kv
+# block sizes, mask_mod)
+KV_BLOCKS = slice(2, 6)
+# The run-time check compares each call's kv block tensors with their compile-time values, written into the graph as
+# constants: up to this many entries in all (T = 32768 with one mask for every batch row and head, blocks of 128).
+MAX_CHECKED_BLOCK_ENTRIES = 1 << 17
+
+
+def is_flex(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is getattr(torch.ops.higher_order, "flex_attention", None)
+
+
+def _submodule(gm: fx.GraphModule, node: object) -> fx.GraphModule | None:
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        module = getattr(gm, str(node.target), None)
+        return module if isinstance(module, fx.GraphModule) else None
+    return None
+
+
+def _returns_the_score(score_mod: fx.GraphModule) -> bool:
+    """The score_mod graph returns its first input (the score) unchanged."""
+    inputs = [n for n in score_mod.graph.nodes if n.op == "placeholder"]
+    output = next(n for n in score_mod.graph.nodes if n.op == "output")
+    result = output.args[0]
+    result = result[0] if isinstance(result, (tuple, list)) and len(result) == 1 else result
+    return bool(inputs) and result is inputs[0]
+
+
+def _compile_time_value(node: object) -> torch.Tensor | None:
+    if not isinstance(node, fx.Node):
+        return None
+    value = input_value(node) if buffer_value(node) is None else buffer_value(node)
+    return None if value is None else value.detach().cpu()
+
+
+def block_grid(blocks: list[torch.Tensor], block_sizes: tuple[int, int], q_len: int, kv_len: int) -> torch.Tensor:
+    """(B, H, Tq, Tk) int8: 2 where a full block lists the entry, 1 where a partial one does, 0 elsewhere, from
+    ``kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices``."""
+    grids = []
+    for count, indices in (blocks[:2], blocks[2:]):
+        listed = torch.arange(indices.shape[-1]) < count[..., None].long()  # the first count[b, h, r] indices
+        dense = torch.zeros(*indices.shape[:-1], indices.shape[-1] + 1, dtype=torch.bool)
+        dense.scatter_(-1, torch.where(listed, indices.long(), indices.shape[-1]), True)
+        dense = dense[..., :-1].repeat_interleave(block_sizes[0], -2).repeat_interleave(block_sizes[1], -1)
+        grids.append(dense[..., :q_len, :kv_len])
+    partial, full = grids
+    return full.to(torch.int8) * 2 + (partial & ~full).to(torch.int8)
+
+
+class FlexLowering:
+    """One flex_attention op read as an SDPA site (``lower``), or the reason it is not (``reason``)."""
+
+    def __init__(self, gm: fx.GraphModule, node: fx.Node) -> None:
+        self.gm, self.node = gm, node
+        self.reason = ""
+        q, k, v, score_mod, block_mask, scale = node.args[:6]
+        self.q, self.k, self.v, self.scale = q, k, v, scale
+        users = list(node.users)
+        if len(users) != 1 or users[0].target is not operator.getitem or users[0].args[1] != 0:
+            self.reason = "the log-sum-exp or max of flex_attention is used"
+            return
+        self.output = users[0]
+        self.mask_buffers = tuple(node.args[8]) if len(node.args) > 8 else ()
+        score = _submodule(gm, score_mod)
+        if score is None or not _returns_the_score(score) or (len(node.args) > 7 and node.args[7]):
+            self.reason = "flex_attention's score_mod changes the scores"
+            return
+        self.block_mask = tuple(block_mask)
+        self.mask_mod = self.block_mask[-1]
+        q_len, kv_len = example_value(q).shape[2], example_value(k).shape[2]
+        sizes = (q_len, kv_len, *self.block_mask[:2], *self.block_mask[-3:-1])
+        if not all(isinstance(n, int) for n in sizes) or self.block_mask[:2] != (q_len, kv_len):
+            self.reason = (
+                "flex_attention with symbolic lengths, or a block mask not laid out as this torch's "
+                "BlockMask.as_tuple()"
+            )
+        elif _submodule(gm, self.mask_mod) is None:
+            self.reason = "flex_attention's block mask has no mask_mod graph"
+        elif any(_compile_time_value(n) is None for n in (*self.block_mask[KV_BLOCKS], *self.mask_buffers)):
+            self.reason = "flex_attention's block tensors or mask_mod buffers are computed in the graph, not passed in"
+        elif sum(_compile_time_value(n).numel() for n in self.block_mask[KV_BLOCKS]) > MAX_CHECKED_BLOCK_ENTRIES:
+            self.reason = (
+                f"flex_attention's block tensors hold more than {MAX_CHECKED_BLOCK_ENTRIES} entries, more than the "
+                "run-time check of them takes as constants"
+            )
+        elif not self._blocks_cover_the_mask(q_len, kv_len):
+            self.reason = "flex_attention's blocks do not cover its mask_mod's entries exactly (a hand-made BlockMask)"
+
+    def _blocks_cover_the_mask(self, q_len: int, kv_len: int) -> bool:
+        """The entries flex admits (full blocks, and the mask_mod's within partial ones) are the mask_mod's."""
+        q = example_value(self.q)
+        indices = [torch.arange(n).view([-1 if a == axis else 1 for a in range(4)]) for axis, n in
+                   enumerate((q.shape[0], q.shape[1], q_len, kv_len))]  # fmt: skip
+        module = getattr(self.gm, str(self.mask_mod.target))
+        buffers = [_compile_time_value(n) for n in self.mask_buffers]
+        with torch.no_grad():
+            mask = module(*indices, *buffers).to(torch.bool)
+        blocks = [_compile_time_value(n) for n in self.block_mask[KV_BLOCKS]]
+        grid = block_grid(blocks, self.block_mask[-3:-1], q_len, kv_len)
+        return bool(((grid == 2) | ((grid == 1) & mask) == mask).all())
+
+    def kept(self) -> AttentionSite:
+        """The op as a site that stays as it is, with ``reason``."""
+        return AttentionSite(
+            node=self.node, query=self.q, key=self.k, value=self.v, attn_mask=None, dropout_p=0.0, is_causal=False,
+            scale=self.scale, enable_gqa=False, kind=KIND, unsupported=self.reason,
+        )  # fmt: skip
+
+    def lower(self) -> AttentionSite:
+        """Insert ``M`` and the SDPA call before the op; the site, whose inserted nodes a kept site removes."""
+        graph, like, call = self.gm.graph, self.output, self._call
+        self.inserted: list[fx.Node] = []
+        q, k = example_value(self.q), example_value(self.k)
+        with graph.inserting_before(self.node):
+            indices = []
+            for axis, size in enumerate((q.shape[0], q.shape[1], q.shape[2], k.shape[2])):
+                shape = [1, 1, 1, 1]
+                shape[axis] = -1
+                indices.append(call("view", call(torch.arange, size, device=q.device), *shape))
+            mask = graph.call_module(str(self.mask_mod.target), (*indices, *self.mask_buffers))
+            module = getattr(self.gm, str(self.mask_mod.target))
+            with q.fake_mode:
+                fakes = [a.meta["example_value"] for a in mask.args]
+                mask.meta["example_value"] = module(*fakes)
+            mask.meta.update({key: like.meta[key] for key in ("stack_trace", "nn_module_stack") if key in like.meta})
+            self.inserted.append(mask)
+            self._check_blocks()
+            sdpa = call(
+                torch.nn.functional.scaled_dot_product_attention,
+                self.q,
+                self.k,
+                self.v,
+                attn_mask=mask,
+                scale=self.scale,
+                enable_gqa=q.shape[1] != k.shape[1],
+            )
+        site = normalise_sdpa(sdpa)
+        site.kind, site.anchor, site.replaces, site.inserted = KIND, self.node, self.output, self.inserted
+        return site
+
+    def _call(self, target, *args, **kwargs) -> fx.Node:
+        """``insert_call`` with the op's output as the model node, kept in ``inserted``."""
+        self.inserted.append(insert_call(self.gm.graph, target, args, kwargs, like=self.output))
+        return self.inserted[-1]
+
+    def _check_blocks(self) -> None:
+        """``_assert_async`` that each call's kv block tensors are those read at compile time."""
+        for node in self.block_mask[KV_BLOCKS]:
+            value, device = _compile_time_value(node), example_value(node).device
+            constant = self._call(torch.tensor, value.tolist(), dtype=value.dtype, device=device)
+            same = self._call("all", self._call(operator.eq, node, constant))
+            self._call(
+                torch._assert_async,
+                same,
+                f"retention_compile: the flex_attention block mask at {self.node.name} is not the one read when the "
+                "graph was compiled; call torch._dynamo.reset() to compile for another",
+            )
