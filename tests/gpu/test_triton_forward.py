@@ -479,6 +479,36 @@ def test_a_mask_passed_in_with_documents_and_padding() -> None:
     assert [s.becomes for s in report.sites] == ["causal retention within documents"], report.summary()
 
 
+def test_flex_attention_with_a_causal_block_mask() -> None:
+    """``flex_attention(q, k, v, block_mask=create_block_mask(causal))`` compiled with ``backend="retention"`` at
+    T=4096 bf16: rewritten as causal retention (its block tensors checked at every call), the output the eager op's
+    and the gradients of q, k, v the eager op's (flex_attention takes gradients on CUDA)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    import retention_compile as rc
+    from retention_compile.backend import collect_reports
+
+    T = 4096
+    block_mask = create_block_mask(lambda b, h, i, j: i >= j, B=None, H=None, Q_LEN=T, KV_LEN=T, device="cuda")
+    q, k, v, _, _ = make_inputs(1, 4, 4, T, T, 64, 64, torch.bfloat16)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    exact = [x.detach().requires_grad_() for x in (q, k, v)]
+    torch._dynamo.reset()
+    with collect_reports() as report:
+        got = torch.compile(lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask), backend="retention")(
+            *leaves
+        )
+    assert [s.becomes for s in report.sites] == ["causal retention"], report.summary()
+    expected = rc.power_retention(*exact, causal=True)
+    error = (got.float() - expected.float()).abs().max() / expected.float().abs().max()
+    assert float(error) <= TOL[torch.bfloat16], float(error)
+    weights = torch.randn_like(got)
+    for a, b in zip(
+        torch.autograd.grad((got * weights).sum(), leaves), torch.autograd.grad((expected * weights).sum(), exact)
+    ):
+        assert float((a.float() - b.float()).abs().max() / b.float().abs().max()) <= TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("T", [700, 5000])
 def test_forward_without_a_backward_stores_y_alone(T: int) -> None:
     """``power_retention`` under ``torch.no_grad`` (the op's ``for_backward=False``: y stored in bf16 alone, no
