@@ -115,3 +115,54 @@ def test_a_block_mask_passed_in_is_checked_at_every_call():
     widened = BlockMask.from_kv_blocks(kv_num, kv_index, full_num + 1, (full_index + 1) % (T // 128), mask_mod=causal)
     with pytest.raises(RuntimeError, match="flex_attention block mask"):
         run(q, k, v, widened)
+
+
+def _documents(starts, length=T):
+    """Document ids of ``length`` keys (documents starting at 0 and at ``starts``), the mask_mod reading them, its
+    block mask."""
+    document = torch.zeros(length, dtype=torch.long)
+    for first in starts:
+        document[first:] += 1
+
+    def mask_mod(b, h, i, j):
+        return (i >= j) & (document[i] == document[j])
+
+    return document, mask_mod, create_block_mask(mask_mod, B=None, H=None, Q_LEN=length, KV_LEN=length, device="cpu")
+
+
+def test_packed_documents_with_a_new_block_mask_at_every_step():
+    """Packed training builds a BlockMask for each step's document boundaries. A mask_mod that reads a tensor is read
+    at every call, and its blocks are checked to cover it at every call (not compared with the first call's, which
+    raised at the first new layout): each layout against the oracle, one graph. Document ids changed in place under a
+    stale block mask (flex would apply blocks and mask_mod together) raise."""
+    q, k, v = qkv()
+    run = compiled(lambda q, k, v, block_mask: flex_attention(q, k, v, block_mask=block_mask))
+    with collect_reports() as report:
+        for starts in ([100, 180], [128], [], [60]):
+            _, mask_mod, block_mask = _documents(starts)
+            torch.testing.assert_close(run(q, k, v, block_mask), oracle_sdpa(q, k, v, attn_mask=dense(mask_mod)), **TOL)
+    assert [s.becomes for s in report.sites] == ["causal retention within documents"], report.summary()
+    document, _, block_mask = _documents([100], length=384)  # rows 256-383 see keys 128-255 as a full block
+    q, k, v = (torch.randn(B, H, 384, D) for _ in range(3))
+    stale = compiled(lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask))
+    stale(q, k, v)
+    document[300:] = 2  # a third document the blocks do not know of: that full block now admits entries it masks
+    with pytest.raises(RuntimeError, match="does not cover"):
+        stale(q, k, v)
+
+
+def test_flex_attention_with_symbolic_sizes_or_no_block_mask_is_kept():
+    """A batch marked dynamic crashed the compile (the index grids fixed B as a constant); symbolic sizes are now
+    kept, saying so. A call without a block mask (torch's empty one) is kept naming the lengths."""
+    block_mask = create_block_mask(MASK_MODS["causal"][0], B=None, H=None, Q_LEN=T, KV_LEN=T, device="cpu")
+    q, k, v = qkv()
+    for x in (q, k, v):
+        torch._dynamo.mark_dynamic(x, 0)
+    with collect_reports() as report:
+        out = compiled(lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask))(q, k, v)
+    assert report.sites[0].decision == "kept" and "symbolic sizes" in report.sites[0].reason, report.sites[0]
+    torch.testing.assert_close(out, flex_attention(q, k, v, block_mask=block_mask), **TOL)
+    q, k, v = qkv()
+    with collect_reports() as report:
+        compiled(lambda q, k, v: flex_attention(q, k, v))(q, k, v)
+    assert report.sites[0].decision == "kept" and "block mask is for lengths" in report.sites[0].reason

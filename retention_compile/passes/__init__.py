@@ -48,6 +48,15 @@ def _record(graph_index: int, index: int, site: AttentionSite, decision: Decisio
     )
 
 
+def _remove(graph: fx.Graph, inserted: list[fx.Node], unused_only: bool) -> None:
+    """Erase the nodes inserted to read a site, last first: all of them, or those still in the graph with no user and
+    no side effect (the run-time checks stay)."""
+    present = set(graph.nodes)
+    for node in reversed(inserted):
+        if node in present and (not unused_only or (not node.users and not node.is_impure())):
+            graph.erase_node(node)
+
+
 def find_sites(gm: fx.GraphModule, analyser: MaskAnalyser) -> list[AttentionSite]:
     """Every attention site of the graph in graph order (``nn.TransformerEncoderLayer``'s fast path and
     ``nn.MultiheadAttention`` calls lowered first)."""
@@ -89,10 +98,10 @@ def rewrite_attention(gm: fx.GraphModule, config: RetentionConfig, graph_index: 
             bring = functools.partial(pass_into, body=module, callers=callers)
             output = replace_with_retention(module.graph, site, decisions[index], config, bring)
             output.meta.update(retention_site=site, retention_index=index)
+            _remove(module.graph, site.inserted, unused_only=True)  # what only the site's reading used
         else:  # an op read through inserted nodes stays as it was
             module, _, site = found[index]
-            for node in reversed(site.inserted):
-                module.graph.erase_node(node)
+            _remove(module.graph, site.inserted, unused_only=False)
     for module in modules:
         module.graph.lint()
         module.recompile()

@@ -22,6 +22,7 @@ from .sites import AttentionSite, example_value
 
 KEPT = "kept as SDPA"
 KEPT_AS_WRITTEN = "kept as written"  # a hand-written attention left as the model has it
+KEPT_AS = {"hand-written": KEPT_AS_WRITTEN, "flex": "kept as flex_attention"}
 
 
 class RetentionRewriteError(RuntimeError):
@@ -112,10 +113,11 @@ def _fold_kv(site: AttentionSite, decision: Decision) -> None:
 
 
 def decide(site: AttentionSite, config: RetentionConfig, analyser: MaskAnalyser) -> Decision:
-    """The decision for one site (a hand-written one that is kept stays as written, not as SDPA)."""
+    """The decision for one site (a hand-written one that is kept stays as written, a flex_attention one as
+    flex_attention, not as SDPA)."""
     decision = _decide(site, config, analyser)
-    if not decision.rewrite and site.kind == "hand-written":
-        decision.mapping = KEPT_AS_WRITTEN
+    if not decision.rewrite and site.kind in KEPT_AS:
+        decision.mapping = KEPT_AS[site.kind]
     return decision
 
 

@@ -11,10 +11,12 @@ entries (as ``create_block_mask`` makes them) that is ``M = mask_mod(b, h, i, j)
 returns the score unchanged the call is ``scaled_dot_product_attention(q, k, v, attn_mask=M, scale=s)``. This
 pass inserts that call beside the op, with ``M`` evaluated on broadcast index grids (``b`` (B, 1, 1, 1), ``h``
 (1, H, 1, 1), ``i`` (1, 1, Tq, 1), ``j`` (1, 1, 1, Tk)) by the mask_mod graph itself, so the site is read like
-any other (index masks proven by evaluation; a mask_mod reading a tensor it captured, document ids say, is a mask
-passed in). The blocks are read at compile time and must cover ``M`` exactly; a run-time check asserts that each
-call's block tensors are the ones read. A rewritten site's output replaces the op's; a kept one leaves the op as it
-was, and the nodes inserted for it are removed (``AttentionSite.inserted``).
+any other (index masks proven by evaluation; a mask_mod reading a tensor it captured from a local, document ids say,
+is a mask passed in; from a module buffer, a buffer mask). The blocks are read at compile time and must cover ``M``
+exactly; at run time an ``_assert_async`` holds them to it: for a mask_mod that reads tensors, the call's blocks
+against the call's ``M`` (``blocks_admit_the_mask``), else the call's block tensors against the ones read. A rewritten
+site's output replaces the op's and the inserted nodes it no longer needs go; a kept one leaves the op as it was,
+and every node inserted for it is removed (``AttentionSite.inserted``).
 
 Left as they are (a site kept, with the reason): a score_mod that changes the score, the log-sum-exp or max outputs
 used, symbolic lengths, block tensors that are not graph inputs or hold more than ``MAX_CHECKED_BLOCK_ENTRIES``,
@@ -35,9 +37,14 @@ KIND = "flex"
 # BlockMask.as_tuple(): (Tq, Tk, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, ..., the query and kv
 # block sizes, mask_mod)
 KV_BLOCKS = slice(2, 6)
-# The run-time check compares each call's kv block tensors with their compile-time values, written into the graph as
-# constants: up to this many entries in all (T = 32768 with one mask for every batch row and head, blocks of 128).
-MAX_CHECKED_BLOCK_ENTRIES = 1 << 17
+# For a mask_mod that reads no tensor, the run-time check compares each call's kv block tensors with their compile-time
+# values, written into the graph as constants: up to this many entries in all (T = 32768 in blocks of 128, one mask
+# for every batch row and head: 256 query blocks, each with 256 partial and 256 full kv indices and their counts).
+MAX_CHECKED_BLOCK_ENTRIES = 2 * 256 + 2 * 256 * 256
+# The compile-time check that the blocks cover the mask_mod evaluates it on every entry, in slices of query rows of
+# up to MAX_SLICE_ELEMENTS entries each, up to MAX_COVERED_ELEMENTS in all (T = 46340 for one mask of every row)
+MAX_SLICE_ELEMENTS = 1 << 24
+MAX_COVERED_ELEMENTS = 1 << 31
 
 
 def is_flex(node: fx.Node) -> bool:
@@ -67,18 +74,32 @@ def _compile_time_value(node: object) -> torch.Tensor | None:
     return None if value is None else value.detach().cpu()
 
 
-def block_grid(blocks: list[torch.Tensor], block_sizes: tuple[int, int], q_len: int, kv_len: int) -> torch.Tensor:
-    """(B, H, Tq, Tk) int8: 2 where a full block lists the entry, 1 where a partial one does, 0 elsewhere, from
-    ``kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices``."""
+def block_grids(
+    blocks: list[torch.Tensor | None], block_sizes: tuple[int, int], rows: torch.Tensor, kv_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partial, full): (B, H, len(rows), Tk) bool, the query ``rows``' entries that a partial (full) kv block lists,
+    from ``kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices`` (the full ones may be None)."""
     grids = []
     for count, indices in (blocks[:2], blocks[2:]):
-        listed = torch.arange(indices.shape[-1]) < count[..., None].long()  # the first count[b, h, r] indices
-        dense = torch.zeros(*indices.shape[:-1], indices.shape[-1] + 1, dtype=torch.bool)
-        dense.scatter_(-1, torch.where(listed, indices.long(), indices.shape[-1]), True)
-        dense = dense[..., :-1].repeat_interleave(block_sizes[0], -2).repeat_interleave(block_sizes[1], -1)
-        grids.append(dense[..., :q_len, :kv_len])
-    partial, full = grids
-    return full.to(torch.int8) * 2 + (partial & ~full).to(torch.int8)
+        if count is None or indices is None:
+            grids.append(torch.zeros(1, 1, rows.numel(), kv_len, dtype=torch.bool, device=rows.device))
+            continue
+        slots = indices.shape[-1]
+        listed = torch.arange(slots, device=indices.device) < count[..., None].long()  # the first count[b, h, r]
+        dense = torch.zeros(*indices.shape[:-1], slots + 1, dtype=torch.bool, device=indices.device)
+        dense = dense.scatter(-1, torch.where(listed, indices.long(), slots), True)[..., :-1]
+        dense = dense[..., torch.div(rows, block_sizes[0], rounding_mode="floor"), :]
+        grids.append(dense.repeat_interleave(block_sizes[1], -1)[..., :kv_len])
+    return grids[0], grids[1]
+
+
+def blocks_admit_the_mask(
+    mask: torch.Tensor, blocks: list[torch.Tensor | None], block_sizes: tuple[int, int], rows: torch.Tensor
+) -> torch.Tensor:
+    """0-d bool: the entries flex admits on ``rows`` (full blocks, and the mask's entries in partial ones) are
+    ``mask``'s there ((B, H, len(rows), Tk), broadcastable)."""
+    partial, full = block_grids(blocks, block_sizes, rows, mask.shape[-1])
+    return ((full | (partial & mask)) == mask).all()
 
 
 class FlexLowering:
@@ -101,37 +122,54 @@ class FlexLowering:
             return
         self.block_mask = tuple(block_mask)
         self.mask_mod = self.block_mask[-1]
-        q_len, kv_len = example_value(q).shape[2], example_value(k).shape[2]
-        sizes = (q_len, kv_len, *self.block_mask[:2], *self.block_mask[-3:-1])
-        if not all(isinstance(n, int) for n in sizes) or self.block_mask[:2] != (q_len, kv_len):
+        self.sizes = (*example_value(q).shape, *example_value(k).shape)
+        q_len, kv_len = self.sizes[2], self.sizes[6]
+        blocks = self.block_mask[KV_BLOCKS]
+        if not all(isinstance(n, int) for n in (*self.sizes, *self.block_mask[:2], *self.block_mask[-3:-1])):
+            self.reason = "flex_attention with symbolic sizes (dynamic shapes)"
+        elif self.block_mask[:2] != (q_len, kv_len):
             self.reason = (
-                "flex_attention with symbolic lengths, or a block mask not laid out as this torch's "
-                "BlockMask.as_tuple()"
+                f"flex_attention's block mask is for lengths {self.block_mask[:2]}, not ({q_len}, {kv_len}) (no block "
+                "mask given, or one laid out otherwise than this torch's BlockMask.as_tuple())"
             )
         elif _submodule(gm, self.mask_mod) is None:
             self.reason = "flex_attention's block mask has no mask_mod graph"
-        elif any(_compile_time_value(n) is None for n in (*self.block_mask[KV_BLOCKS], *self.mask_buffers)):
+        elif any(n is not None and _compile_time_value(n) is None for n in (*blocks, *self.mask_buffers)):
             self.reason = "flex_attention's block tensors or mask_mod buffers are computed in the graph, not passed in"
-        elif sum(_compile_time_value(n).numel() for n in self.block_mask[KV_BLOCKS]) > MAX_CHECKED_BLOCK_ENTRIES:
+        elif not self.mask_buffers and self._block_entries() > MAX_CHECKED_BLOCK_ENTRIES:
             self.reason = (
-                f"flex_attention's block tensors hold more than {MAX_CHECKED_BLOCK_ENTRIES} entries, more than the "
-                "run-time check of them takes as constants"
+                f"flex_attention's block tensors hold {self._block_entries()} entries, more than the "
+                f"{MAX_CHECKED_BLOCK_ENTRIES} its run-time check takes as constants"
             )
-        elif not self._blocks_cover_the_mask(q_len, kv_len):
-            self.reason = "flex_attention's blocks do not cover its mask_mod's entries exactly (a hand-made BlockMask)"
+        else:
+            self.reason = self._blocks_cover_the_mask(q_len, kv_len)
 
-    def _blocks_cover_the_mask(self, q_len: int, kv_len: int) -> bool:
-        """The entries flex admits (full blocks, and the mask_mod's within partial ones) are the mask_mod's."""
-        q = example_value(self.q)
-        indices = [torch.arange(n).view([-1 if a == axis else 1 for a in range(4)]) for axis, n in
-                   enumerate((q.shape[0], q.shape[1], q_len, kv_len))]  # fmt: skip
+    def _block_entries(self) -> int:
+        return sum(_compile_time_value(n).numel() for n in self.block_mask[KV_BLOCKS] if n is not None)
+
+    def _blocks_cover_the_mask(self, q_len: int, kv_len: int) -> str:
+        """'' where the entries flex admits (full blocks, and the mask_mod's within partial ones) are the mask_mod's
+        at compile time, else why not (evaluated in slices of query rows)."""
         module = getattr(self.gm, str(self.mask_mod.target))
         buffers = [_compile_time_value(n) for n in self.mask_buffers]
-        with torch.no_grad():
-            mask = module(*indices, *buffers).to(torch.bool)
-        blocks = [_compile_time_value(n) for n in self.block_mask[KV_BLOCKS]]
-        grid = block_grid(blocks, self.block_mask[-3:-1], q_len, kv_len)
-        return bool(((grid == 2) | ((grid == 1) & mask) == mask).all())
+        blocks = [None if n is None else _compile_time_value(n) for n in self.block_mask[KV_BLOCKS]]
+        batch, heads = self.sizes[0], self.sizes[1]
+        step = max(1, min(q_len, MAX_SLICE_ELEMENTS // kv_len))
+        for start in range(0, q_len, step):
+            rows = torch.arange(start, min(start + step, q_len))
+            index = (torch.arange(batch), torch.arange(heads), rows, torch.arange(kv_len))
+            index = [axis.view([-1 if a == n else 1 for a in range(4)]) for n, axis in enumerate(index)]
+            with torch.no_grad():
+                mask = module(*index, *buffers).to(torch.bool)
+            if not bool(blocks_admit_the_mask(mask, blocks, self.block_mask[-3:-1], rows)):
+                return "flex_attention's blocks do not cover its mask_mod's entries exactly (a hand-made BlockMask?)"
+            entries = mask.numel() // rows.numel() * q_len
+            if start == 0 and entries > MAX_COVERED_ELEMENTS:
+                return (
+                    f"flex_attention's mask_mod has {entries} entries, more than the {MAX_COVERED_ELEMENTS} checked "
+                    "against its blocks at compile time"
+                )
+        return ""
 
     def kept(self) -> AttentionSite:
         """The op as a site that stays as it is, with ``reason``."""
@@ -158,7 +196,7 @@ class FlexLowering:
                 mask.meta["example_value"] = module(*fakes)
             mask.meta.update({key: like.meta[key] for key in ("stack_trace", "nn_module_stack") if key in like.meta})
             self.inserted.append(mask)
-            self._check_blocks()
+            self._check_blocks(mask)
             sdpa = call(
                 torch.nn.functional.scaled_dot_product_attention,
                 self.q,
@@ -177,9 +215,22 @@ class FlexLowering:
         self.inserted.append(insert_call(self.gm.graph, target, args, kwargs, like=self.output))
         return self.inserted[-1]
 
-    def _check_blocks(self) -> None:
-        """``_assert_async`` that each call's kv block tensors are those read at compile time."""
-        for node in self.block_mask[KV_BLOCKS]:
+    def _check_blocks(self, mask: fx.Node) -> None:
+        """``_assert_async`` that each call's blocks cover its mask: for a mask_mod that reads tensors (its mask is
+        computed at every call anyway), ``blocks_admit_the_mask`` on the call's mask; for one that reads none, that
+        the call's kv block tensors are those read at compile time (which cover the mask_mod's fixed grid)."""
+        blocks = list(self.block_mask[KV_BLOCKS])
+        if self.mask_buffers:
+            rows = self._call(torch.arange, self.sizes[2], device=example_value(self.q).device)
+            same = self._call(blocks_admit_the_mask, mask, blocks, tuple(self.block_mask[-3:-1]), rows)
+            message = "does not cover the call's mask_mod entries exactly"
+            self._call(
+                torch._assert_async,
+                same,
+                f"retention_compile: the flex_attention block mask at {self.node.name} {message}",
+            )
+            return
+        for node in (n for n in blocks if n is not None):
             value, device = _compile_time_value(node), example_value(node).device
             constant = self._call(torch.tensor, value.tolist(), dtype=value.dtype, device=device)
             same = self._call("all", self._call(operator.eq, node, constant))
