@@ -573,6 +573,29 @@ def test_bloom_heads_folded_into_the_batch_axis():
         compiled(ids, attention_mask=holed)
 
 
+def test_transformers_flex_attention():
+    """``attn_implementation="flex_attention"``: transformers builds a BlockMask whose mask_mod reads the padding
+    mask, and calls ``flex_attention``. Its sites were not found (softmax ran); they are now rewritten, logits
+    against the SDPA model of the same weights under the oracle, with and without left padding (forward only:
+    flex_attention takes no gradients on the CPU)."""
+    from retention_compile.backend import collect_reports, rewrite_only_backend
+
+    flex = _hf("LlamaConfig", "LlamaForCausalLM", attention="flex_attention", **SMALL, num_key_value_heads=2)
+    reference = llama()
+    ids = tokens(2, T1)
+    for mask in (None, left_padding(2, T1, PADS)):
+        with torch.no_grad(), oracle_attention():
+            expected = reference(ids, attention_mask=mask).logits
+        torch._dynamo.reset()
+        with collect_reports() as report, torch.no_grad():
+            got = torch.compile(flex, backend=functools.partial(rewrite_only_backend, options=None))(
+                ids, attention_mask=mask
+            ).logits
+        assert [s.becomes for s in report.sites] == [CAUSAL] * 2, report.summary()
+        rows = slice(None) if mask is None else mask.bool()
+        torch.testing.assert_close(got[rows], expected[rows], rtol=1e-5, atol=1e-5)
+
+
 def test_falcon_alibi_made_in_bfloat16_is_read_past_a_thousand_keys():
     """Falcon with ``alibi=True`` builds its bias in bfloat16 (``build_alibi_tensor``) and casts it to float32: linear
     in the key position only to within bf16's rounding, so past about a thousand keys (at 1031 two neighbours round to
