@@ -985,7 +985,7 @@ def _additive(mask):
     [
         ("causal (T, T)", lambda pads: causal_grid(T, T), "causal retention"),
         ("additive causal, nn.Transformer's", lambda pads: _additive(causal_grid(T, T)), "causal retention"),
-        ("causal & left padding (B, 1, T, T)", _padded_causal, "causal retention"),
+        ("causal & left padding (B, 1, T, T)", _padded_causal, "causal retention within documents"),
         ("padding only (B, 1, T, T)", lambda pads: _padding(pads).expand(B, 1, T, T).clone(), "non-causal retention"),
         ("window of 5 & padding", lambda pads: _padded_causal(pads) & window_grid(T, T, 5), "causal retention"),
         (
@@ -1000,8 +1000,9 @@ def test_a_mask_passed_in_is_read_at_the_first_call_and_checked_at_every_call(fo
     """A mask passed in as a tensor was kept ("depends on the data ... varies along the query axis"). It is now read
     at the call that compiled the graph; each call's valid keys (those some query sees) become ``valid``, and its
     mask is checked at run time to be the grid read; a mask causal within documents (packed sequences) becomes causal
-    retention with a reset at each document's first key. Forward and gradients against the oracle at two paddings;
-    a mask of another kind at a later call raises, naming the site."""
+    retention with a reset at each document's first key, and so is a 4-D causal one (one document per row; see
+    ``test_a_four_dimensional_causal_mask_passed_in_takes_packed_documents_later``). Forward and gradients against
+    the oracle at two paddings; a mask of another kind at a later call raises, naming the site."""
     q, k, v = (x.requires_grad_() for x in qkv())
     mask = make([3, 0])
     _, report = rewrite(_attend_with, q, k, v, mask, dynamic=dynamic)
@@ -1125,3 +1126,19 @@ def test_a_bf16_alibi_bias_is_linear_to_within_its_rounding():
     torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
     _, report = rewrite(alibi(4.0), q, k, v, gate="alibi")
     assert report.sites[0].decision == "kept" and "not linear" in report.sites[0].reason, report.sites[0]
+
+
+def test_a_four_dimensional_causal_mask_passed_in_takes_packed_documents_later():
+    """Packed training whose first batch holds one document per row: its 4-D mask is causal, and read as causal a
+    later batch with several documents raised. A 4-D mask passed in that is causal is read as causal within
+    documents (one per row at that call): later packed batches run, against the oracle, with no recompile. A 2-D
+    causal mask stays plain causal retention (no gate)."""
+    q, k, v = qkv()
+    compiled = torch.compile(_attend_with, backend=functools.partial(rewrite_only_backend, options=None))
+    torch._dynamo.reset()
+    with collect_reports() as report:
+        for mask in (_padded_causal([0, 0]), _padded_causal([2, 0]) & _documents([5, 9]), _padded_causal([0, 4])):
+            torch.testing.assert_close(compiled(q, k, v, mask), oracle_sdpa(q, k, v, attn_mask=mask), **TOL)
+    assert [s.becomes for s in report.sites] == ["causal retention within documents"], report.summary()
+    _, report = rewrite(_attend_with, q, k, v, causal_grid(T, T))
+    assert report.sites[0].becomes == "causal retention", report.sites[0]

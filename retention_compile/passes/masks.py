@@ -377,6 +377,13 @@ class TermCollector:
         )
 
 
+def _per_row(terms: list[Term]) -> bool:
+    """A term passed in as a 4-D mask (B, H, Tq, Tk): one grid per batch row, as packed sequences give. Causal there
+    is read as causal within documents (one per row at that call), so that a later call with several runs; a 2-D or
+    3-D mask passed in (``nn.Transformer``'s ``tgt_mask``) stays plain causal, ungated."""
+    return any(term.kind == "input" and example_value(term.node).dim() == 4 for term in terms)
+
+
 def _documents(admitted: torch.Tensor, valid: torch.Tensor) -> bool:
     """``admitted (B, H, T, T)`` is causal within the documents its subdiagonal starts, on the ``valid`` keys."""
     starts = grids.document_starts(admitted)
@@ -612,8 +619,8 @@ class MaskAnalyser:
         top_left = grids.top_left_causal_grid(q_len, kv_len) & valid[:, None, None, :]
         if not shape.known and q_len < kv_len and bool((admitted == top_left).all()):
             analysis.grid, analysis.key_prefix = causal, True
-        elif not shape.known and q_len == kv_len and _documents(admitted, valid):
-            analysis.grid, analysis.documents = causal, True
+        elif q_len == kv_len and (shape.causal or not shape.known) and _per_row(terms) and _documents(admitted, valid):
+            analysis.grid, analysis.documents = causal, True  # causal alone is one document per row
         elif not shape.known:
             analysis.unknown = f"the mask passed in is, at the call that compiled the graph, {shape.describe()}"
         return analysis
