@@ -575,7 +575,8 @@ def test_bloom_heads_folded_into_the_batch_axis():
 
 def test_transformers_flex_attention():
     """``attn_implementation="flex_attention"``: transformers builds a BlockMask whose mask_mod reads the padding
-    mask, and calls ``flex_attention``. Its sites were not found (softmax ran); they are now rewritten, logits
+    mask, and calls ``flex_attention``. Its sites were not found (softmax ran); they are now rewritten (plain causal:
+    a mask made from a (B, Tk) padding mask is not read as documents, so no gate), logits
     against the SDPA model of the same weights under the oracle, with and without left padding (forward only:
     flex_attention takes no gradients on the CPU)."""
     from retention_compile.backend import collect_reports, rewrite_only_backend

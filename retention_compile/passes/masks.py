@@ -377,13 +377,6 @@ class TermCollector:
         )
 
 
-def _per_row(terms: list[Term]) -> bool:
-    """A term passed in as a 4-D mask (B, H, Tq, Tk): one grid per batch row, as packed sequences give. Causal there
-    is read as causal within documents (one per row at that call), so that a later call with several runs; a 2-D or
-    3-D mask passed in (``nn.Transformer``'s ``tgt_mask``) stays plain causal, ungated."""
-    return any(term.kind == "input" and example_value(term.node).dim() == 4 for term in terms)
-
-
 def _documents(admitted: torch.Tensor, valid: torch.Tensor) -> bool:
     """``admitted (B, H, T, T)`` is causal within the documents its subdiagonal starts, on the ``valid`` keys."""
     starts = grids.document_starts(admitted)
@@ -619,11 +612,23 @@ class MaskAnalyser:
         top_left = grids.top_left_causal_grid(q_len, kv_len) & valid[:, None, None, :]
         if not shape.known and q_len < kv_len and bool((admitted == top_left).all()):
             analysis.grid, analysis.key_prefix = causal, True
-        elif q_len == kv_len and (shape.causal or not shape.known) and _per_row(terms) and _documents(admitted, valid):
+        elif (
+            q_len == kv_len
+            and (not shape.known or (shape.causal and self._per_row(terms)))
+            and _documents(admitted, valid)
+        ):
             analysis.grid, analysis.documents = causal, True  # causal alone is one document per row
         elif not shape.known:
             analysis.unknown = f"the mask passed in is, at the call that compiled the graph, {shape.describe()}"
         return analysis
+
+    def _per_row(self, terms: list[Term]) -> bool:
+        """A term read from a 4-D mask passed in (B, H, Tq, Tk): one grid per batch row, as packed sequences give.
+        Causal there is read as causal within documents (one per row at that call), so that a later call with
+        several runs; a 2-D or 3-D mask passed in (``nn.Transformer``'s ``tgt_mask``), or one made from a (B, Tk)
+        padding mask (transformers' flex_attention mask_mod), stays plain causal, ungated."""
+        sources = [source for term in terms if term.kind == "input" for source in self.data.sources(term.node)]
+        return any(example_value(source).dim() == 4 for source in sources)
 
     def _grid(
         self, index: list[Term], biases: list[Bias], sizes: Sizes, q_len: int, kv_len: int
