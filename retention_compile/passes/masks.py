@@ -385,9 +385,8 @@ def _documents(admitted: torch.Tensor, valid: torch.Tensor) -> bool:
 
 
 def _rounding(biases: list[Bias]) -> float:
-    """The largest unit roundoff of the float dtypes the biases are computed through (a bf16 ALiBi bias, or one made
-    in bf16 and cast to float32 as Falcon's, is linear only to within bf16)."""
-    dtypes = [node_dtype(node) for bias in biases for node in backward_slice(bias.node)]
+    """The largest unit roundoff of the biases' dtypes (a bf16 ALiBi bias is linear only to within bf16)."""
+    dtypes = [node_dtype(bias.node) for bias in biases]
     return max([torch.finfo(d).eps / 2 for d in dtypes if d is not None and d.is_floating_point], default=0.0)
 
 
@@ -570,10 +569,7 @@ class MaskAnalyser:
             )
         if slopes:
             first = slopes[0]
-            rtol = 1e-5 + 8.0 * first.rounding  # slopes fitted to a bf16 bias carry its rounding (``_rounding``)
-            if any(
-                s.values.shape != first.values.shape or not torch.allclose(s.values, first.values, rtol) for s in slopes
-            ):
+            if any(s.values.shape != first.values.shape or not torch.allclose(s.values, first.values) for s in slopes):
                 analysis.unknown = "the additive bias has different slopes at different sizes"
             elif not first.zero:
                 analysis.slopes = first
