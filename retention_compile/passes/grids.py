@@ -164,12 +164,9 @@ def combine(shapes: list[GridShape]) -> GridShape:
 
 @dataclass(frozen=True)
 class Slopes:
-    """ALiBi slopes ``m_h >= 0`` (one per head, or one for all heads) of a bias ``c_i - m_h (i - j)``; ``rounding``:
-    the unit roundoff of the dtype the bias was computed in (a bf16 bias is ``m_h j`` to within 2^-9 of its size),
-    which widens the tolerance of the fit and of the run-time check (``linear_tolerance``)."""
+    """ALiBi slopes ``m_h >= 0`` (one per head, or one for all heads) of a bias ``c_i - m_h (i - j)``."""
 
     values: Tensor  # (H,) or (1,), float64
-    rounding: float = 0.0
 
     @property
     def zero(self) -> bool:
@@ -180,17 +177,9 @@ class Slopes:
         return f"ALiBi slopes [{shown}{', ...' if self.values.numel() > 8 else ''}]"
 
 
-def linear_tolerance(scale: float, magnitude: float, rounding: float) -> float:
-    """How far a bias may stray from ``c_i + m_h j`` and still be read as it: 1e-5 of ``scale`` (the span of the
-    bias from a row's last admitted key), plus 8 unit roundoffs of its dtype at its largest ``magnitude`` (the
-    rounding of the entry itself and of those the line is fitted through)."""
-    return 1e-5 * scale + 8.0 * rounding * magnitude
-
-
-def fit_slopes(bias: Tensor, admissible: Tensor, rounding: float = 0.0) -> Slopes | str:
+def fit_slopes(bias: Tensor, admissible: Tensor) -> Slopes | str:
     """The slopes of ``bias`` (broadcastable to ``(B, H, Tq, Tk)``) as ``c_i + m_h j`` on the ``admissible``
-    entries, or why it is not of that form. The slope must not depend on the batch row. ``rounding``: the unit
-    roundoff of the dtype the bias was computed in (``linear_tolerance``)."""
+    entries, or why it is not of that form. The slope must not depend on the batch row."""
     bias = bias.to(torch.float64).cpu()
     while bias.dim() < 4:
         bias = bias[None]
@@ -209,7 +198,7 @@ def fit_slopes(bias: Tensor, admissible: Tensor, rounding: float = 0.0) -> Slope
         return "the bias is +inf or NaN on admitted entries"
     rows = count >= 2
     if not bool(rows.any()):
-        return Slopes(torch.zeros(1, dtype=torch.float64), rounding)
+        return Slopes(torch.zeros(1, dtype=torch.float64))
     slope = (take(last) - take(first)) / (last - first).clamp(min=1)
     per_head = slope.masked_fill(~rows, float("nan")).transpose(0, 1).reshape(heads, -1)
     m = per_head.nanmean(-1).nan_to_num(0.0)  # (H,); a head without a row of two keys has no slope to fit
@@ -218,9 +207,8 @@ def fit_slopes(bias: Tensor, admissible: Tensor, rounding: float = 0.0) -> Slope
     scale = 1.0 + float((bias - take(last)[..., None]).masked_fill(~admissible, 0).abs().max())
     predicted = take(last)[..., None] - m[None, :, None, None] * (last[..., None] - cols)
     error = (bias - predicted).masked_fill(~admissible, 0).abs().max()
-    magnitude = float(bias.masked_fill(~admissible, 0).abs().max())
-    if not float(error) <= linear_tolerance(scale, magnitude, rounding):  # NaN fails too
+    if not float(error) <= 1e-5 * scale:  # NaN fails too
         return f"the bias is not linear in the key position on the admissible entries (residual {float(error):.3g})"
     if bool((m < -1e-7 * scale).any()):
         return f"the bias grows with the distance to the key (slopes {m.tolist()}): not a decay"
-    return Slopes(m.clamp(min=0), rounding)
+    return Slopes(m.clamp(min=0))

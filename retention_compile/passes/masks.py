@@ -384,12 +384,6 @@ def _documents(admitted: torch.Tensor, valid: torch.Tensor) -> bool:
     return bool((admitted == expected).all())
 
 
-def _rounding(biases: list[Bias]) -> float:
-    """The largest unit roundoff of the biases' dtypes (a bf16 ALiBi bias is linear only to within bf16)."""
-    dtypes = [node_dtype(bias.node) for bias in biases]
-    return max([torch.finfo(d).eps / 2 for d in dtypes if d is not None and d.is_floating_point], default=0.0)
-
-
 def _passed_in(sources: frozenset[fx.Node]) -> bool:
     """Every source is a tensor passed in that needs no gradient, or a module buffer: a compile-time value to read
     the mask from (a mask that requires grad would lose its gradient in the rewrite)."""
@@ -553,7 +547,7 @@ class MaskAnalyser:
             evaluated.append(sizes)
             unrevealed = {length for length in unrevealed if kv_len < length}
             if bias is not None:
-                fitted = grids.fit_slopes(bias, admitted, _rounding(biases))
+                fitted = grids.fit_slopes(bias, admitted)
                 if isinstance(fitted, str):
                     return MaskAnalysis(shape, unknown=fitted, sizes=evaluated)
                 slopes.append(fitted)
@@ -595,7 +589,7 @@ class MaskAnalyser:
             return MaskAnalysis(unread, unknown=f"the mask passed in could not be read: {error}")
         checked = None
         if bias is not None and bool((bias != 0).any()):
-            checked = grids.fit_slopes(bias, admitted, _rounding(biases))
+            checked = grids.fit_slopes(bias, admitted)
             if isinstance(checked, str):
                 return MaskAnalysis(unread, unknown=f"the additive mask passed in carries a bias: {checked}")
         valid = admitted.any(2).any(1)

@@ -181,18 +181,15 @@ class _Builder:
 
     def check_slopes(self, slopes: grids.Slopes, bias: fx.Node, admitted: fx.Node, kv_len: Size, message: str) -> None:
         """``_assert_async`` that ``bias`` is ``c_i + m_h j`` on the admitted entries: in every row ``bias - m_h j``
-        spreads by at most ``grids.linear_tolerance`` with the span ``1 + max_h m_h (Tk - 1)`` and the magnitude the
-        largest admitted ``|bias|`` (in float32; ``grids.fit_slopes`` reads the span from a row's last admitted
-        key)."""
+        spreads by at most ``1e-5 (1 + max_h m_h (Tk - 1))`` (in float32; ``grids.fit_slopes`` takes 1e-5 of the
+        largest span of the bias from a row's last admitted key)."""
         values = slopes.values.tolist()
         slope = self.call(torch.tensor, values, dtype=torch.float32, device=self.device)
         cols = self.call(torch.arange, kv_len, dtype=torch.float32, device=self.device)
         rest = self.call(operator.sub, bias, self.call(operator.mul, self.call("view", slope, -1, 1, 1), cols))
         high = self.call("amax", self.call(torch.where, admitted, rest, -math.inf), -1)
         low = self.call("amin", self.call(torch.where, admitted, rest, math.inf), -1)
-        span = self.call("amax", self.call(operator.add, self.call(operator.mul, cols, max(values)), 1.0))
-        magnitude = self.call("amax", self.call(torch.where, admitted, self.call("abs", bias), 0.0))
-        tolerance = self.call(grids.linear_tolerance, span, magnitude, slopes.rounding)
+        tolerance = self.call("amax", self.call(operator.add, self.call(operator.mul, cols, 1e-5 * max(values)), 1e-5))
         spread = self.call(operator.le, self.call(operator.sub, high, low), tolerance)  # a row with no key: -inf
         self.call(torch._assert_async, self.call("all", spread), message)
 
