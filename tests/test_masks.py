@@ -1107,10 +1107,12 @@ def test_a_four_dimensional_causal_mask_passed_in_takes_packed_documents_later()
     causal mask stays plain causal retention (no gate)."""
     q, k, v = qkv()
     compiled = torch.compile(_attend_with, backend=functools.partial(rewrite_only_backend, options=None))
-    torch._dynamo.reset()
-    with collect_reports() as report:
-        for mask in (_padded_causal([0, 0]), _padded_causal([2, 0]) & _documents([5, 9]), _padded_causal([0, 4])):
-            torch.testing.assert_close(compiled(q, k, v, mask), oracle_sdpa(q, k, v, attn_mask=mask), **TOL)
-    assert [s.becomes for s in report.sites] == ["causal retention within documents"], report.summary()
+    for form in (lambda mask: mask, _additive):  # bool, and 0 / -inf
+        torch._dynamo.reset()
+        with collect_reports() as report:
+            for mask in (_padded_causal([0, 0]), _padded_causal([2, 0]) & _documents([5, 9]), _padded_causal([0, 4])):
+                expected = oracle_sdpa(q, k, v, attn_mask=mask)
+                torch.testing.assert_close(compiled(q, k, v, form(mask)), expected, **TOL)
+        assert [s.becomes for s in report.sites] == ["causal retention within documents"], report.summary()
     _, report = rewrite(_attend_with, q, k, v, causal_grid(T, T))
     assert report.sites[0].becomes == "causal retention", report.sites[0]

@@ -604,7 +604,7 @@ class MaskAnalyser:
             analysis.grid, analysis.key_prefix = causal, True
         elif (
             q_len == kv_len
-            and (not shape.known or (shape.causal and self._per_row(terms)))
+            and (not shape.known or (shape.causal and self._per_row([*terms, *biases])))
             and _documents(admitted, valid)
         ):
             analysis.grid, analysis.documents = causal, True  # causal alone is one document per row
@@ -612,8 +612,9 @@ class MaskAnalyser:
             analysis.unknown = f"the mask passed in is, at the call that compiled the graph, {shape.describe()}"
         return analysis
 
-    def _per_row(self, terms: list[Term]) -> bool:
-        """A term read from a 4-D mask passed in (B, H, Tq, Tk): one grid per batch row, as packed sequences give.
+    def _per_row(self, terms: list[Term | Bias]) -> bool:
+        """A term (bool or additive) read from a tensor passed in with 4 dimensions (B, H, Tq, Tk), as packed
+        sequences give (a (1, 1, T, T) one too: it then takes the reset gate, at the gated kernels' cost).
         Causal there is read as causal within documents (one per row at that call), so that a later call with
         several runs; a 2-D or 3-D mask passed in (``nn.Transformer``'s ``tgt_mask``), or one made from a (B, Tk)
         padding mask (transformers' flex_attention mask_mod), stays plain causal, ungated."""
