@@ -93,14 +93,13 @@ def rewrite_attention(gm: fx.GraphModule, config: RetentionConfig, graph_index: 
             )
     callers = body_callers(gm)
     for index in reversed(range(len(found))):
+        module, _, site = found[index]
         if decisions[index].rewrite:
-            module, _, site = found[index]
             bring = functools.partial(pass_into, body=module, callers=callers)
             output = replace_with_retention(module.graph, site, decisions[index], config, bring)
             output.meta.update(retention_site=site, retention_index=index)
             _remove(module.graph, site.inserted, unused_only=True)  # what only the site's reading used
         else:  # an op read through inserted nodes stays as it was
-            module, _, site = found[index]
             _remove(module.graph, site.inserted, unused_only=False)
     for module in modules:
         module.graph.lint()

@@ -30,7 +30,7 @@ import operator
 import torch
 from torch import fx
 
-from .fxutils import buffer_value, input_value, insert_call
+from .fxutils import compile_time_value, insert_call
 from .sites import AttentionSite, example_value, normalise_sdpa
 
 KIND = "flex"
@@ -67,10 +67,9 @@ def _returns_the_score(score_mod: fx.GraphModule) -> bool:
     return bool(inputs) and result is inputs[0]
 
 
-def _compile_time_value(node: object) -> torch.Tensor | None:
-    if not isinstance(node, fx.Node):
-        return None
-    value = input_value(node) if buffer_value(node) is None else buffer_value(node)
+def _cpu(node: object) -> torch.Tensor | None:
+    """A graph input's compile-time value on the CPU (``fxutils.compile_time_value``), or None."""
+    value = compile_time_value(node) if isinstance(node, fx.Node) else None
     return None if value is None else value.detach().cpu()
 
 
@@ -125,6 +124,8 @@ class FlexLowering:
         self.sizes = (*example_value(q).shape, *example_value(k).shape)
         q_len, kv_len = self.sizes[2], self.sizes[6]
         blocks = self.block_mask[KV_BLOCKS]
+        # the compile-time values of the block tensors and the mask_mod's buffers, read (and copied) once
+        self.values = {n: _cpu(n) for n in (*blocks, *self.mask_buffers) if n is not None}
         if not all(isinstance(n, int) for n in (*self.sizes, *self.block_mask[:2], *self.block_mask[-3:-1])):
             self.reason = "flex_attention with symbolic sizes (dynamic shapes)"
         elif self.block_mask[:2] != (q_len, kv_len):
@@ -132,27 +133,27 @@ class FlexLowering:
                 f"flex_attention's block mask is for lengths {self.block_mask[:2]}, not ({q_len}, {kv_len}) (no block "
                 "mask given, or one laid out otherwise than this torch's BlockMask.as_tuple())"
             )
-        elif _submodule(gm, self.mask_mod) is None:
+        elif (module := _submodule(gm, self.mask_mod)) is None:
             self.reason = "flex_attention's block mask has no mask_mod graph"
-        elif any(n is not None and _compile_time_value(n) is None for n in (*blocks, *self.mask_buffers)):
+        elif any(value is None for value in self.values.values()):
             self.reason = "flex_attention's block tensors or mask_mod buffers are computed in the graph, not passed in"
-        elif not self.mask_buffers and self._block_entries() > MAX_CHECKED_BLOCK_ENTRIES:
+        elif not self.mask_buffers and (entries := self._block_entries()) > MAX_CHECKED_BLOCK_ENTRIES:
             self.reason = (
-                f"flex_attention's block tensors hold {self._block_entries()} entries, more than the "
+                f"flex_attention's block tensors hold {entries} entries, more than the "
                 f"{MAX_CHECKED_BLOCK_ENTRIES} its run-time check takes as constants"
             )
         else:
+            self.mask_module = module
             self.reason = self._blocks_cover_the_mask(q_len, kv_len)
 
     def _block_entries(self) -> int:
-        return sum(_compile_time_value(n).numel() for n in self.block_mask[KV_BLOCKS] if n is not None)
+        return sum(self.values[n].numel() for n in self.block_mask[KV_BLOCKS] if n is not None)
 
     def _blocks_cover_the_mask(self, q_len: int, kv_len: int) -> str:
         """'' where the entries flex admits (full blocks, and the mask_mod's within partial ones) are the mask_mod's
         at compile time, else why not (evaluated in slices of query rows)."""
-        module = getattr(self.gm, str(self.mask_mod.target))
-        buffers = [_compile_time_value(n) for n in self.mask_buffers]
-        blocks = [None if n is None else _compile_time_value(n) for n in self.block_mask[KV_BLOCKS]]
+        buffers = [self.values[n] for n in self.mask_buffers]
+        blocks = [None if n is None else self.values[n] for n in self.block_mask[KV_BLOCKS]]
         batch, heads = self.sizes[0], self.sizes[1]
         step = max(1, min(q_len, MAX_SLICE_ELEMENTS // kv_len))
         for start in range(0, q_len, step):
@@ -160,7 +161,7 @@ class FlexLowering:
             index = (torch.arange(batch), torch.arange(heads), rows, torch.arange(kv_len))
             index = [axis.view([-1 if a == n else 1 for a in range(4)]) for n, axis in enumerate(index)]
             with torch.no_grad():
-                mask = module(*index, *buffers).to(torch.bool)
+                mask = self.mask_module(*index, *buffers).to(torch.bool)
             if not bool(blocks_admit_the_mask(mask, blocks, self.block_mask[-3:-1], rows)):
                 return "flex_attention's blocks do not cover its mask_mod's entries exactly (a hand-made BlockMask?)"
             entries = mask.numel() // rows.numel() * q_len
@@ -190,10 +191,9 @@ class FlexLowering:
                 shape[axis] = -1
                 indices.append(call("view", call(torch.arange, size, device=q.device), *shape))
             mask = graph.call_module(str(self.mask_mod.target), (*indices, *self.mask_buffers))
-            module = getattr(self.gm, str(self.mask_mod.target))
             with q.fake_mode:
                 fakes = [a.meta["example_value"] for a in mask.args]
-                mask.meta["example_value"] = module(*fakes)
+                mask.meta["example_value"] = self.mask_module(*fakes)
             mask.meta.update({key: like.meta[key] for key in ("stack_trace", "nn_module_stack") if key in like.meta})
             self.inserted.append(mask)
             self._check_blocks(mask)
@@ -231,7 +231,7 @@ class FlexLowering:
             )
             return
         for node in (n for n in blocks if n is not None):
-            value, device = _compile_time_value(node), example_value(node).device
+            value, device = self.values[node], example_value(node).device
             constant = self._call(torch.tensor, value.tolist(), dtype=value.dtype, device=device)
             same = self._call("all", self._call(operator.eq, node, constant))
             self._call(

@@ -115,6 +115,13 @@ def input_value(node: fx.Node) -> torch.Tensor | None:
     return None if "._parameters[" in source_name(node) else value
 
 
+def compile_time_value(node: fx.Node) -> torch.Tensor | None:
+    """The value a graph input had when the graph was compiled: a module buffer's (``buffer_value``) or a tensor
+    passed in (``input_value``); None for anything else (a parameter, a node computed in the graph)."""
+    buffer = buffer_value(node)
+    return buffer if buffer is not None else input_value(node)
+
+
 def _metadata_only(user: fx.Node, arg_index: int) -> bool:
     """``user`` reads only the metadata of its argument number ``arg_index``."""
     if arg_index != 0:

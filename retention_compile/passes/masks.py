@@ -58,9 +58,9 @@ from .fxutils import (
     Sizes,
     backward_slice,
     buffer_value,
+    compile_time_value,
     elements,
     free_symbols,
-    input_value,
     mutated_from_outside,
     sample_sizes,
     shape_env_of,
@@ -387,7 +387,7 @@ def _documents(admitted: torch.Tensor, valid: torch.Tensor) -> bool:
 def _passed_in(sources: frozenset[fx.Node]) -> bool:
     """Every source is a tensor passed in that needs no gradient, or a module buffer: a compile-time value to read
     the mask from (a mask that requires grad would lose its gradient in the rewrite)."""
-    values = [input_value(s) if buffer_value(s) is None else buffer_value(s) for s in sources]
+    values = [compile_time_value(s) for s in sources]
     return all(value is not None and not value.requires_grad for value in values)
 
 
