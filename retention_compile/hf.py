@@ -17,7 +17,9 @@ SDPA's boolean mask builder in ``AttentionMaskInterface``, so the function recei
                      cropped); anything else raises ``ValueError``
 
 Under ``torch.compile`` the mask check is an ``_assert_async`` against the grid the model's flags give
-(``is_causal``, ``sliding_window``), so the function adds no graph break. For the proven rewrite of
+(``is_causal``, ``sliding_window``), so the function adds no graph break; with more key slots than queries
+(Tq > 1) the grid's alignment is read from the mask and the slots rotated to it (``_read_aligned_mask``), so a
+``StaticCache`` prefill, left padding included, runs compiled too. For the proven rewrite of
 ``sdpa`` models, use ``attn_implementation="sdpa"`` with ``backend="retention"`` instead.
 """
 
@@ -60,6 +62,32 @@ def _read_mask(admitted: Tensor, q_len: int, kv_len: int, is_causal: bool, windo
     if not shape.known:
         raise ValueError(f"power_retention attention: the attention mask is {shape.describe()}")
     return shape.causal or shape.window is not None, valid
+
+
+def _read_aligned_mask(
+    admitted: Tensor, key: Tensor, value: Tensor, window: int | None
+) -> tuple[bool, Tensor, Tensor, Tensor]:
+    """Under ``torch.compile``, Tq > 1 causal queries over Tk > Tq key slots, whose alignment the shapes do not
+    tell: query i sees keys ``j <= i + a`` with ``a = Tk - Tq`` after a cache's earlier tokens, and ``a < Tk - Tq``
+    in a ``StaticCache`` whose last slots are still unused (``a = 0`` at its prefill). ``a`` is read from the mask,
+    as the largest ``(last key row i sees) - i``, and the mask checked (``_assert_async``) to be that grid (or its
+    window) on the valid keys. The op's causal grid is bottom-right (``a = Tk - Tq``), so the key slots are rotated
+    to end at the last one in use, ``slot (j + Tq + a) mod Tk`` at position j: the ``Tk - Tq - a`` unused slots come
+    first, seen by no query, so invalid. Returns (causal, valid, key, value), the last three rotated."""
+    q_len, kv_len = admitted.shape[-2], admitted.shape[-1]
+    keys = torch.arange(kv_len, device=admitted.device)
+    rows = torch.arange(q_len, device=admitted.device)
+    last_seen = torch.where(admitted, keys, -1).amax(-1)
+    align = (last_seen - rows).amax().clamp(0, kv_len - q_len)
+    reach = rows[:, None] + align
+    grid = keys[None, :] <= reach
+    if window:
+        grid = grid & (keys[None, :] > reach - int(window))
+    valid = admitted.expand(admitted.shape[0], -1, -1, -1).any(1).any(1)
+    same = (admitted == (grid & valid[:, None, None, :])).all()
+    torch._assert_async(same, "power_retention attention: the mask is not the model's causal/window grid")
+    order = (keys + q_len + align) % kv_len
+    return True, valid.index_select(1, order), key.index_select(2, order), value.index_select(2, order)
 
 
 def _used_keys(admitted: Tensor, q_len: int) -> int | None:
@@ -114,7 +142,9 @@ def power_retention_attention(
     else:
         window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
         admitted = _admitted(attention_mask)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and is_causal and kv_len > q_len > 1:
+            causal, valid, key, value = _read_aligned_mask(admitted, key, value, window)
+        elif torch.compiler.is_compiling():
             causal, valid = _read_mask(admitted, q_len, kv_len, is_causal, window)
         else:
             causal, valid, key, value = _read_cache_mask(admitted, key, value, is_causal, window)

@@ -712,12 +712,58 @@ def test_hf_attention_function_reads_a_static_cache_longer_than_the_sequence():
     torch.testing.assert_close(out.transpose(1, 2)[rows], expected.float()[rows], rtol=1e-5, atol=1e-5)
 
 
-def test_generation_into_a_static_cache_with_left_padding():
+@pytest.mark.parametrize("align", [0, 2, 4])
+def test_hf_attention_function_compiled_reads_the_alignment_from_the_mask(align):
+    """Under ``torch.compile`` the function cannot crop a ``StaticCache``'s unused slots (their count is data): with
+    Tq > 1 queries over Tk > Tq slots it reads the alignment a (query i sees keys j <= i + a) from the mask and
+    rotates the slots to it. a = 0 is a static cache's prefill (top-left), 2 a later chunk with slots left, 4 = Tk -
+    Tq a cache with every slot used (bottom-right); left padding in row 1. The compiled call equals the oracle on
+    the keys in use, fwd and bwd, at two alignments per graph; a mask of no such grid raises."""
+    import retention_compile.hf as hf
+    from retention_compile.reference import power_retention_reference
+
+    gen = torch.Generator().manual_seed(align)
+    q = torch.randn(2, 4, 6, 8, generator=gen, requires_grad=True)
+    k = torch.randn(2, 2, 10, 8, generator=gen, requires_grad=True)
+    v = torch.randn(2, 2, 10, 8, generator=gen, requires_grad=True)
+    module = nn.Module()
+    module.is_causal = True
+
+    def attend(q, k, v, admitted):
+        return hf.power_retention_attention(module, q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), admitted)[0]
+
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    for used in (6 + align, 6 + (align + 2) % 6):
+        valid = torch.zeros(2, 10, dtype=torch.bool)
+        valid[:, :used] = True
+        valid[1, :2] = False  # left padding
+        admitted = (torch.arange(10)[None, :] <= torch.arange(6)[:, None] + used - 6) & valid[:, None, None, :]
+        got = compiled(q, k, v, admitted)
+        expected = power_retention_reference(
+            *(x.double() for x in (q, k[:, :, :used], v[:, :, :used])), valid=valid[:, :used]
+        ).transpose(1, 2)
+        rows = admitted.any(-1).expand(-1, 4, -1).transpose(1, 2)  # (B, Tq, Hq): rows with no key are not compared
+        torch.testing.assert_close(got[rows], expected.float()[rows], rtol=1e-5, atol=1e-5)
+        weights = torch.randn(got[rows].shape, generator=gen, dtype=torch.float64)
+        grads = torch.autograd.grad((got[rows] * weights.float()).sum(), (q, k, v))
+        oracle = torch.autograd.grad((expected[rows] * weights).sum(), (q, k, v))
+        for mine, theirs in zip(grads, oracle):
+            torch.testing.assert_close(mine, theirs.float(), rtol=1e-4, atol=1e-4)
+    holed = admitted.clone()
+    holed[0, 0, 5, 1] = False
+    with pytest.raises(RuntimeError, match="not the model's causal/window grid"):
+        compiled(q, k, v, holed)
+
+
+@pytest.mark.parametrize("path", ["rewrite", "hf"])
+def test_generation_into_a_static_cache_with_left_padding(path):
     """``generate(cache_implementation="static")`` with the forward compiled, left-padded prompts: transformers passes
     the prefill a 4-D mask over the whole cache (top-left causal, the unused slots masked), which was kept as data
     varying along the query axis (softmax prefill, retention decode: other tokens than the oracle's). It is now read
     at the first call and checked at every call: the tokens and logits of a greedy generation are the oracle's (each
-    step recomputed over the whole sequence, no cache)."""
+    step recomputed over the whole sequence, no cache). "hf": ``attn_implementation="power_retention"`` compiled,
+    whose mask check failed there (the alignment is now read from the mask)."""
+    import retention_compile.hf as hf
     from retention_compile.backend import collect_reports, rewrite_only_backend
 
     model, new_tokens = llama(), 4
@@ -731,17 +777,21 @@ def test_generation_into_a_static_cache_with_left_padding():
             sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], 1)
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)
     torch._dynamo.reset()
-    model.forward = torch.compile(model.forward, backend=rewrite_only_backend)
+    if path == "hf":
+        model.config._attn_implementation = hf.NAME
+    model.forward = torch.compile(model.forward, backend=rewrite_only_backend if path == "rewrite" else "aot_eager")
     with collect_reports() as report, torch.no_grad():
         out = model.generate(
             ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
             cache_implementation="static", output_logits=True, return_dict_in_generate=True,
         )  # fmt: skip
+    assert torch.equal(out.sequences, sequence)
+    torch.testing.assert_close(torch.stack(out.logits, 1), torch.stack(expected, 1), rtol=1e-5, atol=1e-5)
+    if path == "hf":
+        return
     prefill = [site for site in report.sites if site.q_shape.endswith(f"{T1}, 8)")]
     assert prefill and all(s.becomes == "causal retention over the first Tq keys" for s in prefill), report.summary()
     assert len(report.rewritten) == len(report.sites), report.summary()
-    assert torch.equal(out.sequences, sequence)
-    torch.testing.assert_close(torch.stack(out.logits, 1), torch.stack(expected, 1), rtol=1e-5, atol=1e-5)
 
 
 def test_packed_documents_in_a_four_dimensional_mask():
