@@ -730,7 +730,8 @@ def test_hf_attention_function_compiled_reads_the_alignment_from_the_mask(align)
     module.is_causal = True
 
     def attend(q, k, v, admitted):
-        return hf.power_retention_attention(module, q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), admitted)[0]
+        k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        return hf.power_retention_attention(module, q, k, v, admitted)[0]
 
     compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
     for used in (6 + align, 6 + (align + 2) % 6):
