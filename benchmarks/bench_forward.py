@@ -13,7 +13,9 @@ follows (``for_backward=False``; runs up to session 25 stored it in float32); "o
 from a CUDA graph (no launch overhead, as in a compiled model with CUDA graphs). "ours compiled" (at the
 ``--compiled`` lengths, default 65536) is the public ``power_retention`` under ``torch.compile`` (fullgraph, no grad):
 a compiled model's path, through Inductor's generated code (the same query launch as eager calls,
-``forward.NARROW_QUERY_LAUNCH``, since session 53). ``--tune T`` first times,
+``forward.NARROW_QUERY_LAUNCH``, since session 53). "ours dynamic" (at the ``--dynamic`` lengths, default 65536)
+is the same under ``torch.compile(dynamic=True)``, called first at T=1000: the graph a model serving several lengths
+runs, whose Plan and state kernel are chosen per call from the concrete length. ``--tune T`` first times,
 gated at length T, the kernel variants of the chunked query kernel, two chunk sizes and several segment counts, keeps
 the fastest variant for the whole run and reports the fastest configuration as "ours best" with a per-kernel
 breakdown.
@@ -70,6 +72,8 @@ TUNE_CHUNKS = (1024, 2048)
 TUNE_SEGMENTS: tuple[int, ...] = ()  # besides the default (STATE_WAVES programs per SM); run 2: 8 vs 16 within 1%
 COMPETITOR_LENGTHS = (2048, 8192, 32768, 65536)
 COMPILED_LENGTHS = (65536,)  # each length and gate compiles once (static shapes)
+DYNAMIC_LENGTHS = (65536,)
+DYNAMIC_FIRST_LENGTH = 1000  # the dynamic graph's first call, before the timed length
 
 
 def bench_ms(fn: Callable[[], object]) -> float:
@@ -147,20 +151,24 @@ def ours(x: dict, plan: planning.Plan, segments: int | None = None, codegen: str
     return run
 
 
-def compiled(x: dict) -> Callable[[], object]:
+def compiled(x: dict, dynamic: bool = False) -> Callable[[], object]:
     """``rc.power_retention`` compiled by ``torch.compile`` (fullgraph) and called without grad, as a compiled model's
-    inference runs it (y stored in the inputs' dtype alone, as in "ours")."""
+    inference runs it (y stored in the inputs' dtype alone, as in "ours"). ``dynamic``: compiled with symbolic
+    lengths and called first at ``DYNAMIC_FIRST_LENGTH``."""
     import retention_compile as rc
 
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         return rc.power_retention(q, k, v, scale=D**-0.5, log_gate=gate, causal=True)
 
     torch._dynamo.reset()  # one compile per row: rows past Dynamo's recompile limit would silently run eagerly
-    fn = torch.compile(attention, fullgraph=True, dynamic=False)
+    fn = torch.compile(attention, fullgraph=True, dynamic=dynamic)
 
-    def run() -> object:
+    def run(x: dict = x) -> object:
         with torch.no_grad():
             return fn(x["q"], x["k"], x["v"], x["gate"])
+
+    if dynamic:
+        run(inputs(DYNAMIC_FIRST_LENGTH, x["gate"] is not None))
 
     run()  # compiles here, not in the timed calls
     return run
@@ -185,7 +193,7 @@ def graphed(fn: Callable[[], object]) -> Callable[[], object]:
 # backend here (T=65536: 9.8 against 14.5 ms; T=8192: 0.198 against 0.351), and the one the anchors measured.
 SDPA_BACKENDS: dict[str, str | None] = {"sdpa": "FLASH_ATTENTION", "sdpa_default": None}
 # a row's timed methods, in the order of the printed table's columns and the plot's legend
-TIMED_COLUMNS = ("ours", "ours_graph", "ours_compiled", "ours_best", *SDPA_BACKENDS, "manifest", "fla")
+TIMED_COLUMNS = ("ours", "ours_graph", "ours_compiled", "ours_dynamic", "ours_best", *SDPA_BACKENDS, "manifest", "fla")
 
 
 def sdpa_backend(name: str | None) -> contextlib.AbstractContextManager:
@@ -378,10 +386,18 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def measure(
-    T: int, gated: bool, spec: hardware.GpuSpec, ceilings: dict, tuned: dict | None, competitors: bool, compile_: bool
+    T: int,
+    gated: bool,
+    spec: hardware.GpuSpec,
+    ceilings: dict,
+    tuned: dict | None,
+    competitors: bool,
+    compile_: bool,
+    dynamic: bool,
 ) -> dict:
-    """One table row: ours with the planner's Plan (eager and graph-replayed; compiled where ``compile_``), the tuned
-    plan when given (with its per-kernel breakdown), SDPA flash and the competitors."""
+    """One table row: ours with the planner's Plan (eager and graph-replayed; compiled where ``compile_``, with
+    dynamic shapes where ``dynamic``), the tuned plan when given (with its per-kernel breakdown), SDPA flash and the
+    competitors."""
     x = inputs(T, gated)
     plan = planning.plan(spec, T=T, d=D, e=D, deg=2, dtype=torch.bfloat16, gated=gated, batch_heads=B * H)
     row: dict = {"T": T, "gated": gated, "plan": asdict(plan), "errors": {}}
@@ -390,6 +406,8 @@ def measure(
     makers = {"ours": lambda: ours(x, plan), "ours_graph": lambda: graphed(ours(x, plan))}
     if compile_:
         makers["ours_compiled"] = lambda: compiled(x)
+    if dynamic:
+        makers["ours_dynamic"] = lambda: compiled(x, dynamic=True)
     makers.update({name: lambda backend=backend: sdpa(x, backend) for name, backend in SDPA_BACKENDS.items()})
     if tuned is not None:
         best = _plan(tuned)
@@ -443,6 +461,7 @@ def main() -> None:
     parser.add_argument("--tune", type=int, default=65536, help="length at which to tune (0: none), gated")
     parser.add_argument("--competitors", type=int, nargs="*", default=list(COMPETITOR_LENGTHS))
     parser.add_argument("--compiled", type=int, nargs="*", default=list(COMPILED_LENGTHS))
+    parser.add_argument("--dynamic", type=int, nargs="*", default=list(DYNAMIC_LENGTHS))
     parser.add_argument("--commit", default=None)
     parser.add_argument("--jobs", type=int, default=12, help="processes compiling the kernels beforehand")
     args = parser.parse_args()
@@ -471,7 +490,9 @@ def main() -> None:
 
     def measure_row(T: int, gated: bool) -> dict:
         tuned_here = tuned if args.tune == T else None
-        return measure(T, gated, spec, ceilings, tuned_here, T in args.competitors, T in args.compiled)
+        return measure(
+            T, gated, spec, ceilings, tuned_here, T in args.competitors, T in args.compiled, T in args.dynamic
+        )
 
     record_rows(record, base, args.T, measure_row, _line, plot)
     print(f"\n{_header()}")
@@ -497,8 +518,8 @@ def warm_tasks(spec: hardware.GpuSpec, args: argparse.Namespace) -> list[dict]:
 
 
 def _header() -> str:
-    cols = ("T", "gate", "ours", "graph", "compiled", "best", "sdpa", "sdpa dflt", "manifest", "fla", "TFLOP/s")
-    cols += ("of mm", "plan (C/bt/warps)")
+    cols = ("T", "gate", "ours", "graph", "compiled", "dynamic", "best", "sdpa", "sdpa dflt", "manifest", "fla")
+    cols += ("TFLOP/s", "of mm", "plan (C/bt/warps)")
     return " ".join(f"{c:>9}" for c in cols)
 
 
