@@ -1116,3 +1116,100 @@ def test_a_four_dimensional_causal_mask_passed_in_takes_packed_documents_later()
         assert [s.becomes for s in report.sites] == ["causal retention within documents"], report.summary()
     _, report = rewrite(_attend_with, q, k, v, causal_grid(T, T))
     assert report.sites[0].becomes == "causal retention", report.sites[0]
+
+
+ROUNDED_LENGTH = 600  # bf16 rounds m_h j by up to 1 at 600 keys (the ulp is 2 from 256 on)
+
+
+def _rounded_alibi(perturbation=None, dtype=torch.bfloat16):
+    """ALiBi ``m_h j`` on a causal mask, its bias stored in ``dtype`` (BLOOM's form: float32, then cast), the last
+    (flattest, m = 2^-8) head plus ``perturbation(i, j)`` before the cast."""
+    slopes = 2.0 ** (-8.0 * torch.arange(1, H + 1) / H)
+
+    def fn(q, k, v):
+        i, j = grids_of(q.shape[2], k.shape[2])
+        bias = (slopes[:, None, None] * j).expand(H, *i.shape[:1], j.shape[1])
+        if perturbation is not None:
+            bias = torch.cat([bias[:-1], bias[-1:] + perturbation(i, j)])
+        bias = bias.masked_fill(j > i, float("-inf")).to(dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    return fn
+
+
+def test_a_16_bit_alibi_bias_is_linear_to_within_its_rounding():
+    """BLOOM in bf16 stores its ALiBi bias ``m_h j`` in bf16: past 256 keys an entry rounds by up to 1, which the fit
+    refused, so the site was kept. Each entry may now lie two unit roundoffs of its term's dtype, at its own size,
+    from the line (``grids.rounding_allowance``): rewritten, against the oracle of the exact bias (the slopes are
+    fitted by least squares, within 1.1e-5 of m_h)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, H, ROUNDED_LENGTH, D, generator=g).to(torch.bfloat16) for _ in range(3))
+    i, j = grids_of(ROUNDED_LENGTH, ROUNDED_LENGTH)
+    slopes = 2.0 ** (-8.0 * torch.arange(1, H + 1, dtype=torch.float64) / H)
+    bias = (slopes[:, None, None] * j).masked_fill(j > i, float("-inf"))
+    fitted = fit_slopes(bias.to(torch.bfloat16), causal_grid(ROUNDED_LENGTH, ROUNDED_LENGTH), None)
+    assert isinstance(fitted, str) and "not linear" in fitted  # without the allowance
+    allowance = grids.rounding_allowance(bias.to(torch.bfloat16).double(), torch.bfloat16)
+    fitted = fit_slopes(bias.to(torch.bfloat16), causal_grid(ROUNDED_LENGTH, ROUNDED_LENGTH), allowance)
+    torch.testing.assert_close(fitted.values, slopes, rtol=2e-5, atol=0)
+    out, report = rewrite(_rounded_alibi(), q, k, v, gate="alibi")
+    assert report.sites[0].becomes == "causal retention with ALiBi gate", report.sites[0].reason
+    expected = oracle_sdpa(q.double(), k.double(), v.double(), attn_mask=bias)
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "perturbation",
+    [
+        lambda i, j: 0.5 * torch.log2(1.0 + j).floor(),  # T5-like buckets of the distance
+        lambda i, j: 0.78 * (j >= 300),  # a step
+        lambda i, j: 0.68 * ((i + j) % 2),  # a pattern per row
+        lambda i, j: 10.0 + 0.45 * (j % 2),  # a pattern under a constant
+    ],
+    ids=["buckets", "step", "row pattern", "under a constant"],
+)
+def test_a_16_bit_bias_off_its_line_beyond_its_rounding_is_kept(perturbation):
+    """The allowance is per entry, at the entry's own size, from the dtype of the term it came from: on the flattest
+    head (|m_h j| <= 2.3, bf16 steps of 2^-6 there; 2^-4 under the constant 10) a pattern of 0.45-0.78 is far beyond
+    it, whatever the steeper heads' entries allow (up to 1.2 at 150). Each is kept with the misfit named; SDPA's
+    answer is unchanged. (What no allowance can refuse: a pattern within the bias's own resolution, 0.45 under a
+    constant of 100 where bf16 steps by 0.5, is a rounding of a line; the report names the allowance taken.)"""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, H, ROUNDED_LENGTH, D, generator=g).to(torch.bfloat16) for _ in range(3))
+    fn = _rounded_alibi(perturbation)
+    out, report = rewrite(fn, q, k, v, gate="alibi")
+    site = report.sites[0]
+    assert site.decision == "kept" and "not linear in the key position" in site.reason, site
+    torch.testing.assert_close(out, fn(q, k, v))
+
+
+def test_a_16_bit_alibi_passed_in_is_checked_to_within_its_rounding_at_every_call():
+    """A bf16 ALiBi mask passed in: read at the first call to within its rounding, and every call holds it to the same
+    criterion (``grids.linear_misfit``, in the graph): another padding runs against the oracle, a wiggle of 0.5 on the
+    flattest head raises."""
+    length = 300
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, H, length, D, generator=g).to(torch.bfloat16) for _ in range(3))
+    slopes = 2.0 ** (-8.0 * torch.arange(1, H + 1, dtype=torch.float64) / H)
+    i, j = grids_of(length, length)
+
+    def mask(pads, wiggle=0.0):
+        exact = (slopes[:, None, None] * j).expand(2, H, length, length).clone()
+        exact[:, -1] += wiggle * (j % 2)
+        admitted = causal_grid(length, length) & _padding(pads, length)
+        return exact.masked_fill(~admitted, float("-inf"))
+
+    torch._dynamo.reset()
+    backend = functools.partial(rewrite_only_backend, options={"gate": "alibi"})
+    compiled = torch.compile(_attend_with, backend=backend, fullgraph=True)
+    with collect_reports() as report:
+        for pads in ((0, 7), (40, 0)):
+            exact = mask(pads)
+            out = compiled(q, k, v, exact.to(torch.bfloat16))
+            rows = exact.isfinite().any(-1, keepdim=True)
+            expected = oracle_sdpa(q.double(), k.double(), v.double(), attn_mask=exact)
+            torch.testing.assert_close((out.double() * rows), expected * rows, rtol=2e-2, atol=2e-2)
+    # a 4-D causal mask passed in is read as one document per row (packed sequences may follow)
+    assert report.sites[0].becomes == "causal retention within documents with ALiBi gate", report.sites[0].reason
+    with pytest.raises(RuntimeError, match="ALiBi"):
+        compiled(q, k, v, mask((0, 7), wiggle=0.5).to(torch.bfloat16))

@@ -756,6 +756,42 @@ def test_hf_attention_function_compiled_reads_the_alignment_from_the_mask(align)
         compiled(q, k, v, holed)
 
 
+def test_bfloat16_alibi_models_past_their_bias_rounding():
+    """BLOOM in bf16 stores its ALiBi bias ``m_h p_j`` in bf16, Falcon multiplies bf16 slopes by positions it converts
+    to bf16 (rounded from 256 on): their biases are linear only to within that rounding, and both were kept past
+    about 256 (BLOOM) and 1000 keys (Falcon). Each entry may now lie two unit roundoffs of its dtype from the line
+    (``grids.rounding_allowance``): rewritten with the ALiBi gate. bf16 BLOOM at 600 keys with left padding gives the
+    logits of the float32 BLOOM's rewrite (which ``test_bloom_heads_folded_into_the_batch_axis`` holds to the
+    oracle) to within bf16's rounding (4.2e-3 measured); Falcon's report names its slopes as bf16 holds them."""
+    from transformers.models.falcon.modeling_falcon import build_alibi_tensor
+
+    from retention_compile.backend import collect_reports, rewrite_only_backend
+
+    backend = functools.partial(rewrite_only_backend, options={"gate": "alibi"})
+    length = 600
+    ids, mask = tokens(2, length), left_padding(2, length, (0, 5))
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch._dynamo.reset()
+        with collect_reports() as report, torch.no_grad():
+            logits[dtype] = torch.compile(bloom().to(dtype), backend=backend)(ids, attention_mask=mask).logits.float()
+        assert [site.becomes for site in report.sites] == ["causal retention with ALiBi gate"] * 2, report.sites
+    rows = mask.bool()
+    exact, rounded = logits[torch.float32][rows], logits[torch.bfloat16][rows]
+    assert ((rounded - exact).norm() / exact.norm()).item() < 1e-2
+    extra = {"hidden_dropout": 0.0, "alibi": True}
+    falcon = _hf("FalconConfig", "FalconForCausalLM", **_small_without("intermediate_size"), **extra)
+    length = 1100
+    torch._dynamo.reset()
+    with collect_reports() as report, torch.no_grad():
+        compiled = torch.compile(falcon.to(torch.bfloat16), backend=backend)
+        compiled(tokens(1, length), attention_mask=torch.ones(1, length))
+    assert [site.becomes for site in report.sites] == ["causal retention with ALiBi gate"] * 2, report.sites
+    head_dim = falcon.config.hidden_size // falcon.config.num_attention_heads
+    slopes = build_alibi_tensor(torch.ones(1, 2, dtype=torch.long), 4, torch.float64)[:, 0, 1] / math.sqrt(head_dim)
+    assert ", ".join(f"{m:.4g}" for m in slopes.tolist()) in report.sites[0].mask, report.sites[0].mask
+
+
 @pytest.mark.parametrize("path", ["rewrite", "hf"])
 def test_generation_into_a_static_cache_with_left_padding(path):
     """``generate(cache_implementation="static")`` with the forward compiled, left-padded prompts: transformers passes

@@ -14,11 +14,15 @@ that size. With a key-validity mask ``valid (B, Tk)`` the comparison is with ``c
 
 An additive bias ``b_ij`` (the finite part of a float mask) equals ALiBi's ``c_i - m (i - j)`` on the admissible
 entries iff every row is linear in ``j`` with one slope ``m`` per head; ``c_i`` cancels in softmax (and in
-retention's normalisation), so the bias is the per-step log-decay ``g = -m`` of a constant gate.
+retention's normalisation), so the bias is the per-step log-decay ``g = -m`` of a constant gate. A bias stored in
+a 16-bit dtype is linear only to within its rounding (BLOOM in bf16 rounds ``m j`` by up to 1 at 600 keys), so each
+entry may lie ``rounding_allowance`` from the line: ``BIAS_ROUNDINGS`` unit roundoffs of the dtype of the term it
+came from, at the entry's own size.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +31,16 @@ from torch import Tensor
 # An additive mask entry at or below this is a masked entry: exp(-1e4) is 0 in every float format, so
 # softmax gives it exactly zero weight whatever the rest of the row holds.
 MASKED_BELOW = -1.0e4
+# Unit roundoff u = 2^-p of the float dtypes (p significand bits): rounding x to the dtype moves it by at most u |x|.
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+# Roundings in its own dtype that a bias term's entry may carry: BLOOM rounds the float32 m_h j to its dtype once;
+# Falcon multiplies bf16 slopes by positions converted to bf16 (rounded from 256 on) and rounds the product.
+BIAS_ROUNDINGS = 2
+# Roundings of the check's own arithmetic (rest = bias - m j in the bias's dtype, the allowance, the bounds)
+CHECK_ROUNDINGS = 4
+# Spread of a linear row that any bias may show, relative to 1 + max_h m_h (Tk - 1): float error of the bias's own
+# computation in float32 (an ALiBi built in float32 and cast)
+LINEAR_TOLERANCE = 1e-5
 
 
 def causal_grid(q_len: int, kv_len: int, device: torch.device | None = None) -> Tensor:
@@ -167,6 +181,7 @@ class Slopes:
     """ALiBi slopes ``m_h >= 0`` (one per head, or one for all heads) of a bias ``c_i - m_h (i - j)``."""
 
     values: Tensor  # (H,) or (1,), float64
+    allowance: float = 0.0  # the largest rounding allowance an admitted entry took (``rounding_allowance``)
 
     @property
     def zero(self) -> bool:
@@ -174,12 +189,41 @@ class Slopes:
 
     def describe(self) -> str:
         shown = ", ".join(f"{v:.4g}" for v in self.values.tolist()[:8])
-        return f"ALiBi slopes [{shown}{', ...' if self.values.numel() > 8 else ''}]"
+        rounded = f" (to within {self.allowance:.2g}: the bias's rounding)" if self.allowance > 1e-3 else ""
+        return f"ALiBi slopes [{shown}{', ...' if self.values.numel() > 8 else ''}]{rounded}"
 
 
-def fit_slopes(bias: Tensor, admissible: Tensor) -> Slopes | str:
+def rounding_allowance(term: Tensor, dtype: torch.dtype) -> Tensor:
+    """How far each entry of a bias term stored in ``dtype`` may lie from the exact value it was computed from:
+    ``BIAS_ROUNDINGS`` unit roundoffs of ``dtype`` at the entry's size (``term``: its values, in any float dtype;
+    0 for an integer dtype, which rounds nothing)."""
+    return term.abs() * (BIAS_ROUNDINGS * UNIT_ROUNDOFF.get(dtype, 0.0))
+
+
+def linear_misfit(bias: Tensor, admitted: Tensor, slopes: Tensor, allowance: Tensor) -> Tensor:
+    """Per row ``(B, H, Tq)``: how far ``bias`` is from ``c_i + m_h j`` on the ``admitted`` entries, for the best
+    ``c_i``, beyond each entry's ``allowance`` and the tolerance; at most 0 where the row is such a line (or has no
+    admitted entry). With ``r = bias - m_h j`` and ``s`` the allowance plus the rounding of this arithmetic in
+    ``bias``'s dtype, the intervals ``[r - s, r + s]`` must share a point to within ``LINEAR_TOLERANCE (1 + max_h m_h
+    (Tk - 1))``: ``max(r - s) - min(r + s) - tolerance``. The one criterion of the fit (float64, at compile time)
+    and of the rewrite's run-time check (in the graph, on each call's float32 bias)."""
+    bias, admitted, allowance = torch.broadcast_tensors(bias, admitted, allowance)
+    cols = torch.arange(bias.shape[-1], dtype=bias.dtype, device=bias.device)
+    line = slopes.to(bias.dtype).reshape(-1, 1, 1) * cols
+    rest = bias - line
+    slack = allowance + (bias.abs() + line.abs()) * (CHECK_ROUNDINGS * UNIT_ROUNDOFF[bias.dtype])
+    high = torch.where(admitted, rest - slack, -math.inf).amax(-1)
+    low = torch.where(admitted, rest + slack, math.inf).amin(-1)
+    tolerance = LINEAR_TOLERANCE * (1 + slopes.max().to(bias.dtype) * (bias.shape[-1] - 1))
+    return high - low - tolerance  # a row with no admitted entry: -inf; NaN in the bias: NaN, which fails
+
+
+def fit_slopes(bias: Tensor, admissible: Tensor, allowance: Tensor | None = None) -> Slopes | str:
     """The slopes of ``bias`` (broadcastable to ``(B, H, Tq, Tk)``) as ``c_i + m_h j`` on the ``admissible``
-    entries, or why it is not of that form. The slope must not depend on the batch row."""
+    entries, each entry within its ``allowance`` (``rounding_allowance``; None: none), or why it is not of that
+    form. ``m_h`` is the least-squares slope of the head's rows (each about its own mean: ``c_i`` drops out), so the
+    roundings of a 16-bit bias average out where the ends of a row alone would carry theirs; every row is then held
+    to ``linear_misfit``. The slope must not depend on the batch row."""
     bias = bias.to(torch.float64).cpu()
     while bias.dim() < 4:
         bias = bias[None]
@@ -188,27 +232,28 @@ def fit_slopes(bias: Tensor, admissible: Tensor) -> Slopes | str:
         admissible = admissible[None]
     heads = max(bias.shape[1], admissible.shape[1])
     bias, admissible = torch.broadcast_tensors(bias, admissible)
-    kv_len = bias.shape[-1]
-    cols = torch.arange(kv_len, dtype=torch.float64)
-    count = admissible.sum(-1)
-    last = torch.where(admissible, cols, -1.0).amax(-1)
-    first = torch.where(admissible, cols, float(kv_len)).amin(-1)
-    take = lambda index: bias.gather(-1, index.clamp(0, kv_len - 1).long()[..., None])[..., 0]  # noqa: E731
+    allowance = torch.zeros(()) if allowance is None else allowance.to(torch.float64).cpu()
     if not bool(torch.isfinite(bias[admissible]).all()):  # +inf or NaN where keys are admitted: SDPA gives NaN rows
         return "the bias is +inf or NaN on admitted entries"
-    rows = count >= 2
-    if not bool(rows.any()):
+    bias = bias.masked_fill(~admissible, 0.0)  # masked entries (-inf, say) take no part
+    weights = admissible.to(torch.float64)
+    count = weights.sum(-1, keepdim=True).clamp(min=1)
+    cols = torch.arange(bias.shape[-1], dtype=torch.float64)
+    centred = (cols - (weights * cols).sum(-1, keepdim=True) / count) * weights
+    deviation = bias - (weights * bias).sum(-1, keepdim=True) / count
+    per_head = lambda x: x.transpose(0, 1).reshape(heads, -1).sum(-1)  # noqa: E731
+    moment = per_head((centred * centred).sum(-1))
+    m = (per_head((centred * deviation).sum(-1)) / moment).nan_to_num(0.0)  # a head without a row of two keys: 0
+    if not bool(moment.any()):
         return Slopes(torch.zeros(1, dtype=torch.float64))
-    slope = (take(last) - take(first)) / (last - first).clamp(min=1)
-    per_head = slope.masked_fill(~rows, float("nan")).transpose(0, 1).reshape(heads, -1)
-    m = per_head.nanmean(-1).nan_to_num(0.0)  # (H,); a head without a row of two keys has no slope to fit
-    # the residual's scale: the bias less each row's value at its last key (the per-row constant c_i cancels, so a
-    # large one must not widen the tolerance: 1e4 i + 0.45 (j mod 2) passed as linear with a slope fitted to noise)
-    scale = 1.0 + float((bias - take(last)[..., None]).masked_fill(~admissible, 0).abs().max())
-    predicted = take(last)[..., None] - m[None, :, None, None] * (last[..., None] - cols)
-    error = (bias - predicted).masked_fill(~admissible, 0).abs().max()
-    if not float(error) <= 1e-5 * scale:  # NaN fails too
-        return f"the bias is not linear in the key position on the admissible entries (residual {float(error):.3g})"
-    if bool((m < -1e-7 * scale).any()):
-        return f"the bias grows with the distance to the key (slopes {m.tolist()}): not a decay"
-    return Slopes(m.clamp(min=0))
+    decay_tolerance = LINEAR_TOLERANCE * (1 + float(m.abs().max()) * (bias.shape[-1] - 1)) / max(bias.shape[-1], 1)
+    for slopes in (m, m.clamp(min=0)):  # linear, then with the slopes the op and the run-time check take
+        misfit = float(linear_misfit(bias, admissible, slopes, allowance).max())
+        if not misfit <= 0:  # NaN fails too
+            return (
+                "the bias is not linear in the key position on the admissible entries, to within the rounding of "
+                f"its dtype (off by {misfit:.3g})"
+            )
+        if bool((m < -decay_tolerance).any()):
+            return f"the bias grows with the distance to the key (slopes {m.tolist()}): not a decay"
+    return Slopes(m.clamp(min=0), float(allowance.expand_as(bias).masked_fill(~admissible, 0.0).max()))

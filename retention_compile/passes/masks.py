@@ -535,7 +535,7 @@ class MaskAnalyser:
             if number and size > (MAX_REVEALING_ELEMENTS if reveals else MAX_SAMPLE_ELEMENTS):
                 continue
             try:
-                admitted, bias = self._grid(index, biases, sizes, q_len, kv_len)
+                admitted, bias, allowance = self._grid(index, biases, sizes, q_len, kv_len)
             except Exception as error:  # noqa: BLE001 - a size the graph itself cannot run at
                 if number == 0:
                     return MaskAnalysis(
@@ -546,11 +546,16 @@ class MaskAnalyser:
             shapes.append(shape)
             evaluated.append(sizes)
             unrevealed = {length for length in unrevealed if kv_len < length}
-            if bias is not None:
-                fitted = grids.fit_slopes(bias, admitted)
+            if bias is not None and not slopes:
+                fitted = grids.fit_slopes(bias, admitted, allowance)
                 if isinstance(fitted, str):
                     return MaskAnalysis(shape, unknown=fitted, sizes=evaluated)
                 slopes.append(fitted)
+            elif bias is not None and not bool(
+                (grids.linear_misfit(bias, admitted, slopes[0].values, allowance) <= 0).all()
+            ):
+                differs = "the additive bias does not have the slopes read at the traced size at every size"
+                return MaskAnalysis(shape, unknown=differs, sizes=evaluated)
         grid = grids.combine(shapes)
         analysis = MaskAnalysis(grid, sizes=evaluated)
         if not grid.known:
@@ -561,12 +566,8 @@ class MaskAnalyser:
                 f"shapes it would have to be evaluated at {min(unrevealed)} keys to be proven, past the "
                 f"{MAX_REVEALING_ELEMENTS} elements the proof evaluates"
             )
-        if slopes:
-            first = slopes[0]
-            if any(s.values.shape != first.values.shape or not torch.allclose(s.values, first.values) for s in slopes):
-                analysis.unknown = "the additive bias has different slopes at different sizes"
-            elif not first.zero:
-                analysis.slopes = first
+        if slopes and not slopes[0].zero:
+            analysis.slopes = slopes[0]
         return analysis
 
     def _read_passed_in(self, site: AttentionSite, terms: list[Term], biases: list[Bias]) -> MaskAnalysis:
@@ -584,12 +585,12 @@ class MaskAnalyser:
                 unread, unknown=f"the mask passed in has {entries} entries, more than the {limit} read at compile time"
             )
         try:
-            admitted, bias = self._grid(terms, biases, Sizes(), q_len, kv_len)
+            admitted, bias, allowance = self._grid(terms, biases, Sizes(), q_len, kv_len)
         except Exception as error:  # noqa: BLE001 - whatever the graph's own ops raise on these values
             return MaskAnalysis(unread, unknown=f"the mask passed in could not be read: {error}")
         checked = None
         if bias is not None and bool((bias != 0).any()):
-            checked = grids.fit_slopes(bias, admitted)
+            checked = grids.fit_slopes(bias, admitted, allowance)
             if isinstance(checked, str):
                 return MaskAnalysis(unread, unknown=f"the additive mask passed in carries a bias: {checked}")
         valid = admitted.any(2).any(1)
@@ -623,18 +624,22 @@ class MaskAnalyser:
 
     def _grid(
         self, index: list[Term], biases: list[Bias], sizes: Sizes, q_len: int, kv_len: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The admitted grid of the index terms and the additive bias there (0 elsewhere) at ``sizes``."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The admitted grid of the index terms, the additive bias there (0 elsewhere) and its entries' rounding
+        allowance (``grids.rounding_allowance`` of each term in its own dtype, summed) at ``sizes``."""
         admitted = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool)
         for term in index:
             value = torch.as_tensor(self.evaluator.run(term.node, sizes)).to(torch.bool)
             admitted = admitted & (~value if term.block else value)
         if not biases:
-            return admitted, None
+            return admitted, None, None
         total = torch.zeros(1, 1, q_len, kv_len, dtype=torch.float64)
+        allowance = torch.zeros(1, 1, q_len, kv_len, dtype=torch.float64)
         for bias in biases:
-            value = torch.as_tensor(self.evaluator.run(bias.node, sizes)).to(torch.float64)
-            total = total + value * bias.factor
+            value = torch.as_tensor(self.evaluator.run(bias.node, sizes))
+            scaled = value.to(torch.float64) * bias.factor
+            total = total + scaled
+            allowance = allowance + grids.rounding_allowance(scaled, value.dtype)
         # NaN counts as admitted and stays in the bias, as +inf does, so that the fit refuses both (SDPA gives NaN rows)
         admitted = admitted & ~(total <= grids.MASKED_BELOW)
-        return admitted, total.masked_fill(~admitted, 0.0)
+        return admitted, total.masked_fill(~admitted, 0.0), allowance.masked_fill(~admitted, 0.0)

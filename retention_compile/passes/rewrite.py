@@ -156,7 +156,7 @@ class _Builder:
             expected = self.call(operator.and_, expected, self.call(operator.gt, cols, start))
         return expected
 
-    def admitted_grid(self, mask: MaskAnalysis, kv_len: Size, message: str) -> fx.Node:
+    def admitted_grid(self, mask: MaskAnalysis, message: str) -> fx.Node:
         """The entries the terms admit (index, buffer and input terms; the padding terms too for a passed-in mask;
         the biases above ``MASKED_BELOW``), with an ``_assert_async`` that the biases read from buffers hold nothing
         but 0 and masked entries, and so every bias of a passed-in mask (index biases too: it was read at one size
@@ -165,7 +165,7 @@ class _Builder:
         for term in [*mask.index, *(mask.padding if mask.passed_in else [])]:
             node = self.admitted(term)
             admitted = node if admitted is None else self.call(operator.and_, admitted, node)
-        total = None
+        total = allowance = None
         for bias in mask.biases:
             scaled = self.call(operator.mul, self.bring(bias.node), bias.factor)
             open_ = self.call(operator.gt, scaled, grids.MASKED_BELOW)
@@ -175,23 +175,21 @@ class _Builder:
             admitted = open_ if admitted is None else self.call(operator.and_, admitted, open_)
             scaled = self.call("to", scaled, torch.float32)
             total = scaled if total is None else self.call(operator.add, total, scaled)
+            rounding = self.call(grids.rounding_allowance, scaled, example_value(bias.node).dtype)
+            allowance = rounding if allowance is None else self.call(operator.add, allowance, rounding)
         if mask.passed_in and mask.checked_slopes is not None:
-            self.check_slopes(mask.checked_slopes, total, admitted, kv_len, message)
+            self.check_slopes(mask.checked_slopes, total, allowance, admitted, message)
         return admitted
 
-    def check_slopes(self, slopes: grids.Slopes, bias: fx.Node, admitted: fx.Node, kv_len: Size, message: str) -> None:
-        """``_assert_async`` that ``bias`` is ``c_i + m_h j`` on the admitted entries: in every row ``bias - m_h j``
-        spreads by at most ``1e-5 (1 + max_h m_h (Tk - 1))`` (in float32; ``grids.fit_slopes`` takes 1e-5 of the
-        largest span of the bias from a row's last admitted key)."""
-        values = slopes.values.tolist()
-        slope = self.call(torch.tensor, values, dtype=torch.float32, device=self.device)
-        cols = self.call(torch.arange, kv_len, dtype=torch.float32, device=self.device)
-        rest = self.call(operator.sub, bias, self.call(operator.mul, self.call("view", slope, -1, 1, 1), cols))
-        high = self.call("amax", self.call(torch.where, admitted, rest, -math.inf), -1)
-        low = self.call("amin", self.call(torch.where, admitted, rest, math.inf), -1)
-        tolerance = self.call("amax", self.call(operator.add, self.call(operator.mul, cols, 1e-5 * max(values)), 1e-5))
-        spread = self.call(operator.le, self.call(operator.sub, high, low), tolerance)  # a row with no key: -inf
-        self.call(torch._assert_async, self.call("all", spread), message)
+    def check_slopes(
+        self, slopes: grids.Slopes, bias: fx.Node, allowance: fx.Node, admitted: fx.Node, message: str
+    ) -> None:
+        """``_assert_async`` that ``bias`` (float32) is ``c_i + m_h j`` on the admitted entries to within each
+        entry's ``allowance`` (its terms' rounding): ``grids.linear_misfit``, the criterion of ``grids.fit_slopes``
+        at compile time, at most 0 in every row."""
+        slope = self.call(torch.tensor, slopes.values.tolist(), dtype=torch.float32, device=self.device)
+        misfit = self.call(grids.linear_misfit, bias, admitted, slope, allowance)
+        self.call(torch._assert_async, self.call("all", self.call(operator.le, misfit, 0)), message)
 
     def four_dimensional(self, grid: fx.Node) -> fx.Node:
         """``grid`` with leading axes of size 1 up to (B, H, Tq, Tk)."""
@@ -251,7 +249,7 @@ def replace_with_retention(
                     f"mask{alibi} on its valid keys (those some query sees), as read from the call that compiled this "
                     "graph; call torch._dynamo.reset() to compile for another kind of mask"
                 )
-                admitted = build.four_dimensional(build.admitted_grid(mask, kv_len, message))
+                admitted = build.four_dimensional(build.admitted_grid(mask, message))
                 valid = build.keys_seen(admitted, batch, kv_len)
                 seen = build.call(operator.getitem, valid, (slice(None), None, None, slice(None)))
                 expected = build.call(operator.and_, build.expected_grid(mask, q_len, kv_len), seen)
@@ -269,7 +267,7 @@ def replace_with_retention(
                     "hold the mask proven at compile time; call torch._dynamo.reset() after changing them"
                 )
                 expected = build.expected_grid(mask, q_len, kv_len)
-                build.check(build.admitted_grid(mask, kv_len, message), expected, message)
+                build.check(build.admitted_grid(mask, message), expected, message)
         call = build.retention(
             query,
             key,
