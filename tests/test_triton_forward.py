@@ -182,6 +182,24 @@ def keyless_alignment() -> dict[str, float]:
     }
 
 
+def short_cache_alignment() -> dict[str, float]:
+    """Causal Tq = 38 < Tk = 40 over chunks of 16: the state slots the kernels used (3 when the chunks align with the
+    keys, behind 2 rows of zeros before the queries; 4 aligned with the queries, a first chunk of 2 keys) and the
+    output's shapes."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, t, 32, generator=gen) for t in (38, 40, 40))
+    states: dict[str, torch.Tensor] = {}
+    y, den = triton_forward(
+        q, k, v, scale=0.2, deg=2, log_gate=None, causal=True, valid=None, plan=Plan(chunk_size=16, **TINY),
+        states_out=states,
+    )  # fmt: skip
+    contiguous = y.is_contiguous() and den.is_contiguous()
+    return {
+        "short-cache-slots": states["S"].shape[1],
+        "short-cache-shape": float(y.shape == (1, 2, 38, 32) and den.shape == (1, 2, 38) and contiguous),
+    }
+
+
 def rounded_output_mismatches(case: tuple, dtype: torch.dtype) -> dict[str, float]:
     """The counts of elements that differ from the float32 y rounded to ``dtype`` (0 expected: the query kernel
     stores them from the same values): of ``y_out`` (filled with NaN first), stored beside the float32 y, and of the
@@ -202,7 +220,7 @@ def rounded_output_mismatches(case: tuple, dtype: torch.dtype) -> dict[str, floa
 
 
 ROUNDED_OUTPUT_CASES = ("quadratic-deg4-gate-valid", "chunked-gate-valid-segments", "chunked-tq-gt-tk")
-UNTRIMMED_CASES = ("quadratic-tq-gt-tk", "chunked-tq-gt-tk")
+UNTRIMMED_CASES = ("quadratic-tq-gt-tk", "chunked-tq-gt-tk", "chunked-prefill-cache")
 QUERY_T_CASES = ("chunked-gate-valid-segments", "chunked-decode", "chunked-noncausal", "chunked-d48")
 # the state product in halves of each pair (KernelSpec.query_split, which NARROW_QUERY_LAUNCH takes for bf16)
 QUERY_SPLIT_CASES = QUERY_T_CASES
@@ -250,15 +268,18 @@ def _interpreted() -> dict[str, object]:
     results.update({f"{name}-padding-nan": run_case(dict(CASES)[name], padding=float("nan")) for name in PADDING_CASES})
     results.update({f"denominator-chunk{c}": denominator_error(c) for c in (16, 1024)})
     results.update(keyless_alignment())
+    results.update(short_cache_alignment())
     results.update({f"large-inputs-deg{deg}-d{d}": large_inputs(deg, d) for deg, d in ((6, 256), (4, 128))})
     for name, gate in GATE_SPAN_CASES.items():  # the single-chunk kernel, then chunks of 16
         for chunk in (1024, 16):
             results[f"large-inputs-{name}-chunk{chunk}"] = large_inputs(2, 32, gate.shape[-1], gate, chunk)
-    # keyless_rows off: the kernels handle the queries before the first key themselves (chunks aligned with the
-    # queries, negative positions), as they do where symbolic sizes leave Tq > Tk open
+    # keyless_rows and rows_before_the_queries off: the kernels align the chunks with the queries themselves
+    # (negative positions for Tq > Tk, a short first chunk for Tq < Tk), as they do where symbolic sizes leave the
+    # relation open, and for Tq < Tk past EXACT_CHUNK_BELOW
     real_keyless, forward.keyless_rows = forward.keyless_rows, lambda q, k, causal: None
+    real_before, forward.rows_before_the_queries = forward.rows_before_the_queries, lambda q, k, causal, plan: None
     results.update({f"{name}-untrimmed": run_case(dict(CASES)[name]) for name in UNTRIMMED_CASES})
-    forward.keyless_rows = real_keyless
+    forward.keyless_rows, forward.rows_before_the_queries = real_keyless, real_before
     # float16 inputs run the float32 kernels (forward.kernel_inputs), exact as float32 ones
     results.update({f"{name}-float16": run_case(dict(CASES)[name], torch.float16) for name in FLOAT16_CASES})
     for name in ROUNDED_OUTPUT_CASES:
@@ -365,6 +386,15 @@ def test_queries_before_the_first_key_are_left_out(interpreted: dict[str, float]
     assert interpreted["keyless-slots"] == 2
     assert interpreted["keyless-y"] == 0.0 and interpreted["keyless-denom"] < 1e-12
     assert interpreted["keyless-shape"] == 1.0
+
+
+def test_a_prefill_after_a_short_cache_aligns_the_chunks_with_the_keys(interpreted: dict[str, float]) -> None:
+    """Causal 0 < Tk - Tq < EXACT_CHUNK_BELOW: rows of zeros before the queries make Tq = Tk, so the first chunk holds
+    a whole chunk of keys, not the Tk - Tq that the next rows would reach through the bf16 state alone
+    (``forward.rows_before_the_queries``; GPU fuzz seed 67676767 case 769). The outputs are the oracle's: the
+    chunked-prefill-cache case (with the rows) and its -untrimmed run (without them)."""
+    assert interpreted["short-cache-slots"] == 3
+    assert interpreted["short-cache-shape"] == 1.0
 
 
 def test_rendered_source_bakes_the_shape() -> None:

@@ -87,10 +87,12 @@ from .forward import (
     kernel_inputs,
     kernel_spec,
     keyless_rows,
+    rows_before_the_queries,
     segment_major_programs_per_sm,
     small_chunk_float32,
     state_segments,
     with_keyless_rows,
+    without_rows,
 )
 from .triton_source import SCAN_BLOCK, KernelSpec, load, load_forward, value_tile
 
@@ -288,6 +290,14 @@ def triton_backward(
             state_kernel=state_kernel, saved_states=saved_states,
         )  # fmt: skip
         return with_keyless_rows(dq, keyless, 0.0), dk, dv, dg
+    if (extra := rows_before_the_queries(q, k, causal, plan)) is not None:  # the forward's rows of zeros
+        padded = [with_keyless_rows(x, extra, 0.0) for x in (grad_y, q, y)]
+        dq, dk, dv, dg = triton_backward(
+            padded[0], padded[1], k, v, padded[2], with_keyless_rows(denom, extra, EPS), scale=scale, deg=deg,
+            log_gate=log_gate, causal=causal, valid=valid, plan=plan, segments=segments, state_kernel=state_kernel,
+            saved_states=saved_states,
+        )  # fmt: skip
+        return without_rows(dq, extra), dk, dv, dg
     if q.dtype in PADDED_HEAD_DTYPES and size_hint(q.shape[-1]) % PADDED_HEAD_DIM:
         options = {"scale": scale, "deg": deg, "log_gate": log_gate, "causal": causal, "valid": valid}
         return _padded_head_backward(grad_y, q, k, v, y, denom, plan=plan, **options)
