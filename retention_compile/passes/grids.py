@@ -17,7 +17,7 @@ entries iff every row is linear in ``j`` with one slope ``m`` per head; ``c_i`` 
 retention's normalisation), so the bias is the per-step log-decay ``g = -m`` of a constant gate. A bias stored in
 a 16-bit dtype is linear only to within its rounding (BLOOM in bf16 rounds ``m j`` by up to 1 at 600 keys), so each
 entry may lie ``rounding_allowance`` from the line: ``BIAS_ROUNDINGS`` unit roundoffs of the dtype of the term it
-came from, at the entry's own size.
+came from, at the entry's own size (``CHECKED_ROUNDINGS`` at other sizes and later calls).
 """
 
 from __future__ import annotations
@@ -33,9 +33,13 @@ from torch import Tensor
 MASKED_BELOW = -1.0e4
 # Unit roundoff u = 2^-p of the float dtypes (p significand bits): rounding x to the dtype moves it by at most u |x|.
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24, torch.float64: 2.0**-53}
-# Roundings in its own dtype that a bias term's entry may carry: BLOOM rounds the float32 m_h j to its dtype once;
-# Falcon multiplies bf16 slopes by positions converted to bf16 (rounded from 256 on) and rounds the product.
+# Roundings in its own dtype that a bias term's entry may carry where the slopes are read: BLOOM rounds the float32
+# m_h j to its dtype once; Falcon multiplies bf16 slopes by positions converted to bf16 (rounded from 256 on) and
+# rounds the product.
 BIAS_ROUNDINGS = 2
+# At the other sizes a proof evaluates and at every later call: one more (Falcon divides that product by sqrt(d) in
+# bf16, inexact where d is not a power of 4, and a longer call rounds more of its positions than the traced one did)
+CHECKED_ROUNDINGS = 3
 # Roundings of the check's own arithmetic (rest = bias - m j in the bias's dtype, the allowance, the bounds)
 CHECK_ROUNDINGS = 4
 # Spread of a linear row that any bias may show, relative to 1 + max_h m_h (Tk - 1): float error of the bias's own
@@ -193,11 +197,19 @@ class Slopes:
         return f"ALiBi slopes [{shown}{', ...' if self.values.numel() > 8 else ''}]{rounded}"
 
 
-def rounding_allowance(term: Tensor, dtype: torch.dtype) -> Tensor:
-    """How far each entry of a bias term stored in ``dtype`` may lie from the exact value it was computed from:
-    ``BIAS_ROUNDINGS`` unit roundoffs of ``dtype`` at the entry's size (``term``: its values, in any float dtype;
-    0 for an integer dtype, which rounds nothing)."""
-    return term.abs() * (BIAS_ROUNDINGS * UNIT_ROUNDOFF.get(dtype, 0.0))
+def rounding_allowance(terms: list[Tensor], dtypes: list[torch.dtype], admitted: Tensor, roundings: int) -> Tensor:
+    """How far each entry of a bias, the sum of ``terms`` stored in ``dtypes``, may lie from the exact value it was
+    computed from: per term, ``roundings`` unit roundoffs of its dtype at the entry's size (relative bounds compose:
+    an operand rounded and the product rounded stay within two of the product), summed; 0 for integer dtypes, which
+    round nothing. A term constant along a row's ``admitted`` keys rounds to a constant there, which ``c_i`` takes,
+    so it is allowed nothing in that row: its size must not let a pattern in another term through."""
+    total = torch.zeros((), dtype=terms[0].dtype, device=terms[0].device)
+    for term, dtype in zip(terms, dtypes):
+        high = torch.where(admitted, term, -math.inf).amax(-1, keepdim=True)
+        low = torch.where(admitted, term, math.inf).amin(-1, keepdim=True)
+        rounded = term.abs() * (roundings * UNIT_ROUNDOFF.get(dtype, 0.0))
+        total = total + torch.where(high != low, rounded, 0.0)
+    return total
 
 
 def linear_misfit(bias: Tensor, admitted: Tensor, slopes: Tensor, allowance: Tensor) -> Tensor:

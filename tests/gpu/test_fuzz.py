@@ -401,6 +401,10 @@ def test_fuzz_triton() -> None:
 #   56560003 cases 63 and 730: bf16, e = 1, Tq = 1 (one output per head): y off by 3.2 and 0.46 of |ref|, a sum of
 #       random values that cancelled far below the spread of its roundings; now measured against max(|ref|, |nu|)
 #       (``rounding_scale``, session 56)
+#   67676767 case 769: bf16 d=64 e=8, chunk 64, causal Tq 85 < Tk 87, random validity, through the op: chunks
+#       aligned with the queries left 2 keys in the first chunk, reached through the bf16 state alone (y off by
+#       1.19e-2, one row by 22%); a prefill after a short cache now runs rows of zeros before the queries
+#       (forward.rows_before_the_queries, session 67)
 CASES_THAT_FAILED = [
     (56560003, 63),
     (56560003, 730),
@@ -414,6 +418,7 @@ CASES_THAT_FAILED = [
     (20261301, 90),
     (20261401, 963),
     (63636363, 182),
+    (67676767, 769),
 ]
 
 
