@@ -1139,9 +1139,9 @@ def _rounded_alibi(perturbation=None, dtype=torch.bfloat16):
 
 def test_a_16_bit_alibi_bias_is_linear_to_within_its_rounding():
     """BLOOM in bf16 stores its ALiBi bias ``m_h j`` in bf16: past 256 keys an entry rounds by up to 1, which the fit
-    refused, so the site was kept. Each entry may now lie two unit roundoffs of its term's dtype, at its own size,
-    from the line (``grids.rounding_allowance``): rewritten, against the oracle of the exact bias (the slopes are
-    fitted by least squares, within 1.1e-5 of m_h)."""
+    refused, so the site was kept. Each entry may now lie two unit roundoffs of its term's dtype, at the smaller of
+    its size and its row's span, from the line (``grids.rounding_allowance``): rewritten, against the oracle of the
+    exact bias (the slopes are fitted by least squares, within 1.1e-5 of m_h)."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, H, ROUNDED_LENGTH, D, generator=g).to(torch.bfloat16) for _ in range(3))
     i, j = grids_of(ROUNDED_LENGTH, ROUNDED_LENGTH)
@@ -1149,8 +1149,9 @@ def test_a_16_bit_alibi_bias_is_linear_to_within_its_rounding():
     bias = (slopes[:, None, None] * j).masked_fill(j > i, float("-inf"))
     fitted = fit_slopes(bias.to(torch.bfloat16), causal_grid(ROUNDED_LENGTH, ROUNDED_LENGTH), None)
     assert isinstance(fitted, str) and "not linear" in fitted  # without the allowance
-    allowance = grids.rounding_allowance(bias.to(torch.bfloat16).double(), torch.bfloat16)
-    fitted = fit_slopes(bias.to(torch.bfloat16), causal_grid(ROUNDED_LENGTH, ROUNDED_LENGTH), allowance)
+    grid = causal_grid(ROUNDED_LENGTH, ROUNDED_LENGTH)
+    allowance = grids.rounding_allowance([bias.to(torch.bfloat16).double()], [torch.bfloat16], grid, 2)
+    fitted = fit_slopes(bias.to(torch.bfloat16), grid, allowance)
     torch.testing.assert_close(fitted.values, slopes, rtol=2e-5, atol=0)
     out, report = rewrite(_rounded_alibi(), q, k, v, gate="alibi")
     assert report.sites[0].becomes == "causal retention with ALiBi gate", report.sites[0].reason
@@ -1165,15 +1166,16 @@ def test_a_16_bit_alibi_bias_is_linear_to_within_its_rounding():
         lambda i, j: 0.78 * (j >= 300),  # a step
         lambda i, j: 0.68 * ((i + j) % 2),  # a pattern per row
         lambda i, j: 10.0 + 0.45 * (j % 2),  # a pattern under a constant
+        lambda i, j: 1000.0 + 6.0 * (j % 2),  # 2 bf16 steps under a large constant (its own size allows 15)
     ],
-    ids=["buckets", "step", "row pattern", "under a constant"],
+    ids=["buckets", "step", "row pattern", "under a constant", "under a large constant"],
 )
 def test_a_16_bit_bias_off_its_line_beyond_its_rounding_is_kept(perturbation):
-    """The allowance is per entry, at the entry's own size, from the dtype of the term it came from: on the flattest
-    head (|m_h j| <= 2.3, bf16 steps of 2^-6 there; 2^-4 under the constant 10) a pattern of 0.45-0.78 is far beyond
-    it, whatever the steeper heads' entries allow (up to 1.2 at 150). Each is kept with the misfit named; SDPA's
-    answer is unchanged. (What no allowance can refuse: a pattern within the bias's own resolution, 0.45 under a
-    constant of 100 where bf16 steps by 0.5, is a rounding of a line; the report names the allowance taken.)"""
+    """The allowance is per entry, from the dtype of the term it came from, at the smaller of the entry's size and
+    its row's span: on the flattest head (|m_h j| <= 2.3, bf16 steps of 2^-6 there) a pattern of 0.45-0.78 is far
+    beyond it, whatever the steeper heads' entries allow (up to 1.2 at 150), and so is one under a constant, which
+    widens nothing (a review of session 67 found 3 bf16 steps under 1000 passing at the entry's size). Each is kept
+    with the misfit named; SDPA's answer is unchanged."""
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, H, ROUNDED_LENGTH, D, generator=g).to(torch.bfloat16) for _ in range(3))
     fn = _rounded_alibi(perturbation)
@@ -1213,3 +1215,20 @@ def test_a_16_bit_alibi_passed_in_is_checked_to_within_its_rounding_at_every_cal
     assert report.sites[0].becomes == "causal retention within documents with ALiBi gate", report.sites[0].reason
     with pytest.raises(RuntimeError, match="ALiBi"):
         compiled(q, k, v, mask((0, 7), wiggle=0.5).to(torch.bfloat16))
+
+
+def test_a_constant_term_lends_no_rounding_allowance_to_another():
+    """A per-row constant stored in bf16 (1000: 2 u |c| = 7.8) beside a float32 ALiBi term carrying a pattern of 3: the
+    constant rounds to a constant, which c_i takes, so it allows nothing and the pattern is refused (it passed as
+    ALiBi when each term's allowance was taken at its size: a review of session 67)."""
+    q, k, v = qkv(batch=1, q_len=64, kv_len=64)
+    slopes = 2.0 ** (-8.0 * torch.arange(1, H + 1) / H)
+
+    def fn(q, k, v):
+        i, j = grids_of(q.shape[2], k.shape[2])
+        alibi = (slopes[:, None, None] * j + 3.0 * (j % 2)).masked_fill(j > i, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=alibi + torch.full((64, 1), 1000.0).bfloat16())
+
+    out, report = rewrite(fn, q, k, v, gate="alibi")
+    assert report.sites[0].decision == "kept" and "not linear" in report.sites[0].reason, report.sites[0]
+    torch.testing.assert_close(out, fn(q, k, v))

@@ -760,9 +760,10 @@ def test_bfloat16_alibi_models_past_their_bias_rounding():
     """BLOOM in bf16 stores its ALiBi bias ``m_h p_j`` in bf16, Falcon multiplies bf16 slopes by positions it converts
     to bf16 (rounded from 256 on): their biases are linear only to within that rounding, and both were kept past
     about 256 (BLOOM) and 1000 keys (Falcon). Each entry may now lie two unit roundoffs of its dtype from the line
-    (``grids.rounding_allowance``): rewritten with the ALiBi gate. bf16 BLOOM at 600 keys with left padding gives the
-    logits of the float32 BLOOM's rewrite (which ``test_bloom_heads_folded_into_the_batch_axis`` holds to the
-    oracle) to within bf16's rounding (4.2e-3 measured); Falcon's report names its slopes as bf16 holds them."""
+    (three in the run-time check; ``grids.rounding_allowance``): rewritten with the ALiBi gate. bf16 BLOOM at 600
+    keys with left padding gives the logits of the float32 BLOOM's rewrite (which
+    ``test_bloom_heads_folded_into_the_batch_axis`` holds to the oracle) to within bf16's rounding (4.2e-3
+    measured); Falcon's report names its slopes as bf16 holds them."""
     from transformers.models.falcon.modeling_falcon import build_alibi_tensor
 
     from retention_compile.backend import collect_reports, rewrite_only_backend

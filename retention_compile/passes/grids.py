@@ -199,16 +199,20 @@ class Slopes:
 
 def rounding_allowance(terms: list[Tensor], dtypes: list[torch.dtype], admitted: Tensor, roundings: int) -> Tensor:
     """How far each entry of a bias, the sum of ``terms`` stored in ``dtypes``, may lie from the exact value it was
-    computed from: per term, ``roundings`` unit roundoffs of its dtype at the entry's size (relative bounds compose:
-    an operand rounded and the product rounded stay within two of the product), summed; 0 for integer dtypes, which
-    round nothing. A term constant along a row's ``admitted`` keys rounds to a constant there, which ``c_i`` takes,
-    so it is allowed nothing in that row: its size must not let a pattern in another term through."""
+    computed from: per term, ``roundings`` unit roundoffs of its dtype (relative bounds compose: an operand rounded
+    and the product rounded stay within two of the product), summed; 0 for integer dtypes, which round nothing.
+
+    Each is taken at the smaller of the entry's size and its row's span on the ``admitted`` keys (max - min of the
+    term there). An ALiBi term is 0 at some key of each row or spans more than its size (BLOOM's and Falcon's start
+    at 0 at the first valid key; ``-m (i - j)`` is 0 at the diagonal), so its rounding is covered. A term whose size
+    is mostly a constant gets only its span's worth: a row constant of 1000 in bf16 (steps of 4 there) must not let
+    a pattern of a few units pass as its rounding, and a constant term (span 0) lends nothing to the other terms."""
     total = torch.zeros((), dtype=terms[0].dtype, device=terms[0].device)
     for term, dtype in zip(terms, dtypes):
         high = torch.where(admitted, term, -math.inf).amax(-1, keepdim=True)
         low = torch.where(admitted, term, math.inf).amin(-1, keepdim=True)
-        rounded = term.abs() * (roundings * UNIT_ROUNDOFF.get(dtype, 0.0))
-        total = total + torch.where(high != low, rounded, 0.0)
+        size = torch.minimum(term.abs(), (high - low).clamp(min=0))  # a row with no admitted key: 0
+        total = total + size * (roundings * UNIT_ROUNDOFF.get(dtype, 0.0))
     return total
 
 

@@ -535,7 +535,7 @@ class MaskAnalyser:
             if number and size > (MAX_REVEALING_ELEMENTS if reveals else MAX_SAMPLE_ELEMENTS):
                 continue
             try:
-                admitted, bias, allowance = self._grid(index, biases, sizes, q_len, kv_len)
+                admitted, bias, terms = self._grid(index, biases, sizes, q_len, kv_len)
             except Exception as error:  # noqa: BLE001 - a size the graph itself cannot run at
                 if number == 0:
                     return MaskAnalysis(
@@ -547,13 +547,11 @@ class MaskAnalyser:
             evaluated.append(sizes)
             unrevealed = {length for length in unrevealed if kv_len < length}
             if bias is not None and not slopes:
-                fitted = grids.fit_slopes(bias, admitted, allowance)
+                fitted = grids.fit_slopes(bias, admitted, self._allowance(terms, admitted, grids.BIAS_ROUNDINGS))
                 if isinstance(fitted, str):
                     return MaskAnalysis(shape, unknown=fitted, sizes=evaluated)
                 slopes.append(fitted)
-            elif bias is not None and not bool(
-                (grids.linear_misfit(bias, admitted, slopes[0].values, allowance) <= 0).all()
-            ):
+            elif bias is not None and not self._holds(slopes[0], bias, admitted, terms):
                 differs = "the additive bias does not have the slopes read at the traced size at every size"
                 return MaskAnalysis(shape, unknown=differs, sizes=evaluated)
         grid = grids.combine(shapes)
@@ -585,12 +583,12 @@ class MaskAnalyser:
                 unread, unknown=f"the mask passed in has {entries} entries, more than the {limit} read at compile time"
             )
         try:
-            admitted, bias, allowance = self._grid(terms, biases, Sizes(), q_len, kv_len)
+            admitted, bias, parts = self._grid(terms, biases, Sizes(), q_len, kv_len)
         except Exception as error:  # noqa: BLE001 - whatever the graph's own ops raise on these values
             return MaskAnalysis(unread, unknown=f"the mask passed in could not be read: {error}")
         checked = None
         if bias is not None and bool((bias != 0).any()):
-            checked = grids.fit_slopes(bias, admitted, allowance)
+            checked = grids.fit_slopes(bias, admitted, self._allowance(parts, admitted, grids.BIAS_ROUNDINGS))
             if isinstance(checked, str):
                 return MaskAnalysis(unread, unknown=f"the additive mask passed in carries a bias: {checked}")
         valid = admitted.any(2).any(1)
@@ -622,24 +620,35 @@ class MaskAnalyser:
         sources = [source for term in terms if term.kind == "input" for source in self.data.sources(term.node)]
         return any(example_value(source).dim() == 4 for source in sources)
 
+    @staticmethod
+    def _allowance(terms: tuple, admitted: torch.Tensor, roundings: int) -> torch.Tensor:
+        """``grids.rounding_allowance`` of the bias terms ``_grid`` read, 0 off the admitted entries."""
+        return grids.rounding_allowance(*terms, admitted, roundings).masked_fill(~admitted, 0.0)
+
+    def _holds(self, slopes: grids.Slopes, bias: torch.Tensor, admitted: torch.Tensor, terms: tuple) -> bool:
+        """Whether ``bias`` at another size is ``c_i + m_h j`` with the slopes read at the traced size, to within its
+        terms' rounding (``CHECKED_ROUNDINGS``, as the run-time check takes)."""
+        allowance = self._allowance(terms, admitted, grids.CHECKED_ROUNDINGS)
+        return bool((grids.linear_misfit(bias, admitted, slopes.values, allowance) <= 0).all())
+
     def _grid(
         self, index: list[Term], biases: list[Bias], sizes: Sizes, q_len: int, kv_len: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """The admitted grid of the index terms, the additive bias there (0 elsewhere) and its entries' rounding
-        allowance (``grids.rounding_allowance`` of each term in its own dtype, summed) at ``sizes``."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[list[torch.Tensor], list[torch.dtype]]]:
+        """The admitted grid of the index terms, the additive bias there (0 elsewhere) and its terms (float64, with
+        their own dtypes: ``grids.rounding_allowance``) at ``sizes``."""
         admitted = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool)
         for term in index:
             value = torch.as_tensor(self.evaluator.run(term.node, sizes)).to(torch.bool)
             admitted = admitted & (~value if term.block else value)
+        terms: tuple[list[torch.Tensor], list[torch.dtype]] = ([], [])
         if not biases:
-            return admitted, None, None
+            return admitted, None, terms
         total = torch.zeros(1, 1, q_len, kv_len, dtype=torch.float64)
-        allowance = torch.zeros(1, 1, q_len, kv_len, dtype=torch.float64)
         for bias in biases:
             value = torch.as_tensor(self.evaluator.run(bias.node, sizes))
-            scaled = value.to(torch.float64) * bias.factor
-            total = total + scaled
-            allowance = allowance + grids.rounding_allowance(scaled, value.dtype)
+            terms[0].append(value.to(torch.float64) * bias.factor)
+            terms[1].append(value.dtype)
+            total = total + terms[0][-1]
         # NaN counts as admitted and stays in the bias, as +inf does, so that the fit refuses both (SDPA gives NaN rows)
         admitted = admitted & ~(total <= grids.MASKED_BELOW)
-        return admitted, total.masked_fill(~admitted, 0.0), allowance.masked_fill(~admitted, 0.0)
+        return admitted, total.masked_fill(~admitted, 0.0), terms

@@ -165,19 +165,20 @@ class _Builder:
         for term in [*mask.index, *(mask.padding if mask.passed_in else [])]:
             node = self.admitted(term)
             admitted = node if admitted is None else self.call(operator.and_, admitted, node)
-        total = allowance = None
+        total, terms = None, ([], [])
         for bias in mask.biases:
-            scaled = self.call(operator.mul, self.bring(bias.node), bias.factor)
+            # in float32 before the factor, as the analysis read it (the factor in a 16-bit dtype would round again)
+            scaled = self.call(operator.mul, self.call("to", self.bring(bias.node), torch.float32), bias.factor)
             open_ = self.call(operator.gt, scaled, grids.MASKED_BELOW)
             if bias.kind == "buffer" or (mask.passed_in and mask.checked_slopes is None):
                 zero = self.call(operator.or_, self.call(operator.eq, scaled, 0), self.call(operator.invert, open_))
                 self.call(torch._assert_async, self.call("all", zero), message)
             admitted = open_ if admitted is None else self.call(operator.and_, admitted, open_)
-            scaled = self.call("to", scaled, torch.float32)
             total = scaled if total is None else self.call(operator.add, total, scaled)
-            rounding = self.call(grids.rounding_allowance, scaled, example_value(bias.node).dtype)
-            allowance = rounding if allowance is None else self.call(operator.add, allowance, rounding)
+            terms[0].append(scaled)
+            terms[1].append(example_value(bias.node).dtype)
         if mask.passed_in and mask.checked_slopes is not None:
+            allowance = self.call(grids.rounding_allowance, *terms, admitted, grids.CHECKED_ROUNDINGS)
             self.check_slopes(mask.checked_slopes, total, allowance, admitted, message)
         return admitted
 
