@@ -277,7 +277,7 @@ def _interpreted() -> dict[str, object]:
     # (negative positions for Tq > Tk, a short first chunk for Tq < Tk), as they do where symbolic sizes leave the
     # relation open, and for Tq < Tk past EXACT_CHUNK_BELOW
     real_keyless, forward.keyless_rows = forward.keyless_rows, lambda q, k, causal: None
-    real_before, forward.rows_before_the_queries = forward.rows_before_the_queries, lambda q, k, causal, plan: None
+    real_before, forward.rows_before_the_queries = forward.rows_before_the_queries, lambda q, k, causal: None
     results.update({f"{name}-untrimmed": run_case(dict(CASES)[name]) for name in UNTRIMMED_CASES})
     forward.keyless_rows, forward.rows_before_the_queries = real_keyless, real_before
     # float16 inputs run the float32 kernels (forward.kernel_inputs), exact as float32 ones

@@ -290,7 +290,7 @@ def triton_backward(
             state_kernel=state_kernel, saved_states=saved_states,
         )  # fmt: skip
         return with_keyless_rows(dq, keyless, 0.0), dk, dv, dg
-    if (extra := rows_before_the_queries(q, k, causal, plan)) is not None:  # the forward's rows of zeros
+    if (extra := rows_before_the_queries(q, k, causal)) is not None:  # the forward's rows of zeros
         padded = [with_keyless_rows(x, extra, 0.0) for x in (grad_y, q, y)]
         dq, dk, dv, dg = triton_backward(
             padded[0], padded[1], k, v, padded[2], with_keyless_rows(denom, extra, EPS), scale=scale, deg=deg,

@@ -473,7 +473,7 @@ def triton_forward(
         if y_out is not None:  # a rare shape: cast after
             y_out.copy_(y)
         return y, with_keyless_rows(denom, keyless, EPS)
-    if (extra := rows_before_the_queries(q, k, causal, plan)) is not None:
+    if (extra := rows_before_the_queries(q, k, causal)) is not None:
         y, denom = triton_forward(
             with_keyless_rows(q, extra, 0.0), k, v, scale=scale, deg=deg, log_gate=log_gate, causal=causal,
             valid=valid, plan=plan, segments=segments, state_kernel=state_kernel, states_out=states_out,
@@ -666,7 +666,7 @@ def kept_call(
 ) -> ForwardReplay | None:
     """The kept launches that a ``triton_forward`` call with these arguments (no ``segments``, ``states_out`` or
     ``y_out``) repeats, or None where none is kept (a call with rows before the first key keeps its other rows')."""
-    if keyless_rows(q, k, causal) is not None or rows_before_the_queries(q, k, causal, plan) is not None:
+    if keyless_rows(q, k, causal) is not None or rows_before_the_queries(q, k, causal) is not None:
         return None
     key = _replay_key(q, k, v, log_gate, valid, scale, deg, causal, plan, None, state_kernel, y_dtype)
     replay = None if key is None else replays.kept(key)
@@ -707,18 +707,20 @@ def with_keyless_rows(rows: torch.Tensor, keyless: int | torch.SymInt, fill: flo
     return torch.cat([head, rows], dim=2)
 
 
-def rows_before_the_queries(q: torch.Tensor, k: torch.Tensor, causal: bool, plan: Plan) -> int | torch.SymInt | None:
-    """``Tk - Tq`` where a chunked causal call has 0 < Tk - Tq < ``EXACT_CHUNK_BELOW`` (a prefill after a short
-    cache), else None. ``triton_forward`` and ``triton_backward`` then run Tk - Tq rows of zeros before the queries
+def rows_before_the_queries(q: torch.Tensor, k: torch.Tensor, causal: bool) -> int | torch.SymInt | None:
+    """``Tk - Tq`` where a causal call has 0 < Tk - Tq < ``EXACT_CHUNK_BELOW`` (a prefill after a short cache), else
+    None. ``triton_forward`` and ``triton_backward`` then run Tk - Tq rows of zeros before the queries
     (``with_keyless_rows``; q = 0 gives w = 0, y = 0, dy = 0 there) and drop them, so that Tq = Tk and the chunks
     align with the keys. Aligned with the queries (shift = (Tq - Tk) mod C) the first chunk would hold only Tk - Tq
     keys, which the next chunk's first rows reach through the bf16 state alone, whose feature products cancel for a
     few keys (as ``keyless_rows`` says for Tq > Tk): GPU fuzz seed 67676767, case 769 (bf16, chunk 64, Tq 85, Tk 87:
     2 keys in the first chunk) had y off by 1.19e-2, a row with 4 keys by 22%, and 40 fresh draws of its shape
-    missed 1e-2 in over 10% (session 67). Under dynamic shapes this guards on the sizes' relation."""
+    missed 1e-2 in over 10% (session 67). A call on the single-chunk path runs the extra rows too (fewer than
+    ``EXACT_CHUNK_BELOW``): deciding by the path would guard a dynamic length on the chunk size, a graph more
+    (session 67's first GPU run of the change). Under dynamic shapes this guards on Tq < Tk only where the two
+    lengths are not one symbol (self-attention's are)."""
     extra = k.shape[2] - q.shape[2]
-    chunked = guard_or_false(plan.chunk_size < k.shape[2])
-    if causal and chunked and guard_or_false(extra > 0) and guard_or_false(extra < EXACT_CHUNK_BELOW):
+    if causal and guard_or_false(extra > 0) and guard_or_false(extra < EXACT_CHUNK_BELOW):
         return extra
     return None
 
