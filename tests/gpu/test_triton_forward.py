@@ -439,6 +439,32 @@ def test_dynamic_lengths_compile_at_most_twice() -> None:
     assert report.graphs <= 2 and all(site.decision == "rewritten" for site in report.sites), report.summary()
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=torch._dynamo.exc.TorchRuntimeError,
+    reason="session 67: at the recompile for a chunked length, Dynamo's fake run of the op's CUDA body raises "
+    "'Cannot access data pointer of Tensor' (forward_notes.md, session 67, item 4); an XPASS means it is fixed",
+)
+def test_the_op_compiled_with_dynamic_lengths() -> None:
+    """``rc.power_retention`` called directly in a function compiled with ``dynamic=True`` (no rewrite: Dynamo runs
+    the op on fake tensors to trace it), first at T=1000 (one chunk), then at 65536 (chunked, the CUDA state kernel
+    where it is faster): the outputs are the eager op's at both lengths. (``backend="retention"`` takes another way,
+    ``test_dynamic_lengths_compile_at_most_twice``.)"""
+    import retention_compile as rc
+
+    def attention(q, k, v, gate):
+        return rc.power_retention(q, k, v, log_gate=gate, causal=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attention, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for T in (1000, 65536):
+            q, k, v, gate, _ = make_inputs(1, 2, 2, T, T, 64, 64, torch.bfloat16, gate_heads=2)
+            got, expected = compiled(q, k, v, gate), rc.power_retention(q, k, v, log_gate=gate, causal=True)
+            error = (got.float() - expected.float()).abs().max() / expected.float().abs().max()
+            assert float(error) <= TOL[torch.bfloat16], (T, float(error))
+
+
 def test_a_mask_passed_in_with_documents_and_padding() -> None:
     """A 4-D mask passed in, causal within documents (packed sequences) with left padding, compiled with
     ``backend="retention"`` at T=5000 (the chunked kernels): the rewrite reads each call's valid keys and document
