@@ -394,11 +394,11 @@ def run_untrimmed(run: Callable[[], dict[str, float]]) -> dict[str, float]:
     """``run()`` with ``keyless_rows`` off: the kernels then handle the queries before the first key themselves
     (chunks aligned with the queries, negative positions), as they do where symbolic sizes leave Tq > Tk open."""
     real = forward.keyless_rows
-    forward.keyless_rows = backward.keyless_rows = lambda q, k, causal: None
+    forward.keyless_rows = lambda q, k, causal: None  # read by forward.aligned_rows, which the backward calls too
     try:
         return run()
     finally:
-        forward.keyless_rows = backward.keyless_rows = real
+        forward.keyless_rows = real
 
 
 def _interpreted() -> dict[str, dict[str, float]]:

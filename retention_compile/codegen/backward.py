@@ -84,15 +84,13 @@ from .forward import (
     _gate_cumsum,
     _launch,
     _strides,
+    aligned_rows,
     kernel_inputs,
     kernel_spec,
-    keyless_rows,
-    rows_before_the_queries,
     segment_major_programs_per_sm,
+    shifted_rows,
     small_chunk_float32,
     state_segments,
-    with_keyless_rows,
-    without_rows,
 )
 from .triton_source import SCAN_BLOCK, KernelSpec, load, load_forward, value_tile
 
@@ -283,21 +281,15 @@ def triton_backward(
     inputs; ignored for others, which run the Triton one). ``saved_states``: the forward's ``(S, M)``
     (``triton_forward``'s ``states_out``), read instead of recomputing them where their shapes and dtypes are the
     ``StateLayout`` of this call (else recomputed)."""
-    if (keyless := keyless_rows(q, k, causal)) is not None:  # the forward's alignment: run on the rows with keys
+    if (shift := aligned_rows(q, k, causal)) is not None:  # the forward's alignment: rows dropped or put before
+        fills = ((grad_y, 0.0), (q, 0.0), (y, 0.0), (denom, EPS))
+        shifted_grad_y, shifted_q, shifted_y, shifted_denom = (shifted_rows(x, shift, fill) for x, fill in fills)
         dq, dk, dv, dg = triton_backward(
-            grad_y[:, :, keyless:], q[:, :, keyless:], k, v, y[:, :, keyless:], denom[:, :, keyless:], scale=scale,
-            deg=deg, log_gate=log_gate, causal=causal, valid=valid, plan=plan, segments=segments,
-            state_kernel=state_kernel, saved_states=saved_states,
-        )  # fmt: skip
-        return with_keyless_rows(dq, keyless, 0.0), dk, dv, dg
-    if (extra := rows_before_the_queries(q, k, causal)) is not None:  # the forward's rows of zeros
-        padded = [with_keyless_rows(x, extra, 0.0) for x in (grad_y, q, y)]
-        dq, dk, dv, dg = triton_backward(
-            padded[0], padded[1], k, v, padded[2], with_keyless_rows(denom, extra, EPS), scale=scale, deg=deg,
-            log_gate=log_gate, causal=causal, valid=valid, plan=plan, segments=segments, state_kernel=state_kernel,
+            shifted_grad_y, shifted_q, k, v, shifted_y, shifted_denom, scale=scale, deg=deg, log_gate=log_gate,
+            causal=causal, valid=valid, plan=plan, segments=segments, state_kernel=state_kernel,
             saved_states=saved_states,
         )  # fmt: skip
-        return without_rows(dq, extra), dk, dv, dg
+        return shifted_rows(dq, -shift, 0.0).contiguous(), dk, dv, dg
     if q.dtype in PADDED_HEAD_DTYPES and size_hint(q.shape[-1]) % PADDED_HEAD_DIM:
         options = {"scale": scale, "deg": deg, "log_gate": log_gate, "causal": causal, "valid": valid}
         return _padded_head_backward(grad_y, q, k, v, y, denom, plan=plan, **options)

@@ -463,26 +463,16 @@ def triton_forward(
         raise ValueError(f"triton_forward: y_out is stored beside a float32 y, but y_dtype is {y_dtype}")
     if log_gate is not None and not causal:  # the kernels' gate factors are at most 1 only for causal pairs
         raise ValueError(f"triton_forward: {NONCAUSAL_GATE}")
-    if (keyless := keyless_rows(q, k, causal)) is not None:
+    if (shift := aligned_rows(q, k, causal)) is not None:
         y, denom = triton_forward(
-            q[:, :, keyless:], k, v, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid, plan=plan,
-            segments=segments, state_kernel=state_kernel, states_out=states_out, y_dtype=y_dtype,
+            shifted_rows(q, shift, 0.0), k, v, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid,
+            plan=plan, segments=segments, state_kernel=state_kernel, states_out=states_out, y_dtype=y_dtype,
             for_backward=for_backward,
         )  # fmt: skip
-        y = with_keyless_rows(y, keyless, 0.0)
+        y = shifted_rows(y, -shift, 0.0).contiguous()
         if y_out is not None:  # a rare shape: cast after
             y_out.copy_(y)
-        return y, with_keyless_rows(denom, keyless, EPS)
-    if (extra := rows_before_the_queries(q, k, causal)) is not None:
-        y, denom = triton_forward(
-            with_keyless_rows(q, extra, 0.0), k, v, scale=scale, deg=deg, log_gate=log_gate, causal=causal,
-            valid=valid, plan=plan, segments=segments, state_kernel=state_kernel, states_out=states_out,
-            y_dtype=y_dtype, for_backward=for_backward,
-        )  # fmt: skip
-        y = without_rows(y, extra)
-        if y_out is not None:  # a rare shape: cast after
-            y_out.copy_(y)
-        return y, without_rows(denom, extra)
+        return y, shifted_rows(denom, -shift, EPS).contiguous()
     backward_follows = for_backward or states_out is not None  # float32 squares, as the backward recomputes them
     replay_key = None
     if y_out is None and not backward_follows:
@@ -666,7 +656,7 @@ def kept_call(
 ) -> ForwardReplay | None:
     """The kept launches that a ``triton_forward`` call with these arguments (no ``segments``, ``states_out`` or
     ``y_out``) repeats, or None where none is kept (a call with rows before the first key keeps its other rows')."""
-    if keyless_rows(q, k, causal) is not None or rows_before_the_queries(q, k, causal) is not None:
+    if aligned_rows(q, k, causal) is not None:
         return None
     key = _replay_key(q, k, v, log_gate, valid, scale, deg, causal, plan, None, state_kernel, y_dtype)
     replay = None if key is None else replays.kept(key)
@@ -701,16 +691,10 @@ def keyless_rows(q: torch.Tensor, k: torch.Tensor, causal: bool) -> int | torch.
     return None
 
 
-def with_keyless_rows(rows: torch.Tensor, keyless: int | torch.SymInt, fill: float) -> torch.Tensor:
-    """``rows`` (B, H, T, ...) after ``keyless`` rows of ``fill`` along dim 2."""
-    head = rows.new_full((*rows.shape[:2], keyless, *rows.shape[3:]), fill)
-    return torch.cat([head, rows], dim=2)
-
-
 def rows_before_the_queries(q: torch.Tensor, k: torch.Tensor, causal: bool) -> int | torch.SymInt | None:
     """``Tk - Tq`` where a causal call has 0 < Tk - Tq < ``EXACT_CHUNK_BELOW`` (a prefill after a short cache), else
     None. ``triton_forward`` and ``triton_backward`` then run Tk - Tq rows of zeros before the queries
-    (``with_keyless_rows``; q = 0 gives w = 0, y = 0, dy = 0 there) and drop them, so that Tq = Tk and the chunks
+    (``aligned_rows``; q = 0 gives w = 0, y = 0, dy = 0 there) and drop them, so that Tq = Tk and the chunks
     align with the keys. Aligned with the queries (shift = (Tq - Tk) mod C) the first chunk would hold only Tk - Tq
     keys, which the next chunk's first rows reach through the bf16 state alone, whose feature products cancel for a
     few keys (as ``keyless_rows`` says for Tq > Tk): GPU fuzz seed 67676767, case 769 (bf16, chunk 64, Tq 85, Tk 87:
@@ -725,9 +709,23 @@ def rows_before_the_queries(q: torch.Tensor, k: torch.Tensor, causal: bool) -> i
     return None
 
 
-def without_rows(rows: torch.Tensor, count: int | torch.SymInt) -> torch.Tensor:
-    """``rows`` (B, H, T, ...) without its first ``count`` rows along dim 2 (contiguous)."""
-    return rows[:, :, count:].contiguous()
+def aligned_rows(q: torch.Tensor, k: torch.Tensor, causal: bool) -> int | torch.SymInt | None:
+    """The query rows ``triton_forward`` and ``triton_backward`` drop (``keyless_rows``: positive) or put before the
+    queries as rows of zeros (``rows_before_the_queries``: negative) so that the chunks align with the keys
+    (``shifted_rows``; the outputs are shifted back), or None where the call runs as it is."""
+    if (keyless := keyless_rows(q, k, causal)) is not None:
+        return keyless
+    extra = rows_before_the_queries(q, k, causal)
+    return None if extra is None else -extra
+
+
+def shifted_rows(rows: torch.Tensor, count: int | torch.SymInt, fill: float) -> torch.Tensor:
+    """``rows`` (B, H, T, ...) without its first ``count`` rows along dim 2 (a view) where ``count`` > 0, else after
+    ``-count`` rows of ``fill``."""
+    if guard_or_false(count > 0):
+        return rows[:, :, count:]
+    head = rows.new_full((*rows.shape[:2], -count, *rows.shape[3:]), fill)
+    return torch.cat([head, rows], dim=2)
 
 
 def _gate_cumsum(module, log_gate: torch.Tensor) -> torch.Tensor:
