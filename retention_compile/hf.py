@@ -47,16 +47,26 @@ def _admitted(mask: Tensor) -> Tensor:
     return admitted
 
 
+def _valid_keys(admitted: Tensor) -> Tensor:
+    """(B, Tk): the keys some query of some head may see in a mask (B, 1|H, Tq, Tk)."""
+    return admitted.expand(admitted.shape[0], -1, -1, -1).any(1).any(1)
+
+
+def _assert_grid(admitted: Tensor, grid: Tensor, valid: Tensor) -> None:
+    """``_assert_async`` (no graph break) that the mask is ``grid`` (Tq, Tk) on the ``valid`` keys."""
+    same = (admitted == (grid & valid[:, None, None, :])).all()
+    torch._assert_async(same, "power_retention attention: the mask is not the model's causal/window grid")
+
+
 def _read_mask(admitted: Tensor, q_len: int, kv_len: int, is_causal: bool, window: int | None) -> tuple[bool, Tensor]:
     """(causal, valid (B, Tk)) of a mask (B, 1|H, Tq, Tk), checked to be exactly that grid on valid keys."""
-    valid = admitted.expand(admitted.shape[0], -1, -1, -1).any(1).any(1)
+    valid = _valid_keys(admitted)
     if torch.compiler.is_compiling():
         window = window if is_causal else None
         grid = causal_grid(q_len, kv_len, admitted.device) if is_causal else torch.ones_like(admitted[0, 0])
         if window:
             grid = window_grid(q_len, kv_len, int(window), admitted.device)
-        same = (admitted == (grid & valid[:, None, None, :])).all()
-        torch._assert_async(same, "power_retention attention: the mask is not the model's causal/window grid")
+        _assert_grid(admitted, grid, valid)
         return is_causal, valid
     shape = classify_grid(admitted, q_len, kv_len, valid)
     if not shape.known:
@@ -83,9 +93,8 @@ def _read_aligned_mask(
     grid = keys[None, :] <= reach
     if window:
         grid = grid & (keys[None, :] > reach - int(window))
-    valid = admitted.expand(admitted.shape[0], -1, -1, -1).any(1).any(1)
-    same = (admitted == (grid & valid[:, None, None, :])).all()
-    torch._assert_async(same, "power_retention attention: the mask is not the model's causal/window grid")
+    valid = _valid_keys(admitted)
+    _assert_grid(admitted, grid, valid)
     order = (keys + q_len + align) % kv_len
     return True, valid.index_select(1, order), key.index_select(2, order), value.index_select(2, order)
 
