@@ -582,6 +582,44 @@ def test_path_choice() -> None:
     assert wide.block_feature == 16 and wide.block_e == 64
 
 
+def test_kernel_specs_specialize_the_graph_on_symbolic_head_dims() -> None:
+    """Traced with every size symbolic (``torch.compile(dynamic=True)`` on a function that takes q, k, v), the
+    forward's and the CUDA state kernel's specs hold d and e as ints, each guarded to its value: the kernels' sources
+    are written for them, so a call with another d must recompile. (Session 67: the state spec held the SymInt itself,
+    and Dynamo's fake run of the op failed on hashing it; an unguarded d would let a graph traced at d = 64 run its
+    d = 64 kernels on d = 128 inputs.)"""
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    from retention_compile.codegen.cuda_state import state_spec
+
+    env = ShapeEnv()
+
+    def symbol(name: str, value: int) -> torch.SymInt:
+        expr = env.create_symbol(value, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
+        return env.create_symintnode(expr, hint=value)
+
+    batch, heads, length, d, e = (symbol(n, x) for n, x in (("B", 2), ("H", 3), ("T", 5000), ("d", 64), ("e", 32)))
+    free = [str(size.node.expr) for size in (batch, heads, length)]
+    wanted = {f"Eq({d.node.expr}, 64)", f"Eq({e.node.expr}, 32)"}  # the symbols' names, before a guard replaces them
+    with FakeTensorMode(shape_env=env):
+        q = torch.empty(batch, heads, length, d, dtype=torch.bfloat16)
+        v = torch.empty(batch, heads, length, e, dtype=torch.bfloat16)
+        specs = [
+            kernel_spec(q, v, 2, True, False, True, 5000, Plan(chunk_size=1024)),
+            state_spec(q, v, 1024, True, True, False),
+        ]
+    for spec in specs:
+        assert (spec.head_dim, spec.value_dim) == (64, 32) and all(
+            type(n) is int for n in (spec.head_dim, spec.value_dim)
+        )
+        hash(spec)
+    guarded = {str(guard.expr) for guard in env.guards}
+    assert wanted <= guarded, guarded
+    assert not any(name in " ".join(guarded) for name in free), guarded
+
+
 def test_query_launch() -> None:
     """bf16 chunked calls with d <= 64 take the measured narrow launch, uncapped (Inductor's launch of a user kernel
     drops ``maxnreg``, so eager and compiled calls run one kernel); wider heads, float32 tiles, chunks shorter than

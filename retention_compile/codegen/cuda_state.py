@@ -36,7 +36,7 @@ from typing import ClassVar, NamedTuple
 import torch
 
 from ..inspection import is_recording, record_kernel
-from ..sizes import contiguous_strides, pow2_at_least, size_hint
+from ..sizes import contiguous_strides, pow2_at_least, size_hint, specialized
 from . import nvrtc
 from .cherries import state_programs, supports_cherries
 from .eager_launch import CudaLaunch
@@ -268,10 +268,11 @@ def state_spec(
 ) -> KernelSpec:
     """The fields of the forward's KernelSpec the state kernels depend on (the query-side tiles do not matter): ``k``
     gives the dtype and d, ``v`` gives e (the reverse-state kernel passes q and dy); ``cherries`` the row layout."""
+    d, e = specialized(k.shape[-1]), specialized(v.shape[-1])
     return KernelSpec(
         dtype=str(k.dtype).removeprefix("torch."),
-        head_dim=k.shape[-1],
-        value_dim=v.shape[-1],
+        head_dim=d,
+        value_dim=e,
         deg=2,
         gated=gated,
         has_valid=valid,
@@ -281,7 +282,7 @@ def state_spec(
         block_t=16,
         block_k=16,
         block_s=16,
-        block_e=v.shape[-1],
+        block_e=e,
         block_feature=16,
         cherries=cherries,
     )

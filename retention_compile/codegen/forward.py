@@ -75,7 +75,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 from ..inspection import is_recording
 from ..planning import EXACT_CHUNK_BELOW, Plan
 from ..reference import EPS
-from ..sizes import size_hint
+from ..sizes import size_hint, specialized
 from . import replays
 from .dispatch import modelled_segment_count
 from .eager_launch import DirectLaunch, direct_launches_allowed
@@ -240,7 +240,7 @@ def kernel_spec(
     """The shape class of one call: the chunked path when deg is 2, the chunk is shorter than the keys and d
     tiles (and is at most ``MAX_CHUNKED_HEAD``); otherwise the quadratic kernel. Tiles come from the Plan, clamped
     to what the kernels take: powers of 2, b = 16, query rows 16..128, value blocks of at least min(e, 64) columns."""
-    d, e = size_hint(q.shape[-1]), size_hint(v.shape[-1])
+    d, e = specialized(q.shape[-1]), specialized(v.shape[-1])
     long_keys = plan.chunk_size < kv_len
     return _shape_class(q.dtype, d, e, deg, gated, has_valid, causal, long_keys, plan, *_tunables())
 

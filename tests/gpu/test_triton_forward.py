@@ -439,30 +439,35 @@ def test_dynamic_lengths_compile_at_most_twice() -> None:
     assert report.graphs <= 2 and all(site.decision == "rewritten" for site in report.sites), report.summary()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=torch._dynamo.exc.TorchRuntimeError,
-    reason="session 67: at the recompile for a chunked length, Dynamo's fake run of the op's CUDA body raises "
-    "'Cannot access data pointer of Tensor' (forward_notes.md, session 67, item 4); an XPASS means it is fixed",
-)
-def test_the_op_compiled_with_dynamic_lengths() -> None:
+def test_the_op_compiled_with_dynamic_shapes() -> None:
     """``rc.power_retention`` called directly in a function compiled with ``dynamic=True`` (no rewrite: Dynamo runs
-    the op on fake tensors to trace it), first at T=1000 (one chunk), then at 65536 (chunked, the CUDA state kernel
-    where it is faster): the outputs are the eager op's at both lengths. (``backend="retention"`` takes another way,
-    ``test_dynamic_lengths_compile_at_most_twice``.)"""
+    the op on fake tensors with every size symbolic), first at T=1000 (one chunk), then at 65536 (chunked, the CUDA
+    state kernel where it is faster), then at d = 128 (the graph is specialized on d and e, whose values the kernels'
+    sources are written for: a recompile, not d = 64 kernels on d = 128 inputs): the outputs are the eager op's; and a
+    backward at T=5000 gives the eager op's gradients. (``backend="retention"`` takes another way,
+    ``test_dynamic_lengths_compile_at_most_twice``; session 67 found the chunked recompile failing on the state
+    kernel's spec holding a SymInt.)"""
     import retention_compile as rc
 
     def attention(q, k, v, gate):
         return rc.power_retention(q, k, v, log_gate=gate, causal=True)
 
+    def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+        return float((got.float() - expected.float()).abs().max() / expected.float().abs().max())
+
     torch._dynamo.reset()
     compiled = torch.compile(attention, fullgraph=True, dynamic=True)
     with torch.no_grad():
-        for T in (1000, 65536):
-            q, k, v, gate, _ = make_inputs(1, 2, 2, T, T, 64, 64, torch.bfloat16, gate_heads=2)
-            got, expected = compiled(q, k, v, gate), rc.power_retention(q, k, v, log_gate=gate, causal=True)
-            error = (got.float() - expected.float()).abs().max() / expected.float().abs().max()
-            assert float(error) <= TOL[torch.bfloat16], (T, float(error))
+        for T, d in ((1000, 64), (65536, 64), (5000, 128)):
+            q, k, v, gate, _ = make_inputs(1, 2, 2, T, T, d, 64, torch.bfloat16, gate_heads=2)
+            error = relative_error(compiled(q, k, v, gate), attention(q, k, v, gate))
+            assert error <= TOL[torch.bfloat16], (T, d, error)
+    inputs = [t.requires_grad_() for t in make_inputs(1, 2, 2, 5000, 5000, 64, 64, torch.bfloat16, gate_heads=2)[:4]]
+    dy = torch.randn(1, 2, 5000, 64, device="cuda", dtype=torch.bfloat16)
+    got = torch.autograd.grad(compiled(*inputs), inputs, dy)
+    expected = torch.autograd.grad(attention(*inputs), inputs, dy)
+    for name, g, e in zip("qkvg", got, expected):
+        assert relative_error(g, e) <= TOL[torch.bfloat16], (name, relative_error(g, e))
 
 
 def test_a_mask_passed_in_with_documents_and_padding() -> None:
