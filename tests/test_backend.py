@@ -1,9 +1,11 @@
 """The backend on hand-written SDPA calls: argument normalisation, decisions, report, strict mode,
 dynamic shapes. Compiled results are compared with the float64 oracle."""
 
+import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -287,6 +289,27 @@ def test_the_backend_name_resolves_without_the_entry_point():
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0 and "resolved" in done.stdout, done.stderr[-3000:]
+
+
+def test_importing_the_package_registers_every_op_it_defines():
+    """A fresh process that imports the package has every custom op the package's sources define: a graph that
+    Inductor loads from its cache calls them (the CUDA state ops, the backward's among them) without tracing the
+    bodies that would otherwise import their modules (session 68: a cached backward on the GPU raised "no attribute
+    'cuda_reverse_states'")."""
+    import re
+
+    package = Path(rc.__file__).parent
+    sources = "\n".join(path.read_text() for path in package.rglob("*.py"))
+    defined = set(re.findall(r'"retention_compile::(\w+)"', sources))
+    defined |= set(re.findall(r'f"\{OP_NAMESPACE\}::(\w+)"', sources))
+    assert {"power_retention", "power_retention_backward", "cuda_reverse_states", "decode_step"} <= defined, defined
+    script = (
+        "import json, torch, retention_compile\n"
+        f"print(json.dumps([n for n in {sorted(defined)!r} if not hasattr(torch.ops.retention_compile, n)]))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == [], "ops not registered by importing the package"
 
 
 def test_the_forward_keeps_nothing_for_a_backward_no_gradient_will_ask():
