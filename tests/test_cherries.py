@@ -10,8 +10,8 @@ this file as a script (as in test_triton_forward.py). The CUDA kernel that write
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 
 import pytest
 import torch
@@ -134,7 +134,7 @@ class TorchCherryStates:
                     lo, hi = max(first, 0), min(first + C, Tk)
                     w = torch.ones(max(hi - lo, 0), dtype=torch.float64)
                     if g is not None and hi > lo:
-                        decay = math.exp(g[hi - 1] - (g[first - 1] if first >= 1 else 0.0))
+                        decay = torch.exp(g[hi - 1] - (g[first - 1] if first >= 1 else 0.0))  # fake tensors too
                         s, m, w = s * decay, m * decay, torch.exp(g[hi - 1] - g[lo:hi])
                     kk = k[lo:hi]
                     s = s + (kk[:, xs] * kk[:, ys]).T @ (w[:, None] * v[lo:hi])
@@ -165,12 +165,13 @@ CASES = {
 }
 
 
-def run_case(case: tuple) -> dict[str, float]:
-    """y's relative error against the float64 oracle with the states in the cherry layout (float32 kernels), and
-    whether the call took that layout."""
+def _forward_with_cherry_states(case: tuple, traced: bool = False) -> tuple:
+    """``triton_forward`` on the case's random inputs with ``TorchCherryStates``: (inputs, options, hook, y, whether
+    the last launch waited on the fold's counts). ``traced``: on fake tensors, as Dynamo and Inductor trace a call."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     from retention_compile.codegen import forward
     from retention_compile.planning import Plan
-    from retention_compile.reference import power_retention_reference
 
     B, Hq, Hk, Tq, Tk, gate_heads, has_valid, causal, chunk, segments, folded = case
     gen = torch.Generator().manual_seed(Tq * 7 + Tk)
@@ -178,25 +179,52 @@ def run_case(case: tuple) -> dict[str, float]:
     gate = -0.2 * torch.rand(B, gate_heads, Tk, generator=gen) if gate_heads else None
     valid = torch.rand(B, Tk, generator=gen) > 0.25 if has_valid else None
     hook = TorchCherryStates(folded)
-    options = {"scale": 0.125, "deg": 2, "log_gate": gate, "causal": causal, "valid": valid}
     plan = Plan(chunk_size=chunk, block_t=16, block_feature=16, block_e=32)
     waited = []
     launch = forward._launch
 
     def spy(kernel, grid, kwargs, *rest, **launch_options):
         waited.append("SYNC" in kwargs)
-        return launch(kernel, grid, kwargs, *rest, **launch_options)
+        if not traced:  # fake tensors: what the launch is given is the point (the interpreter runs on data)
+            launch(kernel, grid, kwargs, *rest, **launch_options)
 
     forward._launch = spy
     try:
-        y, _ = forward.triton_forward(q, k, v, **options, plan=plan, segments=segments, state_kernel=hook)
+        with FakeTensorMode(allow_non_fake_inputs=False) if traced else contextlib.nullcontext() as mode:
+            tensors = [t if t is None or mode is None else mode.from_tensor(t) for t in (q, k, v, gate, valid)]
+            options = {"scale": 0.125, "deg": 2, "log_gate": tensors[3], "causal": causal, "valid": tensors[4]}
+            y, _ = forward.triton_forward(*tensors[:3], **options, plan=plan, segments=segments, state_kernel=hook)
     finally:
         forward._launch = launch
+    return (q, k, v, gate, valid), hook, y, waited[-1]
+
+
+def run_case(case: tuple) -> dict[str, float]:
+    """y's relative error against the float64 oracle with the states in the cherry layout (float32 kernels), whether
+    the call took that layout, whether the query kernel waited on the fold's counts, and whether it did on fake
+    tensors (a traced call launches it as an ordinary kernel after the state kernel)."""
+    from retention_compile.reference import power_retention_reference
+
+    (q, k, v, gate, valid), hook, y, waited = _forward_with_cherry_states(case)
+    causal = case[7]
     ref = power_retention_reference(
-        q.double(), k.double(), v.double(), **{**options, "log_gate": None if gate is None else gate.double()}
+        q.double(),
+        k.double(),
+        v.double(),
+        scale=0.125,
+        deg=2,
+        causal=causal,
+        valid=valid,
+        log_gate=None if gate is None else gate.double(),
     )
     error = float((y.double() - ref).norm() / ref.norm())
-    return {"y": error, "cherries": float(hook.layouts == [True]), "waited": float(waited[-1])}
+    traced_wait = _forward_with_cherry_states(case, traced=True)[-1]
+    return {
+        "y": error,
+        "cherries": float(hook.layouts == [True]),
+        "waited": float(waited),
+        "traced_waited": float(traced_wait),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +238,7 @@ def test_query_kernel_reads_cherry_states(interpreted: dict[str, dict[str, float
     assert result["cherries"] == 1.0, "the call did not take the cherry layout"
     folded_causal = CASES[name][-1] and CASES[name][7]
     assert result["waited"] == float(folded_causal), "the query kernel beside the state kernel: folded, causal only"
+    assert result["traced_waited"] == 0.0, "a traced call's query kernel is an ordinary launch: no wait"
     assert result["y"] < 1e-5, f"{name}: relative error of y {result['y']:.2e}"
 
 

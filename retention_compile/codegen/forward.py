@@ -83,6 +83,7 @@ from .fitting import (
     compiled_shared_memory,
     device_shared_memory_limit,
     fit_shared_memory,
+    has_storage,
     launch_specialization,
 )
 from .triton_source import SCAN_BLOCK, KernelSpec, interpreting, load_forward, value_tile, with_packed_squares
@@ -524,8 +525,8 @@ def triton_forward(
     if not backward_follows:  # the query kernel's module only: the state kernels are the same
         spec = with_packed_squares(spec)
     warps, stages = launch.warps, launch.stages
-    # beside the state kernel where the launch goes straight to Triton; a traced one is ordinary (its wait then finds
-    # the counts complete): the shared-memory fit below compiles the kernel this launch then runs
+    # beside the state kernel where the launch goes straight to Triton (the interpreter's launch is ordinary: its wait
+    # then finds the counts complete): the shared-memory fit below compiles the kernel this launch then runs
     dependent = spec.waits_for_states and direct_launches_allowed()
 
     def grid(candidate: KernelSpec) -> tuple:
@@ -940,7 +941,11 @@ def _chunk_states(
     states = {"S_ST": buffers[f"S_{read}"], "M_ST": buffers[f"M_{read}"]}
     states.update(state_heads=state_heads, state_slots=layout.slots, shift=layout.shift)
     done_counts = getattr(state_kernel, "done_counts", None)
-    if sync is not None and done_counts is not None and spec.causal and QUERY_BESIDE_STATES:
+    # a traced call (fake or functional tensors) launches the query kernel as an ordinary one, after the state kernel:
+    # a wait would gain nothing there, and its sleep (inline PTX with a side effect) ends Inductor's analysis of what
+    # the kernel writes, which then takes every input as written
+    beside = QUERY_BESIDE_STATES and has_storage(k)
+    if sync is not None and done_counts is not None and spec.causal and beside:
         offset, target = done_counts(spec, k.device, heads, n_seg)  # the query kernel waits on the fold's counts
         states.update(SYNC=sync, done_offset=offset, done_target=target, chunks_per_seg=layout.per_segment, n_seg=n_seg)
     return states
