@@ -582,30 +582,34 @@ def test_path_choice() -> None:
     assert wide.block_feature == 16 and wide.block_e == 64
 
 
+def _symbolic_sizes(**sizes: int) -> tuple:
+    """A fresh ``ShapeEnv`` and one symbolic size per keyword (its value the example), as Dynamo makes them under
+    ``dynamic=True``, with each symbol's name (before a guard may replace it)."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    env = ShapeEnv()
+    symbols = {}
+    for name, value in sizes.items():
+        expr = env.create_symbol(value, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
+        symbols[name] = env.create_symintnode(expr, hint=value)
+    return env, symbols, {name: str(size.node.expr) for name, size in symbols.items()}
+
+
 def test_kernel_specs_specialize_the_graph_on_symbolic_head_dims() -> None:
     """Traced with every size symbolic (``torch.compile(dynamic=True)`` on a function that takes q, k, v), the
     forward's and the CUDA state kernel's specs hold d and e as ints, each guarded to its value: the kernels' sources
     are written for them, so a call with another d must recompile. (Session 67: the state spec held the SymInt itself,
     and Dynamo's fake run of the op failed on hashing it; an unguarded d would let a graph traced at d = 64 run its
     d = 64 kernels on d = 128 inputs.)"""
-    from torch._dynamo.source import ConstantSource
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
     from retention_compile.codegen.cuda_state import state_spec
 
-    env = ShapeEnv()
-
-    def symbol(name: str, value: int) -> torch.SymInt:
-        expr = env.create_symbol(value, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
-        return env.create_symintnode(expr, hint=value)
-
-    batch, heads, length, d, e = (symbol(n, x) for n, x in (("B", 2), ("H", 3), ("T", 5000), ("d", 64), ("e", 32)))
-    free = [str(size.node.expr) for size in (batch, heads, length)]
-    wanted = {f"Eq({d.node.expr}, 64)", f"Eq({e.node.expr}, 32)"}  # the symbols' names, before a guard replaces them
+    env, n, names = _symbolic_sizes(B=2, H=3, T=5000, d=64, e=32)
     with FakeTensorMode(shape_env=env):
-        q = torch.empty(batch, heads, length, d, dtype=torch.bfloat16)
-        v = torch.empty(batch, heads, length, e, dtype=torch.bfloat16)
+        q = torch.empty(n["B"], n["H"], n["T"], n["d"], dtype=torch.bfloat16)
+        v = torch.empty(n["B"], n["H"], n["T"], n["e"], dtype=torch.bfloat16)
         specs = [
             kernel_spec(q, v, 2, True, False, True, 5000, Plan(chunk_size=1024)),
             state_spec(q, v, 1024, True, True, False),
@@ -616,8 +620,21 @@ def test_kernel_specs_specialize_the_graph_on_symbolic_head_dims() -> None:
         )
         hash(spec)
     guarded = {str(guard.expr) for guard in env.guards}
-    assert wanted <= guarded, guarded
-    assert not any(name in " ".join(guarded) for name in free), guarded
+    assert {f"Eq({names['d']}, 64)", f"Eq({names['e']}, 32)"} <= guarded, guarded
+    assert not any(names[free] in " ".join(guarded) for free in "BHT"), guarded
+
+
+def test_the_grid_limit_guards_symbolic_batch_and_heads() -> None:
+    """``triton_supports`` refuses B x Hq beyond one grid axis; traced with symbolic sizes, it guards that product, so
+    a graph traced below the limit recompiles (onto the aten path) above it instead of launching a grid too large."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    env, n, names = _symbolic_sizes(B=2, H=3, T=5000)
+    with FakeTensorMode(shape_env=env):
+        q, k, v = (torch.empty(n["B"], n["H"], n["T"], 64, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+        assert triton_supports(q, k, v, 2, None, None, True) is None
+    guarded = " ".join(str(guard.expr) for guard in env.guards)
+    assert names["B"] in guarded and names["H"] in guarded and str(forward.MAX_GRID_Z) in guarded, guarded
 
 
 def test_query_launch() -> None:

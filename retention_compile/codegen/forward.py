@@ -222,7 +222,7 @@ def triton_supports(
         return f"value dim e={e} (the kernels take up to 256)"
     if min(size_hint(n) for n in (*q.shape[:3], k.shape[2])) == 0:
         return "an empty dimension"
-    if size_hint(q.shape[0]) * size_hint(q.shape[1]) > MAX_GRID_Z:
+    if q.shape[0] * q.shape[1] > MAX_GRID_Z:  # guarded when symbolic: a graph traced below the limit stays below it
         return f"batch x query heads = {size_hint(q.shape[0]) * size_hint(q.shape[1])} > {MAX_GRID_Z} (one grid axis)"
     return None
 

@@ -444,13 +444,14 @@ def test_the_op_compiled_with_dynamic_shapes() -> None:
     the op on fake tensors with every size symbolic), first at T=1000 (one chunk), then at 65536 (chunked, the CUDA
     state kernel where it is faster), then at d = 128 (the graph is specialized on d and e, whose values the kernels'
     sources are written for: a recompile, not d = 64 kernels on d = 128 inputs): the outputs are the eager op's; and a
-    backward at T=5000 gives the eager op's gradients. (``backend="retention"`` takes another way,
-    ``test_dynamic_lengths_compile_at_most_twice``; session 67 found the chunked recompile failing on the state
-    kernel's spec holding a SymInt.)"""
+    backward at T=5000 gives the eager op's gradients. The scale is passed and e differs from d, so that nothing
+    outside the op's body guards d (a default scale would, 1/sqrt(d), and so would d == e). (``backend="retention"``
+    takes another way, ``test_dynamic_lengths_compile_at_most_twice``; session 67 found the chunked recompile failing
+    on the state kernel's spec holding a SymInt.)"""
     import retention_compile as rc
 
     def attention(q, k, v, gate):
-        return rc.power_retention(q, k, v, log_gate=gate, causal=True)
+        return rc.power_retention(q, k, v, log_gate=gate, causal=True, scale=0.125)
 
     def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
         return float((got.float() - expected.float()).abs().max() / expected.float().abs().max())
@@ -459,11 +460,11 @@ def test_the_op_compiled_with_dynamic_shapes() -> None:
     compiled = torch.compile(attention, fullgraph=True, dynamic=True)
     with torch.no_grad():
         for T, d in ((1000, 64), (65536, 64), (5000, 128)):
-            q, k, v, gate, _ = make_inputs(1, 2, 2, T, T, d, 64, torch.bfloat16, gate_heads=2)
+            q, k, v, gate, _ = make_inputs(1, 2, 2, T, T, d, 32, torch.bfloat16, gate_heads=2)
             error = relative_error(compiled(q, k, v, gate), attention(q, k, v, gate))
             assert error <= TOL[torch.bfloat16], (T, d, error)
-    inputs = [t.requires_grad_() for t in make_inputs(1, 2, 2, 5000, 5000, 64, 64, torch.bfloat16, gate_heads=2)[:4]]
-    dy = torch.randn(1, 2, 5000, 64, device="cuda", dtype=torch.bfloat16)
+    inputs = [t.requires_grad_() for t in make_inputs(1, 2, 2, 5000, 5000, 64, 32, torch.bfloat16, gate_heads=2)[:4]]
+    dy = torch.randn(1, 2, 5000, 32, device="cuda", dtype=torch.bfloat16)
     got = torch.autograd.grad(compiled(*inputs), inputs, dy)
     expected = torch.autograd.grad(attention(*inputs), inputs, dy)
     for name, g, e in zip("qkvg", got, expected):
