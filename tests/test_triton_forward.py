@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -412,6 +413,24 @@ def test_rendered_source_bakes_the_shape() -> None:
     assert 'input_precision="ieee"' in fp32 and "tl.bfloat16" not in fp32
     assert "tl.dot(q, kt) * scale" in quadratic and "scale2" not in quadratic  # deg 4: s on each q . k, as always
     assert "x2 = x * x\n" in source and "acc = acc * scale2" in source  # deg 2: s^2 once per row, after the loops
+
+
+def test_kernels_a_traced_call_launches_have_no_inline_asm_with_side_effects() -> None:
+    """Inductor's analysis of what a user kernel writes (torch's TTIR mutation analysis) accepts pure inline asm only:
+    with one impure asm it takes every input as written, which copied q, k and v in a compiled training step (session
+    68). Only the query kernel's wait beside the state kernel (eager launches, ``waits_for_states``) sleeps in inline
+    asm; no other forward variant, and no backward kernel, has such asm."""
+    from retention_compile.codegen.backward import BACKWARD_TEMPLATE
+    from retention_compile.codegen.triton_source import TEMPLATE_DIR
+
+    impure = "is_pure=False"
+    single_chunk = {"chunked": False, "chunk_size": 0, "block_feature": 0, "block_s": 0}
+    for gated, causal, chunked, cherries, packed in itertools.product((False, True), repeat=5):
+        shape = {} if chunked else single_chunk
+        spec = _spec(gated=gated and causal, causal=causal, cherries=cherries, packed_squares=packed, **shape)
+        assert impure not in render_forward(spec), spec
+    assert impure in render_forward(_spec(waits_for_states=True))
+    assert impure not in (TEMPLATE_DIR / BACKWARD_TEMPLATE).read_text()
 
 
 def test_packed_squares_apply_to_deg_2_in_16_bits_and_to_the_unmasked_blocks() -> None:
