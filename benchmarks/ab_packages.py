@@ -2,8 +2,8 @@
 where the two versions cannot share a process (``alternate.py`` alternates settings of one version).
 
     git archive BASE retention_compile | tar -x -C /tmp/base      (a version: a folder holding retention_compile/)
-    python benchmarks/ab_packages.py /tmp/base . [--rounds 2] [--lengths 65536 16384] [--backward] [--out DIR]
-                                                 [--commit SHA]
+    python benchmarks/ab_packages.py /tmp/base . [--rounds 2] [--lengths 65536 16384] [--backward] [--compiled]
+                                                 [--out DIR] [--commit SHA]
 
 Per round and version, a process with that version first on its path times, ungated and gated at each length (b1 h8
 d64 bf16 causal), three ``do_bench`` medians and the profiler's mean device time per kernel (20 calls) of:
@@ -11,7 +11,11 @@ d64 bf16 causal), three ``do_bench`` medians and the profiler's mean device time
 - the eager forward (``bench_forward.ours`` with the op's plan and the CUDA state kernel, on ``bench_forward.inputs``'
   seeded inputs); its y is kept;
 - with ``--backward``, a training step instead: ``rc.power_retention(..., impl="cuda")`` and its backward
-  (``bench_backward.ours`` on ``bench_backward.inputs``); the gradients dq, dk, dv (and the gate's) are kept.
+  (``bench_backward.ours`` on ``bench_backward.inputs``); the gradients dq, dk, dv (and the gate's) are kept;
+- with ``--compiled``, either one under ``torch.compile`` instead (``bench_forward.compiled``,
+  ``bench_backward.ours_compiled``: the kernels launched from Inductor's code, with the op's plan). Every process
+  compiles into an empty cache of its own (``TORCHINDUCTOR_CACHE_DIR``): no version runs code the other compiled, and
+  a base from before 88b5284, whose cached backward failed in a fresh process (forward_notes, session 68), still runs.
 
 The rounds alternate which version goes first (base first in even rounds, new first in odd ones), so that a drift
 within a round does not favour one version. Under the H200's power cap whole runs move by a few percent, so the
@@ -41,7 +45,7 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parent
 MEASURE_CALLS = 3  # do_bench medians per case
 PROFILED_CALLS = 20
-TIMED = {False: "forward_ms", True: "training_step_ms"}  # a row's medians, by ``--backward``
+TIMED = {False: "forward_ms", True: "training_step_ms"}  # a row's medians, by ``--backward`` (prefixed ``compiled_``)
 # (B, Hq, Hk, T, d = e) of the accuracy check: three chunks of 1024 keys, GQA, as tests/gpu/test_triton_backward.py's
 # kept-states case. Session 53 (forward_notes.md): a forward whose gated diagonal weights rounded otherwise than the
 # backward's recomputed ones left y's error as it was (2.2e-3) but took the gate's gradient from 8.5e-3 to 2.4e-2.
@@ -49,24 +53,37 @@ ACCURACY_SHAPE = (1, 4, 2, 3000, 64)
 ACCURACY_SEEDS = (1, 2, 3)
 
 
-def forward_case(T: int, gated: bool) -> tuple[Callable[[], object], Callable[[], dict[str, torch.Tensor]]]:
-    """The eager forward of one case, and what it keeps: {"y": y}."""
+def timed_name(backward: bool, compiled: bool) -> str:
+    """The name of a row's medians: what was timed."""
+    return ("compiled_" if compiled else "") + TIMED[backward]
+
+
+def forward_case(
+    T: int, gated: bool, compiled: bool = False
+) -> tuple[Callable[[], object], Callable[[], dict[str, torch.Tensor]]]:
+    """The eager (``compiled``: compiled) forward of one case, and what it keeps: {"y": y}."""
+    from bench_forward import compiled as compiled_forward
     from bench_forward import inputs, ours
 
     from retention_compile.ops import resolve_plan
 
     x = inputs(T, gated)
+    if compiled:
+        run = compiled_forward(x)
+        return run, lambda: {"y": run()}
     run = ours(x, resolve_plan(x["q"], x["k"], x["v"], 2, gated, 0), codegen="cuda")
     return run, lambda: {"y": run()[0]}
 
 
-def training_case(T: int, gated: bool) -> tuple[Callable[[], object], Callable[[], dict[str, torch.Tensor]]]:
-    """A forward and backward of one case on the CUDA kernels, and what it keeps: the inputs' gradients after a
-    step."""
-    from bench_backward import inputs, ours
+def training_case(
+    T: int, gated: bool, compiled: bool = False
+) -> tuple[Callable[[], object], Callable[[], dict[str, torch.Tensor]]]:
+    """A forward and backward of one case on the CUDA kernels (``compiled``: under ``torch.compile``, the op's own
+    choice of kernels), and what it keeps: the inputs' gradients after a step."""
+    from bench_backward import inputs, ours, ours_compiled
 
     x = inputs(T, gated)
-    run = ours(x, impl="cuda")
+    run = ours_compiled(x) if compiled else ours(x, impl="cuda")
 
     def gradients() -> dict[str, torch.Tensor]:
         run()
@@ -121,39 +138,54 @@ def oracle_errors(
     return errors
 
 
-def measure(lengths: list[int], keep: Path | None, backward: bool) -> list[dict]:
+def measure(lengths: list[int], keep: Path | None, backward: bool, compiled: bool = False) -> list[dict]:
     """In a version's process: per length, ungated then gated, the medians and kernel times of the forward (of a
-    training step with ``backward``); what the case keeps saved under ``keep`` (``<name>_<T>_<gated>.pt``) where
-    given."""
+    training step with ``backward``; compiled with ``compiled``); what the case keeps saved under ``keep``
+    (``<name>_<T>_<gated>.pt``) where given."""
     from bench_forward import bench_ms, kernel_times
 
     rows = []
     for T in lengths:
         for gated in (False, True):
-            run, kept = (training_case if backward else forward_case)(T, gated)
+            run, kept = (training_case if backward else forward_case)(T, gated, compiled)
             if keep is not None:
                 for name, tensor in kept().items():
                     torch.save(tensor.cpu(), keep / f"{name}_{T}_{int(gated)}.pt")
             medians = [bench_ms(run) for _ in range(MEASURE_CALLS)]
             rows.append(
-                {"T": T, "gated": gated, TIMED[backward]: medians, "kernel_ms": kernel_times(run, PROFILED_CALLS)}
+                {
+                    "T": T,
+                    "gated": gated,
+                    timed_name(backward, compiled): medians,
+                    "kernel_ms": kernel_times(run, PROFILED_CALLS),
+                }
             )
     return rows
 
 
-def version_environment(version: Path) -> dict[str, str]:
-    """This process's environment with ``version`` (a folder holding ``retention_compile``) first on PYTHONPATH."""
+def version_environment(version: Path, inductor_cache: Path | None = None) -> dict[str, str]:
+    """This process's environment with ``version`` (a folder holding ``retention_compile``) first on PYTHONPATH, and
+    Inductor's cache in ``inductor_cache`` where given."""
     path = [str(version.resolve()), os.environ.get("PYTHONPATH", "")]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+    cache = {"TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)} if inductor_cache is not None else {}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p), **cache}
 
 
-def run_version(version: Path, lengths: list[int], keep: Path | None, backward: bool) -> dict:
+def run_version(
+    version: Path,
+    lengths: list[int],
+    keep: Path | None,
+    backward: bool,
+    compiled: bool = False,
+    inductor_cache: Path | None = None,
+) -> dict:
     """One round of ``version`` in a fresh process: its rows and the package file it imported (what it keeps saved
     under ``keep`` where given)."""
     keeping = ["--keep", str(keep)] if keep is not None else []
-    timing = ["--backward"] if backward else []
+    timing = (["--backward"] if backward else []) + (["--compiled"] if compiled else [])
     command = [sys.executable, __file__, "--measure", *keeping, *timing, "--lengths", *map(str, lengths)]
-    done = subprocess.run(command, env=version_environment(version), capture_output=True, text=True, check=False)
+    environment = version_environment(version, inductor_cache)
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{version}: the measuring process failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -191,6 +223,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[65536, 16384])
     parser.add_argument("--out", type=Path, default=BENCHMARKS / "results")
     parser.add_argument("--backward", action="store_true", help="time a training step (forward and backward)")
+    parser.add_argument("--compiled", action="store_true", help="time it under torch.compile")
     parser.add_argument("--commit", default=None)
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # a version's process
     parser.add_argument("--keep", type=Path, default=None, help=argparse.SUPPRESS)  # where it saves its outputs
@@ -198,7 +231,8 @@ def main() -> None:
     if args.measure:
         import retention_compile
 
-        result = {"package": retention_compile.__file__, "rows": measure(args.lengths, args.keep, args.backward)}
+        rows = measure(args.lengths, args.keep, args.backward, args.compiled)
+        result = {"package": retention_compile.__file__, "rows": rows}
         if args.keep is not None:  # the first round
             result["accuracy"] = oracle_errors(args.backward)
         print(json.dumps(result))
@@ -207,9 +241,11 @@ def main() -> None:
         parser.error("give the base and the new version's folders")
     from bench_forward import result_header
 
-    stem, record = result_header("ab_packages_backward" if args.backward else "ab_packages", args.out, args.commit)
+    timed = timed_name(args.backward, args.compiled)
+    name = "ab_packages" + ("_compiled" if args.compiled else "") + ("_backward" if args.backward else "")
+    stem, record = result_header(name, args.out, args.commit)
     stem = stem.with_name(f"{stem.name}_{record['commit']}")
-    record.update(base=str(args.base.resolve()), new=str(args.new.resolve()), timed=TIMED[args.backward], rounds=[])
+    record.update(base=str(args.base.resolve()), new=str(args.new.resolve()), timed=timed, rounds=[])
     with tempfile.TemporaryDirectory() as scratch:
         kept = {side: Path(scratch, side) for side in ("base", "new")}
         for round_index in range(args.rounds):
@@ -218,9 +254,10 @@ def main() -> None:
                 keep = kept[side] if round_index == 0 else None  # the outputs of the first round only
                 if keep is not None:
                     keep.mkdir()
-                entry[side] = run_version(version, args.lengths, keep, args.backward)
+                inductor_cache = Path(scratch, f"inductor-{side}-{round_index}") if args.compiled else None
+                entry[side] = run_version(version, args.lengths, keep, args.backward, args.compiled, inductor_cache)
                 for row in entry[side]["rows"]:
-                    medians = [round(ms, 4) for ms in row[TIMED[args.backward]]]
+                    medians = [round(ms, 4) for ms in row[timed]]
                     print(side, round_index, row["T"], row["gated"], medians, flush=True)
             record["rounds"].append(entry)
         record["outputs"] = compare_outputs(kept["base"], kept["new"])

@@ -47,11 +47,13 @@ def test_a_version_goes_first_on_the_path(ab_packages, tmp_path: Path, monkeypat
 
 
 @pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("compiled", [False, True])
 def test_the_measuring_process_times_what_was_asked(
-    ab_packages, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backward: bool
+    ab_packages, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backward: bool, compiled: bool
 ) -> None:
-    """A version's process gets ``--backward`` exactly when the comparison times training steps, with the lengths and
-    the folder for what it keeps; its last line of output is its result."""
+    """A version's process gets ``--backward`` exactly when the comparison times training steps and ``--compiled``
+    when it times them compiled (then with Inductor's cache in the folder given), with the lengths and the folder for
+    what it keeps; its last line of output is its result."""
     seen = {}
 
     def fake_run(command, env, **kwargs):
@@ -59,13 +61,17 @@ def test_the_measuring_process_times_what_was_asked(
         return subprocess.CompletedProcess(command, 0, stdout='warming up\n{"rows": []}\n', stderr="")
 
     monkeypatch.setattr(ab_packages.subprocess, "run", fake_run)
-    result = ab_packages.run_version(tmp_path, [4096, 1024], tmp_path / "kept", backward)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    cache = tmp_path / "inductor" if compiled else None
+    result = ab_packages.run_version(tmp_path, [4096, 1024], tmp_path / "kept", backward, compiled, cache)
     assert result == {"rows": []}
     command = seen["command"]
-    assert ("--backward" in command) == backward
+    assert ("--backward" in command) == backward and ("--compiled" in command) == compiled
     assert command[command.index("--lengths") + 1 :] == ["4096", "1024"]
     assert command[command.index("--keep") + 1] == str(tmp_path / "kept")
     assert seen["env"]["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path.resolve())
+    assert seen["env"].get("TORCHINDUCTOR_CACHE_DIR") == (str(cache) if compiled else None)
+    assert ab_packages.timed_name(backward, compiled).startswith("compiled_") == compiled
 
 
 @pytest.mark.parametrize("backward", [False, True])
