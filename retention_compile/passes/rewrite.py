@@ -30,10 +30,10 @@ from collections.abc import Callable
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor
-from torch.fx.experimental.symbolic_shapes import guard_int
 
 from ..config import RetentionConfig
 from ..reference import compute_dtype
+from ..sizes import specialized
 from . import grids
 from .decide import Decision
 from .fxutils import insert_call
@@ -48,7 +48,7 @@ def site_scale(site: AttentionSite) -> float:
     if site.scale is not None:
         return float(site.scale)
     head_dim = example_value(site.query).shape[-1]
-    return 1.0 / math.sqrt(guard_int(head_dim) if isinstance(head_dim, torch.SymInt) else head_dim)
+    return 1.0 / math.sqrt(specialized(head_dim))
 
 
 def needs_gradient(site: AttentionSite) -> bool:
