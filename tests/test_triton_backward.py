@@ -23,6 +23,7 @@ from retention_compile.codegen import backward, forward, triton_source  # noqa: 
 from retention_compile.codegen.backward import (  # noqa: E402
     BACKWARD_TEMPLATE,
     BackwardSpec,
+    backward_rows,
     backward_unsupported,
     triton_backward,
 )
@@ -50,6 +51,9 @@ CASES = [
     ("chunked-decode", (1, 2, 1, 1, 50, 32, 32, 2, 1, False, True, 16)),
     ("chunked-tq-gt-tk", (1, 1, 1, 45, 30, 32, 32, 2, 1, False, True, 16)),
     ("chunked-noncausal", (1, 2, 1, 27, 50, 32, 32, 2, 0, True, False, 16)),
+    # one non-causal query row: run after a row of zeros (``backward_rows``; GPU fuzz seed 69690001 case 599)
+    ("quadratic-noncausal-one-row", (2, 1, 1, 1, 70, 32, 32, 4, 0, True, False, 1024)),
+    ("chunked-noncausal-one-row", (1, 2, 1, 1, 50, 32, 32, 2, 0, True, False, 16)),
     ("chunked-d48", (1, 1, 1, 40, 40, 48, 40, 2, 1, False, True, 16)),
     ("chunked-d64", (1, 2, 1, 40, 40, 64, 64, 2, 1, False, True, 16)),  # 4 coordinate blocks, 10 pair tiles
     ("chunked-d128", (1, 1, 1, 33, 33, 128, 48, 2, 1, True, True, 16)),  # 8 blocks, 36 pair tiles
@@ -494,6 +498,17 @@ def test_per_weight_gate_rows_match_oracle(interpreted: dict[str, dict[str, floa
     errors = interpreted[name]
     assert set(errors) == set(GRADS)
     _assert_below(errors, 2e-5, name)
+
+
+def test_a_noncausal_single_query_row_runs_after_a_row_of_zeros() -> None:
+    """A non-causal call with Tq = 1 gets one row of zeros before its query (``backward_rows``): with Tq = 1 the
+    kernels' row loop folded away and ``dkv_kernel`` faulted on the H100 (GPU fuzz seed 69690001, case 599). Causal
+    calls, and non-causal ones of more rows, keep the forward's alignment."""
+    k = torch.empty(2, 1, 5000, 16)
+    assert backward_rows(torch.empty(2, 1, 1, 16), k, causal=False) == -1
+    assert backward_rows(torch.empty(2, 1, 2, 16), k, causal=False) is None
+    assert backward_rows(torch.empty(2, 1, 1, 16), k, causal=True) is None
+    assert backward_rows(torch.empty(2, 1, 1, 16), torch.empty(2, 1, 3, 16), causal=True) == -2  # a short cache
 
 
 def test_tuned_intra_loops_only_where_measured() -> None:

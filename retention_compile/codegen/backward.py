@@ -281,7 +281,7 @@ def triton_backward(
     inputs; ignored for others, which run the Triton one). ``saved_states``: the forward's ``(S, M)``
     (``triton_forward``'s ``states_out``), read instead of recomputing them where their shapes and dtypes are the
     ``StateLayout`` of this call (else recomputed)."""
-    if (shift := aligned_rows(q, k, causal)) is not None:  # the forward's alignment: rows dropped or put before
+    if (shift := backward_rows(q, k, causal)) is not None:  # rows dropped or put before (``backward_rows``)
         fills = ((grad_y, 0.0), (q, 0.0), (y, 0.0), (denom, EPS))
         shifted_grad_y, shifted_q, shifted_y, shifted_denom = (shifted_rows(x, shift, fill) for x, fill in fills)
         dq, dk, dv, dg = triton_backward(
@@ -376,6 +376,25 @@ def triton_backward(
             boundary = _chunk_start_gate_grads(module, states, B * state_heads, n_chunks)
         dg = _gate_grad(dz, outputs["KTERM"], state_heads, boundary, fwd.chunk_size, shift).to(log_gate.dtype)
     return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), dg
+
+
+def backward_rows(q: torch.Tensor, k: torch.Tensor, causal: bool) -> int | torch.SymInt | None:
+    """The query rows ``triton_backward`` drops (positive) or puts before the queries as rows of zeros (negative), as
+    ``shifted_rows`` takes them, or None where the call runs as it is: the forward's ``aligned_rows``, and one row of
+    zeros before a non-causal call's single query row.
+
+    That row keeps ``dkv_kernel``'s row loop off a trip count the compiler knows to be 1. Triton specializes a length
+    argument equal to 1 as a constant (eager launches and Inductor's alike), the row loop then folds away, and the
+    folded kernel wrote outside its shared memory on the H100 (Triton 3.6): GPU fuzz seed 69690001, case 599 (bf16
+    d 8, padded to 16, e 64, deg 4, non-causal, Tq 1, Tk 3126, validity) faulted in ``dkv_kernel``'s store of dk, as
+    did Tk 200 and 1000, d 16, deg 2 and e 32; Tq 2, a causal call (its row bounds depend on the key block) and
+    a launch with Tq unspecialized (``do_not_specialize``) ran clean. The zero row adds nothing: q = 0 gives it
+    weights 0, and its dy = 0 gives dz = 0 (a non-causal call has no gate, so no factor can overflow there)."""
+    if (shift := aligned_rows(q, k, causal)) is not None:
+        return shift
+    if not causal and statically_known_true(q.shape[2] == 1):
+        return -1
+    return None
 
 
 def _padded_head_backward(
