@@ -246,6 +246,27 @@ def test_narrow_bf16_heads_run_padded(backward_calls: list[int], monkeypatch: py
     assert len(backward_calls) == 4 and len(padded) == 4
 
 
+# A length of 1 is a constant to the kernels (Triton specializes an integer argument equal to 1, eager launches and
+# Inductor's alike), and a loop over those rows or keys folds away: GPU fuzz seed 69690001 case 599 (bf16 d 8 padded
+# to 16, e 64, deg 4, non-causal, Tq 1, Tk 3126) faulted in dkv_kernel so on the H100 until the backward ran a row of
+# zeros before the single row (``backward.backward_rows``). The single key of a non-causal call folds dq_kernel's key
+# loop the same way (not seen to fault: no run of it on a GPU yet)
+ONE_LENGTH_CASES = {
+    "one-row-noncausal": (2, 1, 1, 1, 3126, 16, 64, 4, bf16, None, True, False),
+    "one-row-noncausal-chunked": (1, 4, 1, 1, 3000, 64, 64, 2, bf16, None, True, False),
+    "one-row-noncausal-fp32": (2, 1, 1, 1, 3126, 32, 64, 4, f32, None, True, False),
+    "one-row-causal": (2, 1, 1, 1, 3126, 16, 64, 4, bf16, "k", True, True),
+    "one-key-noncausal": (1, 4, 1, 1000, 1, 64, 64, 2, bf16, None, False, False),
+    "one-key-noncausal-deg4": (2, 1, 1, 3126, 1, 16, 64, 4, bf16, None, True, False),
+}
+
+
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize("name", list(ONE_LENGTH_CASES))
+def test_one_row_or_one_key_through_the_op(name: str) -> None:
+    check(*ONE_LENGTH_CASES[name], op=True)
+
+
 def test_kept_states_skip_the_recompute(monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16, d = e = 64, chunk 1024, T = 3000 (3 chunks), gated, GQA: the op keeps the forward's chunk states (at
     0.66x y's bytes, within ``ops.KEPT_STATES_MAX_RATIO``), its backward runs no state kernel, and the gradients
