@@ -89,8 +89,10 @@ from .forward import (
     kernel_spec,
     segment_major_programs_per_sm,
     shifted_rows,
+    single_key_padded,
     small_chunk_float32,
     state_segments,
+    with_a_key_of_zeros,
 )
 from .triton_source import SCAN_BLOCK, KernelSpec, load, load_forward, value_tile
 
@@ -281,6 +283,12 @@ def triton_backward(
     inputs; ignored for others, which run the Triton one). ``saved_states``: the forward's ``(S, M)``
     (``triton_forward``'s ``states_out``), read instead of recomputing them where their shapes and dtypes are the
     ``StateLayout`` of this call (else recomputed)."""
+    if single_key_padded(k):  # the forward's key of zeros before a single key
+        padded_k, padded_v, padded_valid, padded_gate = with_a_key_of_zeros(k, v, valid, log_gate)
+        options = {"scale": scale, "deg": deg, "log_gate": padded_gate, "causal": causal, "valid": padded_valid}
+        dq, dk, dv, dg = triton_backward(grad_y, q, padded_k, padded_v, y, denom, plan=plan, **options)
+        dg = None if dg is None else dg[..., 1:].contiguous()
+        return dq, dk[:, :, 1:].contiguous(), dv[:, :, 1:].contiguous(), dg
     if (shift := backward_rows(q, k, causal)) is not None:  # rows dropped or put before (``backward_rows``)
         fills = ((grad_y, 0.0), (q, 0.0), (y, 0.0), (denom, EPS))
         shifted_grad_y, shifted_q, shifted_y, shifted_denom = (shifted_rows(x, shift, fill) for x, fill in fills)
@@ -381,15 +389,10 @@ def triton_backward(
 def backward_rows(q: torch.Tensor, k: torch.Tensor, causal: bool) -> int | torch.SymInt | None:
     """The query rows ``triton_backward`` drops (positive) or puts before the queries as rows of zeros (negative), as
     ``shifted_rows`` takes them, or None where the call runs as it is: the forward's ``aligned_rows``, and one row of
-    zeros before a non-causal call's single query row.
-
-    That row keeps ``dkv_kernel``'s row loop off a trip count the compiler knows to be 1. Triton specializes a length
-    argument equal to 1 as a constant (eager launches and Inductor's alike), the row loop then folds away, and the
-    folded kernel wrote outside its shared memory on the H100 (Triton 3.6): GPU fuzz seed 69690001, case 599 (bf16
-    d 8, padded to 16, e 64, deg 4, non-causal, Tq 1, Tk 3126, validity) faulted in ``dkv_kernel``'s store of dk, as
-    did Tk 200 and 1000, d 16, deg 2 and e 32; Tq 2, a causal call (its row bounds depend on the key block) and
-    a launch with Tq unspecialized (``do_not_specialize``) ran clean. The zero row adds nothing: q = 0 gives it
-    weights 0, and its dy = 0 gives dz = 0 (a non-causal call has no gate, so no factor can overflow there)."""
+    zeros before a non-causal call's single query row, so that no kernel takes a length of 1 (why:
+    ``forward.single_key_padded``; on the GPU, Tq 2 ran case 599's shapes clean, as did a causal call of one row and
+    3126 keys, whose row bounds depend on the key block). The zero row adds nothing: q = 0 gives it weights 0, and
+    its dy = 0 gives dz = 0."""
     if (shift := aligned_rows(q, k, causal)) is not None:
         return shift
     if not causal and statically_known_true(q.shape[2] == 1):

@@ -70,7 +70,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
-from torch.fx.experimental.symbolic_shapes import guard_or_false
+from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
 
 from ..inspection import is_recording
 from ..planning import EXACT_CHUNK_BELOW, Plan
@@ -464,6 +464,8 @@ def triton_forward(
         raise ValueError(f"triton_forward: y_out is stored beside a float32 y, but y_dtype is {y_dtype}")
     if log_gate is not None and not causal:  # the kernels' gate factors are at most 1 only for causal pairs
         raise ValueError(f"triton_forward: {NONCAUSAL_GATE}")
+    if single_key_padded(k):
+        k, v, valid, log_gate = with_a_key_of_zeros(k, v, valid, log_gate)
     if (shift := aligned_rows(q, k, causal)) is not None:
         y, denom = triton_forward(
             shifted_rows(q, shift, 0.0), k, v, scale=scale, deg=deg, log_gate=log_gate, causal=causal, valid=valid,
@@ -718,6 +720,34 @@ def aligned_rows(q: torch.Tensor, k: torch.Tensor, causal: bool) -> int | torch.
         return keyless
     extra = rows_before_the_queries(q, k, causal)
     return None if extra is None else -extra
+
+
+def single_key_padded(k: torch.Tensor) -> bool:
+    """Whether a call runs its kernels after one key of zeros put before its keys (``with_a_key_of_zeros``): a call
+    whose single key is statically one. (The backward's single non-causal query row gets a row of zeros the same way:
+    ``backward.backward_rows``.)
+
+    Why: Triton takes an integer argument equal to 1 as a constant (eager launches; Inductor's launch of a user kernel
+    does the same for a size statically 1, and Dynamo makes size-1 dimensions static), so a loop over the rows or keys
+    of that length folds away, and ptxas 12.8 (the one Triton 3.6 ships) then miscompiled several such bf16 kernels:
+    their SASS reads a uniform register that nothing writes, the address of a wgmma operand. GPU fuzz seed 69690001
+    case 599 (d 8 padded to 16, e 64, deg 4, non-causal, Tq 1, Tk 3126, validity) faulted that way in ``dkv_kernel``
+    on an H100. Offline (``benchmarks/miscompiled_lengths.py --raw``, sm_90, Triton 3.6), for d 16 and 32: the
+    non-causal ``dkv_kernel`` at Tq 1, ``dq_kernel`` and ``attention_kernel`` at Tk 1, and causal calls of one row
+    and one key; not d 64 or 128, not float32; none once both lengths are at least 2 (the default mode). ptxas 12.9
+    (Triton 3.9) compiled the faulting kernel correctly. A key of zeros takes no weight: ``(s q . 0)^p = 0``; before
+    the keys, it changes no other key's position or gate factor (its log-gate is 0)."""
+    return statically_known_true(k.shape[2] == 1)
+
+
+def with_a_key_of_zeros(
+    k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, log_gate: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """k and v (B, H, Tk, .) after one key of zeros, ``valid`` (B, Tk) with that key marked invalid and ``log_gate``
+    (B, heads, Tk) with a log-gate of 0 there."""
+    pad = torch.nn.functional.pad
+    padded_valid = None if valid is None else pad(valid, (1, 0), value=False)
+    return pad(k, (0, 0, 1, 0)), pad(v, (0, 0, 1, 0)), padded_valid, None if log_gate is None else pad(log_gate, (1, 0))
 
 
 def shifted_rows(rows: torch.Tensor, count: int | torch.SymInt, fill: float) -> torch.Tensor:

@@ -247,10 +247,11 @@ def test_narrow_bf16_heads_run_padded(backward_calls: list[int], monkeypatch: py
 
 
 # A length of 1 is a constant to the kernels (Triton specializes an integer argument equal to 1, eager launches and
-# Inductor's alike), and a loop over those rows or keys folds away: GPU fuzz seed 69690001 case 599 (bf16 d 8 padded
-# to 16, e 64, deg 4, non-causal, Tq 1, Tk 3126) faulted in dkv_kernel so on the H100 until the backward ran a row of
-# zeros before the single row (``backward.backward_rows``). The single key of a non-causal call folds dq_kernel's key
-# loop the same way (not seen to fault: no run of it on a GPU yet)
+# Inductor's alike), a loop over those rows or keys folds away, and ptxas 12.8 (Triton 3.6) miscompiled such bf16
+# kernels of d 16 and 32: GPU fuzz seed 69690001 case 599 (d 8 padded to 16, e 64, deg 4, non-causal, Tq 1, Tk 3126)
+# faulted in dkv_kernel so on the H100. The op now runs a single key after a key of zeros and the backward's single
+# non-causal row after a row of zeros (``forward.single_key_padded``, ``backward.backward_rows``); the offline scan
+# (``benchmarks/miscompiled_lengths.py``) flags the other shapes below, which no GPU has run
 ONE_LENGTH_CASES = {
     "one-row-noncausal": (2, 1, 1, 1, 3126, 16, 64, 4, bf16, None, True, False),
     "one-row-noncausal-chunked": (1, 4, 1, 1, 3000, 64, 64, 2, bf16, None, True, False),
@@ -258,6 +259,9 @@ ONE_LENGTH_CASES = {
     "one-row-causal": (2, 1, 1, 1, 3126, 16, 64, 4, bf16, "k", True, True),
     "one-key-noncausal": (1, 4, 1, 1000, 1, 64, 64, 2, bf16, None, False, False),
     "one-key-noncausal-deg4": (2, 1, 1, 3126, 1, 16, 64, 4, bf16, None, True, False),
+    "one-key-noncausal-d32": (1, 4, 1, 1000, 1, 32, 32, 2, bf16, None, False, False),
+    "one-token-prefill-d32": (1, 4, 1, 1, 1, 32, 32, 2, bf16, "k", False, True),
+    "one-key-keyless-rows-d32": (1, 1, 1, 1000, 1, 32, 32, 2, bf16, None, False, True),
 }
 
 
