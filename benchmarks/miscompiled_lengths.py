@@ -124,38 +124,48 @@ def compile_and_scan(source: Path, kernel: str, ints: dict[str, int], input_type
     return {"shared_bytes": compiled.metadata.shared, "unwritten_reads": unwritten_uniform_reads(sass)}
 
 
-def scan(raw: bool, only: str) -> list[dict]:
-    """Every class x lengths x kernel of ``CLASSES`` and ``LENGTHS`` whose label contains ``only``."""
+def scan_kernel(shape_class: tuple, lengths: tuple[int, int, int], kernel: str, raw: bool, folder: Path) -> dict:
+    """One kernel of ``shape_class`` (a ``CLASSES`` entry) for a call of ``lengths`` (Tq, Tk, heads), rendered into
+    ``folder``, compiled and scanned: the lengths it ran at, its shared memory and its unwritten reads."""
     import torch
 
     from retention_compile.codegen import backward, forward, triton_source
     from retention_compile.planning import Plan
 
+    dtype, d, e, deg, causal, gated, valid = shape_class
+    Tq, Tk, H = lengths
     plan = Plan(chunk_size=1 << 20, block_t=64, block_feature=16, block_e=64)  # one chunk: the quadratic kernels
+    tq, tk = kernel_lengths(kernel, Tq, Tk, causal, raw)
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    q = torch.empty(1, H, tq, d, dtype=torch_dtype, device="meta")
+    v = torch.empty(1, H, tk, e, dtype=torch_dtype, device="meta")
+    spec = forward.kernel_spec(q, v, deg, gated, valid, causal, tk, plan)
+    if kernel == "attention_kernel":
+        text = triton_source.render_forward(spec)
+    else:
+        text = triton_source.render(backward.BACKWARD_TEMPLATE, backward.BackwardSpec.of(spec))
+    source = folder / f"{kernel}_{len(list(folder.iterdir()))}.py"
+    source.write_text(text)
+    result = compile_and_scan(source, kernel, launch_ints(1, H, tq, tk, d, e, plan.chunk_size), dtype)
+    return {"kernel": kernel, "Tq": tq, "Tk": tk, **result}
+
+
+def scan(raw: bool, only: str) -> list[dict]:
+    """Every class x lengths x kernel of ``CLASSES`` and ``LENGTHS`` whose label contains ``only``."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for (dtype, d, e, deg, causal, gated, valid), (Tq, Tk, H) in ((c, n) for c in CLASSES for n in LENGTHS):
+        for shape_class, lengths in ((c, n) for c in CLASSES for n in LENGTHS):
+            dtype, d, e, deg, causal, gated, valid = shape_class
             flags = ("causal" if causal else "noncausal") + "-gated" * gated + "-valid" * valid
-            label = f"{dtype}-d{d}-e{e}-deg{deg}-{flags}-Tq{Tq}-Tk{Tk}-H{H}"
+            label = f"{dtype}-d{d}-e{e}-deg{deg}-{flags}-Tq{lengths[0]}-Tk{lengths[1]}-H{lengths[2]}"
             if only not in label:
                 continue
-            torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
             for kernel in ("attention_kernel", "dq_kernel", "dkv_kernel"):
-                tq, tk = kernel_lengths(kernel, Tq, Tk, causal, raw)
-                q = torch.empty(1, H, tq, d, dtype=torch_dtype, device="meta")
-                v = torch.empty(1, H, tk, e, dtype=torch_dtype, device="meta")
-                spec = forward.kernel_spec(q, v, deg, gated, valid, causal, tk, plan)
-                if kernel == "attention_kernel":
-                    text = triton_source.render_forward(spec)
-                else:
-                    text = triton_source.render(backward.BACKWARD_TEMPLATE, backward.BackwardSpec.of(spec))
-                source = Path(tmp) / f"k{len(rows)}.py"
-                source.write_text(text)
-                ints = launch_ints(1, H, tq, tk, d, e, plan.chunk_size)
-                result = compile_and_scan(source, kernel, ints, dtype)
-                rows.append({"case": label, "kernel": kernel, "Tq": tq, "Tk": tk, **result})
-                verdict = f"MISCOMPILED ({len(result['unwritten_reads'])} reads)" if result["unwritten_reads"] else "ok"
-                print(f"{label} {kernel} at Tq {tq}, Tk {tk}: {verdict}", flush=True)
+                row = {"case": label, **scan_kernel(shape_class, lengths, kernel, raw, Path(tmp))}
+                rows.append(row)
+                bad = row["unwritten_reads"]
+                verdict = f"MISCOMPILED ({len(bad)} reads)" if bad else "ok"
+                print(f"{label} {kernel} at Tq {row['Tq']}, Tk {row['Tk']}: {verdict}", flush=True)
     return rows
 
 

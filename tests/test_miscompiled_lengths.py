@@ -64,3 +64,25 @@ def test_kernels_take_lengths_of_at_least_two_where_the_op_pads(scanner) -> None
     assert scanner.kernel_lengths("attention_kernel", 1, 1, True, raw=False) == (2, 2)  # then a prefill of 1 key
     assert scanner.kernel_lengths("dkv_kernel", 1000, 1, True, raw=False) == (2, 2)  # keyless rows dropped
     assert scanner.kernel_lengths("dkv_kernel", 1, 1, False, raw=True) == (1, 1)
+
+
+# the kernels Triton 3.9's ptxas (12.9) miscompiled at the lengths as called (``--raw``), 3 of the scan's 162
+# (``miscompiled_lengths_triton3.9.0_e1a5cef_raw.json``): (shape class, (Tq, Tk, heads), kernel)
+RAW_MISCOMPILED_WITH_TRITON_3_9 = [
+    (("bf16", 16, 16, 2, False, False, False), (1, 3126, 1), "dkv_kernel"),
+    (("bf16", 32, 32, 2, False, False, False), (1000, 1, 4), "dq_kernel"),
+    (("bf16", 32, 32, 2, True, False, False), (1000, 1, 4), "dq_kernel"),
+]
+
+
+@pytest.mark.parametrize(("shape_class", "lengths", "kernel"), RAW_MISCOMPILED_WITH_TRITON_3_9)
+def test_the_op_never_launches_a_kernel_that_reads_unwritten_registers(
+    scanner, tmp_path: Path, shape_class: tuple, lengths: tuple, kernel: str
+) -> None:
+    """Compiled offline for sm_90 with the installed Triton at the lengths the op gives it (a key or row of zeros
+    before a single one), the kernel reads no uniform register that nothing writes. Without the op's padding these
+    three read such a register under Triton 3.9 (a later Triton's ptxas may compile them right either way)."""
+    pytest.importorskip("triton")
+    row = scanner.scan_kernel(shape_class, lengths, kernel, raw=False, folder=tmp_path)
+    assert min(row["Tq"], row["Tk"]) >= 2
+    assert row["unwritten_reads"] == [], f"{kernel} at {lengths}: {row['unwritten_reads'][:2]}"

@@ -735,8 +735,9 @@ def single_key_padded(k: torch.Tensor) -> bool:
     on an H100. Offline (``benchmarks/miscompiled_lengths.py --raw``, sm_90, Triton 3.6), for d 16 and 32: the
     non-causal ``dkv_kernel`` at Tq 1, ``dq_kernel`` and ``attention_kernel`` at Tk 1, and causal calls of one row
     and one key; not d 64 or 128, not float32; none once both lengths are at least 2 (the default mode). ptxas 12.9
-    (Triton 3.9) compiled the faulting kernel correctly. A key of zeros takes no weight: ``(s q . 0)^p = 0``; before
-    the keys, it changes no other key's position or gate factor (its log-gate is 0)."""
+    (Triton 3.9) compiled that kernel correctly but miscompiled three others of length 1 (d 16 and 32, e = d), none
+    once padded. A key of zeros takes no weight: ``(s q . 0)^p = 0``; before the keys, it changes no other key's
+    position or gate factor (its log-gate is 0)."""
     return statically_known_true(k.shape[2] == 1)
 
 
