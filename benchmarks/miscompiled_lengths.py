@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import re
 import sys
 import tempfile
@@ -218,6 +219,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.triton:
         sys.path.insert(0, str(args.triton))
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default up to 3.9 (which warns of a change)
     sys.path.insert(1, str(Path(__file__).resolve().parent))
     import triton
     from provenance import command_line, git_commit
