@@ -336,23 +336,22 @@ def run_one_length_cases() -> dict[str, dict[str, float]]:
     the oracle (a row that sees one key has dq, dk of O(eps / w), which float32 cannot resolve: the GPU tests
     floor that reference)."""
 
-    def outputs(case: tuple) -> dict[str, torch.Tensor]:
-        inputs, options, grad_y, plan = _inputs(case, torch.float32)
+    def outputs(inputs: tuple, options: dict, grad_y: torch.Tensor, plan: Plan) -> dict[str, torch.Tensor]:
         y, den = triton_forward(*inputs, plan=plan, **options, for_backward=True)
         grads = triton_backward(grad_y, *inputs, y, den, plan=plan, **options)
         return {"y": y, "denom": den, **{g: t for g, t in zip(GRADS, grads) if t is not None}}
 
     results = {}
     for name, case in ONE_LENGTH_CASES.items():
-        padded = outputs(case)
+        inputs, options, grad_y, plan = _inputs(case, torch.float32)
+        padded = outputs(inputs, options, grad_y, plan)
         with (
             mock.patch.object(forward, "single_key_padded", lambda k: False),
             mock.patch.object(backward, "single_key_padded", lambda k: False),
             mock.patch.object(backward, "backward_rows", forward.aligned_rows),
         ):
-            raw = outputs(case)
+            raw = outputs(inputs, options, grad_y, plan)
         results[name] = {f"raw-{x}": float((padded[x] - raw[x]).norm() / raw[x].norm().clamp_min(1e-30)) for x in raw}
-        inputs, options, grad_y, _ = _inputs(case, torch.float32)
         grads = tuple(padded.get(g) for g in GRADS)
         results[name]["oracle-v"] = _oracle_errors(inputs, options, grad_y, grads)["v"]
     return results
