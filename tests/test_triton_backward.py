@@ -332,19 +332,35 @@ ONE_LENGTH_CASES = {
 
 def run_one_length_cases() -> dict[str, dict[str, float]]:
     """Per ``ONE_LENGTH_CASES`` case: ``raw-<x>``, the relative difference of y, denom and each gradient from the same
-    call run without the key and row of zeros (adding them adds exact zeros), and ``oracle-v``, dv's error against
+    call run without the key and row of zeros (adding them adds exact zeros), ``oracle-v``, dv's error against
     the oracle (a row that sees one key has dq, dk of O(eps / w), which float32 cannot resolve: the GPU tests
-    floor that reference)."""
+    floor that reference), and ``shortest-length``, the least Tk of any launch and Tq of the backward's (the
+    forward's kernels at Tq 1 compiled clean, ``benchmarks/miscompiled_lengths.py``)."""
 
     def outputs(inputs: tuple, options: dict, grad_y: torch.Tensor, plan: Plan) -> dict[str, torch.Tensor]:
         y, den = triton_forward(*inputs, plan=plan, **options, for_backward=True)
         grads = triton_backward(grad_y, *inputs, y, den, plan=plan, **options)
         return {"y": y, "denom": den, **{g: t for g, t in zip(GRADS, grads) if t is not None}}
 
+    lengths: list[int] = []
+
+    def recorded(launch, names: tuple[str, ...]):
+        def launch_recording(kernel, grid, kwargs, *args, **kw):
+            lengths.extend(kwargs[n] for n in names if n in kwargs)
+            return launch(kernel, grid, kwargs, *args, **kw)
+
+        return launch_recording
+
     results = {}
     for name, case in ONE_LENGTH_CASES.items():
         inputs, options, grad_y, plan = _inputs(case, torch.float32)
-        padded = outputs(inputs, options, grad_y, plan)
+        lengths.clear()
+        with (
+            mock.patch.object(forward, "_launch", recorded(forward._launch, ("Tk",))),  # a single row is fine there
+            mock.patch.object(backward, "_launch", recorded(backward._launch, ("Tq", "Tk"))),
+        ):
+            padded = outputs(inputs, options, grad_y, plan)
+        shortest = min(lengths)
         with (
             mock.patch.object(forward, "single_key_padded", lambda k: False),
             mock.patch.object(backward, "single_key_padded", lambda k: False),
@@ -354,6 +370,7 @@ def run_one_length_cases() -> dict[str, dict[str, float]]:
         results[name] = {f"raw-{x}": float((padded[x] - raw[x]).norm() / raw[x].norm().clamp_min(1e-30)) for x in raw}
         grads = tuple(padded.get(g) for g in GRADS)
         results[name]["oracle-v"] = _oracle_errors(inputs, options, grad_y, grads)["v"]
+        results[name]["shortest-length"] = shortest
     return results
 
 
@@ -546,6 +563,7 @@ def test_keys_and_rows_of_zeros_change_nothing(interpreted: dict[str, dict[str, 
     of the oracle."""
     results = dict(interpreted[name])
     assert results.pop("oracle-v") < 2e-5
+    assert results.pop("shortest-length") >= 2  # no kernel took a single key, no backward kernel a single row
     assert {"raw-y", "raw-denom", "raw-q", "raw-k", "raw-v"} <= set(results)
     _assert_below({x: results.pop(x) for x in ("raw-q", "raw-k")}, 1e-3, name)
     _assert_below(results, 1e-6, name)
