@@ -6,6 +6,8 @@ import dataclasses
 import importlib.util
 import math
 import re
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -196,6 +198,27 @@ def test_template_compiles(template: str, arch: str) -> None:
             assert all(marker in text for marker in PTX_MARKERS[template])
         else:
             assert binary[:4] == b"\x7fELF"
+            if arch == "sm_90a":
+                _assert_no_unwritten_uniform_reads(binary)
+
+
+def _assert_no_unwritten_uniform_reads(cubin: bytes) -> None:
+    """The sm_90a machine code reads no uniform register that nothing writes: the form of ptxas 12.8's miscompile of a
+    Triton kernel (backward_notes, session 69; ``benchmarks/miscompiled_lengths.py``), checked with Triton's bundled
+    ``cuobjdump`` where it is installed."""
+    triton = pytest.importorskip("triton")
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        pytest.skip("Triton's bundled cuobjdump is missing")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "kernel.cubin")
+        path.write_bytes(cubin)
+        sass = subprocess.run([str(cuobjdump), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+    assert "HGMMA" in sass or "HMMA" in sass or "FFMA" in sass, "cuobjdump printed no machine code"
+    spec = importlib.util.spec_from_file_location("miscompiled_lengths", BENCHMARKS / "miscompiled_lengths.py")
+    scanner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scanner)
+    assert scanner.unwritten_uniform_reads(sass) == []
 
 
 def test_render_rejects_missing_parameter() -> None:
