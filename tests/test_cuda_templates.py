@@ -6,8 +6,6 @@ import dataclasses
 import importlib.util
 import math
 import re
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -187,11 +185,11 @@ def test_every_template_has_a_render_case() -> None:
 
 @needs_compiler
 @pytest.mark.parametrize(("template", "arch"), TEMPLATE_ARCHS)
-def test_template_compiles(template: str, arch: str) -> None:
+def test_template_compiles(template: str, arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sources = RENDERERS[template]()
     if not arch.startswith("compute_") and template in SASS_CASES:
         sources = [sources[i] for i in SASS_CASES[template]]
-    for source in sources:
+    for index, source in enumerate(sources):
         binary = nvrtc.compile_source(source, arch)
         if arch.startswith("compute_"):
             text = binary.decode()
@@ -199,26 +197,26 @@ def test_template_compiles(template: str, arch: str) -> None:
         else:
             assert binary[:4] == b"\x7fELF"
             if arch == "sm_90a":
-                _assert_no_unwritten_uniform_reads(binary)
+                cubin = tmp_path / f"case{index}.cubin"
+                cubin.write_bytes(binary)
+                _assert_no_unwritten_uniform_reads(cubin, monkeypatch)
 
 
-def _assert_no_unwritten_uniform_reads(cubin: bytes) -> None:
+def _assert_no_unwritten_uniform_reads(cubin: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The sm_90a machine code reads no uniform register that nothing writes: the form of ptxas 12.8's miscompile of a
-    Triton kernel (backward_notes, session 69; ``benchmarks/miscompiled_lengths.py``), checked with Triton's bundled
-    ``cuobjdump`` where it is installed."""
-    triton = pytest.importorskip("triton")
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not cuobjdump.exists():
+    Triton kernel (backward_notes, session 69), by ``benchmarks/miscompiled_lengths.py``'s scan of the SASS that
+    ``benchmarks/sass_loops.py`` disassembles with Triton's bundled ``cuobjdump``, where it is installed."""
+    pytest.importorskip("triton")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import miscompiled_lengths
+    import sass_loops
+
+    try:
+        sass, _ = sass_loops.disassemble(cubin, None)
+    except FileNotFoundError:
         pytest.skip("Triton's bundled cuobjdump is missing")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp, "kernel.cubin")
-        path.write_bytes(cubin)
-        sass = subprocess.run([str(cuobjdump), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
     assert "HGMMA" in sass or "HMMA" in sass or "FFMA" in sass, "cuobjdump printed no machine code"
-    spec = importlib.util.spec_from_file_location("miscompiled_lengths", BENCHMARKS / "miscompiled_lengths.py")
-    scanner = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(scanner)
-    assert scanner.unwritten_uniform_reads(sass) == []
+    assert miscompiled_lengths.unwritten_uniform_reads(sass) == []
 
 
 def test_render_rejects_missing_parameter() -> None:
