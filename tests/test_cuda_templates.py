@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from retention_compile.codegen import choice, cuda_reverse, cuda_state, cuda_state_terms, nvrtc
+from retention_compile.codegen import choice, cuda_query, cuda_reverse, cuda_state, cuda_state_terms, nvrtc
 from retention_compile.codegen.cuda_state import StateKernelConfig, cuda_state_unsupported, state_spec
 from retention_compile.codegen.forward import kernel_spec
 from retention_compile.decode import (
@@ -109,7 +109,21 @@ def _wgmma_state_terms_cases() -> list[str]:
     return sources
 
 
+def _wgmma_query_cases() -> list[str]:
+    """wgmma query sources (sm_90a): gated with packed squares and bf16 y (the op's inference route), ungated with
+    float32 squares and a float32 y (a forward a backward follows), chunks of 256, and the two one-term renders of
+    the GPU check."""
+    cases = [  # (chunk, gated, packed, y float32, parts)
+        (1024, True, True, False, "both"),
+        (1024, False, False, True, "both"),
+        (256, True, False, False, "both"),
+        (1024, False, True, False, "keys"),
+    ]
+    return [cuda_query.render_query_source(c, g, p, y, parts=parts) for c, g, p, y, parts in cases]
+
+
 RENDERERS = {
+    "query_wgmma.cu.j2": _wgmma_query_cases,
     "state_terms_wgmma.cu.j2": _wgmma_state_terms_cases,
     "decode_step.cu.j2": _decode_cases,
     "chunk_state.cu.j2": _state_cases,
@@ -117,11 +131,19 @@ RENDERERS = {
     "reverse_state_wgmma.cu.j2": _wgmma_reverse_cases,
 }
 ARCHS = {  # the others: sm_80, sm_90a, compute_90
+    "query_wgmma.cu.j2": ("sm_90a", "compute_90a"),
     "state_terms_wgmma.cu.j2": ("sm_90a", "compute_90a"),
     "chunk_state_wgmma.cu.j2": ("sm_90a", "compute_90a"),
     "reverse_state_wgmma.cu.j2": ("sm_90a", "compute_90a"),
 }
 PTX_MARKERS = {  # what each template's PTX must contain: its kernels and the instructions it is built around
+    "query_wgmma.cu.j2": (
+        ".entry retention_query",
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16",  # the state term, q M and q K^T, A from registers
+        "wgmma.mma_async.sync.aligned.m64n72k16.f32.bf16.bf16",  # P V with the weight sums in columns 64-71
+        "mul.rn.bf16x2",  # phi(q), rounded once
+        "cp.async.cg.shared.global",
+    ),
     "decode_step.cu.j2": (
         ".entry retention_decode_update",
         ".entry retention_decode_reduce",
@@ -163,7 +185,7 @@ TEMPLATE_ARCHS = [(t, a) for t in sorted(RENDERERS) for a in ARCHS.get(t, ("sm_8
 # Templates whose machine code (ptxas) is built for a subset of their cases, the others' PTX only (compute_*): the
 # state-term sources take about 28 s each through ptxas on the CI's 2-core machine (111 s for the four; two took 181 s
 # on a slow day, 2026-12-04); the gated, valid, coordinate-terms case (the most code) keeps the SASS check.
-SASS_CASES = {"state_terms_wgmma.cu.j2": (1,)}
+SASS_CASES = {"state_terms_wgmma.cu.j2": (1,), "query_wgmma.cu.j2": (0,)}
 
 
 def _have_compiler() -> bool:

@@ -1,0 +1,204 @@
+"""The CUDA query kernel (``codegen/cuda_query.py``) beside the Triton query kernel, on the same chunk states.
+
+For each length and gate setting (b1 h8 d64 bf16 causal, ``bench_forward.inputs``, the planner's Plan and the state
+kernel the op picks) one eager forward runs with its query launch captured; then, on those arguments (the states the
+state kernel left), the Triton query kernel is launched again and the CUDA kernel into fresh outputs. Printed and
+recorded: y and denom of the CUDA kernel against the Triton kernel's (max abs, relative norm), both against the
+float64 oracle at ``--check-lengths`` (chunks of 1024 forced), and per length each query kernel's time
+(``triton.testing.do_bench`` medians, alternated ``--rounds`` times) with the whole forward's (the Triton route) and
+the forward it implies with the CUDA query kernel (forward - Triton query + CUDA query).
+
+    python benchmarks/bench_cuda_query.py [--lengths 65536 16384] [--check-lengths 3000] [--rounds 3] [--commit REV]
+
+Writes ``benchmarks/results/cuda_query_<gpu>_<date>_<commit>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import date
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_forward  # noqa: E402
+from provenance import command_line, git_commit  # noqa: E402
+
+from retention_compile import hardware, planning  # noqa: E402
+from retention_compile.codegen import cuda_query, forward, replays  # noqa: E402
+from retention_compile.codegen.cherries import feature_coordinates, query_coefficients  # noqa: E402
+from retention_compile.reference import _weighted_powers  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def captured_query(run) -> dict:
+    """Run ``run`` (an eager forward) once with its query launch recorded: ``forward._launch``'s arguments."""
+    seen: dict = {}
+    original = forward._launch
+
+    def spy(kernel, grid, kwargs, num_warps, num_stages, maxnreg=None, kept=None, dependent=False):
+        if getattr(kernel, "__name__", "") == "attention_kernel" or "attention_kernel" in repr(kernel):
+            seen.update(
+                kernel=kernel, grid=grid, kwargs=dict(kwargs), warps=num_warps, stages=num_stages, maxnreg=maxnreg
+            )
+        return original(kernel, grid, kwargs, num_warps, num_stages, maxnreg, kept, dependent)
+
+    replays.clear()
+    forward._launch = spy
+    try:
+        run()
+    finally:
+        forward._launch = original
+    torch.cuda.synchronize()
+    if not seen:
+        raise RuntimeError("the forward launched no attention_kernel")
+    return seen
+
+
+def relaunch_triton(seen: dict) -> None:
+    forward._launch(seen["kernel"], seen["grid"], seen["kwargs"], seen["warps"], seen["stages"], seen["maxnreg"])
+
+
+def cuda_outputs(seen: dict) -> dict:
+    """The query arguments with fresh Y and DEN for the CUDA kernel."""
+    kwargs = dict(seen["kwargs"])
+    kwargs["Y"], kwargs["DEN"] = torch.empty_like(kwargs["Y"]), torch.empty_like(kwargs["DEN"])
+    return kwargs
+
+
+def compare(got: torch.Tensor, want: torch.Tensor) -> dict:
+    got, want = got.double(), want.double()
+    return {
+        "max_abs": float((got - want).abs().max()),
+        "rel": float((got - want).norm() / want.norm()),
+        "finite": bool(torch.isfinite(got).all()),
+    }
+
+
+def partial_references(kwargs: dict, chunk_size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """y and denom of each term alone, in float64 from the call's own chunk states and G (the CUDA kernel's renders
+    ``parts="state"`` and ``"keys"``): the chunk-state term exp(G_i - G_b) phi(q_i)^T S_c (denominator q_i^T M_c q_i)
+    in the cherry layout, and the chunk's keys j <= i."""
+    q, k, v = (kwargs[n].double() for n in ("Q", "K", "V"))
+    B, H, T, d = q.shape
+    s2 = float(kwargs["scale"]) ** 2
+    xs, ys = feature_coordinates(d)
+    coef = torch.tensor(query_coefficients(d), dtype=torch.float64, device=q.device)
+    S = kwargs["S_ST"].double().reshape(B, H, -1, len(xs), v.shape[-1])
+    M = kwargs["M_ST"].double().reshape(B, H, -1, d, d)
+    G = kwargs["G"][..., :T].double() if "G" in kwargs else torch.zeros(B, H, T, dtype=torch.float64, device=q.device)
+
+    def zeros(*shape: int) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=torch.float64, device=q.device)
+
+    out = {name: (zeros(B, H, T, v.shape[-1]), zeros(B, H, T)) for name in ("state", "keys")}
+    for c, lo in enumerate(range(0, T, chunk_size)):
+        hi = min(lo + chunk_size, T)
+        qc, gc = q[:, :, lo:hi], G[:, :, lo:hi]
+        decay = torch.exp(gc - (G[:, :, lo - 1 : lo] if lo else 0.0))
+        phi = qc[..., xs] * qc[..., ys] * coef
+        out["state"][0][:, :, lo:hi] = decay[..., None] * (phi @ S[:, :, c])
+        out["state"][1][:, :, lo:hi] = decay * torch.einsum("bhta,bhab,bhtb->bht", qc, M[:, :, c], qc)
+        w = (qc @ k[:, :, lo:hi].transpose(-1, -2)) ** 2 * torch.exp(gc[..., :, None] - gc[..., None, :])
+        w = w * torch.ones(hi - lo, hi - lo, device=q.device).tril()
+        out["keys"][0][:, :, lo:hi] = w @ v[:, :, lo:hi]
+        out["keys"][1][:, :, lo:hi] = w.sum(-1)
+    return {name: (num * s2 / (den * s2 + 1e-6)[..., None], den * s2 + 1e-6) for name, (num, den) in out.items()}
+
+
+def check_against_oracle(T: int, gated: bool) -> dict:
+    """Both query kernels at length T with chunks of 1024 against the float64 oracle (y, denom)."""
+    x = bench_forward.inputs(T, gated)
+    plan = planning.plan(hardware.detect(), T=T, d=64, e=64, deg=2, dtype=torch.bfloat16, gated=gated, batch_heads=8)
+    plan = planning.Plan(**{**plan.__dict__, "chunk_size": 1024})
+    seen = captured_query(bench_forward.ours(x, plan))
+    args = cuda_outputs(seen)
+    why = cuda_query.query_unsupported_reason(args, plan.chunk_size)
+    if why is not None:
+        return {"T": T, "gated": gated, "skipped": why}
+    cuda_query.launch_query(args, plan.chunk_size, packed=True)
+    torch.cuda.synchronize()
+    numerator, want_den = _weighted_powers(
+        x["q"].double(), x["k"].double(), x["v"].double(), 1, 1e-6, scale=64**-0.5, deg=2,
+        log_gate=None if x["gate"] is None else x["gate"].double(), causal=True, valid=None,
+    )  # fmt: skip
+    want_y, want_den = numerator / want_den, want_den.squeeze(-1)
+    parts = {}
+    for name, (part_y, part_den) in partial_references(seen["kwargs"], plan.chunk_size).items():
+        part = cuda_outputs(seen)
+        cuda_query.launch_query(part, plan.chunk_size, packed=True, parts=name)
+        torch.cuda.synchronize()
+        parts[name] = {"y": compare(part["Y"], part_y), "den": compare(part["DEN"], part_den)}
+    return {
+        "T": T,
+        "gated": gated,
+        "parts": parts,
+        "triton_y": compare(seen["kwargs"]["Y"], want_y),
+        "cuda_y": compare(args["Y"], want_y),
+        "triton_den": compare(seen["kwargs"]["DEN"], want_den),
+        "cuda_den": compare(args["DEN"], want_den),
+    }
+
+
+def measure(T: int, gated: bool, rounds: int) -> dict:
+    x = bench_forward.inputs(T, gated)
+    plan = planning.plan(hardware.detect(), T=T, d=64, e=64, deg=2, dtype=torch.bfloat16, gated=gated, batch_heads=8)
+    run = bench_forward.ours(x, plan)
+    seen = captured_query(run)
+    args = cuda_outputs(seen)
+    row: dict = {"T": T, "gated": gated, "chunk_size": plan.chunk_size}
+    why = cuda_query.query_unsupported_reason(args, plan.chunk_size)
+    if why is not None:
+        row["skipped"] = why
+        return row
+    cuda_query.launch_query(args, plan.chunk_size, packed=True)
+    torch.cuda.synchronize()
+    row["y_vs_triton"] = compare(args["Y"], seen["kwargs"]["Y"])
+    row["den_vs_triton"] = compare(args["DEN"], seen["kwargs"]["DEN"])
+    times: dict[str, list[float]] = {"triton_query": [], "cuda_query": [], "forward": []}
+    for _ in range(rounds):
+        times["triton_query"].append(triton.testing.do_bench(lambda: relaunch_triton(seen)))
+        times["cuda_query"].append(
+            triton.testing.do_bench(lambda: cuda_query.launch_query(args, plan.chunk_size, True))
+        )
+        times["forward"].append(triton.testing.do_bench(run))
+    row["ms"] = times
+    med = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+    row["forward_with_cuda_query_ms"] = med["forward"] - med["triton_query"] + med["cuda_query"]
+    print(
+        f"T={T} gated={gated}: triton query {med['triton_query']:.4f} ms, cuda query {med['cuda_query']:.4f} ms, "
+        f"forward {med['forward']:.4f} -> {row['forward_with_cuda_query_ms']:.4f}; y vs triton {row['y_vs_triton']}",
+        flush=True,
+    )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[65536, 16384])
+    parser.add_argument("--check-lengths", type=int, nargs="*", default=[3000])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--commit", default=None)
+    args = parser.parse_args()
+    checks = []
+    for T in args.check_lengths:
+        for gated in (False, True):
+            checks.append(check_against_oracle(T, gated))
+            print("oracle", json.dumps(checks[-1]), flush=True)
+    rows = [measure(T, gated, args.rounds) for T in args.lengths for gated in (False, True)]
+    gpu = torch.cuda.get_device_name().replace(" ", "-")
+    commit = git_commit(args.commit)
+    out = RESULTS / f"cuda_query_{gpu}_{date.today().isoformat()}_{commit}.json"
+    out.write_text(
+        json.dumps({"command": command_line(), "commit": commit, "gpu": gpu, "checks": checks, "rows": rows}, indent=1)
+    )
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()

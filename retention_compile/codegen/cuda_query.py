@@ -1,0 +1,126 @@
+"""The chunked causal forward's query kernel on Hopper's wgmma (``cuda_templates/query_wgmma.cu.j2``).
+
+It takes the Triton query kernel's place for one shape class: deg 2, bf16, d = e = 64, causal self-attention
+(Tq = Tk), chunk states in the cherry layout from the wgmma state kernel, no key validity. Same inputs (the
+``attention`` keyword arguments ``forward.triton_forward`` builds for ``attention_kernel``) and outputs (y, denom).
+
+    render_query_source(chunk_size, gated, packed, y_fp32)   the CUDA source of one shape
+    query_unsupported(spec)                                  why a shape class cannot take it (None: it can)
+    query_unsupported_reason(attention, chunk_size)          why a call cannot
+    launch_query(attention, chunk_size, packed)              run it on the call's tensors
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..reference import EPS
+from . import nvrtc
+from .cherries import cherries, cherry_features, supports_cherries
+from .triton_source import KernelSpec
+
+TEMPLATE = "query_wgmma.cu.j2"
+KERNEL_NAME = "retention_query"
+THREADS = 256
+ROWS = 128  # query rows per program
+STAGES = 4
+MIN_BLOCKS = 1
+STAGE_BYTES = 16384
+
+
+def smem_bytes(chunk_size: int, gated: bool, stages: int = STAGES) -> int:
+    """The kernel's dynamic shared memory: its ``Shared`` (stages, q's rows, M's halves, the ones, the gated key
+    factors; a multiple of 1024 bytes) and 1024 bytes to align it."""
+    shared = stages * STAGE_BYTES + ROWS * 128 + 2 * 64 * 128 + 16 * 64 * 2 + (2 * chunk_size * 4 if gated else 0)
+    return -(-shared // 1024) * 1024 + 1024
+
+
+def render_query_source(
+    chunk_size: int,
+    gated: bool,
+    packed: bool,
+    y_fp32: bool,
+    stages: int = STAGES,
+    min_blocks: int = MIN_BLOCKS,
+    parts: str = "both",
+) -> str:
+    """The CUDA source for chunk size ``chunk_size``, with or without a gate; ``packed``: the unmasked blocks' squares
+    in packed bf16 (a forward no backward follows, ``KernelSpec.packed_squares``); ``y_fp32``: y stored in float32
+    (else bf16); ``parts``: "both", or for a check of one term against its own reference "state" (the chunk-state
+    term alone) or "keys" (the chunk's keys alone)."""
+    if parts not in ("both", "state", "keys"):
+        raise ValueError(f"parts must be 'both', 'state' or 'keys', got {parts!r}")
+    return nvrtc.render(
+        TEMPLATE,
+        chunk_size=chunk_size,
+        gated=gated,
+        packed=packed,
+        y_fp32=y_fp32,
+        cherries=cherries(64),
+        stages=stages,
+        min_blocks=min_blocks,
+        eps=repr(float(EPS)),
+        smem_bytes=smem_bytes(chunk_size, gated, stages),
+        parts=parts,
+    )
+
+
+def query_unsupported(spec: KernelSpec) -> str | None:
+    """Why a call of shape class ``spec`` cannot run this kernel (before the call's tensors are looked at), or None."""
+    checks = (
+        (spec.chunked and spec.causal, "not the chunked causal path"),
+        (spec.cherries and supports_cherries(spec.head_dim), "chunk states not in the cherry layout"),
+        (spec.deg == 2 and spec.dtype == "bfloat16", "deg 2 in bfloat16 only"),
+        (spec.head_dim == 64 and spec.value_dim == 64, "d = e = 64 only"),
+        (not spec.has_valid, "key validity"),
+    )
+    return next((why for ok, why in checks if not ok), None) or query_unsupported_reason(None, spec.chunk_size)
+
+
+def query_unsupported_reason(attention: dict | None, chunk_size: int) -> str | None:
+    """Why the call whose query-kernel arguments are ``attention`` cannot run this kernel, or None (shape-class checks
+    are ``query_unsupported``'s)."""
+    if chunk_size % ROWS:
+        return f"a chunk size that is not a multiple of {ROWS}"
+    if attention is None:
+        return None
+    q, k, v = attention["Q"], attention["K"], attention["V"]
+    checks = (
+        (q.shape[2] == k.shape[2], "Tq != Tk"),
+        (q.shape[3] == 64 and v.shape[3] == 64 and q.dtype == torch.bfloat16, "d = e = 64 in bfloat16 only"),
+        ("VALID" not in attention, "key validity"),
+        (attention.get("ROUNDED_OUT") is not True, "y stored twice (y_out)"),
+        (attention["S_ST"].shape[2] == cherry_features(64), "chunk states not in the cherry layout"),
+        (q.stride(3) == 1 and k.stride(3) == 1 and v.stride(3) == 1, "a head dimension not contiguous"),
+        (nvrtc.tensor_arch(q.device) == "sm_90a", "not a Hopper GPU (sm_90a)"),
+    )
+    return next((why for ok, why in checks if not ok), None)
+
+
+@functools.lru_cache(maxsize=16)
+def _kernel(
+    chunk_size: int, gated: bool, packed: bool, y_fp32: bool, parts: str, device_index: int
+) -> tuple[object, int]:
+    from .cuda_state import load_with_shared_memory
+
+    smem = smem_bytes(chunk_size, gated)
+    source = render_query_source(chunk_size, gated, packed, y_fp32, parts=parts)
+    return load_with_shared_memory(source, KERNEL_NAME, smem, device_index), smem
+
+
+def launch_query(attention: dict, chunk_size: int, packed: bool, parts: str = "both") -> None:
+    """Run the kernel on the query-kernel arguments ``attention`` (y into ``Y``, denom into ``DEN``) with chunks of
+    ``chunk_size``; ``packed``, ``parts``: as ``render_query_source``'s."""
+    q, k, v, y = attention["Q"], attention["K"], attention["V"], attention["Y"]
+    B, Hq, T = q.shape[:3]
+    gated = "G" in attention
+    kernel, smem = _kernel(chunk_size, gated, packed, y.dtype == torch.float32, parts, q.device.index or 0)
+    arguments = (
+        q, k, v, y, attention["DEN"], attention.get("G"), attention["S_ST"], attention["M_ST"],
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), Hq, attention["group"], attention.get("gate_heads", 1), attention.get("stride_g", 0),
+        attention["state_heads"], attention["state_slots"], T, float(attention["scale"]),
+    )  # fmt: skip
+    kernel.launch((-(-T // ROWS), B * Hq, 1), (THREADS, 1, 1), arguments, shared_mem=smem)
