@@ -7,6 +7,7 @@ It takes the Triton query kernel's place for one shape class: deg 2, bf16, d = e
     render_query_source(chunk_size, gated, packed, y_fp32)   the CUDA source of one shape
     query_unsupported(spec)                                  why a shape class cannot take it (None: it can)
     query_unsupported_reason(attention, chunk_size)          why a call cannot
+    query_launch(attention, chunk_size, packed)              its launch (``eager_launch.CudaLaunch``), kept for replays
     launch_query(attention, chunk_size, packed)              run it on the call's tensors
 """
 
@@ -19,6 +20,7 @@ import torch
 from ..reference import EPS
 from . import nvrtc
 from .cherries import cherries, cherry_features, supports_cherries
+from .eager_launch import CudaLaunch
 from .triton_source import KernelSpec
 
 TEMPLATE = "query_wgmma.cu.j2"
@@ -28,6 +30,7 @@ ROWS = 128  # query rows per program
 STAGES = 4
 MIN_BLOCKS = 1
 STAGE_BYTES = 16384
+MAX_CHUNK = 2048  # the gated key factors' table: 16 KB of shared memory
 
 
 def smem_bytes(chunk_size: int, gated: bool, stages: int = STAGES) -> int:
@@ -82,21 +85,29 @@ def query_unsupported(spec: KernelSpec) -> str | None:
 def query_unsupported_reason(attention: dict | None, chunk_size: int) -> str | None:
     """Why the call whose query-kernel arguments are ``attention`` cannot run this kernel, or None (shape-class checks
     are ``query_unsupported``'s)."""
-    if chunk_size % ROWS:
-        return f"a chunk size that is not a multiple of {ROWS}"
+    if chunk_size % ROWS or chunk_size > MAX_CHUNK:
+        return f"a chunk size that is not a multiple of {ROWS} up to {MAX_CHUNK}"
     if attention is None:
         return None
-    q, k, v = attention["Q"], attention["K"], attention["V"]
+    from .cuda_state import has_dense_rows, strides_fit_32_bits
+
+    q, k, v, y = attention["Q"], attention["K"], attention["V"], attention["Y"]
     checks = (
         (q.shape[2] == k.shape[2], "Tq != Tk"),
         (q.shape[3] == 64 and v.shape[3] == 64 and q.dtype == torch.bfloat16, "d = e = 64 in bfloat16 only"),
         ("VALID" not in attention, "key validity"),
         (attention.get("ROUNDED_OUT") is not True, "y stored twice (y_out)"),
+        (y.dtype in (torch.bfloat16, torch.float32) and y.is_contiguous(), "y neither bf16 nor float32, contiguous"),
         (attention["S_ST"].shape[2] == cherry_features(64), "chunk states not in the cherry layout"),
-        (q.stride(3) == 1 and k.stride(3) == 1 and v.stride(3) == 1, "a head dimension not contiguous"),
+        (all(map(has_dense_rows, (q, k, v))), "q, k or v without 16-byte aligned, dense rows"),
+        (strides_fit_32_bits(q, k, v), "strides past 32 bits"),
         (nvrtc.tensor_arch(q.device) == "sm_90a", "not a Hopper GPU (sm_90a)"),
     )
     return next((why for ok, why in checks if not ok), None)
+
+
+# The kernel's tensor parameters by position, named as ``triton_forward`` names the query kernel's arguments.
+TENSORS = ((0, "Q"), (1, "K"), (2, "V"), (3, "Y"), (4, "DEN"), (5, "G"), (6, "S_ST"), (7, "M_ST"))
 
 
 @functools.lru_cache(maxsize=16)
@@ -110,17 +121,25 @@ def _kernel(
     return load_with_shared_memory(source, KERNEL_NAME, smem, device_index), smem
 
 
-def launch_query(attention: dict, chunk_size: int, packed: bool, parts: str = "both") -> None:
-    """Run the kernel on the query-kernel arguments ``attention`` (y into ``Y``, denom into ``DEN``) with chunks of
-    ``chunk_size``; ``packed``, ``parts``: as ``render_query_source``'s."""
+def query_launch(attention: dict, chunk_size: int, packed: bool, parts: str = "both") -> CudaLaunch:
+    """The launch for the query-kernel arguments ``attention`` (y into ``Y``, denom into ``DEN``) with chunks of
+    ``chunk_size``, to call with those tensors (or a later call's of the same layout, by name); ``packed``,
+    ``parts``: as ``render_query_source``'s."""
     q, k, v, y = attention["Q"], attention["K"], attention["V"], attention["Y"]
     B, Hq, T = q.shape[:3]
-    gated = "G" in attention
-    kernel, smem = _kernel(chunk_size, gated, packed, y.dtype == torch.float32, parts, q.device.index or 0)
-    arguments = (
-        q, k, v, y, attention["DEN"], attention.get("G"), attention["S_ST"], attention["M_ST"],
+    gated = attention.get("G") is not None
+    device = q.device.index or 0
+    kernel, smem = _kernel(chunk_size, gated, packed, y.dtype == torch.float32, parts, device)
+    sizes = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), Hq, attention["group"], attention.get("gate_heads", 1), attention.get("stride_g", 0),
         attention["state_heads"], attention["state_slots"], T, float(attention["scale"]),
     )  # fmt: skip
-    kernel.launch((-(-T // ROWS), B * Hq, 1), (THREADS, 1, 1), arguments, shared_mem=smem)
+    tensors = tuple((i, name) for i, name in TENSORS if attention.get(name) is not None)
+    grid = (-(-T // ROWS), B * Hq, 1)
+    return CudaLaunch.of(kernel, grid, (THREADS, 1, 1), smem, device, (None,) * len(TENSORS) + sizes, tensors)
+
+
+def launch_query(attention: dict, chunk_size: int, packed: bool, parts: str = "both") -> None:
+    """Run the kernel on the query-kernel arguments ``attention`` (``query_launch``'s)."""
+    query_launch(attention, chunk_size, packed, parts)(attention)

@@ -145,6 +145,9 @@ DENOMINATOR_BY_DOT_FLOAT32 = False
 # 0.266 ms ungated, 0.300 -> 0.296 gated (lower in 8 of 8 rounds each), T=65536 ungated 0.945 -> 0.938 (8 of 8); gated
 # T=65536 1.032 -> 1.027, within the noise (the state kernel's last round has few idle SMs to give).
 QUERY_BESIDE_STATES = True
+# The chunked causal query kernel on wgmma (``cuda_query``) where a call can take it: off until it is measured faster
+# than the Triton query kernel
+CUDA_QUERY = False
 
 
 @dataclass(frozen=True)
@@ -526,6 +529,13 @@ def triton_forward(
     spec = _with_query_tiles(spec, launch.rows, launch.split)
     if not backward_follows:  # the query kernel's module only: the state kernels are the same
         spec = with_packed_squares(spec)
+    state_module = module
+    if (cuda_launch := _cuda_query_launch(spec, attention)) is not None:
+        cuda_launch(attention)
+        if kept is not None:
+            kept.append(cuda_launch)
+        _keep_replay(replay_key, kept, ((first_spec, state_module),), q is not given_q, y_dtype, buffers, attention)
+        return y, denom
     warps, stages = launch.warps, launch.stages
     # beside the state kernel where the launch goes straight to Triton (the interpreter's launch is ordinary: its wait
     # then finds the counts complete): the shared-memory fit below compiles the kernel this launch then runs
@@ -542,7 +552,6 @@ def triton_forward(
 
     if (limit := device_shared_memory_limit(q.device)) is not None:  # the state kernels ignore block_t
         spec, stages = fit_shared_memory(spec, warps, stages, limit, shared_of, launch_specialization(attention))
-    state_module = module
     module, path = load_forward(spec)
     if is_recording() or spec not in _RECORDED:
         _RECORDED.add(spec)
@@ -551,12 +560,36 @@ def triton_forward(
         module.attention_kernel, grid(spec), attention, warps, stages, launch.max_registers, kept,
         dependent=dependent,
     )  # fmt: skip
+    modules = ((first_spec, state_module), (spec, module))
+    _keep_replay(replay_key, kept, modules, q is not given_q, y_dtype, buffers, attention)
+    return y, denom
+
+
+def _cuda_query_launch(spec: KernelSpec, attention: dict) -> Callable[[dict], None] | None:
+    """The CUDA query kernel's launch for this call (``cuda_query``), where ``CUDA_QUERY`` is on and the call can take
+    it with real tensors (a traced call keeps the Triton kernel, which Inductor places in its code); else None."""
+    from . import cuda_query
+
+    if not CUDA_QUERY or not has_storage(attention["Q"]) or cuda_query.query_unsupported(spec) is not None:
+        return None
+    if cuda_query.query_unsupported_reason(attention, spec.chunk_size) is not None:
+        return None
+    return cuda_query.query_launch(attention, spec.chunk_size, spec.packed_squares)
+
+
+def _keep_replay(
+    key: tuple | None,
+    kept: list | None,
+    modules: tuple,
+    widened: bool,
+    y_dtype: torch.dtype,
+    buffers: dict[str, torch.Tensor],
+    attention: dict,
+) -> None:
+    """Keep the call's launches ``kept`` under ``key`` (``ForwardReplay``) where every one of them can be repeated."""
     if kept is not None and all(step is not None for step in kept):
         aliases = {name: attention[name] for name in ("S_ST", "M_ST") if name in attention}
-        modules = ((first_spec, state_module), (spec, module))
-        widened = q is not given_q
-        replays.keep(replay_key, ForwardReplay.of(modules, widened, y_dtype, buffers, aliases, kept))
-    return y, denom
+        replays.keep(key, ForwardReplay.of(modules, widened, y_dtype, buffers, aliases, kept))
 
 
 @dataclass(frozen=True)
@@ -674,7 +707,7 @@ def launch_tunables() -> tuple:
     return (
         *_tunables(), GATE_SCAN_BLOCK, WIDE_HEAD, WIDE_BLOCK_T, WIDE_STAGES, MIN_BLOCK_E, MAX_CHUNKED_HEAD,
         STATE_WAVES, STATE_WARPS, STATE_STAGES, CHUNK_QUERY_WARPS, SCAN_WARPS, SCAN_BLOCK, NARROW_QUERY_LAUNCH, CONFIG,
-        QUERY_BESIDE_STATES,
+        QUERY_BESIDE_STATES, CUDA_QUERY,
     )  # fmt: skip
 
 

@@ -1,0 +1,115 @@
+"""The wgmma query kernel (``codegen/cuda_query.py``) on the op's route, against the float64 oracle and against the
+Triton query kernel on the same states. Hopper only (sm_90a)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from retention_compile.codegen import cuda_query, cuda_state, forward, nvrtc, replays
+from retention_compile.planning import Plan
+from retention_compile.reference import power_retention_reference
+
+pytestmark = pytest.mark.gpu
+DEVICE = "cuda"
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and nvrtc.tensor_arch(torch.device(DEVICE)) == "sm_90a"
+
+
+needs_hopper = pytest.mark.skipif(not _hopper(), reason="the wgmma query kernel needs sm_90a")
+
+# (name, B, Hq, Hk, T, chunk, gate heads (0: none), magnitude)
+CASES = [
+    ("short_tail", 1, 2, 2, 129, 128, 0, 1.0),
+    ("gated_tails", 2, 2, 2, 1000, 256, 2, 1.0),
+    ("gqa_gate_per_query_head", 1, 4, 1, 3000, 1024, 4, 1.0),
+    ("gated_gqa", 1, 4, 2, 2500, 512, 2, 1.0),
+    ("one_warpgroup_of_rows", 1, 2, 2, 1024 + 30, 1024, 2, 1.0),
+    ("large_inputs", 1, 2, 2, 700, 256, 2, 100.0),
+]
+
+
+def _inputs(case: tuple, seed: int = 0) -> dict:
+    _, B, Hq, Hk, T, chunk, gate_heads, magnitude = case
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def randn(heads: int) -> torch.Tensor:
+        return (magnitude * torch.randn(B, heads, T, 64, generator=g, device=DEVICE)).to(torch.bfloat16)
+
+    q, k, v = randn(Hq), randn(Hk), randn(Hk)
+    log_gate = None
+    if gate_heads:
+        log_gate = -0.05 * torch.rand(B, gate_heads, T, generator=g, device=DEVICE)
+        log_gate[:, 0] = 0.0  # one head never decays
+    plan = Plan(chunk_size=chunk, block_t=64, block_feature=16, block_e=64, num_warps=4, num_stages=2)
+    return {"q": q, "k": k, "v": v, "log_gate": log_gate, "plan": plan}
+
+
+def _forward(x: dict, monkeypatch, cuda: bool, **options) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """y and denom through ``triton_forward`` with the CUDA state kernel, and the CUDA query kernel where ``cuda``;
+    with the number of CUDA query launches the call made."""
+    launches = []
+    original = cuda_query.query_launch
+
+    def counted(*args, **kwargs):
+        launches.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(forward, "CUDA_QUERY", cuda)
+    monkeypatch.setattr(cuda_query, "query_launch", counted)
+    replays.clear()
+    y, den = forward.triton_forward(
+        x["q"], x["k"], x["v"], scale=0.125, deg=2, log_gate=x["log_gate"], causal=True, valid=None, plan=x["plan"],
+        state_kernel=cuda_state.CudaStateHook(), **options,
+    )  # fmt: skip
+    return y, den, len(launches)
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    assert torch.isfinite(x).all(), "non-finite values (an unwritten element?)"
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("y_dtype", [torch.bfloat16, torch.float32], ids=["inference", "float32_y"])
+def test_matches_the_oracle_and_the_triton_query_kernel(case: tuple, y_dtype: torch.dtype, monkeypatch) -> None:
+    x = _inputs(case)
+    options = {"y_dtype": y_dtype} if y_dtype != torch.float32 else {"for_backward": True}
+    y, den, launched = _forward(x, monkeypatch, True, **options)
+    assert launched == 1, "the call did not take the CUDA query kernel"
+    y_triton, den_triton, triton_launched = _forward(x, monkeypatch, False, **options)
+    assert triton_launched == 0
+    gate = None if x["log_gate"] is None else x["log_gate"].double()
+    want = power_retention_reference(
+        x["q"].double(), x["k"].double(), x["v"].double(), scale=0.125, deg=2, log_gate=gate, causal=True
+    )
+    assert y.dtype == y_dtype
+    assert _rel(y, want) <= 1e-2
+    # the same states and the same rounding points: as close to the Triton kernel as to the oracle, or closer
+    assert _rel(y, y_triton) <= max(1e-2, 2 * _rel(y_triton, want))
+    assert _rel(den, den_triton) <= 1e-2
+
+
+@needs_hopper
+def test_replayed_calls_take_the_cuda_launch(monkeypatch) -> None:
+    """A kept eager call repeats the CUDA query launch on the next call's tensors (fresh inputs, same shapes)."""
+    x = _inputs(CASES[2])
+    y_first, _, launched = _forward(x, monkeypatch, True, y_dtype=torch.bfloat16)
+    assert launched == 1
+    fresh = _inputs(CASES[2], seed=1)
+    y_replayed, _ = forward.triton_forward(
+        fresh["q"], fresh["k"], fresh["v"], scale=0.125, deg=2, log_gate=fresh["log_gate"], causal=True, valid=None,
+        plan=fresh["plan"], state_kernel=cuda_state.CudaStateHook(), y_dtype=torch.bfloat16,
+    )  # fmt: skip
+    monkeypatch.setattr(forward, "CUDA_QUERY", False)
+    replays.clear()
+    y_direct, _ = forward.triton_forward(
+        fresh["q"], fresh["k"], fresh["v"], scale=0.125, deg=2, log_gate=fresh["log_gate"], causal=True, valid=None,
+        plan=fresh["plan"], state_kernel=cuda_state.CudaStateHook(), y_dtype=torch.bfloat16,
+    )  # fmt: skip
+    assert not torch.equal(y_first, y_replayed)
+    assert _rel(y_replayed, y_direct) <= 1e-2
