@@ -145,7 +145,19 @@ def check_against_oracle(T: int, gated: bool) -> dict:
     }
 
 
-def measure(T: int, gated: bool, rounds: int) -> dict:
+def configured_launch(args: dict, chunk_size: int, config: str):
+    """The CUDA query launch with ``config`` = "<programs per SM>x<stages>" (registers capped for that many programs
+    per SM, that many copy stages)."""
+    blocks, stages = (int(n) for n in config.split("x"))
+    saved = cuda_query.MIN_BLOCKS, cuda_query.STAGES
+    cuda_query.MIN_BLOCKS, cuda_query.STAGES = blocks, stages
+    try:
+        return cuda_query.query_launch(args, chunk_size, True)
+    finally:
+        cuda_query.MIN_BLOCKS, cuda_query.STAGES = saved
+
+
+def measure(T: int, gated: bool, rounds: int, configs: list[str]) -> dict:
     x = bench_forward.inputs(T, gated)
     plan = planning.plan(hardware.detect(), T=T, d=64, e=64, deg=2, dtype=torch.bfloat16, gated=gated, batch_heads=8)
     run = bench_forward.ours(x, plan)
@@ -170,9 +182,14 @@ def measure(T: int, gated: bool, rounds: int) -> dict:
         finally:
             forward.CUDA_QUERY = False
 
+    variants = {config: configured_launch(args, plan.chunk_size, config) for config in configs}
+    for name in variants:
+        times[f"cuda_query_{name}"] = []
     for _ in range(rounds):
         times["triton_query"].append(triton.testing.do_bench(lambda: relaunch_triton(seen)))
         times["cuda_query"].append(triton.testing.do_bench(lambda: launch(args)))
+        for name, variant in variants.items():
+            times[f"cuda_query_{name}"].append(triton.testing.do_bench(lambda variant=variant: variant(args)))
         times["forward"].append(forward_with(False))
         times["forward_cuda_query"].append(forward_with(True))
     row["ms"] = times
@@ -181,7 +198,8 @@ def measure(T: int, gated: bool, rounds: int) -> dict:
     print(
         f"T={T} gated={gated}: triton query {med['triton_query']:.4f} ms, cuda query {med['cuda_query']:.4f} ms, "
         f"forward {med['forward']:.4f}, with the cuda query kernel {med['forward_cuda_query']:.4f} (implied "
-        f"{row['forward_with_cuda_query_ms']:.4f}); y vs triton {row['y_vs_triton']}",
+        f"{row['forward_with_cuda_query_ms']:.4f}); y vs triton {row['y_vs_triton']}; "
+        + ", ".join(f"{name} {ms:.4f}" for name, ms in med.items() if name.startswith("cuda_query_")),
         flush=True,
     )
     return row
@@ -193,13 +211,16 @@ def main() -> None:
     parser.add_argument("--check-lengths", type=int, nargs="*", default=[3000])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--commit", default=None)
+    parser.add_argument(
+        "--configs", nargs="*", default=[], help="more CUDA launches timed, as 2x3: programs per SM x stages"
+    )
     args = parser.parse_args()
     checks = []
     for T in args.check_lengths:
         for gated in (False, True):
             checks.append(check_against_oracle(T, gated))
             print("oracle", json.dumps(checks[-1]), flush=True)
-    rows = [measure(T, gated, args.rounds) for T in args.lengths for gated in (False, True)]
+    rows = [measure(T, gated, args.rounds, args.configs) for T in args.lengths for gated in (False, True)]
     gpu = torch.cuda.get_device_name().replace(" ", "-")
     commit = git_commit(args.commit)
     out = RESULTS / f"cuda_query_{gpu}_{date.today().isoformat()}_{commit}.json"

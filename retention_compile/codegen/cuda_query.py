@@ -27,13 +27,13 @@ TEMPLATE = "query_wgmma.cu.j2"
 KERNEL_NAME = "retention_query"
 THREADS = 256
 ROWS = 128  # query rows per program
-STAGES = 4
-MIN_BLOCKS = 1
+STAGES = 4  # copy stages of 16 KB (benchmarks and tests may set it, and MIN_BLOCKS, before a launch)
+MIN_BLOCKS = 1  # programs per SM the registers are capped for
 STAGE_BYTES = 16384
 MAX_CHUNK = 2048  # the gated key factors' table: 16 KB of shared memory
 
 
-def smem_bytes(chunk_size: int, gated: bool, stages: int = STAGES) -> int:
+def smem_bytes(chunk_size: int, gated: bool, stages: int) -> int:
     """The kernel's dynamic shared memory: its ``Shared`` (stages, q's rows, M's halves, the ones, the gated key
     factors; a multiple of 1024 bytes) and 1024 bytes to align it."""
     shared = stages * STAGE_BYTES + ROWS * 128 + 2 * 64 * 128 + 16 * 64 * 2 + (2 * chunk_size * 4 if gated else 0)
@@ -45,14 +45,17 @@ def render_query_source(
     gated: bool,
     packed: bool,
     y_fp32: bool,
-    stages: int = STAGES,
-    min_blocks: int = MIN_BLOCKS,
+    stages: int | None = None,
+    min_blocks: int | None = None,
     parts: str = "both",
 ) -> str:
-    """The CUDA source for chunk size ``chunk_size``, with or without a gate; ``packed``: the unmasked blocks' squares
+    """The CUDA source for chunk size ``chunk_size``, with or without a gate. ``packed``: the unmasked blocks' squares
     in packed bf16 (a forward no backward follows, ``KernelSpec.packed_squares``); ``y_fp32``: y stored in float32
-    (else bf16); ``parts``: "both", or for a check of one term against its own reference "state" (the chunk-state
-    term alone) or "keys" (the chunk's keys alone)."""
+    (else bf16); ``stages``, ``min_blocks``: the copy stages and the programs per SM the registers are capped for
+    (default ``STAGES``, ``MIN_BLOCKS``); ``parts``: "both", or for a check of one term against its own reference
+    "state" (the chunk-state term alone) or "keys" (the chunk's keys alone)."""
+    stages = STAGES if stages is None else stages
+    min_blocks = MIN_BLOCKS if min_blocks is None else min_blocks
     if parts not in ("both", "state", "keys"):
         raise ValueError(f"parts must be 'both', 'state' or 'keys', got {parts!r}")
     return nvrtc.render(
@@ -112,13 +115,13 @@ TENSORS = ((0, "Q"), (1, "K"), (2, "V"), (3, "Y"), (4, "DEN"), (5, "G"), (6, "S_
 
 @functools.lru_cache(maxsize=16)
 def _kernel(
-    chunk_size: int, gated: bool, packed: bool, y_fp32: bool, parts: str, device_index: int
+    chunk_size: int, gated: bool, packed: bool, y_fp32: bool, parts: str, stages: int, min_blocks: int, device: int
 ) -> tuple[object, int]:
     from .cuda_state import load_with_shared_memory
 
-    smem = smem_bytes(chunk_size, gated)
-    source = render_query_source(chunk_size, gated, packed, y_fp32, parts=parts)
-    return load_with_shared_memory(source, KERNEL_NAME, smem, device_index), smem
+    smem = smem_bytes(chunk_size, gated, stages)
+    source = render_query_source(chunk_size, gated, packed, y_fp32, stages, min_blocks, parts)
+    return load_with_shared_memory(source, KERNEL_NAME, smem, device), smem
 
 
 def query_launch(attention: dict, chunk_size: int, packed: bool, parts: str = "both") -> CudaLaunch:
@@ -129,7 +132,8 @@ def query_launch(attention: dict, chunk_size: int, packed: bool, parts: str = "b
     B, Hq, T = q.shape[:3]
     gated = attention.get("G") is not None
     device = q.device.index or 0
-    kernel, smem = _kernel(chunk_size, gated, packed, y.dtype == torch.float32, parts, device)
+    y_fp32 = y.dtype == torch.float32
+    kernel, smem = _kernel(chunk_size, gated, packed, y_fp32, parts, STAGES, MIN_BLOCKS, device)
     sizes = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), Hq, attention["group"], attention.get("gate_heads", 1), attention.get("stride_g", 0),
