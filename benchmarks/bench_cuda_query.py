@@ -116,7 +116,7 @@ def check_against_oracle(T: int, gated: bool) -> dict:
     x = bench_forward.inputs(T, gated)
     plan = planning.plan(hardware.detect(), T=T, d=64, e=64, deg=2, dtype=torch.bfloat16, gated=gated, batch_heads=8)
     plan = planning.Plan(**{**plan.__dict__, "chunk_size": 1024})
-    seen = captured_query(bench_forward.ours(x, plan))
+    seen = captured_query(bench_forward.ours(x, plan, codegen="cuda"))
     args = cuda_outputs(seen)
     why = cuda_query.query_unsupported_reason(args, plan.chunk_size)
     if why is not None:
@@ -160,7 +160,7 @@ def configured_launch(args: dict, chunk_size: int, config: str):
 def measure(T: int, gated: bool, rounds: int, configs: list[str]) -> dict:
     x = bench_forward.inputs(T, gated)
     plan = planning.plan(hardware.detect(), T=T, d=64, e=64, deg=2, dtype=torch.bfloat16, gated=gated, batch_heads=8)
-    run = bench_forward.ours(x, plan)
+    run = bench_forward.ours(x, plan, codegen="cuda")
     seen = captured_query(run)
     args = cuda_outputs(seen)
     row: dict = {"T": T, "gated": gated, "chunk_size": plan.chunk_size}
