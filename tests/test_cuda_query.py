@@ -1,0 +1,62 @@
+"""Which calls the wgmma query kernel (``codegen/cuda_query.py``) takes, checked without a GPU; its source compiles in
+``test_cuda_templates.py`` and runs in ``tests/gpu/test_cuda_query.py``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from retention_compile.codegen import cuda_query, forward
+from retention_compile.planning import Plan
+
+PLAN = Plan(chunk_size=1024, block_t=128, block_feature=16, block_e=64, num_warps=4, num_stages=3)
+
+
+def _spec(d: int = 64, e: int = 64, dtype=torch.bfloat16, gated=True, valid=False, causal=True, cherries=True):
+    q, v = torch.empty(1, 1, 1, d, dtype=dtype), torch.empty(1, 1, 1, e, dtype=dtype)
+    spec = forward.kernel_spec(q, v, 2, gated, valid, causal, 65536, PLAN)
+    return dataclasses.replace(spec, cherries=cherries)
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({}, None),
+        ({"gated": False}, None),
+        ({"valid": True}, "key validity"),
+        ({"causal": False}, "not the chunked causal path"),
+        ({"cherries": False}, "chunk states not in the cherry layout"),
+        ({"dtype": torch.float16}, "deg 2 in bfloat16 only"),
+        ({"e": 128}, "d = e = 64 only"),
+    ],
+)
+def test_shape_classes_it_takes(changes: dict, reason: str | None) -> None:
+    assert cuda_query.query_unsupported(_spec(**changes)) == reason
+
+
+def test_chunk_sizes_it_takes() -> None:
+    assert cuda_query.query_unsupported_reason(None, 1024) is None
+    assert cuda_query.query_unsupported_reason(None, 2048) is None
+    assert "multiple of 128" in cuda_query.query_unsupported_reason(None, 192)
+    assert "up to 2048" in cuda_query.query_unsupported_reason(None, 4096)
+
+
+def test_calls_off_hopper_keep_the_triton_kernel(monkeypatch) -> None:
+    """On a CPU tensor (no sm_90a) the route stays Triton's even with the flag on, and with the flag off always."""
+    q = torch.zeros(1, 2, 256, 64, dtype=torch.bfloat16)
+    attention = {"Q": q, "K": q, "V": q, "Y": torch.empty_like(q), "S_ST": torch.empty(1, 1, 2304, 64)}
+    assert cuda_query.query_unsupported_reason(attention, 1024) == "not a Hopper GPU (sm_90a)"
+    monkeypatch.setattr(forward, "CUDA_QUERY", True)
+    assert forward._cuda_query_launch(_spec(), attention) is None
+    monkeypatch.setattr(forward, "CUDA_QUERY", False)
+    assert forward._cuda_query_launch(_spec(), attention) is None
+
+
+def test_shared_memory_fits_a_hopper_sm() -> None:
+    """Every launch shape the bench tries fits the 227 KB an H100 or H200 block may take, two programs per SM too."""
+    for stages in (3, 4):
+        for gated in (False, True):
+            assert cuda_query.smem_bytes(1024, gated, stages) * 2 <= 227 * 1024
+    assert cuda_query.smem_bytes(2048, True, 4) <= 227 * 1024
