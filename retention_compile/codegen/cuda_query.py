@@ -40,6 +40,7 @@ def smem_bytes(chunk_size: int, gated: bool, stages: int) -> int:
     return -(-shared // 1024) * 1024 + 1024
 
 
+@functools.lru_cache(maxsize=64)
 def render_query_source(
     chunk_size: int,
     gated: bool,
@@ -147,3 +148,14 @@ def query_launch(attention: dict, chunk_size: int, packed: bool, parts: str = "b
 def launch_query(attention: dict, chunk_size: int, packed: bool, parts: str = "both") -> None:
     """Run the kernel on the query-kernel arguments ``attention`` (``query_launch``'s)."""
     query_launch(attention, chunk_size, packed, parts)(attention)
+
+
+def record_query_source(spec: KernelSpec, attention: dict) -> None:
+    """Register the source a call with these query-kernel arguments runs with the inspection (``inspect_kernels``,
+    ``cuda_state.record_cuda_source``)."""
+    from .cuda_state import record_cuda_source
+
+    q, y = attention["Q"], attention["Y"]
+    source = render_query_source(spec.chunk_size, spec.gated, spec.packed_squares, y.dtype == torch.float32)
+    shapes = {"q_shape": q.shape, "k_shape": attention["K"].shape, "v_shape": attention["V"].shape}
+    record_cuda_source("power_retention_query", source, spec, shapes, "chunked, CUDA query kernel", "sm_90a")

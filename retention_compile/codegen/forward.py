@@ -574,6 +574,7 @@ def _cuda_query_launch(spec: KernelSpec, attention: dict) -> Callable[[dict], No
         return None
     if cuda_query.query_unsupported_reason(attention, spec.chunk_size) is not None:
         return None
+    cuda_query.record_query_source(spec, attention)
     return cuda_query.query_launch(attention, spec.chunk_size, spec.packed_squares)
 
 
