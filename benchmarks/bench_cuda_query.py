@@ -16,6 +16,7 @@ Writes ``benchmarks/results/cuda_query_<gpu>_<date>_<commit>.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from datetime import date
@@ -115,7 +116,7 @@ def check_against_oracle(T: int, gated: bool) -> dict:
     """Both query kernels at length T with chunks of 1024 against the float64 oracle (y, denom)."""
     x = bench_forward.inputs(T, gated)
     plan = planning.plan(hardware.detect(), T=T, d=64, e=64, deg=2, dtype=torch.bfloat16, gated=gated, batch_heads=8)
-    plan = planning.Plan(**{**plan.__dict__, "chunk_size": 1024})
+    plan = dataclasses.replace(plan, chunk_size=1024)
     seen = captured_query(bench_forward.ours(x, plan, codegen="cuda"))
     args = cuda_outputs(seen)
     why = cuda_query.query_unsupported_reason(args, plan.chunk_size)
