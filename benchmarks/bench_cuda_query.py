@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import triton
+from torch._library.triton import set_wrap_triton_enabled
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_forward  # noqa: E402
@@ -62,7 +63,28 @@ def captured_query(run) -> dict:
 
 
 def relaunch_triton(seen: dict) -> None:
-    forward._launch(seen["kernel"], seen["grid"], seen["kwargs"], seen["warps"], seen["stages"], seen["maxnreg"])
+    """The captured query launch again, straight to Triton (as the op's eager body launches it)."""
+    with set_wrap_triton_enabled(False):
+        forward._launch(seen["kernel"], seen["grid"], seen["kwargs"], seen["warps"], seen["stages"], seen["maxnreg"])
+
+
+def takes_the_cuda_route(run) -> bool:
+    """Whether ``run`` (an eager forward, no call of it kept) launches the CUDA query kernel with ``CUDA_QUERY`` on."""
+    calls = []
+    original = cuda_query.query_launch
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    replays.clear()
+    forward.CUDA_QUERY, cuda_query.query_launch = True, counted
+    try:
+        run()
+    finally:
+        forward.CUDA_QUERY, cuda_query.query_launch = False, original
+    replays.clear()
+    return bool(calls)
 
 
 def cuda_outputs(seen: dict) -> dict:
@@ -104,7 +126,7 @@ def partial_references(kwargs: dict, chunk_size: int) -> dict[str, tuple[torch.T
         decay = torch.exp(gc - (G[:, :, lo - 1 : lo] if lo else 0.0))
         phi = qc[..., xs] * qc[..., ys] * coef
         out["state"][0][:, :, lo:hi] = decay[..., None] * (phi @ S[:, :, c])
-        out["state"][1][:, :, lo:hi] = decay * torch.einsum("bhta,bhab,bhtb->bht", qc, M[:, :, c], qc)
+        out["state"][1][:, :, lo:hi] = decay * torch.einsum("zhta,zhac,zhtc->zht", qc, M[:, :, c], qc)
         w = (qc @ k[:, :, lo:hi].transpose(-1, -2)) ** 2 * torch.exp(gc[..., :, None] - gc[..., None, :])
         w = w * torch.ones(hi - lo, hi - lo, device=q.device).tril()
         out["keys"][0][:, :, lo:hi] = w @ v[:, :, lo:hi]
@@ -171,6 +193,7 @@ def measure(T: int, gated: bool, rounds: int, configs: list[str]) -> dict:
         return row
     cuda_query.launch_query(args, plan.chunk_size, packed=True)
     torch.cuda.synchronize()
+    row["forward_takes_the_cuda_route"] = takes_the_cuda_route(run)
     row["y_vs_triton"] = compare(args["Y"], seen["kwargs"]["Y"])
     row["den_vs_triton"] = compare(args["DEN"], seen["kwargs"]["DEN"])
     times: dict[str, list[float]] = {"triton_query": [], "cuda_query": [], "forward": [], "forward_cuda_query": []}

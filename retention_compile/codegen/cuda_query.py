@@ -93,6 +93,8 @@ def query_unsupported_reason(attention: dict | None, chunk_size: int) -> str | N
         return f"a chunk size that is not a multiple of {ROWS} up to {MAX_CHUNK}"
     if attention is None:
         return None
+    if "S_ST" not in attention:
+        return "not the chunked path"
     from .cuda_state import has_dense_rows, strides_fit_32_bits
 
     q, k, v, y = attention["Q"], attention["K"], attention["V"], attention["Y"]

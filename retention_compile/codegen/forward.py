@@ -703,12 +703,13 @@ def kept_call(
 def launch_tunables() -> tuple:
     """The module constants that a call's shape class, launches and buffers read (benchmarks and tests set some of
     them): part of a kept call's key."""
+    from . import cuda_query
     from .cuda_state import CONFIG
 
     return (
         *_tunables(), GATE_SCAN_BLOCK, WIDE_HEAD, WIDE_BLOCK_T, WIDE_STAGES, MIN_BLOCK_E, MAX_CHUNKED_HEAD,
         STATE_WAVES, STATE_WARPS, STATE_STAGES, CHUNK_QUERY_WARPS, SCAN_WARPS, SCAN_BLOCK, NARROW_QUERY_LAUNCH, CONFIG,
-        QUERY_BESIDE_STATES, CUDA_QUERY,
+        QUERY_BESIDE_STATES, CUDA_QUERY, cuda_query.STAGES, cuda_query.MIN_BLOCKS,
     )  # fmt: skip
 
 
