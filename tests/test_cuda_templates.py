@@ -111,8 +111,8 @@ def _wgmma_state_terms_cases() -> list[str]:
 
 def _wgmma_query_cases() -> list[str]:
     """wgmma query sources (sm_90a): gated with packed squares and bf16 y (the op's inference route), ungated with
-    float32 squares and a float32 y (a forward a backward follows), chunks of 256, and the two one-term renders of
-    the GPU check."""
+    float32 squares and a float32 y (a forward a backward follows), chunks of 256, and the keys-alone render of the
+    GPU check."""
     cases = [  # (chunk, gated, packed, y float32, parts)
         (1024, True, True, False, "both"),
         (1024, False, False, True, "both"),
