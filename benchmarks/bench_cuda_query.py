@@ -9,6 +9,7 @@ float64 oracle at ``--check-lengths`` (chunks of 1024 forced), and per length ea
 the forward it implies with the CUDA query kernel (forward - Triton query + CUDA query).
 
     python benchmarks/bench_cuda_query.py [--lengths 65536 16384] [--check-lengths 3000] [--rounds 3] [--commit REV]
+        [--configs 2x4 2x3] [--chunks 0 512]
 
 Writes ``benchmarks/results/cuda_query_<gpu>_<date>_<commit>.json``.
 """
@@ -180,9 +181,13 @@ def configured_launch(args: dict, chunk_size: int, config: str):
         cuda_query.MIN_BLOCKS, cuda_query.STAGES = saved
 
 
-def measure(T: int, gated: bool, rounds: int, configs: list[str]) -> dict:
+def measure(T: int, gated: bool, rounds: int, configs: list[str], chunk_size: int = 0) -> dict:
+    """One length and gate setting with the planner's chunk (``chunk_size`` 0) or that chunk size."""
     x = bench_forward.inputs(T, gated)
-    plan = planning.plan(hardware.detect(), T=T, d=64, e=64, deg=2, dtype=torch.bfloat16, gated=gated, batch_heads=8)
+    plan = planning.plan(
+        hardware.detect(), T=T, d=64, e=64, deg=2, dtype=torch.bfloat16, gated=gated, batch_heads=8,
+        chunk_size=chunk_size,
+    )  # fmt: skip
     run = bench_forward.ours(x, plan, codegen="cuda")
     seen = captured_query(run)
     args = cuda_outputs(seen)
@@ -220,7 +225,8 @@ def measure(T: int, gated: bool, rounds: int, configs: list[str]) -> dict:
     med = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
     row["forward_with_cuda_query_ms"] = med["forward"] - med["triton_query"] + med["cuda_query"]
     print(
-        f"T={T} gated={gated}: triton query {med['triton_query']:.4f} ms, cuda query {med['cuda_query']:.4f} ms, "
+        f"T={T} gated={gated} chunk={plan.chunk_size}: triton query {med['triton_query']:.4f} ms, "
+        f"cuda query {med['cuda_query']:.4f} ms, "
         f"forward {med['forward']:.4f}, with the cuda query kernel {med['forward_cuda_query']:.4f} (implied "
         f"{row['forward_with_cuda_query_ms']:.4f}); y vs triton {row['y_vs_triton']}; "
         + ", ".join(f"{name} {ms:.4f}" for name, ms in med.items() if name.startswith("cuda_query_")),
@@ -236,6 +242,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--commit", default=None)
     parser.add_argument(
+        "--chunks", type=int, nargs="*", default=[0], help="chunk sizes to time (0: the planner's), default 0"
+    )
+    parser.add_argument(
         "--configs", nargs="*", default=[], help="more CUDA launches timed, as 2x3: programs per SM x stages"
     )
     args = parser.parse_args()
@@ -244,7 +253,12 @@ def main() -> None:
         for gated in (False, True):
             checks.append(check_against_oracle(T, gated))
             print("oracle", json.dumps(checks[-1]), flush=True)
-    rows = [measure(T, gated, args.rounds, args.configs) for T in args.lengths for gated in (False, True)]
+    rows = [
+        measure(T, gated, args.rounds, args.configs, chunk)
+        for T in args.lengths
+        for chunk in args.chunks
+        for gated in (False, True)
+    ]
     gpu = torch.cuda.get_device_name().replace(" ", "-")
     commit = git_commit(args.commit)
     out = RESULTS / f"cuda_query_{gpu}_{date.today().isoformat()}_{commit}.json"

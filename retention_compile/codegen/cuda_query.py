@@ -28,15 +28,16 @@ KERNEL_NAME = "retention_query"
 THREADS = 256
 ROWS = 128  # query rows per program
 STAGES = 4  # copy stages of 16 KB (benchmarks and tests may set it, and MIN_BLOCKS, before a launch)
-MIN_BLOCKS = 1  # programs per SM the registers are capped for
+MIN_BLOCKS = 2  # programs per SM the registers are capped for
 STAGE_BYTES = 16384
 MAX_CHUNK = 2048  # the gated key factors' table: 16 KB of shared memory
 
 
 def smem_bytes(chunk_size: int, gated: bool, stages: int) -> int:
-    """The kernel's dynamic shared memory: its ``Shared`` (stages, q's rows, M's halves, the ones, the gated key
-    factors; a multiple of 1024 bytes) and 1024 bytes to align it."""
-    shared = stages * STAGE_BYTES + ROWS * 128 + 2 * 64 * 128 + 16 * 64 * 2 + (2 * chunk_size * 4 if gated else 0)
+    """The kernel's dynamic shared memory: its ``Shared`` (stages, q's rows, M's halves, the ones, q^T M q per row, the
+    gated key factors; a multiple of 1024 bytes) and 1024 bytes to align it."""
+    rows = ROWS * 128 + ROWS * 4  # q's rows, q^T M q
+    shared = stages * STAGE_BYTES + rows + 2 * 64 * 128 + 16 * 64 * 2 + (2 * chunk_size * 4 if gated else 0)
     return -(-shared // 1024) * 1024 + 1024
 
 
