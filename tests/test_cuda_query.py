@@ -60,3 +60,23 @@ def test_shared_memory_fits_a_hopper_sm() -> None:
         for gated in (False, True):
             assert cuda_query.smem_bytes(1024, gated, stages) * 2 <= 227 * 1024
     assert cuda_query.smem_bytes(2048, True, 4) <= 227 * 1024
+
+
+def test_custom_op_fake_shapes() -> None:
+    """The custom op's fake implementation gives torch.compile y (B, Hq, T, 64) in the asked dtype and denom float32,
+    whatever the states' and the gate's shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def fake(*shape: int, dtype=torch.bfloat16) -> torch.Tensor:
+        return torch.empty(*shape, dtype=dtype, device="cuda")
+
+    with FakeTensorMode():
+        q, kv = fake(2, 4, 300, 64), fake(2, 2, 300, 64)
+        g = fake(2, 2, 304, dtype=torch.float32)
+        s, m = fake(4, 3, 2304, 64), fake(4, 3, 64, 64, dtype=torch.float32)
+        for y_dtype in (torch.bfloat16, torch.float32):
+            y, den = torch.ops.retention_compile.cuda_query(q, kv, kv, g, s, m, 0.125, 128, True, y_dtype)
+            assert (y.shape, y.dtype, y.device.type) == ((2, 4, 300, 64), y_dtype, "cuda")
+            assert (den.shape, den.dtype) == ((2, 4, 300), torch.float32)
+        y, _ = torch.ops.retention_compile.cuda_query(q, kv, kv, None, s, m, 0.125, 128, False, torch.bfloat16)
+        assert y.shape == (2, 4, 300, 64)

@@ -9,6 +9,7 @@ It takes the Triton query kernel's place for one shape class: deg 2, bf16, d = e
     query_unsupported_reason(attention, chunk_size)          why a call cannot
     query_launch(attention, chunk_size, packed)              its launch (``eager_launch.CudaLaunch``), kept for replays
     launch_query(attention, chunk_size, packed)              run it on the call's tensors
+    cuda_query_op(q, k, v, g, s_st, m_st, ...)               the same as a custom op (traced calls), returning y, denom
 """
 
 from __future__ import annotations
@@ -97,18 +98,20 @@ def query_unsupported_reason(attention: dict | None, chunk_size: int) -> str | N
     if "S_ST" not in attention:
         return "not the chunked path"
     from .cuda_state import has_dense_rows, strides_fit_32_bits
+    from .fitting import has_storage
 
     q, k, v, y = attention["Q"], attention["K"], attention["V"], attention["Y"]
     checks = (
         (q.shape[2] == k.shape[2], "Tq != Tk"),
         (q.shape[3] == 64 and v.shape[3] == 64 and q.dtype == torch.bfloat16, "d = e = 64 in bfloat16 only"),
-        ("VALID" not in attention, "key validity"),
+        (attention.get("VALID") is None, "key validity"),
         (attention.get("ROUNDED_OUT") is not True, "y stored twice (y_out)"),
         (y.dtype in (torch.bfloat16, torch.float32) and y.is_contiguous(), "y neither bf16 nor float32, contiguous"),
         (attention["S_ST"].shape[2] == cherry_features(64), "chunk states not in the cherry layout"),
-        (all(map(has_dense_rows, (q, k, v))), "q, k or v without 16-byte aligned, dense rows"),
         (strides_fit_32_bits(q, k, v), "strides past 32 bits"),
         (nvrtc.tensor_arch(q.device) == "sm_90a", "not a Hopper GPU (sm_90a)"),
+        # (a traced call's tensors have no address: the custom op copies rows that are not dense)
+        (not has_storage(q) or all(map(has_dense_rows, (q, k, v))), "q, k or v without 16-byte aligned, dense rows"),
     )
     return next((why for ok, why in checks if not ok), None)
 
@@ -162,3 +165,51 @@ def record_query_source(spec: KernelSpec, attention: dict) -> None:
     source = render_query_source(spec.chunk_size, spec.gated, spec.packed_squares, y.dtype == torch.float32)
     shapes = {"q_shape": q.shape, "k_shape": attention["K"].shape, "v_shape": attention["V"].shape}
     record_cuda_source("power_retention_query", source, spec, shapes, "chunked, CUDA query kernel", "sm_90a")
+
+
+@torch.library.custom_op("retention_compile::cuda_query", mutates_args=())
+def cuda_query_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    s_st: torch.Tensor,
+    m_st: torch.Tensor,
+    scale: float,
+    chunk_size: int,
+    packed: bool,
+    y_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, denom)`` of the chunked causal forward, y (B, Hq, T, 64) in ``y_dtype`` (bf16 or float32) and denom
+    (B, Hq, T) float32, from the chunk states ``s_st`` (B * state_heads, slots, cherry rows, 64) bf16 and ``m_st``
+    (B * state_heads, slots, 64, 64) float32 that the wgmma state kernel wrote, ``g`` the cumulative log-gate
+    (B, gate_heads, >= T) float32 or None: the kernel as a custom op, for traced calls (Inductor places a call of
+    it in its code). q, k, v are copied first where their rows are not dense. The call's shape class must be one
+    ``query_unsupported`` accepts; a call it cannot take raises ValueError naming the reason."""
+    from .cuda_state import dense_rows
+
+    q, k, v = dense_rows(q), dense_rows(k), dense_rows(v)
+    y, denom = _outputs(q, v, y_dtype)
+    attention = {
+        "Q": q, "K": k, "V": v, "Y": y, "DEN": denom, "G": g, "S_ST": s_st, "M_ST": m_st, "scale": scale,
+        "group": q.shape[1] // k.shape[1], "state_heads": s_st.shape[0] // q.shape[0], "state_slots": s_st.shape[1],
+    }  # fmt: skip
+    if g is not None:
+        attention.update(G=g if g.stride(-1) == 1 else g.contiguous(), gate_heads=g.shape[1])
+        attention["stride_g"] = attention["G"].stride(1)
+    if (why := query_unsupported_reason(attention, chunk_size)) is not None:
+        raise ValueError(f"retention_compile::cuda_query cannot run this call: {why}")
+    with torch.cuda.device(q.device):
+        launch_query(attention, chunk_size, packed)
+    return y, denom
+
+
+@cuda_query_op.register_fake
+def _cuda_query_fake(q, k, v, g, s_st, m_st, scale, chunk_size, packed, y_dtype):
+    return _outputs(q, v, y_dtype)
+
+
+def _outputs(q: torch.Tensor, v: torch.Tensor, y_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised y (B, Hq, T, e) in ``y_dtype`` and denom (B, Hq, T) float32, contiguous."""
+    B, Hq, T = q.shape[:3]
+    return q.new_empty((B, Hq, T, v.shape[3]), dtype=y_dtype), q.new_empty((B, Hq, T), dtype=torch.float32)

@@ -530,6 +530,8 @@ def triton_forward(
     if not backward_follows:  # the query kernel's module only: the state kernels are the same
         spec = with_packed_squares(spec)
     state_module = module
+    if _takes_cuda_query(spec, attention) and not has_storage(q):  # traced: the kernel as a custom op
+        return _cuda_query_call(spec, attention)
     if (cuda_launch := _cuda_query_launch(spec, attention)) is not None:
         cuda_launch(attention)
         if kept is not None:
@@ -565,17 +567,38 @@ def triton_forward(
     return y, denom
 
 
-def _cuda_query_launch(spec: KernelSpec, attention: dict) -> Callable[[dict], None] | None:
-    """The CUDA query kernel's launch for this call (``cuda_query``), where ``CUDA_QUERY`` is on and the call can take
-    it with real tensors (a traced call keeps the Triton kernel, which Inductor places in its code); else None."""
+def _takes_cuda_query(spec: KernelSpec, attention: dict) -> bool:
+    """Whether this call runs the CUDA query kernel (``cuda_query``) in place of the Triton one: ``CUDA_QUERY`` on,
+    and a shape class and tensors it takes."""
     from . import cuda_query
 
-    if not CUDA_QUERY or not has_storage(attention["Q"]) or cuda_query.query_unsupported(spec) is not None:
-        return None
-    if cuda_query.query_unsupported_reason(attention, spec.chunk_size) is not None:
+    return (
+        CUDA_QUERY
+        and cuda_query.query_unsupported(spec) is None
+        and cuda_query.query_unsupported_reason(attention, spec.chunk_size) is None
+    )
+
+
+def _cuda_query_launch(spec: KernelSpec, attention: dict) -> Callable[[dict], None] | None:
+    """The CUDA query kernel's launch for an eager call that takes it (``_takes_cuda_query``), to run now and keep
+    for replays; else None."""
+    from . import cuda_query
+
+    if not has_storage(attention["Q"]) or not _takes_cuda_query(spec, attention):
         return None
     cuda_query.record_query_source(spec, attention)
     return cuda_query.query_launch(attention, spec.chunk_size, spec.packed_squares)
+
+
+def _cuda_query_call(spec: KernelSpec, attention: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """y and denom of a traced call that takes the CUDA query kernel, through its custom op (``cuda_query_op``)."""
+    from . import cuda_query
+
+    cuda_query.record_query_source(spec, attention)
+    return torch.ops.retention_compile.cuda_query(
+        attention["Q"], attention["K"], attention["V"], attention.get("G"), attention["S_ST"], attention["M_ST"],
+        float(attention["scale"]), spec.chunk_size, spec.packed_squares, attention["Y"].dtype,
+    )  # fmt: skip
 
 
 def _keep_replay(

@@ -129,3 +129,29 @@ def test_replayed_calls_take_the_cuda_launch(monkeypatch) -> None:
 
 def _never_called(*args, **kwargs):
     raise AssertionError("a kept call planned again")
+
+
+@needs_hopper
+@pytest.mark.usefixtures("poison_allocations")
+def test_compiled_calls_take_the_custom_op(monkeypatch) -> None:
+    """Under torch.compile (no grad, as inference runs) the kernel is a custom op in Inductor's code, and the
+    compiled result matches the float64 oracle."""
+    from torch._inductor.utils import run_and_get_code
+
+    import retention_compile as rc
+
+    monkeypatch.setattr(forward, "CUDA_QUERY", True)
+    torch._dynamo.reset()
+    x = _inputs(CASES[3])
+
+    def attention(q, k, v, gate):
+        return rc.power_retention(q, k, v, scale=0.125, log_gate=gate, causal=True, chunk_size=512)
+
+    with torch.no_grad():
+        y, code = run_and_get_code(torch.compile(attention, fullgraph=True), x["q"], x["k"], x["v"], x["log_gate"])
+    assert "retention_compile.cuda_query" in "\n".join(code), "the compiled code does not call the CUDA query op"
+    numerator, den = _weighted_powers(
+        x["q"].double(), x["k"].double(), x["v"].double(), 1, EPS, scale=0.125, deg=2,
+        log_gate=x["log_gate"].double(), causal=True, valid=None,
+    )  # fmt: skip
+    assert _rel(y, numerator / den) <= 1e-2
