@@ -17,6 +17,7 @@ Writes ``benchmarks/results/cuda_query_<gpu>_<date>_<commit>.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -39,8 +40,20 @@ from retention_compile.reference import _weighted_powers  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+@contextlib.contextmanager
+def cuda_query_route(on: bool):
+    """Eager forwards take the CUDA query kernel (gated ones too) where ``on``, else the Triton one."""
+    saved = forward.CUDA_QUERY, forward.CUDA_QUERY_GATED
+    forward.CUDA_QUERY = forward.CUDA_QUERY_GATED = on
+    try:
+        yield
+    finally:
+        forward.CUDA_QUERY, forward.CUDA_QUERY_GATED = saved
+
+
 def captured_query(run) -> dict:
-    """Run ``run`` (an eager forward) once with its query launch recorded: ``forward._launch``'s arguments."""
+    """Run ``run`` (an eager forward) once on the Triton query kernel with its launch recorded: ``forward._launch``'s
+    arguments."""
     seen: dict = {}
     original = forward._launch
 
@@ -54,7 +67,8 @@ def captured_query(run) -> dict:
     replays.clear()
     forward._launch = spy
     try:
-        run()
+        with cuda_query_route(False):
+            run()
     finally:
         forward._launch = original
     torch.cuda.synchronize()
@@ -70,7 +84,7 @@ def relaunch_triton(seen: dict) -> None:
 
 
 def takes_the_cuda_route(run) -> bool:
-    """Whether ``run`` (an eager forward, no call of it kept) launches the CUDA query kernel with ``CUDA_QUERY`` on."""
+    """Whether ``run`` (an eager forward, no call of it kept) launches the CUDA query kernel where it is on."""
     calls = []
     original = cuda_query.query_launch
 
@@ -79,11 +93,12 @@ def takes_the_cuda_route(run) -> bool:
         return original(*args, **kwargs)
 
     replays.clear()
-    forward.CUDA_QUERY, cuda_query.query_launch = True, counted
+    cuda_query.query_launch = counted
     try:
-        run()
+        with cuda_query_route(True):
+            run()
     finally:
-        forward.CUDA_QUERY, cuda_query.query_launch = False, original
+        cuda_query.query_launch = original
     replays.clear()
     return bool(calls)
 
@@ -205,11 +220,9 @@ def measure(T: int, gated: bool, rounds: int, configs: list[str], chunk_size: in
     launch = cuda_query.query_launch(args, plan.chunk_size, True)
 
     def forward_with(cuda: bool) -> float:
-        forward.CUDA_QUERY = cuda
-        try:
+        replays.clear()
+        with cuda_query_route(cuda):
             return triton.testing.do_bench(run)
-        finally:
-            forward.CUDA_QUERY = False
 
     variants = {config: configured_launch(args, plan.chunk_size, config) for config in configs}
     for name in variants:

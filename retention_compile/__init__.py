@@ -12,7 +12,7 @@ rc.explain(model, *example_inputs) -> Report
 from . import decode, hardware  # noqa: F401
 from .backend import PROCESS_REPORT, retention_backend
 from .checks import RetentionInputError
-from .codegen import cuda_reverse, cuda_state, cuda_state_terms  # noqa: F401
+from .codegen import cuda_query, cuda_reverse, cuda_state, cuda_state_terms  # noqa: F401
 from .config import RetentionConfig
 from .explain import explain
 from .ops import power_retention

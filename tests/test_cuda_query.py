@@ -49,6 +49,7 @@ def test_calls_off_hopper_keep_the_triton_kernel(monkeypatch) -> None:
     attention = {"Q": q, "K": q, "V": q, "Y": torch.empty_like(q), "S_ST": torch.empty(1, 1, 2304, 64)}
     assert cuda_query.query_unsupported_reason(attention, 1024) == "not a Hopper GPU (sm_90a)"
     monkeypatch.setattr(forward, "CUDA_QUERY", True)
+    monkeypatch.setattr(forward, "CUDA_QUERY_GATED", True)
     assert forward._cuda_query_launch(_spec(), attention) is None
     monkeypatch.setattr(forward, "CUDA_QUERY", False)
     assert forward._cuda_query_launch(_spec(), attention) is None
@@ -80,3 +81,16 @@ def test_custom_op_fake_shapes() -> None:
             assert (den.shape, den.dtype) == ((2, 4, 300), torch.float32)
         y, _ = torch.ops.retention_compile.cuda_query(q, kv, kv, None, s, m, 0.125, 128, False, torch.bfloat16)
         assert y.shape == (2, 4, 300, 64)
+
+
+def test_gated_calls_keep_the_triton_kernel_unless_asked(monkeypatch) -> None:
+    """With the default flags a gated call stays on the Triton kernel before any tensor is looked at (the CUDA kernel
+    measured no faster gated); ``CUDA_QUERY_GATED`` lets it through to the tensor checks."""
+    q = torch.zeros(1, 2, 256, 64, dtype=torch.bfloat16)
+    attention = {"Q": q, "K": q, "V": q, "Y": torch.empty_like(q), "S_ST": torch.empty(1, 1, 2304, 64)}
+    monkeypatch.setattr(cuda_query, "query_unsupported_reason", lambda *args: None)  # as if on an H200
+    assert forward.CUDA_QUERY and not forward.CUDA_QUERY_GATED
+    assert forward._takes_cuda_query(_spec(gated=False), attention)
+    assert not forward._takes_cuda_query(_spec(gated=True), attention)
+    monkeypatch.setattr(forward, "CUDA_QUERY_GATED", True)
+    assert forward._takes_cuda_query(_spec(gated=True), attention)

@@ -145,9 +145,13 @@ DENOMINATOR_BY_DOT_FLOAT32 = False
 # 0.266 ms ungated, 0.300 -> 0.296 gated (lower in 8 of 8 rounds each), T=65536 ungated 0.945 -> 0.938 (8 of 8); gated
 # T=65536 1.032 -> 1.027, within the noise (the state kernel's last round has few idle SMs to give).
 QUERY_BESIDE_STATES = True
-# The chunked causal query kernel on wgmma (``cuda_query``) where a call can take it: off until it is measured faster
-# than the Triton query kernel
-CUDA_QUERY = False
+# The chunked causal query kernel on wgmma (``cuda_query``, two programs per SM) where a call can take it: ungated, and
+# gated too where ``CUDA_QUERY_GATED``. b1 h8 d64 bf16 T=65536 chunk 1024, do_bench medians of 3 alternated rounds on
+# the same states (benchmarks/bench_cuda_query.py, session 72): ungated 0.536 -> 0.489 ms on an H200 (at 8cd7781,
+# registers capped for 2 programs per SM), 0.525 -> 0.503 on an H100 (the whole forward 0.972 -> 0.961); gated no
+# gain: 0.591 against 0.599 on the H100, 0.586 against 0.575 (3 stages) on the H200.
+CUDA_QUERY = True
+CUDA_QUERY_GATED = False
 
 
 @dataclass(frozen=True)
@@ -568,12 +572,13 @@ def triton_forward(
 
 
 def _takes_cuda_query(spec: KernelSpec, attention: dict) -> bool:
-    """Whether this call runs the CUDA query kernel (``cuda_query``) in place of the Triton one: ``CUDA_QUERY`` on,
-    and a shape class and tensors it takes."""
+    """Whether this call runs the CUDA query kernel (``cuda_query``) in place of the Triton one: ``CUDA_QUERY`` on
+    (and ``CUDA_QUERY_GATED`` for a gated call), and a shape class and tensors it takes."""
     from . import cuda_query
 
     return (
         CUDA_QUERY
+        and (CUDA_QUERY_GATED or not spec.gated)
         and cuda_query.query_unsupported(spec) is None
         and cuda_query.query_unsupported_reason(attention, spec.chunk_size) is None
     )

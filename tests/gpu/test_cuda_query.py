@@ -59,6 +59,7 @@ def _forward(x: dict, monkeypatch, cuda: bool, **options) -> tuple[torch.Tensor,
         return original(*args, **kwargs)
 
     monkeypatch.setattr(forward, "CUDA_QUERY", cuda)
+    monkeypatch.setattr(forward, "CUDA_QUERY_GATED", cuda)
     monkeypatch.setattr(cuda_query, "query_launch", counted)
     replays.clear()
     y, den = forward.triton_forward(
@@ -132,20 +133,21 @@ def _never_called(*args, **kwargs):
 
 
 @needs_hopper
-@pytest.mark.usefixtures("poison_allocations")
 def test_compiled_calls_take_the_custom_op(monkeypatch) -> None:
-    """Under torch.compile (no grad, as inference runs) the kernel is a custom op in Inductor's code, and the
-    compiled result matches the float64 oracle."""
+    """Under torch.compile (no grad, as inference runs; the CUDA state kernel, whose cherry layout the kernel reads)
+    the kernel is a custom op in Inductor's code, and the compiled result matches the float64 oracle. (No poisoned
+    allocations: the fixture's fills would be traced into the graph as mutations.)"""
     from torch._inductor.utils import run_and_get_code
 
     import retention_compile as rc
 
     monkeypatch.setattr(forward, "CUDA_QUERY", True)
+    monkeypatch.setattr(forward, "CUDA_QUERY_GATED", True)
     torch._dynamo.reset()
     x = _inputs(CASES[3])
 
     def attention(q, k, v, gate):
-        return rc.power_retention(q, k, v, scale=0.125, log_gate=gate, causal=True, chunk_size=512)
+        return rc.power_retention(q, k, v, scale=0.125, log_gate=gate, causal=True, chunk_size=512, impl="cuda")
 
     with torch.no_grad():
         y, code = run_and_get_code(torch.compile(attention, fullgraph=True), x["q"], x["k"], x["v"], x["log_gate"])
