@@ -83,14 +83,15 @@ def test_custom_op_fake_shapes() -> None:
         assert y.shape == (2, 4, 300, 64)
 
 
-def test_gated_calls_keep_the_triton_kernel_unless_asked(monkeypatch) -> None:
-    """With the default flags a gated call stays on the Triton kernel before any tensor is looked at (the CUDA kernel
-    measured no faster gated); ``CUDA_QUERY_GATED`` lets it through to the tensor checks."""
+def test_the_flags_choose_the_route(monkeypatch) -> None:
+    """By default no call takes the CUDA kernel (it measured no faster for the whole forward); ``CUDA_QUERY`` lets
+    ungated calls through to the tensor checks, and ``CUDA_QUERY_GATED`` gated ones as well."""
     q = torch.zeros(1, 2, 256, 64, dtype=torch.bfloat16)
     attention = {"Q": q, "K": q, "V": q, "Y": torch.empty_like(q), "S_ST": torch.empty(1, 1, 2304, 64)}
     monkeypatch.setattr(cuda_query, "query_unsupported_reason", lambda *args: None)  # as if on an H200
-    assert forward.CUDA_QUERY and not forward.CUDA_QUERY_GATED
-    assert forward._takes_cuda_query(_spec(gated=False), attention)
-    assert not forward._takes_cuda_query(_spec(gated=True), attention)
+    ungated, gated = _spec(gated=False), _spec(gated=True)
+    assert not forward._takes_cuda_query(ungated, attention) and not forward._takes_cuda_query(gated, attention)
+    monkeypatch.setattr(forward, "CUDA_QUERY", True)
+    assert forward._takes_cuda_query(ungated, attention) and not forward._takes_cuda_query(gated, attention)
     monkeypatch.setattr(forward, "CUDA_QUERY_GATED", True)
-    assert forward._takes_cuda_query(_spec(gated=True), attention)
+    assert forward._takes_cuda_query(gated, attention)

@@ -145,12 +145,14 @@ DENOMINATOR_BY_DOT_FLOAT32 = False
 # 0.266 ms ungated, 0.300 -> 0.296 gated (lower in 8 of 8 rounds each), T=65536 ungated 0.945 -> 0.938 (8 of 8); gated
 # T=65536 1.032 -> 1.027, within the noise (the state kernel's last round has few idle SMs to give).
 QUERY_BESIDE_STATES = True
-# The chunked causal query kernel on wgmma (``cuda_query``, two programs per SM) where a call can take it: ungated, and
-# gated too where ``CUDA_QUERY_GATED``. b1 h8 d64 bf16 T=65536 chunk 1024, do_bench medians of 3 alternated rounds on
-# the same states (benchmarks/bench_cuda_query.py, session 72): ungated 0.536 -> 0.489 ms on an H200 (at 8cd7781,
-# registers capped for 2 programs per SM), 0.525 -> 0.503 on an H100 (the whole forward 0.972 -> 0.961); gated no
-# gain: 0.591 against 0.599 on the H100, 0.586 against 0.575 (3 stages) on the H200.
-CUDA_QUERY = True
+# The chunked causal query kernel on wgmma (``cuda_query``, two programs per SM) where a call can take it, eager or
+# traced (its custom op), gated too where ``CUDA_QUERY_GATED``. Off: it did not make the forward faster where it
+# counts. b1 h8 d64 bf16, do_bench medians of 3 alternated rounds on the same states (benchmarks/bench_cuda_query.py,
+# session 72), query kernel Triton -> CUDA: T=65536 chunk 1024 ungated 0.536 -> 0.489 ms on an H200 (8cd7781), 0.511 ->
+# 0.495 on an H100 (0a8e9da; the whole forward 0.968 -> 0.958); gated 0.586 -> 0.575 (H200, 3 stages), 0.578 -> 0.588
+# (H100); T=16384 on the H100 (chunk 2048) 0.158 -> 0.175 ungated and the whole forward 0.268 -> 0.314 (the CUDA
+# kernel runs after the state kernel, not beside it: ``QUERY_BESIDE_STATES``'s overlap is lost).
+CUDA_QUERY = False
 CUDA_QUERY_GATED = False
 
 
