@@ -9,7 +9,7 @@ float64 oracle at ``--check-lengths`` (chunks of 1024 forced), and per length ea
 the forward it implies with the CUDA query kernel (forward - Triton query + CUDA query).
 
     python benchmarks/bench_cuda_query.py [--lengths 65536 16384] [--check-lengths 3000] [--rounds 3] [--commit REV]
-        [--configs 2x4 2x3] [--chunks 0 512]
+        [--configs 2x4 2x3 1x6x4] [--chunks 0 512]
 
 Writes ``benchmarks/results/cuda_query_<gpu>_<date>_<commit>.json``.
 """
@@ -185,15 +185,17 @@ def check_against_oracle(T: int, gated: bool) -> dict:
 
 
 def configured_launch(args: dict, chunk_size: int, config: str):
-    """The CUDA query launch with ``config`` = "<programs per SM>x<stages>" (registers capped for that many programs
-    per SM, that many copy stages)."""
-    blocks, stages = (int(n) for n in config.split("x"))
-    saved = cuda_query.MIN_BLOCKS, cuda_query.STAGES
-    cuda_query.MIN_BLOCKS, cuda_query.STAGES = blocks, stages
+    """The CUDA query launch with ``config`` = "<programs per SM>x<stages>[x<warpgroups>]" (registers capped for that
+    many programs per SM, that many copy stages, 2 or 4 warpgroups per program: 2 where not given)."""
+    blocks, stages, *rest = (int(n) for n in config.split("x"))
+    saved = cuda_query.MIN_BLOCKS, cuda_query.STAGES, cuda_query.WARPGROUPS
+    cuda_query.MIN_BLOCKS, cuda_query.STAGES, cuda_query.WARPGROUPS = blocks, stages, rest[0] if rest else 2
     try:
+        if (why := cuda_query.query_unsupported_reason(args, chunk_size)) is not None:
+            raise ValueError(f"config {config}: {why}")
         return cuda_query.query_launch(args, chunk_size, True)
     finally:
-        cuda_query.MIN_BLOCKS, cuda_query.STAGES = saved
+        cuda_query.MIN_BLOCKS, cuda_query.STAGES, cuda_query.WARPGROUPS = saved
 
 
 def measure(T: int, gated: bool, rounds: int, configs: list[str], chunk_size: int = 0) -> dict:
@@ -258,8 +260,9 @@ def main() -> None:
         "--chunks", type=int, nargs="*", default=[0], help="chunk sizes to time (0: the planner's), default 0"
     )
     parser.add_argument(
-        "--configs", nargs="*", default=[], help="more CUDA launches timed, as 2x3: programs per SM x stages"
-    )
+        "--configs", nargs="*", default=[],
+        help="more CUDA launches timed, as 2x3 or 1x6x4: programs per SM x stages [x warpgroups, default 2]",
+    )  # fmt: skip
     args = parser.parse_args()
     checks = []
     for T in args.check_lengths:

@@ -61,6 +61,18 @@ def test_shared_memory_fits_a_hopper_sm() -> None:
         for gated in (False, True):
             assert cuda_query.smem_bytes(1024, gated, stages) * 2 <= 227 * 1024
     assert cuda_query.smem_bytes(2048, True, 4) <= 227 * 1024
+    # four warpgroups, one program per SM: up to 6 stages at chunks of 1024, gated (the template's static_assert
+    # checks the size against its Shared: test_cuda_templates compiles that render)
+    assert cuda_query.smem_bytes(1024, True, 6, 4) <= 227 * 1024
+
+
+def test_four_warpgroups_take_chunks_of_256_rows(monkeypatch) -> None:
+    """With 4 warpgroups a program holds 256 rows, which must lie in one chunk; 2 and 4 are the counts it renders."""
+    monkeypatch.setattr(cuda_query, "WARPGROUPS", 4)
+    assert cuda_query.query_unsupported_reason(None, 1024) is None
+    assert "multiple of 256" in cuda_query.query_unsupported_reason(None, 128)
+    with pytest.raises(ValueError, match="warpgroups must be 2 or 4"):
+        cuda_query.render_query_source(1024, True, True, False, warpgroups=3)
 
 
 def test_custom_op_fake_shapes() -> None:

@@ -111,15 +111,19 @@ def _wgmma_state_terms_cases() -> list[str]:
 
 def _wgmma_query_cases() -> list[str]:
     """wgmma query sources (sm_90a): gated with packed squares and bf16 y (the op's inference route), ungated with
-    float32 squares and a float32 y (a forward a backward follows), chunks of 256, and the keys-alone render of the
-    GPU check."""
-    cases = [  # (chunk, gated, packed, y float32, parts)
-        (1024, True, True, False, "both"),
-        (1024, False, False, True, "both"),
-        (256, True, False, False, "both"),
-        (1024, False, True, False, "keys"),
+    float32 squares and a float32 y (a forward a backward follows), chunks of 256, the keys-alone render of the
+    GPU check, and the gated route with 4 warpgroups per program (one program per SM, 6 stages)."""
+    cases = [  # (chunk, gated, packed, y float32, parts, warpgroups, min_blocks, stages)
+        (1024, True, True, False, "both", 2, None, None),
+        (1024, False, False, True, "both", 2, None, None),
+        (256, True, False, False, "both", 2, None, None),
+        (1024, False, True, False, "keys", 2, None, None),
+        (1024, True, True, False, "both", 4, 1, 6),
     ]
-    return [cuda_query.render_query_source(c, g, p, y, parts=parts) for c, g, p, y, parts in cases]
+    return [
+        cuda_query.render_query_source(c, g, p, y, stages, blocks, parts, groups)
+        for c, g, p, y, parts, groups, blocks, stages in cases
+    ]
 
 
 RENDERERS = {
@@ -185,7 +189,7 @@ TEMPLATE_ARCHS = [(t, a) for t in sorted(RENDERERS) for a in ARCHS.get(t, ("sm_8
 # Templates whose machine code (ptxas) is built for a subset of their cases, the others' PTX only (compute_*): the
 # state-term sources take about 28 s each through ptxas on the CI's 2-core machine (111 s for the four; two took 181 s
 # on a slow day, 2026-12-04); the gated, valid, coordinate-terms case (the most code) keeps the SASS check.
-SASS_CASES = {"state_terms_wgmma.cu.j2": (1,), "query_wgmma.cu.j2": (0,)}
+SASS_CASES = {"state_terms_wgmma.cu.j2": (1,), "query_wgmma.cu.j2": (0, 4)}
 
 
 def _have_compiler() -> bool:

@@ -26,19 +26,24 @@ from .triton_source import KernelSpec
 
 TEMPLATE = "query_wgmma.cu.j2"
 KERNEL_NAME = "retention_query"
-THREADS = 256
-ROWS = 128  # query rows per program
-STAGES = 4  # copy stages of 16 KB (benchmarks and tests may set it, and MIN_BLOCKS, before a launch)
+WARPGROUP_ROWS = 64  # query rows per warpgroup (its wgmma products' M)
+STAGES = 4  # copy stages of 16 KB (benchmarks and tests may set it, MIN_BLOCKS and WARPGROUPS before a launch)
 MIN_BLOCKS = 2  # programs per SM the registers are capped for
+WARPGROUPS = 2  # warpgroups per program (2 or 4; 4 stages each state slice and key block once for twice the rows)
 STAGE_BYTES = 16384
 MAX_CHUNK = 2048  # the gated key factors' table: 16 KB of shared memory
 
 
-def smem_bytes(chunk_size: int, gated: bool, stages: int) -> int:
+def rows_per_program(warpgroups: int) -> int:
+    return WARPGROUP_ROWS * warpgroups
+
+
+def smem_bytes(chunk_size: int, gated: bool, stages: int, warpgroups: int = 2) -> int:
     """The kernel's dynamic shared memory: its ``Shared`` (stages, q's rows, M's halves, the ones, q^T M q per row, the
-    gated key factors; a multiple of 1024 bytes) and 1024 bytes to align it."""
-    rows = ROWS * 128 + ROWS * 4  # q's rows, q^T M q
-    shared = stages * STAGE_BYTES + rows + 2 * 64 * 128 + 16 * 64 * 2 + (2 * chunk_size * 4 if gated else 0)
+    gated key factors per warpgroup; a multiple of 1024 bytes) and 1024 bytes to align it."""
+    rows = rows_per_program(warpgroups) * (128 + 4)  # q's rows, q^T M q
+    factors = warpgroups * chunk_size * 4 if gated else 0
+    shared = stages * STAGE_BYTES + rows + 2 * 64 * 128 + 16 * 64 * 2 + factors
     return -(-shared // 1024) * 1024 + 1024
 
 
@@ -51,16 +56,21 @@ def render_query_source(
     stages: int | None = None,
     min_blocks: int | None = None,
     parts: str = "both",
+    warpgroups: int | None = None,
 ) -> str:
     """The CUDA source for chunk size ``chunk_size``, with or without a gate. ``packed``: the unmasked blocks' squares
     in packed bf16 (a forward no backward follows, ``KernelSpec.packed_squares``); ``y_fp32``: y stored in float32
     (else bf16); ``stages``, ``min_blocks``: the copy stages and the programs per SM the registers are capped for
     (default ``STAGES``, ``MIN_BLOCKS``); ``parts``: "both", or for a check of one term against its own reference
-    "state" (the chunk-state term alone) or "keys" (the chunk's keys alone)."""
+    "state" (the chunk-state term alone) or "keys" (the chunk's keys alone); ``warpgroups``: per program (default
+    ``WARPGROUPS``)."""
     stages = STAGES if stages is None else stages
     min_blocks = MIN_BLOCKS if min_blocks is None else min_blocks
+    warpgroups = WARPGROUPS if warpgroups is None else warpgroups
     if parts not in ("both", "state", "keys"):
         raise ValueError(f"parts must be 'both', 'state' or 'keys', got {parts!r}")
+    if warpgroups not in (2, 4):
+        raise ValueError(f"warpgroups must be 2 or 4, got {warpgroups!r}")
     return nvrtc.render(
         TEMPLATE,
         chunk_size=chunk_size,
@@ -71,8 +81,9 @@ def render_query_source(
         stages=stages,
         min_blocks=min_blocks,
         eps=repr(float(EPS)),
-        smem_bytes=smem_bytes(chunk_size, gated, stages),
+        smem_bytes=smem_bytes(chunk_size, gated, stages, warpgroups),
         parts=parts,
+        warpgroups=warpgroups,
     )
 
 
@@ -91,8 +102,9 @@ def query_unsupported(spec: KernelSpec) -> str | None:
 def query_unsupported_reason(attention: dict | None, chunk_size: int) -> str | None:
     """Why the call whose query-kernel arguments are ``attention`` cannot run this kernel, or None (shape-class checks
     are ``query_unsupported``'s)."""
-    if chunk_size % ROWS or chunk_size > MAX_CHUNK:
-        return f"a chunk size that is not a multiple of {ROWS} up to {MAX_CHUNK}"
+    rows = rows_per_program(WARPGROUPS)
+    if chunk_size % rows or chunk_size > MAX_CHUNK:
+        return f"a chunk size that is not a multiple of {rows} up to {MAX_CHUNK}"
     if attention is None:
         return None
     if "S_ST" not in attention:
@@ -122,12 +134,20 @@ TENSORS = ((0, "Q"), (1, "K"), (2, "V"), (3, "Y"), (4, "DEN"), (5, "G"), (6, "S_
 
 @functools.lru_cache(maxsize=16)
 def _kernel(
-    chunk_size: int, gated: bool, packed: bool, y_fp32: bool, parts: str, stages: int, min_blocks: int, device: int
+    chunk_size: int,
+    gated: bool,
+    packed: bool,
+    y_fp32: bool,
+    parts: str,
+    stages: int,
+    min_blocks: int,
+    warpgroups: int,
+    device: int,
 ) -> tuple[object, int]:
     from .cuda_state import load_with_shared_memory
 
-    smem = smem_bytes(chunk_size, gated, stages)
-    source = render_query_source(chunk_size, gated, packed, y_fp32, stages, min_blocks, parts)
+    smem = smem_bytes(chunk_size, gated, stages, warpgroups)
+    source = render_query_source(chunk_size, gated, packed, y_fp32, stages, min_blocks, parts, warpgroups)
     return load_with_shared_memory(source, KERNEL_NAME, smem, device), smem
 
 
@@ -140,15 +160,16 @@ def query_launch(attention: dict, chunk_size: int, packed: bool, parts: str = "b
     gated = attention.get("G") is not None
     device = q.device.index or 0
     y_fp32 = y.dtype == torch.float32
-    kernel, smem = _kernel(chunk_size, gated, packed, y_fp32, parts, STAGES, MIN_BLOCKS, device)
+    kernel, smem = _kernel(chunk_size, gated, packed, y_fp32, parts, STAGES, MIN_BLOCKS, WARPGROUPS, device)
     sizes = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), Hq, attention["group"], attention.get("gate_heads", 1), attention.get("stride_g", 0),
         attention["state_heads"], attention["state_slots"], T, float(attention["scale"]),
     )  # fmt: skip
     tensors = tuple((i, name) for i, name in TENSORS if attention.get(name) is not None)
-    grid = (-(-T // ROWS), B * Hq, 1)
-    return CudaLaunch.of(kernel, grid, (THREADS, 1, 1), smem, device, (None,) * len(TENSORS) + sizes, tensors)
+    grid = (-(-T // rows_per_program(WARPGROUPS)), B * Hq, 1)
+    threads = (128 * WARPGROUPS, 1, 1)
+    return CudaLaunch.of(kernel, grid, threads, smem, device, (None,) * len(TENSORS) + sizes, tensors)
 
 
 def launch_query(attention: dict, chunk_size: int, packed: bool, parts: str = "both") -> None:

@@ -739,7 +739,8 @@ def launch_tunables() -> tuple:
     return (
         *_tunables(), GATE_SCAN_BLOCK, WIDE_HEAD, WIDE_BLOCK_T, WIDE_STAGES, MIN_BLOCK_E, MAX_CHUNKED_HEAD,
         STATE_WAVES, STATE_WARPS, STATE_STAGES, CHUNK_QUERY_WARPS, SCAN_WARPS, SCAN_BLOCK, NARROW_QUERY_LAUNCH, CONFIG,
-        QUERY_BESIDE_STATES, CUDA_QUERY, cuda_query.STAGES, cuda_query.MIN_BLOCKS,
+        QUERY_BESIDE_STATES, CUDA_QUERY, CUDA_QUERY_GATED, cuda_query.STAGES, cuda_query.MIN_BLOCKS,
+        cuda_query.WARPGROUPS,
     )  # fmt: skip
 
 

@@ -80,6 +80,25 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("y_dtype", [torch.bfloat16, torch.float32], ids=["inference", "float32_y"])
 def test_matches_the_oracle_and_the_triton_query_kernel(case: tuple, y_dtype: torch.dtype, monkeypatch) -> None:
+    _check_against_the_oracle_and_triton(case, y_dtype, monkeypatch)
+
+
+FOUR_WARPGROUP_CASES = [c for c in CASES if c[5] % 256 == 0]  # a program's 256 rows lie in one chunk
+
+
+@needs_hopper
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize("case", FOUR_WARPGROUP_CASES, ids=[c[0] for c in FOUR_WARPGROUP_CASES])
+def test_four_warpgroups_per_program(case: tuple, monkeypatch) -> None:
+    """The launch with 4 warpgroups (256 rows) per program, one program per SM and 6 stages (the bench's 1x6x4):
+    the same checks, with tails where whole warpgroups hold no row."""
+    monkeypatch.setattr(cuda_query, "WARPGROUPS", 4)
+    monkeypatch.setattr(cuda_query, "MIN_BLOCKS", 1)
+    monkeypatch.setattr(cuda_query, "STAGES", 6)
+    _check_against_the_oracle_and_triton(case, torch.bfloat16, monkeypatch)
+
+
+def _check_against_the_oracle_and_triton(case: tuple, y_dtype: torch.dtype, monkeypatch) -> None:
     x = _inputs(case)
     options = {"y_dtype": y_dtype} if y_dtype != torch.float32 else {"for_backward": True}
     y, den, launched = _forward(x, monkeypatch, True, **options)
