@@ -67,7 +67,17 @@ def test_shared_memory_fits_a_hopper_sm() -> None:
 
 
 def test_four_warpgroups_take_chunks_of_256_rows(monkeypatch) -> None:
-    """With 4 warpgroups a program holds 256 rows, which must lie in one chunk; 2 and 4 are the counts it renders."""
+    """With 4 warpgroups a program holds 256 rows, which must lie in one chunk, and one program per SM (128 registers
+    per thread): two are refused with the reason, not left to ptxas; 2 and 4 are the counts it renders. The source
+    follows the module's launch settings as they are when asked (no render cached under the defaults' old values)."""
+    monkeypatch.setattr(cuda_query, "WARPGROUPS", 4)
+    assert "2 programs per SM of 4 warpgroups" in cuda_query.query_unsupported_reason(None, 1024)
+    with pytest.raises(ValueError, match="under 128 registers"):
+        cuda_query.render_query_source(1024, True, True, False)
+    monkeypatch.setattr(cuda_query, "MIN_BLOCKS", 1)
+    assert "warpgroups = 4" in cuda_query.render_query_source(1024, True, True, False)
+    monkeypatch.setattr(cuda_query, "WARPGROUPS", 2)
+    assert "warpgroups = 2" in cuda_query.render_query_source(1024, True, True, False)
     monkeypatch.setattr(cuda_query, "WARPGROUPS", 4)
     assert cuda_query.query_unsupported_reason(None, 1024) is None
     assert "multiple of 256" in cuda_query.query_unsupported_reason(None, 128)

@@ -31,7 +31,8 @@ STAGES = 4  # copy stages of 16 KB (benchmarks and tests may set it, MIN_BLOCKS 
 MIN_BLOCKS = 2  # programs per SM the registers are capped for
 WARPGROUPS = 2  # warpgroups per program (2 or 4; 4 stages each state slice and key block once for twice the rows)
 STAGE_BYTES = 16384
-MAX_CHUNK = 2048  # the gated key factors' table: 16 KB of shared memory
+MAX_CHUNK = 2048  # the gated key factors' tables: 8 KB per warpgroup of shared memory
+MAX_WARPS_PER_SM = 16  # programs per SM x warpgroups per program x 4 at most: 128 registers per thread
 
 
 def rows_per_program(warpgroups: int) -> int:
@@ -47,7 +48,6 @@ def smem_bytes(chunk_size: int, gated: bool, stages: int, warpgroups: int = 2) -
     return -(-shared // 1024) * 1024 + 1024
 
 
-@functools.lru_cache(maxsize=64)
 def render_query_source(
     chunk_size: int,
     gated: bool,
@@ -71,6 +71,23 @@ def render_query_source(
         raise ValueError(f"parts must be 'both', 'state' or 'keys', got {parts!r}")
     if warpgroups not in (2, 4):
         raise ValueError(f"warpgroups must be 2 or 4, got {warpgroups!r}")
+    if (why := _launch_shape_reason(min_blocks, warpgroups)) is not None:
+        raise ValueError(why)
+    return _render(chunk_size, gated, packed, y_fp32, stages, min_blocks, parts, warpgroups)
+
+
+def _launch_shape_reason(min_blocks: int, warpgroups: int) -> str | None:
+    """Why ``min_blocks`` programs per SM of ``warpgroups`` warpgroups cannot be built, or None."""
+    if min_blocks * warpgroups * 4 > MAX_WARPS_PER_SM:
+        return f"{min_blocks} programs per SM of {warpgroups} warpgroups: under 128 registers per thread"
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _render(
+    chunk_size: int, gated: bool, packed: bool, y_fp32: bool, stages: int, min_blocks: int, parts: str, warpgroups: int
+) -> str:
+    """``render_query_source`` with every launch setting given (cached by them, not by the module's defaults)."""
     return nvrtc.render(
         TEMPLATE,
         chunk_size=chunk_size,
@@ -102,6 +119,8 @@ def query_unsupported(spec: KernelSpec) -> str | None:
 def query_unsupported_reason(attention: dict | None, chunk_size: int) -> str | None:
     """Why the call whose query-kernel arguments are ``attention`` cannot run this kernel, or None (shape-class checks
     are ``query_unsupported``'s)."""
+    if (why := _launch_shape_reason(MIN_BLOCKS, WARPGROUPS)) is not None:
+        return why
     rows = rows_per_program(WARPGROUPS)
     if chunk_size % rows or chunk_size > MAX_CHUNK:
         return f"a chunk size that is not a multiple of {rows} up to {MAX_CHUNK}"

@@ -89,12 +89,14 @@ FOUR_WARPGROUP_CASES = [c for c in CASES if c[5] % 256 == 0]  # a program's 256 
 @needs_hopper
 @pytest.mark.usefixtures("poison_allocations")
 @pytest.mark.parametrize("case", FOUR_WARPGROUP_CASES, ids=[c[0] for c in FOUR_WARPGROUP_CASES])
-def test_four_warpgroups_per_program(case: tuple, monkeypatch) -> None:
-    """The launch with 4 warpgroups (256 rows) per program, one program per SM and 6 stages (the bench's 1x6x4):
-    the same checks, with tails where whole warpgroups hold no row."""
+@pytest.mark.parametrize("stages", [6, 3])
+def test_four_warpgroups_per_program(case: tuple, stages: int, monkeypatch) -> None:
+    """The launch with 4 warpgroups (256 rows) per program and one program per SM (the bench's 1x6x4, and 3 stages,
+    where a warpgroup's last P V shares its stage with a copy three blocks on): the same checks, with tails where
+    whole warpgroups hold no row."""
     monkeypatch.setattr(cuda_query, "WARPGROUPS", 4)
     monkeypatch.setattr(cuda_query, "MIN_BLOCKS", 1)
-    monkeypatch.setattr(cuda_query, "STAGES", 6)
+    monkeypatch.setattr(cuda_query, "STAGES", stages)
     _check_against_the_oracle_and_triton(case, torch.bfloat16, monkeypatch)
 
 
