@@ -36,6 +36,7 @@ MAX_WARPS_PER_SM = 16  # programs per SM x warpgroups per program x 4 at most: 1
 
 
 def rows_per_program(warpgroups: int) -> int:
+    """Query rows a program of ``warpgroups`` warpgroups holds."""
     return WARPGROUP_ROWS * warpgroups
 
 

@@ -536,7 +536,7 @@ def triton_forward(
     if not backward_follows:  # the query kernel's module only: the state kernels are the same
         spec = with_packed_squares(spec)
     state_module = module
-    if _takes_cuda_query(spec, attention) and not has_storage(q):  # traced: the kernel as a custom op
+    if not has_storage(q) and _takes_cuda_query(spec, attention):  # traced: the kernel as a custom op
         return _cuda_query_call(spec, attention)
     if (cuda_launch := _cuda_query_launch(spec, attention)) is not None:
         cuda_launch(attention)
