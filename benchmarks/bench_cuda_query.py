@@ -6,7 +6,9 @@ state kernel left), the Triton query kernel is launched again and the CUDA kerne
 recorded: y and denom of the CUDA kernel against the Triton kernel's (max abs, relative norm), both against the
 float64 oracle at ``--check-lengths`` (chunks of 1024 forced), and per length each query kernel's time
 (``triton.testing.do_bench`` medians, alternated ``--rounds`` times) with the whole forward's (the Triton route) and
-the forward it implies with the CUDA query kernel (forward - Triton query + CUDA query).
+the forward it implies with the CUDA query kernel (forward - Triton query + CUDA query), and the whole forward on the
+CUDA route: beside the state kernel (``forward.QUERY_BESIDE_STATES``, the default), after it, and with each
+``--configs`` launch.
 
     python benchmarks/bench_cuda_query.py [--lengths 65536 16384] [--check-lengths 3000] [--rounds 3] [--commit REV]
         [--configs 2x4 2x3 1x6x4] [--chunks 0 512]
@@ -49,6 +51,18 @@ def cuda_query_route(on: bool):
         yield
     finally:
         forward.CUDA_QUERY, forward.CUDA_QUERY_GATED = saved
+
+
+@contextlib.contextmanager
+def query_beside_states(on: bool):
+    """The query kernel (either) launched beside the state kernel where ``on`` (``forward.QUERY_BESIDE_STATES``), else
+    after it."""
+    saved = forward.QUERY_BESIDE_STATES
+    forward.QUERY_BESIDE_STATES = on
+    try:
+        yield
+    finally:
+        forward.QUERY_BESIDE_STATES = saved
 
 
 def captured_query(run) -> dict:
@@ -107,6 +121,8 @@ def cuda_outputs(seen: dict) -> dict:
     """The query arguments with fresh Y and DEN for the CUDA kernel."""
     kwargs = dict(seen["kwargs"])
     kwargs["Y"], kwargs["DEN"] = torch.empty_like(kwargs["Y"]), torch.empty_like(kwargs["DEN"])
+    for name in ("SYNC", *cuda_query.COUNTS):  # the kernel alone, after the state kernel: no wait on the fold's counts
+        kwargs.pop(name, None)
     return kwargs
 
 
@@ -184,18 +200,27 @@ def check_against_oracle(T: int, gated: bool) -> dict:
     }
 
 
-def configured_launch(args: dict, chunk_size: int, config: str):
-    """The CUDA query launch with ``config`` = "<programs per SM>x<stages>[x<warpgroups>]" (registers capped for that
-    many programs per SM, that many copy stages, 2 or 4 warpgroups per program: 2 where not given)."""
-    blocks, stages, *rest = (int(n) for n in config.split("x"))
+@contextlib.contextmanager
+def launch_settings(config: str | None):
+    """The CUDA query kernel's launch settings ``config`` = "<programs per SM>x<stages>[x<warpgroups>]" (registers
+    capped for that many programs per SM, that many copy stages, 2 or 4 warpgroups per program: 2 where not given)
+    while in the block; None: the module's defaults."""
     saved = cuda_query.MIN_BLOCKS, cuda_query.STAGES, cuda_query.WARPGROUPS
-    cuda_query.MIN_BLOCKS, cuda_query.STAGES, cuda_query.WARPGROUPS = blocks, stages, rest[0] if rest else 2
+    if config is not None:
+        blocks, stages, *rest = (int(n) for n in config.split("x"))
+        cuda_query.MIN_BLOCKS, cuda_query.STAGES, cuda_query.WARPGROUPS = blocks, stages, rest[0] if rest else 2
     try:
+        yield
+    finally:
+        cuda_query.MIN_BLOCKS, cuda_query.STAGES, cuda_query.WARPGROUPS = saved
+
+
+def configured_launch(args: dict, chunk_size: int, config: str):
+    """The CUDA query launch with ``config`` (``launch_settings``)."""
+    with launch_settings(config):
         if (why := cuda_query.query_unsupported_reason(args, chunk_size)) is not None:
             raise ValueError(f"config {config}: {why}")
         return cuda_query.query_launch(args, chunk_size, True)
-    finally:
-        cuda_query.MIN_BLOCKS, cuda_query.STAGES, cuda_query.WARPGROUPS = saved
 
 
 def measure(T: int, gated: bool, rounds: int, configs: list[str], chunk_size: int = 0) -> dict:
@@ -221,14 +246,16 @@ def measure(T: int, gated: bool, rounds: int, configs: list[str], chunk_size: in
     times: dict[str, list[float]] = {"triton_query": [], "cuda_query": [], "forward": [], "forward_cuda_query": []}
     launch = cuda_query.query_launch(args, plan.chunk_size, True)
 
-    def forward_with(cuda: bool) -> float:
+    def forward_with(cuda: bool, config: str | None = None, beside: bool = True) -> float:
         replays.clear()
-        with cuda_query_route(cuda):
+        with cuda_query_route(cuda), launch_settings(config), query_beside_states(beside):
             return triton.testing.do_bench(run)
 
     variants = {config: configured_launch(args, plan.chunk_size, config) for config in configs}
     for name in variants:
         times[f"cuda_query_{name}"] = []
+        times[f"forward_cuda_query_{name}"] = []
+    times["forward_cuda_query_after"] = []
     for _ in range(rounds):
         times["triton_query"].append(triton.testing.do_bench(lambda: relaunch_triton(seen)))
         times["cuda_query"].append(triton.testing.do_bench(lambda: launch(args)))
@@ -236,6 +263,9 @@ def measure(T: int, gated: bool, rounds: int, configs: list[str], chunk_size: in
             times[f"cuda_query_{name}"].append(triton.testing.do_bench(lambda variant=variant: variant(args)))
         times["forward"].append(forward_with(False))
         times["forward_cuda_query"].append(forward_with(True))
+        times["forward_cuda_query_after"].append(forward_with(True, beside=False))
+        for name in variants:
+            times[f"forward_cuda_query_{name}"].append(forward_with(True, name))
     row["ms"] = times
     med = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
     row["forward_with_cuda_query_ms"] = med["forward"] - med["triton_query"] + med["cuda_query"]
@@ -244,7 +274,7 @@ def measure(T: int, gated: bool, rounds: int, configs: list[str], chunk_size: in
         f"cuda query {med['cuda_query']:.4f} ms, "
         f"forward {med['forward']:.4f}, with the cuda query kernel {med['forward_cuda_query']:.4f} (implied "
         f"{row['forward_with_cuda_query_ms']:.4f}); y vs triton {row['y_vs_triton']}; "
-        + ", ".join(f"{name} {ms:.4f}" for name, ms in med.items() if name.startswith("cuda_query_")),
+        + ", ".join(f"{name} {ms:.4f}" for name, ms in med.items() if "cuda_query_" in name),
         flush=True,
     )
     return row

@@ -112,17 +112,18 @@ def _wgmma_state_terms_cases() -> list[str]:
 def _wgmma_query_cases() -> list[str]:
     """wgmma query sources (sm_90a): gated with packed squares and bf16 y (the op's inference route), ungated with
     float32 squares and a float32 y (a forward a backward follows), chunks of 256, the keys-alone render of the
-    GPU check, and the gated route with 4 warpgroups per program (one program per SM, 6 stages)."""
-    cases = [  # (chunk, gated, packed, y float32, parts, warpgroups, min_blocks, stages)
-        (1024, True, True, False, "both", 2, None, None),
-        (1024, False, False, True, "both", 2, None, None),
-        (256, True, False, False, "both", 2, None, None),
-        (1024, False, True, False, "keys", 2, None, None),
-        (1024, True, True, False, "both", 4, 1, 6),
+    GPU check, and the gated route with 4 warpgroups per program (one program per SM, 4 stages) beside the state
+    kernel (waiting on the fold's counts)."""
+    cases = [  # (chunk, gated, packed, y float32, parts, warpgroups, min_blocks, stages, waits)
+        (1024, True, True, False, "both", 2, None, None, False),
+        (1024, False, False, True, "both", 2, None, None, False),
+        (256, True, False, False, "both", 2, None, None, False),
+        (1024, False, True, False, "keys", 2, None, None, False),
+        (1024, True, True, False, "both", 4, 1, 4, True),
     ]
     return [
-        cuda_query.render_query_source(c, g, p, y, stages, blocks, parts, groups)
-        for c, g, p, y, parts, groups, blocks, stages in cases
+        cuda_query.render_query_source(c, g, p, y, stages, blocks, parts, groups, waits)
+        for c, g, p, y, parts, groups, blocks, stages, waits in cases
     ]
 
 

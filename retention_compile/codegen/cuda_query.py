@@ -7,7 +7,8 @@ It takes the Triton query kernel's place for one shape class: deg 2, bf16, d = e
     render_query_source(chunk_size, gated, packed, y_fp32)   the CUDA source of one shape
     query_unsupported(spec)                                  why a shape class cannot take it (None: it can)
     query_unsupported_reason(attention, chunk_size)          why a call cannot
-    query_launch(attention, chunk_size, packed)              its launch (``eager_launch.CudaLaunch``), kept for replays
+    query_launch(attention, chunk_size, packed)              its launch (``eager_launch.CudaLaunch``), kept for replays;
+                                                             beside the state kernel where ``attention`` has its counts
     launch_query(attention, chunk_size, packed)              run it on the call's tensors
     cuda_query_op(q, k, v, g, s_st, m_st, ...)               the same as a custom op (traced calls), returning y, denom
 """
@@ -58,13 +59,15 @@ def render_query_source(
     min_blocks: int | None = None,
     parts: str = "both",
     warpgroups: int | None = None,
+    waits: bool = False,
 ) -> str:
     """The CUDA source for chunk size ``chunk_size``, with or without a gate. ``packed``: the unmasked blocks' squares
     in packed bf16 (a forward no backward follows, ``KernelSpec.packed_squares``); ``y_fp32``: y stored in float32
     (else bf16); ``stages``, ``min_blocks``: the copy stages and the programs per SM the registers are capped for
     (default ``STAGES``, ``MIN_BLOCKS``); ``parts``: "both", or for a check of one term against its own reference
     "state" (the chunk-state term alone) or "keys" (the chunk's keys alone); ``warpgroups``: per program (default
-    ``WARPGROUPS``)."""
+    ``WARPGROUPS``); ``waits``: launched beside the state kernel (its programmatic dependent), each program waiting
+    for its chunk's segment count (``SYNC``) before it reads the chunk's states."""
     stages = STAGES if stages is None else stages
     min_blocks = MIN_BLOCKS if min_blocks is None else min_blocks
     warpgroups = WARPGROUPS if warpgroups is None else warpgroups
@@ -74,7 +77,7 @@ def render_query_source(
         raise ValueError(f"warpgroups must be 2 or 4, got {warpgroups!r}")
     if (why := _launch_shape_reason(min_blocks, warpgroups)) is not None:
         raise ValueError(why)
-    return _render(chunk_size, gated, packed, y_fp32, stages, min_blocks, parts, warpgroups)
+    return _render(chunk_size, gated, packed, y_fp32, stages, min_blocks, parts, warpgroups, waits)
 
 
 def _launch_shape_reason(min_blocks: int, warpgroups: int) -> str | None:
@@ -86,7 +89,15 @@ def _launch_shape_reason(min_blocks: int, warpgroups: int) -> str | None:
 
 @functools.lru_cache(maxsize=64)
 def _render(
-    chunk_size: int, gated: bool, packed: bool, y_fp32: bool, stages: int, min_blocks: int, parts: str, warpgroups: int
+    chunk_size: int,
+    gated: bool,
+    packed: bool,
+    y_fp32: bool,
+    stages: int,
+    min_blocks: int,
+    parts: str,
+    warpgroups: int,
+    waits: bool,
 ) -> str:
     """``render_query_source`` with every launch setting given (cached by them, not by the module's defaults)."""
     return nvrtc.render(
@@ -102,6 +113,7 @@ def _render(
         smem_bytes=smem_bytes(chunk_size, gated, stages, warpgroups),
         parts=parts,
         warpgroups=warpgroups,
+        waits=waits,
     )
 
 
@@ -150,6 +162,9 @@ def query_unsupported_reason(attention: dict | None, chunk_size: int) -> str | N
 
 # The kernel's tensor parameters by position, named as ``triton_forward`` names the query kernel's arguments.
 TENSORS = ((0, "Q"), (1, "K"), (2, "V"), (3, "Y"), (4, "DEN"), (5, "G"), (6, "S_ST"), (7, "M_ST"))
+# Launched beside the state kernel: the fold's words (``SYNC``) after the sizes, then where its counts are and what
+# they must reach (``forward``'s names).
+COUNTS = ("done_offset", "done_target", "chunks_per_seg", "n_seg")
 
 
 @functools.lru_cache(maxsize=16)
@@ -162,34 +177,42 @@ def _kernel(
     stages: int,
     min_blocks: int,
     warpgroups: int,
+    waits: bool,
     device: int,
 ) -> tuple[object, int]:
     from .cuda_state import load_with_shared_memory
 
     smem = smem_bytes(chunk_size, gated, stages, warpgroups)
-    source = render_query_source(chunk_size, gated, packed, y_fp32, stages, min_blocks, parts, warpgroups)
+    source = render_query_source(chunk_size, gated, packed, y_fp32, stages, min_blocks, parts, warpgroups, waits)
     return load_with_shared_memory(source, KERNEL_NAME, smem, device), smem
 
 
 def query_launch(attention: dict, chunk_size: int, packed: bool, parts: str = "both") -> CudaLaunch:
     """The launch for the query-kernel arguments ``attention`` (y into ``Y``, denom into ``DEN``) with chunks of
     ``chunk_size``, to call with those tensors (or a later call's of the same layout, by name); ``packed``,
-    ``parts``: as ``render_query_source``'s."""
+    ``parts``: as ``render_query_source``'s. Where ``attention`` holds the fold's words (``SYNC``, which
+    ``triton_forward`` passes where the query kernel may run beside the state kernel) the launch is the state
+    kernel's programmatic dependent and its programs wait on the counts."""
     q, k, v, y = attention["Q"], attention["K"], attention["V"], attention["Y"]
     B, Hq, T = q.shape[:3]
     gated = attention.get("G") is not None
+    waits = attention.get("SYNC") is not None
     device = q.device.index or 0
     y_fp32 = y.dtype == torch.float32
-    kernel, smem = _kernel(chunk_size, gated, packed, y_fp32, parts, STAGES, MIN_BLOCKS, WARPGROUPS, device)
+    kernel, smem = _kernel(chunk_size, gated, packed, y_fp32, parts, STAGES, MIN_BLOCKS, WARPGROUPS, waits, device)
     sizes = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), Hq, attention["group"], attention.get("gate_heads", 1), attention.get("stride_g", 0),
         attention["state_heads"], attention["state_slots"], T, float(attention["scale"]),
     )  # fmt: skip
     tensors = tuple((i, name) for i, name in TENSORS if attention.get(name) is not None)
+    arguments = (None,) * len(TENSORS) + sizes
+    if waits:
+        tensors += ((len(arguments), "SYNC"),)
+        arguments += (None, *(int(attention[name]) for name in COUNTS))
     grid = (-(-T // rows_per_program(WARPGROUPS)), B * Hq, 1)
     threads = (128 * WARPGROUPS, 1, 1)
-    return CudaLaunch.of(kernel, grid, threads, smem, device, (None,) * len(TENSORS) + sizes, tensors)
+    return CudaLaunch.of(kernel, grid, threads, smem, device, arguments, tensors, dependent=waits)
 
 
 def launch_query(attention: dict, chunk_size: int, packed: bool, parts: str = "both") -> None:
@@ -203,7 +226,10 @@ def record_query_source(spec: KernelSpec, attention: dict) -> None:
     from .cuda_state import record_cuda_source
 
     q, y = attention["Q"], attention["Y"]
-    source = render_query_source(spec.chunk_size, spec.gated, spec.packed_squares, y.dtype == torch.float32)
+    waits = attention.get("SYNC") is not None
+    source = render_query_source(
+        spec.chunk_size, spec.gated, spec.packed_squares, y.dtype == torch.float32, waits=waits
+    )
     shapes = {"q_shape": q.shape, "k_shape": attention["K"].shape, "v_shape": attention["V"].shape}
     record_cuda_source("power_retention_query", source, spec, shapes, "chunked, CUDA query kernel", "sm_90a")
 

@@ -140,7 +140,8 @@ class CudaLaunch:
     (``nvrtc.packed_arguments``: ``values`` with a null pointer at the tensor positions ``tensors`` names, which each
     call fills with its tensors' data pointers; ``types``). ``zeroed``: (position, count, name) of the int32 scratch
     buffers the kernel takes zeroed, allocated and zeroed per call and left in the call's tensors under ``name`` for
-    the launches after it (the fold's ``SYNC``, whose counts the query kernel reads)."""
+    the launches after it (the fold's ``SYNC``, whose counts the query kernel reads). ``dependent``: launched as the
+    previous kernel's programmatic dependent (``nvrtc.CudaKernel.launch_packed``)."""
 
     kernel: object  # nvrtc.CudaKernel
     grid: tuple[int, int, int]
@@ -151,17 +152,28 @@ class CudaLaunch:
     types: tuple
     tensors: tuple[tuple[int, str], ...]
     zeroed: tuple[tuple[int, int, str], ...] = ()
+    dependent: bool = False
 
     @staticmethod
     def of(
-        kernel, grid, block, shared_mem: int, device: int, arguments: tuple, tensors, zeroed: tuple = ()
+        kernel,
+        grid,
+        block,
+        shared_mem: int,
+        device: int,
+        arguments: tuple,
+        tensors,
+        zeroed: tuple = (),
+        dependent: bool = False,
     ) -> CudaLaunch:
         """The launch of ``kernel`` with ``arguments`` in its order (None at the ``tensors`` and ``zeroed``
         positions)."""
         from .nvrtc import packed_arguments
 
         values, types = packed_arguments(kernel.name, arguments)
-        return CudaLaunch(kernel, grid, block, shared_mem, device, tuple(values), tuple(types), tensors, zeroed)
+        return CudaLaunch(
+            kernel, grid, block, shared_mem, device, tuple(values), tuple(types), tensors, zeroed, dependent
+        )
 
     def __call__(self, tensors: dict[str, torch.Tensor]) -> None:
         """Launch on the current stream with ``tensors`` (by name) at the tensor parameters; the zeroed scratch
@@ -174,7 +186,10 @@ class CudaLaunch:
             tensors[name] = torch.zeros(count, dtype=torch.int32, device=self.device)
             values[position] = tensors[name].data_ptr()
         stream = current_stream(self.device)
-        self.kernel.launch_packed(self.grid, self.block, values, self.types, shared_mem=self.shared_mem, stream=stream)
+        self.kernel.launch_packed(
+            self.grid, self.block, values, self.types, shared_mem=self.shared_mem, stream=stream,
+            dependent=self.dependent,
+        )  # fmt: skip
 
 
 def current_stream(device: int) -> int:

@@ -291,15 +291,24 @@ class CudaKernel:
         *,
         shared_mem: int = 0,
         stream: int | None = None,
+        dependent: bool = False,
     ) -> None:
         """``cuLaunchKernel`` with arguments already packed (``packed_arguments``: a repeated launch packs its
-        fixed arguments once)."""
+        fixed arguments once). ``dependent``: ``cuLaunchKernelEx`` with programmatic stream serialization, so that
+        the kernel may start once every program of the kernel before it in the stream has executed
+        ``griddepcontrol.launch_dependents`` (or exited); it must then wait for what it reads by itself."""
         from cuda.bindings import driver
 
         if stream is None:
             stream = torch.cuda.current_stream().cuda_stream
+        arguments = (tuple(values), tuple(types))
+        if not dependent:
+            _check(driver.cuLaunchKernel(self.function, *grid, *block, shared_mem, stream, arguments, 0))
+            return
         _check(
-            driver.cuLaunchKernel(self.function, *grid, *block, shared_mem, stream, (tuple(values), tuple(types)), 0)
+            driver.cuLaunchKernelEx(
+                _dependent_launch_config(grid, block, shared_mem, stream), self.function, arguments, 0
+            )
         )
 
     def max_active_blocks(self, block_threads: int, shared_mem: int = 0) -> int:
@@ -315,6 +324,23 @@ class CudaKernel:
 
         attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NUM_REGS
         return int(_check(driver.cuFuncGetAttribute(attribute, self.function)))
+
+
+def _dependent_launch_config(grid: tuple, block: tuple, shared_mem: int, stream: int) -> object:
+    """``cuLaunchKernelEx``'s configuration of a launch with programmatic stream serialization allowed."""
+    from cuda.bindings import driver
+
+    attribute = driver.CUlaunchAttribute()
+    attribute.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attribute.value.programmaticStreamSerializationAllowed = 1
+    config = driver.CUlaunchConfig()
+    config.gridDimX, config.gridDimY, config.gridDimZ = grid
+    config.blockDimX, config.blockDimY, config.blockDimZ = block
+    config.sharedMemBytes = shared_mem
+    config.hStream = driver.CUstream(stream)
+    config.attrs = [attribute]
+    config.numAttrs = 1
+    return config
 
 
 _LOADED: dict[tuple[int, str, tuple[str, ...]], tuple[CudaKernel, ...]] = {}

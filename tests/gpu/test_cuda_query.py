@@ -48,15 +48,15 @@ def _inputs(case: tuple, seed: int = 0) -> dict:
     return {"q": q, "k": k, "v": v, "log_gate": log_gate, "plan": plan}
 
 
-def _forward(x: dict, monkeypatch, cuda: bool, **options) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _forward(x: dict, monkeypatch, cuda: bool, **options) -> tuple[torch.Tensor, torch.Tensor, list]:
     """y and denom through ``triton_forward`` with the CUDA state kernel, and the CUDA query kernel where ``cuda``;
-    with the number of CUDA query launches the call made."""
+    with the CUDA query launches the call made (``eager_launch.CudaLaunch``)."""
     launches = []
     original = cuda_query.query_launch
 
     def counted(*args, **kwargs):
-        launches.append(1)
-        return original(*args, **kwargs)
+        launches.append(original(*args, **kwargs))
+        return launches[-1]
 
     monkeypatch.setattr(forward, "CUDA_QUERY", cuda)
     monkeypatch.setattr(forward, "CUDA_QUERY_GATED", cuda)
@@ -66,7 +66,7 @@ def _forward(x: dict, monkeypatch, cuda: bool, **options) -> tuple[torch.Tensor,
         x["q"], x["k"], x["v"], scale=0.125, deg=2, log_gate=x["log_gate"], causal=True, valid=None, plan=x["plan"],
         state_kernel=cuda_state.CudaStateHook(), **options,
     )  # fmt: skip
-    return y, den, len(launches)
+    return y, den, launches
 
 
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -100,13 +100,47 @@ def test_four_warpgroups_per_program(case: tuple, stages: int, monkeypatch) -> N
     _check_against_the_oracle_and_triton(case, torch.bfloat16, monkeypatch)
 
 
+BESIDE_CASES = [CASES[1], CASES[2], CASES[6]]
+
+
+@needs_hopper
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize("case", BESIDE_CASES, ids=[c[0] for c in BESIDE_CASES])
+@pytest.mark.parametrize("warpgroups", [2, 4])
+@pytest.mark.parametrize("segments", [None, 3])
+def test_beside_the_state_kernel_as_after_it(case: tuple, warpgroups: int, segments: int | None, monkeypatch) -> None:
+    """Launched as the wgmma state kernel's programmatic dependent (``forward.QUERY_BESIDE_STATES``), every program
+    waiting for its chunk's segment count before it reads the chunk's states, in the order first chunks first: y and
+    denom bitwise those of the launch after the state kernel (the same work per program), and both match the oracle.
+    The planner's segment count and 3 (a fold across segments at every length here)."""
+    if case[5] % cuda_query.rows_per_program(warpgroups):
+        pytest.skip("a program's rows must lie in one chunk")
+    monkeypatch.setattr(cuda_query, "WARPGROUPS", warpgroups)
+    monkeypatch.setattr(cuda_query, "MIN_BLOCKS", 2 if warpgroups == 2 else 1)
+    x = _inputs(case)
+    options = {"y_dtype": torch.bfloat16, "segments": segments}
+    monkeypatch.setattr(forward, "QUERY_BESIDE_STATES", False)
+    y_after, den_after, after = _forward(x, monkeypatch, True, **options)
+    monkeypatch.setattr(forward, "QUERY_BESIDE_STATES", True)
+    y_beside, den_beside, beside = _forward(x, monkeypatch, True, **options)
+    assert [launch.dependent for launch in after] == [False]
+    assert [launch.dependent for launch in beside] == [True], "not launched beside the state kernel"
+    assert torch.equal(y_beside, y_after) and torch.equal(den_beside, den_after)
+    gate = None if x["log_gate"] is None else x["log_gate"].double()
+    numerator, want_den = _weighted_powers(
+        x["q"].double(), x["k"].double(), x["v"].double(), 1, EPS, scale=0.125, deg=2, log_gate=gate, causal=True,
+        valid=None,
+    )  # fmt: skip
+    assert _rel(y_beside, numerator / want_den) <= 1e-2
+
+
 def _check_against_the_oracle_and_triton(case: tuple, y_dtype: torch.dtype, monkeypatch) -> None:
     x = _inputs(case)
     options = {"y_dtype": y_dtype} if y_dtype != torch.float32 else {"for_backward": True}
     y, den, launched = _forward(x, monkeypatch, True, **options)
-    assert launched == 1, "the call did not take the CUDA query kernel"
+    assert len(launched) == 1, "the call did not take the CUDA query kernel"
     y_triton, den_triton, triton_launched = _forward(x, monkeypatch, False, **options)
-    assert triton_launched == 0
+    assert not triton_launched
     gate = None if x["log_gate"] is None else x["log_gate"].double()
     numerator, want_den = _weighted_powers(
         x["q"].double(), x["k"].double(), x["v"].double(), 1, EPS, scale=0.125, deg=2, log_gate=gate, causal=True,
@@ -136,7 +170,7 @@ def test_replayed_calls_take_the_cuda_launch(monkeypatch) -> None:
     x, fresh = _inputs(CASES[2]), _inputs(CASES[2], seed=1)
     with set_wrap_triton_enabled(False):
         _, _, launched = _forward(x, monkeypatch, True, y_dtype=torch.bfloat16)
-        assert launched == 1
+        assert len(launched) == 1
         assert len(replays._KEPT) == 1, "the call was not kept"
         monkeypatch.setattr(forward, "call_shape_class", _never_called)
         y_replayed, _ = forward.triton_forward(
@@ -145,7 +179,7 @@ def test_replayed_calls_take_the_cuda_launch(monkeypatch) -> None:
         )  # fmt: skip
         monkeypatch.undo()
         y_direct, _, launched = _forward(fresh, monkeypatch, True, y_dtype=torch.bfloat16)
-        assert launched == 1
+        assert len(launched) == 1
     assert _rel(y_replayed, y_direct) <= 1e-6
 
 
