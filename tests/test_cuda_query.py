@@ -55,11 +55,34 @@ def test_calls_off_hopper_keep_the_triton_kernel(monkeypatch) -> None:
     assert forward._cuda_query_launch(_spec(), attention) is None
 
 
+def test_gate_rows_must_copy_in_16_byte_pieces() -> None:
+    """The kernel copies the chunk's G in 16-byte pieces: rows 16-byte aligned and at least T rounded up to 4 floats
+    long, else the call keeps the Triton kernel (the reason names G)."""
+    T = 250
+    q = torch.zeros(1, 2, T, 64, dtype=torch.bfloat16)
+    base = {"Q": q, "K": q, "V": q, "Y": torch.empty_like(q), "S_ST": torch.empty(1, 1, 2304, 64)}
+    padded = torch.zeros(1, 2, 256)
+    cases = {
+        "padded rows": (padded, None),
+        "rows of T": (torch.zeros(1, 2, T), "G's rows"),  # a stride of 250 floats: rows 8 bytes off
+        "shorter than T rounded up": (padded[..., :T], "G's rows"),
+        "8 bytes off": (torch.zeros(1, 2, 258)[..., 2:], "G's rows"),
+    }
+    for name, (g, reason) in cases.items():
+        attention = {**base, "G": g, "stride_g": g.stride(1), "gate_heads": 2}
+        got = cuda_query.query_unsupported_reason(attention, 1024)
+        if reason is None:  # past the gate's check: the CPU tensors' own reason
+            assert got == "not a Hopper GPU (sm_90a)", name
+        else:
+            assert got is not None and reason in got, (name, got)
+
+
 def test_shared_memory_fits_a_hopper_sm() -> None:
     """Every launch shape the bench tries fits the 227 KB an H100 or H200 block may take, two programs per SM too."""
     for stages in (3, 4):
         for gated in (False, True):
             assert cuda_query.smem_bytes(1024, gated, stages) * 2 <= 227 * 1024
+    assert cuda_query.smem_bytes(1024, True, 4, packed=False) * 2 <= 227 * 1024
     assert cuda_query.smem_bytes(2048, True, 4) <= 227 * 1024
     # four warpgroups, one program per SM: up to 6 stages at chunks of 1024, gated (the template's static_assert
     # checks the size against its Shared: test_cuda_templates compiles that render)

@@ -41,12 +41,13 @@ def rows_per_program(warpgroups: int) -> int:
     return WARPGROUP_ROWS * warpgroups
 
 
-def smem_bytes(chunk_size: int, gated: bool, stages: int, warpgroups: int = 2) -> int:
-    """The kernel's dynamic shared memory: its ``Shared`` (stages, q's rows, M's halves, the ones, q^T M q per row, the
-    gated key factors per warpgroup; a multiple of 1024 bytes) and 1024 bytes to align it."""
+def smem_bytes(chunk_size: int, gated: bool, stages: int, warpgroups: int = 2, packed: bool = True) -> int:
+    """The kernel's dynamic shared memory: its ``Shared`` (stages, q's rows, M's halves, the ones, q^T M q per row;
+    gated, the chunk's G and the key factors per warpgroup, bf16 with ``packed`` squares, else float32; a multiple of
+    1024 bytes) and 1024 bytes to align it."""
     rows = rows_per_program(warpgroups) * (128 + 4)  # q's rows, q^T M q
-    factors = warpgroups * chunk_size * 4 if gated else 0
-    shared = stages * STAGE_BYTES + rows + 2 * 64 * 128 + 16 * 64 * 2 + factors
+    gate = (chunk_size + 4) * 4 + warpgroups * chunk_size * (2 if packed else 4) if gated else 0
+    shared = stages * STAGE_BYTES + rows + 2 * 64 * 128 + 16 * 64 * 2 + gate
     return -(-shared // 1024) * 1024 + 1024
 
 
@@ -110,7 +111,7 @@ def _render(
         stages=stages,
         min_blocks=min_blocks,
         eps=repr(float(EPS)),
-        smem_bytes=smem_bytes(chunk_size, gated, stages, warpgroups),
+        smem_bytes=smem_bytes(chunk_size, gated, stages, warpgroups, packed),
         parts=parts,
         warpgroups=warpgroups,
         waits=waits,
@@ -153,11 +154,28 @@ def query_unsupported_reason(attention: dict | None, chunk_size: int) -> str | N
         (y.dtype in (torch.bfloat16, torch.float32) and y.is_contiguous(), "y neither bf16 nor float32, contiguous"),
         (attention["S_ST"].shape[2] == cherry_features(64), "chunk states not in the cherry layout"),
         (strides_fit_32_bits(q, k, v), "strides past 32 bits"),
+        (
+            _gate_rows_fit(attention.get("G"), attention.get("stride_g", 0), q.shape[2]),
+            "G's rows not in 16-byte pieces",
+        ),
         (nvrtc.tensor_arch(q.device) == "sm_90a", "not a Hopper GPU (sm_90a)"),
         # (a traced call's tensors have no address: the custom op copies rows that are not dense)
         (not has_storage(q) or all(map(has_dense_rows, (q, k, v))), "q, k or v without 16-byte aligned, dense rows"),
     )
     return next((why for ok, why in checks if not ok), None)
+
+
+def _gate_rows_fit(g: torch.Tensor | None, stride_g: int, T: int) -> bool:
+    """Whether the kernel may copy the cumulative log-gate ``g`` (B, gate_heads, >= T) float32 in 16-byte pieces: rows
+    16-byte aligned (row stride ``stride_g`` a multiple of 4 floats, contiguous along keys) and at least T rounded up
+    to 4 floats long (a piece that starts below T lies in its row). True without a gate; a traced call's tensors
+    have no address (the op's G comes from the gate's cumsum, whose rows are padded to 16 keys)."""
+    from .fitting import has_storage
+
+    if g is None:
+        return True
+    aligned = not has_storage(g) or g.data_ptr() % 16 == 0
+    return aligned and g.stride(-1) == 1 and stride_g % 4 == 0 and g.shape[-1] >= -(-T // 4) * 4
 
 
 # The kernel's tensor parameters by position, named as ``triton_forward`` names the query kernel's arguments.
@@ -182,7 +200,7 @@ def _kernel(
 ) -> tuple[object, int]:
     from .cuda_state import load_with_shared_memory
 
-    smem = smem_bytes(chunk_size, gated, stages, warpgroups)
+    smem = smem_bytes(chunk_size, gated, stages, warpgroups, packed)
     source = render_query_source(chunk_size, gated, packed, y_fp32, stages, min_blocks, parts, warpgroups, waits)
     return load_with_shared_memory(source, KERNEL_NAME, smem, device), smem
 

@@ -62,10 +62,13 @@ def _forward(x: dict, monkeypatch, cuda: bool, **options) -> tuple[torch.Tensor,
     monkeypatch.setattr(forward, "CUDA_QUERY_GATED", cuda)
     monkeypatch.setattr(cuda_query, "query_launch", counted)
     replays.clear()
-    y, den = forward.triton_forward(
-        x["q"], x["k"], x["v"], scale=0.125, deg=2, log_gate=x["log_gate"], causal=True, valid=None, plan=x["plan"],
-        state_kernel=cuda_state.CudaStateHook(), **options,
-    )  # fmt: skip
+    try:
+        y, den = forward.triton_forward(
+            x["q"], x["k"], x["v"], scale=0.125, deg=2, log_gate=x["log_gate"], causal=True, valid=None,
+            plan=x["plan"], state_kernel=cuda_state.CudaStateHook(), **options,
+        )  # fmt: skip
+    finally:  # (a later call's counter must not count through this one)
+        monkeypatch.setattr(cuda_query, "query_launch", original)
     return y, den, launches
 
 
