@@ -294,23 +294,24 @@ def main() -> None:
         help="more CUDA launches timed, as 2x3 or 1x6x4: programs per SM x stages [x warpgroups, default 2]",
     )  # fmt: skip
     args = parser.parse_args()
-    checks = []
-    for T in args.check_lengths:
-        for gated in (False, True):
-            checks.append(check_against_oracle(T, gated))
-            print("oracle", json.dumps(checks[-1]), flush=True)
-    rows = [
-        measure(T, gated, args.rounds, args.configs, chunk)
-        for T in args.lengths
-        for chunk in args.chunks
-        for gated in (False, True)
-    ]
     gpu = torch.cuda.get_device_name().replace(" ", "-")
     commit = git_commit(args.commit)
     out = RESULTS / f"cuda_query_{gpu}_{date.today().isoformat()}_{commit}.json"
-    out.write_text(
-        json.dumps({"command": command_line(), "commit": commit, "gpu": gpu, "checks": checks, "rows": rows}, indent=1)
-    )
+    record: dict = {"command": command_line(), "commit": commit, "gpu": gpu, "checks": [], "rows": []}
+
+    def save() -> None:  # after every result: a run cut by a time limit keeps what it measured
+        out.write_text(json.dumps(record, indent=1))
+
+    for T in args.check_lengths:
+        for gated in (False, True):
+            record["checks"].append(check_against_oracle(T, gated))
+            print("oracle", json.dumps(record["checks"][-1]), flush=True)
+            save()
+    for T in args.lengths:
+        for chunk in args.chunks:
+            for gated in (False, True):
+                record["rows"].append(measure(T, gated, args.rounds, args.configs, chunk))
+                save()
     print("wrote", out)
 
 

@@ -129,14 +129,17 @@ def test_custom_op_fake_shapes() -> None:
 
 
 def test_the_flags_choose_the_route(monkeypatch) -> None:
-    """By default no call takes the CUDA kernel (it measured no faster for the whole forward); ``CUDA_QUERY`` lets
-    ungated calls through to the tensor checks, and ``CUDA_QUERY_GATED`` gated ones as well."""
+    """By default calls take the CUDA kernel where they can, gated or not, at chunks up to ``CUDA_QUERY_MAX_CHUNK``
+    (at 2048 it measured slower); ``CUDA_QUERY_GATED`` off keeps gated calls on Triton's kernel, ``CUDA_QUERY`` off
+    every call."""
     q = torch.zeros(1, 2, 256, 64, dtype=torch.bfloat16)
     attention = {"Q": q, "K": q, "V": q, "Y": torch.empty_like(q), "S_ST": torch.empty(1, 1, 2304, 64)}
     monkeypatch.setattr(cuda_query, "query_unsupported_reason", lambda *args: None)  # as if on an H200
     ungated, gated = _spec(gated=False), _spec(gated=True)
-    assert not forward._takes_cuda_query(ungated, attention) and not forward._takes_cuda_query(gated, attention)
-    monkeypatch.setattr(forward, "CUDA_QUERY", True)
+    assert forward._takes_cuda_query(ungated, attention) and forward._takes_cuda_query(gated, attention)
+    long_chunks = dataclasses.replace(gated, chunk_size=2048)
+    assert cuda_query.query_unsupported(long_chunks) is None and not forward._takes_cuda_query(long_chunks, attention)
+    monkeypatch.setattr(forward, "CUDA_QUERY_GATED", False)
     assert forward._takes_cuda_query(ungated, attention) and not forward._takes_cuda_query(gated, attention)
-    monkeypatch.setattr(forward, "CUDA_QUERY_GATED", True)
-    assert forward._takes_cuda_query(gated, attention)
+    monkeypatch.setattr(forward, "CUDA_QUERY", False)
+    assert not forward._takes_cuda_query(ungated, attention)

@@ -28,7 +28,10 @@ from .triton_source import KernelSpec
 TEMPLATE = "query_wgmma.cu.j2"
 KERNEL_NAME = "retention_query"
 WARPGROUP_ROWS = 64  # query rows per warpgroup (its wgmma products' M)
-STAGES = 4  # copy stages of 16 KB (benchmarks and tests may set it, MIN_BLOCKS and WARPGROUPS before a launch)
+# Copy stages of 16 KB (benchmarks and tests may set it, MIN_BLOCKS and WARPGROUPS before a launch). 3 at two programs
+# per SM: the whole forward at T=65536 on an H100 (25c1bee, forward_notes.md session 73), 2 programs x stages [x
+# warpgroups] ungated / gated: 2x3 0.948 / 1.036 ms, 2x4 0.992 / 1.037, 1x4x4 0.962 / 1.028 (Triton's 0.952 / 1.066).
+STAGES = 3
 MIN_BLOCKS = 2  # programs per SM the registers are capped for
 WARPGROUPS = 2  # warpgroups per program (2 or 4; 4 stages each state slice and key block once for twice the rows)
 STAGE_BYTES = 16384

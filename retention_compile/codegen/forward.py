@@ -145,15 +145,15 @@ DENOMINATOR_BY_DOT_FLOAT32 = False
 # 0.266 ms ungated, 0.300 -> 0.296 gated (lower in 8 of 8 rounds each), T=65536 ungated 0.945 -> 0.938 (8 of 8); gated
 # T=65536 1.032 -> 1.027, within the noise (the state kernel's last round has few idle SMs to give).
 QUERY_BESIDE_STATES = True
-# The chunked causal query kernel on wgmma (``cuda_query``, two programs per SM) where a call can take it, eager or
-# traced (its custom op), gated too where ``CUDA_QUERY_GATED``. Off: it did not make the forward faster where it
-# counts. b1 h8 d64 bf16, do_bench medians of 3 alternated rounds on the same states (benchmarks/bench_cuda_query.py,
-# session 72), query kernel Triton -> CUDA: T=65536 chunk 1024 ungated 0.536 -> 0.489 ms on an H200 (8cd7781), 0.511 ->
-# 0.495 on an H100 (0a8e9da; the whole forward 0.968 -> 0.958); gated 0.586 -> 0.575 (H200, 3 stages), 0.578 -> 0.588
-# (H100); T=16384 on the H100 (chunk 2048) 0.158 -> 0.175 ungated and the whole forward 0.268 -> 0.314 (the CUDA
-# kernel runs after the state kernel, not beside it: ``QUERY_BESIDE_STATES``'s overlap is lost).
-CUDA_QUERY = False
-CUDA_QUERY_GATED = False
+# The chunked causal query kernel on wgmma (``cuda_query``) where a call can take it, eager or traced (its custom op),
+# gated too where ``CUDA_QUERY_GATED``, for chunks up to ``CUDA_QUERY_MAX_CHUNK``; eager calls launch it beside the
+# state kernel (``QUERY_BESIDE_STATES``). b1 h8 d64 bf16, H100 at 25c1bee (benchmarks/bench_cuda_query.py, do_bench
+# medians of 3 alternated rounds, forward_notes.md session 73): T=65536 chunk 1024, query kernel Triton -> CUDA
+# ungated 0.515 -> 0.496 ms, gated 0.573 -> 0.533; the whole forward ungated 0.952 -> 0.948, gated 1.066 ->
+# 1.036. At chunks of 2048 (the H100's plan at T=16384) it loses: ungated 0.158 -> 0.176, the forward 0.269 -> 0.278.
+CUDA_QUERY = True
+CUDA_QUERY_GATED = True
+CUDA_QUERY_MAX_CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -581,6 +581,7 @@ def _takes_cuda_query(spec: KernelSpec, attention: dict) -> bool:
     return (
         CUDA_QUERY
         and (CUDA_QUERY_GATED or not spec.gated)
+        and spec.chunk_size <= CUDA_QUERY_MAX_CHUNK
         and cuda_query.query_unsupported(spec) is None
         and cuda_query.query_unsupported_reason(attention, spec.chunk_size) is None
     )
@@ -739,8 +740,8 @@ def launch_tunables() -> tuple:
     return (
         *_tunables(), GATE_SCAN_BLOCK, WIDE_HEAD, WIDE_BLOCK_T, WIDE_STAGES, MIN_BLOCK_E, MAX_CHUNKED_HEAD,
         STATE_WAVES, STATE_WARPS, STATE_STAGES, CHUNK_QUERY_WARPS, SCAN_WARPS, SCAN_BLOCK, NARROW_QUERY_LAUNCH, CONFIG,
-        QUERY_BESIDE_STATES, CUDA_QUERY, CUDA_QUERY_GATED, cuda_query.STAGES, cuda_query.MIN_BLOCKS,
-        cuda_query.WARPGROUPS,
+        QUERY_BESIDE_STATES, CUDA_QUERY, CUDA_QUERY_GATED, CUDA_QUERY_MAX_CHUNK, cuda_query.STAGES,
+        cuda_query.MIN_BLOCKS, cuda_query.WARPGROUPS,
     )  # fmt: skip
 
 
