@@ -233,8 +233,8 @@ class CudaKernel:
     def __init__(self) -> None:
         self.launches: list[tuple] = []
 
-    def launch_packed(self, grid, block, values, types, *, shared_mem=0, stream=None) -> None:
-        self.launches.append((grid, block, tuple(values), tuple(types), shared_mem, stream))
+    def launch_packed(self, grid, block, values, types, *, shared_mem=0, stream=None, dependent=False) -> None:
+        self.launches.append((grid, block, tuple(values), tuple(types), shared_mem, stream, dependent))
 
 
 def test_a_kept_cuda_launch_packs_once_and_passes_each_calls_data_pointers(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -246,12 +246,19 @@ def test_a_kept_cuda_launch_packs_once_and_passes_each_calls_data_pointers(monke
     kept = CudaLaunch.of(kernel, (8, 20, 4), (256, 1, 1), 1024, 0, arguments, ((0, "K"), (1, "V"), (3, "S")))
     k, v, state = torch.randn(2), torch.randn(2), torch.empty(3)
     kept({"K": k, "V": v, "S": state, "unused": torch.zeros(1)})
-    ((grid, block, values, types, shared_mem, stream),) = kernel.launches
-    assert (grid, block, shared_mem, stream) == ((8, 20, 4), (256, 1, 1), 1024, "stream of 0")
+    ((grid, block, values, types, shared_mem, stream, dependent),) = kernel.launches
+    assert (grid, block, shared_mem, stream, dependent) == ((8, 20, 4), (256, 1, 1), 1024, "stream of 0", False)
     assert values == (k.data_ptr(), v.data_ptr(), 5, state.data_ptr(), 0.5)
     assert types == (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_float)
     with pytest.raises(KeyError):
         kept({"K": k, "V": v})
+    # a programmatic dependent of the kernel before it (the query kernel beside the state kernel) says so each time
+    beside = CudaLaunch.of(
+        kernel, (8, 20, 4), (256, 1, 1), 1024, 0, arguments, ((0, "K"), (1, "V"), (3, "S")), (), True
+    )
+    beside({"K": k, "V": v, "S": state})
+    beside({"K": k, "V": v, "S": state})
+    assert [launch[-1] for launch in kernel.launches] == [False, True, True]
 
 
 def test_a_kept_cuda_launch_zeroes_its_scratch_per_call_and_leaves_it_to_the_launches_after_it(
