@@ -66,7 +66,7 @@ def test_gate_rows_must_copy_in_16_byte_pieces() -> None:
         "padded rows": (padded, None),
         "rows of T": (torch.zeros(1, 2, T), "G's rows"),  # a stride of 250 floats: rows 8 bytes off
         "shorter than T rounded up": (padded[..., :T], "G's rows"),
-        "8 bytes off": (torch.zeros(1, 2, 258)[..., 2:], "G's rows"),
+        "8 bytes off": (torch.zeros(1, 2, 260)[..., 2:], "G's rows"),  # a stride of 260: only the start is off
     }
     for name, (g, reason) in cases.items():
         attention = {**base, "G": g, "stride_g": g.stride(1), "gate_heads": 2}
