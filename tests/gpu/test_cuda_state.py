@@ -15,7 +15,16 @@ import torch
 
 import retention_compile as rc
 from retention_compile import inspection
-from retention_compile.codegen import backward, cherries, choice, cuda_state, cuda_state_terms, forward, replays
+from retention_compile.codegen import (
+    backward,
+    cherries,
+    choice,
+    cuda_query,
+    cuda_state,
+    cuda_state_terms,
+    forward,
+    replays,
+)
 from retention_compile.codegen.cuda_state import StateKernelConfig, chunk_states
 from retention_compile.codegen.triton_source import load_forward
 from retention_compile.planning import Plan
@@ -185,20 +194,32 @@ class _CountingHook(cuda_state.CudaStateHook):
         return produced
 
 
+@pytest.mark.parametrize("cuda_query_route", [True, False], ids=["cuda_query", "triton_query"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_the_fold_counts_every_program_and_the_query_kernel_waits_on_it(case: tuple, monkeypatch) -> None:
+def test_the_fold_counts_every_program_and_the_query_kernel_waits_on_it(
+    case: tuple, cuda_query_route: bool, monkeypatch
+) -> None:
     """The fold's SYNC words after a forward: the ticket took every program once, and DONE holds for every head and
     segment the count the query kernel waits for (one short and it would wait forever). Causal, the query kernel was
-    launched beside the state kernel, waiting on them, and y matches the oracle."""
+    launched beside the state kernel, waiting on them, and y matches the oracle: Triton's query kernel, or the CUDA
+    one where ``forward.CUDA_QUERY`` is on and the call's shapes take it."""
+    monkeypatch.setattr(forward, "CUDA_QUERY", cuda_query_route)
     hook = _CountingHook()
-    waited = []
-    launch = forward._launch
+    waited = []  # per query-kernel launch: whether it waits on the fold's counts as the state kernel's dependent
+    triton_launch, cuda_launch = forward._launch, cuda_query.query_launch
 
-    def spy(kernel, grid, kwargs, *rest, **options):
-        waited.append("SYNC" in kwargs)
-        return launch(kernel, grid, kwargs, *rest, **options)
+    def triton_spy(kernel, grid, kwargs, *rest, **options):
+        if "S_ST" in kwargs:  # the query kernel reads the states the state kernels write
+            waited.append("SYNC" in kwargs and options.get("dependent", False))
+        return triton_launch(kernel, grid, kwargs, *rest, **options)
 
-    monkeypatch.setattr(forward, "_launch", spy)
+    def cuda_spy(attention, *rest, **options):
+        made = cuda_launch(attention, *rest, **options)
+        waited.append("SYNC" in attention and made.dependent)
+        return made
+
+    monkeypatch.setattr(forward, "_launch", triton_spy)
+    monkeypatch.setattr(cuda_query, "query_launch", cuda_spy)
     x = _inputs(case, seed=3)
     y, _ = _forward(x, hook)
     seen = hook.seen
@@ -210,7 +231,7 @@ def test_the_fold_counts_every_program_and_the_query_kernel_waits_on_it(case: tu
     assert len(sync) == offset + heads * n_seg
     assert sync[0].item() == heads * target * n_seg
     assert sync[offset:].tolist() == [target] * (heads * n_seg)
-    assert waited[-1] == x["kwargs"]["causal"]
+    assert len(waited) == 1 and waited[0] == x["kwargs"]["causal"]
     assert _rel(y, _oracle(x)) < 1e-2
 
 
