@@ -27,6 +27,8 @@ matmul measured in the same run. Competitors run at ``--competitors`` lengths wh
 first.
 
 Rows are measured the bars' lengths first (``BAR_LENGTHS``), each ungated then gated, the table printed in order of T.
+Each column's timing prints a progress line (stderr) with the seconds it took, compiles included (the row's
+``seconds``): the competitors and the compiled columns take minutes at T=65536, more than a device call may have left.
 Writes ``forward_<gpu>_<date>.json`` (after every row) and ``forward_<gpu>_<date>.png`` (time vs T, log-log)
 under ``--out``.
 """
@@ -40,6 +42,7 @@ import json
 import math
 import platform
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -388,7 +391,9 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("T")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("forward ms (median)")
-    axes[1].legend()
+    for ax in axes:  # a run cut before its gated rows drew the ungated panel alone
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -424,10 +429,15 @@ def measure(
         row["breakdown"] = breakdown(x, best, tuned["segments"])
     if competitors:
         makers.update(manifest=lambda: manifest(x), fla=lambda: fla(x))
+    row["seconds"] = {}  # per column, the wall time its timing took (compiles and warm-up included): to plan a run
     for name, maker in makers.items():
+        begin = time.perf_counter()
         row[name], error = timed(maker)
+        row["seconds"][name] = round(time.perf_counter() - begin, 1)
         if error:
             row["errors"][name] = error
+        print(f"  T={T} {'gated' if gated else 'ungated'} {name}: {_fmt(row[name]).strip()} ms "
+              f"({row['seconds'][name]} s){' ' + error if error else ''}", file=sys.stderr, flush=True)  # fmt: skip
     if row.get("sdpa_default"):
         row["sdpa_default_kernel"] = busiest_kernel(sdpa(x, None))
     timings = [(row.get("ours"), plan), (row.get("ours_graph"), plan)]
