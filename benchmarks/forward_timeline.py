@@ -14,12 +14,17 @@ So the median splits into the kernels' own time, the gaps between them and what 
 the gate's cumsum). Writes ``forward_timeline_<gpu>_<date>.json`` (the commit inside) and a ``.png`` of the traced
 calls under ``--out`` (default ``benchmarks/results``).
 
-    python benchmarks/forward_timeline.py [--T 65536] [--calls 12] [--out DIR] [--commit SHA]
+    python benchmarks/forward_timeline.py [--T 65536] [--calls 12] [--graph] [--out DIR] [--commit SHA]
+
+``--graph`` adds each gating's CUDA-graph replay (``bench_forward``'s "graph" column), traced the same way: where a
+replay's median goes that the eager call's does not (graph replays have read 0.02-0.05 ms above eager calls at
+T=65536, forward_notes session 74).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import tempfile
@@ -95,14 +100,16 @@ def traced_calls(run: Callable[[], object], flush: Callable[[], None], calls: in
         return calls_from_trace(json.loads(trace.read_text())["traceEvents"])
 
 
-def measure(T: int, gated: bool, calls: int) -> dict:
+def measure(T: int, gated: bool, calls: int, graph: bool = False) -> dict:
+    """One row: the eager call (``graph``: its CUDA-graph replay, ``bench_forward.graphed``) timed and traced."""
     import torch
-    from bench_forward import bench_ms, inputs, ours
+    from bench_forward import bench_ms, graphed, inputs, ours
 
     from retention_compile.ops import resolve_plan
 
     x = inputs(T, gated)
     run = ours(x, resolve_plan(x["q"], x["k"], x["v"], 2, gated, 0))
+    run = graphed(run) if graph else run
     run()
     torch.cuda.synchronize()
     flush = l2_flush()
@@ -110,6 +117,7 @@ def measure(T: int, gated: bool, calls: int) -> dict:
     return {
         "T": T,
         "gated": gated,
+        "run": "graph" if graph else "eager",
         "do_bench_ms": [bench_ms(run) for _ in range(3)],
         "events_flushed_ms": [event_medians(run, flush) for _ in range(3)],
         "events_unflushed_ms": [event_medians(run, None) for _ in range(3)],
@@ -136,7 +144,7 @@ def plot(rows: list[dict], path: Path) -> None:
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles))
         ax.legend(unique.values(), unique.keys(), fontsize=7, loc="lower right")
-        ax.set_title(f"T={row['T']} {'gated' if row['gated'] else 'ungated'}: do_bench "
+        ax.set_title(f"T={row['T']} {'gated' if row['gated'] else 'ungated'} {row.get('run', 'eager')}: do_bench "
                      f"{min(row['do_bench_ms']):.3f}-{max(row['do_bench_ms']):.3f} ms", fontsize=9)  # fmt: skip
         ax.set_xlabel("us after the L2 flush")
         ax.set_ylabel("call")
@@ -150,18 +158,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--calls", type=int, default=12)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--commit", default=None)
+    parser.add_argument("--graph", action="store_true", help="each gating's CUDA-graph replay too, after its eager")
     args = parser.parse_args(argv)
     from bench_forward import result_header
 
     base, record = result_header("forward_timeline", args.out, args.commit)
     record["rows"] = []
-    for gated in (False, True):
-        row = measure(args.T, gated, args.calls)
+    for gated, graph in itertools.product((False, True), (False, True) if args.graph else (False,)):
+        row = measure(args.T, gated, args.calls, graph)
         record["rows"].append(row)
         spans = row["span_us"]
-        print(f"T={args.T} gated={gated}: do_bench {row['do_bench_ms']}, events flushed {row['events_flushed_ms']}, "
-              f"unflushed {row['events_unflushed_ms']}; flush end -> last kernel end "
-              f"{min(spans):.1f}-{max(spans):.1f} us", flush=True)  # fmt: skip
+        print(f"T={args.T} gated={gated} {row['run']}: do_bench {row['do_bench_ms']}, "
+              f"events flushed {row['events_flushed_ms']}, unflushed {row['events_unflushed_ms']}; "
+              f"flush end -> last kernel end {min(spans):.1f}-{max(spans):.1f} us", flush=True)  # fmt: skip
         for kernel in row["calls"][0]["kernels"]:
             print(f"    {kernel['name'][:60]:60s} start {kernel['start_us']:8.2f} us  {kernel['dur_us']:8.2f} us")
         base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
