@@ -5,20 +5,20 @@ and ungated.
     python benchmarks/bench_forward.py [--out DIR] [--T 1024 2048 ...] [--tune 65536] [--competitors T ...]
         [--compiled T ...]
 
-Times are medians of ``triton.testing.do_bench`` (warmup 25 ms, rep 100 ms). "ours" is ``triton_forward`` run
-eagerly as the body of a ``triton_op`` runs it (kernels launched directly, Python overhead included, as SDPA's
-is), with the Plan that ``planning.plan`` picks for the shape and the state kernel ``codegen="auto"`` picks (the
-row's ``state_kernel``: the CUDA one where measured faster), y stored in bf16 as by the op's forward that no backward
-follows (``for_backward=False``; runs up to session 25 stored it in float32); "ours graph" replays the same call
-from a CUDA graph (no launch overhead, as in a compiled model with CUDA graphs). "ours compiled" (at the
-``--compiled`` lengths, default 65536) is the public ``power_retention`` under ``torch.compile`` (fullgraph, no grad):
-a compiled model's path, through Inductor's generated code (the same query launch as eager calls,
-``forward.NARROW_QUERY_LAUNCH``, since session 53). "ours dynamic" (at the ``--dynamic`` lengths, default 65536)
-is the same under ``torch.compile(dynamic=True)``, called first at T=1000: the graph a model serving several lengths
-runs, whose Plan and state kernel are chosen per call from the concrete length. ``--tune T`` first times,
-gated at length T, the kernel variants of the chunked query kernel, two chunk sizes and several segment counts, keeps
-the fastest variant for the whole run and reports the fastest configuration as "ours best" with a per-kernel
-breakdown.
+Times are medians over ``ROUNDS`` rounds (below) of ``triton.testing.do_bench`` medians (warmup 25 ms, rep 100 ms).
+"ours" is ``triton_forward`` run eagerly as the body of a ``triton_op`` runs it (kernels launched directly, Python
+overhead included, as SDPA's is), with the Plan that ``planning.plan`` picks for the shape and the state kernel
+``codegen="auto"`` picks (the row's ``state_kernel``: the CUDA one where measured faster), y stored in bf16 as by
+the op's forward that no backward follows (``for_backward=False``; runs up to session 25 stored it in float32);
+"ours graph" replays the same call from a CUDA graph (no launch overhead, as in a compiled model with CUDA graphs).
+"ours compiled" (at the ``--compiled`` lengths, default 65536) is the public ``power_retention`` under
+``torch.compile`` (fullgraph, no grad): a compiled model's path, through Inductor's generated code (the same query
+launch as eager calls, ``forward.NARROW_QUERY_LAUNCH``, since session 53). "ours dynamic" (at the ``--dynamic``
+lengths, default 65536) is the same under ``torch.compile(dynamic=True)``, called first at T=1000: the graph a model
+serving several lengths runs, whose Plan and state kernel are chosen per call from the concrete length. ``--tune T``
+first times, gated at length T, the kernel variants of the chunked query kernel, two chunk sizes and several segment
+counts, keeps the fastest variant for the whole run and reports the fastest configuration as "ours best" with a
+per-kernel breakdown.
 "sdpa" is SDPA on PyTorch's flash backend (FlashAttention-2), "sdpa default" SDPA on the backend it picks itself
 (``sdpa_default_kernel`` names the kernel it ran: cuDNN's on the H200 with torch 2.11, the faster one). Achieved
 rate: FLOP the kernels execute (tiled state, see ``executed_flops``) over the fastest time, as a fraction of a bf16
@@ -27,8 +27,11 @@ matmul measured in the same run. Competitors run at ``--competitors`` lengths wh
 first.
 
 Rows are measured the bars' lengths first (``BAR_LENGTHS``), each ungated then gated, the table printed in order of T.
-Each column's timing prints a progress line (stderr) with the seconds it took, compiles included (the row's
-``seconds``): the competitors and the compiled columns take minutes at T=65536, more than a device call may have left.
+A row's columns are made first (compiled, captured, called once), then timed in ``ROUNDS`` rounds, each round in
+an order rotated from the last's, and a column's time is the median of its rounds' (``rounds_ms``): the card's clock
+drifts within a row, and a column always timed after another read slower for it. Each column made prints a
+progress line (stderr); the row's ``seconds`` are what each column took, making included (the competitors and the
+compiled columns take minutes at T=65536, more than a device call may have left).
 Writes ``forward_<gpu>_<date>.json`` (after every row) and ``forward_<gpu>_<date>.png`` (time vs T, log-log)
 under ``--out``.
 """
@@ -41,6 +44,7 @@ import datetime
 import json
 import math
 import platform
+import statistics
 import sys
 import time
 import traceback
@@ -249,8 +253,57 @@ def timed(fn_maker: Callable[[], Callable[[], object]]) -> tuple[float | None, s
     try:
         return bench_ms(fn_maker()), None
     except Exception as exc:  # a competitor that fails is reported, not fatal
+        return None, failure(exc)
+
+
+def failure(exc: Exception) -> str:
+    """A failed column's record (its work on the GPU waited for first: the next column's timing starts clean)."""
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
-        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+# Each column of a row is timed once per round, in an order rotated between rounds: the card's clock drifts within a
+# row (its power and heat), and a column always timed after another paid for it (session 74: graph replays read
+# 0.02-0.05 ms above the eager call at T=65536 when timed after it, the same when alternated with it).
+ROUNDS = 3
+
+
+def timed_in_turns(
+    makers: dict[str, Callable[[], Callable[[], object]]], rounds: int = ROUNDS, label: str = ""
+) -> tuple[dict[str, list[float]], dict[str, str], dict[str, float]]:
+    """Every column's run made (compiled, captured) and called once, then ``bench_ms`` of each run once per round,
+    round r starting at column r (mod the count). Returns per column its rounds' medians (empty where it failed),
+    the failures, and the seconds it took in all (making included). Prints a progress line (stderr) per column made,
+    prefixed with ``label``."""
+    runs: dict[str, Callable[[], object]] = {}
+    errors: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    for name, maker in makers.items():
+        begin = time.perf_counter()
+        try:
+            run = maker()
+            run()
+            runs[name] = run
+        except Exception as exc:  # a competitor that fails is reported, not fatal
+            errors[name] = failure(exc)
+        seconds[name] = time.perf_counter() - begin
+        print(f"  {label}{name}: made in {seconds[name]:.1f} s{' ' + errors[name] if name in errors else ''}",
+              file=sys.stderr, flush=True)  # fmt: skip
+    samples: dict[str, list[float]] = {name: [] for name in makers}
+    names = list(runs)
+    for r in range(rounds if names else 0):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            if name in errors:  # failed in an earlier round
+                continue
+            begin = time.perf_counter()
+            try:
+                samples[name].append(bench_ms(runs[name]))
+            except Exception as exc:
+                errors[name] = failure(exc)
+                samples[name] = []
+            seconds[name] += time.perf_counter() - begin
+    return samples, errors, seconds
 
 
 def tune(x: dict, T: int, gated: bool, base: planning.Plan) -> list[dict]:
@@ -429,15 +482,11 @@ def measure(
         row["breakdown"] = breakdown(x, best, tuned["segments"])
     if competitors:
         makers.update(manifest=lambda: manifest(x), fla=lambda: fla(x))
-    row["seconds"] = {}  # per column, the wall time its timing took (compiles and warm-up included): to plan a run
-    for name, maker in makers.items():
-        begin = time.perf_counter()
-        row[name], error = timed(maker)
-        row["seconds"][name] = round(time.perf_counter() - begin, 1)
-        if error:
-            row["errors"][name] = error
-        print(f"  T={T} {'gated' if gated else 'ungated'} {name}: {_fmt(row[name]).strip()} ms "
-              f"({row['seconds'][name]} s){' ' + error if error else ''}", file=sys.stderr, flush=True)  # fmt: skip
+    samples, row["errors"], seconds = timed_in_turns(makers, label=f"T={T} {'gated' if gated else 'ungated'} ")
+    row["rounds_ms"] = samples  # per column, its rounds' medians in the order of the rounds
+    row["seconds"] = {name: round(t, 1) for name, t in seconds.items()}  # per column, making included: to plan a run
+    for name, values in samples.items():
+        row[name] = statistics.median(values) if values else None
     if row.get("sdpa_default"):
         row["sdpa_default_kernel"] = busiest_kernel(sdpa(x, None))
     timings = [(row.get("ours"), plan), (row.get("ours_graph"), plan)]
