@@ -32,8 +32,9 @@ an order rotated from the last's, and a column's time is the median of its round
 drifts within a row, and a column always timed after another read slower for it. Each column made prints a
 progress line (stderr); the row's ``seconds`` are what each column took, making included (the competitors and the
 compiled columns take minutes at T=65536, more than a device call may have left).
-Writes ``forward_<gpu>_<date>.json`` (after every row) and ``forward_<gpu>_<date>.png`` (time vs T, log-log)
-under ``--out``.
+A run with both lengths of ``ODD_LENGTH_PAIR`` (the odd-length bar) ends by timing "ours" at the two in turns
+(``odd_length``: per gating, each length's median and their ratio). Writes ``forward_<gpu>_<date>.json`` (after
+every row) and ``forward_<gpu>_<date>.png`` (time vs T, log-log) under ``--out``.
 """
 
 from __future__ import annotations
@@ -500,6 +501,29 @@ def measure(
     return row
 
 
+# The odd-length bar (issue 5): T=65529 within 3% of T=65536. Their rows are timed minutes apart, and the card's clock
+# drifts by as much between rows (forward_notes, session 74), so the two are timed again in turns at the end of a run
+# that has both.
+ODD_LENGTH_PAIR = (65536, 65529)
+ODD_LENGTH_ROUNDS = 5
+
+
+def odd_length_check(spec: hardware.GpuSpec, gated: bool, rounds: int = ODD_LENGTH_ROUNDS) -> dict:
+    """The eager "ours" (the planner's Plan) at both lengths of ``ODD_LENGTH_PAIR``, timed in turns
+    (``timed_in_turns``): per length the median of its rounds, the odd length's over the even one's (``ratio``), and
+    the rounds."""
+    makers = {}
+    for T in ODD_LENGTH_PAIR:
+        plan = planning.plan(spec, T=T, d=D, e=D, deg=2, dtype=torch.bfloat16, gated=gated, batch_heads=B * H)
+        makers[T] = lambda T=T, plan=plan: ours(inputs(T, gated), plan)
+    samples, errors, _ = timed_in_turns(makers, rounds, label=f"odd length {'gated' if gated else 'ungated'} T=")
+    if errors:
+        return {"gated": gated, "ms": {}, "ratio": float("nan"), "errors": errors}
+    ms = {T: statistics.median(values) for T, values in samples.items()}
+    even, odd = ODD_LENGTH_PAIR
+    return {"gated": gated, "ms": ms, "ratio": ms[odd] / ms[even], "rounds_ms": samples}
+
+
 def eager_overhead_profile(T: int = 2048, calls: int = 300) -> str:
     """cProfile of eager calls (the planner's Plan, ungated): where the host time goes."""
     import cProfile
@@ -562,6 +586,13 @@ def main() -> None:
         )
 
     record_rows(record, base, args.T, measure_row, _line, plot, first=BAR_LENGTHS)
+    if all(T in args.T for T in ODD_LENGTH_PAIR):
+        record["odd_length"] = [odd_length_check(spec, gated) for gated in (False, True)]
+        base.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
+        for check in record["odd_length"]:
+            print(f"odd length, {'gated' if check['gated'] else 'ungated'}, in turns: "
+                  f"{' '.join(f'T={T} {ms:.3f} ms' for T, ms in check['ms'].items())}, "
+                  f"ratio {check['ratio']:.3f}", flush=True)  # fmt: skip
     print(f"\n{_header()}")
     for row in sorted(record["rows"], key=lambda r: (r["gated"], r["T"])):
         print(_line(row))

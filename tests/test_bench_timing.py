@@ -79,3 +79,38 @@ def test_no_column_made(bench_forward) -> None:
 
     samples, errors, _ = bench_forward.timed_in_turns({"x": broken}, rounds=3)
     assert samples == {"x": []} and errors == {"x": "ValueError: bad shape"}
+
+
+def test_the_odd_length_pair_timed_in_turns(bench_forward, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The odd-length check times the eager forward at both lengths of the pair, alternating (5 rounds), each with
+    its own plan, and reports each length's median and the odd length's ratio to the even one."""
+    timed: list[int] = []
+    planned: list[int] = []
+    times = {65536: iter([1.00, 0.98, 1.02, 0.99, 1.01]), 65529: iter([1.03, 1.01, 1.05, 1.02, 1.04])}
+
+    def plan(spec, T, **_):
+        planned.append(T)
+        return f"plan {T}"
+
+    def ours(x, plan):
+        def run() -> None:
+            pass
+
+        run.T = x["T"]
+        assert plan == f"plan {x['T']}"
+        return run
+
+    def bench_ms(run) -> float:
+        timed.append(run.T)
+        return next(times[run.T])
+
+    monkeypatch.setattr(bench_forward.planning, "plan", plan)
+    monkeypatch.setattr(bench_forward, "inputs", lambda T, gated: {"T": T})
+    monkeypatch.setattr(bench_forward, "ours", ours)
+    monkeypatch.setattr(bench_forward, "bench_ms", bench_ms)
+    check = bench_forward.odd_length_check(None, gated=True)
+    assert planned == [65536, 65529]
+    assert timed == [65536, 65529, 65529, 65536, 65536, 65529, 65529, 65536, 65536, 65529]
+    assert check["ms"] == {65536: 1.00, 65529: 1.03}
+    assert check["ratio"] == pytest.approx(1.03)
+    assert check["gated"] and check["rounds_ms"][65529] == [1.03, 1.01, 1.05, 1.02, 1.04]
