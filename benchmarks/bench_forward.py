@@ -141,6 +141,11 @@ def inputs(T: int, gated: bool) -> dict[str, torch.Tensor | None]:
     return {"q": q, "k": k, "v": v, "gate": gate}
 
 
+def row_plan(spec: hardware.GpuSpec, T: int, gated: bool) -> planning.Plan:
+    """The Plan ``planning.plan`` makes for a row's shape (b=1, h=8, d=64, deg 2, bf16) on the GPU ``spec``."""
+    return planning.plan(spec, T=T, d=D, e=D, deg=2, dtype=torch.bfloat16, gated=gated, batch_heads=B * H)
+
+
 def state_kernel_choice(x: dict, plan: planning.Plan, codegen: str = "auto") -> StateChoice:
     """The state kernel the op picks for these inputs with ``codegen`` ("auto": measured once per GPU and shape)."""
     return select_state_kernel(x["q"], x["k"], x["v"], 2, x["gate"], None, True, D**-0.5, plan, codegen)
@@ -466,7 +471,7 @@ def measure(
     dynamic shapes where ``dynamic``), the tuned plan when given (with its per-kernel breakdown), SDPA flash and the
     competitors."""
     x = inputs(T, gated)
-    plan = planning.plan(spec, T=T, d=D, e=D, deg=2, dtype=torch.bfloat16, gated=gated, batch_heads=B * H)
+    plan = row_plan(spec, T, gated)
     row: dict = {"T": T, "gated": gated, "plan": asdict(plan), "errors": {}}
     choice = state_kernel_choice(x, plan)
     row["state_kernel"] = "cuda" if choice.kernel is not None else f"triton ({choice.reason})"
@@ -522,7 +527,7 @@ def odd_length_check(spec: hardware.GpuSpec, gated: bool, rounds: int = ODD_LENG
     the rounds."""
     makers = {}
     for T in ODD_LENGTH_PAIR:
-        plan = planning.plan(spec, T=T, d=D, e=D, deg=2, dtype=torch.bfloat16, gated=gated, batch_heads=B * H)
+        plan = row_plan(spec, T, gated)
         makers[T] = lambda T=T, plan=plan: ours(inputs(T, gated), plan)
     samples, errors, _ = timed_in_turns(makers, rounds, label=f"odd length {'gated' if gated else 'ungated'} T=")
     if errors:
@@ -539,7 +544,7 @@ def eager_overhead_profile(T: int = 2048, calls: int = 300) -> str:
     import pstats
 
     x = inputs(T, False)
-    plan = planning.plan(hardware.detect(), T=T, d=D, e=D, deg=2, dtype=torch.bfloat16, batch_heads=B * H)
+    plan = row_plan(hardware.detect(), T, False)
     run = ours(x, plan)
     run()
     profiler = cProfile.Profile()
@@ -575,7 +580,7 @@ def main() -> None:
     tuned = None
     if args.tune:
         x = inputs(args.tune, True)
-        plan = planning.plan(spec, T=args.tune, d=D, e=D, deg=2, dtype=torch.bfloat16, gated=True, batch_heads=B * H)
+        plan = row_plan(spec, args.tune, True)
         record["tuning"] = entries = tune(x, args.tune, True, plan)
         tuned = entries[0]
         _set_variant({**DEFAULTS, **tuned["variant"]})
@@ -618,7 +623,7 @@ def warm_tasks(spec: hardware.GpuSpec, args: argparse.Namespace) -> list[dict]:
                               "constants": {**constants, "CHUNK_QUERY_WARPS": warps}})  # fmt: skip
     for gated in (False, True):
         for T in args.T:
-            plan = planning.plan(spec, T=T, d=D, e=D, deg=2, dtype=torch.bfloat16, gated=gated, batch_heads=B * H)
+            plan = row_plan(spec, T, gated)
             tasks.append({"T": T, "d": D, "gated": gated, "plan": {**asdict(plan), "reason": ""}})
     return tasks
 
