@@ -11,11 +11,12 @@ Triton kernels directly; chunk and tiles from ``planning.plan``): one timed call
 compile) is the same under ``torch.compile`` (the kernels launched from Inductor's
 generated code, as in a compiled model: at short T the eager op's host time dominates, 2026-11-29). SDPA and
 Manifest are timed eagerly like "ours" (Manifest only when importable: carry its wheels,
-../shared/tools/gpu-wheels.sh). Times are medians of ``triton.testing.do_bench`` (warmup 25 ms, rep 100 ms);
-gradients are reset to None between calls. ``--gate-variants`` also times gated ours with the backward's gate
-factoring switched (``GATE_VARIANTS``: every factoring off, one exp per weight, ``ours_per_weight``; dq_kernel's
-factored, ``ours_factored_dq``), each with its profile (``breakdown_<variant>``), in the same process as ``ours``
-with the switches as the package has them.
+../shared/tools/gpu-wheels.sh). Times are medians of ``triton.testing.do_bench`` (warmup 25 ms, rep 100 ms), a row's
+columns timed in turns (``bench_forward.timed_columns``: 3 rounds in rotated order, each column the median of its
+rounds, ``rounds_ms``); gradients are reset to None between calls. ``--gate-variants`` also times gated ours with
+the backward's gate factoring switched (``GATE_VARIANTS``: every factoring off, one exp per weight,
+``ours_per_weight``; dq_kernel's factored, ``ours_factored_dq``), each with its profile (``breakdown_<variant>``),
+in the same process as ``ours`` with the switches as the package has them.
 ``--chunks`` also times ours (fwd+bwd and forward only) with each chunk size forced (``chunk_size=C``, rows
 ``ours_chunkC`` and ``ours_forward_only_chunkC``), to check the planner's choice. At the largest T (or each
 ``--profile`` T) a profiler breakdown per kernel of ours is recorded. Run it alone on the GPU: the two runs of
@@ -37,7 +38,15 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
-from bench_forward import SDPA_BACKENDS, kernel_times, record_rows, result_header, sdpa_backend, timed
+from bench_forward import (
+    SDPA_BACKENDS,
+    kernel_times,
+    record_rows,
+    result_header,
+    sdpa_backend,
+    timed,
+    timed_columns,
+)
 
 import retention_compile as rc
 from retention_compile.codegen import backward
@@ -171,12 +180,7 @@ def measure(
     for chunk in chunks:
         makers[f"ours_chunk{chunk}"] = lambda chunk=chunk: ours(x, chunk)
         makers[f"ours_forward_only_chunk{chunk}"] = lambda chunk=chunk: forward_only(x, chunk)
-    for name, maker in makers.items():
-        started = time.perf_counter()
-        row[name], error = timed(maker)
-        if error:
-            row["errors"][name] = error
-        print(f"  T={T} gated={gated} {name}: {row[name]} ms ({time.perf_counter() - started:.0f} s)", flush=True)
+    timed_columns(row, makers, f"T={T} gated={gated} ")
     row["ours_forward_only"] = timed(lambda: forward_only(x))[0]
     if profile:
         row["breakdown"] = breakdown(ours(x))

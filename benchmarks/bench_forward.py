@@ -483,11 +483,7 @@ def measure(
         row["breakdown"] = breakdown(x, best, tuned["segments"])
     if competitors:
         makers.update(manifest=lambda: manifest(x), fla=lambda: fla(x))
-    samples, row["errors"], seconds = timed_in_turns(makers, label=f"T={T} {'gated' if gated else 'ungated'} ")
-    row["rounds_ms"] = samples  # per column, its rounds' medians in the order of the rounds
-    row["seconds"] = {name: round(t, 1) for name, t in seconds.items()}  # per column, making included: to plan a run
-    for name, values in samples.items():
-        row[name] = statistics.median(values) if values else None
+    timed_columns(row, makers, f"T={T} {'gated' if gated else 'ungated'} ")
     if row.get("sdpa_default"):
         row["sdpa_default_kernel"] = busiest_kernel(sdpa(x, None))
     timings = [(row.get("ours"), plan), (row.get("ours_graph"), plan)]
@@ -506,6 +502,18 @@ def measure(
 # that has both.
 ODD_LENGTH_PAIR = (65536, 65529)
 ODD_LENGTH_ROUNDS = 5
+
+
+def timed_columns(row: dict, makers: dict[str, Callable[[], Callable[[], object]]], label: str) -> None:
+    """Time a row's columns in turns (``timed_in_turns``) into ``row``: each column's median of its rounds under its
+    name, ``rounds_ms`` (per column, its rounds' medians in order), ``errors`` and ``seconds`` (per column, making
+    included: to plan a run)."""
+    samples, errors, seconds = timed_in_turns(makers, label=label)
+    row["errors"].update(errors)
+    row["rounds_ms"] = samples
+    row["seconds"] = {name: round(t, 1) for name, t in seconds.items()}
+    for name, values in samples.items():
+        row[name] = statistics.median(values) if values else None
 
 
 def odd_length_check(spec: hardware.GpuSpec, gated: bool, rounds: int = ODD_LENGTH_ROUNDS) -> dict:

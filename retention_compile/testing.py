@@ -600,6 +600,18 @@ def check_script(path: str, argv: list[str]) -> int:
     return status
 
 
+def interpreted_fixture(script: str, timeout: int) -> Callable:
+    """A module-scoped pytest fixture ``interpreted`` for the test module ``script``: its ``interpreted_results`` in a
+    fresh kernel cache, run once for the module's tests (``timeout``: seconds, to catch a hang)."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+        return interpreted_results(script, tmp_path_factory.mktemp("cache"), timeout)
+
+    return interpreted
+
+
 def interpreted_results(script: str, cache: Path, timeout: int) -> dict:
     """The JSON that the test module ``script``, run as a script, prints last: with ``TRITON_INTERPRET=1`` (which must
     be set before triton is first imported, so kernel cases run in a subprocess), ``XDG_CACHE_HOME`` at ``cache``

@@ -114,3 +114,20 @@ def test_the_odd_length_pair_timed_in_turns(bench_forward, monkeypatch: pytest.M
     assert check["ms"] == {65536: 1.00, 65529: 1.03}
     assert check["ratio"] == pytest.approx(1.03)
     assert check["gated"] and check["rounds_ms"][65529] == [1.03, 1.01, 1.05, 1.02, 1.04]
+
+
+def test_a_rows_columns_take_their_medians(bench_forward, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``timed_columns`` writes each column's median of its rounds under its name (None for a failed one), its rounds,
+    its seconds, and adds the failures to the row's errors."""
+    times = iter([3.0, 1.0, 2.0])
+    monkeypatch.setattr(bench_forward, "bench_ms", lambda run: next(times))
+
+    def broken():
+        raise RuntimeError("no fla")
+
+    row = {"errors": {"earlier": "kept"}}
+    bench_forward.timed_columns(row, {"ours": _column("ours", []), "fla": broken}, "T=1 ")
+    assert row["ours"] == 2.0 and row["fla"] is None
+    assert row["rounds_ms"] == {"ours": [3.0, 1.0, 2.0], "fla": []}
+    assert row["errors"] == {"earlier": "kept", "fla": "RuntimeError: no fla"}
+    assert set(row["seconds"]) == {"ours", "fla"}

@@ -18,7 +18,7 @@ import torch
 
 from retention_compile.codegen import cherries
 from retention_compile.codegen.triton_source import KernelSpec
-from retention_compile.testing import interpreted_results
+from retention_compile.testing import interpreted_fixture
 
 pytest.importorskip("triton")
 
@@ -227,9 +227,7 @@ def run_case(case: tuple) -> dict[str, float]:
     }
 
 
-@pytest.fixture(scope="module")
-def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, float]]:
-    return interpreted_results(__file__, tmp_path_factory.mktemp("cache"), 600)
+interpreted = interpreted_fixture(__file__, 600)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from retention_compile.testing import interpreted_results  # noqa: E402
+from retention_compile.testing import interpreted_fixture  # noqa: E402
 
 # name: (B, heads, T, keys per block), two rows at least (the last holds a NaN); T past a multiple of the block, at
 # it, below it, and one key
@@ -57,9 +57,7 @@ def run_case(B: int, heads: int, T: int, block: int) -> dict[str, float]:
     }
 
 
-@pytest.fixture(scope="module")
-def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, float]]:
-    return interpreted_results(__file__, tmp_path_factory.mktemp("cache"), 300)
+interpreted = interpreted_fixture(__file__, 300)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -31,7 +31,7 @@ from retention_compile.codegen.forward import kernel_spec, triton_forward  # noq
 from retention_compile.codegen.triton_source import KernelSpec, load, render  # noqa: E402
 from retention_compile.planning import Plan  # noqa: E402
 from retention_compile.reference import power_retention_reference  # noqa: E402
-from retention_compile.testing import interpreted_results  # noqa: E402
+from retention_compile.testing import interpreted_fixture  # noqa: E402
 
 TINY = {"block_t": 16, "block_feature": 16, "block_e": 32}
 GRADS = ("q", "k", "v", "g")
@@ -487,12 +487,10 @@ def _interpreted() -> dict[str, dict[str, float]]:
     return results
 
 
-@pytest.fixture(scope="module")
-def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, float]]:
-    # about 340 s on CI's 2-core machine alone (2026-12-03); 604 s in CI beside the other test worker, 641 s alone on
-    # a slower 2-core machine (2026-12-04, before the per-weight cases were cut to eight): the limit only catches a
-    # hang, so it leaves room for a slower machine
-    return interpreted_results(__file__, tmp_path_factory.mktemp("cache"), 1500)
+# about 340 s on CI's 2-core machine alone (2026-12-03); 604 s in CI beside the other test worker, 641 s alone on a
+# slower 2-core machine (2026-12-04, before the per-weight cases were cut to eight): the limit only catches a hang, so
+# it leaves room for a slower machine
+interpreted = interpreted_fixture(__file__, 1500)
 
 
 def test_bfloat16_with_short_chunks_runs_the_float32_kernels(interpreted: dict[str, dict[str, float]]) -> None:

@@ -27,7 +27,7 @@ from retention_compile.codegen.forward import kernel_spec, triton_forward, trito
 from retention_compile.codegen.triton_source import KernelSpec, load_forward, render_forward  # noqa: E402
 from retention_compile.planning import Plan  # noqa: E402
 from retention_compile.reference import EPS, power_retention_reference, power_retention_weights  # noqa: E402
-from retention_compile.testing import interpreted_results, nan_filled_empty  # noqa: E402
+from retention_compile.testing import interpreted_fixture, nan_filled_empty  # noqa: E402
 
 TINY = {"block_t": 16, "block_feature": 16, "block_e": 32}
 
@@ -297,9 +297,7 @@ def _interpreted() -> dict[str, object]:
     return results
 
 
-@pytest.fixture(scope="module")
-def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    return interpreted_results(__file__, tmp_path_factory.mktemp("cache"), 300)
+interpreted = interpreted_fixture(__file__, 300)
 
 
 @pytest.mark.parametrize(
