@@ -123,6 +123,7 @@ STATE_STAGES = 3
 CHUNK_QUERY_WARPS = 8
 SCAN_WARPS = 4
 GATE_SCAN_BLOCK = 4096  # keys per program of the gate's cumsum
+GATE_SCAN_PREFIX_BLOCKS = 4  # blocks of earlier keys its programs sum per step
 # The chunked query kernel's state product as acc^T += S^T phi(q)^T (see the template) when True. False (phi(q) on
 # the left, 16 products in flight in the TTGIR) measured faster: H200 T=65536 d=64 bf16 forward 2.09 -> 1.79 ms
 # ungated, 2.14 -> 1.83 gated.
@@ -738,10 +739,10 @@ def launch_tunables() -> tuple:
     from .cuda_state import CONFIG
 
     return (
-        *_tunables(), GATE_SCAN_BLOCK, WIDE_HEAD, WIDE_BLOCK_T, WIDE_STAGES, MIN_BLOCK_E, MAX_CHUNKED_HEAD,
-        STATE_WAVES, STATE_WARPS, STATE_STAGES, CHUNK_QUERY_WARPS, SCAN_WARPS, SCAN_BLOCK, NARROW_QUERY_LAUNCH, CONFIG,
-        QUERY_BESIDE_STATES, CUDA_QUERY, CUDA_QUERY_GATED, CUDA_QUERY_MAX_CHUNK, cuda_query.STAGES,
-        cuda_query.MIN_BLOCKS, cuda_query.WARPGROUPS,
+        *_tunables(), GATE_SCAN_BLOCK, GATE_SCAN_PREFIX_BLOCKS, WIDE_HEAD, WIDE_BLOCK_T, WIDE_STAGES, MIN_BLOCK_E,
+        MAX_CHUNKED_HEAD, STATE_WAVES, STATE_WARPS, STATE_STAGES, CHUNK_QUERY_WARPS, SCAN_WARPS, SCAN_BLOCK,
+        NARROW_QUERY_LAUNCH, CONFIG, QUERY_BESIDE_STATES, CUDA_QUERY, CUDA_QUERY_GATED, CUDA_QUERY_MAX_CHUNK,
+        cuda_query.STAGES, cuda_query.MIN_BLOCKS, cuda_query.WARPGROUPS,
     )  # fmt: skip
 
 
@@ -838,7 +839,8 @@ def _launch_gate_cumsum(module, lg: torch.Tensor, g: torch.Tensor, kept: list | 
     """``g = cumsum(max(lg, F), -1)`` (buffers from ``_gate_buffers``); ``kept``: as ``_launch``'s."""
     B, heads, Tk = lg.shape
     grid = (_cdiv(Tk, GATE_SCAN_BLOCK), B * heads)
-    args = {"LOG_GATE": lg, "G": g, "Tk": Tk, "stride_g": g.stride(1), "BLOCK": GATE_SCAN_BLOCK}
+    args = {"LOG_GATE": lg, "G": g, "Tk": Tk, "stride_g": g.stride(1), "BLOCK": GATE_SCAN_BLOCK,
+            "PREFIX": GATE_SCAN_PREFIX_BLOCKS * GATE_SCAN_BLOCK}  # fmt: skip
     _launch(module.gate_cumsum_kernel, grid, args, 8, 3, kept=kept)
     return g
 
