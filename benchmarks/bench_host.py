@@ -15,7 +15,10 @@ per call measured until the last of ``--calls`` calls returns (the GPU's queue t
 wall time per call until the GPU is done. Rows: ``replayed`` (repeated calls repeat the first call's launches,
 ``forward.ForwardReplay``; the chunked path with the Triton state kernel), ``planned`` (``replays.MAX_KEPT = 0``:
 every call planned and bound by Triton), ``op`` (the public eager ``power_retention`` under ``torch.no_grad``,
-replays kept, the state kernel ``codegen="auto"`` picks) and SDPA's flash call for the same shape.
+replays kept, the state kernel ``codegen="auto"`` picks), ``compiled`` (that call compiled by ``torch.compile``,
+fullgraph, as a compiled model's inference runs it: on the CUDA state kernel's route the forward is one custom op,
+``ops.power_retention_inference``), ``compiled_two_ops`` (the same with ``ops.TRACED_INFERENCE_IN_ONE_OP`` off: the
+gate's cumsum, then the state and query kernels' custom ops) and SDPA's flash call for the same shape.
 
 Shape: b=1, h=8, d=e=64, deg 2, bf16, causal, y stored in bf16 (a forward no backward follows), the H200's plan;
 T in ``--T``, ungated and gated. Median of ``--repeats`` batches of ``--calls`` calls.
@@ -43,6 +46,7 @@ from provenance import command_line, git_commit
 
 from retention_compile import hardware, planning
 from retention_compile.codegen import forward, replays
+from retention_compile.ops import power_retention
 
 B, H, D = 1, 8, 64
 LAUNCHES: list[object] = []  # the kernels ``forward._launch`` was asked to launch (captured, not run)
@@ -68,14 +72,47 @@ def forward_call(T: int, gated: bool, device: str) -> Callable[[], None]:
 def op_call(T: int, gated: bool) -> Callable[[], None]:
     """The public eager entry ``power_retention`` (under ``torch.no_grad``: nothing kept for a backward), which
     checks its inputs, plans, picks the state kernel and dispatches the op around ``triton_forward``."""
-    from retention_compile.ops import power_retention
-
     q, k, v = (torch.randn(B, H, T, D, dtype=torch.bfloat16, device="cuda") for _ in range(3))
     gate = -torch.rand(B, H, T, device="cuda") if gated else None
 
     def call() -> None:
         with torch.no_grad():
             power_retention(q, k, v, log_gate=gate, causal=True)
+
+    return call
+
+
+# The two compiled variants' sources: Dynamo keeps its graphs per code object (with the same guards for both), so
+# one function compiled twice would run whichever graph it compiled last in both rows.
+def _attention_one_op(q, k, v, gate):
+    return power_retention(q, k, v, log_gate=gate, causal=True)
+
+
+def _attention_two_ops(q, k, v, gate):
+    return power_retention(q, k, v, log_gate=gate, causal=True)
+
+
+def compiled_call(T: int, gated: bool, one_op: bool) -> Callable[[], None]:
+    """``power_retention`` compiled by ``torch.compile`` (fullgraph, under ``torch.no_grad``), its forward traced as one
+    custom op (``one_op``: ``ops.TRACED_INFERENCE_IN_ONE_OP``) or, on the CUDA state kernel's route, as the gate's
+    cumsum and the state and query kernels' custom ops. Compiled here, with Inductor's caches off (they key Dynamo's
+    graph, the same for both)."""
+    from retention_compile import ops
+
+    q, k, v = (torch.randn(B, H, T, D, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+    gate = -torch.rand(B, H, T, device="cuda") if gated else None
+    fn = torch.compile(_attention_one_op if one_op else _attention_two_ops, fullgraph=True)
+    before = ops.TRACED_INFERENCE_IN_ONE_OP
+    ops.TRACED_INFERENCE_IN_ONE_OP = one_op
+    try:
+        with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
+            fn(q, k, v, gate)
+    finally:
+        ops.TRACED_INFERENCE_IN_ONE_OP = before
+
+    def call() -> None:
+        with torch.no_grad():
+            fn(q, k, v, gate)
 
     return call
 
@@ -155,11 +192,13 @@ def main() -> None:
                 variants = {"replayed": (lambda: keep_replays(True), call),
                             "planned": (lambda: keep_replays(False), call),
                             "op": (lambda: keep_replays(True), op_call(T, gated)),
+                            "compiled": (lambda: keep_replays(True), compiled_call(T, gated, True)),
+                            "compiled_two_ops": (lambda: keep_replays(True), compiled_call(T, gated, False)),
                             "sdpa": (lambda: None, sdpa_call(T))}  # fmt: skip
             for variant, times in interleaved(variants, args.calls, args.repeats).items():
                 launches = launches_per_call(call) if args.device == "cpu" else None
                 rows.append({"T": T, "gated": gated, "variant": variant, **times, "launches_per_call": launches})
-                print(f"T={T:6d} gated={gated!s:5} {variant:8}: host {times['host_us_per_call']:6.1f} us "
+                print(f"T={T:6d} gated={gated!s:5} {variant:16}: host {times['host_us_per_call']:6.1f} us "
                       f"(min {times['host_us_min']:6.1f}), wall {times['wall_us_per_call']:6.1f} us per call",
                       flush=True)  # fmt: skip
     keep_replays(True)

@@ -191,16 +191,23 @@ def _never_called(*args, **kwargs):
 
 
 @needs_hopper
-def test_compiled_calls_take_the_custom_op(monkeypatch) -> None:
+@pytest.mark.parametrize("one_op", [True, False], ids=["one_op", "two_ops"])
+def test_compiled_calls_take_the_custom_ops(monkeypatch, one_op: bool) -> None:
     """Under torch.compile (no grad, as inference runs; the CUDA state kernel, whose cherry layout the kernel reads)
-    the kernel is a custom op in Inductor's code, and the compiled result matches the float64 oracle. (No poisoned
+    the forward is one custom op in Inductor's code (``ops.power_retention_inference``: the eager forward, its
+    launches kept), or with ``TRACED_INFERENCE_IN_ONE_OP`` off the state and query kernels' two custom ops; either way
+    the compiled result matches the float64 oracle, and the one op's is the eager call's exactly. (No poisoned
     allocations: the fixture's fills would be traced into the graph as mutations.)"""
     from torch._inductor.utils import run_and_get_code
 
     import retention_compile as rc
+    from retention_compile import ops
 
     monkeypatch.setattr(forward, "CUDA_QUERY", True)
     monkeypatch.setattr(forward, "CUDA_QUERY_GATED", True)
+    monkeypatch.setattr(ops, "TRACED_INFERENCE_IN_ONE_OP", one_op)
+    # the caches' keys hold the graph Dynamo traced, not the flag: the other case's cached code would come back
+    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
     torch._dynamo.reset()
     x = _inputs(CASES[3])
 
@@ -208,10 +215,42 @@ def test_compiled_calls_take_the_custom_op(monkeypatch) -> None:
         return rc.power_retention(q, k, v, scale=0.125, log_gate=gate, causal=True, chunk_size=512, impl="cuda")
 
     with torch.no_grad():
-        y, code = run_and_get_code(torch.compile(attention, fullgraph=True), x["q"], x["k"], x["v"], x["log_gate"])
-    assert "retention_compile.cuda_query" in "\n".join(code), "the compiled code does not call the CUDA query op"
+        compiled = torch.compile(attention, fullgraph=True)
+        y, code = run_and_get_code(compiled, x["q"], x["k"], x["v"], x["log_gate"])
+        again = compiled(x["q"], x["k"], x["v"], x["log_gate"])  # the one op's second call repeats the kept launches
+        eager = attention(x["q"], x["k"], x["v"], x["log_gate"])
+    text = "\n".join(code)
+    expected, absent = (
+        ("power_retention_inference", "cuda_query") if one_op else ("cuda_query", "power_retention_inference")
+    )
+    assert f"retention_compile.{expected}" in text, f"the compiled code does not call {expected}"
+    assert f"retention_compile.{absent}" not in text
     numerator, den = _weighted_powers(
         x["q"].double(), x["k"].double(), x["v"].double(), 1, EPS, scale=0.125, deg=2,
         log_gate=x["log_gate"].double(), causal=True, valid=None,
     )  # fmt: skip
     assert _rel(y, numerator / den) <= 1e-2
+    assert _rel(again, numerator / den) <= 1e-2
+    if one_op:
+        assert torch.equal(y, eager) and torch.equal(again, eager)
+
+
+@needs_hopper
+def test_one_op_compiled_with_dynamic_lengths() -> None:
+    """Compiled with ``dynamic=True`` (the default route: impl "auto", the planner's chunks), lengths on either side
+    of a chunk boundary and an odd one: each compiled result is the eager call's exactly (the one op plans per
+    concrete length), gated, with GQA."""
+    import retention_compile as rc
+
+    torch._dynamo.reset()
+
+    def attention(q, k, v, gate):
+        return rc.power_retention(q, k, v, scale=0.125, log_gate=gate, causal=True)
+
+    compiled = torch.compile(attention, fullgraph=True, dynamic=True)
+    for T in (9000, 8192, 12345):
+        x = _inputs(("dynamic", 1, 4, 2, T, 1024, 2, 1.0), seed=T)
+        with torch.no_grad():
+            y = compiled(x["q"], x["k"], x["v"], x["log_gate"])
+            eager = attention(x["q"], x["k"], x["v"], x["log_gate"])
+        assert torch.equal(y, eager), f"T={T}: the compiled call differs from the eager one"

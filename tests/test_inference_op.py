@@ -1,0 +1,105 @@
+"""``retention_compile::power_retention_inference``: the eager forward that keeps nothing for a backward as one custom
+op, which traced calls on the CUDA state kernel's route take (``ops._in_one_op``). Checked without a GPU: its body on
+CPU tensors against the float64 oracle, its fake shapes, and the traced graph (fake CUDA tensors); it runs on the GPU
+in ``tests/gpu/test_cuda_query.py::test_compiled_calls_take_one_op``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import retention_compile as rc
+from retention_compile import ops
+from retention_compile.planning import Plan
+from retention_compile.reference import _weighted_powers
+
+
+class _CudaStateChoice:
+    """A route's state choice as ``select_state_kernel`` makes it where the CUDA state kernel serves."""
+
+    kernel = staticmethod(lambda *args: None)
+
+
+def _inputs(Tq: int, Tk: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """q (2, 4, Tq, 16), k (2, 2, Tk, 16), v (2, 2, Tk, 24) in ``dtype`` and a float32 log-gate per key head."""
+    gen = torch.Generator().manual_seed(Tq * 7 + Tk)
+    q = torch.randn(2, 4, Tq, 16, generator=gen)
+    k, v = torch.randn(2, 2, Tk, 16, generator=gen), torch.randn(2, 2, Tk, 24, generator=gen)
+    gate = -0.2 * torch.rand(2, 2, Tk, generator=gen)
+    return q.to(dtype), k.to(dtype), v.to(dtype), gate
+
+
+def _fake_cuda_inputs(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """``_inputs``' shapes (T = 300) as CUDA tensors, made inside a ``FakeTensorMode`` (no GPU needed)."""
+    q, k, v = (torch.empty(2, h, 300, e, dtype=dtype, device="cuda") for h, e in ((4, 16), (2, 16), (2, 24)))
+    return q, k, v, torch.empty(2, 2, 300, device="cuda")
+
+
+@pytest.mark.parametrize(("Tq", "Tk", "gated"), [(200, 200, True), (200, 200, False), (1, 150, True), (37, 37, True)])
+def test_its_body_matches_the_oracle(Tq: int, Tk: int, gated: bool) -> None:
+    """On CPU tensors the body is the aten forward (chunks of 32 keys): y and denom against the float64 oracle, in the
+    dtypes and the contiguous layout its fake gives, and y exactly the public eager call's."""
+    q, k, v, gate = _inputs(Tq, Tk, torch.float32)
+    gate = gate if gated else None
+    y, denom = torch.ops.retention_compile.power_retention_inference(q, k, v, gate, None, 0.25, 2, True, 32, "auto")
+    numerator, den = _weighted_powers(
+        q.double(), k.double(), v.double(), 1, rc.reference.EPS, scale=0.25, deg=2,
+        log_gate=None if gate is None else gate.double(), causal=True, valid=None,
+    )  # fmt: skip
+    assert (y.dtype, denom.dtype, y.shape, denom.shape) == (torch.float32, torch.float32, (2, 4, Tq, 24), (2, 4, Tq))
+    assert y.is_contiguous() and denom.is_contiguous()
+    assert ((y.double() - numerator / den).norm() / (numerator / den).norm()).item() <= 1e-4
+    assert ((denom.double() - den[..., 0]).abs() / den[..., 0]).max().item() <= 1e-4
+    with torch.no_grad():
+        eager = rc.power_retention(q, k, v, scale=0.25, log_gate=gate, causal=True, chunk_size=32)
+    assert torch.equal(y, eager)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fake_shapes(dtype: torch.dtype) -> None:
+    """y (B, Hq, Tq, e) in q's dtype, denom (B, Hq, Tq) in the accumulators' (float32), on q's device."""
+    with FakeTensorMode():
+        q, k, v, gate = _fake_cuda_inputs(dtype)
+        y, denom = torch.ops.retention_compile.power_retention_inference(q, k, v, gate, None, 0.25, 2, True, 0, "auto")
+    assert (y.shape, y.dtype, y.device.type) == ((2, 4, 300, 24), dtype, "cuda")
+    assert (denom.shape, denom.dtype) == ((2, 4, 300), torch.float32)
+
+
+def _traced_body(monkeypatch: pytest.MonkeyPatch, state: object, for_backward: bool = False) -> str:
+    """The graph make_fx traces from the op's body on fake CUDA tensors (as Inductor does), the route given."""
+    monkeypatch.setattr(ops, "_route", lambda *args, **kwargs: ops.Route(Plan(chunk_size=128, block_t=64), None, state))
+
+    def body(q, k, v, gate):
+        return ops._forward(q, k, v, gate, None, 0.25, 2, True, 0, "auto", for_backward)[0]
+
+    with FakeTensorMode():
+        return make_fx(body, tracing_mode="fake")(*_fake_cuda_inputs(torch.bfloat16)).code
+
+
+def test_a_traced_call_on_the_cuda_state_route_is_one_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The body traced on fake CUDA tensors, on a route with the CUDA state kernel and nothing kept for a backward:
+    one call of the inference op (with the caller's chunk_size 0: planned per call), no kernel launched by the
+    trace."""
+    code = _traced_body(monkeypatch, _CudaStateChoice())
+    assert code.count("retention_compile.power_retention_inference.default(") == 1
+    assert "0.25, 2, True, 0, 'auto')" in code
+    for launched in ("cuda_chunk_states", "cuda_query", "triton_kernel_wrapper"):
+        assert launched not in code
+
+
+def test_the_one_op_only_where_it_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not for plain tensors (the eager call runs its kernels itself), not for fake CPU tensors (the aten forms, which
+    Inductor compiles), not without the CUDA state kernel (Triton's kernels, which Inductor's code shows), not with
+    ``TRACED_INFERENCE_IN_ONE_OP`` off."""
+    choice = _CudaStateChoice()
+    assert not ops._in_one_op(torch.empty(1), choice)
+    with FakeTensorMode():
+        cuda, cpu = torch.empty(1, device="cuda"), torch.empty(1)
+    assert ops._in_one_op(cuda, choice)
+    assert not ops._in_one_op(cpu, choice)
+    assert not ops._in_one_op(cuda, None)
+    assert not ops._in_one_op(cuda, rc.codegen.cuda_state.StateChoice(None, "measured slower"))
+    monkeypatch.setattr(ops, "TRACED_INFERENCE_IN_ONE_OP", False)
+    assert not ops._in_one_op(cuda, choice)
