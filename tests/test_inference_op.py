@@ -103,3 +103,21 @@ def test_the_one_op_only_where_it_serves(monkeypatch: pytest.MonkeyPatch) -> Non
     assert not ops._in_one_op(cuda, rc.codegen.cuda_state.StateChoice(None, "measured slower"))
     monkeypatch.setattr(ops, "TRACED_INFERENCE_IN_ONE_OP", False)
     assert not ops._in_one_op(cuda, choice)
+
+
+def test_inductor_calls_it_as_a_fallback_kernel() -> None:
+    """A compiled function that calls the op (on CPU tensors: Inductor's fallback kernel for it, with the fake's
+    sizes and strides asserted on its outputs) returns what the eager call returns, and the op is in its code."""
+    from torch._inductor.utils import run_and_get_code
+
+    q, k, v, gate = _inputs(100, 100, torch.float32)
+
+    def twice_y(q, k, v, gate):
+        y, denom = torch.ops.retention_compile.power_retention_inference(q, k, v, gate, None, 0.25, 2, True, 32, "auto")
+        return 2.0 * y, denom
+
+    torch._dynamo.reset()
+    (y, denom), code = run_and_get_code(torch.compile(twice_y, fullgraph=True), q, k, v, gate)
+    eager_y, eager_denom = twice_y(q, k, v, gate)
+    assert "retention_compile.power_retention_inference" in "\n".join(code)
+    assert torch.equal(y, eager_y) and torch.equal(denom, eager_denom)
