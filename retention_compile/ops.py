@@ -535,7 +535,7 @@ def _inference_body(
     Planned per call from the concrete shape (``chunk_size = 0``), so a graph traced with a symbolic length serves
     every length; a later call with the same key repeats the first one's launches."""
     with set_wrap_triton_enabled(False):
-        y, denom, *_ = _forward(q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl, False)
+        y, denom = _y_and_denom(q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl)
     return y.contiguous(), denom.contiguous()
 
 
@@ -592,7 +592,7 @@ def power_retention(
     args = (q, k, v, log_gate, valid, default_scale(q.shape[-1], scale), deg, causal, chunk_size or 0, impl)
     if not for_backward and _runs_body_directly(q, k, v, log_gate, valid):
         with set_wrap_triton_enabled(False):  # as the op's own eager kernel runs its body
-            return _y_alone(*args)
+            return _y_and_denom(*args)[0]
     # after the direct path, which no functorch transform or forward-AD level reaches: off the short calls' host time
     if _differentiated_by_transform(q, k, v, log_gate):
         raise NotImplementedError(
@@ -643,19 +643,18 @@ def _untraced() -> bool:
     )
 
 
-def _y_alone(q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl) -> torch.Tensor:
-    """y of an eager call that keeps nothing for a backward (``_forward_body``'s arguments): its kept route's launches
-    where they are current, the body's other outputs left unbuilt (three empty tensors: about 5% of a short call's
-    host time on the H200), else the body's y on the route found here (one route key per call)."""
+def _y_and_denom(q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl) -> tuple[torch.Tensor, torch.Tensor]:
+    """y and denom of an eager call that keeps nothing for a backward (``_forward_body``'s arguments): its kept
+    route's launches where they are current, the body's other outputs left unbuilt (three empty tensors: about 5% of
+    a short call's host time on the H200), else the body's on the route found here (one route key per call)."""
     args = (q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl)
     route = None
     if impl != "cuda" and not _is_empty(q, k):  # the checks the body makes before it routes
         route = _route(*args)
         if (launches := _kept_launches(route)) is not None:
-            y, _ = launches(q, k, v, log_gate, valid)
-            return y
-    y, *_ = _forward(*args, for_backward=False, route=route)
-    return y
+            return launches(q, k, v, log_gate, valid)
+    y, denom, *_ = _forward(*args, for_backward=False, route=route)
+    return y, denom
 
 
 def _runs_body_directly(*tensors: torch.Tensor | None) -> bool:

@@ -169,7 +169,10 @@ def test_a_kept_routes_launches_answer_only_current_calls_that_keep_nothing(monk
     ops._route(*args).forward = launches
     y, denom, *rest = ops._forward_body(*args, for_backward=False)
     assert y is answer[0] and denom is answer[1] and all(t.numel() == 0 for t in rest) and launches.calls == 1
-    assert ops._y_alone(*args) is answer[0] and launches.calls == 2  # the public no-grad call's y, nothing else built
+    y, denom = ops._y_and_denom(*args)  # the public no-grad call's, nothing else built
+    assert y is answer[0] and denom is answer[1] and launches.calls == 2
+    y, denom = ops._inference_body(*args)  # the one op of a traced call's body
+    assert y is answer[0] and denom is answer[1] and launches.calls == 3
     with pytest.raises(ToTriton):
         ops._forward_body(*args, for_backward=True)
     launches.is_current = False
@@ -177,8 +180,8 @@ def test_a_kept_routes_launches_answer_only_current_calls_that_keep_nothing(monk
         ops._forward_body(*args, for_backward=False)
     keys.clear()
     with pytest.raises(ToTriton):
-        ops._y_alone(*args)
-    assert launches.calls == 2 and len(keys) == 1  # the body took the route found: one key per call
+        ops._y_and_denom(*args)
+    assert launches.calls == 3 and len(keys) == 1  # the body took the route found: one key per call
 
 
 def test_cpu_calls_keep_no_route() -> None:
