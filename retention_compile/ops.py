@@ -518,24 +518,14 @@ def _in_one_op(q: torch.Tensor, state: object) -> bool:
     )
 
 
-def _inference_body(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_gate: torch.Tensor | None,
-    valid: torch.Tensor | None,
-    scale: float,
-    deg: int,
-    causal: bool,
-    chunk_size: int,
-    impl: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, denom)`` of the forward that keeps nothing for a backward, run as the op's eager kernel runs its body
-    (``wrap_triton`` off): y (B, Hq, Tq, e) in q's dtype and denom (B, Hq, Tq) in ``compute_dtype``, both contiguous.
-    Planned per call from the concrete shape (``chunk_size = 0``), so a graph traced with a symbolic length serves
-    every length; a later call with the same key repeats the first one's launches."""
+def _inference_body(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, denom)`` of the forward that keeps nothing for a backward (``_y_and_denom``'s arguments, the op's schema),
+    run as the op's eager kernel runs its body (``wrap_triton`` off): y (B, Hq, Tq, e) in q's dtype and denom (B, Hq,
+    Tq) in ``compute_dtype``, both contiguous. Planned per call from the concrete shape (``chunk_size = 0``), so a
+    graph traced with a symbolic length serves every length; a later call with the same key repeats the first one's
+    launches."""
     with set_wrap_triton_enabled(False):
-        y, denom = _y_and_denom(q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl)
+        y, denom = _y_and_denom(*args)
     return y.contiguous(), denom.contiguous()
 
 
