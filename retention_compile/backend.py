@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from . import ops  # noqa: F401  (registers the retention_compile ops)
+from . import ops  # (importing it registers the retention_compile ops)
 from .annotate import annotate
 from .config import RetentionConfig
 from .inspection import compiling
@@ -84,8 +84,10 @@ def code_fingerprint() -> str:
 
 
 def _cache_key_tag() -> contextlib.AbstractContextManager:
-    """``torch.compiler.config.cache_key_tag`` extended with ``code_fingerprint()`` while Inductor compiles."""
-    tag = f"{torch.compiler.config.cache_key_tag}retention_compile-{code_fingerprint()}"
+    """``torch.compiler.config.cache_key_tag`` extended with ``code_fingerprint()`` while Inductor compiles, and with
+    ``ops.TRACED_INFERENCE_IN_ONE_OP``, which decides what the traced graph holds (read while tracing, in no key)."""
+    one_op = int(ops.TRACED_INFERENCE_IN_ONE_OP)
+    tag = f"{torch.compiler.config.cache_key_tag}retention_compile-{code_fingerprint()}-one-op-{one_op}"
     return torch.compiler.config.patch(cache_key_tag=tag)
 
 

@@ -191,6 +191,11 @@ def is_recording() -> bool:
     return _compiling.get() is not None or bool(_captures)
 
 
+def capturing() -> bool:
+    """True while an inspection capture is open (``capture``, ``python -m retention_compile inspect``)."""
+    return bool(_captures)
+
+
 def recorded_kernels() -> list[KernelRecord]:
     """Every kernel recorded in this process, first recorded first."""
     return list(_KERNELS.values())

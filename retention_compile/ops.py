@@ -55,13 +55,14 @@ import torch
 from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch._library.triton import set_wrap_triton_enabled
+from torch._subclasses.fake_tensor import is_fake
 from torch.autograd import forward_ad
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.library import triton_op
 from torch.overrides import _get_current_function_mode_stack
 from torch.utils._device import DeviceContext
 
-from . import checks, chunked, hardware, planning, quadratic
+from . import checks, chunked, hardware, inspection, planning, quadratic
 from .checks import validate_retention_inputs
 from .planning import Plan
 from .reference import EPS, compute_dtype, default_scale
@@ -233,7 +234,7 @@ def _forward(
         y, denom = launches(q, k, v, log_gate, valid)
         return _with_output_y(y, q.dtype, denom, *_no_states(q), keep_acc=False)
     plan, triton_reason, state = route.plan, route.triton_reason, route.state
-    if triton_reason is None and not for_backward and _in_one_op(q, state):
+    if triton_reason is None and not for_backward and _in_one_op(q, state, impl):
         y, denom = torch.ops.retention_compile.power_retention_inference(
             q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl
         )
@@ -506,15 +507,22 @@ power_retention_op.register_autograd(_backward, setup_context=_setup_context)
 TRACED_INFERENCE_IN_ONE_OP = True
 
 
-def _in_one_op(q: torch.Tensor, state: object) -> bool:
-    """Whether this call of the op's body, which keeps nothing for a backward, is traced (fake or functional CUDA
-    tensors) and runs the CUDA state kernel (whose launches are custom ops either way): then it is one
-    ``power_retention_inference`` op in the traced graph."""
+def _in_one_op(q: torch.Tensor, state: object, impl: str) -> bool:
+    """Whether this call of the op's body, which keeps nothing for a backward, is traced (fake CUDA tensors, functional
+    or not: ``is_fake``, which a real ``nn.Parameter`` is not, so the one op's own body never takes this branch) on the
+    CUDA state kernel's route (whose launches are custom ops either way): then it is one ``power_retention_inference``
+    op in the traced graph. Not for ``impl="cuda"``: the op plans each call from its concrete length, and a length
+    of one chunk, which a graph traced with a symbolic length may meet, has no CUDA state kernel, so that call would
+    raise where the traced kernels ran. Not while an inspection capture is open (``inspect``): kernels the one op
+    loads are recorded when it first runs, outside the graph's compile, so the capture could not attribute them to
+    their graph and sites; it sees the kernels traced one by one, as a training graph's are."""
     return (
         TRACED_INFERENCE_IN_ONE_OP
+        and impl != "cuda"
         and q.is_cuda
-        and type(q) is not torch.Tensor
+        and is_fake(q)
         and getattr(state, "kernel", None) is not None
+        and not inspection.capturing()
     )
 
 

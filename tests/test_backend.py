@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import retention_compile as rc
+from retention_compile import ops
 from retention_compile.backend import collect_reports
 from retention_compile.reference import power_retention_reference
 
@@ -237,7 +238,12 @@ def test_compiled_code_is_keyed_by_the_package_code(monkeypatch):
     torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), backend="retention")(q, k, v)
     fingerprint = code_fingerprint()
     assert len(fingerprint) == 16 and seen and all(fingerprint in tag for tag in seen)
+    assert all(tag.endswith("-one-op-1") for tag in seen)
     assert torch.compiler.config.cache_key_tag == "", "the tag is restored after compiling"
+    monkeypatch.setattr(ops, "TRACED_INFERENCE_IN_ONE_OP", False)  # what the traced graph holds: another key
+    torch._dynamo.reset()
+    torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), backend="retention")(q, k, v)
+    assert seen[-1].endswith("-one-op-0")
 
 
 def test_rewritten_graphs_are_cacheable_by_aot_autograd():

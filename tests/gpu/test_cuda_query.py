@@ -190,14 +190,27 @@ def _never_called(*args, **kwargs):
     raise AssertionError("a kept call planned again")
 
 
+def _cuda_state_kernel_chosen(monkeypatch) -> None:
+    """``impl="auto"`` calls take the CUDA state kernel (``select_state_kernel``'s measured choice forced), and no
+    route or launches kept from an earlier test answer them."""
+    from retention_compile.codegen import choice
+
+    monkeypatch.setattr(choice, "choose", lambda *args, **kwargs: "cuda")
+    replays.clear()
+
+
 @needs_hopper
-@pytest.mark.parametrize("one_op", [True, False], ids=["one_op", "two_ops"])
-def test_compiled_calls_take_the_custom_ops(monkeypatch, one_op: bool) -> None:
+@pytest.mark.parametrize(
+    ("impl", "one_op", "expected"),
+    [("auto", True, "power_retention_inference"), ("auto", False, "cuda_query"), ("cuda", True, "cuda_query")],
+    ids=["one_op", "flag_off", "impl_cuda"],
+)
+def test_compiled_calls_take_the_custom_ops(monkeypatch, impl: str, one_op: bool, expected: str) -> None:
     """Under torch.compile (no grad, as inference runs; the CUDA state kernel, whose cherry layout the kernel reads)
     the forward is one custom op in Inductor's code (``ops.power_retention_inference``: the eager forward, its
-    launches kept), or with ``TRACED_INFERENCE_IN_ONE_OP`` off the state and query kernels' two custom ops; either way
-    the compiled result matches the float64 oracle, and the one op's is the eager call's exactly. (No poisoned
-    allocations: the fixture's fills would be traced into the graph as mutations.)"""
+    launches kept), or, with ``TRACED_INFERENCE_IN_ONE_OP`` off or ``impl="cuda"`` (``ops._in_one_op``), the state and
+    query kernels' two custom ops; either way the compiled result matches the float64 oracle, and the one op's is the
+    eager call's exactly. (No poisoned allocations: the fixture's fills would be traced into the graph as mutations.)"""
     from torch._inductor.utils import run_and_get_code
 
     import retention_compile as rc
@@ -208,11 +221,12 @@ def test_compiled_calls_take_the_custom_ops(monkeypatch, one_op: bool) -> None:
     monkeypatch.setattr(ops, "TRACED_INFERENCE_IN_ONE_OP", one_op)
     # the caches' keys hold the graph Dynamo traced, not the flag: the other case's cached code would come back
     monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
+    _cuda_state_kernel_chosen(monkeypatch)
     torch._dynamo.reset()
     x = _inputs(CASES[3])
 
     def attention(q, k, v, gate):
-        return rc.power_retention(q, k, v, scale=0.125, log_gate=gate, causal=True, chunk_size=512, impl="cuda")
+        return rc.power_retention(q, k, v, scale=0.125, log_gate=gate, causal=True, chunk_size=512, impl=impl)
 
     with torch.no_grad():
         compiled = torch.compile(attention, fullgraph=True)
@@ -220,9 +234,7 @@ def test_compiled_calls_take_the_custom_ops(monkeypatch, one_op: bool) -> None:
         again = compiled(x["q"], x["k"], x["v"], x["log_gate"])  # the one op's second call repeats the kept launches
         eager = attention(x["q"], x["k"], x["v"], x["log_gate"])
     text = "\n".join(code)
-    expected, absent = (
-        ("power_retention_inference", "cuda_query") if one_op else ("cuda_query", "power_retention_inference")
-    )
+    absent = {"power_retention_inference": "cuda_query", "cuda_query": "power_retention_inference"}[expected]
     assert f"retention_compile.{expected}" in text, f"the compiled code does not call {expected}"
     assert f"retention_compile.{absent}" not in text
     numerator, den = _weighted_powers(
@@ -231,26 +243,38 @@ def test_compiled_calls_take_the_custom_ops(monkeypatch, one_op: bool) -> None:
     )  # fmt: skip
     assert _rel(y, numerator / den) <= 1e-2
     assert _rel(again, numerator / den) <= 1e-2
-    if one_op:
+    if expected == "power_retention_inference":
         assert torch.equal(y, eager) and torch.equal(again, eager)
 
 
 @needs_hopper
-def test_one_op_compiled_with_dynamic_lengths() -> None:
-    """Compiled with ``dynamic=True`` (the default route: impl "auto", the planner's chunks), lengths on either side
-    of a chunk boundary and an odd one: each compiled result is the eager call's exactly (the one op plans per
-    concrete length), gated, with GQA."""
+def test_one_op_compiled_with_dynamic_lengths(monkeypatch) -> None:
+    """Compiled with ``dynamic=True`` (impl "auto" on the CUDA state kernel, the planner's chunks), first at a chunked
+    length, so the graph holds the one op; then lengths on either side of a chunk boundary, an odd one and one the
+    planner gives a single chunk (which ``ops.resolve_plan``'s guard sends to a second graph): each of the one op's
+    results is the eager call's exactly (it plans per concrete length), the single chunk's within 1e-3, gated, GQA."""
+    from torch._inductor.utils import run_and_get_code
+
     import retention_compile as rc
 
+    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
+    _cuda_state_kernel_chosen(monkeypatch)
     torch._dynamo.reset()
 
     def attention(q, k, v, gate):
         return rc.power_retention(q, k, v, scale=0.125, log_gate=gate, causal=True)
 
     compiled = torch.compile(attention, fullgraph=True, dynamic=True)
-    for T in (9000, 8192, 12345):
+    for i, T in enumerate((9000, 8192, 12345, 2048)):
         x = _inputs(("dynamic", 1, 4, 2, T, 1024, 2, 1.0), seed=T)
         with torch.no_grad():
-            y = compiled(x["q"], x["k"], x["v"], x["log_gate"])
+            if i == 0:
+                y, code = run_and_get_code(compiled, x["q"], x["k"], x["v"], x["log_gate"])
+                assert "retention_compile.power_retention_inference" in "\n".join(code)
+            else:
+                y = compiled(x["q"], x["k"], x["v"], x["log_gate"])
             eager = attention(x["q"], x["k"], x["v"], x["log_gate"])
-        assert torch.equal(y, eager), f"T={T}: the compiled call differs from the eager one"
+        if T > 2048:  # the one op's graph
+            assert torch.equal(y, eager), f"T={T}: the compiled call differs from the eager one"
+        else:  # the single-chunk graph: Inductor launches the quadratic kernel, specialised for symbolic sizes
+            assert _rel(y, eager) <= 1e-3
