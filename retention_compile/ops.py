@@ -538,6 +538,7 @@ def _inference_body(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _inference_fake(q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl):
+    """The op's outputs for tracing: y (B, Hq, Tq, e) in q's dtype, denom (B, Hq, Tq) in ``compute_dtype``."""
     B, Hq, Tq = q.shape[:3]
     return q.new_empty((B, Hq, Tq, v.shape[3])), q.new_empty((B, Hq, Tq), dtype=compute_dtype(q.dtype))
 
