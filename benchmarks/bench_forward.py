@@ -8,17 +8,17 @@ and ungated.
 Times are medians over ``ROUNDS`` rounds (below) of ``triton.testing.do_bench`` medians (warmup 25 ms, rep 100 ms).
 "ours" is ``triton_forward`` run eagerly as the body of a ``triton_op`` runs it (kernels launched directly, Python
 overhead included, as SDPA's is), with the Plan that ``planning.plan`` picks for the shape and the state kernel
-``codegen="auto"`` picks (the row's ``state_kernel``: the CUDA one where measured faster), y stored in bf16 as by
-the op's forward that no backward follows (``for_backward=False``; runs up to session 25 stored it in float32);
-"ours graph" replays the same call from a CUDA graph (no launch overhead, as in a compiled model with CUDA graphs).
-"ours compiled" (at the ``--compiled`` lengths, default 65536) is the public ``power_retention`` under
-``torch.compile`` (fullgraph, no grad): a compiled model's path, through Inductor's generated code (the same query
-launch as eager calls, ``forward.NARROW_QUERY_LAUNCH``, since session 53). "ours dynamic" (at the ``--dynamic``
-lengths, default 65536) is the same under ``torch.compile(dynamic=True)``, called first at T=1000: the graph a model
-serving several lengths runs, whose Plan and state kernel are chosen per call from the concrete length. ``--tune T``
-first times, gated at length T, the kernel variants of the chunked query kernel, two chunk sizes and several segment
-counts, keeps the fastest variant for the whole run and reports the fastest configuration as "ours best" with a
-per-kernel breakdown.
+``codegen="auto"`` picks (the row's ``state_kernel``: the CUDA one where measured faster), y stored in bf16 as by the
+op's forward that no backward follows (``for_backward=False``; runs up to session 25 stored it in float32); "ours graph"
+replays the same call from a CUDA graph (no launch overhead, as in a compiled model with CUDA graphs). "ours compiled"
+(at the ``--compiled`` lengths, default 65536 and 8192) is the public ``power_retention`` under ``torch.compile``
+(fullgraph, no grad): a compiled model's path, through Inductor's generated code (on the CUDA state kernel's route one
+op, ``ops.power_retention_inference``, whose body is the eager forward). "ours dynamic" (at the ``--dynamic`` lengths,
+default 65536) is the same under ``torch.compile(dynamic=True)``, called first at T=1000: the graph a model serving
+several lengths runs, whose Plan and state kernel are chosen per call from the concrete length. ``--tune T`` first
+times, gated at length T, the kernel variants of the chunked query kernel, two chunk sizes and several segment counts,
+keeps the fastest variant for the whole run and reports the fastest configuration as "ours best" with a per-kernel
+breakdown.
 "sdpa" is SDPA on PyTorch's flash backend (FlashAttention-2), "sdpa default" SDPA on the backend it picks itself
 (``sdpa_default_kernel`` names the kernel it ran: cuDNN's on the H200 with torch 2.11, the faster one). Achieved
 rate: FLOP the kernels execute (tiled state, see ``executed_flops``) over the fastest time, as a fraction of a bf16

@@ -52,14 +52,19 @@ B, H, D = 1, 8, 64
 LAUNCHES: list[object] = []  # the kernels ``forward._launch`` was asked to launch (captured, not run)
 
 
+def call_inputs(T: int, gated: bool, device: str = "cuda") -> tuple[torch.Tensor, ...]:
+    """q, k, v (B, H, T, D) bf16 and, ``gated``, a log-gate (B, H, T) float32 (else None) on ``device``."""
+    q, k, v = (torch.randn(B, H, T, D, dtype=torch.bfloat16, device=device) for _ in range(3))
+    return q, k, v, -torch.rand(B, H, T, device=device) if gated else None
+
+
 def forward_call(T: int, gated: bool, device: str) -> Callable[[], None]:
     """One eager ``triton_forward`` call as the op's body makes it (``wrap_triton`` disabled)."""
     from torch._library.triton import set_wrap_triton_enabled
 
     spec = hardware.KNOWN["H200"] if device == "cpu" else hardware.detect()
     plan = planning.plan(spec, T=T, d=D, e=D, deg=2, dtype=torch.bfloat16, gated=gated, batch_heads=H)
-    q, k, v = (torch.randn(B, H, T, D, dtype=torch.bfloat16, device=device) for _ in range(3))
-    gate = -torch.rand(B, H, T, device=device) if gated else None
+    q, k, v, gate = call_inputs(T, gated, device)
     options = dict(scale=D**-0.5, deg=2, log_gate=gate, causal=True, valid=None, plan=plan, y_dtype=torch.bfloat16)
 
     def call() -> None:
@@ -72,8 +77,7 @@ def forward_call(T: int, gated: bool, device: str) -> Callable[[], None]:
 def op_call(T: int, gated: bool) -> Callable[[], None]:
     """The public eager entry ``power_retention`` (under ``torch.no_grad``: nothing kept for a backward), which
     checks its inputs, plans, picks the state kernel and dispatches the op around ``triton_forward``."""
-    q, k, v = (torch.randn(B, H, T, D, dtype=torch.bfloat16, device="cuda") for _ in range(3))
-    gate = -torch.rand(B, H, T, device="cuda") if gated else None
+    q, k, v, gate = call_inputs(T, gated)
 
     def call() -> None:
         with torch.no_grad():
@@ -99,8 +103,7 @@ def compiled_call(T: int, gated: bool, one_op: bool) -> Callable[[], None]:
     graph, the same for both)."""
     from retention_compile import ops
 
-    q, k, v = (torch.randn(B, H, T, D, dtype=torch.bfloat16, device="cuda") for _ in range(3))
-    gate = -torch.rand(B, H, T, device="cuda") if gated else None
+    q, k, v, gate = call_inputs(T, gated)
     fn = torch.compile(_attention_one_op if one_op else _attention_two_ops, fullgraph=True)
     before = ops.TRACED_INFERENCE_IN_ONE_OP
     ops.TRACED_INFERENCE_IN_ONE_OP = one_op

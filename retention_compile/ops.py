@@ -234,12 +234,12 @@ def _forward(
         y, denom = launches(q, k, v, log_gate, valid)
         return _with_output_y(y, q.dtype, denom, *_no_states(q), keep_acc=False)
     plan, triton_reason, state = route.plan, route.triton_reason, route.state
-    if triton_reason is None and not for_backward and _in_one_op(q, state, impl):
-        y, denom = torch.ops.retention_compile.power_retention_inference(
-            q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl
-        )
-        return _with_output_y(y, q.dtype, denom, *_no_states(q), keep_acc=False)
     if triton_reason is None:
+        if not for_backward and _in_one_op(q, state, impl):
+            y, denom = torch.ops.retention_compile.power_retention_inference(
+                q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl
+            )
+            return _with_output_y(y, q.dtype, denom, *_no_states(q), keep_acc=False)
         from .codegen import triton_forward
         from .codegen.forward import kept_call
 
