@@ -278,3 +278,30 @@ def test_one_op_compiled_with_dynamic_lengths(monkeypatch) -> None:
             assert torch.equal(y, eager), f"T={T}: the compiled call differs from the eager one"
         else:  # the single-chunk graph: Inductor launches the quadratic kernel, specialised for symbolic sizes
             assert _rel(y, eager) <= 1e-3
+
+
+@needs_hopper
+def test_one_op_under_cuda_graphs(monkeypatch) -> None:
+    """``mode="reduce-overhead"`` (no grad): Inductor captures the graph holding the one op (its state and query
+    kernels, the query one launched beside the state one and waiting on its counts) in a CUDA graph and replays it on
+    new data; every replay's y is the eager call's exactly, gated with GQA, and no graph was skipped."""
+    from torch._dynamo.utils import counters
+
+    import retention_compile as rc
+
+    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
+    _cuda_state_kernel_chosen(monkeypatch)
+    torch._dynamo.reset()
+    counters.clear()
+
+    def attention(q, k, v, gate):
+        return rc.power_retention(q, k, v, scale=0.125, log_gate=gate, causal=True, chunk_size=1024)
+
+    compiled = torch.compile(attention, fullgraph=True, mode="reduce-overhead")
+    with torch.no_grad():
+        for seed in range(4):  # warm-up, capture, then replays
+            x = _inputs(CASES[2], seed=seed)
+            y = compiled(x["q"], x["k"], x["v"], x["log_gate"]).clone()  # a replay overwrites its outputs
+            eager = attention(x["q"], x["k"], x["v"], x["log_gate"])
+            assert torch.equal(y, eager), f"call {seed}: the CUDA graph's result differs from the eager call's"
+    assert counters["inductor"]["cudagraph_skips"] == 0, "Inductor skipped the CUDA graph"
