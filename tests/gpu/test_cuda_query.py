@@ -190,13 +190,16 @@ def _never_called(*args, **kwargs):
     raise AssertionError("a kept call planned again")
 
 
-def _cuda_state_kernel_chosen(monkeypatch) -> None:
-    """``impl="auto"`` calls take the CUDA state kernel (``select_state_kernel``'s measured choice forced), and no
-    route or launches kept from an earlier test answer them."""
+def _compiled_afresh_on_the_cuda_state_kernel(monkeypatch) -> None:
+    """``impl="auto"`` calls take the CUDA state kernel (``select_state_kernel``'s measured choice forced), and nothing
+    from an earlier test answers the next compile or call: no kept route or launches, no Dynamo graph, no cached
+    Inductor code (the caches' keys hold the graph Dynamo traced, not the module flags a test sets)."""
     from retention_compile.codegen import choice
 
     monkeypatch.setattr(choice, "choose", lambda *args, **kwargs: "cuda")
+    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
     replays.clear()
+    torch._dynamo.reset()
 
 
 @needs_hopper
@@ -219,10 +222,7 @@ def test_compiled_calls_take_the_custom_ops(monkeypatch, impl: str, one_op: bool
     monkeypatch.setattr(forward, "CUDA_QUERY", True)
     monkeypatch.setattr(forward, "CUDA_QUERY_GATED", True)
     monkeypatch.setattr(ops, "TRACED_INFERENCE_IN_ONE_OP", one_op)
-    # the caches' keys hold the graph Dynamo traced, not the flag: the other case's cached code would come back
-    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
-    _cuda_state_kernel_chosen(monkeypatch)
-    torch._dynamo.reset()
+    _compiled_afresh_on_the_cuda_state_kernel(monkeypatch)  # else the other case's cached code would come back
     x = _inputs(CASES[3])
 
     def attention(q, k, v, gate):
@@ -257,9 +257,7 @@ def test_one_op_compiled_with_dynamic_lengths(monkeypatch) -> None:
 
     import retention_compile as rc
 
-    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
-    _cuda_state_kernel_chosen(monkeypatch)
-    torch._dynamo.reset()
+    _compiled_afresh_on_the_cuda_state_kernel(monkeypatch)
 
     def attention(q, k, v, gate):
         return rc.power_retention(q, k, v, scale=0.125, log_gate=gate, causal=True)
@@ -289,9 +287,7 @@ def test_one_op_under_cuda_graphs(monkeypatch) -> None:
 
     import retention_compile as rc
 
-    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
-    _cuda_state_kernel_chosen(monkeypatch)
-    torch._dynamo.reset()
+    _compiled_afresh_on_the_cuda_state_kernel(monkeypatch)
     counters.clear()
 
     def attention(q, k, v, gate):
