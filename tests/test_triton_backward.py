@@ -333,9 +333,13 @@ ONE_LENGTH_CASES = {
 def run_one_length_cases() -> dict[str, dict[str, float]]:
     """Per ``ONE_LENGTH_CASES`` case: ``raw-<x>``, the relative difference of y, denom and each gradient from the same
     call run without the key and row of zeros (adding them adds exact zeros), ``oracle-v``, dv's error against
-    the oracle (a row that sees one key has dq, dk of O(eps / w), which float32 cannot resolve: the GPU tests
-    floor that reference), and ``shortest-length``, the least Tk of any launch and Tq of the backward's (the
-    forward's kernels at Tq 1 compiled clean, ``benchmarks/miscompiled_lengths.py``)."""
+    the oracle, and ``shortest-length``, the least Tk of any launch and Tq of the backward's (the forward's kernels
+    at Tq 1 compiled clean, ``benchmarks/miscompiled_lengths.py``).
+
+    A row that sees one key has y = v w / (w + eps), so its dq, dk are O(eps / w), mostly rounding residue: as in the
+    GPU tests, their norm is floored at 1e-2 |dy| (where they are below it, the bound on them is absolute).
+    Unfloored, the relative difference of two residues depends on the CPU's rounding: ``one-key-keyless-rows`` gave
+    2.7e-2 on an AVX-512 machine (2026-12-06) after passing 1e-3 in earlier CI runs."""
 
     def outputs(inputs: tuple, options: dict, grad_y: torch.Tensor, plan: Plan) -> dict[str, torch.Tensor]:
         y, den = triton_forward(*inputs, plan=plan, **options, for_backward=True)
@@ -367,7 +371,11 @@ def run_one_length_cases() -> dict[str, dict[str, float]]:
             mock.patch.object(backward, "backward_rows", forward.aligned_rows),
         ):
             raw = outputs(inputs, options, grad_y, plan)
-        results[name] = {f"raw-{x}": float((padded[x] - raw[x]).norm() / raw[x].norm().clamp_min(1e-30)) for x in raw}
+        residue_floor = 1e-2 * float(grad_y.norm())
+        floors = {x: residue_floor if x in ("q", "k") else 1e-30 for x in raw}
+        results[name] = {
+            f"raw-{x}": float((padded[x] - raw[x]).norm()) / max(float(raw[x].norm()), floors[x]) for x in raw
+        }
         grads = tuple(padded.get(g) for g in GRADS)
         results[name]["oracle-v"] = _oracle_errors(inputs, options, grad_y, grads)["v"]
         results[name]["shortest-length"] = shortest
@@ -556,9 +564,9 @@ def test_per_weight_gate_rows_match_oracle(interpreted: dict[str, dict[str, floa
 @pytest.mark.parametrize("name", list(ONE_LENGTH_CASES))
 def test_keys_and_rows_of_zeros_change_nothing(interpreted: dict[str, dict[str, float]], name: str) -> None:
     """A single key (and a non-causal single row) run after one of zeros: y, denom, dv and d log_gate as without them
-    (exact zeros added; 1e-6 leaves dv's sum order room), dq and dk within 1e-3 (where a row sees one key they are
-    O(eps / w), left after cancellation: 7e-4 from the oracle in ``one-key-gated``), dv within the other cases' bound
-    of the oracle."""
+    (exact zeros added; 1e-6 leaves dv's sum order room), dq and dk within 1e-3 of their norm floored at 1e-2 |dy|
+    (where a row sees one key they are O(eps / w), left after cancellation), dv within the other cases' bound of the
+    oracle."""
     results = dict(interpreted[name])
     assert results.pop("oracle-v") < 2e-5
     assert results.pop("shortest-length") >= 2  # no kernel took a single key, no backward kernel a single row
