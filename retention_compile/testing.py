@@ -135,6 +135,15 @@ def oracle_softmax(scores: torch.Tensor, dim: int = -1, dtype: torch.dtype | Non
     return (weights / (weights.sum(-1, keepdim=True) + EPS)).to(dtype or scores.dtype)
 
 
+def single_key_gradient_floor(grad_y: torch.Tensor) -> float:
+    """The least reference norm a dq or dk comparison divides by where a row may see only one key: 1e-2 |dy|.
+
+    A row with a single key j has y = v_j w / (w + eps), so its dq and dk are O(eps / w): rounding residue that
+    the kernels read off ``dy . (v - y)`` cannot resolve. Dividing by max(|reference|, this floor) keeps the
+    bound relative where the gradient is real and makes it absolute (tol x 1e-2 |dy|) where it is residue."""
+    return 1e-2 * float(grad_y.double().norm())
+
+
 @contextlib.contextmanager
 def nan_filled_empty() -> Iterator[None]:
     """Within the block every float ``torch.empty`` comes back filled with NaN: an element a kernel reads or returns

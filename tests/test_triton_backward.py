@@ -31,7 +31,7 @@ from retention_compile.codegen.forward import kernel_spec, triton_forward  # noq
 from retention_compile.codegen.triton_source import KernelSpec, load, render  # noqa: E402
 from retention_compile.planning import Plan  # noqa: E402
 from retention_compile.reference import power_retention_reference  # noqa: E402
-from retention_compile.testing import interpreted_fixture  # noqa: E402
+from retention_compile.testing import interpreted_fixture, single_key_gradient_floor  # noqa: E402
 
 TINY = {"block_t": 16, "block_feature": 16, "block_e": 32}
 GRADS = ("q", "k", "v", "g")
@@ -371,7 +371,7 @@ def run_one_length_cases() -> dict[str, dict[str, float]]:
             mock.patch.object(backward, "backward_rows", forward.aligned_rows),
         ):
             raw = outputs(inputs, options, grad_y, plan)
-        residue_floor = 1e-2 * float(grad_y.norm())
+        residue_floor = single_key_gradient_floor(grad_y)
         floors = {x: residue_floor if x in ("q", "k") else 1e-30 for x in raw}
         results[name] = {
             f"raw-{x}": float((padded[x] - raw[x]).norm()) / max(float(raw[x].norm()), floors[x]) for x in raw
