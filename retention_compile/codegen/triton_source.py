@@ -141,8 +141,11 @@ class KernelSpec:
         )
 
 
+@functools.lru_cache(maxsize=256)
 def with_packed_squares(spec: KernelSpec) -> KernelSpec:
-    """``spec`` with ``packed_squares`` where it applies (deg 2, bf16 dots: 16-bit inputs), else ``spec``."""
+    """``spec`` with ``packed_squares`` where it applies (deg 2, bf16 dots: 16-bit inputs), else ``spec``. Memoized
+    per shape class: the replace (its ``__post_init__`` hashes all fields) took about a third of the planned call's
+    host time (``benchmarks/bench_host.py --device cpu``)."""
     return replace(spec, packed_squares=True) if spec.deg == 2 and spec.dtype != "float32" else spec
 
 
