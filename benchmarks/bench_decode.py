@@ -6,9 +6,15 @@ Time: CUDA-graph replays of one decode step per "layer", median over replays, wi
 (distinct states) that the states together exceed the L2 several times (a real decode touches a new layer's state
 every step). Eager time (Python dispatch included) and the plain-PyTorch step are reported beside it.
 
-    python benchmarks/bench_decode.py [--out DIR] [--commit SHA]
+``--host``: instead, the host time of one eager step at batch 1, where the kernels take a few microseconds and
+the step is host-bound: the public ``decode_step`` (which launches the kernels itself for a plain eager call) beside
+the ``decode_step`` op it then skips, host microseconds until ``--calls`` steps return and wall microseconds until
+the GPU is done, medians of ``--repeats`` interleaved batches (``bench_host.interleaved``).
 
-Writes ``decode_<gpu>_<date>.json`` under ``--out`` (default ``benchmarks/results``) and prints a table.
+    python benchmarks/bench_decode.py [--out DIR] [--commit SHA] [--host [--calls 500] [--repeats 7]]
+
+Writes ``decode_<gpu>_<date>.json`` (``decode_host_<gpu>_<date>_<commit>.json`` with ``--host``) under ``--out``
+(default ``benchmarks/results``) and prints a table.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from retention_compile.decode import (
     _plan,
     cuda_unsupported_reason,
     decode_kernels,
+    decode_step,
     decode_step_cuda,
     decode_step_torch,
     default_config,
@@ -47,6 +54,10 @@ CONFIGS = [  # the first run's best shapes without the register double buffer, t
     *(DecodeKernelConfig(rows, unroll) for rows in (128, 256) for unroll in (2, 4, 8)),
     *(DecodeKernelConfig(rows, unroll) for rows, unroll in ((352, 2), (544, 4), (832, 2), (1056, 4))),
 ]
+HOST_SHAPES = {  # name: (B, Hq, Hk, d), batch 1
+    "b1_h8_d64": (1, 8, 8, 64),
+    "powercoder_b1_q24_kv2_d128": (1, 24, 2, 128),
+}
 MIN_STATE_BYTES = 256 << 20  # states per timed graph: > 4x the H200's 60 MB L2
 
 
@@ -145,12 +156,61 @@ def bench_shape(name: str, B: int, Hq: int, Hk: int, d: int, copy_gbs: float, re
     return rows
 
 
+def _host_variants(B: int, Hq: int, Hk: int, d: int) -> dict:
+    """``bench_host.interleaved``'s variants for one shape: the public step and the op, on one gated problem."""
+    q, k, v, state, norm, gate = _layers(B, Hq, Hk, d, 1)[0]
+    op = torch.ops.retention_compile.decode_step
+    return {
+        "decode_step": (lambda: None, lambda: decode_step(q, k, v, state, norm, log_gate=gate)),
+        "op": (lambda: None, lambda: op(q, k, v, state, norm, d**-0.5, 2, gate)),
+    }
+
+
+def host_rows(calls: int, repeats: int) -> list[dict]:
+    """Host and wall microseconds per eager step, gated, of the public ``decode_step`` and of the ``decode_step`` op
+    it skips for plain eager calls, for each of ``HOST_SHAPES``."""
+    from bench_host import interleaved
+
+    rows = []
+    for name, (B, Hq, Hk, d) in HOST_SHAPES.items():
+        for variant, times in interleaved(_host_variants(B, Hq, Hk, d), calls, repeats).items():
+            rows.append({"shape": name, "B": B, "Hq": Hq, "Hk": Hk, "d": d, "variant": variant, **times})
+            host, wall = times["host_us_per_call"], times["wall_us_per_call"]
+            print(f"{name:27} {variant:12}: host {host:6.1f} us, wall {wall:6.1f} us per step")
+    return rows
+
+
+def write_host_record(args: argparse.Namespace) -> None:
+    """``--host``: ``host_rows`` as JSON beside the command, commit and versions."""
+    commit = git_commit(args.commit)
+    record = {
+        "command": command_line(),
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "gpu": torch.cuda.get_device_name(),
+        "rows": host_rows(args.calls, args.repeats),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name().replace(" ", "-")
+    path = out / f"decode_host_{gpu}_{datetime.date.today().isoformat()}_{commit}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--commit", default=None, help="commit of the code (where the tree has no .git)")
     parser.add_argument("--reps", type=int, default=40)
+    parser.add_argument("--host", action="store_true", help="time the host path of one eager step instead")
+    parser.add_argument("--calls", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
+    if args.host:
+        write_host_record(args)
+        return
 
     spec = hardware.detect()
     import cuda.bindings

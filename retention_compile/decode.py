@@ -17,6 +17,7 @@ persistent counter buffer to reset (safe under CUDA graphs and concurrent stream
 does not cover, the same step runs in plain PyTorch (``decode_step_torch``), which the kernel is tested against.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -230,6 +231,22 @@ def decode_step_cuda(
     reason = cuda_unsupported_reason(q, k, v, state, norm, deg, log_gate, config)
     if reason is not None:
         _fail(f"decode_step_cuda: {reason}")
+    return _launch_decode(q, k, v, state, norm, scale, deg, log_gate, config)
+
+
+def _launch_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    norm: torch.Tensor,
+    scale: float,
+    deg: int,
+    log_gate: torch.Tensor | None,
+    config: DecodeKernelConfig | None = None,
+) -> torch.Tensor:
+    """``decode_step_cuda`` for a call ``cuda_unsupported_reason`` already accepted: both launches on the current
+    stream of q's device (made current for them only where it is not)."""
     B, Hq, _, d = q.shape
     Hk, e = k.shape[1], v.shape[-1]
     group = Hq // Hk
@@ -240,13 +257,16 @@ def decode_step_cuda(
     num_part, den_part = workspace[: B * Hk * slices * group * e], workspace[B * Hk * slices * group * e :]
     y = torch.empty(B, Hq, 1, e, dtype=q.dtype, device=q.device)
     gate = None if log_gate is None else log_gate.to(torch.float32).contiguous()
-    with torch.cuda.device(q.device):
+    switch = q.device.index is not None and q.device.index != torch.cuda.current_device()
+    with torch.cuda.device(q.device) if switch else contextlib.nullcontext():
+        stream = torch.cuda.current_stream().cuda_stream
         update.launch(
             (slices, B * Hk, 1),
             (THREADS, 1, 1),
             (q.contiguous(), k.contiguous(), v.contiguous(), gate, state, norm, num_part, den_part, float(scale)),
+            stream=stream,
         )
-        reduce.launch((B * Hq, 1, 1), (e, 1, 1), (num_part, den_part, y))
+        reduce.launch((B * Hq, 1, 1), (e, 1, 1), (num_part, den_part, y), stream=stream)
     return y
 
 
@@ -263,7 +283,7 @@ def decode_step_op(
 ) -> torch.Tensor:
     """The op behind ``decode_step``: the CUDA kernel where it covers the call, else plain PyTorch."""
     if cuda_unsupported_reason(q, k, v, state, norm, deg, log_gate) is None:
-        return decode_step_cuda(q, k, v, state, norm, scale=scale, deg=deg, log_gate=log_gate)
+        return _launch_decode(q, k, v, state, norm, scale, deg, log_gate)
     return decode_step_torch(q, k, v, state, norm, scale=scale, deg=deg, log_gate=log_gate)
 
 
@@ -303,7 +323,29 @@ def decode_step(
         group = state.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     s = default_scale(q.shape[-1], scale)
+    if _launches_directly(q, k, v, state, norm, log_gate) and not cuda_unsupported_reason(
+        q, k, v, state, norm, deg, log_gate
+    ):
+        y = _launch_decode(q, k, v, state, norm, s, deg, log_gate)
+        torch.autograd.graph.increment_version((state, norm))  # what the op's in-place-or-view layer does
+        return y
     return torch.ops.retention_compile.decode_step(q, k, v, state, norm, s, deg, log_gate)
+
+
+def _launches_directly(*tensors: torch.Tensor | None) -> bool:
+    """Whether an eager step may launch the CUDA kernels itself instead of through the ``decode_step`` op: plain
+    tensors (no subclass, fake or functional ones), no dispatch mode active (a mode sees the op), not traced, and no
+    input asking for a gradient (the op has no autograd formula, and its autograd layer says so). For such a call
+    the op's dispatch (its autograd, in-place-or-view and alias-check layers in Python) only bumps the version
+    counters of the state and the normaliser, which the direct call does itself, and it cost more host time than the
+    rest of the step (``benchmarks/bench_decode.py --host``)."""
+    present = [t for t in tensors if t is not None]
+    return (
+        all(type(t) is torch.Tensor for t in present)
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+    )
 
 
 def _check_prefix(k: torch.Tensor, v: torch.Tensor, deg: int, log_gate: torch.Tensor | None, chunk: int) -> None:

@@ -119,3 +119,23 @@ def test_replays_inside_a_cuda_graph() -> None:
     torch.cuda.synchronize()
     assert _rel(y, ref) < 1e-2
     assert _rel(state, ref_state) < 1e-5
+
+
+def test_eager_step_launches_directly_as_the_op_would() -> None:
+    """A plain eager step skips the op's dispatch: y, state and norm bitwise the op's, and the state's and
+    normaliser's version counters moved, as the op's in-place-or-view layer moves them (autograd sees the update)."""
+    q, k, v, gate = _problem(2, 2, 4, 1, 64, 64, torch.bfloat16, gated=True, seed=31)
+    state, norm = init_state(*_problem(2, 2, 1, 7, 64, 64, torch.float32, gated=False, seed=32)[1:3], deg=2)
+    op_state, op_norm = state.clone(), norm.clone()
+    versions = state._version, norm._version
+    y = decode_step(q, k, v, state, norm, log_gate=gate)
+    assert state._version > versions[0] and norm._version > versions[1]
+    y_op = torch.ops.retention_compile.decode_step(q, k, v, op_state, op_norm, 64**-0.5, 2, gate)
+    torch.cuda.synchronize()
+    assert torch.equal(y, y_op) and torch.equal(state, op_state) and torch.equal(norm, op_norm)
+    with torch.inference_mode():  # inference tensors have no version counter to move
+        state_inf, norm_inf = state.clone(), norm.clone()
+        y_inf = decode_step(q, k, v, state_inf, norm_inf, log_gate=gate)
+    decode_step(q, k, v, op_state, op_norm, log_gate=gate)
+    torch.cuda.synchronize()
+    assert torch.equal(state_inf, op_state) and torch.isfinite(y_inf).all()
