@@ -26,6 +26,7 @@ import torch
 
 from .checks import RetentionInputError, validate_retention_inputs
 from .gates import cumulative_log_gate
+from .ops import runs_body_directly
 from .power_features import multiset_index, power_embedding, state_dim
 from .reference import EPS, default_scale
 
@@ -333,20 +334,16 @@ def decode_step(
 
 
 def _launches_directly(*tensors: torch.Tensor | None) -> bool:
-    """Whether an eager step may launch the CUDA kernels itself instead of through the ``decode_step`` op: plain
-    tensors (no subclass, fake or functional ones), no dispatch mode active (a mode sees the op), not traced, and no
-    input asking for a gradient (the op has no autograd formula, and its autograd layer says so). For such a call
-    the op's dispatch (its autograd, in-place-or-view and alias-check layers in Python) only bumps the version
-    counters of the state and the normaliser, which the direct call does itself. H100 host, b1 h8 d64 gated
-    (``benchmarks/bench_decode.py --host``): 87 us of host time per step against 100 through the op; with the
-    support check and the stream query made once per step, 67-73 against 104-112 before (the step is host-bound)."""
-    present = [t for t in tensors if t is not None]
-    return (
-        all(type(t) is torch.Tensor for t in present)
-        and not torch.compiler.is_compiling()
-        and torch._C._len_torch_dispatch_stack() == 0
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
-    )
+    """Whether an eager step may launch the CUDA kernels itself instead of through the ``decode_step`` op: where the
+    forward's eager entry runs its op's body itself (``ops.runs_body_directly``: plain tensors, nothing tracing,
+    recording or transforming the call) and no input asks for a gradient (the op has no autograd formula, and its
+    autograd layer says so). For such a call the op's dispatch (its autograd, in-place-or-view and alias-check layers
+    in Python) only bumps the version counters of the state and the normaliser, which the direct call does itself.
+    H100 host, b1 h8 d64 gated (``benchmarks/bench_decode.py --host`` at 3744f86): 87 us of host time per step
+    against 100 through the op; with the support check and the stream query made once per step, 67-73 against
+    104-112 before (the step is host-bound)."""
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return not wants_grad and runs_body_directly(*tensors)
 
 
 def _check_prefix(k: torch.Tensor, v: torch.Tensor, deg: int, log_gate: torch.Tensor | None, chunk: int) -> None:

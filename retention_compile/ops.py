@@ -589,7 +589,7 @@ def power_retention(
         checks.check_gate_values(log_gate)
     for_backward = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, log_gate))
     args = (q, k, v, log_gate, valid, default_scale(q.shape[-1], scale), deg, causal, chunk_size or 0, impl)
-    if not for_backward and _runs_body_directly(q, k, v, log_gate, valid):
+    if not for_backward and runs_body_directly(q, k, v, log_gate, valid):
         with set_wrap_triton_enabled(False):  # as the op's own eager kernel runs its body
             return _y_and_denom(*args)[0]
     # after the direct path, which no functorch transform or forward-AD level reaches: off the short calls' host time
@@ -656,7 +656,7 @@ def _y_and_denom(q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl)
     return y, denom
 
 
-def _runs_body_directly(*tensors: torch.Tensor | None) -> bool:
+def runs_body_directly(*tensors: torch.Tensor | None) -> bool:
     """Whether an eager call that keeps nothing for a backward may run the op's body itself, as the op's eager
     kernel would (``triton_op``: the body with ``wrap_triton`` disabled), without the dispatcher's layers around it
     (the autograd kernel, alias checks, the Dynamo guard): on the H200's host (2026-12-01, f585557) a T=2048 call

@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from retention_compile import decode
 from retention_compile.codegen import choice, cuda_query, cuda_reverse, cuda_state, cuda_state_terms, nvrtc
 from retention_compile.codegen.cuda_state import StateKernelConfig, cuda_state_unsupported, state_spec
 from retention_compile.codegen.forward import kernel_spec
@@ -378,38 +377,6 @@ def test_decode_rejects_bad_state() -> None:
         decode_step(q, k, v, state[:, :, :-1], norm, scale=scale, log_gate=gate)
     with pytest.raises(ValueError, match="one token"):
         decode_step(q.expand(-1, -1, 2, -1), k, v, state, norm)
-
-
-def test_decode_launches_directly_only_for_plain_eager_calls() -> None:
-    """An eager step of plain tensors skips the op's dispatch; a dispatch mode, a tensor subclass, a trace or an
-    input asking for a gradient goes through the op (a mode then sees ``retention_compile.decode_step``)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class SeenOps(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    q, k, v, state, norm, _, _, gate = _op_args()
-    assert decode._launches_directly(q, k, v, state, norm, gate)
-    assert decode._launches_directly(q, k, v, state, norm, None)
-    with SeenOps() as seen:
-        assert not decode._launches_directly(q, k, v, state, norm, gate)
-        decode_step(q, k, v, state, norm, log_gate=gate)
-    assert any("retention_compile.decode_step" in name for name in seen.names)
-    assert not decode._launches_directly(q.as_subclass(torch.nn.Parameter), k, v, state, norm, gate)
-    wants_grad = q.clone().requires_grad_()
-    assert not decode._launches_directly(wants_grad, k, v, state, norm, gate)
-    with torch.no_grad():
-        assert decode._launches_directly(wants_grad, k, v, state, norm, gate)
-    traced = []
-    torch._dynamo.reset()
-    torch.compile(lambda x: traced.append(decode._launches_directly(x)) or x + 1, backend="eager", fullgraph=False)(q)
-    assert traced == [False]
 
 
 def _fake_cuda(*shape: int, dtype=torch.bfloat16) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """The public eager ``power_retention``: a call that keeps nothing for a backward runs the op's body itself
-(``ops._runs_body_directly``), exactly as the op's eager kernel would; anything that must see the op still does."""
+(``ops.runs_body_directly``), exactly as the op's eager kernel would; anything that must see the op still does."""
 
 from __future__ import annotations
 
@@ -68,31 +68,47 @@ def test_nothing_runs_the_body_directly_where_the_op_must_be_seen() -> None:
     from torch.autograd import forward_ad
 
     q = torch.randn(1, 1, 4, 8)
-    assert ops._runs_body_directly(q, None)
+    assert ops.runs_body_directly(q, None)
     with FakeTensorMode() as fake:
-        assert not ops._runs_body_directly(fake.from_tensor(q))
+        assert not ops.runs_body_directly(fake.from_tensor(q))
     with AnyFunctionMode():
-        assert not ops._runs_body_directly(q)
+        assert not ops.runs_body_directly(q)
     with torch.profiler.profile():
-        assert not ops._runs_body_directly(q)
+        assert not ops.runs_body_directly(q)
     with forward_ad.dual_level():
-        assert not ops._runs_body_directly(q)
+        assert not ops.runs_body_directly(q)
     seen_in_vmap: list[bool] = []
 
     def body(x: torch.Tensor) -> torch.Tensor:
-        seen_in_vmap.append(ops._runs_body_directly(x))
+        seen_in_vmap.append(ops.runs_body_directly(x))
         return x
 
     torch.vmap(body)(torch.randn(2, 4))
     assert seen_in_vmap == [False]
-    assert not ops._runs_body_directly(torch.nn.Parameter(q))  # a subclass: through the op
+    assert not ops.runs_body_directly(torch.nn.Parameter(q))  # a subclass: through the op
+
+
+def test_an_eager_decode_step_launches_directly_only_where_the_forward_would() -> None:
+    """``decode_step`` launches its CUDA kernels itself where ``runs_body_directly`` holds and no input asks for a
+    gradient; otherwise it goes through its op, which a dispatch mode then sees (on the CPU it always does)."""
+    q, k, v = (torch.randn(1, 2, 1, 8) for _ in range(3))
+    state, norm = rc.decode.init_state(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), deg=2)
+    assert rc.decode._launches_directly(q, k, v, state, norm, None)
+    wants_grad = q.clone().requires_grad_()
+    assert not rc.decode._launches_directly(wants_grad, k, v, state, norm, None)
+    with torch.no_grad():
+        assert rc.decode._launches_directly(wants_grad, k, v, state, norm, None)
+    with SeenOps() as mode:
+        assert not rc.decode._launches_directly(q, k, v, state, norm, None)
+        rc.decode.decode_step(q, k, v, state, norm)
+    assert "retention_compile.decode_step.default" in mode.names
 
 
 def test_a_default_device_still_runs_the_body_directly_and_right() -> None:
     q, k, v, gate = inputs()
     through_op = ops.power_retention_op(q, k, v, gate, None, 0.25, 2, True, 16, "auto", False)[0]
     with torch.device("meta"), torch.no_grad():  # factory calls that name no device would land on meta
-        assert ops._runs_body_directly(q)
+        assert ops.runs_body_directly(q)
         assert torch.equal(call(q, k, v, gate), through_op)
 
 
