@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from provenance import command_line, git_commit
+from provenance import git_commit, origin
 
 import retention_compile as rc
 from retention_compile import planning
@@ -139,10 +139,7 @@ def main() -> None:
     rows = [row for T in args.T for row in bench_length(T, args, compiled)]
     commit = git_commit(args.commit)
     record = {
-        "command": command_line(),
-        "commit": commit,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        **origin(commit),
         "machine": {"processor": platform.processor(), "cpus": os.cpu_count(), "threads": torch.get_num_threads()},
         "malloc_environment": {key: value for key, value in os.environ.items() if key.startswith("MALLOC_")},
         "shape": {"batch": 1, "heads": args.heads, "d": args.d, "e": args.d, "deg": 2, "dtype": "float32"},

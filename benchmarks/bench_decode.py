@@ -27,7 +27,7 @@ import platform
 from pathlib import Path
 
 import torch
-from provenance import command_line, git_commit
+from provenance import command_line, git_commit, origin
 
 from retention_compile import hardware
 from retention_compile.codegen import nvrtc
@@ -183,20 +183,18 @@ def host_rows(calls: int, repeats: int) -> list[dict]:
 def write_host_record(args: argparse.Namespace) -> None:
     """``--host``: ``host_rows`` as JSON beside the command, commit and versions."""
     commit = git_commit(args.commit)
-    record = {
-        "command": command_line(),
-        "commit": commit,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "gpu": torch.cuda.get_device_name(),
-        "rows": host_rows(args.calls, args.repeats),
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    record = {**origin(commit), "gpu": torch.cuda.get_device_name(), "rows": host_rows(args.calls, args.repeats)}
+    print(f"wrote {_write(record, args.out, f'decode_host_{{gpu}}_{{date}}_{commit}.json')}")
+
+
+def _write(record: dict, out: str, name: str) -> Path:
+    """``record`` as JSON under ``out`` in file ``name`` (``{gpu}`` and ``{date}`` filled in); its path."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name().replace(" ", "-")
-    path = out / f"decode_host_{gpu}_{datetime.date.today().isoformat()}_{commit}.json"
+    path = folder / name.format(gpu=gpu, date=datetime.date.today().isoformat())
     path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {path}")
+    return path
 
 
 def main() -> None:
@@ -241,11 +239,7 @@ def main() -> None:
         "copy_bandwidth_GBps": copy_gbs,
         "results": results,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    gpu = torch.cuda.get_device_name().replace(" ", "-")
-    path = out / f"decode_{gpu}_{datetime.date.today().isoformat()}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path = _write(record, args.out, "decode_{gpu}_{date}.json")
 
     print(f"copy bandwidth {copy_gbs:.0f} GB/s (read + write); {record['gpu']}; {record['versions']}")
     print(

@@ -3,10 +3,14 @@
 git_commit(explicit)   a script's ``--commit``, else the checkout's HEAD (short; "-dirty" when tracked files
                        differ from it), else "unknown"
 command_line()         the interpreter and the arguments the script ran with
+origin(commit)         a record's first fields: the command, the commit, the date (UTC) and the Python and torch
+                       versions
 """
 
 from __future__ import annotations
 
+import datetime
+import platform
 import subprocess
 import sys
 
@@ -30,3 +34,16 @@ def git_commit(explicit: str | None = None) -> str:
 def command_line() -> str:
     """``python benchmarks/<script>.py <arguments>`` as this process was started."""
     return " ".join([sys.executable, *sys.argv])
+
+
+def origin(commit: str) -> dict[str, object]:
+    """A result record's first fields: ``command``, ``commit``, ``date`` (UTC, to the second) and ``versions`` (Python,
+    torch)."""
+    import torch
+
+    return {
+        "command": command_line(),
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+    }
