@@ -145,7 +145,7 @@ class KernelSpec:
 def with_packed_squares(spec: KernelSpec) -> KernelSpec:
     """``spec`` with ``packed_squares`` where it applies (deg 2, bf16 dots: 16-bit inputs), else ``spec``. Memoized
     per shape class: the replace (its ``__post_init__`` hashes all fields) took 26-35 us of the planned call's 52-109
-    on the CI's kind of CPU and 20-32 of 185-225 on an H100's host (``benchmarks/bench_host.py``, T=2048-65536)."""
+    on a CPU (T=2048-65536) and 20-32 of 185-225 on an H100's host (T=8192; ``benchmarks/bench_host.py``)."""
     return replace(spec, packed_squares=True) if spec.deg == 2 and spec.dtype != "float32" else spec
 
 
