@@ -26,7 +26,7 @@ import torch
 
 from .checks import RetentionInputError, validate_retention_inputs
 from .gates import cumulative_log_gate
-from .ops import runs_body_directly
+from .ops import asks_for_gradient, runs_body_directly
 from .power_features import multiset_index, power_embedding, state_dim
 from .reference import EPS, default_scale
 
@@ -342,8 +342,7 @@ def _launches_directly(*tensors: torch.Tensor | None) -> bool:
     H100 host, b1 h8 d64 gated (``benchmarks/bench_decode.py --host`` at 3744f86): 87 us of host time per step
     against 100 through the op; with the support check and the stream query made once per step, 67-73 against
     104-112 before (the step is host-bound)."""
-    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return not wants_grad and runs_body_directly(*tensors)
+    return not asks_for_gradient(*tensors) and runs_body_directly(*tensors)
 
 
 def _check_prefix(k: torch.Tensor, v: torch.Tensor, deg: int, log_gate: torch.Tensor | None, chunk: int) -> None:

@@ -587,7 +587,7 @@ def power_retention(
         raise ValueError(f"power_retention: impl must be one of {IMPLS}, got {impl!r}")
     if log_gate is not None and checks.gate_check_applies(log_gate) and _holds_values(log_gate):
         checks.check_gate_values(log_gate)
-    for_backward = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, log_gate))
+    for_backward = asks_for_gradient(q, k, v, log_gate)
     args = (q, k, v, log_gate, valid, default_scale(q.shape[-1], scale), deg, causal, chunk_size or 0, impl)
     if not for_backward and runs_body_directly(q, k, v, log_gate, valid):
         with set_wrap_triton_enabled(False):  # as the op's own eager kernel runs its body
@@ -654,6 +654,11 @@ def _y_and_denom(q, k, v, log_gate, valid, scale, deg, causal, chunk_size, impl)
             return launches(q, k, v, log_gate, valid)
     y, denom, *_ = _forward(*args, for_backward=False, route=route)
     return y, denom
+
+
+def asks_for_gradient(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will record this call: grad mode on and some input requiring a gradient."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def runs_body_directly(*tensors: torch.Tensor | None) -> bool:
