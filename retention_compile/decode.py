@@ -246,29 +246,64 @@ def _launch_decode(
     log_gate: torch.Tensor | None,
     config: DecodeKernelConfig | None = None,
 ) -> torch.Tensor:
-    """``decode_step_cuda`` for a call ``cuda_unsupported_reason`` already accepted: both launches on the current
-    stream of q's device (made current for them only where it is not)."""
+    """``decode_step_cuda`` for a call ``cuda_unsupported_reason`` already accepted: both launches (kept per shape,
+    ``decode_launches``) on the current stream of q's device (made current for them only where it is not)."""
     B, Hq, _, d = q.shape
     Hk, e = k.shape[1], v.shape[-1]
-    group = Hq // Hk
-    cfg = _plan(e, group, config)
-    slices = -(-state_dim(d, deg) // cfg.rows)
-    update, reduce = decode_kernels(q.device.index or 0, d, e, deg, group, q.dtype, log_gate is not None, cfg)
-    workspace = torch.empty(B * Hk * slices * group * (e + 1), dtype=torch.float32, device=q.device)
-    num_part, den_part = workspace[: B * Hk * slices * group * e], workspace[B * Hk * slices * group * e :]
-    y = torch.empty(B, Hq, 1, e, dtype=q.dtype, device=q.device)
-    gate = None if log_gate is None else log_gate.to(torch.float32).contiguous()
+    update, reduce = decode_launches(
+        q.device.index or 0, B, Hk, d, e, deg, Hq // Hk, q.dtype, log_gate is not None, _plan(e, Hq // Hk, config),
+        float(scale),
+    )  # fmt: skip
+    partials = update.grid[0] * B * Hq
+    workspace = torch.empty(partials * (e + 1), dtype=torch.float32, device=q.device)
+    tensors = {
+        "q": q.contiguous(), "k": k.contiguous(), "v": v.contiguous(), "state": state, "norm": norm,
+        "num": workspace[: partials * e], "den": workspace[partials * e :],
+        "y": torch.empty(B, Hq, 1, e, dtype=q.dtype, device=q.device),
+    }  # fmt: skip
+    if log_gate is not None:
+        tensors["gate"] = log_gate.to(torch.float32).contiguous()
     switch = q.device.index is not None and q.device.index != torch.cuda.current_device()
     with torch.cuda.device(q.device) if switch else contextlib.nullcontext():
-        stream = torch.cuda.current_stream().cuda_stream
-        update.launch(
-            (slices, B * Hk, 1),
-            (THREADS, 1, 1),
-            (q.contiguous(), k.contiguous(), v.contiguous(), gate, state, norm, num_part, den_part, float(scale)),
-            stream=stream,
-        )
-        reduce.launch((B * Hq, 1, 1), (e, 1, 1), (num_part, den_part, y), stream=stream)
-    return y
+        update(tensors)
+        reduce(tensors)
+    return tensors["y"]
+
+
+# The tensor arguments of the two kernels, by position (``retention_decode_update``'s gate only where there is one).
+_UPDATE_TENSORS = ("q", "k", "v", "gate", "state", "norm", "num", "den")
+_REDUCE_TENSORS = ("num", "den", "y")
+
+
+@lru_cache(maxsize=64)
+def decode_launches(
+    device_index: int,
+    B: int,
+    Hk: int,
+    d: int,
+    e: int,
+    deg: int,
+    group: int,
+    dtype: torch.dtype,
+    gate: bool,
+    config: DecodeKernelConfig,
+    scale: float,
+) -> tuple:
+    """The two launches of a step of this shape (``eager_launch.CudaLaunch``: grid and scale fixed, arguments packed
+    once: ``nvrtc.KernelParams``), which each step repeats with its tensors by name (``_UPDATE_TENSORS``,
+    ``_REDUCE_TENSORS``). A step at batch 1 is host-bound, and packing its arguments per launch cost cuda-python
+    more than the launch itself."""
+    from .codegen.eager_launch import CudaLaunch
+
+    update, reduce = decode_kernels(device_index, d, e, deg, group, dtype, gate, config)
+    slices = -(-state_dim(d, deg) // config.rows)
+    update_tensors = tuple((i, n) for i, n in enumerate(_UPDATE_TENSORS) if gate or n != "gate")
+    return (
+        CudaLaunch.of(update, (slices, B * Hk, 1), (THREADS, 1, 1), 0, device_index, (None,) * 8 + (scale,),
+                      update_tensors),
+        CudaLaunch.of(reduce, (B * Hk * group, 1, 1), (e, 1, 1), 0, device_index, (None,) * 3,
+                      tuple(enumerate(_REDUCE_TENSORS))),
+    )  # fmt: skip
 
 
 @torch.library.custom_op("retention_compile::decode_step", mutates_args=("state", "norm"))

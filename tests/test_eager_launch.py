@@ -5,6 +5,8 @@ equal to the planned path)."""
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 import triton
@@ -226,30 +228,32 @@ def test_a_kept_call_is_dropped_once_its_kernels_are_loaded_anew(monkeypatch: py
 
 
 class CudaKernel:
-    """What ``CudaLaunch`` calls of an ``nvrtc.CudaKernel``."""
+    """What ``CudaLaunch`` calls of an ``nvrtc.CudaKernel``, for a kernel whose parameters have C ``types``."""
 
     name = "sample"
 
-    def __init__(self) -> None:
+    def __init__(self, *types: type) -> None:
+        self.types = types
         self.launches: list[tuple] = []
 
-    def launch_packed(self, grid, block, values, types, *, shared_mem=0, stream=None, dependent=False) -> None:
-        self.launches.append((grid, block, tuple(values), tuple(types), shared_mem, stream, dependent))
+    def launch_params(self, grid, block, params, *, shared_mem=0, stream=None, dependent=False) -> None:
+        """Records the arguments as the driver reads them during the launch: through the ``void*`` array at
+        ``params``, each at its address as a value of its type (a null pointer reads None)."""
+        addresses = (ctypes.c_void_p * len(self.types)).from_address(params)
+        values = tuple(ctype.from_address(a).value for ctype, a in zip(self.types, addresses, strict=True))
+        self.launches.append((grid, block, values, shared_mem, stream, dependent))
 
 
 def test_a_kept_cuda_launch_packs_once_and_passes_each_calls_data_pointers(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ctypes
-
     monkeypatch.setattr(eager_launch, "current_stream", lambda device: f"stream of {device}")
-    kernel = CudaKernel()
+    kernel = CudaKernel(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_float)
     arguments = (None, None, 5, None, 0.5)
     kept = CudaLaunch.of(kernel, (8, 20, 4), (256, 1, 1), 1024, 0, arguments, ((0, "K"), (1, "V"), (3, "S")))
     k, v, state = torch.randn(2), torch.randn(2), torch.empty(3)
     kept({"K": k, "V": v, "S": state, "unused": torch.zeros(1)})
-    ((grid, block, values, types, shared_mem, stream, dependent),) = kernel.launches
+    ((grid, block, values, shared_mem, stream, dependent),) = kernel.launches
     assert (grid, block, shared_mem, stream, dependent) == ((8, 20, 4), (256, 1, 1), 1024, "stream of 0", False)
     assert values == (k.data_ptr(), v.data_ptr(), 5, state.data_ptr(), 0.5)
-    assert types == (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_float)
     with pytest.raises(KeyError):
         kept({"K": k, "V": v})
     # a programmatic dependent of the kernel before it (the query kernel beside the state kernel) says so each time
@@ -267,7 +271,7 @@ def test_a_kept_cuda_launch_zeroes_its_scratch_per_call_and_leaves_it_to_the_lau
     """The fold's ``SYNC`` words: a fresh zeroed buffer per call at its position, named in the call's tensors so that
     the query kernel's launch after it reads the same buffer."""
     monkeypatch.setattr(eager_launch, "current_stream", lambda device: "stream")
-    kernel = CudaKernel()
+    kernel = CudaKernel(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
     kept = CudaLaunch.of(kernel, (1, 1, 1), (32, 1, 1), 0, "cpu", (None, None, 7), ((0, "K"),), ((1, 5, "SYNC"),))
     first = {"K": torch.randn(2)}
     kept(first)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch._library.triton import is_wrap_triton_enabled
 
+from .nvrtc import KernelParams, current_stream, packed_arguments
 from .triton_source import interpreting
 
 # The launcher's parameters before the kernel's arguments, as Triton's CUDA launchers (3.4 to 3.9) take them: 3.9
@@ -136,20 +137,19 @@ class DirectLaunch:
 
 @dataclass(frozen=True)
 class CudaLaunch:
-    """One kept launch of a CUDA C++ kernel (``nvrtc.CudaKernel``), its arguments packed once
-    (``nvrtc.packed_arguments``: ``values`` with a null pointer at the tensor positions ``tensors`` names, which each
-    call fills with its tensors' data pointers; ``types``). ``zeroed``: (position, count, name) of the int32 scratch
-    buffers the kernel takes zeroed, allocated and zeroed per call and left in the call's tensors under ``name`` for
-    the launches after it (the fold's ``SYNC``, whose counts the query kernel reads). ``dependent``: launched as the
-    previous kernel's programmatic dependent (``nvrtc.CudaKernel.launch_packed``)."""
+    """One kept launch of a CUDA C++ kernel (``nvrtc.CudaKernel``), its arguments packed once (``params``, an
+    ``nvrtc.KernelParams``: null pointers at the tensor positions ``tensors`` names, which each call fills with its
+    tensors' data pointers). ``zeroed``: (position, count, name) of the int32 scratch buffers the kernel takes
+    zeroed, allocated and zeroed per call and left in the call's tensors under ``name`` for the launches after it
+    (the fold's ``SYNC``, whose counts the query kernel reads). ``dependent``: launched as the previous kernel's
+    programmatic dependent (``nvrtc.CudaKernel.launch_params``)."""
 
     kernel: object  # nvrtc.CudaKernel
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     shared_mem: int
     device: int
-    values: tuple
-    types: tuple
+    params: KernelParams
     tensors: tuple[tuple[int, str], ...]
     zeroed: tuple[tuple[int, int, str], ...] = ()
     dependent: bool = False
@@ -168,32 +168,24 @@ class CudaLaunch:
     ) -> CudaLaunch:
         """The launch of ``kernel`` with ``arguments`` in its order (None at the ``tensors`` and ``zeroed``
         positions)."""
-        from .nvrtc import packed_arguments
-
-        values, types = packed_arguments(kernel.name, arguments)
         return CudaLaunch(
-            kernel, grid, block, shared_mem, device, tuple(values), tuple(types), tensors, zeroed, dependent
-        )
+            kernel, grid, block, shared_mem, device, KernelParams(*packed_arguments(kernel.name, arguments)), tensors,
+            zeroed, dependent,
+        )  # fmt: skip
 
     def __call__(self, tensors: dict[str, torch.Tensor]) -> None:
         """Launch on the current stream with ``tensors`` (by name) at the tensor parameters; the zeroed scratch
         buffers are added to ``tensors``."""
-        values = list(self.values)
-        for position, name in self.tensors:
-            values[position] = tensors[name].data_ptr()
-        # freed with ``tensors``: the caching allocator hands the memory out again only to work ordered after that
-        for position, count, name in self.zeroed:
-            tensors[name] = torch.zeros(count, dtype=torch.int32, device=self.device)
-            values[position] = tensors[name].data_ptr()
+        params = self.params
         stream = current_stream(self.device)
-        self.kernel.launch_packed(
-            self.grid, self.block, values, self.types, shared_mem=self.shared_mem, stream=stream,
-            dependent=self.dependent,
-        )  # fmt: skip
-
-
-def current_stream(device: int) -> int:
-    """The handle of the current CUDA stream of ``device``, as Triton's launches take it."""
-    from triton.runtime.driver import driver
-
-    return driver.active.get_current_stream(device)
+        with params.lock:
+            for position, name in self.tensors:
+                params.set_pointer(position, tensors[name].data_ptr())
+            # freed with ``tensors``: the caching allocator hands the memory out again only to work ordered after that
+            for position, count, name in self.zeroed:
+                tensors[name] = torch.zeros(count, dtype=torch.int32, device=self.device)
+                params.set_pointer(position, tensors[name].data_ptr())
+            self.kernel.launch_params(
+                self.grid, self.block, params.address, shared_mem=self.shared_mem, stream=stream,
+                dependent=self.dependent,
+            )  # fmt: skip
