@@ -300,55 +300,56 @@ def _decode_chain(q, k, v, state, norm, gate, start, **kwargs) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("gated", [False, True])
-def test_kept_decode_launches_pass_each_steps_tensors_in_the_kernels_parameter_order(
+def test_a_decode_steps_launches_pass_its_tensors_in_the_kernels_parameter_order(
     gated: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``decode_launches``' packed arguments, read as the driver would, against the parameter lists of the rendered
-    kernels: each tensor at its parameter (the gate a null pointer without one), the scale last, the grids of the
-    launches the step used to make."""
-    import ctypes
-
+    """``_launch_decode``'s two launches (kept per shape), their arguments read as the driver would, against the
+    parameter lists of the rendered kernels: each tensor at its parameter (the gate a null pointer without one), the
+    partial sums' halves of one workspace, y returned, the scale a float32 last, and the launches' grids."""
     from retention_compile import decode
     from retention_compile.codegen import eager_launch
 
-    d, e, deg, group, B, Hk, cfg = 16, 32, 2, 2, 3, 2, DecodeKernelConfig(128, 2)
-    source = render_decode_source(d, e, deg, group, torch.float32, gated, cfg)
+    d, e, deg, Hk, group, B, scale = 16, 32, 2, 2, 2, 3, 0.1
+    cfg = _plan(e, group, DecodeKernelConfig(128, 2))
+    source = render_decode_source(d, e, deg, group, torch.bfloat16, gated, cfg)
 
     def parameters(kernel: str) -> list[str]:
-        listed = re.search(kernel + r"\((.*?)\)\s*\{", source, re.S).group(1)
-        return [re.sub(r"//.*", "", p).split()[-1].lstrip("*") for p in re.sub(r"//[^\n]*", "", listed).split(",")]
+        listed = re.sub(r"//[^\n]*", "", re.search(kernel + r"\((.*?)\)\s*\{", source, re.S).group(1))
+        return [p.split()[-1].lstrip("*") for p in listed.split(",")]
 
     assert parameters("retention_decode_update") == [
         "q", "k", "v", "log_gate", "state", "norm", "num_part", "den_part", "scale"
     ]  # fmt: skip
     assert parameters("retention_decode_reduce") == ["num_part", "den_part", "y"]
+    pointer, single = nvrtc.ctypes.c_void_p, nvrtc.ctypes.c_float
+    reads = []
 
     class Kernel:
-        def __init__(self, name: str) -> None:
-            self.name = name
+        def __init__(self, *types: type) -> None:
+            self.name, self.types = "sample", types
 
-    monkeypatch.setattr(decode, "decode_kernels", lambda *key: (Kernel("update"), Kernel("reduce")))
+        def launch_params(self, grid, block, params, **options) -> None:
+            reads.append((grid, block, nvrtc.arguments_at(params, self.types)))
+
+    kernels = (Kernel(*[pointer] * 8, single), Kernel(pointer, pointer, pointer))
+    monkeypatch.setattr(decode, "decode_kernels", lambda *key: kernels)
     monkeypatch.setattr(eager_launch, "current_stream", lambda device: 0)
     decode.decode_launches.cache_clear()
-    update, reduce = decode.decode_launches(0, B, Hk, d, e, deg, group, torch.float32, gated, cfg, 0.25)
+    q = torch.randn(B, Hk * group, 1, d, dtype=torch.bfloat16)
+    k, v = torch.randn(B, Hk, 1, d, dtype=torch.bfloat16), torch.randn(B, Hk, 1, e, dtype=torch.bfloat16)
+    state, norm = torch.zeros(B, Hk, math.comb(d + 1, 2), e), torch.zeros(B, Hk, math.comb(d + 1, 2))
+    gate = -torch.rand(B, Hk, 1) if gated else None
+    y = decode._launch_decode(q, k, v, state, norm, scale, deg, gate, cfg)
     decode.decode_launches.cache_clear()
-    names = ("q", "k", "v", "gate", "state", "norm", "num", "den", "y")
-    tensors = {name: torch.empty(i + 1) for i, name in enumerate(names)}
-    read = []
-    for launch, count in ((update, 9), (reduce, 3)):
-        launch.kernel.launch_params = lambda grid, block, params, count=count, **options: read.append(
-            tuple(ctypes.c_void_p.from_address(a).value for a in (ctypes.c_void_p * count).from_address(params))
-        )
-        launch(tensors)
-    pointer = {name: t.data_ptr() for name, t in tensors.items()}
-    gate = pointer["gate"] if gated else None
-    assert read[0][:8] == (pointer["q"], pointer["k"], pointer["v"], gate, pointer["state"], pointer["norm"],
-                           pointer["num"], pointer["den"])  # fmt: skip
-    assert update.params.values()[8] == 0.25
-    assert read[1] == (pointer["num"], pointer["den"], pointer["y"])
-    slices = -(-math.comb(d + deg - 1, deg) // cfg.rows)
-    assert (update.grid, update.block) == ((slices, B * Hk, 1), (decode.THREADS, 1, 1))
-    assert (reduce.grid, reduce.block) == ((B * Hk * group, 1, 1), (e, 1, 1))
+    (update_grid, update_block, update), (reduce_grid, reduce_block, reduce) = reads
+    slices = -(-math.comb(d + 1, 2) // cfg.rows)
+    num = update[6]
+    assert update == (q.data_ptr(), k.data_ptr(), v.data_ptr(), gate.data_ptr() if gated else None, state.data_ptr(),
+                      norm.data_ptr(), num, num + 4 * slices * B * Hk * group * e, single(scale).value)  # fmt: skip
+    assert reduce == (update[6], update[7], y.data_ptr())
+    assert y.shape == (B, Hk * group, 1, e) and y.dtype == torch.bfloat16
+    assert (update_grid, update_block) == ((slices, B * Hk, 1), (decode.THREADS, 1, 1))
+    assert (reduce_grid, reduce_block) == ((B * Hk * group, 1, 1), (e, 1, 1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

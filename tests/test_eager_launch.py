@@ -14,6 +14,7 @@ import triton.language as tl
 
 from retention_compile.codegen import cuda_state, eager_launch, forward
 from retention_compile.codegen.eager_launch import CudaLaunch, DirectLaunch
+from retention_compile.codegen.nvrtc import KernelParams, arguments_at, packed_arguments
 from retention_compile.planning import Plan
 
 PLAN = Plan(chunk_size=1 << 20, block_t=64, block_e=64)
@@ -237,11 +238,8 @@ class CudaKernel:
         self.launches: list[tuple] = []
 
     def launch_params(self, grid, block, params, *, shared_mem=0, stream=None, dependent=False) -> None:
-        """Records the arguments as the driver reads them during the launch: through the ``void*`` array at
-        ``params``, each at its address as a value of its type (a null pointer reads None)."""
-        addresses = (ctypes.c_void_p * len(self.types)).from_address(params)
-        values = tuple(ctype.from_address(a).value for ctype, a in zip(self.types, addresses, strict=True))
-        self.launches.append((grid, block, values, shared_mem, stream, dependent))
+        """Records the arguments as the driver reads them during the launch (``nvrtc.arguments_at``)."""
+        self.launches.append((grid, block, arguments_at(params, self.types), shared_mem, stream, dependent))
 
 
 def test_a_kept_cuda_launch_packs_once_and_passes_each_calls_data_pointers(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -263,6 +261,55 @@ def test_a_kept_cuda_launch_packs_once_and_passes_each_calls_data_pointers(monke
     beside({"K": k, "V": v, "S": state})
     beside({"K": k, "V": v, "S": state})
     assert [launch[-1] for launch in kernel.launches] == [False, True, True]
+
+
+def test_kernel_params_hold_each_argument_as_its_c_type_where_the_address_points() -> None:
+    """``KernelParams``' block read through its ``void*`` array: a pointer, an int and a float32 (0.1 rounded as the
+    kernel's ``float`` holds it), a rewritten pointer; an integer no 32-bit int holds and a filled argument at a
+    tensor position are refused."""
+    tensor = torch.randn(3)
+    params = KernelParams(*packed_arguments("sample", (tensor, 5, 0.1, None)))
+    types = (ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_void_p)
+    assert tuple(map(type, params.slots)) == types
+    assert arguments_at(params.address, types) == (tensor.data_ptr(), 5, ctypes.c_float(0.1).value, None)
+    params.set_pointer(3, tensor.data_ptr() + 4)
+    assert params.values() == (tensor.data_ptr(), 5, ctypes.c_float(0.1).value, tensor.data_ptr() + 4)
+    with pytest.raises(OverflowError, match="32-bit int"):
+        packed_arguments("sample", (2**31,))
+    with pytest.raises(ValueError, match="tensor positions"):
+        CudaLaunch.of(CudaKernel(ctypes.c_void_p), (1, 1, 1), (32, 1, 1), 0, 0, (tensor,), ((0, "K"),))
+
+
+def test_threads_launching_one_kept_launch_each_pass_their_own_pointers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pointer slots are rewritten and launched under the block's lock: a thread that yields inside its launch
+    (where the driver would be reading) still passes its own tensors."""
+    import threading
+    import time
+
+    monkeypatch.setattr(eager_launch, "current_stream", lambda device: 0)
+    kernel = CudaKernel(ctypes.c_void_p, ctypes.c_int)
+    launches = kernel.launches
+
+    def launch_params(grid, block, params, **options) -> None:
+        time.sleep(0)  # another thread may run here
+        launches.append((threading.get_ident(), arguments_at(params, kernel.types)[0]))
+
+    kernel.launch_params = launch_params
+    kept = CudaLaunch.of(kernel, (1, 1, 1), (32, 1, 1), 0, 0, (None, 3), ((0, "K"),))
+    tensors = {}
+
+    def run() -> None:
+        tensors[threading.get_ident()] = own = torch.empty(4)
+        for _ in range(300):
+            kept({"K": own})
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(launches) == 1200
+    assert all(pointer == tensors[ident].data_ptr() for ident, pointer in launches)
 
 
 def test_a_kept_cuda_launch_zeroes_its_scratch_per_call_and_leaves_it_to_the_launches_after_it(

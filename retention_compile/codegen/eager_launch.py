@@ -167,7 +167,10 @@ class CudaLaunch:
         dependent: bool = False,
     ) -> CudaLaunch:
         """The launch of ``kernel`` with ``arguments`` in its order (None at the ``tensors`` and ``zeroed``
-        positions)."""
+        positions, which are pointer arguments)."""
+        filled = [position for position, _ in tensors] + [position for position, _, _ in zeroed]
+        if any(arguments[position] is not None for position in filled):
+            raise ValueError(f"{kernel.name}: the arguments at the tensor positions {filled} must be None")
         return CudaLaunch(
             kernel, grid, block, shared_mem, device, KernelParams(*packed_arguments(kernel.name, arguments)), tensors,
             zeroed, dependent,
@@ -176,15 +179,16 @@ class CudaLaunch:
     def __call__(self, tensors: dict[str, torch.Tensor]) -> None:
         """Launch on the current stream with ``tensors`` (by name) at the tensor parameters; the zeroed scratch
         buffers are added to ``tensors``."""
+        pointers = [(position, tensors[name].data_ptr()) for position, name in self.tensors]
+        # freed with ``tensors``: the caching allocator hands the memory out again only to work ordered after that
+        for position, count, name in self.zeroed:
+            tensors[name] = torch.zeros(count, dtype=torch.int32, device=self.device)
+            pointers.append((position, tensors[name].data_ptr()))
         params = self.params
         stream = current_stream(self.device)
-        with params.lock:
-            for position, name in self.tensors:
-                params.set_pointer(position, tensors[name].data_ptr())
-            # freed with ``tensors``: the caching allocator hands the memory out again only to work ordered after that
-            for position, count, name in self.zeroed:
-                tensors[name] = torch.zeros(count, dtype=torch.int32, device=self.device)
-                params.set_pointer(position, tensors[name].data_ptr())
+        with params.lock:  # only the slots' rewrite and the launch: nothing in it runs other Python
+            for position, pointer in pointers:
+                params.set_pointer(position, pointer)
             self.kernel.launch_params(
                 self.grid, self.block, params.address, shared_mem=self.shared_mem, stream=stream,
                 dependent=self.dependent,

@@ -255,6 +255,8 @@ def packed_arguments(name: str, args: Sequence[torch.Tensor | float | int | None
             values.append(arg)
             types.append(ctypes.c_float)
         elif isinstance(arg, int):
+            if not -(2**31) <= arg < 2**31:
+                raise OverflowError(f"{name}: the integer argument {arg} does not fit the kernel's 32-bit int")
             values.append(arg)
             types.append(ctypes.c_int)
         else:
@@ -282,8 +284,15 @@ class KernelParams:
         self.slots[position].value = pointer
 
     def values(self) -> tuple[object, ...]:
-        """The arguments as the next launch passes them (a null pointer reads None)."""
-        return tuple(slot.value for slot in self.slots)
+        """The arguments as the next launch passes them (``arguments_at``)."""
+        return arguments_at(self.address, tuple(map(type, self.slots)))
+
+
+def arguments_at(address: int, types: Sequence[type]) -> tuple[object, ...]:
+    """The arguments a launch passes at ``address`` (a ``KernelParams.address``), read as the driver reads them:
+    each through the ``void*`` array, as a value of its C type in ``types`` (a null pointer reads None)."""
+    addresses = (ctypes.c_void_p * len(types)).from_address(address)
+    return tuple(ctype.from_address(at).value for ctype, at in zip(types, addresses, strict=True))
 
 
 def current_stream(device_index: int | None = None) -> int:
