@@ -250,8 +250,9 @@ def _launch_decode(
     ``decode_launches``) on the current stream of q's device (made current for them only where it is not)."""
     B, Hq, _, d = q.shape
     Hk, e = k.shape[1], v.shape[-1]
+    group = Hq // Hk
     update, reduce = decode_launches(
-        q.device.index or 0, B, Hk, d, e, deg, Hq // Hk, q.dtype, log_gate is not None, _plan(e, Hq // Hk, config),
+        q.device.index or 0, B, Hk, d, e, deg, group, q.dtype, log_gate is not None, _plan(e, group, config),
         float(scale),
     )  # fmt: skip
     partials = update.grid[0] * B * Hq
