@@ -269,9 +269,10 @@ class KernelParams:
     argument, of ``packed_arguments``' types, and the array of their addresses, whose own address (``address``) is
     what a launch passes. The driver copies the arguments during the call, so one block serves launch after launch of
     a kept launch, its pointers rewritten before each (``set_pointer``) while ``lock`` is held: two threads
-    launching it must not interleave. Passed this way a launch costs cuda-python no packing: on an H100 (2026-12-07)
-    an empty kernel of ten arguments took 4.3 us of host time per launch, against 6.9 with values and types packed
-    once and 14.5 packed per launch (``CudaKernel.launch``)."""
+    launching it must not interleave. Passed this way a launch costs cuda-python no packing: an empty kernel of ten
+    arguments took 4.3 us of host time per launch on an H100's host, against 6.9 with values and types packed once
+    and 14.5 packed per launch (``CudaKernel.launch``); 8.7 against 13.7 and 18.5 on an H200's slower host
+    (``benchmarks/bench_launch.py``, 2026-12-07)."""
 
     def __init__(self, values: Sequence[object], types: Sequence[object]) -> None:
         self.slots = tuple(ctype(value) for value, ctype in zip(values, types, strict=True))
