@@ -1,9 +1,12 @@
 """What holds the forward's kernels at long context: each variant removes one piece of work from one kernel's source.
 
 Shape: b=1, h=8, d=e=64, deg 2, bf16, causal, T=65536 (``--T``), ungated (``--gated`` for a random gate), the
-planner's plan, the CUDA state kernel. A variant edits the rendered source of the query kernel (Triton) or of the
-CUDA state kernel by regular expressions (``QUERY_EDITS``, ``STATE_EDITS``) before it is compiled, so its results
-are wrong and only its time counts: the time a variant saves bounds what that piece of work costs inside the
+planner's plan, the CUDA state kernel. A variant edits the rendered source of a kernel by regular expressions before
+it is compiled: the CUDA state kernel's (``STATE_EDITS``), and the query kernel's: with ``--query cuda`` (the
+default) the CUDA wgmma query kernel, which the forward runs at this shape since session 73 (``CUDA_QUERY_EDITS``:
+gated variants only), with ``--query triton`` the Triton one (``QUERY_EDITS``; ``forward.CUDA_QUERY`` turned off for
+the whole run, and the variants that edit both kernels, ``FORWARD_EDITS``). Its results are wrong and only its time
+counts: the time a variant saves bounds what that piece of work costs inside the
 kernel (pieces overlap, so the savings do not add up; where the compiler drops more as dead code the variant's
 name says so). A variant that changes the operands' values also changes the tensor cores' power draw, and under the
 H200's power cap the clock (session 57: the same state kernel 8-11% faster on zero operands): its saving then bounds
@@ -15,8 +18,9 @@ session 57's four gated runs the state kernel read 0.469-0.472 ms as the first b
 after every variant instead and adds to each variant's row its times relative to the mean of the two bases beside
 it (``vs_bases``: 0.95 is 5% faster); the run takes twice as long.
 
-    python benchmarks/ablate_forward.py [--T 65536] [--gated] [--only REGEX] [--paired] [--out DIR] [--commit SHA]
-    python benchmarks/ablate_forward.py --dry-run [--compile] [--gated]
+    python benchmarks/ablate_forward.py [--T 65536] [--gated] [--query cuda|triton] [--only REGEX] [--paired]
+                                        [--out DIR] [--commit SHA]
+    python benchmarks/ablate_forward.py --dry-run [--compile] [--gated] [--query cuda|triton]
                                         (no GPU: every edit applies to this checkout's templates; --compile: the CUDA
                                          ones also compile; --gated: the gated templates, with the gated variants)
 
@@ -44,7 +48,7 @@ from unittest import mock
 from provenance import command_line, git_commit
 
 import retention_compile
-from retention_compile.codegen import cuda_state, forward, nvrtc, triton_source
+from retention_compile.codegen import cuda_query, cuda_state, forward, nvrtc, triton_source
 
 Edit = tuple[str, str]  # (pattern, replacement) for re.subn
 NO_V_COPIES: Edit = (r"cp_async16\(stage \+ o\.v_dst[^;]*;", "")
@@ -378,8 +382,35 @@ GATED_QUERY_EDITS: dict[str, list[Edit]] = {
     ],
 }
 
+# The same three pieces in the CUDA wgmma query kernel (cuda_templates/query_wgmma.cu.j2, packed squares: a forward
+# no backward follows), plus its two other gate costs: the key-factor table it fills per warpgroup (exp2 of an fma per
+# key, bf16 pairs) and the chunk state's decay exp(G_ref - G_b). Without them the weights are the ungated ones.
+CUDA_NO_KEY_FACTOR: Edit = (r"\n\s*wt = mul_bf16x2\(wt, f\);", "")
+CUDA_NO_DIAGONAL_EXP: Edit = (
+    r"\(keep([01]) \? ex2_approx\(fmaf\(gk\.[xy], -LOG2E, rl\)\) : 0\.0f\)",
+    r"(keep\1 ? 1.0f : 0.0f)",
+)
+CUDA_NO_ROW_FACTOR: Edit = (r"row\[h\] < T \? __expf\(g_row\[h\] - g_ref\) : 0\.0f", "row[h] < T ? 1.0f : 0.0f")
+CUDA_KEY_FACTORS_ONES: Edit = (r"pack_bf16\(factor_of\(owner, key\), factor_of\(owner, key \+ 1\)\)", "0x3F803F80u")
+CUDA_NO_STATE_DECAY: Edit = (r"const float decay = __expf\(g_ref - g_at\(lo - 1\)\);", "const float decay = 1.0f;")
+CUDA_QUERY_EDITS: dict[str, list[Edit]] = {
+    "query (CUDA) gated: no key factor in the unmasked blocks (the table still filled)": [CUDA_NO_KEY_FACTOR],
+    "query (CUDA) gated: the key-factor table filled with ones (its exps not computed)": [CUDA_KEY_FACTORS_ONES],
+    "query (CUDA) gated: no exp in the diagonal block (the causal select kept)": [CUDA_NO_DIAGONAL_EXP],
+    "query (CUDA) gated: no row factor before the diagonal block": [CUDA_NO_ROW_FACTOR],
+    "query (CUDA) gated: no decay of the chunk state's term": [CUDA_NO_STATE_DECAY],
+    "query (CUDA) gated: none of the five (the ungated key loops)": [
+        CUDA_NO_KEY_FACTOR,
+        CUDA_KEY_FACTORS_ONES,
+        CUDA_NO_DIAGONAL_EXP,
+        CUDA_NO_ROW_FACTOR,
+        CUDA_NO_STATE_DECAY,
+    ],
+}
+QUERY_KERNELS = ("cuda", "triton")
 
-# Variants that edit both kernels: (query edits, state edits)
+
+# Variants that edit both kernels (the Triton query kernel's): (query edits, state edits)
 FORWARD_EDITS: dict[str, tuple[list[Edit], list[Edit]]] = {
     "both: nine tenths of the query steps, the last state program per head and segment exits (9 of 10 or 8 of 9)": (
         [NINE_TENTHS_OF_STATE_STEPS],
@@ -401,18 +432,18 @@ def apply_edits(source: str, edits: list[Edit], matched: dict[str, int]) -> str:
 
 
 @contextmanager
-def edited_sources(query: list[Edit], state: list[Edit]) -> Iterator[dict[str, int]]:
-    """Within the block, the forward's Triton sources get ``query`` and the CUDA sources ``state`` as they are
-    rendered; every memo of the package is cleared on entry and exit, so the kernels are rendered (and compiled)
-    afresh. Yields the match counts per pattern."""
+def edited_sources(triton: list[Edit], cuda: list[Edit]) -> Iterator[dict[str, int]]:
+    """Within the block, the forward's Triton sources get the edits ``triton`` and its CUDA sources (the state
+    kernel's, the CUDA query kernel's) ``cuda`` as they are rendered; every memo of the package is cleared on entry
+    and exit, so the kernels are rendered (and compiled) afresh. Yields the match counts per pattern."""
     matched: dict[str, int] = {}
     render, render_cuda = triton_source.render, nvrtc.render
 
     def triton_render(template: str, spec, interpret: bool = False) -> str:
-        return apply_edits(render(template, spec, interpret), query, matched)
+        return apply_edits(render(template, spec, interpret), triton, matched)
 
     def cuda_render(name: str, **params: object) -> str:
-        return apply_edits(render_cuda(name, **params), state, matched)
+        return apply_edits(render_cuda(name, **params), cuda, matched)
 
     clear_package_caches()
     try:
@@ -438,19 +469,27 @@ def unmatched(edits: list[Edit], matched: dict[str, int]) -> list[str]:
 
 
 def variants(
-    only: str | None = None, gated: bool = False, paired: bool = False
+    only: str | None = None, gated: bool = False, paired: bool = False, query_kernel: str = "cuda"
 ) -> list[tuple[str, list[Edit], list[Edit]]]:
-    """(name, query edits, state edits) in the order they run, the base first, between the groups and last; with
-    ``only``, the variants whose name matches it (and the three bases); ``gated`` adds ``GATED_QUERY_EDITS`` and
-    ``GATED_STATE_EDITS``; ``paired``: the base first and again after every variant ("base (after: NAME)")."""
+    """(name, Triton edits, CUDA edits) in the order they run, the base first, between the groups and last; with
+    ``only``, the variants whose name matches it (and the three bases); ``gated`` adds the gated variants
+    (``GATED_STATE_EDITS``, and the query kernel's); ``query_kernel``: the query kernel whose variants run, "cuda"
+    (``CUDA_QUERY_EDITS``, gated only) or "triton" (``QUERY_EDITS`` and ``GATED_QUERY_EDITS``, and
+    ``FORWARD_EDITS``); ``paired``: the base first and again after every variant ("base (after: NAME)")."""
+    if query_kernel not in QUERY_KERNELS:
+        raise ValueError(f"query_kernel must be one of {QUERY_KERNELS}, got {query_kernel!r}")
     base = [("base", [], [])]
+    triton = query_kernel == "triton"
     state_edits = {**STATE_EDITS, **(GATED_STATE_EDITS if gated else {})}
-    query_edits = {**QUERY_EDITS, **(GATED_QUERY_EDITS if gated else {})}
-    names = [*query_edits, *state_edits, *FORWARD_EDITS]
+    triton_query_edits = {**QUERY_EDITS, **(GATED_QUERY_EDITS if gated else {})} if triton else {}
+    cuda_query_edits = CUDA_QUERY_EDITS if gated and not triton else {}
+    forward_edits = FORWARD_EDITS if triton else {}
+    names = [*triton_query_edits, *cuda_query_edits, *state_edits, *forward_edits]
     kept = {name for name in names if only is None or re.search(only, name)}
-    query = [(name, edits, []) for name, edits in query_edits.items() if name in kept]
+    query = [(name, edits, []) for name, edits in triton_query_edits.items() if name in kept]
+    query += [(name, [], edits) for name, edits in cuda_query_edits.items() if name in kept]
     state = [(name, [], edits) for name, edits in state_edits.items() if name in kept]
-    both = [(name, *edits) for name, edits in FORWARD_EDITS.items() if name in kept]
+    both = [(name, *edits) for name, edits in forward_edits.items() if name in kept]
     if paired:
         return base + [entry for v in query + state + both for entry in (v, (f"base (after: {v[0]})", [], []))]
     return base + query + [("base (between)", [], [])] + state + both + [("base (last)", [], [])]
@@ -473,13 +512,17 @@ def relative_to_bases(rows: list[dict]) -> None:
 
 
 def dry_run(
-    only: str | None = None, compile_cuda: bool = False, gated: bool = False, paired: bool = False
+    only: str | None = None,
+    compile_cuda: bool = False,
+    gated: bool = False,
+    paired: bool = False,
+    query_kernel: str = "cuda",
 ) -> dict[str, list[str]]:
-    """Render the sources of the benchmarked shape (the query kernel's narrow launch included) with each variant's
-    edits, no GPU: {variant: the patterns that matched nowhere} (empty lists when the edits still apply; the edited
-    Triton sources must still parse). With ``compile_cuda`` the edited CUDA sources are also compiled for sm_90a
-    (NVRTC or nvcc, no GPU; ``CudaCompileError`` names a variant whose edit broke the source). ``gated``: the
-    gated kernels and variants (``--gated``)."""
+    """Render the sources of the benchmarked shape (the Triton query kernel's narrow launch and the CUDA query
+    kernel included) with each variant's edits, no GPU: {variant: the patterns that matched nowhere} (empty lists
+    when the edits still apply; the edited Triton sources must still parse). With ``compile_cuda`` the edited CUDA
+    sources are also compiled for sm_90a (NVRTC or nvcc, no GPU; ``CudaCompileError`` names a variant whose edit
+    broke the source). ``gated``: the gated kernels and variants (``--gated``); ``query_kernel``: ``variants``'."""
     spec = triton_source.KernelSpec(
         dtype="bfloat16", head_dim=64, value_dim=64, deg=2, gated=gated, has_valid=False, causal=True, chunked=True,
         chunk_size=1024, block_t=128, block_k=64, block_s=64, block_e=64, block_feature=16,
@@ -487,20 +530,27 @@ def dry_run(
     )  # fmt: skip
     launch = forward.NARROW_QUERY_LAUNCH
     query_spec = dataclasses.replace(spec, block_t=launch.rows, query_split=launch.split)
+    cuda_sources = [
+        cuda_state.render_state_source.__wrapped__(spec, cuda_state.CONFIG, "sm_90a"),
+        cuda_query.render_query_source(spec.chunk_size, gated, packed=True, y_fp32=False),
+    ]
     report = {}
-    for name, query, state in variants(only, gated, paired):
+    for name, triton_edits, cuda_edits in variants(only, gated, paired, query_kernel):
         matched: dict[str, int] = {}
         for template_spec in (spec, query_spec):
-            ast.parse(apply_edits(triton_source.render(triton_source.FORWARD_TEMPLATE, template_spec), query, matched))
-        rendered = cuda_state.render_state_source.__wrapped__(spec, cuda_state.CONFIG, "sm_90a")
-        source = apply_edits(rendered, state, matched)
-        if compile_cuda:
-            nvrtc.cached_compile(source, "sm_90a")
-        report[name] = unmatched(query + state, matched)
+            source = triton_source.render(triton_source.FORWARD_TEMPLATE, template_spec)
+            ast.parse(apply_edits(source, triton_edits, matched))
+        for rendered in cuda_sources:
+            source = apply_edits(rendered, cuda_edits, matched)
+            if compile_cuda and source != rendered:
+                nvrtc.cached_compile(source, "sm_90a")
+        report[name] = unmatched(triton_edits + cuda_edits, matched)
     return report
 
 
-def measure(T: int, gated: bool, only: str | None = None, paired: bool = False) -> list[dict]:
+def measure(
+    T: int, gated: bool, only: str | None = None, paired: bool = False, query_kernel: str = "cuda"
+) -> list[dict]:
     import torch
     import triton
     from bench_forward import bench_ms, inputs, kernel_times, ours
@@ -511,17 +561,18 @@ def measure(T: int, gated: bool, only: str | None = None, paired: bool = False) 
     # the kernels one after the other: a query kernel beside the state kernel would wait forever on state programs a
     # variant ends early (the last pair's), and its time would hold the overlap, not its own work
     forward.QUERY_BESIDE_STATES = False
+    forward.CUDA_QUERY = forward.CUDA_QUERY_GATED = query_kernel == "cuda"
     x = inputs(T, gated)
     rows = []
-    for name, query, state in variants(only, gated, paired):
-        row: dict = {"variant": name, "edits": [p for p, _ in query + state]}
-        with edited_sources(query, state) as matched:
+    for name, triton_edits, cuda_edits in variants(only, gated, paired, query_kernel):
+        row: dict = {"variant": name, "edits": [p for p, _ in triton_edits + cuda_edits]}
+        with edited_sources(triton_edits, cuda_edits) as matched:
             # the CUDA state kernel named, not measured against Triton's: "auto" would time the edited kernels and
             # store the winner for the shape
             run = ours(x, resolve_plan(x["q"], x["k"], x["v"], 2, gated, 0), codegen="cuda")
             try:
                 run()
-                missing = unmatched(query + state, matched)
+                missing = unmatched(triton_edits + cuda_edits, matched)
                 if missing:
                     raise RuntimeError(f"edits that match nothing (the kernel changed): {missing}")
                 row.update(forward_ms=bench_ms(run), kernel_ms=kernel_times(run, 20))
@@ -544,13 +595,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gated", action="store_true")
     parser.add_argument("--only", default=None, help="the variants whose name matches this regular expression")
     parser.add_argument("--paired", action="store_true", help="a base after every variant, variants relative to both")
+    parser.add_argument("--query", choices=QUERY_KERNELS, default="cuda", help="the query kernel run and edited")
     parser.add_argument("--dry-run", action="store_true", help="check that every edit applies; no GPU")
     parser.add_argument("--compile", action="store_true", help="with --dry-run: compile the edited CUDA sources too")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--commit", default=None)
     args = parser.parse_args(argv)
     if args.dry_run:
-        report = dry_run(args.only, args.compile, args.gated, args.paired)
+        report = dry_run(args.only, args.compile, args.gated, args.paired, args.query)
         print(json.dumps(report, indent=1))
         return report
     import torch
@@ -565,7 +617,8 @@ def main(argv: list[str] | None = None) -> dict:
         "gated": args.gated,
         "only": args.only,
         "paired": args.paired,
-        "rows": measure(args.T, args.gated, args.only, args.paired),
+        "query_kernel": args.query,
+        "rows": measure(args.T, args.gated, args.only, args.paired, args.query),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"ablate_forward_{gpu.replace(' ', '-')}_{datetime.date.today().isoformat()}_{commit}.json"

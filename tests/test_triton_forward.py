@@ -465,16 +465,24 @@ def test_gated_attention_loops_take_ftz_exp_on_the_gpu_only() -> None:
 def test_ablation_edits_still_apply(monkeypatch: pytest.MonkeyPatch) -> None:
     """``benchmarks/ablate_forward.py`` edits the rendered kernels by pattern: every edit still matches this
     checkout's templates (its Triton edits still parse), with the denominator summed either way
-    (``DENOMINATOR_BY_DOT``), and the edits hold only inside ``edited_sources``."""
+    (``DENOMINATOR_BY_DOT``), for either query kernel (``--query``), and the edits hold only inside
+    ``edited_sources``."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import ablate_forward
 
+    triton_query = ["--query", "triton"]
     for by_dot in (forward.DENOMINATOR_BY_DOT, not forward.DENOMINATOR_BY_DOT):
         monkeypatch.setattr(forward, "DENOMINATOR_BY_DOT", by_dot)
-        assert ablate_forward.main(["--dry-run"]) == {name: [] for name, _, _ in ablate_forward.variants()}, by_dot
-    gated = ablate_forward.main(["--dry-run", "--gated"])  # the gated kernels, and the gated variants of both
-    assert gated == {name: [] for name, _, _ in ablate_forward.variants(gated=True)}
-    assert set(ablate_forward.GATED_STATE_EDITS) | set(ablate_forward.GATED_QUERY_EDITS) < set(gated)
+        expected = {name: [] for name, _, _ in ablate_forward.variants(query_kernel="triton")}
+        assert ablate_forward.main(["--dry-run", *triton_query]) == expected, by_dot
+    assert ablate_forward.main(["--dry-run"]) == {name: [] for name, _, _ in ablate_forward.variants()}
+    for query, query_edits in (([], ablate_forward.CUDA_QUERY_EDITS), (triton_query, ablate_forward.GATED_QUERY_EDITS)):
+        gated = ablate_forward.main(["--dry-run", "--gated", *query])  # the gated kernels and variants
+        kernel = query[-1] if query else "cuda"
+        assert gated == {name: [] for name, _, _ in ablate_forward.variants(gated=True, query_kernel=kernel)}
+        assert set(ablate_forward.GATED_STATE_EDITS) | set(query_edits) < set(gated)
+    with pytest.raises(ValueError, match="query_kernel"):
+        ablate_forward.variants(query_kernel="flash")
     copies = ablate_forward.main(["--dry-run", "--only", "V copies|K copies|step wait"])
     bases = {"base", "base (between)", "base (last)"}
     assert len(copies) == 9 and bases < set(copies) and not any(copies.values())
@@ -526,6 +534,9 @@ def test_ablation_variants_that_delete_cuda_lines_still_compile(
     assert len(report) == 9 and not any(report.values())
     gated = ablate_forward.main(["--dry-run", "--compile", "--gated", "--only", "state gated"])
     assert len(gated) == 3 + len(ablate_forward.GATED_STATE_EDITS) and not any(gated.values())
+    # the CUDA query kernel's gated variants: the one that makes all five edits at once
+    query = ablate_forward.main(["--dry-run", "--compile", "--gated", "--only", r"query \(CUDA\).*none of the five"])
+    assert len(query) == 4 and not any(query.values())
 
 
 def test_source_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
