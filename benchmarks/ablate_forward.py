@@ -1,22 +1,21 @@
 """What holds the forward's kernels at long context: each variant removes one piece of work from one kernel's source.
 
-Shape: b=1, h=8, d=e=64, deg 2, bf16, causal, T=65536 (``--T``), ungated (``--gated`` for a random gate), the
-planner's plan, the CUDA state kernel. A variant edits the rendered source of a kernel by regular expressions before
-it is compiled: the CUDA state kernel's (``STATE_EDITS``), and the query kernel's: with ``--query cuda`` (the
-default) the CUDA wgmma query kernel, which the forward runs at this shape since session 73 (``CUDA_QUERY_EDITS``:
-gated variants only), with ``--query triton`` the Triton one (``QUERY_EDITS``; ``forward.CUDA_QUERY`` turned off for
-the whole run, and the variants that edit both kernels, ``FORWARD_EDITS``). Its results are wrong and only its time
-counts: the time a variant saves bounds what that piece of work costs inside the
-kernel (pieces overlap, so the savings do not add up; where the compiler drops more as dead code the variant's
-name says so). A variant that changes the operands' values also changes the tensor cores' power draw, and under the
-H200's power cap the clock (session 57: the same state kernel 8-11% faster on zero operands): its saving then bounds
-the work and the data together. Per variant: the whole forward (``bench_forward.bench_ms``)
-and each kernel's device time (profiler, mean of 20 calls). The base runs first, between the two groups and last:
-the spread of its three rows is the run's noise. But the GPU slows as a run goes on (the H200's power cap): in
-session 57's four gated runs the state kernel read 0.469-0.472 ms as the first base, 0.479-0.492 between and
-0.483-0.495 last, so a variant late in the run reads up to 4% slow against the first base. ``--paired`` runs a base
-after every variant instead and adds to each variant's row its times relative to the mean of the two bases beside
-it (``vs_bases``: 0.95 is 5% faster); the run takes twice as long.
+Shape: b=1, h=8, d=e=64, deg 2, bf16, causal, T=65536 (``--T``), ungated (``--gated`` for a random gate), the planner's
+plan, the CUDA state kernel. A variant edits the rendered source of a kernel by regular expressions before it is
+compiled: the CUDA state kernel's (``STATE_EDITS``), and the query kernel's: with ``--query cuda`` (the default) the
+CUDA wgmma query kernel, which the forward runs at this shape since session 73 (``CUDA_QUERY_EDITS``: gated variants
+only), with ``--query triton`` the Triton one (``QUERY_EDITS``; ``forward.CUDA_QUERY`` turned off for the whole run, and
+the variants that edit both kernels, ``FORWARD_EDITS``). Its results are wrong and only its time counts: the time a
+variant saves bounds what that piece of work costs inside the kernel (pieces overlap, so the savings do not add up;
+where the compiler drops more as dead code the variant's name says so). A variant that changes the operands' values also
+changes the tensor cores' power draw, and under the H200's power cap the clock (session 57: the same state kernel 8-11%
+faster on zero operands): its saving then bounds the work and the data together. Per variant: the whole forward
+(``bench_forward.bench_ms``) and each kernel's device time (profiler, mean of 20 calls). The base runs first, between
+the two groups and last: the spread of its three rows is the run's noise. But the GPU slows as a run goes on (the H200's
+power cap): in session 57's four gated runs the state kernel read 0.469-0.472 ms as the first base, 0.479-0.492 between
+and 0.483-0.495 last, so a variant late in the run reads up to 4% slow against the first base. ``--paired`` runs a base
+after every variant instead and adds to each variant's row its times relative to the mean of the two bases beside it
+(``vs_bases``: 0.95 is 5% faster); the run takes twice as long.
 
     python benchmarks/ablate_forward.py [--T 65536] [--gated] [--query cuda|triton] [--only REGEX] [--paired]
                                         [--out DIR] [--commit SHA]
