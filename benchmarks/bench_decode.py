@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import platform
-from pathlib import Path
 
 import torch
-from provenance import command_line, git_commit, origin
+from provenance import command_line, git_commit, origin, write_record
 
 from retention_compile import hardware
 from retention_compile.codegen import nvrtc
@@ -184,17 +182,7 @@ def write_host_record(args: argparse.Namespace) -> None:
     """``--host``: ``host_rows`` as JSON beside the command, commit and versions."""
     commit = git_commit(args.commit)
     record = {**origin(commit), "gpu": torch.cuda.get_device_name(), "rows": host_rows(args.calls, args.repeats)}
-    print(f"wrote {_write(record, args.out, f'decode_host_{{gpu}}_{{date}}_{commit}.json')}")
-
-
-def _write(record: dict, out: str, name: str) -> Path:
-    """``record`` as JSON under ``out`` in file ``name`` (``{gpu}`` and ``{date}`` filled in); its path."""
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    gpu = torch.cuda.get_device_name().replace(" ", "-")
-    path = folder / name.format(gpu=gpu, date=datetime.date.today().isoformat())
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    return path
+    print(f"wrote {write_record(record, args.out, f'decode_host_{{gpu}}_{{date}}_{commit}.json')}")
 
 
 def main() -> None:
@@ -239,7 +227,7 @@ def main() -> None:
         "copy_bandwidth_GBps": copy_gbs,
         "results": results,
     }
-    path = _write(record, args.out, "decode_{gpu}_{date}.json")
+    path = write_record(record, args.out, "decode_{gpu}_{date}.json")
 
     print(f"copy bandwidth {copy_gbs:.0f} GB/s (read + write); {record['gpu']}; {record['versions']}")
     print(

@@ -21,13 +21,10 @@ Writes ``launch_<gpu>_<date>_<commit>.json`` under ``--out`` (default ``benchmar
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-from pathlib import Path
 
 import torch
 from bench_host import interleaved
-from provenance import git_commit, origin
+from provenance import git_commit, origin, write_record
 
 from retention_compile.codegen import nvrtc
 from retention_compile.codegen.eager_launch import CudaLaunch
@@ -49,6 +46,10 @@ def _arguments(name: str, pointer: torch.Tensor) -> tuple:
     return (pointer,) * 12 + (1, 2, 3, 4, 5, 6) + (0.5, 0.25)
 
 
+def _no_setup() -> None:
+    """``interleaved``'s setup of a variant that needs none."""
+
+
 def _launch_variants(kernel: nvrtc.CudaKernel, pointer: torch.Tensor) -> dict:
     """``interleaved``'s variants for one kernel: the four launch paths, each launching it with ``arguments``."""
     arguments = _arguments(kernel.name, pointer)
@@ -63,15 +64,11 @@ def _launch_variants(kernel: nvrtc.CudaKernel, pointer: torch.Tensor) -> dict:
     )  # fmt: skip
     tensors = {"pointer": pointer}
     stream = nvrtc.current_stream()
-
-    def nothing() -> None:
-        return None
-
     return {
-        "packed per launch": (nothing, lambda: kernel.launch(GRID, BLOCK, arguments, stream=stream)),
-        "tuple packed once": (nothing, lambda: kernel.launch_params(GRID, BLOCK, packed, stream=stream)),
-        "address": (nothing, lambda: kernel.launch_params(GRID, BLOCK, params.address, stream=stream)),
-        "kept launch": (nothing, lambda: kept(tensors)),
+        "packed per launch": (_no_setup, lambda: kernel.launch(GRID, BLOCK, arguments, stream=stream)),
+        "tuple packed once": (_no_setup, lambda: kernel.launch_params(GRID, BLOCK, packed, stream=stream)),
+        "address": (_no_setup, lambda: kernel.launch_params(GRID, BLOCK, params.address, stream=stream)),
+        "kept launch": (_no_setup, lambda: kept(tensors)),
     }
 
 
@@ -85,8 +82,8 @@ def rows(calls: int, repeats: int) -> list[dict]:
             result.append({"what": path, "arguments": arguments, **times})
             print(f"{arguments:2d} arguments, {path:18}: {times['host_us_per_call']:6.2f} us per launch")
     queries = {
-        "torch.cuda.current_stream().cuda_stream": (lambda: None, lambda: torch.cuda.current_stream().cuda_stream),
-        "nvrtc.current_stream()": (lambda: None, nvrtc.current_stream),
+        "torch.cuda.current_stream().cuda_stream": (_no_setup, lambda: torch.cuda.current_stream().cuda_stream),
+        "nvrtc.current_stream()": (_no_setup, nvrtc.current_stream),
     }
     for query, times in interleaved(queries, calls, repeats).items():
         result.append({"what": query, **times})
@@ -105,12 +102,7 @@ def main() -> None:
         raise SystemExit("bench_launch.py times CUDA launches: it needs a CUDA GPU")
     commit = git_commit(args.commit)
     record = {**origin(commit), "gpu": torch.cuda.get_device_name(), "rows": rows(args.calls, args.repeats)}
-    folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    gpu = record["gpu"].replace(" ", "-")
-    path = folder / f"launch_{gpu}_{datetime.date.today().isoformat()}_{commit}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {write_record(record, args.out, f'launch_{{gpu}}_{{date}}_{commit}.json')}")
 
 
 if __name__ == "__main__":

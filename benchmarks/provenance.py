@@ -5,14 +5,17 @@ git_commit(explicit)   a script's ``--commit``, else the checkout's HEAD (short;
 command_line()         the interpreter and the arguments the script ran with
 origin(commit)         a record's first fields: the command, the commit, the date (UTC) and the Python and torch
                        versions
+write_record(r, out, name)  a record as JSON under a folder, the GPU's name and the date filled into its file name
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 
 def git_commit(explicit: str | None = None) -> str:
@@ -47,3 +50,16 @@ def origin(commit: str) -> dict[str, object]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
     }
+
+
+def write_record(record: dict, out: str | Path, name: str) -> Path:
+    """``record`` as JSON under the folder ``out`` (made if missing) in file ``name``, its ``{gpu}`` (the current CUDA
+    device's name, spaces as "-") and ``{date}`` (today, ISO) filled in; the file's path."""
+    import torch
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name().replace(" ", "-")
+    path = folder / name.format(gpu=gpu, date=datetime.date.today().isoformat())
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path

@@ -300,9 +300,9 @@ def decode_launches(
     slices = -(-state_dim(d, deg) // config.rows)
     update_tensors = tuple((i, n) for i, n in enumerate(_UPDATE_TENSORS) if gate or n != "gate")
     return (
-        CudaLaunch.of(update, (slices, B * Hk, 1), (THREADS, 1, 1), 0, device_index, (None,) * 8 + (scale,),
-                      update_tensors),
-        CudaLaunch.of(reduce, (B * Hk * group, 1, 1), (e, 1, 1), 0, device_index, (None,) * 3,
+        CudaLaunch.of(update, (slices, B * Hk, 1), (THREADS, 1, 1), 0, device_index,
+                      (None,) * len(_UPDATE_TENSORS) + (scale,), update_tensors),
+        CudaLaunch.of(reduce, (B * Hk * group, 1, 1), (e, 1, 1), 0, device_index, (None,) * len(_REDUCE_TENSORS),
                       tuple(enumerate(_REDUCE_TENSORS))),
     )  # fmt: skip
 
