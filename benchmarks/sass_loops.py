@@ -1,7 +1,7 @@
-"""Offline sm_90a SASS of the op's Triton kernels and of its CUDA state kernel, no GPU needed: registers, stack and
+"""Offline sm_90a SASS of the op's Triton kernels and of its CUDA state kernels, no GPU needed: registers, stack and
 the instructions of each loop that holds wgmma (HGMMA), per warp and iteration.
 
-    python benchmarks/sass_loops.py [--kernel attention|dq|dkv|state] [--T 65536] [--d 64] [--dtype bf16|fp16]
+    python benchmarks/sass_loops.py [--kernel attention|dq|dkv|state|reverse] [--T 65536] [--d 64] [--dtype bf16|fp16]
         [--gated] [--valid] [--traced] [--pairs] [--package DIR] [--triton DIR] [--keep DIR]
 
 The kernel is rendered as the op renders it for b=1, h=8, d=e=64 (``--d``), deg 2, bf16 (``--dtype``), causal
@@ -16,7 +16,9 @@ backward's intra-chunk kernels with their launch (``backward.chunked_warps``, th
 without its state terms (the CUDA kernel adds them on Hopper); ``state`` is the forward's CUDA wgmma state kernel
 (``cuda_state.render_state_source`` with its default config, compiled by the package's own NVRTC or nvcc, in the
 cherry layout or with ``--pairs`` the pair layout; its step loop holds the chunk starts' branches, so its count is
-the loop's whole body, not one step's path). ``--package DIR`` renders another version's
+the loop's whole body, not one step's path); ``reverse`` is the backward's CUDA wgmma reverse-state kernel
+(``cuda_reverse.render_reverse_source``, with the coordinate terms where the backward takes them,
+``backward.coordinate_state_terms``: gated d <= 64), counted the same way. ``--package DIR`` renders another version's
 ``retention_compile`` (in a process of its own, e.g. one extracted by ``git archive``), so two templates compare.
 
 Triton compiles it for ``GPUTarget("cuda", 90, 128)`` and its bundled ``cuobjdump`` disassembles it. The integer
@@ -77,6 +79,8 @@ def render(
         if not cuda_state.uses_wgmma(spec, cuda_state.CONFIG, "sm_90a"):
             raise SystemExit(f"--kernel state reads the wgmma state kernel, which {spec.summary()} does not take")
         return {**render_state(spec, pairs, out), "input_type": dtype}
+    if kernel == "reverse":
+        return {**render_reverse(spec, out), "input_type": dtype}
     if kernel == "attention":
         tracing = {"tracing": traced} if "tracing" in inspect.signature(forward.query_launch).parameters else {}
         if traced and not tracing:
@@ -182,6 +186,21 @@ def wgmma_loops(sass: str) -> list[dict]:
     return loops
 
 
+def render_reverse(spec, out: Path) -> dict:
+    """Write the backward's CUDA reverse-state kernel's source (``out`` with suffix .cu) and its sm_90a cubin (.cubin)
+    for the forward ``spec``, and return where the cubin is, with the launch's threads and dynamic shared memory."""
+    from retention_compile.codegen import backward, cuda_reverse, cuda_state, nvrtc
+
+    if (why := cuda_reverse.reverse_unsupported(spec, "sm_90a")) is not None:
+        raise SystemExit(f"--kernel reverse: the wgmma reverse-state kernel does not serve {spec.summary()}: {why}")
+    source = cuda_reverse.render_reverse_source(spec, backward.coordinate_state_terms(spec), cuda_state.CONFIG)
+    out.with_suffix(".cu").write_text(source)
+    cubin = out.with_suffix(".cubin")
+    cubin.write_bytes(nvrtc.compile_source(source, "sm_90a"))
+    return {"name": cuda_reverse.KERNEL_NAME, "cubin": str(cubin), "threads": cuda_state.WGMMA_THREADS,
+            "dynamic_shared_bytes": cuda_reverse.smem_bytes(spec.chunk_size)}  # fmt: skip
+
+
 def disassemble(cubin: Path, keep: Path | None) -> tuple[str, dict[str, int]]:
     """``cubin``'s SASS and resources (REG, STACK, SHARED, LOCAL) by Triton's bundled ``cuobjdump`` (the SASS kept
     beside it under ``keep``)."""
@@ -196,7 +215,7 @@ def disassemble(cubin: Path, keep: Path | None) -> tuple[str, dict[str, int]]:
 
 
 def cuda_sass(launch: dict, keep: Path | None) -> dict:
-    """The resources and wgmma loops of the CUDA kernel ``render_state`` compiled."""
+    """The resources and wgmma loops of the CUDA kernel ``render_state`` or ``render_reverse`` compiled."""
     sass, resources = disassemble(Path(launch["cubin"]), keep)
     return {
         "kernel": launch["name"], "threads": launch["threads"], "registers": resources["REG"],
@@ -236,7 +255,7 @@ def compile_sass(source: Path, launch: dict, keep: Path | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kernel", choices=("attention", "dq", "dkv", "state"), default="attention")
+    parser.add_argument("--kernel", choices=("attention", "dq", "dkv", "state", "reverse"), default="attention")
     parser.add_argument("--T", type=int, default=65536)
     parser.add_argument("--d", type=int, default=64, help="head and value dimension")
     parser.add_argument("--dtype", choices=tuple(INPUT_TYPES), default="bf16", help="the inputs' dtype")

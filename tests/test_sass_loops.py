@@ -88,10 +88,16 @@ def test_the_query_kernel_compiles_for_sm90_offline(tmp_path: Path, name: str) -
     assert (tmp_path / f"attention_T65536{tag}.sass").is_file()
 
 
-def test_the_state_kernel_disassembles_offline(tmp_path: Path) -> None:
-    """``--kernel state``: the T=65536 CUDA wgmma state kernel (cherry layout), compiled by the package's NVRTC or nvcc
-    and disassembled: two programs of 256 threads per SM (at most 128 registers, its launch bounds) and one step loop
-    holding its wgmma; its source, cubin and SASS are kept."""
+# --kernel: (the kernel's name, wgmma instructions in its one step loop)
+CUDA_KERNELS = {"state": ("retention_chunk_state", 8), "reverse": ("retention_reverse_state", 16)}
+
+
+@pytest.mark.parametrize("kernel", list(CUDA_KERNELS))
+def test_the_cuda_state_kernels_disassemble_offline(tmp_path: Path, kernel: str) -> None:
+    """``--kernel state`` (the forward's T=65536 CUDA wgmma state kernel, cherry layout) and ``--kernel reverse`` (the
+    backward's reverse-state kernel), compiled by the package's NVRTC or nvcc and disassembled: two programs of 256
+    threads per SM (at most 128 registers, their launch bounds) and one step loop holding the kernel's wgmma; its
+    source, cubin and SASS are kept."""
     pytest.importorskip("triton")
     from retention_compile.codegen import nvrtc
 
@@ -99,8 +105,9 @@ def test_the_state_kernel_disassembles_offline(tmp_path: Path) -> None:
         nvrtc.compiler_id()
     except RuntimeError:
         pytest.skip("neither NVRTC nor nvcc is available")
-    result, loops = run_sass_loops("--kernel", "state", "--keep", str(tmp_path))
-    assert result["kernel"] == "retention_chunk_state" and result["threads"] == 256
+    name, wgmma = CUDA_KERNELS[kernel]
+    result, loops = run_sass_loops("--kernel", kernel, "--keep", str(tmp_path))
+    assert result["kernel"] == name and result["threads"] == 256
     assert_two_programs_per_sm(result, result["threads"])
-    assert len(loops) == 1 and "HGMMA 8" in loops[0], loops
+    assert len(loops) == 1 and f"HGMMA {wgmma} " in loops[0], loops
     assert {path.suffix for path in tmp_path.iterdir()} >= {".cu", ".cubin", ".sass"}
