@@ -124,18 +124,35 @@ def takes_cherries(spec) -> bool:
 
 
 def render_state(spec, pairs: bool, out: Path) -> dict:
-    """Write the CUDA state kernel's source (``out`` with suffix .cu) and its sm_90a cubin (.cubin) for ``spec``, and
-    return where the cubin is, with the launch's threads and dynamic shared memory."""
-    from retention_compile.codegen import cuda_state, forward, nvrtc
+    """The forward's CUDA state kernel for ``spec`` (the cherry layout unless ``pairs``), by ``compile_cuda``."""
+    from retention_compile.codegen import cuda_state, forward
 
     if not pairs:
         spec = forward._with_cherries(spec)
     source = cuda_state.render_state_source(spec, cuda_state.CONFIG, "sm_90a")
+    return compile_cuda(source, out, "retention_chunk_state", cuda_state.wgmma_smem_bytes(spec))
+
+
+def render_reverse(spec, out: Path) -> dict:
+    """The backward's CUDA reverse-state kernel for the forward ``spec``, by ``compile_cuda``."""
+    from retention_compile.codegen import backward, cuda_reverse, cuda_state
+
+    if (why := cuda_reverse.reverse_unsupported(spec, "sm_90a")) is not None:
+        raise SystemExit(f"--kernel reverse: the wgmma reverse-state kernel does not serve {spec.summary()}: {why}")
+    source = cuda_reverse.render_reverse_source(spec, backward.coordinate_state_terms(spec), cuda_state.CONFIG)
+    return compile_cuda(source, out, cuda_reverse.KERNEL_NAME, cuda_reverse.smem_bytes(spec.chunk_size))
+
+
+def compile_cuda(source: str, out: Path, name: str, dynamic_shared_bytes: int) -> dict:
+    """Write the wgmma kernel ``name``'s CUDA ``source`` (``out`` with suffix .cu) and its sm_90a cubin (.cubin), by
+    the package's NVRTC or nvcc, and return where the cubin is, with the launch's threads and dynamic shared memory."""
+    from retention_compile.codegen import cuda_state, nvrtc
+
     out.with_suffix(".cu").write_text(source)
     cubin = out.with_suffix(".cubin")
     cubin.write_bytes(nvrtc.compile_source(source, "sm_90a"))
-    return {"name": "retention_chunk_state", "cubin": str(cubin), "threads": cuda_state.WGMMA_THREADS,
-            "dynamic_shared_bytes": cuda_state.wgmma_smem_bytes(spec)}  # fmt: skip
+    return {"name": name, "cubin": str(cubin), "threads": cuda_state.WGMMA_THREADS,
+            "dynamic_shared_bytes": dynamic_shared_bytes}  # fmt: skip
 
 
 def signature(fn, ints: dict, input_type: str) -> tuple[dict, dict, dict]:
@@ -184,21 +201,6 @@ def wgmma_loops(sass: str) -> list[dict]:
             loops.append({"start": hex(int(branch.group(1), 16)), "end": hex(address), "instructions": len(body),
                           "opcodes": dict(opcodes.most_common())})  # fmt: skip
     return loops
-
-
-def render_reverse(spec, out: Path) -> dict:
-    """Write the backward's CUDA reverse-state kernel's source (``out`` with suffix .cu) and its sm_90a cubin (.cubin)
-    for the forward ``spec``, and return where the cubin is, with the launch's threads and dynamic shared memory."""
-    from retention_compile.codegen import backward, cuda_reverse, cuda_state, nvrtc
-
-    if (why := cuda_reverse.reverse_unsupported(spec, "sm_90a")) is not None:
-        raise SystemExit(f"--kernel reverse: the wgmma reverse-state kernel does not serve {spec.summary()}: {why}")
-    source = cuda_reverse.render_reverse_source(spec, backward.coordinate_state_terms(spec), cuda_state.CONFIG)
-    out.with_suffix(".cu").write_text(source)
-    cubin = out.with_suffix(".cubin")
-    cubin.write_bytes(nvrtc.compile_source(source, "sm_90a"))
-    return {"name": cuda_reverse.KERNEL_NAME, "cubin": str(cubin), "threads": cuda_state.WGMMA_THREADS,
-            "dynamic_shared_bytes": cuda_reverse.smem_bytes(spec.chunk_size)}  # fmt: skip
 
 
 def disassemble(cubin: Path, keep: Path | None) -> tuple[str, dict[str, int]]:
