@@ -392,6 +392,15 @@ def versions() -> dict[str, str]:
     return found
 
 
+def untimed_competitors(found: dict[str, str], competitor_lengths: list[int], lengths: list[int]) -> str | None:
+    """A line saying that Manifest's ``retention`` or fla imports (``found``: ``versions()``) but no row will time it,
+    as where ``--competitors`` is given bare (an empty list); None where nothing is left out that way."""
+    importable = [name for name in ("retention", "fla") if not found[name].startswith("unavailable")]
+    if not importable or set(competitor_lengths) & set(lengths):
+        return None
+    return f"{' and '.join(importable)} importable but timed at no length: --competitors names none of --T"
+
+
 def result_header(kind: str, out: Path, commit: str | None) -> tuple[Path, dict]:
     """The results' path stem ``out/<kind>_<gpu>_<date>`` and the record's common fields: the command, the commit
     (``commit`` or the checkout's HEAD), versions, and the benchmarked shape."""
@@ -565,9 +574,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--T", type=int, nargs="+", default=list(LENGTHS))
     parser.add_argument("--tune", type=int, default=65536, help="length at which to tune (0: none), gated")
-    parser.add_argument("--competitors", type=int, nargs="*", default=list(COMPETITOR_LENGTHS))
-    parser.add_argument("--compiled", type=int, nargs="*", default=list(COMPILED_LENGTHS))
-    parser.add_argument("--dynamic", type=int, nargs="*", default=list(DYNAMIC_LENGTHS))
+    lengths_help = "lengths at which to time {} (default %(default)s; the flag alone, with no lengths: none)"
+    parser.add_argument(
+        "--competitors",
+        type=int,
+        nargs="*",
+        default=list(COMPETITOR_LENGTHS),
+        help=lengths_help.format("Manifest's retention and fla, where importable"),
+    )
+    parser.add_argument(
+        "--compiled", type=int, nargs="*", default=list(COMPILED_LENGTHS), help=lengths_help.format("torch.compile")
+    )
+    parser.add_argument(
+        "--dynamic",
+        type=int,
+        nargs="*",
+        default=list(DYNAMIC_LENGTHS),
+        help=lengths_help.format("torch.compile with dynamic lengths"),
+    )
     parser.add_argument("--commit", default=None)
     parser.add_argument("--jobs", type=int, default=12, help="processes compiling the kernels beforehand")
     args = parser.parse_args()
@@ -577,6 +601,8 @@ def main() -> None:
     record["rows"] = []
     ceilings = record["ceilings"]
     print(f"ceilings: bf16 matmul {ceilings['matmul_bf16_tflops']:.0f} TFLOP/s, copy {ceilings['copy_gbs']:.0f} GB/s")
+    if note := untimed_competitors(record["versions"], args.competitors, args.T):
+        print(note)
     record["warm_errors"] = [e for e in warm.warm(warm_tasks(spec, args), args.jobs) if e]
     print(eager_overhead_profile(), flush=True)
     tuned = None

@@ -131,3 +131,14 @@ def test_a_rows_columns_take_their_medians(bench_forward, monkeypatch: pytest.Mo
     assert row["rounds_ms"] == {"ours": [3.0, 1.0, 2.0], "fla": []}
     assert row["errors"] == {"earlier": "kept", "fla": "RuntimeError: no fla"}
     assert set(row["seconds"]) == {"ours", "fla"}
+
+
+def test_importable_competitors_timed_at_no_length_are_named(bench_forward) -> None:
+    """``--competitors`` given bare is an empty list: with a competitor importable the run says that it times none."""
+    found = {"retention": "1.0.7", "fla": "unavailable (ModuleNotFoundError)"}
+    note = bench_forward.untimed_competitors(found, [], [65536, 2048])
+    assert note is not None and note.startswith("retention importable") and "fla" not in note
+    assert bench_forward.untimed_competitors(found, [2048], [65536, 2048]) is None
+    assert bench_forward.untimed_competitors(found, [8192], [65536, 2048]) is not None
+    gone = {"retention": "unavailable (ImportError)", "fla": "unavailable (ImportError)"}
+    assert bench_forward.untimed_competitors(gone, [], [65536]) is None
