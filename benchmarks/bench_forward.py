@@ -574,24 +574,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--T", type=int, nargs="+", default=list(LENGTHS))
     parser.add_argument("--tune", type=int, default=65536, help="length at which to tune (0: none), gated")
-    lengths_help = "lengths at which to time {} (default %(default)s; the flag alone, with no lengths: none)"
-    parser.add_argument(
-        "--competitors",
-        type=int,
-        nargs="*",
-        default=list(COMPETITOR_LENGTHS),
-        help=lengths_help.format("Manifest's retention and fla, where importable"),
-    )
-    parser.add_argument(
-        "--compiled", type=int, nargs="*", default=list(COMPILED_LENGTHS), help=lengths_help.format("torch.compile")
-    )
-    parser.add_argument(
-        "--dynamic",
-        type=int,
-        nargs="*",
-        default=list(DYNAMIC_LENGTHS),
-        help=lengths_help.format("torch.compile with dynamic lengths"),
-    )
+    for option, default, timed in (
+        ("--competitors", COMPETITOR_LENGTHS, "Manifest's retention and fla, where importable"),
+        ("--compiled", COMPILED_LENGTHS, "torch.compile"),
+        ("--dynamic", DYNAMIC_LENGTHS, "torch.compile with dynamic lengths"),
+    ):
+        parser.add_argument(
+            option,
+            type=int,
+            nargs="*",
+            default=list(default),
+            help=f"lengths at which to time {timed} (default %(default)s; the flag alone, with no lengths: none)",
+        )
     parser.add_argument("--commit", default=None)
     parser.add_argument("--jobs", type=int, default=12, help="processes compiling the kernels beforehand")
     args = parser.parse_args()
