@@ -80,6 +80,7 @@ TUNE_RUNS = (
 TUNE_CHUNKS = (1024, 2048)
 TUNE_SEGMENTS: tuple[int, ...] = ()  # besides the default (STATE_WAVES programs per SM); run 2: 8 vs 16 within 1%
 COMPETITOR_LENGTHS = (2048, 8192, 32768, 65536)
+COMPETITOR_MODULES = ("retention", "fla")  # Manifest's retention 1.0.7, fla's chunk_simple_gla
 # the rows the issue's bars read (T=65536 and 65529 against 1 ms and each other, 2048 against flash, 8192 the first
 # length past flash), measured first: a run cut by a device call's limit keeps them (session 70's run lost the gated
 # 65536 and 65529)
@@ -382,7 +383,7 @@ def breakdown(x: dict, plan: planning.Plan, segments: int | None) -> dict[str, f
 
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__}
-    for name in ("retention", "fla"):
+    for name in COMPETITOR_MODULES:
         try:
             found[name] = __import__(name).__dict__.get("__version__", "importable")
         except Exception as exc:
@@ -395,7 +396,7 @@ def versions() -> dict[str, str]:
 def untimed_competitors(found: dict[str, str], competitor_lengths: list[int], lengths: list[int]) -> str | None:
     """A line saying that Manifest's ``retention`` or fla imports (``found``: ``versions()``) but no row will time it,
     as where ``--competitors`` is given bare (an empty list); None where nothing is left out that way."""
-    importable = [name for name in ("retention", "fla") if not found[name].startswith("unavailable")]
+    importable = [name for name in COMPETITOR_MODULES if not found[name].startswith("unavailable")]
     if not importable or set(competitor_lengths) & set(lengths):
         return None
     return f"{' and '.join(importable)} importable but timed at no length: --competitors names none of --T"
