@@ -496,8 +496,9 @@ def _interpreted() -> dict[str, dict[str, float]]:
 
 
 # about 340 s on CI's 2-core machine alone (2026-12-03); 604 s in CI beside the other test worker, 641 s alone on a
-# slower 2-core machine (2026-12-04, before the per-weight cases were cut to eight): the limit only catches a hang, so
-# it leaves room for a slower machine
+# slower 2-core machine (2026-12-04, before the per-weight cases were cut to eight); 100 s in a fresh-clone CI run with
+# the interpreter's overflow checks off (2026-12-08, ``testing.run_interpreted_script``): the limit only catches a
+# hang, so it leaves room for a slower machine
 interpreted = interpreted_fixture(__file__, 1500)
 
 
