@@ -1,7 +1,7 @@
 """First-call compile time of a 2-layer Llama-shaped model: ``backend="retention"`` against ``backend="inductor"``.
 
     python benchmarks/bench_compile.py [--device cpu|cuda] [--repeats 3] [--out benchmarks/results] [--profile]
-                                       [--imports] [--commit SHA]
+                                       [--imports] [--dynamic] [--commit SHA]
 
 The model is written here (no transformers): token embedding, two decoder layers of RMSNorm, rotary embeddings,
 grouped-query SDPA with ``is_causal=True`` (kv heads repeated as Llama does: expand + reshape) and a SwiGLU MLP,
@@ -22,7 +22,8 @@ after every run (``"complete": false`` until the last). ``--profile`` runs each 
 such runs with each other only) and keeps its slowest functions by cumulative time, to attribute a gap.
 ``--imports`` runs each child under ``python -X importtime`` and records, per repeat and warmth, the modules that
 only the retention child imported (with their own import seconds): where Python's sources have no cached bytecode,
-every such module is compiled in the timed region.
+every such module is compiled in the timed region. ``--dynamic`` compiles both backends with ``dynamic=True``
+(``compile_<device>_dynamic_...json``); the bars were set for the default compile and are reported beside it.
 """
 
 from __future__ import annotations
@@ -156,9 +157,10 @@ class Llama(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-def measure(backend: str, device: str, profile: bool = False) -> dict:
+def measure(backend: str, device: str, profile: bool = False, dynamic: bool = False) -> dict:
     """In this process: build the model, time the first compiled call, report it (the child side). ``profile``
-    runs the timed region under cProfile and adds its ``PROFILE_TOP`` slowest functions (cumulative seconds)."""
+    runs the timed region under cProfile and adds its ``PROFILE_TOP`` slowest functions (cumulative seconds);
+    ``dynamic`` compiles with ``dynamic=True`` (the batch and the sequence length symbolic from the first call)."""
     shape = SHAPES[device]
     torch.manual_seed(0)
     model = Llama(shape).to(device=device, dtype=getattr(torch, shape.dtype)).eval()
@@ -169,7 +171,7 @@ def measure(backend: str, device: str, profile: bool = False) -> dict:
         profiler.enable()
     if backend == "retention":  # what the installed entry point's lookup imports; a checkout registers on import
         import retention_compile  # noqa: F401
-    compiled = torch.compile(model, backend=backend)
+    compiled = torch.compile(model, backend=backend, dynamic=dynamic or None)
     with torch.no_grad():
         out = compiled(tokens)
     if device == "cuda":
@@ -204,12 +206,19 @@ def slowest_functions(profiler: cProfile.Profile) -> dict[str, list[dict]]:
     return {"all": rows(ranked), "package": rows(package)}
 
 
-def run_child(backend: str, device: str, caches: dict[str, Path], profile: bool = False, imports: bool = False) -> dict:
+def run_child(
+    backend: str,
+    device: str,
+    caches: dict[str, Path],
+    profile: bool = False,
+    imports: bool = False,
+    dynamic: bool = False,
+) -> dict:
     """One measurement in a fresh interpreter with the given cache directories. ``imports`` adds the child's
     imported modules (``"imported"``: name -> own import seconds, from ``-X importtime``)."""
     env = {**os.environ, **{name: str(path) for name, path in caches.items()}}
     cmd = [sys.executable, *(["-X", "importtime"] if imports else []), __file__, "--child", backend, "--device", device]
-    cmd += ["--profile"] if profile else []
+    cmd += (["--profile"] if profile else []) + (["--dynamic"] if dynamic else [])
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{backend} on {device} failed:\n{done.stderr[-4000:]}")
@@ -240,7 +249,9 @@ def retention_only_imports(retention: dict[str, float], inductor: dict[str, floa
     }
 
 
-def bench(device: str, repeats: int, profile: bool, save: Callable[[dict], None], imports: bool = False) -> dict:
+def bench(
+    device: str, repeats: int, profile: bool, save: Callable[[dict], None], imports: bool = False, dynamic: bool = False
+) -> dict:
     """Cold and warm runs of both backends, ``repeats`` times each, alternating backends; ``save`` receives the
     runs so far after each one (a run cut short keeps them). ``imports`` adds ``retention_only_imports`` per
     repeat and warmth."""
@@ -254,7 +265,7 @@ def bench(device: str, repeats: int, profile: bool, save: Callable[[dict], None]
                 for warmth in BARS:
                     inductor_cache = Path(tmp, "inductor_cold" if warmth == "hot" else f"inductor_{warmth}")
                     caches = {**kernels, "TORCHINDUCTOR_CACHE_DIR": inductor_cache}
-                    result = run_child(backend, device, caches, profile, imports)
+                    result = run_child(backend, device, caches, profile, imports, dynamic)
                     if imports:
                         imported[f"{backend}_{warmth}"] = result.pop("imported")
                         if backend == "retention":
@@ -301,11 +312,12 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--profile", action="store_true", help="cProfile every child; keep its slowest functions")
     parser.add_argument("--imports", action="store_true", help="record the modules only retention's children import")
+    parser.add_argument("--dynamic", action="store_true", help="compile with dynamic=True (symbolic batch and length)")
     parser.add_argument("--commit", default=None, help="commit of the code (where the tree's git metadata is stale)")
     parser.add_argument("--child", choices=["inductor", "retention"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.device, args.profile)))
+        print(json.dumps(measure(args.child, args.device, args.profile, args.dynamic)))
         return
     header = {
         "command": command_line(),
@@ -314,15 +326,17 @@ def main() -> None:
         "versions": _versions(),
         "machine": _machine(args.device),
         "device": args.device,
+        "dynamic": args.dynamic,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"compile_{args.device}_{datetime.date.today().isoformat()}_{header['commit'][:7]}.json"
+    kind = f"{args.device}_dynamic" if args.dynamic else args.device
+    path = out / f"compile_{kind}_{datetime.date.today().isoformat()}_{header['commit'][:7]}.json"
 
     def save(result: dict) -> None:
         path.write_text(json.dumps({**header, **result}, indent=2) + "\n")
 
-    result = bench(args.device, args.repeats, args.profile, save, args.imports)
+    result = bench(args.device, args.repeats, args.profile, save, args.imports, args.dynamic)
     save(result)
     for warmth, ratio in result["ratios"].items():
         verdict = "meets" if result["meets_bars"][warmth] else "MISSES"
