@@ -427,9 +427,10 @@ def _lambdified(which: str) -> tuple[list[str], Callable[..., list]]:
     """The names of model ``which`` and its expressions as one numpy function.
 
     Printing the GPU model's ~40 expressions (``sp.lambdify``) takes ~0.2 s, in every process: the printed source
-    and the globals it names (numpy's ufuncs, ``reduce``) are kept in the kernel cache under a key of the
-    package's code and the sympy and numpy versions, and later processes execute that source. An entry that
-    cannot be read or rebuilt (missing, truncated, another version) is printed again."""
+    and the globals it names (numpy's ufuncs, ``reduce``; float constants such as the ``nan`` that a ``Piecewise``
+    prints for its default, by value) are kept in the kernel cache under a key of the package's code and the sympy
+    and numpy versions, and later processes execute that source. An entry that cannot be read or rebuilt (missing,
+    truncated, another version) is printed again."""
     from .codegen import cache
 
     path = cache.code_keyed_entry("planner", f"{which}_", which, f"sympy={sp.__version__}", f"numpy={np.__version__}")
@@ -443,13 +444,15 @@ def _lambdified(which: str) -> tuple[list[str], Callable[..., list]]:
     names = list(model)
     fn = sp.lambdify(symbols, [model[name] for name in names], modules="numpy")
     used = {name: fn.__globals__[name] for name in fn.__code__.co_names if name in fn.__globals__}
+    constants = {name: repr(value) for name, value in used.items() if isinstance(value, float)}
     try:
         record = {
             "names": names,
             "function": fn.__name__,
             "source": inspect.getsource(fn),
             "globals": {name: [value.__name__, ""] if inspect.ismodule(value) else [value.__module__, value.__name__]
-                        for name, value in used.items()},
+                        for name, value in used.items() if name not in constants},
+            "constants": constants,
         }  # fmt: skip
     except (OSError, TypeError, AttributeError):  # a source or a global it cannot name: nothing to keep
         return names, fn
@@ -458,8 +461,8 @@ def _lambdified(which: str) -> tuple[list[str], Callable[..., list]]:
 
 
 def _rebuild(record: dict) -> tuple[list[str], Callable[..., list]]:
-    """The function of a cached ``_lambdified`` record: its source executed over the globals it names."""
-    namespace: dict[str, object] = {}
+    """The function of a cached ``_lambdified`` record: its source executed over the globals and constants it names."""
+    namespace: dict[str, object] = {name: float(value) for name, value in record["constants"].items()}
     for name, (module, attribute) in record["globals"].items():
         value = importlib.import_module(module)
         namespace[name] = getattr(value, attribute) if attribute else value

@@ -276,28 +276,44 @@ def test_sympy_model_and_numeric_fast_path_agree():
             assert float(model[name].xreplace(sub)) == pytest.approx(cands.values[name][i], rel=1e-9), (name, i)
 
 
-def test_cached_model_source_matches_a_fresh_print(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _model_arguments(which: str) -> list[np.ndarray]:
+    """Candidate inputs of the lambdified model ``which``: the H200's chunk and tile candidates at T=65536 (GPU), or
+    chunks on both sides of T=2048 (CPU: the ``Piecewise`` terms take both branches)."""
+    if which == "gpu":
+        cands = planning.gpu_candidates(KNOWN["H200"], 65536, 64, 64, 2, torch.bfloat16, True, 8)
+        return [np.broadcast_to(cands.inputs[str(s)], cands.chunk.shape) for s in planning.S.gpu]
+    chunks = np.array([16.0, 64.0, 512.0, 2048.0, 4096.0])
+    values = {"T": 2048.0, "C": chunks, "d": 64.0, "e": 64.0, "H": 8.0, "state_dim": float(planning.state_dim(64, 2))}
+    return [np.broadcast_to(values[str(s)], chunks.shape) for s in planning.S.cpu]
+
+
+# ids without "gpu": conftest skips items with that keyword on a machine without CUDA
+@pytest.mark.parametrize("which", ["gpu", "cpu"], ids=["H200-model", "CPU-model"])
+def test_cached_model_source_matches_a_fresh_print(which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The lambdified model comes back from the cache in a later call (no sympy printing), computes the same
-    numbers as sympy's own function, and a truncated entry is printed again."""
+    numbers as sympy's own function, and a truncated entry is printed again. The CPU model's source names the float
+    ``nan`` (its ``Piecewise`` terms' default), which kept it out of the cache until it was recorded by value.
+    The candidates are drawn with another cache: in a process that had not planned yet, drawing them printed the
+    model into the test's cache first, and the first call below read it back (the test failed run alone)."""
+    monkeypatch.setenv("RETENTION_COMPILE_CACHE", str(tmp_path / "candidates"))
+    args = _model_arguments(which)
     monkeypatch.setenv("RETENTION_COMPILE_CACHE", str(tmp_path))
-    cands = planning.gpu_candidates(KNOWN["H200"], 65536, 64, 64, 2, torch.bfloat16, True, 8)
-    args = [np.broadcast_to(cands.inputs[str(s)], cands.chunk.shape) for s in planning.S.gpu]
 
     def outputs(fn) -> list[np.ndarray]:
         with np.errstate(all="ignore"):
-            return [np.broadcast_to(np.asarray(v, dtype=np.float64), cands.chunk.shape) for v in fn(*args)]
+            return [np.broadcast_to(np.asarray(v, dtype=np.float64), args[0].shape) for v in fn(*args)]
 
-    names, printed = planning._lambdified("gpu")
-    (entry,) = (tmp_path / "planner").glob("gpu_*.json")
-    cached_names, cached = planning._lambdified("gpu")
+    names, printed = planning._lambdified(which)
+    (entry,) = (tmp_path / "planner").glob(f"{which}_*.json")
+    cached_names, cached = planning._lambdified(which)
     assert cached_names == names and cached.__code__.co_filename.startswith("<retention_compile planner")
     assert printed.__code__.co_filename != cached.__code__.co_filename
     for fresh, again in zip(outputs(printed), outputs(cached), strict=True):
         np.testing.assert_array_equal(fresh, again)
     entry.write_bytes(entry.read_bytes()[:100])
-    _, reprinted = planning._lambdified("gpu")
+    _, reprinted = planning._lambdified(which)
     assert not reprinted.__code__.co_filename.startswith("<retention_compile planner")
-    assert planning._lambdified("gpu")[1].__code__.co_filename.startswith("<retention_compile planner")
+    assert planning._lambdified(which)[1].__code__.co_filename.startswith("<retention_compile planner")
 
 
 def test_model_counts_the_formulas():
