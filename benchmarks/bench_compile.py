@@ -24,6 +24,8 @@ such runs with each other only) and keeps its slowest functions by cumulative ti
 only the retention child imported (with their own import seconds): where Python's sources have no cached bytecode,
 every such module is compiled in the timed region. ``--dynamic`` compiles both backends with ``dynamic=True``
 (``compile_<device>_dynamic_...json``); the bars were set for the default compile and are reported beside it.
+There Dynamo hands either backend the model's graph twice in the first call (torch 2.13 CPU, 2026-12-08): first
+with one more input, a 0-d tensor for the embedding's float ``norm_type``, then without it.
 """
 
 from __future__ import annotations
