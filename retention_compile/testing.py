@@ -622,9 +622,10 @@ def interpreted_fixture(script: str, timeout: int) -> Callable:
 
 
 def interpreted_results(script: str, cache: Path, timeout: int) -> dict:
-    """The JSON that the test module ``script``, run as a script, prints last: with ``TRITON_INTERPRET=1`` (which must
-    be set before triton is first imported, so kernel cases run in a subprocess), ``XDG_CACHE_HOME`` at ``cache``
-    and this checkout importable. A failing script fails with the tail of its stderr."""
+    """The JSON that the test module ``script``, run as ``__main__`` (``run_interpreted_script``), prints last: with
+    ``TRITON_INTERPRET=1`` (which must be set before triton is first imported, so kernel cases run in a subprocess),
+    ``XDG_CACHE_HOME`` at ``cache`` and this checkout importable. A failing script fails with the tail of its
+    stderr."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "XDG_CACHE_HOME": str(cache)}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
     runner = f"from {__name__} import run_interpreted_script; run_interpreted_script({script!r})"
@@ -651,4 +652,5 @@ def run_interpreted_script(script: str) -> None:
     builder = interpreter.interpreter_builder
     if hasattr(builder.options, "sanitize_overflow"):
         builder.options = replace(builder.options, sanitize_overflow=False)
+    sys.path.insert(0, str(Path(script).resolve().parent))  # as ``python script`` would: its folder first
     runpy.run_path(script, run_name="__main__")
